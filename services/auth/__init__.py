@@ -1,0 +1,1 @@
+"""auth: accounts, API keys (hashed) and signing keys."""

@@ -1,0 +1,1 @@
+"""catalog: server reflection for the whole v1 surface, behind the edge."""

@@ -1,0 +1,269 @@
+"""Server and client interceptors shared by every service.
+
+The server interceptor is the one place where a handler's outcome becomes a
+gRPC status: `ExchangeError` -> status with ErrorInfo; a handler the service
+does not implement yet -> UNIMPLEMENTED with ErrorInfo; anything else ->
+INTERNAL (a bug) with the traceback in the log, never in the reply. It also
+records RED metrics, logs failures as JSON, and keeps the caller's deadline and
+request id in context variables so that downstream calls inherit them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc.aio import ClientCallDetails
+
+from .errors import ExchangeError, status_metadata
+from .telemetry import GRPC_HANDLED, GRPC_LATENCY, GRPC_STARTED, request_id_var
+
+__all__ = [
+    "ContextPropagationInterceptor",
+    "ServerInterceptor",
+    "client_interceptors",
+    "deadline_var",
+]
+
+_log = logging.getLogger("cex.rpc")
+
+# Absolute time.monotonic() by which the current inbound call must be answered.
+deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "deadline", default=None
+)
+
+
+def _metadata_value(metadata: Any, key: str) -> str:
+    for item in metadata or ():
+        if item[0] == key:
+            value = item[1]
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return ""
+
+
+class _Call:
+    """The bookkeeping of one inbound RPC: outcome, metrics and log line."""
+
+    __slots__ = ("domain", "kind", "labels", "method", "start")
+
+    def __init__(self, full_method: str, kind: str, domain: str) -> None:
+        _, service, method = (
+            full_method.split("/", 2)
+            if full_method.count("/") == 2
+            else ("", "unknown", full_method)
+        )
+        self.method = full_method
+        self.kind = kind
+        self.domain = domain
+        self.labels = (service, method, kind)
+        self.start = time.perf_counter()
+        GRPC_STARTED.labels(*self.labels).inc()
+
+    def begin(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        metadata = context.invocation_metadata()
+        request_id_var.set(_metadata_value(metadata, "x-request-id"))
+        remaining = context.time_remaining()
+        deadline_var.set(None if remaining is None else time.monotonic() + remaining)
+
+    async def fail(self, context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> None:
+        """Answer with the error model; raises AbortError like context.abort does."""
+        if not isinstance(error, ExchangeError):
+            error = self._classify(error)
+        status = error.to_status(self.domain)
+        await context.abort(error.code, error.message, trailing_metadata=status_metadata(status))
+
+    def _classify(self, error: BaseException) -> ExchangeError:
+        prefix = self.domain.upper()
+        if isinstance(error, NotImplementedError):
+            return ExchangeError(
+                f"{prefix}_UNIMPLEMENTED",
+                f"{self.method} is not implemented yet",
+                code=grpc.StatusCode.UNIMPLEMENTED,
+            )
+        _log.error("unhandled error in %s", self.method, exc_info=error)
+        return ExchangeError(f"{prefix}_INTERNAL", "internal error", code=grpc.StatusCode.INTERNAL)
+
+    def finish(
+        self, context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None
+    ) -> None:
+        code = context.code()
+        if code is None:
+            code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
+        if isinstance(code, int):
+            code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+        elapsed = time.perf_counter() - self.start
+        GRPC_HANDLED.labels(*self.labels, code.name).inc()
+        GRPC_LATENCY.labels(*self.labels).observe(elapsed)
+        level = logging.DEBUG if code is grpc.StatusCode.OK else logging.INFO
+        if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+            level = logging.ERROR
+        if _log.isEnabledFor(level):
+            _log.log(
+                level,
+                "rpc %s %s",
+                self.method,
+                code.name,
+                extra={
+                    "fields": {
+                        "grpc_method": self.method,
+                        "grpc_code": code.name,
+                        "duration_ms": round(elapsed * 1000, 3),
+                        "peer": context.peer(),
+                    }
+                },
+            )
+
+
+def _wrap_unary_response(
+    behavior: Callable[..., Any], kind: str, method: str, domain: str
+) -> Callable[..., Awaitable[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        call = _Call(method, kind, domain)
+        call.begin(context)
+        error: BaseException | None = None
+        try:
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+        except grpc.aio.AbortError as abort:
+            error = abort
+            raise
+        except Exception as exc:
+            error = exc
+            await call.fail(context, exc)
+        finally:
+            call.finish(context, error)
+
+    return handler
+
+
+def _wrap_stream_response(
+    behavior: Callable[..., Any], kind: str, method: str, domain: str
+) -> Callable[..., AsyncIterator[Any]]:
+    async def handler(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        call = _Call(method, kind, domain)
+        call.begin(context)
+        error: BaseException | None = None
+        try:
+            result = behavior(request, context)
+            if inspect.isawaitable(result):
+                result = await result
+            if hasattr(result, "__aiter__"):
+                async for item in result:
+                    yield item
+            elif result is not None:
+                for item in result:
+                    yield item
+        except grpc.aio.AbortError as abort:
+            error = abort
+            raise
+        except Exception as exc:
+            error = exc
+            await call.fail(context, exc)
+        finally:
+            call.finish(context, error)
+
+    return handler
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Errors, metrics, logs and context for every inbound call."""
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary_response(handler.unary_unary, "unary", method, self.domain), **codec
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary_response(handler.stream_unary, "client_stream", method, self.domain),
+                **codec,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream_response(handler.unary_stream, "server_stream", method, self.domain),
+                **codec,
+            )
+        assert handler.stream_stream is not None
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream_response(handler.stream_stream, "bidi_stream", method, self.domain),
+            **codec,
+        )
+
+
+class ContextPropagationInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    """Passes the inbound call's deadline and request id on to downstream calls.
+
+    A downstream call gets the shorter of its own timeout and what is left of
+    the inbound deadline, so no hop keeps working for a caller that gave up.
+    """
+
+    def _details(self, details: ClientCallDetails) -> ClientCallDetails:
+        timeout = details.timeout
+        deadline = deadline_var.get()
+        if deadline is not None:
+            remaining = max(deadline - time.monotonic(), 0.001)
+            timeout = remaining if timeout is None else min(timeout, remaining)
+        metadata = details.metadata
+        request_id = request_id_var.get()
+        if request_id:
+            metadata = grpc.aio.Metadata(*(metadata or ()))
+            if not metadata.get_all("x-request-id"):
+                metadata.add("x-request-id", request_id)
+        return ClientCallDetails(
+            details.method, timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_stream_unary(
+        self, continuation: Any, client_call_details: ClientCallDetails, request_iterator: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request_iterator)
+
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: ClientCallDetails, request_iterator: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors for channels to other services: tracing, then context."""
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    tracing = aio_client_interceptors()  # type: ignore[no-untyped-call]
+    return [*tracing, ContextPropagationInterceptor()]

@@ -1,0 +1,173 @@
+"""The grpc.aio server every service runs on.
+
+`Server` gives each service the same shell: health (grpc.health.v1) per
+service, server reflection (v1 and v1alpha), keepalive and message-size limits,
+the shared interceptors, a Prometheus endpoint, and a graceful shutdown that
+first reports NOT_SERVING, then stops with a grace period, then closes the
+resources (pools, connections) the service opened through `enter`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from prometheus_client import start_http_server
+
+from .interceptors import ServerInterceptor
+from .settings import ChassisSettings
+from .telemetry import configure_logging, configure_tracing
+
+__all__ = ["Server", "run"]
+
+_log = logging.getLogger("cex.server")
+T = TypeVar("T")
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _reflection_v1(servicer: Any) -> grpc.GenericRpcHandler:
+    """grpc.reflection.v1 is wire-identical to v1alpha; serve both from one servicer."""
+    return grpc.method_handlers_generic_handler(
+        REFLECTION_V1,
+        {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        },
+    )
+
+
+class Server:
+    def __init__(self, settings: ChassisSettings) -> None:
+        self.settings = settings
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._services: list[tuple[str, Callable[[Any, grpc.aio.Server], None], Any]] = []
+        self._resources = contextlib.AsyncExitStack()
+        self._server: grpc.aio.Server | None = None
+        self._metrics: Any = None
+        self._reflected: list[str] = []
+
+    @property
+    def service_names(self) -> list[str]:
+        return [name for name, _, _ in self._services]
+
+    def add(
+        self,
+        service: ServiceDescriptor,
+        add_to_server: Callable[[Any, grpc.aio.Server], None],
+        servicer: Any,
+    ) -> None:
+        self._services.append((service.full_name, add_to_server, servicer))
+
+    def reflect(self, full_names: Sequence[str]) -> None:
+        """List services in reflection that this process does not serve itself (the catalog)."""
+        self._reflected.extend(full_names)
+
+    async def enter(self, resource: AbstractAsyncContextManager[T]) -> T:
+        """Open a resource now; it is closed when the server stops, in reverse order."""
+        return await self._resources.enter_async_context(resource)
+
+    def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
+        self._resources.push_async_callback(callback)
+
+    def _options(self) -> Sequence[tuple[str, int]]:
+        s = self.settings
+        return (
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.keepalive_time_ms", s.keepalive_time_s * 1000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.http2.max_pings_without_data", 0),
+        )
+
+    async def start(self) -> int:
+        s = self.settings
+        server = grpc.aio.server(
+            interceptors=[
+                aio_server_interceptor(),  # type: ignore[no-untyped-call]
+                ServerInterceptor(s.service),
+            ],
+            options=self._options(),
+            maximum_concurrent_rpcs=None,
+        )
+        for _, add_to_server, servicer in self._services:
+            add_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [
+            *self.service_names,
+            *self._reflected,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+            REFLECTION_V1,
+        ]
+        reflector = reflection.aio.ReflectionServicer(names)
+        server.add_generic_rpc_handlers((_reflection_v1(reflector),))
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflector, server)
+        self.port = server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        if self.port == 0:
+            raise RuntimeError(f"{s.service}: cannot bind {s.host}:{s.grpc_port}")
+        await server.start()
+        self._server = server
+        if s.metrics_port:
+            self._metrics, _ = start_http_server(s.metrics_port, addr=s.host)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        await self.health.set("", serving)
+        for name in self.service_names:
+            await self.health.set(name, serving)
+        _log.info(
+            "serving",
+            extra={"fields": {"port": self.port, "services": self.service_names}},
+        )
+        return self.port
+
+    async def wait(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING first (so balancers drain), then stop with grace, then close."""
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._metrics is not None:
+            self._metrics.shutdown()
+        await self._resources.aclose()
+        _log.info("stopped")
+
+
+async def _serve(build: Callable[[], Awaitable[Server]]) -> None:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    server = await build()
+    await server.start()
+    await stopping.wait()
+    _log.info("shutting down")
+    await server.stop()
+
+
+def run(service: str, build: Callable[[ChassisSettings], Awaitable[Server]]) -> None:
+    """A service's entry point: settings, logs, traces; serve until SIGTERM/SIGINT."""
+    settings = ChassisSettings.from_env(service)
+    configure_logging(settings.service, settings.log_level)
+    configure_tracing(settings.service)
+    asyncio.run(_serve(lambda: build(settings)))

@@ -1,0 +1,81 @@
+"""Settings read once from the environment into frozen dataclasses."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = ["ChassisSettings", "env_float", "env_int", "env_str", "require"]
+
+
+def env_str(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
+    value = env.get(name, "").strip()
+    return value if value else default
+
+
+def env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env_str(env, name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env_str(env, name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ChassisSettings:
+    """What every service process needs, whatever it does.
+
+    `mesh_addr` is Envoy's listener: service-to-service calls go through it so
+    that the mesh sees (and measures) every hop.
+    """
+
+    service: str
+    host: str = "127.0.0.1"
+    grpc_port: int = 0
+    metrics_port: int = 0
+    database_url: str | None = None
+    nats_url: str | None = None
+    redis_url: str | None = None
+    mesh_addr: str | None = None
+    shutdown_grace_s: float = 5.0
+    max_message_bytes: int = 4 * 1024 * 1024
+    keepalive_time_s: int = 30
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> ChassisSettings:
+        env = os.environ if env is None else env
+        return cls(
+            service=service,
+            host=env_str(env, "CEX_HOST", "127.0.0.1") or "127.0.0.1",
+            grpc_port=env_int(env, "CEX_GRPC_PORT", 0),
+            metrics_port=env_int(env, "CEX_METRICS_PORT", 0),
+            database_url=env_str(env, "DATABASE_URL"),
+            nats_url=env_str(env, "NATS_URL"),
+            redis_url=env_str(env, "REDIS_URL"),
+            mesh_addr=env_str(env, "CEX_MESH_ADDR"),
+            shutdown_grace_s=env_float(env, "CEX_SHUTDOWN_GRACE_S", 5.0),
+            max_message_bytes=env_int(env, "CEX_MAX_MESSAGE_BYTES", 4 * 1024 * 1024),
+            keepalive_time_s=env_int(env, "CEX_KEEPALIVE_TIME_S", 30),
+            log_level=(env_str(env, "CEX_LOG_LEVEL", "INFO") or "INFO").upper(),
+        )
+
+
+def require(value: str | None, name: str) -> str:
+    """A setting this service cannot start without."""
+    if not value:
+        raise ValueError(f"{name} is not set")
+    return value

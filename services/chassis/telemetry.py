@@ -1,0 +1,113 @@
+"""Structured JSON logs, Prometheus RED metrics and OpenTelemetry tracing."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from prometheus_client import Counter, Histogram
+
+__all__ = [
+    "GRPC_HANDLED",
+    "GRPC_LATENCY",
+    "GRPC_STARTED",
+    "JsonFormatter",
+    "configure_logging",
+    "configure_tracing",
+    "request_id_var",
+]
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+# Named as go-grpc-prometheus names them, so existing dashboards and alerts fit.
+_LABELS = ("grpc_service", "grpc_method", "grpc_type")
+GRPC_STARTED = Counter("grpc_server_started_total", "RPCs started on the server.", _LABELS)
+GRPC_HANDLED = Counter(
+    "grpc_server_handled_total", "RPCs completed on the server.", (*_LABELS, "grpc_code")
+)
+GRPC_LATENCY = Histogram(
+    "grpc_server_handling_seconds",
+    "Time from the start of an RPC to its end, on the server.",
+    _LABELS,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the trace, span and request ids when there are any."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "service": self.service,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            entry["trace_id"] = format(span.trace_id, "032x")
+            entry["span_id"] = format(span.span_id, "016x")
+        request_id = request_id_var.get()
+        if request_id:
+            entry["request_id"] = request_id
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, Mapping):
+            entry.update(fields)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(service: str, level: str = "INFO") -> None:
+    """Called once by a process's entry point, never at import."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def configure_tracing(service: str, env: Mapping[str, str] | None = None) -> TracerProvider:
+    """A tracer provider chosen by the standard OTEL_* variables.
+
+    OTEL_TRACES_EXPORTER: `none` (default), `console`, or `otlp` (needs the
+    opentelemetry-exporter-otlp package, which production images add).
+    """
+    env = os.environ if env is None else env
+    attributes = {"service.name": env.get("OTEL_SERVICE_NAME", f"cex-{service}")}
+    provider = TracerProvider(resource=Resource.create(attributes))
+    exporter_name = env.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
+    exporter: SpanExporter | None = None
+    if exporter_name == "console":
+        exporter = ConsoleSpanExporter(out=sys.stderr)
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    elif exporter_name == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
+            OTLPSpanExporter,
+        )
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    elif exporter_name != "none":
+        raise ValueError(f"OTEL_TRACES_EXPORTER={exporter_name!r} is not supported")
+    trace.set_tracer_provider(provider)
+    return provider

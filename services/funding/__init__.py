@@ -1,0 +1,1 @@
+"""funding: deposit and withdrawal sagas and their step logs."""

@@ -1,0 +1,1 @@
+"""ledger: double-entry accounts, transfers, holds and balances."""

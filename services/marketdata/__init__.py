@@ -1,0 +1,1 @@
+"""marketdata: public views: L2 books, trades, tickers, candles."""

@@ -1,0 +1,1 @@
+"""order: orders as the client sees them and stream sessions."""

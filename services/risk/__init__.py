@@ -1,0 +1,1 @@
+"""risk: limits, kill switches and rate-limit counters."""

