@@ -17,7 +17,6 @@ from cex.marketdata.v1 import marketdata_pb2
 from cex.match.v1 import match_pb2
 from cex.order.v1 import order_pb2
 from cex.risk.v1 import risk_pb2
-
 from services.chassis import ChassisSettings, Server
 
 API: tuple[ModuleType, ...] = (

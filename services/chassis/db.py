@@ -61,18 +61,19 @@ async def migrate(conn: asyncpg.Connection, schema: str, folder: Path | None) ->
     if not _SCHEMA.match(schema):
         raise MigrationError(f"bad schema name {schema!r}")
     migrations = load_migrations(folder)
+    table = f'"{schema}".schema_migrations'  # quoted: `order` is a reserved word
     applied_now: list[int] = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"cex.migrate.{schema}")
-        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         await conn.execute(
-            f"""CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
+            f"""CREATE TABLE IF NOT EXISTS {table} (
                     version integer PRIMARY KEY,
                     name text NOT NULL,
                     checksum text NOT NULL,
                     applied_at timestamptz NOT NULL DEFAULT now())"""
         )
-        rows = await conn.fetch(f"SELECT version, checksum FROM {schema}.schema_migrations")
+        rows = await conn.fetch(f"SELECT version, checksum FROM {table}")
         applied = {row["version"]: row["checksum"] for row in rows}
         for migration in migrations:
             known = applied.get(migration.version)
@@ -83,11 +84,10 @@ async def migrate(conn: asyncpg.Connection, schema: str, folder: Path | None) ->
                         "after it was applied; add a new migration instead"
                     )
                 continue
-            await conn.execute(f"SET LOCAL search_path TO {schema}")
+            await conn.execute(f'SET LOCAL search_path TO "{schema}"')
             await conn.execute(migration.sql)
             await conn.execute(
-                f"INSERT INTO {schema}.schema_migrations (version, name, checksum) "
-                "VALUES ($1, $2, $3)",
+                f"INSERT INTO {table} (version, name, checksum) VALUES ($1, $2, $3)",
                 migration.version,
                 migration.name,
                 migration.checksum,
@@ -115,7 +115,7 @@ async def postgres(
         url,
         min_size=min_size,
         max_size=max_size,
-        server_settings={"search_path": schema, "application_name": f"cex-{schema}"},
+        server_settings={"search_path": f'"{schema}"', "application_name": f"cex-{schema}"},
     )
     try:
         yield pool

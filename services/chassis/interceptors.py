@@ -15,7 +15,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from grpc.aio import ClientCallDetails
@@ -33,6 +33,8 @@ __all__ = [
 _log = logging.getLogger("cex.rpc")
 
 # Absolute time.monotonic() by which the current inbound call must be answered.
+_Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
 deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "deadline", default=None
 )
@@ -180,9 +182,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+    ) -> _Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None

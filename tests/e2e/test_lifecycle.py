@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -57,9 +58,11 @@ class Up:
                 self.ready.set()
 
     def wait_ready(self) -> None:
-        if not self.ready.wait(START_TIMEOUT_S):
-            self.process.kill()
-            pytest.fail("cex up did not come up:\n" + "".join(self.lines))
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.ready.wait(0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                pytest.fail("cex up did not come up:\n" + "".join(self.lines))
 
 
 def _children(state_dir: Path) -> list[int]:
@@ -86,7 +89,7 @@ def _wait_gone(pids: list[int], state_dir: Path, timeout_s: float = 30) -> list[
     return alive
 
 
-async def _database_rows(url: str, sql: str) -> list[asyncpg.Record]:
+async def _sql(url: str, sql: str) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(url)
     try:
         return await conn.fetch(sql)
@@ -94,41 +97,58 @@ async def _database_rows(url: str, sql: str) -> list[asyncpg.Record]:
         await conn.close()
 
 
-async def test_sigterm_stops_everything_and_data_survives_a_restart(tmp_path: Path) -> None:
+@pytest.fixture
+def launch() -> Iterator[Callable[[Path, int], Up]]:
+    """Starts `cex up`; whatever a test leaves running is killed (children follow)."""
+    started: list[Up] = []
+
+    def start(state_dir: Path, base: int) -> Up:
+        started.append(Up(state_dir, base))
+        return started[-1]
+
+    yield start
+    for up in started:
+        if up.process.poll() is None:
+            up.process.kill()
+            up.process.wait()
+
+
+async def test_sigterm_stops_everything_and_data_survives_a_restart(
+    tmp_path: Path, launch: Callable[[Path, int], Up]
+) -> None:
     ports = free_ports()
     state_dir = tmp_path / "state"
     url = f"postgresql://postgres@127.0.0.1:{ports.postgres}/cex"
 
-    first = Up(state_dir, ports.base)
+    first = launch(state_dir, ports.base)
     first.wait_ready()
     pids = _children(state_dir)
     assert len(pids) == 12  # postgres, nats, redis, envoy, 7 services and the catalog
-    await _database_rows(url, "CREATE TABLE kept (v text); INSERT INTO kept VALUES ('still here')")
+    await _sql(url, "CREATE TABLE kept (v text)")
+    await _sql(url, "INSERT INTO kept VALUES ('still here')")
 
     first.process.send_signal(signal.SIGTERM)
     assert first.process.wait(timeout=60) == 0, "".join(first.lines)
     assert _wait_gone(pids, state_dir) == []
     assert not (state_dir / "stack.json").exists()
 
-    second = Up(state_dir, ports.base)
+    second = launch(state_dir, ports.base)
     second.wait_ready()
-    try:
-        rows = await _database_rows(url, "SELECT v FROM kept")
-        assert [r["v"] for r in rows] == ["still here"]
-    finally:
-        second.process.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        assert second.process.wait(timeout=60) == 0, "".join(second.lines)
-    assert _wait_gone(_children_or_empty(state_dir), state_dir) == []
+    pids = _children(state_dir)
+    rows = await _sql(url, "SELECT v FROM kept")
+    assert [r["v"] for r in rows] == ["still here"]
+
+    second.process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    assert second.process.wait(timeout=60) == 0, "".join(second.lines)
+    assert _wait_gone(pids, state_dir) == []
 
 
-def _children_or_empty(state_dir: Path) -> list[int]:
-    return _children(state_dir) if (state_dir / "stack.json").exists() else []
-
-
-def test_kill_9_of_the_supervisor_takes_every_child_with_it(tmp_path: Path) -> None:
+def test_kill_9_of_the_supervisor_takes_every_child_with_it(
+    tmp_path: Path, launch: Callable[[Path, int], Up]
+) -> None:
     ports = free_ports()
     state_dir = tmp_path / "state"
-    up = Up(state_dir, ports.base)
+    up = launch(state_dir, ports.base)
     up.wait_ready()
     pids = _children(state_dir)
 
