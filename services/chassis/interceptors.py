@@ -54,11 +54,7 @@ class _Call:
     __slots__ = ("domain", "kind", "labels", "method", "start")
 
     def __init__(self, full_method: str, kind: str, domain: str) -> None:
-        _, service, method = (
-            full_method.split("/", 2)
-            if full_method.count("/") == 2
-            else ("", "unknown", full_method)
-        )
+        service, _, method = full_method.lstrip("/").partition("/")  # "/pkg.Service/Method"
         self.method = full_method
         self.kind = kind
         self.domain = domain

@@ -18,6 +18,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
@@ -48,6 +49,26 @@ def _reflection_v1(servicer: Any) -> grpc.GenericRpcHandler:
             )
         },
     )
+
+
+class _MethodAwarePool:
+    """protobuf's Python pool finds services but not their methods; grpcurl asks for both."""
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service, _, method = symbol.rpartition(".")
+            found = self._pool.FindServiceByName(service)  # KeyError if not a service either
+            if method not in found.methods_by_name:
+                raise
+            return found.file
 
 
 class Server:
@@ -117,7 +138,9 @@ class Server:
             reflection.SERVICE_NAME,
             REFLECTION_V1,
         ]
-        reflector = reflection.aio.ReflectionServicer(names)
+        reflector = reflection.aio.ReflectionServicer(
+            names, pool=_MethodAwarePool(descriptor_pool.Default())
+        )
         server.add_generic_rpc_handlers((_reflection_v1(reflector),))
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflector, server)
         self.port = server.add_insecure_port(f"{s.host}:{s.grpc_port}")

@@ -73,11 +73,14 @@ async def test_reflection_through_envoy_lists_all_seven_services(
     assert len(API) == 7 == len(api_services())
 
 
-async def test_reflection_through_envoy_describes_a_service(stack: Stack) -> None:
+@pytest.mark.parametrize(
+    "symbol", ["cex.order.v1.OrderService", "cex.order.v1.OrderService.PlaceOrder"]
+)
+async def test_reflection_through_envoy_describes_services_and_methods(
+    stack: Stack, symbol: str
+) -> None:
     reply = await _reflect(
-        stack.edge,
-        reflection_pb2.ServerReflectionRequest(file_containing_symbol="cex.order.v1.OrderService"),
-        "v1",
+        stack.edge, reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol), "v1"
     )
     files = [
         descriptor_pb2.FileDescriptorProto.FromString(raw)
