@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack clean
+.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match clean
 
 setup: $(INSTALLED)
 
@@ -46,6 +46,10 @@ fmt: $(INSTALLED)
 ## bench-stack: cold/warm start of every component and the cost of the Envoy hop
 bench-stack: $(INSTALLED)
 	$(BIN)/python -m bench.bench_stack
+
+## bench-match: the fast order book in-process on exchange-core's command mix
+bench-match: $(INSTALLED)
+	$(BIN)/python -m bench.bench_match
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
