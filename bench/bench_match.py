@@ -1,6 +1,7 @@
 """In-process benchmark of the matching engine on exchange-core's command mix.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_match.py [--commands N] [--seed S]
+    make bench-match
+    .venv/bin/python -m bench.bench_match [--commands N] [--seed S] [--gc on|freeze|off]
 
 The mix follows exchange-core's order book benchmark: about 9% new GTC orders,
 3% IOC orders, 6% cancels and 82% amends (mostly moves to a new price, some
