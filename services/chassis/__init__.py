@@ -18,11 +18,15 @@ from .errors import (
     Unavailable,
 )
 from .infra import Infrastructure, connect
+from .markets import Asset, Catalog, Market, load_catalog
+from .money import MoneyError, from_units, to_units
 from .server import Server, run
 from .settings import ChassisSettings
 
 __all__ = [
     "AlreadyExists",
+    "Asset",
+    "Catalog",
     "ChassisSettings",
     "ErrorDetails",
     "ExchangeError",
@@ -30,7 +34,9 @@ __all__ = [
     "FieldViolation",
     "Infrastructure",
     "InvalidArgument",
+    "Market",
     "MigrationError",
+    "MoneyError",
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
@@ -39,10 +45,13 @@ __all__ = [
     "Unavailable",
     "connect",
     "ensure_stream",
+    "from_units",
+    "load_catalog",
     "mesh_channel",
     "migrate",
     "nats_connection",
     "postgres",
     "redis_connection",
     "run",
+    "to_units",
 ]

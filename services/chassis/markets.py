@@ -1,0 +1,177 @@
+"""Assets and markets: the static reference data every service agrees on.
+
+An asset has a scale (decimal places of its minor unit): ledger balances are
+integers in minor units. A market trades a base asset against a quote asset on
+a grid: prices are multiples of `tick_size`, quantities of `lot_size`, so a
+trade's quote amount (price x quantity) is a whole number of tick-lots, and
+`tick_size * lot_size` must be a whole number of the quote asset's minor unit.
+
+The defaults below are what `cex up` runs with; `CEX_MARKETS` names a YAML
+file with the same shape to replace them (read once, at start).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .money import from_units, parse_decimal, to_units
+
+__all__ = ["DEFAULT_CATALOG", "Asset", "Catalog", "Market", "load_catalog"]
+
+
+@dataclass(frozen=True, slots=True)
+class Asset:
+    symbol: str
+    scale: int  # decimal places of the minor unit
+
+    @property
+    def unit(self) -> Decimal:
+        return Decimal(1).scaleb(-self.scale)
+
+    def to_minor(self, amount: str) -> int:
+        """A decimal string as minor units; MoneyError if malformed or over-precise."""
+        return to_units(amount, self.unit)
+
+    def format(self, minor: int) -> str:
+        return from_units(minor, self.unit)
+
+
+@dataclass(frozen=True, slots=True)
+class Market:
+    symbol: str
+    base: Asset
+    quote: Asset
+    tick_size: Decimal
+    lot_size: Decimal
+    min_quantity: Decimal
+    max_quantity: Decimal
+    min_notional: Decimal  # in the quote asset
+
+    def __post_init__(self) -> None:
+        for name in ("tick_size", "lot_size", "min_quantity", "max_quantity"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{self.symbol}: {name} must be positive")
+        if (self.tick_size * self.lot_size) % self.quote.unit:
+            raise ValueError(
+                f"{self.symbol}: tick_size x lot_size must be a whole number of "
+                f"{self.quote.symbol} minor units"
+            )
+        if self.lot_size % self.base.unit or self.min_quantity % self.lot_size:
+            raise ValueError(f"{self.symbol}: lot_size and min_quantity must sit on the grids")
+
+    @property
+    def notional_unit(self) -> Decimal:
+        """The quote amount of one tick-lot (one tick of price times one lot)."""
+        return self.tick_size * self.lot_size
+
+    def ticks(self, price: str) -> int:
+        return to_units(price, self.tick_size)
+
+    def lots(self, quantity: str) -> int:
+        return to_units(quantity, self.lot_size)
+
+    def tick_lots(self, quote_amount: str) -> int:
+        return to_units(quote_amount, self.notional_unit)
+
+    def price(self, ticks: int) -> str:
+        return from_units(ticks, self.tick_size)
+
+    def quantity(self, lots: int) -> str:
+        return from_units(lots, self.lot_size)
+
+    def quote_amount(self, tick_lots: int) -> str:
+        return from_units(tick_lots, self.notional_unit)
+
+    def base_minor(self, lots: int) -> int:
+        """Lots as minor units of the base asset."""
+        return int(lots * self.lot_size / self.base.unit)
+
+    def quote_minor(self, tick_lots: int) -> int:
+        """Tick-lots as minor units of the quote asset."""
+        return int(tick_lots * self.notional_unit / self.quote.unit)
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    assets: Mapping[str, Asset]
+    markets: Mapping[str, Market]
+
+    def market(self, symbol: str) -> Market | None:
+        return self.markets.get(symbol)
+
+
+def _catalog(doc: Mapping[str, Any]) -> Catalog:
+    assets = {symbol: Asset(symbol, int(spec["scale"])) for symbol, spec in doc["assets"].items()}
+    markets: dict[str, Market] = {}
+    for symbol, spec in doc["markets"].items():
+        base, quote = assets[spec["base"]], assets[spec["quote"]]
+        markets[symbol] = Market(
+            symbol=symbol,
+            base=base,
+            quote=quote,
+            **{
+                name: parse_decimal(str(spec[name]))
+                for name in (
+                    "tick_size",
+                    "lot_size",
+                    "min_quantity",
+                    "max_quantity",
+                    "min_notional",
+                )
+            },
+        )
+    return Catalog(assets, markets)
+
+
+# Minor units: 8 decimals for every asset inside the exchange (as the major
+# exchanges keep them), so that Binance-like grids (0.01 x 0.00001) are exact.
+DEFAULT_CATALOG = _catalog(
+    {
+        "assets": {"BTC": {"scale": 8}, "ETH": {"scale": 8}, "USDT": {"scale": 8}},
+        "markets": {
+            "BTC-USDT": {
+                "base": "BTC",
+                "quote": "USDT",
+                "tick_size": "0.01",
+                "lot_size": "0.00001",
+                "min_quantity": "0.00001",
+                "max_quantity": "9000",
+                "min_notional": "5",
+            },
+            "ETH-USDT": {
+                "base": "ETH",
+                "quote": "USDT",
+                "tick_size": "0.01",
+                "lot_size": "0.0001",
+                "min_quantity": "0.0001",
+                "max_quantity": "100000",
+                "min_notional": "5",
+            },
+            "ETH-BTC": {
+                "base": "ETH",
+                "quote": "BTC",
+                "tick_size": "0.00001",
+                "lot_size": "0.001",
+                "min_quantity": "0.001",
+                "max_quantity": "100000",
+                "min_notional": "0.0001",
+            },
+        },
+    }
+)
+
+
+def load_catalog(env: Mapping[str, str] | None = None) -> Catalog:
+    """The defaults, or the YAML file named by CEX_MARKETS."""
+    env = os.environ if env is None else env
+    path = env.get("CEX_MARKETS", "").strip()
+    if not path:
+        return DEFAULT_CATALOG
+    return _catalog(yaml.safe_load(Path(path).read_text()))
