@@ -8,12 +8,17 @@ pip-installed wheels. Later tests reuse it through `database_url`, `nats_url`,
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
+from services.stack import probes
 from services.stack.supervisor import Stack
 from services.stack.topology import free_ports
 
@@ -49,3 +54,46 @@ def redis_url(stack: Stack) -> str:
 @pytest.fixture(scope="session")
 def edge(stack: Stack) -> str:
     return stack.edge
+
+
+@pytest.fixture
+async def fresh_database_url(stack: Stack) -> str:
+    """A new, empty database on the stack's PostgreSQL, for a test that runs its own
+    copy of a service (so it never shares a schema with the stack's process)."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(stack.admin_database_url)
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    return stack.database_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture
+async def private_nats(tmp_path: Path) -> AsyncIterator[str]:
+    """A NATS server with JetStream of the test's own (subjects and streams unshared)."""
+    port = free_ports().nats
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "nats-server"),
+        "-a",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--jetstream",
+        "-sd",
+        str(tmp_path / "nats"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    url = f"nats://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            if await probes.nats_ok(url):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise RuntimeError("private nats-server did not come up")
+        yield url
+    finally:
+        process.kill()
+        await process.wait()
