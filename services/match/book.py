@@ -257,6 +257,15 @@ class FastOrderBook(OrderBook):
         asks = [(lvl.price, lvl.total) for lvl in self._side_levels(_SELL, depth)]
         return bids, asks
 
+    def level_size(self, side: Side, price: int) -> int:
+        lvl = (self._bids if side is _BUY else self._asks).get(price)
+        count = 0
+        o = None if lvl is None else lvl.head
+        while o is not None:
+            count += 1
+            o = o.next
+        return count
+
     def l3(self) -> list[OrderView]:
         views: list[OrderView] = []
         for side in (_BUY, _SELL):

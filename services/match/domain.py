@@ -641,6 +641,10 @@ class OrderBook(abc.ABC):
         """Aggregated levels ``(bids, asks)``, each best first, as (price, qty)."""
 
     @abc.abstractmethod
+    def level_size(self, side: Side, price: int) -> int:
+        """How many orders rest at one price level (0 if there is no such level)."""
+
+    @abc.abstractmethod
     def l3(self) -> list[OrderView]:
         """Resting orders in priority order: bids best first, then asks best first."""
 

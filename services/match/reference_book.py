@@ -159,6 +159,9 @@ class ReferenceOrderBook(OrderBook):
             bids, asks = bids[:depth], asks[:depth]
         return bids, asks
 
+    def level_size(self, side: Side, price: int) -> int:
+        return sum(1 for o in self._resting if o.side is side and _price(o) == price)
+
     def l3(self) -> list[OrderView]:
         return [o.view() for s in (Side.BUY, Side.SELL) for o in self._side_in_priority(s)]
 

@@ -1013,6 +1013,19 @@ def test_l2_depth(cls: type[OrderBook]) -> None:
     assert d.book.l2(2) == ([(100, 1), (99, 1)], [(101, 2), (102, 2)])
 
 
+def test_level_size_counts_resting_orders(d: Driver) -> None:
+    d.buy(1, 1, 100)
+    d.buy(2, 3, 100, account=2)
+    d.buy(3, 1, 99)
+    assert d.book.level_size(BUY, 100) == 2
+    assert d.book.level_size(BUY, 99) == 1
+    assert d.book.level_size(SELL, 100) == 0
+    d.sell(4, 2, 100, account=3)  # fills order 1, leaves order 2 with 2
+    assert d.book.level_size(BUY, 100) == 1
+    d.cancel(2, account=2)
+    assert d.book.level_size(BUY, 100) == 0
+
+
 def test_commands_are_frozen() -> None:
     cmd = AmendOrder(ts=1, order_id=1, account_id=1, qty=1)
     with pytest.raises(AttributeError):

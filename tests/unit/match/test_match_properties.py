@@ -309,6 +309,10 @@ def assert_same(fast: OrderBook, ref: OrderBook) -> None:
     assert fast.l3() == ref.l3()
     assert fast.stops() == ref.stops()
     assert fast.state_hash() == ref.state_hash()
+    for o in fast.l3():
+        assert o.price is not None
+        size = sum(1 for v in ref.l3() if v.side is o.side and v.price == o.price)
+        assert fast.level_size(o.side, o.price) == ref.level_size(o.side, o.price) == size
 
 
 @examples(300)
