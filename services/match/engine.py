@@ -313,6 +313,11 @@ class MarketEngine:
     def seq(self) -> int:
         return self.book.seq
 
+    def wire_ids(self, number: int) -> tuple[str, str]:
+        """A live order's wire order id and account id."""
+        live = self._live[number]
+        return live.order_id, live.account_id
+
     # ----------------------------------------------------------------- apply
 
     def apply(self, decoded: Decoded, command_seq: int, ts: int) -> list[match_pb2.MatchEvent]:

@@ -1,30 +1,253 @@
-"""match service: proto <-> domain and errors.
+"""match service: proto <-> the markets' writers, and errors.
 
-Its methods land with the matching engine issue. Until then the generated base class answers
-each one UNIMPLEMENTED (the chassis adds the ErrorInfo), while the process
-already owns its schema and connections, so the stack's wiring is real.
+SubmitCommands pipelines: a stream's requests are read and handed to the
+writers as they arrive (at most ``_IN_FLIGHT`` requests per stream waiting for
+their journal commit, which bounds memory), and answered in request order.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import grpc
+
 from cex.match.v1 import match_pb2, match_pb2_grpc
-from services.chassis import ChassisSettings, Server, connect
+from cex.type.v1 import types_pb2
+from services.chassis import (
+    ChassisSettings,
+    ExchangeError,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Server,
+    connect,
+)
+from services.chassis.markets import Catalog, load_catalog
+
+from .config import MatchSettings
+from .domain import Side
+from .engine import MarketEngine, decode
+from .publisher import Publisher
+from .store import Journal
+from .writer import MarketWriter
+
+__all__ = ["MIGRATIONS", "MatchService", "build_server"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+_IN_FLIGHT = 64
+_OWNERSHIP_WAIT_S = 15.0
+
+
+def _resolved(result: match_pb2.CommandResult) -> asyncio.Future[match_pb2.CommandResult]:
+    future: asyncio.Future[match_pb2.CommandResult] = asyncio.get_running_loop().create_future()
+    future.set_result(result)
+    return future
 
 
 class MatchService(match_pb2_grpc.MatchServiceServicer):
     """cex.match.v1.MatchService."""
 
+    def __init__(
+        self, catalog: Catalog, writers: dict[str, MarketWriter], settings: MatchSettings
+    ) -> None:
+        self._catalog = catalog
+        self._writers = writers
+        self._settings = settings
 
-async def build_server(settings: ChassisSettings) -> Server:
+    def _writer(self, market: str, field: str = "market") -> MarketWriter:
+        writer = self._writers.get(market)
+        if writer is not None:
+            return writer
+        if self._catalog.market(market) is None:
+            raise NotFound(
+                "MATCH_UNKNOWN_MARKET",
+                f"no market {market!r}",
+                violations=[FieldViolation(field, "not a market", "MATCH_UNKNOWN_MARKET")],
+            )
+        raise FailedPrecondition("MATCH_NOT_MARKET_OWNER", f"this replica does not write {market}")
+
+    def _dispatch(self, command: match_pb2.Command) -> asyncio.Future[match_pb2.CommandResult]:
+        try:
+            writer = self._writer(command.market, "command.market")
+            return writer.submit(decode(writer.market, command))
+        except ExchangeError as error:
+            return _resolved(
+                match_pb2.CommandResult(
+                    command_id=command.command_id,
+                    market=command.market,
+                    status=error.to_status("match"),
+                )
+            )
+
+    async def SubmitCommands(
+        self,
+        request_iterator: AsyncIterator[match_pb2.SubmitCommandsRequest],
+        context: grpc.aio.ServicerContext[
+            match_pb2.SubmitCommandsRequest, match_pb2.SubmitCommandsResponse
+        ],
+    ) -> AsyncIterator[match_pb2.SubmitCommandsResponse]:
+        waiting: asyncio.Queue[list[asyncio.Future[match_pb2.CommandResult]] | None] = (
+            asyncio.Queue(maxsize=_IN_FLIGHT)
+        )
+        limit = self._settings.max_commands_per_request
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    if len(request.commands) > limit:
+                        too_many = InvalidArgument(
+                            "MATCH_BATCH_TOO_LARGE",
+                            f"at most {limit} commands per request",
+                            violations=[FieldViolation("commands", f"at most {limit}")],
+                        )
+                        futures = [
+                            _resolved(
+                                match_pb2.CommandResult(
+                                    command_id=c.command_id,
+                                    market=c.market,
+                                    status=too_many.to_status("match"),
+                                )
+                            )
+                            for c in request.commands
+                        ]
+                    else:
+                        futures = [self._dispatch(c) for c in request.commands]
+                    await waiting.put(futures)
+            finally:
+                await waiting.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (futures := await waiting.get()) is not None:
+                results = [await future for future in futures]
+                yield match_pb2.SubmitCommandsResponse(results=results)
+            await reader  # surfaces a failed read
+        finally:
+            reader.cancel()
+
+    async def GetOrderBook(
+        self,
+        request: match_pb2.GetOrderBookRequest,
+        context: grpc.aio.ServicerContext[
+            match_pb2.GetOrderBookRequest, match_pb2.GetOrderBookResponse
+        ],
+    ) -> match_pb2.GetOrderBookResponse:
+        if request.depth < 0:
+            raise InvalidArgument(
+                "MATCH_INVALID_DEPTH",
+                "depth must not be negative",
+                violations=[FieldViolation("depth", "must be >= 0")],
+            )
+        writer = self._writer(request.market)
+        depth = request.depth or None
+        async with writer.view() as engine:
+            return match_pb2.GetOrderBookResponse(
+                book=_book(engine, request.level == match_pb2.BOOK_LEVEL_L3, depth)
+            )
+
+    async def ReplayEvents(
+        self,
+        request: match_pb2.ReplayEventsRequest,
+        context: grpc.aio.ServicerContext[
+            match_pb2.ReplayEventsRequest, match_pb2.ReplayEventsResponse
+        ],
+    ) -> AsyncIterator[match_pb2.ReplayEventsResponse]:
+        violations = []
+        if request.from_seq < 0:
+            violations.append(FieldViolation("from_seq", "must be >= 0"))
+        if request.to_seq < 0 or (request.to_seq and request.to_seq < request.from_seq):
+            violations.append(FieldViolation("to_seq", "must be 0 or >= from_seq"))
+        if violations:
+            raise InvalidArgument("MATCH_INVALID_RANGE", "bad event range", violations=violations)
+        writer = self._writer(request.market)
+        next_seq = max(request.from_seq, 1)
+        last = request.to_seq
+        while True:
+            while events := await writer.events(next_seq, last or writer.committed_seq):
+                yield match_pb2.ReplayEventsResponse(events=events)
+                next_seq = events[-1].seq + 1
+            if last or not request.follow:
+                return
+            await writer.wait_beyond(next_seq - 1)
+
+
+def _book(engine: MarketEngine, l3: bool, depth: int | None) -> match_pb2.OrderBook:
+    market, book = engine.market, engine.book
+    out = match_pb2.OrderBook(market=market.symbol, seq=engine.seq, state_hash=engine.state_hash())
+    if l3:
+        for view in book.l3():
+            orders = out.bid_orders if view.side is Side.BUY else out.ask_orders
+            if depth is None or len(orders) < depth:
+                order_id, account_id = engine.wire_ids(view.order_id)
+                orders.add(
+                    order_id=order_id,
+                    account_id=account_id,
+                    price=market.price(view.price or 0),
+                    quantity=market.quantity(view.leaves),
+                    priority=view.priority,
+                )
+        return out
+    bids, asks = book.l2(depth)
+    for levels, side, target in ((bids, Side.BUY, out.bids), (asks, Side.SELL, out.asks)):
+        for price, qty in levels:
+            target.append(
+                types_pb2.PriceLevel(
+                    price=market.price(price),
+                    quantity=market.quantity(qty),
+                    order_count=book.level_size(side, price),
+                )
+            )
+    return out
+
+
+async def build_server(
+    settings: ChassisSettings,
+    *,
+    match_settings: MatchSettings | None = None,
+    catalog: Catalog | None = None,
+    clock: Callable[[], int] = time.time_ns,
+) -> Server:
+    match_settings = match_settings or MatchSettings.from_env()
+    catalog = catalog or load_catalog()
     server = Server(settings)
-    await connect(server, schema="match", migrations=MIGRATIONS, nats=True)
+    infra = await connect(server, schema="match", migrations=MIGRATIONS, nats=True)
+    assert infra.pool is not None and infra.nats is not None
+    journal = Journal(infra.pool)
+    js = infra.nats.jetstream()
+    await Publisher.ensure_stream(js)
+    writers: dict[str, MarketWriter] = {}
+    tasks: list[asyncio.Task[None]] = []
+    for symbol in match_settings.markets or tuple(catalog.markets):
+        market = catalog.market(symbol)
+        if market is None:
+            raise ValueError(f"CEX_MATCH_MARKETS names {symbol!r}, which is not a market")
+        if not await server.enter(journal.ownership(symbol, wait_s=_OWNERSHIP_WAIT_S)):
+            raise RuntimeError(f"{symbol} is written by another replica")
+        writer = MarketWriter(
+            market,
+            journal,
+            clock=clock,
+            max_batch=match_settings.max_batch,
+            snapshot_every=match_settings.snapshot_every,
+        )
+        await writer.start()
+        server.on_stop(writer.stop)
+        writers[symbol] = writer
+        tasks.append(asyncio.create_task(Publisher(js, writer).run(), name=f"publish-{symbol}"))
+
+    async def stop_publishing() -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    server.on_stop(stop_publishing)
     server.add(
         match_pb2.DESCRIPTOR.services_by_name["MatchService"],
         match_pb2_grpc.add_MatchServiceServicer_to_server,
-        MatchService(),  # type: ignore[abstract]  # methods land with their issue
+        MatchService(catalog, writers, match_settings),
     )
     return server

@@ -1,0 +1,33 @@
+"""The match service's own settings, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from services.chassis.settings import env_int, env_str
+
+__all__ = ["MatchSettings"]
+
+
+@dataclass(frozen=True, slots=True)
+class MatchSettings:
+    """`markets` are the markets this replica writes (empty: every market in the
+    catalog); markets are spread across replicas by giving each its own list."""
+
+    markets: tuple[str, ...] = ()
+    max_batch: int = 500
+    snapshot_every: int = 5_000
+    max_commands_per_request: int = 1_000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> MatchSettings:
+        env = os.environ if env is None else env
+        markets = env_str(env, "CEX_MATCH_MARKETS", "") or ""
+        return cls(
+            markets=tuple(m.strip() for m in markets.split(",") if m.strip()),
+            max_batch=env_int(env, "CEX_MATCH_MAX_BATCH", 500),
+            snapshot_every=env_int(env, "CEX_MATCH_SNAPSHOT_EVERY", 5_000),
+            max_commands_per_request=env_int(env, "CEX_MATCH_MAX_COMMANDS", 1_000),
+        )

@@ -1,0 +1,178 @@
+"""The match service on real PostgreSQL and JetStream: journal, dedupe, books, replay, restart."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import nats
+import pytest
+
+from cex.match.v1 import match_pb2, match_pb2_grpc
+from cex.type.v1 import types_pb2 as t
+from services.chassis import ChassisSettings, ErrorDetails, Server
+from services.match.config import MatchSettings
+from services.match.server import build_server
+from tests.integration.match.match_client import Client, limit, place
+
+
+class Running:
+    def __init__(self, database_url: str, nats_url: str, snapshot_every: int) -> None:
+        self.settings = ChassisSettings(
+            service="match", database_url=database_url, nats_url=nats_url, shutdown_grace_s=1
+        )
+        self.match_settings = MatchSettings(
+            markets=("BTC-USDT", "ETH-USDT"), snapshot_every=snapshot_every
+        )
+        self.server: Server | None = None
+        self.channel: grpc.aio.Channel | None = None
+
+    async def start(self) -> Client:
+        self.server = await build_server(self.settings, match_settings=self.match_settings)
+        port = await self.server.start()
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        return Client(match_pb2_grpc.MatchServiceStub(self.channel))
+
+    async def stop(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+        if self.server is not None:
+            await self.server.stop(0.5)
+
+
+@pytest.fixture
+async def running(fresh_database_url: str, private_nats: str) -> AsyncIterator[Running]:
+    r = Running(fresh_database_url, private_nats, snapshot_every=7)
+    yield r
+    await r.stop()
+
+
+async def test_commands_are_journaled_answered_in_order_and_deduplicated(running: Running) -> None:
+    client = await running.start()
+    sell = limit("s1", "maker", t.SIDE_SELL, "0.5", "65000")
+    buy = limit("b1", "taker", t.SIDE_BUY, "0.2", "65000")
+    (r1, r2) = await client.submit([place("c1", sell), place("c2", buy)])
+    assert (r1.status.code, r1.command_seq, r1.duplicate) == (0, 1, False)
+    assert [e.WhichOneof("kind") for e in r2.events] == ["accepted", "trade", "level_changed"]
+    assert r2.events[1].trade.quantity == "0.2"
+    assert [e.seq for e in [*r1.events, *r2.events]] == list(range(1, 6))
+    # The same command again: the original result, not a second order.
+    (again,) = await client.submit([place("c2", buy)])
+    assert again.duplicate and again.command_seq == 2
+    assert list(again.events) == list(r2.events)
+    # The same id with another body is refused and journals nothing.
+    other = limit("b2", "taker", t.SIDE_BUY, "0.3", "65000")
+    (reused,) = await client.submit([place("c2", other)])
+    assert reused.status.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
+    assert ErrorDetails.from_status(reused.status).reason == "MATCH_COMMAND_ID_REUSED"
+    book = await client.book("BTC-USDT")
+    assert book.seq == 5
+    assert [(a.price, a.quantity, a.order_count) for a in book.asks] == [("65000", "0.3", 1)]
+
+
+async def test_bad_input_is_refused_before_the_journal(running: Running) -> None:
+    client = await running.start()
+    off_tick = limit("o1", "a", t.SIDE_BUY, "1", "100.001")
+    unknown = place("c2", limit("o2", "a", t.SIDE_BUY, "1", "100"), market="DOGE-USDT")
+    (bad, missing) = await client.submit([place("c1", off_tick), unknown])
+    details = ErrorDetails.from_status(bad.status)
+    assert bad.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert details.reason == "MATCH_INVALID_TICK"
+    assert [v.field for v in details.violations] == ["command.place.price"]
+    assert bad.command_seq == 0 and not bad.events
+    assert missing.status.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert ErrorDetails.from_status(missing.status).reason == "MATCH_UNKNOWN_MARKET"
+    # A well-formed order the book refuses is journaled as a rejection.
+    tiny = limit("o3", "a", t.SIDE_BUY, "0.00001", "100")  # notional 0.001 < 5 USDT
+    (rejected,) = await client.submit([place("c3", tiny)])
+    assert rejected.status.code == 0 and rejected.command_seq == 1
+    assert rejected.events[0].rejected.reason == "MATCH_NOTIONAL_BELOW_MIN"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.book("DOGE-USDT")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert ErrorDetails.from_rpc_error(err.value).reason == "MATCH_UNKNOWN_MARKET"
+    assert (await client.book("BTC-USDT")).seq == 1
+
+
+async def test_l3_book_shows_orders_in_priority(running: Running) -> None:
+    client = await running.start()
+    await client.submit(
+        [
+            place("c1", limit("b1", "a", t.SIDE_BUY, "1", "100")),
+            place("c2", limit("b2", "b", t.SIDE_BUY, "2", "100")),
+            place("c3", limit("b3", "a", t.SIDE_BUY, "1", "101")),
+            place("c4", limit("s1", "c", t.SIDE_SELL, "1", "105")),
+        ]
+    )
+    book = await client.book("BTC-USDT", l3=True)
+    assert [(o.order_id, o.account_id, o.price, o.quantity) for o in book.bid_orders] == [
+        ("b3", "a", "101", "1"),
+        ("b1", "a", "100", "1"),
+        ("b2", "b", "100", "2"),
+    ]
+    assert [o.order_id for o in book.ask_orders] == ["s1"]
+    assert len((await client.book("BTC-USDT", l3=True, depth=1)).bid_orders) == 1
+
+
+async def test_replay_events_reads_the_journal_and_follows(running: Running) -> None:
+    client = await running.start()
+    results = await client.random_load("BTC-USDT", 60, seed=3)
+    produced = [e for r in results for e in r.events]
+    assert [e.seq for e in produced] == list(range(1, len(produced) + 1))
+    assert await client.replay("BTC-USDT") == produced
+    middle = len(produced) // 2
+    assert await client.replay("BTC-USDT", middle, middle + 3) == produced[middle - 1 : middle + 3]
+    follower = client.follow("BTC-USDT", len(produced) + 1)
+    more = await client.random_load("BTC-USDT", 5, seed=4, prefix="x")
+    fresh = [e for r in more for e in r.events]
+    assert [await anext(follower) for _ in fresh] == fresh
+    await follower.aclose()
+
+
+async def test_events_reach_jetstream_with_their_sequence(
+    running: Running, private_nats: str
+) -> None:
+    client = await running.start()
+    results = await client.random_load("ETH-USDT", 40, seed=5)
+    produced = [e for r in results for e in r.events]
+    received = await _drain(private_nats, "match.events.ETH-USDT", len(produced))
+    assert [m.seq for m in received] == [e.seq for e in produced]
+    assert received == produced
+
+
+async def _drain(url: str, subject: str, count: int) -> list[match_pb2.MatchEvent]:
+    nc = await nats.connect(url)
+    try:
+        sub = await nc.jetstream().subscribe(subject, ordered_consumer=True)
+        out = []
+        while len(out) < count:
+            msg = await sub.next_msg(timeout=10)
+            event = match_pb2.MatchEvent.FromString(msg.data)
+            assert msg.headers is not None
+            assert msg.headers["Nats-Msg-Id"] == f"{event.market}:{event.seq}"
+            out.append(event)
+        return out
+    finally:
+        await nc.close()
+
+
+async def test_restart_recovers_the_same_book_and_republishes_lost_events(
+    running: Running, private_nats: str
+) -> None:
+    client = await running.start()
+    results = await client.random_load("BTC-USDT", 50, seed=9)
+    before = await client.book("BTC-USDT", l3=True)
+    await running.stop()
+    # JetStream loses the stream (its storage is gone; acknowledged writes with it).
+    nc = await nats.connect(private_nats)
+    await nc.jetstream().delete_stream("MATCH_EVENTS")
+    await nc.close()
+    client = await running.start()
+    after = await client.book("BTC-USDT", l3=True)
+    assert after == before
+    assert after.seq == sum(len(r.events) for r in results)
+    produced = [e for r in results for e in r.events]
+    assert await _drain(private_nats, "match.events.BTC-USDT", len(produced)) == produced
+    (next_result,) = await client.submit([place("n1", limit("n1", "z", t.SIDE_BUY, "1", "1"))])
+    assert next_result.command_seq == 51
+    assert next_result.events[0].seq == after.seq + 1
