@@ -92,9 +92,10 @@ async def test_reflection_through_envoy_describes_services_and_methods(
 
 
 @pytest.mark.parametrize("spec", API, ids=lambda s: s.name)
-async def test_an_unimplemented_method_answers_unimplemented_through_envoy(
-    stack: Stack, spec
-) -> None:
+async def test_an_empty_request_gets_the_error_model_through_envoy(stack: Stack, spec) -> None:
+    """Every service's first unary method, called with an empty request: invalid for
+    an implemented method, UNIMPLEMENTED for one whose issue has not landed; either
+    way a google.rpc.Status with the service's ErrorInfo."""
     from services.catalog.server import API as MODULES
 
     descriptor = next(
@@ -113,9 +114,15 @@ async def test_an_unimplemented_method_answers_unimplemented_through_envoy(
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await call(b"", timeout=5)
     details = ErrorDetails.from_rpc_error(failure.value)
-    assert details.code is grpc.StatusCode.UNIMPLEMENTED
-    assert details.reason == f"{spec.name.upper()}_UNIMPLEMENTED"
+    assert details.code in (
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+    )
+    assert details.reason.startswith(f"{spec.name.upper()}_")
     assert details.domain == spec.name
+    if details.code is grpc.StatusCode.UNIMPLEMENTED:
+        assert details.reason == f"{spec.name.upper()}_UNIMPLEMENTED"
 
 
 async def test_red_metrics_count_calls_by_code(stack: Stack) -> None:
