@@ -14,6 +14,7 @@ One group commit is one transaction:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -167,12 +168,17 @@ class Store:
                     needs.accounts.add((record.debit_account_id, record.asset))
                     needs.accounts.add((record.credit_account_id, record.asset))
             rows = await conn.fetch(
-                "SELECT id, fingerprint, code, reason, message FROM failed_transfers"
+                "SELECT id, fingerprint, code, reason, message, metadata FROM failed_transfers"
                 " WHERE id = ANY($1::text[])",
                 ids,
             )
             for row in rows:
-                error = ExchangeError(row["reason"], row["message"], code=_code(row["code"]))
+                error = ExchangeError(
+                    row["reason"],
+                    row["message"],
+                    code=_code(row["code"]),
+                    metadata=json.loads(row["metadata"]),
+                )
                 book.failures[row["id"]] = Failure(row["id"], row["fingerprint"], error)
         if needs.accounts:
             keys = sorted(needs.accounts)
@@ -249,10 +255,17 @@ class Store:
             )
         if book.new_failures:
             await conn.executemany(
-                "INSERT INTO failed_transfers (id, fingerprint, code, reason, message)"
-                " VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO failed_transfers (id, fingerprint, code, reason, message, metadata)"
+                " VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
                 [
-                    (f.id, f.fingerprint, f.error.code.value[0], f.error.reason, f.error.message)
+                    (
+                        f.id,
+                        f.fingerprint,
+                        f.error.code.value[0],
+                        f.error.reason,
+                        f.error.message,
+                        json.dumps(f.error.metadata, sort_keys=True),
+                    )
                     for f in book.new_failures
                 ],
             )

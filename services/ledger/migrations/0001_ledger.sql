@@ -59,6 +59,7 @@ CREATE TABLE failed_transfers (
     code integer NOT NULL,
     reason text NOT NULL,
     message text NOT NULL,
+    metadata jsonb NOT NULL DEFAULT '{}',
     create_time timestamptz NOT NULL DEFAULT now()
 );
 
