@@ -389,6 +389,13 @@ class Book:
 
         Items that are already errors (failed parsing) fail the chain as they are.
         """
+        # Expiry is a fact of the clock, not of the chain: settle it first, outside
+        # the chain's undo log, so a chain that fails still records it.
+        for item in items:
+            if isinstance(item, TransferInput) and item.pending_id:
+                due = self.transfers.get(item.pending_id)
+                if due is not None:
+                    self.expire_due(due)
         undo: list[tuple[Any, str, Any]] = []
         self._undo = undo
         marks = (len(self.new_transfers), len(self.new_failures), len(self.anomalies))
