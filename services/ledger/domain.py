@@ -327,15 +327,18 @@ class Book:
     def _move(
         self, account: Account, *, dp: int = 0, cp: int = 0, dpe: int = 0, cpe: int = 0
     ) -> None:
-        for name, delta in (
-            ("debits_posted", dp),
-            ("credits_posted", cp),
-            ("debits_pending", dpe),
-            ("credits_pending", cpe),
-        ):
-            if delta:
-                self._set(account, name, getattr(account, name) + delta)
-        self._set(account, "update_time_ns", self.now_ns)
+        undo = self._undo
+        if undo is not None:
+            undo.append((account, "debits_posted", account.debits_posted))
+            undo.append((account, "credits_posted", account.credits_posted))
+            undo.append((account, "debits_pending", account.debits_pending))
+            undo.append((account, "credits_pending", account.credits_pending))
+            undo.append((account, "update_time_ns", account.update_time_ns))
+        account.debits_posted += dp
+        account.credits_posted += cp
+        account.debits_pending += dpe
+        account.credits_pending += cpe
+        account.update_time_ns = self.now_ns
 
     def _slot(self, account_id: str, asset: str) -> Account:
         key = (account_id, asset)
@@ -396,8 +399,9 @@ class Book:
                 due = self.transfers.get(item.pending_id)
                 if due is not None:
                     self.expire_due(due)
+        # A lone transfer fails before it changes anything: no undo log needed.
         undo: list[tuple[Any, str, Any]] = []
-        self._undo = undo
+        self._undo = undo if len(items) > 1 else None
         marks = (len(self.new_transfers), len(self.new_failures), len(self.anomalies))
         outcomes: list[Outcome] = []
         failed_at = -1

@@ -63,6 +63,15 @@ def _amount(catalog: Catalog, asset: str, text: str, field: str) -> int:
         ) from None
 
 
+def _fmt(units: int, scale: int) -> str:
+    """Minor units as the canonical decimal string (what Asset.format gives, faster)."""
+    sign = "-" if units < 0 else ""
+    whole, frac = divmod(abs(units), 10**scale)
+    if not frac:
+        return f"{sign}{whole}"
+    return f"{sign}{whole}.{str(frac).rjust(scale, '0').rstrip('0')}"
+
+
 def _duration_ns(value: duration_pb2.Duration) -> int:
     return value.seconds * 1_000_000_000 + value.nanos
 
@@ -87,6 +96,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         self._writer = writer
         self._auditor = auditor
         self._catalog = catalog
+        self._stamp = (-1, timestamp_pb2.Timestamp())
 
     # -- conversions ---------------------------------------------------------
 
@@ -142,12 +152,14 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
 
     def _transfer(self, t: Transfer) -> ledger_pb2.Transfer:
         asset = self._catalog.assets.get(t.asset)
+        if self._stamp[0] != t.create_time_ns:
+            self._stamp = (t.create_time_ns, _timestamp(t.create_time_ns))
         message = ledger_pb2.Transfer(
             id=t.id,
             debit_account_id=t.debit_account_id,
             credit_account_id=t.credit_account_id,
             asset=t.asset,
-            amount=asset.format(t.amount) if asset else str(t.amount),
+            amount=_fmt(t.amount, asset.scale) if asset else str(t.amount),
             pending_id=t.pending_id,
             flags=ledger_pb2.TransferFlags(
                 linked=t.linked,
@@ -159,7 +171,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             reference=t.reference,
             state=int(t.state),  # type: ignore[arg-type]
             sequence=t.sequence,
-            create_time=_timestamp(t.create_time_ns),
+            create_time=self._stamp[1],
         )
         if t.timeout_ns:
             message.timeout.FromNanoseconds(t.timeout_ns)

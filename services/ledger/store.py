@@ -105,7 +105,7 @@ def transfer_from_row(row: asyncpg.Record) -> Transfer:
     )
 
 
-def _transfer_record(t: Transfer) -> tuple[Any, ...]:
+def _transfer_record(t: Transfer, now: datetime) -> tuple[Any, ...]:
     return (
         t.id,
         t.sequence,
@@ -123,7 +123,7 @@ def _transfer_record(t: Transfer) -> tuple[Any, ...]:
         int(t.state),
         t.remaining,
         t.fingerprint,
-        from_ns(t.create_time_ns),
+        now,
     )
 
 
@@ -183,7 +183,9 @@ class Store:
         if needs.accounts:
             keys = sorted(needs.accounts)
             rows = await conn.fetch(
-                """SELECT a.* FROM accounts a
+                """SELECT a.account_id, a.asset, a.debits_posted, a.credits_posted,
+                          a.debits_pending, a.credits_pending, a.update_time
+                   FROM accounts a
                    JOIN unnest($1::text[], $2::text[]) AS k(account_id, asset)
                      USING (account_id, asset)
                    ORDER BY a.account_id, a.asset
@@ -215,33 +217,59 @@ class Store:
         return book
 
     async def save(self, conn: Connection, book: Book) -> None:
+        now = from_ns(book.now_ns)  # every row this group writes carries its time
         if book.new_transfers:
             await conn.copy_records_to_table(
                 "transfers",
-                records=[_transfer_record(t) for t in book.new_transfers],
+                records=[_transfer_record(t, now) for t in book.new_transfers],
                 columns=TRANSFER_COLUMNS,
             )
         changed = book.changed_accounts()
-        if changed:
+        updated = [a for a in changed if a.stored is not None]
+        created = [a for a in changed if a.stored is None]
+        if updated:
             await conn.execute(
-                """INSERT INTO accounts (account_id, asset, is_system, debits_posted,
-                       credits_posted, debits_pending, credits_pending, update_time)
-                   SELECT * FROM unnest($1::text[], $2::text[], $3::bool[], $4::int8[],
-                       $5::int8[], $6::int8[], $7::int8[], $8::timestamptz[])
-                   ON CONFLICT (account_id, asset) DO UPDATE SET
-                       debits_posted = EXCLUDED.debits_posted,
-                       credits_posted = EXCLUDED.credits_posted,
-                       debits_pending = EXCLUDED.debits_pending,
-                       credits_pending = EXCLUDED.credits_pending,
-                       update_time = EXCLUDED.update_time""",
-                [a.account_id for a in changed],
-                [a.asset for a in changed],
-                [a.is_system for a in changed],
-                [a.debits_posted for a in changed],
-                [a.credits_posted for a in changed],
-                [a.debits_pending for a in changed],
-                [a.credits_pending for a in changed],
-                [from_ns(a.update_time_ns) for a in changed],
+                """UPDATE accounts a SET debits_posted = u.dp, credits_posted = u.cp,
+                       debits_pending = u.dpe, credits_pending = u.cpe, update_time = u.t
+                   FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[],
+                       $6::int8[], $7::timestamptz[]) AS u(account_id, asset, dp, cp, dpe, cpe, t)
+                   WHERE a.account_id = u.account_id AND a.asset = u.asset""",
+                [a.account_id for a in updated],
+                [a.asset for a in updated],
+                [a.debits_posted for a in updated],
+                [a.credits_posted for a in updated],
+                [a.debits_pending for a in updated],
+                [a.credits_pending for a in updated],
+                [now] * len(updated),
+            )
+        if created:
+            # New accounts: a concurrent writer (another process) creating the same
+            # one makes this fail, and the group is retried.
+            await conn.copy_records_to_table(
+                "accounts",
+                records=[
+                    (
+                        a.account_id,
+                        a.asset,
+                        a.is_system,
+                        a.debits_posted,
+                        a.credits_posted,
+                        a.debits_pending,
+                        a.credits_pending,
+                        now,
+                    )
+                    for a in created
+                ],
+                columns=(
+                    "account_id",
+                    "asset",
+                    "is_system",
+                    "debits_posted",
+                    "credits_posted",
+                    "debits_pending",
+                    "credits_pending",
+                    "update_time",
+                ),
             )
         pendings = book.changed_pendings()
         if pendings:
