@@ -6,7 +6,8 @@ services.ledger.main`; settlement and the background auditor off), funds
 `--accounts` accounts, then measures CreateTransfers from this process:
 
 1. single: `--single-clients` concurrent clients, one transfer per request;
-2. batched: `--batch-clients` concurrent clients, `--batch` transfers per request.
+2. batched: `--batch-clients` concurrent clients, `--batch` transfers per request;
+3. batch x1: the last 10 batches from one client (latency without queueing).
 
 Reported: transfers/s (committed and acknowledged), and p50/p99 of the request
 latency. Every transfer is a real debit/credit between random funded accounts.
@@ -141,9 +142,12 @@ async def main(args: argparse.Namespace) -> None:
                     for i in range(0, len(items), args.batch)
                 ]
                 await _run(stub, single[:200], args.single_clients)  # warm up
+                lone = batched[-10:]
+                batched = batched[:-10]
                 for label, requests, clients, count in (
                     ("single", single[200:], args.single_clients, len(single) - 200),
-                    ("batched", batched, args.batch_clients, len(items)),
+                    ("batched", batched, args.batch_clients, len(batched) * args.batch),
+                    ("batch x1", lone, 1, len(lone) * args.batch),
                 ):
                     elapsed, latencies = await _run(stub, requests, clients)
                     print(

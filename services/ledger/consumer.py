@@ -110,6 +110,17 @@ class SettlementConsumer:
         self._durable = durable
 
     async def run(self) -> None:
+        """Consume until cancelled; a failure to subscribe (NATS down) is retried."""
+        while True:
+            try:
+                await self._consume()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _log.exception("settlement consumer stopped; restarting in 1 s")
+                await asyncio.sleep(1.0)
+
+    async def _consume(self) -> None:
         await ensure_stream(self._js, STREAM, SUBJECTS)
         sub = await self._js.pull_subscribe(
             "match.events.*",

@@ -174,3 +174,26 @@ async def test_list_transfers_pages_and_filters(ledger: Ledger) -> None:
     assert [t.id for t in by_ref.transfers] == ["d7"]
     bad = await rpc_error(ledger.stub.ListTransfers(K.ListTransfersRequest(page_token="!!")))
     assert bad.reason == "LEDGER_PAGE_TOKEN_INVALID"
+
+
+async def test_a_violation_halts_withdrawals(ledger: Ledger) -> None:
+    import asyncpg
+
+    await ledger.ok(deposit("d1", "alice", "10"), deposit("d2", "bob", "10"))
+    assert (await ledger.audit()).balanced
+    conn = await asyncpg.connect(ledger.database_url)
+    try:  # corrupt a balance behind the ledger's back
+        await conn.execute(
+            "UPDATE ledger.accounts SET credits_posted = credits_posted + 1"
+            " WHERE account_id = 'bob'"
+        )
+        audit = await ledger.audit()
+        assert not audit.balanced and not audit.results[0].balanced
+        halt = await conn.fetchrow("SELECT halted, reason FROM ledger.halt")
+        assert halt["halted"] and "USDT" in halt["reason"]
+    finally:
+        await conn.close()
+    wd = hold("wd1", "alice", "1", credit="sys:custody", kind=K.TRANSFER_KIND_WITHDRAWAL)
+    (refused,) = await ledger.create(wd)
+    assert reason(refused) == "LEDGER_HALTED"
+    await ledger.ok(transfer("t1", "alice", "carol", "1"))  # trading still works
