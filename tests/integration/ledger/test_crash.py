@@ -45,6 +45,7 @@ class LedgerProcess:
     port: int = field(default_factory=lambda: free_ports().edge)
     process: asyncio.subprocess.Process | None = None
     kills: int = 0
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     async def start(self) -> None:
         env = {
@@ -56,6 +57,7 @@ class LedgerProcess:
             "CEX_LOG_LEVEL": "WARNING",
         }
         env.pop("NATS_URL", None)
+        env.update(self.extra_env)
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.ledger.main", env=env
         )
@@ -86,8 +88,10 @@ class LedgerProcess:
 
 
 @contextlib.asynccontextmanager
-async def ledger_process(database_url: str) -> AsyncIterator[LedgerProcess]:
-    running = LedgerProcess(database_url)
+async def ledger_process(
+    database_url: str, extra_env: dict[str, str] | None = None
+) -> AsyncIterator[LedgerProcess]:
+    running = LedgerProcess(database_url, extra_env=extra_env or {})
     await running.start()
     try:
         yield running
