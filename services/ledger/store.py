@@ -284,7 +284,7 @@ class Store:
         if book.new_failures:
             await conn.executemany(
                 "INSERT INTO failed_transfers (id, fingerprint, code, reason, message, metadata)"
-                " VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
+                " VALUES ($1, $2, $3, $4, $5, $6)",
                 [
                     (
                         f.id,
@@ -292,7 +292,7 @@ class Store:
                         f.error.code.value[0],
                         f.error.reason,
                         f.error.message,
-                        json.dumps(f.error.metadata, sort_keys=True),
+                        json.dumps(f.error.metadata),
                     )
                     for f in book.new_failures
                 ],

@@ -58,7 +58,7 @@ CREATE TABLE failed_transfers (
     code integer NOT NULL,
     reason text NOT NULL,
     message text NOT NULL,
-    metadata jsonb NOT NULL DEFAULT '{}',
+    metadata text NOT NULL DEFAULT '{}',  -- JSON, key order kept
     create_time timestamptz NOT NULL DEFAULT now()
 );
 

@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from cex.ledger.v1 import ledger_pb2 as K
+from services.chassis import ErrorDetails
 from tests.integration.ledger.support import (
     Ledger,
     deposit,
@@ -125,7 +126,9 @@ async def test_random_retries_are_idempotent(ledger: Ledger) -> None:
             original = sent[tid]
             if rng.random() < 0.5:
                 (again,) = await ledger.create(original)
-                assert again.status == first[tid].status
+                assert ErrorDetails.from_status(again.status) == ErrorDetails.from_status(
+                    first[tid].status
+                )
                 if not again.status.code:
                     assert again.transfer == first[tid].transfer
             else:
