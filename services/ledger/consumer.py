@@ -26,7 +26,7 @@ from services.chassis import Catalog, MoneyError, ensure_stream
 from services.chassis.money import parse_decimal
 
 from .auditor import LedgerMetrics
-from .settlement import Applied, Gap, MarketEvent, Party, Release, TradeSettlement
+from .settlement import Applied, Gap, MarketEvent, Party, Release, TradeSettlement, Unreadable
 from .writer import SettleJob, Writer
 
 __all__ = ["STREAM", "SUBJECTS", "Replay", "SettlementConsumer", "to_market_event"]
@@ -170,8 +170,7 @@ class SettlementConsumer:
             _log.error(
                 "UNREADABLE MATCH EVENT %s:%s, not settled: %r", event.market, event.seq, error
             )
-            self._metrics.anomalies.labels("EVENT_UNREADABLE").inc()
-            return MarketEvent(event.market, event.seq, None)
+            return MarketEvent(event.market, event.seq, Unreadable(repr(error)[:500]))
 
     async def _apply_market(self, market: str, events: list[match_pb2.MatchEvent]) -> None:
         todo = [self._convert(e) for e in events]

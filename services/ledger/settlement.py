@@ -33,6 +33,7 @@ __all__ = [
     "MarketEvent",
     "Release",
     "TradeSettlement",
+    "Unreadable",
     "apply_events",
     "hold_id",
 ]
@@ -71,12 +72,19 @@ class Release:
 
 
 @dataclass(frozen=True, slots=True)
+class Unreadable:
+    """An event the ledger could not read (unknown market or asset, bad amount)."""
+
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class MarketEvent:
     """One match event as the ledger needs it (body None: nothing to move)."""
 
     market: str
     seq: int
-    body: TradeSettlement | Release | None
+    body: TradeSettlement | Release | Unreadable | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +117,8 @@ def apply_events(book: Book, market: str, events: Sequence[MarketEvent]) -> Appl
             trades += _settle(book, event, event.body)
         elif isinstance(event.body, Release):
             _release(book, event, event.body.order_id)
+        elif isinstance(event.body, Unreadable):
+            _anomaly(book, event, "EVENT_UNREADABLE", "", "", 0, event.body.detail)
         cursor = event.seq
     book.cursors[market] = cursor
     return Applied(market, cursor, trades, skipped)

@@ -242,3 +242,12 @@ def test_account_changed_tracks_new_and_loaded_rows() -> None:
     assert not loaded.changed
     loaded.credits_posted += 1
     assert loaded.changed
+
+
+def test_an_unreadable_event_is_recorded_and_passed() -> None:
+    from services.ledger.settlement import Unreadable
+
+    b = book()
+    out = apply_events(b, "X-Y", [MarketEvent("X-Y", 1, Unreadable("KeyError('X-Y')"))])
+    assert out == Applied("X-Y", 1, 0, 0)
+    assert [(a.kind, a.detail) for a in b.anomalies] == [("EVENT_UNREADABLE", "KeyError('X-Y')")]
