@@ -1,30 +1,478 @@
-"""ledger service: proto <-> domain and errors.
+"""ledger service: proto <-> domain and errors, and the composition root.
 
-Its methods land with the ledger issue. Until then the generated base class answers
-each one UNIMPLEMENTED (the chassis adds the ErrorInfo), while the process
-already owns its schema and connections, so the stack's wiring is real.
+`build_server` wires the pool, the group-commit writer, the settlement
+consumer, the hold-expiry sweeper and the auditor into one `Server`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from services.chassis import ChassisSettings, Server, connect
+from cex.match.v1 import match_pb2, match_pb2_grpc
+from services.chassis import (
+    Catalog,
+    ChassisSettings,
+    ExchangeError,
+    FieldViolation,
+    InvalidArgument,
+    MoneyError,
+    NotFound,
+    Server,
+    connect,
+    load_catalog,
+)
+from services.chassis.interceptors import client_interceptors
+
+from .auditor import Auditor, AuditReport, LedgerMetrics
+from .config import LedgerConfig
+from .consumer import SettlementConsumer
+from .domain import MAX_BATCH, Account, Kind, Op, Transfer, TransferInput
+from .store import Store
+from .writer import ExpireJob, TransfersJob, Writer
+
+__all__ = ["LedgerService", "build_server"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+_log = logging.getLogger("cex.ledger")
+
+
+def _amount(catalog: Catalog, asset: str, text: str, field: str) -> int:
+    known = catalog.assets.get(asset)
+    if known is None:
+        raise NotFound("LEDGER_ASSET_NOT_FOUND", f"unknown asset {asset!r}")
+    try:
+        return known.to_minor(text)
+    except MoneyError as error:
+        raise InvalidArgument(
+            "LEDGER_AMOUNT_INVALID",
+            f"{field}: {error}",
+            violations=[FieldViolation(field, str(error), error.reason)],
+        ) from None
+
+
+def _fmt(units: int, scale: int) -> str:
+    """Minor units as the canonical decimal string (what Asset.format gives, faster)."""
+    sign = "-" if units < 0 else ""
+    whole, frac = divmod(abs(units), 10**scale)
+    if not frac:
+        return f"{sign}{whole}"
+    return f"{sign}{whole}.{str(frac).rjust(scale, '0').rstrip('0')}"
+
+
+def _duration_ns(value: duration_pb2.Duration) -> int:
+    return value.seconds * 1_000_000_000 + value.nanos
+
+
+def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(ns)
+    return stamp
 
 
 class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
     """cex.ledger.v1.LedgerService."""
 
+    def __init__(
+        self,
+        store: Store,
+        writer: Writer,
+        auditor: Auditor,
+        catalog: Catalog,
+    ) -> None:
+        self._store = store
+        self._writer = writer
+        self._auditor = auditor
+        self._catalog = catalog
+        self._stamp = (-1, timestamp_pb2.Timestamp())
 
-async def build_server(settings: ChassisSettings) -> Server:
+    # -- conversions ---------------------------------------------------------
+
+    def _input(self, t: ledger_pb2.Transfer, field: str, asset_hint: str) -> TransferInput:
+        flags = t.flags
+        if sum((flags.pending, flags.post_pending, flags.void_pending)) > 1:
+            raise InvalidArgument(
+                "LEDGER_FLAGS_INVALID",
+                "at most one of pending, post_pending, void_pending",
+                violations=[FieldViolation(f"{field}.flags", "conflicting flags")],
+            )
+        op = (
+            Op.PENDING
+            if flags.pending
+            else Op.POST
+            if flags.post_pending
+            else Op.VOID
+            if flags.void_pending
+            else Op.SINGLE
+        )
+        if t.kind not in Kind._value2member_map_:
+            raise InvalidArgument("LEDGER_KIND_INVALID", f"unknown kind {t.kind}")
+        amount: int | None = None
+        if t.amount:
+            if op in (Op.POST, Op.VOID) and not (t.asset or asset_hint):
+                raise InvalidArgument(
+                    "LEDGER_ASSET_REQUIRED",
+                    "asset is needed to read the amount of a post",
+                    violations=[FieldViolation(f"{field}.asset", "required with amount")],
+                )
+            amount = _amount(self._catalog, t.asset or asset_hint, t.amount, f"{field}.amount")
+        elif op in (Op.SINGLE, Op.PENDING):
+            raise InvalidArgument(
+                "LEDGER_AMOUNT_INVALID",
+                "amount is required",
+                violations=[FieldViolation(f"{field}.amount", "required")],
+            )
+        if op in (Op.SINGLE, Op.PENDING) and t.asset not in self._catalog.assets:
+            raise NotFound("LEDGER_ASSET_NOT_FOUND", f"unknown asset {t.asset!r}")
+        return TransferInput(
+            id=t.id,
+            op=op,
+            debit_account_id=t.debit_account_id,
+            credit_account_id=t.credit_account_id,
+            asset=t.asset,
+            amount=amount,
+            pending_id=t.pending_id,
+            linked=t.flags.linked,
+            timeout_ns=_duration_ns(t.timeout) if t.HasField("timeout") else 0,
+            kind=Kind(t.kind),
+            reference=t.reference,
+        )
+
+    def _transfer(self, t: Transfer) -> ledger_pb2.Transfer:
+        asset = self._catalog.assets.get(t.asset)
+        if self._stamp[0] != t.create_time_ns:
+            self._stamp = (t.create_time_ns, _timestamp(t.create_time_ns))
+        message = ledger_pb2.Transfer(
+            id=t.id,
+            debit_account_id=t.debit_account_id,
+            credit_account_id=t.credit_account_id,
+            asset=t.asset,
+            amount=_fmt(t.amount, asset.scale) if asset else str(t.amount),
+            pending_id=t.pending_id,
+            flags=ledger_pb2.TransferFlags(
+                linked=t.linked,
+                pending=t.op == Op.PENDING,
+                post_pending=t.op in (Op.POST, Op.CONSUME),
+                void_pending=t.op == Op.VOID,
+            ),
+            kind=int(t.kind),  # type: ignore[arg-type]
+            reference=t.reference,
+            state=int(t.state),  # type: ignore[arg-type]
+            sequence=t.sequence,
+            create_time=self._stamp[1],
+        )
+        if t.timeout_ns:
+            message.timeout.FromNanoseconds(t.timeout_ns)
+        return message
+
+    def _balance(self, a: Account) -> ledger_pb2.Balance:
+        asset = self._catalog.assets.get(a.asset)
+        fmt = asset.format if asset else str
+        return ledger_pb2.Balance(
+            account_id=a.account_id,
+            asset=a.asset,
+            debits_posted=fmt(a.debits_posted),
+            credits_posted=fmt(a.credits_posted),
+            debits_pending=fmt(a.debits_pending),
+            credits_pending=fmt(a.credits_pending),
+            available=fmt(a.available),
+            held=fmt(a.debits_pending),
+            total=fmt(a.credits_posted - a.debits_posted),
+            update_time=_timestamp(a.update_time_ns),
+        )
+
+    async def _pending_asset(self, t: ledger_pb2.Transfer) -> str:
+        """The asset of the pending transfer a post names, to read its amount."""
+        if t.asset or not t.amount or not t.flags.post_pending:
+            return ""
+        found = await self._store.get_transfer(t.pending_id)
+        return found.asset if found else ""
+
+    async def _create(
+        self, transfers: Sequence[ledger_pb2.Transfer]
+    ) -> list[Transfer | ExchangeError]:
+        items: list[TransferInput | ExchangeError] = []
+        for index, t in enumerate(transfers):
+            try:
+                hint = await self._pending_asset(t)
+                items.append(self._input(t, f"transfers[{index}]", hint))
+            except ExchangeError as error:
+                items.append(error)
+        job = TransfersJob(items, [t.flags.linked for t in transfers])
+        return list(await self._writer.submit(job))
+
+    # -- methods --------------------------------------------------------------
+
+    async def CreateTransfers(
+        self,
+        request: ledger_pb2.CreateTransfersRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> ledger_pb2.CreateTransfersResponse:
+        count = len(request.transfers)
+        if not 1 <= count <= MAX_BATCH:
+            raise InvalidArgument(
+                "LEDGER_BATCH_SIZE_INVALID",
+                f"1 to {MAX_BATCH} transfers per request, got {count}",
+                violations=[FieldViolation("transfers", f"1 to {MAX_BATCH} items")],
+            )
+        outcomes = await self._create(request.transfers)
+        results = []
+        for t, outcome in zip(request.transfers, outcomes, strict=True):
+            if isinstance(outcome, ExchangeError):
+                results.append(
+                    ledger_pb2.CreateTransferResult(id=t.id, status=outcome.to_status("ledger"))
+                )
+            else:
+                results.append(
+                    ledger_pb2.CreateTransferResult(id=t.id, transfer=self._transfer(outcome))
+                )
+        return ledger_pb2.CreateTransfersResponse(results=results)
+
+    async def _single(self, transfer: ledger_pb2.Transfer) -> ledger_pb2.Transfer:
+        (outcome,) = await self._create([transfer])
+        if isinstance(outcome, ExchangeError):
+            raise outcome
+        return self._transfer(outcome)
+
+    async def PostPendingTransfer(
+        self,
+        request: ledger_pb2.PostPendingTransferRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> ledger_pb2.PostPendingTransferResponse:
+        transfer = ledger_pb2.Transfer(
+            id=request.id,
+            pending_id=request.pending_id,
+            amount=request.amount,
+            reference=request.reference,
+            flags=ledger_pb2.TransferFlags(post_pending=True),
+        )
+        return ledger_pb2.PostPendingTransferResponse(transfer=await self._single(transfer))
+
+    async def VoidPendingTransfer(
+        self,
+        request: ledger_pb2.VoidPendingTransferRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> ledger_pb2.VoidPendingTransferResponse:
+        transfer = ledger_pb2.Transfer(
+            id=request.id,
+            pending_id=request.pending_id,
+            reference=request.reference,
+            flags=ledger_pb2.TransferFlags(void_pending=True),
+        )
+        return ledger_pb2.VoidPendingTransferResponse(transfer=await self._single(transfer))
+
+    async def GetTransfer(
+        self, request: ledger_pb2.GetTransferRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ledger_pb2.GetTransferResponse:
+        found = await self._store.get_transfer(request.id)
+        if found is None:
+            raise NotFound("LEDGER_TRANSFER_NOT_FOUND", f"no transfer {request.id}")
+        return ledger_pb2.GetTransferResponse(transfer=self._transfer(found))
+
+    async def GetBalances(
+        self, request: ledger_pb2.GetBalancesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ledger_pb2.GetBalancesResponse:
+        if not request.account_id:
+            raise InvalidArgument(
+                "LEDGER_ACCOUNT_ID_REQUIRED",
+                "account_id is required",
+                violations=[FieldViolation("account_id", "required")],
+            )
+        for asset in request.assets:
+            if asset not in self._catalog.assets:
+                raise NotFound("LEDGER_ASSET_NOT_FOUND", f"unknown asset {asset!r}")
+        accounts = await self._store.balances(request.account_id, list(request.assets))
+        if not accounts and not request.account_id.startswith("sys:"):
+            raise NotFound(
+                "LEDGER_ACCOUNT_NOT_FOUND", f"account {request.account_id} has no balances"
+            )
+        return ledger_pb2.GetBalancesResponse(balances=[self._balance(a) for a in accounts])
+
+    async def ListTransfers(
+        self, request: ledger_pb2.ListTransfersRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ledger_pb2.ListTransfersResponse:
+        size = request.page_size or 100
+        if size < 0:
+            raise InvalidArgument(
+                "LEDGER_PAGE_SIZE_INVALID",
+                "page_size must not be negative",
+                violations=[FieldViolation("page_size", "negative")],
+            )
+        size = min(size, 1000)
+        after = 0
+        if request.page_token:
+            try:
+                after = int(base64.urlsafe_b64decode(request.page_token.encode()).decode())
+            except ValueError:
+                raise InvalidArgument(
+                    "LEDGER_PAGE_TOKEN_INVALID",
+                    "page_token is not one this server issued",
+                    violations=[FieldViolation("page_token", "invalid")],
+                ) from None
+        found = await self._store.list_transfers(
+            account_id=request.account_id,
+            asset=request.asset,
+            reference=request.reference,
+            kind=int(request.kind),
+            state=int(request.state),
+            start_ns=request.start_time.ToNanoseconds() if request.HasField("start_time") else None,
+            end_ns=request.end_time.ToNanoseconds() if request.HasField("end_time") else None,
+            after_sequence=after,
+            limit=size + 1,
+        )
+        token = ""
+        if len(found) > size:
+            found = found[:size]
+            token = base64.urlsafe_b64encode(str(found[-1].sequence).encode()).decode()
+        return ledger_pb2.ListTransfersResponse(
+            transfers=[self._transfer(t) for t in found], next_page_token=token
+        )
+
+    async def AuditLedger(
+        self, request: ledger_pb2.AuditLedgerRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ledger_pb2.AuditLedgerResponse:
+        report = await self._auditor.audit(list(request.assets))
+        return self._audit(report)
+
+    def _audit(self, report: AuditReport) -> ledger_pb2.AuditLedgerResponse:
+        results = []
+        for a in report.assets:
+            asset = self._catalog.assets.get(a.asset)
+            fmt = asset.format if asset else str
+            results.append(
+                ledger_pb2.AssetAudit(
+                    asset=a.asset,
+                    debits_posted=fmt(a.debits_posted),
+                    credits_posted=fmt(a.credits_posted),
+                    debits_pending=fmt(a.debits_pending),
+                    credits_pending=fmt(a.credits_pending),
+                    balanced=a.balanced,
+                    account_count=a.account_count,
+                    negative_account_ids=a.negative_account_ids,
+                    pending_transfer_count=a.pending_transfer_count,
+                )
+            )
+        return ledger_pb2.AuditLedgerResponse(
+            results=results,
+            balanced=report.balanced,
+            sequence=report.sequence,
+            audit_time=_timestamp(time.time_ns()),
+        )
+
+
+def _match_replay(
+    channel: grpc.aio.Channel,
+) -> Callable[[str, int, int], Awaitable[list[match_pb2.MatchEvent]]]:
+    stub = match_pb2_grpc.MatchServiceStub(channel)
+
+    async def replay(market: str, from_seq: int, to_seq: int) -> list[match_pb2.MatchEvent]:
+        events: list[match_pb2.MatchEvent] = []
+        call = stub.ReplayEvents(
+            match_pb2.ReplayEventsRequest(market=market, from_seq=from_seq, to_seq=to_seq),
+            timeout=30.0,
+        )
+        async for response in call:
+            events.extend(response.events)
+        return events
+
+    return replay
+
+
+@contextlib.asynccontextmanager
+async def _task(coro: Awaitable[None], name: str) -> AsyncIterator[asyncio.Task[None]]:
+    task: asyncio.Task[None] = asyncio.ensure_future(coro)
+    task.set_name(name)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _sweep_expired(
+    writer: Writer, store: Store, clock: Callable[[], int], every: float
+) -> None:
+    while True:
+        try:
+            due = await store.due_holds(clock())
+            if due:
+                await writer.submit(ExpireJob(due))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            _log.exception("hold expiry sweep failed")
+        await asyncio.sleep(every)
+
+
+async def build_server(
+    settings: ChassisSettings,
+    *,
+    config: LedgerConfig | None = None,
+    catalog: Catalog | None = None,
+    clock: Callable[[], int] = time.time_ns,
+    match_target: str | None = None,
+    registry: CollectorRegistry | None = None,
+) -> Server:
+    """The composition root. match_target overrides where ReplayEvents goes."""
+    config = LedgerConfig.from_env() if config is None else config
+    catalog = load_catalog() if catalog is None else catalog
+    if registry is None:
+        registry = REGISTRY if settings.metrics_port else CollectorRegistry()
+    metrics = LedgerMetrics(registry)
     server = Server(settings)
-    await connect(server, schema="ledger", migrations=MIGRATIONS, nats=True)
+    infra = await connect(server, schema="ledger", migrations=MIGRATIONS, nats=config.settlement)
+    pool = infra.pool
+    assert isinstance(pool, asyncpg.Pool)
+    store = Store(pool, catalog.assets)
+
+    def on_group(jobs: int, items: int) -> None:
+        metrics.groups.inc()
+        metrics.transfers.inc(items)
+
+    writer = Writer(store, clock, max_items=config.max_group_items, on_group=on_group)
+    auditor = Auditor(pool, metrics)
+    await server.enter(_task(writer.run(), "ledger-writer"))
+    if config.expiry_interval_s > 0:
+        await server.enter(
+            _task(_sweep_expired(writer, store, clock, config.expiry_interval_s), "ledger-expiry")
+        )
+    if config.audit_interval_s > 0:
+        await server.enter(_task(auditor.run(config.audit_interval_s), "ledger-auditor"))
+    if config.settlement and infra.nats is not None:
+        target = match_target or config.match_target or settings.mesh_addr
+        if target is None:
+            raise ValueError("settlement needs LEDGER_MATCH_TARGET or CEX_MESH_ADDR")
+        channel = grpc.aio.insecure_channel(
+            target,
+            interceptors=client_interceptors(),
+            options=(("grpc.default_authority", "match"),),
+        )
+        server.on_stop(channel.close)
+        consumer = SettlementConsumer(
+            writer=writer,
+            catalog=catalog,
+            js=infra.nats.jetstream(),
+            replay=_match_replay(channel),
+            metrics=metrics,
+            durable=config.consumer_name,
+        )
+        await server.enter(_task(consumer.run(), "ledger-settlement"))
     server.add(
         ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"],
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server,
-        LedgerService(),  # type: ignore[abstract]  # methods land with their issue
+        LedgerService(store, writer, auditor, catalog),
     )
     return server

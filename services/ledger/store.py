@@ -1,0 +1,395 @@
+"""PostgreSQL access: load a group's working set (row-locked), write it back.
+
+One group commit is one transaction:
+1. `meta` row locked (the ledger-wide sequence; it also serialises writers from
+   several processes), halt flag read;
+2. the transfers and remembered failures the group names, by id;
+3. the accounts it touches, locked FOR UPDATE in (account_id, asset) order, so
+   writers never deadlock;
+4. settled trade keys and market cursors for settlement jobs;
+5. after the domain has run: COPY of the new transfers, one upsert of the
+   changed accounts, one update of the changed holds, the failures, trade keys,
+   cursors and anomalies, and the new last sequence.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import grpc
+
+from services.chassis import ExchangeError
+
+from .domain import Account, Book, Failure, Kind, Op, State, Transfer
+
+__all__ = ["Needs", "Store", "from_ns", "to_ns"]
+
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+
+
+def from_ns(ns: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=ns // 1000)
+
+
+def to_ns(value: datetime) -> int:
+    return (value - _EPOCH) // _US * 1000
+
+
+@dataclass(slots=True)
+class Needs:
+    """What a job reads: loaded (and locked) before the domain runs."""
+
+    transfer_ids: set[str] = field(default_factory=set)
+    accounts: set[tuple[str, str]] = field(default_factory=set)
+    trades: set[tuple[str, str]] = field(default_factory=set)
+    markets: set[str] = field(default_factory=set)
+
+    def merge(self, other: Needs) -> None:
+        self.transfer_ids |= other.transfer_ids
+        self.accounts |= other.accounts
+        self.trades |= other.trades
+        self.markets |= other.markets
+
+
+TRANSFER_COLUMNS = (
+    "id",
+    "sequence",
+    "op",
+    "debit_account_id",
+    "credit_account_id",
+    "asset",
+    "amount",
+    "pending_id",
+    "linked",
+    "timeout_ns",
+    "expires_at",
+    "kind",
+    "reference",
+    "state",
+    "remaining",
+    "fingerprint",
+    "create_time",
+)
+_SELECT_TRANSFER = "SELECT " + ", ".join(TRANSFER_COLUMNS) + " FROM transfers"
+
+
+def transfer_from_row(row: asyncpg.Record) -> Transfer:
+    state = State(row["state"])
+    return Transfer(
+        id=row["id"],
+        sequence=row["sequence"],
+        op=Op(row["op"]),
+        debit_account_id=row["debit_account_id"],
+        credit_account_id=row["credit_account_id"],
+        asset=row["asset"],
+        amount=row["amount"],
+        pending_id=row["pending_id"] or "",
+        linked=row["linked"],
+        timeout_ns=row["timeout_ns"],
+        expires_at_ns=None if row["expires_at"] is None else to_ns(row["expires_at"]),
+        kind=Kind(row["kind"]),
+        reference=row["reference"],
+        state=state,
+        remaining=row["remaining"],
+        fingerprint=row["fingerprint"],
+        create_time_ns=to_ns(row["create_time"]),
+        stored=(state, row["remaining"]),
+    )
+
+
+def _transfer_record(t: Transfer, now: datetime) -> tuple[Any, ...]:
+    return (
+        t.id,
+        t.sequence,
+        int(t.op),
+        t.debit_account_id,
+        t.credit_account_id,
+        t.asset,
+        t.amount,
+        t.pending_id or None,
+        t.linked,
+        t.timeout_ns,
+        None if t.expires_at_ns is None else from_ns(t.expires_at_ns),
+        int(t.kind),
+        t.reference,
+        int(t.state),
+        t.remaining,
+        t.fingerprint,
+        now,
+    )
+
+
+def account_from_row(row: asyncpg.Record) -> Account:
+    values = (
+        row["debits_posted"],
+        row["credits_posted"],
+        row["debits_pending"],
+        row["credits_pending"],
+    )
+    return Account(
+        row["account_id"],
+        row["asset"],
+        *values,
+        update_time_ns=to_ns(row["update_time"]),
+        stored=values,
+    )
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool, assets: Iterable[str]) -> None:
+        self.pool = pool
+        self.assets = frozenset(assets)
+
+    async def load(self, conn: Connection, needs: Needs, now_ns: int) -> Book:
+        meta = await conn.fetchrow(
+            "SELECT m.last_sequence, h.halted FROM meta m, halt h FOR UPDATE OF m"
+        )
+        assert meta is not None
+        book = Book(
+            now_ns=now_ns,
+            last_sequence=meta["last_sequence"],
+            halted=meta["halted"],
+            assets=self.assets,
+        )
+        ids = sorted(needs.transfer_ids)
+        if ids:
+            for row in await conn.fetch(_SELECT_TRANSFER + " WHERE id = ANY($1::text[])", ids):
+                record = transfer_from_row(row)
+                book.transfers[record.id] = record
+                if record.op == Op.PENDING:
+                    needs.accounts.add((record.debit_account_id, record.asset))
+                    needs.accounts.add((record.credit_account_id, record.asset))
+            rows = await conn.fetch(
+                "SELECT id, fingerprint, code, reason, message, metadata FROM failed_transfers"
+                " WHERE id = ANY($1::text[])",
+                ids,
+            )
+            for row in rows:
+                error = ExchangeError(
+                    row["reason"],
+                    row["message"],
+                    code=_code(row["code"]),
+                    metadata=json.loads(row["metadata"]),
+                )
+                book.failures[row["id"]] = Failure(row["id"], row["fingerprint"], error)
+        if needs.accounts:
+            keys = sorted(needs.accounts)
+            rows = await conn.fetch(
+                """SELECT a.account_id, a.asset, a.debits_posted, a.credits_posted,
+                          a.debits_pending, a.credits_pending, a.update_time
+                   FROM accounts a
+                   JOIN unnest($1::text[], $2::text[]) AS k(account_id, asset)
+                     USING (account_id, asset)
+                   ORDER BY a.account_id, a.asset
+                   FOR UPDATE OF a""",
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+            )
+            for row in rows:
+                account = account_from_row(row)
+                book.accounts[account.key] = account
+        if needs.trades:
+            keys = sorted(needs.trades)
+            rows = await conn.fetch(
+                """SELECT market, trade_id FROM settled_trades
+                   JOIN unnest($1::text[], $2::text[]) AS k(market, trade_id)
+                     USING (market, trade_id)""",
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+            )
+            book.settled_trades = {(r["market"], r["trade_id"]) for r in rows}
+        if needs.markets:
+            rows = await conn.fetch(
+                "SELECT market, last_seq FROM market_cursors WHERE market = ANY($1::text[])"
+                " ORDER BY market FOR UPDATE",
+                sorted(needs.markets),
+            )
+            book.cursors = {r["market"]: r["last_seq"] for r in rows}
+            book.stored_cursors = dict(book.cursors)
+        return book
+
+    async def save(self, conn: Connection, book: Book) -> None:
+        now = from_ns(book.now_ns)  # every row this group writes carries its time
+        if book.new_transfers:
+            await conn.copy_records_to_table(
+                "transfers",
+                records=[_transfer_record(t, now) for t in book.new_transfers],
+                columns=TRANSFER_COLUMNS,
+            )
+        changed = book.changed_accounts()
+        updated = [a for a in changed if a.stored is not None]
+        created = [a for a in changed if a.stored is None]
+        if updated:
+            await conn.execute(
+                """UPDATE accounts a SET debits_posted = u.dp, credits_posted = u.cp,
+                       debits_pending = u.dpe, credits_pending = u.cpe, update_time = u.t
+                   FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[],
+                       $6::int8[], $7::timestamptz[]) AS u(account_id, asset, dp, cp, dpe, cpe, t)
+                   WHERE a.account_id = u.account_id AND a.asset = u.asset""",
+                [a.account_id for a in updated],
+                [a.asset for a in updated],
+                [a.debits_posted for a in updated],
+                [a.credits_posted for a in updated],
+                [a.debits_pending for a in updated],
+                [a.credits_pending for a in updated],
+                [now] * len(updated),
+            )
+        if created:
+            # New accounts: a concurrent writer (another process) creating the same
+            # one makes this fail, and the group is retried.
+            await conn.copy_records_to_table(
+                "accounts",
+                records=[
+                    (
+                        a.account_id,
+                        a.asset,
+                        a.is_system,
+                        a.debits_posted,
+                        a.credits_posted,
+                        a.debits_pending,
+                        a.credits_pending,
+                        now,
+                    )
+                    for a in created
+                ],
+                columns=(
+                    "account_id",
+                    "asset",
+                    "is_system",
+                    "debits_posted",
+                    "credits_posted",
+                    "debits_pending",
+                    "credits_pending",
+                    "update_time",
+                ),
+            )
+        pendings = book.changed_pendings()
+        if pendings:
+            await conn.execute(
+                """UPDATE transfers t SET state = u.state, remaining = u.remaining
+                   FROM unnest($1::text[], $2::int2[], $3::int8[]) AS u(id, state, remaining)
+                   WHERE t.id = u.id""",
+                [t.id for t in pendings],
+                [int(t.state) for t in pendings],
+                [t.remaining for t in pendings],
+            )
+        if book.new_failures:
+            await conn.executemany(
+                "INSERT INTO failed_transfers (id, fingerprint, code, reason, message, metadata)"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
+                [
+                    (
+                        f.id,
+                        f.fingerprint,
+                        f.error.code.value[0],
+                        f.error.reason,
+                        f.error.message,
+                        json.dumps(f.error.metadata),
+                    )
+                    for f in book.new_failures
+                ],
+            )
+        if book.new_trades:
+            await conn.executemany(
+                "INSERT INTO settled_trades (market, trade_id, seq) VALUES ($1, $2, $3)",
+                book.new_trades,
+            )
+        cursors = [(m, s) for m, s in book.cursors.items() if book.stored_cursors.get(m) != s]
+        if cursors:
+            await conn.executemany(
+                """INSERT INTO market_cursors (market, last_seq) VALUES ($1, $2)
+                   ON CONFLICT (market) DO UPDATE SET last_seq = EXCLUDED.last_seq""",
+                cursors,
+            )
+        if book.anomalies:
+            await conn.executemany(
+                "INSERT INTO settlement_anomalies"
+                " (market, seq, kind, order_id, asset, amount, detail)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                [
+                    (a.market, a.seq, a.kind, a.order_id, a.asset, a.amount, a.detail)
+                    for a in book.anomalies
+                ],
+            )
+        await conn.execute("UPDATE meta SET last_sequence = $1", book.last_sequence)
+
+    # -- reads outside the write path ---------------------------------------
+
+    async def get_transfer(self, transfer_id: str) -> Transfer | None:
+        row = await self.pool.fetchrow(_SELECT_TRANSFER + " WHERE id = $1", transfer_id)
+        return None if row is None else transfer_from_row(row)
+
+    async def balances(self, account_id: str, assets: Sequence[str]) -> list[Account]:
+        rows = await self.pool.fetch(
+            "SELECT * FROM accounts WHERE account_id = $1"
+            " AND (cardinality($2::text[]) = 0 OR asset = ANY($2::text[])) ORDER BY asset",
+            account_id,
+            list(assets),
+        )
+        return [account_from_row(r) for r in rows]
+
+    async def list_transfers(
+        self,
+        *,
+        account_id: str,
+        asset: str,
+        reference: str,
+        kind: int,
+        state: int,
+        start_ns: int | None,
+        end_ns: int | None,
+        after_sequence: int,
+        limit: int,
+    ) -> list[Transfer]:
+        clauses = ["sequence > $1"]
+        args: list[Any] = [after_sequence]
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        if account_id:
+            p = arg(account_id)
+            clauses.append(f"(debit_account_id = {p} OR credit_account_id = {p})")
+        if asset:
+            clauses.append(f"asset = {arg(asset)}")
+        if reference:
+            clauses.append(f"reference = {arg(reference)}")
+        if kind:
+            clauses.append(f"kind = {arg(kind)}")
+        if state:
+            clauses.append(f"state = {arg(state)}")
+        if start_ns is not None:
+            clauses.append(f"create_time >= {arg(from_ns(start_ns))}")
+        if end_ns is not None:
+            clauses.append(f"create_time < {arg(from_ns(end_ns))}")
+        sql = f"{_SELECT_TRANSFER} WHERE {' AND '.join(clauses)} ORDER BY sequence LIMIT {limit}"
+        return [transfer_from_row(r) for r in await self.pool.fetch(sql, *args)]
+
+    async def cursors(self) -> dict[str, int]:
+        rows = await self.pool.fetch("SELECT market, last_seq FROM market_cursors")
+        return {r["market"]: r["last_seq"] for r in rows}
+
+    async def due_holds(self, now_ns: int, limit: int = 1000) -> list[str]:
+        rows = await self.pool.fetch(
+            "SELECT id FROM transfers WHERE op = 2 AND state = 1 AND expires_at <= $1"
+            " ORDER BY expires_at LIMIT $2",
+            from_ns(now_ns),
+            limit,
+        )
+        return [r["id"] for r in rows]
+
+
+def _code(value: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.FAILED_PRECONDITION

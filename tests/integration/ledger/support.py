@@ -1,0 +1,164 @@
+"""Helpers for the ledger's integration tests: an in-process ledger, transfer
+builders and error decoding."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import duration_pb2
+
+from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from services.chassis import ChassisSettings, ErrorDetails, Server
+from services.ledger.config import LedgerConfig
+from services.ledger.server import build_server
+
+K = ledger_pb2
+
+
+@dataclass
+class Ledger:
+    server: Server
+    stub: ledger_pb2_grpc.LedgerServiceStub
+    channel: grpc.aio.Channel
+    database_url: str
+
+    async def create(
+        self, *transfers: ledger_pb2.Transfer
+    ) -> list[ledger_pb2.CreateTransferResult]:
+        response = await self.stub.CreateTransfers(
+            ledger_pb2.CreateTransfersRequest(transfers=list(transfers))
+        )
+        return list(response.results)
+
+    async def ok(self, *transfers: ledger_pb2.Transfer) -> list[ledger_pb2.Transfer]:
+        results = await self.create(*transfers)
+        bad = [(r.id, r.status) for r in results if r.status.code != 0]
+        assert not bad, bad
+        return [r.transfer for r in results]
+
+    async def balance(self, account: str, asset: str) -> ledger_pb2.Balance:
+        response = await self.stub.GetBalances(
+            ledger_pb2.GetBalancesRequest(account_id=account, assets=[asset])
+        )
+        assert len(response.balances) == 1
+        return response.balances[0]
+
+    async def available(self, account: str, asset: str) -> str:
+        return (await self.balance(account, asset)).available
+
+    async def audit(self) -> ledger_pb2.AuditLedgerResponse:
+        return await self.stub.AuditLedger(ledger_pb2.AuditLedgerRequest())
+
+
+@contextlib.asynccontextmanager
+async def running_ledger(
+    database_url: str,
+    *,
+    nats_url: str | None = None,
+    match_target: str | None = None,
+    config: LedgerConfig | None = None,
+) -> AsyncIterator[Ledger]:
+    settings = ChassisSettings(service="ledger", database_url=database_url, nats_url=nats_url)
+    config = config or LedgerConfig(
+        audit_interval_s=0, expiry_interval_s=0.2, settlement=nats_url is not None
+    )
+    server = await build_server(settings, config=config, match_target=match_target)
+    port = await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield Ledger(server, ledger_pb2_grpc.LedgerServiceStub(channel), channel, database_url)
+    finally:
+        await channel.close()
+        await server.stop(0.5)
+
+
+def deposit(tid: str, account: str, amount: str, asset: str = "USDT") -> ledger_pb2.Transfer:
+    return K.Transfer(
+        id=tid,
+        debit_account_id="sys:custody",
+        credit_account_id=account,
+        asset=asset,
+        amount=amount,
+        kind=K.TRANSFER_KIND_DEPOSIT,
+        reference=tid,
+    )
+
+
+def transfer(
+    tid: str,
+    debit: str,
+    credit: str,
+    amount: str,
+    asset: str = "USDT",
+    *,
+    linked: bool = False,
+    kind: int = K.TRANSFER_KIND_ADJUSTMENT,
+) -> ledger_pb2.Transfer:
+    return K.Transfer(
+        id=tid,
+        debit_account_id=debit,
+        credit_account_id=credit,
+        asset=asset,
+        amount=amount,
+        kind=kind,  # type: ignore[arg-type]
+        flags=K.TransferFlags(linked=linked),
+    )
+
+
+def hold(
+    tid: str,
+    account: str,
+    amount: str,
+    asset: str = "USDT",
+    *,
+    timeout_s: float | None = None,
+    credit: str = "sys:orders",
+    kind: int = K.TRANSFER_KIND_ORDER_HOLD,
+    reference: str = "",
+) -> ledger_pb2.Transfer:
+    t = K.Transfer(
+        id=tid,
+        debit_account_id=account,
+        credit_account_id=credit,
+        asset=asset,
+        amount=amount,
+        kind=kind,  # type: ignore[arg-type]
+        reference=reference,
+        flags=K.TransferFlags(pending=True),
+    )
+    if timeout_s is not None:
+        t.timeout.CopyFrom(
+            duration_pb2.Duration(
+                nanos=int(timeout_s * 1e9) % 1_000_000_000, seconds=int(timeout_s)
+            )
+        )
+    return t
+
+
+def post(tid: str, pending_id: str, amount: str = "") -> ledger_pb2.Transfer:
+    return K.Transfer(
+        id=tid, pending_id=pending_id, amount=amount, flags=K.TransferFlags(post_pending=True)
+    )
+
+
+def void(tid: str, pending_id: str) -> ledger_pb2.Transfer:
+    return K.Transfer(id=tid, pending_id=pending_id, flags=K.TransferFlags(void_pending=True))
+
+
+def reason(result: ledger_pb2.CreateTransferResult) -> str:
+    return ErrorDetails.from_status(result.status).reason if result.status.code else ""
+
+
+def reasons(results: Sequence[ledger_pb2.CreateTransferResult]) -> list[str]:
+    return [reason(r) for r in results]
+
+
+async def rpc_error(call: object) -> ErrorDetails:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as error:
+        return ErrorDetails.from_rpc_error(error)
+    raise AssertionError("the call succeeded")
