@@ -56,6 +56,24 @@ def edge(stack: Stack) -> str:
     return stack.edge
 
 
+@pytest.fixture(scope="session")
+async def service_token(stack: Stack) -> str:
+    """A `svc:tests` access token (scope `internal`), as a service of the stack gets one."""
+    import grpc
+
+    from cex.auth.v1 import auth_pb2, auth_pb2_grpc
+    from services.chassis.authn import service_secret
+
+    async with grpc.aio.insecure_channel(stack.edge) as channel:
+        reply = await auth_pb2_grpc.AuthServiceStub(channel).IssueToken(
+            auth_pb2.IssueTokenRequest(
+                api_key_id="svc:tests", api_key_secret=service_secret(stack.service_secret, "tests")
+            ),
+            timeout=10,
+        )
+    return reply.access_token
+
+
 @pytest.fixture
 async def fresh_database_url(stack: Stack) -> str:
     """A new, empty database on the stack's PostgreSQL, for a test that runs its own

@@ -48,6 +48,10 @@ async def _reflect(target: str, request: reflection_pb2.ServerReflectionRequest,
         return replies[0]
 
 
+def _bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
 def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as response:
         return response.read().decode()
@@ -91,9 +95,10 @@ async def test_reflection_through_envoy_describes_services_and_methods(
     assert {"PlaceOrder", "CancelOrder", "StreamOrders", "CancelAllAfter"} <= methods
 
 
-@pytest.mark.parametrize("spec", API, ids=lambda s: s.name)
+# auth's methods are implemented (tests/e2e/test_security.py).
+@pytest.mark.parametrize("spec", [s for s in API if s.name != "auth"], ids=lambda s: s.name)
 async def test_an_unimplemented_method_answers_unimplemented_through_envoy(
-    stack: Stack, spec
+    stack: Stack, spec, service_token: str
 ) -> None:
     from services.catalog.server import API as MODULES
 
@@ -111,14 +116,14 @@ async def test_an_unimplemented_method_answers_unimplemented_through_envoy(
             response_deserializer=bytes,
         )
         with pytest.raises(grpc.aio.AioRpcError) as failure:
-            await call(b"", timeout=5)
+            await call(b"", timeout=5, metadata=_bearer(service_token))
     details = ErrorDetails.from_rpc_error(failure.value)
     assert details.code is grpc.StatusCode.UNIMPLEMENTED
     assert details.reason == f"{spec.name.upper()}_UNIMPLEMENTED"
     assert details.domain == spec.name
 
 
-async def test_red_metrics_count_calls_by_code(stack: Stack) -> None:
+async def test_red_metrics_count_calls_by_code(stack: Stack, service_token: str) -> None:
     spec = next(s for s in SERVICES if s.name == "order")
     async with _channel(stack.edge) as channel:
         call = channel.unary_unary(
@@ -127,7 +132,7 @@ async def test_red_metrics_count_calls_by_code(stack: Stack) -> None:
             response_deserializer=bytes,
         )
         with pytest.raises(grpc.aio.AioRpcError):
-            await call(b"", timeout=5)
+            await call(b"", timeout=5, metadata=_bearer(service_token))
     url = f"http://{stack.ports.host}:{stack.ports.metrics(spec)}/metrics"
     metrics = await asyncio.to_thread(_get, url)
     line = next(

@@ -18,7 +18,7 @@ def test_one_cluster_and_host_per_service_with_grpc_health_checks() -> None:
     config = render(ports)
 
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
-    assert set(clusters) == {s.name for s in SERVICES}
+    assert set(clusters) == {s.name for s in SERVICES} | {"jwks"}
     for spec in SERVICES:
         cluster = clusters[spec.name]
         address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
@@ -28,7 +28,7 @@ def test_one_cluster_and_host_per_service_with_grpc_health_checks() -> None:
 
     hosts = _route_config(config)["virtual_hosts"]
     assert [h["name"] for h in hosts] == [s.name for s in SERVICES] + ["default"]
-    prefixes = [r["match"]["prefix"] for r in hosts[-1]["routes"]]
+    prefixes = [r["match"].get("prefix") for r in hosts[-1]["routes"]]
     for spec in SERVICES:
         if spec.grpc_service:
             assert f"/{spec.grpc_service}/" in prefixes
