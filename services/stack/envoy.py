@@ -11,11 +11,22 @@ from typing import Any
 
 import yaml
 
-from services.chassis.errors import ExchangeError, ResourceExhausted, Unauthenticated
+from services.chassis.errors import (
+    ExchangeError,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
 
 from .topology import SERVICES, Ports
 
-__all__ = ["RATE_LIMITED", "TEMPLATE", "UNAUTHENTICATED", "render"]
+__all__ = [
+    "PERMISSION_DENIED",
+    "RATE_LIMITED",
+    "TEMPLATE",
+    "UNAUTHENTICATED",
+    "render",
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "mesh" / "envoy" / "envoy.yaml"
@@ -45,6 +56,9 @@ def _details(error: ExchangeError) -> str:
 UNAUTHENTICATED = Unauthenticated(
     "EDGE_UNAUTHENTICATED", "missing, expired or invalid access token (see www-authenticate)"
 )
+PERMISSION_DENIED = PermissionDenied(
+    "EDGE_PERMISSION_DENIED", "the access token is not valid for this audience"
+)
 RATE_LIMITED = ResourceExhausted(
     "EDGE_RATE_LIMITED", "too many requests on this route", retry_after_s=1.0
 )
@@ -68,6 +82,7 @@ def render(ports: Ports, template: Path = TEMPLATE) -> dict[str, Any]:
         "descriptor": str(DESCRIPTOR),
         "unauthenticated_details": _details(UNAUTHENTICATED),
         "rate_limited_details": _details(RATE_LIMITED),
+        "permission_denied_details": _details(PERMISSION_DENIED),
     }
     edge_routes = _fill(config.pop("x-edge-routes"), values)
     config = _fill(config, values)
