@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match clean
+.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match bench-edge clean
 
 setup: $(INSTALLED)
 
@@ -50,6 +50,10 @@ bench-stack: $(INSTALLED)
 ## bench-match: the fast order book in-process on exchange-core's command mix
 bench-match: $(INSTALLED)
 	$(BIN)/python -m bench.bench_match
+
+## bench-edge: the latency Envoy adds per call with JWT verification on (p50/p99)
+bench-edge: $(INSTALLED)
+	$(BIN)/python -m bench.bench_edge
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis

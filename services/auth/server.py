@@ -186,6 +186,11 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         self.config = config
         self.clock = clock
         self.new_id = new_id
+        # Checked against when the key id is unknown, at the same cost as a real one,
+        # so the time taken does not tell existing key ids apart.
+        self._decoy = domain.hash_secret(
+            secrets.token_hex(16), b"decoy-salt-16byt", n=config.scrypt_n
+        )
 
     async def CreateAccount(
         self,
@@ -314,8 +319,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         )
         key = await self.store.key(request.api_key_id) if len(request.api_key_id) < 64 else None
         account = await self.store.account(key.account_id) if key else None
-        # Hash even when the key is unknown, so timing does not tell ids apart.
-        stored = key.secret_hash if key else domain.hash_secret("", b"0" * 16, n=2)
+        stored = key.secret_hash if key else self._decoy
         secret_ok = await asyncio.to_thread(
             domain.secret_matches, request.api_key_secret[:256], stored
         )
