@@ -433,3 +433,35 @@ async def test_grpc_web_works(world: World) -> None:
 
     status, body = await asyncio.to_thread(_grpc_web, world, None)
     assert b"grpc-status': '16'" in body or b"grpc-status:16" in body
+
+
+@pytest.mark.parametrize("where", WHERE)
+async def test_a_service_acts_for_a_user_with_their_token(
+    world: World, where: str, service_token: str
+) -> None:
+    async with grpc.aio.insecure_channel(world.target(where)) as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        on_behalf = (*_md(service_token), ("x-cex-on-behalf-of", f"Bearer {world.a.token}"))
+        reply = await stub.GetAccount(auth_pb2.GetAccountRequest(), metadata=on_behalf)
+        assert reply.account.account_id == world.a.account_id
+        # For itself, a service must say which account it means.
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await stub.GetAccount(auth_pb2.GetAccountRequest(), metadata=_md(service_token))
+    _refused(
+        ErrorDetails.from_rpc_error(failure.value),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "AUTH_ACCOUNT_REQUIRED",
+    )
+
+
+async def test_a_service_without_a_policy_is_unchanged_when_called_directly(stack: Stack) -> None:
+    order = next(s for s in SERVICES if s.name == "order")
+    async with grpc.aio.insecure_channel(f"{stack.ports.host}:{stack.ports.grpc(order)}") as ch:
+        call = ch.unary_unary(
+            "/cex.order.v1.OrderService/GetOrder",
+            request_serializer=lambda _: b"",
+            response_deserializer=bytes,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await call(b"", timeout=5)
+    assert ErrorDetails.from_rpc_error(failure.value).reason == "ORDER_UNIMPLEMENTED"
