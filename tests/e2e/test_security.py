@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cex.auth.v1 import auth_pb2, auth_pb2_grpc
-from services.chassis import ErrorDetails
+from services.chassis import ErrorDetails, ServiceCredentials
 from services.chassis.tokens import b64url, sign
 from services.stack.supervisor import Stack
 from services.stack.topology import SERVICES
@@ -100,7 +100,8 @@ async def _party(stub: auth_pb2_grpc.AuthServiceStub, operator: str, scopes: lis
 
 
 @pytest.fixture(scope="module")
-async def world(stack: Stack, service_token: str) -> World:
+async def world(stack: Stack, service_credentials: ServiceCredentials) -> World:
+    service_token = await service_credentials.token()
     async with grpc.aio.insecure_channel(stack.edge) as channel:
         stub = auth_pb2_grpc.AuthServiceStub(channel)
         a = await _party(stub, service_token, [READ, TRADE])
@@ -338,12 +339,12 @@ async def test_the_token_endpoint_is_rate_limited_at_the_edge(world: World) -> N
 
         outcomes = await asyncio.gather(*(attempt() for _ in range(60)))
     limited = [o for o in outcomes if o.code is grpc.StatusCode.RESOURCE_EXHAUSTED]
-    assert len(limited) >= 60 - 20 - 10  # the bucket holds 20 and refills 10 a second
+    assert len(limited) >= 60 - 20 - 10  # the bucket holds at most 20, refilling 10 a second
     assert {(o.reason, o.domain, o.retry_after_s) for o in limited} == {
         ("EDGE_RATE_LIMITED", "envoy", 1.0)
     }
     others = {(o.code, o.reason) for o in outcomes if o not in limited}
-    assert others == {(UNAUTH, "AUTH_INVALID_CREDENTIALS")}
+    assert others <= {(UNAUTH, "AUTH_INVALID_CREDENTIALS")}
     await asyncio.sleep(2.5)  # let the bucket refill for the tests after this one
 
 
