@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime, timedelta
 
@@ -23,6 +24,7 @@ from .store import Store
 __all__ = ["Keyring", "serve_jwks"]
 
 _log = logging.getLogger("cex.auth.keys")
+RELOAD_MIN_S = 5.0  # at most one reload this often on an unknown kid
 
 
 class Keyring:
@@ -34,6 +36,7 @@ class Keyring:
         self._clock = clock
         self._keys: list[SigningKey] = []
         self._private: dict[str, Ed25519PrivateKey] = {}
+        self._reloaded_at = -RELOAD_MIN_S
 
     async def rotate_and_reload(self) -> None:
         c = self._config
@@ -56,6 +59,7 @@ class Keyring:
         await self.reload()
 
     async def reload(self) -> None:
+        self._reloaded_at = time.monotonic()
         self._keys = await self._store.signing_keys()
         for k in self._keys:
             if k.kid not in self._private:
@@ -78,7 +82,8 @@ class Keyring:
 
     # KeySource, for auth's own interceptor: no HTTP round trip to itself.
     async def keys(self, *, refresh: bool = False) -> Mapping[str, Ed25519PublicKey]:
-        if refresh:
+        # Junk kids must not turn into a database query each.
+        if refresh and time.monotonic() - self._reloaded_at >= RELOAD_MIN_S:
             await self.reload()
         return self.public()
 
