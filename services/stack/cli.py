@@ -90,7 +90,7 @@ def _running(state_dir: Path) -> tuple[str, str]:
     if not state_file.exists():
         raise SystemExit(f"cex: no stack is running from {state_dir} (start it: make run)")
     state = json.loads(state_file.read_text())
-    stack = Stack(state_dir, Ports(base=state["base_port"], host=state["host"]), {})
+    stack = Stack(state_dir, Ports(base=state["base_port"], host=state["host"]), dict(os.environ))
     return stack.edge, stack.service_secret
 
 
