@@ -18,6 +18,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from services.chassis import ServiceCredentials
 from services.stack import probes
 from services.stack.supervisor import Stack
 from services.stack.topology import free_ports
@@ -54,6 +55,29 @@ def redis_url(stack: Stack) -> str:
 @pytest.fixture(scope="session")
 def edge(stack: Stack) -> str:
     return stack.edge
+
+
+@pytest.fixture(scope="session")
+def service_credentials(stack: Stack) -> ServiceCredentials:
+    """The `svc:tests` credential, as a service of the stack holds one (renewed near expiry)."""
+    import grpc
+
+    from cex.auth.v1 import auth_pb2, auth_pb2_grpc
+
+    async def issue(key_id: str, secret: str) -> tuple[str, float]:
+        async with grpc.aio.insecure_channel(stack.edge) as channel:
+            reply = await auth_pb2_grpc.AuthServiceStub(channel).IssueToken(
+                auth_pb2.IssueTokenRequest(api_key_id=key_id, api_key_secret=secret), timeout=10
+            )
+        return reply.access_token, reply.expire_time.ToSeconds()
+
+    return ServiceCredentials("tests", issue, stack.service_secret)
+
+
+@pytest.fixture
+async def service_token(service_credentials: ServiceCredentials) -> str:
+    """A valid `svc:tests` access token (scope `internal`)."""
+    return await service_credentials.token()
 
 
 @pytest.fixture

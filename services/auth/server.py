@@ -1,30 +1,424 @@
 """auth service: proto <-> domain and errors.
 
-Its methods land with the auth and edge issue. Until then the generated base class answers
-each one UNIMPLEMENTED (the chassis adds the ErrorInfo), while the process
-already owns its schema and connections, so the stack's wiring is real.
+Accounts and API keys, IssueToken (an API key, or a service credential, for a
+short-lived EdDSA JWT), and auth's JWKS over HTTP. auth authenticates its own
+callers with the same chassis policy as every service (see POLICY).
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from cex.auth.v1 import auth_pb2, auth_pb2_grpc
-from services.chassis import ChassisSettings, Server, connect
+from services.chassis import (
+    PUBLIC,
+    ChassisSettings,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Rule,
+    Server,
+    Unauthenticated,
+    connect,
+    current_auth,
+    user,
+)
+from services.chassis.authn import service_secret
+from services.chassis.tokens import sign
+
+from . import domain
+from .config import AuthConfig
+from .keys import Keyring, serve_jwks
+from .store import Store
+
+__all__ = ["POLICY", "AuthService", "build_server"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+
+# Who may call what. Accounts are created by operators (admin) or by services
+# (onboarding, the `cex` CLI with the stack's service credential): no open signup.
+POLICY: dict[str, Rule] = {
+    "IssueToken": PUBLIC,
+    "CreateAccount": user("admin", services=True),
+    "GetAccount": user("read", services=True),
+    "CreateApiKey": user(services=True),  # grants at most the caller's own scopes
+    "ListApiKeys": user("read", services=True),
+    "RevokeApiKey": user(services=True),  # any scope may kill its own account's keys
+}
+
+_SCOPE_NAMES: dict[int, str] = {
+    auth_pb2.API_KEY_SCOPE_READ: "read",
+    auth_pb2.API_KEY_SCOPE_TRADE: "trade",
+    auth_pb2.API_KEY_SCOPE_WITHDRAW: "withdraw",
+    auth_pb2.API_KEY_SCOPE_ADMIN: "admin",
+}
+_SCOPE_VALUES: dict[str, auth_pb2.ApiKeyScope.ValueType] = {
+    name: auth_pb2.ApiKeyScope.Value(f"API_KEY_SCOPE_{name.upper()}")
+    for name in _SCOPE_NAMES.values()
+}
+_SERVICE_NAME = re.compile(r"^svc:[a-z][a-z0-9-]{0,30}$")
+_ADMIN_ONLY = PermissionDenied("AUTH_SCOPE_MISSING", "needs scope admin")
+
+
+def _ts(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def _scopes_in(values: Iterable[int], field: str) -> tuple[str, ...]:
+    names = []
+    for i, v in enumerate(values):
+        if v not in _SCOPE_NAMES:
+            raise InvalidArgument(
+                "AUTH_INVALID_SCOPE",
+                "unknown scope",
+                violations=[FieldViolation(f"{field}[{i}]", "read, trade, withdraw or admin")],
+            )
+        names.append(_SCOPE_NAMES[v])
+    return tuple(sorted(set(names)))
+
+
+def _account_pb(a: domain.Account) -> auth_pb2.Account:
+    return auth_pb2.Account(
+        account_id=a.account_id,
+        display_name=a.display_name,
+        email=a.email,
+        type=a.type,  # type: ignore[arg-type]
+        state=a.state,  # type: ignore[arg-type]
+        fee_tier=a.fee_tier,
+        create_time=_ts(a.create_time),
+        update_time=_ts(a.update_time),
+    )
+
+
+def _key_pb(k: domain.ApiKey, now: datetime) -> auth_pb2.ApiKey:
+    return auth_pb2.ApiKey(
+        api_key_id=k.api_key_id,
+        account_id=k.account_id,
+        label=k.label,
+        scopes=[_SCOPE_VALUES[s] for s in k.scopes],
+        allowed_cidrs=list(k.allowed_cidrs),
+        state=k.state_at(now),  # type: ignore[arg-type]
+        secret_prefix=k.secret_prefix,
+        create_time=_ts(k.create_time),
+        expire_time=_ts(k.expire_time),
+        revoke_time=_ts(k.revoke_time),
+        last_used_time=_ts(k.last_used_time),
+    )
+
+
+def _request_hash(request: auth_pb2.CreateAccountRequest | auth_pb2.CreateApiKeyRequest) -> str:
+    body = type(request).FromString(request.SerializeToString())
+    body.request_id = ""
+    return hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _require_request_id(request_id: str) -> str:
+    if not request_id or len(request_id) > 128:
+        raise InvalidArgument(
+            "AUTH_REQUEST_ID_REQUIRED",
+            "request_id is required",
+            violations=[FieldViolation("request_id", "1 to 128 characters")],
+        )
+    return request_id
+
+
+def _client_ip(context: grpc.aio.ServicerContext[object, object]) -> str:
+    """The caller's address: the last X-Forwarded-For entry (appended by the edge), or the peer."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-forwarded-for":
+            text = value.decode() if isinstance(value, bytes) else value
+            return text.split(",")[-1].strip()
+    peer = context.peer() or ""
+    address = peer.split(":", 1)[1] if ":" in peer else peer
+    return address.rsplit(":", 1)[0].strip("[]")
+
+
+def _page_token(key: domain.ApiKey) -> str:
+    return base64.urlsafe_b64encode(
+        f"{key.create_time.isoformat()}|{key.api_key_id}".encode()
+    ).decode()
+
+
+def _after(token: str) -> tuple[datetime, str] | None:
+    if not token:
+        return None
+    try:
+        when, key_id = base64.urlsafe_b64decode(token.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(when), key_id
+    except ValueError:
+        raise InvalidArgument(
+            "AUTH_INVALID_PAGE_TOKEN",
+            "bad page token",
+            violations=[FieldViolation("page_token", "use a next_page_token as given")],
+        ) from None
 
 
 class AuthService(auth_pb2_grpc.AuthServiceServicer):
     """cex.auth.v1.AuthService."""
 
+    def __init__(
+        self,
+        store: Store,
+        keyring: Keyring,
+        config: AuthConfig,
+        clock: Callable[[], datetime],
+        new_id: Callable[[str], str],
+    ) -> None:
+        self.store = store
+        self.keyring = keyring
+        self.config = config
+        self.clock = clock
+        self.new_id = new_id
+        # Checked against when the key id is unknown, at the same cost as a real one,
+        # so the time taken does not tell existing key ids apart.
+        self._decoy = domain.hash_secret(
+            secrets.token_hex(16), b"decoy-salt-16byt", n=config.scrypt_n
+        )
 
-async def build_server(settings: ChassisSettings) -> Server:
+    async def CreateAccount(
+        self,
+        request: auth_pb2.CreateAccountRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> auth_pb2.CreateAccountResponse:
+        ctx = current_auth()
+        if not (ctx.is_service or ctx.can("admin")):
+            raise _ADMIN_ONLY
+        _require_request_id(request.request_id)
+        if not request.display_name.strip():
+            raise InvalidArgument(
+                "AUTH_DISPLAY_NAME_REQUIRED",
+                "display_name is required",
+                violations=[FieldViolation("display_name", "must not be empty")],
+            )
+        account = await self.store.create_account(
+            account_id=self.new_id("acc"),
+            request_id=request.request_id,
+            request_hash=_request_hash(request),
+            display_name=request.display_name.strip(),
+            email=request.email.strip().lower(),
+            type_=request.type or auth_pb2.ACCOUNT_TYPE_INDIVIDUAL,
+            now=self.clock(),
+        )
+        return auth_pb2.CreateAccountResponse(account=_account_pb(account))
+
+    async def GetAccount(
+        self,
+        request: auth_pb2.GetAccountRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> auth_pb2.GetAccountResponse:
+        account_id = domain.owned_account(current_auth(), request.account_id)
+        account = await self.store.account(account_id)
+        if account is None:
+            raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
+        return auth_pb2.GetAccountResponse(account=_account_pb(account))
+
+    async def CreateApiKey(
+        self,
+        request: auth_pb2.CreateApiKeyRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> auth_pb2.CreateApiKeyResponse:
+        ctx = current_auth()
+        _require_request_id(request.request_id)
+        account_id = domain.owned_account(ctx, request.account_id)
+        now = self.clock()
+        scopes = _scopes_in(request.scopes, "scopes")
+        cidrs = domain.validate_cidrs(request.allowed_cidrs)
+        expire = request.expire_time.ToDatetime(UTC) if request.HasField("expire_time") else None
+        domain.validate_new_key(ctx, scopes, cidrs, expire, now)
+        if await self.store.account(account_id) is None:
+            raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
+        secret = f"sk_{secrets.token_urlsafe(32)}"
+        salt = secrets.token_bytes(16)
+        secret_hash = await asyncio.to_thread(
+            domain.hash_secret, secret, salt, n=self.config.scrypt_n
+        )
+        key, created = await self.store.create_key(
+            domain.ApiKey(
+                api_key_id=self.new_id("ak"),
+                account_id=account_id,
+                label=request.label,
+                scopes=scopes,
+                allowed_cidrs=cidrs,
+                state=domain.KeyState.ACTIVE,
+                secret_prefix=secret[:7],
+                secret_hash=secret_hash,
+                create_time=now,
+                expire_time=expire,
+            ),
+            request_id=request.request_id,
+            request_hash=_request_hash(request),
+        )
+        return auth_pb2.CreateApiKeyResponse(
+            api_key=_key_pb(key, now), secret=secret if created else ""
+        )
+
+    async def ListApiKeys(
+        self,
+        request: auth_pb2.ListApiKeysRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> auth_pb2.ListApiKeysResponse:
+        account_id = domain.owned_account(current_auth(), request.account_id)
+        size = min(request.page_size or 50, 500)
+        keys = await self.store.list_keys(
+            account_id, state=request.state, limit=size + 1, after=_after(request.page_token)
+        )
+        now = self.clock()
+        page = keys[:size]
+        return auth_pb2.ListApiKeysResponse(
+            api_keys=[_key_pb(k, now) for k in page],
+            next_page_token=_page_token(page[-1]) if len(keys) > size else "",
+        )
+
+    async def RevokeApiKey(
+        self,
+        request: auth_pb2.RevokeApiKeyRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> auth_pb2.RevokeApiKeyResponse:
+        ctx = current_auth()
+        _require_request_id(request.request_id)
+        key = await self.store.key(request.api_key_id)
+        if key is None or (
+            not (ctx.is_service or ctx.can("admin")) and key.account_id != ctx.account_id
+        ):
+            raise NotFound("AUTH_API_KEY_NOT_FOUND", "no such API key")
+        now = self.clock()
+        revoked = await self.store.revoke_key(key.api_key_id, reason=request.reason, now=now)
+        assert revoked is not None
+        return auth_pb2.RevokeApiKeyResponse(api_key=_key_pb(revoked, now))
+
+    async def IssueToken(
+        self,
+        request: auth_pb2.IssueTokenRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> auth_pb2.IssueTokenResponse:
+        now = self.clock()
+        if request.api_key_id.startswith("svc:"):
+            return self._service_token(request, now)
+        requested = _scopes_in(request.scopes, "scopes")
+        ttl = domain.token_ttl(
+            request.ttl.seconds,
+            default_s=self.config.token_ttl_s,
+            max_s=self.config.token_ttl_max_s,
+        )
+        key = await self.store.key(request.api_key_id) if len(request.api_key_id) < 64 else None
+        account = await self.store.account(key.account_id) if key else None
+        stored = key.secret_hash if key else self._decoy
+        secret_ok = await asyncio.to_thread(
+            domain.secret_matches, request.api_key_secret[:256], stored
+        )
+        scopes = domain.check_issue(
+            key,
+            account,
+            secret_ok=secret_ok and key is not None,
+            client_ip=_client_ip(context),
+            requested=requested,
+            now=now,
+        )
+        assert key is not None
+        await self.store.touch_key(key.api_key_id, now)
+        return self._token(key.account_id, key.api_key_id, scopes, now, ttl)
+
+    def _service_token(
+        self, request: auth_pb2.IssueTokenRequest, now: datetime
+    ) -> auth_pb2.IssueTokenResponse:
+        name = request.api_key_id.removeprefix("svc:")
+        expected = service_secret(self.config.service_secret or "", name)
+        if (
+            not self.config.service_secret
+            or not _SERVICE_NAME.match(request.api_key_id)
+            or not hmac.compare_digest(expected, request.api_key_secret)
+        ):
+            raise Unauthenticated("AUTH_INVALID_CREDENTIALS", "unknown API key or wrong secret")
+        return self._token(
+            request.api_key_id,
+            request.api_key_id,
+            ("internal",),
+            now,
+            self.config.service_token_ttl_s,
+        )
+
+    def _token(
+        self, subject: str, key_id: str, scopes: tuple[str, ...], now: datetime, ttl: int
+    ) -> auth_pb2.IssueTokenResponse:
+        kid, private = self.keyring.signer()
+        issued = int(now.timestamp())
+        token = sign(
+            private,
+            kid,
+            subject=subject,
+            key_id=key_id,
+            scopes=scopes,
+            issued_at=issued,
+            ttl_s=ttl,
+            token_id=secrets.token_hex(12),
+        )
+        expire = Timestamp(seconds=issued + ttl)
+        return auth_pb2.IssueTokenResponse(
+            access_token=token,
+            token_type="Bearer",
+            expire_time=expire,
+            scopes=[_SCOPE_VALUES[s] for s in scopes if s in _SCOPE_VALUES],
+            account_id=subject,
+        )
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(10)}"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@contextlib.asynccontextmanager
+async def _background(task: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:
+    running = asyncio.ensure_future(task())
+    try:
+        yield
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+
+async def build_server(
+    settings: ChassisSettings,
+    *,
+    config: AuthConfig | None = None,
+    clock: Callable[[], datetime] = _utcnow,
+    new_id: Callable[[str], str] = _new_id,
+) -> Server:
+    config = config or AuthConfig.from_env()
     server = Server(settings)
-    await connect(server, schema="auth", migrations=MIGRATIONS)
+    infra = await connect(server, schema="auth", migrations=MIGRATIONS)
+    assert infra.pool is not None
+    store = Store(infra.pool)
+    keyring = Keyring(store, config, clock)
+    await keyring.rotate_and_reload()
+    server.keys = keyring  # auth verifies tokens against its own keyring, not over HTTP
+    await server.enter(serve_jwks(keyring, settings.host, config.jwks_port))
+    await server.enter(_background(keyring.maintain))
     server.add(
         auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
         auth_pb2_grpc.add_AuthServiceServicer_to_server,
-        AuthService(),  # type: ignore[abstract]  # methods land with their issue
+        AuthService(store, keyring, config, clock, new_id),
+        policy=POLICY,
     )
     return server

@@ -1,8 +1,18 @@
 """The service chassis: what every exchange service runs on."""
 
+from .authn import (
+    INTERNAL,
+    PUBLIC,
+    AuthContext,
+    Policy,
+    Rule,
+    ServiceCredentials,
+    current_auth,
+    user,
+)
 from .bus import ensure_stream, nats_connection
 from .cache import redis_connection
-from .clients import mesh_channel
+from .clients import mesh_channel, service_credentials
 from .db import MigrationError, migrate, postgres
 from .errors import (
     AlreadyExists,
@@ -24,8 +34,11 @@ from .server import Server, run
 from .settings import ChassisSettings
 
 __all__ = [
+    "INTERNAL",
+    "PUBLIC",
     "AlreadyExists",
     "Asset",
+    "AuthContext",
     "Catalog",
     "ChassisSettings",
     "ErrorDetails",
@@ -39,11 +52,15 @@ __all__ = [
     "MoneyError",
     "NotFound",
     "PermissionDenied",
+    "Policy",
     "ResourceExhausted",
+    "Rule",
     "Server",
+    "ServiceCredentials",
     "Unauthenticated",
     "Unavailable",
     "connect",
+    "current_auth",
     "ensure_stream",
     "from_units",
     "load_catalog",
@@ -53,5 +70,7 @@ __all__ = [
     "postgres",
     "redis_connection",
     "run",
+    "service_credentials",
     "to_units",
+    "user",
 ]

@@ -7,19 +7,28 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from .authn import ServiceAuthInterceptor, ServiceCredentials
 from .interceptors import client_interceptors
+from .settings import ChassisSettings
 
-__all__ = ["mesh_channel"]
+__all__ = ["mesh_channel", "service_credentials"]
 
 
 @contextlib.asynccontextmanager
 async def mesh_channel(
-    target: str, *, max_message_bytes: int = 4 * 1024 * 1024
+    target: str,
+    *,
+    max_message_bytes: int = 4 * 1024 * 1024,
+    credentials: ServiceCredentials | None = None,
 ) -> AsyncIterator[grpc.aio.Channel]:
-    """One long-lived channel; deadlines, request ids and traces flow through it."""
+    """One long-lived channel; deadlines, request ids and traces flow through it, and,
+    given `credentials`, the service's token (plus the user's, when acting for one)."""
+    interceptors: list[grpc.aio.ClientInterceptor] = client_interceptors()
+    if credentials is not None:
+        interceptors.append(ServiceAuthInterceptor(credentials))
     channel = grpc.aio.insecure_channel(
         target,
-        interceptors=client_interceptors(),
+        interceptors=interceptors,
         options=(
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
@@ -31,3 +40,21 @@ async def mesh_channel(
         yield channel
     finally:
         await channel.close()
+
+
+def service_credentials(settings: ChassisSettings) -> ServiceCredentials | None:
+    """This service's credential, issued by auth through the mesh; None without a secret."""
+    if not settings.service_secret or not settings.mesh_addr:
+        return None
+    target = settings.mesh_addr
+
+    async def issue(key_id: str, secret: str) -> tuple[str, float]:
+        from cex.auth.v1 import auth_pb2, auth_pb2_grpc
+
+        async with grpc.aio.insecure_channel(target) as channel:
+            reply = await auth_pb2_grpc.AuthServiceStub(channel).IssueToken(
+                auth_pb2.IssueTokenRequest(api_key_id=key_id, api_key_secret=secret), timeout=5
+            )
+        return reply.access_token, reply.expire_time.ToSeconds()
+
+    return ServiceCredentials(settings.service, issue, settings.service_secret)

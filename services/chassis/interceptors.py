@@ -20,6 +20,7 @@ from typing import Any, TypeAlias
 import grpc
 from grpc.aio import ClientCallDetails
 
+from .authn import Authenticator, auth_context_var
 from .errors import ExchangeError, status_metadata
 from .telemetry import GRPC_HANDLED, GRPC_LATENCY, GRPC_STARTED, request_id_var
 
@@ -34,6 +35,8 @@ _log = logging.getLogger("cex.rpc")
 
 # Absolute time.monotonic() by which the current inbound call must be answered.
 _Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+# Checks the caller before the handler runs (raises ExchangeError to refuse).
+_Guard: TypeAlias = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]
 
 deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "deadline", default=None
@@ -118,13 +121,15 @@ class _Call:
 
 
 def _wrap_unary_response(
-    behavior: Callable[..., Any], kind: str, method: str, domain: str
+    behavior: Callable[..., Any], kind: str, method: str, domain: str, guard: _Guard | None
 ) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         call = _Call(method, kind, domain)
         call.begin(context)
         error: BaseException | None = None
         try:
+            if guard is not None:
+                await guard(context)
             result = behavior(request, context)
             return await result if inspect.isawaitable(result) else result
         except grpc.aio.AbortError as abort:
@@ -140,7 +145,7 @@ def _wrap_unary_response(
 
 
 def _wrap_stream_response(
-    behavior: Callable[..., Any], kind: str, method: str, domain: str
+    behavior: Callable[..., Any], kind: str, method: str, domain: str, guard: _Guard | None
 ) -> Callable[..., AsyncIterator[Any]]:
     async def handler(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
@@ -149,6 +154,8 @@ def _wrap_stream_response(
         call.begin(context)
         error: BaseException | None = None
         try:
+            if guard is not None:
+                await guard(context)
             result = behavior(request, context)
             if inspect.isawaitable(result):
                 result = await result
@@ -171,10 +178,22 @@ def _wrap_stream_response(
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """Errors, metrics, logs and context for every inbound call."""
+    """Errors, metrics, logs and context for every inbound call, and the caller's
+    authentication for the services that declared a policy (see authn.py)."""
 
-    def __init__(self, domain: str) -> None:
+    def __init__(self, domain: str, authenticator: Authenticator | None = None) -> None:
         self.domain = domain
+        self.authenticator = authenticator
+
+    def _guard(self, method: str) -> _Guard | None:
+        authenticator = self.authenticator
+        if authenticator is None or not authenticator.guards(method):
+            return None
+
+        async def guard(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            auth_context_var.set(await authenticator.check(method, context.invocation_metadata()))
+
+        return guard
 
     async def intercept_service(
         self,
@@ -185,27 +204,33 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        guard = self._guard(method)
         codec = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary_response(handler.unary_unary, "unary", method, self.domain), **codec
+                _wrap_unary_response(handler.unary_unary, "unary", method, self.domain, guard),
+                **codec,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary_response(handler.stream_unary, "client_stream", method, self.domain),
+                _wrap_unary_response(
+                    handler.stream_unary, "client_stream", method, self.domain, guard
+                ),
                 **codec,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream_response(handler.unary_stream, "server_stream", method, self.domain),
+                _wrap_stream_response(
+                    handler.unary_stream, "server_stream", method, self.domain, guard
+                ),
                 **codec,
             )
         assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream_response(handler.stream_stream, "bidi_stream", method, self.domain),
+            _wrap_stream_response(handler.stream_stream, "bidi_stream", method, self.domain, guard),
             **codec,
         )
 

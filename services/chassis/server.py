@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
@@ -25,9 +25,11 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from prometheus_client import start_http_server
 
+from .authn import Authenticator, Policy, Rule
 from .interceptors import ServerInterceptor
-from .settings import ChassisSettings
+from .settings import ChassisSettings, require
 from .telemetry import configure_logging, configure_tracing
+from .tokens import JwksCache, KeySource
 
 __all__ = ["Server", "run"]
 
@@ -72,8 +74,10 @@ class _MethodAwarePool:
 
 
 class Server:
-    def __init__(self, settings: ChassisSettings) -> None:
+    def __init__(self, settings: ChassisSettings, *, keys: KeySource | None = None) -> None:
         self.settings = settings
+        self.keys = keys  # token verification keys; default: auth's JWKS (CEX_JWKS_URL)
+        self._policies: list[Policy] = []
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._services: list[tuple[str, Callable[[Any, grpc.aio.Server], None], Any]] = []
@@ -91,8 +95,20 @@ class Server:
         service: ServiceDescriptor,
         add_to_server: Callable[[Any, grpc.aio.Server], None],
         servicer: Any,
+        *,
+        policy: Mapping[str, Rule] | None = None,
     ) -> None:
+        """Serve `servicer`. With a `policy` (method -> Rule), every call is authenticated
+        and authorized first, and methods the policy does not name are denied."""
+        if policy is not None:
+            self._policies.append(Policy.of(service, policy))
         self._services.append((service.full_name, add_to_server, servicer))
+
+    def authenticator(self) -> Authenticator | None:
+        if not self._policies:
+            return None
+        keys = self.keys or JwksCache(require(self.settings.jwks_url, "CEX_JWKS_URL"))
+        return Authenticator(self._policies, keys)
 
     def reflect(self, full_names: Sequence[str]) -> None:
         """List services in reflection that this process does not serve itself (the catalog)."""
@@ -123,7 +139,7 @@ class Server:
         server = grpc.aio.server(
             interceptors=[
                 aio_server_interceptor(),  # type: ignore[no-untyped-call]
-                ServerInterceptor(s.service),
+                ServerInterceptor(s.service, self.authenticator()),
             ],
             options=self._options(),
             maximum_concurrent_rpcs=None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["ChassisSettings", "env_float", "env_int", "env_str", "require"]
 
@@ -50,6 +50,10 @@ class ChassisSettings:
     nats_url: str | None = None
     redis_url: str | None = None
     mesh_addr: str | None = None
+    # auth's JWKS (for services that declare an authentication policy).
+    jwks_url: str | None = None
+    # The secret a service derives its `svc:<name>` credential from (authn.py).
+    service_secret: str | None = field(default=None, repr=False)
     shutdown_grace_s: float = 5.0
     max_message_bytes: int = 4 * 1024 * 1024
     keepalive_time_s: int = 30
@@ -67,6 +71,8 @@ class ChassisSettings:
             nats_url=env_str(env, "NATS_URL"),
             redis_url=env_str(env, "REDIS_URL"),
             mesh_addr=env_str(env, "CEX_MESH_ADDR"),
+            jwks_url=env_str(env, "CEX_JWKS_URL"),
+            service_secret=env_str(env, "CEX_SERVICE_SECRET"),
             shutdown_grace_s=env_float(env, "CEX_SHUTDOWN_GRACE_S", 5.0),
             max_message_bytes=env_int(env, "CEX_MAX_MESSAGE_BYTES", 4 * 1024 * 1024),
             keepalive_time_s=env_int(env, "CEX_KEEPALIVE_TIME_S", 30),

@@ -1,7 +1,10 @@
 """`cex`: run the local exchange and look at it.
 
-cex up       start every component, print the endpoints, run until Ctrl-C
-cex status   each component's health; exits non-zero unless all are healthy
+cex up              start every component, print the endpoints, run until Ctrl-C
+cex status          each component's health; exits non-zero unless all are healthy
+cex account create  create an account (as the operator of the running stack)
+cex apikey create   create an API key for an account; prints its id and secret once
+cex token           exchange an API key for an access token (prints the JWT)
 """
 
 from __future__ import annotations
@@ -81,6 +84,122 @@ async def _status(state_dir: Path) -> int:
     return 0 if all(health.values()) else 1
 
 
+def _running(state_dir: Path) -> tuple[str, str]:
+    """(edge address, service secret) of the stack running from `state_dir`."""
+    state_file = state_dir / "stack.json"
+    if not state_file.exists():
+        raise SystemExit(f"cex: no stack is running from {state_dir} (start it: make run)")
+    state = json.loads(state_file.read_text())
+    stack = Stack(state_dir, Ports(base=state["base_port"], host=state["host"]), dict(os.environ))
+    return stack.edge, stack.service_secret
+
+
+async def _issue(edge: str, key_id: str, secret: str) -> str:
+    import grpc
+
+    from cex.auth.v1 import auth_pb2, auth_pb2_grpc
+
+    async with grpc.aio.insecure_channel(edge) as channel:
+        reply = await auth_pb2_grpc.AuthServiceStub(channel).IssueToken(
+            auth_pb2.IssueTokenRequest(api_key_id=key_id, api_key_secret=secret), timeout=10
+        )
+    return reply.access_token
+
+
+async def _operator_call(state_dir: Path, method: str, request: object) -> object:
+    """Call auth as the operator: the `svc:cli` credential from the stack's service secret."""
+    import grpc
+
+    from cex.auth.v1 import auth_pb2_grpc
+    from services.chassis import ErrorDetails
+    from services.chassis.authn import service_secret
+
+    edge, secret = _running(state_dir)
+    try:
+        token = await _issue(edge, "svc:cli", service_secret(secret, "cli"))
+        async with grpc.aio.insecure_channel(edge) as channel:
+            stub = auth_pb2_grpc.AuthServiceStub(channel)
+            return await getattr(stub, method)(
+                request, metadata=(("authorization", f"Bearer {token}"),), timeout=10
+            )
+    except grpc.aio.AioRpcError as error:
+        details = ErrorDetails.from_rpc_error(error)
+        raise SystemExit(f"cex: {details.code.name} {details.reason}: {details.message}") from None
+
+
+async def _account_create(state_dir: Path, args: argparse.Namespace) -> int:
+    import uuid
+
+    from cex.auth.v1 import auth_pb2
+
+    kinds = {
+        "individual": auth_pb2.ACCOUNT_TYPE_INDIVIDUAL,
+        "market-maker": auth_pb2.ACCOUNT_TYPE_MARKET_MAKER,
+        "institutional": auth_pb2.ACCOUNT_TYPE_INSTITUTIONAL,
+    }
+    reply = await _operator_call(
+        state_dir,
+        "CreateAccount",
+        auth_pb2.CreateAccountRequest(
+            request_id=args.request_id or str(uuid.uuid4()),
+            display_name=args.name,
+            email=args.email or "",
+            type=kinds[args.type],
+        ),
+    )
+    assert isinstance(reply, auth_pb2.CreateAccountResponse)
+    print(reply.account.account_id)
+    return 0
+
+
+async def _apikey_create(state_dir: Path, args: argparse.Namespace) -> int:
+    import uuid
+
+    from cex.auth.v1 import auth_pb2
+
+    scopes = [
+        auth_pb2.ApiKeyScope.Value(f"API_KEY_SCOPE_{name.strip().upper()}")
+        for name in args.scopes.split(",")
+        if name.strip()
+    ]
+    reply = await _operator_call(
+        state_dir,
+        "CreateApiKey",
+        auth_pb2.CreateApiKeyRequest(
+            request_id=str(uuid.uuid4()),
+            account_id=args.account,
+            label=args.label or "",
+            scopes=scopes,
+            allowed_cidrs=args.allow or [],
+        ),
+    )
+    assert isinstance(reply, auth_pb2.CreateApiKeyResponse)
+    print(f"export CEX_API_KEY_ID={reply.api_key.api_key_id}")
+    print(f"export CEX_API_KEY_SECRET={reply.secret}")
+    print("cex: the secret is shown once; store it now", file=sys.stderr)
+    return 0
+
+
+async def _token(state_dir: Path, args: argparse.Namespace) -> int:
+    import grpc
+
+    from services.chassis import ErrorDetails
+
+    key_id = args.key_id or os.environ.get("CEX_API_KEY_ID", "")
+    secret = os.environ.get("CEX_API_KEY_SECRET", "")
+    if not key_id or not secret:
+        print("cex: set CEX_API_KEY_ID and CEX_API_KEY_SECRET", file=sys.stderr)
+        return 2
+    edge, _ = _running(state_dir)
+    try:
+        print(await _issue(edge, key_id, secret))
+    except grpc.aio.AioRpcError as error:
+        details = ErrorDetails.from_rpc_error(error)
+        print(f"cex: {details.code.name} {details.reason}: {details.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cex", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -90,11 +209,37 @@ def main(argv: list[str] | None = None) -> None:
     up = commands.add_parser("up", help="start the whole exchange and run until Ctrl-C")
     up.add_argument("--port-base", type=int, help="first port of the layout (default 50050)")
     commands.add_parser("status", help="health of every component")
+    account = commands.add_parser("account", help="accounts").add_subparsers(
+        dest="action", required=True
+    )
+    create = account.add_parser("create", help="create an account; prints its id")
+    create.add_argument("--name", required=True, help="display name")
+    create.add_argument("--email", help="contact e-mail (unique)")
+    create.add_argument(
+        "--type", default="individual", choices=["individual", "market-maker", "institutional"]
+    )
+    create.add_argument("--request-id", help="idempotency id (default: a new UUID)")
+    apikey = commands.add_parser("apikey", help="API keys").add_subparsers(
+        dest="action", required=True
+    )
+    key = apikey.add_parser("create", help="create an API key; prints its id and secret")
+    key.add_argument("--account", required=True, help="the account id")
+    key.add_argument("--scopes", default="read,trade", help="comma-separated: read,trade,...")
+    key.add_argument("--label", help="a label for the key")
+    key.add_argument("--allow", action="append", help="allowed CIDR (repeat); needed for withdraw")
+    token = commands.add_parser("token", help="exchange an API key for an access token")
+    token.add_argument("--key-id", help="default $CEX_API_KEY_ID (the secret: $CEX_API_KEY_SECRET)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="cex: %(message)s")
     state_dir = _state_dir(args.state_dir)
     if args.command == "up":
         code = asyncio.run(_up(Stack(state_dir, _ports(args.port_base))))
+    elif args.command == "account":
+        code = asyncio.run(_account_create(state_dir, args))
+    elif args.command == "apikey":
+        code = asyncio.run(_apikey_create(state_dir, args))
+    elif args.command == "token":
+        code = asyncio.run(_token(state_dir, args))
     else:
         code = asyncio.run(_status(state_dir))
     sys.exit(code)

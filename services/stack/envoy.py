@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import re
 from pathlib import Path
@@ -10,11 +11,26 @@ from typing import Any
 
 import yaml
 
+from services.chassis.errors import (
+    ExchangeError,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
+
 from .topology import SERVICES, Ports
 
-__all__ = ["TEMPLATE", "render"]
+__all__ = [
+    "PERMISSION_DENIED",
+    "RATE_LIMITED",
+    "TEMPLATE",
+    "UNAUTHENTICATED",
+    "render",
+]
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "mesh" / "envoy" / "envoy.yaml"
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "mesh" / "envoy" / "envoy.yaml"
+DESCRIPTOR = ROOT / "gen" / "descriptor" / "cex.binpb"
 _WHOLE = re.compile(r"^\$\{(\w+)\}$")
 
 
@@ -31,28 +47,68 @@ def _fill(node: Any, values: dict[str, Any]) -> Any:
     return node
 
 
+def _details(error: ExchangeError) -> str:
+    """A grpc-status-details-bin value (base64, as HTTP/2 carries -bin headers)."""
+    return base64.b64encode(error.to_status("envoy").SerializeToString()).decode()
+
+
+# What Envoy's own refusals carry (it cannot tell us which check failed).
+UNAUTHENTICATED = Unauthenticated(
+    "EDGE_UNAUTHENTICATED", "missing, expired or invalid access token (see www-authenticate)"
+)
+PERMISSION_DENIED = PermissionDenied(
+    "EDGE_PERMISSION_DENIED", "the access token is not valid for this audience"
+)
+RATE_LIMITED = ResourceExhausted(
+    "EDGE_RATE_LIMITED", "too many requests on this route", retry_after_s=1.0
+)
+
+
+def _http_filter(hcm: dict[str, Any], name: str) -> dict[str, Any]:
+    found = next(f for f in hcm["http_filters"] if f["name"] == name)
+    config: dict[str, Any] = found["typed_config"]
+    return config
+
+
 def render(ports: Ports, template: Path = TEMPLATE) -> dict[str, Any]:
     config: dict[str, Any] = yaml.safe_load(template.read_text())
     service = config.pop("x-service")
-    config = _fill(
-        config,
-        {"host": ports.host, "edge_port": ports.edge, "admin_port": ports.envoy_admin},
-    )
-    route_config = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+    values = {
+        "host": ports.host,
+        "edge_port": ports.edge,
+        "admin_port": ports.envoy_admin,
+        "jwks_port": ports.jwks,
+        "jwks_url": ports.jwks_url,
+        "descriptor": str(DESCRIPTOR),
+        "unauthenticated_details": _details(UNAUTHENTICATED),
+        "rate_limited_details": _details(RATE_LIMITED),
+        "permission_denied_details": _details(PERMISSION_DENIED),
+    }
+    edge_routes = _fill(config.pop("x-edge-routes"), values)
+    config = _fill(config, values)
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
         "typed_config"
-    ]["route_config"]
+    ]
+    _http_filter(hcm, "envoy.filters.http.grpc_json_transcoder")["services"] = [
+        spec.grpc_service for spec in SERVICES if spec.grpc_service
+    ]
+    route_config = hcm["route_config"]
     hosts = route_config["virtual_hosts"]
     default_routes = hosts[-1]["routes"]
     clusters = config["static_resources"]["clusters"]
     for spec in SERVICES:
         values = {
+            **values,
             "name": spec.name,
             "host": ports.host,
             "port": ports.grpc(spec),
             "grpc_service": spec.grpc_service,
+            "grpc_service_re": re.escape(spec.grpc_service),
         }
         clusters.append(_fill(copy.deepcopy(service["cluster"]), values))
         hosts.insert(-1, _fill(copy.deepcopy(service["virtual_host"]), values))
         if spec.grpc_service:
-            default_routes.insert(0, _fill(copy.deepcopy(service["prefix_route"]), values))
+            default_routes[0:0] = _fill(copy.deepcopy(service["prefix_routes"]), values)
+    for host in hosts:
+        host["routes"][0:0] = copy.deepcopy(edge_routes)
     return config

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import pwd
+import secrets
 import signal
 import stat
 import subprocess
@@ -120,6 +121,24 @@ class Stack:
         self.envoy_config = self.state_dir / "envoy" / "envoy.yaml"
 
     @property
+    def service_secret(self) -> str:
+        """What services derive their credential from (services/chassis/authn.py).
+
+        Made once per state directory (mode 0600) so the `cex` CLI can act as an
+        operator; CEX_SERVICE_SECRET overrides it.
+        """
+        given = self.env.get("CEX_SERVICE_SECRET")
+        if given:
+            return given
+        path = self.state_dir / "service-secret"
+        if not path.exists():
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        return path.read_text().strip()
+
+    @property
     def admin_database_url(self) -> str:
         """The same server's maintenance database, which always exists."""
         return self.database_url.rsplit("/", 1)[0] + "/postgres"
@@ -209,7 +228,11 @@ class Stack:
             "DATABASE_URL": self.database_url,
             "NATS_URL": self.nats_url,
             "REDIS_URL": self.redis_url,
+            "CEX_JWKS_URL": self.ports.jwks_url,
+            "CEX_SERVICE_SECRET": self.service_secret,
         }
+        if spec.name == "auth":
+            env["CEX_JWKS_PORT"] = str(self.ports.jwks)
         return Component(
             spec.name,
             [sys.executable, "-m", spec.module],
@@ -400,11 +423,12 @@ class Stack:
 
     def endpoints(self) -> dict[str, str]:
         return {
-            "edge (gRPC, gRPC-Web)": self.edge,
+            "edge (gRPC, gRPC-Web, REST)": self.edge,
             "envoy admin": f"http://{self.ports.host}:{self.ports.envoy_admin}",
             "postgres": self.database_url,
             "nats": self.nats_url,
             "redis": self.redis_url,
+            "jwks": self.ports.jwks_url,
         }
 
     def _write_state(self) -> None:

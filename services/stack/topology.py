@@ -70,6 +70,15 @@ class Ports:
     def redis(self) -> int:
         return self.base + 5
 
+    @property
+    def jwks(self) -> int:
+        """auth's JWKS over HTTP (for Envoy's jwt_authn and the services)."""
+        return self.base + 6
+
+    @property
+    def jwks_url(self) -> str:
+        return f"http://{self.host}:{self.jwks}/.well-known/jwks.json"
+
     def grpc(self, spec: ServiceSpec) -> int:
         return self.base + 10 + spec.index
 
@@ -84,6 +93,7 @@ class Ports:
             self.nats,
             self.nats_monitor,
             self.redis,
+            self.jwks,
         ]
         return fixed + [p for s in SERVICES for p in (self.grpc(s), self.metrics(s))]
 

@@ -48,6 +48,10 @@ async def _reflect(target: str, request: reflection_pb2.ServerReflectionRequest,
         return replies[0]
 
 
+def _bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
 def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as response:
         return response.read().decode()
@@ -92,7 +96,9 @@ async def test_reflection_through_envoy_describes_services_and_methods(
 
 
 @pytest.mark.parametrize("spec", API, ids=lambda s: s.name)
-async def test_an_empty_request_gets_the_error_model_through_envoy(stack: Stack, spec) -> None:
+async def test_an_empty_request_gets_the_error_model_through_envoy(
+    stack: Stack, spec, service_token: str
+) -> None:
     """Every service's first unary method, called with an empty request: invalid for
     an implemented method, UNIMPLEMENTED for one whose issue has not landed; either
     way a google.rpc.Status with the service's ErrorInfo."""
@@ -112,7 +118,7 @@ async def test_an_empty_request_gets_the_error_model_through_envoy(stack: Stack,
             response_deserializer=bytes,
         )
         with pytest.raises(grpc.aio.AioRpcError) as failure:
-            await call(b"", timeout=5)
+            await call(b"", timeout=5, metadata=_bearer(service_token))
     details = ErrorDetails.from_rpc_error(failure.value)
     assert details.code in (
         grpc.StatusCode.UNIMPLEMENTED,
@@ -125,7 +131,7 @@ async def test_an_empty_request_gets_the_error_model_through_envoy(stack: Stack,
         assert details.reason == f"{spec.name.upper()}_UNIMPLEMENTED"
 
 
-async def test_red_metrics_count_calls_by_code(stack: Stack) -> None:
+async def test_red_metrics_count_calls_by_code(stack: Stack, service_token: str) -> None:
     spec = next(s for s in SERVICES if s.name == "order")
     async with _channel(stack.edge) as channel:
         call = channel.unary_unary(
@@ -134,7 +140,7 @@ async def test_red_metrics_count_calls_by_code(stack: Stack) -> None:
             response_deserializer=bytes,
         )
         with pytest.raises(grpc.aio.AioRpcError):
-            await call(b"", timeout=5)
+            await call(b"", timeout=5, metadata=_bearer(service_token))
     url = f"http://{stack.ports.host}:{stack.ports.metrics(spec)}/metrics"
     metrics = await asyncio.to_thread(_get, url)
     line = next(

@@ -18,7 +18,7 @@ def test_one_cluster_and_host_per_service_with_grpc_health_checks() -> None:
     config = render(ports)
 
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
-    assert set(clusters) == {s.name for s in SERVICES}
+    assert set(clusters) == {s.name for s in SERVICES} | {"jwks"}
     for spec in SERVICES:
         cluster = clusters[spec.name]
         address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
@@ -28,7 +28,7 @@ def test_one_cluster_and_host_per_service_with_grpc_health_checks() -> None:
 
     hosts = _route_config(config)["virtual_hosts"]
     assert [h["name"] for h in hosts] == [s.name for s in SERVICES] + ["default"]
-    prefixes = [r["match"]["prefix"] for r in hosts[-1]["routes"]]
+    prefixes = [r["match"].get("prefix") for r in hosts[-1]["routes"]]
     for spec in SERVICES:
         if spec.grpc_service:
             assert f"/{spec.grpc_service}/" in prefixes
@@ -51,3 +51,48 @@ def test_envoy_accepts_the_rendered_config_without_deprecation_warnings(tmp_path
     assert result.returncode == 0, output
     assert "OK" in output
     assert "deprecated" not in output.lower(), output
+
+
+def _filters(config: dict) -> dict[str, dict]:
+    listener = config["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return {f["name"]: f["typed_config"] for f in hcm["http_filters"]}
+
+
+def test_jwt_rules_open_only_the_public_routes_and_end_with_a_catch_all() -> None:
+    ports = Ports(base=41000)
+    config = render(ports)
+    filters = _filters(config)
+    order = list(filters)
+    assert order.index("envoy.filters.http.grpc_json_transcoder") < order.index(
+        "envoy.filters.http.jwt_authn"
+    )  # REST is checked by its gRPC path
+    jwt = filters["envoy.filters.http.jwt_authn"]
+    provider = jwt["providers"]["cex"]
+    assert provider["remote_jwks"]["http_uri"]["uri"] == ports.jwks_url
+    assert provider["forward"] is True
+    public = [r["match"] for r in jwt["rules"] if "requires" not in r]
+    assert public == [
+        {"path": "/cex.auth.v1.AuthService/IssueToken"},
+        {"prefix": "/grpc.health.v1.Health/"},
+        {"prefix": "/grpc.reflection."},
+        {"prefix": "/cex.marketdata.v1.MarketDataService/"},
+    ]
+    assert jwt["rules"][-1] == {"match": {"prefix": "/"}, "requires": {"provider_name": "cex"}}
+    transcoder = filters["envoy.filters.http.grpc_json_transcoder"]
+    assert transcoder["services"] == [s.grpc_service for s in SERVICES if s.grpc_service]
+    assert Path(transcoder["proto_descriptor"]).is_file()
+
+
+def test_every_route_is_rate_limited_as_resource_exhausted() -> None:
+    for host in _route_config(render(Ports(base=41000)))["virtual_hosts"]:
+        for route in host["routes"]:
+            limit = route.get("typed_per_filter_config", {}).get(
+                "envoy.filters.http.local_ratelimit"
+            )
+            if host["name"] == "default" and route["route"]["cluster"] == "catalog":
+                continue  # reflection and health
+            assert limit is not None, route
+            assert limit["rate_limited_as_resource_exhausted"] is True
+            if route["match"].get("path") == "/cex.auth.v1.AuthService/IssueToken":
+                assert limit["token_bucket"]["max_tokens"] == 20

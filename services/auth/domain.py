@@ -1,0 +1,275 @@
+"""auth's rules, without I/O, clocks or randomness (those are passed in).
+
+Accounts, API keys (secrets kept only as scrypt hashes), who may act on which
+account, what a token may carry and for how long, and when signing keys rotate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from services.chassis import (
+    AuthContext,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+
+__all__ = [
+    "SCOPES",
+    "Account",
+    "ApiKey",
+    "KeyState",
+    "SigningKey",
+    "check_issue",
+    "hash_secret",
+    "owned_account",
+    "rotation_due",
+    "secret_matches",
+    "token_ttl",
+    "validate_cidrs",
+    "validate_new_key",
+]
+
+SCOPES = ("read", "trade", "withdraw", "admin")
+# scrypt cost: 2**14 x 8 x 1 takes 16 MiB and tens of milliseconds per check.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+
+
+class KeyState:
+    ACTIVE = 1
+    REVOKED = 2
+    EXPIRED = 3
+
+
+class AccountState:
+    ACTIVE = 1
+    SUSPENDED = 2
+    CLOSED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    account_id: str
+    display_name: str
+    email: str
+    type: int
+    state: int
+    fee_tier: str
+    create_time: datetime
+    update_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    api_key_id: str
+    account_id: str
+    label: str
+    scopes: tuple[str, ...]
+    allowed_cidrs: tuple[str, ...]
+    state: int
+    secret_prefix: str
+    secret_hash: str
+    create_time: datetime
+    expire_time: datetime | None = None
+    revoke_time: datetime | None = None
+    last_used_time: datetime | None = None
+
+    def state_at(self, now: datetime) -> int:
+        if self.state == KeyState.ACTIVE and self.expire_time and self.expire_time <= now:
+            return KeyState.EXPIRED
+        return self.state
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    kid: str
+    private_pem: bytes
+    create_time: datetime
+    activate_time: datetime  # signs from here (published in the JWKS before that)
+    retire_time: datetime | None  # leaves the JWKS here (after its last token expired)
+
+
+# ---- secrets -------------------------------------------------------------------
+
+
+def hash_secret(secret: str, salt: bytes, *, n: int = SCRYPT_N) -> str:
+    digest = hashlib.scrypt(
+        secret.encode(), salt=salt, n=n, r=SCRYPT_R, p=SCRYPT_P, maxmem=64 * 1024 * 1024
+    )
+    return f"scrypt${n}${SCRYPT_R}${SCRYPT_P}${salt.hex()}${digest.hex()}"
+
+
+def secret_matches(secret: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+    except ValueError:
+        return False
+    if scheme != "scrypt":
+        return False
+    candidate = hashlib.scrypt(
+        secret.encode(),
+        salt=bytes.fromhex(salt),
+        n=int(n),
+        r=int(r),
+        p=int(p),
+        maxmem=64 * 1024 * 1024,
+    )
+    return hmac.compare_digest(candidate.hex(), digest)
+
+
+# ---- who may act on what -------------------------------------------------------
+
+
+def owned_account(ctx: AuthContext, requested: str, *, resource: str = "account") -> str:
+    """The account a call acts on: the caller's own unless they are admin or a service.
+
+    Another account's data is NOT_FOUND, never PERMISSION_DENIED, so ids cannot be probed.
+    """
+    if ctx.is_service or ctx.can("admin"):
+        if not requested and not ctx.account_id:
+            raise InvalidArgument(
+                "AUTH_ACCOUNT_REQUIRED",
+                "account_id is required",
+                violations=[FieldViolation("account_id", "required for this caller")],
+            )
+        return requested or ctx.account_id
+    if requested and requested != ctx.account_id:
+        raise NotFound(f"AUTH_{resource.upper()}_NOT_FOUND", f"no such {resource}")
+    return ctx.account_id
+
+
+def validate_cidrs(cidrs: Iterable[str]) -> tuple[str, ...]:
+    normalized, violations = [], []
+    for i, cidr in enumerate(cidrs):
+        try:
+            normalized.append(str(ipaddress.ip_network(cidr.strip(), strict=False)))
+        except ValueError:
+            violations.append(FieldViolation(f"allowed_cidrs[{i}]", f"{cidr!r} is not a CIDR"))
+    if violations:
+        raise InvalidArgument("AUTH_INVALID_CIDR", "bad allow-list entry", violations=violations)
+    return tuple(normalized)
+
+
+def validate_new_key(
+    ctx: AuthContext,
+    scopes: Sequence[str],
+    cidrs: Sequence[str],
+    expire_time: datetime | None,
+    now: datetime,
+) -> None:
+    """A key may grant only what its creator holds (admins and services: anything)."""
+    if not scopes:
+        raise InvalidArgument(
+            "AUTH_SCOPE_REQUIRED",
+            "an API key needs at least one scope",
+            violations=[FieldViolation("scopes", "at least one of read, trade, withdraw, admin")],
+        )
+    if not (ctx.is_service or ctx.can("admin")):
+        beyond = set(scopes) - ctx.scopes
+        if beyond:
+            raise PermissionDenied(
+                "AUTH_SCOPE_MISSING",
+                f"cannot grant scopes the caller lacks: {', '.join(sorted(beyond))}",
+                metadata={"missing_scopes": " ".join(sorted(beyond))},
+            )
+    if "withdraw" in scopes and not cidrs:
+        raise InvalidArgument(
+            "AUTH_ALLOW_LIST_REQUIRED",
+            "a key with the withdraw scope needs an IP allow-list",
+            violations=[FieldViolation("allowed_cidrs", "required with the withdraw scope")],
+        )
+    if expire_time is not None and expire_time <= now:
+        raise InvalidArgument(
+            "AUTH_INVALID_EXPIRE_TIME",
+            "expire_time is in the past",
+            violations=[FieldViolation("expire_time", "must be in the future")],
+        )
+
+
+# ---- issuing tokens ----------------------------------------------------------
+
+
+def _invalid() -> Unauthenticated:
+    # One answer for unknown key and wrong secret: nothing to probe.
+    return Unauthenticated("AUTH_INVALID_CREDENTIALS", "unknown API key or wrong secret")
+
+
+def check_issue(
+    key: ApiKey | None,
+    account: Account | None,
+    *,
+    secret_ok: bool,
+    client_ip: str,
+    requested: Sequence[str],
+    now: datetime,
+) -> tuple[str, ...]:
+    """The scopes a token may carry, or why none is issued."""
+    if key is None or account is None or not secret_ok:
+        raise _invalid()
+    state = key.state_at(now)
+    if state == KeyState.REVOKED:
+        raise Unauthenticated("AUTH_KEY_REVOKED", "this API key was revoked")
+    if state == KeyState.EXPIRED:
+        raise Unauthenticated("AUTH_KEY_EXPIRED", "this API key has expired")
+    if account.state != AccountState.ACTIVE:
+        raise PermissionDenied("AUTH_ACCOUNT_NOT_ACTIVE", "the account is suspended or closed")
+    if key.allowed_cidrs and not _allowed(client_ip, key.allowed_cidrs):
+        raise Unauthenticated("AUTH_ADDRESS_NOT_ALLOWED", "caller address not in allow-list")
+    if not requested:
+        return key.scopes
+    beyond = set(requested) - set(key.scopes)
+    if beyond:
+        raise PermissionDenied(
+            "AUTH_SCOPE_MISSING",
+            f"the key lacks scope {', '.join(sorted(beyond))}",
+            metadata={"missing_scopes": " ".join(sorted(beyond))},
+        )
+    return tuple(sorted(set(requested)))
+
+
+def _allowed(client_ip: str, cidrs: Iterable[str]) -> bool:
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def token_ttl(requested_s: int, *, default_s: int, max_s: int) -> int:
+    if requested_s < 0:
+        raise InvalidArgument(
+            "AUTH_INVALID_TTL",
+            "ttl must not be negative",
+            violations=[FieldViolation("ttl", "must be positive")],
+        )
+    return min(requested_s or default_s, max_s)
+
+
+# ---- signing key rotation ----------------------------------------------------
+
+
+def rotation_due(keys: Sequence[SigningKey], now: datetime, *, rotate_after: timedelta) -> bool:
+    """A new key is due when none exists or the newest one is older than `rotate_after`."""
+    if not keys:
+        return True
+    newest = max(keys, key=lambda k: k.activate_time)
+    return now - newest.activate_time >= rotate_after
+
+
+def signing_key(keys: Sequence[SigningKey], now: datetime) -> SigningKey | None:
+    """The newest key already active: the one that signs."""
+    active = [k for k in keys if k.activate_time <= now]
+    return max(active, key=lambda k: k.activate_time) if active else None
+
+
+def published(keys: Sequence[SigningKey], now: datetime) -> list[SigningKey]:
+    """The JWKS: every key not retired yet, including the next one (pre-published)."""
+    return [k for k in keys if k.retire_time is None or k.retire_time > now]

@@ -1,0 +1,44 @@
+"""The README's walkthrough, as a new user types it: `cex` CLI, a token, REST with curl."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+from services.stack.supervisor import Stack
+
+
+def _cex(stack: Stack, *args: str, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "services.stack.cli", "--state-dir", str(stack.state_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def _get(url: str, token: str) -> dict[str, object]:
+    request = urllib.request.Request(url, headers={"authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+async def test_account_key_token_and_a_protected_call_over_rest(stack: Stack) -> None:
+    account = await asyncio.to_thread(_cex, stack, "account", "create", "--name", "alice")
+    assert account.startswith("acc_")
+    exports = await asyncio.to_thread(
+        _cex, stack, "apikey", "create", "--account", account, "--scopes", "read,trade"
+    )
+    env = dict(line.removeprefix("export ").split("=", 1) for line in exports.splitlines())
+    assert set(env) == {"CEX_API_KEY_ID", "CEX_API_KEY_SECRET"}
+    token = await asyncio.to_thread(_cex, stack, "token", env=env)
+    reply = await asyncio.to_thread(_get, f"http://{stack.edge}/v1/accounts/{account}", token)
+    assert reply["account"]["account_id"] == account  # type: ignore[index]
+    assert reply["account"]["display_name"] == "alice"  # type: ignore[index]
