@@ -196,14 +196,18 @@ async def test_a_killed_service_is_restarted_and_serves_again(stack: Stack) -> N
     assert risk.process.pid != old_pid
 
 
-async def test_the_ledger_answers_through_envoy(stack: Stack) -> None:
+async def test_the_ledger_answers_through_envoy(stack: Stack, service_token: str) -> None:
     from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
     async with _channel(stack.edge) as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as failure:
-            await stub.GetTransfer(ledger_pb2.GetTransferRequest(id="nope"), timeout=5)
-        audit = await stub.AuditLedger(ledger_pb2.AuditLedgerRequest(), timeout=10)
+            await stub.GetTransfer(
+                ledger_pb2.GetTransferRequest(id="nope"), timeout=5, metadata=_bearer(service_token)
+            )
+        audit = await stub.AuditLedger(
+            ledger_pb2.AuditLedgerRequest(), timeout=10, metadata=_bearer(service_token)
+        )
     details = ErrorDetails.from_rpc_error(failure.value)
     assert (details.code, details.reason, details.domain) == (
         grpc.StatusCode.NOT_FOUND,
