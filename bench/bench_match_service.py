@@ -36,6 +36,7 @@ import grpc
 from bench.bench_match import CENTER, generate
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.type.v1 import types_pb2
+from services.chassis.authn import service_auth_interceptors
 from services.chassis.markets import DEFAULT_CATALOG
 from services.match import AmendOrder, CancelOrder, Command, PlaceOrder, Side, TimeInForce
 from services.stack import probes
@@ -160,6 +161,7 @@ async def main(args: argparse.Namespace) -> None:
                 env={
                     **env,
                     "CEX_GRPC_PORT": str(port),
+                    "CEX_JWKS_URL": stack.ports.jwks_url,
                     "DATABASE_URL": url,
                     "NATS_URL": f"nats://127.0.0.1:{nats_port}",
                     "CEX_MATCH_MARKETS": MARKET.symbol,
@@ -173,7 +175,9 @@ async def main(args: argparse.Namespace) -> None:
                 await asyncio.sleep(0.1)
             else:
                 raise RuntimeError("match did not become healthy")
-            async with grpc.aio.insecure_channel(target) as channel:
+            async with grpc.aio.insecure_channel(
+                target, interceptors=service_auth_interceptors(stack.credentials("bench"))
+            ) as channel:
                 stub = match_pb2_grpc.MatchServiceStub(channel)
                 await submit(stub, setup, 100, 4)
                 for (batch, window), start in zip(

@@ -17,10 +17,10 @@ from services.chassis import (
     AuthContext,
     FieldViolation,
     InvalidArgument,
-    NotFound,
     PermissionDenied,
     Unauthenticated,
 )
+from services.chassis import owned_account as chassis_owned_account
 
 __all__ = [
     "SCOPES",
@@ -129,21 +129,8 @@ def secret_matches(secret: str, stored: str) -> bool:
 
 
 def owned_account(ctx: AuthContext, requested: str, *, resource: str = "account") -> str:
-    """The account a call acts on: the caller's own unless they are admin or a service.
-
-    Another account's data is NOT_FOUND, never PERMISSION_DENIED, so ids cannot be probed.
-    """
-    if ctx.is_service or ctx.can("admin"):
-        if not requested and not ctx.account_id:
-            raise InvalidArgument(
-                "AUTH_ACCOUNT_REQUIRED",
-                "account_id is required",
-                violations=[FieldViolation("account_id", "required for this caller")],
-            )
-        return requested or ctx.account_id
-    if requested and requested != ctx.account_id:
-        raise NotFound(f"AUTH_{resource.upper()}_NOT_FOUND", f"no such {resource}")
-    return ctx.account_id
+    """The account a call acts on (see `services.chassis.owned_account`)."""
+    return chassis_owned_account(ctx, requested, component="AUTH", resource=resource)
 
 
 def validate_cidrs(cidrs: Iterable[str]) -> tuple[str, ...]:
