@@ -206,12 +206,10 @@ def check_issue(
         raise Unauthenticated("AUTH_KEY_REVOKED", "this API key was revoked")
     if state == KeyState.EXPIRED:
         raise Unauthenticated("AUTH_KEY_EXPIRED", "this API key has expired")
-    if account.state != AccountState.ACTIVE:
-        raise PermissionDenied("AUTH_ACCOUNT_NOT_ACTIVE", "the account is suspended or closed")
+    if account.state not in (AccountState.ACTIVE, AccountState.SUSPENDED):
+        raise PermissionDenied("AUTH_ACCOUNT_NOT_ACTIVE", "the account is closed")
     if key.allowed_cidrs and not _allowed(client_ip, key.allowed_cidrs):
         raise Unauthenticated("AUTH_ADDRESS_NOT_ALLOWED", "caller address not in allow-list")
-    if not requested:
-        return key.scopes
     beyond = set(requested) - set(key.scopes)
     if beyond:
         raise PermissionDenied(
@@ -219,7 +217,15 @@ def check_issue(
             f"the key lacks scope {', '.join(sorted(beyond))}",
             metadata={"missing_scopes": " ".join(sorted(beyond))},
         )
-    return tuple(sorted(set(requested)))
+    granted = tuple(sorted(set(requested))) if requested else key.scopes
+    if account.state == AccountState.SUSPENDED:
+        # Frozen: no trading, no withdrawals; the owner can still look.
+        granted = tuple(s for s in granted if s == "read")
+        if not granted:
+            raise PermissionDenied(
+                "AUTH_ACCOUNT_SUSPENDED", "the account is suspended: only read access"
+            )
+    return granted
 
 
 def _allowed(client_ip: str, cidrs: Iterable[str]) -> bool:
