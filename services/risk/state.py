@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 from .limits import KillSwitches, Limits, merge
 from .store import Snapshot, Store, StoredLimits
@@ -71,7 +72,10 @@ class State:
         found = self._effective.get(account_id)
         if found is None:
             override = self._snapshot.limits.get(account_id) if account_id else None
-            found = merge(self.defaults.limits, override.limits if override else None)
+            found = replace(
+                merge(self.defaults.limits, override.limits if override else None),
+                account_id=account_id,
+            )
             if len(self._effective) > 100_000:
                 self._effective.clear()
             self._effective[account_id] = found
