@@ -4,7 +4,9 @@ Redis holds only what may be lost. If it restarts, every bucket is full again
 (at most one extra second of burst per account). If it cannot be reached, each
 risk process falls back to a bucket of its own in memory, with the same
 arithmetic, so the limit still holds per replica instead of failing open or
-refusing all trading; `fallbacks` counts those checks.
+refusing all trading; `fallbacks` counts those checks. After a failure Redis is
+left alone for `retry_s` (a breaker), so a dead or black-holed Redis costs each
+check nothing, not a timeout.
 """
 
 from __future__ import annotations
@@ -75,14 +77,19 @@ class RateLimiter:
         client: redis.Redis | None,
         *,
         prefix: str = "risk:rl:",
-        timeout_s: float = 0.25,
+        timeout_s: float = 1.0,
+        retry_s: float = 1.0,
         local: LocalBuckets | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self._script: Any = client.register_script(SCRIPT) if client is not None else None
         self._prefix = prefix
         self._timeout = timeout_s
         self._local = local or LocalBuckets()
+        self._retry_s = retry_s
+        self._clock = clock
+        self._down_until = 0.0
         self.fallbacks = 0
 
     async def take(self, account_id: str, rate: int, cost: int = 1) -> Take:
@@ -90,15 +97,21 @@ class RateLimiter:
             return UNLIMITED
         key = self._prefix + account_id
         result: tuple[bool, int, int]
-        try:
-            if self._script is None:
-                raise RedisError("no redis configured")
-            raw = await asyncio.wait_for(self._script(keys=[key], args=[rate, cost]), self._timeout)
-            result = (bool(int(raw[0])), int(raw[1]), int(raw[2]))
-        except (RedisError, OSError, TimeoutError) as error:
+        if self._script is None or self._clock() < self._down_until:
             self.fallbacks += 1
-            if self.fallbacks == 1 or self.fallbacks % 1000 == 0:
-                _log.warning("redis unavailable (%r): rate limit from the local bucket", error)
             result = self._local.take(key, rate, cost)
+        else:
+            try:
+                raw = await asyncio.wait_for(
+                    self._script(keys=[key], args=[rate, cost]), self._timeout
+                )
+                result = (bool(int(raw[0])), int(raw[1]), int(raw[2]))
+            except (RedisError, OSError, TimeoutError) as error:
+                self._down_until = self._clock() + self._retry_s
+                self.fallbacks += 1
+                _log.warning(
+                    "redis unavailable (%r): local buckets for %.1f s", error, self._retry_s
+                )
+                result = self._local.take(key, rate, cost)
         allowed, tokens_u, retry_us = result
         return Take(allowed, rate, tokens_u // _MICRO, retry_us / _MICRO)
