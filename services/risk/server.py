@@ -46,6 +46,7 @@ from services.chassis.tokens import KeySource
 
 from .bucket import RateLimiter, Take
 from .config import RiskConfig
+from .events import Outbox, switch_pb
 from .limits import (
     ANY,
     EXACT,
@@ -61,6 +62,7 @@ from .limits import (
     check_order,
     check_withdrawal,
 )
+from .prices import PriceFollower
 from .state import State
 from .store import Store, StoredLimits
 
@@ -180,7 +182,9 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         limiter: RateLimiter,
         catalog: Catalog,
         clock: Callable[[], int] = time.time_ns,
+        outbox: Outbox | None = None,
     ) -> None:
+        self._outbox = outbox
         self._store = store
         self._state = state
         self._limiter = limiter
@@ -517,21 +521,6 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
 
     # -- kill switches -----------------------------------------------------------
 
-    @staticmethod
-    def _switch_pb(s: KillSwitch) -> risk_pb2.KillSwitch:
-        message = risk_pb2.KillSwitch(
-            scope=int(s.scope),  # type: ignore[arg-type]
-            market=s.market,
-            account_id=s.account_id,
-            engaged=s.engaged,
-            block_withdrawals=s.block_withdrawals,
-            reason=s.reason,
-            updated_by=s.updated_by,
-        )
-        if s.update_time_ns:
-            message.update_time.CopyFrom(_timestamp(s.update_time_ns))
-        return message
-
     async def SetKillSwitch(
         self, request: risk_pb2.SetKillSwitchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> risk_pb2.SetKillSwitchResponse:
@@ -581,13 +570,13 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
                 request_id=request.request_id,
                 cancel_open_orders=request.cancel_open_orders,
             )
-            return risk_pb2.SetKillSwitchResponse(
-                kill_switch=self._switch_pb(switch)
-            ).SerializeToString()
+            return risk_pb2.SetKillSwitchResponse(kill_switch=switch_pb(switch)).SerializeToString()
 
         body = request.SerializeToString(deterministic=True)
         raw = await self._store.idempotent("SetKillSwitch", request.request_id, body, write)
         await self._state.reload()
+        if self._outbox is not None:
+            self._outbox.notify()
         return risk_pb2.SetKillSwitchResponse.FromString(raw)
 
     async def ListKillSwitches(
@@ -624,7 +613,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
             found = found[:size]
             token = base64.urlsafe_b64encode(json.dumps(list(found[-1].key)).encode()).decode()
         return risk_pb2.ListKillSwitchesResponse(
-            kill_switches=[self._switch_pb(s) for s in found], next_page_token=token
+            kill_switches=[switch_pb(s) for s in found], next_page_token=token
         )
 
 
@@ -666,11 +655,13 @@ async def build_server(
     await state.reload()
     if config.reload_interval_s > 0:
         await server.enter(_task(state.run(config.reload_interval_s), "risk-reload"))
+    outbox = None
     if infra.nats is not None:
-        from .prices import PriceFollower
-
+        js = infra.nats.jetstream()
+        outbox = Outbox(store, js, every_s=max(config.reload_interval_s, 0.1))
+        await server.enter(_task(outbox.run(), "risk-outbox"))
         follower = PriceFollower(
-            js=infra.nats.jetstream(),
+            js=js,
             catalog=catalog,
             store=store,
             state=state,
@@ -681,7 +672,14 @@ async def build_server(
     server.add(
         risk_pb2.DESCRIPTOR.services_by_name["RiskService"],
         risk_pb2_grpc.add_RiskServiceServicer_to_server,
-        RiskService(store=store, state=state, limiter=limiter, catalog=catalog, clock=clock),
+        RiskService(
+            store=store,
+            state=state,
+            limiter=limiter,
+            catalog=catalog,
+            clock=clock,
+            outbox=outbox,
+        ),
         policy=POLICY,
     )
     return server
