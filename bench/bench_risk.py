@@ -256,7 +256,7 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--checks", type=int, default=20_000)
+    parser.add_argument("--checks", type=int, default=10_000)
     parser.add_argument("--accounts", type=int, default=2_000)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--reload-wait", type=float, default=1.0)

@@ -22,6 +22,7 @@ import asyncpg
 import grpc
 from google.protobuf import timestamp_pb2
 from google.rpc import status_pb2
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex.type.v1 import types_pb2
@@ -29,6 +30,7 @@ from services.chassis import (
     INTERNAL,
     Catalog,
     ChassisSettings,
+    ErrorDetails,
     ExchangeError,
     FieldViolation,
     InvalidArgument,
@@ -66,7 +68,7 @@ from .prices import PriceFollower
 from .state import State
 from .store import Store, StoredLimits
 
-__all__ = ["POLICY", "RiskService", "build_server"]
+__all__ = ["POLICY", "RiskMetrics", "RiskService", "build_server"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 DOMAIN = "risk"
@@ -97,6 +99,33 @@ _SCOPES = {
     risk_pb2.KILL_SWITCH_SCOPE_MARKET: Scope.MARKET,
     risk_pb2.KILL_SWITCH_SCOPE_ACCOUNT: Scope.ACCOUNT,
 }
+
+
+class RiskMetrics:
+    """Risk's own Prometheus metrics (RED per method comes from the chassis)."""
+
+    def __init__(self, registry: CollectorRegistry, limiter: RateLimiter) -> None:
+        self.checks = Counter(
+            "risk_checks",
+            "Checks answered, by method and outcome (ALLOWED or the denial reason)",
+            ["method", "outcome"],
+            registry=registry,
+        )
+        fallbacks = Counter(
+            "risk_ratelimit_local_fallbacks",
+            "Rate-limit checks served by the local bucket because Redis was unavailable",
+            registry=registry,
+        )
+        fallbacks.inc(0)
+        self._limiter = limiter
+        self._fallbacks = fallbacks
+        self._seen = 0
+
+    def sync(self) -> None:
+        delta = self._limiter.fallbacks - self._seen
+        if delta:
+            self._fallbacks.inc(delta)
+            self._seen += delta
 
 
 def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
@@ -183,8 +212,10 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         catalog: Catalog,
         clock: Callable[[], int] = time.time_ns,
         outbox: Outbox | None = None,
+        metrics: RiskMetrics | None = None,
     ) -> None:
         self._outbox = outbox
+        self._metrics = metrics or RiskMetrics(CollectorRegistry(), limiter)
         self._store = store
         self._state = state
         self._limiter = limiter
@@ -295,6 +326,8 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         if denial is not None:
             response.allowed = False
             response.denial.CopyFrom(_denial_status(denial))
+        self._metrics.checks.labels("CheckOrder", denial.reason if denial else "ALLOWED").inc()
+        self._metrics.sync()
         return response
 
     # -- CheckWithdrawal ------------------------------------------------------
@@ -354,7 +387,10 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
             now_ns=self._clock(),
             decide=decide,
         )
-        return risk_pb2.CheckWithdrawalResponse.FromString(stored)
+        reply = risk_pb2.CheckWithdrawalResponse.FromString(stored)
+        outcome = ErrorDetails.from_status(reply.denial).reason if not reply.allowed else "ALLOWED"
+        self._metrics.checks.labels("CheckWithdrawal", outcome).inc()
+        return reply
 
     # -- limits ----------------------------------------------------------------
 
@@ -636,9 +672,12 @@ async def build_server(
     catalog: Catalog | None = None,
     clock: Callable[[], int] = time.time_ns,
     keys: KeySource | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> Server:
     """The composition root. `keys` replaces auth's JWKS (tests)."""
     config = RiskConfig.from_env() if config is None else config
+    if registry is None:
+        registry = REGISTRY if settings.metrics_port else CollectorRegistry()
     catalog = load_catalog() if catalog is None else catalog
     server = Server(settings, keys=keys)
     infra = await connect(
@@ -679,6 +718,7 @@ async def build_server(
             catalog=catalog,
             clock=clock,
             outbox=outbox,
+            metrics=RiskMetrics(registry, limiter),
         ),
         policy=POLICY,
     )

@@ -148,6 +148,11 @@ async def test_rate_limit_is_a_token_bucket_with_retry_info(risk: Risk) -> None:
     assert replies[-1].rate_limit.limit == 5
     # Another account has its own bucket.
     assert (await risk.check(order(account()))).allowed
+    # SREs see the denials by reason.
+    assert risk.metric("risk_checks_total", method="CheckOrder", outcome="RISK_RATE_LIMITED") == (
+        len(limited)
+    )
+    assert risk.metric("risk_ratelimit_local_fallbacks_total") == 0
 
 
 async def test_kill_switches_put_their_scope_in_cancel_only(risk: Risk) -> None:

@@ -75,6 +75,7 @@ async def test_rate_limits_hold_through_a_redis_crash_and_restart(
         allowed, took = await burst(risk, account, 12)
         # The local bucket stands in: still limited, never an error.
         assert 1 <= allowed <= rate + int(took * rate) + 1
+        assert risk.metric("risk_ratelimit_local_fallbacks_total") >= 12
         assert (await risk.check(order(f"acc_{uuid.uuid4().hex[:8]}"))).allowed
 
         async with redis_server(port, tmp_path):
