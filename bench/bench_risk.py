@@ -8,14 +8,19 @@ empty database, seeds a reference price for BTC-USDT (so price bands run), then:
    same event loop, over one channel;
 2. own process: `python -m services.risk.main` as `cex up` runs it, called with
    a real service token from auth;
-3. the Redis token bucket alone (one EVALSHA of ratelimit.lua from redis-py).
+3. the Redis token bucket alone (one EVALSHA of ratelimit.lua from redis-py);
+and, for scale, grpc.health Check on the in-process server (the bare cost of a
+call on this machine at that moment).
 
 Each run: `--checks` CheckOrder calls spread over `--accounts` accounts (so the
 default 100/s per-account limit is not what is measured), `--clients`
 concurrent callers, and the same again with one caller (latency without
-queueing). Every check is a full one: validation, rate limit in Redis, kill
-switches, quantity/notional limits, band, open orders. The load generator
-shares the machine's cores with what it measures.
+queueing). Also printed: the CPU time this process spent per call (for
+in-process runs that is client and server together, a figure far less at the
+mercy of a shared machine than calls/s). Every check is a full one:
+validation, rate limit in Redis, kill switches, quantity/notional limits, band,
+open orders. The load generator shares the machine's cores with what it
+measures.
 """
 
 from __future__ import annotations
@@ -107,11 +112,15 @@ async def _measure(
 ) -> None:
     await _load(call, _requests(500, args.accounts, rng), args.clients)  # warm up
     for clients, n in ((args.clients, args.checks), (1, max(args.checks // 10, 100))):
-        elapsed, latencies, denied = await _load(call, _requests(n, args.accounts, rng), clients)
+        requests = _requests(n, args.accounts, rng)
+        cpu = time.process_time()
+        elapsed, latencies, denied = await _load(call, requests, clients)
+        cpu_ms = (time.process_time() - cpu) / n * 1000
         print(
             f"{label:>12}: {n / elapsed:8.0f} checks/s  "
             f"p50 {_percentile(latencies, 0.5) * 1000:6.2f} ms  "
             f"p99 {_percentile(latencies, 0.99) * 1000:6.2f} ms  "
+            f"CPU of this process {cpu_ms:5.2f} ms/call  "
             f"({n} checks, {clients} concurrent, {denied} denied)"
         )
 
@@ -162,6 +171,16 @@ async def _in_process(stack: Stack, args: argparse.Namespace, rng: random.Random
                 probe = await call(_requests(1, 1, rng)[0])
                 assert probe.reference_price == "100000", probe
                 await _measure("in-process", call, args, rng)
+                # The bare gRPC cost on this machine right now, for scale: health
+                # Check on the same server (no token, no Redis, no work).
+                health = health_pb2_grpc.HealthStub(channel)
+                empty = health_pb2.HealthCheckRequest()
+
+                async def bare(request: R.CheckOrderRequest) -> R.CheckOrderResponse:
+                    await health.Check(empty, timeout=30)
+                    return R.CheckOrderResponse(allowed=True)
+
+                await _measure("health Check", bare, args, rng)
         finally:
             await server.stop(0)
 
