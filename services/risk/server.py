@@ -120,6 +120,13 @@ class RiskMetrics:
         self._limiter = limiter
         self._fallbacks = fallbacks
         self._seen = 0
+        self._children: dict[tuple[str, str], Counter] = {}
+
+    def checked(self, method: str, outcome: str) -> None:
+        child = self._children.get((method, outcome))
+        if child is None:
+            child = self._children[(method, outcome)] = self.checks.labels(method, outcome)
+        child.inc()
 
     def sync(self) -> None:
         delta = self._limiter.fallbacks - self._seen
@@ -326,7 +333,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         if denial is not None:
             response.allowed = False
             response.denial.CopyFrom(_denial_status(denial))
-        self._metrics.checks.labels("CheckOrder", denial.reason if denial else "ALLOWED").inc()
+        self._metrics.checked("CheckOrder", denial.reason if denial else "ALLOWED")
         self._metrics.sync()
         return response
 
@@ -389,7 +396,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         )
         reply = risk_pb2.CheckWithdrawalResponse.FromString(stored)
         outcome = ErrorDetails.from_status(reply.denial).reason if not reply.allowed else "ALLOWED"
-        self._metrics.checks.labels("CheckWithdrawal", outcome).inc()
+        self._metrics.checked("CheckWithdrawal", outcome)
         return reply
 
     # -- limits ----------------------------------------------------------------
