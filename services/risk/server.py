@@ -432,9 +432,10 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         return message
 
     def _visible_account(self, account_id: str) -> str:
-        """A read-scoped user sees only their own account; admins and services any."""
+        """A read-scoped user (or a service acting for one) sees only their own account;
+        admins and services acting for themselves any."""
         ctx = current_auth()
-        if ctx.service or ctx.can("admin"):
+        if ctx.is_service or ctx.can("admin"):
             return account_id
         if account_id and account_id != ctx.account_id:
             raise NotFound("RISK_LIMITS_NOT_FOUND", f"no limits for account {account_id}")
@@ -643,7 +644,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
                     [FieldViolation("page_token", "not a token this server issued")],
                 ) from None
         ctx = current_auth()
-        mine = None if ctx.service or ctx.can("admin") else ctx.account_id
+        mine = None if ctx.is_service or ctx.can("admin") else ctx.account_id
         found = [
             s
             for s in await self._store.kill_switches()

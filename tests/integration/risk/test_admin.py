@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from cex.risk.v1 import risk_pb2 as R
+from services.chassis.authn import ON_BEHALF_HEADER
 from tests.integration.risk.support import (
     ADMIN,
     SERVICE,
@@ -195,6 +196,12 @@ async def test_users_see_only_their_own(risk: Risk) -> None:
     assert (other.code, other.reason) == (grpc.StatusCode.NOT_FOUND, "RISK_LIMITS_NOT_FOUND")
     listed = await risk.stub.ListKillSwitches(R.ListKillSwitchesRequest(), metadata=me)
     assert [s.scope for s in listed.kill_switches] == [R.KILL_SWITCH_SCOPE_MARKET]
+    # A service acting for the user sees what the user sees.
+    for_me = (*SERVICE, (ON_BEHALF_HEADER, me[0][1]))
+    relayed = await rpc_error(
+        risk.stub.GetLimits(R.GetLimitsRequest(account_id="acc_other"), metadata=for_me)
+    )
+    assert relayed.reason == "RISK_LIMITS_NOT_FOUND"
     for call in (
         risk.stub.SetLimits(
             R.SetLimitsRequest(request_id=uuid.uuid4().hex, limits=R.Limits(account_id="acc_me")),
