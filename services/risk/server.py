@@ -365,6 +365,9 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         amount = _units(v, "amount", request.amount, asset.to_minor)
         v.raise_if_any("RISK_WITHDRAWAL_INVALID")
         assert amount is not None
+        # Money leaves the exchange: decide on the limits and switches as PostgreSQL
+        # has them now, not as of the last reload tick (one cheap query).
+        await self._state.refresh()
         limits = self._state.limits(request.account_id)
         switches = self._state.switches
 

@@ -20,6 +20,7 @@ from tests.integration.risk.support import (
     rpc_error,
     running_risk,
     token,
+    withdrawal,
 )
 
 
@@ -232,3 +233,16 @@ async def test_limits_and_switches_survive_a_restart(risk: Risk, redis_url: str)
         assert halted.reason == "RISK_KILL_SWITCH_ENGAGED"
         full = denial(await again.check(order("acc_r", open_orders=2)))
         assert full.reason == "RISK_OPEN_ORDERS_LIMIT_EXCEEDED"
+
+
+async def test_replicas_agree_on_switches(risk: Risk, redis_url: str) -> None:
+    from services.risk.config import RiskConfig
+
+    slow = RiskConfig(reload_interval_s=3600, prices=False, redis_prefix="risk:test:replica:")
+    async with running_risk(risk.database_url, redis_url, config=slow) as other:
+        await risk.kill(scope=R.KILL_SWITCH_SCOPE_GLOBAL, engaged=True, block_withdrawals=True)
+        # A withdrawal reads the switches as PostgreSQL has them, whatever the reload tick.
+        halted = denial(await other.withdraw(withdrawal("rw1", "acc_rep")))
+        assert halted.reason == "RISK_WITHDRAWALS_HALTED"
+        # And having reloaded, so do its order checks.
+        assert denial(await other.check(order("acc_rep"))).reason == "RISK_KILL_SWITCH_ENGAGED"
