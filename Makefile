@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match bench-ledger bench-edge clean
+.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match bench-ledger bench-edge bench-risk clean
 
 setup: $(INSTALLED)
 
@@ -56,6 +56,10 @@ bench-match: $(INSTALLED)
 ## bench-ledger: CreateTransfers single and batched (synchronous_commit on)
 bench-ledger: $(INSTALLED)
 	$(BIN)/python -m bench.bench_ledger
+
+## bench-risk: CheckOrder checks/s and p50/p99 through risk's gRPC server (in-process and own process)
+bench-risk: $(INSTALLED)
+	$(BIN)/python -m bench.bench_risk
 
 ## bench-edge: the latency Envoy adds per call with JWT verification on (p50/p99)
 bench-edge: $(INSTALLED)
