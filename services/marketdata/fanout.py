@@ -315,10 +315,10 @@ class BookFanout:
         """A new book (bootstrap, or recovery): every holder starts over from a snapshot."""
         self.book, self.time_ns = book, time_ns
         for depth, old in list(self._channels.items()):
-            channel = self._channels[depth] = self._channel(depth)
-            channel.sinks = old.sinks
-            for sink in channel.sinks:
-                sink.resync()
+            self._channels[depth] = self._channel(depth)
+            self._channels[depth].sinks = old.sinks
+        for subscriber in self._owner:  # those that waited for a book too
+            subscriber.resync()
         if self.nats is not None and self._nats_depth:
             self.nats_channel = self._channel(self._nats_depth)
             self.nats_channel.sinks = {self.nats}
