@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import zlib
 from dataclasses import dataclass, field
 from decimal import Decimal
-from pathlib import Path
 
 import grpc
 
@@ -109,7 +109,8 @@ class MarketDataProcess:
     def __init__(self, database_url: str, nats_url: str, match_target: str) -> None:
         self.port = free_ports().base + 14
         self.env = {
-            "PATH": str(Path(sys.executable).parent),
+            **os.environ,
+            "REDIS_URL": "",
             "CEX_GRPC_PORT": str(self.port),
             "DATABASE_URL": database_url,
             "NATS_URL": nats_url,
@@ -239,6 +240,9 @@ async def follow(
             if gaps is not None:
                 gaps.append(book.seq)
             book.seq = -1
+        except grpc.aio.AioRpcError:  # the server went away: subscribe again
+            book.seq = -1
+            await asyncio.sleep(0.1)
         finally:
             call.cancel()
 
