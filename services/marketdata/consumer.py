@@ -32,7 +32,7 @@ from nats.aio.msg import Msg
 
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.type.v1 import types_pb2
-from services.chassis import Market
+from services.chassis import Market, ServiceCredentials
 from services.chassis.money import parse_decimal
 
 from .books import ASK, BID, L2Book, Level
@@ -57,24 +57,45 @@ class MatchSource(Protocol):
 
 
 class GrpcMatchSource:
-    """match's GetOrderBook and ReplayEvents over a channel (the mesh, or direct)."""
+    """match's GetOrderBook and ReplayEvents over a channel (the mesh, or direct).
 
-    def __init__(self, channel: grpc.aio.Channel, timeout_s: float = 30.0) -> None:
+    With `credentials`, each call carries this service's token itself: through
+    the mesh's interceptor chain a server-streaming call lost it (Envoy then
+    refused ReplayEvents with "Jwt is missing")."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        credentials: ServiceCredentials | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
         self._stub = match_pb2_grpc.MatchServiceStub(channel)
+        self._credentials = credentials
         self._timeout = timeout_s
+
+    async def _metadata(self) -> tuple[tuple[str, str], ...]:
+        if self._credentials is None:
+            return ()
+        return (("authorization", f"Bearer {await self._credentials.token()}"),)
 
     async def book(self, market: str, depth: int = 0) -> match_pb2.OrderBook:
         request = match_pb2.GetOrderBookRequest(
             market=market, level=match_pb2.BOOK_LEVEL_L2, depth=depth
         )
-        reply = await self._stub.GetOrderBook(request, timeout=self._timeout)
+        reply = await self._stub.GetOrderBook(
+            request, timeout=self._timeout, metadata=await self._metadata()
+        )
         return reply.book
 
     async def replay(
         self, market: str, from_seq: int, to_seq: int
     ) -> AsyncIterator[Sequence[match_pb2.MatchEvent]]:
         request = match_pb2.ReplayEventsRequest(market=market, from_seq=from_seq, to_seq=to_seq)
-        async for response in self._stub.ReplayEvents(request, timeout=self._timeout):
+        call = self._stub.ReplayEvents(
+            request, timeout=self._timeout, metadata=await self._metadata()
+        )
+        async for response in call:
             yield response.events
 
 
@@ -128,12 +149,14 @@ class MarketFeed:
         self._persisted_seq = 0
         self._persisted_at = 0.0
         self._nats_snapshot_at = 0.0
+        self._delay = 0.5  # back-off between restarts; reset once ready
 
     @property
     def ready(self) -> bool:
         return self.book is not None
 
     async def run(self) -> None:
+        """Follow the market until cancelled; start over (with back-off) after any failure."""
         while True:
             try:
                 await self._follow()
@@ -141,8 +164,12 @@ class MarketFeed:
                 raise
             except Exception as error:
                 self.restarts += 1
-                _log.warning("feed %s restarts after: %r", self.market.symbol, error)
-                await asyncio.sleep(1.0)
+                if self.book is None:  # not up yet (match or the mesh still starting)
+                    _log.info("feed %s waits for match: %r", self.market.symbol, error)
+                else:
+                    _log.warning("feed %s restarts after: %r", self.market.symbol, error)
+                await asyncio.sleep(self._delay)
+                self._delay = min(self._delay * 2, 5.0)
 
     async def _follow(self) -> None:
         s = self._settings
@@ -207,6 +234,7 @@ class MarketFeed:
         self.ticker.load(bars, await self._store.last_trade(symbol), max(cursor, engine.seq))
         self._persisted_seq = max(cursor, engine.seq)
         self.book, self.time_ns = book, now
+        self._delay = 0.5
         self.fanout.reset(book, now)
         self.ticker_dirty = True
         await self._publish_nats()

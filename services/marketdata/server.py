@@ -41,7 +41,6 @@ from services.chassis import (
     load_catalog,
     service_credentials,
 )
-from services.chassis.authn import ServiceAuthInterceptor
 from services.chassis.interceptors import client_interceptors
 from services.chassis.tokens import StaticKeys
 
@@ -459,11 +458,11 @@ async def build_server(
             raise ValueError("market data needs MARKETDATA_MATCH_TARGET or CEX_MESH_ADDR")
         channel = grpc.aio.insecure_channel(
             target,
-            interceptors=_interceptors(settings),
+            interceptors=client_interceptors(),
             options=(("grpc.default_authority", "match"),),
         )
         server.on_stop(channel.close)
-        source = GrpcMatchSource(channel)
+        source = GrpcMatchSource(channel, credentials=service_credentials(settings))
     hub = Hub(config, nats=infra.nats, redis=infra.redis, clock=clock)
     for symbol in symbols:
         feed = MarketFeed(
@@ -486,13 +485,3 @@ async def build_server(
         policy=POLICY,
     )
     return server
-
-
-def _interceptors(settings: ChassisSettings) -> list[grpc.aio.ClientInterceptor]:
-    """The mesh's interceptors, plus the service token when there is a secret (Envoy asks
-    for a token on match's routes)."""
-    interceptors = client_interceptors()
-    credentials = service_credentials(settings)
-    if credentials is not None:
-        interceptors.append(ServiceAuthInterceptor(credentials))
-    return interceptors
