@@ -20,6 +20,7 @@ hold every trade exactly once (store.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -45,7 +46,8 @@ from .tickers import BUCKET_S, RollingTicker
 __all__ = ["GrpcMatchSource", "MarketFeed", "MatchSource", "trade_fact"]
 
 _log = logging.getLogger("cex.marketdata.feed")
-_PERSIST_IDLE_S = 2.0
+_PERSIST_IDLE_S = 2.0  # a cursor that moved without trades is written this often
+_MAX_UNWRITTEN = 200_000  # trades waiting for PostgreSQL before the feed starts over
 
 
 class MatchSource(Protocol):
@@ -147,7 +149,9 @@ class MarketFeed:
         self.dropped = 0
         self.restarts = 0
         self._persisted_seq = 0
-        self._persisted_at = 0.0
+        self._unwritten: list[TradeFact] = []
+        self._unwritten_seq = 0
+        self._to_write = asyncio.Event()
         self._nats_snapshot_at = 0.0
         self._delay = 0.5  # back-off between restarts; reset once ready
 
@@ -183,10 +187,15 @@ class MarketFeed:
 
         subject = f"match.events.{self.market.symbol}"
         sub = await self._nats.subscribe(subject, cb=on_message, pending_msgs_limit=1_000_000)
+        writer: asyncio.Task[None] | None = None
         try:
             await self._bootstrap()
+            writer = asyncio.create_task(self._write(), name=f"tape-{self.market.symbol}")
             idle_since = time.monotonic()
             while True:
+                if writer.done():  # PostgreSQL failed: start over from the stored cursor
+                    writer.result()
+                    raise RuntimeError("the tape writer stopped")
                 try:
                     first = await asyncio.wait_for(queue.get(), timeout=s.heartbeat_s)
                 except TimeoutError:
@@ -208,6 +217,10 @@ class MarketFeed:
                 await self.apply(events)
                 idle_since = time.monotonic()
         finally:
+            if writer is not None:
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await writer
             await sub.unsubscribe()
 
     async def _bootstrap(self) -> None:
@@ -232,7 +245,8 @@ class MarketFeed:
         )
         self.ticker = RollingTicker(bucket_s=BUCKET_S)
         self.ticker.load(bars, await self._store.last_trade(symbol), max(cursor, engine.seq))
-        self._persisted_seq = max(cursor, engine.seq)
+        self._persisted_seq = self._unwritten_seq = max(cursor, engine.seq)
+        self._unwritten = []
         self.book, self.time_ns = book, now
         self._delay = 0.5
         self.fanout.reset(book, now)
@@ -318,14 +332,32 @@ class MarketFeed:
             self.ticker.add(trade)
         if trades or top != (book.top(BID, 1), book.top(ASK, 1)):
             self.ticker_dirty = True
-        now = time.monotonic()
-        if trades or (
-            book.seq > self._persisted_seq and now - self._persisted_at >= _PERSIST_IDLE_S
-        ):
-            await self._store.persist(self.market.symbol, trades, book.seq)
-            self._persisted_seq, self._persisted_at = book.seq, now
-        if trades:
-            await self._on_trades(self.market.symbol, trades)
+        self._unwritten.extend(trades)
+        self._unwritten_seq = book.seq
+        self._to_write.set()
+        if len(self._unwritten) > _MAX_UNWRITTEN:
+            raise RuntimeError(f"{len(self._unwritten)} trades wait for PostgreSQL")
+
+    async def _write(self) -> None:
+        """The tape writer: what the feed applied, into PostgreSQL in groups (one
+        transaction for whatever accumulated meanwhile), then out to trade streams.
+        Book deltas never wait for it."""
+        symbol = self.market.symbol
+        written_at = time.monotonic()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._to_write.wait(), _PERSIST_IDLE_S)
+            self._to_write.clear()
+            trades, seq = self._unwritten, self._unwritten_seq
+            if seq <= self._persisted_seq or (
+                not trades and time.monotonic() - written_at < _PERSIST_IDLE_S
+            ):
+                continue
+            self._unwritten = []
+            await self._store.persist(symbol, trades, seq)
+            self._persisted_seq, written_at = seq, time.monotonic()
+            if trades:
+                await self._on_trades(symbol, trades)
 
     async def _publish_nats(self) -> None:
         now = time.monotonic()
