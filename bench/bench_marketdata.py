@@ -67,7 +67,10 @@ class FakeMatch(match_pb2_grpc.MatchServiceServicer):
         self.events: list[match_pb2.MatchEvent] = []
 
     async def GetOrderBook(self, request, context):  # type: ignore[no-untyped-def]
-        return match_pb2.GetOrderBookResponse(book=match_pb2.OrderBook(market=MARKET, seq=0))
+        # Market data takes the book once, at start (empty, seq 0); later calls only ask
+        # for the seq (is a tail missing?), so the levels are left out.
+        book = match_pb2.OrderBook(market=MARKET, seq=len(self.events))
+        return match_pb2.GetOrderBookResponse(book=book)
 
     async def ReplayEvents(self, request, context):  # type: ignore[no-untyped-def]
         last = request.to_seq or len(self.events)
