@@ -262,15 +262,24 @@ async def main(args: argparse.Namespace) -> None:
                 await _publish(nc, fake, gen, n)
                 await nc.flush()
                 published = time.perf_counter() - began
-                while await _book_seq(stub) < gen.seq:  # noqa: ASYNC110  (polling the server)
+                trace = []
+                while (seq := await _book_seq(stub)) < gen.seq:
+                    trace.append((round(time.perf_counter() - began, 2), seq))
                     await asyncio.sleep(0.02)
+                if os.environ.get("BENCH_TRACE"):
+                    print(trace[::10])
                 elapsed = time.perf_counter() - began
+                want = sum(1 for e in fake.events if e.WhichOneof("kind") == "trade")
+                while await _count_trades(stack, name) < want:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+                stored = time.perf_counter() - began
                 cpu = stats.cpu_s() - cpu0
-                trades = await _count_trades(stack, name)
                 print(
-                    f"throughput: {n} events ({trades} trades stored) in {elapsed:.2f} s = "
-                    f"{n / elapsed:,.0f} events/s (published in {published:.2f} s; "
-                    f"marketdata CPU {cpu / elapsed * 100:.0f}%, RSS {stats.rss_mb():.1f} MB)",
+                    f"throughput: {n} events published in {published:.2f} s; the book at the "
+                    f"last seq after {elapsed:.2f} s = {n / elapsed:,.0f} events/s; all "
+                    f"{want} trades stored (tape, candles) after {stored:.2f} s = "
+                    f"{n / stored:,.0f} events/s (marketdata CPU {cpu / stored * 100:.0f}%, "
+                    f"RSS {stats.rss_mb():.1f} MB)",
                     flush=True,
                 )
             # 2. gRPC StreamOrderBook subscribers

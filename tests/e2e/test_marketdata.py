@@ -78,3 +78,9 @@ async def test_market_data_is_public_through_envoy(stack: Stack, service_token: 
     assert isinstance(book_json, dict) and int(str(book_json["seq"])) >= seq
     status, body = _rest(f"{base}/v1/markets/{MARKET}")
     assert status == 200 and body["market"]["tick_size"] == "0.00001"  # type: ignore[index]
+    status, body = _rest(
+        f"{base}/v1/markets/{MARKET}/candles?interval=CANDLE_INTERVAL_ONE_MINUTE&page_size=5"
+    )
+    assert status == 200 and isinstance(body["candles"], list)
+    status, body = _rest(f"{base}/v1/markets/-/tickers")
+    assert status == 200 and MARKET in [t["market"] for t in body["tickers"]]  # type: ignore[union-attr]
