@@ -13,7 +13,7 @@ published on core NATS `match.events.BENCH-USDT` as match does. Then:
 2. fan-out: N StreamOrderBook subscribers (over `--channels` channels) while the
    book changes `--rate` times a second for `--seconds`: delivery latency
    p50/p99 (the delta's update_time, the event time, to receipt here), and the
-   market data process's CPU and RSS; N grows until p99 passes 100 ms;
+   market data process's CPU and RSS; N grows (`--subscribers`) until p99 passes 1 s;
 3. the same with N NATS subscribers of md.BENCH-USDT.book.
 
 The load generator, the subscribers, market data, NATS and PostgreSQL all
@@ -295,7 +295,7 @@ async def main(args: argparse.Namespace) -> None:
                     p99 = await _fanout_step(
                         "grpc", count, None, args, nc, fake, gen, stats, latencies
                     )
-                    if p99 > 100:
+                    if p99 > 1000:
                         break
             finally:
                 for task in tasks:
@@ -324,7 +324,7 @@ async def main(args: argparse.Namespace) -> None:
                     p99 = await _fanout_step(
                         "nats", count, None, args, nc, fake, gen, stats, latencies
                     )
-                    if p99 > 100:
+                    if p99 > 1000:
                         break
             finally:
                 for conn in subscribers:
@@ -354,6 +354,6 @@ if __name__ == "__main__":
     parser.add_argument("--channels", type=int, default=8)
     parser.add_argument(
         "--subscribers", type=lambda s: [int(x) for x in s.split(",")],
-        default=[100, 500, 1000, 2000, 4000],
+        default=[100, 1000, 2000],
     )  # fmt: skip
     asyncio.run(main(parser.parse_args()))

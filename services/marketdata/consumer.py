@@ -177,7 +177,7 @@ class MarketFeed:
 
     async def _follow(self) -> None:
         s = self._settings
-        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=s.max_batch * 20)
+        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=s.max_batch * 100)
 
         async def on_message(message: Msg) -> None:
             try:
@@ -192,6 +192,7 @@ class MarketFeed:
             await self._bootstrap()
             writer = asyncio.create_task(self._write(), name=f"tape-{self.market.symbol}")
             idle_since = time.monotonic()
+            dropped_seen = self.dropped
             while True:
                 if writer.done():  # PostgreSQL failed: start over from the stored cursor
                     writer.result()
@@ -216,6 +217,9 @@ class MarketFeed:
                         _log.warning("unreadable match event on %s; replay fills it", subject)
                 await self.apply(events)
                 idle_since = time.monotonic()
+                if self.dropped != dropped_seen and queue.empty():
+                    dropped_seen = self.dropped  # we lost some ourselves: is it the tail?
+                    await self._check_tail()
         finally:
             if writer is not None:
                 writer.cancel()
