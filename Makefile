@@ -47,9 +47,11 @@ fmt: $(INSTALLED)
 bench-stack: $(INSTALLED)
 	$(BIN)/python -m bench.bench_stack
 
-## bench-match: the fast order book in-process on exchange-core's command mix
+## bench-match: the fast order book in-process on exchange-core's command mix, then
+## the same mix through SubmitCommands with journaling and publishing on
 bench-match: $(INSTALLED)
 	$(BIN)/python -m bench.bench_match
+	$(BIN)/python -m bench.bench_match_service
 
 ## bench-ledger: CreateTransfers single and batched (synchronous_commit on)
 bench-ledger: $(INSTALLED)

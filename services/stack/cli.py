@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 from .supervisor import Stack, StackError
-from .topology import Ports
+from .topology import SERVICES, Ports
 
 __all__ = ["main"]
 
@@ -82,6 +83,18 @@ async def _status(state_dir: Path) -> int:
     print(_table(rows))
     print(f"\n{_table(list(stack.endpoints().items()))}")
     return 0 if all(health.values()) else 1
+
+
+async def _top(state_dir: Path, args: argparse.Namespace) -> int:
+    from .top import watch
+
+    state_file = state_dir / "stack.json"
+    if not state_file.exists():
+        raise SystemExit(f"cex: no stack is running from {state_dir} (start it: make run)")
+    state = json.loads(state_file.read_text())
+    ports = Ports(base=state["base_port"], host=state["host"])
+    await watch(ports, SERVICES, interval_s=args.interval, rounds=1 if args.once else None)
+    return 0
 
 
 def _running(state_dir: Path) -> tuple[str, str]:
@@ -152,6 +165,31 @@ async def _account_create(state_dir: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _account_state(state_dir: Path, args: argparse.Namespace) -> int:
+    import uuid
+
+    from cex.auth.v1 import auth_pb2
+
+    states = {
+        "freeze": auth_pb2.ACCOUNT_STATE_SUSPENDED,
+        "unfreeze": auth_pb2.ACCOUNT_STATE_ACTIVE,
+        "close": auth_pb2.ACCOUNT_STATE_CLOSED,
+    }
+    reply = await _operator_call(
+        state_dir,
+        "SetAccountState",
+        auth_pb2.SetAccountStateRequest(
+            request_id=args.request_id or str(uuid.uuid4()),
+            account_id=args.account,
+            state=states[args.action],
+            reason=args.reason or "",
+        ),
+    )
+    assert isinstance(reply, auth_pb2.SetAccountStateResponse)
+    print(f"{reply.account.account_id} {auth_pb2.AccountState.Name(reply.account.state)}")
+    return 0
+
+
 async def _apikey_create(state_dir: Path, args: argparse.Namespace) -> int:
     import uuid
 
@@ -209,6 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     up = commands.add_parser("up", help="start the whole exchange and run until Ctrl-C")
     up.add_argument("--port-base", type=int, help="first port of the layout (default 50050)")
     commands.add_parser("status", help="health of every component")
+    top = commands.add_parser("top", help="live health, rps, errors and p50/p99 per service")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--once", action="store_true", help="one interval, printed, then exit")
     account = commands.add_parser("account", help="accounts").add_subparsers(
         dest="action", required=True
     )
@@ -219,6 +260,15 @@ def main(argv: list[str] | None = None) -> None:
         "--type", default="individual", choices=["individual", "market-maker", "institutional"]
     )
     create.add_argument("--request-id", help="idempotency id (default: a new UUID)")
+    for action, text in (
+        ("freeze", "suspend: new tokens are read-only (issued ones live to expiry)"),
+        ("unfreeze", "make a suspended account active again"),
+        ("close", "close for good"),
+    ):
+        change = account.add_parser(action, help=text)
+        change.add_argument("account", help="the account id")
+        change.add_argument("--reason", help="why (kept with the change)")
+        change.add_argument("--request-id", help="idempotency id (default: a new UUID)")
     apikey = commands.add_parser("apikey", help="API keys").add_subparsers(
         dest="action", required=True
     )
@@ -234,10 +284,16 @@ def main(argv: list[str] | None = None) -> None:
     state_dir = _state_dir(args.state_dir)
     if args.command == "up":
         code = asyncio.run(_up(Stack(state_dir, _ports(args.port_base))))
-    elif args.command == "account":
+    elif args.command == "account" and args.action == "create":
         code = asyncio.run(_account_create(state_dir, args))
+    elif args.command == "account":
+        code = asyncio.run(_account_state(state_dir, args))
     elif args.command == "apikey":
         code = asyncio.run(_apikey_create(state_dir, args))
+    elif args.command == "top":
+        code = 0
+        with contextlib.suppress(KeyboardInterrupt):
+            code = asyncio.run(_top(state_dir, args))
     elif args.command == "token":
         code = asyncio.run(_token(state_dir, args))
     else:

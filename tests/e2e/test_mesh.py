@@ -219,3 +219,32 @@ async def test_the_ledger_answers_through_envoy(stack: Stack, service_token: str
         "ledger",
     )
     assert audit.balanced
+
+
+async def test_cex_top_shows_each_service_with_its_traffic(
+    stack: Stack, service_token: str
+) -> None:
+    from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+
+    top = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.stack.cli", "--state-dir", str(stack.state_dir),
+        "top", "--once", "--interval", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    calls = 0
+    async with _channel(stack.edge) as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 2.5
+        while loop.time() < until:
+            await stub.AuditLedger(
+                ledger_pb2.AuditLedgerRequest(), timeout=10, metadata=_bearer(service_token)
+            )
+            calls += 1
+    out, err = await asyncio.wait_for(top.communicate(), 30)
+    assert top.returncode == 0, err.decode()
+    rows = {line.split()[0]: line.split() for line in out.decode().splitlines()[2:]}
+    assert set(rows) == {s.name for s in SERVICES}
+    assert all(r[1] == "SERVING" for r in rows.values()), out.decode()
+    assert calls > 0 and float(rows["ledger"][2]) > 0, out.decode()
+    assert rows["ledger"][4] != "-"  # a p50 from the calls just made
