@@ -33,7 +33,7 @@ from nats.aio.msg import Msg
 
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.type.v1 import types_pb2
-from services.chassis import Market, ServiceCredentials
+from services.chassis import Market
 from services.chassis.money import parse_decimal
 
 from .books import ASK, BID, L2Book, Level
@@ -59,45 +59,25 @@ class MatchSource(Protocol):
 
 
 class GrpcMatchSource:
-    """match's GetOrderBook and ReplayEvents over a channel (the mesh, or direct).
+    """match's GetOrderBook and ReplayEvents over a channel (the mesh, or direct); the
+    channel carries this service's token (match's methods are INTERNAL)."""
 
-    With `credentials`, each call carries this service's token itself: through
-    the mesh's interceptor chain a server-streaming call lost it (Envoy then
-    refused ReplayEvents with "Jwt is missing")."""
-
-    def __init__(
-        self,
-        channel: grpc.aio.Channel,
-        *,
-        credentials: ServiceCredentials | None = None,
-        timeout_s: float = 30.0,
-    ) -> None:
+    def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float = 30.0) -> None:
         self._stub = match_pb2_grpc.MatchServiceStub(channel)
-        self._credentials = credentials
         self._timeout = timeout_s
-
-    async def _metadata(self) -> tuple[tuple[str, str], ...]:
-        if self._credentials is None:
-            return ()
-        return (("authorization", f"Bearer {await self._credentials.token()}"),)
 
     async def book(self, market: str, depth: int = 0) -> match_pb2.OrderBook:
         request = match_pb2.GetOrderBookRequest(
             market=market, level=match_pb2.BOOK_LEVEL_L2, depth=depth
         )
-        reply = await self._stub.GetOrderBook(
-            request, timeout=self._timeout, metadata=await self._metadata()
-        )
+        reply = await self._stub.GetOrderBook(request, timeout=self._timeout)
         return reply.book
 
     async def replay(
         self, market: str, from_seq: int, to_seq: int
     ) -> AsyncIterator[Sequence[match_pb2.MatchEvent]]:
         request = match_pb2.ReplayEventsRequest(market=market, from_seq=from_seq, to_seq=to_seq)
-        call = self._stub.ReplayEvents(
-            request, timeout=self._timeout, metadata=await self._metadata()
-        )
-        async for response in call:
+        async for response in self._stub.ReplayEvents(request, timeout=self._timeout):
             yield response.events
 
 

@@ -41,6 +41,7 @@ from services.chassis import (
     load_catalog,
     service_credentials,
 )
+from services.chassis.authn import service_auth_interceptors
 from services.chassis.interceptors import client_interceptors
 from services.chassis.tokens import StaticKeys
 
@@ -456,13 +457,17 @@ async def build_server(
         target = config.match_target or settings.mesh_addr
         if target is None:
             raise ValueError("market data needs MARKETDATA_MATCH_TARGET or CEX_MESH_ADDR")
+        credentials = service_credentials(settings)
         channel = grpc.aio.insecure_channel(
             target,
-            interceptors=client_interceptors(),
+            interceptors=[
+                *client_interceptors(),
+                *(service_auth_interceptors(credentials) if credentials else []),
+            ],
             options=(("grpc.default_authority", "match"),),
         )
         server.on_stop(channel.close)
-        source = GrpcMatchSource(channel, credentials=service_credentials(settings))
+        source = GrpcMatchSource(channel)
     hub = Hub(config, nats=infra.nats, redis=infra.redis, clock=clock)
     for symbol in symbols:
         feed = MarketFeed(

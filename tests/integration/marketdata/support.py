@@ -20,7 +20,9 @@ from services.marketdata.server import build_server as build_marketdata
 from services.match.config import MatchSettings
 from services.match.server import build_server as build_match
 from services.stack import probes
+from services.stack.supervisor import Stack
 from services.stack.topology import free_ports
+from tests.conftest import Trust
 from tests.integration.match.match_client import Client
 
 MARKET = "BTC-USDT"
@@ -41,9 +43,16 @@ def md_config(**overrides: object) -> MarketDataSettings:
 
 
 class MatchInProcess:
-    def __init__(self, database_url: str, nats_url: str) -> None:
+    """A match of the test's own; it checks tokens against the stack's auth (`trust`)."""
+
+    def __init__(self, database_url: str, nats_url: str, trust: Trust) -> None:
+        self.trust = trust
         self.settings = ChassisSettings(
-            service="match", database_url=database_url, nats_url=nats_url, shutdown_grace_s=1
+            service="match",
+            database_url=database_url,
+            nats_url=nats_url,
+            shutdown_grace_s=1,
+            jwks_url=trust.jwks_url,
         )
         self.server: Server | None = None
         self.channel: grpc.aio.Channel | None = None
@@ -54,7 +63,7 @@ class MatchInProcess:
             self.settings, match_settings=MatchSettings(markets=(MARKET,), snapshot_every=200)
         )
         self.port = await self.server.start()
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
+        self.channel = self.trust.channel(f"127.0.0.1:{self.port}")
         return Client(match_pb2_grpc.MatchServiceStub(self.channel))
 
     @property
@@ -69,8 +78,12 @@ class MatchInProcess:
 
 
 class MarketDataInProcess:
+    """Market data of the test's own: it gets its `svc:marketdata` token from the stack's
+    auth (through Envoy, as in the stack) and calls the test's match directly."""
+
     def __init__(
         self,
+        stack: Stack,
         database_url: str,
         nats_url: str,
         redis_url: str | None = None,
@@ -81,6 +94,8 @@ class MarketDataInProcess:
             database_url=database_url,
             nats_url=nats_url,
             redis_url=redis_url,
+            mesh_addr=stack.edge,
+            service_secret=stack.service_secret,
             shutdown_grace_s=0.5,
         )
         self.overrides = overrides
@@ -106,11 +121,13 @@ class MarketDataInProcess:
 class MarketDataProcess:
     """`python -m services.marketdata.main`, to be killed with SIGKILL."""
 
-    def __init__(self, database_url: str, nats_url: str, match_target: str) -> None:
+    def __init__(self, stack: Stack, database_url: str, nats_url: str, match_target: str) -> None:
         self.port = free_ports().base + 14
         self.env = {
             **os.environ,
             "REDIS_URL": "",
+            "CEX_MESH_ADDR": stack.edge,
+            "CEX_SERVICE_SECRET": stack.service_secret,
             "CEX_GRPC_PORT": str(self.port),
             "DATABASE_URL": database_url,
             "NATS_URL": nats_url,

@@ -16,6 +16,8 @@ import nats
 import pytest
 
 from cex.marketdata.v1 import marketdata_pb2 as md
+from services.stack.supervisor import Stack
+from tests.conftest import Trust
 from tests.integration.marketdata.support import (
     MARKET,
     GapDetected,
@@ -30,17 +32,19 @@ from tests.integration.marketdata.support import (
 
 
 @pytest.fixture
-async def match(fresh_database_url: str, private_nats: str) -> AsyncIterator[MatchInProcess]:
-    running = MatchInProcess(fresh_database_url, private_nats)
+async def match(
+    fresh_database_url: str, private_nats: str, trust: Trust
+) -> AsyncIterator[MatchInProcess]:
+    running = MatchInProcess(fresh_database_url, private_nats, trust)
     yield running
     await running.stop()
 
 
 @pytest.fixture
 async def marketdata(
-    fresh_database_url: str, private_nats: str, match: MatchInProcess
+    stack: Stack, fresh_database_url: str, private_nats: str, match: MatchInProcess
 ) -> AsyncIterator[MarketDataInProcess]:
-    running = MarketDataInProcess(fresh_database_url, private_nats)
+    running = MarketDataInProcess(stack, fresh_database_url, private_nats)
     yield running
     await running.stop()
 

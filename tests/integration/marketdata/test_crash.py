@@ -19,6 +19,8 @@ import grpc
 import pytest
 
 from cex.marketdata.v1 import marketdata_pb2_grpc
+from services.stack.supervisor import Stack
+from tests.conftest import Trust
 from tests.integration.marketdata.support import (
     MARKET,
     LocalBook,
@@ -32,8 +34,10 @@ from tests.integration.match.match_client import Client
 
 
 @pytest.fixture
-async def match(fresh_database_url: str, private_nats: str) -> AsyncIterator[MatchInProcess]:
-    running = MatchInProcess(fresh_database_url, private_nats)
+async def match(
+    fresh_database_url: str, private_nats: str, trust: Trust
+) -> AsyncIterator[MatchInProcess]:
+    running = MatchInProcess(fresh_database_url, private_nats, trust)
     yield running
     await running.stop()
 
@@ -45,9 +49,11 @@ async def _load(client: Client, stop: asyncio.Event) -> None:
         round_ += 1
 
 
-async def _crash_loop(kills: int, match: MatchInProcess, database_url: str, nats_url: str) -> None:
+async def _crash_loop(
+    kills: int, stack: Stack, match: MatchInProcess, database_url: str, nats_url: str
+) -> None:
     client = await match.start()
-    process = MarketDataProcess(database_url, nats_url, match.target)
+    process = MarketDataProcess(stack, database_url, nats_url, match.target)
     await process.start()
     stop = asyncio.Event()
     load = asyncio.create_task(_load(client, stop))
@@ -102,13 +108,13 @@ async def _crash_loop(kills: int, match: MatchInProcess, database_url: str, nats
 
 
 async def test_kill_9_under_load_comes_back_consistent(
-    match: MatchInProcess, fresh_database_url: str, private_nats: str
+    stack: Stack, match: MatchInProcess, fresh_database_url: str, private_nats: str
 ) -> None:
-    await _crash_loop(1, match, fresh_database_url, private_nats)
+    await _crash_loop(1, stack, match, fresh_database_url, private_nats)
 
 
 @pytest.mark.chaos
 async def test_kill_9_many_times(
-    match: MatchInProcess, fresh_database_url: str, private_nats: str
+    stack: Stack, match: MatchInProcess, fresh_database_url: str, private_nats: str
 ) -> None:
-    await _crash_loop(15, match, fresh_database_url, private_nats)
+    await _crash_loop(15, stack, match, fresh_database_url, private_nats)

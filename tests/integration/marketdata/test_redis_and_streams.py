@@ -12,7 +12,9 @@ import redis.asyncio as redis
 
 from cex.marketdata.v1 import marketdata_pb2 as md
 from services.chassis import ErrorDetails
+from services.stack.supervisor import Stack
 from services.stack.topology import free_ports
+from tests.conftest import Trust
 from tests.integration.marketdata.support import (
     MARKET,
     MarketDataInProcess,
@@ -22,8 +24,10 @@ from tests.integration.marketdata.support import (
 
 
 @pytest.fixture
-async def match(fresh_database_url: str, private_nats: str) -> AsyncIterator[MatchInProcess]:
-    running = MatchInProcess(fresh_database_url, private_nats)
+async def match(
+    fresh_database_url: str, private_nats: str, trust: Trust
+) -> AsyncIterator[MatchInProcess]:
+    running = MatchInProcess(fresh_database_url, private_nats, trust)
     yield running
     await running.stop()
 
@@ -40,11 +44,15 @@ async def private_redis(redis_url: str) -> AsyncIterator[str]:
 
 
 async def test_a_replica_catching_up_answers_from_redis(
-    match: MatchInProcess, fresh_database_url: str, private_nats: str, private_redis: str
+    stack: Stack,
+    match: MatchInProcess,
+    fresh_database_url: str,
+    private_nats: str,
+    private_redis: str,
 ) -> None:
     client = await match.start()
     await client.random_load(MARKET, 80, seed=3)
-    first = MarketDataInProcess(fresh_database_url, private_nats, redis_url=private_redis)
+    first = MarketDataInProcess(stack, fresh_database_url, private_nats, redis_url=private_redis)
     stub = await first.start(match.target)
     engine = await client.book(MARKET)
     cache = redis.Redis.from_url(private_redis)
@@ -59,7 +67,9 @@ async def test_a_replica_catching_up_answers_from_redis(
         await first.stop()
         # A replica that cannot reach match: its feed never gets ready.
         dead = f"127.0.0.1:{free_ports().base + 13}"
-        second = MarketDataInProcess(fresh_database_url, private_nats, redis_url=private_redis)
+        second = MarketDataInProcess(
+            stack, fresh_database_url, private_nats, redis_url=private_redis
+        )
         stub = await second.start(dead)
         try:
             stored = (await stub.GetOrderBook(md.GetOrderBookRequest(market=MARKET, depth=3))).book
@@ -71,7 +81,7 @@ async def test_a_replica_catching_up_answers_from_redis(
         finally:
             await second.stop()
         # Without Redis and without match: NOT_READY.
-        third = MarketDataInProcess(fresh_database_url, private_nats)
+        third = MarketDataInProcess(stack, fresh_database_url, private_nats)
         stub = await third.start(dead)
         try:
             with pytest.raises(grpc.aio.AioRpcError) as failure:
@@ -88,10 +98,10 @@ async def test_a_replica_catching_up_answers_from_redis(
 
 
 async def test_stream_tickers_sends_the_current_ticker_then_changes(
-    match: MatchInProcess, fresh_database_url: str, private_nats: str
+    stack: Stack, match: MatchInProcess, fresh_database_url: str, private_nats: str
 ) -> None:
     client = await match.start()
-    marketdata = MarketDataInProcess(fresh_database_url, private_nats)
+    marketdata = MarketDataInProcess(stack, fresh_database_url, private_nats)
     stub = await marketdata.start(match.target)
     try:
         await client.random_load(MARKET, 30, seed=4, prefix="a")

@@ -18,7 +18,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cex.marketdata.v1 import marketdata_pb2 as md
 from services.chassis import ErrorDetails
 from services.stack import probes
+from services.stack.supervisor import Stack
 from services.stack.topology import free_ports
+from tests.conftest import Trust
 from tests.integration.marketdata.support import (
     MARKET,
     LocalBook,
@@ -31,8 +33,10 @@ from tests.integration.marketdata.support import (
 
 
 @pytest.fixture
-async def match(fresh_database_url: str, private_nats: str) -> AsyncIterator[MatchInProcess]:
-    running = MatchInProcess(fresh_database_url, private_nats)
+async def match(
+    fresh_database_url: str, private_nats: str, trust: Trust
+) -> AsyncIterator[MatchInProcess]:
+    running = MatchInProcess(fresh_database_url, private_nats, trust)
     yield running
     await running.stop()
 
@@ -51,10 +55,10 @@ async def _all_trades(stub: object) -> list[md.Trade]:
 
 
 async def test_tape_candles_and_ticker_agree_with_match_trades(
-    match: MatchInProcess, fresh_database_url: str, private_nats: str
+    stack: Stack, match: MatchInProcess, fresh_database_url: str, private_nats: str
 ) -> None:
     client = await match.start()
-    marketdata = MarketDataInProcess(fresh_database_url, private_nats)
+    marketdata = MarketDataInProcess(stack, fresh_database_url, private_nats)
     stub = await marketdata.start(match.target)
     trades_stream = stub.StreamTrades(md.StreamTradesRequest(markets=[MARKET]))
     streamed: list[md.Trade] = []
@@ -136,10 +140,10 @@ async def _stream_error(call: object) -> ErrorDetails:
 
 
 async def test_every_method_validates_its_input(
-    match: MatchInProcess, fresh_database_url: str, private_nats: str
+    stack: Stack, match: MatchInProcess, fresh_database_url: str, private_nats: str
 ) -> None:
     await match.start()
-    marketdata = MarketDataInProcess(fresh_database_url, private_nats)
+    marketdata = MarketDataInProcess(stack, fresh_database_url, private_nats)
     stub = await marketdata.start(match.target)
     later, earlier = Timestamp(seconds=2_000_000_000), Timestamp(seconds=1_000_000_000)
     try:
@@ -221,14 +225,14 @@ async def _nats_server(tmp_path: Path) -> tuple[asyncio.subprocess.Process, str]
 
 
 async def test_a_lossy_reordering_bus_is_repaired_from_match(
-    match: MatchInProcess, fresh_database_url: str, private_nats: str, tmp_path: Path
+    stack: Stack, match: MatchInProcess, fresh_database_url: str, private_nats: str, tmp_path: Path
 ) -> None:
     """Market data listens on its own NATS, where the test relays match's events losing
     10%, repeating 10% and swapping neighbours: gaps are filled through ReplayEvents and
     the lost tail is found by asking match when the bus goes quiet."""
     client = await match.start()
     process, lossy_url = await _nats_server(tmp_path)
-    marketdata = MarketDataInProcess(fresh_database_url, lossy_url)
+    marketdata = MarketDataInProcess(stack, fresh_database_url, lossy_url)
     relay_in = await nats.connect(private_nats)
     relay_out = await nats.connect(lossy_url)
     rng = random.Random(9)
