@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match bench-ledger bench-edge bench-risk clean
+.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match bench-ledger bench-edge bench-risk bench-marketdata bench-market-data clean
 
 setup: $(INSTALLED)
 
@@ -64,6 +64,12 @@ bench-risk: $(INSTALLED)
 ## bench-edge: the latency Envoy adds per call with JWT verification on (p50/p99)
 bench-edge: $(INSTALLED)
 	$(BIN)/python -m bench.bench_edge
+
+## bench-marketdata: events/s into the book and tape, fan-out latency p50/p99 to N subscribers
+bench-marketdata: $(INSTALLED)
+	$(BIN)/python -m bench.bench_marketdata
+
+bench-market-data: bench-marketdata  # the name issue 7 uses
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis

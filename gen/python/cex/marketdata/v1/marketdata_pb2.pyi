@@ -582,6 +582,12 @@ class StreamOrderBookResponse(_message.Message):
 
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
+    RESYNCED_FIELD_NUMBER: _builtins.int
+    resynced: _builtins.bool
+    """Set on a snapshot that is not the first of the stream: the server dropped
+    what this subscriber owed (it fell too far behind, or the server itself
+    recovered from a gap or restarted its feed) and starts it over from here.
+    """
     @_builtins.property
     def snapshot(self) -> Global___OrderBook:
         """The whole book up to depth; replaces whatever the client holds."""
@@ -595,10 +601,11 @@ class StreamOrderBookResponse(_message.Message):
         *,
         snapshot: Global___OrderBook | None = ...,
         delta: Global___OrderBookDelta | None = ...,
+        resynced: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "kind", b"kind", "snapshot", b"snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "kind", b"kind", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "kind", b"kind", "resynced", b"resynced", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["snapshot", "delta"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015

@@ -1,0 +1,359 @@
+"""make bench-marketdata: market data throughput and fan-out latency.
+
+Starts the local stack (for its PostgreSQL and NATS), then a market data
+process of its own (`python -m services.marketdata.main`) on an empty
+database, serving one market of its own (BENCH-USDT, so the stack's processes
+ignore its subjects). A stand-in for match in this process answers
+GetOrderBook and ReplayEvents from the events it published; the events are
+published on core NATS `match.events.BENCH-USDT` as match does. Then:
+
+1. throughput: `--events` events (level changes, every tenth a trade) published
+   as fast as this process can; events/s is the count over the time until the
+   market data book reaches the last seq (trades stored in PostgreSQL included);
+2. fan-out: N StreamOrderBook subscribers (over `--channels` channels) while the
+   book changes `--rate` times a second for `--seconds`: delivery latency
+   p50/p99 (the delta's update_time, the event time, to receipt here), and the
+   market data process's CPU and RSS; N grows (`--subscribers`) until p99 passes 1 s;
+3. the same with N NATS subscribers of md.BENCH-USDT.book.
+
+The load generator, the subscribers, market data, NATS and PostgreSQL all
+share the machine's cores: a client that cannot keep up shows as latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import grpc
+import nats
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cex.marketdata.v1 import marketdata_pb2 as md
+from cex.marketdata.v1 import marketdata_pb2_grpc
+from cex.match.v1 import match_pb2, match_pb2_grpc
+from services.stack import probes
+from services.stack.supervisor import Stack
+from services.stack.topology import free_ports
+
+MARKET = "BENCH-USDT"
+CATALOG = """
+assets: {BENCH: {scale: 8}, USDT: {scale: 8}}
+markets:
+  BENCH-USDT: {base: BENCH, quote: USDT, tick_size: "0.01", lot_size: "0.001",
+               min_quantity: "0.001", max_quantity: "1000000", min_notional: "1"}
+"""
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+class FakeMatch(match_pb2_grpc.MatchServiceServicer):
+    """Answers from the events this benchmark published (the book starts empty)."""
+
+    def __init__(self) -> None:
+        self.events: list[match_pb2.MatchEvent] = []
+
+    async def GetOrderBook(self, request, context):  # type: ignore[no-untyped-def]
+        # Market data takes the book once, at start (empty, seq 0); later calls only ask
+        # for the seq (is a tail missing?), so the levels are left out.
+        book = match_pb2.OrderBook(market=MARKET, seq=len(self.events))
+        return match_pb2.GetOrderBookResponse(book=book)
+
+    async def ReplayEvents(self, request, context):  # type: ignore[no-untyped-def]
+        last = request.to_seq or len(self.events)
+        for start in range(max(request.from_seq, 1), last + 1, 500):
+            batch = self.events[start - 1 : min(start + 499, last)]
+            yield match_pb2.ReplayEventsResponse(events=batch)
+
+
+class Generator:
+    """Level changes within 50 ticks of 100.00 on each side (so most land in the top 20
+    levels the subscribers hold); every tenth event a trade."""
+
+    def __init__(self, seed: int = 1) -> None:
+        self.rng = random.Random(seed)
+        self.seq = 0
+
+    def next(self) -> match_pb2.MatchEvent:
+        self.seq += 1
+        now = time.time_ns()
+        event = match_pb2.MatchEvent(
+            market=MARKET,
+            seq=self.seq,
+            command_seq=self.seq,
+            command_id=f"c{self.seq}",
+            event_time=Timestamp(seconds=now // 1_000_000_000, nanos=now % 1_000_000_000),
+        )
+        rng = self.rng
+        if self.seq % 10 == 0:
+            t = event.trade
+            t.trade_id, t.price, t.quantity = str(self.seq), "100", "0.5"
+            t.quote_quantity, t.taker_side = "50", rng.choice([1, 2])  # type: ignore[assignment]
+        else:
+            lc = event.level_changed
+            side = rng.choice([1, 2])
+            ticks = rng.randrange(9950, 10000) if side == 1 else rng.randrange(10001, 10051)
+            lc.side, lc.price = side, f"{ticks // 100}.{ticks % 100:02d}"  # type: ignore[assignment]
+            qty = rng.randrange(0, 4)
+            lc.quantity = "0" if qty == 0 else f"{qty}.5"
+            lc.order_count = 1 if qty else 0
+        return event
+
+
+class ProcStats:
+    """CPU seconds and RSS of a process, from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / self.tick
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+async def _book_seq(stub: marketdata_pb2_grpc.MarketDataServiceStub) -> int:
+    reply = await stub.GetOrderBook(md.GetOrderBookRequest(market=MARKET, depth=1), timeout=10)
+    return reply.book.seq
+
+
+async def _publish(nc: nats.NATS, fake: FakeMatch, gen: Generator, n: int) -> None:
+    for _ in range(n):
+        event = gen.next()
+        fake.events.append(event)
+        await nc.publish(f"match.events.{MARKET}", event.SerializeToString())
+
+
+async def _paced(
+    nc: nats.NATS, fake: FakeMatch, gen: Generator, rate: float, seconds: float
+) -> None:
+    began = time.perf_counter()
+    sent = 0
+    while (elapsed := time.perf_counter() - began) < seconds:
+        due = int(elapsed * rate) + 1
+        while sent < due:
+            await _publish(nc, fake, gen, 1)
+            sent += 1
+        await nc.flush()
+        await asyncio.sleep(max(0.0, sent / rate - (time.perf_counter() - began)))
+
+
+async def _grpc_subscribers(
+    channels: list[grpc.aio.Channel], n: int, latencies: list[float], ready: list[int]
+) -> list[asyncio.Task[None]]:
+    async def one(channel: grpc.aio.Channel) -> None:
+        stub = marketdata_pb2_grpc.MarketDataServiceStub(channel)
+        call = stub.StreamOrderBook(md.StreamOrderBookRequest(market=MARKET, depth=20))
+        first = True
+        async for message in call:
+            if first:
+                ready.append(1)
+                first = False
+                continue
+            if message.WhichOneof("kind") == "delta" and (message.delta.bids or message.delta.asks):
+                ts = message.delta.update_time
+                latencies.append(time.time() - ts.seconds - ts.nanos / 1e9)
+
+    return [asyncio.create_task(one(channels[i % len(channels)])) for i in range(n)]
+
+
+async def _fanout_step(
+    label: str,
+    n: int,
+    subscribe: AsyncIterator[None] | None,
+    args: argparse.Namespace,
+    nc: nats.NATS,
+    fake: FakeMatch,
+    gen: Generator,
+    stats: ProcStats,
+    latencies: list[float],
+) -> float:
+    del subscribe
+    latencies.clear()
+    cpu0, t0 = stats.cpu_s(), time.perf_counter()
+    await _paced(nc, fake, gen, args.rate, args.seconds)
+    await asyncio.sleep(0.5)
+    cpu = (stats.cpu_s() - cpu0) / (time.perf_counter() - t0)
+    p50, p99 = _pct(latencies, 0.5) * 1000, _pct(latencies, 0.99) * 1000
+    print(
+        f"{label:>5} x {n:>5}: {len(latencies):>8} deltas received  p50 {p50:8.2f} ms  "
+        f"p99 {p99:8.2f} ms  marketdata CPU {cpu * 100:5.1f}%  RSS {stats.rss_mb():6.1f} MB",
+        flush=True,
+    )
+    return p99
+
+
+async def main(args: argparse.Namespace) -> None:
+    print(
+        f"machine: {platform.platform()}, {os.cpu_count()} cpus, python {platform.python_version()}"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
+    }
+    with tempfile.TemporaryDirectory() as state:
+        catalog = Path(state, "bench-markets.yaml")
+        catalog.write_text(CATALOG)  # noqa: ASYNC240  (before anything runs)
+        stack = Stack(Path(state, "stack"), free_ports(), env)
+        await stack.start()
+        process: asyncio.subprocess.Process | None = None
+        fake = FakeMatch()
+        match_server = grpc.aio.server()
+        match_pb2_grpc.add_MatchServiceServicer_to_server(fake, match_server)
+        match_port = match_server.add_insecure_port("127.0.0.1:0")
+        await match_server.start()
+        nc = await nats.connect(stack.nats_url)
+        try:
+            name = f"bench_{uuid.uuid4().hex[:8]}"
+            admin = await asyncpg.connect(stack.admin_database_url)
+            await admin.execute(f"CREATE DATABASE {name}")
+            await admin.close()
+            port = free_ports().edge
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "services.marketdata.main",
+                env={
+                    **env,
+                    "CEX_GRPC_PORT": str(port),
+                    "DATABASE_URL": stack.database_url.rsplit("/", 1)[0] + f"/{name}",
+                    "NATS_URL": stack.nats_url,
+                    "REDIS_URL": stack.redis_url,
+                    "CEX_MARKETS": str(catalog),
+                    "MARKETDATA_MATCH_TARGET": f"127.0.0.1:{match_port}",
+                    "CEX_LOG_LEVEL": "WARNING",
+                },
+            )  # fmt: skip
+            target = f"127.0.0.1:{port}"
+            for _ in range(300):
+                if await probes.grpc_health(target, "cex.marketdata.v1.MarketDataService"):
+                    break
+                await asyncio.sleep(0.1)
+            stats = ProcStats(process.pid)
+            gen = Generator()
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = marketdata_pb2_grpc.MarketDataServiceStub(channel)
+                for _ in range(300):
+                    try:
+                        await _book_seq(stub)
+                        break
+                    except grpc.aio.AioRpcError:
+                        await asyncio.sleep(0.1)
+                # 1. throughput
+                n = args.events
+                cpu0 = stats.cpu_s()
+                began = time.perf_counter()
+                await _publish(nc, fake, gen, n)
+                await nc.flush()
+                published = time.perf_counter() - began
+                trace = []
+                while (seq := await _book_seq(stub)) < gen.seq:
+                    trace.append((round(time.perf_counter() - began, 2), seq))
+                    await asyncio.sleep(0.02)
+                if os.environ.get("BENCH_TRACE"):
+                    print(trace[::10])
+                elapsed = time.perf_counter() - began
+                want = sum(1 for e in fake.events if e.WhichOneof("kind") == "trade")
+                while await _count_trades(stack, name) < want:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+                stored = time.perf_counter() - began
+                cpu = stats.cpu_s() - cpu0
+                print(
+                    f"throughput: {n} events published in {published:.2f} s; the book at the "
+                    f"last seq after {elapsed:.2f} s = {n / elapsed:,.0f} events/s; all "
+                    f"{want} trades stored (tape, candles) after {stored:.2f} s = "
+                    f"{n / stored:,.0f} events/s (marketdata CPU {cpu / stored * 100:.0f}%, "
+                    f"RSS {stats.rss_mb():.1f} MB)",
+                    flush=True,
+                )
+            # 2. gRPC StreamOrderBook subscribers
+            channels = [grpc.aio.insecure_channel(target) for _ in range(args.channels)]
+            latencies: list[float] = []
+            ready: list[int] = []
+            tasks: list[asyncio.Task[None]] = []
+            try:
+                for count in args.subscribers:
+                    tasks += await _grpc_subscribers(channels, count - len(tasks), latencies, ready)
+                    while len(ready) < count:  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
+                    p99 = await _fanout_step(
+                        "grpc", count, None, args, nc, fake, gen, stats, latencies
+                    )
+                    if p99 > 1000:
+                        break
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                for ch in channels:
+                    await ch.close()
+            # 3. NATS subscribers of md.<market>.book
+            subscribers = [await nats.connect(stack.nats_url) for _ in range(args.channels)]
+            subscribed = 0
+            try:
+                for count in args.subscribers:
+
+                    async def on_book(msg: nats.aio.msg.Msg) -> None:
+                        message = md.StreamOrderBookResponse.FromString(msg.data)
+                        if message.WhichOneof("kind") == "delta":
+                            ts = message.delta.update_time
+                            latencies.append(time.time() - ts.seconds - ts.nanos / 1e9)
+
+                    while subscribed < count:
+                        conn = subscribers[subscribed % len(subscribers)]
+                        await conn.subscribe(f"md.{MARKET}.book", cb=on_book)
+                        subscribed += 1
+                    for conn in subscribers:
+                        await conn.flush()
+                    p99 = await _fanout_step(
+                        "nats", count, None, args, nc, fake, gen, stats, latencies
+                    )
+                    if p99 > 1000:
+                        break
+            finally:
+                for conn in subscribers:
+                    await conn.close()
+        finally:
+            await nc.close()
+            await match_server.stop(0)
+            if process is not None:
+                process.terminate()
+                await process.wait()
+            await stack.stop()
+
+
+async def _count_trades(stack: Stack, database: str) -> int:
+    conn = await asyncpg.connect(stack.database_url.rsplit("/", 1)[0] + f"/{database}")
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM marketdata.trades"))
+    finally:
+        await conn.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--channels", type=int, default=8)
+    parser.add_argument(
+        "--subscribers", type=lambda s: [int(x) for x in s.split(",")],
+        default=[100, 1000, 2000],
+    )  # fmt: skip
+    asyncio.run(main(parser.parse_args()))

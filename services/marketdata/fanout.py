@@ -1,0 +1,625 @@
+"""Fan-out: book deltas, trades and tickers to gRPC streams and NATS subjects.
+
+Books. Subscribers at the same depth share a channel: one `DepthView` whose
+delta is computed once per batch of match events and built into one protobuf
+message that every subscriber in step sends as is. A subscriber that cannot
+keep up does not queue messages: what it owes is conflated into one pending
+delta (the latest quantity per level), so its memory is bounded by the levels
+that changed, not by time. When even that grows past `max_levels`, or it falls
+more than `max_lag` events behind, the debt is dropped and it gets a fresh
+snapshot flagged `resynced`. Every message chains: a delta's prev_seq is the
+seq of the previous message this subscriber received.
+
+A channel that saw only batches outside its depth still moves its seq: after
+`heartbeat_s` without a message it sends an empty delta, so a quiet client
+learns the seq it is at.
+
+NATS gets its own channel at `nats_depth` (`md.<market>.book`: the same
+StreamOrderBookResponse messages, deltas plus a snapshot every few seconds),
+so its chain is independent of the gRPC subscribers'.
+
+Trades cannot be conflated: a StreamTrades subscriber has a bounded queue and
+is ended with RESOURCE_EXHAUSTED (MARKETDATA_SLOW_CONSUMER) when it overflows;
+it can page the gap with ListTrades. Tickers are conflated per market.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from nats.aio.client import Client as Nats
+from redis.asyncio import Redis
+
+from cex.marketdata.v1 import marketdata_pb2 as md
+from cex.type.v1 import types_pb2
+
+from .books import ASK, BID, BookDelta, DepthView, L2Book, Level, checksum
+from .candles import TradeFact
+from .config import MarketDataSettings
+from .tickers import TickerStats
+
+if TYPE_CHECKING:
+    from .consumer import MarketFeed
+
+_log = logging.getLogger("cex.marketdata.fanout")
+
+__all__ = [
+    "BookFanout",
+    "BookSubscriber",
+    "DeltaPacket",
+    "Hub",
+    "Limits",
+    "TickerSubscriber",
+    "TradeSubscriber",
+    "book_pb",
+    "timestamp",
+]
+
+
+def timestamp(time_ns: int) -> Timestamp:
+    return Timestamp(seconds=time_ns // 1_000_000_000, nanos=time_ns % 1_000_000_000)
+
+
+def levels_pb(levels: Iterable[Level]) -> list[types_pb2.PriceLevel]:
+    return [
+        types_pb2.PriceLevel(price=lv.price, quantity=lv.quantity, order_count=lv.order_count)
+        for lv in levels
+    ]
+
+
+def book_pb(
+    market: str, seq: int, bids: Sequence[Level], asks: Sequence[Level], checksum: int, ns: int
+) -> md.OrderBook:
+    return md.OrderBook(
+        market=market,
+        seq=seq,
+        bids=levels_pb(bids),
+        asks=levels_pb(asks),
+        checksum=checksum,
+        update_time=timestamp(ns),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_levels: int = 4000
+    max_lag: int = 100_000
+    heartbeat_s: float = 1.0
+
+
+@dataclass(slots=True)
+class DeltaPacket:
+    """One channel's delta for one batch, built into a message at most once."""
+
+    market: str
+    prev_seq: int
+    seq: int
+    delta: BookDelta
+    time_ns: int
+    _message: md.StreamOrderBookResponse | None = None
+
+    def message(self) -> md.StreamOrderBookResponse:
+        if self._message is None:
+            self._message = md.StreamOrderBookResponse(
+                delta=md.OrderBookDelta(
+                    market=self.market,
+                    prev_seq=self.prev_seq,
+                    seq=self.seq,
+                    bids=levels_pb(self.delta.bids),
+                    asks=levels_pb(self.delta.asks),
+                    checksum=self.delta.checksum,
+                    update_time=timestamp(self.time_ns),
+                )
+            )
+        return self._message
+
+
+class _Sink:
+    """What a channel delivers to."""
+
+    def offer(self, packet: DeltaPacket) -> None:
+        raise NotImplementedError
+
+    def resync(self) -> None:
+        raise NotImplementedError
+
+
+@dataclass(eq=False, slots=True)
+class _Channel:
+    market: str
+    view: DepthView
+    seq: int
+    chain_seq: int  # seq of the last packet sent on this channel
+    time_ns: int
+    last_emit: float
+    sinks: set[_Sink] = field(default_factory=set)
+
+    def snapshot(self) -> md.OrderBook:
+        v = self.view
+        return book_pb(self.market, self.seq, v.bids, v.asks, v.checksum, self.time_ns)
+
+    def advance(self, book: L2Book, time_ns: int, now: float, heartbeat_s: float) -> None:
+        delta = self.view.advance(book)
+        self.seq, self.time_ns = book.seq, time_ns
+        if delta.empty and (self.seq == self.chain_seq or now - self.last_emit < heartbeat_s):
+            return
+        self.emit(delta, now)
+
+    def emit(self, delta: BookDelta, now: float) -> None:
+        packet = DeltaPacket(self.market, self.chain_seq, self.seq, delta, self.time_ns)
+        self.chain_seq, self.last_emit = self.seq, now
+        for sink in list(self.sinks):
+            sink.offer(packet)
+
+    def heartbeat(self, now: float, heartbeat_s: float) -> None:
+        if self.seq > self.chain_seq and now - self.last_emit >= heartbeat_s:
+            self.emit(BookDelta((), (), self.view.checksum), now)
+
+
+class BookSubscriber(_Sink):
+    """One StreamOrderBook call: a snapshot, then deltas; conflates when behind."""
+
+    def __init__(self, fanout: BookFanout, depth: int) -> None:
+        self.fanout = fanout
+        self.depth = depth
+        self._wake = asyncio.Event()
+        self._snapshot_due = True
+        self._resynced = False
+        self._pending: dict[tuple[int, int], Level] = {}
+        self._last: DeltaPacket | None = None
+        self._count = 0
+        self._sent_seq = 0
+        self.resyncs = 0
+        self.closed = False
+
+    def offer(self, packet: DeltaPacket) -> None:
+        if self._snapshot_due or (packet.seq <= self._sent_seq and self._last is None):
+            return
+        self._last = packet
+        self._count += 1
+        for side, levels in ((BID, packet.delta.bids), (ASK, packet.delta.asks)):
+            for level in levels:
+                self._pending[(side, level.ticks)] = level
+        if (
+            len(self._pending) > self.fanout.limits.max_levels
+            or packet.seq - self._sent_seq > self.fanout.limits.max_lag
+        ):
+            self.resync()
+        self._wake.set()
+
+    def resync(self) -> None:
+        """Drop what this subscriber owes; it gets a fresh snapshot next."""
+        self._resynced = self._resynced or not self._snapshot_due or self._sent_seq > 0
+        self._snapshot_due = True
+        self._pending.clear()
+        self._last, self._count = None, 0
+        self.resyncs += 1
+        self._wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+    def _take(self) -> md.StreamOrderBookResponse | None:
+        if self._snapshot_due:
+            channel = self.fanout.channel_of(self)
+            if channel is None:  # the feed is not ready yet
+                return None
+            message = md.StreamOrderBookResponse(
+                snapshot=channel.snapshot(), resynced=self._resynced
+            )
+            self._sent_seq = channel.seq
+            self._snapshot_due = self._resynced = False
+            return message
+        last = self._last
+        if last is None:
+            return None
+        if self._count == 1 and last.prev_seq == self._sent_seq:
+            message = last.message()  # shared with every subscriber in step
+        else:
+            bids = [lv for (side, _), lv in self._pending.items() if side == BID]
+            asks = [lv for (side, _), lv in self._pending.items() if side == ASK]
+            message = md.StreamOrderBookResponse(
+                delta=md.OrderBookDelta(
+                    market=last.market,
+                    prev_seq=self._sent_seq,
+                    seq=last.seq,
+                    bids=levels_pb(bids),
+                    asks=levels_pb(asks),
+                    checksum=last.delta.checksum,
+                    update_time=timestamp(last.time_ns),
+                )
+            )
+        self._sent_seq = last.seq
+        self._pending.clear()
+        self._last, self._count = None, 0
+        return message
+
+    async def next(self) -> md.StreamOrderBookResponse:
+        """The next message to send; waits for one."""
+        while True:
+            if self.closed:
+                raise asyncio.CancelledError
+            message = self._take()
+            if message is not None:
+                return message
+            self._wake.clear()
+            await self._wake.wait()
+
+
+class _NatsSink(_Sink):
+    """The md.<market>.book channel: every packet, and snapshots when asked."""
+
+    def __init__(self, fanout: BookFanout) -> None:
+        self.fanout = fanout
+        self.outbox: list[bytes] = []
+
+    def offer(self, packet: DeltaPacket) -> None:
+        self.outbox.append(packet.message().SerializeToString())
+
+    def resync(self) -> None:
+        channel = self.fanout.nats_channel
+        if channel is not None:
+            channel.chain_seq = channel.seq
+            message = md.StreamOrderBookResponse(snapshot=channel.snapshot(), resynced=True)
+            self.outbox.append(message.SerializeToString())
+
+
+class BookFanout:
+    """One market's book channels. The feed owns the book; it calls `reset` after
+    (re)building it and `update` after each batch of events applied to it."""
+
+    def __init__(
+        self,
+        market: str,
+        limits: Limits,
+        *,
+        nats_depth: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.market = market
+        self.limits = limits
+        self._clock = clock
+        self.book: L2Book | None = None
+        self.time_ns = 0
+        self._channels: dict[int, _Channel] = {}
+        self._owner: dict[BookSubscriber, int] = {}
+        self._nats_depth = nats_depth
+        self.nats: _NatsSink | None = _NatsSink(self) if nats_depth else None
+        self.nats_channel: _Channel | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.book is not None
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._owner)
+
+    def _channel(self, depth: int) -> _Channel:
+        assert self.book is not None
+        seq = self.book.seq
+        return _Channel(
+            self.market, DepthView.of(self.book, depth), seq, seq, self.time_ns, self._clock()
+        )
+
+    def reset(self, book: L2Book, time_ns: int) -> None:
+        """A new book (bootstrap, or recovery): every holder starts over from a snapshot."""
+        self.book, self.time_ns = book, time_ns
+        for depth, old in list(self._channels.items()):
+            self._channels[depth] = self._channel(depth)
+            self._channels[depth].sinks = old.sinks
+        for subscriber in self._owner:  # those that waited for a book too
+            subscriber.resync()
+        if self.nats is not None and self._nats_depth:
+            self.nats_channel = self._channel(self._nats_depth)
+            self.nats_channel.sinks = {self.nats}
+            self.nats.resync()
+
+    def update(self, time_ns: int) -> None:
+        """The book moved (in place): deltas to every channel."""
+        assert self.book is not None
+        self.time_ns = time_ns
+        now = self._clock()
+        heartbeat = self.limits.heartbeat_s
+        for channel in self._channels.values():
+            channel.advance(self.book, time_ns, now, heartbeat)
+        if self.nats_channel is not None:
+            self.nats_channel.advance(self.book, time_ns, now, 0.0)
+
+    def heartbeat(self) -> None:
+        now = self._clock()
+        for channel in self._channels.values():
+            channel.heartbeat(now, self.limits.heartbeat_s)
+
+    def nats_snapshot(self) -> None:
+        if self.nats is not None:
+            self.nats.resync()
+
+    def take_nats(self) -> list[bytes]:
+        if self.nats is None or not self.nats.outbox:
+            return []
+        out, self.nats.outbox = self.nats.outbox, []
+        return out
+
+    def subscribe(self, depth: int) -> BookSubscriber:
+        subscriber = BookSubscriber(self, depth)
+        self._owner[subscriber] = depth
+        if self.book is not None:
+            channel = self._channels.get(depth)
+            if channel is None:
+                channel = self._channels[depth] = self._channel(depth)
+            channel.sinks.add(subscriber)
+        return subscriber
+
+    def channel_of(self, subscriber: BookSubscriber) -> _Channel | None:
+        if self.book is None:
+            return None
+        channel = self._channels.get(subscriber.depth)
+        if channel is None:
+            channel = self._channels[subscriber.depth] = self._channel(subscriber.depth)
+        channel.sinks.add(subscriber)
+        return channel
+
+    def unsubscribe(self, subscriber: BookSubscriber) -> None:
+        depth = self._owner.pop(subscriber, None)
+        channel = self._channels.get(depth or 0)
+        if channel is not None:
+            channel.sinks.discard(subscriber)
+            if not channel.sinks:
+                del self._channels[depth or 0]
+        subscriber.close()
+
+    def snapshot(self, depth: int) -> md.OrderBook:
+        assert self.book is not None
+        bids, asks = self.book.top(BID, depth), self.book.top(ASK, depth)
+        return book_pb(self.market, self.book.seq, bids, asks, checksum(bids, asks), self.time_ns)
+
+
+class TradeSubscriber:
+    """One StreamTrades call: a bounded queue of trade batches."""
+
+    def __init__(self, markets: frozenset[str], size: int) -> None:
+        self.markets = markets
+        self._queue: asyncio.Queue[list[md.Trade]] = asyncio.Queue(maxsize=size)
+        self.overflowed = False
+
+    def wants(self, market: str) -> bool:
+        return not self.markets or market in self.markets
+
+    def offer(self, trades: list[md.Trade]) -> None:
+        if self.overflowed:
+            return
+        try:
+            self._queue.put_nowait(trades)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self._queue.get_nowait()
+            self._queue.put_nowait([])  # wakes the reader, which sees `overflowed`
+
+    async def next(self) -> list[md.Trade]:
+        trades = await self._queue.get()
+        if self.overflowed:
+            return []
+        return trades
+
+
+class TickerSubscriber:
+    """One StreamTickers call: the latest ticker per market, conflated."""
+
+    def __init__(self, markets: frozenset[str]) -> None:
+        self.markets = markets
+        self._pending: dict[str, md.Ticker] = {}
+        self._wake = asyncio.Event()
+
+    def wants(self, market: str) -> bool:
+        return not self.markets or market in self.markets
+
+    def offer(self, ticker: md.Ticker) -> None:
+        self._pending[ticker.market] = ticker
+        self._wake.set()
+
+    async def next(self) -> list[md.Ticker]:
+        while not self._pending:
+            self._wake.clear()
+            await self._wake.wait()
+        out = [self._pending[m] for m in sorted(self._pending)]
+        self._pending.clear()
+        return out
+
+
+def decimal_text(value: Decimal) -> str:
+    """The canonical decimal string (no exponent, no trailing zeros), as match writes."""
+    text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "0") else text
+
+
+def trade_pb(trade: TradeFact) -> md.Trade:
+    return md.Trade(
+        trade_id=trade.trade_id,
+        market=trade.market,
+        price=decimal_text(trade.price),
+        quantity=decimal_text(trade.quantity),
+        quote_quantity=decimal_text(trade.quote_quantity),
+        taker_side=trade.taker_side,  # type: ignore[arg-type]
+        trade_time=timestamp(trade.time_ns),
+        seq=trade.seq,
+    )
+
+
+def ticker_pb(
+    market: str, stats: TickerStats, book: L2Book, time_ns: int, now_ns: int
+) -> md.Ticker:
+    def text(value: Decimal | None) -> str:
+        return "" if value is None else decimal_text(value)
+
+    bid, ask = book.top(BID, 1), book.top(ASK, 1)
+    return md.Ticker(
+        market=market,
+        last_price=text(stats.last_price),
+        last_quantity=text(stats.last_quantity),
+        best_bid_price=bid[0].price if bid else "",
+        best_bid_quantity=bid[0].quantity if bid else "",
+        best_ask_price=ask[0].price if ask else "",
+        best_ask_quantity=ask[0].quantity if ask else "",
+        open_price=text(stats.open),
+        high_price=text(stats.high),
+        low_price=text(stats.low),
+        volume=decimal_text(stats.volume),
+        quote_volume=decimal_text(stats.quote_volume),
+        price_change=text(stats.price_change),
+        price_change_percent=text(stats.price_change_percent),
+        trade_count=stats.trade_count,
+        window_start_time=timestamp(stats.window_start_s * 1_000_000_000),
+        update_time=timestamp(time_ns or now_ns),
+        seq=book.seq,
+    )
+
+
+TRADES_STREAM = "MD_TRADES"
+
+
+def book_subject(market: str) -> str:
+    return f"md.{market}.book"
+
+
+def ticker_subject(market: str) -> str:
+    return f"md.{market}.ticker"
+
+
+def trades_subject(market: str) -> str:
+    return f"md.{market}.trades"
+
+
+class Hub:
+    """Everything that leaves the process: streams, NATS subjects, Redis keys.
+
+    Trades go to StreamTrades subscribers and to JetStream (`md.<market>.trades`,
+    one `Trade` per message, Nats-Msg-Id "<market>:<trade_id>"). Every
+    `ticker_interval_s` the tickers that changed go to StreamTickers
+    subscribers and `md.<market>.ticker`; every `redis_interval_s` the books
+    that moved and the tickers are written to Redis (`md:<market>:book`,
+    `md:<market>:ticker`, serialized OrderBook and Ticker).
+    """
+
+    def __init__(
+        self,
+        settings: MarketDataSettings,
+        *,
+        nats: Nats | None = None,
+        redis: Redis | None = None,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.settings = settings
+        self.limits = Limits(
+            settings.subscriber_max_levels, settings.subscriber_max_lag, settings.heartbeat_s
+        )
+        self._nats = nats
+        self._js = nats.jetstream() if nats is not None else None
+        self._redis = redis
+        self._clock = clock
+        self.feeds: dict[str, MarketFeed] = {}
+        self.trade_subscribers: set[TradeSubscriber] = set()
+        self.ticker_subscribers: set[TickerSubscriber] = set()
+        self._stored_seq: dict[str, int] = {}
+
+    def fanout(self, market: str) -> BookFanout:
+        return BookFanout(
+            market, self.limits, nats_depth=self.settings.nats_depth if self._nats else None
+        )
+
+    async def on_trades(self, market: str, trades: list[TradeFact]) -> None:
+        messages = [trade_pb(t) for t in trades]
+        for subscriber in self.trade_subscribers:
+            if subscriber.wants(market):
+                subscriber.offer(messages)
+        if self._js is None:
+            return
+        subject = trades_subject(market)
+        try:
+            acks = [
+                await self._js.publish_async(
+                    subject,
+                    m.SerializeToString(),
+                    headers={"Nats-Msg-Id": f"{market}:{m.trade_id}"},
+                )
+                for m in messages
+            ]
+            for ack in acks:
+                await ack
+        except Exception as error:  # the tape in PostgreSQL is the record; JetStream a copy
+            _log.warning("publishing %s trades to JetStream failed: %r", market, error)
+
+    def ticker(self, market: str) -> md.Ticker | None:
+        feed = self.feeds.get(market)
+        if feed is None or feed.book is None:
+            return None
+        now = self._clock()
+        return ticker_pb(market, feed.ticker.stats(now), feed.book, feed.time_ns, now)
+
+    async def run(self) -> None:
+        """Tickers out and Redis up to date, until cancelled."""
+        s = self.settings
+        tick = min(s.ticker_interval_s, s.redis_interval_s)
+        last_tickers = 0.0
+        while True:
+            await asyncio.sleep(tick)
+            try:
+                now = time.monotonic()
+                if now - last_tickers >= s.ticker_interval_s:
+                    last_tickers = now
+                    await self._tickers()
+                await self._store_books()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                _log.warning("publishing tickers and snapshots failed: %r", error)
+
+    async def _tickers(self) -> None:
+        changed = []
+        for market, feed in self.feeds.items():
+            if feed.ticker_dirty and feed.ready:
+                feed.ticker_dirty = False
+                ticker = self.ticker(market)
+                if ticker is not None:
+                    changed.append(ticker)
+        for ticker in changed:
+            for subscriber in self.ticker_subscribers:
+                if subscriber.wants(ticker.market):
+                    subscriber.offer(ticker)
+            data = ticker.SerializeToString()
+            if self._nats is not None:
+                await self._nats.publish(ticker_subject(ticker.market), data)
+            if self._redis is not None:
+                await self._redis.set(f"md:{ticker.market}:ticker", data)
+
+    async def _store_books(self) -> None:
+        if self._redis is None:
+            return
+        for market, feed in self.feeds.items():
+            if feed.book is None or self._stored_seq.get(market) == feed.book.seq:
+                continue
+            self._stored_seq[market] = feed.book.seq
+            snapshot = feed.fanout.snapshot(self.settings.max_depth)
+            await self._redis.set(f"md:{market}:book", snapshot.SerializeToString())
+
+    async def stored_book(self, market: str) -> md.OrderBook | None:
+        if self._redis is None:
+            return None
+        data = await self._redis.get(f"md:{market}:book")
+        return None if not isinstance(data, bytes) else md.OrderBook.FromString(data)
+
+    async def stored_ticker(self, market: str) -> md.Ticker | None:
+        if self._redis is None:
+            return None
+        data = await self._redis.get(f"md:{market}:ticker")
+        return None if not isinstance(data, bytes) else md.Ticker.FromString(data)

@@ -1,0 +1,127 @@
+"""Book subscribers: shared deltas in step, conflation when behind, bounded debt,
+resync with a flag, heartbeats; trade subscribers overflow instead of growing."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+from cex.marketdata.v1 import marketdata_pb2 as md
+from services.marketdata.books import ASK, BID, L2Book, Level
+from services.marketdata.fanout import BookFanout, Limits, TradeSubscriber
+
+
+def lv(ticks: int, qty: int) -> Level:
+    return Level(ticks, format(Decimal(ticks).scaleb(-2).normalize(), "f"), str(qty), 1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _fanout(**limits: float) -> tuple[BookFanout, L2Book, Clock]:
+    clock = Clock()
+    fanout = BookFanout("BTC-USDT", Limits(**limits), clock=clock)  # type: ignore[arg-type]
+    book = L2Book.of(10, [lv(100, 1)], [lv(101, 1)])
+    fanout.reset(book, 0)
+    return fanout, book, clock
+
+
+def _move(fanout: BookFanout, book: L2Book, seq: int, side: int, level: Level) -> None:
+    book.set(side, level)
+    book.seq = seq
+    fanout.update(seq)
+
+
+async def _next(sub: object) -> md.StreamOrderBookResponse:
+    return await asyncio.wait_for(sub.next(), 1)  # type: ignore[attr-defined]
+
+
+async def test_subscribers_in_step_share_one_message() -> None:
+    fanout, book, _ = _fanout()
+    a, b = fanout.subscribe(5), fanout.subscribe(5)
+    snap_a, snap_b = await _next(a), await _next(b)
+    assert snap_a.snapshot.seq == snap_b.snapshot.seq == 10 and not snap_a.resynced
+    _move(fanout, book, 11, BID, lv(99, 2))
+    da, db = await _next(a), await _next(b)
+    assert da is db  # built once
+    assert (da.delta.prev_seq, da.delta.seq) == (10, 11)
+
+
+async def test_a_slow_subscriber_gets_one_conflated_delta() -> None:
+    fanout, book, _ = _fanout()
+    fast, slow = fanout.subscribe(5), fanout.subscribe(5)
+    await _next(fast), await _next(slow)
+    for seq, qty in ((11, 2), (12, 3), (13, 4)):
+        _move(fanout, book, seq, BID, lv(99, qty))
+        message = await _next(fast)
+        assert message.delta.prev_seq == seq - 1
+    _move(fanout, book, 14, ASK, lv(102, 1))
+    await _next(fast)
+    merged = (await _next(slow)).delta
+    assert (merged.prev_seq, merged.seq) == (10, 14)
+    assert [(x.price, x.quantity) for x in merged.bids] == [("0.99", "4")]
+    assert [(x.price, x.quantity) for x in merged.asks] == [("1.02", "1")]
+    assert merged.checksum == fanout.snapshot(5).checksum
+
+
+async def test_too_much_debt_becomes_a_flagged_snapshot() -> None:
+    fanout, book, _ = _fanout(max_levels=10)
+    slow = fanout.subscribe(50)
+    await _next(slow)
+    for i in range(30):  # 30 distinct levels owed > 10
+        _move(fanout, book, 11 + i, BID, lv(50 + i, 1))
+    assert len(slow._pending) <= 10  # bounded, whatever it owes
+    message = await _next(slow)
+    assert message.WhichOneof("kind") == "snapshot" and message.resynced
+    assert message.snapshot.seq == 40
+    assert len(message.snapshot.bids) == 31
+    _move(fanout, book, 41, ASK, lv(103, 1))
+    follow = await _next(slow)
+    assert (follow.delta.prev_seq, follow.delta.seq) == (40, 41)
+
+
+async def test_a_rebuilt_book_resyncs_everyone() -> None:
+    fanout, _, _ = _fanout()
+    sub = fanout.subscribe(5)
+    await _next(sub)
+    fanout.reset(L2Book.of(99, [lv(100, 7)], []), 0)
+    message = await _next(sub)
+    assert message.resynced and message.snapshot.seq == 99
+
+
+async def test_changes_outside_the_depth_only_move_seq_after_a_heartbeat() -> None:
+    fanout, book, clock = _fanout(heartbeat_s=1.0)
+    sub = fanout.subscribe(1)
+    await _next(sub)
+    _move(fanout, book, 11, BID, lv(50, 1))  # below the top 1
+    _move(fanout, book, 12, BID, lv(51, 1))
+    assert sub._last is None
+    clock.now = 2.0
+    fanout.heartbeat()
+    beat = await _next(sub)
+    assert (beat.delta.prev_seq, beat.delta.seq) == (10, 12)
+    assert not beat.delta.bids and not beat.delta.asks
+
+
+async def test_a_subscriber_waiting_for_the_first_book_gets_it() -> None:
+    fanout = BookFanout("BTC-USDT", Limits())
+    sub = fanout.subscribe(5)
+    waiting = asyncio.ensure_future(sub.next())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    fanout.reset(L2Book.of(3, [lv(100, 1)], []), 0)
+    message = await asyncio.wait_for(waiting, 1)
+    assert message.snapshot.seq == 3 and not message.resynced
+
+
+async def test_a_trade_subscriber_that_falls_behind_overflows() -> None:
+    sub = TradeSubscriber(frozenset(), size=3)
+    for i in range(5):
+        sub.offer([md.Trade(trade_id=str(i))])
+    assert sub.overflowed
+    assert await sub.next() == []  # the reader wakes and ends the stream
