@@ -24,13 +24,16 @@ SCHEMAS="$TOOLS/schemas"
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 mkdir -p "$BIN" "$SCHEMAS"
 
-if ! command -v go >/dev/null 2>&1; then
-    echo "install-tools: go is not on PATH (needed for helm and kubeconform)" >&2
-    exit 1
-fi
-
 stamp_ok() { [ -f "$TOOLS/.$1" ] && [ "$(cat "$TOOLS/.$1")" = "$2" ]; }
 stamp() { echo "$2" >"$TOOLS/.$1"; }
+
+if ! command -v go >/dev/null 2>&1; then
+    # Without Go the chart tests skip (saying why) and `make chart-check` fails;
+    # CI must have it, so there this is an error.
+    echo "install-tools: go is not on PATH: helm and kubeconform cannot be built" >&2
+    if [ -n "${CI:-}" ]; then exit 1; fi
+    exit 0
+fi
 
 # Module cache path of a module@version (downloads it through the Go module proxy).
 module_dir() {

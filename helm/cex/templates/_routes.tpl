@@ -32,8 +32,9 @@ dict "root" . "edge" bool
 {{- end }}
 {{- end }}
 {{- range $grpcService := prepend ($svc.alsoServes | default list) $svc.grpcService }}
+{{- $slug := regexReplaceAll "[^a-z0-9]+" (lower $grpcService) "-" }}
 {{- range $method := $svc.api.streams }}
-- name: {{ printf "%s-%s" $name $method | lower | trunc 63 }}
+- name: {{ printf "%s-%s" $slug $method | lower }}
   match:
     - uri: { exact: {{ printf "/%s/%s" $grpcService $method | quote }} }
   route:
@@ -45,7 +46,7 @@ dict "root" . "edge" bool
   retries: { attempts: 0 }
 {{- end }}
 {{- range $method := $svc.api.reads }}
-- name: {{ printf "%s-%s" $name $method | lower | trunc 63 }}
+- name: {{ printf "%s-%s" $slug $method | lower }}
   match:
     - uri: { exact: {{ printf "/%s/%s" $grpcService $method | quote }} }
   route:
@@ -58,7 +59,7 @@ dict "root" . "edge" bool
     perTryTimeout: {{ $root.Values.istio.readRetries.perTryTimeout }}
     retryOn: {{ $root.Values.istio.readRetries.retryOn | quote }}
 {{- end }}
-- name: {{ printf "%s-%s" $name (regexReplaceAll "[^a-z0-9]+" (lower $grpcService) "-") | trunc 63 | trimSuffix "-" }}
+- name: {{ $slug }}
   match:
     - uri: { prefix: {{ printf "/%s/" $grpcService | quote }} }
   route:
