@@ -19,6 +19,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import promql_parser
 import pytest
 import yaml
 
@@ -585,7 +586,23 @@ def _exported_metrics() -> set[str]:
     return names
 
 
-def test_alert_metrics_exist_or_are_listed_as_expected() -> None:
+def _selected_metrics(node: Any) -> set[str]:
+    """Metric names a parsed PromQL expression selects."""
+    if node is None:
+        return set()
+    if isinstance(node, promql_parser.VectorSelector):
+        return {node.name} if node.name else set()
+    if isinstance(node, promql_parser.MatrixSelector):
+        return _selected_metrics(node.vector_selector)
+    found: set[str] = set()
+    for attr in ("lhs", "rhs", "expr", "param"):
+        found |= _selected_metrics(getattr(node, attr, None))
+    for arg in getattr(node, "args", None) or ():
+        found |= _selected_metrics(arg)
+    return found
+
+
+def test_alert_rules_parse_and_use_metrics_that_exist_or_are_listed_as_expected() -> None:
     groups = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())["groups"]
     recorded = {r["record"] for g in groups for r in g["rules"] if "record" in r}
     exported = _exported_metrics()
@@ -593,18 +610,22 @@ def test_alert_metrics_exist_or_are_listed_as_expected() -> None:
     expected = set(re.findall(r"^\| `([a-z_:]+)` \| expected from", operations, re.M))
     external = set(re.findall(r"^\| `([a-z_:]+)` \| from (?:istiod|Prometheus)", operations, re.M))
     assert {"grpc_server_handled_total", "ledger_audit_violations", "ledger_halted"} <= exported
-    # PromQL words and label names, which the pattern below also finds.
-    words = {"sum", "rate", "increase", "max", "by", "and", "or", "absent", "le", "job"}
-    words |= {"namespace", "asset", "kind", "market", "stream", "consumer"}
-    words |= {"grpc_service", "grpc_method"}
-    name_pattern = re.compile(r"\b([a-z_][a-z0-9_:]*)\s*(?:\{|\[|\)|>|$|\s)")
+    used: set[str] = set()
     for group in groups:
         for rule in group["rules"]:
-            for name in set(name_pattern.findall(rule["expr"])) - words:
-                assert name in recorded | exported | expected | external, (
-                    f"{rule.get('alert') or rule.get('record')}: {name} is neither exported "
-                    "nor listed as expected in docs/operations.md"
+            name = rule.get("alert") or rule.get("record")
+            try:
+                tree = promql_parser.parse(rule["expr"])
+            except ValueError as error:
+                pytest.fail(f"{name}: {error}")
+            for metric in _selected_metrics(tree):
+                used.add(metric)
+                assert metric in recorded | exported | expected | external, (
+                    f"{name}: {metric} is neither exported nor listed as expected "
+                    "in docs/operations.md"
                 )
+    assert recorded <= used, "a recording rule nothing uses"
+    assert {"ledger_audit_violations", "ledger_halted", "grpc_server_handled_total"} <= used
 
 
 # -- schemas --------------------------------------------------------------------------
