@@ -602,30 +602,65 @@ def _selected_metrics(node: Any) -> set[str]:
     return found
 
 
+def _known_metrics() -> set[str]:
+    """Exported by the services, recorded by the rules, or listed in docs/operations.md
+    (expected from a service, or from outside: istiod, Prometheus, the kubelet)."""
+    groups = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())["groups"]
+    known = {r["record"] for g in groups for r in g["rules"] if "record" in r}
+    known |= _exported_metrics()
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    listed = re.findall(r"^\| `([a-z_:]+)` \| (?:expected )?from ", operations, re.M)
+    for name in listed:  # a histogram's series
+        known |= {name, f"{name}_bucket", f"{name}_count", f"{name}_sum"}
+    return known
+
+
+def _check_promql(name: str, expr: str, known: set[str]) -> set[str]:
+    try:
+        tree = promql_parser.parse(expr)
+    except ValueError as error:
+        pytest.fail(f"{name}: {error}")
+    metrics = _selected_metrics(tree)
+    for metric in metrics:
+        assert metric in known, (
+            f"{name}: {metric} is neither exported nor listed as expected in docs/operations.md"
+        )
+    return metrics
+
+
 def test_alert_rules_parse_and_use_metrics_that_exist_or_are_listed_as_expected() -> None:
     groups = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())["groups"]
     recorded = {r["record"] for g in groups for r in g["rules"] if "record" in r}
     exported = _exported_metrics()
-    operations = (ROOT / "docs" / "operations.md").read_text()
-    expected = set(re.findall(r"^\| `([a-z_:]+)` \| expected from", operations, re.M))
-    external = set(re.findall(r"^\| `([a-z_:]+)` \| from (?:istiod|Prometheus)", operations, re.M))
     assert {"grpc_server_handled_total", "ledger_audit_violations", "ledger_halted"} <= exported
+    known = _known_metrics()
     used: set[str] = set()
     for group in groups:
         for rule in group["rules"]:
-            name = rule.get("alert") or rule.get("record")
-            try:
-                tree = promql_parser.parse(rule["expr"])
-            except ValueError as error:
-                pytest.fail(f"{name}: {error}")
-            for metric in _selected_metrics(tree):
-                used.add(metric)
-                assert metric in recorded | exported | expected | external, (
-                    f"{name}: {metric} is neither exported nor listed as expected "
-                    "in docs/operations.md"
-                )
+            used |= _check_promql(rule.get("alert") or rule.get("record"), rule["expr"], known)
     assert recorded <= used, "a recording rule nothing uses"
     assert {"ledger_audit_violations", "ledger_halted", "grpc_server_handled_total"} <= used
+
+
+def test_dashboard_queries_parse_and_use_known_metrics() -> None:
+    dashboard = json.loads((CHART / "files" / "dashboard.json").read_text())
+    known = _known_metrics()
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"datasource", "namespace", "service"} <= variables
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    used: set[str] = set()
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}"
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            # Grafana's variables, as it would substitute them.
+            expr = target["expr"].replace("$__rate_interval", "5m")
+            expr = re.sub(r"\$\w+", ".*", expr)
+            used |= _check_promql(panel["title"], expr, known)
+    assert {"grpc_server_handled_total", "grpc_server_handling_seconds_bucket"} <= used
+    assert {"ledger_audit_violations", "ledger_halted"} <= used
 
 
 # -- schemas --------------------------------------------------------------------------
