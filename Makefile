@@ -25,10 +25,11 @@ status: $(INSTALLED)
 	$(BIN)/cex status
 
 ## test: every test but the long chaos loops (those: make test-chaos)
-test: $(INSTALLED)
+## (`tools` first: the chart tests render the chart with helm; see mk/ops.mk)
+test: $(INSTALLED) tools
 	$(PYTEST) -q
 
-test-unit: $(INSTALLED)
+test-unit: $(INSTALLED) tools
 	$(PYTEST) -q tests/unit
 
 # pytest exits 5 when a marker selects nothing; that is not a failure here.
@@ -75,3 +76,4 @@ clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
 include mk/proto.mk
+include mk/ops.mk

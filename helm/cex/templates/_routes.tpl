@@ -1,0 +1,74 @@
+{{/*
+gRPC routes for every enabled service (edge: only those with edge: true):
+streams with no timeout, idempotent reads with retries, then the rest of the
+service's prefix with its timeout and no retries (writes are not idempotent on
+the wire; clients retry them with the same request id).
+dict "root" . "edge" bool
+*/}}
+{{- define "cex.routes" -}}
+{{- $root := .root -}}
+{{- $ns := $root.Release.Namespace -}}
+{{- $port := $root.Values.ports.grpc -}}
+{{- $noRetries := dict "attempts" 0 -}}
+{{- range $name, $svc := $root.Values.services }}
+{{- if and $svc.enabled (or (not $.edge) $svc.edge) }}
+{{- $dest := include "cex.svcName" (dict "root" $root "name" $name) }}
+{{- if eq $name "match" }}
+{{- $dest = include "cex.svcName" (dict "root" $root "name" (printf "match-%s" (first $svc.groups).name)) }}
+{{- range $group := $svc.groups }}
+{{- if $group.markets }}
+- name: {{ printf "%s-%s-by-market" $name $group.name }}
+  match:
+    - uri: { prefix: {{ printf "/%s/" $svc.grpcService | quote }} }
+      headers:
+        x-cex-market: { regex: {{ printf "^(%s)$" (join "|" $group.markets) | quote }} }
+  route:
+    - destination:
+        host: {{ printf "%s.%s.svc.cluster.local" (include "cex.svcName" (dict "root" $root "name" (printf "match-%s" $group.name))) $ns }}
+        port: { number: {{ $port }} }
+  timeout: 0s
+  retries: { attempts: 0 }
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $grpcService := prepend ($svc.alsoServes | default list) $svc.grpcService }}
+{{- $slug := regexReplaceAll "[^a-z0-9]+" (lower $grpcService) "-" }}
+{{- range $method := $svc.api.streams }}
+- name: {{ printf "%s-%s" $slug $method | lower }}
+  match:
+    - uri: { exact: {{ printf "/%s/%s" $grpcService $method | quote }} }
+  route:
+    - destination:
+        host: {{ printf "%s.%s.svc.cluster.local" $dest $ns }}
+        port: { number: {{ $port }} }
+  # A stream lives as long as the client keeps it.
+  timeout: 0s
+  retries: { attempts: 0 }
+{{- end }}
+{{- range $method := $svc.api.reads }}
+- name: {{ printf "%s-%s" $slug $method | lower }}
+  match:
+    - uri: { exact: {{ printf "/%s/%s" $grpcService $method | quote }} }
+  route:
+    - destination:
+        host: {{ printf "%s.%s.svc.cluster.local" $dest $ns }}
+        port: { number: {{ $port }} }
+  timeout: {{ $svc.timeout }}
+  retries:
+    attempts: {{ $root.Values.istio.readRetries.attempts }}
+    perTryTimeout: {{ $root.Values.istio.readRetries.perTryTimeout }}
+    retryOn: {{ $root.Values.istio.readRetries.retryOn | quote }}
+{{- end }}
+- name: {{ $slug }}
+  match:
+    - uri: { prefix: {{ printf "/%s/" $grpcService | quote }} }
+  route:
+    - destination:
+        host: {{ printf "%s.%s.svc.cluster.local" $dest $ns }}
+        port: { number: {{ $port }} }
+  timeout: {{ $svc.timeout }}
+  retries: { attempts: 0 }
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,694 @@
+"""The Helm chart, rendered with helm and checked against the contracts.
+
+Renders helm/cex with the default and the production-like values (helm from
+.tools/, installed by `make tools`, which `make test` runs first) and asserts
+what the mesh promises: an AuthorizationPolicy per service naming exact
+methods and service-account principals, mTLS STRICT, hardened pods with native
+gRPC probes, no route timeout and no retries on streams, retries only on
+idempotent reads, one writer per market. Methods and streams come from the
+protos in proto/, so a new RPC the chart does not cover fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import promql_parser
+import pytest
+import yaml
+
+from services.chassis.markets import load_catalog
+
+ROOT = Path(__file__).resolve().parents[3]
+CHART = ROOT / "helm" / "cex"
+HELM = ROOT / ".tools" / "bin" / "helm"
+KUBECONFORM = ROOT / ".tools" / "bin" / "kubeconform"
+SCHEMAS = ROOT / ".tools" / "schemas"
+NAMESPACE = "cex"
+KUBE_VERSION = "1.34.0"
+
+pytestmark = pytest.mark.skipif(
+    not HELM.exists(),
+    reason="helm is not installed in .tools/bin: run `make tools` (needs Go; `make test` does it)",
+)
+
+Doc = dict[str, Any]
+GRPC_PATH = re.compile(r"^/[a-z][a-z0-9_]*(\.[a-z0-9_]+)*\.[A-Z][A-Za-z0-9]*/[A-Z][A-Za-z0-9]*$")
+REFLECTION = {
+    "grpc.reflection.v1.ServerReflection": {"ServerReflectionInfo": True},
+    "grpc.reflection.v1alpha.ServerReflection": {"ServerReflectionInfo": True},
+}
+
+
+# -- helpers ----------------------------------------------------------------------
+
+
+def helm_template(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(HELM), "template", "cex", str(CHART), "--namespace", NAMESPACE,
+         "--kube-version", KUBE_VERSION, *args],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+@cache
+def _render(values_file: str | None) -> tuple[str, tuple[Doc, ...]]:
+    args = ("-f", str(CHART / values_file)) if values_file else ()
+    done = helm_template(*args)
+    assert done.returncode == 0, done.stderr
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return done.stdout, tuple(d for d in yaml.load_all(done.stdout, Loader=loader) if d)
+
+
+@cache
+def _values(values_file: str | None) -> Doc:
+    """The merged values (maps merge, lists replace), as helm computes them."""
+    base: Doc = yaml.safe_load((CHART / "values.yaml").read_text())
+    if values_file:
+        _merge(base, yaml.safe_load((CHART / values_file).read_text()))
+    return base
+
+
+def _merge(into: Doc, over: Doc) -> None:
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+@cache
+def proto_methods() -> dict[str, dict[str, bool]]:
+    """{full service name: {method: is_stream}} from proto/cex/*/v1/*.proto."""
+    found: dict[str, dict[str, bool]] = dict(REFLECTION)
+    rpc = re.compile(
+        r"rpc\s+(\w+)\s*\(\s*(stream\s+)?[\w.]+\s*\)\s*returns\s*\(\s*(stream\s+)?[\w.]+\s*\)"
+    )
+    for path in sorted((ROOT / "proto" / "cex").glob("*/v1/*.proto")):
+        text = re.sub(r"//[^\n]*", "", path.read_text())
+        package = re.search(r"^package\s+([\w.]+);", text, re.M)
+        for service in re.finditer(r"service\s+(\w+)\s*\{(.*?)\n\}", text, re.S):
+            assert package, path
+            methods = {m[1]: bool(m[2] or m[3]) for m in rpc.finditer(service[2])}
+            found[f"{package[1]}.{service[1]}"] = methods
+    return found
+
+
+VALUES = [None, "values-production.yaml"]
+IDS = ["default", "production"]
+
+
+@pytest.fixture(params=VALUES, ids=IDS)
+def values_file(request: pytest.FixtureRequest) -> str | None:
+    param: str | None = request.param
+    return param
+
+
+@pytest.fixture
+def docs(values_file: str | None) -> tuple[Doc, ...]:
+    return _render(values_file)[1]
+
+
+@pytest.fixture
+def values(values_file: str | None) -> Doc:
+    return _values(values_file)
+
+
+def of_kind(docs: tuple[Doc, ...], kind: str) -> list[Doc]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def enabled(values: Doc) -> dict[str, Doc]:
+    return {name: svc for name, svc in values["services"].items() if svc["enabled"]}
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def containers(docs: tuple[Doc, ...]) -> Iterator[tuple[Doc, Doc]]:
+    for deployment in of_kind(docs, "Deployment"):
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            yield deployment, container
+
+
+def component(deployment: Doc) -> str:
+    name: str = deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+    return name
+
+
+def grpc_services(svc: Doc) -> list[str]:
+    return [svc["grpcService"], *svc.get("alsoServes", [])]
+
+
+def vs_routes(docs: tuple[Doc, ...], name: str) -> list[Doc]:
+    (vs,) = [d for d in of_kind(docs, "VirtualService") if d["metadata"]["name"] == name]
+    routes: list[Doc] = vs["spec"]["http"]
+    return routes
+
+
+# -- authorization ------------------------------------------------------------------
+
+
+def test_every_service_and_every_pod_has_its_authorization_policy(
+    docs: tuple[Doc, ...], values: Doc
+) -> None:
+    policies = of_kind(docs, "AuthorizationPolicy")
+    by_component = {
+        p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]: p for p in policies
+    }
+    assert set(by_component) == set(enabled(values))
+    assert len(policies) == len(by_component), "one AuthorizationPolicy per service"
+    for deployment in of_kind(docs, "Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        matching = [p for p in policies if selects(p["spec"]["selector"]["matchLabels"], labels)]
+        assert len(matching) == 1, deployment["metadata"]["name"]
+
+
+def test_no_policy_allows_wildcard_or_unknown_methods(docs: tuple[Doc, ...], values: Doc) -> None:
+    grpc_port = str(values["ports"]["grpc"])
+    contracts = proto_methods()
+    for policy in of_kind(docs, "AuthorizationPolicy"):
+        spec = policy["spec"]
+        assert spec.get("action", "ALLOW") == "ALLOW"
+        assert spec["rules"], "an ALLOW policy with no rules would deny everything silently"
+        for rule in spec["rules"]:
+            # A rule without `to` allows every method on every port.
+            assert rule.get("to"), policy["metadata"]["name"]
+            for to in rule["to"]:
+                op = to["operation"]
+                assert "notPaths" not in op and "notPorts" not in op
+                assert op.get("ports") and op.get("paths"), policy["metadata"]["name"]
+                for path in op["paths"]:
+                    assert "*" not in path, f"{policy['metadata']['name']}: {path}"
+                if op["ports"] != [grpc_port]:
+                    assert op["methods"] == ["GET"]
+                    assert op["paths"] in (["/metrics"], ["/.well-known/jwks.json"])
+                    continue
+                for path in op["paths"]:
+                    assert GRPC_PATH.match(path), path
+                    service, method = path[1:].split("/")
+                    assert method in contracts.get(service, {}), f"{path} is not in the protos"
+
+
+def test_grpc_rules_name_chart_service_accounts_or_the_gateway(
+    docs: tuple[Doc, ...], values: Doc
+) -> None:
+    accounts = {
+        f"cluster.local/ns/{NAMESPACE}/sa/{sa['metadata']['name']}"
+        for sa in of_kind(docs, "ServiceAccount")
+    }
+    gateway = set(values["istio"]["gateway"]["principals"])
+    grpc_port = str(values["ports"]["grpc"])
+    for policy in of_kind(docs, "AuthorizationPolicy"):
+        for rule in policy["spec"]["rules"]:
+            if rule["to"][0]["operation"]["ports"] != [grpc_port]:
+                assert "from" not in rule or not rule["from"]
+                continue
+            principals = [p for f in rule["from"] for p in f["source"]["principals"]]
+            assert principals and "*" not in "".join(principals)
+            assert set(principals) <= accounts | gateway, set(principals) - accounts - gateway
+
+
+def test_callers_are_the_ones_the_architecture_names(docs: tuple[Doc, ...]) -> None:
+    """order calls risk, ledger and match; ledger, marketdata call match; funding
+    calls ledger and risk; only services reach match's and ledger's money paths."""
+
+    def callers(target: str, method: str) -> set[str]:
+        (policy,) = [
+            p for p in of_kind(docs, "AuthorizationPolicy")
+            if p["metadata"]["name"] == f"cex-{target}"
+        ]  # fmt: skip
+        names: set[str] = set()
+        for rule in policy["spec"]["rules"]:
+            if any(p.endswith(f"/{method}") for t in rule["to"] for p in t["operation"]["paths"]):
+                for f in rule.get("from", []):
+                    names |= {p.rsplit("/", 1)[-1] for p in f["source"]["principals"]}
+        return names
+
+    assert callers("risk", "CheckOrder") == {"cex-order"}
+    assert callers("risk", "CheckWithdrawal") == {"cex-funding"}
+    assert callers("ledger", "CreateTransfers") == {"cex-order", "cex-funding"}
+    assert callers("match", "SubmitCommands") == {"cex-order"}
+    assert {"cex-ledger", "cex-marketdata", "cex-order"} <= callers("match", "ReplayEvents")
+    assert not any("ingress" in c for c in callers("match", "GetOrderBook"))
+    services = {f"cex-{s}" for s in ("order", "risk", "ledger", "match", "marketdata", "funding")}
+    assert services <= callers("auth", "IssueToken")
+
+
+def test_every_rpc_of_every_service_is_reachable_by_someone(values: Doc) -> None:
+    contracts = proto_methods()
+    for name, svc in enabled(values).items():
+        allowed = {m for rule in svc["authorization"] for m in rule["methods"]}
+        for grpc_service in grpc_services(svc):
+            assert set(contracts[grpc_service]) == allowed, (name, grpc_service)
+
+
+def test_user_methods_need_a_token_and_public_ones_are_few(docs: tuple[Doc, ...]) -> None:
+    public: set[str] = set()
+    for policy in of_kind(docs, "AuthorizationPolicy"):
+        for rule in policy["spec"]["rules"]:
+            for f in rule.get("from", []):
+                if "requestPrincipals" not in f["source"]:
+                    public |= {p for t in rule["to"] for p in t["operation"]["paths"]}
+                else:
+                    assert f["source"]["requestPrincipals"] == ["cex-auth/*"]
+    services = {p.split("/")[1] for p in public}
+    assert services == {
+        "cex.auth.v1.AuthService",
+        "cex.marketdata.v1.MarketDataService",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+    assert {p for p in public if p.startswith("/cex.auth")} == {
+        "/cex.auth.v1.AuthService/IssueToken"
+    }
+
+
+# -- mTLS and tokens ----------------------------------------------------------------
+
+
+def test_peer_authentication_is_strict(docs: tuple[Doc, ...], values: Doc) -> None:
+    peer = of_kind(docs, "PeerAuthentication")
+    assert any("selector" not in p["spec"] for p in peer), "a namespace-wide policy"
+    plain_ports = {str(values["ports"]["metrics"]), str(values["ports"]["jwks"])}
+    for p in peer:
+        assert p["spec"]["mtls"]["mode"] == "STRICT"
+        for port, setting in p["spec"].get("portLevelMtls", {}).items():
+            assert str(port) in plain_ports and setting["mode"] == "PERMISSIVE"
+    grpc_port = values["ports"]["grpc"]
+    assert all(grpc_port not in p["spec"].get("portLevelMtls", {}) for p in peer)
+
+
+def test_destination_rules_use_istio_mutual_with_outlier_detection(
+    docs: tuple[Doc, ...],
+) -> None:
+    hosts = {
+        f"{s['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+        for s in of_kind(docs, "Service")
+        if s["metadata"]["labels"]["app.kubernetes.io/component"] != "mesh"
+    }
+    rules = {
+        d["spec"]["host"]: d["spec"]["trafficPolicy"] for d in of_kind(docs, "DestinationRule")
+    }
+    assert set(rules) == hosts
+    for policy in rules.values():
+        assert policy["tls"]["mode"] == "ISTIO_MUTUAL"
+        assert policy["outlierDetection"]["consecutive5xxErrors"] > 0
+        assert policy["connectionPool"]["tcp"]["maxConnections"] > 0
+
+
+def test_request_authentication_uses_auths_jwks_port(docs: tuple[Doc, ...], values: Doc) -> None:
+    (ra,) = of_kind(docs, "RequestAuthentication")
+    (rule,) = ra["spec"]["jwtRules"]
+    assert rule["issuer"] == "cex-auth" and rule["audiences"] == ["cex"]
+    assert rule["forwardOriginalToken"] is True, "services verify the token again"
+    (auth_service,) = [s for s in of_kind(docs, "Service") if s["metadata"]["name"] == "cex-auth"]
+    jwks_port = next(p for p in auth_service["spec"]["ports"] if p["name"] == "http-jwks")
+    assert rule["jwksUri"] == (
+        f"http://cex-auth.{NAMESPACE}.svc.cluster.local:{jwks_port['port']}/.well-known/jwks.json"
+    )
+    (config,) = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"] == "cex-config"]
+    jwks_path = f":{values['ports']['jwks']}/.well-known/jwks.json"
+    assert config["data"]["CEX_JWKS_URL"].endswith(jwks_path)
+
+
+# -- routes -------------------------------------------------------------------------
+
+
+def _exact(route: Doc) -> str | None:
+    uri = route["match"][0]["uri"]
+    return uri.get("exact")
+
+
+@pytest.mark.parametrize("vs", ["cex-mesh", "cex-edge"])
+def test_streams_have_no_timeout_and_are_never_retried(
+    docs: tuple[Doc, ...], values: Doc, vs: str
+) -> None:
+    contracts = proto_methods()
+    routes = vs_routes(docs, vs)
+    by_path = {_exact(r): r for r in routes if _exact(r)}
+    for svc in enabled(values).values():
+        if vs == "cex-edge" and not svc["edge"]:
+            continue
+        for grpc_service in grpc_services(svc):
+            for method, stream in contracts[grpc_service].items():
+                if not stream:
+                    continue
+                route = by_path.get(f"/{grpc_service}/{method}")
+                assert route is not None, f"stream {grpc_service}/{method} has no exact route"
+                assert route["timeout"] == "0s"
+                assert route["retries"] == {"attempts": 0}
+    # A service's prefix route comes after its exact ones, or they would never match.
+    seen_prefix: set[str] = set()
+    for route in routes:
+        uri = route["match"][0]["uri"]
+        if "prefix" in uri and "headers" not in route["match"][0]:
+            seen_prefix.add(uri["prefix"])
+        elif "exact" in uri:
+            assert not any(uri["exact"].startswith(p) for p in seen_prefix), uri
+
+
+@pytest.mark.parametrize("vs", ["cex-mesh", "cex-edge"])
+def test_only_idempotent_unary_reads_are_retried(docs: tuple[Doc, ...], vs: str) -> None:
+    contracts = proto_methods()
+    retried = 0
+    for route in vs_routes(docs, vs):
+        if route["retries"].get("attempts", 0) == 0:
+            continue
+        retried += 1
+        path = _exact(route)
+        assert path is not None, "a prefix route covers writes: it must not retry"
+        service, method = path[1:].split("/")
+        assert re.match(r"^(Get|List)[A-Z]", method), path
+        assert contracts[service][method] is False, f"{path} is a stream"
+        assert "perTryTimeout" in route["retries"]
+        assert route["timeout"] != "0s"
+    assert retried > 0
+
+
+def test_edge_does_not_expose_match(docs: tuple[Doc, ...]) -> None:
+    edge = json.dumps(vs_routes(docs, "cex-edge"))
+    assert "cex.match.v1" not in edge
+    assert "/cex.order.v1.OrderService/" in edge
+    assert "cex.match.v1" in json.dumps(vs_routes(docs, "cex-mesh"))
+
+
+def test_mesh_address_is_routed_by_the_virtual_service(docs: tuple[Doc, ...]) -> None:
+    (config,) = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"] == "cex-config"]
+    host, port = config["data"]["CEX_MESH_ADDR"].rsplit(":", 1)
+    (mesh,) = [s for s in of_kind(docs, "Service") if s["metadata"]["name"] == host]
+    assert "selector" not in mesh["spec"] and mesh["spec"]["ports"][0]["name"] == "grpc"
+    (vs,) = [d for d in of_kind(docs, "VirtualService") if d["metadata"]["name"] == "cex-mesh"]
+    assert vs["spec"]["hosts"] == [f"{host}.{NAMESPACE}.svc.cluster.local"]
+    assert vs["spec"]["gateways"] == ["mesh"]
+    assert str(mesh["spec"]["ports"][0]["port"]) == port
+
+
+# -- workloads ----------------------------------------------------------------------
+
+
+def test_every_deployment_is_hardened_with_grpc_probes(docs: tuple[Doc, ...], values: Doc) -> None:
+    services = enabled(values)
+    deployments = of_kind(docs, "Deployment")
+    assert {component(d) for d in deployments} == set(services)
+    for deployment, container in containers(docs):
+        pod = deployment["spec"]["template"]["spec"]
+        svc = services[component(deployment)]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] > 0
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert pod["automountServiceAccountToken"] is False
+        sc = container["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
+        assert container["resources"]["requests"]["cpu"]
+        assert container["resources"]["limits"]["memory"]
+        grpc_port = next(p for p in container["ports"] if p["name"] == "grpc")["containerPort"]
+        health = svc.get("healthService", svc["grpcService"])
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            spec = container[probe]
+            assert set(spec) & {"httpGet", "exec", "tcpSocket"} == set()
+            assert spec["grpc"]["port"] == grpc_port
+            assert spec["grpc"].get("service", "") == health
+        assert container["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
+        keys = {c["topologyKey"] for c in pod["topologySpreadConstraints"]}
+        assert {"kubernetes.io/hostname", "topology.kubernetes.io/zone"} <= keys
+        assert pod["terminationGracePeriodSeconds"] > container["lifecycle"]["preStop"]["sleep"][
+            "seconds"
+        ] + float(values["config"]["shutdownGraceSeconds"])
+        assert pod["serviceAccountName"] == f"cex-{component(deployment)}"
+
+
+def test_services_name_their_ports(docs: tuple[Doc, ...]) -> None:
+    for service in of_kind(docs, "Service"):
+        names = [p["name"] for p in service["spec"]["ports"]]
+        assert names[0] == "grpc"
+        if service["metadata"]["name"] == "cex-auth":
+            assert names == ["grpc", "http-metrics", "http-jwks"]
+
+
+def test_infrastructure_urls_come_from_the_secret_by_reference(
+    docs: tuple[Doc, ...], values: Doc, values_file: str | None
+) -> None:
+    text = _render(values_file)[0]
+    assert not re.search(r"(postgres(ql)?|nats|redis)://", text)
+    secret = values["infrastructure"]["existingSecret"]
+    needs = {"DATABASE_URL": "database", "NATS_URL": "nats", "REDIS_URL": "redis"}
+    for deployment, container in containers(docs):
+        env = {e["name"]: e for e in container["env"]}
+        svc = enabled(values)[component(deployment)]
+        for name, need in needs.items():
+            assert (name in env) == (need in svc["needs"]), (deployment["metadata"]["name"], name)
+        for name in [*needs, "CEX_SERVICE_SECRET"]:
+            if name in env:
+                assert env[name]["valueFrom"]["secretKeyRef"]["name"] == secret
+
+
+def test_autoscaling_and_disruption_budgets(docs: tuple[Doc, ...], values: Doc) -> None:
+    hpas = {
+        h["spec"]["scaleTargetRef"]["name"]: h for h in of_kind(docs, "HorizontalPodAutoscaler")
+    }
+    pdbs = of_kind(docs, "PodDisruptionBudget")
+    for deployment in of_kind(docs, "Deployment"):
+        name = deployment["metadata"]["name"]
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert [p for p in pdbs if selects(p["spec"]["selector"]["matchLabels"], labels)], name
+        if component(deployment) == "match":
+            assert name not in hpas, "match scales by market groups, never by an HPA"
+            assert deployment["spec"]["replicas"] == 1
+            assert deployment["spec"]["strategy"]["type"] == "Recreate"
+            continue
+        svc = enabled(values)[component(deployment)]
+        auto = {**values["defaults"]["autoscaling"], **svc.get("autoscaling", {})}
+        assert (name in hpas) == auto["enabled"], name
+        if auto["enabled"]:
+            assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+
+
+def test_match_markets_are_spread_one_writer_each(docs: tuple[Doc, ...], tmp_path: Path) -> None:
+    owners: dict[str, str] = {}
+    for deployment, container in containers(docs):
+        if component(deployment) != "match":
+            continue
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        for market in filter(None, env["CEX_MATCH_MARKETS"].split(",")):
+            assert market not in owners, f"{market} has two writers"
+            owners[market] = deployment["metadata"]["name"]
+    markets_cm = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"] == "cex-markets"]
+    if not owners:
+        return  # the default: one group writes every market of the catalogue
+    # The rendered catalogue loads with the services' own loader, and every
+    # market in it has exactly one writer.
+    (cm,) = markets_cm
+    path = tmp_path / "markets.yaml"
+    path.write_text(cm["data"]["markets.yaml"])
+    catalog = load_catalog({"CEX_MARKETS": str(path)})
+    assert set(owners) == set(catalog.markets)
+    # Callers naming the market reach its writer.
+    by_market = [r for r in vs_routes(docs, "cex-mesh") if r["name"].endswith("-by-market")]
+    for route in by_market:
+        pattern = route["match"][0]["headers"]["x-cex-market"]["regex"]
+        host = route["route"][0]["destination"]["host"].split(".")[0]
+        for market, owner in owners.items():
+            assert bool(re.match(pattern, market)) == (owner == host), (market, host)
+
+
+def test_a_market_in_two_groups_is_refused() -> None:
+    done = helm_template(
+        "--set", "services.match.groups[0].name=a",
+        "--set", "services.match.groups[0].markets[0]=BTC-USDT",
+        "--set", "services.match.groups[1].name=b",
+        "--set", "services.match.groups[1].markets[0]=BTC-USDT",
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "one writer per market" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "services.order.authorization[0].methods[0]=*",
+        "services.order.authorization[0].methods[0]=Place*",
+        "istio.gateway.principals[0]=*",
+        "services.ledger.authorization[0].from[0]=nobody",
+        "services.order.timeout=ten seconds",
+    ],
+)
+def test_values_that_would_open_the_mesh_are_refused(setting: str) -> None:
+    done = helm_template("--set", setting)
+    assert done.returncode != 0, setting
+
+
+# -- monitoring ---------------------------------------------------------------------
+
+
+def test_prometheus_rule_and_dashboard_when_enabled(docs: tuple[Doc, ...], values: Doc) -> None:
+    rules = of_kind(docs, "PrometheusRule")
+    dashboards = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"] == "cex-dashboard"]
+    monitoring = values["monitoring"]
+    assert bool(rules) == monitoring["prometheusRule"]["enabled"]
+    assert bool(dashboards) == monitoring["dashboard"]["enabled"]
+    assert bool(of_kind(docs, "ServiceMonitor")) == monitoring["serviceMonitor"]["enabled"]
+    if rules:
+        plain = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
+        assert rules[0]["spec"] == plain
+    if dashboards:
+        cm = dashboards[0]
+        assert cm["metadata"]["labels"][monitoring["dashboard"]["sidecarLabel"]] == "1"
+        dashboard = json.loads(cm["data"]["cex-overview.json"])
+        assert dashboard["uid"] == "cex-overview"
+
+
+def _alerts() -> list[Doc]:
+    groups = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())["groups"]
+    return [r for g in groups for r in g["rules"] if "alert" in r]
+
+
+def test_every_alert_has_a_severity_and_an_existing_runbook() -> None:
+    alerts = _alerts()
+    names = {a["alert"] for a in alerts}
+    wanted = {
+        "OrderAckLatencyBudgetBurnFast", "OrderAckLatencyBudgetBurnSlow", "GrpcServerErrorRateHigh",
+        "LedgerAuditViolation", "LedgerHalted", "FundingSagaStuck", "JetStreamConsumerLag",
+        "MatchJournalLag", "JwksFetchFailures",
+    }  # fmt: skip
+    assert wanted <= names
+    for alert in alerts:
+        assert alert["labels"]["severity"] in {"page", "ticket"}
+        url = alert["annotations"]["runbook_url"]
+        runbook = ROOT / url.split("/blob/main/", 1)[1]
+        assert runbook.is_file(), url
+        assert f"## {alert['alert']}" in runbook.read_text(), f"{runbook} lacks {alert['alert']}"
+
+
+def _exported_metrics() -> set[str]:
+    """Metric names the services register with prometheus_client (plus the
+    suffixes it adds), found in the source."""
+    names: set[str] = set()
+    pattern = re.compile(r"\b(Counter|Gauge|Histogram|Summary)\(\s*\"([a-z_:]+)\"", re.S)
+    for path in (ROOT / "services").rglob("*.py"):
+        for kind, name in pattern.findall(path.read_text()):
+            base = name.removesuffix("_total")
+            names |= {
+                "Counter": {f"{base}_total"},
+                "Gauge": {name},
+                "Histogram": {f"{name}_bucket", f"{name}_count", f"{name}_sum"},
+                "Summary": {f"{name}_count", f"{name}_sum"},
+            }[kind]
+    return names
+
+
+def _selected_metrics(node: Any) -> set[str]:
+    """Metric names a parsed PromQL expression selects."""
+    if node is None:
+        return set()
+    if isinstance(node, promql_parser.VectorSelector):
+        return {node.name} if node.name else set()
+    if isinstance(node, promql_parser.MatrixSelector):
+        return _selected_metrics(node.vector_selector)
+    found: set[str] = set()
+    for attr in ("lhs", "rhs", "expr", "param"):
+        found |= _selected_metrics(getattr(node, attr, None))
+    for arg in getattr(node, "args", None) or ():
+        found |= _selected_metrics(arg)
+    return found
+
+
+def _known_metrics() -> set[str]:
+    """Exported by the services, recorded by the rules, or listed in docs/operations.md
+    (expected from a service, or from outside: istiod, Prometheus, the kubelet)."""
+    groups = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())["groups"]
+    known = {r["record"] for g in groups for r in g["rules"] if "record" in r}
+    known |= _exported_metrics()
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    listed = re.findall(r"^\| `([a-z_:]+)` \| (?:expected )?from ", operations, re.M)
+    for name in listed:  # a histogram's series
+        known |= {name, f"{name}_bucket", f"{name}_count", f"{name}_sum"}
+    return known
+
+
+def _check_promql(name: str, expr: str, known: set[str]) -> set[str]:
+    try:
+        tree = promql_parser.parse(expr)
+    except ValueError as error:
+        pytest.fail(f"{name}: {error}")
+    metrics = _selected_metrics(tree)
+    for metric in metrics:
+        assert metric in known, (
+            f"{name}: {metric} is neither exported nor listed as expected in docs/operations.md"
+        )
+    return metrics
+
+
+def test_alert_rules_parse_and_use_metrics_that_exist_or_are_listed_as_expected() -> None:
+    groups = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())["groups"]
+    recorded = {r["record"] for g in groups for r in g["rules"] if "record" in r}
+    exported = _exported_metrics()
+    assert {"grpc_server_handled_total", "ledger_audit_violations", "ledger_halted"} <= exported
+    known = _known_metrics()
+    used: set[str] = set()
+    for group in groups:
+        for rule in group["rules"]:
+            used |= _check_promql(rule.get("alert") or rule.get("record"), rule["expr"], known)
+    assert recorded <= used, "a recording rule nothing uses"
+    assert {"ledger_audit_violations", "ledger_halted", "grpc_server_handled_total"} <= used
+
+
+def test_dashboard_queries_parse_and_use_known_metrics() -> None:
+    dashboard = json.loads((CHART / "files" / "dashboard.json").read_text())
+    known = _known_metrics()
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"datasource", "namespace", "service"} <= variables
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    used: set[str] = set()
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}"
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            # Grafana's variables, as it would substitute them.
+            expr = target["expr"].replace("$__rate_interval", "5m")
+            expr = re.sub(r"\$\w+", ".*", expr)
+            used |= _check_promql(panel["title"], expr, known)
+    assert {"grpc_server_handled_total", "grpc_server_handling_seconds_bucket"} <= used
+    assert {"ledger_audit_violations", "ledger_halted"} <= used
+
+
+# -- schemas --------------------------------------------------------------------------
+
+
+def kubeconform(text: str) -> subprocess.CompletedProcess[str]:
+    locations = [
+        str(SCHEMAS / kind / "{{ .ResourceKind }}{{ .KindSuffix }}.json")
+        for kind in ("kubernetes", "crds")
+    ]
+    args = [str(KUBECONFORM), "-strict", "-summary"]
+    for location in locations:
+        args += ["-schema-location", location]
+    return subprocess.run(
+        [*args, "-"], input=text, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.mark.skipif(not KUBECONFORM.exists(), reason="kubeconform not installed: `make tools`")
+def test_rendered_objects_match_their_schemas(values_file: str | None) -> None:
+    text, rendered = _render(values_file)
+    done = kubeconform(text)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"Valid: {len(rendered)}, Invalid: 0, Errors: 0, Skipped: 0" in done.stdout
+    # The schemas are strict: a misspelt field is caught, in a built-in kind and an Istio one.
+    for field, typo in [
+        ("readOnlyRootFilesystem", "readOnlyRootFilesytem"),
+        ("consecutive5xxErrors", "consecutive5xxErrorz"),
+    ]:
+        done = kubeconform(text.replace(field, typo, 1))
+        assert done.returncode != 0 and typo in done.stdout, typo
