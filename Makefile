@@ -65,3 +65,4 @@ clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
 include mk/proto.mk
+include mk/sdk.mk
