@@ -30,3 +30,5 @@ $(NODE_TOOLS): package.json package-lock.json
 
 # Plugins first, whichever of these runs.
 setup gen gen-check: sdk-tools
+# The e2e tests compile examples/ts with the project's tsc.
+test: $(NODE_TOOLS)
