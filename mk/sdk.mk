@@ -13,6 +13,9 @@ PROTOC_GEN_GO_VERSION := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 GO_PLUGINS := $(TOOLS)/go-plugins-$(PROTOC_GEN_GO_VERSION)-$(PROTOC_GEN_GO_GRPC_VERSION).stamp
 NODE_TOOLS := node_modules/.installed
+# examples/go's dependencies downloaded and compiled once into Go's caches, so
+# the e2e test's `go build` only compiles the example itself.
+GO_EXAMPLE := $(TOOLS)/go-example.stamp
 
 .PHONY: sdk-tools
 
@@ -28,7 +31,13 @@ $(NODE_TOOLS): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+$(GO_EXAMPLE): examples/go/go.mod examples/go/go.sum sdk/go/gen-go.mod
+	mkdir -p $(TOOLS)
+	cd examples/go && go build -o /dev/null .
+	touch $@
+
 # Plugins first, whichever of these runs.
 setup gen gen-check: sdk-tools
-# The e2e tests compile examples/ts with the project's tsc.
-test: $(NODE_TOOLS)
+setup: $(GO_EXAMPLE)
+# The e2e tests compile examples/ts with the project's tsc and build examples/go.
+test: $(NODE_TOOLS) $(GO_EXAMPLE)
