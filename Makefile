@@ -37,12 +37,12 @@ test-chaos: $(INSTALLED)
 	$(PYTEST) -q -m chaos -o addopts="--import-mode=importlib" || [ $$? -eq 5 ]
 
 lint: $(INSTALLED)
-	$(BIN)/ruff check services tests bench
-	$(BIN)/mypy services
+	$(BIN)/ruff check services tests bench sdk/python
+	$(BIN)/mypy services sdk/python/cex_sdk
 
 fmt: $(INSTALLED)
-	$(BIN)/ruff check --fix services tests bench
-	$(BIN)/ruff format services tests bench
+	$(BIN)/ruff check --fix services tests bench sdk/python
+	$(BIN)/ruff format services tests bench sdk/python
 
 ## bench-stack: cold/warm start of every component and the cost of the Envoy hop
 bench-stack: $(INSTALLED)
@@ -77,3 +77,4 @@ clean:
 
 include mk/proto.mk
 include mk/ops.mk
+include mk/sdk.mk

@@ -11,7 +11,9 @@ BIN ?= $(VENV)/bin
 
 PROTO_BUF := $(BIN)/buf
 # buf.gen.yaml finds `python` and the protoc-gen-* plugins on PATH.
-PROTO_ENV := PATH="$(abspath $(BIN)):$$PATH"
+# The Go plugins are in .tools/bin and protoc-gen-es in node_modules/.bin
+# (mk/sdk.mk installs both).
+PROTO_ENV := PATH="$(abspath $(BIN)):$(abspath .tools/bin):$(abspath node_modules/.bin):$$PATH"
 # Branch that proto-breaking compares against.
 PROTO_BREAKING_BRANCH ?= main
 PROTO_DESCRIPTOR := gen/descriptor/cex.binpb
@@ -19,6 +21,9 @@ PROTO_DESCRIPTOR := gen/descriptor/cex.binpb
 # Regenerates gen/ from scratch:
 #   gen/python/         messages, gRPC stubs and their .pyi stubs for proto/,
 #                       plus __init__.py files and a py.typed marker;
+#   gen/go/             Go messages and gRPC clients, a module of its own
+#                       (go.mod from sdk/go/gen-go.mod);
+#   gen/ts/             TypeScript messages and services (protoc-gen-es);
 #   gen/descriptor/     a FileDescriptorSet of proto/ with all imports and
 #                       comments, for Envoy's grpc_json_transcoder and reflection.
 # One shell command, so gen-check can reuse it.
@@ -26,6 +31,7 @@ PROTO_GEN_CMD = rm -rf gen \
 	&& $(PROTO_ENV) $(PROTO_BUF) generate \
 	&& for d in $$(find gen/python/cex -type d | LC_ALL=C sort); do : > "$$d/__init__.py"; done \
 	&& : > gen/python/cex/py.typed \
+	&& cp sdk/go/gen-go.mod gen/go/go.mod \
 	&& mkdir -p $(dir $(PROTO_DESCRIPTOR)) \
 	&& $(PROTO_BUF) build --as-file-descriptor-set -o $(PROTO_DESCRIPTOR)
 
