@@ -1122,7 +1122,11 @@ type StreamOrderBookResponse struct {
 	//
 	//	*StreamOrderBookResponse_Snapshot
 	//	*StreamOrderBookResponse_Delta
-	Kind          isStreamOrderBookResponse_Kind `protobuf_oneof:"kind"`
+	Kind isStreamOrderBookResponse_Kind `protobuf_oneof:"kind"`
+	// Set on a snapshot that is not the first of the stream: the server dropped
+	// what this subscriber owed (it fell too far behind, or the server itself
+	// recovered from a gap or restarted its feed) and starts it over from here.
+	Resynced      bool `protobuf:"varint,3,opt,name=resynced,proto3" json:"resynced,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1180,6 +1184,13 @@ func (x *StreamOrderBookResponse) GetDelta() *OrderBookDelta {
 		}
 	}
 	return nil
+}
+
+func (x *StreamOrderBookResponse) GetResynced() bool {
+	if x != nil {
+		return x.Resynced
+	}
+	return false
 }
 
 type isStreamOrderBookResponse_Kind interface {
@@ -1974,10 +1985,11 @@ const file_cex_marketdata_v1_marketdata_proto_rawDesc = "" +
 	"\x04book\x18\x01 \x01(\v2\x1c.cex.marketdata.v1.OrderBookR\x04book\"F\n" +
 	"\x16StreamOrderBookRequest\x12\x16\n" +
 	"\x06market\x18\x01 \x01(\tR\x06market\x12\x14\n" +
-	"\x05depth\x18\x02 \x01(\x05R\x05depth\"\x98\x01\n" +
+	"\x05depth\x18\x02 \x01(\x05R\x05depth\"\xb4\x01\n" +
 	"\x17StreamOrderBookResponse\x12:\n" +
 	"\bsnapshot\x18\x01 \x01(\v2\x1c.cex.marketdata.v1.OrderBookH\x00R\bsnapshot\x129\n" +
-	"\x05delta\x18\x02 \x01(\v2!.cex.marketdata.v1.OrderBookDeltaH\x00R\x05deltaB\x06\n" +
+	"\x05delta\x18\x02 \x01(\v2!.cex.marketdata.v1.OrderBookDeltaH\x00R\x05delta\x12\x1a\n" +
+	"\bresynced\x18\x03 \x01(\bR\bresyncedB\x06\n" +
 	"\x04kind\"\xd9\x01\n" +
 	"\x11ListTradesRequest\x12\x16\n" +
 	"\x06market\x18\x01 \x01(\tR\x06market\x129\n" +

@@ -509,6 +509,84 @@ func (x *KillSwitch) GetUpdateTime() *timestamppb.Timestamp {
 	return nil
 }
 
+// Published on JetStream (stream RISK_EVENTS, subject risk.events.kill_switch,
+// Nats-Msg-Id "risk-ks-<event_id>") after every SetKillSwitch (a retry of the
+// same request_id adds none), at least once, in event_id order. The order
+// service cancels the working orders in scope when engaged and
+// cancel_open_orders are both set.
+type KillSwitchEvent struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Increasing id of the change (risk's audit log); consumers skip ids they saw.
+	EventId int64 `protobuf:"varint,1,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	// The switch after the change.
+	KillSwitch *KillSwitch `protobuf:"bytes,2,opt,name=kill_switch,json=killSwitch,proto3" json:"kill_switch,omitempty"`
+	// The operator asked for the working orders in scope to be cancelled
+	// (reason CANCEL_REASON_KILL_SWITCH).
+	CancelOpenOrders bool `protobuf:"varint,3,opt,name=cancel_open_orders,json=cancelOpenOrders,proto3" json:"cancel_open_orders,omitempty"`
+	// The SetKillSwitch request_id.
+	RequestId     string `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KillSwitchEvent) Reset() {
+	*x = KillSwitchEvent{}
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KillSwitchEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KillSwitchEvent) ProtoMessage() {}
+
+func (x *KillSwitchEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KillSwitchEvent.ProtoReflect.Descriptor instead.
+func (*KillSwitchEvent) Descriptor() ([]byte, []int) {
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *KillSwitchEvent) GetEventId() int64 {
+	if x != nil {
+		return x.EventId
+	}
+	return 0
+}
+
+func (x *KillSwitchEvent) GetKillSwitch() *KillSwitch {
+	if x != nil {
+		return x.KillSwitch
+	}
+	return nil
+}
+
+func (x *KillSwitchEvent) GetCancelOpenOrders() bool {
+	if x != nil {
+		return x.CancelOpenOrders
+	}
+	return false
+}
+
+func (x *KillSwitchEvent) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
 // Request for RiskService.CheckOrder.
 type CheckOrderRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -534,13 +612,20 @@ type CheckOrderRequest struct {
 	Quantity string `protobuf:"bytes,10,opt,name=quantity,proto3" json:"quantity,omitempty"`
 	// Decimal string: quote budget for market buys.
 	QuoteQuantity string `protobuf:"bytes,11,opt,name=quote_quantity,json=quoteQuantity,proto3" json:"quote_quantity,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// The account's working orders in all markets right now, not counting this
+	// one, as the order service's own records say (order owns open orders; risk
+	// keeps no copy). Checked against max_open_orders on PLACE; ignored on AMEND.
+	OpenOrders int32 `protobuf:"varint,12,opt,name=open_orders,json=openOrders,proto3" json:"open_orders,omitempty"`
+	// The account's working orders in this market right now, not counting this
+	// one. Checked against the market's max_open_orders on PLACE.
+	MarketOpenOrders int32 `protobuf:"varint,13,opt,name=market_open_orders,json=marketOpenOrders,proto3" json:"market_open_orders,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *CheckOrderRequest) Reset() {
 	*x = CheckOrderRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[4]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -552,7 +637,7 @@ func (x *CheckOrderRequest) String() string {
 func (*CheckOrderRequest) ProtoMessage() {}
 
 func (x *CheckOrderRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[4]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -565,7 +650,7 @@ func (x *CheckOrderRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckOrderRequest.ProtoReflect.Descriptor instead.
 func (*CheckOrderRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{4}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *CheckOrderRequest) GetAccountId() string {
@@ -645,6 +730,84 @@ func (x *CheckOrderRequest) GetQuoteQuantity() string {
 	return ""
 }
 
+func (x *CheckOrderRequest) GetOpenOrders() int32 {
+	if x != nil {
+		return x.OpenOrders
+	}
+	return 0
+}
+
+func (x *CheckOrderRequest) GetMarketOpenOrders() int32 {
+	if x != nil {
+		return x.MarketOpenOrders
+	}
+	return 0
+}
+
+// An account's order rate-limit budget (a token bucket refilled every second).
+type RateLimitUsage struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Order commands allowed per second (the bucket's size); 0 = no limit.
+	Limit int32 `protobuf:"varint,1,opt,name=limit,proto3" json:"limit,omitempty"`
+	// Commands counted in the current window (limit - remaining, rounded up).
+	Used int32 `protobuf:"varint,2,opt,name=used,proto3" json:"used,omitempty"`
+	// Commands that may still be sent right now.
+	Remaining     int32 `protobuf:"varint,3,opt,name=remaining,proto3" json:"remaining,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RateLimitUsage) Reset() {
+	*x = RateLimitUsage{}
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RateLimitUsage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RateLimitUsage) ProtoMessage() {}
+
+func (x *RateLimitUsage) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RateLimitUsage.ProtoReflect.Descriptor instead.
+func (*RateLimitUsage) Descriptor() ([]byte, []int) {
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *RateLimitUsage) GetLimit() int32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+func (x *RateLimitUsage) GetUsed() int32 {
+	if x != nil {
+		return x.Used
+	}
+	return 0
+}
+
+func (x *RateLimitUsage) GetRemaining() int32 {
+	if x != nil {
+		return x.Remaining
+	}
+	return 0
+}
+
 // Response for RiskService.CheckOrder.
 type CheckOrderResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -656,13 +819,16 @@ type CheckOrderResponse struct {
 	Denial *status.Status `protobuf:"bytes,2,opt,name=denial,proto3" json:"denial,omitempty"`
 	// Decimal string: the reference price the bands were computed from, if any.
 	ReferencePrice string `protobuf:"bytes,3,opt,name=reference_price,json=referencePrice,proto3" json:"reference_price,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The account's rate-limit budget after this check (also sent as response
+	// metadata x-cex-order-limit-1s / x-cex-order-count-1s); pass it on to clients.
+	RateLimit     *RateLimitUsage `protobuf:"bytes,4,opt,name=rate_limit,json=rateLimit,proto3" json:"rate_limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CheckOrderResponse) Reset() {
 	*x = CheckOrderResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[5]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -674,7 +840,7 @@ func (x *CheckOrderResponse) String() string {
 func (*CheckOrderResponse) ProtoMessage() {}
 
 func (x *CheckOrderResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[5]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -687,7 +853,7 @@ func (x *CheckOrderResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckOrderResponse.ProtoReflect.Descriptor instead.
 func (*CheckOrderResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{5}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *CheckOrderResponse) GetAllowed() bool {
@@ -711,6 +877,13 @@ func (x *CheckOrderResponse) GetReferencePrice() string {
 	return ""
 }
 
+func (x *CheckOrderResponse) GetRateLimit() *RateLimitUsage {
+	if x != nil {
+		return x.RateLimit
+	}
+	return nil
+}
+
 // Request for RiskService.CheckWithdrawal.
 type CheckWithdrawalRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -732,7 +905,7 @@ type CheckWithdrawalRequest struct {
 
 func (x *CheckWithdrawalRequest) Reset() {
 	*x = CheckWithdrawalRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[6]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -744,7 +917,7 @@ func (x *CheckWithdrawalRequest) String() string {
 func (*CheckWithdrawalRequest) ProtoMessage() {}
 
 func (x *CheckWithdrawalRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[6]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -757,7 +930,7 @@ func (x *CheckWithdrawalRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckWithdrawalRequest.ProtoReflect.Descriptor instead.
 func (*CheckWithdrawalRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{6}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *CheckWithdrawalRequest) GetWithdrawalId() string {
@@ -816,7 +989,7 @@ type CheckWithdrawalResponse struct {
 
 func (x *CheckWithdrawalResponse) Reset() {
 	*x = CheckWithdrawalResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[7]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -828,7 +1001,7 @@ func (x *CheckWithdrawalResponse) String() string {
 func (*CheckWithdrawalResponse) ProtoMessage() {}
 
 func (x *CheckWithdrawalResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[7]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -841,7 +1014,7 @@ func (x *CheckWithdrawalResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckWithdrawalResponse.ProtoReflect.Descriptor instead.
 func (*CheckWithdrawalResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{7}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CheckWithdrawalResponse) GetAllowed() bool {
@@ -869,7 +1042,7 @@ type GetLimitsRequest struct {
 
 func (x *GetLimitsRequest) Reset() {
 	*x = GetLimitsRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[8]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -881,7 +1054,7 @@ func (x *GetLimitsRequest) String() string {
 func (*GetLimitsRequest) ProtoMessage() {}
 
 func (x *GetLimitsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[8]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -894,7 +1067,7 @@ func (x *GetLimitsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLimitsRequest.ProtoReflect.Descriptor instead.
 func (*GetLimitsRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{8}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetLimitsRequest) GetAccountId() string {
@@ -915,7 +1088,7 @@ type GetLimitsResponse struct {
 
 func (x *GetLimitsResponse) Reset() {
 	*x = GetLimitsResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[9]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -927,7 +1100,7 @@ func (x *GetLimitsResponse) String() string {
 func (*GetLimitsResponse) ProtoMessage() {}
 
 func (x *GetLimitsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[9]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -940,7 +1113,7 @@ func (x *GetLimitsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLimitsResponse.ProtoReflect.Descriptor instead.
 func (*GetLimitsResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{9}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GetLimitsResponse) GetLimits() *Limits {
@@ -966,7 +1139,7 @@ type SetLimitsRequest struct {
 
 func (x *SetLimitsRequest) Reset() {
 	*x = SetLimitsRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[10]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -978,7 +1151,7 @@ func (x *SetLimitsRequest) String() string {
 func (*SetLimitsRequest) ProtoMessage() {}
 
 func (x *SetLimitsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[10]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -991,7 +1164,7 @@ func (x *SetLimitsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetLimitsRequest.ProtoReflect.Descriptor instead.
 func (*SetLimitsRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{10}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *SetLimitsRequest) GetRequestId() string {
@@ -1026,7 +1199,7 @@ type SetLimitsResponse struct {
 
 func (x *SetLimitsResponse) Reset() {
 	*x = SetLimitsResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[11]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1038,7 +1211,7 @@ func (x *SetLimitsResponse) String() string {
 func (*SetLimitsResponse) ProtoMessage() {}
 
 func (x *SetLimitsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[11]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1051,7 +1224,7 @@ func (x *SetLimitsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetLimitsResponse.ProtoReflect.Descriptor instead.
 func (*SetLimitsResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{11}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SetLimitsResponse) GetLimits() *Limits {
@@ -1086,7 +1259,7 @@ type SetKillSwitchRequest struct {
 
 func (x *SetKillSwitchRequest) Reset() {
 	*x = SetKillSwitchRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[12]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1098,7 +1271,7 @@ func (x *SetKillSwitchRequest) String() string {
 func (*SetKillSwitchRequest) ProtoMessage() {}
 
 func (x *SetKillSwitchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[12]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1111,7 +1284,7 @@ func (x *SetKillSwitchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKillSwitchRequest.ProtoReflect.Descriptor instead.
 func (*SetKillSwitchRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{12}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SetKillSwitchRequest) GetRequestId() string {
@@ -1181,7 +1354,7 @@ type SetKillSwitchResponse struct {
 
 func (x *SetKillSwitchResponse) Reset() {
 	*x = SetKillSwitchResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[13]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1193,7 +1366,7 @@ func (x *SetKillSwitchResponse) String() string {
 func (*SetKillSwitchResponse) ProtoMessage() {}
 
 func (x *SetKillSwitchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[13]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1206,7 +1379,7 @@ func (x *SetKillSwitchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKillSwitchResponse.ProtoReflect.Descriptor instead.
 func (*SetKillSwitchResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{13}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SetKillSwitchResponse) GetKillSwitch() *KillSwitch {
@@ -1231,7 +1404,7 @@ type ListKillSwitchesRequest struct {
 
 func (x *ListKillSwitchesRequest) Reset() {
 	*x = ListKillSwitchesRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[14]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1243,7 +1416,7 @@ func (x *ListKillSwitchesRequest) String() string {
 func (*ListKillSwitchesRequest) ProtoMessage() {}
 
 func (x *ListKillSwitchesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[14]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1256,7 +1429,7 @@ func (x *ListKillSwitchesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKillSwitchesRequest.ProtoReflect.Descriptor instead.
 func (*ListKillSwitchesRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{14}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListKillSwitchesRequest) GetEngagedOnly() bool {
@@ -1293,7 +1466,7 @@ type ListKillSwitchesResponse struct {
 
 func (x *ListKillSwitchesResponse) Reset() {
 	*x = ListKillSwitchesResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[15]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1305,7 +1478,7 @@ func (x *ListKillSwitchesResponse) String() string {
 func (*ListKillSwitchesResponse) ProtoMessage() {}
 
 func (x *ListKillSwitchesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[15]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1318,7 +1491,7 @@ func (x *ListKillSwitchesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKillSwitchesResponse.ProtoReflect.Descriptor instead.
 func (*ListKillSwitchesResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{15}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ListKillSwitchesResponse) GetKillSwitches() []*KillSwitch {
@@ -1375,7 +1548,14 @@ const file_cex_risk_v1_risk_proto_rawDesc = "" +
 	"\n" +
 	"updated_by\x18\a \x01(\tR\tupdatedBy\x12;\n" +
 	"\vupdate_time\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"updateTime\"\x8a\x03\n" +
+	"updateTime\"\xb3\x01\n" +
+	"\x0fKillSwitchEvent\x12\x19\n" +
+	"\bevent_id\x18\x01 \x01(\x03R\aeventId\x128\n" +
+	"\vkill_switch\x18\x02 \x01(\v2\x17.cex.risk.v1.KillSwitchR\n" +
+	"killSwitch\x12,\n" +
+	"\x12cancel_open_orders\x18\x03 \x01(\bR\x10cancelOpenOrders\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x04 \x01(\tR\trequestId\"\xd9\x03\n" +
 	"\x11CheckOrderRequest\x12\x1d\n" +
 	"\n" +
 	"account_id\x18\x01 \x01(\tR\taccountId\x12\x16\n" +
@@ -1390,11 +1570,20 @@ const file_cex_risk_v1_risk_proto_rawDesc = "" +
 	"stop_price\x18\t \x01(\tR\tstopPrice\x12\x1a\n" +
 	"\bquantity\x18\n" +
 	" \x01(\tR\bquantity\x12%\n" +
-	"\x0equote_quantity\x18\v \x01(\tR\rquoteQuantity\"\x83\x01\n" +
+	"\x0equote_quantity\x18\v \x01(\tR\rquoteQuantity\x12\x1f\n" +
+	"\vopen_orders\x18\f \x01(\x05R\n" +
+	"openOrders\x12,\n" +
+	"\x12market_open_orders\x18\r \x01(\x05R\x10marketOpenOrders\"X\n" +
+	"\x0eRateLimitUsage\x12\x14\n" +
+	"\x05limit\x18\x01 \x01(\x05R\x05limit\x12\x12\n" +
+	"\x04used\x18\x02 \x01(\x05R\x04used\x12\x1c\n" +
+	"\tremaining\x18\x03 \x01(\x05R\tremaining\"\xbf\x01\n" +
 	"\x12CheckOrderResponse\x12\x18\n" +
 	"\aallowed\x18\x01 \x01(\bR\aallowed\x12*\n" +
 	"\x06denial\x18\x02 \x01(\v2\x12.google.rpc.StatusR\x06denial\x12'\n" +
-	"\x0freference_price\x18\x03 \x01(\tR\x0ereferencePrice\"\xbe\x01\n" +
+	"\x0freference_price\x18\x03 \x01(\tR\x0ereferencePrice\x12:\n" +
+	"\n" +
+	"rate_limit\x18\x04 \x01(\v2\x1b.cex.risk.v1.RateLimitUsageR\trateLimit\"\xbe\x01\n" +
 	"\x16CheckWithdrawalRequest\x12#\n" +
 	"\rwithdrawal_id\x18\x01 \x01(\tR\fwithdrawalId\x12\x1d\n" +
 	"\n" +
@@ -1471,7 +1660,7 @@ func file_cex_risk_v1_risk_proto_rawDescGZIP() []byte {
 }
 
 var file_cex_risk_v1_risk_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_cex_risk_v1_risk_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_cex_risk_v1_risk_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_cex_risk_v1_risk_proto_goTypes = []any{
 	(KillSwitchScope)(0),             // 0: cex.risk.v1.KillSwitchScope
 	(OrderAction)(0),                 // 1: cex.risk.v1.OrderAction
@@ -1479,57 +1668,61 @@ var file_cex_risk_v1_risk_proto_goTypes = []any{
 	(*WithdrawalLimits)(nil),         // 3: cex.risk.v1.WithdrawalLimits
 	(*Limits)(nil),                   // 4: cex.risk.v1.Limits
 	(*KillSwitch)(nil),               // 5: cex.risk.v1.KillSwitch
-	(*CheckOrderRequest)(nil),        // 6: cex.risk.v1.CheckOrderRequest
-	(*CheckOrderResponse)(nil),       // 7: cex.risk.v1.CheckOrderResponse
-	(*CheckWithdrawalRequest)(nil),   // 8: cex.risk.v1.CheckWithdrawalRequest
-	(*CheckWithdrawalResponse)(nil),  // 9: cex.risk.v1.CheckWithdrawalResponse
-	(*GetLimitsRequest)(nil),         // 10: cex.risk.v1.GetLimitsRequest
-	(*GetLimitsResponse)(nil),        // 11: cex.risk.v1.GetLimitsResponse
-	(*SetLimitsRequest)(nil),         // 12: cex.risk.v1.SetLimitsRequest
-	(*SetLimitsResponse)(nil),        // 13: cex.risk.v1.SetLimitsResponse
-	(*SetKillSwitchRequest)(nil),     // 14: cex.risk.v1.SetKillSwitchRequest
-	(*SetKillSwitchResponse)(nil),    // 15: cex.risk.v1.SetKillSwitchResponse
-	(*ListKillSwitchesRequest)(nil),  // 16: cex.risk.v1.ListKillSwitchesRequest
-	(*ListKillSwitchesResponse)(nil), // 17: cex.risk.v1.ListKillSwitchesResponse
-	(*timestamppb.Timestamp)(nil),    // 18: google.protobuf.Timestamp
-	(v1.Side)(0),                     // 19: cex.type.v1.Side
-	(v1.OrderType)(0),                // 20: cex.type.v1.OrderType
-	(*status.Status)(nil),            // 21: google.rpc.Status
+	(*KillSwitchEvent)(nil),          // 6: cex.risk.v1.KillSwitchEvent
+	(*CheckOrderRequest)(nil),        // 7: cex.risk.v1.CheckOrderRequest
+	(*RateLimitUsage)(nil),           // 8: cex.risk.v1.RateLimitUsage
+	(*CheckOrderResponse)(nil),       // 9: cex.risk.v1.CheckOrderResponse
+	(*CheckWithdrawalRequest)(nil),   // 10: cex.risk.v1.CheckWithdrawalRequest
+	(*CheckWithdrawalResponse)(nil),  // 11: cex.risk.v1.CheckWithdrawalResponse
+	(*GetLimitsRequest)(nil),         // 12: cex.risk.v1.GetLimitsRequest
+	(*GetLimitsResponse)(nil),        // 13: cex.risk.v1.GetLimitsResponse
+	(*SetLimitsRequest)(nil),         // 14: cex.risk.v1.SetLimitsRequest
+	(*SetLimitsResponse)(nil),        // 15: cex.risk.v1.SetLimitsResponse
+	(*SetKillSwitchRequest)(nil),     // 16: cex.risk.v1.SetKillSwitchRequest
+	(*SetKillSwitchResponse)(nil),    // 17: cex.risk.v1.SetKillSwitchResponse
+	(*ListKillSwitchesRequest)(nil),  // 18: cex.risk.v1.ListKillSwitchesRequest
+	(*ListKillSwitchesResponse)(nil), // 19: cex.risk.v1.ListKillSwitchesResponse
+	(*timestamppb.Timestamp)(nil),    // 20: google.protobuf.Timestamp
+	(v1.Side)(0),                     // 21: cex.type.v1.Side
+	(v1.OrderType)(0),                // 22: cex.type.v1.OrderType
+	(*status.Status)(nil),            // 23: google.rpc.Status
 }
 var file_cex_risk_v1_risk_proto_depIdxs = []int32{
 	2,  // 0: cex.risk.v1.Limits.markets:type_name -> cex.risk.v1.MarketLimits
 	3,  // 1: cex.risk.v1.Limits.withdrawals:type_name -> cex.risk.v1.WithdrawalLimits
-	18, // 2: cex.risk.v1.Limits.update_time:type_name -> google.protobuf.Timestamp
+	20, // 2: cex.risk.v1.Limits.update_time:type_name -> google.protobuf.Timestamp
 	0,  // 3: cex.risk.v1.KillSwitch.scope:type_name -> cex.risk.v1.KillSwitchScope
-	18, // 4: cex.risk.v1.KillSwitch.update_time:type_name -> google.protobuf.Timestamp
-	1,  // 5: cex.risk.v1.CheckOrderRequest.action:type_name -> cex.risk.v1.OrderAction
-	19, // 6: cex.risk.v1.CheckOrderRequest.side:type_name -> cex.type.v1.Side
-	20, // 7: cex.risk.v1.CheckOrderRequest.type:type_name -> cex.type.v1.OrderType
-	21, // 8: cex.risk.v1.CheckOrderResponse.denial:type_name -> google.rpc.Status
-	21, // 9: cex.risk.v1.CheckWithdrawalResponse.denial:type_name -> google.rpc.Status
-	4,  // 10: cex.risk.v1.GetLimitsResponse.limits:type_name -> cex.risk.v1.Limits
-	4,  // 11: cex.risk.v1.SetLimitsRequest.limits:type_name -> cex.risk.v1.Limits
-	4,  // 12: cex.risk.v1.SetLimitsResponse.limits:type_name -> cex.risk.v1.Limits
-	0,  // 13: cex.risk.v1.SetKillSwitchRequest.scope:type_name -> cex.risk.v1.KillSwitchScope
-	5,  // 14: cex.risk.v1.SetKillSwitchResponse.kill_switch:type_name -> cex.risk.v1.KillSwitch
-	5,  // 15: cex.risk.v1.ListKillSwitchesResponse.kill_switches:type_name -> cex.risk.v1.KillSwitch
-	6,  // 16: cex.risk.v1.RiskService.CheckOrder:input_type -> cex.risk.v1.CheckOrderRequest
-	8,  // 17: cex.risk.v1.RiskService.CheckWithdrawal:input_type -> cex.risk.v1.CheckWithdrawalRequest
-	10, // 18: cex.risk.v1.RiskService.GetLimits:input_type -> cex.risk.v1.GetLimitsRequest
-	12, // 19: cex.risk.v1.RiskService.SetLimits:input_type -> cex.risk.v1.SetLimitsRequest
-	14, // 20: cex.risk.v1.RiskService.SetKillSwitch:input_type -> cex.risk.v1.SetKillSwitchRequest
-	16, // 21: cex.risk.v1.RiskService.ListKillSwitches:input_type -> cex.risk.v1.ListKillSwitchesRequest
-	7,  // 22: cex.risk.v1.RiskService.CheckOrder:output_type -> cex.risk.v1.CheckOrderResponse
-	9,  // 23: cex.risk.v1.RiskService.CheckWithdrawal:output_type -> cex.risk.v1.CheckWithdrawalResponse
-	11, // 24: cex.risk.v1.RiskService.GetLimits:output_type -> cex.risk.v1.GetLimitsResponse
-	13, // 25: cex.risk.v1.RiskService.SetLimits:output_type -> cex.risk.v1.SetLimitsResponse
-	15, // 26: cex.risk.v1.RiskService.SetKillSwitch:output_type -> cex.risk.v1.SetKillSwitchResponse
-	17, // 27: cex.risk.v1.RiskService.ListKillSwitches:output_type -> cex.risk.v1.ListKillSwitchesResponse
-	22, // [22:28] is the sub-list for method output_type
-	16, // [16:22] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	20, // 4: cex.risk.v1.KillSwitch.update_time:type_name -> google.protobuf.Timestamp
+	5,  // 5: cex.risk.v1.KillSwitchEvent.kill_switch:type_name -> cex.risk.v1.KillSwitch
+	1,  // 6: cex.risk.v1.CheckOrderRequest.action:type_name -> cex.risk.v1.OrderAction
+	21, // 7: cex.risk.v1.CheckOrderRequest.side:type_name -> cex.type.v1.Side
+	22, // 8: cex.risk.v1.CheckOrderRequest.type:type_name -> cex.type.v1.OrderType
+	23, // 9: cex.risk.v1.CheckOrderResponse.denial:type_name -> google.rpc.Status
+	8,  // 10: cex.risk.v1.CheckOrderResponse.rate_limit:type_name -> cex.risk.v1.RateLimitUsage
+	23, // 11: cex.risk.v1.CheckWithdrawalResponse.denial:type_name -> google.rpc.Status
+	4,  // 12: cex.risk.v1.GetLimitsResponse.limits:type_name -> cex.risk.v1.Limits
+	4,  // 13: cex.risk.v1.SetLimitsRequest.limits:type_name -> cex.risk.v1.Limits
+	4,  // 14: cex.risk.v1.SetLimitsResponse.limits:type_name -> cex.risk.v1.Limits
+	0,  // 15: cex.risk.v1.SetKillSwitchRequest.scope:type_name -> cex.risk.v1.KillSwitchScope
+	5,  // 16: cex.risk.v1.SetKillSwitchResponse.kill_switch:type_name -> cex.risk.v1.KillSwitch
+	5,  // 17: cex.risk.v1.ListKillSwitchesResponse.kill_switches:type_name -> cex.risk.v1.KillSwitch
+	7,  // 18: cex.risk.v1.RiskService.CheckOrder:input_type -> cex.risk.v1.CheckOrderRequest
+	10, // 19: cex.risk.v1.RiskService.CheckWithdrawal:input_type -> cex.risk.v1.CheckWithdrawalRequest
+	12, // 20: cex.risk.v1.RiskService.GetLimits:input_type -> cex.risk.v1.GetLimitsRequest
+	14, // 21: cex.risk.v1.RiskService.SetLimits:input_type -> cex.risk.v1.SetLimitsRequest
+	16, // 22: cex.risk.v1.RiskService.SetKillSwitch:input_type -> cex.risk.v1.SetKillSwitchRequest
+	18, // 23: cex.risk.v1.RiskService.ListKillSwitches:input_type -> cex.risk.v1.ListKillSwitchesRequest
+	9,  // 24: cex.risk.v1.RiskService.CheckOrder:output_type -> cex.risk.v1.CheckOrderResponse
+	11, // 25: cex.risk.v1.RiskService.CheckWithdrawal:output_type -> cex.risk.v1.CheckWithdrawalResponse
+	13, // 26: cex.risk.v1.RiskService.GetLimits:output_type -> cex.risk.v1.GetLimitsResponse
+	15, // 27: cex.risk.v1.RiskService.SetLimits:output_type -> cex.risk.v1.SetLimitsResponse
+	17, // 28: cex.risk.v1.RiskService.SetKillSwitch:output_type -> cex.risk.v1.SetKillSwitchResponse
+	19, // 29: cex.risk.v1.RiskService.ListKillSwitches:output_type -> cex.risk.v1.ListKillSwitchesResponse
+	24, // [24:30] is the sub-list for method output_type
+	18, // [18:24] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_cex_risk_v1_risk_proto_init() }
@@ -1543,7 +1736,7 @@ func file_cex_risk_v1_risk_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cex_risk_v1_risk_proto_rawDesc), len(file_cex_risk_v1_risk_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   16,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

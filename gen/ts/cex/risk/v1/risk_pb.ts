@@ -24,7 +24,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cex/risk/v1/risk.proto.
  */
 export const file_cex_risk_v1_risk: GenFile = /*@__PURE__*/
-  fileDesc("ChZjZXgvcmlzay92MS9yaXNrLnByb3RvEgtjZXgucmlzay52MSKDAQoMTWFya2V0TGltaXRzEg4KBm1hcmtldBgBIAEoCRIaChJtYXhfb3JkZXJfcXVhbnRpdHkYAiABKAkSGgoSbWF4X29yZGVyX25vdGlvbmFsGAMgASgJEhIKCnByaWNlX2JhbmQYBCABKAkSFwoPbWF4X29wZW5fb3JkZXJzGAUgASgFImwKEFdpdGhkcmF3YWxMaW1pdHMSDQoFYXNzZXQYASABKAkSEgoKbWF4X2Ftb3VudBgCIAEoCRIaChJtYXhfYW1vdW50X3Blcl9kYXkYAyABKAkSGQoRbWF4X2NvdW50X3Blcl9kYXkYBCABKAUi9gEKBkxpbWl0cxISCgphY2NvdW50X2lkGAEgASgJEh0KFW1heF9vcmRlcnNfcGVyX3NlY29uZBgCIAEoBRIXCg9tYXhfb3Blbl9vcmRlcnMYAyABKAUSKgoHbWFya2V0cxgEIAMoCzIZLmNleC5yaXNrLnYxLk1hcmtldExpbWl0cxIyCgt3aXRoZHJhd2FscxgFIAMoCzIdLmNleC5yaXNrLnYxLldpdGhkcmF3YWxMaW1pdHMSDwoHdmVyc2lvbhgGIAEoAxIvCgt1cGRhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi3gEKCktpbGxTd2l0Y2gSKwoFc2NvcGUYASABKA4yHC5jZXgucmlzay52MS5LaWxsU3dpdGNoU2NvcGUSDgoGbWFya2V0GAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSDwoHZW5nYWdlZBgEIAEoCBIZChFibG9ja193aXRoZHJhd2FscxgFIAEoCBIOCgZyZWFzb24YBiABKAkSEgoKdXBkYXRlZF9ieRgHIAEoCRIvCgt1cGRhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAioAIKEUNoZWNrT3JkZXJSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDgoGbWFya2V0GAIgASgJEigKBmFjdGlvbhgDIAEoDjIYLmNleC5yaXNrLnYxLk9yZGVyQWN0aW9uEhAKCG9yZGVyX2lkGAQgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgFIAEoCRIfCgRzaWRlGAYgASgOMhEuY2V4LnR5cGUudjEuU2lkZRIkCgR0eXBlGAcgASgOMhYuY2V4LnR5cGUudjEuT3JkZXJUeXBlEg0KBXByaWNlGAggASgJEhIKCnN0b3BfcHJpY2UYCSABKAkSEAoIcXVhbnRpdHkYCiABKAkSFgoOcXVvdGVfcXVhbnRpdHkYCyABKAkiYgoSQ2hlY2tPcmRlclJlc3BvbnNlEg8KB2FsbG93ZWQYASABKAgSIgoGZGVuaWFsGAIgASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXMSFwoPcmVmZXJlbmNlX3ByaWNlGAMgASgJIoQBChZDaGVja1dpdGhkcmF3YWxSZXF1ZXN0EhUKDXdpdGhkcmF3YWxfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVhc3NldBgDIAEoCRIOCgZhbW91bnQYBCABKAkSDwoHbmV0d29yaxgFIAEoCRIPCgdhZGRyZXNzGAYgASgJIk4KF0NoZWNrV2l0aGRyYXdhbFJlc3BvbnNlEg8KB2FsbG93ZWQYASABKAgSIgoGZGVuaWFsGAIgASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXMiJgoQR2V0TGltaXRzUmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJIjgKEUdldExpbWl0c1Jlc3BvbnNlEiMKBmxpbWl0cxgBIAEoCzITLmNleC5yaXNrLnYxLkxpbWl0cyJlChBTZXRMaW1pdHNSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSIwoGbGltaXRzGAIgASgLMhMuY2V4LnJpc2sudjEuTGltaXRzEhgKEGV4cGVjdGVkX3ZlcnNpb24YAyABKAMiOAoRU2V0TGltaXRzUmVzcG9uc2USIwoGbGltaXRzGAEgASgLMhMuY2V4LnJpc2sudjEuTGltaXRzItMBChRTZXRLaWxsU3dpdGNoUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEisKBXNjb3BlGAIgASgOMhwuY2V4LnJpc2sudjEuS2lsbFN3aXRjaFNjb3BlEg4KBm1hcmtldBgDIAEoCRISCgphY2NvdW50X2lkGAQgASgJEg8KB2VuZ2FnZWQYBSABKAgSGQoRYmxvY2tfd2l0aGRyYXdhbHMYBiABKAgSGgoSY2FuY2VsX29wZW5fb3JkZXJzGAcgASgIEg4KBnJlYXNvbhgIIAEoCSJFChVTZXRLaWxsU3dpdGNoUmVzcG9uc2USLAoLa2lsbF9zd2l0Y2gYASABKAsyFy5jZXgucmlzay52MS5LaWxsU3dpdGNoIlYKF0xpc3RLaWxsU3dpdGNoZXNSZXF1ZXN0EhQKDGVuZ2FnZWRfb25seRgBIAEoCBIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJjChhMaXN0S2lsbFN3aXRjaGVzUmVzcG9uc2USLgoNa2lsbF9zd2l0Y2hlcxgBIAMoCzIXLmNleC5yaXNrLnYxLktpbGxTd2l0Y2gSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJKo8BCg9LaWxsU3dpdGNoU2NvcGUSIQodS0lMTF9TV0lUQ0hfU0NPUEVfVU5TUEVDSUZJRUQQABIcChhLSUxMX1NXSVRDSF9TQ09QRV9HTE9CQUwQARIcChhLSUxMX1NXSVRDSF9TQ09QRV9NQVJLRVQQAhIdChlLSUxMX1NXSVRDSF9TQ09QRV9BQ0NPVU5UEAMqWwoLT3JkZXJBY3Rpb24SHAoYT1JERVJfQUNUSU9OX1VOU1BFQ0lGSUVEEAASFgoST1JERVJfQUNUSU9OX1BMQUNFEAESFgoST1JERVJfQUNUSU9OX0FNRU5EEAIyhQUKC1Jpc2tTZXJ2aWNlEk0KCkNoZWNrT3JkZXISHi5jZXgucmlzay52MS5DaGVja09yZGVyUmVxdWVzdBofLmNleC5yaXNrLnYxLkNoZWNrT3JkZXJSZXNwb25zZRJcCg9DaGVja1dpdGhkcmF3YWwSIy5jZXgucmlzay52MS5DaGVja1dpdGhkcmF3YWxSZXF1ZXN0GiQuY2V4LnJpc2sudjEuQ2hlY2tXaXRoZHJhd2FsUmVzcG9uc2USZAoJR2V0TGltaXRzEh0uY2V4LnJpc2sudjEuR2V0TGltaXRzUmVxdWVzdBoeLmNleC5yaXNrLnYxLkdldExpbWl0c1Jlc3BvbnNlIhiC0+STAhISEC92MS9hZG1pbi9saW1pdHMSZwoJU2V0TGltaXRzEh0uY2V4LnJpc2sudjEuU2V0TGltaXRzUmVxdWVzdBoeLmNleC5yaXNrLnYxLlNldExpbWl0c1Jlc3BvbnNlIhuC0+STAhU6ASoiEC92MS9hZG1pbi9saW1pdHMSeQoNU2V0S2lsbFN3aXRjaBIhLmNleC5yaXNrLnYxLlNldEtpbGxTd2l0Y2hSZXF1ZXN0GiIuY2V4LnJpc2sudjEuU2V0S2lsbFN3aXRjaFJlc3BvbnNlIiGC0+STAhs6ASoiFi92MS9hZG1pbi9raWxsU3dpdGNoZXMSfwoQTGlzdEtpbGxTd2l0Y2hlcxIkLmNleC5yaXNrLnYxLkxpc3RLaWxsU3dpdGNoZXNSZXF1ZXN0GiUuY2V4LnJpc2sudjEuTGlzdEtpbGxTd2l0Y2hlc1Jlc3BvbnNlIh6C0+STAhgSFi92MS9hZG1pbi9raWxsU3dpdGNoZXNiBnByb3RvMw", [file_cex_type_v1_types, file_google_api_annotations, file_google_protobuf_timestamp, file_google_rpc_status]);
+  fileDesc("ChZjZXgvcmlzay92MS9yaXNrLnByb3RvEgtjZXgucmlzay52MSKDAQoMTWFya2V0TGltaXRzEg4KBm1hcmtldBgBIAEoCRIaChJtYXhfb3JkZXJfcXVhbnRpdHkYAiABKAkSGgoSbWF4X29yZGVyX25vdGlvbmFsGAMgASgJEhIKCnByaWNlX2JhbmQYBCABKAkSFwoPbWF4X29wZW5fb3JkZXJzGAUgASgFImwKEFdpdGhkcmF3YWxMaW1pdHMSDQoFYXNzZXQYASABKAkSEgoKbWF4X2Ftb3VudBgCIAEoCRIaChJtYXhfYW1vdW50X3Blcl9kYXkYAyABKAkSGQoRbWF4X2NvdW50X3Blcl9kYXkYBCABKAUi9gEKBkxpbWl0cxISCgphY2NvdW50X2lkGAEgASgJEh0KFW1heF9vcmRlcnNfcGVyX3NlY29uZBgCIAEoBRIXCg9tYXhfb3Blbl9vcmRlcnMYAyABKAUSKgoHbWFya2V0cxgEIAMoCzIZLmNleC5yaXNrLnYxLk1hcmtldExpbWl0cxIyCgt3aXRoZHJhd2FscxgFIAMoCzIdLmNleC5yaXNrLnYxLldpdGhkcmF3YWxMaW1pdHMSDwoHdmVyc2lvbhgGIAEoAxIvCgt1cGRhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi3gEKCktpbGxTd2l0Y2gSKwoFc2NvcGUYASABKA4yHC5jZXgucmlzay52MS5LaWxsU3dpdGNoU2NvcGUSDgoGbWFya2V0GAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSDwoHZW5nYWdlZBgEIAEoCBIZChFibG9ja193aXRoZHJhd2FscxgFIAEoCBIOCgZyZWFzb24YBiABKAkSEgoKdXBkYXRlZF9ieRgHIAEoCRIvCgt1cGRhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAigQEKD0tpbGxTd2l0Y2hFdmVudBIQCghldmVudF9pZBgBIAEoAxIsCgtraWxsX3N3aXRjaBgCIAEoCzIXLmNleC5yaXNrLnYxLktpbGxTd2l0Y2gSGgoSY2FuY2VsX29wZW5fb3JkZXJzGAMgASgIEhIKCnJlcXVlc3RfaWQYBCABKAki0QIKEUNoZWNrT3JkZXJSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDgoGbWFya2V0GAIgASgJEigKBmFjdGlvbhgDIAEoDjIYLmNleC5yaXNrLnYxLk9yZGVyQWN0aW9uEhAKCG9yZGVyX2lkGAQgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgFIAEoCRIfCgRzaWRlGAYgASgOMhEuY2V4LnR5cGUudjEuU2lkZRIkCgR0eXBlGAcgASgOMhYuY2V4LnR5cGUudjEuT3JkZXJUeXBlEg0KBXByaWNlGAggASgJEhIKCnN0b3BfcHJpY2UYCSABKAkSEAoIcXVhbnRpdHkYCiABKAkSFgoOcXVvdGVfcXVhbnRpdHkYCyABKAkSEwoLb3Blbl9vcmRlcnMYDCABKAUSGgoSbWFya2V0X29wZW5fb3JkZXJzGA0gASgFIkAKDlJhdGVMaW1pdFVzYWdlEg0KBWxpbWl0GAEgASgFEgwKBHVzZWQYAiABKAUSEQoJcmVtYWluaW5nGAMgASgFIpMBChJDaGVja09yZGVyUmVzcG9uc2USDwoHYWxsb3dlZBgBIAEoCBIiCgZkZW5pYWwYAiABKAsyEi5nb29nbGUucnBjLlN0YXR1cxIXCg9yZWZlcmVuY2VfcHJpY2UYAyABKAkSLwoKcmF0ZV9saW1pdBgEIAEoCzIbLmNleC5yaXNrLnYxLlJhdGVMaW1pdFVzYWdlIoQBChZDaGVja1dpdGhkcmF3YWxSZXF1ZXN0EhUKDXdpdGhkcmF3YWxfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVhc3NldBgDIAEoCRIOCgZhbW91bnQYBCABKAkSDwoHbmV0d29yaxgFIAEoCRIPCgdhZGRyZXNzGAYgASgJIk4KF0NoZWNrV2l0aGRyYXdhbFJlc3BvbnNlEg8KB2FsbG93ZWQYASABKAgSIgoGZGVuaWFsGAIgASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXMiJgoQR2V0TGltaXRzUmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJIjgKEUdldExpbWl0c1Jlc3BvbnNlEiMKBmxpbWl0cxgBIAEoCzITLmNleC5yaXNrLnYxLkxpbWl0cyJlChBTZXRMaW1pdHNSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSIwoGbGltaXRzGAIgASgLMhMuY2V4LnJpc2sudjEuTGltaXRzEhgKEGV4cGVjdGVkX3ZlcnNpb24YAyABKAMiOAoRU2V0TGltaXRzUmVzcG9uc2USIwoGbGltaXRzGAEgASgLMhMuY2V4LnJpc2sudjEuTGltaXRzItMBChRTZXRLaWxsU3dpdGNoUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEisKBXNjb3BlGAIgASgOMhwuY2V4LnJpc2sudjEuS2lsbFN3aXRjaFNjb3BlEg4KBm1hcmtldBgDIAEoCRISCgphY2NvdW50X2lkGAQgASgJEg8KB2VuZ2FnZWQYBSABKAgSGQoRYmxvY2tfd2l0aGRyYXdhbHMYBiABKAgSGgoSY2FuY2VsX29wZW5fb3JkZXJzGAcgASgIEg4KBnJlYXNvbhgIIAEoCSJFChVTZXRLaWxsU3dpdGNoUmVzcG9uc2USLAoLa2lsbF9zd2l0Y2gYASABKAsyFy5jZXgucmlzay52MS5LaWxsU3dpdGNoIlYKF0xpc3RLaWxsU3dpdGNoZXNSZXF1ZXN0EhQKDGVuZ2FnZWRfb25seRgBIAEoCBIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJjChhMaXN0S2lsbFN3aXRjaGVzUmVzcG9uc2USLgoNa2lsbF9zd2l0Y2hlcxgBIAMoCzIXLmNleC5yaXNrLnYxLktpbGxTd2l0Y2gSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJKo8BCg9LaWxsU3dpdGNoU2NvcGUSIQodS0lMTF9TV0lUQ0hfU0NPUEVfVU5TUEVDSUZJRUQQABIcChhLSUxMX1NXSVRDSF9TQ09QRV9HTE9CQUwQARIcChhLSUxMX1NXSVRDSF9TQ09QRV9NQVJLRVQQAhIdChlLSUxMX1NXSVRDSF9TQ09QRV9BQ0NPVU5UEAMqWwoLT3JkZXJBY3Rpb24SHAoYT1JERVJfQUNUSU9OX1VOU1BFQ0lGSUVEEAASFgoST1JERVJfQUNUSU9OX1BMQUNFEAESFgoST1JERVJfQUNUSU9OX0FNRU5EEAIyhQUKC1Jpc2tTZXJ2aWNlEk0KCkNoZWNrT3JkZXISHi5jZXgucmlzay52MS5DaGVja09yZGVyUmVxdWVzdBofLmNleC5yaXNrLnYxLkNoZWNrT3JkZXJSZXNwb25zZRJcCg9DaGVja1dpdGhkcmF3YWwSIy5jZXgucmlzay52MS5DaGVja1dpdGhkcmF3YWxSZXF1ZXN0GiQuY2V4LnJpc2sudjEuQ2hlY2tXaXRoZHJhd2FsUmVzcG9uc2USZAoJR2V0TGltaXRzEh0uY2V4LnJpc2sudjEuR2V0TGltaXRzUmVxdWVzdBoeLmNleC5yaXNrLnYxLkdldExpbWl0c1Jlc3BvbnNlIhiC0+STAhISEC92MS9hZG1pbi9saW1pdHMSZwoJU2V0TGltaXRzEh0uY2V4LnJpc2sudjEuU2V0TGltaXRzUmVxdWVzdBoeLmNleC5yaXNrLnYxLlNldExpbWl0c1Jlc3BvbnNlIhuC0+STAhU6ASoiEC92MS9hZG1pbi9saW1pdHMSeQoNU2V0S2lsbFN3aXRjaBIhLmNleC5yaXNrLnYxLlNldEtpbGxTd2l0Y2hSZXF1ZXN0GiIuY2V4LnJpc2sudjEuU2V0S2lsbFN3aXRjaFJlc3BvbnNlIiGC0+STAhs6ASoiFi92MS9hZG1pbi9raWxsU3dpdGNoZXMSfwoQTGlzdEtpbGxTd2l0Y2hlcxIkLmNleC5yaXNrLnYxLkxpc3RLaWxsU3dpdGNoZXNSZXF1ZXN0GiUuY2V4LnJpc2sudjEuTGlzdEtpbGxTd2l0Y2hlc1Jlc3BvbnNlIh6C0+STAhgSFi92MS9hZG1pbi9raWxsU3dpdGNoZXNiBnByb3RvMw", [file_cex_type_v1_types, file_google_api_annotations, file_google_protobuf_timestamp, file_google_rpc_status]);
 
 /**
  * Limits for one market. Decimal strings; empty means no limit of that kind.
@@ -254,6 +254,53 @@ export const KillSwitchSchema: GenMessage<KillSwitch> = /*@__PURE__*/
   messageDesc(file_cex_risk_v1_risk, 3);
 
 /**
+ * Published on JetStream (stream RISK_EVENTS, subject risk.events.kill_switch,
+ * Nats-Msg-Id "risk-ks-<event_id>") after every SetKillSwitch (a retry of the
+ * same request_id adds none), at least once, in event_id order. The order
+ * service cancels the working orders in scope when engaged and
+ * cancel_open_orders are both set.
+ *
+ * @generated from message cex.risk.v1.KillSwitchEvent
+ */
+export type KillSwitchEvent = Message<"cex.risk.v1.KillSwitchEvent"> & {
+  /**
+   * Increasing id of the change (risk's audit log); consumers skip ids they saw.
+   *
+   * @generated from field: int64 event_id = 1;
+   */
+  eventId: bigint;
+
+  /**
+   * The switch after the change.
+   *
+   * @generated from field: cex.risk.v1.KillSwitch kill_switch = 2;
+   */
+  killSwitch?: KillSwitch | undefined;
+
+  /**
+   * The operator asked for the working orders in scope to be cancelled
+   * (reason CANCEL_REASON_KILL_SWITCH).
+   *
+   * @generated from field: bool cancel_open_orders = 3;
+   */
+  cancelOpenOrders: boolean;
+
+  /**
+   * The SetKillSwitch request_id.
+   *
+   * @generated from field: string request_id = 4;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message cex.risk.v1.KillSwitchEvent.
+ * Use `create(KillSwitchEventSchema)` to create a new message.
+ */
+export const KillSwitchEventSchema: GenMessage<KillSwitchEvent> = /*@__PURE__*/
+  messageDesc(file_cex_risk_v1_risk, 4);
+
+/**
  * Request for RiskService.CheckOrder.
  *
  * @generated from message cex.risk.v1.CheckOrderRequest
@@ -335,6 +382,23 @@ export type CheckOrderRequest = Message<"cex.risk.v1.CheckOrderRequest"> & {
    * @generated from field: string quote_quantity = 11;
    */
   quoteQuantity: string;
+
+  /**
+   * The account's working orders in all markets right now, not counting this
+   * one, as the order service's own records say (order owns open orders; risk
+   * keeps no copy). Checked against max_open_orders on PLACE; ignored on AMEND.
+   *
+   * @generated from field: int32 open_orders = 12;
+   */
+  openOrders: number;
+
+  /**
+   * The account's working orders in this market right now, not counting this
+   * one. Checked against the market's max_open_orders on PLACE.
+   *
+   * @generated from field: int32 market_open_orders = 13;
+   */
+  marketOpenOrders: number;
 };
 
 /**
@@ -342,7 +406,42 @@ export type CheckOrderRequest = Message<"cex.risk.v1.CheckOrderRequest"> & {
  * Use `create(CheckOrderRequestSchema)` to create a new message.
  */
 export const CheckOrderRequestSchema: GenMessage<CheckOrderRequest> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 4);
+  messageDesc(file_cex_risk_v1_risk, 5);
+
+/**
+ * An account's order rate-limit budget (a token bucket refilled every second).
+ *
+ * @generated from message cex.risk.v1.RateLimitUsage
+ */
+export type RateLimitUsage = Message<"cex.risk.v1.RateLimitUsage"> & {
+  /**
+   * Order commands allowed per second (the bucket's size); 0 = no limit.
+   *
+   * @generated from field: int32 limit = 1;
+   */
+  limit: number;
+
+  /**
+   * Commands counted in the current window (limit - remaining, rounded up).
+   *
+   * @generated from field: int32 used = 2;
+   */
+  used: number;
+
+  /**
+   * Commands that may still be sent right now.
+   *
+   * @generated from field: int32 remaining = 3;
+   */
+  remaining: number;
+};
+
+/**
+ * Describes the message cex.risk.v1.RateLimitUsage.
+ * Use `create(RateLimitUsageSchema)` to create a new message.
+ */
+export const RateLimitUsageSchema: GenMessage<RateLimitUsage> = /*@__PURE__*/
+  messageDesc(file_cex_risk_v1_risk, 6);
 
 /**
  * Response for RiskService.CheckOrder.
@@ -372,6 +471,14 @@ export type CheckOrderResponse = Message<"cex.risk.v1.CheckOrderResponse"> & {
    * @generated from field: string reference_price = 3;
    */
   referencePrice: string;
+
+  /**
+   * The account's rate-limit budget after this check (also sent as response
+   * metadata x-cex-order-limit-1s / x-cex-order-count-1s); pass it on to clients.
+   *
+   * @generated from field: cex.risk.v1.RateLimitUsage rate_limit = 4;
+   */
+  rateLimit?: RateLimitUsage | undefined;
 };
 
 /**
@@ -379,7 +486,7 @@ export type CheckOrderResponse = Message<"cex.risk.v1.CheckOrderResponse"> & {
  * Use `create(CheckOrderResponseSchema)` to create a new message.
  */
 export const CheckOrderResponseSchema: GenMessage<CheckOrderResponse> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 5);
+  messageDesc(file_cex_risk_v1_risk, 7);
 
 /**
  * Request for RiskService.CheckWithdrawal.
@@ -435,7 +542,7 @@ export type CheckWithdrawalRequest = Message<"cex.risk.v1.CheckWithdrawalRequest
  * Use `create(CheckWithdrawalRequestSchema)` to create a new message.
  */
 export const CheckWithdrawalRequestSchema: GenMessage<CheckWithdrawalRequest> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 6);
+  messageDesc(file_cex_risk_v1_risk, 8);
 
 /**
  * Response for RiskService.CheckWithdrawal.
@@ -464,7 +571,7 @@ export type CheckWithdrawalResponse = Message<"cex.risk.v1.CheckWithdrawalRespon
  * Use `create(CheckWithdrawalResponseSchema)` to create a new message.
  */
 export const CheckWithdrawalResponseSchema: GenMessage<CheckWithdrawalResponse> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 7);
+  messageDesc(file_cex_risk_v1_risk, 9);
 
 /**
  * Request for RiskService.GetLimits.
@@ -485,7 +592,7 @@ export type GetLimitsRequest = Message<"cex.risk.v1.GetLimitsRequest"> & {
  * Use `create(GetLimitsRequestSchema)` to create a new message.
  */
 export const GetLimitsRequestSchema: GenMessage<GetLimitsRequest> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 8);
+  messageDesc(file_cex_risk_v1_risk, 10);
 
 /**
  * Response for RiskService.GetLimits.
@@ -506,7 +613,7 @@ export type GetLimitsResponse = Message<"cex.risk.v1.GetLimitsResponse"> & {
  * Use `create(GetLimitsResponseSchema)` to create a new message.
  */
 export const GetLimitsResponseSchema: GenMessage<GetLimitsResponse> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 9);
+  messageDesc(file_cex_risk_v1_risk, 11);
 
 /**
  * Request for RiskService.SetLimits.
@@ -542,7 +649,7 @@ export type SetLimitsRequest = Message<"cex.risk.v1.SetLimitsRequest"> & {
  * Use `create(SetLimitsRequestSchema)` to create a new message.
  */
 export const SetLimitsRequestSchema: GenMessage<SetLimitsRequest> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 10);
+  messageDesc(file_cex_risk_v1_risk, 12);
 
 /**
  * Response for RiskService.SetLimits.
@@ -563,7 +670,7 @@ export type SetLimitsResponse = Message<"cex.risk.v1.SetLimitsResponse"> & {
  * Use `create(SetLimitsResponseSchema)` to create a new message.
  */
 export const SetLimitsResponseSchema: GenMessage<SetLimitsResponse> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 11);
+  messageDesc(file_cex_risk_v1_risk, 13);
 
 /**
  * Request for RiskService.SetKillSwitch.
@@ -633,7 +740,7 @@ export type SetKillSwitchRequest = Message<"cex.risk.v1.SetKillSwitchRequest"> &
  * Use `create(SetKillSwitchRequestSchema)` to create a new message.
  */
 export const SetKillSwitchRequestSchema: GenMessage<SetKillSwitchRequest> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 12);
+  messageDesc(file_cex_risk_v1_risk, 14);
 
 /**
  * Response for RiskService.SetKillSwitch.
@@ -654,7 +761,7 @@ export type SetKillSwitchResponse = Message<"cex.risk.v1.SetKillSwitchResponse">
  * Use `create(SetKillSwitchResponseSchema)` to create a new message.
  */
 export const SetKillSwitchResponseSchema: GenMessage<SetKillSwitchResponse> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 13);
+  messageDesc(file_cex_risk_v1_risk, 15);
 
 /**
  * Request for RiskService.ListKillSwitches.
@@ -689,7 +796,7 @@ export type ListKillSwitchesRequest = Message<"cex.risk.v1.ListKillSwitchesReque
  * Use `create(ListKillSwitchesRequestSchema)` to create a new message.
  */
 export const ListKillSwitchesRequestSchema: GenMessage<ListKillSwitchesRequest> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 14);
+  messageDesc(file_cex_risk_v1_risk, 16);
 
 /**
  * Response for RiskService.ListKillSwitches.
@@ -717,7 +824,7 @@ export type ListKillSwitchesResponse = Message<"cex.risk.v1.ListKillSwitchesResp
  * Use `create(ListKillSwitchesResponseSchema)` to create a new message.
  */
 export const ListKillSwitchesResponseSchema: GenMessage<ListKillSwitchesResponse> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 15);
+  messageDesc(file_cex_risk_v1_risk, 17);
 
 /**
  * What a kill switch covers.
