@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +39,7 @@ __all__ = [
     "RiskClient",
     "StatusError",
     "hold_id",
+    "rate_usage_var",
 ]
 
 _log = logging.getLogger("cex.order.downstream")
@@ -54,6 +56,11 @@ TRANSIENT = frozenset(
     }
 )
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+# The caller's order rate-limit budget from the last risk check of this request,
+# copied onto the response as x-cex-order-limit-1s / x-cex-order-count-1s.
+rate_usage_var: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "rate_usage", default=None
+)
 
 Req = TypeVar("Req")
 Res = TypeVar("Res")
@@ -167,6 +174,8 @@ class RiskClient:
                 f"the pre-trade risk check could not be made: {error.code().name}",
                 retry_after_s=0.5,
             ) from None
+        if reply.HasField("rate_limit") and reply.rate_limit.limit:
+            rate_usage_var.set((reply.rate_limit.limit, reply.rate_limit.used))
         if not reply.allowed:
             raise StatusError(reply.denial, "ORDER_RISK_DENIED")
         if reply.reference_price:

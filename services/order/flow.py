@@ -133,6 +133,7 @@ class Flow:
         if existing is not None:
             return await self._repeat(existing, order.fingerprint)
         order_id = new_order_id()
+        open_orders, market_open = await self.store.count_working(account_id, request.market)
         reference = await self.risk.check(
             risk_pb2.CheckOrderRequest(
                 account_id=account_id,
@@ -146,6 +147,8 @@ class Flow:
                 stop_price=request.stop_price,
                 quantity=request.quantity,
                 quote_quantity=request.quote_quantity,
+                open_orders=open_orders,
+                market_open_orders=market_open,
             )
         )
         protection = None

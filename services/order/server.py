@@ -48,7 +48,7 @@ from .config import OrderConfig
 from .consumer import EventConsumer
 from .deadman import DeadMan
 from .domain import check_client_order_id
-from .downstream import LedgerClient, MatchClient, RiskClient
+from .downstream import LedgerClient, MatchClient, RiskClient, rate_usage_var
 from .flow import Flow
 from .store import OrderQuery, Store
 from .streams import Sessions
@@ -163,6 +163,16 @@ def _decimal_field(text: str, field: str) -> Decimal | None:
             violations=[FieldViolation(field, "must be a positive plain decimal")],
         )
     return value
+
+
+async def _usage_headers(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Risk's rate-limit budget, passed on as the major exchanges' used-weight headers."""
+    usage = rate_usage_var.get()
+    if usage is not None:
+        with contextlib.suppress(Exception):
+            await context.send_initial_metadata(
+                (("x-cex-order-limit-1s", str(usage[0])), ("x-cex-order-count-1s", str(usage[1])))
+            )
 
 
 def _status(error: ExchangeError) -> status_pb2.Status:
@@ -346,7 +356,10 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
     async def PlaceOrder(
         self, request: order_pb2.PlaceOrderRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> order_pb2.PlaceOrderResponse:
-        return await self.place(caller_account(request.account_id), request)
+        try:
+            return await self.place(caller_account(request.account_id), request)
+        finally:
+            await _usage_headers(context)
 
     async def BatchPlaceOrders(
         self,
@@ -391,7 +404,10 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
     async def AmendOrder(
         self, request: order_pb2.AmendOrderRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> order_pb2.AmendOrderResponse:
-        return await self.amend(caller_account(request.account_id), request)
+        try:
+            return await self.amend(caller_account(request.account_id), request)
+        finally:
+            await _usage_headers(context)
 
     async def CancelOrder(
         self, request: order_pb2.CancelOrderRequest, context: grpc.aio.ServicerContext[Any, Any]

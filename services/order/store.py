@@ -164,6 +164,17 @@ class Store:
             sql += f" AND session_id = ${len(args)}"
         return [_record(r) for r in await self.pool.fetch(sql, *args)]
 
+    async def count_working(self, account_id: str, market: str) -> tuple[int, int]:
+        """The account's working orders: (all markets, this market)."""
+        row = await self.pool.fetchrow(
+            "SELECT count(*) AS total, count(*) FILTER (WHERE market = $2) AS here "
+            f"FROM orders WHERE account_id = $1 AND state IN {_WORKING_SQL}",
+            account_id,
+            market,
+        )
+        assert row is not None
+        return int(row["total"]), int(row["here"])
+
     async def query(self, q: OrderQuery) -> list[OrderRecord]:
         sql = "SELECT * FROM orders WHERE account_id = $1"
         args: list[Any] = [q.account_id]

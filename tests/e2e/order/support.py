@@ -79,6 +79,7 @@ class Exchange:
     """Helpers acting as operators with the tests' service credential."""
 
     def __init__(self, stack: Stack, service_token: str, channel: grpc.aio.Channel) -> None:
+        self.traders: list[Trader] = []
         self.stack = stack
         self.service_token = service_token
         self.channel = channel
@@ -114,7 +115,18 @@ class Exchange:
         )
         for asset, amount in (funds or {}).items():
             await self.deposit(account_id, asset, amount)
-        return Trader(account_id, token.access_token, order_pb2_grpc.OrderServiceStub(self.channel))
+        trader = Trader(
+            account_id, token.access_token, order_pb2_grpc.OrderServiceStub(self.channel)
+        )
+        self.traders.append(trader)
+        return trader
+
+    async def clean_up(self) -> None:
+        """Cancel what the test's traders left working (the book is shared by all tests)."""
+        for trader in self.traders:
+            await trader.orders.CancelAllOrders(
+                order_pb2.CancelAllOrdersRequest(), metadata=trader.md, timeout=20
+            )
 
     async def deposit(self, account_id: str, asset: str, amount: str) -> None:
         tid = uid("dep")
