@@ -64,6 +64,13 @@ _TYPES = (
 _MARKETS = (t.ORDER_TYPE_MARKET, t.ORDER_TYPE_STOP_MARKET)
 _STOPS = (t.ORDER_TYPE_STOP_LIMIT, t.ORDER_TYPE_STOP_MARKET)
 _ZERO = Decimal(0)
+_MAX_MAGNITUDE = 15  # no price, quantity or notional of any market comes near 1e16
+_TOO_LARGE = {
+    "price": "ORDER_PRICE_TOO_LARGE",
+    "stop_price": "ORDER_PRICE_TOO_LARGE",
+    "quantity": "ORDER_QUANTITY_TOO_LARGE",
+    "quote_quantity": "ORDER_QUOTE_QUANTITY_TOO_LARGE",
+}
 
 
 def fingerprint(request: order_pb2.PlaceOrderRequest) -> str:
@@ -103,6 +110,9 @@ class _Violations:
             return None
         if value <= 0:
             self.add(name, "must be positive", reason)
+            return None
+        if value.adjusted() > _MAX_MAGNITUDE:
+            self.add(name, f"larger than 1e{_MAX_MAGNITUDE + 1}", _TOO_LARGE.get(name, reason))
             return None
         if value % unit:
             self.add(name, f"must be a multiple of {unit}", grid)

@@ -156,10 +156,10 @@ def _decimal_field(text: str, field: str) -> Decimal | None:
         value = parse_decimal(text)
     except MoneyError:
         value = Decimal(0)
-    if value <= 0:
+    if value <= 0 or value.adjusted() > 15:
         raise InvalidArgument(
             "ORDER_INVALID_" + field.upper(),
-            f"{field} must be a positive decimal",
+            f"{field} must be a positive decimal below 1e16",
             violations=[FieldViolation(field, "must be a positive plain decimal")],
         )
     return value
