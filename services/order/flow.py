@@ -28,6 +28,7 @@ from decimal import Decimal
 
 import grpc
 from google.rpc import status_pb2
+from prometheus_client import Histogram
 
 from cex.match.v1 import match_pb2
 from cex.order.v1 import order_pb2
@@ -55,12 +56,34 @@ from .domain import (
     protection_price,
     validate_place,
 )
-from .downstream import LedgerClient, MatchClient, RiskClient, StatusError
+from .downstream import Batcher, LedgerClient, MatchClient, RiskClient, StatusError
 from .store import Store
 
 __all__ = ["Flow", "new_order_id"]
 
 _log = logging.getLogger("cex.order.flow")
+STEP_SECONDS = Histogram(
+    "order_place_step_seconds",
+    "Time spent in each step of placing an order",
+    ["step"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+
+
+class _Steps:
+    """Times the steps of one order into STEP_SECONDS (where the time goes)."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def __call__(self, step: str) -> None:
+        now = time.perf_counter()
+        STEP_SECONDS.labels(step).observe(now - self.last)
+        self.last = now
+
+
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 # A match refusal that may pass (ownership moving between replicas).
 _MATCH_TRANSIENT = {"MATCH_NOT_MARKET_OWNER"}
@@ -116,6 +139,19 @@ class Flow:
         self.match = match
         self.consumer = consumer
         self.clock = clock
+        self.inserts: Batcher[OrderRecord, bool] = Batcher(
+            self.store.insert_many, max_batch=500, concurrency=2
+        )
+        self.phases: Batcher[str, None] = Batcher(self._mark_placed, max_batch=2000, concurrency=1)
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def _mark_placed(self, order_ids: list[str]) -> list[None]:
+        await self.store.set_phase(order_ids, "placed")
+        return [None] * len(order_ids)
+
+    async def run(self) -> None:
+        """The batchers' loops (until cancelled)."""
+        await asyncio.gather(self.inserts.run(), self.phases.run())
 
     # -- place ---------------------------------------------------------------
 
@@ -128,12 +164,16 @@ class Flow:
         prefix: str = "",
     ) -> OrderRecord:
         now = self.clock()
+        step = _Steps()
         order = validate_place(request, self.catalog, now, prefix)
-        existing = await self.store.by_client_id(account_id, order.client_order_id)
+        step("validate")
+        existing, open_orders, market_open = await self.store.lookup(
+            account_id, order.client_order_id, order.market.symbol
+        )
         if existing is not None:
             return await self._repeat(existing, order.fingerprint)
         order_id = new_order_id()
-        open_orders, market_open = await self.store.count_working(account_id, request.market)
+        step("lookup")
         reference = await self.risk.check(
             risk_pb2.CheckOrderRequest(
                 account_id=account_id,
@@ -151,6 +191,7 @@ class Flow:
                 market_open_orders=market_open,
             )
         )
+        step("risk")
         protection = None
         if order.is_market and order.quote_quantity is None:
             if order.type == t.ORDER_TYPE_STOP_MARKET:
@@ -175,11 +216,12 @@ class Flow:
             hold=hold_for(order, protection),
             session_id=session_id,
         )
-        if not await self.store.insert(record):
+        if not await self.inserts.submit(record):
             existing = await self.store.by_client_id(account_id, order.client_order_id)
             assert existing is not None
             return await self._repeat(existing, order.fingerprint)
-        return await self.drive(record)
+        step("record")
+        return await self.drive(record, step)
 
     async def _repeat(self, existing: OrderRecord, fingerprint: str) -> OrderRecord:
         if existing.fingerprint != fingerprint:
@@ -217,15 +259,18 @@ class Flow:
             command_id=f"place:{order.order_id}", market=order.market, place=place
         )
 
-    async def drive(self, order: OrderRecord) -> OrderRecord:
+    async def drive(self, order: OrderRecord, step: _Steps | None = None) -> OrderRecord:
         """Hold, then place in match (both idempotent); the order as of match's answer."""
+        step = step or _Steps()
         held = await self.ledger.hold(order)
+        step("hold")
         if held.code:
             if held.code in _TRANSIENT_CODES:
                 raise StatusError(held, "ORDER_LEDGER_UNAVAILABLE")
             await self._fail(order, held)
             raise StatusError(held, "ORDER_HOLD_FAILED")
         result = await self.match.submit(self._place_command(order))
+        step("match")
         if result.status.code:
             reason = ErrorDetails.from_status(result.status).reason
             if result.status.code in _TRANSIENT_CODES or reason in _MATCH_TRANSIENT:
@@ -233,7 +278,11 @@ class Flow:
             await self.ledger.void(order)
             await self._fail(order, result.status)
             raise StatusError(result.status, "ORDER_MATCH_REFUSED")
-        await self.store.set_phase([order.order_id], "placed")
+        # Bookkeeping off the answer's path: if it is lost the reconciler drives
+        # the order again, which finds the hold and match's first answer.
+        task = asyncio.create_task(self.phases.submit(order.order_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         view = order.copy()
         view.phase = "placed"
         for event in result.events:

@@ -599,6 +599,7 @@ async def build_server(
         consumer=consumer,
     )
     sessions.flow = flow
+    await server.enter(_task(flow.run(), "order-batchers"))
     deadman = DeadMan(store, flow)
     await server.enter(
         _task(_every(config.recover_interval_s, flow.recover, "reconciler"), "order-reconciler")

@@ -95,8 +95,34 @@ class Store:
 
     async def insert(self, order: OrderRecord) -> bool:
         """True if recorded; False if (account, client_order_id) already exists."""
-        status = await self.pool.execute(_INSERT, *(getattr(order, c) for c in _COLUMNS))
-        return bool(status == "INSERT 0 1")
+        return (await self.insert_many([order]))[0]
+
+    async def insert_many(self, orders: Sequence[OrderRecord]) -> list[bool]:
+        """Record orders in one transaction (one commit for many places)."""
+        out = []
+        async with self.pool.acquire() as conn, conn.transaction():
+            for order in orders:
+                status = await conn.execute(_INSERT, *(getattr(order, c) for c in _COLUMNS))
+                out.append(status == "INSERT 0 1")
+        return out
+
+    async def lookup(
+        self, account_id: str, client_order_id: str, market: str
+    ) -> tuple[OrderRecord | None, int, int]:
+        """One round trip before a place: the order with this client_order_id if any,
+        and the account's working orders (all markets, this market)."""
+        row = await self.pool.fetchrow(
+            "SELECT o.*, c.total, c.here FROM (SELECT count(*) AS total, "
+            "count(*) FILTER (WHERE market = $3) AS here FROM orders "
+            f"WHERE account_id = $1 AND state IN {_WORKING_SQL}) c "
+            "LEFT JOIN orders o ON o.account_id = $1 AND o.client_order_id = $2",
+            account_id,
+            client_order_id,
+            market,
+        )
+        assert row is not None
+        found = _record(row) if row["order_id"] is not None else None
+        return found, int(row["total"]), int(row["here"])
 
     async def get(self, order_id: str) -> OrderRecord | None:
         row = await self.pool.fetchrow("SELECT * FROM orders WHERE order_id = $1", order_id)
