@@ -175,9 +175,9 @@ async def test_a_reader_that_cannot_keep_up_is_told_and_disconnected(
     await session.next("subscribed")
     # The client stops reading; its orders' acks and reports keep coming.
     # (ETH-BTC, where no other test trades: these bids stay out of everyone's way.)
-    for _ in range(300):
+    for _ in range(150):
         await session.send(place(market="ETH-BTC", side=BUY, price="0.04", quantity="0.01"))
-    await asyncio.sleep(2)
+    await asyncio.sleep(1)
     with pytest.raises(grpc.aio.AioRpcError) as ended:
         while True:
             message = await session.call.read()
