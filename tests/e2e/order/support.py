@@ -161,6 +161,17 @@ class Exchange:
             ledger_pb2.AuditLedgerRequest(), metadata=self.svc, timeout=30
         )
 
+    async def held(
+        self, account_id: str, asset: str, want: Decimal, within_s: float = 10.0
+    ) -> Decimal:
+        """The account's held amount of `asset` once it equals `want`, or as it is."""
+        deadline = asyncio.get_running_loop().time() + within_s
+        while True:
+            got = (await self.balances(account_id)).get(asset, (Decimal(0), Decimal(0)))[1]
+            if got == want or asyncio.get_running_loop().time() > deadline:
+                return got
+            await asyncio.sleep(0.1)
+
     async def hold_settles(
         self, account_id: str, expect: dict[str, tuple[str, str]], within_s: float = 10.0
     ) -> dict[str, tuple[Decimal, Decimal]]:

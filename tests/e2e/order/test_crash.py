@@ -175,9 +175,11 @@ async def _burst(
     want_usdt = sum(
         (D(o.remaining_quantity) * 100 for o in working.values() if o.side == BUY), D(0)
     )
-    got_btc = await exchange.hold_settles(seller.account_id, {"BTC": ("0", str(want_btc))})
-    got_usdt = await exchange.hold_settles(buyer.account_id, {"USDT": ("0", str(want_usdt))})
-    assert got_btc["BTC"][1] == want_btc and got_usdt["USDT"][1] == want_usdt
+    # (The ledger's own consumer takes up to its ack_wait, 30 s, to see again what a
+    # killed ledger had fetched but not committed.)
+    got_btc = await exchange.held(seller.account_id, "BTC", want_btc, within_s=60)
+    got_usdt = await exchange.held(buyer.account_id, "USDT", want_usdt, within_s=60)
+    assert (got_btc, got_usdt) == (want_btc, want_usdt)
     for _ in range(60):
         audit = await exchange.audit()
         if audit.balanced:
@@ -186,8 +188,8 @@ async def _burst(
     assert audit.balanced, audit
 
     await exchange.clean_up()
-    assert (await exchange.hold_settles(seller.account_id, {"BTC": ("0", "0")}))["BTC"][1] == 0
-    assert (await exchange.hold_settles(buyer.account_id, {"USDT": ("0", "0")}))["USDT"][1] == 0
+    assert await exchange.held(seller.account_id, "BTC", D(0), within_s=60) == 0
+    assert await exchange.held(buyer.account_id, "USDT", D(0), within_s=60) == 0
 
 
 def _ids(placed: list[order_pb2.Order]) -> set[str]:
