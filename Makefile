@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match bench-ledger bench-edge clean
+.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match bench-ledger bench-edge bench-trading clean
 
 setup: $(INSTALLED)
 
@@ -58,6 +58,11 @@ bench-ledger: $(INSTALLED)
 ## bench-edge: the latency Envoy adds per call with JWT verification on (p50/p99)
 bench-edge: $(INSTALLED)
 	$(BIN)/python -m bench.bench_edge
+
+## bench-trading: PlaceOrder through Envoy (ghz --rps sweep) and market-maker stream sessions
+bench-trading: $(INSTALLED)
+	bench/install-ghz.sh .cex/bin
+	$(BIN)/python -m bench.bench_trading $(BENCH_ARGS)
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -38,6 +39,7 @@ from bench.trading_setup import Account, accounts, bearer, lift_limits, operator
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.order.v1 import order_pb2, order_pb2_grpc
 from cex.type.v1 import types_pb2 as t
+from services.chassis import ErrorDetails
 from services.stack.supervisor import Stack
 from services.stack.topology import Ports, free_ports
 
@@ -58,7 +60,7 @@ def _ghz(edge: str, token: str, rps: int, duration: int, concurrency: int) -> di
         "side": "SIDE_BUY",
         "type": "ORDER_TYPE_LIMIT",
         "price": "95",
-        "quantity": "0.01",
+        "quantity": "0.1",
     }
     out = subprocess.run(
         [
@@ -147,7 +149,7 @@ class _Quoter:
         self.call = stub.StreamOrders(self._requests(), metadata=bearer(svc))
         self.sent: dict[str, float] = {}
         self.latencies: list[float] = []
-        self.rejects = 0
+        self.rejects: Counter[str] = Counter()
 
     async def _requests(self):  # type: ignore[no-untyped-def]
         while (message := await self.queue.get()) is not None:
@@ -162,7 +164,7 @@ class _Quoter:
                 if started is not None:
                     self.latencies.append(time.perf_counter() - started)
                 if kind == "reject":
-                    self.rejects += 1
+                    self.rejects[ErrorDetails.from_status(message.reject.status).reason] += 1
 
     async def quote(self, stop: float, interval: float) -> None:
         await self.queue.put(
@@ -181,7 +183,7 @@ class _Quoter:
                 side=t.SIDE_BUY,
                 type=t.ORDER_TYPE_LIMIT,
                 price=str(random.randint(90, 94)),
-                quantity="0.01",
+                quantity="0.1",
             )
             await self.queue.put(order_pb2.StreamOrdersRequest(place=place))
             if previous:
@@ -227,7 +229,10 @@ async def streams(edge: str, channel: grpc.aio.Channel, svc: str, args: argparse
         reader.cancel()
     await asyncio.gather(*readers, return_exceptions=True)
     latencies = [x for q in quoters for x in q.latencies]
-    rejects = sum(q.rejects for q in quoters)
+    reasons: Counter[str] = Counter()
+    for q in quoters:
+        reasons.update(q.rejects)
+    rejects = sum(reasons.values())
     print("\n## StreamOrders: market-maker sessions quoting (place + cancel)\n")
     print("| sessions | commands acked | rejects | commands/s | ack p50 ms | ack p99 ms |")
     print("|---:|---:|---:|---:|---:|---:|")
@@ -236,6 +241,8 @@ async def streams(edge: str, channel: grpc.aio.Channel, svc: str, args: argparse
         f"{_pct(latencies, 0.5) * 1e3:.1f} | {_pct(latencies, 0.99) * 1e3:.1f} |",
         flush=True,
     )
+    if reasons:
+        print(f"<!-- rejects: {dict(reasons)} -->")
 
 
 async def main(args: argparse.Namespace) -> None:

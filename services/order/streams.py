@@ -286,7 +286,8 @@ class Sessions:
             command.client_order_id if kind == "place" else getattr(command, "request_id", "")
         )
         try:
-            account = caller_account(command.account_id)
+            # Empty means the session's account (also for a service acting for one).
+            account = caller_account(command.account_id or session.account_id)
             if account != session.account_id:
                 raise FailedPrecondition(
                     "ORDER_ACCOUNT_MISMATCH", "commands act on the session's account"
