@@ -287,3 +287,40 @@ async def test_list_orders_pages_and_filters(exchange: Exchange) -> None:
             order_pb2.ListOrdersRequest(page_token="garbage"), metadata=mm.md, timeout=10
         )
     assert error_of(bad_token.value).reason == "ORDER_INVALID_PAGE_TOKEN"
+
+
+async def test_rest_place_lookup_and_cancel_through_envoy(exchange: Exchange) -> None:
+    import json
+    import urllib.request
+
+    bob = await exchange.trader({"USDT": "100"}, "bob")
+    base = f"http://{exchange.stack.edge}"
+
+    def call(method: str, path: str, body: dict[str, object] | None = None) -> dict[str, object]:
+        request = urllib.request.Request(
+            base + path,
+            data=json.dumps(body).encode() if body is not None else None,
+            method=method,
+            headers={"authorization": f"Bearer {bob.token}", "content-type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=20) as response:
+            return json.loads(response.read())  # type: ignore[no-any-return]
+
+    body = {
+        "client_order_id": "rest-1",
+        "market": "BTC-USDT",
+        "side": "SIDE_BUY",
+        "type": "ORDER_TYPE_LIMIT",
+        "price": "95",
+        "quantity": "0.1",
+    }
+    placed = await asyncio.to_thread(call, "POST", "/v1/orders", body)
+    again = await asyncio.to_thread(call, "POST", "/v1/orders", body)
+    assert placed["order"]["order_id"] == again["order"]["order_id"]  # type: ignore[index]
+    assert placed["order"]["state"] == "ORDER_STATE_OPEN"  # type: ignore[index]
+    found = await asyncio.to_thread(call, "GET", "/v1/orders:lookup?client_order_id=rest-1")
+    assert found["order"]["order_id"] == placed["order"]["order_id"]  # type: ignore[index]
+    cancelled = await asyncio.to_thread(
+        call, "POST", "/v1/orders:cancel", {"client_order_id": "rest-1", "request_id": "x-1"}
+    )
+    assert cancelled["order"]["state"] == "ORDER_STATE_CANCELLED"  # type: ignore[index]
