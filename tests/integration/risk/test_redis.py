@@ -75,6 +75,7 @@ async def test_rate_limits_hold_through_a_redis_crash_and_restart(
         allowed, took = await burst(risk, account, 12)
         # The local bucket stands in: still limited, never an error.
         assert 1 <= allowed <= rate + int(took * rate) + 1
+        assert risk.metric("risk_ratelimit_local_fallbacks_total") >= 12
         assert (await risk.check(order(f"acc_{uuid.uuid4().hex[:8]}"))).allowed
 
         async with redis_server(port, tmp_path):
@@ -94,3 +95,22 @@ async def test_without_redis_the_limit_is_per_process(fresh_database_url: str) -
         await risk.set_limits(R.Limits(account_id=account, max_orders_per_second=3))
         allowed, took = await burst(risk, account, 10)
         assert 3 <= allowed <= 3 + int(took * 3) + 1
+
+
+async def test_concurrent_takes_share_script_calls(redis_url: str) -> None:
+    import redis.asyncio as redis
+
+    from services.risk.bucket import RateLimiter
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        limiter = RateLimiter(client, prefix=f"risk:test:{uuid.uuid4().hex[:8]}:")
+        takes = await asyncio.gather(*(limiter.take(f"acc{i % 5}", 1) for i in range(50)))
+        # Five buckets of one token (refilled in a second): one take each, in call order.
+        for i in range(5):
+            mine = [t for n, t in enumerate(takes) if n % 5 == i]
+            assert [t.allowed for t in mine] == [True] + [False] * 9
+            assert mine[0].remaining == 0 and 0 < mine[1].retry_after_s <= 1
+        assert 1 <= limiter.batches < 50 and limiter.fallbacks == 0
+    finally:
+        await client.aclose()
