@@ -21,6 +21,7 @@ class OrderConfig:
         so the hold of a market buy sized by quantity.
     risk_checks: call risk.CheckOrder (off only for tests of the order path alone).
     consumer / consumer_name: run the match-event consumer, and its durable name.
+    kill_switches: follow risk's kill-switch events and cancel what they ask to.
     wait_for_consumer_s: how long cancel/amend wait for the consumer to apply
         their own events before answering from what is stored.
     recover_after_s: an order recorded but not acknowledged by match this long
@@ -36,6 +37,7 @@ class OrderConfig:
     risk_checks: bool = True
     consumer: bool = True
     consumer_name: str = "order-state"
+    kill_switches: bool = True
     wait_for_consumer_s: float = 2.0
     recover_after_s: float = 3.0
     recover_interval_s: float = 1.0
@@ -53,6 +55,7 @@ class OrderConfig:
             risk_checks=env_str(env, "ORDER_RISK_CHECKS", "on") != "off",
             consumer=env_str(env, "ORDER_CONSUMER", "on") != "off",
             consumer_name=env_str(env, "ORDER_CONSUMER_NAME", "order-state") or "order-state",
+            kill_switches=env_str(env, "ORDER_KILL_SWITCHES", "on") != "off",
             wait_for_consumer_s=env_float(env, "ORDER_WAIT_FOR_CONSUMER_S", 2.0),
             recover_after_s=env_float(env, "ORDER_RECOVER_AFTER_S", 3.0),
             recover_interval_s=env_float(env, "ORDER_RECOVER_INTERVAL_S", 1.0),

@@ -50,6 +50,7 @@ from .deadman import DeadMan
 from .domain import check_client_order_id
 from .downstream import LedgerClient, MatchClient, RiskClient, rate_usage_var
 from .flow import Flow
+from .killswitch import KillSwitchConsumer
 from .store import OrderQuery, Store
 from .streams import Sessions
 from .views import fill_proto, order_proto, timestamp
@@ -601,6 +602,11 @@ async def build_server(
     sessions.flow = flow
     await server.enter(_task(flow.run(), "order-batchers"))
     deadman = DeadMan(store, flow)
+    if infra.nats is not None and config.kill_switches:
+        kills = KillSwitchConsumer(
+            flow=flow, js=infra.nats.jetstream(), durable=f"{config.consumer_name}-kill-switches"
+        )
+        await server.enter(_task(kills.run(), "order-kill-switches"))
     await server.enter(
         _task(_every(config.recover_interval_s, flow.recover, "reconciler"), "order-reconciler")
     )

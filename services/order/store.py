@@ -201,6 +201,14 @@ class Store:
         assert row is not None
         return int(row["total"]), int(row["here"])
 
+    async def accounts_working(self, market: str = "") -> list[str]:
+        """Accounts with working orders (in `market`, or anywhere)."""
+        sql = f"SELECT DISTINCT account_id FROM orders WHERE state IN {_WORKING_SQL}"
+        rows = await (
+            self.pool.fetch(sql + " AND market = $1", market) if market else self.pool.fetch(sql)
+        )
+        return [r["account_id"] for r in rows]
+
     async def query(self, q: OrderQuery) -> list[OrderRecord]:
         sql = "SELECT * FROM orders WHERE account_id = $1"
         args: list[Any] = [q.account_id]

@@ -324,3 +324,30 @@ async def test_rest_place_lookup_and_cancel_through_envoy(exchange: Exchange) ->
         call, "POST", "/v1/orders:cancel", {"client_order_id": "rest-1", "request_id": "x-1"}
     )
     assert cancelled["order"]["state"] == "ORDER_STATE_CANCELLED"  # type: ignore[index]
+
+
+async def test_a_kill_switch_that_cancels_open_orders_cancels_them(exchange: Exchange) -> None:
+    risk = risk_pb2_grpc.RiskServiceStub(exchange.channel)
+    mm = await exchange.trader({"USDT": "100"}, "mm")
+    order = await mm.place(market="ETH-USDT", side=BUY, price="95", quantity="0.1")
+    switch = risk_pb2.SetKillSwitchRequest(
+        request_id=uid("k"),
+        scope=risk_pb2.KILL_SWITCH_SCOPE_ACCOUNT,
+        account_id=mm.account_id,
+        engaged=True,
+        cancel_open_orders=True,
+        reason="e2e: runaway algo",
+    )
+    await risk.SetKillSwitch(switch, metadata=exchange.svc, timeout=10)
+    try:
+        gone = await mm.settled(order.order_id, t.ORDER_STATE_CANCELLED, within_s=20)
+        assert (gone.state, gone.cancel_reason) == (
+            t.ORDER_STATE_CANCELLED,
+            t.CANCEL_REASON_KILL_SWITCH,
+        )
+    finally:
+        switch.request_id, switch.engaged, switch.cancel_open_orders = uid("k"), False, False
+        await risk.SetKillSwitch(switch, metadata=exchange.svc, timeout=10)
+    assert await exchange.hold_settles(mm.account_id, {"USDT": ("100", "0")}) == {
+        "USDT": (D(100), D(0))
+    }
