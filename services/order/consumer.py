@@ -81,7 +81,7 @@ class EventConsumer:
             while True:
                 try:
                     messages = await sub.fetch(500, timeout=0.5)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 try:
                     await self.handle([match_pb2.MatchEvent.FromString(m.data) for m in messages])

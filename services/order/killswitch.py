@@ -63,7 +63,7 @@ class KillSwitchConsumer:
             while True:
                 try:
                     messages = await sub.fetch(50, timeout=1.0)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 for message in messages:
                     await self.handle(risk_pb2.KillSwitchEvent.FromString(message.data))
