@@ -21,6 +21,37 @@ _INSERT = (
     f"VALUES ({', '.join(f'${i + 1}' for i in range(len(_COLUMNS)))}) "
     "ON CONFLICT (account_id, client_order_id) DO NOTHING"
 )
+_TYPES = {
+    "side": "smallint",
+    "type": "smallint",
+    "time_in_force": "smallint",
+    "self_trade_prevention": "smallint",
+    "state": "smallint",
+    "cancel_reason": "smallint",
+    "price": "numeric",
+    "stop_price": "numeric",
+    "quantity": "numeric",
+    "quote_quantity": "numeric",
+    "protection_price": "numeric",
+    "filled_quantity": "numeric",
+    "filled_quote_quantity": "numeric",
+    "cumulative_fee": "numeric",
+    "remaining_quantity": "numeric",
+    "post_only": "boolean",
+    "expire_time": "timestamptz",
+    "create_time": "timestamptz",
+    "update_time": "timestamptz",
+    "trigger_time": "timestamptz",
+    "hold_amount": "bigint",
+    "version": "bigint",
+    "last_seq": "bigint",
+    "reject_code": "integer",
+}
+_INSERT_MANY = (
+    f"INSERT INTO orders ({', '.join(_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"${i + 1}::{_TYPES.get(c, 'text')}[]" for i, c in enumerate(_COLUMNS))
+    + ") ON CONFLICT (account_id, client_order_id) DO NOTHING RETURNING order_id"
+)
 # What the consumer changes when it applies events.
 _EVENT_COLUMNS = [
     "price",
@@ -98,13 +129,15 @@ class Store:
         return (await self.insert_many([order]))[0]
 
     async def insert_many(self, orders: Sequence[OrderRecord]) -> list[bool]:
-        """Record orders in one transaction (one commit for many places)."""
-        out = []
-        async with self.pool.acquire() as conn, conn.transaction():
-            for order in orders:
-                status = await conn.execute(_INSERT, *(getattr(order, c) for c in _COLUMNS))
-                out.append(status == "INSERT 0 1")
-        return out
+        """Record orders with one statement and one commit; per order, True if
+        recorded, False if its (account, client_order_id) already existed."""
+        if len(orders) == 1:
+            status = await self.pool.execute(_INSERT, *(getattr(orders[0], c) for c in _COLUMNS))
+            return [status == "INSERT 0 1"]
+        columns = [[getattr(o, c) for o in orders] for c in _COLUMNS]
+        rows = await self.pool.fetch(_INSERT_MANY, *columns)
+        inserted = {r["order_id"] for r in rows}
+        return [o.order_id in inserted for o in orders]
 
     async def lookup(
         self, account_id: str, client_order_id: str, market: str

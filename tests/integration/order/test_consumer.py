@@ -113,3 +113,30 @@ async def test_gaps_are_replayed_and_redeliveries_skipped(fresh_database_url: st
         assert [f.trade_id for f in fills] == ["5", "4", "3"]
         assert [e.execution_type for e in delivered] == [1, 2, 2, 2]
         assert await second.wait("BTC-USDT", 5, 0.1)
+
+
+async def test_orders_are_recorded_in_batches_and_a_reused_client_id_is_not(
+    fresh_database_url: str,
+) -> None:
+    async with postgres(fresh_database_url, schema="order", migrations=MIGRATIONS) as pool:
+        store = Store(pool)
+
+        def record(order_id: str, client_order_id: str) -> object:
+            request = order_pb2.PlaceOrderRequest(
+                client_order_id=client_order_id, market="BTC-USDT", side=t.SIDE_SELL,
+                type=t.ORDER_TYPE_LIMIT, price="100", quantity="0.3",
+            )  # fmt: skip
+            order = validate_place(request, DEFAULT_CATALOG, NOW)
+            return new_record(
+                order, order_id=order_id, account_id="acc", now=NOW, protection=None,
+                hold=hold_for(order, None),
+            )  # fmt: skip
+
+        assert await store.insert(record("o1", "c1"))  # type: ignore[arg-type]
+        batch = [record("o2", "c2"), record("o3", "c1"), record("o4", "c4"), record("o5", "c4")]
+        assert await store.insert_many(batch) == [True, False, True, False]  # type: ignore[arg-type]
+        stored = await store.get("o4")
+        assert (
+            stored is not None and stored.quantity == D("0.3") and stored.hold_amount == 30_000_000
+        )
+        assert (await store.lookup("acc", "c2", "BTC-USDT"))[1:] == (3, 3)
