@@ -1,9 +1,9 @@
 """Fixtures of the trading tests.
 
 The stack's books and risk's reference prices are shared by every test of the
-session: these tests trade BTC-USDT and ETH-USDT only within 95..105 (inside
-risk's default 10% band around 100, where other tests expect those markets),
-and cancel what they leave working.
+session: these tests trade BTC-USDT only within 95..105 and ETH-USDT within
+1900..2100 (inside risk's default 10% band around the prices other tests use
+for those markets, 100 and 2000), and cancel what they leave working.
 """
 
 from __future__ import annotations

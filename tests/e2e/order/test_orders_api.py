@@ -60,9 +60,9 @@ async def test_amend_down_keeps_priority_and_an_amend_beyond_the_hold_is_refused
 
 
 async def test_mass_cancel_by_market_then_everything(exchange: Exchange) -> None:
-    mm = await exchange.trader({"USDT": "1000", "ETH": "5"}, "mm")
+    mm = await exchange.trader({"USDT": "1000", "ETH": "5"}, "mm")  # ETH-USDT near 2000
     btc = [await mm.place(side=BUY, price=p, quantity="0.1") for p in ("95", "96")]
-    eth = await mm.place(market="ETH-USDT", side=SELL, price="105", quantity="1")
+    eth = await mm.place(market="ETH-USDT", side=SELL, price="2100", quantity="0.1")
     reply = await mm.orders.CancelAllOrders(
         order_pb2.CancelAllOrdersRequest(request_id=uid("m"), market="BTC-USDT"),
         metadata=mm.md,
@@ -88,7 +88,7 @@ async def test_mass_cancel_by_market_then_everything(exchange: Exchange) -> None
 
 async def test_cancel_all_after_cancels_everything_unless_renewed(exchange: Exchange) -> None:
     mm = await exchange.trader({"USDT": "1000"}, "mm")
-    kept = await mm.place(market="ETH-USDT", side=BUY, price="95", quantity="0.1")
+    kept = await mm.place(market="ETH-USDT", side=BUY, price="1900", quantity="0.1")
     order = await mm.place(side=BUY, price="95", quantity="0.1")
     # A switch that is disarmed never fires.
     disarm = await mm.orders.CancelAllAfter(
@@ -190,13 +190,13 @@ async def test_every_risk_refusal_has_its_reason(exchange: Exchange) -> None:
     risk = risk_pb2_grpc.RiskServiceStub(exchange.channel)
     seller = await exchange.trader({"ETH": "1"}, "seller")
     buyer = await exchange.trader({"USDT": "1000"}, "buyer")
-    await seller.place(market="ETH-USDT", side=SELL, price="100", quantity="0.1")
-    await buyer.place(market="ETH-USDT", side=BUY, price="100", quantity="0.1")
+    await seller.place(market="ETH-USDT", side=SELL, price="2000", quantity="0.1")
+    await buyer.place(market="ETH-USDT", side=BUY, price="2000", quantity="0.1")
 
     # A price far from the last trade (risk follows trades from JetStream).
     for _ in range(100):
         try:
-            order = await buyer.place(market="ETH-USDT", side=BUY, price="120", quantity="0.1")
+            order = await buyer.place(market="ETH-USDT", side=BUY, price="2400", quantity="0.1")
         except grpc.aio.AioRpcError as error:
             band = error_of(error)
             break
@@ -218,7 +218,7 @@ async def test_every_risk_refusal_has_its_reason(exchange: Exchange) -> None:
     await risk.SetKillSwitch(switch, metadata=exchange.svc, timeout=10)
     try:
         with pytest.raises(grpc.aio.AioRpcError) as killed:
-            await buyer.place(market="ETH-USDT", side=BUY, price="99", quantity="0.1")
+            await buyer.place(market="ETH-USDT", side=BUY, price="1990", quantity="0.1")
         assert error_of(killed.value).reason == "RISK_KILL_SWITCH_ENGAGED"
     finally:
         switch.request_id, switch.engaged = uid("k"), False
@@ -233,13 +233,13 @@ async def test_every_risk_refusal_has_its_reason(exchange: Exchange) -> None:
         metadata=exchange.svc,
         timeout=10,
     )
-    await buyer.place(market="ETH-USDT", side=BUY, price="99", quantity="0.1")
+    await buyer.place(market="ETH-USDT", side=BUY, price="1990", quantity="0.1")
     with pytest.raises(grpc.aio.AioRpcError) as limited:
-        await buyer.place(market="ETH-USDT", side=BUY, price="98", quantity="0.1")
+        await buyer.place(market="ETH-USDT", side=BUY, price="1980", quantity="0.1")
     assert error_of(limited.value).reason == "RISK_OPEN_ORDERS_LIMIT_EXCEEDED"
-    # Refusals hold nothing: 10 spent on the trade, 9.9 held by the one open order.
-    assert await exchange.hold_settles(buyer.account_id, {"USDT": ("980.1", "9.9")}) == {
-        "USDT": (D("980.1"), D("9.9"))
+    # Refusals hold nothing: 200 spent on the trade, 199 held by the one open order.
+    assert await exchange.hold_settles(buyer.account_id, {"USDT": ("601", "199")}) == {
+        "USDT": (D(601), D(199))
     }
 
 
@@ -328,8 +328,8 @@ async def test_rest_place_lookup_and_cancel_through_envoy(exchange: Exchange) ->
 
 async def test_a_kill_switch_that_cancels_open_orders_cancels_them(exchange: Exchange) -> None:
     risk = risk_pb2_grpc.RiskServiceStub(exchange.channel)
-    mm = await exchange.trader({"USDT": "100"}, "mm")
-    order = await mm.place(market="ETH-USDT", side=BUY, price="95", quantity="0.1")
+    mm = await exchange.trader({"USDT": "500"}, "mm")
+    order = await mm.place(market="ETH-USDT", side=BUY, price="1900", quantity="0.1")
     switch = risk_pb2.SetKillSwitchRequest(
         request_id=uid("k"),
         scope=risk_pb2.KILL_SWITCH_SCOPE_ACCOUNT,
@@ -348,6 +348,6 @@ async def test_a_kill_switch_that_cancels_open_orders_cancels_them(exchange: Exc
     finally:
         switch.request_id, switch.engaged, switch.cancel_open_orders = uid("k"), False, False
         await risk.SetKillSwitch(switch, metadata=exchange.svc, timeout=10)
-    assert await exchange.hold_settles(mm.account_id, {"USDT": ("100", "0")}) == {
-        "USDT": (D(100), D(0))
+    assert await exchange.hold_settles(mm.account_id, {"USDT": ("500", "0")}) == {
+        "USDT": (D(500), D(0))
     }

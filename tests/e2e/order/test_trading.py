@@ -101,19 +101,19 @@ async def test_cancel_releases_the_hold(exchange: Exchange) -> None:
 async def test_an_ioc_remainder_is_cancelled_and_its_hold_released(exchange: Exchange) -> None:
     maker = await exchange.trader({"ETH": "1"}, "maker")
     taker = await exchange.trader({"USDT": "1000"}, "taker")
-    await maker.place(market="ETH-USDT", side=SELL, price="100", quantity="0.1")
+    await maker.place(market="ETH-USDT", side=SELL, price="2000", quantity="0.1")
     ioc = await taker.place(
         market="ETH-USDT",
         side=BUY,
-        price="100",
+        price="2000",
         quantity="0.3",
         time_in_force=t.TIME_IN_FORCE_IOC,
     )
     assert ioc.state == t.ORDER_STATE_CANCELLED
     assert ioc.cancel_reason == t.CANCEL_REASON_IMMEDIATE_OR_CANCEL
     assert (ioc.filled_quantity, ioc.remaining_quantity) == ("0.1", "0")
-    assert await exchange.hold_settles(taker.account_id, {"USDT": ("990", "0")}) == {
-        "USDT": (D(990), D(0))
+    assert await exchange.hold_settles(taker.account_id, {"USDT": ("800", "0")}) == {
+        "USDT": (D(800), D(0))
     }
 
 
