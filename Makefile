@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match bench-ledger bench-edge bench-risk bench-marketdata bench-market-data clean
+.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match bench-ledger bench-edge bench-risk bench-marketdata bench-market-data bench-trading clean
 
 setup: $(INSTALLED)
 
@@ -71,6 +71,11 @@ bench-marketdata: $(INSTALLED)
 	$(BIN)/python -m bench.bench_marketdata
 
 bench-market-data: bench-marketdata  # the name issue 7 uses
+
+## bench-trading: PlaceOrder through Envoy (ghz --rps sweep) and market-maker stream sessions
+bench-trading: $(INSTALLED)
+	bench/install-ghz.sh .cex/bin
+	$(BIN)/python -m bench.bench_trading $(BENCH_ARGS)
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,30 +1,623 @@
-"""order service: proto <-> domain and errors.
+"""order service: proto <-> the flow and errors, and the composition root.
 
-Its methods land with the trading issue. Until then the generated base class answers
-each one UNIMPLEMENTED (the chassis adds the ErrorInfo), while the process
-already owns its schema and connections, so the stack's wiring is real.
+`build_server` wires the store, the downstream clients (risk, ledger, match
+through the mesh), the match-event consumer, the reconciler of unplaced
+orders, the dead man's switches and the stream sessions into one `Server`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from google.rpc import status_pb2
 
 from cex.order.v1 import order_pb2, order_pb2_grpc
-from services.chassis import ChassisSettings, Server, connect
+from cex.type.v1 import types_pb2 as t
+from services.chassis import (
+    AlreadyExists,
+    Catalog,
+    ChassisSettings,
+    ExchangeError,
+    FieldViolation,
+    InvalidArgument,
+    PermissionDenied,
+    Rule,
+    Server,
+    connect,
+    current_auth,
+    load_catalog,
+    mesh_channel,
+    service_credentials,
+    user,
+)
+from services.chassis.money import MoneyError, parse_decimal
+
+from .config import OrderConfig
+from .consumer import EventConsumer
+from .deadman import DeadMan
+from .domain import check_client_order_id
+from .downstream import LedgerClient, MatchClient, RiskClient, rate_usage_var
+from .flow import Flow
+from .killswitch import KillSwitchConsumer
+from .store import OrderQuery, Store
+from .streams import Sessions
+from .views import fill_proto, order_proto, timestamp
+
+__all__ = ["POLICY", "OrderService", "build_server"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+_log = logging.getLogger("cex.order")
+MAX_BATCH = 20
+M = TypeVar("M", bound=Message)
+
+# Users act on their own account only (the account comes from their token); a
+# service may act for any account it names (or for a user whose token it forwards).
+POLICY: dict[str, Rule] = {
+    "PlaceOrder": user("trade", services=True),
+    "BatchPlaceOrders": user("trade", services=True),
+    "AmendOrder": user("trade", services=True),
+    "CancelOrder": user("trade", services=True),
+    "CancelAllOrders": user("trade", services=True),
+    "CancelAllAfter": user("trade", services=True),
+    "StreamOrders": user("trade", services=True),
+    "GetOrder": user("read", services=True),
+    "ListOrders": user("read", services=True),
+    "ListFills": user("read", services=True),
+}
+
+
+def caller_account(requested: str, field: str = "account_id") -> str:
+    """The account a call acts on: the caller's own, or for a service the one it names."""
+    ctx = current_auth()
+    if ctx.account_id:
+        if requested and requested != ctx.account_id:
+            raise PermissionDenied(
+                "ORDER_ACCOUNT_MISMATCH",
+                "a user may only act on their own account",
+                metadata={"field": field},
+            )
+        return ctx.account_id
+    if not requested:
+        raise InvalidArgument(
+            "ORDER_ACCOUNT_REQUIRED",
+            "a service must name the account it acts for",
+            violations=[FieldViolation(field, "required for service callers")],
+        )
+    return requested
+
+
+def _request_id(value: str, field: str = "request_id") -> None:
+    if value and (bad := check_client_order_id(value, field)):
+        raise InvalidArgument("ORDER_INVALID_REQUEST_ID", bad.description, violations=[bad])
+
+
+def _target(order_id: str, client_order_id: str) -> None:
+    if bool(order_id) == bool(client_order_id):
+        raise InvalidArgument(
+            "ORDER_TARGET_REQUIRED",
+            "set exactly one of order_id and client_order_id",
+            violations=[FieldViolation("order_id", "set exactly one of order_id, client_order_id")],
+        )
+    if len(order_id) > 128 or len(client_order_id) > 64:
+        raise InvalidArgument(
+            "ORDER_TARGET_REQUIRED",
+            "id too long",
+            violations=[FieldViolation("order_id" if order_id else "client_order_id", "too long")],
+        )
+
+
+def _fingerprint(message: Message) -> str:
+    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _token(doc: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(doc, separators=(",", ":")).encode()).decode()
+
+
+def _untoken(token: str, filters: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(base64.urlsafe_b64decode(token.encode()))
+        if not isinstance(doc, dict) or doc.get("f") != filters:
+            raise ValueError
+        return doc
+    except ValueError:
+        raise InvalidArgument(
+            "ORDER_INVALID_PAGE_TOKEN",
+            "the page token is malformed or belongs to other filters",
+            violations=[FieldViolation("page_token", "not a token of this query")],
+        ) from None
+
+
+def _page_size(value: int) -> int:
+    if value < 0:
+        raise InvalidArgument(
+            "ORDER_INVALID_PAGE_SIZE",
+            "page_size must not be negative",
+            violations=[FieldViolation("page_size", "must be >= 0")],
+        )
+    return min(value or 100, 1000)
+
+
+def _decimal_field(text: str, field: str) -> Decimal | None:
+    if not text:
+        return None
+    try:
+        value = parse_decimal(text)
+    except MoneyError:
+        value = Decimal(0)
+    if value <= 0 or value.adjusted() > 15:
+        raise InvalidArgument(
+            "ORDER_INVALID_" + field.upper(),
+            f"{field} must be a positive decimal below 1e16",
+            violations=[FieldViolation(field, "must be a positive plain decimal")],
+        )
+    return value
+
+
+async def _usage_headers(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Risk's rate-limit budget, passed on as the major exchanges' used-weight headers."""
+    usage = rate_usage_var.get()
+    if usage is not None:
+        with contextlib.suppress(Exception):
+            await context.send_initial_metadata(
+                (("x-cex-order-limit-1s", str(usage[0])), ("x-cex-order-count-1s", str(usage[1])))
+            )
+
+
+def _status(error: ExchangeError) -> status_pb2.Status:
+    return error.to_status("order")
 
 
 class OrderService(order_pb2_grpc.OrderServiceServicer):
     """cex.order.v1.OrderService."""
 
+    def __init__(
+        self,
+        flow: Flow,
+        sessions: Sessions,
+        deadman: DeadMan,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.flow = flow
+        self.store = flow.store
+        self.catalog: Catalog = flow.catalog
+        self.sessions = sessions
+        self.deadman = deadman
+        self.clock = clock
 
-async def build_server(settings: ChassisSettings) -> Server:
+    # -- shared by the unary methods and the stream ------------------------------
+
+    async def _idempotent(
+        self,
+        account: str,
+        request_id: str,
+        kind: str,
+        request: Message,
+        response_type: type[M],
+        compute: Callable[[], Awaitable[M]],
+    ) -> M:
+        if not request_id:
+            return await compute()
+        body = type(request)()
+        body.CopyFrom(request)
+        if hasattr(body, "account_id"):
+            body.account_id = ""
+        fingerprint = _fingerprint(body)
+        found = await self.store.request(account, request_id)
+        if found is not None:
+            if found[0] != kind or found[1] != fingerprint:
+                raise AlreadyExists(
+                    "ORDER_DUPLICATE_REQUEST_ID",
+                    "this request_id was used for another request",
+                )
+            return response_type.FromString(found[2])
+        response = await compute()
+        await self.store.remember(
+            account, request_id, kind, fingerprint, response.SerializeToString()
+        )
+        return response
+
+    async def place(
+        self, account: str, request: order_pb2.PlaceOrderRequest, session_id: str = ""
+    ) -> order_pb2.PlaceOrderResponse:
+        order = await self.flow.place(account, request, session_id=session_id)
+        return order_pb2.PlaceOrderResponse(order=order_proto(order, self.catalog))
+
+    async def amend(
+        self, account: str, request: order_pb2.AmendOrderRequest
+    ) -> order_pb2.AmendOrderResponse:
+        _request_id(request.request_id)
+        _target(request.order_id, request.client_order_id)
+        price = _decimal_field(request.price, "price")
+        quantity = _decimal_field(request.quantity, "quantity")
+        if price is None and quantity is None:
+            raise InvalidArgument(
+                "ORDER_AMEND_EMPTY",
+                "set price and/or quantity",
+                violations=[FieldViolation("quantity", "set price and/or quantity")],
+            )
+        order = await self.flow.find(account, request.order_id, request.client_order_id)
+        market = self.catalog.markets[order.market]
+        violations = []
+        if price is not None and price % market.tick_size:
+            violations.append(
+                FieldViolation(
+                    "price", f"must be a multiple of {market.tick_size}", "ORDER_PRICE_OFF_TICK"
+                )
+            )
+        if quantity is not None and quantity % market.lot_size:
+            violations.append(
+                FieldViolation(
+                    "quantity", f"must be a multiple of {market.lot_size}", "ORDER_QUANTITY_OFF_LOT"
+                )
+            )
+        if violations:
+            raise InvalidArgument(
+                violations[0].reason, violations[0].description, violations=violations
+            )
+
+        async def compute() -> order_pb2.AmendOrderResponse:
+            tag = (
+                request.request_id
+                or hashlib.sha256(
+                    f"{request.price}|{request.quantity}|{self.clock().timestamp()}".encode()
+                ).hexdigest()[:16]
+            )
+            amended = await self.flow.amend(order, price, quantity, tag)
+            return order_pb2.AmendOrderResponse(order=order_proto(amended, self.catalog))
+
+        return await self._idempotent(
+            account, request.request_id, "amend", request, order_pb2.AmendOrderResponse, compute
+        )
+
+    async def cancel(
+        self, account: str, request: order_pb2.CancelOrderRequest
+    ) -> order_pb2.CancelOrderResponse:
+        _request_id(request.request_id)
+        _target(request.order_id, request.client_order_id)
+        order = await self.flow.find(account, request.order_id, request.client_order_id)
+
+        async def compute() -> order_pb2.CancelOrderResponse:
+            cancelled = await self.flow.cancel(order)
+            return order_pb2.CancelOrderResponse(order=order_proto(cancelled, self.catalog))
+
+        return await self._idempotent(
+            account, request.request_id, "cancel", request, order_pb2.CancelOrderResponse, compute
+        )
+
+    async def cancel_all(
+        self,
+        account: str,
+        request: order_pb2.CancelAllOrdersRequest,
+        reason: int = t.CANCEL_REASON_USER_REQUESTED,
+    ) -> order_pb2.CancelAllOrdersResponse:
+        _request_id(request.request_id)
+        violations = []
+        if request.market and self.catalog.market(request.market) is None:
+            violations.append(FieldViolation("market", "not a market", "ORDER_UNKNOWN_MARKET"))
+        if request.side not in (0, t.SIDE_BUY, t.SIDE_SELL):
+            violations.append(FieldViolation("side", "not a side", "ORDER_INVALID_SIDE"))
+        if violations:
+            raise InvalidArgument(
+                violations[0].reason, violations[0].description, violations=violations
+            )
+
+        async def compute() -> order_pb2.CancelAllOrdersResponse:
+            orders = await self.flow.cancel_all(
+                account, request.market, request.side, reason, tag=request.request_id
+            )
+            return order_pb2.CancelAllOrdersResponse(
+                orders=[order_proto(o, self.catalog) for o in orders]
+            )
+
+        return await self._idempotent(
+            account,
+            request.request_id,
+            "cancel_all",
+            request,
+            order_pb2.CancelAllOrdersResponse,
+            compute,
+        )
+
+    async def cancel_all_after(
+        self, account: str, request: order_pb2.CancelAllAfterRequest
+    ) -> order_pb2.CancelAllAfterResponse:
+        _request_id(request.request_id)
+        violations = []
+        if not 0 <= request.timeout_seconds <= 600:
+            violations.append(
+                FieldViolation("timeout_seconds", "0 to 600", "ORDER_INVALID_TIMEOUT")
+            )
+        if request.market and self.catalog.market(request.market) is None:
+            violations.append(FieldViolation("market", "not a market", "ORDER_UNKNOWN_MARKET"))
+        if violations:
+            raise InvalidArgument(
+                violations[0].reason, violations[0].description, violations=violations
+            )
+        trigger = await self.deadman.set(account, request.market, request.timeout_seconds)
+        response = order_pb2.CancelAllAfterResponse()
+        if trigger is not None:
+            response.trigger_time.CopyFrom(timestamp(trigger))
+        return response
+
+    # -- unary RPCs ----------------------------------------------------------------
+
+    async def PlaceOrder(
+        self, request: order_pb2.PlaceOrderRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> order_pb2.PlaceOrderResponse:
+        try:
+            return await self.place(caller_account(request.account_id), request)
+        finally:
+            await _usage_headers(context)
+
+    async def BatchPlaceOrders(
+        self,
+        request: order_pb2.BatchPlaceOrdersRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> order_pb2.BatchPlaceOrdersResponse:
+        n = len(request.requests)
+        if not 1 <= n <= MAX_BATCH:
+            raise InvalidArgument(
+                "ORDER_BATCH_SIZE",
+                f"1 to {MAX_BATCH} orders per batch, got {n}",
+                violations=[FieldViolation("requests", f"1 to {MAX_BATCH} items")],
+            )
+        ctx = current_auth()
+        seen: set[str] = set()
+
+        async def one(i: int, item: order_pb2.PlaceOrderRequest) -> order_pb2.PlaceOrderResult:
+            try:
+                account = caller_account(item.account_id, f"requests[{i}].account_id")
+                if item.client_order_id in seen:
+                    raise InvalidArgument(
+                        "ORDER_DUPLICATE_CLIENT_ORDER_ID",
+                        "the same client_order_id twice in one batch",
+                        violations=[FieldViolation(f"requests[{i}].client_order_id", "repeated")],
+                    )
+                seen.add(item.client_order_id)
+                order = await self.flow.place(account, item, prefix=f"requests[{i}].")
+                return order_pb2.PlaceOrderResult(
+                    client_order_id=item.client_order_id,
+                    status=status_pb2.Status(code=0),
+                    order=order_proto(order, self.catalog),
+                )
+            except ExchangeError as error:
+                return order_pb2.PlaceOrderResult(
+                    client_order_id=item.client_order_id, status=_status(error)
+                )
+
+        del ctx
+        results = await asyncio.gather(*(one(i, r) for i, r in enumerate(request.requests)))
+        return order_pb2.BatchPlaceOrdersResponse(results=results)
+
+    async def AmendOrder(
+        self, request: order_pb2.AmendOrderRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> order_pb2.AmendOrderResponse:
+        try:
+            return await self.amend(caller_account(request.account_id), request)
+        finally:
+            await _usage_headers(context)
+
+    async def CancelOrder(
+        self, request: order_pb2.CancelOrderRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> order_pb2.CancelOrderResponse:
+        return await self.cancel(caller_account(request.account_id), request)
+
+    async def CancelAllOrders(
+        self,
+        request: order_pb2.CancelAllOrdersRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> order_pb2.CancelAllOrdersResponse:
+        return await self.cancel_all(caller_account(request.account_id), request)
+
+    async def CancelAllAfter(
+        self,
+        request: order_pb2.CancelAllAfterRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> order_pb2.CancelAllAfterResponse:
+        return await self.cancel_all_after(caller_account(request.account_id), request)
+
+    async def GetOrder(
+        self, request: order_pb2.GetOrderRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> order_pb2.GetOrderResponse:
+        account = caller_account(request.account_id)
+        _target(request.order_id, request.client_order_id)
+        order = await self.flow.find(account, request.order_id, request.client_order_id)
+        return order_pb2.GetOrderResponse(order=order_proto(order, self.catalog))
+
+    async def ListOrders(
+        self, request: order_pb2.ListOrdersRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> order_pb2.ListOrdersResponse:
+        account = caller_account(request.account_id)
+        limit = _page_size(request.page_size)
+        if request.status not in (0, 1, 2):
+            raise InvalidArgument(
+                "ORDER_INVALID_STATUS_FILTER",
+                "unknown status filter",
+                violations=[FieldViolation("status", "OPEN, CLOSED or unset")],
+            )
+        filters = order_pb2.ListOrdersRequest()
+        filters.CopyFrom(request)
+        filters.page_size = filters.page_size and 0
+        filters.page_token = ""
+        filters.account_id = account
+        key = _fingerprint(filters)[:16]
+        after = None
+        if request.page_token:
+            doc = _untoken(request.page_token, key)
+            after = (datetime.fromisoformat(doc["t"]), str(doc["id"]))
+        query = OrderQuery(
+            account_id=account,
+            working={0: None, 1: True, 2: False}[request.status],
+            market=request.market,
+            side=request.side,
+            start_time=request.start_time.ToDatetime(tzinfo=UTC)
+            if request.HasField("start_time")
+            else None,
+            end_time=request.end_time.ToDatetime(tzinfo=UTC)
+            if request.HasField("end_time")
+            else None,
+            after=after,
+            limit=limit + 1,
+        )
+        rows = await self.store.query(query)
+        token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            last = rows[-1]
+            token = _token({"t": last.create_time.isoformat(), "id": last.order_id, "f": key})
+        return order_pb2.ListOrdersResponse(
+            orders=[order_proto(o, self.catalog) for o in rows], next_page_token=token
+        )
+
+    async def ListFills(
+        self, request: order_pb2.ListFillsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> order_pb2.ListFillsResponse:
+        account = caller_account(request.account_id)
+        limit = _page_size(request.page_size)
+        filters = order_pb2.ListFillsRequest()
+        filters.CopyFrom(request)
+        filters.page_size = 0
+        filters.page_token = ""
+        filters.account_id = account
+        key = _fingerprint(filters)[:16]
+        after = None
+        if request.page_token:
+            doc = _untoken(request.page_token, key)
+            after = (datetime.fromisoformat(doc["t"]), int(doc["s"]), str(doc["id"]))
+        rows = await self.store.fills(
+            account,
+            market=request.market,
+            order_id=request.order_id,
+            start_time=request.start_time.ToDatetime(tzinfo=UTC)
+            if request.HasField("start_time")
+            else None,
+            end_time=request.end_time.ToDatetime(tzinfo=UTC)
+            if request.HasField("end_time")
+            else None,
+            after=after,
+            limit=limit + 1,
+        )
+        token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            last = rows[-1]
+            token = _token(
+                {"t": last.trade_time.isoformat(), "s": last.seq, "id": last.order_id, "f": key}
+            )
+        return order_pb2.ListFillsResponse(
+            fills=[fill_proto(f) for f in rows], next_page_token=token
+        )
+
+    def StreamOrders(
+        self,
+        request_iterator: AsyncIterator[order_pb2.StreamOrdersRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[order_pb2.StreamOrdersResponse]:
+        return self.sessions.serve(self, request_iterator, context)
+
+
+@contextlib.asynccontextmanager
+async def _task(coro: Awaitable[None], name: str) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.ensure_future(coro)
+    task.set_name(name)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _every(seconds: float, job: Callable[[], Awaitable[object]], name: str) -> None:
+    while True:
+        try:
+            await job()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            _log.exception("%s failed", name)
+        await asyncio.sleep(seconds)
+
+
+async def build_server(
+    settings: ChassisSettings,
+    *,
+    config: OrderConfig | None = None,
+    catalog: Catalog | None = None,
+    mesh_target: str | None = None,
+) -> Server:
+    """The composition root. mesh_target overrides where risk, ledger and match are called."""
+    config = OrderConfig.from_env() if config is None else config
+    catalog = load_catalog() if catalog is None else catalog
     server = Server(settings)
-    await connect(server, schema="order", migrations=MIGRATIONS, nats=True, redis=True)
+    infra = await connect(
+        server, schema="order", migrations=MIGRATIONS, nats=config.consumer, redis=False
+    )
+    assert infra.pool is not None
+    store = Store(infra.pool)
+    target = mesh_target or config.mesh_target or settings.mesh_addr
+    if target is None:
+        raise ValueError("order needs CEX_MESH_ADDR (or ORDER_MESH_TARGET) to reach its peers")
+    credentials = service_credentials(settings)
+    risk_channel = await server.enter(mesh_channel(target, credentials=credentials))
+    ledger_channel = await server.enter(mesh_channel(target, credentials=credentials))
+    match_channel = await server.enter(mesh_channel(target, credentials=credentials))
+    ledger = LedgerClient(ledger_channel, {a.symbol: a.unit for a in catalog.assets.values()})
+    match = MatchClient(match_channel, token=credentials.token if credentials else None)
+    await server.enter(_task(ledger.holds.run(), "order-ledger-holds"))
+    await server.enter(_task(match.run(), "order-match-stream"))
+    sessions = Sessions(catalog, queue_size=config.stream_queue)
+    consumer = None
+    if config.consumer and infra.nats is not None:
+        consumer = EventConsumer(
+            store=store,
+            js=infra.nats.jetstream(),
+            replay=match.replay,
+            sink=sessions.publish,
+            durable=config.consumer_name,
+        )
+        await server.enter(_task(consumer.run(), "order-consumer"))
+    flow = Flow(
+        store=store,
+        catalog=catalog,
+        config=config,
+        risk=RiskClient(risk_channel, enabled=config.risk_checks),
+        ledger=ledger,
+        match=match,
+        consumer=consumer,
+    )
+    sessions.flow = flow
+    await server.enter(_task(flow.run(), "order-batchers"))
+    deadman = DeadMan(store, flow)
+    if infra.nats is not None and config.kill_switches:
+        kills = KillSwitchConsumer(
+            flow=flow, js=infra.nats.jetstream(), durable=f"{config.consumer_name}-kill-switches"
+        )
+        await server.enter(_task(kills.run(), "order-kill-switches"))
+    await server.enter(
+        _task(_every(config.recover_interval_s, flow.recover, "reconciler"), "order-reconciler")
+    )
+    await server.enter(
+        _task(_every(config.deadman_interval_s, deadman.fire_due, "deadman"), "order-deadman")
+    )
+    await server.enter(_task(sessions.cancel_orphans(store), "order-orphan-sessions"))
     server.add(
         order_pb2.DESCRIPTOR.services_by_name["OrderService"],
         order_pb2_grpc.add_OrderServiceServicer_to_server,
-        OrderService(),  # type: ignore[abstract]  # methods land with their issue
+        OrderService(flow, sessions, deadman),
+        policy=POLICY,
     )
     return server

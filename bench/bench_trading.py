@@ -1,0 +1,296 @@
+"""make bench-trading: PlaceOrder through Envoy, unary (ghz) and over streams.
+
+Starts the local stack on free ports (or uses a running one: --state-dir),
+lifts risk's default limits so that they do not cap the run, then:
+
+1. unary: ghz (installed by bench/install-ghz.sh into .cex/bin) sends
+   PlaceOrder through Envoy with one user's token, open-loop at each --rps of
+   the sweep for --duration seconds: resting limit buys (each goes through
+   risk, a ledger hold, match's journal and back). Between steps the account's
+   orders are cancelled so every step starts from an empty book.
+2. streams: --sessions StreamOrders sessions (one account each, opened with
+   the service token acting for the account), each quoting: place a limit buy,
+   cancel the previous one, at --quote-interval per session. Reported: acks/s
+   and ack latency (command sent -> ack read) p50/p99.
+
+Everything (PostgreSQL, NATS, Envoy, every service, ghz and this script)
+shares the machine's cores; the report says how many there are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import grpc
+
+from bench.trading_setup import Account, accounts, bearer, lift_limits, operator_token
+from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from cex.order.v1 import order_pb2, order_pb2_grpc
+from cex.type.v1 import types_pb2 as t
+from services.chassis import ErrorDetails
+from services.stack.supervisor import Stack
+from services.stack.topology import Ports, free_ports
+
+ROOT = Path(__file__).resolve().parents[1]
+GHZ = ROOT / ".cex" / "bin" / "ghz"
+PROTOSET = ROOT / "gen" / "descriptor" / "cex.binpb"
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def _ghz(edge: str, token: str, rps: int, duration: int, concurrency: int) -> dict[str, object]:
+    data = {
+        "client_order_id": "{{.UUID}}",
+        "market": "BTC-USDT",
+        "side": "SIDE_BUY",
+        "type": "ORDER_TYPE_LIMIT",
+        "price": "95",
+        "quantity": "0.1",
+    }
+    out = subprocess.run(
+        [
+            str(GHZ),
+            "--insecure",
+            "--protoset",
+            str(PROTOSET),
+            "--call",
+            "cex.order.v1.OrderService.PlaceOrder",
+            "--data",
+            json.dumps(data),
+            "--metadata",
+            json.dumps({"authorization": f"Bearer {token}"}),
+            "--rps",
+            str(rps),
+            "--duration",
+            f"{duration}s",
+            "--concurrency",
+            str(concurrency),
+            "--connections",
+            "4",
+            "--timeout",
+            "20s",
+            "--format",
+            "json",
+            edge,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if not out.stdout.strip():
+        raise RuntimeError(f"ghz failed: {out.stderr}")
+    report: dict[str, object] = json.loads(out.stdout)
+    return report
+
+
+def _ns_ms(value: object) -> float:
+    return float(value) / 1e6  # type: ignore[arg-type]
+
+
+def _latency(report: dict[str, object], pct: int) -> float:
+    for entry in report.get("latencyDistribution") or []:  # type: ignore[attr-defined]
+        if entry["percentage"] == pct:
+            return _ns_ms(entry["latency"])
+    return float("nan")
+
+
+async def _cancel_all(channel: grpc.aio.Channel, account: Account) -> None:
+    await order_pb2_grpc.OrderServiceStub(channel).CancelAllOrders(
+        order_pb2.CancelAllOrdersRequest(), metadata=bearer(account.token), timeout=300
+    )
+
+
+async def unary(edge: str, channel: grpc.aio.Channel, svc: str, args: argparse.Namespace) -> None:
+    if not GHZ.exists():
+        await asyncio.to_thread(
+            subprocess.run, [str(ROOT / "bench" / "install-ghz.sh")], check=True
+        )
+    [account] = await accounts(channel, svc, 1, {"USDT": "1000000000"})
+    print("\n## unary PlaceOrder through Envoy (ghz, open loop)\n")
+    print("| target rps | sent | ok | achieved orders/s | p50 ms | p99 ms |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for rps in args.rps:
+        report = await asyncio.to_thread(
+            _ghz, edge, account.token, rps, args.duration, args.concurrency
+        )
+        codes: dict[str, int] = report.get("statusCodeDistribution") or {}  # type: ignore[assignment]
+        ok = int(codes.get("OK", 0))
+        total = int(report["count"])  # type: ignore[call-overload]
+        seconds = _ns_ms(report["total"]) / 1000
+        print(
+            f"| {rps} | {total} | {ok} | {ok / seconds:.0f} | "
+            f"{_latency(report, 50):.1f} | {_latency(report, 99):.1f} |",
+            flush=True,
+        )
+        if ok < total:
+            print(f"<!-- errors at {rps}: {codes} {report.get('errorDistribution')} -->")
+        await _cancel_all(channel, account)
+
+
+class _Quoter:
+    def __init__(self, stub: order_pb2_grpc.OrderServiceStub, account: str, svc: str) -> None:
+        self.account = account
+        self.queue: asyncio.Queue[order_pb2.StreamOrdersRequest | None] = asyncio.Queue()
+        self.call = stub.StreamOrders(self._requests(), metadata=bearer(svc))
+        self.sent: dict[str, float] = {}
+        self.latencies: list[float] = []
+        self.rejects: Counter[str] = Counter()
+
+    async def _requests(self):  # type: ignore[no-untyped-def]
+        while (message := await self.queue.get()) is not None:
+            yield message
+
+    async def read(self) -> None:
+        async for message in self.call:
+            kind = message.WhichOneof("payload")
+            if kind in ("ack", "reject"):
+                rid = message.ack.request_id if kind == "ack" else message.reject.request_id
+                started = self.sent.pop(rid, None)
+                if started is not None:
+                    self.latencies.append(time.perf_counter() - started)
+                if kind == "reject":
+                    self.rejects[ErrorDetails.from_status(message.reject.status).reason] += 1
+
+    async def quote(self, stop: float, interval: float) -> None:
+        await self.queue.put(
+            order_pb2.StreamOrdersRequest(
+                subscribe=order_pb2.StreamSubscribe(account_id=self.account)
+            )
+        )
+        await asyncio.sleep(random.random() * interval)
+        previous = ""
+        while time.perf_counter() < stop:
+            cid = uuid.uuid4().hex
+            self.sent[cid] = time.perf_counter()
+            place = order_pb2.PlaceOrderRequest(
+                client_order_id=cid,
+                market="BTC-USDT",
+                side=t.SIDE_BUY,
+                type=t.ORDER_TYPE_LIMIT,
+                price=str(random.randint(90, 94)),
+                quantity="0.1",
+            )
+            await self.queue.put(order_pb2.StreamOrdersRequest(place=place))
+            if previous:
+                rid = uuid.uuid4().hex
+                self.sent[rid] = time.perf_counter()
+                cancel = order_pb2.CancelOrderRequest(request_id=rid, client_order_id=previous)
+                await self.queue.put(order_pb2.StreamOrdersRequest(cancel=cancel))
+            previous = cid
+            await asyncio.sleep(interval)
+        await asyncio.sleep(3)
+        await self.queue.put(None)
+
+
+async def streams(edge: str, channel: grpc.aio.Channel, svc: str, args: argparse.Namespace) -> None:
+    ids = [f"bench-mm-{uuid.uuid4().hex[:12]}" for _ in range(args.sessions)]
+    ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
+    for i in range(0, len(ids), 500):
+        await ledger.CreateTransfers(
+            ledger_pb2.CreateTransfersRequest(
+                transfers=[
+                    ledger_pb2.Transfer(
+                        id=f"bench-dep-{a}",
+                        debit_account_id="sys:custody",
+                        credit_account_id=a,
+                        asset="USDT",
+                        amount="100000",
+                        kind=ledger_pb2.TRANSFER_KIND_DEPOSIT,
+                    )
+                    for a in ids[i : i + 500]
+                ]
+            ),
+            metadata=bearer(svc),
+            timeout=60,
+        )
+    stubs = [order_pb2_grpc.OrderServiceStub(channel)]
+    quoters = [_Quoter(stubs[0], a, svc) for a in ids]
+    readers = [asyncio.create_task(q.read()) for q in quoters]
+    start = time.perf_counter()
+    stop = start + args.stream_seconds
+    await asyncio.gather(*(q.quote(stop, args.quote_interval) for q in quoters))
+    elapsed = time.perf_counter() - start
+    for reader in readers:
+        reader.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    latencies = [x for q in quoters for x in q.latencies]
+    reasons: Counter[str] = Counter()
+    for q in quoters:
+        reasons.update(q.rejects)
+    rejects = sum(reasons.values())
+    print("\n## StreamOrders: market-maker sessions quoting (place + cancel)\n")
+    print("| sessions | commands acked | rejects | commands/s | ack p50 ms | ack p99 ms |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| {args.sessions} | {len(latencies)} | {rejects} | {len(latencies) / elapsed:.0f} | "
+        f"{_pct(latencies, 0.5) * 1e3:.1f} | {_pct(latencies, 0.99) * 1e3:.1f} |",
+        flush=True,
+    )
+    if reasons:
+        print(f"<!-- rejects: {dict(reasons)} -->")
+
+
+async def main(args: argparse.Namespace) -> None:
+    print(f"# bench-trading ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
+    print(
+        f"machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+        f"Python {sys.version.split()[0]}; load average at start {os.getloadavg()[0]:.1f}"
+    )
+    stack: Stack | None = None
+    if args.state_dir:
+        doc = json.loads((Path(args.state_dir) / "stack.json").read_text())
+        stack = Stack(
+            Path(args.state_dir), Ports(base=doc["base_port"], host=doc["host"]), dict(os.environ)
+        )
+        running = None
+    else:
+        running = Stack(Path(tempfile.mkdtemp(prefix="cex-bench-")), free_ports(), dict(os.environ))
+        await running.start()
+        stack = running
+    try:
+        svc = await operator_token(stack.edge, stack.service_secret)
+        async with grpc.aio.insecure_channel(stack.edge) as channel:
+            await lift_limits(channel, svc)
+            if args.rps:
+                await unary(stack.edge, channel, svc, args)
+            if args.sessions:
+                await streams(stack.edge, channel, svc, args)
+    finally:
+        if running is not None:
+            await running.stop()
+
+
+def _cli() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--state-dir", help="use the stack running from this state dir")
+    parser.add_argument(
+        "--rps",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default=[100, 200, 400, 800],
+        help="comma-separated open-loop rates for the ghz sweep ('' to skip)",
+    )
+    parser.add_argument("--duration", type=int, default=10, help="seconds per rate")
+    parser.add_argument("--concurrency", type=int, default=200, help="ghz workers")
+    parser.add_argument("--sessions", type=int, default=200, help="stream sessions (0 to skip)")
+    parser.add_argument("--quote-interval", type=float, default=1.0, help="s between quotes")
+    parser.add_argument("--stream-seconds", type=float, default=20.0)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(_cli()))

@@ -1,0 +1,65 @@
+"""The order service's own settings, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+
+from services.chassis.settings import env_float, env_int, env_str
+
+__all__ = ["OrderConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class OrderConfig:
+    """
+    maker_fee_rate / taker_fee_rate: fee rates sent with every order (decimal strings).
+    market_protection: how far from the reference price a market order may trade
+        (a fraction: "0.05" = 5%); it sets the protection price sent to match and
+        so the hold of a market buy sized by quantity.
+    risk_checks: call risk.CheckOrder (off only for tests of the order path alone).
+    consumer / consumer_name: run the match-event consumer, and its durable name.
+    kill_switches: follow risk's kill-switch events and cancel what they ask to.
+    wait_for_consumer_s: how long cancel/amend wait for the consumer to apply
+        their own events before answering from what is stored.
+    recover_after_s: an order recorded but not acknowledged by match this long
+        ago is driven on (hold, then place; both idempotent) by the reconciler.
+    stream_queue: bounded queue per stream session; a reader this far behind is
+        told (RESOURCE_EXHAUSTED ORDER_STREAM_SLOW_CONSUMER) and disconnected.
+    mesh_target: where risk, ledger and match are called; default CEX_MESH_ADDR.
+    """
+
+    maker_fee_rate: str = "0.001"
+    taker_fee_rate: str = "0.002"
+    market_protection: Decimal = Decimal("0.05")
+    risk_checks: bool = True
+    consumer: bool = True
+    consumer_name: str = "order-state"
+    kill_switches: bool = True
+    wait_for_consumer_s: float = 2.0
+    recover_after_s: float = 3.0
+    recover_interval_s: float = 1.0
+    stream_queue: int = 10_000
+    deadman_interval_s: float = 0.2
+    mesh_target: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OrderConfig:
+        env = os.environ if env is None else env
+        return cls(
+            maker_fee_rate=env_str(env, "ORDER_MAKER_FEE_RATE", "0.001") or "0.001",
+            taker_fee_rate=env_str(env, "ORDER_TAKER_FEE_RATE", "0.002") or "0.002",
+            market_protection=Decimal(env_str(env, "ORDER_MARKET_PROTECTION", "0.05") or "0.05"),
+            risk_checks=env_str(env, "ORDER_RISK_CHECKS", "on") != "off",
+            consumer=env_str(env, "ORDER_CONSUMER", "on") != "off",
+            consumer_name=env_str(env, "ORDER_CONSUMER_NAME", "order-state") or "order-state",
+            kill_switches=env_str(env, "ORDER_KILL_SWITCHES", "on") != "off",
+            wait_for_consumer_s=env_float(env, "ORDER_WAIT_FOR_CONSUMER_S", 2.0),
+            recover_after_s=env_float(env, "ORDER_RECOVER_AFTER_S", 3.0),
+            recover_interval_s=env_float(env, "ORDER_RECOVER_INTERVAL_S", 1.0),
+            stream_queue=env_int(env, "ORDER_STREAM_QUEUE", 10_000),
+            deadman_interval_s=env_float(env, "ORDER_DEADMAN_INTERVAL_S", 0.2),
+            mesh_target=env_str(env, "ORDER_MESH_TARGET"),
+        )

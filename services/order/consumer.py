@@ -1,0 +1,183 @@
+"""Match events -> order states, fills and execution reports.
+
+A durable JetStream pull consumer on `match.events.*` (stream MATCH_EVENTS).
+Each market's events are applied in one transaction that locks the market's
+cursor row: events at or below the cursor are skipped (redeliveries), a gap
+is filled from match's ReplayEvents before going on, and the cursor advances
+in the same commit as the orders and fills it changed. Messages are acked
+after the commit, so a crash only redelivers. The orders' state is therefore
+always the fold of match's journal: after a crash it is rebuilt, not lost.
+
+After each commit the executions go to the live stream sessions (`sink`) and
+callers waiting for their own command's events (`wait`) are woken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+import nats.errors
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from cex.match.v1 import match_pb2
+from services.chassis import ensure_stream
+
+from .domain import Execution, OrderRecord, apply_event, event_order_ids
+from .store import Store
+
+__all__ = ["STREAM", "EventConsumer"]
+
+STREAM = "MATCH_EVENTS"
+_log = logging.getLogger("cex.order.consumer")
+
+Replay = Callable[[str, int, int], Awaitable[Sequence[match_pb2.MatchEvent]]]
+Sink = Callable[[Sequence[Execution]], None]
+
+
+class EventConsumer:
+    def __init__(
+        self, *, store: Store, js: JetStreamContext, replay: Replay, sink: Sink, durable: str
+    ) -> None:
+        self._store = store
+        self._js = js
+        self._replay = replay
+        self._sink = sink
+        self._durable = durable
+        self._cursors: dict[str, int] = {}
+        self._waiters: dict[str, list[tuple[int, asyncio.Future[None]]]] = {}
+        self.applied = 0
+        self.replayed = 0
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._consume()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _log.exception("order event consumer stopped; restarting in 1 s")
+                await asyncio.sleep(1.0)
+
+    async def _consume(self) -> None:
+        await ensure_stream(self._js, STREAM, ["match.events.>"])
+        sub = await self._js.pull_subscribe(
+            "match.events.*",
+            durable=self._durable,
+            stream=STREAM,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                # Short: what a killed process had fetched but not committed comes
+                # again soon (applying it twice is harmless: the cursor skips it).
+                ack_wait=5.0,
+                max_ack_pending=20_000,
+            ),
+        )
+        try:
+            while True:
+                try:
+                    messages = await sub.fetch(500, timeout=0.5)
+                except (nats.errors.TimeoutError, TimeoutError):
+                    continue
+                try:
+                    await self.handle([match_pb2.MatchEvent.FromString(m.data) for m in messages])
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    _log.exception("order event batch failed; it will be redelivered")
+                    await asyncio.sleep(0.5)
+                    continue
+                for message in messages:
+                    await message.ack()
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(sub.unsubscribe(), 1.0)
+
+    async def handle(self, events: Sequence[match_pb2.MatchEvent]) -> None:
+        """Apply events (any markets, any order, duplicates allowed); fills gaps."""
+        by_market: dict[str, dict[int, match_pb2.MatchEvent]] = {}
+        for event in events:
+            by_market.setdefault(event.market, {})[event.seq] = event
+        for market, found in by_market.items():
+            await self._apply_market(market, [found[s] for s in sorted(found)])
+
+    async def _apply_market(self, market: str, events: list[match_pb2.MatchEvent]) -> None:
+        executions: list[Execution] = []
+        async with self._store.market_batch(market) as batch:
+            cursor = batch.cursor
+            todo = [e for e in events if e.seq > cursor]
+            if not todo:
+                self._advance(market, cursor)
+                return
+            expected = range(cursor + 1, todo[-1].seq + 1)
+            if [e.seq for e in todo] != list(expected):
+                _log.warning(
+                    "gap in %s after seq %s (got %s..%s); replaying",
+                    market,
+                    cursor,
+                    todo[0].seq,
+                    todo[-1].seq,
+                )
+                todo = [
+                    e
+                    for e in await self._replay(market, cursor + 1, todo[-1].seq)
+                    if e.seq > cursor
+                ]
+                self.replayed += 1
+                if [e.seq for e in todo] != list(expected):
+                    raise RuntimeError(f"ReplayEvents({market}, {cursor + 1}) left a gap")
+            ids = {oid for e in todo for oid in event_order_ids(e)}
+            orders = await batch.orders(sorted(ids)) if ids else {}
+            changed: dict[str, OrderRecord] = {}
+            for event in todo:
+                for order_id in event_order_ids(event):
+                    order = orders.get(order_id)
+                    if order is None:
+                        continue  # not placed through this service
+                    execution = apply_event(order, event)
+                    if execution is not None:
+                        executions.append(execution)
+                        changed[order_id] = order
+            await batch.save(list(changed.values()), executions, todo[-1].seq)
+            last = todo[-1].seq
+        self.applied += len(todo)
+        self._advance(market, last)
+        if executions:
+            try:
+                self._sink(executions)
+            except Exception:
+                _log.exception("delivering execution reports failed")
+
+    def _advance(self, market: str, seq: int) -> None:
+        self._cursors[market] = max(seq, self._cursors.get(market, 0))
+        waiters = self._waiters.get(market)
+        if not waiters:
+            return
+        keep = []
+        for wanted, future in waiters:
+            if wanted <= seq:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                keep.append((wanted, future))
+        self._waiters[market] = keep
+
+    async def wait(self, market: str, seq: int, within_s: float) -> bool:
+        """Wait until the market's events up to `seq` are applied; False on timeout."""
+        if self._cursors.get(market, 0) >= seq:
+            return True
+        if self._cursors.get(market) is None:
+            self._cursors[market] = await self._store.cursor(market)
+            if self._cursors[market] >= seq:
+                return True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(market, []).append((seq, future))
+        try:
+            await asyncio.wait_for(future, within_s)
+            return True
+        except TimeoutError:
+            return False

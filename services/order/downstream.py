@@ -1,0 +1,355 @@
+"""The services the order path calls: risk, ledger and match, through the mesh.
+
+Holds and match commands are batched: callers await one item each, a loop
+sends whatever is waiting as one request (CreateTransfers for holds, one
+SubmitCommands message on a long-lived stream for commands). Every item
+carries its own idempotency id, so a batch that fails in transit is simply
+tried again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from decimal import Decimal
+from typing import Generic, TypeVar
+
+import grpc
+from google.rpc import status_pb2
+
+from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from cex.match.v1 import match_pb2, match_pb2_grpc
+from cex.risk.v1 import risk_pb2, risk_pb2_grpc
+from cex.type.v1 import types_pb2 as t
+from services.chassis import ErrorDetails, ExchangeError, Unavailable
+from services.chassis.money import parse_decimal
+
+from .domain import OrderRecord
+
+__all__ = [
+    "ESCROW_ACCOUNT",
+    "TRANSIENT",
+    "Batcher",
+    "LedgerClient",
+    "MatchClient",
+    "RiskClient",
+    "StatusError",
+    "hold_id",
+    "rate_usage_var",
+]
+
+_log = logging.getLogger("cex.order.downstream")
+ESCROW_ACCOUNT = "sys:orders"
+TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE.value[0],
+        grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
+        grpc.StatusCode.ABORTED.value[0],
+        grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+        grpc.StatusCode.CANCELLED.value[0],
+        grpc.StatusCode.UNKNOWN.value[0],
+        grpc.StatusCode.INTERNAL.value[0],
+    }
+)
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+# The caller's order rate-limit budget from the last risk check of this request,
+# copied onto the response as x-cex-order-limit-1s / x-cex-order-count-1s.
+rate_usage_var: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "rate_usage", default=None
+)
+
+Req = TypeVar("Req")
+Res = TypeVar("Res")
+
+
+def hold_id(order_id: str) -> str:
+    return f"hold:{order_id}"
+
+
+class StatusError(ExchangeError):
+    """A downstream google.rpc.Status passed on to the client as it came."""
+
+    def __init__(self, status: status_pb2.Status, fallback_reason: str) -> None:
+        details = ErrorDetails.from_status(status)
+        reason = details.reason or fallback_reason
+        try:
+            super().__init__(
+                reason,
+                details.message or reason,
+                code=_CODES.get(status.code, grpc.StatusCode.FAILED_PRECONDITION),
+                metadata=details.metadata,
+                violations=details.violations,
+                retry_after_s=details.retry_after_s,
+            )
+        except ValueError:  # a reason outside the model: keep ours
+            super().__init__(fallback_reason, details.message, code=_CODES.get(status.code))
+        self.status = status
+
+    @property
+    def transient(self) -> bool:
+        return self.status.code in TRANSIENT
+
+
+def _status_of(error: grpc.RpcError, reason: str) -> status_pb2.Status:
+    details = ErrorDetails.from_rpc_error(error)
+    return (
+        Unavailable(details.reason or reason, details.message or str(error)[:200]).to_status(
+            "order"
+        )
+        if details.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        else (
+            ExchangeError(
+                details.reason or reason, details.message or "downstream failure", code=details.code
+            ).to_status("order")
+        )
+    )
+
+
+class Batcher(Generic[Req, Res]):
+    """Coalesces concurrent single calls into batched calls (at most `concurrency` at once)."""
+
+    def __init__(
+        self,
+        call: Callable[[list[Req]], Awaitable[Sequence[Res]]],
+        *,
+        max_batch: int = 500,
+        concurrency: int = 4,
+    ) -> None:
+        self._call = call
+        self._max = max_batch
+        self._waiting: list[tuple[Req, asyncio.Future[Res]]] = []
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: Req) -> Res:
+        future: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        self._wake.set()
+        return await future
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting:
+                await self._slots.acquire()
+                batch, self._waiting = self._waiting[: self._max], self._waiting[self._max :]
+                task = asyncio.create_task(self._send(batch))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[Req, asyncio.Future[Res]]]) -> None:
+        try:
+            results = await self._call([item for item, _ in batch])
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+        except Exception as error:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+        finally:
+            self._slots.release()
+
+
+class RiskClient:
+    def __init__(self, channel: grpc.aio.Channel, *, enabled: bool = True) -> None:
+        self._stub = risk_pb2_grpc.RiskServiceStub(channel)
+        self._enabled = enabled
+
+    async def check(self, request: risk_pb2.CheckOrderRequest) -> Decimal | None:
+        """None or the reference price; raises the denial (or ORDER_RISK_UNAVAILABLE)."""
+        if not self._enabled:
+            return None
+        try:
+            reply = await self._stub.CheckOrder(request, timeout=3.0)
+        except grpc.aio.AioRpcError as error:
+            raise Unavailable(
+                "ORDER_RISK_UNAVAILABLE",
+                f"the pre-trade risk check could not be made: {error.code().name}",
+                retry_after_s=0.5,
+            ) from None
+        if reply.HasField("rate_limit") and reply.rate_limit.limit:
+            rate_usage_var.set((reply.rate_limit.limit, reply.rate_limit.used))
+        if not reply.allowed:
+            raise StatusError(reply.denial, "ORDER_RISK_DENIED")
+        if reply.reference_price:
+            with contextlib.suppress(ValueError):
+                return parse_decimal(reply.reference_price)
+        return None
+
+
+class LedgerClient:
+    """Creates and voids order holds (`hold:<order_id>`, user -> sys:orders)."""
+
+    def __init__(self, channel: grpc.aio.Channel, assets_scale: dict[str, Decimal]) -> None:
+        self._stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        self._units = assets_scale
+        self.holds: Batcher[ledger_pb2.Transfer, ledger_pb2.CreateTransferResult] = Batcher(
+            self._create, max_batch=1000, concurrency=4
+        )
+
+    async def _create(
+        self, transfers: list[ledger_pb2.Transfer]
+    ) -> Sequence[ledger_pb2.CreateTransferResult]:
+        reply = await self._stub.CreateTransfers(
+            ledger_pb2.CreateTransfersRequest(transfers=transfers), timeout=10.0
+        )
+        return reply.results
+
+    def _amount(self, asset: str, minor: int) -> str:
+        value = (Decimal(minor) * self._units[asset]).normalize()
+        return format(value, "f")
+
+    async def hold(self, order: OrderRecord) -> status_pb2.Status:
+        """OK, or why not (a transient code if the ledger could not be reached)."""
+        transfer = ledger_pb2.Transfer(
+            id=hold_id(order.order_id),
+            debit_account_id=order.account_id,
+            credit_account_id=ESCROW_ACCOUNT,
+            asset=order.hold_asset,
+            amount=self._amount(order.hold_asset, order.hold_amount),
+            flags=ledger_pb2.TransferFlags(pending=True),
+            kind=ledger_pb2.TRANSFER_KIND_ORDER_HOLD,
+            reference=order.order_id,
+        )
+        try:
+            result = await self.holds.submit(transfer)
+        except grpc.aio.AioRpcError as error:
+            return _status_of(error, "ORDER_LEDGER_UNAVAILABLE")
+        return result.status
+
+    async def void(self, order: OrderRecord) -> None:
+        """Release the whole hold of an order that never reached match (idempotent)."""
+        reply = await self._stub.CreateTransfers(
+            ledger_pb2.CreateTransfersRequest(
+                transfers=[
+                    ledger_pb2.Transfer(
+                        id=f"void:{order.order_id}",
+                        pending_id=hold_id(order.order_id),
+                        flags=ledger_pb2.TransferFlags(void_pending=True),
+                        kind=ledger_pb2.TRANSFER_KIND_ORDER_HOLD,
+                        reference=order.order_id,
+                    )
+                ]
+            ),
+            timeout=10.0,
+        )
+        status = reply.results[0].status
+        if status.code and ErrorDetails.from_status(status).reason not in (
+            "LEDGER_PENDING_TRANSFER_NOT_FOUND",
+            "LEDGER_PENDING_TRANSFER_ALREADY_VOIDED",
+            "LEDGER_PENDING_TRANSFER_ALREADY_POSTED",
+            "LEDGER_PENDING_TRANSFER_EXPIRED",
+        ):
+            raise StatusError(status, "ORDER_LEDGER_VOID_FAILED")
+
+
+class MatchClient:
+    """Commands over one long-lived SubmitCommands stream, batched, answered in order."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        token: Callable[[], Awaitable[str]] | None = None,
+        max_batch: int = 500,
+    ) -> None:
+        self._stub = match_pb2_grpc.MatchServiceStub(channel)
+        # Interceptors do not reach a stream opened without a request iterator,
+        # so the long-lived command stream carries the service token itself.
+        self._token = token
+        self._max = max_batch
+        self._waiting: list[tuple[match_pb2.Command, asyncio.Future[match_pb2.CommandResult]]] = []
+        self._wake = asyncio.Event()
+
+    async def submit(
+        self, command: match_pb2.Command, within_s: float = 5.0
+    ) -> match_pb2.CommandResult:
+        """The command's result; a transient StatusError if match did not answer."""
+        future: asyncio.Future[match_pb2.CommandResult] = asyncio.get_running_loop().create_future()
+        self._waiting.append((command, future))
+        self._wake.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), within_s)
+        except TimeoutError:
+            raise StatusError(
+                Unavailable("ORDER_MATCH_UNAVAILABLE", "matching did not answer in time").to_status(
+                    "order"
+                ),
+                "ORDER_MATCH_UNAVAILABLE",
+            ) from None
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                _log.warning("match stream ended: %r; reconnecting", error)
+            await asyncio.sleep(0.2)
+
+    async def _session(self) -> None:
+        await self._wake.wait()
+        metadata = (("authorization", f"Bearer {await self._token()}"),) if self._token else None
+        call = self._stub.SubmitCommands(metadata=metadata)
+        in_flight: deque[list[asyncio.Future[match_pb2.CommandResult]]] = deque()
+
+        async def read() -> None:
+            async for response in call:
+                futures = in_flight.popleft()
+                for future, result in zip(futures, response.results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+
+        reader = asyncio.create_task(read())
+        try:
+            while not reader.done():
+                if not self._waiting:
+                    self._wake.clear()
+                    waiter = asyncio.create_task(self._wake.wait())
+                    await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    continue
+                batch, self._waiting = self._waiting[: self._max], self._waiting[self._max :]
+                in_flight.append([f for _, f in batch])
+                await call.write(match_pb2.SubmitCommandsRequest(commands=[c for c, _ in batch]))
+            await reader  # raises what ended the stream
+        finally:
+            reader.cancel()
+            call.cancel()
+            error = StatusError(
+                Unavailable("ORDER_MATCH_UNAVAILABLE", "the match stream broke").to_status("order"),
+                "ORDER_MATCH_UNAVAILABLE",
+            )
+            for futures in in_flight:
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(error)
+
+    async def best_price(self, market: str, side: int) -> Decimal | None:
+        """The best price on the side a `side` order would trade against."""
+        try:
+            reply = await self._stub.GetOrderBook(
+                match_pb2.GetOrderBookRequest(market=market, depth=1), timeout=3.0
+            )
+        except grpc.aio.AioRpcError:
+            return None
+        levels = reply.book.asks if side == t.SIDE_BUY else reply.book.bids
+        return parse_decimal(levels[0].price) if levels else None
+
+    async def replay(self, market: str, from_seq: int, to_seq: int) -> list[match_pb2.MatchEvent]:
+        events: list[match_pb2.MatchEvent] = []
+        call = self._stub.ReplayEvents(
+            match_pb2.ReplayEventsRequest(market=market, from_seq=from_seq, to_seq=to_seq),
+            timeout=30.0,
+        )
+        async for response in call:
+            events.extend(response.events)
+        return events

@@ -1,0 +1,450 @@
+"""The order service's tables (schema `order`), through asyncpg."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from .domain import WORKING, Execution, OrderRecord
+
+__all__ = ["FillRow", "OrderQuery", "Store"]
+
+_COLUMNS = [f.name for f in fields(OrderRecord)]
+_INSERT = (
+    f"INSERT INTO orders ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i + 1}' for i in range(len(_COLUMNS)))}) "
+    "ON CONFLICT (account_id, client_order_id) DO NOTHING"
+)
+_TYPES = {
+    "side": "smallint",
+    "type": "smallint",
+    "time_in_force": "smallint",
+    "self_trade_prevention": "smallint",
+    "state": "smallint",
+    "cancel_reason": "smallint",
+    "price": "numeric",
+    "stop_price": "numeric",
+    "quantity": "numeric",
+    "quote_quantity": "numeric",
+    "protection_price": "numeric",
+    "filled_quantity": "numeric",
+    "filled_quote_quantity": "numeric",
+    "cumulative_fee": "numeric",
+    "remaining_quantity": "numeric",
+    "post_only": "boolean",
+    "expire_time": "timestamptz",
+    "create_time": "timestamptz",
+    "update_time": "timestamptz",
+    "trigger_time": "timestamptz",
+    "hold_amount": "bigint",
+    "version": "bigint",
+    "last_seq": "bigint",
+    "reject_code": "integer",
+}
+_INSERT_MANY = (
+    f"INSERT INTO orders ({', '.join(_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"${i + 1}::{_TYPES.get(c, 'text')}[]" for i, c in enumerate(_COLUMNS))
+    + ") ON CONFLICT (account_id, client_order_id) DO NOTHING RETURNING order_id"
+)
+# What the consumer changes when it applies events.
+_EVENT_COLUMNS = [
+    "price",
+    "quantity",
+    "state",
+    "filled_quantity",
+    "filled_quote_quantity",
+    "cumulative_fee",
+    "fee_asset",
+    "remaining_quantity",
+    "reject_reason",
+    "reject_code",
+    "reject_message",
+    "reject_domain",
+    "cancel_reason",
+    "update_time",
+    "trigger_time",
+    "version",
+    "last_seq",
+]
+_UPDATE = (
+    "UPDATE orders SET "
+    + ", ".join(f"{c} = ${i + 2}" for i, c in enumerate(_EVENT_COLUMNS))
+    + " WHERE order_id = $1"
+)
+_WORKING_SQL = "(" + ", ".join(str(int(s)) for s in sorted(WORKING)) + ")"
+_FILL_COLUMNS = (
+    "order_id, trade_id, market, account_id, client_order_id, side, price, quantity, "
+    "quote_quantity, fee, fee_asset, liquidity, trade_time, seq"
+)
+
+
+def _record(row: asyncpg.Record) -> OrderRecord:
+    return OrderRecord(**{name: row[name] for name in _COLUMNS})
+
+
+@dataclass(frozen=True, slots=True)
+class OrderQuery:
+    account_id: str
+    working: bool | None  # True: working only; False: closed only; None: all
+    market: str = ""
+    side: int = 0
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    after: tuple[datetime, str] | None = None  # keyset: (create_time, order_id) of the last row
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class FillRow:
+    order_id: str
+    trade_id: str
+    market: str
+    account_id: str
+    client_order_id: str
+    side: int
+    price: Decimal
+    quantity: Decimal
+    quote_quantity: Decimal
+    fee: Decimal
+    fee_asset: str
+    liquidity: int
+    trade_time: datetime
+    seq: int
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    # -- orders ----------------------------------------------------------------
+
+    async def insert(self, order: OrderRecord) -> bool:
+        """True if recorded; False if (account, client_order_id) already exists."""
+        return (await self.insert_many([order]))[0]
+
+    async def insert_many(self, orders: Sequence[OrderRecord]) -> list[bool]:
+        """Record orders with one statement and one commit; per order, True if
+        recorded, False if its (account, client_order_id) already existed."""
+        if len(orders) == 1:
+            status = await self.pool.execute(_INSERT, *(getattr(orders[0], c) for c in _COLUMNS))
+            return [status == "INSERT 0 1"]
+        columns = [[getattr(o, c) for o in orders] for c in _COLUMNS]
+        rows = await self.pool.fetch(_INSERT_MANY, *columns)
+        inserted = {r["order_id"] for r in rows}
+        return [o.order_id in inserted for o in orders]
+
+    async def lookup(
+        self, account_id: str, client_order_id: str, market: str
+    ) -> tuple[OrderRecord | None, int, int]:
+        """One round trip before a place: the order with this client_order_id if any,
+        and the account's working orders (all markets, this market)."""
+        row = await self.pool.fetchrow(
+            "SELECT o.*, c.total, c.here FROM (SELECT count(*) AS total, "
+            "count(*) FILTER (WHERE market = $3) AS here FROM orders "
+            f"WHERE account_id = $1 AND state IN {_WORKING_SQL}) c "
+            "LEFT JOIN orders o ON o.account_id = $1 AND o.client_order_id = $2",
+            account_id,
+            client_order_id,
+            market,
+        )
+        assert row is not None
+        found = _record(row) if row["order_id"] is not None else None
+        return found, int(row["total"]), int(row["here"])
+
+    async def get(self, order_id: str) -> OrderRecord | None:
+        row = await self.pool.fetchrow("SELECT * FROM orders WHERE order_id = $1", order_id)
+        return _record(row) if row else None
+
+    async def by_client_id(self, account_id: str, client_order_id: str) -> OrderRecord | None:
+        row = await self.pool.fetchrow(
+            "SELECT * FROM orders WHERE account_id = $1 AND client_order_id = $2",
+            account_id,
+            client_order_id,
+        )
+        return _record(row) if row else None
+
+    async def set_phase(self, order_ids: Sequence[str], phase: str) -> None:
+        """Recoverable bookkeeping: a lost update only makes the reconciler look again."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SET LOCAL synchronous_commit TO off")
+            await conn.execute(
+                "UPDATE orders SET phase = $2 WHERE order_id = ANY($1::text[]) "
+                "AND phase = 'recorded'",
+                list(order_ids),
+                phase,
+            )
+
+    async def fail(
+        self, order_id: str, *, code: int, reason: str, message: str, domain: str, now: datetime
+    ) -> OrderRecord | None:
+        """The order never reached match: REJECTED, with the status to answer retries with."""
+        row = await self.pool.fetchrow(
+            "UPDATE orders SET phase = 'failed', state = 7, reject_code = $2, "
+            "reject_reason = $3, reject_message = $4, reject_domain = $5, "
+            "remaining_quantity = 0, update_time = $6, version = version + 1 "
+            "WHERE order_id = $1 AND phase = 'recorded' RETURNING *",
+            order_id,
+            code,
+            reason,
+            message[:500],
+            domain,
+            now,
+        )
+        return _record(row) if row else None
+
+    async def unplaced(self, older_than: datetime, limit: int = 500) -> list[OrderRecord]:
+        rows = await self.pool.fetch(
+            "SELECT * FROM orders WHERE phase = 'recorded' AND create_time < $1 "
+            "ORDER BY create_time LIMIT $2",
+            older_than,
+            limit,
+        )
+        return [_record(r) for r in rows]
+
+    async def working(
+        self, account_id: str, market: str = "", side: int = 0, session_id: str = ""
+    ) -> list[OrderRecord]:
+        sql = f"SELECT * FROM orders WHERE account_id = $1 AND state IN {_WORKING_SQL}"
+        args: list[Any] = [account_id]
+        if market:
+            args.append(market)
+            sql += f" AND market = ${len(args)}"
+        if side:
+            args.append(side)
+            sql += f" AND side = ${len(args)}"
+        if session_id:
+            args.append(session_id)
+            sql += f" AND session_id = ${len(args)}"
+        return [_record(r) for r in await self.pool.fetch(sql, *args)]
+
+    async def count_working(self, account_id: str, market: str) -> tuple[int, int]:
+        """The account's working orders: (all markets, this market)."""
+        row = await self.pool.fetchrow(
+            "SELECT count(*) AS total, count(*) FILTER (WHERE market = $2) AS here "
+            f"FROM orders WHERE account_id = $1 AND state IN {_WORKING_SQL}",
+            account_id,
+            market,
+        )
+        assert row is not None
+        return int(row["total"]), int(row["here"])
+
+    async def accounts_working(self, market: str = "") -> list[str]:
+        """Accounts with working orders (in `market`, or anywhere)."""
+        sql = f"SELECT DISTINCT account_id FROM orders WHERE state IN {_WORKING_SQL}"
+        rows = await (
+            self.pool.fetch(sql + " AND market = $1", market) if market else self.pool.fetch(sql)
+        )
+        return [r["account_id"] for r in rows]
+
+    async def query(self, q: OrderQuery) -> list[OrderRecord]:
+        sql = "SELECT * FROM orders WHERE account_id = $1"
+        args: list[Any] = [q.account_id]
+        if q.working is True:
+            sql += f" AND state IN {_WORKING_SQL}"
+        elif q.working is False:
+            sql += f" AND state NOT IN {_WORKING_SQL}"
+        for column, op, value in (
+            ("market", "=", q.market or None),
+            ("side", "=", q.side or None),
+            ("create_time", ">=", q.start_time),
+            ("create_time", "<", q.end_time),
+        ):
+            if value is not None:
+                args.append(value)
+                sql += f" AND {column} {op} ${len(args)}"
+        if q.after is not None:
+            args.extend(q.after)
+            sql += f" AND (create_time, order_id) < (${len(args) - 1}, ${len(args)})"
+        args.append(q.limit)
+        sql += f" ORDER BY create_time DESC, order_id DESC LIMIT ${len(args)}"
+        return [_record(r) for r in await self.pool.fetch(sql, *args)]
+
+    async def fills(
+        self,
+        account_id: str,
+        *,
+        market: str = "",
+        order_id: str = "",
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        after: tuple[datetime, int, str] | None = None,
+        limit: int = 100,
+    ) -> list[FillRow]:
+        sql = f"SELECT {_FILL_COLUMNS} FROM fills WHERE account_id = $1"
+        args: list[Any] = [account_id]
+        if market:
+            args.append(market)
+            sql += f" AND market = ${len(args)}"
+        if order_id:
+            args.append(order_id)
+            sql += f" AND order_id = ${len(args)}"
+        if start_time is not None:
+            args.append(start_time)
+            sql += f" AND trade_time >= ${len(args)}"
+        if end_time is not None:
+            args.append(end_time)
+            sql += f" AND trade_time < ${len(args)}"
+        if after is not None:
+            args.extend(after)
+            n = len(args)
+            sql += f" AND (trade_time, seq, order_id) < (${n - 2}, ${n - 1}, ${n})"
+        args.append(limit)
+        sql += f" ORDER BY trade_time DESC, seq DESC, order_id DESC LIMIT ${len(args)}"
+        return [FillRow(**dict(r)) for r in await self.pool.fetch(sql, *args)]
+
+    # -- the consumer ----------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def market_batch(self, market: str) -> AsyncIterator[MarketBatch]:
+        """One transaction over one market's events: the cursor row is locked."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO market_cursors (market, seq) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+                market,
+            )
+            cursor = await conn.fetchval(
+                "SELECT seq FROM market_cursors WHERE market = $1 FOR UPDATE", market
+            )
+            yield MarketBatch(conn, market, int(cursor))
+
+    async def cursor(self, market: str) -> int:
+        value = await self.pool.fetchval("SELECT seq FROM market_cursors WHERE market = $1", market)
+        return int(value or 0)
+
+    # -- idempotent requests ---------------------------------------------------
+
+    async def request(self, account_id: str, request_id: str) -> tuple[str, str, bytes] | None:
+        row = await self.pool.fetchrow(
+            "SELECT kind, fingerprint, response FROM requests "
+            "WHERE account_id = $1 AND request_id = $2",
+            account_id,
+            request_id,
+        )
+        return (row["kind"], row["fingerprint"], bytes(row["response"])) if row else None
+
+    async def remember(
+        self, account_id: str, request_id: str, kind: str, fingerprint: str, response: bytes
+    ) -> None:
+        await self.pool.execute(
+            "INSERT INTO requests (account_id, request_id, kind, fingerprint, response) "
+            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            account_id,
+            request_id,
+            kind,
+            fingerprint,
+            response,
+        )
+
+    # -- sessions and the dead man's switch -----------------------------------
+
+    async def open_session(self, session_id: str, account_id: str, cancel: bool) -> None:
+        await self.pool.execute(
+            "INSERT INTO sessions (session_id, account_id, cancel_on_disconnect) "
+            "VALUES ($1, $2, $3)",
+            session_id,
+            account_id,
+            cancel,
+        )
+
+    async def close_session(self, session_id: str) -> None:
+        await self.pool.execute(
+            "UPDATE sessions SET open = false WHERE session_id = $1", session_id
+        )
+
+    async def orphan_sessions(self) -> list[tuple[str, str]]:
+        """Sessions with cancel-on-disconnect left open by a process that died."""
+        rows = await self.pool.fetch(
+            "SELECT session_id, account_id FROM sessions WHERE open AND cancel_on_disconnect"
+        )
+        return [(r["session_id"], r["account_id"]) for r in rows]
+
+    async def arm(self, account_id: str, market: str, trigger: datetime) -> None:
+        await self.pool.execute(
+            "INSERT INTO deadman (account_id, market, trigger_time) VALUES ($1, $2, $3) "
+            "ON CONFLICT (account_id, market) DO UPDATE SET trigger_time = EXCLUDED.trigger_time",
+            account_id,
+            market,
+            trigger,
+        )
+
+    async def disarm(self, account_id: str, market: str) -> None:
+        await self.pool.execute(
+            "DELETE FROM deadman WHERE account_id = $1 AND market = $2", account_id, market
+        )
+
+    async def due_switches(self, now: datetime) -> list[tuple[str, str, datetime]]:
+        rows = await self.pool.fetch(
+            "SELECT account_id, market, trigger_time FROM deadman WHERE trigger_time <= $1", now
+        )
+        return [(r["account_id"], r["market"], r["trigger_time"]) for r in rows]
+
+    async def fire(self, account_id: str, market: str, trigger: datetime) -> bool:
+        """Take a due switch (only if nobody re-armed it meanwhile)."""
+        status = await self.pool.execute(
+            "DELETE FROM deadman WHERE account_id = $1 AND market = $2 AND trigger_time = $3",
+            account_id,
+            market,
+            trigger,
+        )
+        return bool(status == "DELETE 1")
+
+
+class MarketBatch:
+    """The consumer's view inside one transaction."""
+
+    def __init__(self, conn: Any, market: str, cursor: int) -> None:
+        self.conn = conn
+        self.market = market
+        self.cursor = cursor
+
+    async def orders(self, order_ids: Sequence[str]) -> dict[str, OrderRecord]:
+        rows = await self.conn.fetch(
+            "SELECT * FROM orders WHERE order_id = ANY($1::text[]) ORDER BY order_id FOR UPDATE",
+            list(order_ids),
+        )
+        return {r["order_id"]: _record(r) for r in rows}
+
+    async def save(
+        self, orders: Sequence[OrderRecord], executions: Sequence[Execution], cursor: int
+    ) -> None:
+        if orders:
+            await self.conn.executemany(
+                _UPDATE,
+                [(o.order_id, *(getattr(o, c) for c in _EVENT_COLUMNS)) for o in orders],
+            )
+        fills = [
+            (
+                e.order.order_id,
+                e.trade_id,
+                e.order.market,
+                e.order.account_id,
+                e.order.client_order_id,
+                e.order.side,
+                e.fill["price"],
+                e.fill["quantity"],
+                e.fill["quote_quantity"],
+                e.fill["fee"],
+                e.fill["fee_asset"],
+                e.fill["liquidity"],
+                e.event_time,
+                e.match_seq,
+            )
+            for e in executions
+            if e.fill is not None
+        ]
+        if fills:
+            await self.conn.executemany(
+                f"INSERT INTO fills ({_FILL_COLUMNS}) VALUES "
+                "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) "
+                "ON CONFLICT DO NOTHING",
+                fills,
+            )
+        await self.conn.execute(
+            "UPDATE market_cursors SET seq = $2 WHERE market = $1", self.market, cursor
+        )

@@ -1,0 +1,195 @@
+"""Real users on the real stack, through Envoy: accounts, keys, tokens, deposits,
+and an order client that carries the user's token."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+
+import grpc
+
+from cex.auth.v1 import auth_pb2, auth_pb2_grpc
+from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from cex.order.v1 import order_pb2, order_pb2_grpc
+from cex.type.v1 import types_pb2 as t
+from services.chassis import ErrorDetails
+from services.stack.supervisor import Stack
+
+BUY, SELL = t.SIDE_BUY, t.SIDE_SELL
+MARKET = "BTC-USDT"
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def uid(prefix: str = "c") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+@dataclass
+class Trader:
+    account_id: str
+    token: str
+    orders: order_pb2_grpc.OrderServiceStub
+
+    @property
+    def md(self) -> tuple[tuple[str, str]]:
+        return bearer(self.token)
+
+    async def place(self, **fields: object) -> order_pb2.Order:
+        fields.setdefault("client_order_id", uid())
+        fields.setdefault("market", MARKET)
+        fields.setdefault("type", t.ORDER_TYPE_LIMIT)
+        reply = await self.orders.PlaceOrder(
+            order_pb2.PlaceOrderRequest(**fields),  # type: ignore[arg-type]
+            metadata=self.md,
+            timeout=20,
+        )
+        return reply.order
+
+    async def get(self, order_id: str) -> order_pb2.Order:
+        reply = await self.orders.GetOrder(
+            order_pb2.GetOrderRequest(order_id=order_id), metadata=self.md, timeout=10
+        )
+        return reply.order
+
+    async def cancel(self, order_id: str) -> order_pb2.Order:
+        reply = await self.orders.CancelOrder(
+            order_pb2.CancelOrderRequest(order_id=order_id, request_id=uid("r")),
+            metadata=self.md,
+            timeout=20,
+        )
+        return reply.order
+
+    async def settled(self, order_id: str, state: int, within_s: float = 10.0) -> order_pb2.Order:
+        """The order once the consumer has stored it in `state`."""
+        deadline = asyncio.get_running_loop().time() + within_s
+        while True:
+            order = await self.get(order_id)
+            if order.state == state or asyncio.get_running_loop().time() > deadline:
+                return order
+            await asyncio.sleep(0.05)
+
+
+class Exchange:
+    """Helpers acting as operators with the tests' service credential."""
+
+    def __init__(self, stack: Stack, service_token: str, channel: grpc.aio.Channel) -> None:
+        self.traders: list[Trader] = []
+        self.stack = stack
+        self.service_token = service_token
+        self.channel = channel
+        self.auth = auth_pb2_grpc.AuthServiceStub(channel)
+        self.ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
+
+    @property
+    def svc(self) -> tuple[tuple[str, str]]:
+        return bearer(self.service_token)
+
+    async def trader(self, funds: dict[str, str] | None = None, name: str = "t") -> Trader:
+        account = await self.auth.CreateAccount(
+            auth_pb2.CreateAccountRequest(request_id=uid("acc"), display_name=name),
+            metadata=self.svc,
+            timeout=10,
+        )
+        account_id = account.account.account_id
+        key = await self.auth.CreateApiKey(
+            auth_pb2.CreateApiKeyRequest(
+                request_id=uid("key"),
+                account_id=account_id,
+                label="tests",
+                scopes=[auth_pb2.API_KEY_SCOPE_READ, auth_pb2.API_KEY_SCOPE_TRADE],
+            ),
+            metadata=self.svc,
+            timeout=10,
+        )
+        token = await self.auth.IssueToken(
+            auth_pb2.IssueTokenRequest(
+                api_key_id=key.api_key.api_key_id, api_key_secret=key.secret
+            ),
+            timeout=10,
+        )
+        for asset, amount in (funds or {}).items():
+            await self.deposit(account_id, asset, amount)
+        trader = Trader(
+            account_id, token.access_token, order_pb2_grpc.OrderServiceStub(self.channel)
+        )
+        self.traders.append(trader)
+        return trader
+
+    async def clean_up(self) -> None:
+        """Cancel what the test's traders left working (the book is shared by all tests)."""
+        for trader in self.traders:
+            await trader.orders.CancelAllOrders(
+                order_pb2.CancelAllOrdersRequest(), metadata=trader.md, timeout=20
+            )
+
+    async def deposit(self, account_id: str, asset: str, amount: str) -> None:
+        tid = uid("dep")
+        reply = await self.ledger.CreateTransfers(
+            ledger_pb2.CreateTransfersRequest(
+                transfers=[
+                    ledger_pb2.Transfer(
+                        id=tid,
+                        debit_account_id="sys:custody",
+                        credit_account_id=account_id,
+                        asset=asset,
+                        amount=amount,
+                        kind=ledger_pb2.TRANSFER_KIND_DEPOSIT,
+                        reference=tid,
+                    )
+                ]
+            ),
+            metadata=self.svc,
+            timeout=10,
+        )
+        assert reply.results[0].status.code == 0, reply.results[0].status
+
+    async def balances(self, account_id: str) -> dict[str, tuple[Decimal, Decimal]]:
+        """asset -> (available, held)."""
+        reply = await self.ledger.GetBalances(
+            ledger_pb2.GetBalancesRequest(account_id=account_id), metadata=self.svc, timeout=10
+        )
+        return {b.asset: (Decimal(b.available), Decimal(b.held)) for b in reply.balances}
+
+    async def audit(self) -> ledger_pb2.AuditLedgerResponse:
+        return await self.ledger.AuditLedger(
+            ledger_pb2.AuditLedgerRequest(), metadata=self.svc, timeout=30
+        )
+
+    async def held(
+        self, account_id: str, asset: str, want: Decimal, within_s: float = 10.0
+    ) -> Decimal:
+        """The account's held amount of `asset` once it equals `want`, or as it is."""
+        deadline = asyncio.get_running_loop().time() + within_s
+        while True:
+            got = (await self.balances(account_id)).get(asset, (Decimal(0), Decimal(0)))[1]
+            if got == want or asyncio.get_running_loop().time() > deadline:
+                return got
+            await asyncio.sleep(0.1)
+
+    async def hold_settles(
+        self, account_id: str, expect: dict[str, tuple[str, str]], within_s: float = 10.0
+    ) -> dict[str, tuple[Decimal, Decimal]]:
+        """Balances once they equal `expect` (asset -> (available, held)), or as they are."""
+        want = {a: (Decimal(v[0]), Decimal(v[1])) for a, v in expect.items()}
+        deadline = asyncio.get_running_loop().time() + within_s
+        while True:
+            found = await self.balances(account_id)
+            got = {a: found.get(a, (Decimal(0), Decimal(0))) for a in want}
+            if got == want or asyncio.get_running_loop().time() > deadline:
+                return got
+            await asyncio.sleep(0.05)
+
+
+def error_of(failure: BaseException) -> ErrorDetails:
+    assert isinstance(failure, grpc.RpcError)
+    return ErrorDetails.from_rpc_error(failure)
+
+
+def fields(details: ErrorDetails) -> Sequence[str]:
+    return [v.field for v in details.violations]
