@@ -74,7 +74,7 @@ bench-market-data: bench-marketdata  # the name issue 7 uses
 
 ## bench-trading: PlaceOrder through Envoy (ghz --rps sweep) and market-maker stream sessions
 bench-trading: $(INSTALLED)
-	bench/install-ghz.sh .cex/bin
+	bench/install-ghz.sh .tools/bin
 	$(BIN)/python -m bench.bench_trading $(BENCH_ARGS)
 
 clean:

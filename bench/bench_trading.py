@@ -3,7 +3,7 @@
 Starts the local stack on free ports (or uses a running one: --state-dir),
 lifts risk's default limits so that they do not cap the run, then:
 
-1. unary: ghz (installed by bench/install-ghz.sh into .cex/bin) sends
+1. unary: ghz (installed by bench/install-ghz.sh into .tools/bin) sends
    PlaceOrder through Envoy with one user's token, open-loop at each --rps of
    the sweep for --duration seconds: resting limit buys (each goes through
    risk, a ledger hold, match's journal and back). Between steps the account's
@@ -44,7 +44,7 @@ from services.stack.supervisor import Stack
 from services.stack.topology import Ports, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
-GHZ = ROOT / ".cex" / "bin" / "ghz"
+GHZ = ROOT / ".tools" / "bin" / "ghz"
 PROTOSET = ROOT / "gen" / "descriptor" / "cex.binpb"
 
 

@@ -1,8 +1,8 @@
 #!/bin/sh
 # ghz (gRPC load generator) into a project-local bin dir, built by `go install`.
-# Usage: bench/install-ghz.sh [bin-dir]   (default: .cex/bin)
+# Usage: bench/install-ghz.sh [bin-dir]   (default: .tools/bin)
 set -eu
-BIN_DIR="${1:-.cex/bin}"
+BIN_DIR="${1:-.tools/bin}"
 mkdir -p "$BIN_DIR"
 if [ -x "$BIN_DIR/ghz" ]; then
   exit 0
