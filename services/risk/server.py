@@ -1,30 +1,687 @@
-"""risk service: proto <-> domain and errors.
+"""risk service: proto <-> domain and errors, and the composition root.
 
-Its methods land with the trading issue. Until then the generated base class answers
-each one UNIMPLEMENTED (the chassis adds the ErrorInfo), while the process
-already owns its schema and connections, so the stack's wiring is real.
+CheckOrder reads only memory and one Redis script; CheckWithdrawal and the admin
+calls go to PostgreSQL. A denial is a normal answer (allowed = false with a
+google.rpc.Status), malformed input an RPC error (INVALID_ARGUMENT with field
+violations). The contract for callers: docs/adr/0007-risk.md.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+from google.protobuf import timestamp_pb2
+from google.rpc import status_pb2
 
 from cex.risk.v1 import risk_pb2, risk_pb2_grpc
-from services.chassis import ChassisSettings, Server, connect
+from cex.type.v1 import types_pb2
+from services.chassis import (
+    INTERNAL,
+    Catalog,
+    ChassisSettings,
+    ExchangeError,
+    FieldViolation,
+    InvalidArgument,
+    MoneyError,
+    NotFound,
+    Rule,
+    Server,
+    connect,
+    current_auth,
+    load_catalog,
+    user,
+)
+from services.chassis.money import parse_decimal
+from services.chassis.tokens import KeySource
+
+from .bucket import RateLimiter, Take
+from .config import RiskConfig
+from .limits import (
+    ANY,
+    EXACT,
+    Denial,
+    KillSwitch,
+    Limits,
+    MarketLimits,
+    OrderCheck,
+    Scope,
+    WithdrawalCheck,
+    WithdrawalLimits,
+    band_bps,
+    check_order,
+    check_withdrawal,
+)
+from .state import State
+from .store import Store, StoredLimits
+
+__all__ = ["POLICY", "RiskService", "build_server"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+DOMAIN = "risk"
+
+# Order and funding call the checks with their service token (forwarding the
+# user's is fine: the rule accepts both). Limits and kill switches are operator
+# calls; read-scoped users may see their own limits and the switches that
+# concern them.
+POLICY: dict[str, Rule] = {
+    "CheckOrder": INTERNAL,
+    "CheckWithdrawal": INTERNAL,
+    "GetLimits": user("read", services=True),
+    "ListKillSwitches": user("read", services=True),
+    "SetLimits": user("admin", services=True),
+    "SetKillSwitch": user("admin", services=True),
+}
+
+RATE_LIMIT_HEADER = "x-cex-order-limit-1s"
+RATE_USED_HEADER = "x-cex-order-count-1s"
+
+_MAX_ID = 128
+_MAX_TEXT = 500
+_LIMIT_TYPES = (types_pb2.ORDER_TYPE_LIMIT, types_pb2.ORDER_TYPE_STOP_LIMIT)
+_STOP_TYPES = (types_pb2.ORDER_TYPE_STOP_LIMIT, types_pb2.ORDER_TYPE_STOP_MARKET)
+_MARKET_TYPES = (types_pb2.ORDER_TYPE_MARKET, types_pb2.ORDER_TYPE_STOP_MARKET)
+_SCOPES = {
+    risk_pb2.KILL_SWITCH_SCOPE_GLOBAL: Scope.GLOBAL,
+    risk_pb2.KILL_SWITCH_SCOPE_MARKET: Scope.MARKET,
+    risk_pb2.KILL_SWITCH_SCOPE_ACCOUNT: Scope.ACCOUNT,
+}
+
+
+def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(ns)
+    return stamp
+
+
+def _denial_status(denial: Denial) -> status_pb2.Status:
+    error = ExchangeError(
+        denial.reason,
+        denial.message,
+        code=grpc.StatusCode[denial.code],
+        metadata=denial.metadata,
+        retry_after_s=denial.retry_after_s,
+    )
+    return error.to_status(DOMAIN)
+
+
+def _invalid(reason: str, violations: list[FieldViolation]) -> InvalidArgument:
+    return InvalidArgument(
+        reason,
+        "; ".join(f"{v.field}: {v.description}" for v in violations),
+        violations=violations,
+    )
+
+
+class _Violations:
+    """Collects every problem of a request, to report them all at once."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str, reason: str = "") -> None:
+        self.items.append(FieldViolation(field, description, reason))
+
+    def identifier(self, field: str, value: str, *, required: bool = True) -> None:
+        if required and not value:
+            self.add(field, "required", "REQUIRED")
+        elif len(value) > _MAX_ID:
+            self.add(field, f"at most {_MAX_ID} characters", "TOO_LONG")
+
+    def raise_if_any(self, reason: str) -> None:
+        if self.items:
+            raise _invalid(reason, self.items)
+
+
+def _units(v: _Violations, field: str, text: str, parse: Callable[[str], int]) -> int | None:
+    """A positive decimal string on its grid, or a violation."""
+    try:
+        units = parse(text)
+    except MoneyError as error:
+        v.add(field, str(error), error.reason)
+        return None
+    if units <= 0:
+        v.add(field, "must be positive", "NOT_POSITIVE")
+        return None
+    return units
+
+
+def _limit_decimal(v: _Violations, field: str, text: str, unit: Decimal | None) -> None:
+    if not text:
+        return
+    try:
+        value = parse_decimal(text)
+    except MoneyError as error:
+        v.add(field, str(error), error.reason)
+        return
+    if value <= 0:
+        v.add(field, "must be positive (empty means no limit)", "NOT_POSITIVE")
+    elif unit is not None and EXACT.remainder(value, unit):
+        v.add(field, f"not a multiple of {unit}", "OFF_GRID")
 
 
 class RiskService(risk_pb2_grpc.RiskServiceServicer):
     """cex.risk.v1.RiskService."""
 
+    def __init__(
+        self,
+        *,
+        store: Store,
+        state: State,
+        limiter: RateLimiter,
+        catalog: Catalog,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self._store = store
+        self._state = state
+        self._limiter = limiter
+        self._catalog = catalog
+        self._clock = clock
 
-async def build_server(settings: ChassisSettings) -> Server:
-    server = Server(settings)
-    await connect(server, schema="risk", migrations=MIGRATIONS, redis=True)
+    # -- CheckOrder -----------------------------------------------------------
+
+    def _order(self, request: risk_pb2.CheckOrderRequest) -> OrderCheck:
+        v = _Violations()
+        v.identifier("account_id", request.account_id)
+        v.identifier("order_id", request.order_id, required=False)
+        v.identifier("client_order_id", request.client_order_id, required=False)
+        market = self._catalog.market(request.market)
+        if not request.market:
+            v.add("market", "required", "REQUIRED")
+        if request.action not in risk_pb2.OrderAction.values():
+            v.add("action", f"unknown action {request.action}", "UNKNOWN_ENUM")
+        if request.side not in (types_pb2.SIDE_BUY, types_pb2.SIDE_SELL):
+            v.add("side", "BUY or SELL", "REQUIRED")
+        kind = request.type
+        if kind not in (*_LIMIT_TYPES, *_STOP_TYPES, types_pb2.ORDER_TYPE_MARKET):
+            v.add("type", "an order type is required", "REQUIRED")
+        if request.open_orders < 0:
+            v.add("open_orders", "must not be negative", "NEGATIVE")
+        if request.market_open_orders < 0:
+            v.add("market_open_orders", "must not be negative", "NEGATIVE")
+        v.raise_if_any("RISK_ORDER_INVALID")
+        if market is None:
+            raise NotFound(
+                "RISK_MARKET_NOT_FOUND",
+                f"unknown market {request.market!r}",
+                violations=[FieldViolation("market", "unknown market", "NOT_FOUND")],
+            )
+        price_ticks = stop_ticks = lots = None
+        budget: Decimal | None = None
+        if kind in _LIMIT_TYPES:
+            if not request.price:
+                v.add("price", f"required for {types_pb2.OrderType.Name(kind)}", "REQUIRED")
+            else:
+                price_ticks = _units(v, "price", request.price, market.ticks)
+        elif request.price:
+            v.add("price", "must be empty for market orders", "NOT_ALLOWED")
+        if kind in _STOP_TYPES:
+            if not request.stop_price:
+                v.add("stop_price", "required for stop orders", "REQUIRED")
+            else:
+                stop_ticks = _units(v, "stop_price", request.stop_price, market.ticks)
+        elif request.stop_price:
+            v.add("stop_price", "only for stop orders", "NOT_ALLOWED")
+        market_buy = kind in _MARKET_TYPES and request.side == types_pb2.SIDE_BUY
+        if request.quote_quantity:
+            if not market_buy:
+                v.add("quote_quantity", "only for market buys", "NOT_ALLOWED")
+            elif request.quantity:
+                v.add("quote_quantity", "give quantity or quote_quantity, not both", "CONFLICT")
+            else:
+                minor = _units(v, "quote_quantity", request.quote_quantity, market.quote.to_minor)
+                if minor is not None:
+                    budget = EXACT.multiply(Decimal(minor), market.quote.unit)
+        elif not request.quantity:
+            v.add("quantity", "required", "REQUIRED")
+        if request.quantity:
+            lots = _units(v, "quantity", request.quantity, market.lots)
+        v.raise_if_any("RISK_ORDER_INVALID")
+        return OrderCheck(
+            account_id=request.account_id,
+            market=market,
+            amend=request.action == risk_pb2.ORDER_ACTION_AMEND,
+            band_price_ticks=price_ticks if kind == types_pb2.ORDER_TYPE_LIMIT else None,
+            price_ticks=price_ticks if price_ticks is not None else stop_ticks,
+            lots=lots,
+            quote_budget=budget,
+            open_orders=request.open_orders,
+            market_open_orders=request.market_open_orders,
+        )
+
+    async def CheckOrder(
+        self, request: risk_pb2.CheckOrderRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> risk_pb2.CheckOrderResponse:
+        order = self._order(request)
+        limits = self._state.limits(order.account_id)
+        take: Take = await self._limiter.take(order.account_id, limits.max_orders_per_second)
+        reference = self._state.price(order.market.symbol)
+        response = risk_pb2.CheckOrderResponse(
+            allowed=True,
+            reference_price=order.market.price(reference) if reference is not None else "",
+            rate_limit=risk_pb2.RateLimitUsage(
+                limit=take.limit, used=take.used, remaining=take.remaining
+            ),
+        )
+        if take.limit:
+            await context.send_initial_metadata(
+                ((RATE_LIMIT_HEADER, str(take.limit)), (RATE_USED_HEADER, str(take.used)))
+            )
+        if not take.allowed:
+            denial: Denial | None = Denial(
+                "RISK_RATE_LIMITED",
+                f"more than {take.limit} order commands per second",
+                code="RESOURCE_EXHAUSTED",
+                metadata={"limit": str(take.limit), "interval": "1s"},
+                retry_after_s=max(take.retry_after_s, 0.001),
+            )
+        else:
+            denial = check_order(
+                order, limits=limits, switches=self._state.switches, reference_ticks=reference
+            )
+        if denial is not None:
+            response.allowed = False
+            response.denial.CopyFrom(_denial_status(denial))
+        return response
+
+    # -- CheckWithdrawal ------------------------------------------------------
+
+    async def CheckWithdrawal(
+        self,
+        request: risk_pb2.CheckWithdrawalRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> risk_pb2.CheckWithdrawalResponse:
+        v = _Violations()
+        v.identifier("withdrawal_id", request.withdrawal_id)
+        v.identifier("account_id", request.account_id)
+        if not request.asset:
+            v.add("asset", "required", "REQUIRED")
+        if not request.amount:
+            v.add("amount", "required", "REQUIRED")
+        for name in ("network", "address"):
+            if len(getattr(request, name)) > _MAX_TEXT:
+                v.add(name, f"at most {_MAX_TEXT} characters", "TOO_LONG")
+        v.raise_if_any("RISK_WITHDRAWAL_INVALID")
+        asset = self._catalog.assets.get(request.asset)
+        if asset is None:
+            raise NotFound(
+                "RISK_ASSET_NOT_FOUND",
+                f"unknown asset {request.asset!r}",
+                violations=[FieldViolation("asset", "unknown asset", "NOT_FOUND")],
+            )
+        amount = _units(v, "amount", request.amount, asset.to_minor)
+        v.raise_if_any("RISK_WITHDRAWAL_INVALID")
+        assert amount is not None
+        limits = self._state.limits(request.account_id)
+        switches = self._state.switches
+
+        def decide(day_minor: int, day_count: int) -> tuple[bool, bytes]:
+            denial = check_withdrawal(
+                WithdrawalCheck(
+                    account_id=request.account_id,
+                    asset=asset.symbol,
+                    amount=EXACT.multiply(Decimal(amount), asset.unit),
+                    day_amount=EXACT.multiply(Decimal(day_minor), asset.unit),
+                    day_count=day_count,
+                ),
+                limits=limits,
+                switches=switches,
+            )
+            response = risk_pb2.CheckWithdrawalResponse(allowed=denial is None)
+            if denial is not None:
+                response.denial.CopyFrom(_denial_status(denial))
+            return denial is None, response.SerializeToString()
+
+        stored = await self._store.check_withdrawal(
+            withdrawal_id=request.withdrawal_id,
+            account_id=request.account_id,
+            asset=asset.symbol,
+            amount=amount,
+            body=request.SerializeToString(deterministic=True),
+            now_ns=self._clock(),
+            decide=decide,
+        )
+        return risk_pb2.CheckWithdrawalResponse.FromString(stored)
+
+    # -- limits ----------------------------------------------------------------
+
+    def _limits_pb(self, limits: Limits, version: int, update_ns: int) -> risk_pb2.Limits:
+        message = risk_pb2.Limits(
+            account_id=limits.account_id,
+            max_orders_per_second=limits.max_orders_per_second,
+            max_open_orders=limits.max_open_orders,
+            markets=[
+                risk_pb2.MarketLimits(
+                    market=m.market,
+                    max_order_quantity=m.max_order_quantity,
+                    max_order_notional=m.max_order_notional,
+                    price_band=m.price_band,
+                    max_open_orders=m.max_open_orders,
+                )
+                for m in limits.markets
+            ],
+            withdrawals=[
+                risk_pb2.WithdrawalLimits(
+                    asset=w.asset,
+                    max_amount=w.max_amount,
+                    max_amount_per_day=w.max_amount_per_day,
+                    max_count_per_day=w.max_count_per_day,
+                )
+                for w in limits.withdrawals
+            ],
+            version=version,
+        )
+        if update_ns:
+            message.update_time.CopyFrom(_timestamp(update_ns))
+        return message
+
+    def _visible_account(self, account_id: str) -> str:
+        """A read-scoped user sees only their own account; admins and services any."""
+        ctx = current_auth()
+        if ctx.service or ctx.can("admin"):
+            return account_id
+        if account_id and account_id != ctx.account_id:
+            raise NotFound("RISK_LIMITS_NOT_FOUND", f"no limits for account {account_id}")
+        return ctx.account_id
+
+    async def GetLimits(
+        self, request: risk_pb2.GetLimitsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> risk_pb2.GetLimitsResponse:
+        v = _Violations()
+        v.identifier("account_id", request.account_id, required=False)
+        v.raise_if_any("RISK_REQUEST_INVALID")
+        account = self._visible_account(request.account_id)
+        defaults = self._state.defaults
+        if not account:
+            return risk_pb2.GetLimitsResponse(
+                limits=self._limits_pb(defaults.limits, defaults.version, defaults.update_time_ns)
+            )
+        own = self._state.stored(account)
+        effective = self._state.limits(account)
+        version, when = (own.version, own.update_time_ns) if own else (0, defaults.update_time_ns)
+        return risk_pb2.GetLimitsResponse(limits=self._limits_pb(effective, version, when))
+
+    def _validated_limits(self, message: risk_pb2.Limits) -> Limits:
+        v = _Violations()
+        v.identifier("limits.account_id", message.account_id, required=False)
+        if not 0 <= message.max_orders_per_second <= 1_000_000:
+            v.add("limits.max_orders_per_second", "0 (no limit) to 1000000", "OUT_OF_RANGE")
+        if message.max_open_orders < 0:
+            v.add("limits.max_open_orders", "must not be negative", "NEGATIVE")
+        seen: set[str] = set()
+        for i, m in enumerate(message.markets):
+            f = f"limits.markets[{i}]"
+            market = self._catalog.market(m.market)
+            if m.market != ANY and market is None:
+                v.add(f"{f}.market", f"unknown market {m.market!r}", "NOT_FOUND")
+            if m.market in seen:
+                v.add(f"{f}.market", "listed twice", "DUPLICATE")
+            seen.add(m.market)
+            _limit_decimal(
+                v,
+                f"{f}.max_order_quantity",
+                m.max_order_quantity,
+                market.lot_size if market else None,
+            )
+            _limit_decimal(v, f"{f}.max_order_notional", m.max_order_notional, None)
+            if m.price_band:
+                try:
+                    if band_bps(m.price_band) > 10_000:
+                        v.add(f"{f}.price_band", "at most 1 (100%)", "OUT_OF_RANGE")
+                except MoneyError as error:
+                    v.add(f"{f}.price_band", str(error), error.reason)
+            if m.max_open_orders < 0:
+                v.add(f"{f}.max_open_orders", "must not be negative", "NEGATIVE")
+        seen = set()
+        for i, w in enumerate(message.withdrawals):
+            f = f"limits.withdrawals[{i}]"
+            asset = self._catalog.assets.get(w.asset)
+            if w.asset != ANY and asset is None:
+                v.add(f"{f}.asset", f"unknown asset {w.asset!r}", "NOT_FOUND")
+            if w.asset in seen:
+                v.add(f"{f}.asset", "listed twice", "DUPLICATE")
+            seen.add(w.asset)
+            unit = asset.unit if asset else None
+            _limit_decimal(v, f"{f}.max_amount", w.max_amount, unit)
+            _limit_decimal(v, f"{f}.max_amount_per_day", w.max_amount_per_day, unit)
+            if w.max_count_per_day < 0:
+                v.add(f"{f}.max_count_per_day", "must not be negative", "NEGATIVE")
+        v.raise_if_any("RISK_LIMITS_INVALID")
+        return Limits(
+            account_id=message.account_id,
+            max_orders_per_second=message.max_orders_per_second,
+            max_open_orders=message.max_open_orders,
+            markets=tuple(
+                MarketLimits(
+                    market=m.market,
+                    max_order_quantity=m.max_order_quantity,
+                    max_order_notional=m.max_order_notional,
+                    price_band=m.price_band,
+                    max_open_orders=m.max_open_orders,
+                )
+                for m in message.markets
+            ),
+            withdrawals=tuple(
+                WithdrawalLimits(
+                    asset=w.asset,
+                    max_amount=w.max_amount,
+                    max_amount_per_day=w.max_amount_per_day,
+                    max_count_per_day=w.max_count_per_day,
+                )
+                for w in message.withdrawals
+            ),
+        )
+
+    @staticmethod
+    def _actor() -> str:
+        ctx = current_auth()
+        if ctx.account_id:
+            return ctx.account_id + (f" via svc:{ctx.service}" if ctx.service else "")
+        return f"svc:{ctx.service}"
+
+    async def SetLimits(
+        self, request: risk_pb2.SetLimitsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> risk_pb2.SetLimitsResponse:
+        v = _Violations()
+        v.identifier("request_id", request.request_id)
+        if not request.HasField("limits"):
+            v.add("limits", "required", "REQUIRED")
+        if request.expected_version < 0:
+            v.add("expected_version", "must not be negative", "NEGATIVE")
+        v.raise_if_any("RISK_REQUEST_INVALID")
+        limits = self._validated_limits(request.limits)
+        actor = self._actor()
+        now = self._clock()
+
+        async def write(conn: Any) -> bytes:
+            stored: StoredLimits = await Store.put_limits(
+                conn, limits, request.expected_version, actor, now
+            )
+            return risk_pb2.SetLimitsResponse(
+                limits=self._limits_pb(stored.limits, stored.version, stored.update_time_ns)
+            ).SerializeToString()
+
+        body = request.SerializeToString(deterministic=True)
+        raw = await self._store.idempotent("SetLimits", request.request_id, body, write)
+        await self._state.reload()
+        return risk_pb2.SetLimitsResponse.FromString(raw)
+
+    # -- kill switches -----------------------------------------------------------
+
+    @staticmethod
+    def _switch_pb(s: KillSwitch) -> risk_pb2.KillSwitch:
+        message = risk_pb2.KillSwitch(
+            scope=int(s.scope),  # type: ignore[arg-type]
+            market=s.market,
+            account_id=s.account_id,
+            engaged=s.engaged,
+            block_withdrawals=s.block_withdrawals,
+            reason=s.reason,
+            updated_by=s.updated_by,
+        )
+        if s.update_time_ns:
+            message.update_time.CopyFrom(_timestamp(s.update_time_ns))
+        return message
+
+    async def SetKillSwitch(
+        self, request: risk_pb2.SetKillSwitchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> risk_pb2.SetKillSwitchResponse:
+        v = _Violations()
+        v.identifier("request_id", request.request_id)
+        scope = _SCOPES.get(request.scope)
+        if scope is None:
+            v.add("scope", "GLOBAL, MARKET or ACCOUNT", "REQUIRED")
+        if scope is Scope.MARKET:
+            if not request.market:
+                v.add("market", "required for MARKET scope", "REQUIRED")
+            elif self._catalog.market(request.market) is None:
+                v.add("market", f"unknown market {request.market!r}", "NOT_FOUND")
+        elif request.market:
+            v.add("market", "only for MARKET scope", "NOT_ALLOWED")
+        if scope is Scope.ACCOUNT:
+            v.identifier("account_id", request.account_id)
+        elif request.account_id:
+            v.add("account_id", "only for ACCOUNT scope", "NOT_ALLOWED")
+        if request.block_withdrawals and (scope is Scope.MARKET or not request.engaged):
+            v.add(
+                "block_withdrawals", "only when engaging a GLOBAL or ACCOUNT switch", "NOT_ALLOWED"
+            )
+        if request.cancel_open_orders and not request.engaged:
+            v.add("cancel_open_orders", "only when engaging", "NOT_ALLOWED")
+        if not request.reason.strip():
+            v.add("reason", "required (kept in the audit log)", "REQUIRED")
+        elif len(request.reason) > _MAX_TEXT:
+            v.add("reason", f"at most {_MAX_TEXT} characters", "TOO_LONG")
+        v.raise_if_any("RISK_REQUEST_INVALID")
+        assert scope is not None
+        switch = KillSwitch(
+            scope=scope,
+            market=request.market,
+            account_id=request.account_id,
+            engaged=request.engaged,
+            block_withdrawals=request.block_withdrawals,
+            reason=request.reason,
+            updated_by=self._actor(),
+            update_time_ns=self._clock() // 1000 * 1000,
+        )
+
+        async def write(conn: Any) -> bytes:
+            await Store.put_kill_switch(
+                conn,
+                switch,
+                request_id=request.request_id,
+                cancel_open_orders=request.cancel_open_orders,
+            )
+            return risk_pb2.SetKillSwitchResponse(
+                kill_switch=self._switch_pb(switch)
+            ).SerializeToString()
+
+        body = request.SerializeToString(deterministic=True)
+        raw = await self._store.idempotent("SetKillSwitch", request.request_id, body, write)
+        await self._state.reload()
+        return risk_pb2.SetKillSwitchResponse.FromString(raw)
+
+    async def ListKillSwitches(
+        self,
+        request: risk_pb2.ListKillSwitchesRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> risk_pb2.ListKillSwitchesResponse:
+        if request.page_size < 0:
+            raise _invalid(
+                "RISK_REQUEST_INVALID", [FieldViolation("page_size", "must not be negative")]
+            )
+        size = min(request.page_size or 100, 1000)
+        after: tuple[int, str, str] | None = None
+        if request.page_token:
+            try:
+                raw = json.loads(base64.urlsafe_b64decode(request.page_token.encode()))
+                after = (int(raw[0]), str(raw[1]), str(raw[2]))
+            except (ValueError, TypeError, IndexError):
+                raise _invalid(
+                    "RISK_PAGE_TOKEN_INVALID",
+                    [FieldViolation("page_token", "not a token this server issued")],
+                ) from None
+        ctx = current_auth()
+        mine = None if ctx.service or ctx.can("admin") else ctx.account_id
+        found = [
+            s
+            for s in await self._store.kill_switches()
+            if (not request.engaged_only or s.engaged)
+            and (after is None or s.key > after)
+            and (mine is None or s.scope is not Scope.ACCOUNT or s.account_id == mine)
+        ]
+        token = ""
+        if len(found) > size:
+            found = found[:size]
+            token = base64.urlsafe_b64encode(json.dumps(list(found[-1].key)).encode()).decode()
+        return risk_pb2.ListKillSwitchesResponse(
+            kill_switches=[self._switch_pb(s) for s in found], next_page_token=token
+        )
+
+
+@contextlib.asynccontextmanager
+async def _task(coro: Awaitable[None], name: str) -> AsyncIterator[asyncio.Task[None]]:
+    task: asyncio.Task[None] = asyncio.ensure_future(coro)
+    task.set_name(name)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def build_server(
+    settings: ChassisSettings,
+    *,
+    config: RiskConfig | None = None,
+    catalog: Catalog | None = None,
+    clock: Callable[[], int] = time.time_ns,
+    keys: KeySource | None = None,
+) -> Server:
+    """The composition root. `keys` replaces auth's JWKS (tests)."""
+    config = RiskConfig.from_env() if config is None else config
+    catalog = load_catalog() if catalog is None else catalog
+    server = Server(settings, keys=keys)
+    infra = await connect(
+        server,
+        schema="risk",
+        migrations=MIGRATIONS,
+        redis=settings.redis_url is not None,
+        nats=config.prices and settings.nats_url is not None,
+    )
+    pool = infra.pool
+    assert isinstance(pool, asyncpg.Pool)
+    store = Store(pool)
+    state = State(store)
+    await state.reload()
+    if config.reload_interval_s > 0:
+        await server.enter(_task(state.run(config.reload_interval_s), "risk-reload"))
+    if infra.nats is not None:
+        from .prices import PriceFollower
+
+        follower = PriceFollower(
+            js=infra.nats.jetstream(),
+            catalog=catalog,
+            store=store,
+            state=state,
+            durable=config.consumer_name,
+        )
+        await server.enter(_task(follower.run(), "risk-prices"))
+    limiter = RateLimiter(infra.redis, prefix=config.redis_prefix, timeout_s=config.redis_timeout_s)
     server.add(
         risk_pb2.DESCRIPTOR.services_by_name["RiskService"],
         risk_pb2_grpc.add_RiskServiceServicer_to_server,
-        RiskService(),  # type: ignore[abstract]  # methods land with their issue
+        RiskService(store=store, state=state, limiter=limiter, catalog=catalog, clock=clock),
+        policy=POLICY,
     )
     return server

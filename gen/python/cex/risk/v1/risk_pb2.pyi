@@ -278,6 +278,8 @@ class CheckOrderRequest(_message.Message):
     STOP_PRICE_FIELD_NUMBER: _builtins.int
     QUANTITY_FIELD_NUMBER: _builtins.int
     QUOTE_QUANTITY_FIELD_NUMBER: _builtins.int
+    OPEN_ORDERS_FIELD_NUMBER: _builtins.int
+    MARKET_OPEN_ORDERS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account placing the order."""
     market: _builtins.str
@@ -300,6 +302,15 @@ class CheckOrderRequest(_message.Message):
     """Decimal string: base quantity (for an amend: the new remaining quantity)."""
     quote_quantity: _builtins.str
     """Decimal string: quote budget for market buys."""
+    open_orders: _builtins.int
+    """The account's working orders in all markets right now, not counting this
+    one, as the order service's own records say (order owns open orders; risk
+    keeps no copy). Checked against max_open_orders on PLACE; ignored on AMEND.
+    """
+    market_open_orders: _builtins.int
+    """The account's working orders in this market right now, not counting this
+    one. Checked against the market's max_open_orders on PLACE.
+    """
     def __init__(
         self,
         *,
@@ -314,14 +325,46 @@ class CheckOrderRequest(_message.Message):
         stop_price: _builtins.str = ...,
         quantity: _builtins.str = ...,
         quote_quantity: _builtins.str = ...,
+        open_orders: _builtins.int = ...,
+        market_open_orders: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "action", b"action", "client_order_id", b"client_order_id", "market", b"market", "order_id", b"order_id", "price", b"price", "quantity", b"quantity", "quote_quantity", b"quote_quantity", "side", b"side", "stop_price", b"stop_price", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "action", b"action", "client_order_id", b"client_order_id", "market", b"market", "market_open_orders", b"market_open_orders", "open_orders", b"open_orders", "order_id", b"order_id", "price", b"price", "quantity", b"quantity", "quote_quantity", b"quote_quantity", "side", b"side", "stop_price", b"stop_price", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CheckOrderRequest: _TypeAlias = CheckOrderRequest  # noqa: Y015
+
+@_typing.final
+class RateLimitUsage(_message.Message):
+    """An account's order rate-limit budget (a token bucket refilled every second)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    USED_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """Order commands allowed per second (the bucket's size); 0 = no limit."""
+    used: _builtins.int
+    """Commands counted in the current window (limit - remaining, rounded up)."""
+    remaining: _builtins.int
+    """Commands that may still be sent right now."""
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        used: _builtins.int = ...,
+        remaining: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "remaining", b"remaining", "used", b"used"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimitUsage: _TypeAlias = RateLimitUsage  # noqa: Y015
 
 @_typing.final
 class CheckOrderResponse(_message.Message):
@@ -332,6 +375,7 @@ class CheckOrderResponse(_message.Message):
     ALLOWED_FIELD_NUMBER: _builtins.int
     DENIAL_FIELD_NUMBER: _builtins.int
     REFERENCE_PRICE_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     """True if the order may proceed."""
     reference_price: _builtins.str
@@ -343,16 +387,23 @@ class CheckOrderResponse(_message.Message):
         RISK_RATE_LIMITED (RESOURCE_EXHAUSTED with RetryInfo).
         """
 
+    @_builtins.property
+    def rate_limit(self) -> Global___RateLimitUsage:
+        """The account's rate-limit budget after this check (also sent as response
+        metadata x-cex-order-limit-1s / x-cex-order-count-1s); pass it on to clients.
+        """
+
     def __init__(
         self,
         *,
         allowed: _builtins.bool = ...,
         denial: _status_pb2.Status | None = ...,
         reference_price: _builtins.str = ...,
+        rate_limit: Global___RateLimitUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["denial", b"denial"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["denial", b"denial", "rate_limit", b"rate_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "denial", b"denial", "reference_price", b"reference_price"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "denial", b"denial", "rate_limit", b"rate_limit", "reference_price", b"reference_price"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,41 @@
+"""Risk's own settings, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from services.chassis.settings import env_float, env_str
+
+__all__ = ["RiskConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class RiskConfig:
+    """
+    reload_interval_s: how often each process polls PostgreSQL for changed limits,
+        kill switches and reference prices (the staleness bound between replicas;
+        a process sees its own changes at once).
+    prices: follow match events on JetStream for the last trade price (needs NATS).
+    consumer_name: durable name of that JetStream consumer (shared by replicas).
+    redis_timeout_s: a rate-limit call slower than this uses the local bucket.
+    redis_prefix: key prefix of the token buckets.
+    """
+
+    reload_interval_s: float = 0.5
+    prices: bool = True
+    consumer_name: str = "risk-prices"
+    redis_timeout_s: float = 0.25
+    redis_prefix: str = "risk:rl:"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RiskConfig:
+        env = os.environ if env is None else env
+        return cls(
+            reload_interval_s=env_float(env, "RISK_RELOAD_INTERVAL_S", 0.5),
+            prices=env_str(env, "RISK_PRICES", "on") != "off",
+            consumer_name=env_str(env, "RISK_CONSUMER", "risk-prices") or "risk-prices",
+            redis_timeout_s=env_float(env, "RISK_REDIS_TIMEOUT_S", 0.25),
+            redis_prefix=env_str(env, "RISK_REDIS_PREFIX", "risk:rl:") or "risk:rl:",
+        )

@@ -1,0 +1,461 @@
+"""Limits and the checks against them: pure logic (no I/O, no clock).
+
+Amounts in limits are decimal strings on the wire and exact `Decimal`s here
+(parsed by the chassis money parser, compared under a context that traps any
+rounding), because one entry ("*") applies to markets with different grids.
+Prices and quantities of an order are integers on its market's grid (ticks and
+lots); price bands are whole basis points.
+
+Merging (GetLimits, and every check): for each field the most specific value
+that is set wins, in this order: the account's entry for the market (or asset),
+the account's "*" entry, the defaults' entry for the market, the defaults' "*"
+entry. At the top level an account's non-zero value overrides the default's.
+So 0 / "" in an account's overrides means "inherit", never "unlimited".
+"""
+
+from __future__ import annotations
+
+import decimal
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from enum import IntEnum
+
+from services.chassis.markets import Market
+from services.chassis.money import MoneyError, parse_decimal
+
+__all__ = [
+    "ANY",
+    "BPS",
+    "EXACT",
+    "Denial",
+    "KillSwitch",
+    "KillSwitches",
+    "Limits",
+    "MarketLimits",
+    "MarketRule",
+    "OrderCheck",
+    "Scope",
+    "WithdrawalCheck",
+    "WithdrawalLimits",
+    "WithdrawalRule",
+    "band_bps",
+    "check_order",
+    "check_withdrawal",
+    "merge",
+]
+
+ANY = "*"
+BPS = 10_000
+# Exact arithmetic: any rounding raises instead of passing silently.
+EXACT = decimal.Context(
+    prec=200, traps=[decimal.Inexact, decimal.InvalidOperation, decimal.Overflow]
+)
+
+
+class Scope(IntEnum):
+    """KillSwitchScope in the proto."""
+
+    GLOBAL = 1
+    MARKET = 2
+    ACCOUNT = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """Why a check said no. `code` is a grpc.StatusCode name."""
+
+    reason: str
+    message: str
+    code: str = "FAILED_PRECONDITION"
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    retry_after_s: float | None = None
+
+
+# -- limits -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MarketLimits:
+    market: str
+    max_order_quantity: str = ""
+    max_order_notional: str = ""
+    price_band: str = ""  # a fraction of the reference price, e.g. "0.05"
+    max_open_orders: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WithdrawalLimits:
+    asset: str
+    max_amount: str = ""
+    max_amount_per_day: str = ""
+    max_count_per_day: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    account_id: str = ""  # "" = the exchange defaults
+    max_orders_per_second: int = 0
+    max_open_orders: int = 0
+    markets: tuple[MarketLimits, ...] = ()
+    withdrawals: tuple[WithdrawalLimits, ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "max_orders_per_second": self.max_orders_per_second,
+                "max_open_orders": self.max_open_orders,
+                "markets": [
+                    {
+                        "market": m.market,
+                        "max_order_quantity": m.max_order_quantity,
+                        "max_order_notional": m.max_order_notional,
+                        "price_band": m.price_band,
+                        "max_open_orders": m.max_open_orders,
+                    }
+                    for m in self.markets
+                ],
+                "withdrawals": [
+                    {
+                        "asset": w.asset,
+                        "max_amount": w.max_amount,
+                        "max_amount_per_day": w.max_amount_per_day,
+                        "max_count_per_day": w.max_count_per_day,
+                    }
+                    for w in self.withdrawals
+                ],
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, account_id: str, text: str) -> Limits:
+        doc = json.loads(text)
+        return cls(
+            account_id=account_id,
+            max_orders_per_second=int(doc.get("max_orders_per_second", 0)),
+            max_open_orders=int(doc.get("max_open_orders", 0)),
+            markets=tuple(MarketLimits(**m) for m in doc.get("markets", ())),
+            withdrawals=tuple(WithdrawalLimits(**w) for w in doc.get("withdrawals", ())),
+        )
+
+
+def _first_str(values: Iterable[str]) -> str:
+    return next((v for v in values if v), "")
+
+
+def _first_int(values: Iterable[int]) -> int:
+    return next((v for v in values if v), 0)
+
+
+def merge(defaults: Limits, override: Limits | None) -> Limits:
+    """The effective limits of an account: its overrides over the defaults, field by field."""
+    if override is None:
+        return replace(defaults)
+    d_markets = {m.market: m for m in defaults.markets}
+    o_markets = {m.market: m for m in override.markets}
+    markets = []
+    for symbol in sorted(set(d_markets) | set(o_markets)):
+        chain = [
+            x
+            for x in (
+                o_markets.get(symbol),
+                o_markets.get(ANY),
+                d_markets.get(symbol),
+                d_markets.get(ANY),
+            )
+            if x
+        ]
+        markets.append(
+            MarketLimits(
+                market=symbol,
+                max_order_quantity=_first_str(m.max_order_quantity for m in chain),
+                max_order_notional=_first_str(m.max_order_notional for m in chain),
+                price_band=_first_str(m.price_band for m in chain),
+                max_open_orders=_first_int(m.max_open_orders for m in chain),
+            )
+        )
+    d_assets = {w.asset: w for w in defaults.withdrawals}
+    o_assets = {w.asset: w for w in override.withdrawals}
+    withdrawals = []
+    for asset in sorted(set(d_assets) | set(o_assets)):
+        chain_w = [
+            x
+            for x in (
+                o_assets.get(asset),
+                o_assets.get(ANY),
+                d_assets.get(asset),
+                d_assets.get(ANY),
+            )
+            if x
+        ]
+        withdrawals.append(
+            WithdrawalLimits(
+                asset=asset,
+                max_amount=_first_str(w.max_amount for w in chain_w),
+                max_amount_per_day=_first_str(w.max_amount_per_day for w in chain_w),
+                max_count_per_day=_first_int(w.max_count_per_day for w in chain_w),
+            )
+        )
+    return Limits(
+        account_id=override.account_id,
+        max_orders_per_second=override.max_orders_per_second or defaults.max_orders_per_second,
+        max_open_orders=override.max_open_orders or defaults.max_open_orders,
+        markets=tuple(markets),
+        withdrawals=tuple(withdrawals),
+    )
+
+
+def band_bps(text: str) -> int:
+    """A price band fraction ("0.05") as whole basis points (500); MoneyError if not."""
+    value = parse_decimal(text)
+    bps = value * BPS
+    if bps != bps.to_integral_value() or value <= 0:
+        raise MoneyError("OFF_GRID", f"{text} is not a positive whole number of basis points")
+    return int(bps)
+
+
+@dataclass(frozen=True, slots=True)
+class MarketRule:
+    """What applies to one account in one market, parsed once."""
+
+    max_quantity: Decimal | None
+    max_notional: Decimal | None
+    band_bps: int | None
+    max_open_orders: int  # 0 = no limit
+
+
+@dataclass(frozen=True, slots=True)
+class WithdrawalRule:
+    max_amount: Decimal | None
+    max_amount_per_day: Decimal | None
+    max_count_per_day: int  # 0 = no limit
+
+
+def _dec(text: str) -> Decimal | None:
+    return parse_decimal(text) if text else None
+
+
+def market_rule(limits: Limits, market: str) -> MarketRule:
+    """The rule for `market` from already merged limits (their entry, else "*")."""
+    by = {m.market: m for m in limits.markets}
+    entry = by.get(market) or by.get(ANY) or MarketLimits(market)
+    fallback = by.get(ANY) or MarketLimits(ANY)
+    return MarketRule(
+        max_quantity=_dec(entry.max_order_quantity or fallback.max_order_quantity),
+        max_notional=_dec(entry.max_order_notional or fallback.max_order_notional),
+        band_bps=band_bps(b) if (b := entry.price_band or fallback.price_band) else None,
+        max_open_orders=entry.max_open_orders or fallback.max_open_orders,
+    )
+
+
+def withdrawal_rule(limits: Limits, asset: str) -> WithdrawalRule:
+    by = {w.asset: w for w in limits.withdrawals}
+    entry = by.get(asset) or by.get(ANY) or WithdrawalLimits(asset)
+    fallback = by.get(ANY) or WithdrawalLimits(ANY)
+    return WithdrawalRule(
+        max_amount=_dec(entry.max_amount or fallback.max_amount),
+        max_amount_per_day=_dec(entry.max_amount_per_day or fallback.max_amount_per_day),
+        max_count_per_day=entry.max_count_per_day or fallback.max_count_per_day,
+    )
+
+
+# -- kill switches ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KillSwitch:
+    scope: Scope
+    market: str = ""
+    account_id: str = ""
+    engaged: bool = False
+    block_withdrawals: bool = False
+    reason: str = ""
+    updated_by: str = ""
+    update_time_ns: int = 0
+
+    @property
+    def key(self) -> tuple[int, str, str]:
+        return (int(self.scope), self.market, self.account_id)
+
+
+@dataclass(frozen=True, slots=True)
+class KillSwitches:
+    """The engaged switches, indexed for the hot path."""
+
+    global_: KillSwitch | None = None
+    markets: Mapping[str, KillSwitch] = field(default_factory=dict)
+    accounts: Mapping[str, KillSwitch] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, switches: Iterable[KillSwitch]) -> KillSwitches:
+        g: KillSwitch | None = None
+        markets: dict[str, KillSwitch] = {}
+        accounts: dict[str, KillSwitch] = {}
+        for s in switches:
+            if not s.engaged:
+                continue
+            if s.scope is Scope.GLOBAL:
+                g = s
+            elif s.scope is Scope.MARKET:
+                markets[s.market] = s
+            else:
+                accounts[s.account_id] = s
+        return cls(g, markets, accounts)
+
+    def for_order(self, account_id: str, market: str) -> KillSwitch | None:
+        return self.global_ or self.markets.get(market) or self.accounts.get(account_id)
+
+    def for_withdrawal(self, account_id: str) -> KillSwitch | None:
+        for s in (self.global_, self.accounts.get(account_id)):
+            if s is not None and s.block_withdrawals:
+                return s
+        return None
+
+
+def _scope_name(s: KillSwitch) -> str:
+    return {Scope.GLOBAL: "GLOBAL", Scope.MARKET: "MARKET", Scope.ACCOUNT: "ACCOUNT"}[s.scope]
+
+
+# -- the order check ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OrderCheck:
+    """An order (or an amend) on its market's grid, as risk sees it."""
+
+    account_id: str
+    market: Market
+    amend: bool
+    band_price_ticks: int | None  # the limit price that bands apply to (LIMIT orders only)
+    price_ticks: int | None  # the price for the notional: limit, else stop; None = reference
+    lots: int | None  # base quantity; None for market buys by quote budget
+    quote_budget: Decimal | None  # market buys by quote quantity
+    open_orders: int  # the account's working orders, not counting this one
+    market_open_orders: int
+
+
+def _deny(reason: str, message: str, **metadata: str) -> Denial:
+    return Denial(reason, message, metadata=metadata)
+
+
+def check_order(
+    order: OrderCheck,
+    *,
+    limits: Limits,
+    switches: KillSwitches,
+    reference_ticks: int | None,
+) -> Denial | None:
+    """Every limit but the rate limit (that one needs Redis). None = allowed."""
+    m = order.market
+    switch = switches.for_order(order.account_id, m.symbol)
+    if switch is not None:
+        return _deny(
+            "RISK_KILL_SWITCH_ENGAGED",
+            f"{_scope_name(switch).lower()} kill switch engaged: cancel-only ({switch.reason})",
+            scope=_scope_name(switch),
+        )
+    rule = market_rule(limits, m.symbol)
+    quantity = None if order.lots is None else EXACT.multiply(Decimal(order.lots), m.lot_size)
+    if rule.max_quantity is not None and quantity is not None and quantity > rule.max_quantity:
+        return _deny(
+            "RISK_QUANTITY_LIMIT_EXCEEDED",
+            f"quantity {quantity.normalize():f} is above the limit {rule.max_quantity:f}",
+            limit=f"{rule.max_quantity:f}",
+        )
+    if rule.max_notional is not None:
+        notional: Decimal | None = order.quote_budget
+        price_ticks = order.price_ticks if order.price_ticks is not None else reference_ticks
+        if quantity is not None and price_ticks is not None:
+            notional = EXACT.multiply(EXACT.multiply(Decimal(price_ticks), m.tick_size), quantity)
+        if notional is not None and notional > rule.max_notional:
+            return _deny(
+                "RISK_NOTIONAL_LIMIT_EXCEEDED",
+                f"notional {notional.normalize():f} is above the limit {rule.max_notional:f}",
+                limit=f"{rule.max_notional:f}",
+            )
+    price = order.band_price_ticks
+    # |price - ref| / ref <= bps / 10000, in integers.
+    if (
+        rule.band_bps is not None
+        and reference_ticks is not None
+        and price is not None
+        and abs(price - reference_ticks) * BPS > rule.band_bps * reference_ticks
+    ):
+        low = reference_ticks * (BPS - rule.band_bps)
+        high = reference_ticks * (BPS + rule.band_bps)
+        return _deny(
+            "RISK_PRICE_OUT_OF_BAND",
+            f"price {m.price(price)} is more than {rule.band_bps} bps from the "
+            f"reference price {m.price(reference_ticks)}",
+            reference_price=m.price(reference_ticks),
+            band_bps=str(rule.band_bps),
+            min_price=m.price(-(-low // BPS)),
+            max_price=m.price(high // BPS),
+        )
+    if not order.amend:
+        if limits.max_open_orders and order.open_orders >= limits.max_open_orders:
+            return _deny(
+                "RISK_OPEN_ORDERS_LIMIT_EXCEEDED",
+                f"{order.open_orders} working orders: the limit is {limits.max_open_orders}",
+                limit=str(limits.max_open_orders),
+            )
+        if rule.max_open_orders and order.market_open_orders >= rule.max_open_orders:
+            return _deny(
+                "RISK_OPEN_ORDERS_LIMIT_EXCEEDED",
+                f"{order.market_open_orders} working orders in {m.symbol}: "
+                f"the limit is {rule.max_open_orders}",
+                limit=str(rule.max_open_orders),
+                market=m.symbol,
+            )
+    return None
+
+
+# -- the withdrawal check -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WithdrawalCheck:
+    account_id: str
+    asset: str
+    amount: Decimal
+    day_amount: Decimal  # allowed withdrawals of this account and asset in the last 24 h
+    day_count: int
+
+
+def check_withdrawal(
+    w: WithdrawalCheck, *, limits: Limits, switches: KillSwitches
+) -> Denial | None:
+    switch = switches.for_withdrawal(w.account_id)
+    if switch is not None:
+        frozen = switch.scope is Scope.ACCOUNT
+        return _deny(
+            "RISK_ACCOUNT_FROZEN" if frozen else "RISK_WITHDRAWALS_HALTED",
+            f"withdrawals are {'frozen for this account' if frozen else 'halted'} "
+            f"({switch.reason})",
+            scope=_scope_name(switch),
+        )
+    rule = withdrawal_rule(limits, w.asset)
+    if rule.max_amount is not None and w.amount > rule.max_amount:
+        return _deny(
+            "RISK_WITHDRAWAL_LIMIT_EXCEEDED",
+            f"{w.amount:f} {w.asset} is above the single-withdrawal limit {rule.max_amount:f}",
+            limit="max_amount",
+        )
+    if rule.max_amount_per_day is not None:
+        total = EXACT.add(w.day_amount, w.amount)
+        if total > rule.max_amount_per_day:
+            return _deny(
+                "RISK_WITHDRAWAL_LIMIT_EXCEEDED",
+                f"{total:f} {w.asset} over 24 hours would pass the limit "
+                f"{rule.max_amount_per_day:f}",
+                limit="max_amount_per_day",
+            )
+    if rule.max_count_per_day and w.day_count + 1 > rule.max_count_per_day:
+        return _deny(
+            "RISK_WITHDRAWAL_LIMIT_EXCEEDED",
+            f"{w.day_count} withdrawals in 24 hours: the limit is {rule.max_count_per_day}",
+            limit="max_count_per_day",
+        )
+    return None

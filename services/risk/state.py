@@ -1,0 +1,97 @@
+"""The in-memory copy of what the hot path reads: limits, kill switches, prices.
+
+PostgreSQL is the truth. Each process loads a snapshot at start, reloads it
+when `meta.change_seq` moves (polled every `reload_interval_s`, and at once
+after its own writes), so replicas agree within one interval. CheckOrder
+never waits on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+
+from .limits import KillSwitches, Limits, merge
+from .store import Snapshot, Store, StoredLimits
+
+__all__ = ["State"]
+
+_log = logging.getLogger("cex.risk.state")
+
+
+class State:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._snapshot = Snapshot(0, {"": StoredLimits(Limits(), 0, 0, "")}, [], {})
+        self.switches = KillSwitches()
+        self._effective: dict[str, Limits] = {}
+        self._prices: dict[str, tuple[int, int]] = {}
+        self._lock = asyncio.Lock()
+
+    @property
+    def change_seq(self) -> int:
+        return self._snapshot.change_seq
+
+    async def reload(self) -> None:
+        async with self._lock:
+            snapshot = await self._store.snapshot()
+            self._snapshot = snapshot
+            self.switches = KillSwitches.of(snapshot.switches)
+            self._effective = {}
+            self._merge_prices(snapshot.prices)
+
+    async def refresh(self) -> None:
+        """Reload if anything changed; prices always (the consumer may run elsewhere)."""
+        if await self._store.change_seq() != self.change_seq:
+            await self.reload()
+        else:
+            self._merge_prices(await self._store.prices())
+
+    async def run(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _log.exception("reload failed; keeping the last snapshot")
+
+    # -- reads ---------------------------------------------------------------
+
+    def stored(self, account_id: str) -> StoredLimits | None:
+        return self._snapshot.limits.get(account_id)
+
+    @property
+    def defaults(self) -> StoredLimits:
+        return self._snapshot.limits.get("") or StoredLimits(Limits(), 0, 0, "")
+
+    def limits(self, account_id: str) -> Limits:
+        """The effective limits of an account (memoized until the next reload)."""
+        found = self._effective.get(account_id)
+        if found is None:
+            override = self._snapshot.limits.get(account_id) if account_id else None
+            found = replace(
+                merge(self.defaults.limits, override.limits if override else None),
+                account_id=account_id,
+            )
+            if len(self._effective) > 100_000:
+                self._effective.clear()
+            self._effective[account_id] = found
+        return found
+
+    # -- reference prices ----------------------------------------------------
+
+    def _merge_prices(self, prices: dict[str, tuple[int, int]]) -> None:
+        for market, (ticks, seq) in prices.items():
+            self.set_price(market, ticks, seq)
+
+    def set_price(self, market: str, ticks: int, seq: int) -> None:
+        known = self._prices.get(market)
+        if known is None or known[1] < seq:
+            self._prices[market] = (ticks, seq)
+
+    def price(self, market: str) -> int | None:
+        found = self._prices.get(market)
+        return found[0] if found else None
