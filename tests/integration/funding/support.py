@@ -238,6 +238,18 @@ async def running_funding(
         await server.stop(0.5)
 
 
+@contextlib.asynccontextmanager
+async def fresh_database(stack: Stack) -> AsyncIterator[str]:
+    """A new, empty database (as the `fresh_database_url` fixture, for wider scopes)."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(stack.admin_database_url)
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    yield stack.database_url.rsplit("/", 1)[0] + f"/{name}"
+
+
 async def fund(ledger: Ledger, account: str, amount: str, asset: str = "USDT") -> None:
     await ledger.ok(
         L.Transfer(

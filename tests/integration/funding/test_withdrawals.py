@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from cex.funding.v1 import funding_pb2 as F
+from services.chassis import ServiceCredentials
 from services.stack.supervisor import Stack
 from services.stack.topology import free_ports
 from tests.integration.funding.support import (
@@ -20,6 +21,7 @@ from tests.integration.funding.support import (
     Chain,
     Funding,
     chainsim,
+    fresh_database,
     fund,
     funding_config,
     holds,
@@ -37,19 +39,28 @@ class World:
     chain: Chain
 
 
-@pytest.fixture
-async def world(stack: Stack, service_token: str, fresh_database_url: str) -> AsyncIterator[World]:
+@pytest.fixture(scope="module")
+async def world(stack: Stack, service_credentials: ServiceCredentials) -> AsyncIterator[World]:
+    """One ledger, chain and funding for the module; each test uses fresh accounts."""
     async with (
-        running_ledger(fresh_database_url) as ledger,
+        fresh_database(stack) as database_url,
+        running_ledger(database_url) as ledger,
         chainsim() as chain,
         running_funding(
             stack,
-            service_token,
-            fresh_database_url,
+            await service_credentials.token(),
+            database_url,
             funding_config(f"127.0.0.1:{ledger.server.port}", chain.target),
         ) as funding,
     ):
         yield World(funding, ledger, chain)
+
+
+@pytest.fixture(autouse=True)
+async def no_faults(request: pytest.FixtureRequest) -> None:
+    if "world" in request.fixturenames:
+        world: World = request.getfixturevalue("world")
+        await world.chain.configure()
 
 
 async def test_a_withdrawal_holds_checks_broadcasts_confirms_and_posts(world: World) -> None:
@@ -185,47 +196,49 @@ async def test_the_same_request_id_is_one_withdrawal(world: World) -> None:
     assert await world.ledger.available(acct, "USDT") == "89"
 
 
-@pytest.mark.parametrize(
-    ("fields", "reason", "field"),
-    [
-        ({"asset": "DOGE"}, "FUNDING_ASSET_UNSUPPORTED", "asset"),
-        ({"address": "not-an-address"}, "FUNDING_ADDRESS_INVALID", "address"),
-        ({"asset": "BTC", "address": "0x" + "b" * 40}, "FUNDING_ADDRESS_INVALID", "address"),
-        ({"amount": "0.5"}, "FUNDING_AMOUNT_BELOW_MINIMUM", "amount"),
-        ({"amount": "1.000000001"}, "FUNDING_AMOUNT_INVALID", "amount"),
-        ({"amount": "1e3"}, "FUNDING_AMOUNT_INVALID", "amount"),
-        ({"amount": "-5"}, "FUNDING_AMOUNT_INVALID", "amount"),
-        ({"network": "tron"}, "FUNDING_NETWORK_UNSUPPORTED", "network"),
-        ({"memo": "123"}, "FUNDING_MEMO_NOT_SUPPORTED", "memo"),
-        ({"request_id": ""}, "FUNDING_REQUEST_ID_INVALID", "request_id"),
-    ],
-)
+BAD_INPUT: list[tuple[dict[str, str], str, str]] = [
+    ({"asset": "DOGE"}, "FUNDING_ASSET_UNSUPPORTED", "asset"),
+    ({"address": "not-an-address"}, "FUNDING_ADDRESS_INVALID", "address"),
+    ({"asset": "BTC", "address": "0x" + "b" * 40}, "FUNDING_ADDRESS_INVALID", "address"),
+    ({"amount": "0.5"}, "FUNDING_AMOUNT_BELOW_MINIMUM", "amount"),
+    ({"amount": "1.000000001"}, "FUNDING_AMOUNT_INVALID", "amount"),
+    ({"amount": "1e3"}, "FUNDING_AMOUNT_INVALID", "amount"),
+    ({"amount": "-5"}, "FUNDING_AMOUNT_INVALID", "amount"),
+    ({"network": "tron"}, "FUNDING_NETWORK_UNSUPPORTED", "network"),
+    ({"memo": "123"}, "FUNDING_MEMO_NOT_SUPPORTED", "memo"),
+    ({"request_id": ""}, "FUNDING_REQUEST_ID_INVALID", "request_id"),
+]
+
+
 async def test_bad_input_is_refused_with_field_violations_and_moves_no_money(
-    world: World, fields: dict[str, str], reason: str, field: str
+    world: World,
 ) -> None:
     acct = new_account()
     await fund(world.ledger, acct, "100")
-    request = F.RequestWithdrawalRequest(
-        request_id=uuid.uuid4().hex,
-        account_id=acct,
-        asset="USDT",
-        amount="10",
-        address="0x" + "b" * 40,
-    )
-    for name, value in fields.items():
-        setattr(request, name, value)
-    bad = await rpc_error(world.funding.stub.RequestWithdrawal(request, metadata=world.funding.md))
-    assert (bad.code, bad.reason, bad.domain) == (
-        grpc.StatusCode.INVALID_ARGUMENT,
-        reason,
-        "funding",
-    )
-    assert [v.field for v in bad.violations] == [field]
-    listed = await world.funding.stub.ListWithdrawals(
-        F.ListWithdrawalsRequest(account_id=acct), metadata=world.funding.md
-    )
-    assert not listed.withdrawals
-    assert await world.ledger.available(acct, "USDT") == "100"
+    for fields, reason, field in BAD_INPUT:
+        request = F.RequestWithdrawalRequest(
+            request_id=uuid.uuid4().hex,
+            account_id=acct,
+            asset="USDT",
+            amount="10",
+            address="0x" + "b" * 40,
+        )
+        for name, value in fields.items():
+            setattr(request, name, value)
+        bad = await rpc_error(
+            world.funding.stub.RequestWithdrawal(request, metadata=world.funding.md)
+        )
+        assert (bad.code, bad.reason, bad.domain) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            reason,
+            "funding",
+        )
+        assert [v.field for v in bad.violations] == [field]
+        listed = await world.funding.stub.ListWithdrawals(
+            F.ListWithdrawalsRequest(account_id=acct), metadata=world.funding.md
+        )
+        assert not listed.withdrawals
+        assert await world.ledger.available(acct, "USDT") == "100"
 
 
 async def test_a_fee_above_max_fee_is_refused(world: World) -> None:
