@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .chain import Chain, Faults
 
@@ -134,9 +135,14 @@ class ChainServer:
     async def start(self, host: str, port: int) -> int:
         server = grpc.aio.server()
         server.add_generic_rpc_handlers((self._generic(),))
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         bound = server.add_insecure_port(f"{host}:{port}")
         await server.start()
         self._server = server
+        serving = health_pb2.HealthCheckResponse.SERVING
+        await health_servicer.set("", serving)
+        await health_servicer.set(SERVICE, serving)
         if self.block_interval_s > 0:
             self._miner = asyncio.ensure_future(self._mine_forever())
         _log.info("chainsim serving on %s:%s", host, bound)

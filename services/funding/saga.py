@@ -40,7 +40,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
+import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -443,8 +445,10 @@ class Orchestrator:
         concurrency: int = 32,
         lease_s: float = 15.0,
         poll_s: float = 0.2,
+        crash_points: frozenset[str] = frozenset(),
     ) -> None:
         self._pool = pool
+        self._crash_points = crash_points
         self._definitions = {d.kind: d for d in definitions}
         self._owner = owner
         self._metrics = metrics
@@ -489,6 +493,14 @@ class Orchestrator:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def _crash_point(self, moment: str, step: Step, compensating: bool) -> None:
+        """Fault injection for the crash tests: SIGKILL this process at a step boundary
+        (`started:`, `acted:` or `committed:` + step name, `~` before a compensation)."""
+        if self._crash_points and (
+            f"{moment}:{'~' if compensating else ''}{step.name}" in self._crash_points
+        ):
+            os.kill(os.getpid(), signal.SIGKILL)
 
     async def nudge(self, conn: Connection, saga_id: str) -> None:
         """Run the saga now (e.g. after a cancel), instead of at its next retry."""
@@ -663,6 +675,8 @@ class Orchestrator:
                             current, step.name, compensating, STARTED, current.state, {}, None, None
                         ),
                     )
+        if vetoed is None:
+            self._crash_point("started", step, compensating)
         outcome: Outcome
         if vetoed is not None:
             outcome = Fail(vetoed.error)
@@ -682,6 +696,7 @@ class Orchestrator:
             self._metrics.step_seconds.labels(saga.kind, step.name).observe(
                 time.perf_counter() - began
             )
+            self._crash_point("acted", step, compensating)
         now = _now(self._clock)
         decision = decide(
             steps,
@@ -691,6 +706,7 @@ class Orchestrator:
             rng=self._rng,
         )
         updated = await self._commit(definition, saga, step, compensating, decision, now)
+        self._crash_point("committed", step, compensating)
         return updated, decision.delay_s
 
     async def _attempt(self, action: Action, ctx: StepContext, timeout_s: float) -> Outcome:

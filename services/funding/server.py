@@ -655,6 +655,7 @@ async def build_server(
         concurrency=config.concurrency,
         lease_s=config.lease_s,
         poll_s=config.poll_s,
+        crash_points=config.crash_points,
     )
     server.on_stop(orchestrator.close)
     await server.enter(_task(orchestrator.run(), "funding-sagas"))

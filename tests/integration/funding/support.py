@@ -314,6 +314,8 @@ class FundingProcess:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for _ in range(400):
+                if self.process.returncode is not None:
+                    return  # it died at once (a crash point reached while resuming)
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
