@@ -98,36 +98,41 @@ async def crash_run(
     async with world(stack) as (database_url, ledger, chain):
         accounts = [new_account() for _ in range(6)]
         for acct in accounts:
-            await fund(ledger, acct, "100")
+            await fund(ledger, acct, "80")
         proc = FundingProcess(stack, database_url, _env(ledger, chain, ""))
         md = bearer(await credentials.token())
         asked: dict[str, tuple[str, str]] = {}  # request_id -> (account, amount)
 
         async def request(stub: funding_pb2_grpc.FundingServiceAsyncStub, n: int) -> None:
-            """Withdrawal requests until the process dies (a request may or may not
-            have been recorded then: the check reads what the database holds)."""
+            """n concurrent withdrawal requests, each retried until answered or the process
+            dies (a request may or may not be recorded then: the check reads the database)."""
+            batch = []
             for _ in range(n):
-                acct = rng.choice(accounts)
-                amount = str(rng.choice([3, 7, 20, 45]))
                 rid = f"r{len(asked)}"
-                asked[rid] = (acct, amount)
-                while True:
-                    assert proc.process is not None
-                    if proc.process.returncode is not None:
-                        return
-                    try:
-                        await stub.RequestWithdrawal(
-                            F.RequestWithdrawalRequest(
-                                request_id=rid, account_id=acct, asset="USDT", amount=amount,
-                                address=ETH_ADDRESS,
-                            ),
-                            metadata=md, timeout=5,
-                        )  # fmt: skip
-                        break
-                    except grpc.aio.AioRpcError as error:
-                        if error.code() not in RETRYABLE:
-                            raise
-                        await asyncio.sleep(0.1)
+                asked[rid] = (rng.choice(accounts), str(rng.choice([3, 7, 20, 45])))
+                batch.append(one(stub, rid, *asked[rid]))
+            await asyncio.gather(*batch)
+
+        async def one(
+            stub: funding_pb2_grpc.FundingServiceAsyncStub, rid: str, acct: str, amount: str
+        ) -> None:
+            while True:
+                assert proc.process is not None
+                if proc.process.returncode is not None:
+                    return
+                try:
+                    await stub.RequestWithdrawal(
+                        F.RequestWithdrawalRequest(
+                            request_id=rid, account_id=acct, asset="USDT", amount=amount,
+                            address=ETH_ADDRESS,
+                        ),
+                        metadata=md, timeout=5,
+                    )  # fmt: skip
+                    break
+                except grpc.aio.AioRpcError as error:
+                    if error.code() not in RETRYABLE:
+                        raise
+                    await asyncio.sleep(0.1)
 
         async def died(within_s: float) -> bool:
             assert proc.process is not None
@@ -153,6 +158,7 @@ async def crash_run(
             else:  # nothing reached this point (e.g. no compensation yet): go on
                 await proc.stop()
         assert crashes >= len(points) * 2 // 3, crashes
+        print(f"funding crash run: {crashes} kill -9 at boundaries of {len(points)} tried")
         proc.env["FUNDING_CRASH_POINTS"] = ""
         await proc.start()
         for _ in range(random_kills):  # kills from outside, at random moments
@@ -172,6 +178,7 @@ async def crash_run(
                 await asyncio.sleep(0.1)
             await proc.stop()
             await check(conn, chain, ledger, asked, accounts)
+            print(f"funding crash run: {proc.kills} outside kills, {len(asked)} requests")
         finally:
             await conn.close()
 
@@ -231,7 +238,7 @@ async def check(
     )
     assert voids == sum(1 for s in holds.values() if s == 3)
     for acct in accounts:
-        assert Decimal(await ledger.available(acct, "USDT")) == 100 - spent[acct]
+        assert Decimal(await ledger.available(acct, "USDT")) == 80 - spent[acct]
     audit = await ledger.audit()
     assert audit.balanced, audit
 
@@ -239,7 +246,7 @@ async def check(
 async def test_kill_9_at_step_boundaries_short(
     stack: Stack, service_credentials: ServiceCredentials
 ) -> None:
-    await crash_run(stack, service_credentials, points=SHORT_POINTS, per_point=4, random_kills=0)
+    await crash_run(stack, service_credentials, points=SHORT_POINTS, per_point=8, random_kills=0)
 
 
 @pytest.mark.chaos
