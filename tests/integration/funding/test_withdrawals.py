@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from decimal import Decimal
 
 import grpc
 import pytest
@@ -20,6 +22,7 @@ from tests.integration.funding.support import (
     BTC_ADDRESS,
     Chain,
     Funding,
+    bearer,
     chainsim,
     fresh_database,
     fund,
@@ -401,3 +404,106 @@ async def test_the_ledger_halt_refuses_new_holds(world: World) -> None:
         await conn.execute("UPDATE ledger.halt SET halted = false")
         await conn.close()
     assert await world.ledger.available(acct, "USDT") == "100"
+
+
+async def test_a_thousand_concurrent_withdrawals_of_the_full_balance_accept_exactly_one(
+    world: World,
+) -> None:
+    acct = new_account()
+    await fund(world.ledger, acct, "11")  # 10 + fee 1
+    never_negative = True
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal never_negative
+        while not stop.is_set():
+            b = await world.ledger.balance(acct, "USDT")
+            never_negative &= Decimal(b.available) >= 0 and Decimal(b.total) >= 0
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch())
+    made = await asyncio.gather(*(world.funding.withdraw(acct, "10") for _ in range(1000)))
+    finals = [await world.funding.settle(acct, w.withdrawal_id, within_s=120) for w in made]
+    stop.set()
+    await watcher
+    states = Counter(f.state for f in finals)
+    assert states == {F.WITHDRAWAL_STATE_COMPLETED: 1, F.WITHDRAWAL_STATE_REJECTED: 999}
+    assert all(
+        b"LEDGER_INSUFFICIENT_FUNDS" in f.failure.SerializeToString()
+        for f in finals
+        if f.state == F.WITHDRAWAL_STATE_REJECTED
+    )
+    assert never_negative
+    assert await world.ledger.available(acct, "USDT") == "0"
+    assert (await world.ledger.audit()).balanced
+
+
+async def test_users_act_on_their_own_account_only(
+    world: World, stack: Stack, service_credentials: ServiceCredentials
+) -> None:
+    from cex.auth.v1 import auth_pb2, auth_pb2_grpc
+
+    operator = bearer(await service_credentials.token())
+
+    async def user(scopes: list[int]) -> tuple[str, tuple[tuple[str, str]]]:
+        async with grpc.aio.insecure_channel(stack.edge) as channel:
+            stub = auth_pb2_grpc.AuthServiceStub(channel)
+            account = (
+                await stub.CreateAccount(
+                    auth_pb2.CreateAccountRequest(request_id=uuid.uuid4().hex, display_name="f"),
+                    metadata=operator,
+                )
+            ).account.account_id
+            key = await stub.CreateApiKey(
+                auth_pb2.CreateApiKeyRequest(
+                    request_id=uuid.uuid4().hex,
+                    account_id=account,
+                    scopes=scopes,
+                    allowed_cidrs=["0.0.0.0/0"],  # withdraw needs a list; any local caller
+                ),
+                metadata=operator,
+            )
+            token = await stub.IssueToken(
+                auth_pb2.IssueTokenRequest(
+                    api_key_id=key.api_key.api_key_id, api_key_secret=key.secret
+                )
+            )
+        return account, bearer(token.access_token)
+
+    read, withdraw = auth_pb2.API_KEY_SCOPE_READ, auth_pb2.API_KEY_SCOPE_WITHDRAW
+    alice, alice_md = await user([read, withdraw])
+    bob, bob_md = await user([read])
+    await fund(world.ledger, alice, "50")
+    mine = await world.funding.withdraw("", "10", md=alice_md)  # empty = the caller's own
+    assert mine.account_id == alice
+    await world.funding.settle(alice, mine.withdrawal_id)
+    stub = world.funding.stub
+    own = await stub.GetWithdrawal(
+        F.GetWithdrawalRequest(withdrawal_id=mine.withdrawal_id), metadata=alice_md
+    )
+    assert own.withdrawal.state == F.WITHDRAWAL_STATE_COMPLETED
+    # Bob can neither see Alice's withdrawal nor name her account.
+    for call in (
+        stub.GetWithdrawal(
+            F.GetWithdrawalRequest(withdrawal_id=mine.withdrawal_id), metadata=bob_md
+        ),
+        stub.ListWithdrawals(F.ListWithdrawalsRequest(account_id=alice), metadata=bob_md),
+        stub.GetDepositAddress(
+            F.GetDepositAddressRequest(account_id=alice, asset="BTC"), metadata=bob_md
+        ),
+    ):
+        assert (await rpc_error(call)).code == grpc.StatusCode.NOT_FOUND
+    # Bob's key cannot withdraw, nor Alice's withdraw for Bob; sagas are for operators.
+    no_scope = await rpc_error(world.funding.withdraw("", "10", md=bob_md))
+    assert (no_scope.code, no_scope.reason) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "AUTH_SCOPE_MISSING",
+    )
+    other = await rpc_error(world.funding.withdraw(bob, "10", md=alice_md))
+    assert (other.code, other.reason) == (grpc.StatusCode.NOT_FOUND, "FUNDING_ACCOUNT_NOT_FOUND")
+    sagas = await rpc_error(stub.ListSagas(F.ListSagasRequest(), metadata=alice_md))
+    assert (sagas.code, sagas.reason) == (grpc.StatusCode.PERMISSION_DENIED, "AUTH_SCOPE_MISSING")
+    listed = await stub.ListWithdrawals(F.ListWithdrawalsRequest(), metadata=bob_md)
+    assert not listed.withdrawals
+    unauth = await rpc_error(stub.ListWithdrawals(F.ListWithdrawalsRequest()))
+    assert unauth.code == grpc.StatusCode.UNAUTHENTICATED
