@@ -103,7 +103,12 @@ async def test_a_deposit_is_credited_once_after_its_confirmations(world: World) 
         F.GetDepositRequest(account_id=acct, deposit_id=deposit.deposit_id),
         metadata=world.funding.md,
     )
-    assert got.deposit == deposit
+    # Confirmations keep arriving after the credit; the rest is fixed.
+    assert (got.deposit.deposit_id, got.deposit.state, got.deposit.ledger_transfer_id) == (
+        deposit.deposit_id,
+        deposit.state,
+        deposit.ledger_transfer_id,
+    )
     other = await rpc_error(
         world.funding.stub.GetDeposit(
             F.GetDepositRequest(account_id=new_account(), deposit_id=deposit.deposit_id),
