@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match bench-ledger bench-edge clean
+.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match bench-ledger bench-edge bench-funding clean
 
 setup: $(INSTALLED)
 
@@ -54,6 +54,10 @@ bench-match: $(INSTALLED)
 ## bench-ledger: CreateTransfers single and batched (synchronous_commit on)
 bench-ledger: $(INSTALLED)
 	$(BIN)/python -m bench.bench_ledger
+
+## bench-funding: deposit and withdrawal sagas end to end (sagas/s, step p50/p99)
+bench-funding: $(INSTALLED)
+	$(BIN)/python -m bench.bench_funding
 
 ## bench-edge: the latency Envoy adds per call with JWT verification on (p50/p99)
 bench-edge: $(INSTALLED)

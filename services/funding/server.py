@@ -43,9 +43,11 @@ from services.chassis import (
     current_auth,
     load_catalog,
     mesh_channel,
+    postgres,
     service_credentials,
     user,
 )
+from services.chassis.settings import require
 
 from . import deposits, store, withdrawals
 from .config import FundingConfig
@@ -614,9 +616,16 @@ async def build_server(
     if registry is None:
         registry = REGISTRY if settings.metrics_port else CollectorRegistry()
     server = Server(settings)
-    infra = await connect(server, schema="funding", migrations=MIGRATIONS, nats=config.outbox)
-    pool = infra.pool
-    assert isinstance(pool, asyncpg.Pool)
+    infra = await connect(server, nats=config.outbox)
+    # Each running saga step holds a connection for its two short transactions.
+    pool = await server.enter(
+        postgres(
+            require(settings.database_url, "DATABASE_URL"),
+            schema="funding",
+            migrations=MIGRATIONS,
+            max_size=max(10, min(40, config.concurrency // 2 + 8)),
+        )
+    )
     credentials = service_credentials(settings)
     ledger_target = config.ledger_target or settings.mesh_addr
     risk_target = config.risk_target or settings.mesh_addr
