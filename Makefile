@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match bench-ledger bench-edge bench-funding clean
+.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match bench-ledger bench-edge bench-risk bench-funding clean
 
 setup: $(INSTALLED)
 
@@ -47,9 +47,11 @@ fmt: $(INSTALLED)
 bench-stack: $(INSTALLED)
 	$(BIN)/python -m bench.bench_stack
 
-## bench-match: the fast order book in-process on exchange-core's command mix
+## bench-match: the fast order book in-process on exchange-core's command mix, then
+## the same mix through SubmitCommands with journaling and publishing on
 bench-match: $(INSTALLED)
 	$(BIN)/python -m bench.bench_match
+	$(BIN)/python -m bench.bench_match_service
 
 ## bench-ledger: CreateTransfers single and batched (synchronous_commit on)
 bench-ledger: $(INSTALLED)
@@ -58,6 +60,10 @@ bench-ledger: $(INSTALLED)
 ## bench-funding: deposit and withdrawal sagas end to end (sagas/s, step p50/p99)
 bench-funding: $(INSTALLED)
 	$(BIN)/python -m bench.bench_funding
+
+## bench-risk: CheckOrder checks/s and p50/p99 through risk's gRPC server (in-process and own process)
+bench-risk: $(INSTALLED)
+	$(BIN)/python -m bench.bench_risk
 
 ## bench-edge: the latency Envoy adds per call with JWT verification on (p50/p99)
 bench-edge: $(INSTALLED)

@@ -33,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cex.ledger.v1 import ledger_pb2 as K
 from cex.ledger.v1 import ledger_pb2_grpc
+from services.chassis.authn import service_auth_interceptors
 from services.stack.supervisor import Stack
 from services.stack.topology import free_ports
 
@@ -98,6 +99,7 @@ async def main(args: argparse.Namespace) -> None:
                 env={
                     **env,
                     "CEX_GRPC_PORT": str(port),
+                    "CEX_JWKS_URL": stack.ports.jwks_url,
                     "DATABASE_URL": url,
                     "LEDGER_SETTLEMENT": "off",
                     "LEDGER_AUDIT_INTERVAL_S": "0",
@@ -107,7 +109,10 @@ async def main(args: argparse.Namespace) -> None:
             conn = await asyncpg.connect(url)
             print(f"synchronous_commit = {await conn.fetchval('SHOW synchronous_commit')}")
             await conn.close()
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            async with grpc.aio.insecure_channel(
+                f"127.0.0.1:{port}",
+                interceptors=service_auth_interceptors(stack.credentials("bench")),
+            ) as channel:
                 health = health_pb2_grpc.HealthStub(channel)
                 await health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=30)
                 stub = ledger_pb2_grpc.LedgerServiceStub(channel)

@@ -13,12 +13,15 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+import grpc
 import pytest
 
 from services.chassis import ServiceCredentials
+from services.chassis.authn import service_auth_interceptors
 from services.stack import probes
 from services.stack.supervisor import Stack
 from services.stack.topology import free_ports
@@ -60,18 +63,31 @@ def edge(stack: Stack) -> str:
 @pytest.fixture(scope="session")
 def service_credentials(stack: Stack) -> ServiceCredentials:
     """The `svc:tests` credential, as a service of the stack holds one (renewed near expiry)."""
-    import grpc
+    return stack.credentials("tests")
 
-    from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 
-    async def issue(key_id: str, secret: str) -> tuple[str, float]:
-        async with grpc.aio.insecure_channel(stack.edge) as channel:
-            reply = await auth_pb2_grpc.AuthServiceStub(channel).IssueToken(
-                auth_pb2.IssueTokenRequest(api_key_id=key_id, api_key_secret=secret), timeout=10
-            )
-        return reply.access_token, reply.expire_time.ToSeconds()
+@dataclass(frozen=True)
+class Trust:
+    """How a test's own copy of a service joins the stack's trust: its server checks
+    tokens against auth's JWKS (`jwks_url`, or `env` for a process), and the test's
+    clients present the `svc:tests` token (`channel`)."""
 
-    return ServiceCredentials("tests", issue, stack.service_secret)
+    jwks_url: str
+    credentials: ServiceCredentials
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"CEX_JWKS_URL": self.jwks_url}
+
+    def channel(self, target: str) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(
+            target, interceptors=service_auth_interceptors(self.credentials)
+        )
+
+
+@pytest.fixture(scope="session")
+def trust(stack: Stack, service_credentials: ServiceCredentials) -> Trust:
+    return Trust(stack.ports.jwks_url, service_credentials)
 
 
 @pytest.fixture

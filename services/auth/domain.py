@@ -17,10 +17,10 @@ from services.chassis import (
     AuthContext,
     FieldViolation,
     InvalidArgument,
-    NotFound,
     PermissionDenied,
     Unauthenticated,
 )
+from services.chassis import owned_account as chassis_owned_account
 
 __all__ = [
     "SCOPES",
@@ -129,21 +129,8 @@ def secret_matches(secret: str, stored: str) -> bool:
 
 
 def owned_account(ctx: AuthContext, requested: str, *, resource: str = "account") -> str:
-    """The account a call acts on: the caller's own unless they are admin or a service.
-
-    Another account's data is NOT_FOUND, never PERMISSION_DENIED, so ids cannot be probed.
-    """
-    if ctx.is_service or ctx.can("admin"):
-        if not requested and not ctx.account_id:
-            raise InvalidArgument(
-                "AUTH_ACCOUNT_REQUIRED",
-                "account_id is required",
-                violations=[FieldViolation("account_id", "required for this caller")],
-            )
-        return requested or ctx.account_id
-    if requested and requested != ctx.account_id:
-        raise NotFound(f"AUTH_{resource.upper()}_NOT_FOUND", f"no such {resource}")
-    return ctx.account_id
+    """The account a call acts on (see `services.chassis.owned_account`)."""
+    return chassis_owned_account(ctx, requested, component="AUTH", resource=resource)
 
 
 def validate_cidrs(cidrs: Iterable[str]) -> tuple[str, ...]:
@@ -219,12 +206,10 @@ def check_issue(
         raise Unauthenticated("AUTH_KEY_REVOKED", "this API key was revoked")
     if state == KeyState.EXPIRED:
         raise Unauthenticated("AUTH_KEY_EXPIRED", "this API key has expired")
-    if account.state != AccountState.ACTIVE:
-        raise PermissionDenied("AUTH_ACCOUNT_NOT_ACTIVE", "the account is suspended or closed")
+    if account.state not in (AccountState.ACTIVE, AccountState.SUSPENDED):
+        raise PermissionDenied("AUTH_ACCOUNT_NOT_ACTIVE", "the account is closed")
     if key.allowed_cidrs and not _allowed(client_ip, key.allowed_cidrs):
         raise Unauthenticated("AUTH_ADDRESS_NOT_ALLOWED", "caller address not in allow-list")
-    if not requested:
-        return key.scopes
     beyond = set(requested) - set(key.scopes)
     if beyond:
         raise PermissionDenied(
@@ -232,7 +217,15 @@ def check_issue(
             f"the key lacks scope {', '.join(sorted(beyond))}",
             metadata={"missing_scopes": " ".join(sorted(beyond))},
         )
-    return tuple(sorted(set(requested)))
+    granted = tuple(sorted(set(requested))) if requested else key.scopes
+    if account.state == AccountState.SUSPENDED:
+        # Frozen: no trading, no withdrawals; the owner can still look.
+        granted = tuple(s for s in granted if s == "read")
+        if not granted:
+            raise PermissionDenied(
+                "AUTH_ACCOUNT_SUSPENDED", "the account is suspended: only read access"
+            )
+    return granted
 
 
 def _allowed(client_ip: str, cidrs: Iterable[str]) -> bool:

@@ -54,6 +54,7 @@ POLICY: dict[str, Rule] = {
     "IssueToken": PUBLIC,
     "CreateAccount": user("admin", services=True),
     "GetAccount": user("read", services=True),
+    "SetAccountState": user("admin", services=True),
     "CreateApiKey": user(services=True),  # grants at most the caller's own scopes
     "ListApiKeys": user("read", services=True),
     "RevokeApiKey": user(services=True),  # any scope may kill its own account's keys
@@ -123,7 +124,11 @@ def _key_pb(k: domain.ApiKey, now: datetime) -> auth_pb2.ApiKey:
     )
 
 
-def _request_hash(request: auth_pb2.CreateAccountRequest | auth_pb2.CreateApiKeyRequest) -> str:
+def _request_hash(
+    request: auth_pb2.CreateAccountRequest
+    | auth_pb2.CreateApiKeyRequest
+    | auth_pb2.SetAccountStateRequest,
+) -> str:
     body = type(request).FromString(request.SerializeToString())
     body.request_id = ""
     return hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()
@@ -228,6 +233,38 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         if account is None:
             raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
         return auth_pb2.GetAccountResponse(account=_account_pb(account))
+
+    async def SetAccountState(
+        self,
+        request: auth_pb2.SetAccountStateRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> auth_pb2.SetAccountStateResponse:
+        ctx = current_auth()
+        _require_request_id(request.request_id)
+        if not request.account_id:
+            raise InvalidArgument(
+                "AUTH_ACCOUNT_REQUIRED",
+                "account_id is required",
+                violations=[FieldViolation("account_id", "required")],
+            )
+        if request.state not in _SETTABLE_STATES:
+            raise InvalidArgument(
+                "AUTH_INVALID_ACCOUNT_STATE",
+                "state must be ACTIVE, SUSPENDED or CLOSED",
+                violations=[FieldViolation("state", "not a state an account can be put in")],
+            )
+        account = await self.store.set_account_state(
+            account_id=request.account_id,
+            state=request.state,
+            reason=request.reason.strip()[:500],
+            request_id=request.request_id,
+            request_hash=_request_hash(request),
+            changed_by=f"svc:{ctx.service}" if ctx.service else ctx.account_id,
+            now=self.clock(),
+        )
+        if account is None:
+            raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
+        return auth_pb2.SetAccountStateResponse(account=_account_pb(account))
 
     async def CreateApiKey(
         self,
@@ -377,6 +414,13 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
             scopes=[_SCOPE_VALUES[s] for s in scopes if s in _SCOPE_VALUES],
             account_id=subject,
         )
+
+
+_SETTABLE_STATES = (
+    auth_pb2.ACCOUNT_STATE_ACTIVE,
+    auth_pb2.ACCOUNT_STATE_SUSPENDED,
+    auth_pb2.ACCOUNT_STATE_CLOSED,
+)
 
 
 def _new_id(prefix: str) -> str:

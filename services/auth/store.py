@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from services.chassis import AlreadyExists
+from services.chassis import AlreadyExists, FailedPrecondition
 
 from .domain import Account, AccountState, ApiKey, KeyState, SigningKey, rotation_due
 
@@ -101,6 +101,61 @@ class Store:
                     raise AlreadyExists(
                         "AUTH_REQUEST_ID_REUSED", "request_id was used for a different account"
                     )
+            return _account(row)
+
+    async def set_account_state(
+        self,
+        *,
+        account_id: str,
+        state: int,
+        reason: str,
+        request_id: str,
+        request_hash: str,
+        changed_by: str,
+        now: datetime,
+    ) -> Account | None:
+        """Idempotent on request_id (a retry returns the account as it is now; another
+        body is ALREADY_EXISTS). None for an unknown account; a closed account stays
+        closed (FAILED_PRECONDITION)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT * FROM accounts WHERE account_id = $1 FOR UPDATE", account_id
+            )
+            if row is None:
+                return None
+            done = await conn.fetchrow(
+                "SELECT request_hash FROM account_state_changes WHERE request_id = $1",
+                request_id,
+            )
+            if done is not None:
+                if done["request_hash"] != request_hash:
+                    raise AlreadyExists(
+                        "AUTH_REQUEST_ID_REUSED", "request_id was used for a different change"
+                    )
+                return _account(row)
+            if row["state"] == AccountState.CLOSED and state != AccountState.CLOSED:
+                raise FailedPrecondition("AUTH_ACCOUNT_CLOSED", "a closed account stays closed")
+            await conn.execute(
+                """INSERT INTO account_state_changes
+                       (request_id, request_hash, account_id, state, reason, changed_by,
+                        change_time)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+                request_id,
+                request_hash,
+                account_id,
+                state,
+                reason,
+                changed_by,
+                now,
+            )
+            row = await conn.fetchrow(
+                """UPDATE accounts SET state = $2, update_time = $3
+                   WHERE account_id = $1 RETURNING *""",
+                account_id,
+                state,
+                now,
+            )
+            assert row is not None
             return _account(row)
 
     async def account(self, account_id: str) -> Account | None:

@@ -8,6 +8,7 @@ from .authn import (
     Rule,
     ServiceCredentials,
     current_auth,
+    owned_account,
     user,
 )
 from .bus import ensure_stream, nats_connection
@@ -67,6 +68,7 @@ __all__ = [
     "mesh_channel",
     "migrate",
     "nats_connection",
+    "owned_account",
     "postgres",
     "redis_connection",
     "run",

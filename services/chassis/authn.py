@@ -17,7 +17,7 @@ Handlers read the caller from `current_auth()` (an `AuthContext`).
 
 Service tokens: each service holds a shared secret (CEX_SERVICE_SECRET) and
 exchanges `svc:<name>` + HMAC(secret, "svc:<name>") for a short-lived token at
-auth's IssueToken. `ServiceCredentials` caches it; `ServiceAuthInterceptor`
+auth's IssueToken. `ServiceCredentials` caches it; `service_auth_interceptors`
 attaches it to every call on a mesh channel, with the inbound user's token when
 the call is made on their behalf.
 """
@@ -37,7 +37,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc.aio import ClientCallDetails
 
-from .errors import PermissionDenied, Unauthenticated
+from .errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from .tokens import Claims, KeySource, UnknownKey, verify
 
 __all__ = [
@@ -48,10 +48,11 @@ __all__ = [
     "Authenticator",
     "Policy",
     "Rule",
-    "ServiceAuthInterceptor",
     "ServiceCredentials",
     "auth_context_var",
     "current_auth",
+    "owned_account",
+    "service_auth_interceptors",
     "service_secret",
     "user",
 ]
@@ -105,6 +106,25 @@ def current_auth() -> AuthContext:
     if ctx is None:
         raise Unauthenticated("AUTH_TOKEN_MISSING", "this call needs an access token")
     return ctx
+
+
+def owned_account(
+    ctx: AuthContext, requested: str, *, component: str, resource: str = "account"
+) -> str:
+    """The account a call acts on: the caller's own unless they are admin or a service
+    (who must name one). Another account's data is `<COMPONENT>_<RESOURCE>_NOT_FOUND`,
+    never PERMISSION_DENIED, so ids cannot be probed."""
+    if ctx.is_service or ctx.can("admin"):
+        if not requested and not ctx.account_id:
+            raise InvalidArgument(
+                f"{component}_ACCOUNT_REQUIRED",
+                "account_id is required",
+                violations=[FieldViolation("account_id", "required for this caller")],
+            )
+        return requested or ctx.account_id
+    if requested and requested != ctx.account_id:
+        raise NotFound(f"{component}_{resource.upper()}_NOT_FOUND", f"no such {resource}")
+    return ctx.account_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,12 +294,7 @@ class ServiceCredentials:
         return self._token
 
 
-class ServiceAuthInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
+class _ServiceAuth:
     """Attaches the service token, and the current user's token when acting for one."""
 
     def __init__(self, credentials: ServiceCredentials) -> None:
@@ -296,22 +311,38 @@ class ServiceAuthInterceptor(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+class _UnaryUnaryAuth(_ServiceAuth, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(
         self, continuation: Any, client_call_details: ClientCallDetails, request: Any
     ) -> Any:
         return await continuation(await self._details(client_call_details), request)
 
+
+class _UnaryStreamAuth(_ServiceAuth, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(
         self, continuation: Any, client_call_details: ClientCallDetails, request: Any
     ) -> Any:
         return await continuation(await self._details(client_call_details), request)
 
+
+class _StreamUnaryAuth(_ServiceAuth, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(
         self, continuation: Any, client_call_details: ClientCallDetails, request_iterator: Any
     ) -> Any:
         return await continuation(await self._details(client_call_details), request_iterator)
 
+
+class _StreamStreamAuth(_ServiceAuth, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(
         self, continuation: Any, client_call_details: ClientCallDetails, request_iterator: Any
     ) -> Any:
         return await continuation(await self._details(client_call_details), request_iterator)
+
+
+def service_auth_interceptors(credentials: ServiceCredentials) -> list[grpc.aio.ClientInterceptor]:
+    """The service's token on every kind of call. One interceptor per kind: grpc.aio
+    files an interceptor under the first kind it implements and no other, so a single
+    object implementing all four would leave streams without a token."""
+    kinds = (_UnaryUnaryAuth, _UnaryStreamAuth, _StreamUnaryAuth, _StreamStreamAuth)
+    return [kind(credentials) for kind in kinds]

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from .authn import ServiceAuthInterceptor, ServiceCredentials
+from .authn import ServiceCredentials, service_auth_interceptors
 from .interceptors import client_interceptors
 from .settings import ChassisSettings
 
@@ -25,7 +25,7 @@ async def mesh_channel(
     given `credentials`, the service's token (plus the user's, when acting for one)."""
     interceptors: list[grpc.aio.ClientInterceptor] = client_interceptors()
     if credentials is not None:
-        interceptors.append(ServiceAuthInterceptor(credentials))
+        interceptors += service_auth_interceptors(credentials)
     channel = grpc.aio.insecure_channel(
         target,
         interceptors=interceptors,

@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from services.chassis import (
+    INTERNAL,
     Catalog,
     ChassisSettings,
     ExchangeError,
@@ -30,10 +31,16 @@ from services.chassis import (
     InvalidArgument,
     MoneyError,
     NotFound,
+    Rule,
     Server,
     connect,
+    current_auth,
     load_catalog,
+    owned_account,
+    service_credentials,
+    user,
 )
+from services.chassis.authn import service_auth_interceptors
 from services.chassis.interceptors import client_interceptors
 
 from .auditor import Auditor, AuditReport, LedgerMetrics
@@ -43,7 +50,20 @@ from .domain import MAX_BATCH, Account, Kind, Op, Transfer, TransferInput
 from .store import Store
 from .writer import ExpireJob, TransfersJob, Writer
 
-__all__ = ["LedgerService", "build_server"]
+__all__ = ["POLICY", "LedgerService", "build_server"]
+
+
+# Money moves only at the hands of services (order holds, funding sagas,
+# settlement); a user may read their own balances and transfers.
+POLICY: dict[str, Rule] = {
+    "CreateTransfers": INTERNAL,
+    "PostPendingTransfer": INTERNAL,
+    "VoidPendingTransfer": INTERNAL,
+    "GetTransfer": user("read", services=True),
+    "GetBalances": user("read", services=True),
+    "ListTransfers": user("read", services=True),
+    "AuditLedger": user("admin", services=True),
+}
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _log = logging.getLogger("cex.ledger")
@@ -277,27 +297,25 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: ledger_pb2.GetTransferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ledger_pb2.GetTransferResponse:
         found = await self._store.get_transfer(request.id)
-        if found is None:
+        ctx = current_auth()
+        if found is None or not (
+            ctx.is_service
+            or ctx.can("admin")
+            or ctx.account_id in (found.debit_account_id, found.credit_account_id)
+        ):
             raise NotFound("LEDGER_TRANSFER_NOT_FOUND", f"no transfer {request.id}")
         return ledger_pb2.GetTransferResponse(transfer=self._transfer(found))
 
     async def GetBalances(
         self, request: ledger_pb2.GetBalancesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ledger_pb2.GetBalancesResponse:
-        if not request.account_id:
-            raise InvalidArgument(
-                "LEDGER_ACCOUNT_ID_REQUIRED",
-                "account_id is required",
-                violations=[FieldViolation("account_id", "required")],
-            )
+        account_id = owned_account(current_auth(), request.account_id, component="LEDGER")
         for asset in request.assets:
             if asset not in self._catalog.assets:
                 raise NotFound("LEDGER_ASSET_NOT_FOUND", f"unknown asset {asset!r}")
-        accounts = await self._store.balances(request.account_id, list(request.assets))
-        if not accounts and not request.account_id.startswith("sys:"):
-            raise NotFound(
-                "LEDGER_ACCOUNT_NOT_FOUND", f"account {request.account_id} has no balances"
-            )
+        accounts = await self._store.balances(account_id, list(request.assets))
+        if not accounts and not account_id.startswith("sys:"):
+            raise NotFound("LEDGER_ACCOUNT_NOT_FOUND", f"account {account_id} has no balances")
         return ledger_pb2.GetBalancesResponse(balances=[self._balance(a) for a in accounts])
 
     async def ListTransfers(
@@ -321,8 +339,12 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
                     "page_token is not one this server issued",
                     violations=[FieldViolation("page_token", "invalid")],
                 ) from None
+        ctx = current_auth()
+        account_id = request.account_id
+        if not (ctx.is_service or ctx.can("admin")):
+            account_id = owned_account(ctx, account_id, component="LEDGER")
         found = await self._store.list_transfers(
-            account_id=request.account_id,
+            account_id=account_id,
             asset=request.asset,
             reference=request.reference,
             kind=int(request.kind),
@@ -455,9 +477,13 @@ async def build_server(
         target = match_target or config.match_target or settings.mesh_addr
         if target is None:
             raise ValueError("settlement needs LEDGER_MATCH_TARGET or CEX_MESH_ADDR")
+        credentials = service_credentials(settings)
         channel = grpc.aio.insecure_channel(
             target,
-            interceptors=client_interceptors(),
+            interceptors=[
+                *client_interceptors(),
+                *(service_auth_interceptors(credentials) if credentials else []),
+            ],
             options=(("grpc.default_authority", "match"),),
         )
         server.on_stop(channel.close)
@@ -474,5 +500,6 @@ async def build_server(
         ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"],
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server,
         LedgerService(store, writer, auditor, catalog),
+        policy=POLICY,
     )
     return server

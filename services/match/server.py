@@ -17,12 +17,14 @@ import grpc
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.type.v1 import types_pb2
 from services.chassis import (
+    INTERNAL,
     ChassisSettings,
     ExchangeError,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
+    Rule,
     Server,
     connect,
 )
@@ -35,7 +37,14 @@ from .publisher import Publisher
 from .store import Journal
 from .writer import MarketWriter
 
-__all__ = ["MIGRATIONS", "MatchService", "build_server"]
+__all__ = ["MIGRATIONS", "POLICY", "MatchService", "build_server"]
+
+# Only services talk to match: order submits commands, consumers replay events.
+POLICY: dict[str, Rule] = {
+    "SubmitCommands": INTERNAL,
+    "GetOrderBook": INTERNAL,
+    "ReplayEvents": INTERNAL,
+}
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _IN_FLIGHT = 64
@@ -249,5 +258,6 @@ async def build_server(
         match_pb2.DESCRIPTOR.services_by_name["MatchService"],
         match_pb2_grpc.add_MatchServiceServicer_to_server,
         MatchService(catalog, writers, match_settings),
+        policy=POLICY,
     )
     return server

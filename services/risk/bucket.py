@@ -4,7 +4,9 @@ Redis holds only what may be lost. If it restarts, every bucket is full again
 (at most one extra second of burst per account). If it cannot be reached, each
 risk process falls back to a bucket of its own in memory, with the same
 arithmetic, so the limit still holds per replica instead of failing open or
-refusing all trading; `fallbacks` counts those checks.
+refusing all trading; `fallbacks` counts those checks. After a failure Redis is
+left alone for `retry_s` (a breaker), so a dead or black-holed Redis costs each
+check nothing, not a timeout.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Take:
 
 
 UNLIMITED = Take(True, 0, 0, 0.0)
+_Pending = tuple[str, int, int, "asyncio.Future[tuple[bool, int, int]]"]
 
 
 class LocalBuckets:
@@ -70,35 +73,89 @@ class LocalBuckets:
 
 
 class RateLimiter:
+    """Takes from Redis buckets; the takes of concurrent checks go in one script call
+    (while one call is in flight the next ones queue, as a group commit does), so a
+    lone check waits for one round trip and a busy process pays one per batch."""
+
     def __init__(
         self,
         client: redis.Redis | None,
         *,
         prefix: str = "risk:rl:",
-        timeout_s: float = 0.25,
+        timeout_s: float = 1.0,
+        retry_s: float = 1.0,
+        max_batch: int = 256,
         local: LocalBuckets | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self._script: Any = client.register_script(SCRIPT) if client is not None else None
         self._prefix = prefix
         self._timeout = timeout_s
         self._local = local or LocalBuckets()
+        self._retry_s = retry_s
+        self._max_batch = max_batch
+        self._clock = clock
+        self._down_until = 0.0
+        self._pending: list[_Pending] = []
+        self._flusher: asyncio.Task[None] | None = None
         self.fallbacks = 0
+        self.batches = 0
 
     async def take(self, account_id: str, rate: int, cost: int = 1) -> Take:
         if rate <= 0:
             return UNLIMITED
         key = self._prefix + account_id
-        result: tuple[bool, int, int]
-        try:
-            if self._script is None:
-                raise RedisError("no redis configured")
-            raw = await asyncio.wait_for(self._script(keys=[key], args=[rate, cost]), self._timeout)
-            result = (bool(int(raw[0])), int(raw[1]), int(raw[2]))
-        except (RedisError, OSError, TimeoutError) as error:
+        if self._script is None or self._clock() < self._down_until:
             self.fallbacks += 1
-            if self.fallbacks == 1 or self.fallbacks % 1000 == 0:
-                _log.warning("redis unavailable (%r): rate limit from the local bucket", error)
             result = self._local.take(key, rate, cost)
+        else:
+            future: asyncio.Future[tuple[bool, int, int]] = (
+                asyncio.get_running_loop().create_future()
+            )
+            self._pending.append((key, rate, cost, future))
+            if self._flusher is None:
+                self._flusher = asyncio.ensure_future(self._flush())
+            result = await future
         allowed, tokens_u, retry_us = result
         return Take(allowed, rate, tokens_u // _MICRO, retry_us / _MICRO)
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                try:
+                    results = await self._run(batch)
+                except Exception as error:  # a bug: never leave a check hanging
+                    for *_, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                for (*_, future), result in zip(batch, results, strict=True):
+                    if not future.done():  # its caller may have given up
+                        future.set_result(result)
+        finally:
+            self._flusher = None
+
+    async def _run(self, batch: list[_Pending]) -> list[tuple[bool, int, int]]:
+        if self._script is not None and self._clock() >= self._down_until:
+            args: list[int] = []
+            for _, rate, cost, _ in batch:
+                args += (rate, cost)
+            try:
+                raw = await asyncio.wait_for(
+                    self._script(keys=[key for key, *_ in batch], args=args), self._timeout
+                )
+                self.batches += 1
+                return [
+                    (bool(int(raw[i])), int(raw[i + 1]), int(raw[i + 2]))
+                    for i in range(0, len(raw), 3)
+                ]
+            except (RedisError, OSError, TimeoutError) as error:
+                self._down_until = self._clock() + self._retry_s
+                _log.warning(
+                    "redis unavailable (%r): local buckets for %.1f s", error, self._retry_s
+                )
+        self.fallbacks += len(batch)
+        return [self._local.take(key, rate, cost) for key, rate, cost, _ in batch]

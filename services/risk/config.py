@@ -19,14 +19,15 @@ class RiskConfig:
         a process sees its own changes at once).
     prices: follow match events on JetStream for the last trade price (needs NATS).
     consumer_name: durable name of that JetStream consumer (shared by replicas).
-    redis_timeout_s: a rate-limit call slower than this uses the local bucket.
+    redis_timeout_s: a rate-limit call slower than this uses the local bucket (and
+        Redis is then left alone for a second).
     redis_prefix: key prefix of the token buckets.
     """
 
     reload_interval_s: float = 0.5
     prices: bool = True
     consumer_name: str = "risk-prices"
-    redis_timeout_s: float = 0.25
+    redis_timeout_s: float = 1.0
     redis_prefix: str = "risk:rl:"
 
     @classmethod
@@ -36,6 +37,6 @@ class RiskConfig:
             reload_interval_s=env_float(env, "RISK_RELOAD_INTERVAL_S", 0.5),
             prices=env_str(env, "RISK_PRICES", "on") != "off",
             consumer_name=env_str(env, "RISK_CONSUMER", "risk-prices") or "risk-prices",
-            redis_timeout_s=env_float(env, "RISK_REDIS_TIMEOUT_S", 0.25),
+            redis_timeout_s=env_float(env, "RISK_REDIS_TIMEOUT_S", 1.0),
             redis_prefix=env_str(env, "RISK_REDIS_PREFIX", "risk:rl:") or "risk:rl:",
         )

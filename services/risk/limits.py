@@ -16,6 +16,7 @@ So 0 / "" in an account's overrides means "inherit", never "unlimited".
 from __future__ import annotations
 
 import decimal
+import functools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -237,8 +238,10 @@ def _dec(text: str) -> Decimal | None:
     return parse_decimal(text) if text else None
 
 
+@functools.lru_cache(maxsize=65_536)
 def market_rule(limits: Limits, market: str) -> MarketRule:
-    """The rule for `market` from already merged limits (their entry, else "*")."""
+    """The rule for `market` from already merged limits (their entry, else "*");
+    memoized (limits are immutable), so the hot path parses no decimals."""
     by = {m.market: m for m in limits.markets}
     entry = by.get(market) or by.get(ANY) or MarketLimits(market)
     fallback = by.get(ANY) or MarketLimits(ANY)

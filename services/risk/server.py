@@ -22,6 +22,7 @@ import asyncpg
 import grpc
 from google.protobuf import timestamp_pb2
 from google.rpc import status_pb2
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex.type.v1 import types_pb2
@@ -29,6 +30,7 @@ from services.chassis import (
     INTERNAL,
     Catalog,
     ChassisSettings,
+    ErrorDetails,
     ExchangeError,
     FieldViolation,
     InvalidArgument,
@@ -46,6 +48,7 @@ from services.chassis.tokens import KeySource
 
 from .bucket import RateLimiter, Take
 from .config import RiskConfig
+from .events import Outbox, switch_pb
 from .limits import (
     ANY,
     EXACT,
@@ -61,10 +64,11 @@ from .limits import (
     check_order,
     check_withdrawal,
 )
+from .prices import PriceFollower
 from .state import State
 from .store import Store, StoredLimits
 
-__all__ = ["POLICY", "RiskService", "build_server"]
+__all__ = ["POLICY", "RiskMetrics", "RiskService", "build_server"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 DOMAIN = "risk"
@@ -95,6 +99,40 @@ _SCOPES = {
     risk_pb2.KILL_SWITCH_SCOPE_MARKET: Scope.MARKET,
     risk_pb2.KILL_SWITCH_SCOPE_ACCOUNT: Scope.ACCOUNT,
 }
+
+
+class RiskMetrics:
+    """Risk's own Prometheus metrics (RED per method comes from the chassis)."""
+
+    def __init__(self, registry: CollectorRegistry, limiter: RateLimiter) -> None:
+        self.checks = Counter(
+            "risk_checks",
+            "Checks answered, by method and outcome (ALLOWED or the denial reason)",
+            ["method", "outcome"],
+            registry=registry,
+        )
+        fallbacks = Counter(
+            "risk_ratelimit_local_fallbacks",
+            "Rate-limit checks served by the local bucket because Redis was unavailable",
+            registry=registry,
+        )
+        fallbacks.inc(0)
+        self._limiter = limiter
+        self._fallbacks = fallbacks
+        self._seen = 0
+        self._children: dict[tuple[str, str], Counter] = {}
+
+    def checked(self, method: str, outcome: str) -> None:
+        child = self._children.get((method, outcome))
+        if child is None:
+            child = self._children[(method, outcome)] = self.checks.labels(method, outcome)
+        child.inc()
+
+    def sync(self) -> None:
+        delta = self._limiter.fallbacks - self._seen
+        if delta:
+            self._fallbacks.inc(delta)
+            self._seen += delta
 
 
 def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
@@ -180,7 +218,11 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         limiter: RateLimiter,
         catalog: Catalog,
         clock: Callable[[], int] = time.time_ns,
+        outbox: Outbox | None = None,
+        metrics: RiskMetrics | None = None,
     ) -> None:
+        self._outbox = outbox
+        self._metrics = metrics or RiskMetrics(CollectorRegistry(), limiter)
         self._store = store
         self._state = state
         self._limiter = limiter
@@ -291,6 +333,8 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         if denial is not None:
             response.allowed = False
             response.denial.CopyFrom(_denial_status(denial))
+        self._metrics.checked("CheckOrder", denial.reason if denial else "ALLOWED")
+        self._metrics.sync()
         return response
 
     # -- CheckWithdrawal ------------------------------------------------------
@@ -321,6 +365,9 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         amount = _units(v, "amount", request.amount, asset.to_minor)
         v.raise_if_any("RISK_WITHDRAWAL_INVALID")
         assert amount is not None
+        # Money leaves the exchange: decide on the limits and switches as PostgreSQL
+        # has them now, not as of the last reload tick (one cheap query).
+        await self._state.refresh()
         limits = self._state.limits(request.account_id)
         switches = self._state.switches
 
@@ -350,7 +397,10 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
             now_ns=self._clock(),
             decide=decide,
         )
-        return risk_pb2.CheckWithdrawalResponse.FromString(stored)
+        reply = risk_pb2.CheckWithdrawalResponse.FromString(stored)
+        outcome = ErrorDetails.from_status(reply.denial).reason if not reply.allowed else "ALLOWED"
+        self._metrics.checked("CheckWithdrawal", outcome)
+        return reply
 
     # -- limits ----------------------------------------------------------------
 
@@ -385,9 +435,10 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         return message
 
     def _visible_account(self, account_id: str) -> str:
-        """A read-scoped user sees only their own account; admins and services any."""
+        """A read-scoped user (or a service acting for one) sees only their own account;
+        admins and services acting for themselves any."""
         ctx = current_auth()
-        if ctx.service or ctx.can("admin"):
+        if ctx.is_service or ctx.can("admin"):
             return account_id
         if account_id and account_id != ctx.account_id:
             raise NotFound("RISK_LIMITS_NOT_FOUND", f"no limits for account {account_id}")
@@ -517,21 +568,6 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
 
     # -- kill switches -----------------------------------------------------------
 
-    @staticmethod
-    def _switch_pb(s: KillSwitch) -> risk_pb2.KillSwitch:
-        message = risk_pb2.KillSwitch(
-            scope=int(s.scope),  # type: ignore[arg-type]
-            market=s.market,
-            account_id=s.account_id,
-            engaged=s.engaged,
-            block_withdrawals=s.block_withdrawals,
-            reason=s.reason,
-            updated_by=s.updated_by,
-        )
-        if s.update_time_ns:
-            message.update_time.CopyFrom(_timestamp(s.update_time_ns))
-        return message
-
     async def SetKillSwitch(
         self, request: risk_pb2.SetKillSwitchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> risk_pb2.SetKillSwitchResponse:
@@ -581,13 +617,13 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
                 request_id=request.request_id,
                 cancel_open_orders=request.cancel_open_orders,
             )
-            return risk_pb2.SetKillSwitchResponse(
-                kill_switch=self._switch_pb(switch)
-            ).SerializeToString()
+            return risk_pb2.SetKillSwitchResponse(kill_switch=switch_pb(switch)).SerializeToString()
 
         body = request.SerializeToString(deterministic=True)
         raw = await self._store.idempotent("SetKillSwitch", request.request_id, body, write)
         await self._state.reload()
+        if self._outbox is not None:
+            self._outbox.notify()
         return risk_pb2.SetKillSwitchResponse.FromString(raw)
 
     async def ListKillSwitches(
@@ -611,7 +647,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
                     [FieldViolation("page_token", "not a token this server issued")],
                 ) from None
         ctx = current_auth()
-        mine = None if ctx.service or ctx.can("admin") else ctx.account_id
+        mine = None if ctx.is_service or ctx.can("admin") else ctx.account_id
         found = [
             s
             for s in await self._store.kill_switches()
@@ -624,7 +660,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
             found = found[:size]
             token = base64.urlsafe_b64encode(json.dumps(list(found[-1].key)).encode()).decode()
         return risk_pb2.ListKillSwitchesResponse(
-            kill_switches=[self._switch_pb(s) for s in found], next_page_token=token
+            kill_switches=[switch_pb(s) for s in found], next_page_token=token
         )
 
 
@@ -647,9 +683,12 @@ async def build_server(
     catalog: Catalog | None = None,
     clock: Callable[[], int] = time.time_ns,
     keys: KeySource | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> Server:
     """The composition root. `keys` replaces auth's JWKS (tests)."""
     config = RiskConfig.from_env() if config is None else config
+    if registry is None:
+        registry = REGISTRY if settings.metrics_port else CollectorRegistry()
     catalog = load_catalog() if catalog is None else catalog
     server = Server(settings, keys=keys)
     infra = await connect(
@@ -666,11 +705,13 @@ async def build_server(
     await state.reload()
     if config.reload_interval_s > 0:
         await server.enter(_task(state.run(config.reload_interval_s), "risk-reload"))
+    outbox = None
     if infra.nats is not None:
-        from .prices import PriceFollower
-
+        js = infra.nats.jetstream()
+        outbox = Outbox(store, js, every_s=max(config.reload_interval_s, 0.1))
+        await server.enter(_task(outbox.run(), "risk-outbox"))
         follower = PriceFollower(
-            js=infra.nats.jetstream(),
+            js=js,
             catalog=catalog,
             store=store,
             state=state,
@@ -681,7 +722,15 @@ async def build_server(
     server.add(
         risk_pb2.DESCRIPTOR.services_by_name["RiskService"],
         risk_pb2_grpc.add_RiskServiceServicer_to_server,
-        RiskService(store=store, state=state, limiter=limiter, catalog=catalog, clock=clock),
+        RiskService(
+            store=store,
+            state=state,
+            limiter=limiter,
+            catalog=catalog,
+            clock=clock,
+            outbox=outbox,
+            metrics=RiskMetrics(registry, limiter),
+        ),
         policy=POLICY,
     )
     return server

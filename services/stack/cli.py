@@ -152,6 +152,31 @@ async def _account_create(state_dir: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _account_state(state_dir: Path, args: argparse.Namespace) -> int:
+    import uuid
+
+    from cex.auth.v1 import auth_pb2
+
+    states = {
+        "freeze": auth_pb2.ACCOUNT_STATE_SUSPENDED,
+        "unfreeze": auth_pb2.ACCOUNT_STATE_ACTIVE,
+        "close": auth_pb2.ACCOUNT_STATE_CLOSED,
+    }
+    reply = await _operator_call(
+        state_dir,
+        "SetAccountState",
+        auth_pb2.SetAccountStateRequest(
+            request_id=args.request_id or str(uuid.uuid4()),
+            account_id=args.account,
+            state=states[args.action],
+            reason=args.reason or "",
+        ),
+    )
+    assert isinstance(reply, auth_pb2.SetAccountStateResponse)
+    print(f"{reply.account.account_id} {auth_pb2.AccountState.Name(reply.account.state)}")
+    return 0
+
+
 async def _apikey_create(state_dir: Path, args: argparse.Namespace) -> int:
     import uuid
 
@@ -219,6 +244,15 @@ def main(argv: list[str] | None = None) -> None:
         "--type", default="individual", choices=["individual", "market-maker", "institutional"]
     )
     create.add_argument("--request-id", help="idempotency id (default: a new UUID)")
+    for action, text in (
+        ("freeze", "suspend: new tokens are read-only (issued ones live to expiry)"),
+        ("unfreeze", "make a suspended account active again"),
+        ("close", "close for good"),
+    ):
+        change = account.add_parser(action, help=text)
+        change.add_argument("account", help="the account id")
+        change.add_argument("--reason", help="why (kept with the change)")
+        change.add_argument("--request-id", help="idempotency id (default: a new UUID)")
     apikey = commands.add_parser("apikey", help="API keys").add_subparsers(
         dest="action", required=True
     )
@@ -234,8 +268,10 @@ def main(argv: list[str] | None = None) -> None:
     state_dir = _state_dir(args.state_dir)
     if args.command == "up":
         code = asyncio.run(_up(Stack(state_dir, _ports(args.port_base))))
-    elif args.command == "account":
+    elif args.command == "account" and args.action == "create":
         code = asyncio.run(_account_create(state_dir, args))
+    elif args.command == "account":
+        code = asyncio.run(_account_state(state_dir, args))
     elif args.command == "apikey":
         code = asyncio.run(_apikey_create(state_dir, args))
     elif args.command == "token":

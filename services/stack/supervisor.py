@@ -32,6 +32,8 @@ from typing import Any
 import asyncpg
 import yaml
 
+from services.chassis import ChassisSettings, ServiceCredentials, service_credentials
+
 from . import envoy, probes
 from .topology import SERVICES, Ports, ServiceSpec
 
@@ -119,6 +121,16 @@ class Stack:
         self.redis_url = self.env.get("REDIS_URL") or f"redis://{host}:{self.ports.redis}/0"
         self.edge = f"{host}:{self.ports.edge}"
         self.envoy_config = self.state_dir / "envoy" / "envoy.yaml"
+
+    def credentials(self, service: str) -> ServiceCredentials:
+        """The `svc:<service>` credential a process outside the stack (a test, a
+        benchmark) presents to the stack's services, issued by auth through Envoy."""
+        settings = ChassisSettings(
+            service=service, mesh_addr=self.edge, service_secret=self.service_secret
+        )
+        credentials = service_credentials(settings)
+        assert credentials is not None
+        return credentials
 
     @property
     def service_secret(self) -> str:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import time
 import urllib.request
 import uuid
 
@@ -15,6 +18,7 @@ from cex.risk.v1 import risk_pb2_grpc
 from cex.type.v1 import types_pb2 as T
 from services.chassis import ErrorDetails
 from services.stack.supervisor import Stack
+from services.stack.topology import SERVICES
 
 
 def _bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -88,3 +92,71 @@ async def test_admin_limits_over_rest(stack: Stack, service_token: str) -> None:
     limits = got["limits"]
     assert limits["account_id"] == account and limits["max_open_orders"] == 7  # type: ignore[index]
     assert limits["max_orders_per_second"] == 100  # type: ignore[index]
+
+
+async def test_limits_and_kill_switches_survive_kill_9(stack: Stack, service_token: str) -> None:
+    """Everything risk answered is in PostgreSQL before the answer: a SIGKILL loses nothing."""
+    account = f"acc_k9_{uuid.uuid4().hex[:8]}"
+    metadata = _bearer(service_token)
+    check = R.CheckOrderRequest(
+        account_id=account,
+        market="ETH-USDT",
+        side=T.SIDE_SELL,
+        type=T.ORDER_TYPE_LIMIT,
+        price="2000",
+        quantity="1",
+        open_orders=3,
+    )
+    async with grpc.aio.insecure_channel(stack.edge) as channel:
+        stub = risk_pb2_grpc.RiskServiceStub(channel)
+        await stub.SetLimits(
+            R.SetLimitsRequest(
+                request_id=uuid.uuid4().hex, limits=R.Limits(account_id=account, max_open_orders=3)
+            ),
+            timeout=10,
+            metadata=metadata,
+        )
+        assert not (await stub.CheckOrder(check, timeout=10, metadata=metadata)).allowed
+        await stub.SetKillSwitch(
+            R.SetKillSwitchRequest(
+                request_id=uuid.uuid4().hex,
+                scope=R.KILL_SWITCH_SCOPE_ACCOUNT,
+                account_id=account,
+                engaged=True,
+                reason="kill -9 test",
+            ),
+            timeout=10,
+            metadata=metadata,
+        )
+    risk = stack.component("risk")
+    assert risk.process is not None
+    old_pid = risk.process.pid
+    os.kill(old_pid, signal.SIGKILL)
+    spec = next(s for s in SERVICES if s.name == "risk")
+    direct = f"{stack.ports.host}:{stack.ports.grpc(spec)}"
+    deadline = time.monotonic() + 30
+    async with grpc.aio.insecure_channel(direct) as channel:
+        stub = risk_pb2_grpc.RiskServiceStub(channel)
+        while True:
+            try:
+                if risk.process.pid != old_pid:
+                    reply = await stub.CheckOrder(check, timeout=2, metadata=metadata)
+                    break
+            except grpc.aio.AioRpcError:
+                pass
+            assert time.monotonic() < deadline, stack.log_tail("risk")
+            await asyncio.sleep(0.2)
+        assert ErrorDetails.from_status(reply.denial).reason == "RISK_KILL_SWITCH_ENGAGED"
+        await stub.SetKillSwitch(
+            R.SetKillSwitchRequest(
+                request_id=uuid.uuid4().hex,
+                scope=R.KILL_SWITCH_SCOPE_ACCOUNT,
+                account_id=account,
+                engaged=False,
+                reason="done",
+            ),
+            timeout=10,
+            metadata=metadata,
+        )
+        limited = await stub.CheckOrder(check, timeout=10, metadata=metadata)
+        assert ErrorDetails.from_status(limited.denial).reason == "RISK_OPEN_ORDERS_LIMIT_EXCEEDED"

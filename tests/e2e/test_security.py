@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.rpc import status_pb2
 
 from cex.auth.v1 import auth_pb2, auth_pb2_grpc
+from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from cex.match.v1 import match_pb2, match_pb2_grpc
 from services.chassis import ErrorDetails, ServiceCredentials
 from services.chassis.tokens import b64url, sign
 from services.stack.supervisor import Stack
@@ -473,3 +475,102 @@ async def test_a_service_without_a_policy_is_unchanged_when_called_directly(stac
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await call(b"", timeout=5)
     assert ErrorDetails.from_rpc_error(failure.value).reason == "ORDER_UNIMPLEMENTED"
+
+
+async def _as(target: str, authority: str | None, token: str, call: str, request: object) -> object:
+    options = [("grpc.default_authority", authority)] if authority else []
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        stubs = {
+            "ledger": ledger_pb2_grpc.LedgerServiceStub(channel),
+            "match": match_pb2_grpc.MatchServiceStub(channel),
+        }
+        service, method = call.split(".")
+        try:
+            return await getattr(stubs[service], method)(request, metadata=_md(token), timeout=10)
+        except grpc.aio.AioRpcError as error:
+            return ErrorDetails.from_rpc_error(error)
+
+
+@pytest.mark.parametrize("where", WHERE)
+async def test_a_user_cannot_move_money_or_read_another_account(
+    world: World, where: str, service_credentials: ServiceCredentials
+) -> None:
+    """Ledger and match are the services' own: a user's valid token (read + trade)
+    cannot create transfers or submit match commands, through Envoy or directly; it
+    reads its own balances and nobody else's."""
+    ports = world.stack.ports
+    spec = {s.name: s for s in SERVICES}
+
+    def target(service: str) -> tuple[str, str | None]:
+        if where == "edge":
+            return world.stack.edge, service
+        return f"{ports.host}:{ports.grpc(spec[service])}", None
+
+    mint = ledger_pb2.CreateTransfersRequest(
+        transfers=[
+            ledger_pb2.Transfer(
+                id=f"mint-{uuid.uuid4().hex}",
+                debit_account_id="sys:custody",
+                credit_account_id=world.a.account_id,
+                asset="USDT",
+                amount="1000000",
+                kind=ledger_pb2.TRANSFER_KIND_DEPOSIT,
+            )
+        ]
+    )
+    _refused(
+        await _as(*target("ledger"), world.a.token, "ledger.CreateTransfers", mint),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "AUTH_INTERNAL_ONLY",
+    )
+    command = match_pb2.SubmitCommandsRequest(
+        commands=[match_pb2.Command(command_id="c", market="BTC-USDT")]
+    )
+    channel_target, authority = target("match")
+    options = [("grpc.default_authority", authority)] if authority else []
+    async with grpc.aio.insecure_channel(channel_target, options=options) as channel:
+        call = match_pb2_grpc.MatchServiceStub(channel).SubmitCommands(
+            metadata=_md(world.a.token), timeout=10
+        )
+        await call.write(command)
+        await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await call.read()
+    _refused(
+        ErrorDetails.from_rpc_error(failure.value),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "AUTH_INTERNAL_ONLY",
+    )
+    # Reads: B's balances are not found for A; A's own are readable once funded.
+    deposit = ledger_pb2.CreateTransfersRequest(
+        transfers=[
+            ledger_pb2.Transfer(
+                id=f"fund-{where}-{world.a.account_id}",
+                debit_account_id="sys:custody",
+                credit_account_id=world.a.account_id,
+                asset="USDT",
+                amount="5",
+                kind=ledger_pb2.TRANSFER_KIND_DEPOSIT,
+            )
+        ]
+    )
+    funded = await _as(
+        *target("ledger"), await service_credentials.token(), "ledger.CreateTransfers", deposit
+    )
+    assert isinstance(funded, ledger_pb2.CreateTransfersResponse)
+    assert funded.results[0].status.code == 0, funded
+    _refused(
+        await _as(
+            *target("ledger"),
+            world.a.token,
+            "ledger.GetBalances",
+            ledger_pb2.GetBalancesRequest(account_id=world.b.account_id),
+        ),
+        grpc.StatusCode.NOT_FOUND,
+        "LEDGER_ACCOUNT_NOT_FOUND",
+    )
+    own = await _as(
+        *target("ledger"), world.a.token, "ledger.GetBalances", ledger_pb2.GetBalancesRequest()
+    )
+    assert isinstance(own, ledger_pb2.GetBalancesResponse), own
+    assert [(b.account_id, b.asset) for b in own.balances] == [(world.a.account_id, "USDT")]

@@ -42,3 +42,11 @@ async def test_account_key_token_and_a_protected_call_over_rest(stack: Stack) ->
     reply = await asyncio.to_thread(_get, f"http://{stack.edge}/v1/accounts/{account}", token)
     assert reply["account"]["account_id"] == account  # type: ignore[index]
     assert reply["account"]["display_name"] == "alice"  # type: ignore[index]
+    # The operator freezes the account: it still reads, with a read-only token.
+    frozen = await asyncio.to_thread(_cex, stack, "account", "freeze", account, "--reason", "kyc")
+    assert frozen == f"{account} ACCOUNT_STATE_SUSPENDED"
+    read_only = await asyncio.to_thread(_cex, stack, "token", env=env)
+    reply = await asyncio.to_thread(_get, f"http://{stack.edge}/v1/accounts/{account}", read_only)
+    assert reply["account"]["state"] == "ACCOUNT_STATE_SUSPENDED"  # type: ignore[index]
+    thawed = await asyncio.to_thread(_cex, stack, "account", "unfreeze", account)
+    assert thawed == f"{account} ACCOUNT_STATE_ACTIVE"

@@ -160,3 +160,106 @@ async def test_keys_rotate_with_overlap_and_the_jwks_follows(fresh_database_url:
     async with _auth(fresh_database_url, lambda: now[0], port):
         jwks = await asyncio.to_thread(_jwks, port)
         assert [k["kid"] for k in jwks["keys"]] == [kid(new_token)]
+
+
+async def test_suspend_reactivate_and_close_an_account(fresh_database_url: str) -> None:
+    async with _auth(fresh_database_url, lambda: datetime.now(UTC), _free_port()) as stub:
+        md = await _operator(stub)
+        account = (
+            await stub.CreateAccount(
+                auth_pb2.CreateAccountRequest(request_id="a", display_name="Mallory"), metadata=md
+            )
+        ).account.account_id
+        both = await stub.CreateApiKey(
+            auth_pb2.CreateApiKeyRequest(
+                request_id="k1",
+                account_id=account,
+                scopes=[auth_pb2.API_KEY_SCOPE_READ, auth_pb2.API_KEY_SCOPE_TRADE],
+            ),
+            metadata=md,
+        )
+        trade = await stub.CreateApiKey(
+            auth_pb2.CreateApiKeyRequest(
+                request_id="k2", account_id=account, scopes=[auth_pb2.API_KEY_SCOPE_TRADE]
+            ),
+            metadata=md,
+        )
+
+        def issue(created: auth_pb2.CreateApiKeyResponse) -> object:
+            return stub.IssueToken(
+                auth_pb2.IssueTokenRequest(
+                    api_key_id=created.api_key.api_key_id, api_key_secret=created.secret
+                )
+            )
+
+        def set_state(request_id: str, state: int, reason: str = "review") -> object:
+            return stub.SetAccountState(
+                auth_pb2.SetAccountStateRequest(
+                    request_id=request_id, account_id=account, state=state, reason=reason
+                ),
+                metadata=md,
+            )
+
+        user_md = (("authorization", f"Bearer {(await issue(both)).access_token}"),)  # type: ignore[attr-defined]
+        # Only an admin or a service may freeze: the account's own token may not.
+        refused = await _fails(
+            stub.SetAccountState(
+                auth_pb2.SetAccountStateRequest(
+                    request_id="s0", account_id=account, state=auth_pb2.ACCOUNT_STATE_ACTIVE
+                ),
+                metadata=user_md,
+            )
+        )
+        assert (refused.code, refused.reason) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "AUTH_SCOPE_MISSING",
+        )
+        suspended = await set_state("s1", auth_pb2.ACCOUNT_STATE_SUSPENDED)
+        assert suspended.account.state == auth_pb2.ACCOUNT_STATE_SUSPENDED  # type: ignore[attr-defined]
+        # Frozen: new tokens are read-only; a key without read gets none.
+        assert list((await issue(both)).scopes) == [auth_pb2.API_KEY_SCOPE_READ]  # type: ignore[attr-defined]
+        frozen = await _fails(issue(trade))
+        assert (frozen.code, frozen.reason) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "AUTH_ACCOUNT_SUSPENDED",
+        )
+        # The same request again is the same change; another body under its id is refused.
+        again = await set_state("s1", auth_pb2.ACCOUNT_STATE_SUSPENDED)
+        assert again.account.state == auth_pb2.ACCOUNT_STATE_SUSPENDED  # type: ignore[attr-defined]
+        reused = await _fails(set_state("s1", auth_pb2.ACCOUNT_STATE_CLOSED))
+        assert (reused.code, reused.reason) == (
+            grpc.StatusCode.ALREADY_EXISTS,
+            "AUTH_REQUEST_ID_REUSED",
+        )
+        await set_state("s2", auth_pb2.ACCOUNT_STATE_ACTIVE)
+        assert len((await issue(both)).scopes) == 2  # type: ignore[attr-defined]
+        # Closed is final.
+        await set_state("s3", auth_pb2.ACCOUNT_STATE_CLOSED, "closed at the owner's request")
+        closed = await _fails(issue(both))
+        assert (closed.code, closed.reason) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "AUTH_ACCOUNT_NOT_ACTIVE",
+        )
+        reopen = await _fails(set_state("s4", auth_pb2.ACCOUNT_STATE_ACTIVE))
+        assert (reopen.code, reopen.reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "AUTH_ACCOUNT_CLOSED",
+        )
+        bad = await _fails(set_state("s5", auth_pb2.ACCOUNT_STATE_UNSPECIFIED))
+        assert (bad.code, bad.reason, bad.violations[0].field) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "AUTH_INVALID_ACCOUNT_STATE",
+            "state",
+        )
+        unknown = await _fails(
+            stub.SetAccountState(
+                auth_pb2.SetAccountStateRequest(
+                    request_id="s6", account_id="acc_nope", state=auth_pb2.ACCOUNT_STATE_ACTIVE
+                ),
+                metadata=md,
+            )
+        )
+        assert (unknown.code, unknown.reason) == (
+            grpc.StatusCode.NOT_FOUND,
+            "AUTH_ACCOUNT_NOT_FOUND",
+        )

@@ -14,6 +14,7 @@ from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from services.chassis import ChassisSettings, ErrorDetails, Server
 from services.ledger.config import LedgerConfig
 from services.ledger.server import build_server
+from tests.conftest import Trust
 
 K = ledger_pb2
 
@@ -56,18 +57,21 @@ class Ledger:
 @contextlib.asynccontextmanager
 async def running_ledger(
     database_url: str,
+    trust: Trust,
     *,
     nats_url: str | None = None,
     match_target: str | None = None,
     config: LedgerConfig | None = None,
 ) -> AsyncIterator[Ledger]:
-    settings = ChassisSettings(service="ledger", database_url=database_url, nats_url=nats_url)
+    settings = ChassisSettings(
+        service="ledger", database_url=database_url, nats_url=nats_url, jwks_url=trust.jwks_url
+    )
     config = config or LedgerConfig(
         audit_interval_s=0, expiry_interval_s=0.2, settlement=nats_url is not None
     )
     server = await build_server(settings, config=config, match_target=match_target)
     port = await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = trust.channel(f"127.0.0.1:{port}")
     try:
         yield Ledger(server, ledger_pb2_grpc.LedgerServiceStub(channel), channel, database_url)
     finally:

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cex.ledger.v1 import ledger_pb2 as K
 from cex.ledger.v1 import ledger_pb2_grpc
 from services.stack.topology import free_ports
+from tests.conftest import Trust
 from tests.integration.ledger.support import deposit, reason, transfer
 
 RETRYABLE = {
@@ -42,6 +43,7 @@ class LedgerProcess:
     """`python -m services.ledger.main` on a fixed port, killable with SIGKILL."""
 
     database_url: str
+    trust: Trust
     port: int = field(default_factory=lambda: free_ports().edge)
     process: asyncio.subprocess.Process | None = None
     kills: int = 0
@@ -57,6 +59,7 @@ class LedgerProcess:
             "CEX_LOG_LEVEL": "WARNING",
         }
         env.pop("NATS_URL", None)
+        env.update(self.trust.env)
         env.update(self.extra_env)
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.ledger.main", env=env
@@ -89,9 +92,9 @@ class LedgerProcess:
 
 @contextlib.asynccontextmanager
 async def ledger_process(
-    database_url: str, extra_env: dict[str, str] | None = None
+    database_url: str, trust: Trust, extra_env: dict[str, str] | None = None
 ) -> AsyncIterator[LedgerProcess]:
-    running = LedgerProcess(database_url, extra_env=extra_env or {})
+    running = LedgerProcess(database_url, trust, extra_env=extra_env or {})
     await running.start()
     try:
         yield running
@@ -100,13 +103,20 @@ async def ledger_process(
 
 
 async def crash_run(
-    database_url: str, *, clients: int, transfers: int, accounts: int, kills: int, batch: int
+    database_url: str,
+    trust: Trust,
+    *,
+    clients: int,
+    transfers: int,
+    accounts: int,
+    kills: int,
+    batch: int,
 ) -> None:
     rng = random.Random(2026)
     users = [f"acct-{i}" for i in range(accounts)]
     hot = users[0]
-    async with ledger_process(database_url) as ledger:
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{ledger.port}")
+    async with ledger_process(database_url, trust) as ledger:
+        channel = trust.channel(f"127.0.0.1:{ledger.port}")
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
 
         async def send(items: list[K.Transfer]) -> list[K.CreateTransferResult]:
@@ -181,12 +191,14 @@ async def crash_run(
     assert all(r["s"] == 0 for r in sums)
 
 
-async def test_crash_conservation_short(fresh_database_url: str) -> None:
-    await crash_run(fresh_database_url, clients=8, transfers=1500, accounts=100, kills=2, batch=5)
+async def test_crash_conservation_short(fresh_database_url: str, trust: Trust) -> None:
+    await crash_run(
+        fresh_database_url, trust, clients=8, transfers=1500, accounts=100, kills=2, batch=5
+    )
 
 
 @pytest.mark.chaos
-async def test_crash_conservation_full(fresh_database_url: str) -> None:
+async def test_crash_conservation_full(fresh_database_url: str, trust: Trust) -> None:
     await crash_run(
-        fresh_database_url, clients=32, transfers=10_000, accounts=1000, kills=10, batch=1
+        fresh_database_url, trust, clients=32, transfers=10_000, accounts=1000, kills=10, batch=1
     )

@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from cex.ledger.v1 import ledger_pb2 as K
+from tests.conftest import Trust
 from tests.integration.ledger.support import (
     Ledger,
     deposit,
@@ -23,8 +24,8 @@ from tests.integration.ledger.support import (
 
 
 @pytest.fixture
-async def ledger(fresh_database_url: str) -> AsyncIterator[Ledger]:
-    async with running_ledger(fresh_database_url) as running:
+async def ledger(fresh_database_url: str, trust: Trust) -> AsyncIterator[Ledger]:
+    async with running_ledger(fresh_database_url, trust) as running:
         yield running
 
 

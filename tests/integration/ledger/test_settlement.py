@@ -14,6 +14,7 @@ import pytest
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.type.v1 import types_pb2
 from services.chassis import ensure_stream
+from tests.conftest import Trust
 from tests.integration.ledger.support import Ledger, deposit, hold, running_ledger
 
 MARKET = "BTC-USDT"
@@ -136,12 +137,12 @@ async def _publish(url: str, events: Sequence[tuple[match_pb2.MatchEvent, str | 
 
 
 async def test_trades_settle_once_through_duplicates_reordering_and_gaps(
-    fresh_database_url: str, private_nats: str, fake_match: tuple[FakeMatch, str]
+    fresh_database_url: str, private_nats: str, fake_match: tuple[FakeMatch, str], trust: Trust
 ) -> None:
     fake, target = fake_match
     fake.events = EVENTS
     async with running_ledger(
-        fresh_database_url, nats_url=private_nats, match_target=target
+        fresh_database_url, trust, nats_url=private_nats, match_target=target
     ) as ledger:
         await _setup(ledger)
         # seq 2 is lost; 4 arrives before 3; 3 arrives twice (the second copy with
@@ -156,7 +157,7 @@ async def test_trades_settle_once_through_duplicates_reordering_and_gaps(
     # A restart re-reads the stream from its durable position; the replay of
     # everything from 1 (e.g. a recreated consumer) settles nothing again.
     async with running_ledger(
-        fresh_database_url, nats_url=private_nats, match_target=target
+        fresh_database_url, trust, nats_url=private_nats, match_target=target
     ) as ledger:
         await _publish(private_nats, [(ev, None) for ev in EVENTS])
         await asyncio.sleep(1.0)

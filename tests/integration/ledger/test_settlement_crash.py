@@ -9,7 +9,6 @@ import asyncio
 import random
 
 import asyncpg
-import grpc
 import nats
 
 from cex.ledger.v1 import ledger_pb2 as K
@@ -17,6 +16,7 @@ from cex.ledger.v1 import ledger_pb2_grpc
 from cex.match.v1 import match_pb2
 from cex.type.v1 import types_pb2
 from services.chassis import ensure_stream
+from tests.conftest import Trust
 from tests.integration.ledger.support import deposit, hold
 from tests.integration.ledger.test_crash import ledger_process
 from tests.integration.ledger.test_settlement import FakeMatch, fake_match  # noqa: F401
@@ -79,6 +79,7 @@ async def test_settlement_is_exactly_once_across_kill_9(
     fresh_database_url: str,
     private_nats: str,
     fake_match: tuple[FakeMatch, str],  # noqa: F811
+    trust: Trust,
 ) -> None:
     fake, target = fake_match
     rng = random.Random(5)
@@ -86,8 +87,8 @@ async def test_settlement_is_exactly_once_across_kill_9(
     events = _events(rng, buyers, sellers, trades)
     fake.events = events
     env = {"NATS_URL": private_nats, "LEDGER_MATCH_TARGET": target, "LEDGER_SETTLEMENT": "on"}
-    async with ledger_process(fresh_database_url, env) as ledger:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{ledger.port}") as channel:
+    async with ledger_process(fresh_database_url, trust, env) as ledger:
+        async with trust.channel(f"127.0.0.1:{ledger.port}") as channel:
             stub = ledger_pb2_grpc.LedgerServiceStub(channel)
             setup = [deposit(f"d-b{i}", f"buyer-{i}", "1000") for i in range(buyers)]
             setup += [deposit(f"d-s{i}", f"seller-{i}", "10", "BTC") for i in range(sellers)]
@@ -148,7 +149,7 @@ async def test_settlement_is_exactly_once_across_kill_9(
         assert {r["account_id"]: r["total"] for r in bought} == {
             k: v for k, v in per_buyer.items() if v
         }
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{ledger.port}") as channel:
+        async with trust.channel(f"127.0.0.1:{ledger.port}") as channel:
             stub = ledger_pb2_grpc.LedgerServiceStub(channel)
             audit = await stub.AuditLedger(K.AuditLedgerRequest())
             assert audit.balanced

@@ -28,6 +28,7 @@ from services.chassis.markets import DEFAULT_CATALOG
 from services.match.engine import MarketEngine, decode
 from services.stack import probes
 from services.stack.topology import SERVICES, free_ports
+from tests.conftest import Trust
 from tests.integration.match.match_client import Client, random_commands
 
 MARKET = "BTC-USDT"
@@ -35,10 +36,11 @@ _MATCH = next(s for s in SERVICES if s.name == "match")
 
 
 class MatchProcess:
-    def __init__(self, database_url: str, nats_url: str) -> None:
+    def __init__(self, database_url: str, nats_url: str, trust: Trust) -> None:
         self.port = free_ports().grpc(_MATCH)
         self.env = {
             **os.environ,
+            **trust.env,
             "CEX_GRPC_PORT": str(self.port),
             "DATABASE_URL": database_url,
             "NATS_URL": nats_url,
@@ -77,27 +79,31 @@ class MatchProcess:
 
 
 @pytest.fixture
-async def match_process(fresh_database_url: str, private_nats: str) -> AsyncIterator[MatchProcess]:
-    process = MatchProcess(fresh_database_url, private_nats)
+async def match_process(
+    fresh_database_url: str, private_nats: str, trust: Trust
+) -> AsyncIterator[MatchProcess]:
+    process = MatchProcess(fresh_database_url, private_nats, trust)
     await process.start()
     yield process
     await process.stop()
 
 
 async def _client_loop(
-    target: str, prefix: str, seed: int, stop: asyncio.Event, acked: dict[str, bytes]
+    trust: Trust, target: str, prefix: str, seed: int, stop: asyncio.Event, acked: dict[str, bytes]
 ) -> None:
     """Submit batches until told to stop; retry a failed batch with the same ids."""
     rng = random.Random(seed)
     commands = random_commands(MARKET, 100_000, seed=seed, prefix=prefix)
     position = 0
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with trust.channel(target) as channel:
         client = Client(match_pb2_grpc.MatchServiceStub(channel))
         while not stop.is_set():
             batch = commands[position : position + rng.randrange(1, 20)]
             try:
                 results = await client.submit(batch, rpc_timeout=5)
-            except grpc.aio.AioRpcError:
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                # (an intercepted stream's write raises InvalidStateError once the
+                # server has gone away)
                 await asyncio.sleep(0.05)
                 continue  # the same batch again: the ids make it safe
             for result in results:
@@ -145,13 +151,13 @@ async def _stream_seqs(nats_url: str) -> list[int]:
 
 
 async def _crash_loop(
-    process: MatchProcess, database_url: str, nats_url: str, kills: int, clients: int
+    trust: Trust, process: MatchProcess, database_url: str, nats_url: str, kills: int, clients: int
 ) -> None:
     rng = random.Random(kills)
     stop = asyncio.Event()
     acked: dict[str, bytes] = {}
     loops = [
-        asyncio.create_task(_client_loop(process.target, f"k{i}", 100 + i, stop, acked))
+        asyncio.create_task(_client_loop(trust, process.target, f"k{i}", 100 + i, stop, acked))
         for i in range(clients)
     ]
     try:
@@ -166,7 +172,7 @@ async def _crash_loop(
         await asyncio.gather(*loops)
     assert len(acked) > kills * 5, "the load did not get through"
 
-    async with grpc.aio.insecure_channel(process.target) as channel:
+    async with trust.channel(process.target) as channel:
         client = Client(match_pb2_grpc.MatchServiceStub(channel))
         running = await client.book(MARKET, l3=True)
         journal = await client.replay(MARKET)
@@ -194,20 +200,20 @@ async def _crash_loop(
     finally:
         await conn.close()
     await process.start()
-    async with grpc.aio.insecure_channel(process.target) as channel:
+    async with trust.channel(process.target) as channel:
         replayed = await Client(match_pb2_grpc.MatchServiceStub(channel)).book(MARKET, l3=True)
     assert replayed == running
     assert await _journal_replay_hash(database_url) == running.state_hash
 
 
 async def test_kill_9_under_load_loses_nothing_acknowledged(
-    match_process: MatchProcess, fresh_database_url: str, private_nats: str
+    match_process: MatchProcess, fresh_database_url: str, private_nats: str, trust: Trust
 ) -> None:
-    await _crash_loop(match_process, fresh_database_url, private_nats, kills=3, clients=3)
+    await _crash_loop(trust, match_process, fresh_database_url, private_nats, kills=3, clients=3)
 
 
 @pytest.mark.chaos
 async def test_kill_9_twenty_times_under_load(
-    match_process: MatchProcess, fresh_database_url: str, private_nats: str
+    match_process: MatchProcess, fresh_database_url: str, private_nats: str, trust: Trust
 ) -> None:
-    await _crash_loop(match_process, fresh_database_url, private_nats, kills=20, clients=4)
+    await _crash_loop(trust, match_process, fresh_database_url, private_nats, kills=20, clients=4)

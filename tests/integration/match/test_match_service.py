@@ -13,13 +13,19 @@ from cex.type.v1 import types_pb2 as t
 from services.chassis import ChassisSettings, ErrorDetails, Server
 from services.match.config import MatchSettings
 from services.match.server import build_server
+from tests.conftest import Trust
 from tests.integration.match.match_client import Client, limit, place
 
 
 class Running:
-    def __init__(self, database_url: str, nats_url: str, snapshot_every: int) -> None:
+    def __init__(self, database_url: str, nats_url: str, snapshot_every: int, trust: Trust) -> None:
+        self.trust = trust
         self.settings = ChassisSettings(
-            service="match", database_url=database_url, nats_url=nats_url, shutdown_grace_s=1
+            service="match",
+            database_url=database_url,
+            nats_url=nats_url,
+            shutdown_grace_s=1,
+            jwks_url=trust.jwks_url,
         )
         self.match_settings = MatchSettings(
             markets=("BTC-USDT", "ETH-USDT"), snapshot_every=snapshot_every
@@ -30,7 +36,7 @@ class Running:
     async def start(self) -> Client:
         self.server = await build_server(self.settings, match_settings=self.match_settings)
         port = await self.server.start()
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.channel = self.trust.channel(f"127.0.0.1:{port}")
         return Client(match_pb2_grpc.MatchServiceStub(self.channel))
 
     async def stop(self) -> None:
@@ -41,8 +47,10 @@ class Running:
 
 
 @pytest.fixture
-async def running(fresh_database_url: str, private_nats: str) -> AsyncIterator[Running]:
-    r = Running(fresh_database_url, private_nats, snapshot_every=7)
+async def running(
+    fresh_database_url: str, private_nats: str, trust: Trust
+) -> AsyncIterator[Running]:
+    r = Running(fresh_database_url, private_nats, snapshot_every=7, trust=trust)
     yield r
     await r.stop()
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prometheus_client import CollectorRegistry
 
 from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex.type.v1 import types_pb2
@@ -43,6 +44,10 @@ class Risk:
     stub: risk_pb2_grpc.RiskServiceStub
     channel: grpc.aio.Channel
     database_url: str
+    registry: CollectorRegistry
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
 
     async def check(self, request: risk_pb2.CheckOrderRequest) -> risk_pb2.CheckOrderResponse:
         return await self.stub.CheckOrder(request, metadata=SERVICE)
@@ -91,13 +96,17 @@ async def running_risk(
         prices=nats_url is not None,
         redis_prefix=f"risk:test:{uuid.uuid4().hex[:8]}:",
     )
+    registry = CollectorRegistry()
     server = await build_server(
-        settings, config=config, keys=StaticKeys(lambda: {"k1": KEY.public_key()})
+        settings,
+        config=config,
+        keys=StaticKeys(lambda: {"k1": KEY.public_key()}),
+        registry=registry,
     )
     port = await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield Risk(server, risk_pb2_grpc.RiskServiceStub(channel), channel, database_url)
+        yield Risk(server, risk_pb2_grpc.RiskServiceStub(channel), channel, database_url, registry)
     finally:
         await channel.close()
         await server.stop(0.5)

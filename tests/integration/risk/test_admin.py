@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from cex.risk.v1 import risk_pb2 as R
+from services.chassis.authn import ON_BEHALF_HEADER
 from tests.integration.risk.support import (
     ADMIN,
     SERVICE,
@@ -19,6 +20,7 @@ from tests.integration.risk.support import (
     rpc_error,
     running_risk,
     token,
+    withdrawal,
 )
 
 
@@ -195,6 +197,12 @@ async def test_users_see_only_their_own(risk: Risk) -> None:
     assert (other.code, other.reason) == (grpc.StatusCode.NOT_FOUND, "RISK_LIMITS_NOT_FOUND")
     listed = await risk.stub.ListKillSwitches(R.ListKillSwitchesRequest(), metadata=me)
     assert [s.scope for s in listed.kill_switches] == [R.KILL_SWITCH_SCOPE_MARKET]
+    # A service acting for the user sees what the user sees.
+    for_me = (*SERVICE, (ON_BEHALF_HEADER, me[0][1]))
+    relayed = await rpc_error(
+        risk.stub.GetLimits(R.GetLimitsRequest(account_id="acc_other"), metadata=for_me)
+    )
+    assert relayed.reason == "RISK_LIMITS_NOT_FOUND"
     for call in (
         risk.stub.SetLimits(
             R.SetLimitsRequest(request_id=uuid.uuid4().hex, limits=R.Limits(account_id="acc_me")),
@@ -225,3 +233,16 @@ async def test_limits_and_switches_survive_a_restart(risk: Risk, redis_url: str)
         assert halted.reason == "RISK_KILL_SWITCH_ENGAGED"
         full = denial(await again.check(order("acc_r", open_orders=2)))
         assert full.reason == "RISK_OPEN_ORDERS_LIMIT_EXCEEDED"
+
+
+async def test_replicas_agree_on_switches(risk: Risk, redis_url: str) -> None:
+    from services.risk.config import RiskConfig
+
+    slow = RiskConfig(reload_interval_s=3600, prices=False, redis_prefix="risk:test:replica:")
+    async with running_risk(risk.database_url, redis_url, config=slow) as other:
+        await risk.kill(scope=R.KILL_SWITCH_SCOPE_GLOBAL, engaged=True, block_withdrawals=True)
+        # A withdrawal reads the switches as PostgreSQL has them, whatever the reload tick.
+        halted = denial(await other.withdraw(withdrawal("rw1", "acc_rep")))
+        assert halted.reason == "RISK_WITHDRAWALS_HALTED"
+        # And having reloaded, so do its order checks.
+        assert denial(await other.check(order("acc_rep"))).reason == "RISK_KILL_SWITCH_ENGAGED"

@@ -3,6 +3,7 @@ risk on a fresh database)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -148,6 +149,11 @@ async def test_rate_limit_is_a_token_bucket_with_retry_info(risk: Risk) -> None:
     assert replies[-1].rate_limit.limit == 5
     # Another account has its own bucket.
     assert (await risk.check(order(account()))).allowed
+    # SREs see the denials by reason.
+    assert risk.metric("risk_checks_total", method="CheckOrder", outcome="RISK_RATE_LIMITED") == (
+        len(limited)
+    )
+    assert risk.metric("risk_ratelimit_local_fallbacks_total") == 0
 
 
 async def test_kill_switches_put_their_scope_in_cancel_only(risk: Risk) -> None:
@@ -249,3 +255,27 @@ async def test_only_services_may_check(risk: Risk) -> None:
             grpc.StatusCode.PERMISSION_DENIED,
             "AUTH_INTERNAL_ONLY",
         )
+
+
+async def test_concurrent_checks_never_overshoot_the_limits(risk: Risk) -> None:
+    acc = account()
+    await risk.set_limits(
+        R.Limits(
+            account_id=acc,
+            max_orders_per_second=10,
+            withdrawals=[R.WithdrawalLimits(asset="ETH", max_amount_per_day="1")],
+        )
+    )
+    started = time.monotonic()
+    replies = await asyncio.gather(*(risk.check(order(acc)) for _ in range(40)))
+    elapsed = time.monotonic() - started
+    # One Lua script per check: concurrent takes cannot both spend the last token.
+    assert 10 <= sum(r.allowed for r in replies) <= 10 + int(elapsed * 10) + 1
+    # Withdrawals of one account and asset are decided one at a time.
+    checks = await asyncio.gather(
+        *(
+            risk.withdraw(withdrawal(f"c{i}-{acc}", acc, asset="ETH", amount="0.3"))
+            for i in range(10)
+        )
+    )
+    assert sum(c.allowed for c in checks) == 3

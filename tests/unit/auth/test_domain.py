@@ -64,7 +64,11 @@ def test_issue_checks_state_account_allow_list_and_scopes() -> None:
     expired = _key(expire_time=NOW - timedelta(seconds=1))
     assert _reason(issue, expired, ACCOUNT, **ok) == "AUTH_KEY_EXPIRED"
     frozen = Account("acc_1", "A", "", 1, domain.AccountState.SUSPENDED, "d", NOW, NOW)
-    assert _reason(issue, _key(), frozen, **ok) == "AUTH_ACCOUNT_NOT_ACTIVE"
+    assert issue(_key(), frozen, **ok) == ("read",)  # type: ignore[arg-type]
+    trade_only = _key(scopes=("trade",))
+    assert _reason(issue, trade_only, frozen, **ok) == "AUTH_ACCOUNT_SUSPENDED"
+    closed = Account("acc_1", "A", "", 1, domain.AccountState.CLOSED, "d", NOW, NOW)
+    assert _reason(issue, _key(), closed, **ok) == "AUTH_ACCOUNT_NOT_ACTIVE"
     fenced = _key(allowed_cidrs=("192.0.2.0/24",))
     assert _reason(issue, fenced, ACCOUNT, **ok) == "AUTH_ADDRESS_NOT_ALLOWED"
     assert issue(fenced, ACCOUNT, **{**ok, "client_ip": "192.0.2.7"})  # type: ignore[arg-type]

@@ -50,6 +50,11 @@ class AuthServiceStub:
                 request_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyRequest.SerializeToString,
                 response_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyResponse.FromString,
                 _registered_method=True)
+        self.SetAccountState = channel.unary_unary(
+                '/cex.auth.v1.AuthService/SetAccountState',
+                request_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.SetAccountStateRequest.SerializeToString,
+                response_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.SetAccountStateResponse.FromString,
+                _registered_method=True)
         self.ListApiKeys = channel.unary_unary(
                 '/cex.auth.v1.AuthService/ListApiKeys',
                 request_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.ListApiKeysRequest.SerializeToString,
@@ -89,6 +94,15 @@ class AuthServiceServicer:
         """Creates an API key. The secret is in the response and never again.
         Idempotent on request_id (a retry returns the same key, without the
         secret if it was already delivered: see CreateApiKeyResponse.secret).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAccountState(self, request, context):
+        """Suspends (freezes), reactivates or closes an account. Admin or service
+        only. A suspended account's new tokens carry only the read scope; tokens
+        issued before live until they expire (minutes). CLOSED is final.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,6 +149,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.CreateApiKey,
                     request_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyRequest.FromString,
                     response_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'SetAccountState': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAccountState,
+                    request_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.SetAccountStateRequest.FromString,
+                    response_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.SetAccountStateResponse.SerializeToString,
             ),
             'ListApiKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.ListApiKeys,
@@ -234,6 +253,33 @@ class AuthService:
             '/cex.auth.v1.AuthService/CreateApiKey',
             cex_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyRequest.SerializeToString,
             cex_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAccountState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.auth.v1.AuthService/SetAccountState',
+            cex_dot_auth_dot_v1_dot_auth__pb2.SetAccountStateRequest.SerializeToString,
+            cex_dot_auth_dot_v1_dot_auth__pb2.SetAccountStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,11 @@ class AuthServiceStub:
     Idempotent on request_id (a retry returns the same key, without the
     secret if it was already delivered: see CreateApiKeyResponse.secret).
     """
+    SetAccountState: _grpc.UnaryUnaryMultiCallable[_auth_pb2.SetAccountStateRequest, _auth_pb2.SetAccountStateResponse]
+    """Suspends (freezes), reactivates or closes an account. Admin or service
+    only. A suspended account's new tokens carry only the read scope; tokens
+    issued before live until they expire (minutes). CLOSED is final.
+    """
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListApiKeysRequest, _auth_pb2.ListApiKeysResponse]
     """Lists an account's API keys (never their secrets), newest first."""
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeApiKeyRequest, _auth_pb2.RevokeApiKeyResponse]
@@ -72,6 +77,11 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """Creates an API key. The secret is in the response and never again.
     Idempotent on request_id (a retry returns the same key, without the
     secret if it was already delivered: see CreateApiKeyResponse.secret).
+    """
+    SetAccountState: _aio.UnaryUnaryMultiCallable[_auth_pb2.SetAccountStateRequest, _auth_pb2.SetAccountStateResponse]  # type: ignore[assignment]
+    """Suspends (freezes), reactivates or closes an account. Admin or service
+    only. A suspended account's new tokens carry only the read scope; tokens
+    issued before live until they expire (minutes). CLOSED is final.
     """
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListApiKeysRequest, _auth_pb2.ListApiKeysResponse]  # type: ignore[assignment]
     """Lists an account's API keys (never their secrets), newest first."""
@@ -113,6 +123,17 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         """Creates an API key. The secret is in the response and never again.
         Idempotent on request_id (a retry returns the same key, without the
         secret if it was already delivered: see CreateApiKeyResponse.secret).
+        """
+
+    @_abc_1.abstractmethod
+    def SetAccountState(
+        self,
+        request: _auth_pb2.SetAccountStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.SetAccountStateResponse, _abc.Awaitable[_auth_pb2.SetAccountStateResponse]]:
+        """Suspends (freezes), reactivates or closes an account. Admin or service
+        only. A suspended account's new tokens carry only the read scope; tokens
+        issued before live until they expire (minutes). CLOSED is final.
         """
 
     @_abc_1.abstractmethod

@@ -262,6 +262,49 @@ class KillSwitch(_message.Message):
 Global___KillSwitch: _TypeAlias = KillSwitch  # noqa: Y015
 
 @_typing.final
+class KillSwitchEvent(_message.Message):
+    """Published on JetStream (stream RISK_EVENTS, subject risk.events.kill_switch,
+    Nats-Msg-Id "risk-ks-<event_id>") after every SetKillSwitch (a retry of the
+    same request_id adds none), at least once, in event_id order. The order
+    service cancels the working orders in scope when engaged and
+    cancel_open_orders are both set.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    KILL_SWITCH_FIELD_NUMBER: _builtins.int
+    CANCEL_OPEN_ORDERS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.int
+    """Increasing id of the change (risk's audit log); consumers skip ids they saw."""
+    cancel_open_orders: _builtins.bool
+    """The operator asked for the working orders in scope to be cancelled
+    (reason CANCEL_REASON_KILL_SWITCH).
+    """
+    request_id: _builtins.str
+    """The SetKillSwitch request_id."""
+    @_builtins.property
+    def kill_switch(self) -> Global___KillSwitch:
+        """The switch after the change."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.int = ...,
+        kill_switch: Global___KillSwitch | None = ...,
+        cancel_open_orders: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kill_switch", b"kill_switch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_open_orders", b"cancel_open_orders", "event_id", b"event_id", "kill_switch", b"kill_switch", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KillSwitchEvent: _TypeAlias = KillSwitchEvent  # noqa: Y015
+
+@_typing.final
 class CheckOrderRequest(_message.Message):
     """Request for RiskService.CheckOrder."""
 

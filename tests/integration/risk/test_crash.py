@@ -1,0 +1,144 @@
+"""kill -9 of risk while withdrawals are being checked: every answer given stands
+(a retry gets it again) and the 24 h limit is never passed. risk runs as its
+own process (`python -m services.risk.main`), as `cex up` runs it, with tokens
+from the stack's auth."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import uuid
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cex.risk.v1 import risk_pb2 as R
+from cex.risk.v1 import risk_pb2_grpc
+from services.chassis import ServiceCredentials
+from services.stack.supervisor import Stack
+from services.stack.topology import free_ports
+
+
+class RiskProcess:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.risk.main", env=self.env
+        )
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            await self.process.wait()
+
+
+async def _ready(target: str) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=60
+        )
+
+
+@pytest.mark.parametrize(
+    "kills",
+    [pytest.param(1, id="1-kill"), pytest.param(10, id="10-kills", marks=pytest.mark.chaos)],
+)
+async def test_withdrawal_answers_and_limits_survive_kill_9(
+    stack: Stack,
+    service_credentials: ServiceCredentials,
+    fresh_database_url: str,
+    kills: int,
+) -> None:
+    port = free_ports().edge
+    target = f"127.0.0.1:{port}"
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "NATS_URL"},
+        "CEX_GRPC_PORT": str(port),
+        "DATABASE_URL": fresh_database_url,
+        "REDIS_URL": stack.redis_url,
+        "CEX_JWKS_URL": stack.ports.jwks_url,
+        "RISK_PRICES": "off",
+        "CEX_LOG_LEVEL": "WARNING",
+    }
+    risk = RiskProcess(env)
+    await risk.start()
+    metadata = (("authorization", f"Bearer {await service_credentials.token()}"),)
+    account = f"acc_{uuid.uuid4().hex[:8]}"
+    ids = [f"w{i}-{account}" for i in range(80)]
+    answers: dict[str, bool] = {}
+    try:
+        await _ready(target)
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = risk_pb2_grpc.RiskServiceStub(channel)
+            await stub.SetLimits(
+                R.SetLimitsRequest(
+                    request_id=uuid.uuid4().hex,
+                    limits=R.Limits(
+                        account_id=account,
+                        withdrawals=[R.WithdrawalLimits(asset="ETH", max_amount_per_day="10")],
+                    ),
+                ),
+                metadata=metadata,
+                timeout=10,
+            )
+
+            def request(wid: str) -> R.CheckWithdrawalRequest:
+                return R.CheckWithdrawalRequest(
+                    withdrawal_id=wid, account_id=account, asset="ETH", amount="0.5"
+                )
+
+            async def check(wid: str) -> bool:
+                while True:  # as funding's saga does: retry the same id until answered
+                    try:
+                        reply = await stub.CheckWithdrawal(
+                            request(wid), metadata=metadata, timeout=5, wait_for_ready=True
+                        )
+                        return reply.allowed
+                    except grpc.aio.AioRpcError as error:
+                        assert error.code() in (
+                            grpc.StatusCode.UNAVAILABLE,
+                            grpc.StatusCode.DEADLINE_EXCEEDED,
+                            grpc.StatusCode.CANCELLED,
+                            grpc.StatusCode.UNKNOWN,
+                        ), error
+                        await asyncio.sleep(0.05)
+
+            progress = asyncio.Event()
+
+            async def client(mine: list[str]) -> None:
+                for wid in mine:
+                    answers[wid] = await check(wid)
+                    progress.set()
+
+            killed_at: list[int] = []
+
+            async def killer() -> None:
+                # Kill at evenly spread points of progress, so every kill lands mid-run.
+                for k in range(kills):
+                    while len(answers) < (k + 1) * len(ids) // (kills + 2):
+                        progress.clear()
+                        await progress.wait()
+                    killed_at.append(len(answers))
+                    await risk.kill()
+                    await risk.start()
+
+            await asyncio.gather(killer(), *(client(ids[i::6]) for i in range(6)))
+            await _ready(target)
+            # Every answer stands, and the limit held: 10 ETH of 0.5 = 20 allowed.
+            again = {wid: await check(wid) for wid in ids}
+        assert len(killed_at) == kills and max(killed_at) < len(ids)
+        assert again == answers
+        assert sum(answers.values()) == 20
+    finally:
+        await risk.stop()
