@@ -164,7 +164,7 @@ def parse_withdrawal(
     )
 
 
-_TRANSIENT_LEDGER = {"LEDGER_LINKED_EVENT_FAILED"}
+_TRANSIENT_LEDGER = {"LEDGER_LINKED_EVENT_FAILED", "LEDGER_UNAVAILABLE"}
 
 
 def _ids(withdrawal_id: str) -> dict[str, str]:
