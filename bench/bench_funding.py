@@ -93,7 +93,7 @@ async def main(args: argparse.Namespace) -> None:
         {
             "CHAINSIM_BLOCK_S": str(args.block_s),
             "FUNDING_POLL_S": "0.05",
-            "FUNDING_CONFIRMATION_POLL_S": "0.05",
+            "FUNDING_CONFIRMATION_POLL_S": "0.1",
             "FUNDING_CHAIN_POLL_S": "0.05",
             "LEDGER_AUDIT_INTERVAL_S": "0",
         }

@@ -256,9 +256,16 @@ class ChainWatcher:
         if owner is None or owner["asset"] != event["asset"]:
             return False
         asset = self._assets[owner["asset"]]
-        existing = await store.deposit_by_output(conn, network, txid, index, lock=True)
         status = str(event["status"])
         confirmations = int(event["confirmations"])
+        seen = await store.deposit_by_output(conn, network, txid, index)
+        if seen is not None and (
+            seen.reverted
+            or (status != "reverted" and confirmations <= seen.confirmations)
+            or (status != "reverted" and seen.state != "PENDING")
+        ):
+            return False  # a duplicate, or nothing the saga still needs: no row lock
+        existing = await store.deposit_by_output(conn, network, txid, index, lock=True)
         if existing is not None:
             if status == "reverted":
                 if existing.state == "PENDING" and not await self._credit_started(conn, existing):

@@ -459,6 +459,7 @@ class Orchestrator:
         self._poll_s = poll_s
         self._wake = asyncio.Event()
         self._active: dict[str, asyncio.Task[None]] = {}
+        self._waiting = 0  # active sagas sleeping through a short wait
         self._changed: dict[str, asyncio.Event] = {}
 
     # -- starting sagas (inside the caller's transaction) ---------------------
@@ -537,7 +538,7 @@ class Orchestrator:
                 self._active[record.saga_id] = task
                 task.add_done_callback(self._done_callback(record.saga_id))
             self._metrics.running.set(len(self._active))
-            if len(claimed) and len(self._active) < self._concurrency:
+            if len(claimed) and len(self._active) - self._waiting < self._concurrency:
                 continue  # there may be more due right now
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -559,7 +560,7 @@ class Orchestrator:
                 await task
 
     async def _claim(self) -> list[SagaRecord]:
-        free = self._concurrency - len(self._active)
+        free = self._concurrency - (len(self._active) - self._waiting)
         if free <= 0:
             return []
         now = _now(self._clock)
@@ -615,7 +616,13 @@ class Orchestrator:
                 if delay > 2 * self._poll_s:
                     await self._release(saga)
                     return
-                await asyncio.sleep(delay)
+                # A short wait keeps the lease but not the slot: new sagas may start.
+                self._waiting += 1
+                self._wake.set()
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    self._waiting -= 1
         except LeaseLost:
             _log.warning("lease lost", extra={"fields": {"saga_id": saga.saga_id}})
         except asyncio.CancelledError:
@@ -705,6 +712,14 @@ class Orchestrator:
             past_deadline=now >= saga.deadline,
             rng=self._rng,
         )
+        unchanged = (
+            decision.entry is None
+            and decision.progress == Progress(saga.state, saga.step_index, saga.attempt)
+            and all(saga.data.get(k) == v for k, v in decision.outputs.items())
+            and decision.delay_s <= 2 * self._poll_s
+        )
+        if unchanged:  # a poll that learnt nothing new: nothing to commit
+            return saga, decision.delay_s
         updated = await self._commit(definition, saga, step, compensating, decision, now)
         self._crash_point("committed", step, compensating)
         return updated, decision.delay_s

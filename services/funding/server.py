@@ -474,6 +474,10 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             )
         row = await self._own_withdrawal(account, request.withdrawal_id)
         async with self._pool.acquire() as conn, conn.transaction():
+            # Lock order as the orchestrator's: the saga, then the withdrawal (the
+            # cancel_requests row below key-share locks it too).
+            await conn.execute("SELECT 1 FROM sagas WHERE saga_id = $1 FOR UPDATE", row.saga_id)
+            locked = await store.withdrawal(conn, row.withdrawal_id, lock=True)
             named = await store.record_cancel(conn, account, request.request_id, row.withdrawal_id)
             if named != row.withdrawal_id:
                 raise AlreadyExists(
@@ -481,9 +485,6 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                     "request_id was used to cancel another withdrawal",
                     metadata={"withdrawal_id": named},
                 )
-            # Lock order as the orchestrator's: the saga, then the withdrawal.
-            await conn.execute("SELECT 1 FROM sagas WHERE saga_id = $1 FOR UPDATE", row.saga_id)
-            locked = await store.withdrawal(conn, row.withdrawal_id, lock=True)
             assert locked is not None
             if locked.state == "CANCELLED" or (
                 locked.cancel_requested and not locked.broadcast_started

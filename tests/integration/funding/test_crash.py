@@ -30,6 +30,7 @@ from cex.funding.v1 import funding_pb2 as F
 from cex.funding.v1 import funding_pb2_grpc
 from services.chassis import ServiceCredentials
 from services.stack.supervisor import Stack
+from tests.conftest import Trust
 from tests.integration.funding.support import (
     ETH_ADDRESS,
     Chain,
@@ -63,10 +64,10 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
 
 
 @contextlib.asynccontextmanager
-async def world(stack: Stack) -> AsyncIterator[tuple[str, Ledger, Chain]]:
+async def world(stack: Stack, trust: Trust) -> AsyncIterator[tuple[str, Ledger, Chain]]:
     async with (
         fresh_database(stack) as database_url,
-        running_ledger(database_url) as ledger,
+        running_ledger(database_url, trust) as ledger,
         chainsim(seed=11, faults=FAULTS, block_s=0.05) as chain,
     ):
         yield database_url, ledger, chain
@@ -89,13 +90,14 @@ def _env(ledger: Ledger, chain: Chain, crash: str) -> dict[str, str]:
 async def crash_run(
     stack: Stack,
     credentials: ServiceCredentials,
+    trust: Trust,
     *,
     points: list[str],
     per_point: int,
     random_kills: int,
 ) -> None:
     rng = random.Random(2026)
-    async with world(stack) as (database_url, ledger, chain):
+    async with world(stack, trust) as (database_url, ledger, chain):
         accounts = [new_account() for _ in range(6)]
         for acct in accounts:
             await fund(ledger, acct, "80")
@@ -244,13 +246,17 @@ async def check(
 
 
 async def test_kill_9_at_step_boundaries_short(
-    stack: Stack, service_credentials: ServiceCredentials
+    stack: Stack, service_credentials: ServiceCredentials, trust: Trust
 ) -> None:
-    await crash_run(stack, service_credentials, points=SHORT_POINTS, per_point=8, random_kills=0)
+    await crash_run(
+        stack, service_credentials, trust, points=SHORT_POINTS, per_point=8, random_kills=0
+    )
 
 
 @pytest.mark.chaos
 async def test_kill_9_at_every_step_boundary_and_at_random(
-    stack: Stack, service_credentials: ServiceCredentials
+    stack: Stack, service_credentials: ServiceCredentials, trust: Trust
 ) -> None:
-    await crash_run(stack, service_credentials, points=ALL_POINTS * 2, per_point=6, random_kills=10)
+    await crash_run(
+        stack, service_credentials, trust, points=ALL_POINTS * 2, per_point=6, random_kills=10
+    )

@@ -16,6 +16,7 @@ import pytest
 from cex.funding.v1 import funding_pb2 as F
 from services.chassis import ServiceCredentials
 from services.stack.supervisor import Stack
+from tests.conftest import Trust
 from tests.integration.funding.support import (
     Chain,
     Funding,
@@ -37,10 +38,12 @@ class World:
 
 
 @pytest.fixture(scope="module")
-async def world(stack: Stack, service_credentials: ServiceCredentials) -> AsyncIterator[World]:
+async def world(
+    stack: Stack, service_credentials: ServiceCredentials, trust: Trust
+) -> AsyncIterator[World]:
     async with (
         fresh_database(stack) as database_url,
-        running_ledger(database_url) as ledger,
+        running_ledger(database_url, trust) as ledger,
         chainsim(seed=5, block_s=0.05) as chain,
         running_funding(
             stack,

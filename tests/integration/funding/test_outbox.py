@@ -12,6 +12,7 @@ import nats
 from services.chassis import ServiceCredentials
 from services.funding.outbox import STREAM
 from services.stack.supervisor import Stack
+from tests.conftest import Trust
 from tests.integration.funding.support import (
     chainsim,
     fresh_database,
@@ -24,11 +25,11 @@ from tests.integration.ledger.support import running_ledger
 
 
 async def test_withdrawal_events_are_relayed_in_order(
-    stack: Stack, service_credentials: ServiceCredentials, private_nats: str
+    stack: Stack, service_credentials: ServiceCredentials, private_nats: str, trust: Trust
 ) -> None:
     async with (
         fresh_database(stack) as database_url,
-        running_ledger(database_url) as ledger,
+        running_ledger(database_url, trust) as ledger,
         chainsim() as chain,
         running_funding(
             stack,

@@ -18,6 +18,7 @@ from cex.funding.v1 import funding_pb2 as F
 from services.chassis import ServiceCredentials
 from services.stack.supervisor import Stack
 from services.stack.topology import free_ports
+from tests.conftest import Trust
 from tests.integration.funding.support import (
     BTC_ADDRESS,
     Chain,
@@ -43,11 +44,13 @@ class World:
 
 
 @pytest.fixture(scope="module")
-async def world(stack: Stack, service_credentials: ServiceCredentials) -> AsyncIterator[World]:
+async def world(
+    stack: Stack, service_credentials: ServiceCredentials, trust: Trust
+) -> AsyncIterator[World]:
     """One ledger, chain and funding for the module; each test uses fresh accounts."""
     async with (
         fresh_database(stack) as database_url,
-        running_ledger(database_url) as ledger,
+        running_ledger(database_url, trust) as ledger,
         chainsim() as chain,
         running_funding(
             stack,
@@ -298,12 +301,12 @@ def _cancel(funding: Funding, account: str, withdrawal_id: str, request_id: str)
 
 
 async def test_cancel_before_broadcast_voids_the_hold_and_never_reaches_custody(
-    stack: Stack, service_token: str, fresh_database_url: str
+    stack: Stack, service_token: str, fresh_database_url: str, trust: Trust
 ) -> None:
     # Risk unreachable: the saga holds, then retries the check with backoff.
     dead = f"127.0.0.1:{free_ports().edge}"
     async with (
-        running_ledger(fresh_database_url) as ledger,
+        running_ledger(fresh_database_url, trust) as ledger,
         chainsim() as chain,
         running_funding(
             stack,
@@ -422,7 +425,20 @@ async def test_a_thousand_concurrent_withdrawals_of_the_full_balance_accept_exac
             await asyncio.sleep(0.05)
 
     watcher = asyncio.create_task(watch())
-    made = await asyncio.gather(*(world.funding.withdraw(acct, "10") for _ in range(1000)))
+
+    async def request(rid: str) -> F.Withdrawal:
+        while True:  # as a client would: the same request_id until an answer
+            try:
+                return await world.funding.withdraw(acct, "10", request_id=rid)
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in (
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.UNAVAILABLE,
+                ):
+                    raise
+
+    made = await asyncio.gather(*(request(f"all-{i}") for i in range(1000)))
+    assert len({w.withdrawal_id for w in made}) == 1000
     finals = [await world.funding.settle(acct, w.withdrawal_id, within_s=120) for w in made]
     stop.set()
     await watcher
