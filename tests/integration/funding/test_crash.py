@@ -44,11 +44,9 @@ from tests.integration.funding.support import (
 from tests.integration.ledger.support import Ledger, running_ledger
 
 FORWARD = ["ledger_hold", "risk_check", "custody_broadcast", "ledger_post"]
-SHORT_POINTS = [
+SHORT_POINTS = [  # the side effect done, its outcome not yet recorded
     "acted:ledger_hold",
-    "started:custody_broadcast",
     "acted:custody_broadcast",
-    "committed:await_confirmations",
     "acted:ledger_post",
     "acted:~ledger_hold",
 ]
