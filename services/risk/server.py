@@ -36,6 +36,7 @@ from services.chassis import (
     InvalidArgument,
     MoneyError,
     NotFound,
+    PermissionDenied,
     Rule,
     Server,
     connect,
@@ -534,7 +535,10 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
 
     @staticmethod
     def _actor() -> str:
+        """Who makes an admin change; a service relaying a user needs an admin user."""
         ctx = current_auth()
+        if not (ctx.is_service or ctx.can("admin")):
+            raise PermissionDenied("RISK_ADMIN_REQUIRED", "changing risk settings needs admin")
         if ctx.account_id:
             return ctx.account_id + (f" via svc:{ctx.service}" if ctx.service else "")
         return f"svc:{ctx.service}"
@@ -542,6 +546,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
     async def SetLimits(
         self, request: risk_pb2.SetLimitsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> risk_pb2.SetLimitsResponse:
+        actor = self._actor()
         v = _Violations()
         v.identifier("request_id", request.request_id)
         if not request.HasField("limits"):
@@ -550,7 +555,6 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
             v.add("expected_version", "must not be negative", "NEGATIVE")
         v.raise_if_any("RISK_REQUEST_INVALID")
         limits = self._validated_limits(request.limits)
-        actor = self._actor()
         now = self._clock()
 
         async def write(conn: Any) -> bytes:
@@ -571,6 +575,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
     async def SetKillSwitch(
         self, request: risk_pb2.SetKillSwitchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> risk_pb2.SetKillSwitchResponse:
+        actor = self._actor()
         v = _Violations()
         v.identifier("request_id", request.request_id)
         scope = _SCOPES.get(request.scope)
@@ -606,7 +611,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
             engaged=request.engaged,
             block_withdrawals=request.block_withdrawals,
             reason=request.reason,
-            updated_by=self._actor(),
+            updated_by=actor,
             update_time_ns=self._clock() // 1000 * 1000,
         )
 

@@ -203,6 +203,16 @@ async def test_users_see_only_their_own(risk: Risk) -> None:
         risk.stub.GetLimits(R.GetLimitsRequest(account_id="acc_other"), metadata=for_me)
     )
     assert relayed.reason == "RISK_LIMITS_NOT_FOUND"
+    relayed_set = await rpc_error(
+        risk.stub.SetLimits(
+            R.SetLimitsRequest(request_id="rel", limits=R.Limits(account_id="acc_me")),
+            metadata=for_me,
+        )
+    )
+    assert (relayed_set.code, relayed_set.reason) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "RISK_ADMIN_REQUIRED",
+    )
     for call in (
         risk.stub.SetLimits(
             R.SetLimitsRequest(request_id=uuid.uuid4().hex, limits=R.Limits(account_id="acc_me")),
