@@ -1,30 +1,699 @@
-"""funding service: proto <-> domain and errors.
+"""funding service: proto <-> domain and errors, and the composition root.
 
-Its methods land with the funding issue. Until then the generated base class answers
-each one UNIMPLEMENTED (the chassis adds the ErrorInfo), while the process
-already owns its schema and connections, so the stack's wiring is real.
+`build_server` wires the pool, the clients (ledger and risk through the mesh
+with funding's service credential, custody directly), the saga orchestrator
+with the deposit and withdrawal sagas, the chain watcher and the outbox relay.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+from google.protobuf import timestamp_pb2
+from google.rpc import status_pb2
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from cex.funding.v1 import funding_pb2, funding_pb2_grpc
-from services.chassis import ChassisSettings, Server, connect
+from cex.ledger.v1 import ledger_pb2_grpc
+from cex.risk.v1 import risk_pb2_grpc
+from services.chassis import (
+    AlreadyExists,
+    AuthContext,
+    Catalog,
+    ChassisSettings,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Rule,
+    Server,
+    Unavailable,
+    connect,
+    current_auth,
+    load_catalog,
+    mesh_channel,
+    postgres,
+    service_credentials,
+    user,
+)
+from services.chassis.settings import require
+
+from . import deposits, store, withdrawals
+from .config import FundingConfig
+from .custody import CustodyClient, CustodyRejected
+from .outbox import OutboxRelay
+from .saga import Orchestrator, SagaMetrics
+
+__all__ = ["POLICY", "FundingService", "build_server"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+_log = logging.getLogger("cex.funding")
+
+# Users act on their own account (reads need `read`, withdrawals `withdraw`);
+# services may name any account. Saga inspection is for operators (`admin`).
+POLICY: dict[str, Rule] = {
+    "GetDepositAddress": user("read", services=True),
+    "GetDeposit": user("read", services=True),
+    "ListDeposits": user("read", services=True),
+    "RequestWithdrawal": user("withdraw", services=True),
+    "CancelWithdrawal": user("withdraw", services=True),
+    "GetWithdrawal": user("read", services=True),
+    "ListWithdrawals": user("read", services=True),
+    "ListSagas": user("admin", services=True),
+    "GetSaga": user("admin", services=True),
+}
+
+F = funding_pb2
+_WITHDRAWAL_STATES = {
+    "PENDING": F.WITHDRAWAL_STATE_PENDING,
+    "BROADCAST": F.WITHDRAWAL_STATE_BROADCAST,
+    "COMPLETED": F.WITHDRAWAL_STATE_COMPLETED,
+    "CANCELLED": F.WITHDRAWAL_STATE_CANCELLED,
+    "REJECTED": F.WITHDRAWAL_STATE_REJECTED,
+    "FAILED": F.WITHDRAWAL_STATE_FAILED,
+}
+_DEPOSIT_STATES = {
+    "PENDING": F.DEPOSIT_STATE_PENDING,
+    "CREDITED": F.DEPOSIT_STATE_CREDITED,
+    "CANCELLED": F.DEPOSIT_STATE_CANCELLED,
+    "REJECTED": F.DEPOSIT_STATE_REJECTED,
+}
+_SAGA_STATES = {
+    "RUNNING": F.SAGA_STATE_RUNNING,
+    "COMPENSATING": F.SAGA_STATE_COMPENSATING,
+    "COMPLETED": F.SAGA_STATE_COMPLETED,
+    "COMPENSATED": F.SAGA_STATE_COMPENSATED,
+    "STUCK": F.SAGA_STATE_STUCK,
+}
+_STEP_STATES = {
+    "STARTED": F.SAGA_STEP_STATE_STARTED,
+    "SUCCEEDED": F.SAGA_STEP_STATE_SUCCEEDED,
+    "RETRYING": F.SAGA_STEP_STATE_RETRYING,
+    "FAILED": F.SAGA_STEP_STATE_FAILED,
+}
+_KINDS = {"deposit": F.SAGA_KIND_DEPOSIT, "withdrawal": F.SAGA_KIND_WITHDRAWAL}
+_TERMINAL_WITHDRAWAL = ("COMPLETED", "CANCELLED", "REJECTED", "FAILED")
+
+
+def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _status(raw: bytes | None) -> status_pb2.Status | None:
+    return status_pb2.Status.FromString(raw) if raw else None
+
+
+def _name(mapping: dict[str, Any], value: int, field: str) -> str:
+    if value == 0:
+        return ""
+    for name, number in mapping.items():
+        if number == value:
+            return name
+    raise InvalidArgument(
+        "FUNDING_FILTER_INVALID",
+        f"{field}: unknown value {value}",
+        violations=[FieldViolation(field, "unknown enum value")],
+    )
+
+
+def _page_size(size: int) -> int:
+    if size < 0:
+        raise InvalidArgument(
+            "FUNDING_PAGE_SIZE_INVALID",
+            "page_size must not be negative",
+            violations=[FieldViolation("page_size", "negative")],
+        )
+    return min(size or 100, 1000)
+
+
+def _page(token: str) -> store.Page:
+    if not token:
+        return store.Page()
+    try:
+        moment, _, key = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
+        return store.Page(datetime.fromisoformat(moment), key)
+    except ValueError:
+        raise InvalidArgument(
+            "FUNDING_PAGE_TOKEN_INVALID",
+            "page_token is not one this server issued",
+            violations=[FieldViolation("page_token", "invalid")],
+        ) from None
+
+
+def _token(moment: datetime, key: str) -> str:
+    return base64.urlsafe_b64encode(f"{moment.isoformat()}|{key}".encode()).decode()
+
+
+def _range(request: Any) -> tuple[datetime | None, datetime | None]:
+    start = request.start_time.ToDatetime(UTC) if request.HasField("start_time") else None
+    end = request.end_time.ToDatetime(UTC) if request.HasField("end_time") else None
+    return start, end
+
+
+def owned_account(ctx: AuthContext, requested: str, *, mutate: bool = False) -> str:
+    """The account a call acts on: the caller's own, unless a service (any account it names)
+    or, for reads, an admin. Another account's data is NOT_FOUND, so ids cannot be probed."""
+    if ctx.is_service or (ctx.can("admin") and not mutate):
+        if not requested and not ctx.account_id:
+            raise InvalidArgument(
+                "FUNDING_ACCOUNT_REQUIRED",
+                "account_id is required",
+                violations=[FieldViolation("account_id", "required for this caller")],
+            )
+        return requested or ctx.account_id
+    if requested and requested != ctx.account_id:
+        raise NotFound("FUNDING_ACCOUNT_NOT_FOUND", "no such account")
+    return ctx.account_id
+
+
+class _Conflict(Exception):
+    pass
 
 
 class FundingService(funding_pb2_grpc.FundingServiceServicer):
     """cex.funding.v1.FundingService."""
 
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        orchestrator: Orchestrator,
+        custody: CustodyClient,
+        catalog: Catalog,
+        config: FundingConfig,
+        clock: Callable[[], float],
+    ) -> None:
+        self._pool = pool
+        self._orchestrator = orchestrator
+        self._custody = custody
+        self._catalog = catalog
+        self._config = config
+        self._clock = clock
 
-async def build_server(settings: ChassisSettings) -> Server:
+    # -- conversions ---------------------------------------------------------
+
+    def _fmt(self, asset: str, minor: int) -> str:
+        return self._catalog.assets[asset].format(minor)
+
+    def _withdrawal(self, row: store.WithdrawalRow) -> funding_pb2.Withdrawal:
+        return F.Withdrawal(
+            withdrawal_id=row.withdrawal_id,
+            request_id=row.request_id,
+            account_id=row.account_id,
+            asset=row.asset,
+            network=row.network,
+            amount=self._fmt(row.asset, row.amount),
+            fee=self._fmt(row.asset, row.fee),
+            address=row.address,
+            memo=row.memo,
+            state=_WITHDRAWAL_STATES[row.state],
+            txid=row.txid,
+            confirmations=row.confirmations,
+            required_confirmations=row.required_confirmations,
+            failure=_status(row.failure) if row.state in ("REJECTED", "FAILED") else None,
+            saga_id=row.saga_id,
+            create_time=_ts(row.create_time),
+            update_time=_ts(row.update_time),
+            complete_time=_ts(row.complete_time),
+        )
+
+    def _deposit(self, row: store.DepositRow) -> funding_pb2.Deposit:
+        return F.Deposit(
+            deposit_id=row.deposit_id,
+            account_id=row.account_id,
+            asset=row.asset,
+            network=row.network,
+            amount=self._fmt(row.asset, row.amount),
+            address=row.address,
+            memo=row.memo,
+            txid=row.txid,
+            output_index=row.output_index,
+            confirmations=row.confirmations,
+            required_confirmations=row.required_confirmations,
+            state=_DEPOSIT_STATES[row.state],
+            ledger_transfer_id=row.ledger_transfer_id,
+            saga_id=row.saga_id,
+            detect_time=_ts(row.detect_time),
+            credit_time=_ts(row.credit_time),
+            update_time=_ts(row.update_time),
+        )
+
+    def _saga(self, row: store.SagaRow) -> funding_pb2.Saga:
+        return F.Saga(
+            saga_id=row.saga_id,
+            kind=_KINDS[row.kind],
+            reference_id=row.reference_id,
+            account_id=row.account_id,
+            state=_SAGA_STATES[row.state],
+            current_step=row.current_step,
+            steps=[
+                F.SagaStep(
+                    index=s.idx,
+                    name=s.name,
+                    compensation=s.compensation,
+                    state=_STEP_STATES[s.state],
+                    attempt=s.attempt,
+                    error=_status(s.error),
+                    outputs=s.outputs,
+                    record_time=_ts(s.record_time),
+                )
+                for s in row.steps
+            ],
+            create_time=_ts(row.create_time),
+            update_time=_ts(row.update_time),
+        )
+
+    def _asset_network(self, asset: str, network: str) -> tuple[str, str]:
+        rule = self._config.assets.get(asset)
+        if rule is None or asset not in self._catalog.assets:
+            raise InvalidArgument(
+                "FUNDING_ASSET_UNSUPPORTED",
+                f"asset: {asset!r} is not supported",
+                violations=[FieldViolation("asset", "not supported")],
+            )
+        if network and network != rule.network:
+            raise InvalidArgument(
+                "FUNDING_NETWORK_UNSUPPORTED",
+                f"network: {asset} moves on {rule.network} only",
+                violations=[FieldViolation("network", f"{asset} moves on {rule.network} only")],
+            )
+        return asset, rule.network
+
+    # -- deposits ---------------------------------------------------------------
+
+    async def GetDepositAddress(
+        self,
+        request: funding_pb2.GetDepositAddressRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> funding_pb2.GetDepositAddressResponse:
+        account = owned_account(current_auth(), request.account_id)
+        asset, network = self._asset_network(request.asset, request.network)
+        row = await store.deposit_address(self._pool, account, asset, network)
+        if row is None:
+            try:
+                address = await self._custody.new_address(account, asset, network)
+            except (grpc.aio.AioRpcError, CustodyRejected) as error:
+                raise Unavailable(
+                    "FUNDING_CUSTODY_UNAVAILABLE", f"custody did not answer: {error}"
+                ) from None
+            async with self._pool.acquire() as conn:
+                row = await store.save_deposit_address(conn, account, asset, network, address)
+        return F.GetDepositAddressResponse(
+            deposit_address=F.DepositAddress(
+                account_id=row["account_id"],
+                asset=row["asset"],
+                network=row["network"],
+                address=row["address"],
+                memo=row["memo"],
+                create_time=_ts(row["create_time"]),
+            )
+        )
+
+    async def GetDeposit(
+        self, request: funding_pb2.GetDepositRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> funding_pb2.GetDepositResponse:
+        account = owned_account(current_auth(), request.account_id)
+        row = await store.deposit(self._pool, request.deposit_id)
+        if row is None or row.account_id != account:
+            raise NotFound("FUNDING_DEPOSIT_NOT_FOUND", f"no deposit {request.deposit_id!r}")
+        return F.GetDepositResponse(deposit=self._deposit(row))
+
+    async def ListDeposits(
+        self, request: funding_pb2.ListDepositsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> funding_pb2.ListDepositsResponse:
+        account = owned_account(current_auth(), request.account_id)
+        size = _page_size(request.page_size)
+        start, end = _range(request)
+        rows = await store.list_deposits(
+            self._pool,
+            account,
+            asset=request.asset,
+            state=_name(_DEPOSIT_STATES, request.state, "state"),
+            start=start,
+            end=end,
+            after=_page(request.page_token),
+            limit=size + 1,
+        )
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = _token(rows[-1].detect_time, rows[-1].deposit_id)
+        return F.ListDepositsResponse(
+            deposits=[self._deposit(r) for r in rows], next_page_token=token
+        )
+
+    # -- withdrawals ------------------------------------------------------------
+
+    async def RequestWithdrawal(
+        self,
+        request: funding_pb2.RequestWithdrawalRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> funding_pb2.RequestWithdrawalResponse:
+        account = owned_account(current_auth(), request.account_id, mutate=True)
+        spec = withdrawals.parse_withdrawal(
+            request_id=request.request_id,
+            asset_code=request.asset,
+            network=request.network,
+            amount=request.amount,
+            address=request.address,
+            memo=request.memo,
+            max_fee=request.max_fee,
+            assets=self._catalog.assets,
+            rules=self._config.assets,
+        )
+        existing = await store.withdrawal_by_request(self._pool, account, request.request_id)
+        if existing is None:
+            try:
+                existing = await self._create_withdrawal(account, request.request_id, spec)
+                self._orchestrator.wake()
+            except _Conflict:
+                existing = await store.withdrawal_by_request(
+                    self._pool, account, request.request_id
+                )
+                assert existing is not None
+        if existing.fingerprint != spec.fingerprint:
+            raise AlreadyExists(
+                "FUNDING_REQUEST_ID_REUSED",
+                "request_id was used for a different withdrawal",
+                metadata={"withdrawal_id": existing.withdrawal_id},
+            )
+        return F.RequestWithdrawalResponse(withdrawal=self._withdrawal(existing))
+
+    async def _create_withdrawal(
+        self, account: str, request_id: str, spec: withdrawals.WithdrawalSpec
+    ) -> store.WithdrawalRow:
+        wid = f"wd_{uuid.uuid4().hex}"
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        asset = self._catalog.assets[spec.asset]
+        async with self._pool.acquire() as conn, conn.transaction():
+            saga_id = await self._orchestrator.create(
+                conn,
+                withdrawals.KIND,
+                reference_id=wid,
+                account_id=account,
+                data=withdrawals.saga_data(
+                    withdrawal_id=wid, account_id=account, spec=spec, asset=asset
+                ),
+            )
+            row = store.WithdrawalRow(
+                withdrawal_id=wid,
+                request_id=request_id,
+                account_id=account,
+                fingerprint=spec.fingerprint,
+                asset=spec.asset,
+                network=spec.network,
+                amount=spec.amount,
+                fee=spec.fee,
+                address=spec.address,
+                memo=spec.memo,
+                state="PENDING",
+                cancel_requested=False,
+                broadcast_started=False,
+                txid="",
+                confirmations=0,
+                required_confirmations=spec.required_confirmations,
+                failure=None,
+                saga_id=saga_id,
+                create_time=now,
+                update_time=now,
+                complete_time=None,
+            )
+            if not await store.insert_withdrawal(conn, row):
+                raise _Conflict  # the same request_id raced us: roll back our saga
+            await store.emit(
+                conn,
+                "funding.withdrawals.pending",
+                {
+                    "withdrawal_id": wid,
+                    "account_id": account,
+                    "asset": spec.asset,
+                    "amount": asset.format(spec.amount),
+                    "fee": asset.format(spec.fee),
+                    "state": "PENDING",
+                    "saga_id": saga_id,
+                },
+            )
+        return row
+
+    async def _own_withdrawal(self, account: str, withdrawal_id: str) -> store.WithdrawalRow:
+        row = await store.withdrawal(self._pool, withdrawal_id) if withdrawal_id else None
+        if row is None or row.account_id != account:
+            raise NotFound(
+                "FUNDING_WITHDRAWAL_NOT_FOUND",
+                f"no withdrawal {withdrawal_id!r}",
+                violations=[FieldViolation("withdrawal_id", "not found")],
+            )
+        return row
+
+    async def CancelWithdrawal(
+        self,
+        request: funding_pb2.CancelWithdrawalRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> funding_pb2.CancelWithdrawalResponse:
+        account = owned_account(current_auth(), request.account_id, mutate=True)
+        if not request.request_id or len(request.request_id) > 128:
+            raise InvalidArgument(
+                "FUNDING_REQUEST_ID_INVALID",
+                "request_id: 1 to 128 characters",
+                violations=[FieldViolation("request_id", "1 to 128 characters")],
+            )
+        row = await self._own_withdrawal(account, request.withdrawal_id)
+        async with self._pool.acquire() as conn, conn.transaction():
+            # Lock order as the orchestrator's: the saga, then the withdrawal (the
+            # cancel_requests row below key-share locks it too).
+            await conn.execute("SELECT 1 FROM sagas WHERE saga_id = $1 FOR UPDATE", row.saga_id)
+            locked = await store.withdrawal(conn, row.withdrawal_id, lock=True)
+            named = await store.record_cancel(conn, account, request.request_id, row.withdrawal_id)
+            if named != row.withdrawal_id:
+                raise AlreadyExists(
+                    "FUNDING_REQUEST_ID_REUSED",
+                    "request_id was used to cancel another withdrawal",
+                    metadata={"withdrawal_id": named},
+                )
+            assert locked is not None
+            if locked.state == "CANCELLED" or (
+                locked.cancel_requested and not locked.broadcast_started
+            ):
+                pass  # already cancelled or on its way: the same answer again
+            elif locked.broadcast_started:
+                raise FailedPrecondition(
+                    "FUNDING_WITHDRAWAL_ALREADY_BROADCAST",
+                    "the withdrawal was handed to custody and can no longer be cancelled",
+                    metadata={"withdrawal_id": locked.withdrawal_id, "txid": locked.txid},
+                )
+            elif locked.state in _TERMINAL_WITHDRAWAL:
+                raise FailedPrecondition(
+                    "FUNDING_WITHDRAWAL_NOT_CANCELLABLE",
+                    f"the withdrawal is already {locked.state}",
+                    metadata={"withdrawal_id": locked.withdrawal_id, "state": locked.state},
+                )
+            else:
+                await conn.execute(
+                    """UPDATE withdrawals SET cancel_requested = true, update_time = now()
+                       WHERE withdrawal_id = $1""",
+                    locked.withdrawal_id,
+                )
+                await self._orchestrator.nudge(conn, locked.saga_id)
+        self._orchestrator.wake()
+        current = await self._settled(row.withdrawal_id, context)
+        return F.CancelWithdrawalResponse(withdrawal=self._withdrawal(current))
+
+    async def _settled(
+        self, withdrawal_id: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> store.WithdrawalRow:
+        """The withdrawal once its cancel has run (a few seconds at most)."""
+        remaining = context.time_remaining()
+        until = time.monotonic() + min(5.0, (remaining - 0.5) if remaining else 5.0)
+        while True:
+            row = await store.withdrawal(self._pool, withdrawal_id)
+            assert row is not None
+            if row.state in _TERMINAL_WITHDRAWAL or time.monotonic() >= until:
+                return row
+            await asyncio.sleep(0.02)
+
+    async def GetWithdrawal(
+        self,
+        request: funding_pb2.GetWithdrawalRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> funding_pb2.GetWithdrawalResponse:
+        account = owned_account(current_auth(), request.account_id)
+        row = await self._own_withdrawal(account, request.withdrawal_id)
+        return F.GetWithdrawalResponse(withdrawal=self._withdrawal(row))
+
+    async def ListWithdrawals(
+        self,
+        request: funding_pb2.ListWithdrawalsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> funding_pb2.ListWithdrawalsResponse:
+        account = owned_account(current_auth(), request.account_id)
+        size = _page_size(request.page_size)
+        start, end = _range(request)
+        rows = await store.list_withdrawals(
+            self._pool,
+            account,
+            asset=request.asset,
+            state=_name(_WITHDRAWAL_STATES, request.state, "state"),
+            start=start,
+            end=end,
+            after=_page(request.page_token),
+            limit=size + 1,
+        )
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = _token(rows[-1].create_time, rows[-1].withdrawal_id)
+        return F.ListWithdrawalsResponse(
+            withdrawals=[self._withdrawal(r) for r in rows], next_page_token=token
+        )
+
+    # -- operators -----------------------------------------------------------------
+
+    async def ListSagas(
+        self, request: funding_pb2.ListSagasRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> funding_pb2.ListSagasResponse:
+        size = _page_size(request.page_size)
+        rows = await store.list_sagas(
+            self._pool,
+            kind=_name(_KINDS, request.kind, "kind"),
+            state=_name(_SAGA_STATES, request.state, "state"),
+            account_id=request.account_id,
+            after=_page(request.page_token),
+            limit=size + 1,
+        )
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = _token(rows[-1].create_time, rows[-1].saga_id)
+        return F.ListSagasResponse(sagas=[self._saga(r) for r in rows], next_page_token=token)
+
+    async def GetSaga(
+        self, request: funding_pb2.GetSagaRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> funding_pb2.GetSagaResponse:
+        async with self._pool.acquire() as conn:
+            row = await store.saga(conn, request.saga_id) if request.saga_id else None
+        if row is None:
+            raise NotFound("FUNDING_SAGA_NOT_FOUND", f"no saga {request.saga_id!r}")
+        return F.GetSagaResponse(saga=self._saga(row))
+
+
+@contextlib.asynccontextmanager
+async def _task(coro: Awaitable[None], name: str) -> AsyncIterator[asyncio.Task[None]]:
+    task: asyncio.Task[None] = asyncio.ensure_future(coro)
+    task.set_name(name)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def build_server(
+    settings: ChassisSettings,
+    *,
+    config: FundingConfig | None = None,
+    catalog: Catalog | None = None,
+    clock: Callable[[], float] = time.time,
+    registry: CollectorRegistry | None = None,
+) -> Server:
+    """The composition root."""
+    config = FundingConfig.from_env() if config is None else config
+    catalog = load_catalog() if catalog is None else catalog
+    if registry is None:
+        registry = REGISTRY if settings.metrics_port else CollectorRegistry()
     server = Server(settings)
-    await connect(server, schema="funding", migrations=MIGRATIONS, nats=True)
+    infra = await connect(server, nats=config.outbox)
+    # Each running saga step holds a connection for its two short transactions.
+    pool = await server.enter(
+        postgres(
+            require(settings.database_url, "DATABASE_URL"),
+            schema="funding",
+            migrations=MIGRATIONS,
+            max_size=max(10, min(40, config.concurrency // 2 + 8)),
+        )
+    )
+    credentials = service_credentials(settings)
+    ledger_target = config.ledger_target or settings.mesh_addr
+    risk_target = config.risk_target or settings.mesh_addr
+    if ledger_target is None or risk_target is None:
+        raise ValueError("funding needs CEX_MESH_ADDR (or FUNDING_LEDGER/RISK_TARGET)")
+    ledger_channel = await server.enter(mesh_channel(ledger_target, credentials=credentials))
+    risk_channel = await server.enter(mesh_channel(risk_target, credentials=credentials))
+    custody_channel = grpc.aio.insecure_channel(config.chain_target)
+    server.on_stop(custody_channel.close)
+    custody = CustodyClient(custody_channel, timeout_s=config.step_timeout_s)
+    ledger = ledger_pb2_grpc.LedgerServiceStub(ledger_channel)
+    withdrawal_steps = withdrawals.WithdrawalSteps(
+        ledger=ledger,
+        risk=risk_pb2_grpc.RiskServiceStub(risk_channel),
+        custody=custody,
+        assets=catalog.assets,
+        step_timeout_s=config.step_timeout_s,
+        confirmation_poll_s=config.confirmation_poll_s,
+        deadline_s=config.withdrawal_deadline_s,
+        compensation_window_s=config.compensation_window_s,
+    )
+    deposit_steps = deposits.DepositSteps(
+        pool=pool,
+        ledger=ledger,
+        assets=catalog.assets,
+        step_timeout_s=config.step_timeout_s,
+        poll_s=config.confirmation_poll_s,
+        deadline_s=config.deposit_deadline_s,
+    )
+    orchestrator = Orchestrator(
+        pool,
+        [withdrawal_steps.definition(), deposit_steps.definition()],
+        owner=config.instance,
+        metrics=SagaMetrics(registry),
+        clock=clock,
+        concurrency=config.concurrency,
+        lease_s=config.lease_s,
+        poll_s=config.poll_s,
+        crash_points=config.crash_points,
+    )
+    server.on_stop(orchestrator.close)
+    await server.enter(_task(orchestrator.run(), "funding-sagas"))
+    if config.watch_chain:
+        watcher = deposits.ChainWatcher(
+            pool=pool,
+            custody=custody,
+            orchestrator=orchestrator,
+            assets=catalog.assets,
+            rules=config.assets,
+            poll_s=config.chain_poll_s,
+            clock=clock,
+        )
+        await server.enter(_task(watcher.run(), "funding-chain-watcher"))
+    if config.outbox and infra.nats is not None:
+        relay = OutboxRelay(pool, infra.nats.jetstream(), poll_s=config.outbox_poll_s)
+        await server.enter(_task(relay.run(), "funding-outbox"))
     server.add(
         funding_pb2.DESCRIPTOR.services_by_name["FundingService"],
         funding_pb2_grpc.add_FundingServiceServicer_to_server,
-        FundingService(),  # type: ignore[abstract]  # methods land with their issue
+        FundingService(
+            pool=pool,
+            orchestrator=orchestrator,
+            custody=custody,
+            catalog=catalog,
+            config=config,
+            clock=clock,
+        ),
+        policy=POLICY,
     )
     return server

@@ -228,6 +228,21 @@ class Stack:
             self.redis_url,
         )
 
+    def _chainsim(self) -> Component:
+        target = f"{self.ports.host}:{self.ports.chainsim}"
+        return Component(
+            "chainsim",
+            [sys.executable, "-m", "services.chainsim.main"],
+            lambda: probes.grpc_health(target, "chainsim.Chain"),
+            target,
+            env={
+                **self.env,
+                "CHAINSIM_HOST": self.ports.host,
+                "CHAINSIM_PORT": str(self.ports.chainsim),
+                "CHAINSIM_BLOCK_S": self.env.get("CHAINSIM_BLOCK_S", "0.2"),
+            },
+        )
+
     def _service(self, spec: ServiceSpec) -> Component:
         target = f"{self.ports.host}:{self.ports.grpc(spec)}"
         env = {
@@ -245,6 +260,9 @@ class Stack:
         }
         if spec.name == "auth":
             env["CEX_JWKS_PORT"] = str(self.ports.jwks)
+        if spec.name == "funding":
+            env.setdefault("FUNDING_CHAIN_TARGET", f"{self.ports.host}:{self.ports.chainsim}")
+            env.setdefault("FUNDING_INSTANCE", f"funding-{self.ports.base}")
         return Component(
             spec.name,
             [sys.executable, "-m", spec.module],
@@ -293,6 +311,7 @@ class Stack:
             infra.append(self._nats())
         if "REDIS_URL" not in self.env:
             infra.append(self._redis())
+        infra.append(self._chainsim())  # stands in for blockchains and custody
         waves = sorted({spec.wave for spec in SERVICES})
         services = [[self._service(s) for s in SERVICES if s.wave == w] for w in waves]
         return [infra, *services, [self._envoy()]]
@@ -471,6 +490,8 @@ class Stack:
         for spec in SERVICES:
             target = f"{self.ports.host}:{self.ports.grpc(spec)}"
             checks[spec.name] = probes.grpc_health(target, spec.grpc_service)
+        chainsim = f"{self.ports.host}:{self.ports.chainsim}"
+        checks["chainsim"] = probes.grpc_health(chainsim, "chainsim.Chain")
         checks["envoy"] = self._edge_ok()
         results = await asyncio.gather(*checks.values())
         return dict(zip(checks, results, strict=True))

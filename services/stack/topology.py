@@ -76,6 +76,11 @@ class Ports:
         return self.base + 6
 
     @property
+    def chainsim(self) -> int:
+        """The chain/custody simulator (services/chainsim), funding's external world."""
+        return self.base + 7
+
+    @property
     def jwks_url(self) -> str:
         return f"http://{self.host}:{self.jwks}/.well-known/jwks.json"
 
@@ -94,6 +99,7 @@ class Ports:
             self.nats_monitor,
             self.redis,
             self.jwks,
+            self.chainsim,
         ]
         return fixed + [p for s in SERVICES for p in (self.grpc(s), self.metrics(s))]
 

@@ -123,7 +123,7 @@ async def test_sigterm_stops_everything_and_data_survives_a_restart(
     first = launch(state_dir, ports.base)
     first.wait_ready()
     pids = _children(state_dir)
-    assert len(pids) == 12  # postgres, nats, redis, envoy, 7 services and the catalog
+    assert len(pids) == 13  # postgres, nats, redis, chainsim, envoy, 7 services, the catalog
     await _sql(url, "CREATE TABLE kept (v text)")
     await _sql(url, "INSERT INTO kept VALUES ('still here')")
 

@@ -1,0 +1,1 @@
+"""chainsim: a deterministic chain and custody simulator (an external system's stand-in)."""

@@ -1,0 +1,105 @@
+"""funding's own settings, read once from the environment, and the per-asset rules."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from services.chassis.settings import env_float, env_int, env_str
+
+__all__ = ["DEFAULT_ASSETS", "AssetRules", "FundingConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class AssetRules:
+    """How an asset moves in and out. Amounts are decimal strings in the asset's units."""
+
+    asset: str
+    network: str
+    address_pattern: str
+    min_withdrawal: str
+    withdrawal_fee: str
+    deposit_confirmations: int
+    withdrawal_confirmations: int
+    min_deposit: str = "0"
+
+    def address_ok(self, address: str) -> bool:
+        return re.fullmatch(self.address_pattern, address) is not None
+
+    @property
+    def min_withdrawal_decimal(self) -> Decimal:
+        return Decimal(self.min_withdrawal)
+
+
+_BTC_ADDRESS = r"(bc1|tb1|bcrt1)[02-9ac-hj-np-z]{8,87}|bcrt1q[0-9a-f]{38}"
+_ETH_ADDRESS = r"0x[0-9a-fA-F]{40}"
+
+DEFAULT_ASSETS: Mapping[str, AssetRules] = {
+    "BTC": AssetRules("BTC", "bitcoin", _BTC_ADDRESS, "0.0001", "0.00002", 3, 3),
+    "ETH": AssetRules("ETH", "ethereum", _ETH_ADDRESS, "0.001", "0.0005", 4, 3),
+    "USDT": AssetRules("USDT", "ethereum", _ETH_ADDRESS, "1", "1", 4, 3),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FundingConfig:
+    """
+    chain_target: the chain/custody service (the simulator locally), host:port.
+    ledger_target / risk_target: where LedgerService / RiskService are called;
+        default the mesh (CEX_MESH_ADDR) with :authority ledger / risk.
+    instance: this replica's lease owner name; a restarted replica with the same
+        name takes its sagas back at once (others wait for the lease to expire).
+    withdrawal_deadline_s / deposit_deadline_s: after this a saga that is not
+        done is compensated or, where that is unsafe, marked STUCK.
+    crash_points: FUNDING_CRASH_POINTS, tests only (never in production): the
+        process SIGKILLs itself at these step boundaries, e.g.
+        "acted:custody_broadcast,started:~ledger_hold".
+    """
+
+    chain_target: str = "127.0.0.1:50049"
+    ledger_target: str | None = None
+    risk_target: str | None = None
+    instance: str = field(default_factory=socket.gethostname)
+    concurrency: int = 64
+    lease_s: float = 15.0
+    poll_s: float = 0.2
+    step_timeout_s: float = 5.0
+    withdrawal_deadline_s: float = 3600.0
+    deposit_deadline_s: float = 86400.0
+    compensation_window_s: float = 600.0
+    confirmation_poll_s: float = 0.5
+    chain_poll_s: float = 0.5
+    outbox_poll_s: float = 0.2
+    outbox: bool = True
+    watch_chain: bool = True
+    assets: Mapping[str, AssetRules] = field(default_factory=lambda: dict(DEFAULT_ASSETS))
+    # Fault injection for the crash tests only: SIGKILL at these step boundaries.
+    crash_points: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> FundingConfig:
+        env = os.environ if env is None else env
+        return cls(
+            chain_target=env_str(env, "FUNDING_CHAIN_TARGET", "127.0.0.1:50049") or "",
+            ledger_target=env_str(env, "FUNDING_LEDGER_TARGET"),
+            risk_target=env_str(env, "FUNDING_RISK_TARGET"),
+            instance=env_str(env, "FUNDING_INSTANCE", socket.gethostname()) or "funding",
+            concurrency=env_int(env, "FUNDING_CONCURRENCY", 64),
+            lease_s=env_float(env, "FUNDING_LEASE_S", 15.0),
+            poll_s=env_float(env, "FUNDING_POLL_S", 0.2),
+            step_timeout_s=env_float(env, "FUNDING_STEP_TIMEOUT_S", 5.0),
+            withdrawal_deadline_s=env_float(env, "FUNDING_WITHDRAWAL_DEADLINE_S", 3600.0),
+            deposit_deadline_s=env_float(env, "FUNDING_DEPOSIT_DEADLINE_S", 86400.0),
+            compensation_window_s=env_float(env, "FUNDING_COMPENSATION_WINDOW_S", 600.0),
+            confirmation_poll_s=env_float(env, "FUNDING_CONFIRMATION_POLL_S", 0.5),
+            chain_poll_s=env_float(env, "FUNDING_CHAIN_POLL_S", 0.5),
+            outbox=env_str(env, "FUNDING_OUTBOX", "on") != "off",
+            watch_chain=env_str(env, "FUNDING_WATCH_CHAIN", "on") != "off",
+            crash_points=frozenset(
+                p for p in (env_str(env, "FUNDING_CRASH_POINTS", "") or "").split(",") if p
+            ),
+        )

@@ -1,0 +1,355 @@
+"""Deposits: the chain watcher and the deposit saga.
+
+The watcher reads custody's notification log by cursor. In one transaction per
+batch it records each output sent to one of our addresses (unique per
+(network, txid, output_index), so a duplicate notification changes nothing),
+raises its confirmations, marks it reverted when the chain drops it, starts one
+deposit saga per new output, and advances the cursor.
+
+    await_confirmations  until the asset's required confirmations (read from the
+                         deposit row); a reverted output fails it: CANCELLED,
+                         nothing credited.
+    ledger_credit        sys:custody -> the account, transfer id
+                         dep:<network>:<txid>:<output_index> (once, forever).
+                         Its STARTED row is written under the deposit's row lock
+                         after checking it is not reverted; from then on a
+                         revert is an anomaly for an operator, not a cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import grpc
+
+from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from services.chassis import Asset, MoneyError
+
+from . import store
+from .config import AssetRules
+from .custody import CustodyClient
+from .saga import (
+    COMPENSATED,
+    SUCCEEDED,
+    Change,
+    Connection,
+    Done,
+    Fail,
+    Orchestrator,
+    Outcome,
+    Retry,
+    RetryPolicy,
+    SagaDefinition,
+    SagaRecord,
+    Step,
+    StepContext,
+    Vetoed,
+    Wait,
+    error_status,
+)
+
+__all__ = ["KIND", "ChainWatcher", "DepositSteps"]
+
+KIND = "deposit"
+CUSTODY_ACCOUNT = "sys:custody"
+_log = logging.getLogger("cex.funding.deposits")
+
+
+def transfer_id(network: str, txid: str, output_index: int) -> str:
+    return f"dep:{network}:{txid}:{output_index}"
+
+
+class DepositSteps:
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        ledger: ledger_pb2_grpc.LedgerServiceAsyncStub,
+        assets: Mapping[str, Asset],
+        step_timeout_s: float,
+        poll_s: float,
+        deadline_s: float,
+    ) -> None:
+        self._pool = pool
+        self._ledger = ledger
+        self._assets = assets
+        self._step_timeout_s = step_timeout_s
+        self._call_timeout_s = max(0.5, step_timeout_s - 0.5)
+        self._poll_s = poll_s
+        self._deadline_s = deadline_s
+
+    def definition(self) -> SagaDefinition:
+        until_deadline = RetryPolicy(initial_s=0.1, max_s=5.0, max_attempts=0)
+        return SagaDefinition(
+            kind=KIND,
+            deadline_s=self._deadline_s,
+            steps=(
+                Step(
+                    "await_confirmations",
+                    self.confirmations,
+                    None,
+                    until_deadline,
+                    timeout_s=self._step_timeout_s,
+                    poll=True,
+                ),
+                Step(
+                    "ledger_credit",
+                    self.credit,
+                    None,
+                    until_deadline,
+                    timeout_s=self._step_timeout_s,
+                    on_exhausted="stuck",
+                ),
+            ),
+            guard=self.guard,
+            on_change=self.on_change,
+        )
+
+    async def confirmations(self, ctx: StepContext) -> Outcome:
+        row = await store.deposit(self._pool, ctx.reference_id)
+        assert row is not None
+        if row.reverted:
+            return Fail(
+                error_status(
+                    grpc.StatusCode.ABORTED,
+                    "FUNDING_DEPOSIT_REVERTED",
+                    f"{row.txid}:{row.output_index} left the chain before confirmation",
+                )
+            )
+        if row.confirmations >= row.required_confirmations:
+            return Done({"confirmations": str(row.confirmations)})
+        return Wait(self._poll_s)
+
+    async def credit(self, ctx: StepContext) -> Outcome:
+        d = ctx.data
+        (result,) = (
+            await self._ledger.CreateTransfers(
+                ledger_pb2.CreateTransfersRequest(
+                    transfers=[
+                        ledger_pb2.Transfer(
+                            id=d["transfer_id"],
+                            debit_account_id=CUSTODY_ACCOUNT,
+                            credit_account_id=d["account_id"],
+                            asset=d["asset"],
+                            amount=d["amount"],
+                            kind=ledger_pb2.TRANSFER_KIND_DEPOSIT,
+                            reference=d["reference"],
+                        )
+                    ]
+                ),
+                timeout=self._call_timeout_s,
+            )
+        ).results
+        if result.status.code == 0:
+            return Done({"transfer_id": result.id})
+        return Retry(result.status)  # a credit is owed: never given up, STUCK at worst
+
+    async def guard(self, conn: Connection, saga: SagaRecord, step: Step) -> None:
+        if step.name != "ledger_credit":
+            return
+        row = await store.deposit(conn, saga.reference_id, lock=True)
+        assert row is not None
+        if row.reverted:
+            raise Vetoed(
+                error_status(
+                    grpc.StatusCode.ABORTED, "FUNDING_DEPOSIT_REVERTED", "reverted before credit"
+                )
+            )
+
+    async def on_change(self, conn: Connection, change: Change) -> None:
+        did = change.saga.reference_id
+        state = None
+        if change.step == "ledger_credit" and change.entry_state == SUCCEEDED:
+            state = "CREDITED"
+        elif change.state == COMPENSATED:
+            state = "CANCELLED"
+        if state is None:
+            return
+        row = await conn.fetchrow(
+            """UPDATE deposits SET state = $2, update_time = now(),
+                      credit_time = CASE WHEN $2 = 'CREDITED' THEN now() END,
+                      ledger_transfer_id = CASE WHEN $2 = 'CREDITED' THEN $3 ELSE '' END
+               WHERE deposit_id = $1
+               RETURNING account_id, asset, amount, txid, output_index""",
+            did,
+            state,
+            change.saga.data.get("transfer_id", ""),
+        )
+        assert row is not None
+        await store.emit(
+            conn,
+            f"funding.deposits.{state.lower()}",
+            {
+                "deposit_id": did,
+                "account_id": row["account_id"],
+                "asset": row["asset"],
+                "amount": self._assets[row["asset"]].format(row["amount"]),
+                "txid": row["txid"],
+                "output_index": row["output_index"],
+                "state": state,
+            },
+        )
+
+
+class ChainWatcher:
+    """Reads custody's notifications by cursor into deposits (and their sagas)."""
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        custody: CustodyClient,
+        orchestrator: Orchestrator,
+        assets: Mapping[str, Asset],
+        rules: Mapping[str, AssetRules],
+        poll_s: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self._pool = pool
+        self._custody = custody
+        self._orchestrator = orchestrator
+        self._assets = assets
+        self._rules = rules
+        self._poll_s = poll_s
+        self._clock = clock
+
+    async def run(self) -> None:
+        while True:
+            try:
+                if await self.poll_once():
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _log.warning("reading the chain failed", exc_info=True)
+            await asyncio.sleep(self._poll_s)
+
+    async def poll_once(self) -> int:
+        """Reads one batch of notifications; returns how many."""
+        cursor = await self._pool.fetchval("SELECT seq FROM chain_cursor")
+        events = await self._custody.events(int(cursor))
+        if not events:
+            return 0
+        started = False
+        async with self._pool.acquire() as conn, conn.transaction():
+            locked = await conn.fetchval("SELECT seq FROM chain_cursor FOR UPDATE")
+            if locked != cursor:
+                return 0  # another replica read this batch
+            for event in events:
+                started |= await self._apply(conn, event)
+            await conn.execute("UPDATE chain_cursor SET seq = $1", int(events[-1]["seq"]))
+        if started:
+            self._orchestrator.wake()
+        return len(events)
+
+    async def _apply(self, conn: Connection, event: Mapping[str, Any]) -> bool:
+        if event.get("type") != "deposit":
+            return False
+        network, txid, index = str(event["network"]), str(event["txid"]), int(event["output_index"])
+        owner = await store.address_owner(conn, network, str(event["address"]))
+        if owner is None or owner["asset"] != event["asset"]:
+            return False
+        asset = self._assets[owner["asset"]]
+        status = str(event["status"])
+        confirmations = int(event["confirmations"])
+        seen = await store.deposit_by_output(conn, network, txid, index)
+        if seen is not None and (
+            seen.reverted
+            or (status != "reverted" and confirmations <= seen.confirmations)
+            or (status != "reverted" and seen.state != "PENDING")
+        ):
+            return False  # a duplicate, or nothing the saga still needs: no row lock
+        existing = await store.deposit_by_output(conn, network, txid, index, lock=True)
+        if existing is not None:
+            if status == "reverted":
+                if existing.state == "PENDING" and not await self._credit_started(conn, existing):
+                    await conn.execute(
+                        """UPDATE deposits SET reverted = true, confirmations = 0,
+                                  update_time = now() WHERE deposit_id = $1""",
+                        existing.deposit_id,
+                    )
+                elif not existing.reverted:
+                    _log.error(
+                        "a deposit left the chain after its credit started: needs an operator",
+                        extra={"fields": {"deposit_id": existing.deposit_id}},
+                    )
+            elif confirmations > existing.confirmations and not existing.reverted:
+                await conn.execute(
+                    """UPDATE deposits SET confirmations = $2, update_time = now()
+                       WHERE deposit_id = $1""",
+                    existing.deposit_id,
+                    confirmations,
+                )
+            return False
+        if status == "reverted":
+            return False
+        try:
+            amount = asset.to_minor(str(event["amount"]))
+        except MoneyError:
+            _log.error("unreadable deposit amount", extra={"fields": {"txid": txid}})
+            return False
+        if amount <= 0:
+            return False
+        deposit_id = f"dep_{uuid.uuid4().hex}"
+        rule = self._rules[asset.symbol]
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        saga_id = await self._orchestrator.create(
+            conn,
+            KIND,
+            reference_id=deposit_id,
+            account_id=owner["account_id"],
+            data={
+                "deposit_id": deposit_id,
+                "account_id": owner["account_id"],
+                "asset": asset.symbol,
+                "amount": asset.format(amount),
+                "transfer_id": transfer_id(network, txid, index),
+                "reference": f"{txid}:{index}",
+            },
+        )
+        await conn.execute(
+            """INSERT INTO deposits (deposit_id, txid, output_index, account_id, asset, network,
+                   amount, address, confirmations, required_confirmations, state, saga_id,
+                   detect_time, update_time)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'PENDING', $11, $12, $12)""",
+            deposit_id,
+            txid,
+            index,
+            owner["account_id"],
+            asset.symbol,
+            network,
+            amount,
+            str(event["address"]),
+            confirmations,
+            rule.deposit_confirmations,
+            saga_id,
+            now,
+        )
+        await store.emit(
+            conn,
+            "funding.deposits.pending",
+            {
+                "deposit_id": deposit_id,
+                "account_id": owner["account_id"],
+                "asset": asset.symbol,
+                "amount": asset.format(amount),
+                "txid": txid,
+                "output_index": index,
+                "state": "PENDING",
+            },
+        )
+        return True
+
+    async def _credit_started(self, conn: Connection, deposit: store.DepositRow) -> bool:
+        found = await conn.fetchval(
+            """SELECT true FROM saga_steps WHERE saga_id = $1 AND name = 'ledger_credit'
+               LIMIT 1""",
+            deposit.saga_id,
+        )
+        return bool(found)

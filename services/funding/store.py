@@ -1,0 +1,369 @@
+"""PostgreSQL access for funding's rows: withdrawals, deposits, addresses, sagas, outbox.
+
+Functions take a connection so that callers can put several in one transaction
+(a withdrawal and its saga; a step's outcome and the rows it changes).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+__all__ = [
+    "DepositRow",
+    "Page",
+    "SagaRow",
+    "StepRow",
+    "WithdrawalRow",
+    "emit",
+]
+
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy | asyncpg.Pool
+
+
+@dataclass(frozen=True, slots=True)
+class WithdrawalRow:
+    withdrawal_id: str
+    request_id: str
+    account_id: str
+    fingerprint: str
+    asset: str
+    network: str
+    amount: int
+    fee: int
+    address: str
+    memo: str
+    state: str
+    cancel_requested: bool
+    broadcast_started: bool
+    txid: str
+    confirmations: int
+    required_confirmations: int
+    failure: bytes | None
+    saga_id: str
+    create_time: datetime
+    update_time: datetime
+    complete_time: datetime | None
+
+    @classmethod
+    def of(cls, row: asyncpg.Record) -> WithdrawalRow:
+        return cls(**{name: row[name] for name in cls.__slots__})
+
+
+@dataclass(frozen=True, slots=True)
+class DepositRow:
+    deposit_id: str
+    txid: str
+    output_index: int
+    account_id: str
+    asset: str
+    network: str
+    amount: int
+    address: str
+    memo: str
+    confirmations: int
+    required_confirmations: int
+    state: str
+    reverted: bool
+    ledger_transfer_id: str
+    saga_id: str
+    detect_time: datetime
+    credit_time: datetime | None
+    update_time: datetime
+
+    @classmethod
+    def of(cls, row: asyncpg.Record) -> DepositRow:
+        return cls(**{name: row[name] for name in cls.__slots__})
+
+
+@dataclass(frozen=True, slots=True)
+class StepRow:
+    idx: int
+    name: str
+    compensation: bool
+    state: str
+    attempt: int
+    error: bytes | None
+    outputs: dict[str, str]
+    record_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SagaRow:
+    saga_id: str
+    kind: str
+    reference_id: str
+    account_id: str
+    state: str
+    current_step: str
+    create_time: datetime
+    update_time: datetime
+    steps: tuple[StepRow, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Keyset position for newest-first lists: (time, id) of the last row returned."""
+
+    time: datetime | None = None
+    key: str = ""
+
+
+async def emit(conn: Connection, subject: str, payload: dict[str, Any]) -> None:
+    """An event, in the transaction that makes it true (the outbox relays it)."""
+    await conn.execute(
+        "INSERT INTO outbox (subject, payload) VALUES ($1, $2)", subject, json.dumps(payload)
+    )
+
+
+# -- withdrawals ------------------------------------------------------------------
+
+
+async def insert_withdrawal(conn: Connection, row: WithdrawalRow) -> bool:
+    """False if (account_id, request_id) exists already."""
+    inserted = await conn.fetchval(
+        """INSERT INTO withdrawals (withdrawal_id, request_id, account_id, fingerprint, asset,
+               network, amount, fee, address, memo, state, required_confirmations, saga_id,
+               create_time, update_time)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'PENDING', $11, $12, $13, $13)
+           ON CONFLICT (account_id, request_id) DO NOTHING
+           RETURNING true""",
+        row.withdrawal_id,
+        row.request_id,
+        row.account_id,
+        row.fingerprint,
+        row.asset,
+        row.network,
+        row.amount,
+        row.fee,
+        row.address,
+        row.memo,
+        row.required_confirmations,
+        row.saga_id,
+        row.create_time,
+    )
+    return bool(inserted)
+
+
+async def withdrawal(
+    conn: Connection, withdrawal_id: str, *, lock: bool = False
+) -> WithdrawalRow | None:
+    row = await conn.fetchrow(
+        "SELECT * FROM withdrawals WHERE withdrawal_id = $1" + (" FOR UPDATE" if lock else ""),
+        withdrawal_id,
+    )
+    return WithdrawalRow.of(row) if row else None
+
+
+async def withdrawal_by_request(
+    conn: Connection, account_id: str, request_id: str
+) -> WithdrawalRow | None:
+    row = await conn.fetchrow(
+        "SELECT * FROM withdrawals WHERE account_id = $1 AND request_id = $2",
+        account_id,
+        request_id,
+    )
+    return WithdrawalRow.of(row) if row else None
+
+
+async def list_withdrawals(
+    conn: Connection,
+    account_id: str,
+    *,
+    asset: str,
+    state: str,
+    start: datetime | None,
+    end: datetime | None,
+    after: Page,
+    limit: int,
+) -> list[WithdrawalRow]:
+    rows = await conn.fetch(
+        """SELECT * FROM withdrawals
+           WHERE account_id = $1 AND ($2 = '' OR asset = $2) AND ($3 = '' OR state = $3)
+             AND ($4::timestamptz IS NULL OR create_time >= $4)
+             AND ($5::timestamptz IS NULL OR create_time < $5)
+             AND ($6::timestamptz IS NULL OR (create_time, withdrawal_id) < ($6, $7))
+           ORDER BY create_time DESC, withdrawal_id DESC LIMIT $8""",
+        account_id,
+        asset,
+        state,
+        start,
+        end,
+        after.time,
+        after.key,
+        limit,
+    )
+    return [WithdrawalRow.of(r) for r in rows]
+
+
+async def record_cancel(
+    conn: Connection, account_id: str, request_id: str, withdrawal_id: str
+) -> str:
+    """Remembers the cancel's request_id; returns the withdrawal it names (maybe another)."""
+    await conn.execute(
+        """INSERT INTO cancel_requests (account_id, request_id, withdrawal_id)
+           VALUES ($1, $2, $3) ON CONFLICT DO NOTHING""",
+        account_id,
+        request_id,
+        withdrawal_id,
+    )
+    found: str = await conn.fetchval(
+        "SELECT withdrawal_id FROM cancel_requests WHERE account_id = $1 AND request_id = $2",
+        account_id,
+        request_id,
+    )
+    return found
+
+
+# -- deposits -----------------------------------------------------------------------
+
+
+async def deposit_address(
+    conn: Connection, account_id: str, asset: str, network: str
+) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "SELECT * FROM deposit_addresses WHERE account_id = $1 AND asset = $2 AND network = $3",
+        account_id,
+        asset,
+        network,
+    )
+    return row
+
+
+async def save_deposit_address(
+    conn: Connection, account_id: str, asset: str, network: str, address: str
+) -> asyncpg.Record:
+    await conn.execute(
+        """INSERT INTO deposit_addresses (account_id, asset, network, address)
+           VALUES ($1, $2, $3, $4) ON CONFLICT (account_id, asset, network) DO NOTHING""",
+        account_id,
+        asset,
+        network,
+        address,
+    )
+    row = await deposit_address(conn, account_id, asset, network)
+    assert row is not None
+    return row
+
+
+async def address_owner(conn: Connection, network: str, address: str) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "SELECT * FROM deposit_addresses WHERE network = $1 AND address = $2 AND memo = ''",
+        network,
+        address,
+    )
+    return row
+
+
+async def deposit(conn: Connection, deposit_id: str, *, lock: bool = False) -> DepositRow | None:
+    row = await conn.fetchrow(
+        "SELECT * FROM deposits WHERE deposit_id = $1" + (" FOR UPDATE" if lock else ""),
+        deposit_id,
+    )
+    return DepositRow.of(row) if row else None
+
+
+async def deposit_by_output(
+    conn: Connection, network: str, txid: str, output_index: int, *, lock: bool = False
+) -> DepositRow | None:
+    row = await conn.fetchrow(
+        "SELECT * FROM deposits WHERE network = $1 AND txid = $2 AND output_index = $3"
+        + (" FOR UPDATE" if lock else ""),
+        network,
+        txid,
+        output_index,
+    )
+    return DepositRow.of(row) if row else None
+
+
+async def list_deposits(
+    conn: Connection,
+    account_id: str,
+    *,
+    asset: str,
+    state: str,
+    start: datetime | None,
+    end: datetime | None,
+    after: Page,
+    limit: int,
+) -> list[DepositRow]:
+    rows = await conn.fetch(
+        """SELECT * FROM deposits
+           WHERE account_id = $1 AND ($2 = '' OR asset = $2) AND ($3 = '' OR state = $3)
+             AND ($4::timestamptz IS NULL OR detect_time >= $4)
+             AND ($5::timestamptz IS NULL OR detect_time < $5)
+             AND ($6::timestamptz IS NULL OR (detect_time, deposit_id) < ($6, $7))
+           ORDER BY detect_time DESC, deposit_id DESC LIMIT $8""",
+        account_id,
+        asset,
+        state,
+        start,
+        end,
+        after.time,
+        after.key,
+        limit,
+    )
+    return [DepositRow.of(r) for r in rows]
+
+
+# -- sagas --------------------------------------------------------------------------
+
+
+def _saga(row: asyncpg.Record, steps: tuple[StepRow, ...] = ()) -> SagaRow:
+    return SagaRow(
+        saga_id=row["saga_id"],
+        kind=row["kind"],
+        reference_id=row["reference_id"],
+        account_id=row["account_id"],
+        state=row["state"],
+        current_step=row["current_step"],
+        create_time=row["create_time"],
+        update_time=row["update_time"],
+        steps=steps,
+    )
+
+
+async def saga(conn: Connection, saga_id: str) -> SagaRow | None:
+    row = await conn.fetchrow("SELECT * FROM sagas WHERE saga_id = $1", saga_id)
+    if row is None:
+        return None
+    steps = await conn.fetch("SELECT * FROM saga_steps WHERE saga_id = $1 ORDER BY idx", saga_id)
+    return _saga(
+        row,
+        tuple(
+            StepRow(
+                idx=s["idx"],
+                name=s["name"],
+                compensation=s["compensation"],
+                state=s["state"],
+                attempt=s["attempt"],
+                error=s["error"],
+                outputs=json.loads(s["outputs"]),
+                record_time=s["record_time"],
+            )
+            for s in steps
+        ),
+    )
+
+
+async def list_sagas(
+    conn: Connection, *, kind: str, state: str, account_id: str, after: Page, limit: int
+) -> list[SagaRow]:
+    rows = await conn.fetch(
+        """SELECT * FROM sagas
+           WHERE ($1 = '' OR kind = $1) AND ($2 = '' OR state = $2)
+             AND ($3 = '' OR account_id = $3)
+             AND ($4::timestamptz IS NULL OR (create_time, saga_id) < ($4, $5))
+           ORDER BY create_time DESC, saga_id DESC LIMIT $6""",
+        kind,
+        state,
+        account_id,
+        after.time,
+        after.key,
+        limit,
+    )
+    return [_saga(r) for r in rows]

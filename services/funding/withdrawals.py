@@ -1,0 +1,530 @@
+"""Withdrawals: request validation and the withdrawal saga.
+
+    ledger_hold         pending transfer user -> sys:custody of amount + fee
+                        (id wd:<id>:hold, kind WITHDRAWAL; the ledger refuses it
+                        while its auditor has halted withdrawals).
+                        Compensation: void it (wd:<id>:void), after pinning
+                        its fate if the hold's own answer was lost.
+    risk_check          risk.CheckWithdrawal (limits, velocity, kill switch,
+                        auditor halt). A denial, or a risk service that does not
+                        implement the check, is a refusal: the hold is voided.
+    custody_broadcast   custody broadcast, idempotent by withdrawal id. Its
+                        STARTED row is written together with `broadcast_started`
+                        (under the withdrawal's row lock), after which the owner
+                        can no longer cancel. Only a definite refusal fails it;
+                        an unknown outcome is retried with the same id and, past
+                        the deadline, parks the saga as STUCK: never voided.
+    await_confirmations until the required confirmations; a dropped transaction
+                        fails it (the funds never left: the hold is voided).
+    ledger_post         post the hold and move the fee sys:custody -> sys:fees in
+                        one linked chain. Never fails: retried until done or STUCK.
+
+The hold comes before the risk check so that funds are reserved before anything
+else looks at the withdrawal: of concurrent withdrawals of one balance only
+those the ledger could hold reach risk (and its velocity counters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import grpc
+from google.rpc import status_pb2
+
+from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from cex.risk.v1 import risk_pb2, risk_pb2_grpc
+from services.chassis import (
+    Asset,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    MoneyError,
+)
+
+from . import store
+from .config import AssetRules
+from .custody import CustodyClient, CustodyRejected
+from .saga import (
+    COMPENSATED,
+    COMPLETED,
+    FAILED,
+    SUCCEEDED,
+    Change,
+    Connection,
+    Done,
+    Fail,
+    Outcome,
+    Retry,
+    RetryPolicy,
+    SagaDefinition,
+    SagaRecord,
+    Step,
+    StepContext,
+    Vetoed,
+    Wait,
+    error_status,
+    rpc_status,
+    status_reason,
+)
+
+__all__ = ["KIND", "WithdrawalSpec", "WithdrawalSteps", "parse_withdrawal"]
+
+KIND = "withdrawal"
+CUSTODY_ACCOUNT = "sys:custody"
+FEE_ACCOUNT = "sys:fees"
+_log = logging.getLogger("cex.funding.withdrawals")
+_BEFORE_BROADCAST = ("ledger_hold", "risk_check")
+
+
+@dataclass(frozen=True, slots=True)
+class WithdrawalSpec:
+    asset: str
+    network: str
+    amount: int
+    fee: int
+    address: str
+    memo: str
+    required_confirmations: int
+    fingerprint: str
+
+
+def _invalid(reason: str, field: str, message: str, why: str = "") -> InvalidArgument:
+    return InvalidArgument(
+        reason, f"{field}: {message}", violations=[FieldViolation(field, message, why)]
+    )
+
+
+def parse_withdrawal(
+    *,
+    request_id: str,
+    asset_code: str,
+    network: str,
+    amount: str,
+    address: str,
+    memo: str,
+    max_fee: str,
+    assets: Mapping[str, Asset],
+    rules: Mapping[str, AssetRules],
+) -> WithdrawalSpec:
+    """A RequestWithdrawal's fields, checked and in minor units (pure)."""
+    if not request_id or len(request_id) > 128:
+        raise _invalid("FUNDING_REQUEST_ID_INVALID", "request_id", "1 to 128 characters")
+    asset = assets.get(asset_code)
+    rule = rules.get(asset_code)
+    if asset is None or rule is None:
+        raise _invalid("FUNDING_ASSET_UNSUPPORTED", "asset", f"{asset_code!r} cannot be withdrawn")
+    if network and network != rule.network:
+        raise _invalid(
+            "FUNDING_NETWORK_UNSUPPORTED", "network", f"{asset_code} moves on {rule.network} only"
+        )
+    try:
+        minor = asset.to_minor(amount)
+    except MoneyError as error:
+        raise _invalid("FUNDING_AMOUNT_INVALID", "amount", str(error), error.reason) from None
+    if minor <= 0:
+        raise _invalid("FUNDING_AMOUNT_INVALID", "amount", "must be positive")
+    minimum = asset.to_minor(rule.min_withdrawal)
+    if minor < minimum:
+        raise _invalid(
+            "FUNDING_AMOUNT_BELOW_MINIMUM",
+            "amount",
+            f"the minimum {asset_code} withdrawal is {rule.min_withdrawal}",
+        )
+    if not rule.address_ok(address):
+        raise _invalid("FUNDING_ADDRESS_INVALID", "address", f"not a {rule.network} address")
+    if memo:
+        raise _invalid("FUNDING_MEMO_NOT_SUPPORTED", "memo", f"{rule.network} takes no memo")
+    fee = asset.to_minor(rule.withdrawal_fee)
+    if max_fee:
+        try:
+            ceiling = asset.to_minor(max_fee)
+        except MoneyError as error:
+            raise _invalid("FUNDING_MAX_FEE_INVALID", "max_fee", str(error), error.reason) from None
+        if fee > ceiling:
+            raise FailedPrecondition(
+                "FUNDING_FEE_TOO_HIGH",
+                f"the fee is {rule.withdrawal_fee} {asset_code}, above max_fee {max_fee}",
+                metadata={"fee": rule.withdrawal_fee},
+            )
+    fingerprint = hashlib.sha256(
+        "\x1f".join((asset_code, rule.network, str(minor), address, memo, max_fee)).encode()
+    ).hexdigest()
+    return WithdrawalSpec(
+        asset_code,
+        rule.network,
+        minor,
+        fee,
+        address,
+        memo,
+        rule.withdrawal_confirmations,
+        fingerprint,
+    )
+
+
+_TRANSIENT_LEDGER = {"LEDGER_LINKED_EVENT_FAILED", "LEDGER_UNAVAILABLE"}
+
+
+def _ids(withdrawal_id: str) -> dict[str, str]:
+    return {
+        "hold": f"wd:{withdrawal_id}:hold",
+        "void": f"wd:{withdrawal_id}:void",
+        "post": f"wd:{withdrawal_id}:post",
+        "fee": f"wd:{withdrawal_id}:fee",
+    }
+
+
+class WithdrawalSteps:
+    """The withdrawal saga's actions, with the clients they need."""
+
+    def __init__(
+        self,
+        *,
+        ledger: ledger_pb2_grpc.LedgerServiceAsyncStub,
+        risk: risk_pb2_grpc.RiskServiceAsyncStub,
+        custody: CustodyClient,
+        assets: Mapping[str, Asset],
+        step_timeout_s: float,
+        confirmation_poll_s: float,
+        deadline_s: float,
+        compensation_window_s: float,
+    ) -> None:
+        self._ledger = ledger
+        self._risk = risk
+        self._custody = custody
+        self._assets = assets
+        self._call_timeout_s = max(0.5, step_timeout_s - 0.5)
+        self._step_timeout_s = step_timeout_s
+        self._poll_s = confirmation_poll_s
+        self._deadline_s = deadline_s
+        self._compensation_window_s = compensation_window_s
+
+    def definition(self) -> SagaDefinition:
+        until_deadline = RetryPolicy(initial_s=0.1, max_s=5.0, max_attempts=0)
+        t = self._step_timeout_s
+        return SagaDefinition(
+            kind=KIND,
+            deadline_s=self._deadline_s,
+            compensation_window_s=self._compensation_window_s,
+            steps=(
+                Step("ledger_hold", self.hold, self.void, RetryPolicy(max_attempts=8), timeout_s=t),
+                Step("risk_check", self.risk_check, None, RetryPolicy(max_attempts=8), timeout_s=t),
+                Step(
+                    "custody_broadcast",
+                    self.broadcast,
+                    None,
+                    until_deadline,
+                    timeout_s=t,
+                    on_exhausted="stuck",
+                ),
+                Step(
+                    "await_confirmations",
+                    self.confirmations,
+                    None,
+                    until_deadline,
+                    timeout_s=t,
+                    on_exhausted="stuck",
+                    poll=True,
+                ),
+                Step(
+                    "ledger_post",
+                    self.post,
+                    None,
+                    until_deadline,
+                    timeout_s=t,
+                    on_exhausted="stuck",
+                ),
+            ),
+            guard=self.guard,
+            on_change=self.on_change,
+        )
+
+    # -- actions ---------------------------------------------------------------
+
+    def _hold(self, data: Mapping[str, str]) -> ledger_pb2.Transfer:
+        wid = data["withdrawal_id"]
+        return ledger_pb2.Transfer(
+            id=_ids(wid)["hold"],
+            debit_account_id=data["account_id"],
+            credit_account_id=CUSTODY_ACCOUNT,
+            asset=data["asset"],
+            amount=data["total"],
+            kind=ledger_pb2.TRANSFER_KIND_WITHDRAWAL,
+            reference=wid,
+            flags=ledger_pb2.TransferFlags(pending=True),
+        )
+
+    async def _create(
+        self, *transfers: ledger_pb2.Transfer
+    ) -> list[ledger_pb2.CreateTransferResult]:
+        reply = await self._ledger.CreateTransfers(
+            ledger_pb2.CreateTransfersRequest(transfers=list(transfers)),
+            timeout=self._call_timeout_s,
+        )
+        return list(reply.results)
+
+    async def hold(self, ctx: StepContext) -> Outcome:
+        (result,) = await self._create(self._hold(ctx.data))
+        if result.status.code == 0:
+            return Done({"hold_id": result.id})
+        if status_reason(result.status) in _TRANSIENT_LEDGER:
+            return Retry(result.status)
+        # Insufficient funds, halted, unknown account...: remembered by the ledger
+        # for this id, so the hold can never appear later.
+        return Fail(result.status)
+
+    async def void(self, ctx: StepContext) -> Outcome:
+        ids = _ids(ctx.data["withdrawal_id"])
+        found = True
+        try:
+            await self._ledger.GetTransfer(
+                ledger_pb2.GetTransferRequest(id=ids["hold"]), timeout=self._call_timeout_s
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            found = False
+        if not found:
+            # The hold's answer was lost, or it failed: send it again (same id, same
+            # fields) so that its fate is fixed before deciding there is nothing to void.
+            (pinned,) = await self._create(self._hold(ctx.data))
+            if pinned.status.code != 0:
+                reason = status_reason(pinned.status)
+                if reason in _TRANSIENT_LEDGER:
+                    return Retry(pinned.status)
+                return Done({"void": "nothing held", "hold_failure": reason})
+        void = ledger_pb2.Transfer(
+            id=ids["void"],
+            pending_id=ids["hold"],
+            reference=ctx.data["withdrawal_id"],
+            flags=ledger_pb2.TransferFlags(void_pending=True),
+        )
+        (result,) = await self._create(void)
+        if result.status.code == 0:
+            return Done({"void_id": result.id})
+        reason = status_reason(result.status)
+        if reason == "LEDGER_PENDING_TRANSFER_ALREADY_VOIDED":
+            return Done({"void": "already voided"})
+        if reason in _TRANSIENT_LEDGER:
+            return Retry(result.status)
+        # Already posted or expired: money moved in a way this saga did not expect.
+        return Fail(result.status)
+
+    async def risk_check(self, ctx: StepContext) -> Outcome:
+        d = ctx.data
+        try:
+            reply = await self._risk.CheckWithdrawal(
+                risk_pb2.CheckWithdrawalRequest(
+                    withdrawal_id=d["withdrawal_id"],
+                    account_id=d["account_id"],
+                    asset=d["asset"],
+                    amount=d["total"],
+                    network=d["network"],
+                    address=d["address"],
+                ),
+                timeout=self._call_timeout_s,
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() in (
+                grpc.StatusCode.UNIMPLEMENTED,
+                grpc.StatusCode.PERMISSION_DENIED,
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.NOT_FOUND,
+            ):
+                # No approval is not an approval.
+                return Fail(rpc_status(error, "risk"))
+            raise
+        if reply.allowed:
+            return Done({"risk": "allowed"})
+        denial = reply.denial
+        if denial.code == 0:
+            denial = error_status(
+                grpc.StatusCode.FAILED_PRECONDITION, "RISK_WITHDRAWAL_DENIED", "denied", "risk"
+            )
+        return Fail(denial)
+
+    async def broadcast(self, ctx: StepContext) -> Outcome:
+        d = ctx.data
+        try:
+            sent = await self._custody.broadcast(
+                d["withdrawal_id"],
+                asset=d["asset"],
+                network=d["network"],
+                address=d["address"],
+                amount=d["amount"],
+                timeout_s=self._call_timeout_s,
+            )
+        except CustodyRejected as refused:
+            return Fail(
+                error_status(
+                    grpc.StatusCode.FAILED_PRECONDITION, "FUNDING_CUSTODY_REJECTED", str(refused)
+                )
+            )
+        except grpc.aio.AioRpcError as error:
+            # Unknown outcome: it may have gone out. Retry with the same id.
+            return Retry(rpc_status(error, "funding"))
+        return Done({"txid": sent.txid})
+
+    async def confirmations(self, ctx: StepContext) -> Outcome:
+        d = ctx.data
+        tx = await self._custody.withdrawal_status(d["withdrawal_id"])
+        required = int(d["required_confirmations"])
+        if tx.status == "dropped":
+            return Fail(
+                error_status(
+                    grpc.StatusCode.ABORTED,
+                    "FUNDING_TRANSACTION_DROPPED",
+                    f"transaction {tx.txid} was dropped before confirmation",
+                )
+            )
+        if tx.status == "unknown":
+            return Retry(
+                error_status(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "FUNDING_CUSTODY_UNKNOWN_WITHDRAWAL",
+                    "custody does not know this withdrawal (yet)",
+                )
+            )
+        if tx.status == "confirmed" and tx.confirmations >= required:
+            return Done({"confirmations": str(tx.confirmations)})
+        return Wait(self._poll_s, {"confirmations": str(tx.confirmations)})
+
+    async def post(self, ctx: StepContext) -> Outcome:
+        d = ctx.data
+        ids = _ids(d["withdrawal_id"])
+        fee = d["fee"]
+        chain = [
+            ledger_pb2.Transfer(
+                id=ids["post"],
+                pending_id=ids["hold"],
+                reference=d["withdrawal_id"],
+                flags=ledger_pb2.TransferFlags(post_pending=True, linked=fee != "0"),
+            )
+        ]
+        if fee != "0":
+            chain.append(
+                ledger_pb2.Transfer(
+                    id=ids["fee"],
+                    debit_account_id=CUSTODY_ACCOUNT,
+                    credit_account_id=FEE_ACCOUNT,
+                    asset=d["asset"],
+                    amount=fee,
+                    kind=ledger_pb2.TRANSFER_KIND_FEE,
+                    reference=d["withdrawal_id"],
+                )
+            )
+        results = await self._create(*chain)
+        bad = [r.status for r in results if r.status.code != 0]
+        if not bad:
+            return Done({"post_id": ids["post"]})
+        # Never a Fail: after a broadcast the hold must be posted, not voided.
+        _log.error(
+            "posting a withdrawal hold failed",
+            extra={
+                "fields": {"withdrawal_id": d["withdrawal_id"], "reason": status_reason(bad[0])}
+            },
+        )
+        return Retry(bad[0])
+
+    # -- the domain's side of the saga -----------------------------------------------
+
+    async def guard(self, conn: Connection, saga: SagaRecord, step: Step) -> None:
+        """Before each forward step, under the withdrawal's row lock: an owner's cancel
+        stops the saga; the broadcast step makes the withdrawal uncancellable."""
+        if step.name not in (*_BEFORE_BROADCAST, "custody_broadcast"):
+            return
+        row = await store.withdrawal(conn, saga.reference_id, lock=True)
+        assert row is not None
+        if row.cancel_requested and not row.broadcast_started:
+            raise Vetoed(
+                error_status(
+                    grpc.StatusCode.CANCELLED,
+                    "FUNDING_WITHDRAWAL_CANCELLED",
+                    "cancelled by the owner",
+                )
+            )
+        if step.name == "custody_broadcast" and not row.broadcast_started:
+            await conn.execute(
+                """UPDATE withdrawals SET broadcast_started = true, update_time = now()
+                   WHERE withdrawal_id = $1""",
+                row.withdrawal_id,
+            )
+
+    async def on_change(self, conn: Connection, change: Change) -> None:
+        wid = change.saga.reference_id
+        if change.entry_state == FAILED and not change.compensation:
+            await conn.execute(
+                "UPDATE withdrawals SET failure = $2, update_time = now() WHERE withdrawal_id = $1",
+                wid,
+                (change.error or status_pb2.Status()).SerializeToString(),
+            )
+        state: str | None = None
+        if change.step == "custody_broadcast" and change.entry_state == SUCCEEDED:
+            state = "BROADCAST"
+            await conn.execute(
+                "UPDATE withdrawals SET txid = $2 WHERE withdrawal_id = $1",
+                wid,
+                change.outputs.get("txid", ""),
+            )
+        if "confirmations" in change.outputs:
+            await conn.execute(
+                """UPDATE withdrawals SET confirmations = $2, update_time = now()
+                   WHERE withdrawal_id = $1""",
+                wid,
+                int(change.outputs["confirmations"]),
+            )
+        if change.state == COMPLETED:
+            state = "COMPLETED"
+        elif change.state == COMPENSATED:
+            reason = status_reason(change.failure) if change.failure else ""
+            failed_at = change.saga.data.get("failed_step", "")
+            if reason == "FUNDING_WITHDRAWAL_CANCELLED":
+                state = "CANCELLED"
+            elif failed_at in _BEFORE_BROADCAST or reason.startswith(("LEDGER_", "RISK_")):
+                state = "REJECTED"
+            else:
+                state = "FAILED"
+        if state is None:
+            return
+        row = await conn.fetchrow(
+            """UPDATE withdrawals SET state = $2, update_time = now(),
+                      complete_time = CASE WHEN $2 = 'COMPLETED' THEN now() END
+               WHERE withdrawal_id = $1
+               RETURNING account_id, asset, amount, fee, txid""",
+            wid,
+            state,
+        )
+        assert row is not None
+        await store.emit(
+            conn,
+            f"funding.withdrawals.{state.lower()}",
+            {
+                "withdrawal_id": wid,
+                "account_id": row["account_id"],
+                "asset": row["asset"],
+                "amount": self._assets[row["asset"]].format(row["amount"]),
+                "fee": self._assets[row["asset"]].format(row["fee"]),
+                "state": state,
+                "txid": row["txid"],
+                "saga_id": change.saga.saga_id,
+            },
+        )
+
+
+def saga_data(
+    *, withdrawal_id: str, account_id: str, spec: WithdrawalSpec, asset: Asset
+) -> dict[str, str]:
+    return {
+        "withdrawal_id": withdrawal_id,
+        "account_id": account_id,
+        "asset": spec.asset,
+        "network": spec.network,
+        "amount": asset.format(spec.amount),
+        "fee": asset.format(spec.fee),
+        "total": asset.format(spec.amount + spec.fee),
+        "address": spec.address,
+        "required_confirmations": str(spec.required_confirmations),
+    }

@@ -1,0 +1,129 @@
+"""Funding through Envoy on the whole stack: a user's deposit from the chain simulator
+is credited by the stack's funding, then withdrawn (ledger and risk through the mesh),
+over gRPC and REST."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+import uuid
+
+import grpc
+
+from cex.auth.v1 import auth_pb2, auth_pb2_grpc
+from cex.funding.v1 import funding_pb2 as F
+from cex.funding.v1 import funding_pb2_grpc
+from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from services.chassis import ErrorDetails, ServiceCredentials
+from services.stack.supervisor import Stack
+from tests.integration.funding.support import ETH_ADDRESS
+
+
+def _bearer(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def _user(stack: Stack, operator: str) -> tuple[str, str]:
+    async with grpc.aio.insecure_channel(stack.edge) as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        account = (
+            await stub.CreateAccount(
+                auth_pb2.CreateAccountRequest(request_id=uuid.uuid4().hex, display_name="e2e"),
+                metadata=_bearer(operator),
+            )
+        ).account.account_id
+        key = await stub.CreateApiKey(
+            auth_pb2.CreateApiKeyRequest(
+                request_id=uuid.uuid4().hex,
+                account_id=account,
+                scopes=[auth_pb2.API_KEY_SCOPE_READ, auth_pb2.API_KEY_SCOPE_WITHDRAW],
+                allowed_cidrs=["0.0.0.0/0"],
+            ),
+            metadata=_bearer(operator),
+        )
+        token = await stub.IssueToken(
+            auth_pb2.IssueTokenRequest(api_key_id=key.api_key.api_key_id, api_key_secret=key.secret)
+        )
+    return account, token.access_token
+
+
+async def _chain(stack: Stack, method: str, request: dict[str, str]) -> dict[str, str]:
+    async with grpc.aio.insecure_channel(f"{stack.ports.host}:{stack.ports.chainsim}") as channel:
+        call = channel.unary_unary(
+            f"/chainsim.Chain/{method}",
+            request_serializer=lambda r: json.dumps(r).encode(),
+            response_deserializer=json.loads,
+        )
+        reply: dict[str, str] = await call(request, timeout=5)
+        return reply
+
+
+def _rest(stack: Stack, path: str, token: str) -> dict[str, object]:
+    request = urllib.request.Request(
+        f"http://{stack.edge}{path}", headers={"authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        body: dict[str, object] = json.loads(response.read())
+        return body
+
+
+async def test_deposit_then_withdrawal_through_envoy(
+    stack: Stack, service_credentials: ServiceCredentials
+) -> None:
+    operator = await service_credentials.token()
+    account, token = await _user(stack, operator)
+    async with grpc.aio.insecure_channel(stack.edge) as channel:
+        funding = funding_pb2_grpc.FundingServiceStub(channel)
+        md = _bearer(token)
+        address = (
+            await funding.GetDepositAddress(F.GetDepositAddressRequest(asset="USDT"), metadata=md)
+        ).deposit_address
+        assert address.account_id == account and address.network == "ethereum"
+        txid = (await _chain(stack, "Deposit", {"address": address.address, "asset": "USDT",
+                                                "amount": "25"}))["txid"]  # fmt: skip
+        until = time.monotonic() + 60
+        while True:
+            deposits = (await funding.ListDeposits(F.ListDepositsRequest(), metadata=md)).deposits
+            if deposits and deposits[0].state == F.DEPOSIT_STATE_CREDITED:
+                break
+            assert time.monotonic() < until, deposits
+            await asyncio.sleep(0.2)
+        assert deposits[0].txid == txid and deposits[0].amount == "25"
+        w = (
+            await funding.RequestWithdrawal(
+                F.RequestWithdrawalRequest(
+                    request_id=uuid.uuid4().hex, asset="USDT", amount="10", address=ETH_ADDRESS
+                ),
+                metadata=md,
+            )
+        ).withdrawal
+        while True:
+            w = (
+                await funding.GetWithdrawal(
+                    F.GetWithdrawalRequest(withdrawal_id=w.withdrawal_id), metadata=md
+                )
+            ).withdrawal
+            if w.state not in (F.WITHDRAWAL_STATE_PENDING, F.WITHDRAWAL_STATE_BROADCAST):
+                break
+            assert time.monotonic() < until, w
+            await asyncio.sleep(0.2)
+        assert w.state == F.WITHDRAWAL_STATE_COMPLETED, w
+        balances = await ledger_pb2_grpc.LedgerServiceStub(channel).GetBalances(
+            ledger_pb2.GetBalancesRequest(account_id=account, assets=["USDT"]),
+            metadata=_bearer(operator),
+        )
+        assert balances.balances[0].available == "14"  # 25 - 10 - fee 1
+        # Operators only: the saga and its step log.
+        try:
+            await funding.GetSaga(F.GetSagaRequest(saga_id=w.saga_id), metadata=md)
+            raise AssertionError("a user read a saga")
+        except grpc.aio.AioRpcError as error:
+            assert ErrorDetails.from_rpc_error(error).reason == "AUTH_SCOPE_MISSING"
+        saga = (
+            await funding.GetSaga(F.GetSagaRequest(saga_id=w.saga_id), metadata=_bearer(operator))
+        ).saga
+        assert saga.state == F.SAGA_STATE_COMPLETED and saga.steps
+    rest = await asyncio.to_thread(_rest, stack, f"/v1/withdrawals/{w.withdrawal_id}", token)
+    assert rest["withdrawal"]["state"] == "WITHDRAWAL_STATE_COMPLETED"  # type: ignore[index]

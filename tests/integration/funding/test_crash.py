@@ -1,0 +1,260 @@
+"""kill -9 of the funding process at every step boundary and during compensation,
+restarting it each time, while withdrawals run against a real ledger, the stack's risk
+through Envoy and the chain simulator (lost answers, rejections, drops, reorgs).
+
+Afterwards: every withdrawal finished (none STUCK or open), every hold is posted or
+voided (none pending), a withdrawal is broadcast at most once and only completed ones
+went out, each compensation succeeded exactly once, money is conserved and the
+ledger audit passes.
+
+The process kills itself with SIGKILL at an exact boundary (FUNDING_CRASH_POINTS):
+after a step's STARTED row commits (`started:`), after its side effect but before its
+outcome commits (`acted:`), and after the outcome commits (`committed:`); `~` marks a
+compensation. The chaos run adds kills from outside at random moments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections import Counter
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import asyncpg
+import grpc
+import pytest
+
+from cex.funding.v1 import funding_pb2 as F
+from cex.funding.v1 import funding_pb2_grpc
+from services.chassis import ServiceCredentials
+from services.stack.supervisor import Stack
+from tests.conftest import Trust
+from tests.integration.funding.support import (
+    ETH_ADDRESS,
+    Chain,
+    FundingProcess,
+    bearer,
+    chainsim,
+    fresh_database,
+    fund,
+    new_account,
+)
+from tests.integration.ledger.support import Ledger, running_ledger
+
+FORWARD = ["ledger_hold", "risk_check", "custody_broadcast", "ledger_post"]
+SHORT_POINTS = [  # the side effect done, its outcome not yet recorded
+    "acted:ledger_hold",
+    "acted:custody_broadcast",
+    "acted:ledger_post",
+    "acted:~ledger_hold",
+]
+ALL_POINTS = [
+    f"{moment}:{step}"
+    for step in [*FORWARD, "~ledger_hold"]
+    for moment in ("started", "acted", "committed")
+] + ["acted:await_confirmations", "committed:await_confirmations"]
+FAULTS = {"broadcast_timeout": 0.3, "broadcast_error": 0.3, "broadcast_reject": 0.15,
+          "drop": 0.15, "reorg": 0.3}  # fmt: skip
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def world(stack: Stack, trust: Trust) -> AsyncIterator[tuple[str, Ledger, Chain]]:
+    async with (
+        fresh_database(stack) as database_url,
+        running_ledger(database_url, trust) as ledger,
+        chainsim(seed=11, faults=FAULTS, block_s=0.05) as chain,
+    ):
+        yield database_url, ledger, chain
+
+
+def _env(ledger: Ledger, chain: Chain, crash: str) -> dict[str, str]:
+    return {
+        "FUNDING_INSTANCE": "crash-test",
+        "FUNDING_LEDGER_TARGET": f"127.0.0.1:{ledger.server.port}",
+        "FUNDING_CHAIN_TARGET": chain.target,
+        "FUNDING_POLL_S": "0.05",
+        "FUNDING_CONFIRMATION_POLL_S": "0.05",
+        "FUNDING_STEP_TIMEOUT_S": "1.5",
+        "FUNDING_WITHDRAWAL_DEADLINE_S": "120",
+        "FUNDING_WATCH_CHAIN": "off",
+        "FUNDING_CRASH_POINTS": crash,
+    }
+
+
+async def crash_run(
+    stack: Stack,
+    credentials: ServiceCredentials,
+    trust: Trust,
+    *,
+    points: list[str],
+    per_point: int,
+    random_kills: int,
+) -> None:
+    rng = random.Random(2026)
+    async with world(stack, trust) as (database_url, ledger, chain):
+        accounts = [new_account() for _ in range(6)]
+        for acct in accounts:
+            await fund(ledger, acct, "80")
+        proc = FundingProcess(stack, database_url, _env(ledger, chain, ""))
+        md = bearer(await credentials.token())
+        asked: dict[str, tuple[str, str]] = {}  # request_id -> (account, amount)
+
+        async def request(stub: funding_pb2_grpc.FundingServiceAsyncStub, n: int) -> None:
+            """n concurrent withdrawal requests, each retried until answered or the process
+            dies (a request may or may not be recorded then: the check reads the database)."""
+            batch = []
+            for _ in range(n):
+                rid = f"r{len(asked)}"
+                asked[rid] = (rng.choice(accounts), str(rng.choice([3, 7, 20, 45])))
+                batch.append(one(stub, rid, *asked[rid]))
+            await asyncio.gather(*batch)
+
+        async def one(
+            stub: funding_pb2_grpc.FundingServiceAsyncStub, rid: str, acct: str, amount: str
+        ) -> None:
+            while True:
+                assert proc.process is not None
+                if proc.process.returncode is not None:
+                    return
+                try:
+                    await stub.RequestWithdrawal(
+                        F.RequestWithdrawalRequest(
+                            request_id=rid, account_id=acct, asset="USDT", amount=amount,
+                            address=ETH_ADDRESS,
+                        ),
+                        metadata=md, timeout=5,
+                    )  # fmt: skip
+                    break
+                except grpc.aio.AioRpcError as error:
+                    if error.code() not in RETRYABLE:
+                        raise
+                    await asyncio.sleep(0.1)
+
+        async def died(within_s: float) -> bool:
+            assert proc.process is not None
+            try:
+                await asyncio.wait_for(proc.process.wait(), within_s)
+            except TimeoutError:
+                return False
+            return proc.process.returncode == -9
+
+        crashes = 0
+        for point in points:
+            proc.env["FUNDING_CRASH_POINTS"] = point
+            await proc.start()
+            if await died(0.01):
+                crashes += 1
+                continue
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{proc.port}") as channel:
+                stub = funding_pb2_grpc.FundingServiceStub(channel)
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await request(stub, per_point)
+            if await died(20):
+                crashes += 1
+            else:  # nothing reached this point (e.g. no compensation yet): go on
+                await proc.stop()
+        assert crashes >= len(points) * 2 // 3, crashes
+        print(f"funding crash run: {crashes} kill -9 at boundaries of {len(points)} tried")
+        proc.env["FUNDING_CRASH_POINTS"] = ""
+        await proc.start()
+        for _ in range(random_kills):  # kills from outside, at random moments
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{proc.port}") as channel:
+                await request(funding_pb2_grpc.FundingServiceStub(channel), per_point)
+            await asyncio.sleep(rng.uniform(0.05, 0.6))
+            await proc.kill()
+            await proc.start()
+        conn = await asyncpg.connect(database_url)
+        try:
+            for _ in range(600):
+                open_ = await conn.fetchval(
+                    "SELECT count(*) FROM funding.sagas WHERE state IN ('RUNNING','COMPENSATING')"
+                )
+                if open_ == 0:
+                    break
+                await asyncio.sleep(0.1)
+            await proc.stop()
+            await check(conn, chain, ledger, asked, accounts)
+            print(f"funding crash run: {proc.kills} outside kills, {len(asked)} requests")
+        finally:
+            await conn.close()
+
+
+async def check(
+    conn: asyncpg.Connection,
+    chain: Chain,
+    ledger: Ledger,
+    asked: dict[str, tuple[str, str]],
+    accounts: list[str],
+) -> None:
+    sagas = {
+        r["reference_id"]: r["state"]
+        for r in await conn.fetch("SELECT reference_id, state FROM funding.sagas")
+    }
+    assert set(sagas.values()) <= {"COMPLETED", "COMPENSATED"}, Counter(sagas.values())
+    rows = {r["withdrawal_id"]: r for r in await conn.fetch("SELECT * FROM funding.withdrawals")}
+    assert set(sagas) == set(rows) and len(rows) >= len(asked) // 2
+    requested = {}
+    for wid, row in rows.items():  # one withdrawal per request_id, as asked
+        acct, amount = asked[row["request_id"]]
+        assert (row["account_id"], row["amount"]) == (acct, int(amount) * 10**8)
+        requested[wid] = (acct, amount)
+    holds = {
+        r["reference"]: r["state"]
+        for r in await conn.fetch(
+            "SELECT reference, state FROM ledger.transfers WHERE op = 2 AND kind = 2"
+        )
+    }
+    assert 1 not in holds.values(), "a withdrawal hold is still pending"
+    stats = await chain.stats()
+    sent = stats["withdrawals"]
+    states = Counter(r["state"] for r in rows.values())
+    assert states["COMPLETED"] > 0 and states["FAILED"] + states["REJECTED"] > 0, states
+    spent: dict[str, Decimal] = {a: Decimal(0) for a in accounts}
+    for wid, row in rows.items():
+        if row["state"] == "COMPLETED":
+            assert sagas[wid] == "COMPLETED"
+            assert holds[wid] == 2  # posted
+            assert sent[wid]["status"] == "confirmed" and sent[wid]["txid"] == row["txid"]
+            spent[row["account_id"]] += Decimal(requested[wid][1]) + 1  # amount + fee
+        else:
+            assert sagas[wid] == "COMPENSATED"
+            assert holds.get(wid, 0) in (0, 3)  # never held, or voided
+            # Never handed out, or handed out and dropped: the funds never left.
+            assert wid not in sent or sent[wid]["status"] == "dropped", (wid, row["state"])
+    # Compensation ran exactly once where there was something to undo.
+    undone = await conn.fetch(
+        """SELECT s.reference_id, count(*) AS n FROM funding.saga_steps t
+           JOIN funding.sagas s USING (saga_id)
+           WHERE t.compensation AND t.state = 'SUCCEEDED' GROUP BY s.reference_id"""
+    )
+    assert all(r["n"] == 1 for r in undone)
+    assert {r["reference_id"] for r in undone} == {w for w, s in holds.items() if s == 3}
+    voids = await conn.fetchval(
+        "SELECT count(*) FROM ledger.transfers WHERE op = 4 AND id LIKE 'wd:%'"
+    )
+    assert voids == sum(1 for s in holds.values() if s == 3)
+    for acct in accounts:
+        assert Decimal(await ledger.available(acct, "USDT")) == 80 - spent[acct]
+    audit = await ledger.audit()
+    assert audit.balanced, audit
+
+
+async def test_kill_9_at_step_boundaries_short(
+    stack: Stack, service_credentials: ServiceCredentials, trust: Trust
+) -> None:
+    await crash_run(
+        stack, service_credentials, trust, points=SHORT_POINTS, per_point=8, random_kills=0
+    )
+
+
+@pytest.mark.chaos
+async def test_kill_9_at_every_step_boundary_and_at_random(
+    stack: Stack, service_credentials: ServiceCredentials, trust: Trust
+) -> None:
+    await crash_run(
+        stack, service_credentials, trust, points=ALL_POINTS * 2, per_point=6, random_kills=10
+    )
