@@ -11,7 +11,10 @@ Rules:
   valid user token). A service may call such a method on behalf of a user by
   forwarding that user's token (`x-cex-on-behalf-of`): the user's scopes count.
 - `INTERNAL`: only a service token (`sub` "svc:<name>", scope `internal`).
-- `user(..., services=True)`: either.
+- `user(..., services=True)`: either. A service calling it with a user's token
+  forwarded is admitted on its own authority (the user's scopes were checked by
+  the method the user called); the handler sees the user's account, so
+  `owned_account` still confines the call to it.
 
 Handlers read the caller from `current_auth()` (an `AuthContext`).
 
