@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import importlib.util
 import json
 import logging
@@ -49,10 +48,11 @@ class StackError(RuntimeError):
     pass
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL it if the supervisor dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+# Every component is SIGKILLed if the supervisor dies (PR_SET_PDEATHSIG, kept
+# across exec). Set by util-linux's setpriv rather than a preexec_fn: Python
+# code between fork and exec in a process with threads (gRPC's) can crash or
+# hang the child.
+_DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
 
 
 def _pg_bin(name: str) -> Path:
@@ -367,6 +367,7 @@ class Stack:
         log = (self.logs / f"{component.name}.log").open("ab")
         try:
             component.process = await asyncio.create_subprocess_exec(
+                *_DIE_WITH_PARENT,
                 *component.argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
@@ -375,7 +376,6 @@ class Stack:
                 cwd=ROOT,
                 **_as_user(component.user),
                 start_new_session=True,  # Ctrl-C reaches the supervisor only
-                preexec_fn=_die_with_parent,
             )
         finally:
             log.close()
