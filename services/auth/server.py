@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from services.chassis import (
     Rule,
     Server,
     Unauthenticated,
+    background,
     connect,
     current_auth,
     user,
@@ -431,17 +431,6 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-@contextlib.asynccontextmanager
-async def _background(task: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:
-    running = asyncio.ensure_future(task())
-    try:
-        yield
-    finally:
-        running.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
-
-
 async def build_server(
     settings: ChassisSettings,
     *,
@@ -458,7 +447,7 @@ async def build_server(
     await keyring.rotate_and_reload()
     server.keys = keyring  # auth verifies tokens against its own keyring, not over HTTP
     await server.enter(serve_jwks(keyring, settings.host, config.jwks_port))
-    await server.enter(_background(keyring.maintain))
+    await server.enter(background(keyring.maintain(), "auth-keyring"))
     server.add(
         auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
         auth_pb2_grpc.add_AuthServiceServicer_to_server,

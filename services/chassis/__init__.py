@@ -31,7 +31,7 @@ from .errors import (
 from .infra import Infrastructure, connect
 from .markets import Asset, Catalog, Market, load_catalog
 from .money import MoneyError, from_units, to_units
-from .server import Server, run
+from .server import Server, background, run
 from .settings import ChassisSettings
 
 __all__ = [
@@ -60,6 +60,7 @@ __all__ = [
     "ServiceCredentials",
     "Unauthenticated",
     "Unavailable",
+    "background",
     "connect",
     "current_auth",
     "ensure_stream",

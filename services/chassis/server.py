@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
@@ -31,7 +31,7 @@ from .settings import ChassisSettings, require
 from .telemetry import configure_logging, configure_tracing
 from .tokens import JwksCache, KeySource
 
-__all__ = ["Server", "run"]
+__all__ = ["Server", "background", "run"]
 
 _log = logging.getLogger("cex.server")
 T = TypeVar("T")
@@ -51,6 +51,20 @@ def _reflection_v1(servicer: Any) -> grpc.GenericRpcHandler:
             )
         },
     )
+
+
+@contextlib.asynccontextmanager
+async def background(coro: Awaitable[None], name: str) -> AsyncIterator[asyncio.Task[None]]:
+    """A task that lives as long as the context (`await server.enter(background(...))`):
+    cancelled and awaited when the server stops."""
+    task: asyncio.Task[None] = asyncio.ensure_future(coro)
+    task.set_name(name)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 class _MethodAwarePool:

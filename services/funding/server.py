@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from services.chassis import (
     Rule,
     Server,
     Unavailable,
+    background,
     connect,
     current_auth,
     load_catalog,
@@ -591,18 +591,6 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         return F.GetSagaResponse(saga=self._saga(row))
 
 
-@contextlib.asynccontextmanager
-async def _task(coro: Awaitable[None], name: str) -> AsyncIterator[asyncio.Task[None]]:
-    task: asyncio.Task[None] = asyncio.ensure_future(coro)
-    task.set_name(name)
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 async def build_server(
     settings: ChassisSettings,
     *,
@@ -668,7 +656,7 @@ async def build_server(
         crash_points=config.crash_points,
     )
     server.on_stop(orchestrator.close)
-    await server.enter(_task(orchestrator.run(), "funding-sagas"))
+    await server.enter(background(orchestrator.run(), "funding-sagas"))
     if config.watch_chain:
         watcher = deposits.ChainWatcher(
             pool=pool,
@@ -679,10 +667,10 @@ async def build_server(
             poll_s=config.chain_poll_s,
             clock=clock,
         )
-        await server.enter(_task(watcher.run(), "funding-chain-watcher"))
+        await server.enter(background(watcher.run(), "funding-chain-watcher"))
     if config.outbox and infra.nats is not None:
         relay = OutboxRelay(pool, infra.nats.jetstream(), poll_s=config.outbox_poll_s)
-        await server.enter(_task(relay.run(), "funding-outbox"))
+        await server.enter(background(relay.run(), "funding-outbox"))
     server.add(
         funding_pb2.DESCRIPTOR.services_by_name["FundingService"],
         funding_pb2_grpc.add_FundingServiceServicer_to_server,

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from services.chassis import (
     NotFound,
     Rule,
     Server,
+    background,
     connect,
     current_auth,
     load_catalog,
@@ -412,18 +412,6 @@ def _match_replay(
     return replay
 
 
-@contextlib.asynccontextmanager
-async def _task(coro: Awaitable[None], name: str) -> AsyncIterator[asyncio.Task[None]]:
-    task: asyncio.Task[None] = asyncio.ensure_future(coro)
-    task.set_name(name)
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 async def _sweep_expired(
     writer: Writer, store: Store, clock: Callable[[], int], every: float
 ) -> None:
@@ -466,13 +454,15 @@ async def build_server(
 
     writer = Writer(store, clock, max_items=config.max_group_items, on_group=on_group)
     auditor = Auditor(pool, metrics)
-    await server.enter(_task(writer.run(), "ledger-writer"))
+    await server.enter(background(writer.run(), "ledger-writer"))
     if config.expiry_interval_s > 0:
         await server.enter(
-            _task(_sweep_expired(writer, store, clock, config.expiry_interval_s), "ledger-expiry")
+            background(
+                _sweep_expired(writer, store, clock, config.expiry_interval_s), "ledger-expiry"
+            )
         )
     if config.audit_interval_s > 0:
-        await server.enter(_task(auditor.run(config.audit_interval_s), "ledger-auditor"))
+        await server.enter(background(auditor.run(config.audit_interval_s), "ledger-auditor"))
     if config.settlement and infra.nats is not None:
         target = match_target or config.match_target or settings.mesh_addr
         if target is None:
@@ -495,7 +485,7 @@ async def build_server(
             metrics=metrics,
             durable=config.consumer_name,
         )
-        await server.enter(_task(consumer.run(), "ledger-settlement"))
+        await server.enter(background(consumer.run(), "ledger-settlement"))
     server.add(
         ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"],
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server,

@@ -10,12 +10,11 @@ answers Get calls from the last snapshot in Redis, else UNAVAILABLE
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -36,6 +35,7 @@ from services.chassis import (
     Rule,
     Server,
     Unavailable,
+    background,
     connect,
     ensure_stream,
     load_catalog,
@@ -412,18 +412,6 @@ def _level(level: types_pb2.PriceLevel) -> Level:
     return Level(0, level.price, level.quantity, level.order_count)
 
 
-@contextlib.asynccontextmanager
-async def _task(coro: Awaitable[None], name: str) -> AsyncIterator[asyncio.Task[None]]:
-    task: asyncio.Task[None] = asyncio.ensure_future(coro)
-    task.set_name(name)
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 async def build_server(
     settings: ChassisSettings,
     *,
@@ -481,8 +469,8 @@ async def build_server(
             clock=clock,
         )
         hub.feeds[symbol] = feed
-        await server.enter(_task(feed.run(), f"marketdata-feed-{symbol}"))
-    await server.enter(_task(hub.run(), "marketdata-hub"))
+        await server.enter(background(feed.run(), f"marketdata-feed-{symbol}"))
+    await server.enter(background(hub.run(), "marketdata-hub"))
     server.add(
         md.DESCRIPTOR.services_by_name["MarketDataService"],
         marketdata_pb2_grpc.add_MarketDataServiceServicer_to_server,

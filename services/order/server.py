@@ -35,6 +35,7 @@ from services.chassis import (
     PermissionDenied,
     Rule,
     Server,
+    background,
     connect,
     current_auth,
     load_catalog,
@@ -529,18 +530,6 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
         return self.sessions.serve(self, request_iterator, context)
 
 
-@contextlib.asynccontextmanager
-async def _task(coro: Awaitable[None], name: str) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.ensure_future(coro)
-    task.set_name(name)
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 async def _every(seconds: float, job: Callable[[], Awaitable[object]], name: str) -> None:
     while True:
         try:
@@ -577,8 +566,8 @@ async def build_server(
     match_channel = await server.enter(mesh_channel(target, credentials=credentials))
     ledger = LedgerClient(ledger_channel, {a.symbol: a.unit for a in catalog.assets.values()})
     match = MatchClient(match_channel, token=credentials.token if credentials else None)
-    await server.enter(_task(ledger.holds.run(), "order-ledger-holds"))
-    await server.enter(_task(match.run(), "order-match-stream"))
+    await server.enter(background(ledger.holds.run(), "order-ledger-holds"))
+    await server.enter(background(match.run(), "order-match-stream"))
     sessions = Sessions(catalog, queue_size=config.stream_queue)
     consumer = None
     if config.consumer and infra.nats is not None:
@@ -589,7 +578,7 @@ async def build_server(
             sink=sessions.publish,
             durable=config.consumer_name,
         )
-        await server.enter(_task(consumer.run(), "order-consumer"))
+        await server.enter(background(consumer.run(), "order-consumer"))
     flow = Flow(
         store=store,
         catalog=catalog,
@@ -600,20 +589,22 @@ async def build_server(
         consumer=consumer,
     )
     sessions.flow = flow
-    await server.enter(_task(flow.run(), "order-batchers"))
+    await server.enter(background(flow.run(), "order-batchers"))
     deadman = DeadMan(store, flow)
     if infra.nats is not None and config.kill_switches:
         kills = KillSwitchConsumer(
             flow=flow, js=infra.nats.jetstream(), durable=f"{config.consumer_name}-kill-switches"
         )
-        await server.enter(_task(kills.run(), "order-kill-switches"))
+        await server.enter(background(kills.run(), "order-kill-switches"))
     await server.enter(
-        _task(_every(config.recover_interval_s, flow.recover, "reconciler"), "order-reconciler")
+        background(
+            _every(config.recover_interval_s, flow.recover, "reconciler"), "order-reconciler"
+        )
     )
     await server.enter(
-        _task(_every(config.deadman_interval_s, deadman.fire_due, "deadman"), "order-deadman")
+        background(_every(config.deadman_interval_s, deadman.fire_due, "deadman"), "order-deadman")
     )
-    await server.enter(_task(sessions.cancel_orphans(store), "order-orphan-sessions"))
+    await server.enter(background(sessions.cancel_orphans(store), "order-orphan-sessions"))
     server.add(
         order_pb2.DESCRIPTOR.services_by_name["OrderService"],
         order_pb2_grpc.add_OrderServiceServicer_to_server,

@@ -8,12 +8,10 @@ violations). The contract for callers: docs/adr/0007-risk.md.
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from services.chassis import (
     PermissionDenied,
     Rule,
     Server,
+    background,
     connect,
     current_auth,
     load_catalog,
@@ -669,18 +668,6 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         )
 
 
-@contextlib.asynccontextmanager
-async def _task(coro: Awaitable[None], name: str) -> AsyncIterator[asyncio.Task[None]]:
-    task: asyncio.Task[None] = asyncio.ensure_future(coro)
-    task.set_name(name)
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 async def build_server(
     settings: ChassisSettings,
     *,
@@ -709,12 +696,12 @@ async def build_server(
     state = State(store)
     await state.reload()
     if config.reload_interval_s > 0:
-        await server.enter(_task(state.run(config.reload_interval_s), "risk-reload"))
+        await server.enter(background(state.run(config.reload_interval_s), "risk-reload"))
     outbox = None
     if infra.nats is not None:
         js = infra.nats.jetstream()
         outbox = Outbox(store, js, every_s=max(config.reload_interval_s, 0.1))
-        await server.enter(_task(outbox.run(), "risk-outbox"))
+        await server.enter(background(outbox.run(), "risk-outbox"))
         follower = PriceFollower(
             js=js,
             catalog=catalog,
@@ -722,7 +709,7 @@ async def build_server(
             state=state,
             durable=config.consumer_name,
         )
-        await server.enter(_task(follower.run(), "risk-prices"))
+        await server.enter(background(follower.run(), "risk-prices"))
     limiter = RateLimiter(infra.redis, prefix=config.redis_prefix, timeout_s=config.redis_timeout_s)
     server.add(
         risk_pb2.DESCRIPTOR.services_by_name["RiskService"],
