@@ -25,7 +25,7 @@ def _rest(url: str) -> tuple[int, dict[str, object]]:
 
 
 async def test_market_data_is_public_through_envoy(stack: Stack, service_token: str) -> None:
-    price = "0.01234"
+    price = "0.91234"  # above any bid the other tests leave on ETH-BTC
     order_id = f"md-e2e-{uuid.uuid4().hex[:8]}"
     command = match_pb2.Command(
         command_id=f"place:{order_id}",

@@ -5,10 +5,10 @@ queue, a reader that cannot keep up is told and disconnected."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf import duration_pb2
@@ -151,15 +151,20 @@ async def small_queue_order(
     config = OrderConfig(stream_queue=8, consumer_name=f"order-test-{uid('c')}")
     server = await build_server(settings, config=config)
     port = await server.start()
+    # A small receive window that does not grow: once the client stops reading,
+    # the server's writes block after a few messages and its queue fills.
+    options = [("grpc.http2.lookahead_bytes", 4096), ("grpc.http2.bdp_probe", 0)]
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
             yield order_pb2_grpc.OrderServiceStub(channel)
     finally:
         await server.stop(0.5)
 
 
 async def test_a_reader_that_cannot_keep_up_is_told_and_disconnected(
-    exchange: Exchange, small_queue_order: order_pb2_grpc.OrderServiceStub
+    exchange: Exchange,
+    small_queue_order: order_pb2_grpc.OrderServiceStub,
+    fresh_database_url: str,
 ) -> None:
     mm = await exchange.trader({"BTC": "10"}, "mm")
     await risk_pb2_grpc.RiskServiceStub(exchange.channel).SetLimits(
@@ -170,27 +175,38 @@ async def test_a_reader_that_cannot_keep_up_is_told_and_disconnected(
         metadata=exchange.svc,
         timeout=10,
     )
-    session = Client(mm, small_queue_order)
-    await session.send(R(subscribe=order_pb2.StreamSubscribe()))
-    await session.next("subscribed")
-    # The client stops reading; its orders' acks and reports keep coming.
-    # (ETH-BTC, where no other test trades: these bids stay out of everyone's way.)
-    for _ in range(150):
-        await session.send(place(market="ETH-BTC", side=BUY, price="0.04", quantity="0.01"))
-    await asyncio.sleep(1)
-    with pytest.raises(grpc.aio.AioRpcError) as ended:
-        while True:
-            message = await session.call.read()
-            assert message is not grpc.aio.EOF, "the stream ended without a status"
-            session.received.append(message)
-    details = ErrorDetails.from_rpc_error(ended.value)
-    assert (details.code, details.reason) == (
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        "ORDER_STREAM_SLOW_CONSUMER",
-    )
-    reports = session.reports()
-    assert [r.sequence for r in reports] == list(range(1, len(reports) + 1))
-    with contextlib.suppress(Exception):
+    # Every write is done before the server can end the call: a write failing
+    # after the server's status replaces that status with INTERNAL in grpc.aio
+    # (grpc/grpc#36066). So the writes are awaited one by one, while a lock on
+    # the order process's tables holds every order until the last one is written.
+    call = small_queue_order.StreamOrders(metadata=mm.md)
+    received: list[order_pb2.StreamOrdersResponse] = []
+    db = await asyncpg.connect(fresh_database_url)
+    try:
+        await call.write(R(subscribe=order_pb2.StreamSubscribe()))
+        received.append(await asyncio.wait_for(call.read(), 15))
+        assert received[0].HasField("subscribed")
+        # The client stops reading; its orders' acks and reports keep coming.
+        # (ETH-BTC, where no other test trades: these bids stay out of everyone's way.)
+        async with db.transaction():
+            await db.execute('LOCK TABLE "order".orders, "order".requests IN ACCESS EXCLUSIVE MODE')
+            for _ in range(150):
+                await call.write(place(market="ETH-BTC", side=BUY, price="0.04", quantity="0.01"))
+        await asyncio.sleep(1)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while True:
+                message = await asyncio.wait_for(call.read(), 30)
+                assert message is not grpc.aio.EOF, "the stream ended without a status"
+                received.append(message)
+        details = ErrorDetails.from_rpc_error(ended.value)
+        assert (details.code, details.reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "ORDER_STREAM_SLOW_CONSUMER",
+        )
+        reports = [m.execution_report for m in received if m.HasField("execution_report")]
+        assert [r.sequence for r in reports] == list(range(1, len(reports) + 1))
+    finally:
+        await db.close()
         await small_queue_order.CancelAllOrders(
             order_pb2.CancelAllOrdersRequest(), metadata=mm.md, timeout=30
         )
