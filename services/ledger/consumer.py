@@ -45,6 +45,15 @@ def _zero(text: str) -> bool:
         return False
 
 
+def _ends_order(event: match_pb2.MatchEvent) -> bool:
+    """Whether a rejection ends its order: a refused place of a new order (the
+    order service's command id `place:<order_id>`). A refused cancel or amend
+    leaves a working order, and its hold, as they were; a duplicate order id
+    names an order that exists."""
+    r = event.rejected
+    return event.command_id == f"place:{r.order_id}" and r.reason != "MATCH_DUPLICATE_ORDER_ID"
+
+
 def to_market_event(catalog: Catalog, event: match_pb2.MatchEvent) -> MarketEvent:
     """What the ledger must do for one event (MoneyError/KeyError if it cannot read it)."""
     kind = event.WhichOneof("kind")
@@ -84,7 +93,7 @@ def to_market_event(catalog: Catalog, event: match_pb2.MatchEvent) -> MarketEven
         )
     elif kind == "cancelled" and _zero(event.cancelled.remaining_quantity):
         body = Release(event.cancelled.order_id)
-    elif kind == "rejected":
+    elif kind == "rejected" and _ends_order(event):
         body = Release(event.rejected.order_id)
     else:
         body = None

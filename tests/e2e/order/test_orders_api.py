@@ -9,10 +9,11 @@ from decimal import Decimal
 import grpc
 import pytest
 
+from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.order.v1 import order_pb2
 from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex.type.v1 import types_pb2 as t
-from tests.e2e.order.support import BUY, SELL, Exchange, Trader, error_of, fields, uid
+from tests.e2e.order.support import BUY, MARKET, SELL, Exchange, Trader, error_of, fields, uid
 
 D = Decimal
 
@@ -57,6 +58,44 @@ async def test_amend_down_keeps_priority_and_an_amend_beyond_the_hold_is_refused
     assert await exchange.hold_settles(first.account_id, {"BTC": ("0.8", "0")}) == {
         "BTC": (D("0.8"), D(0))
     }
+
+
+async def test_an_amend_refused_by_match_keeps_the_working_orders_hold(
+    exchange: Exchange,
+) -> None:
+    seller = await exchange.trader({"BTC": "1"}, "seller")
+    buyer = await exchange.trader({"USDT": "100"}, "buyer")
+    ask = await seller.place(side=SELL, price="109", quantity="0.3")
+    # An amend the engine itself refuses (a quantity above the market's maximum),
+    # sent straight to match as a service would.
+    submit = match_pb2_grpc.MatchServiceStub(exchange.channel).SubmitCommands(
+        metadata=exchange.svc, timeout=20
+    )
+    amend = match_pb2.AmendCommand(
+        order_id=ask.order_id, account_id=seller.account_id, quantity="999999"
+    )
+    await submit.write(
+        match_pb2.SubmitCommandsRequest(
+            commands=[match_pb2.Command(command_id=uid("amend"), market=MARKET, amend=amend)]
+        )
+    )
+    await submit.done_writing()
+    refused = (await submit.read()).results[0].events
+    assert [e.WhichOneof("kind") for e in refused] == ["rejected"]
+    # A later order of the seller's in the same market, cancelled: once its hold
+    # is released, settlement has read the refusal too (it reads in sequence).
+    later = await seller.place(side=SELL, price="110", quantity="0.1")
+    await seller.cancel(later.order_id)
+    assert await exchange.hold_settles(seller.account_id, {"BTC": ("0.7", "0.3")}) == {
+        "BTC": (D("0.7"), D("0.3"))
+    }
+    # The ask still trades against its hold, and the books still balance.
+    await buyer.place(side=BUY, price="109", quantity="0.3")
+    assert (await seller.settled(ask.order_id, t.ORDER_STATE_FILLED)).state == t.ORDER_STATE_FILLED
+    assert await exchange.hold_settles(seller.account_id, {"BTC": ("0.7", "0")}) == {
+        "BTC": (D("0.7"), D(0))
+    }
+    assert (await exchange.audit()).balanced
 
 
 async def test_mass_cancel_by_market_then_everything(exchange: Exchange) -> None:

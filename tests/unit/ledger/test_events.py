@@ -73,7 +73,10 @@ def test_releases_and_other_events() -> None:
         cancelled=match_pb2.OrderCancelled(order_id="o", remaining_quantity="1"),
     )
     rejected = match_pb2.MatchEvent(
-        market="ETH-BTC", seq=3, rejected=match_pb2.OrderRejected(order_id="r")
+        market="ETH-BTC",
+        seq=3,
+        command_id="place:r",
+        rejected=match_pb2.OrderRejected(order_id="r", reason="MATCH_POST_ONLY_WOULD_TAKE"),
     )
     accepted = match_pb2.MatchEvent(market="ETH-BTC", seq=4, accepted=match_pb2.OrderAccepted())
     assert to_market_event(CATALOG, done).body == Release("o")
@@ -85,3 +88,22 @@ def test_releases_and_other_events() -> None:
 def test_an_over_precise_amount_is_refused() -> None:
     with pytest.raises(MoneyError):
         to_market_event(CATALOG, _trade(types_pb2.SIDE_BUY, quantity="0.000000001"))
+
+
+@pytest.mark.parametrize(
+    ("command_id", "reason"),
+    [
+        ("amend:w:1", "MATCH_INVALID_AMEND"),
+        ("amend:w:2", "MATCH_AMEND_QTY_TOO_LOW"),
+        ("cancel:w", "MATCH_UNKNOWN_ORDER"),
+        ("place:w", "MATCH_DUPLICATE_ORDER_ID"),
+    ],
+)
+def test_a_refused_command_on_a_working_order_keeps_its_hold(command_id: str, reason: str) -> None:
+    event = match_pb2.MatchEvent(
+        market="ETH-BTC",
+        seq=5,
+        command_id=command_id,
+        rejected=match_pb2.OrderRejected(order_id="w", reason=reason),
+    )
+    assert to_market_event(CATALOG, event).body is None
