@@ -39,6 +39,7 @@ test-chaos: $(INSTALLED)
 lint: $(INSTALLED)
 	$(BIN)/ruff check services tests bench sdk/python
 	$(BIN)/mypy services sdk/python/cex_sdk
+	$(BIN)/hadolint Dockerfile
 
 fmt: $(INSTALLED)
 	$(BIN)/ruff check --fix services tests bench sdk/python

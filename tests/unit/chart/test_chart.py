@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
+import zipfile
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -692,3 +694,54 @@ def test_rendered_objects_match_their_schemas(values_file: str | None) -> None:
     ]:
         done = kubeconform(text.replace(field, typo, 1))
         assert done.returncode != 0 and typo in done.stdout, typo
+
+
+# -- the image ----------------------------------------------------------------------
+
+
+def _dockerfile_final_stage() -> dict[str, str]:
+    """The last stage's USER and WORKDIR, as written in the Dockerfile."""
+    stage: dict[str, str] = {}
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        word, _, rest = line.partition(" ")
+        if word == "FROM":
+            stage = {}
+        elif word in ("USER", "WORKDIR"):
+            stage[word] = rest.strip()
+    return stage
+
+
+def test_the_image_runs_as_the_pods_user_in_a_writable_volume(docs: tuple[Doc, ...]) -> None:
+    final = _dockerfile_final_stage()
+    uid, _, gid = final["USER"].partition(":")
+    for deployment, container in containers(docs):
+        pod = deployment["spec"]["template"]["spec"]
+        security = pod["securityContext"]
+        assert (str(security["runAsUser"]), str(security["runAsGroup"])) == (uid, gid)
+        # The root filesystem is read-only: the working directory is a volume.
+        assert final["WORKDIR"] in {m["mountPath"] for m in container["volumeMounts"]}
+
+
+def test_the_installed_package_holds_every_service_and_its_data(tmp_path: Path) -> None:
+    """What `pip install .` puts in the image: each Deployment's `services.<name>.main`
+    and every data file the services read (migrations, Lua scripts)."""
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+         "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("cex_core-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    data = {
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "services").rglob("*")
+        if p.is_file() and p.suffix in (".sql", ".lua")
+    }
+    assert data and data <= names
+    _, docs = _render(None)
+    for _, container in containers(docs):
+        module = container["command"][-1]
+        assert container["command"][:2] == ["python", "-m"]
+        assert module.replace(".", "/") + ".py" in names
+    assert {"cex_sdk/py.typed", "cex/order/v1/order_pb2.py"} <= names
