@@ -82,6 +82,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger("cex.funding.saga")
+_CLAIM_BACKOFF_MAX_S = 5.0  # the longest wait between claims while PostgreSQL fails
 
 RUNNING, COMPENSATING, COMPLETED, COMPENSATED, STUCK = (
     "RUNNING",
@@ -525,14 +526,21 @@ class Orchestrator:
     # -- the loop ---------------------------------------------------------------
 
     async def run(self) -> None:
+        failures = 0  # in a row: PostgreSQL away is logged once, then retried with backoff
         while True:
             try:
                 claimed = await self._claim()
             except asyncio.CancelledError:
                 raise
             except Exception:
-                _log.exception("claiming sagas failed")
-                claimed = []
+                failures += 1
+                if failures == 1:
+                    _log.exception("claiming sagas failed; retrying with backoff")
+                await asyncio.sleep(min(self._poll_s * 2**failures, _CLAIM_BACKOFF_MAX_S))
+                continue
+            if failures:
+                _log.warning("claiming sagas works again after %d failures", failures)
+                failures = 0
             for record in claimed:
                 task = asyncio.ensure_future(self._drive(record))
                 self._active[record.saga_id] = task

@@ -13,15 +13,21 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from services.chassis.authn import ServiceCredentials
+from services.chassis.server import background
 from services.stack.supervisor import Stack
 from tests.e2e.order.support import Exchange
 
 
 @pytest.fixture
-async def exchange(stack: Stack, service_token: str) -> AsyncIterator[Exchange]:
+async def exchange(
+    stack: Stack, service_credentials: ServiceCredentials
+) -> AsyncIterator[Exchange]:
     async with grpc.aio.insecure_channel(stack.edge) as channel:
-        exchange = Exchange(stack, service_token, channel)
-        try:
-            yield exchange
-        finally:
-            await exchange.clean_up()
+        exchange = Exchange(stack, service_credentials, channel)
+        exchange.service_token = await service_credentials.token()
+        async with background(exchange.keep_token(), "service token"):
+            try:
+                yield exchange
+            finally:
+                await exchange.clean_up()

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 import grpc
+from google.protobuf import duration_pb2
 
 from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.order.v1 import order_pb2, order_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from services.chassis import ErrorDetails
+from services.chassis.authn import ServiceCredentials
 from services.stack.supervisor import Stack
 
 BUY, SELL = t.SIDE_BUY, t.SIDE_SELL
@@ -78,13 +80,23 @@ class Trader:
 class Exchange:
     """Helpers acting as operators with the tests' service credential."""
 
-    def __init__(self, stack: Stack, service_token: str, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self, stack: Stack, credentials: ServiceCredentials, channel: grpc.aio.Channel
+    ) -> None:
         self.traders: list[Trader] = []
         self.stack = stack
-        self.service_token = service_token
+        self.credentials = credentials
+        self.service_token = ""
         self.channel = channel
         self.auth = auth_pb2_grpc.AuthServiceStub(channel)
         self.ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
+
+    async def keep_token(self) -> None:
+        """Hold a valid service token for `svc`, renewed near expiry (a long chaos
+        test outlives one token); run it in the background for the test's life."""
+        while True:
+            self.service_token = await self.credentials.token()
+            await asyncio.sleep(15)
 
     @property
     def svc(self) -> tuple[tuple[str, str]]:
@@ -109,7 +121,9 @@ class Exchange:
         )
         token = await self.auth.IssueToken(
             auth_pb2.IssueTokenRequest(
-                api_key_id=key.api_key.api_key_id, api_key_secret=key.secret
+                api_key_id=key.api_key.api_key_id,
+                api_key_secret=key.secret,
+                ttl=duration_pb2.Duration(seconds=900),  # the longest auth gives: a whole test
             ),
             timeout=10,
         )

@@ -65,7 +65,7 @@ async def test_an_amend_refused_by_match_keeps_the_working_orders_hold(
 ) -> None:
     seller = await exchange.trader({"BTC": "1"}, "seller")
     buyer = await exchange.trader({"USDT": "100"}, "buyer")
-    ask = await seller.place(side=SELL, price="109", quantity="0.3")
+    ask = await seller.place(side=SELL, price="104", quantity="0.3")
     # An amend the engine itself refuses (a quantity above the market's maximum),
     # sent straight to match as a service would.
     submit = match_pb2_grpc.MatchServiceStub(exchange.channel).SubmitCommands(
@@ -84,13 +84,13 @@ async def test_an_amend_refused_by_match_keeps_the_working_orders_hold(
     assert [e.WhichOneof("kind") for e in refused] == ["rejected"]
     # A later order of the seller's in the same market, cancelled: once its hold
     # is released, settlement has read the refusal too (it reads in sequence).
-    later = await seller.place(side=SELL, price="110", quantity="0.1")
+    later = await seller.place(side=SELL, price="105", quantity="0.1")
     await seller.cancel(later.order_id)
     assert await exchange.hold_settles(seller.account_id, {"BTC": ("0.7", "0.3")}) == {
         "BTC": (D("0.7"), D("0.3"))
     }
     # The ask still trades against its hold, and the books still balance.
-    await buyer.place(side=BUY, price="109", quantity="0.3")
+    await buyer.place(side=BUY, price="104", quantity="0.3")
     assert (await seller.settled(ask.order_id, t.ORDER_STATE_FILLED)).state == t.ORDER_STATE_FILLED
     assert await exchange.hold_settles(seller.account_id, {"BTC": ("0.7", "0")}) == {
         "BTC": (D("0.7"), D(0))

@@ -28,14 +28,12 @@ import pytest
 
 from cex.funding.v1 import funding_pb2 as F
 from cex.funding.v1 import funding_pb2_grpc
-from services.chassis import ServiceCredentials
 from services.stack.supervisor import Stack
 from tests.conftest import Trust
 from tests.integration.funding.support import (
     ETH_ADDRESS,
     Chain,
     FundingProcess,
-    bearer,
     chainsim,
     fresh_database,
     fund,
@@ -87,7 +85,6 @@ def _env(ledger: Ledger, chain: Chain, crash: str) -> dict[str, str]:
 
 async def crash_run(
     stack: Stack,
-    credentials: ServiceCredentials,
     trust: Trust,
     *,
     points: list[str],
@@ -100,7 +97,6 @@ async def crash_run(
         for acct in accounts:
             await fund(ledger, acct, "80")
         proc = FundingProcess(stack, database_url, _env(ledger, chain, ""))
-        md = bearer(await credentials.token())
         asked: dict[str, tuple[str, str]] = {}  # request_id -> (account, amount)
 
         async def request(stub: funding_pb2_grpc.FundingServiceAsyncStub, n: int) -> None:
@@ -126,7 +122,7 @@ async def crash_run(
                             request_id=rid, account_id=acct, asset="USDT", amount=amount,
                             address=ETH_ADDRESS,
                         ),
-                        metadata=md, timeout=5,
+                        timeout=5,
                     )  # fmt: skip
                     break
                 except grpc.aio.AioRpcError as error:
@@ -149,7 +145,7 @@ async def crash_run(
             if await died(0.01):
                 crashes += 1
                 continue
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{proc.port}") as channel:
+            async with trust.channel(f"127.0.0.1:{proc.port}") as channel:
                 stub = funding_pb2_grpc.FundingServiceStub(channel)
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await request(stub, per_point)
@@ -162,7 +158,7 @@ async def crash_run(
         proc.env["FUNDING_CRASH_POINTS"] = ""
         await proc.start()
         for _ in range(random_kills):  # kills from outside, at random moments
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{proc.port}") as channel:
+            async with trust.channel(f"127.0.0.1:{proc.port}") as channel:
                 await request(funding_pb2_grpc.FundingServiceStub(channel), per_point)
             await asyncio.sleep(rng.uniform(0.05, 0.6))
             await proc.kill()
@@ -243,18 +239,10 @@ async def check(
     assert audit.balanced, audit
 
 
-async def test_kill_9_at_step_boundaries_short(
-    stack: Stack, service_credentials: ServiceCredentials, trust: Trust
-) -> None:
-    await crash_run(
-        stack, service_credentials, trust, points=SHORT_POINTS, per_point=8, random_kills=0
-    )
+async def test_kill_9_at_step_boundaries_short(stack: Stack, trust: Trust) -> None:
+    await crash_run(stack, trust, points=SHORT_POINTS, per_point=8, random_kills=0)
 
 
 @pytest.mark.chaos
-async def test_kill_9_at_every_step_boundary_and_at_random(
-    stack: Stack, service_credentials: ServiceCredentials, trust: Trust
-) -> None:
-    await crash_run(
-        stack, service_credentials, trust, points=ALL_POINTS * 2, per_point=6, random_kills=10
-    )
+async def test_kill_9_at_every_step_boundary_and_at_random(stack: Stack, trust: Trust) -> None:
+    await crash_run(stack, trust, points=ALL_POINTS * 2, per_point=6, random_kills=10)

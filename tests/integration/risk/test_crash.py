@@ -17,9 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cex.risk.v1 import risk_pb2 as R
 from cex.risk.v1 import risk_pb2_grpc
-from services.chassis import ServiceCredentials
 from services.stack.supervisor import Stack
 from services.stack.topology import free_ports
+from tests.conftest import Trust
 
 
 class RiskProcess:
@@ -56,7 +56,7 @@ async def _ready(target: str) -> None:
 )
 async def test_withdrawal_answers_and_limits_survive_kill_9(
     stack: Stack,
-    service_credentials: ServiceCredentials,
+    trust: Trust,
     fresh_database_url: str,
     kills: int,
 ) -> None:
@@ -73,13 +73,13 @@ async def test_withdrawal_answers_and_limits_survive_kill_9(
     }
     risk = RiskProcess(env)
     await risk.start()
-    metadata = (("authorization", f"Bearer {await service_credentials.token()}"),)
     account = f"acc_{uuid.uuid4().hex[:8]}"
     ids = [f"w{i}-{account}" for i in range(80)]
     answers: dict[str, bool] = {}
     try:
         await _ready(target)
-        async with grpc.aio.insecure_channel(target) as channel:
+        # The service token on every call, renewed near expiry (ten kills outlive one).
+        async with trust.channel(target) as channel:
             stub = risk_pb2_grpc.RiskServiceStub(channel)
             await stub.SetLimits(
                 R.SetLimitsRequest(
@@ -89,7 +89,6 @@ async def test_withdrawal_answers_and_limits_survive_kill_9(
                         withdrawals=[R.WithdrawalLimits(asset="ETH", max_amount_per_day="10")],
                     ),
                 ),
-                metadata=metadata,
                 timeout=10,
             )
 
@@ -102,7 +101,7 @@ async def test_withdrawal_answers_and_limits_survive_kill_9(
                 while True:  # as funding's saga does: retry the same id until answered
                     try:
                         reply = await stub.CheckWithdrawal(
-                            request(wid), metadata=metadata, timeout=5, wait_for_ready=True
+                            request(wid), timeout=5, wait_for_ready=True
                         )
                         return reply.allowed
                     except grpc.aio.AioRpcError as error:
