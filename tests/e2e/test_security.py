@@ -25,6 +25,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf import duration_pb2
 from google.rpc import status_pb2
 
 from cex.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -80,6 +81,10 @@ class World:
         return sign(self.key, self.kid, **claims)  # type: ignore[arg-type]
 
 
+# The longest lifetime auth gives: the module's parties keep their tokens throughout.
+_MODULE_LONG = duration_pb2.Duration(seconds=900)
+
+
 async def _party(stub: auth_pb2_grpc.AuthServiceStub, operator: str, scopes: list[int]) -> Party:
     md = _md(operator)
     account = (
@@ -96,7 +101,7 @@ async def _party(stub: auth_pb2_grpc.AuthServiceStub, operator: str, scopes: lis
     )
     token = await stub.IssueToken(
         auth_pb2.IssueTokenRequest(
-            api_key_id=created.api_key.api_key_id, api_key_secret=created.secret
+            api_key_id=created.api_key.api_key_id, api_key_secret=created.secret, ttl=_MODULE_LONG
         )
     )
     return Party(account.account_id, created.api_key.api_key_id, created.secret, token.access_token)
@@ -110,7 +115,9 @@ async def world(stack: Stack, service_credentials: ServiceCredentials) -> World:
         a = await _party(stub, service_token, [READ, TRADE])
         b = await _party(stub, service_token, [READ])
         narrowed = await stub.IssueToken(
-            auth_pb2.IssueTokenRequest(api_key_id=a.key_id, api_key_secret=a.secret, scopes=[READ])
+            auth_pb2.IssueTokenRequest(
+                api_key_id=a.key_id, api_key_secret=a.secret, scopes=[READ], ttl=_MODULE_LONG
+            )
         )
     conn = await asyncpg.connect(stack.database_url)
     try:

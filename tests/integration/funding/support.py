@@ -28,6 +28,7 @@ from services.funding.config import FundingConfig
 from services.funding.server import build_server
 from services.stack.supervisor import Stack
 from services.stack.topology import free_ports
+from tests.conftest import Trust
 from tests.integration.ledger.support import Ledger
 
 TERMINAL = {
@@ -160,7 +161,6 @@ def funding_config(ledger_target: str, chain_target: str, **overrides: Any) -> F
 @dataclass
 class Funding:
     stub: funding_pb2_grpc.FundingServiceAsyncStub
-    md: tuple[tuple[str, str]]
     database_url: str
     server: Server | None = None
 
@@ -184,7 +184,7 @@ class Funding:
                 address=address or (BTC_ADDRESS if asset == "BTC" else ETH_ADDRESS),
                 **fields,
             ),
-            metadata=tuple(md) if md is not None else self.md,
+            metadata=tuple(md) if md is not None else None,
             timeout=10,
         )
         return reply.withdrawal
@@ -192,13 +192,12 @@ class Funding:
     async def get(self, account: str, withdrawal_id: str) -> F.Withdrawal:
         reply = await self.stub.GetWithdrawal(
             F.GetWithdrawalRequest(account_id=account, withdrawal_id=withdrawal_id),
-            metadata=self.md,
             timeout=10,
         )
         return reply.withdrawal
 
     async def saga(self, saga_id: str) -> F.Saga:
-        return (await self.stub.GetSaga(F.GetSagaRequest(saga_id=saga_id), metadata=self.md)).saga
+        return (await self.stub.GetSaga(F.GetSagaRequest(saga_id=saga_id))).saga
 
     async def settle(
         self, account: str, withdrawal_id: str, *, within_s: float = 30
@@ -216,7 +215,7 @@ class Funding:
 @contextlib.asynccontextmanager
 async def running_funding(
     stack: Stack,
-    service_token: str,
+    trust: Trust,
     database_url: str,
     config: FundingConfig,
     *,
@@ -225,14 +224,11 @@ async def running_funding(
     settings = funding_settings(stack, database_url, nats_url=nats_url)
     server = await build_server(settings, config=config)
     port = await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    # The service token on every call that brings no token of its own, renewed
+    # near expiry (a module's tests outlive one token).
+    channel = trust.channel(f"127.0.0.1:{port}")
     try:
-        yield Funding(
-            funding_pb2_grpc.FundingServiceStub(channel),
-            bearer(service_token),
-            database_url,
-            server,
-        )
+        yield Funding(funding_pb2_grpc.FundingServiceStub(channel), database_url, server)
     finally:
         await channel.close()
         await server.stop(0.5)

@@ -14,7 +14,6 @@ import grpc
 import pytest
 
 from cex.funding.v1 import funding_pb2 as F
-from services.chassis import ServiceCredentials
 from services.stack.supervisor import Stack
 from tests.conftest import Trust
 from tests.integration.funding.support import (
@@ -38,16 +37,14 @@ class World:
 
 
 @pytest.fixture(scope="module")
-async def world(
-    stack: Stack, service_credentials: ServiceCredentials, trust: Trust
-) -> AsyncIterator[World]:
+async def world(stack: Stack, trust: Trust) -> AsyncIterator[World]:
     async with (
         fresh_database(stack) as database_url,
         running_ledger(database_url, trust) as ledger,
         chainsim(seed=5, block_s=0.05) as chain,
         running_funding(
             stack,
-            await service_credentials.token(),
+            trust,
             database_url,
             funding_config(f"127.0.0.1:{ledger.server.port}", chain.target),
         ) as funding,
@@ -57,15 +54,13 @@ async def world(
 
 async def _address(world: World, account: str, asset: str) -> str:
     reply = await world.funding.stub.GetDepositAddress(
-        F.GetDepositAddressRequest(account_id=account, asset=asset), metadata=world.funding.md
+        F.GetDepositAddressRequest(account_id=account, asset=asset)
     )
     return reply.deposit_address.address
 
 
 async def _deposits(world: World, account: str) -> list[F.Deposit]:
-    reply = await world.funding.stub.ListDeposits(
-        F.ListDepositsRequest(account_id=account), metadata=world.funding.md
-    )
+    reply = await world.funding.stub.ListDeposits(F.ListDepositsRequest(account_id=account))
     return list(reply.deposits)
 
 
@@ -87,7 +82,7 @@ async def test_an_address_is_stable_per_account_and_asset(world: World) -> None:
     assert eth.startswith("0x") and eth != await _address(world, new_account(), "ETH")
     bad = await rpc_error(
         world.funding.stub.GetDepositAddress(
-            F.GetDepositAddressRequest(account_id=acct, asset="DOGE"), metadata=world.funding.md
+            F.GetDepositAddressRequest(account_id=acct, asset="DOGE")
         )
     )
     assert (bad.code, bad.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "FUNDING_ASSET_UNSUPPORTED")
@@ -104,7 +99,6 @@ async def test_a_deposit_is_credited_once_after_its_confirmations(world: World) 
     assert await world.ledger.available(acct, "BTC") == "0.25"
     got = await world.funding.stub.GetDeposit(
         F.GetDepositRequest(account_id=acct, deposit_id=deposit.deposit_id),
-        metadata=world.funding.md,
     )
     # Confirmations keep arriving after the credit; the rest is fixed.
     assert (got.deposit.deposit_id, got.deposit.state, got.deposit.ledger_transfer_id) == (
@@ -115,7 +109,6 @@ async def test_a_deposit_is_credited_once_after_its_confirmations(world: World) 
     other = await rpc_error(
         world.funding.stub.GetDeposit(
             F.GetDepositRequest(account_id=new_account(), deposit_id=deposit.deposit_id),
-            metadata=world.funding.md,
         )
     )
     assert (other.code, other.reason) == (grpc.StatusCode.NOT_FOUND, "FUNDING_DEPOSIT_NOT_FOUND")

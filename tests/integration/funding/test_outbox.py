@@ -9,7 +9,6 @@ import json
 import asyncpg
 import nats
 
-from services.chassis import ServiceCredentials
 from services.funding.outbox import STREAM
 from services.stack.supervisor import Stack
 from tests.conftest import Trust
@@ -25,7 +24,7 @@ from tests.integration.ledger.support import running_ledger
 
 
 async def test_withdrawal_events_are_relayed_in_order(
-    stack: Stack, service_credentials: ServiceCredentials, private_nats: str, trust: Trust
+    stack: Stack, private_nats: str, trust: Trust
 ) -> None:
     async with (
         fresh_database(stack) as database_url,
@@ -33,7 +32,7 @@ async def test_withdrawal_events_are_relayed_in_order(
         chainsim() as chain,
         running_funding(
             stack,
-            await service_credentials.token(),
+            trust,
             database_url,
             funding_config(
                 f"127.0.0.1:{ledger.server.port}", chain.target, outbox=True, outbox_poll_s=0.05

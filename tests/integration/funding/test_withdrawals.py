@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from cex.funding.v1 import funding_pb2 as F
+from cex.funding.v1 import funding_pb2_grpc
 from services.chassis import ServiceCredentials
 from services.stack.supervisor import Stack
 from services.stack.topology import free_ports
@@ -44,9 +45,7 @@ class World:
 
 
 @pytest.fixture(scope="module")
-async def world(
-    stack: Stack, service_credentials: ServiceCredentials, trust: Trust
-) -> AsyncIterator[World]:
+async def world(stack: Stack, trust: Trust) -> AsyncIterator[World]:
     """One ledger, chain and funding for the module; each test uses fresh accounts."""
     async with (
         fresh_database(stack) as database_url,
@@ -54,7 +53,7 @@ async def world(
         chainsim() as chain,
         running_funding(
             stack,
-            await service_credentials.token(),
+            trust,
             database_url,
             funding_config(f"127.0.0.1:{ledger.server.port}", chain.target),
         ) as funding,
@@ -113,10 +112,10 @@ async def test_insufficient_funds_is_rejected_and_moves_nothing(world: World) ->
     assert (await world.chain.stats())["broadcast_calls"].get(w.withdrawal_id) is None
 
 
-async def test_a_risk_denial_voids_the_hold(world: World, stack: Stack) -> None:
+async def test_a_risk_denial_voids_the_hold(world: World, stack: Stack, trust: Trust) -> None:
     acct = new_account()
     await fund(world.ledger, acct, "100")
-    await _freeze(stack, world, acct)
+    await _freeze(trust, stack, acct)
     w = await world.funding.settle(acct, (await world.funding.withdraw(acct, "10")).withdrawal_id)
     assert w.state == F.WITHDRAWAL_STATE_REJECTED
     assert b"RISK_ACCOUNT_FROZEN" in w.failure.SerializeToString()
@@ -132,10 +131,10 @@ async def test_a_risk_denial_voids_the_hold(world: World, stack: Stack) -> None:
     assert (await world.ledger.audit()).balanced
 
 
-async def _freeze(stack: Stack, world: World, account: str) -> None:
+async def _freeze(trust: Trust, stack: Stack, account: str) -> None:
     from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 
-    async with grpc.aio.insecure_channel(stack.edge) as channel:
+    async with trust.channel(stack.edge) as channel:
         await risk_pb2_grpc.RiskServiceStub(channel).SetKillSwitch(
             risk_pb2.SetKillSwitchRequest(
                 request_id=uuid.uuid4().hex,
@@ -145,7 +144,6 @@ async def _freeze(stack: Stack, world: World, account: str) -> None:
                 block_withdrawals=True,
                 reason="funding test",
             ),
-            metadata=world.funding.md,
             timeout=10,
         )
 
@@ -231,18 +229,14 @@ async def test_bad_input_is_refused_with_field_violations_and_moves_no_money(
         )
         for name, value in fields.items():
             setattr(request, name, value)
-        bad = await rpc_error(
-            world.funding.stub.RequestWithdrawal(request, metadata=world.funding.md)
-        )
+        bad = await rpc_error(world.funding.stub.RequestWithdrawal(request))
         assert (bad.code, bad.reason, bad.domain) == (
             grpc.StatusCode.INVALID_ARGUMENT,
             reason,
             "funding",
         )
         assert [v.field for v in bad.violations] == [field]
-        listed = await world.funding.stub.ListWithdrawals(
-            F.ListWithdrawalsRequest(account_id=acct), metadata=world.funding.md
-        )
+        listed = await world.funding.stub.ListWithdrawals(F.ListWithdrawalsRequest(account_id=acct))
         assert not listed.withdrawals
         assert await world.ledger.available(acct, "USDT") == "100"
 
@@ -264,7 +258,7 @@ async def test_btc_minimum_and_precision(world: World) -> None:
 
 
 async def test_cancel_after_broadcast_or_after_the_end_is_refused(
-    world: World, stack: Stack
+    world: World, stack: Stack, trust: Trust
 ) -> None:
     acct = new_account()
     await fund(world.ledger, acct, "100")
@@ -278,7 +272,7 @@ async def test_cancel_after_broadcast_or_after_the_end_is_refused(
         "FUNDING_WITHDRAWAL_ALREADY_BROADCAST",
         "funding",
     )
-    await _freeze(stack, world, acct)
+    await _freeze(trust, stack, acct)
     refused = await world.funding.settle(
         acct, (await world.funding.withdraw(acct, "10")).withdrawal_id
     )
@@ -295,13 +289,12 @@ def _cancel(funding: Funding, account: str, withdrawal_id: str, request_id: str)
         F.CancelWithdrawalRequest(
             request_id=request_id, account_id=account, withdrawal_id=withdrawal_id
         ),
-        metadata=funding.md,
         timeout=10,
     )
 
 
 async def test_cancel_before_broadcast_voids_the_hold_and_never_reaches_custody(
-    stack: Stack, service_token: str, fresh_database_url: str, trust: Trust
+    stack: Stack, fresh_database_url: str, trust: Trust
 ) -> None:
     # Risk unreachable: the saga holds, then retries the check with backoff.
     dead = f"127.0.0.1:{free_ports().edge}"
@@ -310,7 +303,7 @@ async def test_cancel_before_broadcast_voids_the_hold_and_never_reaches_custody(
         chainsim() as chain,
         running_funding(
             stack,
-            service_token,
+            trust,
             fresh_database_url,
             funding_config(f"127.0.0.1:{ledger.server.port}", chain.target, risk_target=dead),
         ) as funding,
@@ -358,7 +351,6 @@ async def test_another_accounts_withdrawal_is_not_found(world: World) -> None:
     cancel = await rpc_error(
         world.funding.stub.CancelWithdrawal(
             F.CancelWithdrawalRequest(request_id="x", account_id=b, withdrawal_id=w.withdrawal_id),
-            metadata=world.funding.md,
         )
     )
     assert cancel.code == grpc.StatusCode.NOT_FOUND
@@ -374,7 +366,6 @@ async def test_lists_page_newest_first(world: World) -> None:
     while True:
         page = await world.funding.stub.ListWithdrawals(
             F.ListWithdrawalsRequest(account_id=acct, page_size=2, page_token=token),
-            metadata=world.funding.md,
         )
         seen += [w.withdrawal_id for w in page.withdrawals]
         token = page.next_page_token
@@ -383,7 +374,6 @@ async def test_lists_page_newest_first(world: World) -> None:
     assert seen == list(reversed(made))
     sagas = await world.funding.stub.ListSagas(
         F.ListSagasRequest(account_id=acct, kind=F.SAGA_KIND_WITHDRAWAL),
-        metadata=world.funding.md,
     )
     assert len(sagas.sagas) == 5 and all(not s.steps for s in sagas.sagas)
     for wid in made:
@@ -521,5 +511,8 @@ async def test_users_act_on_their_own_account_only(
     assert (sagas.code, sagas.reason) == (grpc.StatusCode.PERMISSION_DENIED, "AUTH_SCOPE_MISSING")
     listed = await stub.ListWithdrawals(F.ListWithdrawalsRequest(), metadata=bob_md)
     assert not listed.withdrawals
-    unauth = await rpc_error(stub.ListWithdrawals(F.ListWithdrawalsRequest()))
+    assert world.funding.server is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{world.funding.server.port}") as plain:
+        no_token = funding_pb2_grpc.FundingServiceStub(plain)
+        unauth = await rpc_error(no_token.ListWithdrawals(F.ListWithdrawalsRequest()))
     assert unauth.code == grpc.StatusCode.UNAUTHENTICATED

@@ -26,8 +26,10 @@ KEY = Ed25519PrivateKey.generate()
 
 
 def token(subject: str, *scopes: str) -> str:
+    # A day: these are made when pytest imports the module, and a loaded machine's
+    # whole run may come before this module's tests.
     return sign(KEY, "k1", subject=subject, key_id="ak_test", scopes=scopes,
-                issued_at=int(time.time()), ttl_s=600, token_id=uuid.uuid4().hex)  # fmt: skip
+                issued_at=int(time.time()), ttl_s=86_400, token_id=uuid.uuid4().hex)  # fmt: skip
 
 
 def bearer(value: str) -> tuple[tuple[str, str]]:
