@@ -469,15 +469,18 @@ class MarketMakerSession:
             )
         )
 
-        async def requests() -> AsyncIterator[Req]:
-            while (message := await outbox.get()) is not None:
-                yield message
-
         self._token = await self._client.tokens.token()
         call = self._client.stream_stream(_STREAM, Resp)(
-            requests(), metadata=(("authorization", f"Bearer {self._token}"),)
+            metadata=(("authorization", f"Bearer {self._token}"),)
         )
-        tasks: list[asyncio.Task[None]] = []
+
+        async def write() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                while (message := await outbox.get()) is not None:
+                    await call.write(message)
+                await call.done_writing()
+
+        tasks: list[asyncio.Task[None]] = [asyncio.create_task(write())]
         try:
             first = await self._read(call)
             if first is None:
