@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 import grpc
+from google.protobuf.message import Message
 
 from cex.marketdata.v1 import marketdata_pb2 as md
 from cex.type.v1 import types_pb2
@@ -323,20 +324,27 @@ class LocalOrderBook:
         return message
 
     async def _run(self) -> None:
+        # Consecutive failed attempts: the first rebuild after a gap or a bad
+        # checksum is immediate, repeated ones (or a service that is down) back off.
         failures = 0
         while not self._closed:
-            request = md.StreamOrderBookRequest(market=self.market, depth=self.depth)
-            call = self._client.unary_stream(_STREAM, md.StreamOrderBookResponse)(
-                request, metadata=await self._client.metadata()
-            )
+            call: grpc.aio.UnaryStreamCall[Message, md.StreamOrderBookResponse] | None = None
+            unreachable = False
             try:
+                request = md.StreamOrderBookRequest(market=self.market, depth=self.depth)
+                call = self._client.unary_stream(_STREAM, md.StreamOrderBookResponse)(
+                    request, metadata=await self._client.metadata()
+                )
+                good = 0
                 async for message in call:
                     received = self._receive(message)
                     if received is None:
                         continue
                     was_synced = self._state.synced
                     self._state.apply(received)
-                    failures = 0
+                    good += 1
+                    if good == 2:  # a snapshot and a delta both checked out
+                        failures = 0
                     if received.HasField("snapshot") and received.resynced and was_synced:
                         self._resynced("resynced", "the server restarted the stream")
                     self.messages += 1
@@ -345,18 +353,20 @@ class LocalOrderBook:
                 raise BookOutOfSync("disconnected", "the stream ended")
             except BookOutOfSync as out:
                 self._resynced(out.reason, str(out))
-                self._state.synced = False
-                if out.reason == "disconnected":
-                    failures += 1
-            except grpc.aio.AioRpcError as error:
-                self.last_error = from_rpc_error(error)
+                failures += 1
+            except (grpc.aio.AioRpcError, CexError) as error:
+                self.last_error = (
+                    from_rpc_error(error) if isinstance(error, grpc.aio.AioRpcError) else error
+                )
                 if self._state.synced:
                     self._resynced("disconnected", str(self.last_error))
-                self._state.synced = False
                 failures += 1
+                unreachable = True
             finally:
-                call.cancel()
-            if failures:
+                self._state.synced = False
+                if call is not None:
+                    call.cancel()
+            if failures > 1 or unreachable:
                 retry = min(failures, 20)
                 await asyncio.sleep(self._reconnect.delay_s(retry, None, self._random))
 

@@ -53,6 +53,7 @@ from cex.type.v1 import types_pb2
 from .errors import (
     CexError,
     DeadlineExceededError,
+    InternalError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
@@ -229,6 +230,7 @@ class MarketMakerSession:
         self._closing = False
         self._beats = itertools.count(1)
         self._token = ""
+        self._opened = 0
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -428,16 +430,20 @@ class MarketMakerSession:
             if self._started is not None and self._started.done() and self._before_reconnect:
                 await self._before_reconnect()
             error: CexError | None = None
+            opened = self._opened
             try:
-                opened = await self._serve()
-                if opened:
-                    failures = 0
+                await self._serve()
             except grpc.aio.AioRpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
             except _StreamLost as lost:
                 error = lost.error
             except CexError as cex_error:  # reconciliation failed: the service is not back yet
                 error = cex_error
+            except Exception as bug:
+                _log.exception("order session failed; reconnecting")
+                error = InternalError(grpc.StatusCode.UNKNOWN, f"session failed: {bug!r}")
+            if self._opened > opened:
+                failures = 0  # it was open: start the backoff over
             if self._closing:
                 return
             if isinstance(error, UnauthenticatedError):
@@ -452,10 +458,8 @@ class MarketMakerSession:
             delay = self._reconnect.delay_s(min(failures, 20), None, self._random)
             await asyncio.sleep(delay)
 
-    async def _serve(self) -> bool:
-        """One connection: subscribe, resend, reconcile, read until it ends.
-
-        Returns whether the session opened; raises what broke it."""
+    async def _serve(self) -> None:
+        """One connection: subscribe, resend, reconcile, read until it ends (or raise)."""
         outbox: asyncio.Queue[Req | None] = asyncio.Queue()
         interval = duration_pb2.Duration()
         interval.FromNanoseconds(int(self._beat_s * 1e9))
@@ -484,7 +488,7 @@ class MarketMakerSession:
         try:
             first = await self._read(call)
             if first is None:
-                return False
+                return
             if first.WhichOneof("payload") == "error":
                 raise _StreamLost(from_status(first.error))
             if first.WhichOneof("payload") != "subscribed":
@@ -492,6 +496,7 @@ class MarketMakerSession:
                     UnavailableError(grpc.StatusCode.UNAVAILABLE, "no subscribed answer")
                 )
             reconnect = bool(self.session_id)
+            self._opened += 1
             self.session_id = first.subscribed.session_id
             self._expected = first.subscribed.last_sequence + 1
             self._outbox = outbox
@@ -521,7 +526,6 @@ class MarketMakerSession:
                 if self._dead_man_s:
                     tasks.append(asyncio.create_task(self._dead_man()))
                 await self._read_all(call)
-            return True
         finally:
             self._connected.clear()
             self._outbox = None
