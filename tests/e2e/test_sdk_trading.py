@@ -346,8 +346,8 @@ async def test_the_local_book_equals_the_exchange_s_and_resyncs_after_a_gap_and_
                     timeout=10,
                 )
             ).book
-        if engine.seq == book.seq:
-            assert (_levels(engine.bids)[:50], _levels(engine.asks)[:50]) == mine
+        assert engine.seq == book.seq
+        assert (_levels(engine.bids)[:50], _levels(engine.asks)[:50]) == mine
         # The faulty copy saw a gap and a bad checksum, rebuilt itself both times,
         # and holds the same book.
         assert [r.reason for r in faulty.resyncs] == ["gap", "checksum"]
