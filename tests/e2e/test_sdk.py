@@ -277,7 +277,11 @@ async def _is_cancelled(stack: Stack, who: Integrator, order_id: str) -> None:
     async with Client.from_api_key(stack.edge, who.key_id, who.secret) as client:
         order = await client.orders.get(order_id)
         assert order.state == t.ORDER_STATE_CANCELLED
-        assert [b.held for b in await client.ledger.get_balances()] == ["0"]
+        for _ in range(100):  # the hold is released after the cancel, asynchronously
+            if [b.held for b in await client.ledger.get_balances()] == ["0"]:
+                return
+            await asyncio.sleep(0.1)
+        pytest.fail("the cancelled order's hold was not released")
 
 
 async def test_the_go_example_places_and_cancels_an_order_through_the_edge(
