@@ -17,7 +17,7 @@ NODE_TOOLS := node_modules/.installed
 # the e2e test's `go build` only compiles the example itself.
 GO_EXAMPLE := $(TOOLS)/go-example.stamp
 
-.PHONY: sdk-tools
+.PHONY: sdk-tools examples-lint
 
 sdk-tools: $(GO_PLUGINS) $(NODE_TOOLS)
 
@@ -41,3 +41,11 @@ setup gen gen-check: sdk-tools
 setup: $(GO_EXAMPLE)
 # The e2e tests compile examples/ts with the project's tsc and build examples/go.
 test: $(NODE_TOOLS) $(GO_EXAMPLE)
+
+# examples/python are scripts (not a package): ruff, and mypy strict with the
+# SDK and the generated code on its path. Part of `make lint`.
+examples-lint: $(INSTALLED)
+	$(BIN)/ruff check examples/python
+	$(BIN)/ruff format --check examples/python
+	MYPYPATH=sdk/python:gen/python:examples/python $(BIN)/mypy --strict examples/python/*.py
+lint: examples-lint

@@ -1,5 +1,6 @@
 // Gets an access token from an API key and calls protected methods through the
-// exchange's edge (Envoy): the caller's account and its balances. gRPC over
+// exchange's edge (Envoy): the caller's account and its balances, and with
+// --place-order a limit order that it then cancels. gRPC over
 // HTTP/2 by default; --grpc-web speaks gRPC-Web (what a browser uses, with
 // @connectrpc/connect-web's transport instead of connect-node's).
 //
@@ -15,12 +16,18 @@ import { parseArgs } from "node:util";
 
 import { AuthService } from "../../gen/ts/cex/auth/v1/auth_pb.js";
 import { LedgerService } from "../../gen/ts/cex/ledger/v1/ledger_pb.js";
+import { OrderService } from "../../gen/ts/cex/order/v1/order_pb.js";
+import { OrderState, OrderType, Side, TimeInForce } from "../../gen/ts/cex/type/v1/types_pb.js";
 
 const { values: args } = parseArgs({
   options: {
     target: { type: "string", default: process.env.CEX_TARGET ?? "127.0.0.1:50050" },
     "grpc-web": { type: "boolean", default: false },
     "timeout-ms": { type: "string", default: "10000" },
+    "place-order": { type: "boolean", default: false },
+    market: { type: "string", default: "BTC-USDT" },
+    price: { type: "string", default: "95.5" },
+    quantity: { type: "string", default: "0.1" },
   },
 });
 const keyId = process.env.CEX_API_KEY_ID;
@@ -90,6 +97,36 @@ async function main(): Promise<void> {
       balances: balances.map((b) => ({ asset: b.asset, available: b.available, held: b.held })),
     }),
   );
+
+  if (args["place-order"]) {
+    // Both calls carry their idempotency ids, so either may be sent again
+    // after a transport failure without acting twice.
+    const orders = createClient(OrderService, authed);
+    const clientOrderId = `ts-example-${Date.now()}-${Math.floor(Math.random() * 1e9)}`;
+    const placed = await orders.placeOrder(
+      {
+        clientOrderId,
+        market: args.market,
+        side: Side.BUY,
+        type: OrderType.LIMIT,
+        timeInForce: TimeInForce.GTC,
+        price: args.price,
+        quantity: args.quantity,
+      },
+      { timeoutMs },
+    );
+    console.log(JSON.stringify({ placed: placed.order?.orderId, client_order_id: clientOrderId }));
+    const cancelled = await orders.cancelOrder(
+      { requestId: `cancel-${clientOrderId}`, orderId: placed.order?.orderId ?? "" },
+      { timeoutMs },
+    );
+    console.log(
+      JSON.stringify({
+        cancelled: cancelled.order?.orderId,
+        state: `ORDER_STATE_${OrderState[cancelled.order?.state ?? OrderState.UNSPECIFIED]}`,
+      }),
+    );
+  }
 }
 
 main().catch((error: unknown) => {

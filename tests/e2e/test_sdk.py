@@ -2,7 +2,8 @@
 
 A real account and API key (made as `cex account create` / `cex apikey create`
 do, with a service token) and a real deposit; then the Python SDK, the Go
-example and the TypeScript example each get a token from the key and read.
+example and the TypeScript example each get a token from the key and read;
+the Go and TypeScript examples also place an order through Envoy and cancel it.
 The Python SDK's retries meet real faults: the edge's rate limit on IssueToken
 (RESOURCE_EXHAUSTED with RetryInfo 1 s) and a killed ledger (UNAVAILABLE
 until the supervisor has restarted it).
@@ -26,6 +27,7 @@ import pytest
 
 from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from cex.type.v1 import types_pb2 as t
 from cex_sdk import NO_RETRY, Client, RateLimitedError, RetryEvent, RetryPolicy
 from services.chassis import ServiceCredentials
 from services.stack.supervisor import Stack
@@ -41,9 +43,9 @@ class Integrator:
     secret: str
 
 
-@pytest.fixture(scope="module")
-async def integrator(stack: Stack, service_credentials: ServiceCredentials) -> Integrator:
-    """An account with a read+trade key and 5 USDT deposited."""
+async def _integrator(
+    stack: Stack, service_credentials: ServiceCredentials, usdt: str
+) -> Integrator:
     md = (("authorization", f"Bearer {await service_credentials.token()}"),)
     async with grpc.aio.insecure_channel(stack.edge) as channel:
         auth = auth_pb2_grpc.AuthServiceStub(channel)
@@ -71,7 +73,7 @@ async def integrator(stack: Stack, service_credentials: ServiceCredentials) -> I
                         debit_account_id="sys:custody",
                         credit_account_id=account.account_id,
                         asset="USDT",
-                        amount="5",
+                        amount=usdt,
                         kind=ledger_pb2.TRANSFER_KIND_DEPOSIT,
                     )
                 ]
@@ -80,6 +82,18 @@ async def integrator(stack: Stack, service_credentials: ServiceCredentials) -> I
             timeout=10,
         )
     return Integrator(account.account_id, key.api_key.api_key_id, key.secret)
+
+
+@pytest.fixture(scope="module")
+async def integrator(stack: Stack, service_credentials: ServiceCredentials) -> Integrator:
+    """An account with a read+trade key and 5 USDT deposited."""
+    return await _integrator(stack, service_credentials, "5")
+
+
+@pytest.fixture(scope="module")
+async def trader(stack: Stack, service_credentials: ServiceCredentials) -> Integrator:
+    """An account with a read+trade key and 100 USDT, for the examples' orders."""
+    return await _integrator(stack, service_credentials, "100")
 
 
 def _balances(rows: list[dict[str, str]]) -> dict[str, Decimal]:
@@ -249,3 +263,40 @@ def ts_example() -> Path:
     assert tsc.exists(), "run `make setup` (npm ci installs tsc and the runtime)"
     _run([str(tsc), "-p", "examples/ts"], ROOT)
     return ROOT / "examples/ts/dist/examples/ts/main.js"
+
+
+def _placed_and_cancelled(out: str) -> str:
+    """The order id from an example's last two lines: placed, then cancelled."""
+    *_, placed, cancelled = _json_lines(out)
+    assert "-example-" in str(placed["client_order_id"])
+    assert cancelled == {"cancelled": placed["placed"], "state": "ORDER_STATE_CANCELLED"}
+    return str(placed["placed"])
+
+
+async def _is_cancelled(stack: Stack, who: Integrator, order_id: str) -> None:
+    async with Client.from_api_key(stack.edge, who.key_id, who.secret) as client:
+        order = await client.orders.get(order_id)
+        assert order.state == t.ORDER_STATE_CANCELLED
+        for _ in range(100):  # the hold is released after the cancel, asynchronously
+            if [b.held for b in await client.ledger.get_balances()] == ["0"]:
+                return
+            await asyncio.sleep(0.1)
+        pytest.fail("the cancelled order's hold was not released")
+
+
+async def test_the_go_example_places_and_cancels_an_order_through_the_edge(
+    stack: Stack, trader: Integrator, go_example: Path
+) -> None:
+    argv = [str(go_example), "-place-order", "-price", "95.5", "-quantity", "0.1"]
+    out = await asyncio.to_thread(_run, argv, ROOT, _key_env(stack, trader))
+    await _is_cancelled(stack, trader, _placed_and_cancelled(out))
+
+
+@pytest.mark.parametrize("transport", ["grpc", "grpc-web"])
+async def test_the_typescript_example_places_and_cancels_an_order_through_the_edge(
+    stack: Stack, trader: Integrator, transport: str, ts_example: Path
+) -> None:
+    argv = ["node", str(ts_example), "--place-order", "--price", "95.5", "--quantity", "0.1"]
+    argv += ["--grpc-web"] if transport == "grpc-web" else []
+    out = await asyncio.to_thread(_run, argv, ROOT, _key_env(stack, trader))
+    await _is_cancelled(stack, trader, _placed_and_cancelled(out))

@@ -17,6 +17,8 @@ from cex.ledger.v1 import ledger_pb2
 
 from ._tokens import TokenSource
 from .errors import CexError, UnauthenticatedError, from_rpc_error
+from .marketdata import MarketDataApi
+from .orders import OrdersApi
 from .retry import RetryEvent, RetryPolicy, may_retry
 
 __all__ = ["DEFAULT_TIMEOUT_S", "KEEPALIVE_OPTIONS", "AuthApi", "Client", "LedgerApi"]
@@ -77,6 +79,8 @@ class Client:
         )
         self.auth = AuthApi(self)
         self.ledger = LedgerApi(self)
+        self.orders = OrdersApi(self)
+        self.market_data = MarketDataApi(self)
 
     @classmethod
     def from_api_key(
@@ -121,6 +125,42 @@ class Client:
         """The API key's account (known once a token has been issued)."""
         await self.tokens.token()
         return self.tokens.account_id
+
+    async def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The call metadata carrying a valid token (for streams opened by hand)."""
+        return (("authorization", f"Bearer {await self.tokens.token()}"),)
+
+    def stream_stream(
+        self, method: str, response_type: type[R]
+    ) -> grpc.aio.StreamStreamMultiCallable[Message, R]:
+        """A bidirectional stream method by its full name (no deadline, no retry).
+
+        The helpers built on it (`MarketMakerSession`) reconnect themselves.
+        """
+        return cast(
+            "grpc.aio.StreamStreamMultiCallable[Message, R]",
+            self._channel.stream_stream(
+                method,
+                request_serializer=_serialize,
+                response_deserializer=response_type.FromString,
+            ),
+        )
+
+    def unary_stream(
+        self, method: str, response_type: type[R]
+    ) -> grpc.aio.UnaryStreamMultiCallable[Message, R]:
+        """A server-streaming method by its full name (no deadline, no retry).
+
+        The helpers built on it (`LocalOrderBook`) reconnect themselves.
+        """
+        return cast(
+            "grpc.aio.UnaryStreamMultiCallable[Message, R]",
+            self._channel.unary_stream(
+                method,
+                request_serializer=_serialize,
+                response_deserializer=response_type.FromString,
+            ),
+        )
 
     def _callable(
         self, method: str, response_type: type[R]

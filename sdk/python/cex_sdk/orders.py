@@ -1,0 +1,391 @@
+"""cex.order.v1.OrderService as typed calls, every mutating one idempotent.
+
+Each mutating call carries its idempotency key: `client_order_id` for a place
+(one per batch item), `request_id` for everything else. Give your own to tie
+a retry after a crash of your process to the first attempt; when you give
+none, a fresh one is generated. Either way the key is fixed before the first
+attempt, so the client's retries (UNAVAILABLE, RESOURCE_EXHAUSTED) resend the
+same key and the exchange answers a repeat with the first result: a retried
+place never makes a second order.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from google.protobuf import timestamp_pb2
+
+from cex.order.v1 import order_pb2
+from cex.type.v1 import types_pb2
+
+if TYPE_CHECKING:
+    from .client import Client
+
+__all__ = [
+    "TERMINAL_STATES",
+    "WORKING_STATES",
+    "Amount",
+    "OrdersApi",
+    "decimal_text",
+    "new_id",
+    "place_request",
+]
+
+#: A decimal amount: `Decimal`, an int, or a decimal string. Never a float.
+Amount = Decimal | str | int
+
+#: States in which an order can still trade or be cancelled.
+WORKING_STATES = frozenset(
+    {
+        types_pb2.ORDER_STATE_PENDING_NEW,
+        types_pb2.ORDER_STATE_UNTRIGGERED,
+        types_pb2.ORDER_STATE_OPEN,
+        types_pb2.ORDER_STATE_PARTIALLY_FILLED,
+    }
+)
+#: States an order never leaves.
+TERMINAL_STATES = frozenset(
+    {
+        types_pb2.ORDER_STATE_FILLED,
+        types_pb2.ORDER_STATE_CANCELLED,
+        types_pb2.ORDER_STATE_REJECTED,
+        types_pb2.ORDER_STATE_EXPIRED,
+    }
+)
+
+
+def new_id(prefix: str = "sdk") -> str:
+    """A fresh idempotency key (`<prefix>-<32 hex>`, within the 64-char limit)."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def decimal_text(value: Amount | None) -> str:
+    """The wire form of an amount ("" for None); floats are refused."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        raise TypeError("amounts are Decimal, int or str, never float")
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    return str(value)
+
+
+def _timestamp(when: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if when is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+def place_request(
+    market: str,
+    side: types_pb2.Side.ValueType,
+    quantity: Amount | None = None,
+    *,
+    price: Amount | None = None,
+    type: types_pb2.OrderType.ValueType = types_pb2.ORDER_TYPE_LIMIT,
+    time_in_force: types_pb2.TimeInForce.ValueType = types_pb2.TIME_IN_FORCE_UNSPECIFIED,
+    post_only: bool = False,
+    stop_price: Amount | None = None,
+    quote_quantity: Amount | None = None,
+    self_trade_prevention: types_pb2.SelfTradePrevention.ValueType = (
+        types_pb2.SELF_TRADE_PREVENTION_UNSPECIFIED
+    ),
+    expire_time: datetime | None = None,
+    client_order_id: str | None = None,
+) -> order_pb2.PlaceOrderRequest:
+    """A PlaceOrderRequest with its client_order_id (generated when not given)."""
+    return order_pb2.PlaceOrderRequest(
+        client_order_id=client_order_id or new_id("co"),
+        market=market,
+        side=side,
+        type=type,
+        time_in_force=time_in_force,
+        self_trade_prevention=self_trade_prevention,
+        price=decimal_text(price),
+        stop_price=decimal_text(stop_price),
+        quantity=decimal_text(quantity),
+        quote_quantity=decimal_text(quote_quantity),
+        post_only=post_only,
+        expire_time=_timestamp(expire_time),
+    )
+
+
+class OrdersApi:
+    """cex.order.v1.OrderService: place, batch, amend, cancel, query.
+
+    `client.orders.place("BTC-USDT", SIDE_BUY, "0.1", price="100")` returns the
+    order; a refusal raises a `CexError` (e.g. `FailedPreconditionError` with
+    reason LEDGER_INSUFFICIENT_FUNDS). Orders of the key's own account unless
+    `account_id` is given (services acting for an account).
+    """
+
+    _SERVICE = "/cex.order.v1.OrderService/"
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    async def place(
+        self,
+        market: str,
+        side: types_pb2.Side.ValueType,
+        quantity: Amount | None = None,
+        *,
+        price: Amount | None = None,
+        type: types_pb2.OrderType.ValueType = types_pb2.ORDER_TYPE_LIMIT,
+        time_in_force: types_pb2.TimeInForce.ValueType = types_pb2.TIME_IN_FORCE_UNSPECIFIED,
+        post_only: bool = False,
+        stop_price: Amount | None = None,
+        quote_quantity: Amount | None = None,
+        self_trade_prevention: types_pb2.SelfTradePrevention.ValueType = (
+            types_pb2.SELF_TRADE_PREVENTION_UNSPECIFIED
+        ),
+        expire_time: datetime | None = None,
+        client_order_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> order_pb2.Order:
+        """Place one order; a LIMIT needs `price`. Returns it as of the answer."""
+        request = place_request(
+            market,
+            side,
+            quantity,
+            price=price,
+            type=type,
+            time_in_force=time_in_force,
+            post_only=post_only,
+            stop_price=stop_price,
+            quote_quantity=quote_quantity,
+            self_trade_prevention=self_trade_prevention,
+            expire_time=expire_time,
+            client_order_id=client_order_id,
+        )
+        return await self.place_request(request, timeout_s=timeout_s)
+
+    async def place_request(
+        self, request: order_pb2.PlaceOrderRequest, *, timeout_s: float | None = None
+    ) -> order_pb2.Order:
+        """Place a prepared request (see `place_request()`); its key is filled in if empty."""
+        if not request.client_order_id:
+            request.client_order_id = new_id("co")
+        reply = await self._client.call(
+            self._SERVICE + "PlaceOrder", request, order_pb2.PlaceOrderResponse, timeout_s=timeout_s
+        )
+        return reply.order
+
+    async def batch_place(
+        self, requests: Sequence[order_pb2.PlaceOrderRequest], *, timeout_s: float | None = None
+    ) -> list[order_pb2.PlaceOrderResult]:
+        """Place up to 20 orders; each result has its own `status` (code 0 = placed).
+
+        Items without a client_order_id get one, so the batch is retryable.
+        Decode a failed item with `cex_sdk.errors.from_status(result.status)`.
+        """
+        batch = order_pb2.BatchPlaceOrdersRequest(requests=list(requests))
+        for item in batch.requests:
+            if not item.client_order_id:
+                item.client_order_id = new_id("co")
+        reply = await self._client.call(
+            self._SERVICE + "BatchPlaceOrders",
+            batch,
+            order_pb2.BatchPlaceOrdersResponse,
+            timeout_s=timeout_s,
+        )
+        return list(reply.results)
+
+    async def amend(
+        self,
+        order_id: str = "",
+        *,
+        client_order_id: str = "",
+        price: Amount | None = None,
+        quantity: Amount | None = None,
+        request_id: str | None = None,
+        account_id: str = "",
+        timeout_s: float | None = None,
+    ) -> order_pb2.Order:
+        """Change a resting order's price and/or total quantity (by either id).
+
+        Lowering only the quantity keeps the order's place in the queue.
+        """
+        request = order_pb2.AmendOrderRequest(
+            request_id=request_id or new_id("am"),
+            account_id=account_id,
+            order_id=order_id,
+            client_order_id=client_order_id,
+            price=decimal_text(price),
+            quantity=decimal_text(quantity),
+        )
+        reply = await self._client.call(
+            self._SERVICE + "AmendOrder", request, order_pb2.AmendOrderResponse, timeout_s=timeout_s
+        )
+        return reply.order
+
+    async def cancel(
+        self,
+        order_id: str = "",
+        *,
+        client_order_id: str = "",
+        request_id: str | None = None,
+        account_id: str = "",
+        timeout_s: float | None = None,
+    ) -> order_pb2.Order:
+        """Cancel one order (by either id); returns it as of the cancel."""
+        request = order_pb2.CancelOrderRequest(
+            request_id=request_id or new_id("cx"),
+            account_id=account_id,
+            order_id=order_id,
+            client_order_id=client_order_id,
+        )
+        reply = await self._client.call(
+            self._SERVICE + "CancelOrder",
+            request,
+            order_pb2.CancelOrderResponse,
+            timeout_s=timeout_s,
+        )
+        return reply.order
+
+    async def cancel_all(
+        self,
+        market: str = "",
+        *,
+        side: types_pb2.Side.ValueType = types_pb2.SIDE_UNSPECIFIED,
+        request_id: str | None = None,
+        account_id: str = "",
+        timeout_s: float | None = None,
+    ) -> list[order_pb2.Order]:
+        """Cancel every working order (optionally one market / side); returns them."""
+        request = order_pb2.CancelAllOrdersRequest(
+            request_id=request_id or new_id("ca"), account_id=account_id, market=market, side=side
+        )
+        reply = await self._client.call(
+            self._SERVICE + "CancelAllOrders",
+            request,
+            order_pb2.CancelAllOrdersResponse,
+            timeout_s=timeout_s,
+        )
+        return list(reply.orders)
+
+    async def cancel_all_after(
+        self,
+        timeout_seconds: int,
+        *,
+        market: str = "",
+        request_id: str | None = None,
+        account_id: str = "",
+        timeout_s: float | None = None,
+    ) -> datetime | None:
+        """Dead man's switch: cancel everything unless called again within
+        `timeout_seconds` (1 to 600; 0 disarms). Returns when it would fire.
+
+        Each renewal must carry a new request_id (the default): a repeated id
+        returns the first answer without resetting the timer.
+        """
+        request = order_pb2.CancelAllAfterRequest(
+            request_id=request_id or new_id("dm"),
+            account_id=account_id,
+            timeout_seconds=timeout_seconds,
+            market=market,
+        )
+        reply = await self._client.call(
+            self._SERVICE + "CancelAllAfter",
+            request,
+            order_pb2.CancelAllAfterResponse,
+            timeout_s=timeout_s,
+        )
+        if not reply.HasField("trigger_time"):
+            return None
+        return reply.trigger_time.ToDatetime()
+
+    async def get(
+        self,
+        order_id: str = "",
+        *,
+        client_order_id: str = "",
+        account_id: str = "",
+        timeout_s: float | None = None,
+    ) -> order_pb2.Order:
+        """One order by either id (NotFoundError if there is none)."""
+        request = order_pb2.GetOrderRequest(
+            account_id=account_id, order_id=order_id, client_order_id=client_order_id
+        )
+        reply = await self._client.call(
+            self._SERVICE + "GetOrder", request, order_pb2.GetOrderResponse, timeout_s=timeout_s
+        )
+        return reply.order
+
+    async def list_orders(
+        self,
+        *,
+        status: order_pb2.OrderStatusFilter.ValueType = order_pb2.ORDER_STATUS_FILTER_UNSPECIFIED,
+        market: str = "",
+        side: types_pb2.Side.ValueType = types_pb2.SIDE_UNSPECIFIED,
+        page_size: int = 0,
+        page_token: str = "",
+        account_id: str = "",
+        timeout_s: float | None = None,
+    ) -> order_pb2.ListOrdersResponse:
+        """One page of orders, newest first (`next_page_token` for the next)."""
+        request = order_pb2.ListOrdersRequest(
+            account_id=account_id,
+            status=status,
+            market=market,
+            side=side,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return await self._client.call(
+            self._SERVICE + "ListOrders", request, order_pb2.ListOrdersResponse, timeout_s=timeout_s
+        )
+
+    async def iter_orders(
+        self,
+        *,
+        status: order_pb2.OrderStatusFilter.ValueType = order_pb2.ORDER_STATUS_FILTER_UNSPECIFIED,
+        market: str = "",
+        side: types_pb2.Side.ValueType = types_pb2.SIDE_UNSPECIFIED,
+        page_size: int = 500,
+        account_id: str = "",
+    ) -> AsyncIterator[order_pb2.Order]:
+        """Every matching order, newest first, page after page."""
+        token = ""
+        while True:
+            page = await self.list_orders(
+                status=status,
+                market=market,
+                side=side,
+                page_size=page_size,
+                page_token=token,
+                account_id=account_id,
+            )
+            for order in page.orders:
+                yield order
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def list_fills(
+        self,
+        *,
+        market: str = "",
+        order_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        account_id: str = "",
+        timeout_s: float | None = None,
+    ) -> order_pb2.ListFillsResponse:
+        """One page of the account's fills, newest first."""
+        request = order_pb2.ListFillsRequest(
+            account_id=account_id,
+            market=market,
+            order_id=order_id,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return await self._client.call(
+            self._SERVICE + "ListFills", request, order_pb2.ListFillsResponse, timeout_s=timeout_s
+        )
