@@ -276,9 +276,10 @@ class MarketDataService(marketdata_pb2_grpc.MarketDataServiceServicer):
         depth = self._depth(request.depth)
         fanout: BookFanout = self._feed(request.market).fanout
         subscriber = fanout.subscribe(depth)
+        write, take = context.write, subscriber.next
         try:
             while True:
-                await context.write(await subscriber.next())
+                await write(await take())
         finally:
             fanout.unsubscribe(subscriber)
 
