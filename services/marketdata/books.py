@@ -29,6 +29,7 @@ __all__ = [
     "L2Book",
     "Level",
     "checksum",
+    "diff",
 ]
 
 BID = 1  # cex.type.v1.SIDE_BUY
@@ -144,13 +145,13 @@ class DepthView:
         """Move to the book's current top and return the delta that does the same."""
         new_bids, new_asks = book.top(BID, self.depth), book.top(ASK, self.depth)
         delta = BookDelta(
-            _diff(self.bids, new_bids), _diff(self.asks, new_asks), checksum(new_bids, new_asks)
+            diff(self.bids, new_bids), diff(self.asks, new_asks), checksum(new_bids, new_asks)
         )
         self.bids, self.asks, self.checksum = new_bids, new_asks, delta.checksum
         return delta
 
 
-def _diff(old: list[Level], new: list[Level]) -> tuple[Level, ...]:
+def diff(old: list[Level], new: list[Level]) -> tuple[Level, ...]:
     """Levels of `new` that differ from `old`, then the levels that left (quantity "0")."""
     if old == new:
         return ()

@@ -1,14 +1,19 @@
 """Fan-out: book deltas, trades and tickers to gRPC streams and NATS subjects.
 
 Books. Subscribers at the same depth share a channel: one `DepthView` whose
-delta is computed once per batch of match events and built into one protobuf
-message that every subscriber in step sends as is. A subscriber that cannot
-keep up does not queue messages: what it owes is conflated into one pending
-delta (the latest quantity per level), so its memory is bounded by the levels
-that changed, not by time. When even that grows past `max_levels`, or it falls
-more than `max_lag` events behind, the debt is dropped and it gets a fresh
-snapshot flagged `resynced`. Every message chains: a delta's prev_seq is the
-seq of the previous message this subscriber received.
+delta is computed once per batch of match events and serialized once; every
+subscriber in step writes those same bytes (StreamOrderBook is registered with
+an identity response serializer, server.py). A batch costs the channel one
+packet and a wake-up of the subscribers that were waiting; nothing is done per
+subscriber that is still writing. A subscriber that cannot keep up does not
+queue messages: it keeps only the seq and the view (the channel's own lists) of
+the last message it sent, and when it is ready again it gets one delta from
+that view to the latest, built and serialized once for every subscriber that
+is behind from the same seq. So its memory is bounded by its depth, not by
+time. When that delta would carry more than `max_levels` levels, or it is more
+than `max_lag` events behind, it gets a fresh snapshot flagged `resynced`
+instead. Every message chains: a delta's prev_seq is the seq of the previous
+message this subscriber received.
 
 A channel that saw only batches outside its depth still moves its seq: after
 `heartbeat_s` without a message it sends an empty delta, so a quiet client
@@ -41,7 +46,7 @@ from redis.asyncio import Redis
 from cex.marketdata.v1 import marketdata_pb2 as md
 from cex.type.v1 import types_pb2
 
-from .books import ASK, BID, BookDelta, DepthView, L2Book, Level, checksum
+from .books import ASK, BID, BookDelta, DepthView, L2Book, Level, checksum, diff
 from .candles import TradeFact
 from .config import MarketDataSettings
 from .tickers import TickerStats
@@ -95,167 +100,229 @@ class Limits:
     heartbeat_s: float = 1.0
 
 
+def _delta_bytes(
+    market: str,
+    prev_seq: int,
+    seq: int,
+    bids: Iterable[Level],
+    asks: Iterable[Level],
+    checksum: int,
+    time_ns: int,
+) -> bytes:
+    message = md.StreamOrderBookResponse(
+        delta=md.OrderBookDelta(
+            market=market,
+            prev_seq=prev_seq,
+            seq=seq,
+            bids=levels_pb(bids),
+            asks=levels_pb(asks),
+            checksum=checksum,
+            update_time=timestamp(time_ns),
+        )
+    )
+    return message.SerializeToString()
+
+
 @dataclass(slots=True)
 class DeltaPacket:
-    """One channel's delta for one batch, built into a message at most once."""
+    """One channel's delta for one batch, serialized at most once for every holder, and
+    the view it leaves them with (`bids`, `asks`: the channel's lists, never mutated)."""
 
     market: str
     prev_seq: int
     seq: int
     delta: BookDelta
     time_ns: int
-    _message: md.StreamOrderBookResponse | None = None
+    bids: list[Level]
+    asks: list[Level]
+    _data: bytes | None = None
 
-    def message(self) -> md.StreamOrderBookResponse:
-        if self._message is None:
-            self._message = md.StreamOrderBookResponse(
-                delta=md.OrderBookDelta(
-                    market=self.market,
-                    prev_seq=self.prev_seq,
-                    seq=self.seq,
-                    bids=levels_pb(self.delta.bids),
-                    asks=levels_pb(self.delta.asks),
-                    checksum=self.delta.checksum,
-                    update_time=timestamp(self.time_ns),
-                )
+    def data(self) -> bytes:
+        """The serialized StreamOrderBookResponse."""
+        if self._data is None:
+            d = self.delta
+            self._data = _delta_bytes(
+                self.market, self.prev_seq, self.seq, d.bids, d.asks, d.checksum, self.time_ns
             )
-        return self._message
-
-
-class _Sink:
-    """What a channel delivers to."""
-
-    def offer(self, packet: DeltaPacket) -> None:
-        raise NotImplementedError
-
-    def resync(self) -> None:
-        raise NotImplementedError
+        return self._data
 
 
 @dataclass(eq=False, slots=True)
 class _Channel:
+    """The subscribers at one depth, and what they all read from: the latest packet,
+    the merged deltas of those behind it (one per starting seq) and the snapshot."""
+
     market: str
     view: DepthView
     seq: int
     chain_seq: int  # seq of the last packet sent on this channel
     time_ns: int
     last_emit: float
-    sinks: set[_Sink] = field(default_factory=set)
+    last: DeltaPacket | None = None
+    subscribers: set[BookSubscriber] = field(default_factory=set)
+    nats: _NatsSink | None = None
+    idle: list[asyncio.Future[None]] = field(default_factory=list)
+    _merged: dict[int, bytes | None] = field(default_factory=dict)
+    _snapshots: dict[bool, bytes] = field(default_factory=dict)
 
     def snapshot(self) -> md.OrderBook:
         v = self.view
         return book_pb(self.market, self.seq, v.bids, v.asks, v.checksum, self.time_ns)
 
+    def snapshot_data(self, resynced: bool) -> bytes:
+        data = self._snapshots.get(resynced)
+        if data is None:
+            message = md.StreamOrderBookResponse(snapshot=self.snapshot(), resynced=resynced)
+            data = self._snapshots[resynced] = message.SerializeToString()
+        return data
+
+    def merged(
+        self, prev_seq: int, bids: list[Level], asks: list[Level], max_levels: int
+    ) -> bytes | None:
+        """The delta from the view a holder got at `prev_seq` to the last packet's, once
+        per `prev_seq`; None when it would carry more than `max_levels` levels."""
+        last = self.last
+        assert last is not None
+        if prev_seq in self._merged:
+            return self._merged[prev_seq]
+        changed_bids, changed_asks = diff(bids, last.bids), diff(asks, last.asks)
+        data = None
+        if len(changed_bids) + len(changed_asks) <= max_levels:
+            data = _delta_bytes(
+                self.market,
+                prev_seq,
+                last.seq,
+                changed_bids,
+                changed_asks,
+                last.delta.checksum,
+                last.time_ns,
+            )
+        self._merged[prev_seq] = data
+        return data
+
     def advance(self, book: L2Book, time_ns: int, now: float, heartbeat_s: float) -> None:
         delta = self.view.advance(book)
         self.seq, self.time_ns = book.seq, time_ns
+        self._snapshots.clear()
         if delta.empty and (self.seq == self.chain_seq or now - self.last_emit < heartbeat_s):
             return
         self.emit(delta, now)
 
     def emit(self, delta: BookDelta, now: float) -> None:
-        packet = DeltaPacket(self.market, self.chain_seq, self.seq, delta, self.time_ns)
-        self.chain_seq, self.last_emit = self.seq, now
-        for sink in list(self.sinks):
-            sink.offer(packet)
+        v = self.view
+        packet = DeltaPacket(
+            self.market, self.chain_seq, self.seq, delta, self.time_ns, v.bids, v.asks
+        )
+        self.chain_seq, self.last_emit, self.last = self.seq, now, packet
+        self._merged.clear()
+        if self.nats is not None:
+            self.nats.offer(packet)
+        idle, self.idle = self.idle, []
+        for waiter in idle:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def heartbeat(self, now: float, heartbeat_s: float) -> None:
         if self.seq > self.chain_seq and now - self.last_emit >= heartbeat_s:
             self.emit(BookDelta((), (), self.view.checksum), now)
 
 
-class BookSubscriber(_Sink):
-    """One StreamOrderBook call: a snapshot, then deltas; conflates when behind."""
+class BookSubscriber:
+    """One StreamOrderBook call: a snapshot, then deltas, as serialized messages.
+
+    It owes nothing per delta: all it keeps is the seq and the view (the channel's
+    lists) of the last message it got. When it is ready for more, the channel's
+    last packet follows on if it is in step; otherwise it gets the merged delta
+    from its view to the latest one, shared with every holder at the same seq.
+    More than `max_levels` levels in that, or more than `max_lag` events behind,
+    and it gets a fresh snapshot flagged `resynced` instead."""
 
     def __init__(self, fanout: BookFanout, depth: int) -> None:
         self.fanout = fanout
         self.depth = depth
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
         self._snapshot_due = True
         self._resynced = False
-        self._pending: dict[tuple[int, int], Level] = {}
-        self._last: DeltaPacket | None = None
-        self._count = 0
+        self._channel: _Channel | None = None
         self._sent_seq = 0
+        self._sent_bids: list[Level] = []
+        self._sent_asks: list[Level] = []
         self.resyncs = 0
         self.closed = False
 
-    def offer(self, packet: DeltaPacket) -> None:
-        if self._snapshot_due or (packet.seq <= self._sent_seq and self._last is None):
-            return
-        self._last = packet
-        self._count += 1
-        for side, levels in ((BID, packet.delta.bids), (ASK, packet.delta.asks)):
-            for level in levels:
-                self._pending[(side, level.ticks)] = level
-        if (
-            len(self._pending) > self.fanout.limits.max_levels
-            or packet.seq - self._sent_seq > self.fanout.limits.max_lag
-        ):
-            self.resync()
-        self._wake.set()
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def resync(self) -> None:
         """Drop what this subscriber owes; it gets a fresh snapshot next."""
         self._resynced = self._resynced or not self._snapshot_due or self._sent_seq > 0
         self._snapshot_due = True
-        self._pending.clear()
-        self._last, self._count = None, 0
         self.resyncs += 1
-        self._wake.set()
+        self._wake()
 
     def close(self) -> None:
         self.closed = True
-        self._wake.set()
+        self._wake()
 
-    def _take(self) -> md.StreamOrderBookResponse | None:
+    @property
+    def due(self) -> bool:
+        """Is there something to send now?"""
+        if self._snapshot_due:
+            return self.fanout.ready
+        last = None if self._channel is None else self._channel.last
+        return last is not None and last.seq > self._sent_seq
+
+    def _take(self) -> bytes | None:
         if self._snapshot_due:
             channel = self.fanout.channel_of(self)
             if channel is None:  # the feed is not ready yet
                 return None
-            message = md.StreamOrderBookResponse(
-                snapshot=channel.snapshot(), resynced=self._resynced
-            )
+            snapshot = channel.snapshot_data(self._resynced)
+            self._channel = channel
             self._sent_seq = channel.seq
+            self._sent_bids, self._sent_asks = channel.view.bids, channel.view.asks
             self._snapshot_due = self._resynced = False
-            return message
-        last = self._last
-        if last is None:
+            return snapshot
+        channel = self._channel
+        last = None if channel is None else channel.last
+        if channel is None or last is None or last.seq <= self._sent_seq:
             return None
-        if self._count == 1 and last.prev_seq == self._sent_seq:
-            message = last.message()  # shared with every subscriber in step
+        limits = self.fanout.limits
+        data: bytes | None
+        if last.prev_seq == self._sent_seq:
+            data = last.data()  # shared with every subscriber in step
+        elif last.seq - self._sent_seq > limits.max_lag:
+            data = None
         else:
-            bids = [lv for (side, _), lv in self._pending.items() if side == BID]
-            asks = [lv for (side, _), lv in self._pending.items() if side == ASK]
-            message = md.StreamOrderBookResponse(
-                delta=md.OrderBookDelta(
-                    market=last.market,
-                    prev_seq=self._sent_seq,
-                    seq=last.seq,
-                    bids=levels_pb(bids),
-                    asks=levels_pb(asks),
-                    checksum=last.delta.checksum,
-                    update_time=timestamp(last.time_ns),
-                )
+            data = channel.merged(
+                self._sent_seq, self._sent_bids, self._sent_asks, limits.max_levels
             )
+        if data is None:  # too far behind: a snapshot instead
+            self.resync()
+            return self._take()
         self._sent_seq = last.seq
-        self._pending.clear()
-        self._last, self._count = None, 0
-        return message
+        self._sent_bids, self._sent_asks = last.bids, last.asks
+        return data
 
-    async def next(self) -> md.StreamOrderBookResponse:
-        """The next message to send; waits for one."""
+    async def next(self) -> bytes:
+        """The next message to send (a serialized StreamOrderBookResponse); waits for one."""
         while True:
             if self.closed:
                 raise asyncio.CancelledError
-            message = self._take()
-            if message is not None:
-                return message
-            self._wake.clear()
-            await self._wake.wait()
+            data = self._take()
+            if data is not None:
+                return data
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            if self._channel is not None and not self._snapshot_due:
+                self._channel.idle.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
 
 
-class _NatsSink(_Sink):
+class _NatsSink:
     """The md.<market>.book channel: every packet, and snapshots when asked."""
 
     def __init__(self, fanout: BookFanout) -> None:
@@ -263,14 +330,13 @@ class _NatsSink(_Sink):
         self.outbox: list[bytes] = []
 
     def offer(self, packet: DeltaPacket) -> None:
-        self.outbox.append(packet.message().SerializeToString())
+        self.outbox.append(packet.data())
 
     def resync(self) -> None:
         channel = self.fanout.nats_channel
         if channel is not None:
             channel.chain_seq = channel.seq
-            message = md.StreamOrderBookResponse(snapshot=channel.snapshot(), resynced=True)
-            self.outbox.append(message.SerializeToString())
+            self.outbox.append(channel.snapshot_data(True))
 
 
 class BookFanout:
@@ -316,12 +382,12 @@ class BookFanout:
         self.book, self.time_ns = book, time_ns
         for depth, old in list(self._channels.items()):
             self._channels[depth] = self._channel(depth)
-            self._channels[depth].sinks = old.sinks
+            self._channels[depth].subscribers = old.subscribers
         for subscriber in self._owner:  # those that waited for a book too
             subscriber.resync()
         if self.nats is not None and self._nats_depth:
             self.nats_channel = self._channel(self._nats_depth)
-            self.nats_channel.sinks = {self.nats}
+            self.nats_channel.nats = self.nats
             self.nats.resync()
 
     def update(self, time_ns: int) -> None:
@@ -354,10 +420,7 @@ class BookFanout:
         subscriber = BookSubscriber(self, depth)
         self._owner[subscriber] = depth
         if self.book is not None:
-            channel = self._channels.get(depth)
-            if channel is None:
-                channel = self._channels[depth] = self._channel(depth)
-            channel.sinks.add(subscriber)
+            self.channel_of(subscriber)
         return subscriber
 
     def channel_of(self, subscriber: BookSubscriber) -> _Channel | None:
@@ -366,15 +429,15 @@ class BookFanout:
         channel = self._channels.get(subscriber.depth)
         if channel is None:
             channel = self._channels[subscriber.depth] = self._channel(subscriber.depth)
-        channel.sinks.add(subscriber)
+        channel.subscribers.add(subscriber)
         return channel
 
     def unsubscribe(self, subscriber: BookSubscriber) -> None:
         depth = self._owner.pop(subscriber, None)
         channel = self._channels.get(depth or 0)
         if channel is not None:
-            channel.sinks.discard(subscriber)
-            if not channel.sinks:
+            channel.subscribers.discard(subscriber)
+            if not channel.subscribers:
                 del self._channels[depth or 0]
         subscriber.close()
 

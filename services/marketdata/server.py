@@ -16,6 +16,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -265,18 +266,20 @@ class MarketDataService(marketdata_pb2_grpc.MarketDataServiceServicer):
         stored.checksum = checksum(*levels)
         return md.GetOrderBookResponse(book=stored)
 
-    async def StreamOrderBook(
+    async def StreamOrderBook(  # type: ignore[override]
         self,
         request: md.StreamOrderBookRequest,
-        context: grpc.aio.ServicerContext[md.StreamOrderBookRequest, md.StreamOrderBookResponse],
-    ) -> AsyncIterator[md.StreamOrderBookResponse]:
+        context: grpc.aio.ServicerContext[md.StreamOrderBookRequest, bytes],
+    ) -> None:
+        """Writes the fan-out's serialized messages as they are (see `_add_service`)."""
         self._market(request.market)
         depth = self._depth(request.depth)
         fanout: BookFanout = self._feed(request.market).fanout
         subscriber = fanout.subscribe(depth)
+        write, take = context.write, subscriber.next
         try:
             while True:
-                yield await subscriber.next()
+                await write(await take())
         finally:
             fanout.unsubscribe(subscriber)
 
@@ -408,6 +411,38 @@ class MarketDataService(marketdata_pb2_grpc.MarketDataServiceServicer):
         )
 
 
+class _Registration:
+    """Stands in for the server while the generated code registers the handlers."""
+
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.handlers = handlers
+
+
+def _add_service(servicer: MarketDataService, server: grpc.aio.Server) -> None:
+    """The generated registration, except that StreamOrderBook's responses leave as the
+    bytes the fan-out serialized once for all its subscribers (no response serializer)."""
+    registration = _Registration()
+    marketdata_pb2_grpc.add_MarketDataServiceServicer_to_server(
+        servicer, cast("grpc.aio.Server", registration)
+    )
+    handlers = registration.handlers
+    handlers["StreamOrderBook"] = grpc.unary_stream_rpc_method_handler(
+        servicer.StreamOrderBook,
+        request_deserializer=md.StreamOrderBookRequest.FromString,
+        response_serializer=None,
+    )
+    name = md.DESCRIPTOR.services_by_name["MarketDataService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
 def _level(level: types_pb2.PriceLevel) -> Level:
     return Level(0, level.price, level.quantity, level.order_count)
 
@@ -473,7 +508,7 @@ async def build_server(
     await server.enter(background(hub.run(), "marketdata-hub"))
     server.add(
         md.DESCRIPTOR.services_by_name["MarketDataService"],
-        marketdata_pb2_grpc.add_MarketDataServiceServicer_to_server,
+        _add_service,
         MarketDataService(catalog, symbols, hub, store, config, clock),
         policy=POLICY,
     )

@@ -1,4 +1,4 @@
-"""Book subscribers: shared deltas in step, conflation when behind, bounded debt,
+"""Book subscribers: shared bytes in step, shared merged deltas when behind, bounded debt,
 resync with a flag, heartbeats; trade subscribers overflow instead of growing."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from decimal import Decimal
 
 from cex.marketdata.v1 import marketdata_pb2 as md
 from services.marketdata.books import ASK, BID, L2Book, Level
-from services.marketdata.fanout import BookFanout, Limits, TradeSubscriber
+from services.marketdata.fanout import BookFanout, BookSubscriber, Limits, TradeSubscriber
 
 
 def lv(ticks: int, qty: int) -> Level:
@@ -37,8 +37,8 @@ def _move(fanout: BookFanout, book: L2Book, seq: int, side: int, level: Level) -
     fanout.update(seq)
 
 
-async def _next(sub: object) -> md.StreamOrderBookResponse:
-    return await asyncio.wait_for(sub.next(), 1)  # type: ignore[attr-defined]
+async def _next(sub: BookSubscriber) -> md.StreamOrderBookResponse:
+    return md.StreamOrderBookResponse.FromString(await asyncio.wait_for(sub.next(), 1))
 
 
 async def test_subscribers_in_step_share_one_message() -> None:
@@ -47,9 +47,10 @@ async def test_subscribers_in_step_share_one_message() -> None:
     snap_a, snap_b = await _next(a), await _next(b)
     assert snap_a.snapshot.seq == snap_b.snapshot.seq == 10 and not snap_a.resynced
     _move(fanout, book, 11, BID, lv(99, 2))
-    da, db = await _next(a), await _next(b)
-    assert da is db  # built once
-    assert (da.delta.prev_seq, da.delta.seq) == (10, 11)
+    da, db = await asyncio.wait_for(a.next(), 1), await asyncio.wait_for(b.next(), 1)
+    assert da is db  # serialized once
+    delta = md.StreamOrderBookResponse.FromString(da).delta
+    assert (delta.prev_seq, delta.seq) == (10, 11)
 
 
 async def test_a_slow_subscriber_gets_one_conflated_delta() -> None:
@@ -69,13 +70,49 @@ async def test_a_slow_subscriber_gets_one_conflated_delta() -> None:
     assert merged.checksum == fanout.snapshot(5).checksum
 
 
+async def test_subscribers_behind_from_the_same_seq_share_one_merged_delta() -> None:
+    fanout, book, _ = _fanout()
+    a, b, fast = fanout.subscribe(5), fanout.subscribe(5), fanout.subscribe(5)
+    await _next(a), await _next(b), await _next(fast)
+    for seq, qty in ((11, 2), (12, 3)):
+        _move(fanout, book, seq, BID, lv(99, qty))
+        await _next(fast)
+    da, db = await asyncio.wait_for(a.next(), 1), await asyncio.wait_for(b.next(), 1)
+    assert da is db  # built and serialized once for both
+    merged = md.StreamOrderBookResponse.FromString(da).delta
+    assert (merged.prev_seq, merged.seq) == (10, 12)
+    assert [(x.price, x.quantity) for x in merged.bids] == [("0.99", "3")]
+
+
+async def test_a_level_that_came_and_went_while_behind_is_left_out() -> None:
+    fanout, book, _ = _fanout()
+    slow = fanout.subscribe(5)
+    await _next(slow)
+    _move(fanout, book, 11, BID, lv(99, 2))
+    _move(fanout, book, 12, BID, lv(99, 0))
+    _move(fanout, book, 13, ASK, lv(102, 1))
+    merged = (await _next(slow)).delta
+    assert (merged.prev_seq, merged.seq) == (10, 13)
+    assert not merged.bids and [(x.price, x.quantity) for x in merged.asks] == [("1.02", "1")]
+
+
+async def test_too_many_events_behind_becomes_a_flagged_snapshot() -> None:
+    fanout, book, _ = _fanout(max_lag=5)
+    slow = fanout.subscribe(5)
+    await _next(slow)
+    for i in range(6):
+        _move(fanout, book, 11 + i, BID, lv(99, i + 1))
+    message = await _next(slow)
+    assert message.WhichOneof("kind") == "snapshot" and message.resynced
+    assert message.snapshot.seq == 16
+
+
 async def test_too_much_debt_becomes_a_flagged_snapshot() -> None:
     fanout, book, _ = _fanout(max_levels=10)
     slow = fanout.subscribe(50)
     await _next(slow)
     for i in range(30):  # 30 distinct levels owed > 10
         _move(fanout, book, 11 + i, BID, lv(50 + i, 1))
-    assert len(slow._pending) <= 10  # bounded, whatever it owes
     message = await _next(slow)
     assert message.WhichOneof("kind") == "snapshot" and message.resynced
     assert message.snapshot.seq == 40
@@ -100,7 +137,7 @@ async def test_changes_outside_the_depth_only_move_seq_after_a_heartbeat() -> No
     await _next(sub)
     _move(fanout, book, 11, BID, lv(50, 1))  # below the top 1
     _move(fanout, book, 12, BID, lv(51, 1))
-    assert sub._last is None
+    assert not sub.due
     clock.now = 2.0
     fanout.heartbeat()
     beat = await _next(sub)
@@ -115,7 +152,7 @@ async def test_a_subscriber_waiting_for_the_first_book_gets_it() -> None:
     await asyncio.sleep(0.01)
     assert not waiting.done()
     fanout.reset(L2Book.of(3, [lv(100, 1)], []), 0)
-    message = await asyncio.wait_for(waiting, 1)
+    message = md.StreamOrderBookResponse.FromString(await asyncio.wait_for(waiting, 1))
     assert message.snapshot.seq == 3 and not message.resynced
 
 
