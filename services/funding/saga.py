@@ -55,6 +55,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from services.chassis import ExchangeError
+from services.chassis.tracing import Context, carrier, context_of, tracer
 
 __all__ = [
     "COMPENSATED",
@@ -82,6 +83,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger("cex.funding.saga")
+_tracer = tracer("cex.funding.saga")
 
 RUNNING, COMPENSATING, COMPLETED, COMPENSATED, STUCK = (
     "RUNNING",
@@ -334,6 +336,8 @@ class SagaRecord:
     deadline: datetime
     epoch: int
     failure: bytes | None
+    # W3C trace context of the saga's creation: every step is a span of that trace.
+    trace_context: Mapping[str, str] | None = None
 
     @classmethod
     def of(cls, row: asyncpg.Record) -> SagaRecord:
@@ -349,6 +353,7 @@ class SagaRecord:
             deadline=row["deadline"],
             epoch=row["lease_epoch"],
             failure=row["failure"],
+            trace_context=json.loads(row["trace_context"]) if row["trace_context"] else None,
         )
 
 
@@ -477,10 +482,17 @@ class Orchestrator:
         definition = self._definitions[kind]
         saga_id = saga_id or f"saga_{uuid.uuid4().hex}"
         now = _now(self._clock)
+        # A span for the saga's start (the request's child, or a trace's root for a
+        # deposit the chain reported); its context is stored for the steps.
+        with _tracer.start_as_current_span(
+            f"saga {kind} start", attributes={"cex.saga_id": saga_id}
+        ):
+            trace_context = carrier()
         await conn.execute(
             """INSERT INTO sagas (saga_id, kind, reference_id, account_id, state, step_index,
-                   attempt, current_step, data, deadline, next_run_at, create_time, update_time)
-               VALUES ($1, $2, $3, $4, 'RUNNING', 0, 0, $5, $6, $7, $8, $8, $8)""",
+                   attempt, current_step, data, deadline, next_run_at, create_time, update_time,
+                   trace_context)
+               VALUES ($1, $2, $3, $4, 'RUNNING', 0, 0, $5, $6, $7, $8, $8, $8, $9)""",
             saga_id,
             kind,
             reference_id,
@@ -489,6 +501,7 @@ class Orchestrator:
             json.dumps(dict(data)),
             _shift(now, definition.deadline_s),
             now,
+            json.dumps(trace_context) if trace_context else None,
         )
         return saga_id
 
@@ -647,7 +660,27 @@ class Orchestrator:
         )
 
     async def _step(self, definition: SagaDefinition, saga: SagaRecord) -> tuple[SagaRecord, float]:
-        """One attempt of the current step or compensation; returns the delay until the next."""
+        """One attempt of the current step or compensation, as a span of the saga's
+        trace (its calls to other services are its children); returns the delay."""
+        compensating = saga.state == COMPENSATING
+        step = definition.steps[saga.step_index]
+        with _tracer.start_as_current_span(
+            f"saga {saga.kind} {'undo ' if compensating else ''}{step.name}",
+            context=context_of(saga.trace_context) or Context(),
+            attributes={
+                "cex.saga_id": saga.saga_id,
+                "cex.saga.step": step.name,
+                "cex.saga.attempt": saga.attempt + 1,
+                "cex.saga.compensating": compensating,
+            },
+        ) as span:
+            updated, delay = await self._attempt_step(definition, saga)
+            span.set_attribute("cex.saga.state", updated.state)
+            return updated, delay
+
+    async def _attempt_step(
+        self, definition: SagaDefinition, saga: SagaRecord
+    ) -> tuple[SagaRecord, float]:
         steps = definition.steps
         compensating = saga.state == COMPENSATING
         step = steps[saga.step_index]

@@ -24,6 +24,7 @@ from cex.match.v1 import match_pb2
 from cex.type.v1 import types_pb2
 from services.chassis import Catalog, MoneyError, ensure_stream
 from services.chassis.money import parse_decimal
+from services.chassis.tracing import SpanKind, batch_span, message_context
 
 from .auditor import LedgerMetrics
 from .settlement import Applied, Gap, MarketEvent, Party, Release, TradeSettlement, Unreadable
@@ -140,7 +141,12 @@ class SettlementConsumer:
                 except nats.errors.TimeoutError:
                     continue
                 try:
-                    await self.handle([match_pb2.MatchEvent.FromString(m.data) for m in messages])
+                    with batch_span(
+                        "ledger.settle", map(message_context, messages), kind=SpanKind.CONSUMER
+                    ):
+                        await self.handle(
+                            [match_pb2.MatchEvent.FromString(m.data) for m in messages]
+                        )
                 except asyncio.CancelledError:
                     raise
                 except Exception:

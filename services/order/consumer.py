@@ -25,6 +25,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cex.match.v1 import match_pb2
 from services.chassis import ensure_stream
+from services.chassis.tracing import SpanKind, batch_span, message_context
 
 from .domain import Execution, OrderRecord, apply_event, event_order_ids
 from .store import Store
@@ -84,7 +85,12 @@ class EventConsumer:
                 except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 try:
-                    await self.handle([match_pb2.MatchEvent.FromString(m.data) for m in messages])
+                    with batch_span(
+                        "order.executions", map(message_context, messages), kind=SpanKind.CONSUMER
+                    ):
+                        await self.handle(
+                            [match_pb2.MatchEvent.FromString(m.data) for m in messages]
+                        )
                 except asyncio.CancelledError:
                     raise
                 except Exception:

@@ -25,6 +25,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cex.match.v1 import match_pb2
 from services.chassis import Catalog, MoneyError, ensure_stream
+from services.chassis.tracing import SpanKind, batch_span, message_context
 
 from .state import State
 from .store import Store
@@ -113,7 +114,10 @@ class PriceFollower:
                         events.append(match_pb2.MatchEvent.FromString(m.data))
                     except Exception:
                         _log.error("unreadable match event on %s", m.subject)
-                await self.handle(events)
+                with batch_span(
+                    "risk.prices", map(message_context, messages), kind=SpanKind.CONSUMER
+                ):
+                    await self.handle(events)
                 # Acked only once saved: a crash before redelivers the batch.
                 for m in messages:
                     await m.ack()
