@@ -126,6 +126,7 @@ class Batcher(Generic[Req, Res]):
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._span = f"order.batch {getattr(call, '__name__', 'call').lstrip('_')}"
 
     async def submit(self, item: Req) -> Res:
         future: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
@@ -146,7 +147,7 @@ class Batcher(Generic[Req, Res]):
 
     async def _send(self, batch: list[tuple[Req, asyncio.Future[Res], Context]]) -> None:
         try:
-            with batch_span("order.batch", (ctx for _, _, ctx in batch)):
+            with batch_span(self._span, (ctx for _, _, ctx in batch)):
                 results = await self._call([item for item, _, _ in batch])
             for (_, future, _), result in zip(batch, results, strict=True):
                 if not future.done():
