@@ -25,12 +25,15 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     TraceIdRatioBased,
 )
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
     "GRPC_HANDLED",
     "GRPC_LATENCY",
     "GRPC_STARTED",
+    "JETSTREAM_PENDING",
+    "JETSTREAM_REDELIVERED",
+    "JWKS_FETCH_FAILURES",
     "JsonFormatter",
     "configure_logging",
     "configure_tracing",
@@ -51,6 +54,22 @@ GRPC_LATENCY = Histogram(
     "Time from the start of an RPC to its end, on the server.",
     _LABELS,
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+# Token verification keys (auth's JWKS) that could not be fetched (services/chassis/tokens.py).
+JWKS_FETCH_FAILURES = Counter(
+    "authn_jwks_fetch_failures_total", "Failed fetches of auth's JWKS (token verification keys)."
+)
+# JetStream durable consumers, from the metadata of the messages they fetch (bus.py).
+JETSTREAM_PENDING = Gauge(
+    "jetstream_consumer_pending",
+    "Messages the consumer has not received yet (num_pending of its last fetched message).",
+    ("stream", "consumer"),
+)
+JETSTREAM_REDELIVERED = Counter(
+    "jetstream_consumer_redelivered_total",
+    "Messages received again (delivery count above 1): a consumer failing or too slow to ack.",
+    ("stream", "consumer"),
 )
 
 

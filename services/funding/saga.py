@@ -84,6 +84,7 @@ __all__ = [
 
 _log = logging.getLogger("cex.funding.saga")
 _tracer = tracer("cex.funding.saga")
+_OBSERVE_EVERY_S = 5.0  # funding_saga_oldest_age_seconds refresh
 
 RUNNING, COMPENSATING, COMPLETED, COMPENSATED, STUCK = (
     "RUNNING",
@@ -420,6 +421,12 @@ class SagaMetrics:
         self.running = Gauge(
             "funding_sagas_in_flight", "Sagas this replica is driving now.", registry=registry
         )
+        self.oldest_age = Gauge(
+            "funding_saga_oldest_age_seconds",
+            "Age of the oldest unfinished (running or compensating) saga; 0 when none.",
+            ("kind",),
+            registry=registry,
+        )
 
 
 # -- the runner ---------------------------------------------------------------
@@ -537,8 +544,30 @@ class Orchestrator:
 
     # -- the loop ---------------------------------------------------------------
 
+    async def observe_oldest(self) -> None:
+        """Set funding_saga_oldest_age_seconds per kind from the committed sagas."""
+        now = _now(self._clock)
+        rows = await self._pool.fetch(
+            """SELECT kind, min(create_time) AS oldest FROM sagas
+               WHERE state IN ('RUNNING', 'COMPENSATING') GROUP BY kind"""
+        )
+        oldest = {row["kind"]: row["oldest"] for row in rows}
+        for kind in self._definitions:
+            since = oldest.get(kind)
+            age = 0.0 if since is None else max((now - since).total_seconds(), 0.0)
+            self._metrics.oldest_age.labels(kind).set(age)
+
     async def run(self) -> None:
+        observed = 0.0
         while True:
+            if time.monotonic() - observed >= _OBSERVE_EVERY_S:
+                observed = time.monotonic()
+                try:
+                    await self.observe_oldest()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    _log.warning("observing the oldest saga failed", exc_info=True)
             try:
                 claimed = await self._claim()
             except asyncio.CancelledError:

@@ -22,7 +22,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cex.match.v1 import match_pb2
 from cex.type.v1 import types_pb2
-from services.chassis import Catalog, MoneyError, ensure_stream
+from services.chassis import Catalog, MoneyError, ensure_stream, observe_fetch
 from services.chassis.money import parse_decimal
 from services.chassis.tracing import SpanKind, batch_span, message_context
 
@@ -140,6 +140,7 @@ class SettlementConsumer:
                     messages = await sub.fetch(500, timeout=1.0)
                 except nats.errors.TimeoutError:
                     continue
+                observe_fetch(STREAM, self._durable, messages)
                 try:
                     with batch_span(
                         "ledger.settle", map(message_context, messages), kind=SpanKind.CONSUMER

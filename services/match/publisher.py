@@ -17,6 +17,7 @@ import logging
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
+from prometheus_client import Gauge
 
 from cex.match.v1 import match_pb2
 from services.chassis import ensure_stream
@@ -28,6 +29,11 @@ __all__ = ["STREAM", "Publisher", "subject"]
 STREAM = "MATCH_EVENTS"
 _log = logging.getLogger("cex.match.publisher")
 _BACKOFF_MAX_S = 2.0
+UNPUBLISHED = Gauge(
+    "match_journal_unpublished_events",
+    "Journaled events not yet published to JetStream (committed seq - published seq).",
+    ("market",),
+)
 
 
 def subject(market: str) -> str:
@@ -40,6 +46,9 @@ class Publisher:
         self._writer = writer
         self._subject = subject(writer.market.symbol)
         self.published_seq = 0
+        UNPUBLISHED.labels(writer.market.symbol).set_function(
+            lambda: max(writer.committed_seq - self.published_seq, 0)
+        )
 
     @staticmethod
     async def ensure_stream(js: JetStreamContext) -> None:

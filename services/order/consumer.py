@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cex.match.v1 import match_pb2
-from services.chassis import ensure_stream
+from services.chassis import ensure_stream, observe_fetch
 from services.chassis.tracing import SpanKind, batch_span, message_context
 
 from .domain import Execution, OrderRecord, apply_event, event_order_ids
@@ -84,6 +84,7 @@ class EventConsumer:
                     messages = await sub.fetch(500, timeout=0.5)
                 except (nats.errors.TimeoutError, TimeoutError):
                     continue
+                observe_fetch(STREAM, self._durable, messages)
                 try:
                     with batch_span(
                         "order.executions", map(message_context, messages), kind=SpanKind.CONSUMER

@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cex.match.v1 import match_pb2
-from services.chassis import Catalog, MoneyError, ensure_stream
+from services.chassis import Catalog, MoneyError, ensure_stream, observe_fetch
 from services.chassis.tracing import SpanKind, batch_span, message_context
 
 from .state import State
@@ -108,6 +108,7 @@ class PriceFollower:
                     messages = await sub.fetch(self._batch, timeout=1.0)
                 except nats.errors.TimeoutError:
                     continue
+                observe_fetch(STREAM, self._durable, messages)
                 events = []
                 for m in messages:
                     try:

@@ -10,16 +10,15 @@ import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from cex.marketdata.v1 import marketdata_pb2, marketdata_pb2_grpc
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
+from services.stack.collector import Collector, SpanRecord, collector
 from services.stack.supervisor import Stack
 from services.stack.topology import free_ports
 from tests.e2e.order.support import BUY, MARKET, SELL, Exchange, Trader, uid
@@ -28,86 +27,36 @@ ORDER_PATH = {"cex-envoy", "cex-order", "cex-risk", "cex-ledger", "cex-match"}
 CONSUMERS = {"ledger.settle", "order.executions", "marketdata.apply", "risk.prices"}
 
 
-@dataclass(frozen=True)
-class Span:
-    service: str
-    name: str
-    trace_id: str
-    span_id: str
-    parent_id: str
-    kind: int
-
-
-class Collector(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP/gRPC trace receiver that keeps every span in memory."""
-
-    def __init__(self) -> None:
-        self.spans: list[Span] = []
-
-    async def Export(
-        self,
-        request: trace_service_pb2.ExportTraceServiceRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        for resource_spans in request.resource_spans:
-            attributes = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
-            service = attributes.get("service.name", "?")
-            for scope in resource_spans.scope_spans:
-                for span in scope.spans:
-                    self.spans.append(
-                        Span(
-                            service,
-                            span.name,
-                            span.trace_id.hex(),
-                            span.span_id.hex(),
-                            span.parent_span_id.hex(),
-                            span.kind,
-                        )
-                    )
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def trace(self, trace_id: str) -> list[Span]:
-        return [s for s in self.spans if s.trace_id == trace_id]
-
-    async def consumed(
-        self, trace_id: str, consumers: set[str], within_s: float = 30.0
-    ) -> list[Span]:
-        """The trace once Envoy's spans (flushed every 5 s) and the consumers' spans
-        are in it, or as it is after `within_s`."""
-        deadline = asyncio.get_running_loop().time() + within_s
-        while True:
-            found = self.trace(trace_id)
-            done = {s.name for s in found} >= consumers and "cex-envoy" in {
-                s.service for s in found
-            }
-            if done or asyncio.get_running_loop().time() > deadline:
-                return found
-            await asyncio.sleep(0.2)
+async def consumed(
+    spans: Collector, trace_id: str, consumers: set[str], within_s: float = 30.0
+) -> list[SpanRecord]:
+    """The trace once Envoy's spans (flushed every 5 s) and the consumers' spans
+    are in it, or as it is after `within_s`."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        found = spans.trace(trace_id)
+        done = {s.name for s in found} >= consumers and "cex-envoy" in {s.service for s in found}
+        if done or asyncio.get_running_loop().time() > deadline:
+            return found
+        await asyncio.sleep(0.2)
 
 
 @pytest.fixture
-async def collector() -> AsyncIterator[tuple[Collector, int]]:
-    server = grpc.aio.server()
-    found = Collector()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(found, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield found, port
-    finally:
-        await server.stop(0)
+async def spans() -> AsyncIterator[Collector]:
+    async with collector() as found:
+        yield found
 
 
 @pytest.fixture
 async def traced_stack(
-    tmp_path_factory: pytest.TempPathFactory, collector: tuple[Collector, int]
+    tmp_path_factory: pytest.TempPathFactory, spans: Collector
 ) -> AsyncIterator[Stack]:
     env = {
         k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
     }
     env.update(
         OTEL_TRACES_EXPORTER="otlp",
-        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector[1]}",
+        OTEL_EXPORTER_OTLP_ENDPOINT=spans.endpoint,
         OTEL_BSP_SCHEDULE_DELAY="100",  # ms: spans reach the collector soon
     )
     running = Stack(tmp_path_factory.mktemp("cex-traced"), free_ports(), env)
@@ -156,9 +105,8 @@ def _client_traceparent() -> tuple[str, str, str]:
 
 
 async def test_one_trace_covers_the_edge_the_order_path_and_the_trade_consumers(
-    traced_stack: Stack, collector: tuple[Collector, int]
+    traced_stack: Stack, spans: Collector
 ) -> None:
-    spans = collector[0]
     token = await traced_stack.credentials("tests").token()
     async with grpc.aio.insecure_channel(traced_stack.edge) as channel:
         exchange = Exchange(traced_stack, token, channel)
@@ -170,12 +118,12 @@ async def test_one_trace_covers_the_edge_the_order_path_and_the_trade_consumers(
         # of its first traced message, and only links to the others).
         ask_trace, _, traceparent = _client_traceparent()
         await place(alice, SELL, traceparent)
-        await spans.consumed(ask_trace, CONSUMERS)
+        await consumed(spans, ask_trace, CONSUMERS)
 
         trace_id, client_span, traceparent = _client_traceparent()
         bid = await place(bob, BUY, traceparent)
         assert bid.state == t.ORDER_STATE_FILLED
-        found = await spans.consumed(trace_id, CONSUMERS)
+        found = await consumed(spans, trace_id, CONSUMERS)
         names = {s.name for s in found}
 
     services = {s.service for s in found}
