@@ -76,12 +76,14 @@ def batch_span(
     kind: SpanKind = SpanKind.INTERNAL,
     attributes: Mapping[str, str | int] | None = None,
     tracer_name: str = "cex",
+    provider: trace.TracerProvider | None = None,
 ) -> Iterator[Span]:
-    """A span for work done for many items: the child of the first item's trace,
-    linked to every other distinct span among them, and the active span inside.
+    """A span for work done for many items: the child of the first item's trace
+    (the first sampled one), linked to every other distinct span among them, and
+    the active span inside.
     Without any traced item there is no span (an invalid one is active)."""
     parent: Context | None = None
-    links: list[Link] = []
+    found: list[tuple[Context, trace.SpanContext]] = []
     seen: set[tuple[int, int]] = set()
     for ctx in contexts:
         if ctx is None:
@@ -93,15 +95,17 @@ def batch_span(
         if key in seen:
             continue
         seen.add(key)
-        if parent is None:
-            parent = ctx
-        else:
-            links.append(Link(span_context))
+        found.append((ctx, span_context))
+        if parent is None and span_context.trace_flags.sampled:
+            parent = ctx  # a sampled trace gets the child (not one sampled out)
+    if parent is None and found:
+        parent = found[0][0]
+    links = [Link(sc) for ctx, sc in found if ctx is not parent]
     if parent is None:  # nothing traced in the batch: no span (and no stray root traces)
         with trace.use_span(trace.INVALID_SPAN, end_on_exit=False):
             yield trace.INVALID_SPAN
         return
-    span = trace.get_tracer(tracer_name).start_span(
+    span = trace.get_tracer(tracer_name, tracer_provider=provider).start_span(
         name,
         context=parent,
         kind=kind,
