@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match bench-ledger bench-edge bench-risk bench-marketdata bench-market-data bench-trading bench-funding clean
+.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match bench-ledger bench-edge bench-risk bench-marketdata bench-market-data bench-trading bench-funding bench-telemetry clean
 
 setup: $(INSTALLED)
 
@@ -58,6 +58,10 @@ bench-match: $(INSTALLED)
 ## bench-ledger: CreateTransfers single and batched (synchronous_commit on)
 bench-ledger: $(INSTALLED)
 	$(BIN)/python -m bench.bench_ledger
+
+## bench-telemetry: PlaceOrder through Envoy with tracing off, on at 100% and at 1% (same run), and the metrics' cost
+bench-telemetry: $(INSTALLED)
+	$(BIN)/python -m bench.bench_telemetry $(BENCH_ARGS)
 
 ## bench-funding: deposit and withdrawal sagas end to end (sagas/s, step p50/p99)
 bench-funding: $(INSTALLED)

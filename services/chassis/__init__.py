@@ -11,7 +11,7 @@ from .authn import (
     owned_account,
     user,
 )
-from .bus import ensure_stream, nats_connection
+from .bus import ensure_stream, nats_connection, observe_fetch
 from .cache import redis_connection
 from .clients import mesh_channel, service_credentials
 from .db import MigrationError, migrate, postgres
@@ -69,6 +69,7 @@ __all__ = [
     "mesh_channel",
     "migrate",
     "nats_connection",
+    "observe_fetch",
     "owned_account",
     "postgres",
     "redis_connection",

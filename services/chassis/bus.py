@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import nats
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
-__all__ = ["ensure_stream", "nats_connection"]
+from .telemetry import JETSTREAM_PENDING, JETSTREAM_REDELIVERED
+
+__all__ = ["ensure_stream", "nats_connection", "observe_fetch"]
 
 _log = logging.getLogger("cex.bus")
 
@@ -37,6 +40,17 @@ async def nats_connection(url: str, *, name: str) -> AsyncIterator[Client]:
         yield client
     finally:
         await client.drain()
+
+
+def observe_fetch(stream: str, consumer: str, messages: Sequence[Msg]) -> None:
+    """Consumer lag and redeliveries from a fetched batch's own metadata (no extra
+    round trip): jetstream_consumer_pending, jetstream_consumer_redelivered_total."""
+    if not messages:
+        return
+    redelivered = sum(1 for m in messages if m.metadata.num_delivered > 1)
+    if redelivered:
+        JETSTREAM_REDELIVERED.labels(stream, consumer).inc(redelivered)
+    JETSTREAM_PENDING.labels(stream, consumer).set(messages[-1].metadata.num_pending or 0)
 
 
 async def ensure_stream(

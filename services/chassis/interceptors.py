@@ -22,7 +22,7 @@ from grpc.aio import ClientCallDetails
 
 from .authn import Authenticator, auth_context_var
 from .errors import ExchangeError, status_metadata
-from .telemetry import GRPC_HANDLED, GRPC_LATENCY, GRPC_STARTED, request_id_var
+from .telemetry import GRPC_HANDLED, GRPC_LATENCY, GRPC_STARTED, request_id_var, tracing_enabled
 
 __all__ = [
     "ContextPropagationInterceptor",
@@ -285,7 +285,10 @@ class ContextPropagationInterceptor(
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    """Interceptors for channels to other services: tracing, then context."""
+    """Interceptors for channels to other services: tracing (a client span per call,
+    its traceparent in the metadata) when tracing is on, then context."""
+    if not tracing_enabled():
+        return [ContextPropagationInterceptor()]
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
     tracing = aio_client_interceptors()  # type: ignore[no-untyped-call]

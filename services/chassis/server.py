@@ -28,7 +28,7 @@ from prometheus_client import start_http_server
 from .authn import Authenticator, Policy, Rule
 from .interceptors import ServerInterceptor
 from .settings import ChassisSettings, require
-from .telemetry import configure_logging, configure_tracing
+from .telemetry import configure_logging, configure_tracing, tracing_enabled
 from .tokens import JwksCache, KeySource
 
 __all__ = ["Server", "background", "run"]
@@ -150,11 +150,13 @@ class Server:
 
     async def start(self) -> int:
         s = self.settings
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            ServerInterceptor(s.service, self.authenticator())
+        ]
+        if tracing_enabled():  # a server span per call, child of the caller's traceparent
+            interceptors.insert(0, aio_server_interceptor())  # type: ignore[no-untyped-call]
         server = grpc.aio.server(
-            interceptors=[
-                aio_server_interceptor(),  # type: ignore[no-untyped-call]
-                ServerInterceptor(s.service, self.authenticator()),
-            ],
+            interceptors=interceptors,
             options=self._options(),
             maximum_concurrent_rpcs=None,
         )
@@ -222,5 +224,5 @@ def run(service: str, build: Callable[[ChassisSettings], Awaitable[Server]]) -> 
     """A service's entry point: settings, logs, traces; serve until SIGTERM/SIGINT."""
     settings = ChassisSettings.from_env(service)
     configure_logging(settings.service, settings.log_level)
-    configure_tracing(settings.service)
+    configure_tracing(settings.service)  # the SDK flushes its spans at exit
     asyncio.run(_serve(lambda: build(settings)))

@@ -17,18 +17,28 @@ from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
     SimpleSpanProcessor,
-    SpanExporter,
 )
-from prometheus_client import Counter, Histogram
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
     "GRPC_HANDLED",
     "GRPC_LATENCY",
     "GRPC_STARTED",
+    "JETSTREAM_PENDING",
+    "JETSTREAM_REDELIVERED",
+    "JWKS_FETCH_FAILURES",
     "JsonFormatter",
     "configure_logging",
     "configure_tracing",
     "request_id_var",
+    "tracing_enabled",
 ]
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
@@ -44,6 +54,22 @@ GRPC_LATENCY = Histogram(
     "Time from the start of an RPC to its end, on the server.",
     _LABELS,
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+# Token verification keys (auth's JWKS) that could not be fetched (services/chassis/tokens.py).
+JWKS_FETCH_FAILURES = Counter(
+    "authn_jwks_fetch_failures_total", "Failed fetches of auth's JWKS (token verification keys)."
+)
+# JetStream durable consumers, from the metadata of the messages they fetch (bus.py).
+JETSTREAM_PENDING = Gauge(
+    "jetstream_consumer_pending",
+    "Messages the consumer has not received yet (num_pending of its last fetched message).",
+    ("stream", "consumer"),
+)
+JETSTREAM_REDELIVERED = Counter(
+    "jetstream_consumer_redelivered_total",
+    "Messages received again (delivery count above 1): a consumer failing or too slow to ack.",
+    ("stream", "consumer"),
 )
 
 
@@ -87,27 +113,67 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root.setLevel(level)
 
 
-def configure_tracing(service: str, env: Mapping[str, str] | None = None) -> TracerProvider:
-    """A tracer provider chosen by the standard OTEL_* variables.
+_SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
 
-    OTEL_TRACES_EXPORTER: `none` (default), `console`, or `otlp` (needs the
-    opentelemetry-exporter-otlp package, which production images add).
+
+def _sampler(env: Mapping[str, str]) -> Sampler:
+    """OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG, read from `env` (the SDK reads
+    os.environ only); parentbased_always_on by default, as the specification says."""
+    name = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    if name not in _SAMPLERS:
+        raise ValueError(f"OTEL_TRACES_SAMPLER={name!r} is not supported")
+    if name.endswith("always_on"):
+        root: Sampler = ALWAYS_ON
+    elif name.endswith("always_off"):
+        root = ALWAYS_OFF
+    else:
+        raw = env.get("OTEL_TRACES_SAMPLER_ARG", "1.0")
+        try:
+            ratio = float(raw)
+        except ValueError:
+            raise ValueError(f"OTEL_TRACES_SAMPLER_ARG must be a number, got {raw!r}") from None
+        root = TraceIdRatioBased(ratio)
+    return ParentBased(root) if name.startswith("parentbased_") else root
+
+
+def tracing_enabled() -> bool:
+    """Whether an SDK tracer provider is installed (configure_tracing chose an exporter)."""
+    return isinstance(trace.get_tracer_provider(), TracerProvider)
+
+
+def configure_tracing(service: str, env: Mapping[str, str] | None = None) -> TracerProvider | None:
+    """A tracer provider chosen by the standard OTEL_* variables; None when tracing is off.
+
+    OTEL_TRACES_EXPORTER: `none` (the default: tracing off, the API's no-op tracer,
+    nothing is created or propagated), `console` (spans as JSON on stderr), or `otlp`
+    (OTLP/gRPC to OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT,
+    batched as OTEL_BSP_* say). OTEL_SDK_DISABLED=true turns tracing off whatever
+    the exporter. OTEL_TRACES_SAMPLER(_ARG) sample, OTEL_SERVICE_NAME names the service
+    (default `cex-<service>`), OTEL_RESOURCE_ATTRIBUTES adds to the resource.
     """
     env = os.environ if env is None else env
-    attributes = {"service.name": env.get("OTEL_SERVICE_NAME", f"cex-{service}")}
-    provider = TracerProvider(resource=Resource.create(attributes))
-    exporter_name = env.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
-    exporter: SpanExporter | None = None
-    if exporter_name == "console":
-        exporter = ConsoleSpanExporter(out=sys.stderr)
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-    elif exporter_name == "otlp":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
-            OTLPSpanExporter,
-        )
-
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    elif exporter_name != "none":
+    exporter_name = env.get("OTEL_TRACES_EXPORTER", "none").strip().lower() or "none"
+    if exporter_name not in ("none", "console", "otlp"):
         raise ValueError(f"OTEL_TRACES_EXPORTER={exporter_name!r} is not supported")
+    if exporter_name == "none" or env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    attributes = {"service.name": env.get("OTEL_SERVICE_NAME", f"cex-{service}")}
+    provider = TracerProvider(resource=Resource.create(attributes), sampler=_sampler(env))
+    if exporter_name == "console":
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
     trace.set_tracer_provider(provider)
     return provider

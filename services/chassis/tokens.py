@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .errors import Unauthenticated, Unavailable
+from .telemetry import JWKS_FETCH_FAILURES
 
 __all__ = [
     "ALGORITHM",
@@ -263,6 +264,7 @@ class JwksCache:
         try:
             document = await self._fetch(self.url)
         except Exception:  # auth unreachable: keep what we had, try again later
+            JWKS_FETCH_FAILURES.inc()
             if self._fetched_at is None:
                 raise Unavailable(
                     "AUTH_KEYS_UNAVAILABLE", "the token signing keys cannot be fetched"

@@ -1,7 +1,8 @@
 """The outbox relay: events committed with the change they describe, published after.
 
 Rows are published in id order to JetStream (stream FUNDING_EVENTS, subjects
-funding.>) with Nats-Msg-Id `funding:<id>`, then marked published. A crash
+funding.>) with Nats-Msg-Id `funding:<id>` and the writing step's `traceparent`,
+then marked published. A crash
 between the two publishes again (at least once; JetStream's duplicate window
 drops most repeats, consumers dedupe by the id in the payload for the rest).
 PostgreSQL stays the source of truth: the events are notifications.
@@ -53,7 +54,7 @@ class OutboxRelay:
             ):
                 return 0
             rows = await conn.fetch(
-                """SELECT id, subject, payload FROM outbox WHERE publish_time IS NULL
+                """SELECT id, subject, payload, trace_context FROM outbox WHERE publish_time IS NULL
                    ORDER BY id LIMIT $1""",
                 limit,
             )
@@ -63,7 +64,10 @@ class OutboxRelay:
                 await self._js.publish(
                     row["subject"],
                     json.dumps(payload).encode(),
-                    headers={"Nats-Msg-Id": f"funding:{row['id']}"},
+                    headers={
+                        "Nats-Msg-Id": f"funding:{row['id']}",
+                        **json.loads(row["trace_context"] or "{}"),  # W3C trace context
+                    },
                 )
             if rows:
                 await conn.execute(

@@ -55,6 +55,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from services.chassis import ExchangeError
+from services.chassis.tracing import Context, carrier, context_of, tracer
 
 __all__ = [
     "COMPENSATED",
@@ -83,6 +84,8 @@ __all__ = [
 
 _log = logging.getLogger("cex.funding.saga")
 _CLAIM_BACKOFF_MAX_S = 5.0  # the longest wait between claims while PostgreSQL fails
+_tracer = tracer("cex.funding.saga")
+_OBSERVE_EVERY_S = 5.0  # funding_saga_oldest_age_seconds refresh
 
 RUNNING, COMPENSATING, COMPLETED, COMPENSATED, STUCK = (
     "RUNNING",
@@ -335,6 +338,8 @@ class SagaRecord:
     deadline: datetime
     epoch: int
     failure: bytes | None
+    # W3C trace context of the saga's creation: every step is a span of that trace.
+    trace_context: Mapping[str, str] | None = None
 
     @classmethod
     def of(cls, row: asyncpg.Record) -> SagaRecord:
@@ -350,6 +355,7 @@ class SagaRecord:
             deadline=row["deadline"],
             epoch=row["lease_epoch"],
             failure=row["failure"],
+            trace_context=json.loads(row["trace_context"]) if row["trace_context"] else None,
         )
 
 
@@ -416,6 +422,12 @@ class SagaMetrics:
         self.running = Gauge(
             "funding_sagas_in_flight", "Sagas this replica is driving now.", registry=registry
         )
+        self.oldest_age = Gauge(
+            "funding_saga_oldest_age_seconds",
+            "Age of the oldest unfinished (running or compensating) saga; 0 when none.",
+            ("kind",),
+            registry=registry,
+        )
 
 
 # -- the runner ---------------------------------------------------------------
@@ -478,10 +490,17 @@ class Orchestrator:
         definition = self._definitions[kind]
         saga_id = saga_id or f"saga_{uuid.uuid4().hex}"
         now = _now(self._clock)
+        # A span for the saga's start (the request's child, or a trace's root for a
+        # deposit the chain reported); its context is stored for the steps.
+        with _tracer.start_as_current_span(
+            f"saga {kind} start", attributes={"cex.saga_id": saga_id}
+        ):
+            trace_context = carrier()
         await conn.execute(
             """INSERT INTO sagas (saga_id, kind, reference_id, account_id, state, step_index,
-                   attempt, current_step, data, deadline, next_run_at, create_time, update_time)
-               VALUES ($1, $2, $3, $4, 'RUNNING', 0, 0, $5, $6, $7, $8, $8, $8)""",
+                   attempt, current_step, data, deadline, next_run_at, create_time, update_time,
+                   trace_context)
+               VALUES ($1, $2, $3, $4, 'RUNNING', 0, 0, $5, $6, $7, $8, $8, $8, $9)""",
             saga_id,
             kind,
             reference_id,
@@ -490,6 +509,7 @@ class Orchestrator:
             json.dumps(dict(data)),
             _shift(now, definition.deadline_s),
             now,
+            json.dumps(trace_context) if trace_context else None,
         )
         return saga_id
 
@@ -525,9 +545,31 @@ class Orchestrator:
 
     # -- the loop ---------------------------------------------------------------
 
+    async def observe_oldest(self) -> None:
+        """Set funding_saga_oldest_age_seconds per kind from the committed sagas."""
+        now = _now(self._clock)
+        rows = await self._pool.fetch(
+            """SELECT kind, min(create_time) AS oldest FROM sagas
+               WHERE state IN ('RUNNING', 'COMPENSATING') GROUP BY kind"""
+        )
+        oldest = {row["kind"]: row["oldest"] for row in rows}
+        for kind in self._definitions:
+            since = oldest.get(kind)
+            age = 0.0 if since is None else max((now - since).total_seconds(), 0.0)
+            self._metrics.oldest_age.labels(kind).set(age)
+
     async def run(self) -> None:
         failures = 0  # in a row: PostgreSQL away is logged once, then retried with backoff
+        observed = 0.0
         while True:
+            if time.monotonic() - observed >= _OBSERVE_EVERY_S:
+                observed = time.monotonic()
+                try:
+                    await self.observe_oldest()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    _log.warning("observing the oldest saga failed", exc_info=True)
             try:
                 claimed = await self._claim()
             except asyncio.CancelledError:
@@ -655,7 +697,27 @@ class Orchestrator:
         )
 
     async def _step(self, definition: SagaDefinition, saga: SagaRecord) -> tuple[SagaRecord, float]:
-        """One attempt of the current step or compensation; returns the delay until the next."""
+        """One attempt of the current step or compensation, as a span of the saga's
+        trace (its calls to other services are its children); returns the delay."""
+        compensating = saga.state == COMPENSATING
+        step = definition.steps[saga.step_index]
+        with _tracer.start_as_current_span(
+            f"saga {saga.kind} {'undo ' if compensating else ''}{step.name}",
+            context=context_of(saga.trace_context) or Context(),
+            attributes={
+                "cex.saga_id": saga.saga_id,
+                "cex.saga.step": step.name,
+                "cex.saga.attempt": saga.attempt + 1,
+                "cex.saga.compensating": compensating,
+            },
+        ) as span:
+            updated, delay = await self._attempt_step(definition, saga)
+            span.set_attribute("cex.saga.state", updated.state)
+            return updated, delay
+
+    async def _attempt_step(
+        self, definition: SagaDefinition, saga: SagaRecord
+    ) -> tuple[SagaRecord, float]:
         steps = definition.steps
         compensating = saga.state == COMPENSATING
         step = steps[saga.step_index]

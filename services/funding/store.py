@@ -13,6 +13,8 @@ from typing import Any
 
 import asyncpg
 
+from services.chassis.tracing import carrier
+
 __all__ = [
     "DepositRow",
     "Page",
@@ -115,8 +117,12 @@ class Page:
 
 async def emit(conn: Connection, subject: str, payload: dict[str, Any]) -> None:
     """An event, in the transaction that makes it true (the outbox relays it)."""
+    trace = carrier()  # the step's span: the relay puts it in the message's headers
     await conn.execute(
-        "INSERT INTO outbox (subject, payload) VALUES ($1, $2)", subject, json.dumps(payload)
+        "INSERT INTO outbox (subject, payload, trace_context) VALUES ($1, $2, $3)",
+        subject,
+        json.dumps(payload),
+        json.dumps(trace) if trace else None,
     )
 
 

@@ -22,8 +22,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cex.match.v1 import match_pb2
 from cex.type.v1 import types_pb2
-from services.chassis import Catalog, MoneyError, ensure_stream
+from services.chassis import Catalog, MoneyError, ensure_stream, observe_fetch
 from services.chassis.money import parse_decimal
+from services.chassis.tracing import SpanKind, batch_span, message_context
 
 from .auditor import LedgerMetrics
 from .settlement import Applied, Gap, MarketEvent, Party, Release, TradeSettlement, Unreadable
@@ -148,8 +149,14 @@ class SettlementConsumer:
                     messages = await sub.fetch(500, timeout=1.0)
                 except nats.errors.TimeoutError:
                     continue
+                observe_fetch(STREAM, self._durable, messages)
                 try:
-                    await self.handle([match_pb2.MatchEvent.FromString(m.data) for m in messages])
+                    with batch_span(
+                        "ledger.settle", map(message_context, messages), kind=SpanKind.CONSUMER
+                    ):
+                        await self.handle(
+                            [match_pb2.MatchEvent.FromString(m.data) for m in messages]
+                        )
                 except asyncio.CancelledError:
                     raise
                 except Exception:

@@ -35,6 +35,7 @@ from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.type.v1 import types_pb2
 from services.chassis import Market
 from services.chassis.money import parse_decimal
+from services.chassis.tracing import SpanKind, batch_span, message_context
 
 from .books import ASK, BID, L2Book, Level
 from .candles import TradeFact
@@ -157,11 +158,11 @@ class MarketFeed:
 
     async def _follow(self) -> None:
         s = self._settings
-        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=s.max_batch * 100)
+        queue: asyncio.Queue[Msg] = asyncio.Queue(maxsize=s.max_batch * 100)
 
         async def on_message(message: Msg) -> None:
             try:
-                queue.put_nowait(message.data)
+                queue.put_nowait(message)
             except asyncio.QueueFull:
                 self.dropped += 1  # the gap is filled from match later
 
@@ -190,12 +191,14 @@ class MarketFeed:
                 while len(raw) < s.max_batch and not queue.empty():
                     raw.append(queue.get_nowait())
                 events = []
-                for data in raw:
+                for message in raw:
                     try:
-                        events.append(match_pb2.MatchEvent.FromString(data))
+                        events.append(match_pb2.MatchEvent.FromString(message.data))
                     except DecodeError:
                         _log.warning("unreadable match event on %s; replay fills it", subject)
-                await self.apply(events)
+                traces = map(message_context, raw)
+                with batch_span("marketdata.apply", traces, kind=SpanKind.CONSUMER):
+                    await self.apply(events)
                 idle_since = time.monotonic()
                 if self.dropped != dropped_seen and queue.empty():
                     dropped_seen = self.dropped  # we lost some ourselves: is it the tail?

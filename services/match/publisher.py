@@ -1,7 +1,8 @@
 """Fan-out of committed events to JetStream, one market at a time.
 
 Subject ``match.events.<market>``, one message per event (a serialized
-``MatchEvent``), ``Nats-Msg-Id: <market>:<seq>``. The publisher starts from
+``MatchEvent``), ``Nats-Msg-Id: <market>:<seq>``, and the W3C trace context (``traceparent``) of
+the command's span when the command was traced. The publisher starts from
 the last event the stream holds for the market and follows the writer's
 committed sequence, so events lost by a crash of this process, or by
 JetStream itself, are published again with the same sequence numbers. It
@@ -16,6 +17,7 @@ import logging
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
+from prometheus_client import Gauge
 
 from cex.match.v1 import match_pb2
 from services.chassis import ensure_stream
@@ -27,6 +29,11 @@ __all__ = ["STREAM", "Publisher", "subject"]
 STREAM = "MATCH_EVENTS"
 _log = logging.getLogger("cex.match.publisher")
 _BACKOFF_MAX_S = 2.0
+UNPUBLISHED = Gauge(
+    "match_journal_unpublished_events",
+    "Journaled events not yet published to JetStream (committed seq - published seq).",
+    ("market",),
+)
 
 
 def subject(market: str) -> str:
@@ -39,6 +46,9 @@ class Publisher:
         self._writer = writer
         self._subject = subject(writer.market.symbol)
         self.published_seq = 0
+        UNPUBLISHED.labels(writer.market.symbol).set_function(
+            lambda: max(writer.committed_seq - self.published_seq, 0)
+        )
 
     @staticmethod
     async def ensure_stream(js: JetStreamContext) -> None:
@@ -63,17 +73,23 @@ class Publisher:
                     tail_known = True
                 await writer.wait_beyond(self.published_seq)
                 events = await writer.events(self.published_seq + 1, writer.committed_seq)
+                traced = writer.trace_of  # the command's trace context rides with its events
                 acks = [
                     await self._js.publish_async(
                         self._subject,
                         event.SerializeToString(),
-                        headers={"Nats-Msg-Id": f"{market}:{event.seq}"},
+                        headers={
+                            "Nats-Msg-Id": f"{market}:{event.seq}",
+                            **traced.get(event.command_seq, {}),
+                        },
                     )
                     for event in events
                 ]
                 for event, ack in zip(events, acks, strict=True):
                     await ack
                     self.published_seq = event.seq
+                while traced and (oldest := next(iter(traced))) <= events[-1].command_seq:
+                    del traced[oldest]
                 delay = 0.1
             except asyncio.CancelledError:
                 raise

@@ -29,6 +29,7 @@ from services.chassis import (
     connect,
 )
 from services.chassis.markets import Catalog, load_catalog
+from services.chassis.tracing import context_of
 
 from .config import MatchSettings
 from .domain import Side
@@ -82,7 +83,11 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
     def _dispatch(self, command: match_pb2.Command) -> asyncio.Future[match_pb2.CommandResult]:
         try:
             writer = self._writer(command.market, "command.market")
-            return writer.submit(decode(writer.market, command))
+            trace_context = None
+            if command.trace_context:  # not part of the command (neither journaled nor compared)
+                trace_context = context_of(command.trace_context)
+                command.ClearField("trace_context")
+            return writer.submit(decode(writer.market, command), trace_context)
         except ExchangeError as error:
             return _resolved(
                 match_pb2.CommandResult(

@@ -28,9 +28,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from google.rpc import status_pb2
+from opentelemetry import trace
+from opentelemetry.propagate import inject
 
 from cex.match.v1 import match_pb2
 from services.chassis import AlreadyExists, ExchangeError, Market, Unavailable
+from services.chassis.tracing import Context
 
 from .engine import Decoded, MarketEngine, decode
 from .store import Entry, Journal, Snapshot
@@ -41,6 +44,8 @@ _log = logging.getLogger("cex.match.writer")
 _OK = status_pb2.Status()
 _RECOVERY_PAGE = 2_000
 _READ_PAGE = 500
+_TRACED_COMMANDS = 10_000  # trace contexts kept for the publisher (command_seq -> carrier)
+_tracer = trace.get_tracer("cex.match")
 
 
 class JournalMismatch(RuntimeError):
@@ -52,6 +57,7 @@ class _Pending:
     decoded: Decoded
     body: bytes
     future: asyncio.Future[match_pb2.CommandResult]
+    span: trace.Span | None = None
 
 
 def _pack(events: Sequence[match_pb2.MatchEvent]) -> bytes:
@@ -92,6 +98,8 @@ class MarketWriter:
         self._snapshot_seq = 0
         self._task: asyncio.Task[None] | None = None
         self.committed_seq = 0  # last event seq the journal holds
+        # W3C trace context of traced commands, by command_seq, until published.
+        self.trace_of: dict[int, dict[str, str]] = {}
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -149,9 +157,25 @@ class MarketWriter:
 
     # ----------------------------------------------------------------- writing
 
-    def submit(self, decoded: Decoded) -> asyncio.Future[match_pb2.CommandResult]:
+    def submit(
+        self, decoded: Decoded, trace_context: Context | None = None
+    ) -> asyncio.Future[match_pb2.CommandResult]:
+        """Queue a command; `trace_context` (the sender's request) makes it a span,
+        from here to its journal commit, which its events carry to JetStream."""
         future: asyncio.Future[match_pb2.CommandResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(decoded, decoded.wire.SerializeToString(), future))
+        span = None
+        if trace_context is not None:
+            span = _tracer.start_span(
+                "match.command",
+                context=trace_context,
+                attributes={
+                    "cex.market": self.market.symbol,
+                    "cex.command_id": decoded.wire.command_id,
+                },
+            )
+            end = span.end
+            future.add_done_callback(lambda _: end())
+        self._queue.put_nowait(_Pending(decoded, decoded.wire.SerializeToString(), future, span))
         return future
 
     async def _run(self) -> None:
@@ -209,6 +233,8 @@ class MarketWriter:
                 known[wire.command_id] = entry
                 entries.append(entry)
                 published += events
+                if pending.span is not None:
+                    self._traced(pending.span, command_seq, len(batch))
                 results.append(
                     match_pb2.CommandResult(
                         command_id=wire.command_id,
@@ -230,6 +256,17 @@ class MarketWriter:
                 self._committed.notify_all()
         if snapshot is not None:
             await self._journal.save_snapshot(symbol, snapshot)
+
+    def _traced(self, span: trace.Span, command_seq: int, batch: int) -> None:
+        span.set_attribute("cex.command_seq", command_seq)
+        span.set_attribute("cex.batch_size", batch)
+        if not span.get_span_context().is_valid:
+            return
+        carrier: dict[str, str] = {}
+        inject(carrier, trace.set_span_in_context(span))
+        if len(self.trace_of) >= _TRACED_COMMANDS:  # the publisher is behind: forget the oldest
+            del self.trace_of[next(iter(self.trace_of))]
+        self.trace_of[command_seq] = carrier
 
     def _repeat(
         self, wire: match_pb2.Command, body: bytes, prior: Entry

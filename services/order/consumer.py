@@ -24,7 +24,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cex.match.v1 import match_pb2
-from services.chassis import ensure_stream
+from services.chassis import ensure_stream, observe_fetch
+from services.chassis.tracing import SpanKind, batch_span, message_context
 
 from .domain import Execution, OrderRecord, apply_event, event_order_ids
 from .store import Store
@@ -83,8 +84,14 @@ class EventConsumer:
                     messages = await sub.fetch(500, timeout=0.5)
                 except (nats.errors.TimeoutError, TimeoutError):
                     continue
+                observe_fetch(STREAM, self._durable, messages)
                 try:
-                    await self.handle([match_pb2.MatchEvent.FromString(m.data) for m in messages])
+                    with batch_span(
+                        "order.executions", map(message_context, messages), kind=SpanKind.CONSUMER
+                    ):
+                        await self.handle(
+                            [match_pb2.MatchEvent.FromString(m.data) for m in messages]
+                        )
                 except asyncio.CancelledError:
                     raise
                 except Exception:

@@ -27,6 +27,7 @@ from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from services.chassis import ErrorDetails, ExchangeError, Unavailable
 from services.chassis.money import parse_decimal
+from services.chassis.tracing import Context, batch_span, carrier, current_context
 
 from .domain import OrderRecord
 
@@ -121,14 +122,15 @@ class Batcher(Generic[Req, Res]):
     ) -> None:
         self._call = call
         self._max = max_batch
-        self._waiting: list[tuple[Req, asyncio.Future[Res]]] = []
+        self._waiting: list[tuple[Req, asyncio.Future[Res], Context]] = []
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._span = f"order.batch {getattr(call, '__name__', 'call').lstrip('_')}"
 
     async def submit(self, item: Req) -> Res:
         future: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, future))
+        self._waiting.append((item, future, current_context()))
         self._wake.set()
         return await future
 
@@ -143,14 +145,15 @@ class Batcher(Generic[Req, Res]):
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, batch: list[tuple[Req, asyncio.Future[Res]]]) -> None:
+    async def _send(self, batch: list[tuple[Req, asyncio.Future[Res], Context]]) -> None:
         try:
-            results = await self._call([item for item, _ in batch])
-            for (_, future), result in zip(batch, results, strict=True):
+            with batch_span(self._span, (ctx for _, _, ctx in batch)):
+                results = await self._call([item for item, _, _ in batch])
+            for (_, future, _), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
         except Exception as error:
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(error)
         finally:
@@ -273,6 +276,7 @@ class MatchClient:
     ) -> match_pb2.CommandResult:
         """The command's result; a transient StatusError if match did not answer."""
         future: asyncio.Future[match_pb2.CommandResult] = asyncio.get_running_loop().create_future()
+        carrier(command.trace_context)  # per command: the stream's metadata is not per request
         self._waiting.append((command, future))
         self._wake.set()
         try:

@@ -24,7 +24,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cex.match.v1 import match_pb2
-from services.chassis import Catalog, MoneyError, ensure_stream
+from services.chassis import Catalog, MoneyError, ensure_stream, observe_fetch
+from services.chassis.tracing import SpanKind, batch_span, message_context
 
 from .state import State
 from .store import Store
@@ -107,13 +108,17 @@ class PriceFollower:
                     messages = await sub.fetch(self._batch, timeout=1.0)
                 except nats.errors.TimeoutError:
                     continue
+                observe_fetch(STREAM, self._durable, messages)
                 events = []
                 for m in messages:
                     try:
                         events.append(match_pb2.MatchEvent.FromString(m.data))
                     except Exception:
                         _log.error("unreadable match event on %s", m.subject)
-                await self.handle(events)
+                with batch_span(
+                    "risk.prices", map(message_context, messages), kind=SpanKind.CONSUMER
+                ):
+                    await self.handle(events)
                 # Acked only once saved: a crash before redelivers the batch.
                 for m in messages:
                     await m.ack()

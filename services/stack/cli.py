@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from .supervisor import Stack, StackError
@@ -238,6 +239,29 @@ async def _token(state_dir: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _traces(listen: str, quiet_s: float) -> int:
+    """Print every trace the stack exports, as a tree, once it has been quiet for `quiet_s`."""
+    from .collector import collector, render_trace
+
+    async with collector(listen=listen) as found:
+        print(f"cex: receiving OTLP/gRPC traces on {listen} (Ctrl-C to stop)", flush=True)
+        last_seen: dict[str, tuple[int, float]] = {}  # trace id -> (spans, when it grew)
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            by_trace: dict[str, int] = {}
+            for span in found.spans:
+                by_trace[span.trace_id] = by_trace.get(span.trace_id, 0) + 1
+            for trace_id, count in by_trace.items():
+                seen = last_seen.get(trace_id)
+                if seen is None or seen[0] != count:
+                    last_seen[trace_id] = (count, now)
+                elif now - seen[1] >= quiet_s:
+                    print(render_trace(found.trace(trace_id)), end="\n\n", flush=True)
+                    found.spans = [s for s in found.spans if s.trace_id != trace_id]
+                    del last_seen[trace_id]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cex", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -277,6 +301,17 @@ def main(argv: list[str] | None = None) -> None:
     key.add_argument("--scopes", default="read,trade", help="comma-separated: read,trade,...")
     key.add_argument("--label", help="a label for the key")
     key.add_argument("--allow", action="append", help="allowed CIDR (repeat); needed for withdraw")
+    traces = commands.add_parser(
+        "traces",
+        help="receive OTLP traces (start the stack with OTEL_TRACES_EXPORTER=otlp) and print each",
+    )
+    traces.add_argument("--listen", default="127.0.0.1:4317", help="OTLP/gRPC address")
+    traces.add_argument(
+        "--quiet-s",
+        type=float,
+        default=6.0,
+        help="print a trace once idle this long (Envoy flushes every 5 s)",
+    )
     token = commands.add_parser("token", help="exchange an API key for an access token")
     token.add_argument("--key-id", help="default $CEX_API_KEY_ID (the secret: $CEX_API_KEY_SECRET)")
     args = parser.parse_args(argv)
@@ -296,6 +331,10 @@ def main(argv: list[str] | None = None) -> None:
             code = asyncio.run(_top(state_dir, args))
     elif args.command == "token":
         code = asyncio.run(_token(state_dir, args))
+    elif args.command == "traces":
+        code = 0
+        with contextlib.suppress(KeyboardInterrupt):
+            code = asyncio.run(_traces(args.listen, args.quiet_s))
     else:
         code = asyncio.run(_status(state_dir))
     sys.exit(code)

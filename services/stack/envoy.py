@@ -5,9 +5,12 @@ from __future__ import annotations
 import base64
 import copy
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -25,7 +28,9 @@ __all__ = [
     "RATE_LIMITED",
     "TEMPLATE",
     "UNAUTHENTICATED",
+    "Tracing",
     "render",
+    "tracing_from_env",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,7 +75,50 @@ def _http_filter(hcm: dict[str, Any], name: str) -> dict[str, Any]:
     return config
 
 
-def render(ports: Ports, template: Path = TEMPLATE) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class Tracing:
+    """Where Envoy sends its spans (OTLP/gRPC) and the share of new traces it starts."""
+
+    host: str
+    port: int
+    sampling_percent: float = 100.0
+
+
+def tracing_from_env(env: Mapping[str, str]) -> Tracing | None:
+    """Envoy traces as the services do: OTEL_TRACES_EXPORTER=otlp to the collector in
+    OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, a ratio sampler's OTEL_TRACES_SAMPLER_ARG as
+    its random sampling (Envoy starts the traces: clients rarely send a traceparent)."""
+    if env.get("OTEL_TRACES_EXPORTER", "none").strip().lower() != "otlp":
+        return None
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    endpoint = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or "http://localhost:4317"
+    )
+    url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    if url.hostname is None:
+        raise ValueError(f"OTEL_EXPORTER_OTLP_ENDPOINT={endpoint!r} names no host")
+    percent = 100.0
+    if "traceidratio" in env.get("OTEL_TRACES_SAMPLER", ""):
+        percent = min(max(float(env.get("OTEL_TRACES_SAMPLER_ARG", "1.0")) * 100, 0.0), 100.0)
+    return Tracing(url.hostname, url.port or 4317, percent)
+
+
+def _enable_tracing(config: dict[str, Any], hcm: dict[str, Any], tracing: Tracing) -> None:
+    spec = config.pop("x-tracing")
+    hcm["tracing"] = spec["tracing"]
+    hcm["tracing"]["random_sampling"] = {"value": tracing.sampling_percent}
+    cluster = spec["cluster"]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    endpoint["address"]["socket_address"] = {"address": tracing.host, "port_value": tracing.port}
+    config["static_resources"]["clusters"].append(cluster)
+
+
+def render(
+    ports: Ports, template: Path = TEMPLATE, *, tracing: Tracing | None = None
+) -> dict[str, Any]:
     config: dict[str, Any] = yaml.safe_load(template.read_text())
     service = config.pop("x-service")
     values = {
@@ -111,4 +159,8 @@ def render(ports: Ports, template: Path = TEMPLATE) -> dict[str, Any]:
             default_routes[0:0] = _fill(copy.deepcopy(service["prefix_routes"]), values)
     for host in hosts:
         host["routes"][0:0] = copy.deepcopy(edge_routes)
+    if tracing is not None:
+        _enable_tracing(config, hcm, tracing)
+    else:
+        config.pop("x-tracing")
     return config

@@ -321,7 +321,8 @@ class Stack:
         began = time.monotonic()
         for folder in ("logs", "nats", "redis", "envoy"):
             (self.state_dir / folder).mkdir(parents=True, exist_ok=True)
-        self.envoy_config.write_text(yaml.safe_dump(envoy.render(self.ports), sort_keys=False))
+        config = envoy.render(self.ports, tracing=envoy.tracing_from_env(self.env))
+        self.envoy_config.write_text(yaml.safe_dump(config, sort_keys=False))
         try:
             for wave in self.plan():
                 if wave and wave[0].name == "postgres":

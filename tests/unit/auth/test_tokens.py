@@ -9,6 +9,7 @@ import json
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prometheus_client import REGISTRY
 
 from services.chassis import Unauthenticated, Unavailable
 from services.chassis.tokens import (
@@ -145,3 +146,18 @@ async def test_no_keys_at_all_is_unavailable() -> None:
     with pytest.raises(Unavailable) as down:
         await JwksCache("http://auth/jwks", fetch=fake).keys()
     assert down.value.reason == "AUTH_KEYS_UNAVAILABLE"
+
+
+async def test_failed_jwks_fetches_are_counted() -> None:
+    def failures() -> float:
+        return REGISTRY.get_sample_value("authn_jwks_fetch_failures_total") or 0.0
+
+    fake, now = FakeJwks(), [0.0]
+    cache = JwksCache("http://auth/jwks", fetch=fake, clock=lambda: now[0], min_refresh_s=5)
+    before = failures()
+    await cache.keys()
+    assert failures() == before  # a good fetch is not a failure
+    fake.fail = True
+    now[0] = 400
+    await cache.keys()  # stale, refetched, failed: the old keys stay
+    assert failures() == before + 1

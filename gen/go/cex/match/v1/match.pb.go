@@ -493,7 +493,12 @@ type Command struct {
 	//	*Command_Cancel
 	//	*Command_Amend
 	//	*Command_MassCancel
-	Kind          isCommand_Kind `protobuf_oneof:"kind"`
+	Kind isCommand_Kind `protobuf_oneof:"kind"`
+	// W3C trace context of the request the command serves (`traceparent`,
+	// `tracestate`): a stream carries many requests' commands, and gRPC metadata
+	// is per stream. Not part of the command: it is neither journaled nor
+	// compared when a command_id is sent again.
+	TraceContext  map[string]string `protobuf:"bytes,7,rep,name=trace_context,json=traceContext,proto3" json:"trace_context,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -581,6 +586,13 @@ func (x *Command) GetMassCancel() *MassCancelCommand {
 		if x, ok := x.Kind.(*Command_MassCancel); ok {
 			return x.MassCancel
 		}
+	}
+	return nil
+}
+
+func (x *Command) GetTraceContext() map[string]string {
+	if x != nil {
+		return x.TraceContext
 	}
 	return nil
 }
@@ -2298,7 +2310,7 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\n" +
 	"account_id\x18\x01 \x01(\tR\taccountId\x12%\n" +
 	"\x04side\x18\x02 \x01(\x0e2\x11.cex.type.v1.SideR\x04side\x121\n" +
-	"\x06reason\x18\x03 \x01(\x0e2\x19.cex.type.v1.CancelReasonR\x06reason\"\xab\x02\n" +
+	"\x06reason\x18\x03 \x01(\x0e2\x19.cex.type.v1.CancelReasonR\x06reason\"\xba\x03\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"command_id\x18\x01 \x01(\tR\tcommandId\x12\x16\n" +
@@ -2307,7 +2319,11 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\x06cancel\x18\x04 \x01(\v2\x1b.cex.match.v1.CancelCommandH\x00R\x06cancel\x122\n" +
 	"\x05amend\x18\x05 \x01(\v2\x1a.cex.match.v1.AmendCommandH\x00R\x05amend\x12B\n" +
 	"\vmass_cancel\x18\x06 \x01(\v2\x1f.cex.match.v1.MassCancelCommandH\x00R\n" +
-	"massCancelB\x06\n" +
+	"massCancel\x12L\n" +
+	"\rtrace_context\x18\a \x03(\v2'.cex.match.v1.Command.TraceContextEntryR\ftraceContext\x1a?\n" +
+	"\x11TraceContextEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x06\n" +
 	"\x04kind\"\xe3\x01\n" +
 	"\rCommandResult\x12\x1d\n" +
 	"\n" +
@@ -2474,7 +2490,7 @@ func file_cex_match_v1_match_proto_rawDescGZIP() []byte {
 }
 
 var file_cex_match_v1_match_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_cex_match_v1_match_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_cex_match_v1_match_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_cex_match_v1_match_proto_goTypes = []any{
 	(BookLevel)(0),                 // 0: cex.match.v1.BookLevel
 	(*PlaceCommand)(nil),           // 1: cex.match.v1.PlaceCommand
@@ -2499,68 +2515,70 @@ var file_cex_match_v1_match_proto_goTypes = []any{
 	(*GetOrderBookResponse)(nil),   // 20: cex.match.v1.GetOrderBookResponse
 	(*ReplayEventsRequest)(nil),    // 21: cex.match.v1.ReplayEventsRequest
 	(*ReplayEventsResponse)(nil),   // 22: cex.match.v1.ReplayEventsResponse
-	(v1.Side)(0),                   // 23: cex.type.v1.Side
-	(v1.OrderType)(0),              // 24: cex.type.v1.OrderType
-	(v1.TimeInForce)(0),            // 25: cex.type.v1.TimeInForce
-	(v1.SelfTradePrevention)(0),    // 26: cex.type.v1.SelfTradePrevention
-	(*timestamppb.Timestamp)(nil),  // 27: google.protobuf.Timestamp
-	(v1.CancelReason)(0),           // 28: cex.type.v1.CancelReason
-	(*status.Status)(nil),          // 29: google.rpc.Status
-	(*v1.PriceLevel)(nil),          // 30: cex.type.v1.PriceLevel
+	nil,                            // 23: cex.match.v1.Command.TraceContextEntry
+	(v1.Side)(0),                   // 24: cex.type.v1.Side
+	(v1.OrderType)(0),              // 25: cex.type.v1.OrderType
+	(v1.TimeInForce)(0),            // 26: cex.type.v1.TimeInForce
+	(v1.SelfTradePrevention)(0),    // 27: cex.type.v1.SelfTradePrevention
+	(*timestamppb.Timestamp)(nil),  // 28: google.protobuf.Timestamp
+	(v1.CancelReason)(0),           // 29: cex.type.v1.CancelReason
+	(*status.Status)(nil),          // 30: google.rpc.Status
+	(*v1.PriceLevel)(nil),          // 31: cex.type.v1.PriceLevel
 }
 var file_cex_match_v1_match_proto_depIdxs = []int32{
-	23, // 0: cex.match.v1.PlaceCommand.side:type_name -> cex.type.v1.Side
-	24, // 1: cex.match.v1.PlaceCommand.type:type_name -> cex.type.v1.OrderType
-	25, // 2: cex.match.v1.PlaceCommand.time_in_force:type_name -> cex.type.v1.TimeInForce
-	26, // 3: cex.match.v1.PlaceCommand.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
-	27, // 4: cex.match.v1.PlaceCommand.expire_time:type_name -> google.protobuf.Timestamp
-	28, // 5: cex.match.v1.CancelCommand.reason:type_name -> cex.type.v1.CancelReason
-	23, // 6: cex.match.v1.MassCancelCommand.side:type_name -> cex.type.v1.Side
-	28, // 7: cex.match.v1.MassCancelCommand.reason:type_name -> cex.type.v1.CancelReason
+	24, // 0: cex.match.v1.PlaceCommand.side:type_name -> cex.type.v1.Side
+	25, // 1: cex.match.v1.PlaceCommand.type:type_name -> cex.type.v1.OrderType
+	26, // 2: cex.match.v1.PlaceCommand.time_in_force:type_name -> cex.type.v1.TimeInForce
+	27, // 3: cex.match.v1.PlaceCommand.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
+	28, // 4: cex.match.v1.PlaceCommand.expire_time:type_name -> google.protobuf.Timestamp
+	29, // 5: cex.match.v1.CancelCommand.reason:type_name -> cex.type.v1.CancelReason
+	24, // 6: cex.match.v1.MassCancelCommand.side:type_name -> cex.type.v1.Side
+	29, // 7: cex.match.v1.MassCancelCommand.reason:type_name -> cex.type.v1.CancelReason
 	1,  // 8: cex.match.v1.Command.place:type_name -> cex.match.v1.PlaceCommand
 	2,  // 9: cex.match.v1.Command.cancel:type_name -> cex.match.v1.CancelCommand
 	3,  // 10: cex.match.v1.Command.amend:type_name -> cex.match.v1.AmendCommand
 	4,  // 11: cex.match.v1.Command.mass_cancel:type_name -> cex.match.v1.MassCancelCommand
-	29, // 12: cex.match.v1.CommandResult.status:type_name -> google.rpc.Status
-	7,  // 13: cex.match.v1.CommandResult.events:type_name -> cex.match.v1.MatchEvent
-	27, // 14: cex.match.v1.MatchEvent.event_time:type_name -> google.protobuf.Timestamp
-	8,  // 15: cex.match.v1.MatchEvent.accepted:type_name -> cex.match.v1.OrderAccepted
-	9,  // 16: cex.match.v1.MatchEvent.rejected:type_name -> cex.match.v1.OrderRejected
-	10, // 17: cex.match.v1.MatchEvent.trade:type_name -> cex.match.v1.Trade
-	11, // 18: cex.match.v1.MatchEvent.cancelled:type_name -> cex.match.v1.OrderCancelled
-	12, // 19: cex.match.v1.MatchEvent.amended:type_name -> cex.match.v1.OrderAmended
-	13, // 20: cex.match.v1.MatchEvent.triggered:type_name -> cex.match.v1.OrderTriggered
-	14, // 21: cex.match.v1.MatchEvent.level_changed:type_name -> cex.match.v1.LevelChanged
-	23, // 22: cex.match.v1.OrderAccepted.side:type_name -> cex.type.v1.Side
-	24, // 23: cex.match.v1.OrderAccepted.type:type_name -> cex.type.v1.OrderType
-	25, // 24: cex.match.v1.OrderAccepted.time_in_force:type_name -> cex.type.v1.TimeInForce
-	23, // 25: cex.match.v1.Trade.taker_side:type_name -> cex.type.v1.Side
-	23, // 26: cex.match.v1.OrderCancelled.side:type_name -> cex.type.v1.Side
-	28, // 27: cex.match.v1.OrderCancelled.reason:type_name -> cex.type.v1.CancelReason
-	23, // 28: cex.match.v1.OrderAmended.side:type_name -> cex.type.v1.Side
-	23, // 29: cex.match.v1.OrderTriggered.side:type_name -> cex.type.v1.Side
-	24, // 30: cex.match.v1.OrderTriggered.type:type_name -> cex.type.v1.OrderType
-	23, // 31: cex.match.v1.LevelChanged.side:type_name -> cex.type.v1.Side
-	30, // 32: cex.match.v1.OrderBook.bids:type_name -> cex.type.v1.PriceLevel
-	30, // 33: cex.match.v1.OrderBook.asks:type_name -> cex.type.v1.PriceLevel
-	15, // 34: cex.match.v1.OrderBook.bid_orders:type_name -> cex.match.v1.BookOrder
-	15, // 35: cex.match.v1.OrderBook.ask_orders:type_name -> cex.match.v1.BookOrder
-	5,  // 36: cex.match.v1.SubmitCommandsRequest.commands:type_name -> cex.match.v1.Command
-	6,  // 37: cex.match.v1.SubmitCommandsResponse.results:type_name -> cex.match.v1.CommandResult
-	0,  // 38: cex.match.v1.GetOrderBookRequest.level:type_name -> cex.match.v1.BookLevel
-	16, // 39: cex.match.v1.GetOrderBookResponse.book:type_name -> cex.match.v1.OrderBook
-	7,  // 40: cex.match.v1.ReplayEventsResponse.events:type_name -> cex.match.v1.MatchEvent
-	17, // 41: cex.match.v1.MatchService.SubmitCommands:input_type -> cex.match.v1.SubmitCommandsRequest
-	19, // 42: cex.match.v1.MatchService.GetOrderBook:input_type -> cex.match.v1.GetOrderBookRequest
-	21, // 43: cex.match.v1.MatchService.ReplayEvents:input_type -> cex.match.v1.ReplayEventsRequest
-	18, // 44: cex.match.v1.MatchService.SubmitCommands:output_type -> cex.match.v1.SubmitCommandsResponse
-	20, // 45: cex.match.v1.MatchService.GetOrderBook:output_type -> cex.match.v1.GetOrderBookResponse
-	22, // 46: cex.match.v1.MatchService.ReplayEvents:output_type -> cex.match.v1.ReplayEventsResponse
-	44, // [44:47] is the sub-list for method output_type
-	41, // [41:44] is the sub-list for method input_type
-	41, // [41:41] is the sub-list for extension type_name
-	41, // [41:41] is the sub-list for extension extendee
-	0,  // [0:41] is the sub-list for field type_name
+	23, // 12: cex.match.v1.Command.trace_context:type_name -> cex.match.v1.Command.TraceContextEntry
+	30, // 13: cex.match.v1.CommandResult.status:type_name -> google.rpc.Status
+	7,  // 14: cex.match.v1.CommandResult.events:type_name -> cex.match.v1.MatchEvent
+	28, // 15: cex.match.v1.MatchEvent.event_time:type_name -> google.protobuf.Timestamp
+	8,  // 16: cex.match.v1.MatchEvent.accepted:type_name -> cex.match.v1.OrderAccepted
+	9,  // 17: cex.match.v1.MatchEvent.rejected:type_name -> cex.match.v1.OrderRejected
+	10, // 18: cex.match.v1.MatchEvent.trade:type_name -> cex.match.v1.Trade
+	11, // 19: cex.match.v1.MatchEvent.cancelled:type_name -> cex.match.v1.OrderCancelled
+	12, // 20: cex.match.v1.MatchEvent.amended:type_name -> cex.match.v1.OrderAmended
+	13, // 21: cex.match.v1.MatchEvent.triggered:type_name -> cex.match.v1.OrderTriggered
+	14, // 22: cex.match.v1.MatchEvent.level_changed:type_name -> cex.match.v1.LevelChanged
+	24, // 23: cex.match.v1.OrderAccepted.side:type_name -> cex.type.v1.Side
+	25, // 24: cex.match.v1.OrderAccepted.type:type_name -> cex.type.v1.OrderType
+	26, // 25: cex.match.v1.OrderAccepted.time_in_force:type_name -> cex.type.v1.TimeInForce
+	24, // 26: cex.match.v1.Trade.taker_side:type_name -> cex.type.v1.Side
+	24, // 27: cex.match.v1.OrderCancelled.side:type_name -> cex.type.v1.Side
+	29, // 28: cex.match.v1.OrderCancelled.reason:type_name -> cex.type.v1.CancelReason
+	24, // 29: cex.match.v1.OrderAmended.side:type_name -> cex.type.v1.Side
+	24, // 30: cex.match.v1.OrderTriggered.side:type_name -> cex.type.v1.Side
+	25, // 31: cex.match.v1.OrderTriggered.type:type_name -> cex.type.v1.OrderType
+	24, // 32: cex.match.v1.LevelChanged.side:type_name -> cex.type.v1.Side
+	31, // 33: cex.match.v1.OrderBook.bids:type_name -> cex.type.v1.PriceLevel
+	31, // 34: cex.match.v1.OrderBook.asks:type_name -> cex.type.v1.PriceLevel
+	15, // 35: cex.match.v1.OrderBook.bid_orders:type_name -> cex.match.v1.BookOrder
+	15, // 36: cex.match.v1.OrderBook.ask_orders:type_name -> cex.match.v1.BookOrder
+	5,  // 37: cex.match.v1.SubmitCommandsRequest.commands:type_name -> cex.match.v1.Command
+	6,  // 38: cex.match.v1.SubmitCommandsResponse.results:type_name -> cex.match.v1.CommandResult
+	0,  // 39: cex.match.v1.GetOrderBookRequest.level:type_name -> cex.match.v1.BookLevel
+	16, // 40: cex.match.v1.GetOrderBookResponse.book:type_name -> cex.match.v1.OrderBook
+	7,  // 41: cex.match.v1.ReplayEventsResponse.events:type_name -> cex.match.v1.MatchEvent
+	17, // 42: cex.match.v1.MatchService.SubmitCommands:input_type -> cex.match.v1.SubmitCommandsRequest
+	19, // 43: cex.match.v1.MatchService.GetOrderBook:input_type -> cex.match.v1.GetOrderBookRequest
+	21, // 44: cex.match.v1.MatchService.ReplayEvents:input_type -> cex.match.v1.ReplayEventsRequest
+	18, // 45: cex.match.v1.MatchService.SubmitCommands:output_type -> cex.match.v1.SubmitCommandsResponse
+	20, // 46: cex.match.v1.MatchService.GetOrderBook:output_type -> cex.match.v1.GetOrderBookResponse
+	22, // 47: cex.match.v1.MatchService.ReplayEvents:output_type -> cex.match.v1.ReplayEventsResponse
+	45, // [45:48] is the sub-list for method output_type
+	42, // [42:45] is the sub-list for method input_type
+	42, // [42:42] is the sub-list for extension type_name
+	42, // [42:42] is the sub-list for extension extendee
+	0,  // [0:42] is the sub-list for field type_name
 }
 
 func init() { file_cex_match_v1_match_proto_init() }
@@ -2589,7 +2607,7 @@ func file_cex_match_v1_match_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cex_match_v1_match_proto_rawDesc), len(file_cex_match_v1_match_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   22,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

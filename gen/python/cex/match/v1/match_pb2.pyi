@@ -259,12 +259,33 @@ class Command(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     COMMAND_ID_FIELD_NUMBER: _builtins.int
     MARKET_FIELD_NUMBER: _builtins.int
     PLACE_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     AMEND_FIELD_NUMBER: _builtins.int
     MASS_CANCEL_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     """Idempotency id, unique per market, chosen by the sender and derived from
     its own durable id (e.g. "place:<order_id>", "cancel:<request_id>").
@@ -287,6 +308,14 @@ class Command(_message.Message):
     def mass_cancel(self) -> Global___MassCancelCommand:
         """Cancel many orders."""
 
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """W3C trace context of the request the command serves (`traceparent`,
+        `tracestate`): a stream carries many requests' commands, and gRPC metadata
+        is per stream. Not part of the command: it is neither journaled nor
+        compared when a command_id is sent again.
+        """
+
     def __init__(
         self,
         *,
@@ -296,10 +325,11 @@ class Command(_message.Message):
         cancel: Global___CancelCommand | None = ...,
         amend: Global___AmendCommand | None = ...,
         mass_cancel: Global___MassCancelCommand | None = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "kind", b"kind", "mass_cancel", b"mass_cancel", "place", b"place"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "command_id", b"command_id", "kind", b"kind", "market", b"market", "mass_cancel", b"mass_cancel", "place", b"place"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "command_id", b"command_id", "kind", b"kind", "market", b"market", "mass_cancel", b"mass_cancel", "place", b"place", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["place", "cancel", "amend", "mass_cancel"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015

@@ -1,0 +1,149 @@
+"""One order's trace across every hop: a stack of its own exporting OTLP (Envoy and
+every service) to a collector inside the test, and an order through Envoy whose
+trace covers the edge, the services on the order path, and the JetStream
+consumers of its trade (settlement, execution reports, market data, prices).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+from cex.marketdata.v1 import marketdata_pb2, marketdata_pb2_grpc
+from cex.order.v1 import order_pb2
+from cex.type.v1 import types_pb2 as t
+from services.stack.collector import Collector, SpanRecord, collector
+from services.stack.supervisor import Stack
+from services.stack.topology import free_ports
+from tests.e2e.order.support import BUY, MARKET, SELL, Exchange, Trader, uid
+
+ORDER_PATH = {"cex-envoy", "cex-order", "cex-risk", "cex-ledger", "cex-match"}
+CONSUMERS = {"ledger.settle", "order.executions", "marketdata.apply", "risk.prices"}
+
+
+async def consumed(
+    spans: Collector, trace_id: str, consumers: set[str], within_s: float = 30.0
+) -> list[SpanRecord]:
+    """The trace once Envoy's spans (flushed every 5 s) and the consumers' spans
+    are in it, or as it is after `within_s`."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        found = spans.trace(trace_id)
+        done = {s.name for s in found} >= consumers and "cex-envoy" in {s.service for s in found}
+        if done or asyncio.get_running_loop().time() > deadline:
+            return found
+        await asyncio.sleep(0.2)
+
+
+@pytest.fixture
+async def spans() -> AsyncIterator[Collector]:
+    async with collector() as found:
+        yield found
+
+
+@pytest.fixture
+async def traced_stack(
+    tmp_path_factory: pytest.TempPathFactory, spans: Collector
+) -> AsyncIterator[Stack]:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
+    }
+    env.update(
+        OTEL_TRACES_EXPORTER="otlp",
+        OTEL_EXPORTER_OTLP_ENDPOINT=spans.endpoint,
+        OTEL_BSP_SCHEDULE_DELAY="100",  # ms: spans reach the collector soon
+    )
+    running = Stack(tmp_path_factory.mktemp("cex-traced"), free_ports(), env)
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def place(trader: Trader, side: int, traceparent: str) -> order_pb2.Order:
+    reply = await trader.orders.PlaceOrder(
+        order_pb2.PlaceOrderRequest(
+            client_order_id=uid(),
+            market=MARKET,
+            type=t.ORDER_TYPE_LIMIT,
+            side=side,  # type: ignore[arg-type]
+            price="100",
+            quantity="0.1",
+        ),
+        metadata=(*trader.md, ("traceparent", traceparent)),
+        timeout=20,
+    )
+    return reply.order
+
+
+async def market_data_ready(channel: grpc.aio.Channel, within_s: float = 30.0) -> None:
+    """Market data follows JetStream once its feed caught up with match (on a fresh
+    stack, after the mesh is up); before, it reads events from match's replay."""
+    stub = marketdata_pb2_grpc.MarketDataServiceStub(channel)
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        try:
+            await stub.GetOrderBook(marketdata_pb2.GetOrderBookRequest(market=MARKET), timeout=5)
+            return
+        except grpc.aio.AioRpcError as error:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"market data is not ready: {error.details()}") from error
+        await asyncio.sleep(0.2)
+
+
+def _client_traceparent() -> tuple[str, str, str]:
+    """The test is the client: its own span starts the trace."""
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    return trace_id, span_id, f"00-{trace_id}-{span_id}-01"
+
+
+async def test_one_trace_covers_the_edge_the_order_path_and_the_trade_consumers(
+    traced_stack: Stack, spans: Collector
+) -> None:
+    token = await traced_stack.credentials("tests").token()
+    async with grpc.aio.insecure_channel(traced_stack.edge) as channel:
+        exchange = Exchange(traced_stack, token, channel)
+        await market_data_ready(channel)
+        alice = await exchange.trader({"BTC": "1"}, "alice")
+        bob = await exchange.trader({"USDT": "1000"}, "bob")
+        # Alice's ask first, traced too: once the consumers have handled it, bob's
+        # events reach them in batches of their own (a batch's span is the child
+        # of its first traced message, and only links to the others).
+        ask_trace, _, traceparent = _client_traceparent()
+        await place(alice, SELL, traceparent)
+        await consumed(spans, ask_trace, CONSUMERS)
+
+        trace_id, client_span, traceparent = _client_traceparent()
+        bid = await place(bob, BUY, traceparent)
+        assert bid.state == t.ORDER_STATE_FILLED
+        found = await consumed(spans, trace_id, CONSUMERS)
+        names = {s.name for s in found}
+
+    services = {s.service for s in found}
+    assert services >= ORDER_PATH, sorted(services)
+    assert len(services - {"cex-envoy"}) >= 5, sorted(services)
+    assert names >= CONSUMERS, sorted(names)
+    # The edge is Envoy's server span, the child of the client's.
+    edge = [s for s in found if s.parent_id == client_span]
+    assert [s.service for s in edge] == ["cex-envoy"]
+    assert edge[0].kind == trace_pb2.Span.SPAN_KIND_SERVER
+    # Parent/child links are intact: every parent is in the trace, except the
+    # client's span (the one root, which the test holds).
+    ids = {s.span_id for s in found}
+    orphans = [s for s in found if s.parent_id not in ids and s.parent_id != client_span]
+    assert orphans == [], orphans
+    assert all(s.parent_id for s in found)
+    # Through JetStream: the consumers of the trade are children of match's span
+    # for bob's command, itself the child of order's PlaceOrder.
+    by_id = {s.span_id: s for s in found}
+    for consumer in (s for s in found if s.name in CONSUMERS):
+        command = by_id[consumer.parent_id]
+        assert (command.service, command.name) == ("cex-match", "match.command")
+        assert by_id[command.parent_id].name == "/cex.order.v1.OrderService/PlaceOrder"
