@@ -21,7 +21,7 @@ from cex.type.v1 import types_pb2 as t
 from services.stack.collector import Collector, SpanRecord, collector
 from services.stack.supervisor import Stack
 from services.stack.topology import free_ports
-from tests.e2e.order.support import BUY, MARKET, SELL, Exchange, Trader, uid
+from tests.e2e.order.support import BUY, MARKET, SELL, Trader, exchange_on, uid
 
 ORDER_PATH = {"cex-envoy", "cex-order", "cex-risk", "cex-ledger", "cex-match"}
 CONSUMERS = {"ledger.settle", "order.executions", "marketdata.apply", "risk.prices"}
@@ -107,9 +107,11 @@ def _client_traceparent() -> tuple[str, str, str]:
 async def test_one_trace_covers_the_edge_the_order_path_and_the_trade_consumers(
     traced_stack: Stack, spans: Collector
 ) -> None:
-    token = await traced_stack.credentials("tests").token()
-    async with grpc.aio.insecure_channel(traced_stack.edge) as channel:
-        exchange = Exchange(traced_stack, token, channel)
+    credentials = traced_stack.credentials("tests")
+    async with (
+        grpc.aio.insecure_channel(traced_stack.edge) as channel,
+        exchange_on(traced_stack, credentials, channel) as exchange,
+    ):
         await market_data_ready(channel)
         alice = await exchange.trader({"BTC": "1"}, "alice")
         bob = await exchange.trader({"USDT": "1000"}, "bob")

@@ -14,20 +14,16 @@ import grpc
 import pytest
 
 from services.chassis.authn import ServiceCredentials
-from services.chassis.server import background
 from services.stack.supervisor import Stack
-from tests.e2e.order.support import Exchange
+from tests.e2e.order.support import Exchange, exchange_on
 
 
 @pytest.fixture
 async def exchange(
     stack: Stack, service_credentials: ServiceCredentials
 ) -> AsyncIterator[Exchange]:
-    async with grpc.aio.insecure_channel(stack.edge) as channel:
-        exchange = Exchange(stack, service_credentials, channel)
-        exchange.service_token = await service_credentials.token()
-        async with background(exchange.keep_token(), "service token"):
-            try:
-                yield exchange
-            finally:
-                await exchange.clean_up()
+    async with (
+        grpc.aio.insecure_channel(stack.edge) as channel,
+        exchange_on(stack, service_credentials, channel) as exchange,
+    ):
+        yield exchange

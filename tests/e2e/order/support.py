@@ -4,8 +4,9 @@ and an order client that carries the user's token."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -18,6 +19,7 @@ from cex.order.v1 import order_pb2, order_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from services.chassis import ErrorDetails
 from services.chassis.authn import ServiceCredentials
+from services.chassis.server import background
 from services.stack.supervisor import Stack
 
 BUY, SELL = t.SIDE_BUY, t.SIDE_SELL
@@ -207,3 +209,17 @@ def error_of(failure: BaseException) -> ErrorDetails:
 
 def fields(details: ErrorDetails) -> Sequence[str]:
     return [v.field for v in details.violations]
+
+
+@contextlib.asynccontextmanager
+async def exchange_on(
+    stack: Stack, credentials: ServiceCredentials, channel: grpc.aio.Channel
+) -> AsyncIterator[Exchange]:
+    """An Exchange on `channel` holding a fresh service token; cleans up after."""
+    exchange = Exchange(stack, credentials, channel)
+    exchange.service_token = await credentials.token()
+    async with background(exchange.keep_token(), "service token"):
+        try:
+            yield exchange
+        finally:
+            await exchange.clean_up()
