@@ -1,8 +1,9 @@
 """The services the order path calls: risk, ledger and match, through the mesh.
 
-Holds and match commands are batched: callers await one item each, a loop
-sends whatever is waiting as one request (CreateTransfers for holds, one
-SubmitCommands message on a long-lived stream for commands). Every item
+Risk checks, holds and match commands are batched: callers await one item
+each, a loop sends whatever is waiting as one request (CheckOrders for risk
+checks, CreateTransfers for holds, one SubmitCommands message on a long-lived
+stream for commands). Every item
 carries its own idempotency id, so a batch that fails in transit is simply
 tried again.
 """
@@ -158,22 +159,56 @@ class Batcher(Generic[Req, Res]):
 
 
 class RiskClient:
+    """Pre-trade checks: the checks of concurrent orders go to risk as one CheckOrders
+    call (each answered on its own); CheckOrder one by one if risk lacks it."""
+
     def __init__(self, channel: grpc.aio.Channel, *, enabled: bool = True) -> None:
         self._stub = risk_pb2_grpc.RiskServiceStub(channel)
         self._enabled = enabled
+        self._batched = True
+        self.checks: Batcher[risk_pb2.CheckOrderRequest, risk_pb2.CheckOrderResult] = Batcher(
+            self._check_many, max_batch=500, concurrency=4
+        )
+
+    async def _check_many(
+        self, requests: list[risk_pb2.CheckOrderRequest]
+    ) -> Sequence[risk_pb2.CheckOrderResult]:
+        if self._batched:
+            try:
+                reply = await self._stub.CheckOrders(
+                    risk_pb2.CheckOrdersRequest(checks=requests), timeout=3.0
+                )
+                return reply.results
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                _log.warning("risk has no CheckOrders: checking orders one by one")
+                self._batched = False
+        replies = await asyncio.gather(
+            *(self._stub.CheckOrder(request, timeout=3.0) for request in requests)
+        )
+        return [risk_pb2.CheckOrderResult(response=reply) for reply in replies]
 
     async def check(self, request: risk_pb2.CheckOrderRequest) -> Decimal | None:
         """None or the reference price; raises the denial (or ORDER_RISK_UNAVAILABLE)."""
         if not self._enabled:
             return None
         try:
-            reply = await self._stub.CheckOrder(request, timeout=3.0)
+            result = await self.checks.submit(request)
         except grpc.aio.AioRpcError as error:
             raise Unavailable(
                 "ORDER_RISK_UNAVAILABLE",
                 f"the pre-trade risk check could not be made: {error.code().name}",
                 retry_after_s=0.5,
             ) from None
+        if result.status.code:
+            raise Unavailable(
+                "ORDER_RISK_UNAVAILABLE",
+                "the pre-trade risk check could not be made: "
+                f"{_CODES.get(result.status.code, grpc.StatusCode.UNKNOWN).name}",
+                retry_after_s=0.5,
+            )
+        reply = result.response
         if reply.HasField("rate_limit") and reply.rate_limit.limit:
             rate_usage_var.set((reply.rate_limit.limit, reply.rate_limit.used))
         if not reply.allowed:

@@ -566,6 +566,8 @@ async def build_server(
     match_channel = await server.enter(mesh_channel(target, credentials=credentials))
     ledger = LedgerClient(ledger_channel, {a.symbol: a.unit for a in catalog.assets.values()})
     match = MatchClient(match_channel, token=credentials.token if credentials else None)
+    risk = RiskClient(risk_channel, enabled=config.risk_checks)
+    await server.enter(background(risk.checks.run(), "order-risk-checks"))
     await server.enter(background(ledger.holds.run(), "order-ledger-holds"))
     await server.enter(background(match.run(), "order-match-stream"))
     sessions = Sessions(catalog, queue_size=config.stream_queue)
@@ -583,7 +585,7 @@ async def build_server(
         store=store,
         catalog=catalog,
         config=config,
-        risk=RiskClient(risk_channel, enabled=config.risk_checks),
+        risk=risk,
         ledger=ledger,
         match=match,
         consumer=consumer,
