@@ -552,8 +552,15 @@ async def build_server(
     config = OrderConfig.from_env() if config is None else config
     catalog = load_catalog() if catalog is None else catalog
     server = Server(settings)
+    # Order keeps no session state (transaction-scoped settings only): no reset
+    # round trip each time a connection goes back to the pool.
     infra = await connect(
-        server, schema="order", migrations=MIGRATIONS, nats=config.consumer, redis=False
+        server,
+        schema="order",
+        migrations=MIGRATIONS,
+        nats=config.consumer,
+        redis=False,
+        session_reset=False,
     )
     assert infra.pool is not None
     store = Store(infra.pool)

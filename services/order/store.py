@@ -157,6 +157,36 @@ class Store:
         found = _record(row) if row["order_id"] is not None else None
         return found, int(row["total"]), int(row["here"])
 
+    async def lookup_many(
+        self, items: Sequence[tuple[str, str, str]]
+    ) -> list[tuple[OrderRecord | None, int, int]]:
+        """`lookup` for many (account_id, client_order_id, market) at once: two queries
+        on one connection, the working orders counted once per account."""
+        if len(items) == 1:
+            return [await self.lookup(*items[0])]
+        accounts = [a for a, _, _ in items]
+        async with self.pool.acquire() as conn:
+            found = await conn.fetch(
+                "SELECT o.* FROM unnest($1::text[], $2::text[]) AS q(account_id, client_order_id) "
+                "JOIN orders o ON o.account_id = q.account_id "
+                "AND o.client_order_id = q.client_order_id",
+                accounts,
+                [c for _, c, _ in items],
+            )
+            counts = await conn.fetch(
+                "SELECT account_id, market, count(*) AS n FROM orders "
+                f"WHERE account_id = ANY($1::text[]) AND state IN {_WORKING_SQL} "
+                "GROUP BY account_id, market",
+                list(set(accounts)),
+            )
+        existing = {(r["account_id"], r["client_order_id"]): _record(r) for r in found}
+        total: dict[str, int] = {}
+        here: dict[tuple[str, str], int] = {}
+        for r in counts:
+            total[r["account_id"]] = total.get(r["account_id"], 0) + int(r["n"])
+            here[(r["account_id"], r["market"])] = int(r["n"])
+        return [(existing.get((a, c)), total.get(a, 0), here.get((a, m), 0)) for a, c, m in items]
+
     async def get(self, order_id: str) -> OrderRecord | None:
         row = await self.pool.fetchrow("SELECT * FROM orders WHERE order_id = $1", order_id)
         return _record(row) if row else None
@@ -170,15 +200,16 @@ class Store:
         return _record(row) if row else None
 
     async def set_phase(self, order_ids: Sequence[str], phase: str) -> None:
-        """Recoverable bookkeeping: a lost update only makes the reconciler look again."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SET LOCAL synchronous_commit TO off")
-            await conn.execute(
-                "UPDATE orders SET phase = $2 WHERE order_id = ANY($1::text[]) "
-                "AND phase = 'recorded'",
-                list(order_ids),
-                phase,
-            )
+        """Recoverable bookkeeping: a lost update only makes the reconciler look again.
+        One statement (its own transaction), committed without waiting for the WAL
+        flush: set_config(..., true) holds until that transaction's commit."""
+        await self.pool.execute(
+            "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) "
+            "UPDATE orders SET phase = $2 FROM relaxed WHERE order_id = ANY($1::text[]) "
+            "AND phase = 'recorded'",
+            list(order_ids),
+            phase,
+        )
 
     async def fail(
         self, order_id: str, *, code: int, reason: str, message: str, domain: str, now: datetime
