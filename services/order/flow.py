@@ -153,6 +153,9 @@ class Flow:
             self.store.lookup_many, max_batch=500, concurrency=2
         )
         self._background: set[asyncio.Task[None]] = set()
+        # The latest event seq per market seen in match's answers to this process:
+        # a read of an order placed here waits (bounded) for the consumer to store it.
+        self._seen: dict[str, int] = {}
 
     async def _mark_placed(self, order_ids: list[str]) -> list[None]:
         await self.store.set_phase(order_ids, "placed")
@@ -289,6 +292,8 @@ class Flow:
             raise StatusError(result.status, "ORDER_MATCH_REFUSED")
         # Bookkeeping off the answer's path: if it is lost the reconciler drives
         # the order again, which finds the hold and match's first answer.
+        if result.events:
+            self._saw(order.market, result.events[-1].seq)
         task = asyncio.create_task(self.phases.submit(order.order_id))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -336,7 +341,18 @@ class Flow:
                 "ORDER_NOT_FOUND",
                 f"no order {order_id or client_order_id!r} for this account",
             )
+        if order.state == t.ORDER_STATE_PENDING_NEW:
+            # Acknowledged from match's answer, not stored by the consumer yet:
+            # read your own writes (waits only in that window).
+            seen = self._seen.get(order.market, 0)
+            if self.consumer is not None and seen:
+                await self.consumer.wait(order.market, seen, self.config.wait_for_consumer_s)
+                order = await self.store.get(order.order_id) or order
         return order
+
+    def _saw(self, market: str, seq: int) -> None:
+        if seq > self._seen.get(market, 0):
+            self._seen[market] = seq
 
     async def _settled(self, market: str, events: Sequence[match_pb2.MatchEvent]) -> None:
         """Wait (bounded) until the consumer stored these events."""
