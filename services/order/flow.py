@@ -152,6 +152,19 @@ class Flow:
         self.lookups: Batcher[tuple[str, str, str], tuple[OrderRecord | None, int, int]] = Batcher(
             self.store.lookup_many, max_batch=500, concurrency=2
         )
+        # Point reads and the request log, coalesced across concurrent calls.
+        self.gets: Batcher[str, OrderRecord | None] = Batcher(
+            self.store.get_many, max_batch=500, concurrency=2
+        )
+        self.by_client: Batcher[tuple[str, str], OrderRecord | None] = Batcher(
+            self.store.by_client_id_many, max_batch=500, concurrency=2
+        )
+        self.requests: Batcher[tuple[str, str], tuple[str, str, bytes] | None] = Batcher(
+            self.store.request_many, max_batch=500, concurrency=2
+        )
+        self.remembers: Batcher[tuple[str, str, str, str, bytes], None] = Batcher(
+            self.store.remember_many, max_batch=500, concurrency=2
+        )
         self._background: set[asyncio.Task[None]] = set()
         # The latest event seq per market seen in match's answers to this process:
         # a read of an order placed here waits (bounded) for the consumer to store it.
@@ -163,7 +176,20 @@ class Flow:
 
     async def run(self) -> None:
         """The batchers' loops (until cancelled)."""
-        await asyncio.gather(self.inserts.run(), self.phases.run(), self.lookups.run())
+        await asyncio.gather(
+            *(
+                batcher.run()
+                for batcher in (
+                    self.inserts,
+                    self.phases,
+                    self.lookups,
+                    self.gets,
+                    self.by_client,
+                    self.requests,
+                    self.remembers,
+                )
+            )
+        )
 
     # -- place ---------------------------------------------------------------
 
@@ -229,7 +255,7 @@ class Flow:
             session_id=session_id,
         )
         if not await self.inserts.submit(record):
-            existing = await self.store.by_client_id(account_id, order.client_order_id)
+            existing = await self.by_client.submit((account_id, order.client_order_id))
             assert existing is not None
             return await self._repeat(existing, order.fingerprint)
         step("record")
@@ -331,11 +357,11 @@ class Flow:
 
     async def find(self, account_id: str, order_id: str, client_order_id: str) -> OrderRecord:
         if order_id:
-            order = await self.store.get(order_id)
+            order = await self.gets.submit(order_id)
             if order is not None and order.account_id != account_id:
                 order = None  # another account's order does not exist for this caller
         else:
-            order = await self.store.by_client_id(account_id, client_order_id)
+            order = await self.by_client.submit((account_id, client_order_id))
         if order is None:
             raise NotFound(
                 "ORDER_NOT_FOUND",
@@ -347,7 +373,7 @@ class Flow:
             seen = self._seen.get(order.market, 0)
             if self.consumer is not None and seen:
                 await self.consumer.wait(order.market, seen, self.config.wait_for_consumer_s)
-                order = await self.store.get(order.order_id) or order
+                order = await self.gets.submit(order.order_id) or order
         return order
 
     def _saw(self, market: str, seq: int) -> None:
@@ -410,7 +436,7 @@ class Flow:
             )
         )
         await self._settled(order.market, result.events)
-        latest = await self.store.get(order.order_id)
+        latest = await self.gets.submit(order.order_id)
         assert latest is not None
         if latest.state not in TERMINAL:
             # The consumer is behind: answer from the command's own events.
@@ -460,12 +486,9 @@ class Flow:
             )
             ids += [e.cancelled.order_id for e in result.events if e.HasField("cancelled")]
             await self._settled(symbol, result.events)
-        out = []
-        for order_id in ids:
-            found = await self.store.get(order_id)
-            if found is not None:
-                out.append(found)
-        return out
+        if not ids:
+            return []
+        return [found for found in await self.store.get_many(ids) if found is not None]
 
     # -- amend -------------------------------------------------------------------
 
@@ -516,7 +539,7 @@ class Flow:
                     metadata={"order_id": order.order_id},
                 )
         await self._settled(order.market, result.events)
-        latest = await self.store.get(order.order_id)
+        latest = await self.gets.submit(order.order_id)
         assert latest is not None
         for event in result.events:
             apply_event(latest, event)  # no-op where the consumer already did

@@ -216,7 +216,7 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
         if hasattr(body, "account_id"):
             body.account_id = ""
         fingerprint = _fingerprint(body)
-        found = await self.store.request(account, request_id)
+        found = await self.flow.requests.submit((account, request_id))
         if found is not None:
             if found[0] != kind or found[1] != fingerprint:
                 raise AlreadyExists(
@@ -225,8 +225,8 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
                 )
             return response_type.FromString(found[2])
         response = await compute()
-        await self.store.remember(
-            account, request_id, kind, fingerprint, response.SerializeToString()
+        await self.flow.remembers.submit(
+            (account, request_id, kind, fingerprint, response.SerializeToString())
         )
         return response
 

@@ -191,6 +191,30 @@ class Store:
         row = await self.pool.fetchrow("SELECT * FROM orders WHERE order_id = $1", order_id)
         return _record(row) if row else None
 
+    async def get_many(self, order_ids: Sequence[str]) -> list[OrderRecord | None]:
+        """`get` for many at once (one query), in order."""
+        if len(order_ids) == 1:
+            return [await self.get(order_ids[0])]
+        rows = await self.pool.fetch(
+            "SELECT * FROM orders WHERE order_id = ANY($1::text[])", list(set(order_ids))
+        )
+        found = {r["order_id"]: _record(r) for r in rows}
+        return [found.get(order_id) for order_id in order_ids]
+
+    async def by_client_id_many(self, keys: Sequence[tuple[str, str]]) -> list[OrderRecord | None]:
+        """`by_client_id` for many (account_id, client_order_id) at once, in order."""
+        if len(keys) == 1:
+            return [await self.by_client_id(*keys[0])]
+        rows = await self.pool.fetch(
+            "SELECT o.* FROM unnest($1::text[], $2::text[]) AS q(account_id, client_order_id) "
+            "JOIN orders o ON o.account_id = q.account_id "
+            "AND o.client_order_id = q.client_order_id",
+            [a for a, _ in keys],
+            [c for _, c in keys],
+        )
+        found = {(r["account_id"], r["client_order_id"]): _record(r) for r in rows}
+        return [found.get(key) for key in keys]
+
     async def by_client_id(self, account_id: str, client_order_id: str) -> OrderRecord | None:
         row = await self.pool.fetchrow(
             "SELECT * FROM orders WHERE account_id = $1 AND client_order_id = $2",
@@ -358,6 +382,38 @@ class Store:
             request_id,
         )
         return (row["kind"], row["fingerprint"], bytes(row["response"])) if row else None
+
+    async def request_many(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> list[tuple[str, str, bytes] | None]:
+        """`request` for many (account_id, request_id) at once, in order."""
+        if len(keys) == 1:
+            return [await self.request(*keys[0])]
+        rows = await self.pool.fetch(
+            "SELECT r.account_id, r.request_id, r.kind, r.fingerprint, r.response "
+            "FROM unnest($1::text[], $2::text[]) AS q(account_id, request_id) "
+            "JOIN requests r ON r.account_id = q.account_id AND r.request_id = q.request_id",
+            [a for a, _ in keys],
+            [r for _, r in keys],
+        )
+        found = {
+            (r["account_id"], r["request_id"]): (r["kind"], r["fingerprint"], bytes(r["response"]))
+            for r in rows
+        }
+        return [found.get(key) for key in keys]
+
+    async def remember_many(self, rows: Sequence[tuple[str, str, str, str, bytes]]) -> list[None]:
+        """`remember` for many (account_id, request_id, kind, fingerprint, response)."""
+        if len(rows) == 1:
+            await self.remember(*rows[0])
+            return [None]
+        await self.pool.execute(
+            "INSERT INTO requests (account_id, request_id, kind, fingerprint, response) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[]) "
+            "ON CONFLICT DO NOTHING",
+            *(list(column) for column in zip(*rows, strict=True)),
+        )
+        return [None] * len(rows)
 
     async def remember(
         self, account_id: str, request_id: str, kind: str, fingerprint: str, response: bytes
