@@ -285,6 +285,18 @@ class LedgerClient:
             raise StatusError(status, "ORDER_LEDGER_VOID_FAILED")
 
 
+def _time_out(future: asyncio.Future[match_pb2.CommandResult]) -> None:
+    if not future.done():
+        future.set_exception(
+            StatusError(
+                Unavailable("ORDER_MATCH_UNAVAILABLE", "matching did not answer in time").to_status(
+                    "order"
+                ),
+                "ORDER_MATCH_UNAVAILABLE",
+            )
+        )
+
+
 class MatchClient:
     """Commands over one long-lived SubmitCommands stream, batched, answered in order."""
 
@@ -307,18 +319,17 @@ class MatchClient:
         self, command: match_pb2.Command, within_s: float = 5.0
     ) -> match_pb2.CommandResult:
         """The command's result; a transient StatusError if match did not answer."""
-        future: asyncio.Future[match_pb2.CommandResult] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[match_pb2.CommandResult] = loop.create_future()
         self._waiting.append((command, future))
         self._wake.set()
+        # A timer instead of wait_for(shield(...)): no extra future and task per
+        # command. A late answer finds the future done and is dropped.
+        timer = loop.call_later(within_s, _time_out, future)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), within_s)
-        except TimeoutError:
-            raise StatusError(
-                Unavailable("ORDER_MATCH_UNAVAILABLE", "matching did not answer in time").to_status(
-                    "order"
-                ),
-                "ORDER_MATCH_UNAVAILABLE",
-            ) from None
+            return await future
+        finally:
+            timer.cancel()
 
     async def run(self) -> None:
         while True:
