@@ -134,15 +134,23 @@ class Batcher(Generic[Req, Res]):
         return await future
 
     async def run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._waiting:
-                await self._slots.acquire()
-                batch, self._waiting = self._waiting[: self._max], self._waiting[self._max :]
-                task = asyncio.create_task(self._send(batch))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._waiting:
+                    await self._slots.acquire()
+                    batch, self._waiting = self._waiting[: self._max], self._waiting[self._max :]
+                    task = asyncio.create_task(self._send(batch))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+        finally:  # stopping: nobody waits forever for a batch that will not be sent
+            waiting, self._waiting = self._waiting, []
+            for _, future in waiting:
+                if not future.done():
+                    future.set_exception(
+                        Unavailable("ORDER_SHUTTING_DOWN", "the order service is stopping")
+                    )
 
     async def _send(self, batch: list[tuple[Req, asyncio.Future[Res]]]) -> None:
         try:
