@@ -21,6 +21,7 @@ from typing import Generic, TypeVar
 
 import grpc
 from google.rpc import status_pb2
+from prometheus_client import Histogram
 
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.match.v1 import match_pb2, match_pb2_grpc
@@ -61,6 +62,13 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 # copied onto the response as x-cex-order-limit-1s / x-cex-order-count-1s.
 rate_usage_var: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
     "rate_usage", default=None
+)
+
+BATCH_SIZE = Histogram(
+    "order_batch_size",
+    "Items per batched call (risk checks, holds, match commands, store reads and writes)",
+    ["call"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000),
 )
 
 Req = TypeVar("Req")
@@ -117,10 +125,12 @@ class Batcher(Generic[Req, Res]):
         self,
         call: Callable[[list[Req]], Awaitable[Sequence[Res]]],
         *,
+        name: str,
         max_batch: int = 500,
         concurrency: int = 4,
     ) -> None:
         self._call = call
+        self._sizes = BATCH_SIZE.labels(name)
         self._max = max_batch
         self._waiting: list[tuple[Req, asyncio.Future[Res]]] = []
         self._wake = asyncio.Event()
@@ -153,6 +163,7 @@ class Batcher(Generic[Req, Res]):
                     )
 
     async def _send(self, batch: list[tuple[Req, asyncio.Future[Res]]]) -> None:
+        self._sizes.observe(len(batch))
         try:
             results = await self._call([item for item, _ in batch])
             for (_, future), result in zip(batch, results, strict=True):
@@ -175,7 +186,7 @@ class RiskClient:
         self._enabled = enabled
         self._batched = True
         self.checks: Batcher[risk_pb2.CheckOrderRequest, risk_pb2.CheckOrderResult] = Batcher(
-            self._check_many, max_batch=500, concurrency=4
+            self._check_many, name="risk_checks", max_batch=500, concurrency=4
         )
 
     async def _check_many(
@@ -234,7 +245,7 @@ class LedgerClient:
         self._stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         self._units = assets_scale
         self.holds: Batcher[ledger_pb2.Transfer, ledger_pb2.CreateTransferResult] = Batcher(
-            self._create, max_batch=1000, concurrency=4
+            self._create, name="ledger_holds", max_batch=1000, concurrency=4
         )
 
     async def _create(
@@ -322,6 +333,7 @@ class MatchClient:
         self._max = max_batch
         self._waiting: list[tuple[match_pb2.Command, asyncio.Future[match_pb2.CommandResult]]] = []
         self._wake = asyncio.Event()
+        self._sizes = BATCH_SIZE.labels("match_commands")
 
     async def submit(
         self, command: match_pb2.Command, within_s: float = 5.0
@@ -373,6 +385,7 @@ class MatchClient:
                     continue
                 batch, self._waiting = self._waiting[: self._max], self._waiting[self._max :]
                 in_flight.append([f for _, f in batch])
+                self._sizes.observe(len(batch))
                 await call.write(match_pb2.SubmitCommandsRequest(commands=[c for c, _ in batch]))
             await reader  # raises what ended the stream
         finally:
