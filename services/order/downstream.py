@@ -3,9 +3,8 @@
 Risk checks, holds and match commands are batched: callers await one item
 each, a loop sends whatever is waiting as one request (CheckOrders for risk
 checks, CreateTransfers for holds, one SubmitCommands message on a long-lived
-stream for commands). Every item
-carries its own idempotency id, so a batch that fails in transit is simply
-tried again.
+stream for commands). Every item carries its own idempotency id, so a batch
+that fails in transit is simply tried again.
 """
 
 from __future__ import annotations
@@ -204,9 +203,21 @@ class RiskClient:
                 _log.warning("risk has no CheckOrders: checking orders one by one")
                 self._batched = False
         replies = await asyncio.gather(
-            *(self._stub.CheckOrder(request, timeout=3.0) for request in requests)
+            *(self._stub.CheckOrder(request, timeout=3.0) for request in requests),
+            return_exceptions=True,
         )
-        return [risk_pb2.CheckOrderResult(response=reply) for reply in replies]
+        results = []
+        for answer in replies:  # one failed check fails only its own order
+            if isinstance(answer, grpc.aio.AioRpcError):
+                status = status_pb2.Status(
+                    code=answer.code().value[0], message=answer.details() or ""
+                )
+                results.append(risk_pb2.CheckOrderResult(status=status))
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                results.append(risk_pb2.CheckOrderResult(response=answer))
+        return results
 
     async def check(self, request: risk_pb2.CheckOrderRequest) -> Decimal | None:
         """None or the reference price; raises the denial (or ORDER_RISK_UNAVAILABLE)."""
