@@ -98,6 +98,55 @@ def _ghz(edge: str, token: str, rps: int, duration: int, concurrency: int) -> di
     return report
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+_WATCHED = ("order", "risk", "ledger", "match", "envoy", "postgres", "nats", "redis")
+
+
+def _pids(state_dir: Path) -> dict[str, int]:
+    doc = json.loads((state_dir / "stack.json").read_text())
+    return {name: pid for name, pid in doc["pids"].items() if name in _WATCHED}
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its children alive now (PostgreSQL's backends)."""
+    total = 0.0
+    for child in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / _TICK
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _cpu(pids: dict[str, int]) -> dict[str, float]:
+    return {name: _cpu_s(pid) for name, pid in pids.items()}
+
+
+def _cpu_line(before: dict[str, float], after: dict[str, float], orders: int) -> str:
+    """CPU ms per order by component (PostgreSQL: backends alive at both ends)."""
+    parts = [
+        f"{name} {(after[name] - before[name]) * 1000 / max(orders, 1):.2f}"
+        for name in before
+        if name in after
+    ]
+    total = sum(after[n] - before[n] for n in before if n in after) * 1000 / max(orders, 1)
+    return f"<!-- CPU ms per order: {', '.join(parts)}; total {total:.2f} -->"
+
+
 def _ns_ms(value: object) -> float:
     return float(value) / 1e6  # type: ignore[arg-type]
 
@@ -115,7 +164,9 @@ async def _cancel_all(channel: grpc.aio.Channel, account: Account) -> None:
     )
 
 
-async def unary(edge: str, channel: grpc.aio.Channel, svc: str, args: argparse.Namespace) -> None:
+async def unary(
+    edge: str, channel: grpc.aio.Channel, svc: str, args: argparse.Namespace, pids: dict[str, int]
+) -> None:
     if not GHZ.exists():
         await asyncio.to_thread(
             subprocess.run, [str(ROOT / "bench" / "install-ghz.sh")], check=True
@@ -125,9 +176,11 @@ async def unary(edge: str, channel: grpc.aio.Channel, svc: str, args: argparse.N
     print("| target rps | sent | ok | achieved orders/s | p50 ms | p99 ms |")
     print("|---:|---:|---:|---:|---:|---:|")
     for rps in args.rps:
+        before = _cpu(pids)
         report = await asyncio.to_thread(
             _ghz, edge, account.token, rps, args.duration, args.concurrency
         )
+        after = _cpu(pids)
         codes: dict[str, int] = report.get("statusCodeDistribution") or {}  # type: ignore[assignment]
         ok = int(codes.get("OK", 0))
         total = int(report["count"])  # type: ignore[call-overload]
@@ -137,6 +190,7 @@ async def unary(edge: str, channel: grpc.aio.Channel, svc: str, args: argparse.N
             f"{_latency(report, 50):.1f} | {_latency(report, 99):.1f} |",
             flush=True,
         )
+        print(_cpu_line(before, after, ok))
         if ok < total:
             print(f"<!-- errors at {rps}: {codes} {report.get('errorDistribution')} -->")
         await _cancel_all(channel, account)
@@ -150,6 +204,7 @@ class _Quoter:
         self.sent: dict[str, float] = {}
         self.latencies: list[float] = []
         self.rejects: Counter[str] = Counter()
+        self.window: asyncio.Semaphore | None = None
 
     async def _requests(self):  # type: ignore[no-untyped-def]
         while (message := await self.queue.get()) is not None:
@@ -163,6 +218,8 @@ class _Quoter:
                 started = self.sent.pop(rid, None)
                 if started is not None:
                     self.latencies.append(time.perf_counter() - started)
+                    if self.window is not None:
+                        self.window.release()
                 if kind == "reject":
                     self.rejects[ErrorDetails.from_status(message.reject.status).reason] += 1
 
@@ -196,8 +253,43 @@ class _Quoter:
         await asyncio.sleep(3)
         await self.queue.put(None)
 
+    async def pump(self, stop: float, window: int) -> None:
+        """Closed loop: keep `window` commands in flight (place a buy, cancel the one
+        placed before it), as fast as the session's acks come back."""
+        self.window = asyncio.Semaphore(window)
+        await self.queue.put(
+            order_pb2.StreamOrdersRequest(
+                subscribe=order_pb2.StreamSubscribe(account_id=self.account)
+            )
+        )
+        placed: list[str] = []
+        while time.perf_counter() < stop:
+            await self.window.acquire()
+            if len(placed) > window:
+                rid = uuid.uuid4().hex
+                self.sent[rid] = time.perf_counter()
+                cancel = order_pb2.CancelOrderRequest(request_id=rid, client_order_id=placed.pop(0))
+                await self.queue.put(order_pb2.StreamOrdersRequest(cancel=cancel))
+                continue
+            cid = uuid.uuid4().hex
+            self.sent[cid] = time.perf_counter()
+            place = order_pb2.PlaceOrderRequest(
+                client_order_id=cid,
+                market="BTC-USDT",
+                side=t.SIDE_BUY,
+                type=t.ORDER_TYPE_LIMIT,
+                price=str(random.randint(90, 94)),
+                quantity="0.1",
+            )
+            placed.append(cid)
+            await self.queue.put(order_pb2.StreamOrdersRequest(place=place))
+        await asyncio.sleep(3)
+        await self.queue.put(None)
 
-async def streams(edge: str, channel: grpc.aio.Channel, svc: str, args: argparse.Namespace) -> None:
+
+async def streams(
+    edge: str, channel: grpc.aio.Channel, svc: str, args: argparse.Namespace, pids: dict[str, int]
+) -> None:
     ids = [f"bench-mm-{uuid.uuid4().hex[:12]}" for _ in range(args.sessions)]
     ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
     for i in range(0, len(ids), 500):
@@ -221,10 +313,15 @@ async def streams(edge: str, channel: grpc.aio.Channel, svc: str, args: argparse
     stubs = [order_pb2_grpc.OrderServiceStub(channel)]
     quoters = [_Quoter(stubs[0], a, svc) for a in ids]
     readers = [asyncio.create_task(q.read()) for q in quoters]
+    before = _cpu(pids)
     start = time.perf_counter()
     stop = start + args.stream_seconds
-    await asyncio.gather(*(q.quote(stop, args.quote_interval) for q in quoters))
+    if args.stream_window:
+        await asyncio.gather(*(q.pump(stop, args.stream_window) for q in quoters))
+    else:
+        await asyncio.gather(*(q.quote(stop, args.quote_interval) for q in quoters))
     elapsed = time.perf_counter() - start
+    after = _cpu(pids)
     for reader in readers:
         reader.cancel()
     await asyncio.gather(*readers, return_exceptions=True)
@@ -233,14 +330,19 @@ async def streams(edge: str, channel: grpc.aio.Channel, svc: str, args: argparse
     for q in quoters:
         reasons.update(q.rejects)
     rejects = sum(reasons.values())
+    mode = (
+        f"window {args.stream_window}" if args.stream_window else f"every {args.quote_interval:g} s"
+    )
     print("\n## StreamOrders: market-maker sessions quoting (place + cancel)\n")
-    print("| sessions | commands acked | rejects | commands/s | ack p50 ms | ack p99 ms |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| sessions | mode | commands acked | rejects | commands/s | ack p50 ms | ack p99 ms |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     print(
-        f"| {args.sessions} | {len(latencies)} | {rejects} | {len(latencies) / elapsed:.0f} | "
+        f"| {args.sessions} | {mode} | {len(latencies)} | {rejects} | "
+        f"{len(latencies) / elapsed:.0f} | "
         f"{_pct(latencies, 0.5) * 1e3:.1f} | {_pct(latencies, 0.99) * 1e3:.1f} |",
         flush=True,
     )
+    print(_cpu_line(before, after, len(latencies)).replace("per order", "per command"))
     if reasons:
         print(f"<!-- rejects: {dict(reasons)} -->")
 
@@ -266,10 +368,11 @@ async def main(args: argparse.Namespace) -> None:
         svc = await operator_token(stack.edge, stack.service_secret)
         async with grpc.aio.insecure_channel(stack.edge) as channel:
             await lift_limits(channel, svc)
+            pids = _pids(stack.state_dir)
             if args.rps:
-                await unary(stack.edge, channel, svc, args)
+                await unary(stack.edge, channel, svc, args, pids)
             if args.sessions:
-                await streams(stack.edge, channel, svc, args)
+                await streams(stack.edge, channel, svc, args, pids)
     finally:
         if running is not None:
             await running.stop()
@@ -289,6 +392,12 @@ def _cli() -> argparse.Namespace:
     parser.add_argument("--sessions", type=int, default=200, help="stream sessions (0 to skip)")
     parser.add_argument("--quote-interval", type=float, default=1.0, help="s between quotes")
     parser.add_argument("--stream-seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--stream-window",
+        type=int,
+        default=0,
+        help="instead of quoting on a timer, keep this many commands in flight per session",
+    )
     return parser.parse_args()
 
 

@@ -18,6 +18,15 @@ Rules:
 
 Handlers read the caller from `current_auth()` (an `AuthContext`).
 
+Verified tokens are remembered (a bounded LRU by token string, `cache_size`):
+a token seen again skips the Ed25519 check and the JSON parsing, but is still
+refused once expired (same clock and skew as a full check), and a hit counts
+only while the key that verified it is still the one the key set has under
+that kid (a key dropped from the JWKS stops its tokens at the next key
+refresh). The rule and scopes are checked on every call. Revocation keeps its
+ADR 0004 meaning: tokens die at `exp`; there is no deny-list for a cache to
+miss.
+
 Service tokens: each service holds a shared secret (CEX_SERVICE_SECRET) and
 exchanges `svc:<name>` + HMAC(secret, "svc:<name>") for a short-lived token at
 auth's IssueToken. `ServiceCredentials` caches it; `service_auth_interceptors`
@@ -31,7 +40,9 @@ import asyncio
 import contextvars
 import hashlib
 import hmac
+import json
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +52,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc.aio import ClientCallDetails
 
 from .errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
-from .tokens import Claims, KeySource, UnknownKey, verify
+from .tokens import CLOCK_SKEW_S, Claims, KeySource, UnknownKey, b64url_decode, verify
 
 __all__ = [
     "INTERNAL",
@@ -167,10 +178,14 @@ class Authenticator:
         keys: KeySource,
         *,
         clock: Callable[[], float] = time.time,
+        cache_size: int = 10_000,
     ) -> None:
         self._policies = {p.service: p for p in policies}
         self._keys = keys
         self._clock = clock
+        self._cache_size = cache_size
+        # token -> (its claims, the kid and the key object that verified it)
+        self._verified: OrderedDict[str, tuple[Claims, str, object]] = OrderedDict()
 
     def guards(self, full_method: str) -> bool:
         service = full_method.lstrip("/").partition("/")[0]
@@ -178,16 +193,29 @@ class Authenticator:
 
     async def verify(self, token: str) -> Claims:
         keys = await self._keys.keys()
+        hit = self._verified.get(token)
+        if hit is not None:
+            claims, kid, key = hit
+            if keys.get(kid) is key and self._clock() < claims.expires_at + CLOCK_SKEW_S:
+                self._verified.move_to_end(token)
+                return claims
+            del self._verified[token]  # expired or its key changed: the full check says why
         try:
-            return verify(token, keys, now=self._clock())
+            claims = verify(token, keys, now=self._clock())
         except UnknownKey:
             keys = await self._keys.keys(refresh=True)  # a key published since the last fetch?
             try:
-                return verify(token, keys, now=self._clock())
+                claims = verify(token, keys, now=self._clock())
             except UnknownKey:
                 raise Unauthenticated(
                     "AUTH_UNKNOWN_KEY", "the token is signed by a key this exchange does not know"
                 ) from None
+        if self._cache_size > 0:
+            kid = _kid(token)
+            self._verified[token] = (claims, kid, keys.get(kid))
+            if len(self._verified) > self._cache_size:
+                self._verified.popitem(last=False)
+        return claims
 
     async def check(self, full_method: str, metadata: Iterable[Any] | None) -> AuthContext | None:
         service, _, method = full_method.lstrip("/").partition("/")
@@ -244,6 +272,12 @@ class Authenticator:
                 metadata={"missing_scopes": " ".join(sorted(missing))},
             )
         return _user_context(claims, token, service=service)
+
+
+def _kid(token: str) -> str:
+    """The kid of a token that has just verified (so its header is well formed)."""
+    header = json.loads(b64url_decode(token.partition(".")[0]))
+    return str(header["kid"])
 
 
 def _user_context(claims: Claims, token: str, *, service: str) -> AuthContext:

@@ -96,6 +96,10 @@ async def migrate(conn: asyncpg.Connection, schema: str, folder: Path | None) ->
     return applied_now
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """No session reset (asyncpg has already rolled back any open transaction)."""
+
+
 @contextlib.asynccontextmanager
 async def postgres(
     url: str,
@@ -104,8 +108,15 @@ async def postgres(
     migrations: Path | None = None,
     min_size: int = 1,
     max_size: int = 10,
+    session_reset: bool = True,
 ) -> AsyncIterator[asyncpg.Pool]:
-    """A pool whose connections see `schema` first, after migrating it."""
+    """A pool whose connections see `schema` first, after migrating it.
+
+    asyncpg resets a connection's session (RESET ALL, UNLISTEN *, advisory
+    unlocks, CLOSE ALL) when it goes back to the pool: one more round trip per
+    use. A service that keeps no session state (only transaction-scoped locks
+    and `SET LOCAL`) may pass `session_reset=False`; an open transaction is
+    still rolled back on release."""
     conn = await asyncpg.connect(url)
     try:
         await migrate(conn, schema, migrations)
@@ -116,6 +127,7 @@ async def postgres(
         min_size=min_size,
         max_size=max_size,
         server_settings={"search_path": f'"{schema}"', "application_name": f"cex-{schema}"},
+        reset=None if session_reset else _keep_session,
     )
     try:
         yield pool

@@ -32,13 +32,17 @@ async def connect(
     migrations: Path | None = None,
     nats: bool = False,
     redis: bool = False,
+    session_reset: bool = True,
 ) -> Infrastructure:
-    """PostgreSQL (its schema migrated), NATS and Redis as asked; closed on stop."""
+    """PostgreSQL (its schema migrated), NATS and Redis as asked; closed on stop.
+    `session_reset=False`: see `postgres` (for services that keep no session state)."""
     s = server.settings
     pool = nats_client = redis_client = None
     if schema is not None:
         url = require(s.database_url, "DATABASE_URL")
-        pool = await server.enter(postgres(url, schema=schema, migrations=migrations))
+        pool = await server.enter(
+            postgres(url, schema=schema, migrations=migrations, session_reset=session_reset)
+        )
     if nats:
         nats_client = await server.enter(
             nats_connection(require(s.nats_url, "NATS_URL"), name=s.service)

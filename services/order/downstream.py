@@ -1,10 +1,10 @@
 """The services the order path calls: risk, ledger and match, through the mesh.
 
-Holds and match commands are batched: callers await one item each, a loop
-sends whatever is waiting as one request (CreateTransfers for holds, one
-SubmitCommands message on a long-lived stream for commands). Every item
-carries its own idempotency id, so a batch that fails in transit is simply
-tried again.
+Risk checks, holds and match commands are batched: callers await one item
+each, a loop sends whatever is waiting as one request (CheckOrders for risk
+checks, CreateTransfers for holds, one SubmitCommands message on a long-lived
+stream for commands). Every item carries its own idempotency id, so a batch
+that fails in transit is simply tried again.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 
 import grpc
 from google.rpc import status_pb2
+from prometheus_client import Histogram
 
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.match.v1 import match_pb2, match_pb2_grpc
@@ -61,6 +62,13 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 # copied onto the response as x-cex-order-limit-1s / x-cex-order-count-1s.
 rate_usage_var: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
     "rate_usage", default=None
+)
+
+BATCH_SIZE = Histogram(
+    "order_batch_size",
+    "Items per batched call (risk checks, holds, match commands, store reads and writes)",
+    ["call"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000),
 )
 
 Req = TypeVar("Req")
@@ -117,10 +125,12 @@ class Batcher(Generic[Req, Res]):
         self,
         call: Callable[[list[Req]], Awaitable[Sequence[Res]]],
         *,
+        name: str,
         max_batch: int = 500,
         concurrency: int = 4,
     ) -> None:
         self._call = call
+        self._sizes = BATCH_SIZE.labels(name)
         self._max = max_batch
         self._waiting: list[tuple[Req, asyncio.Future[Res], Context]] = []
         self._wake = asyncio.Event()
@@ -135,17 +145,26 @@ class Batcher(Generic[Req, Res]):
         return await future
 
     async def run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._waiting:
-                await self._slots.acquire()
-                batch, self._waiting = self._waiting[: self._max], self._waiting[self._max :]
-                task = asyncio.create_task(self._send(batch))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._waiting:
+                    await self._slots.acquire()
+                    batch, self._waiting = self._waiting[: self._max], self._waiting[self._max :]
+                    task = asyncio.create_task(self._send(batch))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+        finally:  # stopping: nobody waits forever for a batch that will not be sent
+            waiting, self._waiting = self._waiting, []
+            for _, future, _ in waiting:
+                if not future.done():
+                    future.set_exception(
+                        Unavailable("ORDER_SHUTTING_DOWN", "the order service is stopping")
+                    )
 
     async def _send(self, batch: list[tuple[Req, asyncio.Future[Res], Context]]) -> None:
+        self._sizes.observe(len(batch))
         try:
             with batch_span(self._span, (ctx for _, _, ctx in batch)):
                 results = await self._call([item for item, _, _ in batch])
@@ -161,22 +180,68 @@ class Batcher(Generic[Req, Res]):
 
 
 class RiskClient:
+    """Pre-trade checks: the checks of concurrent orders go to risk as one CheckOrders
+    call (each answered on its own); CheckOrder one by one if risk lacks it."""
+
     def __init__(self, channel: grpc.aio.Channel, *, enabled: bool = True) -> None:
         self._stub = risk_pb2_grpc.RiskServiceStub(channel)
         self._enabled = enabled
+        self._batched = True
+        self.checks: Batcher[risk_pb2.CheckOrderRequest, risk_pb2.CheckOrderResult] = Batcher(
+            self._check_many, name="risk_checks", max_batch=500, concurrency=4
+        )
+
+    async def _check_many(
+        self, requests: list[risk_pb2.CheckOrderRequest]
+    ) -> Sequence[risk_pb2.CheckOrderResult]:
+        if self._batched:
+            try:
+                reply = await self._stub.CheckOrders(
+                    risk_pb2.CheckOrdersRequest(checks=requests), timeout=3.0
+                )
+                return reply.results
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                _log.warning("risk has no CheckOrders: checking orders one by one")
+                self._batched = False
+        replies = await asyncio.gather(
+            *(self._stub.CheckOrder(request, timeout=3.0) for request in requests),
+            return_exceptions=True,
+        )
+        results = []
+        for answer in replies:  # one failed check fails only its own order
+            if isinstance(answer, grpc.aio.AioRpcError):
+                status = status_pb2.Status(
+                    code=answer.code().value[0], message=answer.details() or ""
+                )
+                results.append(risk_pb2.CheckOrderResult(status=status))
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                results.append(risk_pb2.CheckOrderResult(response=answer))
+        return results
 
     async def check(self, request: risk_pb2.CheckOrderRequest) -> Decimal | None:
         """None or the reference price; raises the denial (or ORDER_RISK_UNAVAILABLE)."""
         if not self._enabled:
             return None
         try:
-            reply = await self._stub.CheckOrder(request, timeout=3.0)
+            result = await self.checks.submit(request)
         except grpc.aio.AioRpcError as error:
             raise Unavailable(
                 "ORDER_RISK_UNAVAILABLE",
                 f"the pre-trade risk check could not be made: {error.code().name}",
                 retry_after_s=0.5,
             ) from None
+        if result.status.code:
+            raise Unavailable(
+                "ORDER_RISK_UNAVAILABLE",
+                "the pre-trade risk check could not be made: "
+                f"{_CODES.get(result.status.code, grpc.StatusCode.UNKNOWN).name}",
+                retry_after_s=0.5,
+            )
+        reply = result.response
         if reply.HasField("rate_limit") and reply.rate_limit.limit:
             rate_usage_var.set((reply.rate_limit.limit, reply.rate_limit.used))
         if not reply.allowed:
@@ -194,7 +259,7 @@ class LedgerClient:
         self._stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         self._units = assets_scale
         self.holds: Batcher[ledger_pb2.Transfer, ledger_pb2.CreateTransferResult] = Batcher(
-            self._create, max_batch=1000, concurrency=4
+            self._create, name="ledger_holds", max_batch=1000, concurrency=4
         )
 
     async def _create(
@@ -253,6 +318,18 @@ class LedgerClient:
             raise StatusError(status, "ORDER_LEDGER_VOID_FAILED")
 
 
+def _time_out(future: asyncio.Future[match_pb2.CommandResult]) -> None:
+    if not future.done():
+        future.set_exception(
+            StatusError(
+                Unavailable("ORDER_MATCH_UNAVAILABLE", "matching did not answer in time").to_status(
+                    "order"
+                ),
+                "ORDER_MATCH_UNAVAILABLE",
+            )
+        )
+
+
 class MatchClient:
     """Commands over one long-lived SubmitCommands stream, batched, answered in order."""
 
@@ -270,24 +347,24 @@ class MatchClient:
         self._max = max_batch
         self._waiting: list[tuple[match_pb2.Command, asyncio.Future[match_pb2.CommandResult]]] = []
         self._wake = asyncio.Event()
+        self._sizes = BATCH_SIZE.labels("match_commands")
 
     async def submit(
         self, command: match_pb2.Command, within_s: float = 5.0
     ) -> match_pb2.CommandResult:
         """The command's result; a transient StatusError if match did not answer."""
-        future: asyncio.Future[match_pb2.CommandResult] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[match_pb2.CommandResult] = loop.create_future()
         carrier(command.trace_context)  # per command: the stream's metadata is not per request
         self._waiting.append((command, future))
         self._wake.set()
+        # A timer instead of wait_for(shield(...)): no extra future and task per
+        # command. A late answer finds the future done and is dropped.
+        timer = loop.call_later(within_s, _time_out, future)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), within_s)
-        except TimeoutError:
-            raise StatusError(
-                Unavailable("ORDER_MATCH_UNAVAILABLE", "matching did not answer in time").to_status(
-                    "order"
-                ),
-                "ORDER_MATCH_UNAVAILABLE",
-            ) from None
+            return await future
+        finally:
+            timer.cancel()
 
     async def run(self) -> None:
         while True:
@@ -323,6 +400,7 @@ class MatchClient:
                     continue
                 batch, self._waiting = self._waiting[: self._max], self._waiting[self._max :]
                 in_flight.append([f for _, f in batch])
+                self._sizes.observe(len(batch))
                 await call.write(match_pb2.SubmitCommandsRequest(commands=[c for c, _ in batch]))
             await reader  # raises what ended the stream
         finally:

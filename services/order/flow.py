@@ -70,6 +70,12 @@ STEP_SECONDS = Histogram(
 )
 
 
+_STEPS = {
+    step: STEP_SECONDS.labels(step)
+    for step in ("validate", "lookup", "risk", "record", "hold", "match")
+}
+
+
 class _Steps:
     """Times the steps of one order into STEP_SECONDS (where the time goes)."""
 
@@ -80,7 +86,7 @@ class _Steps:
 
     def __call__(self, step: str) -> None:
         now = time.perf_counter()
-        STEP_SECONDS.labels(step).observe(now - self.last)
+        _STEPS[step].observe(now - self.last)
         self.last = now
 
 
@@ -140,10 +146,31 @@ class Flow:
         self.consumer = consumer
         self.clock = clock
         self.inserts: Batcher[OrderRecord, bool] = Batcher(
-            self.store.insert_many, max_batch=500, concurrency=2
+            self.store.insert_many, name="inserts", max_batch=500, concurrency=2
         )
-        self.phases: Batcher[str, None] = Batcher(self._mark_placed, max_batch=2000, concurrency=1)
+        self.phases: Batcher[str, None] = Batcher(
+            self._mark_placed, name="phases", max_batch=2000, concurrency=1
+        )
+        self.lookups: Batcher[tuple[str, str, str], tuple[OrderRecord | None, int, int]] = Batcher(
+            self.store.lookup_many, name="lookups", max_batch=500, concurrency=2
+        )
+        # Point reads and the request log, coalesced across concurrent calls.
+        self.gets: Batcher[str, OrderRecord | None] = Batcher(
+            self.store.get_many, name="gets", max_batch=500, concurrency=2
+        )
+        self.by_client: Batcher[tuple[str, str], OrderRecord | None] = Batcher(
+            self.store.by_client_id_many, name="by_client", max_batch=500, concurrency=2
+        )
+        self.requests: Batcher[tuple[str, str], tuple[str, str, bytes] | None] = Batcher(
+            self.store.request_many, name="requests", max_batch=500, concurrency=2
+        )
+        self.remembers: Batcher[tuple[str, str, str, str, bytes], None] = Batcher(
+            self.store.remember_many, name="remembers", max_batch=500, concurrency=2
+        )
         self._background: set[asyncio.Task[None]] = set()
+        # The latest event seq per market seen in match's answers to this process:
+        # a read of an order placed here waits (bounded) for the consumer to store it.
+        self._seen: dict[str, int] = {}
 
     async def _mark_placed(self, order_ids: list[str]) -> list[None]:
         await self.store.set_phase(order_ids, "placed")
@@ -151,7 +178,20 @@ class Flow:
 
     async def run(self) -> None:
         """The batchers' loops (until cancelled)."""
-        await asyncio.gather(self.inserts.run(), self.phases.run())
+        await asyncio.gather(
+            *(
+                batcher.run()
+                for batcher in (
+                    self.inserts,
+                    self.phases,
+                    self.lookups,
+                    self.gets,
+                    self.by_client,
+                    self.requests,
+                    self.remembers,
+                )
+            )
+        )
 
     # -- place ---------------------------------------------------------------
 
@@ -167,8 +207,8 @@ class Flow:
         step = _Steps()
         order = validate_place(request, self.catalog, now, prefix)
         step("validate")
-        existing, open_orders, market_open = await self.store.lookup(
-            account_id, order.client_order_id, order.market.symbol
+        existing, open_orders, market_open = await self.lookups.submit(
+            (account_id, order.client_order_id, order.market.symbol)
         )
         if existing is not None:
             return await self._repeat(existing, order.fingerprint)
@@ -217,7 +257,7 @@ class Flow:
             session_id=session_id,
         )
         if not await self.inserts.submit(record):
-            existing = await self.store.by_client_id(account_id, order.client_order_id)
+            existing = await self.by_client.submit((account_id, order.client_order_id))
             assert existing is not None
             return await self._repeat(existing, order.fingerprint)
         step("record")
@@ -280,6 +320,8 @@ class Flow:
             raise StatusError(result.status, "ORDER_MATCH_REFUSED")
         # Bookkeeping off the answer's path: if it is lost the reconciler drives
         # the order again, which finds the hold and match's first answer.
+        if result.events:
+            self._saw(order.market, result.events[-1].seq)
         task = asyncio.create_task(self.phases.submit(order.order_id))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -317,17 +359,28 @@ class Flow:
 
     async def find(self, account_id: str, order_id: str, client_order_id: str) -> OrderRecord:
         if order_id:
-            order = await self.store.get(order_id)
+            order = await self.gets.submit(order_id)
             if order is not None and order.account_id != account_id:
                 order = None  # another account's order does not exist for this caller
         else:
-            order = await self.store.by_client_id(account_id, client_order_id)
+            order = await self.by_client.submit((account_id, client_order_id))
         if order is None:
             raise NotFound(
                 "ORDER_NOT_FOUND",
                 f"no order {order_id or client_order_id!r} for this account",
             )
+        if order.state == t.ORDER_STATE_PENDING_NEW:
+            # Acknowledged from match's answer, not stored by the consumer yet:
+            # read your own writes (waits only in that window).
+            seen = self._seen.get(order.market, 0)
+            if self.consumer is not None and seen:
+                await self.consumer.wait(order.market, seen, self.config.wait_for_consumer_s)
+                order = await self.gets.submit(order.order_id) or order
         return order
+
+    def _saw(self, market: str, seq: int) -> None:
+        if seq > self._seen.get(market, 0):
+            self._seen[market] = seq
 
     async def _settled(self, market: str, events: Sequence[match_pb2.MatchEvent]) -> None:
         """Wait (bounded) until the consumer stored these events."""
@@ -385,7 +438,7 @@ class Flow:
             )
         )
         await self._settled(order.market, result.events)
-        latest = await self.store.get(order.order_id)
+        latest = await self.gets.submit(order.order_id)
         assert latest is not None
         if latest.state not in TERMINAL:
             # The consumer is behind: answer from the command's own events.
@@ -435,12 +488,9 @@ class Flow:
             )
             ids += [e.cancelled.order_id for e in result.events if e.HasField("cancelled")]
             await self._settled(symbol, result.events)
-        out = []
-        for order_id in ids:
-            found = await self.store.get(order_id)
-            if found is not None:
-                out.append(found)
-        return out
+        if not ids:
+            return []
+        return [found for found in await self.store.get_many(ids) if found is not None]
 
     # -- amend -------------------------------------------------------------------
 
@@ -491,7 +541,7 @@ class Flow:
                     metadata={"order_id": order.order_id},
                 )
         await self._settled(order.market, result.events)
-        latest = await self.store.get(order.order_id)
+        latest = await self.gets.submit(order.order_id)
         assert latest is not None
         for event in result.events:
             apply_event(latest, event)  # no-op where the consumer already did

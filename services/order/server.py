@@ -216,7 +216,7 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
         if hasattr(body, "account_id"):
             body.account_id = ""
         fingerprint = _fingerprint(body)
-        found = await self.store.request(account, request_id)
+        found = await self.flow.requests.submit((account, request_id))
         if found is not None:
             if found[0] != kind or found[1] != fingerprint:
                 raise AlreadyExists(
@@ -225,8 +225,8 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
                 )
             return response_type.FromString(found[2])
         response = await compute()
-        await self.store.remember(
-            account, request_id, kind, fingerprint, response.SerializeToString()
+        await self.flow.remembers.submit(
+            (account, request_id, kind, fingerprint, response.SerializeToString())
         )
         return response
 
@@ -552,8 +552,15 @@ async def build_server(
     config = OrderConfig.from_env() if config is None else config
     catalog = load_catalog() if catalog is None else catalog
     server = Server(settings)
+    # Order keeps no session state (transaction-scoped settings only): no reset
+    # round trip each time a connection goes back to the pool.
     infra = await connect(
-        server, schema="order", migrations=MIGRATIONS, nats=config.consumer, redis=False
+        server,
+        schema="order",
+        migrations=MIGRATIONS,
+        nats=config.consumer,
+        redis=False,
+        session_reset=False,
     )
     assert infra.pool is not None
     store = Store(infra.pool)
@@ -566,6 +573,8 @@ async def build_server(
     match_channel = await server.enter(mesh_channel(target, credentials=credentials))
     ledger = LedgerClient(ledger_channel, {a.symbol: a.unit for a in catalog.assets.values()})
     match = MatchClient(match_channel, token=credentials.token if credentials else None)
+    risk = RiskClient(risk_channel, enabled=config.risk_checks)
+    await server.enter(background(risk.checks.run(), "order-risk-checks"))
     await server.enter(background(ledger.holds.run(), "order-ledger-holds"))
     await server.enter(background(match.run(), "order-match-stream"))
     sessions = Sessions(catalog, queue_size=config.stream_queue)
@@ -583,7 +592,7 @@ async def build_server(
         store=store,
         catalog=catalog,
         config=config,
-        risk=RiskClient(risk_channel, enabled=config.risk_checks),
+        risk=risk,
         ledger=ledger,
         match=match,
         consumer=consumer,

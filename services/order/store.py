@@ -157,9 +157,63 @@ class Store:
         found = _record(row) if row["order_id"] is not None else None
         return found, int(row["total"]), int(row["here"])
 
+    async def lookup_many(
+        self, items: Sequence[tuple[str, str, str]]
+    ) -> list[tuple[OrderRecord | None, int, int]]:
+        """`lookup` for many (account_id, client_order_id, market) at once: two queries
+        on one connection, the working orders counted once per account."""
+        if len(items) == 1:
+            return [await self.lookup(*items[0])]
+        accounts = [a for a, _, _ in items]
+        async with self.pool.acquire() as conn:
+            found = await conn.fetch(
+                "SELECT o.* FROM unnest($1::text[], $2::text[]) AS q(account_id, client_order_id) "
+                "JOIN orders o ON o.account_id = q.account_id "
+                "AND o.client_order_id = q.client_order_id",
+                accounts,
+                [c for _, c, _ in items],
+            )
+            counts = await conn.fetch(
+                "SELECT account_id, market, count(*) AS n FROM orders "
+                f"WHERE account_id = ANY($1::text[]) AND state IN {_WORKING_SQL} "
+                "GROUP BY account_id, market",
+                list(set(accounts)),
+            )
+        existing = {(r["account_id"], r["client_order_id"]): _record(r) for r in found}
+        total: dict[str, int] = {}
+        here: dict[tuple[str, str], int] = {}
+        for r in counts:
+            total[r["account_id"]] = total.get(r["account_id"], 0) + int(r["n"])
+            here[(r["account_id"], r["market"])] = int(r["n"])
+        return [(existing.get((a, c)), total.get(a, 0), here.get((a, m), 0)) for a, c, m in items]
+
     async def get(self, order_id: str) -> OrderRecord | None:
         row = await self.pool.fetchrow("SELECT * FROM orders WHERE order_id = $1", order_id)
         return _record(row) if row else None
+
+    async def get_many(self, order_ids: Sequence[str]) -> list[OrderRecord | None]:
+        """`get` for many at once (one query), in order."""
+        if len(order_ids) == 1:
+            return [await self.get(order_ids[0])]
+        rows = await self.pool.fetch(
+            "SELECT * FROM orders WHERE order_id = ANY($1::text[])", list(set(order_ids))
+        )
+        found = {r["order_id"]: _record(r) for r in rows}
+        return [found.get(order_id) for order_id in order_ids]
+
+    async def by_client_id_many(self, keys: Sequence[tuple[str, str]]) -> list[OrderRecord | None]:
+        """`by_client_id` for many (account_id, client_order_id) at once, in order."""
+        if len(keys) == 1:
+            return [await self.by_client_id(*keys[0])]
+        rows = await self.pool.fetch(
+            "SELECT o.* FROM unnest($1::text[], $2::text[]) AS q(account_id, client_order_id) "
+            "JOIN orders o ON o.account_id = q.account_id "
+            "AND o.client_order_id = q.client_order_id",
+            [a for a, _ in keys],
+            [c for _, c in keys],
+        )
+        found = {(r["account_id"], r["client_order_id"]): _record(r) for r in rows}
+        return [found.get(key) for key in keys]
 
     async def by_client_id(self, account_id: str, client_order_id: str) -> OrderRecord | None:
         row = await self.pool.fetchrow(
@@ -170,15 +224,16 @@ class Store:
         return _record(row) if row else None
 
     async def set_phase(self, order_ids: Sequence[str], phase: str) -> None:
-        """Recoverable bookkeeping: a lost update only makes the reconciler look again."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SET LOCAL synchronous_commit TO off")
-            await conn.execute(
-                "UPDATE orders SET phase = $2 WHERE order_id = ANY($1::text[]) "
-                "AND phase = 'recorded'",
-                list(order_ids),
-                phase,
-            )
+        """Recoverable bookkeeping: a lost update only makes the reconciler look again.
+        One statement (its own transaction), committed without waiting for the WAL
+        flush: set_config(..., true) holds until that transaction's commit."""
+        await self.pool.execute(
+            "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) "
+            "UPDATE orders SET phase = $2 FROM relaxed WHERE order_id = ANY($1::text[]) "
+            "AND phase = 'recorded'",
+            list(order_ids),
+            phase,
+        )
 
     async def fail(
         self, order_id: str, *, code: int, reason: str, message: str, domain: str, now: datetime
@@ -327,6 +382,38 @@ class Store:
             request_id,
         )
         return (row["kind"], row["fingerprint"], bytes(row["response"])) if row else None
+
+    async def request_many(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> list[tuple[str, str, bytes] | None]:
+        """`request` for many (account_id, request_id) at once, in order."""
+        if len(keys) == 1:
+            return [await self.request(*keys[0])]
+        rows = await self.pool.fetch(
+            "SELECT r.account_id, r.request_id, r.kind, r.fingerprint, r.response "
+            "FROM unnest($1::text[], $2::text[]) AS q(account_id, request_id) "
+            "JOIN requests r ON r.account_id = q.account_id AND r.request_id = q.request_id",
+            [a for a, _ in keys],
+            [r for _, r in keys],
+        )
+        found = {
+            (r["account_id"], r["request_id"]): (r["kind"], r["fingerprint"], bytes(r["response"]))
+            for r in rows
+        }
+        return [found.get(key) for key in keys]
+
+    async def remember_many(self, rows: Sequence[tuple[str, str, str, str, bytes]]) -> list[None]:
+        """`remember` for many (account_id, request_id, kind, fingerprint, response)."""
+        if len(rows) == 1:
+            await self.remember(*rows[0])
+            return [None]
+        await self.pool.execute(
+            "INSERT INTO requests (account_id, request_id, kind, fingerprint, response) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[]) "
+            "ON CONFLICT DO NOTHING",
+            *(list(column) for column in zip(*rows, strict=True)),
+        )
+        return [None] * len(rows)
 
     async def remember(
         self, account_id: str, request_id: str, kind: str, fingerprint: str, response: bytes

@@ -47,6 +47,11 @@ UNLIMITED = Take(True, 0, 0, 0.0)
 _Pending = tuple[str, int, int, "asyncio.Future[tuple[bool, int, int]]"]
 
 
+def _take(rate: int, result: tuple[bool, int, int]) -> Take:
+    allowed, tokens_u, retry_us = result
+    return Take(allowed, rate, tokens_u // _MICRO, retry_us / _MICRO)
+
+
 class LocalBuckets:
     """The script's arithmetic in process memory (the fallback, and a reference in tests)."""
 
@@ -103,22 +108,33 @@ class RateLimiter:
         self.batches = 0
 
     async def take(self, account_id: str, rate: int, cost: int = 1) -> Take:
-        if rate <= 0:
-            return UNLIMITED
-        key = self._prefix + account_id
-        if self._script is None or self._clock() < self._down_until:
-            self.fallbacks += 1
-            result = self._local.take(key, rate, cost)
-        else:
+        [take] = await self.take_many([(account_id, rate)], cost)
+        return take
+
+    async def take_many(self, checks: list[tuple[str, int]], cost: int = 1) -> list[Take]:
+        """One take per (account, rate), in order; all of them join the next script call."""
+        out: list[Take | None] = [None] * len(checks)
+        waiting: list[tuple[int, int, asyncio.Future[tuple[bool, int, int]]]] = []
+        local = self._script is None or self._clock() < self._down_until
+        for i, (account_id, rate) in enumerate(checks):
+            if rate <= 0:
+                out[i] = UNLIMITED
+                continue
+            key = self._prefix + account_id
+            if local:
+                self.fallbacks += 1
+                out[i] = _take(rate, self._local.take(key, rate, cost))
+                continue
             future: asyncio.Future[tuple[bool, int, int]] = (
                 asyncio.get_running_loop().create_future()
             )
             self._pending.append((key, rate, cost, future))
-            if self._flusher is None:
-                self._flusher = asyncio.ensure_future(self._flush())
-            result = await future
-        allowed, tokens_u, retry_us = result
-        return Take(allowed, rate, tokens_u // _MICRO, retry_us / _MICRO)
+            waiting.append((i, rate, future))
+        if waiting and self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush())
+        for i, rate, future in waiting:
+            out[i] = _take(rate, await future)
+        return [take for take in out if take is not None]
 
     async def _flush(self) -> None:
         try:

@@ -79,6 +79,7 @@ DOMAIN = "risk"
 # concern them.
 POLICY: dict[str, Rule] = {
     "CheckOrder": INTERNAL,
+    "CheckOrders": INTERNAL,
     "CheckWithdrawal": INTERNAL,
     "GetLimits": user("read", services=True),
     "ListKillSwitches": user("read", services=True),
@@ -86,6 +87,8 @@ POLICY: dict[str, Rule] = {
     "SetKillSwitch": user("admin", services=True),
 }
 
+MAX_CHECKS = 1000  # per CheckOrders call
+_OK = status_pb2.Status(code=0)
 RATE_LIMIT_HEADER = "x-cex-order-limit-1s"
 RATE_USED_HEADER = "x-cex-order-count-1s"
 
@@ -300,12 +303,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
             market_open_orders=request.market_open_orders,
         )
 
-    async def CheckOrder(
-        self, request: risk_pb2.CheckOrderRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> risk_pb2.CheckOrderResponse:
-        order = self._order(request)
-        limits = self._state.limits(order.account_id)
-        take: Take = await self._limiter.take(order.account_id, limits.max_orders_per_second)
+    def _decide(self, order: OrderCheck, limits: Limits, take: Take) -> risk_pb2.CheckOrderResponse:
         reference = self._state.price(order.market.symbol)
         response = risk_pb2.CheckOrderResponse(
             allowed=True,
@@ -314,10 +312,6 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
                 limit=take.limit, used=take.used, remaining=take.remaining
             ),
         )
-        if take.limit:
-            await context.send_initial_metadata(
-                ((RATE_LIMIT_HEADER, str(take.limit)), (RATE_USED_HEADER, str(take.used)))
-            )
         if not take.allowed:
             denial: Denial | None = Denial(
                 "RISK_RATE_LIMITED",
@@ -333,9 +327,52 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         if denial is not None:
             response.allowed = False
             response.denial.CopyFrom(_denial_status(denial))
+        # Counted per order under CheckOrder, whichever RPC carried the check.
         self._metrics.checked("CheckOrder", denial.reason if denial else "ALLOWED")
+        return response
+
+    async def CheckOrder(
+        self, request: risk_pb2.CheckOrderRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> risk_pb2.CheckOrderResponse:
+        order = self._order(request)
+        limits = self._state.limits(order.account_id)
+        take: Take = await self._limiter.take(order.account_id, limits.max_orders_per_second)
+        if take.limit:
+            await context.send_initial_metadata(
+                ((RATE_LIMIT_HEADER, str(take.limit)), (RATE_USED_HEADER, str(take.used)))
+            )
+        response = self._decide(order, limits, take)
         self._metrics.sync()
         return response
+
+    async def CheckOrders(
+        self, request: risk_pb2.CheckOrdersRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> risk_pb2.CheckOrdersResponse:
+        n = len(request.checks)
+        if not 1 <= n <= MAX_CHECKS:
+            raise _invalid(
+                "RISK_REQUEST_INVALID",
+                [FieldViolation("checks", f"1 to {MAX_CHECKS} checks, got {n}", "OUT_OF_RANGE")],
+            )
+        results: list[risk_pb2.CheckOrderResult | None] = [None] * n
+        valid: list[tuple[int, OrderCheck, Limits]] = []
+        for i, check in enumerate(request.checks):
+            try:
+                order = self._order(check)
+            except ExchangeError as error:
+                results[i] = risk_pb2.CheckOrderResult(status=error.to_status(DOMAIN))
+                continue
+            valid.append((i, order, self._state.limits(order.account_id)))
+        # One bucket take per check, all in the limiter's next script call.
+        takes = await self._limiter.take_many(
+            [(order.account_id, limits.max_orders_per_second) for _, order, limits in valid]
+        )
+        for (i, order, limits), take in zip(valid, takes, strict=True):
+            results[i] = risk_pb2.CheckOrderResult(
+                status=_OK, response=self._decide(order, limits, take)
+            )
+        self._metrics.sync()
+        return risk_pb2.CheckOrdersResponse(results=[r for r in results if r is not None])
 
     # -- CheckWithdrawal ------------------------------------------------------
 

@@ -140,3 +140,71 @@ async def test_orders_are_recorded_in_batches_and_a_reused_client_id_is_not(
             stored is not None and stored.quantity == D("0.3") and stored.hold_amount == 30_000_000
         )
         assert (await store.lookup("acc", "c2", "BTC-USDT"))[1:] == (3, 3)
+
+
+async def test_batched_reads_answer_each_item_as_the_single_read_would(
+    fresh_database_url: str,
+) -> None:
+    async with postgres(
+        fresh_database_url, schema="order", migrations=MIGRATIONS, session_reset=False
+    ) as pool:
+        store = Store(pool)
+
+        def record(order_id: str, account: str, client_order_id: str, market: str) -> object:
+            price = "2000" if market == "ETH-USDT" else "100"
+            request = order_pb2.PlaceOrderRequest(
+                client_order_id=client_order_id, market=market, side=t.SIDE_BUY,
+                type=t.ORDER_TYPE_LIMIT, price=price, quantity="0.1",
+            )  # fmt: skip
+            order = validate_place(request, DEFAULT_CATALOG, NOW)
+            return new_record(
+                order, order_id=order_id, account_id=account, now=NOW, protection=None,
+                hold=hold_for(order, None),
+            )  # fmt: skip
+
+        rows = [
+            record("o1", "a", "c1", "BTC-USDT"),
+            record("o2", "a", "c2", "ETH-USDT"),
+            record("o3", "a", "c3", "BTC-USDT"),
+            record("o4", "b", "c1", "BTC-USDT"),
+        ]
+        assert await store.insert_many(rows) == [True] * 4  # type: ignore[arg-type]
+        await store.set_phase(["o1", "o4", "nope"], "placed")
+        assert [(await store.get(o)).phase for o in ("o1", "o2", "o4")] == [  # type: ignore[union-attr]
+            "placed",
+            "recorded",
+            "placed",
+        ]
+        keys = [
+            ("a", "c1", "BTC-USDT"),
+            ("a", "new", "ETH-USDT"),
+            ("b", "c1", "ETH-USDT"),
+            ("c", "c9", "BTC-USDT"),
+            ("a", "c1", "BTC-USDT"),  # the same key twice in one batch
+        ]
+        batched = await store.lookup_many(keys)
+        singles = [await store.lookup(*key) for key in keys]
+        assert [(o and o.order_id, n, m) for o, n, m in batched] == [
+            (o and o.order_id, n, m) for o, n, m in singles
+        ]
+        assert [(o and o.order_id, n, m) for o, n, m in batched] == [
+            ("o1", 3, 2),
+            (None, 3, 1),
+            ("o4", 1, 0),
+            (None, 0, 0),
+            ("o1", 3, 2),
+        ]
+        found = await store.get_many(["o3", "missing", "o1", "o3"])
+        assert [o and o.order_id for o in found] == ["o3", None, "o1", "o3"]
+        by_client = await store.by_client_id_many([("b", "c1"), ("b", "c2"), ("a", "c1")])
+        assert [o and o.order_id for o in by_client] == ["o4", None, "o1"]
+        # The request log: first write wins, a batch answers per key.
+        await store.remember_many(
+            [("a", "r1", "cancel", "f1", b"one"), ("a", "r1", "cancel", "f2", b"two"),
+             ("b", "r1", "amend", "f3", b"three")]
+        )  # fmt: skip
+        assert await store.request_many([("a", "r1"), ("a", "r2"), ("b", "r1")]) == [
+            ("cancel", "f1", b"one"),
+            None,
+            ("amend", "f3", b"three"),
+        ]

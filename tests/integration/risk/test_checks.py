@@ -13,6 +13,7 @@ import pytest
 
 from cex.risk.v1 import risk_pb2 as R
 from cex.type.v1 import types_pb2 as T
+from services.chassis import ErrorDetails
 from tests.integration.risk.support import (
     SERVICE,
     Risk,
@@ -279,3 +280,49 @@ async def test_concurrent_checks_never_overshoot_the_limits(risk: Risk) -> None:
         )
     )
     assert sum(c.allowed for c in checks) == 3
+
+
+async def test_check_orders_answers_each_check_as_check_order_would(risk: Risk) -> None:
+    acc, limited = account(), account()
+    await risk.set_limits(R.Limits(account_id=limited, max_orders_per_second=3))
+    checks = [
+        order(acc),
+        R.CheckOrderRequest(market="BTC-USDT", type=T.ORDER_TYPE_LIMIT),  # malformed
+        order(acc, market="DOGE-USDT"),  # unknown market
+        order(acc, price="100.001"),  # off the grid
+        *(order(limited) for _ in range(5)),  # one account's bucket, taken in order
+    ]
+    reply = await risk.stub.CheckOrders(R.CheckOrdersRequest(checks=checks), metadata=SERVICE)
+    results = list(reply.results)
+    assert len(results) == len(checks)
+    ok = results[0]
+    assert ok.status.code == 0 and ok.response.allowed and ok.response.rate_limit.used == 1
+    # Errors are the item's own, with CheckOrder's reasons and field violations.
+    malformed = ErrorDetails.from_status(results[1].status)
+    assert (malformed.code, malformed.reason) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "RISK_ORDER_INVALID",
+    )
+    assert {v.field for v in malformed.violations} == {"account_id", "side"}
+    unknown = ErrorDetails.from_status(results[2].status)
+    assert (unknown.code, unknown.reason) == (grpc.StatusCode.NOT_FOUND, "RISK_MARKET_NOT_FOUND")
+    grid = ErrorDetails.from_status(results[3].status)
+    assert [(v.field, v.reason) for v in grid.violations] == [("price", "OFF_GRID")]
+    assert not any(r.HasField("response") for r in results[1:4])
+    # Denials are answers: the bucket of 3 lets the first three through, in order.
+    bucket = [r.response for r in results[4:]]
+    assert [r.allowed for r in bucket] == [True, True, True, False, False]
+    assert [r.rate_limit.used for r in bucket[:3]] == [1, 2, 3]
+    late = denial(bucket[3])
+    assert (late.code, late.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RISK_RATE_LIMITED")
+    assert risk.metric("risk_checks_total", method="CheckOrder", outcome="RISK_RATE_LIMITED") == 2
+    # The same service-only rule, and a bounded batch.
+    refused = await rpc_error(
+        risk.stub.CheckOrders(
+            R.CheckOrdersRequest(checks=[order("acc_1")]),
+            metadata=bearer(token("acc_1", "trade")),
+        )
+    )
+    assert refused.reason == "AUTH_INTERNAL_ONLY"
+    empty = await rpc_error(risk.stub.CheckOrders(R.CheckOrdersRequest(), metadata=SERVICE))
+    assert (empty.code, empty.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "RISK_REQUEST_INVALID")

@@ -139,6 +139,59 @@ async def test_an_unknown_kid_refreshes_the_keys_once() -> None:
     assert keys.refreshes == 1
 
 
+class SwappableKeys:
+    """A key set whose key under k1 can be replaced (a JWKS refresh after a rotation)."""
+
+    def __init__(self) -> None:
+        self.key = KEY.public_key()
+
+    async def keys(self, *, refresh: bool = False) -> dict[str, object]:
+        return {"k1": self.key}
+
+
+async def test_verified_tokens_are_remembered_until_they_expire() -> None:
+    now = [NOW + 1.0]
+    keys = SwappableKeys()
+    auth = Authenticator(
+        [Policy.of(AUTH, RULES)],
+        keys,  # type: ignore[arg-type]
+        clock=lambda: now[0],
+        cache_size=2,
+    )
+    method = "/cex.auth.v1.AuthService/GetAccount"
+    token = _token()
+    first = await auth.check(method, _md(token))
+    # A hit returns the same claims, and the rule's scopes are still checked per call.
+    assert await auth.check(method, _md(token)) == first
+    with pytest.raises(ExchangeError) as refused:
+        await auth.check("/cex.auth.v1.AuthService/CreateAccount", _md(token))
+    assert refused.value.reason == "AUTH_INTERNAL_ONLY"
+    # The key under the token's kid changes: the remembered verdict no longer counts.
+    keys.key = Ed25519PrivateKey.generate().public_key()
+    with pytest.raises(ExchangeError) as refused:
+        await auth.check(method, _md(token))
+    assert refused.value.reason == "AUTH_INVALID_SIGNATURE"
+    keys.key = KEY.public_key()
+    assert await auth.check(method, _md(token)) == first
+    # Past exp (+ the skew) a remembered token dies like any other (ADR 0004).
+    now[0] = NOW + 300 + 30
+    with pytest.raises(ExchangeError) as refused:
+        await auth.check(method, _md(token))
+    assert refused.value.reason == "AUTH_TOKEN_EXPIRED"
+
+
+async def test_the_token_cache_is_bounded() -> None:
+    auth = Authenticator(
+        [Policy.of(AUTH, RULES)],
+        StaticKeys(lambda: {"k1": KEY.public_key()}),
+        clock=lambda: NOW + 1,
+        cache_size=3,
+    )
+    for i in range(10):
+        await auth.check("/cex.auth.v1.AuthService/GetAccount", _md(_token(f"acc_{i}")))
+    assert len(auth._verified) == 3
+
+
 def test_a_policy_naming_a_method_the_service_lacks_is_a_bug() -> None:
     with pytest.raises(ValueError, match="PlaceOrder"):
         Policy.of(AUTH, {"PlaceOrder": PUBLIC})

@@ -235,6 +235,7 @@ def test_callers_are_the_ones_the_architecture_names(docs: tuple[Doc, ...]) -> N
         return names
 
     assert callers("risk", "CheckOrder") == {"cex-order"}
+    assert callers("risk", "CheckOrders") == {"cex-order"}
     assert callers("risk", "CheckWithdrawal") == {"cex-funding"}
     assert callers("ledger", "CreateTransfers") == {"cex-order", "cex-funding"}
     assert callers("match", "SubmitCommands") == {"cex-order"}

@@ -884,6 +884,156 @@ func (x *CheckOrderResponse) GetRateLimit() *RateLimitUsage {
 	return nil
 }
 
+// Request for RiskService.CheckOrders.
+type CheckOrdersRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// 1 to 1,000 checks.
+	Checks        []*CheckOrderRequest `protobuf:"bytes,1,rep,name=checks,proto3" json:"checks,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CheckOrdersRequest) Reset() {
+	*x = CheckOrdersRequest{}
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckOrdersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckOrdersRequest) ProtoMessage() {}
+
+func (x *CheckOrdersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckOrdersRequest.ProtoReflect.Descriptor instead.
+func (*CheckOrdersRequest) Descriptor() ([]byte, []int) {
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *CheckOrdersRequest) GetChecks() []*CheckOrderRequest {
+	if x != nil {
+		return x.Checks
+	}
+	return nil
+}
+
+// The answer to one check of a CheckOrders call.
+type CheckOrderResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// OK, or the error CheckOrder would have answered for this check (for
+	// example INVALID_ARGUMENT RISK_ORDER_INVALID with field violations, paths
+	// relative to the check; NOT_FOUND RISK_MARKET_NOT_FOUND).
+	Status *status.Status `protobuf:"bytes,1,opt,name=status,proto3" json:"status,omitempty"`
+	// When status is OK: the check's answer, as CheckOrder's (a denial is
+	// allowed = false with its status, not an error).
+	Response      *CheckOrderResponse `protobuf:"bytes,2,opt,name=response,proto3" json:"response,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CheckOrderResult) Reset() {
+	*x = CheckOrderResult{}
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckOrderResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckOrderResult) ProtoMessage() {}
+
+func (x *CheckOrderResult) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckOrderResult.ProtoReflect.Descriptor instead.
+func (*CheckOrderResult) Descriptor() ([]byte, []int) {
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *CheckOrderResult) GetStatus() *status.Status {
+	if x != nil {
+		return x.Status
+	}
+	return nil
+}
+
+func (x *CheckOrderResult) GetResponse() *CheckOrderResponse {
+	if x != nil {
+		return x.Response
+	}
+	return nil
+}
+
+// Response for RiskService.CheckOrders.
+type CheckOrdersResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One result per check, in the order of the request.
+	Results       []*CheckOrderResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CheckOrdersResponse) Reset() {
+	*x = CheckOrdersResponse{}
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CheckOrdersResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CheckOrdersResponse) ProtoMessage() {}
+
+func (x *CheckOrdersResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CheckOrdersResponse.ProtoReflect.Descriptor instead.
+func (*CheckOrdersResponse) Descriptor() ([]byte, []int) {
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *CheckOrdersResponse) GetResults() []*CheckOrderResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
 // Request for RiskService.CheckWithdrawal.
 type CheckWithdrawalRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -905,7 +1055,7 @@ type CheckWithdrawalRequest struct {
 
 func (x *CheckWithdrawalRequest) Reset() {
 	*x = CheckWithdrawalRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[8]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -917,7 +1067,7 @@ func (x *CheckWithdrawalRequest) String() string {
 func (*CheckWithdrawalRequest) ProtoMessage() {}
 
 func (x *CheckWithdrawalRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[8]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -930,7 +1080,7 @@ func (x *CheckWithdrawalRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckWithdrawalRequest.ProtoReflect.Descriptor instead.
 func (*CheckWithdrawalRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{8}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CheckWithdrawalRequest) GetWithdrawalId() string {
@@ -989,7 +1139,7 @@ type CheckWithdrawalResponse struct {
 
 func (x *CheckWithdrawalResponse) Reset() {
 	*x = CheckWithdrawalResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[9]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1001,7 +1151,7 @@ func (x *CheckWithdrawalResponse) String() string {
 func (*CheckWithdrawalResponse) ProtoMessage() {}
 
 func (x *CheckWithdrawalResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[9]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1014,7 +1164,7 @@ func (x *CheckWithdrawalResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckWithdrawalResponse.ProtoReflect.Descriptor instead.
 func (*CheckWithdrawalResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{9}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CheckWithdrawalResponse) GetAllowed() bool {
@@ -1042,7 +1192,7 @@ type GetLimitsRequest struct {
 
 func (x *GetLimitsRequest) Reset() {
 	*x = GetLimitsRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[10]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1054,7 +1204,7 @@ func (x *GetLimitsRequest) String() string {
 func (*GetLimitsRequest) ProtoMessage() {}
 
 func (x *GetLimitsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[10]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1067,7 +1217,7 @@ func (x *GetLimitsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLimitsRequest.ProtoReflect.Descriptor instead.
 func (*GetLimitsRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{10}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GetLimitsRequest) GetAccountId() string {
@@ -1088,7 +1238,7 @@ type GetLimitsResponse struct {
 
 func (x *GetLimitsResponse) Reset() {
 	*x = GetLimitsResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[11]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1100,7 +1250,7 @@ func (x *GetLimitsResponse) String() string {
 func (*GetLimitsResponse) ProtoMessage() {}
 
 func (x *GetLimitsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[11]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1113,7 +1263,7 @@ func (x *GetLimitsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLimitsResponse.ProtoReflect.Descriptor instead.
 func (*GetLimitsResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{11}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetLimitsResponse) GetLimits() *Limits {
@@ -1139,7 +1289,7 @@ type SetLimitsRequest struct {
 
 func (x *SetLimitsRequest) Reset() {
 	*x = SetLimitsRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[12]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1151,7 +1301,7 @@ func (x *SetLimitsRequest) String() string {
 func (*SetLimitsRequest) ProtoMessage() {}
 
 func (x *SetLimitsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[12]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1164,7 +1314,7 @@ func (x *SetLimitsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetLimitsRequest.ProtoReflect.Descriptor instead.
 func (*SetLimitsRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{12}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SetLimitsRequest) GetRequestId() string {
@@ -1199,7 +1349,7 @@ type SetLimitsResponse struct {
 
 func (x *SetLimitsResponse) Reset() {
 	*x = SetLimitsResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[13]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1211,7 +1361,7 @@ func (x *SetLimitsResponse) String() string {
 func (*SetLimitsResponse) ProtoMessage() {}
 
 func (x *SetLimitsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[13]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1224,7 +1374,7 @@ func (x *SetLimitsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetLimitsResponse.ProtoReflect.Descriptor instead.
 func (*SetLimitsResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{13}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SetLimitsResponse) GetLimits() *Limits {
@@ -1259,7 +1409,7 @@ type SetKillSwitchRequest struct {
 
 func (x *SetKillSwitchRequest) Reset() {
 	*x = SetKillSwitchRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[14]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1271,7 +1421,7 @@ func (x *SetKillSwitchRequest) String() string {
 func (*SetKillSwitchRequest) ProtoMessage() {}
 
 func (x *SetKillSwitchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[14]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1284,7 +1434,7 @@ func (x *SetKillSwitchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKillSwitchRequest.ProtoReflect.Descriptor instead.
 func (*SetKillSwitchRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{14}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SetKillSwitchRequest) GetRequestId() string {
@@ -1354,7 +1504,7 @@ type SetKillSwitchResponse struct {
 
 func (x *SetKillSwitchResponse) Reset() {
 	*x = SetKillSwitchResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[15]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1366,7 +1516,7 @@ func (x *SetKillSwitchResponse) String() string {
 func (*SetKillSwitchResponse) ProtoMessage() {}
 
 func (x *SetKillSwitchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[15]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1379,7 +1529,7 @@ func (x *SetKillSwitchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKillSwitchResponse.ProtoReflect.Descriptor instead.
 func (*SetKillSwitchResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{15}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SetKillSwitchResponse) GetKillSwitch() *KillSwitch {
@@ -1404,7 +1554,7 @@ type ListKillSwitchesRequest struct {
 
 func (x *ListKillSwitchesRequest) Reset() {
 	*x = ListKillSwitchesRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[16]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1416,7 +1566,7 @@ func (x *ListKillSwitchesRequest) String() string {
 func (*ListKillSwitchesRequest) ProtoMessage() {}
 
 func (x *ListKillSwitchesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[16]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1429,7 +1579,7 @@ func (x *ListKillSwitchesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKillSwitchesRequest.ProtoReflect.Descriptor instead.
 func (*ListKillSwitchesRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{16}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ListKillSwitchesRequest) GetEngagedOnly() bool {
@@ -1466,7 +1616,7 @@ type ListKillSwitchesResponse struct {
 
 func (x *ListKillSwitchesResponse) Reset() {
 	*x = ListKillSwitchesResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[17]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1478,7 +1628,7 @@ func (x *ListKillSwitchesResponse) String() string {
 func (*ListKillSwitchesResponse) ProtoMessage() {}
 
 func (x *ListKillSwitchesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[17]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1491,7 +1641,7 @@ func (x *ListKillSwitchesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKillSwitchesResponse.ProtoReflect.Descriptor instead.
 func (*ListKillSwitchesResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{17}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListKillSwitchesResponse) GetKillSwitches() []*KillSwitch {
@@ -1583,7 +1733,14 @@ const file_cex_risk_v1_risk_proto_rawDesc = "" +
 	"\x06denial\x18\x02 \x01(\v2\x12.google.rpc.StatusR\x06denial\x12'\n" +
 	"\x0freference_price\x18\x03 \x01(\tR\x0ereferencePrice\x12:\n" +
 	"\n" +
-	"rate_limit\x18\x04 \x01(\v2\x1b.cex.risk.v1.RateLimitUsageR\trateLimit\"\xbe\x01\n" +
+	"rate_limit\x18\x04 \x01(\v2\x1b.cex.risk.v1.RateLimitUsageR\trateLimit\"L\n" +
+	"\x12CheckOrdersRequest\x126\n" +
+	"\x06checks\x18\x01 \x03(\v2\x1e.cex.risk.v1.CheckOrderRequestR\x06checks\"{\n" +
+	"\x10CheckOrderResult\x12*\n" +
+	"\x06status\x18\x01 \x01(\v2\x12.google.rpc.StatusR\x06status\x12;\n" +
+	"\bresponse\x18\x02 \x01(\v2\x1f.cex.risk.v1.CheckOrderResponseR\bresponse\"N\n" +
+	"\x13CheckOrdersResponse\x127\n" +
+	"\aresults\x18\x01 \x03(\v2\x1d.cex.risk.v1.CheckOrderResultR\aresults\"\xbe\x01\n" +
 	"\x16CheckWithdrawalRequest\x12#\n" +
 	"\rwithdrawal_id\x18\x01 \x01(\tR\fwithdrawalId\x12\x1d\n" +
 	"\n" +
@@ -1637,10 +1794,11 @@ const file_cex_risk_v1_risk_proto_rawDesc = "" +
 	"\vOrderAction\x12\x1c\n" +
 	"\x18ORDER_ACTION_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12ORDER_ACTION_PLACE\x10\x01\x12\x16\n" +
-	"\x12ORDER_ACTION_AMEND\x10\x022\x85\x05\n" +
+	"\x12ORDER_ACTION_AMEND\x10\x022\xd7\x05\n" +
 	"\vRiskService\x12M\n" +
 	"\n" +
-	"CheckOrder\x12\x1e.cex.risk.v1.CheckOrderRequest\x1a\x1f.cex.risk.v1.CheckOrderResponse\x12\\\n" +
+	"CheckOrder\x12\x1e.cex.risk.v1.CheckOrderRequest\x1a\x1f.cex.risk.v1.CheckOrderResponse\x12P\n" +
+	"\vCheckOrders\x12\x1f.cex.risk.v1.CheckOrdersRequest\x1a .cex.risk.v1.CheckOrdersResponse\x12\\\n" +
 	"\x0fCheckWithdrawal\x12#.cex.risk.v1.CheckWithdrawalRequest\x1a$.cex.risk.v1.CheckWithdrawalResponse\x12d\n" +
 	"\tGetLimits\x12\x1d.cex.risk.v1.GetLimitsRequest\x1a\x1e.cex.risk.v1.GetLimitsResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/admin/limits\x12g\n" +
 	"\tSetLimits\x12\x1d.cex.risk.v1.SetLimitsRequest\x1a\x1e.cex.risk.v1.SetLimitsResponse\"\x1b\x82\xd3\xe4\x93\x02\x15:\x01*\"\x10/v1/admin/limits\x12y\n" +
@@ -1660,7 +1818,7 @@ func file_cex_risk_v1_risk_proto_rawDescGZIP() []byte {
 }
 
 var file_cex_risk_v1_risk_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_cex_risk_v1_risk_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_cex_risk_v1_risk_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_cex_risk_v1_risk_proto_goTypes = []any{
 	(KillSwitchScope)(0),             // 0: cex.risk.v1.KillSwitchScope
 	(OrderAction)(0),                 // 1: cex.risk.v1.OrderAction
@@ -1672,57 +1830,66 @@ var file_cex_risk_v1_risk_proto_goTypes = []any{
 	(*CheckOrderRequest)(nil),        // 7: cex.risk.v1.CheckOrderRequest
 	(*RateLimitUsage)(nil),           // 8: cex.risk.v1.RateLimitUsage
 	(*CheckOrderResponse)(nil),       // 9: cex.risk.v1.CheckOrderResponse
-	(*CheckWithdrawalRequest)(nil),   // 10: cex.risk.v1.CheckWithdrawalRequest
-	(*CheckWithdrawalResponse)(nil),  // 11: cex.risk.v1.CheckWithdrawalResponse
-	(*GetLimitsRequest)(nil),         // 12: cex.risk.v1.GetLimitsRequest
-	(*GetLimitsResponse)(nil),        // 13: cex.risk.v1.GetLimitsResponse
-	(*SetLimitsRequest)(nil),         // 14: cex.risk.v1.SetLimitsRequest
-	(*SetLimitsResponse)(nil),        // 15: cex.risk.v1.SetLimitsResponse
-	(*SetKillSwitchRequest)(nil),     // 16: cex.risk.v1.SetKillSwitchRequest
-	(*SetKillSwitchResponse)(nil),    // 17: cex.risk.v1.SetKillSwitchResponse
-	(*ListKillSwitchesRequest)(nil),  // 18: cex.risk.v1.ListKillSwitchesRequest
-	(*ListKillSwitchesResponse)(nil), // 19: cex.risk.v1.ListKillSwitchesResponse
-	(*timestamppb.Timestamp)(nil),    // 20: google.protobuf.Timestamp
-	(v1.Side)(0),                     // 21: cex.type.v1.Side
-	(v1.OrderType)(0),                // 22: cex.type.v1.OrderType
-	(*status.Status)(nil),            // 23: google.rpc.Status
+	(*CheckOrdersRequest)(nil),       // 10: cex.risk.v1.CheckOrdersRequest
+	(*CheckOrderResult)(nil),         // 11: cex.risk.v1.CheckOrderResult
+	(*CheckOrdersResponse)(nil),      // 12: cex.risk.v1.CheckOrdersResponse
+	(*CheckWithdrawalRequest)(nil),   // 13: cex.risk.v1.CheckWithdrawalRequest
+	(*CheckWithdrawalResponse)(nil),  // 14: cex.risk.v1.CheckWithdrawalResponse
+	(*GetLimitsRequest)(nil),         // 15: cex.risk.v1.GetLimitsRequest
+	(*GetLimitsResponse)(nil),        // 16: cex.risk.v1.GetLimitsResponse
+	(*SetLimitsRequest)(nil),         // 17: cex.risk.v1.SetLimitsRequest
+	(*SetLimitsResponse)(nil),        // 18: cex.risk.v1.SetLimitsResponse
+	(*SetKillSwitchRequest)(nil),     // 19: cex.risk.v1.SetKillSwitchRequest
+	(*SetKillSwitchResponse)(nil),    // 20: cex.risk.v1.SetKillSwitchResponse
+	(*ListKillSwitchesRequest)(nil),  // 21: cex.risk.v1.ListKillSwitchesRequest
+	(*ListKillSwitchesResponse)(nil), // 22: cex.risk.v1.ListKillSwitchesResponse
+	(*timestamppb.Timestamp)(nil),    // 23: google.protobuf.Timestamp
+	(v1.Side)(0),                     // 24: cex.type.v1.Side
+	(v1.OrderType)(0),                // 25: cex.type.v1.OrderType
+	(*status.Status)(nil),            // 26: google.rpc.Status
 }
 var file_cex_risk_v1_risk_proto_depIdxs = []int32{
 	2,  // 0: cex.risk.v1.Limits.markets:type_name -> cex.risk.v1.MarketLimits
 	3,  // 1: cex.risk.v1.Limits.withdrawals:type_name -> cex.risk.v1.WithdrawalLimits
-	20, // 2: cex.risk.v1.Limits.update_time:type_name -> google.protobuf.Timestamp
+	23, // 2: cex.risk.v1.Limits.update_time:type_name -> google.protobuf.Timestamp
 	0,  // 3: cex.risk.v1.KillSwitch.scope:type_name -> cex.risk.v1.KillSwitchScope
-	20, // 4: cex.risk.v1.KillSwitch.update_time:type_name -> google.protobuf.Timestamp
+	23, // 4: cex.risk.v1.KillSwitch.update_time:type_name -> google.protobuf.Timestamp
 	5,  // 5: cex.risk.v1.KillSwitchEvent.kill_switch:type_name -> cex.risk.v1.KillSwitch
 	1,  // 6: cex.risk.v1.CheckOrderRequest.action:type_name -> cex.risk.v1.OrderAction
-	21, // 7: cex.risk.v1.CheckOrderRequest.side:type_name -> cex.type.v1.Side
-	22, // 8: cex.risk.v1.CheckOrderRequest.type:type_name -> cex.type.v1.OrderType
-	23, // 9: cex.risk.v1.CheckOrderResponse.denial:type_name -> google.rpc.Status
+	24, // 7: cex.risk.v1.CheckOrderRequest.side:type_name -> cex.type.v1.Side
+	25, // 8: cex.risk.v1.CheckOrderRequest.type:type_name -> cex.type.v1.OrderType
+	26, // 9: cex.risk.v1.CheckOrderResponse.denial:type_name -> google.rpc.Status
 	8,  // 10: cex.risk.v1.CheckOrderResponse.rate_limit:type_name -> cex.risk.v1.RateLimitUsage
-	23, // 11: cex.risk.v1.CheckWithdrawalResponse.denial:type_name -> google.rpc.Status
-	4,  // 12: cex.risk.v1.GetLimitsResponse.limits:type_name -> cex.risk.v1.Limits
-	4,  // 13: cex.risk.v1.SetLimitsRequest.limits:type_name -> cex.risk.v1.Limits
-	4,  // 14: cex.risk.v1.SetLimitsResponse.limits:type_name -> cex.risk.v1.Limits
-	0,  // 15: cex.risk.v1.SetKillSwitchRequest.scope:type_name -> cex.risk.v1.KillSwitchScope
-	5,  // 16: cex.risk.v1.SetKillSwitchResponse.kill_switch:type_name -> cex.risk.v1.KillSwitch
-	5,  // 17: cex.risk.v1.ListKillSwitchesResponse.kill_switches:type_name -> cex.risk.v1.KillSwitch
-	7,  // 18: cex.risk.v1.RiskService.CheckOrder:input_type -> cex.risk.v1.CheckOrderRequest
-	10, // 19: cex.risk.v1.RiskService.CheckWithdrawal:input_type -> cex.risk.v1.CheckWithdrawalRequest
-	12, // 20: cex.risk.v1.RiskService.GetLimits:input_type -> cex.risk.v1.GetLimitsRequest
-	14, // 21: cex.risk.v1.RiskService.SetLimits:input_type -> cex.risk.v1.SetLimitsRequest
-	16, // 22: cex.risk.v1.RiskService.SetKillSwitch:input_type -> cex.risk.v1.SetKillSwitchRequest
-	18, // 23: cex.risk.v1.RiskService.ListKillSwitches:input_type -> cex.risk.v1.ListKillSwitchesRequest
-	9,  // 24: cex.risk.v1.RiskService.CheckOrder:output_type -> cex.risk.v1.CheckOrderResponse
-	11, // 25: cex.risk.v1.RiskService.CheckWithdrawal:output_type -> cex.risk.v1.CheckWithdrawalResponse
-	13, // 26: cex.risk.v1.RiskService.GetLimits:output_type -> cex.risk.v1.GetLimitsResponse
-	15, // 27: cex.risk.v1.RiskService.SetLimits:output_type -> cex.risk.v1.SetLimitsResponse
-	17, // 28: cex.risk.v1.RiskService.SetKillSwitch:output_type -> cex.risk.v1.SetKillSwitchResponse
-	19, // 29: cex.risk.v1.RiskService.ListKillSwitches:output_type -> cex.risk.v1.ListKillSwitchesResponse
-	24, // [24:30] is the sub-list for method output_type
-	18, // [18:24] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	7,  // 11: cex.risk.v1.CheckOrdersRequest.checks:type_name -> cex.risk.v1.CheckOrderRequest
+	26, // 12: cex.risk.v1.CheckOrderResult.status:type_name -> google.rpc.Status
+	9,  // 13: cex.risk.v1.CheckOrderResult.response:type_name -> cex.risk.v1.CheckOrderResponse
+	11, // 14: cex.risk.v1.CheckOrdersResponse.results:type_name -> cex.risk.v1.CheckOrderResult
+	26, // 15: cex.risk.v1.CheckWithdrawalResponse.denial:type_name -> google.rpc.Status
+	4,  // 16: cex.risk.v1.GetLimitsResponse.limits:type_name -> cex.risk.v1.Limits
+	4,  // 17: cex.risk.v1.SetLimitsRequest.limits:type_name -> cex.risk.v1.Limits
+	4,  // 18: cex.risk.v1.SetLimitsResponse.limits:type_name -> cex.risk.v1.Limits
+	0,  // 19: cex.risk.v1.SetKillSwitchRequest.scope:type_name -> cex.risk.v1.KillSwitchScope
+	5,  // 20: cex.risk.v1.SetKillSwitchResponse.kill_switch:type_name -> cex.risk.v1.KillSwitch
+	5,  // 21: cex.risk.v1.ListKillSwitchesResponse.kill_switches:type_name -> cex.risk.v1.KillSwitch
+	7,  // 22: cex.risk.v1.RiskService.CheckOrder:input_type -> cex.risk.v1.CheckOrderRequest
+	10, // 23: cex.risk.v1.RiskService.CheckOrders:input_type -> cex.risk.v1.CheckOrdersRequest
+	13, // 24: cex.risk.v1.RiskService.CheckWithdrawal:input_type -> cex.risk.v1.CheckWithdrawalRequest
+	15, // 25: cex.risk.v1.RiskService.GetLimits:input_type -> cex.risk.v1.GetLimitsRequest
+	17, // 26: cex.risk.v1.RiskService.SetLimits:input_type -> cex.risk.v1.SetLimitsRequest
+	19, // 27: cex.risk.v1.RiskService.SetKillSwitch:input_type -> cex.risk.v1.SetKillSwitchRequest
+	21, // 28: cex.risk.v1.RiskService.ListKillSwitches:input_type -> cex.risk.v1.ListKillSwitchesRequest
+	9,  // 29: cex.risk.v1.RiskService.CheckOrder:output_type -> cex.risk.v1.CheckOrderResponse
+	12, // 30: cex.risk.v1.RiskService.CheckOrders:output_type -> cex.risk.v1.CheckOrdersResponse
+	14, // 31: cex.risk.v1.RiskService.CheckWithdrawal:output_type -> cex.risk.v1.CheckWithdrawalResponse
+	16, // 32: cex.risk.v1.RiskService.GetLimits:output_type -> cex.risk.v1.GetLimitsResponse
+	18, // 33: cex.risk.v1.RiskService.SetLimits:output_type -> cex.risk.v1.SetLimitsResponse
+	20, // 34: cex.risk.v1.RiskService.SetKillSwitch:output_type -> cex.risk.v1.SetKillSwitchResponse
+	22, // 35: cex.risk.v1.RiskService.ListKillSwitches:output_type -> cex.risk.v1.ListKillSwitchesResponse
+	29, // [29:36] is the sub-list for method output_type
+	22, // [22:29] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_cex_risk_v1_risk_proto_init() }
@@ -1736,7 +1903,7 @@ func file_cex_risk_v1_risk_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cex_risk_v1_risk_proto_rawDesc), len(file_cex_risk_v1_risk_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   18,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

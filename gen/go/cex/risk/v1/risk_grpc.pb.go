@@ -27,6 +27,7 @@ const _ = grpc.SupportPackageIsVersion9
 
 const (
 	RiskService_CheckOrder_FullMethodName       = "/cex.risk.v1.RiskService/CheckOrder"
+	RiskService_CheckOrders_FullMethodName      = "/cex.risk.v1.RiskService/CheckOrders"
 	RiskService_CheckWithdrawal_FullMethodName  = "/cex.risk.v1.RiskService/CheckWithdrawal"
 	RiskService_GetLimits_FullMethodName        = "/cex.risk.v1.RiskService/GetLimits"
 	RiskService_SetLimits_FullMethodName        = "/cex.risk.v1.RiskService/SetLimits"
@@ -43,6 +44,11 @@ type RiskServiceClient interface {
 	// Internal: checks an order (or an amend) against limits, price bands, kill
 	// switches and rate limits. Consumes rate-limit budget.
 	CheckOrder(ctx context.Context, in *CheckOrderRequest, opts ...grpc.CallOption) (*CheckOrderResponse, error)
+	// Internal: checks many orders in one call (the order service coalesces the
+	// checks of concurrent orders). Each check is answered on its own, exactly as
+	// CheckOrder would answer it (its own error, or its own allowed/denial), in
+	// the order given. Consumes rate-limit budget per check.
+	CheckOrders(ctx context.Context, in *CheckOrdersRequest, opts ...grpc.CallOption) (*CheckOrdersResponse, error)
 	// Internal: checks a withdrawal against limits, velocity, kill switches and
 	// auditor halts.
 	CheckWithdrawal(ctx context.Context, in *CheckWithdrawalRequest, opts ...grpc.CallOption) (*CheckWithdrawalResponse, error)
@@ -69,6 +75,16 @@ func (c *riskServiceClient) CheckOrder(ctx context.Context, in *CheckOrderReques
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(CheckOrderResponse)
 	err := c.cc.Invoke(ctx, RiskService_CheckOrder_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *riskServiceClient) CheckOrders(ctx context.Context, in *CheckOrdersRequest, opts ...grpc.CallOption) (*CheckOrdersResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CheckOrdersResponse)
+	err := c.cc.Invoke(ctx, RiskService_CheckOrders_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -134,6 +150,11 @@ type RiskServiceServer interface {
 	// Internal: checks an order (or an amend) against limits, price bands, kill
 	// switches and rate limits. Consumes rate-limit budget.
 	CheckOrder(context.Context, *CheckOrderRequest) (*CheckOrderResponse, error)
+	// Internal: checks many orders in one call (the order service coalesces the
+	// checks of concurrent orders). Each check is answered on its own, exactly as
+	// CheckOrder would answer it (its own error, or its own allowed/denial), in
+	// the order given. Consumes rate-limit budget per check.
+	CheckOrders(context.Context, *CheckOrdersRequest) (*CheckOrdersResponse, error)
 	// Internal: checks a withdrawal against limits, velocity, kill switches and
 	// auditor halts.
 	CheckWithdrawal(context.Context, *CheckWithdrawalRequest) (*CheckWithdrawalResponse, error)
@@ -158,6 +179,9 @@ type UnimplementedRiskServiceServer struct{}
 
 func (UnimplementedRiskServiceServer) CheckOrder(context.Context, *CheckOrderRequest) (*CheckOrderResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CheckOrder not implemented")
+}
+func (UnimplementedRiskServiceServer) CheckOrders(context.Context, *CheckOrdersRequest) (*CheckOrdersResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CheckOrders not implemented")
 }
 func (UnimplementedRiskServiceServer) CheckWithdrawal(context.Context, *CheckWithdrawalRequest) (*CheckWithdrawalResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CheckWithdrawal not implemented")
@@ -209,6 +233,24 @@ func _RiskService_CheckOrder_Handler(srv interface{}, ctx context.Context, dec f
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(RiskServiceServer).CheckOrder(ctx, req.(*CheckOrderRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _RiskService_CheckOrders_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CheckOrdersRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RiskServiceServer).CheckOrders(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RiskService_CheckOrders_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RiskServiceServer).CheckOrders(ctx, req.(*CheckOrdersRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -313,6 +355,10 @@ var RiskService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CheckOrder",
 			Handler:    _RiskService_CheckOrder_Handler,
+		},
+		{
+			MethodName: "CheckOrders",
+			Handler:    _RiskService_CheckOrders_Handler,
 		},
 		{
 			MethodName: "CheckWithdrawal",

@@ -453,6 +453,89 @@ class CheckOrderResponse(_message.Message):
 Global___CheckOrderResponse: _TypeAlias = CheckOrderResponse  # noqa: Y015
 
 @_typing.final
+class CheckOrdersRequest(_message.Message):
+    """Request for RiskService.CheckOrders."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckOrderRequest]:
+        """1 to 1,000 checks."""
+
+    def __init__(
+        self,
+        *,
+        checks: _abc.Iterable[Global___CheckOrderRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckOrdersRequest: _TypeAlias = CheckOrdersRequest  # noqa: Y015
+
+@_typing.final
+class CheckOrderResult(_message.Message):
+    """The answer to one check of a CheckOrders call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> _status_pb2.Status:
+        """OK, or the error CheckOrder would have answered for this check (for
+        example INVALID_ARGUMENT RISK_ORDER_INVALID with field violations, paths
+        relative to the check; NOT_FOUND RISK_MARKET_NOT_FOUND).
+        """
+
+    @_builtins.property
+    def response(self) -> Global___CheckOrderResponse:
+        """When status is OK: the check's answer, as CheckOrder's (a denial is
+        allowed = false with its status, not an error).
+        """
+
+    def __init__(
+        self,
+        *,
+        status: _status_pb2.Status | None = ...,
+        response: Global___CheckOrderResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["response", b"response", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckOrderResult: _TypeAlias = CheckOrderResult  # noqa: Y015
+
+@_typing.final
+class CheckOrdersResponse(_message.Message):
+    """Response for RiskService.CheckOrders."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckOrderResult]:
+        """One result per check, in the order of the request."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___CheckOrderResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckOrdersResponse: _TypeAlias = CheckOrdersResponse  # noqa: Y015
+
+@_typing.final
 class CheckWithdrawalRequest(_message.Message):
     """Request for RiskService.CheckWithdrawal."""
 

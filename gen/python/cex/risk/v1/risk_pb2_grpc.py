@@ -40,6 +40,11 @@ class RiskServiceStub:
                 request_serializer=cex_dot_risk_dot_v1_dot_risk__pb2.CheckOrderRequest.SerializeToString,
                 response_deserializer=cex_dot_risk_dot_v1_dot_risk__pb2.CheckOrderResponse.FromString,
                 _registered_method=True)
+        self.CheckOrders = channel.unary_unary(
+                '/cex.risk.v1.RiskService/CheckOrders',
+                request_serializer=cex_dot_risk_dot_v1_dot_risk__pb2.CheckOrdersRequest.SerializeToString,
+                response_deserializer=cex_dot_risk_dot_v1_dot_risk__pb2.CheckOrdersResponse.FromString,
+                _registered_method=True)
         self.CheckWithdrawal = channel.unary_unary(
                 '/cex.risk.v1.RiskService/CheckWithdrawal',
                 request_serializer=cex_dot_risk_dot_v1_dot_risk__pb2.CheckWithdrawalRequest.SerializeToString,
@@ -74,6 +79,16 @@ class RiskServiceServicer:
     def CheckOrder(self, request, context):
         """Internal: checks an order (or an amend) against limits, price bands, kill
         switches and rate limits. Consumes rate-limit budget.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckOrders(self, request, context):
+        """Internal: checks many orders in one call (the order service coalesces the
+        checks of concurrent orders). Each check is answered on its own, exactly as
+        CheckOrder would answer it (its own error, or its own allowed/denial), in
+        the order given. Consumes rate-limit budget per check.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +138,11 @@ def add_RiskServiceServicer_to_server(servicer, server):
                     servicer.CheckOrder,
                     request_deserializer=cex_dot_risk_dot_v1_dot_risk__pb2.CheckOrderRequest.FromString,
                     response_serializer=cex_dot_risk_dot_v1_dot_risk__pb2.CheckOrderResponse.SerializeToString,
+            ),
+            'CheckOrders': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckOrders,
+                    request_deserializer=cex_dot_risk_dot_v1_dot_risk__pb2.CheckOrdersRequest.FromString,
+                    response_serializer=cex_dot_risk_dot_v1_dot_risk__pb2.CheckOrdersResponse.SerializeToString,
             ),
             'CheckWithdrawal': grpc.unary_unary_rpc_method_handler(
                     servicer.CheckWithdrawal,
@@ -178,6 +198,33 @@ class RiskService:
             '/cex.risk.v1.RiskService/CheckOrder',
             cex_dot_risk_dot_v1_dot_risk__pb2.CheckOrderRequest.SerializeToString,
             cex_dot_risk_dot_v1_dot_risk__pb2.CheckOrderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckOrders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.risk.v1.RiskService/CheckOrders',
+            cex_dot_risk_dot_v1_dot_risk__pb2.CheckOrdersRequest.SerializeToString,
+            cex_dot_risk_dot_v1_dot_risk__pb2.CheckOrdersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,12 @@ class RiskServiceStub:
     """Internal: checks an order (or an amend) against limits, price bands, kill
     switches and rate limits. Consumes rate-limit budget.
     """
+    CheckOrders: _grpc.UnaryUnaryMultiCallable[_risk_pb2.CheckOrdersRequest, _risk_pb2.CheckOrdersResponse]
+    """Internal: checks many orders in one call (the order service coalesces the
+    checks of concurrent orders). Each check is answered on its own, exactly as
+    CheckOrder would answer it (its own error, or its own allowed/denial), in
+    the order given. Consumes rate-limit budget per check.
+    """
     CheckWithdrawal: _grpc.UnaryUnaryMultiCallable[_risk_pb2.CheckWithdrawalRequest, _risk_pb2.CheckWithdrawalResponse]
     """Internal: checks a withdrawal against limits, velocity, kill switches and
     auditor halts.
@@ -66,6 +72,12 @@ class RiskServiceAsyncStub(RiskServiceStub):
     CheckOrder: _aio.UnaryUnaryMultiCallable[_risk_pb2.CheckOrderRequest, _risk_pb2.CheckOrderResponse]  # type: ignore[assignment]
     """Internal: checks an order (or an amend) against limits, price bands, kill
     switches and rate limits. Consumes rate-limit budget.
+    """
+    CheckOrders: _aio.UnaryUnaryMultiCallable[_risk_pb2.CheckOrdersRequest, _risk_pb2.CheckOrdersResponse]  # type: ignore[assignment]
+    """Internal: checks many orders in one call (the order service coalesces the
+    checks of concurrent orders). Each check is answered on its own, exactly as
+    CheckOrder would answer it (its own error, or its own allowed/denial), in
+    the order given. Consumes rate-limit budget per check.
     """
     CheckWithdrawal: _aio.UnaryUnaryMultiCallable[_risk_pb2.CheckWithdrawalRequest, _risk_pb2.CheckWithdrawalResponse]  # type: ignore[assignment]
     """Internal: checks a withdrawal against limits, velocity, kill switches and
@@ -93,6 +105,18 @@ class RiskServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_risk_pb2.CheckOrderResponse, _abc.Awaitable[_risk_pb2.CheckOrderResponse]]:
         """Internal: checks an order (or an amend) against limits, price bands, kill
         switches and rate limits. Consumes rate-limit budget.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckOrders(
+        self,
+        request: _risk_pb2.CheckOrdersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_risk_pb2.CheckOrdersResponse, _abc.Awaitable[_risk_pb2.CheckOrdersResponse]]:
+        """Internal: checks many orders in one call (the order service coalesces the
+        checks of concurrent orders). Each check is answered on its own, exactly as
+        CheckOrder would answer it (its own error, or its own allowed/denial), in
+        the order given. Consumes rate-limit budget per check.
         """
 
     @_abc_1.abstractmethod

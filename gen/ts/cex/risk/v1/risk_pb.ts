@@ -24,7 +24,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cex/risk/v1/risk.proto.
  */
 export const file_cex_risk_v1_risk: GenFile = /*@__PURE__*/
-  fileDesc("ChZjZXgvcmlzay92MS9yaXNrLnByb3RvEgtjZXgucmlzay52MSKDAQoMTWFya2V0TGltaXRzEg4KBm1hcmtldBgBIAEoCRIaChJtYXhfb3JkZXJfcXVhbnRpdHkYAiABKAkSGgoSbWF4X29yZGVyX25vdGlvbmFsGAMgASgJEhIKCnByaWNlX2JhbmQYBCABKAkSFwoPbWF4X29wZW5fb3JkZXJzGAUgASgFImwKEFdpdGhkcmF3YWxMaW1pdHMSDQoFYXNzZXQYASABKAkSEgoKbWF4X2Ftb3VudBgCIAEoCRIaChJtYXhfYW1vdW50X3Blcl9kYXkYAyABKAkSGQoRbWF4X2NvdW50X3Blcl9kYXkYBCABKAUi9gEKBkxpbWl0cxISCgphY2NvdW50X2lkGAEgASgJEh0KFW1heF9vcmRlcnNfcGVyX3NlY29uZBgCIAEoBRIXCg9tYXhfb3Blbl9vcmRlcnMYAyABKAUSKgoHbWFya2V0cxgEIAMoCzIZLmNleC5yaXNrLnYxLk1hcmtldExpbWl0cxIyCgt3aXRoZHJhd2FscxgFIAMoCzIdLmNleC5yaXNrLnYxLldpdGhkcmF3YWxMaW1pdHMSDwoHdmVyc2lvbhgGIAEoAxIvCgt1cGRhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi3gEKCktpbGxTd2l0Y2gSKwoFc2NvcGUYASABKA4yHC5jZXgucmlzay52MS5LaWxsU3dpdGNoU2NvcGUSDgoGbWFya2V0GAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSDwoHZW5nYWdlZBgEIAEoCBIZChFibG9ja193aXRoZHJhd2FscxgFIAEoCBIOCgZyZWFzb24YBiABKAkSEgoKdXBkYXRlZF9ieRgHIAEoCRIvCgt1cGRhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAigQEKD0tpbGxTd2l0Y2hFdmVudBIQCghldmVudF9pZBgBIAEoAxIsCgtraWxsX3N3aXRjaBgCIAEoCzIXLmNleC5yaXNrLnYxLktpbGxTd2l0Y2gSGgoSY2FuY2VsX29wZW5fb3JkZXJzGAMgASgIEhIKCnJlcXVlc3RfaWQYBCABKAki0QIKEUNoZWNrT3JkZXJSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDgoGbWFya2V0GAIgASgJEigKBmFjdGlvbhgDIAEoDjIYLmNleC5yaXNrLnYxLk9yZGVyQWN0aW9uEhAKCG9yZGVyX2lkGAQgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgFIAEoCRIfCgRzaWRlGAYgASgOMhEuY2V4LnR5cGUudjEuU2lkZRIkCgR0eXBlGAcgASgOMhYuY2V4LnR5cGUudjEuT3JkZXJUeXBlEg0KBXByaWNlGAggASgJEhIKCnN0b3BfcHJpY2UYCSABKAkSEAoIcXVhbnRpdHkYCiABKAkSFgoOcXVvdGVfcXVhbnRpdHkYCyABKAkSEwoLb3Blbl9vcmRlcnMYDCABKAUSGgoSbWFya2V0X29wZW5fb3JkZXJzGA0gASgFIkAKDlJhdGVMaW1pdFVzYWdlEg0KBWxpbWl0GAEgASgFEgwKBHVzZWQYAiABKAUSEQoJcmVtYWluaW5nGAMgASgFIpMBChJDaGVja09yZGVyUmVzcG9uc2USDwoHYWxsb3dlZBgBIAEoCBIiCgZkZW5pYWwYAiABKAsyEi5nb29nbGUucnBjLlN0YXR1cxIXCg9yZWZlcmVuY2VfcHJpY2UYAyABKAkSLwoKcmF0ZV9saW1pdBgEIAEoCzIbLmNleC5yaXNrLnYxLlJhdGVMaW1pdFVzYWdlIoQBChZDaGVja1dpdGhkcmF3YWxSZXF1ZXN0EhUKDXdpdGhkcmF3YWxfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVhc3NldBgDIAEoCRIOCgZhbW91bnQYBCABKAkSDwoHbmV0d29yaxgFIAEoCRIPCgdhZGRyZXNzGAYgASgJIk4KF0NoZWNrV2l0aGRyYXdhbFJlc3BvbnNlEg8KB2FsbG93ZWQYASABKAgSIgoGZGVuaWFsGAIgASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXMiJgoQR2V0TGltaXRzUmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJIjgKEUdldExpbWl0c1Jlc3BvbnNlEiMKBmxpbWl0cxgBIAEoCzITLmNleC5yaXNrLnYxLkxpbWl0cyJlChBTZXRMaW1pdHNSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSIwoGbGltaXRzGAIgASgLMhMuY2V4LnJpc2sudjEuTGltaXRzEhgKEGV4cGVjdGVkX3ZlcnNpb24YAyABKAMiOAoRU2V0TGltaXRzUmVzcG9uc2USIwoGbGltaXRzGAEgASgLMhMuY2V4LnJpc2sudjEuTGltaXRzItMBChRTZXRLaWxsU3dpdGNoUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEisKBXNjb3BlGAIgASgOMhwuY2V4LnJpc2sudjEuS2lsbFN3aXRjaFNjb3BlEg4KBm1hcmtldBgDIAEoCRISCgphY2NvdW50X2lkGAQgASgJEg8KB2VuZ2FnZWQYBSABKAgSGQoRYmxvY2tfd2l0aGRyYXdhbHMYBiABKAgSGgoSY2FuY2VsX29wZW5fb3JkZXJzGAcgASgIEg4KBnJlYXNvbhgIIAEoCSJFChVTZXRLaWxsU3dpdGNoUmVzcG9uc2USLAoLa2lsbF9zd2l0Y2gYASABKAsyFy5jZXgucmlzay52MS5LaWxsU3dpdGNoIlYKF0xpc3RLaWxsU3dpdGNoZXNSZXF1ZXN0EhQKDGVuZ2FnZWRfb25seRgBIAEoCBIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJjChhMaXN0S2lsbFN3aXRjaGVzUmVzcG9uc2USLgoNa2lsbF9zd2l0Y2hlcxgBIAMoCzIXLmNleC5yaXNrLnYxLktpbGxTd2l0Y2gSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJKo8BCg9LaWxsU3dpdGNoU2NvcGUSIQodS0lMTF9TV0lUQ0hfU0NPUEVfVU5TUEVDSUZJRUQQABIcChhLSUxMX1NXSVRDSF9TQ09QRV9HTE9CQUwQARIcChhLSUxMX1NXSVRDSF9TQ09QRV9NQVJLRVQQAhIdChlLSUxMX1NXSVRDSF9TQ09QRV9BQ0NPVU5UEAMqWwoLT3JkZXJBY3Rpb24SHAoYT1JERVJfQUNUSU9OX1VOU1BFQ0lGSUVEEAASFgoST1JERVJfQUNUSU9OX1BMQUNFEAESFgoST1JERVJfQUNUSU9OX0FNRU5EEAIyhQUKC1Jpc2tTZXJ2aWNlEk0KCkNoZWNrT3JkZXISHi5jZXgucmlzay52MS5DaGVja09yZGVyUmVxdWVzdBofLmNleC5yaXNrLnYxLkNoZWNrT3JkZXJSZXNwb25zZRJcCg9DaGVja1dpdGhkcmF3YWwSIy5jZXgucmlzay52MS5DaGVja1dpdGhkcmF3YWxSZXF1ZXN0GiQuY2V4LnJpc2sudjEuQ2hlY2tXaXRoZHJhd2FsUmVzcG9uc2USZAoJR2V0TGltaXRzEh0uY2V4LnJpc2sudjEuR2V0TGltaXRzUmVxdWVzdBoeLmNleC5yaXNrLnYxLkdldExpbWl0c1Jlc3BvbnNlIhiC0+STAhISEC92MS9hZG1pbi9saW1pdHMSZwoJU2V0TGltaXRzEh0uY2V4LnJpc2sudjEuU2V0TGltaXRzUmVxdWVzdBoeLmNleC5yaXNrLnYxLlNldExpbWl0c1Jlc3BvbnNlIhuC0+STAhU6ASoiEC92MS9hZG1pbi9saW1pdHMSeQoNU2V0S2lsbFN3aXRjaBIhLmNleC5yaXNrLnYxLlNldEtpbGxTd2l0Y2hSZXF1ZXN0GiIuY2V4LnJpc2sudjEuU2V0S2lsbFN3aXRjaFJlc3BvbnNlIiGC0+STAhs6ASoiFi92MS9hZG1pbi9raWxsU3dpdGNoZXMSfwoQTGlzdEtpbGxTd2l0Y2hlcxIkLmNleC5yaXNrLnYxLkxpc3RLaWxsU3dpdGNoZXNSZXF1ZXN0GiUuY2V4LnJpc2sudjEuTGlzdEtpbGxTd2l0Y2hlc1Jlc3BvbnNlIh6C0+STAhgSFi92MS9hZG1pbi9raWxsU3dpdGNoZXNiBnByb3RvMw", [file_cex_type_v1_types, file_google_api_annotations, file_google_protobuf_timestamp, file_google_rpc_status]);
+  fileDesc("ChZjZXgvcmlzay92MS9yaXNrLnByb3RvEgtjZXgucmlzay52MSKDAQoMTWFya2V0TGltaXRzEg4KBm1hcmtldBgBIAEoCRIaChJtYXhfb3JkZXJfcXVhbnRpdHkYAiABKAkSGgoSbWF4X29yZGVyX25vdGlvbmFsGAMgASgJEhIKCnByaWNlX2JhbmQYBCABKAkSFwoPbWF4X29wZW5fb3JkZXJzGAUgASgFImwKEFdpdGhkcmF3YWxMaW1pdHMSDQoFYXNzZXQYASABKAkSEgoKbWF4X2Ftb3VudBgCIAEoCRIaChJtYXhfYW1vdW50X3Blcl9kYXkYAyABKAkSGQoRbWF4X2NvdW50X3Blcl9kYXkYBCABKAUi9gEKBkxpbWl0cxISCgphY2NvdW50X2lkGAEgASgJEh0KFW1heF9vcmRlcnNfcGVyX3NlY29uZBgCIAEoBRIXCg9tYXhfb3Blbl9vcmRlcnMYAyABKAUSKgoHbWFya2V0cxgEIAMoCzIZLmNleC5yaXNrLnYxLk1hcmtldExpbWl0cxIyCgt3aXRoZHJhd2FscxgFIAMoCzIdLmNleC5yaXNrLnYxLldpdGhkcmF3YWxMaW1pdHMSDwoHdmVyc2lvbhgGIAEoAxIvCgt1cGRhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi3gEKCktpbGxTd2l0Y2gSKwoFc2NvcGUYASABKA4yHC5jZXgucmlzay52MS5LaWxsU3dpdGNoU2NvcGUSDgoGbWFya2V0GAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSDwoHZW5nYWdlZBgEIAEoCBIZChFibG9ja193aXRoZHJhd2FscxgFIAEoCBIOCgZyZWFzb24YBiABKAkSEgoKdXBkYXRlZF9ieRgHIAEoCRIvCgt1cGRhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAigQEKD0tpbGxTd2l0Y2hFdmVudBIQCghldmVudF9pZBgBIAEoAxIsCgtraWxsX3N3aXRjaBgCIAEoCzIXLmNleC5yaXNrLnYxLktpbGxTd2l0Y2gSGgoSY2FuY2VsX29wZW5fb3JkZXJzGAMgASgIEhIKCnJlcXVlc3RfaWQYBCABKAki0QIKEUNoZWNrT3JkZXJSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDgoGbWFya2V0GAIgASgJEigKBmFjdGlvbhgDIAEoDjIYLmNleC5yaXNrLnYxLk9yZGVyQWN0aW9uEhAKCG9yZGVyX2lkGAQgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgFIAEoCRIfCgRzaWRlGAYgASgOMhEuY2V4LnR5cGUudjEuU2lkZRIkCgR0eXBlGAcgASgOMhYuY2V4LnR5cGUudjEuT3JkZXJUeXBlEg0KBXByaWNlGAggASgJEhIKCnN0b3BfcHJpY2UYCSABKAkSEAoIcXVhbnRpdHkYCiABKAkSFgoOcXVvdGVfcXVhbnRpdHkYCyABKAkSEwoLb3Blbl9vcmRlcnMYDCABKAUSGgoSbWFya2V0X29wZW5fb3JkZXJzGA0gASgFIkAKDlJhdGVMaW1pdFVzYWdlEg0KBWxpbWl0GAEgASgFEgwKBHVzZWQYAiABKAUSEQoJcmVtYWluaW5nGAMgASgFIpMBChJDaGVja09yZGVyUmVzcG9uc2USDwoHYWxsb3dlZBgBIAEoCBIiCgZkZW5pYWwYAiABKAsyEi5nb29nbGUucnBjLlN0YXR1cxIXCg9yZWZlcmVuY2VfcHJpY2UYAyABKAkSLwoKcmF0ZV9saW1pdBgEIAEoCzIbLmNleC5yaXNrLnYxLlJhdGVMaW1pdFVzYWdlIkQKEkNoZWNrT3JkZXJzUmVxdWVzdBIuCgZjaGVja3MYASADKAsyHi5jZXgucmlzay52MS5DaGVja09yZGVyUmVxdWVzdCJpChBDaGVja09yZGVyUmVzdWx0EiIKBnN0YXR1cxgBIAEoCzISLmdvb2dsZS5ycGMuU3RhdHVzEjEKCHJlc3BvbnNlGAIgASgLMh8uY2V4LnJpc2sudjEuQ2hlY2tPcmRlclJlc3BvbnNlIkUKE0NoZWNrT3JkZXJzUmVzcG9uc2USLgoHcmVzdWx0cxgBIAMoCzIdLmNleC5yaXNrLnYxLkNoZWNrT3JkZXJSZXN1bHQihAEKFkNoZWNrV2l0aGRyYXdhbFJlcXVlc3QSFQoNd2l0aGRyYXdhbF9pZBgBIAEoCRISCgphY2NvdW50X2lkGAIgASgJEg0KBWFzc2V0GAMgASgJEg4KBmFtb3VudBgEIAEoCRIPCgduZXR3b3JrGAUgASgJEg8KB2FkZHJlc3MYBiABKAkiTgoXQ2hlY2tXaXRoZHJhd2FsUmVzcG9uc2USDwoHYWxsb3dlZBgBIAEoCBIiCgZkZW5pYWwYAiABKAsyEi5nb29nbGUucnBjLlN0YXR1cyImChBHZXRMaW1pdHNSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkiOAoRR2V0TGltaXRzUmVzcG9uc2USIwoGbGltaXRzGAEgASgLMhMuY2V4LnJpc2sudjEuTGltaXRzImUKEFNldExpbWl0c1JlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIjCgZsaW1pdHMYAiABKAsyEy5jZXgucmlzay52MS5MaW1pdHMSGAoQZXhwZWN0ZWRfdmVyc2lvbhgDIAEoAyI4ChFTZXRMaW1pdHNSZXNwb25zZRIjCgZsaW1pdHMYASABKAsyEy5jZXgucmlzay52MS5MaW1pdHMi0wEKFFNldEtpbGxTd2l0Y2hSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSKwoFc2NvcGUYAiABKA4yHC5jZXgucmlzay52MS5LaWxsU3dpdGNoU2NvcGUSDgoGbWFya2V0GAMgASgJEhIKCmFjY291bnRfaWQYBCABKAkSDwoHZW5nYWdlZBgFIAEoCBIZChFibG9ja193aXRoZHJhd2FscxgGIAEoCBIaChJjYW5jZWxfb3Blbl9vcmRlcnMYByABKAgSDgoGcmVhc29uGAggASgJIkUKFVNldEtpbGxTd2l0Y2hSZXNwb25zZRIsCgtraWxsX3N3aXRjaBgBIAEoCzIXLmNleC5yaXNrLnYxLktpbGxTd2l0Y2giVgoXTGlzdEtpbGxTd2l0Y2hlc1JlcXVlc3QSFAoMZW5nYWdlZF9vbmx5GAEgASgIEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJImMKGExpc3RLaWxsU3dpdGNoZXNSZXNwb25zZRIuCg1raWxsX3N3aXRjaGVzGAEgAygLMhcuY2V4LnJpc2sudjEuS2lsbFN3aXRjaBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkqjwEKD0tpbGxTd2l0Y2hTY29wZRIhCh1LSUxMX1NXSVRDSF9TQ09QRV9VTlNQRUNJRklFRBAAEhwKGEtJTExfU1dJVENIX1NDT1BFX0dMT0JBTBABEhwKGEtJTExfU1dJVENIX1NDT1BFX01BUktFVBACEh0KGUtJTExfU1dJVENIX1NDT1BFX0FDQ09VTlQQAypbCgtPcmRlckFjdGlvbhIcChhPUkRFUl9BQ1RJT05fVU5TUEVDSUZJRUQQABIWChJPUkRFUl9BQ1RJT05fUExBQ0UQARIWChJPUkRFUl9BQ1RJT05fQU1FTkQQAjLXBQoLUmlza1NlcnZpY2USTQoKQ2hlY2tPcmRlchIeLmNleC5yaXNrLnYxLkNoZWNrT3JkZXJSZXF1ZXN0Gh8uY2V4LnJpc2sudjEuQ2hlY2tPcmRlclJlc3BvbnNlElAKC0NoZWNrT3JkZXJzEh8uY2V4LnJpc2sudjEuQ2hlY2tPcmRlcnNSZXF1ZXN0GiAuY2V4LnJpc2sudjEuQ2hlY2tPcmRlcnNSZXNwb25zZRJcCg9DaGVja1dpdGhkcmF3YWwSIy5jZXgucmlzay52MS5DaGVja1dpdGhkcmF3YWxSZXF1ZXN0GiQuY2V4LnJpc2sudjEuQ2hlY2tXaXRoZHJhd2FsUmVzcG9uc2USZAoJR2V0TGltaXRzEh0uY2V4LnJpc2sudjEuR2V0TGltaXRzUmVxdWVzdBoeLmNleC5yaXNrLnYxLkdldExpbWl0c1Jlc3BvbnNlIhiC0+STAhISEC92MS9hZG1pbi9saW1pdHMSZwoJU2V0TGltaXRzEh0uY2V4LnJpc2sudjEuU2V0TGltaXRzUmVxdWVzdBoeLmNleC5yaXNrLnYxLlNldExpbWl0c1Jlc3BvbnNlIhuC0+STAhU6ASoiEC92MS9hZG1pbi9saW1pdHMSeQoNU2V0S2lsbFN3aXRjaBIhLmNleC5yaXNrLnYxLlNldEtpbGxTd2l0Y2hSZXF1ZXN0GiIuY2V4LnJpc2sudjEuU2V0S2lsbFN3aXRjaFJlc3BvbnNlIiGC0+STAhs6ASoiFi92MS9hZG1pbi9raWxsU3dpdGNoZXMSfwoQTGlzdEtpbGxTd2l0Y2hlcxIkLmNleC5yaXNrLnYxLkxpc3RLaWxsU3dpdGNoZXNSZXF1ZXN0GiUuY2V4LnJpc2sudjEuTGlzdEtpbGxTd2l0Y2hlc1Jlc3BvbnNlIh6C0+STAhgSFi92MS9hZG1pbi9raWxsU3dpdGNoZXNiBnByb3RvMw", [file_cex_type_v1_types, file_google_api_annotations, file_google_protobuf_timestamp, file_google_rpc_status]);
 
 /**
  * Limits for one market. Decimal strings; empty means no limit of that kind.
@@ -489,6 +489,79 @@ export const CheckOrderResponseSchema: GenMessage<CheckOrderResponse> = /*@__PUR
   messageDesc(file_cex_risk_v1_risk, 7);
 
 /**
+ * Request for RiskService.CheckOrders.
+ *
+ * @generated from message cex.risk.v1.CheckOrdersRequest
+ */
+export type CheckOrdersRequest = Message<"cex.risk.v1.CheckOrdersRequest"> & {
+  /**
+   * 1 to 1,000 checks.
+   *
+   * @generated from field: repeated cex.risk.v1.CheckOrderRequest checks = 1;
+   */
+  checks: CheckOrderRequest[];
+};
+
+/**
+ * Describes the message cex.risk.v1.CheckOrdersRequest.
+ * Use `create(CheckOrdersRequestSchema)` to create a new message.
+ */
+export const CheckOrdersRequestSchema: GenMessage<CheckOrdersRequest> = /*@__PURE__*/
+  messageDesc(file_cex_risk_v1_risk, 8);
+
+/**
+ * The answer to one check of a CheckOrders call.
+ *
+ * @generated from message cex.risk.v1.CheckOrderResult
+ */
+export type CheckOrderResult = Message<"cex.risk.v1.CheckOrderResult"> & {
+  /**
+   * OK, or the error CheckOrder would have answered for this check (for
+   * example INVALID_ARGUMENT RISK_ORDER_INVALID with field violations, paths
+   * relative to the check; NOT_FOUND RISK_MARKET_NOT_FOUND).
+   *
+   * @generated from field: google.rpc.Status status = 1;
+   */
+  status?: Status | undefined;
+
+  /**
+   * When status is OK: the check's answer, as CheckOrder's (a denial is
+   * allowed = false with its status, not an error).
+   *
+   * @generated from field: cex.risk.v1.CheckOrderResponse response = 2;
+   */
+  response?: CheckOrderResponse | undefined;
+};
+
+/**
+ * Describes the message cex.risk.v1.CheckOrderResult.
+ * Use `create(CheckOrderResultSchema)` to create a new message.
+ */
+export const CheckOrderResultSchema: GenMessage<CheckOrderResult> = /*@__PURE__*/
+  messageDesc(file_cex_risk_v1_risk, 9);
+
+/**
+ * Response for RiskService.CheckOrders.
+ *
+ * @generated from message cex.risk.v1.CheckOrdersResponse
+ */
+export type CheckOrdersResponse = Message<"cex.risk.v1.CheckOrdersResponse"> & {
+  /**
+   * One result per check, in the order of the request.
+   *
+   * @generated from field: repeated cex.risk.v1.CheckOrderResult results = 1;
+   */
+  results: CheckOrderResult[];
+};
+
+/**
+ * Describes the message cex.risk.v1.CheckOrdersResponse.
+ * Use `create(CheckOrdersResponseSchema)` to create a new message.
+ */
+export const CheckOrdersResponseSchema: GenMessage<CheckOrdersResponse> = /*@__PURE__*/
+  messageDesc(file_cex_risk_v1_risk, 10);
+
+/**
  * Request for RiskService.CheckWithdrawal.
  *
  * @generated from message cex.risk.v1.CheckWithdrawalRequest
@@ -542,7 +615,7 @@ export type CheckWithdrawalRequest = Message<"cex.risk.v1.CheckWithdrawalRequest
  * Use `create(CheckWithdrawalRequestSchema)` to create a new message.
  */
 export const CheckWithdrawalRequestSchema: GenMessage<CheckWithdrawalRequest> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 8);
+  messageDesc(file_cex_risk_v1_risk, 11);
 
 /**
  * Response for RiskService.CheckWithdrawal.
@@ -571,7 +644,7 @@ export type CheckWithdrawalResponse = Message<"cex.risk.v1.CheckWithdrawalRespon
  * Use `create(CheckWithdrawalResponseSchema)` to create a new message.
  */
 export const CheckWithdrawalResponseSchema: GenMessage<CheckWithdrawalResponse> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 9);
+  messageDesc(file_cex_risk_v1_risk, 12);
 
 /**
  * Request for RiskService.GetLimits.
@@ -592,7 +665,7 @@ export type GetLimitsRequest = Message<"cex.risk.v1.GetLimitsRequest"> & {
  * Use `create(GetLimitsRequestSchema)` to create a new message.
  */
 export const GetLimitsRequestSchema: GenMessage<GetLimitsRequest> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 10);
+  messageDesc(file_cex_risk_v1_risk, 13);
 
 /**
  * Response for RiskService.GetLimits.
@@ -613,7 +686,7 @@ export type GetLimitsResponse = Message<"cex.risk.v1.GetLimitsResponse"> & {
  * Use `create(GetLimitsResponseSchema)` to create a new message.
  */
 export const GetLimitsResponseSchema: GenMessage<GetLimitsResponse> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 11);
+  messageDesc(file_cex_risk_v1_risk, 14);
 
 /**
  * Request for RiskService.SetLimits.
@@ -649,7 +722,7 @@ export type SetLimitsRequest = Message<"cex.risk.v1.SetLimitsRequest"> & {
  * Use `create(SetLimitsRequestSchema)` to create a new message.
  */
 export const SetLimitsRequestSchema: GenMessage<SetLimitsRequest> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 12);
+  messageDesc(file_cex_risk_v1_risk, 15);
 
 /**
  * Response for RiskService.SetLimits.
@@ -670,7 +743,7 @@ export type SetLimitsResponse = Message<"cex.risk.v1.SetLimitsResponse"> & {
  * Use `create(SetLimitsResponseSchema)` to create a new message.
  */
 export const SetLimitsResponseSchema: GenMessage<SetLimitsResponse> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 13);
+  messageDesc(file_cex_risk_v1_risk, 16);
 
 /**
  * Request for RiskService.SetKillSwitch.
@@ -740,7 +813,7 @@ export type SetKillSwitchRequest = Message<"cex.risk.v1.SetKillSwitchRequest"> &
  * Use `create(SetKillSwitchRequestSchema)` to create a new message.
  */
 export const SetKillSwitchRequestSchema: GenMessage<SetKillSwitchRequest> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 14);
+  messageDesc(file_cex_risk_v1_risk, 17);
 
 /**
  * Response for RiskService.SetKillSwitch.
@@ -761,7 +834,7 @@ export type SetKillSwitchResponse = Message<"cex.risk.v1.SetKillSwitchResponse">
  * Use `create(SetKillSwitchResponseSchema)` to create a new message.
  */
 export const SetKillSwitchResponseSchema: GenMessage<SetKillSwitchResponse> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 15);
+  messageDesc(file_cex_risk_v1_risk, 18);
 
 /**
  * Request for RiskService.ListKillSwitches.
@@ -796,7 +869,7 @@ export type ListKillSwitchesRequest = Message<"cex.risk.v1.ListKillSwitchesReque
  * Use `create(ListKillSwitchesRequestSchema)` to create a new message.
  */
 export const ListKillSwitchesRequestSchema: GenMessage<ListKillSwitchesRequest> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 16);
+  messageDesc(file_cex_risk_v1_risk, 19);
 
 /**
  * Response for RiskService.ListKillSwitches.
@@ -824,7 +897,7 @@ export type ListKillSwitchesResponse = Message<"cex.risk.v1.ListKillSwitchesResp
  * Use `create(ListKillSwitchesResponseSchema)` to create a new message.
  */
 export const ListKillSwitchesResponseSchema: GenMessage<ListKillSwitchesResponse> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 17);
+  messageDesc(file_cex_risk_v1_risk, 20);
 
 /**
  * What a kill switch covers.
@@ -917,6 +990,19 @@ export const RiskService: GenService<{
     methodKind: "unary";
     input: typeof CheckOrderRequestSchema;
     output: typeof CheckOrderResponseSchema;
+  },
+  /**
+   * Internal: checks many orders in one call (the order service coalesces the
+   * checks of concurrent orders). Each check is answered on its own, exactly as
+   * CheckOrder would answer it (its own error, or its own allowed/denial), in
+   * the order given. Consumes rate-limit budget per check.
+   *
+   * @generated from rpc cex.risk.v1.RiskService.CheckOrders
+   */
+  checkOrders: {
+    methodKind: "unary";
+    input: typeof CheckOrdersRequestSchema;
+    output: typeof CheckOrdersResponseSchema;
   },
   /**
    * Internal: checks a withdrawal against limits, velocity, kill switches and
