@@ -43,9 +43,10 @@ class Integrator:
     secret: str
 
 
-async def _integrator(
-    stack: Stack, service_credentials: ServiceCredentials, usdt: str
+async def integrator_with(
+    stack: Stack, service_credentials: ServiceCredentials, funds: dict[str, str]
 ) -> Integrator:
+    """A new account with a read+trade key, `funds` (asset -> amount) deposited."""
     md = (("authorization", f"Bearer {await service_credentials.token()}"),)
     async with grpc.aio.insecure_channel(stack.edge) as channel:
         auth = auth_pb2_grpc.AuthServiceStub(channel)
@@ -65,35 +66,37 @@ async def _integrator(
             metadata=md,
             timeout=10,
         )
-        await ledger_pb2_grpc.LedgerServiceStub(channel).CreateTransfers(
+        reply = await ledger_pb2_grpc.LedgerServiceStub(channel).CreateTransfers(
             ledger_pb2.CreateTransfersRequest(
                 transfers=[
                     ledger_pb2.Transfer(
-                        id=f"sdk-fund-{account.account_id}",
+                        id=f"sdk-fund-{uuid.uuid4().hex}",
                         debit_account_id="sys:custody",
                         credit_account_id=account.account_id,
-                        asset="USDT",
-                        amount=usdt,
+                        asset=asset,
+                        amount=amount,
                         kind=ledger_pb2.TRANSFER_KIND_DEPOSIT,
                     )
+                    for asset, amount in funds.items()
                 ]
             ),
             metadata=md,
             timeout=10,
         )
+        assert all(r.status.code == 0 for r in reply.results), reply
     return Integrator(account.account_id, key.api_key.api_key_id, key.secret)
 
 
 @pytest.fixture(scope="module")
 async def integrator(stack: Stack, service_credentials: ServiceCredentials) -> Integrator:
     """An account with a read+trade key and 5 USDT deposited."""
-    return await _integrator(stack, service_credentials, "5")
+    return await integrator_with(stack, service_credentials, {"USDT": "5"})
 
 
 @pytest.fixture(scope="module")
 async def trader(stack: Stack, service_credentials: ServiceCredentials) -> Integrator:
     """An account with a read+trade key and 100 USDT, for the examples' orders."""
-    return await _integrator(stack, service_credentials, "100")
+    return await integrator_with(stack, service_credentials, {"USDT": "100"})
 
 
 def _balances(rows: list[dict[str, str]]) -> dict[str, Decimal]:

@@ -19,7 +19,8 @@ from pathlib import Path
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
 from services.stack.supervisor import Stack
-from tests.e2e.test_sdk_trading import Accounts, Key, _client, accounts
+from tests.e2e.test_sdk import Integrator
+from tests.e2e.test_sdk_trading import Accounts, _client, accounts
 
 __all__ = ["accounts"]  # the fixture, used here
 
@@ -28,7 +29,7 @@ PY = ROOT / "examples/python"
 D = Decimal
 
 
-def _env(stack: Stack, key: Key) -> dict[str, str]:
+def _env(stack: Stack, key: Integrator) -> dict[str, str]:
     return {
         **os.environ,
         "CEX_TARGET": stack.edge,
@@ -37,7 +38,9 @@ def _env(stack: Stack, key: Key) -> dict[str, str]:
     }
 
 
-async def _python(script: str, stack: Stack, key: Key, *args: str) -> list[dict[str, object]]:
+async def _python(
+    script: str, stack: Stack, key: Integrator, *args: str
+) -> list[dict[str, object]]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(PY / script),

@@ -20,14 +20,11 @@ import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from decimal import Decimal
 
 import grpc
 import pytest
 
-from cex.auth.v1 import auth_pb2, auth_pb2_grpc
-from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.marketdata.v1 import marketdata_pb2 as md
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.order.v1 import order_pb2
@@ -45,20 +42,14 @@ from cex_sdk import (
 from services.chassis import ServiceCredentials
 from services.stack.supervisor import Stack
 from tests.e2e.order.test_crash import kill
+from tests.e2e.test_sdk import Integrator, integrator_with
 
 D = Decimal
 BUY, SELL = t.SIDE_BUY, t.SIDE_SELL
 BTC, ETH = "BTC-USDT", "ETH-USDT"
 
 
-@dataclass(frozen=True)
-class Key:
-    account_id: str
-    key_id: str
-    secret: str
-
-
-Accounts = Callable[[dict[str, str]], Awaitable[Key]]
+Accounts = Callable[[dict[str, str]], Awaitable[Integrator]]
 
 
 @pytest.fixture
@@ -66,53 +57,19 @@ async def accounts(
     stack: Stack, service_credentials: ServiceCredentials
 ) -> AsyncIterator[Accounts]:
     """Makes funded accounts with a read+trade key; cancels their orders afterwards."""
-    made: list[Key] = []
-    md_ = (("authorization", f"Bearer {await service_credentials.token()}"),)
-    async with grpc.aio.insecure_channel(stack.edge) as channel:
-        auth = auth_pb2_grpc.AuthServiceStub(channel)
-        ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
+    made: list[Integrator] = []
 
-        async def make(funds: dict[str, str]) -> Key:
-            account = await auth.CreateAccount(
-                auth_pb2.CreateAccountRequest(request_id=uuid.uuid4().hex, display_name="sdk"),
-                metadata=md_,
-                timeout=10,
-            )
-            account_id = account.account.account_id
-            key = await auth.CreateApiKey(
-                auth_pb2.CreateApiKeyRequest(
-                    request_id=uuid.uuid4().hex,
-                    account_id=account_id,
-                    scopes=[auth_pb2.API_KEY_SCOPE_READ, auth_pb2.API_KEY_SCOPE_TRADE],
-                ),
-                metadata=md_,
-                timeout=10,
-            )
-            transfers = [
-                ledger_pb2.Transfer(
-                    id=f"sdk-{uuid.uuid4().hex}",
-                    debit_account_id="sys:custody",
-                    credit_account_id=account_id,
-                    asset=asset,
-                    amount=amount,
-                    kind=ledger_pb2.TRANSFER_KIND_DEPOSIT,
-                )
-                for asset, amount in funds.items()
-            ]
-            reply = await ledger.CreateTransfers(
-                ledger_pb2.CreateTransfersRequest(transfers=transfers), metadata=md_, timeout=10
-            )
-            assert all(r.status.code == 0 for r in reply.results), reply
-            made.append(Key(account_id, key.api_key.api_key_id, key.secret))
-            return made[-1]
+    async def make(funds: dict[str, str]) -> Integrator:
+        made.append(await integrator_with(stack, service_credentials, funds))
+        return made[-1]
 
-        yield make
+    yield make
     for key in made:
         async with _client(stack, key) as client:
             await client.orders.cancel_all()
 
 
-def _client(stack: Stack, key: Key) -> Client:
+def _client(stack: Stack, key: Integrator) -> Client:
     return Client.from_api_key(stack.edge, key.key_id, key.secret, timeout_s=30)
 
 
