@@ -232,26 +232,34 @@ class _Quoter:
         await asyncio.sleep(random.random() * interval)
         previous = ""
         while time.perf_counter() < stop:
-            cid = uuid.uuid4().hex
-            self.sent[cid] = time.perf_counter()
-            place = order_pb2.PlaceOrderRequest(
-                client_order_id=cid,
-                market="BTC-USDT",
-                side=t.SIDE_BUY,
-                type=t.ORDER_TYPE_LIMIT,
-                price=str(random.randint(90, 94)),
-                quantity="0.1",
-            )
-            await self.queue.put(order_pb2.StreamOrdersRequest(place=place))
+            cid = await self._place()
             if previous:
-                rid = uuid.uuid4().hex
-                self.sent[rid] = time.perf_counter()
-                cancel = order_pb2.CancelOrderRequest(request_id=rid, client_order_id=previous)
-                await self.queue.put(order_pb2.StreamOrdersRequest(cancel=cancel))
+                await self._cancel(previous)
             previous = cid
             await asyncio.sleep(interval)
         await asyncio.sleep(3)
         await self.queue.put(None)
+
+    async def _place(self) -> str:
+        """Send a resting buy (out of everyone's way); its client_order_id."""
+        cid = uuid.uuid4().hex
+        self.sent[cid] = time.perf_counter()
+        place = order_pb2.PlaceOrderRequest(
+            client_order_id=cid,
+            market="BTC-USDT",
+            side=t.SIDE_BUY,
+            type=t.ORDER_TYPE_LIMIT,
+            price=str(random.randint(90, 94)),
+            quantity="0.1",
+        )
+        await self.queue.put(order_pb2.StreamOrdersRequest(place=place))
+        return cid
+
+    async def _cancel(self, client_order_id: str) -> None:
+        rid = uuid.uuid4().hex
+        self.sent[rid] = time.perf_counter()
+        cancel = order_pb2.CancelOrderRequest(request_id=rid, client_order_id=client_order_id)
+        await self.queue.put(order_pb2.StreamOrdersRequest(cancel=cancel))
 
     async def pump(self, stop: float, window: int) -> None:
         """Closed loop: keep `window` commands in flight (place a buy, cancel the one
@@ -266,23 +274,9 @@ class _Quoter:
         while time.perf_counter() < stop:
             await self.window.acquire()
             if len(placed) > window:
-                rid = uuid.uuid4().hex
-                self.sent[rid] = time.perf_counter()
-                cancel = order_pb2.CancelOrderRequest(request_id=rid, client_order_id=placed.pop(0))
-                await self.queue.put(order_pb2.StreamOrdersRequest(cancel=cancel))
+                await self._cancel(placed.pop(0))
                 continue
-            cid = uuid.uuid4().hex
-            self.sent[cid] = time.perf_counter()
-            place = order_pb2.PlaceOrderRequest(
-                client_order_id=cid,
-                market="BTC-USDT",
-                side=t.SIDE_BUY,
-                type=t.ORDER_TYPE_LIMIT,
-                price=str(random.randint(90, 94)),
-                quantity="0.1",
-            )
-            placed.append(cid)
-            await self.queue.put(order_pb2.StreamOrdersRequest(place=place))
+            placed.append(await self._place())
         await asyncio.sleep(3)
         await self.queue.put(None)
 
