@@ -11,7 +11,7 @@ from .authn import (
     owned_account,
     user,
 )
-from .bus import ensure_stream, nats_connection, observe_fetch
+from .bus import PullConsumer, ensure_stream, nats_connection, observe_fetch
 from .cache import redis_connection
 from .clients import mesh_channel, service_credentials
 from .db import MigrationError, migrate, postgres
@@ -54,6 +54,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "Policy",
+    "PullConsumer",
     "ResourceExhausted",
     "Rule",
     "Server",

@@ -33,6 +33,7 @@ __all__ = [
     "GRPC_STARTED",
     "JETSTREAM_PENDING",
     "JETSTREAM_REDELIVERED",
+    "JETSTREAM_UNDECODABLE",
     "JWKS_FETCH_FAILURES",
     "JsonFormatter",
     "configure_logging",
@@ -69,6 +70,11 @@ JETSTREAM_PENDING = Gauge(
 JETSTREAM_REDELIVERED = Counter(
     "jetstream_consumer_redelivered_total",
     "Messages received again (delivery count above 1): a consumer failing or too slow to ack.",
+    ("stream", "consumer"),
+)
+JETSTREAM_UNDECODABLE = Counter(
+    "jetstream_consumer_undecodable_total",
+    "Messages the consumer could not decode: logged, acked and skipped (PullConsumer).",
     ("stream", "consumer"),
 )
 

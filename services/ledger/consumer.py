@@ -5,26 +5,23 @@ batches, turns each `cex.match.v1.MatchEvent` into a `MarketEvent`, and hands
 each market's run of events to the writer as one `SettleJob`. Messages are
 acked only after the job committed, so a crash redelivers them and the cursor
 (and the unique trade key) skips what was applied. When the job reports a gap
-the missing events are fetched from match's `ReplayEvents` and applied first.
+the missing events are fetched from match's `ReplayEvents` and applied first;
+that is also how a message that does not decode, which the chassis'
+`PullConsumer` skips, is made up for.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 
-import nats.errors
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cex.match.v1 import match_pb2
 from cex.type.v1 import types_pb2
-from services.chassis import Catalog, MoneyError, ensure_stream, observe_fetch
+from services.chassis import Catalog, MoneyError, PullConsumer
 from services.chassis.money import parse_decimal
-from services.chassis.tracing import SpanKind, batch_span, message_context
 
 from .auditor import LedgerMetrics
 from .settlement import Applied, Gap, MarketEvent, Party, Release, TradeSettlement, Unreadable
@@ -120,56 +117,23 @@ class SettlementConsumer:
         self._durable = durable
 
     async def run(self) -> None:
-        """Consume until cancelled; a failure to subscribe (NATS down) is retried."""
-        while True:
-            try:
-                await self._consume()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                _log.exception("settlement consumer stopped; restarting in 1 s")
-                await asyncio.sleep(1.0)
-
-    async def _consume(self) -> None:
-        await ensure_stream(self._js, STREAM, SUBJECTS)
-        sub = await self._js.pull_subscribe(
-            "match.events.*",
-            durable=self._durable,
+        """Consume until cancelled (the chassis' PullConsumer: NATS being away is
+        retried, an undecodable message skipped, a failed batch redelivered)."""
+        await PullConsumer(
+            js=self._js,
             stream=STREAM,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=30.0,
-                max_ack_pending=20_000,
-            ),
-        )
-        try:
-            while True:
-                try:
-                    messages = await sub.fetch(500, timeout=1.0)
-                except nats.errors.TimeoutError:
-                    continue
-                observe_fetch(STREAM, self._durable, messages)
-                try:
-                    with batch_span(
-                        "ledger.settle", map(message_context, messages), kind=SpanKind.CONSUMER
-                    ):
-                        await self.handle(
-                            [match_pb2.MatchEvent.FromString(m.data) for m in messages]
-                        )
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    _log.exception("settlement batch failed; it will be redelivered")
-                    await asyncio.sleep(1.0)
-                    continue
-                for message in messages:
-                    await message.ack()
-        finally:
-            # An interrupted fetch leaves the subscription busy; without this the
-            # connection's drain waits for it at shutdown.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(sub.unsubscribe(), 1.0)
+            subjects=SUBJECTS,
+            filter_subject="match.events.*",
+            durable=self._durable,
+            decode=match_pb2.MatchEvent.FromString,
+            handle=self.handle,
+            ack_wait_s=30.0,
+            batch=500,
+            fetch_timeout_s=1.0,
+            span="ledger.settle",
+            retry_after_s=1.0,
+            log=_log,
+        ).run()
 
     async def handle(self, events: Sequence[match_pb2.MatchEvent]) -> None:
         """Apply events (any markets, any order, duplicates allowed); fills gaps."""

@@ -5,8 +5,10 @@ Each market's events are applied in one transaction that locks the market's
 cursor row: events at or below the cursor are skipped (redeliveries), a gap
 is filled from match's ReplayEvents before going on, and the cursor advances
 in the same commit as the orders and fills it changed. Messages are acked
-after the commit, so a crash only redelivers. The orders' state is therefore
-always the fold of match's journal: after a crash it is rebuilt, not lost.
+after the commit, so a crash only redelivers. A message that does not decode
+is skipped by the chassis' `PullConsumer` and made up for by that same gap
+fill. The orders' state is therefore always the fold of match's journal:
+after a crash it is rebuilt, not lost.
 
 After each commit the executions go to the live stream sessions (`sink`) and
 callers waiting for their own command's events (`wait`) are woken.
@@ -15,17 +17,13 @@ callers waiting for their own command's events (`wait`) are woken.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
-import nats.errors
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cex.match.v1 import match_pb2
-from services.chassis import ensure_stream, observe_fetch
-from services.chassis.tracing import SpanKind, batch_span, message_context
+from services.chassis import PullConsumer
 
 from .domain import Execution, OrderRecord, apply_event, event_order_ids
 from .store import Store
@@ -54,55 +52,25 @@ class EventConsumer:
         self.replayed = 0
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self._consume()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                _log.exception("order event consumer stopped; restarting in 1 s")
-                await asyncio.sleep(1.0)
-
-    async def _consume(self) -> None:
-        await ensure_stream(self._js, STREAM, ["match.events.>"])
-        sub = await self._js.pull_subscribe(
-            "match.events.*",
-            durable=self._durable,
+        """Consume until cancelled (the chassis' PullConsumer: NATS being away is
+        retried, an undecodable message skipped, a failed batch redelivered)."""
+        await PullConsumer(
+            js=self._js,
             stream=STREAM,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                # Short: what a killed process had fetched but not committed comes
-                # again soon (applying it twice is harmless: the cursor skips it).
-                ack_wait=5.0,
-                max_ack_pending=20_000,
-            ),
-        )
-        try:
-            while True:
-                try:
-                    messages = await sub.fetch(500, timeout=0.5)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    continue
-                observe_fetch(STREAM, self._durable, messages)
-                try:
-                    with batch_span(
-                        "order.executions", map(message_context, messages), kind=SpanKind.CONSUMER
-                    ):
-                        await self.handle(
-                            [match_pb2.MatchEvent.FromString(m.data) for m in messages]
-                        )
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    _log.exception("order event batch failed; it will be redelivered")
-                    await asyncio.sleep(0.5)
-                    continue
-                for message in messages:
-                    await message.ack()
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(sub.unsubscribe(), 1.0)
+            subjects=["match.events.>"],
+            filter_subject="match.events.*",
+            durable=self._durable,
+            decode=match_pb2.MatchEvent.FromString,
+            handle=self.handle,
+            # Short: what a killed process had fetched but not committed comes
+            # again soon (applying it twice is harmless: the cursor skips it).
+            ack_wait_s=5.0,
+            batch=500,
+            fetch_timeout_s=0.5,
+            span="order.executions",
+            retry_after_s=0.5,
+            log=_log,
+        ).run()
 
     async def handle(self, events: Sequence[match_pb2.MatchEvent]) -> None:
         """Apply events (any markets, any order, duplicates allowed); fills gaps."""

@@ -5,23 +5,26 @@ stream RISK_EVENTS; ADR 0007). A durable pull consumer here cancels, for an
 engaged switch whose operator asked for it, the working orders of the account,
 the market or the whole exchange, with reason KILL_SWITCH. The mass-cancel
 command ids are derived from the event id, so a redelivered event is answered
-by match from its journal instead of cancelling again; messages are acked
-after the cancels.
+by match from its journal instead of cancelling again. The chassis'
+`PullConsumer` hands over each fetched batch, handled here one event after the
+other in stream order, and acks it after the cancels; if one fails, the batch
+comes again after the ack wait and the events already handled are answered
+from match's journal. An event that does not decode is logged, counted
+(`jetstream_consumer_undecodable_total`) and skipped rather than holding every
+later switch: its open orders are not cancelled, but risk, which owns the
+switch, still refuses new orders in its scope.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
-import nats.errors
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import DeliverPolicy
 
 from cex.risk.v1 import risk_pb2
 from cex.type.v1 import types_pb2 as t
-from services.chassis import ensure_stream
+from services.chassis import PullConsumer
 
 from .flow import Flow
 
@@ -40,37 +43,29 @@ class KillSwitchConsumer:
         self.handled = 0
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self._consume()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                _log.exception("kill-switch consumer stopped; restarting in 1 s")
-                await asyncio.sleep(1.0)
-
-    async def _consume(self) -> None:
-        await ensure_stream(self._js, STREAM, ["risk.events.>"])
-        sub = await self._js.pull_subscribe(
-            SUBJECT,
-            durable=self._durable,
+        """Consume until cancelled (the chassis' PullConsumer: NATS being away is
+        retried, an undecodable event skipped, a failed batch redelivered)."""
+        await PullConsumer(
+            js=self._js,
             stream=STREAM,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.NEW, ack_wait=60.0
-            ),
-        )
-        try:
-            while True:
-                try:
-                    messages = await sub.fetch(50, timeout=1.0)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    continue
-                for message in messages:
-                    await self.handle(risk_pb2.KillSwitchEvent.FromString(message.data))
-                    await message.ack()
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(sub.unsubscribe(), 1.0)
+            subjects=["risk.events.>"],
+            filter_subject=SUBJECT,
+            durable=self._durable,
+            decode=risk_pb2.KillSwitchEvent.FromString,
+            handle=self._handle_all,
+            # Switches engaged before this consumer first existed are not replayed.
+            deliver_policy=DeliverPolicy.NEW,
+            ack_wait_s=60.0,
+            batch=50,
+            fetch_timeout_s=1.0,
+            retry_after_s=1.0,
+            log=_log,
+        ).run()
+
+    async def _handle_all(self, events: list[risk_pb2.KillSwitchEvent]) -> None:
+        """One event after the other, in stream order."""
+        for event in events:
+            await self.handle(event)
 
     async def handle(self, event: risk_pb2.KillSwitchEvent) -> None:
         switch = event.kill_switch

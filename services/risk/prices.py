@@ -3,7 +3,9 @@
 A durable pull consumer on `match.events.*` (stream MATCH_EVENTS, shared by
 risk's replicas) reads match events, keeps the trade with the highest sequence
 per market of each batch, writes it to `risk.reference_prices` (only if newer)
-and acks. Every replica reads that table on its reload tick, so all of them
+and acks; a batch that could not be saved is not acked and comes again (the
+chassis' `PullConsumer`, which also skips a message that does not decode).
+Every replica reads that table on its reload tick, so all of them
 band against the same price; the one that consumed the batch sees it at once.
 
 Gaps do not matter here: only the latest trade counts, so nothing is replayed
@@ -14,18 +16,13 @@ see docs/adr/0007-risk.md.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 
-import nats.errors
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from cex.match.v1 import match_pb2
-from services.chassis import Catalog, MoneyError, ensure_stream, observe_fetch
-from services.chassis.tracing import SpanKind, batch_span, message_context
+from services.chassis import Catalog, MoneyError, PullConsumer
 
 from .state import State
 from .store import Store
@@ -79,52 +76,23 @@ class PriceFollower:
         self._batch = batch
 
     async def run(self) -> None:
-        """Follow until cancelled; NATS being away is retried."""
-        while True:
-            try:
-                await self._follow()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                _log.exception("price follower stopped; restarting in 1 s")
-                await asyncio.sleep(1.0)
-
-    async def _follow(self) -> None:
-        await ensure_stream(self._js, STREAM, ["match.events.>"])
-        sub = await self._js.pull_subscribe(
-            "match.events.*",
-            durable=self._durable,
+        """Follow until cancelled (the chassis' PullConsumer: NATS being away is
+        retried, an undecodable message skipped, a failed batch redelivered)."""
+        await PullConsumer(
+            js=self._js,
             stream=STREAM,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=30.0,
-                max_ack_pending=20_000,
-            ),
-        )
-        try:
-            while True:
-                try:
-                    messages = await sub.fetch(self._batch, timeout=1.0)
-                except nats.errors.TimeoutError:
-                    continue
-                observe_fetch(STREAM, self._durable, messages)
-                events = []
-                for m in messages:
-                    try:
-                        events.append(match_pb2.MatchEvent.FromString(m.data))
-                    except Exception:
-                        _log.error("unreadable match event on %s", m.subject)
-                with batch_span(
-                    "risk.prices", map(message_context, messages), kind=SpanKind.CONSUMER
-                ):
-                    await self.handle(events)
-                # Acked only once saved: a crash before redelivers the batch.
-                for m in messages:
-                    await m.ack()
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(sub.unsubscribe(), 1.0)
+            subjects=["match.events.>"],
+            filter_subject="match.events.*",
+            durable=self._durable,
+            decode=match_pb2.MatchEvent.FromString,
+            handle=self.handle,
+            ack_wait_s=30.0,
+            batch=self._batch,
+            fetch_timeout_s=1.0,
+            span="risk.prices",
+            retry_after_s=1.0,
+            log=_log,
+        ).run()
 
     async def handle(self, events: Sequence[match_pb2.MatchEvent]) -> None:
         latest = last_trades(self._catalog, events)
