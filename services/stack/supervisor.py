@@ -23,7 +23,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from services.chassis import ChassisSettings, ServiceCredentials, service_creden
 from . import envoy, probes
 from .topology import SERVICES, Ports, ServiceSpec
 
-__all__ = ["Component", "Stack", "StackError"]
+__all__ = ["Component", "Stack", "StackError", "dying_with_parent"]
 
 _log = logging.getLogger("cex.stack")
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,6 +53,12 @@ class StackError(RuntimeError):
 # code between fork and exec in a process with threads (gRPC's) can crash or
 # hang the child.
 _DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
+
+
+def dying_with_parent(argv: Sequence[str]) -> list[str]:
+    """`argv` run so that the kernel SIGKILLs it when its parent dies, even by kill -9
+    (setpriv execs `argv` in place: same pid, same exit status)."""
+    return [*_DIE_WITH_PARENT, *argv]
 
 
 def _pg_bin(name: str) -> Path:
@@ -368,8 +374,7 @@ class Stack:
         log = (self.logs / f"{component.name}.log").open("ab")
         try:
             component.process = await asyncio.create_subprocess_exec(
-                *_DIE_WITH_PARENT,
-                *component.argv,
+                *dying_with_parent(component.argv),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

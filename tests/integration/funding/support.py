@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import sys
 import time
 import uuid
@@ -18,7 +17,6 @@ from typing import Any
 
 import asyncpg
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cex.funding.v1 import funding_pb2 as F
 from cex.funding.v1 import funding_pb2_grpc
@@ -30,6 +28,7 @@ from services.stack.supervisor import Stack
 from services.stack.topology import free_ports
 from tests.conftest import Trust
 from tests.integration.ledger.support import Ledger
+from tests.process import ServiceProcess
 
 TERMINAL = {
     F.WITHDRAWAL_STATE_COMPLETED,
@@ -280,56 +279,20 @@ async def holds(database_url: str, withdrawal_ids: Iterable[str]) -> dict[str, i
     return {wid: found.get(wid, 0) for wid in withdrawal_ids}
 
 
-@dataclass
-class FundingProcess:
-    """`python -m services.funding.main` on a fixed port, killable with SIGKILL."""
-
-    stack: Stack
-    database_url: str
-    env: dict[str, str]
-    port: int = field(default_factory=lambda: free_ports().edge)
-    process: asyncio.subprocess.Process | None = None
-    kills: int = 0
-
-    async def start(self) -> None:
-        env = {
-            **os.environ,
-            "CEX_GRPC_PORT": str(self.port),
-            "DATABASE_URL": self.database_url,
-            "CEX_MESH_ADDR": self.stack.edge,
-            "CEX_JWKS_URL": self.stack.ports.jwks_url,
-            "CEX_SERVICE_SECRET": self.stack.service_secret,
-            "CEX_LOG_LEVEL": "WARNING",
+def funding_process(stack: Stack, database_url: str, env: dict[str, str]) -> ServiceProcess:
+    """`python -m services.funding.main` reaching the stack through Envoy, without NATS
+    or its outbox; `env` (FUNDING_*) may change between starts. It may die as it starts
+    (a crash point reached while resuming): `start` returns then."""
+    return ServiceProcess(
+        "services.funding.main",
+        {
+            "DATABASE_URL": database_url,
+            "CEX_MESH_ADDR": stack.edge,
+            "CEX_JWKS_URL": stack.ports.jwks_url,
+            "CEX_SERVICE_SECRET": stack.service_secret,
             "FUNDING_OUTBOX": "off",
-            **self.env,
-        }
-        env.pop("NATS_URL", None)
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.funding.main", env=env
-        )
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            for _ in range(400):
-                if self.process.returncode is not None:
-                    return  # it died at once (a crash point reached while resuming)
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                await asyncio.sleep(0.05)
-        raise RuntimeError("funding did not come up")
-
-    async def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        await self.process.wait()
-        self.kills += 1
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), 10)
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
+            **env,
+            "NATS_URL": "",
+        },
+        may_exit_at_start=True,
+    )

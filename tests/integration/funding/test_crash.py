@@ -33,10 +33,10 @@ from tests.conftest import Trust
 from tests.integration.funding.support import (
     ETH_ADDRESS,
     Chain,
-    FundingProcess,
     chainsim,
     fresh_database,
     fund,
+    funding_process,
     new_account,
 )
 from tests.integration.ledger.support import Ledger, running_ledger
@@ -96,7 +96,7 @@ async def crash_run(
         accounts = [new_account() for _ in range(6)]
         for acct in accounts:
             await fund(ledger, acct, "80")
-        proc = FundingProcess(stack, database_url, _env(ledger, chain, ""))
+        proc = funding_process(stack, database_url, _env(ledger, chain, ""))
         asked: dict[str, tuple[str, str]] = {}  # request_id -> (account, amount)
 
         async def request(stub: funding_pb2_grpc.FundingServiceAsyncStub, n: int) -> None:

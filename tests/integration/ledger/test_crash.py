@@ -10,25 +10,18 @@ transfers, 1,000 accounts, one hot, >= 10 kills) is `make test-chaos`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import random
-import signal
-import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from decimal import Decimal
 
 import asyncpg
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cex.ledger.v1 import ledger_pb2 as K
 from cex.ledger.v1 import ledger_pb2_grpc
-from services.stack.topology import free_ports
 from tests.conftest import Trust
 from tests.integration.ledger.support import deposit, reason, transfer
+from tests.process import ServiceProcess
 
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -38,68 +31,20 @@ RETRYABLE = {
 }
 
 
-@dataclass
-class LedgerProcess:
-    """`python -m services.ledger.main` on a fixed port, killable with SIGKILL."""
-
-    database_url: str
-    trust: Trust
-    port: int = field(default_factory=lambda: free_ports().edge)
-    process: asyncio.subprocess.Process | None = None
-    kills: int = 0
-    extra_env: dict[str, str] = field(default_factory=dict)
-
-    async def start(self) -> None:
-        env = {
-            **os.environ,
-            "CEX_GRPC_PORT": str(self.port),
-            "DATABASE_URL": self.database_url,
-            "LEDGER_SETTLEMENT": "off",
-            "LEDGER_AUDIT_INTERVAL_S": "0",
-            "CEX_LOG_LEVEL": "WARNING",
-        }
-        env.pop("NATS_URL", None)
-        env.update(self.trust.env)
-        env.update(self.extra_env)
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.ledger.main", env=env
-        )
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            for _ in range(300):
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                await asyncio.sleep(0.05)
-        raise RuntimeError("ledger did not come up")
-
-    async def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        await self.process.wait()
-        self.kills += 1
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), 10)
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
-
-
-@contextlib.asynccontextmanager
-async def ledger_process(
+def ledger_process(
     database_url: str, trust: Trust, extra_env: dict[str, str] | None = None
-) -> AsyncIterator[LedgerProcess]:
-    running = LedgerProcess(database_url, trust, extra_env=extra_env or {})
-    await running.start()
-    try:
-        yield running
-    finally:
-        await running.stop()
+) -> ServiceProcess:
+    """`python -m services.ledger.main` without settlement, audits or NATS (unless
+    `extra_env` says otherwise); `async with` it to have it running."""
+    env = {
+        "DATABASE_URL": database_url,
+        "NATS_URL": "",
+        "LEDGER_SETTLEMENT": "off",
+        "LEDGER_AUDIT_INTERVAL_S": "0",
+        **trust.env,
+        **(extra_env or {}),
+    }
+    return ServiceProcess("services.ledger.main", env)
 
 
 async def crash_run(

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import zlib
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -19,11 +17,10 @@ from services.marketdata.config import MarketDataSettings
 from services.marketdata.server import build_server as build_marketdata
 from services.match.config import MatchSettings
 from services.match.server import build_server as build_match
-from services.stack import probes
 from services.stack.supervisor import Stack
-from services.stack.topology import free_ports
 from tests.conftest import Trust
 from tests.integration.match.match_client import Client
+from tests.process import ServiceProcess
 
 MARKET = "BTC-USDT"
 
@@ -118,53 +115,27 @@ class MarketDataInProcess:
             await self.server.stop(0.2)
 
 
-class MarketDataProcess:
-    """`python -m services.marketdata.main`, to be killed with SIGKILL."""
-
-    def __init__(self, stack: Stack, database_url: str, nats_url: str, match_target: str) -> None:
-        self.port = free_ports().base + 14
-        self.env = {
-            **os.environ,
-            "REDIS_URL": "",
-            "CEX_MESH_ADDR": stack.edge,
-            "CEX_SERVICE_SECRET": stack.service_secret,
-            "CEX_GRPC_PORT": str(self.port),
-            "DATABASE_URL": database_url,
-            "NATS_URL": nats_url,
-            "MARKETDATA_MARKETS": MARKET,
-            "MARKETDATA_MATCH_TARGET": match_target,
-            "MARKETDATA_HEARTBEAT_S": "0.2",
-            "MARKETDATA_IDLE_CHECK_S": "0.5",
-            "CEX_LOG_LEVEL": "WARNING",
-        }
-        self.process: asyncio.subprocess.Process | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.marketdata.main", env=self.env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        for _ in range(300):
-            if await probes.grpc_health(self.target, "cex.marketdata.v1.MarketDataService"):
-                return
-            if self.process.returncode is not None:
-                raise RuntimeError(f"marketdata exited with {self.process.returncode}")
-            await asyncio.sleep(0.1)
-        raise RuntimeError("marketdata did not become healthy")
-
-    async def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        await self.process.wait()
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.terminate()
-            await self.process.wait()
+def marketdata_process(
+    stack: Stack, database_url: str, nats_url: str, match_target: str
+) -> ServiceProcess:
+    """`python -m services.marketdata.main` on the test's match, without Redis."""
+    env = {
+        "REDIS_URL": "",
+        "CEX_MESH_ADDR": stack.edge,
+        "CEX_SERVICE_SECRET": stack.service_secret,
+        "DATABASE_URL": database_url,
+        "NATS_URL": nats_url,
+        "MARKETDATA_MARKETS": MARKET,
+        "MARKETDATA_MATCH_TARGET": match_target,
+        "MARKETDATA_HEARTBEAT_S": "0.2",
+        "MARKETDATA_IDLE_CHECK_S": "0.5",
+    }
+    return ServiceProcess(
+        "services.marketdata.main",
+        env,
+        health_service="cex.marketdata.v1.MarketDataService",
+        quiet=True,
+    )
 
 
 def levels(pb_levels: object) -> list[tuple[str, str, int]]:

@@ -24,11 +24,11 @@ from tests.conftest import Trust
 from tests.integration.marketdata.support import (
     MARKET,
     LocalBook,
-    MarketDataProcess,
     MatchInProcess,
     converged,
     follow,
     levels,
+    marketdata_process,
 )
 from tests.integration.match.match_client import Client
 
@@ -53,7 +53,7 @@ async def _crash_loop(
     kills: int, stack: Stack, match: MatchInProcess, database_url: str, nats_url: str
 ) -> None:
     client = await match.start()
-    process = MarketDataProcess(stack, database_url, nats_url, match.target)
+    process = marketdata_process(stack, database_url, nats_url, match.target)
     await process.start()
     stop = asyncio.Event()
     load = asyncio.create_task(_load(client, stop))

@@ -12,10 +12,7 @@ snapshot) reaches the same book hash as the one that was running.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
-import sys
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -26,66 +23,28 @@ import pytest
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from services.chassis.markets import DEFAULT_CATALOG
 from services.match.engine import MarketEngine, decode
-from services.stack import probes
-from services.stack.topology import SERVICES, free_ports
 from tests.conftest import Trust
 from tests.integration.match.match_client import Client, random_commands
+from tests.process import ServiceProcess
 
 MARKET = "BTC-USDT"
-_MATCH = next(s for s in SERVICES if s.name == "match")
-
-
-class MatchProcess:
-    def __init__(self, database_url: str, nats_url: str, trust: Trust) -> None:
-        self.port = free_ports().grpc(_MATCH)
-        self.env = {
-            **os.environ,
-            **trust.env,
-            "CEX_GRPC_PORT": str(self.port),
-            "DATABASE_URL": database_url,
-            "NATS_URL": nats_url,
-            "CEX_MATCH_MARKETS": MARKET,
-            "CEX_MATCH_SNAPSHOT_EVERY": "150",
-            "CEX_LOG_LEVEL": "WARNING",
-        }
-        self.process: asyncio.subprocess.Process | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.match.main", env=self.env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        for _ in range(300):
-            if await probes.grpc_health(self.target, "cex.match.v1.MatchService"):
-                return
-            if self.process.returncode is not None:
-                raise RuntimeError(f"match exited with {self.process.returncode}")
-            await asyncio.sleep(0.1)
-        raise RuntimeError("match did not become healthy")
-
-    async def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        await self.process.wait()
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.terminate()
-            await self.process.wait()
 
 
 @pytest.fixture
 async def match_process(
     fresh_database_url: str, private_nats: str, trust: Trust
-) -> AsyncIterator[MatchProcess]:
-    process = MatchProcess(fresh_database_url, private_nats, trust)
-    await process.start()
-    yield process
-    await process.stop()
+) -> AsyncIterator[ServiceProcess]:
+    env = {
+        **trust.env,
+        "DATABASE_URL": fresh_database_url,
+        "NATS_URL": private_nats,
+        "CEX_MATCH_MARKETS": MARKET,
+        "CEX_MATCH_SNAPSHOT_EVERY": "150",
+    }
+    async with ServiceProcess(
+        "services.match.main", env, health_service="cex.match.v1.MatchService", quiet=True
+    ) as process:
+        yield process
 
 
 async def _client_loop(
@@ -151,7 +110,12 @@ async def _stream_seqs(nats_url: str) -> list[int]:
 
 
 async def _crash_loop(
-    trust: Trust, process: MatchProcess, database_url: str, nats_url: str, kills: int, clients: int
+    trust: Trust,
+    process: ServiceProcess,
+    database_url: str,
+    nats_url: str,
+    kills: int,
+    clients: int,
 ) -> None:
     rng = random.Random(kills)
     stop = asyncio.Event()
@@ -207,13 +171,13 @@ async def _crash_loop(
 
 
 async def test_kill_9_under_load_loses_nothing_acknowledged(
-    match_process: MatchProcess, fresh_database_url: str, private_nats: str, trust: Trust
+    match_process: ServiceProcess, fresh_database_url: str, private_nats: str, trust: Trust
 ) -> None:
     await _crash_loop(trust, match_process, fresh_database_url, private_nats, kills=3, clients=3)
 
 
 @pytest.mark.chaos
 async def test_kill_9_twenty_times_under_load(
-    match_process: MatchProcess, fresh_database_url: str, private_nats: str, trust: Trust
+    match_process: ServiceProcess, fresh_database_url: str, private_nats: str, trust: Trust
 ) -> None:
     await _crash_loop(trust, match_process, fresh_database_url, private_nats, kills=20, clients=4)

@@ -6,48 +6,16 @@ from the stack's auth."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import sys
 import uuid
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cex.risk.v1 import risk_pb2 as R
 from cex.risk.v1 import risk_pb2_grpc
 from services.stack.supervisor import Stack
-from services.stack.topology import free_ports
 from tests.conftest import Trust
-
-
-class RiskProcess:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.risk.main", env=self.env
-        )
-
-    async def kill(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGKILL)
-        await self.process.wait()
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.terminate()
-            await self.process.wait()
-
-
-async def _ready(target: str) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
-        await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=60
-        )
+from tests.process import ServiceProcess
 
 
 @pytest.mark.parametrize(
@@ -60,24 +28,20 @@ async def test_withdrawal_answers_and_limits_survive_kill_9(
     fresh_database_url: str,
     kills: int,
 ) -> None:
-    port = free_ports().edge
-    target = f"127.0.0.1:{port}"
     env = {
-        **{k: v for k, v in os.environ.items() if k != "NATS_URL"},
-        "CEX_GRPC_PORT": str(port),
+        "NATS_URL": "",
         "DATABASE_URL": fresh_database_url,
         "REDIS_URL": stack.redis_url,
         "CEX_JWKS_URL": stack.ports.jwks_url,
         "RISK_PRICES": "off",
-        "CEX_LOG_LEVEL": "WARNING",
     }
-    risk = RiskProcess(env)
+    risk = ServiceProcess("services.risk.main", env)
+    target = risk.target
     await risk.start()
     account = f"acc_{uuid.uuid4().hex[:8]}"
     ids = [f"w{i}-{account}" for i in range(80)]
     answers: dict[str, bool] = {}
     try:
-        await _ready(target)
         # The service token on every call, renewed near expiry (ten kills outlive one).
         async with trust.channel(target) as channel:
             stub = risk_pb2_grpc.RiskServiceStub(channel)
@@ -133,10 +97,9 @@ async def test_withdrawal_answers_and_limits_survive_kill_9(
                     await risk.start()
 
             await asyncio.gather(killer(), *(client(ids[i::6]) for i in range(6)))
-            await _ready(target)
             # Every answer stands, and the limit held: 10 ETH of 0.5 = 20 allowed.
             again = {wid: await check(wid) for wid in ids}
-        assert len(killed_at) == kills and max(killed_at) < len(ids)
+        assert len(killed_at) == risk.kills == kills and max(killed_at) < len(ids)
         assert again == answers
         assert sum(answers.values()) == 20
     finally:
