@@ -132,6 +132,23 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _rss_mb(pid: int) -> float:
+    """Resident memory of a process (MB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def _peak_rss_mb(pid: int, until: float) -> float:
+    """The largest resident memory of a process, sampled every second until `until`."""
+    peak = _rss_mb(pid)
+    while time.perf_counter() < until:
+        await asyncio.sleep(1.0)
+        peak = max(peak, _rss_mb(pid))
+    return peak
+
+
 def _cpu(pids: dict[str, int]) -> dict[str, float]:
     return {name: _cpu_s(pid) for name, pid in pids.items()}
 
@@ -310,12 +327,14 @@ async def streams(
     before = _cpu(pids)
     start = time.perf_counter()
     stop = start + args.stream_seconds
+    sampled = asyncio.create_task(_peak_rss_mb(pids["order"], stop))
     if args.stream_window:
         await asyncio.gather(*(q.pump(stop, args.stream_window) for q in quoters))
     else:
         await asyncio.gather(*(q.quote(stop, args.quote_interval) for q in quoters))
     elapsed = time.perf_counter() - start
     after = _cpu(pids)
+    rss = await sampled
     for reader in readers:
         reader.cancel()
     await asyncio.gather(*readers, return_exceptions=True)
@@ -337,6 +356,7 @@ async def streams(
         flush=True,
     )
     print(_cpu_line(before, after, len(latencies)).replace("per order", "per command"))
+    print(f"<!-- order service peak RSS with {args.sessions} sessions open: {rss:.0f} MB -->")
     if reasons:
         print(f"<!-- rejects: {dict(reasons)} -->")
 
