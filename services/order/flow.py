@@ -146,26 +146,24 @@ class Flow:
         self.consumer = consumer
         self.clock = clock
         self.inserts: Batcher[OrderRecord, bool] = Batcher(
-            self.store.insert_many, name="inserts", max_batch=500, concurrency=2
+            self.store.insert_many, name="inserts", max_batch=500
         )
-        self.phases: Batcher[str, None] = Batcher(
-            self._mark_placed, name="phases", max_batch=2000, concurrency=1
-        )
+        self.phases: Batcher[str, None] = Batcher(self._mark_placed, name="phases", max_batch=2000)
         self.lookups: Batcher[tuple[str, str, str], tuple[OrderRecord | None, int, int]] = Batcher(
-            self.store.lookup_many, name="lookups", max_batch=500, concurrency=2
+            self.store.lookup_many, name="lookups", max_batch=500
         )
         # Point reads and the request log, coalesced across concurrent calls.
         self.gets: Batcher[str, OrderRecord | None] = Batcher(
-            self.store.get_many, name="gets", max_batch=500, concurrency=2
+            self.store.get_many, name="gets", max_batch=500
         )
         self.by_client: Batcher[tuple[str, str], OrderRecord | None] = Batcher(
-            self.store.by_client_id_many, name="by_client", max_batch=500, concurrency=2
+            self.store.by_client_id_many, name="by_client", max_batch=500
         )
         self.requests: Batcher[tuple[str, str], tuple[str, str, bytes] | None] = Batcher(
-            self.store.request_many, name="requests", max_batch=500, concurrency=2
+            self.store.request_many, name="requests", max_batch=500
         )
         self.remembers: Batcher[tuple[str, str, str, str, bytes], None] = Batcher(
-            self.store.remember_many, name="remembers", max_batch=500, concurrency=2
+            self.store.remember_many, name="remembers", max_batch=500
         )
         self._background: set[asyncio.Task[None]] = set()
         # The latest event seq per market seen in match's answers to this process:
