@@ -63,6 +63,8 @@ class Session:
     queue: asyncio.Queue[R]
     sequence: int = 0
     overflow: bool = False
+    # Set by whatever the sending side must look at: a message queued, overflow,
+    # the reading side ended.
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def offer(self, message: R) -> None:
@@ -72,7 +74,7 @@ class Session:
             self.queue.put_nowait(message)
         except asyncio.QueueFull:
             self.overflow = True
-            self.wake.set()
+        self.wake.set()
 
     def report(self, execution: Execution, catalog: Catalog) -> None:
         if self.markets and execution.order.market not in self.markets:
@@ -210,6 +212,7 @@ class Sessions:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
         reader = asyncio.create_task(read())
+        reader.add_done_callback(lambda _: session.wake.set())
         try:
             yield R(
                 subscribed=order_pb2.StreamSubscribed(
@@ -254,26 +257,22 @@ class Sessions:
         await service.store.close_session(session.session_id)
 
     async def _next(self, session: Session, reader: asyncio.Task[None], beat_s: float) -> R | None:
-        """The next message, a server heartbeat after beat_s of quiet, or None to re-check."""
+        """The next message, a server heartbeat after beat_s of quiet, or None to re-check.
+        One wait on the session's event, no task per message: the stream sends one
+        of these for every ack and execution report."""
         if reader.done() or session.overflow:
             return None
-        getter = asyncio.create_task(session.queue.get())
-        waker = asyncio.create_task(session.wake.wait())
+        session.wake.clear()
+        if not session.queue.empty():
+            return session.queue.get_nowait()
         try:
-            done, _ = await asyncio.wait(
-                {getter, reader, waker}, timeout=beat_s, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            waker.cancel()
-            if not getter.done():
-                getter.cancel()
-        if getter in done:
-            return getter.result()
-        if not done:
+            async with asyncio.timeout(beat_s):
+                await session.wake.wait()
+        except TimeoutError:
             beat = order_pb2.Heartbeat()
             beat.send_time.CopyFrom(_now())
             return R(heartbeat=beat)
-        return None
+        return None if session.queue.empty() else session.queue.get_nowait()
 
     async def _command(
         self, service: OrderService, session: Session, message: order_pb2.StreamOrdersRequest
