@@ -127,11 +127,7 @@ class SettlementConsumer:
             durable=self._durable,
             decode=match_pb2.MatchEvent.FromString,
             handle=self.handle,
-            ack_wait_s=30.0,
-            batch=500,
-            fetch_timeout_s=1.0,
             span="ledger.settle",
-            retry_after_s=1.0,
             log=_log,
         ).run()
 

@@ -65,7 +65,6 @@ class EventConsumer:
             # Short: what a killed process had fetched but not committed comes
             # again soon (applying it twice is harmless: the cursor skips it).
             ack_wait_s=5.0,
-            batch=500,
             fetch_timeout_s=0.5,
             span="order.executions",
             retry_after_s=0.5,

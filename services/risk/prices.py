@@ -86,11 +86,8 @@ class PriceFollower:
             durable=self._durable,
             decode=match_pb2.MatchEvent.FromString,
             handle=self.handle,
-            ack_wait_s=30.0,
             batch=self._batch,
-            fetch_timeout_s=1.0,
             span="risk.prices",
-            retry_after_s=1.0,
             log=_log,
         ).run()
 
