@@ -57,8 +57,6 @@ class KillSwitchConsumer:
             deliver_policy=DeliverPolicy.NEW,
             ack_wait_s=60.0,
             batch=50,
-            fetch_timeout_s=1.0,
-            retry_after_s=1.0,
             log=_log,
         ).run()
 
