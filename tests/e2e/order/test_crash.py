@@ -124,14 +124,20 @@ async def _burst(
     exchange: Exchange, victims: list[list[str]], seconds: float, clients: int
 ) -> None:
     """`victims`: groups of services killed together, spread over the burst."""
-    seller = await exchange.trader({"BTC": "1000"}, "crash-seller")
-    buyer = await exchange.trader({"USDT": "100000"}, "crash-buyer")
+    seller = await exchange.trader({"BTC": "10000"}, "crash-seller")
+    buyer = await exchange.trader({"USDT": "1000000"}, "crash-buyer")
     risk = risk_pb2_grpc.RiskServiceStub(exchange.channel)
     for trader in (seller, buyer):
         await risk.SetLimits(
             risk_pb2.SetLimitsRequest(
                 request_id=uid("l"),
-                limits=risk_pb2.Limits(account_id=trader.account_id, max_orders_per_second=10_000),
+                # The burst's resting orders may pile up past the default 1,000
+                # on the side that places faster: that is not what is tested here.
+                limits=risk_pb2.Limits(
+                    account_id=trader.account_id,
+                    max_orders_per_second=10_000,
+                    max_open_orders=100_000,
+                ),
             ),
             metadata=exchange.svc,
             timeout=10,
