@@ -31,6 +31,7 @@ __all__ = [
     "Amount",
     "OrdersApi",
     "decimal_text",
+    "keyed",
     "new_id",
     "place_request",
 ]
@@ -61,6 +62,14 @@ TERMINAL_STATES = frozenset(
 def new_id(prefix: str = "sdk") -> str:
     """A fresh idempotency key (`<prefix>-<32 hex>`, within the 64-char limit)."""
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def keyed(request: order_pb2.PlaceOrderRequest) -> order_pb2.PlaceOrderRequest:
+    """The request with its idempotency key: a client_order_id is generated once if
+    empty, so every retry of it resends the same one."""
+    if not request.client_order_id:
+        request.client_order_id = new_id("co")
+    return request
 
 
 def decimal_text(value: Amount | None) -> str:
@@ -170,10 +179,11 @@ class OrdersApi:
         self, request: order_pb2.PlaceOrderRequest, *, timeout_s: float | None = None
     ) -> order_pb2.Order:
         """Place a prepared request (see `place_request()`); its key is filled in if empty."""
-        if not request.client_order_id:
-            request.client_order_id = new_id("co")
         reply = await self._client.call(
-            self._SERVICE + "PlaceOrder", request, order_pb2.PlaceOrderResponse, timeout_s=timeout_s
+            self._SERVICE + "PlaceOrder",
+            keyed(request),
+            order_pb2.PlaceOrderResponse,
+            timeout_s=timeout_s,
         )
         return reply.order
 
@@ -187,8 +197,7 @@ class OrdersApi:
         """
         batch = order_pb2.BatchPlaceOrdersRequest(requests=list(requests))
         for item in batch.requests:
-            if not item.client_order_id:
-                item.client_order_id = new_id("co")
+            keyed(item)
         reply = await self._client.call(
             self._SERVICE + "BatchPlaceOrders",
             batch,

@@ -62,7 +62,15 @@ from .errors import (
     from_rpc_error,
     from_status,
 )
-from .orders import TERMINAL_STATES, WORKING_STATES, Amount, decimal_text, new_id, place_request
+from .orders import (
+    TERMINAL_STATES,
+    WORKING_STATES,
+    Amount,
+    decimal_text,
+    keyed,
+    new_id,
+    place_request,
+)
 from .retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -333,8 +341,7 @@ class MarketMakerSession:
         self, request: order_pb2.PlaceOrderRequest, *, timeout_s: float | None = None
     ) -> order_pb2.Order:
         """Place a prepared request (its client_order_id is generated if empty)."""
-        if not request.client_order_id:
-            request.client_order_id = new_id("co")
+        request = keyed(request)
         ack = await self._command(Req(place=request), request.client_order_id, timeout_s)
         return ack.place.order
 
