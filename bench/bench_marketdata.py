@@ -1,9 +1,10 @@
 """make bench-marketdata: market data throughput and fan-out latency.
 
-Starts the local stack (for its PostgreSQL and NATS), then a market data
-process of its own (`python -m services.marketdata.main`) on an empty
-database, serving one market of its own (BENCH-USDT, so the stack's processes
-ignore its subjects). A stand-in for match in this process answers
+Starts the local stack's PostgreSQL, NATS and Redis without its services
+(ledger, order and risk would consume the benchmark's match events and take a
+core's worth of CPU from market data), then a market data process of its own
+(`python -m services.marketdata.main`) on an empty database, serving one
+market of its own (BENCH-USDT). A stand-in for match in this process answers
 GetOrderBook and ReplayEvents from the events it published; the events are
 published on core NATS `match.events.BENCH-USDT` as match does. Then:
 
@@ -285,7 +286,7 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as state:
         catalog = Path(state, "bench-markets.yaml")
         catalog.write_text(CATALOG)  # noqa: ASYNC240  (before anything runs)
-        stack = Stack(Path(state, "stack"), free_ports(), env)
+        stack = Stack(Path(state, "stack"), free_ports(), env, services=False)
         await stack.start()
         process: asyncio.subprocess.Process | None = None
         fake = FakeMatch()

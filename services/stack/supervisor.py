@@ -109,12 +109,16 @@ class Stack:
         *,
         start_timeout_s: float = 60.0,
         stop_grace_s: float = 10.0,
+        services: bool = True,
     ) -> None:
+        """`services=False`: PostgreSQL, NATS and Redis alone, for a benchmark that runs
+        a service of its own and must not share the cores with the stack's."""
         self.state_dir = state_dir.resolve()
         self.ports = ports or Ports()
         self.env = dict(os.environ if env is None else env)
         self.start_timeout_s = start_timeout_s
         self.stop_grace_s = stop_grace_s
+        self.services = services
         self.logs = self.state_dir / "logs"
         self.started: list[list[Component]] = []  # waves, in start order
         self._stopping = False
@@ -317,6 +321,8 @@ class Stack:
             infra.append(self._nats())
         if "REDIS_URL" not in self.env:
             infra.append(self._redis())
+        if not self.services:
+            return [infra]
         infra.append(self._chainsim())  # stands in for blockchains and custody
         waves = sorted({spec.wave for spec in SERVICES})
         services = [[self._service(s) for s in SERVICES if s.wave == w] for w in waves]
