@@ -9,10 +9,15 @@
 //	nats N    subscribe md.<market>.book until N subscriptions; "ok" once flushed
 //	close     end every gRPC stream and NATS subscription
 //	reset     forget the latencies and counters so far
-//	report    "report <deltas> <p50 ms> <p99 ms> <max ms> <gaps> <resyncs> <cpu s> <rss MB>"
+//	report    "report <deltas> <p50 ms> <p99 ms> <max ms> <gaps> <resyncs> <cpu s> <rss MB>
+//	          <events> <every-event p50 ms> <p99 ms> <max ms>"
 //
-// Latency is receipt time minus the delta's update_time (the match event's
-// time), over every non-empty delta. A gap is a delta whose prev_seq is not the
+// Two latencies, over every non-empty delta. "newest": receipt time minus the
+// delta's update_time (the newest match event it carries). "every event": a
+// merged delta carries every event after prev_seq, and each of those waited
+// from its own time until this receipt, so each counts once (the event times
+// come from match.events.<market> on NATS, recorded by seq); this is the
+// delay a subscriber's book really had. A gap is a delta whose prev_seq is not the
 // seq this subscriber last saw (the service promises none); resyncs count the
 // snapshots flagged resynced.
 package main
@@ -36,6 +41,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	mdv1 "github.com/cex-core/cex-core/gen/go/cex/marketdata/v1"
+	matchv1 "github.com/cex-core/cex-core/gen/go/cex/match/v1"
 )
 
 const bucketUs = 50                   // histogram resolution
@@ -49,7 +55,11 @@ type stats struct {
 }
 
 func (s *stats) observe(updateNs int64) {
-	us := (time.Now().UnixNano() - updateNs) / 1000
+	s.observeAt(time.Now().UnixNano(), updateNs)
+}
+
+func (s *stats) observeAt(nowNs, updateNs int64) {
+	us := (nowNs - updateNs) / 1000
 	b := us / bucketUs
 	if b < 0 {
 		b = 0
@@ -100,10 +110,28 @@ func (s *stats) maxMs() float64 {
 	return 0
 }
 
+const ring = 1 << 20
+
+// eventTimes are the match events' times by seq, as seen on NATS.
+type eventTimes struct {
+	seq [ring]atomic.Int64
+	ns  [ring]atomic.Int64
+}
+
+func (e *eventTimes) record(seq, ns int64) {
+	e.ns[seq%ring].Store(ns)
+	e.seq[seq%ring].Store(seq)
+}
+
+func (e *eventTimes) at(seq int64) (int64, bool) {
+	ns := e.ns[seq%ring].Load()
+	return ns, e.seq[seq%ring].Load() == seq
+}
+
 // follow tracks one subscriber's chain of messages.
 type follow struct{ seq int64 }
 
-func (f *follow) message(s *stats, m *mdv1.StreamOrderBookResponse) (first bool) {
+func (f *follow) message(s, every *stats, times *eventTimes, m *mdv1.StreamOrderBookResponse) (first bool) {
 	if snap := m.GetSnapshot(); snap != nil {
 		first = f.seq == 0
 		if m.GetResynced() {
@@ -118,8 +146,14 @@ func (f *follow) message(s *stats, m *mdv1.StreamOrderBookResponse) (first bool)
 		}
 		f.seq = d.GetSeq()
 		if len(d.GetBids())+len(d.GetAsks()) > 0 {
+			now := time.Now().UnixNano()
 			t := d.GetUpdateTime()
-			s.observe(t.GetSeconds()*1_000_000_000 + int64(t.GetNanos()))
+			s.observeAt(now, t.GetSeconds()*1_000_000_000+int64(t.GetNanos()))
+			for seq := d.GetPrevSeq() + 1; seq <= d.GetSeq(); seq++ {
+				if ns, ok := times.at(seq); ok {
+					every.observeAt(now, ns)
+				}
+			}
 		}
 	}
 	return false
@@ -131,6 +165,8 @@ type load struct {
 	conns           []*grpc.ClientConn
 	natsConns       []*nats.Conn
 	stats           stats
+	every           stats
+	times           eventTimes
 	cancel          []context.CancelFunc
 	subs            []*nats.Subscription
 	ready           chan struct{}
@@ -165,7 +201,7 @@ func (l *load) grpcTo(n int) {
 					}
 					return
 				}
-				if f.message(&l.stats, m) && !signalled {
+				if f.message(&l.stats, &l.every, &l.times, m) && !signalled {
 					signalled = true
 					l.ready <- struct{}{}
 				}
@@ -188,7 +224,7 @@ func (l *load) natsTo(n int) error {
 			if f.seq == 0 && m.GetDelta() != nil {
 				f.seq = m.GetDelta().GetPrevSeq() // joined mid-chain
 			}
-			f.message(&l.stats, &m)
+			f.message(&l.stats, &l.every, &l.times, &m)
 			mu.Unlock()
 		})
 		if err != nil {
@@ -243,6 +279,7 @@ func main() {
 
 	l := &load{market: *market, natsURL: *natsURL, depth: int32(*depth), ready: make(chan struct{}, 1<<16)}
 	l.stats.hist = make([]atomic.Uint64, buckets)
+	l.every.hist = make([]atomic.Uint64, buckets)
 	for range *conns {
 		conn, err := grpc.NewClient(*target,
 			grpc.WithTransportCredentials(insecure.NewCredentials()),
@@ -259,6 +296,19 @@ func main() {
 				os.Exit(1)
 			}
 			l.natsConns = append(l.natsConns, nc)
+		}
+	}
+	if len(l.natsConns) > 0 {
+		_, err := l.natsConns[0].Subscribe("match.events."+l.market, func(msg *nats.Msg) {
+			var e matchv1.MatchEvent
+			if proto.Unmarshal(msg.Data, &e) == nil {
+				t := e.GetEventTime()
+				l.times.record(e.GetSeq(), t.GetSeconds()*1_000_000_000+int64(t.GetNanos()))
+			}
+		})
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
 		}
 	}
 	in := bufio.NewScanner(os.Stdin)
@@ -290,12 +340,14 @@ func main() {
 			fmt.Println("ok")
 		case "reset":
 			l.stats.reset()
+			l.every.reset()
 			fmt.Println("ok")
 		case "report":
-			q := l.stats.quantiles(0.5, 0.99)
+			q, e := l.stats.quantiles(0.5, 0.99), l.every.quantiles(0.5, 0.99)
 			cpu, rss := usage()
-			fmt.Printf("report %d %.2f %.2f %.2f %d %d %.2f %.1f\n", l.stats.count.Load(), q[0], q[1],
-				l.stats.maxMs(), l.stats.gaps.Load(), l.stats.resyncs.Load(), cpu, rss)
+			fmt.Printf("report %d %.2f %.2f %.2f %d %d %.2f %.1f %d %.2f %.2f %.2f\n", l.stats.count.Load(), q[0], q[1],
+				l.stats.maxMs(), l.stats.gaps.Load(), l.stats.resyncs.Load(), cpu, rss,
+				l.every.count.Load(), e[0], e[1], l.every.maxMs())
 		default:
 			fmt.Println("error unknown command", fields[0])
 		}

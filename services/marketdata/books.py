@@ -144,9 +144,10 @@ class DepthView:
     def advance(self, book: L2Book) -> BookDelta:
         """Move to the book's current top and return the delta that does the same."""
         new_bids, new_asks = book.top(BID, self.depth), book.top(ASK, self.depth)
-        delta = BookDelta(
-            diff(self.bids, new_bids), diff(self.asks, new_asks), checksum(new_bids, new_asks)
-        )
+        bids, asks = diff(self.bids, new_bids), diff(self.asks, new_asks)
+        if not bids and not asks:  # the batch changed nothing within this depth
+            return BookDelta((), (), self.checksum)
+        delta = BookDelta(bids, asks, checksum(new_bids, new_asks))
         self.bids, self.asks, self.checksum = new_bids, new_asks, delta.checksum
         return delta
 
