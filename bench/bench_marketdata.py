@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
+from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
@@ -56,6 +57,7 @@ from services.stack.supervisor import Stack
 from services.stack.topology import free_ports
 
 MARKET = "BENCH-USDT"
+DEPTH = 20  # the subscribers' StreamOrderBook depth
 ROOT = Path(__file__).resolve().parent.parent
 CATALOG = """
 assets: {BENCH: {scale: 8}, USDT: {scale: 8}}
@@ -91,11 +93,31 @@ class FakeMatch(match_pb2_grpc.MatchServiceServicer):
 
 class Generator:
     """Level changes within 50 ticks of 100.00 on each side (so most land in the top 20
-    levels the subscribers hold); every tenth event a trade."""
+    levels the subscribers hold); every tenth event a trade.
+
+    It keeps the book it generates, so it knows which events a subscriber at `DEPTH`
+    sees (a level that changed, within the top `DEPTH` before or after): those are
+    published with the header `Bench-Visible` for mdload's every-event latency (an
+    event outside the depth, or a trade, changes nothing the subscriber holds)."""
 
     def __init__(self, seed: int = 1) -> None:
         self.rng = random.Random(seed)
         self.seq = 0
+        self.levels: dict[int, dict[int, str]] = {1: {}, 2: {}}  # side -> ticks -> quantity
+
+    def visible(self, event: match_pb2.MatchEvent) -> bool:
+        if event.WhichOneof("kind") != "level_changed":
+            return False
+        lc = event.level_changed
+        ticks = round(Decimal(lc.price) * 100)
+        levels = self.levels[lc.side]
+        before = levels.pop(ticks, "0")
+        if lc.quantity != "0":
+            levels[ticks] = lc.quantity
+        if before == lc.quantity:  # no change at all
+            return False
+        better = sum(1 for t in levels if (t > ticks if lc.side == 1 else t < ticks))
+        return better < DEPTH
 
     def next(self) -> match_pb2.MatchEvent:
         self.seq += 1
@@ -152,7 +174,8 @@ async def _publish(nc: nats.NATS, fake: FakeMatch, gen: Generator, n: int) -> No
     for _ in range(n):
         event = gen.next()
         fake.events.append(event)
-        await nc.publish(f"match.events.{MARKET}", event.SerializeToString())
+        headers = {"Bench-Visible": "1"} if gen.visible(event) else None
+        await nc.publish(f"match.events.{MARKET}", event.SerializeToString(), headers=headers)
 
 
 async def _paced(
@@ -187,7 +210,7 @@ class Load:
             raise RuntimeError("go build bench/mdload failed")
         process = await asyncio.create_subprocess_exec(
             str(binary), "-target", target, "-nats", nats_url, "-market", MARKET,
-            "-depth", "20", "-conns", str(channels),
+            "-depth", str(DEPTH), "-conns", str(channels),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         return cls(process)

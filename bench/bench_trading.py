@@ -99,7 +99,10 @@ def _ghz(edge: str, token: str, rps: int, duration: int, concurrency: int) -> di
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
-_WATCHED = ("order", "risk", "ledger", "match", "envoy", "postgres", "nats", "redis")
+_WATCHED = (
+    *("order", "risk", "ledger", "match", "marketdata", "auth", "funding"),
+    *("envoy", "postgres", "nats", "redis"),
+)
 
 
 def _pids(state_dir: Path) -> dict[str, int]:

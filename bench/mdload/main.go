@@ -14,10 +14,11 @@
 //
 // Two latencies, over every non-empty delta. "newest": receipt time minus the
 // delta's update_time (the newest match event it carries). "every event": a
-// merged delta carries every event after prev_seq, and each of those waited
-// from its own time until this receipt, so each counts once (the event times
-// come from match.events.<market> on NATS, recorded by seq); this is the
-// delay a subscriber's book really had. A gap is a delta whose prev_seq is not the
+// merged delta carries every event after prev_seq, and each of those that
+// changed the subscriber's depth waited from its own time until this receipt,
+// so each counts once (the event times come from match.events.<market> on
+// NATS, recorded by seq for the events the publisher marked Bench-Visible);
+// this is the delay a subscriber's book really had. A gap is a delta whose prev_seq is not the
 // seq this subscriber last saw (the service promises none); resyncs count the
 // snapshots flagged resynced.
 package main
@@ -301,7 +302,7 @@ func main() {
 	if len(l.natsConns) > 0 {
 		_, err := l.natsConns[0].Subscribe("match.events."+l.market, func(msg *nats.Msg) {
 			var e matchv1.MatchEvent
-			if proto.Unmarshal(msg.Data, &e) == nil {
+			if msg.Header.Get("Bench-Visible") != "" && proto.Unmarshal(msg.Data, &e) == nil {
 				t := e.GetEventTime()
 				l.times.record(e.GetSeq(), t.GetSeconds()*1_000_000_000+int64(t.GetNanos()))
 			}
