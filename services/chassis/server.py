@@ -18,6 +18,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
 import grpc
+import uvloop
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -221,8 +222,11 @@ async def _serve(build: Callable[[], Awaitable[Server]]) -> None:
 
 
 def run(service: str, build: Callable[[ChassisSettings], Awaitable[Server]]) -> None:
-    """A service's entry point: settings, logs, traces; serve until SIGTERM/SIGINT."""
+    """A service's entry point: settings, logs, traces; serve until SIGTERM/SIGINT.
+
+    On uvloop's event loop: measured on the trading path, about a sixth less CPU
+    per order than asyncio's loop in every service (docs/benchmarks.md)."""
     settings = ChassisSettings.from_env(service)
     configure_logging(settings.service, settings.log_level)
     configure_tracing(settings.service)  # the SDK flushes its spans at exit
-    asyncio.run(_serve(lambda: build(settings)))
+    uvloop.run(_serve(lambda: build(settings)))
