@@ -18,9 +18,9 @@
 // changed the subscriber's depth waited from its own time until this receipt,
 // so each counts once (the event times come from match.events.<market> on
 // NATS, recorded by seq for the events the publisher marked Bench-Visible);
-// this is the delay a subscriber's book really had. A gap is a delta whose prev_seq is not the
-// seq this subscriber last saw (the service promises none); resyncs count the
-// snapshots flagged resynced.
+// this is the delay a subscriber's book really had. A gap is a delta whose
+// prev_seq is not the seq this subscriber last saw (the service promises none);
+// resyncs count the snapshots flagged resynced.
 package main
 
 import (
