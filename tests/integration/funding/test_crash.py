@@ -2,10 +2,10 @@
 restarting it each time, while withdrawals run against a real ledger, the stack's risk
 through Envoy and the chain simulator (lost answers, rejections, drops, reorgs).
 
-Afterwards: every withdrawal finished (none STUCK or open), every hold is posted or
-voided (none pending), a withdrawal is broadcast at most once and only completed ones
-went out, each compensation succeeded exactly once, money is conserved and the
-ledger audit passes.
+Afterwards: every request answered is recorded, every withdrawal finished (none STUCK
+or open), every hold is posted or voided (none pending), a withdrawal is broadcast at
+most once and only completed ones went out, each compensation succeeded exactly once,
+money is conserved and the ledger audit passes.
 
 The process kills itself with SIGKILL at an exact boundary (FUNDING_CRASH_POINTS):
 after a step's STARTED row commits (`started:`), after its side effect but before its
@@ -98,6 +98,7 @@ async def crash_run(
             await fund(ledger, acct, "80")
         proc = funding_process(stack, database_url, _env(ledger, chain, ""))
         asked: dict[str, tuple[str, str]] = {}  # request_id -> (account, amount)
+        acked: set[str] = set()  # the request_ids answered OK
 
         async def request(stub: funding_pb2_grpc.FundingServiceAsyncStub, n: int) -> None:
             """n concurrent withdrawal requests, each retried until answered or the process
@@ -124,6 +125,7 @@ async def crash_run(
                         ),
                         timeout=5,
                     )  # fmt: skip
+                    acked.add(rid)
                     break
                 except grpc.aio.AioRpcError as error:
                     if error.code() not in RETRYABLE:
@@ -173,8 +175,11 @@ async def crash_run(
                     break
                 await asyncio.sleep(0.1)
             await proc.stop()
-            await check(conn, chain, ledger, asked, accounts)
-            print(f"funding crash run: {proc.kills} outside kills, {len(asked)} requests")
+            await check(conn, chain, ledger, asked, acked, accounts)
+            print(
+                f"funding crash run: {proc.kills} outside kills, {len(asked)} requests, "
+                f"{len(acked)} answered"
+            )
         finally:
             await conn.close()
 
@@ -184,6 +189,7 @@ async def check(
     chain: Chain,
     ledger: Ledger,
     asked: dict[str, tuple[str, str]],
+    acked: set[str],
     accounts: list[str],
 ) -> None:
     sagas = {
@@ -192,7 +198,9 @@ async def check(
     }
     assert set(sagas.values()) <= {"COMPLETED", "COMPENSATED"}, Counter(sagas.values())
     rows = {r["withdrawal_id"]: r for r in await conn.fetch("SELECT * FROM funding.withdrawals")}
-    assert set(sagas) == set(rows) and len(rows) >= len(asked) // 2
+    assert set(sagas) == set(rows)
+    # Every request answered is recorded; one the kill cut off may or may not be.
+    assert acked <= {row["request_id"] for row in rows.values()}
     requested = {}
     for wid, row in rows.items():  # one withdrawal per request_id, as asked
         acct, amount = asked[row["request_id"]]
