@@ -198,8 +198,9 @@ async def check(
     }
     assert set(sagas.values()) <= {"COMPLETED", "COMPENSATED"}, Counter(sagas.values())
     rows = {r["withdrawal_id"]: r for r in await conn.fetch("SELECT * FROM funding.withdrawals")}
-    assert set(sagas) == set(rows)
-    # Every request answered is recorded; one the kill cut off may or may not be.
+    # Every request answered is recorded; one the kill cut off may or may not be (about
+    # half are: each boundary kill cuts off the rest of its batch), but a third at least.
+    assert set(sagas) == set(rows) and len(rows) >= len(asked) // 3
     assert acked <= {row["request_id"] for row in rows.values()}
     requested = {}
     for wid, row in rows.items():  # one withdrawal per request_id, as asked
