@@ -175,7 +175,8 @@ async def _publish(nc: nats.NATS, fake: FakeMatch, gen: Generator, n: int) -> No
         event = gen.next()
         fake.events.append(event)
         headers = {"Bench-Visible": "1"} if gen.visible(event) else None
-        await nc.publish(f"match.events.{MARKET}", event.SerializeToString(), headers=headers)
+        batch = match_pb2.EventBatch(events=[event]).SerializeToString()
+        await nc.publish(f"match.events.{MARKET}", batch, headers=headers)
 
 
 async def _paced(

@@ -11,7 +11,7 @@ from .authn import (
     owned_account,
     user,
 )
-from .bus import PullConsumer, ensure_stream, nats_connection, observe_fetch
+from .bus import PullConsumer, ensure_stream, match_events, nats_connection, observe_fetch
 from .cache import redis_connection
 from .clients import mesh_channel, service_credentials
 from .db import MigrationError, migrate, postgres
@@ -67,6 +67,7 @@ __all__ = [
     "ensure_stream",
     "from_units",
     "load_catalog",
+    "match_events",
     "mesh_channel",
     "migrate",
     "nats_connection",

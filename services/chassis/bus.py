@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import nats
 import nats.errors
@@ -21,10 +21,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
+from cex.match.v1 import match_pb2
+
 from .telemetry import JETSTREAM_PENDING, JETSTREAM_REDELIVERED, JETSTREAM_UNDECODABLE
 from .tracing import SpanKind, batch_span, message_context
 
-__all__ = ["PullConsumer", "ensure_stream", "nats_connection", "observe_fetch"]
+__all__ = ["PullConsumer", "ensure_stream", "match_events", "nats_connection", "observe_fetch"]
 
 _log = logging.getLogger("cex.bus")
 
@@ -47,6 +49,12 @@ async def nats_connection(url: str, *, name: str) -> AsyncIterator[Client]:
         yield client
     finally:
         await client.drain()
+
+
+def match_events(data: bytes) -> Sequence[match_pb2.MatchEvent]:
+    """The events of one message on `match.events.<market>` (an EventBatch: one
+    journal commit of one market); for PullConsumer(decode=..., unbatch=True)."""
+    return match_pb2.EventBatch.FromString(data).events
 
 
 def observe_fetch(stream: str, consumer: str, messages: Sequence[Msg]) -> None:
@@ -109,7 +117,9 @@ class PullConsumer(Generic[T]):
       the gap and they fill it from match's ReplayEvents (the journal, not
       JetStream, is the copy that counts); risk only keeps the latest trade.
     - The decoded messages of a batch go to `handle` in stream order (inside
-      the span `span`, if named) and are acked once it returned. If it raises,
+      the span `span`, if named) and are acked once it returned. With `unbatch`,
+      `decode` gives each message's items (a list) and `handle` gets the items
+      of the whole fetch, in order (match's EventBatch messages). If it raises,
       the batch is logged and not acked, so JetStream delivers it again after
       `ack_wait_s`; the loop goes on after `retry_after_s`. Handlers must
       therefore take a message twice (all of today's do: by sequence or by
@@ -122,7 +132,7 @@ class PullConsumer(Generic[T]):
     filter_subject: str
     durable: str
     decode: Callable[[bytes], T]
-    handle: Callable[[list[T]], Awaitable[None]]
+    handle: Callable[[list[Any]], Awaitable[None]]  # list[T], or T's items with `unbatch`
     deliver_policy: DeliverPolicy = DeliverPolicy.ALL
     ack_wait_s: float = 30.0
     max_ack_pending: int = 20_000
@@ -131,6 +141,7 @@ class PullConsumer(Generic[T]):
     span: str | None = None
     retry_after_s: float = 1.0
     log: logging.Logger = _log
+    unbatch: bool = False
 
     async def run(self) -> None:
         while True:
@@ -201,7 +212,10 @@ class PullConsumer(Generic[T]):
         )
         try:
             with span:
-                await self.handle([value for _, value in readable])
+                values: list[Any] = [value for _, value in readable]
+                if self.unbatch:
+                    values = [item for items in values for item in items]
+                await self.handle(values)
         except Exception:
             self.log.exception(
                 "consumer %s: a batch of %d failed; it will be redelivered",

@@ -2,8 +2,11 @@
 
 The server interceptor is the one place where a handler's outcome becomes a
 gRPC status: `ExchangeError` -> status with ErrorInfo; a handler the service
-does not implement yet -> UNIMPLEMENTED with ErrorInfo; anything else ->
-INTERNAL (a bug) with the traceback in the log, never in the reply. It also
+does not implement yet -> UNIMPLEMENTED with ErrorInfo; a dependency that went
+away under the handler (PostgreSQL or NATS: a lost or refused connection) ->
+UNAVAILABLE `<SERVICE>_DATABASE_UNAVAILABLE` / `<SERVICE>_NATS_UNAVAILABLE`
+(retryable; the pools and the NATS client reconnect by themselves); anything
+else -> INTERNAL (a bug) with the traceback in the log, never in the reply. It also
 records RED metrics, logs failures as JSON, and keeps the caller's deadline and
 request id in context variables so that downstream calls inherit them.
 """
@@ -17,11 +20,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
+import asyncpg
 import grpc
+import nats.errors
 from grpc.aio import ClientCallDetails
 
 from .authn import Authenticator, auth_context_var
-from .errors import ExchangeError, status_metadata
+from .errors import ExchangeError, Unavailable, status_metadata
 from .telemetry import GRPC_HANDLED, GRPC_LATENCY, GRPC_STARTED, request_id_var, tracing_enabled
 
 __all__ = [
@@ -29,6 +34,7 @@ __all__ = [
     "ServerInterceptor",
     "client_interceptors",
     "deadline_var",
+    "lost_dependency",
 ]
 
 _log = logging.getLogger("cex.rpc")
@@ -37,6 +43,38 @@ _log = logging.getLogger("cex.rpc")
 _Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 # Checks the caller before the handler runs (raises ExchangeError to refuse).
 _Guard: TypeAlias = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]
+
+# Exceptions that mean PostgreSQL or NATS is away (restarting, unreachable), not a bug.
+_DATABASE_LOST = (
+    asyncpg.PostgresConnectionError,  # the connection failed or closed mid-operation
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, not accepting yet
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections while it restarts
+    # asyncpg's protocol state after a connection broke mid-operation ("cannot
+    # switch to state ...; another operation is in progress"): the pool drops it.
+    asyncpg.exceptions.InternalClientError,
+    OSError,  # refused, reset or timed out (connect, socket)
+)
+_NATS_LOST = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.NoServersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.TimeoutError,
+)
+
+
+def lost_dependency(error: BaseException, prefix: str) -> ExchangeError | None:
+    """UNAVAILABLE with a reason when `error` means PostgreSQL or NATS is away;
+    None for anything else. `asyncpg.InterfaceError` counts only for a closed
+    connection or pool (its other uses are bugs)."""
+    if isinstance(error, _DATABASE_LOST) or (
+        isinstance(error, asyncpg.InterfaceError) and "clos" in str(error)
+    ):
+        return Unavailable(f"{prefix}_DATABASE_UNAVAILABLE", "the database is unavailable; retry")
+    if isinstance(error, _NATS_LOST):
+        return Unavailable(f"{prefix}_NATS_UNAVAILABLE", "the event bus is unavailable; retry")
+    return None
+
 
 deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "deadline", default=None
@@ -86,6 +124,9 @@ class _Call:
                 f"{self.method} is not implemented yet",
                 code=grpc.StatusCode.UNIMPLEMENTED,
             )
+        if (lost := lost_dependency(error, prefix)) is not None:
+            _log.warning("%s in %s: %r", lost.reason, self.method, error)
+            return lost
         _log.error("unhandled error in %s", self.method, exc_info=error)
         return ExchangeError(f"{prefix}_INTERNAL", "internal error", code=grpc.StatusCode.INTERNAL)
 

@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 
 from cex.match.v1 import match_pb2
 from cex.type.v1 import types_pb2
-from services.chassis import Catalog, MoneyError, PullConsumer
+from services.chassis import Catalog, MoneyError, PullConsumer, match_events
 from services.chassis.money import parse_decimal
 
 from .auditor import LedgerMetrics
@@ -31,6 +31,7 @@ __all__ = ["STREAM", "SUBJECTS", "Replay", "SettlementConsumer", "to_market_even
 
 STREAM = "MATCH_EVENTS"
 SUBJECTS = ["match.events.>"]
+
 _log = logging.getLogger("cex.ledger.settlement")
 
 Replay = Callable[[str, int, int], Awaitable[Sequence[match_pb2.MatchEvent]]]
@@ -125,7 +126,8 @@ class SettlementConsumer:
             subjects=SUBJECTS,
             filter_subject="match.events.*",
             durable=self._durable,
-            decode=match_pb2.MatchEvent.FromString,
+            decode=match_events,
+            unbatch=True,
             handle=self.handle,
             span="ledger.settle",
             log=_log,

@@ -17,9 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-import asyncpg
-
 from services.chassis import ExchangeError, InvalidArgument, Unavailable
+from services.chassis.interceptors import lost_dependency
 
 from .domain import Book, Outcome, TransferInput, split_chains
 from .settlement import (
@@ -198,12 +197,12 @@ class Writer:
     async def _commit_group(self, group: list[_Waiting[Any]]) -> None:
         try:
             results = await self._transaction([w.job for w in group])
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as error:
-            _log.warning("group commit failed: database unreachable: %s", error)
-            for waiting in group:
-                _fail(waiting.future, Unavailable("LEDGER_UNAVAILABLE", "database unreachable"))
-            return
-        except Exception:
+        except Exception as error:
+            if lost_dependency(error, "LEDGER") is not None:
+                _log.warning("group commit failed: database unreachable: %r", error)
+                for waiting in group:
+                    _fail(waiting.future, Unavailable("LEDGER_UNAVAILABLE", "database unreachable"))
+                return
             if len(group) == 1:
                 _log.exception("ledger job failed")
                 _fail(group[0].future, RuntimeError("ledger job failed"))

@@ -33,7 +33,7 @@ from nats.aio.msg import Msg
 
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.type.v1 import types_pb2
-from services.chassis import Market
+from services.chassis import Market, match_events
 from services.chassis.money import parse_decimal
 from services.chassis.tracing import SpanKind, batch_span, message_context
 
@@ -190,10 +190,10 @@ class MarketFeed:
                 raw = [first]
                 while len(raw) < s.max_batch and not queue.empty():
                     raw.append(queue.get_nowait())
-                events = []
+                events: list[match_pb2.MatchEvent] = []
                 for message in raw:
                     try:
-                        events.append(match_pb2.MatchEvent.FromString(message.data))
+                        events += match_events(message.data)
                     except DecodeError:
                         _log.warning("unreadable match event on %s; replay fills it", subject)
                 traces = map(message_context, raw)

@@ -36,6 +36,7 @@ from .domain import (
     CancelReason,
     Command,
     Event,
+    Expire,
     LevelChanged,
     MarketSpec,
     MassCancel,
@@ -245,6 +246,12 @@ class FastOrderBook(OrderBook):
     def last_price(self) -> int | None:
         return self._last
 
+    def next_expiry(self) -> int | None:
+        gtd = self._gtd
+        while gtd and not gtd[0][2].live:  # lazy deletion: drop dead orders' entries
+            heapq.heappop(gtd)
+        return gtd[0][0] if gtd else None
+
     def _side_levels(self, side: Side, depth: int | None = None) -> list[_Level]:
         keys = self._bid_keys if side is _BUY else self._ask_keys
         best_first = keys[::-1] if depth is None else keys[: -depth - 1 : -1]
@@ -446,7 +453,7 @@ class FastOrderBook(OrderBook):
             self._cancel_order(command)  # type: ignore[arg-type]
         elif kind is MassCancel:
             self._mass_cancel(command)  # type: ignore[arg-type]
-        else:
+        elif kind is not Expire:
             raise TypeError(f"not a command: {command!r}")
         if self._touched:
             self._flush_levels()

@@ -101,6 +101,7 @@ __all__ = [
     "Cancelled",
     "Command",
     "Event",
+    "Expire",
     "LevelChanged",
     "MarketSpec",
     "MassCancel",
@@ -265,7 +266,14 @@ class MassCancel:
     side: Side | None = None
 
 
-Command: TypeAlias = PlaceOrder | CancelOrder | AmendOrder | MassCancel
+@dataclass(frozen=True, slots=True)
+class Expire:
+    """Only advance the clock to ``ts``: what is due expires (rule 1), nothing else."""
+
+    ts: int
+
+
+Command: TypeAlias = PlaceOrder | CancelOrder | AmendOrder | MassCancel | Expire
 
 
 # --------------------------------------------------------------------------- events
@@ -635,6 +643,11 @@ class OrderBook(abc.ABC):
     @abc.abstractmethod
     def submit(self, command: Command) -> Result:
         """Apply one command; return its events."""
+
+    @abc.abstractmethod
+    def next_expiry(self) -> int | None:
+        """The earliest expire_time of a live GTD order (resting or a pending stop);
+        None if there is none. An ``Expire`` at or after it cancels that order."""
 
     @abc.abstractmethod
     def l2(self, depth: int | None = None) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

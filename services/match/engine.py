@@ -53,6 +53,7 @@ from .domain import (
     CancelReason,
     Command,
     Event,
+    Expire,
     LevelChanged,
     MarketSpec,
     MassCancel,
@@ -254,9 +255,13 @@ def decode(market: Market, command: match_pb2.Command) -> Decoded:
         if m.side != types_pb2.SIDE_UNSPECIFIED and side is None:
             v.add("side", f"{m.side} is not a side", "MATCH_INVALID_ENUM")
         book = MassCancel(ts=0, account_id=0, side=side)
+    elif kind == "expire":
+        book = Expire(ts=0)
     else:
         v.add(
-            "kind", "one of place, cancel, amend, mass_cancel is required", "MATCH_FIELD_REQUIRED"
+            "kind",
+            "one of place, cancel, amend, mass_cancel, expire is required",
+            "MATCH_FIELD_REQUIRED",
         )
     if v.found or book is None:
         raise InvalidArgument(
@@ -345,6 +350,8 @@ class MarketEngine:
             cmd = dataclasses.replace(
                 cmd, ts=ts, account_id=self._account(wire.mass_cancel.account_id)
             )
+        elif type(cmd) is Expire:
+            cmd = Expire(ts)
         else:
             assert isinstance(cmd, CancelOrder | AmendOrder)
             target = wire.cancel if type(cmd) is CancelOrder else wire.amend

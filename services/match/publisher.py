@@ -1,13 +1,20 @@
 """Fan-out of committed events to JetStream, one market at a time.
 
-Subject ``match.events.<market>``, one message per event (a serialized
-``MatchEvent``), ``Nats-Msg-Id: <market>:<seq>``, and the W3C trace context (``traceparent``) of
-the command's span when the command was traced. The publisher starts from
+Subject ``match.events.<market>``, one message per round: an ``EventBatch`` of
+every event committed since the last round (one journal commit when the
+publisher keeps up, several when it is behind; at most a page),
+``Nats-Msg-Id: <market>:<first seq>-<last seq>``, and the W3C trace context
+(``traceparent``) of the first traced command in it. The publisher starts from
 the last event the stream holds for the market and follows the writer's
 committed sequence, so events lost by a crash of this process, or by
-JetStream itself, are published again with the same sequence numbers. It
-never blocks the writer: the journal is the source of truth and a consumer
-that sees a gap reads it through ReplayEvents.
+JetStream itself, are published again with the same sequence numbers.
+
+Every publish waits for JetStream's acknowledgement for at most
+``ack_timeout_s``: an acknowledgement lost with a server that died never comes,
+so a timeout (or any error) makes the publisher ask the stream for its tail
+again once NATS answers, and go on from there. It never blocks the writer: the
+journal is the source of truth and a consumer that sees a gap reads it through
+ReplayEvents.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import logging
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from cex.match.v1 import match_pb2
 from services.chassis import ensure_stream
@@ -34,6 +41,9 @@ UNPUBLISHED = Gauge(
     "Journaled events not yet published to JetStream (committed seq - published seq).",
     ("market",),
 )
+PUBLISHED = Counter(
+    "match_published_batches_total", "EventBatch messages JetStream acknowledged.", ("market",)
+)
 
 
 def subject(market: str) -> str:
@@ -41,10 +51,14 @@ def subject(market: str) -> str:
 
 
 class Publisher:
-    def __init__(self, js: JetStreamContext, writer: MarketWriter) -> None:
+    def __init__(
+        self, js: JetStreamContext, writer: MarketWriter, *, ack_timeout_s: float = 2.0
+    ) -> None:
         self._js = js
         self._writer = writer
         self._subject = subject(writer.market.symbol)
+        self._ack_timeout_s = ack_timeout_s
+        self._published = PUBLISHED.labels(writer.market.symbol)
         self.published_seq = 0
         UNPUBLISHED.labels(writer.market.symbol).set_function(
             lambda: max(writer.committed_seq - self.published_seq, 0)
@@ -55,11 +69,13 @@ class Publisher:
         await ensure_stream(js, STREAM, ["match.events.>"])
 
     async def _stream_tail(self) -> int:
+        """The last event seq the stream holds for this market (0: none)."""
         try:
             last = await self._js.get_last_msg(STREAM, self._subject)
         except NotFoundError:
             return 0
-        return match_pb2.MatchEvent.FromString(last.data or b"").seq
+        events = match_pb2.EventBatch.FromString(last.data or b"").events
+        return events[-1].seq if events else 0
 
     async def run(self) -> None:
         writer = self._writer
@@ -69,33 +85,39 @@ class Publisher:
         while True:
             try:
                 if not tail_known:
-                    self.published_seq = min(await self._stream_tail(), writer.committed_seq)
+                    tail = await asyncio.wait_for(self._stream_tail(), self._ack_timeout_s)
+                    self.published_seq = min(tail, writer.committed_seq)
                     tail_known = True
                 await writer.wait_beyond(self.published_seq)
                 events = await writer.events(self.published_seq + 1, writer.committed_seq)
-                traced = writer.trace_of  # the command's trace context rides with its events
-                acks = [
-                    await self._js.publish_async(
-                        self._subject,
-                        event.SerializeToString(),
-                        headers={
-                            "Nats-Msg-Id": f"{market}:{event.seq}",
-                            **traced.get(event.command_seq, {}),
-                        },
-                    )
-                    for event in events
-                ]
-                for event, ack in zip(events, acks, strict=True):
-                    await ack
-                    self.published_seq = event.seq
-                while traced and (oldest := next(iter(traced))) <= events[-1].command_seq:
-                    del traced[oldest]
+                await self._publish(market, events)
+                self.published_seq = events[-1].seq
                 delay = 0.1
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                # The acknowledgement may be lost with the server: ask for the tail again.
+                tail_known = False
                 _log.warning(
-                    "publishing %s failed at seq %s: %s", market, self.published_seq + 1, exc
+                    "publishing %s failed at seq %s: %r", market, self.published_seq + 1, exc
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX_S)
+
+    async def _publish(self, market: str, events: list[match_pb2.MatchEvent]) -> None:
+        traced = self._writer.trace_of  # a traced command's context rides with its batch
+        headers = {"Nats-Msg-Id": f"{market}:{events[0].seq}-{events[-1].seq}"}
+        for event in events:
+            if (carrier := traced.get(event.command_seq)) is not None:
+                headers.update(carrier)
+                break
+        await self._js.publish(
+            self._subject,
+            match_pb2.EventBatch(events=events).SerializeToString(),
+            headers=headers,
+            timeout=self._ack_timeout_s,
+        )
+        self._published.inc()
+        last_command = events[-1].command_seq
+        while traced and (oldest := next(iter(traced))) <= last_command:
+            del traced[oldest]

@@ -22,6 +22,7 @@ from .domain import (
     CancelReason,
     Command,
     Event,
+    Expire,
     LevelChanged,
     MarketSpec,
     MassCancel,
@@ -140,6 +141,14 @@ class ReferenceOrderBook(OrderBook):
     def last_price(self) -> int | None:
         return self._last
 
+    def next_expiry(self) -> int | None:
+        times = [
+            o.expire_time
+            for o in self._resting + self._stops
+            if o.tif is TimeInForce.GTD and o.expire_time is not None
+        ]
+        return min(times, default=None)
+
     def _side_in_priority(self, side: Side) -> list[_Order]:
         """Resting orders of one side, best first: price, then priority."""
         orders = [o for o in self._resting if o.side is side]
@@ -254,7 +263,7 @@ class ReferenceOrderBook(OrderBook):
             self._amend(command)
         elif isinstance(command, MassCancel):
             self._mass_cancel(command)
-        else:  # pragma: no cover - the type checker rules this out
+        elif not isinstance(command, Expire):  # pragma: no cover - the type checker rules this out
             raise TypeError(f"not a command: {command!r}")
         after = self._l2_map()
         changed = [k for k in set(before) | set(after) if before.get(k, 0) != after.get(k, 0)]

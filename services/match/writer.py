@@ -11,6 +11,11 @@ the writer rebuilds it from the journal before taking more work and answers
 the batch UNAVAILABLE (a retry with the same command ids is safe: if the
 commit did land, the retry finds the commands and returns their results).
 
+Time enters as a command: a ticker sends the writer an ``expire`` command (id
+``expire:<ns>``) as soon as the book's earliest GTD order is due, so an idle
+market expires its orders, and releases their funds, on time, and the expiry
+is journaled and replayed like any other change.
+
 Recovery loads the latest snapshot and re-applies every journaled command
 after it, checking that each produces exactly the events journaled with it: a
 replay that disagrees with the journal stops the market rather than serve a
@@ -84,6 +89,7 @@ class MarketWriter:
         max_batch: int = 500,
         snapshot_every: int = 5_000,
         recent_events: int = 50_000,
+        tick_s: float = 0.1,
     ) -> None:
         self.market = market
         self.engine = MarketEngine(market)
@@ -97,6 +103,8 @@ class MarketWriter:
         self._recent: deque[match_pb2.MatchEvent] = deque(maxlen=recent_events)
         self._snapshot_seq = 0
         self._task: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._tick_s = tick_s
         self.committed_seq = 0  # last event seq the journal holds
         # W3C trace context of traced commands, by command_seq, until published.
         self.trace_of: dict[int, dict[str, str]] = {}
@@ -106,12 +114,14 @@ class MarketWriter:
     async def start(self) -> None:
         await self._recover()
         self._task = asyncio.create_task(self._run(), name=f"writer-{self.market.symbol}")
+        self._ticker = asyncio.create_task(self._tick(), name=f"expiry-{self.market.symbol}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._ticker, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         while not self._queue.empty():
             pending = self._queue.get_nowait()
             error = Unavailable("MATCH_STOPPING", "the engine is stopping; retry")
@@ -194,6 +204,26 @@ class MarketWriter:
                     if not pending.future.done():
                         pending.future.set_result(_failed(pending.decoded.wire, error))
                 await self._reload()
+
+    async def _tick(self) -> None:
+        """Send ``expire`` whenever the earliest GTD order is due (checked every tick)."""
+        symbol = self.market.symbol
+        while True:
+            await asyncio.sleep(self._tick_s)
+            due = self.engine.book.next_expiry()
+            now = self._clock()
+            if due is None or due > now:
+                continue
+            command = match_pb2.Command(
+                command_id=f"expire:{now}", market=symbol, expire=match_pb2.ExpireCommand()
+            )
+            try:
+                result = await self.submit(decode(self.market, command))
+            except Exception:  # a bug: keep ticking, the next tick tries again
+                _log.exception("expiry in %s failed", symbol)
+                continue
+            if result.status.code:
+                _log.warning("expiry in %s not journaled: %s", symbol, result.status.message)
 
     async def _reload(self) -> None:
         """Rebuild the engine from the journal, retrying while PostgreSQL is away."""

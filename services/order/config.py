@@ -19,7 +19,8 @@ class OrderConfig:
     market_protection: how far from the reference price a market order may trade
         (a fraction: "0.05" = 5%); it sets the protection price sent to match and
         so the hold of a market buy sized by quantity.
-    risk_checks: call risk.CheckOrder (off only for tests of the order path alone).
+    risk_checks: run risk's order checks here, on the rules followed from risk (off
+        only for tests of the order path alone).
     consumer / consumer_name: run the match-event consumer, and its durable name.
     kill_switches: follow risk's kill-switch events and cancel what they ask to.
     wait_for_consumer_s: how long cancel/amend wait for the consumer to apply
@@ -29,6 +30,10 @@ class OrderConfig:
     stream_queue: bounded queue per stream session; a reader this far behind is
         told (RESOURCE_EXHAUSTED ORDER_STREAM_SLOW_CONSUMER) and disconnected.
     mesh_target: where risk, ledger and match are called; default CEX_MESH_ADDR.
+    match_target / ledger_target / risk_target: the hot path's peers called
+        directly (the writer's command stream, the holds, the checks), not
+        through the local edge; default the mesh. `cex up` sets them to the
+        services' own ports.
     """
 
     maker_fee_rate: str = "0.001"
@@ -44,6 +49,9 @@ class OrderConfig:
     stream_queue: int = 10_000
     deadman_interval_s: float = 0.2
     mesh_target: str | None = None
+    match_target: str | None = None
+    ledger_target: str | None = None
+    risk_target: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OrderConfig:
@@ -62,4 +70,7 @@ class OrderConfig:
             stream_queue=env_int(env, "ORDER_STREAM_QUEUE", 10_000),
             deadman_interval_s=env_float(env, "ORDER_DEADMAN_INTERVAL_S", 0.2),
             mesh_target=env_str(env, "ORDER_MESH_TARGET"),
+            match_target=env_str(env, "ORDER_MATCH_TARGET"),
+            ledger_target=env_str(env, "ORDER_LEDGER_TARGET"),
+            risk_target=env_str(env, "ORDER_RISK_TARGET"),
         )

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from nats.js import JetStreamContext
 
 from cex.match.v1 import match_pb2
-from services.chassis import PullConsumer
+from services.chassis import PullConsumer, match_events
 
 from .domain import Execution, OrderRecord, apply_event, event_order_ids
 from .store import Store
@@ -31,6 +31,7 @@ from .store import Store
 __all__ = ["STREAM", "EventConsumer"]
 
 STREAM = "MATCH_EVENTS"
+
 _log = logging.getLogger("cex.order.consumer")
 
 Replay = Callable[[str, int, int], Awaitable[Sequence[match_pb2.MatchEvent]]]
@@ -60,7 +61,8 @@ class EventConsumer:
             subjects=["match.events.>"],
             filter_subject="match.events.*",
             durable=self._durable,
-            decode=match_pb2.MatchEvent.FromString,
+            decode=match_events,
+            unbatch=True,
             handle=self.handle,
             # Short: what a killed process had fetched but not committed comes
             # again soon (applying it twice is harmless: the cursor skips it).

@@ -1,16 +1,15 @@
-"""The services the order path calls: risk, ledger and match, through the mesh.
+"""The services the order path calls: the ledger and match.
 
-Risk checks, holds and match commands are batched: callers await one item
-each, a loop sends whatever is waiting as one request (CheckOrders for risk
-checks, CreateTransfers for holds, one SubmitCommands message on a long-lived
-stream for commands). Every item carries its own idempotency id, so a batch
-that fails in transit is simply tried again.
+Holds and match commands are batched: callers await one item each, a loop
+sends whatever is waiting as one request (CreateTransfers for holds, one
+SubmitCommands message on a long-lived stream for commands). Every item
+carries its own idempotency id, so a batch that fails in transit is simply
+tried again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 from collections import deque
@@ -24,7 +23,6 @@ from prometheus_client import Histogram
 
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.match.v1 import match_pb2, match_pb2_grpc
-from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from services.chassis import ErrorDetails, ExchangeError, Unavailable
 from services.chassis.money import parse_decimal
@@ -38,7 +36,6 @@ __all__ = [
     "Batcher",
     "LedgerClient",
     "MatchClient",
-    "RiskClient",
     "StatusError",
     "hold_id",
     "rate_usage_var",
@@ -182,79 +179,6 @@ class Batcher(Generic[Req, Res]):
                     future.set_exception(error)
         finally:
             self._idle.release()
-
-
-class RiskClient:
-    """Pre-trade checks: the checks of concurrent orders go to risk as one CheckOrders
-    call (each answered on its own); CheckOrder one by one if risk lacks it."""
-
-    def __init__(self, channel: grpc.aio.Channel, *, enabled: bool = True) -> None:
-        self._stub = risk_pb2_grpc.RiskServiceStub(channel)
-        self._enabled = enabled
-        self._batched = True
-        self.checks: Batcher[risk_pb2.CheckOrderRequest, risk_pb2.CheckOrderResult] = Batcher(
-            self._check_many, name="risk_checks", max_batch=500
-        )
-
-    async def _check_many(
-        self, requests: list[risk_pb2.CheckOrderRequest]
-    ) -> Sequence[risk_pb2.CheckOrderResult]:
-        if self._batched:
-            try:
-                reply = await self._stub.CheckOrders(
-                    risk_pb2.CheckOrdersRequest(checks=requests), timeout=3.0
-                )
-                return reply.results
-            except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.UNIMPLEMENTED:
-                    raise
-                _log.warning("risk has no CheckOrders: checking orders one by one")
-                self._batched = False
-        replies = await asyncio.gather(
-            *(self._stub.CheckOrder(request, timeout=3.0) for request in requests),
-            return_exceptions=True,
-        )
-        results = []
-        for answer in replies:  # one failed check fails only its own order
-            if isinstance(answer, grpc.aio.AioRpcError):
-                status = status_pb2.Status(
-                    code=answer.code().value[0], message=answer.details() or ""
-                )
-                results.append(risk_pb2.CheckOrderResult(status=status))
-            elif isinstance(answer, BaseException):
-                raise answer
-            else:
-                results.append(risk_pb2.CheckOrderResult(response=answer))
-        return results
-
-    async def check(self, request: risk_pb2.CheckOrderRequest) -> Decimal | None:
-        """None or the reference price; raises the denial (or ORDER_RISK_UNAVAILABLE)."""
-        if not self._enabled:
-            return None
-        try:
-            result = await self.checks.submit(request)
-        except grpc.aio.AioRpcError as error:
-            raise Unavailable(
-                "ORDER_RISK_UNAVAILABLE",
-                f"the pre-trade risk check could not be made: {error.code().name}",
-                retry_after_s=0.5,
-            ) from None
-        if result.status.code:
-            raise Unavailable(
-                "ORDER_RISK_UNAVAILABLE",
-                "the pre-trade risk check could not be made: "
-                f"{_CODES.get(result.status.code, grpc.StatusCode.UNKNOWN).name}",
-                retry_after_s=0.5,
-            )
-        reply = result.response
-        if reply.HasField("rate_limit") and reply.rate_limit.limit:
-            rate_usage_var.set((reply.rate_limit.limit, reply.rate_limit.used))
-        if not reply.allowed:
-            raise StatusError(reply.denial, "ORDER_RISK_DENIED")
-        if reply.reference_price:
-            with contextlib.suppress(ValueError):
-                return parse_decimal(reply.reference_price)
-        return None
 
 
 class LedgerClient:

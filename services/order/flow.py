@@ -56,7 +56,8 @@ from .domain import (
     protection_price,
     validate_place,
 )
-from .downstream import Batcher, LedgerClient, MatchClient, RiskClient, StatusError
+from .downstream import Batcher, LedgerClient, MatchClient, StatusError
+from .risk_checks import RiskChecks
 from .store import Store
 
 __all__ = ["Flow", "new_order_id"]
@@ -131,7 +132,7 @@ class Flow:
         store: Store,
         catalog: Catalog,
         config: OrderConfig,
-        risk: RiskClient,
+        risk: RiskChecks,
         ledger: LedgerClient,
         match: MatchClient,
         consumer: EventConsumer | None,

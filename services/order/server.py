@@ -44,14 +44,17 @@ from services.chassis import (
     user,
 )
 from services.chassis.money import MoneyError, parse_decimal
+from services.risk.bucket import RateLimiter
+from services.risk.config import RiskConfig
 
 from .config import OrderConfig
 from .consumer import EventConsumer
 from .deadman import DeadMan
 from .domain import check_client_order_id
-from .downstream import LedgerClient, MatchClient, RiskClient, rate_usage_var
+from .downstream import LedgerClient, MatchClient, rate_usage_var
 from .flow import Flow
 from .killswitch import KillSwitchConsumer
+from .risk_checks import RiskChecks, RulesFollower
 from .store import OrderQuery, Store
 from .streams import Sessions
 from .views import fill_proto, order_proto, timestamp
@@ -559,7 +562,7 @@ async def build_server(
         schema="order",
         migrations=MIGRATIONS,
         nats=config.consumer,
-        redis=False,
+        redis=settings.redis_url is not None,  # the rate buckets risk's checks take from
         session_reset=False,
     )
     assert infra.pool is not None
@@ -568,13 +571,24 @@ async def build_server(
     if target is None:
         raise ValueError("order needs CEX_MESH_ADDR (or ORDER_MESH_TARGET) to reach its peers")
     credentials = service_credentials(settings)
-    risk_channel = await server.enter(mesh_channel(target, credentials=credentials))
-    ledger_channel = await server.enter(mesh_channel(target, credentials=credentials))
-    match_channel = await server.enter(mesh_channel(target, credentials=credentials))
+    risk_channel = await server.enter(
+        mesh_channel(config.risk_target or target, credentials=credentials)
+    )
+    ledger_channel = await server.enter(
+        mesh_channel(config.ledger_target or target, credentials=credentials)
+    )
+    match_channel = await server.enter(
+        mesh_channel(config.match_target or target, credentials=credentials)
+    )
     ledger = LedgerClient(ledger_channel, {a.symbol: a.unit for a in catalog.assets.values()})
     match = MatchClient(match_channel, token=credentials.token if credentials else None)
-    risk = RiskClient(risk_channel, enabled=config.risk_checks)
-    await server.enter(background(risk.checks.run(), "order-risk-checks"))
+    risk_config = RiskConfig.from_env()
+    follower = RulesFollower(risk_channel, catalog)
+    await server.enter(background(follower.run(), "order-risk-rules"))
+    limiter = RateLimiter(
+        infra.redis, prefix=risk_config.redis_prefix, timeout_s=risk_config.redis_timeout_s
+    )
+    risk = RiskChecks(follower, limiter, catalog, enabled=config.risk_checks)
     await server.enter(background(ledger.holds.run(), "order-ledger-holds"))
     await server.enter(background(match.run(), "order-match-stream"))
     sessions = Sessions(catalog, queue_size=config.stream_queue)

@@ -21,7 +21,9 @@ class RiskConfig:
     consumer_name: durable name of that JetStream consumer (shared by replicas).
     redis_timeout_s: a rate-limit call slower than this uses the local bucket (and
         Redis is then left alone for a second).
-    redis_prefix: key prefix of the token buckets.
+    redis_prefix: key prefix of the token buckets (the order gateway, which runs
+        the order checks in its own process, reads the same two settings).
+    rules_heartbeat_s: how often WatchRules sends the rules when nothing changed.
     """
 
     reload_interval_s: float = 0.5
@@ -29,6 +31,7 @@ class RiskConfig:
     consumer_name: str = "risk-prices"
     redis_timeout_s: float = 1.0
     redis_prefix: str = "risk:rl:"
+    rules_heartbeat_s: float = 1.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RiskConfig:
@@ -39,4 +42,5 @@ class RiskConfig:
             consumer_name=env_str(env, "RISK_CONSUMER", "risk-prices") or "risk-prices",
             redis_timeout_s=env_float(env, "RISK_REDIS_TIMEOUT_S", 1.0),
             redis_prefix=env_str(env, "RISK_REDIS_PREFIX", "risk:rl:") or "risk:rl:",
+            rules_heartbeat_s=env_float(env, "RISK_RULES_HEARTBEAT_S", 1.0),
         )

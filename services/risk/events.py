@@ -15,13 +15,13 @@ import asyncio
 import contextlib
 import logging
 
-from google.protobuf import timestamp_pb2
 from nats.js import JetStreamContext
 
 from cex.risk.v1 import risk_pb2
 from services.chassis import ensure_stream
 
 from .limits import KillSwitch
+from .rules import switch_pb
 from .store import Store
 
 __all__ = ["STREAM", "SUBJECT", "Outbox", "switch_pb"]
@@ -29,23 +29,6 @@ __all__ = ["STREAM", "SUBJECT", "Outbox", "switch_pb"]
 STREAM = "RISK_EVENTS"
 SUBJECT = "risk.events.kill_switch"
 _log = logging.getLogger("cex.risk.events")
-
-
-def switch_pb(s: KillSwitch) -> risk_pb2.KillSwitch:
-    message = risk_pb2.KillSwitch(
-        scope=int(s.scope),  # type: ignore[arg-type]
-        market=s.market,
-        account_id=s.account_id,
-        engaged=s.engaged,
-        block_withdrawals=s.block_withdrawals,
-        reason=s.reason,
-        updated_by=s.updated_by,
-    )
-    if s.update_time_ns:
-        stamp = timestamp_pb2.Timestamp()
-        stamp.FromNanoseconds(s.update_time_ns)
-        message.update_time.CopyFrom(stamp)
-    return message
 
 
 class Outbox:

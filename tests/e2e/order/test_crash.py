@@ -14,51 +14,19 @@ as a real client would. Afterwards:
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
 from decimal import Decimal
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.order.v1 import order_pb2
 from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex.type.v1 import types_pb2 as t
-from services.stack.supervisor import Stack
-from services.stack.topology import SERVICES
-from tests.e2e.order.support import BUY, SELL, Exchange, Trader, uid
+from tests.e2e.order.support import BUY, SELL, Exchange, Trader, book_of, kill, uid, working_of
 
 D = Decimal
 WORKING = {t.ORDER_STATE_PENDING_NEW, t.ORDER_STATE_OPEN, t.ORDER_STATE_PARTIALLY_FILLED}
-
-
-async def _serving(stack: Stack, name: str) -> bool:
-    spec = next(s for s in SERVICES if s.name == name)
-    target = f"{stack.ports.host}:{stack.ports.grpc(spec)}"
-    try:
-        async with grpc.aio.insecure_channel(target) as channel:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=spec.grpc_service), timeout=2
-            )
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-    except grpc.aio.AioRpcError:
-        return False
-
-
-async def kill(stack: Stack, name: str) -> None:
-    """SIGKILL the service and wait until the supervisor's restart serves again."""
-    component = stack.component(name)
-    assert component.process is not None
-    old = component.process.pid
-    os.kill(old, signal.SIGKILL)
-    for _ in range(300):
-        if component.process.pid != old and await _serving(stack, name):
-            return
-        await asyncio.sleep(0.2)
-    pytest.fail(f"{name} did not come back: {stack.log_tail(name)}")
 
 
 async def _place(
@@ -85,39 +53,6 @@ async def _place(
                 await asyncio.sleep(0.2)
         else:
             pytest.fail(f"place {request['client_order_id']} never answered")
-
-
-async def _book(exchange: Exchange, accounts: set[str]) -> dict[str, D]:
-    """Match's resting orders of `accounts` on BTC-USDT: order id -> remaining quantity."""
-    stub = match_pb2_grpc.MatchServiceStub(exchange.channel)
-    reply = await stub.GetOrderBook(
-        match_pb2.GetOrderBookRequest(market="BTC-USDT", level=match_pb2.BOOK_LEVEL_L3),
-        metadata=exchange.svc,
-        timeout=10,
-    )
-    book = reply.book
-    return {
-        o.order_id: D(o.quantity)
-        for o in (*book.bid_orders, *book.ask_orders)
-        if o.account_id in accounts
-    }
-
-
-async def _working(trader: Trader) -> dict[str, order_pb2.Order]:
-    out: dict[str, order_pb2.Order] = {}
-    token = ""
-    while True:
-        page = await trader.orders.ListOrders(
-            order_pb2.ListOrdersRequest(
-                status=order_pb2.ORDER_STATUS_FILTER_OPEN, page_size=1000, page_token=token
-            ),
-            metadata=trader.md,
-            timeout=10,
-        )
-        out.update({o.order_id: o for o in page.orders})
-        token = page.next_page_token
-        if not token:
-            return out
 
 
 async def _burst(
@@ -164,8 +99,8 @@ async def _burst(
     # Every acknowledged order is known, and order's working set equals match's book.
     ours = {seller.account_id, buyer.account_id}
     for _ in range(120):
-        book = await _book(exchange, ours)
-        working = {**await _working(seller), **await _working(buyer)}
+        book = await book_of(exchange, ours)
+        working = {**await working_of(seller), **await working_of(buyer)}
         views = {oid: D(o.remaining_quantity) for oid, o in working.items()}
         if views == book:
             break

@@ -130,7 +130,9 @@ async def _publish(url: str, events: Sequence[tuple[match_pb2.MatchEvent, str | 
         for event, msg_id in events:
             headers = {"Nats-Msg-Id": msg_id} if msg_id else None
             await js.publish(
-                f"match.events.{event.market}", event.SerializeToString(), headers=headers
+                f"match.events.{event.market}",
+                match_pb2.EventBatch(events=[event]).SerializeToString(),
+                headers=headers,
             )
     finally:
         await nc.close()

@@ -105,8 +105,8 @@ async def test_settlement_is_exactly_once_across_kill_9(
                 if event.seq not in LOST:
                     await js.publish(
                         f"match.events.{MARKET}",
-                        event.SerializeToString(),
-                        headers={"Nats-Msg-Id": f"{MARKET}:{event.seq}"},
+                        match_pb2.EventBatch(events=[event]).SerializeToString(),
+                        headers={"Nats-Msg-Id": f"{MARKET}:{event.seq}-{event.seq}"},
                     )
 
         conn = await asyncpg.connect(fresh_database_url)

@@ -103,7 +103,7 @@ async def _stream_seqs(nats_url: str) -> list[int]:
         seqs = []
         for _ in range(info.state.messages):
             msg = await sub.next_msg(timeout=10)
-            seqs.append(match_pb2.MatchEvent.FromString(msg.data).seq)
+            seqs += (e.seq for e in match_pb2.EventBatch.FromString(msg.data).events)
         return seqs
     finally:
         await nc.close()

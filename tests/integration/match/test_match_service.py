@@ -155,10 +155,12 @@ async def _drain(url: str, subject: str, count: int) -> list[match_pb2.MatchEven
         out = []
         while len(out) < count:
             msg = await sub.next_msg(timeout=10)
-            event = match_pb2.MatchEvent.FromString(msg.data)
+            events = list(match_pb2.EventBatch.FromString(msg.data).events)
+            assert events, "an EventBatch carries at least one event"
             assert msg.headers is not None
-            assert msg.headers["Nats-Msg-Id"] == f"{event.market}:{event.seq}"
-            out.append(event)
+            first, last = events[0], events[-1]
+            assert msg.headers["Nats-Msg-Id"] == f"{first.market}:{first.seq}-{last.seq}"
+            out += events
         return out
     finally:
         await nc.close()

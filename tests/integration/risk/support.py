@@ -47,6 +47,7 @@ class Risk:
     channel: grpc.aio.Channel
     database_url: str
     registry: CollectorRegistry
+    target: str  # host:port of its gRPC server
 
     def metric(self, name: str, **labels: str) -> float:
         return self.registry.get_sample_value(name, labels) or 0.0
@@ -106,9 +107,12 @@ async def running_risk(
         registry=registry,
     )
     port = await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    target = f"127.0.0.1:{port}"
+    channel = grpc.aio.insecure_channel(target)
     try:
-        yield Risk(server, risk_pb2_grpc.RiskServiceStub(channel), channel, database_url, registry)
+        yield Risk(
+            server, risk_pb2_grpc.RiskServiceStub(channel), channel, database_url, registry, target
+        )
     finally:
         await channel.close()
         await server.stop(0.5)

@@ -36,8 +36,8 @@ async def publish(url: str, events: list[M.MatchEvent]) -> None:
         for event in events:
             await js.publish(
                 f"match.events.{event.market}",
-                event.SerializeToString(),
-                headers={"Nats-Msg-Id": f"{event.market}:{event.seq}"},
+                M.EventBatch(events=[event]).SerializeToString(),
+                headers={"Nats-Msg-Id": f"{event.market}:{event.seq}-{event.seq}"},
             )
     finally:
         await client.close()

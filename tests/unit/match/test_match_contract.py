@@ -15,6 +15,7 @@ from services.match import (
     CancelOrder,
     CancelReason,
     Event,
+    Expire,
     FastOrderBook,
     LevelChanged,
     MarketSpec,
@@ -283,6 +284,22 @@ def test_gtd_partially_filled_expires_with_its_leaves(d: Driver) -> None:
     d.sell(2, 2, 100, account=2, ts=2)
     events = d.cancel(42, ts=100)
     assert cancels(events) == [(1, CancelReason.EXPIRED, 3, 0)]
+
+
+def test_expire_only_advances_the_clock(d: Driver) -> None:
+    d.buy(1, 5, 100, tif=TimeInForce.GTD, expire_time=2_000, ts=1)
+    d.buy(2, 1, 110, order_type=OrderType.STOP_LIMIT, stop_price=105, tif=TimeInForce.GTD,
+          expire_time=3_000, ts=2)  # fmt: skip
+    d.buy(3, 1, 90, ts=3)
+    assert d.book.next_expiry() == 2_000
+    assert d.submit(Expire(ts=1_999)) == []  # nothing due: no event at all
+    events = d.submit(Expire(ts=2_000))
+    assert kinds(events) == ["Cancelled", "LevelChanged"]
+    assert cancels(events) == [(1, CancelReason.EXPIRED, 5, 0)]
+    assert d.book.next_expiry() == 3_000  # the pending stop's
+    assert cancels(d.submit(Expire(ts=5_000))) == [(2, CancelReason.EXPIRED, 1, 0)]
+    assert d.book.next_expiry() is None
+    assert ids(d.book) == [3]
 
 
 # --------------------------------------------------------------------------- post-only

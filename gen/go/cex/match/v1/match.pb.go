@@ -477,6 +477,47 @@ func (x *MassCancelCommand) GetReason() v1.CancelReason {
 	return v1.CancelReason(0)
 }
 
+// Advance the market's clock to the command's time: GTD orders due by then
+// are cancelled (reason EXPIRED) and their funds released, as any command
+// does before its own work. Match sends it to itself when a GTD order falls
+// due in a market that is otherwise idle, so expiry is on time and is
+// journaled like every other change.
+type ExpireCommand struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExpireCommand) Reset() {
+	*x = ExpireCommand{}
+	mi := &file_cex_match_v1_match_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExpireCommand) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExpireCommand) ProtoMessage() {}
+
+func (x *ExpireCommand) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_match_v1_match_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExpireCommand.ProtoReflect.Descriptor instead.
+func (*ExpireCommand) Descriptor() ([]byte, []int) {
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{4}
+}
+
 // One command for one market.
 type Command struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -493,6 +534,7 @@ type Command struct {
 	//	*Command_Cancel
 	//	*Command_Amend
 	//	*Command_MassCancel
+	//	*Command_Expire
 	Kind isCommand_Kind `protobuf_oneof:"kind"`
 	// W3C trace context of the request the command serves (`traceparent`,
 	// `tracestate`): a stream carries many requests' commands, and gRPC metadata
@@ -505,7 +547,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[4]
+	mi := &file_cex_match_v1_match_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -517,7 +559,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[4]
+	mi := &file_cex_match_v1_match_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -530,7 +572,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{4}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Command) GetCommandId() string {
@@ -590,6 +632,15 @@ func (x *Command) GetMassCancel() *MassCancelCommand {
 	return nil
 }
 
+func (x *Command) GetExpire() *ExpireCommand {
+	if x != nil {
+		if x, ok := x.Kind.(*Command_Expire); ok {
+			return x.Expire
+		}
+	}
+	return nil
+}
+
 func (x *Command) GetTraceContext() map[string]string {
 	if x != nil {
 		return x.TraceContext
@@ -621,6 +672,11 @@ type Command_MassCancel struct {
 	MassCancel *MassCancelCommand `protobuf:"bytes,6,opt,name=mass_cancel,json=massCancel,proto3,oneof"`
 }
 
+type Command_Expire struct {
+	// Expire what is due (match's own clock; see ExpireCommand).
+	Expire *ExpireCommand `protobuf:"bytes,8,opt,name=expire,proto3,oneof"`
+}
+
 func (*Command_Place) isCommand_Kind() {}
 
 func (*Command_Cancel) isCommand_Kind() {}
@@ -628,6 +684,8 @@ func (*Command_Cancel) isCommand_Kind() {}
 func (*Command_Amend) isCommand_Kind() {}
 
 func (*Command_MassCancel) isCommand_Kind() {}
+
+func (*Command_Expire) isCommand_Kind() {}
 
 // Result of one command.
 type CommandResult struct {
@@ -654,7 +712,7 @@ type CommandResult struct {
 
 func (x *CommandResult) Reset() {
 	*x = CommandResult{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[5]
+	mi := &file_cex_match_v1_match_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -666,7 +724,7 @@ func (x *CommandResult) String() string {
 func (*CommandResult) ProtoMessage() {}
 
 func (x *CommandResult) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[5]
+	mi := &file_cex_match_v1_match_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -679,7 +737,7 @@ func (x *CommandResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommandResult.ProtoReflect.Descriptor instead.
 func (*CommandResult) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{5}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *CommandResult) GetCommandId() string {
@@ -756,7 +814,7 @@ type MatchEvent struct {
 
 func (x *MatchEvent) Reset() {
 	*x = MatchEvent{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[6]
+	mi := &file_cex_match_v1_match_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -768,7 +826,7 @@ func (x *MatchEvent) String() string {
 func (*MatchEvent) ProtoMessage() {}
 
 func (x *MatchEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[6]
+	mi := &file_cex_match_v1_match_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -781,7 +839,7 @@ func (x *MatchEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MatchEvent.ProtoReflect.Descriptor instead.
 func (*MatchEvent) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{6}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *MatchEvent) GetMarket() string {
@@ -975,7 +1033,7 @@ type OrderAccepted struct {
 
 func (x *OrderAccepted) Reset() {
 	*x = OrderAccepted{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[7]
+	mi := &file_cex_match_v1_match_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -987,7 +1045,7 @@ func (x *OrderAccepted) String() string {
 func (*OrderAccepted) ProtoMessage() {}
 
 func (x *OrderAccepted) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[7]
+	mi := &file_cex_match_v1_match_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1000,7 +1058,7 @@ func (x *OrderAccepted) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderAccepted.ProtoReflect.Descriptor instead.
 func (*OrderAccepted) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{7}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *OrderAccepted) GetOrderId() string {
@@ -1107,7 +1165,7 @@ type OrderRejected struct {
 
 func (x *OrderRejected) Reset() {
 	*x = OrderRejected{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[8]
+	mi := &file_cex_match_v1_match_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1119,7 +1177,7 @@ func (x *OrderRejected) String() string {
 func (*OrderRejected) ProtoMessage() {}
 
 func (x *OrderRejected) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[8]
+	mi := &file_cex_match_v1_match_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1132,7 +1190,7 @@ func (x *OrderRejected) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderRejected.ProtoReflect.Descriptor instead.
 func (*OrderRejected) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{8}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *OrderRejected) GetOrderId() string {
@@ -1213,7 +1271,7 @@ type Trade struct {
 
 func (x *Trade) Reset() {
 	*x = Trade{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[9]
+	mi := &file_cex_match_v1_match_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1225,7 +1283,7 @@ func (x *Trade) String() string {
 func (*Trade) ProtoMessage() {}
 
 func (x *Trade) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[9]
+	mi := &file_cex_match_v1_match_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1238,7 +1296,7 @@ func (x *Trade) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Trade.ProtoReflect.Descriptor instead.
 func (*Trade) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{9}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Trade) GetTradeId() string {
@@ -1387,7 +1445,7 @@ type OrderCancelled struct {
 
 func (x *OrderCancelled) Reset() {
 	*x = OrderCancelled{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[10]
+	mi := &file_cex_match_v1_match_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1399,7 +1457,7 @@ func (x *OrderCancelled) String() string {
 func (*OrderCancelled) ProtoMessage() {}
 
 func (x *OrderCancelled) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[10]
+	mi := &file_cex_match_v1_match_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1412,7 +1470,7 @@ func (x *OrderCancelled) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderCancelled.ProtoReflect.Descriptor instead.
 func (*OrderCancelled) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{10}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *OrderCancelled) GetOrderId() string {
@@ -1498,7 +1556,7 @@ type OrderAmended struct {
 
 func (x *OrderAmended) Reset() {
 	*x = OrderAmended{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[11]
+	mi := &file_cex_match_v1_match_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1510,7 +1568,7 @@ func (x *OrderAmended) String() string {
 func (*OrderAmended) ProtoMessage() {}
 
 func (x *OrderAmended) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[11]
+	mi := &file_cex_match_v1_match_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1523,7 +1581,7 @@ func (x *OrderAmended) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderAmended.ProtoReflect.Descriptor instead.
 func (*OrderAmended) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{11}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *OrderAmended) GetOrderId() string {
@@ -1612,7 +1670,7 @@ type OrderTriggered struct {
 
 func (x *OrderTriggered) Reset() {
 	*x = OrderTriggered{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[12]
+	mi := &file_cex_match_v1_match_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1624,7 +1682,7 @@ func (x *OrderTriggered) String() string {
 func (*OrderTriggered) ProtoMessage() {}
 
 func (x *OrderTriggered) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[12]
+	mi := &file_cex_match_v1_match_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1637,7 +1695,7 @@ func (x *OrderTriggered) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderTriggered.ProtoReflect.Descriptor instead.
 func (*OrderTriggered) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{12}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *OrderTriggered) GetOrderId() string {
@@ -1706,7 +1764,7 @@ type LevelChanged struct {
 
 func (x *LevelChanged) Reset() {
 	*x = LevelChanged{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[13]
+	mi := &file_cex_match_v1_match_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1718,7 +1776,7 @@ func (x *LevelChanged) String() string {
 func (*LevelChanged) ProtoMessage() {}
 
 func (x *LevelChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[13]
+	mi := &file_cex_match_v1_match_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1731,7 +1789,7 @@ func (x *LevelChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LevelChanged.ProtoReflect.Descriptor instead.
 func (*LevelChanged) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{13}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *LevelChanged) GetSide() v1.Side {
@@ -1782,7 +1840,7 @@ type BookOrder struct {
 
 func (x *BookOrder) Reset() {
 	*x = BookOrder{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[14]
+	mi := &file_cex_match_v1_match_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1794,7 +1852,7 @@ func (x *BookOrder) String() string {
 func (*BookOrder) ProtoMessage() {}
 
 func (x *BookOrder) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[14]
+	mi := &file_cex_match_v1_match_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1807,7 +1865,7 @@ func (x *BookOrder) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BookOrder.ProtoReflect.Descriptor instead.
 func (*BookOrder) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{14}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *BookOrder) GetOrderId() string {
@@ -1870,7 +1928,7 @@ type OrderBook struct {
 
 func (x *OrderBook) Reset() {
 	*x = OrderBook{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[15]
+	mi := &file_cex_match_v1_match_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1882,7 +1940,7 @@ func (x *OrderBook) String() string {
 func (*OrderBook) ProtoMessage() {}
 
 func (x *OrderBook) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[15]
+	mi := &file_cex_match_v1_match_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1895,7 +1953,7 @@ func (x *OrderBook) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderBook.ProtoReflect.Descriptor instead.
 func (*OrderBook) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{15}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *OrderBook) GetMarket() string {
@@ -1958,7 +2016,7 @@ type SubmitCommandsRequest struct {
 
 func (x *SubmitCommandsRequest) Reset() {
 	*x = SubmitCommandsRequest{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[16]
+	mi := &file_cex_match_v1_match_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1970,7 +2028,7 @@ func (x *SubmitCommandsRequest) String() string {
 func (*SubmitCommandsRequest) ProtoMessage() {}
 
 func (x *SubmitCommandsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[16]
+	mi := &file_cex_match_v1_match_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1983,7 +2041,7 @@ func (x *SubmitCommandsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitCommandsRequest.ProtoReflect.Descriptor instead.
 func (*SubmitCommandsRequest) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{16}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SubmitCommandsRequest) GetCommands() []*Command {
@@ -2004,7 +2062,7 @@ type SubmitCommandsResponse struct {
 
 func (x *SubmitCommandsResponse) Reset() {
 	*x = SubmitCommandsResponse{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[17]
+	mi := &file_cex_match_v1_match_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2016,7 +2074,7 @@ func (x *SubmitCommandsResponse) String() string {
 func (*SubmitCommandsResponse) ProtoMessage() {}
 
 func (x *SubmitCommandsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[17]
+	mi := &file_cex_match_v1_match_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2029,7 +2087,7 @@ func (x *SubmitCommandsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitCommandsResponse.ProtoReflect.Descriptor instead.
 func (*SubmitCommandsResponse) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{17}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SubmitCommandsResponse) GetResults() []*CommandResult {
@@ -2054,7 +2112,7 @@ type GetOrderBookRequest struct {
 
 func (x *GetOrderBookRequest) Reset() {
 	*x = GetOrderBookRequest{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[18]
+	mi := &file_cex_match_v1_match_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2066,7 +2124,7 @@ func (x *GetOrderBookRequest) String() string {
 func (*GetOrderBookRequest) ProtoMessage() {}
 
 func (x *GetOrderBookRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[18]
+	mi := &file_cex_match_v1_match_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2079,7 +2137,7 @@ func (x *GetOrderBookRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetOrderBookRequest.ProtoReflect.Descriptor instead.
 func (*GetOrderBookRequest) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{18}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *GetOrderBookRequest) GetMarket() string {
@@ -2114,7 +2172,7 @@ type GetOrderBookResponse struct {
 
 func (x *GetOrderBookResponse) Reset() {
 	*x = GetOrderBookResponse{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[19]
+	mi := &file_cex_match_v1_match_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2126,7 +2184,7 @@ func (x *GetOrderBookResponse) String() string {
 func (*GetOrderBookResponse) ProtoMessage() {}
 
 func (x *GetOrderBookResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[19]
+	mi := &file_cex_match_v1_match_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2139,7 +2197,7 @@ func (x *GetOrderBookResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetOrderBookResponse.ProtoReflect.Descriptor instead.
 func (*GetOrderBookResponse) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{19}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GetOrderBookResponse) GetBook() *OrderBook {
@@ -2167,7 +2225,7 @@ type ReplayEventsRequest struct {
 
 func (x *ReplayEventsRequest) Reset() {
 	*x = ReplayEventsRequest{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[20]
+	mi := &file_cex_match_v1_match_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2179,7 +2237,7 @@ func (x *ReplayEventsRequest) String() string {
 func (*ReplayEventsRequest) ProtoMessage() {}
 
 func (x *ReplayEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[20]
+	mi := &file_cex_match_v1_match_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2192,7 +2250,7 @@ func (x *ReplayEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplayEventsRequest.ProtoReflect.Descriptor instead.
 func (*ReplayEventsRequest) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{20}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ReplayEventsRequest) GetMarket() string {
@@ -2224,6 +2282,55 @@ func (x *ReplayEventsRequest) GetFollow() bool {
 }
 
 // Response for MatchService.ReplayEvents.
+// What match publishes on NATS: one message per journal commit (or per
+// round of the publisher once it is behind), subject `match.events.<market>`,
+// header `Nats-Msg-Id: <market>:<first seq>-<last seq>`. Consumers apply the
+// events by seq and fill any gap from ReplayEvents.
+type EventBatch struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Consecutive events of one market in seq order.
+	Events        []*MatchEvent `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EventBatch) Reset() {
+	*x = EventBatch{}
+	mi := &file_cex_match_v1_match_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EventBatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EventBatch) ProtoMessage() {}
+
+func (x *EventBatch) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_match_v1_match_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EventBatch.ProtoReflect.Descriptor instead.
+func (*EventBatch) Descriptor() ([]byte, []int) {
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *EventBatch) GetEvents() []*MatchEvent {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
 type ReplayEventsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// A batch of consecutive events in seq order (the server picks the batch
@@ -2235,7 +2342,7 @@ type ReplayEventsResponse struct {
 
 func (x *ReplayEventsResponse) Reset() {
 	*x = ReplayEventsResponse{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[21]
+	mi := &file_cex_match_v1_match_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2247,7 +2354,7 @@ func (x *ReplayEventsResponse) String() string {
 func (*ReplayEventsResponse) ProtoMessage() {}
 
 func (x *ReplayEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[21]
+	mi := &file_cex_match_v1_match_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2260,7 +2367,7 @@ func (x *ReplayEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplayEventsResponse.ProtoReflect.Descriptor instead.
 func (*ReplayEventsResponse) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{21}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ReplayEventsResponse) GetEvents() []*MatchEvent {
@@ -2310,7 +2417,8 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\n" +
 	"account_id\x18\x01 \x01(\tR\taccountId\x12%\n" +
 	"\x04side\x18\x02 \x01(\x0e2\x11.cex.type.v1.SideR\x04side\x121\n" +
-	"\x06reason\x18\x03 \x01(\x0e2\x19.cex.type.v1.CancelReasonR\x06reason\"\xba\x03\n" +
+	"\x06reason\x18\x03 \x01(\x0e2\x19.cex.type.v1.CancelReasonR\x06reason\"\x0f\n" +
+	"\rExpireCommand\"\xf1\x03\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"command_id\x18\x01 \x01(\tR\tcommandId\x12\x16\n" +
@@ -2319,7 +2427,8 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\x06cancel\x18\x04 \x01(\v2\x1b.cex.match.v1.CancelCommandH\x00R\x06cancel\x122\n" +
 	"\x05amend\x18\x05 \x01(\v2\x1a.cex.match.v1.AmendCommandH\x00R\x05amend\x12B\n" +
 	"\vmass_cancel\x18\x06 \x01(\v2\x1f.cex.match.v1.MassCancelCommandH\x00R\n" +
-	"massCancel\x12L\n" +
+	"massCancel\x125\n" +
+	"\x06expire\x18\b \x01(\v2\x1b.cex.match.v1.ExpireCommandH\x00R\x06expire\x12L\n" +
 	"\rtrace_context\x18\a \x03(\v2'.cex.match.v1.Command.TraceContextEntryR\ftraceContext\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
@@ -2465,7 +2574,10 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\x06market\x18\x01 \x01(\tR\x06market\x12\x19\n" +
 	"\bfrom_seq\x18\x02 \x01(\x03R\afromSeq\x12\x15\n" +
 	"\x06to_seq\x18\x03 \x01(\x03R\x05toSeq\x12\x16\n" +
-	"\x06follow\x18\x04 \x01(\bR\x06follow\"H\n" +
+	"\x06follow\x18\x04 \x01(\bR\x06follow\">\n" +
+	"\n" +
+	"EventBatch\x120\n" +
+	"\x06events\x18\x01 \x03(\v2\x18.cex.match.v1.MatchEventR\x06events\"H\n" +
 	"\x14ReplayEventsResponse\x120\n" +
 	"\x06events\x18\x01 \x03(\v2\x18.cex.match.v1.MatchEventR\x06events*M\n" +
 	"\tBookLevel\x12\x1a\n" +
@@ -2490,95 +2602,99 @@ func file_cex_match_v1_match_proto_rawDescGZIP() []byte {
 }
 
 var file_cex_match_v1_match_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_cex_match_v1_match_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_cex_match_v1_match_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_cex_match_v1_match_proto_goTypes = []any{
 	(BookLevel)(0),                 // 0: cex.match.v1.BookLevel
 	(*PlaceCommand)(nil),           // 1: cex.match.v1.PlaceCommand
 	(*CancelCommand)(nil),          // 2: cex.match.v1.CancelCommand
 	(*AmendCommand)(nil),           // 3: cex.match.v1.AmendCommand
 	(*MassCancelCommand)(nil),      // 4: cex.match.v1.MassCancelCommand
-	(*Command)(nil),                // 5: cex.match.v1.Command
-	(*CommandResult)(nil),          // 6: cex.match.v1.CommandResult
-	(*MatchEvent)(nil),             // 7: cex.match.v1.MatchEvent
-	(*OrderAccepted)(nil),          // 8: cex.match.v1.OrderAccepted
-	(*OrderRejected)(nil),          // 9: cex.match.v1.OrderRejected
-	(*Trade)(nil),                  // 10: cex.match.v1.Trade
-	(*OrderCancelled)(nil),         // 11: cex.match.v1.OrderCancelled
-	(*OrderAmended)(nil),           // 12: cex.match.v1.OrderAmended
-	(*OrderTriggered)(nil),         // 13: cex.match.v1.OrderTriggered
-	(*LevelChanged)(nil),           // 14: cex.match.v1.LevelChanged
-	(*BookOrder)(nil),              // 15: cex.match.v1.BookOrder
-	(*OrderBook)(nil),              // 16: cex.match.v1.OrderBook
-	(*SubmitCommandsRequest)(nil),  // 17: cex.match.v1.SubmitCommandsRequest
-	(*SubmitCommandsResponse)(nil), // 18: cex.match.v1.SubmitCommandsResponse
-	(*GetOrderBookRequest)(nil),    // 19: cex.match.v1.GetOrderBookRequest
-	(*GetOrderBookResponse)(nil),   // 20: cex.match.v1.GetOrderBookResponse
-	(*ReplayEventsRequest)(nil),    // 21: cex.match.v1.ReplayEventsRequest
-	(*ReplayEventsResponse)(nil),   // 22: cex.match.v1.ReplayEventsResponse
-	nil,                            // 23: cex.match.v1.Command.TraceContextEntry
-	(v1.Side)(0),                   // 24: cex.type.v1.Side
-	(v1.OrderType)(0),              // 25: cex.type.v1.OrderType
-	(v1.TimeInForce)(0),            // 26: cex.type.v1.TimeInForce
-	(v1.SelfTradePrevention)(0),    // 27: cex.type.v1.SelfTradePrevention
-	(*timestamppb.Timestamp)(nil),  // 28: google.protobuf.Timestamp
-	(v1.CancelReason)(0),           // 29: cex.type.v1.CancelReason
-	(*status.Status)(nil),          // 30: google.rpc.Status
-	(*v1.PriceLevel)(nil),          // 31: cex.type.v1.PriceLevel
+	(*ExpireCommand)(nil),          // 5: cex.match.v1.ExpireCommand
+	(*Command)(nil),                // 6: cex.match.v1.Command
+	(*CommandResult)(nil),          // 7: cex.match.v1.CommandResult
+	(*MatchEvent)(nil),             // 8: cex.match.v1.MatchEvent
+	(*OrderAccepted)(nil),          // 9: cex.match.v1.OrderAccepted
+	(*OrderRejected)(nil),          // 10: cex.match.v1.OrderRejected
+	(*Trade)(nil),                  // 11: cex.match.v1.Trade
+	(*OrderCancelled)(nil),         // 12: cex.match.v1.OrderCancelled
+	(*OrderAmended)(nil),           // 13: cex.match.v1.OrderAmended
+	(*OrderTriggered)(nil),         // 14: cex.match.v1.OrderTriggered
+	(*LevelChanged)(nil),           // 15: cex.match.v1.LevelChanged
+	(*BookOrder)(nil),              // 16: cex.match.v1.BookOrder
+	(*OrderBook)(nil),              // 17: cex.match.v1.OrderBook
+	(*SubmitCommandsRequest)(nil),  // 18: cex.match.v1.SubmitCommandsRequest
+	(*SubmitCommandsResponse)(nil), // 19: cex.match.v1.SubmitCommandsResponse
+	(*GetOrderBookRequest)(nil),    // 20: cex.match.v1.GetOrderBookRequest
+	(*GetOrderBookResponse)(nil),   // 21: cex.match.v1.GetOrderBookResponse
+	(*ReplayEventsRequest)(nil),    // 22: cex.match.v1.ReplayEventsRequest
+	(*EventBatch)(nil),             // 23: cex.match.v1.EventBatch
+	(*ReplayEventsResponse)(nil),   // 24: cex.match.v1.ReplayEventsResponse
+	nil,                            // 25: cex.match.v1.Command.TraceContextEntry
+	(v1.Side)(0),                   // 26: cex.type.v1.Side
+	(v1.OrderType)(0),              // 27: cex.type.v1.OrderType
+	(v1.TimeInForce)(0),            // 28: cex.type.v1.TimeInForce
+	(v1.SelfTradePrevention)(0),    // 29: cex.type.v1.SelfTradePrevention
+	(*timestamppb.Timestamp)(nil),  // 30: google.protobuf.Timestamp
+	(v1.CancelReason)(0),           // 31: cex.type.v1.CancelReason
+	(*status.Status)(nil),          // 32: google.rpc.Status
+	(*v1.PriceLevel)(nil),          // 33: cex.type.v1.PriceLevel
 }
 var file_cex_match_v1_match_proto_depIdxs = []int32{
-	24, // 0: cex.match.v1.PlaceCommand.side:type_name -> cex.type.v1.Side
-	25, // 1: cex.match.v1.PlaceCommand.type:type_name -> cex.type.v1.OrderType
-	26, // 2: cex.match.v1.PlaceCommand.time_in_force:type_name -> cex.type.v1.TimeInForce
-	27, // 3: cex.match.v1.PlaceCommand.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
-	28, // 4: cex.match.v1.PlaceCommand.expire_time:type_name -> google.protobuf.Timestamp
-	29, // 5: cex.match.v1.CancelCommand.reason:type_name -> cex.type.v1.CancelReason
-	24, // 6: cex.match.v1.MassCancelCommand.side:type_name -> cex.type.v1.Side
-	29, // 7: cex.match.v1.MassCancelCommand.reason:type_name -> cex.type.v1.CancelReason
+	26, // 0: cex.match.v1.PlaceCommand.side:type_name -> cex.type.v1.Side
+	27, // 1: cex.match.v1.PlaceCommand.type:type_name -> cex.type.v1.OrderType
+	28, // 2: cex.match.v1.PlaceCommand.time_in_force:type_name -> cex.type.v1.TimeInForce
+	29, // 3: cex.match.v1.PlaceCommand.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
+	30, // 4: cex.match.v1.PlaceCommand.expire_time:type_name -> google.protobuf.Timestamp
+	31, // 5: cex.match.v1.CancelCommand.reason:type_name -> cex.type.v1.CancelReason
+	26, // 6: cex.match.v1.MassCancelCommand.side:type_name -> cex.type.v1.Side
+	31, // 7: cex.match.v1.MassCancelCommand.reason:type_name -> cex.type.v1.CancelReason
 	1,  // 8: cex.match.v1.Command.place:type_name -> cex.match.v1.PlaceCommand
 	2,  // 9: cex.match.v1.Command.cancel:type_name -> cex.match.v1.CancelCommand
 	3,  // 10: cex.match.v1.Command.amend:type_name -> cex.match.v1.AmendCommand
 	4,  // 11: cex.match.v1.Command.mass_cancel:type_name -> cex.match.v1.MassCancelCommand
-	23, // 12: cex.match.v1.Command.trace_context:type_name -> cex.match.v1.Command.TraceContextEntry
-	30, // 13: cex.match.v1.CommandResult.status:type_name -> google.rpc.Status
-	7,  // 14: cex.match.v1.CommandResult.events:type_name -> cex.match.v1.MatchEvent
-	28, // 15: cex.match.v1.MatchEvent.event_time:type_name -> google.protobuf.Timestamp
-	8,  // 16: cex.match.v1.MatchEvent.accepted:type_name -> cex.match.v1.OrderAccepted
-	9,  // 17: cex.match.v1.MatchEvent.rejected:type_name -> cex.match.v1.OrderRejected
-	10, // 18: cex.match.v1.MatchEvent.trade:type_name -> cex.match.v1.Trade
-	11, // 19: cex.match.v1.MatchEvent.cancelled:type_name -> cex.match.v1.OrderCancelled
-	12, // 20: cex.match.v1.MatchEvent.amended:type_name -> cex.match.v1.OrderAmended
-	13, // 21: cex.match.v1.MatchEvent.triggered:type_name -> cex.match.v1.OrderTriggered
-	14, // 22: cex.match.v1.MatchEvent.level_changed:type_name -> cex.match.v1.LevelChanged
-	24, // 23: cex.match.v1.OrderAccepted.side:type_name -> cex.type.v1.Side
-	25, // 24: cex.match.v1.OrderAccepted.type:type_name -> cex.type.v1.OrderType
-	26, // 25: cex.match.v1.OrderAccepted.time_in_force:type_name -> cex.type.v1.TimeInForce
-	24, // 26: cex.match.v1.Trade.taker_side:type_name -> cex.type.v1.Side
-	24, // 27: cex.match.v1.OrderCancelled.side:type_name -> cex.type.v1.Side
-	29, // 28: cex.match.v1.OrderCancelled.reason:type_name -> cex.type.v1.CancelReason
-	24, // 29: cex.match.v1.OrderAmended.side:type_name -> cex.type.v1.Side
-	24, // 30: cex.match.v1.OrderTriggered.side:type_name -> cex.type.v1.Side
-	25, // 31: cex.match.v1.OrderTriggered.type:type_name -> cex.type.v1.OrderType
-	24, // 32: cex.match.v1.LevelChanged.side:type_name -> cex.type.v1.Side
-	31, // 33: cex.match.v1.OrderBook.bids:type_name -> cex.type.v1.PriceLevel
-	31, // 34: cex.match.v1.OrderBook.asks:type_name -> cex.type.v1.PriceLevel
-	15, // 35: cex.match.v1.OrderBook.bid_orders:type_name -> cex.match.v1.BookOrder
-	15, // 36: cex.match.v1.OrderBook.ask_orders:type_name -> cex.match.v1.BookOrder
-	5,  // 37: cex.match.v1.SubmitCommandsRequest.commands:type_name -> cex.match.v1.Command
-	6,  // 38: cex.match.v1.SubmitCommandsResponse.results:type_name -> cex.match.v1.CommandResult
-	0,  // 39: cex.match.v1.GetOrderBookRequest.level:type_name -> cex.match.v1.BookLevel
-	16, // 40: cex.match.v1.GetOrderBookResponse.book:type_name -> cex.match.v1.OrderBook
-	7,  // 41: cex.match.v1.ReplayEventsResponse.events:type_name -> cex.match.v1.MatchEvent
-	17, // 42: cex.match.v1.MatchService.SubmitCommands:input_type -> cex.match.v1.SubmitCommandsRequest
-	19, // 43: cex.match.v1.MatchService.GetOrderBook:input_type -> cex.match.v1.GetOrderBookRequest
-	21, // 44: cex.match.v1.MatchService.ReplayEvents:input_type -> cex.match.v1.ReplayEventsRequest
-	18, // 45: cex.match.v1.MatchService.SubmitCommands:output_type -> cex.match.v1.SubmitCommandsResponse
-	20, // 46: cex.match.v1.MatchService.GetOrderBook:output_type -> cex.match.v1.GetOrderBookResponse
-	22, // 47: cex.match.v1.MatchService.ReplayEvents:output_type -> cex.match.v1.ReplayEventsResponse
-	45, // [45:48] is the sub-list for method output_type
-	42, // [42:45] is the sub-list for method input_type
-	42, // [42:42] is the sub-list for extension type_name
-	42, // [42:42] is the sub-list for extension extendee
-	0,  // [0:42] is the sub-list for field type_name
+	5,  // 12: cex.match.v1.Command.expire:type_name -> cex.match.v1.ExpireCommand
+	25, // 13: cex.match.v1.Command.trace_context:type_name -> cex.match.v1.Command.TraceContextEntry
+	32, // 14: cex.match.v1.CommandResult.status:type_name -> google.rpc.Status
+	8,  // 15: cex.match.v1.CommandResult.events:type_name -> cex.match.v1.MatchEvent
+	30, // 16: cex.match.v1.MatchEvent.event_time:type_name -> google.protobuf.Timestamp
+	9,  // 17: cex.match.v1.MatchEvent.accepted:type_name -> cex.match.v1.OrderAccepted
+	10, // 18: cex.match.v1.MatchEvent.rejected:type_name -> cex.match.v1.OrderRejected
+	11, // 19: cex.match.v1.MatchEvent.trade:type_name -> cex.match.v1.Trade
+	12, // 20: cex.match.v1.MatchEvent.cancelled:type_name -> cex.match.v1.OrderCancelled
+	13, // 21: cex.match.v1.MatchEvent.amended:type_name -> cex.match.v1.OrderAmended
+	14, // 22: cex.match.v1.MatchEvent.triggered:type_name -> cex.match.v1.OrderTriggered
+	15, // 23: cex.match.v1.MatchEvent.level_changed:type_name -> cex.match.v1.LevelChanged
+	26, // 24: cex.match.v1.OrderAccepted.side:type_name -> cex.type.v1.Side
+	27, // 25: cex.match.v1.OrderAccepted.type:type_name -> cex.type.v1.OrderType
+	28, // 26: cex.match.v1.OrderAccepted.time_in_force:type_name -> cex.type.v1.TimeInForce
+	26, // 27: cex.match.v1.Trade.taker_side:type_name -> cex.type.v1.Side
+	26, // 28: cex.match.v1.OrderCancelled.side:type_name -> cex.type.v1.Side
+	31, // 29: cex.match.v1.OrderCancelled.reason:type_name -> cex.type.v1.CancelReason
+	26, // 30: cex.match.v1.OrderAmended.side:type_name -> cex.type.v1.Side
+	26, // 31: cex.match.v1.OrderTriggered.side:type_name -> cex.type.v1.Side
+	27, // 32: cex.match.v1.OrderTriggered.type:type_name -> cex.type.v1.OrderType
+	26, // 33: cex.match.v1.LevelChanged.side:type_name -> cex.type.v1.Side
+	33, // 34: cex.match.v1.OrderBook.bids:type_name -> cex.type.v1.PriceLevel
+	33, // 35: cex.match.v1.OrderBook.asks:type_name -> cex.type.v1.PriceLevel
+	16, // 36: cex.match.v1.OrderBook.bid_orders:type_name -> cex.match.v1.BookOrder
+	16, // 37: cex.match.v1.OrderBook.ask_orders:type_name -> cex.match.v1.BookOrder
+	6,  // 38: cex.match.v1.SubmitCommandsRequest.commands:type_name -> cex.match.v1.Command
+	7,  // 39: cex.match.v1.SubmitCommandsResponse.results:type_name -> cex.match.v1.CommandResult
+	0,  // 40: cex.match.v1.GetOrderBookRequest.level:type_name -> cex.match.v1.BookLevel
+	17, // 41: cex.match.v1.GetOrderBookResponse.book:type_name -> cex.match.v1.OrderBook
+	8,  // 42: cex.match.v1.EventBatch.events:type_name -> cex.match.v1.MatchEvent
+	8,  // 43: cex.match.v1.ReplayEventsResponse.events:type_name -> cex.match.v1.MatchEvent
+	18, // 44: cex.match.v1.MatchService.SubmitCommands:input_type -> cex.match.v1.SubmitCommandsRequest
+	20, // 45: cex.match.v1.MatchService.GetOrderBook:input_type -> cex.match.v1.GetOrderBookRequest
+	22, // 46: cex.match.v1.MatchService.ReplayEvents:input_type -> cex.match.v1.ReplayEventsRequest
+	19, // 47: cex.match.v1.MatchService.SubmitCommands:output_type -> cex.match.v1.SubmitCommandsResponse
+	21, // 48: cex.match.v1.MatchService.GetOrderBook:output_type -> cex.match.v1.GetOrderBookResponse
+	24, // 49: cex.match.v1.MatchService.ReplayEvents:output_type -> cex.match.v1.ReplayEventsResponse
+	47, // [47:50] is the sub-list for method output_type
+	44, // [44:47] is the sub-list for method input_type
+	44, // [44:44] is the sub-list for extension type_name
+	44, // [44:44] is the sub-list for extension extendee
+	0,  // [0:44] is the sub-list for field type_name
 }
 
 func init() { file_cex_match_v1_match_proto_init() }
@@ -2586,13 +2702,14 @@ func file_cex_match_v1_match_proto_init() {
 	if File_cex_match_v1_match_proto != nil {
 		return
 	}
-	file_cex_match_v1_match_proto_msgTypes[4].OneofWrappers = []any{
+	file_cex_match_v1_match_proto_msgTypes[5].OneofWrappers = []any{
 		(*Command_Place)(nil),
 		(*Command_Cancel)(nil),
 		(*Command_Amend)(nil),
 		(*Command_MassCancel)(nil),
+		(*Command_Expire)(nil),
 	}
-	file_cex_match_v1_match_proto_msgTypes[6].OneofWrappers = []any{
+	file_cex_match_v1_match_proto_msgTypes[7].OneofWrappers = []any{
 		(*MatchEvent_Accepted)(nil),
 		(*MatchEvent_Rejected)(nil),
 		(*MatchEvent_Trade)(nil),
@@ -2607,7 +2724,7 @@ func file_cex_match_v1_match_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cex_match_v1_match_proto_rawDesc), len(file_cex_match_v1_match_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   23,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

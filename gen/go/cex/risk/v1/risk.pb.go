@@ -298,6 +298,199 @@ func (x *WithdrawalLimits) GetMaxCountPerDay() int32 {
 	return 0
 }
 
+// WatchRules takes no parameters.
+type WatchRulesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchRulesRequest) Reset() {
+	*x = WatchRulesRequest{}
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchRulesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchRulesRequest) ProtoMessage() {}
+
+func (x *WatchRulesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchRulesRequest.ProtoReflect.Descriptor instead.
+func (*WatchRulesRequest) Descriptor() ([]byte, []int) {
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{2}
+}
+
+// Everything the pre-trade order checks read (the rules), as of change_seq.
+type WatchRulesResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Risk's change sequence of limits and kill switches: it grows with every
+	// change; a follower keeps the highest it has seen.
+	ChangeSeq int64 `protobuf:"varint,1,opt,name=change_seq,json=changeSeq,proto3" json:"change_seq,omitempty"`
+	// The exchange defaults (account_id empty).
+	Defaults *Limits `protobuf:"bytes,2,opt,name=defaults,proto3" json:"defaults,omitempty"`
+	// Every account's own overrides (accounts without any use the defaults).
+	Accounts []*Limits `protobuf:"bytes,3,rep,name=accounts,proto3" json:"accounts,omitempty"`
+	// The engaged kill switches.
+	KillSwitches []*KillSwitch `protobuf:"bytes,4,rep,name=kill_switches,json=killSwitches,proto3" json:"kill_switches,omitempty"`
+	// The reference price of each market that has traded.
+	ReferencePrices []*ReferencePrice `protobuf:"bytes,5,rep,name=reference_prices,json=referencePrices,proto3" json:"reference_prices,omitempty"`
+	// How often the stream sends when nothing changes.
+	HeartbeatMs   int32 `protobuf:"varint,6,opt,name=heartbeat_ms,json=heartbeatMs,proto3" json:"heartbeat_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchRulesResponse) Reset() {
+	*x = WatchRulesResponse{}
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchRulesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchRulesResponse) ProtoMessage() {}
+
+func (x *WatchRulesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchRulesResponse.ProtoReflect.Descriptor instead.
+func (*WatchRulesResponse) Descriptor() ([]byte, []int) {
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *WatchRulesResponse) GetChangeSeq() int64 {
+	if x != nil {
+		return x.ChangeSeq
+	}
+	return 0
+}
+
+func (x *WatchRulesResponse) GetDefaults() *Limits {
+	if x != nil {
+		return x.Defaults
+	}
+	return nil
+}
+
+func (x *WatchRulesResponse) GetAccounts() []*Limits {
+	if x != nil {
+		return x.Accounts
+	}
+	return nil
+}
+
+func (x *WatchRulesResponse) GetKillSwitches() []*KillSwitch {
+	if x != nil {
+		return x.KillSwitches
+	}
+	return nil
+}
+
+func (x *WatchRulesResponse) GetReferencePrices() []*ReferencePrice {
+	if x != nil {
+		return x.ReferencePrices
+	}
+	return nil
+}
+
+func (x *WatchRulesResponse) GetHeartbeatMs() int32 {
+	if x != nil {
+		return x.HeartbeatMs
+	}
+	return 0
+}
+
+// A market's reference price (its last trade, from match's events).
+type ReferencePrice struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The market symbol.
+	Market string `protobuf:"bytes,1,opt,name=market,proto3" json:"market,omitempty"`
+	// The price, a decimal string on the market's tick grid.
+	Price string `protobuf:"bytes,2,opt,name=price,proto3" json:"price,omitempty"`
+	// The match event sequence of the trade it comes from.
+	Seq           int64 `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReferencePrice) Reset() {
+	*x = ReferencePrice{}
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReferencePrice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReferencePrice) ProtoMessage() {}
+
+func (x *ReferencePrice) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReferencePrice.ProtoReflect.Descriptor instead.
+func (*ReferencePrice) Descriptor() ([]byte, []int) {
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *ReferencePrice) GetMarket() string {
+	if x != nil {
+		return x.Market
+	}
+	return ""
+}
+
+func (x *ReferencePrice) GetPrice() string {
+	if x != nil {
+		return x.Price
+	}
+	return ""
+}
+
+func (x *ReferencePrice) GetSeq() int64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
 // A set of limits: an account's overrides, or the exchange defaults.
 type Limits struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -321,7 +514,7 @@ type Limits struct {
 
 func (x *Limits) Reset() {
 	*x = Limits{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[2]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -333,7 +526,7 @@ func (x *Limits) String() string {
 func (*Limits) ProtoMessage() {}
 
 func (x *Limits) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[2]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -346,7 +539,7 @@ func (x *Limits) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Limits.ProtoReflect.Descriptor instead.
 func (*Limits) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{2}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Limits) GetAccountId() string {
@@ -425,7 +618,7 @@ type KillSwitch struct {
 
 func (x *KillSwitch) Reset() {
 	*x = KillSwitch{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[3]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -437,7 +630,7 @@ func (x *KillSwitch) String() string {
 func (*KillSwitch) ProtoMessage() {}
 
 func (x *KillSwitch) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[3]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -450,7 +643,7 @@ func (x *KillSwitch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillSwitch.ProtoReflect.Descriptor instead.
 func (*KillSwitch) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{3}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *KillSwitch) GetScope() KillSwitchScope {
@@ -531,7 +724,7 @@ type KillSwitchEvent struct {
 
 func (x *KillSwitchEvent) Reset() {
 	*x = KillSwitchEvent{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[4]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -543,7 +736,7 @@ func (x *KillSwitchEvent) String() string {
 func (*KillSwitchEvent) ProtoMessage() {}
 
 func (x *KillSwitchEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[4]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -556,7 +749,7 @@ func (x *KillSwitchEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillSwitchEvent.ProtoReflect.Descriptor instead.
 func (*KillSwitchEvent) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{4}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *KillSwitchEvent) GetEventId() int64 {
@@ -625,7 +818,7 @@ type CheckOrderRequest struct {
 
 func (x *CheckOrderRequest) Reset() {
 	*x = CheckOrderRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[5]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -637,7 +830,7 @@ func (x *CheckOrderRequest) String() string {
 func (*CheckOrderRequest) ProtoMessage() {}
 
 func (x *CheckOrderRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[5]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -650,7 +843,7 @@ func (x *CheckOrderRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckOrderRequest.ProtoReflect.Descriptor instead.
 func (*CheckOrderRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{5}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *CheckOrderRequest) GetAccountId() string {
@@ -759,7 +952,7 @@ type RateLimitUsage struct {
 
 func (x *RateLimitUsage) Reset() {
 	*x = RateLimitUsage{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[6]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -771,7 +964,7 @@ func (x *RateLimitUsage) String() string {
 func (*RateLimitUsage) ProtoMessage() {}
 
 func (x *RateLimitUsage) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[6]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -784,7 +977,7 @@ func (x *RateLimitUsage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RateLimitUsage.ProtoReflect.Descriptor instead.
 func (*RateLimitUsage) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{6}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RateLimitUsage) GetLimit() int32 {
@@ -828,7 +1021,7 @@ type CheckOrderResponse struct {
 
 func (x *CheckOrderResponse) Reset() {
 	*x = CheckOrderResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[7]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -840,7 +1033,7 @@ func (x *CheckOrderResponse) String() string {
 func (*CheckOrderResponse) ProtoMessage() {}
 
 func (x *CheckOrderResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[7]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -853,7 +1046,7 @@ func (x *CheckOrderResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckOrderResponse.ProtoReflect.Descriptor instead.
 func (*CheckOrderResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{7}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CheckOrderResponse) GetAllowed() bool {
@@ -895,7 +1088,7 @@ type CheckOrdersRequest struct {
 
 func (x *CheckOrdersRequest) Reset() {
 	*x = CheckOrdersRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[8]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -907,7 +1100,7 @@ func (x *CheckOrdersRequest) String() string {
 func (*CheckOrdersRequest) ProtoMessage() {}
 
 func (x *CheckOrdersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[8]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -920,7 +1113,7 @@ func (x *CheckOrdersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckOrdersRequest.ProtoReflect.Descriptor instead.
 func (*CheckOrdersRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{8}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CheckOrdersRequest) GetChecks() []*CheckOrderRequest {
@@ -946,7 +1139,7 @@ type CheckOrderResult struct {
 
 func (x *CheckOrderResult) Reset() {
 	*x = CheckOrderResult{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[9]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -958,7 +1151,7 @@ func (x *CheckOrderResult) String() string {
 func (*CheckOrderResult) ProtoMessage() {}
 
 func (x *CheckOrderResult) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[9]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -971,7 +1164,7 @@ func (x *CheckOrderResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckOrderResult.ProtoReflect.Descriptor instead.
 func (*CheckOrderResult) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{9}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CheckOrderResult) GetStatus() *status.Status {
@@ -999,7 +1192,7 @@ type CheckOrdersResponse struct {
 
 func (x *CheckOrdersResponse) Reset() {
 	*x = CheckOrdersResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[10]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1011,7 +1204,7 @@ func (x *CheckOrdersResponse) String() string {
 func (*CheckOrdersResponse) ProtoMessage() {}
 
 func (x *CheckOrdersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[10]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1024,7 +1217,7 @@ func (x *CheckOrdersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckOrdersResponse.ProtoReflect.Descriptor instead.
 func (*CheckOrdersResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{10}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CheckOrdersResponse) GetResults() []*CheckOrderResult {
@@ -1055,7 +1248,7 @@ type CheckWithdrawalRequest struct {
 
 func (x *CheckWithdrawalRequest) Reset() {
 	*x = CheckWithdrawalRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[11]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1067,7 +1260,7 @@ func (x *CheckWithdrawalRequest) String() string {
 func (*CheckWithdrawalRequest) ProtoMessage() {}
 
 func (x *CheckWithdrawalRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[11]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1080,7 +1273,7 @@ func (x *CheckWithdrawalRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckWithdrawalRequest.ProtoReflect.Descriptor instead.
 func (*CheckWithdrawalRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{11}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *CheckWithdrawalRequest) GetWithdrawalId() string {
@@ -1139,7 +1332,7 @@ type CheckWithdrawalResponse struct {
 
 func (x *CheckWithdrawalResponse) Reset() {
 	*x = CheckWithdrawalResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[12]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1151,7 +1344,7 @@ func (x *CheckWithdrawalResponse) String() string {
 func (*CheckWithdrawalResponse) ProtoMessage() {}
 
 func (x *CheckWithdrawalResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[12]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1164,7 +1357,7 @@ func (x *CheckWithdrawalResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckWithdrawalResponse.ProtoReflect.Descriptor instead.
 func (*CheckWithdrawalResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{12}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CheckWithdrawalResponse) GetAllowed() bool {
@@ -1192,7 +1385,7 @@ type GetLimitsRequest struct {
 
 func (x *GetLimitsRequest) Reset() {
 	*x = GetLimitsRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[13]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1204,7 +1397,7 @@ func (x *GetLimitsRequest) String() string {
 func (*GetLimitsRequest) ProtoMessage() {}
 
 func (x *GetLimitsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[13]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1217,7 +1410,7 @@ func (x *GetLimitsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLimitsRequest.ProtoReflect.Descriptor instead.
 func (*GetLimitsRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{13}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *GetLimitsRequest) GetAccountId() string {
@@ -1238,7 +1431,7 @@ type GetLimitsResponse struct {
 
 func (x *GetLimitsResponse) Reset() {
 	*x = GetLimitsResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[14]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1250,7 +1443,7 @@ func (x *GetLimitsResponse) String() string {
 func (*GetLimitsResponse) ProtoMessage() {}
 
 func (x *GetLimitsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[14]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1263,7 +1456,7 @@ func (x *GetLimitsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetLimitsResponse.ProtoReflect.Descriptor instead.
 func (*GetLimitsResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{14}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *GetLimitsResponse) GetLimits() *Limits {
@@ -1289,7 +1482,7 @@ type SetLimitsRequest struct {
 
 func (x *SetLimitsRequest) Reset() {
 	*x = SetLimitsRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[15]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1301,7 +1494,7 @@ func (x *SetLimitsRequest) String() string {
 func (*SetLimitsRequest) ProtoMessage() {}
 
 func (x *SetLimitsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[15]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1314,7 +1507,7 @@ func (x *SetLimitsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetLimitsRequest.ProtoReflect.Descriptor instead.
 func (*SetLimitsRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{15}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SetLimitsRequest) GetRequestId() string {
@@ -1349,7 +1542,7 @@ type SetLimitsResponse struct {
 
 func (x *SetLimitsResponse) Reset() {
 	*x = SetLimitsResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[16]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1361,7 +1554,7 @@ func (x *SetLimitsResponse) String() string {
 func (*SetLimitsResponse) ProtoMessage() {}
 
 func (x *SetLimitsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[16]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1374,7 +1567,7 @@ func (x *SetLimitsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetLimitsResponse.ProtoReflect.Descriptor instead.
 func (*SetLimitsResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{16}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SetLimitsResponse) GetLimits() *Limits {
@@ -1409,7 +1602,7 @@ type SetKillSwitchRequest struct {
 
 func (x *SetKillSwitchRequest) Reset() {
 	*x = SetKillSwitchRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[17]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1421,7 +1614,7 @@ func (x *SetKillSwitchRequest) String() string {
 func (*SetKillSwitchRequest) ProtoMessage() {}
 
 func (x *SetKillSwitchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[17]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1434,7 +1627,7 @@ func (x *SetKillSwitchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKillSwitchRequest.ProtoReflect.Descriptor instead.
 func (*SetKillSwitchRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{17}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SetKillSwitchRequest) GetRequestId() string {
@@ -1504,7 +1697,7 @@ type SetKillSwitchResponse struct {
 
 func (x *SetKillSwitchResponse) Reset() {
 	*x = SetKillSwitchResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[18]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1516,7 +1709,7 @@ func (x *SetKillSwitchResponse) String() string {
 func (*SetKillSwitchResponse) ProtoMessage() {}
 
 func (x *SetKillSwitchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[18]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1529,7 +1722,7 @@ func (x *SetKillSwitchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKillSwitchResponse.ProtoReflect.Descriptor instead.
 func (*SetKillSwitchResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{18}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SetKillSwitchResponse) GetKillSwitch() *KillSwitch {
@@ -1554,7 +1747,7 @@ type ListKillSwitchesRequest struct {
 
 func (x *ListKillSwitchesRequest) Reset() {
 	*x = ListKillSwitchesRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[19]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1566,7 +1759,7 @@ func (x *ListKillSwitchesRequest) String() string {
 func (*ListKillSwitchesRequest) ProtoMessage() {}
 
 func (x *ListKillSwitchesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[19]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1579,7 +1772,7 @@ func (x *ListKillSwitchesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKillSwitchesRequest.ProtoReflect.Descriptor instead.
 func (*ListKillSwitchesRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{19}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListKillSwitchesRequest) GetEngagedOnly() bool {
@@ -1616,7 +1809,7 @@ type ListKillSwitchesResponse struct {
 
 func (x *ListKillSwitchesResponse) Reset() {
 	*x = ListKillSwitchesResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[20]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1628,7 +1821,7 @@ func (x *ListKillSwitchesResponse) String() string {
 func (*ListKillSwitchesResponse) ProtoMessage() {}
 
 func (x *ListKillSwitchesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[20]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1641,7 +1834,7 @@ func (x *ListKillSwitchesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKillSwitchesResponse.ProtoReflect.Descriptor instead.
 func (*ListKillSwitchesResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{20}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ListKillSwitchesResponse) GetKillSwitches() []*KillSwitch {
@@ -1675,7 +1868,20 @@ const file_cex_risk_v1_risk_proto_rawDesc = "" +
 	"\n" +
 	"max_amount\x18\x02 \x01(\tR\tmaxAmount\x12+\n" +
 	"\x12max_amount_per_day\x18\x03 \x01(\tR\x0fmaxAmountPerDay\x12)\n" +
-	"\x11max_count_per_day\x18\x04 \x01(\x05R\x0emaxCountPerDay\"\xcf\x02\n" +
+	"\x11max_count_per_day\x18\x04 \x01(\x05R\x0emaxCountPerDay\"\x13\n" +
+	"\x11WatchRulesRequest\"\xbe\x02\n" +
+	"\x12WatchRulesResponse\x12\x1d\n" +
+	"\n" +
+	"change_seq\x18\x01 \x01(\x03R\tchangeSeq\x12/\n" +
+	"\bdefaults\x18\x02 \x01(\v2\x13.cex.risk.v1.LimitsR\bdefaults\x12/\n" +
+	"\baccounts\x18\x03 \x03(\v2\x13.cex.risk.v1.LimitsR\baccounts\x12<\n" +
+	"\rkill_switches\x18\x04 \x03(\v2\x17.cex.risk.v1.KillSwitchR\fkillSwitches\x12F\n" +
+	"\x10reference_prices\x18\x05 \x03(\v2\x1b.cex.risk.v1.ReferencePriceR\x0freferencePrices\x12!\n" +
+	"\fheartbeat_ms\x18\x06 \x01(\x05R\vheartbeatMs\"P\n" +
+	"\x0eReferencePrice\x12\x16\n" +
+	"\x06market\x18\x01 \x01(\tR\x06market\x12\x14\n" +
+	"\x05price\x18\x02 \x01(\tR\x05price\x12\x10\n" +
+	"\x03seq\x18\x03 \x01(\x03R\x03seq\"\xcf\x02\n" +
 	"\x06Limits\x12\x1d\n" +
 	"\n" +
 	"account_id\x18\x01 \x01(\tR\taccountId\x121\n" +
@@ -1794,11 +2000,13 @@ const file_cex_risk_v1_risk_proto_rawDesc = "" +
 	"\vOrderAction\x12\x1c\n" +
 	"\x18ORDER_ACTION_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12ORDER_ACTION_PLACE\x10\x01\x12\x16\n" +
-	"\x12ORDER_ACTION_AMEND\x10\x022\xd7\x05\n" +
+	"\x12ORDER_ACTION_AMEND\x10\x022\xa8\x06\n" +
 	"\vRiskService\x12M\n" +
 	"\n" +
 	"CheckOrder\x12\x1e.cex.risk.v1.CheckOrderRequest\x1a\x1f.cex.risk.v1.CheckOrderResponse\x12P\n" +
-	"\vCheckOrders\x12\x1f.cex.risk.v1.CheckOrdersRequest\x1a .cex.risk.v1.CheckOrdersResponse\x12\\\n" +
+	"\vCheckOrders\x12\x1f.cex.risk.v1.CheckOrdersRequest\x1a .cex.risk.v1.CheckOrdersResponse\x12O\n" +
+	"\n" +
+	"WatchRules\x12\x1e.cex.risk.v1.WatchRulesRequest\x1a\x1f.cex.risk.v1.WatchRulesResponse0\x01\x12\\\n" +
 	"\x0fCheckWithdrawal\x12#.cex.risk.v1.CheckWithdrawalRequest\x1a$.cex.risk.v1.CheckWithdrawalResponse\x12d\n" +
 	"\tGetLimits\x12\x1d.cex.risk.v1.GetLimitsRequest\x1a\x1e.cex.risk.v1.GetLimitsResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/admin/limits\x12g\n" +
 	"\tSetLimits\x12\x1d.cex.risk.v1.SetLimitsRequest\x1a\x1e.cex.risk.v1.SetLimitsResponse\"\x1b\x82\xd3\xe4\x93\x02\x15:\x01*\"\x10/v1/admin/limits\x12y\n" +
@@ -1818,78 +2026,87 @@ func file_cex_risk_v1_risk_proto_rawDescGZIP() []byte {
 }
 
 var file_cex_risk_v1_risk_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_cex_risk_v1_risk_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_cex_risk_v1_risk_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_cex_risk_v1_risk_proto_goTypes = []any{
 	(KillSwitchScope)(0),             // 0: cex.risk.v1.KillSwitchScope
 	(OrderAction)(0),                 // 1: cex.risk.v1.OrderAction
 	(*MarketLimits)(nil),             // 2: cex.risk.v1.MarketLimits
 	(*WithdrawalLimits)(nil),         // 3: cex.risk.v1.WithdrawalLimits
-	(*Limits)(nil),                   // 4: cex.risk.v1.Limits
-	(*KillSwitch)(nil),               // 5: cex.risk.v1.KillSwitch
-	(*KillSwitchEvent)(nil),          // 6: cex.risk.v1.KillSwitchEvent
-	(*CheckOrderRequest)(nil),        // 7: cex.risk.v1.CheckOrderRequest
-	(*RateLimitUsage)(nil),           // 8: cex.risk.v1.RateLimitUsage
-	(*CheckOrderResponse)(nil),       // 9: cex.risk.v1.CheckOrderResponse
-	(*CheckOrdersRequest)(nil),       // 10: cex.risk.v1.CheckOrdersRequest
-	(*CheckOrderResult)(nil),         // 11: cex.risk.v1.CheckOrderResult
-	(*CheckOrdersResponse)(nil),      // 12: cex.risk.v1.CheckOrdersResponse
-	(*CheckWithdrawalRequest)(nil),   // 13: cex.risk.v1.CheckWithdrawalRequest
-	(*CheckWithdrawalResponse)(nil),  // 14: cex.risk.v1.CheckWithdrawalResponse
-	(*GetLimitsRequest)(nil),         // 15: cex.risk.v1.GetLimitsRequest
-	(*GetLimitsResponse)(nil),        // 16: cex.risk.v1.GetLimitsResponse
-	(*SetLimitsRequest)(nil),         // 17: cex.risk.v1.SetLimitsRequest
-	(*SetLimitsResponse)(nil),        // 18: cex.risk.v1.SetLimitsResponse
-	(*SetKillSwitchRequest)(nil),     // 19: cex.risk.v1.SetKillSwitchRequest
-	(*SetKillSwitchResponse)(nil),    // 20: cex.risk.v1.SetKillSwitchResponse
-	(*ListKillSwitchesRequest)(nil),  // 21: cex.risk.v1.ListKillSwitchesRequest
-	(*ListKillSwitchesResponse)(nil), // 22: cex.risk.v1.ListKillSwitchesResponse
-	(*timestamppb.Timestamp)(nil),    // 23: google.protobuf.Timestamp
-	(v1.Side)(0),                     // 24: cex.type.v1.Side
-	(v1.OrderType)(0),                // 25: cex.type.v1.OrderType
-	(*status.Status)(nil),            // 26: google.rpc.Status
+	(*WatchRulesRequest)(nil),        // 4: cex.risk.v1.WatchRulesRequest
+	(*WatchRulesResponse)(nil),       // 5: cex.risk.v1.WatchRulesResponse
+	(*ReferencePrice)(nil),           // 6: cex.risk.v1.ReferencePrice
+	(*Limits)(nil),                   // 7: cex.risk.v1.Limits
+	(*KillSwitch)(nil),               // 8: cex.risk.v1.KillSwitch
+	(*KillSwitchEvent)(nil),          // 9: cex.risk.v1.KillSwitchEvent
+	(*CheckOrderRequest)(nil),        // 10: cex.risk.v1.CheckOrderRequest
+	(*RateLimitUsage)(nil),           // 11: cex.risk.v1.RateLimitUsage
+	(*CheckOrderResponse)(nil),       // 12: cex.risk.v1.CheckOrderResponse
+	(*CheckOrdersRequest)(nil),       // 13: cex.risk.v1.CheckOrdersRequest
+	(*CheckOrderResult)(nil),         // 14: cex.risk.v1.CheckOrderResult
+	(*CheckOrdersResponse)(nil),      // 15: cex.risk.v1.CheckOrdersResponse
+	(*CheckWithdrawalRequest)(nil),   // 16: cex.risk.v1.CheckWithdrawalRequest
+	(*CheckWithdrawalResponse)(nil),  // 17: cex.risk.v1.CheckWithdrawalResponse
+	(*GetLimitsRequest)(nil),         // 18: cex.risk.v1.GetLimitsRequest
+	(*GetLimitsResponse)(nil),        // 19: cex.risk.v1.GetLimitsResponse
+	(*SetLimitsRequest)(nil),         // 20: cex.risk.v1.SetLimitsRequest
+	(*SetLimitsResponse)(nil),        // 21: cex.risk.v1.SetLimitsResponse
+	(*SetKillSwitchRequest)(nil),     // 22: cex.risk.v1.SetKillSwitchRequest
+	(*SetKillSwitchResponse)(nil),    // 23: cex.risk.v1.SetKillSwitchResponse
+	(*ListKillSwitchesRequest)(nil),  // 24: cex.risk.v1.ListKillSwitchesRequest
+	(*ListKillSwitchesResponse)(nil), // 25: cex.risk.v1.ListKillSwitchesResponse
+	(*timestamppb.Timestamp)(nil),    // 26: google.protobuf.Timestamp
+	(v1.Side)(0),                     // 27: cex.type.v1.Side
+	(v1.OrderType)(0),                // 28: cex.type.v1.OrderType
+	(*status.Status)(nil),            // 29: google.rpc.Status
 }
 var file_cex_risk_v1_risk_proto_depIdxs = []int32{
-	2,  // 0: cex.risk.v1.Limits.markets:type_name -> cex.risk.v1.MarketLimits
-	3,  // 1: cex.risk.v1.Limits.withdrawals:type_name -> cex.risk.v1.WithdrawalLimits
-	23, // 2: cex.risk.v1.Limits.update_time:type_name -> google.protobuf.Timestamp
-	0,  // 3: cex.risk.v1.KillSwitch.scope:type_name -> cex.risk.v1.KillSwitchScope
-	23, // 4: cex.risk.v1.KillSwitch.update_time:type_name -> google.protobuf.Timestamp
-	5,  // 5: cex.risk.v1.KillSwitchEvent.kill_switch:type_name -> cex.risk.v1.KillSwitch
-	1,  // 6: cex.risk.v1.CheckOrderRequest.action:type_name -> cex.risk.v1.OrderAction
-	24, // 7: cex.risk.v1.CheckOrderRequest.side:type_name -> cex.type.v1.Side
-	25, // 8: cex.risk.v1.CheckOrderRequest.type:type_name -> cex.type.v1.OrderType
-	26, // 9: cex.risk.v1.CheckOrderResponse.denial:type_name -> google.rpc.Status
-	8,  // 10: cex.risk.v1.CheckOrderResponse.rate_limit:type_name -> cex.risk.v1.RateLimitUsage
-	7,  // 11: cex.risk.v1.CheckOrdersRequest.checks:type_name -> cex.risk.v1.CheckOrderRequest
-	26, // 12: cex.risk.v1.CheckOrderResult.status:type_name -> google.rpc.Status
-	9,  // 13: cex.risk.v1.CheckOrderResult.response:type_name -> cex.risk.v1.CheckOrderResponse
-	11, // 14: cex.risk.v1.CheckOrdersResponse.results:type_name -> cex.risk.v1.CheckOrderResult
-	26, // 15: cex.risk.v1.CheckWithdrawalResponse.denial:type_name -> google.rpc.Status
-	4,  // 16: cex.risk.v1.GetLimitsResponse.limits:type_name -> cex.risk.v1.Limits
-	4,  // 17: cex.risk.v1.SetLimitsRequest.limits:type_name -> cex.risk.v1.Limits
-	4,  // 18: cex.risk.v1.SetLimitsResponse.limits:type_name -> cex.risk.v1.Limits
-	0,  // 19: cex.risk.v1.SetKillSwitchRequest.scope:type_name -> cex.risk.v1.KillSwitchScope
-	5,  // 20: cex.risk.v1.SetKillSwitchResponse.kill_switch:type_name -> cex.risk.v1.KillSwitch
-	5,  // 21: cex.risk.v1.ListKillSwitchesResponse.kill_switches:type_name -> cex.risk.v1.KillSwitch
-	7,  // 22: cex.risk.v1.RiskService.CheckOrder:input_type -> cex.risk.v1.CheckOrderRequest
-	10, // 23: cex.risk.v1.RiskService.CheckOrders:input_type -> cex.risk.v1.CheckOrdersRequest
-	13, // 24: cex.risk.v1.RiskService.CheckWithdrawal:input_type -> cex.risk.v1.CheckWithdrawalRequest
-	15, // 25: cex.risk.v1.RiskService.GetLimits:input_type -> cex.risk.v1.GetLimitsRequest
-	17, // 26: cex.risk.v1.RiskService.SetLimits:input_type -> cex.risk.v1.SetLimitsRequest
-	19, // 27: cex.risk.v1.RiskService.SetKillSwitch:input_type -> cex.risk.v1.SetKillSwitchRequest
-	21, // 28: cex.risk.v1.RiskService.ListKillSwitches:input_type -> cex.risk.v1.ListKillSwitchesRequest
-	9,  // 29: cex.risk.v1.RiskService.CheckOrder:output_type -> cex.risk.v1.CheckOrderResponse
-	12, // 30: cex.risk.v1.RiskService.CheckOrders:output_type -> cex.risk.v1.CheckOrdersResponse
-	14, // 31: cex.risk.v1.RiskService.CheckWithdrawal:output_type -> cex.risk.v1.CheckWithdrawalResponse
-	16, // 32: cex.risk.v1.RiskService.GetLimits:output_type -> cex.risk.v1.GetLimitsResponse
-	18, // 33: cex.risk.v1.RiskService.SetLimits:output_type -> cex.risk.v1.SetLimitsResponse
-	20, // 34: cex.risk.v1.RiskService.SetKillSwitch:output_type -> cex.risk.v1.SetKillSwitchResponse
-	22, // 35: cex.risk.v1.RiskService.ListKillSwitches:output_type -> cex.risk.v1.ListKillSwitchesResponse
-	29, // [29:36] is the sub-list for method output_type
-	22, // [22:29] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	7,  // 0: cex.risk.v1.WatchRulesResponse.defaults:type_name -> cex.risk.v1.Limits
+	7,  // 1: cex.risk.v1.WatchRulesResponse.accounts:type_name -> cex.risk.v1.Limits
+	8,  // 2: cex.risk.v1.WatchRulesResponse.kill_switches:type_name -> cex.risk.v1.KillSwitch
+	6,  // 3: cex.risk.v1.WatchRulesResponse.reference_prices:type_name -> cex.risk.v1.ReferencePrice
+	2,  // 4: cex.risk.v1.Limits.markets:type_name -> cex.risk.v1.MarketLimits
+	3,  // 5: cex.risk.v1.Limits.withdrawals:type_name -> cex.risk.v1.WithdrawalLimits
+	26, // 6: cex.risk.v1.Limits.update_time:type_name -> google.protobuf.Timestamp
+	0,  // 7: cex.risk.v1.KillSwitch.scope:type_name -> cex.risk.v1.KillSwitchScope
+	26, // 8: cex.risk.v1.KillSwitch.update_time:type_name -> google.protobuf.Timestamp
+	8,  // 9: cex.risk.v1.KillSwitchEvent.kill_switch:type_name -> cex.risk.v1.KillSwitch
+	1,  // 10: cex.risk.v1.CheckOrderRequest.action:type_name -> cex.risk.v1.OrderAction
+	27, // 11: cex.risk.v1.CheckOrderRequest.side:type_name -> cex.type.v1.Side
+	28, // 12: cex.risk.v1.CheckOrderRequest.type:type_name -> cex.type.v1.OrderType
+	29, // 13: cex.risk.v1.CheckOrderResponse.denial:type_name -> google.rpc.Status
+	11, // 14: cex.risk.v1.CheckOrderResponse.rate_limit:type_name -> cex.risk.v1.RateLimitUsage
+	10, // 15: cex.risk.v1.CheckOrdersRequest.checks:type_name -> cex.risk.v1.CheckOrderRequest
+	29, // 16: cex.risk.v1.CheckOrderResult.status:type_name -> google.rpc.Status
+	12, // 17: cex.risk.v1.CheckOrderResult.response:type_name -> cex.risk.v1.CheckOrderResponse
+	14, // 18: cex.risk.v1.CheckOrdersResponse.results:type_name -> cex.risk.v1.CheckOrderResult
+	29, // 19: cex.risk.v1.CheckWithdrawalResponse.denial:type_name -> google.rpc.Status
+	7,  // 20: cex.risk.v1.GetLimitsResponse.limits:type_name -> cex.risk.v1.Limits
+	7,  // 21: cex.risk.v1.SetLimitsRequest.limits:type_name -> cex.risk.v1.Limits
+	7,  // 22: cex.risk.v1.SetLimitsResponse.limits:type_name -> cex.risk.v1.Limits
+	0,  // 23: cex.risk.v1.SetKillSwitchRequest.scope:type_name -> cex.risk.v1.KillSwitchScope
+	8,  // 24: cex.risk.v1.SetKillSwitchResponse.kill_switch:type_name -> cex.risk.v1.KillSwitch
+	8,  // 25: cex.risk.v1.ListKillSwitchesResponse.kill_switches:type_name -> cex.risk.v1.KillSwitch
+	10, // 26: cex.risk.v1.RiskService.CheckOrder:input_type -> cex.risk.v1.CheckOrderRequest
+	13, // 27: cex.risk.v1.RiskService.CheckOrders:input_type -> cex.risk.v1.CheckOrdersRequest
+	4,  // 28: cex.risk.v1.RiskService.WatchRules:input_type -> cex.risk.v1.WatchRulesRequest
+	16, // 29: cex.risk.v1.RiskService.CheckWithdrawal:input_type -> cex.risk.v1.CheckWithdrawalRequest
+	18, // 30: cex.risk.v1.RiskService.GetLimits:input_type -> cex.risk.v1.GetLimitsRequest
+	20, // 31: cex.risk.v1.RiskService.SetLimits:input_type -> cex.risk.v1.SetLimitsRequest
+	22, // 32: cex.risk.v1.RiskService.SetKillSwitch:input_type -> cex.risk.v1.SetKillSwitchRequest
+	24, // 33: cex.risk.v1.RiskService.ListKillSwitches:input_type -> cex.risk.v1.ListKillSwitchesRequest
+	12, // 34: cex.risk.v1.RiskService.CheckOrder:output_type -> cex.risk.v1.CheckOrderResponse
+	15, // 35: cex.risk.v1.RiskService.CheckOrders:output_type -> cex.risk.v1.CheckOrdersResponse
+	5,  // 36: cex.risk.v1.RiskService.WatchRules:output_type -> cex.risk.v1.WatchRulesResponse
+	17, // 37: cex.risk.v1.RiskService.CheckWithdrawal:output_type -> cex.risk.v1.CheckWithdrawalResponse
+	19, // 38: cex.risk.v1.RiskService.GetLimits:output_type -> cex.risk.v1.GetLimitsResponse
+	21, // 39: cex.risk.v1.RiskService.SetLimits:output_type -> cex.risk.v1.SetLimitsResponse
+	23, // 40: cex.risk.v1.RiskService.SetKillSwitch:output_type -> cex.risk.v1.SetKillSwitchResponse
+	25, // 41: cex.risk.v1.RiskService.ListKillSwitches:output_type -> cex.risk.v1.ListKillSwitchesResponse
+	34, // [34:42] is the sub-list for method output_type
+	26, // [26:34] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_cex_risk_v1_risk_proto_init() }
@@ -1903,7 +2120,7 @@ func file_cex_risk_v1_risk_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cex_risk_v1_risk_proto_rawDesc), len(file_cex_risk_v1_risk_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   21,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -28,6 +28,7 @@ const _ = grpc.SupportPackageIsVersion9
 const (
 	RiskService_CheckOrder_FullMethodName       = "/cex.risk.v1.RiskService/CheckOrder"
 	RiskService_CheckOrders_FullMethodName      = "/cex.risk.v1.RiskService/CheckOrders"
+	RiskService_WatchRules_FullMethodName       = "/cex.risk.v1.RiskService/WatchRules"
 	RiskService_CheckWithdrawal_FullMethodName  = "/cex.risk.v1.RiskService/CheckWithdrawal"
 	RiskService_GetLimits_FullMethodName        = "/cex.risk.v1.RiskService/GetLimits"
 	RiskService_SetLimits_FullMethodName        = "/cex.risk.v1.RiskService/SetLimits"
@@ -49,6 +50,13 @@ type RiskServiceClient interface {
 	// CheckOrder would answer it (its own error, or its own allowed/denial), in
 	// the order given. Consumes rate-limit budget per check.
 	CheckOrders(ctx context.Context, in *CheckOrdersRequest, opts ...grpc.CallOption) (*CheckOrdersResponse, error)
+	// Internal: the rules the pre-trade checks apply (limits, kill switches,
+	// reference prices), for a gateway that runs risk's order checks in its own
+	// process (the order service): the whole set on connect, again at once after
+	// every change, and every heartbeat otherwise, so a follower that hears
+	// nothing for a few heartbeats knows its copy is stale. Risk keeps ownership:
+	// the admin calls below change the rules, this only publishes them.
+	WatchRules(ctx context.Context, in *WatchRulesRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchRulesResponse], error)
 	// Internal: checks a withdrawal against limits, velocity, kill switches and
 	// auditor halts.
 	CheckWithdrawal(ctx context.Context, in *CheckWithdrawalRequest, opts ...grpc.CallOption) (*CheckWithdrawalResponse, error)
@@ -90,6 +98,25 @@ func (c *riskServiceClient) CheckOrders(ctx context.Context, in *CheckOrdersRequ
 	}
 	return out, nil
 }
+
+func (c *riskServiceClient) WatchRules(ctx context.Context, in *WatchRulesRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchRulesResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &RiskService_ServiceDesc.Streams[0], RiskService_WatchRules_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchRulesRequest, WatchRulesResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type RiskService_WatchRulesClient = grpc.ServerStreamingClient[WatchRulesResponse]
 
 func (c *riskServiceClient) CheckWithdrawal(ctx context.Context, in *CheckWithdrawalRequest, opts ...grpc.CallOption) (*CheckWithdrawalResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
@@ -155,6 +182,13 @@ type RiskServiceServer interface {
 	// CheckOrder would answer it (its own error, or its own allowed/denial), in
 	// the order given. Consumes rate-limit budget per check.
 	CheckOrders(context.Context, *CheckOrdersRequest) (*CheckOrdersResponse, error)
+	// Internal: the rules the pre-trade checks apply (limits, kill switches,
+	// reference prices), for a gateway that runs risk's order checks in its own
+	// process (the order service): the whole set on connect, again at once after
+	// every change, and every heartbeat otherwise, so a follower that hears
+	// nothing for a few heartbeats knows its copy is stale. Risk keeps ownership:
+	// the admin calls below change the rules, this only publishes them.
+	WatchRules(*WatchRulesRequest, grpc.ServerStreamingServer[WatchRulesResponse]) error
 	// Internal: checks a withdrawal against limits, velocity, kill switches and
 	// auditor halts.
 	CheckWithdrawal(context.Context, *CheckWithdrawalRequest) (*CheckWithdrawalResponse, error)
@@ -182,6 +216,9 @@ func (UnimplementedRiskServiceServer) CheckOrder(context.Context, *CheckOrderReq
 }
 func (UnimplementedRiskServiceServer) CheckOrders(context.Context, *CheckOrdersRequest) (*CheckOrdersResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CheckOrders not implemented")
+}
+func (UnimplementedRiskServiceServer) WatchRules(*WatchRulesRequest, grpc.ServerStreamingServer[WatchRulesResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchRules not implemented")
 }
 func (UnimplementedRiskServiceServer) CheckWithdrawal(context.Context, *CheckWithdrawalRequest) (*CheckWithdrawalResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CheckWithdrawal not implemented")
@@ -254,6 +291,17 @@ func _RiskService_CheckOrders_Handler(srv interface{}, ctx context.Context, dec 
 	}
 	return interceptor(ctx, in, info, handler)
 }
+
+func _RiskService_WatchRules_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchRulesRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(RiskServiceServer).WatchRules(m, &grpc.GenericServerStream[WatchRulesRequest, WatchRulesResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type RiskService_WatchRulesServer = grpc.ServerStreamingServer[WatchRulesResponse]
 
 func _RiskService_CheckWithdrawal_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(CheckWithdrawalRequest)
@@ -381,6 +429,12 @@ var RiskService_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _RiskService_ListKillSwitches_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "WatchRules",
+			Handler:       _RiskService_WatchRules_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "cex/risk/v1/risk.proto",
 }

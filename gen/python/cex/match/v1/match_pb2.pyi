@@ -254,6 +254,28 @@ class MassCancelCommand(_message.Message):
 Global___MassCancelCommand: _TypeAlias = MassCancelCommand  # noqa: Y015
 
 @_typing.final
+class ExpireCommand(_message.Message):
+    """Advance the market's clock to the command's time: GTD orders due by then
+    are cancelled (reason EXPIRED) and their funds released, as any command
+    does before its own work. Match sends it to itself when a GTD order falls
+    due in a market that is otherwise idle, so expiry is on time and is
+    journaled like every other change.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExpireCommand: _TypeAlias = ExpireCommand  # noqa: Y015
+
+@_typing.final
 class Command(_message.Message):
     """One command for one market."""
 
@@ -285,6 +307,7 @@ class Command(_message.Message):
     CANCEL_FIELD_NUMBER: _builtins.int
     AMEND_FIELD_NUMBER: _builtins.int
     MASS_CANCEL_FIELD_NUMBER: _builtins.int
+    EXPIRE_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     """Idempotency id, unique per market, chosen by the sender and derived from
@@ -309,6 +332,10 @@ class Command(_message.Message):
         """Cancel many orders."""
 
     @_builtins.property
+    def expire(self) -> Global___ExpireCommand:
+        """Expire what is due (match's own clock; see ExpireCommand)."""
+
+    @_builtins.property
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """W3C trace context of the request the command serves (`traceparent`,
         `tracestate`): a stream carries many requests' commands, and gRPC metadata
@@ -325,13 +352,14 @@ class Command(_message.Message):
         cancel: Global___CancelCommand | None = ...,
         amend: Global___AmendCommand | None = ...,
         mass_cancel: Global___MassCancelCommand | None = ...,
+        expire: Global___ExpireCommand | None = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "kind", b"kind", "mass_cancel", b"mass_cancel", "place", b"place"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "expire", b"expire", "kind", b"kind", "mass_cancel", b"mass_cancel", "place", b"place"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "command_id", b"command_id", "kind", b"kind", "market", b"market", "mass_cancel", b"mass_cancel", "place", b"place", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "command_id", b"command_id", "expire", b"expire", "kind", b"kind", "market", b"market", "mass_cancel", b"mass_cancel", "place", b"place", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["place", "cancel", "amend", "mass_cancel"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["place", "cancel", "amend", "mass_cancel", "expire"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -1090,9 +1118,36 @@ class ReplayEventsRequest(_message.Message):
 Global___ReplayEventsRequest: _TypeAlias = ReplayEventsRequest  # noqa: Y015
 
 @_typing.final
-class ReplayEventsResponse(_message.Message):
-    """Response for MatchService.ReplayEvents."""
+class EventBatch(_message.Message):
+    """Response for MatchService.ReplayEvents.
+    What match publishes on NATS: one message per journal commit (or per
+    round of the publisher once it is behind), subject `match.events.<market>`,
+    header `Nats-Msg-Id: <market>:<first seq>-<last seq>`. Consumers apply the
+    events by seq and fill any gap from ReplayEvents.
+    """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___MatchEvent]:
+        """Consecutive events of one market in seq order."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___MatchEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventBatch: _TypeAlias = EventBatch  # noqa: Y015
+
+@_typing.final
+class ReplayEventsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENTS_FIELD_NUMBER: _builtins.int

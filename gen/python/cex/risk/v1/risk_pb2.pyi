@@ -155,6 +155,105 @@ class WithdrawalLimits(_message.Message):
 Global___WithdrawalLimits: _TypeAlias = WithdrawalLimits  # noqa: Y015
 
 @_typing.final
+class WatchRulesRequest(_message.Message):
+    """WatchRules takes no parameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRulesRequest: _TypeAlias = WatchRulesRequest  # noqa: Y015
+
+@_typing.final
+class WatchRulesResponse(_message.Message):
+    """Everything the pre-trade order checks read (the rules), as of change_seq."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_SEQ_FIELD_NUMBER: _builtins.int
+    DEFAULTS_FIELD_NUMBER: _builtins.int
+    ACCOUNTS_FIELD_NUMBER: _builtins.int
+    KILL_SWITCHES_FIELD_NUMBER: _builtins.int
+    REFERENCE_PRICES_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_MS_FIELD_NUMBER: _builtins.int
+    change_seq: _builtins.int
+    """Risk's change sequence of limits and kill switches: it grows with every
+    change; a follower keeps the highest it has seen.
+    """
+    heartbeat_ms: _builtins.int
+    """How often the stream sends when nothing changes."""
+    @_builtins.property
+    def defaults(self) -> Global___Limits:
+        """The exchange defaults (account_id empty)."""
+
+    @_builtins.property
+    def accounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Limits]:
+        """Every account's own overrides (accounts without any use the defaults)."""
+
+    @_builtins.property
+    def kill_switches(self) -> _containers.RepeatedCompositeFieldContainer[Global___KillSwitch]:
+        """The engaged kill switches."""
+
+    @_builtins.property
+    def reference_prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReferencePrice]:
+        """The reference price of each market that has traded."""
+
+    def __init__(
+        self,
+        *,
+        change_seq: _builtins.int = ...,
+        defaults: Global___Limits | None = ...,
+        accounts: _abc.Iterable[Global___Limits] | None = ...,
+        kill_switches: _abc.Iterable[Global___KillSwitch] | None = ...,
+        reference_prices: _abc.Iterable[Global___ReferencePrice] | None = ...,
+        heartbeat_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["defaults", b"defaults"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts", b"accounts", "change_seq", b"change_seq", "defaults", b"defaults", "heartbeat_ms", b"heartbeat_ms", "kill_switches", b"kill_switches", "reference_prices", b"reference_prices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRulesResponse: _TypeAlias = WatchRulesResponse  # noqa: Y015
+
+@_typing.final
+class ReferencePrice(_message.Message):
+    """A market's reference price (its last trade, from match's events)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MARKET_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    market: _builtins.str
+    """The market symbol."""
+    price: _builtins.str
+    """The price, a decimal string on the market's tick grid."""
+    seq: _builtins.int
+    """The match event sequence of the trade it comes from."""
+    def __init__(
+        self,
+        *,
+        market: _builtins.str = ...,
+        price: _builtins.str = ...,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["market", b"market", "price", b"price", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReferencePrice: _TypeAlias = ReferencePrice  # noqa: Y015
+
+@_typing.final
 class Limits(_message.Message):
     """A set of limits: an account's overrides, or the exchange defaults."""
 

@@ -45,6 +45,11 @@ class RiskServiceStub:
                 request_serializer=cex_dot_risk_dot_v1_dot_risk__pb2.CheckOrdersRequest.SerializeToString,
                 response_deserializer=cex_dot_risk_dot_v1_dot_risk__pb2.CheckOrdersResponse.FromString,
                 _registered_method=True)
+        self.WatchRules = channel.unary_stream(
+                '/cex.risk.v1.RiskService/WatchRules',
+                request_serializer=cex_dot_risk_dot_v1_dot_risk__pb2.WatchRulesRequest.SerializeToString,
+                response_deserializer=cex_dot_risk_dot_v1_dot_risk__pb2.WatchRulesResponse.FromString,
+                _registered_method=True)
         self.CheckWithdrawal = channel.unary_unary(
                 '/cex.risk.v1.RiskService/CheckWithdrawal',
                 request_serializer=cex_dot_risk_dot_v1_dot_risk__pb2.CheckWithdrawalRequest.SerializeToString,
@@ -89,6 +94,18 @@ class RiskServiceServicer:
         checks of concurrent orders). Each check is answered on its own, exactly as
         CheckOrder would answer it (its own error, or its own allowed/denial), in
         the order given. Consumes rate-limit budget per check.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchRules(self, request, context):
+        """Internal: the rules the pre-trade checks apply (limits, kill switches,
+        reference prices), for a gateway that runs risk's order checks in its own
+        process (the order service): the whole set on connect, again at once after
+        every change, and every heartbeat otherwise, so a follower that hears
+        nothing for a few heartbeats knows its copy is stale. Risk keeps ownership:
+        the admin calls below change the rules, this only publishes them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,6 +160,11 @@ def add_RiskServiceServicer_to_server(servicer, server):
                     servicer.CheckOrders,
                     request_deserializer=cex_dot_risk_dot_v1_dot_risk__pb2.CheckOrdersRequest.FromString,
                     response_serializer=cex_dot_risk_dot_v1_dot_risk__pb2.CheckOrdersResponse.SerializeToString,
+            ),
+            'WatchRules': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRules,
+                    request_deserializer=cex_dot_risk_dot_v1_dot_risk__pb2.WatchRulesRequest.FromString,
+                    response_serializer=cex_dot_risk_dot_v1_dot_risk__pb2.WatchRulesResponse.SerializeToString,
             ),
             'CheckWithdrawal': grpc.unary_unary_rpc_method_handler(
                     servicer.CheckWithdrawal,
@@ -225,6 +247,33 @@ class RiskService:
             '/cex.risk.v1.RiskService/CheckOrders',
             cex_dot_risk_dot_v1_dot_risk__pb2.CheckOrdersRequest.SerializeToString,
             cex_dot_risk_dot_v1_dot_risk__pb2.CheckOrdersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cex.risk.v1.RiskService/WatchRules',
+            cex_dot_risk_dot_v1_dot_risk__pb2.WatchRulesRequest.SerializeToString,
+            cex_dot_risk_dot_v1_dot_risk__pb2.WatchRulesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,14 @@ class RiskServiceStub:
     CheckOrder would answer it (its own error, or its own allowed/denial), in
     the order given. Consumes rate-limit budget per check.
     """
+    WatchRules: _grpc.UnaryStreamMultiCallable[_risk_pb2.WatchRulesRequest, _risk_pb2.WatchRulesResponse]
+    """Internal: the rules the pre-trade checks apply (limits, kill switches,
+    reference prices), for a gateway that runs risk's order checks in its own
+    process (the order service): the whole set on connect, again at once after
+    every change, and every heartbeat otherwise, so a follower that hears
+    nothing for a few heartbeats knows its copy is stale. Risk keeps ownership:
+    the admin calls below change the rules, this only publishes them.
+    """
     CheckWithdrawal: _grpc.UnaryUnaryMultiCallable[_risk_pb2.CheckWithdrawalRequest, _risk_pb2.CheckWithdrawalResponse]
     """Internal: checks a withdrawal against limits, velocity, kill switches and
     auditor halts.
@@ -78,6 +86,14 @@ class RiskServiceAsyncStub(RiskServiceStub):
     checks of concurrent orders). Each check is answered on its own, exactly as
     CheckOrder would answer it (its own error, or its own allowed/denial), in
     the order given. Consumes rate-limit budget per check.
+    """
+    WatchRules: _aio.UnaryStreamMultiCallable[_risk_pb2.WatchRulesRequest, _risk_pb2.WatchRulesResponse]  # type: ignore[assignment]
+    """Internal: the rules the pre-trade checks apply (limits, kill switches,
+    reference prices), for a gateway that runs risk's order checks in its own
+    process (the order service): the whole set on connect, again at once after
+    every change, and every heartbeat otherwise, so a follower that hears
+    nothing for a few heartbeats knows its copy is stale. Risk keeps ownership:
+    the admin calls below change the rules, this only publishes them.
     """
     CheckWithdrawal: _aio.UnaryUnaryMultiCallable[_risk_pb2.CheckWithdrawalRequest, _risk_pb2.CheckWithdrawalResponse]  # type: ignore[assignment]
     """Internal: checks a withdrawal against limits, velocity, kill switches and
@@ -117,6 +133,20 @@ class RiskServiceServicer(metaclass=_abc_1.ABCMeta):
         checks of concurrent orders). Each check is answered on its own, exactly as
         CheckOrder would answer it (its own error, or its own allowed/denial), in
         the order given. Consumes rate-limit budget per check.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchRules(
+        self,
+        request: _risk_pb2.WatchRulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_risk_pb2.WatchRulesResponse], _abc.AsyncIterator[_risk_pb2.WatchRulesResponse]]:
+        """Internal: the rules the pre-trade checks apply (limits, kill switches,
+        reference prices), for a gateway that runs risk's order checks in its own
+        process (the order service): the whole set on connect, again at once after
+        every change, and every heartbeat otherwise, so a follower that hears
+        nothing for a few heartbeats knows its copy is stale. Risk keeps ownership:
+        the admin calls below change the rules, this only publishes them.
         """
 
     @_abc_1.abstractmethod

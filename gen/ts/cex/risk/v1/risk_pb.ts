@@ -24,7 +24,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cex/risk/v1/risk.proto.
  */
 export const file_cex_risk_v1_risk: GenFile = /*@__PURE__*/
-  fileDesc("ChZjZXgvcmlzay92MS9yaXNrLnByb3RvEgtjZXgucmlzay52MSKDAQoMTWFya2V0TGltaXRzEg4KBm1hcmtldBgBIAEoCRIaChJtYXhfb3JkZXJfcXVhbnRpdHkYAiABKAkSGgoSbWF4X29yZGVyX25vdGlvbmFsGAMgASgJEhIKCnByaWNlX2JhbmQYBCABKAkSFwoPbWF4X29wZW5fb3JkZXJzGAUgASgFImwKEFdpdGhkcmF3YWxMaW1pdHMSDQoFYXNzZXQYASABKAkSEgoKbWF4X2Ftb3VudBgCIAEoCRIaChJtYXhfYW1vdW50X3Blcl9kYXkYAyABKAkSGQoRbWF4X2NvdW50X3Blcl9kYXkYBCABKAUi9gEKBkxpbWl0cxISCgphY2NvdW50X2lkGAEgASgJEh0KFW1heF9vcmRlcnNfcGVyX3NlY29uZBgCIAEoBRIXCg9tYXhfb3Blbl9vcmRlcnMYAyABKAUSKgoHbWFya2V0cxgEIAMoCzIZLmNleC5yaXNrLnYxLk1hcmtldExpbWl0cxIyCgt3aXRoZHJhd2FscxgFIAMoCzIdLmNleC5yaXNrLnYxLldpdGhkcmF3YWxMaW1pdHMSDwoHdmVyc2lvbhgGIAEoAxIvCgt1cGRhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi3gEKCktpbGxTd2l0Y2gSKwoFc2NvcGUYASABKA4yHC5jZXgucmlzay52MS5LaWxsU3dpdGNoU2NvcGUSDgoGbWFya2V0GAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSDwoHZW5nYWdlZBgEIAEoCBIZChFibG9ja193aXRoZHJhd2FscxgFIAEoCBIOCgZyZWFzb24YBiABKAkSEgoKdXBkYXRlZF9ieRgHIAEoCRIvCgt1cGRhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAigQEKD0tpbGxTd2l0Y2hFdmVudBIQCghldmVudF9pZBgBIAEoAxIsCgtraWxsX3N3aXRjaBgCIAEoCzIXLmNleC5yaXNrLnYxLktpbGxTd2l0Y2gSGgoSY2FuY2VsX29wZW5fb3JkZXJzGAMgASgIEhIKCnJlcXVlc3RfaWQYBCABKAki0QIKEUNoZWNrT3JkZXJSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDgoGbWFya2V0GAIgASgJEigKBmFjdGlvbhgDIAEoDjIYLmNleC5yaXNrLnYxLk9yZGVyQWN0aW9uEhAKCG9yZGVyX2lkGAQgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgFIAEoCRIfCgRzaWRlGAYgASgOMhEuY2V4LnR5cGUudjEuU2lkZRIkCgR0eXBlGAcgASgOMhYuY2V4LnR5cGUudjEuT3JkZXJUeXBlEg0KBXByaWNlGAggASgJEhIKCnN0b3BfcHJpY2UYCSABKAkSEAoIcXVhbnRpdHkYCiABKAkSFgoOcXVvdGVfcXVhbnRpdHkYCyABKAkSEwoLb3Blbl9vcmRlcnMYDCABKAUSGgoSbWFya2V0X29wZW5fb3JkZXJzGA0gASgFIkAKDlJhdGVMaW1pdFVzYWdlEg0KBWxpbWl0GAEgASgFEgwKBHVzZWQYAiABKAUSEQoJcmVtYWluaW5nGAMgASgFIpMBChJDaGVja09yZGVyUmVzcG9uc2USDwoHYWxsb3dlZBgBIAEoCBIiCgZkZW5pYWwYAiABKAsyEi5nb29nbGUucnBjLlN0YXR1cxIXCg9yZWZlcmVuY2VfcHJpY2UYAyABKAkSLwoKcmF0ZV9saW1pdBgEIAEoCzIbLmNleC5yaXNrLnYxLlJhdGVMaW1pdFVzYWdlIkQKEkNoZWNrT3JkZXJzUmVxdWVzdBIuCgZjaGVja3MYASADKAsyHi5jZXgucmlzay52MS5DaGVja09yZGVyUmVxdWVzdCJpChBDaGVja09yZGVyUmVzdWx0EiIKBnN0YXR1cxgBIAEoCzISLmdvb2dsZS5ycGMuU3RhdHVzEjEKCHJlc3BvbnNlGAIgASgLMh8uY2V4LnJpc2sudjEuQ2hlY2tPcmRlclJlc3BvbnNlIkUKE0NoZWNrT3JkZXJzUmVzcG9uc2USLgoHcmVzdWx0cxgBIAMoCzIdLmNleC5yaXNrLnYxLkNoZWNrT3JkZXJSZXN1bHQihAEKFkNoZWNrV2l0aGRyYXdhbFJlcXVlc3QSFQoNd2l0aGRyYXdhbF9pZBgBIAEoCRISCgphY2NvdW50X2lkGAIgASgJEg0KBWFzc2V0GAMgASgJEg4KBmFtb3VudBgEIAEoCRIPCgduZXR3b3JrGAUgASgJEg8KB2FkZHJlc3MYBiABKAkiTgoXQ2hlY2tXaXRoZHJhd2FsUmVzcG9uc2USDwoHYWxsb3dlZBgBIAEoCBIiCgZkZW5pYWwYAiABKAsyEi5nb29nbGUucnBjLlN0YXR1cyImChBHZXRMaW1pdHNSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkiOAoRR2V0TGltaXRzUmVzcG9uc2USIwoGbGltaXRzGAEgASgLMhMuY2V4LnJpc2sudjEuTGltaXRzImUKEFNldExpbWl0c1JlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIjCgZsaW1pdHMYAiABKAsyEy5jZXgucmlzay52MS5MaW1pdHMSGAoQZXhwZWN0ZWRfdmVyc2lvbhgDIAEoAyI4ChFTZXRMaW1pdHNSZXNwb25zZRIjCgZsaW1pdHMYASABKAsyEy5jZXgucmlzay52MS5MaW1pdHMi0wEKFFNldEtpbGxTd2l0Y2hSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSKwoFc2NvcGUYAiABKA4yHC5jZXgucmlzay52MS5LaWxsU3dpdGNoU2NvcGUSDgoGbWFya2V0GAMgASgJEhIKCmFjY291bnRfaWQYBCABKAkSDwoHZW5nYWdlZBgFIAEoCBIZChFibG9ja193aXRoZHJhd2FscxgGIAEoCBIaChJjYW5jZWxfb3Blbl9vcmRlcnMYByABKAgSDgoGcmVhc29uGAggASgJIkUKFVNldEtpbGxTd2l0Y2hSZXNwb25zZRIsCgtraWxsX3N3aXRjaBgBIAEoCzIXLmNleC5yaXNrLnYxLktpbGxTd2l0Y2giVgoXTGlzdEtpbGxTd2l0Y2hlc1JlcXVlc3QSFAoMZW5nYWdlZF9vbmx5GAEgASgIEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJImMKGExpc3RLaWxsU3dpdGNoZXNSZXNwb25zZRIuCg1raWxsX3N3aXRjaGVzGAEgAygLMhcuY2V4LnJpc2sudjEuS2lsbFN3aXRjaBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkqjwEKD0tpbGxTd2l0Y2hTY29wZRIhCh1LSUxMX1NXSVRDSF9TQ09QRV9VTlNQRUNJRklFRBAAEhwKGEtJTExfU1dJVENIX1NDT1BFX0dMT0JBTBABEhwKGEtJTExfU1dJVENIX1NDT1BFX01BUktFVBACEh0KGUtJTExfU1dJVENIX1NDT1BFX0FDQ09VTlQQAypbCgtPcmRlckFjdGlvbhIcChhPUkRFUl9BQ1RJT05fVU5TUEVDSUZJRUQQABIWChJPUkRFUl9BQ1RJT05fUExBQ0UQARIWChJPUkRFUl9BQ1RJT05fQU1FTkQQAjLXBQoLUmlza1NlcnZpY2USTQoKQ2hlY2tPcmRlchIeLmNleC5yaXNrLnYxLkNoZWNrT3JkZXJSZXF1ZXN0Gh8uY2V4LnJpc2sudjEuQ2hlY2tPcmRlclJlc3BvbnNlElAKC0NoZWNrT3JkZXJzEh8uY2V4LnJpc2sudjEuQ2hlY2tPcmRlcnNSZXF1ZXN0GiAuY2V4LnJpc2sudjEuQ2hlY2tPcmRlcnNSZXNwb25zZRJcCg9DaGVja1dpdGhkcmF3YWwSIy5jZXgucmlzay52MS5DaGVja1dpdGhkcmF3YWxSZXF1ZXN0GiQuY2V4LnJpc2sudjEuQ2hlY2tXaXRoZHJhd2FsUmVzcG9uc2USZAoJR2V0TGltaXRzEh0uY2V4LnJpc2sudjEuR2V0TGltaXRzUmVxdWVzdBoeLmNleC5yaXNrLnYxLkdldExpbWl0c1Jlc3BvbnNlIhiC0+STAhISEC92MS9hZG1pbi9saW1pdHMSZwoJU2V0TGltaXRzEh0uY2V4LnJpc2sudjEuU2V0TGltaXRzUmVxdWVzdBoeLmNleC5yaXNrLnYxLlNldExpbWl0c1Jlc3BvbnNlIhuC0+STAhU6ASoiEC92MS9hZG1pbi9saW1pdHMSeQoNU2V0S2lsbFN3aXRjaBIhLmNleC5yaXNrLnYxLlNldEtpbGxTd2l0Y2hSZXF1ZXN0GiIuY2V4LnJpc2sudjEuU2V0S2lsbFN3aXRjaFJlc3BvbnNlIiGC0+STAhs6ASoiFi92MS9hZG1pbi9raWxsU3dpdGNoZXMSfwoQTGlzdEtpbGxTd2l0Y2hlcxIkLmNleC5yaXNrLnYxLkxpc3RLaWxsU3dpdGNoZXNSZXF1ZXN0GiUuY2V4LnJpc2sudjEuTGlzdEtpbGxTd2l0Y2hlc1Jlc3BvbnNlIh6C0+STAhgSFi92MS9hZG1pbi9raWxsU3dpdGNoZXNiBnByb3RvMw", [file_cex_type_v1_types, file_google_api_annotations, file_google_protobuf_timestamp, file_google_rpc_status]);
+  fileDesc("ChZjZXgvcmlzay92MS9yaXNrLnByb3RvEgtjZXgucmlzay52MSKDAQoMTWFya2V0TGltaXRzEg4KBm1hcmtldBgBIAEoCRIaChJtYXhfb3JkZXJfcXVhbnRpdHkYAiABKAkSGgoSbWF4X29yZGVyX25vdGlvbmFsGAMgASgJEhIKCnByaWNlX2JhbmQYBCABKAkSFwoPbWF4X29wZW5fb3JkZXJzGAUgASgFImwKEFdpdGhkcmF3YWxMaW1pdHMSDQoFYXNzZXQYASABKAkSEgoKbWF4X2Ftb3VudBgCIAEoCRIaChJtYXhfYW1vdW50X3Blcl9kYXkYAyABKAkSGQoRbWF4X2NvdW50X3Blcl9kYXkYBCABKAUiEwoRV2F0Y2hSdWxlc1JlcXVlc3Qi8wEKEldhdGNoUnVsZXNSZXNwb25zZRISCgpjaGFuZ2Vfc2VxGAEgASgDEiUKCGRlZmF1bHRzGAIgASgLMhMuY2V4LnJpc2sudjEuTGltaXRzEiUKCGFjY291bnRzGAMgAygLMhMuY2V4LnJpc2sudjEuTGltaXRzEi4KDWtpbGxfc3dpdGNoZXMYBCADKAsyFy5jZXgucmlzay52MS5LaWxsU3dpdGNoEjUKEHJlZmVyZW5jZV9wcmljZXMYBSADKAsyGy5jZXgucmlzay52MS5SZWZlcmVuY2VQcmljZRIUCgxoZWFydGJlYXRfbXMYBiABKAUiPAoOUmVmZXJlbmNlUHJpY2USDgoGbWFya2V0GAEgASgJEg0KBXByaWNlGAIgASgJEgsKA3NlcRgDIAEoAyL2AQoGTGltaXRzEhIKCmFjY291bnRfaWQYASABKAkSHQoVbWF4X29yZGVyc19wZXJfc2Vjb25kGAIgASgFEhcKD21heF9vcGVuX29yZGVycxgDIAEoBRIqCgdtYXJrZXRzGAQgAygLMhkuY2V4LnJpc2sudjEuTWFya2V0TGltaXRzEjIKC3dpdGhkcmF3YWxzGAUgAygLMh0uY2V4LnJpc2sudjEuV2l0aGRyYXdhbExpbWl0cxIPCgd2ZXJzaW9uGAYgASgDEi8KC3VwZGF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLeAQoKS2lsbFN3aXRjaBIrCgVzY29wZRgBIAEoDjIcLmNleC5yaXNrLnYxLktpbGxTd2l0Y2hTY29wZRIOCgZtYXJrZXQYAiABKAkSEgoKYWNjb3VudF9pZBgDIAEoCRIPCgdlbmdhZ2VkGAQgASgIEhkKEWJsb2NrX3dpdGhkcmF3YWxzGAUgASgIEg4KBnJlYXNvbhgGIAEoCRISCgp1cGRhdGVkX2J5GAcgASgJEi8KC3VwZGF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKBAQoPS2lsbFN3aXRjaEV2ZW50EhAKCGV2ZW50X2lkGAEgASgDEiwKC2tpbGxfc3dpdGNoGAIgASgLMhcuY2V4LnJpc2sudjEuS2lsbFN3aXRjaBIaChJjYW5jZWxfb3Blbl9vcmRlcnMYAyABKAgSEgoKcmVxdWVzdF9pZBgEIAEoCSLRAgoRQ2hlY2tPcmRlclJlcXVlc3QSEgoKYWNjb3VudF9pZBgBIAEoCRIOCgZtYXJrZXQYAiABKAkSKAoGYWN0aW9uGAMgASgOMhguY2V4LnJpc2sudjEuT3JkZXJBY3Rpb24SEAoIb3JkZXJfaWQYBCABKAkSFwoPY2xpZW50X29yZGVyX2lkGAUgASgJEh8KBHNpZGUYBiABKA4yES5jZXgudHlwZS52MS5TaWRlEiQKBHR5cGUYByABKA4yFi5jZXgudHlwZS52MS5PcmRlclR5cGUSDQoFcHJpY2UYCCABKAkSEgoKc3RvcF9wcmljZRgJIAEoCRIQCghxdWFudGl0eRgKIAEoCRIWCg5xdW90ZV9xdWFudGl0eRgLIAEoCRITCgtvcGVuX29yZGVycxgMIAEoBRIaChJtYXJrZXRfb3Blbl9vcmRlcnMYDSABKAUiQAoOUmF0ZUxpbWl0VXNhZ2USDQoFbGltaXQYASABKAUSDAoEdXNlZBgCIAEoBRIRCglyZW1haW5pbmcYAyABKAUikwEKEkNoZWNrT3JkZXJSZXNwb25zZRIPCgdhbGxvd2VkGAEgASgIEiIKBmRlbmlhbBgCIAEoCzISLmdvb2dsZS5ycGMuU3RhdHVzEhcKD3JlZmVyZW5jZV9wcmljZRgDIAEoCRIvCgpyYXRlX2xpbWl0GAQgASgLMhsuY2V4LnJpc2sudjEuUmF0ZUxpbWl0VXNhZ2UiRAoSQ2hlY2tPcmRlcnNSZXF1ZXN0Ei4KBmNoZWNrcxgBIAMoCzIeLmNleC5yaXNrLnYxLkNoZWNrT3JkZXJSZXF1ZXN0ImkKEENoZWNrT3JkZXJSZXN1bHQSIgoGc3RhdHVzGAEgASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXMSMQoIcmVzcG9uc2UYAiABKAsyHy5jZXgucmlzay52MS5DaGVja09yZGVyUmVzcG9uc2UiRQoTQ2hlY2tPcmRlcnNSZXNwb25zZRIuCgdyZXN1bHRzGAEgAygLMh0uY2V4LnJpc2sudjEuQ2hlY2tPcmRlclJlc3VsdCKEAQoWQ2hlY2tXaXRoZHJhd2FsUmVxdWVzdBIVCg13aXRoZHJhd2FsX2lkGAEgASgJEhIKCmFjY291bnRfaWQYAiABKAkSDQoFYXNzZXQYAyABKAkSDgoGYW1vdW50GAQgASgJEg8KB25ldHdvcmsYBSABKAkSDwoHYWRkcmVzcxgGIAEoCSJOChdDaGVja1dpdGhkcmF3YWxSZXNwb25zZRIPCgdhbGxvd2VkGAEgASgIEiIKBmRlbmlhbBgCIAEoCzISLmdvb2dsZS5ycGMuU3RhdHVzIiYKEEdldExpbWl0c1JlcXVlc3QSEgoKYWNjb3VudF9pZBgBIAEoCSI4ChFHZXRMaW1pdHNSZXNwb25zZRIjCgZsaW1pdHMYASABKAsyEy5jZXgucmlzay52MS5MaW1pdHMiZQoQU2V0TGltaXRzUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEiMKBmxpbWl0cxgCIAEoCzITLmNleC5yaXNrLnYxLkxpbWl0cxIYChBleHBlY3RlZF92ZXJzaW9uGAMgASgDIjgKEVNldExpbWl0c1Jlc3BvbnNlEiMKBmxpbWl0cxgBIAEoCzITLmNleC5yaXNrLnYxLkxpbWl0cyLTAQoUU2V0S2lsbFN3aXRjaFJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIrCgVzY29wZRgCIAEoDjIcLmNleC5yaXNrLnYxLktpbGxTd2l0Y2hTY29wZRIOCgZtYXJrZXQYAyABKAkSEgoKYWNjb3VudF9pZBgEIAEoCRIPCgdlbmdhZ2VkGAUgASgIEhkKEWJsb2NrX3dpdGhkcmF3YWxzGAYgASgIEhoKEmNhbmNlbF9vcGVuX29yZGVycxgHIAEoCBIOCgZyZWFzb24YCCABKAkiRQoVU2V0S2lsbFN3aXRjaFJlc3BvbnNlEiwKC2tpbGxfc3dpdGNoGAEgASgLMhcuY2V4LnJpc2sudjEuS2lsbFN3aXRjaCJWChdMaXN0S2lsbFN3aXRjaGVzUmVxdWVzdBIUCgxlbmdhZ2VkX29ubHkYASABKAgSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiYwoYTGlzdEtpbGxTd2l0Y2hlc1Jlc3BvbnNlEi4KDWtpbGxfc3dpdGNoZXMYASADKAsyFy5jZXgucmlzay52MS5LaWxsU3dpdGNoEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSqPAQoPS2lsbFN3aXRjaFNjb3BlEiEKHUtJTExfU1dJVENIX1NDT1BFX1VOU1BFQ0lGSUVEEAASHAoYS0lMTF9TV0lUQ0hfU0NPUEVfR0xPQkFMEAESHAoYS0lMTF9TV0lUQ0hfU0NPUEVfTUFSS0VUEAISHQoZS0lMTF9TV0lUQ0hfU0NPUEVfQUNDT1VOVBADKlsKC09yZGVyQWN0aW9uEhwKGE9SREVSX0FDVElPTl9VTlNQRUNJRklFRBAAEhYKEk9SREVSX0FDVElPTl9QTEFDRRABEhYKEk9SREVSX0FDVElPTl9BTUVORBACMqgGCgtSaXNrU2VydmljZRJNCgpDaGVja09yZGVyEh4uY2V4LnJpc2sudjEuQ2hlY2tPcmRlclJlcXVlc3QaHy5jZXgucmlzay52MS5DaGVja09yZGVyUmVzcG9uc2USUAoLQ2hlY2tPcmRlcnMSHy5jZXgucmlzay52MS5DaGVja09yZGVyc1JlcXVlc3QaIC5jZXgucmlzay52MS5DaGVja09yZGVyc1Jlc3BvbnNlEk8KCldhdGNoUnVsZXMSHi5jZXgucmlzay52MS5XYXRjaFJ1bGVzUmVxdWVzdBofLmNleC5yaXNrLnYxLldhdGNoUnVsZXNSZXNwb25zZTABElwKD0NoZWNrV2l0aGRyYXdhbBIjLmNleC5yaXNrLnYxLkNoZWNrV2l0aGRyYXdhbFJlcXVlc3QaJC5jZXgucmlzay52MS5DaGVja1dpdGhkcmF3YWxSZXNwb25zZRJkCglHZXRMaW1pdHMSHS5jZXgucmlzay52MS5HZXRMaW1pdHNSZXF1ZXN0Gh4uY2V4LnJpc2sudjEuR2V0TGltaXRzUmVzcG9uc2UiGILT5JMCEhIQL3YxL2FkbWluL2xpbWl0cxJnCglTZXRMaW1pdHMSHS5jZXgucmlzay52MS5TZXRMaW1pdHNSZXF1ZXN0Gh4uY2V4LnJpc2sudjEuU2V0TGltaXRzUmVzcG9uc2UiG4LT5JMCFToBKiIQL3YxL2FkbWluL2xpbWl0cxJ5Cg1TZXRLaWxsU3dpdGNoEiEuY2V4LnJpc2sudjEuU2V0S2lsbFN3aXRjaFJlcXVlc3QaIi5jZXgucmlzay52MS5TZXRLaWxsU3dpdGNoUmVzcG9uc2UiIYLT5JMCGzoBKiIWL3YxL2FkbWluL2tpbGxTd2l0Y2hlcxJ/ChBMaXN0S2lsbFN3aXRjaGVzEiQuY2V4LnJpc2sudjEuTGlzdEtpbGxTd2l0Y2hlc1JlcXVlc3QaJS5jZXgucmlzay52MS5MaXN0S2lsbFN3aXRjaGVzUmVzcG9uc2UiHoLT5JMCGBIWL3YxL2FkbWluL2tpbGxTd2l0Y2hlc2IGcHJvdG8z", [file_cex_type_v1_types, file_google_api_annotations, file_google_protobuf_timestamp, file_google_rpc_status]);
 
 /**
  * Limits for one market. Decimal strings; empty means no limit of that kind.
@@ -119,6 +119,113 @@ export const WithdrawalLimitsSchema: GenMessage<WithdrawalLimits> = /*@__PURE__*
   messageDesc(file_cex_risk_v1_risk, 1);
 
 /**
+ * WatchRules takes no parameters.
+ *
+ * @generated from message cex.risk.v1.WatchRulesRequest
+ */
+export type WatchRulesRequest = Message<"cex.risk.v1.WatchRulesRequest"> & {
+};
+
+/**
+ * Describes the message cex.risk.v1.WatchRulesRequest.
+ * Use `create(WatchRulesRequestSchema)` to create a new message.
+ */
+export const WatchRulesRequestSchema: GenMessage<WatchRulesRequest> = /*@__PURE__*/
+  messageDesc(file_cex_risk_v1_risk, 2);
+
+/**
+ * Everything the pre-trade order checks read (the rules), as of change_seq.
+ *
+ * @generated from message cex.risk.v1.WatchRulesResponse
+ */
+export type WatchRulesResponse = Message<"cex.risk.v1.WatchRulesResponse"> & {
+  /**
+   * Risk's change sequence of limits and kill switches: it grows with every
+   * change; a follower keeps the highest it has seen.
+   *
+   * @generated from field: int64 change_seq = 1;
+   */
+  changeSeq: bigint;
+
+  /**
+   * The exchange defaults (account_id empty).
+   *
+   * @generated from field: cex.risk.v1.Limits defaults = 2;
+   */
+  defaults?: Limits | undefined;
+
+  /**
+   * Every account's own overrides (accounts without any use the defaults).
+   *
+   * @generated from field: repeated cex.risk.v1.Limits accounts = 3;
+   */
+  accounts: Limits[];
+
+  /**
+   * The engaged kill switches.
+   *
+   * @generated from field: repeated cex.risk.v1.KillSwitch kill_switches = 4;
+   */
+  killSwitches: KillSwitch[];
+
+  /**
+   * The reference price of each market that has traded.
+   *
+   * @generated from field: repeated cex.risk.v1.ReferencePrice reference_prices = 5;
+   */
+  referencePrices: ReferencePrice[];
+
+  /**
+   * How often the stream sends when nothing changes.
+   *
+   * @generated from field: int32 heartbeat_ms = 6;
+   */
+  heartbeatMs: number;
+};
+
+/**
+ * Describes the message cex.risk.v1.WatchRulesResponse.
+ * Use `create(WatchRulesResponseSchema)` to create a new message.
+ */
+export const WatchRulesResponseSchema: GenMessage<WatchRulesResponse> = /*@__PURE__*/
+  messageDesc(file_cex_risk_v1_risk, 3);
+
+/**
+ * A market's reference price (its last trade, from match's events).
+ *
+ * @generated from message cex.risk.v1.ReferencePrice
+ */
+export type ReferencePrice = Message<"cex.risk.v1.ReferencePrice"> & {
+  /**
+   * The market symbol.
+   *
+   * @generated from field: string market = 1;
+   */
+  market: string;
+
+  /**
+   * The price, a decimal string on the market's tick grid.
+   *
+   * @generated from field: string price = 2;
+   */
+  price: string;
+
+  /**
+   * The match event sequence of the trade it comes from.
+   *
+   * @generated from field: int64 seq = 3;
+   */
+  seq: bigint;
+};
+
+/**
+ * Describes the message cex.risk.v1.ReferencePrice.
+ * Use `create(ReferencePriceSchema)` to create a new message.
+ */
+export const ReferencePriceSchema: GenMessage<ReferencePrice> = /*@__PURE__*/
+  messageDesc(file_cex_risk_v1_risk, 4);
+
+/**
  * A set of limits: an account's overrides, or the exchange defaults.
  *
  * @generated from message cex.risk.v1.Limits
@@ -179,7 +286,7 @@ export type Limits = Message<"cex.risk.v1.Limits"> & {
  * Use `create(LimitsSchema)` to create a new message.
  */
 export const LimitsSchema: GenMessage<Limits> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 2);
+  messageDesc(file_cex_risk_v1_risk, 5);
 
 /**
  * A kill switch. While engaged, new orders in its scope are refused (and, on
@@ -251,7 +358,7 @@ export type KillSwitch = Message<"cex.risk.v1.KillSwitch"> & {
  * Use `create(KillSwitchSchema)` to create a new message.
  */
 export const KillSwitchSchema: GenMessage<KillSwitch> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 3);
+  messageDesc(file_cex_risk_v1_risk, 6);
 
 /**
  * Published on JetStream (stream RISK_EVENTS, subject risk.events.kill_switch,
@@ -298,7 +405,7 @@ export type KillSwitchEvent = Message<"cex.risk.v1.KillSwitchEvent"> & {
  * Use `create(KillSwitchEventSchema)` to create a new message.
  */
 export const KillSwitchEventSchema: GenMessage<KillSwitchEvent> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 4);
+  messageDesc(file_cex_risk_v1_risk, 7);
 
 /**
  * Request for RiskService.CheckOrder.
@@ -406,7 +513,7 @@ export type CheckOrderRequest = Message<"cex.risk.v1.CheckOrderRequest"> & {
  * Use `create(CheckOrderRequestSchema)` to create a new message.
  */
 export const CheckOrderRequestSchema: GenMessage<CheckOrderRequest> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 5);
+  messageDesc(file_cex_risk_v1_risk, 8);
 
 /**
  * An account's order rate-limit budget (a token bucket refilled every second).
@@ -441,7 +548,7 @@ export type RateLimitUsage = Message<"cex.risk.v1.RateLimitUsage"> & {
  * Use `create(RateLimitUsageSchema)` to create a new message.
  */
 export const RateLimitUsageSchema: GenMessage<RateLimitUsage> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 6);
+  messageDesc(file_cex_risk_v1_risk, 9);
 
 /**
  * Response for RiskService.CheckOrder.
@@ -486,7 +593,7 @@ export type CheckOrderResponse = Message<"cex.risk.v1.CheckOrderResponse"> & {
  * Use `create(CheckOrderResponseSchema)` to create a new message.
  */
 export const CheckOrderResponseSchema: GenMessage<CheckOrderResponse> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 7);
+  messageDesc(file_cex_risk_v1_risk, 10);
 
 /**
  * Request for RiskService.CheckOrders.
@@ -507,7 +614,7 @@ export type CheckOrdersRequest = Message<"cex.risk.v1.CheckOrdersRequest"> & {
  * Use `create(CheckOrdersRequestSchema)` to create a new message.
  */
 export const CheckOrdersRequestSchema: GenMessage<CheckOrdersRequest> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 8);
+  messageDesc(file_cex_risk_v1_risk, 11);
 
 /**
  * The answer to one check of a CheckOrders call.
@@ -538,7 +645,7 @@ export type CheckOrderResult = Message<"cex.risk.v1.CheckOrderResult"> & {
  * Use `create(CheckOrderResultSchema)` to create a new message.
  */
 export const CheckOrderResultSchema: GenMessage<CheckOrderResult> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 9);
+  messageDesc(file_cex_risk_v1_risk, 12);
 
 /**
  * Response for RiskService.CheckOrders.
@@ -559,7 +666,7 @@ export type CheckOrdersResponse = Message<"cex.risk.v1.CheckOrdersResponse"> & {
  * Use `create(CheckOrdersResponseSchema)` to create a new message.
  */
 export const CheckOrdersResponseSchema: GenMessage<CheckOrdersResponse> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 10);
+  messageDesc(file_cex_risk_v1_risk, 13);
 
 /**
  * Request for RiskService.CheckWithdrawal.
@@ -615,7 +722,7 @@ export type CheckWithdrawalRequest = Message<"cex.risk.v1.CheckWithdrawalRequest
  * Use `create(CheckWithdrawalRequestSchema)` to create a new message.
  */
 export const CheckWithdrawalRequestSchema: GenMessage<CheckWithdrawalRequest> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 11);
+  messageDesc(file_cex_risk_v1_risk, 14);
 
 /**
  * Response for RiskService.CheckWithdrawal.
@@ -644,7 +751,7 @@ export type CheckWithdrawalResponse = Message<"cex.risk.v1.CheckWithdrawalRespon
  * Use `create(CheckWithdrawalResponseSchema)` to create a new message.
  */
 export const CheckWithdrawalResponseSchema: GenMessage<CheckWithdrawalResponse> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 12);
+  messageDesc(file_cex_risk_v1_risk, 15);
 
 /**
  * Request for RiskService.GetLimits.
@@ -665,7 +772,7 @@ export type GetLimitsRequest = Message<"cex.risk.v1.GetLimitsRequest"> & {
  * Use `create(GetLimitsRequestSchema)` to create a new message.
  */
 export const GetLimitsRequestSchema: GenMessage<GetLimitsRequest> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 13);
+  messageDesc(file_cex_risk_v1_risk, 16);
 
 /**
  * Response for RiskService.GetLimits.
@@ -686,7 +793,7 @@ export type GetLimitsResponse = Message<"cex.risk.v1.GetLimitsResponse"> & {
  * Use `create(GetLimitsResponseSchema)` to create a new message.
  */
 export const GetLimitsResponseSchema: GenMessage<GetLimitsResponse> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 14);
+  messageDesc(file_cex_risk_v1_risk, 17);
 
 /**
  * Request for RiskService.SetLimits.
@@ -722,7 +829,7 @@ export type SetLimitsRequest = Message<"cex.risk.v1.SetLimitsRequest"> & {
  * Use `create(SetLimitsRequestSchema)` to create a new message.
  */
 export const SetLimitsRequestSchema: GenMessage<SetLimitsRequest> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 15);
+  messageDesc(file_cex_risk_v1_risk, 18);
 
 /**
  * Response for RiskService.SetLimits.
@@ -743,7 +850,7 @@ export type SetLimitsResponse = Message<"cex.risk.v1.SetLimitsResponse"> & {
  * Use `create(SetLimitsResponseSchema)` to create a new message.
  */
 export const SetLimitsResponseSchema: GenMessage<SetLimitsResponse> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 16);
+  messageDesc(file_cex_risk_v1_risk, 19);
 
 /**
  * Request for RiskService.SetKillSwitch.
@@ -813,7 +920,7 @@ export type SetKillSwitchRequest = Message<"cex.risk.v1.SetKillSwitchRequest"> &
  * Use `create(SetKillSwitchRequestSchema)` to create a new message.
  */
 export const SetKillSwitchRequestSchema: GenMessage<SetKillSwitchRequest> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 17);
+  messageDesc(file_cex_risk_v1_risk, 20);
 
 /**
  * Response for RiskService.SetKillSwitch.
@@ -834,7 +941,7 @@ export type SetKillSwitchResponse = Message<"cex.risk.v1.SetKillSwitchResponse">
  * Use `create(SetKillSwitchResponseSchema)` to create a new message.
  */
 export const SetKillSwitchResponseSchema: GenMessage<SetKillSwitchResponse> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 18);
+  messageDesc(file_cex_risk_v1_risk, 21);
 
 /**
  * Request for RiskService.ListKillSwitches.
@@ -869,7 +976,7 @@ export type ListKillSwitchesRequest = Message<"cex.risk.v1.ListKillSwitchesReque
  * Use `create(ListKillSwitchesRequestSchema)` to create a new message.
  */
 export const ListKillSwitchesRequestSchema: GenMessage<ListKillSwitchesRequest> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 19);
+  messageDesc(file_cex_risk_v1_risk, 22);
 
 /**
  * Response for RiskService.ListKillSwitches.
@@ -897,7 +1004,7 @@ export type ListKillSwitchesResponse = Message<"cex.risk.v1.ListKillSwitchesResp
  * Use `create(ListKillSwitchesResponseSchema)` to create a new message.
  */
 export const ListKillSwitchesResponseSchema: GenMessage<ListKillSwitchesResponse> = /*@__PURE__*/
-  messageDesc(file_cex_risk_v1_risk, 20);
+  messageDesc(file_cex_risk_v1_risk, 23);
 
 /**
  * What a kill switch covers.
@@ -1003,6 +1110,21 @@ export const RiskService: GenService<{
     methodKind: "unary";
     input: typeof CheckOrdersRequestSchema;
     output: typeof CheckOrdersResponseSchema;
+  },
+  /**
+   * Internal: the rules the pre-trade checks apply (limits, kill switches,
+   * reference prices), for a gateway that runs risk's order checks in its own
+   * process (the order service): the whole set on connect, again at once after
+   * every change, and every heartbeat otherwise, so a follower that hears
+   * nothing for a few heartbeats knows its copy is stale. Risk keeps ownership:
+   * the admin calls below change the rules, this only publishes them.
+   *
+   * @generated from rpc cex.risk.v1.RiskService.WatchRules
+   */
+  watchRules: {
+    methodKind: "server_streaming";
+    input: typeof WatchRulesRequestSchema;
+    output: typeof WatchRulesResponseSchema;
   },
   /**
    * Internal: checks a withdrawal against limits, velocity, kill switches and
