@@ -84,9 +84,16 @@ def _num_delivered(message: Msg) -> int:
 
 
 async def ensure_stream(
-    js: JetStreamContext, name: str, subjects: list[str], *, max_age_s: float | None = None
+    js: JetStreamContext,
+    name: str,
+    subjects: list[str],
+    *,
+    max_age_s: float | None = None,
+    update: bool = True,
 ) -> None:
-    """Create the stream, or update it to this configuration (idempotent)."""
+    """Create the stream, or update it to this configuration (idempotent). The
+    stream's owner (its publisher) updates; a consumer passes `update=False` and
+    only creates it when missing, leaving the owner's settings (retention) alone."""
     config = StreamConfig(
         name=name,
         subjects=subjects,
@@ -97,7 +104,8 @@ async def ensure_stream(
     try:
         await js.add_stream(config)
     except nats.js.errors.BadRequestError:
-        await js.update_stream(config)
+        if update:
+            await js.update_stream(config)
 
 
 @dataclass(frozen=True)
@@ -154,7 +162,7 @@ class PullConsumer(Generic[T]):
                 await asyncio.sleep(1.0)
 
     async def _consume(self) -> None:
-        await ensure_stream(self.js, self.stream, list(self.subjects))
+        await ensure_stream(self.js, self.stream, list(self.subjects), update=False)
         sub = await self.js.pull_subscribe(
             self.filter_subject,
             durable=self.durable,

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from services.chassis.settings import env_int, env_str
+from services.chassis.settings import env_float, env_int, env_str
 
 __all__ = ["MatchSettings"]
 
@@ -14,12 +14,15 @@ __all__ = ["MatchSettings"]
 @dataclass(frozen=True, slots=True)
 class MatchSettings:
     """`markets` are the markets this replica writes (empty: every market in the
-    catalog); markets are spread across replicas by giving each its own list."""
+    catalog); markets are spread across replicas by giving each its own list.
+    `events_max_age_s`: how long the MATCH_EVENTS stream keeps events (0: forever);
+    the journal keeps them all, and ReplayEvents serves what the stream dropped."""
 
     markets: tuple[str, ...] = ()
     max_batch: int = 500
     snapshot_every: int = 5_000
     max_commands_per_request: int = 1_000
+    events_max_age_s: float = 86_400.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> MatchSettings:
@@ -30,4 +33,5 @@ class MatchSettings:
             max_batch=env_int(env, "CEX_MATCH_MAX_BATCH", 500),
             snapshot_every=env_int(env, "CEX_MATCH_SNAPSHOT_EVERY", 5_000),
             max_commands_per_request=env_int(env, "CEX_MATCH_MAX_COMMANDS", 1_000),
+            events_max_age_s=env_float(env, "CEX_MATCH_EVENTS_MAX_AGE_S", 86_400.0),
         )

@@ -65,8 +65,11 @@ class Publisher:
         )
 
     @staticmethod
-    async def ensure_stream(js: JetStreamContext) -> None:
-        await ensure_stream(js, STREAM, ["match.events.>"])
+    async def ensure_stream(js: JetStreamContext, max_age_s: float | None) -> None:
+        """The stream, keeping events `max_age_s` (None: forever). Older events are
+        still in the journal: a consumer that was away longer reads them through
+        ReplayEvents."""
+        await ensure_stream(js, STREAM, ["match.events.>"], max_age_s=max_age_s)
 
     async def _stream_tail(self) -> int:
         """The last event seq the stream holds for this market (0: none)."""

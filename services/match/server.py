@@ -232,7 +232,7 @@ async def build_server(
     assert infra.pool is not None and infra.nats is not None
     journal = Journal(infra.pool)
     js = infra.nats.jetstream()
-    await Publisher.ensure_stream(js)
+    await Publisher.ensure_stream(js, match_settings.events_max_age_s or None)
     writers: dict[str, MarketWriter] = {}
     tasks: list[asyncio.Task[None]] = []
     for symbol in match_settings.markets or tuple(catalog.markets):

@@ -3,14 +3,16 @@ balances, fees and holds add up exactly."""
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 
 import grpc
 import pytest
 
 from cex.order.v1 import order_pb2
+from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex.type.v1 import types_pb2 as t
-from tests.e2e.order.support import BUY, SELL, Exchange, uid
+from tests.e2e.order.support import BUY, SELL, Exchange, error_of, uid
 
 D = Decimal
 
@@ -149,3 +151,39 @@ async def test_a_retried_place_is_not_duplicated(exchange: Exchange) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as other_body:
         await bob.place(**{**request, "price": "97"})
     assert other_body.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_a_thousand_orders_for_the_whole_balance_exactly_one_is_accepted(
+    exchange: Exchange,
+) -> None:
+    """Concurrent orders that each need all of an account's USDT: one reservation
+    wins, every other order is refused for funds, nothing is reserved twice."""
+    buyer = await exchange.trader({"USDT": "10"}, "whole-balance")
+    risk = risk_pb2_grpc.RiskServiceStub(exchange.channel)
+    await risk.SetLimits(
+        risk_pb2.SetLimitsRequest(
+            request_id=uid("l"),
+            limits=risk_pb2.Limits(
+                account_id=buyer.account_id, max_orders_per_second=100_000, max_open_orders=10_000
+            ),
+        ),
+        metadata=exchange.svc,
+        timeout=10,
+    )
+    await asyncio.sleep(0.5)  # the order gateway's copy of the rules (pushed at once)
+    answers = await asyncio.gather(
+        *(buyer.place(side=BUY, price="100", quantity="0.1") for _ in range(1_000)),
+        return_exceptions=True,
+    )
+    accepted = [a for a in answers if isinstance(a, order_pb2.Order)]
+    refused = [error_of(a).reason for a in answers if not isinstance(a, order_pb2.Order)]
+    assert len(accepted) == 1, (len(accepted), set(refused))
+    assert accepted[0].state == t.ORDER_STATE_OPEN
+    assert set(refused) == {"LEDGER_INSUFFICIENT_FUNDS"}
+    assert await exchange.hold_settles(buyer.account_id, {"USDT": ("0", "10")}) == {
+        "USDT": (Decimal(0), Decimal(10))
+    }
+    await buyer.cancel(accepted[0].order_id)
+    assert await exchange.hold_settles(buyer.account_id, {"USDT": ("10", "0")}) == {
+        "USDT": (Decimal(10), Decimal(0))
+    }

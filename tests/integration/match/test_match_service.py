@@ -10,7 +10,7 @@ import pytest
 
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.type.v1 import types_pb2 as t
-from services.chassis import ChassisSettings, ErrorDetails, Server
+from services.chassis import ChassisSettings, ErrorDetails, Server, ensure_stream
 from services.match.config import MatchSettings
 from services.match.server import build_server
 from tests.conftest import Trust
@@ -186,3 +186,18 @@ async def test_restart_recovers_the_same_book_and_republishes_lost_events(
     (next_result,) = await client.submit([place("n1", limit("n1", "z", t.SIDE_BUY, "1", "1"))])
     assert next_result.command_seq == 51
     assert next_result.events[0].seq == after.seq + 1
+
+
+async def test_the_event_stream_keeps_a_day_and_consumers_leave_that_alone(
+    running: Running, private_nats: str
+) -> None:
+    await running.start()
+    nc = await nats.connect(private_nats)
+    try:
+        js = nc.jetstream()
+        assert (await js.stream_info("MATCH_EVENTS")).config.max_age == 86_400.0
+        # A consumer starting (ledger, order, risk) creates the stream only if missing.
+        await ensure_stream(js, "MATCH_EVENTS", ["match.events.>"], update=False)
+        assert (await js.stream_info("MATCH_EVENTS")).config.max_age == 86_400.0
+    finally:
+        await nc.close()
