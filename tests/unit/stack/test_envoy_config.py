@@ -134,5 +134,21 @@ def test_every_route_is_rate_limited_as_resource_exhausted() -> None:
                 continue  # reflection and health
             assert limit is not None, route
             assert limit["rate_limited_as_resource_exhausted"] is True
+            # A bucket per client under the route's ceiling: per source address where no
+            # token is needed (the token endpoint, market data), else per account.
+            (descriptor,) = limit["descriptors"]
+            (entry,) = descriptor["entries"]
+            (action,) = limit["rate_limits"][0]["actions"]
+            assert entry["value"] == ""  # a bucket for each value seen
             if route["match"].get("path") == "/cex.auth.v1.AuthService/IssueToken":
-                assert limit["token_bucket"]["max_tokens"] == 20
+                assert descriptor["token_bucket"]["max_tokens"] == 20
+                assert (entry["key"], action) == ("remote_address", {"remote_address": {}})
+            elif host["name"] == "marketdata" or "MarketData" in str(route["match"]):
+                assert (entry["key"], action) == ("remote_address", {"remote_address": {}})
+            else:
+                assert entry["key"] == "account"
+                assert action["metadata"]["metadata_key"] == {
+                    "key": "envoy.filters.http.jwt_authn",
+                    "path": [{"key": "jwt_payload"}, {"key": "sub"}],
+                }
+            assert descriptor["token_bucket"]["max_tokens"] < limit["token_bucket"]["max_tokens"]
