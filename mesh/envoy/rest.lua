@@ -5,8 +5,9 @@
 -- metadata `cex.rest/keys`, one per line, the first occurrence of each path
 -- (array indices aside). The transcoder drops JSON fields its message does not
 -- have, silently; `cex.rest_fields` (after the transcoder, where the gRPC method
--- is known) refuses them by these paths. A body that does not scan as JSON is
--- left to the transcoder, which refuses it.
+-- is known) refuses them by these paths. A body that is not JSON (RFC 8259) is
+-- refused here: the transcoder's parser also takes single quotes, bare keys and
+-- trailing commas, and a key this scanner could not see would not be checked.
 --
 -- On the way out, Envoy's own plain-text 400 to a REST request becomes a
 -- google.rpc.Status in JSON with a BadRequest field violation naming the field
@@ -27,7 +28,17 @@ local function json_string(text)
   return '"' .. escaped .. '"'
 end
 
--- The key paths of a JSON text, or nil if it does not scan as JSON.
+-- INVALID_ARGUMENT as a google.rpc.Status in JSON, with one field violation.
+local function invalid_json(reason, text, field)
+  return '{"code":3,"message":' .. json_string(text)
+    .. ',"details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo",'
+    .. '"reason":"' .. reason .. '","domain":"envoy"},'
+    .. '{"@type":"type.googleapis.com/google.rpc.BadRequest","field_violations":'
+    .. '[{"field":' .. json_string(field) .. ',"description":' .. json_string(text) .. "}]}]}"
+end
+
+-- The key paths of a JSON text, or nil and the byte where it stops being JSON
+-- (values are only delimited, not checked: the transcoder reads them).
 -- Keys are taken as written (escapes undecoded); '.', '[' and ']' in a key become
 -- '?', so a key can never pose as a path through a real field.
 local function key_paths(text)
@@ -112,9 +123,9 @@ local function key_paths(text)
     return true
   end
 
-  if not value("", "", 0) then return nil end
+  if not value("", "", 0) then return nil, pos end
   skip_space()
-  if pos <= #text then return nil end
+  if pos <= #text then return nil, pos end
   return paths
 end
 
@@ -128,8 +139,13 @@ function envoy_on_request(handle)
   if body == nil or body:length() == 0 then
     return
   end
-  local paths = key_paths(body:getBytes(0, body:length()))
-  if paths ~= nil and #paths > 0 then
+  local paths, stop = key_paths(body:getBytes(0, body:length()))
+  if paths == nil then
+    local text = "the body is not JSON (RFC 8259) or nests deeper than 64: stopped at byte "
+      .. stop
+    handle:respond({ [":status"] = "400", ["content-type"] = "application/json" },
+      invalid_json("EDGE_INVALID_JSON", text, "body"))
+  elseif #paths > 0 then
     handle:streamInfo():dynamicMetadata():set("cex.rest", "keys", table.concat(paths, "\n"))
   end
 end
@@ -158,12 +174,7 @@ function envoy_on_response(handle)
   elseif conflict then
     reason, field = "EDGE_FIELD_CONFLICT", conflict
   end
-  field = field or "body"
-  local status = '{"code":3,"message":' .. json_string(text)
-    .. ',"details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo",'
-    .. '"reason":"' .. reason .. '","domain":"envoy"},'
-    .. '{"@type":"type.googleapis.com/google.rpc.BadRequest","field_violations":'
-    .. '[{"field":' .. json_string(field) .. ',"description":' .. json_string(text) .. "}]}]}"
+  local status = invalid_json(reason, text, field or "body")
   if body then
     body:setBytes(status) -- sets content-length too
   end

@@ -239,7 +239,7 @@ async def test_no_token_over_grpc_keeps_the_trailers_envoy_makes(world: World) -
     [
         ("number_for_a_decimal", {**ORDER, "price": 100}, "price", "invalid value 100"),
         ("unknown_enum_name", {**ORDER, "side": "SIDE_BUYY"}, "side", "SIDE_BUYY"),
-        ("malformed_json", '{"client_order_id": "edge-1",', "body", "Unexpected end"),
+        ("malformed_json", '{"client_order_id": "edge-1",', "body", "not JSON (RFC 8259)"),
         ("not_an_object", '"just a string"', "body", "Root element must be a message"),
     ],
 )
@@ -391,6 +391,28 @@ async def test_an_unknown_field_in_a_nested_message_is_named_with_its_path(world
     error = reply.error()
     assert error.reason == "EDGE_UNKNOWN_FIELD"
     assert [v.field for v in error.violations] == ["requests[1].pirce"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "{'client_order_id': 'sq-1', 'market': 'BTC-USDT', 'post_onyl': true}",
+        '{client_order_id: "bare-1", market: "BTC-USDT", post_onyl: true}',
+        '{"client_order_id": "comma-1", "market": "BTC-USDT", "post_onyl": true,}',
+        '{"client_order_id": "deep-1", "x": ' + "[" * 70 + "]" * 70 + "}",
+    ],
+    ids=["single_quotes", "bare_keys", "trailing_comma", "too_deep"],
+)
+async def test_what_the_transcoder_reads_but_json_is_not_is_refused(
+    world: World, body: str
+) -> None:
+    """The transcoder's parser takes these (and would drop `post_onyl`); the edge
+    takes strict JSON only, so no key escapes the unknown-field check."""
+    reply = await _rest(world.edge, "POST", "/v1/orders", body, token=world.a_token)
+    assert reply.status == 400, reply
+    error = reply.error()
+    assert (error.reason, [v.field for v in error.violations]) == ("EDGE_INVALID_JSON", ["body"])
+    assert "not JSON" in error.message
 
 
 async def test_a_key_that_poses_as_a_path_is_still_unknown(world: World) -> None:
