@@ -209,7 +209,11 @@ def check_issue(
     if account.state not in (AccountState.ACTIVE, AccountState.SUSPENDED):
         raise PermissionDenied("AUTH_ACCOUNT_NOT_ACTIVE", "the account is closed")
     if key.allowed_cidrs and not _allowed(client_ip, key.allowed_cidrs):
-        raise Unauthenticated("AUTH_ADDRESS_NOT_ALLOWED", "caller address not in allow-list")
+        raise Unauthenticated(
+            "AUTH_ADDRESS_NOT_ALLOWED",
+            f"caller address {client_ip or 'unknown'} is not in this key's allow-list",
+            metadata={"client_address": client_ip},
+        )
     beyond = set(requested) - set(key.scopes)
     if beyond:
         raise PermissionDenied(

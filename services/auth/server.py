@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import urllib.parse
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -144,15 +145,24 @@ def _require_request_id(request_id: str) -> str:
     return request_id
 
 
+# The client's address as the edge determined it: Envoy locally, the Istio ingress
+# gateway in Kubernetes (`use_remote_address`, with `xff_num_trusted_hops` /
+# `numTrustedProxies` trusted proxies in front), which overwrites any value a client
+# sent. X-Forwarded-For is not read: its entries left of the trusted hops are the
+# client's own claim, and for a loopback client Envoy appends its own host address.
+CLIENT_ADDRESS_HEADER = "x-envoy-external-address"
+
+
 def _client_ip(context: grpc.aio.ServicerContext[object, object]) -> str:
-    """The caller's address: the last X-Forwarded-For entry (appended by the edge), or the peer."""
+    """The caller's address: the edge's `x-envoy-external-address`, else the transport peer
+    (a call that did not come through the edge)."""
     for key, value in context.invocation_metadata() or ():
-        if key == "x-forwarded-for":
+        if key == CLIENT_ADDRESS_HEADER:
             text = value.decode() if isinstance(value, bytes) else value
-            return text.split(",")[-1].strip()
+            return text.strip()
     peer = context.peer() or ""
     address = peer.split(":", 1)[1] if ":" in peer else peer
-    return address.rsplit(":", 1)[0].strip("[]")
+    return urllib.parse.unquote(address.rsplit(":", 1)[0]).strip("[]")
 
 
 def _page_token(key: domain.ApiKey) -> str:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -13,29 +14,46 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+from google.api import annotations_pb2  # type: ignore[import-untyped]
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format
+from google.protobuf.descriptor import Descriptor
 
 from services.chassis.errors import (
     ExchangeError,
+    NotFound,
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
+    Unavailable,
 )
 
 from .topology import SERVICES, Ports
 
 __all__ = [
+    "NOT_FOUND",
     "PERMISSION_DENIED",
     "RATE_LIMITED",
     "TEMPLATE",
     "UNAUTHENTICATED",
+    "RestSchema",
     "Tracing",
     "render",
     "tracing_from_env",
+    "xff_trusted_hops_from_env",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "mesh" / "envoy" / "envoy.yaml"
 DESCRIPTOR = ROOT / "gen" / "descriptor" / "cex.binpb"
+REST_LUA = ROOT / "mesh" / "envoy" / "rest.lua"
+REST_FIELDS_LUA = ROOT / "mesh" / "envoy" / "rest_fields.lua"
+# Types whose JSON is an object of any keys; other google.protobuf types are JSON scalars.
+_OPEN_TYPES = {
+    "google.protobuf.Any",
+    "google.protobuf.ListValue",
+    "google.protobuf.Struct",
+    "google.protobuf.Value",
+}
 _WHOLE = re.compile(r"^\$\{(\w+)\}$")
 
 
@@ -57,6 +75,15 @@ def _details(error: ExchangeError) -> str:
     return base64.b64encode(error.to_status("envoy").SerializeToString()).decode()
 
 
+def _json(error: ExchangeError) -> dict[str, Any]:
+    """The same google.rpc.Status as a REST body: an Envoy `json_format`, field names as
+    the transcoder prints the services' errors (`preserve_proto_field_names`). Its strings
+    are format strings: `%LOCAL_REPLY_BODY%` in a message is Envoy's own text."""
+    text = json_format.MessageToJson(error.to_status("envoy"), preserving_proto_field_name=True)
+    body: dict[str, Any] = json.loads(text)
+    return body
+
+
 # What Envoy's own refusals carry (it cannot tell us which check failed).
 UNAUTHENTICATED = Unauthenticated(
     "EDGE_UNAUTHENTICATED", "missing, expired or invalid access token (see www-authenticate)"
@@ -65,8 +92,83 @@ PERMISSION_DENIED = PermissionDenied(
     "EDGE_PERMISSION_DENIED", "the access token is not valid for this audience"
 )
 RATE_LIMITED = ResourceExhausted(
-    "EDGE_RATE_LIMITED", "too many requests on this route", retry_after_s=1.0
+    "EDGE_RATE_LIMITED", "too many requests from this client", retry_after_s=1.0
 )
+NOT_FOUND = NotFound("EDGE_NOT_FOUND", "no method for %REQ(:METHOD)% %REQ(:PATH)%")
+TOO_LARGE = ResourceExhausted("EDGE_REQUEST_TOO_LARGE", "the request body is too large")
+UNAVAILABLE = Unavailable("EDGE_UNAVAILABLE", "%LOCAL_REPLY_BODY%")
+
+
+@dataclass(frozen=True, slots=True)
+class RestSchema:
+    """What a REST body may name, from the descriptor set the transcoder uses.
+
+    `methods`: gRPC path -> request message, for every method whose REST binding takes
+    a JSON body. `messages`: message -> field name (proto and JSON spelling) -> True for
+    a leaf, "*" for a field whose JSON object has keys of its own (a map, Struct, Any),
+    or the field's message type.
+    """
+
+    methods: dict[str, str]
+    messages: dict[str, dict[str, str | bool]]
+
+    @classmethod
+    def load(cls, services: Iterable[str], descriptor: Path = DESCRIPTOR) -> RestSchema:
+        files = descriptor_pb2.FileDescriptorSet.FromString(descriptor.read_bytes())
+        pool = descriptor_pool.DescriptorPool()
+        for file in files.file:
+            pool.AddSerializedFile(file.SerializeToString())
+        schema = cls({}, {})
+        wanted = set(services)
+        for file in files.file:
+            for service in file.service:
+                name = f"{file.package}.{service.name}"
+                if name not in wanted:
+                    continue
+                for method in service.method:
+                    rule = method.options.Extensions[annotations_pb2.http]
+                    bodies = {rule.body, *(b.body for b in rule.additional_bindings)}
+                    if bodies == {""}:
+                        continue  # no body: query and path parameters, which the transcoder checks
+                    if bodies != {"*"}:
+                        raise ValueError(f'{name}.{method.name}: only body "*" is checked')
+                    request = pool.FindMessageTypeByName(method.input_type.lstrip("."))
+                    schema.methods[f"/{name}/{method.name}"] = request.full_name
+                    schema._add(request)
+        return schema
+
+    def _add(self, message: Descriptor) -> None:
+        if message.full_name in self.messages:
+            return
+        fields: dict[str, str | bool] = {}
+        self.messages[message.full_name] = fields
+        for field in message.fields:
+            kind: str | bool = True
+            child = field.message_type
+            if child is not None:
+                if child.GetOptions().map_entry or child.full_name in _OPEN_TYPES:
+                    kind = "*"
+                elif not child.full_name.startswith("google.protobuf."):
+                    kind = child.full_name
+                    self._add(child)
+            fields[field.name] = fields[field.json_name] = kind
+
+    def lua(self) -> str:
+        """The tables mesh/envoy/rest_fields.lua reads, as Lua source."""
+
+        def value(kind: str | bool) -> str:
+            return "true" if kind is True else json.dumps(kind)
+
+        lines = ["METHODS = {"]
+        lines += [
+            f"  [{json.dumps(k)}] = {json.dumps(v)}," for k, v in sorted(self.methods.items())
+        ]
+        lines += ["}", "MESSAGES = {"]
+        for name, fields in sorted(self.messages.items()):
+            inner = ", ".join(f"[{json.dumps(f)}] = {value(k)}" for f, k in sorted(fields.items()))
+            lines.append(f"  [{json.dumps(name)}] = {{{inner}}},")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
 
 
 def _http_filter(hcm: dict[str, Any], name: str) -> dict[str, Any]:
@@ -116,34 +218,63 @@ def _enable_tracing(config: dict[str, Any], hcm: dict[str, Any], tracing: Tracin
     config["static_resources"]["clusters"].append(cluster)
 
 
+def xff_trusted_hops_from_env(env: Mapping[str, str]) -> int:
+    """How many proxies in front of the edge append to X-Forwarded-For and are trusted
+    (CEX_EDGE_XFF_TRUSTED_HOPS, default 0: the peer is the client)."""
+    text = env.get("CEX_EDGE_XFF_TRUSTED_HOPS", "0").strip() or "0"
+    hops = int(text)
+    if hops < 0:
+        raise ValueError(f"CEX_EDGE_XFF_TRUSTED_HOPS={text!r} must be 0 or more")
+    return hops
+
+
 def render(
-    ports: Ports, template: Path = TEMPLATE, *, tracing: Tracing | None = None
+    ports: Ports,
+    template: Path = TEMPLATE,
+    *,
+    tracing: Tracing | None = None,
+    xff_trusted_hops: int = 0,
 ) -> dict[str, Any]:
     config: dict[str, Any] = yaml.safe_load(template.read_text())
     service = config.pop("x-service")
+    limits = config.pop("x-rate-limits")
     values = {
+        "xff_trusted_hops": xff_trusted_hops,
         "host": ports.host,
         "edge_port": ports.edge,
         "admin_port": ports.envoy_admin,
         "jwks_port": ports.jwks,
         "jwks_url": ports.jwks_url,
         "descriptor": str(DESCRIPTOR),
+        "rest_lua": str(REST_LUA),
         "unauthenticated_details": _details(UNAUTHENTICATED),
         "rate_limited_details": _details(RATE_LIMITED),
         "permission_denied_details": _details(PERMISSION_DENIED),
+        "unauthenticated_json": _json(UNAUTHENTICATED),
+        "permission_denied_json": _json(PERMISSION_DENIED),
+        "rate_limited_json": _json(RATE_LIMITED),
+        "not_found_json": _json(NOT_FOUND),
+        "too_large_json": _json(TOO_LARGE),
+        "unavailable_json": _json(UNAVAILABLE),
     }
     edge_routes = _fill(config.pop("x-edge-routes"), values)
     config = _fill(config, values)
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
         "typed_config"
     ]
-    _http_filter(hcm, "envoy.filters.http.grpc_json_transcoder")["services"] = [
-        spec.grpc_service for spec in SERVICES if spec.grpc_service
-    ]
+    transcoded = [spec.grpc_service for spec in SERVICES if spec.grpc_service]
+    _http_filter(hcm, "envoy.filters.http.grpc_json_transcoder")["services"] = transcoded
+    _http_filter(hcm, "cex.rest_fields")["default_source_code"] = {
+        "inline_string": RestSchema.load(transcoded).lua() + REST_FIELDS_LUA.read_text()
+    }
     route_config = hcm["route_config"]
     hosts = route_config["virtual_hosts"]
     default_routes = hosts[-1]["routes"]
     clusters = config["static_resources"]["clusters"]
+    # Services whose every method is public are limited per address, the others per
+    # account (their calls carry a verified token by the time the limit applies).
+    jwt = _http_filter(hcm, "envoy.filters.http.jwt_authn")
+    public = {rule["match"].get("prefix") for rule in jwt["rules"] if "requires" not in rule}
     for spec in SERVICES:
         values = {
             **values,
@@ -153,6 +284,8 @@ def render(
             "grpc_service": spec.grpc_service,
             "grpc_service_re": re.escape(spec.grpc_service),
         }
+        per = "per_address" if f"/{spec.grpc_service}/" in public else "per_account"
+        values["client_limit"] = _fill(copy.deepcopy(limits[per]), values)
         clusters.append(_fill(copy.deepcopy(service["cluster"]), values))
         hosts.insert(-1, _fill(copy.deepcopy(service["virtual_host"]), values))
         if spec.grpc_service:
@@ -161,6 +294,6 @@ def render(
         host["routes"][0:0] = copy.deepcopy(edge_routes)
     if tracing is not None:
         _enable_tracing(config, hcm, tracing)
-    else:
-        config.pop("x-tracing")
+    for key in [k for k in config if k.startswith("x-")]:
+        del config[key]  # the template's own blocks (anchors, per-service parts)
     return config

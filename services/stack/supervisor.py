@@ -341,7 +341,11 @@ class Stack:
         began = time.monotonic()
         for folder in ("logs", "nats", "redis", "envoy"):
             (self.state_dir / folder).mkdir(parents=True, exist_ok=True)
-        config = envoy.render(self.ports, tracing=envoy.tracing_from_env(self.env))
+        config = envoy.render(
+            self.ports,
+            tracing=envoy.tracing_from_env(self.env),
+            xff_trusted_hops=envoy.xff_trusted_hops_from_env(self.env),
+        )
         self.envoy_config.write_text(yaml.safe_dump(config, sort_keys=False))
         try:
             for wave in self.plan():

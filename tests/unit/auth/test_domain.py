@@ -71,6 +71,10 @@ def test_issue_checks_state_account_allow_list_and_scopes() -> None:
     assert _reason(issue, _key(), closed, **ok) == "AUTH_ACCOUNT_NOT_ACTIVE"
     fenced = _key(allowed_cidrs=("192.0.2.0/24",))
     assert _reason(issue, fenced, ACCOUNT, **ok) == "AUTH_ADDRESS_NOT_ALLOWED"
+    with pytest.raises(ExchangeError) as refused:
+        issue(fenced, ACCOUNT, **ok)  # type: ignore[arg-type]
+    assert refused.value.metadata == {"client_address": "10.0.0.1"}  # the address seen
+    assert "10.0.0.1" in refused.value.message
     assert issue(fenced, ACCOUNT, **{**ok, "client_ip": "192.0.2.7"})  # type: ignore[arg-type]
     assert _reason(issue, _key(), ACCOUNT, **{**ok, "requested": ("withdraw",)}) == (
         "AUTH_SCOPE_MISSING"

