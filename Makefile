@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match bench-ledger bench-edge bench-risk bench-marketdata bench-market-data bench-trading bench-funding bench-telemetry clean
+.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match bench-ledger bench-edge bench-risk bench-marketdata bench-market-data bench-trading bench-funding bench-telemetry soak clean
 
 setup: $(INSTALLED)
 
@@ -85,6 +85,12 @@ bench-market-data: bench-marketdata  # the name issue 7 uses
 bench-trading: $(INSTALLED)
 	bench/install-ghz.sh .tools/bin
 	$(BIN)/python -m bench.bench_trading $(BENCH_ARGS)
+
+## soak: a steady rate through the stack for N minutes, reported per 30 s window
+## (CPU per order per process, ack latency, audit time, storage per trade) with slopes
+## (SOAK_ARGS="--minutes 20 --rate 40")
+soak: $(INSTALLED)
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -13,8 +13,17 @@ lifts risk's default limits so that they do not cap the run, then:
    cancel the previous one, at --quote-interval per session. Reported: acks/s
    and ack latency (command sent -> ack read) p50/p99.
 
+3. the edge alone: ghz sends grpc.health.v1 Check to order through the same
+   Envoy (closed loop), the ceiling any call through this edge can reach here.
+
 Everything (PostgreSQL, NATS, Envoy, every service, ghz and this script)
-shares the machine's cores; the report says how many there are.
+shares the machine's cores; the report says how many there are. The last line
+is `RESULT {json}` with the figures issue 17 asks for, all from this one run:
+lone_p50_ms / lone_p99_ms (the first --rps step, 25/s by default),
+unary_orders_s (the highest achieved rate with p99 under 250 ms),
+noop_edge_rps, p99_ms_at_1000 (null unless 1,000/s was offered and at least
+95 % of it achieved), stream_cmds_s, cpu_ms_per_order (at unary_orders_s's
+step) and cpu_ms_per_stream_cmd: CPU summed over every process of the stack.
 """
 
 from __future__ import annotations
@@ -31,10 +40,12 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from bench import processes
 from bench.trading_setup import Account, accounts, bearer, lift_limits, operator_token
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.order.v1 import order_pb2, order_pb2_grpc
@@ -98,73 +109,16 @@ def _ghz(edge: str, token: str, rps: int, duration: int, concurrency: int) -> di
     return report
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-_WATCHED = (
-    *("order", "risk", "ledger", "match", "marketdata", "auth", "funding"),
-    *("envoy", "postgres", "nats", "redis"),
-)
-
-
-def _pids(state_dir: Path) -> dict[str, int]:
-    doc = json.loads((state_dir / "stack.json").read_text())
-    return {name: pid for name, pid in doc["pids"].items() if name in _WATCHED}
-
-
-def _cpu_s(pid: int) -> float:
-    """CPU seconds of a process and its children alive now (PostgreSQL's backends)."""
-    total = 0.0
-    for child in [pid, *_children(pid)]:
-        try:
-            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / _TICK
-    return total
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[1]) == pid:
-                out.append(int(entry.name))
-    return out
-
-
-def _rss_mb(pid: int) -> float:
-    """Resident memory of a process (MB)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-async def _peak_rss_mb(pid: int, until: float) -> float:
-    """The largest resident memory of a process, sampled every second until `until`."""
-    peak = _rss_mb(pid)
-    while time.perf_counter() < until:
-        await asyncio.sleep(1.0)
-        peak = max(peak, _rss_mb(pid))
-    return peak
-
-
-def _cpu(pids: dict[str, int]) -> dict[str, float]:
-    return {name: _cpu_s(pid) for name, pid in pids.items()}
-
-
-def _cpu_line(before: dict[str, float], after: dict[str, float], orders: int) -> str:
-    """CPU ms per order by component (PostgreSQL: backends alive at both ends)."""
+def _cpu_line(before: dict[str, float], after: dict[str, float], orders: int) -> tuple[str, float]:
+    """CPU ms per order by component (PostgreSQL: backends alive at both ends), and
+    the total."""
     parts = [
         f"{name} {(after[name] - before[name]) * 1000 / max(orders, 1):.2f}"
         for name in before
         if name in after
     ]
     total = sum(after[n] - before[n] for n in before if n in after) * 1000 / max(orders, 1)
-    return f"<!-- CPU ms per order: {', '.join(parts)}; total {total:.2f} -->"
+    return f"<!-- CPU ms per order: {', '.join(parts)}; total {total:.2f} -->", total
 
 
 def _ns_ms(value: object) -> float:
@@ -184,36 +138,85 @@ async def _cancel_all(channel: grpc.aio.Channel, account: Account) -> None:
     )
 
 
+@dataclass(frozen=True)
+class Step:
+    rps: int
+    achieved: float
+    p50_ms: float
+    p99_ms: float
+    cpu_ms: float  # per acknowledged order, every process of the stack
+
+
+async def noop_edge(edge: str, seconds: int) -> float:
+    """grpc.health.v1 Check to order through Envoy, closed loop: calls/s."""
+    argv = [
+        *(str(GHZ), "--insecure", "--authority", "order", "--format", "json"),
+        *("--call", "grpc.health.v1.Health/Check"),
+        *("--data", json.dumps({"service": "cex.order.v1.OrderService"})),
+        *("--duration", f"{seconds}s", "--concurrency", "16", "--connections", "4", edge),
+    ]
+    out = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, check=False)
+    report = json.loads(out.stdout)
+    ok = int((report.get("statusCodeDistribution") or {}).get("OK", 0))
+    rps = ok / (_ns_ms(report["total"]) / 1000)
+    print("\n## the edge alone: health Check through Envoy (ghz, closed loop)\n")
+    print(f"{ok} calls OK, {rps:.0f} calls/s, p50 {_latency(report, 50):.2f} ms, "
+          f"p99 {_latency(report, 99):.2f} ms")  # fmt: skip
+    return rps
+
+
+_PER_ACCOUNT_RPS = 500  # each account's share: under the edge's per-account bucket (1,000/s)
+
+
+async def _ghz_accounts(
+    edge: str, tokens: list[str], rps: int, duration: int, concurrency: int
+) -> tuple[dict[str, int], list[float], float]:
+    """The rate spread over as many accounts as the edge's per-account limit needs,
+    one ghz each, side by side: status counts, every call's latency (ms), seconds."""
+    n = min(len(tokens), max(1, -(-rps // _PER_ACCOUNT_RPS)))
+    reports = await asyncio.gather(
+        *(
+            asyncio.to_thread(_ghz, edge, token, rps // n, duration, max(concurrency // n, 10))
+            for token in tokens[:n]
+        )
+    )
+    codes: Counter[str] = Counter()
+    latencies: list[float] = []
+    for report in reports:
+        codes.update(report.get("statusCodeDistribution") or {})  # type: ignore[arg-type]
+        latencies += [_ns_ms(d["latency"]) for d in report.get("details") or []]  # type: ignore[attr-defined]
+    seconds = max(_ns_ms(r["total"]) / 1000 for r in reports)
+    return dict(codes), latencies, seconds
+
+
 async def unary(
     edge: str, channel: grpc.aio.Channel, svc: str, args: argparse.Namespace, pids: dict[str, int]
-) -> None:
-    if not GHZ.exists():
-        await asyncio.to_thread(
-            subprocess.run, [str(ROOT / "bench" / "install-ghz.sh")], check=True
-        )
-    [account] = await accounts(channel, svc, 1, {"USDT": "1000000000"})
+) -> list[Step]:
+    n = max(1, -(-max(args.rps) // _PER_ACCOUNT_RPS))
+    users = await accounts(channel, svc, n, {"USDT": "1000000000"})
+    steps: list[Step] = []
     print("\n## unary PlaceOrder through Envoy (ghz, open loop)\n")
     print("| target rps | sent | ok | achieved orders/s | p50 ms | p99 ms |")
     print("|---:|---:|---:|---:|---:|---:|")
     for rps in args.rps:
-        before = _cpu(pids)
-        report = await asyncio.to_thread(
-            _ghz, edge, account.token, rps, args.duration, args.concurrency
+        before = processes.cpu(pids)
+        codes, latencies, seconds = await _ghz_accounts(
+            edge, [u.token for u in users], rps, args.duration, args.concurrency
         )
-        after = _cpu(pids)
-        codes: dict[str, int] = report.get("statusCodeDistribution") or {}  # type: ignore[assignment]
-        ok = int(codes.get("OK", 0))
-        total = int(report["count"])  # type: ignore[call-overload]
-        seconds = _ns_ms(report["total"]) / 1000
+        after = processes.cpu(pids)
+        ok, total = codes.get("OK", 0), sum(codes.values())
+        p50, p99 = _pct(latencies, 0.5), _pct(latencies, 0.99)
         print(
-            f"| {rps} | {total} | {ok} | {ok / seconds:.0f} | "
-            f"{_latency(report, 50):.1f} | {_latency(report, 99):.1f} |",
-            flush=True,
+            f"| {rps} | {total} | {ok} | {ok / seconds:.0f} | {p50:.1f} | {p99:.1f} |", flush=True
         )
-        print(_cpu_line(before, after, ok))
+        line, cpu = _cpu_line(before, after, ok)
+        print(line)
         if ok < total:
-            print(f"<!-- errors at {rps}: {codes} {report.get('errorDistribution')} -->")
-        await _cancel_all(channel, account)
+            print(f"<!-- answers at {rps}: {codes} -->")
+        steps.append(Step(rps, ok / seconds, p50, p99, cpu))
+        for user in users:
+            await _cancel_all(channel, user)
+    return steps
 
 
 class _Quoter:
@@ -303,7 +306,7 @@ class _Quoter:
 
 async def streams(
     edge: str, channel: grpc.aio.Channel, svc: str, args: argparse.Namespace, pids: dict[str, int]
-) -> None:
+) -> tuple[float, float]:
     ids = [f"bench-mm-{uuid.uuid4().hex[:12]}" for _ in range(args.sessions)]
     ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
     for i in range(0, len(ids), 500):
@@ -327,16 +330,16 @@ async def streams(
     stubs = [order_pb2_grpc.OrderServiceStub(channel)]
     quoters = [_Quoter(stubs[0], a, svc) for a in ids]
     readers = [asyncio.create_task(q.read()) for q in quoters]
-    before = _cpu(pids)
+    before = processes.cpu(pids)
     start = time.perf_counter()
     stop = start + args.stream_seconds
-    sampled = asyncio.create_task(_peak_rss_mb(pids["order"], stop))
+    sampled = asyncio.create_task(processes.peak_rss_mb(pids["order"], stop))
     if args.stream_window:
         await asyncio.gather(*(q.pump(stop, args.stream_window) for q in quoters))
     else:
         await asyncio.gather(*(q.quote(stop, args.quote_interval) for q in quoters))
     elapsed = time.perf_counter() - start
-    after = _cpu(pids)
+    after = processes.cpu(pids)
     rss = await sampled
     for reader in readers:
         reader.cancel()
@@ -358,10 +361,37 @@ async def streams(
         f"{_pct(latencies, 0.5) * 1e3:.1f} | {_pct(latencies, 0.99) * 1e3:.1f} |",
         flush=True,
     )
-    print(_cpu_line(before, after, len(latencies)).replace("per order", "per command"))
+    line, cpu = _cpu_line(before, after, len(latencies))
+    print(line.replace("per order", "per command"))
     print(f"<!-- order service peak RSS with {args.sessions} sessions open: {rss:.0f} MB -->")
     if reasons:
         print(f"<!-- rejects: {dict(reasons)} -->")
+    return len(latencies) / elapsed, cpu
+
+
+def result(
+    steps: list[Step], noop_rps: float, stream: tuple[float, float] | None
+) -> dict[str, float | None]:
+    """The RESULT line's figures (None where this run did not measure them)."""
+    lone = steps[0] if steps else None
+    under = [s for s in steps if s.p99_ms < 250]
+    best = max(under, key=lambda s: s.achieved, default=None)
+    at_1000 = next((s for s in steps if s.rps == 1000), None)
+    sustained = at_1000 is not None and at_1000.achieved >= 950
+
+    def r(value: float | None, digits: int = 2) -> float | None:
+        return None if value is None else round(value, digits)
+
+    return {
+        "lone_p50_ms": r(lone.p50_ms if lone else None),
+        "lone_p99_ms": r(lone.p99_ms if lone else None),
+        "unary_orders_s": r(best.achieved if best else None, 0),
+        "noop_edge_rps": r(noop_rps, 0),
+        "p99_ms_at_1000": r(at_1000.p99_ms if sustained and at_1000 else None),
+        "stream_cmds_s": r(stream[0] if stream else None, 0),
+        "cpu_ms_per_order": r(best.cpu_ms if best else None),
+        "cpu_ms_per_stream_cmd": r(stream[1] if stream else None),
+    }
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -385,11 +415,11 @@ async def main(args: argparse.Namespace) -> None:
         svc = await operator_token(stack.edge, stack.service_secret)
         async with grpc.aio.insecure_channel(stack.edge) as channel:
             await lift_limits(channel, svc)
-            pids = _pids(stack.state_dir)
-            if args.rps:
-                await unary(stack.edge, channel, svc, args, pids)
-            if args.sessions:
-                await streams(stack.edge, channel, svc, args, pids)
+            pids = processes.pids(stack.state_dir)
+            steps = await unary(stack.edge, channel, svc, args, pids) if args.rps else []
+            stream = await streams(stack.edge, channel, svc, args, pids) if args.sessions else None
+            noop_rps = await noop_edge(stack.edge, args.duration)
+        print("RESULT " + json.dumps(result(steps, noop_rps, stream)), flush=True)
     finally:
         if running is not None:
             await running.stop()
@@ -401,19 +431,21 @@ def _cli() -> argparse.Namespace:
     parser.add_argument(
         "--rps",
         type=lambda s: [int(x) for x in s.split(",") if x],
-        default=[100, 200, 400, 800],
-        help="comma-separated open-loop rates for the ghz sweep ('' to skip)",
+        default=[25, 200, 400, 700, 1000],
+        help="comma-separated open-loop rates for the ghz sweep, the lone order's first "
+        "('' to skip)",
     )
     parser.add_argument("--duration", type=int, default=10, help="seconds per rate")
     parser.add_argument("--concurrency", type=int, default=200, help="ghz workers")
-    parser.add_argument("--sessions", type=int, default=200, help="stream sessions (0 to skip)")
+    parser.add_argument("--sessions", type=int, default=50, help="stream sessions (0 to skip)")
     parser.add_argument("--quote-interval", type=float, default=1.0, help="s between quotes")
     parser.add_argument("--stream-seconds", type=float, default=20.0)
     parser.add_argument(
         "--stream-window",
         type=int,
-        default=0,
-        help="instead of quoting on a timer, keep this many commands in flight per session",
+        default=8,
+        help="closed loop: keep this many commands in flight per session (0: quote on a "
+        "timer, --quote-interval)",
     )
     return parser.parse_args()
 
