@@ -36,6 +36,7 @@ from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
 from services.chassis import Catalog, ExchangeError, FailedPrecondition, FieldViolation
 from services.chassis.errors import InvalidArgument, ResourceExhausted
+from services.chassis.interceptors import lost_dependency
 
 from .domain import Execution
 from .views import execution_report
@@ -196,18 +197,18 @@ class Sessions:
                 if kind == "heartbeat":
                     session.offer(R(heartbeat=message.heartbeat))
                     continue
-                if kind == "subscribe" or kind is None:
-                    ended.append(
-                        FailedPrecondition(
-                            "ORDER_STREAM_ALREADY_SUBSCRIBED", "subscribe is allowed only once"
-                        )
-                    )
+                batch = message.commands.commands if kind == "commands" else (message,)
+                if len(batch) > _MAX_BATCH or not all(
+                    c.WhichOneof("payload") in _COMMANDS for c in batch
+                ):
+                    ended.append(_not_a_command(kind, len(batch)))
                     session.wake.set()
                     return
-                await slots.acquire()
-                task = asyncio.create_task(handle(message, slots))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                for command in batch:
+                    await slots.acquire()
+                    task = asyncio.create_task(handle(command, slots))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -306,12 +307,37 @@ class Sessions:
         except ExchangeError as error:
             status = error.to_status("order")
             return R(reject=order_pb2.StreamReject(request_id=request_id, status=status))
-        except Exception:
-            _log.exception("stream command failed")
-            status = ExchangeError(
-                "ORDER_INTERNAL", "internal error", code=grpc.StatusCode.INTERNAL
-            ).to_status("order")
+        except Exception as error:  # as the chassis answers a unary call
+            failure = lost_dependency(error, "ORDER")
+            if failure is None:
+                _log.exception("stream command failed")
+                failure = ExchangeError(
+                    "ORDER_INTERNAL", "internal error", code=grpc.StatusCode.INTERNAL
+                )
+            status = failure.to_status("order")
             return R(reject=order_pb2.StreamReject(request_id=request_id, status=status))
+
+
+_COMMANDS = frozenset({"place", "amend", "cancel", "cancel_all", "cancel_all_after"})
+_MAX_BATCH = 100  # commands in one StreamCommands message
+
+
+def _not_a_command(kind: str | None, size: int) -> ExchangeError:
+    if kind == "subscribe" or kind is None:
+        return FailedPrecondition(
+            "ORDER_STREAM_ALREADY_SUBSCRIBED", "subscribe is allowed only once"
+        )
+    if size > _MAX_BATCH:
+        return InvalidArgument(
+            "ORDER_STREAM_BATCH_TOO_LARGE",
+            f"at most {_MAX_BATCH} commands in one message",
+            violations=[FieldViolation("commands.commands", f"at most {_MAX_BATCH}")],
+        )
+    return InvalidArgument(
+        "ORDER_STREAM_NOT_A_COMMAND",
+        "each of commands.commands is a place, amend, cancel, cancel_all or cancel_all_after",
+        violations=[FieldViolation("commands.commands", "only commands")],
+    )
 
 
 def _now() -> timestamp_pb2.Timestamp:

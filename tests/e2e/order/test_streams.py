@@ -112,6 +112,55 @@ async def test_acks_sequenced_execution_reports_and_heartbeats(exchange: Exchang
     await session.send(None)
 
 
+async def _answers(session: Client, n: int) -> dict[str, order_pb2.StreamOrdersResponse]:
+    """The next n acks and rejects, by request id (execution reports pass by)."""
+    found: dict[str, order_pb2.StreamOrdersResponse] = {}
+    async with asyncio.timeout(15):
+        while len(found) < n:
+            message = await session.call.read()
+            assert message is not grpc.aio.EOF, "stream ended"
+            kind = message.WhichOneof("payload")
+            if kind in ("ack", "reject"):
+                found[getattr(message, kind).request_id] = message
+    return found
+
+
+async def test_several_commands_in_one_message_are_each_answered(exchange: Exchange) -> None:
+    mm = await exchange.trader({"BTC": "1"}, "mm-batch")
+    session = Client(mm)
+    await session.send(R(subscribe=order_pb2.StreamSubscribe()))
+    await session.next("subscribed")
+    asks = [place(side=SELL, price=str(104 + i), quantity="0.1") for i in range(3)]
+    bad = place(side=SELL, price="104.001", quantity="0.1")
+    batch = [*asks, bad]
+    await session.send(R(commands=order_pb2.StreamCommands(commands=batch)))
+    answers = await _answers(session, len(batch))
+    for ask in asks:
+        ack = answers[ask.place.client_order_id].ack
+        assert ack.place.order.state == t.ORDER_STATE_OPEN
+    reject = answers[bad.place.client_order_id].reject
+    assert ErrorDetails.from_status(reject.status).reason == "ORDER_PRICE_OFF_TICK"
+    # The cancels of all three in one message too.
+    cancels = [
+        R(
+            cancel=order_pb2.CancelOrderRequest(
+                request_id=uid("r"), client_order_id=a.place.client_order_id
+            )
+        )
+        for a in asks
+    ]
+    await session.send(R(commands=order_pb2.StreamCommands(commands=cancels)))
+    done = {(await session.next("ack")).ack.request_id for _ in cancels}
+    assert done == {c.cancel.request_id for c in cancels}
+    # A subscribe inside a batch is not a command: the session ends with the reason.
+    await session.send(
+        R(commands=order_pb2.StreamCommands(commands=[R(subscribe=order_pb2.StreamSubscribe())]))
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await session.next("ack")
+    assert ErrorDetails.from_rpc_error(ended.value).reason == "ORDER_STREAM_NOT_A_COMMAND"
+
+
 async def test_cancel_on_disconnect_leaves_no_open_orders(exchange: Exchange) -> None:
     mm = await exchange.trader({"USDT": "1000"}, "mm")
     elsewhere = await mm.place(side=BUY, price="95", quantity="0.1")  # not the session's

@@ -1904,6 +1904,7 @@ type StreamOrdersRequest struct {
 	//	*StreamOrdersRequest_CancelAll
 	//	*StreamOrdersRequest_CancelAllAfter
 	//	*StreamOrdersRequest_Heartbeat
+	//	*StreamOrdersRequest_Commands
 	Payload       isStreamOrdersRequest_Payload `protobuf_oneof:"payload"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2009,6 +2010,15 @@ func (x *StreamOrdersRequest) GetHeartbeat() *Heartbeat {
 	return nil
 }
 
+func (x *StreamOrdersRequest) GetCommands() *StreamCommands {
+	if x != nil {
+		if x, ok := x.Payload.(*StreamOrdersRequest_Commands); ok {
+			return x.Commands
+		}
+	}
+	return nil
+}
+
 type isStreamOrdersRequest_Payload interface {
 	isStreamOrdersRequest_Payload()
 }
@@ -2048,6 +2058,13 @@ type StreamOrdersRequest_Heartbeat struct {
 	Heartbeat *Heartbeat `protobuf:"bytes,7,opt,name=heartbeat,proto3,oneof"`
 }
 
+type StreamOrdersRequest_Commands struct {
+	// Several commands in one message (place, amend, cancel, cancel_all,
+	// cancel_all_after; up to 100), each handled and answered (ack or reject)
+	// exactly as if it had come alone, in the order given.
+	Commands *StreamCommands `protobuf:"bytes,8,opt,name=commands,proto3,oneof"`
+}
+
 func (*StreamOrdersRequest_Subscribe) isStreamOrdersRequest_Payload() {}
 
 func (*StreamOrdersRequest_Place) isStreamOrdersRequest_Payload() {}
@@ -2061,6 +2078,55 @@ func (*StreamOrdersRequest_CancelAll) isStreamOrdersRequest_Payload() {}
 func (*StreamOrdersRequest_CancelAllAfter) isStreamOrdersRequest_Payload() {}
 
 func (*StreamOrdersRequest_Heartbeat) isStreamOrdersRequest_Payload() {}
+
+func (*StreamOrdersRequest_Commands) isStreamOrdersRequest_Payload() {}
+
+// Commands sent together on the order stream.
+type StreamCommands struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The commands; each sets one of place, amend, cancel, cancel_all or
+	// cancel_all_after.
+	Commands      []*StreamOrdersRequest `protobuf:"bytes,1,rep,name=commands,proto3" json:"commands,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamCommands) Reset() {
+	*x = StreamCommands{}
+	mi := &file_cex_order_v1_order_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamCommands) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamCommands) ProtoMessage() {}
+
+func (x *StreamCommands) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_order_v1_order_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamCommands.ProtoReflect.Descriptor instead.
+func (*StreamCommands) Descriptor() ([]byte, []int) {
+	return file_cex_order_v1_order_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *StreamCommands) GetCommands() []*StreamOrdersRequest {
+	if x != nil {
+		return x.Commands
+	}
+	return nil
+}
 
 // A server message on the order stream.
 type StreamOrdersResponse struct {
@@ -2082,7 +2148,7 @@ type StreamOrdersResponse struct {
 
 func (x *StreamOrdersResponse) Reset() {
 	*x = StreamOrdersResponse{}
-	mi := &file_cex_order_v1_order_proto_msgTypes[22]
+	mi := &file_cex_order_v1_order_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2094,7 +2160,7 @@ func (x *StreamOrdersResponse) String() string {
 func (*StreamOrdersResponse) ProtoMessage() {}
 
 func (x *StreamOrdersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_order_v1_order_proto_msgTypes[22]
+	mi := &file_cex_order_v1_order_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2107,7 +2173,7 @@ func (x *StreamOrdersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamOrdersResponse.ProtoReflect.Descriptor instead.
 func (*StreamOrdersResponse) Descriptor() ([]byte, []int) {
-	return file_cex_order_v1_order_proto_rawDescGZIP(), []int{22}
+	return file_cex_order_v1_order_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *StreamOrdersResponse) GetPayload() isStreamOrdersResponse_Payload {
@@ -2246,7 +2312,7 @@ type StreamSubscribe struct {
 
 func (x *StreamSubscribe) Reset() {
 	*x = StreamSubscribe{}
-	mi := &file_cex_order_v1_order_proto_msgTypes[23]
+	mi := &file_cex_order_v1_order_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2258,7 +2324,7 @@ func (x *StreamSubscribe) String() string {
 func (*StreamSubscribe) ProtoMessage() {}
 
 func (x *StreamSubscribe) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_order_v1_order_proto_msgTypes[23]
+	mi := &file_cex_order_v1_order_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2271,7 +2337,7 @@ func (x *StreamSubscribe) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamSubscribe.ProtoReflect.Descriptor instead.
 func (*StreamSubscribe) Descriptor() ([]byte, []int) {
-	return file_cex_order_v1_order_proto_rawDescGZIP(), []int{23}
+	return file_cex_order_v1_order_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *StreamSubscribe) GetAccountId() string {
@@ -2332,7 +2398,7 @@ type StreamSubscribed struct {
 
 func (x *StreamSubscribed) Reset() {
 	*x = StreamSubscribed{}
-	mi := &file_cex_order_v1_order_proto_msgTypes[24]
+	mi := &file_cex_order_v1_order_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2344,7 +2410,7 @@ func (x *StreamSubscribed) String() string {
 func (*StreamSubscribed) ProtoMessage() {}
 
 func (x *StreamSubscribed) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_order_v1_order_proto_msgTypes[24]
+	mi := &file_cex_order_v1_order_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2357,7 +2423,7 @@ func (x *StreamSubscribed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamSubscribed.ProtoReflect.Descriptor instead.
 func (*StreamSubscribed) Descriptor() ([]byte, []int) {
-	return file_cex_order_v1_order_proto_rawDescGZIP(), []int{24}
+	return file_cex_order_v1_order_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *StreamSubscribed) GetSessionId() string {
@@ -2403,7 +2469,7 @@ type StreamAck struct {
 
 func (x *StreamAck) Reset() {
 	*x = StreamAck{}
-	mi := &file_cex_order_v1_order_proto_msgTypes[25]
+	mi := &file_cex_order_v1_order_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2415,7 +2481,7 @@ func (x *StreamAck) String() string {
 func (*StreamAck) ProtoMessage() {}
 
 func (x *StreamAck) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_order_v1_order_proto_msgTypes[25]
+	mi := &file_cex_order_v1_order_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2428,7 +2494,7 @@ func (x *StreamAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamAck.ProtoReflect.Descriptor instead.
 func (*StreamAck) Descriptor() ([]byte, []int) {
-	return file_cex_order_v1_order_proto_rawDescGZIP(), []int{25}
+	return file_cex_order_v1_order_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *StreamAck) GetRequestId() string {
@@ -2542,7 +2608,7 @@ type StreamReject struct {
 
 func (x *StreamReject) Reset() {
 	*x = StreamReject{}
-	mi := &file_cex_order_v1_order_proto_msgTypes[26]
+	mi := &file_cex_order_v1_order_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2554,7 +2620,7 @@ func (x *StreamReject) String() string {
 func (*StreamReject) ProtoMessage() {}
 
 func (x *StreamReject) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_order_v1_order_proto_msgTypes[26]
+	mi := &file_cex_order_v1_order_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2567,7 +2633,7 @@ func (x *StreamReject) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamReject.ProtoReflect.Descriptor instead.
 func (*StreamReject) Descriptor() ([]byte, []int) {
-	return file_cex_order_v1_order_proto_rawDescGZIP(), []int{26}
+	return file_cex_order_v1_order_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *StreamReject) GetRequestId() string {
@@ -2649,7 +2715,7 @@ type ExecutionReport struct {
 
 func (x *ExecutionReport) Reset() {
 	*x = ExecutionReport{}
-	mi := &file_cex_order_v1_order_proto_msgTypes[27]
+	mi := &file_cex_order_v1_order_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2661,7 +2727,7 @@ func (x *ExecutionReport) String() string {
 func (*ExecutionReport) ProtoMessage() {}
 
 func (x *ExecutionReport) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_order_v1_order_proto_msgTypes[27]
+	mi := &file_cex_order_v1_order_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2674,7 +2740,7 @@ func (x *ExecutionReport) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecutionReport.ProtoReflect.Descriptor instead.
 func (*ExecutionReport) Descriptor() ([]byte, []int) {
-	return file_cex_order_v1_order_proto_rawDescGZIP(), []int{27}
+	return file_cex_order_v1_order_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ExecutionReport) GetSequence() int64 {
@@ -2879,7 +2945,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_cex_order_v1_order_proto_msgTypes[28]
+	mi := &file_cex_order_v1_order_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2891,7 +2957,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_order_v1_order_proto_msgTypes[28]
+	mi := &file_cex_order_v1_order_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2904,7 +2970,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_cex_order_v1_order_proto_rawDescGZIP(), []int{28}
+	return file_cex_order_v1_order_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Heartbeat) GetId() string {
@@ -3078,7 +3144,7 @@ const file_cex_order_v1_order_proto_rawDesc = "" +
 	"page_token\x18\a \x01(\tR\tpageToken\"e\n" +
 	"\x11ListFillsResponse\x12(\n" +
 	"\x05fills\x18\x01 \x03(\v2\x12.cex.order.v1.FillR\x05fills\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xde\x03\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x9a\x04\n" +
 	"\x13StreamOrdersRequest\x12=\n" +
 	"\tsubscribe\x18\x01 \x01(\v2\x1d.cex.order.v1.StreamSubscribeH\x00R\tsubscribe\x127\n" +
 	"\x05place\x18\x02 \x01(\v2\x1f.cex.order.v1.PlaceOrderRequestH\x00R\x05place\x127\n" +
@@ -3087,8 +3153,11 @@ const file_cex_order_v1_order_proto_rawDesc = "" +
 	"\n" +
 	"cancel_all\x18\x05 \x01(\v2$.cex.order.v1.CancelAllOrdersRequestH\x00R\tcancelAll\x12O\n" +
 	"\x10cancel_all_after\x18\x06 \x01(\v2#.cex.order.v1.CancelAllAfterRequestH\x00R\x0ecancelAllAfter\x127\n" +
-	"\theartbeat\x18\a \x01(\v2\x17.cex.order.v1.HeartbeatH\x00R\theartbeatB\t\n" +
-	"\apayload\"\xf7\x02\n" +
+	"\theartbeat\x18\a \x01(\v2\x17.cex.order.v1.HeartbeatH\x00R\theartbeat\x12:\n" +
+	"\bcommands\x18\b \x01(\v2\x1c.cex.order.v1.StreamCommandsH\x00R\bcommandsB\t\n" +
+	"\apayload\"O\n" +
+	"\x0eStreamCommands\x12=\n" +
+	"\bcommands\x18\x01 \x03(\v2!.cex.order.v1.StreamOrdersRequestR\bcommands\"\xf7\x02\n" +
 	"\x14StreamOrdersResponse\x12@\n" +
 	"\n" +
 	"subscribed\x18\x01 \x01(\v2\x1e.cex.order.v1.StreamSubscribedH\x00R\n" +
@@ -3206,7 +3275,7 @@ func file_cex_order_v1_order_proto_rawDescGZIP() []byte {
 }
 
 var file_cex_order_v1_order_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_cex_order_v1_order_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_cex_order_v1_order_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_cex_order_v1_order_proto_goTypes = []any{
 	(OrderStatusFilter)(0),           // 0: cex.order.v1.OrderStatusFilter
 	(ExecutionType)(0),               // 1: cex.order.v1.ExecutionType
@@ -3232,116 +3301,119 @@ var file_cex_order_v1_order_proto_goTypes = []any{
 	(*ListFillsRequest)(nil),         // 21: cex.order.v1.ListFillsRequest
 	(*ListFillsResponse)(nil),        // 22: cex.order.v1.ListFillsResponse
 	(*StreamOrdersRequest)(nil),      // 23: cex.order.v1.StreamOrdersRequest
-	(*StreamOrdersResponse)(nil),     // 24: cex.order.v1.StreamOrdersResponse
-	(*StreamSubscribe)(nil),          // 25: cex.order.v1.StreamSubscribe
-	(*StreamSubscribed)(nil),         // 26: cex.order.v1.StreamSubscribed
-	(*StreamAck)(nil),                // 27: cex.order.v1.StreamAck
-	(*StreamReject)(nil),             // 28: cex.order.v1.StreamReject
-	(*ExecutionReport)(nil),          // 29: cex.order.v1.ExecutionReport
-	(*Heartbeat)(nil),                // 30: cex.order.v1.Heartbeat
-	(v1.Side)(0),                     // 31: cex.type.v1.Side
-	(v1.OrderType)(0),                // 32: cex.type.v1.OrderType
-	(v1.TimeInForce)(0),              // 33: cex.type.v1.TimeInForce
-	(v1.SelfTradePrevention)(0),      // 34: cex.type.v1.SelfTradePrevention
-	(v1.OrderState)(0),               // 35: cex.type.v1.OrderState
-	(v1.CancelReason)(0),             // 36: cex.type.v1.CancelReason
-	(*timestamppb.Timestamp)(nil),    // 37: google.protobuf.Timestamp
-	(v1.Liquidity)(0),                // 38: cex.type.v1.Liquidity
-	(*status.Status)(nil),            // 39: google.rpc.Status
-	(*durationpb.Duration)(nil),      // 40: google.protobuf.Duration
+	(*StreamCommands)(nil),           // 24: cex.order.v1.StreamCommands
+	(*StreamOrdersResponse)(nil),     // 25: cex.order.v1.StreamOrdersResponse
+	(*StreamSubscribe)(nil),          // 26: cex.order.v1.StreamSubscribe
+	(*StreamSubscribed)(nil),         // 27: cex.order.v1.StreamSubscribed
+	(*StreamAck)(nil),                // 28: cex.order.v1.StreamAck
+	(*StreamReject)(nil),             // 29: cex.order.v1.StreamReject
+	(*ExecutionReport)(nil),          // 30: cex.order.v1.ExecutionReport
+	(*Heartbeat)(nil),                // 31: cex.order.v1.Heartbeat
+	(v1.Side)(0),                     // 32: cex.type.v1.Side
+	(v1.OrderType)(0),                // 33: cex.type.v1.OrderType
+	(v1.TimeInForce)(0),              // 34: cex.type.v1.TimeInForce
+	(v1.SelfTradePrevention)(0),      // 35: cex.type.v1.SelfTradePrevention
+	(v1.OrderState)(0),               // 36: cex.type.v1.OrderState
+	(v1.CancelReason)(0),             // 37: cex.type.v1.CancelReason
+	(*timestamppb.Timestamp)(nil),    // 38: google.protobuf.Timestamp
+	(v1.Liquidity)(0),                // 39: cex.type.v1.Liquidity
+	(*status.Status)(nil),            // 40: google.rpc.Status
+	(*durationpb.Duration)(nil),      // 41: google.protobuf.Duration
 }
 var file_cex_order_v1_order_proto_depIdxs = []int32{
-	31, // 0: cex.order.v1.Order.side:type_name -> cex.type.v1.Side
-	32, // 1: cex.order.v1.Order.type:type_name -> cex.type.v1.OrderType
-	33, // 2: cex.order.v1.Order.time_in_force:type_name -> cex.type.v1.TimeInForce
-	34, // 3: cex.order.v1.Order.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
-	35, // 4: cex.order.v1.Order.state:type_name -> cex.type.v1.OrderState
-	36, // 5: cex.order.v1.Order.cancel_reason:type_name -> cex.type.v1.CancelReason
-	37, // 6: cex.order.v1.Order.expire_time:type_name -> google.protobuf.Timestamp
-	37, // 7: cex.order.v1.Order.create_time:type_name -> google.protobuf.Timestamp
-	37, // 8: cex.order.v1.Order.update_time:type_name -> google.protobuf.Timestamp
-	37, // 9: cex.order.v1.Order.trigger_time:type_name -> google.protobuf.Timestamp
-	31, // 10: cex.order.v1.Fill.side:type_name -> cex.type.v1.Side
-	38, // 11: cex.order.v1.Fill.liquidity:type_name -> cex.type.v1.Liquidity
-	37, // 12: cex.order.v1.Fill.trade_time:type_name -> google.protobuf.Timestamp
-	31, // 13: cex.order.v1.PlaceOrderRequest.side:type_name -> cex.type.v1.Side
-	32, // 14: cex.order.v1.PlaceOrderRequest.type:type_name -> cex.type.v1.OrderType
-	33, // 15: cex.order.v1.PlaceOrderRequest.time_in_force:type_name -> cex.type.v1.TimeInForce
-	34, // 16: cex.order.v1.PlaceOrderRequest.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
-	37, // 17: cex.order.v1.PlaceOrderRequest.expire_time:type_name -> google.protobuf.Timestamp
+	32, // 0: cex.order.v1.Order.side:type_name -> cex.type.v1.Side
+	33, // 1: cex.order.v1.Order.type:type_name -> cex.type.v1.OrderType
+	34, // 2: cex.order.v1.Order.time_in_force:type_name -> cex.type.v1.TimeInForce
+	35, // 3: cex.order.v1.Order.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
+	36, // 4: cex.order.v1.Order.state:type_name -> cex.type.v1.OrderState
+	37, // 5: cex.order.v1.Order.cancel_reason:type_name -> cex.type.v1.CancelReason
+	38, // 6: cex.order.v1.Order.expire_time:type_name -> google.protobuf.Timestamp
+	38, // 7: cex.order.v1.Order.create_time:type_name -> google.protobuf.Timestamp
+	38, // 8: cex.order.v1.Order.update_time:type_name -> google.protobuf.Timestamp
+	38, // 9: cex.order.v1.Order.trigger_time:type_name -> google.protobuf.Timestamp
+	32, // 10: cex.order.v1.Fill.side:type_name -> cex.type.v1.Side
+	39, // 11: cex.order.v1.Fill.liquidity:type_name -> cex.type.v1.Liquidity
+	38, // 12: cex.order.v1.Fill.trade_time:type_name -> google.protobuf.Timestamp
+	32, // 13: cex.order.v1.PlaceOrderRequest.side:type_name -> cex.type.v1.Side
+	33, // 14: cex.order.v1.PlaceOrderRequest.type:type_name -> cex.type.v1.OrderType
+	34, // 15: cex.order.v1.PlaceOrderRequest.time_in_force:type_name -> cex.type.v1.TimeInForce
+	35, // 16: cex.order.v1.PlaceOrderRequest.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
+	38, // 17: cex.order.v1.PlaceOrderRequest.expire_time:type_name -> google.protobuf.Timestamp
 	2,  // 18: cex.order.v1.PlaceOrderResponse.order:type_name -> cex.order.v1.Order
 	4,  // 19: cex.order.v1.BatchPlaceOrdersRequest.requests:type_name -> cex.order.v1.PlaceOrderRequest
-	39, // 20: cex.order.v1.PlaceOrderResult.status:type_name -> google.rpc.Status
+	40, // 20: cex.order.v1.PlaceOrderResult.status:type_name -> google.rpc.Status
 	2,  // 21: cex.order.v1.PlaceOrderResult.order:type_name -> cex.order.v1.Order
 	7,  // 22: cex.order.v1.BatchPlaceOrdersResponse.results:type_name -> cex.order.v1.PlaceOrderResult
 	2,  // 23: cex.order.v1.AmendOrderResponse.order:type_name -> cex.order.v1.Order
 	2,  // 24: cex.order.v1.CancelOrderResponse.order:type_name -> cex.order.v1.Order
-	31, // 25: cex.order.v1.CancelAllOrdersRequest.side:type_name -> cex.type.v1.Side
+	32, // 25: cex.order.v1.CancelAllOrdersRequest.side:type_name -> cex.type.v1.Side
 	2,  // 26: cex.order.v1.CancelAllOrdersResponse.orders:type_name -> cex.order.v1.Order
-	37, // 27: cex.order.v1.CancelAllAfterResponse.trigger_time:type_name -> google.protobuf.Timestamp
+	38, // 27: cex.order.v1.CancelAllAfterResponse.trigger_time:type_name -> google.protobuf.Timestamp
 	2,  // 28: cex.order.v1.GetOrderResponse.order:type_name -> cex.order.v1.Order
 	0,  // 29: cex.order.v1.ListOrdersRequest.status:type_name -> cex.order.v1.OrderStatusFilter
-	31, // 30: cex.order.v1.ListOrdersRequest.side:type_name -> cex.type.v1.Side
-	37, // 31: cex.order.v1.ListOrdersRequest.start_time:type_name -> google.protobuf.Timestamp
-	37, // 32: cex.order.v1.ListOrdersRequest.end_time:type_name -> google.protobuf.Timestamp
+	32, // 30: cex.order.v1.ListOrdersRequest.side:type_name -> cex.type.v1.Side
+	38, // 31: cex.order.v1.ListOrdersRequest.start_time:type_name -> google.protobuf.Timestamp
+	38, // 32: cex.order.v1.ListOrdersRequest.end_time:type_name -> google.protobuf.Timestamp
 	2,  // 33: cex.order.v1.ListOrdersResponse.orders:type_name -> cex.order.v1.Order
-	37, // 34: cex.order.v1.ListFillsRequest.start_time:type_name -> google.protobuf.Timestamp
-	37, // 35: cex.order.v1.ListFillsRequest.end_time:type_name -> google.protobuf.Timestamp
+	38, // 34: cex.order.v1.ListFillsRequest.start_time:type_name -> google.protobuf.Timestamp
+	38, // 35: cex.order.v1.ListFillsRequest.end_time:type_name -> google.protobuf.Timestamp
 	3,  // 36: cex.order.v1.ListFillsResponse.fills:type_name -> cex.order.v1.Fill
-	25, // 37: cex.order.v1.StreamOrdersRequest.subscribe:type_name -> cex.order.v1.StreamSubscribe
+	26, // 37: cex.order.v1.StreamOrdersRequest.subscribe:type_name -> cex.order.v1.StreamSubscribe
 	4,  // 38: cex.order.v1.StreamOrdersRequest.place:type_name -> cex.order.v1.PlaceOrderRequest
 	9,  // 39: cex.order.v1.StreamOrdersRequest.amend:type_name -> cex.order.v1.AmendOrderRequest
 	11, // 40: cex.order.v1.StreamOrdersRequest.cancel:type_name -> cex.order.v1.CancelOrderRequest
 	13, // 41: cex.order.v1.StreamOrdersRequest.cancel_all:type_name -> cex.order.v1.CancelAllOrdersRequest
 	15, // 42: cex.order.v1.StreamOrdersRequest.cancel_all_after:type_name -> cex.order.v1.CancelAllAfterRequest
-	30, // 43: cex.order.v1.StreamOrdersRequest.heartbeat:type_name -> cex.order.v1.Heartbeat
-	26, // 44: cex.order.v1.StreamOrdersResponse.subscribed:type_name -> cex.order.v1.StreamSubscribed
-	27, // 45: cex.order.v1.StreamOrdersResponse.ack:type_name -> cex.order.v1.StreamAck
-	28, // 46: cex.order.v1.StreamOrdersResponse.reject:type_name -> cex.order.v1.StreamReject
-	29, // 47: cex.order.v1.StreamOrdersResponse.execution_report:type_name -> cex.order.v1.ExecutionReport
-	30, // 48: cex.order.v1.StreamOrdersResponse.heartbeat:type_name -> cex.order.v1.Heartbeat
-	39, // 49: cex.order.v1.StreamOrdersResponse.error:type_name -> google.rpc.Status
-	40, // 50: cex.order.v1.StreamSubscribe.heartbeat_interval:type_name -> google.protobuf.Duration
-	40, // 51: cex.order.v1.StreamSubscribed.heartbeat_interval:type_name -> google.protobuf.Duration
-	5,  // 52: cex.order.v1.StreamAck.place:type_name -> cex.order.v1.PlaceOrderResponse
-	10, // 53: cex.order.v1.StreamAck.amend:type_name -> cex.order.v1.AmendOrderResponse
-	12, // 54: cex.order.v1.StreamAck.cancel:type_name -> cex.order.v1.CancelOrderResponse
-	14, // 55: cex.order.v1.StreamAck.cancel_all:type_name -> cex.order.v1.CancelAllOrdersResponse
-	16, // 56: cex.order.v1.StreamAck.cancel_all_after:type_name -> cex.order.v1.CancelAllAfterResponse
-	39, // 57: cex.order.v1.StreamReject.status:type_name -> google.rpc.Status
-	1,  // 58: cex.order.v1.ExecutionReport.execution_type:type_name -> cex.order.v1.ExecutionType
-	31, // 59: cex.order.v1.ExecutionReport.side:type_name -> cex.type.v1.Side
-	32, // 60: cex.order.v1.ExecutionReport.order_type:type_name -> cex.type.v1.OrderType
-	35, // 61: cex.order.v1.ExecutionReport.order_state:type_name -> cex.type.v1.OrderState
-	38, // 62: cex.order.v1.ExecutionReport.liquidity:type_name -> cex.type.v1.Liquidity
-	36, // 63: cex.order.v1.ExecutionReport.cancel_reason:type_name -> cex.type.v1.CancelReason
-	37, // 64: cex.order.v1.ExecutionReport.event_time:type_name -> google.protobuf.Timestamp
-	37, // 65: cex.order.v1.Heartbeat.send_time:type_name -> google.protobuf.Timestamp
-	4,  // 66: cex.order.v1.OrderService.PlaceOrder:input_type -> cex.order.v1.PlaceOrderRequest
-	6,  // 67: cex.order.v1.OrderService.BatchPlaceOrders:input_type -> cex.order.v1.BatchPlaceOrdersRequest
-	9,  // 68: cex.order.v1.OrderService.AmendOrder:input_type -> cex.order.v1.AmendOrderRequest
-	11, // 69: cex.order.v1.OrderService.CancelOrder:input_type -> cex.order.v1.CancelOrderRequest
-	13, // 70: cex.order.v1.OrderService.CancelAllOrders:input_type -> cex.order.v1.CancelAllOrdersRequest
-	15, // 71: cex.order.v1.OrderService.CancelAllAfter:input_type -> cex.order.v1.CancelAllAfterRequest
-	17, // 72: cex.order.v1.OrderService.GetOrder:input_type -> cex.order.v1.GetOrderRequest
-	19, // 73: cex.order.v1.OrderService.ListOrders:input_type -> cex.order.v1.ListOrdersRequest
-	21, // 74: cex.order.v1.OrderService.ListFills:input_type -> cex.order.v1.ListFillsRequest
-	23, // 75: cex.order.v1.OrderService.StreamOrders:input_type -> cex.order.v1.StreamOrdersRequest
-	5,  // 76: cex.order.v1.OrderService.PlaceOrder:output_type -> cex.order.v1.PlaceOrderResponse
-	8,  // 77: cex.order.v1.OrderService.BatchPlaceOrders:output_type -> cex.order.v1.BatchPlaceOrdersResponse
-	10, // 78: cex.order.v1.OrderService.AmendOrder:output_type -> cex.order.v1.AmendOrderResponse
-	12, // 79: cex.order.v1.OrderService.CancelOrder:output_type -> cex.order.v1.CancelOrderResponse
-	14, // 80: cex.order.v1.OrderService.CancelAllOrders:output_type -> cex.order.v1.CancelAllOrdersResponse
-	16, // 81: cex.order.v1.OrderService.CancelAllAfter:output_type -> cex.order.v1.CancelAllAfterResponse
-	18, // 82: cex.order.v1.OrderService.GetOrder:output_type -> cex.order.v1.GetOrderResponse
-	20, // 83: cex.order.v1.OrderService.ListOrders:output_type -> cex.order.v1.ListOrdersResponse
-	22, // 84: cex.order.v1.OrderService.ListFills:output_type -> cex.order.v1.ListFillsResponse
-	24, // 85: cex.order.v1.OrderService.StreamOrders:output_type -> cex.order.v1.StreamOrdersResponse
-	76, // [76:86] is the sub-list for method output_type
-	66, // [66:76] is the sub-list for method input_type
-	66, // [66:66] is the sub-list for extension type_name
-	66, // [66:66] is the sub-list for extension extendee
-	0,  // [0:66] is the sub-list for field type_name
+	31, // 43: cex.order.v1.StreamOrdersRequest.heartbeat:type_name -> cex.order.v1.Heartbeat
+	24, // 44: cex.order.v1.StreamOrdersRequest.commands:type_name -> cex.order.v1.StreamCommands
+	23, // 45: cex.order.v1.StreamCommands.commands:type_name -> cex.order.v1.StreamOrdersRequest
+	27, // 46: cex.order.v1.StreamOrdersResponse.subscribed:type_name -> cex.order.v1.StreamSubscribed
+	28, // 47: cex.order.v1.StreamOrdersResponse.ack:type_name -> cex.order.v1.StreamAck
+	29, // 48: cex.order.v1.StreamOrdersResponse.reject:type_name -> cex.order.v1.StreamReject
+	30, // 49: cex.order.v1.StreamOrdersResponse.execution_report:type_name -> cex.order.v1.ExecutionReport
+	31, // 50: cex.order.v1.StreamOrdersResponse.heartbeat:type_name -> cex.order.v1.Heartbeat
+	40, // 51: cex.order.v1.StreamOrdersResponse.error:type_name -> google.rpc.Status
+	41, // 52: cex.order.v1.StreamSubscribe.heartbeat_interval:type_name -> google.protobuf.Duration
+	41, // 53: cex.order.v1.StreamSubscribed.heartbeat_interval:type_name -> google.protobuf.Duration
+	5,  // 54: cex.order.v1.StreamAck.place:type_name -> cex.order.v1.PlaceOrderResponse
+	10, // 55: cex.order.v1.StreamAck.amend:type_name -> cex.order.v1.AmendOrderResponse
+	12, // 56: cex.order.v1.StreamAck.cancel:type_name -> cex.order.v1.CancelOrderResponse
+	14, // 57: cex.order.v1.StreamAck.cancel_all:type_name -> cex.order.v1.CancelAllOrdersResponse
+	16, // 58: cex.order.v1.StreamAck.cancel_all_after:type_name -> cex.order.v1.CancelAllAfterResponse
+	40, // 59: cex.order.v1.StreamReject.status:type_name -> google.rpc.Status
+	1,  // 60: cex.order.v1.ExecutionReport.execution_type:type_name -> cex.order.v1.ExecutionType
+	32, // 61: cex.order.v1.ExecutionReport.side:type_name -> cex.type.v1.Side
+	33, // 62: cex.order.v1.ExecutionReport.order_type:type_name -> cex.type.v1.OrderType
+	36, // 63: cex.order.v1.ExecutionReport.order_state:type_name -> cex.type.v1.OrderState
+	39, // 64: cex.order.v1.ExecutionReport.liquidity:type_name -> cex.type.v1.Liquidity
+	37, // 65: cex.order.v1.ExecutionReport.cancel_reason:type_name -> cex.type.v1.CancelReason
+	38, // 66: cex.order.v1.ExecutionReport.event_time:type_name -> google.protobuf.Timestamp
+	38, // 67: cex.order.v1.Heartbeat.send_time:type_name -> google.protobuf.Timestamp
+	4,  // 68: cex.order.v1.OrderService.PlaceOrder:input_type -> cex.order.v1.PlaceOrderRequest
+	6,  // 69: cex.order.v1.OrderService.BatchPlaceOrders:input_type -> cex.order.v1.BatchPlaceOrdersRequest
+	9,  // 70: cex.order.v1.OrderService.AmendOrder:input_type -> cex.order.v1.AmendOrderRequest
+	11, // 71: cex.order.v1.OrderService.CancelOrder:input_type -> cex.order.v1.CancelOrderRequest
+	13, // 72: cex.order.v1.OrderService.CancelAllOrders:input_type -> cex.order.v1.CancelAllOrdersRequest
+	15, // 73: cex.order.v1.OrderService.CancelAllAfter:input_type -> cex.order.v1.CancelAllAfterRequest
+	17, // 74: cex.order.v1.OrderService.GetOrder:input_type -> cex.order.v1.GetOrderRequest
+	19, // 75: cex.order.v1.OrderService.ListOrders:input_type -> cex.order.v1.ListOrdersRequest
+	21, // 76: cex.order.v1.OrderService.ListFills:input_type -> cex.order.v1.ListFillsRequest
+	23, // 77: cex.order.v1.OrderService.StreamOrders:input_type -> cex.order.v1.StreamOrdersRequest
+	5,  // 78: cex.order.v1.OrderService.PlaceOrder:output_type -> cex.order.v1.PlaceOrderResponse
+	8,  // 79: cex.order.v1.OrderService.BatchPlaceOrders:output_type -> cex.order.v1.BatchPlaceOrdersResponse
+	10, // 80: cex.order.v1.OrderService.AmendOrder:output_type -> cex.order.v1.AmendOrderResponse
+	12, // 81: cex.order.v1.OrderService.CancelOrder:output_type -> cex.order.v1.CancelOrderResponse
+	14, // 82: cex.order.v1.OrderService.CancelAllOrders:output_type -> cex.order.v1.CancelAllOrdersResponse
+	16, // 83: cex.order.v1.OrderService.CancelAllAfter:output_type -> cex.order.v1.CancelAllAfterResponse
+	18, // 84: cex.order.v1.OrderService.GetOrder:output_type -> cex.order.v1.GetOrderResponse
+	20, // 85: cex.order.v1.OrderService.ListOrders:output_type -> cex.order.v1.ListOrdersResponse
+	22, // 86: cex.order.v1.OrderService.ListFills:output_type -> cex.order.v1.ListFillsResponse
+	25, // 87: cex.order.v1.OrderService.StreamOrders:output_type -> cex.order.v1.StreamOrdersResponse
+	78, // [78:88] is the sub-list for method output_type
+	68, // [68:78] is the sub-list for method input_type
+	68, // [68:68] is the sub-list for extension type_name
+	68, // [68:68] is the sub-list for extension extendee
+	0,  // [0:68] is the sub-list for field type_name
 }
 
 func init() { file_cex_order_v1_order_proto_init() }
@@ -3357,8 +3429,9 @@ func file_cex_order_v1_order_proto_init() {
 		(*StreamOrdersRequest_CancelAll)(nil),
 		(*StreamOrdersRequest_CancelAllAfter)(nil),
 		(*StreamOrdersRequest_Heartbeat)(nil),
+		(*StreamOrdersRequest_Commands)(nil),
 	}
-	file_cex_order_v1_order_proto_msgTypes[22].OneofWrappers = []any{
+	file_cex_order_v1_order_proto_msgTypes[23].OneofWrappers = []any{
 		(*StreamOrdersResponse_Subscribed)(nil),
 		(*StreamOrdersResponse_Ack)(nil),
 		(*StreamOrdersResponse_Reject)(nil),
@@ -3366,7 +3439,7 @@ func file_cex_order_v1_order_proto_init() {
 		(*StreamOrdersResponse_Heartbeat)(nil),
 		(*StreamOrdersResponse_Error)(nil),
 	}
-	file_cex_order_v1_order_proto_msgTypes[25].OneofWrappers = []any{
+	file_cex_order_v1_order_proto_msgTypes[26].OneofWrappers = []any{
 		(*StreamAck_Place)(nil),
 		(*StreamAck_Amend)(nil),
 		(*StreamAck_Cancel)(nil),
@@ -3379,7 +3452,7 @@ func file_cex_order_v1_order_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cex_order_v1_order_proto_rawDesc), len(file_cex_order_v1_order_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   29,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

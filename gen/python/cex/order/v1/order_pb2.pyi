@@ -980,6 +980,7 @@ class StreamOrdersRequest(_message.Message):
     CANCEL_ALL_FIELD_NUMBER: _builtins.int
     CANCEL_ALL_AFTER_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    COMMANDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def subscribe(self) -> Global___StreamSubscribe:
         """Opens the session; must be the first message and is allowed only once."""
@@ -1008,6 +1009,13 @@ class StreamOrdersRequest(_message.Message):
     def heartbeat(self) -> Global___Heartbeat:
         """Keeps the session alive; the server echoes it back."""
 
+    @_builtins.property
+    def commands(self) -> Global___StreamCommands:
+        """Several commands in one message (place, amend, cancel, cancel_all,
+        cancel_all_after; up to 100), each handled and answered (ack or reject)
+        exactly as if it had come alone, in the order given.
+        """
+
     def __init__(
         self,
         *,
@@ -1018,16 +1026,43 @@ class StreamOrdersRequest(_message.Message):
         cancel_all: Global___CancelAllOrdersRequest | None = ...,
         cancel_all_after: Global___CancelAllAfterRequest | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
+        commands: Global___StreamCommands | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "cancel_all", b"cancel_all", "cancel_all_after", b"cancel_all_after", "heartbeat", b"heartbeat", "payload", b"payload", "place", b"place", "subscribe", b"subscribe"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "cancel_all", b"cancel_all", "cancel_all_after", b"cancel_all_after", "commands", b"commands", "heartbeat", b"heartbeat", "payload", b"payload", "place", b"place", "subscribe", b"subscribe"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "cancel_all", b"cancel_all", "cancel_all_after", b"cancel_all_after", "heartbeat", b"heartbeat", "payload", b"payload", "place", b"place", "subscribe", b"subscribe"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "cancel_all", b"cancel_all", "cancel_all_after", b"cancel_all_after", "commands", b"commands", "heartbeat", b"heartbeat", "payload", b"payload", "place", b"place", "subscribe", b"subscribe"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["subscribe", "place", "amend", "cancel", "cancel_all", "cancel_all_after", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["subscribe", "place", "amend", "cancel", "cancel_all", "cancel_all_after", "heartbeat", "commands"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___StreamOrdersRequest: _TypeAlias = StreamOrdersRequest  # noqa: Y015
+
+@_typing.final
+class StreamCommands(_message.Message):
+    """Commands sent together on the order stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMANDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def commands(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamOrdersRequest]:
+        """The commands; each sets one of place, amend, cancel, cancel_all or
+        cancel_all_after.
+        """
+
+    def __init__(
+        self,
+        *,
+        commands: _abc.Iterable[Global___StreamOrdersRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamCommands: _TypeAlias = StreamCommands  # noqa: Y015
 
 @_typing.final
 class StreamOrdersResponse(_message.Message):
