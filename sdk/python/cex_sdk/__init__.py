@@ -42,7 +42,13 @@ from .session import (
     SessionEvent,
 )
 
+# The distribution's version (sdk/python/pyproject.toml); its major is the
+# contracts' version, CONTRACTS_VERSION.
+__version__ = "1.0.0"
+CONTRACTS_VERSION = "v1"
+
 __all__ = [
+    "CONTRACTS_VERSION",
     "DEFAULT_TIMEOUT_S",
     "KEEPALIVE_OPTIONS",
     "NO_RETRY",
