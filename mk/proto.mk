@@ -20,7 +20,7 @@ PROTO_DESCRIPTOR := gen/descriptor/cex.binpb
 #   gen/python/         messages, gRPC stubs and their .pyi stubs for proto/,
 #                       plus __init__.py files and a py.typed marker;
 #   gen/go/             Go messages and gRPC clients, a module of its own
-#                       (go.mod from sdk/go/gen-go.mod);
+#                       (go.mod and go.sum from sdk/go/gen-go.{mod,sum});
 #   gen/ts/             TypeScript messages and services (protoc-gen-es);
 #   gen/descriptor/     a FileDescriptorSet of proto/ with all imports and
 #                       comments, for Envoy's grpc_json_transcoder and reflection.
@@ -29,7 +29,7 @@ PROTO_GEN_CMD = rm -rf gen \
 	&& $(PROTO_ENV) $(PROTO_BUF) generate \
 	&& for d in $$(find gen/python/cex -type d | LC_ALL=C sort); do : > "$$d/__init__.py"; done \
 	&& : > gen/python/cex/py.typed \
-	&& cp sdk/go/gen-go.mod gen/go/go.mod \
+	&& cp sdk/go/gen-go.mod gen/go/go.mod && cp sdk/go/gen-go.sum gen/go/go.sum \
 	&& mkdir -p $(dir $(PROTO_DESCRIPTOR)) \
 	&& $(PROTO_BUF) build --as-file-descriptor-set -o $(PROTO_DESCRIPTOR)
 

@@ -37,7 +37,7 @@ $(NODE_TOOLS): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-$(GO_EXAMPLE): examples/go/go.mod examples/go/go.sum sdk/go/gen-go.mod
+$(GO_EXAMPLE): examples/go/go.mod examples/go/go.sum sdk/go/gen-go.mod sdk/go/gen-go.sum
 	mkdir -p $(TOOLS)
 	cd examples/go && go build -o /dev/null .
 	touch $@
