@@ -32,6 +32,7 @@ from .errors import (
 )
 from .marketdata import MarketDataApi
 from .orders import TERMINAL_STATES, WORKING_STATES, OrdersApi, new_id, place_request
+from .ratelimit import RateLimit
 from .retry import NO_RETRY, RetryEvent, RetryPolicy
 from .session import (
     Connected,
@@ -77,6 +78,7 @@ __all__ = [
     "NotFoundError",
     "OrdersApi",
     "PermissionDeniedError",
+    "RateLimit",
     "RateLimitedError",
     "Reconciled",
     "Resync",
