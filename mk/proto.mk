@@ -14,15 +14,13 @@ PROTO_BUF := $(BIN)/buf
 # The Go plugins are in .tools/bin and protoc-gen-es in node_modules/.bin
 # (mk/sdk.mk installs both).
 PROTO_ENV := PATH="$(abspath $(BIN)):$(abspath .tools/bin):$(abspath node_modules/.bin):$$PATH"
-# Branch that proto-breaking compares against.
-PROTO_BREAKING_BRANCH ?= main
 PROTO_DESCRIPTOR := gen/descriptor/cex.binpb
 
 # Regenerates gen/ from scratch:
 #   gen/python/         messages, gRPC stubs and their .pyi stubs for proto/,
 #                       plus __init__.py files and a py.typed marker;
 #   gen/go/             Go messages and gRPC clients, a module of its own
-#                       (go.mod from sdk/go/gen-go.mod);
+#                       (go.mod and go.sum from sdk/go/gen-go.{mod,sum});
 #   gen/ts/             TypeScript messages and services (protoc-gen-es);
 #   gen/descriptor/     a FileDescriptorSet of proto/ with all imports and
 #                       comments, for Envoy's grpc_json_transcoder and reflection.
@@ -31,11 +29,11 @@ PROTO_GEN_CMD = rm -rf gen \
 	&& $(PROTO_ENV) $(PROTO_BUF) generate \
 	&& for d in $$(find gen/python/cex -type d | LC_ALL=C sort); do : > "$$d/__init__.py"; done \
 	&& : > gen/python/cex/py.typed \
-	&& cp sdk/go/gen-go.mod gen/go/go.mod \
+	&& cp sdk/go/gen-go.mod gen/go/go.mod && cp sdk/go/gen-go.sum gen/go/go.sum \
 	&& mkdir -p $(dir $(PROTO_DESCRIPTOR)) \
 	&& $(PROTO_BUF) build --as-file-descriptor-set -o $(PROTO_DESCRIPTOR)
 
-.PHONY: gen gen-check proto-lint proto-format proto-format-check proto-breaking proto-check
+.PHONY: gen gen-check proto-lint proto-format proto-format-check proto-breaking proto-baseline-refresh proto-check
 
 gen: ## Regenerate gen/ (Python code and the descriptor set) from proto/
 	@$(PROTO_GEN_CMD)
@@ -60,18 +58,28 @@ proto-format: ## Rewrite .proto files in buf's canonical format
 proto-format-check: ## Fail if a .proto file under proto/ is not buf-formatted
 	$(PROTO_BUF) format proto -d --exit-code
 
-# Compares the working tree with the branch (FILE rules). Skipped while that
-# branch does not exist or has no .proto file yet (first contracts commit).
-# --exclude-imports: without it buf also checks each module's imports, i.e.
-# the vendored googleapis files as seen from proto/, which the `ignore` in
-# buf.yaml does not cover.
-proto-breaking: ## buf breaking against the main branch
-	@if git rev-parse -q --verify "$(PROTO_BREAKING_BRANCH)^{commit}" >/dev/null 2>&1 \
-	   && git ls-tree -r --name-only "$(PROTO_BREAKING_BRANCH)" -- proto | grep -q '\.proto$$'; then \
-	  echo "$(PROTO_BUF) breaking --exclude-imports --against '.git#branch=$(PROTO_BREAKING_BRANCH)'"; \
-	  $(PROTO_BUF) breaking --exclude-imports --against '.git#branch=$(PROTO_BREAKING_BRANCH)'; \
-	else \
-	  echo "proto-breaking: skipped ($(PROTO_BREAKING_BRANCH) has no proto/ yet)"; \
-	fi
+# The v1 contracts as landed, the baseline `proto-breaking` compares with: a
+# buf image of proto/ (imports included so it resolves on its own, source info
+# left out so comment edits do not churn it). It changes only by
+# `make proto-baseline-refresh`, on purpose, in a commit of its own.
+PROTO_BASELINE := proto/baseline/v1.binpb
+PROTO_BASELINE_BUILD = $(PROTO_BUF) build proto --exclude-source-info -o
+
+# FILE rules (buf.yaml) between proto/ and the baseline. The input is the proto
+# module (the baseline holds no googleapis targets) and --exclude-imports skips
+# the vendored googleapis files, which buf.yaml's `ignore` does not cover when
+# seen as imports. Removing or renumbering a field, a method or a file fails;
+# adding passes.
+proto-breaking: ## buf breaking against the v1 baseline (proto/baseline/v1.binpb)
+	$(PROTO_BUF) breaking proto --exclude-imports --against $(PROTO_BASELINE)
+
+# On purpose only: what proto/ is now becomes what every later change must not
+# break (after contract additions have landed, so they are protected too). It
+# refuses while proto/ breaks the current baseline: a breaking change is a v2
+# package, never a new baseline for v1.
+proto-baseline-refresh: ## ON PURPOSE: make proto/ as it is now the v1 baseline (commit it alone, say why)
+	@$(MAKE) --no-print-directory proto-breaking
+	$(PROTO_BASELINE_BUILD) $(PROTO_BASELINE)
+	@echo "proto-baseline-refresh: $(PROTO_BASELINE) is now proto/ as it is; commit it on its own, with the reason"
 
 proto-check: proto-lint proto-format-check proto-breaking gen-check ## All contract checks

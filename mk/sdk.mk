@@ -17,7 +17,13 @@ NODE_TOOLS := node_modules/.installed
 # the e2e test's `go build` only compiles the example itself.
 GO_EXAMPLE := $(TOOLS)/go-example.stamp
 
-.PHONY: sdk-tools examples-lint
+.PHONY: sdk-tools examples-lint sdk-wheel
+
+## sdk-wheel: cex-sdk's wheel into dist/ (the SDK and the generated v1 code; docs/sdk.md)
+sdk-wheel: $(INSTALLED)
+	rm -rf sdk/python/build
+	$(BIN)/python -m pip wheel --no-deps --no-build-isolation --quiet -w dist sdk/python
+	@ls -l dist/cex_sdk-*.whl
 
 sdk-tools: $(GO_PLUGINS) $(NODE_TOOLS)
 
@@ -31,7 +37,7 @@ $(NODE_TOOLS): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-$(GO_EXAMPLE): examples/go/go.mod examples/go/go.sum sdk/go/gen-go.mod
+$(GO_EXAMPLE): examples/go/go.mod examples/go/go.sum sdk/go/gen-go.mod sdk/go/gen-go.sum
 	mkdir -p $(TOOLS)
 	cd examples/go && go build -o /dev/null .
 	touch $@

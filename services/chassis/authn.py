@@ -40,7 +40,6 @@ import asyncio
 import contextvars
 import hashlib
 import hmac
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -52,7 +51,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc.aio import ClientCallDetails
 
 from .errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
-from .tokens import CLOCK_SKEW_S, Claims, KeySource, UnknownKey, b64url_decode, verify
+from .tokens import CLOCK_SKEW_S, Claims, KeySource, UnknownKey, kid_of, verify
 
 __all__ = [
     "INTERNAL",
@@ -276,8 +275,7 @@ class Authenticator:
 
 def _kid(token: str) -> str:
     """The kid of a token that has just verified (so its header is well formed)."""
-    header = json.loads(b64url_decode(token.partition(".")[0]))
-    return str(header["kid"])
+    return kid_of(token)
 
 
 def _user_context(claims: Claims, token: str, *, service: str) -> AuthContext:

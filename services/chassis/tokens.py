@@ -1,17 +1,22 @@
 """Access tokens: compact JWS (JWT) signed with Ed25519 ("EdDSA"), and their JWKS.
 
 auth signs; every service (and Envoy's jwt_authn) verifies against auth's JWKS.
-Verification is strict and in a fixed order, each failure with its own reason:
+The JOSE work is PyJWT's (signing, signature verification, the issuer and
+audience checks, JWK parsing and serialising); this module fixes how it is
+used, strictly and in a fixed order, each failure with its own reason:
 the header's `alg` must be exactly EdDSA (so `none` and HS256-with-the-public-key
-are refused before any key is looked at), the `kid` must be a published key, the
-signature must verify, then issuer, audience and the time window are checked.
+are refused before any key is looked at, and PyJWT is told to accept EdDSA
+only), the `kid` must be a published key, the signature must verify, then
+issuer, audience and the time window are checked.
+
+The time window is checked here, against the `now` the caller passes (PyJWT
+reads the wall clock itself and cannot be given one): the Authenticator's
+clock decides, as for its cache of verified tokens, and tests can fix it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import time
 import urllib.request
@@ -19,9 +24,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from jwt.algorithms import OKPAlgorithm
+from jwt.utils import base64url_decode, base64url_encode
 
 from .errors import Unauthenticated, Unavailable
 from .telemetry import JWKS_FETCH_FAILURES
@@ -39,6 +45,7 @@ __all__ = [
     "b64url",
     "b64url_decode",
     "jwk_of",
+    "kid_of",
     "new_signing_key",
     "public_key_of_jwk",
     "sign",
@@ -53,11 +60,11 @@ CLOCK_SKEW_S = 30
 
 
 def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    return base64url_encode(data).decode()
 
 
 def b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    return base64url_decode(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,17 +95,21 @@ def new_signing_key() -> Ed25519PrivateKey:
 
 
 def jwk_of(kid: str, key: Ed25519PublicKey) -> dict[str, str]:
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return {"kty": "OKP", "crv": "Ed25519", "x": b64url(raw), "kid": kid, "alg": ALGORITHM}
+    """The public JWK as the JWKS publishes it (Envoy's and Istio's format:
+    kty OKP, crv Ed25519, x, kid, alg)."""
+    jwk = OKPAlgorithm.to_jwk(key, as_dict=True)
+    return {"kty": "OKP", "crv": "Ed25519", "x": str(jwk["x"]), "kid": kid, "alg": ALGORITHM}
 
 
 def public_key_of_jwk(jwk: Mapping[str, Any]) -> Ed25519PublicKey | None:
+    """The Ed25519 public key of a JWK; None for any other kind of key, or junk."""
     if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
         return None
     try:
-        return Ed25519PublicKey.from_public_bytes(b64url_decode(str(jwk["x"])))
-    except (KeyError, ValueError, binascii.Error):
+        key = jwt.PyJWK(dict(jwk), algorithm=ALGORITHM).key
+    except (jwt.PyJWKError, jwt.InvalidKeyError, KeyError, TypeError, ValueError):
         return None
+    return key if isinstance(key, Ed25519PublicKey) else None
 
 
 def sign(
@@ -114,7 +125,6 @@ def sign(
     issuer: str = ISSUER,
     audience: str = AUDIENCE,
 ) -> str:
-    header = {"alg": ALGORITHM, "typ": "JWT", "kid": kid}
     payload = {
         "iss": issuer,
         "aud": audience,
@@ -126,26 +136,59 @@ def sign(
         "exp": issued_at + ttl_s,
         "jti": token_id,
     }
-    signing_input = f"{_part(header)}.{_part(payload)}"
-    return f"{signing_input}.{b64url(key.sign(signing_input.encode()))}"
-
-
-def _part(value: Mapping[str, Any]) -> str:
-    return b64url(json.dumps(value, separators=(",", ":"), sort_keys=True).encode())
+    # The header: {"alg": "EdDSA", "kid": kid, "typ": "JWT"}.
+    return jwt.encode(payload, key, algorithm=ALGORITHM, headers={"kid": kid, "typ": "JWT"})
 
 
 def _refuse(reason: str, message: str) -> Unauthenticated:
     return Unauthenticated(reason, message)
 
 
-def _json_part(text: str) -> dict[str, Any]:
+def kid_of(token: str) -> str:
+    """The kid of a token's header, unverified (for a token that has just verified)."""
+    return str(jwt.get_unverified_header(token)["kid"])
+
+
+# What PyJWT checks, and what it does not: the time window is ours (see above).
+_DECODE_OPTIONS: Any = {
+    "require": ["iss", "aud", "sub", "exp"],
+    "verify_signature": True,
+    "verify_exp": False,
+    "verify_nbf": False,
+    "verify_iat": False,
+    "verify_iss": True,
+    "verify_aud": True,
+}
+
+
+def _decode(token: str, key: Ed25519PublicKey, *, issuer: str, audience: str) -> dict[str, Any]:
+    """The payload once PyJWT has checked the signature, the issuer and the audience."""
     try:
-        value = json.loads(b64url_decode(text))
-    except (ValueError, binascii.Error):
-        raise _refuse("AUTH_TOKEN_MALFORMED", "the token is not a JWT") from None
-    if not isinstance(value, dict):
-        raise _refuse("AUTH_TOKEN_MALFORMED", "the token is not a JWT")
-    return value
+        payload: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=[ALGORITHM],
+            issuer=issuer,
+            audience=audience,
+            options=_DECODE_OPTIONS,
+        )
+    except jwt.InvalidSignatureError:
+        raise _refuse("AUTH_INVALID_SIGNATURE", "the token's signature does not verify") from None
+    except jwt.InvalidIssuerError:
+        raise _refuse("AUTH_WRONG_ISSUER", "the token was not issued by cex auth") from None
+    except jwt.InvalidAudienceError:
+        raise _refuse("AUTH_WRONG_AUDIENCE", "the token is not meant for this exchange") from None
+    except jwt.MissingRequiredClaimError as missing:
+        if missing.claim == "iss":
+            raise _refuse("AUTH_WRONG_ISSUER", "the token was not issued by cex auth") from None
+        if missing.claim == "aud":
+            raise _refuse(
+                "AUTH_WRONG_AUDIENCE", "the token is not meant for this exchange"
+            ) from None
+        raise _refuse("AUTH_TOKEN_MALFORMED", f"the token has no {missing.claim}") from None
+    except jwt.PyJWTError:
+        raise _refuse("AUTH_TOKEN_MALFORMED", "the token is not a valid JWT") from None
+    return payload
 
 
 def verify(
@@ -157,10 +200,12 @@ def verify(
     audience: str = AUDIENCE,
 ) -> Claims:
     """Claims of a valid token, else Unauthenticated (UnknownKey when the kid is unknown)."""
-    parts = token.split(".")
-    if len(parts) != 3:
+    if token.count(".") != 2:
         raise _refuse("AUTH_TOKEN_MALFORMED", "the token is not a JWT")
-    header = _json_part(parts[0])
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        raise _refuse("AUTH_TOKEN_MALFORMED", "the token is not a JWT") from None
     if header.get("alg") != ALGORITHM:
         raise _refuse(
             "AUTH_ALGORITHM_NOT_ALLOWED", f"token algorithm {header.get('alg')!r} is not EdDSA"
@@ -171,17 +216,7 @@ def verify(
     key = keys.get(kid)
     if key is None:
         raise UnknownKey(kid)
-    try:
-        key.verify(b64url_decode(parts[2]), f"{parts[0]}.{parts[1]}".encode())
-    except (InvalidSignature, ValueError, binascii.Error):
-        raise _refuse("AUTH_INVALID_SIGNATURE", "the token's signature does not verify") from None
-    payload = _json_part(parts[1])
-    if payload.get("iss") != issuer:
-        raise _refuse("AUTH_WRONG_ISSUER", "the token was not issued by cex auth")
-    aud = payload.get("aud")
-    audiences = aud if isinstance(aud, list) else [aud]
-    if audience not in audiences:
-        raise _refuse("AUTH_WRONG_AUDIENCE", "the token is not meant for this exchange")
+    payload = _decode(token, key, issuer=issuer, audience=audience)
     exp, nbf = payload.get("exp"), payload.get("nbf", 0)
     if not isinstance(exp, int) or not isinstance(nbf, int):
         raise _refuse("AUTH_TOKEN_MALFORMED", "the token has no valid exp/nbf")
@@ -227,7 +262,11 @@ class JwksCache:
 
     Refetched when older than `ttl_s`, or when a token names an unknown kid (a
     key published after the last fetch), but never more often than
-    `min_refresh_s`, so junk kids cannot make us hammer auth.
+    `min_refresh_s`, so junk kids cannot make us hammer auth. Each key is parsed
+    by PyJWT (`public_key_of_jwk`). PyJWT's own PyJWKClient is not used: it
+    fetches with blocking urllib on the caller's thread (the event loop here),
+    refetches on every unknown kid with no floor, and takes neither a clock nor
+    a fetcher, which this policy and its tests need.
     """
 
     def __init__(
@@ -273,7 +312,7 @@ class JwksCache:
             return
         found: dict[str, Ed25519PublicKey] = {}
         for jwk in document.get("keys", []) if isinstance(document, dict) else []:
-            key = public_key_of_jwk(jwk)
+            key = public_key_of_jwk(jwk) if isinstance(jwk, dict) else None
             if key is not None and isinstance(jwk.get("kid"), str):
                 found[jwk["kid"]] = key
         self._keys = found

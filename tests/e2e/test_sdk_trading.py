@@ -1,7 +1,8 @@
 """The Python SDK's trading helpers against the real stack, through Envoy.
 
 - `client.orders`: place (idempotent by client_order_id), amend, get, list,
-  cancel, cancel-all, the dead man's switch.
+  cancel, cancel-all, the dead man's switch; the order budget each place and
+  amend reports (`client.last_rate_limit`), the account's own limit.
 - `MarketMakerSession`: a kill -9 of the order service while a place is in
   flight and a fill happens while the session is away; the session comes back
   with the place done once and the fill reported by reconciliation; the dead
@@ -28,6 +29,7 @@ import pytest
 from cex.marketdata.v1 import marketdata_pb2 as md
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.order.v1 import order_pb2
+from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from cex_sdk import (
     AlreadyExistsError,
@@ -35,6 +37,7 @@ from cex_sdk import (
     Connected,
     LocalOrderBook,
     MarketMakerSession,
+    RateLimit,
     Reconciled,
     RetryPolicy,
     SessionEvent,
@@ -71,6 +74,52 @@ async def accounts(
 
 def _client(stack: Stack, key: Integrator) -> Client:
     return Client.from_api_key(stack.edge, key.key_id, key.secret, timeout_s=30)
+
+
+async def test_place_and_amend_report_the_account_s_order_budget(
+    stack: Stack, service_credentials: ServiceCredentials, accounts: Accounts
+) -> None:
+    """The order service sends risk's per-account budget on PlaceOrder (and
+    AmendOrder) as x-cex-order-limit-1s / x-cex-order-count-1s; through Envoy
+    the SDK records it. The account gets a limit of its own (37/s), so the
+    number cannot come from anywhere else."""
+    key = await accounts({"USDT": "1000"})
+    async with grpc.aio.insecure_channel(stack.edge) as channel:
+        await risk_pb2_grpc.RiskServiceStub(channel).SetLimits(
+            risk_pb2.SetLimitsRequest(
+                request_id=uuid.uuid4().hex,
+                limits=risk_pb2.Limits(account_id=key.account_id, max_orders_per_second=37),
+            ),
+            metadata=(("authorization", f"Bearer {await service_credentials.token()}"),),
+            timeout=10,
+        )
+    place = "/cex.order.v1.OrderService/PlaceOrder"
+    async with _client(stack, key) as client:
+        assert client.last_rate_limit is None
+        await client.ledger.get_balances()
+        assert client.last_rate_limit is None  # reads carry no budget
+        for _ in range(40):  # risk reloads limits every 0.5 s: until it uses the new one
+            order = await client.orders.place(BTC, BUY, "0.1", price="95.5")
+            usage = client.last_rate_limit
+            assert usage is not None and usage.method == place
+            if usage.limit == 37:
+                break
+            await asyncio.sleep(0.25)
+        assert usage.limit == 37 and 1 <= usage.used <= 37
+        assert usage.remaining == 37 - usage.used
+        before = usage
+        await client.orders.get(order.order_id)
+        assert client.last_rate_limit is before  # a read leaves it
+        burst: list[order_pb2.Order] = []
+        for _ in range(5):  # each place replaces it (a bucket refilled continuously:
+            burst.append(await client.orders.place(BTC, BUY, "0.1", price="95.5"))
+            now = client.last_rate_limit  # `used` is what the refill has not covered)
+            assert isinstance(now, RateLimit) and now is not before
+            assert now.limit == 37 and 1 <= now.used <= 37
+            before = now
+        await client.orders.amend(burst[0].order_id, quantity="0.06")
+        assert client.last_rate_limit.method == "/cex.order.v1.OrderService/AmendOrder"
+        assert client.last_rate_limit.limit == 37
 
 
 async def test_orders_api_places_once_per_client_order_id_and_manages_the_order(

@@ -32,6 +32,7 @@ from .errors import (
 )
 from .marketdata import MarketDataApi
 from .orders import TERMINAL_STATES, WORKING_STATES, OrdersApi, new_id, place_request
+from .ratelimit import RateLimit
 from .retry import NO_RETRY, RetryEvent, RetryPolicy
 from .session import (
     Connected,
@@ -42,7 +43,13 @@ from .session import (
     SessionEvent,
 )
 
+# The distribution's version (sdk/python/pyproject.toml); its major is the
+# contracts' version, CONTRACTS_VERSION.
+__version__ = "1.0.0"
+CONTRACTS_VERSION = "v1"
+
 __all__ = [
+    "CONTRACTS_VERSION",
     "DEFAULT_TIMEOUT_S",
     "KEEPALIVE_OPTIONS",
     "NO_RETRY",
@@ -71,6 +78,7 @@ __all__ = [
     "NotFoundError",
     "OrdersApi",
     "PermissionDeniedError",
+    "RateLimit",
     "RateLimitedError",
     "Reconciled",
     "Resync",

@@ -19,6 +19,7 @@ from ._tokens import TokenSource
 from .errors import CexError, UnauthenticatedError, from_rpc_error
 from .marketdata import MarketDataApi
 from .orders import OrdersApi
+from .ratelimit import RateLimit, rate_limit_of
 from .retry import RetryEvent, RetryPolicy, may_retry
 
 __all__ = ["DEFAULT_TIMEOUT_S", "KEEPALIVE_OPTIONS", "AuthApi", "Client", "LedgerApi"]
@@ -46,7 +47,12 @@ class Client:
     Make one with `Client.from_api_key` and share it; close it with `close()`
     or `async with`. Every call has a deadline (`timeout_s`, per client or per
     call) that also bounds its retries; see `cex_sdk.retry` for what is retried.
+
+    `last_rate_limit` is the order-entry budget the latest answer that carried
+    one reported (`cex_sdk.ratelimit`), or None before any did.
     """
+
+    last_rate_limit: RateLimit | None
 
     def __init__(
         self,
@@ -70,6 +76,7 @@ class Client:
         self._sleep = sleep
         self._random = random
         self._callables: dict[str, grpc.aio.UnaryUnaryMultiCallable[Any, Any]] = {}
+        self.last_rate_limit = None
         request = auth_pb2.IssueTokenRequest(api_key_id=key_id, api_key_secret=secret)
         self.tokens = TokenSource(
             lambda: self.call(
@@ -198,10 +205,19 @@ class Client:
             token = await self.tokens.token() if authenticated else ""
             metadata = (("authorization", f"Bearer {token}"),) if token else None
             remaining = deadline - self._clock()
+            call = multicallable(request, timeout=max(remaining, 0.0), metadata=metadata)
             try:
-                return await multicallable(request, timeout=max(remaining, 0.0), metadata=metadata)
+                response = await call
             except grpc.aio.AioRpcError as rpc_error:
+                self._note_rate_limit(
+                    method, rpc_error.initial_metadata(), rpc_error.trailing_metadata()
+                )
                 error = from_rpc_error(rpc_error)
+            else:
+                self._note_rate_limit(
+                    method, await call.initial_metadata(), await call.trailing_metadata()
+                )
+                return response
             if isinstance(error, UnauthenticatedError) and authenticated and not refreshed:
                 # The token was refused before any handler ran (expired in
                 # flight, or the signing key rotated): renew it once, resend.
@@ -213,6 +229,11 @@ class Client:
             if delay is None:
                 raise error
             await self._sleep(delay)
+
+    def _note_rate_limit(self, method: str, *metadata: Any) -> None:
+        usage = rate_limit_of(method, *metadata)
+        if usage is not None:
+            self.last_rate_limit = usage
 
     def _retry_delay(
         self, method: str, request: Message, error: CexError, retry: int, deadline: float

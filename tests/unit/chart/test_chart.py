@@ -1,7 +1,8 @@
 """The Helm chart, rendered with helm and checked against the contracts.
 
 Renders helm/cex with the default and the production-like values (helm from
-.tools/, installed by `make tools`, which `make test` runs first) and asserts
+.tools/, installed by `make tools`, which `make test` runs first; every test
+that runs helm is marked `helm`, and `make test-unit` leaves those out) and asserts
 what the mesh promises: an AuthorizationPolicy per service naming exact
 methods and service-account principals, mTLS STRICT, hardened pods with native
 gRPC probes, no route timeout and no retries on streams, retries only on
@@ -35,10 +36,17 @@ SCHEMAS = ROOT / ".tools" / "schemas"
 NAMESPACE = "cex"
 KUBE_VERSION = "1.34.0"
 
-pytestmark = pytest.mark.skipif(
-    not HELM.exists(),
-    reason="helm is not installed in .tools/bin: run `make tools` (needs Go; `make test` does it)",
-)
+
+def needs_helm(test: Any) -> Any:
+    """A test that renders the chart with helm: marked `helm`, which `make test-unit`
+    deselects (that tier needs no Go and no helm) and `make test` runs, after
+    `make tools` has built helm; skipped, saying why, if helm is missing anyway."""
+    skip = pytest.mark.skipif(
+        not HELM.exists(),
+        reason="helm is not in .tools/bin: run `make tools` (needs Go; `make test` does it)",
+    )
+    return pytest.mark.helm(skip(test))
+
 
 Doc = dict[str, Any]
 GRPC_PATH = re.compile(r"^/[a-z][a-z0-9_]*(\.[a-z0-9_]+)*\.[A-Z][A-Za-z0-9]*/[A-Z][A-Za-z0-9]*$")
@@ -158,6 +166,7 @@ def vs_routes(docs: tuple[Doc, ...], name: str) -> list[Doc]:
 # -- authorization ------------------------------------------------------------------
 
 
+@needs_helm
 def test_every_service_and_every_pod_has_its_authorization_policy(
     docs: tuple[Doc, ...], values: Doc
 ) -> None:
@@ -173,6 +182,7 @@ def test_every_service_and_every_pod_has_its_authorization_policy(
         assert len(matching) == 1, deployment["metadata"]["name"]
 
 
+@needs_helm
 def test_no_policy_allows_wildcard_or_unknown_methods(docs: tuple[Doc, ...], values: Doc) -> None:
     grpc_port = str(values["ports"]["grpc"])
     contracts = proto_methods()
@@ -199,6 +209,7 @@ def test_no_policy_allows_wildcard_or_unknown_methods(docs: tuple[Doc, ...], val
                     assert method in contracts.get(service, {}), f"{path} is not in the protos"
 
 
+@needs_helm
 def test_grpc_rules_name_chart_service_accounts_or_the_gateway(
     docs: tuple[Doc, ...], values: Doc
 ) -> None:
@@ -218,6 +229,7 @@ def test_grpc_rules_name_chart_service_accounts_or_the_gateway(
             assert set(principals) <= accounts | gateway, set(principals) - accounts - gateway
 
 
+@needs_helm
 def test_callers_are_the_ones_the_architecture_names(docs: tuple[Doc, ...]) -> None:
     """order calls risk, ledger and match; ledger, marketdata call match; funding
     calls ledger and risk; only services reach match's and ledger's money paths."""
@@ -253,6 +265,7 @@ def test_every_rpc_of_every_service_is_reachable_by_someone(values: Doc) -> None
             assert set(contracts[grpc_service]) == allowed, (name, grpc_service)
 
 
+@needs_helm
 def test_user_methods_need_a_token_and_public_ones_are_few(docs: tuple[Doc, ...]) -> None:
     public: set[str] = set()
     for policy in of_kind(docs, "AuthorizationPolicy"):
@@ -277,6 +290,7 @@ def test_user_methods_need_a_token_and_public_ones_are_few(docs: tuple[Doc, ...]
 # -- mTLS and tokens ----------------------------------------------------------------
 
 
+@needs_helm
 def test_peer_authentication_is_strict(docs: tuple[Doc, ...], values: Doc) -> None:
     peer = of_kind(docs, "PeerAuthentication")
     assert any("selector" not in p["spec"] for p in peer), "a namespace-wide policy"
@@ -289,6 +303,7 @@ def test_peer_authentication_is_strict(docs: tuple[Doc, ...], values: Doc) -> No
     assert all(grpc_port not in p["spec"].get("portLevelMtls", {}) for p in peer)
 
 
+@needs_helm
 def test_destination_rules_use_istio_mutual_with_outlier_detection(
     docs: tuple[Doc, ...],
 ) -> None:
@@ -307,6 +322,7 @@ def test_destination_rules_use_istio_mutual_with_outlier_detection(
         assert policy["connectionPool"]["tcp"]["maxConnections"] > 0
 
 
+@needs_helm
 def test_request_authentication_uses_auths_jwks_port(docs: tuple[Doc, ...], values: Doc) -> None:
     (ra,) = of_kind(docs, "RequestAuthentication")
     (rule,) = ra["spec"]["jwtRules"]
@@ -330,6 +346,7 @@ def _exact(route: Doc) -> str | None:
     return uri.get("exact")
 
 
+@needs_helm
 @pytest.mark.parametrize("vs", ["cex-mesh", "cex-edge"])
 def test_streams_have_no_timeout_and_are_never_retried(
     docs: tuple[Doc, ...], values: Doc, vs: str
@@ -358,6 +375,7 @@ def test_streams_have_no_timeout_and_are_never_retried(
             assert not any(uri["exact"].startswith(p) for p in seen_prefix), uri
 
 
+@needs_helm
 @pytest.mark.parametrize("vs", ["cex-mesh", "cex-edge"])
 def test_only_idempotent_unary_reads_are_retried(docs: tuple[Doc, ...], vs: str) -> None:
     contracts = proto_methods()
@@ -376,6 +394,7 @@ def test_only_idempotent_unary_reads_are_retried(docs: tuple[Doc, ...], vs: str)
     assert retried > 0
 
 
+@needs_helm
 def test_edge_does_not_expose_match(docs: tuple[Doc, ...]) -> None:
     edge = json.dumps(vs_routes(docs, "cex-edge"))
     assert "cex.match.v1" not in edge
@@ -383,6 +402,7 @@ def test_edge_does_not_expose_match(docs: tuple[Doc, ...]) -> None:
     assert "cex.match.v1" in json.dumps(vs_routes(docs, "cex-mesh"))
 
 
+@needs_helm
 def test_mesh_address_is_routed_by_the_virtual_service(docs: tuple[Doc, ...]) -> None:
     (config,) = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"] == "cex-config"]
     host, port = config["data"]["CEX_MESH_ADDR"].rsplit(":", 1)
@@ -397,6 +417,7 @@ def test_mesh_address_is_routed_by_the_virtual_service(docs: tuple[Doc, ...]) ->
 # -- workloads ----------------------------------------------------------------------
 
 
+@needs_helm
 def test_every_deployment_is_hardened_with_grpc_probes(docs: tuple[Doc, ...], values: Doc) -> None:
     services = enabled(values)
     deployments = of_kind(docs, "Deployment")
@@ -430,6 +451,7 @@ def test_every_deployment_is_hardened_with_grpc_probes(docs: tuple[Doc, ...], va
         assert pod["serviceAccountName"] == f"cex-{component(deployment)}"
 
 
+@needs_helm
 def test_services_name_their_ports(docs: tuple[Doc, ...]) -> None:
     for service in of_kind(docs, "Service"):
         names = [p["name"] for p in service["spec"]["ports"]]
@@ -438,6 +460,7 @@ def test_services_name_their_ports(docs: tuple[Doc, ...]) -> None:
             assert names == ["grpc", "http-metrics", "http-jwks"]
 
 
+@needs_helm
 def test_infrastructure_urls_come_from_the_secret_by_reference(
     docs: tuple[Doc, ...], values: Doc, values_file: str | None
 ) -> None:
@@ -455,6 +478,7 @@ def test_infrastructure_urls_come_from_the_secret_by_reference(
                 assert env[name]["valueFrom"]["secretKeyRef"]["name"] == secret
 
 
+@needs_helm
 def test_autoscaling_and_disruption_budgets(docs: tuple[Doc, ...], values: Doc) -> None:
     hpas = {
         h["spec"]["scaleTargetRef"]["name"]: h for h in of_kind(docs, "HorizontalPodAutoscaler")
@@ -476,6 +500,7 @@ def test_autoscaling_and_disruption_budgets(docs: tuple[Doc, ...], values: Doc) 
             assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
 
 
+@needs_helm
 def test_match_markets_are_spread_one_writer_each(docs: tuple[Doc, ...], tmp_path: Path) -> None:
     owners: dict[str, str] = {}
     for deployment, container in containers(docs):
@@ -504,6 +529,7 @@ def test_match_markets_are_spread_one_writer_each(docs: tuple[Doc, ...], tmp_pat
             assert bool(re.match(pattern, market)) == (owner == host), (market, host)
 
 
+@needs_helm
 def test_a_market_in_two_groups_is_refused() -> None:
     done = helm_template(
         "--set", "services.match.groups[0].name=a",
@@ -515,6 +541,7 @@ def test_a_market_in_two_groups_is_refused() -> None:
     assert "one writer per market" in done.stderr
 
 
+@needs_helm
 @pytest.mark.parametrize(
     "setting",
     [
@@ -533,6 +560,7 @@ def test_values_that_would_open_the_mesh_are_refused(setting: str) -> None:
 # -- monitoring ---------------------------------------------------------------------
 
 
+@needs_helm
 def test_prometheus_rule_and_dashboard_when_enabled(docs: tuple[Doc, ...], values: Doc) -> None:
     rules = of_kind(docs, "PrometheusRule")
     dashboards = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"] == "cex-dashboard"]
@@ -682,6 +710,7 @@ def kubeconform(text: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@needs_helm
 @pytest.mark.skipif(not KUBECONFORM.exists(), reason="kubeconform not installed: `make tools`")
 def test_rendered_objects_match_their_schemas(values_file: str | None) -> None:
     text, rendered = _render(values_file)
@@ -712,6 +741,7 @@ def _dockerfile_final_stage() -> dict[str, str]:
     return stage
 
 
+@needs_helm
 def test_the_image_runs_as_the_pods_user_in_a_writable_volume(docs: tuple[Doc, ...]) -> None:
     final = _dockerfile_final_stage()
     uid, _, gid = final["USER"].partition(":")
@@ -723,6 +753,7 @@ def test_the_image_runs_as_the_pods_user_in_a_writable_volume(docs: tuple[Doc, .
         assert final["WORKDIR"] in {m["mountPath"] for m in container["volumeMounts"]}
 
 
+@needs_helm
 def test_the_installed_package_holds_every_service_and_its_data(tmp_path: Path) -> None:
     """What `pip install .` puts in the image: each Deployment's `services.<name>.main`
     and every data file the services read (migrations, Lua scripts)."""
@@ -745,4 +776,7 @@ def test_the_installed_package_holds_every_service_and_its_data(tmp_path: Path) 
         module = container["command"][-1]
         assert container["command"][:2] == ["python", "-m"]
         assert module.replace(".", "/") + ".py" in names
-    assert {"cex_sdk/py.typed", "cex/order/v1/order_pb2.py"} <= names
+    # The generated code the services serve, but not the SDK: that is cex-sdk's
+    # own wheel (sdk/python; tests/unit/sdk/test_packaging.py).
+    assert {"cex/py.typed", "cex/order/v1/order_pb2.py"} <= names
+    assert not {n for n in names if n.startswith("cex_sdk")}, "the SDK ships in cex-core"
