@@ -170,9 +170,12 @@ def _decimal_field(text: str, field: str) -> Decimal | None:
     return value
 
 
-async def _usage_headers(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    """Risk's rate-limit budget, passed on as the major exchanges' used-weight headers."""
-    usage = rate_usage_var.get()
+async def _usage_headers(
+    context: grpc.aio.ServicerContext[Any, Any], usage: tuple[int, int] | None = None
+) -> None:
+    """Risk's rate-limit budget, passed on as the major exchanges' used-weight headers
+    (this call's, or `usage` when the checks ran in tasks of their own)."""
+    usage = usage or rate_usage_var.get()
     if usage is not None:
         with contextlib.suppress(Exception):
             await context.send_initial_metadata(
@@ -380,6 +383,7 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
             )
         ctx = current_auth()
         seen: set[str] = set()
+        usages: list[tuple[int, int]] = []
 
         async def one(i: int, item: order_pb2.PlaceOrderRequest) -> order_pb2.PlaceOrderResult:
             try:
@@ -401,9 +405,13 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
                 return order_pb2.PlaceOrderResult(
                     client_order_id=item.client_order_id, status=_status(error)
                 )
+            finally:
+                if (usage := rate_usage_var.get()) is not None:  # this task's own check
+                    usages.append(usage)
 
         del ctx
         results = await asyncio.gather(*(one(i, r) for i, r in enumerate(request.requests)))
+        await _usage_headers(context, max(usages, key=lambda u: u[1], default=None))
         return order_pb2.BatchPlaceOrdersResponse(results=results)
 
     async def AmendOrder(

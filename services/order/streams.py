@@ -39,6 +39,7 @@ from services.chassis.errors import InvalidArgument, ResourceExhausted
 from services.chassis.interceptors import lost_dependency
 
 from .domain import Execution
+from .downstream import rate_usage_var
 from .views import execution_report
 
 if TYPE_CHECKING:
@@ -303,6 +304,9 @@ class Sessions:
                 ack.cancel_all.CopyFrom(await service.cancel_all(account, command))
             elif kind == "cancel_all_after":
                 ack.cancel_all_after.CopyFrom(await service.cancel_all_after(account, command))
+            usage = rate_usage_var.get()
+            if usage is not None:
+                ack.order_limit_1s, ack.order_count_1s = usage
             return R(ack=ack)
         except ExchangeError as error:
             status = error.to_status("order")

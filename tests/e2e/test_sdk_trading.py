@@ -204,6 +204,9 @@ async def test_the_session_survives_an_order_service_restart_with_nothing_double
         ask = await session.place(BTC, SELL, "0.3", price="103.5")
         bid = await session.place(BTC, BUY, "0.2", price="96.5")
         assert {ask.state, bid.state} == {t.ORDER_STATE_OPEN}
+        # The acks carried the account's order budget (the stack's default: 100/s).
+        budget = session.last_rate_limit
+        assert budget is not None and budget.limit == 100 and 1 <= budget.used <= 100
         await taker.orders.place(BTC, BUY, "0.05", price="103.5")
         await _until(lambda: session.orders[ask.order_id].filled_quantity == "0.05")
         first_session = session.session_id

@@ -71,6 +71,7 @@ from .orders import (
     new_id,
     place_request,
 )
+from .ratelimit import RateLimit
 from .retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -223,6 +224,8 @@ class MarketMakerSession:
         self.session_id = ""
         #: How many times the session reconnected.
         self.reconnects = 0
+        #: The order budget the latest ack carried (place and amend acks carry it).
+        self.last_rate_limit: RateLimit | None = None
         #: Sequence gaps seen, and reconciliations done.
         self.gaps = 0
         self.reconciliations = 0
@@ -601,6 +604,10 @@ class MarketMakerSession:
 
     def _ack(self, ack: order_pb2.StreamAck) -> None:
         result = ack.WhichOneof("result")
+        if ack.order_limit_1s:
+            self.last_rate_limit = RateLimit(
+                "/cex.order.v1.OrderService/StreamOrders", ack.order_limit_1s, ack.order_count_1s
+            )
         if result in ("place", "amend", "cancel"):
             self._merge(getattr(ack, result).order)
         elif result == "cancel_all":

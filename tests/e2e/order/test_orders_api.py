@@ -172,9 +172,14 @@ async def test_batch_place_answers_each_item(exchange: Exchange) -> None:
             price="96", quantity="5",
         ),
     ]  # fmt: skip
-    reply = await mm.orders.BatchPlaceOrders(
+    call = mm.orders.BatchPlaceOrders(
         order_pb2.BatchPlaceOrdersRequest(requests=items), metadata=mm.md, timeout=20
     )
+    reply = await call
+    # The budget after the batch: the two orders that reached the checks took from it.
+    headers = dict(await call.initial_metadata())
+    assert headers["x-cex-order-limit-1s"] == "100"
+    assert int(headers["x-cex-order-count-1s"]) >= 2
     codes = [r.status.code for r in reply.results]
     assert codes == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0], 9]  # 9: FAILED_PRECONDITION
     assert [r.client_order_id for r in reply.results] == [i.client_order_id for i in items]

@@ -138,6 +138,8 @@ async def test_several_commands_in_one_message_are_each_answered(exchange: Excha
     for ask in asks:
         ack = answers[ask.place.client_order_id].ack
         assert ack.place.order.state == t.ORDER_STATE_OPEN
+        # The account's order budget rides on each ack, as on unary calls.
+        assert ack.order_limit_1s == 100 and 1 <= ack.order_count_1s <= 100
     reject = answers[bad.place.client_order_id].reject
     assert ErrorDetails.from_status(reject.status).reason == "ORDER_PRICE_OFF_TICK"
     # The cancels of all three in one message too.

@@ -2462,7 +2462,13 @@ type StreamAck struct {
 	//	*StreamAck_Cancel
 	//	*StreamAck_CancelAll
 	//	*StreamAck_CancelAllAfter
-	Result        isStreamAck_Result `protobuf_oneof:"result"`
+	Result isStreamAck_Result `protobuf_oneof:"result"`
+	// The account's order rate limit per second and how much of it is used,
+	// after this command (place and amend; 0 when no limit applies): what unary
+	// calls carry as x-cex-order-limit-1s / x-cex-order-count-1s metadata.
+	OrderLimit_1S int32 `protobuf:"varint,7,opt,name=order_limit_1s,json=orderLimit1s,proto3" json:"order_limit_1s,omitempty"`
+	// See order_limit_1s.
+	OrderCount_1S int32 `protobuf:"varint,8,opt,name=order_count_1s,json=orderCount1s,proto3" json:"order_count_1s,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2554,6 +2560,20 @@ func (x *StreamAck) GetCancelAllAfter() *CancelAllAfterResponse {
 		}
 	}
 	return nil
+}
+
+func (x *StreamAck) GetOrderLimit_1S() int32 {
+	if x != nil {
+		return x.OrderLimit_1S
+	}
+	return 0
+}
+
+func (x *StreamAck) GetOrderCount_1S() int32 {
+	if x != nil {
+		return x.OrderCount_1S
+	}
+	return 0
 }
 
 type isStreamAck_Result interface {
@@ -3180,7 +3200,7 @@ const file_cex_order_v1_order_proto_rawDesc = "" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12H\n" +
 	"\x12heartbeat_interval\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x11heartbeatInterval\x12#\n" +
-	"\rlast_sequence\x18\x03 \x01(\x03R\flastSequence\"\xff\x02\n" +
+	"\rlast_sequence\x18\x03 \x01(\x03R\flastSequence\"\xcb\x03\n" +
 	"\tStreamAck\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x128\n" +
@@ -3189,7 +3209,9 @@ const file_cex_order_v1_order_proto_rawDesc = "" +
 	"\x06cancel\x18\x04 \x01(\v2!.cex.order.v1.CancelOrderResponseH\x00R\x06cancel\x12F\n" +
 	"\n" +
 	"cancel_all\x18\x05 \x01(\v2%.cex.order.v1.CancelAllOrdersResponseH\x00R\tcancelAll\x12P\n" +
-	"\x10cancel_all_after\x18\x06 \x01(\v2$.cex.order.v1.CancelAllAfterResponseH\x00R\x0ecancelAllAfterB\b\n" +
+	"\x10cancel_all_after\x18\x06 \x01(\v2$.cex.order.v1.CancelAllAfterResponseH\x00R\x0ecancelAllAfter\x12$\n" +
+	"\x0eorder_limit_1s\x18\a \x01(\x05R\forderLimit1s\x12$\n" +
+	"\x0eorder_count_1s\x18\b \x01(\x05R\forderCount1sB\b\n" +
 	"\x06result\"Y\n" +
 	"\fStreamReject\x12\x1d\n" +
 	"\n" +

@@ -1227,8 +1227,17 @@ class StreamAck(_message.Message):
     CANCEL_FIELD_NUMBER: _builtins.int
     CANCEL_ALL_FIELD_NUMBER: _builtins.int
     CANCEL_ALL_AFTER_FIELD_NUMBER: _builtins.int
+    ORDER_LIMIT_1S_FIELD_NUMBER: _builtins.int
+    ORDER_COUNT_1S_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The command's request_id (client_order_id for a place)."""
+    order_limit_1s: _builtins.int
+    """The account's order rate limit per second and how much of it is used,
+    after this command (place and amend; 0 when no limit applies): what unary
+    calls carry as x-cex-order-limit-1s / x-cex-order-count-1s metadata.
+    """
+    order_count_1s: _builtins.int
+    """See order_limit_1s."""
     @_builtins.property
     def place(self) -> Global___PlaceOrderResponse:
         """Result of a place."""
@@ -1258,10 +1267,12 @@ class StreamAck(_message.Message):
         cancel: Global___CancelOrderResponse | None = ...,
         cancel_all: Global___CancelAllOrdersResponse | None = ...,
         cancel_all_after: Global___CancelAllAfterResponse | None = ...,
+        order_limit_1s: _builtins.int = ...,
+        order_count_1s: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "cancel_all", b"cancel_all", "cancel_all_after", b"cancel_all_after", "place", b"place", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "cancel_all", b"cancel_all", "cancel_all_after", b"cancel_all_after", "place", b"place", "request_id", b"request_id", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "cancel_all", b"cancel_all", "cancel_all_after", b"cancel_all_after", "order_count_1s", b"order_count_1s", "order_limit_1s", b"order_limit_1s", "place", b"place", "request_id", b"request_id", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["place", "amend", "cancel", "cancel_all", "cancel_all_after"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
