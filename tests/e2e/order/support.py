@@ -21,6 +21,7 @@ from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.order.v1 import order_pb2, order_pb2_grpc
+from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from services.chassis import ErrorDetails
 from services.chassis.authn import ServiceCredentials
@@ -148,6 +149,26 @@ class Exchange:
         for trader in self.traders:
             await trader.orders.CancelAllOrders(
                 order_pb2.CancelAllOrdersRequest(), metadata=trader.md, timeout=20
+            )
+
+    async def lift_limits(
+        self, *traders: Trader, per_second: int = 10_000, open_orders: int = 100_000
+    ) -> None:
+        """Risk limits of the traders' own, above what a burst needs (the defaults,
+        100 orders/s and 1,000 open, are not what such a test is about)."""
+        risk = risk_pb2_grpc.RiskServiceStub(self.channel)
+        for trader in traders:
+            await risk.SetLimits(
+                risk_pb2.SetLimitsRequest(
+                    request_id=uid("l"),
+                    limits=risk_pb2.Limits(
+                        account_id=trader.account_id,
+                        max_orders_per_second=per_second,
+                        max_open_orders=open_orders,
+                    ),
+                ),
+                metadata=self.svc,
+                timeout=10,
             )
 
     async def deposit(self, account_id: str, asset: str, amount: str) -> None:

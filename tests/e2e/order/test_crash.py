@@ -21,7 +21,6 @@ import grpc
 import pytest
 
 from cex.order.v1 import order_pb2
-from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from tests.e2e.order.support import BUY, SELL, Exchange, Trader, book_of, kill, uid, working_of
 
@@ -61,22 +60,9 @@ async def _burst(
     """`victims`: groups of services killed together, spread over the burst."""
     seller = await exchange.trader({"BTC": "10000"}, "crash-seller")
     buyer = await exchange.trader({"USDT": "1000000"}, "crash-buyer")
-    risk = risk_pb2_grpc.RiskServiceStub(exchange.channel)
-    for trader in (seller, buyer):
-        await risk.SetLimits(
-            risk_pb2.SetLimitsRequest(
-                request_id=uid("l"),
-                # The burst's resting orders may pile up past the default 1,000
-                # on the side that places faster: that is not what is tested here.
-                limits=risk_pb2.Limits(
-                    account_id=trader.account_id,
-                    max_orders_per_second=10_000,
-                    max_open_orders=100_000,
-                ),
-            ),
-            metadata=exchange.svc,
-            timeout=10,
-        )
+    # The burst's resting orders may pile up past the default 1,000 on the side
+    # that places faster: that is not what is tested here.
+    await exchange.lift_limits(seller, buyer)
     placed: list[order_pb2.Order] = []
     stop = asyncio.Event()
     workers = [

@@ -29,7 +29,6 @@ import grpc
 import pytest
 
 from cex.order.v1 import order_pb2
-from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from services.chassis import ErrorDetails
 from services.stack.supervisor import Stack
@@ -121,20 +120,7 @@ async def test_kill_9_of_postgres_nats_and_redis_during_a_burst(own_exchange: Ex
     exchange = own_exchange
     seller = await exchange.trader({"BTC": "10000"}, "infra-seller")
     buyer = await exchange.trader({"USDT": "1000000"}, "infra-buyer")
-    risk = risk_pb2_grpc.RiskServiceStub(exchange.channel)
-    for trader in (seller, buyer):
-        await risk.SetLimits(
-            risk_pb2.SetLimitsRequest(
-                request_id=uid("l"),
-                limits=risk_pb2.Limits(
-                    account_id=trader.account_id,
-                    max_orders_per_second=10_000,
-                    max_open_orders=100_000,
-                ),
-            ),
-            metadata=exchange.svc,
-            timeout=10,
-        )
+    await exchange.lift_limits(seller, buyer)
     out = Outcomes()
     stop = asyncio.Event()
     workers = [

@@ -10,7 +10,6 @@ import grpc
 import pytest
 
 from cex.order.v1 import order_pb2
-from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from tests.e2e.order.support import BUY, SELL, Exchange, error_of, uid
 
@@ -159,17 +158,7 @@ async def test_a_thousand_orders_for_the_whole_balance_exactly_one_is_accepted(
     """Concurrent orders that each need all of an account's USDT: one reservation
     wins, every other order is refused for funds, nothing is reserved twice."""
     buyer = await exchange.trader({"USDT": "10"}, "whole-balance")
-    risk = risk_pb2_grpc.RiskServiceStub(exchange.channel)
-    await risk.SetLimits(
-        risk_pb2.SetLimitsRequest(
-            request_id=uid("l"),
-            limits=risk_pb2.Limits(
-                account_id=buyer.account_id, max_orders_per_second=100_000, max_open_orders=10_000
-            ),
-        ),
-        metadata=exchange.svc,
-        timeout=10,
-    )
+    await exchange.lift_limits(buyer, per_second=100_000)
     await asyncio.sleep(0.5)  # the order gateway's copy of the rules (pushed at once)
     answers = await asyncio.gather(
         *(buyer.place(side=BUY, price="100", quantity="0.1") for _ in range(1_000)),
