@@ -22,6 +22,10 @@ never on timing or call order:
 - revert: a deposit is reorganised out before finality and never comes back;
 - duplicate: every deposit notification is emitted twice;
 - confirm_delay_blocks: blocks a transaction waits in the mempool.
+
+`snapshot()` / `Chain.restore()` turn the whole state into plain JSON values
+and back, so that the process can keep its chain across restarts (journal.py):
+a chain that forgot its blocks would leave every watcher's cursor beyond its tip.
 """
 
 from __future__ import annotations
@@ -239,9 +243,43 @@ class Chain:
     def configure(self, faults: Faults) -> None:
         self.faults = replace(faults)
 
+    # -- persistence (values only; the process does the I/O) ------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "faults": self.faults.as_dict(),
+            "height": self.height,
+            "issued": [[*owner, address] for owner, address in self._issued.items()],
+            "txs": [asdict(tx) for tx in self.txs.values()],
+            "withdrawals": dict(self.withdrawals),
+            "broadcast_calls": dict(self.broadcast_calls),
+            "log": list(self.log),
+            "deposits": self._deposits,
+        }
+
+    @classmethod
+    def restore(cls, state: dict[str, Any]) -> Chain:
+        chain = cls(seed=int(state["seed"]), faults=Faults.of(state["faults"]))
+        chain.height = int(state["height"])
+        for account_id, asset, network, address in state["issued"]:
+            chain._issued[(account_id, asset, network)] = address
+            chain.addresses[address] = (account_id, asset, network)
+        chain.txs = {tx["txid"]: Tx(**tx) for tx in state["txs"]}
+        chain.withdrawals = dict(state["withdrawals"])
+        chain.broadcast_calls = {k: int(v) for k, v in state["broadcast_calls"].items()}
+        chain.log = list(state["log"])
+        chain._deposits = int(state["deposits"])
+        return chain
+
+    def tip(self) -> dict[str, int]:
+        """Where the chain is: its height and the last notification's seq."""
+        return {"height": self.height, "last_seq": len(self.log)}
+
     def stats(self) -> dict[str, Any]:
         return {
             "height": self.height,
+            "last_seq": len(self.log),
             "broadcast_calls": dict(self.broadcast_calls),
             "withdrawals": {
                 wid: {"txid": txid, "status": self.txs[txid].status}

@@ -666,6 +666,7 @@ async def build_server(
             rules=config.assets,
             poll_s=config.chain_poll_s,
             clock=clock,
+            metrics=deposits.ChainMetrics(registry),
         )
         await server.enter(background(watcher.run(), "funding-chain-watcher"))
     if config.outbox and infra.nats is not None:
