@@ -210,7 +210,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             available=fmt(a.available),
             held=fmt(a.debits_pending),
             total=fmt(a.credits_posted - a.debits_posted),
-            update_time=_timestamp(a.update_time_ns),
+            update_time=_timestamp(a.update_time_ns) if a.update_time_ns else None,
         )
 
     async def _pending_asset(self, t: ledger_pb2.Transfer) -> str:
@@ -314,8 +314,13 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             if asset not in self._catalog.assets:
                 raise NotFound("LEDGER_ASSET_NOT_FOUND", f"unknown asset {asset!r}")
         accounts = await self._store.balances(account_id, list(request.assets))
-        if not accounts and not account_id.startswith("sys:"):
-            raise NotFound("LEDGER_ACCOUNT_NOT_FOUND", f"account {account_id} has no balances")
+        # Zero is a balance: every asset asked for is answered (zero if never held);
+        # without a filter, the assets the account has used, or every asset at
+        # zero for an account that has used none (a new account is not an error).
+        held = {a.asset for a in accounts}
+        wanted = list(dict.fromkeys(request.assets)) or ([] if accounts else list(self._catalog.assets))
+        accounts += [Account(account_id, asset) for asset in wanted if asset not in held]
+        accounts.sort(key=lambda a: a.asset)
         return ledger_pb2.GetBalancesResponse(balances=[self._balance(a) for a in accounts])
 
     async def ListTransfers(

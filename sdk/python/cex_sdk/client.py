@@ -283,8 +283,8 @@ class LedgerApi:
         """The caller's balances, one per asset (only `assets` if given), sorted by asset.
 
         Amounts are decimal strings; use `decimal.Decimal`, never float.
-        An account that never held anything is NotFoundError
-        (LEDGER_ACCOUNT_NOT_FOUND).
+        Zero is a balance: a new account gets every asset at zero, and each
+        asset in `assets` is answered (zero if never held).
         """
         request = ledger_pb2.GetBalancesRequest(assets=list(assets))
         reply = await self._client.call(
