@@ -318,7 +318,8 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         # without a filter, the assets the account has used, or every asset at
         # zero for an account that has used none (a new account is not an error).
         held = {a.asset for a in accounts}
-        wanted = list(dict.fromkeys(request.assets)) or ([] if accounts else list(self._catalog.assets))
+        asked = list(dict.fromkeys(request.assets))
+        wanted = asked or ([] if accounts else list(self._catalog.assets))
         accounts += [Account(account_id, asset) for asset in wanted if asset not in held]
         accounts.sort(key=lambda a: a.asset)
         return ledger_pb2.GetBalancesResponse(balances=[self._balance(a) for a in accounts])
