@@ -95,6 +95,7 @@ class Chain:
     broadcast_calls: dict[str, int] = field(default_factory=dict)
     log: list[dict[str, Any]] = field(default_factory=list)
     _deposits: int = 0
+    _active: dict[str, None] = field(default_factory=dict)  # txids mine() still visits
 
     # -- determinism ----------------------------------------------------------
 
@@ -137,6 +138,7 @@ class Chain:
         self.txs[txid] = Tx(
             txid, "deposit", asset, network, address, amount, submitted_height=self.height
         )
+        self._active[txid] = None
         return txid
 
     # -- outgoing -------------------------------------------------------------
@@ -167,6 +169,7 @@ class Chain:
             submitted_height=self.height,
         )
         self.withdrawals[withdrawal_id] = txid
+        self._active[txid] = None
         if calls == 1 and self._hit("broadcast_timeout", withdrawal_id):
             return "timeout", txid
         return "ok", txid
@@ -181,42 +184,58 @@ class Chain:
     # -- blocks ---------------------------------------------------------------
 
     def mine(self) -> int:
-        """One block: include what is due, reorganise and revert where faults say."""
+        """One block: include what is due, reorganise and revert where faults say.
+
+        Only transactions that can still change are visited (in the order they
+        were submitted, as before): a block costs what is in flight, not the
+        chain's whole history, which also keeps replaying a journal cheap."""
         self.height += 1
-        for tx in self.txs.values():
-            if tx.status in ("dropped", "reverted"):
-                continue
-            if tx.block_height is None:
-                due = tx.submitted_height + self.faults.confirm_delay_blocks
-                if tx.kind == "withdrawal" and self._hit("drop", tx.withdrawal_id):
-                    if self.height > due:
-                        tx.status = "dropped"
-                    continue
-                if self.height > due:
-                    tx.block_height = self.height
-                    tx.status = "confirmed"
-                    self._notify(tx)
-                continue
-            confirmations = tx.confirmations(self.height)
-            if confirmations == 2 and tx.kind == "deposit" and self._hit("revert", tx.txid):
-                tx.block_height = None
-                tx.status = "reverted"
-                self._notify(tx)
-                continue
-            if (
-                confirmations == 2
-                and tx.kind == "withdrawal"
-                and not tx.reorged
-                and self._hit("reorg", tx.withdrawal_id)
-            ):
-                tx.reorged = True
-                tx.block_height = None
-                tx.status = "mempool"
-                tx.submitted_height = self.height
-                continue
-            if confirmations <= FINALITY + 1:
-                self._notify(tx)
+        for txid in list(self._active):
+            tx = self.txs[txid]
+            self._advance(tx)
+            if self._settled(tx):
+                del self._active[txid]
         return self.height
+
+    def _settled(self, tx: Tx) -> bool:
+        """Nothing will happen to it any more (mine() would pass it over)."""
+        if tx.status in ("dropped", "reverted"):
+            return True
+        return tx.block_height is not None and tx.confirmations(self.height) > FINALITY + 1
+
+    def _advance(self, tx: Tx) -> None:
+        if tx.status in ("dropped", "reverted"):
+            return
+        if tx.block_height is None:
+            due = tx.submitted_height + self.faults.confirm_delay_blocks
+            if tx.kind == "withdrawal" and self._hit("drop", tx.withdrawal_id):
+                if self.height > due:
+                    tx.status = "dropped"
+                return
+            if self.height > due:
+                tx.block_height = self.height
+                tx.status = "confirmed"
+                self._notify(tx)
+            return
+        confirmations = tx.confirmations(self.height)
+        if confirmations == 2 and tx.kind == "deposit" and self._hit("revert", tx.txid):
+            tx.block_height = None
+            tx.status = "reverted"
+            self._notify(tx)
+            return
+        if (
+            confirmations == 2
+            and tx.kind == "withdrawal"
+            and not tx.reorged
+            and self._hit("reorg", tx.withdrawal_id)
+        ):
+            tx.reorged = True
+            tx.block_height = None
+            tx.status = "mempool"
+            tx.submitted_height = self.height
+            return
+        if confirmations <= FINALITY + 1:
+            self._notify(tx)
 
     def _notify(self, tx: Tx) -> None:
         if tx.kind != "deposit" or tx.address not in self.addresses:
@@ -270,6 +289,7 @@ class Chain:
         chain.broadcast_calls = {k: int(v) for k, v in state["broadcast_calls"].items()}
         chain.log = list(state["log"])
         chain._deposits = int(state["deposits"])
+        chain._active = {t: None for t, tx in chain.txs.items() if not chain._settled(tx)}
         return chain
 
     def tip(self) -> dict[str, int]:

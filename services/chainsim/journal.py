@@ -4,7 +4,9 @@ A chain is a pure value machine (chain.py): replaying the same calls from the
 same state gives the same chain, byte for byte. So the process keeps
 `chain.json` (a snapshot) and appends every state-changing call to a journal
 before it answers; at start it loads the snapshot and replays the journal the
-snapshot names. Every `compact_every` entries, and at a graceful stop, a new
+snapshot names. Every `compact_every` entries (or, once the snapshot is
+large, as many entries as a hundredth of its bytes: the cost of rewriting it
+stays proportional to what was appended), and at a graceful stop, a new
 snapshot naming a new, empty journal replaces the old one (temporary file,
 fsync, rename) and only then is the old journal deleted: a crash between the
 two never replays a call twice.
@@ -62,6 +64,7 @@ class ChainJournal:
         self.generation = 0
         self._file: TextIO | None = None
         self._entries = 0
+        self._snapshot_bytes = 0
 
     @property
     def journal_path(self) -> Path:
@@ -104,7 +107,7 @@ class ChainJournal:
         self._file.write(json.dumps(entry, separators=(",", ":")) + "\n")
         self._file.flush()
         self._entries += 1
-        if self._entries >= self.compact_every:
+        if self._entries >= max(self.compact_every, self._snapshot_bytes // 100):
             self.compact(chain)
 
     def compact(self, chain: Chain) -> None:
@@ -119,6 +122,7 @@ class ChainJournal:
             )
             f.flush()
             os.fsync(f.fileno())
+            self._snapshot_bytes = f.tell()
         os.replace(temporary, self.snapshot_path)
         self.generation += 1
         if self._file is not None:
