@@ -153,9 +153,14 @@ async def test_a_restarted_stack_deposits_trades_and_withdraws(tmp_path: Path) -
                 return got.state == F.WITHDRAWAL_STATE_COMPLETED
 
             await _until("the withdrawal completed", completed, within_s=60)
-            usdt = (await _balances(a))["USDT"]
-            # 1500 - 50 paid for 0.5 BTC - the taker fee - 100 withdrawn - 1 withdrawal fee
-            assert Decimal("1340") <= usdt <= Decimal("1349"), usdt
+            # Alice took bob's ask: she paid 50 USDT for 0.5 BTC less the taker fee (in
+            # BTC, the asset she received), withdrew 100 USDT and paid its fee, all as
+            # GetFees says.
+            fees = await a.auth.get_fees()
+            usdt_terms = next(x for x in fees.assets if x.asset == "USDT")
+            balances = await _balances(a)
+            assert balances["USDT"] == 1500 - 50 - 100 - Decimal(usdt_terms.withdrawal_fee)
+            assert balances["BTC"] == Decimal("0.5") * (1 - Decimal(fees.taker_fee_rate))
             audit = await a.call(
                 "/cex.ledger.v1.LedgerService/AuditLedger",
                 L.AuditLedgerRequest(),

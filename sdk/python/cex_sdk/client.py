@@ -268,6 +268,16 @@ class AuthApi:
             timeout_s=timeout_s,
         )
 
+    async def get_fees(self, *, timeout_s: float | None = None) -> auth_pb2.GetFeesResponse:
+        """The fees that apply to the caller: maker and taker rates per market (and
+        the asset each side is charged in), each asset's withdrawal fee and minimum."""
+        return await self._client.call(
+            self._SERVICE + "GetFees",
+            auth_pb2.GetFeesRequest(),
+            auth_pb2.GetFeesResponse,
+            timeout_s=timeout_s,
+        )
+
 
 class LedgerApi:
     """cex.ledger.v1.LedgerService: the caller's balances."""
