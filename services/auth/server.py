@@ -16,6 +16,7 @@ import secrets
 import urllib.parse
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import grpc
@@ -24,6 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.chassis import (
     PUBLIC,
+    Catalog,
     ChassisSettings,
     FieldViolation,
     InvalidArgument,
@@ -35,9 +37,12 @@ from services.chassis import (
     background,
     connect,
     current_auth,
+    load_catalog,
+    require_request_id,
     user,
 )
 from services.chassis.authn import service_secret
+from services.chassis.markets import DEFAULT_CATALOG
 from services.chassis.tokens import sign
 
 from . import domain
@@ -59,6 +64,7 @@ POLICY: dict[str, Rule] = {
     "CreateApiKey": user(services=True),  # grants at most the caller's own scopes
     "ListApiKeys": user("read", services=True),
     "RevokeApiKey": user(services=True),  # any scope may kill its own account's keys
+    "GetFees": user(services=True),  # what a caller pays: any valid token may ask
 }
 
 _SCOPE_NAMES: dict[int, str] = {
@@ -136,13 +142,7 @@ def _request_hash(
 
 
 def _require_request_id(request_id: str) -> str:
-    if not request_id or len(request_id) > 128:
-        raise InvalidArgument(
-            "AUTH_REQUEST_ID_REQUIRED",
-            "request_id is required",
-            violations=[FieldViolation("request_id", "1 to 128 characters")],
-        )
-    return request_id
+    return require_request_id(request_id, "AUTH_REQUEST_ID_REQUIRED")
 
 
 # The client's address as the edge determined it: Envoy locally, the Istio ingress
@@ -185,6 +185,39 @@ def _after(token: str) -> tuple[datetime, str] | None:
         ) from None
 
 
+def _decimal(value: Decimal) -> str:
+    return format(value, "f")
+
+
+def _fees(catalog: Catalog) -> auth_pb2.GetFeesResponse:
+    """The catalog's fee schedule and withdrawal terms, as GetFees answers them."""
+    maker, taker = _decimal(catalog.fees.maker_rate), _decimal(catalog.fees.taker_rate)
+    return auth_pb2.GetFeesResponse(
+        fee_tier=catalog.fees.tier,
+        maker_fee_rate=maker,
+        taker_fee_rate=taker,
+        markets=[
+            auth_pb2.MarketFees(
+                market=m.symbol,
+                maker_fee_rate=maker,
+                taker_fee_rate=taker,
+                buy_fee_asset=m.base.symbol,  # a party pays in what it receives
+                sell_fee_asset=m.quote.symbol,
+            )
+            for m in sorted(catalog.markets.values(), key=lambda m: m.symbol)
+        ],
+        assets=[
+            auth_pb2.AssetFees(
+                asset=a.symbol,
+                network=a.network,
+                withdrawal_fee=_decimal(a.withdrawal_fee) if a.network else "",
+                min_withdrawal=_decimal(a.min_withdrawal) if a.network else "",
+            )
+            for a in sorted(catalog.assets.values(), key=lambda a: a.symbol)
+        ],
+    )
+
+
 class AuthService(auth_pb2_grpc.AuthServiceServicer):
     """cex.auth.v1.AuthService."""
 
@@ -195,12 +228,14 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         config: AuthConfig,
         clock: Callable[[], datetime],
         new_id: Callable[[str], str],
+        catalog: Catalog = DEFAULT_CATALOG,
     ) -> None:
         self.store = store
         self.keyring = keyring
         self.config = config
         self.clock = clock
         self.new_id = new_id
+        self._fees = _fees(catalog)
         # Checked against when the key id is unknown, at the same cost as a real one,
         # so the time taken does not tell existing key ids apart.
         self._decoy = domain.hash_secret(
@@ -232,6 +267,15 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
             now=self.clock(),
         )
         return auth_pb2.CreateAccountResponse(account=_account_pb(account))
+
+    async def GetFees(
+        self,
+        request: auth_pb2.GetFeesRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> auth_pb2.GetFeesResponse:
+        # One schedule today (tier "default", every account's): the rates order
+        # sends with every order and the terms funding applies to withdrawals.
+        return self._fees
 
     async def GetAccount(
         self,
@@ -447,8 +491,10 @@ async def build_server(
     config: AuthConfig | None = None,
     clock: Callable[[], datetime] = _utcnow,
     new_id: Callable[[str], str] = _new_id,
+    catalog: Catalog | None = None,
 ) -> Server:
     config = config or AuthConfig.from_env()
+    catalog = load_catalog() if catalog is None else catalog
     server = Server(settings)
     infra = await connect(server, schema="auth", migrations=MIGRATIONS)
     assert infra.pool is not None
@@ -461,7 +507,7 @@ async def build_server(
     server.add(
         auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
         auth_pb2_grpc.add_AuthServiceServicer_to_server,
-        AuthService(store, keyring, config, clock, new_id),
+        AuthService(store, keyring, config, clock, new_id, catalog),
         policy=POLICY,
     )
     return server

@@ -22,6 +22,10 @@ never on timing or call order:
 - revert: a deposit is reorganised out before finality and never comes back;
 - duplicate: every deposit notification is emitted twice;
 - confirm_delay_blocks: blocks a transaction waits in the mempool.
+
+`snapshot()` / `Chain.restore()` turn the whole state into plain JSON values
+and back, so that the process can keep its chain across restarts (journal.py):
+a chain that forgot its blocks would leave every watcher's cursor beyond its tip.
 """
 
 from __future__ import annotations
@@ -91,6 +95,7 @@ class Chain:
     broadcast_calls: dict[str, int] = field(default_factory=dict)
     log: list[dict[str, Any]] = field(default_factory=list)
     _deposits: int = 0
+    _active: dict[str, None] = field(default_factory=dict)  # txids mine() still visits
 
     # -- determinism ----------------------------------------------------------
 
@@ -133,6 +138,7 @@ class Chain:
         self.txs[txid] = Tx(
             txid, "deposit", asset, network, address, amount, submitted_height=self.height
         )
+        self._active[txid] = None
         return txid
 
     # -- outgoing -------------------------------------------------------------
@@ -163,6 +169,7 @@ class Chain:
             submitted_height=self.height,
         )
         self.withdrawals[withdrawal_id] = txid
+        self._active[txid] = None
         if calls == 1 and self._hit("broadcast_timeout", withdrawal_id):
             return "timeout", txid
         return "ok", txid
@@ -177,42 +184,58 @@ class Chain:
     # -- blocks ---------------------------------------------------------------
 
     def mine(self) -> int:
-        """One block: include what is due, reorganise and revert where faults say."""
+        """One block: include what is due, reorganise and revert where faults say.
+
+        Only transactions that can still change are visited (in the order they
+        were submitted, as before): a block costs what is in flight, not the
+        chain's whole history, which also keeps replaying a journal cheap."""
         self.height += 1
-        for tx in self.txs.values():
-            if tx.status in ("dropped", "reverted"):
-                continue
-            if tx.block_height is None:
-                due = tx.submitted_height + self.faults.confirm_delay_blocks
-                if tx.kind == "withdrawal" and self._hit("drop", tx.withdrawal_id):
-                    if self.height > due:
-                        tx.status = "dropped"
-                    continue
-                if self.height > due:
-                    tx.block_height = self.height
-                    tx.status = "confirmed"
-                    self._notify(tx)
-                continue
-            confirmations = tx.confirmations(self.height)
-            if confirmations == 2 and tx.kind == "deposit" and self._hit("revert", tx.txid):
-                tx.block_height = None
-                tx.status = "reverted"
-                self._notify(tx)
-                continue
-            if (
-                confirmations == 2
-                and tx.kind == "withdrawal"
-                and not tx.reorged
-                and self._hit("reorg", tx.withdrawal_id)
-            ):
-                tx.reorged = True
-                tx.block_height = None
-                tx.status = "mempool"
-                tx.submitted_height = self.height
-                continue
-            if confirmations <= FINALITY + 1:
-                self._notify(tx)
+        for txid in list(self._active):
+            tx = self.txs[txid]
+            self._advance(tx)
+            if self._settled(tx):
+                del self._active[txid]
         return self.height
+
+    def _settled(self, tx: Tx) -> bool:
+        """Nothing will happen to it any more (mine() would pass it over)."""
+        if tx.status in ("dropped", "reverted"):
+            return True
+        return tx.block_height is not None and tx.confirmations(self.height) > FINALITY + 1
+
+    def _advance(self, tx: Tx) -> None:
+        if tx.status in ("dropped", "reverted"):
+            return
+        if tx.block_height is None:
+            due = tx.submitted_height + self.faults.confirm_delay_blocks
+            if tx.kind == "withdrawal" and self._hit("drop", tx.withdrawal_id):
+                if self.height > due:
+                    tx.status = "dropped"
+                return
+            if self.height > due:
+                tx.block_height = self.height
+                tx.status = "confirmed"
+                self._notify(tx)
+            return
+        confirmations = tx.confirmations(self.height)
+        if confirmations == 2 and tx.kind == "deposit" and self._hit("revert", tx.txid):
+            tx.block_height = None
+            tx.status = "reverted"
+            self._notify(tx)
+            return
+        if (
+            confirmations == 2
+            and tx.kind == "withdrawal"
+            and not tx.reorged
+            and self._hit("reorg", tx.withdrawal_id)
+        ):
+            tx.reorged = True
+            tx.block_height = None
+            tx.status = "mempool"
+            tx.submitted_height = self.height
+            return
+        if confirmations <= FINALITY + 1:
+            self._notify(tx)
 
     def _notify(self, tx: Tx) -> None:
         if tx.kind != "deposit" or tx.address not in self.addresses:
@@ -239,9 +262,44 @@ class Chain:
     def configure(self, faults: Faults) -> None:
         self.faults = replace(faults)
 
+    # -- persistence (values only; the process does the I/O) ------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "faults": self.faults.as_dict(),
+            "height": self.height,
+            "issued": [[*owner, address] for owner, address in self._issued.items()],
+            "txs": [asdict(tx) for tx in self.txs.values()],
+            "withdrawals": dict(self.withdrawals),
+            "broadcast_calls": dict(self.broadcast_calls),
+            "log": list(self.log),
+            "deposits": self._deposits,
+        }
+
+    @classmethod
+    def restore(cls, state: dict[str, Any]) -> Chain:
+        chain = cls(seed=int(state["seed"]), faults=Faults.of(state["faults"]))
+        chain.height = int(state["height"])
+        for account_id, asset, network, address in state["issued"]:
+            chain._issued[(account_id, asset, network)] = address
+            chain.addresses[address] = (account_id, asset, network)
+        chain.txs = {tx["txid"]: Tx(**tx) for tx in state["txs"]}
+        chain.withdrawals = dict(state["withdrawals"])
+        chain.broadcast_calls = {k: int(v) for k, v in state["broadcast_calls"].items()}
+        chain.log = list(state["log"])
+        chain._deposits = int(state["deposits"])
+        chain._active = {t: None for t, tx in chain.txs.items() if not chain._settled(tx)}
+        return chain
+
+    def tip(self) -> dict[str, int]:
+        """Where the chain is: its height and the last notification's seq."""
+        return {"height": self.height, "last_seq": len(self.log)}
+
     def stats(self) -> dict[str, Any]:
         return {
             "height": self.height,
+            "last_seq": len(self.log),
             "broadcast_calls": dict(self.broadcast_calls),
             "withdrawals": {
                 wid: {"txid": txid, "status": self.txs[txid].status}

@@ -1,7 +1,9 @@
 """Entry point: python -m services.chainsim.main
 
 CHAINSIM_PORT (required), CHAINSIM_HOST (127.0.0.1), CHAINSIM_SEED (0),
-CHAINSIM_BLOCK_S (seconds per block; 0 = only on Mine), CHAINSIM_FAULTS (JSON).
+CHAINSIM_BLOCK_S (seconds per block; 0 = only on Mine), CHAINSIM_FAULTS (JSON),
+CHAINSIM_STATE_DIR (where the chain is kept across restarts; unset: in memory only).
+A kept chain keeps its seed; CHAINSIM_FAULTS, when set, replaces its faults.
 """
 
 from __future__ import annotations
@@ -10,15 +12,29 @@ import asyncio
 import json
 import os
 import signal
+from pathlib import Path
 
 from .chain import Chain, Faults
+from .journal import ChainJournal
 from .server import ChainServer
 
 
 async def _main() -> None:
-    faults = Faults.of(json.loads(os.environ.get("CHAINSIM_FAULTS", "{}") or "{}"))
+    given = os.environ.get("CHAINSIM_FAULTS", "")
+    faults = Faults.of(json.loads(given or "{}"))
     chain = Chain(seed=int(os.environ.get("CHAINSIM_SEED", "0")), faults=faults)
-    server = ChainServer(chain, block_interval_s=float(os.environ.get("CHAINSIM_BLOCK_S", "0.2")))
+    journal = None
+    if os.environ.get("CHAINSIM_STATE_DIR"):
+        journal = ChainJournal(Path(os.environ["CHAINSIM_STATE_DIR"]))
+        chain = journal.load(chain)
+        if given and chain.faults != faults:
+            chain.configure(faults)
+            journal.record(chain, {"op": "configure", "faults": faults.as_dict()})
+    server = ChainServer(
+        chain,
+        block_interval_s=float(os.environ.get("CHAINSIM_BLOCK_S", "0.2")),
+        journal=journal,
+    )
     await server.start(
         os.environ.get("CHAINSIM_HOST", "127.0.0.1"), int(os.environ["CHAINSIM_PORT"])
     )

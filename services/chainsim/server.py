@@ -8,9 +8,14 @@ JSON object in, a JSON object out):
 - Broadcast {withdrawal_id, asset, network, address, amount} -> {txid}; refused
   for good: FAILED_PRECONDITION; lost answer: DEADLINE_EXCEEDED after recording
 - WithdrawalStatus {withdrawal_id} -> {status, txid, confirmations}
-- Events {after, limit} -> {events: [...]}: deposit notifications, with `seq`
+- Events {after, limit} -> {events: [...], height, last_seq}: deposit notifications,
+  with `seq`, and the chain's tip (a watcher whose cursor is beyond `last_seq` is
+  on a chain that lost blocks it had read: a deep reorg)
 - Deposit {address, asset, amount} -> {txid} (tests and benchmarks: an outside sender)
 - Mine {blocks} -> {height}; Configure {faults} -> {}; Stats {} -> {...}
+
+With a journal (CHAINSIM_STATE_DIR), every call that changes the chain is
+recorded before it is answered, so a restarted process has the same chain.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .chain import Chain, Faults
+from .journal import ChainJournal
 
 __all__ = ["SERVICE", "ChainServer"]
 
@@ -46,8 +52,16 @@ def _encode(value: dict[str, Any]) -> bytes:
 
 
 class ChainServer:
-    def __init__(self, chain: Chain, *, block_interval_s: float, lost_answer_s: float = 30.0):
+    def __init__(
+        self,
+        chain: Chain,
+        *,
+        block_interval_s: float,
+        lost_answer_s: float = 30.0,
+        journal: ChainJournal | None = None,
+    ):
         self.chain = chain
+        self.journal = journal
         self.block_interval_s = block_interval_s
         self.lost_answer_s = lost_answer_s
         self._server: grpc.aio.Server | None = None
@@ -65,17 +79,27 @@ class ChainServer:
             "Stats": self._stats,
         }
 
+    def _record(self, entry: dict[str, Any]) -> None:
+        if self.journal is not None:
+            self.journal.record(self.chain, entry)
+
     async def _new_address(self, r: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        known = len(self.chain.addresses)
         try:
             address = self.chain.new_address(r["account_id"], r["asset"], r["network"])
         except ValueError as error:
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        if len(self.chain.addresses) != known:
+            self._record(
+                {"op": "address", "account_id": r["account_id"], "asset": r["asset"],
+                 "network": r["network"]}
+            )  # fmt: skip
         return {"address": address}
 
     async def _broadcast(self, r: dict[str, Any], ctx: Any) -> dict[str, Any]:
-        outcome, detail = self.chain.broadcast(
-            r["withdrawal_id"], r["asset"], r["network"], r["address"], r["amount"]
-        )
+        args = {k: r[k] for k in ("withdrawal_id", "asset", "network", "address", "amount")}
+        outcome, detail = self.chain.broadcast(**args)
+        self._record({"op": "broadcast", **args})  # even a refusal: calls are counted
         if outcome == "rejected":
             await ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, detail)
         if outcome == "error":
@@ -89,18 +113,26 @@ class ChainServer:
         return self.chain.withdrawal_status(r["withdrawal_id"])
 
     async def _events(self, r: dict[str, Any], ctx: Any) -> dict[str, Any]:
-        return {"events": self.chain.events(int(r.get("after", 0)), int(r.get("limit", 500)))}
+        events = self.chain.events(int(r.get("after", 0)), int(r.get("limit", 500)))
+        return {"events": events, **self.chain.tip()}
 
     async def _deposit(self, r: dict[str, Any], ctx: Any) -> dict[str, Any]:
-        return {"txid": self.chain.deposit(r["address"], r["asset"], r["amount"])}
+        args = {k: r[k] for k in ("address", "asset", "amount")}
+        txid = self.chain.deposit(**args)
+        self._record({"op": "deposit", **args})
+        return {"txid": txid}
 
     async def _mine(self, r: dict[str, Any], ctx: Any) -> dict[str, Any]:
-        for _ in range(int(r.get("blocks", 1))):
+        blocks = int(r.get("blocks", 1))
+        for _ in range(blocks):
             self.chain.mine()
+        self._record({"op": "mine", "blocks": blocks})
         return {"height": self.chain.height}
 
     async def _configure(self, r: dict[str, Any], ctx: Any) -> dict[str, Any]:
-        self.chain.configure(Faults.of(r.get("faults", {})))
+        faults = Faults.of(r.get("faults", {}))
+        self.chain.configure(faults)
+        self._record({"op": "configure", "faults": faults.as_dict()})
         return {}
 
     async def _stats(self, r: dict[str, Any], ctx: Any) -> dict[str, Any]:
@@ -131,6 +163,7 @@ class ChainServer:
         while True:
             await asyncio.sleep(self.block_interval_s)
             self.chain.mine()
+            self._record({"op": "mine", "blocks": 1})
 
     async def start(self, host: str, port: int) -> int:
         server = grpc.aio.server()
@@ -155,3 +188,5 @@ class ChainServer:
                 await self._miner
         if self._server is not None:
             await self._server.stop(0.5)
+        if self.journal is not None:
+            self.journal.close(self.chain)

@@ -27,6 +27,7 @@ from .errors import (
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
+    require_request_id,
 )
 from .infra import Infrastructure, connect
 from .markets import Asset, Catalog, Market, load_catalog
@@ -75,6 +76,7 @@ __all__ = [
     "owned_account",
     "postgres",
     "redis_connection",
+    "require_request_id",
     "run",
     "service_credentials",
     "to_units",

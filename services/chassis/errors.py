@@ -29,6 +29,7 @@ __all__ = [
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
+    "require_request_id",
     "status_metadata",
 ]
 
@@ -130,6 +131,24 @@ class PermissionDenied(ExchangeError):
 
 class Unavailable(ExchangeError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+MAX_REQUEST_ID = 128
+
+
+def require_request_id(value: str, reason: str, *, field: str = "request_id") -> str:
+    """The one rule for idempotency keys on mutating calls (ADR 0003): required,
+    1 to 128 characters; else INVALID_ARGUMENT with a field violation naming the
+    field (`request_id`, or the key's own name, such as a transfer's `id`)."""
+    if not value or len(value) > MAX_REQUEST_ID:
+        raise InvalidArgument(
+            reason,
+            f"{field} is required: the call's idempotency key, 1 to {MAX_REQUEST_ID} characters",
+            violations=[
+                FieldViolation(field, f"required: 1 to {MAX_REQUEST_ID} characters", reason)
+            ],
+        )
+    return value
 
 
 def status_metadata(status: status_pb2.Status) -> tuple[tuple[str, bytes], ...]:

@@ -6,8 +6,15 @@ a grid: prices are multiples of `tick_size`, quantities of `lot_size`, so a
 trade's quote amount (price x quantity) is a whole number of tick-lots, and
 `tick_size * lot_size` must be a whole number of the quote asset's minor unit.
 
+Fees live here too, so that there is one source for what the exchange charges
+and what it shows (issue 18): the trading fee schedule (`fees`: maker and taker
+rates, charged in the asset a party receives) that order sends with every
+order, and per asset its withdrawal network, fee and minimum that funding
+applies. Auth's GetFees (`GET /v1/fees`) answers them to a caller.
+
 The defaults below are what `cex up` runs with; `CEX_MARKETS` names a YAML
-file with the same shape to replace them (read once, at start).
+file with the same shape to replace them (read once, at start). An asset or
+the fee schedule it leaves out keeps the built-in values for its symbol.
 """
 
 from __future__ import annotations
@@ -23,13 +30,18 @@ import yaml
 
 from .money import from_units, parse_decimal, to_units
 
-__all__ = ["DEFAULT_CATALOG", "Asset", "Catalog", "Market", "load_catalog"]
+__all__ = ["DEFAULT_CATALOG", "Asset", "Catalog", "FeeSchedule", "Market", "load_catalog"]
 
 
 @dataclass(frozen=True, slots=True)
 class Asset:
     symbol: str
     scale: int  # decimal places of the minor unit
+    # Withdrawals: the network it moves on ("" = not withdrawable), the fee
+    # charged on top of the amount, and the smallest amount (asset units).
+    network: str = ""
+    withdrawal_fee: Decimal = Decimal(0)
+    min_withdrawal: Decimal = Decimal(0)
 
     @property
     def unit(self) -> Decimal:
@@ -99,16 +111,48 @@ class Market:
 
 
 @dataclass(frozen=True, slots=True)
+class FeeSchedule:
+    """Trading fee rates (fractions of what a party receives, in that asset)."""
+
+    tier: str
+    maker_rate: Decimal
+    taker_rate: Decimal
+
+
+@dataclass(frozen=True, slots=True)
 class Catalog:
     assets: Mapping[str, Asset]
     markets: Mapping[str, Market]
+    fees: FeeSchedule = FeeSchedule("default", Decimal("0.001"), Decimal("0.002"))
 
     def market(self, symbol: str) -> Market | None:
         return self.markets.get(symbol)
 
 
-def _catalog(doc: Mapping[str, Any]) -> Catalog:
-    assets = {symbol: Asset(symbol, int(spec["scale"])) for symbol, spec in doc["assets"].items()}
+def _asset(symbol: str, spec: Mapping[str, Any], builtin: Asset | None) -> Asset:
+    def value(name: str, default: Any) -> Any:
+        if name in spec:
+            return spec[name]
+        return getattr(builtin, name) if builtin is not None else default
+
+    def amount(name: str) -> Decimal:
+        found = value(name, "0")
+        return found if isinstance(found, Decimal) else parse_decimal(str(found))
+
+    return Asset(
+        symbol,
+        int(spec["scale"]),
+        network=str(value("network", "")),
+        withdrawal_fee=amount("withdrawal_fee"),
+        min_withdrawal=amount("min_withdrawal"),
+    )
+
+
+def _catalog(doc: Mapping[str, Any], builtin: Catalog | None = None) -> Catalog:
+    assets = {
+        symbol: _asset(symbol, spec, builtin.assets.get(symbol) if builtin else None)
+        for symbol, spec in doc["assets"].items()
+    }
     markets: dict[str, Market] = {}
     for symbol, spec in doc["markets"].items():
         base, quote = assets[spec["base"]], assets[spec["quote"]]
@@ -127,14 +171,44 @@ def _catalog(doc: Mapping[str, Any]) -> Catalog:
                 )
             },
         )
-    return Catalog(assets, markets)
+    fees = doc.get("fees")
+    if fees is None:
+        return Catalog(assets, markets, **({"fees": builtin.fees} if builtin else {}))
+    schedule = FeeSchedule(
+        str(fees.get("tier", "default")),
+        parse_decimal(str(fees["maker_rate"])),
+        parse_decimal(str(fees["taker_rate"])),
+    )
+    return Catalog(assets, markets, schedule)
 
 
 # Minor units: 8 decimals for every asset inside the exchange (as the major
 # exchanges keep them), so that Binance-like grids (0.01 x 0.00001) are exact.
 DEFAULT_CATALOG = _catalog(
     {
-        "assets": {"BTC": {"scale": 8}, "ETH": {"scale": 8}, "USDT": {"scale": 8}},
+        "assets": {
+            "BTC": {
+                "scale": 8,
+                "network": "bitcoin",
+                "withdrawal_fee": "0.00002",
+                "min_withdrawal": "0.0001",
+            },
+            "ETH": {
+                "scale": 8,
+                "network": "ethereum",
+                "withdrawal_fee": "0.0005",
+                "min_withdrawal": "0.001",
+            },
+            "USDT": {
+                "scale": 8,
+                "network": "ethereum",
+                "withdrawal_fee": "1",
+                "min_withdrawal": "1",
+            },
+        },
+        # The one trading fee schedule (accounts' fee_tier "default"): a maker
+        # pays 0.1 % and a taker 0.2 % of what they receive.
+        "fees": {"tier": "default", "maker_rate": "0.001", "taker_rate": "0.002"},
         "markets": {
             "BTC-USDT": {
                 "base": "BTC",
@@ -174,4 +248,4 @@ def load_catalog(env: Mapping[str, str] | None = None) -> Catalog:
     path = env.get("CEX_MARKETS", "").strip()
     if not path:
         return DEFAULT_CATALOG
-    return _catalog(yaml.safe_load(Path(path).read_text()))
+    return _catalog(yaml.safe_load(Path(path).read_text()), DEFAULT_CATALOG)

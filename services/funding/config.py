@@ -9,9 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from services.chassis.markets import DEFAULT_CATALOG, Catalog, load_catalog
 from services.chassis.settings import env_float, env_int, env_str
 
-__all__ = ["DEFAULT_ASSETS", "AssetRules", "FundingConfig"]
+__all__ = ["DEFAULT_ASSETS", "AssetRules", "FundingConfig", "rules_from"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,14 +36,36 @@ class AssetRules:
         return Decimal(self.min_withdrawal)
 
 
-_BTC_ADDRESS = r"(bc1|tb1|bcrt1)[02-9ac-hj-np-z]{8,87}|bcrt1q[0-9a-f]{38}"
-_ETH_ADDRESS = r"0x[0-9a-fA-F]{40}"
-
-DEFAULT_ASSETS: Mapping[str, AssetRules] = {
-    "BTC": AssetRules("BTC", "bitcoin", _BTC_ADDRESS, "0.0001", "0.00002", 3, 3),
-    "ETH": AssetRules("ETH", "ethereum", _ETH_ADDRESS, "0.001", "0.0005", 4, 3),
-    "USDT": AssetRules("USDT", "ethereum", _ETH_ADDRESS, "1", "1", 4, 3),
+_ADDRESS = {
+    "bitcoin": r"(bc1|tb1|bcrt1)[02-9ac-hj-np-z]{8,87}|bcrt1q[0-9a-f]{38}",
+    "ethereum": r"0x[0-9a-fA-F]{40}",
 }
+# Confirmations (deposit, withdrawal) per network: custody's concern, not a price.
+_CONFIRMATIONS = {"bitcoin": (3, 3), "ethereum": (4, 3)}
+
+
+def rules_from(catalog: Catalog) -> dict[str, AssetRules]:
+    """Each withdrawable asset's rules. Its network, fee and minimum come from the
+    market catalog (services/chassis/markets.py), the one place fees are kept and
+    shown from (auth's GetFees); the address shapes and confirmations are funding's."""
+    rules = {}
+    for symbol, asset in catalog.assets.items():
+        if asset.network not in _ADDRESS:
+            continue
+        deposit, withdrawal = _CONFIRMATIONS[asset.network]
+        rules[symbol] = AssetRules(
+            symbol,
+            asset.network,
+            _ADDRESS[asset.network],
+            format(asset.min_withdrawal, "f"),
+            format(asset.withdrawal_fee, "f"),
+            deposit,
+            withdrawal,
+        )
+    return rules
+
+
+DEFAULT_ASSETS: Mapping[str, AssetRules] = rules_from(DEFAULT_CATALOG)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,4 +125,5 @@ class FundingConfig:
             crash_points=frozenset(
                 p for p in (env_str(env, "FUNDING_CRASH_POINTS", "") or "").split(",") if p
             ),
+            assets=rules_from(load_catalog(env)),
         )

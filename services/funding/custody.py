@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-__all__ = ["Broadcast", "CustodyClient", "CustodyRejected", "WithdrawalTx"]
+__all__ = ["Broadcast", "ChainEvents", "CustodyClient", "CustodyRejected", "WithdrawalTx"]
 
 _SERVICE = "/chainsim.Chain/"
 
@@ -34,6 +34,13 @@ class WithdrawalTx:
     status: str  # unknown | mempool | confirmed | dropped
     txid: str
     confirmations: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChainEvents:
+    events: list[dict[str, Any]]
+    last_seq: int | None  # the chain's last notification (None: custody does not say)
+    height: int | None
 
 
 def _encode(value: dict[str, Any]) -> bytes:
@@ -106,6 +113,11 @@ class CustodyClient:
         reply = await self.call("WithdrawalStatus", {"withdrawal_id": withdrawal_id})
         return WithdrawalTx(str(reply["status"]), str(reply["txid"]), int(reply["confirmations"]))
 
-    async def events(self, after: int, limit: int = 500) -> list[dict[str, Any]]:
+    async def events(self, after: int, limit: int = 500) -> ChainEvents:
         reply = await self.call("Events", {"after": after, "limit": limit})
-        return list(reply["events"])
+        last_seq, height = reply.get("last_seq"), reply.get("height")
+        return ChainEvents(
+            list(reply["events"]),
+            None if last_seq is None else int(last_seq),
+            None if height is None else int(height),
+        )

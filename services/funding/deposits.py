@@ -14,6 +14,16 @@ deposit saga per new output, and advances the cursor.
                          Its STARTED row is written under the deposit's row lock
                          after checking it is not reverted; from then on a
                          revert is an anomaly for an operator, not a cancel.
+
+Two things the chain can do are anomalies no saga settles: a revert after the
+credit started, and a chain whose notification log ends before the watcher's
+cursor (a reorg deeper than anything read, or custody that lost its state;
+before issue 18 the simulator did this on every restart and the watcher waited
+forever). Each is logged at ERROR, counted in
+`funding_chain_anomalies_total{kind}` and recorded in `chain_anomalies` for an
+operator. For the second, the watcher then moves its cursor back to the
+chain's tip and reads on: what it already recorded is unique per output, so
+reading it again changes nothing, and new deposits are seen again.
 """
 
 from __future__ import annotations
@@ -54,7 +64,7 @@ from .saga import (
     error_status,
 )
 
-__all__ = ["KIND", "ChainWatcher", "DepositSteps"]
+__all__ = ["KIND", "ChainMetrics", "ChainWatcher", "DepositSteps"]
 
 KIND = "deposit"
 CUSTODY_ACCOUNT = "sys:custody"
@@ -197,6 +207,22 @@ class DepositSteps:
         )
 
 
+CHAIN_BEHIND_CURSOR = "CHAIN_BEHIND_CURSOR"
+DEPOSIT_REVERTED_AFTER_CREDIT = "DEPOSIT_REVERTED_AFTER_CREDIT"
+
+
+class ChainMetrics:
+    def __init__(self, registry: Any) -> None:
+        from prometheus_client import Counter
+
+        self.anomalies = Counter(
+            "funding_chain_anomalies_total",
+            "What the chain did that needs an operator (table chain_anomalies).",
+            ("kind",),
+            registry=registry,
+        )
+
+
 class ChainWatcher:
     """Reads custody's notifications by cursor into deposits (and their sagas)."""
 
@@ -210,7 +236,9 @@ class ChainWatcher:
         rules: Mapping[str, AssetRules],
         poll_s: float,
         clock: Callable[[], float],
+        metrics: ChainMetrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._pool = pool
         self._custody = custody
         self._orchestrator = orchestrator
@@ -232,21 +260,52 @@ class ChainWatcher:
 
     async def poll_once(self) -> int:
         """Reads one batch of notifications; returns how many."""
-        cursor = await self._pool.fetchval("SELECT seq FROM chain_cursor")
-        events = await self._custody.events(int(cursor))
+        cursor = await store.chain_cursor(self._pool)
+        batch = await self._custody.events(cursor)
+        events = batch.events
         if not events:
+            if batch.last_seq is not None and batch.last_seq < cursor:
+                await self._chain_behind(cursor, batch.last_seq, batch.height or 0)
             return 0
         started = False
         async with self._pool.acquire() as conn, conn.transaction():
-            locked = await conn.fetchval("SELECT seq FROM chain_cursor FOR UPDATE")
+            locked = await store.chain_cursor(conn, lock=True)
             if locked != cursor:
                 return 0  # another replica read this batch
             for event in events:
                 started |= await self._apply(conn, event)
-            await conn.execute("UPDATE chain_cursor SET seq = $1", int(events[-1]["seq"]))
+            await store.move_chain_cursor(conn, int(events[-1]["seq"]))
         if started:
             self._orchestrator.wake()
         return len(events)
+
+    async def _chain_behind(self, cursor: int, chain_seq: int, height: int) -> None:
+        """The chain ends before our cursor: report it, then read on from its tip."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            if await store.chain_cursor(conn, lock=True) != cursor:
+                return  # another replica handled it
+            await store.record_chain_anomaly(
+                conn,
+                CHAIN_BEHIND_CURSOR,
+                cursor_seq=cursor,
+                chain_seq=chain_seq,
+                chain_height=height,
+                detail=(
+                    f"the chain's notifications end at {chain_seq} (height {height}) but "
+                    f"{cursor} were read: a reorg deeper than anything read, or custody lost "
+                    f"its state; reading on from {chain_seq}"
+                ),
+            )
+            await store.move_chain_cursor(conn, chain_seq)
+        self._count(CHAIN_BEHIND_CURSOR)
+        _log.error(
+            "the chain is behind the deposit watcher's cursor: deep reorg; needs an operator",
+            extra={"fields": {"cursor": cursor, "chain_seq": chain_seq, "height": height}},
+        )
+
+    def _count(self, kind: str) -> None:
+        if self._metrics is not None:
+            self._metrics.anomalies.labels(kind).inc()
 
     async def _apply(self, conn: Connection, event: Mapping[str, Any]) -> bool:
         if event.get("type") != "deposit":
@@ -275,6 +334,16 @@ class ChainWatcher:
                         existing.deposit_id,
                     )
                 elif not existing.reverted:
+                    await store.record_chain_anomaly(
+                        conn,
+                        DEPOSIT_REVERTED_AFTER_CREDIT,
+                        deposit_id=existing.deposit_id,
+                        cursor_seq=int(event["seq"]),
+                        chain_seq=int(event["seq"]),
+                        chain_height=int(event.get("height", 0)),
+                        detail=f"{txid}:{index} left the chain after its credit started",
+                    )
+                    self._count(DEPOSIT_REVERTED_AFTER_CREDIT)
                     _log.error(
                         "a deposit left the chain after its credit started: needs an operator",
                         extra={"fields": {"deposit_id": existing.deposit_id}},

@@ -44,6 +44,7 @@ from services.chassis import (
     load_catalog,
     mesh_channel,
     postgres,
+    require_request_id,
     service_credentials,
     user,
 )
@@ -466,12 +467,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> funding_pb2.CancelWithdrawalResponse:
         account = owned_account(current_auth(), request.account_id, mutate=True)
-        if not request.request_id or len(request.request_id) > 128:
-            raise InvalidArgument(
-                "FUNDING_REQUEST_ID_INVALID",
-                "request_id: 1 to 128 characters",
-                violations=[FieldViolation("request_id", "1 to 128 characters")],
-            )
+        require_request_id(request.request_id, "FUNDING_REQUEST_ID_INVALID")
         row = await self._own_withdrawal(account, request.withdrawal_id)
         async with self._pool.acquire() as conn, conn.transaction():
             # Lock order as the orchestrator's: the saga, then the withdrawal (the
@@ -666,6 +662,7 @@ async def build_server(
             rules=config.assets,
             poll_s=config.chain_poll_s,
             clock=clock,
+            metrics=deposits.ChainMetrics(registry),
         )
         await server.enter(background(watcher.run(), "funding-chain-watcher"))
     if config.outbox and infra.nats is not None:

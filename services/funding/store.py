@@ -265,6 +265,43 @@ async def address_owner(conn: Connection, network: str, address: str) -> asyncpg
     return row
 
 
+async def chain_cursor(conn: Connection, *, lock: bool = False) -> int:
+    value = await conn.fetchval("SELECT seq FROM chain_cursor" + (" FOR UPDATE" if lock else ""))
+    return int(value)
+
+
+async def move_chain_cursor(conn: Connection, seq: int) -> None:
+    await conn.execute("UPDATE chain_cursor SET seq = $1", seq)
+
+
+async def record_chain_anomaly(
+    conn: Connection,
+    kind: str,
+    *,
+    cursor_seq: int,
+    chain_seq: int,
+    chain_height: int,
+    detail: str,
+    deposit_id: str = "",
+) -> int:
+    value = await conn.fetchval(
+        """INSERT INTO chain_anomalies (kind, deposit_id, cursor_seq, chain_seq, chain_height,
+                                        detail)
+           VALUES ($1, $2, $3, $4, $5, $6) RETURNING id""",
+        kind,
+        deposit_id,
+        cursor_seq,
+        chain_seq,
+        chain_height,
+        detail,
+    )
+    return int(value)
+
+
+async def chain_anomalies(conn: Connection) -> list[asyncpg.Record]:
+    return list(await conn.fetch("SELECT * FROM chain_anomalies ORDER BY id"))
+
+
 async def deposit(conn: Connection, deposit_id: str, *, lock: bool = False) -> DepositRow | None:
     row = await conn.fetchrow(
         "SELECT * FROM deposits WHERE deposit_id = $1" + (" FOR UPDATE" if lock else ""),

@@ -42,6 +42,7 @@ from services.chassis import (
     FieldViolation,
     InvalidArgument,
     MoneyError,
+    require_request_id,
 )
 
 from . import store
@@ -110,8 +111,7 @@ def parse_withdrawal(
     rules: Mapping[str, AssetRules],
 ) -> WithdrawalSpec:
     """A RequestWithdrawal's fields, checked and in minor units (pure)."""
-    if not request_id or len(request_id) > 128:
-        raise _invalid("FUNDING_REQUEST_ID_INVALID", "request_id", "1 to 128 characters")
+    require_request_id(request_id, "FUNDING_REQUEST_ID_INVALID")
     asset = assets.get(asset_code)
     rule = rules.get(asset_code)
     if asset is None or rule is None:

@@ -469,13 +469,9 @@ class Book:
             return FailedPrecondition(
                 "LEDGER_HALTED", "the auditor halted withdrawals; an operator must clear it"
             )
-        debit = self.account(item.debit_account_id, item.asset)
-        if debit is None and not is_system(item.debit_account_id):
-            return NotFound(
-                "LEDGER_ACCOUNT_NOT_FOUND",
-                f"account {item.debit_account_id} has no {item.asset} balance",
-                metadata={"account_id": item.debit_account_id, "asset": item.asset},
-            )
+        # Zero is a balance: a user account that never held the asset has 0 of
+        # it available, and debiting it is refused exactly as for any account
+        # that has too little (issue 18; it used to be LEDGER_ACCOUNT_NOT_FOUND).
         debit = self._slot(item.debit_account_id, item.asset)
         if (
             not debit.is_system

@@ -37,6 +37,7 @@ from services.chassis import (
     current_auth,
     load_catalog,
     owned_account,
+    require_request_id,
     service_credentials,
     user,
 )
@@ -121,12 +122,18 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
     # -- conversions ---------------------------------------------------------
 
     def _input(self, t: ledger_pb2.Transfer, field: str, asset_hint: str) -> TransferInput:
+        # A transfer's id is its idempotency key: required, as every request_id
+        # (ADR 0003); the domain checks its characters.
+        def at(name: str) -> str:  # the field's path in the request
+            return f"{field}.{name}" if field else name
+
+        require_request_id(t.id, "LEDGER_ID_INVALID", field=at("id"))
         flags = t.flags
         if sum((flags.pending, flags.post_pending, flags.void_pending)) > 1:
             raise InvalidArgument(
                 "LEDGER_FLAGS_INVALID",
                 "at most one of pending, post_pending, void_pending",
-                violations=[FieldViolation(f"{field}.flags", "conflicting flags")],
+                violations=[FieldViolation(at("flags"), "conflicting flags")],
             )
         op = (
             Op.PENDING
@@ -145,14 +152,14 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
                 raise InvalidArgument(
                     "LEDGER_ASSET_REQUIRED",
                     "asset is needed to read the amount of a post",
-                    violations=[FieldViolation(f"{field}.asset", "required with amount")],
+                    violations=[FieldViolation(at("asset"), "required with amount")],
                 )
-            amount = _amount(self._catalog, t.asset or asset_hint, t.amount, f"{field}.amount")
+            amount = _amount(self._catalog, t.asset or asset_hint, t.amount, at("amount"))
         elif op in (Op.SINGLE, Op.PENDING):
             raise InvalidArgument(
                 "LEDGER_AMOUNT_INVALID",
                 "amount is required",
-                violations=[FieldViolation(f"{field}.amount", "required")],
+                violations=[FieldViolation(at("amount"), "required")],
             )
         if op in (Op.SINGLE, Op.PENDING) and t.asset not in self._catalog.assets:
             raise NotFound("LEDGER_ASSET_NOT_FOUND", f"unknown asset {t.asset!r}")
@@ -210,7 +217,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             available=fmt(a.available),
             held=fmt(a.debits_pending),
             total=fmt(a.credits_posted - a.debits_posted),
-            update_time=_timestamp(a.update_time_ns),
+            update_time=_timestamp(a.update_time_ns) if a.update_time_ns else None,
         )
 
     async def _pending_asset(self, t: ledger_pb2.Transfer) -> str:
@@ -221,13 +228,13 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         return found.asset if found else ""
 
     async def _create(
-        self, transfers: Sequence[ledger_pb2.Transfer]
+        self, transfers: Sequence[ledger_pb2.Transfer], *, single: bool = False
     ) -> list[Transfer | ExchangeError]:
         items: list[TransferInput | ExchangeError] = []
         for index, t in enumerate(transfers):
             try:
                 hint = await self._pending_asset(t)
-                items.append(self._input(t, f"transfers[{index}]", hint))
+                items.append(self._input(t, "" if single else f"transfers[{index}]", hint))
             except ExchangeError as error:
                 items.append(error)
         job = TransfersJob(items, [t.flags.linked for t in transfers])
@@ -261,7 +268,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         return ledger_pb2.CreateTransfersResponse(results=results)
 
     async def _single(self, transfer: ledger_pb2.Transfer) -> ledger_pb2.Transfer:
-        (outcome,) = await self._create([transfer])
+        (outcome,) = await self._create([transfer], single=True)
         if isinstance(outcome, ExchangeError):
             raise outcome
         return self._transfer(outcome)
@@ -314,8 +321,14 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             if asset not in self._catalog.assets:
                 raise NotFound("LEDGER_ASSET_NOT_FOUND", f"unknown asset {asset!r}")
         accounts = await self._store.balances(account_id, list(request.assets))
-        if not accounts and not account_id.startswith("sys:"):
-            raise NotFound("LEDGER_ACCOUNT_NOT_FOUND", f"account {account_id} has no balances")
+        # Zero is a balance: every asset asked for is answered (zero if never held);
+        # without a filter, the assets the account has used, or every asset at
+        # zero for an account that has used none (a new account is not an error).
+        held = {a.asset for a in accounts}
+        asked = list(dict.fromkeys(request.assets))
+        wanted = asked or ([] if accounts else list(self._catalog.assets))
+        accounts += [Account(account_id, asset) for asset in wanted if asset not in held]
+        accounts.sort(key=lambda a: a.asset)
         return ledger_pb2.GetBalancesResponse(balances=[self._balance(a) for a in accounts])
 
     async def ListTransfers(

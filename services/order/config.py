@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
+from services.chassis.markets import DEFAULT_CATALOG, load_catalog
 from services.chassis.settings import env_float, env_int, env_str
 
 __all__ = ["OrderConfig"]
@@ -15,7 +16,8 @@ __all__ = ["OrderConfig"]
 @dataclass(frozen=True, slots=True)
 class OrderConfig:
     """
-    maker_fee_rate / taker_fee_rate: fee rates sent with every order (decimal strings).
+    maker_fee_rate / taker_fee_rate: fee rates sent with every order (decimal strings),
+        from the market catalog's fee schedule (services/chassis/markets.py).
     market_protection: how far from the reference price a market order may trade
         (a fraction: "0.05" = 5%); it sets the protection price sent to match and
         so the hold of a market buy sized by quantity.
@@ -36,8 +38,8 @@ class OrderConfig:
         services' own ports.
     """
 
-    maker_fee_rate: str = "0.001"
-    taker_fee_rate: str = "0.002"
+    maker_fee_rate: str = format(DEFAULT_CATALOG.fees.maker_rate, "f")
+    taker_fee_rate: str = format(DEFAULT_CATALOG.fees.taker_rate, "f")
     market_protection: Decimal = Decimal("0.05")
     risk_checks: bool = True
     consumer: bool = True
@@ -57,8 +59,8 @@ class OrderConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> OrderConfig:
         env = os.environ if env is None else env
         return cls(
-            maker_fee_rate=env_str(env, "ORDER_MAKER_FEE_RATE", "0.001") or "0.001",
-            taker_fee_rate=env_str(env, "ORDER_TAKER_FEE_RATE", "0.002") or "0.002",
+            maker_fee_rate=format(load_catalog(env).fees.maker_rate, "f"),
+            taker_fee_rate=format(load_catalog(env).fees.taker_rate, "f"),
             market_protection=Decimal(env_str(env, "ORDER_MARKET_PROTECTION", "0.05") or "0.05"),
             risk_checks=env_str(env, "ORDER_RISK_CHECKS", "on") != "off",
             consumer=env_str(env, "ORDER_CONSUMER", "on") != "off",

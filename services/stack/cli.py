@@ -5,6 +5,8 @@ cex status          each component's health; exits non-zero unless all are healt
 cex account create  create an account (as the operator of the running stack)
 cex apikey create   create an API key for an account; prints its id and secret once
 cex token           exchange an API key for an access token (prints the JWT)
+cex deposit         a real deposit through the chain simulator, waited for until credited
+cex audit           the ledger's audit (AuditLedger) as the operator
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .supervisor import Stack, StackError
 from .topology import SERVICES, Ports
@@ -98,14 +101,115 @@ async def _top(state_dir: Path, args: argparse.Namespace) -> int:
     return 0
 
 
-def _running(state_dir: Path) -> tuple[str, str]:
-    """(edge address, service secret) of the stack running from `state_dir`."""
+def _running_stack(state_dir: Path) -> Stack:
+    """The stack running from `state_dir` (its ports and service secret)."""
     state_file = state_dir / "stack.json"
     if not state_file.exists():
         raise SystemExit(f"cex: no stack is running from {state_dir} (start it: make run)")
     state = json.loads(state_file.read_text())
-    stack = Stack(state_dir, Ports(base=state["base_port"], host=state["host"]), dict(os.environ))
+    return Stack(state_dir, Ports(base=state["base_port"], host=state["host"]), dict(os.environ))
+
+
+def _running(state_dir: Path) -> tuple[str, str]:
+    """(edge address, service secret) of the stack running from `state_dir`."""
+    stack = _running_stack(state_dir)
     return stack.edge, stack.service_secret
+
+
+def _client(stack: Stack, *, operator: bool) -> Any:
+    """A `cex_sdk.Client` of the stack: as its operator (`svc:cli`, from the service
+    secret), or with the API key in CEX_API_KEY_ID / CEX_API_KEY_SECRET."""
+    from cex_sdk import Client
+    from services.chassis.authn import service_secret
+
+    if operator:
+        return Client.from_api_key(
+            stack.edge, "svc:cli", service_secret(stack.service_secret, "cli")
+        )
+    key_id = os.environ.get("CEX_API_KEY_ID", "")
+    secret = os.environ.get("CEX_API_KEY_SECRET", "")
+    if not key_id or not secret:
+        raise SystemExit("cex: give --account, or set CEX_API_KEY_ID and CEX_API_KEY_SECRET")
+    return Client.from_api_key(stack.edge, key_id, secret)
+
+
+def _failed(error: Exception) -> SystemExit:
+    from cex_sdk import CexError
+
+    if isinstance(error, CexError):
+        return SystemExit(f"cex: {error.code.name} {error.reason}: {error.message}")
+    return SystemExit(f"cex: {error}")
+
+
+async def _deposit(state_dir: Path, args: argparse.Namespace) -> int:
+    from cex.funding.v1 import funding_pb2 as F
+    from cex_sdk import CexError
+
+    from .funds import DepositFailed, deposit
+
+    stack = _running_stack(state_dir)
+    chain = f"{stack.ports.host}:{stack.ports.chainsim}"
+
+    def progress(d: F.Deposit) -> None:
+        print(
+            f"cex: {d.amount} {d.asset} to {d.address} (tx {d.txid[:16]}...): "
+            f"{d.confirmations}/{d.required_confirmations} confirmations",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    async with _client(stack, operator=bool(args.account)) as client:
+        try:
+            done = await deposit(
+                client,
+                chain,
+                args.asset,
+                args.amount,
+                account_id=args.account or "",
+                timeout_s=args.timeout,
+                progress=progress,
+            )
+        except (CexError, DepositFailed) as error:
+            raise _failed(error) from None
+    d, b = done.deposit, done.balance
+    print(
+        f"credited {d.amount} {d.asset} to {d.account_id} (deposit {d.deposit_id}); "
+        f"balance {b.asset}: available {b.available}, held {b.held}"
+    )
+    return 0
+
+
+async def _audit(state_dir: Path, args: argparse.Namespace) -> int:
+    from cex.ledger.v1 import ledger_pb2 as L
+    from cex_sdk import CexError
+
+    async with _client(_running_stack(state_dir), operator=True) as client:
+        try:
+            reply = await client.call(
+                "/cex.ledger.v1.LedgerService/AuditLedger",
+                L.AuditLedgerRequest(assets=args.asset or []),
+                L.AuditLedgerResponse,
+                timeout_s=60,
+            )
+        except CexError as error:
+            raise _failed(error) from None
+    rows = [
+        (
+            a.asset,
+            f"{'balanced' if a.balanced else 'UNBALANCED'}  debits {a.debits_posted} = "
+            f"credits {a.credits_posted}, pending {a.debits_pending} = {a.credits_pending}, "
+            f"{a.account_count} accounts, {a.pending_transfer_count} open holds"
+            + (
+                f", negative: {', '.join(a.negative_account_ids)}" if a.negative_account_ids else ""
+            ),
+        )
+        for a in reply.results
+    ]
+    verdict = "balanced" if reply.balanced else "NOT BALANCED"
+    print(f"ledger {verdict} at sequence {reply.sequence}")
+    if rows:
+        print(_table(rows))
+    return 0 if reply.balanced else 1
 
 
 async def _issue(edge: str, key_id: str, secret: str) -> str:
@@ -312,6 +416,20 @@ def main(argv: list[str] | None = None) -> None:
         default=6.0,
         help="print a trace once idle this long (Envoy flushes every 5 s)",
     )
+    dep = commands.add_parser(
+        "deposit",
+        help="deposit through the chain simulator; waits until the ledger shows the credit",
+    )
+    dep.add_argument(
+        "--account", help="the account (as the operator); default: the key in CEX_API_KEY_ID"
+    )
+    dep.add_argument("--asset", required=True, help="e.g. USDT, BTC")
+    dep.add_argument("--amount", required=True, help="a decimal string, e.g. 1000")
+    dep.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the credit")
+    audit = commands.add_parser(
+        "audit", help="run the ledger's audit (AuditLedger) as the operator; exit 1 if unbalanced"
+    )
+    audit.add_argument("--asset", action="append", help="only this asset (repeat); default all")
     token = commands.add_parser("token", help="exchange an API key for an access token")
     token.add_argument("--key-id", help="default $CEX_API_KEY_ID (the secret: $CEX_API_KEY_SECRET)")
     args = parser.parse_args(argv)
@@ -331,6 +449,10 @@ def main(argv: list[str] | None = None) -> None:
             code = asyncio.run(_top(state_dir, args))
     elif args.command == "token":
         code = asyncio.run(_token(state_dir, args))
+    elif args.command == "deposit":
+        code = asyncio.run(_deposit(state_dir, args))
+    elif args.command == "audit":
+        code = asyncio.run(_audit(state_dir, args))
     elif args.command == "traces":
         code = 0
         with contextlib.suppress(KeyboardInterrupt):

@@ -250,6 +250,8 @@ class Stack:
                 "CHAINSIM_HOST": self.ports.host,
                 "CHAINSIM_PORT": str(self.ports.chainsim),
                 "CHAINSIM_BLOCK_S": self.env.get("CHAINSIM_BLOCK_S", "0.2"),
+                # the chain survives a restart, as funding's cursor into it does
+                "CHAINSIM_STATE_DIR": str(self.state_dir / "chainsim"),
             },
         )
 

@@ -289,6 +289,16 @@ class AuthApi:
             timeout_s=timeout_s,
         )
 
+    async def get_fees(self, *, timeout_s: float | None = None) -> auth_pb2.GetFeesResponse:
+        """The fees that apply to the caller: maker and taker rates per market (and
+        the asset each side is charged in), each asset's withdrawal fee and minimum."""
+        return await self._client.call(
+            self._SERVICE + "GetFees",
+            auth_pb2.GetFeesRequest(),
+            auth_pb2.GetFeesResponse,
+            timeout_s=timeout_s,
+        )
+
 
 class LedgerApi:
     """cex.ledger.v1.LedgerService: the caller's balances."""
@@ -304,8 +314,8 @@ class LedgerApi:
         """The caller's balances, one per asset (only `assets` if given), sorted by asset.
 
         Amounts are decimal strings; use `decimal.Decimal`, never float.
-        An account that never held anything is NotFoundError
-        (LEDGER_ACCOUNT_NOT_FOUND).
+        Zero is a balance: a new account gets every asset at zero, and each
+        asset in `assets` is answered (zero if never held).
         """
         request = ledger_pb2.GetBalancesRequest(assets=list(assets))
         reply = await self._client.call(

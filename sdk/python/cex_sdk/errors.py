@@ -7,9 +7,9 @@ metadata), and where they apply `BadRequest` field violations and a
 callers branch on the class and the reason, never on message text::
 
     try:
-        await client.ledger.get_balances()
-    except NotFoundError as error:
-        if error.reason == "LEDGER_ACCOUNT_NOT_FOUND": ...
+        await client.orders.place("BTC-USDT", SIDE_BUY, "0.1", price="99.5")
+    except FailedPreconditionError as error:
+        if error.reason == "LEDGER_INSUFFICIENT_FUNDS": ...
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class CexError(Exception):
         self.code = code
         self.message = message
         #: The ErrorInfo reason, UPPER_SNAKE with a component prefix
-        #: (LEDGER_ACCOUNT_NOT_FOUND, EDGE_RATE_LIMITED); "" if none was sent.
+        #: (LEDGER_INSUFFICIENT_FUNDS, EDGE_RATE_LIMITED); "" if none was sent.
         self.reason = reason
         #: Who answered: a service ("ledger", "auth") or "envoy" for the edge.
         self.domain = domain

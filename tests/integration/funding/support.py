@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+from prometheus_client import CollectorRegistry
 
 from cex.funding.v1 import funding_pb2 as F
 from cex.funding.v1 import funding_pb2_grpc
@@ -66,6 +67,7 @@ class Chain:
     block_s: float = 0.05
     faults: Mapping[str, Any] = field(default_factory=dict)
     port: int = field(default_factory=lambda: free_ports().edge)
+    state_dir: str = ""  # where it keeps its chain across restarts ("": in memory)
     process: asyncio.subprocess.Process | None = None
     channel: grpc.aio.Channel | None = None
 
@@ -80,6 +82,7 @@ class Chain:
             "CHAINSIM_SEED": str(self.seed),
             "CHAINSIM_BLOCK_S": str(self.block_s),
             "CHAINSIM_FAULTS": json.dumps(dict(self.faults)),
+            "CHAINSIM_STATE_DIR": self.state_dir,
         }
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.chainsim.main", env=env
@@ -219,9 +222,10 @@ async def running_funding(
     config: FundingConfig,
     *,
     nats_url: str | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> AsyncIterator[Funding]:
     settings = funding_settings(stack, database_url, nats_url=nats_url)
-    server = await build_server(settings, config=config)
+    server = await build_server(settings, config=config, registry=registry)
     port = await server.start()
     # The service token on every call that brings no token of its own, renewed
     # near expiry (a module's tests outlive one token).

@@ -74,7 +74,8 @@ def test_user_accounts_cannot_go_negative_system_accounts_can() -> None:
     assert reasons(b.apply_chain([single("t", "alice", "bob", 101)])) == [
         "LEDGER_INSUFFICIENT_FUNDS"
     ]
-    assert reasons(b.apply_chain([single("u", "carol", "bob", 1)])) == ["LEDGER_ACCOUNT_NOT_FOUND"]
+    # zero is a balance: never having held USDT is having too little of it
+    assert reasons(b.apply_chain([single("u", "carol", "bob", 1)])) == ["LEDGER_INSUFFICIENT_FUNDS"]
     custody = b.account("sys:custody", "USDT")
     assert custody is not None and custody.available == -100
     assert [f.id for f in b.new_failures] == ["t", "u"]

@@ -511,8 +511,10 @@ func (x *ApiKey) GetLastUsedTime() *timestamppb.Timestamp {
 // Request for AuthService.CreateAccount.
 type CreateAccountRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Client-chosen idempotency id (e.g. a UUID). The same id with the same body
-	// returns the first result; with a different body, ALREADY_EXISTS.
+	// Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+	// characters (e.g. a UUID); empty is INVALID_ARGUMENT with a BadRequest
+	// field violation on request_id. The same id with the same body returns the
+	// first result; with a different body, ALREADY_EXISTS.
 	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// Human-readable name.
 	DisplayName string `protobuf:"bytes,2,opt,name=display_name,json=displayName,proto3" json:"display_name,omitempty"`
@@ -723,7 +725,10 @@ func (x *GetAccountResponse) GetAccount() *Account {
 // Request for AuthService.SetAccountState.
 type SetAccountStateRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Client-chosen idempotency id.
+	// Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+	// characters (e.g. a UUID); empty is INVALID_ARGUMENT with a BadRequest
+	// field violation on request_id. The same id with the same body returns the
+	// first result; with a different body, ALREADY_EXISTS.
 	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// The account to change.
 	AccountId string `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
@@ -842,7 +847,10 @@ func (x *SetAccountStateResponse) GetAccount() *Account {
 // Request for AuthService.CreateApiKey.
 type CreateApiKeyRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Client-chosen idempotency id.
+	// Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+	// characters (e.g. a UUID); empty is INVALID_ARGUMENT with a BadRequest
+	// field violation on request_id. The same id with the same body returns the
+	// first result; with a different body, ALREADY_EXISTS.
 	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// Owning account; empty means the caller's account.
 	AccountId string `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
@@ -1119,7 +1127,9 @@ func (x *ListApiKeysResponse) GetNextPageToken() string {
 // Request for AuthService.RevokeApiKey.
 type RevokeApiKeyRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Client-chosen idempotency id.
+	// Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+	// characters; empty is INVALID_ARGUMENT with a BadRequest field violation on
+	// request_id. Revoking is idempotent: a repeat returns the revoked key.
 	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// The key to revoke.
 	ApiKeyId string `protobuf:"bytes,2,opt,name=api_key_id,json=apiKeyId,proto3" json:"api_key_id,omitempty"`
@@ -1383,6 +1393,281 @@ func (x *IssueTokenResponse) GetAccountId() string {
 	return ""
 }
 
+// Request for AuthService.GetFees.
+type GetFeesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetFeesRequest) Reset() {
+	*x = GetFeesRequest{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetFeesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetFeesRequest) ProtoMessage() {}
+
+func (x *GetFeesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetFeesRequest.ProtoReflect.Descriptor instead.
+func (*GetFeesRequest) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{16}
+}
+
+// Response for AuthService.GetFees.
+type GetFeesResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The caller's fee tier (Account.fee_tier); every account is "default" today.
+	FeeTier string `protobuf:"bytes,1,opt,name=fee_tier,json=feeTier,proto3" json:"fee_tier,omitempty"`
+	// Decimal string: the maker rate, a fraction of what the maker receives
+	// ("0.001" = 0.1 %); negative would be a rebate.
+	MakerFeeRate string `protobuf:"bytes,2,opt,name=maker_fee_rate,json=makerFeeRate,proto3" json:"maker_fee_rate,omitempty"`
+	// Decimal string: the taker rate, a fraction of what the taker receives.
+	TakerFeeRate string `protobuf:"bytes,3,opt,name=taker_fee_rate,json=takerFeeRate,proto3" json:"taker_fee_rate,omitempty"`
+	// Per market, sorted by market: the rates and the asset each side pays in.
+	Markets []*MarketFees `protobuf:"bytes,4,rep,name=markets,proto3" json:"markets,omitempty"`
+	// Per asset, sorted by asset: withdrawal network, fee and minimum.
+	Assets        []*AssetFees `protobuf:"bytes,5,rep,name=assets,proto3" json:"assets,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetFeesResponse) Reset() {
+	*x = GetFeesResponse{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetFeesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetFeesResponse) ProtoMessage() {}
+
+func (x *GetFeesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetFeesResponse.ProtoReflect.Descriptor instead.
+func (*GetFeesResponse) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *GetFeesResponse) GetFeeTier() string {
+	if x != nil {
+		return x.FeeTier
+	}
+	return ""
+}
+
+func (x *GetFeesResponse) GetMakerFeeRate() string {
+	if x != nil {
+		return x.MakerFeeRate
+	}
+	return ""
+}
+
+func (x *GetFeesResponse) GetTakerFeeRate() string {
+	if x != nil {
+		return x.TakerFeeRate
+	}
+	return ""
+}
+
+func (x *GetFeesResponse) GetMarkets() []*MarketFees {
+	if x != nil {
+		return x.Markets
+	}
+	return nil
+}
+
+func (x *GetFeesResponse) GetAssets() []*AssetFees {
+	if x != nil {
+		return x.Assets
+	}
+	return nil
+}
+
+// The trading fees of one market for the caller.
+type MarketFees struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Market symbol, e.g. "BTC-USDT".
+	Market string `protobuf:"bytes,1,opt,name=market,proto3" json:"market,omitempty"`
+	// Decimal string: the maker rate in this market.
+	MakerFeeRate string `protobuf:"bytes,2,opt,name=maker_fee_rate,json=makerFeeRate,proto3" json:"maker_fee_rate,omitempty"`
+	// Decimal string: the taker rate in this market.
+	TakerFeeRate string `protobuf:"bytes,3,opt,name=taker_fee_rate,json=takerFeeRate,proto3" json:"taker_fee_rate,omitempty"`
+	// The asset a buyer's fee is charged in: the base asset it receives.
+	BuyFeeAsset string `protobuf:"bytes,4,opt,name=buy_fee_asset,json=buyFeeAsset,proto3" json:"buy_fee_asset,omitempty"`
+	// The asset a seller's fee is charged in: the quote asset it receives.
+	SellFeeAsset  string `protobuf:"bytes,5,opt,name=sell_fee_asset,json=sellFeeAsset,proto3" json:"sell_fee_asset,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MarketFees) Reset() {
+	*x = MarketFees{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MarketFees) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MarketFees) ProtoMessage() {}
+
+func (x *MarketFees) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MarketFees.ProtoReflect.Descriptor instead.
+func (*MarketFees) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *MarketFees) GetMarket() string {
+	if x != nil {
+		return x.Market
+	}
+	return ""
+}
+
+func (x *MarketFees) GetMakerFeeRate() string {
+	if x != nil {
+		return x.MakerFeeRate
+	}
+	return ""
+}
+
+func (x *MarketFees) GetTakerFeeRate() string {
+	if x != nil {
+		return x.TakerFeeRate
+	}
+	return ""
+}
+
+func (x *MarketFees) GetBuyFeeAsset() string {
+	if x != nil {
+		return x.BuyFeeAsset
+	}
+	return ""
+}
+
+func (x *MarketFees) GetSellFeeAsset() string {
+	if x != nil {
+		return x.SellFeeAsset
+	}
+	return ""
+}
+
+// How one asset is withdrawn.
+type AssetFees struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Asset code, e.g. "USDT".
+	Asset string `protobuf:"bytes,1,opt,name=asset,proto3" json:"asset,omitempty"`
+	// The network withdrawals go out on; empty if the asset cannot be withdrawn.
+	Network string `protobuf:"bytes,2,opt,name=network,proto3" json:"network,omitempty"`
+	// Decimal string: the fee held and charged on top of each withdrawal's amount.
+	WithdrawalFee string `protobuf:"bytes,3,opt,name=withdrawal_fee,json=withdrawalFee,proto3" json:"withdrawal_fee,omitempty"`
+	// Decimal string: the smallest amount a withdrawal may request.
+	MinWithdrawal string `protobuf:"bytes,4,opt,name=min_withdrawal,json=minWithdrawal,proto3" json:"min_withdrawal,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AssetFees) Reset() {
+	*x = AssetFees{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AssetFees) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AssetFees) ProtoMessage() {}
+
+func (x *AssetFees) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AssetFees.ProtoReflect.Descriptor instead.
+func (*AssetFees) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *AssetFees) GetAsset() string {
+	if x != nil {
+		return x.Asset
+	}
+	return ""
+}
+
+func (x *AssetFees) GetNetwork() string {
+	if x != nil {
+		return x.Network
+	}
+	return ""
+}
+
+func (x *AssetFees) GetWithdrawalFee() string {
+	if x != nil {
+		return x.WithdrawalFee
+	}
+	return ""
+}
+
+func (x *AssetFees) GetMinWithdrawal() string {
+	if x != nil {
+		return x.MinWithdrawal
+	}
+	return ""
+}
+
 var File_cex_auth_v1_auth_proto protoreflect.FileDescriptor
 
 const file_cex_auth_v1_auth_proto_rawDesc = "" +
@@ -1485,7 +1770,26 @@ const file_cex_auth_v1_auth_proto_rawDesc = "" +
 	"expireTime\x120\n" +
 	"\x06scopes\x18\x04 \x03(\x0e2\x18.cex.auth.v1.ApiKeyScopeR\x06scopes\x12\x1d\n" +
 	"\n" +
-	"account_id\x18\x05 \x01(\tR\taccountId*~\n" +
+	"account_id\x18\x05 \x01(\tR\taccountId\"\x10\n" +
+	"\x0eGetFeesRequest\"\xdb\x01\n" +
+	"\x0fGetFeesResponse\x12\x19\n" +
+	"\bfee_tier\x18\x01 \x01(\tR\afeeTier\x12$\n" +
+	"\x0emaker_fee_rate\x18\x02 \x01(\tR\fmakerFeeRate\x12$\n" +
+	"\x0etaker_fee_rate\x18\x03 \x01(\tR\ftakerFeeRate\x121\n" +
+	"\amarkets\x18\x04 \x03(\v2\x17.cex.auth.v1.MarketFeesR\amarkets\x12.\n" +
+	"\x06assets\x18\x05 \x03(\v2\x16.cex.auth.v1.AssetFeesR\x06assets\"\xba\x01\n" +
+	"\n" +
+	"MarketFees\x12\x16\n" +
+	"\x06market\x18\x01 \x01(\tR\x06market\x12$\n" +
+	"\x0emaker_fee_rate\x18\x02 \x01(\tR\fmakerFeeRate\x12$\n" +
+	"\x0etaker_fee_rate\x18\x03 \x01(\tR\ftakerFeeRate\x12\"\n" +
+	"\rbuy_fee_asset\x18\x04 \x01(\tR\vbuyFeeAsset\x12$\n" +
+	"\x0esell_fee_asset\x18\x05 \x01(\tR\fsellFeeAsset\"\x89\x01\n" +
+	"\tAssetFees\x12\x14\n" +
+	"\x05asset\x18\x01 \x01(\tR\x05asset\x12\x18\n" +
+	"\anetwork\x18\x02 \x01(\tR\anetwork\x12%\n" +
+	"\x0ewithdrawal_fee\x18\x03 \x01(\tR\rwithdrawalFee\x12%\n" +
+	"\x0emin_withdrawal\x18\x04 \x01(\tR\rminWithdrawal*~\n" +
 	"\fAccountState\x12\x1d\n" +
 	"\x19ACCOUNT_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14ACCOUNT_STATE_ACTIVE\x10\x01\x12\x1b\n" +
@@ -1506,7 +1810,7 @@ const file_cex_auth_v1_auth_proto_rawDesc = "" +
 	"\x19API_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14API_KEY_STATE_ACTIVE\x10\x01\x12\x19\n" +
 	"\x15API_KEY_STATE_REVOKED\x10\x02\x12\x19\n" +
-	"\x15API_KEY_STATE_EXPIRED\x10\x032\xb9\x06\n" +
+	"\x15API_KEY_STATE_EXPIRED\x10\x032\x91\a\n" +
 	"\vAuthService\x12o\n" +
 	"\rCreateAccount\x12!.cex.auth.v1.CreateAccountRequest\x1a\".cex.auth.v1.CreateAccountResponse\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/accounts\x12p\n" +
 	"\n" +
@@ -1517,7 +1821,9 @@ const file_cex_auth_v1_auth_proto_rawDesc = "" +
 	"\fRevokeApiKey\x12 .cex.auth.v1.RevokeApiKeyRequest\x1a!.cex.auth.v1.RevokeApiKeyResponse\"*\x82\xd3\xe4\x93\x02$:\x01*\"\x1f/v1/apiKeys/{api_key_id}:revoke\x12d\n" +
 	"\n" +
 	"IssueToken\x12\x1e.cex.auth.v1.IssueTokenRequest\x1a\x1f.cex.auth.v1.IssueTokenResponse\"\x15\x82\xd3\xe4\x93\x02\x0f:\x01*\"\n" +
-	"/v1/tokensb\x06proto3"
+	"/v1/tokens\x12V\n" +
+	"\aGetFees\x12\x1b.cex.auth.v1.GetFeesRequest\x1a\x1c.cex.auth.v1.GetFeesResponse\"\x10\x82\xd3\xe4\x93\x02\n" +
+	"\x12\b/v1/feesb\x06proto3"
 
 var (
 	file_cex_auth_v1_auth_proto_rawDescOnce sync.Once
@@ -1532,7 +1838,7 @@ func file_cex_auth_v1_auth_proto_rawDescGZIP() []byte {
 }
 
 var file_cex_auth_v1_auth_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_cex_auth_v1_auth_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_cex_auth_v1_auth_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_cex_auth_v1_auth_proto_goTypes = []any{
 	(AccountState)(0),               // 0: cex.auth.v1.AccountState
 	(AccountType)(0),                // 1: cex.auth.v1.AccountType
@@ -1554,54 +1860,62 @@ var file_cex_auth_v1_auth_proto_goTypes = []any{
 	(*RevokeApiKeyResponse)(nil),    // 17: cex.auth.v1.RevokeApiKeyResponse
 	(*IssueTokenRequest)(nil),       // 18: cex.auth.v1.IssueTokenRequest
 	(*IssueTokenResponse)(nil),      // 19: cex.auth.v1.IssueTokenResponse
-	(*timestamppb.Timestamp)(nil),   // 20: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),     // 21: google.protobuf.Duration
+	(*GetFeesRequest)(nil),          // 20: cex.auth.v1.GetFeesRequest
+	(*GetFeesResponse)(nil),         // 21: cex.auth.v1.GetFeesResponse
+	(*MarketFees)(nil),              // 22: cex.auth.v1.MarketFees
+	(*AssetFees)(nil),               // 23: cex.auth.v1.AssetFees
+	(*timestamppb.Timestamp)(nil),   // 24: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),     // 25: google.protobuf.Duration
 }
 var file_cex_auth_v1_auth_proto_depIdxs = []int32{
 	1,  // 0: cex.auth.v1.Account.type:type_name -> cex.auth.v1.AccountType
 	0,  // 1: cex.auth.v1.Account.state:type_name -> cex.auth.v1.AccountState
-	20, // 2: cex.auth.v1.Account.create_time:type_name -> google.protobuf.Timestamp
-	20, // 3: cex.auth.v1.Account.update_time:type_name -> google.protobuf.Timestamp
+	24, // 2: cex.auth.v1.Account.create_time:type_name -> google.protobuf.Timestamp
+	24, // 3: cex.auth.v1.Account.update_time:type_name -> google.protobuf.Timestamp
 	2,  // 4: cex.auth.v1.ApiKey.scopes:type_name -> cex.auth.v1.ApiKeyScope
 	3,  // 5: cex.auth.v1.ApiKey.state:type_name -> cex.auth.v1.ApiKeyState
-	20, // 6: cex.auth.v1.ApiKey.create_time:type_name -> google.protobuf.Timestamp
-	20, // 7: cex.auth.v1.ApiKey.expire_time:type_name -> google.protobuf.Timestamp
-	20, // 8: cex.auth.v1.ApiKey.revoke_time:type_name -> google.protobuf.Timestamp
-	20, // 9: cex.auth.v1.ApiKey.last_used_time:type_name -> google.protobuf.Timestamp
+	24, // 6: cex.auth.v1.ApiKey.create_time:type_name -> google.protobuf.Timestamp
+	24, // 7: cex.auth.v1.ApiKey.expire_time:type_name -> google.protobuf.Timestamp
+	24, // 8: cex.auth.v1.ApiKey.revoke_time:type_name -> google.protobuf.Timestamp
+	24, // 9: cex.auth.v1.ApiKey.last_used_time:type_name -> google.protobuf.Timestamp
 	1,  // 10: cex.auth.v1.CreateAccountRequest.type:type_name -> cex.auth.v1.AccountType
 	4,  // 11: cex.auth.v1.CreateAccountResponse.account:type_name -> cex.auth.v1.Account
 	4,  // 12: cex.auth.v1.GetAccountResponse.account:type_name -> cex.auth.v1.Account
 	0,  // 13: cex.auth.v1.SetAccountStateRequest.state:type_name -> cex.auth.v1.AccountState
 	4,  // 14: cex.auth.v1.SetAccountStateResponse.account:type_name -> cex.auth.v1.Account
 	2,  // 15: cex.auth.v1.CreateApiKeyRequest.scopes:type_name -> cex.auth.v1.ApiKeyScope
-	20, // 16: cex.auth.v1.CreateApiKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
+	24, // 16: cex.auth.v1.CreateApiKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
 	5,  // 17: cex.auth.v1.CreateApiKeyResponse.api_key:type_name -> cex.auth.v1.ApiKey
 	3,  // 18: cex.auth.v1.ListApiKeysRequest.state:type_name -> cex.auth.v1.ApiKeyState
 	5,  // 19: cex.auth.v1.ListApiKeysResponse.api_keys:type_name -> cex.auth.v1.ApiKey
 	5,  // 20: cex.auth.v1.RevokeApiKeyResponse.api_key:type_name -> cex.auth.v1.ApiKey
 	2,  // 21: cex.auth.v1.IssueTokenRequest.scopes:type_name -> cex.auth.v1.ApiKeyScope
-	21, // 22: cex.auth.v1.IssueTokenRequest.ttl:type_name -> google.protobuf.Duration
-	20, // 23: cex.auth.v1.IssueTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	25, // 22: cex.auth.v1.IssueTokenRequest.ttl:type_name -> google.protobuf.Duration
+	24, // 23: cex.auth.v1.IssueTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
 	2,  // 24: cex.auth.v1.IssueTokenResponse.scopes:type_name -> cex.auth.v1.ApiKeyScope
-	6,  // 25: cex.auth.v1.AuthService.CreateAccount:input_type -> cex.auth.v1.CreateAccountRequest
-	8,  // 26: cex.auth.v1.AuthService.GetAccount:input_type -> cex.auth.v1.GetAccountRequest
-	12, // 27: cex.auth.v1.AuthService.CreateApiKey:input_type -> cex.auth.v1.CreateApiKeyRequest
-	10, // 28: cex.auth.v1.AuthService.SetAccountState:input_type -> cex.auth.v1.SetAccountStateRequest
-	14, // 29: cex.auth.v1.AuthService.ListApiKeys:input_type -> cex.auth.v1.ListApiKeysRequest
-	16, // 30: cex.auth.v1.AuthService.RevokeApiKey:input_type -> cex.auth.v1.RevokeApiKeyRequest
-	18, // 31: cex.auth.v1.AuthService.IssueToken:input_type -> cex.auth.v1.IssueTokenRequest
-	7,  // 32: cex.auth.v1.AuthService.CreateAccount:output_type -> cex.auth.v1.CreateAccountResponse
-	9,  // 33: cex.auth.v1.AuthService.GetAccount:output_type -> cex.auth.v1.GetAccountResponse
-	13, // 34: cex.auth.v1.AuthService.CreateApiKey:output_type -> cex.auth.v1.CreateApiKeyResponse
-	11, // 35: cex.auth.v1.AuthService.SetAccountState:output_type -> cex.auth.v1.SetAccountStateResponse
-	15, // 36: cex.auth.v1.AuthService.ListApiKeys:output_type -> cex.auth.v1.ListApiKeysResponse
-	17, // 37: cex.auth.v1.AuthService.RevokeApiKey:output_type -> cex.auth.v1.RevokeApiKeyResponse
-	19, // 38: cex.auth.v1.AuthService.IssueToken:output_type -> cex.auth.v1.IssueTokenResponse
-	32, // [32:39] is the sub-list for method output_type
-	25, // [25:32] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	22, // 25: cex.auth.v1.GetFeesResponse.markets:type_name -> cex.auth.v1.MarketFees
+	23, // 26: cex.auth.v1.GetFeesResponse.assets:type_name -> cex.auth.v1.AssetFees
+	6,  // 27: cex.auth.v1.AuthService.CreateAccount:input_type -> cex.auth.v1.CreateAccountRequest
+	8,  // 28: cex.auth.v1.AuthService.GetAccount:input_type -> cex.auth.v1.GetAccountRequest
+	12, // 29: cex.auth.v1.AuthService.CreateApiKey:input_type -> cex.auth.v1.CreateApiKeyRequest
+	10, // 30: cex.auth.v1.AuthService.SetAccountState:input_type -> cex.auth.v1.SetAccountStateRequest
+	14, // 31: cex.auth.v1.AuthService.ListApiKeys:input_type -> cex.auth.v1.ListApiKeysRequest
+	16, // 32: cex.auth.v1.AuthService.RevokeApiKey:input_type -> cex.auth.v1.RevokeApiKeyRequest
+	18, // 33: cex.auth.v1.AuthService.IssueToken:input_type -> cex.auth.v1.IssueTokenRequest
+	20, // 34: cex.auth.v1.AuthService.GetFees:input_type -> cex.auth.v1.GetFeesRequest
+	7,  // 35: cex.auth.v1.AuthService.CreateAccount:output_type -> cex.auth.v1.CreateAccountResponse
+	9,  // 36: cex.auth.v1.AuthService.GetAccount:output_type -> cex.auth.v1.GetAccountResponse
+	13, // 37: cex.auth.v1.AuthService.CreateApiKey:output_type -> cex.auth.v1.CreateApiKeyResponse
+	11, // 38: cex.auth.v1.AuthService.SetAccountState:output_type -> cex.auth.v1.SetAccountStateResponse
+	15, // 39: cex.auth.v1.AuthService.ListApiKeys:output_type -> cex.auth.v1.ListApiKeysResponse
+	17, // 40: cex.auth.v1.AuthService.RevokeApiKey:output_type -> cex.auth.v1.RevokeApiKeyResponse
+	19, // 41: cex.auth.v1.AuthService.IssueToken:output_type -> cex.auth.v1.IssueTokenResponse
+	21, // 42: cex.auth.v1.AuthService.GetFees:output_type -> cex.auth.v1.GetFeesResponse
+	35, // [35:43] is the sub-list for method output_type
+	27, // [27:35] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_cex_auth_v1_auth_proto_init() }
@@ -1615,7 +1929,7 @@ func file_cex_auth_v1_auth_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cex_auth_v1_auth_proto_rawDesc), len(file_cex_auth_v1_auth_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   16,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

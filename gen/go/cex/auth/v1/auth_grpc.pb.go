@@ -32,6 +32,7 @@ const (
 	AuthService_ListApiKeys_FullMethodName     = "/cex.auth.v1.AuthService/ListApiKeys"
 	AuthService_RevokeApiKey_FullMethodName    = "/cex.auth.v1.AuthService/RevokeApiKey"
 	AuthService_IssueToken_FullMethodName      = "/cex.auth.v1.AuthService/IssueToken"
+	AuthService_GetFees_FullMethodName         = "/cex.auth.v1.AuthService/GetFees"
 )
 
 // AuthServiceClient is the client API for AuthService service.
@@ -61,6 +62,11 @@ type AuthServiceClient interface {
 	// UNAUTHENTICATED on a wrong secret, a revoked or expired key, or a caller
 	// address outside the key's allow-list.
 	IssueToken(ctx context.Context, in *IssueTokenRequest, opts ...grpc.CallOption) (*IssueTokenResponse, error)
+	// The fees that apply to the caller: its fee tier's maker and taker rates
+	// per market with the asset each side is charged in, and each asset's
+	// withdrawal fee and minimum. Any valid token. The values come from the
+	// market catalog, the one place the order and funding services read them.
+	GetFees(ctx context.Context, in *GetFeesRequest, opts ...grpc.CallOption) (*GetFeesResponse, error)
 }
 
 type authServiceClient struct {
@@ -141,6 +147,16 @@ func (c *authServiceClient) IssueToken(ctx context.Context, in *IssueTokenReques
 	return out, nil
 }
 
+func (c *authServiceClient) GetFees(ctx context.Context, in *GetFeesRequest, opts ...grpc.CallOption) (*GetFeesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetFeesResponse)
+	err := c.cc.Invoke(ctx, AuthService_GetFees_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AuthServiceServer is the server API for AuthService service.
 // All implementations must embed UnimplementedAuthServiceServer
 // for forward compatibility.
@@ -168,6 +184,11 @@ type AuthServiceServer interface {
 	// UNAUTHENTICATED on a wrong secret, a revoked or expired key, or a caller
 	// address outside the key's allow-list.
 	IssueToken(context.Context, *IssueTokenRequest) (*IssueTokenResponse, error)
+	// The fees that apply to the caller: its fee tier's maker and taker rates
+	// per market with the asset each side is charged in, and each asset's
+	// withdrawal fee and minimum. Any valid token. The values come from the
+	// market catalog, the one place the order and funding services read them.
+	GetFees(context.Context, *GetFeesRequest) (*GetFeesResponse, error)
 	mustEmbedUnimplementedAuthServiceServer()
 }
 
@@ -198,6 +219,9 @@ func (UnimplementedAuthServiceServer) RevokeApiKey(context.Context, *RevokeApiKe
 }
 func (UnimplementedAuthServiceServer) IssueToken(context.Context, *IssueTokenRequest) (*IssueTokenResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method IssueToken not implemented")
+}
+func (UnimplementedAuthServiceServer) GetFees(context.Context, *GetFeesRequest) (*GetFeesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetFees not implemented")
 }
 func (UnimplementedAuthServiceServer) mustEmbedUnimplementedAuthServiceServer() {}
 func (UnimplementedAuthServiceServer) testEmbeddedByValue()                     {}
@@ -346,6 +370,24 @@ func _AuthService_IssueToken_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AuthService_GetFees_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetFeesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).GetFees(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AuthService_GetFees_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).GetFees(ctx, req.(*GetFeesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AuthService_ServiceDesc is the grpc.ServiceDesc for AuthService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -380,6 +422,10 @@ var AuthService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "IssueToken",
 			Handler:    _AuthService_IssueToken_Handler,
+		},
+		{
+			MethodName: "GetFees",
+			Handler:    _AuthService_GetFees_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

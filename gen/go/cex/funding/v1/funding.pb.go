@@ -1430,7 +1430,10 @@ func (x *ListDepositsResponse) GetNextPageToken() string {
 // Request for FundingService.RequestWithdrawal.
 type RequestWithdrawalRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Client-chosen idempotency id.
+	// Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+	// characters (e.g. a UUID); empty is INVALID_ARGUMENT with a BadRequest
+	// field violation on request_id. The same id with the same body returns the
+	// first result; with a different body, ALREADY_EXISTS.
 	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// Account; empty means the caller's account.
 	AccountId string `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
@@ -1586,7 +1589,10 @@ func (x *RequestWithdrawalResponse) GetWithdrawal() *Withdrawal {
 // Request for FundingService.CancelWithdrawal.
 type CancelWithdrawalRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Client-chosen idempotency id.
+	// Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+	// characters (e.g. a UUID); empty is INVALID_ARGUMENT with a BadRequest
+	// field violation on request_id. The same id with the same body returns the
+	// first result; with a different body, ALREADY_EXISTS.
 	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// Account; empty means the caller's account.
 	AccountId string `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`

@@ -247,8 +247,11 @@ func (x *TransferFlags) GetVoidPending() bool {
 // An immutable movement of one asset from one account to another.
 type Transfer struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Client-chosen id, unique forever (1-128 chars), the idempotency key.
-	// Derive it from the business event so retries reuse it, e.g.
+	// Required (ADR 0003): the client-chosen idempotency key, unique forever,
+	// 1 to 128 printable characters; empty is INVALID_ARGUMENT
+	// LEDGER_ID_INVALID with a field violation on transfers[i].id. The same id
+	// with the same fields returns the stored transfer; with other fields,
+	// ALREADY_EXISTS. Derive it from the business event so retries reuse it, e.g.
 	// "trade:BTC-USDT:812:buyer-quote" or "wd:<withdrawal_id>:hold".
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// Account debited.
@@ -812,7 +815,9 @@ func (x *CreateTransfersResponse) GetResults() []*CreateTransferResult {
 // Request for LedgerService.PostPendingTransfer.
 type PostPendingTransferRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Client-chosen id of the posting transfer (the idempotency key).
+	// Required (ADR 0003): client-chosen id of the posting transfer, its
+	// idempotency key (as Transfer.id); empty is INVALID_ARGUMENT with a field
+	// violation on id.
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// The pending transfer to post.
 	PendingId string `protobuf:"bytes,2,opt,name=pending_id,json=pendingId,proto3" json:"pending_id,omitempty"`
@@ -932,7 +937,9 @@ func (x *PostPendingTransferResponse) GetTransfer() *Transfer {
 // Request for LedgerService.VoidPendingTransfer.
 type VoidPendingTransferRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Client-chosen id of the voiding transfer (the idempotency key).
+	// Required (ADR 0003): client-chosen id of the voiding transfer, its
+	// idempotency key (as Transfer.id); empty is INVALID_ARGUMENT with a field
+	// violation on id.
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// The pending transfer to void.
 	PendingId string `protobuf:"bytes,2,opt,name=pending_id,json=pendingId,proto3" json:"pending_id,omitempty"`
@@ -1136,7 +1143,10 @@ type GetBalancesRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The account; empty means the caller's account.
 	AccountId string `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
-	// Only these assets; empty means every asset the account has used.
+	// Only these assets, each answered (zero if the account never held it);
+	// empty means every asset the account has used, or every asset at zero for
+	// an account that has used none. A new account is not an error: zero is a
+	// balance.
 	Assets        []string `protobuf:"bytes,2,rep,name=assets,proto3" json:"assets,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

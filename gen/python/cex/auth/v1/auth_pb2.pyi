@@ -283,8 +283,10 @@ class CreateAccountRequest(_message.Message):
     EMAIL_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Client-chosen idempotency id (e.g. a UUID). The same id with the same body
-    returns the first result; with a different body, ALREADY_EXISTS.
+    """Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+    characters (e.g. a UUID); empty is INVALID_ARGUMENT with a BadRequest
+    field violation on request_id. The same id with the same body returns the
+    first result; with a different body, ALREADY_EXISTS.
     """
     display_name: _builtins.str
     """Human-readable name."""
@@ -389,7 +391,11 @@ class SetAccountStateRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Client-chosen idempotency id."""
+    """Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+    characters (e.g. a UUID); empty is INVALID_ARGUMENT with a BadRequest
+    field violation on request_id. The same id with the same body returns the
+    first result; with a different body, ALREADY_EXISTS.
+    """
     account_id: _builtins.str
     """The account to change."""
     state: Global___AccountState.ValueType
@@ -449,7 +455,11 @@ class CreateApiKeyRequest(_message.Message):
     ALLOWED_CIDRS_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Client-chosen idempotency id."""
+    """Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+    characters (e.g. a UUID); empty is INVALID_ARGUMENT with a BadRequest
+    field violation on request_id. The same id with the same body returns the
+    first result; with a different body, ALREADY_EXISTS.
+    """
     account_id: _builtins.str
     """Owning account; empty means the caller's account."""
     label: _builtins.str
@@ -590,7 +600,10 @@ class RevokeApiKeyRequest(_message.Message):
     API_KEY_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Client-chosen idempotency id."""
+    """Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+    characters; empty is INVALID_ARGUMENT with a BadRequest field violation on
+    request_id. Revoking is idempotent: a repeat returns the revoked key.
+    """
     api_key_id: _builtins.str
     """The key to revoke."""
     reason: _builtins.str
@@ -717,3 +730,136 @@ class IssueTokenResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IssueTokenResponse: _TypeAlias = IssueTokenResponse  # noqa: Y015
+
+@_typing.final
+class GetFeesRequest(_message.Message):
+    """Request for AuthService.GetFees."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFeesRequest: _TypeAlias = GetFeesRequest  # noqa: Y015
+
+@_typing.final
+class GetFeesResponse(_message.Message):
+    """Response for AuthService.GetFees."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEE_TIER_FIELD_NUMBER: _builtins.int
+    MAKER_FEE_RATE_FIELD_NUMBER: _builtins.int
+    TAKER_FEE_RATE_FIELD_NUMBER: _builtins.int
+    MARKETS_FIELD_NUMBER: _builtins.int
+    ASSETS_FIELD_NUMBER: _builtins.int
+    fee_tier: _builtins.str
+    """The caller's fee tier (Account.fee_tier); every account is "default" today."""
+    maker_fee_rate: _builtins.str
+    """Decimal string: the maker rate, a fraction of what the maker receives
+    ("0.001" = 0.1 %); negative would be a rebate.
+    """
+    taker_fee_rate: _builtins.str
+    """Decimal string: the taker rate, a fraction of what the taker receives."""
+    @_builtins.property
+    def markets(self) -> _containers.RepeatedCompositeFieldContainer[Global___MarketFees]:
+        """Per market, sorted by market: the rates and the asset each side pays in."""
+
+    @_builtins.property
+    def assets(self) -> _containers.RepeatedCompositeFieldContainer[Global___AssetFees]:
+        """Per asset, sorted by asset: withdrawal network, fee and minimum."""
+
+    def __init__(
+        self,
+        *,
+        fee_tier: _builtins.str = ...,
+        maker_fee_rate: _builtins.str = ...,
+        taker_fee_rate: _builtins.str = ...,
+        markets: _abc.Iterable[Global___MarketFees] | None = ...,
+        assets: _abc.Iterable[Global___AssetFees] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assets", b"assets", "fee_tier", b"fee_tier", "maker_fee_rate", b"maker_fee_rate", "markets", b"markets", "taker_fee_rate", b"taker_fee_rate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFeesResponse: _TypeAlias = GetFeesResponse  # noqa: Y015
+
+@_typing.final
+class MarketFees(_message.Message):
+    """The trading fees of one market for the caller."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MARKET_FIELD_NUMBER: _builtins.int
+    MAKER_FEE_RATE_FIELD_NUMBER: _builtins.int
+    TAKER_FEE_RATE_FIELD_NUMBER: _builtins.int
+    BUY_FEE_ASSET_FIELD_NUMBER: _builtins.int
+    SELL_FEE_ASSET_FIELD_NUMBER: _builtins.int
+    market: _builtins.str
+    """Market symbol, e.g. "BTC-USDT"."""
+    maker_fee_rate: _builtins.str
+    """Decimal string: the maker rate in this market."""
+    taker_fee_rate: _builtins.str
+    """Decimal string: the taker rate in this market."""
+    buy_fee_asset: _builtins.str
+    """The asset a buyer's fee is charged in: the base asset it receives."""
+    sell_fee_asset: _builtins.str
+    """The asset a seller's fee is charged in: the quote asset it receives."""
+    def __init__(
+        self,
+        *,
+        market: _builtins.str = ...,
+        maker_fee_rate: _builtins.str = ...,
+        taker_fee_rate: _builtins.str = ...,
+        buy_fee_asset: _builtins.str = ...,
+        sell_fee_asset: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buy_fee_asset", b"buy_fee_asset", "maker_fee_rate", b"maker_fee_rate", "market", b"market", "sell_fee_asset", b"sell_fee_asset", "taker_fee_rate", b"taker_fee_rate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarketFees: _TypeAlias = MarketFees  # noqa: Y015
+
+@_typing.final
+class AssetFees(_message.Message):
+    """How one asset is withdrawn."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSET_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    WITHDRAWAL_FEE_FIELD_NUMBER: _builtins.int
+    MIN_WITHDRAWAL_FIELD_NUMBER: _builtins.int
+    asset: _builtins.str
+    """Asset code, e.g. "USDT"."""
+    network: _builtins.str
+    """The network withdrawals go out on; empty if the asset cannot be withdrawn."""
+    withdrawal_fee: _builtins.str
+    """Decimal string: the fee held and charged on top of each withdrawal's amount."""
+    min_withdrawal: _builtins.str
+    """Decimal string: the smallest amount a withdrawal may request."""
+    def __init__(
+        self,
+        *,
+        asset: _builtins.str = ...,
+        network: _builtins.str = ...,
+        withdrawal_fee: _builtins.str = ...,
+        min_withdrawal: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset", b"asset", "min_withdrawal", b"min_withdrawal", "network", b"network", "withdrawal_fee", b"withdrawal_fee"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssetFees: _TypeAlias = AssetFees  # noqa: Y015

@@ -70,6 +70,11 @@ class AuthServiceStub:
                 request_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.IssueTokenRequest.SerializeToString,
                 response_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.IssueTokenResponse.FromString,
                 _registered_method=True)
+        self.GetFees = channel.unary_unary(
+                '/cex.auth.v1.AuthService/GetFees',
+                request_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFeesRequest.SerializeToString,
+                response_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFeesResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -132,6 +137,16 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFees(self, request, context):
+        """The fees that apply to the caller: its fee tier's maker and taker rates
+        per market with the asset each side is charged in, and each asset's
+        withdrawal fee and minimum. Any valid token. The values come from the
+        market catalog, the one place the order and funding services read them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +184,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.IssueToken,
                     request_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.IssueTokenRequest.FromString,
                     response_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.IssueTokenResponse.SerializeToString,
+            ),
+            'GetFees': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFees,
+                    request_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFeesRequest.FromString,
+                    response_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFeesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -361,6 +381,33 @@ class AuthService:
             '/cex.auth.v1.AuthService/IssueToken',
             cex_dot_auth_dot_v1_dot_auth__pb2.IssueTokenRequest.SerializeToString,
             cex_dot_auth_dot_v1_dot_auth__pb2.IssueTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFees(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.auth.v1.AuthService/GetFees',
+            cex_dot_auth_dot_v1_dot_auth__pb2.GetFeesRequest.SerializeToString,
+            cex_dot_auth_dot_v1_dot_auth__pb2.GetFeesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,12 @@ class AuthServiceStub:
     UNAUTHENTICATED on a wrong secret, a revoked or expired key, or a caller
     address outside the key's allow-list.
     """
+    GetFees: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetFeesRequest, _auth_pb2.GetFeesResponse]
+    """The fees that apply to the caller: its fee tier's maker and taker rates
+    per market with the asset each side is charged in, and each asset's
+    withdrawal fee and minimum. Any valid token. The values come from the
+    market catalog, the one place the order and funding services read them.
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -93,6 +99,12 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """Exchanges an API key id and secret for a short-lived access token.
     UNAUTHENTICATED on a wrong secret, a revoked or expired key, or a caller
     address outside the key's allow-list.
+    """
+    GetFees: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetFeesRequest, _auth_pb2.GetFeesResponse]  # type: ignore[assignment]
+    """The fees that apply to the caller: its fee tier's maker and taker rates
+    per market with the asset each side is charged in, and each asset's
+    withdrawal fee and minimum. Any valid token. The values come from the
+    market catalog, the one place the order and funding services read them.
     """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -163,6 +175,18 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         """Exchanges an API key id and secret for a short-lived access token.
         UNAUTHENTICATED on a wrong secret, a revoked or expired key, or a caller
         address outside the key's allow-list.
+        """
+
+    @_abc_1.abstractmethod
+    def GetFees(
+        self,
+        request: _auth_pb2.GetFeesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.GetFeesResponse, _abc.Awaitable[_auth_pb2.GetFeesResponse]]:
+        """The fees that apply to the caller: its fee tier's maker and taker rates
+        per market with the asset each side is charged in, and each asset's
+        withdrawal fee and minimum. Any valid token. The values come from the
+        market catalog, the one place the order and funding services read them.
         """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

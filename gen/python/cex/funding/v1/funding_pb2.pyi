@@ -790,7 +790,11 @@ class RequestWithdrawalRequest(_message.Message):
     MEMO_FIELD_NUMBER: _builtins.int
     MAX_FEE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Client-chosen idempotency id."""
+    """Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+    characters (e.g. a UUID); empty is INVALID_ARGUMENT with a BadRequest
+    field violation on request_id. The same id with the same body returns the
+    first result; with a different body, ALREADY_EXISTS.
+    """
     account_id: _builtins.str
     """Account; empty means the caller's account."""
     asset: _builtins.str
@@ -861,7 +865,11 @@ class CancelWithdrawalRequest(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     WITHDRAWAL_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Client-chosen idempotency id."""
+    """Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+    characters (e.g. a UUID); empty is INVALID_ARGUMENT with a BadRequest
+    field violation on request_id. The same id with the same body returns the
+    first result; with a different body, ALREADY_EXISTS.
+    """
     account_id: _builtins.str
     """Account; empty means the caller's account."""
     withdrawal_id: _builtins.str

@@ -168,8 +168,11 @@ class Transfer(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Client-chosen id, unique forever (1-128 chars), the idempotency key.
-    Derive it from the business event so retries reuse it, e.g.
+    """Required (ADR 0003): the client-chosen idempotency key, unique forever,
+    1 to 128 printable characters; empty is INVALID_ARGUMENT
+    LEDGER_ID_INVALID with a field violation on transfers[i].id. The same id
+    with the same fields returns the stored transfer; with other fields,
+    ALREADY_EXISTS. Derive it from the business event so retries reuse it, e.g.
     "trade:BTC-USDT:812:buyer-quote" or "wd:<withdrawal_id>:hold".
     """
     debit_account_id: _builtins.str
@@ -451,7 +454,10 @@ class PostPendingTransferRequest(_message.Message):
     AMOUNT_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Client-chosen id of the posting transfer (the idempotency key)."""
+    """Required (ADR 0003): client-chosen id of the posting transfer, its
+    idempotency key (as Transfer.id); empty is INVALID_ARGUMENT with a field
+    violation on id.
+    """
     pending_id: _builtins.str
     """The pending transfer to post."""
     amount: _builtins.str
@@ -510,7 +516,10 @@ class VoidPendingTransferRequest(_message.Message):
     PENDING_ID_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Client-chosen id of the voiding transfer (the idempotency key)."""
+    """Required (ADR 0003): client-chosen id of the voiding transfer, its
+    idempotency key (as Transfer.id); empty is INVALID_ARGUMENT with a field
+    violation on id.
+    """
     pending_id: _builtins.str
     """The pending transfer to void."""
     reference: _builtins.str
@@ -612,7 +621,11 @@ class GetBalancesRequest(_message.Message):
     """The account; empty means the caller's account."""
     @_builtins.property
     def assets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only these assets; empty means every asset the account has used."""
+        """Only these assets, each answered (zero if the account never held it);
+        empty means every asset the account has used, or every asset at zero for
+        an account that has used none. A new account is not an error: zero is a
+        balance.
+        """
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cex/auth/v1/auth.proto.
  */
 export const file_cex_auth_v1_auth: GenFile = /*@__PURE__*/
-  fileDesc("ChZjZXgvYXV0aC92MS9hdXRoLnByb3RvEgtjZXguYXV0aC52MSKIAgoHQWNjb3VudBISCgphY2NvdW50X2lkGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRINCgVlbWFpbBgDIAEoCRImCgR0eXBlGAQgASgOMhguY2V4LmF1dGgudjEuQWNjb3VudFR5cGUSKAoFc3RhdGUYBSABKA4yGS5jZXguYXV0aC52MS5BY2NvdW50U3RhdGUSEAoIZmVlX3RpZXIYBiABKAkSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKHAwoGQXBpS2V5EhIKCmFwaV9rZXlfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVsYWJlbBgDIAEoCRIoCgZzY29wZXMYBCADKA4yGC5jZXguYXV0aC52MS5BcGlLZXlTY29wZRIVCg1hbGxvd2VkX2NpZHJzGAUgAygJEicKBXN0YXRlGAYgASgOMhguY2V4LmF1dGgudjEuQXBpS2V5U3RhdGUSFQoNc2VjcmV0X3ByZWZpeBgHIAEoCRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZXhwaXJlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3VzZWRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAidwoUQ3JlYXRlQWNjb3VudFJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIUCgxkaXNwbGF5X25hbWUYAiABKAkSDQoFZW1haWwYAyABKAkSJgoEdHlwZRgEIAEoDjIYLmNleC5hdXRoLnYxLkFjY291bnRUeXBlIj4KFUNyZWF0ZUFjY291bnRSZXNwb25zZRIlCgdhY2NvdW50GAEgASgLMhQuY2V4LmF1dGgudjEuQWNjb3VudCInChFHZXRBY2NvdW50UmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJIjsKEkdldEFjY291bnRSZXNwb25zZRIlCgdhY2NvdW50GAEgASgLMhQuY2V4LmF1dGgudjEuQWNjb3VudCJ6ChZTZXRBY2NvdW50U3RhdGVSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRIoCgVzdGF0ZRgDIAEoDjIZLmNleC5hdXRoLnYxLkFjY291bnRTdGF0ZRIOCgZyZWFzb24YBCABKAkiQAoXU2V0QWNjb3VudFN0YXRlUmVzcG9uc2USJQoHYWNjb3VudBgBIAEoCzIULmNleC5hdXRoLnYxLkFjY291bnQivgEKE0NyZWF0ZUFwaUtleVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRISCgphY2NvdW50X2lkGAIgASgJEg0KBWxhYmVsGAMgASgJEigKBnNjb3BlcxgEIAMoDjIYLmNleC5hdXRoLnYxLkFwaUtleVNjb3BlEhUKDWFsbG93ZWRfY2lkcnMYBSADKAkSLwoLZXhwaXJlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkwKFENyZWF0ZUFwaUtleVJlc3BvbnNlEiQKB2FwaV9rZXkYASABKAsyEy5jZXguYXV0aC52MS5BcGlLZXkSDgoGc2VjcmV0GAIgASgJIngKEkxpc3RBcGlLZXlzUmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJEicKBXN0YXRlGAIgASgOMhguY2V4LmF1dGgudjEuQXBpS2V5U3RhdGUSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkiVQoTTGlzdEFwaUtleXNSZXNwb25zZRIlCghhcGlfa2V5cxgBIAMoCzITLmNleC5hdXRoLnYxLkFwaUtleRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiTQoTUmV2b2tlQXBpS2V5UmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhIKCmFwaV9rZXlfaWQYAiABKAkSDgoGcmVhc29uGAMgASgJIjwKFFJldm9rZUFwaUtleVJlc3BvbnNlEiQKB2FwaV9rZXkYASABKAsyEy5jZXguYXV0aC52MS5BcGlLZXkikQEKEUlzc3VlVG9rZW5SZXF1ZXN0EhIKCmFwaV9rZXlfaWQYASABKAkSFgoOYXBpX2tleV9zZWNyZXQYAiABKAkSKAoGc2NvcGVzGAMgAygOMhguY2V4LmF1dGgudjEuQXBpS2V5U2NvcGUSJgoDdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIq0BChJJc3N1ZVRva2VuUmVzcG9uc2USFAoMYWNjZXNzX3Rva2VuGAEgASgJEhIKCnRva2VuX3R5cGUYAiABKAkSLwoLZXhwaXJlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEigKBnNjb3BlcxgEIAMoDjIYLmNleC5hdXRoLnYxLkFwaUtleVNjb3BlEhIKCmFjY291bnRfaWQYBSABKAkqfgoMQWNjb3VudFN0YXRlEh0KGUFDQ09VTlRfU1RBVEVfVU5TUEVDSUZJRUQQABIYChRBQ0NPVU5UX1NUQVRFX0FDVElWRRABEhsKF0FDQ09VTlRfU1RBVEVfU1VTUEVOREVEEAISGAoUQUNDT1VOVF9TVEFURV9DTE9TRUQQAyqHAQoLQWNjb3VudFR5cGUSHAoYQUNDT1VOVF9UWVBFX1VOU1BFQ0lGSUVEEAASGwoXQUNDT1VOVF9UWVBFX0lORElWSURVQUwQARIdChlBQ0NPVU5UX1RZUEVfTUFSS0VUX01BS0VSEAISHgoaQUNDT1VOVF9UWVBFX0lOU1RJVFVUSU9OQUwQAyqSAQoLQXBpS2V5U2NvcGUSHQoZQVBJX0tFWV9TQ09QRV9VTlNQRUNJRklFRBAAEhYKEkFQSV9LRVlfU0NPUEVfUkVBRBABEhcKE0FQSV9LRVlfU0NPUEVfVFJBREUQAhIaChZBUElfS0VZX1NDT1BFX1dJVEhEUkFXEAMSFwoTQVBJX0tFWV9TQ09QRV9BRE1JThAEKnwKC0FwaUtleVN0YXRlEh0KGUFQSV9LRVlfU1RBVEVfVU5TUEVDSUZJRUQQABIYChRBUElfS0VZX1NUQVRFX0FDVElWRRABEhkKFUFQSV9LRVlfU1RBVEVfUkVWT0tFRBACEhkKFUFQSV9LRVlfU1RBVEVfRVhQSVJFRBADMrkGCgtBdXRoU2VydmljZRJvCg1DcmVhdGVBY2NvdW50EiEuY2V4LmF1dGgudjEuQ3JlYXRlQWNjb3VudFJlcXVlc3QaIi5jZXguYXV0aC52MS5DcmVhdGVBY2NvdW50UmVzcG9uc2UiF4LT5JMCEToBKiIML3YxL2FjY291bnRzEnAKCkdldEFjY291bnQSHi5jZXguYXV0aC52MS5HZXRBY2NvdW50UmVxdWVzdBofLmNleC5hdXRoLnYxLkdldEFjY291bnRSZXNwb25zZSIhgtPkkwIbEhkvdjEvYWNjb3VudHMve2FjY291bnRfaWR9EmsKDENyZWF0ZUFwaUtleRIgLmNleC5hdXRoLnYxLkNyZWF0ZUFwaUtleVJlcXVlc3QaIS5jZXguYXV0aC52MS5DcmVhdGVBcGlLZXlSZXNwb25zZSIWgtPkkwIQOgEqIgsvdjEvYXBpS2V5cxKLAQoPU2V0QWNjb3VudFN0YXRlEiMuY2V4LmF1dGgudjEuU2V0QWNjb3VudFN0YXRlUmVxdWVzdBokLmNleC5hdXRoLnYxLlNldEFjY291bnRTdGF0ZVJlc3BvbnNlIi2C0+STAic6ASoiIi92MS9hY2NvdW50cy97YWNjb3VudF9pZH06c2V0U3RhdGUSZQoLTGlzdEFwaUtleXMSHy5jZXguYXV0aC52MS5MaXN0QXBpS2V5c1JlcXVlc3QaIC5jZXguYXV0aC52MS5MaXN0QXBpS2V5c1Jlc3BvbnNlIhOC0+STAg0SCy92MS9hcGlLZXlzEn8KDFJldm9rZUFwaUtleRIgLmNleC5hdXRoLnYxLlJldm9rZUFwaUtleVJlcXVlc3QaIS5jZXguYXV0aC52MS5SZXZva2VBcGlLZXlSZXNwb25zZSIqgtPkkwIkOgEqIh8vdjEvYXBpS2V5cy97YXBpX2tleV9pZH06cmV2b2tlEmQKCklzc3VlVG9rZW4SHi5jZXguYXV0aC52MS5Jc3N1ZVRva2VuUmVxdWVzdBofLmNleC5hdXRoLnYxLklzc3VlVG9rZW5SZXNwb25zZSIVgtPkkwIPOgEqIgovdjEvdG9rZW5zYgZwcm90bzM", [file_google_api_annotations, file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChZjZXgvYXV0aC92MS9hdXRoLnByb3RvEgtjZXguYXV0aC52MSKIAgoHQWNjb3VudBISCgphY2NvdW50X2lkGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRINCgVlbWFpbBgDIAEoCRImCgR0eXBlGAQgASgOMhguY2V4LmF1dGgudjEuQWNjb3VudFR5cGUSKAoFc3RhdGUYBSABKA4yGS5jZXguYXV0aC52MS5BY2NvdW50U3RhdGUSEAoIZmVlX3RpZXIYBiABKAkSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKHAwoGQXBpS2V5EhIKCmFwaV9rZXlfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVsYWJlbBgDIAEoCRIoCgZzY29wZXMYBCADKA4yGC5jZXguYXV0aC52MS5BcGlLZXlTY29wZRIVCg1hbGxvd2VkX2NpZHJzGAUgAygJEicKBXN0YXRlGAYgASgOMhguY2V4LmF1dGgudjEuQXBpS2V5U3RhdGUSFQoNc2VjcmV0X3ByZWZpeBgHIAEoCRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZXhwaXJlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3VzZWRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAidwoUQ3JlYXRlQWNjb3VudFJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIUCgxkaXNwbGF5X25hbWUYAiABKAkSDQoFZW1haWwYAyABKAkSJgoEdHlwZRgEIAEoDjIYLmNleC5hdXRoLnYxLkFjY291bnRUeXBlIj4KFUNyZWF0ZUFjY291bnRSZXNwb25zZRIlCgdhY2NvdW50GAEgASgLMhQuY2V4LmF1dGgudjEuQWNjb3VudCInChFHZXRBY2NvdW50UmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJIjsKEkdldEFjY291bnRSZXNwb25zZRIlCgdhY2NvdW50GAEgASgLMhQuY2V4LmF1dGgudjEuQWNjb3VudCJ6ChZTZXRBY2NvdW50U3RhdGVSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRIoCgVzdGF0ZRgDIAEoDjIZLmNleC5hdXRoLnYxLkFjY291bnRTdGF0ZRIOCgZyZWFzb24YBCABKAkiQAoXU2V0QWNjb3VudFN0YXRlUmVzcG9uc2USJQoHYWNjb3VudBgBIAEoCzIULmNleC5hdXRoLnYxLkFjY291bnQivgEKE0NyZWF0ZUFwaUtleVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRISCgphY2NvdW50X2lkGAIgASgJEg0KBWxhYmVsGAMgASgJEigKBnNjb3BlcxgEIAMoDjIYLmNleC5hdXRoLnYxLkFwaUtleVNjb3BlEhUKDWFsbG93ZWRfY2lkcnMYBSADKAkSLwoLZXhwaXJlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkwKFENyZWF0ZUFwaUtleVJlc3BvbnNlEiQKB2FwaV9rZXkYASABKAsyEy5jZXguYXV0aC52MS5BcGlLZXkSDgoGc2VjcmV0GAIgASgJIngKEkxpc3RBcGlLZXlzUmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJEicKBXN0YXRlGAIgASgOMhguY2V4LmF1dGgudjEuQXBpS2V5U3RhdGUSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkiVQoTTGlzdEFwaUtleXNSZXNwb25zZRIlCghhcGlfa2V5cxgBIAMoCzITLmNleC5hdXRoLnYxLkFwaUtleRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiTQoTUmV2b2tlQXBpS2V5UmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhIKCmFwaV9rZXlfaWQYAiABKAkSDgoGcmVhc29uGAMgASgJIjwKFFJldm9rZUFwaUtleVJlc3BvbnNlEiQKB2FwaV9rZXkYASABKAsyEy5jZXguYXV0aC52MS5BcGlLZXkikQEKEUlzc3VlVG9rZW5SZXF1ZXN0EhIKCmFwaV9rZXlfaWQYASABKAkSFgoOYXBpX2tleV9zZWNyZXQYAiABKAkSKAoGc2NvcGVzGAMgAygOMhguY2V4LmF1dGgudjEuQXBpS2V5U2NvcGUSJgoDdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIq0BChJJc3N1ZVRva2VuUmVzcG9uc2USFAoMYWNjZXNzX3Rva2VuGAEgASgJEhIKCnRva2VuX3R5cGUYAiABKAkSLwoLZXhwaXJlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEigKBnNjb3BlcxgEIAMoDjIYLmNleC5hdXRoLnYxLkFwaUtleVNjb3BlEhIKCmFjY291bnRfaWQYBSABKAkiEAoOR2V0RmVlc1JlcXVlc3QipQEKD0dldEZlZXNSZXNwb25zZRIQCghmZWVfdGllchgBIAEoCRIWCg5tYWtlcl9mZWVfcmF0ZRgCIAEoCRIWCg50YWtlcl9mZWVfcmF0ZRgDIAEoCRIoCgdtYXJrZXRzGAQgAygLMhcuY2V4LmF1dGgudjEuTWFya2V0RmVlcxImCgZhc3NldHMYBSADKAsyFi5jZXguYXV0aC52MS5Bc3NldEZlZXMiewoKTWFya2V0RmVlcxIOCgZtYXJrZXQYASABKAkSFgoObWFrZXJfZmVlX3JhdGUYAiABKAkSFgoOdGFrZXJfZmVlX3JhdGUYAyABKAkSFQoNYnV5X2ZlZV9hc3NldBgEIAEoCRIWCg5zZWxsX2ZlZV9hc3NldBgFIAEoCSJbCglBc3NldEZlZXMSDQoFYXNzZXQYASABKAkSDwoHbmV0d29yaxgCIAEoCRIWCg53aXRoZHJhd2FsX2ZlZRgDIAEoCRIWCg5taW5fd2l0aGRyYXdhbBgEIAEoCSp+CgxBY2NvdW50U3RhdGUSHQoZQUNDT1VOVF9TVEFURV9VTlNQRUNJRklFRBAAEhgKFEFDQ09VTlRfU1RBVEVfQUNUSVZFEAESGwoXQUNDT1VOVF9TVEFURV9TVVNQRU5ERUQQAhIYChRBQ0NPVU5UX1NUQVRFX0NMT1NFRBADKocBCgtBY2NvdW50VHlwZRIcChhBQ0NPVU5UX1RZUEVfVU5TUEVDSUZJRUQQABIbChdBQ0NPVU5UX1RZUEVfSU5ESVZJRFVBTBABEh0KGUFDQ09VTlRfVFlQRV9NQVJLRVRfTUFLRVIQAhIeChpBQ0NPVU5UX1RZUEVfSU5TVElUVVRJT05BTBADKpIBCgtBcGlLZXlTY29wZRIdChlBUElfS0VZX1NDT1BFX1VOU1BFQ0lGSUVEEAASFgoSQVBJX0tFWV9TQ09QRV9SRUFEEAESFwoTQVBJX0tFWV9TQ09QRV9UUkFERRACEhoKFkFQSV9LRVlfU0NPUEVfV0lUSERSQVcQAxIXChNBUElfS0VZX1NDT1BFX0FETUlOEAQqfAoLQXBpS2V5U3RhdGUSHQoZQVBJX0tFWV9TVEFURV9VTlNQRUNJRklFRBAAEhgKFEFQSV9LRVlfU1RBVEVfQUNUSVZFEAESGQoVQVBJX0tFWV9TVEFURV9SRVZPS0VEEAISGQoVQVBJX0tFWV9TVEFURV9FWFBJUkVEEAMykQcKC0F1dGhTZXJ2aWNlEm8KDUNyZWF0ZUFjY291bnQSIS5jZXguYXV0aC52MS5DcmVhdGVBY2NvdW50UmVxdWVzdBoiLmNleC5hdXRoLnYxLkNyZWF0ZUFjY291bnRSZXNwb25zZSIXgtPkkwIROgEqIgwvdjEvYWNjb3VudHMScAoKR2V0QWNjb3VudBIeLmNleC5hdXRoLnYxLkdldEFjY291bnRSZXF1ZXN0Gh8uY2V4LmF1dGgudjEuR2V0QWNjb3VudFJlc3BvbnNlIiGC0+STAhsSGS92MS9hY2NvdW50cy97YWNjb3VudF9pZH0SawoMQ3JlYXRlQXBpS2V5EiAuY2V4LmF1dGgudjEuQ3JlYXRlQXBpS2V5UmVxdWVzdBohLmNleC5hdXRoLnYxLkNyZWF0ZUFwaUtleVJlc3BvbnNlIhaC0+STAhA6ASoiCy92MS9hcGlLZXlzEosBCg9TZXRBY2NvdW50U3RhdGUSIy5jZXguYXV0aC52MS5TZXRBY2NvdW50U3RhdGVSZXF1ZXN0GiQuY2V4LmF1dGgudjEuU2V0QWNjb3VudFN0YXRlUmVzcG9uc2UiLYLT5JMCJzoBKiIiL3YxL2FjY291bnRzL3thY2NvdW50X2lkfTpzZXRTdGF0ZRJlCgtMaXN0QXBpS2V5cxIfLmNleC5hdXRoLnYxLkxpc3RBcGlLZXlzUmVxdWVzdBogLmNleC5hdXRoLnYxLkxpc3RBcGlLZXlzUmVzcG9uc2UiE4LT5JMCDRILL3YxL2FwaUtleXMSfwoMUmV2b2tlQXBpS2V5EiAuY2V4LmF1dGgudjEuUmV2b2tlQXBpS2V5UmVxdWVzdBohLmNleC5hdXRoLnYxLlJldm9rZUFwaUtleVJlc3BvbnNlIiqC0+STAiQ6ASoiHy92MS9hcGlLZXlzL3thcGlfa2V5X2lkfTpyZXZva2USZAoKSXNzdWVUb2tlbhIeLmNleC5hdXRoLnYxLklzc3VlVG9rZW5SZXF1ZXN0Gh8uY2V4LmF1dGgudjEuSXNzdWVUb2tlblJlc3BvbnNlIhWC0+STAg86ASoiCi92MS90b2tlbnMSVgoHR2V0RmVlcxIbLmNleC5hdXRoLnYxLkdldEZlZXNSZXF1ZXN0GhwuY2V4LmF1dGgudjEuR2V0RmVlc1Jlc3BvbnNlIhCC0+STAgoSCC92MS9mZWVzYgZwcm90bzM", [file_google_api_annotations, file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * A trading account: the owner of balances, orders and API keys.
@@ -190,8 +190,10 @@ export const ApiKeySchema: GenMessage<ApiKey> = /*@__PURE__*/
  */
 export type CreateAccountRequest = Message<"cex.auth.v1.CreateAccountRequest"> & {
   /**
-   * Client-chosen idempotency id (e.g. a UUID). The same id with the same body
-   * returns the first result; with a different body, ALREADY_EXISTS.
+   * Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+   * characters (e.g. a UUID); empty is INVALID_ARGUMENT with a BadRequest
+   * field violation on request_id. The same id with the same body returns the
+   * first result; with a different body, ALREADY_EXISTS.
    *
    * @generated from field: string request_id = 1;
    */
@@ -296,7 +298,10 @@ export const GetAccountResponseSchema: GenMessage<GetAccountResponse> = /*@__PUR
  */
 export type SetAccountStateRequest = Message<"cex.auth.v1.SetAccountStateRequest"> & {
   /**
-   * Client-chosen idempotency id.
+   * Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+   * characters (e.g. a UUID); empty is INVALID_ARGUMENT with a BadRequest
+   * field violation on request_id. The same id with the same body returns the
+   * first result; with a different body, ALREADY_EXISTS.
    *
    * @generated from field: string request_id = 1;
    */
@@ -359,7 +364,10 @@ export const SetAccountStateResponseSchema: GenMessage<SetAccountStateResponse> 
  */
 export type CreateApiKeyRequest = Message<"cex.auth.v1.CreateApiKeyRequest"> & {
   /**
-   * Client-chosen idempotency id.
+   * Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+   * characters (e.g. a UUID); empty is INVALID_ARGUMENT with a BadRequest
+   * field violation on request_id. The same id with the same body returns the
+   * first result; with a different body, ALREADY_EXISTS.
    *
    * @generated from field: string request_id = 1;
    */
@@ -516,7 +524,9 @@ export const ListApiKeysResponseSchema: GenMessage<ListApiKeysResponse> = /*@__P
  */
 export type RevokeApiKeyRequest = Message<"cex.auth.v1.RevokeApiKeyRequest"> & {
   /**
-   * Client-chosen idempotency id.
+   * Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+   * characters; empty is INVALID_ARGUMENT with a BadRequest field violation on
+   * request_id. Revoking is idempotent: a repeat returns the revoked key.
    *
    * @generated from field: string request_id = 1;
    */
@@ -657,6 +667,162 @@ export type IssueTokenResponse = Message<"cex.auth.v1.IssueTokenResponse"> & {
  */
 export const IssueTokenResponseSchema: GenMessage<IssueTokenResponse> = /*@__PURE__*/
   messageDesc(file_cex_auth_v1_auth, 15);
+
+/**
+ * Request for AuthService.GetFees.
+ *
+ * @generated from message cex.auth.v1.GetFeesRequest
+ */
+export type GetFeesRequest = Message<"cex.auth.v1.GetFeesRequest"> & {
+};
+
+/**
+ * Describes the message cex.auth.v1.GetFeesRequest.
+ * Use `create(GetFeesRequestSchema)` to create a new message.
+ */
+export const GetFeesRequestSchema: GenMessage<GetFeesRequest> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 16);
+
+/**
+ * Response for AuthService.GetFees.
+ *
+ * @generated from message cex.auth.v1.GetFeesResponse
+ */
+export type GetFeesResponse = Message<"cex.auth.v1.GetFeesResponse"> & {
+  /**
+   * The caller's fee tier (Account.fee_tier); every account is "default" today.
+   *
+   * @generated from field: string fee_tier = 1;
+   */
+  feeTier: string;
+
+  /**
+   * Decimal string: the maker rate, a fraction of what the maker receives
+   * ("0.001" = 0.1 %); negative would be a rebate.
+   *
+   * @generated from field: string maker_fee_rate = 2;
+   */
+  makerFeeRate: string;
+
+  /**
+   * Decimal string: the taker rate, a fraction of what the taker receives.
+   *
+   * @generated from field: string taker_fee_rate = 3;
+   */
+  takerFeeRate: string;
+
+  /**
+   * Per market, sorted by market: the rates and the asset each side pays in.
+   *
+   * @generated from field: repeated cex.auth.v1.MarketFees markets = 4;
+   */
+  markets: MarketFees[];
+
+  /**
+   * Per asset, sorted by asset: withdrawal network, fee and minimum.
+   *
+   * @generated from field: repeated cex.auth.v1.AssetFees assets = 5;
+   */
+  assets: AssetFees[];
+};
+
+/**
+ * Describes the message cex.auth.v1.GetFeesResponse.
+ * Use `create(GetFeesResponseSchema)` to create a new message.
+ */
+export const GetFeesResponseSchema: GenMessage<GetFeesResponse> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 17);
+
+/**
+ * The trading fees of one market for the caller.
+ *
+ * @generated from message cex.auth.v1.MarketFees
+ */
+export type MarketFees = Message<"cex.auth.v1.MarketFees"> & {
+  /**
+   * Market symbol, e.g. "BTC-USDT".
+   *
+   * @generated from field: string market = 1;
+   */
+  market: string;
+
+  /**
+   * Decimal string: the maker rate in this market.
+   *
+   * @generated from field: string maker_fee_rate = 2;
+   */
+  makerFeeRate: string;
+
+  /**
+   * Decimal string: the taker rate in this market.
+   *
+   * @generated from field: string taker_fee_rate = 3;
+   */
+  takerFeeRate: string;
+
+  /**
+   * The asset a buyer's fee is charged in: the base asset it receives.
+   *
+   * @generated from field: string buy_fee_asset = 4;
+   */
+  buyFeeAsset: string;
+
+  /**
+   * The asset a seller's fee is charged in: the quote asset it receives.
+   *
+   * @generated from field: string sell_fee_asset = 5;
+   */
+  sellFeeAsset: string;
+};
+
+/**
+ * Describes the message cex.auth.v1.MarketFees.
+ * Use `create(MarketFeesSchema)` to create a new message.
+ */
+export const MarketFeesSchema: GenMessage<MarketFees> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 18);
+
+/**
+ * How one asset is withdrawn.
+ *
+ * @generated from message cex.auth.v1.AssetFees
+ */
+export type AssetFees = Message<"cex.auth.v1.AssetFees"> & {
+  /**
+   * Asset code, e.g. "USDT".
+   *
+   * @generated from field: string asset = 1;
+   */
+  asset: string;
+
+  /**
+   * The network withdrawals go out on; empty if the asset cannot be withdrawn.
+   *
+   * @generated from field: string network = 2;
+   */
+  network: string;
+
+  /**
+   * Decimal string: the fee held and charged on top of each withdrawal's amount.
+   *
+   * @generated from field: string withdrawal_fee = 3;
+   */
+  withdrawalFee: string;
+
+  /**
+   * Decimal string: the smallest amount a withdrawal may request.
+   *
+   * @generated from field: string min_withdrawal = 4;
+   */
+  minWithdrawal: string;
+};
+
+/**
+ * Describes the message cex.auth.v1.AssetFees.
+ * Use `create(AssetFeesSchema)` to create a new message.
+ */
+export const AssetFeesSchema: GenMessage<AssetFees> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 19);
 
 /**
  * Lifecycle state of an account.
@@ -911,6 +1077,19 @@ export const AuthService: GenService<{
     methodKind: "unary";
     input: typeof IssueTokenRequestSchema;
     output: typeof IssueTokenResponseSchema;
+  },
+  /**
+   * The fees that apply to the caller: its fee tier's maker and taker rates
+   * per market with the asset each side is charged in, and each asset's
+   * withdrawal fee and minimum. Any valid token. The values come from the
+   * market catalog, the one place the order and funding services read them.
+   *
+   * @generated from rpc cex.auth.v1.AuthService.GetFees
+   */
+  getFees: {
+    methodKind: "unary";
+    input: typeof GetFeesRequestSchema;
+    output: typeof GetFeesResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_cex_auth_v1_auth, 0);

@@ -713,7 +713,10 @@ export const ListDepositsResponseSchema: GenMessage<ListDepositsResponse> = /*@_
  */
 export type RequestWithdrawalRequest = Message<"cex.funding.v1.RequestWithdrawalRequest"> & {
   /**
-   * Client-chosen idempotency id.
+   * Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+   * characters (e.g. a UUID); empty is INVALID_ARGUMENT with a BadRequest
+   * field violation on request_id. The same id with the same body returns the
+   * first result; with a different body, ALREADY_EXISTS.
    *
    * @generated from field: string request_id = 1;
    */
@@ -805,7 +808,10 @@ export const RequestWithdrawalResponseSchema: GenMessage<RequestWithdrawalRespon
  */
 export type CancelWithdrawalRequest = Message<"cex.funding.v1.CancelWithdrawalRequest"> & {
   /**
-   * Client-chosen idempotency id.
+   * Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+   * characters (e.g. a UUID); empty is INVALID_ARGUMENT with a BadRequest
+   * field violation on request_id. The same id with the same body returns the
+   * first result; with a different body, ALREADY_EXISTS.
    *
    * @generated from field: string request_id = 1;
    */

@@ -81,8 +81,11 @@ export const TransferFlagsSchema: GenMessage<TransferFlags> = /*@__PURE__*/
  */
 export type Transfer = Message<"cex.ledger.v1.Transfer"> & {
   /**
-   * Client-chosen id, unique forever (1-128 chars), the idempotency key.
-   * Derive it from the business event so retries reuse it, e.g.
+   * Required (ADR 0003): the client-chosen idempotency key, unique forever,
+   * 1 to 128 printable characters; empty is INVALID_ARGUMENT
+   * LEDGER_ID_INVALID with a field violation on transfers[i].id. The same id
+   * with the same fields returns the stored transfer; with other fields,
+   * ALREADY_EXISTS. Derive it from the business event so retries reuse it, e.g.
    * "trade:BTC-USDT:812:buyer-quote" or "wd:<withdrawal_id>:hold".
    *
    * @generated from field: string id = 1;
@@ -434,7 +437,9 @@ export const CreateTransfersResponseSchema: GenMessage<CreateTransfersResponse> 
  */
 export type PostPendingTransferRequest = Message<"cex.ledger.v1.PostPendingTransferRequest"> & {
   /**
-   * Client-chosen id of the posting transfer (the idempotency key).
+   * Required (ADR 0003): client-chosen id of the posting transfer, its
+   * idempotency key (as Transfer.id); empty is INVALID_ARGUMENT with a field
+   * violation on id.
    *
    * @generated from field: string id = 1;
    */
@@ -498,7 +503,9 @@ export const PostPendingTransferResponseSchema: GenMessage<PostPendingTransferRe
  */
 export type VoidPendingTransferRequest = Message<"cex.ledger.v1.VoidPendingTransferRequest"> & {
   /**
-   * Client-chosen id of the voiding transfer (the idempotency key).
+   * Required (ADR 0003): client-chosen id of the voiding transfer, its
+   * idempotency key (as Transfer.id); empty is INVALID_ARGUMENT with a field
+   * violation on id.
    *
    * @generated from field: string id = 1;
    */
@@ -603,7 +610,10 @@ export type GetBalancesRequest = Message<"cex.ledger.v1.GetBalancesRequest"> & {
   accountId: string;
 
   /**
-   * Only these assets; empty means every asset the account has used.
+   * Only these assets, each answered (zero if the account never held it);
+   * empty means every asset the account has used, or every asset at zero for
+   * an account that has used none. A new account is not an error: zero is a
+   * balance.
    *
    * @generated from field: repeated string assets = 2;
    */
