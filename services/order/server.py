@@ -32,7 +32,7 @@ from services.chassis import (
     ExchangeError,
     FieldViolation,
     InvalidArgument,
-    PermissionDenied,
+    NotFound,
     Rule,
     Server,
     background,
@@ -83,14 +83,16 @@ POLICY: dict[str, Rule] = {
 
 
 def caller_account(requested: str, field: str = "account_id") -> str:
-    """The account a call acts on: the caller's own, or for a service the one it names."""
+    """The account a call acts on: the caller's own, or for a service the one it names.
+    Another account does not exist for a user (NOT_FOUND, as for a made-up id), so
+    the answer tells nothing about which accounts exist."""
     ctx = current_auth()
     if ctx.account_id:
         if requested and requested != ctx.account_id:
-            raise PermissionDenied(
-                "ORDER_ACCOUNT_MISMATCH",
-                "a user may only act on their own account",
-                metadata={"field": field},
+            raise NotFound(
+                "ORDER_ACCOUNT_NOT_FOUND",
+                "no such account for this caller",
+                violations=[FieldViolation(field, "not the caller's account")],
             )
         return ctx.account_id
     if not requested:

@@ -291,14 +291,43 @@ async def test_a_user_acts_only_on_their_own_account(exchange: Exchange) -> None
     alice = await exchange.trader({"USDT": "100"}, "alice")
     mallory = await exchange.trader({"USDT": "100"}, "mallory")
     order = await alice.place(side=BUY, price="95", quantity="0.1")
-    with pytest.raises(grpc.aio.AioRpcError) as other:
-        await mallory.place(account_id=alice.account_id, side=BUY, price="95", quantity="0.1")
-    assert error_of(other.value).reason == "ORDER_ACCOUNT_MISMATCH"
-    assert other.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    for call in (mallory.get(order.order_id), mallory.cancel(order.order_id)):
-        with pytest.raises(grpc.aio.AioRpcError) as hidden:
+
+    async def answer(call) -> tuple[grpc.StatusCode, str, str]:  # type: ignore[no-untyped-def]
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
             await call
-        assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+        details = error_of(refused.value)
+        return refused.value.code(), details.reason, details.message
+
+    # Another account, and an account that does not exist: the same answer.
+    for account in (alice.account_id, f"acc_{uid()}"):
+        placed = await answer(
+            mallory.place(account_id=account, side=BUY, price="95", quantity="0.1")
+        )
+        listed = await answer(
+            mallory.orders.ListOrders(
+                order_pb2.ListOrdersRequest(account_id=account), metadata=mallory.md, timeout=10
+            )
+        )
+        assert (
+            placed
+            == listed
+            == (
+                grpc.StatusCode.NOT_FOUND,
+                "ORDER_ACCOUNT_NOT_FOUND",
+                "no such account for this caller",
+            )
+        )
+    # Another account's order, and an order that does not exist: the same answer but the id.
+    for order_id in (order.order_id, f"o{uid()}"):
+        amend = order_pb2.AmendOrderRequest(order_id=order_id, request_id=uid("r"), quantity="0.2")
+        for call in (
+            mallory.get(order_id),
+            mallory.cancel(order_id),
+            mallory.orders.AmendOrder(amend, metadata=mallory.md, timeout=10),
+        ):
+            code, reason, message = await answer(call)
+            assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "ORDER_NOT_FOUND")
+            assert message == f"no order {order_id!r} for this account"
     assert (await alice.get(order.order_id)).state == t.ORDER_STATE_OPEN
     with pytest.raises(grpc.aio.AioRpcError) as anonymous:
         await alice.orders.GetOrder(order_pb2.GetOrderRequest(order_id=order.order_id), timeout=10)
