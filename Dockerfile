@@ -9,7 +9,6 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY services ./services
 COPY gen/python ./gen/python
-COPY sdk/python ./sdk/python
 RUN python -m venv /opt/cex \
     && /opt/cex/bin/pip install --no-cache-dir . \
     && /opt/cex/bin/python -m compileall -q /opt/cex
