@@ -134,7 +134,9 @@ def _latency(report: dict[str, object], pct: int) -> float:
 
 async def _cancel_all(channel: grpc.aio.Channel, account: Account) -> None:
     await order_pb2_grpc.OrderServiceStub(channel).CancelAllOrders(
-        order_pb2.CancelAllOrdersRequest(), metadata=bearer(account.token), timeout=300
+        order_pb2.CancelAllOrdersRequest(request_id=uuid.uuid4().hex),
+        metadata=bearer(account.token),
+        timeout=300,
     )
 
 

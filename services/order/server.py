@@ -40,6 +40,7 @@ from services.chassis import (
     current_auth,
     load_catalog,
     mesh_channel,
+    require_request_id,
     service_credentials,
     user,
 )
@@ -105,7 +106,9 @@ def caller_account(requested: str, field: str = "account_id") -> str:
 
 
 def _request_id(value: str, field: str = "request_id") -> None:
-    if value and (bad := check_client_order_id(value, field)):
+    """The one rule for idempotency keys (ADR 0003): required, then the id's format."""
+    require_request_id(value, "ORDER_REQUEST_ID_REQUIRED", field=field)
+    if bad := check_client_order_id(value, field):
         raise InvalidArgument("ORDER_INVALID_REQUEST_ID", bad.description, violations=[bad])
 
 
@@ -217,8 +220,6 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
         response_type: type[M],
         compute: Callable[[], Awaitable[M]],
     ) -> M:
-        if not request_id:
-            return await compute()
         body = type(request)()
         body.CopyFrom(request)
         if hasattr(body, "account_id"):

@@ -148,7 +148,9 @@ class Exchange:
         """Cancel what the test's traders left working (the book is shared by all tests)."""
         for trader in self.traders:
             await trader.orders.CancelAllOrders(
-                order_pb2.CancelAllOrdersRequest(), metadata=trader.md, timeout=20
+                order_pb2.CancelAllOrdersRequest(request_id=uid("clean")),
+                metadata=trader.md,
+                timeout=20,
             )
 
     async def lift_limits(

@@ -131,19 +131,19 @@ async def test_cancel_all_after_cancels_everything_unless_renewed(exchange: Exch
     order = await mm.place(side=BUY, price="95", quantity="0.1")
     # A switch that is disarmed never fires.
     disarm = await mm.orders.CancelAllAfter(
-        order_pb2.CancelAllAfterRequest(timeout_seconds=1, market="ETH-USDT"),
+        order_pb2.CancelAllAfterRequest(request_id=uid("dm"), timeout_seconds=1, market="ETH-USDT"),
         metadata=mm.md,
         timeout=10,
     )
     assert disarm.HasField("trigger_time")
     off = await mm.orders.CancelAllAfter(
-        order_pb2.CancelAllAfterRequest(timeout_seconds=0, market="ETH-USDT"),
+        order_pb2.CancelAllAfterRequest(request_id=uid("dm"), timeout_seconds=0, market="ETH-USDT"),
         metadata=mm.md,
         timeout=10,
     )
     assert not off.HasField("trigger_time")
     armed = await mm.orders.CancelAllAfter(
-        order_pb2.CancelAllAfterRequest(timeout_seconds=1, market="BTC-USDT"),
+        order_pb2.CancelAllAfterRequest(request_id=uid("dm"), timeout_seconds=1, market="BTC-USDT"),
         metadata=mm.md,
         timeout=10,
     )

@@ -1,6 +1,6 @@
 """One rule for idempotency keys on mutating calls (ADR 0003, issue 18): required;
 empty is INVALID_ARGUMENT with a BadRequest field violation naming the field, in
-auth, funding and the ledger alike, over gRPC through Envoy and over REST."""
+auth, funding, the ledger and order alike, over gRPC through Envoy and over REST."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 from cex.funding.v1 import funding_pb2, funding_pb2_grpc
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from cex.order.v1 import order_pb2
 from services.chassis import ErrorDetails, ServiceCredentials
 from services.stack.supervisor import Stack
 from tests.e2e.order.support import Exchange
@@ -87,6 +88,20 @@ async def test_an_empty_request_id_is_refused_naming_the_field_in_every_service(
                 ledger_pb2.VoidPendingTransferRequest(pending_id="p_none"),
                 metadata=operator,
                 timeout=10,
+            ),
+            "order.CancelOrder": lambda: user.orders.CancelOrder(
+                order_pb2.CancelOrderRequest(order_id="o_none"), metadata=user.md, timeout=10
+            ),
+            "order.AmendOrder": lambda: user.orders.AmendOrder(
+                order_pb2.AmendOrderRequest(order_id="o_none", quantity="1"),
+                metadata=user.md,
+                timeout=10,
+            ),
+            "order.CancelAllOrders": lambda: user.orders.CancelAllOrders(
+                order_pb2.CancelAllOrdersRequest(), metadata=user.md, timeout=10
+            ),
+            "order.CancelAllAfter": lambda: user.orders.CancelAllAfter(
+                order_pb2.CancelAllAfterRequest(timeout_seconds=5), metadata=user.md, timeout=10
             ),
         }
         fields = {"ledger.PostPendingTransfer": "id", "ledger.VoidPendingTransfer": "id"}

@@ -259,5 +259,5 @@ async def test_a_reader_that_cannot_keep_up_is_told_and_disconnected(
     finally:
         await db.close()
         await small_queue_order.CancelAllOrders(
-            order_pb2.CancelAllOrdersRequest(), metadata=mm.md, timeout=30
+            order_pb2.CancelAllOrdersRequest(request_id=uid("r")), metadata=mm.md, timeout=30
         )

@@ -8,10 +8,11 @@
 // query, and one bidirectional stream per market-maker session.
 //
 // Idempotency: a place is keyed by (account_id, client_order_id); every other
-// mutating request by (account_id, request_id). Repeating a request with the
-// same key and the same body returns the first result; with a different body
-// it is refused (ALREADY_EXISTS, reason ORDER_DUPLICATE_CLIENT_ORDER_ID or
-// ORDER_DUPLICATE_REQUEST_ID).
+// mutating request by (account_id, request_id), which is required (empty is
+// INVALID_ARGUMENT ORDER_REQUEST_ID_REQUIRED naming request_id; ADR 0003).
+// Repeating a request with the same key and the same body returns the first
+// result; with a different body it is refused (ALREADY_EXISTS, reason
+// ORDER_DUPLICATE_CLIENT_ORDER_ID or ORDER_DUPLICATE_REQUEST_ID).
 
 package orderv1
 
@@ -963,7 +964,7 @@ func (x *BatchPlaceOrdersResponse) GetResults() []*PlaceOrderResult {
 // least one of price and quantity must be set.
 type AmendOrderRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Client-chosen idempotency id.
+	// Client-chosen idempotency id (required).
 	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// Owning account; empty means the caller's account.
 	AccountId string `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
@@ -1101,7 +1102,7 @@ func (x *AmendOrderResponse) GetOrder() *Order {
 // Request for OrderService.CancelOrder.
 type CancelOrderRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Client-chosen idempotency id.
+	// Client-chosen idempotency id (required).
 	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// Owning account; empty means the caller's account.
 	AccountId string `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
@@ -1221,7 +1222,7 @@ func (x *CancelOrderResponse) GetOrder() *Order {
 // Request for OrderService.CancelAllOrders.
 type CancelAllOrdersRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Client-chosen idempotency id.
+	// Client-chosen idempotency id (required).
 	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// Owning account; empty means the caller's account.
 	AccountId string `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
@@ -1340,7 +1341,7 @@ func (x *CancelAllOrdersResponse) GetOrders() []*Order {
 // Request for OrderService.CancelAllAfter.
 type CancelAllAfterRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Client-chosen idempotency id.
+	// Client-chosen idempotency id (required).
 	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// Owning account; empty means the caller's account.
 	AccountId string `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`

@@ -5,10 +5,11 @@ Orders as the client sees them: place, amend, cancel, mass cancel, batch,
 query, and one bidirectional stream per market-maker session.
 
 Idempotency: a place is keyed by (account_id, client_order_id); every other
-mutating request by (account_id, request_id). Repeating a request with the
-same key and the same body returns the first result; with a different body
-it is refused (ALREADY_EXISTS, reason ORDER_DUPLICATE_CLIENT_ORDER_ID or
-ORDER_DUPLICATE_REQUEST_ID).
+mutating request by (account_id, request_id), which is required (empty is
+INVALID_ARGUMENT ORDER_REQUEST_ID_REQUIRED naming request_id; ADR 0003).
+Repeating a request with the same key and the same body returns the first
+result; with a different body it is refused (ALREADY_EXISTS, reason
+ORDER_DUPLICATE_CLIENT_ORDER_ID or ORDER_DUPLICATE_REQUEST_ID).
 """
 
 from cex.type.v1 import types_pb2 as _types_pb2
@@ -514,7 +515,7 @@ class AmendOrderRequest(_message.Message):
     PRICE_FIELD_NUMBER: _builtins.int
     QUANTITY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Client-chosen idempotency id."""
+    """Client-chosen idempotency id (required)."""
     account_id: _builtins.str
     """Owning account; empty means the caller's account."""
     order_id: _builtins.str
@@ -580,7 +581,7 @@ class CancelOrderRequest(_message.Message):
     ORDER_ID_FIELD_NUMBER: _builtins.int
     CLIENT_ORDER_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Client-chosen idempotency id."""
+    """Client-chosen idempotency id (required)."""
     account_id: _builtins.str
     """Owning account; empty means the caller's account."""
     order_id: _builtins.str
@@ -640,7 +641,7 @@ class CancelAllOrdersRequest(_message.Message):
     MARKET_FIELD_NUMBER: _builtins.int
     SIDE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Client-chosen idempotency id."""
+    """Client-chosen idempotency id (required)."""
     account_id: _builtins.str
     """Owning account; empty means the caller's account."""
     market: _builtins.str
@@ -698,7 +699,7 @@ class CancelAllAfterRequest(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     MARKET_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Client-chosen idempotency id."""
+    """Client-chosen idempotency id (required)."""
     account_id: _builtins.str
     """Owning account; empty means the caller's account."""
     timeout_seconds: _builtins.int

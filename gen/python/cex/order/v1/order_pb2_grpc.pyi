@@ -5,10 +5,11 @@ Orders as the client sees them: place, amend, cancel, mass cancel, batch,
 query, and one bidirectional stream per market-maker session.
 
 Idempotency: a place is keyed by (account_id, client_order_id); every other
-mutating request by (account_id, request_id). Repeating a request with the
-same key and the same body returns the first result; with a different body
-it is refused (ALREADY_EXISTS, reason ORDER_DUPLICATE_CLIENT_ORDER_ID or
-ORDER_DUPLICATE_REQUEST_ID).
+mutating request by (account_id, request_id), which is required (empty is
+INVALID_ARGUMENT ORDER_REQUEST_ID_REQUIRED naming request_id; ADR 0003).
+Repeating a request with the same key and the same body returns the first
+result; with a different body it is refused (ALREADY_EXISTS, reason
+ORDER_DUPLICATE_CLIENT_ORDER_ID or ORDER_DUPLICATE_REQUEST_ID).
 """
 
 from cex.order.v1 import order_pb2 as _order_pb2

@@ -6,10 +6,11 @@
 // query, and one bidirectional stream per market-maker session.
 //
 // Idempotency: a place is keyed by (account_id, client_order_id); every other
-// mutating request by (account_id, request_id). Repeating a request with the
-// same key and the same body returns the first result; with a different body
-// it is refused (ALREADY_EXISTS, reason ORDER_DUPLICATE_CLIENT_ORDER_ID or
-// ORDER_DUPLICATE_REQUEST_ID).
+// mutating request by (account_id, request_id), which is required (empty is
+// INVALID_ARGUMENT ORDER_REQUEST_ID_REQUIRED naming request_id; ADR 0003).
+// Repeating a request with the same key and the same body returns the first
+// result; with a different body it is refused (ALREADY_EXISTS, reason
+// ORDER_DUPLICATE_CLIENT_ORDER_ID or ORDER_DUPLICATE_REQUEST_ID).
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
@@ -555,7 +556,7 @@ export const BatchPlaceOrdersResponseSchema: GenMessage<BatchPlaceOrdersResponse
  */
 export type AmendOrderRequest = Message<"cex.order.v1.AmendOrderRequest"> & {
   /**
-   * Client-chosen idempotency id.
+   * Client-chosen idempotency id (required).
    *
    * @generated from field: string request_id = 1;
    */
@@ -633,7 +634,7 @@ export const AmendOrderResponseSchema: GenMessage<AmendOrderResponse> = /*@__PUR
  */
 export type CancelOrderRequest = Message<"cex.order.v1.CancelOrderRequest"> & {
   /**
-   * Client-chosen idempotency id.
+   * Client-chosen idempotency id (required).
    *
    * @generated from field: string request_id = 1;
    */
@@ -697,7 +698,7 @@ export const CancelOrderResponseSchema: GenMessage<CancelOrderResponse> = /*@__P
  */
 export type CancelAllOrdersRequest = Message<"cex.order.v1.CancelAllOrdersRequest"> & {
   /**
-   * Client-chosen idempotency id.
+   * Client-chosen idempotency id (required).
    *
    * @generated from field: string request_id = 1;
    */
@@ -760,7 +761,7 @@ export const CancelAllOrdersResponseSchema: GenMessage<CancelAllOrdersResponse> 
  */
 export type CancelAllAfterRequest = Message<"cex.order.v1.CancelAllAfterRequest"> & {
   /**
-   * Client-chosen idempotency id.
+   * Client-chosen idempotency id (required).
    *
    * @generated from field: string request_id = 1;
    */
