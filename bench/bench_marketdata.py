@@ -67,11 +67,6 @@ markets:
 """
 
 
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
 class FakeMatch(match_pb2_grpc.MatchServiceServicer):
     """Answers from the events this benchmark published (the book starts empty)."""
 

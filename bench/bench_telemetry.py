@@ -36,6 +36,7 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from bench.stats import percentile
 from bench.trading_setup import Account, accounts, bearer, lift_limits, operator_token
 from cex.order.v1 import order_pb2, order_pb2_grpc
 from cex.type.v1 import types_pb2 as t
@@ -68,11 +69,6 @@ class Result:
     cpu_s: float = 0.0
     spans: int = 0
     reasons: CounterOf[str] = field(default_factory=CounterOf)
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def _cpu_seconds(stack: Stack) -> float:
@@ -196,8 +192,8 @@ async def main(args: argparse.Namespace) -> None:
         latencies = [x for r in runs for x in r.latencies]
         cpu = sum(r.cpu_s for r in runs)
         print(
-            f"| {name} | {orders / seconds:.0f} | {_pct(latencies, 0.5) * 1e3:.1f} | "
-            f"{_pct(latencies, 0.99) * 1e3:.1f} | {cpu / max(orders, 1) * 1e3:.2f} | "
+            f"| {name} | {orders / seconds:.0f} | {percentile(latencies, 0.5) * 1e3:.1f} | "
+            f"{percentile(latencies, 0.99) * 1e3:.1f} | {cpu / max(orders, 1) * 1e3:.2f} | "
             f"{sum(r.spans for r in runs) / max(orders, 1):.1f} |"
         )
         errors = sum(r.errors for r in runs)

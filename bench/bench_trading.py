@@ -46,6 +46,7 @@ from pathlib import Path
 import grpc
 
 from bench import processes
+from bench.stats import percentile
 from bench.trading_setup import Account, accounts, bearer, lift_limits, operator_token
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.order.v1 import order_pb2, order_pb2_grpc
@@ -57,11 +58,6 @@ from services.stack.topology import Ports, free_ports
 ROOT = Path(__file__).resolve().parents[1]
 GHZ = ROOT / ".tools" / "bin" / "ghz"
 PROTOSET = ROOT / "gen" / "descriptor" / "cex.binpb"
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def _ghz(edge: str, token: str, rps: int, duration: int, concurrency: int) -> dict[str, object]:
@@ -207,7 +203,7 @@ async def unary(
         )
         after = processes.cpu(pids)
         ok, total = codes.get("OK", 0), sum(codes.values())
-        p50, p99 = _pct(latencies, 0.5), _pct(latencies, 0.99)
+        p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
         print(
             f"| {rps} | {total} | {ok} | {ok / seconds:.0f} | {p50:.1f} | {p99:.1f} |", flush=True
         )
@@ -360,7 +356,7 @@ async def streams(
     print(
         f"| {args.sessions} | {mode} | {len(latencies)} | {rejects} | "
         f"{len(latencies) / elapsed:.0f} | "
-        f"{_pct(latencies, 0.5) * 1e3:.1f} | {_pct(latencies, 0.99) * 1e3:.1f} |",
+        f"{percentile(latencies, 0.5) * 1e3:.1f} | {percentile(latencies, 0.99) * 1e3:.1f} |",
         flush=True,
     )
     line, cpu = _cpu_line(before, after, len(latencies))

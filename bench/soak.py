@@ -36,6 +36,7 @@ import grpc
 import nats
 
 from bench import processes
+from bench.stats import percentile
 from bench.trading_setup import Account, accounts, bearer, lift_limits, operator_token
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.order.v1 import order_pb2, order_pb2_grpc
@@ -72,11 +73,6 @@ class Load:
     reasons: Counter[str] = field(default_factory=Counter)
 
 
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
 def slope(ys: list[float], xs: list[float]) -> float:
     """Least-squares slope of ys over xs (0 for fewer than two points)."""
     n = len(xs)
@@ -87,10 +83,11 @@ def slope(ys: list[float], xs: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
 
 
-async def _trade(stub: order_pb2_grpc.OrderServiceStub, maker: Account, taker: Account,
-                 load: Load, price: str) -> None:  # fmt: skip
-    """One resting sell and the buy that takes it: two orders, one trade."""
-    for account, side in ((maker, t.SIDE_SELL), (taker, t.SIDE_BUY)):
+async def _trade(stub: order_pb2_grpc.OrderServiceStub, traders: list[Account], load: Load,
+                 price: str) -> None:  # fmt: skip
+    """One resting sell and the buy that takes it: two orders, one trade (the
+    traders' current tokens: the soak renews them)."""
+    for account, side in ((traders[0], t.SIDE_SELL), (traders[1], t.SIDE_BUY)):
         started = time.perf_counter()
         try:
             await stub.PlaceOrder(
@@ -114,8 +111,8 @@ async def _trade(stub: order_pb2_grpc.OrderServiceStub, maker: Account, taker: A
     load.trades += 1
 
 
-async def _drive(stub: order_pb2_grpc.OrderServiceStub, maker: Account, taker: Account,
-                 rate: float, until: float, load: Load) -> None:  # fmt: skip
+async def _drive(stub: order_pb2_grpc.OrderServiceStub, traders: list[Account], rate: float,
+                 until: float, load: Load) -> None:  # fmt: skip
     """Pairs at rate/2 per second, open loop (a slow answer does not slow the offer)."""
     began = time.perf_counter()
     pending: set[asyncio.Task[None]] = set()
@@ -123,7 +120,7 @@ async def _drive(stub: order_pb2_grpc.OrderServiceStub, maker: Account, taker: A
     while (now := time.perf_counter()) < until:
         due = int((now - began) * rate / 2)
         while sent < due:
-            task = asyncio.create_task(_trade(stub, maker, taker, load, "100"))
+            task = asyncio.create_task(_trade(stub, traders, load, "100"))
             pending.add(task)
             task.add_done_callback(pending.discard)
             sent += 1
@@ -164,13 +161,13 @@ async def soak(stack: Stack, args: argparse.Namespace) -> list[Window]:
     windows: list[Window] = []
     async with grpc.aio.insecure_channel(stack.edge) as channel:
         await lift_limits(channel, svc)
-        maker, taker = await accounts(channel, svc, 2, {"BTC": "1000000", "USDT": "1000000000"})
+        traders = await accounts(channel, svc, 2, {"BTC": "1000000", "USDT": "1000000000"})
         stub = order_pb2_grpc.OrderServiceStub(channel)
         pids = processes.pids(stack.state_dir)
         load = Load()
         start = time.perf_counter()
         until = start + args.minutes * 60
-        driver = asyncio.create_task(_drive(stub, maker, taker, args.rate, until, load))
+        driver = asyncio.create_task(_drive(stub, traders, args.rate, until, load))
         print("| minute | orders | trades | CPU ms/order | p50 ms | p99 ms | audit s |"
               " DB bytes/trade | streams bytes/trade | failures |")  # fmt: skip
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -187,8 +184,8 @@ async def soak(stack: Stack, args: argparse.Namespace) -> list[Window]:
                 orders=orders,
                 trades=load.trades - seen_trades,
                 cpu_ms=cpu,
-                p50_ms=_pct(latencies, 0.5),
-                p99_ms=_pct(latencies, 0.99),
+                p50_ms=percentile(latencies, 0.5),
+                p99_ms=percentile(latencies, 0.99),
                 audit_s=await _audit(channel, svc),
                 db_bytes=db,
                 stream_bytes=streams,
@@ -202,6 +199,10 @@ async def soak(stack: Stack, args: argparse.Namespace) -> list[Window]:
                 f"| {db / trades:,.0f} | {streams / trades:,.0f} | {load.failures} |",
                 flush=True,
             )
+            # Tokens live 5 minutes: renew them every window, outside its CPU figures
+            # (the orders read the traders' tokens per call).
+            svc = await operator_token(stack.edge, stack.service_secret)
+            traders[:] = [await a.renewed(channel) for a in traders]
             before, seen_orders, seen_trades = processes.cpu(pids), load.orders, load.trades
         await driver
     if load.reasons:

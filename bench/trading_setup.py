@@ -21,6 +21,16 @@ def bearer(token: str) -> tuple[tuple[str, str]]:
 class Account:
     account_id: str
     token: str
+    key_id: str = ""
+    key_secret: str = ""
+
+    async def renewed(self, channel: grpc.aio.Channel) -> Account:
+        """The same account with a fresh token (tokens live 5 minutes)."""
+        reply = await auth_pb2_grpc.AuthServiceStub(channel).IssueToken(
+            auth_pb2.IssueTokenRequest(api_key_id=self.key_id, api_key_secret=self.key_secret),
+            timeout=10,
+        )
+        return Account(self.account_id, reply.access_token, self.key_id, self.key_secret)
 
 
 async def operator_token(edge: str, shared_secret: str) -> str:
@@ -94,5 +104,5 @@ async def accounts(
             ledger_pb2.CreateTransfersRequest(transfers=transfers), metadata=bearer(svc), timeout=10
         )
         assert all(r.status.code == 0 for r in reply.results), reply
-        out.append(Account(account_id, token.access_token))
+        out.append(Account(account_id, token.access_token, key.api_key.api_key_id, key.secret))
     return out

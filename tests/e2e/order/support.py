@@ -314,3 +314,26 @@ async def working_of(trader: Trader) -> dict[str, order_pb2.Order]:
         token = page.next_page_token
         if not token:
             return out
+
+
+async def agreed(
+    exchange: Exchange, *traders: Trader, within_s: float = 60.0
+) -> tuple[dict[str, Decimal], dict[str, order_pb2.Order]]:
+    """Match's book of the traders' orders (id -> remaining) and order's working
+    orders of theirs, once the two agree; fails the test with the difference."""
+    ours = {t.account_id for t in traders}
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        book = await book_of(exchange, ours)
+        working: dict[str, order_pb2.Order] = {}
+        for trader in traders:
+            working.update(await working_of(trader))
+        views = {oid: Decimal(o.remaining_quantity) for oid, o in working.items()}
+        if views == book:
+            return book, working
+        if asyncio.get_running_loop().time() > deadline:
+            only_order = {k: working[k] for k in set(views) - set(book)}
+            only_match = {k: book[k] for k in set(book) - set(views)}
+            differ = {k: (views[k], book[k]) for k in set(views) & set(book) if views[k] != book[k]}
+            pytest.fail(f"order and match disagree: {only_order=} {only_match=} {differ=}")
+        await asyncio.sleep(0.5)

@@ -22,7 +22,7 @@ import pytest
 
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
-from tests.e2e.order.support import BUY, SELL, Exchange, Trader, book_of, kill, uid, working_of
+from tests.e2e.order.support import BUY, SELL, Exchange, Trader, agreed, kill, uid
 
 D = Decimal
 WORKING = {t.ORDER_STATE_PENDING_NEW, t.ORDER_STATE_OPEN, t.ORDER_STATE_PARTIALLY_FILLED}
@@ -83,19 +83,7 @@ async def _burst(
     assert len(placed) > 10, "the burst placed almost nothing"
 
     # Every acknowledged order is known, and order's working set equals match's book.
-    ours = {seller.account_id, buyer.account_id}
-    for _ in range(120):
-        book = await book_of(exchange, ours)
-        working = {**await working_of(seller), **await working_of(buyer)}
-        views = {oid: D(o.remaining_quantity) for oid, o in working.items()}
-        if views == book:
-            break
-        await asyncio.sleep(0.5)
-    else:
-        only_order = {k: working[k] for k in set(views) - set(book)}
-        only_match = {k: book[k] for k in set(book) - set(views)}
-        differ = {k: (views[k], book[k]) for k in set(views) & set(book) if views[k] != book[k]}
-        pytest.fail(f"order and match disagree: {only_order=} {only_match=} {differ=}")
+    book, working = await agreed(exchange, seller, buyer)
     for order in placed:
         latest = await (seller if order.side == SELL else buyer).get(order.order_id)
         assert latest.order_id == order.order_id

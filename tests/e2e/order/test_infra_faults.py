@@ -38,11 +38,10 @@ from tests.e2e.order.support import (
     SELL,
     Exchange,
     Trader,
-    book_of,
+    agreed,
     exchange_on,
     kill,
     uid,
-    working_of,
 )
 
 D = Decimal
@@ -143,16 +142,7 @@ async def test_kill_9_of_postgres_nats_and_redis_during_a_burst(own_exchange: Ex
     assert all(reason for (_, reason) in out.failures), out.failures
 
     # NATS is back: the read model catches up with match's journal.
-    ours = {seller.account_id, buyer.account_id}
-    for _ in range(60):
-        book = await book_of(exchange, ours)
-        working = {**await working_of(seller), **await working_of(buyer)}
-        views = {oid: D(o.remaining_quantity) for oid, o in working.items()}
-        if views == book:
-            break
-        await asyncio.sleep(0.5)
-    else:
-        pytest.fail(f"order and match disagree: {set(views) ^ set(book)}")
+    book, working = await agreed(exchange, seller, buyer, within_s=30)
     for order in out.placed:
         latest = await (seller if order.side == SELL else buyer).get(order.order_id)
         assert latest.state != t.ORDER_STATE_PENDING_NEW, order.order_id
