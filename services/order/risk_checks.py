@@ -71,8 +71,9 @@ class RulesFollower:
 
     def _take(self, message: risk_pb2.WatchRulesResponse) -> None:
         rules = self.rules
-        if rules is not None and message.change_seq < rules.change_seq:
-            rules.received = time.monotonic()  # an older replica: alive, but keep ours
+        if rules is not None and (message.unchanged or message.change_seq < rules.change_seq):
+            # A heartbeat, or an older replica's set: risk is alive, keep ours.
+            rules.received = time.monotonic()
             return
         self.rules = FollowedRules(message, self._catalog)
         self.ready.set()

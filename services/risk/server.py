@@ -199,10 +199,16 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
     async def WatchRules(
         self, request: risk_pb2.WatchRulesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[risk_pb2.WatchRulesResponse]:
+        heartbeat_ms = int(self._heartbeat_s * 1000)
         version = -1
         while True:
-            version = await self._state.changed(version, self._heartbeat_s)
-            yield rules_pb(self._state, self._catalog, int(self._heartbeat_s * 1000))
+            seen, version = version, await self._state.changed(version, self._heartbeat_s)
+            if version == seen:  # nothing changed: only say so (the set may be large)
+                yield risk_pb2.WatchRulesResponse(
+                    change_seq=self._state.change_seq, heartbeat_ms=heartbeat_ms, unchanged=True
+                )
+            else:
+                yield rules_pb(self._state, self._catalog, heartbeat_ms)
 
     # -- CheckWithdrawal ------------------------------------------------------
 

@@ -106,6 +106,11 @@ async def test_checks_on_the_followed_rules_answer_as_risk_does(
         want = "ALLOWED" if answer.allowed else denial(answer).reason
         assert await _reason(checks, request) == want, request
     assert follower.current().change_seq > 0
+    # Nothing changes for a few heartbeats: they only say so, and the copy stays
+    # the same object, fresh.
+    copy = follower.current()
+    await asyncio.sleep(HEARTBEAT_S * 5)
+    assert follower.current() is copy
 
     # A kill switch reaches the copy within a heartbeat; so does its release.
     await running.kill(

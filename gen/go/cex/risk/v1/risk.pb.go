@@ -350,7 +350,10 @@ type WatchRulesResponse struct {
 	// The reference price of each market that has traded.
 	ReferencePrices []*ReferencePrice `protobuf:"bytes,5,rep,name=reference_prices,json=referencePrices,proto3" json:"reference_prices,omitempty"`
 	// How often the stream sends when nothing changes.
-	HeartbeatMs   int32 `protobuf:"varint,6,opt,name=heartbeat_ms,json=heartbeatMs,proto3" json:"heartbeat_ms,omitempty"`
+	HeartbeatMs int32 `protobuf:"varint,6,opt,name=heartbeat_ms,json=heartbeatMs,proto3" json:"heartbeat_ms,omitempty"`
+	// A heartbeat: nothing changed since the previous message on this stream,
+	// so only change_seq and heartbeat_ms are set and the follower keeps its copy.
+	Unchanged     bool `protobuf:"varint,7,opt,name=unchanged,proto3" json:"unchanged,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -425,6 +428,13 @@ func (x *WatchRulesResponse) GetHeartbeatMs() int32 {
 		return x.HeartbeatMs
 	}
 	return 0
+}
+
+func (x *WatchRulesResponse) GetUnchanged() bool {
+	if x != nil {
+		return x.Unchanged
+	}
+	return false
 }
 
 // A market's reference price (its last trade, from match's events).
@@ -1869,7 +1879,7 @@ const file_cex_risk_v1_risk_proto_rawDesc = "" +
 	"max_amount\x18\x02 \x01(\tR\tmaxAmount\x12+\n" +
 	"\x12max_amount_per_day\x18\x03 \x01(\tR\x0fmaxAmountPerDay\x12)\n" +
 	"\x11max_count_per_day\x18\x04 \x01(\x05R\x0emaxCountPerDay\"\x13\n" +
-	"\x11WatchRulesRequest\"\xbe\x02\n" +
+	"\x11WatchRulesRequest\"\xdc\x02\n" +
 	"\x12WatchRulesResponse\x12\x1d\n" +
 	"\n" +
 	"change_seq\x18\x01 \x01(\x03R\tchangeSeq\x12/\n" +
@@ -1877,7 +1887,8 @@ const file_cex_risk_v1_risk_proto_rawDesc = "" +
 	"\baccounts\x18\x03 \x03(\v2\x13.cex.risk.v1.LimitsR\baccounts\x12<\n" +
 	"\rkill_switches\x18\x04 \x03(\v2\x17.cex.risk.v1.KillSwitchR\fkillSwitches\x12F\n" +
 	"\x10reference_prices\x18\x05 \x03(\v2\x1b.cex.risk.v1.ReferencePriceR\x0freferencePrices\x12!\n" +
-	"\fheartbeat_ms\x18\x06 \x01(\x05R\vheartbeatMs\"P\n" +
+	"\fheartbeat_ms\x18\x06 \x01(\x05R\vheartbeatMs\x12\x1c\n" +
+	"\tunchanged\x18\a \x01(\bR\tunchanged\"P\n" +
 	"\x0eReferencePrice\x12\x16\n" +
 	"\x06market\x18\x01 \x01(\tR\x06market\x12\x14\n" +
 	"\x05price\x18\x02 \x01(\tR\x05price\x12\x10\n" +

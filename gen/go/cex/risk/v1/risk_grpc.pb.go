@@ -52,9 +52,9 @@ type RiskServiceClient interface {
 	CheckOrders(ctx context.Context, in *CheckOrdersRequest, opts ...grpc.CallOption) (*CheckOrdersResponse, error)
 	// Internal: the rules the pre-trade checks apply (limits, kill switches,
 	// reference prices), for a gateway that runs risk's order checks in its own
-	// process (the order service): the whole set on connect, again at once after
-	// every change, and every heartbeat otherwise, so a follower that hears
-	// nothing for a few heartbeats knows its copy is stale. Risk keeps ownership:
+	// process (the order service): the whole set on connect and again at once
+	// after every change, and an `unchanged` heartbeat otherwise, so a follower
+	// that hears nothing for a few heartbeats knows its copy is stale. Risk keeps ownership:
 	// the admin calls below change the rules, this only publishes them.
 	WatchRules(ctx context.Context, in *WatchRulesRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchRulesResponse], error)
 	// Internal: checks a withdrawal against limits, velocity, kill switches and
@@ -184,9 +184,9 @@ type RiskServiceServer interface {
 	CheckOrders(context.Context, *CheckOrdersRequest) (*CheckOrdersResponse, error)
 	// Internal: the rules the pre-trade checks apply (limits, kill switches,
 	// reference prices), for a gateway that runs risk's order checks in its own
-	// process (the order service): the whole set on connect, again at once after
-	// every change, and every heartbeat otherwise, so a follower that hears
-	// nothing for a few heartbeats knows its copy is stale. Risk keeps ownership:
+	// process (the order service): the whole set on connect and again at once
+	// after every change, and an `unchanged` heartbeat otherwise, so a follower
+	// that hears nothing for a few heartbeats knows its copy is stale. Risk keeps ownership:
 	// the admin calls below change the rules, this only publishes them.
 	WatchRules(*WatchRulesRequest, grpc.ServerStreamingServer[WatchRulesResponse]) error
 	// Internal: checks a withdrawal against limits, velocity, kill switches and

@@ -183,12 +183,17 @@ class WatchRulesResponse(_message.Message):
     KILL_SWITCHES_FIELD_NUMBER: _builtins.int
     REFERENCE_PRICES_FIELD_NUMBER: _builtins.int
     HEARTBEAT_MS_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
     change_seq: _builtins.int
     """Risk's change sequence of limits and kill switches: it grows with every
     change; a follower keeps the highest it has seen.
     """
     heartbeat_ms: _builtins.int
     """How often the stream sends when nothing changes."""
+    unchanged: _builtins.bool
+    """A heartbeat: nothing changed since the previous message on this stream,
+    so only change_seq and heartbeat_ms are set and the follower keeps its copy.
+    """
     @_builtins.property
     def defaults(self) -> Global___Limits:
         """The exchange defaults (account_id empty)."""
@@ -214,10 +219,11 @@ class WatchRulesResponse(_message.Message):
         kill_switches: _abc.Iterable[Global___KillSwitch] | None = ...,
         reference_prices: _abc.Iterable[Global___ReferencePrice] | None = ...,
         heartbeat_ms: _builtins.int = ...,
+        unchanged: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["defaults", b"defaults"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts", b"accounts", "change_seq", b"change_seq", "defaults", b"defaults", "heartbeat_ms", b"heartbeat_ms", "kill_switches", b"kill_switches", "reference_prices", b"reference_prices"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts", b"accounts", "change_seq", b"change_seq", "defaults", b"defaults", "heartbeat_ms", b"heartbeat_ms", "kill_switches", b"kill_switches", "reference_prices", b"reference_prices", "unchanged", b"unchanged"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

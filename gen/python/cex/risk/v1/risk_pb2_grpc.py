@@ -102,9 +102,9 @@ class RiskServiceServicer:
     def WatchRules(self, request, context):
         """Internal: the rules the pre-trade checks apply (limits, kill switches,
         reference prices), for a gateway that runs risk's order checks in its own
-        process (the order service): the whole set on connect, again at once after
-        every change, and every heartbeat otherwise, so a follower that hears
-        nothing for a few heartbeats knows its copy is stale. Risk keeps ownership:
+        process (the order service): the whole set on connect and again at once
+        after every change, and an `unchanged` heartbeat otherwise, so a follower
+        that hears nothing for a few heartbeats knows its copy is stale. Risk keeps ownership:
         the admin calls below change the rules, this only publishes them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -52,9 +52,9 @@ class RiskServiceStub:
     WatchRules: _grpc.UnaryStreamMultiCallable[_risk_pb2.WatchRulesRequest, _risk_pb2.WatchRulesResponse]
     """Internal: the rules the pre-trade checks apply (limits, kill switches,
     reference prices), for a gateway that runs risk's order checks in its own
-    process (the order service): the whole set on connect, again at once after
-    every change, and every heartbeat otherwise, so a follower that hears
-    nothing for a few heartbeats knows its copy is stale. Risk keeps ownership:
+    process (the order service): the whole set on connect and again at once
+    after every change, and an `unchanged` heartbeat otherwise, so a follower
+    that hears nothing for a few heartbeats knows its copy is stale. Risk keeps ownership:
     the admin calls below change the rules, this only publishes them.
     """
     CheckWithdrawal: _grpc.UnaryUnaryMultiCallable[_risk_pb2.CheckWithdrawalRequest, _risk_pb2.CheckWithdrawalResponse]
@@ -90,9 +90,9 @@ class RiskServiceAsyncStub(RiskServiceStub):
     WatchRules: _aio.UnaryStreamMultiCallable[_risk_pb2.WatchRulesRequest, _risk_pb2.WatchRulesResponse]  # type: ignore[assignment]
     """Internal: the rules the pre-trade checks apply (limits, kill switches,
     reference prices), for a gateway that runs risk's order checks in its own
-    process (the order service): the whole set on connect, again at once after
-    every change, and every heartbeat otherwise, so a follower that hears
-    nothing for a few heartbeats knows its copy is stale. Risk keeps ownership:
+    process (the order service): the whole set on connect and again at once
+    after every change, and an `unchanged` heartbeat otherwise, so a follower
+    that hears nothing for a few heartbeats knows its copy is stale. Risk keeps ownership:
     the admin calls below change the rules, this only publishes them.
     """
     CheckWithdrawal: _aio.UnaryUnaryMultiCallable[_risk_pb2.CheckWithdrawalRequest, _risk_pb2.CheckWithdrawalResponse]  # type: ignore[assignment]
@@ -143,9 +143,9 @@ class RiskServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_risk_pb2.WatchRulesResponse], _abc.AsyncIterator[_risk_pb2.WatchRulesResponse]]:
         """Internal: the rules the pre-trade checks apply (limits, kill switches,
         reference prices), for a gateway that runs risk's order checks in its own
-        process (the order service): the whole set on connect, again at once after
-        every change, and every heartbeat otherwise, so a follower that hears
-        nothing for a few heartbeats knows its copy is stale. Risk keeps ownership:
+        process (the order service): the whole set on connect and again at once
+        after every change, and an `unchanged` heartbeat otherwise, so a follower
+        that hears nothing for a few heartbeats knows its copy is stale. Risk keeps ownership:
         the admin calls below change the rules, this only publishes them.
         """
 
