@@ -42,6 +42,7 @@ test-chaos: $(INSTALLED)
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check services tests bench sdk/python
+	$(BIN)/ruff format --check services tests bench sdk/python
 	$(BIN)/mypy services sdk/python/cex_sdk
 	$(BIN)/hadolint Dockerfile
 

@@ -152,7 +152,9 @@ def _release(book: Book, event: MarketEvent, order_id: str) -> None:
         _anomaly(book, event, "RELEASE_FAILED", order_id, hold.asset, 0, str(outcome))
 
 
-def _settle(book: Book, event: MarketEvent, trade: TradeSettlement) -> int:
+# Over ruff's complexity limit on purpose: one trade's linked chain: each branch is a settlement
+# rule of ADR 0005.
+def _settle(book: Book, event: MarketEvent, trade: TradeSettlement) -> int:  # noqa: C901
     key = (event.market, trade.trade_id)
     if key in book.settled_trades:
         return 0

@@ -533,7 +533,8 @@ _MARKET_TYPES = (OrderType.MARKET, OrderType.STOP_MARKET)
 _STOP_TYPES = (OrderType.STOP_LIMIT, OrderType.STOP_MARKET)
 
 
-def validate_place(spec: MarketSpec, cmd: PlaceOrder) -> RejectReason | None:
+# Over ruff's complexity limit on purpose: a flat list of independent checks, one reason each.
+def validate_place(spec: MarketSpec, cmd: PlaceOrder) -> RejectReason | None:  # noqa: C901
     """The stateless checks of a new order, first failure wins, in this order:
     quantity > 0; price (limit types need one > 0, market types need a protection
     price > 0 and/or a budget > 0, budgets only on market types); stop price

@@ -127,7 +127,9 @@ class Sessions:
         except Exception:
             _log.exception("cancel-on-disconnect of session %s failed", session_id)
 
-    async def serve(
+    # Over ruff's complexity limit on purpose: a session's whole life in one place (subscribe,
+    # read, write, heartbeats, slow reader, cancel-on-disconnect); its steps are helpers.
+    async def serve(  # noqa: C901
         self,
         service: OrderService,
         requests: AsyncIterator[order_pb2.StreamOrdersRequest],
