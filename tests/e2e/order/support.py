@@ -337,3 +337,27 @@ async def agreed(
             differ = {k: (views[k], book[k]) for k in set(views) & set(book) if views[k] != book[k]}
             pytest.fail(f"order and match disagree: {only_order=} {only_match=} {differ=}")
         await asyncio.sleep(0.5)
+
+
+async def settled_and_balanced(
+    exchange: Exchange, seller: Trader, buyer: Trader, working: dict[str, order_pb2.Order]
+) -> None:
+    """Each side holds exactly what its working orders at 100 still need (the ledger's
+    consumer may take its ack_wait, 30 s, to see again what a killed ledger had
+    fetched), and the ledger audit passes."""
+    want_btc = sum(
+        (Decimal(o.remaining_quantity) for o in working.values() if o.side == SELL), Decimal(0)
+    )
+    want_usdt = sum(
+        (Decimal(o.remaining_quantity) * 100 for o in working.values() if o.side == BUY),
+        Decimal(0),
+    )
+    got_btc = await exchange.held(seller.account_id, "BTC", want_btc, within_s=60)
+    got_usdt = await exchange.held(buyer.account_id, "USDT", want_usdt, within_s=60)
+    assert (got_btc, got_usdt) == (want_btc, want_usdt)
+    for _ in range(60):
+        audit = await exchange.audit()
+        if audit.balanced:
+            break
+        await asyncio.sleep(0.5)
+    assert audit.balanced, audit

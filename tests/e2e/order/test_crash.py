@@ -22,7 +22,16 @@ import pytest
 
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
-from tests.e2e.order.support import BUY, SELL, Exchange, Trader, agreed, kill, uid
+from tests.e2e.order.support import (
+    BUY,
+    SELL,
+    Exchange,
+    Trader,
+    agreed,
+    kill,
+    settled_and_balanced,
+    uid,
+)
 
 D = Decimal
 WORKING = {t.ORDER_STATE_PENDING_NEW, t.ORDER_STATE_OPEN, t.ORDER_STATE_PARTIALLY_FILLED}
@@ -93,21 +102,7 @@ async def _burst(
             assert latest.order_id not in book
 
     # Holds equal what the working orders still need, and the ledger balances.
-    want_btc = sum((D(o.remaining_quantity) for o in working.values() if o.side == SELL), D(0))
-    want_usdt = sum(
-        (D(o.remaining_quantity) * 100 for o in working.values() if o.side == BUY), D(0)
-    )
-    # (The ledger's own consumer takes up to its ack_wait, 30 s, to see again what a
-    # killed ledger had fetched but not committed.)
-    got_btc = await exchange.held(seller.account_id, "BTC", want_btc, within_s=60)
-    got_usdt = await exchange.held(buyer.account_id, "USDT", want_usdt, within_s=60)
-    assert (got_btc, got_usdt) == (want_btc, want_usdt)
-    for _ in range(60):
-        audit = await exchange.audit()
-        if audit.balanced:
-            break
-        await asyncio.sleep(0.5)
-    assert audit.balanced, audit
+    await settled_and_balanced(exchange, seller, buyer, working)
 
     await exchange.clean_up()
     assert await exchange.held(seller.account_id, "BTC", D(0), within_s=60) == 0

@@ -41,6 +41,7 @@ from tests.e2e.order.support import (
     agreed,
     exchange_on,
     kill,
+    settled_and_balanced,
     uid,
 )
 
@@ -151,18 +152,7 @@ async def test_kill_9_of_postgres_nats_and_redis_during_a_burst(own_exchange: Ex
         latest = await (seller if order.side == SELL else buyer).get(order.order_id)
         assert latest.state == t.ORDER_STATE_CANCELLED, order.order_id
 
-    want_btc = sum((D(o.remaining_quantity) for o in working.values() if o.side == SELL), D(0))
-    want_usdt = sum(
-        (D(o.remaining_quantity) * 100 for o in working.values() if o.side == BUY), D(0)
-    )
-    assert await exchange.held(seller.account_id, "BTC", want_btc, within_s=60) == want_btc
-    assert await exchange.held(buyer.account_id, "USDT", want_usdt, within_s=60) == want_usdt
-    for _ in range(60):
-        audit = await exchange.audit()
-        if audit.balanced:
-            break
-        await asyncio.sleep(0.5)
-    assert audit.balanced, audit
+    await settled_and_balanced(exchange, seller, buyer, working)
 
 
 _CLOSED = {t.ORDER_STATE_FILLED, t.ORDER_STATE_CANCELLED, t.ORDER_STATE_REJECTED}
