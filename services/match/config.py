@@ -13,11 +13,13 @@ __all__ = ["MatchSettings"]
 
 @dataclass(frozen=True, slots=True)
 class MatchSettings:
-    """`markets` are the markets this replica writes (empty: every market in the
-    catalog); markets are spread across replicas by giving each its own list.
+    """`group` names the writer group this replica writes, `markets` its markets
+    (empty: every market in the catalog); markets are spread across replicas by
+    giving each group its own name and list (ADR 0013: one writer per group).
     `events_max_age_s`: how long the MATCH_EVENTS stream keeps events (0: forever);
     the journal keeps them all, and ReplayEvents serves what the stream dropped."""
 
+    group: str = "main"
     markets: tuple[str, ...] = ()
     max_batch: int = 500
     snapshot_every: int = 5_000
@@ -29,6 +31,7 @@ class MatchSettings:
         env = os.environ if env is None else env
         markets = env_str(env, "CEX_MATCH_MARKETS", "") or ""
         return cls(
+            group=env_str(env, "CEX_MATCH_GROUP", "main") or "main",
             markets=tuple(m.strip() for m in markets.split(",") if m.strip()),
             max_batch=env_int(env, "CEX_MATCH_MAX_BATCH", 500),
             snapshot_every=env_int(env, "CEX_MATCH_SNAPSHOT_EVERY", 5_000),

@@ -5,7 +5,7 @@ every event committed since the last round (one journal commit when the
 publisher keeps up, several when it is behind; at most a page),
 ``Nats-Msg-Id: <market>:<first seq>-<last seq>``, and the W3C trace context
 (``traceparent``) of the first traced command in it. The publisher starts from
-the last event the stream holds for the market and follows the writer's
+the last event the stream holds for the market and follows the market's
 committed sequence, so events lost by a crash of this process, or by
 JetStream itself, are published again with the same sequence numbers.
 
@@ -29,7 +29,7 @@ from prometheus_client import Counter, Gauge
 from cex.match.v1 import match_pb2
 from services.chassis import ensure_stream
 
-from .writer import MarketWriter
+from .writer import MarketLog
 
 __all__ = ["STREAM", "Publisher", "subject"]
 
@@ -52,16 +52,16 @@ def subject(market: str) -> str:
 
 class Publisher:
     def __init__(
-        self, js: JetStreamContext, writer: MarketWriter, *, ack_timeout_s: float = 2.0
+        self, js: JetStreamContext, log: MarketLog, *, ack_timeout_s: float = 2.0
     ) -> None:
         self._js = js
-        self._writer = writer
-        self._subject = subject(writer.market.symbol)
+        self._log = log
+        self._subject = subject(log.market.symbol)
         self._ack_timeout_s = ack_timeout_s
-        self._published = PUBLISHED.labels(writer.market.symbol)
+        self._published = PUBLISHED.labels(log.market.symbol)
         self.published_seq = 0
-        UNPUBLISHED.labels(writer.market.symbol).set_function(
-            lambda: max(writer.committed_seq - self.published_seq, 0)
+        UNPUBLISHED.labels(log.market.symbol).set_function(
+            lambda: max(log.committed_seq - self.published_seq, 0)
         )
 
     @staticmethod
@@ -81,18 +81,18 @@ class Publisher:
         return events[-1].seq if events else 0
 
     async def run(self) -> None:
-        writer = self._writer
-        market = writer.market.symbol
+        log = self._log
+        market = log.market.symbol
         delay = 0.1
         tail_known = False
         while True:
             try:
                 if not tail_known:
                     tail = await asyncio.wait_for(self._stream_tail(), self._ack_timeout_s)
-                    self.published_seq = min(tail, writer.committed_seq)
+                    self.published_seq = min(tail, log.committed_seq)
                     tail_known = True
-                await writer.wait_beyond(self.published_seq)
-                events = await writer.events(self.published_seq + 1, writer.committed_seq)
+                await log.wait_beyond(self.published_seq)
+                events = await log.events(self.published_seq + 1, log.committed_seq)
                 await self._publish(market, events)
                 self.published_seq = events[-1].seq
                 delay = 0.1
@@ -108,7 +108,7 @@ class Publisher:
                 delay = min(delay * 2, _BACKOFF_MAX_S)
 
     async def _publish(self, market: str, events: list[match_pb2.MatchEvent]) -> None:
-        traced = self._writer.trace_of  # a traced command's context rides with its batch
+        traced = self._log.trace_of  # a traced command's context rides with its batch
         headers = {"Nats-Msg-Id": f"{market}:{events[0].seq}-{events[-1].seq}"}
         for event in events:
             if (carrier := traced.get(event.command_seq)) is not None:

@@ -1,4 +1,4 @@
-"""match service: proto <-> the markets' writers, and errors.
+"""match service: proto <-> the group's writer, and errors.
 
 SubmitCommands pipelines: a stream's requests are read and handed to the
 writers as they arrive (at most ``_IN_FLIGHT`` requests per stream waiting for
@@ -23,6 +23,7 @@ from services.chassis import (
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
+    Market,
     NotFound,
     Rule,
     Server,
@@ -36,7 +37,7 @@ from .domain import Side
 from .engine import MarketEngine, decode
 from .publisher import Publisher
 from .store import Journal
-from .writer import MarketWriter
+from .writer import Sequencer
 
 __all__ = ["MIGRATIONS", "POLICY", "MatchService", "build_server"]
 
@@ -61,17 +62,15 @@ def _resolved(result: match_pb2.CommandResult) -> asyncio.Future[match_pb2.Comma
 class MatchService(match_pb2_grpc.MatchServiceServicer):
     """cex.match.v1.MatchService."""
 
-    def __init__(
-        self, catalog: Catalog, writers: dict[str, MarketWriter], settings: MatchSettings
-    ) -> None:
+    def __init__(self, catalog: Catalog, writer: Sequencer, settings: MatchSettings) -> None:
         self._catalog = catalog
-        self._writers = writers
+        self._writer = writer
         self._settings = settings
 
-    def _writer(self, market: str, field: str = "market") -> MarketWriter:
-        writer = self._writers.get(market)
-        if writer is not None:
-            return writer
+    def _market(self, market: str, field: str = "market") -> Market:
+        found = self._writer.markets.get(market)
+        if found is not None:
+            return found
         if self._catalog.market(market) is None:
             raise NotFound(
                 "MATCH_UNKNOWN_MARKET",
@@ -82,12 +81,12 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
 
     def _dispatch(self, command: match_pb2.Command) -> asyncio.Future[match_pb2.CommandResult]:
         try:
-            writer = self._writer(command.market, "command.market")
+            market = self._market(command.market, "command.market")
             trace_context = None
             if command.trace_context:  # not part of the command (neither journaled nor compared)
                 trace_context = context_of(command.trace_context)
                 command.ClearField("trace_context")
-            return writer.submit(decode(writer.market, command), trace_context)
+            return self._writer.submit(decode(market, command), trace_context)
         except ExchangeError as error:
             return _resolved(
                 match_pb2.CommandResult(
@@ -156,9 +155,9 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
                 "depth must not be negative",
                 violations=[FieldViolation("depth", "must be >= 0")],
             )
-        writer = self._writer(request.market)
+        self._market(request.market)
         depth = request.depth or None
-        async with writer.view() as engine:
+        async with self._writer.view(request.market) as engine:
             return match_pb2.GetOrderBookResponse(
                 book=_book(engine, request.level == match_pb2.BOOK_LEVEL_L3, depth)
             )
@@ -177,16 +176,16 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
             violations.append(FieldViolation("to_seq", "must be 0 or >= from_seq"))
         if violations:
             raise InvalidArgument("MATCH_INVALID_RANGE", "bad event range", violations=violations)
-        writer = self._writer(request.market)
+        log = self._writer.logs[self._market(request.market).symbol]
         next_seq = max(request.from_seq, 1)
         last = request.to_seq
         while True:
-            while events := await writer.events(next_seq, last or writer.committed_seq):
+            while events := await log.events(next_seq, last or log.committed_seq):
                 yield match_pb2.ReplayEventsResponse(events=events)
                 next_seq = events[-1].seq + 1
             if last or not request.follow:
                 return
-            await writer.wait_beyond(next_seq - 1)
+            await log.wait_beyond(next_seq - 1)
 
 
 def _book(engine: MarketEngine, l3: bool, depth: int | None) -> match_pb2.OrderBook:
@@ -230,28 +229,30 @@ async def build_server(
     server = Server(settings)
     infra = await connect(server, schema="match", migrations=MIGRATIONS, nats=True)
     assert infra.pool is not None and infra.nats is not None
-    journal = Journal(infra.pool)
+    journal = Journal(infra.pool, match_settings.group)
     js = infra.nats.jetstream()
     await Publisher.ensure_stream(js, match_settings.events_max_age_s or None)
-    writers: dict[str, MarketWriter] = {}
-    tasks: list[asyncio.Task[None]] = []
+    markets: list[Market] = []
     for symbol in match_settings.markets or tuple(catalog.markets):
         market = catalog.market(symbol)
         if market is None:
             raise ValueError(f"CEX_MATCH_MARKETS names {symbol!r}, which is not a market")
-        if not await server.enter(journal.ownership(symbol, wait_s=_OWNERSHIP_WAIT_S)):
-            raise RuntimeError(f"{symbol} is written by another replica")
-        writer = MarketWriter(
-            market,
-            journal,
-            clock=clock,
-            max_batch=match_settings.max_batch,
-            snapshot_every=match_settings.snapshot_every,
-        )
-        await writer.start()
-        server.on_stop(writer.stop)
-        writers[symbol] = writer
-        tasks.append(asyncio.create_task(Publisher(js, writer).run(), name=f"publish-{symbol}"))
+        markets.append(market)
+    if not await server.enter(journal.ownership(wait_s=_OWNERSHIP_WAIT_S)):
+        raise RuntimeError(f"group {journal.group} is written by another replica")
+    writer = Sequencer(
+        markets,
+        journal,
+        clock=clock,
+        max_batch=match_settings.max_batch,
+        snapshot_every=match_settings.snapshot_every,
+    )
+    await writer.start()
+    server.on_stop(writer.stop)
+    tasks = [
+        asyncio.create_task(Publisher(js, log).run(), name=f"publish-{symbol}")
+        for symbol, log in writer.logs.items()
+    ]
 
     async def stop_publishing() -> None:
         for task in tasks:
@@ -262,7 +263,7 @@ async def build_server(
     server.add(
         match_pb2.DESCRIPTOR.services_by_name["MatchService"],
         match_pb2_grpc.add_MatchServiceServicer_to_server,
-        MatchService(catalog, writers, match_settings),
+        MatchService(catalog, writer, match_settings),
         policy=POLICY,
     )
     return server

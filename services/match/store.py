@@ -1,4 +1,9 @@
-"""The match schema in PostgreSQL: the command journal and the snapshots."""
+"""The match schema in PostgreSQL: the command journal and the snapshots.
+
+Rows belong to a writer group (``writer_group``) and are numbered by the
+group's ``group_seq`` in the order its writer decided them; each row also keeps
+its market's own ``command_seq`` and event range.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,11 @@ import asyncpg
 
 __all__ = ["Entry", "Journal", "Snapshot"]
 
-_ENTRY_COLUMNS = ("command_seq", "command_id", "ts", "command", "first_seq", "last_seq", "events")
+_ENTRY_COLUMNS = (
+    "group_seq", "market", "command_seq", "command_id", "ts", "command", "first_seq", "last_seq",
+    "events",
+)  # fmt: skip
+_SELECT = f"SELECT {', '.join(_ENTRY_COLUMNS)} FROM journal"
 _SNAPSHOTS_KEPT = 3
 
 
@@ -20,6 +29,8 @@ _SNAPSHOTS_KEPT = 3
 class Entry:
     """One journaled command and the events it produced (first_seq..last_seq)."""
 
+    group_seq: int
+    market: str
     command_seq: int
     command_id: str
     ts: int
@@ -31,8 +42,9 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    command_seq: int
-    seq: int
+    """The whole group's state after ``group_seq``."""
+
+    group_seq: int
     state: bytes
     state_hash: str
 
@@ -42,43 +54,47 @@ def _entry(row: asyncpg.Record) -> Entry:
 
 
 class Journal:
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+    """One writer group's rows of the journal and its snapshots."""
 
-    async def append(self, market: str, entries: Sequence[Entry]) -> None:
+    def __init__(self, pool: asyncpg.Pool, group: str) -> None:
+        self._pool = pool
+        self.group = group
+
+    async def append(self, entries: Sequence[Entry]) -> None:
         """Write a batch of entries in one transaction (the group commit)."""
-        records = [(market, *(getattr(e, c) for c in _ENTRY_COLUMNS)) for e in entries]
+        records = [(self.group, *(getattr(e, c) for c in _ENTRY_COLUMNS)) for e in entries]
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.copy_records_to_table(
-                "journal", schema_name="match", columns=("market", *_ENTRY_COLUMNS), records=records
+                "journal",
+                schema_name="match",
+                columns=("writer_group", *_ENTRY_COLUMNS),
+                records=records,
             )
 
-    async def find(self, market: str, command_ids: Sequence[str]) -> dict[str, Entry]:
-        """Entries already journaled under any of these command ids."""
+    async def find(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Entry]:
+        """Entries already journaled under any of these (market, command id)s."""
         rows = await self._pool.fetch(
-            f"SELECT {', '.join(_ENTRY_COLUMNS)} FROM journal"
-            " WHERE market = $1 AND command_id = ANY($2::text[])",
-            market,
-            list(command_ids),
+            f"{_SELECT} WHERE (market, command_id) IN"
+            " (SELECT * FROM unnest($1::text[], $2::text[]))",
+            [market for market, _ in keys],
+            [command_id for _, command_id in keys],
         )
-        return {row["command_id"]: _entry(row) for row in rows}
+        return {(row["market"], row["command_id"]): _entry(row) for row in rows}
 
-    async def after(self, market: str, command_seq: int, limit: int) -> list[Entry]:
-        """Up to `limit` entries after `command_seq`, in order."""
+    async def after(self, group_seq: int, limit: int) -> list[Entry]:
+        """Up to `limit` of the group's entries after `group_seq`, in order."""
         rows = await self._pool.fetch(
-            f"SELECT {', '.join(_ENTRY_COLUMNS)} FROM journal"
-            " WHERE market = $1 AND command_seq > $2 ORDER BY command_seq LIMIT $3",
-            market,
-            command_seq,
+            f"{_SELECT} WHERE writer_group = $1 AND group_seq > $2 ORDER BY group_seq LIMIT $3",
+            self.group,
+            group_seq,
             limit,
         )
         return [_entry(row) for row in rows]
 
     async def covering(self, market: str, from_seq: int, to_seq: int, limit: int) -> list[Entry]:
-        """Entries whose events reach into from_seq..to_seq, in order."""
+        """A market's entries whose events reach into from_seq..to_seq, in order."""
         rows = await self._pool.fetch(
-            f"SELECT {', '.join(_ENTRY_COLUMNS)} FROM journal"
-            " WHERE market = $1 AND last_seq >= $2 AND first_seq <= $3"
+            f"{_SELECT} WHERE market = $1 AND last_seq >= $2 AND first_seq <= $3"
             " ORDER BY last_seq LIMIT $4",
             market,
             from_seq,
@@ -87,45 +103,44 @@ class Journal:
         )
         return [_entry(row) for row in rows]
 
-    async def latest_snapshot(self, market: str) -> Snapshot | None:
+    async def latest_snapshot(self) -> Snapshot | None:
         row = await self._pool.fetchrow(
-            "SELECT command_seq, seq, state, state_hash FROM snapshots"
-            " WHERE market = $1 ORDER BY command_seq DESC LIMIT 1",
-            market,
+            "SELECT group_seq, state, state_hash FROM snapshots"
+            " WHERE writer_group = $1 ORDER BY group_seq DESC LIMIT 1",
+            self.group,
         )
         return None if row is None else Snapshot(*row)
 
-    async def save_snapshot(self, market: str, snapshot: Snapshot) -> None:
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(
-                "INSERT INTO snapshots (market, command_seq, seq, state, state_hash)"
-                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                market,
-                snapshot.command_seq,
-                snapshot.seq,
+                "INSERT INTO snapshots (writer_group, group_seq, state, state_hash)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                self.group,
+                snapshot.group_seq,
                 snapshot.state,
                 snapshot.state_hash,
             )
             await conn.execute(
-                "DELETE FROM snapshots WHERE market = $1 AND command_seq < ALL ("
-                " SELECT command_seq FROM snapshots WHERE market = $1"
-                " ORDER BY command_seq DESC LIMIT $2)",
-                market,
+                "DELETE FROM snapshots WHERE writer_group = $1 AND group_seq < ALL ("
+                " SELECT group_seq FROM snapshots WHERE writer_group = $1"
+                " ORDER BY group_seq DESC LIMIT $2)",
+                self.group,
                 _SNAPSHOTS_KEPT,
             )
 
     @contextlib.asynccontextmanager
-    async def ownership(self, market: str, *, wait_s: float) -> AsyncIterator[bool]:
-        """Hold the market's writer lock for the block, if it can be had within `wait_s`.
+    async def ownership(self, *, wait_s: float) -> AsyncIterator[bool]:
+        """Hold the group's writer lock for the block, if it can be had within `wait_s`.
 
         A session-level advisory lock on a connection kept for the purpose: it
         is released when this process stops or dies (PostgreSQL ends the
-        session), so a restarted or standby replica can take the market over.
+        session), so a restarted or standby replica can take the group over.
         """
         key = ("SELECT {}(hashtext('cex.match.writer'), hashtext($1))").format
         async with self._pool.acquire() as conn:
             deadline = time.monotonic() + wait_s
-            while not (owned := await conn.fetchval(key("pg_try_advisory_lock"), market)):
+            while not (owned := await conn.fetchval(key("pg_try_advisory_lock"), self.group)):
                 if time.monotonic() >= deadline:
                     break
                 await asyncio.sleep(0.2)
@@ -133,4 +148,4 @@ class Journal:
                 yield bool(owned)
             finally:
                 if owned:
-                    await conn.execute(key("pg_advisory_unlock"), market)
+                    await conn.execute(key("pg_advisory_unlock"), self.group)

@@ -1,32 +1,37 @@
-"""The single writer of one market: recovery, group commit, snapshots, the event log.
+"""The single writer of a group of markets: recovery, group commit, snapshots, event logs.
 
-Commands queue up while the previous batch commits; the writer takes everything
-queued (up to ``max_batch``), applies it to the engine in order, and writes the
-whole batch (each command with its events) to the journal in one transaction.
-Only then are the commands answered, their events released to the publisher
-and to ReplayEvents followers, and the book shown to GetOrderBook: the lock
-held across apply and commit means nobody outside sees a state the journal
-does not hold. If the commit fails, the engine may be ahead of the journal, so
-the writer rebuilds it from the journal before taking more work and answers
-the batch UNAVAILABLE (a retry with the same command ids is safe: if the
-commit did land, the retry finds the commands and returns their results).
+One writer decides every command of its group (by default every market), in
+one order, numbered by the group's ``group_seq`` (ADR 0013). Commands queue up
+while the previous batch commits; the writer takes everything queued (up to
+``max_batch``, whatever the market), applies it to the markets' engines in
+order, and writes the whole batch (each command with its events) to the
+journal in ONE transaction. Only then are the commands answered, their events
+released to the publishers and to ReplayEvents followers (each market's
+``MarketLog``), and the books shown to GetOrderBook: the lock held across
+apply and commit means nobody outside sees a state the journal does not hold.
+If the commit fails, the engines may be ahead of the journal, so the writer
+rebuilds them from the journal before taking more work and answers the batch
+UNAVAILABLE (a retry with the same command ids is safe: if the commit did
+land, the retry finds the commands and returns their results).
 
-Time enters as a command: a ticker sends the writer an ``expire`` command (id
-``expire:<ns>``) as soon as the book's earliest GTD order is due, so an idle
+Time enters as a command: a ticker sends a market an ``expire`` command (id
+``expire:<ns>``) as soon as its book's earliest GTD order is due, so an idle
 market expires its orders, and releases their funds, on time, and the expiry
 is journaled and replayed like any other change.
 
-Recovery loads the latest snapshot and re-applies every journaled command
-after it, checking that each produces exactly the events journaled with it: a
-replay that disagrees with the journal stops the market rather than serve a
-book that differs from the one that was acknowledged.
+Recovery loads the group's latest snapshot and re-applies every journaled
+command after it in ``group_seq`` order, checking that each produces exactly
+the events journaled with it: a replay that disagrees with the journal stops
+the group rather than serve a book that differs from the one acknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
+import json
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -43,13 +48,14 @@ from services.chassis.tracing import Context
 from .engine import Decoded, MarketEngine, decode
 from .store import Entry, Journal, Snapshot
 
-__all__ = ["JournalMismatch", "MarketWriter"]
+__all__ = ["JournalMismatch", "MarketLog", "Sequencer"]
 
 _log = logging.getLogger("cex.match.writer")
 _OK = status_pb2.Status()
 _RECOVERY_PAGE = 2_000
 _READ_PAGE = 500
-_TRACED_COMMANDS = 10_000  # trace contexts kept for the publisher (command_seq -> carrier)
+_TRACED_COMMANDS = 10_000  # trace contexts kept for a publisher (command_seq -> carrier)
+_SNAPSHOT_VERSION = 1
 _tracer = trace.get_tracer("cex.match")
 
 
@@ -79,10 +85,63 @@ def _failed(command: match_pb2.Command, error: ExchangeError) -> match_pb2.Comma
     )
 
 
-class MarketWriter:
+class MarketLog:
+    """One market's committed events: what its publisher and ReplayEvents read."""
+
+    def __init__(self, market: Market, journal: Journal, recent_events: int) -> None:
+        self.market = market
+        self._journal = journal
+        self._recent: deque[match_pb2.MatchEvent] = deque(maxlen=recent_events)
+        self._committed = asyncio.Condition()
+        self.committed_seq = 0  # last event seq the journal holds
+        # W3C trace context of traced commands, by command_seq, until published.
+        self.trace_of: dict[int, dict[str, str]] = {}
+
+    def reset(self, seq: int) -> None:
+        self._recent.clear()
+        self.committed_seq = seq
+
+    async def extend(self, events: Sequence[match_pb2.MatchEvent]) -> None:
+        self._recent.extend(events)
+        self.committed_seq = events[-1].seq
+        async with self._committed:
+            self._committed.notify_all()
+
+    def traced(self, span: trace.Span, command_seq: int) -> None:
+        carrier: dict[str, str] = {}
+        inject(carrier, trace.set_span_in_context(span))
+        if len(self.trace_of) >= _TRACED_COMMANDS:  # the publisher is behind: forget the oldest
+            del self.trace_of[next(iter(self.trace_of))]
+        self.trace_of[command_seq] = carrier
+
+    async def wait_beyond(self, seq: int) -> None:
+        """Return once an event after `seq` is committed."""
+        async with self._committed:
+            await self._committed.wait_for(lambda: self.committed_seq > seq)
+
+    async def events(self, from_seq: int, to_seq: int) -> list[match_pb2.MatchEvent]:
+        """Committed events from_seq..to_seq (at most a page; fewer at the end)."""
+        to_seq = min(to_seq, self.committed_seq, from_seq + _READ_PAGE - 1)
+        if from_seq > to_seq:
+            return []
+        recent = self._recent
+        first_recent = self.committed_seq - len(recent) + 1
+        if recent and from_seq >= first_recent:
+            start = from_seq - first_recent
+            return list(itertools.islice(recent, start, start + to_seq - from_seq + 1))
+        found: list[match_pb2.MatchEvent] = []
+        symbol = self.market.symbol
+        for entry in await self._journal.covering(symbol, from_seq, to_seq, _READ_PAGE):
+            found += (e for e in _unpack(entry.events) if from_seq <= e.seq <= to_seq)
+        return found
+
+
+class Sequencer:
+    """The writer of one group of markets."""
+
     def __init__(
         self,
-        market: Market,
+        markets: Sequence[Market],
         journal: Journal,
         *,
         clock: Callable[[], int],
@@ -91,30 +150,32 @@ class MarketWriter:
         recent_events: int = 50_000,
         tick_s: float = 0.1,
     ) -> None:
-        self.market = market
-        self.engine = MarketEngine(market)
+        self.markets = {m.symbol: m for m in markets}
+        self.engines = {m.symbol: MarketEngine(m) for m in markets}
+        self.logs = {m.symbol: MarketLog(m, journal, recent_events) for m in markets}
         self._journal = journal
         self._clock = clock
         self._max_batch = max_batch
         self._snapshot_every = snapshot_every
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._lock = asyncio.Lock()
-        self._committed = asyncio.Condition()
-        self._recent: deque[match_pb2.MatchEvent] = deque(maxlen=recent_events)
         self._snapshot_seq = 0
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._tick_s = tick_s
-        self.committed_seq = 0  # last event seq the journal holds
-        # W3C trace context of traced commands, by command_seq, until published.
-        self.trace_of: dict[int, dict[str, str]] = {}
+        self.group_seq = 0  # last command the journal holds
+        self.last_ts = 0
+
+    @property
+    def group(self) -> str:
+        return self._journal.group
 
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
         await self._recover()
-        self._task = asyncio.create_task(self._run(), name=f"writer-{self.market.symbol}")
-        self._ticker = asyncio.create_task(self._tick(), name=f"expiry-{self.market.symbol}")
+        self._task = asyncio.create_task(self._run(), name=f"writer-{self.group}")
+        self._ticker = asyncio.create_task(self._tick(), name=f"expiry-{self.group}")
 
     async def stop(self) -> None:
         for task in (self._ticker, self._task):
@@ -128,39 +189,53 @@ class MarketWriter:
             pending.future.set_result(_failed(pending.decoded.wire, error))
 
     async def _recover(self) -> None:
-        symbol = self.market.symbol
-        snapshot = await self._journal.latest_snapshot(symbol)
-        engine = (
-            MarketEngine(self.market)
-            if snapshot is None
-            else MarketEngine.restore(self.market, snapshot.state)
-        )
-        replayed = 0
-        while entries := await self._journal.after(symbol, engine.command_seq, _RECOVERY_PAGE):
+        snapshot = await self._journal.latest_snapshot()
+        engines = {s: MarketEngine(m) for s, m in self.markets.items()}
+        group_seq = last_ts = 0
+        if snapshot is not None:
+            doc = json.loads(snapshot.state)
+            if doc.get("version") != _SNAPSHOT_VERSION:
+                raise ValueError(f"not a version {_SNAPSHOT_VERSION} snapshot of {self.group}")
+            group_seq, last_ts = int(doc["group_seq"]), int(doc["last_ts"])
+            for symbol, state in doc["markets"].items():
+                market = self.markets.get(symbol)
+                if market is None:
+                    raise JournalMismatch(f"{self.group}'s snapshot holds {symbol}, not its market")
+                engines[symbol] = MarketEngine.restore(market, _canonical(state))
+        snapshot_seq, replayed = group_seq, 0
+        while entries := await self._journal.after(group_seq, _RECOVERY_PAGE):
             for entry in entries:
+                engine = engines.get(entry.market)
+                if engine is None:
+                    raise JournalMismatch(
+                        f"{self.group}: command {entry.group_seq} is for {entry.market}, "
+                        "which this group does not write"
+                    )
                 command = match_pb2.Command.FromString(entry.command)
-                events = engine.apply(decode(self.market, command), entry.command_seq, entry.ts)
+                events = engine.apply(
+                    decode(engine.market, command), entry.command_seq, entry.ts
+                )
                 if _pack(events) != entry.events:
                     raise JournalMismatch(
-                        f"{symbol}: replaying command {entry.command_seq} ({entry.command_id}) "
-                        "gave other events than the journal holds"
+                        f"{entry.market}: replaying command {entry.command_seq} "
+                        f"({entry.command_id}) gave other events than the journal holds"
                     )
+                group_seq, last_ts = entry.group_seq, max(last_ts, entry.ts)
             replayed += len(entries)
-        self.engine = engine
-        self.committed_seq = engine.seq
-        self._snapshot_seq = engine.command_seq - replayed
-        self._recent.clear()
+        self.engines, self.group_seq, self.last_ts = engines, group_seq, last_ts
+        self._snapshot_seq = snapshot_seq
+        for symbol, engine in engines.items():
+            self.logs[symbol].reset(engine.seq)
         _log.info(
             "recovered %s",
-            symbol,
+            self.group,
             extra={
                 "fields": {
-                    "market": symbol,
-                    "snapshot_command_seq": self._snapshot_seq,
+                    "group": self.group,
+                    "snapshot_group_seq": snapshot_seq,
                     "replayed": replayed,
-                    "command_seq": engine.command_seq,
-                    "seq": engine.seq,
-                    "state_hash": engine.state_hash(),
+                    "group_seq": group_seq,
+                    "state_hash": self.state_hash(),
                 }
             },
         )
@@ -179,7 +254,7 @@ class MarketWriter:
                 "match.command",
                 context=trace_context,
                 attributes={
-                    "cex.market": self.market.symbol,
+                    "cex.market": decoded.wire.market,
                     "cex.command_id": decoded.wire.command_id,
                 },
             )
@@ -198,7 +273,7 @@ class MarketWriter:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                _log.exception("journal write failed for %s; reloading", self.market.symbol)
+                _log.exception("journal write failed for %s; reloading", self.group)
                 error = Unavailable("MATCH_JOURNAL_UNAVAILABLE", "the journal write failed; retry")
                 for pending in batch:
                     if not pending.future.done():
@@ -206,27 +281,29 @@ class MarketWriter:
                 await self._reload()
 
     async def _tick(self) -> None:
-        """Send ``expire`` whenever the earliest GTD order is due (checked every tick)."""
-        symbol = self.market.symbol
+        """Send a market ``expire`` whenever its earliest GTD order is due (checked every tick)."""
         while True:
             await asyncio.sleep(self._tick_s)
-            due = self.engine.book.next_expiry()
             now = self._clock()
-            if due is None or due > now:
-                continue
-            command = match_pb2.Command(
-                command_id=f"expire:{now}", market=symbol, expire=match_pb2.ExpireCommand()
-            )
-            try:
-                result = await self.submit(decode(self.market, command))
-            except Exception:  # a bug: keep ticking, the next tick tries again
-                _log.exception("expiry in %s failed", symbol)
-                continue
-            if result.status.code:
-                _log.warning("expiry in %s not journaled: %s", symbol, result.status.message)
+            due = [
+                symbol
+                for symbol, engine in self.engines.items()
+                if (at := engine.book.next_expiry()) is not None and at <= now
+            ]
+            for symbol in due:
+                command = match_pb2.Command(
+                    command_id=f"expire:{now}", market=symbol, expire=match_pb2.ExpireCommand()
+                )
+                try:
+                    result = await self.submit(decode(self.markets[symbol], command))
+                except Exception:  # a bug: keep ticking, the next tick tries again
+                    _log.exception("expiry in %s failed", symbol)
+                    continue
+                if result.status.code:
+                    _log.warning("expiry in %s not journaled: %s", symbol, result.status.message)
 
     async def _reload(self) -> None:
-        """Rebuild the engine from the journal, retrying while PostgreSQL is away."""
+        """Rebuild the engines from the journal, retrying while PostgreSQL is away."""
         for delay in itertools.chain((0.1, 0.2, 0.5), itertools.repeat(1.0)):
             try:
                 async with self._lock:
@@ -235,119 +312,113 @@ class MarketWriter:
             except JournalMismatch:
                 raise
             except Exception as exc:
-                _log.warning("reload of %s failed (%s); retrying", self.market.symbol, exc)
+                _log.warning("reload of %s failed (%s); retrying", self.group, exc)
                 await asyncio.sleep(delay)
 
     async def _commit(self, batch: list[_Pending]) -> None:
-        symbol = self.market.symbol
-        known = await self._journal.find(symbol, [p.decoded.wire.command_id for p in batch])
+        known = await self._journal.find(
+            [(p.decoded.wire.market, p.decoded.wire.command_id) for p in batch]
+        )
         results: list[match_pb2.CommandResult] = []
         entries: list[Entry] = []
-        published: list[match_pb2.MatchEvent] = []
-        engine = self.engine
+        published: dict[str, list[match_pb2.MatchEvent]] = {}
         async with self._lock:
             for pending in batch:
                 wire = pending.decoded.wire
-                prior = known.get(wire.command_id)
+                key = (wire.market, wire.command_id)
+                prior = known.get(key)
                 if prior is not None:
-                    results.append(self._repeat(wire, pending.body, prior))
+                    results.append(_repeat(wire, pending.body, prior))
                     continue
+                engine = self.engines[wire.market]
                 command_seq = engine.command_seq + 1
-                ts = max(self._clock(), engine.last_ts)
+                ts = self.last_ts = max(self._clock(), self.last_ts, engine.last_ts)
                 first_seq = engine.seq + 1
                 events = engine.apply(pending.decoded, command_seq, ts)
+                self.group_seq += 1
                 entry = Entry(
-                    command_seq, wire.command_id, ts, pending.body, first_seq, engine.seq,
-                    _pack(events),
+                    self.group_seq, wire.market, command_seq, wire.command_id, ts, pending.body,
+                    first_seq, engine.seq, _pack(events),
                 )  # fmt: skip
-                known[wire.command_id] = entry
+                known[key] = entry
                 entries.append(entry)
-                published += events
+                if events:
+                    published.setdefault(wire.market, []).extend(events)
                 if pending.span is not None:
-                    self._traced(pending.span, command_seq, len(batch))
+                    self._traced(pending.span, wire.market, command_seq, len(batch))
                 results.append(
                     match_pb2.CommandResult(
                         command_id=wire.command_id,
-                        market=symbol,
+                        market=wire.market,
                         status=_OK,
                         command_seq=command_seq,
                         events=events,
                     )
                 )
             if entries:
-                await self._journal.append(symbol, entries)
+                await self._journal.append(entries)
             snapshot = self._snapshot_due()
         for pending, result in zip(batch, results, strict=True):
             pending.future.set_result(result)
-        if published:
-            self._recent.extend(published)
-            self.committed_seq = engine.seq
-            async with self._committed:
-                self._committed.notify_all()
+        for symbol, events in published.items():
+            await self.logs[symbol].extend(events)
         if snapshot is not None:
-            await self._journal.save_snapshot(symbol, snapshot)
+            await self._journal.save_snapshot(snapshot)
 
-    def _traced(self, span: trace.Span, command_seq: int, batch: int) -> None:
+    def _traced(self, span: trace.Span, market: str, command_seq: int, batch: int) -> None:
         span.set_attribute("cex.command_seq", command_seq)
         span.set_attribute("cex.batch_size", batch)
-        if not span.get_span_context().is_valid:
-            return
-        carrier: dict[str, str] = {}
-        inject(carrier, trace.set_span_in_context(span))
-        if len(self.trace_of) >= _TRACED_COMMANDS:  # the publisher is behind: forget the oldest
-            del self.trace_of[next(iter(self.trace_of))]
-        self.trace_of[command_seq] = carrier
-
-    def _repeat(
-        self, wire: match_pb2.Command, body: bytes, prior: Entry
-    ) -> match_pb2.CommandResult:
-        if body != prior.command:
-            error = AlreadyExists(
-                "MATCH_COMMAND_ID_REUSED",
-                f"command {wire.command_id} was journaled with another body",
-            )
-            return _failed(wire, error)
-        return match_pb2.CommandResult(
-            command_id=wire.command_id,
-            market=self.market.symbol,
-            status=_OK,
-            command_seq=prior.command_seq,
-            events=_unpack(prior.events),
-            duplicate=True,
-        )
+        if span.get_span_context().is_valid:
+            self.logs[market].traced(span, command_seq)
 
     def _snapshot_due(self) -> Snapshot | None:
-        engine = self.engine
-        if engine.command_seq - self._snapshot_seq < self._snapshot_every:
+        if self.group_seq - self._snapshot_seq < self._snapshot_every:
             return None
-        self._snapshot_seq = engine.command_seq
-        state = engine.snapshot()
-        return Snapshot(engine.command_seq, engine.seq, state, engine.state_hash())
+        self._snapshot_seq = self.group_seq
+        state = self.snapshot()
+        return Snapshot(self.group_seq, state, hashlib.sha256(state).hexdigest())
+
+    # ----------------------------------------------------------------- state
+
+    def snapshot(self) -> bytes:
+        """Canonical bytes of the whole group: equal states give equal bytes."""
+        doc = {
+            "version": _SNAPSHOT_VERSION,
+            "group": self.group,
+            "group_seq": self.group_seq,
+            "last_ts": self.last_ts,
+            "markets": {s: json.loads(e.snapshot()) for s, e in self.engines.items()},
+        }
+        return _canonical(doc)
+
+    def state_hash(self) -> str:
+        return hashlib.sha256(self.snapshot()).hexdigest()
 
     # ----------------------------------------------------------------- reading
 
     @contextlib.asynccontextmanager
-    async def view(self) -> AsyncIterator[MarketEngine]:
-        """The engine as the journal holds it (no batch half applied)."""
+    async def view(self, market: str) -> AsyncIterator[MarketEngine]:
+        """A market's engine as the journal holds it (no batch half applied)."""
         async with self._lock:
-            yield self.engine
+            yield self.engines[market]
 
-    async def wait_beyond(self, seq: int) -> None:
-        """Return once an event after `seq` is committed."""
-        async with self._committed:
-            await self._committed.wait_for(lambda: self.committed_seq > seq)
 
-    async def events(self, from_seq: int, to_seq: int) -> list[match_pb2.MatchEvent]:
-        """Committed events from_seq..to_seq (at most a page; fewer at the end)."""
-        to_seq = min(to_seq, self.committed_seq, from_seq + _READ_PAGE - 1)
-        if from_seq > to_seq:
-            return []
-        recent = self._recent
-        first_recent = self.committed_seq - len(recent) + 1
-        if recent and from_seq >= first_recent:
-            start = from_seq - first_recent
-            return list(itertools.islice(recent, start, start + to_seq - from_seq + 1))
-        found: list[match_pb2.MatchEvent] = []
-        for entry in await self._journal.covering(self.market.symbol, from_seq, to_seq, _READ_PAGE):
-            found += (e for e in _unpack(entry.events) if from_seq <= e.seq <= to_seq)
-        return found
+def _canonical(doc: object) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _repeat(wire: match_pb2.Command, body: bytes, prior: Entry) -> match_pb2.CommandResult:
+    if body != prior.command:
+        error = AlreadyExists(
+            "MATCH_COMMAND_ID_REUSED",
+            f"command {wire.command_id} was journaled with another body",
+        )
+        return _failed(wire, error)
+    return match_pb2.CommandResult(
+        command_id=wire.command_id,
+        market=wire.market,
+        status=_OK,
+        command_seq=prior.command_seq,
+        events=_unpack(prior.events),
+        duplicate=True,
+    )

@@ -136,6 +136,8 @@ spec:
               value: {{ $root.Values.ports.jwks | quote }}
             {{- end }}
             {{- if $isMatch }}
+            - name: CEX_MATCH_GROUP
+              value: {{ .group | quote }}
             - name: CEX_MATCH_MARKETS
               value: {{ join "," .markets | quote }}
             {{- end }}

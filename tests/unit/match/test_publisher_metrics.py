@@ -11,8 +11,8 @@ from services.match.publisher import Publisher
 
 
 def test_unpublished_events_follow_the_journal_and_the_publisher() -> None:
-    writer: Any = SimpleNamespace(market=SimpleNamespace(symbol="GAUGE-TEST"), committed_seq=0)
-    publisher = Publisher(js=None, writer=writer)  # type: ignore[arg-type]
+    log: Any = SimpleNamespace(market=SimpleNamespace(symbol="GAUGE-TEST"), committed_seq=0)
+    publisher = Publisher(js=None, log=log)  # type: ignore[arg-type]
 
     def unpublished() -> float | None:
         return REGISTRY.get_sample_value(
@@ -20,7 +20,7 @@ def test_unpublished_events_follow_the_journal_and_the_publisher() -> None:
         )
 
     assert unpublished() == 0
-    writer.committed_seq = 40  # the writer journaled 40 events
+    log.committed_seq = 40  # the writer journaled 40 events
     assert unpublished() == 40
     publisher.published_seq = 35  # the publisher got acks up to 35
     assert unpublished() == 5
