@@ -9,6 +9,7 @@ pip-installed wheels. Later tests reuse it through `database_url`, `nats_url`,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import uuid
@@ -74,10 +75,12 @@ class Trust:
 
     jwks_url: str
     credentials: ServiceCredentials
+    service_secret: str  # what a test's own service presents to the stack's auth...
+    edge: str  # ...through the stack's edge, for its service token
 
     @property
     def env(self) -> dict[str, str]:
-        return {"CEX_JWKS_URL": self.jwks_url}
+        return {"CEX_JWKS_URL": self.jwks_url, "CEX_SERVICE_SECRET": self.service_secret}
 
     def channel(self, target: str) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(
@@ -87,7 +90,7 @@ class Trust:
 
 @pytest.fixture(scope="session")
 def trust(stack: Stack, service_credentials: ServiceCredentials) -> Trust:
-    return Trust(stack.ports.jwks_url, service_credentials)
+    return Trust(stack.ports.jwks_url, service_credentials, stack.service_secret, stack.edge)
 
 
 @pytest.fixture
@@ -109,9 +112,9 @@ async def fresh_database_url(stack: Stack) -> str:
     return stack.database_url.rsplit("/", 1)[0] + f"/{name}"
 
 
-@pytest.fixture
-async def private_nats(tmp_path: Path) -> AsyncIterator[str]:
-    """A NATS server with JetStream of the test's own (subjects and streams unshared)."""
+@contextlib.asynccontextmanager
+async def nats_server(folder: Path) -> AsyncIterator[str]:
+    """A NATS server with JetStream of its own (subjects and streams unshared)."""
     port = free_ports().nats
     process = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "nats-server"),
@@ -121,7 +124,7 @@ async def private_nats(tmp_path: Path) -> AsyncIterator[str]:
         str(port),
         "--jetstream",
         "-sd",
-        str(tmp_path / "nats"),
+        str(folder / "nats"),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
@@ -137,3 +140,17 @@ async def private_nats(tmp_path: Path) -> AsyncIterator[str]:
     finally:
         process.kill()
         await process.wait()
+
+
+@pytest.fixture
+async def private_nats(tmp_path: Path) -> AsyncIterator[str]:
+    """A NATS server with JetStream of the test's own."""
+    async with nats_server(tmp_path) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+async def module_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """A NATS server with JetStream of the module's own (for module-scoped worlds)."""
+    async with nats_server(tmp_path_factory.mktemp("nats")) as url:
+        yield url

@@ -216,3 +216,18 @@ class ErrorDetails:
         """Decode a failed call from either the sync or the asyncio API."""
         call: grpc.Call = error  # type: ignore[assignment]
         return cls.from_trailers(call.code(), call.details() or "", call.trailing_metadata())
+
+    def error(self, fallback_reason: str) -> ExchangeError:
+        """The same failure, to raise or answer again (`fallback_reason` if it had none)."""
+        try:
+            return ExchangeError(
+                self.reason or fallback_reason,
+                self.message or self.reason or fallback_reason,
+                code=self.code,
+                metadata=self.metadata,
+                violations=self.violations,
+                retry_after_s=self.retry_after_s,
+                domain=self.domain or None,
+            )
+        except ValueError:  # a reason outside the model
+            return ExchangeError(fallback_reason, self.message, code=self.code)

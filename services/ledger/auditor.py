@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Gauge
 
 __all__ = ["AssetReport", "AuditReport", "Auditor", "LedgerMetrics", "run_audit"]
 
@@ -35,21 +35,6 @@ class LedgerMetrics:
         )
         self.halted = Gauge(
             "ledger_halted", "1 while the auditor's halt flag is set", registry=registry
-        )
-        self.anomalies = Counter(
-            "ledger_settlement_anomalies",
-            "Settlement anomalies (missing or short holds, fees not charged)",
-            ["kind"],
-            registry=registry,
-        )
-        self.transfers = Counter(
-            "ledger_group_commit_items", "Items committed by the group writer", registry=registry
-        )
-        self.groups = Counter(
-            "ledger_group_commits", "Group-commit transactions", registry=registry
-        )
-        self.settled = Counter(
-            "ledger_settled_trades", "Trades settled from match events", registry=registry
         )
 
 

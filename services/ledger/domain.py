@@ -43,6 +43,7 @@ __all__ = [
     "State",
     "Transfer",
     "TransferInput",
+    "apply_transfers",
     "is_system",
     "split_chains",
 ]
@@ -229,6 +230,27 @@ def split_chains(linked: Sequence[bool]) -> list[tuple[list[int], bool]]:
     return chains
 
 
+def apply_transfers(
+    book: Book, items: Sequence[TransferInput | ExchangeError], linked: Sequence[bool]
+) -> list[Outcome]:
+    """One CreateTransfers request, chain by chain (items that failed parsing are
+    errors already; `linked` is the request's flags.linked, failed items included)."""
+    outcomes: list[Outcome] = []
+    for indices, closed in split_chains(linked):
+        chain = [items[i] for i in indices]
+        if not closed:
+            outcomes.extend(
+                InvalidArgument(
+                    "LEDGER_LINKED_EVENT_CHAIN_OPEN",
+                    "the last transfer of the request is flagged linked",
+                )
+                for _ in chain
+            )
+            continue
+        outcomes.extend(book.apply_chain(chain))
+    return outcomes
+
+
 def validate(item: TransferInput, assets: Iterable[str]) -> ExchangeError | None:
     """Checks that need no state (the server parses amounts before this)."""
     if not _ID.match(item.id):
@@ -292,6 +314,10 @@ class Book:
     new_failures: list[Failure] = field(default_factory=list)
     new_trades: list[tuple[str, str, int]] = field(default_factory=list)
     anomalies: list[Anomaly] = field(default_factory=list)
+    # What changed since the last save: found without scanning every account
+    # and hold (the match writer keeps them all in memory).
+    touched_accounts: dict[tuple[str, str], Account] = field(default_factory=dict)
+    touched_transfers: dict[str, Transfer] = field(default_factory=dict)
     _undo: list[tuple[Any, str, Any]] | None = None
 
     # -- reading ---------------------------------------------------------
@@ -308,20 +334,36 @@ class Book:
         return found.available if found else 0
 
     def changed_accounts(self) -> list[Account]:
-        return [a for a in self.accounts.values() if a.changed]
+        return [a for a in self.touched_accounts.values() if a.changed]
 
     def changed_pendings(self) -> list[Transfer]:
         return [
             t
-            for t in self.transfers.values()
+            for t in self.touched_transfers.values()
             if t.stored is not None and (t.state, t.remaining) != t.stored
         ]
+
+    def saved(self) -> None:
+        """The changes are stored: what is now is what was loaded (a kept book goes on)."""
+        for account in self.touched_accounts.values():
+            account.stored = account.values
+        for record in (*self.touched_transfers.values(), *self.new_transfers):
+            record.stored = (record.state, record.remaining)
+        self.touched_accounts.clear()
+        self.touched_transfers.clear()
+        self.new_transfers.clear()
+        self.new_failures.clear()
+        self.new_trades.clear()
+        self.anomalies.clear()
+        self.stored_cursors = dict(self.cursors)
 
     # -- changing (every change goes through _set so a chain can roll back) --
 
     def _set(self, obj: Any, name: str, value: Any) -> None:
         if self._undo is not None:
             self._undo.append((obj, name, getattr(obj, name)))
+        if isinstance(obj, Transfer):
+            self.touched_transfers[obj.id] = obj
         setattr(obj, name, value)
 
     def _move(
@@ -334,6 +376,7 @@ class Book:
             undo.append((account, "debits_pending", account.debits_pending))
             undo.append((account, "credits_pending", account.credits_pending))
             undo.append((account, "update_time_ns", account.update_time_ns))
+        self.touched_accounts[account.key] = account
         account.debits_posted += dp
         account.credits_posted += cp
         account.debits_pending += dpe

@@ -1,17 +1,16 @@
 """ledger service: proto <-> domain and errors, and the composition root.
 
-`build_server` wires the pool, the group-commit writer, the settlement
-consumer, the hold-expiry sweeper and the auditor into one `Server`.
+`build_server` wires the pool, the channel to the balance owner (the match
+group's writer, which applies every transfer: ADR 0013) and the auditor into
+one `Server`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -20,7 +19,6 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from cex.match.v1 import match_pb2, match_pb2_grpc
 from services.chassis import (
     INTERNAL,
     Catalog,
@@ -46,10 +44,9 @@ from services.chassis.interceptors import client_interceptors
 
 from .auditor import Auditor, AuditReport, LedgerMetrics
 from .config import LedgerConfig
-from .consumer import SettlementConsumer
 from .domain import MAX_BATCH, Account, Kind, Op, Transfer, TransferInput
-from .store import Store
-from .writer import ExpireJob, TransfersJob, Writer
+from .owner import BalanceOwner
+from .store import MIGRATIONS, Store
 
 __all__ = ["POLICY", "LedgerService", "build_server"]
 
@@ -66,7 +63,6 @@ POLICY: dict[str, Rule] = {
     "AuditLedger": user("admin", services=True),
 }
 
-MIGRATIONS = Path(__file__).with_name("migrations")
 _log = logging.getLogger("cex.ledger")
 
 
@@ -109,12 +105,12 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
     def __init__(
         self,
         store: Store,
-        writer: Writer,
+        owner: BalanceOwner,
         auditor: Auditor,
         catalog: Catalog,
     ) -> None:
         self._store = store
-        self._writer = writer
+        self._owner = owner
         self._auditor = auditor
         self._catalog = catalog
         self._stamp = (-1, timestamp_pb2.Timestamp())
@@ -237,8 +233,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
                 items.append(self._input(t, "" if single else f"transfers[{index}]", hint))
             except ExchangeError as error:
                 items.append(error)
-        job = TransfersJob(items, [t.flags.linked for t in transfers])
-        return list(await self._writer.submit(job))
+        return await self._owner.transfers(items, [t.flags.linked for t in transfers])
 
     # -- methods --------------------------------------------------------------
 
@@ -407,102 +402,45 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         )
 
 
-def _match_replay(
-    channel: grpc.aio.Channel,
-) -> Callable[[str, int, int], Awaitable[list[match_pb2.MatchEvent]]]:
-    stub = match_pb2_grpc.MatchServiceStub(channel)
-
-    async def replay(market: str, from_seq: int, to_seq: int) -> list[match_pb2.MatchEvent]:
-        events: list[match_pb2.MatchEvent] = []
-        call = stub.ReplayEvents(
-            match_pb2.ReplayEventsRequest(market=market, from_seq=from_seq, to_seq=to_seq),
-            timeout=30.0,
-        )
-        async for response in call:
-            events.extend(response.events)
-        return events
-
-    return replay
-
-
-async def _sweep_expired(
-    writer: Writer, store: Store, clock: Callable[[], int], every: float
-) -> None:
-    while True:
-        try:
-            due = await store.due_holds(clock())
-            if due:
-                await writer.submit(ExpireJob(due))
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            _log.exception("hold expiry sweep failed")
-        await asyncio.sleep(every)
-
-
 async def build_server(
     settings: ChassisSettings,
     *,
     config: LedgerConfig | None = None,
     catalog: Catalog | None = None,
-    clock: Callable[[], int] = time.time_ns,
     match_target: str | None = None,
     registry: CollectorRegistry | None = None,
 ) -> Server:
-    """The composition root. match_target overrides where ReplayEvents goes."""
+    """The composition root. match_target overrides where the balance owner is."""
     config = LedgerConfig.from_env() if config is None else config
     catalog = load_catalog() if catalog is None else catalog
     if registry is None:
         registry = REGISTRY if settings.metrics_port else CollectorRegistry()
     metrics = LedgerMetrics(registry)
     server = Server(settings)
-    infra = await connect(server, schema="ledger", migrations=MIGRATIONS, nats=config.settlement)
+    infra = await connect(server, schema="ledger", migrations=MIGRATIONS)
     pool = infra.pool
     assert isinstance(pool, asyncpg.Pool)
     store = Store(pool, catalog.assets)
-
-    def on_group(jobs: int, items: int) -> None:
-        metrics.groups.inc()
-        metrics.transfers.inc(items)
-
-    writer = Writer(store, clock, max_items=config.max_group_items, on_group=on_group)
+    target = match_target or config.match_target or settings.mesh_addr
+    if target is None:
+        raise ValueError("the ledger needs LEDGER_MATCH_TARGET or CEX_MESH_ADDR")
+    credentials = service_credentials(settings)
+    channel = grpc.aio.insecure_channel(
+        target,
+        interceptors=[
+            *client_interceptors(),
+            *(service_auth_interceptors(credentials) if credentials else []),
+        ],
+        options=(("grpc.default_authority", "match"),),
+    )
+    server.on_stop(channel.close)
     auditor = Auditor(pool, metrics)
-    await server.enter(background(writer.run(), "ledger-writer"))
-    if config.expiry_interval_s > 0:
-        await server.enter(
-            background(
-                _sweep_expired(writer, store, clock, config.expiry_interval_s), "ledger-expiry"
-            )
-        )
     if config.audit_interval_s > 0:
         await server.enter(background(auditor.run(config.audit_interval_s), "ledger-auditor"))
-    if config.settlement and infra.nats is not None:
-        target = match_target or config.match_target or settings.mesh_addr
-        if target is None:
-            raise ValueError("settlement needs LEDGER_MATCH_TARGET or CEX_MESH_ADDR")
-        credentials = service_credentials(settings)
-        channel = grpc.aio.insecure_channel(
-            target,
-            interceptors=[
-                *client_interceptors(),
-                *(service_auth_interceptors(credentials) if credentials else []),
-            ],
-            options=(("grpc.default_authority", "match"),),
-        )
-        server.on_stop(channel.close)
-        consumer = SettlementConsumer(
-            writer=writer,
-            catalog=catalog,
-            js=infra.nats.jetstream(),
-            replay=_match_replay(channel),
-            metrics=metrics,
-            durable=config.consumer_name,
-        )
-        await server.enter(background(consumer.run(), "ledger-settlement"))
     server.add(
         ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"],
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server,
-        LedgerService(store, writer, auditor, catalog),
+        LedgerService(store, BalanceOwner(channel, store), auditor, catalog),
         policy=POLICY,
     )
     return server

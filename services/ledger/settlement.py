@@ -22,6 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from decimal import Decimal
+
+from cex.match.v1 import match_pb2
+from cex.type.v1 import types_pb2
+from services.chassis import Catalog, MoneyError
+from services.chassis.money import parse_decimal
 
 from .domain import Anomaly, Book, Kind, Op, State, Transfer, TransferInput
 
@@ -36,6 +42,7 @@ __all__ = [
     "Unreadable",
     "apply_events",
     "hold_id",
+    "to_market_event",
 ]
 
 ESCROW_ACCOUNT = "sys:orders"
@@ -274,3 +281,65 @@ def _settle(book: Book, event: MarketEvent, trade: TradeSettlement) -> int:  # n
 
 def _linked(items: list[TransferInput]) -> list[TransferInput]:
     return [replace(item, linked=index < len(items) - 1) for index, item in enumerate(items)]
+
+
+def _zero(text: str) -> bool:
+    try:
+        return parse_decimal(text) == Decimal(0)
+    except MoneyError:
+        return False
+
+
+def _ends_order(event: match_pb2.MatchEvent) -> bool:
+    """Whether a rejection ends its order: a refused place of a new order (the
+    order service's command id `place:<order_id>`). A refused cancel or amend
+    leaves a working order, and its hold, as they were; a duplicate order id
+    names an order that exists."""
+    r = event.rejected
+    return event.command_id == f"place:{r.order_id}" and r.reason != "MATCH_DUPLICATE_ORDER_ID"
+
+
+def to_market_event(catalog: Catalog, event: match_pb2.MatchEvent) -> MarketEvent:
+    """What the ledger must do for one event (MoneyError/KeyError if it cannot read it)."""
+    kind = event.WhichOneof("kind")
+    if kind == "trade":
+        t = event.trade
+        market = catalog.markets[event.market]
+        assets = catalog.assets
+
+        def party(account: str, order: str, fee: str, fee_asset: str, remaining: str) -> Party:
+            asset = assets[fee_asset] if fee_asset else market.quote
+            amount = asset.to_minor(fee) if fee else 0
+            return Party(account, order, amount, asset.symbol, _zero(remaining))
+
+        maker = party(
+            t.maker_account_id,
+            t.maker_order_id,
+            t.maker_fee,
+            t.maker_fee_asset,
+            t.maker_remaining_quantity,
+        )
+        taker = party(
+            t.taker_account_id,
+            t.taker_order_id,
+            t.taker_fee,
+            t.taker_fee_asset,
+            t.taker_remaining_quantity,
+        )
+        taker_buys = t.taker_side == types_pb2.SIDE_BUY
+        body: TradeSettlement | Release | None = TradeSettlement(
+            trade_id=t.trade_id,
+            base=market.base.symbol,
+            quote=market.quote.symbol,
+            quantity=market.base.to_minor(t.quantity),
+            quote_quantity=market.quote.to_minor(t.quote_quantity),
+            buyer=taker if taker_buys else maker,
+            seller=maker if taker_buys else taker,
+        )
+    elif kind == "cancelled" and _zero(event.cancelled.remaining_quantity):
+        body = Release(event.cancelled.order_id)
+    elif kind == "rejected" and _ends_order(event):
+        body = Release(event.rejected.order_id)
+    else:
+        body = None
+    return MarketEvent(event.market, event.seq, body)

@@ -1,23 +1,22 @@
-"""PostgreSQL access: load a group's working set (row-locked), write it back.
+"""PostgreSQL access to the ledger's tables: the book of record of balances.
 
-One group commit is one transaction:
-1. `meta` row locked (the ledger-wide sequence; it also serialises writers from
-   several processes), halt flag read;
-2. the transfers and remembered failures the group names, by id;
-3. the accounts it touches, locked FOR UPDATE in (account_id, asset) order, so
-   writers never deadlock;
-4. settled trade keys and market cursors for settlement jobs;
-5. after the domain has run: COPY of the new transfers, one upsert of the
-   changed accounts, one update of the changed holds, the failures, trade keys,
-   cursors and anomalies, and the new last sequence.
+They are written by the balance owner, the match group's writer (ADR 0013),
+which keeps every account and every open hold in memory as one long-lived
+`Book`: `load_book` reads them when the writer starts, `load_transfers` adds
+the transfers and remembered failures a batch names by id, and `save` writes
+what the batch changed (COPY of the new transfers, one update and one COPY for
+the changed and new accounts, one update of the changed holds, the failures,
+trade keys, cursors and anomalies, and the new last sequence) inside the
+writer's own transaction, the one that commits its journal. The ledger service
+reads them (balances, transfers, the audit).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -27,7 +26,9 @@ from services.chassis import ExchangeError
 
 from .domain import Account, Book, Failure, Kind, Op, State, Transfer
 
-__all__ = ["Needs", "Store", "from_ns", "to_ns"]
+__all__ = ["MIGRATIONS", "Connection", "Store", "from_ns", "to_ns"]
+
+MIGRATIONS = Path(__file__).with_name("migrations")
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
@@ -41,22 +42,6 @@ def from_ns(ns: int) -> datetime:
 
 def to_ns(value: datetime) -> int:
     return (value - _EPOCH) // _US * 1000
-
-
-@dataclass(slots=True)
-class Needs:
-    """What a job reads: loaded (and locked) before the domain runs."""
-
-    transfer_ids: set[str] = field(default_factory=set)
-    accounts: set[tuple[str, str]] = field(default_factory=set)
-    trades: set[tuple[str, str]] = field(default_factory=set)
-    markets: set[str] = field(default_factory=set)
-
-    def merge(self, other: Needs) -> None:
-        self.transfer_ids |= other.transfer_ids
-        self.accounts |= other.accounts
-        self.trades |= other.trades
-        self.markets |= other.markets
 
 
 TRANSFER_COLUMNS = (
@@ -148,73 +133,50 @@ class Store:
         self.pool = pool
         self.assets = frozenset(assets)
 
-    async def load(self, conn: Connection, needs: Needs, now_ns: int) -> Book:
-        meta = await conn.fetchrow(
-            "SELECT m.last_sequence, h.halted FROM meta m, halt h FOR UPDATE OF m"
-        )
+    async def load_book(self, conn: Connection) -> Book:
+        """Every account and every open hold, the sequence, the halt flag, the cursors."""
+        meta = await conn.fetchrow("SELECT m.last_sequence, h.halted FROM meta m, halt h")
         assert meta is not None
         book = Book(
-            now_ns=now_ns,
+            now_ns=0,
             last_sequence=meta["last_sequence"],
             halted=meta["halted"],
             assets=self.assets,
         )
-        ids = sorted(needs.transfer_ids)
-        if ids:
-            for row in await conn.fetch(_SELECT_TRANSFER + " WHERE id = ANY($1::text[])", ids):
-                record = transfer_from_row(row)
-                book.transfers[record.id] = record
-                if record.op == Op.PENDING:
-                    needs.accounts.add((record.debit_account_id, record.asset))
-                    needs.accounts.add((record.credit_account_id, record.asset))
-            rows = await conn.fetch(
-                "SELECT id, fingerprint, code, reason, message, metadata FROM failed_transfers"
-                " WHERE id = ANY($1::text[])",
-                ids,
-            )
-            for row in rows:
-                error = ExchangeError(
-                    row["reason"],
-                    row["message"],
-                    code=_code(row["code"]),
-                    metadata=json.loads(row["metadata"]),
-                )
-                book.failures[row["id"]] = Failure(row["id"], row["fingerprint"], error)
-        if needs.accounts:
-            keys = sorted(needs.accounts)
-            rows = await conn.fetch(
-                """SELECT a.account_id, a.asset, a.debits_posted, a.credits_posted,
-                          a.debits_pending, a.credits_pending, a.update_time
-                   FROM accounts a
-                   JOIN unnest($1::text[], $2::text[]) AS k(account_id, asset)
-                     USING (account_id, asset)
-                   ORDER BY a.account_id, a.asset
-                   FOR UPDATE OF a""",
-                [k[0] for k in keys],
-                [k[1] for k in keys],
-            )
-            for row in rows:
-                account = account_from_row(row)
-                book.accounts[account.key] = account
-        if needs.trades:
-            keys = sorted(needs.trades)
-            rows = await conn.fetch(
-                """SELECT market, trade_id FROM settled_trades
-                   JOIN unnest($1::text[], $2::text[]) AS k(market, trade_id)
-                     USING (market, trade_id)""",
-                [k[0] for k in keys],
-                [k[1] for k in keys],
-            )
-            book.settled_trades = {(r["market"], r["trade_id"]) for r in rows}
-        if needs.markets:
-            rows = await conn.fetch(
-                "SELECT market, last_seq FROM market_cursors WHERE market = ANY($1::text[])"
-                " ORDER BY market FOR UPDATE",
-                sorted(needs.markets),
-            )
-            book.cursors = {r["market"]: r["last_seq"] for r in rows}
-            book.stored_cursors = dict(book.cursors)
+        for row in await conn.fetch("SELECT * FROM accounts"):
+            account = account_from_row(row)
+            book.accounts[account.key] = account
+        for row in await conn.fetch(_SELECT_TRANSFER + " WHERE op = 2 AND state = 1"):
+            record = transfer_from_row(row)
+            book.transfers[record.id] = record
+        rows = await conn.fetch("SELECT market, last_seq FROM market_cursors")
+        book.cursors = {r["market"]: r["last_seq"] for r in rows}
+        book.stored_cursors = dict(book.cursors)
         return book
+
+    async def load_transfers(self, conn: Connection, book: Book, ids: Iterable[str]) -> None:
+        """The transfers and remembered failures of these ids that `book` lacks;
+        and the halt flag as it is now (the auditor sets it)."""
+        book.halted = bool(await conn.fetchval("SELECT halted FROM halt"))
+        missing = sorted({i for i in ids if i not in book.transfers})
+        if not missing:
+            return
+        for row in await conn.fetch(_SELECT_TRANSFER + " WHERE id = ANY($1::text[])", missing):
+            record = transfer_from_row(row)
+            book.transfers[record.id] = record
+        rows = await conn.fetch(
+            "SELECT id, fingerprint, code, reason, message, metadata FROM failed_transfers"
+            " WHERE id = ANY($1::text[])",
+            missing,
+        )
+        for row in rows:
+            error = ExchangeError(
+                row["reason"],
+                row["message"],
+                code=_code(row["code"]),
+                metadata=json.loads(row["metadata"]),
+            )
+            book.failures[row["id"]] = Failure(row["id"], row["fingerprint"], error)
 
     async def save(self, conn: Connection, book: Book) -> None:
         now = from_ns(book.now_ns)  # every row this group writes carries its time
@@ -327,6 +289,10 @@ class Store:
         row = await self.pool.fetchrow(_SELECT_TRANSFER + " WHERE id = $1", transfer_id)
         return None if row is None else transfer_from_row(row)
 
+    async def get_transfers(self, ids: Sequence[str]) -> dict[str, Transfer]:
+        rows = await self.pool.fetch(_SELECT_TRANSFER + " WHERE id = ANY($1::text[])", list(ids))
+        return {row["id"]: transfer_from_row(row) for row in rows}
+
     async def balances(self, account_id: str, assets: Sequence[str]) -> list[Account]:
         rows = await self.pool.fetch(
             "SELECT * FROM accounts WHERE account_id = $1"
@@ -377,15 +343,6 @@ class Store:
     async def cursors(self) -> dict[str, int]:
         rows = await self.pool.fetch("SELECT market, last_seq FROM market_cursors")
         return {r["market"]: r["last_seq"] for r in rows}
-
-    async def due_holds(self, now_ns: int, limit: int = 1000) -> list[str]:
-        rows = await self.pool.fetch(
-            "SELECT id FROM transfers WHERE op = 2 AND state = 1 AND expires_at <= $1"
-            " ORDER BY expires_at LIMIT $2",
-            from_ns(now_ns),
-            limit,
-        )
-        return [r["id"] for r in rows]
 
 
 def _code(value: int) -> grpc.StatusCode:

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import asyncpg
 import grpc
 
 from cex.match.v1 import match_pb2, match_pb2_grpc
@@ -29,12 +30,17 @@ from services.chassis import (
     Server,
     connect,
 )
+from services.chassis.db import migrate
 from services.chassis.markets import Catalog, load_catalog
+from services.chassis.settings import require
 from services.chassis.tracing import context_of
+from services.ledger.store import MIGRATIONS as LEDGER_MIGRATIONS
+from services.ledger.store import Store as LedgerStore
 
 from .config import MatchSettings
 from .domain import Side
 from .engine import MarketEngine, decode
+from .funds import Funds
 from .publisher import Publisher
 from .store import Journal
 from .writer import Sequencer
@@ -81,6 +87,8 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
 
     def _dispatch(self, command: match_pb2.Command) -> asyncio.Future[match_pb2.CommandResult]:
         try:
+            if not command.market:  # funds: the ledger's transfers, hold expiry
+                return self._writer.submit_funds(command)
             market = self._market(command.market, "command.market")
             trace_context = None
             if command.trace_context:  # not part of the command (neither journaled nor compared)
@@ -230,6 +238,13 @@ async def build_server(
     infra = await connect(server, schema="match", migrations=MIGRATIONS, nats=True)
     assert infra.pool is not None and infra.nats is not None
     journal = Journal(infra.pool, match_settings.group)
+    # The writer owns balances and writes the ledger's tables in its commits.
+    conn = await asyncpg.connect(require(settings.database_url, "DATABASE_URL"))
+    try:
+        await migrate(conn, "ledger", LEDGER_MIGRATIONS)
+    finally:
+        await conn.close()
+    funds = Funds(LedgerStore(infra.pool, catalog.assets), catalog)
     js = infra.nats.jetstream()
     await Publisher.ensure_stream(js, match_settings.events_max_age_s or None)
     markets: list[Market] = []
@@ -243,6 +258,7 @@ async def build_server(
     writer = Sequencer(
         markets,
         journal,
+        funds,
         clock=clock,
         max_batch=match_settings.max_batch,
         snapshot_every=match_settings.snapshot_every,

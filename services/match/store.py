@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import asyncpg
 
-__all__ = ["Entry", "Journal", "Snapshot"]
+__all__ = ["Connection", "Entry", "Journal", "Snapshot"]
+
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 _ENTRY_COLUMNS = (
     "group_seq", "market", "command_seq", "command_id", "ts", "command", "first_seq", "last_seq",
@@ -60,16 +62,19 @@ class Journal:
         self._pool = pool
         self.group = group
 
-    async def append(self, entries: Sequence[Entry]) -> None:
-        """Write a batch of entries in one transaction (the group commit)."""
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    async def append(self, conn: Connection, entries: Sequence[Entry]) -> None:
+        """Write a batch of entries (inside the writer's transaction: the group commit)."""
         records = [(self.group, *(getattr(e, c) for c in _ENTRY_COLUMNS)) for e in entries]
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.copy_records_to_table(
-                "journal",
-                schema_name="match",
-                columns=("writer_group", *_ENTRY_COLUMNS),
-                records=records,
-            )
+        await conn.copy_records_to_table(
+            "journal",
+            schema_name="match",
+            columns=("writer_group", *_ENTRY_COLUMNS),
+            records=records,
+        )
 
     async def find(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Entry]:
         """Entries already journaled under any of these (market, command id)s."""

@@ -42,10 +42,11 @@ from opentelemetry import trace
 from opentelemetry.propagate import inject
 
 from cex.match.v1 import match_pb2
-from services.chassis import AlreadyExists, ExchangeError, Market, Unavailable
+from services.chassis import AlreadyExists, ExchangeError, InvalidArgument, Market, Unavailable
 from services.chassis.tracing import Context
 
 from .engine import Decoded, MarketEngine, decode
+from .funds import Funds
 from .store import Entry, Journal, Snapshot
 
 __all__ = ["JournalMismatch", "MarketLog", "Sequencer"]
@@ -65,7 +66,8 @@ class JournalMismatch(RuntimeError):
 
 @dataclass(slots=True)
 class _Pending:
-    decoded: Decoded
+    wire: match_pb2.Command
+    decoded: Decoded | None  # None: a funds command (no market)
     body: bytes
     future: asyncio.Future[match_pb2.CommandResult]
     span: trace.Span | None = None
@@ -143,6 +145,7 @@ class Sequencer:
         self,
         markets: Sequence[Market],
         journal: Journal,
+        funds: Funds,
         *,
         clock: Callable[[], int],
         max_batch: int = 500,
@@ -154,6 +157,7 @@ class Sequencer:
         self.engines = {m.symbol: MarketEngine(m) for m in markets}
         self.logs = {m.symbol: MarketLog(m, journal, recent_events) for m in markets}
         self._journal = journal
+        self.funds = funds
         self._clock = clock
         self._max_batch = max_batch
         self._snapshot_every = snapshot_every
@@ -186,7 +190,7 @@ class Sequencer:
         while not self._queue.empty():
             pending = self._queue.get_nowait()
             error = Unavailable("MATCH_STOPPING", "the engine is stopping; retry")
-            pending.future.set_result(_failed(pending.decoded.wire, error))
+            pending.future.set_result(_failed(pending.wire, error))
 
     async def _recover(self) -> None:
         snapshot = await self._journal.latest_snapshot()
@@ -222,6 +226,7 @@ class Sequencer:
                     )
                 group_seq, last_ts = entry.group_seq, max(last_ts, entry.ts)
             replayed += len(entries)
+        await self.funds.load()
         self.engines, self.group_seq, self.last_ts = engines, group_seq, last_ts
         self._snapshot_seq = snapshot_seq
         for symbol, engine in engines.items():
@@ -236,6 +241,8 @@ class Sequencer:
                     "replayed": replayed,
                     "group_seq": group_seq,
                     "state_hash": self.state_hash(),
+                    "accounts": len(self.funds.book.accounts),
+                    "open_holds": len(self.funds.book.transfers),
                 }
             },
         )
@@ -260,7 +267,14 @@ class Sequencer:
             )
             end = span.end
             future.add_done_callback(lambda _: end())
-        self._queue.put_nowait(_Pending(decoded, decoded.wire.SerializeToString(), future, span))
+        wire = decoded.wire
+        self._queue.put_nowait(_Pending(wire, decoded, wire.SerializeToString(), future, span))
+        return future
+
+    def submit_funds(self, command: match_pb2.Command) -> asyncio.Future[match_pb2.CommandResult]:
+        """Queue a funds command (no market: transfers, or the expiry of holds)."""
+        future: asyncio.Future[match_pb2.CommandResult] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(command, None, b"", future))
         return future
 
     async def _run(self) -> None:
@@ -277,11 +291,12 @@ class Sequencer:
                 error = Unavailable("MATCH_JOURNAL_UNAVAILABLE", "the journal write failed; retry")
                 for pending in batch:
                     if not pending.future.done():
-                        pending.future.set_result(_failed(pending.decoded.wire, error))
+                        pending.future.set_result(_failed(pending.wire, error))
                 await self._reload()
 
     async def _tick(self) -> None:
-        """Send a market ``expire`` whenever its earliest GTD order is due (checked every tick)."""
+        """Send ``expire`` to each market whose earliest GTD order is due, and to the
+        funds when a hold's timeout has passed (checked every tick)."""
         while True:
             await asyncio.sleep(self._tick_s)
             now = self._clock()
@@ -290,17 +305,23 @@ class Sequencer:
                 for symbol, engine in self.engines.items()
                 if (at := engine.book.next_expiry()) is not None and at <= now
             ]
+            if (at := self.funds.next_expiry()) is not None and at <= now:
+                due.append("")
             for symbol in due:
                 command = match_pb2.Command(
                     command_id=f"expire:{now}", market=symbol, expire=match_pb2.ExpireCommand()
                 )
                 try:
-                    result = await self.submit(decode(self.markets[symbol], command))
+                    result = await (
+                        self.submit(decode(self.markets[symbol], command))
+                        if symbol
+                        else self.submit_funds(command)
+                    )
                 except Exception:  # a bug: keep ticking, the next tick tries again
-                    _log.exception("expiry in %s failed", symbol)
+                    _log.exception("expiry in %r failed", symbol)
                     continue
                 if result.status.code:
-                    _log.warning("expiry in %s not journaled: %s", symbol, result.status.message)
+                    _log.warning("expiry in %r not applied: %s", symbol, result.status.message)
 
     async def _reload(self) -> None:
         """Rebuild the engines from the journal, retrying while PostgreSQL is away."""
@@ -316,25 +337,41 @@ class Sequencer:
                 await asyncio.sleep(delay)
 
     async def _commit(self, batch: list[_Pending]) -> None:
-        known = await self._journal.find(
-            [(p.decoded.wire.market, p.decoded.wire.command_id) for p in batch]
-        )
+        market_keys = [(p.wire.market, p.wire.command_id) for p in batch if p.decoded is not None]
+        known = await self._journal.find(market_keys) if market_keys else {}
+        transfer_ids = [
+            i
+            for p in batch
+            if p.wire.HasField("transfers")
+            for t in p.wire.transfers.transfers
+            for i in (t.id, t.pending_id)
+            if i
+        ]
         results: list[match_pb2.CommandResult] = []
         entries: list[Entry] = []
         published: dict[str, list[match_pb2.MatchEvent]] = {}
         async with self._lock:
+            if transfer_ids:
+                await self.funds.fetch(transfer_ids)
             for pending in batch:
+                ts = self.last_ts = max(self._clock(), self.last_ts)
+                if pending.decoded is None:
+                    results.append(self._funds_command(pending.wire, ts))
+                    continue
                 wire = pending.decoded.wire
                 key = (wire.market, wire.command_id)
                 prior = known.get(key)
                 if prior is not None:
                     results.append(_repeat(wire, pending.body, prior))
                     continue
+                if wire.HasField("place") and (refused := self.funds.reserve(wire.place, ts)):
+                    results.append(_failed(wire, refused))
+                    continue
                 engine = self.engines[wire.market]
                 command_seq = engine.command_seq + 1
-                ts = self.last_ts = max(self._clock(), self.last_ts, engine.last_ts)
                 first_seq = engine.seq + 1
                 events = engine.apply(pending.decoded, command_seq, ts)
+                self.funds.settle(wire.market, events, ts)
                 self.group_seq += 1
                 entry = Entry(
                     self.group_seq, wire.market, command_seq, wire.command_id, ts, pending.body,
@@ -355,8 +392,11 @@ class Sequencer:
                         events=events,
                     )
                 )
-            if entries:
-                await self._journal.append(entries)
+            async with self._journal.pool.acquire() as conn, conn.transaction():
+                if entries:
+                    await self._journal.append(conn, entries)
+                await self.funds.save(conn)
+            self.funds.saved()
             snapshot = self._snapshot_due()
         for pending, result in zip(batch, results, strict=True):
             pending.future.set_result(result)
@@ -364,6 +404,21 @@ class Sequencer:
             await self.logs[symbol].extend(events)
         if snapshot is not None:
             await self._journal.save_snapshot(snapshot)
+
+    def _funds_command(self, wire: match_pb2.Command, ts: int) -> match_pb2.CommandResult:
+        result = match_pb2.CommandResult(command_id=wire.command_id, status=_OK)
+        if wire.HasField("transfers"):
+            for outcome in self.funds.transfers(wire.transfers, ts):
+                status = outcome.to_status("ledger") if isinstance(outcome, ExchangeError) else _OK
+                result.transfer_statuses.append(status)
+        elif wire.HasField("expire"):
+            self.funds.expire(ts)
+        else:
+            error = InvalidArgument(
+                "MATCH_FIELD_REQUIRED", "a command without a market is transfers or expire"
+            )
+            return _failed(wire, error)
+        return result
 
     def _traced(self, span: trace.Span, market: str, command_seq: int, batch: int) -> None:
         span.set_attribute("cex.command_seq", command_seq)

@@ -31,11 +31,11 @@ class OrderConfig:
         ago is driven on (hold, then place; both idempotent) by the reconciler.
     stream_queue: bounded queue per stream session; a reader this far behind is
         told (RESOURCE_EXHAUSTED ORDER_STREAM_SLOW_CONSUMER) and disconnected.
-    mesh_target: where risk, ledger and match are called; default CEX_MESH_ADDR.
-    match_target / ledger_target / risk_target: the hot path's peers called
-        directly (the writer's command stream, the holds, the checks), not
-        through the local edge; default the mesh. `cex up` sets them to the
-        services' own ports.
+    mesh_target: where risk and match are called; default CEX_MESH_ADDR.
+    match_target / risk_target: the hot path's peers called directly (the
+        writer's command stream, the rules risk publishes), not through the
+        local edge; default the mesh. `cex up` sets them to the services' own
+        ports.
     """
 
     maker_fee_rate: str = format(DEFAULT_CATALOG.fees.maker_rate, "f")
@@ -52,7 +52,6 @@ class OrderConfig:
     deadman_interval_s: float = 0.2
     mesh_target: str | None = None
     match_target: str | None = None
-    ledger_target: str | None = None
     risk_target: str | None = None
 
     @classmethod
@@ -73,6 +72,5 @@ class OrderConfig:
             deadman_interval_s=env_float(env, "ORDER_DEADMAN_INTERVAL_S", 0.2),
             mesh_target=env_str(env, "ORDER_MESH_TARGET"),
             match_target=env_str(env, "ORDER_MATCH_TARGET"),
-            ledger_target=env_str(env, "ORDER_LEDGER_TARGET"),
             risk_target=env_str(env, "ORDER_RISK_TARGET"),
         )

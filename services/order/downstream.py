@@ -1,10 +1,9 @@
-"""The services the order path calls: the ledger and match.
+"""The service the order path calls: match, whose writer reserves, matches and settles.
 
-Holds and match commands are batched: callers await one item each, a loop
-sends whatever is waiting as one request (CreateTransfers for holds, one
-SubmitCommands message on a long-lived stream for commands). Every item
-carries its own idempotency id, so a batch that fails in transit is simply
-tried again.
+Match commands are batched: callers await one item each, a loop sends
+whatever is waiting as one SubmitCommands message on a long-lived stream.
+Every command carries its own idempotency id, so a batch that fails in
+transit is simply tried again.
 """
 
 from __future__ import annotations
@@ -21,20 +20,16 @@ import grpc
 from google.rpc import status_pb2
 from prometheus_client import Histogram
 
-from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from services.chassis import ErrorDetails, ExchangeError, Unavailable
 from services.chassis.money import parse_decimal
 from services.chassis.tracing import Context, batch_span, carrier, current_context
 
-from .domain import OrderRecord
-
 __all__ = [
     "ESCROW_ACCOUNT",
     "TRANSIENT",
     "Batcher",
-    "LedgerClient",
     "MatchClient",
     "StatusError",
     "hold_id",
@@ -179,72 +174,6 @@ class Batcher(Generic[Req, Res]):
                     future.set_exception(error)
         finally:
             self._idle.release()
-
-
-class LedgerClient:
-    """Creates and voids order holds (`hold:<order_id>`, user -> sys:orders)."""
-
-    def __init__(self, channel: grpc.aio.Channel, assets_scale: dict[str, Decimal]) -> None:
-        self._stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        self._units = assets_scale
-        self.holds: Batcher[ledger_pb2.Transfer, ledger_pb2.CreateTransferResult] = Batcher(
-            self._create, name="ledger_holds", max_batch=1000
-        )
-
-    async def _create(
-        self, transfers: list[ledger_pb2.Transfer]
-    ) -> Sequence[ledger_pb2.CreateTransferResult]:
-        reply = await self._stub.CreateTransfers(
-            ledger_pb2.CreateTransfersRequest(transfers=transfers), timeout=10.0
-        )
-        return reply.results
-
-    def _amount(self, asset: str, minor: int) -> str:
-        value = (Decimal(minor) * self._units[asset]).normalize()
-        return format(value, "f")
-
-    async def hold(self, order: OrderRecord) -> status_pb2.Status:
-        """OK, or why not (a transient code if the ledger could not be reached)."""
-        transfer = ledger_pb2.Transfer(
-            id=hold_id(order.order_id),
-            debit_account_id=order.account_id,
-            credit_account_id=ESCROW_ACCOUNT,
-            asset=order.hold_asset,
-            amount=self._amount(order.hold_asset, order.hold_amount),
-            flags=ledger_pb2.TransferFlags(pending=True),
-            kind=ledger_pb2.TRANSFER_KIND_ORDER_HOLD,
-            reference=order.order_id,
-        )
-        try:
-            result = await self.holds.submit(transfer)
-        except grpc.aio.AioRpcError as error:
-            return _status_of(error, "ORDER_LEDGER_UNAVAILABLE")
-        return result.status
-
-    async def void(self, order: OrderRecord) -> None:
-        """Release the whole hold of an order that never reached match (idempotent)."""
-        reply = await self._stub.CreateTransfers(
-            ledger_pb2.CreateTransfersRequest(
-                transfers=[
-                    ledger_pb2.Transfer(
-                        id=f"void:{order.order_id}",
-                        pending_id=hold_id(order.order_id),
-                        flags=ledger_pb2.TransferFlags(void_pending=True),
-                        kind=ledger_pb2.TRANSFER_KIND_ORDER_HOLD,
-                        reference=order.order_id,
-                    )
-                ]
-            ),
-            timeout=10.0,
-        )
-        status = reply.results[0].status
-        if status.code and ErrorDetails.from_status(status).reason not in (
-            "LEDGER_PENDING_TRANSFER_NOT_FOUND",
-            "LEDGER_PENDING_TRANSFER_ALREADY_VOIDED",
-            "LEDGER_PENDING_TRANSFER_ALREADY_POSTED",
-            "LEDGER_PENDING_TRANSFER_EXPIRED",
-        ):
-            raise StatusError(status, "ORDER_LEDGER_VOID_FAILED")
 
 
 def _time_out(future: asyncio.Future[match_pb2.CommandResult]) -> None:

@@ -1,15 +1,16 @@
-"""How an order moves: validate -> risk -> record -> hold -> match -> ack.
+"""How an order moves: validate -> risk -> record -> match (reserve, match, settle) -> ack.
 
 - Validation and risk refusals move nothing and record nothing (a retry is
   checked again).
-- The order is recorded (PENDING_NEW, phase `recorded`) before any money
-  moves; (account, client_order_id) is unique, so a retry finds it.
-- The hold `hold:<order_id>` and the match command `place:<order_id>` are
-  idempotent by id; `drive` runs them and is safe to repeat. The reconciler
+- The order is recorded (PENDING_NEW, phase `recorded`) before it is sent;
+  (account, client_order_id) is unique, so a retry finds it.
+- The match command `place:<order_id>` carries the hold the order needs
+  (`hold_for`); match's writer, which owns balances (ADR 0013), reserves it,
+  matches and settles in one decision and one commit, or refuses the command
+  (LEDGER_INSUFFICIENT_FUNDS) without journaling it. The command is
+  idempotent by id; `drive` sends it and is safe to repeat. The reconciler
   repeats it for orders left `recorded` (a crash, a timeout), so every
-  recorded order ends placed or rejected with its hold voided.
-- Any failure after the hold that means match never journaled the order voids
-  the hold (`void:<order_id>`) and rejects the order.
+  recorded order ends placed or rejected.
 - Once match journaled the order, its outcome is match's events: the answer is
   computed from the command's own events, and the consumer stores them.
 """
@@ -56,7 +57,7 @@ from .domain import (
     protection_price,
     validate_place,
 )
-from .downstream import Batcher, LedgerClient, MatchClient, StatusError
+from .downstream import Batcher, MatchClient, StatusError
 from .risk_checks import RiskChecks
 from .store import Store
 
@@ -73,7 +74,7 @@ STEP_SECONDS = Histogram(
 
 _STEPS = {
     step: STEP_SECONDS.labels(step)
-    for step in ("validate", "lookup", "risk", "record", "hold", "match")
+    for step in ("validate", "lookup", "risk", "record", "match")
 }
 
 
@@ -133,7 +134,6 @@ class Flow:
         catalog: Catalog,
         config: OrderConfig,
         risk: RiskChecks,
-        ledger: LedgerClient,
         match: MatchClient,
         consumer: EventConsumer | None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -142,7 +142,6 @@ class Flow:
         self.catalog = catalog
         self.config = config
         self.risk = risk
-        self.ledger = ledger
         self.match = match
         self.consumer = consumer
         self.clock = clock
@@ -291,6 +290,8 @@ class Flow:
             post_only=order.post_only,
             maker_fee_rate=self.config.maker_fee_rate,
             taker_fee_rate=self.config.taker_fee_rate,
+            hold_asset=order.hold_asset,
+            hold_amount=self.catalog.assets[order.hold_asset].format(order.hold_amount),
         )
         if order.expire_time is not None:
             place.expire_time.FromDatetime(order.expire_time)
@@ -299,22 +300,14 @@ class Flow:
         )
 
     async def drive(self, order: OrderRecord, step: _Steps | None = None) -> OrderRecord:
-        """Hold, then place in match (both idempotent); the order as of match's answer."""
+        """Place in match (idempotent: reserve, match, settle); the order as of its answer."""
         step = step or _Steps()
-        held = await self.ledger.hold(order)
-        step("hold")
-        if held.code:
-            if held.code in _TRANSIENT_CODES:
-                raise StatusError(held, "ORDER_LEDGER_UNAVAILABLE")
-            await self._fail(order, held)
-            raise StatusError(held, "ORDER_HOLD_FAILED")
         result = await self.match.submit(self._place_command(order))
         step("match")
         if result.status.code:
             reason = ErrorDetails.from_status(result.status).reason
             if result.status.code in _TRANSIENT_CODES or reason in _MATCH_TRANSIENT:
                 raise StatusError(result.status, "ORDER_MATCH_UNAVAILABLE")
-            await self.ledger.void(order)
             await self._fail(order, result.status)
             raise StatusError(result.status, "ORDER_MATCH_REFUSED")
         # Bookkeeping off the answer's path: if it is lost the reconciler drives

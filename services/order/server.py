@@ -1,6 +1,6 @@
 """order service: proto <-> the flow and errors, and the composition root.
 
-`build_server` wires the store, the downstream clients (risk, ledger, match
+`build_server` wires the store, the downstream clients (risk, match
 through the mesh), the match-event consumer, the reconciler of unplaced
 orders, the dead man's switches and the stream sessions into one `Server`.
 """
@@ -52,7 +52,7 @@ from .config import OrderConfig
 from .consumer import EventConsumer
 from .deadman import DeadMan
 from .domain import check_client_order_id
-from .downstream import LedgerClient, MatchClient, rate_usage_var
+from .downstream import MatchClient, rate_usage_var
 from .flow import Flow
 from .killswitch import KillSwitchConsumer
 from .risk_checks import RiskChecks, RulesFollower
@@ -562,7 +562,7 @@ async def build_server(
     catalog: Catalog | None = None,
     mesh_target: str | None = None,
 ) -> Server:
-    """The composition root. mesh_target overrides where risk, ledger and match are called."""
+    """The composition root. mesh_target overrides where risk and match are called."""
     config = OrderConfig.from_env() if config is None else config
     catalog = load_catalog() if catalog is None else catalog
     server = Server(settings)
@@ -585,13 +585,9 @@ async def build_server(
     risk_channel = await server.enter(
         mesh_channel(config.risk_target or target, credentials=credentials)
     )
-    ledger_channel = await server.enter(
-        mesh_channel(config.ledger_target or target, credentials=credentials)
-    )
     match_channel = await server.enter(
         mesh_channel(config.match_target or target, credentials=credentials)
     )
-    ledger = LedgerClient(ledger_channel, {a.symbol: a.unit for a in catalog.assets.values()})
     match = MatchClient(match_channel, token=credentials.token if credentials else None)
     risk_config = RiskConfig.from_env()
     follower = RulesFollower(risk_channel, catalog)
@@ -600,7 +596,6 @@ async def build_server(
         infra.redis, prefix=risk_config.redis_prefix, timeout_s=risk_config.redis_timeout_s
     )
     risk = RiskChecks(follower, limiter, catalog, enabled=config.risk_checks)
-    await server.enter(background(ledger.holds.run(), "order-ledger-holds"))
     await server.enter(background(match.run(), "order-match-stream"))
     sessions = Sessions(catalog, queue_size=config.stream_queue)
     consumer = None
@@ -618,7 +613,6 @@ async def build_server(
         catalog=catalog,
         config=config,
         risk=risk,
-        ledger=ledger,
         match=match,
         consumer=consumer,
     )

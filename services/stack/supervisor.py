@@ -274,8 +274,9 @@ class Stack:
             env["CEX_JWKS_PORT"] = str(self.ports.jwks)
         if spec.name == "order":  # the hot path's hops go direct, not through the edge
             env.setdefault("ORDER_MATCH_TARGET", self._direct("match"))
-            env.setdefault("ORDER_LEDGER_TARGET", self._direct("ledger"))
             env.setdefault("ORDER_RISK_TARGET", self._direct("risk"))
+        if spec.name == "ledger":  # its transfers go to the balance owner, match's writer
+            env.setdefault("LEDGER_MATCH_TARGET", self._direct("match"))
         if spec.name == "funding":
             env.setdefault("FUNDING_CHAIN_TARGET", f"{self.ports.host}:{self.ports.chainsim}")
             env.setdefault("FUNDING_INSTANCE", f"funding-{self.ports.base}")

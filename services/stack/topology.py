@@ -29,7 +29,7 @@ class ServiceSpec:
 SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("auth", "cex.auth.v1.AuthService", 0, ("postgres",), 1),
     ServiceSpec("risk", "cex.risk.v1.RiskService", 1, ("postgres", "redis"), 1),
-    ServiceSpec("ledger", "cex.ledger.v1.LedgerService", 2, ("postgres", "nats"), 1),
+    ServiceSpec("ledger", "cex.ledger.v1.LedgerService", 2, ("postgres",), 1),
     ServiceSpec("match", "cex.match.v1.MatchService", 3, ("postgres", "nats"), 1),
     ServiceSpec(
         "marketdata", "cex.marketdata.v1.MarketDataService", 4, ("postgres", "nats", "redis"), 1

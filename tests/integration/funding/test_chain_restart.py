@@ -59,11 +59,11 @@ async def _restart(chain: Chain) -> None:
 
 
 async def test_a_kept_chain_survives_kill_9_and_deposits_go_on_being_credited(
-    stack: Stack, trust: Trust, tmp_path: Path
+    stack: Stack, trust: Trust, private_nats: str, tmp_path: Path
 ) -> None:
     async with (
         fresh_database(stack) as database_url,
-        running_ledger(database_url, trust) as ledger,
+        running_ledger(database_url, trust, private_nats) as ledger,
         chainsim(seed=11, block_s=0.05, state_dir=str(tmp_path / "chain")) as chain,
         running_funding(
             stack, trust, database_url, funding_config(f"127.0.0.1:{ledger.server.port}",
@@ -85,12 +85,12 @@ async def test_a_kept_chain_survives_kill_9_and_deposits_go_on_being_credited(
 
 
 async def test_a_chain_behind_the_cursor_is_a_reported_deep_reorg_and_reading_goes_on(
-    stack: Stack, trust: Trust
+    stack: Stack, trust: Trust, private_nats: str
 ) -> None:
     registry = CollectorRegistry()
     async with (
         fresh_database(stack) as database_url,
-        running_ledger(database_url, trust) as ledger,
+        running_ledger(database_url, trust, private_nats) as ledger,
         chainsim(seed=12, block_s=0.05) as chain,  # in memory: a restart is a new chain
         running_funding(
             stack, trust, database_url, funding_config(f"127.0.0.1:{ledger.server.port}",

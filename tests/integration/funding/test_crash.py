@@ -60,10 +60,12 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
 
 
 @contextlib.asynccontextmanager
-async def world(stack: Stack, trust: Trust) -> AsyncIterator[tuple[str, Ledger, Chain]]:
+async def world(
+    stack: Stack, trust: Trust, nats_url: str
+) -> AsyncIterator[tuple[str, Ledger, Chain]]:
     async with (
         fresh_database(stack) as database_url,
-        running_ledger(database_url, trust) as ledger,
+        running_ledger(database_url, trust, nats_url) as ledger,
         chainsim(seed=11, faults=FAULTS, block_s=0.05) as chain,
     ):
         yield database_url, ledger, chain
@@ -88,13 +90,14 @@ def _env(ledger: Ledger, chain: Chain, crash: str) -> dict[str, str]:
 async def crash_run(  # noqa: C901
     stack: Stack,
     trust: Trust,
+    nats_url: str,
     *,
     points: list[str],
     per_point: int,
     random_kills: int,
 ) -> None:
     rng = random.Random(2026)
-    async with world(stack, trust) as (database_url, ledger, chain):
+    async with world(stack, trust, nats_url) as (database_url, ledger, chain):
         accounts = [new_account() for _ in range(6)]
         for acct in accounts:
             await fund(ledger, acct, "80")
@@ -250,10 +253,14 @@ async def check(
     assert audit.balanced, audit
 
 
-async def test_kill_9_at_step_boundaries_short(stack: Stack, trust: Trust) -> None:
-    await crash_run(stack, trust, points=SHORT_POINTS, per_point=8, random_kills=0)
+async def test_kill_9_at_step_boundaries_short(
+    stack: Stack, trust: Trust, private_nats: str
+) -> None:
+    await crash_run(stack, trust, private_nats, points=SHORT_POINTS, per_point=8, random_kills=0)
 
 
 @pytest.mark.chaos
-async def test_kill_9_at_every_step_boundary_and_at_random(stack: Stack, trust: Trust) -> None:
-    await crash_run(stack, trust, points=ALL_POINTS * 2, per_point=6, random_kills=10)
+async def test_kill_9_at_every_step_boundary_and_at_random(
+    stack: Stack, trust: Trust, private_nats: str
+) -> None:
+    await crash_run(stack, trust, private_nats, points=ALL_POINTS * 2, per_point=6, random_kills=10)

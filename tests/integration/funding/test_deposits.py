@@ -37,10 +37,10 @@ class World:
 
 
 @pytest.fixture(scope="module")
-async def world(stack: Stack, trust: Trust) -> AsyncIterator[World]:
+async def world(stack: Stack, trust: Trust, module_nats: str) -> AsyncIterator[World]:
     async with (
         fresh_database(stack) as database_url,
-        running_ledger(database_url, trust) as ledger,
+        running_ledger(database_url, trust, module_nats) as ledger,
         chainsim(seed=5, block_s=0.05) as chain,
         running_funding(
             stack,

@@ -28,7 +28,7 @@ async def test_withdrawal_events_are_relayed_in_order(
 ) -> None:
     async with (
         fresh_database(stack) as database_url,
-        running_ledger(database_url, trust) as ledger,
+        running_ledger(database_url, trust, private_nats) as ledger,
         chainsim() as chain,
         running_funding(
             stack,

@@ -45,11 +45,11 @@ class World:
 
 
 @pytest.fixture(scope="module")
-async def world(stack: Stack, trust: Trust) -> AsyncIterator[World]:
+async def world(stack: Stack, trust: Trust, module_nats: str) -> AsyncIterator[World]:
     """One ledger, chain and funding for the module; each test uses fresh accounts."""
     async with (
         fresh_database(stack) as database_url,
-        running_ledger(database_url, trust) as ledger,
+        running_ledger(database_url, trust, module_nats) as ledger,
         chainsim() as chain,
         running_funding(
             stack,
@@ -294,12 +294,12 @@ def _cancel(funding: Funding, account: str, withdrawal_id: str, request_id: str)
 
 
 async def test_cancel_before_broadcast_voids_the_hold_and_never_reaches_custody(
-    stack: Stack, fresh_database_url: str, trust: Trust
+    stack: Stack, fresh_database_url: str, trust: Trust, private_nats: str
 ) -> None:
     # Risk unreachable: the saga holds, then retries the check with backoff.
     dead = f"127.0.0.1:{free_ports().edge}"
     async with (
-        running_ledger(fresh_database_url, trust) as ledger,
+        running_ledger(fresh_database_url, trust, private_nats) as ledger,
         chainsim() as chain,
         running_funding(
             stack,

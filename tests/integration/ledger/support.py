@@ -14,6 +14,7 @@ from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from services.chassis import ChassisSettings, ErrorDetails, Server
 from services.ledger.config import LedgerConfig
 from services.ledger.server import build_server
+from services.match.server import build_server as build_match
 from tests.conftest import Trust
 
 K = ledger_pb2
@@ -58,18 +59,31 @@ class Ledger:
 async def running_ledger(
     database_url: str,
     trust: Trust,
+    nats_url: str,
     *,
-    nats_url: str | None = None,
-    match_target: str | None = None,
     config: LedgerConfig | None = None,
 ) -> AsyncIterator[Ledger]:
-    settings = ChassisSettings(
-        service="ledger", database_url=database_url, nats_url=nats_url, jwks_url=trust.jwks_url
+    """A ledger of the test's own and, beside it, the balance owner it sends its
+    transfers to: match's writer (ADR 0013), in this process, on the same database
+    and on `nats_url` (the test's private NATS: its events go nowhere else)."""
+
+    def settings(service: str) -> ChassisSettings:
+        return ChassisSettings(
+            service=service,
+            database_url=database_url,
+            nats_url=nats_url,
+            jwks_url=trust.jwks_url,
+            service_secret=trust.service_secret,
+            mesh_addr=trust.edge,  # where its service token comes from
+        )
+
+    match = await build_match(settings("match"))
+    match_port = await match.start()
+    server = await build_server(
+        settings("ledger"),
+        config=config or LedgerConfig(audit_interval_s=0),
+        match_target=f"127.0.0.1:{match_port}",
     )
-    config = config or LedgerConfig(
-        audit_interval_s=0, expiry_interval_s=0.2, settlement=nats_url is not None
-    )
-    server = await build_server(settings, config=config, match_target=match_target)
     port = await server.start()
     channel = trust.channel(f"127.0.0.1:{port}")
     try:
@@ -77,6 +91,7 @@ async def running_ledger(
     finally:
         await channel.close()
         await server.stop(0.5)
+        await match.stop(0.5)
 
 
 def deposit(tid: str, account: str, amount: str, asset: str = "USDT") -> ledger_pb2.Transfer:

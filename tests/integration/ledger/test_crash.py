@@ -1,5 +1,6 @@
-"""Crash conservation: clients keep sending transfers while the ledger process is
-killed with SIGKILL and restarted; they retry with the same ids. Afterwards every
+"""Crash conservation: clients keep sending transfers while the balance owner (match's
+writer, which applies them: ADR 0013) and the ledger in front of it are killed with
+SIGKILL, in turn, and restarted; the clients retry with the same ids. Afterwards every
 acknowledged transfer is there exactly once, the failures stay failures, every
 asset sums to zero and balances equal the replay of transfers.
 
@@ -31,26 +32,30 @@ RETRYABLE = {
 }
 
 
-def ledger_process(
-    database_url: str, trust: Trust, extra_env: dict[str, str] | None = None
-) -> ServiceProcess:
-    """`python -m services.ledger.main` without settlement, audits or NATS (unless
-    `extra_env` says otherwise); `async with` it to have it running."""
-    env = {
-        "DATABASE_URL": database_url,
-        "NATS_URL": "",
-        "LEDGER_SETTLEMENT": "off",
-        "LEDGER_AUDIT_INTERVAL_S": "0",
-        **trust.env,
-        **(extra_env or {}),
-    }
-    return ServiceProcess("services.ledger.main", env)
+def processes(
+    database_url: str, nats_url: str, trust: Trust
+) -> tuple[ServiceProcess, ServiceProcess]:
+    """`python -m services.match.main` (the balance owner) and `python -m
+    services.ledger.main` (no audits) in front of it; `async with` each to run it."""
+    env = {"DATABASE_URL": database_url, "NATS_URL": nats_url, **trust.env}
+    match = ServiceProcess("services.match.main", env)
+    ledger = ServiceProcess(
+        "services.ledger.main",
+        {
+            **env,
+            "LEDGER_AUDIT_INTERVAL_S": "0",
+            "LEDGER_MATCH_TARGET": match.target,
+            "CEX_MESH_ADDR": trust.edge,  # for its service token only
+        },
+    )
+    return match, ledger
 
 
 # Over ruff's complexity limit on purpose: the crash driver: load, kill, restart and check in one
 # loop.
 async def crash_run(  # noqa: C901
     database_url: str,
+    nats_url: str,
     trust: Trust,
     *,
     clients: int,
@@ -62,7 +67,8 @@ async def crash_run(  # noqa: C901
     rng = random.Random(2026)
     users = [f"acct-{i}" for i in range(accounts)]
     hot = users[0]
-    async with ledger_process(database_url, trust) as ledger:
+    match, ledger = processes(database_url, nats_url, trust)
+    async with match, ledger:
         channel = trust.channel(f"127.0.0.1:{ledger.port}")
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
 
@@ -106,11 +112,13 @@ async def crash_run(  # noqa: C901
             for k in range(1, kills + 1):
                 while len(acknowledged) < k * step and not queue.empty():  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
-                await ledger.kill()
-                await ledger.start()
+                victim = match if k % 2 else ledger  # the balance owner first
+                await victim.kill()
+                await victim.start()
 
         await asyncio.gather(killer(), *(client() for _ in range(clients)))
-        assert ledger.kills == kills
+        assert match.kills + ledger.kills == kills
+        assert match.kills >= 1
         assert len(acknowledged) == len(work)
         assert set(acknowledged.values()) <= {"", "LEDGER_INSUFFICIENT_FUNDS"}
         # Retrying every id once more after the chaos returns the same answers.
@@ -138,14 +146,32 @@ async def crash_run(  # noqa: C901
     assert all(r["s"] == 0 for r in sums)
 
 
-async def test_crash_conservation_short(fresh_database_url: str, trust: Trust) -> None:
+async def test_crash_conservation_short(
+    fresh_database_url: str, private_nats: str, trust: Trust
+) -> None:
     await crash_run(
-        fresh_database_url, trust, clients=8, transfers=1500, accounts=100, kills=2, batch=5
+        fresh_database_url,
+        private_nats,
+        trust,
+        clients=8,
+        transfers=1500,
+        accounts=100,
+        kills=2,
+        batch=5,
     )
 
 
 @pytest.mark.chaos
-async def test_crash_conservation_full(fresh_database_url: str, trust: Trust) -> None:
+async def test_crash_conservation_full(
+    fresh_database_url: str, private_nats: str, trust: Trust
+) -> None:
     await crash_run(
-        fresh_database_url, trust, clients=32, transfers=10_000, accounts=1000, kills=10, batch=1
+        fresh_database_url,
+        private_nats,
+        trust,
+        clients=32,
+        transfers=10_000,
+        accounts=1000,
+        kills=10,
+        batch=1,
     )

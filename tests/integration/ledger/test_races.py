@@ -27,8 +27,8 @@ from tests.integration.ledger.support import (
 
 
 @pytest.fixture
-async def ledger(fresh_database_url: str, trust: Trust) -> AsyncIterator[Ledger]:
-    async with running_ledger(fresh_database_url, trust) as running:
+async def ledger(fresh_database_url: str, trust: Trust, private_nats: str) -> AsyncIterator[Ledger]:
+    async with running_ledger(fresh_database_url, trust, private_nats) as running:
         yield running
 
 

@@ -231,8 +231,9 @@ def test_grpc_rules_name_chart_service_accounts_or_the_gateway(
 
 @needs_helm
 def test_callers_are_the_ones_the_architecture_names(docs: tuple[Doc, ...]) -> None:
-    """order calls risk, ledger and match; ledger, marketdata call match; funding
-    calls ledger and risk; only services reach match's and ledger's money paths."""
+    """order calls risk and match; the ledger sends its transfers to match (whose
+    writer owns balances), marketdata reads match; funding calls ledger and risk;
+    only services reach match's and ledger's money paths."""
 
     def callers(target: str, method: str) -> set[str]:
         (policy,) = [
@@ -249,8 +250,8 @@ def test_callers_are_the_ones_the_architecture_names(docs: tuple[Doc, ...]) -> N
     assert callers("risk", "CheckOrder") == {"cex-order"}
     assert callers("risk", "CheckOrders") == {"cex-order"}
     assert callers("risk", "CheckWithdrawal") == {"cex-funding"}
-    assert callers("ledger", "CreateTransfers") == {"cex-order", "cex-funding"}
-    assert callers("match", "SubmitCommands") == {"cex-order"}
+    assert callers("ledger", "CreateTransfers") == {"cex-funding"}
+    assert callers("match", "SubmitCommands") == {"cex-order", "cex-ledger"}
     assert {"cex-ledger", "cex-marketdata", "cex-order"} <= callers("match", "ReplayEvents")
     assert not any("ingress" in c for c in callers("match", "GetOrderBook"))
     services = {f"cex-{s}" for s in ("order", "risk", "ledger", "match", "marketdata", "funding")}

@@ -93,6 +93,67 @@ func (BookLevel) EnumDescriptor() ([]byte, []int) {
 	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{0}
 }
 
+// What the transfer does.
+type FundsTransfer_Op int32
+
+const (
+	// Not set: refused.
+	FundsTransfer_OP_UNSPECIFIED FundsTransfer_Op = 0
+	// Debit and credit now.
+	FundsTransfer_OP_SINGLE FundsTransfer_Op = 1
+	// A hold: moves the amount into the accounts' pending columns.
+	FundsTransfer_OP_PENDING FundsTransfer_Op = 2
+	// Post a pending transfer (all of it, or `amount` of it).
+	FundsTransfer_OP_POST FundsTransfer_Op = 3
+	// Void a pending transfer.
+	FundsTransfer_OP_VOID FundsTransfer_Op = 4
+)
+
+// Enum value maps for FundsTransfer_Op.
+var (
+	FundsTransfer_Op_name = map[int32]string{
+		0: "OP_UNSPECIFIED",
+		1: "OP_SINGLE",
+		2: "OP_PENDING",
+		3: "OP_POST",
+		4: "OP_VOID",
+	}
+	FundsTransfer_Op_value = map[string]int32{
+		"OP_UNSPECIFIED": 0,
+		"OP_SINGLE":      1,
+		"OP_PENDING":     2,
+		"OP_POST":        3,
+		"OP_VOID":        4,
+	}
+)
+
+func (x FundsTransfer_Op) Enum() *FundsTransfer_Op {
+	p := new(FundsTransfer_Op)
+	*p = x
+	return p
+}
+
+func (x FundsTransfer_Op) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (FundsTransfer_Op) Descriptor() protoreflect.EnumDescriptor {
+	return file_cex_match_v1_match_proto_enumTypes[1].Descriptor()
+}
+
+func (FundsTransfer_Op) Type() protoreflect.EnumType {
+	return &file_cex_match_v1_match_proto_enumTypes[1]
+}
+
+func (x FundsTransfer_Op) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use FundsTransfer_Op.Descriptor instead.
+func (FundsTransfer_Op) EnumDescriptor() ([]byte, []int) {
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{6, 0}
+}
+
 // Places an order in the book.
 type PlaceCommand struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -133,7 +194,18 @@ type PlaceCommand struct {
 	// GTD only: the engine cancels the order (reason EXPIRED) before applying
 	// the first command journaled at or after this time, so replays expire it
 	// identically without reading a clock.
-	ExpireTime    *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// The funds the order reserves before it reaches the book (ADR 0013): a
+	// hold `hold:<order_id>` of hold_amount (decimal string) of hold_asset, from
+	// the account to the ledger's order escrow, consumed by the order's trades
+	// and released when it is done. The sender computes it: the most the order
+	// can spend. Without enough available the command is refused
+	// (FAILED_PRECONDITION LEDGER_INSUFFICIENT_FUNDS) and not journaled. Empty:
+	// nothing is reserved, and trades take what they move from the available
+	// balance (a settlement anomaly is recorded if it is short).
+	HoldAsset string `protobuf:"bytes,16,opt,name=hold_asset,json=holdAsset,proto3" json:"hold_asset,omitempty"`
+	// Decimal string, the amount of hold_asset (see hold_asset).
+	HoldAmount    string `protobuf:"bytes,17,opt,name=hold_amount,json=holdAmount,proto3" json:"hold_amount,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -271,6 +343,20 @@ func (x *PlaceCommand) GetExpireTime() *timestamppb.Timestamp {
 		return x.ExpireTime
 	}
 	return nil
+}
+
+func (x *PlaceCommand) GetHoldAsset() string {
+	if x != nil {
+		return x.HoldAsset
+	}
+	return ""
+}
+
+func (x *PlaceCommand) GetHoldAmount() string {
+	if x != nil {
+		return x.HoldAmount
+	}
+	return ""
 }
 
 // Cancels one order.
@@ -518,6 +604,193 @@ func (*ExpireCommand) Descriptor() ([]byte, []int) {
 	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{4}
 }
 
+// Funds moved by the ledger's rules, decided by the group's writer, which owns
+// balances (ADR 0013): deposits, withdrawals' holds, posts and voids, transfers.
+// The ledger service sends these for its CreateTransfers; they are applied in
+// order, a linked run as one (all or none), and written to the ledger's tables
+// in the writer's commit. The command's market is empty.
+type TransfersCommand struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The transfers, in the ledger's order.
+	Transfers     []*FundsTransfer `protobuf:"bytes,1,rep,name=transfers,proto3" json:"transfers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TransfersCommand) Reset() {
+	*x = TransfersCommand{}
+	mi := &file_cex_match_v1_match_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TransfersCommand) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TransfersCommand) ProtoMessage() {}
+
+func (x *TransfersCommand) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_match_v1_match_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TransfersCommand.ProtoReflect.Descriptor instead.
+func (*TransfersCommand) Descriptor() ([]byte, []int) {
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *TransfersCommand) GetTransfers() []*FundsTransfer {
+	if x != nil {
+		return x.Transfers
+	}
+	return nil
+}
+
+// One transfer of a TransfersCommand: cex.ledger.v1.Transfer with the amount
+// in minor units of the asset and the flags as an operation.
+type FundsTransfer struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The transfer's id (idempotency key, as in cex.ledger.v1.Transfer).
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// What it does.
+	Op FundsTransfer_Op `protobuf:"varint,2,opt,name=op,proto3,enum=cex.match.v1.FundsTransfer_Op" json:"op,omitempty"`
+	// Debited account (single and pending).
+	DebitAccountId string `protobuf:"bytes,3,opt,name=debit_account_id,json=debitAccountId,proto3" json:"debit_account_id,omitempty"`
+	// Credited account (single and pending).
+	CreditAccountId string `protobuf:"bytes,4,opt,name=credit_account_id,json=creditAccountId,proto3" json:"credit_account_id,omitempty"`
+	// Asset symbol.
+	Asset string `protobuf:"bytes,5,opt,name=asset,proto3" json:"asset,omitempty"`
+	// Minor units; 0 on a post means the whole pending amount.
+	Amount int64 `protobuf:"varint,6,opt,name=amount,proto3" json:"amount,omitempty"`
+	// The pending transfer a post or void resolves.
+	PendingId string `protobuf:"bytes,7,opt,name=pending_id,json=pendingId,proto3" json:"pending_id,omitempty"`
+	// Linked to the next transfer: the run succeeds or fails as one.
+	Linked bool `protobuf:"varint,8,opt,name=linked,proto3" json:"linked,omitempty"`
+	// Pending only: expires after this many nanoseconds (0: never).
+	TimeoutNs int64 `protobuf:"varint,9,opt,name=timeout_ns,json=timeoutNs,proto3" json:"timeout_ns,omitempty"`
+	// cex.ledger.v1.TransferKind.
+	Kind int32 `protobuf:"varint,10,opt,name=kind,proto3" json:"kind,omitempty"`
+	// Free-form reference (e.g. a withdrawal id).
+	Reference     string `protobuf:"bytes,11,opt,name=reference,proto3" json:"reference,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FundsTransfer) Reset() {
+	*x = FundsTransfer{}
+	mi := &file_cex_match_v1_match_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FundsTransfer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FundsTransfer) ProtoMessage() {}
+
+func (x *FundsTransfer) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_match_v1_match_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FundsTransfer.ProtoReflect.Descriptor instead.
+func (*FundsTransfer) Descriptor() ([]byte, []int) {
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *FundsTransfer) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *FundsTransfer) GetOp() FundsTransfer_Op {
+	if x != nil {
+		return x.Op
+	}
+	return FundsTransfer_OP_UNSPECIFIED
+}
+
+func (x *FundsTransfer) GetDebitAccountId() string {
+	if x != nil {
+		return x.DebitAccountId
+	}
+	return ""
+}
+
+func (x *FundsTransfer) GetCreditAccountId() string {
+	if x != nil {
+		return x.CreditAccountId
+	}
+	return ""
+}
+
+func (x *FundsTransfer) GetAsset() string {
+	if x != nil {
+		return x.Asset
+	}
+	return ""
+}
+
+func (x *FundsTransfer) GetAmount() int64 {
+	if x != nil {
+		return x.Amount
+	}
+	return 0
+}
+
+func (x *FundsTransfer) GetPendingId() string {
+	if x != nil {
+		return x.PendingId
+	}
+	return ""
+}
+
+func (x *FundsTransfer) GetLinked() bool {
+	if x != nil {
+		return x.Linked
+	}
+	return false
+}
+
+func (x *FundsTransfer) GetTimeoutNs() int64 {
+	if x != nil {
+		return x.TimeoutNs
+	}
+	return 0
+}
+
+func (x *FundsTransfer) GetKind() int32 {
+	if x != nil {
+		return x.Kind
+	}
+	return 0
+}
+
+func (x *FundsTransfer) GetReference() string {
+	if x != nil {
+		return x.Reference
+	}
+	return ""
+}
+
 // One command for one market.
 type Command struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -535,6 +808,7 @@ type Command struct {
 	//	*Command_Amend
 	//	*Command_MassCancel
 	//	*Command_Expire
+	//	*Command_Transfers
 	Kind isCommand_Kind `protobuf_oneof:"kind"`
 	// W3C trace context of the request the command serves (`traceparent`,
 	// `tracestate`): a stream carries many requests' commands, and gRPC metadata
@@ -547,7 +821,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[5]
+	mi := &file_cex_match_v1_match_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -559,7 +833,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[5]
+	mi := &file_cex_match_v1_match_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -572,7 +846,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{5}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Command) GetCommandId() string {
@@ -641,6 +915,15 @@ func (x *Command) GetExpire() *ExpireCommand {
 	return nil
 }
 
+func (x *Command) GetTransfers() *TransfersCommand {
+	if x != nil {
+		if x, ok := x.Kind.(*Command_Transfers); ok {
+			return x.Transfers
+		}
+	}
+	return nil
+}
+
 func (x *Command) GetTraceContext() map[string]string {
 	if x != nil {
 		return x.TraceContext
@@ -673,8 +956,14 @@ type Command_MassCancel struct {
 }
 
 type Command_Expire struct {
-	// Expire what is due (match's own clock; see ExpireCommand).
+	// Expire what is due (match's own clock; see ExpireCommand). With an
+	// empty market: the ledger's pending transfers whose timeout passed.
 	Expire *ExpireCommand `protobuf:"bytes,8,opt,name=expire,proto3,oneof"`
+}
+
+type Command_Transfers struct {
+	// Move funds (market empty; see TransfersCommand).
+	Transfers *TransfersCommand `protobuf:"bytes,9,opt,name=transfers,proto3,oneof"`
 }
 
 func (*Command_Place) isCommand_Kind() {}
@@ -686,6 +975,8 @@ func (*Command_Amend) isCommand_Kind() {}
 func (*Command_MassCancel) isCommand_Kind() {}
 
 func (*Command_Expire) isCommand_Kind() {}
+
+func (*Command_Transfers) isCommand_Kind() {}
 
 // Result of one command.
 type CommandResult struct {
@@ -705,14 +996,17 @@ type CommandResult struct {
 	// The events the command produced, in seq order.
 	Events []*MatchEvent `protobuf:"bytes,5,rep,name=events,proto3" json:"events,omitempty"`
 	// True if command_id was seen before and this is the original result.
-	Duplicate     bool `protobuf:"varint,6,opt,name=duplicate,proto3" json:"duplicate,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Duplicate bool `protobuf:"varint,6,opt,name=duplicate,proto3" json:"duplicate,omitempty"`
+	// TransfersCommand: one status per transfer, in order (OK: applied now, or
+	// before with the same fields).
+	TransferStatuses []*status.Status `protobuf:"bytes,7,rep,name=transfer_statuses,json=transferStatuses,proto3" json:"transfer_statuses,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *CommandResult) Reset() {
 	*x = CommandResult{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[6]
+	mi := &file_cex_match_v1_match_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -724,7 +1018,7 @@ func (x *CommandResult) String() string {
 func (*CommandResult) ProtoMessage() {}
 
 func (x *CommandResult) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[6]
+	mi := &file_cex_match_v1_match_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -737,7 +1031,7 @@ func (x *CommandResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommandResult.ProtoReflect.Descriptor instead.
 func (*CommandResult) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{6}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *CommandResult) GetCommandId() string {
@@ -782,6 +1076,13 @@ func (x *CommandResult) GetDuplicate() bool {
 	return false
 }
 
+func (x *CommandResult) GetTransferStatuses() []*status.Status {
+	if x != nil {
+		return x.TransferStatuses
+	}
+	return nil
+}
+
 // Something that happened in a book. Decimal fields are decimal strings.
 type MatchEvent struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -814,7 +1115,7 @@ type MatchEvent struct {
 
 func (x *MatchEvent) Reset() {
 	*x = MatchEvent{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[7]
+	mi := &file_cex_match_v1_match_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -826,7 +1127,7 @@ func (x *MatchEvent) String() string {
 func (*MatchEvent) ProtoMessage() {}
 
 func (x *MatchEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[7]
+	mi := &file_cex_match_v1_match_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -839,7 +1140,7 @@ func (x *MatchEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MatchEvent.ProtoReflect.Descriptor instead.
 func (*MatchEvent) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{7}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *MatchEvent) GetMarket() string {
@@ -1033,7 +1334,7 @@ type OrderAccepted struct {
 
 func (x *OrderAccepted) Reset() {
 	*x = OrderAccepted{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[8]
+	mi := &file_cex_match_v1_match_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1045,7 +1346,7 @@ func (x *OrderAccepted) String() string {
 func (*OrderAccepted) ProtoMessage() {}
 
 func (x *OrderAccepted) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[8]
+	mi := &file_cex_match_v1_match_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1058,7 +1359,7 @@ func (x *OrderAccepted) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderAccepted.ProtoReflect.Descriptor instead.
 func (*OrderAccepted) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{8}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *OrderAccepted) GetOrderId() string {
@@ -1165,7 +1466,7 @@ type OrderRejected struct {
 
 func (x *OrderRejected) Reset() {
 	*x = OrderRejected{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[9]
+	mi := &file_cex_match_v1_match_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1177,7 +1478,7 @@ func (x *OrderRejected) String() string {
 func (*OrderRejected) ProtoMessage() {}
 
 func (x *OrderRejected) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[9]
+	mi := &file_cex_match_v1_match_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1190,7 +1491,7 @@ func (x *OrderRejected) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderRejected.ProtoReflect.Descriptor instead.
 func (*OrderRejected) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{9}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *OrderRejected) GetOrderId() string {
@@ -1271,7 +1572,7 @@ type Trade struct {
 
 func (x *Trade) Reset() {
 	*x = Trade{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[10]
+	mi := &file_cex_match_v1_match_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1283,7 +1584,7 @@ func (x *Trade) String() string {
 func (*Trade) ProtoMessage() {}
 
 func (x *Trade) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[10]
+	mi := &file_cex_match_v1_match_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1296,7 +1597,7 @@ func (x *Trade) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Trade.ProtoReflect.Descriptor instead.
 func (*Trade) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{10}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Trade) GetTradeId() string {
@@ -1445,7 +1746,7 @@ type OrderCancelled struct {
 
 func (x *OrderCancelled) Reset() {
 	*x = OrderCancelled{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[11]
+	mi := &file_cex_match_v1_match_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1457,7 +1758,7 @@ func (x *OrderCancelled) String() string {
 func (*OrderCancelled) ProtoMessage() {}
 
 func (x *OrderCancelled) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[11]
+	mi := &file_cex_match_v1_match_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1470,7 +1771,7 @@ func (x *OrderCancelled) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderCancelled.ProtoReflect.Descriptor instead.
 func (*OrderCancelled) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{11}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *OrderCancelled) GetOrderId() string {
@@ -1556,7 +1857,7 @@ type OrderAmended struct {
 
 func (x *OrderAmended) Reset() {
 	*x = OrderAmended{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[12]
+	mi := &file_cex_match_v1_match_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1568,7 +1869,7 @@ func (x *OrderAmended) String() string {
 func (*OrderAmended) ProtoMessage() {}
 
 func (x *OrderAmended) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[12]
+	mi := &file_cex_match_v1_match_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1581,7 +1882,7 @@ func (x *OrderAmended) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderAmended.ProtoReflect.Descriptor instead.
 func (*OrderAmended) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{12}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *OrderAmended) GetOrderId() string {
@@ -1670,7 +1971,7 @@ type OrderTriggered struct {
 
 func (x *OrderTriggered) Reset() {
 	*x = OrderTriggered{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[13]
+	mi := &file_cex_match_v1_match_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1682,7 +1983,7 @@ func (x *OrderTriggered) String() string {
 func (*OrderTriggered) ProtoMessage() {}
 
 func (x *OrderTriggered) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[13]
+	mi := &file_cex_match_v1_match_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1695,7 +1996,7 @@ func (x *OrderTriggered) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderTriggered.ProtoReflect.Descriptor instead.
 func (*OrderTriggered) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{13}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *OrderTriggered) GetOrderId() string {
@@ -1764,7 +2065,7 @@ type LevelChanged struct {
 
 func (x *LevelChanged) Reset() {
 	*x = LevelChanged{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[14]
+	mi := &file_cex_match_v1_match_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1776,7 +2077,7 @@ func (x *LevelChanged) String() string {
 func (*LevelChanged) ProtoMessage() {}
 
 func (x *LevelChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[14]
+	mi := &file_cex_match_v1_match_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1789,7 +2090,7 @@ func (x *LevelChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LevelChanged.ProtoReflect.Descriptor instead.
 func (*LevelChanged) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{14}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *LevelChanged) GetSide() v1.Side {
@@ -1840,7 +2141,7 @@ type BookOrder struct {
 
 func (x *BookOrder) Reset() {
 	*x = BookOrder{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[15]
+	mi := &file_cex_match_v1_match_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1852,7 +2153,7 @@ func (x *BookOrder) String() string {
 func (*BookOrder) ProtoMessage() {}
 
 func (x *BookOrder) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[15]
+	mi := &file_cex_match_v1_match_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1865,7 +2166,7 @@ func (x *BookOrder) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BookOrder.ProtoReflect.Descriptor instead.
 func (*BookOrder) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{15}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *BookOrder) GetOrderId() string {
@@ -1928,7 +2229,7 @@ type OrderBook struct {
 
 func (x *OrderBook) Reset() {
 	*x = OrderBook{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[16]
+	mi := &file_cex_match_v1_match_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1940,7 +2241,7 @@ func (x *OrderBook) String() string {
 func (*OrderBook) ProtoMessage() {}
 
 func (x *OrderBook) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[16]
+	mi := &file_cex_match_v1_match_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1953,7 +2254,7 @@ func (x *OrderBook) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderBook.ProtoReflect.Descriptor instead.
 func (*OrderBook) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{16}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *OrderBook) GetMarket() string {
@@ -2016,7 +2317,7 @@ type SubmitCommandsRequest struct {
 
 func (x *SubmitCommandsRequest) Reset() {
 	*x = SubmitCommandsRequest{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[17]
+	mi := &file_cex_match_v1_match_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2028,7 +2329,7 @@ func (x *SubmitCommandsRequest) String() string {
 func (*SubmitCommandsRequest) ProtoMessage() {}
 
 func (x *SubmitCommandsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[17]
+	mi := &file_cex_match_v1_match_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2041,7 +2342,7 @@ func (x *SubmitCommandsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitCommandsRequest.ProtoReflect.Descriptor instead.
 func (*SubmitCommandsRequest) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{17}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SubmitCommandsRequest) GetCommands() []*Command {
@@ -2062,7 +2363,7 @@ type SubmitCommandsResponse struct {
 
 func (x *SubmitCommandsResponse) Reset() {
 	*x = SubmitCommandsResponse{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[18]
+	mi := &file_cex_match_v1_match_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2074,7 +2375,7 @@ func (x *SubmitCommandsResponse) String() string {
 func (*SubmitCommandsResponse) ProtoMessage() {}
 
 func (x *SubmitCommandsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[18]
+	mi := &file_cex_match_v1_match_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2087,7 +2388,7 @@ func (x *SubmitCommandsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitCommandsResponse.ProtoReflect.Descriptor instead.
 func (*SubmitCommandsResponse) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{18}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SubmitCommandsResponse) GetResults() []*CommandResult {
@@ -2112,7 +2413,7 @@ type GetOrderBookRequest struct {
 
 func (x *GetOrderBookRequest) Reset() {
 	*x = GetOrderBookRequest{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[19]
+	mi := &file_cex_match_v1_match_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2124,7 +2425,7 @@ func (x *GetOrderBookRequest) String() string {
 func (*GetOrderBookRequest) ProtoMessage() {}
 
 func (x *GetOrderBookRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[19]
+	mi := &file_cex_match_v1_match_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2137,7 +2438,7 @@ func (x *GetOrderBookRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetOrderBookRequest.ProtoReflect.Descriptor instead.
 func (*GetOrderBookRequest) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{19}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *GetOrderBookRequest) GetMarket() string {
@@ -2172,7 +2473,7 @@ type GetOrderBookResponse struct {
 
 func (x *GetOrderBookResponse) Reset() {
 	*x = GetOrderBookResponse{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[20]
+	mi := &file_cex_match_v1_match_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2184,7 +2485,7 @@ func (x *GetOrderBookResponse) String() string {
 func (*GetOrderBookResponse) ProtoMessage() {}
 
 func (x *GetOrderBookResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[20]
+	mi := &file_cex_match_v1_match_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2197,7 +2498,7 @@ func (x *GetOrderBookResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetOrderBookResponse.ProtoReflect.Descriptor instead.
 func (*GetOrderBookResponse) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{20}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *GetOrderBookResponse) GetBook() *OrderBook {
@@ -2225,7 +2526,7 @@ type ReplayEventsRequest struct {
 
 func (x *ReplayEventsRequest) Reset() {
 	*x = ReplayEventsRequest{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[21]
+	mi := &file_cex_match_v1_match_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2237,7 +2538,7 @@ func (x *ReplayEventsRequest) String() string {
 func (*ReplayEventsRequest) ProtoMessage() {}
 
 func (x *ReplayEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[21]
+	mi := &file_cex_match_v1_match_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2250,7 +2551,7 @@ func (x *ReplayEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplayEventsRequest.ProtoReflect.Descriptor instead.
 func (*ReplayEventsRequest) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{21}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ReplayEventsRequest) GetMarket() string {
@@ -2296,7 +2597,7 @@ type EventBatch struct {
 
 func (x *EventBatch) Reset() {
 	*x = EventBatch{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[22]
+	mi := &file_cex_match_v1_match_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2308,7 +2609,7 @@ func (x *EventBatch) String() string {
 func (*EventBatch) ProtoMessage() {}
 
 func (x *EventBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[22]
+	mi := &file_cex_match_v1_match_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2321,7 +2622,7 @@ func (x *EventBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventBatch.ProtoReflect.Descriptor instead.
 func (*EventBatch) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{22}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *EventBatch) GetEvents() []*MatchEvent {
@@ -2342,7 +2643,7 @@ type ReplayEventsResponse struct {
 
 func (x *ReplayEventsResponse) Reset() {
 	*x = ReplayEventsResponse{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[23]
+	mi := &file_cex_match_v1_match_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2354,7 +2655,7 @@ func (x *ReplayEventsResponse) String() string {
 func (*ReplayEventsResponse) ProtoMessage() {}
 
 func (x *ReplayEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[23]
+	mi := &file_cex_match_v1_match_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2367,7 +2668,7 @@ func (x *ReplayEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplayEventsResponse.ProtoReflect.Descriptor instead.
 func (*ReplayEventsResponse) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{23}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ReplayEventsResponse) GetEvents() []*MatchEvent {
@@ -2381,7 +2682,7 @@ var File_cex_match_v1_match_proto protoreflect.FileDescriptor
 
 const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\n" +
-	"\x18cex/match/v1/match.proto\x12\fcex.match.v1\x1a\x17cex/type/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xf5\x04\n" +
+	"\x18cex/match/v1/match.proto\x12\fcex.match.v1\x1a\x17cex/type/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xb5\x05\n" +
 	"\fPlaceCommand\x12\x19\n" +
 	"\border_id\x18\x01 \x01(\tR\aorderId\x12&\n" +
 	"\x0fclient_order_id\x18\x02 \x01(\tR\rclientOrderId\x12\x1d\n" +
@@ -2401,7 +2702,11 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\x0emaker_fee_rate\x18\r \x01(\tR\fmakerFeeRate\x12$\n" +
 	"\x0etaker_fee_rate\x18\x0e \x01(\tR\ftakerFeeRate\x12;\n" +
 	"\vexpire_time\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"expireTime\"|\n" +
+	"expireTime\x12\x1d\n" +
+	"\n" +
+	"hold_asset\x18\x10 \x01(\tR\tholdAsset\x12\x1f\n" +
+	"\vhold_amount\x18\x11 \x01(\tR\n" +
+	"holdAmount\"|\n" +
 	"\rCancelCommand\x12\x19\n" +
 	"\border_id\x18\x01 \x01(\tR\aorderId\x12\x1d\n" +
 	"\n" +
@@ -2418,7 +2723,31 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"account_id\x18\x01 \x01(\tR\taccountId\x12%\n" +
 	"\x04side\x18\x02 \x01(\x0e2\x11.cex.type.v1.SideR\x04side\x121\n" +
 	"\x06reason\x18\x03 \x01(\x0e2\x19.cex.type.v1.CancelReasonR\x06reason\"\x0f\n" +
-	"\rExpireCommand\"\xf1\x03\n" +
+	"\rExpireCommand\"M\n" +
+	"\x10TransfersCommand\x129\n" +
+	"\ttransfers\x18\x01 \x03(\v2\x1b.cex.match.v1.FundsTransferR\ttransfers\"\xae\x03\n" +
+	"\rFundsTransfer\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12.\n" +
+	"\x02op\x18\x02 \x01(\x0e2\x1e.cex.match.v1.FundsTransfer.OpR\x02op\x12(\n" +
+	"\x10debit_account_id\x18\x03 \x01(\tR\x0edebitAccountId\x12*\n" +
+	"\x11credit_account_id\x18\x04 \x01(\tR\x0fcreditAccountId\x12\x14\n" +
+	"\x05asset\x18\x05 \x01(\tR\x05asset\x12\x16\n" +
+	"\x06amount\x18\x06 \x01(\x03R\x06amount\x12\x1d\n" +
+	"\n" +
+	"pending_id\x18\a \x01(\tR\tpendingId\x12\x16\n" +
+	"\x06linked\x18\b \x01(\bR\x06linked\x12\x1d\n" +
+	"\n" +
+	"timeout_ns\x18\t \x01(\x03R\ttimeoutNs\x12\x12\n" +
+	"\x04kind\x18\n" +
+	" \x01(\x05R\x04kind\x12\x1c\n" +
+	"\treference\x18\v \x01(\tR\treference\"Q\n" +
+	"\x02Op\x12\x12\n" +
+	"\x0eOP_UNSPECIFIED\x10\x00\x12\r\n" +
+	"\tOP_SINGLE\x10\x01\x12\x0e\n" +
+	"\n" +
+	"OP_PENDING\x10\x02\x12\v\n" +
+	"\aOP_POST\x10\x03\x12\v\n" +
+	"\aOP_VOID\x10\x04\"\xb1\x04\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"command_id\x18\x01 \x01(\tR\tcommandId\x12\x16\n" +
@@ -2428,12 +2757,13 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\x05amend\x18\x05 \x01(\v2\x1a.cex.match.v1.AmendCommandH\x00R\x05amend\x12B\n" +
 	"\vmass_cancel\x18\x06 \x01(\v2\x1f.cex.match.v1.MassCancelCommandH\x00R\n" +
 	"massCancel\x125\n" +
-	"\x06expire\x18\b \x01(\v2\x1b.cex.match.v1.ExpireCommandH\x00R\x06expire\x12L\n" +
+	"\x06expire\x18\b \x01(\v2\x1b.cex.match.v1.ExpireCommandH\x00R\x06expire\x12>\n" +
+	"\ttransfers\x18\t \x01(\v2\x1e.cex.match.v1.TransfersCommandH\x00R\ttransfers\x12L\n" +
 	"\rtrace_context\x18\a \x03(\v2'.cex.match.v1.Command.TraceContextEntryR\ftraceContext\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x06\n" +
-	"\x04kind\"\xe3\x01\n" +
+	"\x04kind\"\xa4\x02\n" +
 	"\rCommandResult\x12\x1d\n" +
 	"\n" +
 	"command_id\x18\x01 \x01(\tR\tcommandId\x12\x16\n" +
@@ -2442,7 +2772,8 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\vcommand_seq\x18\x04 \x01(\x03R\n" +
 	"commandSeq\x120\n" +
 	"\x06events\x18\x05 \x03(\v2\x18.cex.match.v1.MatchEventR\x06events\x12\x1c\n" +
-	"\tduplicate\x18\x06 \x01(\bR\tduplicate\"\xd3\x04\n" +
+	"\tduplicate\x18\x06 \x01(\bR\tduplicate\x12?\n" +
+	"\x11transfer_statuses\x18\a \x03(\v2\x12.google.rpc.StatusR\x10transferStatuses\"\xd3\x04\n" +
 	"\n" +
 	"MatchEvent\x12\x16\n" +
 	"\x06market\x18\x01 \x01(\tR\x06market\x12\x10\n" +
@@ -2601,100 +2932,107 @@ func file_cex_match_v1_match_proto_rawDescGZIP() []byte {
 	return file_cex_match_v1_match_proto_rawDescData
 }
 
-var file_cex_match_v1_match_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_cex_match_v1_match_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_cex_match_v1_match_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_cex_match_v1_match_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_cex_match_v1_match_proto_goTypes = []any{
 	(BookLevel)(0),                 // 0: cex.match.v1.BookLevel
-	(*PlaceCommand)(nil),           // 1: cex.match.v1.PlaceCommand
-	(*CancelCommand)(nil),          // 2: cex.match.v1.CancelCommand
-	(*AmendCommand)(nil),           // 3: cex.match.v1.AmendCommand
-	(*MassCancelCommand)(nil),      // 4: cex.match.v1.MassCancelCommand
-	(*ExpireCommand)(nil),          // 5: cex.match.v1.ExpireCommand
-	(*Command)(nil),                // 6: cex.match.v1.Command
-	(*CommandResult)(nil),          // 7: cex.match.v1.CommandResult
-	(*MatchEvent)(nil),             // 8: cex.match.v1.MatchEvent
-	(*OrderAccepted)(nil),          // 9: cex.match.v1.OrderAccepted
-	(*OrderRejected)(nil),          // 10: cex.match.v1.OrderRejected
-	(*Trade)(nil),                  // 11: cex.match.v1.Trade
-	(*OrderCancelled)(nil),         // 12: cex.match.v1.OrderCancelled
-	(*OrderAmended)(nil),           // 13: cex.match.v1.OrderAmended
-	(*OrderTriggered)(nil),         // 14: cex.match.v1.OrderTriggered
-	(*LevelChanged)(nil),           // 15: cex.match.v1.LevelChanged
-	(*BookOrder)(nil),              // 16: cex.match.v1.BookOrder
-	(*OrderBook)(nil),              // 17: cex.match.v1.OrderBook
-	(*SubmitCommandsRequest)(nil),  // 18: cex.match.v1.SubmitCommandsRequest
-	(*SubmitCommandsResponse)(nil), // 19: cex.match.v1.SubmitCommandsResponse
-	(*GetOrderBookRequest)(nil),    // 20: cex.match.v1.GetOrderBookRequest
-	(*GetOrderBookResponse)(nil),   // 21: cex.match.v1.GetOrderBookResponse
-	(*ReplayEventsRequest)(nil),    // 22: cex.match.v1.ReplayEventsRequest
-	(*EventBatch)(nil),             // 23: cex.match.v1.EventBatch
-	(*ReplayEventsResponse)(nil),   // 24: cex.match.v1.ReplayEventsResponse
-	nil,                            // 25: cex.match.v1.Command.TraceContextEntry
-	(v1.Side)(0),                   // 26: cex.type.v1.Side
-	(v1.OrderType)(0),              // 27: cex.type.v1.OrderType
-	(v1.TimeInForce)(0),            // 28: cex.type.v1.TimeInForce
-	(v1.SelfTradePrevention)(0),    // 29: cex.type.v1.SelfTradePrevention
-	(*timestamppb.Timestamp)(nil),  // 30: google.protobuf.Timestamp
-	(v1.CancelReason)(0),           // 31: cex.type.v1.CancelReason
-	(*status.Status)(nil),          // 32: google.rpc.Status
-	(*v1.PriceLevel)(nil),          // 33: cex.type.v1.PriceLevel
+	(FundsTransfer_Op)(0),          // 1: cex.match.v1.FundsTransfer.Op
+	(*PlaceCommand)(nil),           // 2: cex.match.v1.PlaceCommand
+	(*CancelCommand)(nil),          // 3: cex.match.v1.CancelCommand
+	(*AmendCommand)(nil),           // 4: cex.match.v1.AmendCommand
+	(*MassCancelCommand)(nil),      // 5: cex.match.v1.MassCancelCommand
+	(*ExpireCommand)(nil),          // 6: cex.match.v1.ExpireCommand
+	(*TransfersCommand)(nil),       // 7: cex.match.v1.TransfersCommand
+	(*FundsTransfer)(nil),          // 8: cex.match.v1.FundsTransfer
+	(*Command)(nil),                // 9: cex.match.v1.Command
+	(*CommandResult)(nil),          // 10: cex.match.v1.CommandResult
+	(*MatchEvent)(nil),             // 11: cex.match.v1.MatchEvent
+	(*OrderAccepted)(nil),          // 12: cex.match.v1.OrderAccepted
+	(*OrderRejected)(nil),          // 13: cex.match.v1.OrderRejected
+	(*Trade)(nil),                  // 14: cex.match.v1.Trade
+	(*OrderCancelled)(nil),         // 15: cex.match.v1.OrderCancelled
+	(*OrderAmended)(nil),           // 16: cex.match.v1.OrderAmended
+	(*OrderTriggered)(nil),         // 17: cex.match.v1.OrderTriggered
+	(*LevelChanged)(nil),           // 18: cex.match.v1.LevelChanged
+	(*BookOrder)(nil),              // 19: cex.match.v1.BookOrder
+	(*OrderBook)(nil),              // 20: cex.match.v1.OrderBook
+	(*SubmitCommandsRequest)(nil),  // 21: cex.match.v1.SubmitCommandsRequest
+	(*SubmitCommandsResponse)(nil), // 22: cex.match.v1.SubmitCommandsResponse
+	(*GetOrderBookRequest)(nil),    // 23: cex.match.v1.GetOrderBookRequest
+	(*GetOrderBookResponse)(nil),   // 24: cex.match.v1.GetOrderBookResponse
+	(*ReplayEventsRequest)(nil),    // 25: cex.match.v1.ReplayEventsRequest
+	(*EventBatch)(nil),             // 26: cex.match.v1.EventBatch
+	(*ReplayEventsResponse)(nil),   // 27: cex.match.v1.ReplayEventsResponse
+	nil,                            // 28: cex.match.v1.Command.TraceContextEntry
+	(v1.Side)(0),                   // 29: cex.type.v1.Side
+	(v1.OrderType)(0),              // 30: cex.type.v1.OrderType
+	(v1.TimeInForce)(0),            // 31: cex.type.v1.TimeInForce
+	(v1.SelfTradePrevention)(0),    // 32: cex.type.v1.SelfTradePrevention
+	(*timestamppb.Timestamp)(nil),  // 33: google.protobuf.Timestamp
+	(v1.CancelReason)(0),           // 34: cex.type.v1.CancelReason
+	(*status.Status)(nil),          // 35: google.rpc.Status
+	(*v1.PriceLevel)(nil),          // 36: cex.type.v1.PriceLevel
 }
 var file_cex_match_v1_match_proto_depIdxs = []int32{
-	26, // 0: cex.match.v1.PlaceCommand.side:type_name -> cex.type.v1.Side
-	27, // 1: cex.match.v1.PlaceCommand.type:type_name -> cex.type.v1.OrderType
-	28, // 2: cex.match.v1.PlaceCommand.time_in_force:type_name -> cex.type.v1.TimeInForce
-	29, // 3: cex.match.v1.PlaceCommand.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
-	30, // 4: cex.match.v1.PlaceCommand.expire_time:type_name -> google.protobuf.Timestamp
-	31, // 5: cex.match.v1.CancelCommand.reason:type_name -> cex.type.v1.CancelReason
-	26, // 6: cex.match.v1.MassCancelCommand.side:type_name -> cex.type.v1.Side
-	31, // 7: cex.match.v1.MassCancelCommand.reason:type_name -> cex.type.v1.CancelReason
-	1,  // 8: cex.match.v1.Command.place:type_name -> cex.match.v1.PlaceCommand
-	2,  // 9: cex.match.v1.Command.cancel:type_name -> cex.match.v1.CancelCommand
-	3,  // 10: cex.match.v1.Command.amend:type_name -> cex.match.v1.AmendCommand
-	4,  // 11: cex.match.v1.Command.mass_cancel:type_name -> cex.match.v1.MassCancelCommand
-	5,  // 12: cex.match.v1.Command.expire:type_name -> cex.match.v1.ExpireCommand
-	25, // 13: cex.match.v1.Command.trace_context:type_name -> cex.match.v1.Command.TraceContextEntry
-	32, // 14: cex.match.v1.CommandResult.status:type_name -> google.rpc.Status
-	8,  // 15: cex.match.v1.CommandResult.events:type_name -> cex.match.v1.MatchEvent
-	30, // 16: cex.match.v1.MatchEvent.event_time:type_name -> google.protobuf.Timestamp
-	9,  // 17: cex.match.v1.MatchEvent.accepted:type_name -> cex.match.v1.OrderAccepted
-	10, // 18: cex.match.v1.MatchEvent.rejected:type_name -> cex.match.v1.OrderRejected
-	11, // 19: cex.match.v1.MatchEvent.trade:type_name -> cex.match.v1.Trade
-	12, // 20: cex.match.v1.MatchEvent.cancelled:type_name -> cex.match.v1.OrderCancelled
-	13, // 21: cex.match.v1.MatchEvent.amended:type_name -> cex.match.v1.OrderAmended
-	14, // 22: cex.match.v1.MatchEvent.triggered:type_name -> cex.match.v1.OrderTriggered
-	15, // 23: cex.match.v1.MatchEvent.level_changed:type_name -> cex.match.v1.LevelChanged
-	26, // 24: cex.match.v1.OrderAccepted.side:type_name -> cex.type.v1.Side
-	27, // 25: cex.match.v1.OrderAccepted.type:type_name -> cex.type.v1.OrderType
-	28, // 26: cex.match.v1.OrderAccepted.time_in_force:type_name -> cex.type.v1.TimeInForce
-	26, // 27: cex.match.v1.Trade.taker_side:type_name -> cex.type.v1.Side
-	26, // 28: cex.match.v1.OrderCancelled.side:type_name -> cex.type.v1.Side
-	31, // 29: cex.match.v1.OrderCancelled.reason:type_name -> cex.type.v1.CancelReason
-	26, // 30: cex.match.v1.OrderAmended.side:type_name -> cex.type.v1.Side
-	26, // 31: cex.match.v1.OrderTriggered.side:type_name -> cex.type.v1.Side
-	27, // 32: cex.match.v1.OrderTriggered.type:type_name -> cex.type.v1.OrderType
-	26, // 33: cex.match.v1.LevelChanged.side:type_name -> cex.type.v1.Side
-	33, // 34: cex.match.v1.OrderBook.bids:type_name -> cex.type.v1.PriceLevel
-	33, // 35: cex.match.v1.OrderBook.asks:type_name -> cex.type.v1.PriceLevel
-	16, // 36: cex.match.v1.OrderBook.bid_orders:type_name -> cex.match.v1.BookOrder
-	16, // 37: cex.match.v1.OrderBook.ask_orders:type_name -> cex.match.v1.BookOrder
-	6,  // 38: cex.match.v1.SubmitCommandsRequest.commands:type_name -> cex.match.v1.Command
-	7,  // 39: cex.match.v1.SubmitCommandsResponse.results:type_name -> cex.match.v1.CommandResult
-	0,  // 40: cex.match.v1.GetOrderBookRequest.level:type_name -> cex.match.v1.BookLevel
-	17, // 41: cex.match.v1.GetOrderBookResponse.book:type_name -> cex.match.v1.OrderBook
-	8,  // 42: cex.match.v1.EventBatch.events:type_name -> cex.match.v1.MatchEvent
-	8,  // 43: cex.match.v1.ReplayEventsResponse.events:type_name -> cex.match.v1.MatchEvent
-	18, // 44: cex.match.v1.MatchService.SubmitCommands:input_type -> cex.match.v1.SubmitCommandsRequest
-	20, // 45: cex.match.v1.MatchService.GetOrderBook:input_type -> cex.match.v1.GetOrderBookRequest
-	22, // 46: cex.match.v1.MatchService.ReplayEvents:input_type -> cex.match.v1.ReplayEventsRequest
-	19, // 47: cex.match.v1.MatchService.SubmitCommands:output_type -> cex.match.v1.SubmitCommandsResponse
-	21, // 48: cex.match.v1.MatchService.GetOrderBook:output_type -> cex.match.v1.GetOrderBookResponse
-	24, // 49: cex.match.v1.MatchService.ReplayEvents:output_type -> cex.match.v1.ReplayEventsResponse
-	47, // [47:50] is the sub-list for method output_type
-	44, // [44:47] is the sub-list for method input_type
-	44, // [44:44] is the sub-list for extension type_name
-	44, // [44:44] is the sub-list for extension extendee
-	0,  // [0:44] is the sub-list for field type_name
+	29, // 0: cex.match.v1.PlaceCommand.side:type_name -> cex.type.v1.Side
+	30, // 1: cex.match.v1.PlaceCommand.type:type_name -> cex.type.v1.OrderType
+	31, // 2: cex.match.v1.PlaceCommand.time_in_force:type_name -> cex.type.v1.TimeInForce
+	32, // 3: cex.match.v1.PlaceCommand.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
+	33, // 4: cex.match.v1.PlaceCommand.expire_time:type_name -> google.protobuf.Timestamp
+	34, // 5: cex.match.v1.CancelCommand.reason:type_name -> cex.type.v1.CancelReason
+	29, // 6: cex.match.v1.MassCancelCommand.side:type_name -> cex.type.v1.Side
+	34, // 7: cex.match.v1.MassCancelCommand.reason:type_name -> cex.type.v1.CancelReason
+	8,  // 8: cex.match.v1.TransfersCommand.transfers:type_name -> cex.match.v1.FundsTransfer
+	1,  // 9: cex.match.v1.FundsTransfer.op:type_name -> cex.match.v1.FundsTransfer.Op
+	2,  // 10: cex.match.v1.Command.place:type_name -> cex.match.v1.PlaceCommand
+	3,  // 11: cex.match.v1.Command.cancel:type_name -> cex.match.v1.CancelCommand
+	4,  // 12: cex.match.v1.Command.amend:type_name -> cex.match.v1.AmendCommand
+	5,  // 13: cex.match.v1.Command.mass_cancel:type_name -> cex.match.v1.MassCancelCommand
+	6,  // 14: cex.match.v1.Command.expire:type_name -> cex.match.v1.ExpireCommand
+	7,  // 15: cex.match.v1.Command.transfers:type_name -> cex.match.v1.TransfersCommand
+	28, // 16: cex.match.v1.Command.trace_context:type_name -> cex.match.v1.Command.TraceContextEntry
+	35, // 17: cex.match.v1.CommandResult.status:type_name -> google.rpc.Status
+	11, // 18: cex.match.v1.CommandResult.events:type_name -> cex.match.v1.MatchEvent
+	35, // 19: cex.match.v1.CommandResult.transfer_statuses:type_name -> google.rpc.Status
+	33, // 20: cex.match.v1.MatchEvent.event_time:type_name -> google.protobuf.Timestamp
+	12, // 21: cex.match.v1.MatchEvent.accepted:type_name -> cex.match.v1.OrderAccepted
+	13, // 22: cex.match.v1.MatchEvent.rejected:type_name -> cex.match.v1.OrderRejected
+	14, // 23: cex.match.v1.MatchEvent.trade:type_name -> cex.match.v1.Trade
+	15, // 24: cex.match.v1.MatchEvent.cancelled:type_name -> cex.match.v1.OrderCancelled
+	16, // 25: cex.match.v1.MatchEvent.amended:type_name -> cex.match.v1.OrderAmended
+	17, // 26: cex.match.v1.MatchEvent.triggered:type_name -> cex.match.v1.OrderTriggered
+	18, // 27: cex.match.v1.MatchEvent.level_changed:type_name -> cex.match.v1.LevelChanged
+	29, // 28: cex.match.v1.OrderAccepted.side:type_name -> cex.type.v1.Side
+	30, // 29: cex.match.v1.OrderAccepted.type:type_name -> cex.type.v1.OrderType
+	31, // 30: cex.match.v1.OrderAccepted.time_in_force:type_name -> cex.type.v1.TimeInForce
+	29, // 31: cex.match.v1.Trade.taker_side:type_name -> cex.type.v1.Side
+	29, // 32: cex.match.v1.OrderCancelled.side:type_name -> cex.type.v1.Side
+	34, // 33: cex.match.v1.OrderCancelled.reason:type_name -> cex.type.v1.CancelReason
+	29, // 34: cex.match.v1.OrderAmended.side:type_name -> cex.type.v1.Side
+	29, // 35: cex.match.v1.OrderTriggered.side:type_name -> cex.type.v1.Side
+	30, // 36: cex.match.v1.OrderTriggered.type:type_name -> cex.type.v1.OrderType
+	29, // 37: cex.match.v1.LevelChanged.side:type_name -> cex.type.v1.Side
+	36, // 38: cex.match.v1.OrderBook.bids:type_name -> cex.type.v1.PriceLevel
+	36, // 39: cex.match.v1.OrderBook.asks:type_name -> cex.type.v1.PriceLevel
+	19, // 40: cex.match.v1.OrderBook.bid_orders:type_name -> cex.match.v1.BookOrder
+	19, // 41: cex.match.v1.OrderBook.ask_orders:type_name -> cex.match.v1.BookOrder
+	9,  // 42: cex.match.v1.SubmitCommandsRequest.commands:type_name -> cex.match.v1.Command
+	10, // 43: cex.match.v1.SubmitCommandsResponse.results:type_name -> cex.match.v1.CommandResult
+	0,  // 44: cex.match.v1.GetOrderBookRequest.level:type_name -> cex.match.v1.BookLevel
+	20, // 45: cex.match.v1.GetOrderBookResponse.book:type_name -> cex.match.v1.OrderBook
+	11, // 46: cex.match.v1.EventBatch.events:type_name -> cex.match.v1.MatchEvent
+	11, // 47: cex.match.v1.ReplayEventsResponse.events:type_name -> cex.match.v1.MatchEvent
+	21, // 48: cex.match.v1.MatchService.SubmitCommands:input_type -> cex.match.v1.SubmitCommandsRequest
+	23, // 49: cex.match.v1.MatchService.GetOrderBook:input_type -> cex.match.v1.GetOrderBookRequest
+	25, // 50: cex.match.v1.MatchService.ReplayEvents:input_type -> cex.match.v1.ReplayEventsRequest
+	22, // 51: cex.match.v1.MatchService.SubmitCommands:output_type -> cex.match.v1.SubmitCommandsResponse
+	24, // 52: cex.match.v1.MatchService.GetOrderBook:output_type -> cex.match.v1.GetOrderBookResponse
+	27, // 53: cex.match.v1.MatchService.ReplayEvents:output_type -> cex.match.v1.ReplayEventsResponse
+	51, // [51:54] is the sub-list for method output_type
+	48, // [48:51] is the sub-list for method input_type
+	48, // [48:48] is the sub-list for extension type_name
+	48, // [48:48] is the sub-list for extension extendee
+	0,  // [0:48] is the sub-list for field type_name
 }
 
 func init() { file_cex_match_v1_match_proto_init() }
@@ -2702,14 +3040,15 @@ func file_cex_match_v1_match_proto_init() {
 	if File_cex_match_v1_match_proto != nil {
 		return
 	}
-	file_cex_match_v1_match_proto_msgTypes[5].OneofWrappers = []any{
+	file_cex_match_v1_match_proto_msgTypes[7].OneofWrappers = []any{
 		(*Command_Place)(nil),
 		(*Command_Cancel)(nil),
 		(*Command_Amend)(nil),
 		(*Command_MassCancel)(nil),
 		(*Command_Expire)(nil),
+		(*Command_Transfers)(nil),
 	}
-	file_cex_match_v1_match_proto_msgTypes[7].OneofWrappers = []any{
+	file_cex_match_v1_match_proto_msgTypes[9].OneofWrappers = []any{
 		(*MatchEvent_Accepted)(nil),
 		(*MatchEvent_Rejected)(nil),
 		(*MatchEvent_Trade)(nil),
@@ -2723,8 +3062,8 @@ func file_cex_match_v1_match_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cex_match_v1_match_proto_rawDesc), len(file_cex_match_v1_match_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   25,
+			NumEnums:      2,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -82,6 +82,8 @@ class PlaceCommand(_message.Message):
     MAKER_FEE_RATE_FIELD_NUMBER: _builtins.int
     TAKER_FEE_RATE_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    HOLD_ASSET_FIELD_NUMBER: _builtins.int
+    HOLD_AMOUNT_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """Order id assigned by the order service, unique across the exchange."""
     client_order_id: _builtins.str
@@ -119,6 +121,18 @@ class PlaceCommand(_message.Message):
     """
     taker_fee_rate: _builtins.str
     """Decimal string: fee rate charged when this order takes liquidity."""
+    hold_asset: _builtins.str
+    """The funds the order reserves before it reaches the book (ADR 0013): a
+    hold `hold:<order_id>` of hold_amount (decimal string) of hold_asset, from
+    the account to the ledger's order escrow, consumed by the order's trades
+    and released when it is done. The sender computes it: the most the order
+    can spend. Without enough available the command is refused
+    (FAILED_PRECONDITION LEDGER_INSUFFICIENT_FUNDS) and not journaled. Empty:
+    nothing is reserved, and trades take what they move from the available
+    balance (a settlement anomaly is recorded if it is short).
+    """
+    hold_amount: _builtins.str
+    """Decimal string, the amount of hold_asset (see hold_asset)."""
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """GTD only: the engine cancels the order (reason EXPIRED) before applying
@@ -144,10 +158,12 @@ class PlaceCommand(_message.Message):
         maker_fee_rate: _builtins.str = ...,
         taker_fee_rate: _builtins.str = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        hold_asset: _builtins.str = ...,
+        hold_amount: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "client_order_id", b"client_order_id", "expire_time", b"expire_time", "maker_fee_rate", b"maker_fee_rate", "order_id", b"order_id", "post_only", b"post_only", "price", b"price", "quantity", b"quantity", "quote_quantity", b"quote_quantity", "self_trade_prevention", b"self_trade_prevention", "side", b"side", "stop_price", b"stop_price", "taker_fee_rate", b"taker_fee_rate", "time_in_force", b"time_in_force", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "client_order_id", b"client_order_id", "expire_time", b"expire_time", "hold_amount", b"hold_amount", "hold_asset", b"hold_asset", "maker_fee_rate", b"maker_fee_rate", "order_id", b"order_id", "post_only", b"post_only", "price", b"price", "quantity", b"quantity", "quote_quantity", b"quote_quantity", "self_trade_prevention", b"self_trade_prevention", "side", b"side", "stop_price", b"stop_price", "taker_fee_rate", b"taker_fee_rate", "time_in_force", b"time_in_force", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -276,6 +292,130 @@ class ExpireCommand(_message.Message):
 Global___ExpireCommand: _TypeAlias = ExpireCommand  # noqa: Y015
 
 @_typing.final
+class TransfersCommand(_message.Message):
+    """Funds moved by the ledger's rules, decided by the group's writer, which owns
+    balances (ADR 0013): deposits, withdrawals' holds, posts and voids, transfers.
+    The ledger service sends these for its CreateTransfers; they are applied in
+    order, a linked run as one (all or none), and written to the ledger's tables
+    in the writer's commit. The command's market is empty.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def transfers(self) -> _containers.RepeatedCompositeFieldContainer[Global___FundsTransfer]:
+        """The transfers, in the ledger's order."""
+
+    def __init__(
+        self,
+        *,
+        transfers: _abc.Iterable[Global___FundsTransfer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["transfers", b"transfers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransfersCommand: _TypeAlias = TransfersCommand  # noqa: Y015
+
+@_typing.final
+class FundsTransfer(_message.Message):
+    """One transfer of a TransfersCommand: cex.ledger.v1.Transfer with the amount
+    in minor units of the asset and the flags as an operation.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Op:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _OpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[FundsTransfer._Op.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        OP_UNSPECIFIED: FundsTransfer._Op.ValueType  # 0
+        """Not set: refused."""
+        OP_SINGLE: FundsTransfer._Op.ValueType  # 1
+        """Debit and credit now."""
+        OP_PENDING: FundsTransfer._Op.ValueType  # 2
+        """A hold: moves the amount into the accounts' pending columns."""
+        OP_POST: FundsTransfer._Op.ValueType  # 3
+        """Post a pending transfer (all of it, or `amount` of it)."""
+        OP_VOID: FundsTransfer._Op.ValueType  # 4
+        """Void a pending transfer."""
+
+    class Op(_Op, metaclass=_OpEnumTypeWrapper):
+        """What the transfer does."""
+
+    OP_UNSPECIFIED: FundsTransfer.Op.ValueType  # 0
+    """Not set: refused."""
+    OP_SINGLE: FundsTransfer.Op.ValueType  # 1
+    """Debit and credit now."""
+    OP_PENDING: FundsTransfer.Op.ValueType  # 2
+    """A hold: moves the amount into the accounts' pending columns."""
+    OP_POST: FundsTransfer.Op.ValueType  # 3
+    """Post a pending transfer (all of it, or `amount` of it)."""
+    OP_VOID: FundsTransfer.Op.ValueType  # 4
+    """Void a pending transfer."""
+
+    ID_FIELD_NUMBER: _builtins.int
+    OP_FIELD_NUMBER: _builtins.int
+    DEBIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    CREDIT_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    ASSET_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    PENDING_ID_FIELD_NUMBER: _builtins.int
+    LINKED_FIELD_NUMBER: _builtins.int
+    TIMEOUT_NS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The transfer's id (idempotency key, as in cex.ledger.v1.Transfer)."""
+    op: Global___FundsTransfer.Op.ValueType
+    """What it does."""
+    debit_account_id: _builtins.str
+    """Debited account (single and pending)."""
+    credit_account_id: _builtins.str
+    """Credited account (single and pending)."""
+    asset: _builtins.str
+    """Asset symbol."""
+    amount: _builtins.int
+    """Minor units; 0 on a post means the whole pending amount."""
+    pending_id: _builtins.str
+    """The pending transfer a post or void resolves."""
+    linked: _builtins.bool
+    """Linked to the next transfer: the run succeeds or fails as one."""
+    timeout_ns: _builtins.int
+    """Pending only: expires after this many nanoseconds (0: never)."""
+    kind: _builtins.int
+    """cex.ledger.v1.TransferKind."""
+    reference: _builtins.str
+    """Free-form reference (e.g. a withdrawal id)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        op: Global___FundsTransfer.Op.ValueType = ...,
+        debit_account_id: _builtins.str = ...,
+        credit_account_id: _builtins.str = ...,
+        asset: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        pending_id: _builtins.str = ...,
+        linked: _builtins.bool = ...,
+        timeout_ns: _builtins.int = ...,
+        kind: _builtins.int = ...,
+        reference: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "asset", b"asset", "credit_account_id", b"credit_account_id", "debit_account_id", b"debit_account_id", "id", b"id", "kind", b"kind", "linked", b"linked", "op", b"op", "pending_id", b"pending_id", "reference", b"reference", "timeout_ns", b"timeout_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FundsTransfer: _TypeAlias = FundsTransfer  # noqa: Y015
+
+@_typing.final
 class Command(_message.Message):
     """One command for one market."""
 
@@ -308,6 +448,7 @@ class Command(_message.Message):
     AMEND_FIELD_NUMBER: _builtins.int
     MASS_CANCEL_FIELD_NUMBER: _builtins.int
     EXPIRE_FIELD_NUMBER: _builtins.int
+    TRANSFERS_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     """Idempotency id, unique per market, chosen by the sender and derived from
@@ -333,7 +474,13 @@ class Command(_message.Message):
 
     @_builtins.property
     def expire(self) -> Global___ExpireCommand:
-        """Expire what is due (match's own clock; see ExpireCommand)."""
+        """Expire what is due (match's own clock; see ExpireCommand). With an
+        empty market: the ledger's pending transfers whose timeout passed.
+        """
+
+    @_builtins.property
+    def transfers(self) -> Global___TransfersCommand:
+        """Move funds (market empty; see TransfersCommand)."""
 
     @_builtins.property
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -353,13 +500,14 @@ class Command(_message.Message):
         amend: Global___AmendCommand | None = ...,
         mass_cancel: Global___MassCancelCommand | None = ...,
         expire: Global___ExpireCommand | None = ...,
+        transfers: Global___TransfersCommand | None = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "expire", b"expire", "kind", b"kind", "mass_cancel", b"mass_cancel", "place", b"place"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "expire", b"expire", "kind", b"kind", "mass_cancel", b"mass_cancel", "place", b"place", "transfers", b"transfers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "command_id", b"command_id", "expire", b"expire", "kind", b"kind", "market", b"market", "mass_cancel", b"mass_cancel", "place", b"place", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "command_id", b"command_id", "expire", b"expire", "kind", b"kind", "market", b"market", "mass_cancel", b"mass_cancel", "place", b"place", "trace_context", b"trace_context", "transfers", b"transfers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["place", "cancel", "amend", "mass_cancel", "expire"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["place", "cancel", "amend", "mass_cancel", "expire", "transfers"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -377,6 +525,7 @@ class CommandResult(_message.Message):
     COMMAND_SEQ_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
     DUPLICATE_FIELD_NUMBER: _builtins.int
+    TRANSFER_STATUSES_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     """The command's command_id."""
     market: _builtins.str
@@ -398,6 +547,12 @@ class CommandResult(_message.Message):
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___MatchEvent]:
         """The events the command produced, in seq order."""
 
+    @_builtins.property
+    def transfer_statuses(self) -> _containers.RepeatedCompositeFieldContainer[_status_pb2.Status]:
+        """TransfersCommand: one status per transfer, in order (OK: applied now, or
+        before with the same fields).
+        """
+
     def __init__(
         self,
         *,
@@ -407,10 +562,11 @@ class CommandResult(_message.Message):
         command_seq: _builtins.int = ...,
         events: _abc.Iterable[Global___MatchEvent] | None = ...,
         duplicate: _builtins.bool = ...,
+        transfer_statuses: _abc.Iterable[_status_pb2.Status] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "command_seq", b"command_seq", "duplicate", b"duplicate", "events", b"events", "market", b"market", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "command_seq", b"command_seq", "duplicate", b"duplicate", "events", b"events", "market", b"market", "status", b"status", "transfer_statuses", b"transfer_statuses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

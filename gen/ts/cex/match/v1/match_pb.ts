@@ -32,7 +32,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cex/match/v1/match.proto.
  */
 export const file_cex_match_v1_match: GenFile = /*@__PURE__*/
-  fileDesc("ChhjZXgvbWF0Y2gvdjEvbWF0Y2gucHJvdG8SDGNleC5tYXRjaC52MSLHAwoMUGxhY2VDb21tYW5kEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEh8KBHNpZGUYBCABKA4yES5jZXgudHlwZS52MS5TaWRlEiQKBHR5cGUYBSABKA4yFi5jZXgudHlwZS52MS5PcmRlclR5cGUSLwoNdGltZV9pbl9mb3JjZRgGIAEoDjIYLmNleC50eXBlLnYxLlRpbWVJbkZvcmNlEj8KFXNlbGZfdHJhZGVfcHJldmVudGlvbhgHIAEoDjIgLmNleC50eXBlLnYxLlNlbGZUcmFkZVByZXZlbnRpb24SDQoFcHJpY2UYCCABKAkSEgoKc3RvcF9wcmljZRgJIAEoCRIQCghxdWFudGl0eRgKIAEoCRIWCg5xdW90ZV9xdWFudGl0eRgLIAEoCRIRCglwb3N0X29ubHkYDCABKAgSFgoObWFrZXJfZmVlX3JhdGUYDSABKAkSFgoOdGFrZXJfZmVlX3JhdGUYDiABKAkSLwoLZXhwaXJlX3RpbWUYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wImAKDUNhbmNlbENvbW1hbmQSEAoIb3JkZXJfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRIpCgZyZWFzb24YAyABKA4yGS5jZXgudHlwZS52MS5DYW5jZWxSZWFzb24iVQoMQW1lbmRDb21tYW5kEhAKCG9yZGVyX2lkGAEgASgJEhIKCmFjY291bnRfaWQYAiABKAkSDQoFcHJpY2UYAyABKAkSEAoIcXVhbnRpdHkYBCABKAkicwoRTWFzc0NhbmNlbENvbW1hbmQSEgoKYWNjb3VudF9pZBgBIAEoCRIfCgRzaWRlGAIgASgOMhEuY2V4LnR5cGUudjEuU2lkZRIpCgZyZWFzb24YAyABKA4yGS5jZXgudHlwZS52MS5DYW5jZWxSZWFzb24iDwoNRXhwaXJlQ29tbWFuZCKaAwoHQ29tbWFuZBISCgpjb21tYW5kX2lkGAEgASgJEg4KBm1hcmtldBgCIAEoCRIrCgVwbGFjZRgDIAEoCzIaLmNleC5tYXRjaC52MS5QbGFjZUNvbW1hbmRIABItCgZjYW5jZWwYBCABKAsyGy5jZXgubWF0Y2gudjEuQ2FuY2VsQ29tbWFuZEgAEisKBWFtZW5kGAUgASgLMhouY2V4Lm1hdGNoLnYxLkFtZW5kQ29tbWFuZEgAEjYKC21hc3NfY2FuY2VsGAYgASgLMh8uY2V4Lm1hdGNoLnYxLk1hc3NDYW5jZWxDb21tYW5kSAASLQoGZXhwaXJlGAggASgLMhsuY2V4Lm1hdGNoLnYxLkV4cGlyZUNvbW1hbmRIABI+Cg10cmFjZV9jb250ZXh0GAcgAygLMicuY2V4Lm1hdGNoLnYxLkNvbW1hbmQuVHJhY2VDb250ZXh0RW50cnkaMwoRVHJhY2VDb250ZXh0RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIGCgRraW5kIqkBCg1Db21tYW5kUmVzdWx0EhIKCmNvbW1hbmRfaWQYASABKAkSDgoGbWFya2V0GAIgASgJEiIKBnN0YXR1cxgDIAEoCzISLmdvb2dsZS5ycGMuU3RhdHVzEhMKC2NvbW1hbmRfc2VxGAQgASgDEigKBmV2ZW50cxgFIAMoCzIYLmNleC5tYXRjaC52MS5NYXRjaEV2ZW50EhEKCWR1cGxpY2F0ZRgGIAEoCCLcAwoKTWF0Y2hFdmVudBIOCgZtYXJrZXQYASABKAkSCwoDc2VxGAIgASgDEhMKC2NvbW1hbmRfc2VxGAMgASgDEhIKCmNvbW1hbmRfaWQYBCABKAkSLgoKZXZlbnRfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoIYWNjZXB0ZWQYBiABKAsyGy5jZXgubWF0Y2gudjEuT3JkZXJBY2NlcHRlZEgAEi8KCHJlamVjdGVkGAcgASgLMhsuY2V4Lm1hdGNoLnYxLk9yZGVyUmVqZWN0ZWRIABIkCgV0cmFkZRgIIAEoCzITLmNleC5tYXRjaC52MS5UcmFkZUgAEjEKCWNhbmNlbGxlZBgJIAEoCzIcLmNleC5tYXRjaC52MS5PcmRlckNhbmNlbGxlZEgAEi0KB2FtZW5kZWQYCiABKAsyGi5jZXgubWF0Y2gudjEuT3JkZXJBbWVuZGVkSAASMQoJdHJpZ2dlcmVkGAsgASgLMhwuY2V4Lm1hdGNoLnYxLk9yZGVyVHJpZ2dlcmVkSAASMwoNbGV2ZWxfY2hhbmdlZBgMIAEoCzIaLmNleC5tYXRjaC52MS5MZXZlbENoYW5nZWRIAEIGCgRraW5kIrsCCg1PcmRlckFjY2VwdGVkEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEh8KBHNpZGUYBCABKA4yES5jZXgudHlwZS52MS5TaWRlEiQKBHR5cGUYBSABKA4yFi5jZXgudHlwZS52MS5PcmRlclR5cGUSLwoNdGltZV9pbl9mb3JjZRgGIAEoDjIYLmNleC50eXBlLnYxLlRpbWVJbkZvcmNlEg0KBXByaWNlGAcgASgJEhIKCnN0b3BfcHJpY2UYCCABKAkSEAoIcXVhbnRpdHkYCSABKAkSFgoOcXVvdGVfcXVhbnRpdHkYCiABKAkSEQoJcG9zdF9vbmx5GAsgASgIEhMKC3VudHJpZ2dlcmVkGAwgASgIIm8KDU9yZGVyUmVqZWN0ZWQSEAoIb3JkZXJfaWQYASABKAkSFwoPY2xpZW50X29yZGVyX2lkGAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSDgoGcmVhc29uGAQgASgJEg8KB21lc3NhZ2UYBSABKAkitwMKBVRyYWRlEhAKCHRyYWRlX2lkGAEgASgJEg0KBXByaWNlGAIgASgJEhAKCHF1YW50aXR5GAMgASgJEhYKDnF1b3RlX3F1YW50aXR5GAQgASgJEiUKCnRha2VyX3NpZGUYBSABKA4yES5jZXgudHlwZS52MS5TaWRlEhYKDm1ha2VyX29yZGVyX2lkGAYgASgJEh0KFW1ha2VyX2NsaWVudF9vcmRlcl9pZBgHIAEoCRIYChBtYWtlcl9hY2NvdW50X2lkGAggASgJEiAKGG1ha2VyX3JlbWFpbmluZ19xdWFudGl0eRgJIAEoCRIRCgltYWtlcl9mZWUYCiABKAkSFwoPbWFrZXJfZmVlX2Fzc2V0GAsgASgJEhYKDnRha2VyX29yZGVyX2lkGAwgASgJEh0KFXRha2VyX2NsaWVudF9vcmRlcl9pZBgNIAEoCRIYChB0YWtlcl9hY2NvdW50X2lkGA4gASgJEiAKGHRha2VyX3JlbWFpbmluZ19xdWFudGl0eRgPIAEoCRIRCgl0YWtlcl9mZWUYECABKAkSFwoPdGFrZXJfZmVlX2Fzc2V0GBEgASgJIuIBCg5PcmRlckNhbmNlbGxlZBIQCghvcmRlcl9pZBgBIAEoCRIXCg9jbGllbnRfb3JkZXJfaWQYAiABKAkSEgoKYWNjb3VudF9pZBgDIAEoCRIfCgRzaWRlGAQgASgOMhEuY2V4LnR5cGUudjEuU2lkZRINCgVwcmljZRgFIAEoCRIaChJjYW5jZWxsZWRfcXVhbnRpdHkYBiABKAkSKQoGcmVhc29uGAcgASgOMhkuY2V4LnR5cGUudjEuQ2FuY2VsUmVhc29uEhoKEnJlbWFpbmluZ19xdWFudGl0eRgIIAEoCSLVAQoMT3JkZXJBbWVuZGVkEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEh8KBHNpZGUYBCABKA4yES5jZXgudHlwZS52MS5TaWRlEhEKCW9sZF9wcmljZRgFIAEoCRINCgVwcmljZRgGIAEoCRIQCghxdWFudGl0eRgHIAEoCRIaChJyZW1haW5pbmdfcXVhbnRpdHkYCCABKAkSFQoNcHJpb3JpdHlfa2VwdBgJIAEoCCLBAQoOT3JkZXJUcmlnZ2VyZWQSEAoIb3JkZXJfaWQYASABKAkSFwoPY2xpZW50X29yZGVyX2lkGAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSHwoEc2lkZRgEIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSEgoKc3RvcF9wcmljZRgFIAEoCRIVCg10cmlnZ2VyX3ByaWNlGAYgASgJEiQKBHR5cGUYByABKA4yFi5jZXgudHlwZS52MS5PcmRlclR5cGUiZQoMTGV2ZWxDaGFuZ2VkEh8KBHNpZGUYASABKA4yES5jZXgudHlwZS52MS5TaWRlEg0KBXByaWNlGAIgASgJEhAKCHF1YW50aXR5GAMgASgJEhMKC29yZGVyX2NvdW50GAQgASgFImQKCUJvb2tPcmRlchIQCghvcmRlcl9pZBgBIAEoCRISCgphY2NvdW50X2lkGAIgASgJEg0KBXByaWNlGAMgASgJEhAKCHF1YW50aXR5GAQgASgJEhAKCHByaW9yaXR5GAUgASgDIuQBCglPcmRlckJvb2sSDgoGbWFya2V0GAEgASgJEgsKA3NlcRgCIAEoAxIlCgRiaWRzGAMgAygLMhcuY2V4LnR5cGUudjEuUHJpY2VMZXZlbBIlCgRhc2tzGAQgAygLMhcuY2V4LnR5cGUudjEuUHJpY2VMZXZlbBIrCgpiaWRfb3JkZXJzGAUgAygLMhcuY2V4Lm1hdGNoLnYxLkJvb2tPcmRlchIrCgphc2tfb3JkZXJzGAYgAygLMhcuY2V4Lm1hdGNoLnYxLkJvb2tPcmRlchISCgpzdGF0ZV9oYXNoGAcgASgJIkAKFVN1Ym1pdENvbW1hbmRzUmVxdWVzdBInCghjb21tYW5kcxgBIAMoCzIVLmNleC5tYXRjaC52MS5Db21tYW5kIkYKFlN1Ym1pdENvbW1hbmRzUmVzcG9uc2USLAoHcmVzdWx0cxgBIAMoCzIbLmNleC5tYXRjaC52MS5Db21tYW5kUmVzdWx0IlwKE0dldE9yZGVyQm9va1JlcXVlc3QSDgoGbWFya2V0GAEgASgJEiYKBWxldmVsGAIgASgOMhcuY2V4Lm1hdGNoLnYxLkJvb2tMZXZlbBINCgVkZXB0aBgDIAEoBSI9ChRHZXRPcmRlckJvb2tSZXNwb25zZRIlCgRib29rGAEgASgLMhcuY2V4Lm1hdGNoLnYxLk9yZGVyQm9vayJXChNSZXBsYXlFdmVudHNSZXF1ZXN0Eg4KBm1hcmtldBgBIAEoCRIQCghmcm9tX3NlcRgCIAEoAxIOCgZ0b19zZXEYAyABKAMSDgoGZm9sbG93GAQgASgIIjYKCkV2ZW50QmF0Y2gSKAoGZXZlbnRzGAEgAygLMhguY2V4Lm1hdGNoLnYxLk1hdGNoRXZlbnQiQAoUUmVwbGF5RXZlbnRzUmVzcG9uc2USKAoGZXZlbnRzGAEgAygLMhguY2V4Lm1hdGNoLnYxLk1hdGNoRXZlbnQqTQoJQm9va0xldmVsEhoKFkJPT0tfTEVWRUxfVU5TUEVDSUZJRUQQABIRCg1CT09LX0xFVkVMX0wyEAESEQoNQk9PS19MRVZFTF9MMxACMp8CCgxNYXRjaFNlcnZpY2USXwoOU3VibWl0Q29tbWFuZHMSIy5jZXgubWF0Y2gudjEuU3VibWl0Q29tbWFuZHNSZXF1ZXN0GiQuY2V4Lm1hdGNoLnYxLlN1Ym1pdENvbW1hbmRzUmVzcG9uc2UoATABElUKDEdldE9yZGVyQm9vaxIhLmNleC5tYXRjaC52MS5HZXRPcmRlckJvb2tSZXF1ZXN0GiIuY2V4Lm1hdGNoLnYxLkdldE9yZGVyQm9va1Jlc3BvbnNlElcKDFJlcGxheUV2ZW50cxIhLmNleC5tYXRjaC52MS5SZXBsYXlFdmVudHNSZXF1ZXN0GiIuY2V4Lm1hdGNoLnYxLlJlcGxheUV2ZW50c1Jlc3BvbnNlMAFiBnByb3RvMw", [file_cex_type_v1_types, file_google_protobuf_timestamp, file_google_rpc_status]);
+  fileDesc("ChhjZXgvbWF0Y2gvdjEvbWF0Y2gucHJvdG8SDGNleC5tYXRjaC52MSLwAwoMUGxhY2VDb21tYW5kEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEh8KBHNpZGUYBCABKA4yES5jZXgudHlwZS52MS5TaWRlEiQKBHR5cGUYBSABKA4yFi5jZXgudHlwZS52MS5PcmRlclR5cGUSLwoNdGltZV9pbl9mb3JjZRgGIAEoDjIYLmNleC50eXBlLnYxLlRpbWVJbkZvcmNlEj8KFXNlbGZfdHJhZGVfcHJldmVudGlvbhgHIAEoDjIgLmNleC50eXBlLnYxLlNlbGZUcmFkZVByZXZlbnRpb24SDQoFcHJpY2UYCCABKAkSEgoKc3RvcF9wcmljZRgJIAEoCRIQCghxdWFudGl0eRgKIAEoCRIWCg5xdW90ZV9xdWFudGl0eRgLIAEoCRIRCglwb3N0X29ubHkYDCABKAgSFgoObWFrZXJfZmVlX3JhdGUYDSABKAkSFgoOdGFrZXJfZmVlX3JhdGUYDiABKAkSLwoLZXhwaXJlX3RpbWUYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmhvbGRfYXNzZXQYECABKAkSEwoLaG9sZF9hbW91bnQYESABKAkiYAoNQ2FuY2VsQ29tbWFuZBIQCghvcmRlcl9pZBgBIAEoCRISCgphY2NvdW50X2lkGAIgASgJEikKBnJlYXNvbhgDIAEoDjIZLmNleC50eXBlLnYxLkNhbmNlbFJlYXNvbiJVCgxBbWVuZENvbW1hbmQSEAoIb3JkZXJfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVwcmljZRgDIAEoCRIQCghxdWFudGl0eRgEIAEoCSJzChFNYXNzQ2FuY2VsQ29tbWFuZBISCgphY2NvdW50X2lkGAEgASgJEh8KBHNpZGUYAiABKA4yES5jZXgudHlwZS52MS5TaWRlEikKBnJlYXNvbhgDIAEoDjIZLmNleC50eXBlLnYxLkNhbmNlbFJlYXNvbiIPCg1FeHBpcmVDb21tYW5kIkIKEFRyYW5zZmVyc0NvbW1hbmQSLgoJdHJhbnNmZXJzGAEgAygLMhsuY2V4Lm1hdGNoLnYxLkZ1bmRzVHJhbnNmZXIixwIKDUZ1bmRzVHJhbnNmZXISCgoCaWQYASABKAkSKgoCb3AYAiABKA4yHi5jZXgubWF0Y2gudjEuRnVuZHNUcmFuc2Zlci5PcBIYChBkZWJpdF9hY2NvdW50X2lkGAMgASgJEhkKEWNyZWRpdF9hY2NvdW50X2lkGAQgASgJEg0KBWFzc2V0GAUgASgJEg4KBmFtb3VudBgGIAEoAxISCgpwZW5kaW5nX2lkGAcgASgJEg4KBmxpbmtlZBgIIAEoCBISCgp0aW1lb3V0X25zGAkgASgDEgwKBGtpbmQYCiABKAUSEQoJcmVmZXJlbmNlGAsgASgJIlEKAk9wEhIKDk9QX1VOU1BFQ0lGSUVEEAASDQoJT1BfU0lOR0xFEAESDgoKT1BfUEVORElORxACEgsKB09QX1BPU1QQAxILCgdPUF9WT0lEEAQizwMKB0NvbW1hbmQSEgoKY29tbWFuZF9pZBgBIAEoCRIOCgZtYXJrZXQYAiABKAkSKwoFcGxhY2UYAyABKAsyGi5jZXgubWF0Y2gudjEuUGxhY2VDb21tYW5kSAASLQoGY2FuY2VsGAQgASgLMhsuY2V4Lm1hdGNoLnYxLkNhbmNlbENvbW1hbmRIABIrCgVhbWVuZBgFIAEoCzIaLmNleC5tYXRjaC52MS5BbWVuZENvbW1hbmRIABI2CgttYXNzX2NhbmNlbBgGIAEoCzIfLmNleC5tYXRjaC52MS5NYXNzQ2FuY2VsQ29tbWFuZEgAEi0KBmV4cGlyZRgIIAEoCzIbLmNleC5tYXRjaC52MS5FeHBpcmVDb21tYW5kSAASMwoJdHJhbnNmZXJzGAkgASgLMh4uY2V4Lm1hdGNoLnYxLlRyYW5zZmVyc0NvbW1hbmRIABI+Cg10cmFjZV9jb250ZXh0GAcgAygLMicuY2V4Lm1hdGNoLnYxLkNvbW1hbmQuVHJhY2VDb250ZXh0RW50cnkaMwoRVHJhY2VDb250ZXh0RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIGCgRraW5kItgBCg1Db21tYW5kUmVzdWx0EhIKCmNvbW1hbmRfaWQYASABKAkSDgoGbWFya2V0GAIgASgJEiIKBnN0YXR1cxgDIAEoCzISLmdvb2dsZS5ycGMuU3RhdHVzEhMKC2NvbW1hbmRfc2VxGAQgASgDEigKBmV2ZW50cxgFIAMoCzIYLmNleC5tYXRjaC52MS5NYXRjaEV2ZW50EhEKCWR1cGxpY2F0ZRgGIAEoCBItChF0cmFuc2Zlcl9zdGF0dXNlcxgHIAMoCzISLmdvb2dsZS5ycGMuU3RhdHVzItwDCgpNYXRjaEV2ZW50Eg4KBm1hcmtldBgBIAEoCRILCgNzZXEYAiABKAMSEwoLY29tbWFuZF9zZXEYAyABKAMSEgoKY29tbWFuZF9pZBgEIAEoCRIuCgpldmVudF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCghhY2NlcHRlZBgGIAEoCzIbLmNleC5tYXRjaC52MS5PcmRlckFjY2VwdGVkSAASLwoIcmVqZWN0ZWQYByABKAsyGy5jZXgubWF0Y2gudjEuT3JkZXJSZWplY3RlZEgAEiQKBXRyYWRlGAggASgLMhMuY2V4Lm1hdGNoLnYxLlRyYWRlSAASMQoJY2FuY2VsbGVkGAkgASgLMhwuY2V4Lm1hdGNoLnYxLk9yZGVyQ2FuY2VsbGVkSAASLQoHYW1lbmRlZBgKIAEoCzIaLmNleC5tYXRjaC52MS5PcmRlckFtZW5kZWRIABIxCgl0cmlnZ2VyZWQYCyABKAsyHC5jZXgubWF0Y2gudjEuT3JkZXJUcmlnZ2VyZWRIABIzCg1sZXZlbF9jaGFuZ2VkGAwgASgLMhouY2V4Lm1hdGNoLnYxLkxldmVsQ2hhbmdlZEgAQgYKBGtpbmQiuwIKDU9yZGVyQWNjZXB0ZWQSEAoIb3JkZXJfaWQYASABKAkSFwoPY2xpZW50X29yZGVyX2lkGAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSHwoEc2lkZRgEIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSJAoEdHlwZRgFIAEoDjIWLmNleC50eXBlLnYxLk9yZGVyVHlwZRIvCg10aW1lX2luX2ZvcmNlGAYgASgOMhguY2V4LnR5cGUudjEuVGltZUluRm9yY2USDQoFcHJpY2UYByABKAkSEgoKc3RvcF9wcmljZRgIIAEoCRIQCghxdWFudGl0eRgJIAEoCRIWCg5xdW90ZV9xdWFudGl0eRgKIAEoCRIRCglwb3N0X29ubHkYCyABKAgSEwoLdW50cmlnZ2VyZWQYDCABKAgibwoNT3JkZXJSZWplY3RlZBIQCghvcmRlcl9pZBgBIAEoCRIXCg9jbGllbnRfb3JkZXJfaWQYAiABKAkSEgoKYWNjb3VudF9pZBgDIAEoCRIOCgZyZWFzb24YBCABKAkSDwoHbWVzc2FnZRgFIAEoCSK3AwoFVHJhZGUSEAoIdHJhZGVfaWQYASABKAkSDQoFcHJpY2UYAiABKAkSEAoIcXVhbnRpdHkYAyABKAkSFgoOcXVvdGVfcXVhbnRpdHkYBCABKAkSJQoKdGFrZXJfc2lkZRgFIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSFgoObWFrZXJfb3JkZXJfaWQYBiABKAkSHQoVbWFrZXJfY2xpZW50X29yZGVyX2lkGAcgASgJEhgKEG1ha2VyX2FjY291bnRfaWQYCCABKAkSIAoYbWFrZXJfcmVtYWluaW5nX3F1YW50aXR5GAkgASgJEhEKCW1ha2VyX2ZlZRgKIAEoCRIXCg9tYWtlcl9mZWVfYXNzZXQYCyABKAkSFgoOdGFrZXJfb3JkZXJfaWQYDCABKAkSHQoVdGFrZXJfY2xpZW50X29yZGVyX2lkGA0gASgJEhgKEHRha2VyX2FjY291bnRfaWQYDiABKAkSIAoYdGFrZXJfcmVtYWluaW5nX3F1YW50aXR5GA8gASgJEhEKCXRha2VyX2ZlZRgQIAEoCRIXCg90YWtlcl9mZWVfYXNzZXQYESABKAki4gEKDk9yZGVyQ2FuY2VsbGVkEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEh8KBHNpZGUYBCABKA4yES5jZXgudHlwZS52MS5TaWRlEg0KBXByaWNlGAUgASgJEhoKEmNhbmNlbGxlZF9xdWFudGl0eRgGIAEoCRIpCgZyZWFzb24YByABKA4yGS5jZXgudHlwZS52MS5DYW5jZWxSZWFzb24SGgoScmVtYWluaW5nX3F1YW50aXR5GAggASgJItUBCgxPcmRlckFtZW5kZWQSEAoIb3JkZXJfaWQYASABKAkSFwoPY2xpZW50X29yZGVyX2lkGAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSHwoEc2lkZRgEIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSEQoJb2xkX3ByaWNlGAUgASgJEg0KBXByaWNlGAYgASgJEhAKCHF1YW50aXR5GAcgASgJEhoKEnJlbWFpbmluZ19xdWFudGl0eRgIIAEoCRIVCg1wcmlvcml0eV9rZXB0GAkgASgIIsEBCg5PcmRlclRyaWdnZXJlZBIQCghvcmRlcl9pZBgBIAEoCRIXCg9jbGllbnRfb3JkZXJfaWQYAiABKAkSEgoKYWNjb3VudF9pZBgDIAEoCRIfCgRzaWRlGAQgASgOMhEuY2V4LnR5cGUudjEuU2lkZRISCgpzdG9wX3ByaWNlGAUgASgJEhUKDXRyaWdnZXJfcHJpY2UYBiABKAkSJAoEdHlwZRgHIAEoDjIWLmNleC50eXBlLnYxLk9yZGVyVHlwZSJlCgxMZXZlbENoYW5nZWQSHwoEc2lkZRgBIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSDQoFcHJpY2UYAiABKAkSEAoIcXVhbnRpdHkYAyABKAkSEwoLb3JkZXJfY291bnQYBCABKAUiZAoJQm9va09yZGVyEhAKCG9yZGVyX2lkGAEgASgJEhIKCmFjY291bnRfaWQYAiABKAkSDQoFcHJpY2UYAyABKAkSEAoIcXVhbnRpdHkYBCABKAkSEAoIcHJpb3JpdHkYBSABKAMi5AEKCU9yZGVyQm9vaxIOCgZtYXJrZXQYASABKAkSCwoDc2VxGAIgASgDEiUKBGJpZHMYAyADKAsyFy5jZXgudHlwZS52MS5QcmljZUxldmVsEiUKBGFza3MYBCADKAsyFy5jZXgudHlwZS52MS5QcmljZUxldmVsEisKCmJpZF9vcmRlcnMYBSADKAsyFy5jZXgubWF0Y2gudjEuQm9va09yZGVyEisKCmFza19vcmRlcnMYBiADKAsyFy5jZXgubWF0Y2gudjEuQm9va09yZGVyEhIKCnN0YXRlX2hhc2gYByABKAkiQAoVU3VibWl0Q29tbWFuZHNSZXF1ZXN0EicKCGNvbW1hbmRzGAEgAygLMhUuY2V4Lm1hdGNoLnYxLkNvbW1hbmQiRgoWU3VibWl0Q29tbWFuZHNSZXNwb25zZRIsCgdyZXN1bHRzGAEgAygLMhsuY2V4Lm1hdGNoLnYxLkNvbW1hbmRSZXN1bHQiXAoTR2V0T3JkZXJCb29rUmVxdWVzdBIOCgZtYXJrZXQYASABKAkSJgoFbGV2ZWwYAiABKA4yFy5jZXgubWF0Y2gudjEuQm9va0xldmVsEg0KBWRlcHRoGAMgASgFIj0KFEdldE9yZGVyQm9va1Jlc3BvbnNlEiUKBGJvb2sYASABKAsyFy5jZXgubWF0Y2gudjEuT3JkZXJCb29rIlcKE1JlcGxheUV2ZW50c1JlcXVlc3QSDgoGbWFya2V0GAEgASgJEhAKCGZyb21fc2VxGAIgASgDEg4KBnRvX3NlcRgDIAEoAxIOCgZmb2xsb3cYBCABKAgiNgoKRXZlbnRCYXRjaBIoCgZldmVudHMYASADKAsyGC5jZXgubWF0Y2gudjEuTWF0Y2hFdmVudCJAChRSZXBsYXlFdmVudHNSZXNwb25zZRIoCgZldmVudHMYASADKAsyGC5jZXgubWF0Y2gudjEuTWF0Y2hFdmVudCpNCglCb29rTGV2ZWwSGgoWQk9PS19MRVZFTF9VTlNQRUNJRklFRBAAEhEKDUJPT0tfTEVWRUxfTDIQARIRCg1CT09LX0xFVkVMX0wzEAIynwIKDE1hdGNoU2VydmljZRJfCg5TdWJtaXRDb21tYW5kcxIjLmNleC5tYXRjaC52MS5TdWJtaXRDb21tYW5kc1JlcXVlc3QaJC5jZXgubWF0Y2gudjEuU3VibWl0Q29tbWFuZHNSZXNwb25zZSgBMAESVQoMR2V0T3JkZXJCb29rEiEuY2V4Lm1hdGNoLnYxLkdldE9yZGVyQm9va1JlcXVlc3QaIi5jZXgubWF0Y2gudjEuR2V0T3JkZXJCb29rUmVzcG9uc2USVwoMUmVwbGF5RXZlbnRzEiEuY2V4Lm1hdGNoLnYxLlJlcGxheUV2ZW50c1JlcXVlc3QaIi5jZXgubWF0Y2gudjEuUmVwbGF5RXZlbnRzUmVzcG9uc2UwAWIGcHJvdG8z", [file_cex_type_v1_types, file_google_protobuf_timestamp, file_google_rpc_status]);
 
 /**
  * Places an order in the book.
@@ -152,6 +152,27 @@ export type PlaceCommand = Message<"cex.match.v1.PlaceCommand"> & {
    * @generated from field: google.protobuf.Timestamp expire_time = 15;
    */
   expireTime?: Timestamp | undefined;
+
+  /**
+   * The funds the order reserves before it reaches the book (ADR 0013): a
+   * hold `hold:<order_id>` of hold_amount (decimal string) of hold_asset, from
+   * the account to the ledger's order escrow, consumed by the order's trades
+   * and released when it is done. The sender computes it: the most the order
+   * can spend. Without enough available the command is refused
+   * (FAILED_PRECONDITION LEDGER_INSUFFICIENT_FUNDS) and not journaled. Empty:
+   * nothing is reserved, and trades take what they move from the available
+   * balance (a settlement anomaly is recorded if it is short).
+   *
+   * @generated from field: string hold_asset = 16;
+   */
+  holdAsset: string;
+
+  /**
+   * Decimal string, the amount of hold_asset (see hold_asset).
+   *
+   * @generated from field: string hold_amount = 17;
+   */
+  holdAmount: string;
 };
 
 /**
@@ -296,6 +317,171 @@ export const ExpireCommandSchema: GenMessage<ExpireCommand> = /*@__PURE__*/
   messageDesc(file_cex_match_v1_match, 4);
 
 /**
+ * Funds moved by the ledger's rules, decided by the group's writer, which owns
+ * balances (ADR 0013): deposits, withdrawals' holds, posts and voids, transfers.
+ * The ledger service sends these for its CreateTransfers; they are applied in
+ * order, a linked run as one (all or none), and written to the ledger's tables
+ * in the writer's commit. The command's market is empty.
+ *
+ * @generated from message cex.match.v1.TransfersCommand
+ */
+export type TransfersCommand = Message<"cex.match.v1.TransfersCommand"> & {
+  /**
+   * The transfers, in the ledger's order.
+   *
+   * @generated from field: repeated cex.match.v1.FundsTransfer transfers = 1;
+   */
+  transfers: FundsTransfer[];
+};
+
+/**
+ * Describes the message cex.match.v1.TransfersCommand.
+ * Use `create(TransfersCommandSchema)` to create a new message.
+ */
+export const TransfersCommandSchema: GenMessage<TransfersCommand> = /*@__PURE__*/
+  messageDesc(file_cex_match_v1_match, 5);
+
+/**
+ * One transfer of a TransfersCommand: cex.ledger.v1.Transfer with the amount
+ * in minor units of the asset and the flags as an operation.
+ *
+ * @generated from message cex.match.v1.FundsTransfer
+ */
+export type FundsTransfer = Message<"cex.match.v1.FundsTransfer"> & {
+  /**
+   * The transfer's id (idempotency key, as in cex.ledger.v1.Transfer).
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * What it does.
+   *
+   * @generated from field: cex.match.v1.FundsTransfer.Op op = 2;
+   */
+  op: FundsTransfer_Op;
+
+  /**
+   * Debited account (single and pending).
+   *
+   * @generated from field: string debit_account_id = 3;
+   */
+  debitAccountId: string;
+
+  /**
+   * Credited account (single and pending).
+   *
+   * @generated from field: string credit_account_id = 4;
+   */
+  creditAccountId: string;
+
+  /**
+   * Asset symbol.
+   *
+   * @generated from field: string asset = 5;
+   */
+  asset: string;
+
+  /**
+   * Minor units; 0 on a post means the whole pending amount.
+   *
+   * @generated from field: int64 amount = 6;
+   */
+  amount: bigint;
+
+  /**
+   * The pending transfer a post or void resolves.
+   *
+   * @generated from field: string pending_id = 7;
+   */
+  pendingId: string;
+
+  /**
+   * Linked to the next transfer: the run succeeds or fails as one.
+   *
+   * @generated from field: bool linked = 8;
+   */
+  linked: boolean;
+
+  /**
+   * Pending only: expires after this many nanoseconds (0: never).
+   *
+   * @generated from field: int64 timeout_ns = 9;
+   */
+  timeoutNs: bigint;
+
+  /**
+   * cex.ledger.v1.TransferKind.
+   *
+   * @generated from field: int32 kind = 10;
+   */
+  kind: number;
+
+  /**
+   * Free-form reference (e.g. a withdrawal id).
+   *
+   * @generated from field: string reference = 11;
+   */
+  reference: string;
+};
+
+/**
+ * Describes the message cex.match.v1.FundsTransfer.
+ * Use `create(FundsTransferSchema)` to create a new message.
+ */
+export const FundsTransferSchema: GenMessage<FundsTransfer> = /*@__PURE__*/
+  messageDesc(file_cex_match_v1_match, 6);
+
+/**
+ * What the transfer does.
+ *
+ * @generated from enum cex.match.v1.FundsTransfer.Op
+ */
+export enum FundsTransfer_Op {
+  /**
+   * Not set: refused.
+   *
+   * @generated from enum value: OP_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Debit and credit now.
+   *
+   * @generated from enum value: OP_SINGLE = 1;
+   */
+  SINGLE = 1,
+
+  /**
+   * A hold: moves the amount into the accounts' pending columns.
+   *
+   * @generated from enum value: OP_PENDING = 2;
+   */
+  PENDING = 2,
+
+  /**
+   * Post a pending transfer (all of it, or `amount` of it).
+   *
+   * @generated from enum value: OP_POST = 3;
+   */
+  POST = 3,
+
+  /**
+   * Void a pending transfer.
+   *
+   * @generated from enum value: OP_VOID = 4;
+   */
+  VOID = 4,
+}
+
+/**
+ * Describes the enum cex.match.v1.FundsTransfer.Op.
+ */
+export const FundsTransfer_OpSchema: GenEnum<FundsTransfer_Op> = /*@__PURE__*/
+  enumDesc(file_cex_match_v1_match, 6, 0);
+
+/**
  * One command for one market.
  *
  * @generated from message cex.match.v1.Command
@@ -355,12 +541,21 @@ export type Command = Message<"cex.match.v1.Command"> & {
     case: "massCancel";
   } | {
     /**
-     * Expire what is due (match's own clock; see ExpireCommand).
+     * Expire what is due (match's own clock; see ExpireCommand). With an
+     * empty market: the ledger's pending transfers whose timeout passed.
      *
      * @generated from field: cex.match.v1.ExpireCommand expire = 8;
      */
     value: ExpireCommand;
     case: "expire";
+  } | {
+    /**
+     * Move funds (market empty; see TransfersCommand).
+     *
+     * @generated from field: cex.match.v1.TransfersCommand transfers = 9;
+     */
+    value: TransfersCommand;
+    case: "transfers";
   } | { case: undefined; value?: undefined };
 
   /**
@@ -379,7 +574,7 @@ export type Command = Message<"cex.match.v1.Command"> & {
  * Use `create(CommandSchema)` to create a new message.
  */
 export const CommandSchema: GenMessage<Command> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 5);
+  messageDesc(file_cex_match_v1_match, 7);
 
 /**
  * Result of one command.
@@ -432,6 +627,14 @@ export type CommandResult = Message<"cex.match.v1.CommandResult"> & {
    * @generated from field: bool duplicate = 6;
    */
   duplicate: boolean;
+
+  /**
+   * TransfersCommand: one status per transfer, in order (OK: applied now, or
+   * before with the same fields).
+   *
+   * @generated from field: repeated google.rpc.Status transfer_statuses = 7;
+   */
+  transferStatuses: Status[];
 };
 
 /**
@@ -439,7 +642,7 @@ export type CommandResult = Message<"cex.match.v1.CommandResult"> & {
  * Use `create(CommandResultSchema)` to create a new message.
  */
 export const CommandResultSchema: GenMessage<CommandResult> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 6);
+  messageDesc(file_cex_match_v1_match, 8);
 
 /**
  * Something that happened in a book. Decimal fields are decimal strings.
@@ -552,7 +755,7 @@ export type MatchEvent = Message<"cex.match.v1.MatchEvent"> & {
  * Use `create(MatchEventSchema)` to create a new message.
  */
 export const MatchEventSchema: GenMessage<MatchEvent> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 7);
+  messageDesc(file_cex_match_v1_match, 9);
 
 /**
  * An order was accepted.
@@ -650,7 +853,7 @@ export type OrderAccepted = Message<"cex.match.v1.OrderAccepted"> & {
  * Use `create(OrderAcceptedSchema)` to create a new message.
  */
 export const OrderAcceptedSchema: GenMessage<OrderAccepted> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 8);
+  messageDesc(file_cex_match_v1_match, 10);
 
 /**
  * An order was refused by the engine (after journaling, so deterministic).
@@ -700,7 +903,7 @@ export type OrderRejected = Message<"cex.match.v1.OrderRejected"> & {
  * Use `create(OrderRejectedSchema)` to create a new message.
  */
 export const OrderRejectedSchema: GenMessage<OrderRejected> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 9);
+  messageDesc(file_cex_match_v1_match, 11);
 
 /**
  * A trade between a resting (maker) and an incoming (taker) order.
@@ -833,7 +1036,7 @@ export type Trade = Message<"cex.match.v1.Trade"> & {
  * Use `create(TradeSchema)` to create a new message.
  */
 export const TradeSchema: GenMessage<Trade> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 10);
+  messageDesc(file_cex_match_v1_match, 12);
 
 /**
  * An order or its remainder left the book (or, for a self-trade decrement,
@@ -905,7 +1108,7 @@ export type OrderCancelled = Message<"cex.match.v1.OrderCancelled"> & {
  * Use `create(OrderCancelledSchema)` to create a new message.
  */
 export const OrderCancelledSchema: GenMessage<OrderCancelled> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 11);
+  messageDesc(file_cex_match_v1_match, 13);
 
 /**
  * An order was amended.
@@ -982,7 +1185,7 @@ export type OrderAmended = Message<"cex.match.v1.OrderAmended"> & {
  * Use `create(OrderAmendedSchema)` to create a new message.
  */
 export const OrderAmendedSchema: GenMessage<OrderAmended> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 12);
+  messageDesc(file_cex_match_v1_match, 14);
 
 /**
  * A stop order was triggered and now works as a limit or market order.
@@ -1045,7 +1248,7 @@ export type OrderTriggered = Message<"cex.match.v1.OrderTriggered"> & {
  * Use `create(OrderTriggeredSchema)` to create a new message.
  */
 export const OrderTriggeredSchema: GenMessage<OrderTriggered> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 13);
+  messageDesc(file_cex_match_v1_match, 15);
 
 /**
  * An aggregated price level changed.
@@ -1087,7 +1290,7 @@ export type LevelChanged = Message<"cex.match.v1.LevelChanged"> & {
  * Use `create(LevelChangedSchema)` to create a new message.
  */
 export const LevelChangedSchema: GenMessage<LevelChanged> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 14);
+  messageDesc(file_cex_match_v1_match, 16);
 
 /**
  * One resting order in an L3 view.
@@ -1137,7 +1340,7 @@ export type BookOrder = Message<"cex.match.v1.BookOrder"> & {
  * Use `create(BookOrderSchema)` to create a new message.
  */
 export const BookOrderSchema: GenMessage<BookOrder> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 15);
+  messageDesc(file_cex_match_v1_match, 17);
 
 /**
  * A consistent view of a book as of event seq.
@@ -1202,7 +1405,7 @@ export type OrderBook = Message<"cex.match.v1.OrderBook"> & {
  * Use `create(OrderBookSchema)` to create a new message.
  */
 export const OrderBookSchema: GenMessage<OrderBook> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 16);
+  messageDesc(file_cex_match_v1_match, 18);
 
 /**
  * Request for MatchService.SubmitCommands.
@@ -1223,7 +1426,7 @@ export type SubmitCommandsRequest = Message<"cex.match.v1.SubmitCommandsRequest"
  * Use `create(SubmitCommandsRequestSchema)` to create a new message.
  */
 export const SubmitCommandsRequestSchema: GenMessage<SubmitCommandsRequest> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 17);
+  messageDesc(file_cex_match_v1_match, 19);
 
 /**
  * Response for MatchService.SubmitCommands.
@@ -1244,7 +1447,7 @@ export type SubmitCommandsResponse = Message<"cex.match.v1.SubmitCommandsRespons
  * Use `create(SubmitCommandsResponseSchema)` to create a new message.
  */
 export const SubmitCommandsResponseSchema: GenMessage<SubmitCommandsResponse> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 18);
+  messageDesc(file_cex_match_v1_match, 20);
 
 /**
  * Request for MatchService.GetOrderBook.
@@ -1279,7 +1482,7 @@ export type GetOrderBookRequest = Message<"cex.match.v1.GetOrderBookRequest"> & 
  * Use `create(GetOrderBookRequestSchema)` to create a new message.
  */
 export const GetOrderBookRequestSchema: GenMessage<GetOrderBookRequest> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 19);
+  messageDesc(file_cex_match_v1_match, 21);
 
 /**
  * Response for MatchService.GetOrderBook.
@@ -1300,7 +1503,7 @@ export type GetOrderBookResponse = Message<"cex.match.v1.GetOrderBookResponse"> 
  * Use `create(GetOrderBookResponseSchema)` to create a new message.
  */
 export const GetOrderBookResponseSchema: GenMessage<GetOrderBookResponse> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 20);
+  messageDesc(file_cex_match_v1_match, 22);
 
 /**
  * Request for MatchService.ReplayEvents.
@@ -1343,7 +1546,7 @@ export type ReplayEventsRequest = Message<"cex.match.v1.ReplayEventsRequest"> & 
  * Use `create(ReplayEventsRequestSchema)` to create a new message.
  */
 export const ReplayEventsRequestSchema: GenMessage<ReplayEventsRequest> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 21);
+  messageDesc(file_cex_match_v1_match, 23);
 
 /**
  * Response for MatchService.ReplayEvents.
@@ -1368,7 +1571,7 @@ export type EventBatch = Message<"cex.match.v1.EventBatch"> & {
  * Use `create(EventBatchSchema)` to create a new message.
  */
 export const EventBatchSchema: GenMessage<EventBatch> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 22);
+  messageDesc(file_cex_match_v1_match, 24);
 
 /**
  * @generated from message cex.match.v1.ReplayEventsResponse
@@ -1388,7 +1591,7 @@ export type ReplayEventsResponse = Message<"cex.match.v1.ReplayEventsResponse"> 
  * Use `create(ReplayEventsResponseSchema)` to create a new message.
  */
 export const ReplayEventsResponseSchema: GenMessage<ReplayEventsResponse> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 23);
+  messageDesc(file_cex_match_v1_match, 25);
 
 /**
  * Detail of an order book view.
