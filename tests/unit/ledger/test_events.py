@@ -7,8 +7,7 @@ import pytest
 from cex.match.v1 import match_pb2
 from cex.type.v1 import types_pb2
 from services.chassis import MoneyError, load_catalog
-from services.ledger.settlement import to_market_event
-from services.ledger.settlement import Release, TradeSettlement
+from services.ledger.settlement import Release, TradeSettlement, to_market_event
 
 CATALOG = load_catalog({})
 
