@@ -1,9 +1,10 @@
 """make bench-ledger: ledger throughput and latency, synchronous_commit on.
 
-Starts the local stack (for its PostgreSQL), creates an empty database, runs
-the ledger as its own process on it (as `cex up` does: `python -m
-services.ledger.main`; settlement and the background auditor off), funds
-`--accounts` accounts, then measures CreateTransfers from this process:
+Starts the local stack on a fresh state directory and calls its ledger
+directly (not through the edge): each CreateTransfers goes on to the balance
+owner, match's writer, which applies it and commits it with its journal (ADR
+0013), and is read back. It funds `--accounts` accounts, then measures
+CreateTransfers from this process:
 
 1. single: `--single-clients` concurrent clients, one transfer per request;
 2. batched: `--batch-clients` concurrent clients, `--batch` transfers per request;
@@ -21,21 +22,18 @@ import asyncio
 import os
 import platform
 import random
-import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import asyncpg
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cex.ledger.v1 import ledger_pb2 as K
 from cex.ledger.v1 import ledger_pb2_grpc
 from services.chassis.authn import service_auth_interceptors
 from services.stack.supervisor import Stack
-from services.stack.topology import free_ports
+from services.stack.topology import SERVICES, free_ports
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -84,37 +82,15 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as state:
         stack = Stack(Path(state), free_ports(), env)
         await stack.start()
-        ledger: asyncio.subprocess.Process | None = None
         try:
-            name = f"bench_{uuid.uuid4().hex[:8]}"
-            admin = await asyncpg.connect(stack.admin_database_url)
-            await admin.execute(f"CREATE DATABASE {name}")
-            await admin.close()
-            url = stack.database_url.rsplit("/", 1)[0] + f"/{name}"
-            port = free_ports().edge
-            ledger = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "services.ledger.main",
-                env={
-                    **env,
-                    "CEX_GRPC_PORT": str(port),
-                    "CEX_JWKS_URL": stack.ports.jwks_url,
-                    "DATABASE_URL": url,
-                    "LEDGER_SETTLEMENT": "off",
-                    "LEDGER_AUDIT_INTERVAL_S": "0",
-                    "CEX_LOG_LEVEL": "WARNING",
-                },
-            )
-            conn = await asyncpg.connect(url)
+            conn = await asyncpg.connect(stack.database_url)
             print(f"synchronous_commit = {await conn.fetchval('SHOW synchronous_commit')}")
             await conn.close()
+            ledger = next(s for s in SERVICES if s.name == "ledger")
             async with grpc.aio.insecure_channel(
-                f"127.0.0.1:{port}",
+                f"{stack.ports.host}:{stack.ports.grpc(ledger)}",
                 interceptors=service_auth_interceptors(stack.credentials("bench")),
             ) as channel:
-                health = health_pb2_grpc.HealthStub(channel)
-                await health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=30)
                 stub = ledger_pb2_grpc.LedgerServiceStub(channel)
                 accounts = [f"acct-{i}" for i in range(args.accounts)]
                 funding = [
@@ -163,9 +139,6 @@ async def main(args: argparse.Namespace) -> None:
                         f"{len(requests[0].transfers)}, {clients} concurrent clients)"
                     )
         finally:
-            if ledger is not None:
-                ledger.terminate()
-                await ledger.wait()
             await stack.stop()
 
 

@@ -11,6 +11,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from cex.match.v1 import match_pb2_grpc
 from services.chassis import ChassisSettings, ErrorDetails, Server
 from services.ledger.config import LedgerConfig
 from services.ledger.server import build_server
@@ -26,6 +27,7 @@ class Ledger:
     stub: ledger_pb2_grpc.LedgerServiceStub
     channel: grpc.aio.Channel
     database_url: str
+    match: match_pb2_grpc.MatchServiceStub  # the balance owner beside it
 
     async def create(
         self, *transfers: ledger_pb2.Transfer
@@ -86,9 +88,17 @@ async def running_ledger(
     )
     port = await server.start()
     channel = trust.channel(f"127.0.0.1:{port}")
+    match_channel = trust.channel(f"127.0.0.1:{match_port}")
     try:
-        yield Ledger(server, ledger_pb2_grpc.LedgerServiceStub(channel), channel, database_url)
+        yield Ledger(
+            server,
+            ledger_pb2_grpc.LedgerServiceStub(channel),
+            channel,
+            database_url,
+            match_pb2_grpc.MatchServiceStub(match_channel),
+        )
     finally:
+        await match_channel.close()
         await channel.close()
         await server.stop(0.5)
         await match.stop(0.5)
