@@ -41,14 +41,14 @@ test-chaos: $(INSTALLED)
 	$(PYTEST) -q -m chaos -o addopts="--import-mode=importlib" || [ $$? -eq 5 ]
 
 lint: $(INSTALLED)
-	$(BIN)/ruff check services tests bench sdk/python
-	$(BIN)/ruff format --check services tests bench sdk/python
-	$(BIN)/mypy services sdk/python/cex_sdk
+	$(BIN)/ruff check services cex_stack chainsim tests bench sdk/python
+	$(BIN)/ruff format --check services cex_stack chainsim tests bench sdk/python
+	$(BIN)/mypy services cex_stack chainsim sdk/python/cex_sdk
 	$(BIN)/hadolint Dockerfile
 
 fmt: $(INSTALLED)
-	$(BIN)/ruff check --fix services tests bench sdk/python
-	$(BIN)/ruff format services tests bench sdk/python
+	$(BIN)/ruff check --fix services cex_stack chainsim tests bench sdk/python
+	$(BIN)/ruff format services cex_stack chainsim tests bench sdk/python
 
 ## bench-stack: cold/warm start of every component and the cost of the Envoy hop
 bench-stack: $(INSTALLED)
