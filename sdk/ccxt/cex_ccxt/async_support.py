@@ -1,13 +1,5 @@
-"""`cexcore` for asyncio (as `ccxt.async_support.binance` is).
-
-    from cex_ccxt.async_support import cexcore
-
-    exchange = cexcore({"apiKey": key_id, "secret": secret, "hostname": "127.0.0.1:50050"})
-    try:
-        order = await exchange.create_order("BTC/USDT", "limit", "buy", 0.1, 100)
-    finally:
-        await exchange.close()
-"""
+"""`cexcore` for asyncio (as `ccxt.async_support.binance` is): every unified
+method is a coroutine; `await exchange.close()` when done. Usage: docs/ccxt.md."""
 
 from __future__ import annotations
 
@@ -25,7 +17,7 @@ from .implicit import ImplicitAPI
 __all__ = ["cexcore"]
 
 
-class cexcore(CexcoreBase, ccxt.async_support.Exchange, ImplicitAPI):  # noqa: N801
+class cexcore(CexcoreBase, ccxt.async_support.Exchange, ImplicitAPI):
     _token_lock: asyncio.Lock | None = None
 
     async def request(

@@ -323,7 +323,8 @@ class CexcoreBase(_Exchange):
             params["page_token"] = token
 
     def _market_of(self, symbol: str) -> Json:
-        return self.market(symbol)
+        market: Json = self.market(symbol)
+        return market
 
     def _request_id(self, params: Json) -> tuple[str, Json]:
         given = self.safe_string_2(params, "requestId", "request_id")

@@ -1,10 +1,5 @@
-"""`cexcore`: the exchange as a synchronous CCXT class (as `ccxt.binance` is).
-
-    from cex_ccxt import cexcore
-
-    exchange = cexcore({"apiKey": key_id, "secret": secret, "hostname": "127.0.0.1:50050"})
-    exchange.create_order("BTC/USDT", "limit", "buy", 0.1, 100)
-"""
+"""`cexcore`: the exchange as a synchronous CCXT class (as `ccxt.binance` is);
+every unified method blocks until its requests are answered. Usage: docs/ccxt.md."""
 
 from __future__ import annotations
 
@@ -21,7 +16,7 @@ from .implicit import ImplicitAPI
 __all__ = ["cexcore"]
 
 
-class cexcore(CexcoreBase, ccxt.Exchange, ImplicitAPI):  # noqa: N801 (CCXT names classes by id)
+class cexcore(CexcoreBase, ccxt.Exchange, ImplicitAPI):  # CCXT names its classes by exchange id
     def request(
         self,
         path: str,

@@ -20,9 +20,9 @@ ErrorClass = type[x.BaseError]
 
 # Reasons whose CCXT class differs from what their family or code says.
 EXACT: dict[str, ErrorClass] = {
-    # Money the account does not have (an order, an amend, a withdrawal).
+    # Money the account does not have (an order, a withdrawal). An amend that
+    # needs more than its order holds is InvalidOrder (ORDER_AMEND_*): cancel and place.
     "LEDGER_INSUFFICIENT_FUNDS": x.InsufficientFunds,
-    "ORDER_AMEND_EXCEEDS_HOLD": x.InsufficientFunds,
     # Orders that do not exist for this account, or are over.
     "ORDER_NOT_FOUND": x.OrderNotFound,
     "MATCH_UNKNOWN_ORDER": x.OrderNotFound,
