@@ -892,7 +892,7 @@ class CexcoreBase(_Exchange):
                 "remaining": s(order, "remaining_quantity"),
                 "status": _ORDER_STATUS.get(s(order, "state")),
                 "fee": {
-                    "cost": s(order, "cumulative_fee"),
+                    "cost": self.safe_number(order, "cumulative_fee"),
                     "currency": self.safe_currency_code(fee_asset),
                 }
                 if fee_asset
