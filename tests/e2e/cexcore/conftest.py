@@ -19,9 +19,9 @@ from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex_ccxt import async_support, cexcore
 from cex_sdk import Client
+from cex_stack.funds import deposit
+from cex_stack.supervisor import Stack
 from services.chassis import ServiceCredentials
-from services.stack.funds import deposit
-from services.stack.supervisor import Stack
 
 READ, TRADE, WITHDRAW = (
     auth_pb2.API_KEY_SCOPE_READ,

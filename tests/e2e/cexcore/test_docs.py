@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from services.stack.supervisor import Stack
+from cex_stack.supervisor import Stack
 from tests.e2e.test_quickstart import EDGE_LINE, blocks, unmatched
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -13,9 +13,9 @@ import pytest
 
 from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex_ccxt import async_support
+from cex_stack.supervisor import Stack
+from cex_stack.topology import SERVICES, free_ports
 from services.chassis import ServiceCredentials
-from services.stack.supervisor import Stack
-from services.stack.topology import SERVICES, free_ports
 from tests.e2e.cexcore.conftest import MakeUser
 from tests.e2e.test_edge import _second_edge
 
