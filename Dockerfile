@@ -8,6 +8,8 @@ FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY services ./services
+COPY cex_stack ./cex_stack
+COPY chainsim ./chainsim
 COPY gen/python ./gen/python
 RUN python -m venv /opt/cex \
     && /opt/cex/bin/pip install --no-cache-dir . \

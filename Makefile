@@ -11,12 +11,13 @@ PYTEST := $(BIN)/python -m pytest
 
 setup: $(INSTALLED)
 
-# The server (cex-core) and, beside it, the SDK (cex-sdk, sdk/python), both
-# editable: the tests and the examples import cex_sdk from this checkout.
-$(INSTALLED): pyproject.toml sdk/python/pyproject.toml
+# The server (cex-core) and, beside it, the SDK (cex-sdk, sdk/python) and the
+# CCXT class (cex-ccxt, sdk/ccxt), all editable: the tests and the examples
+# import cex_sdk and cex_ccxt from this checkout.
+$(INSTALLED): pyproject.toml sdk/python/pyproject.toml sdk/ccxt/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]' -e sdk/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -e sdk/python -e sdk/ccxt
 	touch $@
 
 ## run: the whole exchange on this machine (Ctrl-C stops it)
@@ -41,14 +42,14 @@ test-chaos: $(INSTALLED)
 	$(PYTEST) -q -m chaos -o addopts="--import-mode=importlib" || [ $$? -eq 5 ]
 
 lint: $(INSTALLED)
-	$(BIN)/ruff check services tests bench sdk/python
-	$(BIN)/ruff format --check services tests bench sdk/python
-	$(BIN)/mypy services sdk/python/cex_sdk
+	$(BIN)/ruff check services cex_stack chainsim tests bench sdk/python sdk/ccxt
+	$(BIN)/ruff format --check services cex_stack chainsim tests bench sdk/python sdk/ccxt
+	$(BIN)/mypy services cex_stack chainsim sdk/python/cex_sdk sdk/ccxt/cex_ccxt
 	$(BIN)/hadolint Dockerfile
 
 fmt: $(INSTALLED)
-	$(BIN)/ruff check --fix services tests bench sdk/python
-	$(BIN)/ruff format services tests bench sdk/python
+	$(BIN)/ruff check --fix services cex_stack chainsim tests bench sdk/python sdk/ccxt
+	$(BIN)/ruff format services cex_stack chainsim tests bench sdk/python sdk/ccxt
 
 ## bench-stack: cold/warm start of every component and the cost of the Envoy hop
 bench-stack: $(INSTALLED)

@@ -26,9 +26,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cex.auth.v1 import auth_pb2, auth_pb2_grpc
+from cex_stack.supervisor import Stack
+from cex_stack.topology import SERVICES, free_ports
 from services.chassis.authn import service_secret
-from services.stack.supervisor import Stack
-from services.stack.topology import SERVICES, free_ports
 
 AUTH = next(s for s in SERVICES if s.name == "auth")
 

@@ -37,9 +37,9 @@ from cex.funding.v1 import funding_pb2 as F
 from cex.funding.v1 import funding_pb2_grpc
 from cex.ledger.v1 import ledger_pb2 as L
 from cex.ledger.v1 import ledger_pb2_grpc
+from cex_stack.supervisor import Stack
+from cex_stack.topology import free_ports
 from services.chassis import ServiceCredentials
-from services.stack.supervisor import Stack
-from services.stack.topology import free_ports
 
 ETH_ADDRESS = "0x" + "c" * 40
 

@@ -31,9 +31,9 @@ import grpc
 
 from cex.ledger.v1 import ledger_pb2 as K
 from cex.ledger.v1 import ledger_pb2_grpc
+from cex_stack.supervisor import Stack
+from cex_stack.topology import SERVICES, free_ports
 from services.chassis.authn import service_auth_interceptors
-from services.stack.supervisor import Stack
-from services.stack.topology import SERVICES, free_ports
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:

@@ -52,9 +52,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cex.marketdata.v1 import marketdata_pb2 as md
 from cex.marketdata.v1 import marketdata_pb2_grpc
 from cex.match.v1 import match_pb2, match_pb2_grpc
-from services.stack import probes
-from services.stack.supervisor import Stack
-from services.stack.topology import free_ports
+from cex_stack import probes
+from cex_stack.supervisor import Stack
+from cex_stack.topology import free_ports
 
 MARKET = "BENCH-USDT"
 DEPTH = 20  # the subscribers' StreamOrderBook depth

@@ -36,12 +36,12 @@ import grpc
 from bench.bench_match import CENTER, generate
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.type.v1 import types_pb2
+from cex_stack import probes
+from cex_stack.supervisor import Stack
+from cex_stack.topology import free_ports
 from services.chassis.authn import service_auth_interceptors
 from services.chassis.markets import DEFAULT_CATALOG
 from services.match import AmendOrder, CancelOrder, Command, PlaceOrder, Side, TimeInForce
-from services.stack import probes
-from services.stack.supervisor import Stack
-from services.stack.topology import free_ports
 
 MARKET = DEFAULT_CATALOG.markets["BTC-USDT"]
 QTY_SCALE = 1_000  # lots per bench_match quantity unit: 0.01 BTC at about 1,000 USDT

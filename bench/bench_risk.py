@@ -48,13 +48,13 @@ from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 from cex.risk.v1 import risk_pb2 as R
 from cex.risk.v1 import risk_pb2_grpc
 from cex.type.v1 import types_pb2 as T
+from cex_stack.supervisor import Stack
+from cex_stack.topology import free_ports
 from services.chassis import ChassisSettings, ServiceCredentials
 from services.chassis.tokens import StaticKeys, sign
 from services.risk.bucket import SCRIPT
 from services.risk.config import RiskConfig
 from services.risk.server import build_server
-from services.stack.supervisor import Stack
-from services.stack.topology import free_ports
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:

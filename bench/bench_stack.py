@@ -20,8 +20,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.stack.supervisor import Stack
-from services.stack.topology import SERVICES, Ports, free_ports
+from cex_stack.supervisor import Stack
+from cex_stack.topology import SERVICES, Ports, free_ports
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:

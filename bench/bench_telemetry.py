@@ -40,10 +40,10 @@ from bench.stats import percentile
 from bench.trading_setup import Account, accounts, bearer, lift_limits, operator_token
 from cex.order.v1 import order_pb2, order_pb2_grpc
 from cex.type.v1 import types_pb2 as t
+from cex_stack.collector import Collector, collector
+from cex_stack.supervisor import Stack
+from cex_stack.topology import free_ports
 from services.chassis import ErrorDetails
-from services.stack.collector import Collector, collector
-from services.stack.supervisor import Stack
-from services.stack.topology import free_ports
 
 MODES: dict[str, dict[str, str]] = {
     "off": {"OTEL_TRACES_EXPORTER": "none"},

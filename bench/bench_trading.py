@@ -51,9 +51,9 @@ from bench.trading_setup import Account, accounts, bearer, lift_limits, operator
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.order.v1 import order_pb2, order_pb2_grpc
 from cex.type.v1 import types_pb2 as t
+from cex_stack.supervisor import Stack
+from cex_stack.topology import Ports, free_ports
 from services.chassis import ErrorDetails
-from services.stack.supervisor import Stack
-from services.stack.topology import Ports, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 GHZ = ROOT / ".tools" / "bin" / "ghz"

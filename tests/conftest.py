@@ -21,11 +21,11 @@ import asyncpg
 import grpc
 import pytest
 
+from cex_stack import probes
+from cex_stack.supervisor import Stack
+from cex_stack.topology import free_ports
 from services.chassis import ServiceCredentials
 from services.chassis.authn import service_auth_interceptors
-from services.stack import probes
-from services.stack.supervisor import Stack
-from services.stack.topology import free_ports
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,9 @@ import time
 from collections.abc import Mapping
 from types import TracebackType
 
-from services.stack import probes
-from services.stack.supervisor import dying_with_parent
-from services.stack.topology import free_ports
+from cex_stack import probes
+from cex_stack.supervisor import dying_with_parent
+from cex_stack.topology import free_ports
 
 __all__ = ["ServiceProcess"]
 

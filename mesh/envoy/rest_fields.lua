@@ -4,7 +4,7 @@
 -- what it did not know. An unknown field is INVALID_ARGUMENT, HTTP 400, with a
 -- BadRequest naming it (EDGE_UNKNOWN_FIELD), and the call never reaches the service.
 --
--- The renderer (services/stack/envoy.py) puts the schema before this code, from the
+-- The renderer (cex_stack/envoy.py) puts the schema before this code, from the
 -- same descriptor set the transcoder uses:
 --   METHODS["/pkg.Service/Method"] = "pkg.RequestMessage"  (methods with a JSON body)
 --   MESSAGES["pkg.Message"][json or proto field name] = true (a leaf: scalar, enum,

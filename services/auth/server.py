@@ -8,7 +8,6 @@ callers with the same chassis policy as every service (see POLICY).
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import re
@@ -35,10 +34,17 @@ from services.chassis import (
     Server,
     Unauthenticated,
     background,
+    bad_page_token,
     connect,
     current_auth,
     load_catalog,
+    optional_time,
+    owned_resource,
+    page_size,
+    page_token,
+    read_page_token,
     require_request_id,
+    timestamp,
     user,
 )
 from services.chassis.authn import service_secret
@@ -82,11 +88,7 @@ _ADMIN_ONLY = PermissionDenied("AUTH_SCOPE_MISSING", "needs scope admin")
 
 
 def _ts(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
+    return None if value is None else timestamp(value)
 
 
 def _scopes_in(values: Iterable[int], field: str) -> tuple[str, ...]:
@@ -166,23 +168,18 @@ def _client_ip(context: grpc.aio.ServicerContext[object, object]) -> str:
 
 
 def _page_token(key: domain.ApiKey) -> str:
-    return base64.urlsafe_b64encode(
-        f"{key.create_time.isoformat()}|{key.api_key_id}".encode()
-    ).decode()
+    return page_token("api_keys", key.create_time.isoformat(), key.api_key_id)
 
 
 def _after(token: str) -> tuple[datetime, str] | None:
-    if not token:
+    found = read_page_token(token, "api_keys", parts=2, reason="AUTH_INVALID_PAGE_TOKEN")
+    if found is None:
         return None
+    when, key_id = found
     try:
-        when, key_id = base64.urlsafe_b64decode(token.encode()).decode().split("|", 1)
         return datetime.fromisoformat(when), key_id
     except ValueError:
-        raise InvalidArgument(
-            "AUTH_INVALID_PAGE_TOKEN",
-            "bad page token",
-            violations=[FieldViolation("page_token", "use a next_page_token as given")],
-        ) from None
+        raise bad_page_token("AUTH_INVALID_PAGE_TOKEN") from None
 
 
 def _decimal(value: Decimal) -> str:
@@ -331,7 +328,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         now = self.clock()
         scopes = _scopes_in(request.scopes, "scopes")
         cidrs = domain.validate_cidrs(request.allowed_cidrs)
-        expire = request.expire_time.ToDatetime(UTC) if request.HasField("expire_time") else None
+        expire = optional_time(request, "expire_time")
         domain.validate_new_key(ctx, scopes, cidrs, expire, now)
         if await self.store.account(account_id) is None:
             raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
@@ -366,7 +363,9 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> auth_pb2.ListApiKeysResponse:
         account_id = domain.owned_account(current_auth(), request.account_id)
-        size = min(request.page_size or 50, 500)
+        size = page_size(
+            request.page_size, default=50, maximum=500, reason="AUTH_INVALID_PAGE_SIZE"
+        )
         keys = await self.store.list_keys(
             account_id, state=request.state, limit=size + 1, after=_after(request.page_token)
         )
@@ -384,11 +383,9 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
     ) -> auth_pb2.RevokeApiKeyResponse:
         ctx = current_auth()
         _require_request_id(request.request_id)
-        key = await self.store.key(request.api_key_id)
-        if key is None or (
-            not (ctx.is_service or ctx.can("admin")) and key.account_id != ctx.account_id
-        ):
-            raise NotFound("AUTH_API_KEY_NOT_FOUND", "no such API key")
+        key = owned_resource(
+            ctx, await self.store.key(request.api_key_id), component="AUTH", resource="API key"
+        )
         now = self.clock()
         revoked = await self.store.revoke_key(key.api_key_id, reason=request.reason, now=now)
         assert revoked is not None

@@ -9,6 +9,8 @@ from .authn import (
     ServiceCredentials,
     current_auth,
     owned_account,
+    owned_resource,
+    sees_every_account,
     user,
 )
 from .bus import PullConsumer, ensure_stream, match_events, nats_connection, observe_fetch
@@ -27,13 +29,18 @@ from .errors import (
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
+    Violations,
+    invalid,
+    invalid_field,
     require_request_id,
 )
 from .infra import Infrastructure, connect
 from .markets import Asset, Catalog, Market, load_catalog
 from .money import MoneyError, from_units, to_units
+from .pages import bad_page_token, page_size, page_token, read_page_token
 from .server import Server, background, run
 from .settings import ChassisSettings
+from .times import from_timestamp, optional_time, timestamp, timestamp_ns
 
 __all__ = [
     "INTERNAL",
@@ -62,23 +69,36 @@ __all__ = [
     "ServiceCredentials",
     "Unauthenticated",
     "Unavailable",
+    "Violations",
     "background",
+    "bad_page_token",
     "connect",
     "current_auth",
     "ensure_stream",
+    "from_timestamp",
     "from_units",
+    "invalid",
+    "invalid_field",
     "load_catalog",
     "match_events",
     "mesh_channel",
     "migrate",
     "nats_connection",
     "observe_fetch",
+    "optional_time",
     "owned_account",
+    "owned_resource",
+    "page_size",
+    "page_token",
     "postgres",
+    "read_page_token",
     "redis_connection",
     "require_request_id",
     "run",
+    "sees_every_account",
     "service_credentials",
+    "timestamp",
+    "timestamp_ns",
     "to_units",
     "user",
 ]

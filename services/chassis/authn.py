@@ -44,7 +44,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -52,6 +52,14 @@ from grpc.aio import ClientCallDetails
 
 from .errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from .tokens import CLOCK_SKEW_S, Claims, KeySource, UnknownKey, kid_of, verify
+
+
+class _HasAccount(Protocol):
+    @property
+    def account_id(self) -> str: ...
+
+
+_Owned = TypeVar("_Owned", bound=_HasAccount)
 
 __all__ = [
     "INTERNAL",
@@ -65,6 +73,8 @@ __all__ = [
     "auth_context_var",
     "current_auth",
     "owned_account",
+    "owned_resource",
+    "sees_every_account",
     "service_auth_interceptors",
     "service_secret",
     "user",
@@ -127,7 +137,7 @@ def owned_account(
     """The account a call acts on: the caller's own unless they are admin or a service
     (who must name one). Another account's data is `<COMPONENT>_<RESOURCE>_NOT_FOUND`,
     never PERMISSION_DENIED, so ids cannot be probed."""
-    if ctx.is_service or ctx.can("admin"):
+    if sees_every_account(ctx):
         if not requested and not ctx.account_id:
             raise InvalidArgument(
                 f"{component}_ACCOUNT_REQUIRED",
@@ -138,6 +148,27 @@ def owned_account(
     if requested and requested != ctx.account_id:
         raise NotFound(f"{component}_{resource.upper()}_NOT_FOUND", f"no such {resource}")
     return ctx.account_id
+
+
+def sees_every_account(ctx: AuthContext) -> bool:
+    """A service or an admin may read any account's resources; a user only their own."""
+    return ctx.is_service or ctx.can("admin")
+
+
+def owned_resource(
+    ctx: AuthContext,
+    found: _Owned | None,
+    *,
+    component: str,
+    resource: str,
+) -> _Owned:
+    """A resource looked up by id, if the caller may see it. Another account's
+    resource is `<COMPONENT>_<RESOURCE>_NOT_FOUND`, the very answer a made-up id
+    gets (same code, reason and message), so ids cannot be probed."""
+    if found is None or not (sees_every_account(ctx) or found.account_id == ctx.account_id):
+        name = resource.replace(" ", "_").upper()
+        raise NotFound(f"{component}_{name}_NOT_FOUND", f"no such {resource}")
+    return found
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,9 @@ __all__ = [
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
+    "Violations",
+    "invalid",
+    "invalid_field",
     "require_request_id",
     "status_metadata",
 ]
@@ -131,6 +134,39 @@ class PermissionDenied(ExchangeError):
 
 class Unavailable(ExchangeError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+def invalid(reason: str, violations: Sequence[FieldViolation]) -> InvalidArgument:
+    """INVALID_ARGUMENT naming every bad field (google.rpc.BadRequest), its message
+    the violations in order (`field: description; ...`)."""
+    return InvalidArgument(
+        reason,
+        "; ".join(f"{v.field}: {v.description}" for v in violations),
+        violations=violations,
+    )
+
+
+def invalid_field(reason: str, field: str, description: str, why: str = "") -> InvalidArgument:
+    """INVALID_ARGUMENT for one bad field; `why` is the violation's own reason."""
+    return invalid(reason, [FieldViolation(field, description, why)])
+
+
+class Violations:
+    """Collects every problem of a request, to report them all at once."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix  # the path of the message checked ("requests[2].")
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str, reason: str = "") -> None:
+        self.items.append(FieldViolation(f"{self.prefix}{field}", description, reason))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def raise_if_any(self, reason: str) -> None:
+        if self.items:
+            raise invalid(reason, self.items)
 
 
 MAX_REQUEST_ID = 128

@@ -1,6 +1,6 @@
 """Custody and chains, as funding sees them: one client over the network.
 
-The chain/custody simulator (services/chainsim) stands in for the real thing;
+The chain/custody simulator (chainsim/) stands in for the real thing;
 the contract is what a custody provider offers: addresses per account and
 asset, a broadcast that is idempotent by withdrawal id, the status of a
 withdrawal's transaction, and a log of incoming transfers read by cursor.

@@ -31,7 +31,7 @@ from services.chassis import Catalog, Unavailable
 from services.chassis.money import parse_decimal
 from services.risk.bucket import RateLimiter
 from services.risk.checks import OrderChecks
-from services.risk.limits import KillSwitches, Limits
+from services.risk.domain import KillSwitches, Limits
 from services.risk.rules import FollowedRules
 
 from .downstream import StatusError, rate_usage_var

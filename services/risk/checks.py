@@ -25,21 +25,20 @@ from services.chassis import (
     Catalog,
     ExchangeError,
     FieldViolation,
-    InvalidArgument,
     MoneyError,
     NotFound,
+    Violations,
 )
 
 from .bucket import RateLimiter, Take
-from .limits import EXACT, Denial, KillSwitches, Limits, OrderCheck, check_order
+from .domain import EXACT, Denial, KillSwitches, Limits, OrderCheck, check_order
 
 __all__ = [
     "DOMAIN",
     "OrderChecks",
     "Rules",
-    "Violations",
     "denial_status",
-    "invalid",
+    "identifier",
     "units",
 ]
 
@@ -73,32 +72,12 @@ def denial_status(denial: Denial) -> status_pb2.Status:
     return error.to_status(DOMAIN)
 
 
-def invalid(reason: str, violations: list[FieldViolation]) -> InvalidArgument:
-    return InvalidArgument(
-        reason,
-        "; ".join(f"{v.field}: {v.description}" for v in violations),
-        violations=violations,
-    )
-
-
-class Violations:
-    """Collects every problem of a request, to report them all at once."""
-
-    def __init__(self) -> None:
-        self.items: list[FieldViolation] = []
-
-    def add(self, field: str, description: str, reason: str = "") -> None:
-        self.items.append(FieldViolation(field, description, reason))
-
-    def identifier(self, field: str, value: str, *, required: bool = True) -> None:
-        if required and not value:
-            self.add(field, "required", "REQUIRED")
-        elif len(value) > _MAX_ID:
-            self.add(field, f"at most {_MAX_ID} characters", "TOO_LONG")
-
-    def raise_if_any(self, reason: str) -> None:
-        if self.items:
-            raise invalid(reason, self.items)
+def identifier(v: Violations, field: str, value: str, *, required: bool = True) -> None:
+    """An id field: required (unless said otherwise), at most 128 characters."""
+    if required and not value:
+        v.add(field, "required", "REQUIRED")
+    elif len(value) > _MAX_ID:
+        v.add(field, f"at most {_MAX_ID} characters", "TOO_LONG")
 
 
 def units(v: Violations, field: str, text: str, parse: Callable[[str], int]) -> int | None:
@@ -163,9 +142,9 @@ class OrderChecks:
     # violation each.
     def _order(self, request: risk_pb2.CheckOrderRequest) -> OrderCheck:  # noqa: C901
         v = Violations()
-        v.identifier("account_id", request.account_id)
-        v.identifier("order_id", request.order_id, required=False)
-        v.identifier("client_order_id", request.client_order_id, required=False)
+        identifier(v, "account_id", request.account_id)
+        identifier(v, "order_id", request.order_id, required=False)
+        identifier(v, "client_order_id", request.client_order_id, required=False)
         market = self._catalog.market(request.market)
         if not request.market:
             v.add("market", "required", "REQUIRED")

@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 from cex.risk.v1 import risk_pb2
 from services.chassis import ensure_stream
 
-from .limits import KillSwitch
+from .domain import KillSwitch
 from .rules import switch_pb
 from .store import Store
 

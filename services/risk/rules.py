@@ -13,21 +13,13 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from google.protobuf import timestamp_pb2
-
 from cex.risk.v1 import risk_pb2
-from services.chassis import Catalog, MoneyError
+from services.chassis import Catalog, MoneyError, timestamp_ns
 
-from .limits import KillSwitch, KillSwitches, Limits, MarketLimits, Scope, WithdrawalLimits, merge
+from .domain import KillSwitch, KillSwitches, Limits, MarketLimits, Scope, WithdrawalLimits, merge
 from .state import State
 
 __all__ = ["FollowedRules", "limits_of", "limits_pb", "rules_pb", "switch_of", "switch_pb"]
-
-
-def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(ns)
-    return stamp
 
 
 def limits_pb(limits: Limits, version: int, update_ns: int) -> risk_pb2.Limits:
@@ -57,7 +49,7 @@ def limits_pb(limits: Limits, version: int, update_ns: int) -> risk_pb2.Limits:
         version=version,
     )
     if update_ns:
-        message.update_time.CopyFrom(_timestamp(update_ns))
+        message.update_time.CopyFrom(timestamp_ns(update_ns))
     return message
 
 
@@ -100,7 +92,7 @@ def switch_pb(s: KillSwitch) -> risk_pb2.KillSwitch:
         updated_by=s.updated_by,
     )
     if s.update_time_ns:
-        message.update_time.CopyFrom(_timestamp(s.update_time_ns))
+        message.update_time.CopyFrom(timestamp_ns(s.update_time_ns))
     return message
 
 

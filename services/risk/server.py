@@ -8,8 +8,6 @@ violations). The contract for callers: docs/adr/0007-risk.md.
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
@@ -32,20 +30,25 @@ from services.chassis import (
     PermissionDenied,
     Rule,
     Server,
+    Violations,
     background,
+    bad_page_token,
     connect,
     current_auth,
+    invalid_field,
     load_catalog,
+    page_size,
+    page_token,
+    read_page_token,
+    sees_every_account,
     user,
 )
-from services.chassis.money import parse_decimal
 from services.chassis.tokens import KeySource
 
 from .bucket import RateLimiter
-from .checks import OrderChecks, Violations, denial_status, invalid, units
+from .checks import OrderChecks, denial_status, identifier, units
 from .config import RiskConfig
-from .events import Outbox
-from .limits import (
+from .domain import (
     ANY,
     EXACT,
     KillSwitch,
@@ -54,7 +57,10 @@ from .limits import (
     WithdrawalCheck,
     band_bps,
     check_withdrawal,
+    limit_amount_problem,
+    visible_switches,
 )
+from .events import Outbox
 from .prices import PriceFollower
 from .rules import limits_of, limits_pb, rules_pb, switch_pb
 from .state import State
@@ -126,17 +132,19 @@ class RiskMetrics:
 
 
 def _limit_decimal(v: Violations, field: str, text: str, unit: Decimal | None) -> None:
-    if not text:
-        return
-    try:
-        value = parse_decimal(text)
-    except MoneyError as error:
-        v.add(field, str(error), error.reason)
-        return
-    if value <= 0:
-        v.add(field, "must be positive (empty means no limit)", "NOT_POSITIVE")
-    elif unit is not None and EXACT.remainder(value, unit):
-        v.add(field, f"not a multiple of {unit}", "OFF_GRID")
+    problem = limit_amount_problem(text, unit)
+    if problem is not None:
+        v.add(field, *problem)
+
+
+def _switch_after(token: str) -> tuple[int, str, str] | None:
+    found = read_page_token(token, "kill_switches", parts=3, reason="RISK_PAGE_TOKEN_INVALID")
+    if found is None:
+        return None
+    scope, market, account = found
+    if not scope.isdigit():
+        raise bad_page_token("RISK_PAGE_TOKEN_INVALID")
+    return int(scope), market, account
 
 
 class RiskService(risk_pb2_grpc.RiskServiceServicer):
@@ -188,9 +196,11 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
     ) -> risk_pb2.CheckOrdersResponse:
         n = len(request.checks)
         if not 1 <= n <= MAX_CHECKS:
-            raise invalid(
+            raise invalid_field(
                 "RISK_REQUEST_INVALID",
-                [FieldViolation("checks", f"1 to {MAX_CHECKS} checks, got {n}", "OUT_OF_RANGE")],
+                "checks",
+                f"1 to {MAX_CHECKS} checks, got {n}",
+                "OUT_OF_RANGE",
             )
         results = await self._checks.check_many(request.checks)
         self._metrics.sync()
@@ -218,8 +228,8 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> risk_pb2.CheckWithdrawalResponse:
         v = Violations()
-        v.identifier("withdrawal_id", request.withdrawal_id)
-        v.identifier("account_id", request.account_id)
+        identifier(v, "withdrawal_id", request.withdrawal_id)
+        identifier(v, "account_id", request.account_id)
         if not request.asset:
             v.add("asset", "required", "REQUIRED")
         if not request.amount:
@@ -281,7 +291,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         """A read-scoped user (or a service acting for one) sees only their own account;
         admins and services acting for themselves any."""
         ctx = current_auth()
-        if ctx.is_service or ctx.can("admin"):
+        if sees_every_account(ctx):
             return account_id
         if account_id and account_id != ctx.account_id:
             raise NotFound("RISK_LIMITS_NOT_FOUND", f"no limits for account {account_id}")
@@ -291,7 +301,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         self, request: risk_pb2.GetLimitsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> risk_pb2.GetLimitsResponse:
         v = Violations()
-        v.identifier("account_id", request.account_id, required=False)
+        identifier(v, "account_id", request.account_id, required=False)
         v.raise_if_any("RISK_REQUEST_INVALID")
         account = self._visible_account(request.account_id)
         defaults = self._state.defaults
@@ -306,7 +316,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
 
     def _validated_limits(self, message: risk_pb2.Limits) -> Limits:
         v = Violations()
-        v.identifier("limits.account_id", message.account_id, required=False)
+        identifier(v, "limits.account_id", message.account_id, required=False)
         if not 0 <= message.max_orders_per_second <= 1_000_000:
             v.add("limits.max_orders_per_second", "0 (no limit) to 1000000", "OUT_OF_RANGE")
         if message.max_open_orders < 0:
@@ -356,7 +366,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
     def _actor() -> str:
         """Who makes an admin change; a service relaying a user needs an admin user."""
         ctx = current_auth()
-        if not (ctx.is_service or ctx.can("admin")):
+        if not sees_every_account(ctx):
             raise PermissionDenied("RISK_ADMIN_REQUIRED", "changing risk settings needs admin")
         if ctx.account_id:
             return ctx.account_id + (f" via svc:{ctx.service}" if ctx.service else "")
@@ -367,7 +377,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
     ) -> risk_pb2.SetLimitsResponse:
         actor = self._actor()
         v = Violations()
-        v.identifier("request_id", request.request_id)
+        identifier(v, "request_id", request.request_id)
         if not request.HasField("limits"):
             v.add("limits", "required", "REQUIRED")
         if request.expected_version < 0:
@@ -396,7 +406,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
     ) -> risk_pb2.SetKillSwitchResponse:
         actor = self._actor()
         v = Violations()
-        v.identifier("request_id", request.request_id)
+        identifier(v, "request_id", request.request_id)
         scope = _SCOPES.get(request.scope)
         if scope is None:
             v.add("scope", "GLOBAL, MARKET or ACCOUNT", "REQUIRED")
@@ -408,7 +418,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         elif request.market:
             v.add("market", "only for MARKET scope", "NOT_ALLOWED")
         if scope is Scope.ACCOUNT:
-            v.identifier("account_id", request.account_id)
+            identifier(v, "account_id", request.account_id)
         elif request.account_id:
             v.add("account_id", "only for ACCOUNT scope", "NOT_ALLOWED")
         if request.block_withdrawals and (scope is Scope.MARKET or not request.engaged):
@@ -455,34 +465,22 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         request: risk_pb2.ListKillSwitchesRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> risk_pb2.ListKillSwitchesResponse:
-        if request.page_size < 0:
-            raise invalid(
-                "RISK_REQUEST_INVALID", [FieldViolation("page_size", "must not be negative")]
-            )
-        size = min(request.page_size or 100, 1000)
-        after: tuple[int, str, str] | None = None
-        if request.page_token:
-            try:
-                raw = json.loads(base64.urlsafe_b64decode(request.page_token.encode()))
-                after = (int(raw[0]), str(raw[1]), str(raw[2]))
-            except (ValueError, TypeError, IndexError):
-                raise invalid(
-                    "RISK_PAGE_TOKEN_INVALID",
-                    [FieldViolation("page_token", "not a token this server issued")],
-                ) from None
+        size = page_size(
+            request.page_size, default=100, maximum=1000, reason="RISK_REQUEST_INVALID"
+        )
+        after = _switch_after(request.page_token)
         ctx = current_auth()
-        mine = None if ctx.is_service or ctx.can("admin") else ctx.account_id
-        found = [
-            s
-            for s in await self._store.kill_switches()
-            if (not request.engaged_only or s.engaged)
-            and (after is None or s.key > after)
-            and (mine is None or s.scope is not Scope.ACCOUNT or s.account_id == mine)
-        ]
+        found = visible_switches(
+            await self._store.kill_switches(),
+            account=None if sees_every_account(ctx) else ctx.account_id,
+            engaged_only=request.engaged_only,
+            after=after,
+        )
         token = ""
         if len(found) > size:
             found = found[:size]
-            token = base64.urlsafe_b64encode(json.dumps(list(found[-1].key)).encode()).decode()
+            scope, market, account = found[-1].key
+            token = page_token("kill_switches", str(scope), market, account)
         return risk_pb2.ListKillSwitchesResponse(
             kill_switches=[switch_pb(s) for s in found], next_page_token=token
         )

@@ -13,7 +13,7 @@ import contextlib
 import logging
 from dataclasses import replace
 
-from .limits import KillSwitches, Limits, merge
+from .domain import KillSwitches, Limits, merge
 from .store import Snapshot, Store, StoredLimits
 
 __all__ = ["State"]

@@ -13,7 +13,7 @@ import grpc
 
 from services.chassis import AlreadyExists, ExchangeError
 
-from .limits import KillSwitch, Limits, Scope
+from .domain import KillSwitch, Limits, Scope
 
 __all__ = ["Snapshot", "Store", "StoredLimits", "body_hash", "from_ns", "to_ns"]
 

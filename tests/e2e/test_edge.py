@@ -29,12 +29,12 @@ from google.protobuf import duration_pb2, json_format
 from google.rpc import status_pb2
 
 from cex.auth.v1 import auth_pb2, auth_pb2_grpc
+from cex_stack import probes
+from cex_stack.envoy import render
+from cex_stack.supervisor import Stack
+from cex_stack.topology import free_ports
 from services.chassis import ErrorDetails, ServiceCredentials
 from services.chassis.tokens import sign
-from services.stack import probes
-from services.stack.envoy import render
-from services.stack.supervisor import Stack
-from services.stack.topology import free_ports
 from tests.e2e.signing import signing_key
 
 READ, TRADE = auth_pb2.API_KEY_SCOPE_READ, auth_pb2.API_KEY_SCOPE_TRADE

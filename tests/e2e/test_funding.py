@@ -16,8 +16,8 @@ from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 from cex.funding.v1 import funding_pb2 as F
 from cex.funding.v1 import funding_pb2_grpc
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from cex_stack.supervisor import Stack
 from services.chassis import ErrorDetails, ServiceCredentials
-from services.stack.supervisor import Stack
 from tests.integration.funding.support import ETH_ADDRESS
 
 

@@ -16,7 +16,7 @@ import asyncpg
 import psutil
 import pytest
 
-from services.stack.topology import free_ports
+from cex_stack.topology import free_ports
 
 START_TIMEOUT_S = 120
 
@@ -34,7 +34,7 @@ class Up:
             [
                 sys.executable,
                 "-m",
-                "services.stack.cli",
+                "cex_stack.cli",
                 "--state-dir",
                 str(state_dir),
                 "up",
@@ -123,7 +123,7 @@ async def test_sigterm_stops_everything_and_data_survives_a_restart(
     first = launch(state_dir, ports.base)
     first.wait_ready()
     pids = _children(state_dir)
-    assert len(pids) == 13  # postgres, nats, redis, chainsim, envoy, 7 services, the catalog
+    assert len(pids) == 13  # postgres, nats, redis, chainsim, envoy, 7 services, reflection
     await _sql(url, "CREATE TABLE kept (v text)")
     await _sql(url, "INSERT INTO kept VALUES ('still here')")
 

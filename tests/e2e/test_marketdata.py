@@ -14,7 +14,7 @@ from cex.marketdata.v1 import marketdata_pb2 as md
 from cex.marketdata.v1 import marketdata_pb2_grpc
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.type.v1 import types_pb2 as t
-from services.stack.supervisor import Stack
+from cex_stack.supervisor import Stack
 
 MARKET = "ETH-BTC"
 

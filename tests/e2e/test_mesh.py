@@ -16,10 +16,10 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
-from services.catalog.server import api_services
+from cex_stack.supervisor import Stack
+from cex_stack.topology import SERVICES
 from services.chassis import ErrorDetails
-from services.stack.supervisor import Stack
-from services.stack.topology import SERVICES
+from services.reflection.server import api_services
 
 API = [s for s in SERVICES if s.grpc_service]
 
@@ -102,7 +102,7 @@ async def test_an_empty_request_gets_the_error_model_through_envoy(
     """Every service's first unary method, called with an empty request: invalid for
     an implemented method, UNIMPLEMENTED for one whose issue has not landed; either
     way a google.rpc.Status with the service's ErrorInfo."""
-    from services.catalog.server import API as MODULES
+    from services.reflection.server import API as MODULES
 
     descriptor = next(
         s
@@ -168,7 +168,7 @@ async def test_envoy_exposes_prometheus_stats_per_cluster(stack: Stack) -> None:
 async def test_cex_status_reports_every_component_healthy(stack: Stack) -> None:
     result = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "services.stack.cli", "--state-dir", str(stack.state_dir), "status"],
+        [sys.executable, "-m", "cex_stack.cli", "--state-dir", str(stack.state_dir), "status"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -227,7 +227,7 @@ async def test_cex_top_shows_each_service_with_its_traffic(
     from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
     top = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.stack.cli", "--state-dir", str(stack.state_dir),
+        sys.executable, "-m", "cex_stack.cli", "--state-dir", str(stack.state_dir),
         "top", "--once", "--interval", "2",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

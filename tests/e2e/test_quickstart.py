@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from services.stack.supervisor import Stack
+from cex_stack.supervisor import Stack
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "docs" / "quickstart.md"

@@ -23,9 +23,9 @@ from cex.funding.v1 import funding_pb2 as F
 from cex.ledger.v1 import ledger_pb2 as L
 from cex.type.v1.types_pb2 import ORDER_STATE_FILLED, ORDER_STATE_OPEN, SIDE_BUY, SIDE_SELL
 from cex_sdk import Client
-from services.stack.funds import deposit
-from services.stack.supervisor import Stack
-from services.stack.topology import free_ports
+from cex_stack.funds import deposit
+from cex_stack.supervisor import Stack
+from cex_stack.topology import free_ports
 from tests.integration.funding.support import ETH_ADDRESS
 
 _FUNDING = "/cex.funding.v1.FundingService/"

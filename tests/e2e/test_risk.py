@@ -16,9 +16,9 @@ import grpc
 from cex.risk.v1 import risk_pb2 as R
 from cex.risk.v1 import risk_pb2_grpc
 from cex.type.v1 import types_pb2 as T
+from cex_stack.supervisor import Stack
+from cex_stack.topology import SERVICES
 from services.chassis import ErrorDetails
-from services.stack.supervisor import Stack
-from services.stack.topology import SERVICES
 
 
 def _bearer(token: str) -> tuple[tuple[str, str], ...]:

@@ -29,8 +29,8 @@ from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from cex_sdk import NO_RETRY, Client, RateLimitedError, RetryEvent, RetryPolicy
+from cex_stack.supervisor import Stack
 from services.chassis import ServiceCredentials
-from services.stack.supervisor import Stack
 
 ROOT = Path(__file__).resolve().parents[2]
 EXHAUSTED, UNAVAILABLE = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE

@@ -23,7 +23,7 @@ import pytest
 
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
-from services.stack.supervisor import Stack
+from cex_stack.supervisor import Stack
 from tests.e2e.test_sdk import Integrator
 from tests.e2e.test_sdk_trading import Accounts, _client, accounts
 from tests.sdk_dist import SDK_REQUIREMENTS, build_wheel, fresh_venv_with, installed

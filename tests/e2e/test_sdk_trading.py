@@ -42,8 +42,8 @@ from cex_sdk import (
     RetryPolicy,
     SessionEvent,
 )
+from cex_stack.supervisor import Stack
 from services.chassis import ServiceCredentials
-from services.stack.supervisor import Stack
 from tests.e2e.order.test_crash import kill
 from tests.e2e.test_sdk import Integrator, integrator_with
 

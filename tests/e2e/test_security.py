@@ -30,10 +30,10 @@ from google.rpc import status_pb2
 from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.match.v1 import match_pb2, match_pb2_grpc
+from cex_stack.supervisor import Stack
+from cex_stack.topology import SERVICES
 from services.chassis import ErrorDetails, ServiceCredentials
 from services.chassis.tokens import b64url, sign
-from services.stack.supervisor import Stack
-from services.stack.topology import SERVICES
 from tests.e2e.signing import signing_key
 
 READ, TRADE = auth_pb2.API_KEY_SCOPE_READ, auth_pb2.API_KEY_SCOPE_TRADE

@@ -18,9 +18,9 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from cex.marketdata.v1 import marketdata_pb2, marketdata_pb2_grpc
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
-from services.stack.collector import Collector, SpanRecord, collector, render_trace
-from services.stack.supervisor import Stack
-from services.stack.topology import free_ports
+from cex_stack.collector import Collector, SpanRecord, collector, render_trace
+from cex_stack.supervisor import Stack
+from cex_stack.topology import free_ports
 from tests.e2e.order.support import BUY, MARKET, SELL, Trader, exchange_on, uid
 
 ORDER_PATH = {"cex-envoy", "cex-order", "cex-risk", "cex-ledger", "cex-match"}

@@ -9,12 +9,12 @@ import subprocess
 import sys
 import urllib.request
 
-from services.stack.supervisor import Stack
+from cex_stack.supervisor import Stack
 
 
 def _cex(stack: Stack, *args: str, env: dict[str, str] | None = None) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "services.stack.cli", "--state-dir", str(stack.state_dir), *args],
+        [sys.executable, "-m", "cex_stack.cli", "--state-dir", str(stack.state_dir), *args],
         capture_output=True,
         text=True,
         timeout=60,

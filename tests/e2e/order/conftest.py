@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from cex_stack.supervisor import Stack
 from services.chassis.authn import ServiceCredentials
-from services.stack.supervisor import Stack
 from tests.e2e.order.support import Exchange, exchange_on
 
 

@@ -23,11 +23,11 @@ from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.order.v1 import order_pb2, order_pb2_grpc
 from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex.type.v1 import types_pb2 as t
+from cex_stack.supervisor import Stack
+from cex_stack.topology import SERVICES
 from services.chassis import ErrorDetails
 from services.chassis.authn import ServiceCredentials
 from services.chassis.server import background
-from services.stack.supervisor import Stack
-from services.stack.topology import SERVICES
 
 BUY, SELL = t.SIDE_BUY, t.SIDE_SELL
 MARKET = "BTC-USDT"

@@ -12,7 +12,7 @@ from decimal import Decimal
 
 from cex.auth.v1 import auth_pb2
 from cex.type.v1 import types_pb2 as t
-from services.stack.supervisor import Stack
+from cex_stack.supervisor import Stack
 from tests.e2e.order.support import BUY, SELL, Exchange
 
 

@@ -30,9 +30,9 @@ import pytest
 
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
+from cex_stack.supervisor import Stack
+from cex_stack.topology import free_ports
 from services.chassis import ErrorDetails
-from services.stack.supervisor import Stack
-from services.stack.topology import free_ports
 from tests.e2e.order.support import (
     BUY,
     SELL,

@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 
 from cex.marketdata.v1 import marketdata_pb2
 from cex.order.v1 import order_pb2
-from services.stack.supervisor import Stack
+from cex_stack.supervisor import Stack
 from tests.e2e.order.support import BUY, MARKET, SELL, Exchange
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -16,10 +16,10 @@ from google.protobuf import duration_pb2
 from cex.order.v1 import order_pb2, order_pb2_grpc
 from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex.type.v1 import types_pb2 as t
+from cex_stack.supervisor import Stack
 from services.chassis import ChassisSettings, ErrorDetails
 from services.order.config import OrderConfig
 from services.order.server import build_server
-from services.stack.supervisor import Stack
 from tests.e2e.order.support import BUY, SELL, Exchange, Trader, uid
 
 D = Decimal

@@ -15,8 +15,8 @@ import pytest
 
 from cex.ledger.v1 import ledger_pb2
 from cex.type.v1 import types_pb2 as t
+from cex_stack.supervisor import Stack
 from services.chassis import ErrorDetails, load_catalog
-from services.stack.supervisor import Stack
 from tests.e2e.order.support import BUY, SELL, Exchange, uid
 
 

@@ -22,11 +22,11 @@ from prometheus_client import CollectorRegistry
 from cex.funding.v1 import funding_pb2 as F
 from cex.funding.v1 import funding_pb2_grpc
 from cex.ledger.v1 import ledger_pb2 as L
+from cex_stack.supervisor import Stack
+from cex_stack.topology import free_ports
 from services.chassis import ChassisSettings, ErrorDetails, Server
 from services.funding.config import FundingConfig
 from services.funding.server import build_server
-from services.stack.supervisor import Stack
-from services.stack.topology import free_ports
 from tests.conftest import Trust
 from tests.integration.ledger.support import Ledger
 from tests.process import ServiceProcess
@@ -61,7 +61,7 @@ def _decode(data: bytes) -> dict[str, Any]:
 
 @dataclass
 class Chain:
-    """`python -m services.chainsim.main`: a real process, as custody would be."""
+    """`python -m chainsim.main`: a real process, as custody would be."""
 
     seed: int = 7
     block_s: float = 0.05
@@ -85,7 +85,7 @@ class Chain:
             "CHAINSIM_STATE_DIR": self.state_dir,
         }
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.chainsim.main", env=env
+            sys.executable, "-m", "chainsim.main", env=env
         )
         self.channel = grpc.aio.insecure_channel(self.target)
         for _ in range(200):

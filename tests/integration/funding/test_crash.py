@@ -28,7 +28,7 @@ import pytest
 
 from cex.funding.v1 import funding_pb2 as F
 from cex.funding.v1 import funding_pb2_grpc
-from services.stack.supervisor import Stack
+from cex_stack.supervisor import Stack
 from tests.conftest import Trust
 from tests.integration.funding.support import (
     ETH_ADDRESS,

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from cex.funding.v1 import funding_pb2 as F
-from services.stack.supervisor import Stack
+from cex_stack.supervisor import Stack
 from tests.conftest import Trust
 from tests.integration.funding.support import (
     Chain,

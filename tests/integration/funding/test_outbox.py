@@ -9,8 +9,8 @@ import json
 import asyncpg
 import nats
 
+from cex_stack.supervisor import Stack
 from services.funding.outbox import STREAM
-from services.stack.supervisor import Stack
 from tests.conftest import Trust
 from tests.integration.funding.support import (
     chainsim,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
+from cex_stack.supervisor import Stack
 from services.chassis.db import postgres
 from services.funding.saga import Orchestrator, SagaDefinition, SagaMetrics, Step
 from services.funding.server import MIGRATIONS
-from services.stack.supervisor import Stack
 from tests.integration.funding.support import fresh_database
 
 

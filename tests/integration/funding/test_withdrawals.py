@@ -16,9 +16,9 @@ import pytest
 
 from cex.funding.v1 import funding_pb2 as F
 from cex.funding.v1 import funding_pb2_grpc
+from cex_stack.supervisor import Stack
+from cex_stack.topology import free_ports
 from services.chassis import ServiceCredentials
-from services.stack.supervisor import Stack
-from services.stack.topology import free_ports
 from tests.conftest import Trust
 from tests.integration.funding.support import (
     BTC_ADDRESS,

@@ -12,12 +12,12 @@ import grpc
 from cex.marketdata.v1 import marketdata_pb2 as md
 from cex.marketdata.v1 import marketdata_pb2_grpc
 from cex.match.v1 import match_pb2, match_pb2_grpc
+from cex_stack.supervisor import Stack
 from services.chassis import ChassisSettings, Server
 from services.marketdata.config import MarketDataSettings
 from services.marketdata.server import build_server as build_marketdata
 from services.match.config import MatchSettings
 from services.match.server import build_server as build_match
-from services.stack.supervisor import Stack
 from tests.conftest import Trust
 from tests.integration.match.match_client import Client
 from tests.process import ServiceProcess

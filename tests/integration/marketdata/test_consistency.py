@@ -16,7 +16,7 @@ import nats
 import pytest
 
 from cex.marketdata.v1 import marketdata_pb2 as md
-from services.stack.supervisor import Stack
+from cex_stack.supervisor import Stack
 from tests.conftest import Trust
 from tests.integration.marketdata.support import (
     MARKET,

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from cex.marketdata.v1 import marketdata_pb2_grpc
-from services.stack.supervisor import Stack
+from cex_stack.supervisor import Stack
 from tests.conftest import Trust
 from tests.integration.marketdata.support import (
     MARKET,

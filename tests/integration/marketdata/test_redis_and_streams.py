@@ -11,9 +11,9 @@ import pytest
 import redis.asyncio as redis
 
 from cex.marketdata.v1 import marketdata_pb2 as md
+from cex_stack.supervisor import Stack
+from cex_stack.topology import free_ports
 from services.chassis import ErrorDetails
-from services.stack.supervisor import Stack
-from services.stack.topology import free_ports
 from tests.conftest import Trust
 from tests.integration.marketdata.support import (
     MARKET,

@@ -16,10 +16,10 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cex.marketdata.v1 import marketdata_pb2 as md
+from cex_stack import probes
+from cex_stack.supervisor import Stack
+from cex_stack.topology import free_ports
 from services.chassis import ErrorDetails
-from services.stack import probes
-from services.stack.supervisor import Stack
-from services.stack.topology import free_ports
 from tests.conftest import Trust
 from tests.integration.marketdata.support import (
     MARKET,

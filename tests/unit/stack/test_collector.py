@@ -1,4 +1,4 @@
-from services.stack.collector import SpanRecord, render_trace
+from cex_stack.collector import SpanRecord, render_trace
 
 
 def _span(span_id: str, parent: str, service: str, name: str, start: int, end: int) -> SpanRecord:

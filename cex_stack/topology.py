@@ -16,7 +16,7 @@ __all__ = ["SERVICES", "Ports", "ServiceSpec", "free_ports"]
 @dataclass(frozen=True, slots=True)
 class ServiceSpec:
     name: str  # also the Envoy cluster, the :authority and the schema name
-    grpc_service: str  # full name of the service it serves ("" for the catalog)
+    grpc_service: str  # full name of the service it serves ("" for reflection)
     index: int  # its slot in the port layout
     needs: tuple[str, ...]  # infrastructure it connects to at start
     wave: int  # start order: a wave starts once the previous one is healthy
@@ -35,7 +35,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
         "marketdata", "cex.marketdata.v1.MarketDataService", 4, ("postgres", "nats", "redis"), 1
     ),
     # Server reflection for the whole v1 surface, behind the edge.
-    ServiceSpec("catalog", "", 5, (), 1),
+    ServiceSpec("reflection", "", 5, (), 1),
     ServiceSpec("order", "cex.order.v1.OrderService", 6, ("postgres", "nats", "redis"), 2),
     ServiceSpec("funding", "cex.funding.v1.FundingService", 7, ("postgres", "nats"), 2),
 )
@@ -77,7 +77,7 @@ class Ports:
 
     @property
     def chainsim(self) -> int:
-        """The chain/custody simulator (services/chainsim), funding's external world."""
+        """The chain/custody simulator (chainsim), funding's external world."""
         return self.base + 7
 
     @property

@@ -44,7 +44,9 @@ __all__ = [
     "band_bps",
     "check_order",
     "check_withdrawal",
+    "limit_amount_problem",
     "merge",
+    "visible_switches",
 ]
 
 ANY = "*"
@@ -462,3 +464,37 @@ def check_withdrawal(
             limit="max_count_per_day",
         )
     return None
+
+
+def limit_amount_problem(text: str, unit: Decimal | None) -> tuple[str, str] | None:
+    """Why a limit's amount is refused, as (description, reason); None when it is
+    fine. Empty means no limit; else a positive decimal, on `unit`'s grid if given."""
+    if not text:
+        return None
+    try:
+        value = parse_decimal(text)
+    except MoneyError as error:
+        return str(error), error.reason
+    if value <= 0:
+        return "must be positive (empty means no limit)", "NOT_POSITIVE"
+    if unit is not None and EXACT.remainder(value, unit):
+        return f"not a multiple of {unit}", "OFF_GRID"
+    return None
+
+
+def visible_switches(
+    switches: Iterable[KillSwitch],
+    *,
+    account: str | None,
+    engaged_only: bool,
+    after: tuple[int, str, str] | None,
+) -> list[KillSwitch]:
+    """The switches a caller may list, in key order after `after`: every GLOBAL and
+    MARKET switch, and of ACCOUNT switches only `account`'s (None: everyone's)."""
+    return [
+        s
+        for s in sorted(switches, key=lambda s: s.key)
+        if (not engaged_only or s.engaged)
+        and (after is None or s.key > after)
+        and (account is None or s.scope is not Scope.ACCOUNT or s.account_id == account)
+    ]

@@ -1,4 +1,4 @@
-"""Entry point: python -m services.chainsim.main
+"""Entry point: python -m chainsim.main
 
 CHAINSIM_PORT (required), CHAINSIM_HOST (127.0.0.1), CHAINSIM_SEED (0),
 CHAINSIM_BLOCK_S (seconds per block; 0 = only on Mine), CHAINSIM_FAULTS (JSON),

@@ -1,8 +1,8 @@
-"""Entry point: python -m services.catalog.main"""
+"""Entry point: python -m services.reflection.main"""
 
 from services.chassis import run
 
 from .server import build_server
 
 if __name__ == "__main__":
-    run("catalog", build_server)
+    run("reflection", build_server)

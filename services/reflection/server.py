@@ -1,9 +1,11 @@
-"""The API catalog: reflection for every v1 service, in one place.
+"""Reflection for every v1 service, in one place.
 
 Each service's own reflection lists only what that process serves. Through
 the edge a client needs the whole surface (grpcurl pointed at Envoy lists and
 describes every service, then calls it through Envoy's per-service routes),
-so Envoy routes reflection here. The catalog serves no business method.
+so Envoy routes reflection here. This service serves no business method.
+(It was `services/catalog`, a name that said nothing of what it serves and
+collided with the market `Catalog` of services/chassis/markets.py.)
 """
 
 from __future__ import annotations

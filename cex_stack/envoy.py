@@ -42,7 +42,7 @@ __all__ = [
     "xff_trusted_hops_from_env",
 ]
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "mesh" / "envoy" / "envoy.yaml"
 DESCRIPTOR = ROOT / "gen" / "descriptor" / "cex.binpb"
 REST_LUA = ROOT / "mesh" / "envoy" / "rest.lua"

@@ -1,1 +1,0 @@
-"""catalog: server reflection for the whole v1 surface, behind the edge."""

@@ -1,0 +1,61 @@
+"""List pages, one way for every service: the page size rule and opaque page tokens.
+
+A token names the query it continues (`kind`: "api_keys", "trades", ...) and
+where the next page starts (its `parts`, as strings). It is base64url JSON:
+opaque to clients (AIP-158), cheap to check here. A token of another query,
+or not one of ours, is INVALID_ARGUMENT with a field violation on
+`page_token`, under the caller's reason (`AUTH_INVALID_PAGE_TOKEN`, ...).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+from .errors import FieldViolation, InvalidArgument
+
+__all__ = ["bad_page_token", "page_size", "page_token", "read_page_token"]
+
+
+def page_size(value: int, *, default: int, maximum: int, reason: str) -> int:
+    """The size of a page: `default` for 0, at most `maximum`; negative is refused."""
+    if value < 0:
+        raise InvalidArgument(
+            reason,
+            "page_size must not be negative",
+            violations=[FieldViolation("page_size", "must not be negative", reason)],
+        )
+    return min(value or default, maximum)
+
+
+def page_token(kind: str, *parts: str) -> str:
+    """The next_page_token that continues query `kind` after `parts`."""
+    doc = json.dumps([kind, *parts], separators=(",", ":"))
+    return base64.urlsafe_b64encode(doc.encode()).decode()
+
+
+def bad_page_token(reason: str) -> InvalidArgument:
+    return InvalidArgument(
+        reason,
+        "page_token is not a next_page_token of this query",
+        violations=[FieldViolation("page_token", "use a next_page_token as given", reason)],
+    )
+
+
+def read_page_token(token: str, kind: str, *, parts: int, reason: str) -> tuple[str, ...] | None:
+    """The `parts` a token of query `kind` carries; None for no token (the first page)."""
+    if not token:
+        return None
+    try:
+        doc = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise bad_page_token(reason) from None
+    if (
+        not isinstance(doc, list)
+        or len(doc) != parts + 1
+        or doc[0] != kind
+        or not all(isinstance(p, str) for p in doc)
+    ):
+        raise bad_page_token(reason)
+    return tuple(doc[1:])

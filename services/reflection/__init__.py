@@ -1,0 +1,1 @@
+"""reflection: server reflection for the whole v1 surface, behind the edge."""
