@@ -51,9 +51,7 @@ def subject(market: str) -> str:
 
 
 class Publisher:
-    def __init__(
-        self, js: JetStreamContext, log: MarketLog, *, ack_timeout_s: float = 2.0
-    ) -> None:
+    def __init__(self, js: JetStreamContext, log: MarketLog, *, ack_timeout_s: float = 2.0) -> None:
         self._js = js
         self._log = log
         self._subject = subject(log.market.symbol)

@@ -216,9 +216,7 @@ class Sequencer:
                         "which this group does not write"
                     )
                 command = match_pb2.Command.FromString(entry.command)
-                events = engine.apply(
-                    decode(engine.market, command), entry.command_seq, entry.ts
-                )
+                events = engine.apply(decode(engine.market, command), entry.command_seq, entry.ts)
                 if _pack(events) != entry.events:
                     raise JournalMismatch(
                         f"{entry.market}: replaying command {entry.command_seq} "

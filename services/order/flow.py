@@ -73,8 +73,7 @@ STEP_SECONDS = Histogram(
 
 
 _STEPS = {
-    step: STEP_SECONDS.labels(step)
-    for step in ("validate", "lookup", "risk", "record", "match")
+    step: STEP_SECONDS.labels(step) for step in ("validate", "lookup", "risk", "record", "match")
 }
 
 
