@@ -308,8 +308,6 @@ class Book:
     transfers: dict[str, Transfer] = field(default_factory=dict)
     failures: dict[str, Failure] = field(default_factory=dict)
     settled_trades: set[tuple[str, str]] = field(default_factory=set)
-    cursors: dict[str, int] = field(default_factory=dict)
-    stored_cursors: dict[str, int] = field(default_factory=dict)
     new_transfers: list[Transfer] = field(default_factory=list)
     new_failures: list[Failure] = field(default_factory=list)
     new_trades: list[tuple[str, str, int]] = field(default_factory=list)
@@ -355,7 +353,6 @@ class Book:
         self.new_failures.clear()
         self.new_trades.clear()
         self.anomalies.clear()
-        self.stored_cursors = dict(self.cursors)
 
     # -- changing (every change goes through _set so a chain can roll back) --
 

@@ -1,18 +1,16 @@
 """Trade settlement and hold release, as pure logic over a `Book`.
 
-Match events arrive per market in seq order. For each one the ledger:
-- skips it if seq <= the market's cursor (a duplicate);
-- stops with a gap if seq > cursor + 1 (the consumer fills it from ReplayEvents);
-- settles a Trade once (unique (market, trade_id)) as one linked chain: the
+The balance owner (match's writer, ADR 0013) applies each command's events,
+in seq order, right after the book made them. For each one:
+- it settles a Trade once (unique (market, trade_id)) as one linked chain: the
   buyer's quote hold and the seller's base hold are consumed (partial post that
   keeps the rest pending), the escrow account the holds credit pays the seller
   the quote amount and the buyer the base quantity, and each fee moves between
   the party and the asset's fee account (negative = rebate);
-- releases (voids) the rest of `hold:<order_id>` when the event says the order
-  is done;
-- advances the cursor in the same transaction.
+- it releases (voids) the rest of `hold:<order_id>` when the event says the
+  order is done.
 
-A hold that is missing or too small never wedges the consumer: what it lacks
+A hold that is missing or too small never wedges the writer: what it lacks
 is taken from the party's available balance if there is enough, else left
 unbacked in the escrow account (which goes negative), and an `Anomaly` is
 recorded either way.
@@ -34,8 +32,6 @@ from .domain import Anomaly, Book, Kind, Op, State, Transfer, TransferInput
 __all__ = [
     "ESCROW_ACCOUNT",
     "FEE_ACCOUNT",
-    "Applied",
-    "Gap",
     "MarketEvent",
     "Release",
     "TradeSettlement",
@@ -94,41 +90,17 @@ class MarketEvent:
     body: TradeSettlement | Release | Unreadable | None
 
 
-@dataclass(frozen=True, slots=True)
-class Applied:
-    market: str
-    last_seq: int
-    trades: int
-    skipped: int
-
-
-@dataclass(frozen=True, slots=True)
-class Gap:
-    market: str
-    expected: int  # the first seq missing
-    got: int
-
-
-def apply_events(book: Book, market: str, events: Sequence[MarketEvent]) -> Applied | Gap:
-    """Apply one market's events (ascending seq) on top of the market's cursor."""
-    cursor = book.cursors.get(market, 0)
-    trades = skipped = 0
+def apply_events(book: Book, events: Sequence[MarketEvent]) -> int:
+    """Apply one command's events (ascending seq); how many trades it settled."""
+    trades = 0
     for event in events:
-        if event.seq <= cursor:
-            skipped += 1
-            continue
-        if event.seq != cursor + 1:
-            book.cursors[market] = cursor
-            return Gap(market, cursor + 1, event.seq)
         if isinstance(event.body, TradeSettlement):
             trades += _settle(book, event, event.body)
         elif isinstance(event.body, Release):
             _release(book, event, event.body.order_id)
         elif isinstance(event.body, Unreadable):
             _anomaly(book, event, "EVENT_UNREADABLE", "", "", 0, event.body.detail)
-        cursor = event.seq
-    book.cursors[market] = cursor
-    return Applied(market, cursor, trades, skipped)
+    return trades
 
 
 def _anomaly(

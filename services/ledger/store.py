@@ -149,9 +149,6 @@ class Store:
         for row in await conn.fetch(_SELECT_TRANSFER + " WHERE op = 2 AND state = 1"):
             record = transfer_from_row(row)
             book.transfers[record.id] = record
-        rows = await conn.fetch("SELECT market, last_seq FROM market_cursors")
-        book.cursors = {r["market"]: r["last_seq"] for r in rows}
-        book.stored_cursors = dict(book.cursors)
         return book
 
     async def load_transfers(self, conn: Connection, book: Book, ids: Iterable[str]) -> None:
@@ -264,13 +261,6 @@ class Store:
                 "INSERT INTO settled_trades (market, trade_id, seq) VALUES ($1, $2, $3)",
                 book.new_trades,
             )
-        cursors = [(m, s) for m, s in book.cursors.items() if book.stored_cursors.get(m) != s]
-        if cursors:
-            await conn.executemany(
-                """INSERT INTO market_cursors (market, last_seq) VALUES ($1, $2)
-                   ON CONFLICT (market) DO UPDATE SET last_seq = EXCLUDED.last_seq""",
-                cursors,
-            )
         if book.anomalies:
             await conn.executemany(
                 "INSERT INTO settlement_anomalies"
@@ -339,10 +329,6 @@ class Store:
             clauses.append(f"create_time < {arg(from_ns(end_ns))}")
         sql = f"{_SELECT_TRANSFER} WHERE {' AND '.join(clauses)} ORDER BY sequence LIMIT {limit}"
         return [transfer_from_row(r) for r in await self.pool.fetch(sql, *args)]
-
-    async def cursors(self) -> dict[str, int]:
-        rows = await self.pool.fetch("SELECT market, last_seq FROM market_cursors")
-        return {r["market"]: r["last_seq"] for r in rows}
 
 
 def _code(value: int) -> grpc.StatusCode:

@@ -129,15 +129,13 @@ class Funds:
         )
         return outcome if isinstance(outcome, ExchangeError) else None
 
-    def settle(self, market: str, events: Sequence[match_pb2.MatchEvent], ts: int) -> None:
+    def settle(self, events: Sequence[match_pb2.MatchEvent], ts: int) -> None:
         """R2: settle the command's trades and release what finished orders still hold."""
         if not events:
             return
         self.book.now_ns = _microseconds(ts)
-        self.book.cursors[market] = events[0].seq - 1  # this writer made them: no gap
         before = len(self.book.anomalies)
-        applied = apply_events(self.book, market, [self._market_event(e) for e in events])
-        SETTLED.inc(getattr(applied, "trades", 0))
+        SETTLED.inc(apply_events(self.book, [self._market_event(e) for e in events]))
         for anomaly in self.book.anomalies[before:]:
             ANOMALIES.labels(anomaly.kind).inc()
 

@@ -369,7 +369,7 @@ class Sequencer:
                 command_seq = engine.command_seq + 1
                 first_seq = engine.seq + 1
                 events = engine.apply(pending.decoded, command_seq, ts)
-                self.funds.settle(wire.market, events, ts)
+                self.funds.settle(events, ts)
                 self.group_seq += 1
                 entry = Entry(
                     self.group_seq, wire.market, command_seq, wire.command_id, ts, pending.body,

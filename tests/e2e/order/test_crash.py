@@ -2,12 +2,16 @@
 
 Two accounts trade BTC-USDT at 100 from many concurrent clients while the
 test SIGKILLs the order, match and ledger processes (the stack's supervisor
-restarts them). Clients retry a failed place with the same client_order_id,
+restarts them); match's writer is the balance owner (ADR 0013), so its
+kills are where money could be lost: the long run kills it 20 times while
+the buyer also withdraws. Clients retry a failed place with the same
+client_order_id, and a failed withdrawal request with the same request_id,
 as a real client would. Afterwards:
 - every place that was acknowledged is still there: a working order is in
   match's book and a closed one is closed, and order's view equals match's;
 - the ledger audit passes, and each account's held amount is exactly what its
   working orders still need (no hold lost, none left behind);
+- every withdrawal ended (completed, or failed with its hold voided);
 - cancelling everything releases every hold.
 """
 
@@ -20,6 +24,8 @@ from decimal import Decimal
 import grpc
 import pytest
 
+from cex.funding.v1 import funding_pb2 as F
+from cex.funding.v1 import funding_pb2_grpc
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
 from tests.e2e.order.support import (
@@ -35,6 +41,15 @@ from tests.e2e.order.support import (
 
 D = Decimal
 WORKING = {t.ORDER_STATE_PENDING_NEW, t.ORDER_STATE_OPEN, t.ORDER_STATE_PARTIALLY_FILLED}
+RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+)
+ETH_ADDRESS = "0x" + "c" * 40
+ENDED = {F.WITHDRAWAL_STATE_COMPLETED, F.WITHDRAWAL_STATE_FAILED, F.WITHDRAWAL_STATE_CANCELLED}
 
 
 async def _place(
@@ -50,23 +65,66 @@ async def _place(
                 placed.append(await trader.place(**request))
                 break
             except grpc.aio.AioRpcError as error:
-                if error.code() not in (
-                    grpc.StatusCode.UNAVAILABLE,
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    grpc.StatusCode.CANCELLED,
-                    grpc.StatusCode.INTERNAL,
-                    grpc.StatusCode.UNKNOWN,
-                ):
+                if error.code() not in RETRYABLE:
                     raise
                 await asyncio.sleep(0.2)
         else:
             pytest.fail(f"place {request['client_order_id']} never answered")
 
 
-async def _burst(
-    exchange: Exchange, victims: list[list[str]], seconds: float, clients: int
+async def _withdraw(
+    exchange: Exchange, trader: Trader, requested: list[str], stop: asyncio.Event
 ) -> None:
-    """`victims`: groups of services killed together, spread over the burst."""
+    """Withdraw 5 USDT every half second until told to stop, each request retried with
+    its own request_id until it is answered."""
+    funding = funding_pb2_grpc.FundingServiceStub(exchange.channel)
+    while not stop.is_set():
+        request = F.RequestWithdrawalRequest(
+            request_id=uid("w"), asset="USDT", amount="5", address=ETH_ADDRESS
+        )
+        for _ in range(200):
+            try:
+                reply = await funding.RequestWithdrawal(request, metadata=trader.md, timeout=10)
+                requested.append(reply.withdrawal.withdrawal_id)
+                break
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in RETRYABLE:
+                    raise
+                await asyncio.sleep(0.2)
+        else:
+            pytest.fail(f"withdrawal {request.request_id} never answered")
+        await asyncio.sleep(0.5)
+
+
+async def _ended(exchange: Exchange, trader: Trader, ids: list[str]) -> None:
+    """Every withdrawal reaches an end within two minutes (the saga resumes after kills)."""
+    funding = funding_pb2_grpc.FundingServiceStub(exchange.channel)
+    for _ in range(240):
+        states = [
+            (
+                await funding.GetWithdrawal(
+                    F.GetWithdrawalRequest(withdrawal_id=i), metadata=trader.md, timeout=10
+                )
+            ).withdrawal.state
+            for i in ids
+        ]
+        if all(s in ENDED for s in states):
+            assert F.WITHDRAWAL_STATE_COMPLETED in states, states
+            return
+        await asyncio.sleep(0.5)
+    pytest.fail(f"withdrawals still running: {states}")
+
+
+async def _burst(
+    exchange: Exchange,
+    victims: list[list[str]],
+    seconds: float,
+    clients: int,
+    *,
+    withdrawals: bool = False,
+) -> None:
+    """`victims`: groups of services killed together, spread over the burst;
+    `withdrawals`: the buyer withdraws USDT all along."""
     seller = await exchange.trader({"BTC": "10000"}, "crash-seller")
     buyer = await exchange.trader({"USDT": "1000000"}, "crash-buyer")
     # The burst's resting orders may pile up past the default 1,000 on the side
@@ -80,6 +138,9 @@ async def _burst(
         )
         for i in range(clients)
     ]
+    requested: list[str] = []
+    if withdrawals:
+        workers.append(asyncio.create_task(_withdraw(exchange, buyer, requested, stop)))
     try:
         pause = seconds / (len(victims) + 1)
         for group in victims:
@@ -90,6 +151,9 @@ async def _burst(
         stop.set()
         await asyncio.gather(*workers)
     assert len(placed) > 10, "the burst placed almost nothing"
+    if withdrawals:
+        assert len(requested) > 5, "the burst withdrew almost nothing"
+        await _ended(exchange, buyer, requested)
 
     # Every acknowledged order is known, and order's working set equals match's book.
     book, working = await agreed(exchange, seller, buyer)
@@ -123,3 +187,11 @@ async def test_kill_9_again_and_again_during_a_long_burst(exchange: Exchange) ->
     victims = [[name] for name in ["order", "match", "ledger"] * 4]
     random.Random(12).shuffle(victims)
     await _burst(exchange, victims, seconds=90, clients=16)
+
+
+@pytest.mark.chaos
+async def test_twenty_kills_of_the_balance_owner_while_trading_and_withdrawing(
+    exchange: Exchange,
+) -> None:
+    # The supervisor restarts a service at most 5 times a minute: 20 kills take 4.
+    await _burst(exchange, [["match"]] * 20, seconds=260, clients=8, withdrawals=True)
