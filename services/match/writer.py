@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from google.rpc import status_pb2
 from opentelemetry import trace
 from opentelemetry.propagate import inject
+from prometheus_client import Counter
 
 from cex.match.v1 import match_pb2
 from services.chassis import AlreadyExists, ExchangeError, InvalidArgument, Market, Unavailable
@@ -58,6 +59,10 @@ _READ_PAGE = 500
 _TRACED_COMMANDS = 10_000  # trace contexts kept for a publisher (command_seq -> carrier)
 _SNAPSHOT_VERSION = 1
 _tracer = trace.get_tracer("cex.match")
+COMMITS = Counter(
+    "match_writer_commits", "Writer transactions: one per batch (journal and the ledger's tables)"
+)
+COMMANDS = Counter("match_writer_commands", "Commands the writer decided (answered in a batch)")
 
 
 class JournalMismatch(RuntimeError):
@@ -396,6 +401,8 @@ class Sequencer:
                 await self.funds.save(conn)
             self.funds.saved()
             snapshot = self._snapshot_due()
+        COMMITS.inc()
+        COMMANDS.inc(len(batch))
         for pending, result in zip(batch, results, strict=True):
             pending.future.set_result(result)
         for symbol, events in published.items():

@@ -23,8 +23,9 @@ from cex_stack.supervisor import Stack
 from cex_stack.topology import free_ports
 from tests.e2e.order.support import BUY, MARKET, SELL, Trader, exchange_on, uid
 
-ORDER_PATH = {"cex-envoy", "cex-order", "cex-risk", "cex-ledger", "cex-match"}
-CONSUMERS = {"ledger.settle", "order.executions", "marketdata.apply", "risk.prices"}
+# The ledger is not on it: match's writer holds, matches and settles (ADR 0013).
+ORDER_PATH = {"cex-envoy", "cex-order", "cex-risk", "cex-match"}
+CONSUMERS = {"order.executions", "marketdata.apply", "risk.prices"}
 
 
 def orphans(found: list[SpanRecord], root_parent: str) -> list[SpanRecord]:
