@@ -56,7 +56,6 @@ POLICY: dict[str, Rule] = {
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _IN_FLIGHT = 64
-_OWNERSHIP_WAIT_S = 15.0
 
 
 def _resolved(result: match_pb2.CommandResult) -> asyncio.Future[match_pb2.CommandResult]:
@@ -253,8 +252,11 @@ async def build_server(
         if market is None:
             raise ValueError(f"CEX_MATCH_MARKETS names {symbol!r}, which is not a market")
         markets.append(market)
-    if not await server.enter(journal.ownership(wait_s=_OWNERSHIP_WAIT_S)):
-        raise RuntimeError(f"group {journal.group} is written by another replica")
+    if not await server.enter(journal.ownership(wait_s=match_settings.ownership_wait_s)):
+        raise RuntimeError(
+            f"group {journal.group}, or the balances, are written by another replica "
+            "(one writer group owns every balance: ADR 0013)"
+        )
     writer = Sequencer(
         markets,
         journal,

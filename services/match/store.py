@@ -136,21 +136,33 @@ class Journal:
 
     @contextlib.asynccontextmanager
     async def ownership(self, *, wait_s: float) -> AsyncIterator[bool]:
-        """Hold the group's writer lock for the block, if it can be had within `wait_s`.
+        """Hold the writer's locks for the block, if they can be had within `wait_s`:
+        the group's, and the balance owner's (the writer owns every balance, so one
+        group at a time may run until balances are split per group, ADR 0013).
 
-        A session-level advisory lock on a connection kept for the purpose: it
-        is released when this process stops or dies (PostgreSQL ends the
+        Session-level advisory locks on a connection kept for the purpose: they
+        are released when this process stops or dies (PostgreSQL ends the
         session), so a restarted or standby replica can take the group over.
         """
-        key = ("SELECT {}(hashtext('cex.match.writer'), hashtext($1))").format
+        keys = (("cex.match.writer", self.group), ("cex.match.balances", ""))
         async with self._pool.acquire() as conn:
             deadline = time.monotonic() + wait_s
-            while not (owned := await conn.fetchval(key("pg_try_advisory_lock"), self.group)):
-                if time.monotonic() >= deadline:
-                    break
-                await asyncio.sleep(0.2)
+            held: list[tuple[str, str]] = []
+            for key in keys:
+                while not await conn.fetchval(
+                    "SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))", *key
+                ):
+                    if time.monotonic() >= deadline:
+                        break
+                    await asyncio.sleep(0.2)
+                else:
+                    held.append(key)
+                    continue
+                break
             try:
-                yield bool(owned)
+                yield len(held) == len(keys)
             finally:
-                if owned:
-                    await conn.execute(key("pg_advisory_unlock"), self.group)
+                for key in held:
+                    await conn.execute(
+                        "SELECT pg_advisory_unlock(hashtext($1), hashtext($2))", *key
+                    )

@@ -1,7 +1,7 @@
 """The writer owns balances (ADR 0013): an order's hold is decided before the book, its
 trades are settled after it, and both are in the ledger's tables when the command is
 answered, because they are committed with the journal. A refused hold journals nothing.
-A restarted writer goes on from the tables."""
+A restarted writer goes on from the tables; a second writer group cannot start."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ from decimal import Decimal
 
 import asyncpg
 import grpc
+import pytest
 
 from cex.ledger.v1 import ledger_pb2 as K
 from cex.match.v1 import match_pb2
 from cex.type.v1 import types_pb2 as t
-from services.chassis import ErrorDetails
+from services.chassis import ChassisSettings, ErrorDetails
+from services.match.config import MatchSettings
+from services.match.server import build_server
 from tests.conftest import Trust
 from tests.integration.ledger.support import Ledger, deposit, running_ledger
 from tests.integration.match.match_client import Client, limit, place
@@ -123,3 +126,20 @@ async def test_a_restarted_writer_goes_on_from_the_tables(
         assert await balance(ledger, BUYER, "USDT") == (Decimal(40), Decimal(60))
         transfers = await ledger.stub.ListTransfers(K.ListTransfersRequest(account_id=BUYER))
         assert {x.id for x in transfers.transfers} >= {"hold:o-1", "release:o-1", "hold:o-2"}
+
+
+async def test_one_writer_group_owns_the_balances(
+    fresh_database_url: str, trust: Trust, private_nats: str
+) -> None:
+    """A second group on the same database cannot start: it would decide on balances
+    the first one holds in memory."""
+    async with running_ledger(fresh_database_url, trust, private_nats):
+        settings = ChassisSettings(
+            service="match",
+            database_url=fresh_database_url,
+            nats_url=private_nats,
+            jwks_url=trust.jwks_url,
+        )
+        other = MatchSettings(group="other", markets=("ETH-USDT",), ownership_wait_s=0.5)
+        with pytest.raises(RuntimeError, match="balances"):
+            await build_server(settings, match_settings=other)
