@@ -20,9 +20,12 @@ async def mesh_channel(
     *,
     max_message_bytes: int = 4 * 1024 * 1024,
     credentials: ServiceCredentials | None = None,
+    authority: str | None = None,
 ) -> AsyncIterator[grpc.aio.Channel]:
     """One long-lived channel; deadlines, request ids and traces flow through it, and,
-    given `credentials`, the service's token (plus the user's, when acting for one)."""
+    given `credentials`, the service's token (plus the user's, when acting for one).
+    `authority`: the service named to the mesh (its :authority), when `target` is
+    the mesh rather than the service itself."""
     interceptors: list[grpc.aio.ClientInterceptor] = client_interceptors()
     if credentials is not None:
         interceptors += service_auth_interceptors(credentials)
@@ -34,6 +37,7 @@ async def mesh_channel(
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            *((("grpc.default_authority", authority),) if authority else ()),
         ),
     )
     try:

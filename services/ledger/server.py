@@ -34,13 +34,12 @@ from services.chassis import (
     connect,
     current_auth,
     load_catalog,
+    mesh_channel,
     owned_account,
     require_request_id,
     service_credentials,
     user,
 )
-from services.chassis.authn import service_auth_interceptors
-from services.chassis.interceptors import client_interceptors
 
 from .auditor import Auditor, AuditReport, LedgerMetrics
 from .config import LedgerConfig
@@ -424,16 +423,9 @@ async def build_server(
     target = match_target or config.match_target or settings.mesh_addr
     if target is None:
         raise ValueError("the ledger needs LEDGER_MATCH_TARGET or CEX_MESH_ADDR")
-    credentials = service_credentials(settings)
-    channel = grpc.aio.insecure_channel(
-        target,
-        interceptors=[
-            *client_interceptors(),
-            *(service_auth_interceptors(credentials) if credentials else []),
-        ],
-        options=(("grpc.default_authority", "match"),),
+    channel = await server.enter(
+        mesh_channel(target, credentials=service_credentials(settings), authority="match")
     )
-    server.on_stop(channel.close)
     auditor = Auditor(pool, metrics)
     if config.audit_interval_s > 0:
         await server.enter(background(auditor.run(config.audit_interval_s), "ledger-auditor"))

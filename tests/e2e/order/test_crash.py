@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
+from functools import partial
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -40,6 +43,7 @@ from tests.e2e.order.support import (
 )
 
 D = Decimal
+T = TypeVar("T")
 WORKING = {t.ORDER_STATE_PENDING_NEW, t.ORDER_STATE_OPEN, t.ORDER_STATE_PARTIALLY_FILLED}
 RETRYABLE = (
     grpc.StatusCode.UNAVAILABLE,
@@ -52,47 +56,45 @@ ETH_ADDRESS = "0x" + "c" * 40
 ENDED = {F.WITHDRAWAL_STATE_COMPLETED, F.WITHDRAWAL_STATE_FAILED, F.WITHDRAWAL_STATE_CANCELLED}
 
 
+async def _answered(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """The call's answer, sent again (the same request: the same idempotency key) while
+    it fails for a reason a crash gives, as a real client would."""
+    for _ in range(200):
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in RETRYABLE:
+                raise
+            await asyncio.sleep(0.2)
+    pytest.fail(f"{what} never answered")
+
+
 async def _place(
     trader: Trader, side: int, placed: list[order_pb2.Order], stop: asyncio.Event
 ) -> None:
-    """Place until told to stop; retry each order with its own client_order_id until
-    it is answered (a crash mid-call must not lose or double it)."""
+    """Place until told to stop, each order with its own client_order_id (a crash
+    mid-call must not lose or double it)."""
     qty = random.choice(("0.1", "0.2", "0.3"))
     while not stop.is_set():
         request = dict(client_order_id=uid(), side=side, price="100", quantity=qty)
-        for _ in range(200):
-            try:
-                placed.append(await trader.place(**request))
-                break
-            except grpc.aio.AioRpcError as error:
-                if error.code() not in RETRYABLE:
-                    raise
-                await asyncio.sleep(0.2)
-        else:
-            pytest.fail(f"place {request['client_order_id']} never answered")
+        placed.append(await _answered(partial(trader.place, **request), str(request)))
 
 
 async def _withdraw(
     exchange: Exchange, trader: Trader, requested: list[str], stop: asyncio.Event
 ) -> None:
-    """Withdraw 5 USDT every half second until told to stop, each request retried with
-    its own request_id until it is answered."""
+    """Withdraw 5 USDT every half second until told to stop, each with its own
+    request_id."""
     funding = funding_pb2_grpc.FundingServiceStub(exchange.channel)
     while not stop.is_set():
         request = F.RequestWithdrawalRequest(
             request_id=uid("w"), asset="USDT", amount="5", address=ETH_ADDRESS
         )
-        for _ in range(200):
-            try:
-                reply = await funding.RequestWithdrawal(request, metadata=trader.md, timeout=10)
-                requested.append(reply.withdrawal.withdrawal_id)
-                break
-            except grpc.aio.AioRpcError as error:
-                if error.code() not in RETRYABLE:
-                    raise
-                await asyncio.sleep(0.2)
-        else:
-            pytest.fail(f"withdrawal {request.request_id} never answered")
+        reply = await _answered(
+            partial(funding.RequestWithdrawal, request, metadata=trader.md, timeout=10),
+            request.request_id,
+        )
+        requested.append(reply.withdrawal.withdrawal_id)
         await asyncio.sleep(0.5)
 
 
