@@ -21,7 +21,7 @@ Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 _ENTRY_COLUMNS = (
     "group_seq", "market", "command_seq", "command_id", "ts", "command", "first_seq", "last_seq",
-    "events",
+    "events", "client_key",
 )  # fmt: skip
 _SELECT = f"SELECT {', '.join(_ENTRY_COLUMNS)} FROM journal"
 _SNAPSHOTS_KEPT = 3
@@ -40,6 +40,7 @@ class Entry:
     first_seq: int
     last_seq: int
     events: bytes
+    client_key: str | None = None  # a place's (account, client_order_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,15 +77,25 @@ class Journal:
             records=records,
         )
 
-    async def find(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Entry]:
-        """Entries already journaled under any of these (market, command id)s."""
+    async def find(
+        self, keys: Sequence[tuple[str, str]], client_keys: Sequence[str] = ()
+    ) -> tuple[dict[tuple[str, str], Entry], dict[str, Entry]]:
+        """Entries already journaled under any of these (market, command id)s, and
+        under any of these client keys (the group's places)."""
         rows = await self._pool.fetch(
             f"{_SELECT} WHERE (market, command_id) IN"
-            " (SELECT * FROM unnest($1::text[], $2::text[]))",
+            " (SELECT * FROM unnest($1::text[], $2::text[]))"
+            " OR (writer_group = $3 AND client_key = ANY($4::text[]))",
             [market for market, _ in keys],
             [command_id for _, command_id in keys],
+            self.group,
+            list(client_keys),
         )
-        return {(row["market"], row["command_id"]): _entry(row) for row in rows}
+        entries = [_entry(row) for row in rows]
+        return (
+            {(e.market, e.command_id): e for e in entries},
+            {e.client_key: e for e in entries if e.client_key},
+        )
 
     async def after(self, group_seq: int, limit: int) -> list[Entry]:
         """Up to `limit` of the group's entries after `group_seq`, in order."""

@@ -341,7 +341,10 @@ class Sequencer:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         market_keys = [(p.wire.market, p.wire.command_id) for p in batch if p.decoded is not None]
-        known = await self._journal.find(market_keys) if market_keys else {}
+        client_keys = [k for p in batch if (k := _client_key(p.wire))]
+        known, by_client = (
+            await self._journal.find(market_keys, client_keys) if market_keys else ({}, {})
+        )
         transfer_ids = [
             i
             for p in batch
@@ -367,6 +370,11 @@ class Sequencer:
                 if prior is not None:
                     results.append(_repeat(wire, pending.body, prior))
                     continue
+                client_key = _client_key(wire)
+                first = by_client.get(client_key) if client_key else None
+                if first is not None:  # the same client order under another command
+                    results.append(_client_repeat(wire, first))
+                    continue
                 if wire.HasField("place") and (refused := self.funds.reserve(wire.place, ts)):
                     results.append(_failed(wire, refused))
                     continue
@@ -378,9 +386,11 @@ class Sequencer:
                 self.group_seq += 1
                 entry = Entry(
                     self.group_seq, wire.market, command_seq, wire.command_id, ts, pending.body,
-                    first_seq, engine.seq, _pack(events),
+                    first_seq, engine.seq, _pack(events), client_key,
                 )  # fmt: skip
                 known[key] = entry
+                if client_key:
+                    by_client[client_key] = entry
                 entries.append(entry)
                 if events:
                     published.setdefault(wire.market, []).extend(events)
@@ -465,6 +475,40 @@ class Sequencer:
 
 def _canonical(doc: object) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _client_key(wire: match_pb2.Command) -> str | None:
+    """A place's (account, client_order_id), unique in the group's journal."""
+    if not wire.HasField("place") or not wire.place.client_order_id:
+        return None
+    return f"{wire.place.account_id}\x1f{wire.place.client_order_id}"
+
+
+def _client_repeat(wire: match_pb2.Command, first: Entry) -> match_pb2.CommandResult:
+    """A place whose client key was journaled under another command: the first
+    outcome if it asks for the same order (its own order id aside), else refused."""
+    journaled = match_pb2.Command.FromString(first.command)
+    again = match_pb2.Command()
+    again.CopyFrom(wire)
+    for command in (journaled, again):
+        command.command_id = command.place.order_id = ""
+    if journaled.SerializeToString(deterministic=True) != again.SerializeToString(
+        deterministic=True
+    ):
+        error = AlreadyExists(
+            "MATCH_DUPLICATE_CLIENT_ORDER_ID",
+            f"client_order_id {wire.place.client_order_id!r} was placed with other fields",
+            metadata={"order_id": match_pb2.Command.FromString(first.command).place.order_id},
+        )
+        return _failed(wire, error)
+    return match_pb2.CommandResult(
+        command_id=wire.command_id,
+        market=wire.market,
+        status=_OK,
+        command_seq=first.command_seq,
+        events=_unpack(first.events),
+        duplicate=True,
+    )
 
 
 def _repeat(wire: match_pb2.Command, body: bytes, prior: Entry) -> match_pb2.CommandResult:

@@ -45,6 +45,9 @@ def random_commands(
         if roll < 0.6:
             side = rng.choice([t.SIDE_BUY, t.SIDE_SELL])
             order = limit(oid, account, side, str(rng.randrange(1, 4)), str(rng.randrange(95, 106)))
+            # A client key of its own: the load reuses order ids (the book refuses a
+            # live one), not client keys (the writer would answer the first outcome).
+            order.client_order_id = f"cl-{cid}"
             if rng.random() < 0.15:
                 order.time_in_force = t.TIME_IN_FORCE_IOC
             out.append(place(cid, order, market))

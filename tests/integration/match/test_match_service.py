@@ -78,6 +78,44 @@ async def test_commands_are_journaled_answered_in_order_and_deduplicated(running
     assert [(a.price, a.quantity, a.order_count) for a in book.asks] == [("65000", "0.3", 1)]
 
 
+async def test_a_client_order_is_placed_once_whatever_its_order_id(running: Running) -> None:
+    """(account, client_order_id) is a place's key in the journal, across markets and
+    restarts: a gateway that retries with a new order id gets the first outcome."""
+    client = await running.start()
+    first = limit("o-1", "alice", t.SIDE_BUY, "0.1", "60000")
+    (placed,) = await client.submit([place("place:o-1", first)])
+    retry = limit("o-2", "alice", t.SIDE_BUY, "0.1", "60000")
+    retry.client_order_id = first.client_order_id
+    (again,) = await client.submit([place("place:o-2", retry)])
+    assert again.duplicate and list(again.events) == list(placed.events)
+    assert again.events[0].accepted.order_id == "o-1"
+    # Other fields under the same key: refused, naming the first order.
+    other = limit(
+        "o-3",
+        "alice",
+        t.SIDE_BUY,
+        "0.2",
+        "60000",
+    )
+    other.client_order_id = first.client_order_id
+    (refused,) = await client.submit([place("place:o-3", other, "ETH-USDT")])
+    details = ErrorDetails.from_status(refused.status)
+    assert (refused.status.code, details.reason) == (
+        grpc.StatusCode.ALREADY_EXISTS.value[0],
+        "MATCH_DUPLICATE_CLIENT_ORDER_ID",
+    )
+    assert details.metadata["order_id"] == "o-1"
+    # Another account's key is its own; and a restart keeps the keys.
+    mallory = limit("o-4", "mallory", t.SIDE_BUY, "0.1", "60000")
+    mallory.client_order_id = first.client_order_id
+    (own,) = await client.submit([place("place:o-4", mallory)])
+    assert not own.duplicate and own.events[0].accepted.order_id == "o-4"
+    await running.stop()
+    client = await running.start()
+    (after,) = await client.submit([place("place:o-5", retry)])
+    assert after.duplicate and after.events[0].accepted.order_id == "o-1"
+
+
 async def test_bad_input_is_refused_before_the_journal(running: Running) -> None:
     client = await running.start()
     off_tick = limit("o1", "a", t.SIDE_BUY, "1", "100.001")
