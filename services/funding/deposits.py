@@ -327,9 +327,9 @@ class ChainWatcher:
             credit_started=started,
         )
         if action == "revert":
-            await store.deposit_reverted(conn, deposit.deposit_id)
+            await store.deposit_seen(conn, deposit.deposit_id, confirmations=0, reverted=True)
         elif action == "confirm":
-            await store.deposit_confirmations(conn, deposit.deposit_id, confirmations)
+            await store.deposit_seen(conn, deposit.deposit_id, confirmations=confirmations)
         elif action == "anomaly":
             await store.record_chain_anomaly(
                 conn,

@@ -240,49 +240,28 @@ def decide(
     """The state machine: what an outcome of the current step (or compensation) does."""
     if progress.state not in OPEN_STATES:
         raise ValueError(f"saga is {progress.state}: nothing runs")
+    step = steps[progress.step]
+    attempt = progress.attempt + 1
     if progress.state == RUNNING:
-        return _forward(steps, progress, outcome, past_deadline, rng)
-    return _backward(steps, progress, outcome, past_deadline, rng)
-
-
-def _forward(
-    steps: Sequence[Step],
-    progress: Progress,
-    outcome: Outcome,
-    past_deadline: bool,
-    rng: random.Random,
-) -> Decision:
-    step = steps[progress.step]
-    attempt = progress.attempt + 1
-    if isinstance(outcome, Done):
-        entry = LogEntry(step.name, False, SUCCEEDED, attempt, outputs=outcome.outputs)
-        nxt = progress.step + 1
-        state = COMPLETED if nxt == len(steps) else RUNNING
-        return Decision(Progress(state, nxt, 0), entry, 0.0, outcome.outputs)
-    if isinstance(outcome, Wait):
-        if past_deadline:
-            return _exhausted(steps, progress, step, attempt, _deadline_error(step))
-        return Decision(progress, None, outcome.after_s, outcome.outputs)
-    if isinstance(outcome, Fail):
-        entry = LogEntry(step.name, False, FAILED, attempt, outcome.error)
-        # A definite failure had no effect: undo what came before it.
-        undo = _begin_compensating(steps, progress.step - 1)
-        return Decision(undo, entry, 0.0, failure=outcome.error)
-    if step.retry.exhausted(attempt) or past_deadline:
-        return _exhausted(steps, progress, step, attempt, outcome.error)
-    entry = LogEntry(step.name, False, RETRYING, attempt, outcome.error)
-    return Decision(replace(progress, attempt=attempt), entry, step.retry.delay(attempt, rng))
-
-
-def _backward(
-    steps: Sequence[Step],
-    progress: Progress,
-    outcome: Outcome,
-    past_deadline: bool,
-    rng: random.Random,
-) -> Decision:
-    step = steps[progress.step]
-    attempt = progress.attempt + 1
+        if isinstance(outcome, Done):
+            entry = LogEntry(step.name, False, SUCCEEDED, attempt, outputs=outcome.outputs)
+            nxt = progress.step + 1
+            state = COMPLETED if nxt == len(steps) else RUNNING
+            return Decision(Progress(state, nxt, 0), entry, 0.0, outcome.outputs)
+        if isinstance(outcome, Wait):
+            if past_deadline:
+                return _exhausted(steps, progress, step, attempt, _deadline_error(step))
+            return Decision(progress, None, outcome.after_s, outcome.outputs)
+        if isinstance(outcome, Fail):
+            entry = LogEntry(step.name, False, FAILED, attempt, outcome.error)
+            # A definite failure had no effect: undo what came before it.
+            undo = _begin_compensating(steps, progress.step - 1)
+            return Decision(undo, entry, 0.0, failure=outcome.error)
+        if step.retry.exhausted(attempt) or past_deadline:
+            return _exhausted(steps, progress, step, attempt, outcome.error)
+        entry = LogEntry(step.name, False, RETRYING, attempt, outcome.error)
+        return Decision(replace(progress, attempt=attempt), entry, step.retry.delay(attempt, rng))
+    # COMPENSATING
     if isinstance(outcome, Done):
         entry = LogEntry(step.name, True, SUCCEEDED, attempt, outputs=outcome.outputs)
         return Decision(_begin_compensating(steps, progress.step - 1), entry, 0.0, outcome.outputs)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -300,6 +300,31 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             )
         return asset, rule.network
 
+    async def _account_page(
+        self,
+        request: Any,
+        kind: str,
+        fetch: Callable[..., Awaitable[list[_Row]]],
+        states: dict[str, Any],
+        position: Callable[[_Row], tuple[datetime, str]],
+    ) -> tuple[Sequence[_Row], str]:
+        """A page of an account's deposits or withdrawals, as ListDeposits and
+        ListWithdrawals filter them (asset, state, time range), newest first."""
+        account = _account(request.account_id)
+        size = _page_size(request.page_size)
+        start, end = _range(request)
+        rows = await fetch(
+            self._pool,
+            account,
+            asset=request.asset,
+            state=_name(states, request.state, "state"),
+            start=start,
+            end=end,
+            after=_after(request.page_token, kind),
+            limit=size + 1,
+        )
+        return _page(rows, size, kind, position)
+
     # -- deposits ---------------------------------------------------------------
 
     async def GetDepositAddress(
@@ -341,22 +366,11 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
     async def ListDeposits(
         self, request: funding_pb2.ListDepositsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> funding_pb2.ListDepositsResponse:
-        account = _account(request.account_id)
-        size = _page_size(request.page_size)
-        start, end = _range(request)
-        rows, token = _page(
-            await store.list_deposits(
-                self._pool,
-                account,
-                asset=request.asset,
-                state=_name(_DEPOSIT_STATES, request.state, "state"),
-                start=start,
-                end=end,
-                after=_after(request.page_token, "deposits"),
-                limit=size + 1,
-            ),
-            size,
+        rows, token = await self._account_page(
+            request,
             "deposits",
+            store.list_deposits,
+            _DEPOSIT_STATES,
             lambda r: (r.detect_time, r.deposit_id),
         )
         return F.ListDepositsResponse(
@@ -488,7 +502,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                 cancel_requested=locked.cancel_requested,
                 broadcast_started=locked.broadcast_started,
             ):
-                await store.request_cancel(conn, locked.withdrawal_id)
+                await store.flag_withdrawal(conn, locked.withdrawal_id, cancel_requested=True)
                 await self._orchestrator.nudge(conn, locked.saga_id)
         self._orchestrator.wake()
         current = await self._settled(row.withdrawal_id, context)
@@ -521,22 +535,11 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         request: funding_pb2.ListWithdrawalsRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> funding_pb2.ListWithdrawalsResponse:
-        account = _account(request.account_id)
-        size = _page_size(request.page_size)
-        start, end = _range(request)
-        rows, token = _page(
-            await store.list_withdrawals(
-                self._pool,
-                account,
-                asset=request.asset,
-                state=_name(_WITHDRAWAL_STATES, request.state, "state"),
-                start=start,
-                end=end,
-                after=_after(request.page_token, "withdrawals"),
-                limit=size + 1,
-            ),
-            size,
+        rows, token = await self._account_page(
+            request,
             "withdrawals",
+            store.list_withdrawals,
+            _WITHDRAWAL_STATES,
             lambda r: (r.create_time, r.withdrawal_id),
         )
         return F.ListWithdrawalsResponse(

@@ -610,42 +610,42 @@ async def credit_started(conn: Connection, saga_id: str) -> bool:
 # -- what a saga's changes do to its withdrawal or deposit ---------------------------
 
 
-async def request_cancel(conn: Connection, withdrawal_id: str) -> None:
+async def flag_withdrawal(
+    conn: Connection,
+    withdrawal_id: str,
+    *,
+    cancel_requested: bool = False,
+    broadcast_started: bool = False,
+) -> None:
+    """Raises the withdrawal's one-way flags named (a flag once set stays set)."""
     await conn.execute(
-        """UPDATE withdrawals SET cancel_requested = true, update_time = now()
+        """UPDATE withdrawals SET cancel_requested = cancel_requested OR $2,
+                  broadcast_started = broadcast_started OR $3, update_time = now()
            WHERE withdrawal_id = $1""",
         withdrawal_id,
+        cancel_requested,
+        broadcast_started,
     )
 
 
-async def broadcast_started(conn: Connection, withdrawal_id: str) -> None:
+async def note_withdrawal(
+    conn: Connection,
+    withdrawal_id: str,
+    *,
+    failure: bytes | None = None,
+    txid: str | None = None,
+    confirmations: int | None = None,
+) -> None:
+    """Records what a step learnt about the withdrawal: why it failed, its
+    transaction, the confirmations seen (None: unchanged)."""
     await conn.execute(
-        """UPDATE withdrawals SET broadcast_started = true, update_time = now()
+        """UPDATE withdrawals SET failure = COALESCE($2, failure), txid = COALESCE($3, txid),
+                  confirmations = COALESCE($4, confirmations), update_time = now()
            WHERE withdrawal_id = $1""",
         withdrawal_id,
-    )
-
-
-async def withdrawal_failed(conn: Connection, withdrawal_id: str, error: bytes) -> None:
-    await conn.execute(
-        "UPDATE withdrawals SET failure = $2, update_time = now() WHERE withdrawal_id = $1",
-        withdrawal_id,
-        error,
-    )
-
-
-async def withdrawal_txid(conn: Connection, withdrawal_id: str, txid: str) -> None:
-    await conn.execute(
-        "UPDATE withdrawals SET txid = $2 WHERE withdrawal_id = $1", withdrawal_id, txid
-    )
-
-
-async def withdrawal_confirmations(conn: Connection, withdrawal_id: str, seen: int) -> None:
-    await conn.execute(
-        """UPDATE withdrawals SET confirmations = $2, update_time = now()
-           WHERE withdrawal_id = $1""",
-        withdrawal_id,
-        seen,
+        failure,
+        txid,
+        confirmations,
     )
 
 
@@ -683,19 +683,17 @@ async def insert_deposit(conn: Connection, row: DepositRow) -> None:
     )
 
 
-async def deposit_reverted(conn: Connection, deposit_id: str) -> None:
+async def deposit_seen(
+    conn: Connection, deposit_id: str, *, confirmations: int, reverted: bool = False
+) -> None:
+    """What the chain last said of a deposit's output (a revert is final)."""
     await conn.execute(
-        """UPDATE deposits SET reverted = true, confirmations = 0, update_time = now()
+        """UPDATE deposits SET confirmations = $2, reverted = reverted OR $3,
+                  update_time = now()
            WHERE deposit_id = $1""",
         deposit_id,
-    )
-
-
-async def deposit_confirmations(conn: Connection, deposit_id: str, seen: int) -> None:
-    await conn.execute(
-        "UPDATE deposits SET confirmations = $2, update_time = now() WHERE deposit_id = $1",
-        deposit_id,
-        seen,
+        confirmations,
+        reverted,
     )
 
 

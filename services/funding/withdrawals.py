@@ -341,17 +341,23 @@ class WithdrawalSteps:
             cancel_requested=row.cancel_requested,
             broadcast_started=row.broadcast_started,
         ):
-            await store.broadcast_started(conn, row.withdrawal_id)
+            await store.flag_withdrawal(conn, row.withdrawal_id, broadcast_started=True)
 
     async def on_change(self, conn: Connection, change: Change) -> None:
         wid = change.saga.reference_id
-        if change.entry_state == FAILED and not change.compensation:
-            error = change.error or status_pb2.Status()
-            await store.withdrawal_failed(conn, wid, error.SerializeToString())
-        if change.step == "custody_broadcast" and change.entry_state == SUCCEEDED:
-            await store.withdrawal_txid(conn, wid, change.outputs.get("txid", ""))
-        if "confirmations" in change.outputs:
-            await store.withdrawal_confirmations(conn, wid, int(change.outputs["confirmations"]))
+        failed = change.entry_state == FAILED and not change.compensation
+        broadcast = change.step == "custody_broadcast" and change.entry_state == SUCCEEDED
+        seen = change.outputs.get("confirmations")
+        if failed or broadcast or seen is not None:
+            await store.note_withdrawal(
+                conn,
+                wid,
+                failure=(change.error or status_pb2.Status()).SerializeToString()
+                if failed
+                else None,
+                txid=change.outputs.get("txid", "") if broadcast else None,
+                confirmations=int(seen) if seen is not None else None,
+            )
         state = withdrawal_state(change)
         if state is None:
             return
