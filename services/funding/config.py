@@ -78,9 +78,6 @@ class FundingConfig:
         name takes its sagas back at once (others wait for the lease to expire).
     withdrawal_deadline_s / deposit_deadline_s: after this a saga that is not
         done is compensated or, where that is unsafe, marked STUCK.
-    crash_points: FUNDING_CRASH_POINTS, tests only (never in production): the
-        process SIGKILLs itself at these step boundaries, e.g.
-        "acted:custody_broadcast,started:~ledger_hold".
     """
 
     chain_target: str = "127.0.0.1:50049"
@@ -100,8 +97,6 @@ class FundingConfig:
     outbox: bool = True
     watch_chain: bool = True
     assets: Mapping[str, AssetRules] = field(default_factory=lambda: dict(DEFAULT_ASSETS))
-    # Fault injection for the crash tests only: SIGKILL at these step boundaries.
-    crash_points: frozenset[str] = frozenset()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> FundingConfig:
@@ -122,8 +117,5 @@ class FundingConfig:
             chain_poll_s=env_float(env, "FUNDING_CHAIN_POLL_S", 0.5),
             outbox=env_str(env, "FUNDING_OUTBOX", "on") != "off",
             watch_chain=env_str(env, "FUNDING_WATCH_CHAIN", "on") != "off",
-            crash_points=frozenset(
-                p for p in (env_str(env, "FUNDING_CRASH_POINTS", "") or "").split(",") if p
-            ),
             assets=rules_from(load_catalog(env)),
         )

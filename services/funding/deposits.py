@@ -36,7 +36,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import grpc
 
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from services.chassis import Asset, MoneyError
@@ -44,35 +43,32 @@ from services.chassis import Asset, MoneyError
 from . import store
 from .config import AssetRules
 from .custody import CustodyClient
-from .saga import (
-    COMPENSATED,
-    SUCCEEDED,
+from .domain import (
+    CHAIN_BEHIND_CURSOR,
+    CUSTODY_ACCOUNT,
+    DEPOSIT,
+    DEPOSIT_REVERTED_AFTER_CREDIT,
     Change,
-    Connection,
     Done,
-    Fail,
-    Orchestrator,
     Outcome,
     Retry,
     RetryPolicy,
-    SagaDefinition,
     SagaRecord,
     Step,
     StepContext,
-    Vetoed,
-    Wait,
-    error_status,
+    deposit_confirmed,
+    deposit_event,
+    deposit_may_credit,
+    deposit_state,
+    deposit_transfer_id,
+    known_output,
+    stale_report,
 )
+from .orchestrator import Connection, Orchestrator, SagaDefinition
 
-__all__ = ["KIND", "ChainMetrics", "ChainWatcher", "DepositSteps"]
+__all__ = ["ChainMetrics", "ChainWatcher", "DepositSteps"]
 
-KIND = "deposit"
-CUSTODY_ACCOUNT = "sys:custody"
 _log = logging.getLogger("cex.funding.deposits")
-
-
-def transfer_id(network: str, txid: str, output_index: int) -> str:
-    return f"dep:{network}:{txid}:{output_index}"
 
 
 class DepositSteps:
@@ -97,7 +93,7 @@ class DepositSteps:
     def definition(self) -> SagaDefinition:
         until_deadline = RetryPolicy(initial_s=0.1, max_s=5.0, max_attempts=0)
         return SagaDefinition(
-            kind=KIND,
+            kind=DEPOSIT,
             deadline_s=self._deadline_s,
             steps=(
                 Step(
@@ -124,17 +120,14 @@ class DepositSteps:
     async def confirmations(self, ctx: StepContext) -> Outcome:
         row = await store.deposit(self._pool, ctx.reference_id)
         assert row is not None
-        if row.reverted:
-            return Fail(
-                error_status(
-                    grpc.StatusCode.ABORTED,
-                    "FUNDING_DEPOSIT_REVERTED",
-                    f"{row.txid}:{row.output_index} left the chain before confirmation",
-                )
-            )
-        if row.confirmations >= row.required_confirmations:
-            return Done({"confirmations": str(row.confirmations)})
-        return Wait(self._poll_s)
+        return deposit_confirmed(
+            txid=row.txid,
+            output_index=row.output_index,
+            reverted=row.reverted,
+            confirmations=row.confirmations,
+            required=row.required_confirmations,
+            poll_s=self._poll_s,
+        )
 
     async def credit(self, ctx: StepContext) -> Outcome:
         d = ctx.data
@@ -165,50 +158,28 @@ class DepositSteps:
             return
         row = await store.deposit(conn, saga.reference_id, lock=True)
         assert row is not None
-        if row.reverted:
-            raise Vetoed(
-                error_status(
-                    grpc.StatusCode.ABORTED, "FUNDING_DEPOSIT_REVERTED", "reverted before credit"
-                )
-            )
+        deposit_may_credit(reverted=row.reverted)
 
     async def on_change(self, conn: Connection, change: Change) -> None:
-        did = change.saga.reference_id
-        state = None
-        if change.step == "ledger_credit" and change.entry_state == SUCCEEDED:
-            state = "CREDITED"
-        elif change.state == COMPENSATED:
-            state = "CANCELLED"
+        state = deposit_state(change)
         if state is None:
             return
-        row = await conn.fetchrow(
-            """UPDATE deposits SET state = $2, update_time = now(),
-                      credit_time = CASE WHEN $2 = 'CREDITED' THEN now() END,
-                      ledger_transfer_id = CASE WHEN $2 = 'CREDITED' THEN $3 ELSE '' END
-               WHERE deposit_id = $1
-               RETURNING account_id, asset, amount, txid, output_index""",
-            did,
-            state,
-            change.saga.data.get("transfer_id", ""),
+        row = await store.set_deposit_state(
+            conn, change.saga.reference_id, state, change.saga.data.get("transfer_id", "")
         )
-        assert row is not None
         await store.emit(
             conn,
             f"funding.deposits.{state.lower()}",
-            {
-                "deposit_id": did,
-                "account_id": row["account_id"],
-                "asset": row["asset"],
-                "amount": self._assets[row["asset"]].format(row["amount"]),
-                "txid": row["txid"],
-                "output_index": row["output_index"],
-                "state": state,
-            },
+            deposit_event(
+                deposit_id=row.deposit_id,
+                account_id=row.account_id,
+                asset=self._assets[row.asset],
+                amount=row.amount,
+                txid=row.txid,
+                output_index=row.output_index,
+                state=state,
+            ),
         )
-
-
-CHAIN_BEHIND_CURSOR = "CHAIN_BEHIND_CURSOR"
-DEPOSIT_REVERTED_AFTER_CREDIT = "DEPOSIT_REVERTED_AFTER_CREDIT"
 
 
 class ChainMetrics:
@@ -308,56 +279,83 @@ class ChainWatcher:
             self._metrics.anomalies.labels(kind).inc()
 
     async def _apply(self, conn: Connection, event: Mapping[str, Any]) -> bool:
+        """Records one chain report; True when it started a deposit saga."""
         if event.get("type") != "deposit":
             return False
         network, txid, index = str(event["network"]), str(event["txid"]), int(event["output_index"])
         owner = await store.address_owner(conn, network, str(event["address"]))
         if owner is None or owner["asset"] != event["asset"]:
             return False
-        asset = self._assets[owner["asset"]]
         status = str(event["status"])
         confirmations = int(event["confirmations"])
         seen = await store.deposit_by_output(conn, network, txid, index)
-        if seen is not None and (
-            seen.reverted
-            or (status != "reverted" and confirmations <= seen.confirmations)
-            or (status != "reverted" and seen.state != "PENDING")
+        if seen is not None and stale_report(
+            state=seen.state,
+            reverted=seen.reverted,
+            known_confirmations=seen.confirmations,
+            status=status,
+            confirmations=confirmations,
         ):
-            return False  # a duplicate, or nothing the saga still needs: no row lock
+            return False  # no row lock for what the saga no longer needs
         existing = await store.deposit_by_output(conn, network, txid, index, lock=True)
         if existing is not None:
-            if status == "reverted":
-                if existing.state == "PENDING" and not await self._credit_started(conn, existing):
-                    await conn.execute(
-                        """UPDATE deposits SET reverted = true, confirmations = 0,
-                                  update_time = now() WHERE deposit_id = $1""",
-                        existing.deposit_id,
-                    )
-                elif not existing.reverted:
-                    await store.record_chain_anomaly(
-                        conn,
-                        DEPOSIT_REVERTED_AFTER_CREDIT,
-                        deposit_id=existing.deposit_id,
-                        cursor_seq=int(event["seq"]),
-                        chain_seq=int(event["seq"]),
-                        chain_height=int(event.get("height", 0)),
-                        detail=f"{txid}:{index} left the chain after its credit started",
-                    )
-                    self._count(DEPOSIT_REVERTED_AFTER_CREDIT)
-                    _log.error(
-                        "a deposit left the chain after its credit started: needs an operator",
-                        extra={"fields": {"deposit_id": existing.deposit_id}},
-                    )
-            elif confirmations > existing.confirmations and not existing.reverted:
-                await conn.execute(
-                    """UPDATE deposits SET confirmations = $2, update_time = now()
-                       WHERE deposit_id = $1""",
-                    existing.deposit_id,
-                    confirmations,
-                )
+            await self._known(conn, existing, event, status, confirmations)
             return False
         if status == "reverted":
             return False
+        return await self._new(conn, event, owner, self._assets[owner["asset"]], confirmations)
+
+    async def _known(
+        self,
+        conn: Connection,
+        deposit: store.DepositRow,
+        event: Mapping[str, Any],
+        status: str,
+        confirmations: int,
+    ) -> None:
+        started = (
+            status == "reverted"
+            and deposit.state == "PENDING"
+            and await store.credit_started(conn, deposit.saga_id)
+        )
+        action = known_output(
+            state=deposit.state,
+            reverted=deposit.reverted,
+            known_confirmations=deposit.confirmations,
+            status=status,
+            confirmations=confirmations,
+            credit_started=started,
+        )
+        if action == "revert":
+            await store.deposit_seen(conn, deposit.deposit_id, confirmations=0, reverted=True)
+        elif action == "confirm":
+            await store.deposit_seen(conn, deposit.deposit_id, confirmations=confirmations)
+        elif action == "anomaly":
+            await store.record_chain_anomaly(
+                conn,
+                DEPOSIT_REVERTED_AFTER_CREDIT,
+                deposit_id=deposit.deposit_id,
+                cursor_seq=int(event["seq"]),
+                chain_seq=int(event["seq"]),
+                chain_height=int(event.get("height", 0)),
+                detail=f"{deposit.txid}:{deposit.output_index} left the chain after its "
+                "credit started",
+            )
+            self._count(DEPOSIT_REVERTED_AFTER_CREDIT)
+            _log.error(
+                "a deposit left the chain after its credit started: needs an operator",
+                extra={"fields": {"deposit_id": deposit.deposit_id}},
+            )
+
+    async def _new(
+        self,
+        conn: Connection,
+        event: Mapping[str, Any],
+        owner: asyncpg.Record,
+        asset: Asset,
+        confirmations: int,
+    ) -> bool:
+        network, txid, index = str(event["network"]), str(event["txid"]), int(event["output_index"])
         try:
             amount = asset.to_minor(str(event["amount"]))
         except MoneyError:
@@ -366,11 +364,10 @@ class ChainWatcher:
         if amount <= 0:
             return False
         deposit_id = f"dep_{uuid.uuid4().hex}"
-        rule = self._rules[asset.symbol]
         now = datetime.fromtimestamp(self._clock(), UTC)
         saga_id = await self._orchestrator.create(
             conn,
-            KIND,
+            DEPOSIT,
             reference_id=deposit_id,
             account_id=owner["account_id"],
             data={
@@ -378,47 +375,42 @@ class ChainWatcher:
                 "account_id": owner["account_id"],
                 "asset": asset.symbol,
                 "amount": asset.format(amount),
-                "transfer_id": transfer_id(network, txid, index),
+                "transfer_id": deposit_transfer_id(network, txid, index),
                 "reference": f"{txid}:{index}",
             },
         )
-        await conn.execute(
-            """INSERT INTO deposits (deposit_id, txid, output_index, account_id, asset, network,
-                   amount, address, confirmations, required_confirmations, state, saga_id,
-                   detect_time, update_time)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'PENDING', $11, $12, $12)""",
-            deposit_id,
-            txid,
-            index,
-            owner["account_id"],
-            asset.symbol,
-            network,
-            amount,
-            str(event["address"]),
-            confirmations,
-            rule.deposit_confirmations,
-            saga_id,
-            now,
+        row = store.DepositRow(
+            deposit_id=deposit_id,
+            txid=txid,
+            output_index=index,
+            account_id=owner["account_id"],
+            asset=asset.symbol,
+            network=network,
+            amount=amount,
+            address=str(event["address"]),
+            memo="",
+            confirmations=confirmations,
+            required_confirmations=self._rules[asset.symbol].deposit_confirmations,
+            state="PENDING",
+            reverted=False,
+            ledger_transfer_id="",
+            saga_id=saga_id,
+            detect_time=now,
+            credit_time=None,
+            update_time=now,
         )
+        await store.insert_deposit(conn, row)
         await store.emit(
             conn,
             "funding.deposits.pending",
-            {
-                "deposit_id": deposit_id,
-                "account_id": owner["account_id"],
-                "asset": asset.symbol,
-                "amount": asset.format(amount),
-                "txid": txid,
-                "output_index": index,
-                "state": "PENDING",
-            },
+            deposit_event(
+                deposit_id=deposit_id,
+                account_id=row.account_id,
+                asset=asset,
+                amount=amount,
+                txid=txid,
+                output_index=index,
+                state="PENDING",
+            ),
         )
         return True
-
-    async def _credit_started(self, conn: Connection, deposit: store.DepositRow) -> bool:
-        found = await conn.fetchval(
-            """SELECT true FROM saga_steps WHERE saga_id = $1 AND name = 'ledger_credit'
-               LIMIT 1""",
-            deposit.saga_id,
-        )
-        return bool(found)

@@ -19,6 +19,8 @@ from nats.js import JetStreamContext
 
 from services.chassis import ensure_stream
 
+from . import store
+
 __all__ = ["STREAM", "OutboxRelay"]
 
 STREAM = "FUNDING_EVENTS"
@@ -48,30 +50,18 @@ class OutboxRelay:
 
     async def relay_once(self, limit: int = 200) -> int:
         async with self._pool.acquire() as conn, conn.transaction():
-            # One relay at a time across replicas keeps the order.
-            if not await conn.fetchval(
-                "SELECT pg_try_advisory_xact_lock(hashtext('funding.outbox'))"
-            ):
+            if not await store.take_outbox_turn(conn):
                 return 0
-            rows = await conn.fetch(
-                """SELECT id, subject, payload, trace_context FROM outbox WHERE publish_time IS NULL
-                   ORDER BY id LIMIT $1""",
-                limit,
-            )
+            rows = await store.unpublished(conn, limit)
             for row in rows:
-                payload = json.loads(row["payload"])
-                payload["event_id"] = row["id"]
                 await self._js.publish(
-                    row["subject"],
-                    json.dumps(payload).encode(),
+                    row.subject,
+                    json.dumps({**row.payload, "event_id": row.id}).encode(),
                     headers={
-                        "Nats-Msg-Id": f"funding:{row['id']}",
-                        **json.loads(row["trace_context"] or "{}"),  # W3C trace context
+                        "Nats-Msg-Id": f"funding:{row.id}",
+                        **row.trace_context,  # W3C trace context
                     },
                 )
             if rows:
-                await conn.execute(
-                    "UPDATE outbox SET publish_time = now() WHERE id = ANY($1::bigint[])",
-                    [r["id"] for r in rows],
-                )
+                await store.published(conn, [r.id for r in rows])
         return len(rows)

@@ -8,18 +8,17 @@ with the deposit and withdrawal sagas, the chain watcher and the outbox relay.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import grpc
-from google.protobuf import timestamp_pb2
 from google.rpc import status_pb2
 from prometheus_client import REGISTRY, CollectorRegistry
 
@@ -28,33 +27,38 @@ from cex.ledger.v1 import ledger_pb2_grpc
 from cex.risk.v1 import risk_pb2_grpc
 from services.chassis import (
     AlreadyExists,
-    AuthContext,
     Catalog,
     ChassisSettings,
-    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
-    NotFound,
     Rule,
     Server,
     Unavailable,
     background,
+    bad_page_token,
     connect,
     current_auth,
     load_catalog,
     mesh_channel,
+    optional_time,
+    owned_account,
+    owned_resource,
+    page_size,
+    page_token,
     postgres,
+    read_page_token,
     require_request_id,
     service_credentials,
+    timestamp,
     user,
 )
 from services.chassis.settings import require
 
-from . import deposits, store, withdrawals
+from . import deposits, domain, store, withdrawals
 from .config import FundingConfig
 from .custody import CustodyClient, CustodyRejected
+from .orchestrator import CrashAt, Orchestrator, SagaMetrics, no_crash
 from .outbox import OutboxRelay
-from .saga import Orchestrator, SagaMetrics
 
 __all__ = ["POLICY", "FundingService", "build_server"]
 
@@ -104,15 +108,6 @@ _STEP_STATES = {
     "FAILED": F.SAGA_STEP_STATE_FAILED,
 }
 _KINDS = {"deposit": F.SAGA_KIND_DEPOSIT, "withdrawal": F.SAGA_KIND_WITHDRAWAL}
-_TERMINAL_WITHDRAWAL = ("COMPLETED", "CANCELLED", "REJECTED", "FAILED")
-
-
-def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def _status(raw: bytes | None) -> status_pb2.Status | None:
@@ -132,54 +127,64 @@ def _name(mapping: dict[str, Any], value: int, field: str) -> str:
     )
 
 
+_PAGE_TOKEN_INVALID = "FUNDING_PAGE_TOKEN_INVALID"
+
+
 def _page_size(size: int) -> int:
-    if size < 0:
-        raise InvalidArgument(
-            "FUNDING_PAGE_SIZE_INVALID",
-            "page_size must not be negative",
-            violations=[FieldViolation("page_size", "negative")],
-        )
-    return min(size or 100, 1000)
+    return page_size(size, default=100, maximum=1000, reason="FUNDING_PAGE_SIZE_INVALID")
 
 
-def _page(token: str) -> store.Page:
-    if not token:
+def _after(token: str, kind: str) -> store.Page:
+    """Where a list of `kind` goes on, from its page token (newest first: time, id)."""
+    found = read_page_token(token, kind, parts=2, reason=_PAGE_TOKEN_INVALID)
+    if found is None:
         return store.Page()
+    moment, key = found
     try:
-        moment, _, key = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
         return store.Page(datetime.fromisoformat(moment), key)
     except ValueError:
-        raise InvalidArgument(
-            "FUNDING_PAGE_TOKEN_INVALID",
-            "page_token is not one this server issued",
-            violations=[FieldViolation("page_token", "invalid")],
-        ) from None
+        raise bad_page_token(_PAGE_TOKEN_INVALID) from None
 
 
-def _token(moment: datetime, key: str) -> str:
-    return base64.urlsafe_b64encode(f"{moment.isoformat()}|{key}".encode()).decode()
+_Row = TypeVar("_Row")
+
+
+def _page(
+    rows: Sequence[_Row], size: int, kind: str, position: Callable[[_Row], tuple[datetime, str]]
+) -> tuple[Sequence[_Row], str]:
+    """A page of at most `size` of `rows` (fetched one more than that) and its token."""
+    if len(rows) <= size:
+        return rows, ""
+    moment, key = position(rows[size - 1])
+    return rows[:size], page_token(kind, moment.isoformat(), key)
 
 
 def _range(request: Any) -> tuple[datetime | None, datetime | None]:
-    start = request.start_time.ToDatetime(UTC) if request.HasField("start_time") else None
-    end = request.end_time.ToDatetime(UTC) if request.HasField("end_time") else None
-    return start, end
+    return optional_time(request, "start_time"), optional_time(request, "end_time")
 
 
-def owned_account(ctx: AuthContext, requested: str, *, mutate: bool = False) -> str:
-    """The account a call acts on: the caller's own, unless a service (any account it names)
-    or, for reads, an admin. Another account's data is NOT_FOUND, so ids cannot be probed."""
-    if ctx.is_service or (ctx.can("admin") and not mutate):
-        if not requested and not ctx.account_id:
-            raise InvalidArgument(
-                "FUNDING_ACCOUNT_REQUIRED",
-                "account_id is required",
-                violations=[FieldViolation("account_id", "required for this caller")],
-            )
-        return requested or ctx.account_id
-    if requested and requested != ctx.account_id:
-        raise NotFound("FUNDING_ACCOUNT_NOT_FOUND", "no such account")
-    return ctx.account_id
+class _Owned(Protocol):
+    @property
+    def account_id(self) -> str: ...
+
+
+_Found = TypeVar("_Found", bound=_Owned)
+
+
+def _of_account(found: _Found | None, account: str, resource: str) -> _Found:
+    """A resource looked up by id, if it is the account's the call acts on (a service
+    names the account too): another's answers exactly as a made-up id."""
+    mine = found if found is not None and found.account_id == account else None
+    return owned_resource(current_auth(), mine, component="FUNDING", resource=resource)
+
+
+def _account(requested: str, *, mutate: bool = False) -> str:
+    """The account a call acts on (chassis' rule); an admin reads any account's
+    data but moves only their own funds: only a service acts for others."""
+    ctx = current_auth()
+    if mutate and not ctx.is_service:
+        ctx = replace(ctx, scopes=ctx.scopes - {"admin"})
+    return owned_account(ctx, requested, component="FUNDING")
 
 
 class _Conflict(Exception):
@@ -228,9 +233,9 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             required_confirmations=row.required_confirmations,
             failure=_status(row.failure) if row.state in ("REJECTED", "FAILED") else None,
             saga_id=row.saga_id,
-            create_time=_ts(row.create_time),
-            update_time=_ts(row.update_time),
-            complete_time=_ts(row.complete_time),
+            create_time=timestamp(row.create_time),
+            update_time=timestamp(row.update_time),
+            complete_time=timestamp(row.complete_time) if row.complete_time else None,
         )
 
     def _deposit(self, row: store.DepositRow) -> funding_pb2.Deposit:
@@ -249,9 +254,9 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             state=_DEPOSIT_STATES[row.state],
             ledger_transfer_id=row.ledger_transfer_id,
             saga_id=row.saga_id,
-            detect_time=_ts(row.detect_time),
-            credit_time=_ts(row.credit_time),
-            update_time=_ts(row.update_time),
+            detect_time=timestamp(row.detect_time),
+            credit_time=timestamp(row.credit_time) if row.credit_time else None,
+            update_time=timestamp(row.update_time),
         )
 
     def _saga(self, row: store.SagaRow) -> funding_pb2.Saga:
@@ -271,12 +276,12 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                     attempt=s.attempt,
                     error=_status(s.error),
                     outputs=s.outputs,
-                    record_time=_ts(s.record_time),
+                    record_time=timestamp(s.record_time),
                 )
                 for s in row.steps
             ],
-            create_time=_ts(row.create_time),
-            update_time=_ts(row.update_time),
+            create_time=timestamp(row.create_time),
+            update_time=timestamp(row.update_time),
         )
 
     def _asset_network(self, asset: str, network: str) -> tuple[str, str]:
@@ -295,6 +300,31 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             )
         return asset, rule.network
 
+    async def _account_page(
+        self,
+        request: Any,
+        kind: str,
+        fetch: Callable[..., Awaitable[list[_Row]]],
+        states: dict[str, Any],
+        position: Callable[[_Row], tuple[datetime, str]],
+    ) -> tuple[Sequence[_Row], str]:
+        """A page of an account's deposits or withdrawals, as ListDeposits and
+        ListWithdrawals filter them (asset, state, time range), newest first."""
+        account = _account(request.account_id)
+        size = _page_size(request.page_size)
+        start, end = _range(request)
+        rows = await fetch(
+            self._pool,
+            account,
+            asset=request.asset,
+            state=_name(states, request.state, "state"),
+            start=start,
+            end=end,
+            after=_after(request.page_token, kind),
+            limit=size + 1,
+        )
+        return _page(rows, size, kind, position)
+
     # -- deposits ---------------------------------------------------------------
 
     async def GetDepositAddress(
@@ -302,7 +332,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         request: funding_pb2.GetDepositAddressRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> funding_pb2.GetDepositAddressResponse:
-        account = owned_account(current_auth(), request.account_id)
+        account = _account(request.account_id)
         asset, network = self._asset_network(request.asset, request.network)
         row = await store.deposit_address(self._pool, account, asset, network)
         if row is None:
@@ -321,39 +351,28 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                 network=row["network"],
                 address=row["address"],
                 memo=row["memo"],
-                create_time=_ts(row["create_time"]),
+                create_time=timestamp(row["create_time"]),
             )
         )
 
     async def GetDeposit(
         self, request: funding_pb2.GetDepositRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> funding_pb2.GetDepositResponse:
-        account = owned_account(current_auth(), request.account_id)
-        row = await store.deposit(self._pool, request.deposit_id)
-        if row is None or row.account_id != account:
-            raise NotFound("FUNDING_DEPOSIT_NOT_FOUND", f"no deposit {request.deposit_id!r}")
+        account = _account(request.account_id)
+        found = await store.deposit(self._pool, request.deposit_id) if request.deposit_id else None
+        row = _of_account(found, account, "deposit")
         return F.GetDepositResponse(deposit=self._deposit(row))
 
     async def ListDeposits(
         self, request: funding_pb2.ListDepositsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> funding_pb2.ListDepositsResponse:
-        account = owned_account(current_auth(), request.account_id)
-        size = _page_size(request.page_size)
-        start, end = _range(request)
-        rows = await store.list_deposits(
-            self._pool,
-            account,
-            asset=request.asset,
-            state=_name(_DEPOSIT_STATES, request.state, "state"),
-            start=start,
-            end=end,
-            after=_page(request.page_token),
-            limit=size + 1,
+        rows, token = await self._account_page(
+            request,
+            "deposits",
+            store.list_deposits,
+            _DEPOSIT_STATES,
+            lambda r: (r.detect_time, r.deposit_id),
         )
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = _token(rows[-1].detect_time, rows[-1].deposit_id)
         return F.ListDepositsResponse(
             deposits=[self._deposit(r) for r in rows], next_page_token=token
         )
@@ -365,8 +384,8 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         request: funding_pb2.RequestWithdrawalRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> funding_pb2.RequestWithdrawalResponse:
-        account = owned_account(current_auth(), request.account_id, mutate=True)
-        spec = withdrawals.parse_withdrawal(
+        account = _account(request.account_id, mutate=True)
+        spec = domain.parse_withdrawal(
             request_id=request.request_id,
             asset_code=request.asset,
             network=request.network,
@@ -396,7 +415,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         return F.RequestWithdrawalResponse(withdrawal=self._withdrawal(existing))
 
     async def _create_withdrawal(
-        self, account: str, request_id: str, spec: withdrawals.WithdrawalSpec
+        self, account: str, request_id: str, spec: domain.WithdrawalSpec
     ) -> store.WithdrawalRow:
         wid = f"wd_{uuid.uuid4().hex}"
         now = datetime.fromtimestamp(self._clock(), UTC)
@@ -404,10 +423,10 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         async with self._pool.acquire() as conn, conn.transaction():
             saga_id = await self._orchestrator.create(
                 conn,
-                withdrawals.KIND,
+                domain.WITHDRAWAL,
                 reference_id=wid,
                 account_id=account,
-                data=withdrawals.saga_data(
+                data=domain.withdrawal_saga_data(
                     withdrawal_id=wid, account_id=account, spec=spec, asset=asset
                 ),
             )
@@ -439,40 +458,34 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             await store.emit(
                 conn,
                 "funding.withdrawals.pending",
-                {
-                    "withdrawal_id": wid,
-                    "account_id": account,
-                    "asset": spec.asset,
-                    "amount": asset.format(spec.amount),
-                    "fee": asset.format(spec.fee),
-                    "state": "PENDING",
-                    "saga_id": saga_id,
-                },
+                domain.withdrawal_event(
+                    withdrawal_id=wid,
+                    account_id=account,
+                    asset=asset,
+                    amount=spec.amount,
+                    fee=spec.fee,
+                    state="PENDING",
+                    saga_id=saga_id,
+                ),
             )
         return row
 
     async def _own_withdrawal(self, account: str, withdrawal_id: str) -> store.WithdrawalRow:
-        row = await store.withdrawal(self._pool, withdrawal_id) if withdrawal_id else None
-        if row is None or row.account_id != account:
-            raise NotFound(
-                "FUNDING_WITHDRAWAL_NOT_FOUND",
-                f"no withdrawal {withdrawal_id!r}",
-                violations=[FieldViolation("withdrawal_id", "not found")],
-            )
-        return row
+        found = await store.withdrawal(self._pool, withdrawal_id) if withdrawal_id else None
+        return _of_account(found, account, "withdrawal")
 
     async def CancelWithdrawal(
         self,
         request: funding_pb2.CancelWithdrawalRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> funding_pb2.CancelWithdrawalResponse:
-        account = owned_account(current_auth(), request.account_id, mutate=True)
+        account = _account(request.account_id, mutate=True)
         require_request_id(request.request_id, "FUNDING_REQUEST_ID_INVALID")
         row = await self._own_withdrawal(account, request.withdrawal_id)
         async with self._pool.acquire() as conn, conn.transaction():
             # Lock order as the orchestrator's: the saga, then the withdrawal (the
             # cancel_requests row below key-share locks it too).
-            await conn.execute("SELECT 1 FROM sagas WHERE saga_id = $1 FOR UPDATE", row.saga_id)
+            await store.lock_saga_row(conn, row.saga_id)
             locked = await store.withdrawal(conn, row.withdrawal_id, lock=True)
             named = await store.record_cancel(conn, account, request.request_id, row.withdrawal_id)
             if named != row.withdrawal_id:
@@ -482,28 +495,14 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                     metadata={"withdrawal_id": named},
                 )
             assert locked is not None
-            if locked.state == "CANCELLED" or (
-                locked.cancel_requested and not locked.broadcast_started
+            if domain.cancel_withdrawal(
+                locked.withdrawal_id,
+                locked.state,
+                locked.txid,
+                cancel_requested=locked.cancel_requested,
+                broadcast_started=locked.broadcast_started,
             ):
-                pass  # already cancelled or on its way: the same answer again
-            elif locked.broadcast_started:
-                raise FailedPrecondition(
-                    "FUNDING_WITHDRAWAL_ALREADY_BROADCAST",
-                    "the withdrawal was handed to custody and can no longer be cancelled",
-                    metadata={"withdrawal_id": locked.withdrawal_id, "txid": locked.txid},
-                )
-            elif locked.state in _TERMINAL_WITHDRAWAL:
-                raise FailedPrecondition(
-                    "FUNDING_WITHDRAWAL_NOT_CANCELLABLE",
-                    f"the withdrawal is already {locked.state}",
-                    metadata={"withdrawal_id": locked.withdrawal_id, "state": locked.state},
-                )
-            else:
-                await conn.execute(
-                    """UPDATE withdrawals SET cancel_requested = true, update_time = now()
-                       WHERE withdrawal_id = $1""",
-                    locked.withdrawal_id,
-                )
+                await store.flag_withdrawal(conn, locked.withdrawal_id, cancel_requested=True)
                 await self._orchestrator.nudge(conn, locked.saga_id)
         self._orchestrator.wake()
         current = await self._settled(row.withdrawal_id, context)
@@ -518,7 +517,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         while True:
             row = await store.withdrawal(self._pool, withdrawal_id)
             assert row is not None
-            if row.state in _TERMINAL_WITHDRAWAL or time.monotonic() >= until:
+            if row.state in domain.TERMINAL_WITHDRAWAL or time.monotonic() >= until:
                 return row
             await asyncio.sleep(0.02)
 
@@ -527,7 +526,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         request: funding_pb2.GetWithdrawalRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> funding_pb2.GetWithdrawalResponse:
-        account = owned_account(current_auth(), request.account_id)
+        account = _account(request.account_id)
         row = await self._own_withdrawal(account, request.withdrawal_id)
         return F.GetWithdrawalResponse(withdrawal=self._withdrawal(row))
 
@@ -536,23 +535,13 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         request: funding_pb2.ListWithdrawalsRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> funding_pb2.ListWithdrawalsResponse:
-        account = owned_account(current_auth(), request.account_id)
-        size = _page_size(request.page_size)
-        start, end = _range(request)
-        rows = await store.list_withdrawals(
-            self._pool,
-            account,
-            asset=request.asset,
-            state=_name(_WITHDRAWAL_STATES, request.state, "state"),
-            start=start,
-            end=end,
-            after=_page(request.page_token),
-            limit=size + 1,
+        rows, token = await self._account_page(
+            request,
+            "withdrawals",
+            store.list_withdrawals,
+            _WITHDRAWAL_STATES,
+            lambda r: (r.create_time, r.withdrawal_id),
         )
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = _token(rows[-1].create_time, rows[-1].withdrawal_id)
         return F.ListWithdrawalsResponse(
             withdrawals=[self._withdrawal(r) for r in rows], next_page_token=token
         )
@@ -563,27 +552,27 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         self, request: funding_pb2.ListSagasRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> funding_pb2.ListSagasResponse:
         size = _page_size(request.page_size)
-        rows = await store.list_sagas(
-            self._pool,
-            kind=_name(_KINDS, request.kind, "kind"),
-            state=_name(_SAGA_STATES, request.state, "state"),
-            account_id=request.account_id,
-            after=_page(request.page_token),
-            limit=size + 1,
+        rows, token = _page(
+            await store.list_sagas(
+                self._pool,
+                kind=_name(_KINDS, request.kind, "kind"),
+                state=_name(_SAGA_STATES, request.state, "state"),
+                account_id=request.account_id,
+                after=_after(request.page_token, "sagas"),
+                limit=size + 1,
+            ),
+            size,
+            "sagas",
+            lambda r: (r.create_time, r.saga_id),
         )
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = _token(rows[-1].create_time, rows[-1].saga_id)
         return F.ListSagasResponse(sagas=[self._saga(r) for r in rows], next_page_token=token)
 
     async def GetSaga(
         self, request: funding_pb2.GetSagaRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> funding_pb2.GetSagaResponse:
         async with self._pool.acquire() as conn:
-            row = await store.saga(conn, request.saga_id) if request.saga_id else None
-        if row is None:
-            raise NotFound("FUNDING_SAGA_NOT_FOUND", f"no saga {request.saga_id!r}")
+            found = await store.saga(conn, request.saga_id) if request.saga_id else None
+        row = owned_resource(current_auth(), found, component="FUNDING", resource="saga")
         return F.GetSagaResponse(saga=self._saga(row))
 
 
@@ -594,8 +583,9 @@ async def build_server(
     catalog: Catalog | None = None,
     clock: Callable[[], float] = time.time,
     registry: CollectorRegistry | None = None,
+    crash_at: CrashAt = no_crash,
 ) -> Server:
-    """The composition root."""
+    """The composition root. `crash_at` is the crash tests' fault injector (main.py)."""
     config = FundingConfig.from_env() if config is None else config
     catalog = load_catalog() if catalog is None else catalog
     if registry is None:
@@ -649,7 +639,7 @@ async def build_server(
         concurrency=config.concurrency,
         lease_s=config.lease_s,
         poll_s=config.poll_s,
-        crash_points=config.crash_points,
+        crash_at=crash_at,
     )
     server.on_stop(orchestrator.close)
     await server.enter(background(orchestrator.run(), "funding-sagas"))

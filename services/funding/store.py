@@ -15,7 +15,10 @@ import asyncpg
 
 from services.chassis.tracing import carrier
 
+from .domain import OPEN_STATES, LogEntry, SagaRecord
+
 __all__ = [
+    "Connection",
     "DepositRow",
     "Page",
     "SagaRow",
@@ -410,3 +413,336 @@ async def list_sagas(
         limit,
     )
     return [_saga(r) for r in rows]
+
+
+# -- the orchestrator's rows ------------------------------------------------------------
+
+
+def _record(row: asyncpg.Record) -> SagaRecord:
+    return SagaRecord(
+        saga_id=row["saga_id"],
+        kind=row["kind"],
+        reference_id=row["reference_id"],
+        account_id=row["account_id"],
+        state=row["state"],
+        step_index=row["step_index"],
+        attempt=row["attempt"],
+        data=json.loads(row["data"]),
+        deadline=row["deadline"],
+        epoch=row["lease_epoch"],
+        failure=row["failure"],
+        trace_context=json.loads(row["trace_context"]) if row["trace_context"] else None,
+    )
+
+
+async def insert_saga(
+    conn: Connection,
+    *,
+    saga_id: str,
+    kind: str,
+    reference_id: str,
+    account_id: str,
+    first_step: str,
+    data: dict[str, Any],
+    deadline: datetime,
+    now: datetime,
+    trace_context: dict[str, str] | None,
+) -> None:
+    await conn.execute(
+        """INSERT INTO sagas (saga_id, kind, reference_id, account_id, state, step_index,
+               attempt, current_step, data, deadline, next_run_at, create_time, update_time,
+               trace_context)
+           VALUES ($1, $2, $3, $4, 'RUNNING', 0, 0, $5, $6, $7, $8, $8, $8, $9)""",
+        saga_id,
+        kind,
+        reference_id,
+        account_id,
+        first_step,
+        json.dumps(data),
+        deadline,
+        now,
+        json.dumps(trace_context) if trace_context else None,
+    )
+
+
+async def nudge_saga(conn: Connection, saga_id: str, now: datetime) -> None:
+    """Due now (if still open), instead of at its next retry."""
+    await conn.execute(
+        "UPDATE sagas SET next_run_at = $2 WHERE saga_id = $1 AND state = ANY($3)",
+        saga_id,
+        now,
+        list(OPEN_STATES),
+    )
+
+
+async def oldest_open_sagas(conn: Connection) -> dict[str, datetime]:
+    """The creation time of the oldest unfinished saga of each kind that has one."""
+    rows = await conn.fetch(
+        """SELECT kind, min(create_time) AS oldest FROM sagas
+           WHERE state IN ('RUNNING', 'COMPENSATING') GROUP BY kind"""
+    )
+    return {row["kind"]: row["oldest"] for row in rows}
+
+
+async def claim_sagas(
+    conn: Connection,
+    *,
+    owner: str,
+    lease_until: datetime,
+    now: datetime,
+    skip: list[str],
+    limit: int,
+) -> list[SagaRecord]:
+    """Leases up to `limit` due open sagas to `owner` (its own at once, others' once their
+    lease lapsed), each with a new epoch; rows another claimer holds are skipped."""
+    rows = await conn.fetch(
+        """UPDATE sagas s SET lease_owner = $1, lease_until = $2,
+                  lease_epoch = s.lease_epoch + 1
+           FROM (SELECT saga_id FROM sagas
+                 WHERE state IN ('RUNNING', 'COMPENSATING') AND next_run_at <= $3
+                   AND (lease_until IS NULL OR lease_until < $3 OR lease_owner = $1)
+                   AND NOT (saga_id = ANY($4::text[]))
+                 ORDER BY next_run_at LIMIT $5
+                 FOR UPDATE SKIP LOCKED) due
+           WHERE s.saga_id = due.saga_id
+           RETURNING s.*""",
+        owner,
+        lease_until,
+        now,
+        skip,
+        limit,
+    )
+    return [_record(row) for row in rows]
+
+
+async def lock_saga(conn: Connection, saga_id: str, *, epoch: int, owner: str) -> SagaRecord | None:
+    """The saga, row-locked, if `owner` still holds the lease of `epoch`; else None."""
+    row = await conn.fetchrow("SELECT * FROM sagas WHERE saga_id = $1 FOR UPDATE", saga_id)
+    if row is None or row["lease_epoch"] != epoch or row["lease_owner"] != owner:
+        return None
+    return _record(row)
+
+
+async def lock_saga_row(conn: Connection, saga_id: str) -> None:
+    """Row-locks a saga whoever leases it (lock order: the saga, then its domain's row)."""
+    await conn.execute("SELECT 1 FROM sagas WHERE saga_id = $1 FOR UPDATE", saga_id)
+
+
+async def append_step(conn: Connection, saga_id: str, entry: LogEntry, now: datetime) -> None:
+    await conn.execute(
+        """WITH n AS (UPDATE sagas SET log_count = log_count + 1 WHERE saga_id = $1
+                      RETURNING log_count)
+           INSERT INTO saga_steps (saga_id, idx, name, compensation, state, attempt, error,
+                                   outputs, record_time)
+           SELECT $1, n.log_count, $2, $3, $4, $5, $6, $7, $8 FROM n""",
+        saga_id,
+        entry.name,
+        entry.compensation,
+        entry.state,
+        entry.attempt,
+        entry.error.SerializeToString() if entry.error is not None else None,
+        json.dumps(dict(entry.outputs)),
+        now,
+    )
+
+
+async def step_started(
+    conn: Connection, saga_id: str, step: str, *, lease_until: datetime, now: datetime
+) -> None:
+    await conn.execute(
+        """UPDATE sagas SET current_step = $2, lease_until = $3, update_time = $4
+           WHERE saga_id = $1""",
+        saga_id,
+        step,
+        lease_until,
+        now,
+    )
+
+
+async def save_saga(
+    conn: Connection,
+    saga: SagaRecord,
+    *,
+    current_step: str,
+    next_run_at: datetime,
+    lease_until: datetime,
+    now: datetime,
+) -> None:
+    await conn.execute(
+        """UPDATE sagas SET state = $2, step_index = $3, attempt = $4, data = $5,
+                  deadline = $6, failure = $7, current_step = $8, next_run_at = $9,
+                  lease_until = $10, update_time = $11
+           WHERE saga_id = $1""",
+        saga.saga_id,
+        saga.state,
+        saga.step_index,
+        saga.attempt,
+        json.dumps(saga.data),
+        saga.deadline,
+        saga.failure,
+        current_step,
+        next_run_at,
+        lease_until,
+        now,
+    )
+
+
+async def release_saga(conn: Connection, saga: SagaRecord, owner: str) -> None:
+    """Gives the lease up (if still held), so that any replica may run it when due."""
+    await conn.execute(
+        """UPDATE sagas SET lease_until = NULL
+           WHERE saga_id = $1 AND lease_epoch = $2 AND lease_owner = $3""",
+        saga.saga_id,
+        saga.epoch,
+        owner,
+    )
+
+
+async def credit_started(conn: Connection, saga_id: str) -> bool:
+    """Whether a deposit saga ever logged its ledger_credit step."""
+    found = await conn.fetchval(
+        "SELECT true FROM saga_steps WHERE saga_id = $1 AND name = 'ledger_credit' LIMIT 1",
+        saga_id,
+    )
+    return bool(found)
+
+
+# -- what a saga's changes do to its withdrawal or deposit ---------------------------
+
+
+async def flag_withdrawal(
+    conn: Connection,
+    withdrawal_id: str,
+    *,
+    cancel_requested: bool = False,
+    broadcast_started: bool = False,
+) -> None:
+    """Raises the withdrawal's one-way flags named (a flag once set stays set)."""
+    await conn.execute(
+        """UPDATE withdrawals SET cancel_requested = cancel_requested OR $2,
+                  broadcast_started = broadcast_started OR $3, update_time = now()
+           WHERE withdrawal_id = $1""",
+        withdrawal_id,
+        cancel_requested,
+        broadcast_started,
+    )
+
+
+async def note_withdrawal(
+    conn: Connection,
+    withdrawal_id: str,
+    *,
+    failure: bytes | None = None,
+    txid: str | None = None,
+    confirmations: int | None = None,
+) -> None:
+    """Records what a step learnt about the withdrawal: why it failed, its
+    transaction, the confirmations seen (None: unchanged)."""
+    await conn.execute(
+        """UPDATE withdrawals SET failure = COALESCE($2, failure), txid = COALESCE($3, txid),
+                  confirmations = COALESCE($4, confirmations), update_time = now()
+           WHERE withdrawal_id = $1""",
+        withdrawal_id,
+        failure,
+        txid,
+        confirmations,
+    )
+
+
+async def set_withdrawal_state(conn: Connection, withdrawal_id: str, state: str) -> WithdrawalRow:
+    row = await conn.fetchrow(
+        """UPDATE withdrawals SET state = $2, update_time = now(),
+                  complete_time = CASE WHEN $2 = 'COMPLETED' THEN now() END
+           WHERE withdrawal_id = $1
+           RETURNING *""",
+        withdrawal_id,
+        state,
+    )
+    assert row is not None
+    return WithdrawalRow.of(row)
+
+
+async def insert_deposit(conn: Connection, row: DepositRow) -> None:
+    await conn.execute(
+        """INSERT INTO deposits (deposit_id, txid, output_index, account_id, asset, network,
+               amount, address, confirmations, required_confirmations, state, saga_id,
+               detect_time, update_time)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'PENDING', $11, $12, $12)""",
+        row.deposit_id,
+        row.txid,
+        row.output_index,
+        row.account_id,
+        row.asset,
+        row.network,
+        row.amount,
+        row.address,
+        row.confirmations,
+        row.required_confirmations,
+        row.saga_id,
+        row.detect_time,
+    )
+
+
+async def deposit_seen(
+    conn: Connection, deposit_id: str, *, confirmations: int, reverted: bool = False
+) -> None:
+    """What the chain last said of a deposit's output (a revert is final)."""
+    await conn.execute(
+        """UPDATE deposits SET confirmations = $2, reverted = reverted OR $3,
+                  update_time = now()
+           WHERE deposit_id = $1""",
+        deposit_id,
+        confirmations,
+        reverted,
+    )
+
+
+async def set_deposit_state(
+    conn: Connection, deposit_id: str, state: str, transfer_id: str
+) -> DepositRow:
+    row = await conn.fetchrow(
+        """UPDATE deposits SET state = $2, update_time = now(),
+                  credit_time = CASE WHEN $2 = 'CREDITED' THEN now() END,
+                  ledger_transfer_id = CASE WHEN $2 = 'CREDITED' THEN $3 ELSE '' END
+           WHERE deposit_id = $1
+           RETURNING *""",
+        deposit_id,
+        state,
+        transfer_id,
+    )
+    assert row is not None
+    return DepositRow.of(row)
+
+
+# -- the outbox relay ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    subject: str
+    payload: dict[str, Any]
+    trace_context: dict[str, str]
+
+
+async def take_outbox_turn(conn: Connection) -> bool:
+    """One relay at a time across replicas keeps the order (held to the transaction's end)."""
+    return bool(await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext('funding.outbox'))"))
+
+
+async def unpublished(conn: Connection, limit: int) -> list[OutboxRow]:
+    rows = await conn.fetch(
+        """SELECT id, subject, payload, trace_context FROM outbox WHERE publish_time IS NULL
+           ORDER BY id LIMIT $1""",
+        limit,
+    )
+    return [
+        OutboxRow(
+            r["id"], r["subject"], json.loads(r["payload"]), json.loads(r["trace_context"] or "{}")
+        )
+        for r in rows
+    ]
+
+
+async def published(conn: Connection, ids: list[int]) -> None:
+    await conn.execute("UPDATE outbox SET publish_time = now() WHERE id = ANY($1::bigint[])", ids)

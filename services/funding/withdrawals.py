@@ -1,4 +1,4 @@
-"""Withdrawals: request validation and the withdrawal saga.
+"""Withdrawals: the withdrawal saga's steps and what they do to the withdrawal's row.
 
     ledger_hold         pending transfer user -> sys:custody of amount + fee
                         (id wd:<id>:hold, kind WITHDRAWAL; the ledger refuses it
@@ -22,158 +22,57 @@
 The hold comes before the risk check so that funds are reserved before anything
 else looks at the withdrawal: of concurrent withdrawals of one balance only
 those the ledger could hold reach risk (and its velocity counters).
+
+What a request may be, and what each change of the saga means for the
+withdrawal (its state, a veto by the owner's cancel), are domain.py's rules.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import grpc
 from google.rpc import status_pb2
 
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.risk.v1 import risk_pb2, risk_pb2_grpc
-from services.chassis import (
-    Asset,
-    FailedPrecondition,
-    FieldViolation,
-    InvalidArgument,
-    MoneyError,
-    require_request_id,
-)
+from services.chassis import Asset
 
 from . import store
-from .config import AssetRules
 from .custody import CustodyClient, CustodyRejected
-from .saga import (
-    COMPENSATED,
-    COMPLETED,
+from .domain import (
+    CUSTODY_ACCOUNT,
     FAILED,
+    FEE_ACCOUNT,
     SUCCEEDED,
+    WITHDRAWAL,
     Change,
-    Connection,
     Done,
     Fail,
     Outcome,
     Retry,
     RetryPolicy,
-    SagaDefinition,
     SagaRecord,
     Step,
     StepContext,
-    Vetoed,
     Wait,
     error_status,
-    rpc_status,
+    guards_withdrawal,
     status_reason,
+    withdrawal_event,
+    withdrawal_ids,
+    withdrawal_state,
+    withdrawal_step_may_start,
 )
+from .orchestrator import Connection, SagaDefinition, rpc_status
 
-__all__ = ["KIND", "WithdrawalSpec", "WithdrawalSteps", "parse_withdrawal"]
+__all__ = ["WithdrawalSteps"]
 
-KIND = "withdrawal"
-CUSTODY_ACCOUNT = "sys:custody"
-FEE_ACCOUNT = "sys:fees"
 _log = logging.getLogger("cex.funding.withdrawals")
-_BEFORE_BROADCAST = ("ledger_hold", "risk_check")
-
-
-@dataclass(frozen=True, slots=True)
-class WithdrawalSpec:
-    asset: str
-    network: str
-    amount: int
-    fee: int
-    address: str
-    memo: str
-    required_confirmations: int
-    fingerprint: str
-
-
-def _invalid(reason: str, field: str, message: str, why: str = "") -> InvalidArgument:
-    return InvalidArgument(
-        reason, f"{field}: {message}", violations=[FieldViolation(field, message, why)]
-    )
-
-
-def parse_withdrawal(
-    *,
-    request_id: str,
-    asset_code: str,
-    network: str,
-    amount: str,
-    address: str,
-    memo: str,
-    max_fee: str,
-    assets: Mapping[str, Asset],
-    rules: Mapping[str, AssetRules],
-) -> WithdrawalSpec:
-    """A RequestWithdrawal's fields, checked and in minor units (pure)."""
-    require_request_id(request_id, "FUNDING_REQUEST_ID_INVALID")
-    asset = assets.get(asset_code)
-    rule = rules.get(asset_code)
-    if asset is None or rule is None:
-        raise _invalid("FUNDING_ASSET_UNSUPPORTED", "asset", f"{asset_code!r} cannot be withdrawn")
-    if network and network != rule.network:
-        raise _invalid(
-            "FUNDING_NETWORK_UNSUPPORTED", "network", f"{asset_code} moves on {rule.network} only"
-        )
-    try:
-        minor = asset.to_minor(amount)
-    except MoneyError as error:
-        raise _invalid("FUNDING_AMOUNT_INVALID", "amount", str(error), error.reason) from None
-    if minor <= 0:
-        raise _invalid("FUNDING_AMOUNT_INVALID", "amount", "must be positive")
-    minimum = asset.to_minor(rule.min_withdrawal)
-    if minor < minimum:
-        raise _invalid(
-            "FUNDING_AMOUNT_BELOW_MINIMUM",
-            "amount",
-            f"the minimum {asset_code} withdrawal is {rule.min_withdrawal}",
-        )
-    if not rule.address_ok(address):
-        raise _invalid("FUNDING_ADDRESS_INVALID", "address", f"not a {rule.network} address")
-    if memo:
-        raise _invalid("FUNDING_MEMO_NOT_SUPPORTED", "memo", f"{rule.network} takes no memo")
-    fee = asset.to_minor(rule.withdrawal_fee)
-    if max_fee:
-        try:
-            ceiling = asset.to_minor(max_fee)
-        except MoneyError as error:
-            raise _invalid("FUNDING_MAX_FEE_INVALID", "max_fee", str(error), error.reason) from None
-        if fee > ceiling:
-            raise FailedPrecondition(
-                "FUNDING_FEE_TOO_HIGH",
-                f"the fee is {rule.withdrawal_fee} {asset_code}, above max_fee {max_fee}",
-                metadata={"fee": rule.withdrawal_fee},
-            )
-    fingerprint = hashlib.sha256(
-        "\x1f".join((asset_code, rule.network, str(minor), address, memo, max_fee)).encode()
-    ).hexdigest()
-    return WithdrawalSpec(
-        asset_code,
-        rule.network,
-        minor,
-        fee,
-        address,
-        memo,
-        rule.withdrawal_confirmations,
-        fingerprint,
-    )
 
 
 _TRANSIENT_LEDGER = {"LEDGER_LINKED_EVENT_FAILED", "LEDGER_UNAVAILABLE"}
-
-
-def _ids(withdrawal_id: str) -> dict[str, str]:
-    return {
-        "hold": f"wd:{withdrawal_id}:hold",
-        "void": f"wd:{withdrawal_id}:void",
-        "post": f"wd:{withdrawal_id}:post",
-        "fee": f"wd:{withdrawal_id}:fee",
-    }
 
 
 class WithdrawalSteps:
@@ -205,7 +104,7 @@ class WithdrawalSteps:
         until_deadline = RetryPolicy(initial_s=0.1, max_s=5.0, max_attempts=0)
         t = self._step_timeout_s
         return SagaDefinition(
-            kind=KIND,
+            kind=WITHDRAWAL,
             deadline_s=self._deadline_s,
             compensation_window_s=self._compensation_window_s,
             steps=(
@@ -246,7 +145,7 @@ class WithdrawalSteps:
     def _hold(self, data: Mapping[str, str]) -> ledger_pb2.Transfer:
         wid = data["withdrawal_id"]
         return ledger_pb2.Transfer(
-            id=_ids(wid)["hold"],
+            id=withdrawal_ids(wid)["hold"],
             debit_account_id=data["account_id"],
             credit_account_id=CUSTODY_ACCOUNT,
             asset=data["asset"],
@@ -276,7 +175,7 @@ class WithdrawalSteps:
         return Fail(result.status)
 
     async def void(self, ctx: StepContext) -> Outcome:
-        ids = _ids(ctx.data["withdrawal_id"])
+        ids = withdrawal_ids(ctx.data["withdrawal_id"])
         found = True
         try:
             await self._ledger.GetTransfer(
@@ -394,7 +293,7 @@ class WithdrawalSteps:
 
     async def post(self, ctx: StepContext) -> Outcome:
         d = ctx.data
-        ids = _ids(d["withdrawal_id"])
+        ids = withdrawal_ids(d["withdrawal_id"])
         fee = d["fee"]
         chain = [
             ledger_pb2.Transfer(
@@ -432,99 +331,48 @@ class WithdrawalSteps:
     # -- the domain's side of the saga -----------------------------------------------
 
     async def guard(self, conn: Connection, saga: SagaRecord, step: Step) -> None:
-        """Before each forward step, under the withdrawal's row lock: an owner's cancel
-        stops the saga; the broadcast step makes the withdrawal uncancellable."""
-        if step.name not in (*_BEFORE_BROADCAST, "custody_broadcast"):
+        """Before each guarded forward step, under the withdrawal's row lock."""
+        if not guards_withdrawal(step.name):
             return
         row = await store.withdrawal(conn, saga.reference_id, lock=True)
         assert row is not None
-        if row.cancel_requested and not row.broadcast_started:
-            raise Vetoed(
-                error_status(
-                    grpc.StatusCode.CANCELLED,
-                    "FUNDING_WITHDRAWAL_CANCELLED",
-                    "cancelled by the owner",
-                )
-            )
-        if step.name == "custody_broadcast" and not row.broadcast_started:
-            await conn.execute(
-                """UPDATE withdrawals SET broadcast_started = true, update_time = now()
-                   WHERE withdrawal_id = $1""",
-                row.withdrawal_id,
-            )
+        if withdrawal_step_may_start(
+            step.name,
+            cancel_requested=row.cancel_requested,
+            broadcast_started=row.broadcast_started,
+        ):
+            await store.flag_withdrawal(conn, row.withdrawal_id, broadcast_started=True)
 
     async def on_change(self, conn: Connection, change: Change) -> None:
         wid = change.saga.reference_id
-        if change.entry_state == FAILED and not change.compensation:
-            await conn.execute(
-                "UPDATE withdrawals SET failure = $2, update_time = now() WHERE withdrawal_id = $1",
+        failed = change.entry_state == FAILED and not change.compensation
+        broadcast = change.step == "custody_broadcast" and change.entry_state == SUCCEEDED
+        seen = change.outputs.get("confirmations")
+        if failed or broadcast or seen is not None:
+            await store.note_withdrawal(
+                conn,
                 wid,
-                (change.error or status_pb2.Status()).SerializeToString(),
+                failure=(change.error or status_pb2.Status()).SerializeToString()
+                if failed
+                else None,
+                txid=change.outputs.get("txid", "") if broadcast else None,
+                confirmations=int(seen) if seen is not None else None,
             )
-        state: str | None = None
-        if change.step == "custody_broadcast" and change.entry_state == SUCCEEDED:
-            state = "BROADCAST"
-            await conn.execute(
-                "UPDATE withdrawals SET txid = $2 WHERE withdrawal_id = $1",
-                wid,
-                change.outputs.get("txid", ""),
-            )
-        if "confirmations" in change.outputs:
-            await conn.execute(
-                """UPDATE withdrawals SET confirmations = $2, update_time = now()
-                   WHERE withdrawal_id = $1""",
-                wid,
-                int(change.outputs["confirmations"]),
-            )
-        if change.state == COMPLETED:
-            state = "COMPLETED"
-        elif change.state == COMPENSATED:
-            reason = status_reason(change.failure) if change.failure else ""
-            failed_at = change.saga.data.get("failed_step", "")
-            if reason == "FUNDING_WITHDRAWAL_CANCELLED":
-                state = "CANCELLED"
-            elif failed_at in _BEFORE_BROADCAST or reason.startswith(("LEDGER_", "RISK_")):
-                state = "REJECTED"
-            else:
-                state = "FAILED"
+        state = withdrawal_state(change)
         if state is None:
             return
-        row = await conn.fetchrow(
-            """UPDATE withdrawals SET state = $2, update_time = now(),
-                      complete_time = CASE WHEN $2 = 'COMPLETED' THEN now() END
-               WHERE withdrawal_id = $1
-               RETURNING account_id, asset, amount, fee, txid""",
-            wid,
-            state,
-        )
-        assert row is not None
+        row = await store.set_withdrawal_state(conn, wid, state)
         await store.emit(
             conn,
             f"funding.withdrawals.{state.lower()}",
-            {
-                "withdrawal_id": wid,
-                "account_id": row["account_id"],
-                "asset": row["asset"],
-                "amount": self._assets[row["asset"]].format(row["amount"]),
-                "fee": self._assets[row["asset"]].format(row["fee"]),
-                "state": state,
-                "txid": row["txid"],
-                "saga_id": change.saga.saga_id,
-            },
+            withdrawal_event(
+                withdrawal_id=wid,
+                account_id=row.account_id,
+                asset=self._assets[row.asset],
+                amount=row.amount,
+                fee=row.fee,
+                state=state,
+                txid=row.txid,
+                saga_id=change.saga.saga_id,
+            ),
         )
-
-
-def saga_data(
-    *, withdrawal_id: str, account_id: str, spec: WithdrawalSpec, asset: Asset
-) -> dict[str, str]:
-    return {
-        "withdrawal_id": withdrawal_id,
-        "account_id": account_id,
-        "asset": spec.asset,
-        "network": spec.network,
-        "amount": asset.format(spec.amount),
-        "fee": asset.format(spec.fee),
-        "total": asset.format(spec.amount + spec.fee),
-        "address": spec.address,
-        "required_confirmations": str(spec.required_confirmations),
-    }

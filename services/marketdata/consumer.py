@@ -37,12 +37,10 @@ from services.chassis import Market, match_events
 from services.chassis.money import parse_decimal
 from services.chassis.tracing import SpanKind, batch_span, message_context
 
-from .books import ASK, BID, L2Book, Level
-from .candles import TradeFact
 from .config import MarketDataSettings
+from .domain import ASK, BID, BUCKET_S, L2Book, Level, RollingTicker, TradeFact
 from .fanout import BookFanout
 from .store import Store
-from .tickers import BUCKET_S, RollingTicker
 
 __all__ = ["GrpcMatchSource", "MarketFeed", "MatchSource", "trade_fact"]
 
@@ -82,10 +80,6 @@ class GrpcMatchSource:
             yield response.events
 
 
-def _ns(event: match_pb2.MatchEvent) -> int:
-    return event.event_time.seconds * 1_000_000_000 + event.event_time.nanos
-
-
 def trade_fact(event: match_pb2.MatchEvent) -> TradeFact:
     t = event.trade
     return TradeFact(
@@ -96,7 +90,7 @@ def trade_fact(event: match_pb2.MatchEvent) -> TradeFact:
         parse_decimal(t.quantity),
         parse_decimal(t.quote_quantity),
         t.taker_side,
-        _ns(event),
+        event.event_time.ToNanoseconds(),
     )
 
 
@@ -311,7 +305,7 @@ class MarketFeed:
             elif kind == "trade":
                 trades.append(trade_fact(event))
         book.seq = todo[-1].seq
-        self.time_ns = _ns(todo[-1])
+        self.time_ns = todo[-1].event_time.ToNanoseconds()
         self.events += len(todo)
         self.fanout.update(self.time_ns)
         await self._publish_nats()

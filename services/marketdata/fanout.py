@@ -39,17 +39,26 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.client import Client as Nats
 from redis.asyncio import Redis
 
 from cex.marketdata.v1 import marketdata_pb2 as md
 from cex.type.v1 import types_pb2
+from services.chassis import timestamp_ns
 
-from .books import ASK, BID, BookDelta, DepthView, L2Book, Level, checksum, diff
-from .candles import TradeFact
 from .config import MarketDataSettings
-from .tickers import TickerStats
+from .domain import (
+    ASK,
+    BID,
+    BookDelta,
+    DepthView,
+    L2Book,
+    Level,
+    TickerStats,
+    TradeFact,
+    checksum,
+    diff,
+)
 
 if TYPE_CHECKING:
     from .consumer import MarketFeed
@@ -65,12 +74,7 @@ __all__ = [
     "TickerSubscriber",
     "TradeSubscriber",
     "book_pb",
-    "timestamp",
 ]
-
-
-def timestamp(time_ns: int) -> Timestamp:
-    return Timestamp(seconds=time_ns // 1_000_000_000, nanos=time_ns % 1_000_000_000)
 
 
 def levels_pb(levels: Iterable[Level]) -> list[types_pb2.PriceLevel]:
@@ -89,7 +93,7 @@ def book_pb(
         bids=levels_pb(bids),
         asks=levels_pb(asks),
         checksum=checksum,
-        update_time=timestamp(ns),
+        update_time=timestamp_ns(ns),
     )
 
 
@@ -117,7 +121,7 @@ def _delta_bytes(
             bids=levels_pb(bids),
             asks=levels_pb(asks),
             checksum=checksum,
-            update_time=timestamp(time_ns),
+            update_time=timestamp_ns(time_ns),
         )
     )
     return message.SerializeToString()
@@ -514,7 +518,7 @@ def trade_pb(trade: TradeFact) -> md.Trade:
         quantity=decimal_text(trade.quantity),
         quote_quantity=decimal_text(trade.quote_quantity),
         taker_side=trade.taker_side,  # type: ignore[arg-type]
-        trade_time=timestamp(trade.time_ns),
+        trade_time=timestamp_ns(trade.time_ns),
         seq=trade.seq,
     )
 
@@ -542,8 +546,8 @@ def ticker_pb(
         price_change=text(stats.price_change),
         price_change_percent=text(stats.price_change_percent),
         trade_count=stats.trade_count,
-        window_start_time=timestamp(stats.window_start_s * 1_000_000_000),
-        update_time=timestamp(time_ns or now_ns),
+        window_start_time=timestamp_ns(stats.window_start_s * 1_000_000_000),
+        update_time=timestamp_ns(time_ns or now_ns),
         seq=book.seq,
     )
 

@@ -10,13 +10,11 @@ answers Get calls from the last snapshot in Redis, else UNAVAILABLE
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -37,19 +35,23 @@ from services.chassis import (
     Server,
     Unavailable,
     background,
+    bad_page_token,
     connect,
     ensure_stream,
+    invalid_field,
     load_catalog,
+    page_size,
+    page_token,
+    read_page_token,
     service_credentials,
 )
 from services.chassis.authn import service_auth_interceptors
 from services.chassis.interceptors import client_interceptors
 from services.chassis.tokens import StaticKeys
 
-from .books import Level, checksum
-from .candles import INTERVALS, Bar
 from .config import MarketDataSettings
 from .consumer import GrpcMatchSource, MarketFeed, MatchSource
+from .domain import INTERVALS, Bar, Level, checksum
 from .fanout import (
     TRADES_STREAM,
     BookFanout,
@@ -88,47 +90,48 @@ _MAX_PAGE = 1000
 
 
 def _invalid(reason: str, field: str, description: str) -> InvalidArgument:
-    return InvalidArgument(
-        f"MARKETDATA_{reason}",
-        f"{field}: {description}",
-        violations=[FieldViolation(field, description, f"MARKETDATA_{reason}")],
-    )
+    return invalid_field(f"MARKETDATA_{reason}", field, description, f"MARKETDATA_{reason}")
+
+
+_PAGE_TOKEN_INVALID = "MARKETDATA_INVALID_PAGE_TOKEN"
 
 
 def _page_size(value: int, default: int = _DEFAULT_PAGE) -> int:
-    if value < 0:
-        raise _invalid("INVALID_PAGE_SIZE", "page_size", "must not be negative")
-    return min(value or default, _MAX_PAGE)
+    return page_size(
+        value, default=default, maximum=_MAX_PAGE, reason="MARKETDATA_INVALID_PAGE_SIZE"
+    )
 
 
-def _token(kind: str, value: str) -> str:
-    return base64.urlsafe_b64encode(f"{kind}:{value}".encode()).decode()
+def _after(kind: str, token: str) -> str | None:
+    """Where a list of `kind` goes on: the key its page token carries (None: the start)."""
+    found = read_page_token(token, kind, parts=1, reason=_PAGE_TOKEN_INVALID)
+    if found is not None and not found[0]:
+        raise bad_page_token(_PAGE_TOKEN_INVALID)
+    return None if found is None else found[0]
 
 
-def _untoken(kind: str, token: str) -> str | None:
-    if not token:
-        return None
-    try:
-        found, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        found, value = "", ""
-    if found != kind or not value:
-        raise _invalid("INVALID_PAGE_TOKEN", "page_token", "not a token from this call")
-    return value
-
-
-def _int_token(kind: str, token: str) -> int | None:
-    value = _untoken(kind, token)
+def _int_after(kind: str, token: str) -> int | None:
+    value = _after(kind, token)
     if value is None:
         return None
     try:
         return int(value)
     except ValueError:
-        raise _invalid("INVALID_PAGE_TOKEN", "page_token", "not a token from this call") from None
+        raise bad_page_token(_PAGE_TOKEN_INVALID) from None
 
 
-def _ns(ts: Timestamp) -> int:
-    return ts.seconds * 1_000_000_000 + ts.nanos
+class _Paged(Protocol):
+    page_size: int
+    page_token: str
+
+
+def _symbol_page(kind: str, symbols: Iterable[str], request: _Paged) -> tuple[list[str], str]:
+    """A page of market symbols in order, and the token of the next."""
+    size = _page_size(request.page_size)
+    after = _after(kind, request.page_token) or ""
+    rest = [s for s in sorted(symbols) if s > after]
+    page = rest[:size]
+    return page, page_token(kind, page[-1]) if len(rest) > size else ""
 
 
 def _market_pb(market: Market) -> types_pb2.Market:
@@ -185,11 +188,12 @@ class MarketDataService(marketdata_pb2_grpc.MarketDataServiceServicer):
 
     # ----------------------------------------------------------------- input
 
-    def _market(self, symbol: str, field: str = "market") -> Market:
+    def _market(self, symbol: str, field: str = "market", *, fed: bool = True) -> Market:
+        """The catalog's market named; `fed`: one this replica keeps the data of."""
         if not symbol:
             raise _invalid("MISSING_MARKET", field, "required")
         market = self._catalog.market(symbol)
-        if market is None or symbol not in self._hub.feeds:
+        if market is None or (fed and symbol not in self._hub.feeds):
             raise NotFound(
                 "MARKETDATA_UNKNOWN_MARKET",
                 f"no market {symbol!r}",
@@ -219,14 +223,9 @@ class MarketDataService(marketdata_pb2_grpc.MarketDataServiceServicer):
         request: md.ListMarketsRequest,
         context: grpc.aio.ServicerContext[md.ListMarketsRequest, md.ListMarketsResponse],
     ) -> md.ListMarketsResponse:
-        size = _page_size(request.page_size)
-        after = _untoken("market", request.page_token) or ""
-        symbols = [s for s in sorted(self._catalog.markets) if s > after]
-        page = symbols[:size]
-        more = len(symbols) > size
+        page, token = _symbol_page("market", self._catalog.markets, request)
         return md.ListMarketsResponse(
-            markets=[_market_pb(self._catalog.markets[s]) for s in page],
-            next_page_token=_token("market", page[-1]) if more else "",
+            markets=[_market_pb(self._catalog.markets[s]) for s in page], next_page_token=token
         )
 
     async def GetMarket(
@@ -234,15 +233,7 @@ class MarketDataService(marketdata_pb2_grpc.MarketDataServiceServicer):
         request: md.GetMarketRequest,
         context: grpc.aio.ServicerContext[md.GetMarketRequest, md.GetMarketResponse],
     ) -> md.GetMarketResponse:
-        if not request.market:
-            raise _invalid("MISSING_MARKET", "market", "required")
-        market = self._catalog.market(request.market)
-        if market is None:
-            raise NotFound(
-                "MARKETDATA_UNKNOWN_MARKET",
-                f"no market {request.market!r}",
-                violations=[FieldViolation("market", "not a market", "MARKETDATA_UNKNOWN_MARKET")],
-            )
+        market = self._market(request.market, fed=False)
         return md.GetMarketResponse(market=_market_pb(market))
 
     # ----------------------------------------------------------------- books
@@ -292,18 +283,18 @@ class MarketDataService(marketdata_pb2_grpc.MarketDataServiceServicer):
     ) -> md.ListTradesResponse:
         self._market(request.market)
         size = _page_size(request.page_size)
-        start = _ns(request.start_time) if request.HasField("start_time") else None
-        end = _ns(request.end_time) if request.HasField("end_time") else None
+        start = request.start_time.ToNanoseconds() if request.HasField("start_time") else None
+        end = request.end_time.ToNanoseconds() if request.HasField("end_time") else None
         if start is not None and end is not None and end <= start:
             raise _invalid("INVALID_TIME_RANGE", "end_time", "must be after start_time")
-        before = _int_token("trades", request.page_token)
+        before = _int_after("trades", request.page_token)
         found = await self._store.trades(
             request.market, start_ns=start, end_ns=end, before_seq=before, limit=size + 1
         )
         page = found[:size]
         return md.ListTradesResponse(
             trades=[trade_pb(t) for t in page],
-            next_page_token=_token("trades", str(page[-1].seq)) if len(found) > size else "",
+            next_page_token=page_token("trades", str(page[-1].seq)) if len(found) > size else "",
         )
 
     async def StreamTrades(
@@ -350,18 +341,12 @@ class MarketDataService(marketdata_pb2_grpc.MarketDataServiceServicer):
         context: grpc.aio.ServicerContext[md.ListTickersRequest, md.ListTickersResponse],
     ) -> md.ListTickersResponse:
         wanted = self._markets_of(request.markets) or frozenset(self._markets)
-        size = _page_size(request.page_size)
-        after = _untoken("ticker", request.page_token) or ""
-        symbols = [s for s in sorted(wanted) if s > after]
-        page = symbols[:size]
+        page, token = _symbol_page("ticker", wanted, request)
         tickers = []
         for symbol in page:
             with contextlib.suppress(Unavailable):  # a market still catching up is left out
                 tickers.append(await self._ticker(symbol))
-        return md.ListTickersResponse(
-            tickers=tickers,
-            next_page_token=_token("ticker", page[-1]) if len(symbols) > size else "",
-        )
+        return md.ListTickersResponse(tickers=tickers, next_page_token=token)
 
     async def StreamTickers(
         self,
@@ -397,7 +382,7 @@ class MarketDataService(marketdata_pb2_grpc.MarketDataServiceServicer):
         end = request.end_time.seconds if request.HasField("end_time") else now_s + width
         if start is not None and end <= start:
             raise _invalid("INVALID_TIME_RANGE", "end_time", "must be after start_time")
-        after = _int_token("candles", request.page_token)
+        after = _int_after("candles", request.page_token)
         if after is not None:
             start = after
         bars = await self._store.candles(
@@ -407,7 +392,9 @@ class MarketDataService(marketdata_pb2_grpc.MarketDataServiceServicer):
         page = bars[:size] if start is not None else bars[-size:]
         return md.GetCandlesResponse(
             candles=[_candle_pb(request.market, request.interval, b, now_s) for b in page],
-            next_page_token=_token("candles", str(page[-1].open_time_s + width)) if more else "",
+            next_page_token=page_token("candles", str(page[-1].open_time_s + width))
+            if more
+            else "",
         )
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from .candles import Bar, TradeFact, bars
+from .domain import Bar, TradeFact, bars
 
 __all__ = ["Store"]
 

@@ -7,7 +7,7 @@ import random
 import grpc
 import pytest
 
-from services.funding.saga import (
+from services.funding.domain import (
     COMPENSATED,
     COMPENSATING,
     COMPLETED,

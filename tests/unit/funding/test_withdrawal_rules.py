@@ -7,7 +7,7 @@ import pytest
 from services.chassis import ExchangeError
 from services.chassis.markets import DEFAULT_CATALOG
 from services.funding.config import DEFAULT_ASSETS
-from services.funding.withdrawals import parse_withdrawal
+from services.funding.domain import parse_withdrawal
 
 ETH = "0x" + "ab" * 20
 BTC = "bcrt1q" + "0" * 38

@@ -8,7 +8,7 @@ from decimal import Decimal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.marketdata.books import ASK, BID, DepthView, L2Book, Level, checksum
+from services.marketdata.domain import ASK, BID, DepthView, L2Book, Level, checksum
 
 
 def lv(ticks: int, qty: int, count: int = 1) -> Level:

@@ -7,8 +7,7 @@ from decimal import Decimal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.marketdata.candles import INTERVALS, Bar, TradeFact, bars, bucket, merge
-from services.marketdata.tickers import RollingTicker
+from services.marketdata.domain import INTERVALS, Bar, RollingTicker, TradeFact, bars, bucket, merge
 
 S = 1_000_000_000
 DAY = 86_400

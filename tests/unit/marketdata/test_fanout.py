@@ -7,7 +7,7 @@ import asyncio
 from decimal import Decimal
 
 from cex.marketdata.v1 import marketdata_pb2 as md
-from services.marketdata.books import ASK, BID, L2Book, Level
+from services.marketdata.domain import ASK, BID, L2Book, Level
 from services.marketdata.fanout import BookFanout, BookSubscriber, Limits, TradeSubscriber
 
 

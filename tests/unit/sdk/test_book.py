@@ -1,7 +1,7 @@
 """BookState: the snapshot/delta chain, its checks, and the checksum.
 
 The SDK does not import services/; these tests hold its checksum and delta
-handling to market data's own (services.marketdata.books): the deltas fed in
+handling to market data's own (services.marketdata.domain): the deltas fed in
 are the ones market data's DepthView computes for random level changes.
 """
 
@@ -15,15 +15,15 @@ import pytest
 from cex.marketdata.v1 import marketdata_pb2 as md
 from cex.type.v1 import types_pb2
 from cex_sdk import BookOutOfSync, BookState, Level, book_checksum
-from services.marketdata import books
+from services.marketdata import domain
 
 
-def _pb(levels: list[books.Level]) -> list[types_pb2.PriceLevel]:
+def _pb(levels: list[domain.Level]) -> list[types_pb2.PriceLevel]:
     return [types_pb2.PriceLevel(price=lv.price, quantity=lv.quantity) for lv in levels]
 
 
 def _snapshot(
-    view: books.DepthView, seq: int, resynced: bool = False
+    view: domain.DepthView, seq: int, resynced: bool = False
 ) -> md.StreamOrderBookResponse:
     return md.StreamOrderBookResponse(
         snapshot=md.OrderBook(
@@ -33,7 +33,7 @@ def _snapshot(
     )
 
 
-def _delta(delta: books.BookDelta, prev: int, seq: int) -> md.StreamOrderBookResponse:
+def _delta(delta: domain.BookDelta, prev: int, seq: int) -> md.StreamOrderBookResponse:
     return md.StreamOrderBookResponse(
         delta=md.OrderBookDelta(
             market="X",
@@ -46,25 +46,25 @@ def _delta(delta: books.BookDelta, prev: int, seq: int) -> md.StreamOrderBookRes
     )
 
 
-def _random_change(rng: random.Random, book: books.L2Book) -> None:
-    side = rng.choice((books.BID, books.ASK))
-    ticks = rng.randrange(9_000, 10_000) if side == books.BID else rng.randrange(10_001, 11_000)
+def _random_change(rng: random.Random, book: domain.L2Book) -> None:
+    side = rng.choice((domain.BID, domain.ASK))
+    ticks = rng.randrange(9_000, 10_000) if side == domain.BID else rng.randrange(10_001, 11_000)
     quantity = "0" if rng.random() < 0.3 else f"{rng.randrange(1, 500) / 1000:.3f}"
-    book.set(side, books.Level(ticks, f"{ticks / 100:.2f}", quantity, 1))
+    book.set(side, domain.Level(ticks, f"{ticks / 100:.2f}", quantity, 1))
 
 
 def test_the_checksum_is_market_data_s() -> None:
     rng = random.Random(7)
     for _ in range(200):
-        book = books.L2Book()
+        book = domain.L2Book()
         for _ in range(rng.randrange(0, 80)):
             _random_change(rng, book)
-        bids, asks = book.top(books.BID), book.top(books.ASK)
+        bids, asks = book.top(domain.BID), book.top(domain.ASK)
         mine = book_checksum(
             [Level(lv.price, lv.quantity) for lv in bids],
             [Level(lv.price, lv.quantity) for lv in asks],
         )
-        assert mine == books.checksum(bids, asks)
+        assert mine == domain.checksum(bids, asks)
 
 
 def test_the_checksum_string_interleaves_the_top_25_levels() -> None:
@@ -78,10 +78,10 @@ def test_the_checksum_string_interleaves_the_top_25_levels() -> None:
 
 def test_a_local_book_follows_market_data_s_deltas_exactly() -> None:
     rng = random.Random(3)
-    book = books.L2Book()
+    book = domain.L2Book()
     for _ in range(60):
         _random_change(rng, book)
-    view = books.DepthView.of(book, 10)
+    view = domain.DepthView.of(book, 10)
     state = BookState("X", depth=10)
     state.apply(_snapshot(view, 1))
     seq = 1
@@ -100,23 +100,23 @@ def test_a_local_book_follows_market_data_s_deltas_exactly() -> None:
     assert state.seq == seq and state.synced
 
 
-def _small() -> tuple[books.L2Book, books.DepthView]:
-    book = books.L2Book.of(
+def _small() -> tuple[domain.L2Book, domain.DepthView]:
+    book = domain.L2Book.of(
         5,
-        [books.Level(9900, "99.00", "1", 1)],
-        [books.Level(10100, "101.00", "2", 1)],
+        [domain.Level(9900, "99.00", "1", 1)],
+        [domain.Level(10100, "101.00", "2", 1)],
     )
-    return book, books.DepthView.of(book, 10)
+    return book, domain.DepthView.of(book, 10)
 
 
 def test_a_delta_that_does_not_start_at_the_book_s_seq_is_a_gap() -> None:
     book, view = _small()
     state = BookState("X")
     with pytest.raises(BookOutOfSync) as early:
-        state.apply(_delta(books.BookDelta((), (), view.checksum), 4, 5))
+        state.apply(_delta(domain.BookDelta((), (), view.checksum), 4, 5))
     assert early.value.reason == "gap"
     state.apply(_snapshot(view, 5))
-    book.set(books.BID, books.Level(9950, "99.50", "1", 1))
+    book.set(domain.BID, domain.Level(9950, "99.50", "1", 1))
     with pytest.raises(BookOutOfSync) as gap:
         state.apply(_delta(view.advance(book), 6, 7))  # 5 -> 6 never arrived
     assert gap.value.reason == "gap" and not state.synced
@@ -129,7 +129,7 @@ def test_a_checksum_mismatch_unsyncs_the_book() -> None:
     book, view = _small()
     state = BookState("X")
     state.apply(_snapshot(view, 5))
-    book.set(books.ASK, books.Level(10100, "101.00", "1.5", 1))
+    book.set(domain.ASK, domain.Level(10100, "101.00", "1.5", 1))
     good = _delta(view.advance(book), 5, 6)
     bad = md.StreamOrderBookResponse()
     bad.CopyFrom(good)
