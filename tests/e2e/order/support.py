@@ -111,7 +111,11 @@ class Exchange:
     def svc(self) -> tuple[tuple[str, str]]:
         return bearer(self.service_token)
 
-    async def trader(self, funds: dict[str, str] | None = None, name: str = "t") -> Trader:
+    async def trader(
+        self, funds: dict[str, str] | None = None, name: str = "t", *, withdraw: bool = False
+    ) -> Trader:
+        """A new account with `funds`, and a token that reads and trades (and
+        withdraws, if asked)."""
         account = await self.auth.CreateAccount(
             auth_pb2.CreateAccountRequest(request_id=uid("acc"), display_name=name),
             metadata=self.svc,
@@ -123,7 +127,13 @@ class Exchange:
                 request_id=uid("key"),
                 account_id=account_id,
                 label="tests",
-                scopes=[auth_pb2.API_KEY_SCOPE_READ, auth_pb2.API_KEY_SCOPE_TRADE],
+                scopes=[
+                    auth_pb2.API_KEY_SCOPE_READ,
+                    auth_pb2.API_KEY_SCOPE_TRADE,
+                    *([auth_pb2.API_KEY_SCOPE_WITHDRAW] if withdraw else []),
+                ],
+                # A withdrawing key needs an allow-list: the tests' address is loopback.
+                allowed_cidrs=["127.0.0.0/8"] if withdraw else [],
             ),
             metadata=self.svc,
             timeout=10,

@@ -128,7 +128,7 @@ async def _burst(
     """`victims`: groups of services killed together, spread over the burst;
     `withdrawals`: the buyer withdraws USDT all along."""
     seller = await exchange.trader({"BTC": "10000"}, "crash-seller")
-    buyer = await exchange.trader({"USDT": "1000000"}, "crash-buyer")
+    buyer = await exchange.trader({"USDT": "1000000"}, "crash-buyer", withdraw=withdrawals)
     # The burst's resting orders may pile up past the default 1,000 on the side
     # that places faster: that is not what is tested here.
     await exchange.lift_limits(seller, buyer)
