@@ -55,6 +55,22 @@ class StackError(RuntimeError):
 _DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
 
 
+async def _reap_group(pgid: int, timeout_s: float = 5.0) -> None:
+    """What systemd's KillMode=control-group does when a unit's main process dies: the rest of
+    its process group is killed, and gone, before it starts again. A kill -9'd postmaster leaves
+    backends attached to its shared memory; a new postmaster racing them crashed (SIGSEGV,
+    SIGBUS) until the restart budget ran out."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        await asyncio.sleep(0.05)
+
+
 def dying_with_parent(argv: Sequence[str]) -> list[str]:
     """`argv` run so that the kernel SIGKILLs it when its parent dies, even by kill -9
     (setpriv execs `argv` in place: same pid, same exit status)."""
@@ -438,6 +454,7 @@ class Stack:
                 _log.error("%s keeps dying (exit %s); not restarting", component.name, code)
                 return
             _log.warning("%s exited with %s; restarting", component.name, code)
+            await _reap_group(component.process.pid)
             await asyncio.sleep(0.5)
             if self._stopping:
                 return
