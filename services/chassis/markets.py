@@ -66,6 +66,12 @@ class Market:
     max_quantity: Decimal
     min_notional: Decimal  # in the quote asset
 
+    def asset(self, symbol: str) -> Asset:
+        """The market's base or quote asset, by symbol."""
+        if symbol not in (self.base.symbol, self.quote.symbol):
+            raise KeyError(f"{symbol} is neither {self.symbol}'s base nor its quote")
+        return self.base if symbol == self.base.symbol else self.quote
+
     def __post_init__(self) -> None:
         for name in ("tick_size", "lot_size", "min_quantity", "max_quantity"):
             if getattr(self, name) <= 0:

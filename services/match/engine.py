@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
@@ -313,10 +314,15 @@ class MarketEngine:
         self._numbers: dict[str, int] = {}  # live wire order id -> book number
         self._live: dict[int, _Live] = {}  # book number -> wire details
         self._accounts: dict[str, int] = {}
+        self._working: Counter[str] = Counter()  # wire account id -> its live orders
 
     @property
     def seq(self) -> int:
         return self.book.seq
+
+    def working_orders(self, account_id: str) -> int:
+        """The account's orders in this market's book, resting or waiting for their trigger."""
+        return self._working[account_id]
 
     def wire_ids(self, number: int) -> tuple[str, str]:
         """A live order's wire order id and account id."""
@@ -342,6 +348,7 @@ class MarketEngine:
                     p.order_id, p.client_order_id, p.account_id, p.side, p.type,
                     self._price(cmd.price), self._price(cmd.stop_price), *decoded.fees,
                 )  # fmt: skip
+                self._working[p.account_id] += 1
                 touched.append(number)
             cmd = dataclasses.replace(
                 cmd, ts=ts, order_id=number, account_id=self._account(p.account_id, create=True)
@@ -379,8 +386,12 @@ class MarketEngine:
         for number in touched:
             if self.book.order(number) is None:
                 live = self._live.pop(number, None)
-                if live is not None and self._numbers.get(live.order_id) == number:
-                    del self._numbers[live.order_id]
+                if live is not None:
+                    self._working[live.account_id] -= 1
+                    if not self._working[live.account_id]:
+                        del self._working[live.account_id]
+                    if self._numbers.get(live.order_id) == number:
+                        del self._numbers[live.order_id]
         return events
 
     def _account(self, account_id: str, *, create: bool = False) -> int:
@@ -423,6 +434,7 @@ class MarketEngine:
                 )
                 a.post_only = p.post_only
                 a.untriggered = event.order_type in (OrderType.STOP_LIMIT, OrderType.STOP_MARKET)
+                a.place.CopyFrom(p)
             case Cancelled():
                 c = out.cancelled
                 live = self._identify(c, event.order_id)
@@ -466,6 +478,7 @@ class MarketEngine:
         r.account_id = target.account_id
         if kind == "place":
             r.client_order_id = wire.place.client_order_id
+            r.place.CopyFrom(wire.place)
         else:
             live = self._live.get(self._numbers.get(r.order_id, 0))
             r.client_order_id = live.client_order_id if live is not None else ""
@@ -537,6 +550,7 @@ class MarketEngine:
             live = _Live.decode(row[1:])
             engine._live[int(row[0])] = live
             engine._numbers[live.order_id] = int(row[0])
+            engine._working[live.account_id] += 1
         return engine
 
 

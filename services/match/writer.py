@@ -43,7 +43,14 @@ from opentelemetry.propagate import inject
 from prometheus_client import Counter
 
 from cex.match.v1 import match_pb2
-from services.chassis import AlreadyExists, ExchangeError, InvalidArgument, Market, Unavailable
+from services.chassis import (
+    AlreadyExists,
+    ExchangeError,
+    FailedPrecondition,
+    InvalidArgument,
+    Market,
+    Unavailable,
+)
 from services.chassis.tracing import Context
 
 from .engine import Decoded, MarketEngine, decode
@@ -84,6 +91,16 @@ def _pack(events: Sequence[match_pb2.MatchEvent]) -> bytes:
 
 def _unpack(data: bytes) -> list[match_pb2.MatchEvent]:
     return list(match_pb2.ReplayEventsResponse.FromString(data).events)
+
+
+def _replayed_as_journaled(events: list[match_pb2.MatchEvent], journaled: bytes) -> bool:
+    if _pack(events) == journaled:
+        return True
+    # Journaled before accepted and rejected events carried their place command.
+    for event in events:
+        if (kind := event.WhichOneof("kind")) in ("accepted", "rejected"):
+            getattr(event, kind).ClearField("place")
+    return _pack(events) == journaled
 
 
 def _failed(command: match_pb2.Command, error: ExchangeError) -> match_pb2.CommandResult:
@@ -222,7 +239,7 @@ class Sequencer:
                     )
                 command = match_pb2.Command.FromString(entry.command)
                 events = engine.apply(decode(engine.market, command), entry.command_seq, entry.ts)
-                if _pack(events) != entry.events:
+                if not _replayed_as_journaled(events, entry.events):
                     raise JournalMismatch(
                         f"{entry.market}: replaying command {entry.command_seq} "
                         f"({entry.command_id}) gave other events than the journal holds"
@@ -375,7 +392,9 @@ class Sequencer:
                 if first is not None:  # the same client order under another command
                     results.append(_client_repeat(wire, first))
                     continue
-                if wire.HasField("place") and (refused := self.funds.reserve(wire.place, ts)):
+                if wire.HasField("place") and (
+                    refused := self._over_limit(wire) or self.funds.reserve(wire.place, ts)
+                ):
                     results.append(_failed(wire, refused))
                     continue
                 engine = self.engines[wire.market]
@@ -419,6 +438,28 @@ class Sequencer:
             await self.logs[symbol].extend(events)
         if snapshot is not None:
             await self._journal.save_snapshot(snapshot)
+
+    def _over_limit(self, wire: match_pb2.Command) -> ExchangeError | None:
+        """A place beyond the open-order limits it carries (R1, with the funds)."""
+        place, market = wire.place, wire.market
+        if place.max_open_orders:
+            working = sum(e.working_orders(place.account_id) for e in self.engines.values())
+            if working >= place.max_open_orders:
+                return FailedPrecondition(
+                    "RISK_OPEN_ORDERS_LIMIT_EXCEEDED",
+                    f"{working} working orders: the limit is {place.max_open_orders}",
+                    metadata={"limit": str(place.max_open_orders)},
+                )
+        if place.max_market_open_orders:
+            working = self.engines[market].working_orders(place.account_id)
+            if working >= place.max_market_open_orders:
+                return FailedPrecondition(
+                    "RISK_OPEN_ORDERS_LIMIT_EXCEEDED",
+                    f"{working} working orders in {market}: "
+                    f"the limit is {place.max_market_open_orders}",
+                    metadata={"limit": str(place.max_market_open_orders), "market": market},
+                )
+        return None
 
     def _funds_command(self, wire: match_pb2.Command, ts: int) -> match_pb2.CommandResult:
         result = match_pb2.CommandResult(command_id=wire.command_id, status=_OK)
@@ -488,17 +529,22 @@ def _client_repeat(wire: match_pb2.Command, first: Entry) -> match_pb2.CommandRe
     """A place whose client key was journaled under another command: the first
     outcome if it asks for the same order (its own order id aside), else refused."""
     journaled = match_pb2.Command.FromString(first.command)
-    again = match_pb2.Command()
-    again.CopyFrom(wire)
-    for command in (journaled, again):
-        command.command_id = command.place.order_id = ""
-    if journaled.SerializeToString(deterministic=True) != again.SerializeToString(
-        deterministic=True
-    ):
+    first_order_id = journaled.place.order_id
+    if journaled.place.request_fingerprint and wire.place.request_fingerprint:
+        same = journaled.place.request_fingerprint == wire.place.request_fingerprint
+    else:
+        again = match_pb2.Command()
+        again.CopyFrom(wire)
+        for command in (journaled, again):
+            command.command_id = command.place.order_id = ""
+        same = journaled.SerializeToString(deterministic=True) == again.SerializeToString(
+            deterministic=True
+        )
+    if not same:
         error = AlreadyExists(
             "MATCH_DUPLICATE_CLIENT_ORDER_ID",
             f"client_order_id {wire.place.client_order_id!r} was placed with other fields",
-            metadata={"order_id": match_pb2.Command.FromString(first.command).place.order_id},
+            metadata={"order_id": first_order_id},
         )
         return _failed(wire, error)
     return match_pb2.CommandResult(

@@ -23,12 +23,11 @@ class OrderConfig:
         so the hold of a market buy sized by quantity.
     risk_checks: run risk's order checks here, on the rules followed from risk (off
         only for tests of the order path alone).
-    consumer / consumer_name: run the match-event consumer, and its durable name.
+    consumer_name: the durable name of the match-event consumer that builds the
+        read model (orders, fills) from the writer's events.
     kill_switches: follow risk's kill-switch events and cancel what they ask to.
-    wait_for_consumer_s: how long cancel/amend wait for the consumer to apply
-        their own events before answering from what is stored.
-    recover_after_s: an order recorded but not acknowledged by match this long
-        ago is driven on (hold, then place; both idempotent) by the reconciler.
+    wait_for_consumer_s: how long a read waits for the consumer to store what
+        this process answered the caller before answering from what is stored.
     stream_queue: bounded queue per stream session; a reader this far behind is
         told (RESOURCE_EXHAUSTED ORDER_STREAM_SLOW_CONSUMER) and disconnected.
     mesh_target: where risk and match are called; default CEX_MESH_ADDR.
@@ -42,12 +41,9 @@ class OrderConfig:
     taker_fee_rate: str = format(DEFAULT_CATALOG.fees.taker_rate, "f")
     market_protection: Decimal = Decimal("0.05")
     risk_checks: bool = True
-    consumer: bool = True
     consumer_name: str = "order-state"
     kill_switches: bool = True
     wait_for_consumer_s: float = 2.0
-    recover_after_s: float = 3.0
-    recover_interval_s: float = 1.0
     stream_queue: int = 10_000
     deadman_interval_s: float = 0.2
     mesh_target: str | None = None
@@ -62,12 +58,9 @@ class OrderConfig:
             taker_fee_rate=format(load_catalog(env).fees.taker_rate, "f"),
             market_protection=Decimal(env_str(env, "ORDER_MARKET_PROTECTION", "0.05") or "0.05"),
             risk_checks=env_str(env, "ORDER_RISK_CHECKS", "on") != "off",
-            consumer=env_str(env, "ORDER_CONSUMER", "on") != "off",
             consumer_name=env_str(env, "ORDER_CONSUMER_NAME", "order-state") or "order-state",
             kill_switches=env_str(env, "ORDER_KILL_SWITCHES", "on") != "off",
             wait_for_consumer_s=env_float(env, "ORDER_WAIT_FOR_CONSUMER_S", 2.0),
-            recover_after_s=env_float(env, "ORDER_RECOVER_AFTER_S", 3.0),
-            recover_interval_s=env_float(env, "ORDER_RECOVER_INTERVAL_S", 1.0),
             stream_queue=env_int(env, "ORDER_STREAM_QUEUE", 10_000),
             deadman_interval_s=env_float(env, "ORDER_DEADMAN_INTERVAL_S", 0.2),
             mesh_target=env_str(env, "ORDER_MESH_TARGET"),

@@ -10,6 +10,10 @@ is skipped by the chassis' `PullConsumer` and made up for by that same gap
 fill. The orders' state is therefore always the fold of match's journal:
 after a crash it is rebuilt, not lost.
 
+An order's record is built here too, from the place command its accepted (or
+refused) event carries: the gateway writes nothing when it places (ADR 0013),
+so the journal is the only source of the read model.
+
 After each commit the executions go to the live stream sessions (`sink`) and
 callers waiting for their own command's events (`wait`) are woken.
 """
@@ -19,13 +23,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC
 
 from nats.js import JetStreamContext
 
 from cex.match.v1 import match_pb2
-from services.chassis import PullConsumer, match_events
+from services.chassis import Catalog, PullConsumer, match_events
 
-from .domain import Execution, OrderRecord, apply_event, event_order_ids
+from .domain import (
+    Execution,
+    OrderRecord,
+    apply_event,
+    event_order_ids,
+    journaled_place,
+    placed_record,
+)
 from .store import Store
 
 __all__ = ["STREAM", "EventConsumer"]
@@ -40,9 +52,17 @@ Sink = Callable[[Sequence[Execution]], None]
 
 class EventConsumer:
     def __init__(
-        self, *, store: Store, js: JetStreamContext, replay: Replay, sink: Sink, durable: str
+        self,
+        *,
+        store: Store,
+        catalog: Catalog,
+        js: JetStreamContext,
+        replay: Replay,
+        sink: Sink,
+        durable: str,
     ) -> None:
         self._store = store
+        self._catalog = catalog
         self._js = js
         self._replay = replay
         self._sink = sink
@@ -109,16 +129,23 @@ class EventConsumer:
             ids = {oid for e in todo for oid in event_order_ids(e)}
             orders = await batch.orders(sorted(ids)) if ids else {}
             changed: dict[str, OrderRecord] = {}
+            new: set[str] = set()
             for event in todo:
                 for order_id in event_order_ids(event):
                     order = orders.get(order_id)
                     if order is None:
-                        continue  # not placed through this service
+                        place = journaled_place(event)
+                        if place is None:
+                            continue  # placed before events carried their place
+                        when = event.event_time.ToDatetime(tzinfo=UTC)
+                        spec = self._catalog.markets[market]
+                        order = orders[order_id] = placed_record(spec, place, when)
+                        new.add(order_id)
                     execution = apply_event(order, event)
                     if execution is not None:
                         executions.append(execution)
                         changed[order_id] = order
-            await batch.save(list(changed.values()), executions, todo[-1].seq)
+            await batch.save(list(changed.values()), executions, todo[-1].seq, new)
             last = todo[-1].seq
         self.applied += len(todo)
         self._advance(market, last)
@@ -141,6 +168,10 @@ class EventConsumer:
             else:
                 keep.append((wanted, future))
         self._waiters[market] = keep
+
+    def cursor(self, market: str) -> int:
+        """The market's last event seq committed here (0 before this process saw one)."""
+        return self._cursors.get(market, 0)
 
     async def wait(self, market: str, seq: int, within_s: float) -> bool:
         """Wait until the market's events up to `seq` are applied; False on timeout."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -33,11 +34,16 @@ __all__ = [
     "Execution",
     "NewOrder",
     "OrderRecord",
+    "answered_order",
     "apply_event",
     "check_amend",
     "check_client_order_id",
+    "decimal_text",
     "fingerprint",
     "hold_for",
+    "journaled_place",
+    "place_command",
+    "placed_record",
     "protection_price",
     "validate_place",
 ]
@@ -371,42 +377,111 @@ class OrderRecord:
         return dataclasses.replace(self)
 
 
-def new_record(
+def place_command(
     order: NewOrder,
     *,
     order_id: str,
     account_id: str,
-    now: datetime,
     protection: Decimal | None,
-    hold: tuple[str, int],
-    session_id: str = "",
-) -> OrderRecord:
-    return OrderRecord(
+    session_id: str,
+    fees: tuple[str, str],
+    limits: tuple[int, int] = (0, 0),
+) -> match_pb2.Command:
+    """The writer's command for a validated order (ADR 0013): it carries the hold the
+    order needs, the open-order limits (account, market) the writer enforces, and
+    all a read model needs to build the order from the journal."""
+    hold_asset, hold_amount = hold_for(order, protection)
+    place = match_pb2.PlaceCommand(
         order_id=order_id,
-        account_id=account_id,
         client_order_id=order.client_order_id,
-        market=order.market.symbol,
-        side=order.side,
-        type=order.type,
-        time_in_force=order.time_in_force,
-        self_trade_prevention=order.self_trade_prevention,
-        price=order.price,
-        stop_price=order.stop_price,
-        quantity=order.quantity,
-        quote_quantity=order.quote_quantity,
+        account_id=account_id,
+        side=order.side,  # type: ignore[arg-type]
+        type=order.type,  # type: ignore[arg-type]
+        time_in_force=order.time_in_force,  # type: ignore[arg-type]
+        self_trade_prevention=order.self_trade_prevention,  # type: ignore[arg-type]
+        price=decimal_text(protection if protection is not None else order.price),
+        stop_price=decimal_text(order.stop_price),
+        quantity=decimal_text(order.quantity),
+        quote_quantity=decimal_text(order.quote_quantity),
         post_only=order.post_only,
-        expire_time=order.expire_time,
-        protection_price=protection,
-        fingerprint=order.fingerprint,
-        hold_asset=hold[0],
-        hold_amount=hold[1],
-        phase="recorded",
-        state=t.ORDER_STATE_PENDING_NEW,
-        create_time=now,
-        update_time=now,
-        remaining_quantity=order.quantity,
+        maker_fee_rate=fees[0],
+        taker_fee_rate=fees[1],
+        hold_asset=hold_asset,
+        hold_amount=order.market.asset(hold_asset).format(hold_amount),
         session_id=session_id,
+        request_fingerprint=order.fingerprint,
+        max_open_orders=limits[0],
+        max_market_open_orders=limits[1],
     )
+    if order.expire_time is not None:
+        place.expire_time.FromDatetime(order.expire_time)
+    return match_pb2.Command(
+        command_id=f"place:{order_id}", market=order.market.symbol, place=place
+    )
+
+
+def placed_record(market: Market, place: match_pb2.PlaceCommand, when: datetime) -> OrderRecord:
+    """The order a journaled place command describes, as of `when`, before its events."""
+    is_market = place.type in _MARKETS
+    price = _optional(place.price)
+    return OrderRecord(
+        order_id=place.order_id,
+        account_id=place.account_id,
+        client_order_id=place.client_order_id,
+        market=market.symbol,
+        side=place.side,
+        type=place.type,
+        time_in_force=place.time_in_force,
+        self_trade_prevention=place.self_trade_prevention,
+        price=None if is_market else price,
+        stop_price=_optional(place.stop_price),
+        quantity=_optional(place.quantity),
+        quote_quantity=_optional(place.quote_quantity),
+        post_only=place.post_only,
+        expire_time=(
+            place.expire_time.ToDatetime(tzinfo=UTC) if place.HasField("expire_time") else None
+        ),
+        protection_price=price if is_market else None,
+        fingerprint=place.request_fingerprint,
+        hold_asset=place.hold_asset,
+        hold_amount=(
+            market.asset(place.hold_asset).to_minor(place.hold_amount) if place.hold_asset else 0
+        ),
+        phase="placed",
+        state=t.ORDER_STATE_PENDING_NEW,
+        create_time=when,
+        update_time=when,
+        remaining_quantity=_optional(place.quantity),
+        session_id=place.session_id,
+    )
+
+
+def answered_order(market: Market, events: Sequence[match_pb2.MatchEvent]) -> OrderRecord | None:
+    """The order a place command's events describe (built from the journaled place
+    that its accepted or rejected event carries), with those events applied."""
+    order = None
+    for event in events:
+        if order is None and (place := journaled_place(event)) is not None:
+            order = placed_record(market, place, event.event_time.ToDatetime(tzinfo=UTC))
+        if order is not None:
+            apply_event(order, event)
+    return order
+
+
+def journaled_place(event: match_pb2.MatchEvent) -> match_pb2.PlaceCommand | None:
+    """The place command an accepted event, or a refused place's event, carries."""
+    kind = event.WhichOneof("kind")
+    if kind in ("accepted", "rejected") and getattr(event, kind).HasField("place"):
+        return getattr(event, kind).place  # type: ignore[no-any-return]
+    return None
+
+
+def decimal_text(value: Decimal | None) -> str:
+    """A decimal as the wire's plain string ("" for none)."""
+    if value is None:
+        return ""
+    text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "0") else text
 
 
 def check_amend(
@@ -491,6 +566,10 @@ class Execution:
 
 def _dec(text: str) -> Decimal:
     return parse_decimal(text) if text else _ZERO
+
+
+def _optional(text: str) -> Decimal | None:
+    return parse_decimal(text) if text else None
 
 
 def apply_event(order: OrderRecord, event: match_pb2.MatchEvent) -> Execution | None:

@@ -1,30 +1,33 @@
-"""How an order moves: validate -> risk -> record -> match (reserve, match, settle) -> ack.
+"""How an order moves: validate -> risk -> the writer (reserve, match, settle) -> ack.
 
 - Validation and risk refusals move nothing and record nothing (a retry is
   checked again).
-- The order is recorded (PENDING_NEW, phase `recorded`) before it is sent;
-  (account, client_order_id) is unique, so a retry finds it.
-- The match command `place:<order_id>` carries the hold the order needs
-  (`hold_for`); match's writer, which owns balances (ADR 0013), reserves it,
-  matches and settles in one decision and one commit, or refuses the command
-  (LEDGER_INSUFFICIENT_FUNDS) without journaling it. The command is
-  idempotent by id; `drive` sends it and is safe to repeat. The reconciler
-  repeats it for orders left `recorded` (a crash, a timeout), so every
-  recorded order ends placed or rejected.
-- Once match journaled the order, its outcome is match's events: the answer is
-  computed from the command's own events, and the consumer stores them.
+- The place command carries the hold the order needs, its stream session and
+  the fingerprint of the client's request. Match's writer, which owns balances
+  (ADR 0013), reserves, matches and settles in one decision and one commit, or
+  refuses the command (LEDGER_INSUFFICIENT_FUNDS) without journaling it. Order
+  writes nothing on this path: the answer is computed from the command's own
+  events, and the consumer builds the order's record from the same events (the
+  journaled place travels in them), so a crash anywhere loses no record.
+- A retry (same account and client_order_id) finds the stored order, or, while
+  the consumer has not stored it yet, reaches the writer under a new order id
+  and gets the first outcome: the writer keys places by client order id. Other
+  fields are ALREADY_EXISTS ORDER_DUPLICATE_CLIENT_ORDER_ID either way.
+- Cancel and amend are answered from the writer's result. A read by an account
+  first waits (bounded) until the consumer stored what this process answered
+  it (`Acknowledged`). Open-order limits are the writer's to enforce: it
+  counts exactly, where the read model lags behind the answers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import grpc
@@ -45,15 +48,17 @@ from services.chassis import (
     Unavailable,
 )
 
+from .acknowledged import Acknowledged
 from .config import OrderConfig
 from .consumer import EventConsumer
 from .domain import (
     TERMINAL,
     OrderRecord,
+    answered_order,
     apply_event,
     check_amend,
-    hold_for,
-    new_record,
+    decimal_text,
+    place_command,
     protection_price,
     validate_place,
 )
@@ -72,9 +77,7 @@ STEP_SECONDS = Histogram(
 )
 
 
-_STEPS = {
-    step: STEP_SECONDS.labels(step) for step in ("validate", "lookup", "risk", "record", "match")
-}
+_STEPS = {step: STEP_SECONDS.labels(step) for step in ("validate", "lookup", "risk", "match")}
 
 
 class _Steps:
@@ -94,18 +97,12 @@ class _Steps:
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 # A match refusal that may pass (ownership moving between replicas).
 _MATCH_TRANSIENT = {"MATCH_NOT_MARKET_OWNER"}
+_NO_CONSUMER = 2**62  # without a consumer, nothing is waited for
 
 
 def new_order_id() -> str:
     """Time-ordered and unique: 12 hex digits of milliseconds, 10 random."""
     return f"o{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
-
-
-def _d(value: Decimal | None) -> str:
-    if value is None:
-        return ""
-    text = format(value.normalize(), "f")
-    return "0" if text in ("-0", "0") else text
 
 
 class StoredRejection(ExchangeError):
@@ -144,13 +141,6 @@ class Flow:
         self.match = match
         self.consumer = consumer
         self.clock = clock
-        self.inserts: Batcher[OrderRecord, bool] = Batcher(
-            self.store.insert_many, name="inserts", max_batch=500
-        )
-        self.phases: Batcher[str, None] = Batcher(self._mark_placed, name="phases", max_batch=2000)
-        self.lookups: Batcher[tuple[str, str, str], tuple[OrderRecord | None, int, int]] = Batcher(
-            self.store.lookup_many, name="lookups", max_batch=500
-        )
         # Point reads and the request log, coalesced across concurrent calls.
         self.gets: Batcher[str, OrderRecord | None] = Batcher(
             self.store.get_many, name="gets", max_batch=500
@@ -164,14 +154,9 @@ class Flow:
         self.remembers: Batcher[tuple[str, str, str, str, bytes], None] = Batcher(
             self.store.remember_many, name="remembers", max_batch=500
         )
-        self._background: set[asyncio.Task[None]] = set()
-        # The latest event seq per market seen in match's answers to this process:
-        # a read of an order placed here waits (bounded) for the consumer to store it.
-        self._seen: dict[str, int] = {}
-
-    async def _mark_placed(self, order_ids: list[str]) -> list[None]:
-        await self.store.set_phase(order_ids, "placed")
-        return [None] * len(order_ids)
+        self.acknowledged = Acknowledged(
+            consumer.cursor if consumer is not None else lambda _market: _NO_CONSUMER
+        )
 
     async def run(self) -> None:
         """The batchers' loops (until cancelled)."""
@@ -179,9 +164,6 @@ class Flow:
             *(
                 batcher.run()
                 for batcher in (
-                    self.inserts,
-                    self.phases,
-                    self.lookups,
                     self.gets,
                     self.by_client,
                     self.requests,
@@ -189,6 +171,25 @@ class Flow:
                 )
             )
         )
+
+    async def caught_up(self, account_id: str | None) -> None:
+        """Wait (bounded) until the consumer stored what this process answered the
+        account (every account, with None): a read after an answer shows it."""
+        if self.consumer is None:
+            return
+        wanted = self.acknowledged.awaited(account_id)
+        await asyncio.gather(
+            *(
+                self.consumer.wait(market, seq, self.config.wait_for_consumer_s)
+                for market, seq in wanted.items()
+            )
+        )
+
+    def _answered(self, order: OrderRecord, result: match_pb2.CommandResult) -> None:
+        if result.events:
+            self.acknowledged.add(
+                order.account_id, order.order_id, order.market, result.events[-1].seq
+            )
 
     # -- place ---------------------------------------------------------------
 
@@ -204,11 +205,9 @@ class Flow:
         step = _Steps()
         order = validate_place(request, self.catalog, now, prefix)
         step("validate")
-        existing, open_orders, market_open = await self.lookups.submit(
-            (account_id, order.client_order_id, order.market.symbol)
-        )
+        existing = await self.by_client.submit((account_id, order.client_order_id))
         if existing is not None:
-            return await self._repeat(existing, order.fingerprint)
+            return _repeat(existing, order.fingerprint)
         order_id = new_order_id()
         step("lookup")
         reference = await self.risk.check(
@@ -224,8 +223,6 @@ class Flow:
                 stop_price=request.stop_price,
                 quantity=request.quantity,
                 quote_quantity=request.quote_quantity,
-                open_orders=open_orders,
-                market_open_orders=market_open,
             )
         )
         step("risk")
@@ -244,111 +241,29 @@ class Flow:
             protection = protection_price(
                 order.market, order.side, reference, self.config.market_protection
             )
-        record = new_record(
+        command = place_command(
             order,
             order_id=order_id,
             account_id=account_id,
-            now=now,
             protection=protection,
-            hold=hold_for(order, protection),
             session_id=session_id,
+            fees=(self.config.maker_fee_rate, self.config.taker_fee_rate),
+            limits=self.risk.open_order_limits(account_id, order.market.symbol),
         )
-        if not await self.inserts.submit(record):
-            existing = await self.by_client.submit((account_id, order.client_order_id))
-            assert existing is not None
-            return await self._repeat(existing, order.fingerprint)
-        step("record")
-        return await self.drive(record, step)
-
-    async def _repeat(self, existing: OrderRecord, fingerprint: str) -> OrderRecord:
-        if existing.fingerprint != fingerprint:
-            raise AlreadyExists(
-                "ORDER_DUPLICATE_CLIENT_ORDER_ID",
-                "this client_order_id was used for another order",
-                metadata={"order_id": existing.order_id},
-            )
-        if existing.phase == "failed":
-            raise _stored_error(existing)
-        if existing.phase == "recorded":
-            return await self.drive(existing)
-        return existing
-
-    def _place_command(self, order: OrderRecord) -> match_pb2.Command:
-        place = match_pb2.PlaceCommand(
-            order_id=order.order_id,
-            client_order_id=order.client_order_id,
-            account_id=order.account_id,
-            side=order.side,  # type: ignore[arg-type]
-            type=order.type,  # type: ignore[arg-type]
-            time_in_force=order.time_in_force,  # type: ignore[arg-type]
-            self_trade_prevention=order.self_trade_prevention,  # type: ignore[arg-type]
-            price=_d(order.protection_price if order.protection_price else order.price),
-            stop_price=_d(order.stop_price),
-            quantity=_d(order.quantity),
-            quote_quantity=_d(order.quote_quantity),
-            post_only=order.post_only,
-            maker_fee_rate=self.config.maker_fee_rate,
-            taker_fee_rate=self.config.taker_fee_rate,
-            hold_asset=order.hold_asset,
-            hold_amount=self.catalog.assets[order.hold_asset].format(order.hold_amount),
-        )
-        if order.expire_time is not None:
-            place.expire_time.FromDatetime(order.expire_time)
-        return match_pb2.Command(
-            command_id=f"place:{order.order_id}", market=order.market, place=place
-        )
-
-    async def drive(self, order: OrderRecord, step: _Steps | None = None) -> OrderRecord:
-        """Place in match (idempotent: reserve, match, settle); the order as of its answer."""
-        step = step or _Steps()
-        result = await self.match.submit(self._place_command(order))
+        result = await self.match.submit(command)
         step("match")
         if result.status.code:
-            reason = ErrorDetails.from_status(result.status).reason
-            if result.status.code in _TRANSIENT_CODES or reason in _MATCH_TRANSIENT:
-                raise StatusError(result.status, "ORDER_MATCH_UNAVAILABLE")
-            await self._fail(order, result.status)
-            raise StatusError(result.status, "ORDER_MATCH_REFUSED")
-        # Bookkeeping off the answer's path: if it is lost the reconciler drives
-        # the order again, which finds the hold and match's first answer.
-        if result.events:
-            self._saw(order.market, result.events[-1].seq)
-        task = asyncio.create_task(self.phases.submit(order.order_id))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        view = order.copy()
-        view.phase = "placed"
-        for event in result.events:
-            apply_event(view, event)
-        return view
-
-    async def _fail(self, order: OrderRecord, status: status_pb2.Status) -> None:
-        details = ErrorDetails.from_status(status)
-        await self.store.fail(
-            order.order_id,
-            code=status.code,
-            reason=details.reason or "ORDER_REJECTED",
-            message=details.message,
-            domain=details.domain,
-            now=self.clock(),
-        )
-
-    async def recover(self) -> int:
-        """Drive every order recorded but not placed for a while; returns how many."""
-        older = self.clock() - timedelta(seconds=self.config.recover_after_s)
-        stuck = await self.store.unplaced(older)
-        done = 0
-        for order in stuck:
-            try:
-                await self.drive(order)
-                done += 1
-            except ExchangeError as error:
-                _log.info("recovering %s: %s", order.order_id, error.reason)
-        return done
+            raise _refused(result.status)
+        placed = answered_order(order.market, result.events)
+        if placed is None:  # every place is accepted or rejected by the book
+            raise Unavailable("ORDER_MATCH_UNAVAILABLE", "matching answered the order without it")
+        self._answered(placed, result)
+        return placed
 
     # -- lookups ---------------------------------------------------------------
 
     async def find(self, account_id: str, order_id: str, client_order_id: str) -> OrderRecord:
+        await self.caught_up(account_id)
         if order_id:
             order = await self.gets.submit(order_id)
             if order is not None and order.account_id != account_id:
@@ -360,30 +275,6 @@ class Flow:
                 "ORDER_NOT_FOUND",
                 f"no order {order_id or client_order_id!r} for this account",
             )
-        if order.state == t.ORDER_STATE_PENDING_NEW:
-            # Acknowledged from match's answer, not stored by the consumer yet:
-            # read your own writes (waits only in that window).
-            seen = self._seen.get(order.market, 0)
-            if self.consumer is not None and seen:
-                await self.consumer.wait(order.market, seen, self.config.wait_for_consumer_s)
-                order = await self.gets.submit(order.order_id) or order
-        return order
-
-    def _saw(self, market: str, seq: int) -> None:
-        if seq > self._seen.get(market, 0):
-            self._seen[market] = seq
-
-    async def _settled(self, market: str, events: Sequence[match_pb2.MatchEvent]) -> None:
-        """Wait (bounded) until the consumer stored these events."""
-        if self.consumer is not None and events:
-            await self.consumer.wait(market, events[-1].seq, self.config.wait_for_consumer_s)
-
-    async def _placed(self, order: OrderRecord) -> OrderRecord:
-        """An order match knows about (a recorded one is driven first)."""
-        if order.phase == "recorded":
-            return await self.drive(order)
-        if order.phase == "failed":
-            raise _stored_error(order)
         return order
 
     async def _command(self, command: match_pb2.Command) -> match_pb2.CommandResult:
@@ -416,7 +307,6 @@ class Flow:
                 f"the order is {t.OrderState.Name(order.state).removeprefix('ORDER_STATE_')}",  # type: ignore[arg-type]
                 metadata={"order_id": order.order_id},
             )
-        order = await self._placed(order)
         result = await self._command(
             match_pb2.Command(
                 command_id=f"cancel:{order.order_id}",
@@ -428,14 +318,16 @@ class Flow:
                 ),
             )
         )
-        await self._settled(order.market, result.events)
-        latest = await self.gets.submit(order.order_id)
-        assert latest is not None
-        if latest.state not in TERMINAL:
-            # The consumer is behind: answer from the command's own events.
-            for event in result.events:
-                apply_event(latest, event)
-        return latest
+        answered = order.copy()
+        for event in result.events:
+            apply_event(answered, event)
+        self._answered(answered, result)
+        if answered.state in TERMINAL:
+            return answered
+        # Not in the book any more (filled or closed by events this answer does not
+        # carry): the order as stored once the consumer passed this answer.
+        await self.caught_up(order.account_id)
+        return await self.gets.submit(order.order_id) or answered
 
     async def cancel_all(
         self,
@@ -446,26 +338,20 @@ class Flow:
         session_id: str = "",
         tag: str = "",
     ) -> list[OrderRecord]:
+        await self.caught_up(account_id)
         working = await self.store.working(account_id, market, side, session_id)
-        for order in working:
-            if order.phase == "recorded":
-                # rejected or still unreachable: nothing to cancel in the book
-                with contextlib.suppress(ExchangeError):
-                    await self.drive(order)
         if session_id:  # only this session's orders: one cancel each
             cancelled = []
             for order in working:
-                fresh = await self.store.get(order.order_id)
-                if fresh is not None and fresh.state not in TERMINAL:
-                    try:
-                        cancelled.append(await self.cancel(fresh, reason))
-                    except ExchangeError as error:
-                        _log.warning("cancel-on-disconnect of %s: %s", order.order_id, error)
+                try:
+                    cancelled.append(await self.cancel(order, reason))
+                except ExchangeError as error:
+                    _log.warning("cancel-on-disconnect of %s: %s", order.order_id, error)
             return cancelled
-        markets = sorted({o.market for o in working})
+        answered = {order.order_id: order for order in working}
         tag = tag or uuid.uuid4().hex
         ids: list[str] = []
-        for symbol in markets:
+        for symbol in sorted({o.market for o in working}):
             result = await self._command(
                 match_pb2.Command(
                     command_id=f"mass:{account_id}:{tag}",
@@ -477,11 +363,17 @@ class Flow:
                     ),
                 )
             )
-            ids += [e.cancelled.order_id for e in result.events if e.HasField("cancelled")]
-            await self._settled(symbol, result.events)
-        if not ids:
-            return []
-        return [found for found in await self.store.get_many(ids) if found is not None]
+            for event in result.events:
+                if event.HasField("cancelled"):
+                    ids.append(event.cancelled.order_id)
+                    if (mine := answered.get(event.cancelled.order_id)) is not None:
+                        apply_event(mine, event)
+                        self._answered(mine, result)
+        unknown = [i for i in ids if i not in answered]  # stored while this ran
+        for stored in await self.store.get_many(unknown) if unknown else []:
+            if stored is not None:
+                answered[stored.order_id] = stored
+        return [answered[i] for i in ids if i in answered]
 
     # -- amend -------------------------------------------------------------------
 
@@ -494,7 +386,6 @@ class Flow:
             )
         market = self.catalog.markets[order.market]
         check_amend(order, market, price, quantity)
-        order = await self._placed(order)
         new_qty = quantity if quantity is not None else order.quantity
         assert new_qty is not None
         await self.risk.check(
@@ -506,9 +397,9 @@ class Flow:
                 client_order_id=order.client_order_id,
                 side=order.side,  # type: ignore[arg-type]
                 type=order.type,  # type: ignore[arg-type]
-                price=_d(price if price is not None else order.price),
-                stop_price=_d(order.stop_price),
-                quantity=_d(new_qty - order.filled_quantity),
+                price=decimal_text(price if price is not None else order.price),
+                stop_price=decimal_text(order.stop_price),
+                quantity=decimal_text(new_qty - order.filled_quantity),
             )
         )
         result = await self._command(
@@ -518,8 +409,8 @@ class Flow:
                 amend=match_pb2.AmendCommand(
                     order_id=order.order_id,
                     account_id=order.account_id,
-                    price=_d(price),
-                    quantity=_d(quantity),
+                    price=decimal_text(price),
+                    quantity=decimal_text(quantity),
                 ),
             )
         )
@@ -531,12 +422,38 @@ class Flow:
                     r.message or "matching refused the amend",
                     metadata={"order_id": order.order_id},
                 )
-        await self._settled(order.market, result.events)
-        latest = await self.gets.submit(order.order_id)
-        assert latest is not None
+        answered = order.copy()
         for event in result.events:
-            apply_event(latest, event)  # no-op where the consumer already did
-        return latest
+            apply_event(answered, event)
+        self._answered(answered, result)
+        return answered
+
+
+def _repeat(existing: OrderRecord, fingerprint: str) -> OrderRecord:
+    """A place whose (account, client_order_id) is stored: the same order, or refused."""
+    if existing.fingerprint != fingerprint:
+        raise AlreadyExists(
+            "ORDER_DUPLICATE_CLIENT_ORDER_ID",
+            "this client_order_id was used for another order",
+            metadata={"order_id": existing.order_id},
+        )
+    if existing.phase == "failed":  # refused before the writer answered places (ADR 0013)
+        raise _stored_error(existing)
+    return existing
+
+
+def _refused(status: status_pb2.Status) -> ExchangeError:
+    """A place the writer did not accept: transient, another order's key, or refused."""
+    details = ErrorDetails.from_status(status)
+    if status.code in _TRANSIENT_CODES or details.reason in _MATCH_TRANSIENT:
+        return StatusError(status, "ORDER_MATCH_UNAVAILABLE")
+    if details.reason == "MATCH_DUPLICATE_CLIENT_ORDER_ID":
+        return AlreadyExists(
+            "ORDER_DUPLICATE_CLIENT_ORDER_ID",
+            "this client_order_id was used for another order",
+            metadata=details.metadata,
+        )
+    return StatusError(status, "ORDER_MATCH_REFUSED")
 
 
 _TRANSIENT_CODES = frozenset(

@@ -73,6 +73,7 @@ class KillSwitchConsumer:
         if switch.scope == risk_pb2.KILL_SWITCH_SCOPE_ACCOUNT:
             accounts = [switch.account_id]
         else:
+            await self._flow.caught_up(None)  # orders answered here and not stored yet
             accounts = await self._flow.store.accounts_working(market)
         for account in accounts:
             await self._flow.cancel_all(

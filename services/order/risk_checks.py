@@ -5,8 +5,9 @@ them on `WatchRules`: the whole set on connect, again at once after every
 change, a heartbeat otherwise. `RulesFollower` keeps the latest copy (never
 one with an older change sequence), reconnecting by itself; `RiskChecks` runs
 risk's own `OrderChecks` on that copy, with the per-account rate buckets in
-Redis that every checking process shares. So an order's way leaves the
-process for nothing but the writer.
+Redis that every checking process shares, except the open-order limits, which
+go to the writer with the order (it counts working orders exactly). So an
+order's way leaves the process for nothing but the writer.
 
 A copy that has heard nothing for `stale_heartbeats` heartbeats (risk away, or
 the stream broken) is stale: checks refuse with UNAVAILABLE
@@ -31,7 +32,7 @@ from services.chassis import Catalog, Unavailable
 from services.chassis.money import parse_decimal
 from services.risk.bucket import RateLimiter
 from services.risk.checks import OrderChecks
-from services.risk.domain import KillSwitches, Limits
+from services.risk.domain import KillSwitches, Limits, market_rule
 from services.risk.rules import FollowedRules
 
 from .downstream import StatusError, rate_usage_var
@@ -122,6 +123,14 @@ class RiskChecks:
         self._checks = OrderChecks(follower, limiter, catalog)
         self._enabled = enabled
         self._first_rules_s = first_rules_s
+
+    def open_order_limits(self, account_id: str, market: str) -> tuple[int, int]:
+        """The account's open-order limits (all markets, `market`; 0: none). The writer
+        enforces them: it counts working orders exactly, as of its own decision."""
+        if not self._enabled:
+            return 0, 0
+        limits = self._follower.limits(account_id)
+        return limits.max_open_orders, market_rule(limits, market).max_open_orders
 
     async def check(self, request: risk_pb2.CheckOrderRequest) -> Decimal | None:
         """None or the reference price; raises the denial (or ORDER_RISK_RULES_STALE)."""

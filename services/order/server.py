@@ -1,8 +1,8 @@
 """order service: proto <-> the flow and errors, and the composition root.
 
 `build_server` wires the store, the downstream clients (risk, match
-through the mesh), the match-event consumer, the reconciler of unplaced
-orders, the dead man's switches and the stream sessions into one `Server`.
+through the mesh), the match-event consumer (the read model's only writer),
+the dead man's switches and the stream sessions into one `Server`.
 """
 
 from __future__ import annotations
@@ -487,6 +487,7 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
             after=after,
             limit=limit + 1,
         )
+        await self.flow.caught_up(account)
         rows = await self.store.query(query)
         token = ""
         if len(rows) > limit:
@@ -512,6 +513,7 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
         if request.page_token:
             doc = _untoken(request.page_token, key)
             after = (datetime.fromisoformat(doc["t"]), int(doc["s"]), str(doc["id"]))
+        await self.flow.caught_up(account)
         rows = await self.store.fills(
             account,
             market=request.market,
@@ -572,7 +574,7 @@ async def build_server(
         server,
         schema="order",
         migrations=MIGRATIONS,
-        nats=config.consumer,
+        nats=True,  # the read model is built from match's events
         redis=settings.redis_url is not None,  # the rate buckets risk's checks take from
         session_reset=False,
     )
@@ -598,16 +600,16 @@ async def build_server(
     risk = RiskChecks(follower, limiter, catalog, enabled=config.risk_checks)
     await server.enter(background(match.run(), "order-match-stream"))
     sessions = Sessions(catalog, queue_size=config.stream_queue)
-    consumer = None
-    if config.consumer and infra.nats is not None:
-        consumer = EventConsumer(
-            store=store,
-            js=infra.nats.jetstream(),
-            replay=match.replay,
-            sink=sessions.publish,
-            durable=config.consumer_name,
-        )
-        await server.enter(background(consumer.run(), "order-consumer"))
+    assert infra.nats is not None
+    consumer = EventConsumer(
+        store=store,
+        catalog=catalog,
+        js=infra.nats.jetstream(),
+        replay=match.replay,
+        sink=sessions.publish,
+        durable=config.consumer_name,
+    )
+    await server.enter(background(consumer.run(), "order-consumer"))
     flow = Flow(
         store=store,
         catalog=catalog,
@@ -619,16 +621,11 @@ async def build_server(
     sessions.flow = flow
     await server.enter(background(flow.run(), "order-batchers"))
     deadman = DeadMan(store, flow)
-    if infra.nats is not None and config.kill_switches:
+    if config.kill_switches:
         kills = KillSwitchConsumer(
             flow=flow, js=infra.nats.jetstream(), durable=f"{config.consumer_name}-kill-switches"
         )
         await server.enter(background(kills.run(), "order-kill-switches"))
-    await server.enter(
-        background(
-            _every(config.recover_interval_s, flow.recover, "reconciler"), "order-reconciler"
-        )
-    )
     await server.enter(
         background(_every(config.deadman_interval_s, deadman.fire_due, "deadman"), "order-deadman")
     )

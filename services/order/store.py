@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
@@ -16,11 +16,6 @@ from .domain import WORKING, Execution, OrderRecord
 __all__ = ["FillRow", "OrderQuery", "Store"]
 
 _COLUMNS = [f.name for f in fields(OrderRecord)]
-_INSERT = (
-    f"INSERT INTO orders ({', '.join(_COLUMNS)}) "
-    f"VALUES ({', '.join(f'${i + 1}' for i in range(len(_COLUMNS)))}) "
-    "ON CONFLICT (account_id, client_order_id) DO NOTHING"
-)
 _TYPES = {
     "side": "smallint",
     "type": "smallint",
@@ -50,7 +45,7 @@ _TYPES = {
 _INSERT_MANY = (
     f"INSERT INTO orders ({', '.join(_COLUMNS)}) SELECT * FROM unnest("
     + ", ".join(f"${i + 1}::{_TYPES.get(c, 'text')}[]" for i, c in enumerate(_COLUMNS))
-    + ") ON CONFLICT (account_id, client_order_id) DO NOTHING RETURNING order_id"
+    + ") ON CONFLICT (account_id, client_order_id) DO NOTHING"
 )
 # What the consumer changes when it applies events.
 _EVENT_COLUMNS = [
@@ -124,69 +119,6 @@ class Store:
 
     # -- orders ----------------------------------------------------------------
 
-    async def insert(self, order: OrderRecord) -> bool:
-        """True if recorded; False if (account, client_order_id) already exists."""
-        return (await self.insert_many([order]))[0]
-
-    async def insert_many(self, orders: Sequence[OrderRecord]) -> list[bool]:
-        """Record orders with one statement and one commit; per order, True if
-        recorded, False if its (account, client_order_id) already existed."""
-        if len(orders) == 1:
-            status = await self.pool.execute(_INSERT, *(getattr(orders[0], c) for c in _COLUMNS))
-            return [status == "INSERT 0 1"]
-        columns = [[getattr(o, c) for o in orders] for c in _COLUMNS]
-        rows = await self.pool.fetch(_INSERT_MANY, *columns)
-        inserted = {r["order_id"] for r in rows}
-        return [o.order_id in inserted for o in orders]
-
-    async def lookup(
-        self, account_id: str, client_order_id: str, market: str
-    ) -> tuple[OrderRecord | None, int, int]:
-        """One round trip before a place: the order with this client_order_id if any,
-        and the account's working orders (all markets, this market)."""
-        row = await self.pool.fetchrow(
-            "SELECT o.*, c.total, c.here FROM (SELECT count(*) AS total, "
-            "count(*) FILTER (WHERE market = $3) AS here FROM orders "
-            f"WHERE account_id = $1 AND state IN {_WORKING_SQL}) c "
-            "LEFT JOIN orders o ON o.account_id = $1 AND o.client_order_id = $2",
-            account_id,
-            client_order_id,
-            market,
-        )
-        assert row is not None
-        found = _record(row) if row["order_id"] is not None else None
-        return found, int(row["total"]), int(row["here"])
-
-    async def lookup_many(
-        self, items: Sequence[tuple[str, str, str]]
-    ) -> list[tuple[OrderRecord | None, int, int]]:
-        """`lookup` for many (account_id, client_order_id, market) at once: two queries
-        on one connection, the working orders counted once per account."""
-        if len(items) == 1:
-            return [await self.lookup(*items[0])]
-        accounts = [a for a, _, _ in items]
-        async with self.pool.acquire() as conn:
-            found = await conn.fetch(
-                "SELECT o.* FROM unnest($1::text[], $2::text[]) AS q(account_id, client_order_id) "
-                "JOIN orders o ON o.account_id = q.account_id "
-                "AND o.client_order_id = q.client_order_id",
-                accounts,
-                [c for _, c, _ in items],
-            )
-            counts = await conn.fetch(
-                "SELECT account_id, market, count(*) AS n FROM orders "
-                f"WHERE account_id = ANY($1::text[]) AND state IN {_WORKING_SQL} "
-                "GROUP BY account_id, market",
-                list(set(accounts)),
-            )
-        existing = {(r["account_id"], r["client_order_id"]): _record(r) for r in found}
-        total: dict[str, int] = {}
-        here: dict[tuple[str, str], int] = {}
-        for r in counts:
-            total[r["account_id"]] = total.get(r["account_id"], 0) + int(r["n"])
-            here[(r["account_id"], r["market"])] = int(r["n"])
-        return [(existing.get((a, c)), total.get(a, 0), here.get((a, m), 0)) for a, c, m in items]
-
     async def get(self, order_id: str) -> OrderRecord | None:
         row = await self.pool.fetchrow("SELECT * FROM orders WHERE order_id = $1", order_id)
         return _record(row) if row else None
@@ -223,45 +155,6 @@ class Store:
         )
         return _record(row) if row else None
 
-    async def set_phase(self, order_ids: Sequence[str], phase: str) -> None:
-        """Recoverable bookkeeping: a lost update only makes the reconciler look again.
-        One statement (its own transaction), committed without waiting for the WAL
-        flush: set_config(..., true) holds until that transaction's commit."""
-        await self.pool.execute(
-            "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) "
-            "UPDATE orders SET phase = $2 FROM relaxed WHERE order_id = ANY($1::text[]) "
-            "AND phase = 'recorded'",
-            list(order_ids),
-            phase,
-        )
-
-    async def fail(
-        self, order_id: str, *, code: int, reason: str, message: str, domain: str, now: datetime
-    ) -> OrderRecord | None:
-        """The order never reached match: REJECTED, with the status to answer retries with."""
-        row = await self.pool.fetchrow(
-            "UPDATE orders SET phase = 'failed', state = 7, reject_code = $2, "
-            "reject_reason = $3, reject_message = $4, reject_domain = $5, "
-            "remaining_quantity = 0, update_time = $6, version = version + 1 "
-            "WHERE order_id = $1 AND phase = 'recorded' RETURNING *",
-            order_id,
-            code,
-            reason,
-            message[:500],
-            domain,
-            now,
-        )
-        return _record(row) if row else None
-
-    async def unplaced(self, older_than: datetime, limit: int = 500) -> list[OrderRecord]:
-        rows = await self.pool.fetch(
-            "SELECT * FROM orders WHERE phase = 'recorded' AND create_time < $1 "
-            "ORDER BY create_time LIMIT $2",
-            older_than,
-            limit,
-        )
-        return [_record(r) for r in rows]
-
     async def working(
         self, account_id: str, market: str = "", side: int = 0, session_id: str = ""
     ) -> list[OrderRecord]:
@@ -277,17 +170,6 @@ class Store:
             args.append(session_id)
             sql += f" AND session_id = ${len(args)}"
         return [_record(r) for r in await self.pool.fetch(sql, *args)]
-
-    async def count_working(self, account_id: str, market: str) -> tuple[int, int]:
-        """The account's working orders: (all markets, this market)."""
-        row = await self.pool.fetchrow(
-            "SELECT count(*) AS total, count(*) FILTER (WHERE market = $2) AS here "
-            f"FROM orders WHERE account_id = $1 AND state IN {_WORKING_SQL}",
-            account_id,
-            market,
-        )
-        assert row is not None
-        return int(row["total"]), int(row["here"])
 
     async def accounts_working(self, market: str = "") -> list[str]:
         """Accounts with working orders (in `market`, or anywhere)."""
@@ -498,12 +380,22 @@ class MarketBatch:
         return {r["order_id"]: _record(r) for r in rows}
 
     async def save(
-        self, orders: Sequence[OrderRecord], executions: Sequence[Execution], cursor: int
+        self,
+        orders: Sequence[OrderRecord],
+        executions: Sequence[Execution],
+        cursor: int,
+        new: Collection[str] = (),
     ) -> None:
-        if orders:
+        """Store the orders the batch changed (`new`: built from their journaled place,
+        inserted whole), their executions, and the market's cursor, in one commit."""
+        if inserted := [o for o in orders if o.order_id in new]:
+            await self.conn.execute(
+                _INSERT_MANY, *([getattr(o, c) for o in inserted] for c in _COLUMNS)
+            )
+        if updated := [o for o in orders if o.order_id not in new]:
             await self.conn.executemany(
                 _UPDATE,
-                [(o.order_id, *(getattr(o, c) for c in _EVENT_COLUMNS)) for o in orders],
+                [(o.order_id, *(getattr(o, c) for c in _EVENT_COLUMNS)) for o in updated],
             )
         fills = [
             (

@@ -13,6 +13,7 @@ from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.order.v1 import order_pb2
 from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex.type.v1 import types_pb2 as t
+from services.chassis import ErrorDetails
 from tests.e2e.order.support import BUY, MARKET, SELL, Exchange, Trader, error_of, fields, uid
 
 D = Decimal
@@ -184,16 +185,19 @@ async def test_batch_place_answers_each_item(exchange: Exchange) -> None:
     assert codes == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0], 9]  # 9: FAILED_PRECONDITION
     assert [r.client_order_id for r in reply.results] == [i.client_order_id for i in items]
     assert reply.results[0].order.state == t.ORDER_STATE_OPEN
-    # The unfunded one was recorded as rejected, with the ledger's reason.
-    rejected = await mm.orders.GetOrder(
-        order_pb2.GetOrderRequest(client_order_id=items[2].client_order_id),
-        metadata=mm.md,
-        timeout=10,
-    )
-    assert (rejected.order.state, rejected.order.reject_reason) == (
-        t.ORDER_STATE_REJECTED,
-        "LEDGER_INSUFFICIENT_FUNDS",
-    )
+    assert ErrorDetails.from_status(reply.results[2].status).reason == "LEDGER_INSUFFICIENT_FUNDS"
+    # The unfunded one was refused before the book, like a risk refusal: nothing of it
+    # is recorded, and the same client_order_id is checked again once it is funded.
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await mm.orders.GetOrder(
+            order_pb2.GetOrderRequest(client_order_id=items[2].client_order_id),
+            metadata=mm.md,
+            timeout=10,
+        )
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    await exchange.deposit(mm.account_id, "USDT", "480")
+    again = await mm.orders.PlaceOrder(items[2], metadata=mm.md, timeout=10)
+    assert again.order.state == t.ORDER_STATE_OPEN
     with pytest.raises(grpc.aio.AioRpcError) as too_many:
         await mm.orders.BatchPlaceOrders(
             order_pb2.BatchPlaceOrdersRequest(requests=[items[0]] * 21), metadata=mm.md, timeout=10
@@ -277,10 +281,24 @@ async def test_every_risk_refusal_has_its_reason(exchange: Exchange) -> None:
         metadata=exchange.svc,
         timeout=10,
     )
+    first = await buyer.place(market="ETH-USDT", side=BUY, price="1990", quantity="0.1")
+    for _ in range(100):  # the limit reaches order's copy of risk's rules
+        try:
+            extra = await buyer.place(market="ETH-USDT", side=BUY, price="1980", quantity="0.1")
+        except grpc.aio.AioRpcError as error:
+            limited = error_of(error)
+            break
+        await buyer.cancel(extra.order_id)
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("no open-order limit")
+    assert limited.reason == "RISK_OPEN_ORDERS_LIMIT_EXCEEDED"
+    # An order answered a moment ago counts before the read model stores it.
+    await buyer.cancel(first.order_id)
     await buyer.place(market="ETH-USDT", side=BUY, price="1990", quantity="0.1")
-    with pytest.raises(grpc.aio.AioRpcError) as limited:
+    with pytest.raises(grpc.aio.AioRpcError) as at_once:
         await buyer.place(market="ETH-USDT", side=BUY, price="1980", quantity="0.1")
-    assert error_of(limited.value).reason == "RISK_OPEN_ORDERS_LIMIT_EXCEEDED"
+    assert error_of(at_once.value).reason == "RISK_OPEN_ORDERS_LIMIT_EXCEEDED"
     # Refusals hold nothing: 200 spent on the trade, 199 held by the one open order.
     assert await exchange.hold_settles(buyer.account_id, {"USDT": ("601", "199")}) == {
         "USDT": (D(601), D(199))

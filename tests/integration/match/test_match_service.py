@@ -114,6 +114,70 @@ async def test_a_client_order_is_placed_once_whatever_its_order_id(running: Runn
     client = await running.start()
     (after,) = await client.submit([place("place:o-5", retry)])
     assert after.duplicate and after.events[0].accepted.order_id == "o-1"
+    # The journaled place travels in its accepted event (a read model builds the order).
+    assert after.events[0].accepted.place == first
+
+
+async def test_a_retry_is_the_same_order_when_its_request_fingerprint_is(
+    running: Running,
+) -> None:
+    """A gateway's retry of a market order may carry another protection price: with
+    fingerprints, those decide, not the command's fields."""
+    client = await running.start()
+    first = limit("f-1", "alice", t.SIDE_BUY, "0.1", "60000")
+    first.request_fingerprint = "same-request"
+    (placed,) = await client.submit([place("place:f-1", first)])
+    assert placed.events[0].accepted.place.request_fingerprint == "same-request"
+    moved = limit("f-2", "alice", t.SIDE_BUY, "0.1", "60100")
+    moved.client_order_id, moved.request_fingerprint = first.client_order_id, "same-request"
+    (again,) = await client.submit([place("place:f-2", moved)])
+    assert again.duplicate and again.events[0].accepted.order_id == "f-1"
+    moved.order_id, moved.request_fingerprint = "f-3", "another-request"
+    (refused,) = await client.submit([place("place:f-3", moved)])
+    assert ErrorDetails.from_status(refused.status).reason == "MATCH_DUPLICATE_CLIENT_ORDER_ID"
+
+
+async def test_open_order_limits_are_counted_by_the_writer(running: Running) -> None:
+    """The limits a place carries hold against the writer's own count of the account's
+    working orders (across the group's markets, and in one), also after a restart."""
+    client = await running.start()
+
+    def capped(order_id: str, side: int, price: str, market_cap: int = 0) -> match_pb2.PlaceCommand:
+        command = limit(order_id, "capped", side, "0.1", price)
+        command.max_open_orders, command.max_market_open_orders = 3, market_cap
+        return command
+
+    results = await client.submit(
+        [
+            place("l-1", capped("l-1", t.SIDE_BUY, "60000")),
+            place("l-2", capped("l-2", t.SIDE_BUY, "1900"), "ETH-USDT"),
+            place("l-3", capped("l-3", t.SIDE_BUY, "59000", market_cap=1)),  # 1 in BTC already
+            place("l-4", capped("l-4", t.SIDE_BUY, "59000")),
+            place("l-5", capped("l-5", t.SIDE_SELL, "1950"), "ETH-USDT"),  # the 4th
+        ]
+    )
+    reasons = [ErrorDetails.from_status(r.status).reason for r in results]
+    assert reasons == ["", "", "RISK_OPEN_ORDERS_LIMIT_EXCEEDED", "",
+                       "RISK_OPEN_ORDERS_LIMIT_EXCEEDED"]  # fmt: skip
+    assert ErrorDetails.from_status(results[2].status).metadata == {
+        "limit": "1",
+        "market": "BTC-USDT",
+    }
+    assert not results[4].events  # refused before the book: not journaled
+    # A fill frees its place; so does a restart not forget the others.
+    await client.submit([place("t-1", limit("t-1", "taker", t.SIDE_SELL, "0.1", "60000"))])
+    await running.stop()
+    client = await running.start()
+    (fourth, fifth) = await client.submit(
+        [
+            place("l-6", capped("l-6", t.SIDE_SELL, "1950"), "ETH-USDT"),
+            place("l-7", capped("l-7", t.SIDE_SELL, "1960"), "ETH-USDT"),
+        ]
+    )
+    assert (fourth.status.code, ErrorDetails.from_status(fifth.status).reason) == (
+        0,
+        "RISK_OPEN_ORDERS_LIMIT_EXCEEDED",
+    )
 
 
 async def test_bad_input_is_refused_before_the_journal(running: Running) -> None:

@@ -1,5 +1,6 @@
-"""The match-event consumer on a real PostgreSQL: idempotent by seq, gaps filled
-from ReplayEvents, the cursor durable in the same commit as the orders."""
+"""The match-event consumer on a real PostgreSQL: the orders built from the place
+commands their events carry, idempotent by seq, gaps filled from ReplayEvents, the
+cursor durable in the same commit as the orders."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from cex.type.v1 import types_pb2 as t
 from services.chassis import postgres
 from services.chassis.markets import DEFAULT_CATALOG
 from services.order.consumer import EventConsumer
-from services.order.domain import Execution, hold_for, new_record, validate_place
+from services.order.domain import Execution, place_command, validate_place
 from services.order.server import MIGRATIONS
 from services.order.store import Store
 
@@ -24,6 +25,37 @@ D = Decimal
 def _event(seq: int, command_id: str, **kind: object) -> match_pb2.MatchEvent:
     event = match_pb2.MatchEvent(market="BTC-USDT", seq=seq, command_id=command_id, **kind)  # type: ignore[arg-type]
     event.event_time.FromDatetime(NOW + timedelta(seconds=seq))
+    return event
+
+
+def _accepted(
+    seq: int,
+    order_id: str,
+    account: str = "acc",
+    client_order_id: str = "c1",
+    *,
+    market: str = "BTC-USDT",
+    side: int = t.SIDE_BUY,
+    quantity: str = "0.3",
+    session_id: str = "",
+) -> match_pb2.MatchEvent:
+    """The event of an accepted place, carrying the place command as order sends it."""
+    price = "2000" if market == "ETH-USDT" else "100"
+    request = order_pb2.PlaceOrderRequest(
+        client_order_id=client_order_id, market=market, side=side,  # type: ignore[arg-type]
+        type=t.ORDER_TYPE_LIMIT, price=price, quantity=quantity,
+    )  # fmt: skip
+    command = place_command(
+        validate_place(request, DEFAULT_CATALOG, NOW), order_id=order_id, account_id=account,
+        protection=None, session_id=session_id, fees=("0.001", "0.002"),
+    )  # fmt: skip
+    p = command.place
+    accepted = match_pb2.OrderAccepted(
+        order_id=order_id, client_order_id=client_order_id, account_id=account, side=p.side,
+        type=p.type, time_in_force=p.time_in_force, price=p.price, quantity=p.quantity, place=p,
+    )  # fmt: skip
+    event = _event(seq, command.command_id, accepted=accepted)
+    event.market = market
     return event
 
 
@@ -48,7 +80,8 @@ def _trade(seq: int, maker_left: str) -> match_pb2.MatchEvent:
 
 
 JOURNAL = [
-    _event(1, "place:o1", accepted=match_pb2.OrderAccepted(order_id="o1", quantity="0.3")),
+    _accepted(1, "o1", side=t.SIDE_SELL),
+    # placed before events carried their place command: no record is made of it
     _event(2, "place:x", accepted=match_pb2.OrderAccepted(order_id="x", quantity="1")),
     _trade(3, "0.2"),
     _trade(4, "0.1"),
@@ -66,24 +99,11 @@ async def test_gaps_are_replayed_and_redeliveries_skipped(fresh_database_url: st
     delivered: list[Execution] = []
     async with postgres(fresh_database_url, schema="order", migrations=MIGRATIONS) as pool:
         store = Store(pool)
-        request = order_pb2.PlaceOrderRequest(
-            client_order_id="c1",
-            market="BTC-USDT",
-            side=t.SIDE_BUY,
-            type=t.ORDER_TYPE_LIMIT,
-            price="100",
-            quantity="0.3",
-        )
-        order = validate_place(request, DEFAULT_CATALOG, NOW)
-        record = new_record(
-            order, order_id="o1", account_id="acc", now=NOW, protection=None,
-            hold=hold_for(order, None),
-        )  # fmt: skip
-        assert await store.insert(record)
 
         def consumer() -> EventConsumer:
             return EventConsumer(
                 store=store,
+                catalog=DEFAULT_CATALOG,
                 js=None,  # type: ignore[arg-type]  # handle() is driven directly here
                 replay=replay,
                 sink=delivered.extend,
@@ -94,6 +114,7 @@ async def test_gaps_are_replayed_and_redeliveries_skipped(fresh_database_url: st
         await first.handle([JOURNAL[0]])
         await first.handle([JOURNAL[3], JOURNAL[0]])  # 2 and 3 lost, 1 delivered again
         assert replays == [(2, 4)]
+        assert await store.get("x") is None
         stored = await store.get("o1")
         assert stored is not None
         assert (stored.state, stored.filled_quantity, stored.remaining_quantity) == (
@@ -115,85 +136,54 @@ async def test_gaps_are_replayed_and_redeliveries_skipped(fresh_database_url: st
         assert await second.wait("BTC-USDT", 5, 0.1)
 
 
-async def test_orders_are_recorded_in_batches_and_a_reused_client_id_is_not(
+def _consumer(store: Store) -> EventConsumer:
+    async def no_gaps(market: str, first: int, last: int) -> Sequence[match_pb2.MatchEvent]:
+        raise AssertionError(f"a gap in {market}: {first}..{last}")
+
+    return EventConsumer(
+        store=store, catalog=DEFAULT_CATALOG, js=None,  # type: ignore[arg-type]
+        replay=no_gaps, sink=lambda _: None, durable="test",
+    )  # fmt: skip
+
+
+async def test_an_order_is_built_from_the_place_its_event_carries(
     fresh_database_url: str,
 ) -> None:
     async with postgres(fresh_database_url, schema="order", migrations=MIGRATIONS) as pool:
         store = Store(pool)
-
-        def record(order_id: str, client_order_id: str) -> object:
-            request = order_pb2.PlaceOrderRequest(
-                client_order_id=client_order_id, market="BTC-USDT", side=t.SIDE_SELL,
-                type=t.ORDER_TYPE_LIMIT, price="100", quantity="0.3",
-            )  # fmt: skip
-            order = validate_place(request, DEFAULT_CATALOG, NOW)
-            return new_record(
-                order, order_id=order_id, account_id="acc", now=NOW, protection=None,
-                hold=hold_for(order, None),
-            )  # fmt: skip
-
-        assert await store.insert(record("o1", "c1"))  # type: ignore[arg-type]
-        batch = [record("o2", "c2"), record("o3", "c1"), record("o4", "c4"), record("o5", "c4")]
-        assert await store.insert_many(batch) == [True, False, True, False]  # type: ignore[arg-type]
-        stored = await store.get("o4")
-        assert (
-            stored is not None and stored.quantity == D("0.3") and stored.hold_amount == 30_000_000
+        await _consumer(store).handle(
+            [
+                _accepted(1, "o1", client_order_id="c1", session_id="s1"),
+                _accepted(2, "o2", client_order_id="c2", side=t.SIDE_SELL),
+            ]
         )
-        assert (await store.lookup("acc", "c2", "BTC-USDT"))[1:] == (3, 3)
+        buy, sell = await store.get("o1"), await store.get("o2")
+        assert buy is not None and sell is not None
+        assert (buy.state, buy.price, buy.quantity, buy.remaining_quantity) == (
+            t.ORDER_STATE_OPEN, D("100"), D("0.3"), D("0.3"),
+        )  # fmt: skip
+        assert (buy.hold_asset, buy.hold_amount, buy.session_id) == ("USDT", 3_000_000_000, "s1")
+        assert (sell.hold_asset, sell.hold_amount) == ("BTC", 30_000_000)
+        assert buy.create_time == NOW + timedelta(seconds=1) and buy.fingerprint
+        assert buy.fingerprint != sell.fingerprint
+        assert sorted(o.order_id for o in await store.working("acc", "BTC-USDT")) == ["o1", "o2"]
 
 
-async def test_batched_reads_answer_each_item_as_the_single_read_would(
+async def test_batched_reads_answer_each_item_in_order(
     fresh_database_url: str,
 ) -> None:
     async with postgres(
         fresh_database_url, schema="order", migrations=MIGRATIONS, session_reset=False
     ) as pool:
         store = Store(pool)
-
-        def record(order_id: str, account: str, client_order_id: str, market: str) -> object:
-            price = "2000" if market == "ETH-USDT" else "100"
-            request = order_pb2.PlaceOrderRequest(
-                client_order_id=client_order_id, market=market, side=t.SIDE_BUY,
-                type=t.ORDER_TYPE_LIMIT, price=price, quantity="0.1",
-            )  # fmt: skip
-            order = validate_place(request, DEFAULT_CATALOG, NOW)
-            return new_record(
-                order, order_id=order_id, account_id=account, now=NOW, protection=None,
-                hold=hold_for(order, None),
-            )  # fmt: skip
-
-        rows = [
-            record("o1", "a", "c1", "BTC-USDT"),
-            record("o2", "a", "c2", "ETH-USDT"),
-            record("o3", "a", "c3", "BTC-USDT"),
-            record("o4", "b", "c1", "BTC-USDT"),
-        ]
-        assert await store.insert_many(rows) == [True] * 4  # type: ignore[arg-type]
-        await store.set_phase(["o1", "o4", "nope"], "placed")
-        assert [(await store.get(o)).phase for o in ("o1", "o2", "o4")] == [  # type: ignore[union-attr]
-            "placed",
-            "recorded",
-            "placed",
-        ]
-        keys = [
-            ("a", "c1", "BTC-USDT"),
-            ("a", "new", "ETH-USDT"),
-            ("b", "c1", "ETH-USDT"),
-            ("c", "c9", "BTC-USDT"),
-            ("a", "c1", "BTC-USDT"),  # the same key twice in one batch
-        ]
-        batched = await store.lookup_many(keys)
-        singles = [await store.lookup(*key) for key in keys]
-        assert [(o and o.order_id, n, m) for o, n, m in batched] == [
-            (o and o.order_id, n, m) for o, n, m in singles
-        ]
-        assert [(o and o.order_id, n, m) for o, n, m in batched] == [
-            ("o1", 3, 2),
-            (None, 3, 1),
-            ("o4", 1, 0),
-            (None, 0, 0),
-            ("o1", 3, 2),
-        ]
+        await _consumer(store).handle(
+            [
+                _accepted(1, "o1", "a", "c1", quantity="0.1"),
+                _accepted(1, "o2", "a", "c2", market="ETH-USDT", quantity="0.1"),
+                _accepted(2, "o3", "a", "c3", quantity="0.1"),
+                _accepted(3, "o4", "b", "c1", quantity="0.1"),
+            ]
+        )
         found = await store.get_many(["o3", "missing", "o1", "o3"])
         assert [o and o.order_id for o in found] == ["o3", None, "o1", "o3"]
         by_client = await store.by_client_id_many([("b", "c1"), ("b", "c2"), ("a", "c1")])

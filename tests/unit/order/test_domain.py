@@ -17,7 +17,8 @@ from services.order.domain import (
     check_amend,
     fingerprint,
     hold_for,
-    new_record,
+    place_command,
+    placed_record,
     protection_price,
     validate_place,
 )
@@ -112,14 +113,10 @@ def test_holds_are_what_the_order_can_spend() -> None:
 
 def _record(side: int = t.SIDE_BUY, price: str = "100", qty: str = "1") -> object:
     order = validate_place(req(side=side, price=price, quantity=qty), DEFAULT_CATALOG, NOW)
-    return new_record(
-        order,
-        order_id="o1",
-        account_id="acc",
-        now=NOW,
-        protection=None,
-        hold=hold_for(order, None),
+    command = place_command(
+        order, order_id="o1", account_id="acc", protection=None, session_id="", fees=("0", "0")
     )
+    return placed_record(BTC, command.place, NOW)
 
 
 def test_an_amend_may_use_only_what_the_hold_still_covers() -> None:
@@ -182,3 +179,29 @@ def test_match_events_drive_the_order_once_each() -> None:
     done = apply_event(order, _event(8, "cancel:o1", cancelled=cancelled))
     assert done is not None and order.state == t.ORDER_STATE_CANCELLED
     assert order.version == 4 and order.last_seq == 8
+
+
+def test_the_record_built_from_a_place_command_is_the_order_that_was_sent() -> None:
+    request = req(type=t.ORDER_TYPE_MARKET, price="", time_in_force=t.TIME_IN_FORCE_IOC)
+    order = validate_place(request, DEFAULT_CATALOG, NOW)
+    bound = protection_price(BTC, t.SIDE_BUY, D("100"), D("0.05"))
+    command = place_command(
+        order, order_id="o9", account_id="acc", protection=bound, session_id="s", fees=("0", "0")
+    )
+    assert command.command_id == "place:o9" and command.place.price == "105"
+    record = placed_record(BTC, command.place, NOW)
+    assert (record.price, record.protection_price, record.quantity) == (None, bound, order.quantity)
+    assert (record.hold_asset, record.hold_amount) == hold_for(order, bound)
+    assert (record.session_id, record.fingerprint) == ("s", order.fingerprint)
+    assert (record.type, record.time_in_force, record.state) == (
+        t.ORDER_TYPE_MARKET,
+        t.TIME_IN_FORCE_IOC,
+        t.ORDER_STATE_PENDING_NEW,
+    )
+    request = req(time_in_force=t.TIME_IN_FORCE_GTD)
+    request.expire_time.FromDatetime(NOW + timedelta(hours=1))
+    gtd = validate_place(request, DEFAULT_CATALOG, NOW)
+    place = place_command(
+        gtd, order_id="o8", account_id="acc", protection=None, session_id="", fees=("0", "0")
+    ).place
+    assert placed_record(BTC, place, NOW).expire_time == NOW + timedelta(hours=1)

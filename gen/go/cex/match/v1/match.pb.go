@@ -205,9 +205,25 @@ type PlaceCommand struct {
 	// balance (a settlement anomaly is recorded if it is short).
 	HoldAsset string `protobuf:"bytes,16,opt,name=hold_asset,json=holdAsset,proto3" json:"hold_asset,omitempty"`
 	// Decimal string, the amount of hold_asset (see hold_asset).
-	HoldAmount    string `protobuf:"bytes,17,opt,name=hold_amount,json=holdAmount,proto3" json:"hold_amount,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	HoldAmount string `protobuf:"bytes,17,opt,name=hold_amount,json=holdAmount,proto3" json:"hold_amount,omitempty"`
+	// The order service's stream session that placed the order (its
+	// cancel-on-disconnect scope); carried into the events, not interpreted.
+	SessionId string `protobuf:"bytes,18,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	// A hash of the client's request body. A place whose (account_id,
+	// client_order_id) was journaled under another order id is the same order
+	// when both fingerprints are set and equal (its protection price may have
+	// moved since); without them the commands themselves are compared.
+	RequestFingerprint string `protobuf:"bytes,19,opt,name=request_fingerprint,json=requestFingerprint,proto3" json:"request_fingerprint,omitempty"`
+	// Open-order limits the writer enforces before the book, from the sender's
+	// copy of risk's rules (0: none): the account's working orders in the
+	// writer's group, and in this market, must be below them, else
+	// FAILED_PRECONDITION RISK_OPEN_ORDERS_LIMIT_EXCEEDED, not journaled. The
+	// writer counts exactly; a read model would lag behind the answers.
+	MaxOpenOrders int32 `protobuf:"varint,20,opt,name=max_open_orders,json=maxOpenOrders,proto3" json:"max_open_orders,omitempty"`
+	// See max_open_orders: the limit in this market.
+	MaxMarketOpenOrders int32 `protobuf:"varint,21,opt,name=max_market_open_orders,json=maxMarketOpenOrders,proto3" json:"max_market_open_orders,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *PlaceCommand) Reset() {
@@ -357,6 +373,34 @@ func (x *PlaceCommand) GetHoldAmount() string {
 		return x.HoldAmount
 	}
 	return ""
+}
+
+func (x *PlaceCommand) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+func (x *PlaceCommand) GetRequestFingerprint() string {
+	if x != nil {
+		return x.RequestFingerprint
+	}
+	return ""
+}
+
+func (x *PlaceCommand) GetMaxOpenOrders() int32 {
+	if x != nil {
+		return x.MaxOpenOrders
+	}
+	return 0
+}
+
+func (x *PlaceCommand) GetMaxMarketOpenOrders() int32 {
+	if x != nil {
+		return x.MaxMarketOpenOrders
+	}
+	return 0
 }
 
 // Cancels one order.
@@ -1327,7 +1371,10 @@ type OrderAccepted struct {
 	// Post-only.
 	PostOnly bool `protobuf:"varint,11,opt,name=post_only,json=postOnly,proto3" json:"post_only,omitempty"`
 	// True for a stop order now waiting for its trigger.
-	Untriggered   bool `protobuf:"varint,12,opt,name=untriggered,proto3" json:"untriggered,omitempty"`
+	Untriggered bool `protobuf:"varint,12,opt,name=untriggered,proto3" json:"untriggered,omitempty"`
+	// The place command as journaled: what a read model needs to build the
+	// order from the journal alone.
+	Place         *PlaceCommand `protobuf:"bytes,13,opt,name=place,proto3" json:"place,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1446,6 +1493,13 @@ func (x *OrderAccepted) GetUntriggered() bool {
 	return false
 }
 
+func (x *OrderAccepted) GetPlace() *PlaceCommand {
+	if x != nil {
+		return x.Place
+	}
+	return nil
+}
+
 // An order was refused by the engine (after journaling, so deterministic).
 type OrderRejected struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1459,7 +1513,9 @@ type OrderRejected struct {
 	// MATCH_INVALID_TICK, MATCH_DUPLICATE_ORDER_ID, MATCH_MARKET_HALTED.
 	Reason string `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
 	// Human-readable detail.
-	Message       string `protobuf:"bytes,5,opt,name=message,proto3" json:"message,omitempty"`
+	Message string `protobuf:"bytes,5,opt,name=message,proto3" json:"message,omitempty"`
+	// For a refused place: the place command as journaled.
+	Place         *PlaceCommand `protobuf:"bytes,6,opt,name=place,proto3" json:"place,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1527,6 +1583,13 @@ func (x *OrderRejected) GetMessage() string {
 		return x.Message
 	}
 	return ""
+}
+
+func (x *OrderRejected) GetPlace() *PlaceCommand {
+	if x != nil {
+		return x.Place
+	}
+	return nil
 }
 
 // A trade between a resting (maker) and an incoming (taker) order.
@@ -2682,7 +2745,7 @@ var File_cex_match_v1_match_proto protoreflect.FileDescriptor
 
 const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\n" +
-	"\x18cex/match/v1/match.proto\x12\fcex.match.v1\x1a\x17cex/type/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xb5\x05\n" +
+	"\x18cex/match/v1/match.proto\x12\fcex.match.v1\x1a\x17cex/type/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xe2\x06\n" +
 	"\fPlaceCommand\x12\x19\n" +
 	"\border_id\x18\x01 \x01(\tR\aorderId\x12&\n" +
 	"\x0fclient_order_id\x18\x02 \x01(\tR\rclientOrderId\x12\x1d\n" +
@@ -2706,7 +2769,12 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\n" +
 	"hold_asset\x18\x10 \x01(\tR\tholdAsset\x12\x1f\n" +
 	"\vhold_amount\x18\x11 \x01(\tR\n" +
-	"holdAmount\"|\n" +
+	"holdAmount\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x12 \x01(\tR\tsessionId\x12/\n" +
+	"\x13request_fingerprint\x18\x13 \x01(\tR\x12requestFingerprint\x12&\n" +
+	"\x0fmax_open_orders\x18\x14 \x01(\x05R\rmaxOpenOrders\x123\n" +
+	"\x16max_market_open_orders\x18\x15 \x01(\x05R\x13maxMarketOpenOrders\"|\n" +
 	"\rCancelCommand\x12\x19\n" +
 	"\border_id\x18\x01 \x01(\tR\aorderId\x12\x1d\n" +
 	"\n" +
@@ -2792,7 +2860,7 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	" \x01(\v2\x1a.cex.match.v1.OrderAmendedH\x00R\aamended\x12<\n" +
 	"\ttriggered\x18\v \x01(\v2\x1c.cex.match.v1.OrderTriggeredH\x00R\ttriggered\x12A\n" +
 	"\rlevel_changed\x18\f \x01(\v2\x1a.cex.match.v1.LevelChangedH\x00R\flevelChangedB\x06\n" +
-	"\x04kind\"\xb9\x03\n" +
+	"\x04kind\"\xeb\x03\n" +
 	"\rOrderAccepted\x12\x19\n" +
 	"\border_id\x18\x01 \x01(\tR\aorderId\x12&\n" +
 	"\x0fclient_order_id\x18\x02 \x01(\tR\rclientOrderId\x12\x1d\n" +
@@ -2808,14 +2876,16 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\x0equote_quantity\x18\n" +
 	" \x01(\tR\rquoteQuantity\x12\x1b\n" +
 	"\tpost_only\x18\v \x01(\bR\bpostOnly\x12 \n" +
-	"\vuntriggered\x18\f \x01(\bR\vuntriggered\"\xa3\x01\n" +
+	"\vuntriggered\x18\f \x01(\bR\vuntriggered\x120\n" +
+	"\x05place\x18\r \x01(\v2\x1a.cex.match.v1.PlaceCommandR\x05place\"\xd5\x01\n" +
 	"\rOrderRejected\x12\x19\n" +
 	"\border_id\x18\x01 \x01(\tR\aorderId\x12&\n" +
 	"\x0fclient_order_id\x18\x02 \x01(\tR\rclientOrderId\x12\x1d\n" +
 	"\n" +
 	"account_id\x18\x03 \x01(\tR\taccountId\x12\x16\n" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\x12\x18\n" +
-	"\amessage\x18\x05 \x01(\tR\amessage\"\xb1\x05\n" +
+	"\amessage\x18\x05 \x01(\tR\amessage\x120\n" +
+	"\x05place\x18\x06 \x01(\v2\x1a.cex.match.v1.PlaceCommandR\x05place\"\xb1\x05\n" +
 	"\x05Trade\x12\x19\n" +
 	"\btrade_id\x18\x01 \x01(\tR\atradeId\x12\x14\n" +
 	"\x05price\x18\x02 \x01(\tR\x05price\x12\x1a\n" +
@@ -3005,34 +3075,36 @@ var file_cex_match_v1_match_proto_depIdxs = []int32{
 	29, // 28: cex.match.v1.OrderAccepted.side:type_name -> cex.type.v1.Side
 	30, // 29: cex.match.v1.OrderAccepted.type:type_name -> cex.type.v1.OrderType
 	31, // 30: cex.match.v1.OrderAccepted.time_in_force:type_name -> cex.type.v1.TimeInForce
-	29, // 31: cex.match.v1.Trade.taker_side:type_name -> cex.type.v1.Side
-	29, // 32: cex.match.v1.OrderCancelled.side:type_name -> cex.type.v1.Side
-	34, // 33: cex.match.v1.OrderCancelled.reason:type_name -> cex.type.v1.CancelReason
-	29, // 34: cex.match.v1.OrderAmended.side:type_name -> cex.type.v1.Side
-	29, // 35: cex.match.v1.OrderTriggered.side:type_name -> cex.type.v1.Side
-	30, // 36: cex.match.v1.OrderTriggered.type:type_name -> cex.type.v1.OrderType
-	29, // 37: cex.match.v1.LevelChanged.side:type_name -> cex.type.v1.Side
-	36, // 38: cex.match.v1.OrderBook.bids:type_name -> cex.type.v1.PriceLevel
-	36, // 39: cex.match.v1.OrderBook.asks:type_name -> cex.type.v1.PriceLevel
-	19, // 40: cex.match.v1.OrderBook.bid_orders:type_name -> cex.match.v1.BookOrder
-	19, // 41: cex.match.v1.OrderBook.ask_orders:type_name -> cex.match.v1.BookOrder
-	9,  // 42: cex.match.v1.SubmitCommandsRequest.commands:type_name -> cex.match.v1.Command
-	10, // 43: cex.match.v1.SubmitCommandsResponse.results:type_name -> cex.match.v1.CommandResult
-	0,  // 44: cex.match.v1.GetOrderBookRequest.level:type_name -> cex.match.v1.BookLevel
-	20, // 45: cex.match.v1.GetOrderBookResponse.book:type_name -> cex.match.v1.OrderBook
-	11, // 46: cex.match.v1.EventBatch.events:type_name -> cex.match.v1.MatchEvent
-	11, // 47: cex.match.v1.ReplayEventsResponse.events:type_name -> cex.match.v1.MatchEvent
-	21, // 48: cex.match.v1.MatchService.SubmitCommands:input_type -> cex.match.v1.SubmitCommandsRequest
-	23, // 49: cex.match.v1.MatchService.GetOrderBook:input_type -> cex.match.v1.GetOrderBookRequest
-	25, // 50: cex.match.v1.MatchService.ReplayEvents:input_type -> cex.match.v1.ReplayEventsRequest
-	22, // 51: cex.match.v1.MatchService.SubmitCommands:output_type -> cex.match.v1.SubmitCommandsResponse
-	24, // 52: cex.match.v1.MatchService.GetOrderBook:output_type -> cex.match.v1.GetOrderBookResponse
-	27, // 53: cex.match.v1.MatchService.ReplayEvents:output_type -> cex.match.v1.ReplayEventsResponse
-	51, // [51:54] is the sub-list for method output_type
-	48, // [48:51] is the sub-list for method input_type
-	48, // [48:48] is the sub-list for extension type_name
-	48, // [48:48] is the sub-list for extension extendee
-	0,  // [0:48] is the sub-list for field type_name
+	2,  // 31: cex.match.v1.OrderAccepted.place:type_name -> cex.match.v1.PlaceCommand
+	2,  // 32: cex.match.v1.OrderRejected.place:type_name -> cex.match.v1.PlaceCommand
+	29, // 33: cex.match.v1.Trade.taker_side:type_name -> cex.type.v1.Side
+	29, // 34: cex.match.v1.OrderCancelled.side:type_name -> cex.type.v1.Side
+	34, // 35: cex.match.v1.OrderCancelled.reason:type_name -> cex.type.v1.CancelReason
+	29, // 36: cex.match.v1.OrderAmended.side:type_name -> cex.type.v1.Side
+	29, // 37: cex.match.v1.OrderTriggered.side:type_name -> cex.type.v1.Side
+	30, // 38: cex.match.v1.OrderTriggered.type:type_name -> cex.type.v1.OrderType
+	29, // 39: cex.match.v1.LevelChanged.side:type_name -> cex.type.v1.Side
+	36, // 40: cex.match.v1.OrderBook.bids:type_name -> cex.type.v1.PriceLevel
+	36, // 41: cex.match.v1.OrderBook.asks:type_name -> cex.type.v1.PriceLevel
+	19, // 42: cex.match.v1.OrderBook.bid_orders:type_name -> cex.match.v1.BookOrder
+	19, // 43: cex.match.v1.OrderBook.ask_orders:type_name -> cex.match.v1.BookOrder
+	9,  // 44: cex.match.v1.SubmitCommandsRequest.commands:type_name -> cex.match.v1.Command
+	10, // 45: cex.match.v1.SubmitCommandsResponse.results:type_name -> cex.match.v1.CommandResult
+	0,  // 46: cex.match.v1.GetOrderBookRequest.level:type_name -> cex.match.v1.BookLevel
+	20, // 47: cex.match.v1.GetOrderBookResponse.book:type_name -> cex.match.v1.OrderBook
+	11, // 48: cex.match.v1.EventBatch.events:type_name -> cex.match.v1.MatchEvent
+	11, // 49: cex.match.v1.ReplayEventsResponse.events:type_name -> cex.match.v1.MatchEvent
+	21, // 50: cex.match.v1.MatchService.SubmitCommands:input_type -> cex.match.v1.SubmitCommandsRequest
+	23, // 51: cex.match.v1.MatchService.GetOrderBook:input_type -> cex.match.v1.GetOrderBookRequest
+	25, // 52: cex.match.v1.MatchService.ReplayEvents:input_type -> cex.match.v1.ReplayEventsRequest
+	22, // 53: cex.match.v1.MatchService.SubmitCommands:output_type -> cex.match.v1.SubmitCommandsResponse
+	24, // 54: cex.match.v1.MatchService.GetOrderBook:output_type -> cex.match.v1.GetOrderBookResponse
+	27, // 55: cex.match.v1.MatchService.ReplayEvents:output_type -> cex.match.v1.ReplayEventsResponse
+	53, // [53:56] is the sub-list for method output_type
+	50, // [50:53] is the sub-list for method input_type
+	50, // [50:50] is the sub-list for extension type_name
+	50, // [50:50] is the sub-list for extension extendee
+	0,  // [0:50] is the sub-list for field type_name
 }
 
 func init() { file_cex_match_v1_match_proto_init() }

@@ -208,8 +208,8 @@ type Order struct {
 	PostOnly bool `protobuf:"varint,19,opt,name=post_only,json=postOnly,proto3" json:"post_only,omitempty"`
 	// Lifecycle state.
 	State v1.OrderState `protobuf:"varint,20,opt,name=state,proto3,enum=cex.type.v1.OrderState" json:"state,omitempty"`
-	// When the order was rejected: the ErrorInfo reason, e.g.
-	// "RISK_PRICE_OUT_OF_BAND" or "LEDGER_INSUFFICIENT_FUNDS".
+	// When the book rejected the order: the ErrorInfo reason, e.g.
+	// "MATCH_POST_ONLY_WOULD_TAKE".
 	RejectReason string `protobuf:"bytes,21,opt,name=reject_reason,json=rejectReason,proto3" json:"reject_reason,omitempty"`
 	// When the order was cancelled: why.
 	CancelReason v1.CancelReason `protobuf:"varint,22,opt,name=cancel_reason,json=cancelReason,proto3,enum=cex.type.v1.CancelReason" json:"cancel_reason,omitempty"`

@@ -47,10 +47,13 @@ const (
 //
 // Order entry and order queries.
 type OrderServiceClient interface {
-	// Places one order. Returns once the order is durably recorded and checked
-	// by risk, normally with state OPEN, PARTIALLY_FILLED or FILLED (or
-	// PENDING_NEW if matching has not answered within the server's wait budget;
-	// the outcome then arrives as execution reports and through GetOrder).
+	// Places one order. Returns once matching's writer has journaled it
+	// (durably, with the funds it reserves), with state OPEN, PARTIALLY_FILLED,
+	// FILLED, UNTRIGGERED, or REJECTED by the book (e.g.
+	// MATCH_POST_ONLY_WOULD_TAKE). A refusal before the book (invalid fields,
+	// risk, LEDGER_INSUFFICIENT_FUNDS) is an error and records nothing: a retry
+	// is checked again. UNAVAILABLE leaves the outcome unknown: retry with the
+	// same client_order_id, which never places a second order.
 	PlaceOrder(ctx context.Context, in *PlaceOrderRequest, opts ...grpc.CallOption) (*PlaceOrderResponse, error)
 	// Places up to 20 orders in one call. Each item succeeds or fails on its own
 	// (there is no atomicity across items); results come back in request order.
@@ -203,10 +206,13 @@ type OrderService_StreamOrdersClient = grpc.BidiStreamingClient[StreamOrdersRequ
 //
 // Order entry and order queries.
 type OrderServiceServer interface {
-	// Places one order. Returns once the order is durably recorded and checked
-	// by risk, normally with state OPEN, PARTIALLY_FILLED or FILLED (or
-	// PENDING_NEW if matching has not answered within the server's wait budget;
-	// the outcome then arrives as execution reports and through GetOrder).
+	// Places one order. Returns once matching's writer has journaled it
+	// (durably, with the funds it reserves), with state OPEN, PARTIALLY_FILLED,
+	// FILLED, UNTRIGGERED, or REJECTED by the book (e.g.
+	// MATCH_POST_ONLY_WOULD_TAKE). A refusal before the book (invalid fields,
+	// risk, LEDGER_INSUFFICIENT_FUNDS) is an error and records nothing: a retry
+	// is checked again. UNAVAILABLE leaves the outcome unknown: retry with the
+	// same client_order_id, which never places a second order.
 	PlaceOrder(context.Context, *PlaceOrderRequest) (*PlaceOrderResponse, error)
 	// Places up to 20 orders in one call. Each item succeeds or fails on its own
 	// (there is no atomicity across items); results come back in request order.

@@ -84,6 +84,10 @@ class PlaceCommand(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     HOLD_ASSET_FIELD_NUMBER: _builtins.int
     HOLD_AMOUNT_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    MAX_OPEN_ORDERS_FIELD_NUMBER: _builtins.int
+    MAX_MARKET_OPEN_ORDERS_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """Order id assigned by the order service, unique across the exchange."""
     client_order_id: _builtins.str
@@ -133,6 +137,25 @@ class PlaceCommand(_message.Message):
     """
     hold_amount: _builtins.str
     """Decimal string, the amount of hold_asset (see hold_asset)."""
+    session_id: _builtins.str
+    """The order service's stream session that placed the order (its
+    cancel-on-disconnect scope); carried into the events, not interpreted.
+    """
+    request_fingerprint: _builtins.str
+    """A hash of the client's request body. A place whose (account_id,
+    client_order_id) was journaled under another order id is the same order
+    when both fingerprints are set and equal (its protection price may have
+    moved since); without them the commands themselves are compared.
+    """
+    max_open_orders: _builtins.int
+    """Open-order limits the writer enforces before the book, from the sender's
+    copy of risk's rules (0: none): the account's working orders in the
+    writer's group, and in this market, must be below them, else
+    FAILED_PRECONDITION RISK_OPEN_ORDERS_LIMIT_EXCEEDED, not journaled. The
+    writer counts exactly; a read model would lag behind the answers.
+    """
+    max_market_open_orders: _builtins.int
+    """See max_open_orders: the limit in this market."""
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """GTD only: the engine cancels the order (reason EXPIRED) before applying
@@ -160,10 +183,14 @@ class PlaceCommand(_message.Message):
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         hold_asset: _builtins.str = ...,
         hold_amount: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        request_fingerprint: _builtins.str = ...,
+        max_open_orders: _builtins.int = ...,
+        max_market_open_orders: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "client_order_id", b"client_order_id", "expire_time", b"expire_time", "hold_amount", b"hold_amount", "hold_asset", b"hold_asset", "maker_fee_rate", b"maker_fee_rate", "order_id", b"order_id", "post_only", b"post_only", "price", b"price", "quantity", b"quantity", "quote_quantity", b"quote_quantity", "self_trade_prevention", b"self_trade_prevention", "side", b"side", "stop_price", b"stop_price", "taker_fee_rate", b"taker_fee_rate", "time_in_force", b"time_in_force", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "client_order_id", b"client_order_id", "expire_time", b"expire_time", "hold_amount", b"hold_amount", "hold_asset", b"hold_asset", "maker_fee_rate", b"maker_fee_rate", "max_market_open_orders", b"max_market_open_orders", "max_open_orders", b"max_open_orders", "order_id", b"order_id", "post_only", b"post_only", "price", b"price", "quantity", b"quantity", "quote_quantity", b"quote_quantity", "request_fingerprint", b"request_fingerprint", "self_trade_prevention", b"self_trade_prevention", "session_id", b"session_id", "side", b"side", "stop_price", b"stop_price", "taker_fee_rate", b"taker_fee_rate", "time_in_force", b"time_in_force", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -676,6 +703,7 @@ class OrderAccepted(_message.Message):
     QUOTE_QUANTITY_FIELD_NUMBER: _builtins.int
     POST_ONLY_FIELD_NUMBER: _builtins.int
     UNTRIGGERED_FIELD_NUMBER: _builtins.int
+    PLACE_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """The order."""
     client_order_id: _builtins.str
@@ -700,6 +728,12 @@ class OrderAccepted(_message.Message):
     """Post-only."""
     untriggered: _builtins.bool
     """True for a stop order now waiting for its trigger."""
+    @_builtins.property
+    def place(self) -> Global___PlaceCommand:
+        """The place command as journaled: what a read model needs to build the
+        order from the journal alone.
+        """
+
     def __init__(
         self,
         *,
@@ -715,10 +749,11 @@ class OrderAccepted(_message.Message):
         quote_quantity: _builtins.str = ...,
         post_only: _builtins.bool = ...,
         untriggered: _builtins.bool = ...,
+        place: Global___PlaceCommand | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["place", b"place"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "client_order_id", b"client_order_id", "order_id", b"order_id", "post_only", b"post_only", "price", b"price", "quantity", b"quantity", "quote_quantity", b"quote_quantity", "side", b"side", "stop_price", b"stop_price", "time_in_force", b"time_in_force", "type", b"type", "untriggered", b"untriggered"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "client_order_id", b"client_order_id", "order_id", b"order_id", "place", b"place", "post_only", b"post_only", "price", b"price", "quantity", b"quantity", "quote_quantity", b"quote_quantity", "side", b"side", "stop_price", b"stop_price", "time_in_force", b"time_in_force", "type", b"type", "untriggered", b"untriggered"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -735,6 +770,7 @@ class OrderRejected(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    PLACE_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """The order."""
     client_order_id: _builtins.str
@@ -747,6 +783,10 @@ class OrderRejected(_message.Message):
     """
     message: _builtins.str
     """Human-readable detail."""
+    @_builtins.property
+    def place(self) -> Global___PlaceCommand:
+        """For a refused place: the place command as journaled."""
+
     def __init__(
         self,
         *,
@@ -755,10 +795,11 @@ class OrderRejected(_message.Message):
         account_id: _builtins.str = ...,
         reason: _builtins.str = ...,
         message: _builtins.str = ...,
+        place: Global___PlaceCommand | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["place", b"place"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "client_order_id", b"client_order_id", "message", b"message", "order_id", b"order_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "client_order_id", b"client_order_id", "message", b"message", "order_id", b"order_id", "place", b"place", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -180,8 +180,8 @@ class Order(_message.Message):
     state: _types_pb2.OrderState.ValueType
     """Lifecycle state."""
     reject_reason: _builtins.str
-    """When the order was rejected: the ErrorInfo reason, e.g.
-    "RISK_PRICE_OUT_OF_BAND" or "LEDGER_INSUFFICIENT_FUNDS".
+    """When the book rejected the order: the ErrorInfo reason, e.g.
+    "MATCH_POST_ONLY_WOULD_TAKE".
     """
     cancel_reason: _types_pb2.CancelReason.ValueType
     """When the order was cancelled: why."""

@@ -92,10 +92,13 @@ class OrderServiceServicer:
     """
 
     def PlaceOrder(self, request, context):
-        """Places one order. Returns once the order is durably recorded and checked
-        by risk, normally with state OPEN, PARTIALLY_FILLED or FILLED (or
-        PENDING_NEW if matching has not answered within the server's wait budget;
-        the outcome then arrives as execution reports and through GetOrder).
+        """Places one order. Returns once matching's writer has journaled it
+        (durably, with the funds it reserves), with state OPEN, PARTIALLY_FILLED,
+        FILLED, UNTRIGGERED, or REJECTED by the book (e.g.
+        MATCH_POST_ONLY_WOULD_TAKE). A refusal before the book (invalid fields,
+        risk, LEDGER_INSUFFICIENT_FUNDS) is an error and records nothing: a retry
+        is checked again. UNAVAILABLE leaves the outcome unknown: retry with the
+        same client_order_id, which never places a second order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -43,10 +43,13 @@ class OrderServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> OrderServiceAsyncStub: ...
     PlaceOrder: _grpc.UnaryUnaryMultiCallable[_order_pb2.PlaceOrderRequest, _order_pb2.PlaceOrderResponse]
-    """Places one order. Returns once the order is durably recorded and checked
-    by risk, normally with state OPEN, PARTIALLY_FILLED or FILLED (or
-    PENDING_NEW if matching has not answered within the server's wait budget;
-    the outcome then arrives as execution reports and through GetOrder).
+    """Places one order. Returns once matching's writer has journaled it
+    (durably, with the funds it reserves), with state OPEN, PARTIALLY_FILLED,
+    FILLED, UNTRIGGERED, or REJECTED by the book (e.g.
+    MATCH_POST_ONLY_WOULD_TAKE). A refusal before the book (invalid fields,
+    risk, LEDGER_INSUFFICIENT_FUNDS) is an error and records nothing: a retry
+    is checked again. UNAVAILABLE leaves the outcome unknown: retry with the
+    same client_order_id, which never places a second order.
     """
     BatchPlaceOrders: _grpc.UnaryUnaryMultiCallable[_order_pb2.BatchPlaceOrdersRequest, _order_pb2.BatchPlaceOrdersResponse]
     """Places up to 20 orders in one call. Each item succeeds or fails on its own
@@ -93,10 +96,13 @@ class OrderServiceAsyncStub(OrderServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     PlaceOrder: _aio.UnaryUnaryMultiCallable[_order_pb2.PlaceOrderRequest, _order_pb2.PlaceOrderResponse]  # type: ignore[assignment]
-    """Places one order. Returns once the order is durably recorded and checked
-    by risk, normally with state OPEN, PARTIALLY_FILLED or FILLED (or
-    PENDING_NEW if matching has not answered within the server's wait budget;
-    the outcome then arrives as execution reports and through GetOrder).
+    """Places one order. Returns once matching's writer has journaled it
+    (durably, with the funds it reserves), with state OPEN, PARTIALLY_FILLED,
+    FILLED, UNTRIGGERED, or REJECTED by the book (e.g.
+    MATCH_POST_ONLY_WOULD_TAKE). A refusal before the book (invalid fields,
+    risk, LEDGER_INSUFFICIENT_FUNDS) is an error and records nothing: a retry
+    is checked again. UNAVAILABLE leaves the outcome unknown: retry with the
+    same client_order_id, which never places a second order.
     """
     BatchPlaceOrders: _aio.UnaryUnaryMultiCallable[_order_pb2.BatchPlaceOrdersRequest, _order_pb2.BatchPlaceOrdersResponse]  # type: ignore[assignment]
     """Places up to 20 orders in one call. Each item succeeds or fails on its own
@@ -146,10 +152,13 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _order_pb2.PlaceOrderRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_order_pb2.PlaceOrderResponse, _abc.Awaitable[_order_pb2.PlaceOrderResponse]]:
-        """Places one order. Returns once the order is durably recorded and checked
-        by risk, normally with state OPEN, PARTIALLY_FILLED or FILLED (or
-        PENDING_NEW if matching has not answered within the server's wait budget;
-        the outcome then arrives as execution reports and through GetOrder).
+        """Places one order. Returns once matching's writer has journaled it
+        (durably, with the funds it reserves), with state OPEN, PARTIALLY_FILLED,
+        FILLED, UNTRIGGERED, or REJECTED by the book (e.g.
+        MATCH_POST_ONLY_WOULD_TAKE). A refusal before the book (invalid fields,
+        risk, LEDGER_INSUFFICIENT_FUNDS) is an error and records nothing: a retry
+        is checked again. UNAVAILABLE leaves the outcome unknown: retry with the
+        same client_order_id, which never places a second order.
         """
 
     @_abc_1.abstractmethod

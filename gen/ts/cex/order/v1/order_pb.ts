@@ -179,8 +179,8 @@ export type Order = Message<"cex.order.v1.Order"> & {
   state: OrderState;
 
   /**
-   * When the order was rejected: the ErrorInfo reason, e.g.
-   * "RISK_PRICE_OUT_OF_BAND" or "LEDGER_INSUFFICIENT_FUNDS".
+   * When the book rejected the order: the ErrorInfo reason, e.g.
+   * "MATCH_POST_ONLY_WOULD_TAKE".
    *
    * @generated from field: string reject_reason = 21;
    */
@@ -1801,10 +1801,13 @@ export const ExecutionTypeSchema: GenEnum<ExecutionType> = /*@__PURE__*/
  */
 export const OrderService: GenService<{
   /**
-   * Places one order. Returns once the order is durably recorded and checked
-   * by risk, normally with state OPEN, PARTIALLY_FILLED or FILLED (or
-   * PENDING_NEW if matching has not answered within the server's wait budget;
-   * the outcome then arrives as execution reports and through GetOrder).
+   * Places one order. Returns once matching's writer has journaled it
+   * (durably, with the funds it reserves), with state OPEN, PARTIALLY_FILLED,
+   * FILLED, UNTRIGGERED, or REJECTED by the book (e.g.
+   * MATCH_POST_ONLY_WOULD_TAKE). A refusal before the book (invalid fields,
+   * risk, LEDGER_INSUFFICIENT_FUNDS) is an error and records nothing: a retry
+   * is checked again. UNAVAILABLE leaves the outcome unknown: retry with the
+   * same client_order_id, which never places a second order.
    *
    * @generated from rpc cex.order.v1.OrderService.PlaceOrder
    */
