@@ -24,7 +24,7 @@ from __future__ import annotations
 import heapq
 from bisect import bisect_left, insort
 from collections import deque
-from typing import Self
+from typing import Any, Self
 
 from .domain import (
     Accepted,
@@ -52,10 +52,20 @@ from .domain import (
     TimeInForce,
     Trade,
     Triggered,
+    book_document,
     validate_place,
 )
 
 __all__ = ["FastOrderBook"]
+
+
+def _row(o: _Order) -> list[Any]:
+    """An order as a snapshot row: `_encode_order(o.view())`, without the view."""
+    return [
+        o.oid, o.acct, o.side.value, o.otype.value, o.price, o.stop, o.qty, o.leaves,
+        o.tif.value, o.expire, o.post_only, o.stp.value, o.budget, o.aseq, o.prio,
+    ]  # fmt: skip
+
 
 _BUY = Side.BUY
 _SELL = Side.SELL
@@ -294,6 +304,20 @@ class FastOrderBook(OrderBook):
 
     def export_state(self) -> BookState:
         return BookState(self._spec, self._seq, self._last, tuple(self.l3()), tuple(self.stops()))
+
+    def document(self) -> dict[str, Any]:
+        """`state_document(self.export_state())` without a view per order: a deep book's
+        snapshot is taken inside the writer's batch."""
+        resting: list[list[Any]] = []
+        for side in (_BUY, _SELL):
+            for lvl in self._side_levels(side):
+                o = lvl.head
+                while o is not None:
+                    resting.append(_row(o))
+                    o = o.next
+        pending = [e[2] for e in self._buy_stops] + [e[2] for e in self._sell_stops]
+        pending.sort(key=lambda o: o.aseq)
+        return book_document(self._spec, self._seq, self._last, resting, [_row(o) for o in pending])
 
     @classmethod
     def from_state(cls, state: BookState) -> Self:

@@ -117,8 +117,10 @@ __all__ = [
     "TimeInForce",
     "Trade",
     "Triggered",
+    "book_document",
     "decode_state",
     "encode_state",
+    "state_document",
     "validate_amend",
     "validate_place",
 ]
@@ -494,8 +496,31 @@ def _decode_order(row: list[Any]) -> OrderView:
 def encode_state(state: BookState) -> bytes:
     """The canonical serialization (compact JSON, sorted keys): equal states give
     equal bytes whichever implementation produced them."""
-    spec = state.spec
-    doc = {
+    return json.dumps(state_document(state), sort_keys=True, separators=(",", ":")).encode()
+
+
+def state_document(state: BookState) -> dict[str, Any]:
+    """The state as the JSON document `encode_state` writes (for embedding in a larger
+    document without a serialize-and-parse round trip)."""
+    return book_document(
+        state.spec,
+        state.seq,
+        state.last_price,
+        [_encode_order(o) for o in state.resting],
+        [_encode_order(o) for o in state.stops],
+    )
+
+
+def book_document(
+    spec: MarketSpec,
+    seq: int,
+    last_price: int | None,
+    resting: list[list[Any]],
+    stops: list[list[Any]],
+) -> dict[str, Any]:
+    """A book's snapshot document from its orders already encoded as rows (the
+    field order of `OrderView`, enums by value)."""
+    return {
         "version": _SNAPSHOT_VERSION,
         "spec": {
             "symbol": spec.symbol,
@@ -505,12 +530,11 @@ def encode_state(state: BookState) -> bytes:
             "max_qty": spec.max_qty,
             "min_notional": spec.min_notional,
         },
-        "seq": state.seq,
-        "last_price": state.last_price,
-        "resting": [_encode_order(o) for o in state.resting],
-        "stops": [_encode_order(o) for o in state.stops],
+        "seq": seq,
+        "last_price": last_price,
+        "resting": resting,
+        "stops": stops,
     }
-    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
 def decode_state(data: bytes) -> BookState:
@@ -677,8 +701,12 @@ class OrderBook(abc.ABC):
     @abc.abstractmethod
     def from_state(cls, state: BookState) -> Self: ...
 
+    def document(self) -> dict[str, Any]:
+        """The canonical snapshot as a JSON document (`snapshot` is its compact JSON)."""
+        return state_document(self.export_state())
+
     def snapshot(self) -> bytes:
-        return encode_state(self.export_state())
+        return json.dumps(self.document(), sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def restore(cls, data: bytes) -> Self:

@@ -291,7 +291,11 @@ class _Live:
     taker_fee_rate: Decimal
 
     def encode(self) -> list[Any]:
-        return [*(str(x) for x in dataclasses.astuple(self))]
+        return [
+            self.order_id, self.client_order_id, self.account_id, str(self.side),
+            str(self.order_type), self.price, self.stop_price, str(self.maker_fee_rate),
+            str(self.taker_fee_rate),
+        ]  # fmt: skip
 
     @classmethod
     def decode(cls, row: list[str]) -> _Live:
@@ -520,16 +524,19 @@ class MarketEngine:
 
     def snapshot(self) -> bytes:
         """Canonical bytes of the whole engine: equal engines give equal bytes."""
-        doc = {
+        return json.dumps(self.document(), sort_keys=True, separators=(",", ":")).encode()
+
+    def document(self) -> dict[str, Any]:
+        """The engine as the JSON document `snapshot` writes."""
+        return {
             "version": _SNAPSHOT_VERSION,
             "market": self.market.symbol,
             "command_seq": self.command_seq,
             "last_ts": self.last_ts,
-            "book": json.loads(self.book.snapshot()),
+            "book": self.book.document(),
             "accounts": sorted(self._accounts.items(), key=lambda kv: kv[1]),
             "live": [[n, *self._live[n].encode()] for n in sorted(self._live)],
         }
-        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     def state_hash(self) -> str:
         return hashlib.sha256(self.snapshot()).hexdigest()

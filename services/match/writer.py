@@ -19,6 +19,10 @@ Time enters as a command: a ticker sends a market an ``expire`` command (id
 market expires its orders, and releases their funds, on time, and the expiry
 is journaled and replayed like any other change.
 
+Every ``snapshot_every`` commands the batch takes the group's state as a
+document (inside the lock, so consistent); a task serializes and writes it
+after the batch is answered, one at a time.
+
 Recovery loads the group's latest snapshot and re-applies every journaled
 command after it in ``group_seq`` order, checking that each produces exactly
 the events journaled with it: a replay that disagrees with the journal stops
@@ -36,6 +40,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from google.rpc import status_pb2
 from opentelemetry import trace
@@ -186,6 +191,7 @@ class Sequencer:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._lock = asyncio.Lock()
         self._snapshot_seq = 0
+        self._saving: asyncio.Task[None] | None = None  # the snapshot being written
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._tick_s = tick_s
@@ -204,7 +210,7 @@ class Sequencer:
         self._ticker = asyncio.create_task(self._tick(), name=f"expiry-{self.group}")
 
     async def stop(self) -> None:
-        for task in (self._ticker, self._task):
+        for task in (self._ticker, self._task, self._saving):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -212,7 +218,8 @@ class Sequencer:
         while not self._queue.empty():
             pending = self._queue.get_nowait()
             error = Unavailable("MATCH_STOPPING", "the engine is stopping; retry")
-            pending.future.set_result(_failed(pending.wire, error))
+            if not pending.future.done():
+                pending.future.set_result(_failed(pending.wire, error))
 
     async def _recover(self) -> None:
         snapshot = await self._journal.latest_snapshot()
@@ -429,15 +436,16 @@ class Sequencer:
                     await self._journal.append(conn, entries)
                 await self.funds.save(conn)
             self.funds.saved()
-            snapshot = self._snapshot_due()
+            state = self._snapshot_due()
         COMMITS.inc()
         COMMANDS.inc(len(batch))
         for pending, result in zip(batch, results, strict=True):
-            pending.future.set_result(result)
+            if not pending.future.done():  # cancelled: its caller went away; it is committed
+                pending.future.set_result(result)
         for symbol, events in published.items():
             await self.logs[symbol].extend(events)
-        if snapshot is not None:
-            await self._journal.save_snapshot(snapshot)
+        if state is not None and (self._saving is None or self._saving.done()):
+            self._saving = asyncio.create_task(self._save_snapshot(state))
 
     def _over_limit(self, wire: match_pb2.Command) -> ExchangeError | None:
         """A place beyond the open-order limits it carries (R1, with the funds)."""
@@ -482,25 +490,41 @@ class Sequencer:
         if span.get_span_context().is_valid:
             self.logs[market].traced(span, command_seq)
 
-    def _snapshot_due(self) -> Snapshot | None:
+    def _snapshot_due(self) -> dict[str, Any] | None:
+        """The group's state as a document, when a snapshot is due. Taken inside the
+        batch (consistent); serialized and written after the answers, by a task."""
         if self.group_seq - self._snapshot_seq < self._snapshot_every:
             return None
         self._snapshot_seq = self.group_seq
-        state = self.snapshot()
-        return Snapshot(self.group_seq, state, hashlib.sha256(state).hexdigest())
+        return self.document()
+
+    async def _save_snapshot(self, state: dict[str, Any]) -> None:
+        """A snapshot's write, off the batch's way (one at a time: a snapshot that
+        falls due while one is written is skipped; recovery replays a little more)."""
+        data = _canonical(state)
+        snapshot = Snapshot(state["group_seq"], data, hashlib.sha256(data).hexdigest())
+        try:
+            await self._journal.save_snapshot(snapshot)
+        except Exception:  # the journal is whole without it
+            _log.exception(
+                "writing the snapshot of %s at %s failed", self.group, snapshot.group_seq
+            )
 
     # ----------------------------------------------------------------- state
 
-    def snapshot(self) -> bytes:
-        """Canonical bytes of the whole group: equal states give equal bytes."""
-        doc = {
+    def document(self) -> dict[str, Any]:
+        """The whole group as the JSON document of its snapshot."""
+        return {
             "version": _SNAPSHOT_VERSION,
             "group": self.group,
             "group_seq": self.group_seq,
             "last_ts": self.last_ts,
-            "markets": {s: json.loads(e.snapshot()) for s, e in self.engines.items()},
+            "markets": {s: e.document() for s, e in self.engines.items()},
         }
-        return _canonical(doc)
+
+    def snapshot(self) -> bytes:
+        """Canonical bytes of the whole group: equal states give equal bytes."""
+        return _canonical(self.document())
 
     def state_hash(self) -> str:
         return hashlib.sha256(self.snapshot()).hexdigest()

@@ -27,7 +27,6 @@ from services.chassis.money import parse_decimal
 from services.chassis.tracing import Context, batch_span, carrier, current_context
 
 __all__ = [
-    "ESCROW_ACCOUNT",
     "TRANSIENT",
     "Batcher",
     "MatchClient",
@@ -37,7 +36,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger("cex.order.downstream")
-ESCROW_ACCOUNT = "sys:orders"
 TRANSIENT = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE.value[0],

@@ -13,10 +13,11 @@
   the consumer has not stored it yet, reaches the writer under a new order id
   and gets the first outcome: the writer keys places by client order id. Other
   fields are ALREADY_EXISTS ORDER_DUPLICATE_CLIENT_ORDER_ID either way.
-- Cancel and amend are answered from the writer's result. A read by an account
-  first waits (bounded) until the consumer stored what this process answered
-  it (`Acknowledged`). Open-order limits are the writer's to enforce: it
-  counts exactly, where the read model lags behind the answers.
+- Cancel and amend are answered from the writer's result. An order this
+  process answered is read as answered until the consumer stored it, and a
+  read of many orders first waits (bounded) for that (`Acknowledged`).
+  Open-order limits are the writer's to enforce: it counts exactly, where the
+  read model lags behind the answers.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from .domain import (
     protection_price,
     validate_place,
 )
-from .downstream import Batcher, MatchClient, StatusError
+from .downstream import TRANSIENT, Batcher, MatchClient, StatusError
 from .risk_checks import RiskChecks
 from .store import Store
 
@@ -187,9 +188,7 @@ class Flow:
 
     def _answered(self, order: OrderRecord, result: match_pb2.CommandResult) -> None:
         if result.events:
-            self.acknowledged.add(
-                order.account_id, order.order_id, order.market, result.events[-1].seq
-            )
+            self.acknowledged.add(order, result.events[-1].seq)
 
     # -- place ---------------------------------------------------------------
 
@@ -263,7 +262,9 @@ class Flow:
     # -- lookups ---------------------------------------------------------------
 
     async def find(self, account_id: str, order_id: str, client_order_id: str) -> OrderRecord:
-        await self.caught_up(account_id)
+        answered = self.acknowledged.order(account_id, order_id, client_order_id)
+        if answered is not None:  # newer than the store, which may not have it yet
+            return answered
         if order_id:
             order = await self.gets.submit(order_id)
             if order is not None and order.account_id != account_id:
@@ -287,7 +288,7 @@ class Flow:
                 await asyncio.sleep(0.2 * (attempt + 1))
                 continue
             if result.status.code:
-                if result.status.code in _TRANSIENT_CODES and attempt < 2:
+                if result.status.code in TRANSIENT and attempt < 2:
                     await asyncio.sleep(0.2 * (attempt + 1))
                     continue
                 raise StatusError(result.status, "ORDER_MATCH_REFUSED")
@@ -445,7 +446,7 @@ def _repeat(existing: OrderRecord, fingerprint: str) -> OrderRecord:
 def _refused(status: status_pb2.Status) -> ExchangeError:
     """A place the writer did not accept: transient, another order's key, or refused."""
     details = ErrorDetails.from_status(status)
-    if status.code in _TRANSIENT_CODES or details.reason in _MATCH_TRANSIENT:
+    if status.code in TRANSIENT or details.reason in _MATCH_TRANSIENT:
         return StatusError(status, "ORDER_MATCH_UNAVAILABLE")
     if details.reason == "MATCH_DUPLICATE_CLIENT_ORDER_ID":
         return AlreadyExists(
@@ -454,16 +455,3 @@ def _refused(status: status_pb2.Status) -> ExchangeError:
             metadata=details.metadata,
         )
     return StatusError(status, "ORDER_MATCH_REFUSED")
-
-
-_TRANSIENT_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE.value[0],
-        grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
-        grpc.StatusCode.ABORTED.value[0],
-        grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
-        grpc.StatusCode.CANCELLED.value[0],
-        grpc.StatusCode.UNKNOWN.value[0],
-        grpc.StatusCode.INTERNAL.value[0],
-    }
-)

@@ -1,8 +1,8 @@
-"""kill -9 of order, match and ledger during a trading burst, on the real stack.
+"""kill -9 of order, match, ledger and funding during a trading burst, on the real stack.
 
 Two accounts trade BTC-USDT at 100 from many concurrent clients while the
-test SIGKILLs the order, match and ledger processes (the stack's supervisor
-restarts them); match's writer is the balance owner (ADR 0013), so its
+test SIGKILLs the order, match, ledger and funding processes (the stack's
+supervisor restarts them); match's writer is the balance owner (ADR 0013), so its
 kills are where money could be lost: the long run kills it 20 times while
 the buyer also withdraws. Clients retry a failed place with the same
 client_order_id, and a failed withdrawal request with the same request_id,
@@ -184,11 +184,12 @@ async def test_kill_9_of_order_match_and_ledger_during_a_burst_loses_nothing(
 
 @pytest.mark.chaos
 async def test_kill_9_again_and_again_during_a_long_burst(exchange: Exchange) -> None:
-    # Each of the three four times, in a shuffled order: the supervisor restarts a
-    # service at most 5 times a minute, as it would a real crash loop.
-    victims = [[name] for name in ["order", "match", "ledger"] * 4]
+    # Each of the four four times, in a shuffled order, while the buyer withdraws: the
+    # supervisor restarts a service at most 5 times a minute, as it would a real crash
+    # loop.
+    victims = [[name] for name in ["order", "match", "ledger", "funding"] * 4]
     random.Random(12).shuffle(victims)
-    await _burst(exchange, victims, seconds=90, clients=16)
+    await _burst(exchange, victims, seconds=120, clients=16, withdrawals=True)
 
 
 @pytest.mark.chaos

@@ -234,6 +234,19 @@ async def test_bad_input_is_invalid_argument_with_field_violations_and_moves_no_
     assert list(listed.orders) == []
 
 
+async def _refused_in_time(trader: Trader, order: dict[str, object], what: str) -> ErrorDetails:
+    """Place `order` until it is refused (a rule or a price reaching the checks takes a
+    moment), cancelling what was placed meanwhile; the refusal."""
+    for _ in range(100):
+        try:
+            placed = await trader.place(**order)
+        except grpc.aio.AioRpcError as error:
+            return error_of(error)
+        await trader.cancel(placed.order_id)
+        await asyncio.sleep(0.05)
+    pytest.fail(f"no {what} refusal")
+
+
 async def test_every_risk_refusal_has_its_reason(exchange: Exchange) -> None:
     risk = risk_pb2_grpc.RiskServiceStub(exchange.channel)
     seller = await exchange.trader({"ETH": "1"}, "seller")
@@ -242,16 +255,9 @@ async def test_every_risk_refusal_has_its_reason(exchange: Exchange) -> None:
     await buyer.place(market="ETH-USDT", side=BUY, price="2000", quantity="0.1")
 
     # A price far from the last trade (risk follows trades from JetStream).
-    for _ in range(100):
-        try:
-            order = await buyer.place(market="ETH-USDT", side=BUY, price="2400", quantity="0.1")
-        except grpc.aio.AioRpcError as error:
-            band = error_of(error)
-            break
-        await buyer.cancel(order.order_id)
-        await asyncio.sleep(0.1)
-    else:
-        pytest.fail("no price band after a trade")
+    band = await _refused_in_time(
+        buyer, dict(market="ETH-USDT", side=BUY, price="2400", quantity="0.1"), "price band"
+    )
     assert (band.code, band.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
                                         "RISK_PRICE_OUT_OF_BAND")  # fmt: skip
 
@@ -272,7 +278,7 @@ async def test_every_risk_refusal_has_its_reason(exchange: Exchange) -> None:
         switch.request_id, switch.engaged = uid("k"), False
         await risk.SetKillSwitch(switch, metadata=exchange.svc, timeout=10)
 
-    # An open-order limit, counted by the order service.
+    # An open-order limit, counted by the writer.
     await risk.SetLimits(
         risk_pb2.SetLimitsRequest(
             request_id=uid("l"),
@@ -282,16 +288,9 @@ async def test_every_risk_refusal_has_its_reason(exchange: Exchange) -> None:
         timeout=10,
     )
     first = await buyer.place(market="ETH-USDT", side=BUY, price="1990", quantity="0.1")
-    for _ in range(100):  # the limit reaches order's copy of risk's rules
-        try:
-            extra = await buyer.place(market="ETH-USDT", side=BUY, price="1980", quantity="0.1")
-        except grpc.aio.AioRpcError as error:
-            limited = error_of(error)
-            break
-        await buyer.cancel(extra.order_id)
-        await asyncio.sleep(0.05)
-    else:
-        pytest.fail("no open-order limit")
+    limited = await _refused_in_time(  # once the limit reaches order's copy of the rules
+        buyer, dict(market="ETH-USDT", side=BUY, price="1980", quantity="0.1"), "limit"
+    )
     assert limited.reason == "RISK_OPEN_ORDERS_LIMIT_EXCEEDED"
     # An order answered a moment ago counts before the read model stores it.
     await buyer.cancel(first.order_id)
