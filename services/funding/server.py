@@ -483,9 +483,12 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             # The allowlist as it is now: a change to it waits for this request.
             await store.lock_allowlist(conn, account, shared=True)
             allowlist = await store.allowlist(conn, account)
-            listed = await store.listed_address(conn, account, spec.asset, spec.address)
+            on = domain.allowlist_on(allowlist.enabled, allowlist.disable_time, now)
+            listed = (
+                await store.listed_address(conn, account, spec.asset, spec.address) if on else None
+            )
             domain.check_destination(
-                on=domain.allowlist_on(allowlist.enabled, allowlist.disable_time, now),
+                on=on,
                 usable_time=listed.usable_time if listed else None,
                 address=spec.address,
                 asset=spec.asset,
