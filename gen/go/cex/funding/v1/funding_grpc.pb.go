@@ -63,6 +63,9 @@ type FundingServiceClient interface {
 	ListDeposits(ctx context.Context, in *ListDepositsRequest, opts ...grpc.CallOption) (*ListDepositsResponse, error)
 	// Requests a withdrawal. Returns once the request is durably recorded (state
 	// PENDING); the saga then runs asynchronously. Idempotent on request_id.
+	// While the account's allowlist is on, an address not on it is refused with
+	// FAILED_PRECONDITION FUNDING_ADDRESS_NOT_ALLOWED, one still cooling with
+	// FUNDING_ADDRESS_COOLING (nothing is recorded or held).
 	RequestWithdrawal(ctx context.Context, in *RequestWithdrawalRequest, opts ...grpc.CallOption) (*RequestWithdrawalResponse, error)
 	// Cancels a withdrawal that has not been broadcast yet; afterwards
 	// FAILED_PRECONDITION (FUNDING_WITHDRAWAL_ALREADY_BROADCAST). Cancelling a
@@ -284,6 +287,9 @@ type FundingServiceServer interface {
 	ListDeposits(context.Context, *ListDepositsRequest) (*ListDepositsResponse, error)
 	// Requests a withdrawal. Returns once the request is durably recorded (state
 	// PENDING); the saga then runs asynchronously. Idempotent on request_id.
+	// While the account's allowlist is on, an address not on it is refused with
+	// FAILED_PRECONDITION FUNDING_ADDRESS_NOT_ALLOWED, one still cooling with
+	// FUNDING_ADDRESS_COOLING (nothing is recorded or held).
 	RequestWithdrawal(context.Context, *RequestWithdrawalRequest) (*RequestWithdrawalResponse, error)
 	// Cancels a withdrawal that has not been broadcast yet; afterwards
 	// FAILED_PRECONDITION (FUNDING_WITHDRAWAL_ALREADY_BROADCAST). Cancelling a

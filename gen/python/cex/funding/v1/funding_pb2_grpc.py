@@ -146,6 +146,9 @@ class FundingServiceServicer:
     def RequestWithdrawal(self, request, context):
         """Requests a withdrawal. Returns once the request is durably recorded (state
         PENDING); the saga then runs asynchronously. Idempotent on request_id.
+        While the account's allowlist is on, an address not on it is refused with
+        FAILED_PRECONDITION FUNDING_ADDRESS_NOT_ALLOWED, one still cooling with
+        FUNDING_ADDRESS_COOLING (nothing is recorded or held).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

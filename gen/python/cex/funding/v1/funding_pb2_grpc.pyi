@@ -54,6 +54,9 @@ class FundingServiceStub:
     RequestWithdrawal: _grpc.UnaryUnaryMultiCallable[_funding_pb2.RequestWithdrawalRequest, _funding_pb2.RequestWithdrawalResponse]
     """Requests a withdrawal. Returns once the request is durably recorded (state
     PENDING); the saga then runs asynchronously. Idempotent on request_id.
+    While the account's allowlist is on, an address not on it is refused with
+    FAILED_PRECONDITION FUNDING_ADDRESS_NOT_ALLOWED, one still cooling with
+    FUNDING_ADDRESS_COOLING (nothing is recorded or held).
     """
     CancelWithdrawal: _grpc.UnaryUnaryMultiCallable[_funding_pb2.CancelWithdrawalRequest, _funding_pb2.CancelWithdrawalResponse]
     """Cancels a withdrawal that has not been broadcast yet; afterwards
@@ -113,6 +116,9 @@ class FundingServiceAsyncStub(FundingServiceStub):
     RequestWithdrawal: _aio.UnaryUnaryMultiCallable[_funding_pb2.RequestWithdrawalRequest, _funding_pb2.RequestWithdrawalResponse]  # type: ignore[assignment]
     """Requests a withdrawal. Returns once the request is durably recorded (state
     PENDING); the saga then runs asynchronously. Idempotent on request_id.
+    While the account's allowlist is on, an address not on it is refused with
+    FAILED_PRECONDITION FUNDING_ADDRESS_NOT_ALLOWED, one still cooling with
+    FUNDING_ADDRESS_COOLING (nothing is recorded or held).
     """
     CancelWithdrawal: _aio.UnaryUnaryMultiCallable[_funding_pb2.CancelWithdrawalRequest, _funding_pb2.CancelWithdrawalResponse]  # type: ignore[assignment]
     """Cancels a withdrawal that has not been broadcast yet; afterwards
@@ -193,6 +199,9 @@ class FundingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_funding_pb2.RequestWithdrawalResponse, _abc.Awaitable[_funding_pb2.RequestWithdrawalResponse]]:
         """Requests a withdrawal. Returns once the request is durably recorded (state
         PENDING); the saga then runs asynchronously. Idempotent on request_id.
+        While the account's allowlist is on, an address not on it is refused with
+        FAILED_PRECONDITION FUNDING_ADDRESS_NOT_ALLOWED, one still cooling with
+        FUNDING_ADDRESS_COOLING (nothing is recorded or held).
         """
 
     @_abc_1.abstractmethod

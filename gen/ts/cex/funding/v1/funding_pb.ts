@@ -2045,6 +2045,9 @@ export const FundingService: GenService<{
   /**
    * Requests a withdrawal. Returns once the request is durably recorded (state
    * PENDING); the saga then runs asynchronously. Idempotent on request_id.
+   * While the account's allowlist is on, an address not on it is refused with
+   * FAILED_PRECONDITION FUNDING_ADDRESS_NOT_ALLOWED, one still cooling with
+   * FUNDING_ADDRESS_COOLING (nothing is recorded or held).
    *
    * @generated from rpc cex.funding.v1.FundingService.RequestWithdrawal
    */
