@@ -16,11 +16,13 @@ import pytest
 
 from cex.funding.v1 import funding_pb2 as F
 from cex_stack.supervisor import Stack
+from services.chassis import ServiceCredentials
 from tests.conftest import Trust
 from tests.integration.funding.support import (
     ETH_ADDRESS,
     Chain,
     Funding,
+    bearer,
     chainsim,
     fresh_database,
     fund,
@@ -358,3 +360,43 @@ async def test_no_approval_before_the_deadline_voids_the_hold(
     )
     assert w.withdrawal_id not in (await world.chain.stats())["broadcast_calls"]
     assert (await world.ledger.audit()).balanced
+
+
+async def test_nobody_reviews_their_own_accounts_withdrawal(
+    world: World, stack: Stack, service_credentials: ServiceCredentials
+) -> None:
+    from cex.auth.v1 import auth_pb2, auth_pb2_grpc
+
+    operator = bearer(await service_credentials.token())
+    async with grpc.aio.insecure_channel(stack.edge) as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        acct = (
+            await stub.CreateAccount(
+                auth_pb2.CreateAccountRequest(request_id=uuid.uuid4().hex, display_name="op"),
+                metadata=operator,
+            )
+        ).account.account_id
+        key = await stub.CreateApiKey(
+            auth_pb2.CreateApiKeyRequest(
+                request_id=uuid.uuid4().hex, account_id=acct, allowed_cidrs=["0.0.0.0/0"],
+                scopes=[auth_pb2.API_KEY_SCOPE_READ, auth_pb2.API_KEY_SCOPE_WITHDRAW,
+                        auth_pb2.API_KEY_SCOPE_ADMIN],
+            ),
+            metadata=operator,
+        )  # fmt: skip
+        token = await stub.IssueToken(
+            auth_pb2.IssueTokenRequest(api_key_id=key.api_key.api_key_id, api_key_secret=key.secret)
+        )
+    md = bearer(token.access_token)
+    await fund(world.ledger, acct, "1000")
+    w = await world.funding.withdraw("", "150", md=md)  # an admin withdrawing for themself
+    await reach(world.funding, acct, w.withdrawal_id, F.WITHDRAWAL_STATE_AWAITING_APPROVAL)
+    own = await rpc_error(
+        world.funding.stub.ApproveWithdrawal(
+            F.ApproveWithdrawalRequest(request_id="self", withdrawal_id=w.withdrawal_id),
+            metadata=md,
+        )
+    )
+    assert (own.code, own.reason) == (grpc.StatusCode.PERMISSION_DENIED, "FUNDING_SELF_REVIEW")
+    waiting = await world.funding.get(acct, w.withdrawal_id)
+    assert waiting.review == F.WITHDRAWAL_REVIEW_UNSPECIFIED
