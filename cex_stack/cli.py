@@ -7,6 +7,7 @@ cex apikey create   create an API key for an account; prints its id and secret o
 cex token           exchange an API key for an access token (prints the JWT)
 cex deposit         a real deposit through the chain simulator, waited for until credited
 cex audit           the ledger's audit (AuditLedger) as the operator
+cex withdrawal      approve or reject a withdrawal that waits for an operator
 """
 
 from __future__ import annotations
@@ -210,6 +211,38 @@ async def _audit(state_dir: Path, args: argparse.Namespace) -> int:
     if rows:
         print(_table(rows))
     return 0 if reply.balanced else 1
+
+
+async def _review(state_dir: Path, args: argparse.Namespace) -> int:
+    """ApproveWithdrawal / RejectWithdrawal as the operator; prints the withdrawal's state."""
+    import uuid
+
+    from cex.funding.v1 import funding_pb2 as F
+    from cex_sdk import CexError
+
+    method, request, response = {
+        "approve": ("ApproveWithdrawal", F.ApproveWithdrawalRequest, F.ApproveWithdrawalResponse),
+        "reject": ("RejectWithdrawal", F.RejectWithdrawalRequest, F.RejectWithdrawalResponse),
+    }[args.action]
+    async with _client(_running_stack(state_dir), operator=True) as client:
+        try:
+            reply = await client.call(
+                f"/cex.funding.v1.FundingService/{method}",
+                request(
+                    request_id=args.request_id or str(uuid.uuid4()),
+                    withdrawal_id=args.withdrawal,
+                    reason=args.reason or "",
+                ),
+                response,
+                timeout_s=30,
+            )
+        except CexError as error:
+            raise _failed(error) from None
+    w = reply.withdrawal
+    print(
+        f"{w.withdrawal_id} {F.WithdrawalState.Name(w.state)} {F.WithdrawalReview.Name(w.review)}"
+    )
+    return 0
 
 
 async def _issue(edge: str, key_id: str, secret: str) -> str:
@@ -430,6 +463,19 @@ def main(argv: list[str] | None = None) -> None:
         "audit", help="run the ledger's audit (AuditLedger) as the operator; exit 1 if unbalanced"
     )
     audit.add_argument("--asset", action="append", help="only this asset (repeat); default all")
+    withdrawal = commands.add_parser(
+        "withdrawal", help="operators: withdrawals waiting for approval"
+    ).add_subparsers(dest="action", required=True)
+    for action, text in (
+        ("approve", "approve a withdrawal above its asset's threshold: it is broadcast"),
+        ("reject", "reject it: its hold is voided, the funds are the owner's again"),
+    ):
+        review = withdrawal.add_parser(action, help=text)
+        review.add_argument("withdrawal", help="the withdrawal id (wd_...)")
+        review.add_argument(
+            "--reason", required=action == "reject", help="why (kept with the decision)"
+        )
+        review.add_argument("--request-id", help="idempotency id (default: a new UUID)")
     token = commands.add_parser("token", help="exchange an API key for an access token")
     token.add_argument("--key-id", help="default $CEX_API_KEY_ID (the secret: $CEX_API_KEY_SECRET)")
     args = parser.parse_args(argv)
@@ -453,6 +499,8 @@ def main(argv: list[str] | None = None) -> None:
         code = asyncio.run(_deposit(state_dir, args))
     elif args.command == "audit":
         code = asyncio.run(_audit(state_dir, args))
+    elif args.command == "withdrawal":
+        code = asyncio.run(_review(state_dir, args))
     elif args.command == "traces":
         code = 0
         with contextlib.suppress(KeyboardInterrupt):

@@ -12,7 +12,14 @@ from decimal import Decimal
 from services.chassis.markets import DEFAULT_CATALOG, Catalog, load_catalog
 from services.chassis.settings import env_float, env_int, env_str
 
-__all__ = ["DEFAULT_ASSETS", "AssetRules", "FundingConfig", "rules_from"]
+__all__ = [
+    "DEFAULT_APPROVAL_THRESHOLDS",
+    "DEFAULT_ASSETS",
+    "AssetRules",
+    "FundingConfig",
+    "rules_from",
+    "thresholds_from",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +74,25 @@ def rules_from(catalog: Catalog) -> dict[str, AssetRules]:
 
 DEFAULT_ASSETS: Mapping[str, AssetRules] = rules_from(DEFAULT_CATALOG)
 
+# Withdrawals of more than this (the amount, in the asset's units) wait for an
+# operator's approval; an asset not named never does.
+DEFAULT_APPROVAL_THRESHOLDS: Mapping[str, str] = {"BTC": "10", "ETH": "200", "USDT": "250000"}
+
+
+def thresholds_from(text: str) -> dict[str, str]:
+    """`FUNDING_APPROVAL_THRESHOLDS`: "BTC=10,USDT=250000" ("off": none)."""
+    if text.strip().lower() == "off":
+        return {}
+    found = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        asset, sep, amount = item.partition("=")
+        if not sep or not asset.strip() or Decimal(amount.strip()) < 0:
+            raise ValueError(f"FUNDING_APPROVAL_THRESHOLDS: {item!r} is not ASSET=AMOUNT")
+        found[asset.strip()] = amount.strip()
+    return found
+
 
 @dataclass(frozen=True, slots=True)
 class FundingConfig:
@@ -78,6 +104,13 @@ class FundingConfig:
         name takes its sagas back at once (others wait for the lease to expire).
     withdrawal_deadline_s / deposit_deadline_s: after this a saga that is not
         done is compensated or, where that is unsafe, marked STUCK.
+    address_cooling_s: how long a new allowlist address waits before it is
+        usable, and a turn-off of the allowlist before it takes effect.
+    approval_thresholds: per asset, the amount above which a withdrawal waits
+        for an operator's approval; approval_timeout_s: how long it may wait
+        (from the request) before it is rejected and its hold voided;
+        approval_poll_s: how often a waiting saga looks (an approve or reject
+        wakes it at once).
     """
 
     chain_target: str = "127.0.0.1:50049"
@@ -96,6 +129,12 @@ class FundingConfig:
     outbox_poll_s: float = 0.2
     outbox: bool = True
     watch_chain: bool = True
+    address_cooling_s: float = 86400.0
+    approval_thresholds: Mapping[str, str] = field(
+        default_factory=lambda: dict(DEFAULT_APPROVAL_THRESHOLDS)
+    )
+    approval_timeout_s: float = 86400.0
+    approval_poll_s: float = 5.0
     assets: Mapping[str, AssetRules] = field(default_factory=lambda: dict(DEFAULT_ASSETS))
 
     @classmethod
@@ -117,5 +156,12 @@ class FundingConfig:
             chain_poll_s=env_float(env, "FUNDING_CHAIN_POLL_S", 0.5),
             outbox=env_str(env, "FUNDING_OUTBOX", "on") != "off",
             watch_chain=env_str(env, "FUNDING_WATCH_CHAIN", "on") != "off",
+            address_cooling_s=env_float(env, "FUNDING_ADDRESS_COOLING_S", 86400.0),
+            approval_thresholds=thresholds_from(
+                env_str(env, "FUNDING_APPROVAL_THRESHOLDS")
+                or ",".join(f"{a}={v}" for a, v in DEFAULT_APPROVAL_THRESHOLDS.items())
+            ),
+            approval_timeout_s=env_float(env, "FUNDING_APPROVAL_TIMEOUT_S", 86400.0),
+            approval_poll_s=env_float(env, "FUNDING_APPROVAL_POLL_S", 5.0),
             assets=rules_from(load_catalog(env)),
         )

@@ -37,10 +37,13 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from services.chassis import (
+    AlreadyExists,
     Asset,
     ExchangeError,
     FailedPrecondition,
     MoneyError,
+    PermissionDenied,
+    Violations,
     invalid_field,
     require_request_id,
 )
@@ -406,7 +409,8 @@ class Vetoed(Exception):
 WITHDRAWAL = "withdrawal"
 CUSTODY_ACCOUNT = "sys:custody"
 FEE_ACCOUNT = "sys:fees"
-BEFORE_BROADCAST = ("ledger_hold", "risk_check")
+APPROVAL_STEP = "await_approval"
+BEFORE_BROADCAST = ("ledger_hold", "risk_check", APPROVAL_STEP)
 TERMINAL_WITHDRAWAL = ("COMPLETED", "CANCELLED", "REJECTED", "FAILED")
 
 
@@ -503,9 +507,15 @@ def withdrawal_ids(withdrawal_id: str) -> dict[str, str]:
 
 
 def withdrawal_saga_data(
-    *, withdrawal_id: str, account_id: str, spec: WithdrawalSpec, asset: Asset
+    *,
+    withdrawal_id: str,
+    account_id: str,
+    spec: WithdrawalSpec,
+    asset: Asset,
+    approval_required: bool = False,
 ) -> dict[str, str]:
     return {
+        "approval_required": "true" if approval_required else "false",
         "withdrawal_id": withdrawal_id,
         "account_id": account_id,
         "asset": spec.asset,
@@ -566,6 +576,11 @@ def withdrawal_step_may_start(
 
 def withdrawal_state(change: Change) -> str | None:
     """The withdrawal's new state after a change of its saga, if it has one."""
+    if change.step == APPROVAL_STEP and change.state == RUNNING:
+        if change.entry_state == SUCCEEDED:
+            return "PENDING"  # approved (or no approval needed): on to the broadcast
+        if change.outputs.get("approval") == "awaiting":
+            return "AWAITING_APPROVAL"
     if change.state == COMPLETED:
         return "COMPLETED"
     if change.state == COMPENSATED:
@@ -601,6 +616,219 @@ def cancel_withdrawal(
             metadata={"withdrawal_id": withdrawal_id, "state": state},
         )
     return True
+
+
+# -- approvals -------------------------------------------------------------------
+#
+# A withdrawal above its asset's threshold waits, after the hold and risk's check
+# and before the broadcast, for an operator's review (the `await_approval` step).
+# The review is written once on the withdrawal's row, under its lock: APPROVED or
+# REJECTED by ApproveWithdrawal / RejectWithdrawal before the deadline, or
+# EXPIRED by the saga's guard at its first look after it. A rejection or expiry
+# vetoes the step: the hold is voided and the withdrawal ends REJECTED.
+
+APPROVED, REJECTED, EXPIRED = "APPROVED", "REJECTED", "EXPIRED"
+
+
+def needs_approval(amount: int, threshold: int | None) -> bool:
+    """Whether a withdrawal of `amount` (minor units) waits for an operator:
+    above its asset's threshold; an asset without one never does."""
+    return threshold is not None and amount > threshold
+
+
+def review_at_look(*, required: bool, review: str, deadline: datetime | None, now: datetime) -> str:
+    """The review as the saga finds it, under the withdrawal's row lock, before each
+    look of `await_approval`: EXPIRED once the deadline passed without a review
+    (the caller records it, so that a late approval is refused)."""
+    if required and not review and deadline is not None and now >= deadline:
+        return EXPIRED
+    return review
+
+
+def approval_veto(review: str) -> None:
+    """Stops the saga at `await_approval` when the operator said no, or too late."""
+    if review == REJECTED:
+        raise Vetoed(
+            error_status(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "FUNDING_WITHDRAWAL_REJECTED_BY_OPERATOR",
+                "an operator rejected the withdrawal",
+            )
+        )
+    if review == EXPIRED:
+        raise Vetoed(
+            error_status(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "FUNDING_APPROVAL_EXPIRED",
+                "no operator approved the withdrawal before its approval deadline",
+            )
+        )
+
+
+def approval_outcome(*, required: bool, review: str, poll_s: float) -> Outcome:
+    """The `await_approval` step's look: done when no approval is needed or an
+    operator approved; else wait (a review wakes the saga at once)."""
+    if not required:
+        return Done({"approval": "not required"})
+    if review == APPROVED:
+        return Done({"approval": "approved"})
+    return Wait(poll_s, {"approval": "awaiting"})
+
+
+def review_withdrawal(
+    withdrawal_id: str,
+    decision: str,
+    *,
+    state: str,
+    required: bool,
+    review: str,
+    cancel_requested: bool,
+    deadline: datetime | None,
+    now: datetime,
+) -> bool:
+    """Whether an operator's decision is to be recorded now: False when it was
+    already taken (the same answer again); refused when the withdrawal needs no
+    review, was reviewed otherwise, is past its deadline or no longer waits."""
+    if review == decision:
+        return False
+    meta = {"withdrawal_id": withdrawal_id}
+    if not required:
+        raise FailedPrecondition(
+            "FUNDING_APPROVAL_NOT_REQUIRED",
+            "the withdrawal is below its asset's approval threshold",
+            metadata=meta,
+        )
+    if review == EXPIRED or (not review and deadline is not None and now >= deadline):
+        raise FailedPrecondition(
+            "FUNDING_APPROVAL_EXPIRED",
+            "the withdrawal's approval deadline has passed; it is rejected",
+            metadata=meta,
+        )
+    if review:
+        raise FailedPrecondition(
+            "FUNDING_WITHDRAWAL_ALREADY_REVIEWED",
+            f"the withdrawal was already {review.lower()}",
+            metadata={**meta, "review": review},
+        )
+    if cancel_requested or state in TERMINAL_WITHDRAWAL:
+        raise FailedPrecondition(
+            "FUNDING_WITHDRAWAL_NOT_AWAITING_APPROVAL",
+            f"the withdrawal is {'being cancelled' if cancel_requested else state}",
+            metadata={**meta, "state": state},
+        )
+    return True
+
+
+def reviewer_may_review(reviewer_account: str, owner_account: str) -> None:
+    """Four eyes: nobody reviews a withdrawal of their own account."""
+    if reviewer_account and reviewer_account == owner_account:
+        raise PermissionDenied(
+            "FUNDING_SELF_REVIEW", "an operator cannot review their own account's withdrawal"
+        )
+
+
+def require_reason(reason: str) -> str:
+    if not reason.strip() or len(reason) > 500:
+        raise invalid_field("FUNDING_REASON_INVALID", "reason", "required: 1 to 500 characters")
+    return reason
+
+
+# -- address allowlist -------------------------------------------------------------
+#
+# When an account's allowlist is on, its withdrawals go only to addresses on it
+# whose cooling period has passed. Turning it on and removing an address protect
+# and take effect at once; adding an address and turning the allowlist off loosen
+# and wait the cooling period, so that a stolen withdraw key cannot add its own
+# address (or turn the list off) and withdraw at once: the owner has the cooling
+# period to notice (the events) and react.
+
+MAX_LABEL = 64
+
+
+def parse_withdrawal_address(
+    *,
+    request_id: str,
+    asset_code: str,
+    network: str,
+    address: str,
+    label: str,
+    rules: Mapping[str, AssetRules],
+) -> AssetRules:
+    """An AddWithdrawalAddress request's fields, checked: the asset's rules."""
+    require_request_id(request_id, "FUNDING_REQUEST_ID_INVALID")
+    rule = rules.get(asset_code)
+    if rule is None:
+        raise invalid_field(
+            "FUNDING_ASSET_UNSUPPORTED", "asset", f"{asset_code!r} cannot be withdrawn"
+        )
+    problems = Violations()
+    if network and network != rule.network:
+        problems.add("network", f"{asset_code} moves on {rule.network} only")
+    if not rule.address_ok(address):
+        problems.add("address", f"not a {rule.network} address")
+    if len(label) > MAX_LABEL:
+        problems.add("label", f"at most {MAX_LABEL} characters")
+    problems.raise_if_any("FUNDING_WITHDRAWAL_ADDRESS_INVALID")
+    return rule
+
+
+def allowlist_on(enabled: bool, disable_time: datetime | None, now: datetime) -> bool:
+    """Whether the allowlist applies now (a turn-off applies from disable_time)."""
+    return enabled and (disable_time is None or now < disable_time)
+
+
+def allowlist_change(
+    *, enabled: bool, disable_time: datetime | None, want: bool, now: datetime, cooling_s: float
+) -> tuple[bool, datetime | None]:
+    """(enabled, disable_time) after a SetWithdrawalAllowlist: on at once (cancelling
+    a turn-off that waits); off after the cooling period, never sooner than one
+    already asked for (asking again does not push it back)."""
+    if want:
+        return True, None
+    if not allowlist_on(enabled, disable_time, now):
+        return False, None
+    if disable_time is not None:
+        return True, disable_time
+    return True, shift(now, cooling_s)
+
+
+def check_destination(
+    *, on: bool, usable_time: datetime | None, address: str, asset: str, now: datetime
+) -> None:
+    """With the allowlist on, a withdrawal goes only to a listed address past its
+    cooling period; FAILED_PRECONDITION otherwise, before anything is held."""
+    if not on:
+        return
+    if usable_time is None:
+        raise FailedPrecondition(
+            "FUNDING_ADDRESS_NOT_ALLOWED",
+            f"{address} is not on the account's {asset} withdrawal allowlist",
+            metadata={"address": address, "asset": asset},
+        )
+    if now < usable_time:
+        raise FailedPrecondition(
+            "FUNDING_ADDRESS_COOLING",
+            f"{address} is usable for withdrawals from {usable_time.isoformat()}",
+            metadata={"address": address, "asset": asset, "usable_time": usable_time.isoformat()},
+        )
+
+
+# -- idempotency keys of the allowlist and review calls -------------------------------
+
+
+def request_fingerprint(method: str, *fields: str) -> str:
+    return hashlib.sha256("\x1f".join((method, *fields)).encode()).hexdigest()
+
+
+def same_request(*, stored: tuple[str, str], fingerprint: str, target: str) -> None:
+    """A request_id seen before must name the same call (ADR 0003)."""
+    stored_fingerprint, stored_target = stored
+    if stored_fingerprint != fingerprint:
+        raise AlreadyExists(
+            "FUNDING_REQUEST_ID_REUSED",
+            "request_id was used for a different call",
+            metadata={"target": stored_target or target},
+        )
 
 
 # -- deposits -------------------------------------------------------------------

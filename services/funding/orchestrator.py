@@ -208,7 +208,10 @@ class Orchestrator:
         account_id: str,
         data: Mapping[str, Any],
         saga_id: str | None = None,
+        extra_s: float = 0.0,
     ) -> str:
+        """Starts a saga, due now; `extra_s` lengthens its deadline (e.g. the time a
+        withdrawal may wait for an operator's approval)."""
         definition = self._definitions[kind]
         saga_id = saga_id or f"saga_{uuid.uuid4().hex}"
         now = _now(self._clock)
@@ -226,7 +229,7 @@ class Orchestrator:
             account_id=account_id,
             first_step=definition.steps[0].name,
             data=dict(data),
-            deadline=shift(now, definition.deadline_s),
+            deadline=shift(now, definition.deadline_s + extra_s),
             now=now,
             trace_context=trace_context or None,
         )

@@ -77,16 +77,32 @@ POLICY: dict[str, Rule] = {
     "ListWithdrawals": user("read", services=True),
     "ListSagas": user("admin", services=True),
     "GetSaga": user("admin", services=True),
+    # The allowlist guards the account's withdrawals: changing it takes `withdraw`.
+    "AddWithdrawalAddress": user("withdraw", services=True),
+    "RemoveWithdrawalAddress": user("withdraw", services=True),
+    "ListWithdrawalAddresses": user("read", services=True),
+    "GetWithdrawalAllowlist": user("read", services=True),
+    "SetWithdrawalAllowlist": user("withdraw", services=True),
+    # Operators review withdrawals above their asset's threshold.
+    "ApproveWithdrawal": user("admin", services=True),
+    "RejectWithdrawal": user("admin", services=True),
 }
 
 F = funding_pb2
 _WITHDRAWAL_STATES = {
     "PENDING": F.WITHDRAWAL_STATE_PENDING,
+    "AWAITING_APPROVAL": F.WITHDRAWAL_STATE_AWAITING_APPROVAL,
     "BROADCAST": F.WITHDRAWAL_STATE_BROADCAST,
     "COMPLETED": F.WITHDRAWAL_STATE_COMPLETED,
     "CANCELLED": F.WITHDRAWAL_STATE_CANCELLED,
     "REJECTED": F.WITHDRAWAL_STATE_REJECTED,
     "FAILED": F.WITHDRAWAL_STATE_FAILED,
+}
+_REVIEWS = {
+    "": F.WITHDRAWAL_REVIEW_UNSPECIFIED,
+    domain.APPROVED: F.WITHDRAWAL_REVIEW_APPROVED,
+    domain.REJECTED: F.WITHDRAWAL_REVIEW_REJECTED,
+    domain.EXPIRED: F.WITHDRAWAL_REVIEW_EXPIRED,
 }
 _DEPOSIT_STATES = {
     "PENDING": F.DEPOSIT_STATE_PENDING,
@@ -210,6 +226,16 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         self._catalog = catalog
         self._config = config
         self._clock = clock
+        # Approval thresholds in minor units (assets the catalog does not know never
+        # reach a withdrawal).
+        self._thresholds = {
+            symbol: catalog.assets[symbol].to_minor(amount)
+            for symbol, amount in config.approval_thresholds.items()
+            if symbol in catalog.assets
+        }
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), UTC)
 
     # -- conversions ---------------------------------------------------------
 
@@ -236,6 +262,37 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             create_time=timestamp(row.create_time),
             update_time=timestamp(row.update_time),
             complete_time=timestamp(row.complete_time) if row.complete_time else None,
+            approval_required=row.approval_required,
+            approval_deadline_time=timestamp(row.approval_deadline)
+            if row.approval_deadline
+            else None,
+            review=_REVIEWS[row.review],
+            reviewed_by=row.reviewed_by,
+            review_reason=row.review_reason,
+            review_time=timestamp(row.review_time) if row.review_time else None,
+        )
+
+    @staticmethod
+    def _address(row: store.AddressRow) -> funding_pb2.WithdrawalAddress:
+        return F.WithdrawalAddress(
+            address_id=row.address_id,
+            account_id=row.account_id,
+            asset=row.asset,
+            network=row.network,
+            address=row.address,
+            label=row.label,
+            create_time=timestamp(row.create_time),
+            usable_time=timestamp(row.usable_time),
+            remove_time=timestamp(row.remove_time) if row.remove_time else None,
+        )
+
+    def _allowlist(self, row: store.AllowlistRow) -> funding_pb2.WithdrawalAllowlist:
+        on = domain.allowlist_on(row.enabled, row.disable_time, self._now())
+        return F.WithdrawalAllowlist(
+            account_id=row.account_id,
+            enabled=on,
+            disable_time=timestamp(row.disable_time) if on and row.disable_time else None,
+            update_time=timestamp(row.update_time) if row.update_time else None,
         )
 
     def _deposit(self, row: store.DepositRow) -> funding_pb2.Deposit:
@@ -418,17 +475,38 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         self, account: str, request_id: str, spec: domain.WithdrawalSpec
     ) -> store.WithdrawalRow:
         wid = f"wd_{uuid.uuid4().hex}"
-        now = datetime.fromtimestamp(self._clock(), UTC)
+        now = self._now()
         asset = self._catalog.assets[spec.asset]
+        approval = domain.needs_approval(spec.amount, self._thresholds.get(spec.asset))
+        wait_s = self._config.approval_timeout_s if approval else 0.0
         async with self._pool.acquire() as conn, conn.transaction():
+            # The allowlist as it is now: a change to it waits for this request.
+            await store.lock_allowlist(conn, account, shared=True)
+            allowlist = await store.allowlist(conn, account)
+            on = domain.allowlist_on(allowlist.enabled, allowlist.disable_time, now)
+            listed = (
+                await store.listed_address(conn, account, spec.asset, spec.address) if on else None
+            )
+            domain.check_destination(
+                on=on,
+                usable_time=listed.usable_time if listed else None,
+                address=spec.address,
+                asset=spec.asset,
+                now=now,
+            )
             saga_id = await self._orchestrator.create(
                 conn,
                 domain.WITHDRAWAL,
                 reference_id=wid,
                 account_id=account,
                 data=domain.withdrawal_saga_data(
-                    withdrawal_id=wid, account_id=account, spec=spec, asset=asset
+                    withdrawal_id=wid,
+                    account_id=account,
+                    spec=spec,
+                    asset=asset,
+                    approval_required=approval,
                 ),
+                extra_s=wait_s,
             )
             row = store.WithdrawalRow(
                 withdrawal_id=wid,
@@ -452,6 +530,8 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                 create_time=now,
                 update_time=now,
                 complete_time=None,
+                approval_required=approval,
+                approval_deadline=domain.shift(now, wait_s) if approval else None,
             )
             if not await store.insert_withdrawal(conn, row):
                 raise _Conflict  # the same request_id raced us: roll back our saga
@@ -546,6 +626,271 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             withdrawals=[self._withdrawal(r) for r in rows], next_page_token=token
         )
 
+    # -- the address allowlist --------------------------------------------------------
+
+    async def _keyed(
+        self, conn: store.Connection, actor: str, request_id: str, fingerprint: str
+    ) -> str | None:
+        """The target of a request_id seen before with the same call, None if new;
+        ALREADY_EXISTS if it named another call."""
+        seen = await store.keyed_request(conn, actor, request_id)
+        if seen is None:
+            return None
+        domain.same_request(stored=seen, fingerprint=fingerprint, target=seen[1])
+        return seen[1]
+
+    async def AddWithdrawalAddress(
+        self,
+        request: funding_pb2.AddWithdrawalAddressRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> funding_pb2.AddWithdrawalAddressResponse:
+        account = _account(request.account_id, mutate=True)
+        rule = domain.parse_withdrawal_address(
+            request_id=request.request_id,
+            asset_code=request.asset,
+            network=request.network,
+            address=request.address,
+            label=request.label,
+            rules=self._config.assets,
+        )
+        method = "AddWithdrawalAddress"
+        fingerprint = domain.request_fingerprint(method, rule.asset, request.address, request.label)
+        now = self._now()
+        async with self._pool.acquire() as conn, conn.transaction():
+            await store.lock_allowlist(conn, account)
+            seen = await self._keyed(conn, account, request.request_id, fingerprint)
+            if seen is not None:
+                found = await store.withdrawal_address(conn, seen)
+                assert found is not None
+                return F.AddWithdrawalAddressResponse(withdrawal_address=self._address(found))
+            new_id = f"wa_{uuid.uuid4().hex}"
+            row = await store.add_withdrawal_address(
+                conn,
+                store.AddressRow(
+                    address_id=new_id,
+                    account_id=account,
+                    asset=rule.asset,
+                    network=rule.network,
+                    address=request.address,
+                    label=request.label,
+                    create_time=now,
+                    usable_time=domain.shift(now, self._config.address_cooling_s),
+                    remove_time=None,
+                ),
+            )
+            await store.save_keyed_request(
+                conn,
+                account,
+                request.request_id,
+                method=method,
+                fingerprint=fingerprint,
+                target=row.address_id,
+            )
+            if row.address_id == new_id:  # not listed already
+                await store.emit(
+                    conn, "funding.withdrawal_addresses.added", self._address_event(row)
+                )
+        return F.AddWithdrawalAddressResponse(withdrawal_address=self._address(row))
+
+    @staticmethod
+    def _address_event(row: store.AddressRow) -> dict[str, Any]:
+        return {
+            "address_id": row.address_id,
+            "account_id": row.account_id,
+            "asset": row.asset,
+            "address": row.address,
+            "usable_time": row.usable_time.isoformat(),
+        }
+
+    async def RemoveWithdrawalAddress(
+        self,
+        request: funding_pb2.RemoveWithdrawalAddressRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> funding_pb2.RemoveWithdrawalAddressResponse:
+        account = _account(request.account_id, mutate=True)
+        require_request_id(request.request_id, "FUNDING_REQUEST_ID_INVALID")
+        method = "RemoveWithdrawalAddress"
+        fingerprint = domain.request_fingerprint(method, request.address_id)
+        async with self._pool.acquire() as conn, conn.transaction():
+            await store.lock_allowlist(conn, account)
+            seen = await self._keyed(conn, account, request.request_id, fingerprint)
+            found = (
+                await store.withdrawal_address(conn, request.address_id)
+                if request.address_id
+                else None
+            )
+            row = _of_account(found, account, "withdrawal address")
+            if row.remove_time is None:
+                row = await store.remove_withdrawal_address(conn, row.address_id, self._now())
+                await store.emit(
+                    conn, "funding.withdrawal_addresses.removed", self._address_event(row)
+                )
+            if seen is None:
+                await store.save_keyed_request(
+                    conn,
+                    account,
+                    request.request_id,
+                    method=method,
+                    fingerprint=fingerprint,
+                    target=row.address_id,
+                )
+        return F.RemoveWithdrawalAddressResponse(withdrawal_address=self._address(row))
+
+    async def ListWithdrawalAddresses(
+        self,
+        request: funding_pb2.ListWithdrawalAddressesRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> funding_pb2.ListWithdrawalAddressesResponse:
+        account = _account(request.account_id)
+        size = _page_size(request.page_size)
+        rows, token = _page(
+            await store.list_withdrawal_addresses(
+                self._pool,
+                account,
+                asset=request.asset,
+                after=_after(request.page_token, "withdrawal_addresses"),
+                limit=size + 1,
+            ),
+            size,
+            "withdrawal_addresses",
+            lambda r: (r.create_time, r.address_id),
+        )
+        return F.ListWithdrawalAddressesResponse(
+            withdrawal_addresses=[self._address(r) for r in rows], next_page_token=token
+        )
+
+    async def GetWithdrawalAllowlist(
+        self,
+        request: funding_pb2.GetWithdrawalAllowlistRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> funding_pb2.GetWithdrawalAllowlistResponse:
+        account = _account(request.account_id)
+        row = await store.allowlist(self._pool, account)
+        return F.GetWithdrawalAllowlistResponse(withdrawal_allowlist=self._allowlist(row))
+
+    async def SetWithdrawalAllowlist(
+        self,
+        request: funding_pb2.SetWithdrawalAllowlistRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> funding_pb2.SetWithdrawalAllowlistResponse:
+        account = _account(request.account_id, mutate=True)
+        require_request_id(request.request_id, "FUNDING_REQUEST_ID_INVALID")
+        method = "SetWithdrawalAllowlist"
+        fingerprint = domain.request_fingerprint(method, str(request.enabled))
+        now = self._now()
+        async with self._pool.acquire() as conn, conn.transaction():
+            await store.lock_allowlist(conn, account)
+            current = await store.allowlist(conn, account)
+            if await self._keyed(conn, account, request.request_id, fingerprint) is not None:
+                return F.SetWithdrawalAllowlistResponse(
+                    withdrawal_allowlist=self._allowlist(current)
+                )
+            enabled, disable_time = domain.allowlist_change(
+                enabled=current.enabled,
+                disable_time=current.disable_time,
+                want=request.enabled,
+                now=now,
+                cooling_s=self._config.address_cooling_s,
+            )
+            row = current
+            if (enabled, disable_time) != (current.enabled, current.disable_time):
+                row = await store.save_allowlist(
+                    conn, account, enabled=enabled, disable_time=disable_time, now=now
+                )
+                await store.emit(
+                    conn,
+                    "funding.withdrawal_allowlists.changed",
+                    {
+                        "account_id": account,
+                        "enabled": enabled,
+                        "disable_time": disable_time.isoformat() if disable_time else None,
+                    },
+                )
+            await store.save_keyed_request(
+                conn,
+                account,
+                request.request_id,
+                method=method,
+                fingerprint=fingerprint,
+                target=account,
+            )
+        return F.SetWithdrawalAllowlistResponse(withdrawal_allowlist=self._allowlist(row))
+
+    # -- operators' reviews -------------------------------------------------------------
+
+    async def ApproveWithdrawal(
+        self,
+        request: funding_pb2.ApproveWithdrawalRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> funding_pb2.ApproveWithdrawalResponse:
+        row = await self._review(request, domain.APPROVED)
+        return F.ApproveWithdrawalResponse(withdrawal=self._withdrawal(row))
+
+    async def RejectWithdrawal(
+        self,
+        request: funding_pb2.RejectWithdrawalRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> funding_pb2.RejectWithdrawalResponse:
+        domain.require_reason(request.reason)
+        await self._review(request, domain.REJECTED)
+        row = await self._settled(request.withdrawal_id, context)
+        return F.RejectWithdrawalResponse(withdrawal=self._withdrawal(row))
+
+    async def _review(
+        self,
+        request: funding_pb2.ApproveWithdrawalRequest | funding_pb2.RejectWithdrawalRequest,
+        decision: str,
+    ) -> store.WithdrawalRow:
+        """Records an operator's decision under the saga's and the withdrawal's locks
+        (the runner's order), and wakes the saga to act on it."""
+        require_request_id(request.request_id, "FUNDING_REQUEST_ID_INVALID")
+        ctx = current_auth()
+        reviewer = ctx.key_id or ctx.service
+        found = (
+            await store.withdrawal(self._pool, request.withdrawal_id)
+            if request.withdrawal_id
+            else None
+        )
+        row = owned_resource(ctx, found, component="FUNDING", resource="withdrawal")
+        domain.reviewer_may_review(ctx.account_id, row.account_id)
+        fingerprint = domain.request_fingerprint(decision, row.withdrawal_id, request.reason)
+        actor = f"review:{reviewer}"
+        async with self._pool.acquire() as conn, conn.transaction():
+            await store.lock_saga_row(conn, row.saga_id)
+            locked = await store.withdrawal(conn, row.withdrawal_id, lock=True)
+            assert locked is not None
+            if await self._keyed(conn, actor, request.request_id, fingerprint) is not None:
+                return locked
+            if domain.review_withdrawal(
+                locked.withdrawal_id,
+                decision,
+                state=locked.state,
+                required=locked.approval_required,
+                review=locked.review,
+                cancel_requested=locked.cancel_requested,
+                deadline=locked.approval_deadline,
+                now=self._now(),
+            ):
+                locked = await store.review_withdrawal(
+                    conn,
+                    locked.withdrawal_id,
+                    decision,
+                    by=reviewer,
+                    reason=request.reason,
+                    now=self._now(),
+                )
+                await self._orchestrator.nudge(conn, locked.saga_id)
+            await store.save_keyed_request(
+                conn,
+                actor,
+                request.request_id,
+                method=decision,
+                fingerprint=fingerprint,
+                target=locked.withdrawal_id,
+            )
+        self._orchestrator.wake()
+        return locked
+
     # -- operators -----------------------------------------------------------------
 
     async def ListSagas(
@@ -621,6 +966,9 @@ async def build_server(
         confirmation_poll_s=config.confirmation_poll_s,
         deadline_s=config.withdrawal_deadline_s,
         compensation_window_s=config.compensation_window_s,
+        pool=pool,
+        approval_poll_s=config.approval_poll_s,
+        clock=clock,
     )
     deposit_steps = deposits.DepositSteps(
         pool=pool,

@@ -18,6 +18,8 @@ from services.chassis.tracing import carrier
 from .domain import OPEN_STATES, LogEntry, SagaRecord
 
 __all__ = [
+    "AddressRow",
+    "AllowlistRow",
     "Connection",
     "DepositRow",
     "Page",
@@ -53,10 +55,41 @@ class WithdrawalRow:
     create_time: datetime
     update_time: datetime
     complete_time: datetime | None
+    approval_required: bool = False
+    approval_deadline: datetime | None = None
+    review: str = ""
+    reviewed_by: str = ""
+    review_reason: str = ""
+    review_time: datetime | None = None
 
     @classmethod
     def of(cls, row: asyncpg.Record) -> WithdrawalRow:
         return cls(**{name: row[name] for name in cls.__slots__})
+
+
+@dataclass(frozen=True, slots=True)
+class AddressRow:
+    address_id: str
+    account_id: str
+    asset: str
+    network: str
+    address: str
+    label: str
+    create_time: datetime
+    usable_time: datetime
+    remove_time: datetime | None
+
+    @classmethod
+    def of(cls, row: asyncpg.Record) -> AddressRow:
+        return cls(**{name: row[name] for name in cls.__slots__})
+
+
+@dataclass(frozen=True, slots=True)
+class AllowlistRow:
+    account_id: str
+    enabled: bool
+    disable_time: datetime | None
+    update_time: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +170,9 @@ async def insert_withdrawal(conn: Connection, row: WithdrawalRow) -> bool:
     inserted = await conn.fetchval(
         """INSERT INTO withdrawals (withdrawal_id, request_id, account_id, fingerprint, asset,
                network, amount, fee, address, memo, state, required_confirmations, saga_id,
-               create_time, update_time)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'PENDING', $11, $12, $13, $13)
+               create_time, update_time, approval_required, approval_deadline)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'PENDING', $11, $12, $13, $13,
+                   $14, $15)
            ON CONFLICT (account_id, request_id) DO NOTHING
            RETURNING true""",
         row.withdrawal_id,
@@ -154,6 +188,8 @@ async def insert_withdrawal(conn: Connection, row: WithdrawalRow) -> bool:
         row.required_confirmations,
         row.saga_id,
         row.create_time,
+        row.approval_required,
+        row.approval_deadline,
     )
     return bool(inserted)
 
@@ -226,6 +262,141 @@ async def record_cancel(
         request_id,
     )
     return found
+
+
+# -- the address allowlist ---------------------------------------------------------
+
+
+async def lock_allowlist(conn: Connection, account_id: str, *, shared: bool = False) -> None:
+    """Serializes what changes an account's allowlist (exclusive) with the withdrawal
+    requests it checks (shared), to the transaction's end."""
+    lock = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    await conn.execute(f"SELECT {lock}(hashtext('funding.allowlist:' || $1))", account_id)
+
+
+async def allowlist(conn: Connection, account_id: str) -> AllowlistRow:
+    row = await conn.fetchrow(
+        "SELECT * FROM withdrawal_allowlists WHERE account_id = $1", account_id
+    )
+    if row is None:
+        return AllowlistRow(account_id, False, None, None)
+    return AllowlistRow(account_id, row["enabled"], row["disable_time"], row["update_time"])
+
+
+async def save_allowlist(
+    conn: Connection,
+    account_id: str,
+    *,
+    enabled: bool,
+    disable_time: datetime | None,
+    now: datetime,
+) -> AllowlistRow:
+    await conn.execute(
+        """INSERT INTO withdrawal_allowlists (account_id, enabled, disable_time, update_time)
+           VALUES ($1, $2, $3, $4)
+           ON CONFLICT (account_id) DO UPDATE
+           SET enabled = $2, disable_time = $3, update_time = $4""",
+        account_id,
+        enabled,
+        disable_time,
+        now,
+    )
+    return AllowlistRow(account_id, enabled, disable_time, now)
+
+
+async def add_withdrawal_address(conn: Connection, row: AddressRow) -> AddressRow:
+    """The listed address: `row` if it was not listed, else the one already listed."""
+    await conn.execute(
+        """INSERT INTO withdrawal_addresses (address_id, account_id, asset, network, address,
+               label, create_time, usable_time)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+           ON CONFLICT (account_id, asset, address) WHERE remove_time IS NULL DO NOTHING""",
+        row.address_id,
+        row.account_id,
+        row.asset,
+        row.network,
+        row.address,
+        row.label,
+        row.create_time,
+        row.usable_time,
+    )
+    listed = await listed_address(conn, row.account_id, row.asset, row.address)
+    assert listed is not None
+    return listed
+
+
+async def listed_address(
+    conn: Connection, account_id: str, asset: str, address: str
+) -> AddressRow | None:
+    row = await conn.fetchrow(
+        """SELECT * FROM withdrawal_addresses
+           WHERE account_id = $1 AND asset = $2 AND address = $3 AND remove_time IS NULL""",
+        account_id,
+        asset,
+        address,
+    )
+    return AddressRow.of(row) if row else None
+
+
+async def withdrawal_address(conn: Connection, address_id: str) -> AddressRow | None:
+    row = await conn.fetchrow(
+        "SELECT * FROM withdrawal_addresses WHERE address_id = $1", address_id
+    )
+    return AddressRow.of(row) if row else None
+
+
+async def remove_withdrawal_address(conn: Connection, address_id: str, now: datetime) -> AddressRow:
+    """Removes it (if still listed) and returns it."""
+    row = await conn.fetchrow(
+        """UPDATE withdrawal_addresses SET remove_time = COALESCE(remove_time, $2)
+           WHERE address_id = $1 RETURNING *""",
+        address_id,
+        now,
+    )
+    assert row is not None
+    return AddressRow.of(row)
+
+
+async def list_withdrawal_addresses(
+    conn: Connection, account_id: str, *, asset: str, after: Page, limit: int
+) -> list[AddressRow]:
+    rows = await conn.fetch(
+        """SELECT * FROM withdrawal_addresses
+           WHERE account_id = $1 AND remove_time IS NULL AND ($2 = '' OR asset = $2)
+             AND ($3::timestamptz IS NULL OR (create_time, address_id) < ($3, $4))
+           ORDER BY create_time DESC, address_id DESC LIMIT $5""",
+        account_id,
+        asset,
+        after.time,
+        after.key,
+        limit,
+    )
+    return [AddressRow.of(r) for r in rows]
+
+
+async def keyed_request(conn: Connection, actor: str, request_id: str) -> tuple[str, str] | None:
+    """(fingerprint, target) of an idempotency key seen before, or None."""
+    row = await conn.fetchrow(
+        "SELECT fingerprint, target FROM keyed_requests WHERE actor = $1 AND request_id = $2",
+        actor,
+        request_id,
+    )
+    return (row["fingerprint"], row["target"]) if row else None
+
+
+async def save_keyed_request(
+    conn: Connection, actor: str, request_id: str, *, method: str, fingerprint: str, target: str
+) -> None:
+    """Records an idempotency key with what it did (in the call's transaction)."""
+    await conn.execute(
+        """INSERT INTO keyed_requests (actor, request_id, method, fingerprint, target)
+           VALUES ($1, $2, $3, $4, $5)""",
+        actor,
+        request_id,
+        method,
+        fingerprint,
+        target,
+    )
 
 
 # -- deposits -----------------------------------------------------------------------
@@ -649,14 +820,35 @@ async def note_withdrawal(
     )
 
 
-async def set_withdrawal_state(conn: Connection, withdrawal_id: str, state: str) -> WithdrawalRow:
+async def set_withdrawal_state(
+    conn: Connection, withdrawal_id: str, state: str
+) -> WithdrawalRow | None:
+    """The withdrawal in its new state; None if it was in that state already."""
     row = await conn.fetchrow(
         """UPDATE withdrawals SET state = $2, update_time = now(),
                   complete_time = CASE WHEN $2 = 'COMPLETED' THEN now() END
-           WHERE withdrawal_id = $1
+           WHERE withdrawal_id = $1 AND state <> $2
            RETURNING *""",
         withdrawal_id,
         state,
+    )
+    return WithdrawalRow.of(row) if row else None
+
+
+async def review_withdrawal(
+    conn: Connection, withdrawal_id: str, review: str, *, by: str, reason: str, now: datetime
+) -> WithdrawalRow:
+    """Records the review (set once: the caller holds the row lock and checked it)."""
+    row = await conn.fetchrow(
+        """UPDATE withdrawals SET review = $2, reviewed_by = $3, review_reason = $4,
+                  review_time = $5, update_time = now()
+           WHERE withdrawal_id = $1 AND review = ''
+           RETURNING *""",
+        withdrawal_id,
+        review,
+        by,
+        reason,
+        now,
     )
     assert row is not None
     return WithdrawalRow.of(row)

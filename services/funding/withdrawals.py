@@ -8,6 +8,12 @@
     risk_check          risk.CheckWithdrawal (limits, velocity, kill switch,
                         auditor halt). A denial, or a risk service that does not
                         implement the check, is a refusal: the hold is voided.
+    await_approval      above the asset's threshold (decided at the request):
+                        waits for an operator's ApproveWithdrawal, read from the
+                        withdrawal's row (a poll: read-only, no STARTED row). Its
+                        guard, under the row lock, vetoes a rejection, and at the
+                        deadline records EXPIRED and vetoes: the hold is voided.
+                        Below the threshold it is done at once.
     custody_broadcast   custody broadcast, idempotent by withdrawal id. Its
                         STARTED row is written together with `broadcast_started`
                         (under the withdrawal's row lock), after which the owner
@@ -30,8 +36,11 @@ withdrawal (its state, a veto by the owner's cancel), are domain.py's rules.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 
+import asyncpg
 import grpc
 from google.rpc import status_pb2
 
@@ -42,6 +51,7 @@ from services.chassis import Asset
 from . import store
 from .custody import CustodyClient, CustodyRejected
 from .domain import (
+    APPROVAL_STEP,
     CUSTODY_ACCOUNT,
     FAILED,
     FEE_ACCOUNT,
@@ -57,8 +67,11 @@ from .domain import (
     Step,
     StepContext,
     Wait,
+    approval_outcome,
+    approval_veto,
     error_status,
     guards_withdrawal,
+    review_at_look,
     status_reason,
     withdrawal_event,
     withdrawal_ids,
@@ -89,7 +102,13 @@ class WithdrawalSteps:
         confirmation_poll_s: float,
         deadline_s: float,
         compensation_window_s: float,
+        pool: asyncpg.Pool,
+        approval_poll_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self._pool = pool
+        self._approval_poll_s = approval_poll_s
+        self._clock = clock
         self._ledger = ledger
         self._risk = risk
         self._custody = custody
@@ -110,6 +129,14 @@ class WithdrawalSteps:
             steps=(
                 Step("ledger_hold", self.hold, self.void, RetryPolicy(max_attempts=8), timeout_s=t),
                 Step("risk_check", self.risk_check, None, RetryPolicy(max_attempts=8), timeout_s=t),
+                Step(
+                    APPROVAL_STEP,
+                    self.approval,
+                    None,
+                    RetryPolicy(max_attempts=8),
+                    timeout_s=t,
+                    poll=True,
+                ),
                 Step(
                     "custody_broadcast",
                     self.broadcast,
@@ -245,6 +272,13 @@ class WithdrawalSteps:
             )
         return Fail(denial)
 
+    async def approval(self, ctx: StepContext) -> Outcome:
+        if ctx.data.get("approval_required") != "true":
+            return approval_outcome(required=False, review="", poll_s=self._approval_poll_s)
+        row = await store.withdrawal(self._pool, ctx.reference_id)
+        assert row is not None
+        return approval_outcome(required=True, review=row.review, poll_s=self._approval_poll_s)
+
     async def broadcast(self, ctx: StepContext) -> Outcome:
         d = ctx.data
         try:
@@ -342,6 +376,16 @@ class WithdrawalSteps:
             broadcast_started=row.broadcast_started,
         ):
             await store.flag_withdrawal(conn, row.withdrawal_id, broadcast_started=True)
+        if step.name == APPROVAL_STEP and row.approval_required:
+            now = datetime.fromtimestamp(self._clock(), UTC)
+            review = review_at_look(
+                required=True, review=row.review, deadline=row.approval_deadline, now=now
+            )
+            if review != row.review:  # committed with the veto: a late approval is refused
+                await store.review_withdrawal(
+                    conn, row.withdrawal_id, review, by="funding", reason="deadline", now=now
+                )
+            approval_veto(review)
 
     async def on_change(self, conn: Connection, change: Change) -> None:
         wid = change.saga.reference_id
@@ -362,6 +406,8 @@ class WithdrawalSteps:
         if state is None:
             return
         row = await store.set_withdrawal_state(conn, wid, state)
+        if row is None:
+            return  # no news (e.g. another look while awaiting approval)
         await store.emit(
             conn,
             f"funding.withdrawals.{state.lower()}",

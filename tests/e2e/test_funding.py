@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 
@@ -20,12 +23,20 @@ from cex_stack.supervisor import Stack
 from services.chassis import ErrorDetails, ServiceCredentials
 from tests.integration.funding.support import ETH_ADDRESS
 
+READ, WITHDRAW, ADMIN = (
+    auth_pb2.API_KEY_SCOPE_READ,
+    auth_pb2.API_KEY_SCOPE_WITHDRAW,
+    auth_pb2.API_KEY_SCOPE_ADMIN,
+)
+
 
 def _bearer(token: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {token}"),)
 
 
-async def _user(stack: Stack, operator: str) -> tuple[str, str]:
+async def _user(
+    stack: Stack, operator: str, scopes: tuple[int, ...] = (READ, WITHDRAW)
+) -> tuple[str, str]:
     async with grpc.aio.insecure_channel(stack.edge) as channel:
         stub = auth_pb2_grpc.AuthServiceStub(channel)
         account = (
@@ -38,7 +49,7 @@ async def _user(stack: Stack, operator: str) -> tuple[str, str]:
             auth_pb2.CreateApiKeyRequest(
                 request_id=uuid.uuid4().hex,
                 account_id=account,
-                scopes=[auth_pb2.API_KEY_SCOPE_READ, auth_pb2.API_KEY_SCOPE_WITHDRAW],
+                scopes=list(scopes),
                 allowed_cidrs=["0.0.0.0/0"],
             ),
             metadata=_bearer(operator),
@@ -60,13 +71,58 @@ async def _chain(stack: Stack, method: str, request: dict[str, str]) -> dict[str
         return reply
 
 
-def _rest(stack: Stack, path: str, token: str) -> dict[str, object]:
+def _rest(
+    stack: Stack, path: str, token: str, body: dict[str, str] | None = None
+) -> dict[str, object]:
     request = urllib.request.Request(
-        f"http://{stack.edge}{path}", headers={"authorization": f"Bearer {token}"}
+        f"http://{stack.edge}{path}",
+        headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
+        data=json.dumps(body).encode() if body is not None else None,
     )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        body: dict[str, object] = json.loads(response.read())
-        return body
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer: dict[str, object] = json.loads(response.read())
+        return answer
+
+
+def _rest_error(
+    stack: Stack, path: str, token: str, body: dict[str, str]
+) -> tuple[int, dict[str, object]]:
+    try:
+        _rest(stack, path, token, body)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+    raise AssertionError(f"POST {path} succeeded")
+
+
+def _cex(stack: Stack, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "cex_stack.cli", "--state-dir", str(stack.state_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+async def _deposit(
+    stack: Stack, funding: funding_pb2_grpc.FundingServiceAsyncStub, md: object, amount: str
+) -> None:
+    address = (
+        await funding.GetDepositAddress(F.GetDepositAddressRequest(asset="USDT"), metadata=md)
+    ).deposit_address
+    txid = (
+        await _chain(
+            stack, "Deposit", {"address": address.address, "asset": "USDT", "amount": amount}
+        )
+    )["txid"]
+    until = time.monotonic() + 60
+    while True:
+        deposits = (await funding.ListDeposits(F.ListDepositsRequest(), metadata=md)).deposits
+        if any(d.txid == txid and d.state == F.DEPOSIT_STATE_CREDITED for d in deposits):
+            return
+        assert time.monotonic() < until, deposits
+        await asyncio.sleep(0.2)
 
 
 async def test_deposit_then_withdrawal_through_envoy(
@@ -127,3 +183,68 @@ async def test_deposit_then_withdrawal_through_envoy(
         assert saga.state == F.SAGA_STATE_COMPLETED and saga.steps
     rest = await asyncio.to_thread(_rest, stack, f"/v1/withdrawals/{w.withdrawal_id}", token)
     assert rest["withdrawal"]["state"] == "WITHDRAWAL_STATE_COMPLETED"  # type: ignore[index]
+
+
+async def _withdrawal_in(
+    funding: funding_pb2_grpc.FundingServiceAsyncStub, md: object, wid: str, states: set[int]
+) -> F.Withdrawal:
+    until = time.monotonic() + 60
+    while True:
+        w = (
+            await funding.GetWithdrawal(F.GetWithdrawalRequest(withdrawal_id=wid), metadata=md)
+        ).withdrawal
+        if w.state in states:
+            return w
+        assert time.monotonic() < until, w
+        await asyncio.sleep(0.2)
+
+
+async def test_operators_approve_over_rest_and_reject_with_the_cli(
+    stack: Stack, service_credentials: ServiceCredentials
+) -> None:
+    """Withdrawals above the stack's USDT threshold (250,000) wait for an operator: one is
+    approved over REST by another account's admin key and completes, one is rejected
+    with `cex withdrawal reject` and its hold is voided."""
+    operator = await service_credentials.token()
+    account, token = await _user(stack, operator)
+    _, admin = await _user(stack, operator, (READ, ADMIN))
+    async with grpc.aio.insecure_channel(stack.edge) as channel:
+        funding = funding_pb2_grpc.FundingServiceStub(channel)
+        md = _bearer(token)
+        await _deposit(stack, funding, md, "500010")
+        big = []
+        for _ in range(2):
+            w = (
+                await funding.RequestWithdrawal(
+                    F.RequestWithdrawalRequest(
+                        request_id=uuid.uuid4().hex, asset="USDT", amount="250001",
+                        address=ETH_ADDRESS,
+                    ),
+                    metadata=md,
+                )
+            ).withdrawal  # fmt: skip
+            assert w.approval_required
+            big.append(w.withdrawal_id)
+        for wid in big:
+            await _withdrawal_in(funding, md, wid, {F.WITHDRAWAL_STATE_AWAITING_APPROVAL})
+        approve = f"/v1/admin/withdrawals/{big[0]}:approve"
+        body = {"request_id": uuid.uuid4().hex, "reason": "checked by phone"}
+        # The owner's key has no admin scope.
+        code, refused = await asyncio.to_thread(_rest_error, stack, approve, token, body)
+        assert code == 403 and "AUTH_SCOPE_MISSING" in json.dumps(refused)
+        approved = await asyncio.to_thread(_rest, stack, approve, admin, body)
+        assert approved["withdrawal"]["review"] == "WITHDRAWAL_REVIEW_APPROVED"  # type: ignore[index]
+        rejected = await asyncio.to_thread(
+            _cex, stack, "withdrawal", "reject", big[1], "--reason", "address flagged"
+        )
+        assert rejected == f"{big[1]} WITHDRAWAL_STATE_REJECTED WITHDRAWAL_REVIEW_REJECTED"
+        done = await _withdrawal_in(funding, md, big[0], {F.WITHDRAWAL_STATE_COMPLETED})
+        assert done.reviewed_by and done.review_reason == "checked by phone"
+        balances = await ledger_pb2_grpc.LedgerServiceStub(channel).GetBalances(
+            ledger_pb2.GetBalancesRequest(account_id=account, assets=["USDT"]),
+            metadata=_bearer(operator),
+        )
+        assert balances.balances[0].available == "250008"  # 500010 - 250001 - fee 1
+        assert balances.balances[0].held == "0"
+    rest = await asyncio.to_thread(_rest, stack, f"/v1/withdrawals/{big[1]}", token)
+    assert rest["withdrawal"]["state"] == "WITHDRAWAL_STATE_REJECTED"  # type: ignore[index]

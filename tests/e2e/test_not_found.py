@@ -3,11 +3,12 @@
 Through the edge, a user (mallory, scopes read, trade and withdraw, not admin)
 names alice's existing ids in every public method that takes one (enumerated
 from proto/cex/*/v1/*.proto: order ids, client order ids, API key ids, transfer
-ids, deposit ids, withdrawal ids, saga ids, account ids), and then ids of the
-same shape that exist nowhere. The two answers must be indistinguishable: the
-same code, the same ErrorInfo reason and domain, the same message once the id
-itself is blanked out; so an id cannot be probed. Where the call is refused,
-it is NOT_FOUND (GetSaga and ListSagas refuse a non-admin whatever the id:
+ids, deposit ids, withdrawal ids, saga ids, withdrawal address ids, account
+ids), and then ids of the same shape that exist nowhere. The two answers must
+be indistinguishable: the same code, the same ErrorInfo reason and domain, the
+same message once the id itself is blanked out; so an id cannot be probed.
+Where the call is refused, it is NOT_FOUND (GetSaga, ListSagas,
+ApproveWithdrawal and RejectWithdrawal refuse a non-admin whatever the id:
 PERMISSION_DENIED by scope, before any id is looked at).
 
 Methods of match (every one INTERNAL) and the catalogue of market data (no
@@ -72,6 +73,7 @@ class Alices:
     deposit_id: str
     withdrawal_id: str
     saga_id: str
+    address_id: str  # a withdrawal address on her allowlist
 
 
 def lookalike(real: str) -> str:
@@ -172,6 +174,13 @@ async def _alices(stack: Stack, exchange: Exchange, alice: User) -> Alices:
             timeout=20,
         )
     ).withdrawal
+    allowed = (
+        await funding.AddWithdrawalAddress(
+            F.AddWithdrawalAddressRequest(request_id=uid("a"), asset="USDT", address=ETH_ADDRESS),
+            metadata=alice.md,
+            timeout=10,
+        )
+    ).withdrawal_address
     transfers = (
         await ledger_pb2_grpc.LedgerServiceStub(channel).ListTransfers(
             L.ListTransfersRequest(), metadata=alice.md, timeout=10
@@ -187,6 +196,7 @@ async def _alices(stack: Stack, exchange: Exchange, alice: User) -> Alices:
         deposit_id=deposit.deposit_id,
         withdrawal_id=withdrawal.withdrawal_id,
         saga_id=withdrawal.saga_id,
+        address_id=allowed.address_id,
     )
 
 
@@ -275,7 +285,24 @@ CASES = [
          lambda i: F.CancelWithdrawalRequest(request_id=uid("c"), withdrawal_id=i)),
     Case("funding.ListWithdrawals", "account_id",
          lambda i: F.ListWithdrawalsRequest(account_id=i)),
+    Case("funding.AddWithdrawalAddress", "account_id",
+         lambda i: F.AddWithdrawalAddressRequest(request_id=uid("a"), account_id=i, asset="USDT",
+                                                 address=ETH_ADDRESS)),
+    Case("funding.RemoveWithdrawalAddress", "address_id",
+         lambda i: F.RemoveWithdrawalAddressRequest(request_id=uid("r"), address_id=i)),
+    Case("funding.ListWithdrawalAddresses", "account_id",
+         lambda i: F.ListWithdrawalAddressesRequest(account_id=i)),
+    Case("funding.GetWithdrawalAllowlist", "account_id",
+         lambda i: F.GetWithdrawalAllowlistRequest(account_id=i)),
+    Case("funding.SetWithdrawalAllowlist", "account_id",
+         lambda i: F.SetWithdrawalAllowlistRequest(request_id=uid("l"), account_id=i,
+                                                   enabled=True)),
     # Operators only: refused by scope before any id is read.
+    Case("funding.ApproveWithdrawal", "withdrawal_id",
+         lambda i: F.ApproveWithdrawalRequest(request_id=uid("a"), withdrawal_id=i), DENIED),
+    Case("funding.RejectWithdrawal", "withdrawal_id",
+         lambda i: F.RejectWithdrawalRequest(request_id=uid("r"), withdrawal_id=i,
+                                             reason="x"), DENIED),
     Case("funding.GetSaga", "saga_id", lambda i: F.GetSagaRequest(saga_id=i), DENIED),
     Case("funding.ListSagas(account_id)", "account_id",
          lambda i: F.ListSagasRequest(account_id=i), DENIED),

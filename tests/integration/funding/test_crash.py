@@ -264,3 +264,105 @@ async def test_kill_9_at_every_step_boundary_and_at_random(
     stack: Stack, trust: Trust, private_nats: str
 ) -> None:
     await crash_run(stack, trust, private_nats, points=ALL_POINTS * 2, per_point=6, random_kills=10)
+
+
+async def test_kill_9_while_awaiting_approval_then_approve_completes_it_exactly_once(
+    stack: Stack, trust: Trust, private_nats: str
+) -> None:
+    """A withdrawal above the threshold waits for an operator; funding is killed -9 from
+    outside while it waits, then at the approval's commit and right after the broadcast's
+    side effect: the approval survives, the withdrawal completes, broadcast once."""
+    async with world(stack, trust, private_nats) as (database_url, ledger, chain):
+        await chain.configure()  # no faults: this test's kills are its faults
+        acct = new_account()
+        await fund(ledger, acct, "1000")
+        env = {
+            **_env(ledger, chain, ""),
+            "FUNDING_APPROVAL_THRESHOLDS": "USDT=100",
+            "FUNDING_APPROVAL_POLL_S": "0.05",
+        }
+        proc = funding_process(stack, database_url, env)
+        assert await proc.start()
+
+        async def call(method: str, request: object) -> object:
+            """The call, retried (same request) while funding is down or restarting."""
+            for _ in range(200):
+                async with trust.channel(proc.target) as channel:
+                    stub = funding_pb2_grpc.FundingServiceStub(channel)
+                    try:
+                        return await getattr(stub, method)(request, timeout=5)
+                    except grpc.aio.AioRpcError as error:
+                        if error.code() not in RETRYABLE:
+                            raise
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"{method} never answered")
+
+        async def state(wid: str) -> F.Withdrawal:
+            reply = await call(
+                "GetWithdrawal", F.GetWithdrawalRequest(account_id=acct, withdrawal_id=wid)
+            )
+            assert isinstance(reply, F.GetWithdrawalResponse)
+            return reply.withdrawal
+
+        async def reach(wid: str, wanted: int) -> F.Withdrawal:
+            for _ in range(600):
+                w = await state(wid)
+                if w.state == wanted:
+                    return w
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"withdrawal never reached {wanted}: {w}")
+
+        reply = await call(
+            "RequestWithdrawal",
+            F.RequestWithdrawalRequest(
+                request_id="big-1", account_id=acct, asset="USDT", amount="150",
+                address=ETH_ADDRESS,
+            ),
+        )  # fmt: skip
+        assert isinstance(reply, F.RequestWithdrawalResponse)
+        wid = reply.withdrawal.withdrawal_id
+        await reach(wid, F.WITHDRAWAL_STATE_AWAITING_APPROVAL)
+        await proc.kill()  # kill -9 from outside while it waits
+        # Back, it still waits (held, not broadcast); it dies once the approval's
+        # outcome commits (before the broadcast starts).
+        proc.env["FUNDING_CRASH_POINTS"] = "committed:await_approval"
+        assert await proc.start()
+        waiting = await reach(wid, F.WITHDRAWAL_STATE_AWAITING_APPROVAL)
+        assert waiting.review == F.WITHDRAWAL_REVIEW_UNSPECIFIED
+        assert await ledger.available(acct, "USDT") == "849"
+        assert wid not in (await chain.stats())["broadcast_calls"]
+        approve = F.ApproveWithdrawalRequest(request_id="ok-1", withdrawal_id=wid, reason="ok")
+        with contextlib.suppress(grpc.aio.AioRpcError):  # it may die before it answers
+            await call("ApproveWithdrawal", approve)
+        assert proc.process is not None
+        assert await asyncio.wait_for(proc.process.wait(), 20) == -9
+        # Next: it dies right after custody took the broadcast, before its outcome commits.
+        proc.env["FUNDING_CRASH_POINTS"] = "acted:custody_broadcast"
+        if await proc.start():
+            assert await asyncio.wait_for(proc.process.wait(), 20) == -9
+        proc.env["FUNDING_CRASH_POINTS"] = ""
+        assert await proc.start()
+        approved = await call("ApproveWithdrawal", approve)  # the same request: the same answer
+        assert isinstance(approved, F.ApproveWithdrawalResponse)
+        assert approved.withdrawal.review == F.WITHDRAWAL_REVIEW_APPROVED
+        done = await reach(wid, F.WITHDRAWAL_STATE_COMPLETED)
+        await proc.stop()
+        stats = await chain.stats()
+        assert stats["withdrawals"][wid] == {"txid": done.txid, "status": "confirmed"}
+        assert stats["broadcast_calls"][wid] == 2  # the lost answer asked again, same id
+        assert await ledger.available(acct, "USDT") == "849"
+        conn = await asyncpg.connect(database_url)
+        try:
+            posts = await conn.fetchval(
+                "SELECT count(*) FROM ledger.transfers WHERE id = $1", f"wd:{wid}:post"
+            )
+            approvals = await conn.fetchval(
+                """SELECT count(*) FROM funding.saga_steps t JOIN funding.sagas s USING (saga_id)
+                   WHERE s.reference_id = $1 AND t.name = 'await_approval'
+                     AND t.state = 'SUCCEEDED'""",
+                wid,
+            )
+        finally:
+            await conn.close()
+        assert (posts, approvals) == (1, 1)
+        assert (await ledger.audit()).balanced

@@ -86,6 +86,7 @@ async def test_a_withdrawal_holds_checks_broadcasts_confirms_and_posts(world: Wo
     assert succeeded == [
         "ledger_hold",
         "risk_check",
+        "await_approval",  # below the threshold: done at once
         "custody_broadcast",
         "await_confirmations",
         "ledger_post",

@@ -10,9 +10,10 @@
 // Deposit: the chain reports a transfer to an account's address; after the
 // asset's required confirmations the ledger credits the account, once per
 // (txid, output_index). A reorg before then cancels the deposit.
-// Withdrawal: request (idempotent request_id) -> risk check -> ledger hold ->
-// custody broadcast (at most once) -> confirmations -> hold posted. A failure
-// after the hold voids it (compensation).
+// Withdrawal: request (idempotent request_id; the account's address allowlist
+// if it is on) -> ledger hold -> risk check -> an operator's approval (above
+// the asset's threshold) -> custody broadcast (at most once) -> confirmations
+// -> hold posted. A failure after the hold voids it (compensation).
 
 package fundingv1
 
@@ -111,11 +112,16 @@ const (
 	WithdrawalState_WITHDRAWAL_STATE_COMPLETED WithdrawalState = 3
 	// Cancelled by the owner before broadcast; the hold is voided (terminal).
 	WithdrawalState_WITHDRAWAL_STATE_CANCELLED WithdrawalState = 4
-	// Refused by risk or for insufficient funds; nothing held (terminal).
+	// Refused by risk, for insufficient funds, or by an operator (or no
+	// approval in time); nothing held (terminal).
 	WithdrawalState_WITHDRAWAL_STATE_REJECTED WithdrawalState = 5
 	// Failed after the hold (custody refused, transaction failed); the hold is
 	// voided (terminal). See failure.
 	WithdrawalState_WITHDRAWAL_STATE_FAILED WithdrawalState = 6
+	// Above its asset's approval threshold: held and allowed by risk, waiting
+	// for an operator's ApproveWithdrawal before approval_deadline_time.
+	// Cancellable. A rejection or the deadline makes it REJECTED.
+	WithdrawalState_WITHDRAWAL_STATE_AWAITING_APPROVAL WithdrawalState = 7
 )
 
 // Enum value maps for WithdrawalState.
@@ -128,15 +134,17 @@ var (
 		4: "WITHDRAWAL_STATE_CANCELLED",
 		5: "WITHDRAWAL_STATE_REJECTED",
 		6: "WITHDRAWAL_STATE_FAILED",
+		7: "WITHDRAWAL_STATE_AWAITING_APPROVAL",
 	}
 	WithdrawalState_value = map[string]int32{
-		"WITHDRAWAL_STATE_UNSPECIFIED": 0,
-		"WITHDRAWAL_STATE_PENDING":     1,
-		"WITHDRAWAL_STATE_BROADCAST":   2,
-		"WITHDRAWAL_STATE_COMPLETED":   3,
-		"WITHDRAWAL_STATE_CANCELLED":   4,
-		"WITHDRAWAL_STATE_REJECTED":    5,
-		"WITHDRAWAL_STATE_FAILED":      6,
+		"WITHDRAWAL_STATE_UNSPECIFIED":       0,
+		"WITHDRAWAL_STATE_PENDING":           1,
+		"WITHDRAWAL_STATE_BROADCAST":         2,
+		"WITHDRAWAL_STATE_COMPLETED":         3,
+		"WITHDRAWAL_STATE_CANCELLED":         4,
+		"WITHDRAWAL_STATE_REJECTED":          5,
+		"WITHDRAWAL_STATE_FAILED":            6,
+		"WITHDRAWAL_STATE_AWAITING_APPROVAL": 7,
 	}
 )
 
@@ -165,6 +173,63 @@ func (x WithdrawalState) Number() protoreflect.EnumNumber {
 // Deprecated: Use WithdrawalState.Descriptor instead.
 func (WithdrawalState) EnumDescriptor() ([]byte, []int) {
 	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{1}
+}
+
+// An operator's decision on a withdrawal that needs approval.
+type WithdrawalReview int32
+
+const (
+	// No decision (yet), or no approval needed.
+	WithdrawalReview_WITHDRAWAL_REVIEW_UNSPECIFIED WithdrawalReview = 0
+	// Approved by an operator.
+	WithdrawalReview_WITHDRAWAL_REVIEW_APPROVED WithdrawalReview = 1
+	// Rejected by an operator.
+	WithdrawalReview_WITHDRAWAL_REVIEW_REJECTED WithdrawalReview = 2
+	// No decision before the approval deadline: treated as a rejection.
+	WithdrawalReview_WITHDRAWAL_REVIEW_EXPIRED WithdrawalReview = 3
+)
+
+// Enum value maps for WithdrawalReview.
+var (
+	WithdrawalReview_name = map[int32]string{
+		0: "WITHDRAWAL_REVIEW_UNSPECIFIED",
+		1: "WITHDRAWAL_REVIEW_APPROVED",
+		2: "WITHDRAWAL_REVIEW_REJECTED",
+		3: "WITHDRAWAL_REVIEW_EXPIRED",
+	}
+	WithdrawalReview_value = map[string]int32{
+		"WITHDRAWAL_REVIEW_UNSPECIFIED": 0,
+		"WITHDRAWAL_REVIEW_APPROVED":    1,
+		"WITHDRAWAL_REVIEW_REJECTED":    2,
+		"WITHDRAWAL_REVIEW_EXPIRED":     3,
+	}
+)
+
+func (x WithdrawalReview) Enum() *WithdrawalReview {
+	p := new(WithdrawalReview)
+	*p = x
+	return p
+}
+
+func (x WithdrawalReview) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (WithdrawalReview) Descriptor() protoreflect.EnumDescriptor {
+	return file_cex_funding_v1_funding_proto_enumTypes[2].Descriptor()
+}
+
+func (WithdrawalReview) Type() protoreflect.EnumType {
+	return &file_cex_funding_v1_funding_proto_enumTypes[2]
+}
+
+func (x WithdrawalReview) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use WithdrawalReview.Descriptor instead.
+func (WithdrawalReview) EnumDescriptor() ([]byte, []int) {
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{2}
 }
 
 // Which flow a saga runs.
@@ -204,11 +269,11 @@ func (x SagaKind) String() string {
 }
 
 func (SagaKind) Descriptor() protoreflect.EnumDescriptor {
-	return file_cex_funding_v1_funding_proto_enumTypes[2].Descriptor()
+	return file_cex_funding_v1_funding_proto_enumTypes[3].Descriptor()
 }
 
 func (SagaKind) Type() protoreflect.EnumType {
-	return &file_cex_funding_v1_funding_proto_enumTypes[2]
+	return &file_cex_funding_v1_funding_proto_enumTypes[3]
 }
 
 func (x SagaKind) Number() protoreflect.EnumNumber {
@@ -217,7 +282,7 @@ func (x SagaKind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use SagaKind.Descriptor instead.
 func (SagaKind) EnumDescriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{2}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{3}
 }
 
 // Lifecycle state of a saga.
@@ -270,11 +335,11 @@ func (x SagaState) String() string {
 }
 
 func (SagaState) Descriptor() protoreflect.EnumDescriptor {
-	return file_cex_funding_v1_funding_proto_enumTypes[3].Descriptor()
+	return file_cex_funding_v1_funding_proto_enumTypes[4].Descriptor()
 }
 
 func (SagaState) Type() protoreflect.EnumType {
-	return &file_cex_funding_v1_funding_proto_enumTypes[3]
+	return &file_cex_funding_v1_funding_proto_enumTypes[4]
 }
 
 func (x SagaState) Number() protoreflect.EnumNumber {
@@ -283,7 +348,7 @@ func (x SagaState) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use SagaState.Descriptor instead.
 func (SagaState) EnumDescriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{3}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{4}
 }
 
 // Outcome recorded by one saga step log entry.
@@ -331,11 +396,11 @@ func (x SagaStepState) String() string {
 }
 
 func (SagaStepState) Descriptor() protoreflect.EnumDescriptor {
-	return file_cex_funding_v1_funding_proto_enumTypes[4].Descriptor()
+	return file_cex_funding_v1_funding_proto_enumTypes[5].Descriptor()
 }
 
 func (SagaStepState) Type() protoreflect.EnumType {
-	return &file_cex_funding_v1_funding_proto_enumTypes[4]
+	return &file_cex_funding_v1_funding_proto_enumTypes[5]
 }
 
 func (x SagaStepState) Number() protoreflect.EnumNumber {
@@ -344,7 +409,7 @@ func (x SagaStepState) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use SagaStepState.Descriptor instead.
 func (SagaStepState) EnumDescriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{4}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{5}
 }
 
 // An address where an account receives deposits.
@@ -671,7 +736,21 @@ type Withdrawal struct {
 	// When it last changed.
 	UpdateTime *timestamppb.Timestamp `protobuf:"bytes,17,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
 	// When it reached COMPLETED.
-	CompleteTime  *timestamppb.Timestamp `protobuf:"bytes,18,opt,name=complete_time,json=completeTime,proto3" json:"complete_time,omitempty"`
+	CompleteTime *timestamppb.Timestamp `protobuf:"bytes,18,opt,name=complete_time,json=completeTime,proto3" json:"complete_time,omitempty"`
+	// True when the amount is above the asset's approval threshold: an
+	// operator approves it before the broadcast.
+	ApprovalRequired bool `protobuf:"varint,19,opt,name=approval_required,json=approvalRequired,proto3" json:"approval_required,omitempty"`
+	// When approval is required: the deadline for it, after which the
+	// withdrawal is rejected and its hold voided.
+	ApprovalDeadlineTime *timestamppb.Timestamp `protobuf:"bytes,20,opt,name=approval_deadline_time,json=approvalDeadlineTime,proto3" json:"approval_deadline_time,omitempty"`
+	// The operator's decision, if any.
+	Review WithdrawalReview `protobuf:"varint,21,opt,name=review,proto3,enum=cex.funding.v1.WithdrawalReview" json:"review,omitempty"`
+	// Who decided (the operator's API key id, or the calling service).
+	ReviewedBy string `protobuf:"bytes,22,opt,name=reviewed_by,json=reviewedBy,proto3" json:"reviewed_by,omitempty"`
+	// The reason the operator gave.
+	ReviewReason string `protobuf:"bytes,23,opt,name=review_reason,json=reviewReason,proto3" json:"review_reason,omitempty"`
+	// When the decision was taken.
+	ReviewTime    *timestamppb.Timestamp `protobuf:"bytes,24,opt,name=review_time,json=reviewTime,proto3" json:"review_time,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -832,6 +911,240 @@ func (x *Withdrawal) GetCompleteTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *Withdrawal) GetApprovalRequired() bool {
+	if x != nil {
+		return x.ApprovalRequired
+	}
+	return false
+}
+
+func (x *Withdrawal) GetApprovalDeadlineTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ApprovalDeadlineTime
+	}
+	return nil
+}
+
+func (x *Withdrawal) GetReview() WithdrawalReview {
+	if x != nil {
+		return x.Review
+	}
+	return WithdrawalReview_WITHDRAWAL_REVIEW_UNSPECIFIED
+}
+
+func (x *Withdrawal) GetReviewedBy() string {
+	if x != nil {
+		return x.ReviewedBy
+	}
+	return ""
+}
+
+func (x *Withdrawal) GetReviewReason() string {
+	if x != nil {
+		return x.ReviewReason
+	}
+	return ""
+}
+
+func (x *Withdrawal) GetReviewTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ReviewTime
+	}
+	return nil
+}
+
+// An address an account allows its withdrawals to go to.
+type WithdrawalAddress struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Server-assigned id.
+	AddressId string `protobuf:"bytes,1,opt,name=address_id,json=addressId,proto3" json:"address_id,omitempty"`
+	// Owning account.
+	AccountId string `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	// Asset code.
+	Asset string `protobuf:"bytes,3,opt,name=asset,proto3" json:"asset,omitempty"`
+	// Network.
+	Network string `protobuf:"bytes,4,opt,name=network,proto3" json:"network,omitempty"`
+	// The destination address.
+	Address string `protobuf:"bytes,5,opt,name=address,proto3" json:"address,omitempty"`
+	// The owner's label for it.
+	Label string `protobuf:"bytes,6,opt,name=label,proto3" json:"label,omitempty"`
+	// When it was added.
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// When its cooling period ends: withdrawals may go to it from then on.
+	UsableTime *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=usable_time,json=usableTime,proto3" json:"usable_time,omitempty"`
+	// When it was removed; unset while it is listed.
+	RemoveTime    *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=remove_time,json=removeTime,proto3" json:"remove_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WithdrawalAddress) Reset() {
+	*x = WithdrawalAddress{}
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WithdrawalAddress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WithdrawalAddress) ProtoMessage() {}
+
+func (x *WithdrawalAddress) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WithdrawalAddress.ProtoReflect.Descriptor instead.
+func (*WithdrawalAddress) Descriptor() ([]byte, []int) {
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *WithdrawalAddress) GetAddressId() string {
+	if x != nil {
+		return x.AddressId
+	}
+	return ""
+}
+
+func (x *WithdrawalAddress) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *WithdrawalAddress) GetAsset() string {
+	if x != nil {
+		return x.Asset
+	}
+	return ""
+}
+
+func (x *WithdrawalAddress) GetNetwork() string {
+	if x != nil {
+		return x.Network
+	}
+	return ""
+}
+
+func (x *WithdrawalAddress) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *WithdrawalAddress) GetLabel() string {
+	if x != nil {
+		return x.Label
+	}
+	return ""
+}
+
+func (x *WithdrawalAddress) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *WithdrawalAddress) GetUsableTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UsableTime
+	}
+	return nil
+}
+
+func (x *WithdrawalAddress) GetRemoveTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RemoveTime
+	}
+	return nil
+}
+
+// Whether an account's withdrawals are restricted to its allowlist.
+type WithdrawalAllowlist struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Owning account.
+	AccountId string `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	// True while withdrawals go only to allowed addresses past their cooling
+	// period (also while a turn-off waits for disable_time).
+	Enabled bool `protobuf:"varint,2,opt,name=enabled,proto3" json:"enabled,omitempty"`
+	// Set while a turn-off waits: when the allowlist stops applying.
+	DisableTime *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=disable_time,json=disableTime,proto3" json:"disable_time,omitempty"`
+	// When it last changed; unset if it never did.
+	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WithdrawalAllowlist) Reset() {
+	*x = WithdrawalAllowlist{}
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WithdrawalAllowlist) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WithdrawalAllowlist) ProtoMessage() {}
+
+func (x *WithdrawalAllowlist) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WithdrawalAllowlist.ProtoReflect.Descriptor instead.
+func (*WithdrawalAllowlist) Descriptor() ([]byte, []int) {
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *WithdrawalAllowlist) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *WithdrawalAllowlist) GetEnabled() bool {
+	if x != nil {
+		return x.Enabled
+	}
+	return false
+}
+
+func (x *WithdrawalAllowlist) GetDisableTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DisableTime
+	}
+	return nil
+}
+
+func (x *WithdrawalAllowlist) GetUpdateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdateTime
+	}
+	return nil
+}
+
 // One entry of a saga's step log (append-only).
 type SagaStep struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -858,7 +1171,7 @@ type SagaStep struct {
 
 func (x *SagaStep) Reset() {
 	*x = SagaStep{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[3]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -870,7 +1183,7 @@ func (x *SagaStep) String() string {
 func (*SagaStep) ProtoMessage() {}
 
 func (x *SagaStep) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[3]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -883,7 +1196,7 @@ func (x *SagaStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SagaStep.ProtoReflect.Descriptor instead.
 func (*SagaStep) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{3}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *SagaStep) GetIndex() int32 {
@@ -969,7 +1282,7 @@ type Saga struct {
 
 func (x *Saga) Reset() {
 	*x = Saga{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[4]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -981,7 +1294,7 @@ func (x *Saga) String() string {
 func (*Saga) ProtoMessage() {}
 
 func (x *Saga) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[4]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -994,7 +1307,7 @@ func (x *Saga) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Saga.ProtoReflect.Descriptor instead.
 func (*Saga) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{4}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Saga) GetSagaId() string {
@@ -1075,7 +1388,7 @@ type GetDepositAddressRequest struct {
 
 func (x *GetDepositAddressRequest) Reset() {
 	*x = GetDepositAddressRequest{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[5]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1087,7 +1400,7 @@ func (x *GetDepositAddressRequest) String() string {
 func (*GetDepositAddressRequest) ProtoMessage() {}
 
 func (x *GetDepositAddressRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[5]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1100,7 +1413,7 @@ func (x *GetDepositAddressRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetDepositAddressRequest.ProtoReflect.Descriptor instead.
 func (*GetDepositAddressRequest) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{5}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GetDepositAddressRequest) GetAccountId() string {
@@ -1135,7 +1448,7 @@ type GetDepositAddressResponse struct {
 
 func (x *GetDepositAddressResponse) Reset() {
 	*x = GetDepositAddressResponse{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[6]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1147,7 +1460,7 @@ func (x *GetDepositAddressResponse) String() string {
 func (*GetDepositAddressResponse) ProtoMessage() {}
 
 func (x *GetDepositAddressResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[6]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1160,7 +1473,7 @@ func (x *GetDepositAddressResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetDepositAddressResponse.ProtoReflect.Descriptor instead.
 func (*GetDepositAddressResponse) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{6}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *GetDepositAddressResponse) GetDepositAddress() *DepositAddress {
@@ -1183,7 +1496,7 @@ type GetDepositRequest struct {
 
 func (x *GetDepositRequest) Reset() {
 	*x = GetDepositRequest{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[7]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1195,7 +1508,7 @@ func (x *GetDepositRequest) String() string {
 func (*GetDepositRequest) ProtoMessage() {}
 
 func (x *GetDepositRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[7]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1208,7 +1521,7 @@ func (x *GetDepositRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetDepositRequest.ProtoReflect.Descriptor instead.
 func (*GetDepositRequest) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{7}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *GetDepositRequest) GetAccountId() string {
@@ -1236,7 +1549,7 @@ type GetDepositResponse struct {
 
 func (x *GetDepositResponse) Reset() {
 	*x = GetDepositResponse{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[8]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1248,7 +1561,7 @@ func (x *GetDepositResponse) String() string {
 func (*GetDepositResponse) ProtoMessage() {}
 
 func (x *GetDepositResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[8]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1261,7 +1574,7 @@ func (x *GetDepositResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetDepositResponse.ProtoReflect.Descriptor instead.
 func (*GetDepositResponse) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{8}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetDepositResponse) GetDeposit() *Deposit {
@@ -1295,7 +1608,7 @@ type ListDepositsRequest struct {
 
 func (x *ListDepositsRequest) Reset() {
 	*x = ListDepositsRequest{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[9]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1307,7 +1620,7 @@ func (x *ListDepositsRequest) String() string {
 func (*ListDepositsRequest) ProtoMessage() {}
 
 func (x *ListDepositsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[9]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1320,7 +1633,7 @@ func (x *ListDepositsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDepositsRequest.ProtoReflect.Descriptor instead.
 func (*ListDepositsRequest) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{9}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ListDepositsRequest) GetAccountId() string {
@@ -1385,7 +1698,7 @@ type ListDepositsResponse struct {
 
 func (x *ListDepositsResponse) Reset() {
 	*x = ListDepositsResponse{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[10]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1397,7 +1710,7 @@ func (x *ListDepositsResponse) String() string {
 func (*ListDepositsResponse) ProtoMessage() {}
 
 func (x *ListDepositsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[10]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1410,7 +1723,7 @@ func (x *ListDepositsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDepositsResponse.ProtoReflect.Descriptor instead.
 func (*ListDepositsResponse) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{10}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ListDepositsResponse) GetDeposits() []*Deposit {
@@ -1456,7 +1769,7 @@ type RequestWithdrawalRequest struct {
 
 func (x *RequestWithdrawalRequest) Reset() {
 	*x = RequestWithdrawalRequest{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[11]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1468,7 +1781,7 @@ func (x *RequestWithdrawalRequest) String() string {
 func (*RequestWithdrawalRequest) ProtoMessage() {}
 
 func (x *RequestWithdrawalRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[11]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1481,7 +1794,7 @@ func (x *RequestWithdrawalRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestWithdrawalRequest.ProtoReflect.Descriptor instead.
 func (*RequestWithdrawalRequest) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{11}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *RequestWithdrawalRequest) GetRequestId() string {
@@ -1551,7 +1864,7 @@ type RequestWithdrawalResponse struct {
 
 func (x *RequestWithdrawalResponse) Reset() {
 	*x = RequestWithdrawalResponse{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[12]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1563,7 +1876,7 @@ func (x *RequestWithdrawalResponse) String() string {
 func (*RequestWithdrawalResponse) ProtoMessage() {}
 
 func (x *RequestWithdrawalResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[12]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1576,7 +1889,7 @@ func (x *RequestWithdrawalResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequestWithdrawalResponse.ProtoReflect.Descriptor instead.
 func (*RequestWithdrawalResponse) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{12}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *RequestWithdrawalResponse) GetWithdrawal() *Withdrawal {
@@ -1604,7 +1917,7 @@ type CancelWithdrawalRequest struct {
 
 func (x *CancelWithdrawalRequest) Reset() {
 	*x = CancelWithdrawalRequest{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[13]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1616,7 +1929,7 @@ func (x *CancelWithdrawalRequest) String() string {
 func (*CancelWithdrawalRequest) ProtoMessage() {}
 
 func (x *CancelWithdrawalRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[13]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1629,7 +1942,7 @@ func (x *CancelWithdrawalRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelWithdrawalRequest.ProtoReflect.Descriptor instead.
 func (*CancelWithdrawalRequest) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{13}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CancelWithdrawalRequest) GetRequestId() string {
@@ -1664,7 +1977,7 @@ type CancelWithdrawalResponse struct {
 
 func (x *CancelWithdrawalResponse) Reset() {
 	*x = CancelWithdrawalResponse{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[14]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1676,7 +1989,7 @@ func (x *CancelWithdrawalResponse) String() string {
 func (*CancelWithdrawalResponse) ProtoMessage() {}
 
 func (x *CancelWithdrawalResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[14]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1689,7 +2002,7 @@ func (x *CancelWithdrawalResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelWithdrawalResponse.ProtoReflect.Descriptor instead.
 func (*CancelWithdrawalResponse) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{14}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CancelWithdrawalResponse) GetWithdrawal() *Withdrawal {
@@ -1712,7 +2025,7 @@ type GetWithdrawalRequest struct {
 
 func (x *GetWithdrawalRequest) Reset() {
 	*x = GetWithdrawalRequest{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[15]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1724,7 +2037,7 @@ func (x *GetWithdrawalRequest) String() string {
 func (*GetWithdrawalRequest) ProtoMessage() {}
 
 func (x *GetWithdrawalRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[15]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1737,7 +2050,7 @@ func (x *GetWithdrawalRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetWithdrawalRequest.ProtoReflect.Descriptor instead.
 func (*GetWithdrawalRequest) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{15}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *GetWithdrawalRequest) GetAccountId() string {
@@ -1765,7 +2078,7 @@ type GetWithdrawalResponse struct {
 
 func (x *GetWithdrawalResponse) Reset() {
 	*x = GetWithdrawalResponse{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[16]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1777,7 +2090,7 @@ func (x *GetWithdrawalResponse) String() string {
 func (*GetWithdrawalResponse) ProtoMessage() {}
 
 func (x *GetWithdrawalResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[16]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1790,7 +2103,7 @@ func (x *GetWithdrawalResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetWithdrawalResponse.ProtoReflect.Descriptor instead.
 func (*GetWithdrawalResponse) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{16}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *GetWithdrawalResponse) GetWithdrawal() *Withdrawal {
@@ -1824,7 +2137,7 @@ type ListWithdrawalsRequest struct {
 
 func (x *ListWithdrawalsRequest) Reset() {
 	*x = ListWithdrawalsRequest{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[17]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1836,7 +2149,7 @@ func (x *ListWithdrawalsRequest) String() string {
 func (*ListWithdrawalsRequest) ProtoMessage() {}
 
 func (x *ListWithdrawalsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[17]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1849,7 +2162,7 @@ func (x *ListWithdrawalsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWithdrawalsRequest.ProtoReflect.Descriptor instead.
 func (*ListWithdrawalsRequest) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{17}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ListWithdrawalsRequest) GetAccountId() string {
@@ -1914,7 +2227,7 @@ type ListWithdrawalsResponse struct {
 
 func (x *ListWithdrawalsResponse) Reset() {
 	*x = ListWithdrawalsResponse{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[18]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1926,7 +2239,7 @@ func (x *ListWithdrawalsResponse) String() string {
 func (*ListWithdrawalsResponse) ProtoMessage() {}
 
 func (x *ListWithdrawalsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[18]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1939,7 +2252,7 @@ func (x *ListWithdrawalsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWithdrawalsResponse.ProtoReflect.Descriptor instead.
 func (*ListWithdrawalsResponse) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{18}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListWithdrawalsResponse) GetWithdrawals() []*Withdrawal {
@@ -1976,7 +2289,7 @@ type ListSagasRequest struct {
 
 func (x *ListSagasRequest) Reset() {
 	*x = ListSagasRequest{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[19]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1988,7 +2301,7 @@ func (x *ListSagasRequest) String() string {
 func (*ListSagasRequest) ProtoMessage() {}
 
 func (x *ListSagasRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[19]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2001,7 +2314,7 @@ func (x *ListSagasRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSagasRequest.ProtoReflect.Descriptor instead.
 func (*ListSagasRequest) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{19}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListSagasRequest) GetKind() SagaKind {
@@ -2052,7 +2365,7 @@ type ListSagasResponse struct {
 
 func (x *ListSagasResponse) Reset() {
 	*x = ListSagasResponse{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[20]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2064,7 +2377,7 @@ func (x *ListSagasResponse) String() string {
 func (*ListSagasResponse) ProtoMessage() {}
 
 func (x *ListSagasResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[20]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2077,7 +2390,7 @@ func (x *ListSagasResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSagasResponse.ProtoReflect.Descriptor instead.
 func (*ListSagasResponse) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{20}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListSagasResponse) GetSagas() []*Saga {
@@ -2105,7 +2418,7 @@ type GetSagaRequest struct {
 
 func (x *GetSagaRequest) Reset() {
 	*x = GetSagaRequest{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[21]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2117,7 +2430,7 @@ func (x *GetSagaRequest) String() string {
 func (*GetSagaRequest) ProtoMessage() {}
 
 func (x *GetSagaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[21]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2130,7 +2443,7 @@ func (x *GetSagaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSagaRequest.ProtoReflect.Descriptor instead.
 func (*GetSagaRequest) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{21}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GetSagaRequest) GetSagaId() string {
@@ -2151,7 +2464,7 @@ type GetSagaResponse struct {
 
 func (x *GetSagaResponse) Reset() {
 	*x = GetSagaResponse{}
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[22]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2163,7 +2476,7 @@ func (x *GetSagaResponse) String() string {
 func (*GetSagaResponse) ProtoMessage() {}
 
 func (x *GetSagaResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_funding_v1_funding_proto_msgTypes[22]
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2176,12 +2489,813 @@ func (x *GetSagaResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSagaResponse.ProtoReflect.Descriptor instead.
 func (*GetSagaResponse) Descriptor() ([]byte, []int) {
-	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{22}
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *GetSagaResponse) GetSaga() *Saga {
 	if x != nil {
 		return x.Saga
+	}
+	return nil
+}
+
+// Request for FundingService.AddWithdrawalAddress.
+type AddWithdrawalAddressRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+	// characters. The same id with the same body returns the first result;
+	// with a different body, ALREADY_EXISTS.
+	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// Account; empty means the caller's account.
+	AccountId string `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	// Asset code.
+	Asset string `protobuf:"bytes,3,opt,name=asset,proto3" json:"asset,omitempty"`
+	// Network; empty means the asset's default network.
+	Network string `protobuf:"bytes,4,opt,name=network,proto3" json:"network,omitempty"`
+	// The destination address.
+	Address string `protobuf:"bytes,5,opt,name=address,proto3" json:"address,omitempty"`
+	// A label for it (up to 64 characters).
+	Label         string `protobuf:"bytes,6,opt,name=label,proto3" json:"label,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddWithdrawalAddressRequest) Reset() {
+	*x = AddWithdrawalAddressRequest{}
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddWithdrawalAddressRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddWithdrawalAddressRequest) ProtoMessage() {}
+
+func (x *AddWithdrawalAddressRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddWithdrawalAddressRequest.ProtoReflect.Descriptor instead.
+func (*AddWithdrawalAddressRequest) Descriptor() ([]byte, []int) {
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *AddWithdrawalAddressRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *AddWithdrawalAddressRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *AddWithdrawalAddressRequest) GetAsset() string {
+	if x != nil {
+		return x.Asset
+	}
+	return ""
+}
+
+func (x *AddWithdrawalAddressRequest) GetNetwork() string {
+	if x != nil {
+		return x.Network
+	}
+	return ""
+}
+
+func (x *AddWithdrawalAddressRequest) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *AddWithdrawalAddressRequest) GetLabel() string {
+	if x != nil {
+		return x.Label
+	}
+	return ""
+}
+
+// Response for FundingService.AddWithdrawalAddress.
+type AddWithdrawalAddressResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The address on the allowlist.
+	WithdrawalAddress *WithdrawalAddress `protobuf:"bytes,1,opt,name=withdrawal_address,json=withdrawalAddress,proto3" json:"withdrawal_address,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *AddWithdrawalAddressResponse) Reset() {
+	*x = AddWithdrawalAddressResponse{}
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddWithdrawalAddressResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddWithdrawalAddressResponse) ProtoMessage() {}
+
+func (x *AddWithdrawalAddressResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddWithdrawalAddressResponse.ProtoReflect.Descriptor instead.
+func (*AddWithdrawalAddressResponse) Descriptor() ([]byte, []int) {
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *AddWithdrawalAddressResponse) GetWithdrawalAddress() *WithdrawalAddress {
+	if x != nil {
+		return x.WithdrawalAddress
+	}
+	return nil
+}
+
+// Request for FundingService.RemoveWithdrawalAddress.
+type RemoveWithdrawalAddressRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required (ADR 0003): the client-chosen idempotency key.
+	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// Account; empty means the caller's account.
+	AccountId string `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	// The address to remove.
+	AddressId     string `protobuf:"bytes,3,opt,name=address_id,json=addressId,proto3" json:"address_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveWithdrawalAddressRequest) Reset() {
+	*x = RemoveWithdrawalAddressRequest{}
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveWithdrawalAddressRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveWithdrawalAddressRequest) ProtoMessage() {}
+
+func (x *RemoveWithdrawalAddressRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveWithdrawalAddressRequest.ProtoReflect.Descriptor instead.
+func (*RemoveWithdrawalAddressRequest) Descriptor() ([]byte, []int) {
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *RemoveWithdrawalAddressRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *RemoveWithdrawalAddressRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *RemoveWithdrawalAddressRequest) GetAddressId() string {
+	if x != nil {
+		return x.AddressId
+	}
+	return ""
+}
+
+// Response for FundingService.RemoveWithdrawalAddress.
+type RemoveWithdrawalAddressResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The address, removed.
+	WithdrawalAddress *WithdrawalAddress `protobuf:"bytes,1,opt,name=withdrawal_address,json=withdrawalAddress,proto3" json:"withdrawal_address,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *RemoveWithdrawalAddressResponse) Reset() {
+	*x = RemoveWithdrawalAddressResponse{}
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveWithdrawalAddressResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveWithdrawalAddressResponse) ProtoMessage() {}
+
+func (x *RemoveWithdrawalAddressResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveWithdrawalAddressResponse.ProtoReflect.Descriptor instead.
+func (*RemoveWithdrawalAddressResponse) Descriptor() ([]byte, []int) {
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *RemoveWithdrawalAddressResponse) GetWithdrawalAddress() *WithdrawalAddress {
+	if x != nil {
+		return x.WithdrawalAddress
+	}
+	return nil
+}
+
+// Request for FundingService.ListWithdrawalAddresses.
+type ListWithdrawalAddressesRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Account; empty means the caller's account.
+	AccountId string `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	// Only this asset; empty means all.
+	Asset string `protobuf:"bytes,2,opt,name=asset,proto3" json:"asset,omitempty"`
+	// Maximum number to return; 0 means a server default (100), values above
+	// 1000 are coerced to 1000.
+	PageSize int32 `protobuf:"varint,3,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// Token from a previous response's next_page_token; empty for the first page.
+	PageToken     string `protobuf:"bytes,4,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWithdrawalAddressesRequest) Reset() {
+	*x = ListWithdrawalAddressesRequest{}
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWithdrawalAddressesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWithdrawalAddressesRequest) ProtoMessage() {}
+
+func (x *ListWithdrawalAddressesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWithdrawalAddressesRequest.ProtoReflect.Descriptor instead.
+func (*ListWithdrawalAddressesRequest) Descriptor() ([]byte, []int) {
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *ListWithdrawalAddressesRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *ListWithdrawalAddressesRequest) GetAsset() string {
+	if x != nil {
+		return x.Asset
+	}
+	return ""
+}
+
+func (x *ListWithdrawalAddressesRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListWithdrawalAddressesRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// Response for FundingService.ListWithdrawalAddresses.
+type ListWithdrawalAddressesResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The addresses, newest first.
+	WithdrawalAddresses []*WithdrawalAddress `protobuf:"bytes,1,rep,name=withdrawal_addresses,json=withdrawalAddresses,proto3" json:"withdrawal_addresses,omitempty"`
+	// Token for the next page; empty when there are no more results.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWithdrawalAddressesResponse) Reset() {
+	*x = ListWithdrawalAddressesResponse{}
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWithdrawalAddressesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWithdrawalAddressesResponse) ProtoMessage() {}
+
+func (x *ListWithdrawalAddressesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWithdrawalAddressesResponse.ProtoReflect.Descriptor instead.
+func (*ListWithdrawalAddressesResponse) Descriptor() ([]byte, []int) {
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *ListWithdrawalAddressesResponse) GetWithdrawalAddresses() []*WithdrawalAddress {
+	if x != nil {
+		return x.WithdrawalAddresses
+	}
+	return nil
+}
+
+func (x *ListWithdrawalAddressesResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+// Request for FundingService.GetWithdrawalAllowlist.
+type GetWithdrawalAllowlistRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Account; empty means the caller's account.
+	AccountId     string `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetWithdrawalAllowlistRequest) Reset() {
+	*x = GetWithdrawalAllowlistRequest{}
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetWithdrawalAllowlistRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetWithdrawalAllowlistRequest) ProtoMessage() {}
+
+func (x *GetWithdrawalAllowlistRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetWithdrawalAllowlistRequest.ProtoReflect.Descriptor instead.
+func (*GetWithdrawalAllowlistRequest) Descriptor() ([]byte, []int) {
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *GetWithdrawalAllowlistRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+// Response for FundingService.GetWithdrawalAllowlist.
+type GetWithdrawalAllowlistResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The allowlist's state.
+	WithdrawalAllowlist *WithdrawalAllowlist `protobuf:"bytes,1,opt,name=withdrawal_allowlist,json=withdrawalAllowlist,proto3" json:"withdrawal_allowlist,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *GetWithdrawalAllowlistResponse) Reset() {
+	*x = GetWithdrawalAllowlistResponse{}
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetWithdrawalAllowlistResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetWithdrawalAllowlistResponse) ProtoMessage() {}
+
+func (x *GetWithdrawalAllowlistResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetWithdrawalAllowlistResponse.ProtoReflect.Descriptor instead.
+func (*GetWithdrawalAllowlistResponse) Descriptor() ([]byte, []int) {
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *GetWithdrawalAllowlistResponse) GetWithdrawalAllowlist() *WithdrawalAllowlist {
+	if x != nil {
+		return x.WithdrawalAllowlist
+	}
+	return nil
+}
+
+// Request for FundingService.SetWithdrawalAllowlist.
+type SetWithdrawalAllowlistRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required (ADR 0003): the client-chosen idempotency key.
+	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// Account; empty means the caller's account.
+	AccountId string `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	// True: on, at once. False: off once the cooling period has passed.
+	Enabled       bool `protobuf:"varint,3,opt,name=enabled,proto3" json:"enabled,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetWithdrawalAllowlistRequest) Reset() {
+	*x = SetWithdrawalAllowlistRequest{}
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetWithdrawalAllowlistRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetWithdrawalAllowlistRequest) ProtoMessage() {}
+
+func (x *SetWithdrawalAllowlistRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetWithdrawalAllowlistRequest.ProtoReflect.Descriptor instead.
+func (*SetWithdrawalAllowlistRequest) Descriptor() ([]byte, []int) {
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *SetWithdrawalAllowlistRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *SetWithdrawalAllowlistRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *SetWithdrawalAllowlistRequest) GetEnabled() bool {
+	if x != nil {
+		return x.Enabled
+	}
+	return false
+}
+
+// Response for FundingService.SetWithdrawalAllowlist.
+type SetWithdrawalAllowlistResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The allowlist after the change.
+	WithdrawalAllowlist *WithdrawalAllowlist `protobuf:"bytes,1,opt,name=withdrawal_allowlist,json=withdrawalAllowlist,proto3" json:"withdrawal_allowlist,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *SetWithdrawalAllowlistResponse) Reset() {
+	*x = SetWithdrawalAllowlistResponse{}
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetWithdrawalAllowlistResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetWithdrawalAllowlistResponse) ProtoMessage() {}
+
+func (x *SetWithdrawalAllowlistResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetWithdrawalAllowlistResponse.ProtoReflect.Descriptor instead.
+func (*SetWithdrawalAllowlistResponse) Descriptor() ([]byte, []int) {
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *SetWithdrawalAllowlistResponse) GetWithdrawalAllowlist() *WithdrawalAllowlist {
+	if x != nil {
+		return x.WithdrawalAllowlist
+	}
+	return nil
+}
+
+// Request for FundingService.ApproveWithdrawal.
+type ApproveWithdrawalRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required (ADR 0003): the client-chosen idempotency key.
+	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// The withdrawal.
+	WithdrawalId string `protobuf:"bytes,2,opt,name=withdrawal_id,json=withdrawalId,proto3" json:"withdrawal_id,omitempty"`
+	// Why (kept with the decision).
+	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApproveWithdrawalRequest) Reset() {
+	*x = ApproveWithdrawalRequest{}
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApproveWithdrawalRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApproveWithdrawalRequest) ProtoMessage() {}
+
+func (x *ApproveWithdrawalRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApproveWithdrawalRequest.ProtoReflect.Descriptor instead.
+func (*ApproveWithdrawalRequest) Descriptor() ([]byte, []int) {
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *ApproveWithdrawalRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *ApproveWithdrawalRequest) GetWithdrawalId() string {
+	if x != nil {
+		return x.WithdrawalId
+	}
+	return ""
+}
+
+func (x *ApproveWithdrawalRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+// Response for FundingService.ApproveWithdrawal.
+type ApproveWithdrawalResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The withdrawal after the decision.
+	Withdrawal    *Withdrawal `protobuf:"bytes,1,opt,name=withdrawal,proto3" json:"withdrawal,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApproveWithdrawalResponse) Reset() {
+	*x = ApproveWithdrawalResponse{}
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApproveWithdrawalResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApproveWithdrawalResponse) ProtoMessage() {}
+
+func (x *ApproveWithdrawalResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApproveWithdrawalResponse.ProtoReflect.Descriptor instead.
+func (*ApproveWithdrawalResponse) Descriptor() ([]byte, []int) {
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *ApproveWithdrawalResponse) GetWithdrawal() *Withdrawal {
+	if x != nil {
+		return x.Withdrawal
+	}
+	return nil
+}
+
+// Request for FundingService.RejectWithdrawal.
+type RejectWithdrawalRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required (ADR 0003): the client-chosen idempotency key.
+	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// The withdrawal.
+	WithdrawalId string `protobuf:"bytes,2,opt,name=withdrawal_id,json=withdrawalId,proto3" json:"withdrawal_id,omitempty"`
+	// Why; required, kept with the decision and shown to the owner.
+	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RejectWithdrawalRequest) Reset() {
+	*x = RejectWithdrawalRequest{}
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RejectWithdrawalRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RejectWithdrawalRequest) ProtoMessage() {}
+
+func (x *RejectWithdrawalRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RejectWithdrawalRequest.ProtoReflect.Descriptor instead.
+func (*RejectWithdrawalRequest) Descriptor() ([]byte, []int) {
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *RejectWithdrawalRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *RejectWithdrawalRequest) GetWithdrawalId() string {
+	if x != nil {
+		return x.WithdrawalId
+	}
+	return ""
+}
+
+func (x *RejectWithdrawalRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+// Response for FundingService.RejectWithdrawal.
+type RejectWithdrawalResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The withdrawal after the decision (REJECTED once the hold is voided, a
+	// moment later).
+	Withdrawal    *Withdrawal `protobuf:"bytes,1,opt,name=withdrawal,proto3" json:"withdrawal,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RejectWithdrawalResponse) Reset() {
+	*x = RejectWithdrawalResponse{}
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RejectWithdrawalResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RejectWithdrawalResponse) ProtoMessage() {}
+
+func (x *RejectWithdrawalResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_funding_v1_funding_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RejectWithdrawalResponse.ProtoReflect.Descriptor instead.
+func (*RejectWithdrawalResponse) Descriptor() ([]byte, []int) {
+	return file_cex_funding_v1_funding_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *RejectWithdrawalResponse) GetWithdrawal() *Withdrawal {
+	if x != nil {
+		return x.Withdrawal
 	}
 	return nil
 }
@@ -2223,7 +3337,7 @@ const file_cex_funding_v1_funding_proto_rawDesc = "" +
 	"\vcredit_time\x18\x10 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"creditTime\x12;\n" +
 	"\vupdate_time\x18\x11 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"updateTime\"\xa1\x05\n" +
+	"updateTime\"\xdd\a\n" +
 	"\n" +
 	"Withdrawal\x12#\n" +
 	"\rwithdrawal_id\x18\x01 \x01(\tR\fwithdrawalId\x12\x1d\n" +
@@ -2248,7 +3362,37 @@ const file_cex_funding_v1_funding_proto_rawDesc = "" +
 	"createTime\x12;\n" +
 	"\vupdate_time\x18\x11 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"updateTime\x12?\n" +
-	"\rcomplete_time\x18\x12 \x01(\v2\x1a.google.protobuf.TimestampR\fcompleteTime\"\x8b\x03\n" +
+	"\rcomplete_time\x18\x12 \x01(\v2\x1a.google.protobuf.TimestampR\fcompleteTime\x12+\n" +
+	"\x11approval_required\x18\x13 \x01(\bR\x10approvalRequired\x12P\n" +
+	"\x16approval_deadline_time\x18\x14 \x01(\v2\x1a.google.protobuf.TimestampR\x14approvalDeadlineTime\x128\n" +
+	"\x06review\x18\x15 \x01(\x0e2 .cex.funding.v1.WithdrawalReviewR\x06review\x12\x1f\n" +
+	"\vreviewed_by\x18\x16 \x01(\tR\n" +
+	"reviewedBy\x12#\n" +
+	"\rreview_reason\x18\x17 \x01(\tR\freviewReason\x12;\n" +
+	"\vreview_time\x18\x18 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"reviewTime\"\xe8\x02\n" +
+	"\x11WithdrawalAddress\x12\x1d\n" +
+	"\n" +
+	"address_id\x18\x01 \x01(\tR\taddressId\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x02 \x01(\tR\taccountId\x12\x14\n" +
+	"\x05asset\x18\x03 \x01(\tR\x05asset\x12\x18\n" +
+	"\anetwork\x18\x04 \x01(\tR\anetwork\x12\x18\n" +
+	"\aaddress\x18\x05 \x01(\tR\aaddress\x12\x14\n" +
+	"\x05label\x18\x06 \x01(\tR\x05label\x12;\n" +
+	"\vcreate_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12;\n" +
+	"\vusable_time\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"usableTime\x12;\n" +
+	"\vremove_time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"removeTime\"\xca\x01\n" +
+	"\x13WithdrawalAllowlist\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\x12\x18\n" +
+	"\aenabled\x18\x02 \x01(\bR\aenabled\x12=\n" +
+	"\fdisable_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\vdisableTime\x12;\n" +
+	"\vupdate_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"updateTime\"\x8b\x03\n" +
 	"\bSagaStep\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\"\n" +
@@ -2364,13 +3508,74 @@ const file_cex_funding_v1_funding_proto_rawDesc = "" +
 	"\x0eGetSagaRequest\x12\x17\n" +
 	"\asaga_id\x18\x01 \x01(\tR\x06sagaId\";\n" +
 	"\x0fGetSagaResponse\x12(\n" +
-	"\x04saga\x18\x01 \x01(\v2\x14.cex.funding.v1.SagaR\x04saga*\x9d\x01\n" +
+	"\x04saga\x18\x01 \x01(\v2\x14.cex.funding.v1.SagaR\x04saga\"\xbb\x01\n" +
+	"\x1bAddWithdrawalAddressRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x02 \x01(\tR\taccountId\x12\x14\n" +
+	"\x05asset\x18\x03 \x01(\tR\x05asset\x12\x18\n" +
+	"\anetwork\x18\x04 \x01(\tR\anetwork\x12\x18\n" +
+	"\aaddress\x18\x05 \x01(\tR\aaddress\x12\x14\n" +
+	"\x05label\x18\x06 \x01(\tR\x05label\"p\n" +
+	"\x1cAddWithdrawalAddressResponse\x12P\n" +
+	"\x12withdrawal_address\x18\x01 \x01(\v2!.cex.funding.v1.WithdrawalAddressR\x11withdrawalAddress\"}\n" +
+	"\x1eRemoveWithdrawalAddressRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x02 \x01(\tR\taccountId\x12\x1d\n" +
+	"\n" +
+	"address_id\x18\x03 \x01(\tR\taddressId\"s\n" +
+	"\x1fRemoveWithdrawalAddressResponse\x12P\n" +
+	"\x12withdrawal_address\x18\x01 \x01(\v2!.cex.funding.v1.WithdrawalAddressR\x11withdrawalAddress\"\x91\x01\n" +
+	"\x1eListWithdrawalAddressesRequest\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\x12\x14\n" +
+	"\x05asset\x18\x02 \x01(\tR\x05asset\x12\x1b\n" +
+	"\tpage_size\x18\x03 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x04 \x01(\tR\tpageToken\"\x9f\x01\n" +
+	"\x1fListWithdrawalAddressesResponse\x12T\n" +
+	"\x14withdrawal_addresses\x18\x01 \x03(\v2!.cex.funding.v1.WithdrawalAddressR\x13withdrawalAddresses\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\">\n" +
+	"\x1dGetWithdrawalAllowlistRequest\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\"x\n" +
+	"\x1eGetWithdrawalAllowlistResponse\x12V\n" +
+	"\x14withdrawal_allowlist\x18\x01 \x01(\v2#.cex.funding.v1.WithdrawalAllowlistR\x13withdrawalAllowlist\"w\n" +
+	"\x1dSetWithdrawalAllowlistRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x02 \x01(\tR\taccountId\x12\x18\n" +
+	"\aenabled\x18\x03 \x01(\bR\aenabled\"x\n" +
+	"\x1eSetWithdrawalAllowlistResponse\x12V\n" +
+	"\x14withdrawal_allowlist\x18\x01 \x01(\v2#.cex.funding.v1.WithdrawalAllowlistR\x13withdrawalAllowlist\"v\n" +
+	"\x18ApproveWithdrawalRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\x12#\n" +
+	"\rwithdrawal_id\x18\x02 \x01(\tR\fwithdrawalId\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"W\n" +
+	"\x19ApproveWithdrawalResponse\x12:\n" +
+	"\n" +
+	"withdrawal\x18\x01 \x01(\v2\x1a.cex.funding.v1.WithdrawalR\n" +
+	"withdrawal\"u\n" +
+	"\x17RejectWithdrawalRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\x12#\n" +
+	"\rwithdrawal_id\x18\x02 \x01(\tR\fwithdrawalId\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"V\n" +
+	"\x18RejectWithdrawalResponse\x12:\n" +
+	"\n" +
+	"withdrawal\x18\x01 \x01(\v2\x1a.cex.funding.v1.WithdrawalR\n" +
+	"withdrawal*\x9d\x01\n" +
 	"\fDepositState\x12\x1d\n" +
 	"\x19DEPOSIT_STATE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15DEPOSIT_STATE_PENDING\x10\x01\x12\x1a\n" +
 	"\x16DEPOSIT_STATE_CREDITED\x10\x02\x12\x1b\n" +
 	"\x17DEPOSIT_STATE_CANCELLED\x10\x03\x12\x1a\n" +
-	"\x16DEPOSIT_STATE_REJECTED\x10\x04*\xed\x01\n" +
+	"\x16DEPOSIT_STATE_REJECTED\x10\x04*\x95\x02\n" +
 	"\x0fWithdrawalState\x12 \n" +
 	"\x1cWITHDRAWAL_STATE_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18WITHDRAWAL_STATE_PENDING\x10\x01\x12\x1e\n" +
@@ -2378,7 +3583,13 @@ const file_cex_funding_v1_funding_proto_rawDesc = "" +
 	"\x1aWITHDRAWAL_STATE_COMPLETED\x10\x03\x12\x1e\n" +
 	"\x1aWITHDRAWAL_STATE_CANCELLED\x10\x04\x12\x1d\n" +
 	"\x19WITHDRAWAL_STATE_REJECTED\x10\x05\x12\x1b\n" +
-	"\x17WITHDRAWAL_STATE_FAILED\x10\x06*V\n" +
+	"\x17WITHDRAWAL_STATE_FAILED\x10\x06\x12&\n" +
+	"\"WITHDRAWAL_STATE_AWAITING_APPROVAL\x10\a*\x94\x01\n" +
+	"\x10WithdrawalReview\x12!\n" +
+	"\x1dWITHDRAWAL_REVIEW_UNSPECIFIED\x10\x00\x12\x1e\n" +
+	"\x1aWITHDRAWAL_REVIEW_APPROVED\x10\x01\x12\x1e\n" +
+	"\x1aWITHDRAWAL_REVIEW_REJECTED\x10\x02\x12\x1d\n" +
+	"\x19WITHDRAWAL_REVIEW_EXPIRED\x10\x03*V\n" +
 	"\bSagaKind\x12\x19\n" +
 	"\x15SAGA_KIND_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11SAGA_KIND_DEPOSIT\x10\x01\x12\x18\n" +
@@ -2395,7 +3606,7 @@ const file_cex_funding_v1_funding_proto_rawDesc = "" +
 	"\x17SAGA_STEP_STATE_STARTED\x10\x01\x12\x1d\n" +
 	"\x19SAGA_STEP_STATE_SUCCEEDED\x10\x02\x12\x1c\n" +
 	"\x18SAGA_STEP_STATE_RETRYING\x10\x03\x12\x1a\n" +
-	"\x16SAGA_STEP_STATE_FAILED\x10\x042\x8b\t\n" +
+	"\x16SAGA_STEP_STATE_FAILED\x10\x042\xf5\x11\n" +
 	"\x0eFundingService\x12\x8e\x01\n" +
 	"\x11GetDepositAddress\x12(.cex.funding.v1.GetDepositAddressRequest\x1a).cex.funding.v1.GetDepositAddressResponse\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/depositAddresses/{asset}\x12v\n" +
 	"\n" +
@@ -2406,7 +3617,14 @@ const file_cex_funding_v1_funding_proto_rawDesc = "" +
 	"\rGetWithdrawal\x12$.cex.funding.v1.GetWithdrawalRequest\x1a%.cex.funding.v1.GetWithdrawalResponse\"'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/withdrawals/{withdrawal_id}\x12{\n" +
 	"\x0fListWithdrawals\x12&.cex.funding.v1.ListWithdrawalsRequest\x1a'.cex.funding.v1.ListWithdrawalsResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/withdrawals\x12i\n" +
 	"\tListSagas\x12 .cex.funding.v1.ListSagasRequest\x1a!.cex.funding.v1.ListSagasResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/admin/sagas\x12m\n" +
-	"\aGetSaga\x12\x1e.cex.funding.v1.GetSagaRequest\x1a\x1f.cex.funding.v1.GetSagaResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/admin/sagas/{saga_id}b\x06proto3"
+	"\aGetSaga\x12\x1e.cex.funding.v1.GetSagaRequest\x1a\x1f.cex.funding.v1.GetSagaResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/admin/sagas/{saga_id}\x12\x95\x01\n" +
+	"\x14AddWithdrawalAddress\x12+.cex.funding.v1.AddWithdrawalAddressRequest\x1a,.cex.funding.v1.AddWithdrawalAddressResponse\"\"\x82\xd3\xe4\x93\x02\x1c:\x01*\"\x17/v1/withdrawalAddresses\x12\xb2\x01\n" +
+	"\x17RemoveWithdrawalAddress\x12..cex.funding.v1.RemoveWithdrawalAddressRequest\x1a/.cex.funding.v1.RemoveWithdrawalAddressResponse\"6\x82\xd3\xe4\x93\x020:\x01*\"+/v1/withdrawalAddresses/{address_id}:remove\x12\x9b\x01\n" +
+	"\x17ListWithdrawalAddresses\x12..cex.funding.v1.ListWithdrawalAddressesRequest\x1a/.cex.funding.v1.ListWithdrawalAddressesResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/withdrawalAddresses\x12\x98\x01\n" +
+	"\x16GetWithdrawalAllowlist\x12-.cex.funding.v1.GetWithdrawalAllowlistRequest\x1a..cex.funding.v1.GetWithdrawalAllowlistResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/withdrawalAllowlist\x12\x9b\x01\n" +
+	"\x16SetWithdrawalAllowlist\x12-.cex.funding.v1.SetWithdrawalAllowlistRequest\x1a..cex.funding.v1.SetWithdrawalAllowlistResponse\"\"\x82\xd3\xe4\x93\x02\x1c:\x01*\"\x17/v1/withdrawalAllowlist\x12\xa2\x01\n" +
+	"\x11ApproveWithdrawal\x12(.cex.funding.v1.ApproveWithdrawalRequest\x1a).cex.funding.v1.ApproveWithdrawalResponse\"8\x82\xd3\xe4\x93\x022:\x01*\"-/v1/admin/withdrawals/{withdrawal_id}:approve\x12\x9e\x01\n" +
+	"\x10RejectWithdrawal\x12'.cex.funding.v1.RejectWithdrawalRequest\x1a(.cex.funding.v1.RejectWithdrawalResponse\"7\x82\xd3\xe4\x93\x021:\x01*\",/v1/admin/withdrawals/{withdrawal_id}:rejectb\x06proto3"
 
 var (
 	file_cex_funding_v1_funding_proto_rawDescOnce sync.Once
@@ -2420,101 +3638,147 @@ func file_cex_funding_v1_funding_proto_rawDescGZIP() []byte {
 	return file_cex_funding_v1_funding_proto_rawDescData
 }
 
-var file_cex_funding_v1_funding_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_cex_funding_v1_funding_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_cex_funding_v1_funding_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
+var file_cex_funding_v1_funding_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
 var file_cex_funding_v1_funding_proto_goTypes = []any{
-	(DepositState)(0),                 // 0: cex.funding.v1.DepositState
-	(WithdrawalState)(0),              // 1: cex.funding.v1.WithdrawalState
-	(SagaKind)(0),                     // 2: cex.funding.v1.SagaKind
-	(SagaState)(0),                    // 3: cex.funding.v1.SagaState
-	(SagaStepState)(0),                // 4: cex.funding.v1.SagaStepState
-	(*DepositAddress)(nil),            // 5: cex.funding.v1.DepositAddress
-	(*Deposit)(nil),                   // 6: cex.funding.v1.Deposit
-	(*Withdrawal)(nil),                // 7: cex.funding.v1.Withdrawal
-	(*SagaStep)(nil),                  // 8: cex.funding.v1.SagaStep
-	(*Saga)(nil),                      // 9: cex.funding.v1.Saga
-	(*GetDepositAddressRequest)(nil),  // 10: cex.funding.v1.GetDepositAddressRequest
-	(*GetDepositAddressResponse)(nil), // 11: cex.funding.v1.GetDepositAddressResponse
-	(*GetDepositRequest)(nil),         // 12: cex.funding.v1.GetDepositRequest
-	(*GetDepositResponse)(nil),        // 13: cex.funding.v1.GetDepositResponse
-	(*ListDepositsRequest)(nil),       // 14: cex.funding.v1.ListDepositsRequest
-	(*ListDepositsResponse)(nil),      // 15: cex.funding.v1.ListDepositsResponse
-	(*RequestWithdrawalRequest)(nil),  // 16: cex.funding.v1.RequestWithdrawalRequest
-	(*RequestWithdrawalResponse)(nil), // 17: cex.funding.v1.RequestWithdrawalResponse
-	(*CancelWithdrawalRequest)(nil),   // 18: cex.funding.v1.CancelWithdrawalRequest
-	(*CancelWithdrawalResponse)(nil),  // 19: cex.funding.v1.CancelWithdrawalResponse
-	(*GetWithdrawalRequest)(nil),      // 20: cex.funding.v1.GetWithdrawalRequest
-	(*GetWithdrawalResponse)(nil),     // 21: cex.funding.v1.GetWithdrawalResponse
-	(*ListWithdrawalsRequest)(nil),    // 22: cex.funding.v1.ListWithdrawalsRequest
-	(*ListWithdrawalsResponse)(nil),   // 23: cex.funding.v1.ListWithdrawalsResponse
-	(*ListSagasRequest)(nil),          // 24: cex.funding.v1.ListSagasRequest
-	(*ListSagasResponse)(nil),         // 25: cex.funding.v1.ListSagasResponse
-	(*GetSagaRequest)(nil),            // 26: cex.funding.v1.GetSagaRequest
-	(*GetSagaResponse)(nil),           // 27: cex.funding.v1.GetSagaResponse
-	nil,                               // 28: cex.funding.v1.SagaStep.OutputsEntry
-	(*timestamppb.Timestamp)(nil),     // 29: google.protobuf.Timestamp
-	(*status.Status)(nil),             // 30: google.rpc.Status
+	(DepositState)(0),                       // 0: cex.funding.v1.DepositState
+	(WithdrawalState)(0),                    // 1: cex.funding.v1.WithdrawalState
+	(WithdrawalReview)(0),                   // 2: cex.funding.v1.WithdrawalReview
+	(SagaKind)(0),                           // 3: cex.funding.v1.SagaKind
+	(SagaState)(0),                          // 4: cex.funding.v1.SagaState
+	(SagaStepState)(0),                      // 5: cex.funding.v1.SagaStepState
+	(*DepositAddress)(nil),                  // 6: cex.funding.v1.DepositAddress
+	(*Deposit)(nil),                         // 7: cex.funding.v1.Deposit
+	(*Withdrawal)(nil),                      // 8: cex.funding.v1.Withdrawal
+	(*WithdrawalAddress)(nil),               // 9: cex.funding.v1.WithdrawalAddress
+	(*WithdrawalAllowlist)(nil),             // 10: cex.funding.v1.WithdrawalAllowlist
+	(*SagaStep)(nil),                        // 11: cex.funding.v1.SagaStep
+	(*Saga)(nil),                            // 12: cex.funding.v1.Saga
+	(*GetDepositAddressRequest)(nil),        // 13: cex.funding.v1.GetDepositAddressRequest
+	(*GetDepositAddressResponse)(nil),       // 14: cex.funding.v1.GetDepositAddressResponse
+	(*GetDepositRequest)(nil),               // 15: cex.funding.v1.GetDepositRequest
+	(*GetDepositResponse)(nil),              // 16: cex.funding.v1.GetDepositResponse
+	(*ListDepositsRequest)(nil),             // 17: cex.funding.v1.ListDepositsRequest
+	(*ListDepositsResponse)(nil),            // 18: cex.funding.v1.ListDepositsResponse
+	(*RequestWithdrawalRequest)(nil),        // 19: cex.funding.v1.RequestWithdrawalRequest
+	(*RequestWithdrawalResponse)(nil),       // 20: cex.funding.v1.RequestWithdrawalResponse
+	(*CancelWithdrawalRequest)(nil),         // 21: cex.funding.v1.CancelWithdrawalRequest
+	(*CancelWithdrawalResponse)(nil),        // 22: cex.funding.v1.CancelWithdrawalResponse
+	(*GetWithdrawalRequest)(nil),            // 23: cex.funding.v1.GetWithdrawalRequest
+	(*GetWithdrawalResponse)(nil),           // 24: cex.funding.v1.GetWithdrawalResponse
+	(*ListWithdrawalsRequest)(nil),          // 25: cex.funding.v1.ListWithdrawalsRequest
+	(*ListWithdrawalsResponse)(nil),         // 26: cex.funding.v1.ListWithdrawalsResponse
+	(*ListSagasRequest)(nil),                // 27: cex.funding.v1.ListSagasRequest
+	(*ListSagasResponse)(nil),               // 28: cex.funding.v1.ListSagasResponse
+	(*GetSagaRequest)(nil),                  // 29: cex.funding.v1.GetSagaRequest
+	(*GetSagaResponse)(nil),                 // 30: cex.funding.v1.GetSagaResponse
+	(*AddWithdrawalAddressRequest)(nil),     // 31: cex.funding.v1.AddWithdrawalAddressRequest
+	(*AddWithdrawalAddressResponse)(nil),    // 32: cex.funding.v1.AddWithdrawalAddressResponse
+	(*RemoveWithdrawalAddressRequest)(nil),  // 33: cex.funding.v1.RemoveWithdrawalAddressRequest
+	(*RemoveWithdrawalAddressResponse)(nil), // 34: cex.funding.v1.RemoveWithdrawalAddressResponse
+	(*ListWithdrawalAddressesRequest)(nil),  // 35: cex.funding.v1.ListWithdrawalAddressesRequest
+	(*ListWithdrawalAddressesResponse)(nil), // 36: cex.funding.v1.ListWithdrawalAddressesResponse
+	(*GetWithdrawalAllowlistRequest)(nil),   // 37: cex.funding.v1.GetWithdrawalAllowlistRequest
+	(*GetWithdrawalAllowlistResponse)(nil),  // 38: cex.funding.v1.GetWithdrawalAllowlistResponse
+	(*SetWithdrawalAllowlistRequest)(nil),   // 39: cex.funding.v1.SetWithdrawalAllowlistRequest
+	(*SetWithdrawalAllowlistResponse)(nil),  // 40: cex.funding.v1.SetWithdrawalAllowlistResponse
+	(*ApproveWithdrawalRequest)(nil),        // 41: cex.funding.v1.ApproveWithdrawalRequest
+	(*ApproveWithdrawalResponse)(nil),       // 42: cex.funding.v1.ApproveWithdrawalResponse
+	(*RejectWithdrawalRequest)(nil),         // 43: cex.funding.v1.RejectWithdrawalRequest
+	(*RejectWithdrawalResponse)(nil),        // 44: cex.funding.v1.RejectWithdrawalResponse
+	nil,                                     // 45: cex.funding.v1.SagaStep.OutputsEntry
+	(*timestamppb.Timestamp)(nil),           // 46: google.protobuf.Timestamp
+	(*status.Status)(nil),                   // 47: google.rpc.Status
 }
 var file_cex_funding_v1_funding_proto_depIdxs = []int32{
-	29, // 0: cex.funding.v1.DepositAddress.create_time:type_name -> google.protobuf.Timestamp
+	46, // 0: cex.funding.v1.DepositAddress.create_time:type_name -> google.protobuf.Timestamp
 	0,  // 1: cex.funding.v1.Deposit.state:type_name -> cex.funding.v1.DepositState
-	29, // 2: cex.funding.v1.Deposit.detect_time:type_name -> google.protobuf.Timestamp
-	29, // 3: cex.funding.v1.Deposit.credit_time:type_name -> google.protobuf.Timestamp
-	29, // 4: cex.funding.v1.Deposit.update_time:type_name -> google.protobuf.Timestamp
+	46, // 2: cex.funding.v1.Deposit.detect_time:type_name -> google.protobuf.Timestamp
+	46, // 3: cex.funding.v1.Deposit.credit_time:type_name -> google.protobuf.Timestamp
+	46, // 4: cex.funding.v1.Deposit.update_time:type_name -> google.protobuf.Timestamp
 	1,  // 5: cex.funding.v1.Withdrawal.state:type_name -> cex.funding.v1.WithdrawalState
-	30, // 6: cex.funding.v1.Withdrawal.failure:type_name -> google.rpc.Status
-	29, // 7: cex.funding.v1.Withdrawal.create_time:type_name -> google.protobuf.Timestamp
-	29, // 8: cex.funding.v1.Withdrawal.update_time:type_name -> google.protobuf.Timestamp
-	29, // 9: cex.funding.v1.Withdrawal.complete_time:type_name -> google.protobuf.Timestamp
-	4,  // 10: cex.funding.v1.SagaStep.state:type_name -> cex.funding.v1.SagaStepState
-	30, // 11: cex.funding.v1.SagaStep.error:type_name -> google.rpc.Status
-	28, // 12: cex.funding.v1.SagaStep.outputs:type_name -> cex.funding.v1.SagaStep.OutputsEntry
-	29, // 13: cex.funding.v1.SagaStep.record_time:type_name -> google.protobuf.Timestamp
-	2,  // 14: cex.funding.v1.Saga.kind:type_name -> cex.funding.v1.SagaKind
-	3,  // 15: cex.funding.v1.Saga.state:type_name -> cex.funding.v1.SagaState
-	8,  // 16: cex.funding.v1.Saga.steps:type_name -> cex.funding.v1.SagaStep
-	29, // 17: cex.funding.v1.Saga.create_time:type_name -> google.protobuf.Timestamp
-	29, // 18: cex.funding.v1.Saga.update_time:type_name -> google.protobuf.Timestamp
-	5,  // 19: cex.funding.v1.GetDepositAddressResponse.deposit_address:type_name -> cex.funding.v1.DepositAddress
-	6,  // 20: cex.funding.v1.GetDepositResponse.deposit:type_name -> cex.funding.v1.Deposit
-	0,  // 21: cex.funding.v1.ListDepositsRequest.state:type_name -> cex.funding.v1.DepositState
-	29, // 22: cex.funding.v1.ListDepositsRequest.start_time:type_name -> google.protobuf.Timestamp
-	29, // 23: cex.funding.v1.ListDepositsRequest.end_time:type_name -> google.protobuf.Timestamp
-	6,  // 24: cex.funding.v1.ListDepositsResponse.deposits:type_name -> cex.funding.v1.Deposit
-	7,  // 25: cex.funding.v1.RequestWithdrawalResponse.withdrawal:type_name -> cex.funding.v1.Withdrawal
-	7,  // 26: cex.funding.v1.CancelWithdrawalResponse.withdrawal:type_name -> cex.funding.v1.Withdrawal
-	7,  // 27: cex.funding.v1.GetWithdrawalResponse.withdrawal:type_name -> cex.funding.v1.Withdrawal
-	1,  // 28: cex.funding.v1.ListWithdrawalsRequest.state:type_name -> cex.funding.v1.WithdrawalState
-	29, // 29: cex.funding.v1.ListWithdrawalsRequest.start_time:type_name -> google.protobuf.Timestamp
-	29, // 30: cex.funding.v1.ListWithdrawalsRequest.end_time:type_name -> google.protobuf.Timestamp
-	7,  // 31: cex.funding.v1.ListWithdrawalsResponse.withdrawals:type_name -> cex.funding.v1.Withdrawal
-	2,  // 32: cex.funding.v1.ListSagasRequest.kind:type_name -> cex.funding.v1.SagaKind
-	3,  // 33: cex.funding.v1.ListSagasRequest.state:type_name -> cex.funding.v1.SagaState
-	9,  // 34: cex.funding.v1.ListSagasResponse.sagas:type_name -> cex.funding.v1.Saga
-	9,  // 35: cex.funding.v1.GetSagaResponse.saga:type_name -> cex.funding.v1.Saga
-	10, // 36: cex.funding.v1.FundingService.GetDepositAddress:input_type -> cex.funding.v1.GetDepositAddressRequest
-	12, // 37: cex.funding.v1.FundingService.GetDeposit:input_type -> cex.funding.v1.GetDepositRequest
-	14, // 38: cex.funding.v1.FundingService.ListDeposits:input_type -> cex.funding.v1.ListDepositsRequest
-	16, // 39: cex.funding.v1.FundingService.RequestWithdrawal:input_type -> cex.funding.v1.RequestWithdrawalRequest
-	18, // 40: cex.funding.v1.FundingService.CancelWithdrawal:input_type -> cex.funding.v1.CancelWithdrawalRequest
-	20, // 41: cex.funding.v1.FundingService.GetWithdrawal:input_type -> cex.funding.v1.GetWithdrawalRequest
-	22, // 42: cex.funding.v1.FundingService.ListWithdrawals:input_type -> cex.funding.v1.ListWithdrawalsRequest
-	24, // 43: cex.funding.v1.FundingService.ListSagas:input_type -> cex.funding.v1.ListSagasRequest
-	26, // 44: cex.funding.v1.FundingService.GetSaga:input_type -> cex.funding.v1.GetSagaRequest
-	11, // 45: cex.funding.v1.FundingService.GetDepositAddress:output_type -> cex.funding.v1.GetDepositAddressResponse
-	13, // 46: cex.funding.v1.FundingService.GetDeposit:output_type -> cex.funding.v1.GetDepositResponse
-	15, // 47: cex.funding.v1.FundingService.ListDeposits:output_type -> cex.funding.v1.ListDepositsResponse
-	17, // 48: cex.funding.v1.FundingService.RequestWithdrawal:output_type -> cex.funding.v1.RequestWithdrawalResponse
-	19, // 49: cex.funding.v1.FundingService.CancelWithdrawal:output_type -> cex.funding.v1.CancelWithdrawalResponse
-	21, // 50: cex.funding.v1.FundingService.GetWithdrawal:output_type -> cex.funding.v1.GetWithdrawalResponse
-	23, // 51: cex.funding.v1.FundingService.ListWithdrawals:output_type -> cex.funding.v1.ListWithdrawalsResponse
-	25, // 52: cex.funding.v1.FundingService.ListSagas:output_type -> cex.funding.v1.ListSagasResponse
-	27, // 53: cex.funding.v1.FundingService.GetSaga:output_type -> cex.funding.v1.GetSagaResponse
-	45, // [45:54] is the sub-list for method output_type
-	36, // [36:45] is the sub-list for method input_type
-	36, // [36:36] is the sub-list for extension type_name
-	36, // [36:36] is the sub-list for extension extendee
-	0,  // [0:36] is the sub-list for field type_name
+	47, // 6: cex.funding.v1.Withdrawal.failure:type_name -> google.rpc.Status
+	46, // 7: cex.funding.v1.Withdrawal.create_time:type_name -> google.protobuf.Timestamp
+	46, // 8: cex.funding.v1.Withdrawal.update_time:type_name -> google.protobuf.Timestamp
+	46, // 9: cex.funding.v1.Withdrawal.complete_time:type_name -> google.protobuf.Timestamp
+	46, // 10: cex.funding.v1.Withdrawal.approval_deadline_time:type_name -> google.protobuf.Timestamp
+	2,  // 11: cex.funding.v1.Withdrawal.review:type_name -> cex.funding.v1.WithdrawalReview
+	46, // 12: cex.funding.v1.Withdrawal.review_time:type_name -> google.protobuf.Timestamp
+	46, // 13: cex.funding.v1.WithdrawalAddress.create_time:type_name -> google.protobuf.Timestamp
+	46, // 14: cex.funding.v1.WithdrawalAddress.usable_time:type_name -> google.protobuf.Timestamp
+	46, // 15: cex.funding.v1.WithdrawalAddress.remove_time:type_name -> google.protobuf.Timestamp
+	46, // 16: cex.funding.v1.WithdrawalAllowlist.disable_time:type_name -> google.protobuf.Timestamp
+	46, // 17: cex.funding.v1.WithdrawalAllowlist.update_time:type_name -> google.protobuf.Timestamp
+	5,  // 18: cex.funding.v1.SagaStep.state:type_name -> cex.funding.v1.SagaStepState
+	47, // 19: cex.funding.v1.SagaStep.error:type_name -> google.rpc.Status
+	45, // 20: cex.funding.v1.SagaStep.outputs:type_name -> cex.funding.v1.SagaStep.OutputsEntry
+	46, // 21: cex.funding.v1.SagaStep.record_time:type_name -> google.protobuf.Timestamp
+	3,  // 22: cex.funding.v1.Saga.kind:type_name -> cex.funding.v1.SagaKind
+	4,  // 23: cex.funding.v1.Saga.state:type_name -> cex.funding.v1.SagaState
+	11, // 24: cex.funding.v1.Saga.steps:type_name -> cex.funding.v1.SagaStep
+	46, // 25: cex.funding.v1.Saga.create_time:type_name -> google.protobuf.Timestamp
+	46, // 26: cex.funding.v1.Saga.update_time:type_name -> google.protobuf.Timestamp
+	6,  // 27: cex.funding.v1.GetDepositAddressResponse.deposit_address:type_name -> cex.funding.v1.DepositAddress
+	7,  // 28: cex.funding.v1.GetDepositResponse.deposit:type_name -> cex.funding.v1.Deposit
+	0,  // 29: cex.funding.v1.ListDepositsRequest.state:type_name -> cex.funding.v1.DepositState
+	46, // 30: cex.funding.v1.ListDepositsRequest.start_time:type_name -> google.protobuf.Timestamp
+	46, // 31: cex.funding.v1.ListDepositsRequest.end_time:type_name -> google.protobuf.Timestamp
+	7,  // 32: cex.funding.v1.ListDepositsResponse.deposits:type_name -> cex.funding.v1.Deposit
+	8,  // 33: cex.funding.v1.RequestWithdrawalResponse.withdrawal:type_name -> cex.funding.v1.Withdrawal
+	8,  // 34: cex.funding.v1.CancelWithdrawalResponse.withdrawal:type_name -> cex.funding.v1.Withdrawal
+	8,  // 35: cex.funding.v1.GetWithdrawalResponse.withdrawal:type_name -> cex.funding.v1.Withdrawal
+	1,  // 36: cex.funding.v1.ListWithdrawalsRequest.state:type_name -> cex.funding.v1.WithdrawalState
+	46, // 37: cex.funding.v1.ListWithdrawalsRequest.start_time:type_name -> google.protobuf.Timestamp
+	46, // 38: cex.funding.v1.ListWithdrawalsRequest.end_time:type_name -> google.protobuf.Timestamp
+	8,  // 39: cex.funding.v1.ListWithdrawalsResponse.withdrawals:type_name -> cex.funding.v1.Withdrawal
+	3,  // 40: cex.funding.v1.ListSagasRequest.kind:type_name -> cex.funding.v1.SagaKind
+	4,  // 41: cex.funding.v1.ListSagasRequest.state:type_name -> cex.funding.v1.SagaState
+	12, // 42: cex.funding.v1.ListSagasResponse.sagas:type_name -> cex.funding.v1.Saga
+	12, // 43: cex.funding.v1.GetSagaResponse.saga:type_name -> cex.funding.v1.Saga
+	9,  // 44: cex.funding.v1.AddWithdrawalAddressResponse.withdrawal_address:type_name -> cex.funding.v1.WithdrawalAddress
+	9,  // 45: cex.funding.v1.RemoveWithdrawalAddressResponse.withdrawal_address:type_name -> cex.funding.v1.WithdrawalAddress
+	9,  // 46: cex.funding.v1.ListWithdrawalAddressesResponse.withdrawal_addresses:type_name -> cex.funding.v1.WithdrawalAddress
+	10, // 47: cex.funding.v1.GetWithdrawalAllowlistResponse.withdrawal_allowlist:type_name -> cex.funding.v1.WithdrawalAllowlist
+	10, // 48: cex.funding.v1.SetWithdrawalAllowlistResponse.withdrawal_allowlist:type_name -> cex.funding.v1.WithdrawalAllowlist
+	8,  // 49: cex.funding.v1.ApproveWithdrawalResponse.withdrawal:type_name -> cex.funding.v1.Withdrawal
+	8,  // 50: cex.funding.v1.RejectWithdrawalResponse.withdrawal:type_name -> cex.funding.v1.Withdrawal
+	13, // 51: cex.funding.v1.FundingService.GetDepositAddress:input_type -> cex.funding.v1.GetDepositAddressRequest
+	15, // 52: cex.funding.v1.FundingService.GetDeposit:input_type -> cex.funding.v1.GetDepositRequest
+	17, // 53: cex.funding.v1.FundingService.ListDeposits:input_type -> cex.funding.v1.ListDepositsRequest
+	19, // 54: cex.funding.v1.FundingService.RequestWithdrawal:input_type -> cex.funding.v1.RequestWithdrawalRequest
+	21, // 55: cex.funding.v1.FundingService.CancelWithdrawal:input_type -> cex.funding.v1.CancelWithdrawalRequest
+	23, // 56: cex.funding.v1.FundingService.GetWithdrawal:input_type -> cex.funding.v1.GetWithdrawalRequest
+	25, // 57: cex.funding.v1.FundingService.ListWithdrawals:input_type -> cex.funding.v1.ListWithdrawalsRequest
+	27, // 58: cex.funding.v1.FundingService.ListSagas:input_type -> cex.funding.v1.ListSagasRequest
+	29, // 59: cex.funding.v1.FundingService.GetSaga:input_type -> cex.funding.v1.GetSagaRequest
+	31, // 60: cex.funding.v1.FundingService.AddWithdrawalAddress:input_type -> cex.funding.v1.AddWithdrawalAddressRequest
+	33, // 61: cex.funding.v1.FundingService.RemoveWithdrawalAddress:input_type -> cex.funding.v1.RemoveWithdrawalAddressRequest
+	35, // 62: cex.funding.v1.FundingService.ListWithdrawalAddresses:input_type -> cex.funding.v1.ListWithdrawalAddressesRequest
+	37, // 63: cex.funding.v1.FundingService.GetWithdrawalAllowlist:input_type -> cex.funding.v1.GetWithdrawalAllowlistRequest
+	39, // 64: cex.funding.v1.FundingService.SetWithdrawalAllowlist:input_type -> cex.funding.v1.SetWithdrawalAllowlistRequest
+	41, // 65: cex.funding.v1.FundingService.ApproveWithdrawal:input_type -> cex.funding.v1.ApproveWithdrawalRequest
+	43, // 66: cex.funding.v1.FundingService.RejectWithdrawal:input_type -> cex.funding.v1.RejectWithdrawalRequest
+	14, // 67: cex.funding.v1.FundingService.GetDepositAddress:output_type -> cex.funding.v1.GetDepositAddressResponse
+	16, // 68: cex.funding.v1.FundingService.GetDeposit:output_type -> cex.funding.v1.GetDepositResponse
+	18, // 69: cex.funding.v1.FundingService.ListDeposits:output_type -> cex.funding.v1.ListDepositsResponse
+	20, // 70: cex.funding.v1.FundingService.RequestWithdrawal:output_type -> cex.funding.v1.RequestWithdrawalResponse
+	22, // 71: cex.funding.v1.FundingService.CancelWithdrawal:output_type -> cex.funding.v1.CancelWithdrawalResponse
+	24, // 72: cex.funding.v1.FundingService.GetWithdrawal:output_type -> cex.funding.v1.GetWithdrawalResponse
+	26, // 73: cex.funding.v1.FundingService.ListWithdrawals:output_type -> cex.funding.v1.ListWithdrawalsResponse
+	28, // 74: cex.funding.v1.FundingService.ListSagas:output_type -> cex.funding.v1.ListSagasResponse
+	30, // 75: cex.funding.v1.FundingService.GetSaga:output_type -> cex.funding.v1.GetSagaResponse
+	32, // 76: cex.funding.v1.FundingService.AddWithdrawalAddress:output_type -> cex.funding.v1.AddWithdrawalAddressResponse
+	34, // 77: cex.funding.v1.FundingService.RemoveWithdrawalAddress:output_type -> cex.funding.v1.RemoveWithdrawalAddressResponse
+	36, // 78: cex.funding.v1.FundingService.ListWithdrawalAddresses:output_type -> cex.funding.v1.ListWithdrawalAddressesResponse
+	38, // 79: cex.funding.v1.FundingService.GetWithdrawalAllowlist:output_type -> cex.funding.v1.GetWithdrawalAllowlistResponse
+	40, // 80: cex.funding.v1.FundingService.SetWithdrawalAllowlist:output_type -> cex.funding.v1.SetWithdrawalAllowlistResponse
+	42, // 81: cex.funding.v1.FundingService.ApproveWithdrawal:output_type -> cex.funding.v1.ApproveWithdrawalResponse
+	44, // 82: cex.funding.v1.FundingService.RejectWithdrawal:output_type -> cex.funding.v1.RejectWithdrawalResponse
+	67, // [67:83] is the sub-list for method output_type
+	51, // [51:67] is the sub-list for method input_type
+	51, // [51:51] is the sub-list for extension type_name
+	51, // [51:51] is the sub-list for extension extendee
+	0,  // [0:51] is the sub-list for field type_name
 }
 
 func init() { file_cex_funding_v1_funding_proto_init() }
@@ -2527,8 +3791,8 @@ func file_cex_funding_v1_funding_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cex_funding_v1_funding_proto_rawDesc), len(file_cex_funding_v1_funding_proto_rawDesc)),
-			NumEnums:      5,
-			NumMessages:   24,
+			NumEnums:      6,
+			NumMessages:   40,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

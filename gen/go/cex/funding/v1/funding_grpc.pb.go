@@ -10,9 +10,10 @@
 // Deposit: the chain reports a transfer to an account's address; after the
 // asset's required confirmations the ledger credits the account, once per
 // (txid, output_index). A reorg before then cancels the deposit.
-// Withdrawal: request (idempotent request_id) -> risk check -> ledger hold ->
-// custody broadcast (at most once) -> confirmations -> hold posted. A failure
-// after the hold voids it (compensation).
+// Withdrawal: request (idempotent request_id; the account's address allowlist
+// if it is on) -> ledger hold -> risk check -> an operator's approval (above
+// the asset's threshold) -> custody broadcast (at most once) -> confirmations
+// -> hold posted. A failure after the hold voids it (compensation).
 
 package fundingv1
 
@@ -29,15 +30,22 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	FundingService_GetDepositAddress_FullMethodName = "/cex.funding.v1.FundingService/GetDepositAddress"
-	FundingService_GetDeposit_FullMethodName        = "/cex.funding.v1.FundingService/GetDeposit"
-	FundingService_ListDeposits_FullMethodName      = "/cex.funding.v1.FundingService/ListDeposits"
-	FundingService_RequestWithdrawal_FullMethodName = "/cex.funding.v1.FundingService/RequestWithdrawal"
-	FundingService_CancelWithdrawal_FullMethodName  = "/cex.funding.v1.FundingService/CancelWithdrawal"
-	FundingService_GetWithdrawal_FullMethodName     = "/cex.funding.v1.FundingService/GetWithdrawal"
-	FundingService_ListWithdrawals_FullMethodName   = "/cex.funding.v1.FundingService/ListWithdrawals"
-	FundingService_ListSagas_FullMethodName         = "/cex.funding.v1.FundingService/ListSagas"
-	FundingService_GetSaga_FullMethodName           = "/cex.funding.v1.FundingService/GetSaga"
+	FundingService_GetDepositAddress_FullMethodName       = "/cex.funding.v1.FundingService/GetDepositAddress"
+	FundingService_GetDeposit_FullMethodName              = "/cex.funding.v1.FundingService/GetDeposit"
+	FundingService_ListDeposits_FullMethodName            = "/cex.funding.v1.FundingService/ListDeposits"
+	FundingService_RequestWithdrawal_FullMethodName       = "/cex.funding.v1.FundingService/RequestWithdrawal"
+	FundingService_CancelWithdrawal_FullMethodName        = "/cex.funding.v1.FundingService/CancelWithdrawal"
+	FundingService_GetWithdrawal_FullMethodName           = "/cex.funding.v1.FundingService/GetWithdrawal"
+	FundingService_ListWithdrawals_FullMethodName         = "/cex.funding.v1.FundingService/ListWithdrawals"
+	FundingService_ListSagas_FullMethodName               = "/cex.funding.v1.FundingService/ListSagas"
+	FundingService_GetSaga_FullMethodName                 = "/cex.funding.v1.FundingService/GetSaga"
+	FundingService_AddWithdrawalAddress_FullMethodName    = "/cex.funding.v1.FundingService/AddWithdrawalAddress"
+	FundingService_RemoveWithdrawalAddress_FullMethodName = "/cex.funding.v1.FundingService/RemoveWithdrawalAddress"
+	FundingService_ListWithdrawalAddresses_FullMethodName = "/cex.funding.v1.FundingService/ListWithdrawalAddresses"
+	FundingService_GetWithdrawalAllowlist_FullMethodName  = "/cex.funding.v1.FundingService/GetWithdrawalAllowlist"
+	FundingService_SetWithdrawalAllowlist_FullMethodName  = "/cex.funding.v1.FundingService/SetWithdrawalAllowlist"
+	FundingService_ApproveWithdrawal_FullMethodName       = "/cex.funding.v1.FundingService/ApproveWithdrawal"
+	FundingService_RejectWithdrawal_FullMethodName        = "/cex.funding.v1.FundingService/RejectWithdrawal"
 )
 
 // FundingServiceClient is the client API for FundingService service.
@@ -55,6 +63,9 @@ type FundingServiceClient interface {
 	ListDeposits(ctx context.Context, in *ListDepositsRequest, opts ...grpc.CallOption) (*ListDepositsResponse, error)
 	// Requests a withdrawal. Returns once the request is durably recorded (state
 	// PENDING); the saga then runs asynchronously. Idempotent on request_id.
+	// While the account's allowlist is on, an address not on it is refused with
+	// FAILED_PRECONDITION FUNDING_ADDRESS_NOT_ALLOWED, one still cooling with
+	// FUNDING_ADDRESS_COOLING (nothing is recorded or held).
 	RequestWithdrawal(ctx context.Context, in *RequestWithdrawalRequest, opts ...grpc.CallOption) (*RequestWithdrawalResponse, error)
 	// Cancels a withdrawal that has not been broadcast yet; afterwards
 	// FAILED_PRECONDITION (FUNDING_WITHDRAWAL_ALREADY_BROADCAST). Cancelling a
@@ -68,6 +79,29 @@ type FundingServiceClient interface {
 	ListSagas(ctx context.Context, in *ListSagasRequest, opts ...grpc.CallOption) (*ListSagasResponse, error)
 	// Operators: returns one saga with its full step log.
 	GetSaga(ctx context.Context, in *GetSagaRequest, opts ...grpc.CallOption) (*GetSagaResponse, error)
+	// Adds a withdrawal address to the account's allowlist (scope withdraw). It
+	// becomes usable once its cooling period has passed (usable_time). Adding
+	// an address already listed returns it unchanged.
+	AddWithdrawalAddress(ctx context.Context, in *AddWithdrawalAddressRequest, opts ...grpc.CallOption) (*AddWithdrawalAddressResponse, error)
+	// Removes a withdrawal address from the allowlist (scope withdraw), at once.
+	// Removing a removed address returns it.
+	RemoveWithdrawalAddress(ctx context.Context, in *RemoveWithdrawalAddressRequest, opts ...grpc.CallOption) (*RemoveWithdrawalAddressResponse, error)
+	// Lists the account's withdrawal addresses (not removed ones), newest first.
+	ListWithdrawalAddresses(ctx context.Context, in *ListWithdrawalAddressesRequest, opts ...grpc.CallOption) (*ListWithdrawalAddressesResponse, error)
+	// Returns whether the account's allowlist is on.
+	GetWithdrawalAllowlist(ctx context.Context, in *GetWithdrawalAllowlistRequest, opts ...grpc.CallOption) (*GetWithdrawalAllowlistResponse, error)
+	// Turns the account's allowlist on (at once) or off (scope withdraw). Off
+	// takes effect only after the cooling period (disable_time), so that a
+	// stolen key cannot turn it off and withdraw at once; turning it on again
+	// before then cancels the turn-off.
+	SetWithdrawalAllowlist(ctx context.Context, in *SetWithdrawalAllowlistRequest, opts ...grpc.CallOption) (*SetWithdrawalAllowlistResponse, error)
+	// Operators: approves a withdrawal that waits for approval (above its
+	// asset's threshold), before its deadline; the saga goes on to the
+	// broadcast. Approving an approved withdrawal returns it.
+	ApproveWithdrawal(ctx context.Context, in *ApproveWithdrawalRequest, opts ...grpc.CallOption) (*ApproveWithdrawalResponse, error)
+	// Operators: rejects a withdrawal that waits for approval; its hold is
+	// voided and it ends REJECTED (FUNDING_WITHDRAWAL_REJECTED_BY_OPERATOR).
+	RejectWithdrawal(ctx context.Context, in *RejectWithdrawalRequest, opts ...grpc.CallOption) (*RejectWithdrawalResponse, error)
 }
 
 type fundingServiceClient struct {
@@ -168,6 +202,76 @@ func (c *fundingServiceClient) GetSaga(ctx context.Context, in *GetSagaRequest, 
 	return out, nil
 }
 
+func (c *fundingServiceClient) AddWithdrawalAddress(ctx context.Context, in *AddWithdrawalAddressRequest, opts ...grpc.CallOption) (*AddWithdrawalAddressResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AddWithdrawalAddressResponse)
+	err := c.cc.Invoke(ctx, FundingService_AddWithdrawalAddress_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *fundingServiceClient) RemoveWithdrawalAddress(ctx context.Context, in *RemoveWithdrawalAddressRequest, opts ...grpc.CallOption) (*RemoveWithdrawalAddressResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RemoveWithdrawalAddressResponse)
+	err := c.cc.Invoke(ctx, FundingService_RemoveWithdrawalAddress_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *fundingServiceClient) ListWithdrawalAddresses(ctx context.Context, in *ListWithdrawalAddressesRequest, opts ...grpc.CallOption) (*ListWithdrawalAddressesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListWithdrawalAddressesResponse)
+	err := c.cc.Invoke(ctx, FundingService_ListWithdrawalAddresses_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *fundingServiceClient) GetWithdrawalAllowlist(ctx context.Context, in *GetWithdrawalAllowlistRequest, opts ...grpc.CallOption) (*GetWithdrawalAllowlistResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetWithdrawalAllowlistResponse)
+	err := c.cc.Invoke(ctx, FundingService_GetWithdrawalAllowlist_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *fundingServiceClient) SetWithdrawalAllowlist(ctx context.Context, in *SetWithdrawalAllowlistRequest, opts ...grpc.CallOption) (*SetWithdrawalAllowlistResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SetWithdrawalAllowlistResponse)
+	err := c.cc.Invoke(ctx, FundingService_SetWithdrawalAllowlist_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *fundingServiceClient) ApproveWithdrawal(ctx context.Context, in *ApproveWithdrawalRequest, opts ...grpc.CallOption) (*ApproveWithdrawalResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ApproveWithdrawalResponse)
+	err := c.cc.Invoke(ctx, FundingService_ApproveWithdrawal_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *fundingServiceClient) RejectWithdrawal(ctx context.Context, in *RejectWithdrawalRequest, opts ...grpc.CallOption) (*RejectWithdrawalResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RejectWithdrawalResponse)
+	err := c.cc.Invoke(ctx, FundingService_RejectWithdrawal_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // FundingServiceServer is the server API for FundingService service.
 // All implementations must embed UnimplementedFundingServiceServer
 // for forward compatibility.
@@ -183,6 +287,9 @@ type FundingServiceServer interface {
 	ListDeposits(context.Context, *ListDepositsRequest) (*ListDepositsResponse, error)
 	// Requests a withdrawal. Returns once the request is durably recorded (state
 	// PENDING); the saga then runs asynchronously. Idempotent on request_id.
+	// While the account's allowlist is on, an address not on it is refused with
+	// FAILED_PRECONDITION FUNDING_ADDRESS_NOT_ALLOWED, one still cooling with
+	// FUNDING_ADDRESS_COOLING (nothing is recorded or held).
 	RequestWithdrawal(context.Context, *RequestWithdrawalRequest) (*RequestWithdrawalResponse, error)
 	// Cancels a withdrawal that has not been broadcast yet; afterwards
 	// FAILED_PRECONDITION (FUNDING_WITHDRAWAL_ALREADY_BROADCAST). Cancelling a
@@ -196,6 +303,29 @@ type FundingServiceServer interface {
 	ListSagas(context.Context, *ListSagasRequest) (*ListSagasResponse, error)
 	// Operators: returns one saga with its full step log.
 	GetSaga(context.Context, *GetSagaRequest) (*GetSagaResponse, error)
+	// Adds a withdrawal address to the account's allowlist (scope withdraw). It
+	// becomes usable once its cooling period has passed (usable_time). Adding
+	// an address already listed returns it unchanged.
+	AddWithdrawalAddress(context.Context, *AddWithdrawalAddressRequest) (*AddWithdrawalAddressResponse, error)
+	// Removes a withdrawal address from the allowlist (scope withdraw), at once.
+	// Removing a removed address returns it.
+	RemoveWithdrawalAddress(context.Context, *RemoveWithdrawalAddressRequest) (*RemoveWithdrawalAddressResponse, error)
+	// Lists the account's withdrawal addresses (not removed ones), newest first.
+	ListWithdrawalAddresses(context.Context, *ListWithdrawalAddressesRequest) (*ListWithdrawalAddressesResponse, error)
+	// Returns whether the account's allowlist is on.
+	GetWithdrawalAllowlist(context.Context, *GetWithdrawalAllowlistRequest) (*GetWithdrawalAllowlistResponse, error)
+	// Turns the account's allowlist on (at once) or off (scope withdraw). Off
+	// takes effect only after the cooling period (disable_time), so that a
+	// stolen key cannot turn it off and withdraw at once; turning it on again
+	// before then cancels the turn-off.
+	SetWithdrawalAllowlist(context.Context, *SetWithdrawalAllowlistRequest) (*SetWithdrawalAllowlistResponse, error)
+	// Operators: approves a withdrawal that waits for approval (above its
+	// asset's threshold), before its deadline; the saga goes on to the
+	// broadcast. Approving an approved withdrawal returns it.
+	ApproveWithdrawal(context.Context, *ApproveWithdrawalRequest) (*ApproveWithdrawalResponse, error)
+	// Operators: rejects a withdrawal that waits for approval; its hold is
+	// voided and it ends REJECTED (FUNDING_WITHDRAWAL_REJECTED_BY_OPERATOR).
+	RejectWithdrawal(context.Context, *RejectWithdrawalRequest) (*RejectWithdrawalResponse, error)
 	mustEmbedUnimplementedFundingServiceServer()
 }
 
@@ -232,6 +362,27 @@ func (UnimplementedFundingServiceServer) ListSagas(context.Context, *ListSagasRe
 }
 func (UnimplementedFundingServiceServer) GetSaga(context.Context, *GetSagaRequest) (*GetSagaResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetSaga not implemented")
+}
+func (UnimplementedFundingServiceServer) AddWithdrawalAddress(context.Context, *AddWithdrawalAddressRequest) (*AddWithdrawalAddressResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method AddWithdrawalAddress not implemented")
+}
+func (UnimplementedFundingServiceServer) RemoveWithdrawalAddress(context.Context, *RemoveWithdrawalAddressRequest) (*RemoveWithdrawalAddressResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RemoveWithdrawalAddress not implemented")
+}
+func (UnimplementedFundingServiceServer) ListWithdrawalAddresses(context.Context, *ListWithdrawalAddressesRequest) (*ListWithdrawalAddressesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListWithdrawalAddresses not implemented")
+}
+func (UnimplementedFundingServiceServer) GetWithdrawalAllowlist(context.Context, *GetWithdrawalAllowlistRequest) (*GetWithdrawalAllowlistResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetWithdrawalAllowlist not implemented")
+}
+func (UnimplementedFundingServiceServer) SetWithdrawalAllowlist(context.Context, *SetWithdrawalAllowlistRequest) (*SetWithdrawalAllowlistResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetWithdrawalAllowlist not implemented")
+}
+func (UnimplementedFundingServiceServer) ApproveWithdrawal(context.Context, *ApproveWithdrawalRequest) (*ApproveWithdrawalResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ApproveWithdrawal not implemented")
+}
+func (UnimplementedFundingServiceServer) RejectWithdrawal(context.Context, *RejectWithdrawalRequest) (*RejectWithdrawalResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RejectWithdrawal not implemented")
 }
 func (UnimplementedFundingServiceServer) mustEmbedUnimplementedFundingServiceServer() {}
 func (UnimplementedFundingServiceServer) testEmbeddedByValue()                        {}
@@ -416,6 +567,132 @@ func _FundingService_GetSaga_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _FundingService_AddWithdrawalAddress_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AddWithdrawalAddressRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(FundingServiceServer).AddWithdrawalAddress(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: FundingService_AddWithdrawalAddress_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(FundingServiceServer).AddWithdrawalAddress(ctx, req.(*AddWithdrawalAddressRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _FundingService_RemoveWithdrawalAddress_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RemoveWithdrawalAddressRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(FundingServiceServer).RemoveWithdrawalAddress(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: FundingService_RemoveWithdrawalAddress_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(FundingServiceServer).RemoveWithdrawalAddress(ctx, req.(*RemoveWithdrawalAddressRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _FundingService_ListWithdrawalAddresses_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListWithdrawalAddressesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(FundingServiceServer).ListWithdrawalAddresses(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: FundingService_ListWithdrawalAddresses_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(FundingServiceServer).ListWithdrawalAddresses(ctx, req.(*ListWithdrawalAddressesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _FundingService_GetWithdrawalAllowlist_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetWithdrawalAllowlistRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(FundingServiceServer).GetWithdrawalAllowlist(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: FundingService_GetWithdrawalAllowlist_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(FundingServiceServer).GetWithdrawalAllowlist(ctx, req.(*GetWithdrawalAllowlistRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _FundingService_SetWithdrawalAllowlist_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetWithdrawalAllowlistRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(FundingServiceServer).SetWithdrawalAllowlist(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: FundingService_SetWithdrawalAllowlist_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(FundingServiceServer).SetWithdrawalAllowlist(ctx, req.(*SetWithdrawalAllowlistRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _FundingService_ApproveWithdrawal_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ApproveWithdrawalRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(FundingServiceServer).ApproveWithdrawal(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: FundingService_ApproveWithdrawal_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(FundingServiceServer).ApproveWithdrawal(ctx, req.(*ApproveWithdrawalRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _FundingService_RejectWithdrawal_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RejectWithdrawalRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(FundingServiceServer).RejectWithdrawal(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: FundingService_RejectWithdrawal_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(FundingServiceServer).RejectWithdrawal(ctx, req.(*RejectWithdrawalRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // FundingService_ServiceDesc is the grpc.ServiceDesc for FundingService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -458,6 +735,34 @@ var FundingService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetSaga",
 			Handler:    _FundingService_GetSaga_Handler,
+		},
+		{
+			MethodName: "AddWithdrawalAddress",
+			Handler:    _FundingService_AddWithdrawalAddress_Handler,
+		},
+		{
+			MethodName: "RemoveWithdrawalAddress",
+			Handler:    _FundingService_RemoveWithdrawalAddress_Handler,
+		},
+		{
+			MethodName: "ListWithdrawalAddresses",
+			Handler:    _FundingService_ListWithdrawalAddresses_Handler,
+		},
+		{
+			MethodName: "GetWithdrawalAllowlist",
+			Handler:    _FundingService_GetWithdrawalAllowlist_Handler,
+		},
+		{
+			MethodName: "SetWithdrawalAllowlist",
+			Handler:    _FundingService_SetWithdrawalAllowlist_Handler,
+		},
+		{
+			MethodName: "ApproveWithdrawal",
+			Handler:    _FundingService_ApproveWithdrawal_Handler,
+		},
+		{
+			MethodName: "RejectWithdrawal",
+			Handler:    _FundingService_RejectWithdrawal_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -7,9 +7,10 @@ the next starts.
 Deposit: the chain reports a transfer to an account's address; after the
 asset's required confirmations the ledger credits the account, once per
 (txid, output_index). A reorg before then cancels the deposit.
-Withdrawal: request (idempotent request_id) -> risk check -> ledger hold ->
-custody broadcast (at most once) -> confirmations -> hold posted. A failure
-after the hold voids it (compensation).
+Withdrawal: request (idempotent request_id; the account's address allowlist
+if it is on) -> ledger hold -> risk check -> an operator's approval (above
+the asset's threshold) -> custody broadcast (at most once) -> confirmations
+-> hold posted. A failure after the hold voids it (compensation).
 """
 
 from collections import abc as _abc
@@ -85,10 +86,17 @@ class _WithdrawalStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Withd
     WITHDRAWAL_STATE_CANCELLED: _WithdrawalState.ValueType  # 4
     """Cancelled by the owner before broadcast; the hold is voided (terminal)."""
     WITHDRAWAL_STATE_REJECTED: _WithdrawalState.ValueType  # 5
-    """Refused by risk or for insufficient funds; nothing held (terminal)."""
+    """Refused by risk, for insufficient funds, or by an operator (or no
+    approval in time); nothing held (terminal).
+    """
     WITHDRAWAL_STATE_FAILED: _WithdrawalState.ValueType  # 6
     """Failed after the hold (custody refused, transaction failed); the hold is
     voided (terminal). See failure.
+    """
+    WITHDRAWAL_STATE_AWAITING_APPROVAL: _WithdrawalState.ValueType  # 7
+    """Above its asset's approval threshold: held and allowed by risk, waiting
+    for an operator's ApproveWithdrawal before approval_deadline_time.
+    Cancellable. A rejection or the deadline makes it REJECTED.
     """
 
 class WithdrawalState(_WithdrawalState, metaclass=_WithdrawalStateEnumTypeWrapper):
@@ -107,12 +115,47 @@ WITHDRAWAL_STATE_COMPLETED: WithdrawalState.ValueType  # 3
 WITHDRAWAL_STATE_CANCELLED: WithdrawalState.ValueType  # 4
 """Cancelled by the owner before broadcast; the hold is voided (terminal)."""
 WITHDRAWAL_STATE_REJECTED: WithdrawalState.ValueType  # 5
-"""Refused by risk or for insufficient funds; nothing held (terminal)."""
+"""Refused by risk, for insufficient funds, or by an operator (or no
+approval in time); nothing held (terminal).
+"""
 WITHDRAWAL_STATE_FAILED: WithdrawalState.ValueType  # 6
 """Failed after the hold (custody refused, transaction failed); the hold is
 voided (terminal). See failure.
 """
+WITHDRAWAL_STATE_AWAITING_APPROVAL: WithdrawalState.ValueType  # 7
+"""Above its asset's approval threshold: held and allowed by risk, waiting
+for an operator's ApproveWithdrawal before approval_deadline_time.
+Cancellable. A rejection or the deadline makes it REJECTED.
+"""
 Global___WithdrawalState: _TypeAlias = WithdrawalState  # noqa: Y015
+
+class _WithdrawalReview:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WithdrawalReviewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WithdrawalReview.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WITHDRAWAL_REVIEW_UNSPECIFIED: _WithdrawalReview.ValueType  # 0
+    """No decision (yet), or no approval needed."""
+    WITHDRAWAL_REVIEW_APPROVED: _WithdrawalReview.ValueType  # 1
+    """Approved by an operator."""
+    WITHDRAWAL_REVIEW_REJECTED: _WithdrawalReview.ValueType  # 2
+    """Rejected by an operator."""
+    WITHDRAWAL_REVIEW_EXPIRED: _WithdrawalReview.ValueType  # 3
+    """No decision before the approval deadline: treated as a rejection."""
+
+class WithdrawalReview(_WithdrawalReview, metaclass=_WithdrawalReviewEnumTypeWrapper):
+    """An operator's decision on a withdrawal that needs approval."""
+
+WITHDRAWAL_REVIEW_UNSPECIFIED: WithdrawalReview.ValueType  # 0
+"""No decision (yet), or no approval needed."""
+WITHDRAWAL_REVIEW_APPROVED: WithdrawalReview.ValueType  # 1
+"""Approved by an operator."""
+WITHDRAWAL_REVIEW_REJECTED: WithdrawalReview.ValueType  # 2
+"""Rejected by an operator."""
+WITHDRAWAL_REVIEW_EXPIRED: WithdrawalReview.ValueType  # 3
+"""No decision before the approval deadline: treated as a rejection."""
+Global___WithdrawalReview: _TypeAlias = WithdrawalReview  # noqa: Y015
 
 class _SagaKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -376,6 +419,12 @@ class Withdrawal(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     COMPLETE_TIME_FIELD_NUMBER: _builtins.int
+    APPROVAL_REQUIRED_FIELD_NUMBER: _builtins.int
+    APPROVAL_DEADLINE_TIME_FIELD_NUMBER: _builtins.int
+    REVIEW_FIELD_NUMBER: _builtins.int
+    REVIEWED_BY_FIELD_NUMBER: _builtins.int
+    REVIEW_REASON_FIELD_NUMBER: _builtins.int
+    REVIEW_TIME_FIELD_NUMBER: _builtins.int
     withdrawal_id: _builtins.str
     """Server-assigned id (also the custody idempotency key)."""
     request_id: _builtins.str
@@ -404,6 +453,16 @@ class Withdrawal(_message.Message):
     """Confirmations needed before completing."""
     saga_id: _builtins.str
     """The saga running it."""
+    approval_required: _builtins.bool
+    """True when the amount is above the asset's approval threshold: an
+    operator approves it before the broadcast.
+    """
+    review: Global___WithdrawalReview.ValueType
+    """The operator's decision, if any."""
+    reviewed_by: _builtins.str
+    """Who decided (the operator's API key id, or the calling service)."""
+    review_reason: _builtins.str
+    """The reason the operator gave."""
     @_builtins.property
     def failure(self) -> _status_pb2.Status:
         """REJECTED / FAILED: why (ErrorInfo reason such as
@@ -422,6 +481,16 @@ class Withdrawal(_message.Message):
     @_builtins.property
     def complete_time(self) -> _timestamp_pb2.Timestamp:
         """When it reached COMPLETED."""
+
+    @_builtins.property
+    def approval_deadline_time(self) -> _timestamp_pb2.Timestamp:
+        """When approval is required: the deadline for it, after which the
+        withdrawal is rejected and its hold voided.
+        """
+
+    @_builtins.property
+    def review_time(self) -> _timestamp_pb2.Timestamp:
+        """When the decision was taken."""
 
     def __init__(
         self,
@@ -444,14 +513,120 @@ class Withdrawal(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         complete_time: _timestamp_pb2.Timestamp | None = ...,
+        approval_required: _builtins.bool = ...,
+        approval_deadline_time: _timestamp_pb2.Timestamp | None = ...,
+        review: Global___WithdrawalReview.ValueType = ...,
+        reviewed_by: _builtins.str = ...,
+        review_reason: _builtins.str = ...,
+        review_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["complete_time", b"complete_time", "create_time", b"create_time", "failure", b"failure", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_deadline_time", b"approval_deadline_time", "complete_time", b"complete_time", "create_time", b"create_time", "failure", b"failure", "review_time", b"review_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "address", b"address", "amount", b"amount", "asset", b"asset", "complete_time", b"complete_time", "confirmations", b"confirmations", "create_time", b"create_time", "failure", b"failure", "fee", b"fee", "memo", b"memo", "network", b"network", "request_id", b"request_id", "required_confirmations", b"required_confirmations", "saga_id", b"saga_id", "state", b"state", "txid", b"txid", "update_time", b"update_time", "withdrawal_id", b"withdrawal_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "address", b"address", "amount", b"amount", "approval_deadline_time", b"approval_deadline_time", "approval_required", b"approval_required", "asset", b"asset", "complete_time", b"complete_time", "confirmations", b"confirmations", "create_time", b"create_time", "failure", b"failure", "fee", b"fee", "memo", b"memo", "network", b"network", "request_id", b"request_id", "required_confirmations", b"required_confirmations", "review", b"review", "review_reason", b"review_reason", "review_time", b"review_time", "reviewed_by", b"reviewed_by", "saga_id", b"saga_id", "state", b"state", "txid", b"txid", "update_time", b"update_time", "withdrawal_id", b"withdrawal_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Withdrawal: _TypeAlias = Withdrawal  # noqa: Y015
+
+@_typing.final
+class WithdrawalAddress(_message.Message):
+    """An address an account allows its withdrawals to go to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    ASSET_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    USABLE_TIME_FIELD_NUMBER: _builtins.int
+    REMOVE_TIME_FIELD_NUMBER: _builtins.int
+    address_id: _builtins.str
+    """Server-assigned id."""
+    account_id: _builtins.str
+    """Owning account."""
+    asset: _builtins.str
+    """Asset code."""
+    network: _builtins.str
+    """Network."""
+    address: _builtins.str
+    """The destination address."""
+    label: _builtins.str
+    """The owner's label for it."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was added."""
+
+    @_builtins.property
+    def usable_time(self) -> _timestamp_pb2.Timestamp:
+        """When its cooling period ends: withdrawals may go to it from then on."""
+
+    @_builtins.property
+    def remove_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was removed; unset while it is listed."""
+
+    def __init__(
+        self,
+        *,
+        address_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        asset: _builtins.str = ...,
+        network: _builtins.str = ...,
+        address: _builtins.str = ...,
+        label: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        usable_time: _timestamp_pb2.Timestamp | None = ...,
+        remove_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "remove_time", b"remove_time", "usable_time", b"usable_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "address", b"address", "address_id", b"address_id", "asset", b"asset", "create_time", b"create_time", "label", b"label", "network", b"network", "remove_time", b"remove_time", "usable_time", b"usable_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WithdrawalAddress: _TypeAlias = WithdrawalAddress  # noqa: Y015
+
+@_typing.final
+class WithdrawalAllowlist(_message.Message):
+    """Whether an account's withdrawals are restricted to its allowlist."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    DISABLE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """Owning account."""
+    enabled: _builtins.bool
+    """True while withdrawals go only to allowed addresses past their cooling
+    period (also while a turn-off waits for disable_time).
+    """
+    @_builtins.property
+    def disable_time(self) -> _timestamp_pb2.Timestamp:
+        """Set while a turn-off waits: when the allowlist stops applying."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed; unset if it never did."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        enabled: _builtins.bool = ...,
+        disable_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["disable_time", b"disable_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "disable_time", b"disable_time", "enabled", b"enabled", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WithdrawalAllowlist: _TypeAlias = WithdrawalAllowlist  # noqa: Y015
 
 @_typing.final
 class SagaStep(_message.Message):
@@ -1156,3 +1331,400 @@ class GetSagaResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetSagaResponse: _TypeAlias = GetSagaResponse  # noqa: Y015
+
+@_typing.final
+class AddWithdrawalAddressRequest(_message.Message):
+    """Request for FundingService.AddWithdrawalAddress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    ASSET_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+    characters. The same id with the same body returns the first result;
+    with a different body, ALREADY_EXISTS.
+    """
+    account_id: _builtins.str
+    """Account; empty means the caller's account."""
+    asset: _builtins.str
+    """Asset code."""
+    network: _builtins.str
+    """Network; empty means the asset's default network."""
+    address: _builtins.str
+    """The destination address."""
+    label: _builtins.str
+    """A label for it (up to 64 characters)."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        asset: _builtins.str = ...,
+        network: _builtins.str = ...,
+        address: _builtins.str = ...,
+        label: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "address", b"address", "asset", b"asset", "label", b"label", "network", b"network", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddWithdrawalAddressRequest: _TypeAlias = AddWithdrawalAddressRequest  # noqa: Y015
+
+@_typing.final
+class AddWithdrawalAddressResponse(_message.Message):
+    """Response for FundingService.AddWithdrawalAddress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WITHDRAWAL_ADDRESS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def withdrawal_address(self) -> Global___WithdrawalAddress:
+        """The address on the allowlist."""
+
+    def __init__(
+        self,
+        *,
+        withdrawal_address: Global___WithdrawalAddress | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["withdrawal_address", b"withdrawal_address"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["withdrawal_address", b"withdrawal_address"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddWithdrawalAddressResponse: _TypeAlias = AddWithdrawalAddressResponse  # noqa: Y015
+
+@_typing.final
+class RemoveWithdrawalAddressRequest(_message.Message):
+    """Request for FundingService.RemoveWithdrawalAddress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Required (ADR 0003): the client-chosen idempotency key."""
+    account_id: _builtins.str
+    """Account; empty means the caller's account."""
+    address_id: _builtins.str
+    """The address to remove."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        address_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "address_id", b"address_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveWithdrawalAddressRequest: _TypeAlias = RemoveWithdrawalAddressRequest  # noqa: Y015
+
+@_typing.final
+class RemoveWithdrawalAddressResponse(_message.Message):
+    """Response for FundingService.RemoveWithdrawalAddress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WITHDRAWAL_ADDRESS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def withdrawal_address(self) -> Global___WithdrawalAddress:
+        """The address, removed."""
+
+    def __init__(
+        self,
+        *,
+        withdrawal_address: Global___WithdrawalAddress | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["withdrawal_address", b"withdrawal_address"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["withdrawal_address", b"withdrawal_address"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveWithdrawalAddressResponse: _TypeAlias = RemoveWithdrawalAddressResponse  # noqa: Y015
+
+@_typing.final
+class ListWithdrawalAddressesRequest(_message.Message):
+    """Request for FundingService.ListWithdrawalAddresses."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    ASSET_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """Account; empty means the caller's account."""
+    asset: _builtins.str
+    """Only this asset; empty means all."""
+    page_size: _builtins.int
+    """Maximum number to return; 0 means a server default (100), values above
+    1000 are coerced to 1000.
+    """
+    page_token: _builtins.str
+    """Token from a previous response's next_page_token; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        asset: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "asset", b"asset", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWithdrawalAddressesRequest: _TypeAlias = ListWithdrawalAddressesRequest  # noqa: Y015
+
+@_typing.final
+class ListWithdrawalAddressesResponse(_message.Message):
+    """Response for FundingService.ListWithdrawalAddresses."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WITHDRAWAL_ADDRESSES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when there are no more results."""
+    @_builtins.property
+    def withdrawal_addresses(self) -> _containers.RepeatedCompositeFieldContainer[Global___WithdrawalAddress]:
+        """The addresses, newest first."""
+
+    def __init__(
+        self,
+        *,
+        withdrawal_addresses: _abc.Iterable[Global___WithdrawalAddress] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "withdrawal_addresses", b"withdrawal_addresses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWithdrawalAddressesResponse: _TypeAlias = ListWithdrawalAddressesResponse  # noqa: Y015
+
+@_typing.final
+class GetWithdrawalAllowlistRequest(_message.Message):
+    """Request for FundingService.GetWithdrawalAllowlist."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """Account; empty means the caller's account."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWithdrawalAllowlistRequest: _TypeAlias = GetWithdrawalAllowlistRequest  # noqa: Y015
+
+@_typing.final
+class GetWithdrawalAllowlistResponse(_message.Message):
+    """Response for FundingService.GetWithdrawalAllowlist."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WITHDRAWAL_ALLOWLIST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def withdrawal_allowlist(self) -> Global___WithdrawalAllowlist:
+        """The allowlist's state."""
+
+    def __init__(
+        self,
+        *,
+        withdrawal_allowlist: Global___WithdrawalAllowlist | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["withdrawal_allowlist", b"withdrawal_allowlist"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["withdrawal_allowlist", b"withdrawal_allowlist"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWithdrawalAllowlistResponse: _TypeAlias = GetWithdrawalAllowlistResponse  # noqa: Y015
+
+@_typing.final
+class SetWithdrawalAllowlistRequest(_message.Message):
+    """Request for FundingService.SetWithdrawalAllowlist."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Required (ADR 0003): the client-chosen idempotency key."""
+    account_id: _builtins.str
+    """Account; empty means the caller's account."""
+    enabled: _builtins.bool
+    """True: on, at once. False: off once the cooling period has passed."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        enabled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "enabled", b"enabled", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetWithdrawalAllowlistRequest: _TypeAlias = SetWithdrawalAllowlistRequest  # noqa: Y015
+
+@_typing.final
+class SetWithdrawalAllowlistResponse(_message.Message):
+    """Response for FundingService.SetWithdrawalAllowlist."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WITHDRAWAL_ALLOWLIST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def withdrawal_allowlist(self) -> Global___WithdrawalAllowlist:
+        """The allowlist after the change."""
+
+    def __init__(
+        self,
+        *,
+        withdrawal_allowlist: Global___WithdrawalAllowlist | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["withdrawal_allowlist", b"withdrawal_allowlist"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["withdrawal_allowlist", b"withdrawal_allowlist"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetWithdrawalAllowlistResponse: _TypeAlias = SetWithdrawalAllowlistResponse  # noqa: Y015
+
+@_typing.final
+class ApproveWithdrawalRequest(_message.Message):
+    """Request for FundingService.ApproveWithdrawal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WITHDRAWAL_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Required (ADR 0003): the client-chosen idempotency key."""
+    withdrawal_id: _builtins.str
+    """The withdrawal."""
+    reason: _builtins.str
+    """Why (kept with the decision)."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        withdrawal_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "request_id", b"request_id", "withdrawal_id", b"withdrawal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveWithdrawalRequest: _TypeAlias = ApproveWithdrawalRequest  # noqa: Y015
+
+@_typing.final
+class ApproveWithdrawalResponse(_message.Message):
+    """Response for FundingService.ApproveWithdrawal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WITHDRAWAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def withdrawal(self) -> Global___Withdrawal:
+        """The withdrawal after the decision."""
+
+    def __init__(
+        self,
+        *,
+        withdrawal: Global___Withdrawal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["withdrawal", b"withdrawal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["withdrawal", b"withdrawal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveWithdrawalResponse: _TypeAlias = ApproveWithdrawalResponse  # noqa: Y015
+
+@_typing.final
+class RejectWithdrawalRequest(_message.Message):
+    """Request for FundingService.RejectWithdrawal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WITHDRAWAL_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Required (ADR 0003): the client-chosen idempotency key."""
+    withdrawal_id: _builtins.str
+    """The withdrawal."""
+    reason: _builtins.str
+    """Why; required, kept with the decision and shown to the owner."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        withdrawal_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "request_id", b"request_id", "withdrawal_id", b"withdrawal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectWithdrawalRequest: _TypeAlias = RejectWithdrawalRequest  # noqa: Y015
+
+@_typing.final
+class RejectWithdrawalResponse(_message.Message):
+    """Response for FundingService.RejectWithdrawal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WITHDRAWAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def withdrawal(self) -> Global___Withdrawal:
+        """The withdrawal after the decision (REJECTED once the hold is voided, a
+        moment later).
+        """
+
+    def __init__(
+        self,
+        *,
+        withdrawal: Global___Withdrawal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["withdrawal", b"withdrawal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["withdrawal", b"withdrawal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectWithdrawalResponse: _TypeAlias = RejectWithdrawalResponse  # noqa: Y015

@@ -80,6 +80,41 @@ class FundingServiceStub:
                 request_serializer=cex_dot_funding_dot_v1_dot_funding__pb2.GetSagaRequest.SerializeToString,
                 response_deserializer=cex_dot_funding_dot_v1_dot_funding__pb2.GetSagaResponse.FromString,
                 _registered_method=True)
+        self.AddWithdrawalAddress = channel.unary_unary(
+                '/cex.funding.v1.FundingService/AddWithdrawalAddress',
+                request_serializer=cex_dot_funding_dot_v1_dot_funding__pb2.AddWithdrawalAddressRequest.SerializeToString,
+                response_deserializer=cex_dot_funding_dot_v1_dot_funding__pb2.AddWithdrawalAddressResponse.FromString,
+                _registered_method=True)
+        self.RemoveWithdrawalAddress = channel.unary_unary(
+                '/cex.funding.v1.FundingService/RemoveWithdrawalAddress',
+                request_serializer=cex_dot_funding_dot_v1_dot_funding__pb2.RemoveWithdrawalAddressRequest.SerializeToString,
+                response_deserializer=cex_dot_funding_dot_v1_dot_funding__pb2.RemoveWithdrawalAddressResponse.FromString,
+                _registered_method=True)
+        self.ListWithdrawalAddresses = channel.unary_unary(
+                '/cex.funding.v1.FundingService/ListWithdrawalAddresses',
+                request_serializer=cex_dot_funding_dot_v1_dot_funding__pb2.ListWithdrawalAddressesRequest.SerializeToString,
+                response_deserializer=cex_dot_funding_dot_v1_dot_funding__pb2.ListWithdrawalAddressesResponse.FromString,
+                _registered_method=True)
+        self.GetWithdrawalAllowlist = channel.unary_unary(
+                '/cex.funding.v1.FundingService/GetWithdrawalAllowlist',
+                request_serializer=cex_dot_funding_dot_v1_dot_funding__pb2.GetWithdrawalAllowlistRequest.SerializeToString,
+                response_deserializer=cex_dot_funding_dot_v1_dot_funding__pb2.GetWithdrawalAllowlistResponse.FromString,
+                _registered_method=True)
+        self.SetWithdrawalAllowlist = channel.unary_unary(
+                '/cex.funding.v1.FundingService/SetWithdrawalAllowlist',
+                request_serializer=cex_dot_funding_dot_v1_dot_funding__pb2.SetWithdrawalAllowlistRequest.SerializeToString,
+                response_deserializer=cex_dot_funding_dot_v1_dot_funding__pb2.SetWithdrawalAllowlistResponse.FromString,
+                _registered_method=True)
+        self.ApproveWithdrawal = channel.unary_unary(
+                '/cex.funding.v1.FundingService/ApproveWithdrawal',
+                request_serializer=cex_dot_funding_dot_v1_dot_funding__pb2.ApproveWithdrawalRequest.SerializeToString,
+                response_deserializer=cex_dot_funding_dot_v1_dot_funding__pb2.ApproveWithdrawalResponse.FromString,
+                _registered_method=True)
+        self.RejectWithdrawal = channel.unary_unary(
+                '/cex.funding.v1.FundingService/RejectWithdrawal',
+                request_serializer=cex_dot_funding_dot_v1_dot_funding__pb2.RejectWithdrawalRequest.SerializeToString,
+                response_deserializer=cex_dot_funding_dot_v1_dot_funding__pb2.RejectWithdrawalResponse.FromString,
+                _registered_method=True)
 
 
 class FundingServiceServicer:
@@ -111,6 +146,9 @@ class FundingServiceServicer:
     def RequestWithdrawal(self, request, context):
         """Requests a withdrawal. Returns once the request is durably recorded (state
         PENDING); the saga then runs asynchronously. Idempotent on request_id.
+        While the account's allowlist is on, an address not on it is refused with
+        FAILED_PRECONDITION FUNDING_ADDRESS_NOT_ALLOWED, one still cooling with
+        FUNDING_ADDRESS_COOLING (nothing is recorded or held).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,6 +186,64 @@ class FundingServiceServicer:
 
     def GetSaga(self, request, context):
         """Operators: returns one saga with its full step log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddWithdrawalAddress(self, request, context):
+        """Adds a withdrawal address to the account's allowlist (scope withdraw). It
+        becomes usable once its cooling period has passed (usable_time). Adding
+        an address already listed returns it unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveWithdrawalAddress(self, request, context):
+        """Removes a withdrawal address from the allowlist (scope withdraw), at once.
+        Removing a removed address returns it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWithdrawalAddresses(self, request, context):
+        """Lists the account's withdrawal addresses (not removed ones), newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWithdrawalAllowlist(self, request, context):
+        """Returns whether the account's allowlist is on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetWithdrawalAllowlist(self, request, context):
+        """Turns the account's allowlist on (at once) or off (scope withdraw). Off
+        takes effect only after the cooling period (disable_time), so that a
+        stolen key cannot turn it off and withdraw at once; turning it on again
+        before then cancels the turn-off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveWithdrawal(self, request, context):
+        """Operators: approves a withdrawal that waits for approval (above its
+        asset's threshold), before its deadline; the saga goes on to the
+        broadcast. Approving an approved withdrawal returns it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectWithdrawal(self, request, context):
+        """Operators: rejects a withdrawal that waits for approval; its hold is
+        voided and it ends REJECTED (FUNDING_WITHDRAWAL_REJECTED_BY_OPERATOR).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -200,6 +296,41 @@ def add_FundingServiceServicer_to_server(servicer, server):
                     servicer.GetSaga,
                     request_deserializer=cex_dot_funding_dot_v1_dot_funding__pb2.GetSagaRequest.FromString,
                     response_serializer=cex_dot_funding_dot_v1_dot_funding__pb2.GetSagaResponse.SerializeToString,
+            ),
+            'AddWithdrawalAddress': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddWithdrawalAddress,
+                    request_deserializer=cex_dot_funding_dot_v1_dot_funding__pb2.AddWithdrawalAddressRequest.FromString,
+                    response_serializer=cex_dot_funding_dot_v1_dot_funding__pb2.AddWithdrawalAddressResponse.SerializeToString,
+            ),
+            'RemoveWithdrawalAddress': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveWithdrawalAddress,
+                    request_deserializer=cex_dot_funding_dot_v1_dot_funding__pb2.RemoveWithdrawalAddressRequest.FromString,
+                    response_serializer=cex_dot_funding_dot_v1_dot_funding__pb2.RemoveWithdrawalAddressResponse.SerializeToString,
+            ),
+            'ListWithdrawalAddresses': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWithdrawalAddresses,
+                    request_deserializer=cex_dot_funding_dot_v1_dot_funding__pb2.ListWithdrawalAddressesRequest.FromString,
+                    response_serializer=cex_dot_funding_dot_v1_dot_funding__pb2.ListWithdrawalAddressesResponse.SerializeToString,
+            ),
+            'GetWithdrawalAllowlist': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWithdrawalAllowlist,
+                    request_deserializer=cex_dot_funding_dot_v1_dot_funding__pb2.GetWithdrawalAllowlistRequest.FromString,
+                    response_serializer=cex_dot_funding_dot_v1_dot_funding__pb2.GetWithdrawalAllowlistResponse.SerializeToString,
+            ),
+            'SetWithdrawalAllowlist': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetWithdrawalAllowlist,
+                    request_deserializer=cex_dot_funding_dot_v1_dot_funding__pb2.SetWithdrawalAllowlistRequest.FromString,
+                    response_serializer=cex_dot_funding_dot_v1_dot_funding__pb2.SetWithdrawalAllowlistResponse.SerializeToString,
+            ),
+            'ApproveWithdrawal': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveWithdrawal,
+                    request_deserializer=cex_dot_funding_dot_v1_dot_funding__pb2.ApproveWithdrawalRequest.FromString,
+                    response_serializer=cex_dot_funding_dot_v1_dot_funding__pb2.ApproveWithdrawalResponse.SerializeToString,
+            ),
+            'RejectWithdrawal': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectWithdrawal,
+                    request_deserializer=cex_dot_funding_dot_v1_dot_funding__pb2.RejectWithdrawalRequest.FromString,
+                    response_serializer=cex_dot_funding_dot_v1_dot_funding__pb2.RejectWithdrawalResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -446,6 +577,195 @@ class FundingService:
             '/cex.funding.v1.FundingService/GetSaga',
             cex_dot_funding_dot_v1_dot_funding__pb2.GetSagaRequest.SerializeToString,
             cex_dot_funding_dot_v1_dot_funding__pb2.GetSagaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddWithdrawalAddress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.funding.v1.FundingService/AddWithdrawalAddress',
+            cex_dot_funding_dot_v1_dot_funding__pb2.AddWithdrawalAddressRequest.SerializeToString,
+            cex_dot_funding_dot_v1_dot_funding__pb2.AddWithdrawalAddressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveWithdrawalAddress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.funding.v1.FundingService/RemoveWithdrawalAddress',
+            cex_dot_funding_dot_v1_dot_funding__pb2.RemoveWithdrawalAddressRequest.SerializeToString,
+            cex_dot_funding_dot_v1_dot_funding__pb2.RemoveWithdrawalAddressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWithdrawalAddresses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.funding.v1.FundingService/ListWithdrawalAddresses',
+            cex_dot_funding_dot_v1_dot_funding__pb2.ListWithdrawalAddressesRequest.SerializeToString,
+            cex_dot_funding_dot_v1_dot_funding__pb2.ListWithdrawalAddressesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWithdrawalAllowlist(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.funding.v1.FundingService/GetWithdrawalAllowlist',
+            cex_dot_funding_dot_v1_dot_funding__pb2.GetWithdrawalAllowlistRequest.SerializeToString,
+            cex_dot_funding_dot_v1_dot_funding__pb2.GetWithdrawalAllowlistResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetWithdrawalAllowlist(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.funding.v1.FundingService/SetWithdrawalAllowlist',
+            cex_dot_funding_dot_v1_dot_funding__pb2.SetWithdrawalAllowlistRequest.SerializeToString,
+            cex_dot_funding_dot_v1_dot_funding__pb2.SetWithdrawalAllowlistResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveWithdrawal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.funding.v1.FundingService/ApproveWithdrawal',
+            cex_dot_funding_dot_v1_dot_funding__pb2.ApproveWithdrawalRequest.SerializeToString,
+            cex_dot_funding_dot_v1_dot_funding__pb2.ApproveWithdrawalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectWithdrawal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.funding.v1.FundingService/RejectWithdrawal',
+            cex_dot_funding_dot_v1_dot_funding__pb2.RejectWithdrawalRequest.SerializeToString,
+            cex_dot_funding_dot_v1_dot_funding__pb2.RejectWithdrawalResponse.FromString,
             options,
             channel_credentials,
             insecure,

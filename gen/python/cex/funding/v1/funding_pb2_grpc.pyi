@@ -7,9 +7,10 @@ the next starts.
 Deposit: the chain reports a transfer to an account's address; after the
 asset's required confirmations the ledger credits the account, once per
 (txid, output_index). A reorg before then cancels the deposit.
-Withdrawal: request (idempotent request_id) -> risk check -> ledger hold ->
-custody broadcast (at most once) -> confirmations -> hold posted. A failure
-after the hold voids it (compensation).
+Withdrawal: request (idempotent request_id; the account's address allowlist
+if it is on) -> ledger hold -> risk check -> an operator's approval (above
+the asset's threshold) -> custody broadcast (at most once) -> confirmations
+-> hold posted. A failure after the hold voids it (compensation).
 """
 
 from cex.funding.v1 import funding_pb2 as _funding_pb2
@@ -53,6 +54,9 @@ class FundingServiceStub:
     RequestWithdrawal: _grpc.UnaryUnaryMultiCallable[_funding_pb2.RequestWithdrawalRequest, _funding_pb2.RequestWithdrawalResponse]
     """Requests a withdrawal. Returns once the request is durably recorded (state
     PENDING); the saga then runs asynchronously. Idempotent on request_id.
+    While the account's allowlist is on, an address not on it is refused with
+    FAILED_PRECONDITION FUNDING_ADDRESS_NOT_ALLOWED, one still cooling with
+    FUNDING_ADDRESS_COOLING (nothing is recorded or held).
     """
     CancelWithdrawal: _grpc.UnaryUnaryMultiCallable[_funding_pb2.CancelWithdrawalRequest, _funding_pb2.CancelWithdrawalResponse]
     """Cancels a withdrawal that has not been broadcast yet; afterwards
@@ -67,6 +71,34 @@ class FundingServiceStub:
     """Operators: lists sagas (without their step logs), newest first."""
     GetSaga: _grpc.UnaryUnaryMultiCallable[_funding_pb2.GetSagaRequest, _funding_pb2.GetSagaResponse]
     """Operators: returns one saga with its full step log."""
+    AddWithdrawalAddress: _grpc.UnaryUnaryMultiCallable[_funding_pb2.AddWithdrawalAddressRequest, _funding_pb2.AddWithdrawalAddressResponse]
+    """Adds a withdrawal address to the account's allowlist (scope withdraw). It
+    becomes usable once its cooling period has passed (usable_time). Adding
+    an address already listed returns it unchanged.
+    """
+    RemoveWithdrawalAddress: _grpc.UnaryUnaryMultiCallable[_funding_pb2.RemoveWithdrawalAddressRequest, _funding_pb2.RemoveWithdrawalAddressResponse]
+    """Removes a withdrawal address from the allowlist (scope withdraw), at once.
+    Removing a removed address returns it.
+    """
+    ListWithdrawalAddresses: _grpc.UnaryUnaryMultiCallable[_funding_pb2.ListWithdrawalAddressesRequest, _funding_pb2.ListWithdrawalAddressesResponse]
+    """Lists the account's withdrawal addresses (not removed ones), newest first."""
+    GetWithdrawalAllowlist: _grpc.UnaryUnaryMultiCallable[_funding_pb2.GetWithdrawalAllowlistRequest, _funding_pb2.GetWithdrawalAllowlistResponse]
+    """Returns whether the account's allowlist is on."""
+    SetWithdrawalAllowlist: _grpc.UnaryUnaryMultiCallable[_funding_pb2.SetWithdrawalAllowlistRequest, _funding_pb2.SetWithdrawalAllowlistResponse]
+    """Turns the account's allowlist on (at once) or off (scope withdraw). Off
+    takes effect only after the cooling period (disable_time), so that a
+    stolen key cannot turn it off and withdraw at once; turning it on again
+    before then cancels the turn-off.
+    """
+    ApproveWithdrawal: _grpc.UnaryUnaryMultiCallable[_funding_pb2.ApproveWithdrawalRequest, _funding_pb2.ApproveWithdrawalResponse]
+    """Operators: approves a withdrawal that waits for approval (above its
+    asset's threshold), before its deadline; the saga goes on to the
+    broadcast. Approving an approved withdrawal returns it.
+    """
+    RejectWithdrawal: _grpc.UnaryUnaryMultiCallable[_funding_pb2.RejectWithdrawalRequest, _funding_pb2.RejectWithdrawalResponse]
+    """Operators: rejects a withdrawal that waits for approval; its hold is
+    voided and it ends REJECTED (FUNDING_WITHDRAWAL_REJECTED_BY_OPERATOR).
+    """
 
 @_typing.type_check_only
 class FundingServiceAsyncStub(FundingServiceStub):
@@ -84,6 +116,9 @@ class FundingServiceAsyncStub(FundingServiceStub):
     RequestWithdrawal: _aio.UnaryUnaryMultiCallable[_funding_pb2.RequestWithdrawalRequest, _funding_pb2.RequestWithdrawalResponse]  # type: ignore[assignment]
     """Requests a withdrawal. Returns once the request is durably recorded (state
     PENDING); the saga then runs asynchronously. Idempotent on request_id.
+    While the account's allowlist is on, an address not on it is refused with
+    FAILED_PRECONDITION FUNDING_ADDRESS_NOT_ALLOWED, one still cooling with
+    FUNDING_ADDRESS_COOLING (nothing is recorded or held).
     """
     CancelWithdrawal: _aio.UnaryUnaryMultiCallable[_funding_pb2.CancelWithdrawalRequest, _funding_pb2.CancelWithdrawalResponse]  # type: ignore[assignment]
     """Cancels a withdrawal that has not been broadcast yet; afterwards
@@ -98,6 +133,34 @@ class FundingServiceAsyncStub(FundingServiceStub):
     """Operators: lists sagas (without their step logs), newest first."""
     GetSaga: _aio.UnaryUnaryMultiCallable[_funding_pb2.GetSagaRequest, _funding_pb2.GetSagaResponse]  # type: ignore[assignment]
     """Operators: returns one saga with its full step log."""
+    AddWithdrawalAddress: _aio.UnaryUnaryMultiCallable[_funding_pb2.AddWithdrawalAddressRequest, _funding_pb2.AddWithdrawalAddressResponse]  # type: ignore[assignment]
+    """Adds a withdrawal address to the account's allowlist (scope withdraw). It
+    becomes usable once its cooling period has passed (usable_time). Adding
+    an address already listed returns it unchanged.
+    """
+    RemoveWithdrawalAddress: _aio.UnaryUnaryMultiCallable[_funding_pb2.RemoveWithdrawalAddressRequest, _funding_pb2.RemoveWithdrawalAddressResponse]  # type: ignore[assignment]
+    """Removes a withdrawal address from the allowlist (scope withdraw), at once.
+    Removing a removed address returns it.
+    """
+    ListWithdrawalAddresses: _aio.UnaryUnaryMultiCallable[_funding_pb2.ListWithdrawalAddressesRequest, _funding_pb2.ListWithdrawalAddressesResponse]  # type: ignore[assignment]
+    """Lists the account's withdrawal addresses (not removed ones), newest first."""
+    GetWithdrawalAllowlist: _aio.UnaryUnaryMultiCallable[_funding_pb2.GetWithdrawalAllowlistRequest, _funding_pb2.GetWithdrawalAllowlistResponse]  # type: ignore[assignment]
+    """Returns whether the account's allowlist is on."""
+    SetWithdrawalAllowlist: _aio.UnaryUnaryMultiCallable[_funding_pb2.SetWithdrawalAllowlistRequest, _funding_pb2.SetWithdrawalAllowlistResponse]  # type: ignore[assignment]
+    """Turns the account's allowlist on (at once) or off (scope withdraw). Off
+    takes effect only after the cooling period (disable_time), so that a
+    stolen key cannot turn it off and withdraw at once; turning it on again
+    before then cancels the turn-off.
+    """
+    ApproveWithdrawal: _aio.UnaryUnaryMultiCallable[_funding_pb2.ApproveWithdrawalRequest, _funding_pb2.ApproveWithdrawalResponse]  # type: ignore[assignment]
+    """Operators: approves a withdrawal that waits for approval (above its
+    asset's threshold), before its deadline; the saga goes on to the
+    broadcast. Approving an approved withdrawal returns it.
+    """
+    RejectWithdrawal: _aio.UnaryUnaryMultiCallable[_funding_pb2.RejectWithdrawalRequest, _funding_pb2.RejectWithdrawalResponse]  # type: ignore[assignment]
+    """Operators: rejects a withdrawal that waits for approval; its hold is
+    voided and it ends REJECTED (FUNDING_WITHDRAWAL_REJECTED_BY_OPERATOR).
+    """
 
 class FundingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Deposits, withdrawals and saga inspection."""
@@ -136,6 +199,9 @@ class FundingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_funding_pb2.RequestWithdrawalResponse, _abc.Awaitable[_funding_pb2.RequestWithdrawalResponse]]:
         """Requests a withdrawal. Returns once the request is durably recorded (state
         PENDING); the saga then runs asynchronously. Idempotent on request_id.
+        While the account's allowlist is on, an address not on it is refused with
+        FAILED_PRECONDITION FUNDING_ADDRESS_NOT_ALLOWED, one still cooling with
+        FUNDING_ADDRESS_COOLING (nothing is recorded or held).
         """
 
     @_abc_1.abstractmethod
@@ -180,5 +246,75 @@ class FundingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_funding_pb2.GetSagaResponse, _abc.Awaitable[_funding_pb2.GetSagaResponse]]:
         """Operators: returns one saga with its full step log."""
+
+    @_abc_1.abstractmethod
+    def AddWithdrawalAddress(
+        self,
+        request: _funding_pb2.AddWithdrawalAddressRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_funding_pb2.AddWithdrawalAddressResponse, _abc.Awaitable[_funding_pb2.AddWithdrawalAddressResponse]]:
+        """Adds a withdrawal address to the account's allowlist (scope withdraw). It
+        becomes usable once its cooling period has passed (usable_time). Adding
+        an address already listed returns it unchanged.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveWithdrawalAddress(
+        self,
+        request: _funding_pb2.RemoveWithdrawalAddressRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_funding_pb2.RemoveWithdrawalAddressResponse, _abc.Awaitable[_funding_pb2.RemoveWithdrawalAddressResponse]]:
+        """Removes a withdrawal address from the allowlist (scope withdraw), at once.
+        Removing a removed address returns it.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWithdrawalAddresses(
+        self,
+        request: _funding_pb2.ListWithdrawalAddressesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_funding_pb2.ListWithdrawalAddressesResponse, _abc.Awaitable[_funding_pb2.ListWithdrawalAddressesResponse]]:
+        """Lists the account's withdrawal addresses (not removed ones), newest first."""
+
+    @_abc_1.abstractmethod
+    def GetWithdrawalAllowlist(
+        self,
+        request: _funding_pb2.GetWithdrawalAllowlistRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_funding_pb2.GetWithdrawalAllowlistResponse, _abc.Awaitable[_funding_pb2.GetWithdrawalAllowlistResponse]]:
+        """Returns whether the account's allowlist is on."""
+
+    @_abc_1.abstractmethod
+    def SetWithdrawalAllowlist(
+        self,
+        request: _funding_pb2.SetWithdrawalAllowlistRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_funding_pb2.SetWithdrawalAllowlistResponse, _abc.Awaitable[_funding_pb2.SetWithdrawalAllowlistResponse]]:
+        """Turns the account's allowlist on (at once) or off (scope withdraw). Off
+        takes effect only after the cooling period (disable_time), so that a
+        stolen key cannot turn it off and withdraw at once; turning it on again
+        before then cancels the turn-off.
+        """
+
+    @_abc_1.abstractmethod
+    def ApproveWithdrawal(
+        self,
+        request: _funding_pb2.ApproveWithdrawalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_funding_pb2.ApproveWithdrawalResponse, _abc.Awaitable[_funding_pb2.ApproveWithdrawalResponse]]:
+        """Operators: approves a withdrawal that waits for approval (above its
+        asset's threshold), before its deadline; the saga goes on to the
+        broadcast. Approving an approved withdrawal returns it.
+        """
+
+    @_abc_1.abstractmethod
+    def RejectWithdrawal(
+        self,
+        request: _funding_pb2.RejectWithdrawalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_funding_pb2.RejectWithdrawalResponse, _abc.Awaitable[_funding_pb2.RejectWithdrawalResponse]]:
+        """Operators: rejects a withdrawal that waits for approval; its hold is
+        voided and it ends REJECTED (FUNDING_WITHDRAWAL_REJECTED_BY_OPERATOR).
+        """
 
 def add_FundingServiceServicer_to_server(servicer: FundingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

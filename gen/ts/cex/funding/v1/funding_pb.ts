@@ -8,9 +8,10 @@
 // Deposit: the chain reports a transfer to an account's address; after the
 // asset's required confirmations the ledger credits the account, once per
 // (txid, output_index). A reorg before then cancels the deposit.
-// Withdrawal: request (idempotent request_id) -> risk check -> ledger hold ->
-// custody broadcast (at most once) -> confirmations -> hold posted. A failure
-// after the hold voids it (compensation).
+// Withdrawal: request (idempotent request_id; the account's address allowlist
+// if it is on) -> ledger hold -> risk check -> an operator's approval (above
+// the asset's threshold) -> custody broadcast (at most once) -> confirmations
+// -> hold posted. A failure after the hold voids it (compensation).
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
@@ -25,7 +26,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cex/funding/v1/funding.proto.
  */
 export const file_cex_funding_v1_funding: GenFile = /*@__PURE__*/
-  fileDesc("ChxjZXgvZnVuZGluZy92MS9mdW5kaW5nLnByb3RvEg5jZXguZnVuZGluZy52MSKUAQoORGVwb3NpdEFkZHJlc3MSEgoKYWNjb3VudF9pZBgBIAEoCRINCgVhc3NldBgCIAEoCRIPCgduZXR3b3JrGAMgASgJEg8KB2FkZHJlc3MYBCABKAkSDAoEbWVtbxgFIAEoCRIvCgtjcmVhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiyAMKB0RlcG9zaXQSEgoKZGVwb3NpdF9pZBgBIAEoCRISCgphY2NvdW50X2lkGAIgASgJEg0KBWFzc2V0GAMgASgJEg8KB25ldHdvcmsYBCABKAkSDgoGYW1vdW50GAUgASgJEg8KB2FkZHJlc3MYBiABKAkSDAoEbWVtbxgHIAEoCRIMCgR0eGlkGAggASgJEhQKDG91dHB1dF9pbmRleBgJIAEoBRIVCg1jb25maXJtYXRpb25zGAogASgFEh4KFnJlcXVpcmVkX2NvbmZpcm1hdGlvbnMYCyABKAUSKwoFc3RhdGUYDCABKA4yHC5jZXguZnVuZGluZy52MS5EZXBvc2l0U3RhdGUSGgoSbGVkZ2VyX3RyYW5zZmVyX2lkGA0gASgJEg8KB3NhZ2FfaWQYDiABKAkSLwoLZGV0ZWN0X3RpbWUYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2NyZWRpdF90aW1lGBAgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgRIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi5wMKCldpdGhkcmF3YWwSFQoNd2l0aGRyYXdhbF9pZBgBIAEoCRISCgpyZXF1ZXN0X2lkGAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSDQoFYXNzZXQYBCABKAkSDwoHbmV0d29yaxgFIAEoCRIOCgZhbW91bnQYBiABKAkSCwoDZmVlGAcgASgJEg8KB2FkZHJlc3MYCCABKAkSDAoEbWVtbxgJIAEoCRIuCgVzdGF0ZRgKIAEoDjIfLmNleC5mdW5kaW5nLnYxLldpdGhkcmF3YWxTdGF0ZRIMCgR0eGlkGAsgASgJEhUKDWNvbmZpcm1hdGlvbnMYDCABKAUSHgoWcmVxdWlyZWRfY29uZmlybWF0aW9ucxgNIAEoBRIjCgdmYWlsdXJlGA4gASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXMSDwoHc2FnYV9pZBgPIAEoCRIvCgtjcmVhdGVfdGltZRgQIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYESABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDWNvbXBsZXRlX3RpbWUYEiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIrgCCghTYWdhU3RlcBINCgVpbmRleBgBIAEoBRIMCgRuYW1lGAIgASgJEhQKDGNvbXBlbnNhdGlvbhgDIAEoCBIsCgVzdGF0ZRgEIAEoDjIdLmNleC5mdW5kaW5nLnYxLlNhZ2FTdGVwU3RhdGUSDwoHYXR0ZW1wdBgFIAEoBRIhCgVlcnJvchgGIAEoCzISLmdvb2dsZS5ycGMuU3RhdHVzEjYKB291dHB1dHMYByADKAsyJS5jZXguZnVuZGluZy52MS5TYWdhU3RlcC5PdXRwdXRzRW50cnkSLwoLcmVjb3JkX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGi4KDE91dHB1dHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIrQCCgRTYWdhEg8KB3NhZ2FfaWQYASABKAkSJgoEa2luZBgCIAEoDjIYLmNleC5mdW5kaW5nLnYxLlNhZ2FLaW5kEhQKDHJlZmVyZW5jZV9pZBgDIAEoCRISCgphY2NvdW50X2lkGAQgASgJEigKBXN0YXRlGAUgASgOMhkuY2V4LmZ1bmRpbmcudjEuU2FnYVN0YXRlEhQKDGN1cnJlbnRfc3RlcBgGIAEoCRInCgVzdGVwcxgHIAMoCzIYLmNleC5mdW5kaW5nLnYxLlNhZ2FTdGVwEi8KC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiTgoYR2V0RGVwb3NpdEFkZHJlc3NSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDQoFYXNzZXQYAiABKAkSDwoHbmV0d29yaxgDIAEoCSJUChlHZXREZXBvc2l0QWRkcmVzc1Jlc3BvbnNlEjcKD2RlcG9zaXRfYWRkcmVzcxgBIAEoCzIeLmNleC5mdW5kaW5nLnYxLkRlcG9zaXRBZGRyZXNzIjsKEUdldERlcG9zaXRSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSEgoKZGVwb3NpdF9pZBgCIAEoCSI+ChJHZXREZXBvc2l0UmVzcG9uc2USKAoHZGVwb3NpdBgBIAEoCzIXLmNleC5mdW5kaW5nLnYxLkRlcG9zaXQi6gEKE0xpc3REZXBvc2l0c1JlcXVlc3QSEgoKYWNjb3VudF9pZBgBIAEoCRINCgVhc3NldBgCIAEoCRIrCgVzdGF0ZRgDIAEoDjIcLmNleC5mdW5kaW5nLnYxLkRlcG9zaXRTdGF0ZRIuCgpzdGFydF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcGFnZV9zaXplGAYgASgFEhIKCnBhZ2VfdG9rZW4YByABKAkiWgoUTGlzdERlcG9zaXRzUmVzcG9uc2USKQoIZGVwb3NpdHMYASADKAsyFy5jZXguZnVuZGluZy52MS5EZXBvc2l0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKiAQoYUmVxdWVzdFdpdGhkcmF3YWxSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVhc3NldBgDIAEoCRIPCgduZXR3b3JrGAQgASgJEg4KBmFtb3VudBgFIAEoCRIPCgdhZGRyZXNzGAYgASgJEgwKBG1lbW8YByABKAkSDwoHbWF4X2ZlZRgIIAEoCSJLChlSZXF1ZXN0V2l0aGRyYXdhbFJlc3BvbnNlEi4KCndpdGhkcmF3YWwYASABKAsyGi5jZXguZnVuZGluZy52MS5XaXRoZHJhd2FsIlgKF0NhbmNlbFdpdGhkcmF3YWxSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRIVCg13aXRoZHJhd2FsX2lkGAMgASgJIkoKGENhbmNlbFdpdGhkcmF3YWxSZXNwb25zZRIuCgp3aXRoZHJhd2FsGAEgASgLMhouY2V4LmZ1bmRpbmcudjEuV2l0aGRyYXdhbCJBChRHZXRXaXRoZHJhd2FsUmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJEhUKDXdpdGhkcmF3YWxfaWQYAiABKAkiRwoVR2V0V2l0aGRyYXdhbFJlc3BvbnNlEi4KCndpdGhkcmF3YWwYASABKAsyGi5jZXguZnVuZGluZy52MS5XaXRoZHJhd2FsIvABChZMaXN0V2l0aGRyYXdhbHNSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDQoFYXNzZXQYAiABKAkSLgoFc3RhdGUYAyABKA4yHy5jZXguZnVuZGluZy52MS5XaXRoZHJhd2FsU3RhdGUSLgoKc3RhcnRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXBhZ2Vfc2l6ZRgGIAEoBRISCgpwYWdlX3Rva2VuGAcgASgJImMKF0xpc3RXaXRoZHJhd2Fsc1Jlc3BvbnNlEi8KC3dpdGhkcmF3YWxzGAEgAygLMhouY2V4LmZ1bmRpbmcudjEuV2l0aGRyYXdhbBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkinwEKEExpc3RTYWdhc1JlcXVlc3QSJgoEa2luZBgBIAEoDjIYLmNleC5mdW5kaW5nLnYxLlNhZ2FLaW5kEigKBXN0YXRlGAIgASgOMhkuY2V4LmZ1bmRpbmcudjEuU2FnYVN0YXRlEhIKCmFjY291bnRfaWQYAyABKAkSEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAkiUQoRTGlzdFNhZ2FzUmVzcG9uc2USIwoFc2FnYXMYASADKAsyFC5jZXguZnVuZGluZy52MS5TYWdhEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIhCg5HZXRTYWdhUmVxdWVzdBIPCgdzYWdhX2lkGAEgASgJIjUKD0dldFNhZ2FSZXNwb25zZRIiCgRzYWdhGAEgASgLMhQuY2V4LmZ1bmRpbmcudjEuU2FnYSqdAQoMRGVwb3NpdFN0YXRlEh0KGURFUE9TSVRfU1RBVEVfVU5TUEVDSUZJRUQQABIZChVERVBPU0lUX1NUQVRFX1BFTkRJTkcQARIaChZERVBPU0lUX1NUQVRFX0NSRURJVEVEEAISGwoXREVQT1NJVF9TVEFURV9DQU5DRUxMRUQQAxIaChZERVBPU0lUX1NUQVRFX1JFSkVDVEVEEAQq7QEKD1dpdGhkcmF3YWxTdGF0ZRIgChxXSVRIRFJBV0FMX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYV0lUSERSQVdBTF9TVEFURV9QRU5ESU5HEAESHgoaV0lUSERSQVdBTF9TVEFURV9CUk9BRENBU1QQAhIeChpXSVRIRFJBV0FMX1NUQVRFX0NPTVBMRVRFRBADEh4KGldJVEhEUkFXQUxfU1RBVEVfQ0FOQ0VMTEVEEAQSHQoZV0lUSERSQVdBTF9TVEFURV9SRUpFQ1RFRBAFEhsKF1dJVEhEUkFXQUxfU1RBVEVfRkFJTEVEEAYqVgoIU2FnYUtpbmQSGQoVU0FHQV9LSU5EX1VOU1BFQ0lGSUVEEAASFQoRU0FHQV9LSU5EX0RFUE9TSVQQARIYChRTQUdBX0tJTkRfV0lUSERSQVdBTBACKqgBCglTYWdhU3RhdGUSGgoWU0FHQV9TVEFURV9VTlNQRUNJRklFRBAAEhYKElNBR0FfU1RBVEVfUlVOTklORxABEhsKF1NBR0FfU1RBVEVfQ09NUEVOU0FUSU5HEAISGAoUU0FHQV9TVEFURV9DT01QTEVURUQQAxIaChZTQUdBX1NUQVRFX0NPTVBFTlNBVEVEEAQSFAoQU0FHQV9TVEFURV9TVFVDSxAFKqYBCg1TYWdhU3RlcFN0YXRlEh8KG1NBR0FfU1RFUF9TVEFURV9VTlNQRUNJRklFRBAAEhsKF1NBR0FfU1RFUF9TVEFURV9TVEFSVEVEEAESHQoZU0FHQV9TVEVQX1NUQVRFX1NVQ0NFRURFRBACEhwKGFNBR0FfU1RFUF9TVEFURV9SRVRSWUlORxADEhoKFlNBR0FfU1RFUF9TVEFURV9GQUlMRUQQBDKLCQoORnVuZGluZ1NlcnZpY2USjgEKEUdldERlcG9zaXRBZGRyZXNzEiguY2V4LmZ1bmRpbmcudjEuR2V0RGVwb3NpdEFkZHJlc3NSZXF1ZXN0GikuY2V4LmZ1bmRpbmcudjEuR2V0RGVwb3NpdEFkZHJlc3NSZXNwb25zZSIkgtPkkwIeEhwvdjEvZGVwb3NpdEFkZHJlc3Nlcy97YXNzZXR9EnYKCkdldERlcG9zaXQSIS5jZXguZnVuZGluZy52MS5HZXREZXBvc2l0UmVxdWVzdBoiLmNleC5mdW5kaW5nLnYxLkdldERlcG9zaXRSZXNwb25zZSIhgtPkkwIbEhkvdjEvZGVwb3NpdHMve2RlcG9zaXRfaWR9Em8KDExpc3REZXBvc2l0cxIjLmNleC5mdW5kaW5nLnYxLkxpc3REZXBvc2l0c1JlcXVlc3QaJC5jZXguZnVuZGluZy52MS5MaXN0RGVwb3NpdHNSZXNwb25zZSIUgtPkkwIOEgwvdjEvZGVwb3NpdHMShAEKEVJlcXVlc3RXaXRoZHJhd2FsEiguY2V4LmZ1bmRpbmcudjEuUmVxdWVzdFdpdGhkcmF3YWxSZXF1ZXN0GikuY2V4LmZ1bmRpbmcudjEuUmVxdWVzdFdpdGhkcmF3YWxSZXNwb25zZSIagtPkkwIUOgEqIg8vdjEvd2l0aGRyYXdhbHMSmAEKEENhbmNlbFdpdGhkcmF3YWwSJy5jZXguZnVuZGluZy52MS5DYW5jZWxXaXRoZHJhd2FsUmVxdWVzdBooLmNleC5mdW5kaW5nLnYxLkNhbmNlbFdpdGhkcmF3YWxSZXNwb25zZSIxgtPkkwIrOgEqIiYvdjEvd2l0aGRyYXdhbHMve3dpdGhkcmF3YWxfaWR9OmNhbmNlbBKFAQoNR2V0V2l0aGRyYXdhbBIkLmNleC5mdW5kaW5nLnYxLkdldFdpdGhkcmF3YWxSZXF1ZXN0GiUuY2V4LmZ1bmRpbmcudjEuR2V0V2l0aGRyYXdhbFJlc3BvbnNlIieC0+STAiESHy92MS93aXRoZHJhd2Fscy97d2l0aGRyYXdhbF9pZH0SewoPTGlzdFdpdGhkcmF3YWxzEiYuY2V4LmZ1bmRpbmcudjEuTGlzdFdpdGhkcmF3YWxzUmVxdWVzdBonLmNleC5mdW5kaW5nLnYxLkxpc3RXaXRoZHJhd2Fsc1Jlc3BvbnNlIheC0+STAhESDy92MS93aXRoZHJhd2FscxJpCglMaXN0U2FnYXMSIC5jZXguZnVuZGluZy52MS5MaXN0U2FnYXNSZXF1ZXN0GiEuY2V4LmZ1bmRpbmcudjEuTGlzdFNhZ2FzUmVzcG9uc2UiF4LT5JMCERIPL3YxL2FkbWluL3NhZ2FzEm0KB0dldFNhZ2ESHi5jZXguZnVuZGluZy52MS5HZXRTYWdhUmVxdWVzdBofLmNleC5mdW5kaW5nLnYxLkdldFNhZ2FSZXNwb25zZSIhgtPkkwIbEhkvdjEvYWRtaW4vc2FnYXMve3NhZ2FfaWR9YgZwcm90bzM", [file_google_api_annotations, file_google_protobuf_timestamp, file_google_rpc_status]);
+  fileDesc("ChxjZXgvZnVuZGluZy92MS9mdW5kaW5nLnByb3RvEg5jZXguZnVuZGluZy52MSKUAQoORGVwb3NpdEFkZHJlc3MSEgoKYWNjb3VudF9pZBgBIAEoCRINCgVhc3NldBgCIAEoCRIPCgduZXR3b3JrGAMgASgJEg8KB2FkZHJlc3MYBCABKAkSDAoEbWVtbxgFIAEoCRIvCgtjcmVhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiyAMKB0RlcG9zaXQSEgoKZGVwb3NpdF9pZBgBIAEoCRISCgphY2NvdW50X2lkGAIgASgJEg0KBWFzc2V0GAMgASgJEg8KB25ldHdvcmsYBCABKAkSDgoGYW1vdW50GAUgASgJEg8KB2FkZHJlc3MYBiABKAkSDAoEbWVtbxgHIAEoCRIMCgR0eGlkGAggASgJEhQKDG91dHB1dF9pbmRleBgJIAEoBRIVCg1jb25maXJtYXRpb25zGAogASgFEh4KFnJlcXVpcmVkX2NvbmZpcm1hdGlvbnMYCyABKAUSKwoFc3RhdGUYDCABKA4yHC5jZXguZnVuZGluZy52MS5EZXBvc2l0U3RhdGUSGgoSbGVkZ2VyX3RyYW5zZmVyX2lkGA0gASgJEg8KB3NhZ2FfaWQYDiABKAkSLwoLZGV0ZWN0X3RpbWUYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2NyZWRpdF90aW1lGBAgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgRIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAizQUKCldpdGhkcmF3YWwSFQoNd2l0aGRyYXdhbF9pZBgBIAEoCRISCgpyZXF1ZXN0X2lkGAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSDQoFYXNzZXQYBCABKAkSDwoHbmV0d29yaxgFIAEoCRIOCgZhbW91bnQYBiABKAkSCwoDZmVlGAcgASgJEg8KB2FkZHJlc3MYCCABKAkSDAoEbWVtbxgJIAEoCRIuCgVzdGF0ZRgKIAEoDjIfLmNleC5mdW5kaW5nLnYxLldpdGhkcmF3YWxTdGF0ZRIMCgR0eGlkGAsgASgJEhUKDWNvbmZpcm1hdGlvbnMYDCABKAUSHgoWcmVxdWlyZWRfY29uZmlybWF0aW9ucxgNIAEoBRIjCgdmYWlsdXJlGA4gASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXMSDwoHc2FnYV9pZBgPIAEoCRIvCgtjcmVhdGVfdGltZRgQIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYESABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDWNvbXBsZXRlX3RpbWUYEiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhkKEWFwcHJvdmFsX3JlcXVpcmVkGBMgASgIEjoKFmFwcHJvdmFsX2RlYWRsaW5lX3RpbWUYFCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKBnJldmlldxgVIAEoDjIgLmNleC5mdW5kaW5nLnYxLldpdGhkcmF3YWxSZXZpZXcSEwoLcmV2aWV3ZWRfYnkYFiABKAkSFQoNcmV2aWV3X3JlYXNvbhgXIAEoCRIvCgtyZXZpZXdfdGltZRgYIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAijgIKEVdpdGhkcmF3YWxBZGRyZXNzEhIKCmFkZHJlc3NfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVhc3NldBgDIAEoCRIPCgduZXR3b3JrGAQgASgJEg8KB2FkZHJlc3MYBSABKAkSDQoFbGFiZWwYBiABKAkSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VzYWJsZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtyZW1vdmVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAinQEKE1dpdGhkcmF3YWxBbGxvd2xpc3QSEgoKYWNjb3VudF9pZBgBIAEoCRIPCgdlbmFibGVkGAIgASgIEjAKDGRpc2FibGVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIrgCCghTYWdhU3RlcBINCgVpbmRleBgBIAEoBRIMCgRuYW1lGAIgASgJEhQKDGNvbXBlbnNhdGlvbhgDIAEoCBIsCgVzdGF0ZRgEIAEoDjIdLmNleC5mdW5kaW5nLnYxLlNhZ2FTdGVwU3RhdGUSDwoHYXR0ZW1wdBgFIAEoBRIhCgVlcnJvchgGIAEoCzISLmdvb2dsZS5ycGMuU3RhdHVzEjYKB291dHB1dHMYByADKAsyJS5jZXguZnVuZGluZy52MS5TYWdhU3RlcC5PdXRwdXRzRW50cnkSLwoLcmVjb3JkX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGi4KDE91dHB1dHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIrQCCgRTYWdhEg8KB3NhZ2FfaWQYASABKAkSJgoEa2luZBgCIAEoDjIYLmNleC5mdW5kaW5nLnYxLlNhZ2FLaW5kEhQKDHJlZmVyZW5jZV9pZBgDIAEoCRISCgphY2NvdW50X2lkGAQgASgJEigKBXN0YXRlGAUgASgOMhkuY2V4LmZ1bmRpbmcudjEuU2FnYVN0YXRlEhQKDGN1cnJlbnRfc3RlcBgGIAEoCRInCgVzdGVwcxgHIAMoCzIYLmNleC5mdW5kaW5nLnYxLlNhZ2FTdGVwEi8KC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiTgoYR2V0RGVwb3NpdEFkZHJlc3NSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDQoFYXNzZXQYAiABKAkSDwoHbmV0d29yaxgDIAEoCSJUChlHZXREZXBvc2l0QWRkcmVzc1Jlc3BvbnNlEjcKD2RlcG9zaXRfYWRkcmVzcxgBIAEoCzIeLmNleC5mdW5kaW5nLnYxLkRlcG9zaXRBZGRyZXNzIjsKEUdldERlcG9zaXRSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSEgoKZGVwb3NpdF9pZBgCIAEoCSI+ChJHZXREZXBvc2l0UmVzcG9uc2USKAoHZGVwb3NpdBgBIAEoCzIXLmNleC5mdW5kaW5nLnYxLkRlcG9zaXQi6gEKE0xpc3REZXBvc2l0c1JlcXVlc3QSEgoKYWNjb3VudF9pZBgBIAEoCRINCgVhc3NldBgCIAEoCRIrCgVzdGF0ZRgDIAEoDjIcLmNleC5mdW5kaW5nLnYxLkRlcG9zaXRTdGF0ZRIuCgpzdGFydF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcGFnZV9zaXplGAYgASgFEhIKCnBhZ2VfdG9rZW4YByABKAkiWgoUTGlzdERlcG9zaXRzUmVzcG9uc2USKQoIZGVwb3NpdHMYASADKAsyFy5jZXguZnVuZGluZy52MS5EZXBvc2l0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKiAQoYUmVxdWVzdFdpdGhkcmF3YWxSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVhc3NldBgDIAEoCRIPCgduZXR3b3JrGAQgASgJEg4KBmFtb3VudBgFIAEoCRIPCgdhZGRyZXNzGAYgASgJEgwKBG1lbW8YByABKAkSDwoHbWF4X2ZlZRgIIAEoCSJLChlSZXF1ZXN0V2l0aGRyYXdhbFJlc3BvbnNlEi4KCndpdGhkcmF3YWwYASABKAsyGi5jZXguZnVuZGluZy52MS5XaXRoZHJhd2FsIlgKF0NhbmNlbFdpdGhkcmF3YWxSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRIVCg13aXRoZHJhd2FsX2lkGAMgASgJIkoKGENhbmNlbFdpdGhkcmF3YWxSZXNwb25zZRIuCgp3aXRoZHJhd2FsGAEgASgLMhouY2V4LmZ1bmRpbmcudjEuV2l0aGRyYXdhbCJBChRHZXRXaXRoZHJhd2FsUmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJEhUKDXdpdGhkcmF3YWxfaWQYAiABKAkiRwoVR2V0V2l0aGRyYXdhbFJlc3BvbnNlEi4KCndpdGhkcmF3YWwYASABKAsyGi5jZXguZnVuZGluZy52MS5XaXRoZHJhd2FsIvABChZMaXN0V2l0aGRyYXdhbHNSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkSDQoFYXNzZXQYAiABKAkSLgoFc3RhdGUYAyABKA4yHy5jZXguZnVuZGluZy52MS5XaXRoZHJhd2FsU3RhdGUSLgoKc3RhcnRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXBhZ2Vfc2l6ZRgGIAEoBRISCgpwYWdlX3Rva2VuGAcgASgJImMKF0xpc3RXaXRoZHJhd2Fsc1Jlc3BvbnNlEi8KC3dpdGhkcmF3YWxzGAEgAygLMhouY2V4LmZ1bmRpbmcudjEuV2l0aGRyYXdhbBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkinwEKEExpc3RTYWdhc1JlcXVlc3QSJgoEa2luZBgBIAEoDjIYLmNleC5mdW5kaW5nLnYxLlNhZ2FLaW5kEigKBXN0YXRlGAIgASgOMhkuY2V4LmZ1bmRpbmcudjEuU2FnYVN0YXRlEhIKCmFjY291bnRfaWQYAyABKAkSEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAkiUQoRTGlzdFNhZ2FzUmVzcG9uc2USIwoFc2FnYXMYASADKAsyFC5jZXguZnVuZGluZy52MS5TYWdhEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIhCg5HZXRTYWdhUmVxdWVzdBIPCgdzYWdhX2lkGAEgASgJIjUKD0dldFNhZ2FSZXNwb25zZRIiCgRzYWdhGAEgASgLMhQuY2V4LmZ1bmRpbmcudjEuU2FnYSKFAQobQWRkV2l0aGRyYXdhbEFkZHJlc3NSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVhc3NldBgDIAEoCRIPCgduZXR3b3JrGAQgASgJEg8KB2FkZHJlc3MYBSABKAkSDQoFbGFiZWwYBiABKAkiXQocQWRkV2l0aGRyYXdhbEFkZHJlc3NSZXNwb25zZRI9ChJ3aXRoZHJhd2FsX2FkZHJlc3MYASABKAsyIS5jZXguZnVuZGluZy52MS5XaXRoZHJhd2FsQWRkcmVzcyJcCh5SZW1vdmVXaXRoZHJhd2FsQWRkcmVzc1JlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRISCgphY2NvdW50X2lkGAIgASgJEhIKCmFkZHJlc3NfaWQYAyABKAkiYAofUmVtb3ZlV2l0aGRyYXdhbEFkZHJlc3NSZXNwb25zZRI9ChJ3aXRoZHJhd2FsX2FkZHJlc3MYASABKAsyIS5jZXguZnVuZGluZy52MS5XaXRoZHJhd2FsQWRkcmVzcyJqCh5MaXN0V2l0aGRyYXdhbEFkZHJlc3Nlc1JlcXVlc3QSEgoKYWNjb3VudF9pZBgBIAEoCRINCgVhc3NldBgCIAEoCRIRCglwYWdlX3NpemUYAyABKAUSEgoKcGFnZV90b2tlbhgEIAEoCSJ7Ch9MaXN0V2l0aGRyYXdhbEFkZHJlc3Nlc1Jlc3BvbnNlEj8KFHdpdGhkcmF3YWxfYWRkcmVzc2VzGAEgAygLMiEuY2V4LmZ1bmRpbmcudjEuV2l0aGRyYXdhbEFkZHJlc3MSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjMKHUdldFdpdGhkcmF3YWxBbGxvd2xpc3RSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkiYwoeR2V0V2l0aGRyYXdhbEFsbG93bGlzdFJlc3BvbnNlEkEKFHdpdGhkcmF3YWxfYWxsb3dsaXN0GAEgASgLMiMuY2V4LmZ1bmRpbmcudjEuV2l0aGRyYXdhbEFsbG93bGlzdCJYCh1TZXRXaXRoZHJhd2FsQWxsb3dsaXN0UmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhIKCmFjY291bnRfaWQYAiABKAkSDwoHZW5hYmxlZBgDIAEoCCJjCh5TZXRXaXRoZHJhd2FsQWxsb3dsaXN0UmVzcG9uc2USQQoUd2l0aGRyYXdhbF9hbGxvd2xpc3QYASABKAsyIy5jZXguZnVuZGluZy52MS5XaXRoZHJhd2FsQWxsb3dsaXN0IlUKGEFwcHJvdmVXaXRoZHJhd2FsUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhUKDXdpdGhkcmF3YWxfaWQYAiABKAkSDgoGcmVhc29uGAMgASgJIksKGUFwcHJvdmVXaXRoZHJhd2FsUmVzcG9uc2USLgoKd2l0aGRyYXdhbBgBIAEoCzIaLmNleC5mdW5kaW5nLnYxLldpdGhkcmF3YWwiVAoXUmVqZWN0V2l0aGRyYXdhbFJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIVCg13aXRoZHJhd2FsX2lkGAIgASgJEg4KBnJlYXNvbhgDIAEoCSJKChhSZWplY3RXaXRoZHJhd2FsUmVzcG9uc2USLgoKd2l0aGRyYXdhbBgBIAEoCzIaLmNleC5mdW5kaW5nLnYxLldpdGhkcmF3YWwqnQEKDERlcG9zaXRTdGF0ZRIdChlERVBPU0lUX1NUQVRFX1VOU1BFQ0lGSUVEEAASGQoVREVQT1NJVF9TVEFURV9QRU5ESU5HEAESGgoWREVQT1NJVF9TVEFURV9DUkVESVRFRBACEhsKF0RFUE9TSVRfU1RBVEVfQ0FOQ0VMTEVEEAMSGgoWREVQT1NJVF9TVEFURV9SRUpFQ1RFRBAEKpUCCg9XaXRoZHJhd2FsU3RhdGUSIAocV0lUSERSQVdBTF9TVEFURV9VTlNQRUNJRklFRBAAEhwKGFdJVEhEUkFXQUxfU1RBVEVfUEVORElORxABEh4KGldJVEhEUkFXQUxfU1RBVEVfQlJPQURDQVNUEAISHgoaV0lUSERSQVdBTF9TVEFURV9DT01QTEVURUQQAxIeChpXSVRIRFJBV0FMX1NUQVRFX0NBTkNFTExFRBAEEh0KGVdJVEhEUkFXQUxfU1RBVEVfUkVKRUNURUQQBRIbChdXSVRIRFJBV0FMX1NUQVRFX0ZBSUxFRBAGEiYKIldJVEhEUkFXQUxfU1RBVEVfQVdBSVRJTkdfQVBQUk9WQUwQByqUAQoQV2l0aGRyYXdhbFJldmlldxIhCh1XSVRIRFJBV0FMX1JFVklFV19VTlNQRUNJRklFRBAAEh4KGldJVEhEUkFXQUxfUkVWSUVXX0FQUFJPVkVEEAESHgoaV0lUSERSQVdBTF9SRVZJRVdfUkVKRUNURUQQAhIdChlXSVRIRFJBV0FMX1JFVklFV19FWFBJUkVEEAMqVgoIU2FnYUtpbmQSGQoVU0FHQV9LSU5EX1VOU1BFQ0lGSUVEEAASFQoRU0FHQV9LSU5EX0RFUE9TSVQQARIYChRTQUdBX0tJTkRfV0lUSERSQVdBTBACKqgBCglTYWdhU3RhdGUSGgoWU0FHQV9TVEFURV9VTlNQRUNJRklFRBAAEhYKElNBR0FfU1RBVEVfUlVOTklORxABEhsKF1NBR0FfU1RBVEVfQ09NUEVOU0FUSU5HEAISGAoUU0FHQV9TVEFURV9DT01QTEVURUQQAxIaChZTQUdBX1NUQVRFX0NPTVBFTlNBVEVEEAQSFAoQU0FHQV9TVEFURV9TVFVDSxAFKqYBCg1TYWdhU3RlcFN0YXRlEh8KG1NBR0FfU1RFUF9TVEFURV9VTlNQRUNJRklFRBAAEhsKF1NBR0FfU1RFUF9TVEFURV9TVEFSVEVEEAESHQoZU0FHQV9TVEVQX1NUQVRFX1NVQ0NFRURFRBACEhwKGFNBR0FfU1RFUF9TVEFURV9SRVRSWUlORxADEhoKFlNBR0FfU1RFUF9TVEFURV9GQUlMRUQQBDL1EQoORnVuZGluZ1NlcnZpY2USjgEKEUdldERlcG9zaXRBZGRyZXNzEiguY2V4LmZ1bmRpbmcudjEuR2V0RGVwb3NpdEFkZHJlc3NSZXF1ZXN0GikuY2V4LmZ1bmRpbmcudjEuR2V0RGVwb3NpdEFkZHJlc3NSZXNwb25zZSIkgtPkkwIeEhwvdjEvZGVwb3NpdEFkZHJlc3Nlcy97YXNzZXR9EnYKCkdldERlcG9zaXQSIS5jZXguZnVuZGluZy52MS5HZXREZXBvc2l0UmVxdWVzdBoiLmNleC5mdW5kaW5nLnYxLkdldERlcG9zaXRSZXNwb25zZSIhgtPkkwIbEhkvdjEvZGVwb3NpdHMve2RlcG9zaXRfaWR9Em8KDExpc3REZXBvc2l0cxIjLmNleC5mdW5kaW5nLnYxLkxpc3REZXBvc2l0c1JlcXVlc3QaJC5jZXguZnVuZGluZy52MS5MaXN0RGVwb3NpdHNSZXNwb25zZSIUgtPkkwIOEgwvdjEvZGVwb3NpdHMShAEKEVJlcXVlc3RXaXRoZHJhd2FsEiguY2V4LmZ1bmRpbmcudjEuUmVxdWVzdFdpdGhkcmF3YWxSZXF1ZXN0GikuY2V4LmZ1bmRpbmcudjEuUmVxdWVzdFdpdGhkcmF3YWxSZXNwb25zZSIagtPkkwIUOgEqIg8vdjEvd2l0aGRyYXdhbHMSmAEKEENhbmNlbFdpdGhkcmF3YWwSJy5jZXguZnVuZGluZy52MS5DYW5jZWxXaXRoZHJhd2FsUmVxdWVzdBooLmNleC5mdW5kaW5nLnYxLkNhbmNlbFdpdGhkcmF3YWxSZXNwb25zZSIxgtPkkwIrOgEqIiYvdjEvd2l0aGRyYXdhbHMve3dpdGhkcmF3YWxfaWR9OmNhbmNlbBKFAQoNR2V0V2l0aGRyYXdhbBIkLmNleC5mdW5kaW5nLnYxLkdldFdpdGhkcmF3YWxSZXF1ZXN0GiUuY2V4LmZ1bmRpbmcudjEuR2V0V2l0aGRyYXdhbFJlc3BvbnNlIieC0+STAiESHy92MS93aXRoZHJhd2Fscy97d2l0aGRyYXdhbF9pZH0SewoPTGlzdFdpdGhkcmF3YWxzEiYuY2V4LmZ1bmRpbmcudjEuTGlzdFdpdGhkcmF3YWxzUmVxdWVzdBonLmNleC5mdW5kaW5nLnYxLkxpc3RXaXRoZHJhd2Fsc1Jlc3BvbnNlIheC0+STAhESDy92MS93aXRoZHJhd2FscxJpCglMaXN0U2FnYXMSIC5jZXguZnVuZGluZy52MS5MaXN0U2FnYXNSZXF1ZXN0GiEuY2V4LmZ1bmRpbmcudjEuTGlzdFNhZ2FzUmVzcG9uc2UiF4LT5JMCERIPL3YxL2FkbWluL3NhZ2FzEm0KB0dldFNhZ2ESHi5jZXguZnVuZGluZy52MS5HZXRTYWdhUmVxdWVzdBofLmNleC5mdW5kaW5nLnYxLkdldFNhZ2FSZXNwb25zZSIhgtPkkwIbEhkvdjEvYWRtaW4vc2FnYXMve3NhZ2FfaWR9EpUBChRBZGRXaXRoZHJhd2FsQWRkcmVzcxIrLmNleC5mdW5kaW5nLnYxLkFkZFdpdGhkcmF3YWxBZGRyZXNzUmVxdWVzdBosLmNleC5mdW5kaW5nLnYxLkFkZFdpdGhkcmF3YWxBZGRyZXNzUmVzcG9uc2UiIoLT5JMCHDoBKiIXL3YxL3dpdGhkcmF3YWxBZGRyZXNzZXMSsgEKF1JlbW92ZVdpdGhkcmF3YWxBZGRyZXNzEi4uY2V4LmZ1bmRpbmcudjEuUmVtb3ZlV2l0aGRyYXdhbEFkZHJlc3NSZXF1ZXN0Gi8uY2V4LmZ1bmRpbmcudjEuUmVtb3ZlV2l0aGRyYXdhbEFkZHJlc3NSZXNwb25zZSI2gtPkkwIwOgEqIisvdjEvd2l0aGRyYXdhbEFkZHJlc3Nlcy97YWRkcmVzc19pZH06cmVtb3ZlEpsBChdMaXN0V2l0aGRyYXdhbEFkZHJlc3NlcxIuLmNleC5mdW5kaW5nLnYxLkxpc3RXaXRoZHJhd2FsQWRkcmVzc2VzUmVxdWVzdBovLmNleC5mdW5kaW5nLnYxLkxpc3RXaXRoZHJhd2FsQWRkcmVzc2VzUmVzcG9uc2UiH4LT5JMCGRIXL3YxL3dpdGhkcmF3YWxBZGRyZXNzZXMSmAEKFkdldFdpdGhkcmF3YWxBbGxvd2xpc3QSLS5jZXguZnVuZGluZy52MS5HZXRXaXRoZHJhd2FsQWxsb3dsaXN0UmVxdWVzdBouLmNleC5mdW5kaW5nLnYxLkdldFdpdGhkcmF3YWxBbGxvd2xpc3RSZXNwb25zZSIfgtPkkwIZEhcvdjEvd2l0aGRyYXdhbEFsbG93bGlzdBKbAQoWU2V0V2l0aGRyYXdhbEFsbG93bGlzdBItLmNleC5mdW5kaW5nLnYxLlNldFdpdGhkcmF3YWxBbGxvd2xpc3RSZXF1ZXN0Gi4uY2V4LmZ1bmRpbmcudjEuU2V0V2l0aGRyYXdhbEFsbG93bGlzdFJlc3BvbnNlIiKC0+STAhw6ASoiFy92MS93aXRoZHJhd2FsQWxsb3dsaXN0EqIBChFBcHByb3ZlV2l0aGRyYXdhbBIoLmNleC5mdW5kaW5nLnYxLkFwcHJvdmVXaXRoZHJhd2FsUmVxdWVzdBopLmNleC5mdW5kaW5nLnYxLkFwcHJvdmVXaXRoZHJhd2FsUmVzcG9uc2UiOILT5JMCMjoBKiItL3YxL2FkbWluL3dpdGhkcmF3YWxzL3t3aXRoZHJhd2FsX2lkfTphcHByb3ZlEp4BChBSZWplY3RXaXRoZHJhd2FsEicuY2V4LmZ1bmRpbmcudjEuUmVqZWN0V2l0aGRyYXdhbFJlcXVlc3QaKC5jZXguZnVuZGluZy52MS5SZWplY3RXaXRoZHJhd2FsUmVzcG9uc2UiN4LT5JMCMToBKiIsL3YxL2FkbWluL3dpdGhkcmF3YWxzL3t3aXRoZHJhd2FsX2lkfTpyZWplY3RiBnByb3RvMw", [file_google_api_annotations, file_google_protobuf_timestamp, file_google_rpc_status]);
 
 /**
  * An address where an account receives deposits.
@@ -352,6 +353,50 @@ export type Withdrawal = Message<"cex.funding.v1.Withdrawal"> & {
    * @generated from field: google.protobuf.Timestamp complete_time = 18;
    */
   completeTime?: Timestamp | undefined;
+
+  /**
+   * True when the amount is above the asset's approval threshold: an
+   * operator approves it before the broadcast.
+   *
+   * @generated from field: bool approval_required = 19;
+   */
+  approvalRequired: boolean;
+
+  /**
+   * When approval is required: the deadline for it, after which the
+   * withdrawal is rejected and its hold voided.
+   *
+   * @generated from field: google.protobuf.Timestamp approval_deadline_time = 20;
+   */
+  approvalDeadlineTime?: Timestamp | undefined;
+
+  /**
+   * The operator's decision, if any.
+   *
+   * @generated from field: cex.funding.v1.WithdrawalReview review = 21;
+   */
+  review: WithdrawalReview;
+
+  /**
+   * Who decided (the operator's API key id, or the calling service).
+   *
+   * @generated from field: string reviewed_by = 22;
+   */
+  reviewedBy: string;
+
+  /**
+   * The reason the operator gave.
+   *
+   * @generated from field: string review_reason = 23;
+   */
+  reviewReason: string;
+
+  /**
+   * When the decision was taken.
+   *
+   * @generated from field: google.protobuf.Timestamp review_time = 24;
+   */
+  reviewTime?: Timestamp | undefined;
 };
 
 /**
@@ -360,6 +405,126 @@ export type Withdrawal = Message<"cex.funding.v1.Withdrawal"> & {
  */
 export const WithdrawalSchema: GenMessage<Withdrawal> = /*@__PURE__*/
   messageDesc(file_cex_funding_v1_funding, 2);
+
+/**
+ * An address an account allows its withdrawals to go to.
+ *
+ * @generated from message cex.funding.v1.WithdrawalAddress
+ */
+export type WithdrawalAddress = Message<"cex.funding.v1.WithdrawalAddress"> & {
+  /**
+   * Server-assigned id.
+   *
+   * @generated from field: string address_id = 1;
+   */
+  addressId: string;
+
+  /**
+   * Owning account.
+   *
+   * @generated from field: string account_id = 2;
+   */
+  accountId: string;
+
+  /**
+   * Asset code.
+   *
+   * @generated from field: string asset = 3;
+   */
+  asset: string;
+
+  /**
+   * Network.
+   *
+   * @generated from field: string network = 4;
+   */
+  network: string;
+
+  /**
+   * The destination address.
+   *
+   * @generated from field: string address = 5;
+   */
+  address: string;
+
+  /**
+   * The owner's label for it.
+   *
+   * @generated from field: string label = 6;
+   */
+  label: string;
+
+  /**
+   * When it was added.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 7;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * When its cooling period ends: withdrawals may go to it from then on.
+   *
+   * @generated from field: google.protobuf.Timestamp usable_time = 8;
+   */
+  usableTime?: Timestamp | undefined;
+
+  /**
+   * When it was removed; unset while it is listed.
+   *
+   * @generated from field: google.protobuf.Timestamp remove_time = 9;
+   */
+  removeTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message cex.funding.v1.WithdrawalAddress.
+ * Use `create(WithdrawalAddressSchema)` to create a new message.
+ */
+export const WithdrawalAddressSchema: GenMessage<WithdrawalAddress> = /*@__PURE__*/
+  messageDesc(file_cex_funding_v1_funding, 3);
+
+/**
+ * Whether an account's withdrawals are restricted to its allowlist.
+ *
+ * @generated from message cex.funding.v1.WithdrawalAllowlist
+ */
+export type WithdrawalAllowlist = Message<"cex.funding.v1.WithdrawalAllowlist"> & {
+  /**
+   * Owning account.
+   *
+   * @generated from field: string account_id = 1;
+   */
+  accountId: string;
+
+  /**
+   * True while withdrawals go only to allowed addresses past their cooling
+   * period (also while a turn-off waits for disable_time).
+   *
+   * @generated from field: bool enabled = 2;
+   */
+  enabled: boolean;
+
+  /**
+   * Set while a turn-off waits: when the allowlist stops applying.
+   *
+   * @generated from field: google.protobuf.Timestamp disable_time = 3;
+   */
+  disableTime?: Timestamp | undefined;
+
+  /**
+   * When it last changed; unset if it never did.
+   *
+   * @generated from field: google.protobuf.Timestamp update_time = 4;
+   */
+  updateTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message cex.funding.v1.WithdrawalAllowlist.
+ * Use `create(WithdrawalAllowlistSchema)` to create a new message.
+ */
+export const WithdrawalAllowlistSchema: GenMessage<WithdrawalAllowlist> = /*@__PURE__*/
+  messageDesc(file_cex_funding_v1_funding, 4);
 
 /**
  * One entry of a saga's step log (append-only).
@@ -430,7 +595,7 @@ export type SagaStep = Message<"cex.funding.v1.SagaStep"> & {
  * Use `create(SagaStepSchema)` to create a new message.
  */
 export const SagaStepSchema: GenMessage<SagaStep> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 3);
+  messageDesc(file_cex_funding_v1_funding, 5);
 
 /**
  * A deposit or withdrawal saga and its step log.
@@ -507,7 +672,7 @@ export type Saga = Message<"cex.funding.v1.Saga"> & {
  * Use `create(SagaSchema)` to create a new message.
  */
 export const SagaSchema: GenMessage<Saga> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 4);
+  messageDesc(file_cex_funding_v1_funding, 6);
 
 /**
  * Request for FundingService.GetDepositAddress.
@@ -542,7 +707,7 @@ export type GetDepositAddressRequest = Message<"cex.funding.v1.GetDepositAddress
  * Use `create(GetDepositAddressRequestSchema)` to create a new message.
  */
 export const GetDepositAddressRequestSchema: GenMessage<GetDepositAddressRequest> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 5);
+  messageDesc(file_cex_funding_v1_funding, 7);
 
 /**
  * Response for FundingService.GetDepositAddress.
@@ -563,7 +728,7 @@ export type GetDepositAddressResponse = Message<"cex.funding.v1.GetDepositAddres
  * Use `create(GetDepositAddressResponseSchema)` to create a new message.
  */
 export const GetDepositAddressResponseSchema: GenMessage<GetDepositAddressResponse> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 6);
+  messageDesc(file_cex_funding_v1_funding, 8);
 
 /**
  * Request for FundingService.GetDeposit.
@@ -591,7 +756,7 @@ export type GetDepositRequest = Message<"cex.funding.v1.GetDepositRequest"> & {
  * Use `create(GetDepositRequestSchema)` to create a new message.
  */
 export const GetDepositRequestSchema: GenMessage<GetDepositRequest> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 7);
+  messageDesc(file_cex_funding_v1_funding, 9);
 
 /**
  * Response for FundingService.GetDeposit.
@@ -612,7 +777,7 @@ export type GetDepositResponse = Message<"cex.funding.v1.GetDepositResponse"> & 
  * Use `create(GetDepositResponseSchema)` to create a new message.
  */
 export const GetDepositResponseSchema: GenMessage<GetDepositResponse> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 8);
+  messageDesc(file_cex_funding_v1_funding, 10);
 
 /**
  * Request for FundingService.ListDeposits.
@@ -676,7 +841,7 @@ export type ListDepositsRequest = Message<"cex.funding.v1.ListDepositsRequest"> 
  * Use `create(ListDepositsRequestSchema)` to create a new message.
  */
 export const ListDepositsRequestSchema: GenMessage<ListDepositsRequest> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 9);
+  messageDesc(file_cex_funding_v1_funding, 11);
 
 /**
  * Response for FundingService.ListDeposits.
@@ -704,7 +869,7 @@ export type ListDepositsResponse = Message<"cex.funding.v1.ListDepositsResponse"
  * Use `create(ListDepositsResponseSchema)` to create a new message.
  */
 export const ListDepositsResponseSchema: GenMessage<ListDepositsResponse> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 10);
+  messageDesc(file_cex_funding_v1_funding, 12);
 
 /**
  * Request for FundingService.RequestWithdrawal.
@@ -778,7 +943,7 @@ export type RequestWithdrawalRequest = Message<"cex.funding.v1.RequestWithdrawal
  * Use `create(RequestWithdrawalRequestSchema)` to create a new message.
  */
 export const RequestWithdrawalRequestSchema: GenMessage<RequestWithdrawalRequest> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 11);
+  messageDesc(file_cex_funding_v1_funding, 13);
 
 /**
  * Response for FundingService.RequestWithdrawal.
@@ -799,7 +964,7 @@ export type RequestWithdrawalResponse = Message<"cex.funding.v1.RequestWithdrawa
  * Use `create(RequestWithdrawalResponseSchema)` to create a new message.
  */
 export const RequestWithdrawalResponseSchema: GenMessage<RequestWithdrawalResponse> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 12);
+  messageDesc(file_cex_funding_v1_funding, 14);
 
 /**
  * Request for FundingService.CancelWithdrawal.
@@ -837,7 +1002,7 @@ export type CancelWithdrawalRequest = Message<"cex.funding.v1.CancelWithdrawalRe
  * Use `create(CancelWithdrawalRequestSchema)` to create a new message.
  */
 export const CancelWithdrawalRequestSchema: GenMessage<CancelWithdrawalRequest> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 13);
+  messageDesc(file_cex_funding_v1_funding, 15);
 
 /**
  * Response for FundingService.CancelWithdrawal.
@@ -858,7 +1023,7 @@ export type CancelWithdrawalResponse = Message<"cex.funding.v1.CancelWithdrawalR
  * Use `create(CancelWithdrawalResponseSchema)` to create a new message.
  */
 export const CancelWithdrawalResponseSchema: GenMessage<CancelWithdrawalResponse> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 14);
+  messageDesc(file_cex_funding_v1_funding, 16);
 
 /**
  * Request for FundingService.GetWithdrawal.
@@ -886,7 +1051,7 @@ export type GetWithdrawalRequest = Message<"cex.funding.v1.GetWithdrawalRequest"
  * Use `create(GetWithdrawalRequestSchema)` to create a new message.
  */
 export const GetWithdrawalRequestSchema: GenMessage<GetWithdrawalRequest> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 15);
+  messageDesc(file_cex_funding_v1_funding, 17);
 
 /**
  * Response for FundingService.GetWithdrawal.
@@ -907,7 +1072,7 @@ export type GetWithdrawalResponse = Message<"cex.funding.v1.GetWithdrawalRespons
  * Use `create(GetWithdrawalResponseSchema)` to create a new message.
  */
 export const GetWithdrawalResponseSchema: GenMessage<GetWithdrawalResponse> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 16);
+  messageDesc(file_cex_funding_v1_funding, 18);
 
 /**
  * Request for FundingService.ListWithdrawals.
@@ -971,7 +1136,7 @@ export type ListWithdrawalsRequest = Message<"cex.funding.v1.ListWithdrawalsRequ
  * Use `create(ListWithdrawalsRequestSchema)` to create a new message.
  */
 export const ListWithdrawalsRequestSchema: GenMessage<ListWithdrawalsRequest> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 17);
+  messageDesc(file_cex_funding_v1_funding, 19);
 
 /**
  * Response for FundingService.ListWithdrawals.
@@ -999,7 +1164,7 @@ export type ListWithdrawalsResponse = Message<"cex.funding.v1.ListWithdrawalsRes
  * Use `create(ListWithdrawalsResponseSchema)` to create a new message.
  */
 export const ListWithdrawalsResponseSchema: GenMessage<ListWithdrawalsResponse> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 18);
+  messageDesc(file_cex_funding_v1_funding, 20);
 
 /**
  * Request for FundingService.ListSagas.
@@ -1049,7 +1214,7 @@ export type ListSagasRequest = Message<"cex.funding.v1.ListSagasRequest"> & {
  * Use `create(ListSagasRequestSchema)` to create a new message.
  */
 export const ListSagasRequestSchema: GenMessage<ListSagasRequest> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 19);
+  messageDesc(file_cex_funding_v1_funding, 21);
 
 /**
  * Response for FundingService.ListSagas.
@@ -1077,7 +1242,7 @@ export type ListSagasResponse = Message<"cex.funding.v1.ListSagasResponse"> & {
  * Use `create(ListSagasResponseSchema)` to create a new message.
  */
 export const ListSagasResponseSchema: GenMessage<ListSagasResponse> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 20);
+  messageDesc(file_cex_funding_v1_funding, 22);
 
 /**
  * Request for FundingService.GetSaga.
@@ -1098,7 +1263,7 @@ export type GetSagaRequest = Message<"cex.funding.v1.GetSagaRequest"> & {
  * Use `create(GetSagaRequestSchema)` to create a new message.
  */
 export const GetSagaRequestSchema: GenMessage<GetSagaRequest> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 21);
+  messageDesc(file_cex_funding_v1_funding, 23);
 
 /**
  * Response for FundingService.GetSaga.
@@ -1119,7 +1284,424 @@ export type GetSagaResponse = Message<"cex.funding.v1.GetSagaResponse"> & {
  * Use `create(GetSagaResponseSchema)` to create a new message.
  */
 export const GetSagaResponseSchema: GenMessage<GetSagaResponse> = /*@__PURE__*/
-  messageDesc(file_cex_funding_v1_funding, 22);
+  messageDesc(file_cex_funding_v1_funding, 24);
+
+/**
+ * Request for FundingService.AddWithdrawalAddress.
+ *
+ * @generated from message cex.funding.v1.AddWithdrawalAddressRequest
+ */
+export type AddWithdrawalAddressRequest = Message<"cex.funding.v1.AddWithdrawalAddressRequest"> & {
+  /**
+   * Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+   * characters. The same id with the same body returns the first result;
+   * with a different body, ALREADY_EXISTS.
+   *
+   * @generated from field: string request_id = 1;
+   */
+  requestId: string;
+
+  /**
+   * Account; empty means the caller's account.
+   *
+   * @generated from field: string account_id = 2;
+   */
+  accountId: string;
+
+  /**
+   * Asset code.
+   *
+   * @generated from field: string asset = 3;
+   */
+  asset: string;
+
+  /**
+   * Network; empty means the asset's default network.
+   *
+   * @generated from field: string network = 4;
+   */
+  network: string;
+
+  /**
+   * The destination address.
+   *
+   * @generated from field: string address = 5;
+   */
+  address: string;
+
+  /**
+   * A label for it (up to 64 characters).
+   *
+   * @generated from field: string label = 6;
+   */
+  label: string;
+};
+
+/**
+ * Describes the message cex.funding.v1.AddWithdrawalAddressRequest.
+ * Use `create(AddWithdrawalAddressRequestSchema)` to create a new message.
+ */
+export const AddWithdrawalAddressRequestSchema: GenMessage<AddWithdrawalAddressRequest> = /*@__PURE__*/
+  messageDesc(file_cex_funding_v1_funding, 25);
+
+/**
+ * Response for FundingService.AddWithdrawalAddress.
+ *
+ * @generated from message cex.funding.v1.AddWithdrawalAddressResponse
+ */
+export type AddWithdrawalAddressResponse = Message<"cex.funding.v1.AddWithdrawalAddressResponse"> & {
+  /**
+   * The address on the allowlist.
+   *
+   * @generated from field: cex.funding.v1.WithdrawalAddress withdrawal_address = 1;
+   */
+  withdrawalAddress?: WithdrawalAddress | undefined;
+};
+
+/**
+ * Describes the message cex.funding.v1.AddWithdrawalAddressResponse.
+ * Use `create(AddWithdrawalAddressResponseSchema)` to create a new message.
+ */
+export const AddWithdrawalAddressResponseSchema: GenMessage<AddWithdrawalAddressResponse> = /*@__PURE__*/
+  messageDesc(file_cex_funding_v1_funding, 26);
+
+/**
+ * Request for FundingService.RemoveWithdrawalAddress.
+ *
+ * @generated from message cex.funding.v1.RemoveWithdrawalAddressRequest
+ */
+export type RemoveWithdrawalAddressRequest = Message<"cex.funding.v1.RemoveWithdrawalAddressRequest"> & {
+  /**
+   * Required (ADR 0003): the client-chosen idempotency key.
+   *
+   * @generated from field: string request_id = 1;
+   */
+  requestId: string;
+
+  /**
+   * Account; empty means the caller's account.
+   *
+   * @generated from field: string account_id = 2;
+   */
+  accountId: string;
+
+  /**
+   * The address to remove.
+   *
+   * @generated from field: string address_id = 3;
+   */
+  addressId: string;
+};
+
+/**
+ * Describes the message cex.funding.v1.RemoveWithdrawalAddressRequest.
+ * Use `create(RemoveWithdrawalAddressRequestSchema)` to create a new message.
+ */
+export const RemoveWithdrawalAddressRequestSchema: GenMessage<RemoveWithdrawalAddressRequest> = /*@__PURE__*/
+  messageDesc(file_cex_funding_v1_funding, 27);
+
+/**
+ * Response for FundingService.RemoveWithdrawalAddress.
+ *
+ * @generated from message cex.funding.v1.RemoveWithdrawalAddressResponse
+ */
+export type RemoveWithdrawalAddressResponse = Message<"cex.funding.v1.RemoveWithdrawalAddressResponse"> & {
+  /**
+   * The address, removed.
+   *
+   * @generated from field: cex.funding.v1.WithdrawalAddress withdrawal_address = 1;
+   */
+  withdrawalAddress?: WithdrawalAddress | undefined;
+};
+
+/**
+ * Describes the message cex.funding.v1.RemoveWithdrawalAddressResponse.
+ * Use `create(RemoveWithdrawalAddressResponseSchema)` to create a new message.
+ */
+export const RemoveWithdrawalAddressResponseSchema: GenMessage<RemoveWithdrawalAddressResponse> = /*@__PURE__*/
+  messageDesc(file_cex_funding_v1_funding, 28);
+
+/**
+ * Request for FundingService.ListWithdrawalAddresses.
+ *
+ * @generated from message cex.funding.v1.ListWithdrawalAddressesRequest
+ */
+export type ListWithdrawalAddressesRequest = Message<"cex.funding.v1.ListWithdrawalAddressesRequest"> & {
+  /**
+   * Account; empty means the caller's account.
+   *
+   * @generated from field: string account_id = 1;
+   */
+  accountId: string;
+
+  /**
+   * Only this asset; empty means all.
+   *
+   * @generated from field: string asset = 2;
+   */
+  asset: string;
+
+  /**
+   * Maximum number to return; 0 means a server default (100), values above
+   * 1000 are coerced to 1000.
+   *
+   * @generated from field: int32 page_size = 3;
+   */
+  pageSize: number;
+
+  /**
+   * Token from a previous response's next_page_token; empty for the first page.
+   *
+   * @generated from field: string page_token = 4;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message cex.funding.v1.ListWithdrawalAddressesRequest.
+ * Use `create(ListWithdrawalAddressesRequestSchema)` to create a new message.
+ */
+export const ListWithdrawalAddressesRequestSchema: GenMessage<ListWithdrawalAddressesRequest> = /*@__PURE__*/
+  messageDesc(file_cex_funding_v1_funding, 29);
+
+/**
+ * Response for FundingService.ListWithdrawalAddresses.
+ *
+ * @generated from message cex.funding.v1.ListWithdrawalAddressesResponse
+ */
+export type ListWithdrawalAddressesResponse = Message<"cex.funding.v1.ListWithdrawalAddressesResponse"> & {
+  /**
+   * The addresses, newest first.
+   *
+   * @generated from field: repeated cex.funding.v1.WithdrawalAddress withdrawal_addresses = 1;
+   */
+  withdrawalAddresses: WithdrawalAddress[];
+
+  /**
+   * Token for the next page; empty when there are no more results.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message cex.funding.v1.ListWithdrawalAddressesResponse.
+ * Use `create(ListWithdrawalAddressesResponseSchema)` to create a new message.
+ */
+export const ListWithdrawalAddressesResponseSchema: GenMessage<ListWithdrawalAddressesResponse> = /*@__PURE__*/
+  messageDesc(file_cex_funding_v1_funding, 30);
+
+/**
+ * Request for FundingService.GetWithdrawalAllowlist.
+ *
+ * @generated from message cex.funding.v1.GetWithdrawalAllowlistRequest
+ */
+export type GetWithdrawalAllowlistRequest = Message<"cex.funding.v1.GetWithdrawalAllowlistRequest"> & {
+  /**
+   * Account; empty means the caller's account.
+   *
+   * @generated from field: string account_id = 1;
+   */
+  accountId: string;
+};
+
+/**
+ * Describes the message cex.funding.v1.GetWithdrawalAllowlistRequest.
+ * Use `create(GetWithdrawalAllowlistRequestSchema)` to create a new message.
+ */
+export const GetWithdrawalAllowlistRequestSchema: GenMessage<GetWithdrawalAllowlistRequest> = /*@__PURE__*/
+  messageDesc(file_cex_funding_v1_funding, 31);
+
+/**
+ * Response for FundingService.GetWithdrawalAllowlist.
+ *
+ * @generated from message cex.funding.v1.GetWithdrawalAllowlistResponse
+ */
+export type GetWithdrawalAllowlistResponse = Message<"cex.funding.v1.GetWithdrawalAllowlistResponse"> & {
+  /**
+   * The allowlist's state.
+   *
+   * @generated from field: cex.funding.v1.WithdrawalAllowlist withdrawal_allowlist = 1;
+   */
+  withdrawalAllowlist?: WithdrawalAllowlist | undefined;
+};
+
+/**
+ * Describes the message cex.funding.v1.GetWithdrawalAllowlistResponse.
+ * Use `create(GetWithdrawalAllowlistResponseSchema)` to create a new message.
+ */
+export const GetWithdrawalAllowlistResponseSchema: GenMessage<GetWithdrawalAllowlistResponse> = /*@__PURE__*/
+  messageDesc(file_cex_funding_v1_funding, 32);
+
+/**
+ * Request for FundingService.SetWithdrawalAllowlist.
+ *
+ * @generated from message cex.funding.v1.SetWithdrawalAllowlistRequest
+ */
+export type SetWithdrawalAllowlistRequest = Message<"cex.funding.v1.SetWithdrawalAllowlistRequest"> & {
+  /**
+   * Required (ADR 0003): the client-chosen idempotency key.
+   *
+   * @generated from field: string request_id = 1;
+   */
+  requestId: string;
+
+  /**
+   * Account; empty means the caller's account.
+   *
+   * @generated from field: string account_id = 2;
+   */
+  accountId: string;
+
+  /**
+   * True: on, at once. False: off once the cooling period has passed.
+   *
+   * @generated from field: bool enabled = 3;
+   */
+  enabled: boolean;
+};
+
+/**
+ * Describes the message cex.funding.v1.SetWithdrawalAllowlistRequest.
+ * Use `create(SetWithdrawalAllowlistRequestSchema)` to create a new message.
+ */
+export const SetWithdrawalAllowlistRequestSchema: GenMessage<SetWithdrawalAllowlistRequest> = /*@__PURE__*/
+  messageDesc(file_cex_funding_v1_funding, 33);
+
+/**
+ * Response for FundingService.SetWithdrawalAllowlist.
+ *
+ * @generated from message cex.funding.v1.SetWithdrawalAllowlistResponse
+ */
+export type SetWithdrawalAllowlistResponse = Message<"cex.funding.v1.SetWithdrawalAllowlistResponse"> & {
+  /**
+   * The allowlist after the change.
+   *
+   * @generated from field: cex.funding.v1.WithdrawalAllowlist withdrawal_allowlist = 1;
+   */
+  withdrawalAllowlist?: WithdrawalAllowlist | undefined;
+};
+
+/**
+ * Describes the message cex.funding.v1.SetWithdrawalAllowlistResponse.
+ * Use `create(SetWithdrawalAllowlistResponseSchema)` to create a new message.
+ */
+export const SetWithdrawalAllowlistResponseSchema: GenMessage<SetWithdrawalAllowlistResponse> = /*@__PURE__*/
+  messageDesc(file_cex_funding_v1_funding, 34);
+
+/**
+ * Request for FundingService.ApproveWithdrawal.
+ *
+ * @generated from message cex.funding.v1.ApproveWithdrawalRequest
+ */
+export type ApproveWithdrawalRequest = Message<"cex.funding.v1.ApproveWithdrawalRequest"> & {
+  /**
+   * Required (ADR 0003): the client-chosen idempotency key.
+   *
+   * @generated from field: string request_id = 1;
+   */
+  requestId: string;
+
+  /**
+   * The withdrawal.
+   *
+   * @generated from field: string withdrawal_id = 2;
+   */
+  withdrawalId: string;
+
+  /**
+   * Why (kept with the decision).
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message cex.funding.v1.ApproveWithdrawalRequest.
+ * Use `create(ApproveWithdrawalRequestSchema)` to create a new message.
+ */
+export const ApproveWithdrawalRequestSchema: GenMessage<ApproveWithdrawalRequest> = /*@__PURE__*/
+  messageDesc(file_cex_funding_v1_funding, 35);
+
+/**
+ * Response for FundingService.ApproveWithdrawal.
+ *
+ * @generated from message cex.funding.v1.ApproveWithdrawalResponse
+ */
+export type ApproveWithdrawalResponse = Message<"cex.funding.v1.ApproveWithdrawalResponse"> & {
+  /**
+   * The withdrawal after the decision.
+   *
+   * @generated from field: cex.funding.v1.Withdrawal withdrawal = 1;
+   */
+  withdrawal?: Withdrawal | undefined;
+};
+
+/**
+ * Describes the message cex.funding.v1.ApproveWithdrawalResponse.
+ * Use `create(ApproveWithdrawalResponseSchema)` to create a new message.
+ */
+export const ApproveWithdrawalResponseSchema: GenMessage<ApproveWithdrawalResponse> = /*@__PURE__*/
+  messageDesc(file_cex_funding_v1_funding, 36);
+
+/**
+ * Request for FundingService.RejectWithdrawal.
+ *
+ * @generated from message cex.funding.v1.RejectWithdrawalRequest
+ */
+export type RejectWithdrawalRequest = Message<"cex.funding.v1.RejectWithdrawalRequest"> & {
+  /**
+   * Required (ADR 0003): the client-chosen idempotency key.
+   *
+   * @generated from field: string request_id = 1;
+   */
+  requestId: string;
+
+  /**
+   * The withdrawal.
+   *
+   * @generated from field: string withdrawal_id = 2;
+   */
+  withdrawalId: string;
+
+  /**
+   * Why; required, kept with the decision and shown to the owner.
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message cex.funding.v1.RejectWithdrawalRequest.
+ * Use `create(RejectWithdrawalRequestSchema)` to create a new message.
+ */
+export const RejectWithdrawalRequestSchema: GenMessage<RejectWithdrawalRequest> = /*@__PURE__*/
+  messageDesc(file_cex_funding_v1_funding, 37);
+
+/**
+ * Response for FundingService.RejectWithdrawal.
+ *
+ * @generated from message cex.funding.v1.RejectWithdrawalResponse
+ */
+export type RejectWithdrawalResponse = Message<"cex.funding.v1.RejectWithdrawalResponse"> & {
+  /**
+   * The withdrawal after the decision (REJECTED once the hold is voided, a
+   * moment later).
+   *
+   * @generated from field: cex.funding.v1.Withdrawal withdrawal = 1;
+   */
+  withdrawal?: Withdrawal | undefined;
+};
+
+/**
+ * Describes the message cex.funding.v1.RejectWithdrawalResponse.
+ * Use `create(RejectWithdrawalResponseSchema)` to create a new message.
+ */
+export const RejectWithdrawalResponseSchema: GenMessage<RejectWithdrawalResponse> = /*@__PURE__*/
+  messageDesc(file_cex_funding_v1_funding, 38);
 
 /**
  * Lifecycle state of a deposit.
@@ -1213,7 +1795,8 @@ export enum WithdrawalState {
   CANCELLED = 4,
 
   /**
-   * Refused by risk or for insufficient funds; nothing held (terminal).
+   * Refused by risk, for insufficient funds, or by an operator (or no
+   * approval in time); nothing held (terminal).
    *
    * @generated from enum value: WITHDRAWAL_STATE_REJECTED = 5;
    */
@@ -1226,6 +1809,15 @@ export enum WithdrawalState {
    * @generated from enum value: WITHDRAWAL_STATE_FAILED = 6;
    */
   FAILED = 6,
+
+  /**
+   * Above its asset's approval threshold: held and allowed by risk, waiting
+   * for an operator's ApproveWithdrawal before approval_deadline_time.
+   * Cancellable. A rejection or the deadline makes it REJECTED.
+   *
+   * @generated from enum value: WITHDRAWAL_STATE_AWAITING_APPROVAL = 7;
+   */
+  AWAITING_APPROVAL = 7,
 }
 
 /**
@@ -1233,6 +1825,47 @@ export enum WithdrawalState {
  */
 export const WithdrawalStateSchema: GenEnum<WithdrawalState> = /*@__PURE__*/
   enumDesc(file_cex_funding_v1_funding, 1);
+
+/**
+ * An operator's decision on a withdrawal that needs approval.
+ *
+ * @generated from enum cex.funding.v1.WithdrawalReview
+ */
+export enum WithdrawalReview {
+  /**
+   * No decision (yet), or no approval needed.
+   *
+   * @generated from enum value: WITHDRAWAL_REVIEW_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Approved by an operator.
+   *
+   * @generated from enum value: WITHDRAWAL_REVIEW_APPROVED = 1;
+   */
+  APPROVED = 1,
+
+  /**
+   * Rejected by an operator.
+   *
+   * @generated from enum value: WITHDRAWAL_REVIEW_REJECTED = 2;
+   */
+  REJECTED = 2,
+
+  /**
+   * No decision before the approval deadline: treated as a rejection.
+   *
+   * @generated from enum value: WITHDRAWAL_REVIEW_EXPIRED = 3;
+   */
+  EXPIRED = 3,
+}
+
+/**
+ * Describes the enum cex.funding.v1.WithdrawalReview.
+ */
+export const WithdrawalReviewSchema: GenEnum<WithdrawalReview> = /*@__PURE__*/
+  enumDesc(file_cex_funding_v1_funding, 2);
 
 /**
  * Which flow a saga runs.
@@ -1266,7 +1899,7 @@ export enum SagaKind {
  * Describes the enum cex.funding.v1.SagaKind.
  */
 export const SagaKindSchema: GenEnum<SagaKind> = /*@__PURE__*/
-  enumDesc(file_cex_funding_v1_funding, 2);
+  enumDesc(file_cex_funding_v1_funding, 3);
 
 /**
  * Lifecycle state of a saga.
@@ -1322,7 +1955,7 @@ export enum SagaState {
  * Describes the enum cex.funding.v1.SagaState.
  */
 export const SagaStateSchema: GenEnum<SagaState> = /*@__PURE__*/
-  enumDesc(file_cex_funding_v1_funding, 3);
+  enumDesc(file_cex_funding_v1_funding, 4);
 
 /**
  * Outcome recorded by one saga step log entry.
@@ -1370,7 +2003,7 @@ export enum SagaStepState {
  * Describes the enum cex.funding.v1.SagaStepState.
  */
 export const SagaStepStateSchema: GenEnum<SagaStepState> = /*@__PURE__*/
-  enumDesc(file_cex_funding_v1_funding, 4);
+  enumDesc(file_cex_funding_v1_funding, 5);
 
 /**
  * Deposits, withdrawals and saga inspection.
@@ -1412,6 +2045,9 @@ export const FundingService: GenService<{
   /**
    * Requests a withdrawal. Returns once the request is durably recorded (state
    * PENDING); the saga then runs asynchronously. Idempotent on request_id.
+   * While the account's allowlist is on, an address not on it is refused with
+   * FAILED_PRECONDITION FUNDING_ADDRESS_NOT_ALLOWED, one still cooling with
+   * FUNDING_ADDRESS_COOLING (nothing is recorded or held).
    *
    * @generated from rpc cex.funding.v1.FundingService.RequestWithdrawal
    */
@@ -1471,6 +2107,85 @@ export const FundingService: GenService<{
     methodKind: "unary";
     input: typeof GetSagaRequestSchema;
     output: typeof GetSagaResponseSchema;
+  },
+  /**
+   * Adds a withdrawal address to the account's allowlist (scope withdraw). It
+   * becomes usable once its cooling period has passed (usable_time). Adding
+   * an address already listed returns it unchanged.
+   *
+   * @generated from rpc cex.funding.v1.FundingService.AddWithdrawalAddress
+   */
+  addWithdrawalAddress: {
+    methodKind: "unary";
+    input: typeof AddWithdrawalAddressRequestSchema;
+    output: typeof AddWithdrawalAddressResponseSchema;
+  },
+  /**
+   * Removes a withdrawal address from the allowlist (scope withdraw), at once.
+   * Removing a removed address returns it.
+   *
+   * @generated from rpc cex.funding.v1.FundingService.RemoveWithdrawalAddress
+   */
+  removeWithdrawalAddress: {
+    methodKind: "unary";
+    input: typeof RemoveWithdrawalAddressRequestSchema;
+    output: typeof RemoveWithdrawalAddressResponseSchema;
+  },
+  /**
+   * Lists the account's withdrawal addresses (not removed ones), newest first.
+   *
+   * @generated from rpc cex.funding.v1.FundingService.ListWithdrawalAddresses
+   */
+  listWithdrawalAddresses: {
+    methodKind: "unary";
+    input: typeof ListWithdrawalAddressesRequestSchema;
+    output: typeof ListWithdrawalAddressesResponseSchema;
+  },
+  /**
+   * Returns whether the account's allowlist is on.
+   *
+   * @generated from rpc cex.funding.v1.FundingService.GetWithdrawalAllowlist
+   */
+  getWithdrawalAllowlist: {
+    methodKind: "unary";
+    input: typeof GetWithdrawalAllowlistRequestSchema;
+    output: typeof GetWithdrawalAllowlistResponseSchema;
+  },
+  /**
+   * Turns the account's allowlist on (at once) or off (scope withdraw). Off
+   * takes effect only after the cooling period (disable_time), so that a
+   * stolen key cannot turn it off and withdraw at once; turning it on again
+   * before then cancels the turn-off.
+   *
+   * @generated from rpc cex.funding.v1.FundingService.SetWithdrawalAllowlist
+   */
+  setWithdrawalAllowlist: {
+    methodKind: "unary";
+    input: typeof SetWithdrawalAllowlistRequestSchema;
+    output: typeof SetWithdrawalAllowlistResponseSchema;
+  },
+  /**
+   * Operators: approves a withdrawal that waits for approval (above its
+   * asset's threshold), before its deadline; the saga goes on to the
+   * broadcast. Approving an approved withdrawal returns it.
+   *
+   * @generated from rpc cex.funding.v1.FundingService.ApproveWithdrawal
+   */
+  approveWithdrawal: {
+    methodKind: "unary";
+    input: typeof ApproveWithdrawalRequestSchema;
+    output: typeof ApproveWithdrawalResponseSchema;
+  },
+  /**
+   * Operators: rejects a withdrawal that waits for approval; its hold is
+   * voided and it ends REJECTED (FUNDING_WITHDRAWAL_REJECTED_BY_OPERATOR).
+   *
+   * @generated from rpc cex.funding.v1.FundingService.RejectWithdrawal
+   */
+  rejectWithdrawal: {
+    methodKind: "unary";
+    input: typeof RejectWithdrawalRequestSchema;
+    output: typeof RejectWithdrawalResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_cex_funding_v1_funding, 0);
