@@ -98,7 +98,6 @@ class _Steps:
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 # A match refusal that may pass (ownership moving between replicas).
 _MATCH_TRANSIENT = {"MATCH_NOT_MARKET_OWNER"}
-_NO_CONSUMER = 2**62  # without a consumer, nothing is waited for
 
 
 def new_order_id() -> str:
@@ -132,7 +131,7 @@ class Flow:
         config: OrderConfig,
         risk: RiskChecks,
         match: MatchClient,
-        consumer: EventConsumer | None,
+        consumer: EventConsumer,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store = store
@@ -155,9 +154,7 @@ class Flow:
         self.remembers: Batcher[tuple[str, str, str, str, bytes], None] = Batcher(
             self.store.remember_many, name="remembers", max_batch=500
         )
-        self.acknowledged = Acknowledged(
-            consumer.cursor if consumer is not None else lambda _market: _NO_CONSUMER
-        )
+        self.acknowledged = Acknowledged(consumer.cursor)
 
     async def run(self) -> None:
         """The batchers' loops (until cancelled)."""
@@ -176,8 +173,6 @@ class Flow:
     async def caught_up(self, account_id: str | None) -> None:
         """Wait (bounded) until the consumer stored what this process answered the
         account (every account, with None): a read after an answer shows it."""
-        if self.consumer is None:
-            return
         wanted = self.acknowledged.awaited(account_id)
         await asyncio.gather(
             *(
