@@ -433,7 +433,7 @@ async def build_server(
         reason="LEDGER_UNAVAILABLE",
         name="ledger_transfers",
         token=credentials.token if credentials else None,
-        max_weight=MAX_BATCH * 4,
+        max_weight=MAX_BATCH,
         weight=lambda command: len(command.transfers.transfers),
     )
     await server.enter(background(stream.run(), "ledger-command-stream"))
