@@ -366,6 +366,7 @@ async def run_audit(
     (when there were new transfers) in the same transaction; one that loses a
     race with another auditor's checkpoint keeps its verdict and writes none."""
     wanted = list(assets)
+    report: AuditReport | None = None
     async with pool.acquire() as conn:
         transaction = conn.transaction(isolation="repeatable_read")
         await transaction.start()
@@ -374,10 +375,16 @@ async def run_audit(
             if not wanted:
                 await _advance(conn, report, latest, cursor)
             await transaction.commit()
-        except (asyncpg.SerializationError, asyncpg.UniqueViolationError):
+        except (
+            asyncpg.SerializationError,
+            asyncpg.UniqueViolationError,
+            asyncpg.DeadlockDetectedError,
+        ):
             # Another audit moved the checkpoint after this one's snapshot: the
             # verdict stands, the checkpoint is theirs.
             await transaction.rollback()
+            if report is None:
+                raise
             report.checkpoint_id, report.checkpoint_hash = 0, ""
         except BaseException:
             await transaction.rollback()
