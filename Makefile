@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match bench-ledger bench-edge bench-risk bench-marketdata bench-market-data bench-trading bench-funding bench-telemetry soak clean
+.PHONY: setup run status test test-unit test-chaos lint fmt bench-stack bench-match bench-ledger bench-audit bench-edge bench-risk bench-marketdata bench-market-data bench-trading bench-funding bench-telemetry soak clean
 
 setup: $(INSTALLED)
 
@@ -64,6 +64,10 @@ bench-match: $(INSTALLED)
 ## bench-ledger: CreateTransfers single and batched (synchronous_commit on)
 bench-ledger: $(INSTALLED)
 	$(BIN)/python -m bench.bench_ledger
+
+## bench-audit: the ledger audit's time as the history grows (PostgreSQL alone, SQL-written history)
+bench-audit: $(INSTALLED)
+	$(BIN)/python -m bench.bench_audit $(BENCH_ARGS)
 
 ## bench-telemetry: PlaceOrder through Envoy with tracing off, on at 100% and at 1% (same run), and the metrics' cost
 bench-telemetry: $(INSTALLED)

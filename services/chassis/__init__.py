@@ -16,6 +16,7 @@ from .authn import (
 from .bus import PullConsumer, ensure_stream, match_events, nats_connection, observe_fetch
 from .cache import redis_connection
 from .clients import mesh_channel, service_credentials
+from .command_stream import CommandStream
 from .db import MigrationError, migrate, postgres
 from .errors import (
     AlreadyExists,
@@ -50,6 +51,7 @@ __all__ = [
     "AuthContext",
     "Catalog",
     "ChassisSettings",
+    "CommandStream",
     "ErrorDetails",
     "ExchangeError",
     "FailedPrecondition",

@@ -3,7 +3,9 @@
 The ledger keeps its API (CreateTransfers, PostPendingTransfer,
 VoidPendingTransfer) and its rules, but one process decides every balance: the
 writer that also reserves, matches and settles orders. A request's transfers
-go to it as one `TransfersCommand`; it applies them with the ledger's rules on
+go to it as one `TransfersCommand`, over one long-lived command stream that
+carries whatever concurrent requests wait together (chassis' `CommandStream`,
+as order's commands go); it applies them with the ledger's rules on
 the balances it holds, writes them to the ledger's tables in its own commit,
 and answers a status per transfer. The transfers it applied are then read back
 from those tables, committed. What never needs the balances is answered here:
@@ -16,11 +18,16 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-import grpc
 from google.rpc import status_pb2
 
-from cex.match.v1 import match_pb2, match_pb2_grpc
-from services.chassis import ErrorDetails, ExchangeError, InvalidArgument, Unavailable
+from cex.match.v1 import match_pb2
+from services.chassis import (
+    CommandStream,
+    ErrorDetails,
+    ExchangeError,
+    InvalidArgument,
+    Unavailable,
+)
 
 from .domain import Op, Outcome, TransferInput, linked_failed, split_chains
 from .store import Store
@@ -52,10 +59,9 @@ def _wire(item: TransferInput) -> match_pb2.FundsTransfer:
 
 
 class BalanceOwner:
-    def __init__(self, channel: grpc.aio.Channel, store: Store, *, timeout_s: float = 10.0) -> None:
-        self._stub = match_pb2_grpc.MatchServiceStub(channel)
+    def __init__(self, stream: CommandStream, store: Store) -> None:
+        self._stream = stream
         self._store = store
-        self._timeout_s = timeout_s
 
     async def transfers(
         self, items: Sequence[TransferInput | ExchangeError], linked: Sequence[bool]
@@ -95,18 +101,9 @@ class BalanceOwner:
             command_id=f"transfers:{uuid.uuid4().hex}",
             transfers=match_pb2.TransfersCommand(transfers=transfers),
         )
-        try:
-            call = self._stub.SubmitCommands(
-                iter([match_pb2.SubmitCommandsRequest(commands=[command])]),
-                timeout=self._timeout_s,
-            )
-            responses = [response async for response in call]
-        except grpc.aio.AioRpcError as error:
-            details = ErrorDetails.from_rpc_error(error)
-            raise Unavailable(
-                "LEDGER_UNAVAILABLE", f"the balance owner did not answer: {details.message}"
-            ) from None
-        result = responses[0].results[0]
+        # The stream answers UNAVAILABLE LEDGER_UNAVAILABLE when the writer is
+        # away, breaks the stream or does not answer in time.
+        result = await self._stream.submit(command)
         if result.status.code:
             raise _error(result.status, "LEDGER_UNAVAILABLE")
         if len(result.transfer_statuses) != len(transfers):
