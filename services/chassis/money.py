@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
-__all__ = ["MoneyError", "from_units", "parse_decimal", "to_units"]
+__all__ = ["MoneyError", "decimal_text", "from_units", "parse_decimal", "to_units"]
 
 # Plain decimals only: no exponent, no sign other than '-', no spaces, no "NaN".
 _DECIMAL = re.compile(r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?$")
@@ -36,6 +36,15 @@ def parse_decimal(text: str) -> Decimal:
         return Decimal(text)
     except InvalidOperation:  # pragma: no cover - the pattern already refuses these
         raise MoneyError("MALFORMED", f"{text!r} is not a plain decimal number") from None
+
+
+def decimal_text(value: Decimal | None) -> str:
+    """A decimal as the wire's plain string (no exponent, no trailing zeros; "" for
+    none): what `parse_decimal` reads back."""
+    if value is None:
+        return ""
+    text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "0") else text
 
 
 def to_units(text: str, unit: Decimal) -> int:

@@ -36,7 +36,6 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from nats.aio.client import Client as Nats
@@ -45,6 +44,7 @@ from redis.asyncio import Redis
 from cex.marketdata.v1 import marketdata_pb2 as md
 from cex.type.v1 import types_pb2
 from services.chassis import timestamp_ns
+from services.chassis.money import decimal_text
 
 from .config import MarketDataSettings
 from .domain import (
@@ -504,12 +504,6 @@ class TickerSubscriber:
         return out
 
 
-def decimal_text(value: Decimal) -> str:
-    """The canonical decimal string (no exponent, no trailing zeros), as match writes."""
-    text = format(value.normalize(), "f")
-    return "0" if text in ("-0", "0") else text
-
-
 def trade_pb(trade: TradeFact) -> md.Trade:
     return md.Trade(
         trade_id=trade.trade_id,
@@ -526,25 +520,22 @@ def trade_pb(trade: TradeFact) -> md.Trade:
 def ticker_pb(
     market: str, stats: TickerStats, book: L2Book, time_ns: int, now_ns: int
 ) -> md.Ticker:
-    def text(value: Decimal | None) -> str:
-        return "" if value is None else decimal_text(value)
-
     bid, ask = book.top(BID, 1), book.top(ASK, 1)
     return md.Ticker(
         market=market,
-        last_price=text(stats.last_price),
-        last_quantity=text(stats.last_quantity),
+        last_price=decimal_text(stats.last_price),
+        last_quantity=decimal_text(stats.last_quantity),
         best_bid_price=bid[0].price if bid else "",
         best_bid_quantity=bid[0].quantity if bid else "",
         best_ask_price=ask[0].price if ask else "",
         best_ask_quantity=ask[0].quantity if ask else "",
-        open_price=text(stats.open),
-        high_price=text(stats.high),
-        low_price=text(stats.low),
+        open_price=decimal_text(stats.open),
+        high_price=decimal_text(stats.high),
+        low_price=decimal_text(stats.low),
         volume=decimal_text(stats.volume),
         quote_volume=decimal_text(stats.quote_volume),
-        price_change=text(stats.price_change),
-        price_change_percent=text(stats.price_change_percent),
+        price_change=decimal_text(stats.price_change),
+        price_change_percent=decimal_text(stats.price_change_percent),
         trade_count=stats.trade_count,
         window_start_time=timestamp_ns(stats.window_start_s * 1_000_000_000),
         update_time=timestamp_ns(time_ns or now_ns),

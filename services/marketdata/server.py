@@ -47,6 +47,7 @@ from services.chassis import (
 )
 from services.chassis.authn import service_auth_interceptors
 from services.chassis.interceptors import client_interceptors
+from services.chassis.money import decimal_text
 from services.chassis.tokens import StaticKeys
 
 from .config import MarketDataSettings
@@ -58,7 +59,6 @@ from .fanout import (
     Hub,
     TickerSubscriber,
     TradeSubscriber,
-    decimal_text,
     trade_pb,
 )
 from .store import Store

@@ -26,7 +26,7 @@ from services.chassis import (
     Market,
     MoneyError,
 )
-from services.chassis.money import parse_decimal
+from services.chassis.money import decimal_text, parse_decimal
 
 __all__ = [
     "TERMINAL",
@@ -38,7 +38,6 @@ __all__ = [
     "apply_event",
     "check_amend",
     "check_client_order_id",
-    "decimal_text",
     "fingerprint",
     "hold_for",
     "journaled_place",
@@ -476,14 +475,6 @@ def journaled_place(event: match_pb2.MatchEvent) -> match_pb2.PlaceCommand | Non
     return None
 
 
-def decimal_text(value: Decimal | None) -> str:
-    """A decimal as the wire's plain string ("" for none)."""
-    if value is None:
-        return ""
-    text = format(value.normalize(), "f")
-    return "0" if text in ("-0", "0") else text
-
-
 def check_amend(
     order: OrderRecord, market: Market, price: Decimal | None, quantity: Decimal | None
 ) -> None:
@@ -508,7 +499,7 @@ def check_amend(
         raise FailedPrecondition(
             "ORDER_AMEND_QUANTITY_TOO_LOW",
             f"the new quantity must be above what has filled ({order.filled_quantity})",
-            metadata={"filled_quantity": _text(order.filled_quantity)},
+            metadata={"filled_quantity": decimal_text(order.filled_quantity)},
         )
     unfilled = new_qty - order.filled_quantity
     if order.side == t.SIDE_BUY:
@@ -522,19 +513,14 @@ def check_amend(
             "ORDER_AMEND_EXCEEDS_HOLD",
             "the amend needs more funds than the order holds: cancel and place a new order",
             metadata={
-                "held": _text(Decimal(left) * _unit(order, market)),
-                "needed": _text(Decimal(need) * _unit(order, market)),
+                "held": decimal_text(Decimal(left) * _unit(order, market)),
+                "needed": decimal_text(Decimal(need) * _unit(order, market)),
             },
         )
 
 
 def _unit(order: OrderRecord, market: Market) -> Decimal:
     return market.quote.unit if order.side == t.SIDE_BUY else market.base.unit
-
-
-def _text(value: Decimal) -> str:
-    text = format(value.normalize(), "f")
-    return "0" if text in ("-0", "0") else text
 
 
 # ---- match events ------------------------------------------------------------

@@ -48,6 +48,7 @@ from services.chassis import (
     NotFound,
     Unavailable,
 )
+from services.chassis.money import decimal_text
 
 from .acknowledged import Acknowledged
 from .config import OrderConfig
@@ -58,7 +59,6 @@ from .domain import (
     answered_order,
     apply_event,
     check_amend,
-    decimal_text,
     place_command,
     protection_price,
     validate_place,

@@ -10,18 +10,12 @@ from google.protobuf import timestamp_pb2
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
 from services.chassis import Catalog
+from services.chassis.money import decimal_text
 
 from .domain import Execution, OrderRecord
 from .store import FillRow
 
-__all__ = ["dec", "execution_report", "fill_proto", "order_proto", "timestamp"]
-
-
-def dec(value: Decimal | None) -> str:
-    if value is None:
-        return ""
-    text = format(value.normalize(), "f")
-    return "0" if text in ("-0", "0") else text
+__all__ = ["execution_report", "fill_proto", "order_proto", "timestamp"]
 
 
 def timestamp(when: datetime) -> timestamp_pb2.Timestamp:
@@ -36,7 +30,7 @@ def _average(order: OrderRecord, catalog: Catalog) -> str:
     market = catalog.markets.get(order.market)
     unit = market.quote.unit if market else Decimal("0.00000001")
     average = order.filled_quote_quantity / order.filled_quantity
-    return dec(average.quantize(unit, ROUND_HALF_EVEN))
+    return decimal_text(average.quantize(unit, ROUND_HALF_EVEN))
 
 
 def _fee_asset(order: OrderRecord, catalog: Catalog) -> str:
@@ -58,17 +52,17 @@ def order_proto(order: OrderRecord, catalog: Catalog) -> order_pb2.Order:
         type=order.type,  # type: ignore[arg-type]
         time_in_force=order.time_in_force,  # type: ignore[arg-type]
         self_trade_prevention=order.self_trade_prevention,  # type: ignore[arg-type]
-        price=dec(order.price),
-        stop_price=dec(order.stop_price),
-        quantity=dec(order.quantity),
-        quote_quantity=dec(order.quote_quantity),
-        filled_quantity=dec(order.filled_quantity),
-        remaining_quantity=dec(order.remaining_quantity)
+        price=decimal_text(order.price),
+        stop_price=decimal_text(order.stop_price),
+        quantity=decimal_text(order.quantity),
+        quote_quantity=decimal_text(order.quote_quantity),
+        filled_quantity=decimal_text(order.filled_quantity),
+        remaining_quantity=decimal_text(order.remaining_quantity)
         if order.state not in (5, 6, 7, 8)
         else "0",
-        filled_quote_quantity=dec(order.filled_quote_quantity),
+        filled_quote_quantity=decimal_text(order.filled_quote_quantity),
         average_price=_average(order, catalog),
-        cumulative_fee=dec(order.cumulative_fee),
+        cumulative_fee=decimal_text(order.cumulative_fee),
         fee_asset=_fee_asset(order, catalog),
         post_only=order.post_only,
         state=order.state,  # type: ignore[arg-type]
@@ -93,10 +87,10 @@ def fill_proto(fill: FillRow) -> order_pb2.Fill:
         account_id=fill.account_id,
         market=fill.market,
         side=fill.side,  # type: ignore[arg-type]
-        price=dec(fill.price),
-        quantity=dec(fill.quantity),
-        quote_quantity=dec(fill.quote_quantity),
-        fee=dec(fill.fee),
+        price=decimal_text(fill.price),
+        quantity=decimal_text(fill.quantity),
+        quote_quantity=decimal_text(fill.quote_quantity),
+        fee=decimal_text(fill.fee),
         fee_asset=fill.fee_asset,
         liquidity=fill.liquidity,  # type: ignore[arg-type]
         trade_time=timestamp(fill.trade_time),
@@ -118,14 +112,14 @@ def execution_report(
         side=o.side,  # type: ignore[arg-type]
         order_type=o.type,  # type: ignore[arg-type]
         order_state=o.state,  # type: ignore[arg-type]
-        price=dec(o.price),
-        quantity=dec(o.quantity),
+        price=decimal_text(o.price),
+        quantity=decimal_text(o.quantity),
         last_price=execution.last_price,
         last_quantity=execution.last_quantity,
         last_quote_quantity=execution.last_quote_quantity,
-        cumulative_quantity=dec(o.filled_quantity),
-        cumulative_quote_quantity=dec(o.filled_quote_quantity),
-        remaining_quantity=dec(o.remaining_quantity),
+        cumulative_quantity=decimal_text(o.filled_quantity),
+        cumulative_quote_quantity=decimal_text(o.filled_quote_quantity),
+        remaining_quantity=decimal_text(o.remaining_quantity),
         average_price=_average(o, catalog),
         fee=execution.fee,
         fee_asset=execution.fee_asset,
