@@ -417,7 +417,7 @@ async def build_server(
         registry = REGISTRY if settings.metrics_port else CollectorRegistry()
     metrics = LedgerMetrics(registry)
     server = Server(settings)
-    infra = await connect(server, schema="ledger", migrations=MIGRATIONS)
+    infra = await connect(server, schema="ledger", migrations=MIGRATIONS, session_reset=False)
     pool = infra.pool
     assert isinstance(pool, asyncpg.Pool)
     store = Store(pool, catalog.assets)

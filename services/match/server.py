@@ -234,7 +234,11 @@ async def build_server(
     match_settings = match_settings or MatchSettings.from_env()
     catalog = catalog or load_catalog()
     server = Server(settings)
-    infra = await connect(server, schema="match", migrations=MIGRATIONS, nats=True)
+    # No session reset: the writer's session locks are released explicitly
+    # (Journal.ownership); everything else is transaction-scoped.
+    infra = await connect(
+        server, schema="match", migrations=MIGRATIONS, nats=True, session_reset=False
+    )
     assert infra.pool is not None and infra.nats is not None
     journal = Journal(infra.pool, match_settings.group)
     # The writer owns balances and writes the ledger's tables in its commits.

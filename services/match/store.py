@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-__all__ = ["Connection", "Entry", "Journal", "Snapshot"]
+__all__ = ["FIND", "Connection", "Entry", "Journal", "Snapshot"]
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
@@ -25,6 +25,15 @@ _ENTRY_COLUMNS = (
 )  # fmt: skip
 _SELECT = f"SELECT {', '.join(_ENTRY_COLUMNS)} FROM journal"
 _SNAPSHOTS_KEPT = 3
+# The writer's idempotency read, once per batch: two index lookups, whatever the
+# journal's length (an OR of the two scanned the whole journal: 1.1 ms at 2,000
+# entries, growing with history).
+FIND = (
+    f"{_SELECT} JOIN unnest($1::text[], $2::text[]) AS k(market, command_id)"
+    " USING (market, command_id)"
+    f" UNION ALL {_SELECT} WHERE writer_group = $3"
+    " AND client_key IS NOT NULL AND client_key = ANY($4::text[])"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +92,7 @@ class Journal:
         """Entries already journaled under any of these (market, command id)s, and
         under any of these client keys (the group's places)."""
         rows = await self._pool.fetch(
-            f"{_SELECT} WHERE (market, command_id) IN"
-            " (SELECT * FROM unnest($1::text[], $2::text[]))"
-            " OR (writer_group = $3 AND client_key = ANY($4::text[]))",
+            FIND,
             [market for market, _ in keys],
             [command_id for _, command_id in keys],
             self.group,

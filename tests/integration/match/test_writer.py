@@ -16,7 +16,7 @@ from services.ledger.store import Store as LedgerStore
 from services.match.engine import decode
 from services.match.funds import Funds
 from services.match.server import MIGRATIONS
-from services.match.store import Journal
+from services.match.store import FIND, Entry, Journal
 from services.match.writer import Sequencer
 from tests.integration.match.match_client import limit, place
 
@@ -56,3 +56,29 @@ async def test_a_caller_that_went_away_does_not_fail_its_batch(fresh_database_ur
             assert after.status.code == 0 and after.command_seq == 4
         finally:
             await writer.stop()
+
+
+async def test_the_idempotency_read_does_not_scan_the_journal(fresh_database_url: str) -> None:
+    """Each batch looks its command ids and client keys up in the journal: two index
+    lookups, so a batch costs the same on a long journal as on a new one."""
+    async with postgres(fresh_database_url, schema="match", migrations=MIGRATIONS) as pool:
+        journal = Journal(pool, "main")
+        async with pool.acquire() as conn:
+            await journal.append(
+                conn,
+                [
+                    Entry(i, MARKET.symbol, i, f"cmd{i}", i, b"", i, i, b"", f"acct:c{i}")
+                    for i in range(1, 5_001)
+                ],
+            )
+            await conn.execute("ANALYZE journal")
+            plan = "\n".join(
+                row[0]
+                for row in await conn.fetch(
+                    "EXPLAIN " + FIND, [MARKET.symbol], ["cmd7"], "main", ["acct:c9"]
+                )
+            )
+        assert "Seq Scan" not in plan, plan
+        known, by_client = await journal.find([(MARKET.symbol, "cmd7")], ["acct:c9"])
+        assert known[(MARKET.symbol, "cmd7")].group_seq == 7
+        assert by_client["acct:c9"].group_seq == 9
