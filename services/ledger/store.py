@@ -23,6 +23,7 @@ import asyncpg
 import grpc
 
 from services.chassis import ExchangeError
+from services.chassis.db import Statement
 
 from .domain import Account, Book, Failure, Kind, Op, State, Transfer
 
@@ -64,6 +65,19 @@ TRANSFER_COLUMNS = (
     "create_time",
 )
 _SELECT_TRANSFER = "SELECT " + ", ".join(TRANSFER_COLUMNS) + " FROM transfers"
+_TRANSFER_TYPES = dict(
+    zip(
+        TRANSFER_COLUMNS,
+        ("text", "int8", "int2", "text", "text", "text", "int8", "text", "bool", "int8",
+         "timestamptz", "int2", "text", "int2", "int8", "text", "timestamptz"),
+        strict=True,
+    )
+)  # fmt: skip
+_ACCOUNT_TYPES = {
+    "account_id": "text", "asset": "text", "is_system": "bool", "debits_posted": "int8",
+    "credits_posted": "int8", "debits_pending": "int8", "credits_pending": "int8",
+    "update_time": "timestamptz",
+}  # fmt: skip
 
 
 def transfer_from_row(row: asyncpg.Record) -> Transfer:
@@ -175,23 +189,23 @@ class Store:
             )
             book.failures[row["id"]] = Failure(row["id"], row["fingerprint"], error)
 
-    async def save(self, conn: Connection, book: Book) -> None:
+    def save(self, statement: Statement, book: Book) -> None:
+        """The book's changes, as writes of the balance owner's one-statement commit
+        (schema-qualified: the statement runs on match's connection)."""
         now = from_ns(book.now_ns)  # every row this group writes carries its time
-        if book.new_transfers:
-            await conn.copy_records_to_table(
-                "transfers",
-                records=[_transfer_record(t, now) for t in book.new_transfers],
-                columns=TRANSFER_COLUMNS,
-            )
+        statement.insert(
+            "ledger.transfers",
+            _TRANSFER_TYPES,
+            [_transfer_record(t, now) for t in book.new_transfers],
+        )
         changed = book.changed_accounts()
         updated = [a for a in changed if a.stored is not None]
-        created = [a for a in changed if a.stored is None]
         if updated:
-            await conn.execute(
-                """UPDATE accounts a SET debits_posted = u.dp, credits_posted = u.cp,
-                       debits_pending = u.dpe, credits_pending = u.cpe, update_time = u.t
+            statement.add(
+                """UPDATE ledger.accounts a SET debits_posted = u.dp, credits_posted = u.cp,
+                       debits_pending = u.dpe, credits_pending = u.cpe, update_time = $7
                    FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[],
-                       $6::int8[], $7::timestamptz[]) AS u(account_id, asset, dp, cp, dpe, cpe, t)
+                       $6::int8[]) AS u(account_id, asset, dp, cp, dpe, cpe)
                    WHERE a.account_id = u.account_id AND a.asset = u.asset""",
                 [a.account_id for a in updated],
                 [a.asset for a in updated],
@@ -199,79 +213,69 @@ class Store:
                 [a.credits_posted for a in updated],
                 [a.debits_pending for a in updated],
                 [a.credits_pending for a in updated],
-                [now] * len(updated),
+                now,
             )
-        if created:
-            # New accounts: a concurrent writer (another process) creating the same
-            # one makes this fail, and the group is retried.
-            await conn.copy_records_to_table(
-                "accounts",
-                records=[
-                    (
-                        a.account_id,
-                        a.asset,
-                        a.is_system,
-                        a.debits_posted,
-                        a.credits_posted,
-                        a.debits_pending,
-                        a.credits_pending,
-                        now,
-                    )
-                    for a in created
-                ],
-                columns=(
-                    "account_id",
-                    "asset",
-                    "is_system",
-                    "debits_posted",
-                    "credits_posted",
-                    "debits_pending",
-                    "credits_pending",
-                    "update_time",
-                ),
-            )
-        pendings = book.changed_pendings()
+        # New accounts: a concurrent writer (another process) creating the same one
+        # makes the commit fail, and the group is retried.
+        statement.insert(
+            "ledger.accounts",
+            _ACCOUNT_TYPES,
+            [
+                (
+                    a.account_id,
+                    a.asset,
+                    a.is_system,
+                    a.debits_posted,
+                    a.credits_posted,
+                    a.debits_pending,
+                    a.credits_pending,
+                    now,
+                )
+                for a in changed
+                if a.stored is None
+            ],
+        )
+        pendings = book.changed_pendings()  # stored before this batch: not a new row
         if pendings:
-            await conn.execute(
-                """UPDATE transfers t SET state = u.state, remaining = u.remaining
+            statement.add(
+                """UPDATE ledger.transfers t SET state = u.state, remaining = u.remaining
                    FROM unnest($1::text[], $2::int2[], $3::int8[]) AS u(id, state, remaining)
                    WHERE t.id = u.id""",
                 [t.id for t in pendings],
                 [int(t.state) for t in pendings],
                 [t.remaining for t in pendings],
             )
-        if book.new_failures:
-            await conn.executemany(
-                "INSERT INTO failed_transfers (id, fingerprint, code, reason, message, metadata)"
-                " VALUES ($1, $2, $3, $4, $5, $6)",
-                [
-                    (
-                        f.id,
-                        f.fingerprint,
-                        f.error.code.value[0],
-                        f.error.reason,
-                        f.error.message,
-                        json.dumps(f.error.metadata),
-                    )
-                    for f in book.new_failures
-                ],
-            )
-        if book.new_trades:
-            await conn.executemany(
-                "INSERT INTO settled_trades (market, trade_id, seq) VALUES ($1, $2, $3)",
-                book.new_trades,
-            )
-        if book.anomalies:
-            await conn.executemany(
-                "INSERT INTO settlement_anomalies"
-                " (market, seq, kind, order_id, asset, amount, detail)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                [
-                    (a.market, a.seq, a.kind, a.order_id, a.asset, a.amount, a.detail)
-                    for a in book.anomalies
-                ],
-            )
-        await conn.execute("UPDATE meta SET last_sequence = $1", book.last_sequence)
+        statement.insert(
+            "ledger.failed_transfers",
+            {"id": "text", "fingerprint": "text", "code": "int4", "reason": "text",
+             "message": "text", "metadata": "text"},
+            [
+                (
+                    f.id,
+                    f.fingerprint,
+                    f.error.code.value[0],
+                    f.error.reason,
+                    f.error.message,
+                    json.dumps(f.error.metadata),
+                )
+                for f in book.new_failures
+            ],
+        )  # fmt: skip
+        statement.insert(
+            "ledger.settled_trades",
+            {"market": "text", "trade_id": "text", "seq": "int8"},
+            book.new_trades,
+        )
+        statement.insert(
+            "ledger.settlement_anomalies",
+            {"market": "text", "seq": "int8", "kind": "text", "order_id": "text",
+             "asset": "text", "amount": "int8", "detail": "text"},
+            [
+                (a.market, a.seq, a.kind, a.order_id, a.asset, a.amount, a.detail)
+                for a in book.anomalies
+            ],
+        )  # fmt: skip
+        statement.add("UPDATE ledger.meta SET last_sequence = $1", book.last_sequence)
 
     # -- reads outside the write path ---------------------------------------
 

@@ -27,6 +27,7 @@ from prometheus_client import Counter
 
 from cex.match.v1 import match_pb2
 from services.chassis import Catalog, ExchangeError, InvalidArgument, MoneyError
+from services.chassis.db import Statement
 from services.ledger.domain import (
     Book,
     Kind,
@@ -178,12 +179,11 @@ class Funds:
 
     # ------------------------------------------------------------------ store
 
-    async def save(self, conn: Connection) -> None:
-        """Write the batch's changes (inside the writer's transaction), if any."""
+    def save(self, statement: Statement) -> None:
+        """The batch's changes, if any, as writes of the writer's one-statement commit."""
         book = self.book
         if book.touched_accounts or book.touched_transfers or book.new_failures or book.anomalies:
-            await _ledger_schema(conn)
-            await self._store.save(conn, book)
+            self._store.save(statement, book)
 
     def saved(self) -> None:
         """After the commit: keep balances and open holds, forget the rest."""

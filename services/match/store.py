@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from services.chassis.db import Statement
+
 __all__ = ["FIND", "Connection", "Entry", "Journal", "Snapshot"]
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -24,6 +26,14 @@ _ENTRY_COLUMNS = (
     "events", "client_key",
 )  # fmt: skip
 _SELECT = f"SELECT {', '.join(_ENTRY_COLUMNS)} FROM journal"
+_ENTRY_TYPES = dict(
+    zip(
+        ("writer_group", *_ENTRY_COLUMNS),
+        ("text", "int8", "text", "int8", "text", "int8", "bytea", "int8", "int8", "bytea",
+         "text"),
+        strict=True,
+    )
+)  # fmt: skip
 _SNAPSHOTS_KEPT = 3
 # The writer's idempotency read, once per batch: two index lookups, whatever the
 # journal's length (an OR of the two scanned the whole journal: 1.1 ms at 2,000
@@ -76,14 +86,12 @@ class Journal:
     def pool(self) -> asyncpg.Pool:
         return self._pool
 
-    async def append(self, conn: Connection, entries: Sequence[Entry]) -> None:
-        """Write a batch of entries (inside the writer's transaction: the group commit)."""
-        records = [(self.group, *(getattr(e, c) for c in _ENTRY_COLUMNS)) for e in entries]
-        await conn.copy_records_to_table(
-            "journal",
-            schema_name="match",
-            columns=("writer_group", *_ENTRY_COLUMNS),
-            records=records,
+    def append(self, statement: Statement, entries: Sequence[Entry]) -> None:
+        """A batch of entries, as writes of the writer's one-statement commit."""
+        statement.insert(
+            "match.journal",
+            _ENTRY_TYPES,
+            [(self.group, *(getattr(e, c) for c in _ENTRY_COLUMNS)) for e in entries],
         )
 
     async def find(

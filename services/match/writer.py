@@ -57,6 +57,7 @@ from services.chassis import (
     Market,
     Unavailable,
 )
+from services.chassis.db import Statement
 from services.chassis.tracing import Context
 
 from .engine import Decoded, MarketEngine, decode
@@ -443,10 +444,11 @@ class Sequencer:
                     )
                 )
             started = _stage("decide", started)
-            async with self._journal.pool.acquire() as conn, conn.transaction():
-                if entries:
-                    await self._journal.append(conn, entries)
-                await self.funds.save(conn)
+            statement = Statement()  # the batch's one commit: journal and balances
+            self._journal.append(statement, entries)
+            self.funds.save(statement)
+            async with self._journal.pool.acquire() as conn:
+                await statement.execute(conn)
             self.funds.saved()
             started = _stage("commit", started)
             state = self._snapshot_due()

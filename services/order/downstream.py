@@ -1,9 +1,10 @@
-"""The service the order path calls: match, whose writer reserves, matches and settles.
+"""What the order path calls: match, whose writer reserves, matches and settles,
+and the batching of order's own reads.
 
-Match commands are batched: callers await one item each, a loop sends
-whatever is waiting as one SubmitCommands message on a long-lived stream.
-Every command carries its own idempotency id, so a batch that fails in
-transit is simply tried again.
+Match commands go over chassis' CommandStream: callers await one command
+each, whatever waits while a message is written goes in the next one on a
+long-lived stream. Every command carries its own idempotency id, so a
+command that fails in transit is simply tried again.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 from typing import Generic, TypeVar
@@ -23,8 +23,9 @@ from prometheus_client import Histogram
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from services.chassis import ErrorDetails, ExchangeError, Unavailable
+from services.chassis.command_stream import CommandStream
 from services.chassis.money import parse_decimal
-from services.chassis.tracing import Context, batch_span, carrier, current_context
+from services.chassis.tracing import Context, batch_span, current_context
 
 __all__ = [
     "TRANSIENT",
@@ -174,20 +175,10 @@ class Batcher(Generic[Req, Res]):
             self._idle.release()
 
 
-def _time_out(future: asyncio.Future[match_pb2.CommandResult]) -> None:
-    if not future.done():
-        future.set_exception(
-            StatusError(
-                Unavailable("ORDER_MATCH_UNAVAILABLE", "matching did not answer in time").to_status(
-                    "order"
-                ),
-                "ORDER_MATCH_UNAVAILABLE",
-            )
-        )
-
-
 class MatchClient:
-    """Commands over one long-lived SubmitCommands stream, batched, answered in order."""
+    """Match as order sees it: commands over the shared long-lived command stream
+    (chassis' CommandStream: batched, answered in order, failing fast with
+    ORDER_MATCH_UNAVAILABLE when the stream breaks), and the writer's reads."""
 
     def __init__(
         self,
@@ -197,79 +188,16 @@ class MatchClient:
         max_batch: int = 500,
     ) -> None:
         self._stub = match_pb2_grpc.MatchServiceStub(channel)
-        # Interceptors do not reach a stream opened without a request iterator,
-        # so the long-lived command stream carries the service token itself.
-        self._token = token
-        self._max = max_batch
-        self._waiting: list[tuple[match_pb2.Command, asyncio.Future[match_pb2.CommandResult]]] = []
-        self._wake = asyncio.Event()
-        self._sizes = BATCH_SIZE.labels("match_commands")
-
-    async def submit(
-        self, command: match_pb2.Command, within_s: float = 5.0
-    ) -> match_pb2.CommandResult:
-        """The command's result; a transient StatusError if match did not answer."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[match_pb2.CommandResult] = loop.create_future()
-        carrier(command.trace_context)  # per command: the stream's metadata is not per request
-        self._waiting.append((command, future))
-        self._wake.set()
-        # A timer instead of wait_for(shield(...)): no extra future and task per
-        # command. A late answer finds the future done and is dropped.
-        timer = loop.call_later(within_s, _time_out, future)
-        try:
-            return await future
-        finally:
-            timer.cancel()
-
-    async def run(self) -> None:
-        while True:
-            try:
-                await self._session()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                _log.warning("match stream ended: %r; reconnecting", error)
-            await asyncio.sleep(0.2)
-
-    async def _session(self) -> None:
-        await self._wake.wait()
-        metadata = (("authorization", f"Bearer {await self._token()}"),) if self._token else None
-        call = self._stub.SubmitCommands(metadata=metadata)
-        in_flight: deque[list[asyncio.Future[match_pb2.CommandResult]]] = deque()
-
-        async def read() -> None:
-            async for response in call:
-                futures = in_flight.popleft()
-                for future, result in zip(futures, response.results, strict=True):
-                    if not future.done():
-                        future.set_result(result)
-
-        reader = asyncio.create_task(read())
-        try:
-            while not reader.done():
-                if not self._waiting:
-                    self._wake.clear()
-                    waiter = asyncio.create_task(self._wake.wait())
-                    await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                    waiter.cancel()
-                    continue
-                batch, self._waiting = self._waiting[: self._max], self._waiting[self._max :]
-                in_flight.append([f for _, f in batch])
-                self._sizes.observe(len(batch))
-                await call.write(match_pb2.SubmitCommandsRequest(commands=[c for c, _ in batch]))
-            await reader  # raises what ended the stream
-        finally:
-            reader.cancel()
-            call.cancel()
-            error = StatusError(
-                Unavailable("ORDER_MATCH_UNAVAILABLE", "the match stream broke").to_status("order"),
-                "ORDER_MATCH_UNAVAILABLE",
-            )
-            for futures in in_flight:
-                for future in futures:
-                    if not future.done():
-                        future.set_exception(error)
+        self.commands = CommandStream(
+            channel,
+            reason="ORDER_MATCH_UNAVAILABLE",
+            name="order",
+            token=token,
+            timeout_s=5.0,
+            max_batch=max_batch,
+        )
+        self.submit = self.commands.submit
+        self.run = self.commands.run
 
     async def best_price(self, market: str, side: int) -> Decimal | None:
         """The best price on the side a `side` order would trade against."""

@@ -277,7 +277,7 @@ class Flow:
         for attempt in range(3):
             try:
                 result = await self.match.submit(command)
-            except StatusError:
+            except Unavailable:  # the stream broke or the writer did not answer in time
                 if attempt == 2:
                     raise
                 await asyncio.sleep(0.2 * (attempt + 1))

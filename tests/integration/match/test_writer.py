@@ -9,7 +9,7 @@ import asyncpg
 
 from cex.type.v1 import types_pb2 as t
 from services.chassis import postgres
-from services.chassis.db import migrate
+from services.chassis.db import Statement, migrate
 from services.chassis.markets import DEFAULT_CATALOG
 from services.ledger.store import MIGRATIONS as LEDGER_MIGRATIONS
 from services.ledger.store import Store as LedgerStore
@@ -63,14 +63,16 @@ async def test_the_idempotency_read_does_not_scan_the_journal(fresh_database_url
     lookups, so a batch costs the same on a long journal as on a new one."""
     async with postgres(fresh_database_url, schema="match", migrations=MIGRATIONS) as pool:
         journal = Journal(pool, "main")
+        statement = Statement()
+        journal.append(
+            statement,
+            [
+                Entry(i, MARKET.symbol, i, f"cmd{i}", i, b"", i, i, b"", f"acct:c{i}")
+                for i in range(1, 5_001)
+            ],
+        )
         async with pool.acquire() as conn:
-            await journal.append(
-                conn,
-                [
-                    Entry(i, MARKET.symbol, i, f"cmd{i}", i, b"", i, i, b"", f"acct:c{i}")
-                    for i in range(1, 5_001)
-                ],
-            )
+            await statement.execute(conn)
             await conn.execute("ANALYZE journal")
             plan = "\n".join(
                 row[0]
