@@ -361,7 +361,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         self,
         request: Any,
         kind: str,
-        fetch: Callable[..., Awaitable[list[_Row]]],
+        fetch: Callable[[asyncpg.Pool, store.AccountPage], Awaitable[list[_Row]]],
         states: dict[str, Any],
         position: Callable[[_Row], tuple[datetime, str]],
     ) -> tuple[Sequence[_Row], str]:
@@ -370,9 +370,8 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         account = _account(request.account_id)
         size = _page_size(request.page_size)
         start, end = _range(request)
-        rows = await fetch(
-            self._pool,
-            account,
+        page = store.AccountPage(
+            account_id=account,
             asset=request.asset,
             state=_name(states, request.state, "state"),
             start=start,
@@ -380,6 +379,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             after=_after(request.page_token, kind),
             limit=size + 1,
         )
+        rows = await fetch(self._pool, page)
         return _page(rows, size, kind, position)
 
     # -- deposits ---------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Self
 
 import asyncpg
 
@@ -18,6 +18,7 @@ from services.chassis.tracing import carrier
 from .domain import OPEN_STATES, LogEntry, SagaRecord
 
 __all__ = [
+    "AccountPage",
     "AddressRow",
     "AllowlistRow",
     "Connection",
@@ -32,8 +33,20 @@ __all__ = [
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy | asyncpg.Pool
 
 
+class _Record:
+    """A row type read straight from its table: `of` takes every column the
+    dataclass names (its slots)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, row: asyncpg.Record) -> Self:
+        columns: tuple[str, ...] = cls.__slots__
+        return cls(**{name: row[name] for name in columns})
+
+
 @dataclass(frozen=True, slots=True)
-class WithdrawalRow:
+class WithdrawalRow(_Record):
     withdrawal_id: str
     request_id: str
     account_id: str
@@ -62,13 +75,9 @@ class WithdrawalRow:
     review_reason: str = ""
     review_time: datetime | None = None
 
-    @classmethod
-    def of(cls, row: asyncpg.Record) -> WithdrawalRow:
-        return cls(**{name: row[name] for name in cls.__slots__})
-
 
 @dataclass(frozen=True, slots=True)
-class AddressRow:
+class AddressRow(_Record):
     address_id: str
     account_id: str
     asset: str
@@ -78,10 +87,6 @@ class AddressRow:
     create_time: datetime
     usable_time: datetime
     remove_time: datetime | None
-
-    @classmethod
-    def of(cls, row: asyncpg.Record) -> AddressRow:
-        return cls(**{name: row[name] for name in cls.__slots__})
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +98,7 @@ class AllowlistRow:
 
 
 @dataclass(frozen=True, slots=True)
-class DepositRow:
+class DepositRow(_Record):
     deposit_id: str
     txid: str
     output_index: int
@@ -112,10 +117,6 @@ class DepositRow:
     detect_time: datetime
     credit_time: datetime | None
     update_time: datetime
-
-    @classmethod
-    def of(cls, row: asyncpg.Record) -> DepositRow:
-        return cls(**{name: row[name] for name in cls.__slots__})
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +150,49 @@ class Page:
 
     time: datetime | None = None
     key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AccountPage:
+    """A page of an account's deposits or withdrawals as ListDeposits and
+    ListWithdrawals ask for it: filters ("" = any), a time range, where it goes on."""
+
+    account_id: str
+    asset: str
+    state: str
+    start: datetime | None
+    end: datetime | None
+    after: Page
+    limit: int
+
+
+def _account_list(table: str, time_column: str, key_column: str) -> str:
+    """The query of an AccountPage of `table`, newest first by (time, key)."""
+    return f"""SELECT * FROM {table}
+           WHERE account_id = $1 AND ($2 = '' OR asset = $2) AND ($3 = '' OR state = $3)
+             AND ($4::timestamptz IS NULL OR {time_column} >= $4)
+             AND ($5::timestamptz IS NULL OR {time_column} < $5)
+             AND ($6::timestamptz IS NULL OR ({time_column}, {key_column}) < ($6, $7))
+           ORDER BY {time_column} DESC, {key_column} DESC LIMIT $8"""
+
+
+_WITHDRAWALS = _account_list("withdrawals", "create_time", "withdrawal_id")
+_DEPOSITS = _account_list("deposits", "detect_time", "deposit_id")
+
+
+async def _account_rows(conn: Connection, query: str, page: AccountPage) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        query,
+        page.account_id,
+        page.asset,
+        page.state,
+        page.start,
+        page.end,
+        page.after.time,
+        page.after.key,
+        page.limit,
+    )
+    return rows
 
 
 async def emit(conn: Connection, subject: str, payload: dict[str, Any]) -> None:
@@ -215,34 +259,8 @@ async def withdrawal_by_request(
     return WithdrawalRow.of(row) if row else None
 
 
-async def list_withdrawals(
-    conn: Connection,
-    account_id: str,
-    *,
-    asset: str,
-    state: str,
-    start: datetime | None,
-    end: datetime | None,
-    after: Page,
-    limit: int,
-) -> list[WithdrawalRow]:
-    rows = await conn.fetch(
-        """SELECT * FROM withdrawals
-           WHERE account_id = $1 AND ($2 = '' OR asset = $2) AND ($3 = '' OR state = $3)
-             AND ($4::timestamptz IS NULL OR create_time >= $4)
-             AND ($5::timestamptz IS NULL OR create_time < $5)
-             AND ($6::timestamptz IS NULL OR (create_time, withdrawal_id) < ($6, $7))
-           ORDER BY create_time DESC, withdrawal_id DESC LIMIT $8""",
-        account_id,
-        asset,
-        state,
-        start,
-        end,
-        after.time,
-        after.key,
-        limit,
-    )
-    return [WithdrawalRow.of(r) for r in rows]
+async def list_withdrawals(conn: Connection, page: AccountPage) -> list[WithdrawalRow]:
+    return [WithdrawalRow.of(r) for r in await _account_rows(conn, _WITHDRAWALS, page)]
 
 
 async def record_cancel(
@@ -497,34 +515,8 @@ async def deposit_by_output(
     return DepositRow.of(row) if row else None
 
 
-async def list_deposits(
-    conn: Connection,
-    account_id: str,
-    *,
-    asset: str,
-    state: str,
-    start: datetime | None,
-    end: datetime | None,
-    after: Page,
-    limit: int,
-) -> list[DepositRow]:
-    rows = await conn.fetch(
-        """SELECT * FROM deposits
-           WHERE account_id = $1 AND ($2 = '' OR asset = $2) AND ($3 = '' OR state = $3)
-             AND ($4::timestamptz IS NULL OR detect_time >= $4)
-             AND ($5::timestamptz IS NULL OR detect_time < $5)
-             AND ($6::timestamptz IS NULL OR (detect_time, deposit_id) < ($6, $7))
-           ORDER BY detect_time DESC, deposit_id DESC LIMIT $8""",
-        account_id,
-        asset,
-        state,
-        start,
-        end,
-        after.time,
-        after.key,
-        limit,
-    )
-    return [DepositRow.of(r) for r in rows]
+async def list_deposits(conn: Connection, page: AccountPage) -> list[DepositRow]:
+    return [DepositRow.of(r) for r in await _account_rows(conn, _DEPOSITS, page)]
 
 
 # -- sagas --------------------------------------------------------------------------

@@ -19,9 +19,10 @@ import decimal
 import functools
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
 from enum import IntEnum
+from typing import Any, TypeVar
 
 from services.chassis.markets import Market
 from services.chassis.money import MoneyError, parse_decimal
@@ -144,69 +145,44 @@ class Limits:
         )
 
 
-def _first_str(values: Iterable[str]) -> str:
-    return next((v for v in values if v), "")
+_Entry = TypeVar("_Entry", MarketLimits, WithdrawalLimits)
 
 
-def _first_int(values: Iterable[int]) -> int:
-    return next((v for v in values if v), 0)
+def _by_key(entries: Iterable[_Entry]) -> dict[str, _Entry]:
+    """Entries by what they apply to: a market's symbol, an asset's code, or "*"."""
+    return {getattr(e, fields(e)[0].name): e for e in entries}
+
+
+def _most_specific(kind: type[_Entry], key: str, *layers: Mapping[str, _Entry]) -> _Entry:
+    """`key`'s entry as the merge rule reads it: each field the first value set
+    along the layers' own entries for `key` and their "*" entries, most specific
+    layer first; a field set nowhere keeps its default (unlimited)."""
+    chain = [e for layer in layers for e in (layer.get(key), layer.get(ANY)) if e is not None]
+    blank = kind(key)
+    values: dict[str, Any] = {
+        f.name: next((v for e in chain if (v := getattr(e, f.name))), getattr(blank, f.name))
+        for f in fields(kind)[1:]
+    }
+    return replace(blank, **values)
+
+
+def _merge_entries(
+    kind: type[_Entry], defaults: Iterable[_Entry], override: Iterable[_Entry]
+) -> tuple[_Entry, ...]:
+    d, o = _by_key(defaults), _by_key(override)
+    return tuple(_most_specific(kind, key, o, d) for key in sorted(set(d) | set(o)))
 
 
 def merge(defaults: Limits, override: Limits | None) -> Limits:
     """The effective limits of an account: its overrides over the defaults, field by field."""
     if override is None:
         return replace(defaults)
-    d_markets = {m.market: m for m in defaults.markets}
-    o_markets = {m.market: m for m in override.markets}
-    markets = []
-    for symbol in sorted(set(d_markets) | set(o_markets)):
-        chain = [
-            x
-            for x in (
-                o_markets.get(symbol),
-                o_markets.get(ANY),
-                d_markets.get(symbol),
-                d_markets.get(ANY),
-            )
-            if x
-        ]
-        markets.append(
-            MarketLimits(
-                market=symbol,
-                max_order_quantity=_first_str(m.max_order_quantity for m in chain),
-                max_order_notional=_first_str(m.max_order_notional for m in chain),
-                price_band=_first_str(m.price_band for m in chain),
-                max_open_orders=_first_int(m.max_open_orders for m in chain),
-            )
-        )
-    d_assets = {w.asset: w for w in defaults.withdrawals}
-    o_assets = {w.asset: w for w in override.withdrawals}
-    withdrawals = []
-    for asset in sorted(set(d_assets) | set(o_assets)):
-        chain_w = [
-            x
-            for x in (
-                o_assets.get(asset),
-                o_assets.get(ANY),
-                d_assets.get(asset),
-                d_assets.get(ANY),
-            )
-            if x
-        ]
-        withdrawals.append(
-            WithdrawalLimits(
-                asset=asset,
-                max_amount=_first_str(w.max_amount for w in chain_w),
-                max_amount_per_day=_first_str(w.max_amount_per_day for w in chain_w),
-                max_count_per_day=_first_int(w.max_count_per_day for w in chain_w),
-            )
-        )
     return Limits(
         account_id=override.account_id,
         max_orders_per_second=override.max_orders_per_second or defaults.max_orders_per_second,
         max_open_orders=override.max_open_orders or defaults.max_open_orders,
-        markets=tuple(markets),
-        withdrawals=tuple(withdrawals),
+        markets=_merge_entries(MarketLimits, defaults.markets, override.markets),
+        withdrawals=_merge_entries(WithdrawalLimits, defaults.withdrawals, override.withdrawals),
     )
 
 
@@ -244,25 +220,21 @@ def _dec(text: str) -> Decimal | None:
 def market_rule(limits: Limits, market: str) -> MarketRule:
     """The rule for `market` from already merged limits (their entry, else "*");
     memoized (limits are immutable), so the hot path parses no decimals."""
-    by = {m.market: m for m in limits.markets}
-    entry = by.get(market) or by.get(ANY) or MarketLimits(market)
-    fallback = by.get(ANY) or MarketLimits(ANY)
+    entry = _most_specific(MarketLimits, market, _by_key(limits.markets))
     return MarketRule(
-        max_quantity=_dec(entry.max_order_quantity or fallback.max_order_quantity),
-        max_notional=_dec(entry.max_order_notional or fallback.max_order_notional),
-        band_bps=band_bps(b) if (b := entry.price_band or fallback.price_band) else None,
-        max_open_orders=entry.max_open_orders or fallback.max_open_orders,
+        max_quantity=_dec(entry.max_order_quantity),
+        max_notional=_dec(entry.max_order_notional),
+        band_bps=band_bps(entry.price_band) if entry.price_band else None,
+        max_open_orders=entry.max_open_orders,
     )
 
 
 def withdrawal_rule(limits: Limits, asset: str) -> WithdrawalRule:
-    by = {w.asset: w for w in limits.withdrawals}
-    entry = by.get(asset) or by.get(ANY) or WithdrawalLimits(asset)
-    fallback = by.get(ANY) or WithdrawalLimits(ANY)
+    entry = _most_specific(WithdrawalLimits, asset, _by_key(limits.withdrawals))
     return WithdrawalRule(
-        max_amount=_dec(entry.max_amount or fallback.max_amount),
-        max_amount_per_day=_dec(entry.max_amount_per_day or fallback.max_amount_per_day),
-        max_count_per_day=entry.max_count_per_day or fallback.max_count_per_day,
+        max_amount=_dec(entry.max_amount),
+        max_amount_per_day=_dec(entry.max_amount_per_day),
+        max_count_per_day=entry.max_count_per_day,
     )
 
 

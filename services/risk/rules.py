@@ -11,7 +11,8 @@ heartbeats treats its copy as stale (ADR 0013).
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
+from typing import TypeVar
 
 from cex.risk.v1 import risk_pb2
 from services.chassis import Catalog, MoneyError, timestamp_ns
@@ -22,30 +23,24 @@ from .state import State
 __all__ = ["FollowedRules", "limits_of", "limits_pb", "rules_pb", "switch_of", "switch_pb"]
 
 
+# The wire's MarketLimits and WithdrawalLimits name their fields exactly as the
+# domain's entries do: an entry crosses field by field, by name.
+_Entry = TypeVar("_Entry", MarketLimits, WithdrawalLimits)
+
+
+def _entry_of(
+    kind: type[_Entry], message: risk_pb2.MarketLimits | risk_pb2.WithdrawalLimits
+) -> _Entry:
+    return kind(**{f.name: getattr(message, f.name) for f in fields(kind)})
+
+
 def limits_pb(limits: Limits, version: int, update_ns: int) -> risk_pb2.Limits:
     message = risk_pb2.Limits(
         account_id=limits.account_id,
         max_orders_per_second=limits.max_orders_per_second,
         max_open_orders=limits.max_open_orders,
-        markets=[
-            risk_pb2.MarketLimits(
-                market=m.market,
-                max_order_quantity=m.max_order_quantity,
-                max_order_notional=m.max_order_notional,
-                price_band=m.price_band,
-                max_open_orders=m.max_open_orders,
-            )
-            for m in limits.markets
-        ],
-        withdrawals=[
-            risk_pb2.WithdrawalLimits(
-                asset=w.asset,
-                max_amount=w.max_amount,
-                max_amount_per_day=w.max_amount_per_day,
-                max_count_per_day=w.max_count_per_day,
-            )
-            for w in limits.withdrawals
-        ],
+        markets=[risk_pb2.MarketLimits(**asdict(m)) for m in limits.markets],
+        withdrawals=[risk_pb2.WithdrawalLimits(**asdict(w)) for w in limits.withdrawals],
         version=version,
     )
     if update_ns:
@@ -59,37 +54,19 @@ def limits_of(message: risk_pb2.Limits) -> Limits:
         account_id=message.account_id,
         max_orders_per_second=message.max_orders_per_second,
         max_open_orders=message.max_open_orders,
-        markets=tuple(
-            MarketLimits(
-                market=m.market,
-                max_order_quantity=m.max_order_quantity,
-                max_order_notional=m.max_order_notional,
-                price_band=m.price_band,
-                max_open_orders=m.max_open_orders,
-            )
-            for m in message.markets
-        ),
-        withdrawals=tuple(
-            WithdrawalLimits(
-                asset=w.asset,
-                max_amount=w.max_amount,
-                max_amount_per_day=w.max_amount_per_day,
-                max_count_per_day=w.max_count_per_day,
-            )
-            for w in message.withdrawals
-        ),
+        markets=tuple(_entry_of(MarketLimits, m) for m in message.markets),
+        withdrawals=tuple(_entry_of(WithdrawalLimits, w) for w in message.withdrawals),
     )
+
+
+# A kill switch crosses by name too, but for its scope (an enum) and its time.
+_SWITCH_FIELDS = ("market", "account_id", "engaged", "block_withdrawals", "reason", "updated_by")
 
 
 def switch_pb(s: KillSwitch) -> risk_pb2.KillSwitch:
     message = risk_pb2.KillSwitch(
         scope=int(s.scope),  # type: ignore[arg-type]
-        market=s.market,
-        account_id=s.account_id,
-        engaged=s.engaged,
-        block_withdrawals=s.block_withdrawals,
-        reason=s.reason,
-        updated_by=s.updated_by,
+        **{name: getattr(s, name) for name in _SWITCH_FIELDS},
     )
     if s.update_time_ns:
         message.update_time.CopyFrom(timestamp_ns(s.update_time_ns))
@@ -99,13 +76,8 @@ def switch_pb(s: KillSwitch) -> risk_pb2.KillSwitch:
 def switch_of(message: risk_pb2.KillSwitch) -> KillSwitch:
     return KillSwitch(
         scope=Scope(message.scope),
-        market=message.market,
-        account_id=message.account_id,
-        engaged=message.engaged,
-        block_withdrawals=message.block_withdrawals,
-        reason=message.reason,
-        updated_by=message.updated_by,
         update_time_ns=message.update_time.ToNanoseconds(),
+        **{name: getattr(message, name) for name in _SWITCH_FIELDS},
     )
 
 

@@ -9,7 +9,7 @@ violations). The contract for callers: docs/adr/0007-risk.md.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -372,12 +372,31 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
             return ctx.account_id + (f" via svc:{ctx.service}" if ctx.service else "")
         return f"svc:{ctx.service}"
 
+    def _admin_change(self, request_id: str) -> tuple[str, Violations]:
+        """Who makes an admin change, and the violations of its request so far (its
+        request_id checked)."""
+        actor = self._actor()
+        v = Violations()
+        identifier(v, "request_id", request_id)
+        return actor, v
+
+    async def _write_once(
+        self,
+        method: str,
+        request: risk_pb2.SetLimitsRequest | risk_pb2.SetKillSwitchRequest,
+        write: Callable[[Any], Awaitable[bytes]],
+    ) -> bytes:
+        """An admin change's answer: `write`'s, made once per request_id (the first
+        answer to a retry); the rules are reloaded either way."""
+        body = request.SerializeToString(deterministic=True)
+        raw = await self._store.idempotent(method, request.request_id, body, write)
+        await self._state.reload()
+        return raw
+
     async def SetLimits(
         self, request: risk_pb2.SetLimitsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> risk_pb2.SetLimitsResponse:
-        actor = self._actor()
-        v = Violations()
-        identifier(v, "request_id", request.request_id)
+        actor, v = self._admin_change(request.request_id)
         if not request.HasField("limits"):
             v.add("limits", "required", "REQUIRED")
         if request.expected_version < 0:
@@ -394,9 +413,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
                 limits=limits_pb(stored.limits, stored.version, stored.update_time_ns)
             ).SerializeToString()
 
-        body = request.SerializeToString(deterministic=True)
-        raw = await self._store.idempotent("SetLimits", request.request_id, body, write)
-        await self._state.reload()
+        raw = await self._write_once("SetLimits", request, write)
         return risk_pb2.SetLimitsResponse.FromString(raw)
 
     # -- kill switches -----------------------------------------------------------
@@ -404,9 +421,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
     async def SetKillSwitch(
         self, request: risk_pb2.SetKillSwitchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> risk_pb2.SetKillSwitchResponse:
-        actor = self._actor()
-        v = Violations()
-        identifier(v, "request_id", request.request_id)
+        actor, v = self._admin_change(request.request_id)
         scope = _SCOPES.get(request.scope)
         if scope is None:
             v.add("scope", "GLOBAL, MARKET or ACCOUNT", "REQUIRED")
@@ -453,9 +468,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
             )
             return risk_pb2.SetKillSwitchResponse(kill_switch=switch_pb(switch)).SerializeToString()
 
-        body = request.SerializeToString(deterministic=True)
-        raw = await self._store.idempotent("SetKillSwitch", request.request_id, body, write)
-        await self._state.reload()
+        raw = await self._write_once("SetKillSwitch", request, write)
         if self._outbox is not None:
             self._outbox.notify()
         return risk_pb2.SetKillSwitchResponse.FromString(raw)

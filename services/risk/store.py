@@ -67,6 +67,21 @@ def _switch(row: asyncpg.Record) -> KillSwitch:
     )
 
 
+async def _answered(
+    conn: Connection, lock: str, digest: bytes, reused: tuple[str, str], query: str, *args: object
+) -> bytes | None:
+    """Under the transaction's advisory lock `lock`: the recorded answer of a request
+    seen before (`query` finds its body_hash and response), None for a new one; one
+    seen before with another body is ALREADY_EXISTS (`reused`: reason, message)."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", lock)
+    row = await conn.fetchrow(query, *args)
+    if row is None:
+        return None
+    if bytes(row["body_hash"]) != digest:
+        raise AlreadyExists(*reused)
+    return bytes(row["response"])
+
+
 class Store:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
@@ -123,21 +138,20 @@ class Store:
         the first response, with another body ALREADY_EXISTS."""
         digest = body_hash(body)
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext($1))", f"risk.req.{method}.{request_id}"
-            )
-            row = await conn.fetchrow(
+            seen = await _answered(
+                conn,
+                f"risk.req.{method}.{request_id}",
+                digest,
+                (
+                    "RISK_REQUEST_ID_REUSED",
+                    f"request_id {request_id!r} was used with a different request",
+                ),
                 "SELECT body_hash, response FROM requests WHERE method = $1 AND request_id = $2",
                 method,
                 request_id,
             )
-            if row is not None:
-                if bytes(row["body_hash"]) != digest:
-                    raise AlreadyExists(
-                        "RISK_REQUEST_ID_REUSED",
-                        f"request_id {request_id!r} was used with a different request",
-                    )
-                return bytes(row["response"])
+            if seen is not None:
+                return seen
             response = await write(conn)
             await conn.execute(
                 "INSERT INTO requests (method, request_id, body_hash, response) "
@@ -260,20 +274,19 @@ class Store:
         `decide(day_amount, day_count)` gives (allowed, response), which is recorded."""
         digest = body_hash(body)
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext($1))", f"risk.wd.{account_id}.{asset}"
-            )
-            row = await conn.fetchrow(
+            seen = await _answered(
+                conn,
+                f"risk.wd.{account_id}.{asset}",
+                digest,
+                (
+                    "RISK_WITHDRAWAL_ID_REUSED",
+                    f"withdrawal {withdrawal_id!r} was checked with different fields",
+                ),
                 "SELECT body_hash, response FROM withdrawal_checks WHERE withdrawal_id = $1",
                 withdrawal_id,
             )
-            if row is not None:
-                if bytes(row["body_hash"]) != digest:
-                    raise AlreadyExists(
-                        "RISK_WITHDRAWAL_ID_REUSED",
-                        f"withdrawal {withdrawal_id!r} was checked with different fields",
-                    )
-                return bytes(row["response"])
+            if seen is not None:
+                return seen
             now = from_ns(now_ns)
             window = await conn.fetchrow(
                 """SELECT coalesce(sum(amount), 0) AS total, count(*) AS n

@@ -25,7 +25,6 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 import grpc
@@ -34,6 +33,7 @@ from google.protobuf.message import Message
 from cex.marketdata.v1 import marketdata_pb2 as md
 from cex.type.v1 import types_pb2
 
+from ._closing import ClosedOnExit
 from .errors import CexError, from_rpc_error
 from .retry import RetryPolicy
 
@@ -209,7 +209,7 @@ class Resync:
     seq: int
 
 
-class LocalOrderBook:
+class LocalOrderBook(ClosedOnExit):
     """A market's L2 book (top `depth` levels per side) kept in sync in the background.
 
         async with LocalOrderBook(client, "BTC-USDT", depth=50) as book:
@@ -252,14 +252,6 @@ class LocalOrderBook:
     async def __aenter__(self) -> LocalOrderBook:
         self.start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def start(self) -> None:
         """Start following the stream (idempotent)."""

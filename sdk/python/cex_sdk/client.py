@@ -6,7 +6,6 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -15,6 +14,7 @@ from google.protobuf.message import Message
 from cex.auth.v1 import auth_pb2
 from cex.ledger.v1 import ledger_pb2
 
+from ._closing import ClosedOnExit
 from ._tokens import TokenSource
 from .errors import CexError, UnauthenticatedError, from_rpc_error
 from .marketdata import MarketDataApi
@@ -41,7 +41,7 @@ def _serialize(message: Message) -> bytes:
     return message.SerializeToString()
 
 
-class Client:
+class Client(ClosedOnExit):
     """An asyncio client of the exchange through its edge (Envoy).
 
     Make one with `Client.from_api_key` and share it; close it with `close()`
@@ -116,14 +116,6 @@ class Client:
 
     async def __aenter__(self) -> Client:
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         await self._channel.close()

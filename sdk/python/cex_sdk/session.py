@@ -40,7 +40,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 import grpc
@@ -50,6 +49,7 @@ from google.protobuf.message import Message
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2
 
+from ._closing import ClosedOnExit
 from .errors import (
     CexError,
     DeadlineExceededError,
@@ -157,7 +157,7 @@ def _decimal(text: str) -> Decimal:
     return Decimal(text or 0)
 
 
-class MarketMakerSession:
+class MarketMakerSession(ClosedOnExit):
     """One market maker's order stream, kept open across disconnects.
 
         async with MarketMakerSession(client, markets=["BTC-USDT"],
@@ -248,14 +248,6 @@ class MarketMakerSession:
     async def __aenter__(self) -> MarketMakerSession:
         await self.start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def start(self, *, timeout_s: float = 30.0) -> None:
         """Open the first session; raises if it cannot (bad options, no permission,
