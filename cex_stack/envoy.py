@@ -1,11 +1,21 @@
-"""Renders mesh/envoy/envoy.yaml for a stack: one cluster and host per service."""
+"""Renders mesh/envoy/envoy.yaml: one cluster and host per service.
+
+One rendering, two places: the local stack's Envoy (`Upstreams.local`) and the
+Kubernetes edge, helm/cex/files/edge/envoy.yaml (`KUBERNETES`, written by
+`make edge-config`), whose placeholders the chart fills with its Service names
+and ports. Filters, routes, rate limits and error replies are the same bytes in
+both; only where Envoy listens and where each cluster points differ.
+"""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import copy
+import ipaddress
 import json
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +40,17 @@ from services.chassis.errors import (
 from .topology import SERVICES, Ports
 
 __all__ = [
+    "KUBERNETES",
     "NOT_FOUND",
     "PERMISSION_DENIED",
     "RATE_LIMITED",
     "TEMPLATE",
     "UNAUTHENTICATED",
+    "Address",
     "RestSchema",
     "Tracing",
+    "Upstreams",
+    "kubernetes_config",
     "render",
     "tracing_from_env",
     "xff_trusted_hops_from_env",
@@ -47,6 +61,7 @@ TEMPLATE = ROOT / "mesh" / "envoy" / "envoy.yaml"
 DESCRIPTOR = ROOT / "gen" / "descriptor" / "cex.binpb"
 REST_LUA = ROOT / "mesh" / "envoy" / "rest.lua"
 REST_FIELDS_LUA = ROOT / "mesh" / "envoy" / "rest_fields.lua"
+KUBERNETES_CONFIG = ROOT / "helm" / "cex" / "files" / "edge" / "envoy.yaml"
 # Types whose JSON is an object of any keys; other google.protobuf types are JSON scalars.
 _OPEN_TYPES = {
     "google.protobuf.Any",
@@ -171,6 +186,79 @@ class RestSchema:
         return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host (an IP, a DNS name or a chart placeholder) and a port (a placeholder
+    is a string)."""
+
+    host: str
+    port: int | str
+
+
+@dataclass(frozen=True, slots=True)
+class Upstreams:
+    """Where the edge listens and where it sends each service's calls: everything
+    that differs between the local stack and the Kubernetes edge.
+
+    `via_mesh`: each cluster's one endpoint is a name that a mesh resolves and
+    balances (Kubernetes: the mesh Service, whose VirtualService routes by gRPC path
+    and whose sidecar picks, retries and ejects pods), so Envoy runs no health
+    checks of its own; otherwise each is the service's own process, checked by
+    Envoy's gRPC health checks. A cluster whose host is not an IP is resolved by
+    DNS (STRICT_DNS), else STATIC.
+    """
+
+    listen: Address
+    admin: Address
+    jwks: Address
+    services: Mapping[str, Address]  # by ServiceSpec.name
+    via_mesh: bool = False
+
+    @classmethod
+    def local(cls, ports: Ports) -> Upstreams:
+        """The local stack: every part on `ports.host`, at its port in the layout."""
+        return cls(
+            listen=Address(ports.host, ports.edge),
+            admin=Address(ports.host, ports.envoy_admin),
+            jwks=Address(ports.host, ports.jwks),
+            services={spec.name: Address(ports.host, ports.grpc(spec)) for spec in SERVICES},
+        )
+
+    @property
+    def jwks_url(self) -> str:
+        return f"http://{self.jwks.host}:{self.jwks.port}/.well-known/jwks.json"
+
+
+# The Kubernetes edge (helm/cex/templates/edge.yaml fills the placeholders): the
+# listener and admin on every interface of the pod, every service through the mesh
+# address (CEX_MESH_ADDR, as the services call each other), auth's JWKS port.
+KUBERNETES = Upstreams(
+    listen=Address("0.0.0.0", "__CEX_EDGE_PORT__"),
+    admin=Address("0.0.0.0", "__CEX_EDGE_ADMIN_PORT__"),
+    jwks=Address("__CEX_AUTH_HOST__", "__CEX_JWKS_PORT__"),
+    services={spec.name: Address("__CEX_MESH_HOST__", "__CEX_GRPC_PORT__") for spec in SERVICES},
+    via_mesh=True,
+)
+_KUBERNETES_XFF_TRUSTED_HOPS = "__CEX_EDGE_XFF_TRUSTED_HOPS__"
+
+
+def _cluster_type(host: str) -> str:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "STRICT_DNS"
+    return "STATIC"
+
+
+def _descriptor() -> str:
+    """The descriptor set the transcoder reads, base64, without source info (comments
+    the transcoder never reads: a fifth of the size, so the chart's ConfigMap stays small)."""
+    files = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR.read_bytes())
+    for file in files.file:
+        file.ClearField("source_code_info")
+    return base64.b64encode(files.SerializeToString(deterministic=True)).decode()
+
+
 def _http_filter(hcm: dict[str, Any], name: str) -> dict[str, Any]:
     found = next(f for f in hcm["http_filters"] if f["name"] == name)
     config: dict[str, Any] = found["typed_config"]
@@ -229,24 +317,27 @@ def xff_trusted_hops_from_env(env: Mapping[str, str]) -> int:
 
 
 def render(
-    ports: Ports,
+    upstreams: Upstreams,
     template: Path = TEMPLATE,
     *,
     tracing: Tracing | None = None,
-    xff_trusted_hops: int = 0,
+    xff_trusted_hops: int | str = 0,
 ) -> dict[str, Any]:
     config: dict[str, Any] = yaml.safe_load(template.read_text())
     service = config.pop("x-service")
     limits = config.pop("x-rate-limits")
     values = {
         "xff_trusted_hops": xff_trusted_hops,
-        "host": ports.host,
-        "edge_port": ports.edge,
-        "admin_port": ports.envoy_admin,
-        "jwks_port": ports.jwks,
-        "jwks_url": ports.jwks_url,
-        "descriptor": str(DESCRIPTOR),
-        "rest_lua": str(REST_LUA),
+        "edge_host": upstreams.listen.host,
+        "edge_port": upstreams.listen.port,
+        "admin_host": upstreams.admin.host,
+        "admin_port": upstreams.admin.port,
+        "jwks_host": upstreams.jwks.host,
+        "jwks_port": upstreams.jwks.port,
+        "jwks_url": upstreams.jwks_url,
+        "cluster_type": _cluster_type(upstreams.jwks.host),
+        "descriptor": _descriptor(),
+        "rest_lua": REST_LUA.read_text(),
         "unauthenticated_details": _details(UNAUTHENTICATED),
         "rate_limited_details": _details(RATE_LIMITED),
         "permission_denied_details": _details(PERMISSION_DENIED),
@@ -276,17 +367,22 @@ def render(
     jwt = _http_filter(hcm, "envoy.filters.http.jwt_authn")
     public = {rule["match"].get("prefix") for rule in jwt["rules"] if "requires" not in rule}
     for spec in SERVICES:
+        address = upstreams.services[spec.name]
         values = {
             **values,
             "name": spec.name,
-            "host": ports.host,
-            "port": ports.grpc(spec),
+            "host": address.host,
+            "port": address.port,
+            "cluster_type": _cluster_type(address.host),
             "grpc_service": spec.grpc_service,
             "grpc_service_re": re.escape(spec.grpc_service),
         }
         per = "per_address" if f"/{spec.grpc_service}/" in public else "per_account"
         values["client_limit"] = _fill(copy.deepcopy(limits[per]), values)
-        clusters.append(_fill(copy.deepcopy(service["cluster"]), values))
+        cluster = _fill(copy.deepcopy(service["cluster"]), values)
+        if upstreams.via_mesh:
+            del cluster["health_checks"]
+        clusters.append(cluster)
         hosts.insert(-1, _fill(copy.deepcopy(service["virtual_host"]), values))
         if spec.grpc_service:
             default_routes[0:0] = _fill(copy.deepcopy(service["prefix_routes"]), values)
@@ -297,3 +393,42 @@ def render(
     for key in [k for k in config if k.startswith("x-")]:
         del config[key]  # the template's own blocks (anchors, per-service parts)
     return config
+
+
+def kubernetes_config() -> str:
+    """helm/cex/files/edge/envoy.yaml as it must be: `render(KUBERNETES)`, placeholders
+    for what only the chart knows (its Service names, ports and trusted hops)."""
+    config = render(KUBERNETES, xff_trusted_hops=_KUBERNETES_XFF_TRUSTED_HOPS)
+    header = (
+        "# Generated by `make edge-config` (cex_stack/envoy.py from mesh/envoy/): do not edit.\n"
+        "# The Kubernetes edge's Envoy, the local stack's config with other addresses;\n"
+        "# helm/cex/templates/edge.yaml replaces the __CEX_*__ placeholders.\n"
+    )
+    return header + yaml.safe_dump(config, sort_keys=False, width=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cex_stack.envoy write|check`: (re)write the chart's edge config, or
+    fail if the committed one is not what the renderer makes (CI, `make edge-config-check`)."""
+    parser = argparse.ArgumentParser(prog="python -m cex_stack.envoy", description=main.__doc__)
+    parser.add_argument("action", choices=["write", "check"])
+    parser.add_argument("--path", type=Path, default=KUBERNETES_CONFIG)
+    args = parser.parse_args(argv)
+    text = kubernetes_config()
+    if args.action == "write":
+        args.path.parent.mkdir(parents=True, exist_ok=True)
+        args.path.write_text(text)
+        print(f"edge-config: wrote {args.path}")
+        return 0
+    if args.path.exists() and args.path.read_text() == text:
+        print(f"edge-config-check: {args.path} is up to date")
+        return 0
+    print(
+        f"edge-config-check: {args.path} is stale: run `make edge-config` and commit it",
+        file=sys.stderr,
+    )
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

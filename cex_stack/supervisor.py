@@ -361,7 +361,7 @@ class Stack:
         for folder in ("logs", "nats", "redis", "envoy"):
             (self.state_dir / folder).mkdir(parents=True, exist_ok=True)
         config = envoy.render(
-            self.ports,
+            envoy.Upstreams.local(self.ports),
             tracing=envoy.tracing_from_env(self.env),
             xff_trusted_hops=envoy.xff_trusted_hops_from_env(self.env),
         )

@@ -17,7 +17,17 @@ KUBECONFORM_FLAGS := -strict -summary -output text \
 	-schema-location '.tools/schemas/kubernetes/{{ .ResourceKind }}{{ .KindSuffix }}.json' \
 	-schema-location '.tools/schemas/crds/{{ .ResourceKind }}{{ .KindSuffix }}.json'
 
-.PHONY: tools chart-check chart-render
+.PHONY: tools chart-check chart-render edge-config edge-config-check
+
+## edge-config: helm/cex/files/edge/envoy.yaml, the Kubernetes edge's Envoy config,
+## rendered by cex_stack/envoy.py from mesh/envoy/ as the local Envoy's is (placeholders
+## for the chart's addresses). `make gen` runs it too: the config carries the descriptor set.
+edge-config: $(INSTALLED)
+	$(BIN)/python -m cex_stack.envoy write
+
+## edge-config-check: fail if helm/cex/files/edge/envoy.yaml is not what `make edge-config` writes
+edge-config-check: $(INSTALLED)
+	$(BIN)/python -m cex_stack.envoy check
 
 ## tools: helm, kubeconform and the JSON schemas into .tools/ (idempotent; seconds when present)
 tools: $(INSTALLED)
@@ -30,8 +40,9 @@ chart-render: tools
 	$(HELM) template cex $(CHART) --namespace cex --kube-version $(CHART_KUBE_VERSION) \
 		-f $(CHART)/values-production.yaml > $(CHART_OUT)/production.yaml
 
-## chart-check: helm lint --strict, then every rendered object against its schema (offline)
-chart-check: chart-render
+## chart-check: the edge's config up to date, helm lint --strict, then every rendered
+## object against its schema (offline)
+chart-check: edge-config-check chart-render
 	$(HELM) lint --strict $(CHART) --namespace cex --kube-version $(CHART_KUBE_VERSION)
 	$(HELM) lint --strict $(CHART) --namespace cex --kube-version $(CHART_KUBE_VERSION) -f $(CHART)/values-production.yaml
 	$(KUBECONFORM) $(KUBECONFORM_FLAGS) $(CHART_OUT)/default.yaml

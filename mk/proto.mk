@@ -35,9 +35,12 @@ PROTO_GEN_CMD = rm -rf gen \
 
 .PHONY: gen gen-check proto-lint proto-format proto-format-check proto-breaking proto-baseline-refresh proto-check
 
-gen: ## Regenerate gen/ (Python code and the descriptor set) from proto/
+# The chart's edge config inlines the descriptor set, so it is regenerated too
+# (edge-config in mk/ops.mk; CI checks it with edge-config-check).
+gen: ## Regenerate gen/ (Python code and the descriptor set) from proto/, and the chart's edge config
 	@$(PROTO_GEN_CMD)
 	@echo "gen: regenerated gen/python and $(PROTO_DESCRIPTOR)"
+	@$(BIN)/python -m cex_stack.envoy write
 
 # Fails if `make gen` would change gen/. The comparison is against a copy of
 # gen/ taken before regenerating, not against git, so it also works before the

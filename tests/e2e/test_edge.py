@@ -30,7 +30,7 @@ from google.rpc import status_pb2
 
 from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 from cex_stack import probes
-from cex_stack.envoy import render
+from cex_stack.envoy import Upstreams, render
 from cex_stack.supervisor import Stack
 from cex_stack.topology import free_ports
 from services.chassis import ErrorDetails, ServiceCredentials
@@ -161,7 +161,7 @@ async def _second_edge(
 ) -> AsyncIterator[str]:
     """Another Envoy, rendered as the stack's (same services), on ports of its own."""
     spare = free_ports()
-    config = render(stack.ports, xff_trusted_hops=xff_trusted_hops)
+    config = render(Upstreams.local(stack.ports), xff_trusted_hops=xff_trusted_hops)
     listener = config["static_resources"]["listeners"][0]
     listener["address"]["socket_address"]["port_value"] = spare.edge
     config["admin"]["address"]["socket_address"]["port_value"] = spare.envoy_admin

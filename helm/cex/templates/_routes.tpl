@@ -1,9 +1,9 @@
 {{/*
-gRPC routes for every enabled service (edge: only those with edge: true):
-streams with no timeout, idempotent reads with retries, then the rest of the
-service's prefix with its timeout and no retries (writes are not idempotent on
-the wire; clients retry them with the same request id).
-dict "root" . "edge" bool
+gRPC routes of the mesh address for every enabled service: streams with no
+timeout, idempotent reads with retries, then the rest of the service's prefix
+with its timeout and no retries (writes are not idempotent on the wire; clients
+retry them with the same request id). The edge's calls take these routes too.
+dict "root" .
 */}}
 {{- define "cex.routes" -}}
 {{- $root := .root -}}
@@ -11,7 +11,7 @@ dict "root" . "edge" bool
 {{- $port := $root.Values.ports.grpc -}}
 {{- $noRetries := dict "attempts" 0 -}}
 {{- range $name, $svc := $root.Values.services }}
-{{- if and $svc.enabled (or (not $.edge) $svc.edge) }}
+{{- if $svc.enabled }}
 {{- $dest := include "cex.svcName" (dict "root" $root "name" $name) }}
 {{- if eq $name "match" }}
 {{- $dest = include "cex.svcName" (dict "root" $root "name" (printf "match-%s" (first $svc.groups).name)) }}

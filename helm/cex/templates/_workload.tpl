@@ -33,6 +33,8 @@ spec:
     metadata:
       labels:
         {{- include "cex.selectorLabels" $sel | nindent 8 }}
+        # What the RequestAuthentication selects (every service; not the edge).
+        app.kubernetes.io/part-of: cex
         {{- if $root.Values.istio.enabled }}
         sidecar.istio.io/inject: "true"
         {{- end }}

