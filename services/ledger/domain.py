@@ -316,6 +316,10 @@ class Book:
     # and hold (the match writer keeps them all in memory).
     touched_accounts: dict[tuple[str, str], Account] = field(default_factory=dict)
     touched_transfers: dict[str, Transfer] = field(default_factory=dict)
+    # Holds expired since the last save, in order (a tuple: set through _set, so a
+    # chain that fails forgets the expiries it rolled back). The writer journals
+    # those of its transfers commands; a replay re-applies them.
+    expired: tuple[str, ...] = ()
     _undo: list[tuple[Any, str, Any]] | None = None
 
     # -- reading ---------------------------------------------------------
@@ -353,6 +357,7 @@ class Book:
         self.new_failures.clear()
         self.new_trades.clear()
         self.anomalies.clear()
+        self.expired = ()
 
     # -- changing (every change goes through _set so a chain can roll back) --
 
@@ -396,6 +401,7 @@ class Book:
             and pending.expires_at_ns <= self.now_ns
         ):
             self._release(pending, State.EXPIRED)
+            self._set(self, "expired", (*self.expired, pending.id))
             return True
         return False
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import Counter
 
@@ -29,11 +30,13 @@ from cex.match.v1 import match_pb2
 from services.chassis import Catalog, ExchangeError, InvalidArgument, MoneyError
 from services.chassis.db import Statement
 from services.ledger.domain import (
+    Account,
     Book,
     Kind,
     Op,
     Outcome,
     State,
+    Transfer,
     TransferInput,
     apply_transfers,
 )
@@ -77,6 +80,10 @@ class Funds:
         self.book = Book(now_ns=0, last_sequence=0, halted=False, assets=store.assets)
         self._expiring: list[tuple[int, str]] = []  # (expires_at_ns, hold id), a heap
         self._fetched: set[str] = set()
+
+    def like(self) -> Funds:
+        """Funds on the same tables and catalog, holding nothing yet (for a replay)."""
+        return Funds(self._store, self._catalog)
 
     async def load(self) -> None:
         """The ledger's tables as the last commit left them."""
@@ -146,15 +153,45 @@ class Funds:
         except (MoneyError, KeyError) as error:
             return MarketEvent(event.market, event.seq, Unreadable(repr(error)[:500]))
 
-    def transfers(self, command: match_pb2.TransfersCommand, ts: int) -> list[Outcome]:
-        """The ledger's transfers, a linked run all or none."""
+    def transfers(
+        self, command: match_pb2.TransfersCommand, ts: int
+    ) -> tuple[list[Outcome], match_pb2.FundsEffects]:
+        """The ledger's transfers, a linked run all or none; and what they changed."""
         self.book.now_ns = _microseconds(ts)
+        marks = len(self.book.new_transfers), len(self.book.expired)
         items = [_input(t) for t in command.transfers]
         outcomes = apply_transfers(self.book, items, [t.linked for t in command.transfers])
-        for record in self.book.new_transfers:
+        self._expiring_from(marks[0])
+        return outcomes, self._effects(marks, command.transfers)
+
+    def _expiring_from(self, mark: int) -> None:
+        for record in self.book.new_transfers[mark:]:
             if record.expires_at_ns is not None and record.state == State.PENDING:
                 heapq.heappush(self._expiring, (record.expires_at_ns, record.id))
-        return outcomes
+
+    def _effects(
+        self, marks: tuple[int, int], asked: Sequence[match_pb2.FundsTransfer] = ()
+    ) -> match_pb2.FundsEffects:
+        created = {t.id for t in self.book.new_transfers[marks[0] :]}
+        effects = match_pb2.FundsEffects(expired=self.book.expired[marks[1] :])
+        for transfer in asked:
+            if transfer.id in created:
+                effects.created.append(transfer)
+                effects.created[-1].linked = False
+        return effects
+
+    def replay(self, effects: match_pb2.FundsEffects, ts: int) -> None:
+        """Re-apply what a journaled funds command changed (a replay from a snapshot)."""
+        self.book.now_ns = _microseconds(ts)
+        for transfer_id in effects.expired:
+            if not self.book.expire_due(self.book.transfers[transfer_id]):
+                raise ValueError(f"replay: hold {transfer_id} did not expire as journaled")
+        mark = len(self.book.new_transfers)
+        outcomes = self.book.apply_chain([_input(t) for t in effects.created])
+        for transfer, outcome in zip(effects.created, outcomes, strict=True):
+            if isinstance(outcome, ExchangeError):
+                raise ValueError(f"replay: transfer {transfer.id} failed: {outcome.reason}")
+        self._expiring_from(mark)
 
     def next_expiry(self) -> int | None:
         """When the earliest hold with a timeout expires (None: none has one)."""
@@ -166,16 +203,55 @@ class Funds:
             heapq.heappop(self._expiring)
         return None
 
-    def expire(self, ts: int) -> int:
-        """Expire every hold whose timeout has passed by `ts`; how many."""
+    def expire(self, ts: int) -> match_pb2.FundsEffects:
+        """Expire every hold whose timeout has passed by `ts`."""
         self.book.now_ns = _microseconds(ts)
-        expired = 0
+        marks = len(self.book.new_transfers), len(self.book.expired)
         while self._expiring and self._expiring[0][0] <= self.book.now_ns:
             _, transfer_id = heapq.heappop(self._expiring)
             found = self.book.transfers.get(transfer_id)
-            if found is not None and self.book.expire_due(found):
-                expired += 1
-        return expired
+            if found is not None:
+                self.book.expire_due(found)
+        return self._effects(marks)
+
+    # ------------------------------------------------------------------ state
+
+    def document(self) -> dict[str, Any]:
+        """Every balance and open hold, as rows of plain values (a snapshot's part)."""
+        book = self.book
+        return {
+            "last_sequence": book.last_sequence,
+            "accounts": sorted(
+                [a.account_id, a.asset, *a.values]
+                for a in book.accounts.values()
+                if a.stored or a.changed
+            ),
+            "holds": sorted(
+                [getattr(t, name) for name in _HOLD_FIELDS]
+                for t in book.transfers.values()
+                if t.op == Op.PENDING and t.state == State.PENDING
+            ),
+        }
+
+    def restore(self, document: dict[str, Any]) -> None:
+        """The balances of a snapshot's `document()` (a replay starts from them)."""
+        book = Book(
+            now_ns=0, last_sequence=document["last_sequence"], halted=False, assets=self.book.assets
+        )
+        for account_id, asset, dp, cp, dpe, cpe in document["accounts"]:
+            book.accounts[(account_id, asset)] = Account(
+                account_id, asset, dp, cp, dpe, cpe, stored=(dp, cp, dpe, cpe)
+            )
+        for row in document["holds"]:
+            hold = Transfer(**dict(zip(_HOLD_FIELDS, row, strict=True)))
+            hold.op, hold.kind, hold.state = Op(hold.op), Kind(hold.kind), State(hold.state)
+            hold.stored = (hold.state, hold.remaining)
+            book.transfers[hold.id] = hold
+        self.book = book
+        self._expiring = [
+            (t.expires_at_ns, t.id) for t in book.transfers.values() if t.expires_at_ns is not None
+        ]
+        heapq.heapify(self._expiring)
 
     # ------------------------------------------------------------------ store
 
@@ -197,6 +273,9 @@ class Funds:
         self._fetched.clear()
         book.failures.clear()
         book.settled_trades.clear()
+
+
+_HOLD_FIELDS = tuple(f for f in Transfer.__dataclass_fields__ if f != "stored")
 
 
 def _input(t: match_pb2.FundsTransfer) -> TransferInput | ExchangeError:

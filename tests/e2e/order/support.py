@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,13 @@ from cex_stack.supervisor import Stack
 from cex_stack.topology import SERVICES
 from services.chassis import ErrorDetails
 from services.chassis.authn import ServiceCredentials
+from services.chassis.db import postgres
+from services.chassis.markets import DEFAULT_CATALOG
 from services.chassis.server import background
+from services.ledger.store import Store as LedgerStore
+from services.match.funds import Funds
+from services.match.store import Journal
+from services.match.writer import Sequencer
 
 BUY, SELL = t.SIDE_BUY, t.SIDE_SELL
 MARKET = "BTC-USDT"
@@ -347,6 +354,17 @@ async def agreed(
             differ = {k: (views[k], book[k]) for k in set(views) & set(book) if views[k] != book[k]}
             pytest.fail(f"order and match disagree: {only_order=} {only_match=} {differ=}")
         await asyncio.sleep(0.5)
+
+
+async def journal_replays(exchange: Exchange) -> None:
+    """A replay of match's journal from its latest snapshot, books AND balances,
+    equals what a restarted writer recovers (the balances from the ledger's tables):
+    every balance change the writer committed is in its journal (ADR 0013)."""
+    async with postgres(exchange.stack.database_url, schema="match") as pool:
+        funds = Funds(LedgerStore(pool, DEFAULT_CATALOG.assets), DEFAULT_CATALOG)
+        markets = list(DEFAULT_CATALOG.markets.values())
+        writer = Sequencer(markets, Journal(pool, "main"), funds, clock=time.time_ns)
+        await writer.verify()
 
 
 async def settled_and_balanced(

@@ -12,7 +12,9 @@ as a real client would. Afterwards:
 - the ledger audit passes, and each account's held amount is exactly what its
   working orders still need (no hold lost, none left behind);
 - every withdrawal ended (completed, or failed with its hold voided);
-- cancelling everything releases every hold.
+- cancelling everything releases every hold;
+- a replay of match's journal from its latest snapshot gives the same books
+  and balances as the writer recovers from its tables.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from tests.e2e.order.support import (
     Exchange,
     Trader,
     agreed,
+    journal_replays,
     kill,
     settled_and_balanced,
     uid,
@@ -173,6 +176,7 @@ async def _burst(
     await exchange.clean_up()
     assert await exchange.held(seller.account_id, "BTC", D(0), within_s=60) == 0
     assert await exchange.held(buyer.account_id, "USDT", D(0), within_s=60) == 0
+    await journal_replays(exchange)
 
 
 async def test_kill_9_of_order_match_and_ledger_during_a_burst_loses_nothing(

@@ -7,6 +7,8 @@ import time
 
 import asyncpg
 
+from cex.ledger.v1 import ledger_pb2 as K
+from cex.match.v1 import match_pb2
 from cex.type.v1 import types_pb2 as t
 from services.chassis import postgres
 from services.chassis.db import Statement, migrate
@@ -21,6 +23,7 @@ from services.match.writer import Sequencer
 from tests.integration.match.match_client import limit, place
 
 MARKET = DEFAULT_CATALOG.markets["BTC-USDT"]
+USDT = "USDT"
 
 
 async def test_a_caller_that_went_away_does_not_fail_its_batch(fresh_database_url: str) -> None:
@@ -84,3 +87,118 @@ async def test_the_idempotency_read_does_not_scan_the_journal(fresh_database_url
         known, by_client = await journal.find([(MARKET.symbol, "cmd7")], ["acct:c9"])
         assert known[(MARKET.symbol, "cmd7")].group_seq == 7
         assert by_client["acct:c9"].group_seq == 9
+
+
+def _funds(command_id: str, *transfers: match_pb2.FundsTransfer) -> match_pb2.Command:
+    return match_pb2.Command(
+        command_id=command_id, transfers=match_pb2.TransfersCommand(transfers=transfers)
+    )
+
+
+def _transfer(
+    tid: str, op: int, debit: str = "", credit: str = "", asset: str = "USDT", amount: str = "0",
+    *, pending_id: str = "", timeout_s: int = 0, kind: int = K.TRANSFER_KIND_WITHDRAWAL,
+) -> match_pb2.FundsTransfer:  # fmt: skip
+    return match_pb2.FundsTransfer(
+        id=tid, op=op, debit_account_id=debit, credit_account_id=credit, asset=asset,  # type: ignore[arg-type]
+        amount=DEFAULT_CATALOG.assets[asset].to_minor(amount), pending_id=pending_id,
+        timeout_ns=timeout_s * 1_000_000_000, kind=kind, reference=tid,
+    )  # fmt: skip
+
+
+def _held(command: match_pb2.PlaceCommand, asset: str, amount: str) -> match_pb2.PlaceCommand:
+    command.hold_asset, command.hold_amount = asset, amount
+    return command
+
+
+async def test_a_replay_from_a_snapshot_gives_the_same_books_and_balances(
+    fresh_database_url: str,
+) -> None:
+    """From the latest snapshot (books and balances) and the journal after it, a
+    replay that never reads the ledger's tables reaches the writer's state exactly:
+    trades settled, deposits, a hold taken before the snapshot and posted after it,
+    a void, and a hold that expired on the writer's clock. Losing one journaled
+    funds entry makes it differ."""
+    conn = await asyncpg.connect(fresh_database_url)
+    try:
+        await migrate(conn, "ledger", LEDGER_MIGRATIONS)
+    finally:
+        await conn.close()
+    single, pending = match_pb2.FundsTransfer.OP_SINGLE, match_pb2.FundsTransfer.OP_PENDING
+    post, void = match_pb2.FundsTransfer.OP_POST, match_pb2.FundsTransfer.OP_VOID
+    offset = [0]
+    async with postgres(fresh_database_url, schema="match", migrations=MIGRATIONS) as pool:
+        journal = Journal(pool, "main")
+        funds = Funds(LedgerStore(pool, DEFAULT_CATALOG.assets), DEFAULT_CATALOG)
+        writer = Sequencer(
+            [MARKET], journal, funds, clock=lambda: time.time_ns() + offset[0], snapshot_every=5
+        )
+        await writer.start()
+        try:
+
+            async def ok(command: match_pb2.Command) -> None:
+                result = await (
+                    writer.submit(decode(MARKET, command))
+                    if command.market
+                    else writer.submit_funds(command)
+                )
+                assert result.status.code == 0, result.status
+                assert all(s.code == 0 for s in result.transfer_statuses), result
+
+            deposit = K.TRANSFER_KIND_DEPOSIT
+            await ok(
+                _funds(
+                    "f1",
+                    _transfer("d1", single, "sys:custody", "buyer", "USDT", "1000", kind=deposit),
+                    _transfer("d2", single, "sys:custody", "seller", "BTC", "2", kind=deposit),
+                )
+            )
+            await ok(place("p1", _held(limit("s1", "seller", t.SIDE_SELL, "1", "100"), "BTC", "1")))
+            await ok(
+                place("p2", _held(limit("b1", "buyer", t.SIDE_BUY, "0.5", "100"), "USDT", "60"))
+            )
+            await ok(
+                _funds(
+                    "f2",
+                    _transfer("w1", pending, "buyer", "sys:withdrawals", amount="10", timeout_s=1),
+                    _transfer("w2", pending, "buyer", "sys:withdrawals", amount="20"),
+                    _transfer("w3", pending, "buyer", "sys:withdrawals", amount="5"),
+                )
+            )
+            await ok(_funds("f3", _transfer("w3v", void, pending_id="w3")))
+            for _ in range(100):  # the fifth entry made a snapshot due; a task writes it
+                if (snapshot := await journal.latest_snapshot()) is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert snapshot is not None and snapshot.group_seq == 5
+            # After the snapshot: a trade, the post of a hold taken before it, a deposit,
+            # and the expiry of w1 (its timeout passes on the writer's clock).
+            await ok(
+                place("p3", _held(limit("b2", "buyer", t.SIDE_BUY, "0.4", "100"), "USDT", "60"))
+            )
+            await ok(_funds("f4", _transfer("w2p", post, pending_id="w2")))
+            await ok(
+                _funds(
+                    "f5", _transfer("d3", single, "sys:custody", "buyer", amount="7", kind=deposit)
+                )
+            )
+            offset[0] = 2_000_000_000
+            for _ in range(100):
+                if "w1" not in writer.funds.book.transfers:  # expired, saved, forgotten
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("w1 did not expire")
+            async with writer.view(MARKET.symbol):
+                live = writer.document()
+            assert live["group_seq"] == 9 and live["funds_seq"] == 6
+            replayed = await writer.replayed()
+            assert replayed == live
+            accounts = {(a, asset): rest for a, asset, *rest in live["balances"]["accounts"]}
+            assert ("seller", "USDT") in accounts  # settled
+            assert [h[0] for h in live["balances"]["holds"]] == ["hold:s1"]  # 0.1 BTC rests
+            # The journal is the whole story: without the deposit's entry it differs.
+            await pool.execute("DELETE FROM journal WHERE group_seq = 8")
+            assert await writer.replayed() != live
+        finally:
+            await writer.stop()

@@ -835,6 +835,66 @@ func (x *FundsTransfer) GetReference() string {
 	return ""
 }
 
+// What a command without a market (transfers, or the expiry of holds) changed
+// in the group's balances, as the writer journals it (ADR 0013): a replay from
+// a snapshot re-applies these rather than deciding again, because a transfer's
+// idempotency reaches back past any snapshot. Journaled under the market
+// "$<group>", command_seq counting the group's funds entries.
+type FundsEffects struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Holds that expired (their timeout had passed), in order, before `created`.
+	Expired []string `protobuf:"bytes,1,rep,name=expired,proto3" json:"expired,omitempty"`
+	// The transfers created, in order, as the sender asked for them (none of
+	// them linked: each was applied).
+	Created       []*FundsTransfer `protobuf:"bytes,2,rep,name=created,proto3" json:"created,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FundsEffects) Reset() {
+	*x = FundsEffects{}
+	mi := &file_cex_match_v1_match_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FundsEffects) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FundsEffects) ProtoMessage() {}
+
+func (x *FundsEffects) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_match_v1_match_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FundsEffects.ProtoReflect.Descriptor instead.
+func (*FundsEffects) Descriptor() ([]byte, []int) {
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *FundsEffects) GetExpired() []string {
+	if x != nil {
+		return x.Expired
+	}
+	return nil
+}
+
+func (x *FundsEffects) GetCreated() []*FundsTransfer {
+	if x != nil {
+		return x.Created
+	}
+	return nil
+}
+
 // One command for one market.
 type Command struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -865,7 +925,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[7]
+	mi := &file_cex_match_v1_match_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -877,7 +937,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[7]
+	mi := &file_cex_match_v1_match_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -890,7 +950,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{7}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Command) GetCommandId() string {
@@ -1050,7 +1110,7 @@ type CommandResult struct {
 
 func (x *CommandResult) Reset() {
 	*x = CommandResult{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[8]
+	mi := &file_cex_match_v1_match_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1062,7 +1122,7 @@ func (x *CommandResult) String() string {
 func (*CommandResult) ProtoMessage() {}
 
 func (x *CommandResult) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[8]
+	mi := &file_cex_match_v1_match_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1075,7 +1135,7 @@ func (x *CommandResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommandResult.ProtoReflect.Descriptor instead.
 func (*CommandResult) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{8}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CommandResult) GetCommandId() string {
@@ -1159,7 +1219,7 @@ type MatchEvent struct {
 
 func (x *MatchEvent) Reset() {
 	*x = MatchEvent{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[9]
+	mi := &file_cex_match_v1_match_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1171,7 +1231,7 @@ func (x *MatchEvent) String() string {
 func (*MatchEvent) ProtoMessage() {}
 
 func (x *MatchEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[9]
+	mi := &file_cex_match_v1_match_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1184,7 +1244,7 @@ func (x *MatchEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MatchEvent.ProtoReflect.Descriptor instead.
 func (*MatchEvent) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{9}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *MatchEvent) GetMarket() string {
@@ -1381,7 +1441,7 @@ type OrderAccepted struct {
 
 func (x *OrderAccepted) Reset() {
 	*x = OrderAccepted{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[10]
+	mi := &file_cex_match_v1_match_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1393,7 +1453,7 @@ func (x *OrderAccepted) String() string {
 func (*OrderAccepted) ProtoMessage() {}
 
 func (x *OrderAccepted) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[10]
+	mi := &file_cex_match_v1_match_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1406,7 +1466,7 @@ func (x *OrderAccepted) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderAccepted.ProtoReflect.Descriptor instead.
 func (*OrderAccepted) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{10}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *OrderAccepted) GetOrderId() string {
@@ -1522,7 +1582,7 @@ type OrderRejected struct {
 
 func (x *OrderRejected) Reset() {
 	*x = OrderRejected{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[11]
+	mi := &file_cex_match_v1_match_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1534,7 +1594,7 @@ func (x *OrderRejected) String() string {
 func (*OrderRejected) ProtoMessage() {}
 
 func (x *OrderRejected) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[11]
+	mi := &file_cex_match_v1_match_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1547,7 +1607,7 @@ func (x *OrderRejected) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderRejected.ProtoReflect.Descriptor instead.
 func (*OrderRejected) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{11}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *OrderRejected) GetOrderId() string {
@@ -1635,7 +1695,7 @@ type Trade struct {
 
 func (x *Trade) Reset() {
 	*x = Trade{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[12]
+	mi := &file_cex_match_v1_match_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1647,7 +1707,7 @@ func (x *Trade) String() string {
 func (*Trade) ProtoMessage() {}
 
 func (x *Trade) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[12]
+	mi := &file_cex_match_v1_match_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1660,7 +1720,7 @@ func (x *Trade) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Trade.ProtoReflect.Descriptor instead.
 func (*Trade) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{12}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Trade) GetTradeId() string {
@@ -1809,7 +1869,7 @@ type OrderCancelled struct {
 
 func (x *OrderCancelled) Reset() {
 	*x = OrderCancelled{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[13]
+	mi := &file_cex_match_v1_match_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1821,7 +1881,7 @@ func (x *OrderCancelled) String() string {
 func (*OrderCancelled) ProtoMessage() {}
 
 func (x *OrderCancelled) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[13]
+	mi := &file_cex_match_v1_match_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1834,7 +1894,7 @@ func (x *OrderCancelled) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderCancelled.ProtoReflect.Descriptor instead.
 func (*OrderCancelled) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{13}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *OrderCancelled) GetOrderId() string {
@@ -1920,7 +1980,7 @@ type OrderAmended struct {
 
 func (x *OrderAmended) Reset() {
 	*x = OrderAmended{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[14]
+	mi := &file_cex_match_v1_match_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1932,7 +1992,7 @@ func (x *OrderAmended) String() string {
 func (*OrderAmended) ProtoMessage() {}
 
 func (x *OrderAmended) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[14]
+	mi := &file_cex_match_v1_match_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1945,7 +2005,7 @@ func (x *OrderAmended) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderAmended.ProtoReflect.Descriptor instead.
 func (*OrderAmended) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{14}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *OrderAmended) GetOrderId() string {
@@ -2034,7 +2094,7 @@ type OrderTriggered struct {
 
 func (x *OrderTriggered) Reset() {
 	*x = OrderTriggered{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[15]
+	mi := &file_cex_match_v1_match_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2046,7 +2106,7 @@ func (x *OrderTriggered) String() string {
 func (*OrderTriggered) ProtoMessage() {}
 
 func (x *OrderTriggered) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[15]
+	mi := &file_cex_match_v1_match_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2059,7 +2119,7 @@ func (x *OrderTriggered) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderTriggered.ProtoReflect.Descriptor instead.
 func (*OrderTriggered) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{15}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *OrderTriggered) GetOrderId() string {
@@ -2128,7 +2188,7 @@ type LevelChanged struct {
 
 func (x *LevelChanged) Reset() {
 	*x = LevelChanged{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[16]
+	mi := &file_cex_match_v1_match_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2140,7 +2200,7 @@ func (x *LevelChanged) String() string {
 func (*LevelChanged) ProtoMessage() {}
 
 func (x *LevelChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[16]
+	mi := &file_cex_match_v1_match_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2153,7 +2213,7 @@ func (x *LevelChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LevelChanged.ProtoReflect.Descriptor instead.
 func (*LevelChanged) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{16}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *LevelChanged) GetSide() v1.Side {
@@ -2204,7 +2264,7 @@ type BookOrder struct {
 
 func (x *BookOrder) Reset() {
 	*x = BookOrder{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[17]
+	mi := &file_cex_match_v1_match_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2216,7 +2276,7 @@ func (x *BookOrder) String() string {
 func (*BookOrder) ProtoMessage() {}
 
 func (x *BookOrder) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[17]
+	mi := &file_cex_match_v1_match_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2229,7 +2289,7 @@ func (x *BookOrder) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BookOrder.ProtoReflect.Descriptor instead.
 func (*BookOrder) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{17}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *BookOrder) GetOrderId() string {
@@ -2292,7 +2352,7 @@ type OrderBook struct {
 
 func (x *OrderBook) Reset() {
 	*x = OrderBook{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[18]
+	mi := &file_cex_match_v1_match_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2304,7 +2364,7 @@ func (x *OrderBook) String() string {
 func (*OrderBook) ProtoMessage() {}
 
 func (x *OrderBook) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[18]
+	mi := &file_cex_match_v1_match_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2317,7 +2377,7 @@ func (x *OrderBook) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderBook.ProtoReflect.Descriptor instead.
 func (*OrderBook) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{18}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *OrderBook) GetMarket() string {
@@ -2380,7 +2440,7 @@ type SubmitCommandsRequest struct {
 
 func (x *SubmitCommandsRequest) Reset() {
 	*x = SubmitCommandsRequest{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[19]
+	mi := &file_cex_match_v1_match_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2392,7 +2452,7 @@ func (x *SubmitCommandsRequest) String() string {
 func (*SubmitCommandsRequest) ProtoMessage() {}
 
 func (x *SubmitCommandsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[19]
+	mi := &file_cex_match_v1_match_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2405,7 +2465,7 @@ func (x *SubmitCommandsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitCommandsRequest.ProtoReflect.Descriptor instead.
 func (*SubmitCommandsRequest) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{19}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SubmitCommandsRequest) GetCommands() []*Command {
@@ -2426,7 +2486,7 @@ type SubmitCommandsResponse struct {
 
 func (x *SubmitCommandsResponse) Reset() {
 	*x = SubmitCommandsResponse{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[20]
+	mi := &file_cex_match_v1_match_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2438,7 +2498,7 @@ func (x *SubmitCommandsResponse) String() string {
 func (*SubmitCommandsResponse) ProtoMessage() {}
 
 func (x *SubmitCommandsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[20]
+	mi := &file_cex_match_v1_match_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2451,7 +2511,7 @@ func (x *SubmitCommandsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitCommandsResponse.ProtoReflect.Descriptor instead.
 func (*SubmitCommandsResponse) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{20}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SubmitCommandsResponse) GetResults() []*CommandResult {
@@ -2476,7 +2536,7 @@ type GetOrderBookRequest struct {
 
 func (x *GetOrderBookRequest) Reset() {
 	*x = GetOrderBookRequest{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[21]
+	mi := &file_cex_match_v1_match_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2488,7 +2548,7 @@ func (x *GetOrderBookRequest) String() string {
 func (*GetOrderBookRequest) ProtoMessage() {}
 
 func (x *GetOrderBookRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[21]
+	mi := &file_cex_match_v1_match_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2501,7 +2561,7 @@ func (x *GetOrderBookRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetOrderBookRequest.ProtoReflect.Descriptor instead.
 func (*GetOrderBookRequest) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{21}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *GetOrderBookRequest) GetMarket() string {
@@ -2536,7 +2596,7 @@ type GetOrderBookResponse struct {
 
 func (x *GetOrderBookResponse) Reset() {
 	*x = GetOrderBookResponse{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[22]
+	mi := &file_cex_match_v1_match_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2548,7 +2608,7 @@ func (x *GetOrderBookResponse) String() string {
 func (*GetOrderBookResponse) ProtoMessage() {}
 
 func (x *GetOrderBookResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[22]
+	mi := &file_cex_match_v1_match_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2561,7 +2621,7 @@ func (x *GetOrderBookResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetOrderBookResponse.ProtoReflect.Descriptor instead.
 func (*GetOrderBookResponse) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{22}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GetOrderBookResponse) GetBook() *OrderBook {
@@ -2589,7 +2649,7 @@ type ReplayEventsRequest struct {
 
 func (x *ReplayEventsRequest) Reset() {
 	*x = ReplayEventsRequest{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[23]
+	mi := &file_cex_match_v1_match_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2601,7 +2661,7 @@ func (x *ReplayEventsRequest) String() string {
 func (*ReplayEventsRequest) ProtoMessage() {}
 
 func (x *ReplayEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[23]
+	mi := &file_cex_match_v1_match_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2614,7 +2674,7 @@ func (x *ReplayEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplayEventsRequest.ProtoReflect.Descriptor instead.
 func (*ReplayEventsRequest) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{23}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ReplayEventsRequest) GetMarket() string {
@@ -2660,7 +2720,7 @@ type EventBatch struct {
 
 func (x *EventBatch) Reset() {
 	*x = EventBatch{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[24]
+	mi := &file_cex_match_v1_match_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2672,7 +2732,7 @@ func (x *EventBatch) String() string {
 func (*EventBatch) ProtoMessage() {}
 
 func (x *EventBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[24]
+	mi := &file_cex_match_v1_match_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2685,7 +2745,7 @@ func (x *EventBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventBatch.ProtoReflect.Descriptor instead.
 func (*EventBatch) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{24}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *EventBatch) GetEvents() []*MatchEvent {
@@ -2706,7 +2766,7 @@ type ReplayEventsResponse struct {
 
 func (x *ReplayEventsResponse) Reset() {
 	*x = ReplayEventsResponse{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[25]
+	mi := &file_cex_match_v1_match_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2718,7 +2778,7 @@ func (x *ReplayEventsResponse) String() string {
 func (*ReplayEventsResponse) ProtoMessage() {}
 
 func (x *ReplayEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[25]
+	mi := &file_cex_match_v1_match_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2731,7 +2791,7 @@ func (x *ReplayEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplayEventsResponse.ProtoReflect.Descriptor instead.
 func (*ReplayEventsResponse) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{25}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ReplayEventsResponse) GetEvents() []*MatchEvent {
@@ -2815,7 +2875,10 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\n" +
 	"OP_PENDING\x10\x02\x12\v\n" +
 	"\aOP_POST\x10\x03\x12\v\n" +
-	"\aOP_VOID\x10\x04\"\xb1\x04\n" +
+	"\aOP_VOID\x10\x04\"_\n" +
+	"\fFundsEffects\x12\x18\n" +
+	"\aexpired\x18\x01 \x03(\tR\aexpired\x125\n" +
+	"\acreated\x18\x02 \x03(\v2\x1b.cex.match.v1.FundsTransferR\acreated\"\xb1\x04\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"command_id\x18\x01 \x01(\tR\tcommandId\x12\x16\n" +
@@ -3003,7 +3066,7 @@ func file_cex_match_v1_match_proto_rawDescGZIP() []byte {
 }
 
 var file_cex_match_v1_match_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_cex_match_v1_match_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_cex_match_v1_match_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_cex_match_v1_match_proto_goTypes = []any{
 	(BookLevel)(0),                 // 0: cex.match.v1.BookLevel
 	(FundsTransfer_Op)(0),          // 1: cex.match.v1.FundsTransfer.Op
@@ -3014,97 +3077,99 @@ var file_cex_match_v1_match_proto_goTypes = []any{
 	(*ExpireCommand)(nil),          // 6: cex.match.v1.ExpireCommand
 	(*TransfersCommand)(nil),       // 7: cex.match.v1.TransfersCommand
 	(*FundsTransfer)(nil),          // 8: cex.match.v1.FundsTransfer
-	(*Command)(nil),                // 9: cex.match.v1.Command
-	(*CommandResult)(nil),          // 10: cex.match.v1.CommandResult
-	(*MatchEvent)(nil),             // 11: cex.match.v1.MatchEvent
-	(*OrderAccepted)(nil),          // 12: cex.match.v1.OrderAccepted
-	(*OrderRejected)(nil),          // 13: cex.match.v1.OrderRejected
-	(*Trade)(nil),                  // 14: cex.match.v1.Trade
-	(*OrderCancelled)(nil),         // 15: cex.match.v1.OrderCancelled
-	(*OrderAmended)(nil),           // 16: cex.match.v1.OrderAmended
-	(*OrderTriggered)(nil),         // 17: cex.match.v1.OrderTriggered
-	(*LevelChanged)(nil),           // 18: cex.match.v1.LevelChanged
-	(*BookOrder)(nil),              // 19: cex.match.v1.BookOrder
-	(*OrderBook)(nil),              // 20: cex.match.v1.OrderBook
-	(*SubmitCommandsRequest)(nil),  // 21: cex.match.v1.SubmitCommandsRequest
-	(*SubmitCommandsResponse)(nil), // 22: cex.match.v1.SubmitCommandsResponse
-	(*GetOrderBookRequest)(nil),    // 23: cex.match.v1.GetOrderBookRequest
-	(*GetOrderBookResponse)(nil),   // 24: cex.match.v1.GetOrderBookResponse
-	(*ReplayEventsRequest)(nil),    // 25: cex.match.v1.ReplayEventsRequest
-	(*EventBatch)(nil),             // 26: cex.match.v1.EventBatch
-	(*ReplayEventsResponse)(nil),   // 27: cex.match.v1.ReplayEventsResponse
-	nil,                            // 28: cex.match.v1.Command.TraceContextEntry
-	(v1.Side)(0),                   // 29: cex.type.v1.Side
-	(v1.OrderType)(0),              // 30: cex.type.v1.OrderType
-	(v1.TimeInForce)(0),            // 31: cex.type.v1.TimeInForce
-	(v1.SelfTradePrevention)(0),    // 32: cex.type.v1.SelfTradePrevention
-	(*timestamppb.Timestamp)(nil),  // 33: google.protobuf.Timestamp
-	(v1.CancelReason)(0),           // 34: cex.type.v1.CancelReason
-	(*status.Status)(nil),          // 35: google.rpc.Status
-	(*v1.PriceLevel)(nil),          // 36: cex.type.v1.PriceLevel
+	(*FundsEffects)(nil),           // 9: cex.match.v1.FundsEffects
+	(*Command)(nil),                // 10: cex.match.v1.Command
+	(*CommandResult)(nil),          // 11: cex.match.v1.CommandResult
+	(*MatchEvent)(nil),             // 12: cex.match.v1.MatchEvent
+	(*OrderAccepted)(nil),          // 13: cex.match.v1.OrderAccepted
+	(*OrderRejected)(nil),          // 14: cex.match.v1.OrderRejected
+	(*Trade)(nil),                  // 15: cex.match.v1.Trade
+	(*OrderCancelled)(nil),         // 16: cex.match.v1.OrderCancelled
+	(*OrderAmended)(nil),           // 17: cex.match.v1.OrderAmended
+	(*OrderTriggered)(nil),         // 18: cex.match.v1.OrderTriggered
+	(*LevelChanged)(nil),           // 19: cex.match.v1.LevelChanged
+	(*BookOrder)(nil),              // 20: cex.match.v1.BookOrder
+	(*OrderBook)(nil),              // 21: cex.match.v1.OrderBook
+	(*SubmitCommandsRequest)(nil),  // 22: cex.match.v1.SubmitCommandsRequest
+	(*SubmitCommandsResponse)(nil), // 23: cex.match.v1.SubmitCommandsResponse
+	(*GetOrderBookRequest)(nil),    // 24: cex.match.v1.GetOrderBookRequest
+	(*GetOrderBookResponse)(nil),   // 25: cex.match.v1.GetOrderBookResponse
+	(*ReplayEventsRequest)(nil),    // 26: cex.match.v1.ReplayEventsRequest
+	(*EventBatch)(nil),             // 27: cex.match.v1.EventBatch
+	(*ReplayEventsResponse)(nil),   // 28: cex.match.v1.ReplayEventsResponse
+	nil,                            // 29: cex.match.v1.Command.TraceContextEntry
+	(v1.Side)(0),                   // 30: cex.type.v1.Side
+	(v1.OrderType)(0),              // 31: cex.type.v1.OrderType
+	(v1.TimeInForce)(0),            // 32: cex.type.v1.TimeInForce
+	(v1.SelfTradePrevention)(0),    // 33: cex.type.v1.SelfTradePrevention
+	(*timestamppb.Timestamp)(nil),  // 34: google.protobuf.Timestamp
+	(v1.CancelReason)(0),           // 35: cex.type.v1.CancelReason
+	(*status.Status)(nil),          // 36: google.rpc.Status
+	(*v1.PriceLevel)(nil),          // 37: cex.type.v1.PriceLevel
 }
 var file_cex_match_v1_match_proto_depIdxs = []int32{
-	29, // 0: cex.match.v1.PlaceCommand.side:type_name -> cex.type.v1.Side
-	30, // 1: cex.match.v1.PlaceCommand.type:type_name -> cex.type.v1.OrderType
-	31, // 2: cex.match.v1.PlaceCommand.time_in_force:type_name -> cex.type.v1.TimeInForce
-	32, // 3: cex.match.v1.PlaceCommand.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
-	33, // 4: cex.match.v1.PlaceCommand.expire_time:type_name -> google.protobuf.Timestamp
-	34, // 5: cex.match.v1.CancelCommand.reason:type_name -> cex.type.v1.CancelReason
-	29, // 6: cex.match.v1.MassCancelCommand.side:type_name -> cex.type.v1.Side
-	34, // 7: cex.match.v1.MassCancelCommand.reason:type_name -> cex.type.v1.CancelReason
+	30, // 0: cex.match.v1.PlaceCommand.side:type_name -> cex.type.v1.Side
+	31, // 1: cex.match.v1.PlaceCommand.type:type_name -> cex.type.v1.OrderType
+	32, // 2: cex.match.v1.PlaceCommand.time_in_force:type_name -> cex.type.v1.TimeInForce
+	33, // 3: cex.match.v1.PlaceCommand.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
+	34, // 4: cex.match.v1.PlaceCommand.expire_time:type_name -> google.protobuf.Timestamp
+	35, // 5: cex.match.v1.CancelCommand.reason:type_name -> cex.type.v1.CancelReason
+	30, // 6: cex.match.v1.MassCancelCommand.side:type_name -> cex.type.v1.Side
+	35, // 7: cex.match.v1.MassCancelCommand.reason:type_name -> cex.type.v1.CancelReason
 	8,  // 8: cex.match.v1.TransfersCommand.transfers:type_name -> cex.match.v1.FundsTransfer
 	1,  // 9: cex.match.v1.FundsTransfer.op:type_name -> cex.match.v1.FundsTransfer.Op
-	2,  // 10: cex.match.v1.Command.place:type_name -> cex.match.v1.PlaceCommand
-	3,  // 11: cex.match.v1.Command.cancel:type_name -> cex.match.v1.CancelCommand
-	4,  // 12: cex.match.v1.Command.amend:type_name -> cex.match.v1.AmendCommand
-	5,  // 13: cex.match.v1.Command.mass_cancel:type_name -> cex.match.v1.MassCancelCommand
-	6,  // 14: cex.match.v1.Command.expire:type_name -> cex.match.v1.ExpireCommand
-	7,  // 15: cex.match.v1.Command.transfers:type_name -> cex.match.v1.TransfersCommand
-	28, // 16: cex.match.v1.Command.trace_context:type_name -> cex.match.v1.Command.TraceContextEntry
-	35, // 17: cex.match.v1.CommandResult.status:type_name -> google.rpc.Status
-	11, // 18: cex.match.v1.CommandResult.events:type_name -> cex.match.v1.MatchEvent
-	35, // 19: cex.match.v1.CommandResult.transfer_statuses:type_name -> google.rpc.Status
-	33, // 20: cex.match.v1.MatchEvent.event_time:type_name -> google.protobuf.Timestamp
-	12, // 21: cex.match.v1.MatchEvent.accepted:type_name -> cex.match.v1.OrderAccepted
-	13, // 22: cex.match.v1.MatchEvent.rejected:type_name -> cex.match.v1.OrderRejected
-	14, // 23: cex.match.v1.MatchEvent.trade:type_name -> cex.match.v1.Trade
-	15, // 24: cex.match.v1.MatchEvent.cancelled:type_name -> cex.match.v1.OrderCancelled
-	16, // 25: cex.match.v1.MatchEvent.amended:type_name -> cex.match.v1.OrderAmended
-	17, // 26: cex.match.v1.MatchEvent.triggered:type_name -> cex.match.v1.OrderTriggered
-	18, // 27: cex.match.v1.MatchEvent.level_changed:type_name -> cex.match.v1.LevelChanged
-	29, // 28: cex.match.v1.OrderAccepted.side:type_name -> cex.type.v1.Side
-	30, // 29: cex.match.v1.OrderAccepted.type:type_name -> cex.type.v1.OrderType
-	31, // 30: cex.match.v1.OrderAccepted.time_in_force:type_name -> cex.type.v1.TimeInForce
-	2,  // 31: cex.match.v1.OrderAccepted.place:type_name -> cex.match.v1.PlaceCommand
-	2,  // 32: cex.match.v1.OrderRejected.place:type_name -> cex.match.v1.PlaceCommand
-	29, // 33: cex.match.v1.Trade.taker_side:type_name -> cex.type.v1.Side
-	29, // 34: cex.match.v1.OrderCancelled.side:type_name -> cex.type.v1.Side
-	34, // 35: cex.match.v1.OrderCancelled.reason:type_name -> cex.type.v1.CancelReason
-	29, // 36: cex.match.v1.OrderAmended.side:type_name -> cex.type.v1.Side
-	29, // 37: cex.match.v1.OrderTriggered.side:type_name -> cex.type.v1.Side
-	30, // 38: cex.match.v1.OrderTriggered.type:type_name -> cex.type.v1.OrderType
-	29, // 39: cex.match.v1.LevelChanged.side:type_name -> cex.type.v1.Side
-	36, // 40: cex.match.v1.OrderBook.bids:type_name -> cex.type.v1.PriceLevel
-	36, // 41: cex.match.v1.OrderBook.asks:type_name -> cex.type.v1.PriceLevel
-	19, // 42: cex.match.v1.OrderBook.bid_orders:type_name -> cex.match.v1.BookOrder
-	19, // 43: cex.match.v1.OrderBook.ask_orders:type_name -> cex.match.v1.BookOrder
-	9,  // 44: cex.match.v1.SubmitCommandsRequest.commands:type_name -> cex.match.v1.Command
-	10, // 45: cex.match.v1.SubmitCommandsResponse.results:type_name -> cex.match.v1.CommandResult
-	0,  // 46: cex.match.v1.GetOrderBookRequest.level:type_name -> cex.match.v1.BookLevel
-	20, // 47: cex.match.v1.GetOrderBookResponse.book:type_name -> cex.match.v1.OrderBook
-	11, // 48: cex.match.v1.EventBatch.events:type_name -> cex.match.v1.MatchEvent
-	11, // 49: cex.match.v1.ReplayEventsResponse.events:type_name -> cex.match.v1.MatchEvent
-	21, // 50: cex.match.v1.MatchService.SubmitCommands:input_type -> cex.match.v1.SubmitCommandsRequest
-	23, // 51: cex.match.v1.MatchService.GetOrderBook:input_type -> cex.match.v1.GetOrderBookRequest
-	25, // 52: cex.match.v1.MatchService.ReplayEvents:input_type -> cex.match.v1.ReplayEventsRequest
-	22, // 53: cex.match.v1.MatchService.SubmitCommands:output_type -> cex.match.v1.SubmitCommandsResponse
-	24, // 54: cex.match.v1.MatchService.GetOrderBook:output_type -> cex.match.v1.GetOrderBookResponse
-	27, // 55: cex.match.v1.MatchService.ReplayEvents:output_type -> cex.match.v1.ReplayEventsResponse
-	53, // [53:56] is the sub-list for method output_type
-	50, // [50:53] is the sub-list for method input_type
-	50, // [50:50] is the sub-list for extension type_name
-	50, // [50:50] is the sub-list for extension extendee
-	0,  // [0:50] is the sub-list for field type_name
+	8,  // 10: cex.match.v1.FundsEffects.created:type_name -> cex.match.v1.FundsTransfer
+	2,  // 11: cex.match.v1.Command.place:type_name -> cex.match.v1.PlaceCommand
+	3,  // 12: cex.match.v1.Command.cancel:type_name -> cex.match.v1.CancelCommand
+	4,  // 13: cex.match.v1.Command.amend:type_name -> cex.match.v1.AmendCommand
+	5,  // 14: cex.match.v1.Command.mass_cancel:type_name -> cex.match.v1.MassCancelCommand
+	6,  // 15: cex.match.v1.Command.expire:type_name -> cex.match.v1.ExpireCommand
+	7,  // 16: cex.match.v1.Command.transfers:type_name -> cex.match.v1.TransfersCommand
+	29, // 17: cex.match.v1.Command.trace_context:type_name -> cex.match.v1.Command.TraceContextEntry
+	36, // 18: cex.match.v1.CommandResult.status:type_name -> google.rpc.Status
+	12, // 19: cex.match.v1.CommandResult.events:type_name -> cex.match.v1.MatchEvent
+	36, // 20: cex.match.v1.CommandResult.transfer_statuses:type_name -> google.rpc.Status
+	34, // 21: cex.match.v1.MatchEvent.event_time:type_name -> google.protobuf.Timestamp
+	13, // 22: cex.match.v1.MatchEvent.accepted:type_name -> cex.match.v1.OrderAccepted
+	14, // 23: cex.match.v1.MatchEvent.rejected:type_name -> cex.match.v1.OrderRejected
+	15, // 24: cex.match.v1.MatchEvent.trade:type_name -> cex.match.v1.Trade
+	16, // 25: cex.match.v1.MatchEvent.cancelled:type_name -> cex.match.v1.OrderCancelled
+	17, // 26: cex.match.v1.MatchEvent.amended:type_name -> cex.match.v1.OrderAmended
+	18, // 27: cex.match.v1.MatchEvent.triggered:type_name -> cex.match.v1.OrderTriggered
+	19, // 28: cex.match.v1.MatchEvent.level_changed:type_name -> cex.match.v1.LevelChanged
+	30, // 29: cex.match.v1.OrderAccepted.side:type_name -> cex.type.v1.Side
+	31, // 30: cex.match.v1.OrderAccepted.type:type_name -> cex.type.v1.OrderType
+	32, // 31: cex.match.v1.OrderAccepted.time_in_force:type_name -> cex.type.v1.TimeInForce
+	2,  // 32: cex.match.v1.OrderAccepted.place:type_name -> cex.match.v1.PlaceCommand
+	2,  // 33: cex.match.v1.OrderRejected.place:type_name -> cex.match.v1.PlaceCommand
+	30, // 34: cex.match.v1.Trade.taker_side:type_name -> cex.type.v1.Side
+	30, // 35: cex.match.v1.OrderCancelled.side:type_name -> cex.type.v1.Side
+	35, // 36: cex.match.v1.OrderCancelled.reason:type_name -> cex.type.v1.CancelReason
+	30, // 37: cex.match.v1.OrderAmended.side:type_name -> cex.type.v1.Side
+	30, // 38: cex.match.v1.OrderTriggered.side:type_name -> cex.type.v1.Side
+	31, // 39: cex.match.v1.OrderTriggered.type:type_name -> cex.type.v1.OrderType
+	30, // 40: cex.match.v1.LevelChanged.side:type_name -> cex.type.v1.Side
+	37, // 41: cex.match.v1.OrderBook.bids:type_name -> cex.type.v1.PriceLevel
+	37, // 42: cex.match.v1.OrderBook.asks:type_name -> cex.type.v1.PriceLevel
+	20, // 43: cex.match.v1.OrderBook.bid_orders:type_name -> cex.match.v1.BookOrder
+	20, // 44: cex.match.v1.OrderBook.ask_orders:type_name -> cex.match.v1.BookOrder
+	10, // 45: cex.match.v1.SubmitCommandsRequest.commands:type_name -> cex.match.v1.Command
+	11, // 46: cex.match.v1.SubmitCommandsResponse.results:type_name -> cex.match.v1.CommandResult
+	0,  // 47: cex.match.v1.GetOrderBookRequest.level:type_name -> cex.match.v1.BookLevel
+	21, // 48: cex.match.v1.GetOrderBookResponse.book:type_name -> cex.match.v1.OrderBook
+	12, // 49: cex.match.v1.EventBatch.events:type_name -> cex.match.v1.MatchEvent
+	12, // 50: cex.match.v1.ReplayEventsResponse.events:type_name -> cex.match.v1.MatchEvent
+	22, // 51: cex.match.v1.MatchService.SubmitCommands:input_type -> cex.match.v1.SubmitCommandsRequest
+	24, // 52: cex.match.v1.MatchService.GetOrderBook:input_type -> cex.match.v1.GetOrderBookRequest
+	26, // 53: cex.match.v1.MatchService.ReplayEvents:input_type -> cex.match.v1.ReplayEventsRequest
+	23, // 54: cex.match.v1.MatchService.SubmitCommands:output_type -> cex.match.v1.SubmitCommandsResponse
+	25, // 55: cex.match.v1.MatchService.GetOrderBook:output_type -> cex.match.v1.GetOrderBookResponse
+	28, // 56: cex.match.v1.MatchService.ReplayEvents:output_type -> cex.match.v1.ReplayEventsResponse
+	54, // [54:57] is the sub-list for method output_type
+	51, // [51:54] is the sub-list for method input_type
+	51, // [51:51] is the sub-list for extension type_name
+	51, // [51:51] is the sub-list for extension extendee
+	0,  // [0:51] is the sub-list for field type_name
 }
 
 func init() { file_cex_match_v1_match_proto_init() }
@@ -3112,7 +3177,7 @@ func file_cex_match_v1_match_proto_init() {
 	if File_cex_match_v1_match_proto != nil {
 		return
 	}
-	file_cex_match_v1_match_proto_msgTypes[7].OneofWrappers = []any{
+	file_cex_match_v1_match_proto_msgTypes[8].OneofWrappers = []any{
 		(*Command_Place)(nil),
 		(*Command_Cancel)(nil),
 		(*Command_Amend)(nil),
@@ -3120,7 +3185,7 @@ func file_cex_match_v1_match_proto_init() {
 		(*Command_Expire)(nil),
 		(*Command_Transfers)(nil),
 	}
-	file_cex_match_v1_match_proto_msgTypes[9].OneofWrappers = []any{
+	file_cex_match_v1_match_proto_msgTypes[10].OneofWrappers = []any{
 		(*MatchEvent_Accepted)(nil),
 		(*MatchEvent_Rejected)(nil),
 		(*MatchEvent_Trade)(nil),
@@ -3135,7 +3200,7 @@ func file_cex_match_v1_match_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cex_match_v1_match_proto_rawDesc), len(file_cex_match_v1_match_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   27,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

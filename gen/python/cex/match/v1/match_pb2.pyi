@@ -443,6 +443,43 @@ class FundsTransfer(_message.Message):
 Global___FundsTransfer: _TypeAlias = FundsTransfer  # noqa: Y015
 
 @_typing.final
+class FundsEffects(_message.Message):
+    """What a command without a market (transfers, or the expiry of holds) changed
+    in the group's balances, as the writer journals it (ADR 0013): a replay from
+    a snapshot re-applies these rather than deciding again, because a transfer's
+    idempotency reaches back past any snapshot. Journaled under the market
+    "$<group>", command_seq counting the group's funds entries.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPIRED_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def expired(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Holds that expired (their timeout had passed), in order, before `created`."""
+
+    @_builtins.property
+    def created(self) -> _containers.RepeatedCompositeFieldContainer[Global___FundsTransfer]:
+        """The transfers created, in order, as the sender asked for them (none of
+        them linked: each was applied).
+        """
+
+    def __init__(
+        self,
+        *,
+        expired: _abc.Iterable[_builtins.str] | None = ...,
+        created: _abc.Iterable[Global___FundsTransfer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "expired", b"expired"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FundsEffects: _TypeAlias = FundsEffects  # noqa: Y015
+
+@_typing.final
 class Command(_message.Message):
     """One command for one market."""
 

@@ -32,7 +32,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cex/match/v1/match.proto.
  */
 export const file_cex_match_v1_match: GenFile = /*@__PURE__*/
-  fileDesc("ChhjZXgvbWF0Y2gvdjEvbWF0Y2gucHJvdG8SDGNleC5tYXRjaC52MSLaBAoMUGxhY2VDb21tYW5kEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEh8KBHNpZGUYBCABKA4yES5jZXgudHlwZS52MS5TaWRlEiQKBHR5cGUYBSABKA4yFi5jZXgudHlwZS52MS5PcmRlclR5cGUSLwoNdGltZV9pbl9mb3JjZRgGIAEoDjIYLmNleC50eXBlLnYxLlRpbWVJbkZvcmNlEj8KFXNlbGZfdHJhZGVfcHJldmVudGlvbhgHIAEoDjIgLmNleC50eXBlLnYxLlNlbGZUcmFkZVByZXZlbnRpb24SDQoFcHJpY2UYCCABKAkSEgoKc3RvcF9wcmljZRgJIAEoCRIQCghxdWFudGl0eRgKIAEoCRIWCg5xdW90ZV9xdWFudGl0eRgLIAEoCRIRCglwb3N0X29ubHkYDCABKAgSFgoObWFrZXJfZmVlX3JhdGUYDSABKAkSFgoOdGFrZXJfZmVlX3JhdGUYDiABKAkSLwoLZXhwaXJlX3RpbWUYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmhvbGRfYXNzZXQYECABKAkSEwoLaG9sZF9hbW91bnQYESABKAkSEgoKc2Vzc2lvbl9pZBgSIAEoCRIbChNyZXF1ZXN0X2ZpbmdlcnByaW50GBMgASgJEhcKD21heF9vcGVuX29yZGVycxgUIAEoBRIeChZtYXhfbWFya2V0X29wZW5fb3JkZXJzGBUgASgFImAKDUNhbmNlbENvbW1hbmQSEAoIb3JkZXJfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRIpCgZyZWFzb24YAyABKA4yGS5jZXgudHlwZS52MS5DYW5jZWxSZWFzb24iVQoMQW1lbmRDb21tYW5kEhAKCG9yZGVyX2lkGAEgASgJEhIKCmFjY291bnRfaWQYAiABKAkSDQoFcHJpY2UYAyABKAkSEAoIcXVhbnRpdHkYBCABKAkicwoRTWFzc0NhbmNlbENvbW1hbmQSEgoKYWNjb3VudF9pZBgBIAEoCRIfCgRzaWRlGAIgASgOMhEuY2V4LnR5cGUudjEuU2lkZRIpCgZyZWFzb24YAyABKA4yGS5jZXgudHlwZS52MS5DYW5jZWxSZWFzb24iDwoNRXhwaXJlQ29tbWFuZCJCChBUcmFuc2ZlcnNDb21tYW5kEi4KCXRyYW5zZmVycxgBIAMoCzIbLmNleC5tYXRjaC52MS5GdW5kc1RyYW5zZmVyIscCCg1GdW5kc1RyYW5zZmVyEgoKAmlkGAEgASgJEioKAm9wGAIgASgOMh4uY2V4Lm1hdGNoLnYxLkZ1bmRzVHJhbnNmZXIuT3ASGAoQZGViaXRfYWNjb3VudF9pZBgDIAEoCRIZChFjcmVkaXRfYWNjb3VudF9pZBgEIAEoCRINCgVhc3NldBgFIAEoCRIOCgZhbW91bnQYBiABKAMSEgoKcGVuZGluZ19pZBgHIAEoCRIOCgZsaW5rZWQYCCABKAgSEgoKdGltZW91dF9ucxgJIAEoAxIMCgRraW5kGAogASgFEhEKCXJlZmVyZW5jZRgLIAEoCSJRCgJPcBISCg5PUF9VTlNQRUNJRklFRBAAEg0KCU9QX1NJTkdMRRABEg4KCk9QX1BFTkRJTkcQAhILCgdPUF9QT1NUEAMSCwoHT1BfVk9JRBAEIs8DCgdDb21tYW5kEhIKCmNvbW1hbmRfaWQYASABKAkSDgoGbWFya2V0GAIgASgJEisKBXBsYWNlGAMgASgLMhouY2V4Lm1hdGNoLnYxLlBsYWNlQ29tbWFuZEgAEi0KBmNhbmNlbBgEIAEoCzIbLmNleC5tYXRjaC52MS5DYW5jZWxDb21tYW5kSAASKwoFYW1lbmQYBSABKAsyGi5jZXgubWF0Y2gudjEuQW1lbmRDb21tYW5kSAASNgoLbWFzc19jYW5jZWwYBiABKAsyHy5jZXgubWF0Y2gudjEuTWFzc0NhbmNlbENvbW1hbmRIABItCgZleHBpcmUYCCABKAsyGy5jZXgubWF0Y2gudjEuRXhwaXJlQ29tbWFuZEgAEjMKCXRyYW5zZmVycxgJIAEoCzIeLmNleC5tYXRjaC52MS5UcmFuc2ZlcnNDb21tYW5kSAASPgoNdHJhY2VfY29udGV4dBgHIAMoCzInLmNleC5tYXRjaC52MS5Db21tYW5kLlRyYWNlQ29udGV4dEVudHJ5GjMKEVRyYWNlQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCBgoEa2luZCLYAQoNQ29tbWFuZFJlc3VsdBISCgpjb21tYW5kX2lkGAEgASgJEg4KBm1hcmtldBgCIAEoCRIiCgZzdGF0dXMYAyABKAsyEi5nb29nbGUucnBjLlN0YXR1cxITCgtjb21tYW5kX3NlcRgEIAEoAxIoCgZldmVudHMYBSADKAsyGC5jZXgubWF0Y2gudjEuTWF0Y2hFdmVudBIRCglkdXBsaWNhdGUYBiABKAgSLQoRdHJhbnNmZXJfc3RhdHVzZXMYByADKAsyEi5nb29nbGUucnBjLlN0YXR1cyLcAwoKTWF0Y2hFdmVudBIOCgZtYXJrZXQYASABKAkSCwoDc2VxGAIgASgDEhMKC2NvbW1hbmRfc2VxGAMgASgDEhIKCmNvbW1hbmRfaWQYBCABKAkSLgoKZXZlbnRfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoIYWNjZXB0ZWQYBiABKAsyGy5jZXgubWF0Y2gudjEuT3JkZXJBY2NlcHRlZEgAEi8KCHJlamVjdGVkGAcgASgLMhsuY2V4Lm1hdGNoLnYxLk9yZGVyUmVqZWN0ZWRIABIkCgV0cmFkZRgIIAEoCzITLmNleC5tYXRjaC52MS5UcmFkZUgAEjEKCWNhbmNlbGxlZBgJIAEoCzIcLmNleC5tYXRjaC52MS5PcmRlckNhbmNlbGxlZEgAEi0KB2FtZW5kZWQYCiABKAsyGi5jZXgubWF0Y2gudjEuT3JkZXJBbWVuZGVkSAASMQoJdHJpZ2dlcmVkGAsgASgLMhwuY2V4Lm1hdGNoLnYxLk9yZGVyVHJpZ2dlcmVkSAASMwoNbGV2ZWxfY2hhbmdlZBgMIAEoCzIaLmNleC5tYXRjaC52MS5MZXZlbENoYW5nZWRIAEIGCgRraW5kIuYCCg1PcmRlckFjY2VwdGVkEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEh8KBHNpZGUYBCABKA4yES5jZXgudHlwZS52MS5TaWRlEiQKBHR5cGUYBSABKA4yFi5jZXgudHlwZS52MS5PcmRlclR5cGUSLwoNdGltZV9pbl9mb3JjZRgGIAEoDjIYLmNleC50eXBlLnYxLlRpbWVJbkZvcmNlEg0KBXByaWNlGAcgASgJEhIKCnN0b3BfcHJpY2UYCCABKAkSEAoIcXVhbnRpdHkYCSABKAkSFgoOcXVvdGVfcXVhbnRpdHkYCiABKAkSEQoJcG9zdF9vbmx5GAsgASgIEhMKC3VudHJpZ2dlcmVkGAwgASgIEikKBXBsYWNlGA0gASgLMhouY2V4Lm1hdGNoLnYxLlBsYWNlQ29tbWFuZCKaAQoNT3JkZXJSZWplY3RlZBIQCghvcmRlcl9pZBgBIAEoCRIXCg9jbGllbnRfb3JkZXJfaWQYAiABKAkSEgoKYWNjb3VudF9pZBgDIAEoCRIOCgZyZWFzb24YBCABKAkSDwoHbWVzc2FnZRgFIAEoCRIpCgVwbGFjZRgGIAEoCzIaLmNleC5tYXRjaC52MS5QbGFjZUNvbW1hbmQitwMKBVRyYWRlEhAKCHRyYWRlX2lkGAEgASgJEg0KBXByaWNlGAIgASgJEhAKCHF1YW50aXR5GAMgASgJEhYKDnF1b3RlX3F1YW50aXR5GAQgASgJEiUKCnRha2VyX3NpZGUYBSABKA4yES5jZXgudHlwZS52MS5TaWRlEhYKDm1ha2VyX29yZGVyX2lkGAYgASgJEh0KFW1ha2VyX2NsaWVudF9vcmRlcl9pZBgHIAEoCRIYChBtYWtlcl9hY2NvdW50X2lkGAggASgJEiAKGG1ha2VyX3JlbWFpbmluZ19xdWFudGl0eRgJIAEoCRIRCgltYWtlcl9mZWUYCiABKAkSFwoPbWFrZXJfZmVlX2Fzc2V0GAsgASgJEhYKDnRha2VyX29yZGVyX2lkGAwgASgJEh0KFXRha2VyX2NsaWVudF9vcmRlcl9pZBgNIAEoCRIYChB0YWtlcl9hY2NvdW50X2lkGA4gASgJEiAKGHRha2VyX3JlbWFpbmluZ19xdWFudGl0eRgPIAEoCRIRCgl0YWtlcl9mZWUYECABKAkSFwoPdGFrZXJfZmVlX2Fzc2V0GBEgASgJIuIBCg5PcmRlckNhbmNlbGxlZBIQCghvcmRlcl9pZBgBIAEoCRIXCg9jbGllbnRfb3JkZXJfaWQYAiABKAkSEgoKYWNjb3VudF9pZBgDIAEoCRIfCgRzaWRlGAQgASgOMhEuY2V4LnR5cGUudjEuU2lkZRINCgVwcmljZRgFIAEoCRIaChJjYW5jZWxsZWRfcXVhbnRpdHkYBiABKAkSKQoGcmVhc29uGAcgASgOMhkuY2V4LnR5cGUudjEuQ2FuY2VsUmVhc29uEhoKEnJlbWFpbmluZ19xdWFudGl0eRgIIAEoCSLVAQoMT3JkZXJBbWVuZGVkEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEh8KBHNpZGUYBCABKA4yES5jZXgudHlwZS52MS5TaWRlEhEKCW9sZF9wcmljZRgFIAEoCRINCgVwcmljZRgGIAEoCRIQCghxdWFudGl0eRgHIAEoCRIaChJyZW1haW5pbmdfcXVhbnRpdHkYCCABKAkSFQoNcHJpb3JpdHlfa2VwdBgJIAEoCCLBAQoOT3JkZXJUcmlnZ2VyZWQSEAoIb3JkZXJfaWQYASABKAkSFwoPY2xpZW50X29yZGVyX2lkGAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSHwoEc2lkZRgEIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSEgoKc3RvcF9wcmljZRgFIAEoCRIVCg10cmlnZ2VyX3ByaWNlGAYgASgJEiQKBHR5cGUYByABKA4yFi5jZXgudHlwZS52MS5PcmRlclR5cGUiZQoMTGV2ZWxDaGFuZ2VkEh8KBHNpZGUYASABKA4yES5jZXgudHlwZS52MS5TaWRlEg0KBXByaWNlGAIgASgJEhAKCHF1YW50aXR5GAMgASgJEhMKC29yZGVyX2NvdW50GAQgASgFImQKCUJvb2tPcmRlchIQCghvcmRlcl9pZBgBIAEoCRISCgphY2NvdW50X2lkGAIgASgJEg0KBXByaWNlGAMgASgJEhAKCHF1YW50aXR5GAQgASgJEhAKCHByaW9yaXR5GAUgASgDIuQBCglPcmRlckJvb2sSDgoGbWFya2V0GAEgASgJEgsKA3NlcRgCIAEoAxIlCgRiaWRzGAMgAygLMhcuY2V4LnR5cGUudjEuUHJpY2VMZXZlbBIlCgRhc2tzGAQgAygLMhcuY2V4LnR5cGUudjEuUHJpY2VMZXZlbBIrCgpiaWRfb3JkZXJzGAUgAygLMhcuY2V4Lm1hdGNoLnYxLkJvb2tPcmRlchIrCgphc2tfb3JkZXJzGAYgAygLMhcuY2V4Lm1hdGNoLnYxLkJvb2tPcmRlchISCgpzdGF0ZV9oYXNoGAcgASgJIkAKFVN1Ym1pdENvbW1hbmRzUmVxdWVzdBInCghjb21tYW5kcxgBIAMoCzIVLmNleC5tYXRjaC52MS5Db21tYW5kIkYKFlN1Ym1pdENvbW1hbmRzUmVzcG9uc2USLAoHcmVzdWx0cxgBIAMoCzIbLmNleC5tYXRjaC52MS5Db21tYW5kUmVzdWx0IlwKE0dldE9yZGVyQm9va1JlcXVlc3QSDgoGbWFya2V0GAEgASgJEiYKBWxldmVsGAIgASgOMhcuY2V4Lm1hdGNoLnYxLkJvb2tMZXZlbBINCgVkZXB0aBgDIAEoBSI9ChRHZXRPcmRlckJvb2tSZXNwb25zZRIlCgRib29rGAEgASgLMhcuY2V4Lm1hdGNoLnYxLk9yZGVyQm9vayJXChNSZXBsYXlFdmVudHNSZXF1ZXN0Eg4KBm1hcmtldBgBIAEoCRIQCghmcm9tX3NlcRgCIAEoAxIOCgZ0b19zZXEYAyABKAMSDgoGZm9sbG93GAQgASgIIjYKCkV2ZW50QmF0Y2gSKAoGZXZlbnRzGAEgAygLMhguY2V4Lm1hdGNoLnYxLk1hdGNoRXZlbnQiQAoUUmVwbGF5RXZlbnRzUmVzcG9uc2USKAoGZXZlbnRzGAEgAygLMhguY2V4Lm1hdGNoLnYxLk1hdGNoRXZlbnQqTQoJQm9va0xldmVsEhoKFkJPT0tfTEVWRUxfVU5TUEVDSUZJRUQQABIRCg1CT09LX0xFVkVMX0wyEAESEQoNQk9PS19MRVZFTF9MMxACMp8CCgxNYXRjaFNlcnZpY2USXwoOU3VibWl0Q29tbWFuZHMSIy5jZXgubWF0Y2gudjEuU3VibWl0Q29tbWFuZHNSZXF1ZXN0GiQuY2V4Lm1hdGNoLnYxLlN1Ym1pdENvbW1hbmRzUmVzcG9uc2UoATABElUKDEdldE9yZGVyQm9vaxIhLmNleC5tYXRjaC52MS5HZXRPcmRlckJvb2tSZXF1ZXN0GiIuY2V4Lm1hdGNoLnYxLkdldE9yZGVyQm9va1Jlc3BvbnNlElcKDFJlcGxheUV2ZW50cxIhLmNleC5tYXRjaC52MS5SZXBsYXlFdmVudHNSZXF1ZXN0GiIuY2V4Lm1hdGNoLnYxLlJlcGxheUV2ZW50c1Jlc3BvbnNlMAFiBnByb3RvMw", [file_cex_type_v1_types, file_google_protobuf_timestamp, file_google_rpc_status]);
+  fileDesc("ChhjZXgvbWF0Y2gvdjEvbWF0Y2gucHJvdG8SDGNleC5tYXRjaC52MSLaBAoMUGxhY2VDb21tYW5kEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEh8KBHNpZGUYBCABKA4yES5jZXgudHlwZS52MS5TaWRlEiQKBHR5cGUYBSABKA4yFi5jZXgudHlwZS52MS5PcmRlclR5cGUSLwoNdGltZV9pbl9mb3JjZRgGIAEoDjIYLmNleC50eXBlLnYxLlRpbWVJbkZvcmNlEj8KFXNlbGZfdHJhZGVfcHJldmVudGlvbhgHIAEoDjIgLmNleC50eXBlLnYxLlNlbGZUcmFkZVByZXZlbnRpb24SDQoFcHJpY2UYCCABKAkSEgoKc3RvcF9wcmljZRgJIAEoCRIQCghxdWFudGl0eRgKIAEoCRIWCg5xdW90ZV9xdWFudGl0eRgLIAEoCRIRCglwb3N0X29ubHkYDCABKAgSFgoObWFrZXJfZmVlX3JhdGUYDSABKAkSFgoOdGFrZXJfZmVlX3JhdGUYDiABKAkSLwoLZXhwaXJlX3RpbWUYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmhvbGRfYXNzZXQYECABKAkSEwoLaG9sZF9hbW91bnQYESABKAkSEgoKc2Vzc2lvbl9pZBgSIAEoCRIbChNyZXF1ZXN0X2ZpbmdlcnByaW50GBMgASgJEhcKD21heF9vcGVuX29yZGVycxgUIAEoBRIeChZtYXhfbWFya2V0X29wZW5fb3JkZXJzGBUgASgFImAKDUNhbmNlbENvbW1hbmQSEAoIb3JkZXJfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRIpCgZyZWFzb24YAyABKA4yGS5jZXgudHlwZS52MS5DYW5jZWxSZWFzb24iVQoMQW1lbmRDb21tYW5kEhAKCG9yZGVyX2lkGAEgASgJEhIKCmFjY291bnRfaWQYAiABKAkSDQoFcHJpY2UYAyABKAkSEAoIcXVhbnRpdHkYBCABKAkicwoRTWFzc0NhbmNlbENvbW1hbmQSEgoKYWNjb3VudF9pZBgBIAEoCRIfCgRzaWRlGAIgASgOMhEuY2V4LnR5cGUudjEuU2lkZRIpCgZyZWFzb24YAyABKA4yGS5jZXgudHlwZS52MS5DYW5jZWxSZWFzb24iDwoNRXhwaXJlQ29tbWFuZCJCChBUcmFuc2ZlcnNDb21tYW5kEi4KCXRyYW5zZmVycxgBIAMoCzIbLmNleC5tYXRjaC52MS5GdW5kc1RyYW5zZmVyIscCCg1GdW5kc1RyYW5zZmVyEgoKAmlkGAEgASgJEioKAm9wGAIgASgOMh4uY2V4Lm1hdGNoLnYxLkZ1bmRzVHJhbnNmZXIuT3ASGAoQZGViaXRfYWNjb3VudF9pZBgDIAEoCRIZChFjcmVkaXRfYWNjb3VudF9pZBgEIAEoCRINCgVhc3NldBgFIAEoCRIOCgZhbW91bnQYBiABKAMSEgoKcGVuZGluZ19pZBgHIAEoCRIOCgZsaW5rZWQYCCABKAgSEgoKdGltZW91dF9ucxgJIAEoAxIMCgRraW5kGAogASgFEhEKCXJlZmVyZW5jZRgLIAEoCSJRCgJPcBISCg5PUF9VTlNQRUNJRklFRBAAEg0KCU9QX1NJTkdMRRABEg4KCk9QX1BFTkRJTkcQAhILCgdPUF9QT1NUEAMSCwoHT1BfVk9JRBAEIk0KDEZ1bmRzRWZmZWN0cxIPCgdleHBpcmVkGAEgAygJEiwKB2NyZWF0ZWQYAiADKAsyGy5jZXgubWF0Y2gudjEuRnVuZHNUcmFuc2ZlciLPAwoHQ29tbWFuZBISCgpjb21tYW5kX2lkGAEgASgJEg4KBm1hcmtldBgCIAEoCRIrCgVwbGFjZRgDIAEoCzIaLmNleC5tYXRjaC52MS5QbGFjZUNvbW1hbmRIABItCgZjYW5jZWwYBCABKAsyGy5jZXgubWF0Y2gudjEuQ2FuY2VsQ29tbWFuZEgAEisKBWFtZW5kGAUgASgLMhouY2V4Lm1hdGNoLnYxLkFtZW5kQ29tbWFuZEgAEjYKC21hc3NfY2FuY2VsGAYgASgLMh8uY2V4Lm1hdGNoLnYxLk1hc3NDYW5jZWxDb21tYW5kSAASLQoGZXhwaXJlGAggASgLMhsuY2V4Lm1hdGNoLnYxLkV4cGlyZUNvbW1hbmRIABIzCgl0cmFuc2ZlcnMYCSABKAsyHi5jZXgubWF0Y2gudjEuVHJhbnNmZXJzQ29tbWFuZEgAEj4KDXRyYWNlX2NvbnRleHQYByADKAsyJy5jZXgubWF0Y2gudjEuQ29tbWFuZC5UcmFjZUNvbnRleHRFbnRyeRozChFUcmFjZUNvbnRleHRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgYKBGtpbmQi2AEKDUNvbW1hbmRSZXN1bHQSEgoKY29tbWFuZF9pZBgBIAEoCRIOCgZtYXJrZXQYAiABKAkSIgoGc3RhdHVzGAMgASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXMSEwoLY29tbWFuZF9zZXEYBCABKAMSKAoGZXZlbnRzGAUgAygLMhguY2V4Lm1hdGNoLnYxLk1hdGNoRXZlbnQSEQoJZHVwbGljYXRlGAYgASgIEi0KEXRyYW5zZmVyX3N0YXR1c2VzGAcgAygLMhIuZ29vZ2xlLnJwYy5TdGF0dXMi3AMKCk1hdGNoRXZlbnQSDgoGbWFya2V0GAEgASgJEgsKA3NlcRgCIAEoAxITCgtjb21tYW5kX3NlcRgDIAEoAxISCgpjb21tYW5kX2lkGAQgASgJEi4KCmV2ZW50X3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KCGFjY2VwdGVkGAYgASgLMhsuY2V4Lm1hdGNoLnYxLk9yZGVyQWNjZXB0ZWRIABIvCghyZWplY3RlZBgHIAEoCzIbLmNleC5tYXRjaC52MS5PcmRlclJlamVjdGVkSAASJAoFdHJhZGUYCCABKAsyEy5jZXgubWF0Y2gudjEuVHJhZGVIABIxCgljYW5jZWxsZWQYCSABKAsyHC5jZXgubWF0Y2gudjEuT3JkZXJDYW5jZWxsZWRIABItCgdhbWVuZGVkGAogASgLMhouY2V4Lm1hdGNoLnYxLk9yZGVyQW1lbmRlZEgAEjEKCXRyaWdnZXJlZBgLIAEoCzIcLmNleC5tYXRjaC52MS5PcmRlclRyaWdnZXJlZEgAEjMKDWxldmVsX2NoYW5nZWQYDCABKAsyGi5jZXgubWF0Y2gudjEuTGV2ZWxDaGFuZ2VkSABCBgoEa2luZCLmAgoNT3JkZXJBY2NlcHRlZBIQCghvcmRlcl9pZBgBIAEoCRIXCg9jbGllbnRfb3JkZXJfaWQYAiABKAkSEgoKYWNjb3VudF9pZBgDIAEoCRIfCgRzaWRlGAQgASgOMhEuY2V4LnR5cGUudjEuU2lkZRIkCgR0eXBlGAUgASgOMhYuY2V4LnR5cGUudjEuT3JkZXJUeXBlEi8KDXRpbWVfaW5fZm9yY2UYBiABKA4yGC5jZXgudHlwZS52MS5UaW1lSW5Gb3JjZRINCgVwcmljZRgHIAEoCRISCgpzdG9wX3ByaWNlGAggASgJEhAKCHF1YW50aXR5GAkgASgJEhYKDnF1b3RlX3F1YW50aXR5GAogASgJEhEKCXBvc3Rfb25seRgLIAEoCBITCgt1bnRyaWdnZXJlZBgMIAEoCBIpCgVwbGFjZRgNIAEoCzIaLmNleC5tYXRjaC52MS5QbGFjZUNvbW1hbmQimgEKDU9yZGVyUmVqZWN0ZWQSEAoIb3JkZXJfaWQYASABKAkSFwoPY2xpZW50X29yZGVyX2lkGAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSDgoGcmVhc29uGAQgASgJEg8KB21lc3NhZ2UYBSABKAkSKQoFcGxhY2UYBiABKAsyGi5jZXgubWF0Y2gudjEuUGxhY2VDb21tYW5kIrcDCgVUcmFkZRIQCgh0cmFkZV9pZBgBIAEoCRINCgVwcmljZRgCIAEoCRIQCghxdWFudGl0eRgDIAEoCRIWCg5xdW90ZV9xdWFudGl0eRgEIAEoCRIlCgp0YWtlcl9zaWRlGAUgASgOMhEuY2V4LnR5cGUudjEuU2lkZRIWCg5tYWtlcl9vcmRlcl9pZBgGIAEoCRIdChVtYWtlcl9jbGllbnRfb3JkZXJfaWQYByABKAkSGAoQbWFrZXJfYWNjb3VudF9pZBgIIAEoCRIgChhtYWtlcl9yZW1haW5pbmdfcXVhbnRpdHkYCSABKAkSEQoJbWFrZXJfZmVlGAogASgJEhcKD21ha2VyX2ZlZV9hc3NldBgLIAEoCRIWCg50YWtlcl9vcmRlcl9pZBgMIAEoCRIdChV0YWtlcl9jbGllbnRfb3JkZXJfaWQYDSABKAkSGAoQdGFrZXJfYWNjb3VudF9pZBgOIAEoCRIgChh0YWtlcl9yZW1haW5pbmdfcXVhbnRpdHkYDyABKAkSEQoJdGFrZXJfZmVlGBAgASgJEhcKD3Rha2VyX2ZlZV9hc3NldBgRIAEoCSLiAQoOT3JkZXJDYW5jZWxsZWQSEAoIb3JkZXJfaWQYASABKAkSFwoPY2xpZW50X29yZGVyX2lkGAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSHwoEc2lkZRgEIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSDQoFcHJpY2UYBSABKAkSGgoSY2FuY2VsbGVkX3F1YW50aXR5GAYgASgJEikKBnJlYXNvbhgHIAEoDjIZLmNleC50eXBlLnYxLkNhbmNlbFJlYXNvbhIaChJyZW1haW5pbmdfcXVhbnRpdHkYCCABKAki1QEKDE9yZGVyQW1lbmRlZBIQCghvcmRlcl9pZBgBIAEoCRIXCg9jbGllbnRfb3JkZXJfaWQYAiABKAkSEgoKYWNjb3VudF9pZBgDIAEoCRIfCgRzaWRlGAQgASgOMhEuY2V4LnR5cGUudjEuU2lkZRIRCglvbGRfcHJpY2UYBSABKAkSDQoFcHJpY2UYBiABKAkSEAoIcXVhbnRpdHkYByABKAkSGgoScmVtYWluaW5nX3F1YW50aXR5GAggASgJEhUKDXByaW9yaXR5X2tlcHQYCSABKAgiwQEKDk9yZGVyVHJpZ2dlcmVkEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEh8KBHNpZGUYBCABKA4yES5jZXgudHlwZS52MS5TaWRlEhIKCnN0b3BfcHJpY2UYBSABKAkSFQoNdHJpZ2dlcl9wcmljZRgGIAEoCRIkCgR0eXBlGAcgASgOMhYuY2V4LnR5cGUudjEuT3JkZXJUeXBlImUKDExldmVsQ2hhbmdlZBIfCgRzaWRlGAEgASgOMhEuY2V4LnR5cGUudjEuU2lkZRINCgVwcmljZRgCIAEoCRIQCghxdWFudGl0eRgDIAEoCRITCgtvcmRlcl9jb3VudBgEIAEoBSJkCglCb29rT3JkZXISEAoIb3JkZXJfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVwcmljZRgDIAEoCRIQCghxdWFudGl0eRgEIAEoCRIQCghwcmlvcml0eRgFIAEoAyLkAQoJT3JkZXJCb29rEg4KBm1hcmtldBgBIAEoCRILCgNzZXEYAiABKAMSJQoEYmlkcxgDIAMoCzIXLmNleC50eXBlLnYxLlByaWNlTGV2ZWwSJQoEYXNrcxgEIAMoCzIXLmNleC50eXBlLnYxLlByaWNlTGV2ZWwSKwoKYmlkX29yZGVycxgFIAMoCzIXLmNleC5tYXRjaC52MS5Cb29rT3JkZXISKwoKYXNrX29yZGVycxgGIAMoCzIXLmNleC5tYXRjaC52MS5Cb29rT3JkZXISEgoKc3RhdGVfaGFzaBgHIAEoCSJAChVTdWJtaXRDb21tYW5kc1JlcXVlc3QSJwoIY29tbWFuZHMYASADKAsyFS5jZXgubWF0Y2gudjEuQ29tbWFuZCJGChZTdWJtaXRDb21tYW5kc1Jlc3BvbnNlEiwKB3Jlc3VsdHMYASADKAsyGy5jZXgubWF0Y2gudjEuQ29tbWFuZFJlc3VsdCJcChNHZXRPcmRlckJvb2tSZXF1ZXN0Eg4KBm1hcmtldBgBIAEoCRImCgVsZXZlbBgCIAEoDjIXLmNleC5tYXRjaC52MS5Cb29rTGV2ZWwSDQoFZGVwdGgYAyABKAUiPQoUR2V0T3JkZXJCb29rUmVzcG9uc2USJQoEYm9vaxgBIAEoCzIXLmNleC5tYXRjaC52MS5PcmRlckJvb2siVwoTUmVwbGF5RXZlbnRzUmVxdWVzdBIOCgZtYXJrZXQYASABKAkSEAoIZnJvbV9zZXEYAiABKAMSDgoGdG9fc2VxGAMgASgDEg4KBmZvbGxvdxgEIAEoCCI2CgpFdmVudEJhdGNoEigKBmV2ZW50cxgBIAMoCzIYLmNleC5tYXRjaC52MS5NYXRjaEV2ZW50IkAKFFJlcGxheUV2ZW50c1Jlc3BvbnNlEigKBmV2ZW50cxgBIAMoCzIYLmNleC5tYXRjaC52MS5NYXRjaEV2ZW50Kk0KCUJvb2tMZXZlbBIaChZCT09LX0xFVkVMX1VOU1BFQ0lGSUVEEAASEQoNQk9PS19MRVZFTF9MMhABEhEKDUJPT0tfTEVWRUxfTDMQAjKfAgoMTWF0Y2hTZXJ2aWNlEl8KDlN1Ym1pdENvbW1hbmRzEiMuY2V4Lm1hdGNoLnYxLlN1Ym1pdENvbW1hbmRzUmVxdWVzdBokLmNleC5tYXRjaC52MS5TdWJtaXRDb21tYW5kc1Jlc3BvbnNlKAEwARJVCgxHZXRPcmRlckJvb2sSIS5jZXgubWF0Y2gudjEuR2V0T3JkZXJCb29rUmVxdWVzdBoiLmNleC5tYXRjaC52MS5HZXRPcmRlckJvb2tSZXNwb25zZRJXCgxSZXBsYXlFdmVudHMSIS5jZXgubWF0Y2gudjEuUmVwbGF5RXZlbnRzUmVxdWVzdBoiLmNleC5tYXRjaC52MS5SZXBsYXlFdmVudHNSZXNwb25zZTABYgZwcm90bzM", [file_cex_type_v1_types, file_google_protobuf_timestamp, file_google_rpc_status]);
 
 /**
  * Places an order in the book.
@@ -518,6 +518,39 @@ export const FundsTransfer_OpSchema: GenEnum<FundsTransfer_Op> = /*@__PURE__*/
   enumDesc(file_cex_match_v1_match, 6, 0);
 
 /**
+ * What a command without a market (transfers, or the expiry of holds) changed
+ * in the group's balances, as the writer journals it (ADR 0013): a replay from
+ * a snapshot re-applies these rather than deciding again, because a transfer's
+ * idempotency reaches back past any snapshot. Journaled under the market
+ * "$<group>", command_seq counting the group's funds entries.
+ *
+ * @generated from message cex.match.v1.FundsEffects
+ */
+export type FundsEffects = Message<"cex.match.v1.FundsEffects"> & {
+  /**
+   * Holds that expired (their timeout had passed), in order, before `created`.
+   *
+   * @generated from field: repeated string expired = 1;
+   */
+  expired: string[];
+
+  /**
+   * The transfers created, in order, as the sender asked for them (none of
+   * them linked: each was applied).
+   *
+   * @generated from field: repeated cex.match.v1.FundsTransfer created = 2;
+   */
+  created: FundsTransfer[];
+};
+
+/**
+ * Describes the message cex.match.v1.FundsEffects.
+ * Use `create(FundsEffectsSchema)` to create a new message.
+ */
+export const FundsEffectsSchema: GenMessage<FundsEffects> = /*@__PURE__*/
+  messageDesc(file_cex_match_v1_match, 7);
+
+/**
  * One command for one market.
  *
  * @generated from message cex.match.v1.Command
@@ -610,7 +643,7 @@ export type Command = Message<"cex.match.v1.Command"> & {
  * Use `create(CommandSchema)` to create a new message.
  */
 export const CommandSchema: GenMessage<Command> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 7);
+  messageDesc(file_cex_match_v1_match, 8);
 
 /**
  * Result of one command.
@@ -678,7 +711,7 @@ export type CommandResult = Message<"cex.match.v1.CommandResult"> & {
  * Use `create(CommandResultSchema)` to create a new message.
  */
 export const CommandResultSchema: GenMessage<CommandResult> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 8);
+  messageDesc(file_cex_match_v1_match, 9);
 
 /**
  * Something that happened in a book. Decimal fields are decimal strings.
@@ -791,7 +824,7 @@ export type MatchEvent = Message<"cex.match.v1.MatchEvent"> & {
  * Use `create(MatchEventSchema)` to create a new message.
  */
 export const MatchEventSchema: GenMessage<MatchEvent> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 9);
+  messageDesc(file_cex_match_v1_match, 10);
 
 /**
  * An order was accepted.
@@ -897,7 +930,7 @@ export type OrderAccepted = Message<"cex.match.v1.OrderAccepted"> & {
  * Use `create(OrderAcceptedSchema)` to create a new message.
  */
 export const OrderAcceptedSchema: GenMessage<OrderAccepted> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 10);
+  messageDesc(file_cex_match_v1_match, 11);
 
 /**
  * An order was refused by the engine (after journaling, so deterministic).
@@ -954,7 +987,7 @@ export type OrderRejected = Message<"cex.match.v1.OrderRejected"> & {
  * Use `create(OrderRejectedSchema)` to create a new message.
  */
 export const OrderRejectedSchema: GenMessage<OrderRejected> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 11);
+  messageDesc(file_cex_match_v1_match, 12);
 
 /**
  * A trade between a resting (maker) and an incoming (taker) order.
@@ -1087,7 +1120,7 @@ export type Trade = Message<"cex.match.v1.Trade"> & {
  * Use `create(TradeSchema)` to create a new message.
  */
 export const TradeSchema: GenMessage<Trade> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 12);
+  messageDesc(file_cex_match_v1_match, 13);
 
 /**
  * An order or its remainder left the book (or, for a self-trade decrement,
@@ -1159,7 +1192,7 @@ export type OrderCancelled = Message<"cex.match.v1.OrderCancelled"> & {
  * Use `create(OrderCancelledSchema)` to create a new message.
  */
 export const OrderCancelledSchema: GenMessage<OrderCancelled> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 13);
+  messageDesc(file_cex_match_v1_match, 14);
 
 /**
  * An order was amended.
@@ -1236,7 +1269,7 @@ export type OrderAmended = Message<"cex.match.v1.OrderAmended"> & {
  * Use `create(OrderAmendedSchema)` to create a new message.
  */
 export const OrderAmendedSchema: GenMessage<OrderAmended> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 14);
+  messageDesc(file_cex_match_v1_match, 15);
 
 /**
  * A stop order was triggered and now works as a limit or market order.
@@ -1299,7 +1332,7 @@ export type OrderTriggered = Message<"cex.match.v1.OrderTriggered"> & {
  * Use `create(OrderTriggeredSchema)` to create a new message.
  */
 export const OrderTriggeredSchema: GenMessage<OrderTriggered> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 15);
+  messageDesc(file_cex_match_v1_match, 16);
 
 /**
  * An aggregated price level changed.
@@ -1341,7 +1374,7 @@ export type LevelChanged = Message<"cex.match.v1.LevelChanged"> & {
  * Use `create(LevelChangedSchema)` to create a new message.
  */
 export const LevelChangedSchema: GenMessage<LevelChanged> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 16);
+  messageDesc(file_cex_match_v1_match, 17);
 
 /**
  * One resting order in an L3 view.
@@ -1391,7 +1424,7 @@ export type BookOrder = Message<"cex.match.v1.BookOrder"> & {
  * Use `create(BookOrderSchema)` to create a new message.
  */
 export const BookOrderSchema: GenMessage<BookOrder> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 17);
+  messageDesc(file_cex_match_v1_match, 18);
 
 /**
  * A consistent view of a book as of event seq.
@@ -1456,7 +1489,7 @@ export type OrderBook = Message<"cex.match.v1.OrderBook"> & {
  * Use `create(OrderBookSchema)` to create a new message.
  */
 export const OrderBookSchema: GenMessage<OrderBook> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 18);
+  messageDesc(file_cex_match_v1_match, 19);
 
 /**
  * Request for MatchService.SubmitCommands.
@@ -1477,7 +1510,7 @@ export type SubmitCommandsRequest = Message<"cex.match.v1.SubmitCommandsRequest"
  * Use `create(SubmitCommandsRequestSchema)` to create a new message.
  */
 export const SubmitCommandsRequestSchema: GenMessage<SubmitCommandsRequest> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 19);
+  messageDesc(file_cex_match_v1_match, 20);
 
 /**
  * Response for MatchService.SubmitCommands.
@@ -1498,7 +1531,7 @@ export type SubmitCommandsResponse = Message<"cex.match.v1.SubmitCommandsRespons
  * Use `create(SubmitCommandsResponseSchema)` to create a new message.
  */
 export const SubmitCommandsResponseSchema: GenMessage<SubmitCommandsResponse> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 20);
+  messageDesc(file_cex_match_v1_match, 21);
 
 /**
  * Request for MatchService.GetOrderBook.
@@ -1533,7 +1566,7 @@ export type GetOrderBookRequest = Message<"cex.match.v1.GetOrderBookRequest"> & 
  * Use `create(GetOrderBookRequestSchema)` to create a new message.
  */
 export const GetOrderBookRequestSchema: GenMessage<GetOrderBookRequest> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 21);
+  messageDesc(file_cex_match_v1_match, 22);
 
 /**
  * Response for MatchService.GetOrderBook.
@@ -1554,7 +1587,7 @@ export type GetOrderBookResponse = Message<"cex.match.v1.GetOrderBookResponse"> 
  * Use `create(GetOrderBookResponseSchema)` to create a new message.
  */
 export const GetOrderBookResponseSchema: GenMessage<GetOrderBookResponse> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 22);
+  messageDesc(file_cex_match_v1_match, 23);
 
 /**
  * Request for MatchService.ReplayEvents.
@@ -1597,7 +1630,7 @@ export type ReplayEventsRequest = Message<"cex.match.v1.ReplayEventsRequest"> & 
  * Use `create(ReplayEventsRequestSchema)` to create a new message.
  */
 export const ReplayEventsRequestSchema: GenMessage<ReplayEventsRequest> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 23);
+  messageDesc(file_cex_match_v1_match, 24);
 
 /**
  * Response for MatchService.ReplayEvents.
@@ -1622,7 +1655,7 @@ export type EventBatch = Message<"cex.match.v1.EventBatch"> & {
  * Use `create(EventBatchSchema)` to create a new message.
  */
 export const EventBatchSchema: GenMessage<EventBatch> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 24);
+  messageDesc(file_cex_match_v1_match, 25);
 
 /**
  * @generated from message cex.match.v1.ReplayEventsResponse
@@ -1642,7 +1675,7 @@ export type ReplayEventsResponse = Message<"cex.match.v1.ReplayEventsResponse"> 
  * Use `create(ReplayEventsResponseSchema)` to create a new message.
  */
 export const ReplayEventsResponseSchema: GenMessage<ReplayEventsResponse> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 25);
+  messageDesc(file_cex_match_v1_match, 26);
 
 /**
  * Detail of an order book view.
