@@ -388,13 +388,18 @@ class Store:
 
     async def claim_lapsed(self, owner: str) -> list[tuple[str, str, bool]]:
         """Take the open sessions whose owner's lease lapsed: (session, account,
-        cancel_on_disconnect). One conditional UPDATE: when several replicas claim at
-        once, each row goes to one of them (the others' re-check of the row sees an
-        owner with a live lease)."""
+        cancel_on_disconnect). One statement: the rows are locked in session order
+        (as the consumer locks them), skipping any another claimer holds right now,
+        and re-checked once locked; so when several replicas claim at once each
+        session goes to one of them, and a later round finds it held under a live
+        lease."""
         rows = await self.pool.fetch(
-            "UPDATE sessions s SET owner = $1 "
-            "WHERE s.open AND s.owner IS NOT NULL AND s.owner <> $1 AND NOT EXISTS ("
-            "  SELECT 1 FROM replicas r WHERE r.owner = s.owner AND r.lease_until > now()) "
+            "WITH lapsed AS ("
+            "  SELECT s.session_id FROM sessions s"
+            "  WHERE s.open AND s.owner IS NOT NULL AND s.owner <> $1 AND NOT EXISTS ("
+            "    SELECT 1 FROM replicas r WHERE r.owner = s.owner AND r.lease_until > now())"
+            "  ORDER BY s.session_id FOR UPDATE SKIP LOCKED) "
+            "UPDATE sessions s SET owner = $1 FROM lapsed WHERE s.session_id = lapsed.session_id "
             "RETURNING s.session_id, s.account_id, s.cancel_on_disconnect",
             owner,
         )
@@ -413,7 +418,8 @@ class Store:
 
     async def expire_sessions(self, resume_s: float, keep_s: float) -> None:
         """Close the sessions detached longer than resume_s, drop their reports and
-        every report older than keep_s, and leases lapsed an hour ago."""
+        every report older than keep_s; forget sessions closed a day ago and leases
+        lapsed an hour ago."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "UPDATE sessions SET open = false WHERE open AND owner IS NULL "
