@@ -305,8 +305,8 @@ class Stack:
             "CEX_JWKS_URL": self.ports.jwks_url,
             "CEX_SERVICE_SECRET": self.service_secret,
         }
-        if spec.name == "auth":
-            env["CEX_JWKS_PORT"] = str(self.ports.jwks)
+        if spec.name == "auth":  # the JWKS at its known port from the first replica
+            env["CEX_JWKS_PORT"] = str(self.ports.jwks) if replica == 1 else "0"
         if spec.name == "order":  # the hot path's hops go direct, not through the edge
             env.setdefault("ORDER_MATCH_TARGET", self._direct("match"))
             env.setdefault("ORDER_RISK_TARGET", self._direct("risk"))

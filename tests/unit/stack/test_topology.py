@@ -51,3 +51,16 @@ def test_each_order_replica_has_its_own_name_consumer_and_ports(tmp_path: Path) 
     assert second["ORDER_CONSUMER_NAME"] == "order-state-2"
     assert first["CEX_GRPC_PORT"] != second["CEX_GRPC_PORT"]
     assert first["CEX_METRICS_PORT"] != second["CEX_METRICS_PORT"]
+
+
+def test_other_services_replicate_without_sharing_a_listener_or_a_lease(tmp_path: Path) -> None:
+    stack = Stack(
+        tmp_path,
+        Ports(base=20000),
+        {"CEX_SERVICE_SECRET": "x"},
+        replicas={"auth": 2, "funding": 2},
+    )
+    by_name = {c.name: c.env or {} for wave in stack.plan() for c in wave}
+    assert by_name["auth"]["CEX_JWKS_PORT"] == str(stack.ports.jwks)
+    assert by_name["auth-2"]["CEX_JWKS_PORT"] == "0"  # the JWKS is served by the first
+    assert by_name["funding"]["FUNDING_INSTANCE"] != by_name["funding-2"]["FUNDING_INSTANCE"]
