@@ -1,6 +1,7 @@
 """`cex`: run the local exchange and look at it.
 
 cex up              start every component, print the endpoints, run until Ctrl-C
+                    (--replicas order=2,...: several processes of a service)
 cex status          each component's health; exits non-zero unless all are healthy
 cex account create  create an account (as the operator of the running stack)
 cex apikey create   create an API key for an account; prints its id and secret once
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .supervisor import Stack, StackError
-from .topology import SERVICES, Ports
+from .topology import SERVICES, Ports, parse_replicas
 
 __all__ = ["main"]
 
@@ -82,7 +83,12 @@ async def _status(state_dir: Path) -> int:
         "NATS_URL": state["nats_url"],
         "REDIS_URL": state["redis_url"],
     }
-    stack = Stack(state_dir, Ports(base=state["base_port"], host=state["host"]), env)
+    stack = Stack(
+        state_dir,
+        Ports(base=state["base_port"], host=state["host"]),
+        env,
+        replicas=state.get("replicas") or {},
+    )
     health = await stack.health()
     rows = [(name, "healthy" if ok else "UNHEALTHY") for name, ok in health.items()]
     print(_table(rows))
@@ -407,6 +413,11 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="start the whole exchange and run until Ctrl-C")
     up.add_argument("--port-base", type=int, help="first port of the layout (default 50050)")
+    up.add_argument(
+        "--replicas",
+        help="processes per service, e.g. order=2,marketdata=2 (default $CEX_REPLICAS; "
+        "1 each); order is balanced by account, the others round robin",
+    )
     commands.add_parser("status", help="health of every component")
     top = commands.add_parser("top", help="live health, rps, errors and p50/p99 per service")
     top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
@@ -482,7 +493,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="cex: %(message)s")
     state_dir = _state_dir(args.state_dir)
     if args.command == "up":
-        code = asyncio.run(_up(Stack(state_dir, _ports(args.port_base))))
+        try:
+            replicas = parse_replicas(args.replicas or os.environ.get("CEX_REPLICAS", ""))
+        except ValueError as error:
+            raise SystemExit(f"cex: {error}") from None
+        code = asyncio.run(_up(Stack(state_dir, _ports(args.port_base), replicas=replicas)))
     elif args.command == "account" and args.action == "create":
         code = asyncio.run(_account_create(state_dir, args))
     elif args.command == "account":

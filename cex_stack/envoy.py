@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import dataclasses
 import ipaddress
 import json
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -211,17 +212,29 @@ class Upstreams:
     listen: Address
     admin: Address
     jwks: Address
-    services: Mapping[str, Address]  # by ServiceSpec.name
+    services: Mapping[str, Address]  # by ServiceSpec.name: its (first) replica
     via_mesh: bool = False
+    # Further replicas of a service, each another endpoint of its cluster.
+    replicas: Mapping[str, Sequence[Address]] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def local(cls, ports: Ports) -> Upstreams:
-        """The local stack: every part on `ports.host`, at its port in the layout."""
+    def local(cls, ports: Ports, replicas: Mapping[str, int] | None = None) -> Upstreams:
+        """The local stack: every part on `ports.host`, at its port in the layout;
+        `replicas`: processes per service (the first at the service's own port)."""
+        counts = replicas or {}
         return cls(
             listen=Address(ports.host, ports.edge),
             admin=Address(ports.host, ports.envoy_admin),
             jwks=Address(ports.host, ports.jwks),
             services={spec.name: Address(ports.host, ports.grpc(spec)) for spec in SERVICES},
+            replicas={
+                spec.name: [
+                    Address(ports.host, ports.grpc(spec, r))
+                    for r in range(2, counts.get(spec.name, 1) + 1)
+                ]
+                for spec in SERVICES
+                if counts.get(spec.name, 1) > 1
+            },
         )
 
     @property
@@ -326,6 +339,7 @@ def render(
     config: dict[str, Any] = yaml.safe_load(template.read_text())
     service = config.pop("x-service")
     limits = config.pop("x-rate-limits")
+    by_account = config.pop("x-balance-by-account")
     values = {
         "xff_trusted_hops": xff_trusted_hops,
         "edge_host": upstreams.listen.host,
@@ -382,10 +396,23 @@ def render(
         cluster = _fill(copy.deepcopy(service["cluster"]), values)
         if upstreams.via_mesh:
             del cluster["health_checks"]
+        endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        for extra in upstreams.replicas.get(spec.name, ()):
+            endpoint = copy.deepcopy(endpoints[0])
+            endpoint["endpoint"]["address"]["socket_address"] = {
+                "address": extra.host,
+                "port_value": extra.port,
+            }
+            endpoints.append(endpoint)
         clusters.append(cluster)
-        hosts.insert(-1, _fill(copy.deepcopy(service["virtual_host"]), values))
-        if spec.grpc_service:
-            default_routes[0:0] = _fill(copy.deepcopy(service["prefix_routes"]), values)
+        host = _fill(copy.deepcopy(service["virtual_host"]), values)
+        prefix = _fill(copy.deepcopy(service["prefix_routes"]), values) if spec.grpc_service else []
+        if spec.balance == "account":
+            cluster["lb_policy"] = by_account["lb_policy"]
+            for route in [*host["routes"], *prefix]:
+                route["route"]["hash_policy"] = copy.deepcopy(by_account["hash_policy"])
+        hosts.insert(-1, host)
+        default_routes[0:0] = prefix
     for host in hosts:
         host["routes"][0:0] = copy.deepcopy(edge_routes)
     if tracing is not None:

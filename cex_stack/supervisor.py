@@ -4,7 +4,11 @@ Order: PostgreSQL, NATS and Redis (unless DATABASE_URL, NATS_URL or REDIS_URL
 point elsewhere), then the services wave by wave, then Envoy; each is healthy
 before what depends on it starts. Every child dies with the supervisor
 (PR_SET_PDEATHSIG) even if the supervisor is killed with -9; a component that
-dies while the stack is up is restarted. `stop` goes in reverse order:
+dies while the stack is up is restarted. A service run as several replicas
+(`replicas`, `cex up --replicas order=2`) is one component per replica: `order`,
+`order-2`, ...; each has its own ports, its own replica name (consumer names,
+the sessions it owns) and is an endpoint of the service's Envoy cluster.
+`stop` goes in reverse order:
 SIGTERM (services report NOT_SERVING and drain), then SIGKILL after a grace.
 """
 
@@ -34,7 +38,7 @@ import yaml
 from services.chassis import ChassisSettings, ServiceCredentials, service_credentials
 
 from . import envoy, probes
-from .topology import SERVICES, Ports, ServiceSpec
+from .topology import SERVICES, Ports, ServiceSpec, parse_replicas
 
 __all__ = ["Component", "Stack", "StackError", "dying_with_parent"]
 
@@ -126,15 +130,20 @@ class Stack:
         start_timeout_s: float = 60.0,
         stop_grace_s: float = 10.0,
         services: bool = True,
+        replicas: Mapping[str, int] | None = None,
     ) -> None:
         """`services=False`: PostgreSQL, NATS and Redis alone, for a benchmark that runs
-        a service of its own and must not share the cores with the stack's."""
+        a service of its own and must not share the cores with the stack's.
+        `replicas`: processes per service (default 1 each; CEX_REPLICAS, `order=2,...`)."""
         self.state_dir = state_dir.resolve()
         self.ports = ports or Ports()
         self.env = dict(os.environ if env is None else env)
         self.start_timeout_s = start_timeout_s
         self.stop_grace_s = stop_grace_s
         self.services = services
+        self.replicas = dict(
+            parse_replicas(self.env.get("CEX_REPLICAS", "")) if replicas is None else replicas
+        )
         self.logs = self.state_dir / "logs"
         self.started: list[list[Component]] = []  # waves, in start order
         self._stopping = False
@@ -271,13 +280,23 @@ class Stack:
             },
         )
 
-    def _service(self, spec: ServiceSpec) -> Component:
-        target = f"{self.ports.host}:{self.ports.grpc(spec)}"
+    def replica_count(self, spec: ServiceSpec) -> int:
+        return self.replicas.get(spec.name, 1)
+
+    @staticmethod
+    def replica_name(spec: ServiceSpec, replica: int) -> str:
+        """The component (and replica) name: `order` for the first, `order-2`, ..."""
+        return spec.name if replica == 1 else f"{spec.name}-{replica}"
+
+    def _service(self, spec: ServiceSpec, replica: int = 1) -> Component:
+        port = self.ports.grpc(spec, replica)
+        target = f"{self.ports.host}:{port}"
+        name = self.replica_name(spec, replica)
         env = {
             **self.env,
             "CEX_HOST": self.ports.host,
-            "CEX_GRPC_PORT": str(self.ports.grpc(spec)),
-            "CEX_METRICS_PORT": str(self.ports.metrics(spec)),
+            "CEX_GRPC_PORT": str(port),
+            "CEX_METRICS_PORT": str(self.ports.metrics(spec, replica)),
             "CEX_MESH_ADDR": self.edge,
             "CEX_STATE_DIR": str(self.state_dir),
             "DATABASE_URL": self.database_url,
@@ -286,18 +305,25 @@ class Stack:
             "CEX_JWKS_URL": self.ports.jwks_url,
             "CEX_SERVICE_SECRET": self.service_secret,
         }
-        if spec.name == "auth":
-            env["CEX_JWKS_PORT"] = str(self.ports.jwks)
+        if spec.name == "auth":  # the JWKS at its known port from the first replica
+            env["CEX_JWKS_PORT"] = str(self.ports.jwks) if replica == 1 else "0"
         if spec.name == "order":  # the hot path's hops go direct, not through the edge
             env.setdefault("ORDER_MATCH_TARGET", self._direct("match"))
             env.setdefault("ORDER_RISK_TARGET", self._direct("risk"))
+            # Its own consumer of the writer's events and the owner of its sessions;
+            # replica 1 keeps the single process's names (its durable consumer goes on).
+            env["ORDER_REPLICA"] = name
+            if replica > 1:
+                env["ORDER_CONSUMER_NAME"] = f"order-state-{replica}"
         if spec.name == "ledger":  # its transfers go to the balance owner, match's writer
             env.setdefault("LEDGER_MATCH_TARGET", self._direct("match"))
         if spec.name == "funding":
             env.setdefault("FUNDING_CHAIN_TARGET", f"{self.ports.host}:{self.ports.chainsim}")
-            env.setdefault("FUNDING_INSTANCE", f"funding-{self.ports.base}")
+            # its sagas' lease owner: one per replica
+            suffix = "" if replica == 1 else f"-{replica}"
+            env.setdefault("FUNDING_INSTANCE", f"funding-{self.ports.base}{suffix}")
         return Component(
-            spec.name,
+            name,
             [sys.executable, "-m", spec.module],
             lambda: probes.grpc_health(target, spec.grpc_service),
             target,
@@ -352,7 +378,15 @@ class Stack:
             return [infra]
         infra.append(self._chainsim())  # stands in for blockchains and custody
         waves = sorted({spec.wave for spec in SERVICES})
-        services = [[self._service(s) for s in SERVICES if s.wave == w] for w in waves]
+        services = [
+            [
+                self._service(s, r)
+                for s in SERVICES
+                if s.wave == w
+                for r in range(1, self.replica_count(s) + 1)
+            ]
+            for w in waves
+        ]
         return [infra, *services, [self._envoy()]]
 
     async def start(self) -> float:
@@ -361,7 +395,7 @@ class Stack:
         for folder in ("logs", "nats", "redis", "envoy"):
             (self.state_dir / folder).mkdir(parents=True, exist_ok=True)
         config = envoy.render(
-            envoy.Upstreams.local(self.ports),
+            envoy.Upstreams.local(self.ports, self.replicas),
             tracing=envoy.tracing_from_env(self.env),
             xff_trusted_hops=envoy.xff_trusted_hops_from_env(self.env),
         )
@@ -514,6 +548,7 @@ class Stack:
             "nats_url": self.nats_url,
             "redis_url": self.redis_url,
             "supervisor_pid": os.getpid(),
+            "replicas": self.replicas,
             "pids": {c.name: c.process.pid for c in self.components() if c.process},
         }
         (self.state_dir / "stack.json").write_text(json.dumps(state, indent=2))
@@ -532,8 +567,11 @@ class Stack:
             "redis": probes.redis_ok(self.redis_url),
         }
         for spec in SERVICES:
-            target = f"{self.ports.host}:{self.ports.grpc(spec)}"
-            checks[spec.name] = probes.grpc_health(target, spec.grpc_service)
+            for replica in range(1, self.replica_count(spec) + 1):
+                target = f"{self.ports.host}:{self.ports.grpc(spec, replica)}"
+                checks[self.replica_name(spec, replica)] = probes.grpc_health(
+                    target, spec.grpc_service
+                )
         chainsim = f"{self.ports.host}:{self.ports.chainsim}"
         checks["chainsim"] = probes.grpc_health(chainsim, "chainsim.Chain")
         checks["envoy"] = self._edge_ok()

@@ -150,6 +150,9 @@ class PullConsumer(Generic[T]):
     retry_after_s: float = 1.0
     log: logging.Logger = _log
     unbatch: bool = False
+    # JetStream deletes the durable consumer after this long without a fetch (None:
+    # never); for a consumer named per replica, which may never come back.
+    inactive_threshold_s: float | None = None
 
     async def run(self) -> None:
         while True:
@@ -172,6 +175,7 @@ class PullConsumer(Generic[T]):
                 deliver_policy=self.deliver_policy,
                 ack_wait=self.ack_wait_s,
                 max_ack_pending=self.max_ack_pending,
+                inactive_threshold=self.inactive_threshold_s,
             ),
         )
         try:

@@ -23,8 +23,23 @@ class OrderConfig:
         so the hold of a market buy sized by quantity.
     risk_checks: run risk's order checks here, on the rules followed from risk (off
         only for tests of the order path alone).
-    consumer_name: the durable name of the match-event consumer that builds the
-        read model (orders, fills) from the writer's events.
+    consumer_name: the durable name of this replica's match-event consumer: it
+        builds the read model (orders, fills) with every other replica's, whichever
+        stores an event first (idempotent under the market's cursor), and wakes this
+        replica's sessions. One per replica (the chart: `order-state-<pod>`).
+    consumer_inactive_s: JetStream deletes that consumer after this long unused
+        (0: never), so a replica gone for good leaves nothing behind (the chart's
+        pods have new names on every rollout).
+    kill_switch_consumer: the durable name of the kill-switch consumer, shared by
+        the replicas (each switch's sweep runs once).
+    replica: this replica's name (the chart: the pod's); with a random incarnation
+        it names the owner of the stream sessions this process holds.
+    session_lease_s: how long this process's sessions stay its own without its
+        renewing the lease (renewed every third of it); when it lapses, another
+        replica claims them and cancels their cancel-on-disconnect orders.
+    session_resume_s: how long a disconnected session can be resumed.
+    session_reports_keep_s: how long a session's execution reports are kept for
+        resuming.
     kill_switches: follow risk's kill-switch events and cancel what they ask to.
     wait_for_consumer_s: how long a read waits for the consumer to store what
         this process answered the caller before answering from what is stored.
@@ -42,6 +57,12 @@ class OrderConfig:
     market_protection: Decimal = Decimal("0.05")
     risk_checks: bool = True
     consumer_name: str = "order-state"
+    consumer_inactive_s: float = 0.0
+    kill_switch_consumer: str = "order-state-kill-switches"
+    replica: str = "order"
+    session_lease_s: float = 10.0
+    session_resume_s: float = 60.0
+    session_reports_keep_s: float = 600.0
     kill_switches: bool = True
     wait_for_consumer_s: float = 2.0
     stream_queue: int = 10_000
@@ -59,6 +80,15 @@ class OrderConfig:
             market_protection=Decimal(env_str(env, "ORDER_MARKET_PROTECTION", "0.05") or "0.05"),
             risk_checks=env_str(env, "ORDER_RISK_CHECKS", "on") != "off",
             consumer_name=env_str(env, "ORDER_CONSUMER_NAME", "order-state") or "order-state",
+            consumer_inactive_s=env_float(env, "ORDER_CONSUMER_INACTIVE_S", 0.0),
+            kill_switch_consumer=env_str(
+                env, "ORDER_KILL_SWITCH_CONSUMER", "order-state-kill-switches"
+            )
+            or "order-state-kill-switches",
+            replica=env_str(env, "ORDER_REPLICA", "order") or "order",
+            session_lease_s=env_float(env, "ORDER_SESSION_LEASE_S", 10.0),
+            session_resume_s=env_float(env, "ORDER_SESSION_RESUME_S", 60.0),
+            session_reports_keep_s=env_float(env, "ORDER_SESSION_REPORTS_KEEP_S", 600.0),
             kill_switches=env_str(env, "ORDER_KILL_SWITCHES", "on") != "off",
             wait_for_consumer_s=env_float(env, "ORDER_WAIT_FOR_CONSUMER_S", 2.0),
             stream_queue=env_int(env, "ORDER_STREAM_QUEUE", 10_000),

@@ -14,8 +14,16 @@ An order's record is built here too, from the place command its accepted (or
 refused) event carries: the gateway writes nothing when it places (ADR 0013),
 so the journal is the only source of the read model.
 
-After each commit the executions go to the live stream sessions (`sink`) and
-callers waiting for their own command's events (`wait`) are woken.
+Every replica runs one of these, under a durable name of its own, and each
+sees every event: whichever replica takes a market's cursor lock first stores
+the events, the others find them at or below the cursor and skip them. The
+storing transaction also numbers each execution for every open stream session
+of its account and keeps the report (`number_reports`), so the sessions'
+reports do not depend on which replica stored the events or holds the session.
+
+After each batch, stored or skipped, `sink` is told (the sessions' delivery
+reads what is new for the sessions this replica holds) and callers waiting for
+their own command's events (`wait`) are woken.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from .domain import (
     placed_record,
 )
 from .store import Store
+from .views import execution_report
 
 __all__ = ["STREAM", "EventConsumer"]
 
@@ -60,6 +69,7 @@ class EventConsumer:
         replay: Replay,
         sink: Sink,
         durable: str,
+        inactive_threshold_s: float | None = None,
     ) -> None:
         self._store = store
         self._catalog = catalog
@@ -67,6 +77,7 @@ class EventConsumer:
         self._replay = replay
         self._sink = sink
         self._durable = durable
+        self._inactive_threshold_s = inactive_threshold_s
         self._cursors: dict[str, int] = {}
         self._waiters: dict[str, list[tuple[int, asyncio.Future[None]]]] = {}
         self.applied = 0
@@ -91,6 +102,7 @@ class EventConsumer:
             span="order.executions",
             retry_after_s=0.5,
             log=_log,
+            inactive_threshold_s=self._inactive_threshold_s,
         ).run()
 
     async def handle(self, events: Sequence[match_pb2.MatchEvent]) -> None:
@@ -106,8 +118,9 @@ class EventConsumer:
         async with self._store.market_batch(market) as batch:
             cursor = batch.cursor
             todo = [e for e in events if e.seq > cursor]
-            if not todo:
+            if not todo:  # stored already (by another replica, or before a redelivery)
                 self._advance(market, cursor)
+                self._deliver([])
                 return
             expected = range(cursor + 1, todo[-1].seq + 1)
             if [e.seq for e in todo] != list(expected):
@@ -146,14 +159,21 @@ class EventConsumer:
                         executions.append(execution)
                         changed[order_id] = order
             await batch.save(list(changed.values()), executions, todo[-1].seq, new)
+            if executions:
+                await batch.number_reports(executions, self._render)
             last = todo[-1].seq
         self.applied += len(todo)
         self._advance(market, last)
-        if executions:
-            try:
-                self._sink(executions)
-            except Exception:
-                _log.exception("delivering execution reports failed")
+        self._deliver(executions)
+
+    def _render(self, execution: Execution, sequence: int) -> bytes:
+        return execution_report(execution, self._catalog, sequence).SerializeToString()
+
+    def _deliver(self, executions: Sequence[Execution]) -> None:
+        try:
+            self._sink(executions)
+        except Exception:
+            _log.exception("delivering execution reports failed")
 
     def _advance(self, market: str, seq: int) -> None:
         self._cursors[market] = max(seq, self._cursors.get(market, 0))

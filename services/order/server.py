@@ -599,7 +599,14 @@ async def build_server(
     )
     risk = RiskChecks(follower, limiter, catalog, enabled=config.risk_checks)
     await server.enter(background(match.run(), "order-match-stream"))
-    sessions = Sessions(catalog, queue_size=config.stream_queue)
+    sessions = Sessions(
+        catalog,
+        queue_size=config.stream_queue,
+        replica=config.replica,
+        lease_s=config.session_lease_s,
+        resume_s=config.session_resume_s,
+        reports_keep_s=config.session_reports_keep_s,
+    )
     assert infra.nats is not None
     consumer = EventConsumer(
         store=store,
@@ -608,6 +615,7 @@ async def build_server(
         replay=match.replay,
         sink=sessions.publish,
         durable=config.consumer_name,
+        inactive_threshold_s=config.consumer_inactive_s or None,
     )
     await server.enter(background(consumer.run(), "order-consumer"))
     flow = Flow(
@@ -623,13 +631,13 @@ async def build_server(
     deadman = DeadMan(store, flow)
     if config.kill_switches:
         kills = KillSwitchConsumer(
-            flow=flow, js=infra.nats.jetstream(), durable=f"{config.consumer_name}-kill-switches"
+            flow=flow, js=infra.nats.jetstream(), durable=config.kill_switch_consumer
         )
         await server.enter(background(kills.run(), "order-kill-switches"))
     await server.enter(
         background(_every(config.deadman_interval_s, deadman.fire_due, "deadman"), "order-deadman")
     )
-    await server.enter(background(sessions.cancel_orphans(store), "order-orphan-sessions"))
+    await server.enter(background(sessions.run(store), "order-sessions"))
     server.add(
         order_pb2.DESCRIPTOR.services_by_name["OrderService"],
         order_pb2_grpc.add_OrderServiceServicer_to_server,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
@@ -312,26 +312,141 @@ class Store:
 
     # -- sessions and the dead man's switch -----------------------------------
 
-    async def open_session(self, session_id: str, account_id: str, cancel: bool) -> None:
+    async def renew_lease(self, owner: str, lease_s: float) -> None:
+        """This process's lease on the sessions it holds, until now + lease_s (the
+        database's clock: one clock for every replica)."""
         await self.pool.execute(
-            "INSERT INTO sessions (session_id, account_id, cancel_on_disconnect) "
-            "VALUES ($1, $2, $3)",
+            "INSERT INTO replicas (owner, lease_until) "
+            "VALUES ($1, now() + make_interval(secs => $2)) "
+            "ON CONFLICT (owner) DO UPDATE SET lease_until = EXCLUDED.lease_until",
+            owner,
+            lease_s,
+        )
+
+    async def open_session(
+        self,
+        session_id: str,
+        account_id: str,
+        cancel: bool,
+        markets: Sequence[str] = (),
+        owner: str | None = None,
+    ) -> None:
+        await self.pool.execute(
+            "INSERT INTO sessions (session_id, account_id, cancel_on_disconnect, markets, owner) "
+            "VALUES ($1, $2, $3, $4, $5)",
             session_id,
             account_id,
             cancel,
+            list(markets),
+            owner,
         )
 
-    async def close_session(self, session_id: str) -> None:
+    async def resume_session(
+        self, session_id: str, account_id: str, owner: str, cancel: bool, after: int
+    ) -> tuple[str, list[str]]:
+        """Attach a detached session to `owner` if its reports after `after` are all
+        kept. Returns (outcome, markets): "resumed", "unknown" (no such open session
+        of the account, or reports gone), "ahead" (after > its last sequence),
+        "attached" (a live process holds it) or "detaching" (its holder died and
+        nobody has cancelled and detached it yet)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT s.owner, s.last_sequence, s.markets, "
+                "  (SELECT r.lease_until > now() FROM replicas r WHERE r.owner = s.owner) AS live, "
+                "  (SELECT min(sequence) FROM session_reports p WHERE p.session_id = s.session_id) "
+                "    AS oldest "
+                "FROM sessions s WHERE session_id = $1 AND account_id = $2 AND open FOR UPDATE",
+                session_id,
+                account_id,
+            )
+            if row is None:
+                return "unknown", []
+            if row["owner"] is not None:
+                return ("attached" if row["live"] else "detaching"), []
+            if after > row["last_sequence"]:
+                return "ahead", []
+            if after < row["last_sequence"] and (row["oldest"] or 0) > after + 1:
+                return "unknown", []  # what it missed is no longer kept
+            await conn.execute(
+                "UPDATE sessions SET owner = $2, detach_time = NULL, cancel_on_disconnect = $3 "
+                "WHERE session_id = $1",
+                session_id,
+                owner,
+                cancel,
+            )
+            return "resumed", list(row["markets"])
+
+    async def detach_session(self, session_id: str, owner: str) -> None:
+        """The session's stream ended (and its cancel-on-disconnect ran): resumable
+        for a while, held by nobody. Only by its owner."""
         await self.pool.execute(
-            "UPDATE sessions SET open = false WHERE session_id = $1", session_id
+            "UPDATE sessions SET owner = NULL, detach_time = now() "
+            "WHERE session_id = $1 AND owner = $2",
+            session_id,
+            owner,
         )
 
-    async def orphan_sessions(self) -> list[tuple[str, str]]:
-        """Sessions with cancel-on-disconnect left open by a process that died."""
+    async def claim_lapsed(self, owner: str) -> list[tuple[str, str, bool]]:
+        """Take the open sessions whose owner's lease lapsed: (session, account,
+        cancel_on_disconnect). One statement: the rows are locked in session order
+        (as the consumer locks them), skipping any another claimer holds right now,
+        and re-checked once locked; so when several replicas claim at once each
+        session goes to one of them, and a later round finds it held under a live
+        lease."""
         rows = await self.pool.fetch(
-            "SELECT session_id, account_id FROM sessions WHERE open AND cancel_on_disconnect"
+            "WITH lapsed AS ("
+            "  SELECT s.session_id FROM sessions s"
+            "  WHERE s.open AND s.owner IS NOT NULL AND s.owner <> $1 AND NOT EXISTS ("
+            "    SELECT 1 FROM replicas r WHERE r.owner = s.owner AND r.lease_until > now())"
+            "  ORDER BY s.session_id FOR UPDATE SKIP LOCKED) "
+            "UPDATE sessions s SET owner = $1 FROM lapsed WHERE s.session_id = lapsed.session_id "
+            "RETURNING s.session_id, s.account_id, s.cancel_on_disconnect",
+            owner,
         )
-        return [(r["session_id"], r["account_id"]) for r in rows]
+        return [(r["session_id"], r["account_id"], r["cancel_on_disconnect"]) for r in rows]
+
+    async def not_owned(self, owner: str, session_ids: Sequence[str]) -> list[str]:
+        """Of these sessions, those `owner` no longer holds (another replica claimed
+        them while this one could not renew its lease)."""
+        rows = await self.pool.fetch(
+            "SELECT session_id FROM sessions WHERE session_id = ANY($1::text[]) "
+            "AND owner IS DISTINCT FROM $2",
+            list(session_ids),
+            owner,
+        )
+        return [r["session_id"] for r in rows]
+
+    async def expire_sessions(self, resume_s: float, keep_s: float) -> None:
+        """Close the sessions detached longer than resume_s, drop their reports and
+        every report older than keep_s; forget sessions closed a day ago and leases
+        lapsed an hour ago."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE sessions SET open = false WHERE open AND owner IS NULL "
+                "AND detach_time < now() - make_interval(secs => $1)",
+                resume_s,
+            )
+            await conn.execute(
+                "DELETE FROM session_reports p USING sessions s "
+                "WHERE p.session_id = s.session_id AND NOT s.open"
+            )
+            await conn.execute(
+                "DELETE FROM session_reports WHERE create_time < now() - make_interval(secs => $1)",
+                keep_s,
+            )
+            await conn.execute("DELETE FROM replicas WHERE lease_until < now() - interval '1 hour'")
+
+    async def reports_after(self, after: Sequence[tuple[str, int]]) -> list[tuple[str, int, bytes]]:
+        """(session, sequence, ExecutionReport bytes) after each session's sequence."""
+        rows = await self.pool.fetch(
+            "SELECT p.session_id, p.sequence, p.report FROM session_reports p "
+            "JOIN unnest($1::text[], $2::bigint[]) AS a(session_id, after) "
+            "  ON p.session_id = a.session_id AND p.sequence > a.after "
+            "ORDER BY p.session_id, p.sequence",
+            [a[0] for a in after],
+            [a[1] for a in after],
+        )
+        return [(r["session_id"], r["sequence"], r["report"]) for r in rows]
 
     async def arm(self, account_id: str, market: str, trigger: datetime) -> None:
         await self.pool.execute(
@@ -427,3 +542,56 @@ class MarketBatch:
         await self.conn.execute(
             "UPDATE market_cursors SET seq = $2 WHERE market = $1", self.market, cursor
         )
+
+    async def number_reports(
+        self, executions: Sequence[Execution], render: Callable[[Execution, int], bytes]
+    ) -> int:
+        """Give each execution the next sequence of every open session of its account
+        (whose markets include it) and keep the report: a session's reports are
+        numbered once, here, whichever replica stores the events and whichever holds
+        the session, so any replica can send them and a session resumes anywhere.
+        Returns how many reports were kept."""
+        accounts = sorted({e.order.account_id for e in executions})
+        sessions = await self.conn.fetch(
+            "SELECT session_id, account_id, markets, last_sequence FROM sessions "
+            "WHERE open AND account_id = ANY($1::text[]) ORDER BY session_id FOR UPDATE",
+            accounts,
+        )
+        if not sessions:
+            return 0
+        ids: list[str] = []
+        sequences: list[int] = []
+        reports: list[bytes] = []
+        last: dict[str, int] = {}
+        for session in sessions:
+            markets = set(session["markets"])
+            sequence = session["last_sequence"]
+            for execution in executions:
+                order = execution.order
+                if order.account_id != session["account_id"]:
+                    continue
+                if markets and order.market not in markets:
+                    continue
+                sequence += 1
+                ids.append(session["session_id"])
+                sequences.append(sequence)
+                reports.append(render(execution, sequence))
+            if sequence != session["last_sequence"]:
+                last[session["session_id"]] = sequence
+        if not last:
+            return 0
+        await self.conn.execute(
+            "INSERT INTO session_reports (session_id, sequence, report) "
+            "SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[])",
+            ids,
+            sequences,
+            reports,
+        )
+        await self.conn.execute(
+            "UPDATE sessions s SET last_sequence = u.sequence "
+            "FROM unnest($1::text[], $2::bigint[]) AS u(session_id, sequence) "
+            "WHERE s.session_id = u.session_id",
+            list(last),
+            list(last.values()),
+        )
+        return len(reports)

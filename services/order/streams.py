@@ -6,7 +6,11 @@
   reading, and HTTP/2 flow control pushes back on the client); each is
   answered with an `ack` or a `reject` carrying its request_id.
 - Execution reports for the account's orders are numbered per session
-  (1, 2, ...), so a client sees a gap if one is lost.
+  (1, 2, ...), so a client sees a gap if one is lost. They are numbered and kept
+  in PostgreSQL by whichever replica stores the events (consumer.py), and each
+  replica sends those of the sessions it holds: so a session resumes, on any
+  replica, from the last sequence its client processed (`resume_session_id`,
+  `resume_after_sequence`) for `session_resume_s` after its stream ended.
 - Everything the server sends goes through one bounded queue per session. A
   reader so slow that the queue fills is sent RESOURCE_EXHAUSTED
   ORDER_STREAM_SLOW_CONSUMER and disconnected: never dropped silently, never
@@ -15,13 +19,22 @@
   for three intervals is disconnected (ORDER_STREAM_CLIENT_SILENT).
 - With cancel_on_disconnect, the working orders placed through the session
   are cancelled (reason CANCEL_ON_DISCONNECT) when the stream ends for any
-  reason; the session is recorded in PostgreSQL so that a crash of this
-  process still cancels them on its next start.
+  reason.
+- Ownership: a session is held by one process (`owner`: replica name and a
+  random incarnation) under a lease in PostgreSQL that the process renews
+  while it lives. A process cleans up only the sessions it holds. When a
+  process dies (kill -9), its lease lapses and whichever replica notices first
+  claims its sessions with one conditional UPDATE (one claimer per session),
+  cancels their cancel-on-disconnect orders (one `cancel:<order_id>` each, which
+  the writer runs at most once) and detaches them, resumable. A process that
+  could not renew its lease in time and finds its sessions claimed ends their
+  streams (UNAVAILABLE ORDER_SESSION_LOST) without touching them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -35,12 +48,11 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
 from services.chassis import Catalog, ExchangeError, FailedPrecondition, FieldViolation
-from services.chassis.errors import InvalidArgument, ResourceExhausted
+from services.chassis.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.chassis.interceptors import lost_dependency
 
 from .domain import Execution
 from .downstream import rate_usage_var
-from .views import execution_report
 
 if TYPE_CHECKING:
     from .flow import Flow
@@ -63,8 +75,9 @@ class Session:
     markets: frozenset[str]
     cancel_on_disconnect: bool
     queue: asyncio.Queue[R]
-    sequence: int = 0
+    sequence: int = 0  # the last report sent (queued)
     overflow: bool = False
+    lost: bool = False  # another replica claimed it (this process's lease lapsed)
     # Set by whatever the sending side must look at: a message queued, overflow,
     # the reading side ended.
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -78,45 +91,116 @@ class Session:
             self.overflow = True
         self.wake.set()
 
-    def report(self, execution: Execution, catalog: Catalog) -> None:
-        if self.markets and execution.order.market not in self.markets:
+    def deliver(self, sequence: int, report: bytes) -> None:
+        """A kept report, sent if it is the next one."""
+        if self.overflow or sequence != self.sequence + 1:
             return
-        if self.overflow:
-            return
-        self.sequence += 1
-        self.offer(R(execution_report=execution_report(execution, catalog, self.sequence)))
+        self.sequence = sequence
+        self.offer(R(execution_report=order_pb2.ExecutionReport.FromString(report)))
 
 
 class Sessions:
-    """The live sessions of this process, by account."""
+    """The sessions this process holds, their lease, and the delivery of their reports."""
 
-    def __init__(self, catalog: Catalog, *, queue_size: int = 10_000) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        queue_size: int = 10_000,
+        replica: str = "order",
+        lease_s: float = 10.0,
+        resume_s: float = 60.0,
+        reports_keep_s: float = 600.0,
+    ) -> None:
         self.catalog = catalog
         self.queue_size = queue_size
         self.flow: Flow | None = None
-        self._by_account: dict[str, set[Session]] = {}
+        self.owner = f"{replica}/{secrets.token_hex(4)}"
+        self.lease_s = lease_s
+        self.resume_s = resume_s
+        self.reports_keep_s = reports_keep_s
+        self._live: dict[str, Session] = {}
+        self._new_reports = asyncio.Event()
+        self._leased = asyncio.Event()
         self.disconnected_slow = 0
+        self.claimed = 0  # sessions of dead processes this one cancelled and detached
 
     @property
     def count(self) -> int:
-        return sum(len(s) for s in self._by_account.values())
+        return len(self._live)
 
     def publish(self, executions: Sequence[Execution]) -> None:
-        for execution in executions:
-            for session in self._by_account.get(execution.order.account_id, ()):
-                session.report(execution, self.catalog)
+        """The consumer passed a batch: reports may be waiting for sessions held here."""
+        self._new_reports.set()
 
-    async def cancel_orphans(self, store: Store) -> None:
-        """At start: cancel the orders of cancel-on-disconnect sessions a crash left open."""
-        await asyncio.sleep(2.0)  # let the downstream channels come up
-        for session_id, account_id in await store.orphan_sessions():
-            if self._live(session_id):
+    async def run(self, store: Store) -> None:
+        """The lease, the delivery of reports and the claiming of dead processes'
+        sessions, until cancelled."""
+        await asyncio.gather(self._keep_lease(store), self._deliver(store), self._claim(store))
+
+    async def _keep_lease(self, store: Store) -> None:
+        while True:
+            try:
+                await store.renew_lease(self.owner, self.lease_s)
+                self._leased.set()
+                if self._live:
+                    for session_id in await store.not_owned(self.owner, list(self._live)):
+                        if (session := self._live.get(session_id)) is not None:
+                            session.lost = True
+                            session.wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _log.exception("renewing the sessions' lease failed")
+            await asyncio.sleep(self.lease_s / 3)
+
+    async def _deliver(self, store: Store) -> None:
+        """Send each held session the reports kept for it after its last one: woken
+        by the consumer after every batch, and every second in case a wake-up was
+        missed (reports numbered by another replica's consumer, a resume)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._new_reports.wait()
+            self._new_reports.clear()
+            if not self._live:
                 continue
-            await self._cancel_session(account_id, session_id)
-            await store.close_session(session_id)
+            try:
+                after = [(s.session_id, s.sequence) for s in self._live.values()]
+                for session_id, sequence, report in await store.reports_after(after):
+                    if (session := self._live.get(session_id)) is not None:
+                        session.deliver(sequence, report)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _log.exception("delivering execution reports failed")
+                await asyncio.sleep(0.5)
 
-    def _live(self, session_id: str) -> bool:
-        return any(s.session_id == session_id for ss in self._by_account.values() for s in ss)
+    async def _claim(self, store: Store) -> None:
+        """Cancel and detach the sessions of processes whose lease lapsed (their
+        crash, or a start after one), and close what was detached too long."""
+        await self._leased.wait()
+        await asyncio.sleep(2.0)  # let the downstream channels come up
+        while True:
+            try:
+                await self.claim_lapsed(store)
+                await store.expire_sessions(self.resume_s, self.reports_keep_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _log.exception("claiming lapsed sessions failed")
+            await asyncio.sleep(min(self.lease_s / 3, 2.0))
+
+    async def claim_lapsed(self, store: Store) -> int:
+        """One round: returns how many sessions this process claimed."""
+        claimed = await store.claim_lapsed(self.owner)
+        for session_id, account_id, cancel in claimed:
+            if cancel:
+                await self._cancel_session(account_id, session_id)
+            await store.detach_session(session_id, self.owner)
+            _log.info("session %s of a lapsed replica: cancelled and detached", session_id)
+        self.claimed += len(claimed)
+        return len(claimed)
 
     async def _cancel_session(self, account_id: str, session_id: str) -> None:
         assert self.flow is not None
@@ -126,6 +210,64 @@ class Sessions:
             )
         except Exception:
             _log.exception("cancel-on-disconnect of session %s failed", session_id)
+
+    async def _attach(
+        self, service: OrderService, account: str, sub: order_pb2.StreamSubscribe
+    ) -> Session:
+        """A new session, or the one `sub` resumes, held by this process."""
+        await self._leased.wait()
+        if not sub.resume_session_id:
+            session = Session(
+                session_id=f"s{secrets.token_hex(8)}",
+                account_id=account,
+                markets=frozenset(sub.markets),
+                cancel_on_disconnect=sub.cancel_on_disconnect,
+                queue=asyncio.Queue(self.queue_size),
+            )
+            await service.store.open_session(
+                session.session_id, account, session.cancel_on_disconnect,
+                sorted(session.markets), self.owner,
+            )  # fmt: skip
+            return session
+        after = sub.resume_after_sequence
+        outcome, markets = await service.store.resume_session(
+            sub.resume_session_id, account, self.owner, sub.cancel_on_disconnect, after
+        )
+        if outcome == "attached":
+            raise Unavailable(
+                "ORDER_SESSION_ATTACHED",
+                "the session's stream is still open elsewhere; retry once it ends",
+                retry_after_s=1.0,
+            )
+        if outcome == "detaching":
+            raise Unavailable(
+                "ORDER_SESSION_DETACHING",
+                "the replica that held the session is gone; its session is being "
+                "cancelled and detached: retry",
+                retry_after_s=1.0,
+            )
+        if outcome == "ahead":
+            raise InvalidArgument(
+                "ORDER_RESUME_SEQUENCE_AHEAD",
+                "resume_after_sequence is beyond the session's last report",
+                violations=[FieldViolation("subscribe.resume_after_sequence", "too high")],
+            )
+        if outcome != "resumed":
+            raise FailedPrecondition(
+                "ORDER_SESSION_NOT_RESUMABLE",
+                "no such session to resume (ended too long ago, or its reports are no "
+                "longer kept): start a new one and reconcile with ListOrders",
+            )
+        session = Session(
+            session_id=sub.resume_session_id,
+            account_id=account,
+            markets=frozenset(markets),
+            cancel_on_disconnect=sub.cancel_on_disconnect,
+            queue=asyncio.Queue(self.queue_size),
+            sequence=after,
+        )
+        self._new_reports.set()  # what it missed
+        return session
 
     # Over ruff's complexity limit on purpose: a session's whole life in one place (subscribe,
     # read, write, heartbeats, slow reader, cancel-on-disconnect); its steps are helpers.
@@ -164,21 +306,8 @@ class Sessions:
                 f"no market {unknown[0]!r}",
                 violations=[FieldViolation("subscribe.markets", f"{unknown[0]!r} is not a market")],
             )
-        if sub.resume_session_id:
-            raise FailedPrecondition(
-                "ORDER_SESSION_NOT_RESUMABLE",
-                "sessions are not resumable: start a new one and reconcile with ListOrders",
-            )
-        session = Session(
-            session_id=f"s{secrets.token_hex(8)}",
-            account_id=account,
-            markets=frozenset(sub.markets),
-            cancel_on_disconnect=sub.cancel_on_disconnect,
-            queue=asyncio.Queue(self.queue_size),
-        )
-        if session.cancel_on_disconnect:
-            await service.store.open_session(session.session_id, account, True)
-        self._by_account.setdefault(account, set()).add(session)
+        session = await self._attach(service, account, sub)
+        self._live[session.session_id] = session
         interval = duration_pb2.Duration()
         interval.FromNanoseconds(int(beat_s * 1e9))
         last_heard = time.monotonic()
@@ -220,10 +349,19 @@ class Sessions:
         try:
             yield R(
                 subscribed=order_pb2.StreamSubscribed(
-                    session_id=session.session_id, heartbeat_interval=interval, last_sequence=0
+                    session_id=session.session_id,
+                    heartbeat_interval=interval,
+                    last_sequence=session.sequence,
                 )
             )
             while True:
+                if session.lost:
+                    raise Unavailable(
+                        "ORDER_SESSION_LOST",
+                        "this replica lost its lease on the session, which another one "
+                        "has taken over: resume it",
+                        retry_after_s=1.0,
+                    )
                 if session.overflow:
                     self.disconnected_slow += 1
                     raise ResourceExhausted(
@@ -251,14 +389,18 @@ class Sessions:
                 yield message
         finally:
             reader.cancel()
-            self._by_account.get(account, set()).discard(session)
-            if session.cancel_on_disconnect:
+            self._live.pop(session.session_id, None)
+            if not session.lost:
                 # Shielded: the stream's own task may be cancelled right now.
                 await asyncio.shield(self._end(service, session))
 
     async def _end(self, service: OrderService, session: Session) -> None:
-        await self._cancel_session(session.account_id, session.session_id)
-        await service.store.close_session(session.session_id)
+        if session.cancel_on_disconnect:
+            await self._cancel_session(session.account_id, session.session_id)
+        try:
+            await service.store.detach_session(session.session_id, self.owner)
+        except Exception:  # its lease lapses and another replica detaches it
+            _log.exception("detaching session %s failed", session.session_id)
 
     async def _next(self, session: Session, reader: asyncio.Task[None], beat_s: float) -> R | None:
         """The next message, a server heartbeat after beat_s of quiet, or None to re-check.

@@ -137,6 +137,18 @@ spec:
             - name: CEX_JWKS_PORT
               value: {{ $root.Values.ports.jwks | quote }}
             {{- end }}
+            {{- if eq .name "order" }}
+            # One match-event consumer per pod, named for it (so every pod's sessions
+            # get every report), and the pod name as the owner of its sessions' lease.
+            - name: ORDER_REPLICA
+              valueFrom:
+                fieldRef: { fieldPath: metadata.name }
+            - name: ORDER_CONSUMER_NAME
+              value: "order-state-$(ORDER_REPLICA)"
+            # A pod gone for good (every rollout names new ones) leaves no consumer behind.
+            - name: ORDER_CONSUMER_INACTIVE_S
+              value: "3600"
+            {{- end }}
             {{- if $isMatch }}
             - name: CEX_MATCH_GROUP
               value: {{ .group | quote }}

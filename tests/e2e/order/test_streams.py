@@ -112,6 +112,47 @@ async def test_acks_sequenced_execution_reports_and_heartbeats(exchange: Exchang
     await session.send(None)
 
 
+async def test_a_session_resumes_from_the_last_report_its_client_saw(exchange: Exchange) -> None:
+    """A client that lost its stream resumes the session with the last sequence it
+    processed: the reports numbered while it was away come, and nothing else."""
+    mm = await exchange.trader({"BTC": "1"}, "mm-resume")
+    taker = await exchange.trader({"USDT": "100"}, "taker")
+    session = Client(mm)
+    await session.send(R(subscribe=order_pb2.StreamSubscribe()))
+    session_id = (await session.next("subscribed")).subscribed.session_id
+    await session.send(place(side=SELL, price="103", quantity="0.2"))
+    order_id = (await session.next("ack")).ack.place.order.order_id
+    seen = (await session.next("execution_report")).execution_report
+    assert (seen.sequence, seen.execution_type) == (1, 1)
+    session.call.cancel()  # the connection is gone
+
+    await taker.place(side=BUY, price="103", quantity="0.05")  # while it is away
+    await mm.cancel(order_id)
+    again = Client(mm)
+    resume = order_pb2.StreamSubscribe(resume_session_id=session_id, resume_after_sequence=1)
+    for _ in range(50):  # until the server has seen the old stream end
+        await again.send(R(subscribe=resume))
+        try:
+            subscribed = (await again.next("subscribed")).subscribed
+            break
+        except grpc.aio.AioRpcError as error:
+            assert ErrorDetails.from_rpc_error(error).reason == "ORDER_SESSION_ATTACHED"
+            again = Client(mm)
+            await asyncio.sleep(0.1)
+    assert (subscribed.session_id, subscribed.last_sequence) == (session_id, 1)
+    trade = (await again.next("execution_report")).execution_report
+    cancelled = (await again.next("execution_report")).execution_report
+    assert [(r.sequence, r.execution_type) for r in (trade, cancelled)] == [(2, 2), (3, 3)]
+    assert trade.last_quantity == "0.05" and cancelled.order_id == order_id
+
+    unknown = Client(mm)
+    await unknown.send(R(subscribe=order_pb2.StreamSubscribe(resume_session_id="s-nope")))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await unknown.next("subscribed")
+    assert ErrorDetails.from_rpc_error(refused.value).reason == "ORDER_SESSION_NOT_RESUMABLE"
+    await again.send(None)
+
+
 async def _answers(session: Client, n: int) -> dict[str, order_pb2.StreamOrdersResponse]:
     """The next n acks and rejects, by request id (execution reports pass by)."""
     found: dict[str, order_pb2.StreamOrdersResponse] = {}

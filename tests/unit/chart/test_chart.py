@@ -1036,3 +1036,62 @@ def test_the_installed_package_holds_every_service_and_its_data(tmp_path: Path) 
     # own wheel (sdk/python; tests/unit/sdk/test_packaging.py).
     assert {"cex/py.typed", "cex/order/v1/order_pb2.py"} <= names
     assert not {n for n in names if n.startswith("cex_sdk")}, "the SDK ships in cex-core"
+
+
+# -- order replicas (issue 20) ----------------------------------------------------------
+
+
+@needs_helm
+def test_each_order_pod_has_its_own_consumer_and_session_owner_from_its_name(
+    docs: tuple[Doc, ...], values: Doc
+) -> None:
+    """Per-pod names from the downward API: the pod's match-event consumer (so every
+    pod's sessions get every report) and the owner of its sessions' lease."""
+    pods = [(d, c) for d, c in containers(docs) if component(d) == "order"]
+    assert pods
+    for _, container in pods:
+        env = container["env"]
+        names = [e["name"] for e in env]
+        by_name = {e["name"]: e for e in env}
+        assert by_name["ORDER_REPLICA"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+        # Kubernetes expands $(VAR) only from variables defined before it.
+        assert by_name["ORDER_CONSUMER_NAME"]["value"] == "order-state-$(ORDER_REPLICA)"
+        assert names.index("ORDER_REPLICA") < names.index("ORDER_CONSUMER_NAME")
+        assert float(by_name["ORDER_CONSUMER_INACTIVE_S"]["value"]) > 0
+        assert len(names) == len(set(names))
+    if values["services"]["order"].get("autoscaling", {}).get("enabled"):
+        (hpa,) = [
+            h
+            for h in of_kind(docs, "HorizontalPodAutoscaler")
+            if h["metadata"]["name"] == "cex-order"
+        ]
+        assert hpa["spec"]["minReplicas"] >= 2  # production runs several order pods
+
+
+@needs_helm
+def test_order_is_balanced_by_account_as_the_local_edge_does(
+    docs: tuple[Doc, ...], values: Doc
+) -> None:
+    """The pods' DestinationRule hashes the header the edge's jwt_authn sets from the
+    verified token's `sub`, the same one the local Envoy's ring hash uses."""
+    rules = {
+        d["metadata"]["name"]: d["spec"]["trafficPolicy"] for d in of_kind(docs, "DestinationRule")
+    }
+    assert rules["cex-order"]["loadBalancer"] == {
+        "consistentHash": {"httpHeaderName": "x-cex-account-id"}
+    }
+    others = [n for n in rules if n != "cex-order"]
+    assert others and all(rules[n]["loadBalancer"] == {"simple": "LEAST_REQUEST"} for n in others)
+    claims = _filters(_edge_config(docs))["envoy.filters.http.jwt_authn"]["providers"]["cex"][
+        "claim_to_headers"
+    ]
+    assert {"header_name": "x-cex-account-id", "claim_name": "sub"} in claims
+    local = render(Upstreams.local(Ports(), {"order": 2}))
+    routes = [r for h in _hcm(local)["route_config"]["virtual_hosts"] for r in h["routes"]]
+    hashed = {
+        p["header"]["header_name"]
+        for r in routes
+        if r.get("route", {}).get("cluster") == "order"
+        for p in r["route"]["hash_policy"]
+    }
+    assert hashed == {"x-cex-account-id"}

