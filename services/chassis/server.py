@@ -43,6 +43,14 @@ T = TypeVar("T")
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
+# The frozen-accounts follower's channel to auth: its own connections, retried at
+# least every 2 s (a service starts before the edge it reloads through).
+_FOLLOWER_CHANNEL: tuple[tuple[str, int | str], ...] = (
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+
 
 def _reflection_v1(servicer: Any) -> grpc.GenericRpcHandler:
     """grpc.reflection.v1 is wire-identical to v1alpha; serve both from one servicer."""
@@ -153,7 +161,11 @@ class Server:
 
             async def load() -> auth_pb2.GetFrozenAccountsResponse:
                 if not channel:
-                    channel.append(await self.enter(mesh_channel(target, credentials=credentials)))
+                    channel.append(
+                        await self.enter(
+                            mesh_channel(target, credentials=credentials, options=_FOLLOWER_CHANNEL)
+                        )
+                    )
                 stub = auth_pb2_grpc.AuthServiceStub(channel[0])
                 reply: auth_pb2.GetFrozenAccountsResponse = await stub.GetFrozenAccounts(
                     auth_pb2.GetFrozenAccountsRequest(), timeout=5.0
