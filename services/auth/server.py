@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -23,12 +24,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 from services.chassis import (
+    INTERNAL,
     PUBLIC,
+    AccountStates,
     Catalog,
     ChassisSettings,
     FieldViolation,
     InvalidArgument,
     NotFound,
+    Outbox,
     PermissionDenied,
     Rule,
     Server,
@@ -47,6 +51,8 @@ from services.chassis import (
     timestamp,
     user,
 )
+from services.chassis.account_states import STREAM as STATE_STREAM
+from services.chassis.account_states import SUBJECT as STATE_SUBJECT
 from services.chassis.authn import service_secret
 from services.chassis.markets import DEFAULT_CATALOG
 from services.chassis.tokens import sign
@@ -54,11 +60,12 @@ from services.chassis.tokens import sign
 from . import domain
 from .config import AuthConfig
 from .keys import Keyring, serve_jwks
-from .store import Store
+from .store import StateChange, Store
 
 __all__ = ["POLICY", "AuthService", "build_server"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+_log = logging.getLogger("cex.auth")
 
 # Who may call what. Accounts are created by operators (admin) or by services
 # (onboarding, the `cex` CLI with the stack's service credential): no open signup.
@@ -71,6 +78,7 @@ POLICY: dict[str, Rule] = {
     "ListApiKeys": user("read", services=True),
     "RevokeApiKey": user(services=True),  # any scope may kill its own account's keys
     "GetFees": user(services=True),  # what a caller pays: any valid token may ask
+    "GetFrozenAccounts": INTERNAL,  # every service's authenticator (account_states.py)
 }
 
 _SCOPE_NAMES: dict[int, str] = {
@@ -114,6 +122,23 @@ def _account_pb(a: domain.Account) -> auth_pb2.Account:
         fee_tier=a.fee_tier,
         create_time=_ts(a.create_time),
         update_time=_ts(a.update_time),
+    )
+
+
+def _change_pb(c: StateChange) -> auth_pb2.AccountStateChange:
+    return auth_pb2.AccountStateChange(
+        change_seq=c.change_seq,
+        account_id=c.account_id,
+        state=c.state,  # type: ignore[arg-type]
+        reason=c.reason,
+        change_time=_ts(c.change_time),
+    )
+
+
+async def frozen_accounts(store: Store) -> auth_pb2.GetFrozenAccountsResponse:
+    seq, changes = await store.frozen_accounts()
+    return auth_pb2.GetFrozenAccountsResponse(
+        change_seq=seq, accounts=[_change_pb(c) for c in changes]
     )
 
 
@@ -226,8 +251,10 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         clock: Callable[[], datetime],
         new_id: Callable[[str], str],
         catalog: Catalog = DEFAULT_CATALOG,
+        on_state_change: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
+        self._on_state_change = on_state_change  # publish it now (outbox, own copy)
         self.keyring = keyring
         self.config = config
         self.clock = clock
@@ -315,7 +342,16 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         )
         if account is None:
             raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
+        if self._on_state_change is not None:
+            await self._on_state_change()
         return auth_pb2.SetAccountStateResponse(account=_account_pb(account))
+
+    async def GetFrozenAccounts(
+        self,
+        request: auth_pb2.GetFrozenAccountsRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> auth_pb2.GetFrozenAccountsResponse:
+        return await frozen_accounts(self.store)
 
     async def CreateApiKey(
         self,
@@ -493,9 +529,43 @@ async def build_server(
     config = config or AuthConfig.from_env()
     catalog = load_catalog() if catalog is None else catalog
     server = Server(settings)
-    infra = await connect(server, schema="auth", migrations=MIGRATIONS)
+    # NATS carries the account-state push; without it, followers reload on their timer.
+    infra = await connect(
+        server, schema="auth", migrations=MIGRATIONS, nats=bool(settings.nats_url)
+    )
     assert infra.pool is not None
     store = Store(infra.pool)
+    # auth's own authenticator refuses frozen accounts too, from its own tables.
+    states = AccountStates(
+        lambda: frozen_accounts(store), reload_s=settings.account_states_reload_s
+    )
+    server.account_states = states
+    outbox: Outbox | None = None
+    if infra.nats is not None:
+        js = infra.nats.jetstream()
+
+        async def publish(changes: list[StateChange]) -> None:
+            for change in changes:
+                await js.publish(
+                    STATE_SUBJECT,
+                    _change_pb(change).SerializeToString(),
+                    stream=STATE_STREAM,
+                    headers={"Nats-Msg-Id": f"auth-as-{change.change_seq}"},
+                )
+
+        outbox = Outbox(
+            js, STATE_STREAM, ["auth.events.>"], lambda: store.publish_state_changes(publish)
+        )
+        await server.enter(background(outbox.run(), "auth-state-outbox"))
+
+    async def on_state_change() -> None:
+        if outbox is not None:
+            outbox.notify()
+        try:  # this process refuses the account from its very next call
+            await states.reload()
+        except Exception:
+            _log.warning("reloading the frozen accounts after a change failed", exc_info=True)
+
     keyring = Keyring(store, config, clock)
     await keyring.rotate_and_reload()
     server.keys = keyring  # auth verifies tokens against its own keyring, not over HTTP
@@ -504,7 +574,7 @@ async def build_server(
     server.add(
         auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
         auth_pb2_grpc.add_AuthServiceServicer_to_server,
-        AuthService(store, keyring, config, clock, new_id, catalog),
+        AuthService(store, keyring, config, clock, new_id, catalog, on_state_change),
         policy=POLICY,
     )
     return server

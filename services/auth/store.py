@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -11,7 +12,19 @@ from services.chassis import AlreadyExists, FailedPrecondition
 
 from .domain import Account, AccountState, ApiKey, KeyState, SigningKey, rotation_due
 
-__all__ = ["Store"]
+__all__ = ["StateChange", "Store"]
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """One committed account-state change (AccountStateChange on the wire)."""
+
+    change_seq: int
+    account_id: str
+    state: int
+    reason: str
+    change_time: datetime
+
 
 _KEY_COLUMNS = (
     "api_key_id, account_id, label, scopes, allowed_cidrs, state, secret_prefix, secret_hash,"
@@ -135,11 +148,16 @@ class Store:
                 return _account(row)
             if row["state"] == AccountState.CLOSED and state != AccountState.CLOSED:
                 raise FailedPrecondition("AUTH_ACCOUNT_CLOSED", "a closed account stays closed")
+            # The next change sequence: the counter row stays locked until the
+            # commit, so sequences commit in order and none is skipped.
+            seq = await conn.fetchval(
+                "UPDATE account_state_meta SET change_seq = change_seq + 1 RETURNING change_seq"
+            )
             await conn.execute(
                 """INSERT INTO account_state_changes
                        (request_id, request_hash, account_id, state, reason, changed_by,
-                        change_time)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+                        change_time, seq, published)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, false)""",
                 request_id,
                 request_hash,
                 account_id,
@@ -147,16 +165,70 @@ class Store:
                 reason,
                 changed_by,
                 now,
+                seq,
             )
             row = await conn.fetchrow(
-                """UPDATE accounts SET state = $2, update_time = $3
+                """UPDATE accounts SET state = $2, update_time = $3, state_seq = $4,
+                       state_reason = $5
                    WHERE account_id = $1 RETURNING *""",
                 account_id,
                 state,
                 now,
+                seq,
+                reason,
             )
             assert row is not None
             return _account(row)
+
+    async def frozen_accounts(self) -> tuple[int, list[StateChange]]:
+        """(the change sequence, every account not ACTIVE with its latest change),
+        read in one statement: one snapshot."""
+        rows = await self.pool.fetch(
+            """SELECT m.change_seq, a.account_id, a.state, a.state_seq, a.state_reason,
+                      a.update_time
+               FROM account_state_meta m
+               LEFT JOIN accounts a ON a.state <> $1
+               ORDER BY a.account_id""",
+            AccountState.ACTIVE,
+        )
+        seq = int(rows[0]["change_seq"]) if rows else 0
+        return seq, [
+            StateChange(
+                r["state_seq"], r["account_id"], r["state"], r["state_reason"], r["update_time"]
+            )
+            for r in rows
+            if r["account_id"] is not None
+        ]
+
+    async def publish_state_changes(
+        self, publish: Callable[[list[StateChange]], Awaitable[None]], limit: int = 100
+    ) -> int:
+        """Hand the oldest unpublished state changes to `publish`, then mark them; one
+        publisher at a time, in sequence order. A crash after publishing and before
+        the mark publishes them again (same sequence numbers)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext('auth.outbox'))"):
+                return 0
+            rows = await conn.fetch(
+                """SELECT seq, account_id, state, reason, change_time FROM account_state_changes
+                   WHERE NOT published ORDER BY seq LIMIT $1""",
+                limit,
+            )
+            if not rows:
+                return 0
+            await publish(
+                [
+                    StateChange(
+                        r["seq"], r["account_id"], r["state"], r["reason"], r["change_time"]
+                    )
+                    for r in rows
+                ]
+            )
+            await conn.execute(
+                "UPDATE account_state_changes SET published = true WHERE seq = ANY($1::bigint[])",
+                [r["seq"] for r in rows],
+            )
+            return len(rows)
 
     async def account(self, account_id: str) -> Account | None:
         row = await self.pool.fetchrow("SELECT * FROM accounts WHERE account_id = $1", account_id)

@@ -1,5 +1,6 @@
 """The service chassis: what every exchange service runs on."""
 
+from .account_states import AccountStates
 from .authn import (
     INTERNAL,
     PUBLIC,
@@ -13,7 +14,7 @@ from .authn import (
     sees_every_account,
     user,
 )
-from .bus import PullConsumer, ensure_stream, match_events, nats_connection, observe_fetch
+from .bus import Outbox, PullConsumer, ensure_stream, match_events, nats_connection, observe_fetch
 from .cache import redis_connection
 from .clients import mesh_channel, service_credentials
 from .command_stream import CommandStream
@@ -46,6 +47,7 @@ from .times import from_timestamp, optional_time, timestamp, timestamp_ns
 __all__ = [
     "INTERNAL",
     "PUBLIC",
+    "AccountStates",
     "AlreadyExists",
     "Asset",
     "AuthContext",
@@ -62,6 +64,7 @@ __all__ = [
     "MigrationError",
     "MoneyError",
     "NotFound",
+    "Outbox",
     "PermissionDenied",
     "Policy",
     "PullConsumer",

@@ -27,6 +27,16 @@ refresh). The rule and scopes are checked on every call. Revocation keeps its
 ADR 0004 meaning: tokens die at `exp`; there is no deny-list for a cache to
 miss.
 
+Frozen accounts: given `account_states` (account_states.py, the copy of auth's
+SUSPENDED and CLOSED accounts), a user whose rule needs more than `read` is
+refused when their account is frozen, whatever their token says:
+PERMISSION_DENIED `AUTH_ACCOUNT_SUSPENDED` / `AUTH_ACCOUNT_CLOSED`, checked on
+every call and, for client streams, on every message (`still_allowed`). Reads,
+and rules without scopes (GetFees, RevokeApiKey), stay open. A service acting on
+its own authority (`services=True`, a user's token forwarded) is not refused:
+the user's call was checked where it entered, and a service's follow-up for a
+frozen account (cancel-on-disconnect, a saga's compensation) must go through.
+
 Service tokens: each service holds a shared secret (CEX_SERVICE_SECRET) and
 exchanges `svc:<name>` + HMAC(secret, "svc:<name>") for a short-lived token at
 auth's IssueToken. `ServiceCredentials` caches it; `service_auth_interceptors`
@@ -50,6 +60,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc.aio import ClientCallDetails
 
+from .account_states import AccountStates
 from .errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from .tokens import CLOCK_SKEW_S, Claims, KeySource, UnknownKey, kid_of, verify
 
@@ -82,6 +93,8 @@ __all__ = [
 
 ON_BEHALF_HEADER = "x-cex-on-behalf-of"
 SERVICE_SCOPE = "internal"
+# What a frozen (SUSPENDED or CLOSED) account may still do.
+READ_ONLY = frozenset({"read"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +122,9 @@ class AuthContext:
     scopes: frozenset[str]
     service: str = ""  # the calling service's name, when a service token was presented
     token: str = field(default="", repr=False)  # the user's token, to forward downstream
+    # The rule checked this user's scopes and needs more than `read`: a frozen
+    # account is refused, at the call and at each message of its stream.
+    writes: bool = False
 
     @property
     def is_service(self) -> bool:
@@ -209,8 +225,10 @@ class Authenticator:
         *,
         clock: Callable[[], float] = time.time,
         cache_size: int = 10_000,
+        account_states: AccountStates | None = None,
     ) -> None:
         self._policies = {p.service: p for p in policies}
+        self.account_states = account_states
         self._keys = keys
         self._clock = clock
         self._cache_size = cache_size
@@ -301,7 +319,16 @@ class Authenticator:
                 f"{full_method} needs scope {', '.join(sorted(missing))}",
                 metadata={"missing_scopes": " ".join(sorted(missing))},
             )
-        return _user_context(claims, token, service=service)
+        writes = bool(rule.scopes - READ_ONLY)
+        if writes and self.account_states is not None:
+            self.account_states.refuse_frozen(claims.subject)
+        return _user_context(claims, token, service=service, writes=writes)
+
+    def still_allowed(self, ctx: AuthContext | None) -> None:
+        """Again, for each message a stream receives: a freeze since the call began
+        refuses it (the stream ends with the refusal)."""
+        if ctx is not None and ctx.writes and self.account_states is not None:
+            self.account_states.refuse_frozen(ctx.account_id)
 
 
 def _kid(token: str) -> str:
@@ -309,13 +336,14 @@ def _kid(token: str) -> str:
     return kid_of(token)
 
 
-def _user_context(claims: Claims, token: str, *, service: str) -> AuthContext:
+def _user_context(claims: Claims, token: str, *, service: str, writes: bool = False) -> AuthContext:
     return AuthContext(
         account_id=claims.subject,
         key_id=claims.key_id,
         scopes=claims.scopes,
         service=service,
         token=token,
+        writes=writes,
     )
 
 

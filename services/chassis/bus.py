@@ -26,7 +26,14 @@ from cex.match.v1 import match_pb2
 from .telemetry import JETSTREAM_PENDING, JETSTREAM_REDELIVERED, JETSTREAM_UNDECODABLE
 from .tracing import SpanKind, batch_span, message_context
 
-__all__ = ["PullConsumer", "ensure_stream", "match_events", "nats_connection", "observe_fetch"]
+__all__ = [
+    "Outbox",
+    "PullConsumer",
+    "ensure_stream",
+    "match_events",
+    "nats_connection",
+    "observe_fetch",
+]
 
 _log = logging.getLogger("cex.bus")
 
@@ -34,16 +41,23 @@ T = TypeVar("T")
 
 
 @contextlib.asynccontextmanager
-async def nats_connection(url: str, *, name: str) -> AsyncIterator[Client]:
+async def nats_connection(
+    url: str, *, name: str, on_reconnect: Callable[[], Awaitable[None]] | None = None
+) -> AsyncIterator[Client]:
+    """A client that reconnects forever; `on_reconnect` runs after each reconnect
+    (core subscriptions miss what was published meanwhile: catch up there)."""
+
     async def on_error(error: Exception) -> None:
         _log.warning("nats error: %s", error)
 
+    options: dict[str, Any] = {"reconnected_cb": on_reconnect} if on_reconnect else {}
     client = await nats.connect(
         url,
         name=f"cex-{name}",
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         error_cb=on_error,
+        **options,
     )
     try:
         yield client
@@ -236,3 +250,56 @@ class PullConsumer(Generic[T]):
             )
             return False
         return True
+
+
+class Outbox:
+    """The loop of a transactional outbox: rows committed with the change they
+    describe are published to JetStream after the commit, then marked.
+
+    `relay()` publishes the oldest unpublished rows, marks them and returns how
+    many (0: none left, or another replica holds the turn); it runs until it
+    returns 0, then again after `notify()` (a change committed here) or every
+    `every_s` (changes committed by other replicas, failed attempts). A crash
+    between a publish and its mark publishes the rows again: consumers take a
+    message twice (Nats-Msg-Id, or the row's id in the payload). Used by risk's
+    kill switches and auth's account states.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        stream: str,
+        subjects: list[str],
+        relay: Callable[[], Awaitable[int]],
+        *,
+        every_s: float = 1.0,
+        log: logging.Logger = _log,
+    ) -> None:
+        self._js = js
+        self._stream = stream
+        self._subjects = subjects
+        self._relay = relay
+        self._every = every_s
+        self._log = log
+        self._wake = asyncio.Event()
+
+    def notify(self) -> None:
+        """A change was committed here: publish now rather than at the next tick."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        ready = False
+        while True:
+            self._wake.clear()  # before publishing: a notify during it is not lost
+            try:
+                if not ready:
+                    await ensure_stream(self._js, self._stream, self._subjects)
+                    ready = True
+                while await self._relay():
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._log.exception("outbox of %s: publish failed; retrying", self._stream)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._every)

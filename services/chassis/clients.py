@@ -21,11 +21,12 @@ async def mesh_channel(
     max_message_bytes: int = 4 * 1024 * 1024,
     credentials: ServiceCredentials | None = None,
     authority: str | None = None,
+    options: tuple[tuple[str, int | str], ...] = (),
 ) -> AsyncIterator[grpc.aio.Channel]:
     """One long-lived channel; deadlines, request ids and traces flow through it, and,
     given `credentials`, the service's token (plus the user's, when acting for one).
     `authority`: the service named to the mesh (its :authority), when `target` is
-    the mesh rather than the service itself."""
+    the mesh rather than the service itself. `options`: more channel arguments."""
     interceptors: list[grpc.aio.ClientInterceptor] = client_interceptors()
     if credentials is not None:
         interceptors += service_auth_interceptors(credentials)
@@ -38,6 +39,7 @@ async def mesh_channel(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             *((("grpc.default_authority", authority),) if authority else ()),
+            *options,
         ),
     )
     try:
@@ -55,7 +57,13 @@ def service_credentials(settings: ChassisSettings) -> ServiceCredentials | None:
     async def issue(key_id: str, secret: str) -> tuple[str, float]:
         from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 
-        async with grpc.aio.insecure_channel(target) as channel:
+        # A connection of its own: channels with the same target and arguments
+        # share gRPC's global subchannels, and so their reconnect backoff. Calls
+        # made before the edge was up (a service starts first) would otherwise
+        # leave every later IssueToken of the process failing fast for seconds.
+        async with grpc.aio.insecure_channel(
+            target, options=(("grpc.use_local_subchannel_pool", 1),)
+        ) as channel:
             reply = await auth_pb2_grpc.AuthServiceStub(channel).IssueToken(
                 auth_pb2.IssueTokenRequest(api_key_id=key_id, api_key_secret=secret), timeout=5
             )

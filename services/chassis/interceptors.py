@@ -41,8 +41,20 @@ _log = logging.getLogger("cex.rpc")
 
 # Absolute time.monotonic() by which the current inbound call must be answered.
 _Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-# Checks the caller before the handler runs (raises ExchangeError to refuse).
-_Guard: TypeAlias = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]
+# Checks the caller before the handler runs (raises ExchangeError to refuse);
+# returns a check to repeat on each message of a client stream, if one applies.
+_Recheck: TypeAlias = Callable[[], None]
+_Guard: TypeAlias = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[_Recheck | None]]
+_CLIENT_STREAMS = ("client_stream", "bidi_stream")
+
+
+async def _rechecked(requests: AsyncIterator[Any], recheck: _Recheck) -> AsyncIterator[Any]:
+    """A client stream's messages, each let through only if the caller still may
+    (a frozen account's next message ends the stream with the refusal)."""
+    async for message in requests:
+        recheck()
+        yield message
+
 
 # Exceptions that mean PostgreSQL or NATS is away (restarting, unreachable), not a bug.
 _DATABASE_LOST = (
@@ -169,8 +181,9 @@ def _wrap_unary_response(
         call.begin(context)
         error: BaseException | None = None
         try:
-            if guard is not None:
-                await guard(context)
+            recheck = await guard(context) if guard is not None else None
+            if recheck is not None and kind in _CLIENT_STREAMS:
+                request = _rechecked(request, recheck)
             result = behavior(request, context)
             return await result if inspect.isawaitable(result) else result
         except grpc.aio.AbortError as abort:
@@ -195,8 +208,9 @@ def _wrap_stream_response(
         call.begin(context)
         error: BaseException | None = None
         try:
-            if guard is not None:
-                await guard(context)
+            recheck = await guard(context) if guard is not None else None
+            if recheck is not None and kind in _CLIENT_STREAMS:
+                request = _rechecked(request, recheck)
             result = behavior(request, context)
             if inspect.isawaitable(result):
                 result = await result
@@ -231,8 +245,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if authenticator is None or not authenticator.guards(method):
             return None
 
-        async def guard(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            auth_context_var.set(await authenticator.check(method, context.invocation_metadata()))
+        async def guard(context: grpc.aio.ServicerContext[Any, Any]) -> _Recheck | None:
+            ctx = await authenticator.check(method, context.invocation_metadata())
+            auth_context_var.set(ctx)
+            if ctx is None or not ctx.writes or authenticator.account_states is None:
+                return None
+            return lambda: authenticator.still_allowed(ctx)
 
         return guard
 

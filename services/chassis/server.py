@@ -26,7 +26,11 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from prometheus_client import start_http_server
 
+from cex.auth.v1 import auth_pb2, auth_pb2_grpc
+
+from .account_states import AccountStates, push_from_nats
 from .authn import Authenticator, Policy, Rule
+from .clients import mesh_channel, service_credentials
 from .interceptors import ServerInterceptor
 from .settings import ChassisSettings, require
 from .telemetry import configure_logging, configure_tracing, tracing_enabled
@@ -38,6 +42,14 @@ _log = logging.getLogger("cex.server")
 T = TypeVar("T")
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+# The frozen-accounts follower's channel to auth: its own connections, retried at
+# least every 2 s (a service starts before the edge it reloads through).
+_FOLLOWER_CHANNEL: tuple[tuple[str, int | str], ...] = (
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
 
 
 def _reflection_v1(servicer: Any) -> grpc.GenericRpcHandler:
@@ -89,9 +101,19 @@ class _MethodAwarePool:
 
 
 class Server:
-    def __init__(self, settings: ChassisSettings, *, keys: KeySource | None = None) -> None:
+    def __init__(
+        self,
+        settings: ChassisSettings,
+        *,
+        keys: KeySource | None = None,
+        account_states: AccountStates | None = None,
+    ) -> None:
         self.settings = settings
         self.keys = keys  # token verification keys; default: auth's JWKS (CEX_JWKS_URL)
+        # The frozen accounts the authenticator refuses; default: followed from auth
+        # through the mesh (account_states.py), when the settings name the mesh and
+        # the service secret. None: nobody is refused for a freeze.
+        self.account_states = account_states
         self._policies: list[Policy] = []
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -123,7 +145,47 @@ class Server:
         if not self._policies:
             return None
         keys = self.keys or JwksCache(require(self.settings.jwks_url, "CEX_JWKS_URL"))
-        return Authenticator(self._policies, keys)
+        return Authenticator(self._policies, keys, account_states=self.account_states)
+
+    def follow_account_states(self) -> AccountStates | None:
+        """The copy of auth's frozen accounts this service refuses (the same object
+        for the authenticator and for any handler or saga that asks), followed from
+        the server's start. Made on first ask from auth's GetFrozenAccounts through
+        the mesh with the service's credential; None without them."""
+        if self.account_states is None:
+            credentials = service_credentials(self.settings)
+            target = self.settings.mesh_addr
+            if credentials is None or target is None:
+                return None
+            channel: list[grpc.aio.Channel] = []
+
+            async def load() -> auth_pb2.GetFrozenAccountsResponse:
+                if not channel:
+                    channel.append(
+                        await self.enter(
+                            mesh_channel(target, credentials=credentials, options=_FOLLOWER_CHANNEL)
+                        )
+                    )
+                stub = auth_pb2_grpc.AuthServiceStub(channel[0])
+                reply: auth_pb2.GetFrozenAccountsResponse = await stub.GetFrozenAccounts(
+                    auth_pb2.GetFrozenAccountsRequest(), timeout=5.0
+                )
+                return reply
+
+            self.account_states = AccountStates(
+                load, reload_s=self.settings.account_states_reload_s
+            )
+        return self.account_states
+
+    async def _follow_account_states(self) -> None:
+        states = self.follow_account_states() if self._policies else None
+        if states is None:
+            return
+        s = self.settings
+        push = (
+            push_from_nats(states, s.nats_url, name=f"{s.service}-accounts") if s.nats_url else None
+        )
+        await self.enter(background(states.run(push), f"{s.service}-account-states"))
 
     def reflect(self, full_names: Sequence[str]) -> None:
         """List services in reflection that this process does not serve itself (the catalog)."""
@@ -151,6 +213,7 @@ class Server:
 
     async def start(self) -> int:
         s = self.settings
+        await self._follow_account_states()
         interceptors: list[grpc.aio.ServerInterceptor] = [
             ServerInterceptor(s.service, self.authenticator())
         ]

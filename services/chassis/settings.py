@@ -58,6 +58,9 @@ class ChassisSettings:
     max_message_bytes: int = 4 * 1024 * 1024
     keepalive_time_s: int = 30
     log_level: str = "INFO"
+    # How often the copy of auth's frozen accounts is reloaded when no change
+    # pushed on NATS asked for it sooner (the backstop; account_states.py).
+    account_states_reload_s: float = 5.0
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> ChassisSettings:
@@ -77,6 +80,7 @@ class ChassisSettings:
             max_message_bytes=env_int(env, "CEX_MAX_MESSAGE_BYTES", 4 * 1024 * 1024),
             keepalive_time_s=env_int(env, "CEX_KEEPALIVE_TIME_S", 30),
             log_level=(env_str(env, "CEX_LOG_LEVEL", "INFO") or "INFO").upper(),
+            account_states_reload_s=env_float(env, "CEX_ACCOUNT_STATES_RELOAD_S", 5.0),
         )
 
 

@@ -111,6 +111,10 @@ class FundingConfig:
         (from the request) before it is rejected and its hold voided;
         approval_poll_s: how often a waiting saga looks (an approve or reject
         wakes it at once).
+    account_state_max_age_s: a withdrawal is broadcast only if auth answered
+        the frozen accounts within this long (else they are reloaded first; if
+        auth cannot answer, the broadcast waits): a missed freeze push cannot
+        let a frozen account's withdrawal out.
     """
 
     chain_target: str = "127.0.0.1:50049"
@@ -135,6 +139,7 @@ class FundingConfig:
     )
     approval_timeout_s: float = 86400.0
     approval_poll_s: float = 5.0
+    account_state_max_age_s: float = 10.0
     assets: Mapping[str, AssetRules] = field(default_factory=lambda: dict(DEFAULT_ASSETS))
 
     @classmethod
@@ -163,5 +168,6 @@ class FundingConfig:
             ),
             approval_timeout_s=env_float(env, "FUNDING_APPROVAL_TIMEOUT_S", 86400.0),
             approval_poll_s=env_float(env, "FUNDING_APPROVAL_POLL_S", 5.0),
+            account_state_max_age_s=env_float(env, "FUNDING_ACCOUNT_STATE_MAX_AGE_S", 10.0),
             assets=rules_from(load_catalog(env)),
         )

@@ -574,6 +574,26 @@ def withdrawal_step_may_start(
     return step == "custody_broadcast" and not broadcast_started
 
 
+# A frozen account's withdrawals stop before the broadcast (issue 21): the reason
+# the saga ends with, by the account's state at auth.
+FROZEN_ACCOUNT_REASONS = {
+    "SUSPENDED": ("FUNDING_ACCOUNT_SUSPENDED", "the account was suspended"),
+    "CLOSED": ("FUNDING_ACCOUNT_CLOSED", "the account was closed"),
+}
+
+
+def frozen_account_veto(step: str, account_state: str, *, broadcast_started: bool) -> None:
+    """Stops a withdrawal of a frozen (`SUSPENDED` or `CLOSED`) account before any
+    guarded step up to and including the broadcast's first start; once the
+    broadcast started it may have gone out, so the saga goes on (at most once)."""
+    if broadcast_started or not guards_withdrawal(step):
+        return
+    found = FROZEN_ACCOUNT_REASONS.get(account_state)
+    if found is not None:
+        reason, message = found
+        raise Vetoed(error_status(grpc.StatusCode.FAILED_PRECONDITION, reason, message))
+
+
 def withdrawal_state(change: Change) -> str | None:
     """The withdrawal's new state after a change of its saga, if it has one."""
     if change.step == APPROVAL_STEP and change.state == RUNNING:
@@ -588,12 +608,19 @@ def withdrawal_state(change: Change) -> str | None:
         failed_at = change.saga.data.get("failed_step", "")
         if reason == "FUNDING_WITHDRAWAL_CANCELLED":
             return "CANCELLED"
-        if failed_at in BEFORE_BROADCAST or reason.startswith(("LEDGER_", "RISK_")):
+        if (
+            failed_at in BEFORE_BROADCAST
+            or reason.startswith(("LEDGER_", "RISK_"))
+            or reason in _FROZEN_REASON_CODES
+        ):
             return "REJECTED"
         return "FAILED"
     if change.step == "custody_broadcast" and change.entry_state == SUCCEEDED:
         return "BROADCAST"
     return None
+
+
+_FROZEN_REASON_CODES = {reason for reason, _ in FROZEN_ACCOUNT_REASONS.values()}
 
 
 def cancel_withdrawal(

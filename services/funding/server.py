@@ -969,6 +969,8 @@ async def build_server(
         pool=pool,
         approval_poll_s=config.approval_poll_s,
         clock=clock,
+        account_states=server.follow_account_states(),
+        account_state_max_age_s=config.account_state_max_age_s,
     )
     deposit_steps = deposits.DepositSteps(
         pool=pool,

@@ -14,6 +14,14 @@
                         guard, under the row lock, vetoes a rejection, and at the
                         deadline records EXPIRED and vetoes: the hold is voided.
                         Below the threshold it is done at once.
+    (any of the above)  a frozen account (auth SUSPENDED or CLOSED, from the
+                        chassis' copy: account_states.py) is vetoed by the
+                        guard before each step up to the broadcast's first
+                        start (FUNDING_ACCOUNT_SUSPENDED / _CLOSED): the hold
+                        is voided and the withdrawal ends REJECTED. Before
+                        the broadcast the copy must be fresh (auth answered
+                        within account_state_max_age_s, else it is reloaded,
+                        and the step waits while auth cannot answer).
     custody_broadcast   custody broadcast, idempotent by withdrawal id. Its
                         STARTED row is written together with `broadcast_started`
                         (under the withdrawal's row lock), after which the owner
@@ -44,9 +52,10 @@ import asyncpg
 import grpc
 from google.rpc import status_pb2
 
+from cex.auth.v1 import auth_pb2
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.risk.v1 import risk_pb2, risk_pb2_grpc
-from services.chassis import Asset
+from services.chassis import AccountStates, Asset
 
 from . import store
 from .custody import CustodyClient, CustodyRejected
@@ -70,6 +79,7 @@ from .domain import (
     approval_outcome,
     approval_veto,
     error_status,
+    frozen_account_veto,
     guards_withdrawal,
     review_at_look,
     status_reason,
@@ -86,6 +96,10 @@ _log = logging.getLogger("cex.funding.withdrawals")
 
 
 _TRANSIENT_LEDGER = {"LEDGER_LINKED_EVENT_FAILED", "LEDGER_UNAVAILABLE"}
+_FROZEN_STATE_NAMES: dict[int, str] = {
+    auth_pb2.ACCOUNT_STATE_SUSPENDED: "SUSPENDED",
+    auth_pb2.ACCOUNT_STATE_CLOSED: "CLOSED",
+}
 
 
 class WithdrawalSteps:
@@ -105,7 +119,11 @@ class WithdrawalSteps:
         pool: asyncpg.Pool,
         approval_poll_s: float = 5.0,
         clock: Callable[[], float] = time.time,
+        account_states: AccountStates | None = None,
+        account_state_max_age_s: float = 10.0,
     ) -> None:
+        self._account_states = account_states  # auth's frozen accounts (chassis copy)
+        self._account_state_max_age_s = account_state_max_age_s
         self._pool = pool
         self._approval_poll_s = approval_poll_s
         self._clock = clock
@@ -370,11 +388,21 @@ class WithdrawalSteps:
             return
         row = await store.withdrawal(conn, saga.reference_id, lock=True)
         assert row is not None
-        if withdrawal_step_may_start(
+        starts_broadcast = withdrawal_step_may_start(
             step.name,
             cancel_requested=row.cancel_requested,
             broadcast_started=row.broadcast_started,
-        ):
+        )
+        if self._account_states is not None and not row.broadcast_started:
+            if starts_broadcast:  # not on a copy older than this (a missed push)
+                await self._account_states.fresh(self._account_state_max_age_s)
+            frozen = self._account_states.frozen(row.account_id)
+            frozen_account_veto(
+                step.name,
+                _FROZEN_STATE_NAMES.get(frozen.state, "") if frozen else "",
+                broadcast_started=row.broadcast_started,
+            )
+        if starts_broadcast:
             await store.flag_withdrawal(conn, row.withdrawal_id, broadcast_started=True)
         if step.name == APPROVAL_STEP and row.approval_required:
             now = datetime.fromtimestamp(self._clock(), UTC)

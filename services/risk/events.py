@@ -11,14 +11,12 @@ ListKillSwitches are the truth.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from nats.js import JetStreamContext
 
 from cex.risk.v1 import risk_pb2
-from services.chassis import ensure_stream
+from services.chassis.bus import Outbox as ChassisOutbox
 
 from .domain import KillSwitch
 from .rules import switch_pb
@@ -31,16 +29,19 @@ SUBJECT = "risk.events.kill_switch"
 _log = logging.getLogger("cex.risk.events")
 
 
-class Outbox:
-    def __init__(self, store: Store, js: JetStreamContext, *, every_s: float = 1.0) -> None:
-        self._store = store
-        self._js = js
-        self._every = every_s
-        self._wake = asyncio.Event()
+class Outbox(ChassisOutbox):
+    """Kill switch changes, published by the chassis' outbox loop."""
 
-    def notify(self) -> None:
-        """A switch changed here: publish now rather than at the next tick."""
-        self._wake.set()
+    def __init__(self, store: Store, js: JetStreamContext, *, every_s: float = 1.0) -> None:
+        super().__init__(
+            js,
+            STREAM,
+            ["risk.events.>"],
+            lambda: store.publish_kill_switch_log(self._publish),
+            every_s=every_s,
+            log=_log,
+        )
+        self._js = js
 
     async def _publish(self, rows: list[tuple[int, KillSwitch, bool, str]]) -> None:
         for event_id, switch, cancel, request_id in rows:
@@ -56,20 +57,3 @@ class Outbox:
                 stream=STREAM,
                 headers={"Nats-Msg-Id": f"risk-ks-{event_id}"},
             )
-
-    async def run(self) -> None:
-        ready = False
-        while True:
-            self._wake.clear()  # before publishing: a notify during it is not lost
-            try:
-                if not ready:
-                    await ensure_stream(self._js, STREAM, ["risk.events.>"])
-                    ready = True
-                while await self._store.publish_kill_switch_log(self._publish):
-                    pass
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                _log.exception("kill switch outbox: publish failed; retrying")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._every)

@@ -248,3 +248,94 @@ async def test_operators_approve_over_rest_and_reject_with_the_cli(
         assert balances.balances[0].held == "0"
     rest = await asyncio.to_thread(_rest, stack, f"/v1/withdrawals/{big[1]}", token)
     assert rest["withdrawal"]["state"] == "WITHDRAWAL_STATE_REJECTED"  # type: ignore[index]
+
+
+async def test_a_frozen_accounts_withdrawal_awaiting_approval_never_broadcasts(
+    stack: Stack, service_credentials: ServiceCredentials
+) -> None:
+    """Issue 21: a withdrawal waiting for an operator when its account is suspended
+    stops before the broadcast, even if an operator approves it then; its hold is
+    released and the account's new withdrawals are refused at once."""
+    operator = await service_credentials.token()
+    account, token = await _user(stack, operator)
+    async with grpc.aio.insecure_channel(stack.edge) as channel:
+        funding = funding_pb2_grpc.FundingServiceStub(channel)
+        ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
+        md, op = _bearer(token), _bearer(operator)
+        deposit = uuid.uuid4().hex
+        credited = await ledger.CreateTransfers(
+            ledger_pb2.CreateTransfersRequest(
+                transfers=[
+                    ledger_pb2.Transfer(
+                        id=deposit, debit_account_id="sys:custody", credit_account_id=account,
+                        asset="USDT", amount="250010", kind=ledger_pb2.TRANSFER_KIND_DEPOSIT,
+                        reference=deposit,
+                    )
+                ]
+            ),
+            metadata=op,
+        )  # fmt: skip
+        assert credited.results[0].status.code == 0, credited
+        w = (
+            await funding.RequestWithdrawal(
+                F.RequestWithdrawalRequest(
+                    request_id=uuid.uuid4().hex, asset="USDT", amount="250001",
+                    address=ETH_ADDRESS,
+                ),
+                metadata=md,
+            )
+        ).withdrawal  # fmt: skip
+        assert w.approval_required
+        await _withdrawal_in(funding, md, w.withdrawal_id, {F.WITHDRAWAL_STATE_AWAITING_APPROVAL})
+        await auth_pb2_grpc.AuthServiceStub(channel).SetAccountState(
+            auth_pb2.SetAccountStateRequest(
+                request_id=uuid.uuid4().hex,
+                account_id=account,
+                state=auth_pb2.ACCOUNT_STATE_SUSPENDED,
+                reason="e2e: compliance hold",
+            ),
+            metadata=op,
+        )
+        # An operator's approval after the freeze does not let it out.
+        try:
+            await funding.ApproveWithdrawal(
+                F.ApproveWithdrawalRequest(
+                    request_id=uuid.uuid4().hex, withdrawal_id=w.withdrawal_id, reason="ok"
+                ),
+                metadata=op,
+            )
+        except grpc.aio.AioRpcError as error:  # the saga stopped first: no longer waiting
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
+        stopped = await _withdrawal_in(
+            funding,
+            md,
+            w.withdrawal_id,
+            {F.WITHDRAWAL_STATE_REJECTED, F.WITHDRAWAL_STATE_COMPLETED},
+        )
+        assert stopped.state == F.WITHDRAWAL_STATE_REJECTED, stopped
+        assert ErrorDetails.from_status(stopped.failure).reason == "FUNDING_ACCOUNT_SUSPENDED"
+        assert not stopped.txid
+        saga = (await funding.GetSaga(F.GetSagaRequest(saga_id=w.saga_id), metadata=op)).saga
+        assert saga.state == F.SAGA_STATE_COMPENSATED
+        assert not [s for s in saga.steps if s.name == "custody_broadcast"], saga.steps
+        balances = await ledger.GetBalances(
+            ledger_pb2.GetBalancesRequest(account_id=account, assets=["USDT"]), metadata=op
+        )
+        assert (balances.balances[0].available, balances.balances[0].held) == ("250010", "0")
+        # The same token's next withdrawal is refused; its reads still work.
+        try:
+            await funding.RequestWithdrawal(
+                F.RequestWithdrawalRequest(
+                    request_id=uuid.uuid4().hex, asset="USDT", amount="10", address=ETH_ADDRESS
+                ),
+                metadata=md,
+            )
+            raise AssertionError("a suspended account requested a withdrawal")
+        except grpc.aio.AioRpcError as error:
+            refused = ErrorDetails.from_rpc_error(error)
+        assert (refused.code, refused.reason) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "AUTH_ACCOUNT_SUSPENDED",
+        )
+        listed = await funding.ListWithdrawals(F.ListWithdrawalsRequest(), metadata=md)
+        assert [x.withdrawal_id for x in listed.withdrawals] == [w.withdrawal_id]

@@ -65,6 +65,9 @@ EXACT: dict[str, ErrorClass] = {
     "AUTH_ACCOUNT_SUSPENDED": x.AccountSuspended,
     "AUTH_ACCOUNT_CLOSED": x.AccountSuspended,
     "AUTH_ACCOUNT_NOT_ACTIVE": x.AccountSuspended,
+    # A withdrawal stopped before its broadcast because its account was frozen.
+    "FUNDING_ACCOUNT_SUSPENDED": x.AccountSuspended,
+    "FUNDING_ACCOUNT_CLOSED": x.AccountSuspended,
     "RISK_ACCOUNT_FROZEN": x.AccountSuspended,
     "AUTH_SCOPE_MISSING": x.PermissionDenied,
     "AUTH_ADDRESS_NOT_ALLOWED": x.PermissionDenied,

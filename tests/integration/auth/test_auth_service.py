@@ -33,9 +33,13 @@ def _free_port() -> int:
 
 @asynccontextmanager
 async def _auth(
-    database_url: str, clock: Callable[[], datetime], jwks_port: int
+    database_url: str,
+    clock: Callable[[], datetime],
+    jwks_port: int,
+    *,
+    nats_url: str | None = None,
 ) -> AsyncIterator[auth_pb2_grpc.AuthServiceStub]:
-    settings = ChassisSettings(service="auth", database_url=database_url)
+    settings = ChassisSettings(service="auth", database_url=database_url, nats_url=nats_url)
     config = AuthConfig(jwks_port=jwks_port, service_secret=SECRET, scrypt_n=2**4)
     server = await build_server(settings, config=config, clock=clock)
     port = await server.start()

@@ -26,9 +26,11 @@ import asyncpg
 import grpc
 import pytest
 
+from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 from cex.funding.v1 import funding_pb2 as F
 from cex.funding.v1 import funding_pb2_grpc
 from cex_stack.supervisor import Stack
+from services.chassis import ErrorDetails
 from tests.conftest import Trust
 from tests.integration.funding.support import (
     ETH_ADDRESS,
@@ -365,4 +367,106 @@ async def test_kill_9_while_awaiting_approval_then_approve_completes_it_exactly_
         finally:
             await conn.close()
         assert (posts, approvals) == (1, 1)
+        assert (await ledger.audit()).balanced
+
+
+async def test_kill_9_while_awaiting_approval_then_a_freeze_voids_it_never_broadcast(
+    stack: Stack, trust: Trust, private_nats: str, service_token: str
+) -> None:
+    """Issue 21: a withdrawal waits for an operator; funding is killed -9, the account is
+    suspended at auth while funding is down (so no push reaches it: it learns from its
+    reload at start), and funding dies again right after voiding the hold, before that
+    outcome commits. Back, the void is done once, the withdrawal ends REJECTED with
+    FUNDING_ACCOUNT_SUSPENDED, nothing was broadcast, and the money is all back."""
+    async with (
+        world(stack, trust, private_nats) as (database_url, ledger, chain),
+        grpc.aio.insecure_channel(stack.edge) as edge,
+    ):
+        await chain.configure()  # no faults: this test's kills are its faults
+        operator = (("authorization", f"Bearer {service_token}"),)
+        auth = auth_pb2_grpc.AuthServiceStub(edge)
+        acct = (
+            await auth.CreateAccount(
+                auth_pb2.CreateAccountRequest(request_id=new_account(), display_name="frozen"),
+                metadata=operator,
+            )
+        ).account.account_id
+        await fund(ledger, acct, "1000")
+        env = {
+            **_env(ledger, chain, ""),
+            "FUNDING_APPROVAL_THRESHOLDS": "USDT=100",
+            "FUNDING_APPROVAL_POLL_S": "0.05",
+            "CEX_ACCOUNT_STATES_RELOAD_S": "0.5",
+        }
+        proc = funding_process(stack, database_url, env)
+        assert await proc.start()
+
+        async def call(method: str, request: object) -> object:
+            for _ in range(200):
+                async with trust.channel(proc.target) as channel:
+                    stub = funding_pb2_grpc.FundingServiceStub(channel)
+                    try:
+                        return await getattr(stub, method)(request, timeout=5)
+                    except grpc.aio.AioRpcError as error:
+                        if error.code() not in RETRYABLE:
+                            raise
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"{method} never answered")
+
+        async def reach(wid: str, wanted: int) -> F.Withdrawal:
+            for _ in range(600):
+                reply = await call(
+                    "GetWithdrawal", F.GetWithdrawalRequest(account_id=acct, withdrawal_id=wid)
+                )
+                assert isinstance(reply, F.GetWithdrawalResponse)
+                if reply.withdrawal.state == wanted:
+                    return reply.withdrawal
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"withdrawal never reached {wanted}: {reply.withdrawal}")
+
+        reply = await call(
+            "RequestWithdrawal",
+            F.RequestWithdrawalRequest(
+                request_id="big-1", account_id=acct, asset="USDT", amount="150",
+                address=ETH_ADDRESS,
+            ),
+        )  # fmt: skip
+        assert isinstance(reply, F.RequestWithdrawalResponse)
+        wid = reply.withdrawal.withdrawal_id
+        await reach(wid, F.WITHDRAWAL_STATE_AWAITING_APPROVAL)
+        await proc.kill()  # kill -9 from outside while it waits
+        await auth.SetAccountState(
+            auth_pb2.SetAccountStateRequest(
+                request_id=new_account(),
+                account_id=acct,
+                state=auth_pb2.ACCOUNT_STATE_SUSPENDED,
+                reason="frozen while funding was down",
+            ),
+            metadata=operator,
+        )
+        proc.env["FUNDING_CRASH_POINTS"] = "acted:~ledger_hold"  # voided, not yet recorded
+        if await proc.start():
+            assert proc.process is not None
+            assert await asyncio.wait_for(proc.process.wait(), 20) == -9
+        proc.env["FUNDING_CRASH_POINTS"] = ""
+        assert await proc.start()
+        stopped = await reach(wid, F.WITHDRAWAL_STATE_REJECTED)
+        await proc.stop()
+        assert ErrorDetails.from_status(stopped.failure).reason == "FUNDING_ACCOUNT_SUSPENDED"
+        assert not stopped.txid
+        assert wid not in (await chain.stats())["broadcast_calls"]
+        assert await ledger.available(acct, "USDT") == "1000"
+        conn = await asyncpg.connect(database_url)
+        try:
+            voids = await conn.fetchval(
+                "SELECT count(*) FROM ledger.transfers WHERE id = $1", f"wd:{wid}:void"
+            )
+            broadcasts = await conn.fetchval(
+                """SELECT count(*) FROM funding.saga_steps t JOIN funding.sagas s USING (saga_id)
+                   WHERE s.reference_id = $1 AND t.name = 'custody_broadcast'""",
+                wid,
+            )
+        finally:
+            await conn.close()
+        assert (voids, broadcasts) == (1, 0)
         assert (await ledger.audit()).balanced

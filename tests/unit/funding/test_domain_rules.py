@@ -25,6 +25,7 @@ from services.funding.domain import (
     cancel_withdrawal,
     deposit_state,
     error_status,
+    frozen_account_veto,
     known_output,
     learnt_nothing,
     stale_report,
@@ -80,6 +81,26 @@ def test_an_owners_cancel_vetoes_until_the_broadcast_started() -> None:
     assert not withdrawal_step_may_start(
         "custody_broadcast", cancel_requested=True, broadcast_started=True
     )
+
+
+def test_a_frozen_accounts_withdrawal_stops_before_the_broadcast_only() -> None:
+    for step in ("ledger_hold", "risk_check", "await_approval", "custody_broadcast"):
+        for state, reason in (
+            ("SUSPENDED", "FUNDING_ACCOUNT_SUSPENDED"),
+            ("CLOSED", "FUNDING_ACCOUNT_CLOSED"),
+        ):
+            with pytest.raises(Vetoed) as vetoed:
+                frozen_account_veto(step, state, broadcast_started=False)
+            assert status_reason(vetoed.value.error) == reason
+        frozen_account_veto(step, "", broadcast_started=False)  # not frozen
+    # Once the broadcast started it may have gone out: at most once, never voided.
+    frozen_account_veto("custody_broadcast", "SUSPENDED", broadcast_started=True)
+    frozen_account_veto("await_confirmations", "SUSPENDED", broadcast_started=False)
+    vetoed_at_broadcast = _change(
+        "ledger_hold", "SUCCEEDED", COMPENSATED, "FUNDING_ACCOUNT_SUSPENDED",
+        failed_step="custody_broadcast",
+    )  # fmt: skip
+    assert withdrawal_state(vetoed_at_broadcast) == "REJECTED"
 
 
 def test_a_cancel_is_requested_once_and_refused_after_the_broadcast() -> None:

@@ -39,8 +39,11 @@ const (
 	// Can trade, deposit and withdraw (subject to API key scopes and risk).
 	AccountState_ACCOUNT_STATE_ACTIVE AccountState = 1
 	// Temporarily blocked from order entry and withdrawals; can still read.
+	// Every call that needs more than the read scope is refused
+	// (AUTH_ACCOUNT_SUSPENDED), whatever the age of the caller's token.
 	AccountState_ACCOUNT_STATE_SUSPENDED AccountState = 2
-	// Permanently closed.
+	// Permanently closed. Refused like a suspended account (AUTH_ACCOUNT_CLOSED):
+	// reads only, so its owner can still see and reconcile what it held.
 	AccountState_ACCOUNT_STATE_CLOSED AccountState = 3
 )
 
@@ -844,6 +847,184 @@ func (x *SetAccountStateResponse) GetAccount() *Account {
 	return nil
 }
 
+// One change of an account's state, as auth committed it. Published on NATS
+// subject `auth.events.account_state` (stream AUTH_EVENTS, Nats-Msg-Id
+// `auth-as-<change_seq>`) after the commit, at least once and in change_seq
+// order; also the entries of GetFrozenAccountsResponse.
+type AccountStateChange struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// auth's account-state change sequence: one more for every change, with no
+	// gaps, in commit order. A follower that sees a number skipped reloads.
+	ChangeSeq int64 `protobuf:"varint,1,opt,name=change_seq,json=changeSeq,proto3" json:"change_seq,omitempty"`
+	// The account that changed.
+	AccountId string `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	// Its state from this change on.
+	State AccountState `protobuf:"varint,3,opt,name=state,proto3,enum=cex.auth.v1.AccountState" json:"state,omitempty"`
+	// The operator's reason (SetAccountStateRequest.reason).
+	Reason string `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	// When the change was committed.
+	ChangeTime    *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=change_time,json=changeTime,proto3" json:"change_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AccountStateChange) Reset() {
+	*x = AccountStateChange{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AccountStateChange) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AccountStateChange) ProtoMessage() {}
+
+func (x *AccountStateChange) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AccountStateChange.ProtoReflect.Descriptor instead.
+func (*AccountStateChange) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *AccountStateChange) GetChangeSeq() int64 {
+	if x != nil {
+		return x.ChangeSeq
+	}
+	return 0
+}
+
+func (x *AccountStateChange) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *AccountStateChange) GetState() AccountState {
+	if x != nil {
+		return x.State
+	}
+	return AccountState_ACCOUNT_STATE_UNSPECIFIED
+}
+
+func (x *AccountStateChange) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *AccountStateChange) GetChangeTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ChangeTime
+	}
+	return nil
+}
+
+// Request for AuthService.GetFrozenAccounts. It takes no parameters.
+type GetFrozenAccountsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetFrozenAccountsRequest) Reset() {
+	*x = GetFrozenAccountsRequest{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetFrozenAccountsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetFrozenAccountsRequest) ProtoMessage() {}
+
+func (x *GetFrozenAccountsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetFrozenAccountsRequest.ProtoReflect.Descriptor instead.
+func (*GetFrozenAccountsRequest) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{9}
+}
+
+// Response for AuthService.GetFrozenAccounts.
+type GetFrozenAccountsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The change sequence this answer is complete up to (0: nothing changed yet).
+	ChangeSeq int64 `protobuf:"varint,1,opt,name=change_seq,json=changeSeq,proto3" json:"change_seq,omitempty"`
+	// Every SUSPENDED or CLOSED account, each with its latest change.
+	Accounts      []*AccountStateChange `protobuf:"bytes,2,rep,name=accounts,proto3" json:"accounts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetFrozenAccountsResponse) Reset() {
+	*x = GetFrozenAccountsResponse{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetFrozenAccountsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetFrozenAccountsResponse) ProtoMessage() {}
+
+func (x *GetFrozenAccountsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetFrozenAccountsResponse.ProtoReflect.Descriptor instead.
+func (*GetFrozenAccountsResponse) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *GetFrozenAccountsResponse) GetChangeSeq() int64 {
+	if x != nil {
+		return x.ChangeSeq
+	}
+	return 0
+}
+
+func (x *GetFrozenAccountsResponse) GetAccounts() []*AccountStateChange {
+	if x != nil {
+		return x.Accounts
+	}
+	return nil
+}
+
 // Request for AuthService.CreateApiKey.
 type CreateApiKeyRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -869,7 +1050,7 @@ type CreateApiKeyRequest struct {
 
 func (x *CreateApiKeyRequest) Reset() {
 	*x = CreateApiKeyRequest{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[8]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -881,7 +1062,7 @@ func (x *CreateApiKeyRequest) String() string {
 func (*CreateApiKeyRequest) ProtoMessage() {}
 
 func (x *CreateApiKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[8]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -894,7 +1075,7 @@ func (x *CreateApiKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateApiKeyRequest.ProtoReflect.Descriptor instead.
 func (*CreateApiKeyRequest) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{8}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CreateApiKeyRequest) GetRequestId() string {
@@ -953,7 +1134,7 @@ type CreateApiKeyResponse struct {
 
 func (x *CreateApiKeyResponse) Reset() {
 	*x = CreateApiKeyResponse{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[9]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -965,7 +1146,7 @@ func (x *CreateApiKeyResponse) String() string {
 func (*CreateApiKeyResponse) ProtoMessage() {}
 
 func (x *CreateApiKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[9]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -978,7 +1159,7 @@ func (x *CreateApiKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateApiKeyResponse.ProtoReflect.Descriptor instead.
 func (*CreateApiKeyResponse) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{9}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CreateApiKeyResponse) GetApiKey() *ApiKey {
@@ -1013,7 +1194,7 @@ type ListApiKeysRequest struct {
 
 func (x *ListApiKeysRequest) Reset() {
 	*x = ListApiKeysRequest{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[10]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1025,7 +1206,7 @@ func (x *ListApiKeysRequest) String() string {
 func (*ListApiKeysRequest) ProtoMessage() {}
 
 func (x *ListApiKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[10]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1038,7 +1219,7 @@ func (x *ListApiKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListApiKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListApiKeysRequest) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{10}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ListApiKeysRequest) GetAccountId() string {
@@ -1082,7 +1263,7 @@ type ListApiKeysResponse struct {
 
 func (x *ListApiKeysResponse) Reset() {
 	*x = ListApiKeysResponse{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[11]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1094,7 +1275,7 @@ func (x *ListApiKeysResponse) String() string {
 func (*ListApiKeysResponse) ProtoMessage() {}
 
 func (x *ListApiKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[11]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1107,7 +1288,7 @@ func (x *ListApiKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListApiKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListApiKeysResponse) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{11}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ListApiKeysResponse) GetApiKeys() []*ApiKey {
@@ -1141,7 +1322,7 @@ type RevokeApiKeyRequest struct {
 
 func (x *RevokeApiKeyRequest) Reset() {
 	*x = RevokeApiKeyRequest{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[12]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1153,7 +1334,7 @@ func (x *RevokeApiKeyRequest) String() string {
 func (*RevokeApiKeyRequest) ProtoMessage() {}
 
 func (x *RevokeApiKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[12]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1166,7 +1347,7 @@ func (x *RevokeApiKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeApiKeyRequest.ProtoReflect.Descriptor instead.
 func (*RevokeApiKeyRequest) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{12}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *RevokeApiKeyRequest) GetRequestId() string {
@@ -1201,7 +1382,7 @@ type RevokeApiKeyResponse struct {
 
 func (x *RevokeApiKeyResponse) Reset() {
 	*x = RevokeApiKeyResponse{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[13]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1213,7 +1394,7 @@ func (x *RevokeApiKeyResponse) String() string {
 func (*RevokeApiKeyResponse) ProtoMessage() {}
 
 func (x *RevokeApiKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[13]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1226,7 +1407,7 @@ func (x *RevokeApiKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeApiKeyResponse.ProtoReflect.Descriptor instead.
 func (*RevokeApiKeyResponse) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{13}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *RevokeApiKeyResponse) GetApiKey() *ApiKey {
@@ -1255,7 +1436,7 @@ type IssueTokenRequest struct {
 
 func (x *IssueTokenRequest) Reset() {
 	*x = IssueTokenRequest{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[14]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1267,7 +1448,7 @@ func (x *IssueTokenRequest) String() string {
 func (*IssueTokenRequest) ProtoMessage() {}
 
 func (x *IssueTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[14]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1280,7 +1461,7 @@ func (x *IssueTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssueTokenRequest.ProtoReflect.Descriptor instead.
 func (*IssueTokenRequest) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{14}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *IssueTokenRequest) GetApiKeyId() string {
@@ -1330,7 +1511,7 @@ type IssueTokenResponse struct {
 
 func (x *IssueTokenResponse) Reset() {
 	*x = IssueTokenResponse{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[15]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1342,7 +1523,7 @@ func (x *IssueTokenResponse) String() string {
 func (*IssueTokenResponse) ProtoMessage() {}
 
 func (x *IssueTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[15]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1355,7 +1536,7 @@ func (x *IssueTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssueTokenResponse.ProtoReflect.Descriptor instead.
 func (*IssueTokenResponse) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{15}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *IssueTokenResponse) GetAccessToken() string {
@@ -1402,7 +1583,7 @@ type GetFeesRequest struct {
 
 func (x *GetFeesRequest) Reset() {
 	*x = GetFeesRequest{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[16]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1414,7 +1595,7 @@ func (x *GetFeesRequest) String() string {
 func (*GetFeesRequest) ProtoMessage() {}
 
 func (x *GetFeesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[16]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1427,7 +1608,7 @@ func (x *GetFeesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFeesRequest.ProtoReflect.Descriptor instead.
 func (*GetFeesRequest) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{16}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{19}
 }
 
 // Response for AuthService.GetFees.
@@ -1450,7 +1631,7 @@ type GetFeesResponse struct {
 
 func (x *GetFeesResponse) Reset() {
 	*x = GetFeesResponse{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[17]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1462,7 +1643,7 @@ func (x *GetFeesResponse) String() string {
 func (*GetFeesResponse) ProtoMessage() {}
 
 func (x *GetFeesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[17]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1475,7 +1656,7 @@ func (x *GetFeesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFeesResponse.ProtoReflect.Descriptor instead.
 func (*GetFeesResponse) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{17}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GetFeesResponse) GetFeeTier() string {
@@ -1532,7 +1713,7 @@ type MarketFees struct {
 
 func (x *MarketFees) Reset() {
 	*x = MarketFees{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[18]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1544,7 +1725,7 @@ func (x *MarketFees) String() string {
 func (*MarketFees) ProtoMessage() {}
 
 func (x *MarketFees) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[18]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1557,7 +1738,7 @@ func (x *MarketFees) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MarketFees.ProtoReflect.Descriptor instead.
 func (*MarketFees) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{18}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *MarketFees) GetMarket() string {
@@ -1612,7 +1793,7 @@ type AssetFees struct {
 
 func (x *AssetFees) Reset() {
 	*x = AssetFees{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[19]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1624,7 +1805,7 @@ func (x *AssetFees) String() string {
 func (*AssetFees) ProtoMessage() {}
 
 func (x *AssetFees) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[19]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1637,7 +1818,7 @@ func (x *AssetFees) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssetFees.ProtoReflect.Descriptor instead.
 func (*AssetFees) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{19}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *AssetFees) GetAsset() string {
@@ -1724,7 +1905,21 @@ const file_cex_auth_v1_auth_proto_rawDesc = "" +
 	"\x05state\x18\x03 \x01(\x0e2\x19.cex.auth.v1.AccountStateR\x05state\x12\x16\n" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\"I\n" +
 	"\x17SetAccountStateResponse\x12.\n" +
-	"\aaccount\x18\x01 \x01(\v2\x14.cex.auth.v1.AccountR\aaccount\"\xfd\x01\n" +
+	"\aaccount\x18\x01 \x01(\v2\x14.cex.auth.v1.AccountR\aaccount\"\xd8\x01\n" +
+	"\x12AccountStateChange\x12\x1d\n" +
+	"\n" +
+	"change_seq\x18\x01 \x01(\x03R\tchangeSeq\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x02 \x01(\tR\taccountId\x12/\n" +
+	"\x05state\x18\x03 \x01(\x0e2\x19.cex.auth.v1.AccountStateR\x05state\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\x12;\n" +
+	"\vchange_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"changeTime\"\x1a\n" +
+	"\x18GetFrozenAccountsRequest\"w\n" +
+	"\x19GetFrozenAccountsResponse\x12\x1d\n" +
+	"\n" +
+	"change_seq\x18\x01 \x01(\x03R\tchangeSeq\x12;\n" +
+	"\baccounts\x18\x02 \x03(\v2\x1f.cex.auth.v1.AccountStateChangeR\baccounts\"\xfd\x01\n" +
 	"\x13CreateApiKeyRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x1d\n" +
@@ -1810,7 +2005,7 @@ const file_cex_auth_v1_auth_proto_rawDesc = "" +
 	"\x19API_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14API_KEY_STATE_ACTIVE\x10\x01\x12\x19\n" +
 	"\x15API_KEY_STATE_REVOKED\x10\x02\x12\x19\n" +
-	"\x15API_KEY_STATE_EXPIRED\x10\x032\x91\a\n" +
+	"\x15API_KEY_STATE_EXPIRED\x10\x032\xf5\a\n" +
 	"\vAuthService\x12o\n" +
 	"\rCreateAccount\x12!.cex.auth.v1.CreateAccountRequest\x1a\".cex.auth.v1.CreateAccountResponse\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/accounts\x12p\n" +
 	"\n" +
@@ -1821,7 +2016,8 @@ const file_cex_auth_v1_auth_proto_rawDesc = "" +
 	"\fRevokeApiKey\x12 .cex.auth.v1.RevokeApiKeyRequest\x1a!.cex.auth.v1.RevokeApiKeyResponse\"*\x82\xd3\xe4\x93\x02$:\x01*\"\x1f/v1/apiKeys/{api_key_id}:revoke\x12d\n" +
 	"\n" +
 	"IssueToken\x12\x1e.cex.auth.v1.IssueTokenRequest\x1a\x1f.cex.auth.v1.IssueTokenResponse\"\x15\x82\xd3\xe4\x93\x02\x0f:\x01*\"\n" +
-	"/v1/tokens\x12V\n" +
+	"/v1/tokens\x12b\n" +
+	"\x11GetFrozenAccounts\x12%.cex.auth.v1.GetFrozenAccountsRequest\x1a&.cex.auth.v1.GetFrozenAccountsResponse\x12V\n" +
 	"\aGetFees\x12\x1b.cex.auth.v1.GetFeesRequest\x1a\x1c.cex.auth.v1.GetFeesResponse\"\x10\x82\xd3\xe4\x93\x02\n" +
 	"\x12\b/v1/feesb\x06proto3"
 
@@ -1838,84 +2034,92 @@ func file_cex_auth_v1_auth_proto_rawDescGZIP() []byte {
 }
 
 var file_cex_auth_v1_auth_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_cex_auth_v1_auth_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_cex_auth_v1_auth_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_cex_auth_v1_auth_proto_goTypes = []any{
-	(AccountState)(0),               // 0: cex.auth.v1.AccountState
-	(AccountType)(0),                // 1: cex.auth.v1.AccountType
-	(ApiKeyScope)(0),                // 2: cex.auth.v1.ApiKeyScope
-	(ApiKeyState)(0),                // 3: cex.auth.v1.ApiKeyState
-	(*Account)(nil),                 // 4: cex.auth.v1.Account
-	(*ApiKey)(nil),                  // 5: cex.auth.v1.ApiKey
-	(*CreateAccountRequest)(nil),    // 6: cex.auth.v1.CreateAccountRequest
-	(*CreateAccountResponse)(nil),   // 7: cex.auth.v1.CreateAccountResponse
-	(*GetAccountRequest)(nil),       // 8: cex.auth.v1.GetAccountRequest
-	(*GetAccountResponse)(nil),      // 9: cex.auth.v1.GetAccountResponse
-	(*SetAccountStateRequest)(nil),  // 10: cex.auth.v1.SetAccountStateRequest
-	(*SetAccountStateResponse)(nil), // 11: cex.auth.v1.SetAccountStateResponse
-	(*CreateApiKeyRequest)(nil),     // 12: cex.auth.v1.CreateApiKeyRequest
-	(*CreateApiKeyResponse)(nil),    // 13: cex.auth.v1.CreateApiKeyResponse
-	(*ListApiKeysRequest)(nil),      // 14: cex.auth.v1.ListApiKeysRequest
-	(*ListApiKeysResponse)(nil),     // 15: cex.auth.v1.ListApiKeysResponse
-	(*RevokeApiKeyRequest)(nil),     // 16: cex.auth.v1.RevokeApiKeyRequest
-	(*RevokeApiKeyResponse)(nil),    // 17: cex.auth.v1.RevokeApiKeyResponse
-	(*IssueTokenRequest)(nil),       // 18: cex.auth.v1.IssueTokenRequest
-	(*IssueTokenResponse)(nil),      // 19: cex.auth.v1.IssueTokenResponse
-	(*GetFeesRequest)(nil),          // 20: cex.auth.v1.GetFeesRequest
-	(*GetFeesResponse)(nil),         // 21: cex.auth.v1.GetFeesResponse
-	(*MarketFees)(nil),              // 22: cex.auth.v1.MarketFees
-	(*AssetFees)(nil),               // 23: cex.auth.v1.AssetFees
-	(*timestamppb.Timestamp)(nil),   // 24: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),     // 25: google.protobuf.Duration
+	(AccountState)(0),                 // 0: cex.auth.v1.AccountState
+	(AccountType)(0),                  // 1: cex.auth.v1.AccountType
+	(ApiKeyScope)(0),                  // 2: cex.auth.v1.ApiKeyScope
+	(ApiKeyState)(0),                  // 3: cex.auth.v1.ApiKeyState
+	(*Account)(nil),                   // 4: cex.auth.v1.Account
+	(*ApiKey)(nil),                    // 5: cex.auth.v1.ApiKey
+	(*CreateAccountRequest)(nil),      // 6: cex.auth.v1.CreateAccountRequest
+	(*CreateAccountResponse)(nil),     // 7: cex.auth.v1.CreateAccountResponse
+	(*GetAccountRequest)(nil),         // 8: cex.auth.v1.GetAccountRequest
+	(*GetAccountResponse)(nil),        // 9: cex.auth.v1.GetAccountResponse
+	(*SetAccountStateRequest)(nil),    // 10: cex.auth.v1.SetAccountStateRequest
+	(*SetAccountStateResponse)(nil),   // 11: cex.auth.v1.SetAccountStateResponse
+	(*AccountStateChange)(nil),        // 12: cex.auth.v1.AccountStateChange
+	(*GetFrozenAccountsRequest)(nil),  // 13: cex.auth.v1.GetFrozenAccountsRequest
+	(*GetFrozenAccountsResponse)(nil), // 14: cex.auth.v1.GetFrozenAccountsResponse
+	(*CreateApiKeyRequest)(nil),       // 15: cex.auth.v1.CreateApiKeyRequest
+	(*CreateApiKeyResponse)(nil),      // 16: cex.auth.v1.CreateApiKeyResponse
+	(*ListApiKeysRequest)(nil),        // 17: cex.auth.v1.ListApiKeysRequest
+	(*ListApiKeysResponse)(nil),       // 18: cex.auth.v1.ListApiKeysResponse
+	(*RevokeApiKeyRequest)(nil),       // 19: cex.auth.v1.RevokeApiKeyRequest
+	(*RevokeApiKeyResponse)(nil),      // 20: cex.auth.v1.RevokeApiKeyResponse
+	(*IssueTokenRequest)(nil),         // 21: cex.auth.v1.IssueTokenRequest
+	(*IssueTokenResponse)(nil),        // 22: cex.auth.v1.IssueTokenResponse
+	(*GetFeesRequest)(nil),            // 23: cex.auth.v1.GetFeesRequest
+	(*GetFeesResponse)(nil),           // 24: cex.auth.v1.GetFeesResponse
+	(*MarketFees)(nil),                // 25: cex.auth.v1.MarketFees
+	(*AssetFees)(nil),                 // 26: cex.auth.v1.AssetFees
+	(*timestamppb.Timestamp)(nil),     // 27: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),       // 28: google.protobuf.Duration
 }
 var file_cex_auth_v1_auth_proto_depIdxs = []int32{
 	1,  // 0: cex.auth.v1.Account.type:type_name -> cex.auth.v1.AccountType
 	0,  // 1: cex.auth.v1.Account.state:type_name -> cex.auth.v1.AccountState
-	24, // 2: cex.auth.v1.Account.create_time:type_name -> google.protobuf.Timestamp
-	24, // 3: cex.auth.v1.Account.update_time:type_name -> google.protobuf.Timestamp
+	27, // 2: cex.auth.v1.Account.create_time:type_name -> google.protobuf.Timestamp
+	27, // 3: cex.auth.v1.Account.update_time:type_name -> google.protobuf.Timestamp
 	2,  // 4: cex.auth.v1.ApiKey.scopes:type_name -> cex.auth.v1.ApiKeyScope
 	3,  // 5: cex.auth.v1.ApiKey.state:type_name -> cex.auth.v1.ApiKeyState
-	24, // 6: cex.auth.v1.ApiKey.create_time:type_name -> google.protobuf.Timestamp
-	24, // 7: cex.auth.v1.ApiKey.expire_time:type_name -> google.protobuf.Timestamp
-	24, // 8: cex.auth.v1.ApiKey.revoke_time:type_name -> google.protobuf.Timestamp
-	24, // 9: cex.auth.v1.ApiKey.last_used_time:type_name -> google.protobuf.Timestamp
+	27, // 6: cex.auth.v1.ApiKey.create_time:type_name -> google.protobuf.Timestamp
+	27, // 7: cex.auth.v1.ApiKey.expire_time:type_name -> google.protobuf.Timestamp
+	27, // 8: cex.auth.v1.ApiKey.revoke_time:type_name -> google.protobuf.Timestamp
+	27, // 9: cex.auth.v1.ApiKey.last_used_time:type_name -> google.protobuf.Timestamp
 	1,  // 10: cex.auth.v1.CreateAccountRequest.type:type_name -> cex.auth.v1.AccountType
 	4,  // 11: cex.auth.v1.CreateAccountResponse.account:type_name -> cex.auth.v1.Account
 	4,  // 12: cex.auth.v1.GetAccountResponse.account:type_name -> cex.auth.v1.Account
 	0,  // 13: cex.auth.v1.SetAccountStateRequest.state:type_name -> cex.auth.v1.AccountState
 	4,  // 14: cex.auth.v1.SetAccountStateResponse.account:type_name -> cex.auth.v1.Account
-	2,  // 15: cex.auth.v1.CreateApiKeyRequest.scopes:type_name -> cex.auth.v1.ApiKeyScope
-	24, // 16: cex.auth.v1.CreateApiKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
-	5,  // 17: cex.auth.v1.CreateApiKeyResponse.api_key:type_name -> cex.auth.v1.ApiKey
-	3,  // 18: cex.auth.v1.ListApiKeysRequest.state:type_name -> cex.auth.v1.ApiKeyState
-	5,  // 19: cex.auth.v1.ListApiKeysResponse.api_keys:type_name -> cex.auth.v1.ApiKey
-	5,  // 20: cex.auth.v1.RevokeApiKeyResponse.api_key:type_name -> cex.auth.v1.ApiKey
-	2,  // 21: cex.auth.v1.IssueTokenRequest.scopes:type_name -> cex.auth.v1.ApiKeyScope
-	25, // 22: cex.auth.v1.IssueTokenRequest.ttl:type_name -> google.protobuf.Duration
-	24, // 23: cex.auth.v1.IssueTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
-	2,  // 24: cex.auth.v1.IssueTokenResponse.scopes:type_name -> cex.auth.v1.ApiKeyScope
-	22, // 25: cex.auth.v1.GetFeesResponse.markets:type_name -> cex.auth.v1.MarketFees
-	23, // 26: cex.auth.v1.GetFeesResponse.assets:type_name -> cex.auth.v1.AssetFees
-	6,  // 27: cex.auth.v1.AuthService.CreateAccount:input_type -> cex.auth.v1.CreateAccountRequest
-	8,  // 28: cex.auth.v1.AuthService.GetAccount:input_type -> cex.auth.v1.GetAccountRequest
-	12, // 29: cex.auth.v1.AuthService.CreateApiKey:input_type -> cex.auth.v1.CreateApiKeyRequest
-	10, // 30: cex.auth.v1.AuthService.SetAccountState:input_type -> cex.auth.v1.SetAccountStateRequest
-	14, // 31: cex.auth.v1.AuthService.ListApiKeys:input_type -> cex.auth.v1.ListApiKeysRequest
-	16, // 32: cex.auth.v1.AuthService.RevokeApiKey:input_type -> cex.auth.v1.RevokeApiKeyRequest
-	18, // 33: cex.auth.v1.AuthService.IssueToken:input_type -> cex.auth.v1.IssueTokenRequest
-	20, // 34: cex.auth.v1.AuthService.GetFees:input_type -> cex.auth.v1.GetFeesRequest
-	7,  // 35: cex.auth.v1.AuthService.CreateAccount:output_type -> cex.auth.v1.CreateAccountResponse
-	9,  // 36: cex.auth.v1.AuthService.GetAccount:output_type -> cex.auth.v1.GetAccountResponse
-	13, // 37: cex.auth.v1.AuthService.CreateApiKey:output_type -> cex.auth.v1.CreateApiKeyResponse
-	11, // 38: cex.auth.v1.AuthService.SetAccountState:output_type -> cex.auth.v1.SetAccountStateResponse
-	15, // 39: cex.auth.v1.AuthService.ListApiKeys:output_type -> cex.auth.v1.ListApiKeysResponse
-	17, // 40: cex.auth.v1.AuthService.RevokeApiKey:output_type -> cex.auth.v1.RevokeApiKeyResponse
-	19, // 41: cex.auth.v1.AuthService.IssueToken:output_type -> cex.auth.v1.IssueTokenResponse
-	21, // 42: cex.auth.v1.AuthService.GetFees:output_type -> cex.auth.v1.GetFeesResponse
-	35, // [35:43] is the sub-list for method output_type
-	27, // [27:35] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	0,  // 15: cex.auth.v1.AccountStateChange.state:type_name -> cex.auth.v1.AccountState
+	27, // 16: cex.auth.v1.AccountStateChange.change_time:type_name -> google.protobuf.Timestamp
+	12, // 17: cex.auth.v1.GetFrozenAccountsResponse.accounts:type_name -> cex.auth.v1.AccountStateChange
+	2,  // 18: cex.auth.v1.CreateApiKeyRequest.scopes:type_name -> cex.auth.v1.ApiKeyScope
+	27, // 19: cex.auth.v1.CreateApiKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
+	5,  // 20: cex.auth.v1.CreateApiKeyResponse.api_key:type_name -> cex.auth.v1.ApiKey
+	3,  // 21: cex.auth.v1.ListApiKeysRequest.state:type_name -> cex.auth.v1.ApiKeyState
+	5,  // 22: cex.auth.v1.ListApiKeysResponse.api_keys:type_name -> cex.auth.v1.ApiKey
+	5,  // 23: cex.auth.v1.RevokeApiKeyResponse.api_key:type_name -> cex.auth.v1.ApiKey
+	2,  // 24: cex.auth.v1.IssueTokenRequest.scopes:type_name -> cex.auth.v1.ApiKeyScope
+	28, // 25: cex.auth.v1.IssueTokenRequest.ttl:type_name -> google.protobuf.Duration
+	27, // 26: cex.auth.v1.IssueTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	2,  // 27: cex.auth.v1.IssueTokenResponse.scopes:type_name -> cex.auth.v1.ApiKeyScope
+	25, // 28: cex.auth.v1.GetFeesResponse.markets:type_name -> cex.auth.v1.MarketFees
+	26, // 29: cex.auth.v1.GetFeesResponse.assets:type_name -> cex.auth.v1.AssetFees
+	6,  // 30: cex.auth.v1.AuthService.CreateAccount:input_type -> cex.auth.v1.CreateAccountRequest
+	8,  // 31: cex.auth.v1.AuthService.GetAccount:input_type -> cex.auth.v1.GetAccountRequest
+	15, // 32: cex.auth.v1.AuthService.CreateApiKey:input_type -> cex.auth.v1.CreateApiKeyRequest
+	10, // 33: cex.auth.v1.AuthService.SetAccountState:input_type -> cex.auth.v1.SetAccountStateRequest
+	17, // 34: cex.auth.v1.AuthService.ListApiKeys:input_type -> cex.auth.v1.ListApiKeysRequest
+	19, // 35: cex.auth.v1.AuthService.RevokeApiKey:input_type -> cex.auth.v1.RevokeApiKeyRequest
+	21, // 36: cex.auth.v1.AuthService.IssueToken:input_type -> cex.auth.v1.IssueTokenRequest
+	13, // 37: cex.auth.v1.AuthService.GetFrozenAccounts:input_type -> cex.auth.v1.GetFrozenAccountsRequest
+	23, // 38: cex.auth.v1.AuthService.GetFees:input_type -> cex.auth.v1.GetFeesRequest
+	7,  // 39: cex.auth.v1.AuthService.CreateAccount:output_type -> cex.auth.v1.CreateAccountResponse
+	9,  // 40: cex.auth.v1.AuthService.GetAccount:output_type -> cex.auth.v1.GetAccountResponse
+	16, // 41: cex.auth.v1.AuthService.CreateApiKey:output_type -> cex.auth.v1.CreateApiKeyResponse
+	11, // 42: cex.auth.v1.AuthService.SetAccountState:output_type -> cex.auth.v1.SetAccountStateResponse
+	18, // 43: cex.auth.v1.AuthService.ListApiKeys:output_type -> cex.auth.v1.ListApiKeysResponse
+	20, // 44: cex.auth.v1.AuthService.RevokeApiKey:output_type -> cex.auth.v1.RevokeApiKeyResponse
+	22, // 45: cex.auth.v1.AuthService.IssueToken:output_type -> cex.auth.v1.IssueTokenResponse
+	14, // 46: cex.auth.v1.AuthService.GetFrozenAccounts:output_type -> cex.auth.v1.GetFrozenAccountsResponse
+	24, // 47: cex.auth.v1.AuthService.GetFees:output_type -> cex.auth.v1.GetFeesResponse
+	39, // [39:48] is the sub-list for method output_type
+	30, // [30:39] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_cex_auth_v1_auth_proto_init() }
@@ -1929,7 +2133,7 @@ func file_cex_auth_v1_auth_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cex_auth_v1_auth_proto_rawDesc), len(file_cex_auth_v1_auth_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   20,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

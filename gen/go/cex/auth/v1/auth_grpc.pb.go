@@ -25,14 +25,15 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	AuthService_CreateAccount_FullMethodName   = "/cex.auth.v1.AuthService/CreateAccount"
-	AuthService_GetAccount_FullMethodName      = "/cex.auth.v1.AuthService/GetAccount"
-	AuthService_CreateApiKey_FullMethodName    = "/cex.auth.v1.AuthService/CreateApiKey"
-	AuthService_SetAccountState_FullMethodName = "/cex.auth.v1.AuthService/SetAccountState"
-	AuthService_ListApiKeys_FullMethodName     = "/cex.auth.v1.AuthService/ListApiKeys"
-	AuthService_RevokeApiKey_FullMethodName    = "/cex.auth.v1.AuthService/RevokeApiKey"
-	AuthService_IssueToken_FullMethodName      = "/cex.auth.v1.AuthService/IssueToken"
-	AuthService_GetFees_FullMethodName         = "/cex.auth.v1.AuthService/GetFees"
+	AuthService_CreateAccount_FullMethodName     = "/cex.auth.v1.AuthService/CreateAccount"
+	AuthService_GetAccount_FullMethodName        = "/cex.auth.v1.AuthService/GetAccount"
+	AuthService_CreateApiKey_FullMethodName      = "/cex.auth.v1.AuthService/CreateApiKey"
+	AuthService_SetAccountState_FullMethodName   = "/cex.auth.v1.AuthService/SetAccountState"
+	AuthService_ListApiKeys_FullMethodName       = "/cex.auth.v1.AuthService/ListApiKeys"
+	AuthService_RevokeApiKey_FullMethodName      = "/cex.auth.v1.AuthService/RevokeApiKey"
+	AuthService_IssueToken_FullMethodName        = "/cex.auth.v1.AuthService/IssueToken"
+	AuthService_GetFrozenAccounts_FullMethodName = "/cex.auth.v1.AuthService/GetFrozenAccounts"
+	AuthService_GetFees_FullMethodName           = "/cex.auth.v1.AuthService/GetFees"
 )
 
 // AuthServiceClient is the client API for AuthService service.
@@ -50,8 +51,15 @@ type AuthServiceClient interface {
 	// secret if it was already delivered: see CreateApiKeyResponse.secret).
 	CreateApiKey(ctx context.Context, in *CreateApiKeyRequest, opts ...grpc.CallOption) (*CreateApiKeyResponse, error)
 	// Suspends (freezes), reactivates or closes an account. Admin or service
-	// only. A suspended account's new tokens carry only the read scope; tokens
-	// issued before live until they expire (minutes). CLOSED is final.
+	// only. A suspended account's new tokens carry only the read scope, and the
+	// tokens issued before are refused at their next call that needs more than
+	// read (PERMISSION_DENIED AUTH_ACCOUNT_SUSPENDED, or AUTH_ACCOUNT_CLOSED):
+	// every service learns of the change within a second (AccountStateChange on
+	// NATS subject `auth.events.account_state`), and at the latest at its next
+	// GetFrozenAccounts reload. Reads stay allowed. A suspended or closed
+	// account's withdrawals that were not broadcast yet stop and their holds are
+	// released (FUNDING_ACCOUNT_SUSPENDED / FUNDING_ACCOUNT_CLOSED). CLOSED is
+	// final.
 	SetAccountState(ctx context.Context, in *SetAccountStateRequest, opts ...grpc.CallOption) (*SetAccountStateResponse, error)
 	// Lists an account's API keys (never their secrets), newest first.
 	ListApiKeys(ctx context.Context, in *ListApiKeysRequest, opts ...grpc.CallOption) (*ListApiKeysResponse, error)
@@ -62,6 +70,12 @@ type AuthServiceClient interface {
 	// UNAUTHENTICATED on a wrong secret, a revoked or expired key, or a caller
 	// address outside the key's allow-list.
 	IssueToken(ctx context.Context, in *IssueTokenRequest, opts ...grpc.CallOption) (*IssueTokenResponse, error)
+	// Internal: every account that is not ACTIVE (SUSPENDED or CLOSED), as of
+	// auth's account-state change sequence. Each service's authenticator loads
+	// it at start and again every few seconds, or at once when the
+	// AccountStateChange events it follows skip a sequence number (a missed
+	// push), so that its copy never stays behind auth for long.
+	GetFrozenAccounts(ctx context.Context, in *GetFrozenAccountsRequest, opts ...grpc.CallOption) (*GetFrozenAccountsResponse, error)
 	// The fees that apply to the caller: its fee tier's maker and taker rates
 	// per market with the asset each side is charged in, and each asset's
 	// withdrawal fee and minimum. Any valid token. The values come from the
@@ -147,6 +161,16 @@ func (c *authServiceClient) IssueToken(ctx context.Context, in *IssueTokenReques
 	return out, nil
 }
 
+func (c *authServiceClient) GetFrozenAccounts(ctx context.Context, in *GetFrozenAccountsRequest, opts ...grpc.CallOption) (*GetFrozenAccountsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetFrozenAccountsResponse)
+	err := c.cc.Invoke(ctx, AuthService_GetFrozenAccounts_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *authServiceClient) GetFees(ctx context.Context, in *GetFeesRequest, opts ...grpc.CallOption) (*GetFeesResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(GetFeesResponse)
@@ -172,8 +196,15 @@ type AuthServiceServer interface {
 	// secret if it was already delivered: see CreateApiKeyResponse.secret).
 	CreateApiKey(context.Context, *CreateApiKeyRequest) (*CreateApiKeyResponse, error)
 	// Suspends (freezes), reactivates or closes an account. Admin or service
-	// only. A suspended account's new tokens carry only the read scope; tokens
-	// issued before live until they expire (minutes). CLOSED is final.
+	// only. A suspended account's new tokens carry only the read scope, and the
+	// tokens issued before are refused at their next call that needs more than
+	// read (PERMISSION_DENIED AUTH_ACCOUNT_SUSPENDED, or AUTH_ACCOUNT_CLOSED):
+	// every service learns of the change within a second (AccountStateChange on
+	// NATS subject `auth.events.account_state`), and at the latest at its next
+	// GetFrozenAccounts reload. Reads stay allowed. A suspended or closed
+	// account's withdrawals that were not broadcast yet stop and their holds are
+	// released (FUNDING_ACCOUNT_SUSPENDED / FUNDING_ACCOUNT_CLOSED). CLOSED is
+	// final.
 	SetAccountState(context.Context, *SetAccountStateRequest) (*SetAccountStateResponse, error)
 	// Lists an account's API keys (never their secrets), newest first.
 	ListApiKeys(context.Context, *ListApiKeysRequest) (*ListApiKeysResponse, error)
@@ -184,6 +215,12 @@ type AuthServiceServer interface {
 	// UNAUTHENTICATED on a wrong secret, a revoked or expired key, or a caller
 	// address outside the key's allow-list.
 	IssueToken(context.Context, *IssueTokenRequest) (*IssueTokenResponse, error)
+	// Internal: every account that is not ACTIVE (SUSPENDED or CLOSED), as of
+	// auth's account-state change sequence. Each service's authenticator loads
+	// it at start and again every few seconds, or at once when the
+	// AccountStateChange events it follows skip a sequence number (a missed
+	// push), so that its copy never stays behind auth for long.
+	GetFrozenAccounts(context.Context, *GetFrozenAccountsRequest) (*GetFrozenAccountsResponse, error)
 	// The fees that apply to the caller: its fee tier's maker and taker rates
 	// per market with the asset each side is charged in, and each asset's
 	// withdrawal fee and minimum. Any valid token. The values come from the
@@ -219,6 +256,9 @@ func (UnimplementedAuthServiceServer) RevokeApiKey(context.Context, *RevokeApiKe
 }
 func (UnimplementedAuthServiceServer) IssueToken(context.Context, *IssueTokenRequest) (*IssueTokenResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method IssueToken not implemented")
+}
+func (UnimplementedAuthServiceServer) GetFrozenAccounts(context.Context, *GetFrozenAccountsRequest) (*GetFrozenAccountsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetFrozenAccounts not implemented")
 }
 func (UnimplementedAuthServiceServer) GetFees(context.Context, *GetFeesRequest) (*GetFeesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetFees not implemented")
@@ -370,6 +410,24 @@ func _AuthService_IssueToken_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AuthService_GetFrozenAccounts_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetFrozenAccountsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).GetFrozenAccounts(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AuthService_GetFrozenAccounts_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).GetFrozenAccounts(ctx, req.(*GetFrozenAccountsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _AuthService_GetFees_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GetFeesRequest)
 	if err := dec(in); err != nil {
@@ -422,6 +480,10 @@ var AuthService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "IssueToken",
 			Handler:    _AuthService_IssueToken_Handler,
+		},
+		{
+			MethodName: "GetFrozenAccounts",
+			Handler:    _AuthService_GetFrozenAccounts_Handler,
 		},
 		{
 			MethodName: "GetFees",

@@ -37,9 +37,14 @@ class _AccountStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AccountS
     ACCOUNT_STATE_ACTIVE: _AccountState.ValueType  # 1
     """Can trade, deposit and withdraw (subject to API key scopes and risk)."""
     ACCOUNT_STATE_SUSPENDED: _AccountState.ValueType  # 2
-    """Temporarily blocked from order entry and withdrawals; can still read."""
+    """Temporarily blocked from order entry and withdrawals; can still read.
+    Every call that needs more than the read scope is refused
+    (AUTH_ACCOUNT_SUSPENDED), whatever the age of the caller's token.
+    """
     ACCOUNT_STATE_CLOSED: _AccountState.ValueType  # 3
-    """Permanently closed."""
+    """Permanently closed. Refused like a suspended account (AUTH_ACCOUNT_CLOSED):
+    reads only, so its owner can still see and reconcile what it held.
+    """
 
 class AccountState(_AccountState, metaclass=_AccountStateEnumTypeWrapper):
     """Lifecycle state of an account."""
@@ -49,9 +54,14 @@ ACCOUNT_STATE_UNSPECIFIED: AccountState.ValueType  # 0
 ACCOUNT_STATE_ACTIVE: AccountState.ValueType  # 1
 """Can trade, deposit and withdraw (subject to API key scopes and risk)."""
 ACCOUNT_STATE_SUSPENDED: AccountState.ValueType  # 2
-"""Temporarily blocked from order entry and withdrawals; can still read."""
+"""Temporarily blocked from order entry and withdrawals; can still read.
+Every call that needs more than the read scope is refused
+(AUTH_ACCOUNT_SUSPENDED), whatever the age of the caller's token.
+"""
 ACCOUNT_STATE_CLOSED: AccountState.ValueType  # 3
-"""Permanently closed."""
+"""Permanently closed. Refused like a suspended account (AUTH_ACCOUNT_CLOSED):
+reads only, so its owner can still see and reconcile what it held.
+"""
 Global___AccountState: _TypeAlias = AccountState  # noqa: Y015
 
 class _AccountType:
@@ -441,6 +451,97 @@ class SetAccountStateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetAccountStateResponse: _TypeAlias = SetAccountStateResponse  # noqa: Y015
+
+@_typing.final
+class AccountStateChange(_message.Message):
+    """One change of an account's state, as auth committed it. Published on NATS
+    subject `auth.events.account_state` (stream AUTH_EVENTS, Nats-Msg-Id
+    `auth-as-<change_seq>`) after the commit, at least once and in change_seq
+    order; also the entries of GetFrozenAccountsResponse.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_SEQ_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    change_seq: _builtins.int
+    """auth's account-state change sequence: one more for every change, with no
+    gaps, in commit order. A follower that sees a number skipped reloads.
+    """
+    account_id: _builtins.str
+    """The account that changed."""
+    state: Global___AccountState.ValueType
+    """Its state from this change on."""
+    reason: _builtins.str
+    """The operator's reason (SetAccountStateRequest.reason)."""
+    @_builtins.property
+    def change_time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was committed."""
+
+    def __init__(
+        self,
+        *,
+        change_seq: _builtins.int = ...,
+        account_id: _builtins.str = ...,
+        state: Global___AccountState.ValueType = ...,
+        reason: _builtins.str = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "change_seq", b"change_seq", "change_time", b"change_time", "reason", b"reason", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountStateChange: _TypeAlias = AccountStateChange  # noqa: Y015
+
+@_typing.final
+class GetFrozenAccountsRequest(_message.Message):
+    """Request for AuthService.GetFrozenAccounts. It takes no parameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFrozenAccountsRequest: _TypeAlias = GetFrozenAccountsRequest  # noqa: Y015
+
+@_typing.final
+class GetFrozenAccountsResponse(_message.Message):
+    """Response for AuthService.GetFrozenAccounts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_SEQ_FIELD_NUMBER: _builtins.int
+    ACCOUNTS_FIELD_NUMBER: _builtins.int
+    change_seq: _builtins.int
+    """The change sequence this answer is complete up to (0: nothing changed yet)."""
+    @_builtins.property
+    def accounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccountStateChange]:
+        """Every SUSPENDED or CLOSED account, each with its latest change."""
+
+    def __init__(
+        self,
+        *,
+        change_seq: _builtins.int = ...,
+        accounts: _abc.Iterable[Global___AccountStateChange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts", b"accounts", "change_seq", b"change_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFrozenAccountsResponse: _TypeAlias = GetFrozenAccountsResponse  # noqa: Y015
 
 @_typing.final
 class CreateApiKeyRequest(_message.Message):

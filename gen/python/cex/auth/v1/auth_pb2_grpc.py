@@ -70,6 +70,11 @@ class AuthServiceStub:
                 request_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.IssueTokenRequest.SerializeToString,
                 response_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.IssueTokenResponse.FromString,
                 _registered_method=True)
+        self.GetFrozenAccounts = channel.unary_unary(
+                '/cex.auth.v1.AuthService/GetFrozenAccounts',
+                request_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFrozenAccountsRequest.SerializeToString,
+                response_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFrozenAccountsResponse.FromString,
+                _registered_method=True)
         self.GetFees = channel.unary_unary(
                 '/cex.auth.v1.AuthService/GetFees',
                 request_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFeesRequest.SerializeToString,
@@ -106,8 +111,15 @@ class AuthServiceServicer:
 
     def SetAccountState(self, request, context):
         """Suspends (freezes), reactivates or closes an account. Admin or service
-        only. A suspended account's new tokens carry only the read scope; tokens
-        issued before live until they expire (minutes). CLOSED is final.
+        only. A suspended account's new tokens carry only the read scope, and the
+        tokens issued before are refused at their next call that needs more than
+        read (PERMISSION_DENIED AUTH_ACCOUNT_SUSPENDED, or AUTH_ACCOUNT_CLOSED):
+        every service learns of the change within a second (AccountStateChange on
+        NATS subject `auth.events.account_state`), and at the latest at its next
+        GetFrozenAccounts reload. Reads stay allowed. A suspended or closed
+        account's withdrawals that were not broadcast yet stop and their holds are
+        released (FUNDING_ACCOUNT_SUSPENDED / FUNDING_ACCOUNT_CLOSED). CLOSED is
+        final.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -132,6 +144,17 @@ class AuthServiceServicer:
         """Exchanges an API key id and secret for a short-lived access token.
         UNAUTHENTICATED on a wrong secret, a revoked or expired key, or a caller
         address outside the key's allow-list.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFrozenAccounts(self, request, context):
+        """Internal: every account that is not ACTIVE (SUSPENDED or CLOSED), as of
+        auth's account-state change sequence. Each service's authenticator loads
+        it at start and again every few seconds, or at once when the
+        AccountStateChange events it follows skip a sequence number (a missed
+        push), so that its copy never stays behind auth for long.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,6 +207,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.IssueToken,
                     request_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.IssueTokenRequest.FromString,
                     response_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.IssueTokenResponse.SerializeToString,
+            ),
+            'GetFrozenAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFrozenAccounts,
+                    request_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFrozenAccountsRequest.FromString,
+                    response_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFrozenAccountsResponse.SerializeToString,
             ),
             'GetFees': grpc.unary_unary_rpc_method_handler(
                     servicer.GetFees,
@@ -381,6 +409,33 @@ class AuthService:
             '/cex.auth.v1.AuthService/IssueToken',
             cex_dot_auth_dot_v1_dot_auth__pb2.IssueTokenRequest.SerializeToString,
             cex_dot_auth_dot_v1_dot_auth__pb2.IssueTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFrozenAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.auth.v1.AuthService/GetFrozenAccounts',
+            cex_dot_auth_dot_v1_dot_auth__pb2.GetFrozenAccountsRequest.SerializeToString,
+            cex_dot_auth_dot_v1_dot_auth__pb2.GetFrozenAccountsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,8 +49,15 @@ class AuthServiceStub:
     """
     SetAccountState: _grpc.UnaryUnaryMultiCallable[_auth_pb2.SetAccountStateRequest, _auth_pb2.SetAccountStateResponse]
     """Suspends (freezes), reactivates or closes an account. Admin or service
-    only. A suspended account's new tokens carry only the read scope; tokens
-    issued before live until they expire (minutes). CLOSED is final.
+    only. A suspended account's new tokens carry only the read scope, and the
+    tokens issued before are refused at their next call that needs more than
+    read (PERMISSION_DENIED AUTH_ACCOUNT_SUSPENDED, or AUTH_ACCOUNT_CLOSED):
+    every service learns of the change within a second (AccountStateChange on
+    NATS subject `auth.events.account_state`), and at the latest at its next
+    GetFrozenAccounts reload. Reads stay allowed. A suspended or closed
+    account's withdrawals that were not broadcast yet stop and their holds are
+    released (FUNDING_ACCOUNT_SUSPENDED / FUNDING_ACCOUNT_CLOSED). CLOSED is
+    final.
     """
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListApiKeysRequest, _auth_pb2.ListApiKeysResponse]
     """Lists an account's API keys (never their secrets), newest first."""
@@ -62,6 +69,13 @@ class AuthServiceStub:
     """Exchanges an API key id and secret for a short-lived access token.
     UNAUTHENTICATED on a wrong secret, a revoked or expired key, or a caller
     address outside the key's allow-list.
+    """
+    GetFrozenAccounts: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetFrozenAccountsRequest, _auth_pb2.GetFrozenAccountsResponse]
+    """Internal: every account that is not ACTIVE (SUSPENDED or CLOSED), as of
+    auth's account-state change sequence. Each service's authenticator loads
+    it at start and again every few seconds, or at once when the
+    AccountStateChange events it follows skip a sequence number (a missed
+    push), so that its copy never stays behind auth for long.
     """
     GetFees: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetFeesRequest, _auth_pb2.GetFeesResponse]
     """The fees that apply to the caller: its fee tier's maker and taker rates
@@ -86,8 +100,15 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """
     SetAccountState: _aio.UnaryUnaryMultiCallable[_auth_pb2.SetAccountStateRequest, _auth_pb2.SetAccountStateResponse]  # type: ignore[assignment]
     """Suspends (freezes), reactivates or closes an account. Admin or service
-    only. A suspended account's new tokens carry only the read scope; tokens
-    issued before live until they expire (minutes). CLOSED is final.
+    only. A suspended account's new tokens carry only the read scope, and the
+    tokens issued before are refused at their next call that needs more than
+    read (PERMISSION_DENIED AUTH_ACCOUNT_SUSPENDED, or AUTH_ACCOUNT_CLOSED):
+    every service learns of the change within a second (AccountStateChange on
+    NATS subject `auth.events.account_state`), and at the latest at its next
+    GetFrozenAccounts reload. Reads stay allowed. A suspended or closed
+    account's withdrawals that were not broadcast yet stop and their holds are
+    released (FUNDING_ACCOUNT_SUSPENDED / FUNDING_ACCOUNT_CLOSED). CLOSED is
+    final.
     """
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListApiKeysRequest, _auth_pb2.ListApiKeysResponse]  # type: ignore[assignment]
     """Lists an account's API keys (never their secrets), newest first."""
@@ -99,6 +120,13 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """Exchanges an API key id and secret for a short-lived access token.
     UNAUTHENTICATED on a wrong secret, a revoked or expired key, or a caller
     address outside the key's allow-list.
+    """
+    GetFrozenAccounts: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetFrozenAccountsRequest, _auth_pb2.GetFrozenAccountsResponse]  # type: ignore[assignment]
+    """Internal: every account that is not ACTIVE (SUSPENDED or CLOSED), as of
+    auth's account-state change sequence. Each service's authenticator loads
+    it at start and again every few seconds, or at once when the
+    AccountStateChange events it follows skip a sequence number (a missed
+    push), so that its copy never stays behind auth for long.
     """
     GetFees: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetFeesRequest, _auth_pb2.GetFeesResponse]  # type: ignore[assignment]
     """The fees that apply to the caller: its fee tier's maker and taker rates
@@ -144,8 +172,15 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.SetAccountStateResponse, _abc.Awaitable[_auth_pb2.SetAccountStateResponse]]:
         """Suspends (freezes), reactivates or closes an account. Admin or service
-        only. A suspended account's new tokens carry only the read scope; tokens
-        issued before live until they expire (minutes). CLOSED is final.
+        only. A suspended account's new tokens carry only the read scope, and the
+        tokens issued before are refused at their next call that needs more than
+        read (PERMISSION_DENIED AUTH_ACCOUNT_SUSPENDED, or AUTH_ACCOUNT_CLOSED):
+        every service learns of the change within a second (AccountStateChange on
+        NATS subject `auth.events.account_state`), and at the latest at its next
+        GetFrozenAccounts reload. Reads stay allowed. A suspended or closed
+        account's withdrawals that were not broadcast yet stop and their holds are
+        released (FUNDING_ACCOUNT_SUSPENDED / FUNDING_ACCOUNT_CLOSED). CLOSED is
+        final.
         """
 
     @_abc_1.abstractmethod
@@ -175,6 +210,19 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         """Exchanges an API key id and secret for a short-lived access token.
         UNAUTHENTICATED on a wrong secret, a revoked or expired key, or a caller
         address outside the key's allow-list.
+        """
+
+    @_abc_1.abstractmethod
+    def GetFrozenAccounts(
+        self,
+        request: _auth_pb2.GetFrozenAccountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.GetFrozenAccountsResponse, _abc.Awaitable[_auth_pb2.GetFrozenAccountsResponse]]:
+        """Internal: every account that is not ACTIVE (SUSPENDED or CLOSED), as of
+        auth's account-state change sequence. Each service's authenticator loads
+        it at start and again every few seconds, or at once when the
+        AccountStateChange events it follows skip a sequence number (a missed
+        push), so that its copy never stays behind auth for long.
         """
 
     @_abc_1.abstractmethod

@@ -19,7 +19,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cex/auth/v1/auth.proto.
  */
 export const file_cex_auth_v1_auth: GenFile = /*@__PURE__*/
-  fileDesc("ChZjZXgvYXV0aC92MS9hdXRoLnByb3RvEgtjZXguYXV0aC52MSKIAgoHQWNjb3VudBISCgphY2NvdW50X2lkGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRINCgVlbWFpbBgDIAEoCRImCgR0eXBlGAQgASgOMhguY2V4LmF1dGgudjEuQWNjb3VudFR5cGUSKAoFc3RhdGUYBSABKA4yGS5jZXguYXV0aC52MS5BY2NvdW50U3RhdGUSEAoIZmVlX3RpZXIYBiABKAkSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKHAwoGQXBpS2V5EhIKCmFwaV9rZXlfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVsYWJlbBgDIAEoCRIoCgZzY29wZXMYBCADKA4yGC5jZXguYXV0aC52MS5BcGlLZXlTY29wZRIVCg1hbGxvd2VkX2NpZHJzGAUgAygJEicKBXN0YXRlGAYgASgOMhguY2V4LmF1dGgudjEuQXBpS2V5U3RhdGUSFQoNc2VjcmV0X3ByZWZpeBgHIAEoCRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZXhwaXJlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3VzZWRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAidwoUQ3JlYXRlQWNjb3VudFJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIUCgxkaXNwbGF5X25hbWUYAiABKAkSDQoFZW1haWwYAyABKAkSJgoEdHlwZRgEIAEoDjIYLmNleC5hdXRoLnYxLkFjY291bnRUeXBlIj4KFUNyZWF0ZUFjY291bnRSZXNwb25zZRIlCgdhY2NvdW50GAEgASgLMhQuY2V4LmF1dGgudjEuQWNjb3VudCInChFHZXRBY2NvdW50UmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJIjsKEkdldEFjY291bnRSZXNwb25zZRIlCgdhY2NvdW50GAEgASgLMhQuY2V4LmF1dGgudjEuQWNjb3VudCJ6ChZTZXRBY2NvdW50U3RhdGVSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRIoCgVzdGF0ZRgDIAEoDjIZLmNleC5hdXRoLnYxLkFjY291bnRTdGF0ZRIOCgZyZWFzb24YBCABKAkiQAoXU2V0QWNjb3VudFN0YXRlUmVzcG9uc2USJQoHYWNjb3VudBgBIAEoCzIULmNleC5hdXRoLnYxLkFjY291bnQivgEKE0NyZWF0ZUFwaUtleVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRISCgphY2NvdW50X2lkGAIgASgJEg0KBWxhYmVsGAMgASgJEigKBnNjb3BlcxgEIAMoDjIYLmNleC5hdXRoLnYxLkFwaUtleVNjb3BlEhUKDWFsbG93ZWRfY2lkcnMYBSADKAkSLwoLZXhwaXJlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkwKFENyZWF0ZUFwaUtleVJlc3BvbnNlEiQKB2FwaV9rZXkYASABKAsyEy5jZXguYXV0aC52MS5BcGlLZXkSDgoGc2VjcmV0GAIgASgJIngKEkxpc3RBcGlLZXlzUmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJEicKBXN0YXRlGAIgASgOMhguY2V4LmF1dGgudjEuQXBpS2V5U3RhdGUSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkiVQoTTGlzdEFwaUtleXNSZXNwb25zZRIlCghhcGlfa2V5cxgBIAMoCzITLmNleC5hdXRoLnYxLkFwaUtleRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiTQoTUmV2b2tlQXBpS2V5UmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhIKCmFwaV9rZXlfaWQYAiABKAkSDgoGcmVhc29uGAMgASgJIjwKFFJldm9rZUFwaUtleVJlc3BvbnNlEiQKB2FwaV9rZXkYASABKAsyEy5jZXguYXV0aC52MS5BcGlLZXkikQEKEUlzc3VlVG9rZW5SZXF1ZXN0EhIKCmFwaV9rZXlfaWQYASABKAkSFgoOYXBpX2tleV9zZWNyZXQYAiABKAkSKAoGc2NvcGVzGAMgAygOMhguY2V4LmF1dGgudjEuQXBpS2V5U2NvcGUSJgoDdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIq0BChJJc3N1ZVRva2VuUmVzcG9uc2USFAoMYWNjZXNzX3Rva2VuGAEgASgJEhIKCnRva2VuX3R5cGUYAiABKAkSLwoLZXhwaXJlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEigKBnNjb3BlcxgEIAMoDjIYLmNleC5hdXRoLnYxLkFwaUtleVNjb3BlEhIKCmFjY291bnRfaWQYBSABKAkiEAoOR2V0RmVlc1JlcXVlc3QipQEKD0dldEZlZXNSZXNwb25zZRIQCghmZWVfdGllchgBIAEoCRIWCg5tYWtlcl9mZWVfcmF0ZRgCIAEoCRIWCg50YWtlcl9mZWVfcmF0ZRgDIAEoCRIoCgdtYXJrZXRzGAQgAygLMhcuY2V4LmF1dGgudjEuTWFya2V0RmVlcxImCgZhc3NldHMYBSADKAsyFi5jZXguYXV0aC52MS5Bc3NldEZlZXMiewoKTWFya2V0RmVlcxIOCgZtYXJrZXQYASABKAkSFgoObWFrZXJfZmVlX3JhdGUYAiABKAkSFgoOdGFrZXJfZmVlX3JhdGUYAyABKAkSFQoNYnV5X2ZlZV9hc3NldBgEIAEoCRIWCg5zZWxsX2ZlZV9hc3NldBgFIAEoCSJbCglBc3NldEZlZXMSDQoFYXNzZXQYASABKAkSDwoHbmV0d29yaxgCIAEoCRIWCg53aXRoZHJhd2FsX2ZlZRgDIAEoCRIWCg5taW5fd2l0aGRyYXdhbBgEIAEoCSp+CgxBY2NvdW50U3RhdGUSHQoZQUNDT1VOVF9TVEFURV9VTlNQRUNJRklFRBAAEhgKFEFDQ09VTlRfU1RBVEVfQUNUSVZFEAESGwoXQUNDT1VOVF9TVEFURV9TVVNQRU5ERUQQAhIYChRBQ0NPVU5UX1NUQVRFX0NMT1NFRBADKocBCgtBY2NvdW50VHlwZRIcChhBQ0NPVU5UX1RZUEVfVU5TUEVDSUZJRUQQABIbChdBQ0NPVU5UX1RZUEVfSU5ESVZJRFVBTBABEh0KGUFDQ09VTlRfVFlQRV9NQVJLRVRfTUFLRVIQAhIeChpBQ0NPVU5UX1RZUEVfSU5TVElUVVRJT05BTBADKpIBCgtBcGlLZXlTY29wZRIdChlBUElfS0VZX1NDT1BFX1VOU1BFQ0lGSUVEEAASFgoSQVBJX0tFWV9TQ09QRV9SRUFEEAESFwoTQVBJX0tFWV9TQ09QRV9UUkFERRACEhoKFkFQSV9LRVlfU0NPUEVfV0lUSERSQVcQAxIXChNBUElfS0VZX1NDT1BFX0FETUlOEAQqfAoLQXBpS2V5U3RhdGUSHQoZQVBJX0tFWV9TVEFURV9VTlNQRUNJRklFRBAAEhgKFEFQSV9LRVlfU1RBVEVfQUNUSVZFEAESGQoVQVBJX0tFWV9TVEFURV9SRVZPS0VEEAISGQoVQVBJX0tFWV9TVEFURV9FWFBJUkVEEAMykQcKC0F1dGhTZXJ2aWNlEm8KDUNyZWF0ZUFjY291bnQSIS5jZXguYXV0aC52MS5DcmVhdGVBY2NvdW50UmVxdWVzdBoiLmNleC5hdXRoLnYxLkNyZWF0ZUFjY291bnRSZXNwb25zZSIXgtPkkwIROgEqIgwvdjEvYWNjb3VudHMScAoKR2V0QWNjb3VudBIeLmNleC5hdXRoLnYxLkdldEFjY291bnRSZXF1ZXN0Gh8uY2V4LmF1dGgudjEuR2V0QWNjb3VudFJlc3BvbnNlIiGC0+STAhsSGS92MS9hY2NvdW50cy97YWNjb3VudF9pZH0SawoMQ3JlYXRlQXBpS2V5EiAuY2V4LmF1dGgudjEuQ3JlYXRlQXBpS2V5UmVxdWVzdBohLmNleC5hdXRoLnYxLkNyZWF0ZUFwaUtleVJlc3BvbnNlIhaC0+STAhA6ASoiCy92MS9hcGlLZXlzEosBCg9TZXRBY2NvdW50U3RhdGUSIy5jZXguYXV0aC52MS5TZXRBY2NvdW50U3RhdGVSZXF1ZXN0GiQuY2V4LmF1dGgudjEuU2V0QWNjb3VudFN0YXRlUmVzcG9uc2UiLYLT5JMCJzoBKiIiL3YxL2FjY291bnRzL3thY2NvdW50X2lkfTpzZXRTdGF0ZRJlCgtMaXN0QXBpS2V5cxIfLmNleC5hdXRoLnYxLkxpc3RBcGlLZXlzUmVxdWVzdBogLmNleC5hdXRoLnYxLkxpc3RBcGlLZXlzUmVzcG9uc2UiE4LT5JMCDRILL3YxL2FwaUtleXMSfwoMUmV2b2tlQXBpS2V5EiAuY2V4LmF1dGgudjEuUmV2b2tlQXBpS2V5UmVxdWVzdBohLmNleC5hdXRoLnYxLlJldm9rZUFwaUtleVJlc3BvbnNlIiqC0+STAiQ6ASoiHy92MS9hcGlLZXlzL3thcGlfa2V5X2lkfTpyZXZva2USZAoKSXNzdWVUb2tlbhIeLmNleC5hdXRoLnYxLklzc3VlVG9rZW5SZXF1ZXN0Gh8uY2V4LmF1dGgudjEuSXNzdWVUb2tlblJlc3BvbnNlIhWC0+STAg86ASoiCi92MS90b2tlbnMSVgoHR2V0RmVlcxIbLmNleC5hdXRoLnYxLkdldEZlZXNSZXF1ZXN0GhwuY2V4LmF1dGgudjEuR2V0RmVlc1Jlc3BvbnNlIhCC0+STAgoSCC92MS9mZWVzYgZwcm90bzM", [file_google_api_annotations, file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChZjZXgvYXV0aC92MS9hdXRoLnByb3RvEgtjZXguYXV0aC52MSKIAgoHQWNjb3VudBISCgphY2NvdW50X2lkGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRINCgVlbWFpbBgDIAEoCRImCgR0eXBlGAQgASgOMhguY2V4LmF1dGgudjEuQWNjb3VudFR5cGUSKAoFc3RhdGUYBSABKA4yGS5jZXguYXV0aC52MS5BY2NvdW50U3RhdGUSEAoIZmVlX3RpZXIYBiABKAkSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKHAwoGQXBpS2V5EhIKCmFwaV9rZXlfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVsYWJlbBgDIAEoCRIoCgZzY29wZXMYBCADKA4yGC5jZXguYXV0aC52MS5BcGlLZXlTY29wZRIVCg1hbGxvd2VkX2NpZHJzGAUgAygJEicKBXN0YXRlGAYgASgOMhguY2V4LmF1dGgudjEuQXBpS2V5U3RhdGUSFQoNc2VjcmV0X3ByZWZpeBgHIAEoCRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZXhwaXJlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3VzZWRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAidwoUQ3JlYXRlQWNjb3VudFJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIUCgxkaXNwbGF5X25hbWUYAiABKAkSDQoFZW1haWwYAyABKAkSJgoEdHlwZRgEIAEoDjIYLmNleC5hdXRoLnYxLkFjY291bnRUeXBlIj4KFUNyZWF0ZUFjY291bnRSZXNwb25zZRIlCgdhY2NvdW50GAEgASgLMhQuY2V4LmF1dGgudjEuQWNjb3VudCInChFHZXRBY2NvdW50UmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJIjsKEkdldEFjY291bnRSZXNwb25zZRIlCgdhY2NvdW50GAEgASgLMhQuY2V4LmF1dGgudjEuQWNjb3VudCJ6ChZTZXRBY2NvdW50U3RhdGVSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRIoCgVzdGF0ZRgDIAEoDjIZLmNleC5hdXRoLnYxLkFjY291bnRTdGF0ZRIOCgZyZWFzb24YBCABKAkiQAoXU2V0QWNjb3VudFN0YXRlUmVzcG9uc2USJQoHYWNjb3VudBgBIAEoCzIULmNleC5hdXRoLnYxLkFjY291bnQipwEKEkFjY291bnRTdGF0ZUNoYW5nZRISCgpjaGFuZ2Vfc2VxGAEgASgDEhIKCmFjY291bnRfaWQYAiABKAkSKAoFc3RhdGUYAyABKA4yGS5jZXguYXV0aC52MS5BY2NvdW50U3RhdGUSDgoGcmVhc29uGAQgASgJEi8KC2NoYW5nZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIaChhHZXRGcm96ZW5BY2NvdW50c1JlcXVlc3QiYgoZR2V0RnJvemVuQWNjb3VudHNSZXNwb25zZRISCgpjaGFuZ2Vfc2VxGAEgASgDEjEKCGFjY291bnRzGAIgAygLMh8uY2V4LmF1dGgudjEuQWNjb3VudFN0YXRlQ2hhbmdlIr4BChNDcmVhdGVBcGlLZXlSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVsYWJlbBgDIAEoCRIoCgZzY29wZXMYBCADKA4yGC5jZXguYXV0aC52MS5BcGlLZXlTY29wZRIVCg1hbGxvd2VkX2NpZHJzGAUgAygJEi8KC2V4cGlyZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJMChRDcmVhdGVBcGlLZXlSZXNwb25zZRIkCgdhcGlfa2V5GAEgASgLMhMuY2V4LmF1dGgudjEuQXBpS2V5Eg4KBnNlY3JldBgCIAEoCSJ4ChJMaXN0QXBpS2V5c1JlcXVlc3QSEgoKYWNjb3VudF9pZBgBIAEoCRInCgVzdGF0ZRgCIAEoDjIYLmNleC5hdXRoLnYxLkFwaUtleVN0YXRlEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJIlUKE0xpc3RBcGlLZXlzUmVzcG9uc2USJQoIYXBpX2tleXMYASADKAsyEy5jZXguYXV0aC52MS5BcGlLZXkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIk0KE1Jldm9rZUFwaUtleVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRISCgphcGlfa2V5X2lkGAIgASgJEg4KBnJlYXNvbhgDIAEoCSI8ChRSZXZva2VBcGlLZXlSZXNwb25zZRIkCgdhcGlfa2V5GAEgASgLMhMuY2V4LmF1dGgudjEuQXBpS2V5IpEBChFJc3N1ZVRva2VuUmVxdWVzdBISCgphcGlfa2V5X2lkGAEgASgJEhYKDmFwaV9rZXlfc2VjcmV0GAIgASgJEigKBnNjb3BlcxgDIAMoDjIYLmNleC5hdXRoLnYxLkFwaUtleVNjb3BlEiYKA3R0bBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKtAQoSSXNzdWVUb2tlblJlc3BvbnNlEhQKDGFjY2Vzc190b2tlbhgBIAEoCRISCgp0b2tlbl90eXBlGAIgASgJEi8KC2V4cGlyZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIoCgZzY29wZXMYBCADKA4yGC5jZXguYXV0aC52MS5BcGlLZXlTY29wZRISCgphY2NvdW50X2lkGAUgASgJIhAKDkdldEZlZXNSZXF1ZXN0IqUBCg9HZXRGZWVzUmVzcG9uc2USEAoIZmVlX3RpZXIYASABKAkSFgoObWFrZXJfZmVlX3JhdGUYAiABKAkSFgoOdGFrZXJfZmVlX3JhdGUYAyABKAkSKAoHbWFya2V0cxgEIAMoCzIXLmNleC5hdXRoLnYxLk1hcmtldEZlZXMSJgoGYXNzZXRzGAUgAygLMhYuY2V4LmF1dGgudjEuQXNzZXRGZWVzInsKCk1hcmtldEZlZXMSDgoGbWFya2V0GAEgASgJEhYKDm1ha2VyX2ZlZV9yYXRlGAIgASgJEhYKDnRha2VyX2ZlZV9yYXRlGAMgASgJEhUKDWJ1eV9mZWVfYXNzZXQYBCABKAkSFgoOc2VsbF9mZWVfYXNzZXQYBSABKAkiWwoJQXNzZXRGZWVzEg0KBWFzc2V0GAEgASgJEg8KB25ldHdvcmsYAiABKAkSFgoOd2l0aGRyYXdhbF9mZWUYAyABKAkSFgoObWluX3dpdGhkcmF3YWwYBCABKAkqfgoMQWNjb3VudFN0YXRlEh0KGUFDQ09VTlRfU1RBVEVfVU5TUEVDSUZJRUQQABIYChRBQ0NPVU5UX1NUQVRFX0FDVElWRRABEhsKF0FDQ09VTlRfU1RBVEVfU1VTUEVOREVEEAISGAoUQUNDT1VOVF9TVEFURV9DTE9TRUQQAyqHAQoLQWNjb3VudFR5cGUSHAoYQUNDT1VOVF9UWVBFX1VOU1BFQ0lGSUVEEAASGwoXQUNDT1VOVF9UWVBFX0lORElWSURVQUwQARIdChlBQ0NPVU5UX1RZUEVfTUFSS0VUX01BS0VSEAISHgoaQUNDT1VOVF9UWVBFX0lOU1RJVFVUSU9OQUwQAyqSAQoLQXBpS2V5U2NvcGUSHQoZQVBJX0tFWV9TQ09QRV9VTlNQRUNJRklFRBAAEhYKEkFQSV9LRVlfU0NPUEVfUkVBRBABEhcKE0FQSV9LRVlfU0NPUEVfVFJBREUQAhIaChZBUElfS0VZX1NDT1BFX1dJVEhEUkFXEAMSFwoTQVBJX0tFWV9TQ09QRV9BRE1JThAEKnwKC0FwaUtleVN0YXRlEh0KGUFQSV9LRVlfU1RBVEVfVU5TUEVDSUZJRUQQABIYChRBUElfS0VZX1NUQVRFX0FDVElWRRABEhkKFUFQSV9LRVlfU1RBVEVfUkVWT0tFRBACEhkKFUFQSV9LRVlfU1RBVEVfRVhQSVJFRBADMvUHCgtBdXRoU2VydmljZRJvCg1DcmVhdGVBY2NvdW50EiEuY2V4LmF1dGgudjEuQ3JlYXRlQWNjb3VudFJlcXVlc3QaIi5jZXguYXV0aC52MS5DcmVhdGVBY2NvdW50UmVzcG9uc2UiF4LT5JMCEToBKiIML3YxL2FjY291bnRzEnAKCkdldEFjY291bnQSHi5jZXguYXV0aC52MS5HZXRBY2NvdW50UmVxdWVzdBofLmNleC5hdXRoLnYxLkdldEFjY291bnRSZXNwb25zZSIhgtPkkwIbEhkvdjEvYWNjb3VudHMve2FjY291bnRfaWR9EmsKDENyZWF0ZUFwaUtleRIgLmNleC5hdXRoLnYxLkNyZWF0ZUFwaUtleVJlcXVlc3QaIS5jZXguYXV0aC52MS5DcmVhdGVBcGlLZXlSZXNwb25zZSIWgtPkkwIQOgEqIgsvdjEvYXBpS2V5cxKLAQoPU2V0QWNjb3VudFN0YXRlEiMuY2V4LmF1dGgudjEuU2V0QWNjb3VudFN0YXRlUmVxdWVzdBokLmNleC5hdXRoLnYxLlNldEFjY291bnRTdGF0ZVJlc3BvbnNlIi2C0+STAic6ASoiIi92MS9hY2NvdW50cy97YWNjb3VudF9pZH06c2V0U3RhdGUSZQoLTGlzdEFwaUtleXMSHy5jZXguYXV0aC52MS5MaXN0QXBpS2V5c1JlcXVlc3QaIC5jZXguYXV0aC52MS5MaXN0QXBpS2V5c1Jlc3BvbnNlIhOC0+STAg0SCy92MS9hcGlLZXlzEn8KDFJldm9rZUFwaUtleRIgLmNleC5hdXRoLnYxLlJldm9rZUFwaUtleVJlcXVlc3QaIS5jZXguYXV0aC52MS5SZXZva2VBcGlLZXlSZXNwb25zZSIqgtPkkwIkOgEqIh8vdjEvYXBpS2V5cy97YXBpX2tleV9pZH06cmV2b2tlEmQKCklzc3VlVG9rZW4SHi5jZXguYXV0aC52MS5Jc3N1ZVRva2VuUmVxdWVzdBofLmNleC5hdXRoLnYxLklzc3VlVG9rZW5SZXNwb25zZSIVgtPkkwIPOgEqIgovdjEvdG9rZW5zEmIKEUdldEZyb3plbkFjY291bnRzEiUuY2V4LmF1dGgudjEuR2V0RnJvemVuQWNjb3VudHNSZXF1ZXN0GiYuY2V4LmF1dGgudjEuR2V0RnJvemVuQWNjb3VudHNSZXNwb25zZRJWCgdHZXRGZWVzEhsuY2V4LmF1dGgudjEuR2V0RmVlc1JlcXVlc3QaHC5jZXguYXV0aC52MS5HZXRGZWVzUmVzcG9uc2UiEILT5JMCChIIL3YxL2ZlZXNiBnByb3RvMw", [file_google_api_annotations, file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * A trading account: the owner of balances, orders and API keys.
@@ -358,6 +358,102 @@ export const SetAccountStateResponseSchema: GenMessage<SetAccountStateResponse> 
   messageDesc(file_cex_auth_v1_auth, 7);
 
 /**
+ * One change of an account's state, as auth committed it. Published on NATS
+ * subject `auth.events.account_state` (stream AUTH_EVENTS, Nats-Msg-Id
+ * `auth-as-<change_seq>`) after the commit, at least once and in change_seq
+ * order; also the entries of GetFrozenAccountsResponse.
+ *
+ * @generated from message cex.auth.v1.AccountStateChange
+ */
+export type AccountStateChange = Message<"cex.auth.v1.AccountStateChange"> & {
+  /**
+   * auth's account-state change sequence: one more for every change, with no
+   * gaps, in commit order. A follower that sees a number skipped reloads.
+   *
+   * @generated from field: int64 change_seq = 1;
+   */
+  changeSeq: bigint;
+
+  /**
+   * The account that changed.
+   *
+   * @generated from field: string account_id = 2;
+   */
+  accountId: string;
+
+  /**
+   * Its state from this change on.
+   *
+   * @generated from field: cex.auth.v1.AccountState state = 3;
+   */
+  state: AccountState;
+
+  /**
+   * The operator's reason (SetAccountStateRequest.reason).
+   *
+   * @generated from field: string reason = 4;
+   */
+  reason: string;
+
+  /**
+   * When the change was committed.
+   *
+   * @generated from field: google.protobuf.Timestamp change_time = 5;
+   */
+  changeTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message cex.auth.v1.AccountStateChange.
+ * Use `create(AccountStateChangeSchema)` to create a new message.
+ */
+export const AccountStateChangeSchema: GenMessage<AccountStateChange> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 8);
+
+/**
+ * Request for AuthService.GetFrozenAccounts. It takes no parameters.
+ *
+ * @generated from message cex.auth.v1.GetFrozenAccountsRequest
+ */
+export type GetFrozenAccountsRequest = Message<"cex.auth.v1.GetFrozenAccountsRequest"> & {
+};
+
+/**
+ * Describes the message cex.auth.v1.GetFrozenAccountsRequest.
+ * Use `create(GetFrozenAccountsRequestSchema)` to create a new message.
+ */
+export const GetFrozenAccountsRequestSchema: GenMessage<GetFrozenAccountsRequest> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 9);
+
+/**
+ * Response for AuthService.GetFrozenAccounts.
+ *
+ * @generated from message cex.auth.v1.GetFrozenAccountsResponse
+ */
+export type GetFrozenAccountsResponse = Message<"cex.auth.v1.GetFrozenAccountsResponse"> & {
+  /**
+   * The change sequence this answer is complete up to (0: nothing changed yet).
+   *
+   * @generated from field: int64 change_seq = 1;
+   */
+  changeSeq: bigint;
+
+  /**
+   * Every SUSPENDED or CLOSED account, each with its latest change.
+   *
+   * @generated from field: repeated cex.auth.v1.AccountStateChange accounts = 2;
+   */
+  accounts: AccountStateChange[];
+};
+
+/**
+ * Describes the message cex.auth.v1.GetFrozenAccountsResponse.
+ * Use `create(GetFrozenAccountsResponseSchema)` to create a new message.
+ */
+export const GetFrozenAccountsResponseSchema: GenMessage<GetFrozenAccountsResponse> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 10);
+
+/**
  * Request for AuthService.CreateApiKey.
  *
  * @generated from message cex.auth.v1.CreateApiKeyRequest
@@ -415,7 +511,7 @@ export type CreateApiKeyRequest = Message<"cex.auth.v1.CreateApiKeyRequest"> & {
  * Use `create(CreateApiKeyRequestSchema)` to create a new message.
  */
 export const CreateApiKeyRequestSchema: GenMessage<CreateApiKeyRequest> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 8);
+  messageDesc(file_cex_auth_v1_auth, 11);
 
 /**
  * Response for AuthService.CreateApiKey.
@@ -444,7 +540,7 @@ export type CreateApiKeyResponse = Message<"cex.auth.v1.CreateApiKeyResponse"> &
  * Use `create(CreateApiKeyResponseSchema)` to create a new message.
  */
 export const CreateApiKeyResponseSchema: GenMessage<CreateApiKeyResponse> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 9);
+  messageDesc(file_cex_auth_v1_auth, 12);
 
 /**
  * Request for AuthService.ListApiKeys.
@@ -487,7 +583,7 @@ export type ListApiKeysRequest = Message<"cex.auth.v1.ListApiKeysRequest"> & {
  * Use `create(ListApiKeysRequestSchema)` to create a new message.
  */
 export const ListApiKeysRequestSchema: GenMessage<ListApiKeysRequest> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 10);
+  messageDesc(file_cex_auth_v1_auth, 13);
 
 /**
  * Response for AuthService.ListApiKeys.
@@ -515,7 +611,7 @@ export type ListApiKeysResponse = Message<"cex.auth.v1.ListApiKeysResponse"> & {
  * Use `create(ListApiKeysResponseSchema)` to create a new message.
  */
 export const ListApiKeysResponseSchema: GenMessage<ListApiKeysResponse> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 11);
+  messageDesc(file_cex_auth_v1_auth, 14);
 
 /**
  * Request for AuthService.RevokeApiKey.
@@ -552,7 +648,7 @@ export type RevokeApiKeyRequest = Message<"cex.auth.v1.RevokeApiKeyRequest"> & {
  * Use `create(RevokeApiKeyRequestSchema)` to create a new message.
  */
 export const RevokeApiKeyRequestSchema: GenMessage<RevokeApiKeyRequest> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 12);
+  messageDesc(file_cex_auth_v1_auth, 15);
 
 /**
  * Response for AuthService.RevokeApiKey.
@@ -573,7 +669,7 @@ export type RevokeApiKeyResponse = Message<"cex.auth.v1.RevokeApiKeyResponse"> &
  * Use `create(RevokeApiKeyResponseSchema)` to create a new message.
  */
 export const RevokeApiKeyResponseSchema: GenMessage<RevokeApiKeyResponse> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 13);
+  messageDesc(file_cex_auth_v1_auth, 16);
 
 /**
  * Request for AuthService.IssueToken.
@@ -617,7 +713,7 @@ export type IssueTokenRequest = Message<"cex.auth.v1.IssueTokenRequest"> & {
  * Use `create(IssueTokenRequestSchema)` to create a new message.
  */
 export const IssueTokenRequestSchema: GenMessage<IssueTokenRequest> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 14);
+  messageDesc(file_cex_auth_v1_auth, 17);
 
 /**
  * Response for AuthService.IssueToken.
@@ -666,7 +762,7 @@ export type IssueTokenResponse = Message<"cex.auth.v1.IssueTokenResponse"> & {
  * Use `create(IssueTokenResponseSchema)` to create a new message.
  */
 export const IssueTokenResponseSchema: GenMessage<IssueTokenResponse> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 15);
+  messageDesc(file_cex_auth_v1_auth, 18);
 
 /**
  * Request for AuthService.GetFees.
@@ -681,7 +777,7 @@ export type GetFeesRequest = Message<"cex.auth.v1.GetFeesRequest"> & {
  * Use `create(GetFeesRequestSchema)` to create a new message.
  */
 export const GetFeesRequestSchema: GenMessage<GetFeesRequest> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 16);
+  messageDesc(file_cex_auth_v1_auth, 19);
 
 /**
  * Response for AuthService.GetFees.
@@ -731,7 +827,7 @@ export type GetFeesResponse = Message<"cex.auth.v1.GetFeesResponse"> & {
  * Use `create(GetFeesResponseSchema)` to create a new message.
  */
 export const GetFeesResponseSchema: GenMessage<GetFeesResponse> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 17);
+  messageDesc(file_cex_auth_v1_auth, 20);
 
 /**
  * The trading fees of one market for the caller.
@@ -780,7 +876,7 @@ export type MarketFees = Message<"cex.auth.v1.MarketFees"> & {
  * Use `create(MarketFeesSchema)` to create a new message.
  */
 export const MarketFeesSchema: GenMessage<MarketFees> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 18);
+  messageDesc(file_cex_auth_v1_auth, 21);
 
 /**
  * How one asset is withdrawn.
@@ -822,7 +918,7 @@ export type AssetFees = Message<"cex.auth.v1.AssetFees"> & {
  * Use `create(AssetFeesSchema)` to create a new message.
  */
 export const AssetFeesSchema: GenMessage<AssetFees> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 19);
+  messageDesc(file_cex_auth_v1_auth, 22);
 
 /**
  * Lifecycle state of an account.
@@ -846,13 +942,16 @@ export enum AccountState {
 
   /**
    * Temporarily blocked from order entry and withdrawals; can still read.
+   * Every call that needs more than the read scope is refused
+   * (AUTH_ACCOUNT_SUSPENDED), whatever the age of the caller's token.
    *
    * @generated from enum value: ACCOUNT_STATE_SUSPENDED = 2;
    */
   SUSPENDED = 2,
 
   /**
-   * Permanently closed.
+   * Permanently closed. Refused like a suspended account (AUTH_ACCOUNT_CLOSED):
+   * reads only, so its owner can still see and reconcile what it held.
    *
    * @generated from enum value: ACCOUNT_STATE_CLOSED = 3;
    */
@@ -1035,8 +1134,15 @@ export const AuthService: GenService<{
   },
   /**
    * Suspends (freezes), reactivates or closes an account. Admin or service
-   * only. A suspended account's new tokens carry only the read scope; tokens
-   * issued before live until they expire (minutes). CLOSED is final.
+   * only. A suspended account's new tokens carry only the read scope, and the
+   * tokens issued before are refused at their next call that needs more than
+   * read (PERMISSION_DENIED AUTH_ACCOUNT_SUSPENDED, or AUTH_ACCOUNT_CLOSED):
+   * every service learns of the change within a second (AccountStateChange on
+   * NATS subject `auth.events.account_state`), and at the latest at its next
+   * GetFrozenAccounts reload. Reads stay allowed. A suspended or closed
+   * account's withdrawals that were not broadcast yet stop and their holds are
+   * released (FUNDING_ACCOUNT_SUSPENDED / FUNDING_ACCOUNT_CLOSED). CLOSED is
+   * final.
    *
    * @generated from rpc cex.auth.v1.AuthService.SetAccountState
    */
@@ -1077,6 +1183,20 @@ export const AuthService: GenService<{
     methodKind: "unary";
     input: typeof IssueTokenRequestSchema;
     output: typeof IssueTokenResponseSchema;
+  },
+  /**
+   * Internal: every account that is not ACTIVE (SUSPENDED or CLOSED), as of
+   * auth's account-state change sequence. Each service's authenticator loads
+   * it at start and again every few seconds, or at once when the
+   * AccountStateChange events it follows skip a sequence number (a missed
+   * push), so that its copy never stays behind auth for long.
+   *
+   * @generated from rpc cex.auth.v1.AuthService.GetFrozenAccounts
+   */
+  getFrozenAccounts: {
+    methodKind: "unary";
+    input: typeof GetFrozenAccountsRequestSchema;
+    output: typeof GetFrozenAccountsResponseSchema;
   },
   /**
    * The fees that apply to the caller: its fee tier's maker and taker rates
