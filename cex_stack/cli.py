@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     create.add_argument("--request-id", help="idempotency id (default: a new UUID)")
     for action, text in (
-        ("freeze", "suspend: new tokens are read-only (issued ones live to expiry)"),
+        ("freeze", "suspend: reads only, for issued tokens too (pushed to every service)"),
         ("unfreeze", "make a suspended account active again"),
         ("close", "close for good"),
     ):
