@@ -175,7 +175,8 @@ class Funds:
         created = {t.id for t in self.book.new_transfers[marks[0] :]}
         effects = match_pb2.FundsEffects(expired=self.book.expired[marks[1] :])
         for transfer in asked:
-            if transfer.id in created:
+            if transfer.id in created:  # once: a repeat of an id in one command changed nothing
+                created.discard(transfer.id)
                 effects.created.append(transfer)
                 effects.created[-1].linked = False
         return effects
