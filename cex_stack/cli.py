@@ -219,6 +219,44 @@ async def _audit(state_dir: Path, args: argparse.Namespace) -> int:
     return 0 if reply.balanced else 1
 
 
+_MARKET_STATUSES = ("trading", "post-only", "cancel-only", "halted", "delisted")
+
+
+async def _market_status(state_dir: Path, args: argparse.Namespace) -> int:
+    """SetMarketStatus as the operator (ADR 0015); prints the change."""
+    import uuid
+
+    from cex.match.v1 import match_pb2 as M
+    from cex.type.v1 import types_pb2 as T
+    from cex_sdk import CexError
+
+    status = T.MarketStatus.Value("MARKET_STATUS_" + args.status.upper().replace("-", "_"))
+    async with _client(_running_stack(state_dir), operator=True) as client:
+        try:
+            reply = await client.call(
+                "/cex.match.v1.MatchService/SetMarketStatus",
+                M.SetMarketStatusRequest(
+                    market=args.market,
+                    status=status,
+                    reason=args.reason,
+                    request_id=args.request_id or str(uuid.uuid4()),
+                ),
+                M.SetMarketStatusResponse,
+                timeout_s=30,
+            )
+        except CexError as error:
+            raise _failed(error) from None
+    c = reply.change
+    name = T.MarketStatus.Name
+    line = (
+        f"{args.market} {name(c.previous_status)[14:]} -> {name(c.status)[14:]} at seq {reply.seq}"
+    )
+    if reply.cancelled_orders:
+        line += f"; {reply.cancelled_orders} open orders cancelled, their funds released"
+    print(line)
+    return 0
+
+
 async def _review(state_dir: Path, args: argparse.Namespace) -> int:
     """ApproveWithdrawal / RejectWithdrawal as the operator; prints the withdrawal's state."""
     import uuid
@@ -487,6 +525,18 @@ def main(argv: list[str] | None = None) -> None:
             "--reason", required=action == "reject", help="why (kept with the decision)"
         )
         review.add_argument("--request-id", help="idempotency id (default: a new UUID)")
+    market = commands.add_parser("market", help="operators: markets").add_subparsers(
+        dest="action", required=True
+    )
+    status = market.add_parser(
+        "status",
+        help="set a market's status at runtime: trading, post-only, cancel-only, halted, "
+        "or delisted (cancels every open order; final)",
+    )
+    status.add_argument("market", help="the market symbol, e.g. BTC-USDT")
+    status.add_argument("status", choices=_MARKET_STATUSES)
+    status.add_argument("--reason", required=True, help="why (journaled, shown in GetMarket)")
+    status.add_argument("--request-id", help="idempotency id (default: a new UUID)")
     token = commands.add_parser("token", help="exchange an API key for an access token")
     token.add_argument("--key-id", help="default $CEX_API_KEY_ID (the secret: $CEX_API_KEY_SECRET)")
     args = parser.parse_args(argv)
@@ -516,6 +566,8 @@ def main(argv: list[str] | None = None) -> None:
         code = asyncio.run(_audit(state_dir, args))
     elif args.command == "withdrawal":
         code = asyncio.run(_review(state_dir, args))
+    elif args.command == "market":
+        code = asyncio.run(_market_status(state_dir, args))
     elif args.command == "traces":
         code = 0
         with contextlib.suppress(KeyboardInterrupt):

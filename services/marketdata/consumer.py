@@ -117,6 +117,7 @@ class MarketFeed:
         self._clock = clock
         self.ticker = RollingTicker(bucket_s=BUCKET_S)
         self.book: L2Book | None = None
+        self.status_reason = ""  # why the market has its status (book.status)
         self.time_ns = 0
         self.ticker_dirty = False
         self.events = 0
@@ -218,7 +219,9 @@ class MarketFeed:
             engine.seq,
             (self._level(lv) for lv in engine.bids),
             (self._level(lv) for lv in engine.asks),
+            engine.status or types_pb2.MARKET_STATUS_TRADING,
         )
+        self.status_reason = engine.status_reason
         now = self._clock()
         start = self.ticker.window_start(now)
         bars = await self._store.candles(
@@ -304,6 +307,9 @@ class MarketFeed:
                 book.set(lc.side, Level(ticks(lc.price), lc.price, lc.quantity, lc.order_count))
             elif kind == "trade":
                 trades.append(trade_fact(event))
+            elif kind == "status_changed":
+                book.status = event.status_changed.status
+                self.status_reason = event.status_changed.reason
         book.seq = todo[-1].seq
         self.time_ns = todo[-1].event_time.ToNanoseconds()
         self.events += len(todo)

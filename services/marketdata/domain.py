@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
 from cex.marketdata.v1 import marketdata_pb2 as md
+from cex.type.v1 import types_pb2
 
 __all__ = [
     "ASK",
@@ -64,6 +65,7 @@ BID = 1  # cex.type.v1.SIDE_BUY
 ASK = 2  # cex.type.v1.SIDE_SELL
 CHECKSUM_LEVELS = 25
 ZERO = "0"
+TRADING = types_pb2.MARKET_STATUS_TRADING
 _NS = 1_000_000_000
 
 
@@ -84,10 +86,11 @@ class BookDelta:
     bids: tuple[Level, ...]
     asks: tuple[Level, ...]
     checksum: int
+    status_changed: bool = False  # the market's status moved (a delta even without levels)
 
     @property
     def empty(self) -> bool:
-        return not self.bids and not self.asks
+        return not self.bids and not self.asks and not self.status_changed
 
 
 class _Side:
@@ -116,13 +119,16 @@ class _Side:
 class L2Book:
     """A market's whole L2 book at `seq` (the last match event applied)."""
 
-    def __init__(self, seq: int = 0) -> None:
+    def __init__(self, seq: int = 0, status: int = TRADING) -> None:
         self.seq = seq
+        self.status = status  # the market's (cex.type.v1.MarketStatus) as of seq
         self._sides = {BID: _Side(BID), ASK: _Side(ASK)}
 
     @classmethod
-    def of(cls, seq: int, bids: Iterable[Level], asks: Iterable[Level]) -> L2Book:
-        book = cls(seq)
+    def of(
+        cls, seq: int, bids: Iterable[Level], asks: Iterable[Level], status: int = TRADING
+    ) -> L2Book:
+        book = cls(seq, status)
         for level in bids:
             book.set(BID, level)
         for level in asks:
@@ -164,19 +170,22 @@ class DepthView:
     bids: list[Level] = field(default_factory=list)
     asks: list[Level] = field(default_factory=list)
     checksum: int = 0
+    status: int = TRADING
 
     @classmethod
     def of(cls, book: L2Book, depth: int) -> DepthView:
         bids, asks = book.top(BID, depth), book.top(ASK, depth)
-        return cls(depth, bids, asks, checksum(bids, asks))
+        return cls(depth, bids, asks, checksum(bids, asks), book.status)
 
     def advance(self, book: L2Book) -> BookDelta:
         """Move to the book's current top and return the delta that does the same."""
         new_bids, new_asks = book.top(BID, self.depth), book.top(ASK, self.depth)
         bids, asks = diff(self.bids, new_bids), diff(self.asks, new_asks)
+        moved = book.status != self.status
+        self.status = book.status
         if not bids and not asks:  # the batch changed nothing within this depth
-            return BookDelta((), (), self.checksum)
-        delta = BookDelta(bids, asks, checksum(new_bids, new_asks))
+            return BookDelta((), (), self.checksum, moved)
+        delta = BookDelta(bids, asks, checksum(new_bids, new_asks), moved)
         self.bids, self.asks, self.checksum = new_bids, new_asks, delta.checksum
         return delta
 

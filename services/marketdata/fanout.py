@@ -85,7 +85,13 @@ def levels_pb(levels: Iterable[Level]) -> list[types_pb2.PriceLevel]:
 
 
 def book_pb(
-    market: str, seq: int, bids: Sequence[Level], asks: Sequence[Level], checksum: int, ns: int
+    market: str,
+    seq: int,
+    bids: Sequence[Level],
+    asks: Sequence[Level],
+    checksum: int,
+    ns: int,
+    status: int = types_pb2.MARKET_STATUS_TRADING,
 ) -> md.OrderBook:
     return md.OrderBook(
         market=market,
@@ -94,6 +100,7 @@ def book_pb(
         asks=levels_pb(asks),
         checksum=checksum,
         update_time=timestamp_ns(ns),
+        status=status,  # type: ignore[arg-type]
     )
 
 
@@ -112,6 +119,7 @@ def _delta_bytes(
     asks: Iterable[Level],
     checksum: int,
     time_ns: int,
+    status: int,
 ) -> bytes:
     message = md.StreamOrderBookResponse(
         delta=md.OrderBookDelta(
@@ -122,6 +130,7 @@ def _delta_bytes(
             asks=levels_pb(asks),
             checksum=checksum,
             update_time=timestamp_ns(time_ns),
+            status=status,  # type: ignore[arg-type]
         )
     )
     return message.SerializeToString()
@@ -139,6 +148,7 @@ class DeltaPacket:
     time_ns: int
     bids: list[Level]
     asks: list[Level]
+    status: int
     _data: bytes | None = None
 
     def data(self) -> bytes:
@@ -146,7 +156,14 @@ class DeltaPacket:
         if self._data is None:
             d = self.delta
             self._data = _delta_bytes(
-                self.market, self.prev_seq, self.seq, d.bids, d.asks, d.checksum, self.time_ns
+                self.market,
+                self.prev_seq,
+                self.seq,
+                d.bids,
+                d.asks,
+                d.checksum,
+                self.time_ns,
+                self.status,
             )
         return self._data
 
@@ -171,7 +188,7 @@ class _Channel:
 
     def snapshot(self) -> md.OrderBook:
         v = self.view
-        return book_pb(self.market, self.seq, v.bids, v.asks, v.checksum, self.time_ns)
+        return book_pb(self.market, self.seq, v.bids, v.asks, v.checksum, self.time_ns, v.status)
 
     def snapshot_data(self, resynced: bool) -> bytes:
         data = self._snapshots.get(resynced)
@@ -200,6 +217,7 @@ class _Channel:
                 changed_asks,
                 last.delta.checksum,
                 last.time_ns,
+                last.status,
             )
         self._merged[prev_seq] = data
         return data
@@ -215,7 +233,7 @@ class _Channel:
     def emit(self, delta: BookDelta, now: float) -> None:
         v = self.view
         packet = DeltaPacket(
-            self.market, self.chain_seq, self.seq, delta, self.time_ns, v.bids, v.asks
+            self.market, self.chain_seq, self.seq, delta, self.time_ns, v.bids, v.asks, v.status
         )
         self.chain_seq, self.last_emit, self.last = self.seq, now, packet
         self._merged.clear()
@@ -448,7 +466,15 @@ class BookFanout:
     def snapshot(self, depth: int) -> md.OrderBook:
         assert self.book is not None
         bids, asks = self.book.top(BID, depth), self.book.top(ASK, depth)
-        return book_pb(self.market, self.book.seq, bids, asks, checksum(bids, asks), self.time_ns)
+        return book_pb(
+            self.market,
+            self.book.seq,
+            bids,
+            asks,
+            checksum(bids, asks),
+            self.time_ns,
+            self.book.status,
+        )
 
 
 class TradeSubscriber:

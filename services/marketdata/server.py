@@ -134,7 +134,9 @@ def _symbol_page(kind: str, symbols: Iterable[str], request: _Paged) -> tuple[li
     return page, page_token(kind, page[-1]) if len(rest) > size else ""
 
 
-def _market_pb(market: Market) -> types_pb2.Market:
+def _market_pb(
+    market: Market, status: int = types_pb2.MARKET_STATUS_TRADING, reason: str = ""
+) -> types_pb2.Market:
     return types_pb2.Market(
         symbol=market.symbol,
         base_asset=market.base.symbol,
@@ -144,7 +146,8 @@ def _market_pb(market: Market) -> types_pb2.Market:
         min_quantity=decimal_text(market.min_quantity),
         max_quantity=decimal_text(market.max_quantity),
         min_notional=decimal_text(market.min_notional),
-        status=types_pb2.MARKET_STATUS_TRADING,
+        status=status,  # type: ignore[arg-type]
+        status_reason=reason,
         base_asset_scale=market.base.scale,
         quote_asset_scale=market.quote.scale,
     )
@@ -216,6 +219,17 @@ class MarketDataService(marketdata_pb2_grpc.MarketDataServiceServicer):
     def _feed(self, market: str) -> MarketFeed:
         return self._hub.feeds[market]
 
+    async def _market_of(self, market: Market) -> types_pb2.Market:
+        """A market's spec with its status: the feed's (match's, as of the feed's seq),
+        else the last book stored in Redis (another replica's feed), else TRADING."""
+        feed = self._hub.feeds.get(market.symbol)
+        if feed is not None and feed.book is not None:
+            return _market_pb(market, feed.book.status, feed.status_reason)
+        stored = await self._hub.stored_book(market.symbol)
+        if stored is not None and stored.status:
+            return _market_pb(market, stored.status)
+        return _market_pb(market)
+
     # --------------------------------------------------------------- markets
 
     async def ListMarkets(
@@ -225,7 +239,8 @@ class MarketDataService(marketdata_pb2_grpc.MarketDataServiceServicer):
     ) -> md.ListMarketsResponse:
         page, token = _symbol_page("market", self._catalog.markets, request)
         return md.ListMarketsResponse(
-            markets=[_market_pb(self._catalog.markets[s]) for s in page], next_page_token=token
+            markets=[await self._market_of(self._catalog.markets[s]) for s in page],
+            next_page_token=token,
         )
 
     async def GetMarket(
@@ -234,7 +249,7 @@ class MarketDataService(marketdata_pb2_grpc.MarketDataServiceServicer):
         context: grpc.aio.ServicerContext[md.GetMarketRequest, md.GetMarketResponse],
     ) -> md.GetMarketResponse:
         market = self._market(request.market, fed=False)
-        return md.GetMarketResponse(market=_market_pb(market))
+        return md.GetMarketResponse(market=await self._market_of(market))
 
     # ----------------------------------------------------------------- books
 

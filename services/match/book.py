@@ -39,6 +39,7 @@ from .domain import (
     Expire,
     LevelChanged,
     MarketSpec,
+    MarkStatus,
     MassCancel,
     OrderBook,
     OrderType,
@@ -48,6 +49,7 @@ from .domain import (
     RejectReason,
     Result,
     Side,
+    StatusMarked,
     StpMode,
     TimeInForce,
     Trade,
@@ -477,6 +479,8 @@ class FastOrderBook(OrderBook):
             self._cancel_order(command)  # type: ignore[arg-type]
         elif kind is MassCancel:
             self._mass_cancel(command)  # type: ignore[arg-type]
+        elif kind is MarkStatus:
+            self._mark_status(command)  # type: ignore[arg-type]
         elif kind is not Expire:
             raise TypeError(f"not a command: {command!r}")
         if self._touched:
@@ -594,6 +598,15 @@ class FastOrderBook(OrderBook):
         doomed.sort(key=lambda o: o.aseq)
         for o in doomed:
             self._cancel_live(o, _R_MASS)
+
+    def _mark_status(self, cmd: MarkStatus) -> None:
+        self._seq += 1
+        self._events.append(StatusMarked(self._seq, self._ts))
+        if cmd.cancel_all:
+            doomed = [o for mine in self._accounts.values() for o in mine.values()]
+            doomed.sort(key=lambda o: o.aseq)
+            for o in doomed:
+                self._cancel_live(o, CancelReason.CLOSED)
 
     # Over ruff's complexity limit on purpose: the fast book's amend, inline for speed; the
     # reference book states it simply and the contract tests hold the two equal.

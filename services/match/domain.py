@@ -77,6 +77,12 @@ pending stops); the order service owns uniqueness over time. Mass cancel cancels
 the account's resting orders and pending stops (optionally one side) in
 ``accepted_seq`` order; with nothing to cancel it yields no events.
 
+Status marks (the market's status is the engine's, not the book's): ``MarkStatus``
+emits one ``StatusMarked`` event (after the expiry of rule 1), so the status
+change has its place in the market's sequence; with ``cancel_all`` (a delisting)
+every live order, resting or pending, is then cancelled with reason ``CLOSED``
+in ``accepted_seq`` order.
+
 Every event carries ``seq``: the market's sequence number, +1 per event, no gaps.
 """
 
@@ -103,6 +109,7 @@ __all__ = [
     "Event",
     "Expire",
     "LevelChanged",
+    "MarkStatus",
     "MarketSpec",
     "MassCancel",
     "OrderBook",
@@ -113,6 +120,7 @@ __all__ = [
     "Rejected",
     "Result",
     "Side",
+    "StatusMarked",
     "StpMode",
     "TimeInForce",
     "Trade",
@@ -167,6 +175,7 @@ class CancelReason(enum.Enum):
     STP = "STP"
     EXPIRED = "EXPIRED"
     MASS_CANCEL = "MASS_CANCEL"
+    CLOSED = "CLOSED"  # the market was delisted
 
 
 class RejectReason(enum.StrEnum):
@@ -275,7 +284,16 @@ class Expire:
     ts: int
 
 
-Command: TypeAlias = PlaceOrder | CancelOrder | AmendOrder | MassCancel | Expire
+@dataclass(frozen=True, slots=True)
+class MarkStatus:
+    """The market's status changed: a ``StatusMarked`` event; ``cancel_all`` (a
+    delisting) then cancels every live order (reason ``CLOSED``)."""
+
+    ts: int
+    cancel_all: bool = False
+
+
+Command: TypeAlias = PlaceOrder | CancelOrder | AmendOrder | MassCancel | Expire | MarkStatus
 
 
 # --------------------------------------------------------------------------- events
@@ -393,7 +411,18 @@ class LevelChanged:
     qty: int
 
 
-Event: TypeAlias = Accepted | Rejected | Trade | Cancelled | Amended | Triggered | LevelChanged
+@_fast_init
+@dataclass(frozen=True, slots=True)
+class StatusMarked:
+    """The place of a status change in the market's sequence (the engine says which)."""
+
+    seq: int
+    ts: int
+
+
+Event: TypeAlias = (
+    Accepted | Rejected | Trade | Cancelled | Amended | Triggered | LevelChanged | StatusMarked
+)
 
 
 @_fast_init

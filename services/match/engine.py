@@ -41,7 +41,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from cex.match.v1 import match_pb2
 from cex.type.v1 import types_pb2
-from services.chassis import FieldViolation, InvalidArgument, Market, MoneyError
+from services.chassis import (
+    ExchangeError,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    Market,
+    MoneyError,
+)
 from services.chassis.money import parse_decimal
 
 from .book import FastOrderBook
@@ -57,19 +64,21 @@ from .domain import (
     Expire,
     LevelChanged,
     MarketSpec,
+    MarkStatus,
     MassCancel,
     OrderBook,
     OrderType,
     PlaceOrder,
     Rejected,
     Side,
+    StatusMarked,
     StpMode,
     TimeInForce,
     Trade,
     Triggered,
 )
 
-__all__ = ["MarketEngine", "decode", "market_spec"]
+__all__ = ["MarketEngine", "decode", "market_spec", "status_name"]
 
 _SIDES = {types_pb2.SIDE_BUY: Side.BUY, types_pb2.SIDE_SELL: Side.SELL}
 _SIDES_PB = {v: k for k, v in _SIDES.items()}
@@ -101,7 +110,21 @@ _CANCEL_REASONS = {
     CancelReason.MARKET_UNFILLED: types_pb2.CANCEL_REASON_NO_LIQUIDITY,
     CancelReason.STP: types_pb2.CANCEL_REASON_SELF_TRADE_PREVENTION,
     CancelReason.EXPIRED: types_pb2.CANCEL_REASON_EXPIRED,
+    CancelReason.CLOSED: types_pb2.CANCEL_REASON_MARKET_HALTED,  # "halted or delisted"
 }
+TRADING = types_pb2.MARKET_STATUS_TRADING
+POST_ONLY = types_pb2.MARKET_STATUS_POST_ONLY
+CANCEL_ONLY = types_pb2.MARKET_STATUS_CANCEL_ONLY
+HALTED = types_pb2.MARKET_STATUS_HALTED
+DELISTED = types_pb2.MARKET_STATUS_DELISTED
+_STATUSES: dict[int, str] = {
+    TRADING: "TRADING",
+    POST_ONLY: "POST_ONLY",
+    CANCEL_ONLY: "CANCEL_ONLY",
+    HALTED: "HALTED",
+    DELISTED: "DELISTED",
+}
+_REASON_MAX = 256
 _REJECT_MESSAGES = {
     "MATCH_DUPLICATE_ORDER_ID": "an order with this id is live in the book",
     "MATCH_UNKNOWN_ORDER": "no live order with this id for this account",
@@ -258,10 +281,19 @@ def decode(market: Market, command: match_pb2.Command) -> Decoded:
         book = MassCancel(ts=0, account_id=0, side=side)
     elif kind == "expire":
         book = Expire(ts=0)
+    elif kind == "set_status":
+        st, v.prefix = command.set_status, "command.set_status"
+        v.enum("status", st.status, _STATUSES)
+        v.ident("request_id", st.request_id)
+        if not st.reason.strip():
+            v.add("reason", "required: why the market changes status", "MATCH_FIELD_REQUIRED")
+        elif len(st.reason) > _REASON_MAX:
+            v.add("reason", f"longer than {_REASON_MAX} characters", "MATCH_FIELD_TOO_LONG")
+        book = MarkStatus(ts=0, cancel_all=st.status == DELISTED)
     else:
         v.add(
             "kind",
-            "one of place, cancel, amend, mass_cancel, expire is required",
+            "one of place, cancel, amend, mass_cancel, expire, set_status is required",
             "MATCH_FIELD_REQUIRED",
         )
     if v.found or book is None:
@@ -319,6 +351,9 @@ class MarketEngine:
         self._live: dict[int, _Live] = {}  # book number -> wire details
         self._accounts: dict[str, int] = {}
         self._working: Counter[str] = Counter()  # wire account id -> its live orders
+        # The market's status (ADR 0015), set only by journaled set_status commands.
+        self.status: types_pb2.MarketStatus.ValueType = TRADING
+        self.status_reason = ""
 
     @property
     def seq(self) -> int:
@@ -332,6 +367,66 @@ class MarketEngine:
         """A live order's wire order id and account id."""
         live = self._live[number]
         return live.order_id, live.account_id
+
+    # ----------------------------------------------------------------- status
+
+    def refusal(self, decoded: Decoded) -> ExchangeError | None:
+        """What the market's status refuses of a command, before the journal (so a
+        replay sees only what was admitted); None if the status lets it through.
+
+        TRADING: everything. POST_ONLY: post-only limit orders, amends whose price
+        would not cross, cancels. CANCEL_ONLY and HALTED: cancels only (a halt is
+        the operator's stop for an incident; cancels stay open so that owners can
+        take their funds out of a book that does not trade). DELISTED: nothing
+        (its orders were cancelled by the delisting); a mass cancel finds nothing
+        and passes, so sweeps across markets (kill switches, cancel-on-disconnect)
+        keep working. Expiry (the writer's own clock) always passes."""
+        wire, status = decoded.wire, self.status
+        kind = wire.WhichOneof("kind")
+        if status == TRADING or kind == "expire":
+            return None
+        if status == DELISTED:
+            if kind == "mass_cancel":
+                return None
+            return self._refused("MATCH_MARKET_DELISTED", "is delisted: nothing is accepted")
+        if kind in ("cancel", "mass_cancel", "set_status"):
+            return None
+        if status == POST_ONLY:
+            if kind == "place":
+                p = wire.place
+                if p.post_only and p.type == types_pb2.ORDER_TYPE_LIMIT:
+                    return None
+                return self._refused(
+                    "MATCH_MARKET_POST_ONLY", "accepts only post-only limit orders"
+                )
+            cmd = decoded.book
+            assert isinstance(cmd, AmendOrder)
+            if cmd.price is not None and self._amend_crosses(wire.amend.order_id, cmd.price):
+                return self._refused(
+                    "MATCH_MARKET_POST_ONLY", "accepts no amend that would take liquidity"
+                )
+            return None
+        if status == CANCEL_ONLY:
+            return self._refused("MATCH_MARKET_CANCEL_ONLY", "accepts only cancels")
+        return self._refused("MATCH_MARKET_HALTED", "is halted: only cancels are accepted")
+
+    def _refused(self, reason: str, what: str) -> FailedPrecondition:
+        status = status_name(self.status)
+        detail = f" ({self.status_reason})" if self.status_reason else ""
+        return FailedPrecondition(
+            reason,
+            f"{self.market.symbol} {what}{detail}",
+            metadata={"market": self.market.symbol, "status": status},
+        )
+
+    def _amend_crosses(self, order_id: str, price: int) -> bool:
+        live = self._live.get(self._numbers.get(order_id, 0))
+        if live is None:  # unknown: the book answers MATCH_UNKNOWN_ORDER
+            return False
+        bids, asks = self.book.l2(1)
+        if live.side == types_pb2.SIDE_BUY:
+            return bool(asks) and asks[0][0] <= price
+        return bool(bids) and bids[0][0] >= price
 
     # ----------------------------------------------------------------- apply
 
@@ -363,6 +458,8 @@ class MarketEngine:
             )
         elif type(cmd) is Expire:
             cmd = Expire(ts)
+        elif type(cmd) is MarkStatus:
+            cmd = MarkStatus(ts, cmd.cancel_all)
         else:
             assert isinstance(cmd, CancelOrder | AmendOrder)
             target = wire.cancel if type(cmd) is CancelOrder else wire.amend
@@ -465,6 +562,12 @@ class MarketEngine:
                 t.type = types_pb2.ORDER_TYPE_LIMIT if stop_limit else types_pb2.ORDER_TYPE_MARKET
             case Rejected():
                 self._reject(out.rejected, event, wire)
+            case StatusMarked():
+                st, changed = wire.set_status, out.status_changed
+                changed.previous_status = self.status
+                changed.status, changed.reason = st.status, st.reason
+                changed.request_id, changed.updated_by = st.request_id, st.updated_by
+                self.status, self.status_reason = st.status, st.reason
 
     def _identify(self, message: Any, number: int) -> _Live:
         """Set an order event's wire ids; returns the order's wire details."""
@@ -527,8 +630,10 @@ class MarketEngine:
         return json.dumps(self.document(), sort_keys=True, separators=(",", ":")).encode()
 
     def document(self) -> dict[str, Any]:
-        """The engine as the JSON document `snapshot` writes."""
-        return {
+        """The engine as the JSON document `snapshot` writes (the status only once it
+        was ever set: a market that never changed status has the bytes it had before
+        statuses existed)."""
+        doc = {
             "version": _SNAPSHOT_VERSION,
             "market": self.market.symbol,
             "command_seq": self.command_seq,
@@ -537,6 +642,9 @@ class MarketEngine:
             "accounts": sorted(self._accounts.items(), key=lambda kv: kv[1]),
             "live": [[n, *self._live[n].encode()] for n in sorted(self._live)],
         }
+        if self.status != TRADING or self.status_reason:
+            doc["status"] = [int(self.status), self.status_reason]
+        return doc
 
     def state_hash(self) -> str:
         return hashlib.sha256(self.snapshot()).hexdigest()
@@ -553,12 +661,19 @@ class MarketEngine:
         engine.command_seq = int(doc["command_seq"])
         engine.last_ts = int(doc["last_ts"])
         engine._accounts = {name: int(number) for name, number in doc["accounts"]}
+        status, engine.status_reason = doc.get("status", [TRADING, ""])
+        engine.status = types_pb2.MarketStatus.ValueType(int(status))
         for row in doc["live"]:
             live = _Live.decode(row[1:])
             engine._live[int(row[0])] = live
             engine._numbers[live.order_id] = int(row[0])
             engine._working[live.account_id] += 1
         return engine
+
+
+def status_name(status: int) -> str:
+    """A market status as people write it ("HALTED")."""
+    return _STATUSES.get(status, str(status))
 
 
 def _asked_reason(wire: match_pb2.Command) -> types_pb2.CancelReason.ValueType:

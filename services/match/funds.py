@@ -218,14 +218,19 @@ class Funds:
     # ------------------------------------------------------------------ state
 
     def document(self) -> dict[str, Any]:
-        """Every balance and open hold, as rows of plain values (a snapshot's part)."""
+        """Every balance and open hold, as rows of plain values (a snapshot's part).
+
+        An account at zero in every column (nothing ever posted, nothing pending) is
+        left out: it is the same as no account, and whether the ledger's tables hold
+        its row depends on batching (an escrow account whose holds were all voided is
+        stored only if a batch ended while one was open), which a replay cannot know."""
         book = self.book
         return {
             "last_sequence": book.last_sequence,
             "accounts": sorted(
                 [a.account_id, a.asset, *a.values]
                 for a in book.accounts.values()
-                if a.stored or a.changed
+                if (a.stored or a.changed) and any(a.values)
             ),
             "holds": sorted(
                 [getattr(t, name) for name in _HOLD_FIELDS]

@@ -25,6 +25,7 @@ from .domain import (
     Expire,
     LevelChanged,
     MarketSpec,
+    MarkStatus,
     MassCancel,
     OrderBook,
     OrderType,
@@ -34,6 +35,7 @@ from .domain import (
     RejectReason,
     Result,
     Side,
+    StatusMarked,
     StpMode,
     TimeInForce,
     Trade,
@@ -263,6 +265,11 @@ class ReferenceOrderBook(OrderBook):
             self._amend(command)
         elif isinstance(command, MassCancel):
             self._mass_cancel(command)
+        elif isinstance(command, MarkStatus):
+            self._events.append(StatusMarked(self._next_seq(), self._ts))
+            if command.cancel_all:
+                for o in sorted(self._resting + self._stops, key=lambda o: o.accepted_seq):
+                    self._cancel(o, CancelReason.CLOSED, o.leaves)
         elif not isinstance(command, Expire):  # pragma: no cover - the type checker rules this out
             raise TypeError(f"not a command: {command!r}")
         after = self._l2_map()

@@ -8,6 +8,7 @@ their journal commit, which bounds memory), and answered in request order.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,15 +21,22 @@ from cex.type.v1 import types_pb2
 from services.chassis import (
     INTERNAL,
     ChassisSettings,
+    ErrorDetails,
     ExchangeError,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     Market,
     NotFound,
+    PermissionDenied,
     Rule,
     Server,
+    Violations,
     connect,
+    current_auth,
+    require_request_id,
+    sees_every_account,
+    user,
 )
 from services.chassis.db import migrate
 from services.chassis.markets import Catalog, load_catalog
@@ -39,7 +47,7 @@ from services.ledger.store import Store as LedgerStore
 
 from .config import MatchSettings
 from .domain import Side
-from .engine import MarketEngine, decode
+from .engine import MarketEngine, decode, status_name
 from .funds import Funds
 from .publisher import Publisher
 from .store import Journal
@@ -47,12 +55,15 @@ from .writer import Sequencer
 
 __all__ = ["MIGRATIONS", "POLICY", "MatchService", "build_server"]
 
-# Only services talk to match: order submits commands, consumers replay events.
+# Services talk to match (order submits commands, consumers replay events); an
+# operator (admin scope) sets a market's status, through the edge.
 POLICY: dict[str, Rule] = {
     "SubmitCommands": INTERNAL,
     "GetOrderBook": INTERNAL,
     "ReplayEvents": INTERNAL,
+    "SetMarketStatus": user("admin", services=True),
 }
+_REASON_MAX = 256
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _IN_FLIGHT = 64
@@ -194,10 +205,76 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
                 return
             await log.wait_beyond(next_seq - 1)
 
+    async def SetMarketStatus(
+        self,
+        request: match_pb2.SetMarketStatusRequest,
+        context: grpc.aio.ServicerContext[
+            match_pb2.SetMarketStatusRequest, match_pb2.SetMarketStatusResponse
+        ],
+    ) -> match_pb2.SetMarketStatusResponse:
+        ctx = current_auth()
+        if not sees_every_account(ctx):
+            raise PermissionDenied("MATCH_ADMIN_REQUIRED", "setting a market's status needs admin")
+        if ctx.account_id:
+            actor = ctx.account_id + (f" via svc:{ctx.service}" if ctx.service else "")
+        else:
+            actor = f"svc:{ctx.service}"
+        request_id = require_request_id(request.request_id, "MATCH_REQUEST_INVALID")
+        v = Violations()
+        if not request.market:
+            v.add("market", "required", "MATCH_FIELD_REQUIRED")
+        if status_name(request.status) == str(request.status):
+            v.add(
+                "status",
+                "TRADING, POST_ONLY, CANCEL_ONLY, HALTED or DELISTED",
+                "MATCH_INVALID_ENUM",
+            )
+        if not request.reason.strip():
+            v.add("reason", "required: why (kept in the journal and shown)", "MATCH_FIELD_REQUIRED")
+        elif len(request.reason) > _REASON_MAX:
+            v.add("reason", f"at most {_REASON_MAX} characters", "MATCH_FIELD_TOO_LONG")
+        v.raise_if_any("MATCH_REQUEST_INVALID")
+        market = self._market(request.market)
+        # The journal's (market, command_id) makes the call idempotent by request_id.
+        key = (
+            request_id
+            if len(request_id) <= 100
+            else hashlib.sha256(request_id.encode()).hexdigest()
+        )
+        command = match_pb2.Command(
+            command_id=f"status:{key}",
+            market=market.symbol,
+            set_status=match_pb2.SetMarketStatusCommand(
+                status=request.status,
+                reason=request.reason,
+                request_id=request_id,
+                updated_by=actor,
+            ),
+        )
+        result = await self._writer.submit(decode(market, command))
+        if result.status.code:
+            raise ErrorDetails.from_status(result.status).error("MATCH_REFUSED")
+        out = match_pb2.SetMarketStatusResponse()
+        for event in result.events:
+            kind = event.WhichOneof("kind")
+            if kind == "status_changed":
+                out.change.CopyFrom(event.status_changed)
+                out.seq = event.seq
+                out.update_time.CopyFrom(event.event_time)
+            elif kind == "cancelled" and event.cancelled.remaining_quantity in ("0", ""):
+                out.cancelled_orders += 1
+        return out
+
 
 def _book(engine: MarketEngine, l3: bool, depth: int | None) -> match_pb2.OrderBook:
     market, book = engine.market, engine.book
-    out = match_pb2.OrderBook(market=market.symbol, seq=engine.seq, state_hash=engine.state_hash())
+    out = match_pb2.OrderBook(
+        market=market.symbol,
+        seq=engine.seq,
+        state_hash=engine.state_hash(),
+        status=engine.status,
+        status_reason=engine.status_reason,
+    )
     if l3:
         for view in book.l3():
             orders = out.bid_orders if view.side is Side.BUY else out.ask_orders

@@ -420,12 +420,10 @@ class Sequencer:
                 if first is not None:  # the same client order under another command
                     results.append(_client_repeat(wire, first))
                     continue
-                if wire.HasField("place") and (
-                    refused := self._over_limit(wire) or self.funds.reserve(wire.place, ts)
-                ):
+                engine = self.engines[wire.market]
+                if refused := self._refusal(engine, pending.decoded, ts):
                     results.append(_failed(wire, refused))
                     continue
-                engine = self.engines[wire.market]
                 command_seq = engine.command_seq + 1
                 first_seq = engine.seq + 1
                 events = engine.apply(pending.decoded, command_seq, ts)
@@ -471,6 +469,15 @@ class Sequencer:
         if state is not None and (self._saving is None or self._saving.done()):
             self._saving = asyncio.create_task(self._save_snapshot(state))
         _stage("answer", started)
+
+    def _refusal(self, engine: MarketEngine, decoded: Decoded, ts: int) -> ExchangeError | None:
+        """Why a command is refused before the journal: its market's status (ADR 0015),
+        then a place's open-order limits and its funds (R1). Nothing refused is journaled."""
+        wire = decoded.wire
+        closed = engine.refusal(decoded)
+        if closed is not None or not wire.HasField("place"):
+            return closed
+        return self._over_limit(wire) or self.funds.reserve(wire.place, ts)
 
     def _over_limit(self, wire: match_pb2.Command) -> ExchangeError | None:
         """A place beyond the open-order limits it carries (R1, with the funds)."""

@@ -29,6 +29,11 @@ EXACT: dict[str, ErrorClass] = {
     "ORDER_ALREADY_CLOSED": x.OrderNotFound,
     # An order the exchange refuses as such.
     "MATCH_POST_ONLY_WOULD_TAKE": x.OrderImmediatelyFillable,
+    # The market's status refuses it (ADR 0015).
+    "MATCH_MARKET_POST_ONLY": x.InvalidOrder,
+    "MATCH_MARKET_CANCEL_ONLY": x.MarketClosed,
+    "MATCH_MARKET_HALTED": x.MarketClosed,
+    "MATCH_MARKET_DELISTED": x.BadSymbol,
     "ORDER_DUPLICATE_CLIENT_ORDER_ID": x.DuplicateOrderId,
     "ORDER_PRICE_OFF_TICK": x.InvalidOrder,
     "ORDER_QUANTITY_OFF_LOT": x.InvalidOrder,

@@ -10,7 +10,7 @@ import asyncpg
 from cex.ledger.v1 import ledger_pb2 as K
 from cex.match.v1 import match_pb2
 from cex.type.v1 import types_pb2 as t
-from services.chassis import postgres
+from services.chassis import ErrorDetails, postgres
 from services.chassis.db import Statement, migrate
 from services.chassis.markets import DEFAULT_CATALOG
 from services.ledger.store import MIGRATIONS as LEDGER_MIGRATIONS
@@ -200,5 +200,115 @@ async def test_a_replay_from_a_snapshot_gives_the_same_books_and_balances(
             # The journal is the whole story: without the deposit's entry it differs.
             await pool.execute("DELETE FROM journal WHERE group_seq = 8")
             assert await writer.replayed() != live
+        finally:
+            await writer.stop()
+
+
+def _status(command_id: str, status: int, reason: str) -> match_pb2.Command:
+    return match_pb2.Command(
+        command_id=command_id,
+        market=MARKET.symbol,
+        set_status=match_pb2.SetMarketStatusCommand(
+            status=status,  # type: ignore[arg-type]
+            reason=reason,
+            request_id=command_id,
+            updated_by="admin",
+        ),
+    )
+
+
+async def test_status_changes_are_journaled_refused_commands_are_not_and_replay_agrees(
+    fresh_database_url: str,
+) -> None:
+    """A market's status is a journaled command ordered with the orders (ADR 0015):
+    what a status refuses is answered FAILED_PRECONDITION and not journaled, a
+    delisting cancels the open orders and releases their holds, and the replay from
+    the snapshot and the journal (statuses changed on both sides of the snapshot)
+    equals the writer's document, as does a restart's recovery."""
+    conn = await asyncpg.connect(fresh_database_url)
+    try:
+        await migrate(conn, "ledger", LEDGER_MIGRATIONS)
+    finally:
+        await conn.close()
+    single = match_pb2.FundsTransfer.OP_SINGLE
+    async with postgres(fresh_database_url, schema="match", migrations=MIGRATIONS) as pool:
+        journal = Journal(pool, "main")
+        funds = Funds(LedgerStore(pool, DEFAULT_CATALOG.assets), DEFAULT_CATALOG)
+        writer = Sequencer([MARKET], journal, funds, clock=time.time_ns, snapshot_every=4)
+        await writer.start()
+        try:
+
+            async def submit(command: match_pb2.Command) -> match_pb2.CommandResult:
+                if not command.market:
+                    return await writer.submit_funds(command)
+                return await writer.submit(decode(MARKET, command))
+
+            async def ok(command: match_pb2.Command) -> match_pb2.CommandResult:
+                result = await submit(command)
+                assert result.status.code == 0, result.status
+                return result
+
+            def reason(result: match_pb2.CommandResult) -> str:
+                return ErrorDetails.from_status(result.status).reason
+
+            deposit = K.TRANSFER_KIND_DEPOSIT
+            await ok(
+                _funds(
+                    "f1",
+                    _transfer("d1", single, "sys:custody", "buyer", "USDT", "1000", kind=deposit),
+                    _transfer("d2", single, "sys:custody", "seller", "BTC", "2", kind=deposit),
+                )
+            )
+            await ok(place("p1", _held(limit("s1", "seller", t.SIDE_SELL, "1", "100"), "BTC", "1")))
+            await ok(place("p2", _held(limit("b1", "buyer", t.SIDE_BUY, "1", "90"), "USDT", "90")))
+            await ok(_status("halt", t.MARKET_STATUS_HALTED, "incident"))
+            journaled = await pool.fetchval("SELECT count(*) FROM journal")
+            refused = await submit(
+                place("p3", _held(limit("b2", "buyer", t.SIDE_BUY, "1", "80"), "USDT", "80"))
+            )
+            assert reason(refused) == "MATCH_MARKET_HALTED"
+            assert await pool.fetchval("SELECT count(*) FROM journal") == journaled
+            for _ in range(100):
+                if (snapshot := await journal.latest_snapshot()) is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert snapshot is not None and b'"status"' in snapshot.state
+            await ok(_status("co", t.MARKET_STATUS_CANCEL_ONLY, "winding down"))
+            cancel = match_pb2.Command(
+                command_id="x1",
+                market=MARKET.symbol,
+                cancel=match_pb2.CancelCommand(order_id="b1", account_id="buyer"),
+            )
+            cancelled = await ok(cancel)
+            assert cancelled.events[0].WhichOneof("kind") == "cancelled"
+            await ok(_status("open", t.MARKET_STATUS_TRADING, "resumed"))
+            await ok(place("p4", _held(limit("b3", "buyer", t.SIDE_BUY, "1", "95"), "USDT", "95")))
+            assert ("buyer", "USDT") in {
+                (a, asset) for a, asset, *_ in writer.document()["balances"]["accounts"]
+            }
+            delisted = await ok(_status("gone", t.MARKET_STATUS_DELISTED, "delisted"))
+            kinds = [e.WhichOneof("kind") for e in delisted.events]
+            assert kinds[0] == "status_changed" and kinds.count("cancelled") == 2
+            cancel.command_id = "x2"  # (x1 again is answered from the journal)
+            assert reason(await submit(cancel)) == "MATCH_MARKET_DELISTED"
+            assert reason(await submit(_status("back", t.MARKET_STATUS_TRADING, "no"))) == (
+                "MATCH_MARKET_DELISTED"
+            )
+            again = await submit(_status("gone", t.MARKET_STATUS_DELISTED, "delisted"))
+            assert again.duplicate and again.status.code == 0  # the retry: the first answer
+            sweep = match_pb2.Command(
+                command_id="m1",
+                market=MARKET.symbol,
+                mass_cancel=match_pb2.MassCancelCommand(account_id="buyer"),
+            )
+            assert not (await ok(sweep)).events  # passes, finds nothing; journaled last, so
+            # the writer's clock (moved by the refusals too) is the journal's again
+            async with writer.view(MARKET.symbol) as engine:
+                assert engine.working_orders("buyer") == engine.working_orders("seller") == 0
+                live = writer.document()
+            assert live["balances"]["holds"] == []  # every order's hold released
+            assert await writer.replayed() == live
+            await writer.verify()
+            assert writer.engines[MARKET.symbol].status == t.MARKET_STATUS_DELISTED
         finally:
             await writer.stop()

@@ -7,6 +7,7 @@ import asyncio
 from decimal import Decimal
 
 from cex.marketdata.v1 import marketdata_pb2 as md
+from cex.type.v1 import types_pb2 as t
 from services.marketdata.domain import ASK, BID, L2Book, Level
 from services.marketdata.fanout import BookFanout, BookSubscriber, Limits, TradeSubscriber
 
@@ -162,3 +163,23 @@ async def test_a_trade_subscriber_that_falls_behind_overflows() -> None:
         sub.offer([md.Trade(trade_id=str(i))])
     assert sub.overflowed
     assert await sub.next() == []  # the reader wakes and ends the stream
+
+
+async def test_a_status_change_alone_is_a_delta_and_every_message_carries_the_status() -> None:
+    fanout, book, _ = _fanout()
+    sub, slow = fanout.subscribe(5), fanout.subscribe(5)
+    first = await _next(sub)
+    await _next(slow)
+    assert first.snapshot.status == t.MARKET_STATUS_TRADING
+    book.status, book.seq = t.MARKET_STATUS_HALTED, 11  # no level moved
+    fanout.update(11)
+    delta = (await _next(sub)).delta
+    assert (delta.prev_seq, delta.seq, delta.status) == (10, 11, t.MARKET_STATUS_HALTED)
+    assert not delta.bids and not delta.asks
+    _move(fanout, book, 12, BID, lv(99, 2))
+    assert (await _next(sub)).delta.status == t.MARKET_STATUS_HALTED
+    merged = (await _next(slow)).delta  # behind: one merged delta, with the status now
+    assert (merged.prev_seq, merged.seq, merged.status) == (10, 12, t.MARKET_STATUS_HALTED)
+    assert fanout.snapshot(5).status == t.MARKET_STATUS_HALTED
+    late = fanout.subscribe(5)
+    assert (await _next(late)).snapshot.status == t.MARKET_STATUS_HALTED

@@ -19,6 +19,7 @@ from services.match import (
     FastOrderBook,
     LevelChanged,
     MarketSpec,
+    MarkStatus,
     MassCancel,
     OrderBook,
     OrderType,
@@ -27,6 +28,7 @@ from services.match import (
     Rejected,
     RejectReason,
     Side,
+    StatusMarked,
     StpMode,
     TimeInForce,
     Trade,
@@ -1068,3 +1070,32 @@ def test_gtd_expiry_still_exact_after_many_dead_gtd_orders(book_cls: type[OrderB
     assert cancels(events) == [(5_001, CancelReason.EXPIRED, 1, 0)]
     if isinstance(d.book, FastOrderBook):
         assert len(d.book._gtd) < 100
+
+
+def test_status_mark_takes_a_seq_and_changes_nothing(d: Driver) -> None:
+    d.buy(1, 5, 100, ts=1)
+    d.sell(2, 1, 110, account=2, ts=2)
+    before = d.book.seq
+    events = d.submit(MarkStatus(ts=3))
+    assert events == [StatusMarked(before + 1, 3)]
+    assert ids(d.book) == [1, 2]
+
+
+def test_status_mark_with_cancel_all_cancels_every_live_order_in_accepted_order(
+    d: Driver,
+) -> None:
+    d.buy(1, 5, 100, ts=1)
+    d.buy(2, 1, 120, order_type=OrderType.STOP_LIMIT, stop_price=115, ts=2)  # pending
+    d.sell(3, 2, 110, account=2, ts=3)
+    d.sell(4, 1, 111, account=2, tif=TimeInForce.GTD, expire_time=9, ts=4)
+    events = d.submit(MarkStatus(ts=5, cancel_all=True))
+    assert kinds(events)[0] == "StatusMarked"
+    assert cancels(events) == [
+        (1, CancelReason.CLOSED, 5, 0),
+        (2, CancelReason.CLOSED, 1, 0),
+        (3, CancelReason.CLOSED, 2, 0),
+        (4, CancelReason.CLOSED, 1, 0),
+    ]
+    assert levels(events) == [(BUY, 100, 0), (SELL, 110, 0), (SELL, 111, 0)]
+    assert ids(d.book) == [] and d.book.next_expiry() is None
+    assert d.submit(MarkStatus(ts=6, cancel_all=True)) == [StatusMarked(d.book.seq, 6)]

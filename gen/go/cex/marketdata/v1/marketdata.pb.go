@@ -122,7 +122,10 @@ type OrderBook struct {
 	// quantities are the exact strings sent on this stream.
 	Checksum uint32 `protobuf:"varint,5,opt,name=checksum,proto3" json:"checksum,omitempty"`
 	// When the book was last updated.
-	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	UpdateTime *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	// The market's status as of seq (TRADING, POST_ONLY, CANCEL_ONLY, HALTED,
+	// DELISTED).
+	Status        v1.MarketStatus `protobuf:"varint,7,opt,name=status,proto3,enum=cex.type.v1.MarketStatus" json:"status,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -199,6 +202,13 @@ func (x *OrderBook) GetUpdateTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *OrderBook) GetStatus() v1.MarketStatus {
+	if x != nil {
+		return x.Status
+	}
+	return v1.MarketStatus(0)
+}
+
 // Changes to an L2 book since the previous message of the stream.
 type OrderBookDelta struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -215,7 +225,10 @@ type OrderBookDelta struct {
 	// Checksum of the book after applying this delta (as OrderBook.checksum).
 	Checksum uint32 `protobuf:"varint,6,opt,name=checksum,proto3" json:"checksum,omitempty"`
 	// When the change happened.
-	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	UpdateTime *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	// The market's status after this delta; a status change alone is a delta
+	// without levels.
+	Status        v1.MarketStatus `protobuf:"varint,8,opt,name=status,proto3,enum=cex.type.v1.MarketStatus" json:"status,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -297,6 +310,13 @@ func (x *OrderBookDelta) GetUpdateTime() *timestamppb.Timestamp {
 		return x.UpdateTime
 	}
 	return nil
+}
+
+func (x *OrderBookDelta) GetStatus() v1.MarketStatus {
+	if x != nil {
+		return x.Status
+	}
+	return v1.MarketStatus(0)
 }
 
 // A public trade (no account or order ids).
@@ -1897,7 +1917,7 @@ var File_cex_marketdata_v1_marketdata_proto protoreflect.FileDescriptor
 
 const file_cex_marketdata_v1_marketdata_proto_rawDesc = "" +
 	"\n" +
-	"\"cex/marketdata/v1/marketdata.proto\x12\x11cex.marketdata.v1\x1a\x17cex/type/v1/types.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe8\x01\n" +
+	"\"cex/marketdata/v1/marketdata.proto\x12\x11cex.marketdata.v1\x1a\x17cex/type/v1/types.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\x02\n" +
 	"\tOrderBook\x12\x16\n" +
 	"\x06market\x18\x01 \x01(\tR\x06market\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x03R\x03seq\x12+\n" +
@@ -1905,7 +1925,8 @@ const file_cex_marketdata_v1_marketdata_proto_rawDesc = "" +
 	"\x04asks\x18\x04 \x03(\v2\x17.cex.type.v1.PriceLevelR\x04asks\x12\x1a\n" +
 	"\bchecksum\x18\x05 \x01(\rR\bchecksum\x12;\n" +
 	"\vupdate_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"updateTime\"\x88\x02\n" +
+	"updateTime\x121\n" +
+	"\x06status\x18\a \x01(\x0e2\x19.cex.type.v1.MarketStatusR\x06status\"\xbb\x02\n" +
 	"\x0eOrderBookDelta\x12\x16\n" +
 	"\x06market\x18\x01 \x01(\tR\x06market\x12\x19\n" +
 	"\bprev_seq\x18\x02 \x01(\x03R\aprevSeq\x12\x10\n" +
@@ -1914,7 +1935,8 @@ const file_cex_marketdata_v1_marketdata_proto_rawDesc = "" +
 	"\x04asks\x18\x05 \x03(\v2\x17.cex.type.v1.PriceLevelR\x04asks\x12\x1a\n" +
 	"\bchecksum\x18\x06 \x01(\rR\bchecksum\x12;\n" +
 	"\vupdate_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"updateTime\"\x92\x02\n" +
+	"updateTime\x121\n" +
+	"\x06status\x18\b \x01(\x0e2\x19.cex.type.v1.MarketStatusR\x06status\"\x92\x02\n" +
 	"\x05Trade\x12\x19\n" +
 	"\btrade_id\x18\x01 \x01(\tR\atradeId\x12\x16\n" +
 	"\x06market\x18\x02 \x01(\tR\x06market\x12\x14\n" +
@@ -2100,64 +2122,67 @@ var file_cex_marketdata_v1_marketdata_proto_goTypes = []any{
 	(*GetCandlesResponse)(nil),      // 25: cex.marketdata.v1.GetCandlesResponse
 	(*v1.PriceLevel)(nil),           // 26: cex.type.v1.PriceLevel
 	(*timestamppb.Timestamp)(nil),   // 27: google.protobuf.Timestamp
-	(v1.Side)(0),                    // 28: cex.type.v1.Side
-	(*v1.Market)(nil),               // 29: cex.type.v1.Market
+	(v1.MarketStatus)(0),            // 28: cex.type.v1.MarketStatus
+	(v1.Side)(0),                    // 29: cex.type.v1.Side
+	(*v1.Market)(nil),               // 30: cex.type.v1.Market
 }
 var file_cex_marketdata_v1_marketdata_proto_depIdxs = []int32{
 	26, // 0: cex.marketdata.v1.OrderBook.bids:type_name -> cex.type.v1.PriceLevel
 	26, // 1: cex.marketdata.v1.OrderBook.asks:type_name -> cex.type.v1.PriceLevel
 	27, // 2: cex.marketdata.v1.OrderBook.update_time:type_name -> google.protobuf.Timestamp
-	26, // 3: cex.marketdata.v1.OrderBookDelta.bids:type_name -> cex.type.v1.PriceLevel
-	26, // 4: cex.marketdata.v1.OrderBookDelta.asks:type_name -> cex.type.v1.PriceLevel
-	27, // 5: cex.marketdata.v1.OrderBookDelta.update_time:type_name -> google.protobuf.Timestamp
-	28, // 6: cex.marketdata.v1.Trade.taker_side:type_name -> cex.type.v1.Side
-	27, // 7: cex.marketdata.v1.Trade.trade_time:type_name -> google.protobuf.Timestamp
-	27, // 8: cex.marketdata.v1.Ticker.window_start_time:type_name -> google.protobuf.Timestamp
-	27, // 9: cex.marketdata.v1.Ticker.update_time:type_name -> google.protobuf.Timestamp
-	0,  // 10: cex.marketdata.v1.Candle.interval:type_name -> cex.marketdata.v1.CandleInterval
-	27, // 11: cex.marketdata.v1.Candle.open_time:type_name -> google.protobuf.Timestamp
-	27, // 12: cex.marketdata.v1.Candle.close_time:type_name -> google.protobuf.Timestamp
-	29, // 13: cex.marketdata.v1.ListMarketsResponse.markets:type_name -> cex.type.v1.Market
-	29, // 14: cex.marketdata.v1.GetMarketResponse.market:type_name -> cex.type.v1.Market
-	1,  // 15: cex.marketdata.v1.GetOrderBookResponse.book:type_name -> cex.marketdata.v1.OrderBook
-	1,  // 16: cex.marketdata.v1.StreamOrderBookResponse.snapshot:type_name -> cex.marketdata.v1.OrderBook
-	2,  // 17: cex.marketdata.v1.StreamOrderBookResponse.delta:type_name -> cex.marketdata.v1.OrderBookDelta
-	27, // 18: cex.marketdata.v1.ListTradesRequest.start_time:type_name -> google.protobuf.Timestamp
-	27, // 19: cex.marketdata.v1.ListTradesRequest.end_time:type_name -> google.protobuf.Timestamp
-	3,  // 20: cex.marketdata.v1.ListTradesResponse.trades:type_name -> cex.marketdata.v1.Trade
-	3,  // 21: cex.marketdata.v1.StreamTradesResponse.trades:type_name -> cex.marketdata.v1.Trade
-	4,  // 22: cex.marketdata.v1.GetTickerResponse.ticker:type_name -> cex.marketdata.v1.Ticker
-	4,  // 23: cex.marketdata.v1.ListTickersResponse.tickers:type_name -> cex.marketdata.v1.Ticker
-	4,  // 24: cex.marketdata.v1.StreamTickersResponse.tickers:type_name -> cex.marketdata.v1.Ticker
-	0,  // 25: cex.marketdata.v1.GetCandlesRequest.interval:type_name -> cex.marketdata.v1.CandleInterval
-	27, // 26: cex.marketdata.v1.GetCandlesRequest.start_time:type_name -> google.protobuf.Timestamp
-	27, // 27: cex.marketdata.v1.GetCandlesRequest.end_time:type_name -> google.protobuf.Timestamp
-	5,  // 28: cex.marketdata.v1.GetCandlesResponse.candles:type_name -> cex.marketdata.v1.Candle
-	6,  // 29: cex.marketdata.v1.MarketDataService.ListMarkets:input_type -> cex.marketdata.v1.ListMarketsRequest
-	8,  // 30: cex.marketdata.v1.MarketDataService.GetMarket:input_type -> cex.marketdata.v1.GetMarketRequest
-	10, // 31: cex.marketdata.v1.MarketDataService.GetOrderBook:input_type -> cex.marketdata.v1.GetOrderBookRequest
-	12, // 32: cex.marketdata.v1.MarketDataService.StreamOrderBook:input_type -> cex.marketdata.v1.StreamOrderBookRequest
-	14, // 33: cex.marketdata.v1.MarketDataService.ListTrades:input_type -> cex.marketdata.v1.ListTradesRequest
-	16, // 34: cex.marketdata.v1.MarketDataService.StreamTrades:input_type -> cex.marketdata.v1.StreamTradesRequest
-	18, // 35: cex.marketdata.v1.MarketDataService.GetTicker:input_type -> cex.marketdata.v1.GetTickerRequest
-	20, // 36: cex.marketdata.v1.MarketDataService.ListTickers:input_type -> cex.marketdata.v1.ListTickersRequest
-	22, // 37: cex.marketdata.v1.MarketDataService.StreamTickers:input_type -> cex.marketdata.v1.StreamTickersRequest
-	24, // 38: cex.marketdata.v1.MarketDataService.GetCandles:input_type -> cex.marketdata.v1.GetCandlesRequest
-	7,  // 39: cex.marketdata.v1.MarketDataService.ListMarkets:output_type -> cex.marketdata.v1.ListMarketsResponse
-	9,  // 40: cex.marketdata.v1.MarketDataService.GetMarket:output_type -> cex.marketdata.v1.GetMarketResponse
-	11, // 41: cex.marketdata.v1.MarketDataService.GetOrderBook:output_type -> cex.marketdata.v1.GetOrderBookResponse
-	13, // 42: cex.marketdata.v1.MarketDataService.StreamOrderBook:output_type -> cex.marketdata.v1.StreamOrderBookResponse
-	15, // 43: cex.marketdata.v1.MarketDataService.ListTrades:output_type -> cex.marketdata.v1.ListTradesResponse
-	17, // 44: cex.marketdata.v1.MarketDataService.StreamTrades:output_type -> cex.marketdata.v1.StreamTradesResponse
-	19, // 45: cex.marketdata.v1.MarketDataService.GetTicker:output_type -> cex.marketdata.v1.GetTickerResponse
-	21, // 46: cex.marketdata.v1.MarketDataService.ListTickers:output_type -> cex.marketdata.v1.ListTickersResponse
-	23, // 47: cex.marketdata.v1.MarketDataService.StreamTickers:output_type -> cex.marketdata.v1.StreamTickersResponse
-	25, // 48: cex.marketdata.v1.MarketDataService.GetCandles:output_type -> cex.marketdata.v1.GetCandlesResponse
-	39, // [39:49] is the sub-list for method output_type
-	29, // [29:39] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	28, // 3: cex.marketdata.v1.OrderBook.status:type_name -> cex.type.v1.MarketStatus
+	26, // 4: cex.marketdata.v1.OrderBookDelta.bids:type_name -> cex.type.v1.PriceLevel
+	26, // 5: cex.marketdata.v1.OrderBookDelta.asks:type_name -> cex.type.v1.PriceLevel
+	27, // 6: cex.marketdata.v1.OrderBookDelta.update_time:type_name -> google.protobuf.Timestamp
+	28, // 7: cex.marketdata.v1.OrderBookDelta.status:type_name -> cex.type.v1.MarketStatus
+	29, // 8: cex.marketdata.v1.Trade.taker_side:type_name -> cex.type.v1.Side
+	27, // 9: cex.marketdata.v1.Trade.trade_time:type_name -> google.protobuf.Timestamp
+	27, // 10: cex.marketdata.v1.Ticker.window_start_time:type_name -> google.protobuf.Timestamp
+	27, // 11: cex.marketdata.v1.Ticker.update_time:type_name -> google.protobuf.Timestamp
+	0,  // 12: cex.marketdata.v1.Candle.interval:type_name -> cex.marketdata.v1.CandleInterval
+	27, // 13: cex.marketdata.v1.Candle.open_time:type_name -> google.protobuf.Timestamp
+	27, // 14: cex.marketdata.v1.Candle.close_time:type_name -> google.protobuf.Timestamp
+	30, // 15: cex.marketdata.v1.ListMarketsResponse.markets:type_name -> cex.type.v1.Market
+	30, // 16: cex.marketdata.v1.GetMarketResponse.market:type_name -> cex.type.v1.Market
+	1,  // 17: cex.marketdata.v1.GetOrderBookResponse.book:type_name -> cex.marketdata.v1.OrderBook
+	1,  // 18: cex.marketdata.v1.StreamOrderBookResponse.snapshot:type_name -> cex.marketdata.v1.OrderBook
+	2,  // 19: cex.marketdata.v1.StreamOrderBookResponse.delta:type_name -> cex.marketdata.v1.OrderBookDelta
+	27, // 20: cex.marketdata.v1.ListTradesRequest.start_time:type_name -> google.protobuf.Timestamp
+	27, // 21: cex.marketdata.v1.ListTradesRequest.end_time:type_name -> google.protobuf.Timestamp
+	3,  // 22: cex.marketdata.v1.ListTradesResponse.trades:type_name -> cex.marketdata.v1.Trade
+	3,  // 23: cex.marketdata.v1.StreamTradesResponse.trades:type_name -> cex.marketdata.v1.Trade
+	4,  // 24: cex.marketdata.v1.GetTickerResponse.ticker:type_name -> cex.marketdata.v1.Ticker
+	4,  // 25: cex.marketdata.v1.ListTickersResponse.tickers:type_name -> cex.marketdata.v1.Ticker
+	4,  // 26: cex.marketdata.v1.StreamTickersResponse.tickers:type_name -> cex.marketdata.v1.Ticker
+	0,  // 27: cex.marketdata.v1.GetCandlesRequest.interval:type_name -> cex.marketdata.v1.CandleInterval
+	27, // 28: cex.marketdata.v1.GetCandlesRequest.start_time:type_name -> google.protobuf.Timestamp
+	27, // 29: cex.marketdata.v1.GetCandlesRequest.end_time:type_name -> google.protobuf.Timestamp
+	5,  // 30: cex.marketdata.v1.GetCandlesResponse.candles:type_name -> cex.marketdata.v1.Candle
+	6,  // 31: cex.marketdata.v1.MarketDataService.ListMarkets:input_type -> cex.marketdata.v1.ListMarketsRequest
+	8,  // 32: cex.marketdata.v1.MarketDataService.GetMarket:input_type -> cex.marketdata.v1.GetMarketRequest
+	10, // 33: cex.marketdata.v1.MarketDataService.GetOrderBook:input_type -> cex.marketdata.v1.GetOrderBookRequest
+	12, // 34: cex.marketdata.v1.MarketDataService.StreamOrderBook:input_type -> cex.marketdata.v1.StreamOrderBookRequest
+	14, // 35: cex.marketdata.v1.MarketDataService.ListTrades:input_type -> cex.marketdata.v1.ListTradesRequest
+	16, // 36: cex.marketdata.v1.MarketDataService.StreamTrades:input_type -> cex.marketdata.v1.StreamTradesRequest
+	18, // 37: cex.marketdata.v1.MarketDataService.GetTicker:input_type -> cex.marketdata.v1.GetTickerRequest
+	20, // 38: cex.marketdata.v1.MarketDataService.ListTickers:input_type -> cex.marketdata.v1.ListTickersRequest
+	22, // 39: cex.marketdata.v1.MarketDataService.StreamTickers:input_type -> cex.marketdata.v1.StreamTickersRequest
+	24, // 40: cex.marketdata.v1.MarketDataService.GetCandles:input_type -> cex.marketdata.v1.GetCandlesRequest
+	7,  // 41: cex.marketdata.v1.MarketDataService.ListMarkets:output_type -> cex.marketdata.v1.ListMarketsResponse
+	9,  // 42: cex.marketdata.v1.MarketDataService.GetMarket:output_type -> cex.marketdata.v1.GetMarketResponse
+	11, // 43: cex.marketdata.v1.MarketDataService.GetOrderBook:output_type -> cex.marketdata.v1.GetOrderBookResponse
+	13, // 44: cex.marketdata.v1.MarketDataService.StreamOrderBook:output_type -> cex.marketdata.v1.StreamOrderBookResponse
+	15, // 45: cex.marketdata.v1.MarketDataService.ListTrades:output_type -> cex.marketdata.v1.ListTradesResponse
+	17, // 46: cex.marketdata.v1.MarketDataService.StreamTrades:output_type -> cex.marketdata.v1.StreamTradesResponse
+	19, // 47: cex.marketdata.v1.MarketDataService.GetTicker:output_type -> cex.marketdata.v1.GetTickerResponse
+	21, // 48: cex.marketdata.v1.MarketDataService.ListTickers:output_type -> cex.marketdata.v1.ListTickersResponse
+	23, // 49: cex.marketdata.v1.MarketDataService.StreamTickers:output_type -> cex.marketdata.v1.StreamTickersResponse
+	25, // 50: cex.marketdata.v1.MarketDataService.GetCandles:output_type -> cex.marketdata.v1.GetCandlesResponse
+	41, // [41:51] is the sub-list for method output_type
+	31, // [31:41] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_cex_marketdata_v1_marketdata_proto_init() }

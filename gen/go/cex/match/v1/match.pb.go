@@ -5,8 +5,9 @@
 // source: cex/match/v1/match.proto
 
 // The matching engine: in-memory order books fed by a journaled command
-// stream. Internal only (order is the only writer, market-data and ledger
-// read events); no HTTP mapping.
+// stream. Internal (order and the ledger write, market data and the ledger
+// read events), except SetMarketStatus: an operator's call (admin scope),
+// served as REST too under /v1/admin/markets/.
 //
 // Prices and quantities are decimal strings here too, exactly as on the public
 // API. The engine converts them to integer ticks (price / tick_size) and lots
@@ -24,6 +25,7 @@ package matchv1
 
 import (
 	v1 "github.com/cex-core/cex-core/gen/go/cex/type/v1"
+	_ "google.golang.org/genproto/googleapis/api/annotations"
 	status "google.golang.org/genproto/googleapis/rpc/status"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
@@ -151,7 +153,7 @@ func (x FundsTransfer_Op) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FundsTransfer_Op.Descriptor instead.
 func (FundsTransfer_Op) EnumDescriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{6, 0}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{7, 0}
 }
 
 // Places an order in the book.
@@ -648,6 +650,82 @@ func (*ExpireCommand) Descriptor() ([]byte, []int) {
 	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{4}
 }
 
+// Sets the market's status (ADR 0015). Journaled and replayed like any
+// command; what the engine refuses in each status is refused before the
+// journal (FAILED_PRECONDITION MATCH_MARKET_HALTED, _CANCEL_ONLY, _POST_ONLY,
+// _DELISTED), so replays see only what was admitted.
+type SetMarketStatusCommand struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The new status (not UNSPECIFIED).
+	Status v1.MarketStatus `protobuf:"varint,1,opt,name=status,proto3,enum=cex.type.v1.MarketStatus" json:"status,omitempty"`
+	// Why, for people (required; at most 256 characters).
+	Reason string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	// The SetMarketStatus request_id.
+	RequestId string `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// Who asked (an admin account, or "svc:<service>").
+	UpdatedBy     string `protobuf:"bytes,4,opt,name=updated_by,json=updatedBy,proto3" json:"updated_by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetMarketStatusCommand) Reset() {
+	*x = SetMarketStatusCommand{}
+	mi := &file_cex_match_v1_match_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetMarketStatusCommand) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetMarketStatusCommand) ProtoMessage() {}
+
+func (x *SetMarketStatusCommand) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_match_v1_match_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetMarketStatusCommand.ProtoReflect.Descriptor instead.
+func (*SetMarketStatusCommand) Descriptor() ([]byte, []int) {
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *SetMarketStatusCommand) GetStatus() v1.MarketStatus {
+	if x != nil {
+		return x.Status
+	}
+	return v1.MarketStatus(0)
+}
+
+func (x *SetMarketStatusCommand) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *SetMarketStatusCommand) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *SetMarketStatusCommand) GetUpdatedBy() string {
+	if x != nil {
+		return x.UpdatedBy
+	}
+	return ""
+}
+
 // Funds moved by the ledger's rules, decided by the group's writer, which owns
 // balances (ADR 0013): deposits, withdrawals' holds, posts and voids, transfers.
 // The ledger service sends these for its CreateTransfers; they are applied in
@@ -663,7 +741,7 @@ type TransfersCommand struct {
 
 func (x *TransfersCommand) Reset() {
 	*x = TransfersCommand{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[5]
+	mi := &file_cex_match_v1_match_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -675,7 +753,7 @@ func (x *TransfersCommand) String() string {
 func (*TransfersCommand) ProtoMessage() {}
 
 func (x *TransfersCommand) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[5]
+	mi := &file_cex_match_v1_match_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -688,7 +766,7 @@ func (x *TransfersCommand) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransfersCommand.ProtoReflect.Descriptor instead.
 func (*TransfersCommand) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{5}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *TransfersCommand) GetTransfers() []*FundsTransfer {
@@ -730,7 +808,7 @@ type FundsTransfer struct {
 
 func (x *FundsTransfer) Reset() {
 	*x = FundsTransfer{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[6]
+	mi := &file_cex_match_v1_match_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -742,7 +820,7 @@ func (x *FundsTransfer) String() string {
 func (*FundsTransfer) ProtoMessage() {}
 
 func (x *FundsTransfer) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[6]
+	mi := &file_cex_match_v1_match_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -755,7 +833,7 @@ func (x *FundsTransfer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FundsTransfer.ProtoReflect.Descriptor instead.
 func (*FundsTransfer) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{6}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *FundsTransfer) GetId() string {
@@ -853,7 +931,7 @@ type FundsEffects struct {
 
 func (x *FundsEffects) Reset() {
 	*x = FundsEffects{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[7]
+	mi := &file_cex_match_v1_match_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -865,7 +943,7 @@ func (x *FundsEffects) String() string {
 func (*FundsEffects) ProtoMessage() {}
 
 func (x *FundsEffects) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[7]
+	mi := &file_cex_match_v1_match_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -878,7 +956,7 @@ func (x *FundsEffects) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FundsEffects.ProtoReflect.Descriptor instead.
 func (*FundsEffects) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{7}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *FundsEffects) GetExpired() []string {
@@ -913,6 +991,7 @@ type Command struct {
 	//	*Command_MassCancel
 	//	*Command_Expire
 	//	*Command_Transfers
+	//	*Command_SetStatus
 	Kind isCommand_Kind `protobuf_oneof:"kind"`
 	// W3C trace context of the request the command serves (`traceparent`,
 	// `tracestate`): a stream carries many requests' commands, and gRPC metadata
@@ -925,7 +1004,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[8]
+	mi := &file_cex_match_v1_match_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -937,7 +1016,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[8]
+	mi := &file_cex_match_v1_match_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -950,7 +1029,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{8}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Command) GetCommandId() string {
@@ -1028,6 +1107,15 @@ func (x *Command) GetTransfers() *TransfersCommand {
 	return nil
 }
 
+func (x *Command) GetSetStatus() *SetMarketStatusCommand {
+	if x != nil {
+		if x, ok := x.Kind.(*Command_SetStatus); ok {
+			return x.SetStatus
+		}
+	}
+	return nil
+}
+
 func (x *Command) GetTraceContext() map[string]string {
 	if x != nil {
 		return x.TraceContext
@@ -1070,6 +1158,11 @@ type Command_Transfers struct {
 	Transfers *TransfersCommand `protobuf:"bytes,9,opt,name=transfers,proto3,oneof"`
 }
 
+type Command_SetStatus struct {
+	// Set the market's status.
+	SetStatus *SetMarketStatusCommand `protobuf:"bytes,10,opt,name=set_status,json=setStatus,proto3,oneof"`
+}
+
 func (*Command_Place) isCommand_Kind() {}
 
 func (*Command_Cancel) isCommand_Kind() {}
@@ -1081,6 +1174,8 @@ func (*Command_MassCancel) isCommand_Kind() {}
 func (*Command_Expire) isCommand_Kind() {}
 
 func (*Command_Transfers) isCommand_Kind() {}
+
+func (*Command_SetStatus) isCommand_Kind() {}
 
 // Result of one command.
 type CommandResult struct {
@@ -1110,7 +1205,7 @@ type CommandResult struct {
 
 func (x *CommandResult) Reset() {
 	*x = CommandResult{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[9]
+	mi := &file_cex_match_v1_match_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1122,7 +1217,7 @@ func (x *CommandResult) String() string {
 func (*CommandResult) ProtoMessage() {}
 
 func (x *CommandResult) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[9]
+	mi := &file_cex_match_v1_match_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1135,7 +1230,7 @@ func (x *CommandResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommandResult.ProtoReflect.Descriptor instead.
 func (*CommandResult) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{9}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CommandResult) GetCommandId() string {
@@ -1212,6 +1307,7 @@ type MatchEvent struct {
 	//	*MatchEvent_Amended
 	//	*MatchEvent_Triggered
 	//	*MatchEvent_LevelChanged
+	//	*MatchEvent_StatusChanged
 	Kind          isMatchEvent_Kind `protobuf_oneof:"kind"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1219,7 +1315,7 @@ type MatchEvent struct {
 
 func (x *MatchEvent) Reset() {
 	*x = MatchEvent{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[10]
+	mi := &file_cex_match_v1_match_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1231,7 +1327,7 @@ func (x *MatchEvent) String() string {
 func (*MatchEvent) ProtoMessage() {}
 
 func (x *MatchEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[10]
+	mi := &file_cex_match_v1_match_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1244,7 +1340,7 @@ func (x *MatchEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MatchEvent.ProtoReflect.Descriptor instead.
 func (*MatchEvent) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{10}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *MatchEvent) GetMarket() string {
@@ -1352,6 +1448,15 @@ func (x *MatchEvent) GetLevelChanged() *LevelChanged {
 	return nil
 }
 
+func (x *MatchEvent) GetStatusChanged() *MarketStatusChanged {
+	if x != nil {
+		if x, ok := x.Kind.(*MatchEvent_StatusChanged); ok {
+			return x.StatusChanged
+		}
+	}
+	return nil
+}
+
 type isMatchEvent_Kind interface {
 	isMatchEvent_Kind()
 }
@@ -1391,6 +1496,12 @@ type MatchEvent_LevelChanged struct {
 	LevelChanged *LevelChanged `protobuf:"bytes,12,opt,name=level_changed,json=levelChanged,proto3,oneof"`
 }
 
+type MatchEvent_StatusChanged struct {
+	// The market's status changed (first event of its command; a delisting's
+	// cancellations follow it).
+	StatusChanged *MarketStatusChanged `protobuf:"bytes,13,opt,name=status_changed,json=statusChanged,proto3,oneof"`
+}
+
 func (*MatchEvent_Accepted) isMatchEvent_Kind() {}
 
 func (*MatchEvent_Rejected) isMatchEvent_Kind() {}
@@ -1404,6 +1515,90 @@ func (*MatchEvent_Amended) isMatchEvent_Kind() {}
 func (*MatchEvent_Triggered) isMatchEvent_Kind() {}
 
 func (*MatchEvent_LevelChanged) isMatchEvent_Kind() {}
+
+func (*MatchEvent_StatusChanged) isMatchEvent_Kind() {}
+
+// A market's status changed (SetMarketStatus).
+type MarketStatusChanged struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The status now.
+	Status v1.MarketStatus `protobuf:"varint,1,opt,name=status,proto3,enum=cex.type.v1.MarketStatus" json:"status,omitempty"`
+	// The status before.
+	PreviousStatus v1.MarketStatus `protobuf:"varint,2,opt,name=previous_status,json=previousStatus,proto3,enum=cex.type.v1.MarketStatus" json:"previous_status,omitempty"`
+	// Why, as the operator gave it.
+	Reason string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	// The SetMarketStatus request_id.
+	RequestId string `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// Who asked.
+	UpdatedBy     string `protobuf:"bytes,5,opt,name=updated_by,json=updatedBy,proto3" json:"updated_by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MarketStatusChanged) Reset() {
+	*x = MarketStatusChanged{}
+	mi := &file_cex_match_v1_match_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MarketStatusChanged) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MarketStatusChanged) ProtoMessage() {}
+
+func (x *MarketStatusChanged) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_match_v1_match_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MarketStatusChanged.ProtoReflect.Descriptor instead.
+func (*MarketStatusChanged) Descriptor() ([]byte, []int) {
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *MarketStatusChanged) GetStatus() v1.MarketStatus {
+	if x != nil {
+		return x.Status
+	}
+	return v1.MarketStatus(0)
+}
+
+func (x *MarketStatusChanged) GetPreviousStatus() v1.MarketStatus {
+	if x != nil {
+		return x.PreviousStatus
+	}
+	return v1.MarketStatus(0)
+}
+
+func (x *MarketStatusChanged) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *MarketStatusChanged) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *MarketStatusChanged) GetUpdatedBy() string {
+	if x != nil {
+		return x.UpdatedBy
+	}
+	return ""
+}
 
 // An order was accepted.
 type OrderAccepted struct {
@@ -1441,7 +1636,7 @@ type OrderAccepted struct {
 
 func (x *OrderAccepted) Reset() {
 	*x = OrderAccepted{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[11]
+	mi := &file_cex_match_v1_match_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1453,7 +1648,7 @@ func (x *OrderAccepted) String() string {
 func (*OrderAccepted) ProtoMessage() {}
 
 func (x *OrderAccepted) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[11]
+	mi := &file_cex_match_v1_match_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1466,7 +1661,7 @@ func (x *OrderAccepted) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderAccepted.ProtoReflect.Descriptor instead.
 func (*OrderAccepted) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{11}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *OrderAccepted) GetOrderId() string {
@@ -1582,7 +1777,7 @@ type OrderRejected struct {
 
 func (x *OrderRejected) Reset() {
 	*x = OrderRejected{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[12]
+	mi := &file_cex_match_v1_match_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1594,7 +1789,7 @@ func (x *OrderRejected) String() string {
 func (*OrderRejected) ProtoMessage() {}
 
 func (x *OrderRejected) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[12]
+	mi := &file_cex_match_v1_match_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1607,7 +1802,7 @@ func (x *OrderRejected) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderRejected.ProtoReflect.Descriptor instead.
 func (*OrderRejected) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{12}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *OrderRejected) GetOrderId() string {
@@ -1695,7 +1890,7 @@ type Trade struct {
 
 func (x *Trade) Reset() {
 	*x = Trade{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[13]
+	mi := &file_cex_match_v1_match_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1707,7 +1902,7 @@ func (x *Trade) String() string {
 func (*Trade) ProtoMessage() {}
 
 func (x *Trade) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[13]
+	mi := &file_cex_match_v1_match_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1720,7 +1915,7 @@ func (x *Trade) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Trade.ProtoReflect.Descriptor instead.
 func (*Trade) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{13}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Trade) GetTradeId() string {
@@ -1869,7 +2064,7 @@ type OrderCancelled struct {
 
 func (x *OrderCancelled) Reset() {
 	*x = OrderCancelled{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[14]
+	mi := &file_cex_match_v1_match_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1881,7 +2076,7 @@ func (x *OrderCancelled) String() string {
 func (*OrderCancelled) ProtoMessage() {}
 
 func (x *OrderCancelled) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[14]
+	mi := &file_cex_match_v1_match_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1894,7 +2089,7 @@ func (x *OrderCancelled) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderCancelled.ProtoReflect.Descriptor instead.
 func (*OrderCancelled) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{14}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *OrderCancelled) GetOrderId() string {
@@ -1980,7 +2175,7 @@ type OrderAmended struct {
 
 func (x *OrderAmended) Reset() {
 	*x = OrderAmended{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[15]
+	mi := &file_cex_match_v1_match_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1992,7 +2187,7 @@ func (x *OrderAmended) String() string {
 func (*OrderAmended) ProtoMessage() {}
 
 func (x *OrderAmended) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[15]
+	mi := &file_cex_match_v1_match_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2005,7 +2200,7 @@ func (x *OrderAmended) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderAmended.ProtoReflect.Descriptor instead.
 func (*OrderAmended) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{15}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *OrderAmended) GetOrderId() string {
@@ -2094,7 +2289,7 @@ type OrderTriggered struct {
 
 func (x *OrderTriggered) Reset() {
 	*x = OrderTriggered{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[16]
+	mi := &file_cex_match_v1_match_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2106,7 +2301,7 @@ func (x *OrderTriggered) String() string {
 func (*OrderTriggered) ProtoMessage() {}
 
 func (x *OrderTriggered) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[16]
+	mi := &file_cex_match_v1_match_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2119,7 +2314,7 @@ func (x *OrderTriggered) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderTriggered.ProtoReflect.Descriptor instead.
 func (*OrderTriggered) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{16}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *OrderTriggered) GetOrderId() string {
@@ -2188,7 +2383,7 @@ type LevelChanged struct {
 
 func (x *LevelChanged) Reset() {
 	*x = LevelChanged{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[17]
+	mi := &file_cex_match_v1_match_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2200,7 +2395,7 @@ func (x *LevelChanged) String() string {
 func (*LevelChanged) ProtoMessage() {}
 
 func (x *LevelChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[17]
+	mi := &file_cex_match_v1_match_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2213,7 +2408,7 @@ func (x *LevelChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LevelChanged.ProtoReflect.Descriptor instead.
 func (*LevelChanged) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{17}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *LevelChanged) GetSide() v1.Side {
@@ -2264,7 +2459,7 @@ type BookOrder struct {
 
 func (x *BookOrder) Reset() {
 	*x = BookOrder{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[18]
+	mi := &file_cex_match_v1_match_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2276,7 +2471,7 @@ func (x *BookOrder) String() string {
 func (*BookOrder) ProtoMessage() {}
 
 func (x *BookOrder) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[18]
+	mi := &file_cex_match_v1_match_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2289,7 +2484,7 @@ func (x *BookOrder) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BookOrder.ProtoReflect.Descriptor instead.
 func (*BookOrder) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{18}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *BookOrder) GetOrderId() string {
@@ -2345,14 +2540,18 @@ type OrderBook struct {
 	// Hex SHA-256 of the engine's canonical state of the whole book (all
 	// orders, untriggered stops included) at seq; equal hashes at equal seq
 	// prove a replay reproduced the book.
-	StateHash     string `protobuf:"bytes,7,opt,name=state_hash,json=stateHash,proto3" json:"state_hash,omitempty"`
+	StateHash string `protobuf:"bytes,7,opt,name=state_hash,json=stateHash,proto3" json:"state_hash,omitempty"`
+	// The market's status as of seq.
+	Status v1.MarketStatus `protobuf:"varint,8,opt,name=status,proto3,enum=cex.type.v1.MarketStatus" json:"status,omitempty"`
+	// Why it has that status (the last SetMarketStatus reason; empty if never set).
+	StatusReason  string `protobuf:"bytes,9,opt,name=status_reason,json=statusReason,proto3" json:"status_reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *OrderBook) Reset() {
 	*x = OrderBook{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[19]
+	mi := &file_cex_match_v1_match_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2364,7 +2563,7 @@ func (x *OrderBook) String() string {
 func (*OrderBook) ProtoMessage() {}
 
 func (x *OrderBook) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[19]
+	mi := &file_cex_match_v1_match_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2377,7 +2576,7 @@ func (x *OrderBook) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderBook.ProtoReflect.Descriptor instead.
 func (*OrderBook) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{19}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *OrderBook) GetMarket() string {
@@ -2429,6 +2628,20 @@ func (x *OrderBook) GetStateHash() string {
 	return ""
 }
 
+func (x *OrderBook) GetStatus() v1.MarketStatus {
+	if x != nil {
+		return x.Status
+	}
+	return v1.MarketStatus(0)
+}
+
+func (x *OrderBook) GetStatusReason() string {
+	if x != nil {
+		return x.StatusReason
+	}
+	return ""
+}
+
 // Request for MatchService.SubmitCommands.
 type SubmitCommandsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2440,7 +2653,7 @@ type SubmitCommandsRequest struct {
 
 func (x *SubmitCommandsRequest) Reset() {
 	*x = SubmitCommandsRequest{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[20]
+	mi := &file_cex_match_v1_match_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2452,7 +2665,7 @@ func (x *SubmitCommandsRequest) String() string {
 func (*SubmitCommandsRequest) ProtoMessage() {}
 
 func (x *SubmitCommandsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[20]
+	mi := &file_cex_match_v1_match_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2465,7 +2678,7 @@ func (x *SubmitCommandsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitCommandsRequest.ProtoReflect.Descriptor instead.
 func (*SubmitCommandsRequest) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{20}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SubmitCommandsRequest) GetCommands() []*Command {
@@ -2486,7 +2699,7 @@ type SubmitCommandsResponse struct {
 
 func (x *SubmitCommandsResponse) Reset() {
 	*x = SubmitCommandsResponse{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[21]
+	mi := &file_cex_match_v1_match_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2498,7 +2711,7 @@ func (x *SubmitCommandsResponse) String() string {
 func (*SubmitCommandsResponse) ProtoMessage() {}
 
 func (x *SubmitCommandsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[21]
+	mi := &file_cex_match_v1_match_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2511,7 +2724,7 @@ func (x *SubmitCommandsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitCommandsResponse.ProtoReflect.Descriptor instead.
 func (*SubmitCommandsResponse) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{21}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *SubmitCommandsResponse) GetResults() []*CommandResult {
@@ -2536,7 +2749,7 @@ type GetOrderBookRequest struct {
 
 func (x *GetOrderBookRequest) Reset() {
 	*x = GetOrderBookRequest{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[22]
+	mi := &file_cex_match_v1_match_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2548,7 +2761,7 @@ func (x *GetOrderBookRequest) String() string {
 func (*GetOrderBookRequest) ProtoMessage() {}
 
 func (x *GetOrderBookRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[22]
+	mi := &file_cex_match_v1_match_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2561,7 +2774,7 @@ func (x *GetOrderBookRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetOrderBookRequest.ProtoReflect.Descriptor instead.
 func (*GetOrderBookRequest) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{22}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *GetOrderBookRequest) GetMarket() string {
@@ -2596,7 +2809,7 @@ type GetOrderBookResponse struct {
 
 func (x *GetOrderBookResponse) Reset() {
 	*x = GetOrderBookResponse{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[23]
+	mi := &file_cex_match_v1_match_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2608,7 +2821,7 @@ func (x *GetOrderBookResponse) String() string {
 func (*GetOrderBookResponse) ProtoMessage() {}
 
 func (x *GetOrderBookResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[23]
+	mi := &file_cex_match_v1_match_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2621,7 +2834,7 @@ func (x *GetOrderBookResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetOrderBookResponse.ProtoReflect.Descriptor instead.
 func (*GetOrderBookResponse) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{23}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GetOrderBookResponse) GetBook() *OrderBook {
@@ -2649,7 +2862,7 @@ type ReplayEventsRequest struct {
 
 func (x *ReplayEventsRequest) Reset() {
 	*x = ReplayEventsRequest{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[24]
+	mi := &file_cex_match_v1_match_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2661,7 +2874,7 @@ func (x *ReplayEventsRequest) String() string {
 func (*ReplayEventsRequest) ProtoMessage() {}
 
 func (x *ReplayEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[24]
+	mi := &file_cex_match_v1_match_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2674,7 +2887,7 @@ func (x *ReplayEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplayEventsRequest.ProtoReflect.Descriptor instead.
 func (*ReplayEventsRequest) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{24}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ReplayEventsRequest) GetMarket() string {
@@ -2705,6 +2918,153 @@ func (x *ReplayEventsRequest) GetFollow() bool {
 	return false
 }
 
+// Request for MatchService.SetMarketStatus.
+type SetMarketStatusRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Market symbol.
+	Market string `protobuf:"bytes,1,opt,name=market,proto3" json:"market,omitempty"`
+	// The new status (not UNSPECIFIED).
+	Status v1.MarketStatus `protobuf:"varint,2,opt,name=status,proto3,enum=cex.type.v1.MarketStatus" json:"status,omitempty"`
+	// Why, for people (required; at most 256 characters; in the event and in
+	// GetMarket).
+	Reason string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	// Idempotency key (at most 128 characters).
+	RequestId     string `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetMarketStatusRequest) Reset() {
+	*x = SetMarketStatusRequest{}
+	mi := &file_cex_match_v1_match_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetMarketStatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetMarketStatusRequest) ProtoMessage() {}
+
+func (x *SetMarketStatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_match_v1_match_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetMarketStatusRequest.ProtoReflect.Descriptor instead.
+func (*SetMarketStatusRequest) Descriptor() ([]byte, []int) {
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *SetMarketStatusRequest) GetMarket() string {
+	if x != nil {
+		return x.Market
+	}
+	return ""
+}
+
+func (x *SetMarketStatusRequest) GetStatus() v1.MarketStatus {
+	if x != nil {
+		return x.Status
+	}
+	return v1.MarketStatus(0)
+}
+
+func (x *SetMarketStatusRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *SetMarketStatusRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+// Response for MatchService.SetMarketStatus.
+type SetMarketStatusResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The change as journaled.
+	Change *MarketStatusChanged `protobuf:"bytes,1,opt,name=change,proto3" json:"change,omitempty"`
+	// Event seq of the change in its market.
+	Seq int64 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
+	// When it was journaled.
+	UpdateTime *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	// Open orders the change cancelled (DELISTED).
+	CancelledOrders int32 `protobuf:"varint,4,opt,name=cancelled_orders,json=cancelledOrders,proto3" json:"cancelled_orders,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *SetMarketStatusResponse) Reset() {
+	*x = SetMarketStatusResponse{}
+	mi := &file_cex_match_v1_match_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetMarketStatusResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetMarketStatusResponse) ProtoMessage() {}
+
+func (x *SetMarketStatusResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_match_v1_match_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetMarketStatusResponse.ProtoReflect.Descriptor instead.
+func (*SetMarketStatusResponse) Descriptor() ([]byte, []int) {
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *SetMarketStatusResponse) GetChange() *MarketStatusChanged {
+	if x != nil {
+		return x.Change
+	}
+	return nil
+}
+
+func (x *SetMarketStatusResponse) GetSeq() int64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *SetMarketStatusResponse) GetUpdateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdateTime
+	}
+	return nil
+}
+
+func (x *SetMarketStatusResponse) GetCancelledOrders() int32 {
+	if x != nil {
+		return x.CancelledOrders
+	}
+	return 0
+}
+
 // Response for MatchService.ReplayEvents.
 // What match publishes on NATS: one message per journal commit (or per
 // round of the publisher once it is behind), subject `match.events.<market>`,
@@ -2720,7 +3080,7 @@ type EventBatch struct {
 
 func (x *EventBatch) Reset() {
 	*x = EventBatch{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[25]
+	mi := &file_cex_match_v1_match_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2732,7 +3092,7 @@ func (x *EventBatch) String() string {
 func (*EventBatch) ProtoMessage() {}
 
 func (x *EventBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[25]
+	mi := &file_cex_match_v1_match_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2745,7 +3105,7 @@ func (x *EventBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventBatch.ProtoReflect.Descriptor instead.
 func (*EventBatch) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{25}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *EventBatch) GetEvents() []*MatchEvent {
@@ -2766,7 +3126,7 @@ type ReplayEventsResponse struct {
 
 func (x *ReplayEventsResponse) Reset() {
 	*x = ReplayEventsResponse{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[26]
+	mi := &file_cex_match_v1_match_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2778,7 +3138,7 @@ func (x *ReplayEventsResponse) String() string {
 func (*ReplayEventsResponse) ProtoMessage() {}
 
 func (x *ReplayEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[26]
+	mi := &file_cex_match_v1_match_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2791,7 +3151,7 @@ func (x *ReplayEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplayEventsResponse.ProtoReflect.Descriptor instead.
 func (*ReplayEventsResponse) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{26}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ReplayEventsResponse) GetEvents() []*MatchEvent {
@@ -2805,7 +3165,7 @@ var File_cex_match_v1_match_proto protoreflect.FileDescriptor
 
 const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\n" +
-	"\x18cex/match/v1/match.proto\x12\fcex.match.v1\x1a\x17cex/type/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xe2\x06\n" +
+	"\x18cex/match/v1/match.proto\x12\fcex.match.v1\x1a\x17cex/type/v1/types.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xe2\x06\n" +
 	"\fPlaceCommand\x12\x19\n" +
 	"\border_id\x18\x01 \x01(\tR\aorderId\x12&\n" +
 	"\x0fclient_order_id\x18\x02 \x01(\tR\rclientOrderId\x12\x1d\n" +
@@ -2851,7 +3211,14 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"account_id\x18\x01 \x01(\tR\taccountId\x12%\n" +
 	"\x04side\x18\x02 \x01(\x0e2\x11.cex.type.v1.SideR\x04side\x121\n" +
 	"\x06reason\x18\x03 \x01(\x0e2\x19.cex.type.v1.CancelReasonR\x06reason\"\x0f\n" +
-	"\rExpireCommand\"M\n" +
+	"\rExpireCommand\"\xa1\x01\n" +
+	"\x16SetMarketStatusCommand\x121\n" +
+	"\x06status\x18\x01 \x01(\x0e2\x19.cex.type.v1.MarketStatusR\x06status\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x03 \x01(\tR\trequestId\x12\x1d\n" +
+	"\n" +
+	"updated_by\x18\x04 \x01(\tR\tupdatedBy\"M\n" +
 	"\x10TransfersCommand\x129\n" +
 	"\ttransfers\x18\x01 \x03(\v2\x1b.cex.match.v1.FundsTransferR\ttransfers\"\xae\x03\n" +
 	"\rFundsTransfer\x12\x0e\n" +
@@ -2878,7 +3245,7 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\aOP_VOID\x10\x04\"_\n" +
 	"\fFundsEffects\x12\x18\n" +
 	"\aexpired\x18\x01 \x03(\tR\aexpired\x125\n" +
-	"\acreated\x18\x02 \x03(\v2\x1b.cex.match.v1.FundsTransferR\acreated\"\xb1\x04\n" +
+	"\acreated\x18\x02 \x03(\v2\x1b.cex.match.v1.FundsTransferR\acreated\"\xf8\x04\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"command_id\x18\x01 \x01(\tR\tcommandId\x12\x16\n" +
@@ -2889,7 +3256,10 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\vmass_cancel\x18\x06 \x01(\v2\x1f.cex.match.v1.MassCancelCommandH\x00R\n" +
 	"massCancel\x125\n" +
 	"\x06expire\x18\b \x01(\v2\x1b.cex.match.v1.ExpireCommandH\x00R\x06expire\x12>\n" +
-	"\ttransfers\x18\t \x01(\v2\x1e.cex.match.v1.TransfersCommandH\x00R\ttransfers\x12L\n" +
+	"\ttransfers\x18\t \x01(\v2\x1e.cex.match.v1.TransfersCommandH\x00R\ttransfers\x12E\n" +
+	"\n" +
+	"set_status\x18\n" +
+	" \x01(\v2$.cex.match.v1.SetMarketStatusCommandH\x00R\tsetStatus\x12L\n" +
 	"\rtrace_context\x18\a \x03(\v2'.cex.match.v1.Command.TraceContextEntryR\ftraceContext\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
@@ -2904,7 +3274,7 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"commandSeq\x120\n" +
 	"\x06events\x18\x05 \x03(\v2\x18.cex.match.v1.MatchEventR\x06events\x12\x1c\n" +
 	"\tduplicate\x18\x06 \x01(\bR\tduplicate\x12?\n" +
-	"\x11transfer_statuses\x18\a \x03(\v2\x12.google.rpc.StatusR\x10transferStatuses\"\xd3\x04\n" +
+	"\x11transfer_statuses\x18\a \x03(\v2\x12.google.rpc.StatusR\x10transferStatuses\"\x9f\x05\n" +
 	"\n" +
 	"MatchEvent\x12\x16\n" +
 	"\x06market\x18\x01 \x01(\tR\x06market\x12\x10\n" +
@@ -2922,8 +3292,17 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\aamended\x18\n" +
 	" \x01(\v2\x1a.cex.match.v1.OrderAmendedH\x00R\aamended\x12<\n" +
 	"\ttriggered\x18\v \x01(\v2\x1c.cex.match.v1.OrderTriggeredH\x00R\ttriggered\x12A\n" +
-	"\rlevel_changed\x18\f \x01(\v2\x1a.cex.match.v1.LevelChangedH\x00R\flevelChangedB\x06\n" +
-	"\x04kind\"\xeb\x03\n" +
+	"\rlevel_changed\x18\f \x01(\v2\x1a.cex.match.v1.LevelChangedH\x00R\flevelChanged\x12J\n" +
+	"\x0estatus_changed\x18\r \x01(\v2!.cex.match.v1.MarketStatusChangedH\x00R\rstatusChangedB\x06\n" +
+	"\x04kind\"\xe2\x01\n" +
+	"\x13MarketStatusChanged\x121\n" +
+	"\x06status\x18\x01 \x01(\x0e2\x19.cex.type.v1.MarketStatusR\x06status\x12B\n" +
+	"\x0fprevious_status\x18\x02 \x01(\x0e2\x19.cex.type.v1.MarketStatusR\x0epreviousStatus\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x04 \x01(\tR\trequestId\x12\x1d\n" +
+	"\n" +
+	"updated_by\x18\x05 \x01(\tR\tupdatedBy\"\xeb\x03\n" +
 	"\rOrderAccepted\x12\x19\n" +
 	"\border_id\x18\x01 \x01(\tR\aorderId\x12&\n" +
 	"\x0fclient_order_id\x18\x02 \x01(\tR\rclientOrderId\x12\x1d\n" +
@@ -3012,7 +3391,7 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"account_id\x18\x02 \x01(\tR\taccountId\x12\x14\n" +
 	"\x05price\x18\x03 \x01(\tR\x05price\x12\x1a\n" +
 	"\bquantity\x18\x04 \x01(\tR\bquantity\x12\x1a\n" +
-	"\bpriority\x18\x05 \x01(\x03R\bpriority\"\x9e\x02\n" +
+	"\bpriority\x18\x05 \x01(\x03R\bpriority\"\xf6\x02\n" +
 	"\tOrderBook\x12\x16\n" +
 	"\x06market\x18\x01 \x01(\tR\x06market\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x03R\x03seq\x12+\n" +
@@ -3023,7 +3402,9 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\n" +
 	"ask_orders\x18\x06 \x03(\v2\x17.cex.match.v1.BookOrderR\taskOrders\x12\x1d\n" +
 	"\n" +
-	"state_hash\x18\a \x01(\tR\tstateHash\"J\n" +
+	"state_hash\x18\a \x01(\tR\tstateHash\x121\n" +
+	"\x06status\x18\b \x01(\x0e2\x19.cex.type.v1.MarketStatusR\x06status\x12#\n" +
+	"\rstatus_reason\x18\t \x01(\tR\fstatusReason\"J\n" +
 	"\x15SubmitCommandsRequest\x121\n" +
 	"\bcommands\x18\x01 \x03(\v2\x15.cex.match.v1.CommandR\bcommands\"O\n" +
 	"\x16SubmitCommandsResponse\x125\n" +
@@ -3038,7 +3419,19 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\x06market\x18\x01 \x01(\tR\x06market\x12\x19\n" +
 	"\bfrom_seq\x18\x02 \x01(\x03R\afromSeq\x12\x15\n" +
 	"\x06to_seq\x18\x03 \x01(\x03R\x05toSeq\x12\x16\n" +
-	"\x06follow\x18\x04 \x01(\bR\x06follow\">\n" +
+	"\x06follow\x18\x04 \x01(\bR\x06follow\"\x9a\x01\n" +
+	"\x16SetMarketStatusRequest\x12\x16\n" +
+	"\x06market\x18\x01 \x01(\tR\x06market\x121\n" +
+	"\x06status\x18\x02 \x01(\x0e2\x19.cex.type.v1.MarketStatusR\x06status\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x04 \x01(\tR\trequestId\"\xce\x01\n" +
+	"\x17SetMarketStatusResponse\x129\n" +
+	"\x06change\x18\x01 \x01(\v2!.cex.match.v1.MarketStatusChangedR\x06change\x12\x10\n" +
+	"\x03seq\x18\x02 \x01(\x03R\x03seq\x12;\n" +
+	"\vupdate_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"updateTime\x12)\n" +
+	"\x10cancelled_orders\x18\x04 \x01(\x05R\x0fcancelledOrders\">\n" +
 	"\n" +
 	"EventBatch\x120\n" +
 	"\x06events\x18\x01 \x03(\v2\x18.cex.match.v1.MatchEventR\x06events\"H\n" +
@@ -3047,11 +3440,12 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\tBookLevel\x12\x1a\n" +
 	"\x16BOOK_LEVEL_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rBOOK_LEVEL_L2\x10\x01\x12\x11\n" +
-	"\rBOOK_LEVEL_L3\x10\x022\x9f\x02\n" +
+	"\rBOOK_LEVEL_L3\x10\x022\xae\x03\n" +
 	"\fMatchService\x12_\n" +
 	"\x0eSubmitCommands\x12#.cex.match.v1.SubmitCommandsRequest\x1a$.cex.match.v1.SubmitCommandsResponse(\x010\x01\x12U\n" +
 	"\fGetOrderBook\x12!.cex.match.v1.GetOrderBookRequest\x1a\".cex.match.v1.GetOrderBookResponse\x12W\n" +
-	"\fReplayEvents\x12!.cex.match.v1.ReplayEventsRequest\x1a\".cex.match.v1.ReplayEventsResponse0\x01b\x06proto3"
+	"\fReplayEvents\x12!.cex.match.v1.ReplayEventsRequest\x1a\".cex.match.v1.ReplayEventsResponse0\x01\x12\x8c\x01\n" +
+	"\x0fSetMarketStatus\x12$.cex.match.v1.SetMarketStatusRequest\x1a%.cex.match.v1.SetMarketStatusResponse\",\x82\xd3\xe4\x93\x02&:\x01*\"!/v1/admin/markets/{market}/statusb\x06proto3"
 
 var (
 	file_cex_match_v1_match_proto_rawDescOnce sync.Once
@@ -3066,110 +3460,126 @@ func file_cex_match_v1_match_proto_rawDescGZIP() []byte {
 }
 
 var file_cex_match_v1_match_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_cex_match_v1_match_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
+var file_cex_match_v1_match_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_cex_match_v1_match_proto_goTypes = []any{
-	(BookLevel)(0),                 // 0: cex.match.v1.BookLevel
-	(FundsTransfer_Op)(0),          // 1: cex.match.v1.FundsTransfer.Op
-	(*PlaceCommand)(nil),           // 2: cex.match.v1.PlaceCommand
-	(*CancelCommand)(nil),          // 3: cex.match.v1.CancelCommand
-	(*AmendCommand)(nil),           // 4: cex.match.v1.AmendCommand
-	(*MassCancelCommand)(nil),      // 5: cex.match.v1.MassCancelCommand
-	(*ExpireCommand)(nil),          // 6: cex.match.v1.ExpireCommand
-	(*TransfersCommand)(nil),       // 7: cex.match.v1.TransfersCommand
-	(*FundsTransfer)(nil),          // 8: cex.match.v1.FundsTransfer
-	(*FundsEffects)(nil),           // 9: cex.match.v1.FundsEffects
-	(*Command)(nil),                // 10: cex.match.v1.Command
-	(*CommandResult)(nil),          // 11: cex.match.v1.CommandResult
-	(*MatchEvent)(nil),             // 12: cex.match.v1.MatchEvent
-	(*OrderAccepted)(nil),          // 13: cex.match.v1.OrderAccepted
-	(*OrderRejected)(nil),          // 14: cex.match.v1.OrderRejected
-	(*Trade)(nil),                  // 15: cex.match.v1.Trade
-	(*OrderCancelled)(nil),         // 16: cex.match.v1.OrderCancelled
-	(*OrderAmended)(nil),           // 17: cex.match.v1.OrderAmended
-	(*OrderTriggered)(nil),         // 18: cex.match.v1.OrderTriggered
-	(*LevelChanged)(nil),           // 19: cex.match.v1.LevelChanged
-	(*BookOrder)(nil),              // 20: cex.match.v1.BookOrder
-	(*OrderBook)(nil),              // 21: cex.match.v1.OrderBook
-	(*SubmitCommandsRequest)(nil),  // 22: cex.match.v1.SubmitCommandsRequest
-	(*SubmitCommandsResponse)(nil), // 23: cex.match.v1.SubmitCommandsResponse
-	(*GetOrderBookRequest)(nil),    // 24: cex.match.v1.GetOrderBookRequest
-	(*GetOrderBookResponse)(nil),   // 25: cex.match.v1.GetOrderBookResponse
-	(*ReplayEventsRequest)(nil),    // 26: cex.match.v1.ReplayEventsRequest
-	(*EventBatch)(nil),             // 27: cex.match.v1.EventBatch
-	(*ReplayEventsResponse)(nil),   // 28: cex.match.v1.ReplayEventsResponse
-	nil,                            // 29: cex.match.v1.Command.TraceContextEntry
-	(v1.Side)(0),                   // 30: cex.type.v1.Side
-	(v1.OrderType)(0),              // 31: cex.type.v1.OrderType
-	(v1.TimeInForce)(0),            // 32: cex.type.v1.TimeInForce
-	(v1.SelfTradePrevention)(0),    // 33: cex.type.v1.SelfTradePrevention
-	(*timestamppb.Timestamp)(nil),  // 34: google.protobuf.Timestamp
-	(v1.CancelReason)(0),           // 35: cex.type.v1.CancelReason
-	(*status.Status)(nil),          // 36: google.rpc.Status
-	(*v1.PriceLevel)(nil),          // 37: cex.type.v1.PriceLevel
+	(BookLevel)(0),                  // 0: cex.match.v1.BookLevel
+	(FundsTransfer_Op)(0),           // 1: cex.match.v1.FundsTransfer.Op
+	(*PlaceCommand)(nil),            // 2: cex.match.v1.PlaceCommand
+	(*CancelCommand)(nil),           // 3: cex.match.v1.CancelCommand
+	(*AmendCommand)(nil),            // 4: cex.match.v1.AmendCommand
+	(*MassCancelCommand)(nil),       // 5: cex.match.v1.MassCancelCommand
+	(*ExpireCommand)(nil),           // 6: cex.match.v1.ExpireCommand
+	(*SetMarketStatusCommand)(nil),  // 7: cex.match.v1.SetMarketStatusCommand
+	(*TransfersCommand)(nil),        // 8: cex.match.v1.TransfersCommand
+	(*FundsTransfer)(nil),           // 9: cex.match.v1.FundsTransfer
+	(*FundsEffects)(nil),            // 10: cex.match.v1.FundsEffects
+	(*Command)(nil),                 // 11: cex.match.v1.Command
+	(*CommandResult)(nil),           // 12: cex.match.v1.CommandResult
+	(*MatchEvent)(nil),              // 13: cex.match.v1.MatchEvent
+	(*MarketStatusChanged)(nil),     // 14: cex.match.v1.MarketStatusChanged
+	(*OrderAccepted)(nil),           // 15: cex.match.v1.OrderAccepted
+	(*OrderRejected)(nil),           // 16: cex.match.v1.OrderRejected
+	(*Trade)(nil),                   // 17: cex.match.v1.Trade
+	(*OrderCancelled)(nil),          // 18: cex.match.v1.OrderCancelled
+	(*OrderAmended)(nil),            // 19: cex.match.v1.OrderAmended
+	(*OrderTriggered)(nil),          // 20: cex.match.v1.OrderTriggered
+	(*LevelChanged)(nil),            // 21: cex.match.v1.LevelChanged
+	(*BookOrder)(nil),               // 22: cex.match.v1.BookOrder
+	(*OrderBook)(nil),               // 23: cex.match.v1.OrderBook
+	(*SubmitCommandsRequest)(nil),   // 24: cex.match.v1.SubmitCommandsRequest
+	(*SubmitCommandsResponse)(nil),  // 25: cex.match.v1.SubmitCommandsResponse
+	(*GetOrderBookRequest)(nil),     // 26: cex.match.v1.GetOrderBookRequest
+	(*GetOrderBookResponse)(nil),    // 27: cex.match.v1.GetOrderBookResponse
+	(*ReplayEventsRequest)(nil),     // 28: cex.match.v1.ReplayEventsRequest
+	(*SetMarketStatusRequest)(nil),  // 29: cex.match.v1.SetMarketStatusRequest
+	(*SetMarketStatusResponse)(nil), // 30: cex.match.v1.SetMarketStatusResponse
+	(*EventBatch)(nil),              // 31: cex.match.v1.EventBatch
+	(*ReplayEventsResponse)(nil),    // 32: cex.match.v1.ReplayEventsResponse
+	nil,                             // 33: cex.match.v1.Command.TraceContextEntry
+	(v1.Side)(0),                    // 34: cex.type.v1.Side
+	(v1.OrderType)(0),               // 35: cex.type.v1.OrderType
+	(v1.TimeInForce)(0),             // 36: cex.type.v1.TimeInForce
+	(v1.SelfTradePrevention)(0),     // 37: cex.type.v1.SelfTradePrevention
+	(*timestamppb.Timestamp)(nil),   // 38: google.protobuf.Timestamp
+	(v1.CancelReason)(0),            // 39: cex.type.v1.CancelReason
+	(v1.MarketStatus)(0),            // 40: cex.type.v1.MarketStatus
+	(*status.Status)(nil),           // 41: google.rpc.Status
+	(*v1.PriceLevel)(nil),           // 42: cex.type.v1.PriceLevel
 }
 var file_cex_match_v1_match_proto_depIdxs = []int32{
-	30, // 0: cex.match.v1.PlaceCommand.side:type_name -> cex.type.v1.Side
-	31, // 1: cex.match.v1.PlaceCommand.type:type_name -> cex.type.v1.OrderType
-	32, // 2: cex.match.v1.PlaceCommand.time_in_force:type_name -> cex.type.v1.TimeInForce
-	33, // 3: cex.match.v1.PlaceCommand.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
-	34, // 4: cex.match.v1.PlaceCommand.expire_time:type_name -> google.protobuf.Timestamp
-	35, // 5: cex.match.v1.CancelCommand.reason:type_name -> cex.type.v1.CancelReason
-	30, // 6: cex.match.v1.MassCancelCommand.side:type_name -> cex.type.v1.Side
-	35, // 7: cex.match.v1.MassCancelCommand.reason:type_name -> cex.type.v1.CancelReason
-	8,  // 8: cex.match.v1.TransfersCommand.transfers:type_name -> cex.match.v1.FundsTransfer
-	1,  // 9: cex.match.v1.FundsTransfer.op:type_name -> cex.match.v1.FundsTransfer.Op
-	8,  // 10: cex.match.v1.FundsEffects.created:type_name -> cex.match.v1.FundsTransfer
-	2,  // 11: cex.match.v1.Command.place:type_name -> cex.match.v1.PlaceCommand
-	3,  // 12: cex.match.v1.Command.cancel:type_name -> cex.match.v1.CancelCommand
-	4,  // 13: cex.match.v1.Command.amend:type_name -> cex.match.v1.AmendCommand
-	5,  // 14: cex.match.v1.Command.mass_cancel:type_name -> cex.match.v1.MassCancelCommand
-	6,  // 15: cex.match.v1.Command.expire:type_name -> cex.match.v1.ExpireCommand
-	7,  // 16: cex.match.v1.Command.transfers:type_name -> cex.match.v1.TransfersCommand
-	29, // 17: cex.match.v1.Command.trace_context:type_name -> cex.match.v1.Command.TraceContextEntry
-	36, // 18: cex.match.v1.CommandResult.status:type_name -> google.rpc.Status
-	12, // 19: cex.match.v1.CommandResult.events:type_name -> cex.match.v1.MatchEvent
-	36, // 20: cex.match.v1.CommandResult.transfer_statuses:type_name -> google.rpc.Status
-	34, // 21: cex.match.v1.MatchEvent.event_time:type_name -> google.protobuf.Timestamp
-	13, // 22: cex.match.v1.MatchEvent.accepted:type_name -> cex.match.v1.OrderAccepted
-	14, // 23: cex.match.v1.MatchEvent.rejected:type_name -> cex.match.v1.OrderRejected
-	15, // 24: cex.match.v1.MatchEvent.trade:type_name -> cex.match.v1.Trade
-	16, // 25: cex.match.v1.MatchEvent.cancelled:type_name -> cex.match.v1.OrderCancelled
-	17, // 26: cex.match.v1.MatchEvent.amended:type_name -> cex.match.v1.OrderAmended
-	18, // 27: cex.match.v1.MatchEvent.triggered:type_name -> cex.match.v1.OrderTriggered
-	19, // 28: cex.match.v1.MatchEvent.level_changed:type_name -> cex.match.v1.LevelChanged
-	30, // 29: cex.match.v1.OrderAccepted.side:type_name -> cex.type.v1.Side
-	31, // 30: cex.match.v1.OrderAccepted.type:type_name -> cex.type.v1.OrderType
-	32, // 31: cex.match.v1.OrderAccepted.time_in_force:type_name -> cex.type.v1.TimeInForce
-	2,  // 32: cex.match.v1.OrderAccepted.place:type_name -> cex.match.v1.PlaceCommand
-	2,  // 33: cex.match.v1.OrderRejected.place:type_name -> cex.match.v1.PlaceCommand
-	30, // 34: cex.match.v1.Trade.taker_side:type_name -> cex.type.v1.Side
-	30, // 35: cex.match.v1.OrderCancelled.side:type_name -> cex.type.v1.Side
-	35, // 36: cex.match.v1.OrderCancelled.reason:type_name -> cex.type.v1.CancelReason
-	30, // 37: cex.match.v1.OrderAmended.side:type_name -> cex.type.v1.Side
-	30, // 38: cex.match.v1.OrderTriggered.side:type_name -> cex.type.v1.Side
-	31, // 39: cex.match.v1.OrderTriggered.type:type_name -> cex.type.v1.OrderType
-	30, // 40: cex.match.v1.LevelChanged.side:type_name -> cex.type.v1.Side
-	37, // 41: cex.match.v1.OrderBook.bids:type_name -> cex.type.v1.PriceLevel
-	37, // 42: cex.match.v1.OrderBook.asks:type_name -> cex.type.v1.PriceLevel
-	20, // 43: cex.match.v1.OrderBook.bid_orders:type_name -> cex.match.v1.BookOrder
-	20, // 44: cex.match.v1.OrderBook.ask_orders:type_name -> cex.match.v1.BookOrder
-	10, // 45: cex.match.v1.SubmitCommandsRequest.commands:type_name -> cex.match.v1.Command
-	11, // 46: cex.match.v1.SubmitCommandsResponse.results:type_name -> cex.match.v1.CommandResult
-	0,  // 47: cex.match.v1.GetOrderBookRequest.level:type_name -> cex.match.v1.BookLevel
-	21, // 48: cex.match.v1.GetOrderBookResponse.book:type_name -> cex.match.v1.OrderBook
-	12, // 49: cex.match.v1.EventBatch.events:type_name -> cex.match.v1.MatchEvent
-	12, // 50: cex.match.v1.ReplayEventsResponse.events:type_name -> cex.match.v1.MatchEvent
-	22, // 51: cex.match.v1.MatchService.SubmitCommands:input_type -> cex.match.v1.SubmitCommandsRequest
-	24, // 52: cex.match.v1.MatchService.GetOrderBook:input_type -> cex.match.v1.GetOrderBookRequest
-	26, // 53: cex.match.v1.MatchService.ReplayEvents:input_type -> cex.match.v1.ReplayEventsRequest
-	23, // 54: cex.match.v1.MatchService.SubmitCommands:output_type -> cex.match.v1.SubmitCommandsResponse
-	25, // 55: cex.match.v1.MatchService.GetOrderBook:output_type -> cex.match.v1.GetOrderBookResponse
-	28, // 56: cex.match.v1.MatchService.ReplayEvents:output_type -> cex.match.v1.ReplayEventsResponse
-	54, // [54:57] is the sub-list for method output_type
-	51, // [51:54] is the sub-list for method input_type
-	51, // [51:51] is the sub-list for extension type_name
-	51, // [51:51] is the sub-list for extension extendee
-	0,  // [0:51] is the sub-list for field type_name
+	34, // 0: cex.match.v1.PlaceCommand.side:type_name -> cex.type.v1.Side
+	35, // 1: cex.match.v1.PlaceCommand.type:type_name -> cex.type.v1.OrderType
+	36, // 2: cex.match.v1.PlaceCommand.time_in_force:type_name -> cex.type.v1.TimeInForce
+	37, // 3: cex.match.v1.PlaceCommand.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
+	38, // 4: cex.match.v1.PlaceCommand.expire_time:type_name -> google.protobuf.Timestamp
+	39, // 5: cex.match.v1.CancelCommand.reason:type_name -> cex.type.v1.CancelReason
+	34, // 6: cex.match.v1.MassCancelCommand.side:type_name -> cex.type.v1.Side
+	39, // 7: cex.match.v1.MassCancelCommand.reason:type_name -> cex.type.v1.CancelReason
+	40, // 8: cex.match.v1.SetMarketStatusCommand.status:type_name -> cex.type.v1.MarketStatus
+	9,  // 9: cex.match.v1.TransfersCommand.transfers:type_name -> cex.match.v1.FundsTransfer
+	1,  // 10: cex.match.v1.FundsTransfer.op:type_name -> cex.match.v1.FundsTransfer.Op
+	9,  // 11: cex.match.v1.FundsEffects.created:type_name -> cex.match.v1.FundsTransfer
+	2,  // 12: cex.match.v1.Command.place:type_name -> cex.match.v1.PlaceCommand
+	3,  // 13: cex.match.v1.Command.cancel:type_name -> cex.match.v1.CancelCommand
+	4,  // 14: cex.match.v1.Command.amend:type_name -> cex.match.v1.AmendCommand
+	5,  // 15: cex.match.v1.Command.mass_cancel:type_name -> cex.match.v1.MassCancelCommand
+	6,  // 16: cex.match.v1.Command.expire:type_name -> cex.match.v1.ExpireCommand
+	8,  // 17: cex.match.v1.Command.transfers:type_name -> cex.match.v1.TransfersCommand
+	7,  // 18: cex.match.v1.Command.set_status:type_name -> cex.match.v1.SetMarketStatusCommand
+	33, // 19: cex.match.v1.Command.trace_context:type_name -> cex.match.v1.Command.TraceContextEntry
+	41, // 20: cex.match.v1.CommandResult.status:type_name -> google.rpc.Status
+	13, // 21: cex.match.v1.CommandResult.events:type_name -> cex.match.v1.MatchEvent
+	41, // 22: cex.match.v1.CommandResult.transfer_statuses:type_name -> google.rpc.Status
+	38, // 23: cex.match.v1.MatchEvent.event_time:type_name -> google.protobuf.Timestamp
+	15, // 24: cex.match.v1.MatchEvent.accepted:type_name -> cex.match.v1.OrderAccepted
+	16, // 25: cex.match.v1.MatchEvent.rejected:type_name -> cex.match.v1.OrderRejected
+	17, // 26: cex.match.v1.MatchEvent.trade:type_name -> cex.match.v1.Trade
+	18, // 27: cex.match.v1.MatchEvent.cancelled:type_name -> cex.match.v1.OrderCancelled
+	19, // 28: cex.match.v1.MatchEvent.amended:type_name -> cex.match.v1.OrderAmended
+	20, // 29: cex.match.v1.MatchEvent.triggered:type_name -> cex.match.v1.OrderTriggered
+	21, // 30: cex.match.v1.MatchEvent.level_changed:type_name -> cex.match.v1.LevelChanged
+	14, // 31: cex.match.v1.MatchEvent.status_changed:type_name -> cex.match.v1.MarketStatusChanged
+	40, // 32: cex.match.v1.MarketStatusChanged.status:type_name -> cex.type.v1.MarketStatus
+	40, // 33: cex.match.v1.MarketStatusChanged.previous_status:type_name -> cex.type.v1.MarketStatus
+	34, // 34: cex.match.v1.OrderAccepted.side:type_name -> cex.type.v1.Side
+	35, // 35: cex.match.v1.OrderAccepted.type:type_name -> cex.type.v1.OrderType
+	36, // 36: cex.match.v1.OrderAccepted.time_in_force:type_name -> cex.type.v1.TimeInForce
+	2,  // 37: cex.match.v1.OrderAccepted.place:type_name -> cex.match.v1.PlaceCommand
+	2,  // 38: cex.match.v1.OrderRejected.place:type_name -> cex.match.v1.PlaceCommand
+	34, // 39: cex.match.v1.Trade.taker_side:type_name -> cex.type.v1.Side
+	34, // 40: cex.match.v1.OrderCancelled.side:type_name -> cex.type.v1.Side
+	39, // 41: cex.match.v1.OrderCancelled.reason:type_name -> cex.type.v1.CancelReason
+	34, // 42: cex.match.v1.OrderAmended.side:type_name -> cex.type.v1.Side
+	34, // 43: cex.match.v1.OrderTriggered.side:type_name -> cex.type.v1.Side
+	35, // 44: cex.match.v1.OrderTriggered.type:type_name -> cex.type.v1.OrderType
+	34, // 45: cex.match.v1.LevelChanged.side:type_name -> cex.type.v1.Side
+	42, // 46: cex.match.v1.OrderBook.bids:type_name -> cex.type.v1.PriceLevel
+	42, // 47: cex.match.v1.OrderBook.asks:type_name -> cex.type.v1.PriceLevel
+	22, // 48: cex.match.v1.OrderBook.bid_orders:type_name -> cex.match.v1.BookOrder
+	22, // 49: cex.match.v1.OrderBook.ask_orders:type_name -> cex.match.v1.BookOrder
+	40, // 50: cex.match.v1.OrderBook.status:type_name -> cex.type.v1.MarketStatus
+	11, // 51: cex.match.v1.SubmitCommandsRequest.commands:type_name -> cex.match.v1.Command
+	12, // 52: cex.match.v1.SubmitCommandsResponse.results:type_name -> cex.match.v1.CommandResult
+	0,  // 53: cex.match.v1.GetOrderBookRequest.level:type_name -> cex.match.v1.BookLevel
+	23, // 54: cex.match.v1.GetOrderBookResponse.book:type_name -> cex.match.v1.OrderBook
+	40, // 55: cex.match.v1.SetMarketStatusRequest.status:type_name -> cex.type.v1.MarketStatus
+	14, // 56: cex.match.v1.SetMarketStatusResponse.change:type_name -> cex.match.v1.MarketStatusChanged
+	38, // 57: cex.match.v1.SetMarketStatusResponse.update_time:type_name -> google.protobuf.Timestamp
+	13, // 58: cex.match.v1.EventBatch.events:type_name -> cex.match.v1.MatchEvent
+	13, // 59: cex.match.v1.ReplayEventsResponse.events:type_name -> cex.match.v1.MatchEvent
+	24, // 60: cex.match.v1.MatchService.SubmitCommands:input_type -> cex.match.v1.SubmitCommandsRequest
+	26, // 61: cex.match.v1.MatchService.GetOrderBook:input_type -> cex.match.v1.GetOrderBookRequest
+	28, // 62: cex.match.v1.MatchService.ReplayEvents:input_type -> cex.match.v1.ReplayEventsRequest
+	29, // 63: cex.match.v1.MatchService.SetMarketStatus:input_type -> cex.match.v1.SetMarketStatusRequest
+	25, // 64: cex.match.v1.MatchService.SubmitCommands:output_type -> cex.match.v1.SubmitCommandsResponse
+	27, // 65: cex.match.v1.MatchService.GetOrderBook:output_type -> cex.match.v1.GetOrderBookResponse
+	32, // 66: cex.match.v1.MatchService.ReplayEvents:output_type -> cex.match.v1.ReplayEventsResponse
+	30, // 67: cex.match.v1.MatchService.SetMarketStatus:output_type -> cex.match.v1.SetMarketStatusResponse
+	64, // [64:68] is the sub-list for method output_type
+	60, // [60:64] is the sub-list for method input_type
+	60, // [60:60] is the sub-list for extension type_name
+	60, // [60:60] is the sub-list for extension extendee
+	0,  // [0:60] is the sub-list for field type_name
 }
 
 func init() { file_cex_match_v1_match_proto_init() }
@@ -3177,15 +3587,16 @@ func file_cex_match_v1_match_proto_init() {
 	if File_cex_match_v1_match_proto != nil {
 		return
 	}
-	file_cex_match_v1_match_proto_msgTypes[8].OneofWrappers = []any{
+	file_cex_match_v1_match_proto_msgTypes[9].OneofWrappers = []any{
 		(*Command_Place)(nil),
 		(*Command_Cancel)(nil),
 		(*Command_Amend)(nil),
 		(*Command_MassCancel)(nil),
 		(*Command_Expire)(nil),
 		(*Command_Transfers)(nil),
+		(*Command_SetStatus)(nil),
 	}
-	file_cex_match_v1_match_proto_msgTypes[10].OneofWrappers = []any{
+	file_cex_match_v1_match_proto_msgTypes[11].OneofWrappers = []any{
 		(*MatchEvent_Accepted)(nil),
 		(*MatchEvent_Rejected)(nil),
 		(*MatchEvent_Trade)(nil),
@@ -3193,6 +3604,7 @@ func file_cex_match_v1_match_proto_init() {
 		(*MatchEvent_Amended)(nil),
 		(*MatchEvent_Triggered)(nil),
 		(*MatchEvent_LevelChanged)(nil),
+		(*MatchEvent_StatusChanged)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -3200,7 +3612,7 @@ func file_cex_match_v1_match_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cex_match_v1_match_proto_rawDesc), len(file_cex_match_v1_match_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   28,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

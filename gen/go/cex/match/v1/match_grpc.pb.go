@@ -5,8 +5,9 @@
 // source: cex/match/v1/match.proto
 
 // The matching engine: in-memory order books fed by a journaled command
-// stream. Internal only (order is the only writer, market-data and ledger
-// read events); no HTTP mapping.
+// stream. Internal (order and the ledger write, market data and the ledger
+// read events), except SetMarketStatus: an operator's call (admin scope),
+// served as REST too under /v1/admin/markets/.
 //
 // Prices and quantities are decimal strings here too, exactly as on the public
 // API. The engine converts them to integer ticks (price / tick_size) and lots
@@ -35,9 +36,10 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	MatchService_SubmitCommands_FullMethodName = "/cex.match.v1.MatchService/SubmitCommands"
-	MatchService_GetOrderBook_FullMethodName   = "/cex.match.v1.MatchService/GetOrderBook"
-	MatchService_ReplayEvents_FullMethodName   = "/cex.match.v1.MatchService/ReplayEvents"
+	MatchService_SubmitCommands_FullMethodName  = "/cex.match.v1.MatchService/SubmitCommands"
+	MatchService_GetOrderBook_FullMethodName    = "/cex.match.v1.MatchService/GetOrderBook"
+	MatchService_ReplayEvents_FullMethodName    = "/cex.match.v1.MatchService/ReplayEvents"
+	MatchService_SetMarketStatus_FullMethodName = "/cex.match.v1.MatchService/SetMarketStatus"
 )
 
 // MatchServiceClient is the client API for MatchService service.
@@ -56,6 +58,15 @@ type MatchServiceClient interface {
 	// Streams a market's events from from_seq, read from the journal; with
 	// follow set, keeps streaming new events as they happen.
 	ReplayEvents(ctx context.Context, in *ReplayEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ReplayEventsResponse], error)
+	// Moves a market between TRADING, POST_ONLY, CANCEL_ONLY, HALTED and
+	// DELISTED (ADR 0015), at runtime: a command journaled in the market's
+	// order with its orders (command_id "status:<request_id>"), announced by a
+	// MarketStatusChanged event. Admin scope (or a service). A retry with the
+	// same request_id returns the first answer; with another body it is
+	// ALREADY_EXISTS MATCH_COMMAND_ID_REUSED. DELISTED cancels every open order
+	// (funds released) and is final: FAILED_PRECONDITION MATCH_MARKET_DELISTED
+	// for any later change.
+	SetMarketStatus(ctx context.Context, in *SetMarketStatusRequest, opts ...grpc.CallOption) (*SetMarketStatusResponse, error)
 }
 
 type matchServiceClient struct {
@@ -108,6 +119,16 @@ func (c *matchServiceClient) ReplayEvents(ctx context.Context, in *ReplayEventsR
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type MatchService_ReplayEventsClient = grpc.ServerStreamingClient[ReplayEventsResponse]
 
+func (c *matchServiceClient) SetMarketStatus(ctx context.Context, in *SetMarketStatusRequest, opts ...grpc.CallOption) (*SetMarketStatusResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SetMarketStatusResponse)
+	err := c.cc.Invoke(ctx, MatchService_SetMarketStatus_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // MatchServiceServer is the server API for MatchService service.
 // All implementations must embed UnimplementedMatchServiceServer
 // for forward compatibility.
@@ -124,6 +145,15 @@ type MatchServiceServer interface {
 	// Streams a market's events from from_seq, read from the journal; with
 	// follow set, keeps streaming new events as they happen.
 	ReplayEvents(*ReplayEventsRequest, grpc.ServerStreamingServer[ReplayEventsResponse]) error
+	// Moves a market between TRADING, POST_ONLY, CANCEL_ONLY, HALTED and
+	// DELISTED (ADR 0015), at runtime: a command journaled in the market's
+	// order with its orders (command_id "status:<request_id>"), announced by a
+	// MarketStatusChanged event. Admin scope (or a service). A retry with the
+	// same request_id returns the first answer; with another body it is
+	// ALREADY_EXISTS MATCH_COMMAND_ID_REUSED. DELISTED cancels every open order
+	// (funds released) and is final: FAILED_PRECONDITION MATCH_MARKET_DELISTED
+	// for any later change.
+	SetMarketStatus(context.Context, *SetMarketStatusRequest) (*SetMarketStatusResponse, error)
 	mustEmbedUnimplementedMatchServiceServer()
 }
 
@@ -142,6 +172,9 @@ func (UnimplementedMatchServiceServer) GetOrderBook(context.Context, *GetOrderBo
 }
 func (UnimplementedMatchServiceServer) ReplayEvents(*ReplayEventsRequest, grpc.ServerStreamingServer[ReplayEventsResponse]) error {
 	return status.Error(codes.Unimplemented, "method ReplayEvents not implemented")
+}
+func (UnimplementedMatchServiceServer) SetMarketStatus(context.Context, *SetMarketStatusRequest) (*SetMarketStatusResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetMarketStatus not implemented")
 }
 func (UnimplementedMatchServiceServer) mustEmbedUnimplementedMatchServiceServer() {}
 func (UnimplementedMatchServiceServer) testEmbeddedByValue()                      {}
@@ -200,6 +233,24 @@ func _MatchService_ReplayEvents_Handler(srv interface{}, stream grpc.ServerStrea
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type MatchService_ReplayEventsServer = grpc.ServerStreamingServer[ReplayEventsResponse]
 
+func _MatchService_SetMarketStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetMarketStatusRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MatchServiceServer).SetMarketStatus(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MatchService_SetMarketStatus_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MatchServiceServer).SetMarketStatus(ctx, req.(*SetMarketStatusRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // MatchService_ServiceDesc is the grpc.ServiceDesc for MatchService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -210,6 +261,10 @@ var MatchService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetOrderBook",
 			Handler:    _MatchService_GetOrderBook_Handler,
+		},
+		{
+			MethodName: "SetMarketStatus",
+			Handler:    _MatchService_SetMarketStatus_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

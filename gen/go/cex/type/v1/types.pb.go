@@ -510,13 +510,16 @@ const (
 	MarketStatus_MARKET_STATUS_UNSPECIFIED MarketStatus = 0
 	// Normal trading.
 	MarketStatus_MARKET_STATUS_TRADING MarketStatus = 1
-	// Only cancels are accepted.
+	// Only cancels are accepted (MATCH_MARKET_CANCEL_ONLY otherwise).
 	MarketStatus_MARKET_STATUS_CANCEL_ONLY MarketStatus = 2
-	// Only post-only limit orders and cancels are accepted (e.g. before opening).
+	// Only post-only limit orders, amends that do not cross and cancels are
+	// accepted, e.g. before opening (MATCH_MARKET_POST_ONLY otherwise).
 	MarketStatus_MARKET_STATUS_POST_ONLY MarketStatus = 3
-	// No order entry at all; resting orders stay unless cancelled.
+	// No order entry and no amends (MATCH_MARKET_HALTED); resting orders stay
+	// unless cancelled, and cancels are accepted.
 	MarketStatus_MARKET_STATUS_HALTED MarketStatus = 4
-	// Removed; no longer tradable.
+	// Removed: every open order was cancelled (its funds released) and nothing
+	// is accepted any more (MATCH_MARKET_DELISTED).
 	MarketStatus_MARKET_STATUS_DELISTED MarketStatus = 5
 )
 
@@ -593,8 +596,10 @@ type Market struct {
 	BaseAssetScale int32 `protobuf:"varint,10,opt,name=base_asset_scale,json=baseAssetScale,proto3" json:"base_asset_scale,omitempty"`
 	// Decimal places of the quote asset's minor unit (e.g. 6 for USDT).
 	QuoteAssetScale int32 `protobuf:"varint,11,opt,name=quote_asset_scale,json=quoteAssetScale,proto3" json:"quote_asset_scale,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Why the market has its status (the operator's reason; empty if never set).
+	StatusReason  string `protobuf:"bytes,12,opt,name=status_reason,json=statusReason,proto3" json:"status_reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Market) Reset() {
@@ -704,6 +709,13 @@ func (x *Market) GetQuoteAssetScale() int32 {
 	return 0
 }
 
+func (x *Market) GetStatusReason() string {
+	if x != nil {
+		return x.StatusReason
+	}
+	return ""
+}
+
 // One aggregated price level of an order book (L2).
 type PriceLevel struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -773,7 +785,7 @@ var File_cex_type_v1_types_proto protoreflect.FileDescriptor
 
 const file_cex_type_v1_types_proto_rawDesc = "" +
 	"\n" +
-	"\x17cex/type/v1/types.proto\x12\vcex.type.v1\"\x8a\x03\n" +
+	"\x17cex/type/v1/types.proto\x12\vcex.type.v1\"\xaf\x03\n" +
 	"\x06Market\x12\x16\n" +
 	"\x06symbol\x18\x01 \x01(\tR\x06symbol\x12\x1d\n" +
 	"\n" +
@@ -788,7 +800,8 @@ const file_cex_type_v1_types_proto_rawDesc = "" +
 	"\x06status\x18\t \x01(\x0e2\x19.cex.type.v1.MarketStatusR\x06status\x12(\n" +
 	"\x10base_asset_scale\x18\n" +
 	" \x01(\x05R\x0ebaseAssetScale\x12*\n" +
-	"\x11quote_asset_scale\x18\v \x01(\x05R\x0fquoteAssetScale\"_\n" +
+	"\x11quote_asset_scale\x18\v \x01(\x05R\x0fquoteAssetScale\x12#\n" +
+	"\rstatus_reason\x18\f \x01(\tR\fstatusReason\"_\n" +
 	"\n" +
 	"PriceLevel\x12\x14\n" +
 	"\x05price\x18\x01 \x01(\tR\x05price\x12\x1a\n" +

@@ -84,6 +84,7 @@ class OrderBook(_message.Message):
     ASKS_FIELD_NUMBER: _builtins.int
     CHECKSUM_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     market: _builtins.str
     """Market symbol."""
     seq: _builtins.int
@@ -93,6 +94,10 @@ class OrderBook(_message.Message):
     levels of this book: for i = 0..24, bid i as "price:quantity" if present,
     then ask i as "price:quantity" if present, all joined with ":". Prices and
     quantities are the exact strings sent on this stream.
+    """
+    status: _types_pb2.MarketStatus.ValueType
+    """The market's status as of seq (TRADING, POST_ONLY, CANCEL_ONLY, HALTED,
+    DELISTED).
     """
     @_builtins.property
     def bids(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.PriceLevel]:
@@ -115,10 +120,11 @@ class OrderBook(_message.Message):
         asks: _abc.Iterable[_types_pb2.PriceLevel] | None = ...,
         checksum: _builtins.int = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        status: _types_pb2.MarketStatus.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asks", b"asks", "bids", b"bids", "checksum", b"checksum", "market", b"market", "seq", b"seq", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asks", b"asks", "bids", b"bids", "checksum", b"checksum", "market", b"market", "seq", b"seq", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -137,6 +143,7 @@ class OrderBookDelta(_message.Message):
     ASKS_FIELD_NUMBER: _builtins.int
     CHECKSUM_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     market: _builtins.str
     """Market symbol."""
     prev_seq: _builtins.int
@@ -145,6 +152,10 @@ class OrderBookDelta(_message.Message):
     """Seq this delta brings the book to."""
     checksum: _builtins.int
     """Checksum of the book after applying this delta (as OrderBook.checksum)."""
+    status: _types_pb2.MarketStatus.ValueType
+    """The market's status after this delta; a status change alone is a delta
+    without levels.
+    """
     @_builtins.property
     def bids(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.PriceLevel]:
         """Changed bid levels: new total quantity per price; quantity "0" removes it."""
@@ -167,10 +178,11 @@ class OrderBookDelta(_message.Message):
         asks: _abc.Iterable[_types_pb2.PriceLevel] | None = ...,
         checksum: _builtins.int = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        status: _types_pb2.MarketStatus.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["asks", b"asks", "bids", b"bids", "checksum", b"checksum", "market", b"market", "prev_seq", b"prev_seq", "seq", b"seq", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asks", b"asks", "bids", b"bids", "checksum", b"checksum", "market", b"market", "prev_seq", b"prev_seq", "seq", b"seq", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -50,6 +50,11 @@ class MatchServiceStub:
                 request_serializer=cex_dot_match_dot_v1_dot_match__pb2.ReplayEventsRequest.SerializeToString,
                 response_deserializer=cex_dot_match_dot_v1_dot_match__pb2.ReplayEventsResponse.FromString,
                 _registered_method=True)
+        self.SetMarketStatus = channel.unary_unary(
+                '/cex.match.v1.MatchService/SetMarketStatus',
+                request_serializer=cex_dot_match_dot_v1_dot_match__pb2.SetMarketStatusRequest.SerializeToString,
+                response_deserializer=cex_dot_match_dot_v1_dot_match__pb2.SetMarketStatusResponse.FromString,
+                _registered_method=True)
 
 
 class MatchServiceServicer:
@@ -81,6 +86,20 @@ class MatchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetMarketStatus(self, request, context):
+        """Moves a market between TRADING, POST_ONLY, CANCEL_ONLY, HALTED and
+        DELISTED (ADR 0015), at runtime: a command journaled in the market's
+        order with its orders (command_id "status:<request_id>"), announced by a
+        MarketStatusChanged event. Admin scope (or a service). A retry with the
+        same request_id returns the first answer; with another body it is
+        ALREADY_EXISTS MATCH_COMMAND_ID_REUSED. DELISTED cancels every open order
+        (funds released) and is final: FAILED_PRECONDITION MATCH_MARKET_DELISTED
+        for any later change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MatchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +117,11 @@ def add_MatchServiceServicer_to_server(servicer, server):
                     servicer.ReplayEvents,
                     request_deserializer=cex_dot_match_dot_v1_dot_match__pb2.ReplayEventsRequest.FromString,
                     response_serializer=cex_dot_match_dot_v1_dot_match__pb2.ReplayEventsResponse.SerializeToString,
+            ),
+            'SetMarketStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMarketStatus,
+                    request_deserializer=cex_dot_match_dot_v1_dot_match__pb2.SetMarketStatusRequest.FromString,
+                    response_serializer=cex_dot_match_dot_v1_dot_match__pb2.SetMarketStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +206,33 @@ class MatchService:
             '/cex.match.v1.MatchService/ReplayEvents',
             cex_dot_match_dot_v1_dot_match__pb2.ReplayEventsRequest.SerializeToString,
             cex_dot_match_dot_v1_dot_match__pb2.ReplayEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMarketStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.match.v1.MatchService/SetMarketStatus',
+            cex_dot_match_dot_v1_dot_match__pb2.SetMarketStatusRequest.SerializeToString,
+            cex_dot_match_dot_v1_dot_match__pb2.SetMarketStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

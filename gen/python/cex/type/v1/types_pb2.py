@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x65x/type/v1/types.proto\x12\x0b\x63\x65x.type.v1\"\x8a\x03\n\x06Market\x12\x16\n\x06symbol\x18\x01 \x01(\tR\x06symbol\x12\x1d\n\nbase_asset\x18\x02 \x01(\tR\tbaseAsset\x12\x1f\n\x0bquote_asset\x18\x03 \x01(\tR\nquoteAsset\x12\x1b\n\ttick_size\x18\x04 \x01(\tR\x08tickSize\x12\x19\n\x08lot_size\x18\x05 \x01(\tR\x07lotSize\x12!\n\x0cmin_quantity\x18\x06 \x01(\tR\x0bminQuantity\x12!\n\x0cmax_quantity\x18\x07 \x01(\tR\x0bmaxQuantity\x12!\n\x0cmin_notional\x18\x08 \x01(\tR\x0bminNotional\x12\x31\n\x06status\x18\t \x01(\x0e\x32\x19.cex.type.v1.MarketStatusR\x06status\x12(\n\x10\x62\x61se_asset_scale\x18\n \x01(\x05R\x0e\x62\x61seAssetScale\x12*\n\x11quote_asset_scale\x18\x0b \x01(\x05R\x0fquoteAssetScale\"_\n\nPriceLevel\x12\x14\n\x05price\x18\x01 \x01(\tR\x05price\x12\x1a\n\x08quantity\x18\x02 \x01(\tR\x08quantity\x12\x1f\n\x0border_count\x18\x03 \x01(\x05R\norderCount*9\n\x04Side\x12\x14\n\x10SIDE_UNSPECIFIED\x10\x00\x12\x0c\n\x08SIDE_BUY\x10\x01\x12\r\n\tSIDE_SELL\x10\x02*\x8b\x01\n\tOrderType\x12\x1a\n\x16ORDER_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10ORDER_TYPE_LIMIT\x10\x01\x12\x15\n\x11ORDER_TYPE_MARKET\x10\x02\x12\x19\n\x15ORDER_TYPE_STOP_LIMIT\x10\x03\x12\x1a\n\x16ORDER_TYPE_STOP_MARKET\x10\x04*\x88\x01\n\x0bTimeInForce\x12\x1d\n\x19TIME_IN_FORCE_UNSPECIFIED\x10\x00\x12\x15\n\x11TIME_IN_FORCE_GTC\x10\x01\x12\x15\n\x11TIME_IN_FORCE_IOC\x10\x02\x12\x15\n\x11TIME_IN_FORCE_FOK\x10\x03\x12\x15\n\x11TIME_IN_FORCE_GTD\x10\x04*\xe5\x01\n\x13SelfTradePrevention\x12%\n!SELF_TRADE_PREVENTION_UNSPECIFIED\x10\x00\x12\'\n#SELF_TRADE_PREVENTION_CANCEL_NEWEST\x10\x01\x12\'\n#SELF_TRADE_PREVENTION_CANCEL_OLDEST\x10\x02\x12%\n!SELF_TRADE_PREVENTION_CANCEL_BOTH\x10\x03\x12.\n*SELF_TRADE_PREVENTION_DECREMENT_AND_CANCEL\x10\x04*\x81\x02\n\nOrderState\x12\x1b\n\x17ORDER_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17ORDER_STATE_PENDING_NEW\x10\x01\x12\x1b\n\x17ORDER_STATE_UNTRIGGERED\x10\x02\x12\x14\n\x10ORDER_STATE_OPEN\x10\x03\x12 \n\x1cORDER_STATE_PARTIALLY_FILLED\x10\x04\x12\x16\n\x12ORDER_STATE_FILLED\x10\x05\x12\x19\n\x15ORDER_STATE_CANCELLED\x10\x06\x12\x18\n\x14ORDER_STATE_REJECTED\x10\x07\x12\x17\n\x13ORDER_STATE_EXPIRED\x10\x08*P\n\tLiquidity\x12\x19\n\x15LIQUIDITY_UNSPECIFIED\x10\x00\x12\x13\n\x0fLIQUIDITY_MAKER\x10\x01\x12\x13\n\x0fLIQUIDITY_TAKER\x10\x02*\x9f\x03\n\x0c\x43\x61ncelReason\x12\x1d\n\x19\x43\x41NCEL_REASON_UNSPECIFIED\x10\x00\x12 \n\x1c\x43\x41NCEL_REASON_USER_REQUESTED\x10\x01\x12\'\n#CANCEL_REASON_SELF_TRADE_PREVENTION\x10\x02\x12%\n!CANCEL_REASON_IMMEDIATE_OR_CANCEL\x10\x03\x12\x1e\n\x1a\x43\x41NCEL_REASON_FILL_OR_KILL\x10\x04\x12\x1e\n\x1a\x43\x41NCEL_REASON_NO_LIQUIDITY\x10\x05\x12\x19\n\x15\x43\x41NCEL_REASON_EXPIRED\x10\x06\x12&\n\"CANCEL_REASON_CANCEL_ON_DISCONNECT\x10\x07\x12\"\n\x1e\x43\x41NCEL_REASON_CANCEL_ALL_AFTER\x10\x08\x12\x1d\n\x19\x43\x41NCEL_REASON_KILL_SWITCH\x10\t\x12\x1f\n\x1b\x43\x41NCEL_REASON_MARKET_HALTED\x10\n\x12\x17\n\x13\x43\x41NCEL_REASON_ADMIN\x10\x0b*\xba\x01\n\x0cMarketStatus\x12\x1d\n\x19MARKET_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15MARKET_STATUS_TRADING\x10\x01\x12\x1d\n\x19MARKET_STATUS_CANCEL_ONLY\x10\x02\x12\x1b\n\x17MARKET_STATUS_POST_ONLY\x10\x03\x12\x18\n\x14MARKET_STATUS_HALTED\x10\x04\x12\x1a\n\x16MARKET_STATUS_DELISTED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x65x/type/v1/types.proto\x12\x0b\x63\x65x.type.v1\"\xaf\x03\n\x06Market\x12\x16\n\x06symbol\x18\x01 \x01(\tR\x06symbol\x12\x1d\n\nbase_asset\x18\x02 \x01(\tR\tbaseAsset\x12\x1f\n\x0bquote_asset\x18\x03 \x01(\tR\nquoteAsset\x12\x1b\n\ttick_size\x18\x04 \x01(\tR\x08tickSize\x12\x19\n\x08lot_size\x18\x05 \x01(\tR\x07lotSize\x12!\n\x0cmin_quantity\x18\x06 \x01(\tR\x0bminQuantity\x12!\n\x0cmax_quantity\x18\x07 \x01(\tR\x0bmaxQuantity\x12!\n\x0cmin_notional\x18\x08 \x01(\tR\x0bminNotional\x12\x31\n\x06status\x18\t \x01(\x0e\x32\x19.cex.type.v1.MarketStatusR\x06status\x12(\n\x10\x62\x61se_asset_scale\x18\n \x01(\x05R\x0e\x62\x61seAssetScale\x12*\n\x11quote_asset_scale\x18\x0b \x01(\x05R\x0fquoteAssetScale\x12#\n\rstatus_reason\x18\x0c \x01(\tR\x0cstatusReason\"_\n\nPriceLevel\x12\x14\n\x05price\x18\x01 \x01(\tR\x05price\x12\x1a\n\x08quantity\x18\x02 \x01(\tR\x08quantity\x12\x1f\n\x0border_count\x18\x03 \x01(\x05R\norderCount*9\n\x04Side\x12\x14\n\x10SIDE_UNSPECIFIED\x10\x00\x12\x0c\n\x08SIDE_BUY\x10\x01\x12\r\n\tSIDE_SELL\x10\x02*\x8b\x01\n\tOrderType\x12\x1a\n\x16ORDER_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10ORDER_TYPE_LIMIT\x10\x01\x12\x15\n\x11ORDER_TYPE_MARKET\x10\x02\x12\x19\n\x15ORDER_TYPE_STOP_LIMIT\x10\x03\x12\x1a\n\x16ORDER_TYPE_STOP_MARKET\x10\x04*\x88\x01\n\x0bTimeInForce\x12\x1d\n\x19TIME_IN_FORCE_UNSPECIFIED\x10\x00\x12\x15\n\x11TIME_IN_FORCE_GTC\x10\x01\x12\x15\n\x11TIME_IN_FORCE_IOC\x10\x02\x12\x15\n\x11TIME_IN_FORCE_FOK\x10\x03\x12\x15\n\x11TIME_IN_FORCE_GTD\x10\x04*\xe5\x01\n\x13SelfTradePrevention\x12%\n!SELF_TRADE_PREVENTION_UNSPECIFIED\x10\x00\x12\'\n#SELF_TRADE_PREVENTION_CANCEL_NEWEST\x10\x01\x12\'\n#SELF_TRADE_PREVENTION_CANCEL_OLDEST\x10\x02\x12%\n!SELF_TRADE_PREVENTION_CANCEL_BOTH\x10\x03\x12.\n*SELF_TRADE_PREVENTION_DECREMENT_AND_CANCEL\x10\x04*\x81\x02\n\nOrderState\x12\x1b\n\x17ORDER_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17ORDER_STATE_PENDING_NEW\x10\x01\x12\x1b\n\x17ORDER_STATE_UNTRIGGERED\x10\x02\x12\x14\n\x10ORDER_STATE_OPEN\x10\x03\x12 \n\x1cORDER_STATE_PARTIALLY_FILLED\x10\x04\x12\x16\n\x12ORDER_STATE_FILLED\x10\x05\x12\x19\n\x15ORDER_STATE_CANCELLED\x10\x06\x12\x18\n\x14ORDER_STATE_REJECTED\x10\x07\x12\x17\n\x13ORDER_STATE_EXPIRED\x10\x08*P\n\tLiquidity\x12\x19\n\x15LIQUIDITY_UNSPECIFIED\x10\x00\x12\x13\n\x0fLIQUIDITY_MAKER\x10\x01\x12\x13\n\x0fLIQUIDITY_TAKER\x10\x02*\x9f\x03\n\x0c\x43\x61ncelReason\x12\x1d\n\x19\x43\x41NCEL_REASON_UNSPECIFIED\x10\x00\x12 \n\x1c\x43\x41NCEL_REASON_USER_REQUESTED\x10\x01\x12\'\n#CANCEL_REASON_SELF_TRADE_PREVENTION\x10\x02\x12%\n!CANCEL_REASON_IMMEDIATE_OR_CANCEL\x10\x03\x12\x1e\n\x1a\x43\x41NCEL_REASON_FILL_OR_KILL\x10\x04\x12\x1e\n\x1a\x43\x41NCEL_REASON_NO_LIQUIDITY\x10\x05\x12\x19\n\x15\x43\x41NCEL_REASON_EXPIRED\x10\x06\x12&\n\"CANCEL_REASON_CANCEL_ON_DISCONNECT\x10\x07\x12\"\n\x1e\x43\x41NCEL_REASON_CANCEL_ALL_AFTER\x10\x08\x12\x1d\n\x19\x43\x41NCEL_REASON_KILL_SWITCH\x10\t\x12\x1f\n\x1b\x43\x41NCEL_REASON_MARKET_HALTED\x10\n\x12\x17\n\x13\x43\x41NCEL_REASON_ADMIN\x10\x0b*\xba\x01\n\x0cMarketStatus\x12\x1d\n\x19MARKET_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15MARKET_STATUS_TRADING\x10\x01\x12\x1d\n\x19MARKET_STATUS_CANCEL_ONLY\x10\x02\x12\x1b\n\x17MARKET_STATUS_POST_ONLY\x10\x03\x12\x18\n\x14MARKET_STATUS_HALTED\x10\x04\x12\x1a\n\x16MARKET_STATUS_DELISTED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cex.type.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SIDE']._serialized_start=534
-  _globals['_SIDE']._serialized_end=591
-  _globals['_ORDERTYPE']._serialized_start=594
-  _globals['_ORDERTYPE']._serialized_end=733
-  _globals['_TIMEINFORCE']._serialized_start=736
-  _globals['_TIMEINFORCE']._serialized_end=872
-  _globals['_SELFTRADEPREVENTION']._serialized_start=875
-  _globals['_SELFTRADEPREVENTION']._serialized_end=1104
-  _globals['_ORDERSTATE']._serialized_start=1107
-  _globals['_ORDERSTATE']._serialized_end=1364
-  _globals['_LIQUIDITY']._serialized_start=1366
-  _globals['_LIQUIDITY']._serialized_end=1446
-  _globals['_CANCELREASON']._serialized_start=1449
-  _globals['_CANCELREASON']._serialized_end=1864
-  _globals['_MARKETSTATUS']._serialized_start=1867
-  _globals['_MARKETSTATUS']._serialized_end=2053
+  _globals['_SIDE']._serialized_start=571
+  _globals['_SIDE']._serialized_end=628
+  _globals['_ORDERTYPE']._serialized_start=631
+  _globals['_ORDERTYPE']._serialized_end=770
+  _globals['_TIMEINFORCE']._serialized_start=773
+  _globals['_TIMEINFORCE']._serialized_end=909
+  _globals['_SELFTRADEPREVENTION']._serialized_start=912
+  _globals['_SELFTRADEPREVENTION']._serialized_end=1141
+  _globals['_ORDERSTATE']._serialized_start=1144
+  _globals['_ORDERSTATE']._serialized_end=1401
+  _globals['_LIQUIDITY']._serialized_start=1403
+  _globals['_LIQUIDITY']._serialized_end=1483
+  _globals['_CANCELREASON']._serialized_start=1486
+  _globals['_CANCELREASON']._serialized_end=1901
+  _globals['_MARKETSTATUS']._serialized_start=1904
+  _globals['_MARKETSTATUS']._serialized_end=2090
   _globals['_MARKET']._serialized_start=41
-  _globals['_MARKET']._serialized_end=435
-  _globals['_PRICELEVEL']._serialized_start=437
-  _globals['_PRICELEVEL']._serialized_end=532
+  _globals['_MARKET']._serialized_end=472
+  _globals['_PRICELEVEL']._serialized_start=474
+  _globals['_PRICELEVEL']._serialized_end=569
 # @@protoc_insertion_point(module_scope)

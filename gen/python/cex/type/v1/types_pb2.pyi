@@ -325,13 +325,19 @@ class _MarketStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MarketSt
     MARKET_STATUS_TRADING: _MarketStatus.ValueType  # 1
     """Normal trading."""
     MARKET_STATUS_CANCEL_ONLY: _MarketStatus.ValueType  # 2
-    """Only cancels are accepted."""
+    """Only cancels are accepted (MATCH_MARKET_CANCEL_ONLY otherwise)."""
     MARKET_STATUS_POST_ONLY: _MarketStatus.ValueType  # 3
-    """Only post-only limit orders and cancels are accepted (e.g. before opening)."""
+    """Only post-only limit orders, amends that do not cross and cancels are
+    accepted, e.g. before opening (MATCH_MARKET_POST_ONLY otherwise).
+    """
     MARKET_STATUS_HALTED: _MarketStatus.ValueType  # 4
-    """No order entry at all; resting orders stay unless cancelled."""
+    """No order entry and no amends (MATCH_MARKET_HALTED); resting orders stay
+    unless cancelled, and cancels are accepted.
+    """
     MARKET_STATUS_DELISTED: _MarketStatus.ValueType  # 5
-    """Removed; no longer tradable."""
+    """Removed: every open order was cancelled (its funds released) and nothing
+    is accepted any more (MATCH_MARKET_DELISTED).
+    """
 
 class MarketStatus(_MarketStatus, metaclass=_MarketStatusEnumTypeWrapper):
     """Trading status of a market."""
@@ -341,13 +347,19 @@ MARKET_STATUS_UNSPECIFIED: MarketStatus.ValueType  # 0
 MARKET_STATUS_TRADING: MarketStatus.ValueType  # 1
 """Normal trading."""
 MARKET_STATUS_CANCEL_ONLY: MarketStatus.ValueType  # 2
-"""Only cancels are accepted."""
+"""Only cancels are accepted (MATCH_MARKET_CANCEL_ONLY otherwise)."""
 MARKET_STATUS_POST_ONLY: MarketStatus.ValueType  # 3
-"""Only post-only limit orders and cancels are accepted (e.g. before opening)."""
+"""Only post-only limit orders, amends that do not cross and cancels are
+accepted, e.g. before opening (MATCH_MARKET_POST_ONLY otherwise).
+"""
 MARKET_STATUS_HALTED: MarketStatus.ValueType  # 4
-"""No order entry at all; resting orders stay unless cancelled."""
+"""No order entry and no amends (MATCH_MARKET_HALTED); resting orders stay
+unless cancelled, and cancels are accepted.
+"""
 MARKET_STATUS_DELISTED: MarketStatus.ValueType  # 5
-"""Removed; no longer tradable."""
+"""Removed: every open order was cancelled (its funds released) and nothing
+is accepted any more (MATCH_MARKET_DELISTED).
+"""
 Global___MarketStatus: _TypeAlias = MarketStatus  # noqa: Y015
 
 @_typing.final
@@ -369,6 +381,7 @@ class Market(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     BASE_ASSET_SCALE_FIELD_NUMBER: _builtins.int
     QUOTE_ASSET_SCALE_FIELD_NUMBER: _builtins.int
+    STATUS_REASON_FIELD_NUMBER: _builtins.int
     symbol: _builtins.str
     """Market symbol, BASE-QUOTE in upper case, e.g. "BTC-USDT"."""
     base_asset: _builtins.str
@@ -391,6 +404,8 @@ class Market(_message.Message):
     """Decimal places of the base asset's minor unit (e.g. 8 for BTC)."""
     quote_asset_scale: _builtins.int
     """Decimal places of the quote asset's minor unit (e.g. 6 for USDT)."""
+    status_reason: _builtins.str
+    """Why the market has its status (the operator's reason; empty if never set)."""
     def __init__(
         self,
         *,
@@ -405,10 +420,11 @@ class Market(_message.Message):
         status: Global___MarketStatus.ValueType = ...,
         base_asset_scale: _builtins.int = ...,
         quote_asset_scale: _builtins.int = ...,
+        status_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_asset", b"base_asset", "base_asset_scale", b"base_asset_scale", "lot_size", b"lot_size", "max_quantity", b"max_quantity", "min_notional", b"min_notional", "min_quantity", b"min_quantity", "quote_asset", b"quote_asset", "quote_asset_scale", b"quote_asset_scale", "status", b"status", "symbol", b"symbol", "tick_size", b"tick_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_asset", b"base_asset", "base_asset_scale", b"base_asset_scale", "lot_size", b"lot_size", "max_quantity", b"max_quantity", "min_notional", b"min_notional", "min_quantity", b"min_quantity", "quote_asset", b"quote_asset", "quote_asset_scale", b"quote_asset_scale", "status", b"status", "status_reason", b"status_reason", "symbol", b"symbol", "tick_size", b"tick_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,8 +3,9 @@
 /* eslint-disable */
 
 // The matching engine: in-memory order books fed by a journaled command
-// stream. Internal only (order is the only writer, market-data and ledger
-// read events); no HTTP mapping.
+// stream. Internal (order and the ledger write, market data and the ledger
+// read events), except SetMarketStatus: an operator's call (admin scope),
+// served as REST too under /v1/admin/markets/.
 //
 // Prices and quantities are decimal strings here too, exactly as on the public
 // API. The engine converts them to integer ticks (price / tick_size) and lots
@@ -20,8 +21,9 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { CancelReason, OrderType, PriceLevel, SelfTradePrevention, Side, TimeInForce } from "../../type/v1/types_pb.js";
+import type { CancelReason, MarketStatus, OrderType, PriceLevel, SelfTradePrevention, Side, TimeInForce } from "../../type/v1/types_pb.js";
 import { file_cex_type_v1_types } from "../../type/v1/types_pb.js";
+import { file_google_api_annotations } from "../../../google/api/annotations_pb.js";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Status } from "../../../google/rpc/status_pb.js";
@@ -32,7 +34,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cex/match/v1/match.proto.
  */
 export const file_cex_match_v1_match: GenFile = /*@__PURE__*/
-  fileDesc("ChhjZXgvbWF0Y2gvdjEvbWF0Y2gucHJvdG8SDGNleC5tYXRjaC52MSLaBAoMUGxhY2VDb21tYW5kEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEh8KBHNpZGUYBCABKA4yES5jZXgudHlwZS52MS5TaWRlEiQKBHR5cGUYBSABKA4yFi5jZXgudHlwZS52MS5PcmRlclR5cGUSLwoNdGltZV9pbl9mb3JjZRgGIAEoDjIYLmNleC50eXBlLnYxLlRpbWVJbkZvcmNlEj8KFXNlbGZfdHJhZGVfcHJldmVudGlvbhgHIAEoDjIgLmNleC50eXBlLnYxLlNlbGZUcmFkZVByZXZlbnRpb24SDQoFcHJpY2UYCCABKAkSEgoKc3RvcF9wcmljZRgJIAEoCRIQCghxdWFudGl0eRgKIAEoCRIWCg5xdW90ZV9xdWFudGl0eRgLIAEoCRIRCglwb3N0X29ubHkYDCABKAgSFgoObWFrZXJfZmVlX3JhdGUYDSABKAkSFgoOdGFrZXJfZmVlX3JhdGUYDiABKAkSLwoLZXhwaXJlX3RpbWUYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmhvbGRfYXNzZXQYECABKAkSEwoLaG9sZF9hbW91bnQYESABKAkSEgoKc2Vzc2lvbl9pZBgSIAEoCRIbChNyZXF1ZXN0X2ZpbmdlcnByaW50GBMgASgJEhcKD21heF9vcGVuX29yZGVycxgUIAEoBRIeChZtYXhfbWFya2V0X29wZW5fb3JkZXJzGBUgASgFImAKDUNhbmNlbENvbW1hbmQSEAoIb3JkZXJfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRIpCgZyZWFzb24YAyABKA4yGS5jZXgudHlwZS52MS5DYW5jZWxSZWFzb24iVQoMQW1lbmRDb21tYW5kEhAKCG9yZGVyX2lkGAEgASgJEhIKCmFjY291bnRfaWQYAiABKAkSDQoFcHJpY2UYAyABKAkSEAoIcXVhbnRpdHkYBCABKAkicwoRTWFzc0NhbmNlbENvbW1hbmQSEgoKYWNjb3VudF9pZBgBIAEoCRIfCgRzaWRlGAIgASgOMhEuY2V4LnR5cGUudjEuU2lkZRIpCgZyZWFzb24YAyABKA4yGS5jZXgudHlwZS52MS5DYW5jZWxSZWFzb24iDwoNRXhwaXJlQ29tbWFuZCJCChBUcmFuc2ZlcnNDb21tYW5kEi4KCXRyYW5zZmVycxgBIAMoCzIbLmNleC5tYXRjaC52MS5GdW5kc1RyYW5zZmVyIscCCg1GdW5kc1RyYW5zZmVyEgoKAmlkGAEgASgJEioKAm9wGAIgASgOMh4uY2V4Lm1hdGNoLnYxLkZ1bmRzVHJhbnNmZXIuT3ASGAoQZGViaXRfYWNjb3VudF9pZBgDIAEoCRIZChFjcmVkaXRfYWNjb3VudF9pZBgEIAEoCRINCgVhc3NldBgFIAEoCRIOCgZhbW91bnQYBiABKAMSEgoKcGVuZGluZ19pZBgHIAEoCRIOCgZsaW5rZWQYCCABKAgSEgoKdGltZW91dF9ucxgJIAEoAxIMCgRraW5kGAogASgFEhEKCXJlZmVyZW5jZRgLIAEoCSJRCgJPcBISCg5PUF9VTlNQRUNJRklFRBAAEg0KCU9QX1NJTkdMRRABEg4KCk9QX1BFTkRJTkcQAhILCgdPUF9QT1NUEAMSCwoHT1BfVk9JRBAEIk0KDEZ1bmRzRWZmZWN0cxIPCgdleHBpcmVkGAEgAygJEiwKB2NyZWF0ZWQYAiADKAsyGy5jZXgubWF0Y2gudjEuRnVuZHNUcmFuc2ZlciLPAwoHQ29tbWFuZBISCgpjb21tYW5kX2lkGAEgASgJEg4KBm1hcmtldBgCIAEoCRIrCgVwbGFjZRgDIAEoCzIaLmNleC5tYXRjaC52MS5QbGFjZUNvbW1hbmRIABItCgZjYW5jZWwYBCABKAsyGy5jZXgubWF0Y2gudjEuQ2FuY2VsQ29tbWFuZEgAEisKBWFtZW5kGAUgASgLMhouY2V4Lm1hdGNoLnYxLkFtZW5kQ29tbWFuZEgAEjYKC21hc3NfY2FuY2VsGAYgASgLMh8uY2V4Lm1hdGNoLnYxLk1hc3NDYW5jZWxDb21tYW5kSAASLQoGZXhwaXJlGAggASgLMhsuY2V4Lm1hdGNoLnYxLkV4cGlyZUNvbW1hbmRIABIzCgl0cmFuc2ZlcnMYCSABKAsyHi5jZXgubWF0Y2gudjEuVHJhbnNmZXJzQ29tbWFuZEgAEj4KDXRyYWNlX2NvbnRleHQYByADKAsyJy5jZXgubWF0Y2gudjEuQ29tbWFuZC5UcmFjZUNvbnRleHRFbnRyeRozChFUcmFjZUNvbnRleHRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgYKBGtpbmQi2AEKDUNvbW1hbmRSZXN1bHQSEgoKY29tbWFuZF9pZBgBIAEoCRIOCgZtYXJrZXQYAiABKAkSIgoGc3RhdHVzGAMgASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXMSEwoLY29tbWFuZF9zZXEYBCABKAMSKAoGZXZlbnRzGAUgAygLMhguY2V4Lm1hdGNoLnYxLk1hdGNoRXZlbnQSEQoJZHVwbGljYXRlGAYgASgIEi0KEXRyYW5zZmVyX3N0YXR1c2VzGAcgAygLMhIuZ29vZ2xlLnJwYy5TdGF0dXMi3AMKCk1hdGNoRXZlbnQSDgoGbWFya2V0GAEgASgJEgsKA3NlcRgCIAEoAxITCgtjb21tYW5kX3NlcRgDIAEoAxISCgpjb21tYW5kX2lkGAQgASgJEi4KCmV2ZW50X3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KCGFjY2VwdGVkGAYgASgLMhsuY2V4Lm1hdGNoLnYxLk9yZGVyQWNjZXB0ZWRIABIvCghyZWplY3RlZBgHIAEoCzIbLmNleC5tYXRjaC52MS5PcmRlclJlamVjdGVkSAASJAoFdHJhZGUYCCABKAsyEy5jZXgubWF0Y2gudjEuVHJhZGVIABIxCgljYW5jZWxsZWQYCSABKAsyHC5jZXgubWF0Y2gudjEuT3JkZXJDYW5jZWxsZWRIABItCgdhbWVuZGVkGAogASgLMhouY2V4Lm1hdGNoLnYxLk9yZGVyQW1lbmRlZEgAEjEKCXRyaWdnZXJlZBgLIAEoCzIcLmNleC5tYXRjaC52MS5PcmRlclRyaWdnZXJlZEgAEjMKDWxldmVsX2NoYW5nZWQYDCABKAsyGi5jZXgubWF0Y2gudjEuTGV2ZWxDaGFuZ2VkSABCBgoEa2luZCLmAgoNT3JkZXJBY2NlcHRlZBIQCghvcmRlcl9pZBgBIAEoCRIXCg9jbGllbnRfb3JkZXJfaWQYAiABKAkSEgoKYWNjb3VudF9pZBgDIAEoCRIfCgRzaWRlGAQgASgOMhEuY2V4LnR5cGUudjEuU2lkZRIkCgR0eXBlGAUgASgOMhYuY2V4LnR5cGUudjEuT3JkZXJUeXBlEi8KDXRpbWVfaW5fZm9yY2UYBiABKA4yGC5jZXgudHlwZS52MS5UaW1lSW5Gb3JjZRINCgVwcmljZRgHIAEoCRISCgpzdG9wX3ByaWNlGAggASgJEhAKCHF1YW50aXR5GAkgASgJEhYKDnF1b3RlX3F1YW50aXR5GAogASgJEhEKCXBvc3Rfb25seRgLIAEoCBITCgt1bnRyaWdnZXJlZBgMIAEoCBIpCgVwbGFjZRgNIAEoCzIaLmNleC5tYXRjaC52MS5QbGFjZUNvbW1hbmQimgEKDU9yZGVyUmVqZWN0ZWQSEAoIb3JkZXJfaWQYASABKAkSFwoPY2xpZW50X29yZGVyX2lkGAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSDgoGcmVhc29uGAQgASgJEg8KB21lc3NhZ2UYBSABKAkSKQoFcGxhY2UYBiABKAsyGi5jZXgubWF0Y2gudjEuUGxhY2VDb21tYW5kIrcDCgVUcmFkZRIQCgh0cmFkZV9pZBgBIAEoCRINCgVwcmljZRgCIAEoCRIQCghxdWFudGl0eRgDIAEoCRIWCg5xdW90ZV9xdWFudGl0eRgEIAEoCRIlCgp0YWtlcl9zaWRlGAUgASgOMhEuY2V4LnR5cGUudjEuU2lkZRIWCg5tYWtlcl9vcmRlcl9pZBgGIAEoCRIdChVtYWtlcl9jbGllbnRfb3JkZXJfaWQYByABKAkSGAoQbWFrZXJfYWNjb3VudF9pZBgIIAEoCRIgChhtYWtlcl9yZW1haW5pbmdfcXVhbnRpdHkYCSABKAkSEQoJbWFrZXJfZmVlGAogASgJEhcKD21ha2VyX2ZlZV9hc3NldBgLIAEoCRIWCg50YWtlcl9vcmRlcl9pZBgMIAEoCRIdChV0YWtlcl9jbGllbnRfb3JkZXJfaWQYDSABKAkSGAoQdGFrZXJfYWNjb3VudF9pZBgOIAEoCRIgChh0YWtlcl9yZW1haW5pbmdfcXVhbnRpdHkYDyABKAkSEQoJdGFrZXJfZmVlGBAgASgJEhcKD3Rha2VyX2ZlZV9hc3NldBgRIAEoCSLiAQoOT3JkZXJDYW5jZWxsZWQSEAoIb3JkZXJfaWQYASABKAkSFwoPY2xpZW50X29yZGVyX2lkGAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSHwoEc2lkZRgEIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSDQoFcHJpY2UYBSABKAkSGgoSY2FuY2VsbGVkX3F1YW50aXR5GAYgASgJEikKBnJlYXNvbhgHIAEoDjIZLmNleC50eXBlLnYxLkNhbmNlbFJlYXNvbhIaChJyZW1haW5pbmdfcXVhbnRpdHkYCCABKAki1QEKDE9yZGVyQW1lbmRlZBIQCghvcmRlcl9pZBgBIAEoCRIXCg9jbGllbnRfb3JkZXJfaWQYAiABKAkSEgoKYWNjb3VudF9pZBgDIAEoCRIfCgRzaWRlGAQgASgOMhEuY2V4LnR5cGUudjEuU2lkZRIRCglvbGRfcHJpY2UYBSABKAkSDQoFcHJpY2UYBiABKAkSEAoIcXVhbnRpdHkYByABKAkSGgoScmVtYWluaW5nX3F1YW50aXR5GAggASgJEhUKDXByaW9yaXR5X2tlcHQYCSABKAgiwQEKDk9yZGVyVHJpZ2dlcmVkEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEh8KBHNpZGUYBCABKA4yES5jZXgudHlwZS52MS5TaWRlEhIKCnN0b3BfcHJpY2UYBSABKAkSFQoNdHJpZ2dlcl9wcmljZRgGIAEoCRIkCgR0eXBlGAcgASgOMhYuY2V4LnR5cGUudjEuT3JkZXJUeXBlImUKDExldmVsQ2hhbmdlZBIfCgRzaWRlGAEgASgOMhEuY2V4LnR5cGUudjEuU2lkZRINCgVwcmljZRgCIAEoCRIQCghxdWFudGl0eRgDIAEoCRITCgtvcmRlcl9jb3VudBgEIAEoBSJkCglCb29rT3JkZXISEAoIb3JkZXJfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVwcmljZRgDIAEoCRIQCghxdWFudGl0eRgEIAEoCRIQCghwcmlvcml0eRgFIAEoAyLkAQoJT3JkZXJCb29rEg4KBm1hcmtldBgBIAEoCRILCgNzZXEYAiABKAMSJQoEYmlkcxgDIAMoCzIXLmNleC50eXBlLnYxLlByaWNlTGV2ZWwSJQoEYXNrcxgEIAMoCzIXLmNleC50eXBlLnYxLlByaWNlTGV2ZWwSKwoKYmlkX29yZGVycxgFIAMoCzIXLmNleC5tYXRjaC52MS5Cb29rT3JkZXISKwoKYXNrX29yZGVycxgGIAMoCzIXLmNleC5tYXRjaC52MS5Cb29rT3JkZXISEgoKc3RhdGVfaGFzaBgHIAEoCSJAChVTdWJtaXRDb21tYW5kc1JlcXVlc3QSJwoIY29tbWFuZHMYASADKAsyFS5jZXgubWF0Y2gudjEuQ29tbWFuZCJGChZTdWJtaXRDb21tYW5kc1Jlc3BvbnNlEiwKB3Jlc3VsdHMYASADKAsyGy5jZXgubWF0Y2gudjEuQ29tbWFuZFJlc3VsdCJcChNHZXRPcmRlckJvb2tSZXF1ZXN0Eg4KBm1hcmtldBgBIAEoCRImCgVsZXZlbBgCIAEoDjIXLmNleC5tYXRjaC52MS5Cb29rTGV2ZWwSDQoFZGVwdGgYAyABKAUiPQoUR2V0T3JkZXJCb29rUmVzcG9uc2USJQoEYm9vaxgBIAEoCzIXLmNleC5tYXRjaC52MS5PcmRlckJvb2siVwoTUmVwbGF5RXZlbnRzUmVxdWVzdBIOCgZtYXJrZXQYASABKAkSEAoIZnJvbV9zZXEYAiABKAMSDgoGdG9fc2VxGAMgASgDEg4KBmZvbGxvdxgEIAEoCCI2CgpFdmVudEJhdGNoEigKBmV2ZW50cxgBIAMoCzIYLmNleC5tYXRjaC52MS5NYXRjaEV2ZW50IkAKFFJlcGxheUV2ZW50c1Jlc3BvbnNlEigKBmV2ZW50cxgBIAMoCzIYLmNleC5tYXRjaC52MS5NYXRjaEV2ZW50Kk0KCUJvb2tMZXZlbBIaChZCT09LX0xFVkVMX1VOU1BFQ0lGSUVEEAASEQoNQk9PS19MRVZFTF9MMhABEhEKDUJPT0tfTEVWRUxfTDMQAjKfAgoMTWF0Y2hTZXJ2aWNlEl8KDlN1Ym1pdENvbW1hbmRzEiMuY2V4Lm1hdGNoLnYxLlN1Ym1pdENvbW1hbmRzUmVxdWVzdBokLmNleC5tYXRjaC52MS5TdWJtaXRDb21tYW5kc1Jlc3BvbnNlKAEwARJVCgxHZXRPcmRlckJvb2sSIS5jZXgubWF0Y2gudjEuR2V0T3JkZXJCb29rUmVxdWVzdBoiLmNleC5tYXRjaC52MS5HZXRPcmRlckJvb2tSZXNwb25zZRJXCgxSZXBsYXlFdmVudHMSIS5jZXgubWF0Y2gudjEuUmVwbGF5RXZlbnRzUmVxdWVzdBoiLmNleC5tYXRjaC52MS5SZXBsYXlFdmVudHNSZXNwb25zZTABYgZwcm90bzM", [file_cex_type_v1_types, file_google_protobuf_timestamp, file_google_rpc_status]);
+  fileDesc("ChhjZXgvbWF0Y2gvdjEvbWF0Y2gucHJvdG8SDGNleC5tYXRjaC52MSLaBAoMUGxhY2VDb21tYW5kEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEh8KBHNpZGUYBCABKA4yES5jZXgudHlwZS52MS5TaWRlEiQKBHR5cGUYBSABKA4yFi5jZXgudHlwZS52MS5PcmRlclR5cGUSLwoNdGltZV9pbl9mb3JjZRgGIAEoDjIYLmNleC50eXBlLnYxLlRpbWVJbkZvcmNlEj8KFXNlbGZfdHJhZGVfcHJldmVudGlvbhgHIAEoDjIgLmNleC50eXBlLnYxLlNlbGZUcmFkZVByZXZlbnRpb24SDQoFcHJpY2UYCCABKAkSEgoKc3RvcF9wcmljZRgJIAEoCRIQCghxdWFudGl0eRgKIAEoCRIWCg5xdW90ZV9xdWFudGl0eRgLIAEoCRIRCglwb3N0X29ubHkYDCABKAgSFgoObWFrZXJfZmVlX3JhdGUYDSABKAkSFgoOdGFrZXJfZmVlX3JhdGUYDiABKAkSLwoLZXhwaXJlX3RpbWUYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmhvbGRfYXNzZXQYECABKAkSEwoLaG9sZF9hbW91bnQYESABKAkSEgoKc2Vzc2lvbl9pZBgSIAEoCRIbChNyZXF1ZXN0X2ZpbmdlcnByaW50GBMgASgJEhcKD21heF9vcGVuX29yZGVycxgUIAEoBRIeChZtYXhfbWFya2V0X29wZW5fb3JkZXJzGBUgASgFImAKDUNhbmNlbENvbW1hbmQSEAoIb3JkZXJfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRIpCgZyZWFzb24YAyABKA4yGS5jZXgudHlwZS52MS5DYW5jZWxSZWFzb24iVQoMQW1lbmRDb21tYW5kEhAKCG9yZGVyX2lkGAEgASgJEhIKCmFjY291bnRfaWQYAiABKAkSDQoFcHJpY2UYAyABKAkSEAoIcXVhbnRpdHkYBCABKAkicwoRTWFzc0NhbmNlbENvbW1hbmQSEgoKYWNjb3VudF9pZBgBIAEoCRIfCgRzaWRlGAIgASgOMhEuY2V4LnR5cGUudjEuU2lkZRIpCgZyZWFzb24YAyABKA4yGS5jZXgudHlwZS52MS5DYW5jZWxSZWFzb24iDwoNRXhwaXJlQ29tbWFuZCJ7ChZTZXRNYXJrZXRTdGF0dXNDb21tYW5kEikKBnN0YXR1cxgBIAEoDjIZLmNleC50eXBlLnYxLk1hcmtldFN0YXR1cxIOCgZyZWFzb24YAiABKAkSEgoKcmVxdWVzdF9pZBgDIAEoCRISCgp1cGRhdGVkX2J5GAQgASgJIkIKEFRyYW5zZmVyc0NvbW1hbmQSLgoJdHJhbnNmZXJzGAEgAygLMhsuY2V4Lm1hdGNoLnYxLkZ1bmRzVHJhbnNmZXIixwIKDUZ1bmRzVHJhbnNmZXISCgoCaWQYASABKAkSKgoCb3AYAiABKA4yHi5jZXgubWF0Y2gudjEuRnVuZHNUcmFuc2Zlci5PcBIYChBkZWJpdF9hY2NvdW50X2lkGAMgASgJEhkKEWNyZWRpdF9hY2NvdW50X2lkGAQgASgJEg0KBWFzc2V0GAUgASgJEg4KBmFtb3VudBgGIAEoAxISCgpwZW5kaW5nX2lkGAcgASgJEg4KBmxpbmtlZBgIIAEoCBISCgp0aW1lb3V0X25zGAkgASgDEgwKBGtpbmQYCiABKAUSEQoJcmVmZXJlbmNlGAsgASgJIlEKAk9wEhIKDk9QX1VOU1BFQ0lGSUVEEAASDQoJT1BfU0lOR0xFEAESDgoKT1BfUEVORElORxACEgsKB09QX1BPU1QQAxILCgdPUF9WT0lEEAQiTQoMRnVuZHNFZmZlY3RzEg8KB2V4cGlyZWQYASADKAkSLAoHY3JlYXRlZBgCIAMoCzIbLmNleC5tYXRjaC52MS5GdW5kc1RyYW5zZmVyIosECgdDb21tYW5kEhIKCmNvbW1hbmRfaWQYASABKAkSDgoGbWFya2V0GAIgASgJEisKBXBsYWNlGAMgASgLMhouY2V4Lm1hdGNoLnYxLlBsYWNlQ29tbWFuZEgAEi0KBmNhbmNlbBgEIAEoCzIbLmNleC5tYXRjaC52MS5DYW5jZWxDb21tYW5kSAASKwoFYW1lbmQYBSABKAsyGi5jZXgubWF0Y2gudjEuQW1lbmRDb21tYW5kSAASNgoLbWFzc19jYW5jZWwYBiABKAsyHy5jZXgubWF0Y2gudjEuTWFzc0NhbmNlbENvbW1hbmRIABItCgZleHBpcmUYCCABKAsyGy5jZXgubWF0Y2gudjEuRXhwaXJlQ29tbWFuZEgAEjMKCXRyYW5zZmVycxgJIAEoCzIeLmNleC5tYXRjaC52MS5UcmFuc2ZlcnNDb21tYW5kSAASOgoKc2V0X3N0YXR1cxgKIAEoCzIkLmNleC5tYXRjaC52MS5TZXRNYXJrZXRTdGF0dXNDb21tYW5kSAASPgoNdHJhY2VfY29udGV4dBgHIAMoCzInLmNleC5tYXRjaC52MS5Db21tYW5kLlRyYWNlQ29udGV4dEVudHJ5GjMKEVRyYWNlQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCBgoEa2luZCLYAQoNQ29tbWFuZFJlc3VsdBISCgpjb21tYW5kX2lkGAEgASgJEg4KBm1hcmtldBgCIAEoCRIiCgZzdGF0dXMYAyABKAsyEi5nb29nbGUucnBjLlN0YXR1cxITCgtjb21tYW5kX3NlcRgEIAEoAxIoCgZldmVudHMYBSADKAsyGC5jZXgubWF0Y2gudjEuTWF0Y2hFdmVudBIRCglkdXBsaWNhdGUYBiABKAgSLQoRdHJhbnNmZXJfc3RhdHVzZXMYByADKAsyEi5nb29nbGUucnBjLlN0YXR1cyKZBAoKTWF0Y2hFdmVudBIOCgZtYXJrZXQYASABKAkSCwoDc2VxGAIgASgDEhMKC2NvbW1hbmRfc2VxGAMgASgDEhIKCmNvbW1hbmRfaWQYBCABKAkSLgoKZXZlbnRfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoIYWNjZXB0ZWQYBiABKAsyGy5jZXgubWF0Y2gudjEuT3JkZXJBY2NlcHRlZEgAEi8KCHJlamVjdGVkGAcgASgLMhsuY2V4Lm1hdGNoLnYxLk9yZGVyUmVqZWN0ZWRIABIkCgV0cmFkZRgIIAEoCzITLmNleC5tYXRjaC52MS5UcmFkZUgAEjEKCWNhbmNlbGxlZBgJIAEoCzIcLmNleC5tYXRjaC52MS5PcmRlckNhbmNlbGxlZEgAEi0KB2FtZW5kZWQYCiABKAsyGi5jZXgubWF0Y2gudjEuT3JkZXJBbWVuZGVkSAASMQoJdHJpZ2dlcmVkGAsgASgLMhwuY2V4Lm1hdGNoLnYxLk9yZGVyVHJpZ2dlcmVkSAASMwoNbGV2ZWxfY2hhbmdlZBgMIAEoCzIaLmNleC5tYXRjaC52MS5MZXZlbENoYW5nZWRIABI7Cg5zdGF0dXNfY2hhbmdlZBgNIAEoCzIhLmNleC5tYXRjaC52MS5NYXJrZXRTdGF0dXNDaGFuZ2VkSABCBgoEa2luZCKsAQoTTWFya2V0U3RhdHVzQ2hhbmdlZBIpCgZzdGF0dXMYASABKA4yGS5jZXgudHlwZS52MS5NYXJrZXRTdGF0dXMSMgoPcHJldmlvdXNfc3RhdHVzGAIgASgOMhkuY2V4LnR5cGUudjEuTWFya2V0U3RhdHVzEg4KBnJlYXNvbhgDIAEoCRISCgpyZXF1ZXN0X2lkGAQgASgJEhIKCnVwZGF0ZWRfYnkYBSABKAki5gIKDU9yZGVyQWNjZXB0ZWQSEAoIb3JkZXJfaWQYASABKAkSFwoPY2xpZW50X29yZGVyX2lkGAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSHwoEc2lkZRgEIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSJAoEdHlwZRgFIAEoDjIWLmNleC50eXBlLnYxLk9yZGVyVHlwZRIvCg10aW1lX2luX2ZvcmNlGAYgASgOMhguY2V4LnR5cGUudjEuVGltZUluRm9yY2USDQoFcHJpY2UYByABKAkSEgoKc3RvcF9wcmljZRgIIAEoCRIQCghxdWFudGl0eRgJIAEoCRIWCg5xdW90ZV9xdWFudGl0eRgKIAEoCRIRCglwb3N0X29ubHkYCyABKAgSEwoLdW50cmlnZ2VyZWQYDCABKAgSKQoFcGxhY2UYDSABKAsyGi5jZXgubWF0Y2gudjEuUGxhY2VDb21tYW5kIpoBCg1PcmRlclJlamVjdGVkEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEg4KBnJlYXNvbhgEIAEoCRIPCgdtZXNzYWdlGAUgASgJEikKBXBsYWNlGAYgASgLMhouY2V4Lm1hdGNoLnYxLlBsYWNlQ29tbWFuZCK3AwoFVHJhZGUSEAoIdHJhZGVfaWQYASABKAkSDQoFcHJpY2UYAiABKAkSEAoIcXVhbnRpdHkYAyABKAkSFgoOcXVvdGVfcXVhbnRpdHkYBCABKAkSJQoKdGFrZXJfc2lkZRgFIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSFgoObWFrZXJfb3JkZXJfaWQYBiABKAkSHQoVbWFrZXJfY2xpZW50X29yZGVyX2lkGAcgASgJEhgKEG1ha2VyX2FjY291bnRfaWQYCCABKAkSIAoYbWFrZXJfcmVtYWluaW5nX3F1YW50aXR5GAkgASgJEhEKCW1ha2VyX2ZlZRgKIAEoCRIXCg9tYWtlcl9mZWVfYXNzZXQYCyABKAkSFgoOdGFrZXJfb3JkZXJfaWQYDCABKAkSHQoVdGFrZXJfY2xpZW50X29yZGVyX2lkGA0gASgJEhgKEHRha2VyX2FjY291bnRfaWQYDiABKAkSIAoYdGFrZXJfcmVtYWluaW5nX3F1YW50aXR5GA8gASgJEhEKCXRha2VyX2ZlZRgQIAEoCRIXCg90YWtlcl9mZWVfYXNzZXQYESABKAki4gEKDk9yZGVyQ2FuY2VsbGVkEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEh8KBHNpZGUYBCABKA4yES5jZXgudHlwZS52MS5TaWRlEg0KBXByaWNlGAUgASgJEhoKEmNhbmNlbGxlZF9xdWFudGl0eRgGIAEoCRIpCgZyZWFzb24YByABKA4yGS5jZXgudHlwZS52MS5DYW5jZWxSZWFzb24SGgoScmVtYWluaW5nX3F1YW50aXR5GAggASgJItUBCgxPcmRlckFtZW5kZWQSEAoIb3JkZXJfaWQYASABKAkSFwoPY2xpZW50X29yZGVyX2lkGAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSHwoEc2lkZRgEIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSEQoJb2xkX3ByaWNlGAUgASgJEg0KBXByaWNlGAYgASgJEhAKCHF1YW50aXR5GAcgASgJEhoKEnJlbWFpbmluZ19xdWFudGl0eRgIIAEoCRIVCg1wcmlvcml0eV9rZXB0GAkgASgIIsEBCg5PcmRlclRyaWdnZXJlZBIQCghvcmRlcl9pZBgBIAEoCRIXCg9jbGllbnRfb3JkZXJfaWQYAiABKAkSEgoKYWNjb3VudF9pZBgDIAEoCRIfCgRzaWRlGAQgASgOMhEuY2V4LnR5cGUudjEuU2lkZRISCgpzdG9wX3ByaWNlGAUgASgJEhUKDXRyaWdnZXJfcHJpY2UYBiABKAkSJAoEdHlwZRgHIAEoDjIWLmNleC50eXBlLnYxLk9yZGVyVHlwZSJlCgxMZXZlbENoYW5nZWQSHwoEc2lkZRgBIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSDQoFcHJpY2UYAiABKAkSEAoIcXVhbnRpdHkYAyABKAkSEwoLb3JkZXJfY291bnQYBCABKAUiZAoJQm9va09yZGVyEhAKCG9yZGVyX2lkGAEgASgJEhIKCmFjY291bnRfaWQYAiABKAkSDQoFcHJpY2UYAyABKAkSEAoIcXVhbnRpdHkYBCABKAkSEAoIcHJpb3JpdHkYBSABKAMipgIKCU9yZGVyQm9vaxIOCgZtYXJrZXQYASABKAkSCwoDc2VxGAIgASgDEiUKBGJpZHMYAyADKAsyFy5jZXgudHlwZS52MS5QcmljZUxldmVsEiUKBGFza3MYBCADKAsyFy5jZXgudHlwZS52MS5QcmljZUxldmVsEisKCmJpZF9vcmRlcnMYBSADKAsyFy5jZXgubWF0Y2gudjEuQm9va09yZGVyEisKCmFza19vcmRlcnMYBiADKAsyFy5jZXgubWF0Y2gudjEuQm9va09yZGVyEhIKCnN0YXRlX2hhc2gYByABKAkSKQoGc3RhdHVzGAggASgOMhkuY2V4LnR5cGUudjEuTWFya2V0U3RhdHVzEhUKDXN0YXR1c19yZWFzb24YCSABKAkiQAoVU3VibWl0Q29tbWFuZHNSZXF1ZXN0EicKCGNvbW1hbmRzGAEgAygLMhUuY2V4Lm1hdGNoLnYxLkNvbW1hbmQiRgoWU3VibWl0Q29tbWFuZHNSZXNwb25zZRIsCgdyZXN1bHRzGAEgAygLMhsuY2V4Lm1hdGNoLnYxLkNvbW1hbmRSZXN1bHQiXAoTR2V0T3JkZXJCb29rUmVxdWVzdBIOCgZtYXJrZXQYASABKAkSJgoFbGV2ZWwYAiABKA4yFy5jZXgubWF0Y2gudjEuQm9va0xldmVsEg0KBWRlcHRoGAMgASgFIj0KFEdldE9yZGVyQm9va1Jlc3BvbnNlEiUKBGJvb2sYASABKAsyFy5jZXgubWF0Y2gudjEuT3JkZXJCb29rIlcKE1JlcGxheUV2ZW50c1JlcXVlc3QSDgoGbWFya2V0GAEgASgJEhAKCGZyb21fc2VxGAIgASgDEg4KBnRvX3NlcRgDIAEoAxIOCgZmb2xsb3cYBCABKAgidwoWU2V0TWFya2V0U3RhdHVzUmVxdWVzdBIOCgZtYXJrZXQYASABKAkSKQoGc3RhdHVzGAIgASgOMhkuY2V4LnR5cGUudjEuTWFya2V0U3RhdHVzEg4KBnJlYXNvbhgDIAEoCRISCgpyZXF1ZXN0X2lkGAQgASgJIqQBChdTZXRNYXJrZXRTdGF0dXNSZXNwb25zZRIxCgZjaGFuZ2UYASABKAsyIS5jZXgubWF0Y2gudjEuTWFya2V0U3RhdHVzQ2hhbmdlZBILCgNzZXEYAiABKAMSLwoLdXBkYXRlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGNhbmNlbGxlZF9vcmRlcnMYBCABKAUiNgoKRXZlbnRCYXRjaBIoCgZldmVudHMYASADKAsyGC5jZXgubWF0Y2gudjEuTWF0Y2hFdmVudCJAChRSZXBsYXlFdmVudHNSZXNwb25zZRIoCgZldmVudHMYASADKAsyGC5jZXgubWF0Y2gudjEuTWF0Y2hFdmVudCpNCglCb29rTGV2ZWwSGgoWQk9PS19MRVZFTF9VTlNQRUNJRklFRBAAEhEKDUJPT0tfTEVWRUxfTDIQARIRCg1CT09LX0xFVkVMX0wzEAIyrgMKDE1hdGNoU2VydmljZRJfCg5TdWJtaXRDb21tYW5kcxIjLmNleC5tYXRjaC52MS5TdWJtaXRDb21tYW5kc1JlcXVlc3QaJC5jZXgubWF0Y2gudjEuU3VibWl0Q29tbWFuZHNSZXNwb25zZSgBMAESVQoMR2V0T3JkZXJCb29rEiEuY2V4Lm1hdGNoLnYxLkdldE9yZGVyQm9va1JlcXVlc3QaIi5jZXgubWF0Y2gudjEuR2V0T3JkZXJCb29rUmVzcG9uc2USVwoMUmVwbGF5RXZlbnRzEiEuY2V4Lm1hdGNoLnYxLlJlcGxheUV2ZW50c1JlcXVlc3QaIi5jZXgubWF0Y2gudjEuUmVwbGF5RXZlbnRzUmVzcG9uc2UwARKMAQoPU2V0TWFya2V0U3RhdHVzEiQuY2V4Lm1hdGNoLnYxLlNldE1hcmtldFN0YXR1c1JlcXVlc3QaJS5jZXgubWF0Y2gudjEuU2V0TWFya2V0U3RhdHVzUmVzcG9uc2UiLILT5JMCJjoBKiIhL3YxL2FkbWluL21hcmtldHMve21hcmtldH0vc3RhdHVzYgZwcm90bzM", [file_cex_type_v1_types, file_google_api_annotations, file_google_protobuf_timestamp, file_google_rpc_status]);
 
 /**
  * Places an order in the book.
@@ -353,6 +355,51 @@ export const ExpireCommandSchema: GenMessage<ExpireCommand> = /*@__PURE__*/
   messageDesc(file_cex_match_v1_match, 4);
 
 /**
+ * Sets the market's status (ADR 0015). Journaled and replayed like any
+ * command; what the engine refuses in each status is refused before the
+ * journal (FAILED_PRECONDITION MATCH_MARKET_HALTED, _CANCEL_ONLY, _POST_ONLY,
+ * _DELISTED), so replays see only what was admitted.
+ *
+ * @generated from message cex.match.v1.SetMarketStatusCommand
+ */
+export type SetMarketStatusCommand = Message<"cex.match.v1.SetMarketStatusCommand"> & {
+  /**
+   * The new status (not UNSPECIFIED).
+   *
+   * @generated from field: cex.type.v1.MarketStatus status = 1;
+   */
+  status: MarketStatus;
+
+  /**
+   * Why, for people (required; at most 256 characters).
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+
+  /**
+   * The SetMarketStatus request_id.
+   *
+   * @generated from field: string request_id = 3;
+   */
+  requestId: string;
+
+  /**
+   * Who asked (an admin account, or "svc:<service>").
+   *
+   * @generated from field: string updated_by = 4;
+   */
+  updatedBy: string;
+};
+
+/**
+ * Describes the message cex.match.v1.SetMarketStatusCommand.
+ * Use `create(SetMarketStatusCommandSchema)` to create a new message.
+ */
+export const SetMarketStatusCommandSchema: GenMessage<SetMarketStatusCommand> = /*@__PURE__*/
+  messageDesc(file_cex_match_v1_match, 5);
+
+/**
  * Funds moved by the ledger's rules, decided by the group's writer, which owns
  * balances (ADR 0013): deposits, withdrawals' holds, posts and voids, transfers.
  * The ledger service sends these for its CreateTransfers; they are applied in
@@ -375,7 +422,7 @@ export type TransfersCommand = Message<"cex.match.v1.TransfersCommand"> & {
  * Use `create(TransfersCommandSchema)` to create a new message.
  */
 export const TransfersCommandSchema: GenMessage<TransfersCommand> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 5);
+  messageDesc(file_cex_match_v1_match, 6);
 
 /**
  * One transfer of a TransfersCommand: cex.ledger.v1.Transfer with the amount
@@ -467,7 +514,7 @@ export type FundsTransfer = Message<"cex.match.v1.FundsTransfer"> & {
  * Use `create(FundsTransferSchema)` to create a new message.
  */
 export const FundsTransferSchema: GenMessage<FundsTransfer> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 6);
+  messageDesc(file_cex_match_v1_match, 7);
 
 /**
  * What the transfer does.
@@ -515,7 +562,7 @@ export enum FundsTransfer_Op {
  * Describes the enum cex.match.v1.FundsTransfer.Op.
  */
 export const FundsTransfer_OpSchema: GenEnum<FundsTransfer_Op> = /*@__PURE__*/
-  enumDesc(file_cex_match_v1_match, 6, 0);
+  enumDesc(file_cex_match_v1_match, 7, 0);
 
 /**
  * What a command without a market (transfers, or the expiry of holds) changed
@@ -548,7 +595,7 @@ export type FundsEffects = Message<"cex.match.v1.FundsEffects"> & {
  * Use `create(FundsEffectsSchema)` to create a new message.
  */
 export const FundsEffectsSchema: GenMessage<FundsEffects> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 7);
+  messageDesc(file_cex_match_v1_match, 8);
 
 /**
  * One command for one market.
@@ -625,6 +672,14 @@ export type Command = Message<"cex.match.v1.Command"> & {
      */
     value: TransfersCommand;
     case: "transfers";
+  } | {
+    /**
+     * Set the market's status.
+     *
+     * @generated from field: cex.match.v1.SetMarketStatusCommand set_status = 10;
+     */
+    value: SetMarketStatusCommand;
+    case: "setStatus";
   } | { case: undefined; value?: undefined };
 
   /**
@@ -643,7 +698,7 @@ export type Command = Message<"cex.match.v1.Command"> & {
  * Use `create(CommandSchema)` to create a new message.
  */
 export const CommandSchema: GenMessage<Command> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 8);
+  messageDesc(file_cex_match_v1_match, 9);
 
 /**
  * Result of one command.
@@ -711,7 +766,7 @@ export type CommandResult = Message<"cex.match.v1.CommandResult"> & {
  * Use `create(CommandResultSchema)` to create a new message.
  */
 export const CommandResultSchema: GenMessage<CommandResult> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 9);
+  messageDesc(file_cex_match_v1_match, 10);
 
 /**
  * Something that happened in a book. Decimal fields are decimal strings.
@@ -816,6 +871,15 @@ export type MatchEvent = Message<"cex.match.v1.MatchEvent"> & {
      */
     value: LevelChanged;
     case: "levelChanged";
+  } | {
+    /**
+     * The market's status changed (first event of its command; a delisting's
+     * cancellations follow it).
+     *
+     * @generated from field: cex.match.v1.MarketStatusChanged status_changed = 13;
+     */
+    value: MarketStatusChanged;
+    case: "statusChanged";
   } | { case: undefined; value?: undefined };
 };
 
@@ -824,7 +888,56 @@ export type MatchEvent = Message<"cex.match.v1.MatchEvent"> & {
  * Use `create(MatchEventSchema)` to create a new message.
  */
 export const MatchEventSchema: GenMessage<MatchEvent> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 10);
+  messageDesc(file_cex_match_v1_match, 11);
+
+/**
+ * A market's status changed (SetMarketStatus).
+ *
+ * @generated from message cex.match.v1.MarketStatusChanged
+ */
+export type MarketStatusChanged = Message<"cex.match.v1.MarketStatusChanged"> & {
+  /**
+   * The status now.
+   *
+   * @generated from field: cex.type.v1.MarketStatus status = 1;
+   */
+  status: MarketStatus;
+
+  /**
+   * The status before.
+   *
+   * @generated from field: cex.type.v1.MarketStatus previous_status = 2;
+   */
+  previousStatus: MarketStatus;
+
+  /**
+   * Why, as the operator gave it.
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+
+  /**
+   * The SetMarketStatus request_id.
+   *
+   * @generated from field: string request_id = 4;
+   */
+  requestId: string;
+
+  /**
+   * Who asked.
+   *
+   * @generated from field: string updated_by = 5;
+   */
+  updatedBy: string;
+};
+
+/**
+ * Describes the message cex.match.v1.MarketStatusChanged.
+ * Use `create(MarketStatusChangedSchema)` to create a new message.
+ */
+export const MarketStatusChangedSchema: GenMessage<MarketStatusChanged> = /*@__PURE__*/
+  messageDesc(file_cex_match_v1_match, 12);
 
 /**
  * An order was accepted.
@@ -930,7 +1043,7 @@ export type OrderAccepted = Message<"cex.match.v1.OrderAccepted"> & {
  * Use `create(OrderAcceptedSchema)` to create a new message.
  */
 export const OrderAcceptedSchema: GenMessage<OrderAccepted> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 11);
+  messageDesc(file_cex_match_v1_match, 13);
 
 /**
  * An order was refused by the engine (after journaling, so deterministic).
@@ -987,7 +1100,7 @@ export type OrderRejected = Message<"cex.match.v1.OrderRejected"> & {
  * Use `create(OrderRejectedSchema)` to create a new message.
  */
 export const OrderRejectedSchema: GenMessage<OrderRejected> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 12);
+  messageDesc(file_cex_match_v1_match, 14);
 
 /**
  * A trade between a resting (maker) and an incoming (taker) order.
@@ -1120,7 +1233,7 @@ export type Trade = Message<"cex.match.v1.Trade"> & {
  * Use `create(TradeSchema)` to create a new message.
  */
 export const TradeSchema: GenMessage<Trade> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 13);
+  messageDesc(file_cex_match_v1_match, 15);
 
 /**
  * An order or its remainder left the book (or, for a self-trade decrement,
@@ -1192,7 +1305,7 @@ export type OrderCancelled = Message<"cex.match.v1.OrderCancelled"> & {
  * Use `create(OrderCancelledSchema)` to create a new message.
  */
 export const OrderCancelledSchema: GenMessage<OrderCancelled> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 14);
+  messageDesc(file_cex_match_v1_match, 16);
 
 /**
  * An order was amended.
@@ -1269,7 +1382,7 @@ export type OrderAmended = Message<"cex.match.v1.OrderAmended"> & {
  * Use `create(OrderAmendedSchema)` to create a new message.
  */
 export const OrderAmendedSchema: GenMessage<OrderAmended> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 15);
+  messageDesc(file_cex_match_v1_match, 17);
 
 /**
  * A stop order was triggered and now works as a limit or market order.
@@ -1332,7 +1445,7 @@ export type OrderTriggered = Message<"cex.match.v1.OrderTriggered"> & {
  * Use `create(OrderTriggeredSchema)` to create a new message.
  */
 export const OrderTriggeredSchema: GenMessage<OrderTriggered> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 16);
+  messageDesc(file_cex_match_v1_match, 18);
 
 /**
  * An aggregated price level changed.
@@ -1374,7 +1487,7 @@ export type LevelChanged = Message<"cex.match.v1.LevelChanged"> & {
  * Use `create(LevelChangedSchema)` to create a new message.
  */
 export const LevelChangedSchema: GenMessage<LevelChanged> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 17);
+  messageDesc(file_cex_match_v1_match, 19);
 
 /**
  * One resting order in an L3 view.
@@ -1424,7 +1537,7 @@ export type BookOrder = Message<"cex.match.v1.BookOrder"> & {
  * Use `create(BookOrderSchema)` to create a new message.
  */
 export const BookOrderSchema: GenMessage<BookOrder> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 18);
+  messageDesc(file_cex_match_v1_match, 20);
 
 /**
  * A consistent view of a book as of event seq.
@@ -1482,6 +1595,20 @@ export type OrderBook = Message<"cex.match.v1.OrderBook"> & {
    * @generated from field: string state_hash = 7;
    */
   stateHash: string;
+
+  /**
+   * The market's status as of seq.
+   *
+   * @generated from field: cex.type.v1.MarketStatus status = 8;
+   */
+  status: MarketStatus;
+
+  /**
+   * Why it has that status (the last SetMarketStatus reason; empty if never set).
+   *
+   * @generated from field: string status_reason = 9;
+   */
+  statusReason: string;
 };
 
 /**
@@ -1489,7 +1616,7 @@ export type OrderBook = Message<"cex.match.v1.OrderBook"> & {
  * Use `create(OrderBookSchema)` to create a new message.
  */
 export const OrderBookSchema: GenMessage<OrderBook> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 19);
+  messageDesc(file_cex_match_v1_match, 21);
 
 /**
  * Request for MatchService.SubmitCommands.
@@ -1510,7 +1637,7 @@ export type SubmitCommandsRequest = Message<"cex.match.v1.SubmitCommandsRequest"
  * Use `create(SubmitCommandsRequestSchema)` to create a new message.
  */
 export const SubmitCommandsRequestSchema: GenMessage<SubmitCommandsRequest> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 20);
+  messageDesc(file_cex_match_v1_match, 22);
 
 /**
  * Response for MatchService.SubmitCommands.
@@ -1531,7 +1658,7 @@ export type SubmitCommandsResponse = Message<"cex.match.v1.SubmitCommandsRespons
  * Use `create(SubmitCommandsResponseSchema)` to create a new message.
  */
 export const SubmitCommandsResponseSchema: GenMessage<SubmitCommandsResponse> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 21);
+  messageDesc(file_cex_match_v1_match, 23);
 
 /**
  * Request for MatchService.GetOrderBook.
@@ -1566,7 +1693,7 @@ export type GetOrderBookRequest = Message<"cex.match.v1.GetOrderBookRequest"> & 
  * Use `create(GetOrderBookRequestSchema)` to create a new message.
  */
 export const GetOrderBookRequestSchema: GenMessage<GetOrderBookRequest> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 22);
+  messageDesc(file_cex_match_v1_match, 24);
 
 /**
  * Response for MatchService.GetOrderBook.
@@ -1587,7 +1714,7 @@ export type GetOrderBookResponse = Message<"cex.match.v1.GetOrderBookResponse"> 
  * Use `create(GetOrderBookResponseSchema)` to create a new message.
  */
 export const GetOrderBookResponseSchema: GenMessage<GetOrderBookResponse> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 23);
+  messageDesc(file_cex_match_v1_match, 25);
 
 /**
  * Request for MatchService.ReplayEvents.
@@ -1630,7 +1757,92 @@ export type ReplayEventsRequest = Message<"cex.match.v1.ReplayEventsRequest"> & 
  * Use `create(ReplayEventsRequestSchema)` to create a new message.
  */
 export const ReplayEventsRequestSchema: GenMessage<ReplayEventsRequest> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 24);
+  messageDesc(file_cex_match_v1_match, 26);
+
+/**
+ * Request for MatchService.SetMarketStatus.
+ *
+ * @generated from message cex.match.v1.SetMarketStatusRequest
+ */
+export type SetMarketStatusRequest = Message<"cex.match.v1.SetMarketStatusRequest"> & {
+  /**
+   * Market symbol.
+   *
+   * @generated from field: string market = 1;
+   */
+  market: string;
+
+  /**
+   * The new status (not UNSPECIFIED).
+   *
+   * @generated from field: cex.type.v1.MarketStatus status = 2;
+   */
+  status: MarketStatus;
+
+  /**
+   * Why, for people (required; at most 256 characters; in the event and in
+   * GetMarket).
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+
+  /**
+   * Idempotency key (at most 128 characters).
+   *
+   * @generated from field: string request_id = 4;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message cex.match.v1.SetMarketStatusRequest.
+ * Use `create(SetMarketStatusRequestSchema)` to create a new message.
+ */
+export const SetMarketStatusRequestSchema: GenMessage<SetMarketStatusRequest> = /*@__PURE__*/
+  messageDesc(file_cex_match_v1_match, 27);
+
+/**
+ * Response for MatchService.SetMarketStatus.
+ *
+ * @generated from message cex.match.v1.SetMarketStatusResponse
+ */
+export type SetMarketStatusResponse = Message<"cex.match.v1.SetMarketStatusResponse"> & {
+  /**
+   * The change as journaled.
+   *
+   * @generated from field: cex.match.v1.MarketStatusChanged change = 1;
+   */
+  change?: MarketStatusChanged | undefined;
+
+  /**
+   * Event seq of the change in its market.
+   *
+   * @generated from field: int64 seq = 2;
+   */
+  seq: bigint;
+
+  /**
+   * When it was journaled.
+   *
+   * @generated from field: google.protobuf.Timestamp update_time = 3;
+   */
+  updateTime?: Timestamp | undefined;
+
+  /**
+   * Open orders the change cancelled (DELISTED).
+   *
+   * @generated from field: int32 cancelled_orders = 4;
+   */
+  cancelledOrders: number;
+};
+
+/**
+ * Describes the message cex.match.v1.SetMarketStatusResponse.
+ * Use `create(SetMarketStatusResponseSchema)` to create a new message.
+ */
+export const SetMarketStatusResponseSchema: GenMessage<SetMarketStatusResponse> = /*@__PURE__*/
+  messageDesc(file_cex_match_v1_match, 28);
 
 /**
  * Response for MatchService.ReplayEvents.
@@ -1655,7 +1867,7 @@ export type EventBatch = Message<"cex.match.v1.EventBatch"> & {
  * Use `create(EventBatchSchema)` to create a new message.
  */
 export const EventBatchSchema: GenMessage<EventBatch> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 25);
+  messageDesc(file_cex_match_v1_match, 29);
 
 /**
  * @generated from message cex.match.v1.ReplayEventsResponse
@@ -1675,7 +1887,7 @@ export type ReplayEventsResponse = Message<"cex.match.v1.ReplayEventsResponse"> 
  * Use `create(ReplayEventsResponseSchema)` to create a new message.
  */
 export const ReplayEventsResponseSchema: GenMessage<ReplayEventsResponse> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 26);
+  messageDesc(file_cex_match_v1_match, 30);
 
 /**
  * Detail of an order book view.
@@ -1750,6 +1962,23 @@ export const MatchService: GenService<{
     methodKind: "server_streaming";
     input: typeof ReplayEventsRequestSchema;
     output: typeof ReplayEventsResponseSchema;
+  },
+  /**
+   * Moves a market between TRADING, POST_ONLY, CANCEL_ONLY, HALTED and
+   * DELISTED (ADR 0015), at runtime: a command journaled in the market's
+   * order with its orders (command_id "status:<request_id>"), announced by a
+   * MarketStatusChanged event. Admin scope (or a service). A retry with the
+   * same request_id returns the first answer; with another body it is
+   * ALREADY_EXISTS MATCH_COMMAND_ID_REUSED. DELISTED cancels every open order
+   * (funds released) and is final: FAILED_PRECONDITION MATCH_MARKET_DELISTED
+   * for any later change.
+   *
+   * @generated from rpc cex.match.v1.MatchService.SetMarketStatus
+   */
+  setMarketStatus: {
+    methodKind: "unary";
+    input: typeof SetMarketStatusRequestSchema;
+    output: typeof SetMarketStatusResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_cex_match_v1_match, 0);
