@@ -40,7 +40,7 @@ from .infra import Infrastructure, connect
 from .markets import Asset, Catalog, Market, load_catalog
 from .money import MoneyError, from_units, to_units
 from .pages import bad_page_token, page_size, page_token, read_page_token
-from .server import Server, background, run
+from .server import Server, background, poll_until_cancelled, run
 from .settings import ChassisSettings
 from .times import from_timestamp, optional_time, timestamp, timestamp_ns
 
@@ -95,6 +95,7 @@ __all__ = [
     "owned_resource",
     "page_size",
     "page_token",
+    "poll_until_cancelled",
     "postgres",
     "read_page_token",
     "redis_connection",
