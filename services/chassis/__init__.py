@@ -42,6 +42,7 @@ from .money import MoneyError, from_units, to_units
 from .pages import bad_page_token, page_size, page_token, read_page_token
 from .server import Server, background, poll_until_cancelled, run
 from .settings import ChassisSettings
+from .telemetry import metrics_registry
 from .times import from_timestamp, optional_time, timestamp, timestamp_ns
 
 __all__ = [
@@ -87,6 +88,7 @@ __all__ = [
     "load_catalog",
     "match_events",
     "mesh_channel",
+    "metrics_registry",
     "migrate",
     "nats_connection",
     "observe_fetch",

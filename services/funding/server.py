@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 import grpc
 from google.rpc import status_pb2
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import CollectorRegistry
 
 from cex.funding.v1 import funding_pb2, funding_pb2_grpc
 from cex.ledger.v1 import ledger_pb2_grpc
@@ -40,6 +40,7 @@ from services.chassis import (
     current_auth,
     load_catalog,
     mesh_channel,
+    metrics_registry,
     optional_time,
     owned_account,
     owned_resource,
@@ -933,8 +934,7 @@ async def build_server(
     """The composition root. `crash_at` is the crash tests' fault injector (main.py)."""
     config = FundingConfig.from_env() if config is None else config
     catalog = load_catalog() if catalog is None else catalog
-    if registry is None:
-        registry = REGISTRY if settings.metrics_port else CollectorRegistry()
+    registry = metrics_registry(registry, settings.metrics_port)
     server = Server(settings)
     infra = await connect(server, nats=config.outbox)
     # Each running saga step holds a connection for its two short transactions.
