@@ -14,7 +14,15 @@ from .authn import (
     sees_every_account,
     user,
 )
-from .bus import Outbox, PullConsumer, ensure_stream, match_events, nats_connection, observe_fetch
+from .bus import (
+    Outbox,
+    PullConsumer,
+    ensure_stream,
+    match_event_consumer,
+    match_events,
+    nats_connection,
+    observe_fetch,
+)
 from .cache import redis_connection
 from .clients import mesh_channel, service_credentials
 from .command_stream import CommandStream
@@ -86,6 +94,7 @@ __all__ = [
     "invalid",
     "invalid_field",
     "load_catalog",
+    "match_event_consumer",
     "match_events",
     "mesh_channel",
     "metrics_registry",
