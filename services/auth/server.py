@@ -27,10 +27,9 @@ from services.chassis import (
     INTERNAL,
     PUBLIC,
     AccountStates,
+    AuthContext,
     Catalog,
     ChassisSettings,
-    FieldViolation,
-    InvalidArgument,
     NotFound,
     Outbox,
     PermissionDenied,
@@ -41,6 +40,7 @@ from services.chassis import (
     bad_page_token,
     connect,
     current_auth,
+    invalid_field,
     load_catalog,
     optional_time,
     owned_resource,
@@ -103,10 +103,11 @@ def _scopes_in(values: Iterable[int], field: str) -> tuple[str, ...]:
     names = []
     for i, v in enumerate(values):
         if v not in _SCOPE_NAMES:
-            raise InvalidArgument(
+            raise invalid_field(
                 "AUTH_INVALID_SCOPE",
-                "unknown scope",
-                violations=[FieldViolation(f"{field}[{i}]", "read, trade, withdraw or admin")],
+                f"{field}[{i}]",
+                "read, trade, withdraw or admin",
+                message="unknown scope",
             )
         names.append(_SCOPE_NAMES[v])
     return tuple(sorted(set(names)))
@@ -170,6 +171,13 @@ def _request_hash(
 
 def _require_request_id(request_id: str) -> str:
     return require_request_id(request_id, "AUTH_REQUEST_ID_REQUIRED")
+
+
+def _mutating_caller(request_id: str) -> AuthContext:
+    """The caller of a call that changes state, once its idempotency key is valid."""
+    ctx = current_auth()
+    _require_request_id(request_id)
+    return ctx
 
 
 # The client's address as the edge determined it: Envoy locally, the Istio ingress
@@ -276,10 +284,11 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
             raise _ADMIN_ONLY
         _require_request_id(request.request_id)
         if not request.display_name.strip():
-            raise InvalidArgument(
+            raise invalid_field(
                 "AUTH_DISPLAY_NAME_REQUIRED",
-                "display_name is required",
-                violations=[FieldViolation("display_name", "must not be empty")],
+                "display_name",
+                "must not be empty",
+                message="display_name is required",
             )
         account = await self.store.create_account(
             account_id=self.new_id("acc"),
@@ -317,19 +326,17 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         request: auth_pb2.SetAccountStateRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> auth_pb2.SetAccountStateResponse:
-        ctx = current_auth()
-        _require_request_id(request.request_id)
+        ctx = _mutating_caller(request.request_id)
         if not request.account_id:
-            raise InvalidArgument(
-                "AUTH_ACCOUNT_REQUIRED",
-                "account_id is required",
-                violations=[FieldViolation("account_id", "required")],
+            raise invalid_field(
+                "AUTH_ACCOUNT_REQUIRED", "account_id", "required", message="account_id is required"
             )
         if request.state not in _SETTABLE_STATES:
-            raise InvalidArgument(
+            raise invalid_field(
                 "AUTH_INVALID_ACCOUNT_STATE",
-                "state must be ACTIVE, SUSPENDED or CLOSED",
-                violations=[FieldViolation("state", "not a state an account can be put in")],
+                "state",
+                "not a state an account can be put in",
+                message="state must be ACTIVE, SUSPENDED or CLOSED",
             )
         account = await self.store.set_account_state(
             account_id=request.account_id,
@@ -358,8 +365,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         request: auth_pb2.CreateApiKeyRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> auth_pb2.CreateApiKeyResponse:
-        ctx = current_auth()
-        _require_request_id(request.request_id)
+        ctx = _mutating_caller(request.request_id)
         account_id = domain.owned_account(ctx, request.account_id)
         now = self.clock()
         scopes = _scopes_in(request.scopes, "scopes")
@@ -417,8 +423,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         request: auth_pb2.RevokeApiKeyRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> auth_pb2.RevokeApiKeyResponse:
-        ctx = current_auth()
-        _require_request_id(request.request_id)
+        ctx = _mutating_caller(request.request_id)
         key = owned_resource(
             ctx, await self.store.key(request.api_key_id), component="AUTH", resource="API key"
         )

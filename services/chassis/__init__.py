@@ -14,7 +14,15 @@ from .authn import (
     sees_every_account,
     user,
 )
-from .bus import Outbox, PullConsumer, ensure_stream, match_events, nats_connection, observe_fetch
+from .bus import (
+    Outbox,
+    PullConsumer,
+    ensure_stream,
+    match_event_consumer,
+    match_events,
+    nats_connection,
+    observe_fetch,
+)
 from .cache import redis_connection
 from .clients import mesh_channel, service_credentials
 from .command_stream import CommandStream
@@ -40,8 +48,9 @@ from .infra import Infrastructure, connect
 from .markets import Asset, Catalog, Market, load_catalog
 from .money import MoneyError, from_units, to_units
 from .pages import bad_page_token, page_size, page_token, read_page_token
-from .server import Server, background, run
+from .server import Server, background, poll_until_cancelled, run
 from .settings import ChassisSettings
+from .telemetry import metrics_registry
 from .times import from_timestamp, optional_time, timestamp, timestamp_ns
 
 __all__ = [
@@ -85,8 +94,10 @@ __all__ = [
     "invalid",
     "invalid_field",
     "load_catalog",
+    "match_event_consumer",
     "match_events",
     "mesh_channel",
+    "metrics_registry",
     "migrate",
     "nats_connection",
     "observe_fetch",
@@ -95,6 +106,7 @@ __all__ = [
     "owned_resource",
     "page_size",
     "page_token",
+    "poll_until_cancelled",
     "postgres",
     "read_page_token",
     "redis_connection",

@@ -30,6 +30,7 @@ __all__ = [
     "Outbox",
     "PullConsumer",
     "ensure_stream",
+    "match_event_consumer",
     "match_events",
     "nats_connection",
     "observe_fetch",
@@ -250,6 +251,28 @@ class PullConsumer(Generic[T]):
             )
             return False
         return True
+
+
+def match_event_consumer(
+    js: JetStreamContext,
+    durable: str,
+    handle: Callable[[list[Any]], Awaitable[None]],
+    **options: Any,
+) -> PullConsumer[Sequence[match_pb2.MatchEvent]]:
+    """A durable consumer of every market's match events (stream MATCH_EVENTS,
+    `match.events.<market>`): `handle` gets the events of each fetch in stream
+    order; `options` are PullConsumer's (batch, span, ack_wait_s, log, ...)."""
+    return PullConsumer(
+        js=js,
+        stream="MATCH_EVENTS",
+        subjects=["match.events.>"],
+        filter_subject="match.events.*",
+        durable=durable,
+        decode=match_events,
+        unbatch=True,
+        handle=handle,
+        **options,
+    )
 
 
 class Outbox:

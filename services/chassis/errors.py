@@ -146,9 +146,16 @@ def invalid(reason: str, violations: Sequence[FieldViolation]) -> InvalidArgumen
     )
 
 
-def invalid_field(reason: str, field: str, description: str, why: str = "") -> InvalidArgument:
-    """INVALID_ARGUMENT for one bad field; `why` is the violation's own reason."""
-    return invalid(reason, [FieldViolation(field, description, why)])
+def invalid_field(
+    reason: str, field: str, description: str, why: str = "", *, message: str | None = None
+) -> InvalidArgument:
+    """INVALID_ARGUMENT for one bad field; `why` is the violation's own reason.
+    `message` replaces the default one (`field: description`) where a service's
+    text is part of its contract."""
+    violations = [FieldViolation(field, description, why)]
+    if message is None:
+        return invalid(reason, violations)
+    return InvalidArgument(reason, message, violations=violations)
 
 
 class Violations:

@@ -18,7 +18,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
 import asyncpg
 import grpc
@@ -102,26 +102,51 @@ def _metadata_value(metadata: Any, key: str) -> str:
 
 
 class _Call:
-    """The bookkeeping of one inbound RPC: outcome, metrics and log line."""
+    """The bookkeeping of one inbound RPC: outcome, metrics and log line.
 
-    __slots__ = ("domain", "kind", "labels", "method", "start")
+    The frame both handler wrappers run in (`async with _Call(...)`): it sets
+    the call's context variables on entry; on exit an `ExchangeError` or any
+    other exception (not an abort already made, nor a cancellation) becomes the
+    call's status, and the metrics and log line are written whatever happened.
+    """
 
-    def __init__(self, full_method: str, kind: str, domain: str) -> None:
+    __slots__ = ("context", "domain", "kind", "labels", "method", "start")
+
+    def __init__(
+        self, full_method: str, kind: str, domain: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
         service, _, method = full_method.lstrip("/").partition("/")  # "/pkg.Service/Method"
         self.method = full_method
         self.kind = kind
         self.domain = domain
+        self.context = context
         self.labels = (service, method, kind)
         self.start = time.perf_counter()
         GRPC_STARTED.labels(*self.labels).inc()
 
-    def begin(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def __aenter__(self) -> _Call:
+        context = self.context
         metadata = context.invocation_metadata()
         request_id_var.set(_metadata_value(metadata, "x-request-id"))
         remaining = context.time_remaining()
         deadline_var.set(None if remaining is None else time.monotonic() + remaining)
+        return self
 
-    async def fail(self, context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        # Cancellation and a closed stream (BaseException) are no failure of the
+        # handler: they pass through, counted with the context's code.
+        error = exc if isinstance(exc, Exception) else None
+        try:
+            if error is not None and not isinstance(error, grpc.aio.AbortError):
+                await self.fail(self.context, error)
+        finally:
+            self.finish(self.context, error)
+
+    async def fail(
+        self, context: grpc.aio.ServicerContext[Any, Any], error: BaseException
+    ) -> NoReturn:
         """Answer with the error model; raises AbortError like context.abort does."""
         if not isinstance(error, ExchangeError):
             error = self._classify(error)
@@ -173,27 +198,28 @@ class _Call:
             )
 
 
+async def _invoke(
+    behavior: Callable[..., Any],
+    request: Any,
+    context: grpc.aio.ServicerContext[Any, Any],
+    kind: str,
+    guard: _Guard | None,
+) -> Any:
+    """Checks the caller, then calls the service's handler: its reply, or the
+    response iterator of a streaming one."""
+    recheck = await guard(context) if guard is not None else None
+    if recheck is not None and kind in _CLIENT_STREAMS:
+        request = _rechecked(request, recheck)
+    result = behavior(request, context)
+    return await result if inspect.isawaitable(result) else result
+
+
 def _wrap_unary_response(
     behavior: Callable[..., Any], kind: str, method: str, domain: str, guard: _Guard | None
 ) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        call = _Call(method, kind, domain)
-        call.begin(context)
-        error: BaseException | None = None
-        try:
-            recheck = await guard(context) if guard is not None else None
-            if recheck is not None and kind in _CLIENT_STREAMS:
-                request = _rechecked(request, recheck)
-            result = behavior(request, context)
-            return await result if inspect.isawaitable(result) else result
-        except grpc.aio.AbortError as abort:
-            error = abort
-            raise
-        except Exception as exc:
-            error = exc
-            await call.fail(context, exc)
-        finally:
-            call.finish(context, error)
+        async with _Call(method, kind, domain, context):
+            return await _invoke(behavior, request, context, kind, guard)
 
     return handler
 
@@ -204,30 +230,14 @@ def _wrap_stream_response(
     async def handler(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        call = _Call(method, kind, domain)
-        call.begin(context)
-        error: BaseException | None = None
-        try:
-            recheck = await guard(context) if guard is not None else None
-            if recheck is not None and kind in _CLIENT_STREAMS:
-                request = _rechecked(request, recheck)
-            result = behavior(request, context)
-            if inspect.isawaitable(result):
-                result = await result
+        async with _Call(method, kind, domain, context):
+            result = await _invoke(behavior, request, context, kind, guard)
             if hasattr(result, "__aiter__"):
                 async for item in result:
                     yield item
             elif result is not None:
                 for item in result:
                     yield item
-        except grpc.aio.AbortError as abort:
-            error = abort
-            raise
-        except Exception as exc:
-            error = exc
-            await call.fail(context, exc)
-        finally:
-            call.finish(context, error)
 
     return handler
 

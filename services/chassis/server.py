@@ -15,7 +15,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import uvloop
@@ -36,7 +36,7 @@ from .settings import ChassisSettings, require
 from .telemetry import configure_logging, configure_tracing, tracing_enabled
 from .tokens import JwksCache, KeySource
 
-__all__ = ["Server", "background", "run"]
+__all__ = ["Server", "background", "poll_until_cancelled", "run"]
 
 _log = logging.getLogger("cex.server")
 T = TypeVar("T")
@@ -78,6 +78,30 @@ async def background(coro: Awaitable[None], name: str) -> AsyncIterator[asyncio.
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def poll_until_cancelled(
+    step: Callable[[], Awaitable[object]],
+    every_s: float,
+    *,
+    log: logging.Logger,
+    failed: str,
+    level: int = logging.WARNING,
+    drain: bool = True,
+) -> NoReturn:
+    """A background loop's body: `step`, then again after `every_s`, until the
+    task is cancelled (cancellation is no Exception: it passes through).
+
+    With `drain`, a true result (work done: more may be waiting) runs `step`
+    again at once. A failure is logged (`failed`, at `level`, with the traceback)
+    and retried after `every_s`: a dependency that is away comes back."""
+    while True:
+        try:
+            if await step() and drain:
+                continue
+        except Exception:
+            log.log(level, failed, exc_info=True)
+        await asyncio.sleep(every_s)
 
 
 class _MethodAwarePool:

@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     TraceIdRatioBased,
 )
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = [
     "GRPC_HANDLED",
@@ -38,9 +38,20 @@ __all__ = [
     "JsonFormatter",
     "configure_logging",
     "configure_tracing",
+    "metrics_registry",
     "request_id_var",
     "tracing_enabled",
 ]
+
+
+def metrics_registry(given: CollectorRegistry | None, metrics_port: int) -> CollectorRegistry:
+    """Where a service's own metrics go: `given` (tests), else the process's
+    registry when it serves them on `metrics_port`, else a private one (so that
+    servers built side by side in one process do not register a metric twice)."""
+    if given is not None:
+        return given
+    return REGISTRY if metrics_port else CollectorRegistry()
+
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 

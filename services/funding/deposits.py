@@ -28,7 +28,6 @@ reading it again changes nothing, and new deposits are seen again.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import Callable, Mapping
@@ -38,7 +37,7 @@ from typing import Any
 import asyncpg
 
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from services.chassis import Asset, MoneyError
+from services.chassis import Asset, MoneyError, poll_until_cancelled
 
 from . import store
 from .config import AssetRules
@@ -219,15 +218,9 @@ class ChainWatcher:
         self._clock = clock
 
     async def run(self) -> None:
-        while True:
-            try:
-                if await self.poll_once():
-                    continue
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                _log.warning("reading the chain failed", exc_info=True)
-            await asyncio.sleep(self._poll_s)
+        await poll_until_cancelled(
+            self.poll_once, self._poll_s, log=_log, failed="reading the chain failed"
+        )
 
     async def poll_once(self) -> int:
         """Reads one batch of notifications; returns how many."""

@@ -2,7 +2,7 @@
 
 Rows are published in id order to JetStream (stream FUNDING_EVENTS, subjects
 funding.>) with Nats-Msg-Id `funding:<id>` and the writing step's `traceparent`,
-then marked published. A crash
+then marked published, by the chassis' outbox loop. A crash
 between the two publishes again (at least once; JetStream's duplicate window
 drops most repeats, consumers dedupe by the id in the payload for the rest).
 PostgreSQL stays the source of truth: the events are notifications.
@@ -10,14 +10,13 @@ PostgreSQL stays the source of truth: the events are notifications.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
 import asyncpg
 from nats.js import JetStreamContext
 
-from services.chassis import ensure_stream
+from services.chassis.bus import Outbox
 
 from . import store
 
@@ -27,26 +26,13 @@ STREAM = "FUNDING_EVENTS"
 _log = logging.getLogger("cex.funding.outbox")
 
 
-class OutboxRelay:
+class OutboxRelay(Outbox):
+    """Funding's events, published by the chassis' outbox loop every `poll_s`."""
+
     def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, *, poll_s: float) -> None:
+        super().__init__(js, STREAM, ["funding.>"], self.relay_once, every_s=poll_s, log=_log)
         self._pool = pool
         self._js = js
-        self._poll_s = poll_s
-        self._ready = False
-
-    async def run(self) -> None:
-        while True:
-            try:
-                if not self._ready:
-                    await ensure_stream(self._js, STREAM, ["funding.>"])
-                    self._ready = True
-                if await self.relay_once():
-                    continue
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                _log.warning("outbox relay failed", exc_info=True)
-            await asyncio.sleep(self._poll_s)
 
     async def relay_once(self, limit: int = 200) -> int:
         async with self._pool.acquire() as conn, conn.transaction():

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 import grpc
 from google.rpc import status_pb2
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import CollectorRegistry
 
 from cex.funding.v1 import funding_pb2, funding_pb2_grpc
 from cex.ledger.v1 import ledger_pb2_grpc
@@ -40,6 +40,7 @@ from services.chassis import (
     current_auth,
     load_catalog,
     mesh_channel,
+    metrics_registry,
     optional_time,
     owned_account,
     owned_resource,
@@ -205,6 +206,41 @@ def _account(requested: str, *, mutate: bool = False) -> str:
 
 class _Conflict(Exception):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Keyed:
+    """An idempotency key in its call's transaction: `seen`, the target of the
+    same call made before with it (None if new), and `remember` for a new one."""
+
+    conn: store.Connection
+    actor: str
+    request_id: str
+    method: str
+    fingerprint: str
+    seen: str | None
+
+    @classmethod
+    async def look_up(
+        cls, conn: store.Connection, actor: str, request_id: str, method: str, *fields: str
+    ) -> _Keyed:
+        """ALREADY_EXISTS if the key named another call."""
+        fingerprint = domain.request_fingerprint(method, *fields)
+        stored = await store.keyed_request(conn, actor, request_id)
+        if stored is not None:
+            domain.same_request(stored=stored, fingerprint=fingerprint, target=stored[1])
+        seen = None if stored is None else stored[1]
+        return cls(conn, actor, request_id, method, fingerprint, seen)
+
+    async def remember(self, target: str) -> None:
+        await store.save_keyed_request(
+            self.conn,
+            self.actor,
+            self.request_id,
+            method=self.method,
+            fingerprint=self.fingerprint,
+            target=target,
+        )
 
 
 class FundingService(funding_pb2_grpc.FundingServiceServicer):
@@ -628,17 +664,6 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
 
     # -- the address allowlist --------------------------------------------------------
 
-    async def _keyed(
-        self, conn: store.Connection, actor: str, request_id: str, fingerprint: str
-    ) -> str | None:
-        """The target of a request_id seen before with the same call, None if new;
-        ALREADY_EXISTS if it named another call."""
-        seen = await store.keyed_request(conn, actor, request_id)
-        if seen is None:
-            return None
-        domain.same_request(stored=seen, fingerprint=fingerprint, target=seen[1])
-        return seen[1]
-
     async def AddWithdrawalAddress(
         self,
         request: funding_pb2.AddWithdrawalAddressRequest,
@@ -653,14 +678,20 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             label=request.label,
             rules=self._config.assets,
         )
-        method = "AddWithdrawalAddress"
-        fingerprint = domain.request_fingerprint(method, rule.asset, request.address, request.label)
         now = self._now()
         async with self._pool.acquire() as conn, conn.transaction():
             await store.lock_allowlist(conn, account)
-            seen = await self._keyed(conn, account, request.request_id, fingerprint)
-            if seen is not None:
-                found = await store.withdrawal_address(conn, seen)
+            key = await _Keyed.look_up(
+                conn,
+                account,
+                request.request_id,
+                "AddWithdrawalAddress",
+                rule.asset,
+                request.address,
+                request.label,
+            )
+            if key.seen is not None:
+                found = await store.withdrawal_address(conn, key.seen)
                 assert found is not None
                 return F.AddWithdrawalAddressResponse(withdrawal_address=self._address(found))
             new_id = f"wa_{uuid.uuid4().hex}"
@@ -678,14 +709,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                     remove_time=None,
                 ),
             )
-            await store.save_keyed_request(
-                conn,
-                account,
-                request.request_id,
-                method=method,
-                fingerprint=fingerprint,
-                target=row.address_id,
-            )
+            await key.remember(row.address_id)
             if row.address_id == new_id:  # not listed already
                 await store.emit(
                     conn, "funding.withdrawal_addresses.added", self._address_event(row)
@@ -709,11 +733,11 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
     ) -> funding_pb2.RemoveWithdrawalAddressResponse:
         account = _account(request.account_id, mutate=True)
         require_request_id(request.request_id, "FUNDING_REQUEST_ID_INVALID")
-        method = "RemoveWithdrawalAddress"
-        fingerprint = domain.request_fingerprint(method, request.address_id)
         async with self._pool.acquire() as conn, conn.transaction():
             await store.lock_allowlist(conn, account)
-            seen = await self._keyed(conn, account, request.request_id, fingerprint)
+            key = await _Keyed.look_up(
+                conn, account, request.request_id, "RemoveWithdrawalAddress", request.address_id
+            )
             found = (
                 await store.withdrawal_address(conn, request.address_id)
                 if request.address_id
@@ -725,15 +749,8 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                 await store.emit(
                     conn, "funding.withdrawal_addresses.removed", self._address_event(row)
                 )
-            if seen is None:
-                await store.save_keyed_request(
-                    conn,
-                    account,
-                    request.request_id,
-                    method=method,
-                    fingerprint=fingerprint,
-                    target=row.address_id,
-                )
+            if key.seen is None:
+                await key.remember(row.address_id)
         return F.RemoveWithdrawalAddressResponse(withdrawal_address=self._address(row))
 
     async def ListWithdrawalAddresses(
@@ -775,13 +792,14 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
     ) -> funding_pb2.SetWithdrawalAllowlistResponse:
         account = _account(request.account_id, mutate=True)
         require_request_id(request.request_id, "FUNDING_REQUEST_ID_INVALID")
-        method = "SetWithdrawalAllowlist"
-        fingerprint = domain.request_fingerprint(method, str(request.enabled))
         now = self._now()
         async with self._pool.acquire() as conn, conn.transaction():
             await store.lock_allowlist(conn, account)
             current = await store.allowlist(conn, account)
-            if await self._keyed(conn, account, request.request_id, fingerprint) is not None:
+            key = await _Keyed.look_up(
+                conn, account, request.request_id, "SetWithdrawalAllowlist", str(request.enabled)
+            )
+            if key.seen is not None:
                 return F.SetWithdrawalAllowlistResponse(
                     withdrawal_allowlist=self._allowlist(current)
                 )
@@ -806,14 +824,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                         "disable_time": disable_time.isoformat() if disable_time else None,
                     },
                 )
-            await store.save_keyed_request(
-                conn,
-                account,
-                request.request_id,
-                method=method,
-                fingerprint=fingerprint,
-                target=account,
-            )
+            await key.remember(account)
         return F.SetWithdrawalAllowlistResponse(withdrawal_allowlist=self._allowlist(row))
 
     # -- operators' reviews -------------------------------------------------------------
@@ -853,13 +864,19 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         )
         row = owned_resource(ctx, found, component="FUNDING", resource="withdrawal")
         domain.reviewer_may_review(ctx.account_id, row.account_id)
-        fingerprint = domain.request_fingerprint(decision, row.withdrawal_id, request.reason)
-        actor = f"review:{reviewer}"
         async with self._pool.acquire() as conn, conn.transaction():
             await store.lock_saga_row(conn, row.saga_id)
             locked = await store.withdrawal(conn, row.withdrawal_id, lock=True)
             assert locked is not None
-            if await self._keyed(conn, actor, request.request_id, fingerprint) is not None:
+            key = await _Keyed.look_up(
+                conn,
+                f"review:{reviewer}",
+                request.request_id,
+                decision,
+                row.withdrawal_id,
+                request.reason,
+            )
+            if key.seen is not None:
                 return locked
             if domain.review_withdrawal(
                 locked.withdrawal_id,
@@ -880,14 +897,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                     now=self._now(),
                 )
                 await self._orchestrator.nudge(conn, locked.saga_id)
-            await store.save_keyed_request(
-                conn,
-                actor,
-                request.request_id,
-                method=decision,
-                fingerprint=fingerprint,
-                target=locked.withdrawal_id,
-            )
+            await key.remember(locked.withdrawal_id)
         self._orchestrator.wake()
         return locked
 
@@ -933,8 +943,7 @@ async def build_server(
     """The composition root. `crash_at` is the crash tests' fault injector (main.py)."""
     config = FundingConfig.from_env() if config is None else config
     catalog = load_catalog() if catalog is None else catalog
-    if registry is None:
-        registry = REGISTRY if settings.metrics_port else CollectorRegistry()
+    registry = metrics_registry(registry, settings.metrics_port)
     server = Server(settings)
     infra = await connect(server, nats=config.outbox)
     # Each running saga step holds a connection for its two short transactions.

@@ -30,7 +30,6 @@ history once.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -38,6 +37,8 @@ from dataclasses import dataclass, field
 
 import asyncpg
 from prometheus_client import CollectorRegistry, Gauge
+
+from services.chassis import poll_until_cancelled
 
 __all__ = [
     "REVERIFY_BUDGET",
@@ -511,9 +512,11 @@ class Auditor:
         return report
 
     async def run(self, interval_s: float) -> None:
-        while True:
-            try:
-                await self.audit()
-            except Exception:
-                _log.exception("audit failed to run")
-            await asyncio.sleep(interval_s)
+        await poll_until_cancelled(
+            self.audit,
+            interval_s,
+            log=_log,
+            failed="audit failed to run",
+            level=logging.ERROR,
+            drain=False,
+        )

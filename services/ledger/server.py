@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import CollectorRegistry
 
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from services.chassis import (
@@ -36,6 +36,7 @@ from services.chassis import (
     current_auth,
     load_catalog,
     mesh_channel,
+    metrics_registry,
     owned_account,
     require_request_id,
     service_credentials,
@@ -413,8 +414,7 @@ async def build_server(
     """The composition root. match_target overrides where the balance owner is."""
     config = LedgerConfig.from_env() if config is None else config
     catalog = load_catalog() if catalog is None else catalog
-    if registry is None:
-        registry = REGISTRY if settings.metrics_port else CollectorRegistry()
+    registry = metrics_registry(registry, settings.metrics_port)
     metrics = LedgerMetrics(registry)
     server = Server(settings)
     infra = await connect(server, schema="ledger", migrations=MIGRATIONS, session_reset=False)

@@ -22,14 +22,12 @@ from collections.abc import Sequence
 from nats.js import JetStreamContext
 
 from cex.match.v1 import match_pb2
-from services.chassis import Catalog, MoneyError, PullConsumer, match_events
+from services.chassis import Catalog, MoneyError, match_event_consumer
 
 from .state import State
 from .store import Store
 
-__all__ = ["STREAM", "PriceFollower", "last_trades"]
-
-STREAM = "MATCH_EVENTS"
+__all__ = ["PriceFollower", "last_trades"]
 
 _log = logging.getLogger("cex.risk.prices")
 
@@ -79,18 +77,8 @@ class PriceFollower:
     async def run(self) -> None:
         """Follow until cancelled (the chassis' PullConsumer: NATS being away is
         retried, an undecodable message skipped, a failed batch redelivered)."""
-        await PullConsumer(
-            js=self._js,
-            stream=STREAM,
-            subjects=["match.events.>"],
-            filter_subject="match.events.*",
-            durable=self._durable,
-            decode=match_events,
-            unbatch=True,
-            handle=self.handle,
-            batch=self._batch,
-            span="risk.prices",
-            log=_log,
+        await match_event_consumer(
+            self._js, self._durable, self.handle, batch=self._batch, span="risk.prices", log=_log
         ).run()
 
     async def handle(self, events: Sequence[match_pb2.MatchEvent]) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 import grpc
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter
 
 from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from services.chassis import (
@@ -37,6 +37,7 @@ from services.chassis import (
     current_auth,
     invalid_field,
     load_catalog,
+    metrics_registry,
     page_size,
     page_token,
     read_page_token,
@@ -510,8 +511,7 @@ async def build_server(
 ) -> Server:
     """The composition root. `keys` replaces auth's JWKS (tests)."""
     config = RiskConfig.from_env() if config is None else config
-    if registry is None:
-        registry = REGISTRY if settings.metrics_port else CollectorRegistry()
+    registry = metrics_registry(registry, settings.metrics_port)
     catalog = load_catalog() if catalog is None else catalog
     server = Server(settings, keys=keys)
     infra = await connect(

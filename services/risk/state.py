@@ -13,6 +13,8 @@ import contextlib
 import logging
 from dataclasses import replace
 
+from services.chassis import poll_until_cancelled
+
 from .domain import KillSwitches, Limits, merge
 from .store import Snapshot, Store, StoredLimits
 
@@ -53,14 +55,14 @@ class State:
             self._merge_prices(await self._store.prices())
 
     async def run(self, every_s: float) -> None:
-        while True:
-            await asyncio.sleep(every_s)
-            try:
-                await self.refresh()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                _log.exception("reload failed; keeping the last snapshot")
+        await asyncio.sleep(every_s)  # reload() has just run
+        await poll_until_cancelled(
+            self.refresh,
+            every_s,
+            log=_log,
+            failed="reload failed; keeping the last snapshot",
+            level=logging.ERROR,
+        )
 
     # -- reads ---------------------------------------------------------------
 

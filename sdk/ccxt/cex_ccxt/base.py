@@ -299,14 +299,25 @@ class CexcoreBase(_Exchange):
     def _nonempty(self, value: Any) -> str | None:
         return str(value) if value not in (None, "") else None
 
-    def _time_window(self, since: int | None, params: Json) -> Json:
+    def _windowed(self, since: int | None, params: Json | None) -> Json:
+        """A list's query: its time window (`since`, `params["until"]`) as
+        start_time/end_time, then the other params as given."""
+        params = params or {}
         request: Json = {}
         if since is not None:
             request["start_time"] = self.iso8601(since)
         until = self.safe_integer(params, "until")
         if until is not None:
             request["end_time"] = self.iso8601(until)
-        return request
+        return {**request, **self.omit(params, "until")}
+
+    def _market_filter(self, symbol: str | None, request: Json) -> Json | None:
+        """The market of `symbol`, named in `request`; None (every market) without one."""
+        if symbol is None:
+            return None
+        market = self._market_of(symbol)
+        request["market"] = market["id"]
+        return market
 
     def _pages(self, call: Call, key: str, limit: int | None) -> Generator[Step, Any, list[Json]]:
         """Every item of a paged list (page_size/page_token), up to `limit`."""
@@ -521,12 +532,7 @@ class CexcoreBase(_Exchange):
     ) -> Plan:
         yield LOAD_MARKETS
         market = self._market_of(symbol)
-        params = params or {}
-        request = {
-            "market": market["id"],
-            **self._time_window(since, params),
-            **self.omit(params, "until"),
-        }
+        request = {"market": market["id"], **self._windowed(since, params)}
         trades = yield from self._pages(
             Call("v1/markets/{market}/trades", params=request), "trades", limit or 100
         )
@@ -580,13 +586,7 @@ class CexcoreBase(_Exchange):
                 f"{self.id} fetch_ohlcv: timeframe {timeframe!r} is not one of "
                 f"{', '.join(self.timeframes)}"
             )
-        params = params or {}
-        request = {
-            "market": market["id"],
-            "interval": interval,
-            **self._time_window(since, params),
-            **self.omit(params, "until"),
-        }
+        request = {"market": market["id"], "interval": interval, **self._windowed(since, params)}
         candles = yield from self._pages(
             Call("v1/markets/{market}/candles", params=request), "candles", limit or 300
         )
@@ -812,16 +812,8 @@ class CexcoreBase(_Exchange):
         params: Json | None,
     ) -> Plan:
         yield LOAD_MARKETS
-        params = params or {}
-        request: Json = {
-            "status": status,
-            **self._time_window(since, params),
-            **self.omit(params, "until"),
-        }
-        market = None
-        if symbol is not None:
-            market = self._market_of(symbol)
-            request["market"] = market["id"]
+        request: Json = {"status": status, **self._windowed(since, params)}
+        market = self._market_filter(symbol, request)
         orders = yield from self._pages(
             Call("v1/orders", "private", params=request), "orders", limit
         )
@@ -910,12 +902,8 @@ class CexcoreBase(_Exchange):
         params: Json | None = None,
     ) -> Plan:
         yield LOAD_MARKETS
-        params = params or {}
-        request: Json = {**self._time_window(since, params), **self.omit(params, "until")}
-        market = None
-        if symbol is not None:
-            market = self._market_of(symbol)
-            request["market"] = market["id"]
+        request = self._windowed(since, params)
+        market = self._market_filter(symbol, request)
         fills = yield from self._pages(Call("v1/fills", "private", params=request), "fills", limit)
         return self.parse_trades(fills, market, since, limit)
 
@@ -976,8 +964,7 @@ class CexcoreBase(_Exchange):
         self, kind: str, code: str | None, since: int | None, limit: int | None, params: Json | None
     ) -> Plan:
         yield LOAD_MARKETS
-        params = params or {}
-        request: Json = {**self._time_window(since, params), **self.omit(params, "until")}
+        request = self._windowed(since, params)
         currency = None
         if code is not None:
             currency = self.currency(code)

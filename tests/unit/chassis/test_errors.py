@@ -9,6 +9,7 @@ from services.chassis import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    invalid_field,
 )
 from services.chassis.errors import STATUS_DETAILS_KEY, status_metadata
 
@@ -75,3 +76,18 @@ def test_reason_must_be_prefixed_upper_snake(reason: str) -> None:
 def test_explicit_code_overrides_the_class_default() -> None:
     error = ExchangeError("MATCH_HALTED", "halted", code=grpc.StatusCode.UNAVAILABLE)
     assert error.to_status("match").code == grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+def test_invalid_field_keeps_a_message_of_its_own() -> None:
+    default = invalid_field("AUTH_X", "display_name", "must not be empty")
+    own = invalid_field(
+        "AUTH_X", "display_name", "must not be empty", message="display_name is required"
+    )
+    assert default.message == "display_name: must not be empty"
+    assert own.message == "display_name is required"
+    assert (
+        own.violations
+        == default.violations
+        == (FieldViolation("display_name", "must not be empty", ""),)
+    )
+    assert (own.reason, own.code) == ("AUTH_X", grpc.StatusCode.INVALID_ARGUMENT)
