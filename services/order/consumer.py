@@ -36,7 +36,7 @@ from datetime import UTC
 from nats.js import JetStreamContext
 
 from cex.match.v1 import match_pb2
-from services.chassis import Catalog, PullConsumer, match_events
+from services.chassis import Catalog, match_event_consumer
 
 from .domain import (
     Execution,
@@ -49,9 +49,7 @@ from .domain import (
 from .store import Store
 from .views import execution_report
 
-__all__ = ["STREAM", "EventConsumer"]
-
-STREAM = "MATCH_EVENTS"
+__all__ = ["EventConsumer"]
 
 _log = logging.getLogger("cex.order.consumer")
 
@@ -86,15 +84,10 @@ class EventConsumer:
     async def run(self) -> None:
         """Consume until cancelled (the chassis' PullConsumer: NATS being away is
         retried, an undecodable message skipped, a failed batch redelivered)."""
-        await PullConsumer(
-            js=self._js,
-            stream=STREAM,
-            subjects=["match.events.>"],
-            filter_subject="match.events.*",
-            durable=self._durable,
-            decode=match_events,
-            unbatch=True,
-            handle=self.handle,
+        await match_event_consumer(
+            self._js,
+            self._durable,
+            self.handle,
             # Short: what a killed process had fetched but not committed comes
             # again soon (applying it twice is harmless: the cursor skips it).
             ack_wait_s=5.0,

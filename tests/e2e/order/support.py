@@ -223,6 +223,16 @@ class Exchange:
             ledger_pb2.AuditLedgerRequest(), metadata=self.svc, timeout=30
         )
 
+    async def assert_balanced(self, within_s: float = 30.0) -> None:
+        """The ledger audit passes within `within_s` (what a killed writer committed
+        may take a moment to reach the audit's reads)."""
+        for _ in range(int(within_s / 0.5)):
+            audit = await self.audit()
+            if audit.balanced:
+                return
+            await asyncio.sleep(0.5)
+        raise AssertionError(f"the ledger audit does not balance: {audit}")
+
     async def held(
         self, account_id: str, asset: str, want: Decimal, within_s: float = 10.0
     ) -> Decimal:
@@ -383,9 +393,4 @@ async def settled_and_balanced(
     got_btc = await exchange.held(seller.account_id, "BTC", want_btc, within_s=60)
     got_usdt = await exchange.held(buyer.account_id, "USDT", want_usdt, within_s=60)
     assert (got_btc, got_usdt) == (want_btc, want_usdt)
-    for _ in range(60):
-        audit = await exchange.audit()
-        if audit.balanced:
-            break
-        await asyncio.sleep(0.5)
-    assert audit.balanced, audit
+    await exchange.assert_balanced()

@@ -205,10 +205,5 @@ async def test_halt_resume_cancel_only_and_delist_with_orders_and_a_watcher(
         assert error_of(refused.value).reason == "MATCH_MARKET_DELISTED"
     finally:
         await watcher.close()
-    for _ in range(60):
-        audit = await exchange.audit()
-        if audit.balanced:
-            break
-        await asyncio.sleep(0.5)
-    assert audit.balanced, audit
+    await exchange.assert_balanced()
     await journal_replays(exchange)

@@ -30,11 +30,7 @@ async def test_a_caller_that_went_away_does_not_fail_its_batch(fresh_database_ur
     """A command whose caller was cancelled is still committed with its batch, and the
     others in the batch are answered: the writer does not mistake the gone caller for a
     failed commit (which made it answer UNAVAILABLE and rebuild from the journal)."""
-    conn = await asyncpg.connect(fresh_database_url)
-    try:
-        await migrate(conn, "ledger", LEDGER_MIGRATIONS)
-    finally:
-        await conn.close()
+    await _ledger_migrated(fresh_database_url)
     async with postgres(fresh_database_url, schema="match", migrations=MIGRATIONS) as pool:
         journal = Journal(pool, "main")
         funds = Funds(LedgerStore(pool, DEFAULT_CATALOG.assets), DEFAULT_CATALOG)
@@ -89,6 +85,31 @@ async def test_the_idempotency_read_does_not_scan_the_journal(fresh_database_url
         assert by_client["acct:c9"].group_seq == 9
 
 
+async def _ledger_migrated(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate(conn, "ledger", LEDGER_MIGRATIONS)
+    finally:
+        await conn.close()
+
+
+async def _submit(writer: Sequencer, command: match_pb2.Command) -> match_pb2.CommandResult:
+    """A market command, or a funds command (no market), as the server queues them."""
+    if not command.market:
+        return await writer.submit_funds(command)
+    return await writer.submit(decode(MARKET, command))
+
+
+def _deposits() -> match_pb2.Command:
+    """1,000 USDT to "buyer" and 2 BTC to "seller"."""
+    single, deposit = match_pb2.FundsTransfer.OP_SINGLE, K.TRANSFER_KIND_DEPOSIT
+    return _funds(
+        "f1",
+        _transfer("d1", single, "sys:custody", "buyer", "USDT", "1000", kind=deposit),
+        _transfer("d2", single, "sys:custody", "seller", "BTC", "2", kind=deposit),
+    )
+
+
 def _funds(command_id: str, *transfers: match_pb2.FundsTransfer) -> match_pb2.Command:
     return match_pb2.Command(
         command_id=command_id, transfers=match_pb2.TransfersCommand(transfers=transfers)
@@ -119,11 +140,7 @@ async def test_a_replay_from_a_snapshot_gives_the_same_books_and_balances(
     trades settled, deposits, a hold taken before the snapshot and posted after it,
     a void, and a hold that expired on the writer's clock. Losing one journaled
     funds entry makes it differ."""
-    conn = await asyncpg.connect(fresh_database_url)
-    try:
-        await migrate(conn, "ledger", LEDGER_MIGRATIONS)
-    finally:
-        await conn.close()
+    await _ledger_migrated(fresh_database_url)
     single, pending = match_pb2.FundsTransfer.OP_SINGLE, match_pb2.FundsTransfer.OP_PENDING
     post, void = match_pb2.FundsTransfer.OP_POST, match_pb2.FundsTransfer.OP_VOID
     offset = [0]
@@ -137,22 +154,12 @@ async def test_a_replay_from_a_snapshot_gives_the_same_books_and_balances(
         try:
 
             async def ok(command: match_pb2.Command) -> None:
-                result = await (
-                    writer.submit(decode(MARKET, command))
-                    if command.market
-                    else writer.submit_funds(command)
-                )
+                result = await _submit(writer, command)
                 assert result.status.code == 0, result.status
                 assert all(s.code == 0 for s in result.transfer_statuses), result
 
             deposit = K.TRANSFER_KIND_DEPOSIT
-            await ok(
-                _funds(
-                    "f1",
-                    _transfer("d1", single, "sys:custody", "buyer", "USDT", "1000", kind=deposit),
-                    _transfer("d2", single, "sys:custody", "seller", "BTC", "2", kind=deposit),
-                )
-            )
+            await ok(_deposits())
             await ok(place("p1", _held(limit("s1", "seller", t.SIDE_SELL, "1", "100"), "BTC", "1")))
             await ok(
                 place("p2", _held(limit("b1", "buyer", t.SIDE_BUY, "0.5", "100"), "USDT", "60"))
@@ -225,12 +232,7 @@ async def test_status_changes_are_journaled_refused_commands_are_not_and_replay_
     delisting cancels the open orders and releases their holds, and the replay from
     the snapshot and the journal (statuses changed on both sides of the snapshot)
     equals the writer's document, as does a restart's recovery."""
-    conn = await asyncpg.connect(fresh_database_url)
-    try:
-        await migrate(conn, "ledger", LEDGER_MIGRATIONS)
-    finally:
-        await conn.close()
-    single = match_pb2.FundsTransfer.OP_SINGLE
+    await _ledger_migrated(fresh_database_url)
     async with postgres(fresh_database_url, schema="match", migrations=MIGRATIONS) as pool:
         journal = Journal(pool, "main")
         funds = Funds(LedgerStore(pool, DEFAULT_CATALOG.assets), DEFAULT_CATALOG)
@@ -239,9 +241,7 @@ async def test_status_changes_are_journaled_refused_commands_are_not_and_replay_
         try:
 
             async def submit(command: match_pb2.Command) -> match_pb2.CommandResult:
-                if not command.market:
-                    return await writer.submit_funds(command)
-                return await writer.submit(decode(MARKET, command))
+                return await _submit(writer, command)
 
             async def ok(command: match_pb2.Command) -> match_pb2.CommandResult:
                 result = await submit(command)
@@ -251,14 +251,7 @@ async def test_status_changes_are_journaled_refused_commands_are_not_and_replay_
             def reason(result: match_pb2.CommandResult) -> str:
                 return ErrorDetails.from_status(result.status).reason
 
-            deposit = K.TRANSFER_KIND_DEPOSIT
-            await ok(
-                _funds(
-                    "f1",
-                    _transfer("d1", single, "sys:custody", "buyer", "USDT", "1000", kind=deposit),
-                    _transfer("d2", single, "sys:custody", "seller", "BTC", "2", kind=deposit),
-                )
-            )
+            await ok(_deposits())
             await ok(place("p1", _held(limit("s1", "seller", t.SIDE_SELL, "1", "100"), "BTC", "1")))
             await ok(place("p2", _held(limit("b1", "buyer", t.SIDE_BUY, "1", "90"), "USDT", "90")))
             await ok(_status("halt", t.MARKET_STATUS_HALTED, "incident"))
