@@ -80,7 +80,7 @@ COMMANDS = Counter("match_writer_commands", "Commands the writer decided (answer
 STAGE_SECONDS = Histogram(
     "match_writer_stage_seconds",
     "Where a batch's time goes: find (the journal's idempotency read), decide (reserve, "
-    "match, settle in memory), commit (the one transaction), answer (results and logs)",
+    "match, settle in memory), commit (the one statement), answer (results and logs)",
     ["stage"],
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
@@ -578,8 +578,8 @@ class Sequencer:
         after it, books AND balances, without the ledger's tables: a market command
         holds, matches and settles again; a funds entry re-applies its effects. Equal
         to `document()` at the same point, or the journal does not hold what the
-        writer decided (the auditor's and the tests' check; recovery itself reads
-        the balances back from the tables, which commit with the journal)."""
+        writer decided (`verify()`'s check; recovery itself reads the balances back
+        from the tables, which commit with the journal)."""
         snapshot = await self._journal.latest_snapshot()
         doc = json.loads(snapshot.state) if snapshot is not None else {}
         if doc and "balances" not in doc:
