@@ -90,6 +90,10 @@ class Funds:
         async with self._store.pool.acquire() as conn, conn.transaction():
             await _ledger_schema(conn)
             self.book = await self._store.load_book(conn)
+        self._index_expiring()
+
+    def _index_expiring(self) -> None:
+        """The heap of holds with a timeout, from the book's open holds."""
         self._expiring = [
             (t.expires_at_ns, t.id)
             for t in self.book.transfers.values()
@@ -254,10 +258,7 @@ class Funds:
             hold.stored = (hold.state, hold.remaining)
             book.transfers[hold.id] = hold
         self.book = book
-        self._expiring = [
-            (t.expires_at_ns, t.id) for t in book.transfers.values() if t.expires_at_ns is not None
-        ]
-        heapq.heapify(self._expiring)
+        self._index_expiring()
 
     # ------------------------------------------------------------------ store
 
