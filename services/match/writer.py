@@ -131,20 +131,26 @@ class MarketLog:
         self.market = market
         self._journal = journal
         self._recent: deque[match_pb2.MatchEvent] = deque(maxlen=recent_events)
-        self._committed = asyncio.Condition()
+        # Set (and replaced) whenever committed_seq moves. An Event, not a Condition:
+        # a waiter cancelled while a Condition re-acquires its lock could hang the
+        # server's stop (seen as a publisher stuck "cancelling" in wait_beyond).
+        self._moved = asyncio.Event()
         self.committed_seq = 0  # last event seq the journal holds
         # W3C trace context of traced commands, by command_seq, until published.
         self.trace_of: dict[int, dict[str, str]] = {}
 
     def reset(self, seq: int) -> None:
         self._recent.clear()
-        self.committed_seq = seq
+        self._advance(seq)
 
-    async def extend(self, events: Sequence[match_pb2.MatchEvent]) -> None:
+    def extend(self, events: Sequence[match_pb2.MatchEvent]) -> None:
         self._recent.extend(events)
-        self.committed_seq = events[-1].seq
-        async with self._committed:
-            self._committed.notify_all()
+        self._advance(events[-1].seq)
+
+    def _advance(self, seq: int) -> None:
+        self.committed_seq = seq
+        moved, self._moved = self._moved, asyncio.Event()
+        moved.set()
 
     def traced(self, span: trace.Span, command_seq: int) -> None:
         carrier: dict[str, str] = {}
@@ -155,8 +161,8 @@ class MarketLog:
 
     async def wait_beyond(self, seq: int) -> None:
         """Return once an event after `seq` is committed."""
-        async with self._committed:
-            await self._committed.wait_for(lambda: self.committed_seq > seq)
+        while self.committed_seq <= seq:
+            await self._moved.wait()
 
     async def events(self, from_seq: int, to_seq: int) -> list[match_pb2.MatchEvent]:
         """Committed events from_seq..to_seq (at most a page; fewer at the end)."""
@@ -465,7 +471,7 @@ class Sequencer:
             if not pending.future.done():  # cancelled: its caller went away; it is committed
                 pending.future.set_result(result)
         for symbol, events in published.items():
-            await self.logs[symbol].extend(events)
+            self.logs[symbol].extend(events)
         if state is not None and (self._saving is None or self._saving.done()):
             self._saving = asyncio.create_task(self._save_snapshot(state))
         _stage("answer", started)
