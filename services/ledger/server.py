@@ -19,6 +19,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from prometheus_client import CollectorRegistry
 
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from cex.match.v1 import match_pb2
 from services.chassis import (
     INTERNAL,
     Catalog,
@@ -50,6 +51,8 @@ from .owner import BalanceOwner
 from .store import MIGRATIONS, Store
 
 __all__ = ["POLICY", "LedgerService", "build_server"]
+
+_MATCH_SERVICE = match_pb2.DESCRIPTOR.services_by_name["MatchService"].full_name
 
 
 # Money moves only at the hands of services (order holds, funding sagas,
@@ -425,7 +428,9 @@ async def build_server(
     if target is None:
         raise ValueError("the ledger needs LEDGER_MATCH_TARGET or CEX_MESH_ADDR")
     credentials = service_credentials(settings)
-    channel = await server.enter(mesh_channel(target, credentials=credentials, authority="match"))
+    channel = await server.enter(
+        mesh_channel(target, credentials=credentials, authority="match", serving=_MATCH_SERVICE)
+    )
     # One long-lived, batched command stream to the writer for every request
     # (a stream per request halved single transfers/s: docs/benchmarks.md).
     stream = CommandStream(

@@ -97,6 +97,7 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
 
     def _dispatch(self, command: match_pb2.Command) -> asyncio.Future[match_pb2.CommandResult]:
         try:
+            self._writer.require_serving()
             if not command.market:  # funds: the ledger's transfers, hold expiry
                 return self._writer.submit_funds(command)
             market = self._market(command.market, "command.market")
@@ -121,6 +122,7 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
             match_pb2.SubmitCommandsRequest, match_pb2.SubmitCommandsResponse
         ],
     ) -> AsyncIterator[match_pb2.SubmitCommandsResponse]:
+        self._writer.require_serving()
         waiting: asyncio.Queue[list[asyncio.Future[match_pb2.CommandResult]] | None] = (
             asyncio.Queue(maxsize=_IN_FLIGHT)
         )
@@ -167,6 +169,7 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
             match_pb2.GetOrderBookRequest, match_pb2.GetOrderBookResponse
         ],
     ) -> match_pb2.GetOrderBookResponse:
+        self._writer.require_serving()
         if request.depth < 0:
             raise InvalidArgument(
                 "MATCH_INVALID_DEPTH",
@@ -187,6 +190,7 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
             match_pb2.ReplayEventsRequest, match_pb2.ReplayEventsResponse
         ],
     ) -> AsyncIterator[match_pb2.ReplayEventsResponse]:
+        self._writer.require_serving()
         violations = []
         if request.from_seq < 0:
             violations.append(FieldViolation("from_seq", "must be >= 0"))
@@ -212,6 +216,7 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
             match_pb2.SetMarketStatusRequest, match_pb2.SetMarketStatusResponse
         ],
     ) -> match_pb2.SetMarketStatusResponse:
+        self._writer.require_serving()
         ctx = current_auth()
         if not sees_every_account(ctx):
             raise PermissionDenied("MATCH_ADMIN_REQUIRED", "setting a market's status needs admin")
@@ -333,11 +338,23 @@ async def build_server(
         if market is None:
             raise ValueError(f"CEX_MATCH_MARKETS names {symbol!r}, which is not a market")
         markets.append(market)
-    if not await server.enter(journal.ownership(wait_s=match_settings.ownership_wait_s)):
-        raise RuntimeError(
-            f"group {journal.group}, or the balances, are written by another replica "
-            "(one writer group owns every balance: ADR 0013)"
-        )
+    service = match_pb2.DESCRIPTOR.services_by_name["MatchService"]
+    publishing: list[asyncio.Task[None]] = []
+
+    async def on_serving(serving: bool) -> None:
+        """Publish and take calls while holding the lease; a standby does neither."""
+        if serving:
+            publishing.extend(
+                asyncio.create_task(Publisher(js, log).run(), name=f"publish-{symbol}")
+                for symbol, log in writer.logs.items()
+            )
+        else:
+            for task in publishing:
+                task.cancel()
+            await asyncio.gather(*publishing, return_exceptions=True)
+            publishing.clear()
+        await server.set_serving(service.full_name, serving)
+
     writer = Sequencer(
         markets,
         journal,
@@ -345,22 +362,14 @@ async def build_server(
         clock=clock,
         max_batch=match_settings.max_batch,
         snapshot_every=match_settings.snapshot_every,
+        on_serving=on_serving,
     )
-    await writer.start()
+    await server.set_serving(service.full_name, False)
+    await writer.start(ownership_wait_s=match_settings.ownership_wait_s)
     server.on_stop(writer.stop)
-    tasks = [
-        asyncio.create_task(Publisher(js, log).run(), name=f"publish-{symbol}")
-        for symbol, log in writer.logs.items()
-    ]
-
-    async def stop_publishing() -> None:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    server.on_stop(stop_publishing)
+    server.on_stop(lambda: on_serving(False))
     server.add(
-        match_pb2.DESCRIPTOR.services_by_name["MatchService"],
+        service,
         match_pb2_grpc.add_MatchServiceServicer_to_server,
         MatchService(catalog, writer, match_settings),
         policy=POLICY,

@@ -7,17 +7,15 @@ its market's own ``command_seq`` and event range.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
 
 from services.chassis.db import Statement
 
-__all__ = ["FIND", "Connection", "Entry", "Journal", "Snapshot"]
+__all__ = ["FIND", "Connection", "Entry", "Journal", "Lease", "Snapshot"]
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
@@ -160,35 +158,69 @@ class Journal:
                 _SNAPSHOTS_KEPT,
             )
 
-    @contextlib.asynccontextmanager
-    async def ownership(self, *, wait_s: float) -> AsyncIterator[bool]:
-        """Hold the writer's locks for the block, if they can be had within `wait_s`:
-        the group's, and the balance owner's (the writer owns every balance, so one
-        group at a time may run until balances are split per group, ADR 0013).
 
-        Session-level advisory locks on a connection kept for the purpose: they
-        are released when this process stops or dies (PostgreSQL ends the
-        session), so a restarted or standby replica can take the group over.
-        """
-        keys = (("cex.match.writer", self.group), ("cex.match.balances", ""))
-        async with self._pool.acquire() as conn:
-            deadline = time.monotonic() + wait_s
-            held: list[tuple[str, str]] = []
-            for key in keys:
-                while not await conn.fetchval(
+class Lease:
+    """The right to write a group, and the one connection its writer commits on.
+
+    Session-level advisory locks (the group's, and the balance owner's: the writer
+    owns every balance, so one group at a time may write until balances are split
+    per group, ADR 0013) held by a connection kept for the purpose. PostgreSQL
+    releases them when the session ends, the writer's process dying included, so
+    a standby can take over. Because the writer commits on that same connection,
+    a writer whose session has ended cannot commit: the lease is also its fence.
+    """
+
+    GROUP_HELD = "group"  # another writer of this group holds it: we are its standby
+    BALANCES_HELD = "balances"  # another group owns the balances: a misconfiguration
+
+    def __init__(self, pool: asyncpg.Pool, group: str) -> None:
+        self._pool = pool
+        self._keys = ((self.GROUP_HELD, "cex.match.writer", group),
+                      (self.BALANCES_HELD, "cex.match.balances", ""))  # fmt: skip
+        self._conn: asyncpg.pool.PoolConnectionProxy | None = None
+
+    @property
+    def conn(self) -> Connection:
+        if self._conn is None:
+            raise RuntimeError("the writer's lease is not held")
+        return self._conn
+
+    @property
+    def held(self) -> bool:
+        if self._conn is None:
+            return False
+        try:
+            return not self._conn.is_closed()
+        except asyncpg.InterfaceError:  # the pool took it back when its session ended
+            return False
+
+    async def take(self) -> str | None:
+        """Try once: None once held, else who holds it (GROUP_HELD or BALANCES_HELD)."""
+        if self.held:
+            return None
+        await self.release()
+        conn = await self._pool.acquire()
+        try:
+            for holder, *key in self._keys:
+                if not await conn.fetchval(
                     "SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))", *key
                 ):
-                    if time.monotonic() >= deadline:
-                        break
-                    await asyncio.sleep(0.2)
-                else:
-                    held.append(key)
-                    continue
-                break
-            try:
-                yield len(held) == len(keys)
-            finally:
-                for key in held:
-                    await conn.execute(
-                        "SELECT pg_advisory_unlock(hashtext($1), hashtext($2))", *key
-                    )
+                    await conn.execute("SELECT pg_advisory_unlock_all()")
+                    await self._pool.release(conn)
+                    return holder
+        except BaseException:
+            await self._pool.release(conn)
+            raise
+        self._conn = conn
+        return None
+
+    async def release(self) -> None:
+        """Give the lease up (or forget a session that has ended)."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        with contextlib.suppress(Exception):
+            if not conn.is_closed():
+                await conn.execute("SELECT pg_advisory_unlock_all()")
+        with contextlib.suppress(Exception):
+            await self._pool.release(conn)

@@ -39,14 +39,14 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from google.rpc import status_pb2
 from opentelemetry import trace
 from opentelemetry.propagate import inject
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from cex.match.v1 import match_pb2
 from services.chassis import (
@@ -62,7 +62,7 @@ from services.chassis.tracing import Context
 
 from .engine import Decoded, MarketEngine, decode
 from .funds import Funds
-from .store import Entry, Journal, Snapshot
+from .store import Entry, Journal, Lease, Snapshot
 
 __all__ = ["JournalMismatch", "MarketLog", "Sequencer"]
 
@@ -83,6 +83,9 @@ STAGE_SECONDS = Histogram(
     "match, settle in memory), commit (the one statement), answer (results and logs)",
     ["stage"],
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+SERVING = Gauge(
+    "match_writer_serving", "1 while this process writes its group (holds the lease), 0 standing by"
 )
 _STAGES = {stage: STAGE_SECONDS.labels(stage) for stage in ("find", "decide", "commit", "answer")}
 
@@ -181,6 +184,99 @@ class MarketLog:
         return found
 
 
+async def _nothing(serving: bool) -> None:
+    return None
+
+
+@dataclass(slots=True)
+class _Replay:
+    """A group rebuilt from a snapshot and the journal after it: the books, and, given
+    `funds`, the balances too (else the ledger's tables give them, as of the end)."""
+
+    group: str
+    markets: Mapping[str, Market]
+    engines: dict[str, MarketEngine]
+    funds: Funds | None
+    group_seq: int = 0
+    last_ts: int = 0
+    funds_seq: int = 0
+    snapshot_seq: int = 0
+    replayed: int = 0
+
+    @classmethod
+    async def latest(
+        cls, journal: Journal, markets: Mapping[str, Market], funds: Funds | None
+    ) -> _Replay:
+        """From the group's latest snapshot (or from nothing)."""
+        engines = {s: MarketEngine(m) for s, m in markets.items()}
+        replay = cls(journal.group, markets, engines, funds)
+        snapshot = await journal.latest_snapshot()
+        if snapshot is None:
+            return replay
+        doc = json.loads(snapshot.state)
+        if doc.get("version") not in (1, _SNAPSHOT_VERSION):
+            raise ValueError(f"not a version {_SNAPSHOT_VERSION} snapshot of {journal.group}")
+        for symbol, state in doc["markets"].items():
+            market = markets.get(symbol)
+            if market is None:
+                raise JournalMismatch(f"{journal.group}'s snapshot holds {symbol}, not its market")
+            engines[symbol] = MarketEngine.restore(market, _canonical(state))
+        if funds is not None:
+            if "balances" not in doc:
+                raise JournalMismatch(f"{journal.group}'s latest snapshot has no balances")
+            funds.restore(doc["balances"])
+        replay.group_seq = replay.snapshot_seq = int(doc["group_seq"])
+        replay.last_ts, replay.funds_seq = int(doc["last_ts"]), int(doc.get("funds_seq", 0))
+        return replay
+
+    async def advance(self, journal: Journal) -> None:
+        """Apply every entry the journal holds after `group_seq`, checking that each
+        command gives the events journaled with it."""
+        while entries := await journal.after(self.group_seq, _RECOVERY_PAGE):
+            for entry in entries:
+                self._apply(entry)
+            self.replayed += len(entries)
+
+    def _apply(self, entry: Entry) -> None:
+        if entry.group_seq != self.group_seq + 1:
+            raise JournalMismatch(f"the journal skips from {self.group_seq} to {entry.group_seq}")
+        self.group_seq, self.last_ts = entry.group_seq, max(self.last_ts, entry.ts)
+        funds = self.funds
+        if entry.market == f"${self.group}":  # the group's funds entries
+            self.funds_seq = entry.command_seq
+            if funds is not None:
+                funds.replay(match_pb2.FundsEffects.FromString(entry.command), entry.ts)
+            return
+        engine = self.engines.get(entry.market)
+        if engine is None:
+            raise JournalMismatch(f"command {entry.group_seq} is for {entry.market}, not ours")
+        command = match_pb2.Command.FromString(entry.command)
+        place = command.place if command.HasField("place") else None
+        if funds is not None and place is not None and (refused := funds.reserve(place, entry.ts)):
+            raise JournalMismatch(f"replay: the hold of {command.command_id} failed: {refused}")
+        events = engine.apply(decode(engine.market, command), entry.command_seq, entry.ts)
+        if not _replayed_as_journaled(events, entry.events):
+            raise JournalMismatch(
+                f"{entry.market}: replaying command {entry.command_seq} "
+                f"({entry.command_id}) gave other events than the journal holds"
+            )
+        if funds is not None:
+            funds.settle(events, entry.ts)
+
+    def document(self) -> dict[str, Any]:
+        """As `Sequencer.document()` (with `funds`)."""
+        assert self.funds is not None
+        return {
+            "version": _SNAPSHOT_VERSION,
+            "group": self.group,
+            "group_seq": self.group_seq,
+            "last_ts": self.last_ts,
+            "funds_seq": self.funds_seq,
+            "markets": {s: e.document() for s, e in self.engines.items()},
+            "balances": self.funds.document(),
+        }
+
+
 class Sequencer:
     """The writer of one group of markets."""
 
@@ -195,6 +291,8 @@ class Sequencer:
         snapshot_every: int = 5_000,
         recent_events: int = 50_000,
         tick_s: float = 0.1,
+        follow_s: float = 0.05,
+        on_serving: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
         self.markets = {m.symbol: m for m in markets}
         self.engines = {m.symbol: MarketEngine(m) for m in markets}
@@ -211,6 +309,11 @@ class Sequencer:
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._tick_s = tick_s
+        self._follow_s = follow_s  # how often a standby reads what the writer committed
+        self._lease = Lease(journal.pool, journal.group)
+        self.serving = False  # holds the lease, recovered: decides (else the standby)
+        self.following: _Replay | None = None  # the standby's copy of the group
+        self._on_serving = on_serving or _nothing
         self.group_seq = 0  # last command the journal holds
         self.funds_seq = 0  # last funds entry the journal holds (market "$<group>")
         self.last_ts = 0
@@ -221,9 +324,25 @@ class Sequencer:
 
     # ----------------------------------------------------------------- lifecycle
 
-    async def start(self) -> None:
-        await self._recover()
-        self._task = asyncio.create_task(self._run(), name=f"writer-{self.group}")
+    async def start(self, *, ownership_wait_s: float = 15.0) -> None:
+        """Serve as the group's writer if its lease is free (recover, then decide), or
+        else follow the journal as the standby of the writer that holds it, taking
+        over when its lease lapses (`serving` tells which). Another group owning the
+        balances is a misconfiguration: RuntimeError after `ownership_wait_s`."""
+        replay = await self._replay()
+        deadline = time.monotonic() + ownership_wait_s
+        while (holder := await self._lease.take()) == Lease.BALANCES_HELD:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"the balances are written by another group than {self.group} "
+                    "(one writer group owns every balance: ADR 0013)"
+                )
+            await asyncio.sleep(0.2)
+        if holder is None:
+            await self._take_over(replay)
+        else:
+            _log.info("%s is written by another replica: standing by", self.group)
+        self._task = asyncio.create_task(self._run(replay), name=f"writer-{self.group}")
         self._ticker = asyncio.create_task(self._tick(), name=f"expiry-{self.group}")
 
     async def stop(self) -> None:
@@ -232,69 +351,78 @@ class Sequencer:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        self._refuse_queued(Unavailable("MATCH_STOPPING", "the engine is stopping; retry"))
+        await self._lease.release()
+
+    def _refuse_queued(self, error: ExchangeError) -> None:
         while not self._queue.empty():
             pending = self._queue.get_nowait()
-            error = Unavailable("MATCH_STOPPING", "the engine is stopping; retry")
             if not pending.future.done():
                 pending.future.set_result(_failed(pending.wire, error))
 
-    async def _recover(self) -> None:
-        snapshot = await self._journal.latest_snapshot()
-        engines = {s: MarketEngine(m) for s, m in self.markets.items()}
-        group_seq = last_ts = funds_seq = 0
-        if snapshot is not None:
-            doc = json.loads(snapshot.state)
-            if doc.get("version") not in (1, _SNAPSHOT_VERSION):
-                raise ValueError(f"not a version {_SNAPSHOT_VERSION} snapshot of {self.group}")
-            group_seq, last_ts = int(doc["group_seq"]), int(doc["last_ts"])
-            funds_seq = int(doc.get("funds_seq", 0))
-            for symbol, state in doc["markets"].items():
-                market = self.markets.get(symbol)
-                if market is None:
-                    raise JournalMismatch(f"{self.group}'s snapshot holds {symbol}, not its market")
-                engines[symbol] = MarketEngine.restore(market, _canonical(state))
-        snapshot_seq, replayed = group_seq, 0
-        while entries := await self._journal.after(group_seq, _RECOVERY_PAGE):
-            for entry in entries:
-                group_seq, last_ts = entry.group_seq, max(last_ts, entry.ts)
-                if entry.market == self.funds_market:  # balances: the ledger's tables hold them
-                    funds_seq = entry.command_seq
-                    continue
-                engine = engines.get(entry.market)
-                if engine is None:
-                    raise JournalMismatch(
-                        f"{self.group}: command {entry.group_seq} is for {entry.market}, "
-                        "which this group does not write"
-                    )
-                command = match_pb2.Command.FromString(entry.command)
-                events = engine.apply(decode(engine.market, command), entry.command_seq, entry.ts)
-                if not _replayed_as_journaled(events, entry.events):
-                    raise JournalMismatch(
-                        f"{entry.market}: replaying command {entry.command_seq} "
-                        f"({entry.command_id}) gave other events than the journal holds"
-                    )
-            replayed += len(entries)
-        await self.funds.load()
-        self.engines, self.group_seq, self.last_ts = engines, group_seq, last_ts
-        self.funds_seq = funds_seq
-        self._snapshot_seq = snapshot_seq
-        for symbol, engine in engines.items():
-            self.logs[symbol].reset(engine.seq)
+    def require_serving(self) -> None:
+        """Unavailable on a standby: the call belongs to the writer holding the lease."""
+        if not self.serving:
+            raise Unavailable(
+                "MATCH_STANDBY", f"this replica is the standby writer of {self.group}; retry"
+            )
+
+    async def _replay(self, funds: Funds | None = None) -> _Replay:
+        return await _Replay.latest(self._journal, self.markets, funds)
+
+    async def _follow(self, replay: _Replay) -> None:
+        """The standby: apply what the writer commits, until its lease lapses; then
+        take over (the lapsed writer cannot commit any more: the lease is its fence)."""
+        self.following = replay
+        while True:
+            try:
+                await replay.advance(self._journal)
+                if await self._lease.take() is None:
+                    await self._take_over(replay)
+                    self.following = None
+                    return
+            except (JournalMismatch, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # PostgreSQL away: keep standing by
+                _log.warning("standby of %s: %s; retrying", self.group, exc)
+            await asyncio.sleep(self._follow_s)
+
+    async def _take_over(self, replay: _Replay) -> None:
+        """Serve from `replay` once it holds the whole journal, with the balances as
+        the ledger's tables hold them (committed with the journal, so as of its end)."""
+        began = time.monotonic()
+        async with self._lock:
+            await replay.advance(self._journal)
+            await self.funds.load()
+            self.engines, self.group_seq = replay.engines, replay.group_seq
+            self.last_ts, self.funds_seq = replay.last_ts, replay.funds_seq
+            self._snapshot_seq = replay.snapshot_seq
+            for symbol, engine in self.engines.items():
+                self.logs[symbol].reset(engine.seq)
         _log.info(
-            "recovered %s",
+            "serving %s",
             self.group,
             extra={
                 "fields": {
                     "group": self.group,
-                    "snapshot_group_seq": snapshot_seq,
-                    "replayed": replayed,
-                    "group_seq": group_seq,
+                    "snapshot_group_seq": replay.snapshot_seq,
+                    "replayed": replay.replayed,
+                    "group_seq": self.group_seq,
                     "state_hash": self.state_hash(),
                     "accounts": len(self.funds.book.accounts),
                     "open_holds": len(self.funds.book.transfers),
+                    "catch_up_s": round(time.monotonic() - began, 4),
                 }
             },
         )
+        if not self.serving:
+            self.serving = True
+            SERVING.set(1)
+            await self._on_serving(True)
+
+    async def _recover(self) -> None:
+        """Rebuild from the latest snapshot, the journal and the ledger's tables."""
+        await self._take_over(await self._replay())
 
     # ----------------------------------------------------------------- writing
 
@@ -326,8 +454,10 @@ class Sequencer:
         self._queue.put_nowait(_Pending(command, None, b"", future))
         return future
 
-    async def _run(self) -> None:
+    async def _run(self, replay: _Replay) -> None:
         while True:
+            if not self.serving:
+                await self._follow(replay)
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
@@ -341,13 +471,15 @@ class Sequencer:
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_result(_failed(pending.wire, error))
-                await self._reload()
+                replay = await self._reload()
 
     async def _tick(self) -> None:
         """Send ``expire`` to each market whose earliest GTD order is due, and to the
         funds when a hold's timeout has passed (checked every tick)."""
         while True:
             await asyncio.sleep(self._tick_s)
+            if not self.serving:
+                continue
             now = self._clock()
             due = [
                 symbol
@@ -372,18 +504,28 @@ class Sequencer:
                 if result.status.code:
                     _log.warning("expiry in %r not applied: %s", symbol, result.status.message)
 
-    async def _reload(self) -> None:
-        """Rebuild the engines from the journal, retrying while PostgreSQL is away."""
+    async def _reload(self) -> _Replay:
+        """After a failed commit the engines may be ahead of the journal: rebuild them
+        from it, retrying while PostgreSQL is away. Still (or again) the lease holder,
+        serve; if another writer took the lease meanwhile, stand by (what it returns)."""
         for delay in itertools.chain((0.1, 0.2, 0.5), itertools.repeat(1.0)):
             try:
-                async with self._lock:
-                    await self._recover()
-                return
+                replay = await self._replay()
+                if await self._lease.take() is None:
+                    await self._take_over(replay)
+                else:
+                    _log.warning("%s: another writer holds the lease; standing by", self.group)
+                    self.serving = False
+                    SERVING.set(0)
+                    await self._on_serving(False)
+                    self._refuse_queued(Unavailable("MATCH_STANDBY", "the writer changed; retry"))
+                return replay
             except JournalMismatch:
                 raise
             except Exception as exc:
                 _log.warning("reload of %s failed (%s); retrying", self.group, exc)
                 await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def _commit(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
@@ -460,8 +602,7 @@ class Sequencer:
             statement = Statement()  # the batch's one commit: journal and balances
             self._journal.append(statement, entries)
             self.funds.save(statement)
-            async with self._journal.pool.acquire() as conn:
-                await statement.execute(conn)
+            await statement.execute(self._lease.conn)  # only the lease holder commits
             self.funds.saved()
             started = _stage("commit", started)
             state = self._snapshot_due()
@@ -586,50 +727,17 @@ class Sequencer:
         to `document()` at the same point, or the journal does not hold what the
         writer decided (`verify()`'s check; recovery itself reads the balances back
         from the tables, which commit with the journal)."""
-        snapshot = await self._journal.latest_snapshot()
-        doc = json.loads(snapshot.state) if snapshot is not None else {}
-        if doc and "balances" not in doc:
-            raise JournalMismatch(f"{self.group}'s latest snapshot has no balances (version 1)")
-        engines = {s: MarketEngine(m) for s, m in self.markets.items()}
-        for symbol, state in doc.get("markets", {}).items():
-            engines[symbol] = MarketEngine.restore(self.markets[symbol], _canonical(state))
-        funds = self.funds.like()
-        if doc:
-            funds.restore(doc["balances"])
-        group_seq, last_ts = int(doc.get("group_seq", 0)), int(doc.get("last_ts", 0))
-        funds_seq = int(doc.get("funds_seq", 0))
-        while entries := await self._journal.after(group_seq, _RECOVERY_PAGE):
-            for entry in entries:
-                group_seq, last_ts = entry.group_seq, max(last_ts, entry.ts)
-                if entry.market == self.funds_market:
-                    funds.replay(match_pb2.FundsEffects.FromString(entry.command), entry.ts)
-                    funds_seq = entry.command_seq
-                    continue
-                engine = engines[entry.market]
-                command = match_pb2.Command.FromString(entry.command)
-                if command.HasField("place") and funds.reserve(command.place, entry.ts):
-                    raise JournalMismatch(f"replay: the hold of {command.command_id} failed")
-                events = engine.apply(decode(engine.market, command), entry.command_seq, entry.ts)
-                if not _replayed_as_journaled(events, entry.events):
-                    raise JournalMismatch(f"replay: {command.command_id} gave other events")
-                funds.settle(events, entry.ts)
-        return {
-            "version": _SNAPSHOT_VERSION,
-            "group": self.group,
-            "group_seq": group_seq,
-            "last_ts": last_ts,
-            "funds_seq": funds_seq,
-            "markets": {s: e.document() for s, e in engines.items()},
-            "balances": funds.document(),
-        }
+        replay = await self._replay(self.funds.like())
+        await replay.advance(self._journal)
+        return replay.document()
 
     async def verify(self) -> None:
         """Recover as a restart does (the books from the snapshot and the journal, the
         balances from the ledger's tables), then replay from the snapshot alone:
         JournalMismatch unless both give the same group. Read-only: for a writer
         group that is quiet (no commands in flight), e.g. after a test's burst."""
+        await self._recover()
         async with self._lock:
-            await self._recover()
             recovered = self.document()
         replayed = await self.replayed()
         differ = sorted(k for k in recovered if recovered[k] != replayed.get(k))

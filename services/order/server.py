@@ -23,6 +23,7 @@ import grpc
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
+from cex.match.v1 import match_pb2
 from cex.order.v1 import order_pb2, order_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from services.chassis import (
@@ -61,6 +62,8 @@ from .streams import Sessions
 from .views import fill_proto, order_proto, timestamp
 
 __all__ = ["POLICY", "OrderService", "build_server"]
+
+_MATCH_SERVICE = match_pb2.DESCRIPTOR.services_by_name["MatchService"].full_name
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _log = logging.getLogger("cex.order")
@@ -588,7 +591,7 @@ async def build_server(
         mesh_channel(config.risk_target or target, credentials=credentials)
     )
     match_channel = await server.enter(
-        mesh_channel(config.match_target or target, credentials=credentials)
+        mesh_channel(config.match_target or target, credentials=credentials, serving=_MATCH_SERVICE)
     )
     match = MatchClient(match_channel, token=credentials.token if credentials else None)
     risk_config = RiskConfig.from_env()

@@ -15,21 +15,6 @@ dict "root" .
 {{- $dest := include "cex.svcName" (dict "root" $root "name" $name) }}
 {{- if eq $name "match" }}
 {{- $dest = include "cex.svcName" (dict "root" $root "name" (printf "match-%s" (first $svc.groups).name)) }}
-{{- range $group := $svc.groups }}
-{{- if $group.markets }}
-- name: {{ printf "%s-%s-by-market" $name $group.name }}
-  match:
-    - uri: { prefix: {{ printf "/%s/" $svc.grpcService | quote }} }
-      headers:
-        x-cex-market: { regex: {{ printf "^(%s)$" (join "|" $group.markets) | quote }} }
-  route:
-    - destination:
-        host: {{ printf "%s.%s.svc.cluster.local" (include "cex.svcName" (dict "root" $root "name" (printf "match-%s" $group.name))) $ns }}
-        port: { number: {{ $port }} }
-  timeout: 0s
-  retries: { attempts: 0 }
-{{- end }}
-{{- end }}
 {{- end }}
 {{- range $grpcService := prepend ($svc.alsoServes | default list) $svc.grpcService }}
 {{- $slug := regexReplaceAll "[^a-z0-9]+" (lower $grpcService) "-" }}

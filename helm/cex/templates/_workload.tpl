@@ -18,10 +18,18 @@ metadata:
     {{- include "cex.labels" $sel | nindent 4 }}
 spec:
   {{- if $isMatch }}
-  # One writer per market: a single replica, replaced (never surged) on rollout.
-  replicas: 1
+  # One writer (it holds the group's lease) and its standbys, which follow the
+  # journal and are ready only once they take over (ADR 0013). Without a standby
+  # a rollout replaces the writer (never surges it); with one, pods go one at a
+  # time and a standby takes over from the writer that goes.
+  replicas: {{ add 1 ($svc.standbys | default 0) }}
   strategy:
+    {{- if $svc.standbys }}
+    type: RollingUpdate
+    rollingUpdate: { maxSurge: 0, maxUnavailable: 1 }
+    {{- else }}
     type: Recreate
+    {{- end }}
   {{- else if not $cfg.autoscaling.enabled }}
   replicas: {{ $cfg.replicas }}
   {{- end }}
@@ -163,12 +171,10 @@ spec:
             preStop:
               sleep:
                 seconds: {{ $cfg.preStopSleepSeconds }}
+          # Started and alive: the process answers (its overall health). Ready: it
+          # serves its service (a writer's standby does not until it takes over).
           startupProbe:
-            grpc:
-              port: {{ $root.Values.ports.grpc }}
-              {{- with (hasKey $svc "healthService" | ternary $svc.healthService $svc.grpcService) }}
-              service: {{ . }}
-              {{- end }}
+            grpc: { port: {{ $root.Values.ports.grpc }} }
             {{- toYaml $cfg.probes.startup | nindent 12 }}
           readinessProbe:
             grpc:
@@ -178,11 +184,7 @@ spec:
               {{- end }}
             {{- toYaml $cfg.probes.readiness | nindent 12 }}
           livenessProbe:
-            grpc:
-              port: {{ $root.Values.ports.grpc }}
-              {{- with (hasKey $svc "healthService" | ternary $svc.healthService $svc.grpcService) }}
-              service: {{ . }}
-              {{- end }}
+            grpc: { port: {{ $root.Values.ports.grpc }} }
             {{- toYaml $cfg.probes.liveness | nindent 12 }}
           resources:
             {{- toYaml $cfg.resources | nindent 12 }}

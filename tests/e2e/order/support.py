@@ -36,6 +36,8 @@ from services.match.funds import Funds
 from services.match.store import Journal
 from services.match.writer import Sequencer
 
+MATCH = next(s for s in SERVICES if s.name == "match")
+
 BUY, SELL = t.SIDE_BUY, t.SIDE_SELL
 MARKET = "BTC-USDT"
 
@@ -281,15 +283,18 @@ async def exchange_on(
             await exchange.clean_up()
 
 
-async def _healthy(stack: Stack, name: str) -> bool:
+async def _healthy(stack: Stack, name: str, replica: int = 1, *, serving: bool = True) -> bool:
+    """The component answers; a service's replica also serves its service (with
+    `serving`; a writer's standby does not until it takes over)."""
     spec = next((s for s in SERVICES if s.name == name), None)
     if spec is None:  # infrastructure: the supervisor's own probe
         return await stack.component(name).probe()
-    target = f"{stack.ports.host}:{stack.ports.grpc(spec)}"
+    target = f"{stack.ports.host}:{stack.ports.grpc(spec, replica)}"
+    service = spec.grpc_service if serving else ""
     try:
         async with grpc.aio.insecure_channel(target) as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=spec.grpc_service), timeout=2
+                health_pb2.HealthCheckRequest(service=service), timeout=2
             )
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
     except grpc.aio.AioRpcError:
@@ -308,6 +313,32 @@ async def kill(stack: Stack, name: str) -> None:
             return
         await asyncio.sleep(0.2)
     pytest.fail(f"{name} did not come back: {stack.log_tail(name)}")
+
+
+async def kill_writer(stack: Stack) -> float:
+    """SIGKILL whichever match replica writes (the one serving MatchService) and return
+    the seconds until another replica serves it: its standby's takeover. Then wait
+    for the killed one to be back, standing by, so that a next kill has a standby."""
+    replicas = range(1, stack.replica_count(MATCH) + 1)
+    serving = [r for r in replicas if await _healthy(stack, "match", r)]
+    assert len(serving) == 1, f"match replicas serving: {serving}"
+    component = stack.component(stack.replica_name(MATCH, serving[0]))
+    assert component.process is not None
+    old = component.process.pid
+    os.kill(old, signal.SIGKILL)
+    killed = time.monotonic()
+    others = [r for r in replicas if r != serving[0]]
+    while not any([await _healthy(stack, "match", r) for r in others]):
+        if time.monotonic() - killed > 60:
+            pytest.fail(f"no standby took over: {stack.log_tail(component.name)}")
+        await asyncio.sleep(0.01)
+    takeover = time.monotonic() - killed
+    for _ in range(300):
+        up = component.process.pid != old
+        if up and await _healthy(stack, "match", serving[0], serving=False):
+            return takeover
+        await asyncio.sleep(0.2)
+    pytest.fail(f"{component.name} did not come back: {stack.log_tail(component.name)}")
 
 
 async def book_of(exchange: Exchange, accounts: set[str]) -> dict[str, Decimal]:

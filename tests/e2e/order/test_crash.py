@@ -20,10 +20,13 @@ as a real client would. Afterwards:
 from __future__ import annotations
 
 import asyncio
+import os
 import random
-from collections.abc import Awaitable, Callable
+import statistics
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from functools import partial
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -33,20 +36,25 @@ from cex.funding.v1 import funding_pb2 as F
 from cex.funding.v1 import funding_pb2_grpc
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
+from cex_stack.supervisor import Stack
+from cex_stack.topology import free_ports
 from tests.e2e.order.support import (
     BUY,
     SELL,
     Exchange,
     Trader,
     agreed,
+    exchange_on,
     journal_replays,
     kill,
+    kill_writer,
     settled_and_balanced,
     uid,
 )
 
 D = Decimal
 T = TypeVar("T")
+Chaos = Callable[[], Awaitable[None]]
 WORKING = {t.ORDER_STATE_PENDING_NEW, t.ORDER_STATE_OPEN, t.ORDER_STATE_PARTIALLY_FILLED}
 RETRYABLE = (
     grpc.StatusCode.UNAVAILABLE,
@@ -120,16 +128,24 @@ async def _ended(exchange: Exchange, trader: Trader, ids: list[str]) -> None:
     pytest.fail(f"withdrawals still running: {states}")
 
 
+def _kills(exchange: Exchange, victims: list[list[str]], seconds: float) -> Chaos:
+    """`victims`: groups of services killed together, spread over `seconds`."""
+
+    async def run() -> None:
+        pause = seconds / (len(victims) + 1)
+        for group in victims:
+            await asyncio.sleep(pause)
+            await asyncio.gather(*(kill(exchange.stack, name) for name in group))
+        await asyncio.sleep(pause)
+
+    return run
+
+
 async def _burst(
-    exchange: Exchange,
-    victims: list[list[str]],
-    seconds: float,
-    clients: int,
-    *,
-    withdrawals: bool = False,
+    exchange: Exchange, chaos: Chaos, clients: int, *, withdrawals: bool = False
 ) -> None:
-    """`victims`: groups of services killed together, spread over the burst;
-    `withdrawals`: the buyer withdraws USDT all along."""
+    """Trade from `clients` clients while `chaos` runs; `withdrawals`: the buyer
+    withdraws USDT all along."""
     seller = await exchange.trader({"BTC": "10000"}, "crash-seller")
     buyer = await exchange.trader({"USDT": "1000000"}, "crash-buyer", withdraw=withdrawals)
     # The burst's resting orders may pile up past the default 1,000 on the side
@@ -147,11 +163,7 @@ async def _burst(
     if withdrawals:
         workers.append(asyncio.create_task(_withdraw(exchange, buyer, requested, stop)))
     try:
-        pause = seconds / (len(victims) + 1)
-        for group in victims:
-            await asyncio.sleep(pause)
-            await asyncio.gather(*(kill(exchange.stack, name) for name in group))
-        await asyncio.sleep(pause)
+        await chaos()
     finally:
         stop.set()
         await asyncio.gather(*workers)
@@ -183,7 +195,7 @@ async def test_kill_9_of_order_match_and_ledger_during_a_burst_loses_nothing(
     exchange: Exchange,
 ) -> None:
     # All three at once: in-flight places lose their process at every hop.
-    await _burst(exchange, [["order", "match", "ledger"]], seconds=4, clients=6)
+    await _burst(exchange, _kills(exchange, [["order", "match", "ledger"]], 4), clients=6)
 
 
 @pytest.mark.chaos
@@ -193,7 +205,7 @@ async def test_kill_9_again_and_again_during_a_long_burst(exchange: Exchange) ->
     # loop.
     victims = [[name] for name in ["order", "match", "ledger", "funding"] * 4]
     random.Random(12).shuffle(victims)
-    await _burst(exchange, victims, seconds=120, clients=16, withdrawals=True)
+    await _burst(exchange, _kills(exchange, victims, 120), clients=16, withdrawals=True)
 
 
 @pytest.mark.chaos
@@ -201,4 +213,49 @@ async def test_twenty_kills_of_the_balance_owner_while_trading_and_withdrawing(
     exchange: Exchange,
 ) -> None:
     # The supervisor restarts a service at most 5 times a minute: 20 kills take 4.
-    await _burst(exchange, [["match"]] * 20, seconds=260, clients=8, withdrawals=True)
+    kills = _kills(exchange, [["match"]] * 20, 260)
+    await _burst(exchange, kills, clients=8, withdrawals=True)
+
+
+@pytest.fixture(scope="module")
+async def standby_exchange(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Exchange]:
+    """A stack of its own whose writer has a standby (`cex up --replicas match=2`)."""
+    state: Path = tmp_path_factory.mktemp("cex-standby")
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
+    }
+    stack = Stack(state, free_ports(), env, replicas={"match": 2})
+    await stack.start()
+    try:
+        async with (
+            grpc.aio.insecure_channel(stack.edge) as channel,
+            exchange_on(stack, stack.credentials("tests"), channel) as exchange,
+        ):
+            yield exchange
+    finally:
+        await stack.stop()
+
+
+@pytest.mark.chaos
+async def test_twenty_kills_of_the_writer_its_standby_takes_over(
+    standby_exchange: Exchange, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """kill -9 of whichever replica writes, 20 times during a burst: the other one,
+    following the journal, takes over every time; the killed one comes back as the
+    standby. The takeover (kill to the standby serving) is reported."""
+    takeovers: list[float] = []
+
+    async def kill_the_writer() -> None:
+        for _ in range(20):
+            await asyncio.sleep(2)
+            takeovers.append(await kill_writer(standby_exchange.stack))
+        await asyncio.sleep(2)
+
+    await _burst(standby_exchange, kill_the_writer, clients=8, withdrawals=True)
+    assert len(takeovers) == 20
+    cuts = statistics.quantiles(takeovers, n=100)
+    with capsys.disabled():
+        print(
+            f"\nstandby takeover over {len(takeovers)} kills: p50 {cuts[49] * 1000:.0f} ms,"
+            f" p99 {cuts[98] * 1000:.0f} ms, max {max(takeovers) * 1000:.0f} ms"
+        )

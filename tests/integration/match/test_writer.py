@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import asyncpg
+import grpc
+import pytest
 
 from cex.ledger.v1 import ledger_pb2 as K
 from cex.match.v1 import match_pb2
 from cex.type.v1 import types_pb2 as t
-from services.chassis import ErrorDetails, postgres
+from services.chassis import ErrorDetails, Unavailable, postgres
 from services.chassis.db import Statement, migrate
 from services.chassis.markets import DEFAULT_CATALOG
 from services.ledger.store import MIGRATIONS as LEDGER_MIGRATIONS
@@ -19,7 +22,7 @@ from services.match.engine import decode
 from services.match.funds import Funds
 from services.match.server import MIGRATIONS
 from services.match.store import FIND, Entry, Journal
-from services.match.writer import Sequencer
+from services.match.writer import JournalMismatch, Sequencer
 from tests.integration.match.match_client import limit, place
 
 MARKET = DEFAULT_CATALOG.markets["BTC-USDT"]
@@ -204,11 +207,80 @@ async def test_a_replay_from_a_snapshot_gives_the_same_books_and_balances(
             accounts = {(a, asset): rest for a, asset, *rest in live["balances"]["accounts"]}
             assert ("seller", "USDT") in accounts  # settled
             assert [h[0] for h in live["balances"]["holds"]] == ["hold:s1"]  # 0.1 BTC rests
-            # The journal is the whole story: without the deposit's entry it differs.
-            await pool.execute("DELETE FROM journal WHERE group_seq = 8")
+            # The journal is the whole story: without the deposit's effects it differs...
+            await pool.execute("UPDATE journal SET command = '' WHERE group_seq = 8")
             assert await writer.replayed() != live
+            # ...and a replay refuses a journal with an entry missing.
+            await pool.execute("DELETE FROM journal WHERE group_seq = 8")
+            with pytest.raises(JournalMismatch, match="skips from 7 to 9"):
+                await writer.replayed()
         finally:
             await writer.stop()
+
+
+async def test_a_standby_follows_and_takes_over_and_a_writer_without_its_lease_cannot_commit(
+    fresh_database_url: str,
+) -> None:
+    """A second writer of the group stands by, following the journal. When the first
+    one's lease session ends while its process lives (terminated by PostgreSQL), the
+    standby takes over; the first one's next commit fails on the dead session and it
+    becomes the standby (the lease is the fence); and the other way round again."""
+    await _ledger_migrated(fresh_database_url)
+    async with postgres(fresh_database_url, schema="match", migrations=MIGRATIONS) as pool:
+
+        def writer() -> Sequencer:
+            funds = Funds(LedgerStore(pool, DEFAULT_CATALOG.assets), DEFAULT_CATALOG)
+            return Sequencer([MARKET], Journal(pool, "main"), funds, clock=time.time_ns)
+
+        first, second = writer(), writer()
+        await first.start()
+        await second.start()
+        try:
+            assert first.serving and not second.serving
+            with pytest.raises(Unavailable, match="standby"):
+                second.require_serving()
+            assert (await _submit(first, _deposits())).status.code == 0
+            for i, (account, side, price) in enumerate(
+                [("seller", t.SIDE_SELL, "100"), ("buyer", t.SIDE_BUY, "101")]
+            ):
+                hold = ("BTC", "0.5") if side == t.SIDE_SELL else ("USDT", "60")
+                order = _held(limit(f"o{i}", account, side, "0.5", price), *hold)
+                assert (await _submit(first, place(f"p{i}", order))).status.code == 0
+            await _until(lambda: second.following is not None
+                         and second.following.group_seq == first.group_seq)  # fmt: skip
+
+            # The first writer's session ends; its process (this object) lives on.
+            pid = first._lease.conn.get_server_pid()
+            await pool.execute("SELECT pg_terminate_backend($1)", pid)
+            await _until(lambda: second.serving)
+            assert second.group_seq == first.group_seq
+            assert second.state_hash() == first.state_hash()
+            late = _held(limit("o9", "buyer", t.SIDE_BUY, "0.1", "90"), "USDT", "9")
+            refused = await _submit(first, place("p9", late))
+            assert refused.status.code == grpc.StatusCode.UNAVAILABLE.value[0], refused
+            await _until(lambda: not first.serving)
+            assert await pool.fetchval("SELECT count(*) FROM journal WHERE command_id = 'p9'") == 0
+            accepted = await _submit(second, place("p9", late))  # the retry, to the new writer
+            assert accepted.status.code == 0, accepted.status
+            await second.verify()
+
+            # And back: the second one stops (its lease released), the first takes over.
+            await second.stop()
+            await _until(lambda: first.serving)
+            assert first.state_hash() == second.state_hash()
+            one = _transfer("d3", match_pb2.FundsTransfer.OP_SINGLE, "sys:custody", "buyer",
+                            "USDT", "1", kind=K.TRANSFER_KIND_DEPOSIT)  # fmt: skip
+            assert (await _submit(first, _funds("f2", one))).status.code == 0
+        finally:
+            await first.stop()
+            await second.stop()
+
+
+async def _until(condition: Callable[[], bool], within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time"
+        await asyncio.sleep(0.02)
 
 
 def _status(command_id: str, status: int, reason: str) -> match_pb2.Command:

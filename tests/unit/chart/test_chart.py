@@ -462,11 +462,17 @@ def test_every_deployment_is_hardened_with_grpc_probes(docs: tuple[Doc, ...], va
         _assert_hardened(pod, container)
         grpc_port = next(p for p in container["ports"] if p["name"] == "grpc")["containerPort"]
         health = svc.get("healthService", svc["grpcService"])
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        # Started and alive: the process answers; ready: it serves its service (a
+        # writer's standby is alive but not ready until it takes over).
+        for probe, service in (
+            ("startupProbe", ""),
+            ("readinessProbe", health),
+            ("livenessProbe", ""),
+        ):
             spec = container[probe]
             assert set(spec) & {"httpGet", "exec", "tcpSocket"} == set()
             assert spec["grpc"]["port"] == grpc_port
-            assert spec["grpc"].get("service", "") == health
+            assert spec["grpc"].get("service", "") == service, (probe, component(deployment))
         assert pod["terminationGracePeriodSeconds"] > container["lifecycle"]["preStop"]["sleep"][
             "seconds"
         ] + float(values["config"]["shutdownGraceSeconds"])
@@ -541,9 +547,17 @@ def test_autoscaling_and_disruption_budgets(docs: tuple[Doc, ...], values: Doc) 
             assert deployment["spec"]["replicas"] == values["edge"]["replicas"]
             continue
         if component(deployment) == "match":
-            assert name not in hpas, "match scales by market groups, never by an HPA"
-            assert deployment["spec"]["replicas"] == 1
-            assert deployment["spec"]["strategy"]["type"] == "Recreate"
+            assert name not in hpas, "one writer and its standbys, never an HPA"
+            standbys = values["services"]["match"].get("standbys", 0)
+            assert deployment["spec"]["replicas"] == 1 + standbys
+            strategy = deployment["spec"]["strategy"]
+            if standbys:  # one pod at a time: a standby takes over from the one going
+                assert strategy == {
+                    "type": "RollingUpdate",
+                    "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+                }
+            else:
+                assert strategy["type"] == "Recreate"
             continue
         svc = enabled(values)[component(deployment)]
         auto = {**values["defaults"]["autoscaling"], **svc.get("autoscaling", {})}
@@ -572,25 +586,20 @@ def test_match_markets_are_spread_one_writer_each(docs: tuple[Doc, ...], tmp_pat
     path.write_text(cm["data"]["markets.yaml"])
     catalog = load_catalog({"CEX_MARKETS": str(path)})
     assert set(owners) == set(catalog.markets)
-    # Callers naming the market reach its writer.
-    by_market = [r for r in vs_routes(docs, "cex-mesh") if r["name"].endswith("-by-market")]
-    for route in by_market:
-        pattern = route["match"][0]["headers"]["x-cex-market"]["regex"]
-        host = route["route"][0]["destination"]["host"].split(".")[0]
-        for market, owner in owners.items():
-            assert bool(re.match(pattern, market)) == (owner == host), (market, host)
 
 
 @needs_helm
-def test_a_market_in_two_groups_is_refused() -> None:
+def test_a_second_writer_group_is_refused() -> None:
+    """One group owns every balance (ADR 0013): nothing may route a market elsewhere."""
     done = helm_template(
         "--set", "services.match.groups[0].name=a",
         "--set", "services.match.groups[0].markets[0]=BTC-USDT",
         "--set", "services.match.groups[1].name=b",
-        "--set", "services.match.groups[1].markets[0]=BTC-USDT",
+        "--set", "services.match.groups[1].markets[0]=ETH-USDT",
     )  # fmt: skip
     assert done.returncode != 0
-    assert "one writer per market" in done.stderr
+    assert "one writer group owns every balance" in done.stderr
+    assert "x-cex-market" not in (CHART / "templates" / "_routes.tpl").read_text()
 
 
 @needs_helm

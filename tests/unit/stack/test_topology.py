@@ -27,8 +27,8 @@ def test_every_replica_has_ports_of_its_own_inside_the_range() -> None:
 def test_replicas_parse_and_refuse_what_cannot_run_twice() -> None:
     assert parse_replicas("") == {}
     assert parse_replicas("order=2, marketdata=3") == {"order": 2, "marketdata": 3}
+    assert parse_replicas("match=2") == {"match": 2}  # the writer and its standby
     for bad in (
-        "match=2",
         "reflection=2",
         "order=0",
         f"order={MAX_REPLICAS + 1}",
@@ -37,6 +37,21 @@ def test_replicas_parse_and_refuse_what_cannot_run_twice() -> None:
     ):
         with pytest.raises(ValueError):
             parse_replicas(bad)
+
+
+def test_the_writers_standby_starts_last_and_its_callers_reach_both(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, Ports(base=20000), {"CEX_SERVICE_SECRET": "x"}, replicas={"match": 2})
+    waves = [[c.name for c in wave] for wave in stack.plan()]
+    assert waves[-2] == ["match-2"] and waves[-1] == ["envoy"]  # after every service
+    assert "match" in waves[1]
+    by_name = {c.name: c for wave in stack.plan() for c in wave}
+    match, standby = by_name["match"].env, by_name["match-2"].env
+    assert match is not None and standby is not None
+    assert match["CEX_GRPC_PORT"] != standby["CEX_GRPC_PORT"]
+    both = f"ipv4:127.0.0.1:{match['CEX_GRPC_PORT']},127.0.0.1:{standby['CEX_GRPC_PORT']}"
+    for caller, variable in (("order", "ORDER_MATCH_TARGET"), ("ledger", "LEDGER_MATCH_TARGET")):
+        env = by_name[caller].env
+        assert env is not None and env[variable] == both
 
 
 def test_each_order_replica_has_its_own_name_consumer_and_ports(tmp_path: Path) -> None:
