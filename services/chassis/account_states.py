@@ -177,7 +177,7 @@ class AccountStates(Followed[auth_pb2.GetFrozenAccountsResponse]):
         self._advance()
         self.synced_at = self._clock()
 
-    async def fresh(  # type: ignore[override]
+    async def fresh(
         self, max_age_s: float, reason: str = "AUTH_ACCOUNT_STATES_UNAVAILABLE"
     ) -> None:
         """Reload unless auth answered within `max_age_s`; UNAVAILABLE if it cannot."""
