@@ -66,7 +66,7 @@ from services.chassis.tokens import sign
 
 from . import domain
 from .config import AuthConfig
-from .fees import Volumes, order_volumes
+from .fees import VolumeSource, Volumes, order_volumes
 from .keys import Keyring, serve_jwks
 from .store import FeeChange, FeeTiers, StateChange, Store
 
@@ -708,7 +708,10 @@ async def build_server(
     clock: Callable[[], datetime] = _utcnow,
     new_id: Callable[[str], str] = _new_id,
     catalog: Catalog | None = None,
+    volume_source: VolumeSource | None = None,
 ) -> Server:
+    """The composition root. `volume_source`: where traded volumes come from
+    (default: order's ListTradedVolumes through the mesh)."""
     config = config or AuthConfig.from_env()
     catalog = load_catalog() if catalog is None else catalog
     server = Server(settings)
@@ -769,11 +772,13 @@ async def build_server(
     volumes: Volumes | None = None
     credentials = service_credentials(settings)
     order_target = config.order_target or settings.mesh_addr
-    if credentials is not None and order_target is not None:
+    if volume_source is None and credentials is not None and order_target is not None:
         order_channel = await server.enter(mesh_channel(order_target, credentials=credentials))
+        volume_source = order_volumes(order_pb2_grpc.OrderServiceStub(order_channel))
+    if volume_source is not None:
         volumes = Volumes(
             store,
-            order_volumes(order_pb2_grpc.OrderServiceStub(order_channel)),
+            volume_source,
             asset=config.fee_volume_asset,
             days=config.fee_volume_days,
             clock=clock,
