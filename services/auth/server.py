@@ -66,7 +66,7 @@ from services.chassis.tokens import sign
 
 from . import domain
 from .config import AuthConfig
-from .fees import VolumeSource, Volumes, order_volumes
+from .fees import Volumes, VolumeSource, order_volumes
 from .keys import Keyring, serve_jwks
 from .store import FeeChange, FeeTiers, StateChange, Store
 
