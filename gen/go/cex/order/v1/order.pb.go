@@ -199,7 +199,8 @@ type Order struct {
 	FilledQuoteQuantity string `protobuf:"bytes,15,opt,name=filled_quote_quantity,json=filledQuoteQuantity,proto3" json:"filled_quote_quantity,omitempty"`
 	// Decimal string: volume-weighted average fill price; empty if nothing filled.
 	AveragePrice string `protobuf:"bytes,16,opt,name=average_price,json=averagePrice,proto3" json:"average_price,omitempty"`
-	// Decimal string: fees charged so far, in fee_asset.
+	// Decimal string: fees charged so far, in fee_asset (negative: a maker
+	// rebate, paid; the rates are the account's fee tier's when it was placed).
 	CumulativeFee string `protobuf:"bytes,17,opt,name=cumulative_fee,json=cumulativeFee,proto3" json:"cumulative_fee,omitempty"`
 	// Asset the fees are charged in.
 	FeeAsset string `protobuf:"bytes,18,opt,name=fee_asset,json=feeAsset,proto3" json:"fee_asset,omitempty"`
@@ -467,7 +468,8 @@ type Fill struct {
 	Quantity string `protobuf:"bytes,8,opt,name=quantity,proto3" json:"quantity,omitempty"`
 	// Decimal string: quote amount (price * quantity).
 	QuoteQuantity string `protobuf:"bytes,9,opt,name=quote_quantity,json=quoteQuantity,proto3" json:"quote_quantity,omitempty"`
-	// Decimal string: fee charged for this fill, in fee_asset.
+	// Decimal string: fee charged for this fill, in fee_asset (negative: a
+	// maker rebate, paid from the exchange's fee account).
 	Fee string `protobuf:"bytes,10,opt,name=fee,proto3" json:"fee,omitempty"`
 	// Asset of the fee.
 	FeeAsset string `protobuf:"bytes,11,opt,name=fee_asset,json=feeAsset,proto3" json:"fee_asset,omitempty"`
@@ -2709,7 +2711,8 @@ type ExecutionReport struct {
 	RemainingQuantity string `protobuf:"bytes,16,opt,name=remaining_quantity,json=remainingQuantity,proto3" json:"remaining_quantity,omitempty"`
 	// Decimal string: average fill price so far; empty if nothing filled.
 	AveragePrice string `protobuf:"bytes,17,opt,name=average_price,json=averagePrice,proto3" json:"average_price,omitempty"`
-	// TRADE: decimal string, the fee for this fill.
+	// TRADE: decimal string, the fee charged for this fill (negative: a maker
+	// rebate).
 	Fee string `protobuf:"bytes,18,opt,name=fee,proto3" json:"fee,omitempty"`
 	// TRADE: the fee's asset.
 	FeeAsset string `protobuf:"bytes,19,opt,name=fee_asset,json=feeAsset,proto3" json:"fee_asset,omitempty"`

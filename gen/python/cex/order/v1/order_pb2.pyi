@@ -170,7 +170,9 @@ class Order(_message.Message):
     average_price: _builtins.str
     """Decimal string: volume-weighted average fill price; empty if nothing filled."""
     cumulative_fee: _builtins.str
-    """Decimal string: fees charged so far, in fee_asset."""
+    """Decimal string: fees charged so far, in fee_asset (negative: a maker
+    rebate, paid; the rates are the account's fee tier's when it was placed).
+    """
     fee_asset: _builtins.str
     """Asset the fees are charged in."""
     post_only: _builtins.bool
@@ -280,7 +282,9 @@ class Fill(_message.Message):
     quote_quantity: _builtins.str
     """Decimal string: quote amount (price * quantity)."""
     fee: _builtins.str
-    """Decimal string: fee charged for this fill, in fee_asset."""
+    """Decimal string: fee charged for this fill, in fee_asset (negative: a
+    maker rebate, paid from the exchange's fee account).
+    """
     fee_asset: _builtins.str
     """Asset of the fee."""
     liquidity: _types_pb2.Liquidity.ValueType
@@ -1379,7 +1383,9 @@ class ExecutionReport(_message.Message):
     average_price: _builtins.str
     """Decimal string: average fill price so far; empty if nothing filled."""
     fee: _builtins.str
-    """TRADE: decimal string, the fee for this fill."""
+    """TRADE: decimal string, the fee charged for this fill (negative: a maker
+    rebate).
+    """
     fee_asset: _builtins.str
     """TRADE: the fee's asset."""
     liquidity: _types_pb2.Liquidity.ValueType

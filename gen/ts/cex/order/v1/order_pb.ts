@@ -150,7 +150,8 @@ export type Order = Message<"cex.order.v1.Order"> & {
   averagePrice: string;
 
   /**
-   * Decimal string: fees charged so far, in fee_asset.
+   * Decimal string: fees charged so far, in fee_asset (negative: a maker
+   * rebate, paid; the rates are the account's fee tier's when it was placed).
    *
    * @generated from field: string cumulative_fee = 17;
    */
@@ -306,7 +307,8 @@ export type Fill = Message<"cex.order.v1.Fill"> & {
   quoteQuantity: string;
 
   /**
-   * Decimal string: fee charged for this fill, in fee_asset.
+   * Decimal string: fee charged for this fill, in fee_asset (negative: a
+   * maker rebate, paid from the exchange's fee account).
    *
    * @generated from field: string fee = 10;
    */
@@ -1585,7 +1587,8 @@ export type ExecutionReport = Message<"cex.order.v1.ExecutionReport"> & {
   averagePrice: string;
 
   /**
-   * TRADE: decimal string, the fee for this fill.
+   * TRADE: decimal string, the fee charged for this fill (negative: a maker
+   * rebate).
    *
    * @generated from field: string fee = 18;
    */
