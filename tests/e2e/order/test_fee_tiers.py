@@ -32,6 +32,7 @@ from cex.type.v1 import types_pb2 as t
 from cex_stack.supervisor import Stack
 from cex_stack.topology import SERVICES, free_ports
 from tests.e2e.order.support import BUY, SELL, Exchange, error_of, exchange_on, uid
+from tests.e2e.order.test_streams import Client, R, place
 
 FILLED = t.ORDER_STATE_FILLED
 TIERS = [
@@ -176,9 +177,14 @@ async def test_tiers_rebates_and_volume_on_the_running_stack(
     assert shown.splitlines()[2].split()[:7] == ["mm", "maker", "-2", "bps", "taker", "10", "bps"]
     await _order_follows(own_stack, exchange)
 
-    # Two tiers trade: the maker (mm) sells 1 BTC at 100 and is paid 2 bps of the
-    # 100 USDT it receives; the taker (default) pays 20 bps of the 1 BTC it receives.
-    ask = await maker.place(side=SELL, price="100", quantity="1")
+    # Two tiers trade: the maker (mm, on its stream session) sells 1 BTC at 100 and
+    # is paid 2 bps of the 100 USDT it receives; the taker (default) pays 20 bps of
+    # the 1 BTC it receives.
+    session = Client(maker)
+    await session.send(R(subscribe=order_pb2.StreamSubscribe()))
+    await session.next("subscribed")
+    await session.send(place(side=SELL, price="100", quantity="1"))
+    ask = (await session.next("ack")).ack.place.order
     hit = await taker.place(side=BUY, price="100", quantity="1")
     assert hit.state == FILLED, hit
     assert (Decimal(hit.cumulative_fee), hit.fee_asset) == (Decimal("0.002"), "BTC")
@@ -187,6 +193,11 @@ async def test_tiers_rebates_and_volume_on_the_running_stack(
     (fill,) = await _fills(maker, ask.order_id)
     assert (Decimal(fill.fee), fill.fee_asset) == (Decimal("-0.02"), "USDT")
     assert fill.liquidity == t.LIQUIDITY_MAKER
+    while not any(r.execution_type == 2 for r in session.reports()):  # TRADE
+        await session.next("execution_report")
+    (report,) = [r for r in session.reports() if r.execution_type == 2]
+    assert (report.fee, report.fee_asset, report.liquidity) == ("-0.02", "USDT", t.LIQUIDITY_MAKER)
+    await session.send(None)
     balances = await exchange.hold_settles(
         maker.account_id, {"USDT": ("200.02", "0"), "BTC": ("9", "0")}
     )
