@@ -1,7 +1,8 @@
 """auth's rules, without I/O, clocks or randomness (those are passed in).
 
 Accounts, API keys (secrets kept only as scrypt hashes), who may act on which
-account, what a token may carry and for how long, and when signing keys rotate.
+account, what a token may carry and for how long, when signing keys rotate, and
+fee tiers: what a schedule may hold and which tier a volume earns (ADR 0016).
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 Accounts and API keys, IssueToken (an API key, or a service credential, for a
 short-lived EdDSA JWT), and auth's JWKS over HTTP. auth authenticates its own
 callers with the same chassis policy as every service (see POLICY).
+
+auth also owns the fee schedule and each account's fee tier (ADR 0016): the
+operator's calls set them, `fees.Volumes` moves tiers by measured volume, and
+every change is published (the outbox) for the order gateways' copy.
 """
 
 from __future__ import annotations
