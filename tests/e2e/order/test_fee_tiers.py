@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 
 from cex.auth.v1 import auth_pb2
 from cex.order.v1 import order_pb2
@@ -231,3 +233,55 @@ async def test_tiers_rebates_and_volume_on_the_running_stack(
     vip = await taker.place(side=BUY, price="100", quantity="0.5")
     assert vip.state == FILLED and Decimal(vip.cumulative_fee) == Decimal("0.00075"), vip
     await exchange.assert_balanced()
+
+
+async def test_traded_volumes_page_by_account_for_services_only(
+    own_stack: Stack, exchange: Exchange
+) -> None:
+    buyer = await exchange.trader({"USDT": "100"}, "buyer")
+    seller = await exchange.trader({"BTC": "1"}, "seller")
+    await seller.place(side=SELL, price="100", quantity="0.1")
+    assert (await buyer.place(side=BUY, price="100", quantity="0.1")).state == FILLED
+    since = timestamp_pb2.Timestamp()
+    since.FromSeconds(int(time.time()) - 3600)
+    found: dict[str, str] = {}
+    async with asyncio.timeout(20):  # the fills reach order's read model after the ack
+        while buyer.account_id not in found or seller.account_id not in found:
+            found, token, pages = {}, "", 0
+            while True:
+                page = await buyer.orders.ListTradedVolumes(
+                    order_pb2.ListTradedVolumesRequest(
+                        start_time=since, quote_asset="USDT", page_size=1, page_token=token
+                    ),
+                    metadata=exchange.svc,
+                    timeout=10,
+                )
+                found |= {v.account_id: v.volume for v in page.volumes}
+                pages, token = pages + 1, page.next_page_token
+                if not token:
+                    break
+            assert pages >= len(found)
+            await asyncio.sleep(0.1)
+    assert list(found) == sorted(found)
+    assert found[buyer.account_id] == found[seller.account_id] == "10"
+    btc = await buyer.orders.ListTradedVolumes(
+        order_pb2.ListTradedVolumesRequest(start_time=since, quote_asset="BTC"),
+        metadata=exchange.svc,
+        timeout=10,
+    )
+    assert buyer.account_id not in {v.account_id for v in btc.volumes}  # ETH-BTC only
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await buyer.orders.ListTradedVolumes(
+            order_pb2.ListTradedVolumesRequest(start_time=since, quote_asset="DOGE"),
+            metadata=exchange.svc,
+            timeout=10,
+        )
+    assert error_of(bad.value).code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in error_of(bad.value).violations] == ["quote_asset"]
+    with pytest.raises(grpc.aio.AioRpcError) as user:
+        await buyer.orders.ListTradedVolumes(
+            order_pb2.ListTradedVolumesRequest(start_time=since, quote_asset="USDT"),
+            metadata=buyer.md,
+            timeout=10,
+        )
+    assert error_of(user.value).code == grpc.StatusCode.PERMISSION_DENIED
