@@ -9,6 +9,8 @@ cex token           exchange an API key for an access token (prints the JWT)
 cex deposit         a real deposit through the chain simulator, waited for until credited
 cex audit           the ledger's audit (AuditLedger) as the operator
 cex withdrawal      approve or reject a withdrawal that waits for an operator
+cex market status   move a market between TRADING, POST_ONLY, ... at runtime
+cex fees            the fee schedule and accounts' fee tiers (show, set, assign, evaluate)
 """
 
 from __future__ import annotations
@@ -372,6 +374,73 @@ async def _account_state(state_dir: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+def _schedule_lines(schedule: Any) -> str:
+    return "\n".join(
+        f"{t.name:<12} maker {t.maker_fee_bps:>7} bps  taker {t.taker_fee_bps:>7} bps  "
+        f"from {t.min_volume} {schedule.volume_asset}"
+        for t in schedule.tiers
+    )
+
+
+def _tier_arg(text: str) -> Any:
+    """`name:maker_bps:taker_bps:min_volume` as a FeeTier."""
+    from cex.auth.v1 import auth_pb2
+
+    parts = text.split(":")
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(
+            "NAME:MAKER_BPS:TAKER_BPS:MIN_VOLUME, e.g. vip1:5:15:1000000"
+        )
+    name, maker, taker, volume = parts
+    return auth_pb2.FeeTier(name=name, maker_fee_bps=maker, taker_fee_bps=taker, min_volume=volume)
+
+
+async def _fees(state_dir: Path, args: argparse.Namespace) -> int:
+    """The fee-schedule admin calls of auth as the operator (ADR 0016)."""
+    import uuid
+
+    from cex.auth.v1 import auth_pb2
+
+    request_id = getattr(args, "request_id", None) or str(uuid.uuid4())
+    if args.action == "schedule":
+        shown = await _operator_call(state_dir, "GetFeeSchedule", auth_pb2.GetFeeScheduleRequest())
+        assert isinstance(shown, auth_pb2.GetFeeScheduleResponse)
+        print(_schedule_lines(shown.schedule))
+    elif args.action == "set-schedule":
+        set_reply = await _operator_call(
+            state_dir,
+            "SetFeeSchedule",
+            auth_pb2.SetFeeScheduleRequest(
+                request_id=request_id, tiers=args.tier, reason=args.reason or ""
+            ),
+        )
+        assert isinstance(set_reply, auth_pb2.SetFeeScheduleResponse)
+        print(_schedule_lines(set_reply.schedule))
+    elif args.action in ("assign", "unassign"):
+        assigned = await _operator_call(
+            state_dir,
+            "SetAccountFeeTier",
+            auth_pb2.SetAccountFeeTierRequest(
+                request_id=request_id,
+                account_id=args.account,
+                fee_tier=args.tier if args.action == "assign" else "",
+                reason=args.reason or "",
+            ),
+        )
+        assert isinstance(assigned, auth_pb2.SetAccountFeeTierResponse)
+        a = assigned.account
+        print(f"{a.account_id} {a.fee_tier} ({'assigned' if a.fee_tier_assigned else 'by volume'})")
+    else:
+        measured = await _operator_call(
+            state_dir, "EvaluateFeeTiers", auth_pb2.EvaluateFeeTiersRequest()
+        )
+        assert isinstance(measured, auth_pb2.EvaluateFeeTiersResponse)
+        print(f"{measured.accounts_measured} accounts measured, {len(measured.changed)} moved")
+        for change in measured.changed:
+            print(f"{change.account_id} -> {change.fee_tier}")
+    return 0
+
+
 async def _apikey_create(state_dir: Path, args: argparse.Namespace) -> int:
     import uuid
 
@@ -441,6 +510,18 @@ async def _traces(listen: str, quiet_s: float) -> int:
                     print(render_trace(found.trace(trace_id)), end="\n\n", flush=True)
                     found.spans = [s for s in found.spans if s.trace_id != trace_id]
                     del last_seen[trace_id]
+
+
+# Commands that are one call against the running stack.
+_HANDLERS: dict[str, Any] = {
+    "apikey": _apikey_create,
+    "token": _token,
+    "deposit": _deposit,
+    "audit": _audit,
+    "withdrawal": _review,
+    "market": _market_status,
+    "fees": _fees,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -537,6 +618,33 @@ def main(argv: list[str] | None = None) -> None:
     status.add_argument("status", choices=_MARKET_STATUSES)
     status.add_argument("--reason", required=True, help="why (journaled, shown in GetMarket)")
     status.add_argument("--request-id", help="idempotency id (default: a new UUID)")
+    fees = commands.add_parser(
+        "fees", help="operators: the fee schedule and accounts' fee tiers"
+    ).add_subparsers(dest="action", required=True)
+    fees.add_parser("schedule", help="show the fee schedule")
+    set_schedule = fees.add_parser(
+        "set-schedule",
+        help="replace the fee schedule; accounts on volume tiers move to the tier it gives them",
+    )
+    set_schedule.add_argument(
+        "--tier",
+        action="append",
+        required=True,
+        type=_tier_arg,
+        help="NAME:MAKER_BPS:TAKER_BPS:MIN_VOLUME (repeat; one must be default:...:0); "
+        "a negative maker fee is a rebate",
+    )
+    assign = fees.add_parser("assign", help="give an account a tier (overrides its volume)")
+    assign.add_argument("account", help="the account id")
+    assign.add_argument("tier", help="a tier of the schedule")
+    unassign = fees.add_parser("unassign", help="hand an account back to its volume tier")
+    unassign.add_argument("account", help="the account id")
+    for command in (set_schedule, assign, unassign):
+        command.add_argument("--reason", help="why (kept with the change)")
+        command.add_argument("--request-id", help="idempotency id (default: a new UUID)")
+    fees.add_parser(
+        "evaluate", help="measure 30-day traded volumes now and move accounts between tiers"
+    )
     token = commands.add_parser("token", help="exchange an API key for an access token")
     token.add_argument("--key-id", help="default $CEX_API_KEY_ID (the secret: $CEX_API_KEY_SECRET)")
     args = parser.parse_args(argv)
@@ -548,26 +656,15 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as error:
             raise SystemExit(f"cex: {error}") from None
         code = asyncio.run(_up(Stack(state_dir, _ports(args.port_base), replicas=replicas)))
-    elif args.command == "account" and args.action == "create":
-        code = asyncio.run(_account_create(state_dir, args))
     elif args.command == "account":
-        code = asyncio.run(_account_state(state_dir, args))
-    elif args.command == "apikey":
-        code = asyncio.run(_apikey_create(state_dir, args))
+        act = _account_create if args.action == "create" else _account_state
+        code = asyncio.run(act(state_dir, args))
+    elif args.command in _HANDLERS:
+        code = asyncio.run(_HANDLERS[args.command](state_dir, args))
     elif args.command == "top":
         code = 0
         with contextlib.suppress(KeyboardInterrupt):
             code = asyncio.run(_top(state_dir, args))
-    elif args.command == "token":
-        code = asyncio.run(_token(state_dir, args))
-    elif args.command == "deposit":
-        code = asyncio.run(_deposit(state_dir, args))
-    elif args.command == "audit":
-        code = asyncio.run(_audit(state_dir, args))
-    elif args.command == "withdrawal":
-        code = asyncio.run(_review(state_dir, args))
-    elif args.command == "market":
-        code = asyncio.run(_market_status(state_dir, args))
     elif args.command == "traces":
         code = 0
         with contextlib.suppress(KeyboardInterrupt):

@@ -1,7 +1,8 @@
 """auth's rules, without I/O, clocks or randomness (those are passed in).
 
 Accounts, API keys (secrets kept only as scrypt hashes), who may act on which
-account, what a token may carry and for how long, and when signing keys rotate.
+account, what a token may carry and for how long, when signing keys rotate, and
+fee tiers: what a schedule may hold and which tier a volume earns (ADR 0016).
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 from services.chassis import (
     AuthContext,
@@ -19,23 +22,31 @@ from services.chassis import (
     InvalidArgument,
     PermissionDenied,
     Unauthenticated,
+    Violations,
 )
 from services.chassis import owned_account as chassis_owned_account
+from services.chassis.money import MoneyError, parse_decimal
 
 __all__ = [
+    "BASE_TIER",
     "SCOPES",
     "Account",
     "ApiKey",
+    "FeeTier",
     "KeyState",
     "SigningKey",
+    "TierChange",
     "check_issue",
     "hash_secret",
     "owned_account",
+    "parse_schedule",
     "rotation_due",
     "secret_matches",
+    "tier_for_volume",
     "token_ttl",
     "validate_cidrs",
     "validate_new_key",
+    "volume_tiers",
 ]
 
 SCOPES = ("read", "trade", "withdraw", "admin")
@@ -65,6 +76,8 @@ class Account:
     fee_tier: str
     create_time: datetime
     update_time: datetime
+    fee_tier_assigned: bool = False
+    traded_volume: Decimal | None = None  # 30-day, as last measured
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,3 +283,151 @@ def signing_key(keys: Sequence[SigningKey], now: datetime) -> SigningKey | None:
 def published(keys: Sequence[SigningKey], now: datetime) -> list[SigningKey]:
     """The JWKS: every key not retired yet, including the next one (pre-published)."""
     return [k for k in keys if k.retire_time is None or k.retire_time > now]
+
+
+# ---- fee tiers -----------------------------------------------------------------
+#
+# A schedule is a list of tiers, each with maker and taker rates in basis points
+# of what the party receives and the 30-day traded volume from which an account
+# earns it. "default" is every new account's tier and the lowest (min_volume 0).
+# An account's tier is the one an operator assigned, else the highest tier its
+# measured volume reaches (up and down: a quiet month moves it back).
+
+BASE_TIER = "default"
+MAX_TIERS = 32
+MIN_MAKER_BPS = Decimal(-100)  # a 1 % rebate: match's floor for a maker rate
+MAX_BPS = Decimal(1000)  # 10 %: match's ceiling for a rate
+_TIER_NAME = re.compile(r"^[a-z0-9_-]{1,32}$")
+_BPS_PLACES = 2
+
+
+@dataclass(frozen=True, slots=True)
+class FeeTier:
+    name: str
+    maker_bps: Decimal  # negative: a rebate, paid from the fee account
+    taker_bps: Decimal
+    min_volume: Decimal
+
+    @property
+    def maker_rate(self) -> Decimal:
+        return self.maker_bps / 10_000
+
+    @property
+    def taker_rate(self) -> Decimal:
+        return self.taker_bps / 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class TierChange:
+    account_id: str
+    fee_tier: str
+
+
+def _bps(v: Violations, field: str, text: str, low: Decimal) -> Decimal | None:
+    try:
+        value = parse_decimal(text)
+    except MoneyError:
+        v.add(field, "a plain decimal number of basis points", "AUTH_INVALID_DECIMAL")
+        return None
+    if value.as_tuple().exponent < -_BPS_PLACES:  # type: ignore[operator]
+        v.add(field, f"at most {_BPS_PLACES} decimals", "AUTH_FEE_BPS_TOO_PRECISE")
+        return None
+    if not low <= value <= MAX_BPS:
+        v.add(field, f"from {low} to {MAX_BPS} basis points", "AUTH_FEE_BPS_OUT_OF_RANGE")
+        return None
+    return value
+
+
+def _min_volume(v: Violations, at: str, name: str, text: str) -> Decimal | None:
+    try:
+        value = parse_decimal(text)
+    except MoneyError:
+        v.add(at, "a plain decimal number", "AUTH_INVALID_DECIMAL")
+        return None
+    problem = ""
+    if value < 0:
+        problem = "not negative"
+    elif name == BASE_TIER and value != 0:
+        problem = f"{BASE_TIER!r} starts at 0"
+    elif name != BASE_TIER and value == 0:
+        problem = f"only {BASE_TIER!r} starts at 0"
+    if problem:
+        v.add(at, problem, "AUTH_INVALID_MIN_VOLUME")
+        return None
+    return value
+
+
+def _tier(v: Violations, i: int, row: tuple[str, str, str, str]) -> FeeTier | None:
+    name, maker, taker, volume = row
+    at = f"tiers[{i}]."
+    if not _TIER_NAME.match(name):
+        v.add(at + "name", "1 to 32 of a-z, 0-9, _ and -", "AUTH_INVALID_TIER_NAME")
+    maker_bps = _bps(v, at + "maker_fee_bps", maker, MIN_MAKER_BPS)
+    taker_bps = _bps(v, at + "taker_fee_bps", taker, Decimal(0))
+    min_volume = _min_volume(v, at + "min_volume", name, volume)
+    if maker_bps is None or taker_bps is None or min_volume is None:
+        return None
+    return FeeTier(name, maker_bps, taker_bps, min_volume)
+
+
+def parse_schedule(tiers: Sequence[tuple[str, str, str, str]]) -> tuple[FeeTier, ...]:
+    """(name, maker_bps, taker_bps, min_volume) rows as a schedule, by min_volume
+    ascending; INVALID_ARGUMENT `AUTH_INVALID_FEE_SCHEDULE` with every violation."""
+    v = Violations()
+    if not tiers:
+        v.add("tiers", f"at least one tier ({BASE_TIER!r})", "AUTH_FIELD_REQUIRED")
+    if len(tiers) > MAX_TIERS:
+        v.add("tiers", f"at most {MAX_TIERS} tiers", "AUTH_TOO_MANY_TIERS")
+    parsed: dict[int, FeeTier] = {}
+    for i, row in enumerate(tiers[:MAX_TIERS]):
+        tier = _tier(v, i, row)
+        if tier is None:
+            continue
+        if any(t.name == tier.name for t in parsed.values()):
+            v.add(f"tiers[{i}].name", f"{tier.name!r} appears twice", "AUTH_DUPLICATE_TIER")
+        elif any(t.min_volume == tier.min_volume for t in parsed.values()):
+            v.add(f"tiers[{i}].min_volume", "another tier has it", "AUTH_INVALID_MIN_VOLUME")
+        else:
+            parsed[i] = tier
+    if tiers and all(row[0] != BASE_TIER for row in tiers):
+        v.add("tiers", f"must include {BASE_TIER!r} (min_volume 0)", "AUTH_BASE_TIER_REQUIRED")
+    # The fees of any trade cover its rebate: a rebate tier's maker may meet the
+    # cheapest taker.
+    rebate = max((-t.maker_bps for t in parsed.values()), default=Decimal(0))
+    for i, tier in parsed.items():
+        if tier.taker_bps < rebate:
+            v.add(
+                f"tiers[{i}].taker_fee_bps",
+                f"at least the largest maker rebate of the schedule ({rebate})",
+                "AUTH_TAKER_FEE_BELOW_REBATE",
+            )
+    v.raise_if_any("AUTH_INVALID_FEE_SCHEDULE")
+    return tuple(sorted(parsed.values(), key=lambda t: t.min_volume))
+
+
+def tier_for_volume(schedule: Sequence[FeeTier], volume: Decimal) -> str:
+    """The highest tier whose threshold `volume` reaches (`schedule` by min_volume)."""
+    found = BASE_TIER
+    for tier in schedule:
+        if volume >= tier.min_volume:
+            found = tier.name
+    return found
+
+
+def volume_tiers(
+    schedule: Sequence[FeeTier],
+    accounts: Iterable[tuple[str, str, bool, Decimal | None]],
+    volumes: Mapping[str, Decimal] | None = None,
+) -> list[TierChange]:
+    """The accounts whose tier their volume changes: (account, tier, assigned,
+    last volume) rows, with `volumes` newly measured (an account measured without
+    fills has volume 0); assigned tiers stay (an operator's choice overrides)."""
+    changes = []
+    for account_id, tier, assigned, last in accounts:
+        if assigned:
+            continue
+        volume = volumes.get(account_id, Decimal(0)) if volumes is not None else last
+        wanted = tier_for_volume(schedule, volume or Decimal(0))
+        if wanted != tier:
+            changes.append(TierChange(account_id, wanted))
+    return changes

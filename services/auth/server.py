@@ -3,6 +3,10 @@
 Accounts and API keys, IssueToken (an API key, or a service credential, for a
 short-lived EdDSA JWT), and auth's JWKS over HTTP. auth authenticates its own
 callers with the same chassis policy as every service (see POLICY).
+
+auth also owns the fee schedule and each account's fee tier (ADR 0016): the
+operator's calls set them, `fees.Volumes` moves tiers by measured volume, and
+every change is published (the outbox) for the order gateways' copy.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cex.auth.v1 import auth_pb2, auth_pb2_grpc
+from cex.order.v1 import order_pb2_grpc
 from services.chassis import (
     INTERNAL,
     PUBLIC,
@@ -36,31 +41,38 @@ from services.chassis import (
     Rule,
     Server,
     Unauthenticated,
+    Unavailable,
     background,
     bad_page_token,
     connect,
     current_auth,
     invalid_field,
     load_catalog,
+    mesh_channel,
     optional_time,
     owned_resource,
     page_size,
     page_token,
     read_page_token,
     require_request_id,
+    service_credentials,
     timestamp,
     user,
 )
 from services.chassis.account_states import STREAM as STATE_STREAM
 from services.chassis.account_states import SUBJECT as STATE_SUBJECT
 from services.chassis.authn import service_secret
+from services.chassis.fee_tiers import BASE_TIER, bps_rate
+from services.chassis.fee_tiers import SUBJECT as FEE_SUBJECT
 from services.chassis.markets import DEFAULT_CATALOG
+from services.chassis.money import decimal_text
 from services.chassis.tokens import sign
 
 from . import domain
 from .config import AuthConfig
+from .fees import Volumes, VolumeSource, order_volumes
 from .keys import Keyring, serve_jwks
-from .store import StateChange, Store
+from .store import FeeChange, FeeTiers, StateChange, Store
 
 __all__ = ["POLICY", "AuthService", "build_server"]
 
@@ -79,6 +91,12 @@ POLICY: dict[str, Rule] = {
     "RevokeApiKey": user(services=True),  # any scope may kill its own account's keys
     "GetFees": user(services=True),  # what a caller pays: any valid token may ask
     "GetFrozenAccounts": INTERNAL,  # every service's authenticator (account_states.py)
+    # Fee schedules (ADR 0016): the operator's, and the order gateways' copy.
+    "GetFeeSchedule": user("admin", services=True),
+    "SetFeeSchedule": user("admin", services=True),
+    "SetAccountFeeTier": user("admin", services=True),
+    "EvaluateFeeTiers": user("admin", services=True),
+    "GetFeeTiers": INTERNAL,  # order's fee-tier copy (fee_tiers.py)
 }
 
 _SCOPE_NAMES: dict[int, str] = {
@@ -123,6 +141,8 @@ def _account_pb(a: domain.Account) -> auth_pb2.Account:
         fee_tier=a.fee_tier,
         create_time=_ts(a.create_time),
         update_time=_ts(a.update_time),
+        fee_tier_assigned=a.fee_tier_assigned,
+        traded_volume_30d=decimal_text(a.traded_volume),
     )
 
 
@@ -159,10 +179,57 @@ def _key_pb(k: domain.ApiKey, now: datetime) -> auth_pb2.ApiKey:
     )
 
 
+def _schedule_pb(
+    schedule: Iterable[domain.FeeTier], asset: str, when: datetime | None = None
+) -> auth_pb2.FeeSchedule:
+    return auth_pb2.FeeSchedule(
+        tiers=[
+            auth_pb2.FeeTier(
+                name=t.name,
+                maker_fee_bps=decimal_text(t.maker_bps),
+                taker_fee_bps=decimal_text(t.taker_bps),
+                min_volume=decimal_text(t.min_volume),
+            )
+            for t in schedule
+        ],
+        volume_asset=asset,
+        update_time=_ts(when),
+    )
+
+
+def _fee_change_pb(c: FeeChange, asset: str) -> auth_pb2.FeeTierChange:
+    change = auth_pb2.FeeTierChange(change_seq=c.change_seq, change_time=_ts(c.change_time))
+    if c.schedule is not None:
+        change.schedule.CopyFrom(_schedule_pb(c.schedule, asset))
+    else:
+        change.account.CopyFrom(
+            auth_pb2.AccountFeeTier(
+                account_id=c.account_id,
+                fee_tier=c.fee_tier,
+                assigned=c.assigned,
+                change_seq=c.change_seq,
+            )
+        )
+    return change
+
+
+def _fee_tiers_pb(tiers: FeeTiers, asset: str) -> auth_pb2.GetFeeTiersResponse:
+    return auth_pb2.GetFeeTiersResponse(
+        change_seq=tiers.change_seq,
+        schedule=_schedule_pb(tiers.schedule, asset, tiers.schedule_time),
+        accounts=[
+            auth_pb2.AccountFeeTier(account_id=a, fee_tier=t, assigned=assigned, change_seq=seq)
+            for a, t, assigned, seq in tiers.accounts
+        ],
+    )
+
+
 def _request_hash(
     request: auth_pb2.CreateAccountRequest
     | auth_pb2.CreateApiKeyRequest
-    | auth_pb2.SetAccountStateRequest,
+    | auth_pb2.SetAccountStateRequest
+    | auth_pb2.SetFeeScheduleRequest
+    | auth_pb2.SetAccountFeeTierRequest,
 ) -> str:
     body = type(request).FromString(request.SerializeToString())
     body.request_id = ""
@@ -219,11 +286,15 @@ def _decimal(value: Decimal) -> str:
     return format(value, "f")
 
 
-def _fees(catalog: Catalog) -> auth_pb2.GetFeesResponse:
-    """The catalog's fee schedule and withdrawal terms, as GetFees answers them."""
-    maker, taker = _decimal(catalog.fees.maker_rate), _decimal(catalog.fees.taker_rate)
+def _fees(
+    catalog: Catalog, tier: str | None = None, rates: tuple[str, str] | None = None
+) -> auth_pb2.GetFeesResponse:
+    """A tier's rates (default: the catalog's schedule, the base tier until an
+    operator sets one) and the catalog's withdrawal terms, as GetFees answers them."""
+    tier = catalog.fees.tier if tier is None else tier
+    maker, taker = rates or (_decimal(catalog.fees.maker_rate), _decimal(catalog.fees.taker_rate))
     return auth_pb2.GetFeesResponse(
-        fee_tier=catalog.fees.tier,
+        fee_tier=tier,
         maker_fee_rate=maker,
         taker_fee_rate=taker,
         markets=[
@@ -248,6 +319,25 @@ def _fees(catalog: Catalog) -> auth_pb2.GetFeesResponse:
     )
 
 
+def base_tier(catalog: Catalog) -> domain.FeeTier:
+    """The catalog's one fee schedule as the tier "default" (the schedule until an
+    operator sets one)."""
+    return domain.FeeTier(
+        BASE_TIER,
+        (catalog.fees.maker_rate * 10_000).normalize(),
+        (catalog.fees.taker_rate * 10_000).normalize(),
+        Decimal(0),
+    )
+
+
+def _changed_by(ctx: AuthContext) -> str:
+    return f"svc:{ctx.service}" if ctx.service else ctx.account_id
+
+
+def _tier_rows(tiers: Iterable[auth_pb2.FeeTier]) -> list[tuple[str, str, str, str]]:
+    return [(t.name, t.maker_fee_bps, t.taker_fee_bps, t.min_volume) for t in tiers]
+
+
 class AuthService(auth_pb2_grpc.AuthServiceServicer):
     """cex.auth.v1.AuthService."""
 
@@ -260,14 +350,18 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         new_id: Callable[[str], str],
         catalog: Catalog = DEFAULT_CATALOG,
         on_state_change: Callable[[], Awaitable[None]] | None = None,
+        volumes: Volumes | None = None,
+        on_fee_change: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self._on_state_change = on_state_change  # publish it now (outbox, own copy)
+        self._on_fee_change = on_fee_change  # publish it now (outbox)
+        self._volumes = volumes
         self.keyring = keyring
         self.config = config
         self.clock = clock
         self.new_id = new_id
-        self._fees = _fees(catalog)
+        self._catalog = catalog
         # Checked against when the key id is unknown, at the same cost as a real one,
         # so the time taken does not tell existing key ids apart.
         self._decoy = domain.hash_secret(
@@ -306,9 +400,97 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         request: auth_pb2.GetFeesRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> auth_pb2.GetFeesResponse:
-        # One schedule today (tier "default", every account's): the rates order
-        # sends with every order and the terms funding applies to withdrawals.
-        return self._fees
+        # The caller's tier's rates (the ones order sends with its orders) and the
+        # terms funding applies to withdrawals; a service is shown the base tier.
+        account = await self.store.account(current_auth().account_id or "")
+        tier = account.fee_tier if account is not None else BASE_TIER
+        schedule, _ = await self.store.fee_schedule()
+        found = next((t for t in schedule if t.name == tier), None)
+        if found is None:
+            found = next((t for t in schedule if t.name == BASE_TIER), base_tier(self._catalog))
+        rates = (bps_rate(str(found.maker_bps)), bps_rate(str(found.taker_bps)))
+        return _fees(self._catalog, found.name, rates)
+
+    async def GetFeeSchedule(
+        self,
+        request: auth_pb2.GetFeeScheduleRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> auth_pb2.GetFeeScheduleResponse:
+        schedule, when = await self.store.fee_schedule()
+        return auth_pb2.GetFeeScheduleResponse(
+            schedule=_schedule_pb(schedule, self.config.fee_volume_asset, when)
+        )
+
+    async def SetFeeSchedule(
+        self,
+        request: auth_pb2.SetFeeScheduleRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> auth_pb2.SetFeeScheduleResponse:
+        ctx = _mutating_caller(request.request_id)
+        schedule = domain.parse_schedule(_tier_rows(request.tiers))
+        await self.store.set_fee_schedule(
+            schedule,
+            request_id=request.request_id,
+            request_hash=_request_hash(request),
+            reason=request.reason.strip()[:500],
+            changed_by=_changed_by(ctx),
+            now=self.clock(),
+        )
+        await self._fee_changed()
+        return auth_pb2.SetFeeScheduleResponse(
+            schedule=(await self.GetFeeSchedule(auth_pb2.GetFeeScheduleRequest(), context)).schedule
+        )
+
+    async def SetAccountFeeTier(
+        self,
+        request: auth_pb2.SetAccountFeeTierRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> auth_pb2.SetAccountFeeTierResponse:
+        ctx = _mutating_caller(request.request_id)
+        if not request.account_id:
+            raise invalid_field(
+                "AUTH_ACCOUNT_REQUIRED", "account_id", "required", message="account_id is required"
+            )
+        account = await self.store.set_account_fee_tier(
+            request.account_id,
+            request.fee_tier.strip(),
+            request_id=request.request_id,
+            request_hash=_request_hash(request),
+            reason=request.reason.strip()[:500],
+            changed_by=_changed_by(ctx),
+            now=self.clock(),
+        )
+        if account is None:
+            raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
+        await self._fee_changed()
+        return auth_pb2.SetAccountFeeTierResponse(account=_account_pb(account))
+
+    async def EvaluateFeeTiers(
+        self,
+        request: auth_pb2.EvaluateFeeTiersRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> auth_pb2.EvaluateFeeTiersResponse:
+        if self._volumes is None:
+            raise Unavailable("AUTH_VOLUMES_UNAVAILABLE", "this auth cannot reach order")
+        measured, changes = await self._volumes.measure(_changed_by(current_auth()))
+        return auth_pb2.EvaluateFeeTiersResponse(
+            accounts_measured=measured,
+            changed=[
+                auth_pb2.AccountFeeTier(account_id=c.account_id, fee_tier=c.fee_tier)
+                for c in changes
+            ],
+        )
+
+    async def GetFeeTiers(
+        self,
+        request: auth_pb2.GetFeeTiersRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> auth_pb2.GetFeeTiersResponse:
+        return _fee_tiers_pb(await self.store.fee_tiers(), self.config.fee_volume_asset)
+
+    async def _fee_changed(self) -> None:
+        if self._on_fee_change is not None:
+            await self._on_fee_change()
 
     async def GetAccount(
         self,
@@ -344,7 +526,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
             reason=request.reason.strip()[:500],
             request_id=request.request_id,
             request_hash=_request_hash(request),
-            changed_by=f"svc:{ctx.service}" if ctx.service else ctx.account_id,
+            changed_by=_changed_by(ctx),
             now=self.clock(),
         )
         if account is None:
@@ -530,7 +712,10 @@ async def build_server(
     clock: Callable[[], datetime] = _utcnow,
     new_id: Callable[[str], str] = _new_id,
     catalog: Catalog | None = None,
+    volume_source: VolumeSource | None = None,
 ) -> Server:
+    """The composition root. `volume_source`: where traded volumes come from
+    (default: order's ListTradedVolumes through the mesh)."""
     config = config or AuthConfig.from_env()
     catalog = load_catalog() if catalog is None else catalog
     server = Server(settings)
@@ -558,9 +743,21 @@ async def build_server(
                     headers={"Nats-Msg-Id": f"auth-as-{change.change_seq}"},
                 )
 
-        outbox = Outbox(
-            js, STATE_STREAM, ["auth.events.>"], lambda: store.publish_state_changes(publish)
-        )
+        async def publish_fees(changes: list[FeeChange]) -> None:
+            for change in changes:
+                await js.publish(
+                    FEE_SUBJECT,
+                    _fee_change_pb(change, config.fee_volume_asset).SerializeToString(),
+                    stream=STATE_STREAM,
+                    headers={"Nats-Msg-Id": f"auth-ft-{change.change_seq}"},
+                )
+
+        async def relay() -> int:
+            return await store.publish_state_changes(publish) + await store.publish_fee_changes(
+                publish_fees
+            )
+
+        outbox = Outbox(js, STATE_STREAM, ["auth.events.>"], relay)
         await server.enter(background(outbox.run(), "auth-state-outbox"))
 
     async def on_state_change() -> None:
@@ -571,6 +768,31 @@ async def build_server(
         except Exception:
             _log.warning("reloading the frozen accounts after a change failed", exc_info=True)
 
+    async def on_fee_change() -> None:
+        if outbox is not None:
+            outbox.notify()
+
+    await store.seed_fee_schedule(base_tier(catalog))
+    volumes: Volumes | None = None
+    credentials = service_credentials(settings)
+    order_target = config.order_target or settings.mesh_addr
+    if volume_source is None and credentials is not None and order_target is not None:
+        order_channel = await server.enter(mesh_channel(order_target, credentials=credentials))
+        volume_source = order_volumes(order_pb2_grpc.OrderServiceStub(order_channel))
+    if volume_source is not None:
+        volumes = Volumes(
+            store,
+            volume_source,
+            asset=config.fee_volume_asset,
+            days=config.fee_volume_days,
+            clock=clock,
+            changed=on_fee_change,
+        )
+        if config.fee_volume_interval_s > 0:
+            await server.enter(
+                background(volumes.run(config.fee_volume_interval_s), "auth-fee-volumes")
+            )
+
     keyring = Keyring(store, config, clock)
     await keyring.rotate_and_reload()
     server.keys = keyring  # auth verifies tokens against its own keyring, not over HTTP
@@ -579,7 +801,17 @@ async def build_server(
     server.add(
         auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
         auth_pb2_grpc.add_AuthServiceServicer_to_server,
-        AuthService(store, keyring, config, clock, new_id, catalog, on_state_change),
+        AuthService(
+            store,
+            keyring,
+            config,
+            clock,
+            new_id,
+            catalog,
+            on_state_change,
+            volumes=volumes,
+            on_fee_change=on_fee_change,
+        ),
         policy=POLICY,
     )
     return server

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import json
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 import asyncpg
 
-from services.chassis import AlreadyExists, FailedPrecondition
+from services.chassis import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument
+from services.chassis.fee_tiers import BASE_TIER
 
-from .domain import Account, AccountState, ApiKey, KeyState, SigningKey, rotation_due
+from .domain import (
+    Account,
+    AccountState,
+    ApiKey,
+    FeeTier,
+    KeyState,
+    SigningKey,
+    TierChange,
+    rotation_due,
+    tier_for_volume,
+    volume_tiers,
+)
 
-__all__ = ["StateChange", "Store"]
+__all__ = ["FeeChange", "FeeTiers", "StateChange", "Store"]
+
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +40,53 @@ class StateChange:
     state: int
     reason: str
     change_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class FeeChange:
+    """One committed fee-tier change (FeeTierChange on the wire): a schedule (no
+    account) or one account's tier."""
+
+    change_seq: int
+    account_id: str
+    fee_tier: str
+    assigned: bool
+    schedule: tuple[FeeTier, ...] | None
+    change_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class FeeTiers:
+    """The schedule and every account off the base tier, at one change sequence."""
+
+    change_seq: int
+    schedule: tuple[FeeTier, ...]
+    schedule_time: datetime | None
+    accounts: list[tuple[str, str, bool, int]]  # account, tier, assigned, its change's seq
+
+
+def _schedule_json(schedule: Sequence[FeeTier]) -> str:
+    return json.dumps(
+        [[t.name, str(t.maker_bps), str(t.taker_bps), str(t.min_volume)] for t in schedule]
+    )
+
+
+def _schedule_of(text: str) -> tuple[FeeTier, ...]:
+    return tuple(
+        FeeTier(name, Decimal(maker), Decimal(taker), Decimal(volume))
+        for name, maker, taker, volume in json.loads(text)
+    )
+
+
+def _fee_change(row: asyncpg.Record) -> FeeChange:
+    return FeeChange(
+        row["seq"],
+        row["account_id"] or "",
+        row["fee_tier"],
+        row["assigned"],
+        _schedule_of(row["schedule"]) if row["schedule"] is not None else None,
+        row["change_time"],
+    )
 
 
 _KEY_COLUMNS = (
@@ -42,6 +105,8 @@ def _account(row: asyncpg.Record) -> Account:
         fee_tier=row["fee_tier"],
         create_time=row["create_time"],
         update_time=row["update_time"],
+        fee_tier_assigned=row["fee_tier_assigned"],
+        traded_volume=row["traded_volume"],
     )
 
 
@@ -365,3 +430,308 @@ class Store:
                 activate,
             )
             return True
+
+    # ---- fee tiers ----
+
+    async def seed_fee_schedule(self, base: FeeTier) -> None:
+        """The catalog's one tier as the schedule, unless one is there already."""
+        await self.pool.execute(
+            """INSERT INTO fee_tiers (name, maker_fee_bps, taker_fee_bps, min_volume)
+               SELECT $1, $2, $3, 0 WHERE NOT EXISTS (SELECT 1 FROM fee_tiers)
+               ON CONFLICT DO NOTHING""",
+            base.name,
+            base.maker_bps,
+            base.taker_bps,
+        )
+
+    async def fee_schedule(
+        self, conn: Connection | None = None
+    ) -> tuple[tuple[FeeTier, ...], datetime | None]:
+        """(the tiers by min_volume, when an operator last set them)."""
+        db = conn or self.pool
+        rows = await db.fetch(
+            """SELECT name, maker_fee_bps, taker_fee_bps, min_volume FROM fee_tiers
+               ORDER BY min_volume"""
+        )
+        when = await db.fetchval("SELECT schedule_time FROM fee_meta")
+        return (
+            tuple(
+                FeeTier(r["name"], r["maker_fee_bps"], r["taker_fee_bps"], r["min_volume"])
+                for r in rows
+            ),
+            when,
+        )
+
+    async def fee_tiers(self) -> FeeTiers:
+        """The schedule and every account off the base tier, as one snapshot."""
+        async with (
+            self.pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            seq = await conn.fetchval("SELECT change_seq FROM fee_meta")
+            schedule, when = await self.fee_schedule(conn)
+            rows = await conn.fetch(
+                """SELECT account_id, fee_tier, fee_tier_assigned, fee_tier_seq FROM accounts
+                   WHERE fee_tier <> $1 OR fee_tier_assigned ORDER BY account_id""",
+                BASE_TIER,
+            )
+        return FeeTiers(
+            int(seq),
+            schedule,
+            when,
+            [
+                (r["account_id"], r["fee_tier"], r["fee_tier_assigned"], r["fee_tier_seq"])
+                for r in rows
+            ],
+        )
+
+    @staticmethod
+    async def _next_fee_seq(conn: Connection) -> int:
+        # The counter row stays locked until the commit: sequences commit in order.
+        seq: int = await conn.fetchval(
+            "UPDATE fee_meta SET change_seq = change_seq + 1 RETURNING change_seq"
+        )
+        return seq
+
+    async def _set_tier(
+        self,
+        conn: Connection,
+        account_id: str,
+        tier: str,
+        assigned: bool,
+        *,
+        reason: str,
+        changed_by: str,
+        now: datetime,
+        request: tuple[str, str] | None = None,
+    ) -> asyncpg.Record:
+        seq = await self._next_fee_seq(conn)
+        await conn.execute(
+            """INSERT INTO fee_tier_changes (seq, request_id, request_hash, account_id,
+                   fee_tier, assigned, reason, changed_by, change_time)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
+            seq,
+            request[0] if request else None,
+            request[1] if request else None,
+            account_id,
+            tier,
+            assigned,
+            reason,
+            changed_by,
+            now,
+        )
+        row = await conn.fetchrow(
+            """UPDATE accounts SET fee_tier = $2, fee_tier_assigned = $3, fee_tier_seq = $4,
+                   update_time = $5
+               WHERE account_id = $1 RETURNING *""",
+            account_id,
+            tier,
+            assigned,
+            seq,
+            now,
+        )
+        assert row is not None
+        return row
+
+    async def _apply_volume_tiers(
+        self,
+        conn: Connection,
+        schedule: Sequence[FeeTier],
+        *,
+        reason: str,
+        changed_by: str,
+        now: datetime,
+    ) -> list[TierChange]:
+        """Move every account whose tier follows its volume to the tier its last
+        measured volume gives (accounts on the base tier without volume cannot move)."""
+        rows = await conn.fetch(
+            """SELECT account_id, fee_tier, fee_tier_assigned, traded_volume FROM accounts
+               WHERE NOT fee_tier_assigned AND (fee_tier <> $1 OR traded_volume > 0)
+               ORDER BY account_id FOR UPDATE""",
+            BASE_TIER,
+        )
+        changes = volume_tiers(
+            schedule,
+            [
+                (r["account_id"], r["fee_tier"], r["fee_tier_assigned"], r["traded_volume"])
+                for r in rows
+            ],
+        )
+        for change in changes:
+            await self._set_tier(
+                conn,
+                change.account_id,
+                change.fee_tier,
+                False,
+                reason=reason,
+                changed_by=changed_by,
+                now=now,
+            )
+        return changes
+
+    async def _done_fee_request(self, conn: Connection, request_id: str, request_hash: str) -> bool:
+        done = await conn.fetchrow(
+            "SELECT request_hash FROM fee_tier_changes WHERE request_id = $1", request_id
+        )
+        if done is None:
+            return False
+        if done["request_hash"] != request_hash:
+            raise AlreadyExists(
+                "AUTH_REQUEST_ID_REUSED", "request_id was used for a different change"
+            )
+        return True
+
+    async def set_fee_schedule(
+        self,
+        schedule: tuple[FeeTier, ...],
+        *,
+        request_id: str,
+        request_hash: str,
+        reason: str,
+        changed_by: str,
+        now: datetime,
+    ) -> list[TierChange]:
+        """Replace the schedule, then move the accounts on volume tiers to the tier
+        the new schedule gives them; idempotent on request_id (a retry changes
+        nothing). FAILED_PRECONDITION AUTH_FEE_TIER_IN_USE if a tier an operator
+        assigned is missing from the new schedule."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT 1 FROM fee_meta FOR UPDATE")
+            if await self._done_fee_request(conn, request_id, request_hash):
+                return []
+            names = [t.name for t in schedule]
+            missing = await conn.fetch(
+                """SELECT DISTINCT fee_tier FROM accounts
+                   WHERE fee_tier_assigned AND NOT fee_tier = ANY($1::text[])
+                   ORDER BY fee_tier""",
+                names,
+            )
+            if missing:
+                tiers = ", ".join(r["fee_tier"] for r in missing)
+                raise FailedPrecondition(
+                    "AUTH_FEE_TIER_IN_USE",
+                    f"operators assigned accounts the tiers {tiers}: assign them another first",
+                    metadata={"fee_tiers": tiers},
+                )
+            await conn.execute("DELETE FROM fee_tiers")
+            await conn.executemany(
+                """INSERT INTO fee_tiers (name, maker_fee_bps, taker_fee_bps, min_volume)
+                   VALUES ($1, $2, $3, $4)""",
+                [(t.name, t.maker_bps, t.taker_bps, t.min_volume) for t in schedule],
+            )
+            seq = await self._next_fee_seq(conn)
+            await conn.execute(
+                """INSERT INTO fee_tier_changes (seq, request_id, request_hash, schedule,
+                       reason, changed_by, change_time)
+                   VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7)""",
+                seq,
+                request_id,
+                request_hash,
+                _schedule_json(schedule),
+                reason,
+                changed_by,
+                now,
+            )
+            await conn.execute("UPDATE fee_meta SET schedule_time = $1", now)
+            return await self._apply_volume_tiers(
+                conn, schedule, reason=f"schedule {request_id}", changed_by=changed_by, now=now
+            )
+
+    async def set_account_fee_tier(
+        self,
+        account_id: str,
+        tier: str,
+        *,
+        request_id: str,
+        request_hash: str,
+        reason: str,
+        changed_by: str,
+        now: datetime,
+    ) -> Account | None:
+        """Assign `tier` (empty: back to the volume tier); None for an unknown account.
+        Idempotent on request_id (a retry returns the account as it is now)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT 1 FROM fee_meta FOR UPDATE")
+            row = await conn.fetchrow(
+                "SELECT * FROM accounts WHERE account_id = $1 FOR UPDATE", account_id
+            )
+            if row is None:
+                return None
+            if await self._done_fee_request(conn, request_id, request_hash):
+                return _account(row)
+            schedule, _ = await self.fee_schedule(conn)
+            if tier and all(t.name != tier for t in schedule):
+                raise InvalidArgument(
+                    "AUTH_UNKNOWN_FEE_TIER",
+                    f"no tier {tier!r} in the fee schedule",
+                    violations=[
+                        FieldViolation(
+                            "fee_tier", "a tier of the fee schedule", "AUTH_UNKNOWN_FEE_TIER"
+                        )
+                    ],
+                )
+            wanted = tier or tier_for_volume(schedule, row["traded_volume"] or Decimal(0))
+            row = await self._set_tier(
+                conn,
+                account_id,
+                wanted,
+                bool(tier),
+                reason=reason,
+                changed_by=changed_by,
+                now=now,
+                request=(request_id, request_hash),
+            )
+            return _account(row)
+
+    async def measure_volumes(
+        self, volumes: Mapping[str, Decimal], *, changed_by: str, now: datetime
+    ) -> tuple[int, list[TierChange]]:
+        """Keep each account's newly measured volume (accounts not in `volumes`
+        traded nothing in the window) and move the accounts on volume tiers to the
+        tier it gives. (accounts measured, the changes)."""
+        ids, amounts = list(volumes), [volumes[a] for a in volumes]
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT 1 FROM fee_meta FOR UPDATE")
+            await conn.execute(
+                """UPDATE accounts SET traded_volume = 0
+                   WHERE traded_volume > 0 AND NOT account_id = ANY($1::text[])""",
+                ids,
+            )
+            measured = await conn.fetchval(
+                """WITH v AS (SELECT * FROM unnest($1::text[], $2::numeric[]) AS v(id, volume)),
+                        u AS (UPDATE accounts a SET traded_volume = v.volume FROM v
+                              WHERE a.account_id = v.id RETURNING 1)
+                   SELECT count(*) FROM u""",
+                ids,
+                amounts,
+            )
+            await conn.execute("UPDATE fee_meta SET measure_time = $1", now)
+            schedule, _ = await self.fee_schedule(conn)
+            changes = await self._apply_volume_tiers(
+                conn, schedule, reason="30-day volume", changed_by=changed_by, now=now
+            )
+            return int(measured), changes
+
+    async def publish_fee_changes(
+        self, publish: Callable[[list[FeeChange]], Awaitable[None]], limit: int = 100
+    ) -> int:
+        """As publish_state_changes, for the fee-tier changes."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval(
+                "SELECT pg_try_advisory_xact_lock(hashtext('auth.fee-outbox'))"
+            ):
+                return 0
+            rows = await conn.fetch(
+                """SELECT seq, account_id, fee_tier, assigned, schedule::text AS schedule,
+                          change_time
+                   FROM fee_tier_changes WHERE NOT published ORDER BY seq LIMIT $1""",
+                limit,
+            )
+            if not rows:
+                return 0
+            await publish([_fee_change(r) for r in rows])
+            await conn.execute(
+                "UPDATE fee_tier_changes SET published = true WHERE seq = ANY($1::bigint[])",
+                [r["seq"] for r in rows],
+            )
+            return len(rows)

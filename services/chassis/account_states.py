@@ -26,20 +26,17 @@ Invariants:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
 from cex.auth.v1 import auth_pb2
 
-from .bus import nats_connection
-from .errors import PermissionDenied, Unavailable
+from .errors import PermissionDenied
+from .followed import Followed, follow_subject
 
 __all__ = [
     "FROZEN_REASONS",
@@ -94,8 +91,10 @@ class Frozen:
         )
 
 
-class AccountStates:
+class AccountStates(Followed[auth_pb2.GetFrozenAccountsResponse]):
     """The accounts that may only read, kept current from auth's push and reloads."""
+
+    what = "the frozen accounts"
 
     def __init__(
         self,
@@ -104,16 +103,10 @@ class AccountStates:
         reload_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._load = load
-        self.reload_s = reload_s
-        self._clock = clock
+        super().__init__(load, reload_s=reload_s, reloads=ACCOUNT_STATES_RELOADS, clock=clock)
         self._frozen: dict[str, Frozen] = {}
-        self.change_seq = 0  # complete up to this sequence
         self._ahead: set[int] = set()  # sequences applied above change_seq (after a gap)
         self._latest: dict[str, int] = {}  # account -> sequence of its newest change heard
-        self.synced_at: float | None = None  # when auth last answered (clock)
-        self._wake = asyncio.Event()
-        self._reload_lock = asyncio.Lock()
 
     # -- reads ---------------------------------------------------------------
 
@@ -158,10 +151,6 @@ class AccountStates:
         self._ahead = {s for s in self._ahead if s > self.change_seq}
         ACCOUNT_STATES_SEQ.set(self.change_seq)
 
-    def ask_reload(self, cause: str) -> None:
-        ACCOUNT_STATES_RELOADS.labels(cause).inc()
-        self._wake.set()
-
     # -- the backstop --------------------------------------------------------
 
     def replace(self, snapshot: auth_pb2.GetFrozenAccountsResponse) -> None:
@@ -188,86 +177,17 @@ class AccountStates:
         self._advance()
         self.synced_at = self._clock()
 
-    async def reload(self) -> None:
-        async with self._reload_lock:
-            self._wake.clear()  # before loading: a change heard during it asks again
-            self.replace(await self._load())
-
-    async def fresh(self, max_age_s: float) -> None:
+    async def fresh(
+        self, max_age_s: float, reason: str = "AUTH_ACCOUNT_STATES_UNAVAILABLE"
+    ) -> None:
         """Reload unless auth answered within `max_age_s`; UNAVAILABLE if it cannot."""
-        if self.synced_at is not None and self._clock() - self.synced_at <= max_age_s:
-            return
-        try:
-            await self.reload()
-        except Exception as error:
-            raise Unavailable(
-                "AUTH_ACCOUNT_STATES_UNAVAILABLE",
-                "cannot tell from auth whether the account is frozen; retry",
-            ) from error
-
-    # -- running -------------------------------------------------------------
-
-    async def run(self, subscribe: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Reload now, then on every gap, reconnect and `reload_s`; `subscribe` (the
-        push: it calls `apply` and `ask_reload("reconnect")`) runs alongside."""
-        follower = asyncio.ensure_future(subscribe()) if subscribe is not None else None
-        try:
-            await self._reloads()
-        finally:
-            if follower is not None:
-                follower.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await follower
-
-    async def _reloads(self) -> None:
-        failures = 0
-        while True:
-            try:
-                await self.reload()
-                if failures:
-                    _log.warning("frozen accounts reloaded again after %d failures", failures)
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                failures += 1
-                if failures == 1:
-                    _log.warning("reloading the frozen accounts from auth failed: %r", error)
-            wait = self.reload_s if not failures else min(self.reload_s, 1.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
-            if not self._wake.is_set():
-                ACCOUNT_STATES_RELOADS.labels("timer").inc()
+        await super().fresh(max_age_s, reason)
 
 
 def push_from_nats(states: AccountStates, url: str, *, name: str) -> Callable[[], Awaitable[None]]:
-    """The push for `AccountStates.run`: a core NATS subscription to auth's changes
-    (every replica of every service hears each one; nothing durable to clean up).
-    What it misses while disconnected is caught by the reload after the reconnect."""
+    """The push for `AccountStates.run`: auth's changes on `auth.events.account_state`."""
 
-    async def on_message(message: Msg) -> None:
-        try:
-            change = auth_pb2.AccountStateChange.FromString(message.data)
-        except Exception as error:
-            _log.error("UNDECODABLE account state change on %s: %r", message.subject, error)
-            states.ask_reload("undecodable")
-            return
-        states.apply(change)
+    def apply(data: bytes) -> None:
+        states.apply(auth_pb2.AccountStateChange.FromString(data))
 
-    async def on_reconnect() -> None:
-        states.ask_reload("reconnect")
-
-    async def follow() -> None:
-        while True:
-            try:
-                async with nats_connection(url, name=name, on_reconnect=on_reconnect) as client:
-                    await client.subscribe(SUBJECT, cb=on_message)
-                    states.ask_reload("subscribed")  # what came before the subscription
-                    await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                _log.warning("following account state changes on NATS failed: %r", error)
-                await asyncio.sleep(1.0)
-
-    return follow
+    return follow_subject(states, apply, url, SUBJECT, name=name)

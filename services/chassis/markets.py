@@ -7,10 +7,12 @@ trade's quote amount (price x quantity) is a whole number of tick-lots, and
 `tick_size * lot_size` must be a whole number of the quote asset's minor unit.
 
 Fees live here too, so that there is one source for what the exchange charges
-and what it shows (issue 18): the trading fee schedule (`fees`: maker and taker
-rates, charged in the asset a party receives) that order sends with every
-order, and per asset its withdrawal network, fee and minimum that funding
-applies. Auth's GetFees (`GET /v1/fees`) answers them to a caller.
+and what it shows (issue 18): the starting trading fee schedule (`fees`: the
+maker and taker rates of the tier "default", charged in the asset a party
+receives; auth seeds its schedule with it, and operators change the schedule
+at runtime from there: ADR 0016), and per asset its withdrawal network, fee and
+minimum that funding applies. Auth's GetFees (`GET /v1/fees`) answers them to a
+caller.
 
 The defaults below are what `cex up` runs with; `CEX_MARKETS` names a YAML
 file with the same shape to replace them (read once, at start). An asset or
@@ -212,7 +214,7 @@ DEFAULT_CATALOG = _catalog(
                 "min_withdrawal": "1",
             },
         },
-        # The one trading fee schedule (accounts' fee_tier "default"): a maker
+        # The starting fee schedule (tier "default", ADR 0016): a maker
         # pays 0.1 % and a taker 0.2 % of what they receive.
         "fees": {"tier": "default", "maker_rate": "0.001", "taker_rate": "0.002"},
         "markets": {

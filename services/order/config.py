@@ -16,8 +16,11 @@ __all__ = ["OrderConfig"]
 @dataclass(frozen=True, slots=True)
 class OrderConfig:
     """
-    maker_fee_rate / taker_fee_rate: fee rates sent with every order (decimal strings),
-        from the market catalog's fee schedule (services/chassis/markets.py).
+    maker_fee_rate / taker_fee_rate: the base tier's rates (decimal strings), from the
+        market catalog's fee schedule (services/chassis/markets.py): what an order is
+        priced at until the fee tiers followed from auth are loaded (ADR 0016), and
+        always when order runs without auth (no mesh or service credential).
+    auth_target: where the fee tiers are loaded from (ORDER_AUTH_TARGET; the mesh).
     market_protection: how far from the reference price a market order may trade
         (a fraction: "0.05" = 5%); it sets the protection price sent to match and
         so the hold of a market buy sized by quantity.
@@ -69,6 +72,7 @@ class OrderConfig:
     deadman_interval_s: float = 0.2
     mesh_target: str | None = None
     match_target: str | None = None
+    auth_target: str | None = None  # where the fee tiers are loaded from (default: the mesh)
     risk_target: str | None = None
 
     @classmethod
@@ -95,5 +99,6 @@ class OrderConfig:
             deadman_interval_s=env_float(env, "ORDER_DEADMAN_INTERVAL_S", 0.2),
             mesh_target=env_str(env, "ORDER_MESH_TARGET"),
             match_target=env_str(env, "ORDER_MATCH_TARGET"),
+            auth_target=env_str(env, "ORDER_AUTH_TARGET"),
             risk_target=env_str(env, "ORDER_RISK_TARGET"),
         )

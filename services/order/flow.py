@@ -48,6 +48,7 @@ from services.chassis import (
     NotFound,
     Unavailable,
 )
+from services.chassis.fee_tiers import FeeTiers
 from services.chassis.money import decimal_text
 
 from .acknowledged import Acknowledged
@@ -133,8 +134,11 @@ class Flow:
         match: MatchClient,
         consumer: EventConsumer,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        fee_tiers: FeeTiers | None = None,
     ) -> None:
         self.store = store
+        # Each account's rates, followed from auth (ADR 0016); None: the config's.
+        self.fee_tiers = fee_tiers
         self.catalog = catalog
         self.config = config
         self.risk = risk
@@ -241,7 +245,7 @@ class Flow:
             account_id=account_id,
             protection=protection,
             session_id=session_id,
-            fees=(self.config.maker_fee_rate, self.config.taker_fee_rate),
+            fees=self.fees(account_id),
             limits=self.risk.open_order_limits(account_id, order.market.symbol),
         )
         result = await self.match.submit(command)
@@ -253,6 +257,12 @@ class Flow:
             raise Unavailable("ORDER_MATCH_UNAVAILABLE", "matching answered the order without it")
         self._answered(placed, result)
         return placed
+
+    def fees(self, account_id: str) -> tuple[str, str]:
+        """The account's (maker, taker) rates, from this process's copy: no call."""
+        if self.fee_tiers is None:
+            return self.config.maker_fee_rate, self.config.taker_fee_rate
+        return self.fee_tiers.rates(account_id)
 
     # -- lookups ---------------------------------------------------------------
 

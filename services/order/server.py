@@ -23,10 +23,12 @@ import grpc
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
+from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 from cex.match.v1 import match_pb2
 from cex.order.v1 import order_pb2, order_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from services.chassis import (
+    INTERNAL,
     AlreadyExists,
     Catalog,
     ChassisSettings,
@@ -37,15 +39,21 @@ from services.chassis import (
     Rule,
     Server,
     background,
+    bad_page_token,
     connect,
     current_auth,
+    invalid_field,
     load_catalog,
     mesh_channel,
+    page_size,
+    page_token,
+    read_page_token,
     require_request_id,
     service_credentials,
     user,
 )
-from services.chassis.money import MoneyError, parse_decimal
+from services.chassis.fee_tiers import FeeTiers, push_fee_tiers
+from services.chassis.money import MoneyError, decimal_text, parse_decimal
 from services.risk.bucket import RateLimiter
 from services.risk.config import RiskConfig
 
@@ -83,6 +91,7 @@ POLICY: dict[str, Rule] = {
     "GetOrder": user("read", services=True),
     "ListOrders": user("read", services=True),
     "ListFills": user("read", services=True),
+    "ListTradedVolumes": INTERNAL,  # auth's fee tiers by volume (ADR 0016)
 }
 
 
@@ -541,6 +550,40 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
             fills=[fill_proto(f) for f in rows], next_page_token=token
         )
 
+    async def ListTradedVolumes(
+        self,
+        request: order_pb2.ListTradedVolumesRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> order_pb2.ListTradedVolumesResponse:
+        if request.quote_asset not in self.catalog.assets:
+            raise invalid_field(
+                "ORDER_INVALID_ASSET", "quote_asset", "an asset of the catalog, e.g. USDT"
+            )
+        if not request.HasField("start_time"):
+            raise invalid_field("ORDER_FIELD_REQUIRED", "start_time", "required")
+        size = page_size(
+            request.page_size, default=1000, maximum=10_000, reason="ORDER_INVALID_PAGE_SIZE"
+        )
+        found = read_page_token(
+            request.page_token, "volumes", parts=1, reason="ORDER_INVALID_PAGE_TOKEN"
+        )
+        if found is not None and not found[0]:
+            raise bad_page_token("ORDER_INVALID_PAGE_TOKEN")
+        markets = sorted(
+            m.symbol for m in self.catalog.markets.values() if m.quote.symbol == request.quote_asset
+        )
+        rows = await self.store.traded_volumes(
+            request.start_time.ToDatetime(tzinfo=UTC),
+            markets,
+            after=found[0] if found else "",
+            limit=size + 1,
+        )
+        page = rows[:size]
+        return order_pb2.ListTradedVolumesResponse(
+            volumes=[order_pb2.TradedVolume(account_id=a, volume=decimal_text(v)) for a, v in page],
+            next_page_token=page_token("volumes", page[-1][0]) if len(rows) > size else "",
+        )
+
     def StreamOrders(
         self,
         request_iterator: AsyncIterator[order_pb2.StreamOrdersRequest],
@@ -558,6 +601,39 @@ async def _every(seconds: float, job: Callable[[], Awaitable[object]], name: str
         except Exception:
             _log.exception("%s failed", name)
         await asyncio.sleep(seconds)
+
+
+async def _follow_fee_tiers(
+    server: Server, settings: ChassisSettings, config: OrderConfig, catalog: Catalog
+) -> FeeTiers | None:
+    """Each account's fee rates, followed from auth (pushed on NATS, reloaded through
+    the mesh: chassis' fee_tiers.py); None without the mesh or a service credential
+    (every order is then priced at the configured rates)."""
+    credentials = service_credentials(settings)
+    target = config.auth_target or settings.mesh_addr
+    if credentials is None or target is None:
+        return None
+    channel = await server.enter(mesh_channel(target, credentials=credentials))
+    stub = auth_pb2_grpc.AuthServiceStub(channel)
+
+    async def load() -> auth_pb2.GetFeeTiersResponse:
+        reply: auth_pb2.GetFeeTiersResponse = await stub.GetFeeTiers(
+            auth_pb2.GetFeeTiersRequest(), timeout=5.0
+        )
+        return reply
+
+    tiers = FeeTiers(
+        load,
+        default=(parse_decimal(config.maker_fee_rate), parse_decimal(config.taker_fee_rate)),
+        reload_s=settings.account_states_reload_s,
+    )
+    push = (
+        push_fee_tiers(tiers, settings.nats_url, name=f"{settings.service}-fee-tiers")
+        if settings.nats_url
+        else None
+    )
+    await server.enter(background(tiers.run(push), "order-fee-tiers"))
+    return tiers
 
 
 async def build_server(
@@ -628,6 +704,7 @@ async def build_server(
         risk=risk,
         match=match,
         consumer=consumer,
+        fee_tiers=await _follow_fee_tiers(server, settings, config, catalog),
     )
     sessions.flow = flow
     await server.enter(background(flow.run(), "order-batchers"))

@@ -235,6 +235,22 @@ class Store:
         sql += f" ORDER BY trade_time DESC, seq DESC, order_id DESC LIMIT ${len(args)}"
         return [FillRow(**dict(r)) for r in await self.pool.fetch(sql, *args)]
 
+    async def traded_volumes(
+        self, start_time: datetime, markets: list[str], *, after: str, limit: int
+    ) -> list[tuple[str, Decimal]]:
+        """Each account's sum of the quote amounts of its fills in `markets` since
+        `start_time`, by account after `after` (auth's fee tiers by volume)."""
+        rows = await self.pool.fetch(
+            """SELECT account_id, sum(quote_quantity) AS volume FROM fills
+               WHERE trade_time >= $1 AND market = ANY($2::text[]) AND account_id > $3
+               GROUP BY account_id ORDER BY account_id LIMIT $4""",
+            start_time,
+            markets,
+            after,
+            limit,
+        )
+        return [(r["account_id"], r["volume"]) for r in rows]
+
     # -- the consumer ----------------------------------------------------------
 
     @contextlib.asynccontextmanager

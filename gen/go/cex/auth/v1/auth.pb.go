@@ -278,14 +278,21 @@ type Account struct {
 	Type AccountType `protobuf:"varint,4,opt,name=type,proto3,enum=cex.auth.v1.AccountType" json:"type,omitempty"`
 	// Lifecycle state.
 	State AccountState `protobuf:"varint,5,opt,name=state,proto3,enum=cex.auth.v1.AccountState" json:"state,omitempty"`
-	// Fee tier name used to price this account's trades, e.g. "default", "mm1".
+	// Fee tier name used to price this account's trades, e.g. "default", "mm1":
+	// the one an operator assigned, else the one its 30-day volume gives.
 	FeeTier string `protobuf:"bytes,6,opt,name=fee_tier,json=feeTier,proto3" json:"fee_tier,omitempty"`
 	// When the account was created.
 	CreateTime *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
 	// When the account last changed.
-	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	UpdateTime *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	// True when an operator assigned fee_tier (SetAccountFeeTier): it then
+	// overrides the volume tier.
+	FeeTierAssigned bool `protobuf:"varint,9,opt,name=fee_tier_assigned,json=feeTierAssigned,proto3" json:"fee_tier_assigned,omitempty"`
+	// Decimal string: the account's 30-day traded volume in the fee schedule's
+	// volume asset, as last measured (empty: never measured).
+	TradedVolume_30D string `protobuf:"bytes,10,opt,name=traded_volume_30d,json=tradedVolume30d,proto3" json:"traded_volume_30d,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Account) Reset() {
@@ -372,6 +379,20 @@ func (x *Account) GetUpdateTime() *timestamppb.Timestamp {
 		return x.UpdateTime
 	}
 	return nil
+}
+
+func (x *Account) GetFeeTierAssigned() bool {
+	if x != nil {
+		return x.FeeTierAssigned
+	}
+	return false
+}
+
+func (x *Account) GetTradedVolume_30D() string {
+	if x != nil {
+		return x.TradedVolume_30D
+	}
+	return ""
 }
 
 // An API key. The secret is never part of it.
@@ -1614,7 +1635,7 @@ func (*GetFeesRequest) Descriptor() ([]byte, []int) {
 // Response for AuthService.GetFees.
 type GetFeesResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The caller's fee tier (Account.fee_tier); every account is "default" today.
+	// The caller's fee tier (Account.fee_tier).
 	FeeTier string `protobuf:"bytes,1,opt,name=fee_tier,json=feeTier,proto3" json:"fee_tier,omitempty"`
 	// Decimal string: the maker rate, a fraction of what the maker receives
 	// ("0.001" = 0.1 %); negative would be a rebate.
@@ -1849,11 +1870,812 @@ func (x *AssetFees) GetMinWithdrawal() string {
 	return ""
 }
 
+// One tier of the fee schedule.
+type FeeTier struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Name, 1 to 32 of a-z, 0-9, "_" and "-" (e.g. "default", "vip1", "mm1").
+	// Every schedule has the tier "default" with min_volume 0: new accounts' tier.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Decimal string, basis points of what the maker receives ("10" = 0.1 %),
+	// from -100 (a 1 % rebate, paid from the fee account) to 1000, at most two
+	// decimals ("-0.5").
+	MakerFeeBps string `protobuf:"bytes,2,opt,name=maker_fee_bps,json=makerFeeBps,proto3" json:"maker_fee_bps,omitempty"`
+	// Decimal string, basis points of what the taker receives, 0 to 1000, at
+	// most two decimals. At least the largest maker rebate of the schedule.
+	TakerFeeBps string `protobuf:"bytes,3,opt,name=taker_fee_bps,json=takerFeeBps,proto3" json:"taker_fee_bps,omitempty"`
+	// Decimal string: the 30-day traded volume, in the schedule's volume_asset,
+	// from which an account earns this tier by volume. "0" for "default"; each
+	// tier's threshold is distinct.
+	MinVolume     string `protobuf:"bytes,4,opt,name=min_volume,json=minVolume,proto3" json:"min_volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FeeTier) Reset() {
+	*x = FeeTier{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FeeTier) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FeeTier) ProtoMessage() {}
+
+func (x *FeeTier) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FeeTier.ProtoReflect.Descriptor instead.
+func (*FeeTier) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *FeeTier) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *FeeTier) GetMakerFeeBps() string {
+	if x != nil {
+		return x.MakerFeeBps
+	}
+	return ""
+}
+
+func (x *FeeTier) GetTakerFeeBps() string {
+	if x != nil {
+		return x.TakerFeeBps
+	}
+	return ""
+}
+
+func (x *FeeTier) GetMinVolume() string {
+	if x != nil {
+		return x.MinVolume
+	}
+	return ""
+}
+
+// The fee schedule.
+type FeeSchedule struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The tiers, by min_volume ascending.
+	Tiers []*FeeTier `protobuf:"bytes,1,rep,name=tiers,proto3" json:"tiers,omitempty"`
+	// The asset volumes are counted in (e.g. "USDT"): the quote amount of fills
+	// in markets quoted in it. Set by auth's configuration (AUTH_FEE_VOLUME_ASSET).
+	VolumeAsset string `protobuf:"bytes,2,opt,name=volume_asset,json=volumeAsset,proto3" json:"volume_asset,omitempty"`
+	// When the schedule was last set (unset: the catalog's default).
+	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FeeSchedule) Reset() {
+	*x = FeeSchedule{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FeeSchedule) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FeeSchedule) ProtoMessage() {}
+
+func (x *FeeSchedule) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FeeSchedule.ProtoReflect.Descriptor instead.
+func (*FeeSchedule) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *FeeSchedule) GetTiers() []*FeeTier {
+	if x != nil {
+		return x.Tiers
+	}
+	return nil
+}
+
+func (x *FeeSchedule) GetVolumeAsset() string {
+	if x != nil {
+		return x.VolumeAsset
+	}
+	return ""
+}
+
+func (x *FeeSchedule) GetUpdateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdateTime
+	}
+	return nil
+}
+
+// Request for AuthService.GetFeeSchedule. It takes no parameters.
+type GetFeeScheduleRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetFeeScheduleRequest) Reset() {
+	*x = GetFeeScheduleRequest{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetFeeScheduleRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetFeeScheduleRequest) ProtoMessage() {}
+
+func (x *GetFeeScheduleRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetFeeScheduleRequest.ProtoReflect.Descriptor instead.
+func (*GetFeeScheduleRequest) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{25}
+}
+
+// Response for AuthService.GetFeeSchedule.
+type GetFeeScheduleResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The schedule in force.
+	Schedule      *FeeSchedule `protobuf:"bytes,1,opt,name=schedule,proto3" json:"schedule,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetFeeScheduleResponse) Reset() {
+	*x = GetFeeScheduleResponse{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetFeeScheduleResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetFeeScheduleResponse) ProtoMessage() {}
+
+func (x *GetFeeScheduleResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetFeeScheduleResponse.ProtoReflect.Descriptor instead.
+func (*GetFeeScheduleResponse) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *GetFeeScheduleResponse) GetSchedule() *FeeSchedule {
+	if x != nil {
+		return x.Schedule
+	}
+	return nil
+}
+
+// Request for AuthService.SetFeeSchedule.
+type SetFeeScheduleRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required: the idempotency key, 1 to 128 characters (ADR 0003).
+	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// The whole new schedule, 1 to 32 tiers (volume_asset and update_time are
+	// ignored).
+	Tiers []*FeeTier `protobuf:"bytes,2,rep,name=tiers,proto3" json:"tiers,omitempty"`
+	// Why, kept with the change.
+	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetFeeScheduleRequest) Reset() {
+	*x = SetFeeScheduleRequest{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetFeeScheduleRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetFeeScheduleRequest) ProtoMessage() {}
+
+func (x *SetFeeScheduleRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetFeeScheduleRequest.ProtoReflect.Descriptor instead.
+func (*SetFeeScheduleRequest) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *SetFeeScheduleRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *SetFeeScheduleRequest) GetTiers() []*FeeTier {
+	if x != nil {
+		return x.Tiers
+	}
+	return nil
+}
+
+func (x *SetFeeScheduleRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+// Response for AuthService.SetFeeSchedule.
+type SetFeeScheduleResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The schedule in force.
+	Schedule      *FeeSchedule `protobuf:"bytes,1,opt,name=schedule,proto3" json:"schedule,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetFeeScheduleResponse) Reset() {
+	*x = SetFeeScheduleResponse{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetFeeScheduleResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetFeeScheduleResponse) ProtoMessage() {}
+
+func (x *SetFeeScheduleResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetFeeScheduleResponse.ProtoReflect.Descriptor instead.
+func (*SetFeeScheduleResponse) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *SetFeeScheduleResponse) GetSchedule() *FeeSchedule {
+	if x != nil {
+		return x.Schedule
+	}
+	return nil
+}
+
+// Request for AuthService.SetAccountFeeTier.
+type SetAccountFeeTierRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required: the idempotency key, 1 to 128 characters (ADR 0003).
+	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// The account.
+	AccountId string `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	// A tier of the schedule; empty: the account's volume decides again.
+	FeeTier string `protobuf:"bytes,3,opt,name=fee_tier,json=feeTier,proto3" json:"fee_tier,omitempty"`
+	// Why, kept with the change.
+	Reason        string `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetAccountFeeTierRequest) Reset() {
+	*x = SetAccountFeeTierRequest{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetAccountFeeTierRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetAccountFeeTierRequest) ProtoMessage() {}
+
+func (x *SetAccountFeeTierRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetAccountFeeTierRequest.ProtoReflect.Descriptor instead.
+func (*SetAccountFeeTierRequest) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *SetAccountFeeTierRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *SetAccountFeeTierRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *SetAccountFeeTierRequest) GetFeeTier() string {
+	if x != nil {
+		return x.FeeTier
+	}
+	return ""
+}
+
+func (x *SetAccountFeeTierRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+// Response for AuthService.SetAccountFeeTier.
+type SetAccountFeeTierResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The account with its tier now.
+	Account       *Account `protobuf:"bytes,1,opt,name=account,proto3" json:"account,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetAccountFeeTierResponse) Reset() {
+	*x = SetAccountFeeTierResponse{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetAccountFeeTierResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetAccountFeeTierResponse) ProtoMessage() {}
+
+func (x *SetAccountFeeTierResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetAccountFeeTierResponse.ProtoReflect.Descriptor instead.
+func (*SetAccountFeeTierResponse) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *SetAccountFeeTierResponse) GetAccount() *Account {
+	if x != nil {
+		return x.Account
+	}
+	return nil
+}
+
+// Request for AuthService.EvaluateFeeTiers.
+type EvaluateFeeTiersRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EvaluateFeeTiersRequest) Reset() {
+	*x = EvaluateFeeTiersRequest{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EvaluateFeeTiersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EvaluateFeeTiersRequest) ProtoMessage() {}
+
+func (x *EvaluateFeeTiersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EvaluateFeeTiersRequest.ProtoReflect.Descriptor instead.
+func (*EvaluateFeeTiersRequest) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{31}
+}
+
+// Response for AuthService.EvaluateFeeTiers.
+type EvaluateFeeTiersResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Accounts whose volume was measured (every account that traded in the
+	// window, and every account on a volume tier above "default").
+	AccountsMeasured int32 `protobuf:"varint,1,opt,name=accounts_measured,json=accountsMeasured,proto3" json:"accounts_measured,omitempty"`
+	// The accounts whose tier changed, with their new tier.
+	Changed       []*AccountFeeTier `protobuf:"bytes,2,rep,name=changed,proto3" json:"changed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EvaluateFeeTiersResponse) Reset() {
+	*x = EvaluateFeeTiersResponse{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EvaluateFeeTiersResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EvaluateFeeTiersResponse) ProtoMessage() {}
+
+func (x *EvaluateFeeTiersResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EvaluateFeeTiersResponse.ProtoReflect.Descriptor instead.
+func (*EvaluateFeeTiersResponse) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *EvaluateFeeTiersResponse) GetAccountsMeasured() int32 {
+	if x != nil {
+		return x.AccountsMeasured
+	}
+	return 0
+}
+
+func (x *EvaluateFeeTiersResponse) GetChanged() []*AccountFeeTier {
+	if x != nil {
+		return x.Changed
+	}
+	return nil
+}
+
+// An account's fee tier, as the order gateways price it.
+type AccountFeeTier struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The account.
+	AccountId string `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	// Its tier.
+	FeeTier string `protobuf:"bytes,2,opt,name=fee_tier,json=feeTier,proto3" json:"fee_tier,omitempty"`
+	// True when an operator assigned it.
+	Assigned bool `protobuf:"varint,3,opt,name=assigned,proto3" json:"assigned,omitempty"`
+	// The fee-tier change sequence of its latest change.
+	ChangeSeq     int64 `protobuf:"varint,4,opt,name=change_seq,json=changeSeq,proto3" json:"change_seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AccountFeeTier) Reset() {
+	*x = AccountFeeTier{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AccountFeeTier) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AccountFeeTier) ProtoMessage() {}
+
+func (x *AccountFeeTier) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AccountFeeTier.ProtoReflect.Descriptor instead.
+func (*AccountFeeTier) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *AccountFeeTier) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *AccountFeeTier) GetFeeTier() string {
+	if x != nil {
+		return x.FeeTier
+	}
+	return ""
+}
+
+func (x *AccountFeeTier) GetAssigned() bool {
+	if x != nil {
+		return x.Assigned
+	}
+	return false
+}
+
+func (x *AccountFeeTier) GetChangeSeq() int64 {
+	if x != nil {
+		return x.ChangeSeq
+	}
+	return 0
+}
+
+// One change of the fee schedule or of an account's tier, as auth committed
+// it. Published on NATS subject `auth.events.fee_tier` (stream AUTH_EVENTS,
+// Nats-Msg-Id `auth-ft-<change_seq>`) after the commit, at least once and in
+// change_seq order.
+type FeeTierChange struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// auth's fee-tier change sequence: one more for every change, with no gaps,
+	// in commit order. A follower that sees a number skipped reloads.
+	ChangeSeq int64 `protobuf:"varint,1,opt,name=change_seq,json=changeSeq,proto3" json:"change_seq,omitempty"`
+	// The account whose tier changed; empty for a schedule change.
+	Account *AccountFeeTier `protobuf:"bytes,2,opt,name=account,proto3" json:"account,omitempty"`
+	// The whole new schedule, for a schedule change.
+	Schedule *FeeSchedule `protobuf:"bytes,3,opt,name=schedule,proto3" json:"schedule,omitempty"`
+	// When the change was committed.
+	ChangeTime    *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=change_time,json=changeTime,proto3" json:"change_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FeeTierChange) Reset() {
+	*x = FeeTierChange{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FeeTierChange) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FeeTierChange) ProtoMessage() {}
+
+func (x *FeeTierChange) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FeeTierChange.ProtoReflect.Descriptor instead.
+func (*FeeTierChange) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *FeeTierChange) GetChangeSeq() int64 {
+	if x != nil {
+		return x.ChangeSeq
+	}
+	return 0
+}
+
+func (x *FeeTierChange) GetAccount() *AccountFeeTier {
+	if x != nil {
+		return x.Account
+	}
+	return nil
+}
+
+func (x *FeeTierChange) GetSchedule() *FeeSchedule {
+	if x != nil {
+		return x.Schedule
+	}
+	return nil
+}
+
+func (x *FeeTierChange) GetChangeTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ChangeTime
+	}
+	return nil
+}
+
+// Request for AuthService.GetFeeTiers. It takes no parameters.
+type GetFeeTiersRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetFeeTiersRequest) Reset() {
+	*x = GetFeeTiersRequest{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetFeeTiersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetFeeTiersRequest) ProtoMessage() {}
+
+func (x *GetFeeTiersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetFeeTiersRequest.ProtoReflect.Descriptor instead.
+func (*GetFeeTiersRequest) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{35}
+}
+
+// Response for AuthService.GetFeeTiers.
+type GetFeeTiersResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The fee-tier change sequence this answer is complete up to.
+	ChangeSeq int64 `protobuf:"varint,1,opt,name=change_seq,json=changeSeq,proto3" json:"change_seq,omitempty"`
+	// The schedule in force.
+	Schedule *FeeSchedule `protobuf:"bytes,2,opt,name=schedule,proto3" json:"schedule,omitempty"`
+	// Every account whose tier is not "default".
+	Accounts      []*AccountFeeTier `protobuf:"bytes,3,rep,name=accounts,proto3" json:"accounts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetFeeTiersResponse) Reset() {
+	*x = GetFeeTiersResponse{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetFeeTiersResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetFeeTiersResponse) ProtoMessage() {}
+
+func (x *GetFeeTiersResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetFeeTiersResponse.ProtoReflect.Descriptor instead.
+func (*GetFeeTiersResponse) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *GetFeeTiersResponse) GetChangeSeq() int64 {
+	if x != nil {
+		return x.ChangeSeq
+	}
+	return 0
+}
+
+func (x *GetFeeTiersResponse) GetSchedule() *FeeSchedule {
+	if x != nil {
+		return x.Schedule
+	}
+	return nil
+}
+
+func (x *GetFeeTiersResponse) GetAccounts() []*AccountFeeTier {
+	if x != nil {
+		return x.Accounts
+	}
+	return nil
+}
+
 var File_cex_auth_v1_auth_proto protoreflect.FileDescriptor
 
 const file_cex_auth_v1_auth_proto_rawDesc = "" +
 	"\n" +
-	"\x16cex/auth/v1/auth.proto\x12\vcex.auth.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd5\x02\n" +
+	"\x16cex/auth/v1/auth.proto\x12\vcex.auth.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xad\x03\n" +
 	"\aAccount\x12\x1d\n" +
 	"\n" +
 	"account_id\x18\x01 \x01(\tR\taccountId\x12!\n" +
@@ -1865,7 +2687,10 @@ const file_cex_auth_v1_auth_proto_rawDesc = "" +
 	"\vcreate_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"createTime\x12;\n" +
 	"\vupdate_time\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"updateTime\"\x80\x04\n" +
+	"updateTime\x12*\n" +
+	"\x11fee_tier_assigned\x18\t \x01(\bR\x0ffeeTierAssigned\x12*\n" +
+	"\x11traded_volume_30d\x18\n" +
+	" \x01(\tR\x0ftradedVolume30d\"\x80\x04\n" +
 	"\x06ApiKey\x12\x1c\n" +
 	"\n" +
 	"api_key_id\x18\x01 \x01(\tR\bapiKeyId\x12\x1d\n" +
@@ -1984,7 +2809,61 @@ const file_cex_auth_v1_auth_proto_rawDesc = "" +
 	"\x05asset\x18\x01 \x01(\tR\x05asset\x12\x18\n" +
 	"\anetwork\x18\x02 \x01(\tR\anetwork\x12%\n" +
 	"\x0ewithdrawal_fee\x18\x03 \x01(\tR\rwithdrawalFee\x12%\n" +
-	"\x0emin_withdrawal\x18\x04 \x01(\tR\rminWithdrawal*~\n" +
+	"\x0emin_withdrawal\x18\x04 \x01(\tR\rminWithdrawal\"\x84\x01\n" +
+	"\aFeeTier\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\"\n" +
+	"\rmaker_fee_bps\x18\x02 \x01(\tR\vmakerFeeBps\x12\"\n" +
+	"\rtaker_fee_bps\x18\x03 \x01(\tR\vtakerFeeBps\x12\x1d\n" +
+	"\n" +
+	"min_volume\x18\x04 \x01(\tR\tminVolume\"\x99\x01\n" +
+	"\vFeeSchedule\x12*\n" +
+	"\x05tiers\x18\x01 \x03(\v2\x14.cex.auth.v1.FeeTierR\x05tiers\x12!\n" +
+	"\fvolume_asset\x18\x02 \x01(\tR\vvolumeAsset\x12;\n" +
+	"\vupdate_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"updateTime\"\x17\n" +
+	"\x15GetFeeScheduleRequest\"N\n" +
+	"\x16GetFeeScheduleResponse\x124\n" +
+	"\bschedule\x18\x01 \x01(\v2\x18.cex.auth.v1.FeeScheduleR\bschedule\"z\n" +
+	"\x15SetFeeScheduleRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\x12*\n" +
+	"\x05tiers\x18\x02 \x03(\v2\x14.cex.auth.v1.FeeTierR\x05tiers\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"N\n" +
+	"\x16SetFeeScheduleResponse\x124\n" +
+	"\bschedule\x18\x01 \x01(\v2\x18.cex.auth.v1.FeeScheduleR\bschedule\"\x8b\x01\n" +
+	"\x18SetAccountFeeTierRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x02 \x01(\tR\taccountId\x12\x19\n" +
+	"\bfee_tier\x18\x03 \x01(\tR\afeeTier\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\"K\n" +
+	"\x19SetAccountFeeTierResponse\x12.\n" +
+	"\aaccount\x18\x01 \x01(\v2\x14.cex.auth.v1.AccountR\aaccount\"\x19\n" +
+	"\x17EvaluateFeeTiersRequest\"~\n" +
+	"\x18EvaluateFeeTiersResponse\x12+\n" +
+	"\x11accounts_measured\x18\x01 \x01(\x05R\x10accountsMeasured\x125\n" +
+	"\achanged\x18\x02 \x03(\v2\x1b.cex.auth.v1.AccountFeeTierR\achanged\"\x85\x01\n" +
+	"\x0eAccountFeeTier\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\x12\x19\n" +
+	"\bfee_tier\x18\x02 \x01(\tR\afeeTier\x12\x1a\n" +
+	"\bassigned\x18\x03 \x01(\bR\bassigned\x12\x1d\n" +
+	"\n" +
+	"change_seq\x18\x04 \x01(\x03R\tchangeSeq\"\xd8\x01\n" +
+	"\rFeeTierChange\x12\x1d\n" +
+	"\n" +
+	"change_seq\x18\x01 \x01(\x03R\tchangeSeq\x125\n" +
+	"\aaccount\x18\x02 \x01(\v2\x1b.cex.auth.v1.AccountFeeTierR\aaccount\x124\n" +
+	"\bschedule\x18\x03 \x01(\v2\x18.cex.auth.v1.FeeScheduleR\bschedule\x12;\n" +
+	"\vchange_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"changeTime\"\x14\n" +
+	"\x12GetFeeTiersRequest\"\xa3\x01\n" +
+	"\x13GetFeeTiersResponse\x12\x1d\n" +
+	"\n" +
+	"change_seq\x18\x01 \x01(\x03R\tchangeSeq\x124\n" +
+	"\bschedule\x18\x02 \x01(\v2\x18.cex.auth.v1.FeeScheduleR\bschedule\x127\n" +
+	"\baccounts\x18\x03 \x03(\v2\x1b.cex.auth.v1.AccountFeeTierR\baccounts*~\n" +
 	"\fAccountState\x12\x1d\n" +
 	"\x19ACCOUNT_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14ACCOUNT_STATE_ACTIVE\x10\x01\x12\x1b\n" +
@@ -2005,7 +2884,7 @@ const file_cex_auth_v1_auth_proto_rawDesc = "" +
 	"\x19API_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14API_KEY_STATE_ACTIVE\x10\x01\x12\x19\n" +
 	"\x15API_KEY_STATE_REVOKED\x10\x02\x12\x19\n" +
-	"\x15API_KEY_STATE_EXPIRED\x10\x032\xf5\a\n" +
+	"\x15API_KEY_STATE_EXPIRED\x10\x032\xde\f\n" +
 	"\vAuthService\x12o\n" +
 	"\rCreateAccount\x12!.cex.auth.v1.CreateAccountRequest\x1a\".cex.auth.v1.CreateAccountResponse\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/accounts\x12p\n" +
 	"\n" +
@@ -2019,7 +2898,12 @@ const file_cex_auth_v1_auth_proto_rawDesc = "" +
 	"/v1/tokens\x12b\n" +
 	"\x11GetFrozenAccounts\x12%.cex.auth.v1.GetFrozenAccountsRequest\x1a&.cex.auth.v1.GetFrozenAccountsResponse\x12V\n" +
 	"\aGetFees\x12\x1b.cex.auth.v1.GetFeesRequest\x1a\x1c.cex.auth.v1.GetFeesResponse\"\x10\x82\xd3\xe4\x93\x02\n" +
-	"\x12\b/v1/feesb\x06proto3"
+	"\x12\b/v1/fees\x12x\n" +
+	"\x0eGetFeeSchedule\x12\".cex.auth.v1.GetFeeScheduleRequest\x1a#.cex.auth.v1.GetFeeScheduleResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/admin/feeSchedule\x12{\n" +
+	"\x0eSetFeeSchedule\x12\".cex.auth.v1.SetFeeScheduleRequest\x1a#.cex.auth.v1.SetFeeScheduleResponse\" \x82\xd3\xe4\x93\x02\x1a:\x01*\"\x15/v1/admin/feeSchedule\x12\x93\x01\n" +
+	"\x11SetAccountFeeTier\x12%.cex.auth.v1.SetAccountFeeTierRequest\x1a&.cex.auth.v1.SetAccountFeeTierResponse\"/\x82\xd3\xe4\x93\x02):\x01*\"$/v1/accounts/{account_id}:setFeeTier\x12\x87\x01\n" +
+	"\x10EvaluateFeeTiers\x12$.cex.auth.v1.EvaluateFeeTiersRequest\x1a%.cex.auth.v1.EvaluateFeeTiersResponse\"&\x82\xd3\xe4\x93\x02 :\x01*\"\x1b/v1/admin/feeTiers:evaluate\x12P\n" +
+	"\vGetFeeTiers\x12\x1f.cex.auth.v1.GetFeeTiersRequest\x1a .cex.auth.v1.GetFeeTiersResponseb\x06proto3"
 
 var (
 	file_cex_auth_v1_auth_proto_rawDescOnce sync.Once
@@ -2034,7 +2918,7 @@ func file_cex_auth_v1_auth_proto_rawDescGZIP() []byte {
 }
 
 var file_cex_auth_v1_auth_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_cex_auth_v1_auth_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_cex_auth_v1_auth_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
 var file_cex_auth_v1_auth_proto_goTypes = []any{
 	(AccountState)(0),                 // 0: cex.auth.v1.AccountState
 	(AccountType)(0),                  // 1: cex.auth.v1.AccountType
@@ -2063,63 +2947,99 @@ var file_cex_auth_v1_auth_proto_goTypes = []any{
 	(*GetFeesResponse)(nil),           // 24: cex.auth.v1.GetFeesResponse
 	(*MarketFees)(nil),                // 25: cex.auth.v1.MarketFees
 	(*AssetFees)(nil),                 // 26: cex.auth.v1.AssetFees
-	(*timestamppb.Timestamp)(nil),     // 27: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),       // 28: google.protobuf.Duration
+	(*FeeTier)(nil),                   // 27: cex.auth.v1.FeeTier
+	(*FeeSchedule)(nil),               // 28: cex.auth.v1.FeeSchedule
+	(*GetFeeScheduleRequest)(nil),     // 29: cex.auth.v1.GetFeeScheduleRequest
+	(*GetFeeScheduleResponse)(nil),    // 30: cex.auth.v1.GetFeeScheduleResponse
+	(*SetFeeScheduleRequest)(nil),     // 31: cex.auth.v1.SetFeeScheduleRequest
+	(*SetFeeScheduleResponse)(nil),    // 32: cex.auth.v1.SetFeeScheduleResponse
+	(*SetAccountFeeTierRequest)(nil),  // 33: cex.auth.v1.SetAccountFeeTierRequest
+	(*SetAccountFeeTierResponse)(nil), // 34: cex.auth.v1.SetAccountFeeTierResponse
+	(*EvaluateFeeTiersRequest)(nil),   // 35: cex.auth.v1.EvaluateFeeTiersRequest
+	(*EvaluateFeeTiersResponse)(nil),  // 36: cex.auth.v1.EvaluateFeeTiersResponse
+	(*AccountFeeTier)(nil),            // 37: cex.auth.v1.AccountFeeTier
+	(*FeeTierChange)(nil),             // 38: cex.auth.v1.FeeTierChange
+	(*GetFeeTiersRequest)(nil),        // 39: cex.auth.v1.GetFeeTiersRequest
+	(*GetFeeTiersResponse)(nil),       // 40: cex.auth.v1.GetFeeTiersResponse
+	(*timestamppb.Timestamp)(nil),     // 41: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),       // 42: google.protobuf.Duration
 }
 var file_cex_auth_v1_auth_proto_depIdxs = []int32{
 	1,  // 0: cex.auth.v1.Account.type:type_name -> cex.auth.v1.AccountType
 	0,  // 1: cex.auth.v1.Account.state:type_name -> cex.auth.v1.AccountState
-	27, // 2: cex.auth.v1.Account.create_time:type_name -> google.protobuf.Timestamp
-	27, // 3: cex.auth.v1.Account.update_time:type_name -> google.protobuf.Timestamp
+	41, // 2: cex.auth.v1.Account.create_time:type_name -> google.protobuf.Timestamp
+	41, // 3: cex.auth.v1.Account.update_time:type_name -> google.protobuf.Timestamp
 	2,  // 4: cex.auth.v1.ApiKey.scopes:type_name -> cex.auth.v1.ApiKeyScope
 	3,  // 5: cex.auth.v1.ApiKey.state:type_name -> cex.auth.v1.ApiKeyState
-	27, // 6: cex.auth.v1.ApiKey.create_time:type_name -> google.protobuf.Timestamp
-	27, // 7: cex.auth.v1.ApiKey.expire_time:type_name -> google.protobuf.Timestamp
-	27, // 8: cex.auth.v1.ApiKey.revoke_time:type_name -> google.protobuf.Timestamp
-	27, // 9: cex.auth.v1.ApiKey.last_used_time:type_name -> google.protobuf.Timestamp
+	41, // 6: cex.auth.v1.ApiKey.create_time:type_name -> google.protobuf.Timestamp
+	41, // 7: cex.auth.v1.ApiKey.expire_time:type_name -> google.protobuf.Timestamp
+	41, // 8: cex.auth.v1.ApiKey.revoke_time:type_name -> google.protobuf.Timestamp
+	41, // 9: cex.auth.v1.ApiKey.last_used_time:type_name -> google.protobuf.Timestamp
 	1,  // 10: cex.auth.v1.CreateAccountRequest.type:type_name -> cex.auth.v1.AccountType
 	4,  // 11: cex.auth.v1.CreateAccountResponse.account:type_name -> cex.auth.v1.Account
 	4,  // 12: cex.auth.v1.GetAccountResponse.account:type_name -> cex.auth.v1.Account
 	0,  // 13: cex.auth.v1.SetAccountStateRequest.state:type_name -> cex.auth.v1.AccountState
 	4,  // 14: cex.auth.v1.SetAccountStateResponse.account:type_name -> cex.auth.v1.Account
 	0,  // 15: cex.auth.v1.AccountStateChange.state:type_name -> cex.auth.v1.AccountState
-	27, // 16: cex.auth.v1.AccountStateChange.change_time:type_name -> google.protobuf.Timestamp
+	41, // 16: cex.auth.v1.AccountStateChange.change_time:type_name -> google.protobuf.Timestamp
 	12, // 17: cex.auth.v1.GetFrozenAccountsResponse.accounts:type_name -> cex.auth.v1.AccountStateChange
 	2,  // 18: cex.auth.v1.CreateApiKeyRequest.scopes:type_name -> cex.auth.v1.ApiKeyScope
-	27, // 19: cex.auth.v1.CreateApiKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
+	41, // 19: cex.auth.v1.CreateApiKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
 	5,  // 20: cex.auth.v1.CreateApiKeyResponse.api_key:type_name -> cex.auth.v1.ApiKey
 	3,  // 21: cex.auth.v1.ListApiKeysRequest.state:type_name -> cex.auth.v1.ApiKeyState
 	5,  // 22: cex.auth.v1.ListApiKeysResponse.api_keys:type_name -> cex.auth.v1.ApiKey
 	5,  // 23: cex.auth.v1.RevokeApiKeyResponse.api_key:type_name -> cex.auth.v1.ApiKey
 	2,  // 24: cex.auth.v1.IssueTokenRequest.scopes:type_name -> cex.auth.v1.ApiKeyScope
-	28, // 25: cex.auth.v1.IssueTokenRequest.ttl:type_name -> google.protobuf.Duration
-	27, // 26: cex.auth.v1.IssueTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	42, // 25: cex.auth.v1.IssueTokenRequest.ttl:type_name -> google.protobuf.Duration
+	41, // 26: cex.auth.v1.IssueTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
 	2,  // 27: cex.auth.v1.IssueTokenResponse.scopes:type_name -> cex.auth.v1.ApiKeyScope
 	25, // 28: cex.auth.v1.GetFeesResponse.markets:type_name -> cex.auth.v1.MarketFees
 	26, // 29: cex.auth.v1.GetFeesResponse.assets:type_name -> cex.auth.v1.AssetFees
-	6,  // 30: cex.auth.v1.AuthService.CreateAccount:input_type -> cex.auth.v1.CreateAccountRequest
-	8,  // 31: cex.auth.v1.AuthService.GetAccount:input_type -> cex.auth.v1.GetAccountRequest
-	15, // 32: cex.auth.v1.AuthService.CreateApiKey:input_type -> cex.auth.v1.CreateApiKeyRequest
-	10, // 33: cex.auth.v1.AuthService.SetAccountState:input_type -> cex.auth.v1.SetAccountStateRequest
-	17, // 34: cex.auth.v1.AuthService.ListApiKeys:input_type -> cex.auth.v1.ListApiKeysRequest
-	19, // 35: cex.auth.v1.AuthService.RevokeApiKey:input_type -> cex.auth.v1.RevokeApiKeyRequest
-	21, // 36: cex.auth.v1.AuthService.IssueToken:input_type -> cex.auth.v1.IssueTokenRequest
-	13, // 37: cex.auth.v1.AuthService.GetFrozenAccounts:input_type -> cex.auth.v1.GetFrozenAccountsRequest
-	23, // 38: cex.auth.v1.AuthService.GetFees:input_type -> cex.auth.v1.GetFeesRequest
-	7,  // 39: cex.auth.v1.AuthService.CreateAccount:output_type -> cex.auth.v1.CreateAccountResponse
-	9,  // 40: cex.auth.v1.AuthService.GetAccount:output_type -> cex.auth.v1.GetAccountResponse
-	16, // 41: cex.auth.v1.AuthService.CreateApiKey:output_type -> cex.auth.v1.CreateApiKeyResponse
-	11, // 42: cex.auth.v1.AuthService.SetAccountState:output_type -> cex.auth.v1.SetAccountStateResponse
-	18, // 43: cex.auth.v1.AuthService.ListApiKeys:output_type -> cex.auth.v1.ListApiKeysResponse
-	20, // 44: cex.auth.v1.AuthService.RevokeApiKey:output_type -> cex.auth.v1.RevokeApiKeyResponse
-	22, // 45: cex.auth.v1.AuthService.IssueToken:output_type -> cex.auth.v1.IssueTokenResponse
-	14, // 46: cex.auth.v1.AuthService.GetFrozenAccounts:output_type -> cex.auth.v1.GetFrozenAccountsResponse
-	24, // 47: cex.auth.v1.AuthService.GetFees:output_type -> cex.auth.v1.GetFeesResponse
-	39, // [39:48] is the sub-list for method output_type
-	30, // [30:39] is the sub-list for method input_type
-	30, // [30:30] is the sub-list for extension type_name
-	30, // [30:30] is the sub-list for extension extendee
-	0,  // [0:30] is the sub-list for field type_name
+	27, // 30: cex.auth.v1.FeeSchedule.tiers:type_name -> cex.auth.v1.FeeTier
+	41, // 31: cex.auth.v1.FeeSchedule.update_time:type_name -> google.protobuf.Timestamp
+	28, // 32: cex.auth.v1.GetFeeScheduleResponse.schedule:type_name -> cex.auth.v1.FeeSchedule
+	27, // 33: cex.auth.v1.SetFeeScheduleRequest.tiers:type_name -> cex.auth.v1.FeeTier
+	28, // 34: cex.auth.v1.SetFeeScheduleResponse.schedule:type_name -> cex.auth.v1.FeeSchedule
+	4,  // 35: cex.auth.v1.SetAccountFeeTierResponse.account:type_name -> cex.auth.v1.Account
+	37, // 36: cex.auth.v1.EvaluateFeeTiersResponse.changed:type_name -> cex.auth.v1.AccountFeeTier
+	37, // 37: cex.auth.v1.FeeTierChange.account:type_name -> cex.auth.v1.AccountFeeTier
+	28, // 38: cex.auth.v1.FeeTierChange.schedule:type_name -> cex.auth.v1.FeeSchedule
+	41, // 39: cex.auth.v1.FeeTierChange.change_time:type_name -> google.protobuf.Timestamp
+	28, // 40: cex.auth.v1.GetFeeTiersResponse.schedule:type_name -> cex.auth.v1.FeeSchedule
+	37, // 41: cex.auth.v1.GetFeeTiersResponse.accounts:type_name -> cex.auth.v1.AccountFeeTier
+	6,  // 42: cex.auth.v1.AuthService.CreateAccount:input_type -> cex.auth.v1.CreateAccountRequest
+	8,  // 43: cex.auth.v1.AuthService.GetAccount:input_type -> cex.auth.v1.GetAccountRequest
+	15, // 44: cex.auth.v1.AuthService.CreateApiKey:input_type -> cex.auth.v1.CreateApiKeyRequest
+	10, // 45: cex.auth.v1.AuthService.SetAccountState:input_type -> cex.auth.v1.SetAccountStateRequest
+	17, // 46: cex.auth.v1.AuthService.ListApiKeys:input_type -> cex.auth.v1.ListApiKeysRequest
+	19, // 47: cex.auth.v1.AuthService.RevokeApiKey:input_type -> cex.auth.v1.RevokeApiKeyRequest
+	21, // 48: cex.auth.v1.AuthService.IssueToken:input_type -> cex.auth.v1.IssueTokenRequest
+	13, // 49: cex.auth.v1.AuthService.GetFrozenAccounts:input_type -> cex.auth.v1.GetFrozenAccountsRequest
+	23, // 50: cex.auth.v1.AuthService.GetFees:input_type -> cex.auth.v1.GetFeesRequest
+	29, // 51: cex.auth.v1.AuthService.GetFeeSchedule:input_type -> cex.auth.v1.GetFeeScheduleRequest
+	31, // 52: cex.auth.v1.AuthService.SetFeeSchedule:input_type -> cex.auth.v1.SetFeeScheduleRequest
+	33, // 53: cex.auth.v1.AuthService.SetAccountFeeTier:input_type -> cex.auth.v1.SetAccountFeeTierRequest
+	35, // 54: cex.auth.v1.AuthService.EvaluateFeeTiers:input_type -> cex.auth.v1.EvaluateFeeTiersRequest
+	39, // 55: cex.auth.v1.AuthService.GetFeeTiers:input_type -> cex.auth.v1.GetFeeTiersRequest
+	7,  // 56: cex.auth.v1.AuthService.CreateAccount:output_type -> cex.auth.v1.CreateAccountResponse
+	9,  // 57: cex.auth.v1.AuthService.GetAccount:output_type -> cex.auth.v1.GetAccountResponse
+	16, // 58: cex.auth.v1.AuthService.CreateApiKey:output_type -> cex.auth.v1.CreateApiKeyResponse
+	11, // 59: cex.auth.v1.AuthService.SetAccountState:output_type -> cex.auth.v1.SetAccountStateResponse
+	18, // 60: cex.auth.v1.AuthService.ListApiKeys:output_type -> cex.auth.v1.ListApiKeysResponse
+	20, // 61: cex.auth.v1.AuthService.RevokeApiKey:output_type -> cex.auth.v1.RevokeApiKeyResponse
+	22, // 62: cex.auth.v1.AuthService.IssueToken:output_type -> cex.auth.v1.IssueTokenResponse
+	14, // 63: cex.auth.v1.AuthService.GetFrozenAccounts:output_type -> cex.auth.v1.GetFrozenAccountsResponse
+	24, // 64: cex.auth.v1.AuthService.GetFees:output_type -> cex.auth.v1.GetFeesResponse
+	30, // 65: cex.auth.v1.AuthService.GetFeeSchedule:output_type -> cex.auth.v1.GetFeeScheduleResponse
+	32, // 66: cex.auth.v1.AuthService.SetFeeSchedule:output_type -> cex.auth.v1.SetFeeScheduleResponse
+	34, // 67: cex.auth.v1.AuthService.SetAccountFeeTier:output_type -> cex.auth.v1.SetAccountFeeTierResponse
+	36, // 68: cex.auth.v1.AuthService.EvaluateFeeTiers:output_type -> cex.auth.v1.EvaluateFeeTiersResponse
+	40, // 69: cex.auth.v1.AuthService.GetFeeTiers:output_type -> cex.auth.v1.GetFeeTiersResponse
+	56, // [56:70] is the sub-list for method output_type
+	42, // [42:56] is the sub-list for method input_type
+	42, // [42:42] is the sub-list for extension type_name
+	42, // [42:42] is the sub-list for extension extendee
+	0,  // [0:42] is the sub-list for field type_name
 }
 
 func init() { file_cex_auth_v1_auth_proto_init() }
@@ -2133,7 +3053,7 @@ func file_cex_auth_v1_auth_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cex_auth_v1_auth_proto_rawDesc), len(file_cex_auth_v1_auth_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   23,
+			NumMessages:   37,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

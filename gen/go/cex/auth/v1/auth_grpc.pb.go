@@ -34,6 +34,11 @@ const (
 	AuthService_IssueToken_FullMethodName        = "/cex.auth.v1.AuthService/IssueToken"
 	AuthService_GetFrozenAccounts_FullMethodName = "/cex.auth.v1.AuthService/GetFrozenAccounts"
 	AuthService_GetFees_FullMethodName           = "/cex.auth.v1.AuthService/GetFees"
+	AuthService_GetFeeSchedule_FullMethodName    = "/cex.auth.v1.AuthService/GetFeeSchedule"
+	AuthService_SetFeeSchedule_FullMethodName    = "/cex.auth.v1.AuthService/SetFeeSchedule"
+	AuthService_SetAccountFeeTier_FullMethodName = "/cex.auth.v1.AuthService/SetAccountFeeTier"
+	AuthService_EvaluateFeeTiers_FullMethodName  = "/cex.auth.v1.AuthService/EvaluateFeeTiers"
+	AuthService_GetFeeTiers_FullMethodName       = "/cex.auth.v1.AuthService/GetFeeTiers"
 )
 
 // AuthServiceClient is the client API for AuthService service.
@@ -81,6 +86,27 @@ type AuthServiceClient interface {
 	// withdrawal fee and minimum. Any valid token. The values come from the
 	// market catalog, the one place the order and funding services read them.
 	GetFees(ctx context.Context, in *GetFeesRequest, opts ...grpc.CallOption) (*GetFeesResponse, error)
+	// Admin: the fee schedule, its tiers from the lowest 30-day volume up.
+	GetFeeSchedule(ctx context.Context, in *GetFeeScheduleRequest, opts ...grpc.CallOption) (*GetFeeScheduleResponse, error)
+	// Admin: replaces the fee schedule (every tier at once). Accounts whose tier
+	// follows their volume move to the tier their last measured volume gives;
+	// a tier an operator assigned to an account cannot be removed
+	// (FAILED_PRECONDITION AUTH_FEE_TIER_IN_USE). Idempotent on request_id.
+	// Order gateways charge the new rates from their next order (FeeTierChange
+	// on NATS subject `auth.events.fee_tier`, GetFeeTiers as the backstop).
+	SetFeeSchedule(ctx context.Context, in *SetFeeScheduleRequest, opts ...grpc.CallOption) (*SetFeeScheduleResponse, error)
+	// Admin: assigns an account a fee tier, which then overrides its volume
+	// tier; an empty fee_tier hands the account back to its volume tier.
+	// Idempotent on request_id.
+	SetAccountFeeTier(ctx context.Context, in *SetAccountFeeTierRequest, opts ...grpc.CallOption) (*SetAccountFeeTierResponse, error)
+	// Admin: measures every account's 30-day traded volume now (from the order
+	// service's fills) and moves accounts whose tier follows their volume to the
+	// tier it gives. The same runs every AUTH_FEE_VOLUME_INTERVAL_S.
+	EvaluateFeeTiers(ctx context.Context, in *EvaluateFeeTiersRequest, opts ...grpc.CallOption) (*EvaluateFeeTiersResponse, error)
+	// Internal: the fee schedule and every account not on the base tier, as of
+	// auth's fee-tier change sequence: the order gateways' backstop for the
+	// FeeTierChange push (chassis' fee_tiers.py).
+	GetFeeTiers(ctx context.Context, in *GetFeeTiersRequest, opts ...grpc.CallOption) (*GetFeeTiersResponse, error)
 }
 
 type authServiceClient struct {
@@ -181,6 +207,56 @@ func (c *authServiceClient) GetFees(ctx context.Context, in *GetFeesRequest, opt
 	return out, nil
 }
 
+func (c *authServiceClient) GetFeeSchedule(ctx context.Context, in *GetFeeScheduleRequest, opts ...grpc.CallOption) (*GetFeeScheduleResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetFeeScheduleResponse)
+	err := c.cc.Invoke(ctx, AuthService_GetFeeSchedule_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *authServiceClient) SetFeeSchedule(ctx context.Context, in *SetFeeScheduleRequest, opts ...grpc.CallOption) (*SetFeeScheduleResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SetFeeScheduleResponse)
+	err := c.cc.Invoke(ctx, AuthService_SetFeeSchedule_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *authServiceClient) SetAccountFeeTier(ctx context.Context, in *SetAccountFeeTierRequest, opts ...grpc.CallOption) (*SetAccountFeeTierResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SetAccountFeeTierResponse)
+	err := c.cc.Invoke(ctx, AuthService_SetAccountFeeTier_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *authServiceClient) EvaluateFeeTiers(ctx context.Context, in *EvaluateFeeTiersRequest, opts ...grpc.CallOption) (*EvaluateFeeTiersResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(EvaluateFeeTiersResponse)
+	err := c.cc.Invoke(ctx, AuthService_EvaluateFeeTiers_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *authServiceClient) GetFeeTiers(ctx context.Context, in *GetFeeTiersRequest, opts ...grpc.CallOption) (*GetFeeTiersResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetFeeTiersResponse)
+	err := c.cc.Invoke(ctx, AuthService_GetFeeTiers_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AuthServiceServer is the server API for AuthService service.
 // All implementations must embed UnimplementedAuthServiceServer
 // for forward compatibility.
@@ -226,6 +302,27 @@ type AuthServiceServer interface {
 	// withdrawal fee and minimum. Any valid token. The values come from the
 	// market catalog, the one place the order and funding services read them.
 	GetFees(context.Context, *GetFeesRequest) (*GetFeesResponse, error)
+	// Admin: the fee schedule, its tiers from the lowest 30-day volume up.
+	GetFeeSchedule(context.Context, *GetFeeScheduleRequest) (*GetFeeScheduleResponse, error)
+	// Admin: replaces the fee schedule (every tier at once). Accounts whose tier
+	// follows their volume move to the tier their last measured volume gives;
+	// a tier an operator assigned to an account cannot be removed
+	// (FAILED_PRECONDITION AUTH_FEE_TIER_IN_USE). Idempotent on request_id.
+	// Order gateways charge the new rates from their next order (FeeTierChange
+	// on NATS subject `auth.events.fee_tier`, GetFeeTiers as the backstop).
+	SetFeeSchedule(context.Context, *SetFeeScheduleRequest) (*SetFeeScheduleResponse, error)
+	// Admin: assigns an account a fee tier, which then overrides its volume
+	// tier; an empty fee_tier hands the account back to its volume tier.
+	// Idempotent on request_id.
+	SetAccountFeeTier(context.Context, *SetAccountFeeTierRequest) (*SetAccountFeeTierResponse, error)
+	// Admin: measures every account's 30-day traded volume now (from the order
+	// service's fills) and moves accounts whose tier follows their volume to the
+	// tier it gives. The same runs every AUTH_FEE_VOLUME_INTERVAL_S.
+	EvaluateFeeTiers(context.Context, *EvaluateFeeTiersRequest) (*EvaluateFeeTiersResponse, error)
+	// Internal: the fee schedule and every account not on the base tier, as of
+	// auth's fee-tier change sequence: the order gateways' backstop for the
+	// FeeTierChange push (chassis' fee_tiers.py).
+	GetFeeTiers(context.Context, *GetFeeTiersRequest) (*GetFeeTiersResponse, error)
 	mustEmbedUnimplementedAuthServiceServer()
 }
 
@@ -262,6 +359,21 @@ func (UnimplementedAuthServiceServer) GetFrozenAccounts(context.Context, *GetFro
 }
 func (UnimplementedAuthServiceServer) GetFees(context.Context, *GetFeesRequest) (*GetFeesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetFees not implemented")
+}
+func (UnimplementedAuthServiceServer) GetFeeSchedule(context.Context, *GetFeeScheduleRequest) (*GetFeeScheduleResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetFeeSchedule not implemented")
+}
+func (UnimplementedAuthServiceServer) SetFeeSchedule(context.Context, *SetFeeScheduleRequest) (*SetFeeScheduleResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetFeeSchedule not implemented")
+}
+func (UnimplementedAuthServiceServer) SetAccountFeeTier(context.Context, *SetAccountFeeTierRequest) (*SetAccountFeeTierResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetAccountFeeTier not implemented")
+}
+func (UnimplementedAuthServiceServer) EvaluateFeeTiers(context.Context, *EvaluateFeeTiersRequest) (*EvaluateFeeTiersResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method EvaluateFeeTiers not implemented")
+}
+func (UnimplementedAuthServiceServer) GetFeeTiers(context.Context, *GetFeeTiersRequest) (*GetFeeTiersResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetFeeTiers not implemented")
 }
 func (UnimplementedAuthServiceServer) mustEmbedUnimplementedAuthServiceServer() {}
 func (UnimplementedAuthServiceServer) testEmbeddedByValue()                     {}
@@ -446,6 +558,96 @@ func _AuthService_GetFees_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AuthService_GetFeeSchedule_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetFeeScheduleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).GetFeeSchedule(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AuthService_GetFeeSchedule_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).GetFeeSchedule(ctx, req.(*GetFeeScheduleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AuthService_SetFeeSchedule_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetFeeScheduleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).SetFeeSchedule(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AuthService_SetFeeSchedule_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).SetFeeSchedule(ctx, req.(*SetFeeScheduleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AuthService_SetAccountFeeTier_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetAccountFeeTierRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).SetAccountFeeTier(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AuthService_SetAccountFeeTier_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).SetAccountFeeTier(ctx, req.(*SetAccountFeeTierRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AuthService_EvaluateFeeTiers_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(EvaluateFeeTiersRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).EvaluateFeeTiers(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AuthService_EvaluateFeeTiers_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).EvaluateFeeTiers(ctx, req.(*EvaluateFeeTiersRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AuthService_GetFeeTiers_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetFeeTiersRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).GetFeeTiers(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AuthService_GetFeeTiers_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).GetFeeTiers(ctx, req.(*GetFeeTiersRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AuthService_ServiceDesc is the grpc.ServiceDesc for AuthService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -488,6 +690,26 @@ var AuthService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetFees",
 			Handler:    _AuthService_GetFees_Handler,
+		},
+		{
+			MethodName: "GetFeeSchedule",
+			Handler:    _AuthService_GetFeeSchedule_Handler,
+		},
+		{
+			MethodName: "SetFeeSchedule",
+			Handler:    _AuthService_SetFeeSchedule_Handler,
+		},
+		{
+			MethodName: "SetAccountFeeTier",
+			Handler:    _AuthService_SetAccountFeeTier_Handler,
+		},
+		{
+			MethodName: "EvaluateFeeTiers",
+			Handler:    _AuthService_EvaluateFeeTiers_Handler,
+		},
+		{
+			MethodName: "GetFeeTiers",
+			Handler:    _AuthService_GetFeeTiers_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -199,7 +199,8 @@ type Order struct {
 	FilledQuoteQuantity string `protobuf:"bytes,15,opt,name=filled_quote_quantity,json=filledQuoteQuantity,proto3" json:"filled_quote_quantity,omitempty"`
 	// Decimal string: volume-weighted average fill price; empty if nothing filled.
 	AveragePrice string `protobuf:"bytes,16,opt,name=average_price,json=averagePrice,proto3" json:"average_price,omitempty"`
-	// Decimal string: fees charged so far, in fee_asset.
+	// Decimal string: fees charged so far, in fee_asset (negative: a maker
+	// rebate, paid; the rates are the account's fee tier's when it was placed).
 	CumulativeFee string `protobuf:"bytes,17,opt,name=cumulative_fee,json=cumulativeFee,proto3" json:"cumulative_fee,omitempty"`
 	// Asset the fees are charged in.
 	FeeAsset string `protobuf:"bytes,18,opt,name=fee_asset,json=feeAsset,proto3" json:"fee_asset,omitempty"`
@@ -467,7 +468,8 @@ type Fill struct {
 	Quantity string `protobuf:"bytes,8,opt,name=quantity,proto3" json:"quantity,omitempty"`
 	// Decimal string: quote amount (price * quantity).
 	QuoteQuantity string `protobuf:"bytes,9,opt,name=quote_quantity,json=quoteQuantity,proto3" json:"quote_quantity,omitempty"`
-	// Decimal string: fee charged for this fill, in fee_asset.
+	// Decimal string: fee charged for this fill, in fee_asset (negative: a
+	// maker rebate, paid from the exchange's fee account).
 	Fee string `protobuf:"bytes,10,opt,name=fee,proto3" json:"fee,omitempty"`
 	// Asset of the fee.
 	FeeAsset string `protobuf:"bytes,11,opt,name=fee_asset,json=feeAsset,proto3" json:"fee_asset,omitempty"`
@@ -2709,7 +2711,8 @@ type ExecutionReport struct {
 	RemainingQuantity string `protobuf:"bytes,16,opt,name=remaining_quantity,json=remainingQuantity,proto3" json:"remaining_quantity,omitempty"`
 	// Decimal string: average fill price so far; empty if nothing filled.
 	AveragePrice string `protobuf:"bytes,17,opt,name=average_price,json=averagePrice,proto3" json:"average_price,omitempty"`
-	// TRADE: decimal string, the fee for this fill.
+	// TRADE: decimal string, the fee charged for this fill (negative: a maker
+	// rebate).
 	Fee string `protobuf:"bytes,18,opt,name=fee,proto3" json:"fee,omitempty"`
 	// TRADE: the fee's asset.
 	FeeAsset string `protobuf:"bytes,19,opt,name=fee_asset,json=feeAsset,proto3" json:"fee_asset,omitempty"`
@@ -3008,6 +3011,189 @@ func (x *Heartbeat) GetSendTime() *timestamppb.Timestamp {
 	return nil
 }
 
+// Request for OrderService.ListTradedVolumes.
+type ListTradedVolumesRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Fills at or after this time count.
+	StartTime *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	// Only markets quoted in this asset count (e.g. "USDT"); required.
+	QuoteAsset string `protobuf:"bytes,2,opt,name=quote_asset,json=quoteAsset,proto3" json:"quote_asset,omitempty"`
+	// Maximum number of accounts to return; 0 means 1000, at most 10000.
+	PageSize int32 `protobuf:"varint,3,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// Token from a previous response's next_page_token; empty for the first page.
+	PageToken     string `protobuf:"bytes,4,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListTradedVolumesRequest) Reset() {
+	*x = ListTradedVolumesRequest{}
+	mi := &file_cex_order_v1_order_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListTradedVolumesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListTradedVolumesRequest) ProtoMessage() {}
+
+func (x *ListTradedVolumesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_order_v1_order_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListTradedVolumesRequest.ProtoReflect.Descriptor instead.
+func (*ListTradedVolumesRequest) Descriptor() ([]byte, []int) {
+	return file_cex_order_v1_order_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *ListTradedVolumesRequest) GetStartTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StartTime
+	}
+	return nil
+}
+
+func (x *ListTradedVolumesRequest) GetQuoteAsset() string {
+	if x != nil {
+		return x.QuoteAsset
+	}
+	return ""
+}
+
+func (x *ListTradedVolumesRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListTradedVolumesRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// One account's traded volume.
+type TradedVolume struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The account.
+	AccountId string `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	// Decimal string: the quote amount of its fills.
+	Volume        string `protobuf:"bytes,2,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TradedVolume) Reset() {
+	*x = TradedVolume{}
+	mi := &file_cex_order_v1_order_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TradedVolume) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TradedVolume) ProtoMessage() {}
+
+func (x *TradedVolume) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_order_v1_order_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TradedVolume.ProtoReflect.Descriptor instead.
+func (*TradedVolume) Descriptor() ([]byte, []int) {
+	return file_cex_order_v1_order_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *TradedVolume) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *TradedVolume) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+// Response for OrderService.ListTradedVolumes.
+type ListTradedVolumesResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Accounts with fills in the window, by account_id ascending.
+	Volumes []*TradedVolume `protobuf:"bytes,1,rep,name=volumes,proto3" json:"volumes,omitempty"`
+	// Token for the next page; empty when there are no more results.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListTradedVolumesResponse) Reset() {
+	*x = ListTradedVolumesResponse{}
+	mi := &file_cex_order_v1_order_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListTradedVolumesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListTradedVolumesResponse) ProtoMessage() {}
+
+func (x *ListTradedVolumesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_order_v1_order_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListTradedVolumesResponse.ProtoReflect.Descriptor instead.
+func (*ListTradedVolumesResponse) Descriptor() ([]byte, []int) {
+	return file_cex_order_v1_order_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *ListTradedVolumesResponse) GetVolumes() []*TradedVolume {
+	if x != nil {
+		return x.Volumes
+	}
+	return nil
+}
+
+func (x *ListTradedVolumesResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
 var File_cex_order_v1_order_proto protoreflect.FileDescriptor
 
 const file_cex_order_v1_order_proto_rawDesc = "" +
@@ -3254,7 +3440,22 @@ const file_cex_order_v1_order_proto_rawDesc = "" +
 	"\x19cumulative_quote_quantity\x18\x1b \x01(\tR\x17cumulativeQuoteQuantity\"T\n" +
 	"\tHeartbeat\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x127\n" +
-	"\tsend_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\bsendTime*v\n" +
+	"\tsend_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\bsendTime\"\xb2\x01\n" +
+	"\x18ListTradedVolumesRequest\x129\n" +
+	"\n" +
+	"start_time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x12\x1f\n" +
+	"\vquote_asset\x18\x02 \x01(\tR\n" +
+	"quoteAsset\x12\x1b\n" +
+	"\tpage_size\x18\x03 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x04 \x01(\tR\tpageToken\"E\n" +
+	"\fTradedVolume\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\x12\x16\n" +
+	"\x06volume\x18\x02 \x01(\tR\x06volume\"y\n" +
+	"\x19ListTradedVolumesResponse\x124\n" +
+	"\avolumes\x18\x01 \x03(\v2\x1a.cex.order.v1.TradedVolumeR\avolumes\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken*v\n" +
 	"\x11OrderStatusFilter\x12#\n" +
 	"\x1fORDER_STATUS_FILTER_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18ORDER_STATUS_FILTER_OPEN\x10\x01\x12\x1e\n" +
@@ -3267,7 +3468,8 @@ const file_cex_order_v1_order_proto_rawDesc = "" +
 	"\x16EXECUTION_TYPE_AMENDED\x10\x04\x12\x1b\n" +
 	"\x17EXECUTION_TYPE_REJECTED\x10\x05\x12\x1a\n" +
 	"\x16EXECUTION_TYPE_EXPIRED\x10\x06\x12\x1c\n" +
-	"\x18EXECUTION_TYPE_TRIGGERED\x10\a2\xc8\t\n" +
+	"\x18EXECUTION_TYPE_TRIGGERED\x10\a2\xae\n" +
+	"\n" +
 	"\fOrderService\x12f\n" +
 	"\n" +
 	"PlaceOrder\x12\x1f.cex.order.v1.PlaceOrderRequest\x1a .cex.order.v1.PlaceOrderResponse\"\x15\x82\xd3\xe4\x93\x02\x0f:\x01*\"\n" +
@@ -3283,7 +3485,8 @@ const file_cex_order_v1_order_proto_rawDesc = "" +
 	"ListOrders\x12\x1f.cex.order.v1.ListOrdersRequest\x1a .cex.order.v1.ListOrdersResponse\"\x12\x82\xd3\xe4\x93\x02\f\x12\n" +
 	"/v1/orders\x12_\n" +
 	"\tListFills\x12\x1e.cex.order.v1.ListFillsRequest\x1a\x1f.cex.order.v1.ListFillsResponse\"\x11\x82\xd3\xe4\x93\x02\v\x12\t/v1/fills\x12Y\n" +
-	"\fStreamOrders\x12!.cex.order.v1.StreamOrdersRequest\x1a\".cex.order.v1.StreamOrdersResponse(\x010\x01b\x06proto3"
+	"\fStreamOrders\x12!.cex.order.v1.StreamOrdersRequest\x1a\".cex.order.v1.StreamOrdersResponse(\x010\x01\x12d\n" +
+	"\x11ListTradedVolumes\x12&.cex.order.v1.ListTradedVolumesRequest\x1a'.cex.order.v1.ListTradedVolumesResponseb\x06proto3"
 
 var (
 	file_cex_order_v1_order_proto_rawDescOnce sync.Once
@@ -3298,88 +3501,91 @@ func file_cex_order_v1_order_proto_rawDescGZIP() []byte {
 }
 
 var file_cex_order_v1_order_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_cex_order_v1_order_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_cex_order_v1_order_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_cex_order_v1_order_proto_goTypes = []any{
-	(OrderStatusFilter)(0),           // 0: cex.order.v1.OrderStatusFilter
-	(ExecutionType)(0),               // 1: cex.order.v1.ExecutionType
-	(*Order)(nil),                    // 2: cex.order.v1.Order
-	(*Fill)(nil),                     // 3: cex.order.v1.Fill
-	(*PlaceOrderRequest)(nil),        // 4: cex.order.v1.PlaceOrderRequest
-	(*PlaceOrderResponse)(nil),       // 5: cex.order.v1.PlaceOrderResponse
-	(*BatchPlaceOrdersRequest)(nil),  // 6: cex.order.v1.BatchPlaceOrdersRequest
-	(*PlaceOrderResult)(nil),         // 7: cex.order.v1.PlaceOrderResult
-	(*BatchPlaceOrdersResponse)(nil), // 8: cex.order.v1.BatchPlaceOrdersResponse
-	(*AmendOrderRequest)(nil),        // 9: cex.order.v1.AmendOrderRequest
-	(*AmendOrderResponse)(nil),       // 10: cex.order.v1.AmendOrderResponse
-	(*CancelOrderRequest)(nil),       // 11: cex.order.v1.CancelOrderRequest
-	(*CancelOrderResponse)(nil),      // 12: cex.order.v1.CancelOrderResponse
-	(*CancelAllOrdersRequest)(nil),   // 13: cex.order.v1.CancelAllOrdersRequest
-	(*CancelAllOrdersResponse)(nil),  // 14: cex.order.v1.CancelAllOrdersResponse
-	(*CancelAllAfterRequest)(nil),    // 15: cex.order.v1.CancelAllAfterRequest
-	(*CancelAllAfterResponse)(nil),   // 16: cex.order.v1.CancelAllAfterResponse
-	(*GetOrderRequest)(nil),          // 17: cex.order.v1.GetOrderRequest
-	(*GetOrderResponse)(nil),         // 18: cex.order.v1.GetOrderResponse
-	(*ListOrdersRequest)(nil),        // 19: cex.order.v1.ListOrdersRequest
-	(*ListOrdersResponse)(nil),       // 20: cex.order.v1.ListOrdersResponse
-	(*ListFillsRequest)(nil),         // 21: cex.order.v1.ListFillsRequest
-	(*ListFillsResponse)(nil),        // 22: cex.order.v1.ListFillsResponse
-	(*StreamOrdersRequest)(nil),      // 23: cex.order.v1.StreamOrdersRequest
-	(*StreamCommands)(nil),           // 24: cex.order.v1.StreamCommands
-	(*StreamOrdersResponse)(nil),     // 25: cex.order.v1.StreamOrdersResponse
-	(*StreamSubscribe)(nil),          // 26: cex.order.v1.StreamSubscribe
-	(*StreamSubscribed)(nil),         // 27: cex.order.v1.StreamSubscribed
-	(*StreamAck)(nil),                // 28: cex.order.v1.StreamAck
-	(*StreamReject)(nil),             // 29: cex.order.v1.StreamReject
-	(*ExecutionReport)(nil),          // 30: cex.order.v1.ExecutionReport
-	(*Heartbeat)(nil),                // 31: cex.order.v1.Heartbeat
-	(v1.Side)(0),                     // 32: cex.type.v1.Side
-	(v1.OrderType)(0),                // 33: cex.type.v1.OrderType
-	(v1.TimeInForce)(0),              // 34: cex.type.v1.TimeInForce
-	(v1.SelfTradePrevention)(0),      // 35: cex.type.v1.SelfTradePrevention
-	(v1.OrderState)(0),               // 36: cex.type.v1.OrderState
-	(v1.CancelReason)(0),             // 37: cex.type.v1.CancelReason
-	(*timestamppb.Timestamp)(nil),    // 38: google.protobuf.Timestamp
-	(v1.Liquidity)(0),                // 39: cex.type.v1.Liquidity
-	(*status.Status)(nil),            // 40: google.rpc.Status
-	(*durationpb.Duration)(nil),      // 41: google.protobuf.Duration
+	(OrderStatusFilter)(0),            // 0: cex.order.v1.OrderStatusFilter
+	(ExecutionType)(0),                // 1: cex.order.v1.ExecutionType
+	(*Order)(nil),                     // 2: cex.order.v1.Order
+	(*Fill)(nil),                      // 3: cex.order.v1.Fill
+	(*PlaceOrderRequest)(nil),         // 4: cex.order.v1.PlaceOrderRequest
+	(*PlaceOrderResponse)(nil),        // 5: cex.order.v1.PlaceOrderResponse
+	(*BatchPlaceOrdersRequest)(nil),   // 6: cex.order.v1.BatchPlaceOrdersRequest
+	(*PlaceOrderResult)(nil),          // 7: cex.order.v1.PlaceOrderResult
+	(*BatchPlaceOrdersResponse)(nil),  // 8: cex.order.v1.BatchPlaceOrdersResponse
+	(*AmendOrderRequest)(nil),         // 9: cex.order.v1.AmendOrderRequest
+	(*AmendOrderResponse)(nil),        // 10: cex.order.v1.AmendOrderResponse
+	(*CancelOrderRequest)(nil),        // 11: cex.order.v1.CancelOrderRequest
+	(*CancelOrderResponse)(nil),       // 12: cex.order.v1.CancelOrderResponse
+	(*CancelAllOrdersRequest)(nil),    // 13: cex.order.v1.CancelAllOrdersRequest
+	(*CancelAllOrdersResponse)(nil),   // 14: cex.order.v1.CancelAllOrdersResponse
+	(*CancelAllAfterRequest)(nil),     // 15: cex.order.v1.CancelAllAfterRequest
+	(*CancelAllAfterResponse)(nil),    // 16: cex.order.v1.CancelAllAfterResponse
+	(*GetOrderRequest)(nil),           // 17: cex.order.v1.GetOrderRequest
+	(*GetOrderResponse)(nil),          // 18: cex.order.v1.GetOrderResponse
+	(*ListOrdersRequest)(nil),         // 19: cex.order.v1.ListOrdersRequest
+	(*ListOrdersResponse)(nil),        // 20: cex.order.v1.ListOrdersResponse
+	(*ListFillsRequest)(nil),          // 21: cex.order.v1.ListFillsRequest
+	(*ListFillsResponse)(nil),         // 22: cex.order.v1.ListFillsResponse
+	(*StreamOrdersRequest)(nil),       // 23: cex.order.v1.StreamOrdersRequest
+	(*StreamCommands)(nil),            // 24: cex.order.v1.StreamCommands
+	(*StreamOrdersResponse)(nil),      // 25: cex.order.v1.StreamOrdersResponse
+	(*StreamSubscribe)(nil),           // 26: cex.order.v1.StreamSubscribe
+	(*StreamSubscribed)(nil),          // 27: cex.order.v1.StreamSubscribed
+	(*StreamAck)(nil),                 // 28: cex.order.v1.StreamAck
+	(*StreamReject)(nil),              // 29: cex.order.v1.StreamReject
+	(*ExecutionReport)(nil),           // 30: cex.order.v1.ExecutionReport
+	(*Heartbeat)(nil),                 // 31: cex.order.v1.Heartbeat
+	(*ListTradedVolumesRequest)(nil),  // 32: cex.order.v1.ListTradedVolumesRequest
+	(*TradedVolume)(nil),              // 33: cex.order.v1.TradedVolume
+	(*ListTradedVolumesResponse)(nil), // 34: cex.order.v1.ListTradedVolumesResponse
+	(v1.Side)(0),                      // 35: cex.type.v1.Side
+	(v1.OrderType)(0),                 // 36: cex.type.v1.OrderType
+	(v1.TimeInForce)(0),               // 37: cex.type.v1.TimeInForce
+	(v1.SelfTradePrevention)(0),       // 38: cex.type.v1.SelfTradePrevention
+	(v1.OrderState)(0),                // 39: cex.type.v1.OrderState
+	(v1.CancelReason)(0),              // 40: cex.type.v1.CancelReason
+	(*timestamppb.Timestamp)(nil),     // 41: google.protobuf.Timestamp
+	(v1.Liquidity)(0),                 // 42: cex.type.v1.Liquidity
+	(*status.Status)(nil),             // 43: google.rpc.Status
+	(*durationpb.Duration)(nil),       // 44: google.protobuf.Duration
 }
 var file_cex_order_v1_order_proto_depIdxs = []int32{
-	32, // 0: cex.order.v1.Order.side:type_name -> cex.type.v1.Side
-	33, // 1: cex.order.v1.Order.type:type_name -> cex.type.v1.OrderType
-	34, // 2: cex.order.v1.Order.time_in_force:type_name -> cex.type.v1.TimeInForce
-	35, // 3: cex.order.v1.Order.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
-	36, // 4: cex.order.v1.Order.state:type_name -> cex.type.v1.OrderState
-	37, // 5: cex.order.v1.Order.cancel_reason:type_name -> cex.type.v1.CancelReason
-	38, // 6: cex.order.v1.Order.expire_time:type_name -> google.protobuf.Timestamp
-	38, // 7: cex.order.v1.Order.create_time:type_name -> google.protobuf.Timestamp
-	38, // 8: cex.order.v1.Order.update_time:type_name -> google.protobuf.Timestamp
-	38, // 9: cex.order.v1.Order.trigger_time:type_name -> google.protobuf.Timestamp
-	32, // 10: cex.order.v1.Fill.side:type_name -> cex.type.v1.Side
-	39, // 11: cex.order.v1.Fill.liquidity:type_name -> cex.type.v1.Liquidity
-	38, // 12: cex.order.v1.Fill.trade_time:type_name -> google.protobuf.Timestamp
-	32, // 13: cex.order.v1.PlaceOrderRequest.side:type_name -> cex.type.v1.Side
-	33, // 14: cex.order.v1.PlaceOrderRequest.type:type_name -> cex.type.v1.OrderType
-	34, // 15: cex.order.v1.PlaceOrderRequest.time_in_force:type_name -> cex.type.v1.TimeInForce
-	35, // 16: cex.order.v1.PlaceOrderRequest.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
-	38, // 17: cex.order.v1.PlaceOrderRequest.expire_time:type_name -> google.protobuf.Timestamp
+	35, // 0: cex.order.v1.Order.side:type_name -> cex.type.v1.Side
+	36, // 1: cex.order.v1.Order.type:type_name -> cex.type.v1.OrderType
+	37, // 2: cex.order.v1.Order.time_in_force:type_name -> cex.type.v1.TimeInForce
+	38, // 3: cex.order.v1.Order.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
+	39, // 4: cex.order.v1.Order.state:type_name -> cex.type.v1.OrderState
+	40, // 5: cex.order.v1.Order.cancel_reason:type_name -> cex.type.v1.CancelReason
+	41, // 6: cex.order.v1.Order.expire_time:type_name -> google.protobuf.Timestamp
+	41, // 7: cex.order.v1.Order.create_time:type_name -> google.protobuf.Timestamp
+	41, // 8: cex.order.v1.Order.update_time:type_name -> google.protobuf.Timestamp
+	41, // 9: cex.order.v1.Order.trigger_time:type_name -> google.protobuf.Timestamp
+	35, // 10: cex.order.v1.Fill.side:type_name -> cex.type.v1.Side
+	42, // 11: cex.order.v1.Fill.liquidity:type_name -> cex.type.v1.Liquidity
+	41, // 12: cex.order.v1.Fill.trade_time:type_name -> google.protobuf.Timestamp
+	35, // 13: cex.order.v1.PlaceOrderRequest.side:type_name -> cex.type.v1.Side
+	36, // 14: cex.order.v1.PlaceOrderRequest.type:type_name -> cex.type.v1.OrderType
+	37, // 15: cex.order.v1.PlaceOrderRequest.time_in_force:type_name -> cex.type.v1.TimeInForce
+	38, // 16: cex.order.v1.PlaceOrderRequest.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
+	41, // 17: cex.order.v1.PlaceOrderRequest.expire_time:type_name -> google.protobuf.Timestamp
 	2,  // 18: cex.order.v1.PlaceOrderResponse.order:type_name -> cex.order.v1.Order
 	4,  // 19: cex.order.v1.BatchPlaceOrdersRequest.requests:type_name -> cex.order.v1.PlaceOrderRequest
-	40, // 20: cex.order.v1.PlaceOrderResult.status:type_name -> google.rpc.Status
+	43, // 20: cex.order.v1.PlaceOrderResult.status:type_name -> google.rpc.Status
 	2,  // 21: cex.order.v1.PlaceOrderResult.order:type_name -> cex.order.v1.Order
 	7,  // 22: cex.order.v1.BatchPlaceOrdersResponse.results:type_name -> cex.order.v1.PlaceOrderResult
 	2,  // 23: cex.order.v1.AmendOrderResponse.order:type_name -> cex.order.v1.Order
 	2,  // 24: cex.order.v1.CancelOrderResponse.order:type_name -> cex.order.v1.Order
-	32, // 25: cex.order.v1.CancelAllOrdersRequest.side:type_name -> cex.type.v1.Side
+	35, // 25: cex.order.v1.CancelAllOrdersRequest.side:type_name -> cex.type.v1.Side
 	2,  // 26: cex.order.v1.CancelAllOrdersResponse.orders:type_name -> cex.order.v1.Order
-	38, // 27: cex.order.v1.CancelAllAfterResponse.trigger_time:type_name -> google.protobuf.Timestamp
+	41, // 27: cex.order.v1.CancelAllAfterResponse.trigger_time:type_name -> google.protobuf.Timestamp
 	2,  // 28: cex.order.v1.GetOrderResponse.order:type_name -> cex.order.v1.Order
 	0,  // 29: cex.order.v1.ListOrdersRequest.status:type_name -> cex.order.v1.OrderStatusFilter
-	32, // 30: cex.order.v1.ListOrdersRequest.side:type_name -> cex.type.v1.Side
-	38, // 31: cex.order.v1.ListOrdersRequest.start_time:type_name -> google.protobuf.Timestamp
-	38, // 32: cex.order.v1.ListOrdersRequest.end_time:type_name -> google.protobuf.Timestamp
+	35, // 30: cex.order.v1.ListOrdersRequest.side:type_name -> cex.type.v1.Side
+	41, // 31: cex.order.v1.ListOrdersRequest.start_time:type_name -> google.protobuf.Timestamp
+	41, // 32: cex.order.v1.ListOrdersRequest.end_time:type_name -> google.protobuf.Timestamp
 	2,  // 33: cex.order.v1.ListOrdersResponse.orders:type_name -> cex.order.v1.Order
-	38, // 34: cex.order.v1.ListFillsRequest.start_time:type_name -> google.protobuf.Timestamp
-	38, // 35: cex.order.v1.ListFillsRequest.end_time:type_name -> google.protobuf.Timestamp
+	41, // 34: cex.order.v1.ListFillsRequest.start_time:type_name -> google.protobuf.Timestamp
+	41, // 35: cex.order.v1.ListFillsRequest.end_time:type_name -> google.protobuf.Timestamp
 	3,  // 36: cex.order.v1.ListFillsResponse.fills:type_name -> cex.order.v1.Fill
 	26, // 37: cex.order.v1.StreamOrdersRequest.subscribe:type_name -> cex.order.v1.StreamSubscribe
 	4,  // 38: cex.order.v1.StreamOrdersRequest.place:type_name -> cex.order.v1.PlaceOrderRequest
@@ -3395,48 +3601,52 @@ var file_cex_order_v1_order_proto_depIdxs = []int32{
 	29, // 48: cex.order.v1.StreamOrdersResponse.reject:type_name -> cex.order.v1.StreamReject
 	30, // 49: cex.order.v1.StreamOrdersResponse.execution_report:type_name -> cex.order.v1.ExecutionReport
 	31, // 50: cex.order.v1.StreamOrdersResponse.heartbeat:type_name -> cex.order.v1.Heartbeat
-	40, // 51: cex.order.v1.StreamOrdersResponse.error:type_name -> google.rpc.Status
-	41, // 52: cex.order.v1.StreamSubscribe.heartbeat_interval:type_name -> google.protobuf.Duration
-	41, // 53: cex.order.v1.StreamSubscribed.heartbeat_interval:type_name -> google.protobuf.Duration
+	43, // 51: cex.order.v1.StreamOrdersResponse.error:type_name -> google.rpc.Status
+	44, // 52: cex.order.v1.StreamSubscribe.heartbeat_interval:type_name -> google.protobuf.Duration
+	44, // 53: cex.order.v1.StreamSubscribed.heartbeat_interval:type_name -> google.protobuf.Duration
 	5,  // 54: cex.order.v1.StreamAck.place:type_name -> cex.order.v1.PlaceOrderResponse
 	10, // 55: cex.order.v1.StreamAck.amend:type_name -> cex.order.v1.AmendOrderResponse
 	12, // 56: cex.order.v1.StreamAck.cancel:type_name -> cex.order.v1.CancelOrderResponse
 	14, // 57: cex.order.v1.StreamAck.cancel_all:type_name -> cex.order.v1.CancelAllOrdersResponse
 	16, // 58: cex.order.v1.StreamAck.cancel_all_after:type_name -> cex.order.v1.CancelAllAfterResponse
-	40, // 59: cex.order.v1.StreamReject.status:type_name -> google.rpc.Status
+	43, // 59: cex.order.v1.StreamReject.status:type_name -> google.rpc.Status
 	1,  // 60: cex.order.v1.ExecutionReport.execution_type:type_name -> cex.order.v1.ExecutionType
-	32, // 61: cex.order.v1.ExecutionReport.side:type_name -> cex.type.v1.Side
-	33, // 62: cex.order.v1.ExecutionReport.order_type:type_name -> cex.type.v1.OrderType
-	36, // 63: cex.order.v1.ExecutionReport.order_state:type_name -> cex.type.v1.OrderState
-	39, // 64: cex.order.v1.ExecutionReport.liquidity:type_name -> cex.type.v1.Liquidity
-	37, // 65: cex.order.v1.ExecutionReport.cancel_reason:type_name -> cex.type.v1.CancelReason
-	38, // 66: cex.order.v1.ExecutionReport.event_time:type_name -> google.protobuf.Timestamp
-	38, // 67: cex.order.v1.Heartbeat.send_time:type_name -> google.protobuf.Timestamp
-	4,  // 68: cex.order.v1.OrderService.PlaceOrder:input_type -> cex.order.v1.PlaceOrderRequest
-	6,  // 69: cex.order.v1.OrderService.BatchPlaceOrders:input_type -> cex.order.v1.BatchPlaceOrdersRequest
-	9,  // 70: cex.order.v1.OrderService.AmendOrder:input_type -> cex.order.v1.AmendOrderRequest
-	11, // 71: cex.order.v1.OrderService.CancelOrder:input_type -> cex.order.v1.CancelOrderRequest
-	13, // 72: cex.order.v1.OrderService.CancelAllOrders:input_type -> cex.order.v1.CancelAllOrdersRequest
-	15, // 73: cex.order.v1.OrderService.CancelAllAfter:input_type -> cex.order.v1.CancelAllAfterRequest
-	17, // 74: cex.order.v1.OrderService.GetOrder:input_type -> cex.order.v1.GetOrderRequest
-	19, // 75: cex.order.v1.OrderService.ListOrders:input_type -> cex.order.v1.ListOrdersRequest
-	21, // 76: cex.order.v1.OrderService.ListFills:input_type -> cex.order.v1.ListFillsRequest
-	23, // 77: cex.order.v1.OrderService.StreamOrders:input_type -> cex.order.v1.StreamOrdersRequest
-	5,  // 78: cex.order.v1.OrderService.PlaceOrder:output_type -> cex.order.v1.PlaceOrderResponse
-	8,  // 79: cex.order.v1.OrderService.BatchPlaceOrders:output_type -> cex.order.v1.BatchPlaceOrdersResponse
-	10, // 80: cex.order.v1.OrderService.AmendOrder:output_type -> cex.order.v1.AmendOrderResponse
-	12, // 81: cex.order.v1.OrderService.CancelOrder:output_type -> cex.order.v1.CancelOrderResponse
-	14, // 82: cex.order.v1.OrderService.CancelAllOrders:output_type -> cex.order.v1.CancelAllOrdersResponse
-	16, // 83: cex.order.v1.OrderService.CancelAllAfter:output_type -> cex.order.v1.CancelAllAfterResponse
-	18, // 84: cex.order.v1.OrderService.GetOrder:output_type -> cex.order.v1.GetOrderResponse
-	20, // 85: cex.order.v1.OrderService.ListOrders:output_type -> cex.order.v1.ListOrdersResponse
-	22, // 86: cex.order.v1.OrderService.ListFills:output_type -> cex.order.v1.ListFillsResponse
-	25, // 87: cex.order.v1.OrderService.StreamOrders:output_type -> cex.order.v1.StreamOrdersResponse
-	78, // [78:88] is the sub-list for method output_type
-	68, // [68:78] is the sub-list for method input_type
-	68, // [68:68] is the sub-list for extension type_name
-	68, // [68:68] is the sub-list for extension extendee
-	0,  // [0:68] is the sub-list for field type_name
+	35, // 61: cex.order.v1.ExecutionReport.side:type_name -> cex.type.v1.Side
+	36, // 62: cex.order.v1.ExecutionReport.order_type:type_name -> cex.type.v1.OrderType
+	39, // 63: cex.order.v1.ExecutionReport.order_state:type_name -> cex.type.v1.OrderState
+	42, // 64: cex.order.v1.ExecutionReport.liquidity:type_name -> cex.type.v1.Liquidity
+	40, // 65: cex.order.v1.ExecutionReport.cancel_reason:type_name -> cex.type.v1.CancelReason
+	41, // 66: cex.order.v1.ExecutionReport.event_time:type_name -> google.protobuf.Timestamp
+	41, // 67: cex.order.v1.Heartbeat.send_time:type_name -> google.protobuf.Timestamp
+	41, // 68: cex.order.v1.ListTradedVolumesRequest.start_time:type_name -> google.protobuf.Timestamp
+	33, // 69: cex.order.v1.ListTradedVolumesResponse.volumes:type_name -> cex.order.v1.TradedVolume
+	4,  // 70: cex.order.v1.OrderService.PlaceOrder:input_type -> cex.order.v1.PlaceOrderRequest
+	6,  // 71: cex.order.v1.OrderService.BatchPlaceOrders:input_type -> cex.order.v1.BatchPlaceOrdersRequest
+	9,  // 72: cex.order.v1.OrderService.AmendOrder:input_type -> cex.order.v1.AmendOrderRequest
+	11, // 73: cex.order.v1.OrderService.CancelOrder:input_type -> cex.order.v1.CancelOrderRequest
+	13, // 74: cex.order.v1.OrderService.CancelAllOrders:input_type -> cex.order.v1.CancelAllOrdersRequest
+	15, // 75: cex.order.v1.OrderService.CancelAllAfter:input_type -> cex.order.v1.CancelAllAfterRequest
+	17, // 76: cex.order.v1.OrderService.GetOrder:input_type -> cex.order.v1.GetOrderRequest
+	19, // 77: cex.order.v1.OrderService.ListOrders:input_type -> cex.order.v1.ListOrdersRequest
+	21, // 78: cex.order.v1.OrderService.ListFills:input_type -> cex.order.v1.ListFillsRequest
+	23, // 79: cex.order.v1.OrderService.StreamOrders:input_type -> cex.order.v1.StreamOrdersRequest
+	32, // 80: cex.order.v1.OrderService.ListTradedVolumes:input_type -> cex.order.v1.ListTradedVolumesRequest
+	5,  // 81: cex.order.v1.OrderService.PlaceOrder:output_type -> cex.order.v1.PlaceOrderResponse
+	8,  // 82: cex.order.v1.OrderService.BatchPlaceOrders:output_type -> cex.order.v1.BatchPlaceOrdersResponse
+	10, // 83: cex.order.v1.OrderService.AmendOrder:output_type -> cex.order.v1.AmendOrderResponse
+	12, // 84: cex.order.v1.OrderService.CancelOrder:output_type -> cex.order.v1.CancelOrderResponse
+	14, // 85: cex.order.v1.OrderService.CancelAllOrders:output_type -> cex.order.v1.CancelAllOrdersResponse
+	16, // 86: cex.order.v1.OrderService.CancelAllAfter:output_type -> cex.order.v1.CancelAllAfterResponse
+	18, // 87: cex.order.v1.OrderService.GetOrder:output_type -> cex.order.v1.GetOrderResponse
+	20, // 88: cex.order.v1.OrderService.ListOrders:output_type -> cex.order.v1.ListOrdersResponse
+	22, // 89: cex.order.v1.OrderService.ListFills:output_type -> cex.order.v1.ListFillsResponse
+	25, // 90: cex.order.v1.OrderService.StreamOrders:output_type -> cex.order.v1.StreamOrdersResponse
+	34, // 91: cex.order.v1.OrderService.ListTradedVolumes:output_type -> cex.order.v1.ListTradedVolumesResponse
+	81, // [81:92] is the sub-list for method output_type
+	70, // [70:81] is the sub-list for method input_type
+	70, // [70:70] is the sub-list for extension type_name
+	70, // [70:70] is the sub-list for extension extendee
+	0,  // [0:70] is the sub-list for field type_name
 }
 
 func init() { file_cex_order_v1_order_proto_init() }
@@ -3475,7 +3685,7 @@ func file_cex_order_v1_order_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cex_order_v1_order_proto_rawDesc), len(file_cex_order_v1_order_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   30,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -29,16 +29,17 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	OrderService_PlaceOrder_FullMethodName       = "/cex.order.v1.OrderService/PlaceOrder"
-	OrderService_BatchPlaceOrders_FullMethodName = "/cex.order.v1.OrderService/BatchPlaceOrders"
-	OrderService_AmendOrder_FullMethodName       = "/cex.order.v1.OrderService/AmendOrder"
-	OrderService_CancelOrder_FullMethodName      = "/cex.order.v1.OrderService/CancelOrder"
-	OrderService_CancelAllOrders_FullMethodName  = "/cex.order.v1.OrderService/CancelAllOrders"
-	OrderService_CancelAllAfter_FullMethodName   = "/cex.order.v1.OrderService/CancelAllAfter"
-	OrderService_GetOrder_FullMethodName         = "/cex.order.v1.OrderService/GetOrder"
-	OrderService_ListOrders_FullMethodName       = "/cex.order.v1.OrderService/ListOrders"
-	OrderService_ListFills_FullMethodName        = "/cex.order.v1.OrderService/ListFills"
-	OrderService_StreamOrders_FullMethodName     = "/cex.order.v1.OrderService/StreamOrders"
+	OrderService_PlaceOrder_FullMethodName        = "/cex.order.v1.OrderService/PlaceOrder"
+	OrderService_BatchPlaceOrders_FullMethodName  = "/cex.order.v1.OrderService/BatchPlaceOrders"
+	OrderService_AmendOrder_FullMethodName        = "/cex.order.v1.OrderService/AmendOrder"
+	OrderService_CancelOrder_FullMethodName       = "/cex.order.v1.OrderService/CancelOrder"
+	OrderService_CancelAllOrders_FullMethodName   = "/cex.order.v1.OrderService/CancelAllOrders"
+	OrderService_CancelAllAfter_FullMethodName    = "/cex.order.v1.OrderService/CancelAllAfter"
+	OrderService_GetOrder_FullMethodName          = "/cex.order.v1.OrderService/GetOrder"
+	OrderService_ListOrders_FullMethodName        = "/cex.order.v1.OrderService/ListOrders"
+	OrderService_ListFills_FullMethodName         = "/cex.order.v1.OrderService/ListFills"
+	OrderService_StreamOrders_FullMethodName      = "/cex.order.v1.OrderService/StreamOrders"
+	OrderService_ListTradedVolumes_FullMethodName = "/cex.order.v1.OrderService/ListTradedVolumes"
 )
 
 // OrderServiceClient is the client API for OrderService service.
@@ -87,6 +88,10 @@ type OrderServiceClient interface {
 	// client_order_id) and an `execution_report` for every change to the
 	// account's orders, numbered by a per-session sequence.
 	StreamOrders(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[StreamOrdersRequest, StreamOrdersResponse], error)
+	// Internal (auth's fee tiers): each account's traded volume since a time,
+	// the sum of the quote amounts of its fills in markets quoted in one asset,
+	// by account_id ascending.
+	ListTradedVolumes(ctx context.Context, in *ListTradedVolumesRequest, opts ...grpc.CallOption) (*ListTradedVolumesResponse, error)
 }
 
 type orderServiceClient struct {
@@ -200,6 +205,16 @@ func (c *orderServiceClient) StreamOrders(ctx context.Context, opts ...grpc.Call
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type OrderService_StreamOrdersClient = grpc.BidiStreamingClient[StreamOrdersRequest, StreamOrdersResponse]
 
+func (c *orderServiceClient) ListTradedVolumes(ctx context.Context, in *ListTradedVolumesRequest, opts ...grpc.CallOption) (*ListTradedVolumesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListTradedVolumesResponse)
+	err := c.cc.Invoke(ctx, OrderService_ListTradedVolumes_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // OrderServiceServer is the server API for OrderService service.
 // All implementations must embed UnimplementedOrderServiceServer
 // for forward compatibility.
@@ -246,6 +261,10 @@ type OrderServiceServer interface {
 	// client_order_id) and an `execution_report` for every change to the
 	// account's orders, numbered by a per-session sequence.
 	StreamOrders(grpc.BidiStreamingServer[StreamOrdersRequest, StreamOrdersResponse]) error
+	// Internal (auth's fee tiers): each account's traded volume since a time,
+	// the sum of the quote amounts of its fills in markets quoted in one asset,
+	// by account_id ascending.
+	ListTradedVolumes(context.Context, *ListTradedVolumesRequest) (*ListTradedVolumesResponse, error)
 	mustEmbedUnimplementedOrderServiceServer()
 }
 
@@ -285,6 +304,9 @@ func (UnimplementedOrderServiceServer) ListFills(context.Context, *ListFillsRequ
 }
 func (UnimplementedOrderServiceServer) StreamOrders(grpc.BidiStreamingServer[StreamOrdersRequest, StreamOrdersResponse]) error {
 	return status.Error(codes.Unimplemented, "method StreamOrders not implemented")
+}
+func (UnimplementedOrderServiceServer) ListTradedVolumes(context.Context, *ListTradedVolumesRequest) (*ListTradedVolumesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListTradedVolumes not implemented")
 }
 func (UnimplementedOrderServiceServer) mustEmbedUnimplementedOrderServiceServer() {}
 func (UnimplementedOrderServiceServer) testEmbeddedByValue()                      {}
@@ -476,6 +498,24 @@ func _OrderService_StreamOrders_Handler(srv interface{}, stream grpc.ServerStrea
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type OrderService_StreamOrdersServer = grpc.BidiStreamingServer[StreamOrdersRequest, StreamOrdersResponse]
 
+func _OrderService_ListTradedVolumes_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListTradedVolumesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(OrderServiceServer).ListTradedVolumes(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: OrderService_ListTradedVolumes_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(OrderServiceServer).ListTradedVolumes(ctx, req.(*ListTradedVolumesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // OrderService_ServiceDesc is the grpc.ServiceDesc for OrderService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -518,6 +558,10 @@ var OrderService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListFills",
 			Handler:    _OrderService_ListFills_Handler,
+		},
+		{
+			MethodName: "ListTradedVolumes",
+			Handler:    _OrderService_ListTradedVolumes_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

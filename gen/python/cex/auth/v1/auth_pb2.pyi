@@ -166,6 +166,8 @@ class Account(_message.Message):
     FEE_TIER_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    FEE_TIER_ASSIGNED_FIELD_NUMBER: _builtins.int
+    TRADED_VOLUME_30D_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """Server-assigned id, e.g. "acc_01HV...". Stable forever."""
     display_name: _builtins.str
@@ -177,7 +179,17 @@ class Account(_message.Message):
     state: Global___AccountState.ValueType
     """Lifecycle state."""
     fee_tier: _builtins.str
-    """Fee tier name used to price this account's trades, e.g. "default", "mm1"."""
+    """Fee tier name used to price this account's trades, e.g. "default", "mm1":
+    the one an operator assigned, else the one its 30-day volume gives.
+    """
+    fee_tier_assigned: _builtins.bool
+    """True when an operator assigned fee_tier (SetAccountFeeTier): it then
+    overrides the volume tier.
+    """
+    traded_volume_30d: _builtins.str
+    """Decimal string: the account's 30-day traded volume in the fee schedule's
+    volume asset, as last measured (empty: never measured).
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the account was created."""
@@ -197,10 +209,12 @@ class Account(_message.Message):
         fee_tier: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        fee_tier_assigned: _builtins.bool = ...,
+        traded_volume_30d: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "create_time", b"create_time", "display_name", b"display_name", "email", b"email", "fee_tier", b"fee_tier", "state", b"state", "type", b"type", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "create_time", b"create_time", "display_name", b"display_name", "email", b"email", "fee_tier", b"fee_tier", "fee_tier_assigned", b"fee_tier_assigned", "state", b"state", "traded_volume_30d", b"traded_volume_30d", "type", b"type", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -861,7 +875,7 @@ class GetFeesResponse(_message.Message):
     MARKETS_FIELD_NUMBER: _builtins.int
     ASSETS_FIELD_NUMBER: _builtins.int
     fee_tier: _builtins.str
-    """The caller's fee tier (Account.fee_tier); every account is "default" today."""
+    """The caller's fee tier (Account.fee_tier)."""
     maker_fee_rate: _builtins.str
     """Decimal string: the maker rate, a fraction of what the maker receives
     ("0.001" = 0.1 %); negative would be a rebate.
@@ -964,3 +978,418 @@ class AssetFees(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AssetFees: _TypeAlias = AssetFees  # noqa: Y015
+
+@_typing.final
+class FeeTier(_message.Message):
+    """One tier of the fee schedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MAKER_FEE_BPS_FIELD_NUMBER: _builtins.int
+    TAKER_FEE_BPS_FIELD_NUMBER: _builtins.int
+    MIN_VOLUME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name, 1 to 32 of a-z, 0-9, "_" and "-" (e.g. "default", "vip1", "mm1").
+    Every schedule has the tier "default" with min_volume 0: new accounts' tier.
+    """
+    maker_fee_bps: _builtins.str
+    """Decimal string, basis points of what the maker receives ("10" = 0.1 %),
+    from -100 (a 1 % rebate, paid from the fee account) to 1000, at most two
+    decimals ("-0.5").
+    """
+    taker_fee_bps: _builtins.str
+    """Decimal string, basis points of what the taker receives, 0 to 1000, at
+    most two decimals. At least the largest maker rebate of the schedule.
+    """
+    min_volume: _builtins.str
+    """Decimal string: the 30-day traded volume, in the schedule's volume_asset,
+    from which an account earns this tier by volume. "0" for "default"; each
+    tier's threshold is distinct.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        maker_fee_bps: _builtins.str = ...,
+        taker_fee_bps: _builtins.str = ...,
+        min_volume: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["maker_fee_bps", b"maker_fee_bps", "min_volume", b"min_volume", "name", b"name", "taker_fee_bps", b"taker_fee_bps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeeTier: _TypeAlias = FeeTier  # noqa: Y015
+
+@_typing.final
+class FeeSchedule(_message.Message):
+    """The fee schedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIERS_FIELD_NUMBER: _builtins.int
+    VOLUME_ASSET_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    volume_asset: _builtins.str
+    """The asset volumes are counted in (e.g. "USDT"): the quote amount of fills
+    in markets quoted in it. Set by auth's configuration (AUTH_FEE_VOLUME_ASSET).
+    """
+    @_builtins.property
+    def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeeTier]:
+        """The tiers, by min_volume ascending."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the schedule was last set (unset: the catalog's default)."""
+
+    def __init__(
+        self,
+        *,
+        tiers: _abc.Iterable[Global___FeeTier] | None = ...,
+        volume_asset: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tiers", b"tiers", "update_time", b"update_time", "volume_asset", b"volume_asset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeeSchedule: _TypeAlias = FeeSchedule  # noqa: Y015
+
+@_typing.final
+class GetFeeScheduleRequest(_message.Message):
+    """Request for AuthService.GetFeeSchedule. It takes no parameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFeeScheduleRequest: _TypeAlias = GetFeeScheduleRequest  # noqa: Y015
+
+@_typing.final
+class GetFeeScheduleResponse(_message.Message):
+    """Response for AuthService.GetFeeSchedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___FeeSchedule:
+        """The schedule in force."""
+
+    def __init__(
+        self,
+        *,
+        schedule: Global___FeeSchedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFeeScheduleResponse: _TypeAlias = GetFeeScheduleResponse  # noqa: Y015
+
+@_typing.final
+class SetFeeScheduleRequest(_message.Message):
+    """Request for AuthService.SetFeeSchedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TIERS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Required: the idempotency key, 1 to 128 characters (ADR 0003)."""
+    reason: _builtins.str
+    """Why, kept with the change."""
+    @_builtins.property
+    def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeeTier]:
+        """The whole new schedule, 1 to 32 tiers (volume_asset and update_time are
+        ignored).
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        tiers: _abc.Iterable[Global___FeeTier] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "request_id", b"request_id", "tiers", b"tiers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetFeeScheduleRequest: _TypeAlias = SetFeeScheduleRequest  # noqa: Y015
+
+@_typing.final
+class SetFeeScheduleResponse(_message.Message):
+    """Response for AuthService.SetFeeSchedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___FeeSchedule:
+        """The schedule in force."""
+
+    def __init__(
+        self,
+        *,
+        schedule: Global___FeeSchedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetFeeScheduleResponse: _TypeAlias = SetFeeScheduleResponse  # noqa: Y015
+
+@_typing.final
+class SetAccountFeeTierRequest(_message.Message):
+    """Request for AuthService.SetAccountFeeTier."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    FEE_TIER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Required: the idempotency key, 1 to 128 characters (ADR 0003)."""
+    account_id: _builtins.str
+    """The account."""
+    fee_tier: _builtins.str
+    """A tier of the schedule; empty: the account's volume decides again."""
+    reason: _builtins.str
+    """Why, kept with the change."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        fee_tier: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "fee_tier", b"fee_tier", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAccountFeeTierRequest: _TypeAlias = SetAccountFeeTierRequest  # noqa: Y015
+
+@_typing.final
+class SetAccountFeeTierResponse(_message.Message):
+    """Response for AuthService.SetAccountFeeTier."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def account(self) -> Global___Account:
+        """The account with its tier now."""
+
+    def __init__(
+        self,
+        *,
+        account: Global___Account | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAccountFeeTierResponse: _TypeAlias = SetAccountFeeTierResponse  # noqa: Y015
+
+@_typing.final
+class EvaluateFeeTiersRequest(_message.Message):
+    """Request for AuthService.EvaluateFeeTiers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateFeeTiersRequest: _TypeAlias = EvaluateFeeTiersRequest  # noqa: Y015
+
+@_typing.final
+class EvaluateFeeTiersResponse(_message.Message):
+    """Response for AuthService.EvaluateFeeTiers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNTS_MEASURED_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    accounts_measured: _builtins.int
+    """Accounts whose volume was measured (every account that traded in the
+    window, and every account on a volume tier above "default").
+    """
+    @_builtins.property
+    def changed(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccountFeeTier]:
+        """The accounts whose tier changed, with their new tier."""
+
+    def __init__(
+        self,
+        *,
+        accounts_measured: _builtins.int = ...,
+        changed: _abc.Iterable[Global___AccountFeeTier] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts_measured", b"accounts_measured", "changed", b"changed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateFeeTiersResponse: _TypeAlias = EvaluateFeeTiersResponse  # noqa: Y015
+
+@_typing.final
+class AccountFeeTier(_message.Message):
+    """An account's fee tier, as the order gateways price it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    FEE_TIER_FIELD_NUMBER: _builtins.int
+    ASSIGNED_FIELD_NUMBER: _builtins.int
+    CHANGE_SEQ_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account."""
+    fee_tier: _builtins.str
+    """Its tier."""
+    assigned: _builtins.bool
+    """True when an operator assigned it."""
+    change_seq: _builtins.int
+    """The fee-tier change sequence of its latest change."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        fee_tier: _builtins.str = ...,
+        assigned: _builtins.bool = ...,
+        change_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "assigned", b"assigned", "change_seq", b"change_seq", "fee_tier", b"fee_tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountFeeTier: _TypeAlias = AccountFeeTier  # noqa: Y015
+
+@_typing.final
+class FeeTierChange(_message.Message):
+    """One change of the fee schedule or of an account's tier, as auth committed
+    it. Published on NATS subject `auth.events.fee_tier` (stream AUTH_EVENTS,
+    Nats-Msg-Id `auth-ft-<change_seq>`) after the commit, at least once and in
+    change_seq order.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_SEQ_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    change_seq: _builtins.int
+    """auth's fee-tier change sequence: one more for every change, with no gaps,
+    in commit order. A follower that sees a number skipped reloads.
+    """
+    @_builtins.property
+    def account(self) -> Global___AccountFeeTier:
+        """The account whose tier changed; empty for a schedule change."""
+
+    @_builtins.property
+    def schedule(self) -> Global___FeeSchedule:
+        """The whole new schedule, for a schedule change."""
+
+    @_builtins.property
+    def change_time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was committed."""
+
+    def __init__(
+        self,
+        *,
+        change_seq: _builtins.int = ...,
+        account: Global___AccountFeeTier | None = ...,
+        schedule: Global___FeeSchedule | None = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "change_time", b"change_time", "schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "change_seq", b"change_seq", "change_time", b"change_time", "schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeeTierChange: _TypeAlias = FeeTierChange  # noqa: Y015
+
+@_typing.final
+class GetFeeTiersRequest(_message.Message):
+    """Request for AuthService.GetFeeTiers. It takes no parameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFeeTiersRequest: _TypeAlias = GetFeeTiersRequest  # noqa: Y015
+
+@_typing.final
+class GetFeeTiersResponse(_message.Message):
+    """Response for AuthService.GetFeeTiers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_SEQ_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    ACCOUNTS_FIELD_NUMBER: _builtins.int
+    change_seq: _builtins.int
+    """The fee-tier change sequence this answer is complete up to."""
+    @_builtins.property
+    def schedule(self) -> Global___FeeSchedule:
+        """The schedule in force."""
+
+    @_builtins.property
+    def accounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccountFeeTier]:
+        """Every account whose tier is not "default"."""
+
+    def __init__(
+        self,
+        *,
+        change_seq: _builtins.int = ...,
+        schedule: Global___FeeSchedule | None = ...,
+        accounts: _abc.Iterable[Global___AccountFeeTier] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts", b"accounts", "change_seq", b"change_seq", "schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFeeTiersResponse: _TypeAlias = GetFeeTiersResponse  # noqa: Y015

@@ -80,6 +80,31 @@ class AuthServiceStub:
                 request_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFeesRequest.SerializeToString,
                 response_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFeesResponse.FromString,
                 _registered_method=True)
+        self.GetFeeSchedule = channel.unary_unary(
+                '/cex.auth.v1.AuthService/GetFeeSchedule',
+                request_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFeeScheduleRequest.SerializeToString,
+                response_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFeeScheduleResponse.FromString,
+                _registered_method=True)
+        self.SetFeeSchedule = channel.unary_unary(
+                '/cex.auth.v1.AuthService/SetFeeSchedule',
+                request_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.SetFeeScheduleRequest.SerializeToString,
+                response_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.SetFeeScheduleResponse.FromString,
+                _registered_method=True)
+        self.SetAccountFeeTier = channel.unary_unary(
+                '/cex.auth.v1.AuthService/SetAccountFeeTier',
+                request_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.SetAccountFeeTierRequest.SerializeToString,
+                response_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.SetAccountFeeTierResponse.FromString,
+                _registered_method=True)
+        self.EvaluateFeeTiers = channel.unary_unary(
+                '/cex.auth.v1.AuthService/EvaluateFeeTiers',
+                request_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.EvaluateFeeTiersRequest.SerializeToString,
+                response_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.EvaluateFeeTiersResponse.FromString,
+                _registered_method=True)
+        self.GetFeeTiers = channel.unary_unary(
+                '/cex.auth.v1.AuthService/GetFeeTiers',
+                request_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFeeTiersRequest.SerializeToString,
+                response_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFeeTiersResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -170,6 +195,52 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFeeSchedule(self, request, context):
+        """Admin: the fee schedule, its tiers from the lowest 30-day volume up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetFeeSchedule(self, request, context):
+        """Admin: replaces the fee schedule (every tier at once). Accounts whose tier
+        follows their volume move to the tier their last measured volume gives;
+        a tier an operator assigned to an account cannot be removed
+        (FAILED_PRECONDITION AUTH_FEE_TIER_IN_USE). Idempotent on request_id.
+        Order gateways charge the new rates from their next order (FeeTierChange
+        on NATS subject `auth.events.fee_tier`, GetFeeTiers as the backstop).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAccountFeeTier(self, request, context):
+        """Admin: assigns an account a fee tier, which then overrides its volume
+        tier; an empty fee_tier hands the account back to its volume tier.
+        Idempotent on request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvaluateFeeTiers(self, request, context):
+        """Admin: measures every account's 30-day traded volume now (from the order
+        service's fills) and moves accounts whose tier follows their volume to the
+        tier it gives. The same runs every AUTH_FEE_VOLUME_INTERVAL_S.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFeeTiers(self, request, context):
+        """Internal: the fee schedule and every account not on the base tier, as of
+        auth's fee-tier change sequence: the order gateways' backstop for the
+        FeeTierChange push (chassis' fee_tiers.py).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +288,31 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.GetFees,
                     request_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFeesRequest.FromString,
                     response_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFeesResponse.SerializeToString,
+            ),
+            'GetFeeSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFeeSchedule,
+                    request_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFeeScheduleRequest.FromString,
+                    response_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFeeScheduleResponse.SerializeToString,
+            ),
+            'SetFeeSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetFeeSchedule,
+                    request_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.SetFeeScheduleRequest.FromString,
+                    response_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.SetFeeScheduleResponse.SerializeToString,
+            ),
+            'SetAccountFeeTier': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAccountFeeTier,
+                    request_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.SetAccountFeeTierRequest.FromString,
+                    response_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.SetAccountFeeTierResponse.SerializeToString,
+            ),
+            'EvaluateFeeTiers': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvaluateFeeTiers,
+                    request_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.EvaluateFeeTiersRequest.FromString,
+                    response_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.EvaluateFeeTiersResponse.SerializeToString,
+            ),
+            'GetFeeTiers': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFeeTiers,
+                    request_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFeeTiersRequest.FromString,
+                    response_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.GetFeeTiersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -463,6 +559,141 @@ class AuthService:
             '/cex.auth.v1.AuthService/GetFees',
             cex_dot_auth_dot_v1_dot_auth__pb2.GetFeesRequest.SerializeToString,
             cex_dot_auth_dot_v1_dot_auth__pb2.GetFeesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFeeSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.auth.v1.AuthService/GetFeeSchedule',
+            cex_dot_auth_dot_v1_dot_auth__pb2.GetFeeScheduleRequest.SerializeToString,
+            cex_dot_auth_dot_v1_dot_auth__pb2.GetFeeScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetFeeSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.auth.v1.AuthService/SetFeeSchedule',
+            cex_dot_auth_dot_v1_dot_auth__pb2.SetFeeScheduleRequest.SerializeToString,
+            cex_dot_auth_dot_v1_dot_auth__pb2.SetFeeScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAccountFeeTier(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.auth.v1.AuthService/SetAccountFeeTier',
+            cex_dot_auth_dot_v1_dot_auth__pb2.SetAccountFeeTierRequest.SerializeToString,
+            cex_dot_auth_dot_v1_dot_auth__pb2.SetAccountFeeTierResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateFeeTiers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.auth.v1.AuthService/EvaluateFeeTiers',
+            cex_dot_auth_dot_v1_dot_auth__pb2.EvaluateFeeTiersRequest.SerializeToString,
+            cex_dot_auth_dot_v1_dot_auth__pb2.EvaluateFeeTiersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFeeTiers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.auth.v1.AuthService/GetFeeTiers',
+            cex_dot_auth_dot_v1_dot_auth__pb2.GetFeeTiersRequest.SerializeToString,
+            cex_dot_auth_dot_v1_dot_auth__pb2.GetFeeTiersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -83,6 +83,31 @@ class AuthServiceStub:
     withdrawal fee and minimum. Any valid token. The values come from the
     market catalog, the one place the order and funding services read them.
     """
+    GetFeeSchedule: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetFeeScheduleRequest, _auth_pb2.GetFeeScheduleResponse]
+    """Admin: the fee schedule, its tiers from the lowest 30-day volume up."""
+    SetFeeSchedule: _grpc.UnaryUnaryMultiCallable[_auth_pb2.SetFeeScheduleRequest, _auth_pb2.SetFeeScheduleResponse]
+    """Admin: replaces the fee schedule (every tier at once). Accounts whose tier
+    follows their volume move to the tier their last measured volume gives;
+    a tier an operator assigned to an account cannot be removed
+    (FAILED_PRECONDITION AUTH_FEE_TIER_IN_USE). Idempotent on request_id.
+    Order gateways charge the new rates from their next order (FeeTierChange
+    on NATS subject `auth.events.fee_tier`, GetFeeTiers as the backstop).
+    """
+    SetAccountFeeTier: _grpc.UnaryUnaryMultiCallable[_auth_pb2.SetAccountFeeTierRequest, _auth_pb2.SetAccountFeeTierResponse]
+    """Admin: assigns an account a fee tier, which then overrides its volume
+    tier; an empty fee_tier hands the account back to its volume tier.
+    Idempotent on request_id.
+    """
+    EvaluateFeeTiers: _grpc.UnaryUnaryMultiCallable[_auth_pb2.EvaluateFeeTiersRequest, _auth_pb2.EvaluateFeeTiersResponse]
+    """Admin: measures every account's 30-day traded volume now (from the order
+    service's fills) and moves accounts whose tier follows their volume to the
+    tier it gives. The same runs every AUTH_FEE_VOLUME_INTERVAL_S.
+    """
+    GetFeeTiers: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetFeeTiersRequest, _auth_pb2.GetFeeTiersResponse]
+    """Internal: the fee schedule and every account not on the base tier, as of
+    auth's fee-tier change sequence: the order gateways' backstop for the
+    FeeTierChange push (chassis' fee_tiers.py).
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -133,6 +158,31 @@ class AuthServiceAsyncStub(AuthServiceStub):
     per market with the asset each side is charged in, and each asset's
     withdrawal fee and minimum. Any valid token. The values come from the
     market catalog, the one place the order and funding services read them.
+    """
+    GetFeeSchedule: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetFeeScheduleRequest, _auth_pb2.GetFeeScheduleResponse]  # type: ignore[assignment]
+    """Admin: the fee schedule, its tiers from the lowest 30-day volume up."""
+    SetFeeSchedule: _aio.UnaryUnaryMultiCallable[_auth_pb2.SetFeeScheduleRequest, _auth_pb2.SetFeeScheduleResponse]  # type: ignore[assignment]
+    """Admin: replaces the fee schedule (every tier at once). Accounts whose tier
+    follows their volume move to the tier their last measured volume gives;
+    a tier an operator assigned to an account cannot be removed
+    (FAILED_PRECONDITION AUTH_FEE_TIER_IN_USE). Idempotent on request_id.
+    Order gateways charge the new rates from their next order (FeeTierChange
+    on NATS subject `auth.events.fee_tier`, GetFeeTiers as the backstop).
+    """
+    SetAccountFeeTier: _aio.UnaryUnaryMultiCallable[_auth_pb2.SetAccountFeeTierRequest, _auth_pb2.SetAccountFeeTierResponse]  # type: ignore[assignment]
+    """Admin: assigns an account a fee tier, which then overrides its volume
+    tier; an empty fee_tier hands the account back to its volume tier.
+    Idempotent on request_id.
+    """
+    EvaluateFeeTiers: _aio.UnaryUnaryMultiCallable[_auth_pb2.EvaluateFeeTiersRequest, _auth_pb2.EvaluateFeeTiersResponse]  # type: ignore[assignment]
+    """Admin: measures every account's 30-day traded volume now (from the order
+    service's fills) and moves accounts whose tier follows their volume to the
+    tier it gives. The same runs every AUTH_FEE_VOLUME_INTERVAL_S.
+    """
+    GetFeeTiers: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetFeeTiersRequest, _auth_pb2.GetFeeTiersResponse]  # type: ignore[assignment]
+    """Internal: the fee schedule and every account not on the base tier, as of
+    auth's fee-tier change sequence: the order gateways' backstop for the
+    FeeTierChange push (chassis' fee_tiers.py).
     """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -235,6 +285,61 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         per market with the asset each side is charged in, and each asset's
         withdrawal fee and minimum. Any valid token. The values come from the
         market catalog, the one place the order and funding services read them.
+        """
+
+    @_abc_1.abstractmethod
+    def GetFeeSchedule(
+        self,
+        request: _auth_pb2.GetFeeScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.GetFeeScheduleResponse, _abc.Awaitable[_auth_pb2.GetFeeScheduleResponse]]:
+        """Admin: the fee schedule, its tiers from the lowest 30-day volume up."""
+
+    @_abc_1.abstractmethod
+    def SetFeeSchedule(
+        self,
+        request: _auth_pb2.SetFeeScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.SetFeeScheduleResponse, _abc.Awaitable[_auth_pb2.SetFeeScheduleResponse]]:
+        """Admin: replaces the fee schedule (every tier at once). Accounts whose tier
+        follows their volume move to the tier their last measured volume gives;
+        a tier an operator assigned to an account cannot be removed
+        (FAILED_PRECONDITION AUTH_FEE_TIER_IN_USE). Idempotent on request_id.
+        Order gateways charge the new rates from their next order (FeeTierChange
+        on NATS subject `auth.events.fee_tier`, GetFeeTiers as the backstop).
+        """
+
+    @_abc_1.abstractmethod
+    def SetAccountFeeTier(
+        self,
+        request: _auth_pb2.SetAccountFeeTierRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.SetAccountFeeTierResponse, _abc.Awaitable[_auth_pb2.SetAccountFeeTierResponse]]:
+        """Admin: assigns an account a fee tier, which then overrides its volume
+        tier; an empty fee_tier hands the account back to its volume tier.
+        Idempotent on request_id.
+        """
+
+    @_abc_1.abstractmethod
+    def EvaluateFeeTiers(
+        self,
+        request: _auth_pb2.EvaluateFeeTiersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.EvaluateFeeTiersResponse, _abc.Awaitable[_auth_pb2.EvaluateFeeTiersResponse]]:
+        """Admin: measures every account's 30-day traded volume now (from the order
+        service's fills) and moves accounts whose tier follows their volume to the
+        tier it gives. The same runs every AUTH_FEE_VOLUME_INTERVAL_S.
+        """
+
+    @_abc_1.abstractmethod
+    def GetFeeTiers(
+        self,
+        request: _auth_pb2.GetFeeTiersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.GetFeeTiersResponse, _abc.Awaitable[_auth_pb2.GetFeeTiersResponse]]:
+        """Internal: the fee schedule and every account not on the base tier, as of
+        auth's fee-tier change sequence: the order gateways' backstop for the
+        FeeTierChange push (chassis' fee_tiers.py).
         """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -170,7 +170,9 @@ class Order(_message.Message):
     average_price: _builtins.str
     """Decimal string: volume-weighted average fill price; empty if nothing filled."""
     cumulative_fee: _builtins.str
-    """Decimal string: fees charged so far, in fee_asset."""
+    """Decimal string: fees charged so far, in fee_asset (negative: a maker
+    rebate, paid; the rates are the account's fee tier's when it was placed).
+    """
     fee_asset: _builtins.str
     """Asset the fees are charged in."""
     post_only: _builtins.bool
@@ -280,7 +282,9 @@ class Fill(_message.Message):
     quote_quantity: _builtins.str
     """Decimal string: quote amount (price * quantity)."""
     fee: _builtins.str
-    """Decimal string: fee charged for this fill, in fee_asset."""
+    """Decimal string: fee charged for this fill, in fee_asset (negative: a
+    maker rebate, paid from the exchange's fee account).
+    """
     fee_asset: _builtins.str
     """Asset of the fee."""
     liquidity: _types_pb2.Liquidity.ValueType
@@ -1379,7 +1383,9 @@ class ExecutionReport(_message.Message):
     average_price: _builtins.str
     """Decimal string: average fill price so far; empty if nothing filled."""
     fee: _builtins.str
-    """TRADE: decimal string, the fee for this fill."""
+    """TRADE: decimal string, the fee charged for this fill (negative: a maker
+    rebate).
+    """
     fee_asset: _builtins.str
     """TRADE: the fee's asset."""
     liquidity: _types_pb2.Liquidity.ValueType
@@ -1468,3 +1474,93 @@ class Heartbeat(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class ListTradedVolumesRequest(_message.Message):
+    """Request for OrderService.ListTradedVolumes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    QUOTE_ASSET_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    quote_asset: _builtins.str
+    """Only markets quoted in this asset count (e.g. "USDT"); required."""
+    page_size: _builtins.int
+    """Maximum number of accounts to return; 0 means 1000, at most 10000."""
+    page_token: _builtins.str
+    """Token from a previous response's next_page_token; empty for the first page."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Fills at or after this time count."""
+
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        quote_asset: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "quote_asset", b"quote_asset", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTradedVolumesRequest: _TypeAlias = ListTradedVolumesRequest  # noqa: Y015
+
+@_typing.final
+class TradedVolume(_message.Message):
+    """One account's traded volume."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account."""
+    volume: _builtins.str
+    """Decimal string: the quote amount of its fills."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        volume: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TradedVolume: _TypeAlias = TradedVolume  # noqa: Y015
+
+@_typing.final
+class ListTradedVolumesResponse(_message.Message):
+    """Response for OrderService.ListTradedVolumes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUMES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when there are no more results."""
+    @_builtins.property
+    def volumes(self) -> _containers.RepeatedCompositeFieldContainer[Global___TradedVolume]:
+        """Accounts with fills in the window, by account_id ascending."""
+
+    def __init__(
+        self,
+        *,
+        volumes: _abc.Iterable[Global___TradedVolume] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "volumes", b"volumes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTradedVolumesResponse: _TypeAlias = ListTradedVolumesResponse  # noqa: Y015

@@ -85,6 +85,11 @@ class OrderServiceStub:
                 request_serializer=cex_dot_order_dot_v1_dot_order__pb2.StreamOrdersRequest.SerializeToString,
                 response_deserializer=cex_dot_order_dot_v1_dot_order__pb2.StreamOrdersResponse.FromString,
                 _registered_method=True)
+        self.ListTradedVolumes = channel.unary_unary(
+                '/cex.order.v1.OrderService/ListTradedVolumes',
+                request_serializer=cex_dot_order_dot_v1_dot_order__pb2.ListTradedVolumesRequest.SerializeToString,
+                response_deserializer=cex_dot_order_dot_v1_dot_order__pb2.ListTradedVolumesResponse.FromString,
+                _registered_method=True)
 
 
 class OrderServiceServicer:
@@ -181,6 +186,15 @@ class OrderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTradedVolumes(self, request, context):
+        """Internal (auth's fee tiers): each account's traded volume since a time,
+        the sum of the quote amounts of its fills in markets quoted in one asset,
+        by account_id ascending.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +247,11 @@ def add_OrderServiceServicer_to_server(servicer, server):
                     servicer.StreamOrders,
                     request_deserializer=cex_dot_order_dot_v1_dot_order__pb2.StreamOrdersRequest.FromString,
                     response_serializer=cex_dot_order_dot_v1_dot_order__pb2.StreamOrdersResponse.SerializeToString,
+            ),
+            'ListTradedVolumes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTradedVolumes,
+                    request_deserializer=cex_dot_order_dot_v1_dot_order__pb2.ListTradedVolumesRequest.FromString,
+                    response_serializer=cex_dot_order_dot_v1_dot_order__pb2.ListTradedVolumesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -506,6 +525,33 @@ class OrderService:
             '/cex.order.v1.OrderService/StreamOrders',
             cex_dot_order_dot_v1_dot_order__pb2.StreamOrdersRequest.SerializeToString,
             cex_dot_order_dot_v1_dot_order__pb2.StreamOrdersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTradedVolumes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.order.v1.OrderService/ListTradedVolumes',
+            cex_dot_order_dot_v1_dot_order__pb2.ListTradedVolumesRequest.SerializeToString,
+            cex_dot_order_dot_v1_dot_order__pb2.ListTradedVolumesResponse.FromString,
             options,
             channel_credentials,
             insecure,

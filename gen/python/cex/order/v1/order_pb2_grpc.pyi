@@ -89,6 +89,11 @@ class OrderServiceStub:
     client_order_id) and an `execution_report` for every change to the
     account's orders, numbered by a per-session sequence.
     """
+    ListTradedVolumes: _grpc.UnaryUnaryMultiCallable[_order_pb2.ListTradedVolumesRequest, _order_pb2.ListTradedVolumesResponse]
+    """Internal (auth's fee tiers): each account's traded volume since a time,
+    the sum of the quote amounts of its fills in markets quoted in one asset,
+    by account_id ascending.
+    """
 
 @_typing.type_check_only
 class OrderServiceAsyncStub(OrderServiceStub):
@@ -141,6 +146,11 @@ class OrderServiceAsyncStub(OrderServiceStub):
     for every command (correlated by request_id; for a place that is its
     client_order_id) and an `execution_report` for every change to the
     account's orders, numbered by a per-session sequence.
+    """
+    ListTradedVolumes: _aio.UnaryUnaryMultiCallable[_order_pb2.ListTradedVolumesRequest, _order_pb2.ListTradedVolumesResponse]  # type: ignore[assignment]
+    """Internal (auth's fee tiers): each account's traded volume since a time,
+    the sum of the quote amounts of its fills in markets quoted in one asset,
+    by account_id ascending.
     """
 
 class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -251,6 +261,17 @@ class OrderServiceServicer(metaclass=_abc_1.ABCMeta):
         for every command (correlated by request_id; for a place that is its
         client_order_id) and an `execution_report` for every change to the
         account's orders, numbered by a per-session sequence.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTradedVolumes(
+        self,
+        request: _order_pb2.ListTradedVolumesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_order_pb2.ListTradedVolumesResponse, _abc.Awaitable[_order_pb2.ListTradedVolumesResponse]]:
+        """Internal (auth's fee tiers): each account's traded volume since a time,
+        the sum of the quote amounts of its fills in markets quoted in one asset,
+        by account_id ascending.
         """
 
 def add_OrderServiceServicer_to_server(servicer: OrderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -19,7 +19,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cex/auth/v1/auth.proto.
  */
 export const file_cex_auth_v1_auth: GenFile = /*@__PURE__*/
-  fileDesc("ChZjZXgvYXV0aC92MS9hdXRoLnByb3RvEgtjZXguYXV0aC52MSKIAgoHQWNjb3VudBISCgphY2NvdW50X2lkGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRINCgVlbWFpbBgDIAEoCRImCgR0eXBlGAQgASgOMhguY2V4LmF1dGgudjEuQWNjb3VudFR5cGUSKAoFc3RhdGUYBSABKA4yGS5jZXguYXV0aC52MS5BY2NvdW50U3RhdGUSEAoIZmVlX3RpZXIYBiABKAkSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKHAwoGQXBpS2V5EhIKCmFwaV9rZXlfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVsYWJlbBgDIAEoCRIoCgZzY29wZXMYBCADKA4yGC5jZXguYXV0aC52MS5BcGlLZXlTY29wZRIVCg1hbGxvd2VkX2NpZHJzGAUgAygJEicKBXN0YXRlGAYgASgOMhguY2V4LmF1dGgudjEuQXBpS2V5U3RhdGUSFQoNc2VjcmV0X3ByZWZpeBgHIAEoCRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZXhwaXJlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3VzZWRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAidwoUQ3JlYXRlQWNjb3VudFJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIUCgxkaXNwbGF5X25hbWUYAiABKAkSDQoFZW1haWwYAyABKAkSJgoEdHlwZRgEIAEoDjIYLmNleC5hdXRoLnYxLkFjY291bnRUeXBlIj4KFUNyZWF0ZUFjY291bnRSZXNwb25zZRIlCgdhY2NvdW50GAEgASgLMhQuY2V4LmF1dGgudjEuQWNjb3VudCInChFHZXRBY2NvdW50UmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJIjsKEkdldEFjY291bnRSZXNwb25zZRIlCgdhY2NvdW50GAEgASgLMhQuY2V4LmF1dGgudjEuQWNjb3VudCJ6ChZTZXRBY2NvdW50U3RhdGVSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRIoCgVzdGF0ZRgDIAEoDjIZLmNleC5hdXRoLnYxLkFjY291bnRTdGF0ZRIOCgZyZWFzb24YBCABKAkiQAoXU2V0QWNjb3VudFN0YXRlUmVzcG9uc2USJQoHYWNjb3VudBgBIAEoCzIULmNleC5hdXRoLnYxLkFjY291bnQipwEKEkFjY291bnRTdGF0ZUNoYW5nZRISCgpjaGFuZ2Vfc2VxGAEgASgDEhIKCmFjY291bnRfaWQYAiABKAkSKAoFc3RhdGUYAyABKA4yGS5jZXguYXV0aC52MS5BY2NvdW50U3RhdGUSDgoGcmVhc29uGAQgASgJEi8KC2NoYW5nZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIaChhHZXRGcm96ZW5BY2NvdW50c1JlcXVlc3QiYgoZR2V0RnJvemVuQWNjb3VudHNSZXNwb25zZRISCgpjaGFuZ2Vfc2VxGAEgASgDEjEKCGFjY291bnRzGAIgAygLMh8uY2V4LmF1dGgudjEuQWNjb3VudFN0YXRlQ2hhbmdlIr4BChNDcmVhdGVBcGlLZXlSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVsYWJlbBgDIAEoCRIoCgZzY29wZXMYBCADKA4yGC5jZXguYXV0aC52MS5BcGlLZXlTY29wZRIVCg1hbGxvd2VkX2NpZHJzGAUgAygJEi8KC2V4cGlyZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJMChRDcmVhdGVBcGlLZXlSZXNwb25zZRIkCgdhcGlfa2V5GAEgASgLMhMuY2V4LmF1dGgudjEuQXBpS2V5Eg4KBnNlY3JldBgCIAEoCSJ4ChJMaXN0QXBpS2V5c1JlcXVlc3QSEgoKYWNjb3VudF9pZBgBIAEoCRInCgVzdGF0ZRgCIAEoDjIYLmNleC5hdXRoLnYxLkFwaUtleVN0YXRlEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJIlUKE0xpc3RBcGlLZXlzUmVzcG9uc2USJQoIYXBpX2tleXMYASADKAsyEy5jZXguYXV0aC52MS5BcGlLZXkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIk0KE1Jldm9rZUFwaUtleVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRISCgphcGlfa2V5X2lkGAIgASgJEg4KBnJlYXNvbhgDIAEoCSI8ChRSZXZva2VBcGlLZXlSZXNwb25zZRIkCgdhcGlfa2V5GAEgASgLMhMuY2V4LmF1dGgudjEuQXBpS2V5IpEBChFJc3N1ZVRva2VuUmVxdWVzdBISCgphcGlfa2V5X2lkGAEgASgJEhYKDmFwaV9rZXlfc2VjcmV0GAIgASgJEigKBnNjb3BlcxgDIAMoDjIYLmNleC5hdXRoLnYxLkFwaUtleVNjb3BlEiYKA3R0bBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKtAQoSSXNzdWVUb2tlblJlc3BvbnNlEhQKDGFjY2Vzc190b2tlbhgBIAEoCRISCgp0b2tlbl90eXBlGAIgASgJEi8KC2V4cGlyZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIoCgZzY29wZXMYBCADKA4yGC5jZXguYXV0aC52MS5BcGlLZXlTY29wZRISCgphY2NvdW50X2lkGAUgASgJIhAKDkdldEZlZXNSZXF1ZXN0IqUBCg9HZXRGZWVzUmVzcG9uc2USEAoIZmVlX3RpZXIYASABKAkSFgoObWFrZXJfZmVlX3JhdGUYAiABKAkSFgoOdGFrZXJfZmVlX3JhdGUYAyABKAkSKAoHbWFya2V0cxgEIAMoCzIXLmNleC5hdXRoLnYxLk1hcmtldEZlZXMSJgoGYXNzZXRzGAUgAygLMhYuY2V4LmF1dGgudjEuQXNzZXRGZWVzInsKCk1hcmtldEZlZXMSDgoGbWFya2V0GAEgASgJEhYKDm1ha2VyX2ZlZV9yYXRlGAIgASgJEhYKDnRha2VyX2ZlZV9yYXRlGAMgASgJEhUKDWJ1eV9mZWVfYXNzZXQYBCABKAkSFgoOc2VsbF9mZWVfYXNzZXQYBSABKAkiWwoJQXNzZXRGZWVzEg0KBWFzc2V0GAEgASgJEg8KB25ldHdvcmsYAiABKAkSFgoOd2l0aGRyYXdhbF9mZWUYAyABKAkSFgoObWluX3dpdGhkcmF3YWwYBCABKAkqfgoMQWNjb3VudFN0YXRlEh0KGUFDQ09VTlRfU1RBVEVfVU5TUEVDSUZJRUQQABIYChRBQ0NPVU5UX1NUQVRFX0FDVElWRRABEhsKF0FDQ09VTlRfU1RBVEVfU1VTUEVOREVEEAISGAoUQUNDT1VOVF9TVEFURV9DTE9TRUQQAyqHAQoLQWNjb3VudFR5cGUSHAoYQUNDT1VOVF9UWVBFX1VOU1BFQ0lGSUVEEAASGwoXQUNDT1VOVF9UWVBFX0lORElWSURVQUwQARIdChlBQ0NPVU5UX1RZUEVfTUFSS0VUX01BS0VSEAISHgoaQUNDT1VOVF9UWVBFX0lOU1RJVFVUSU9OQUwQAyqSAQoLQXBpS2V5U2NvcGUSHQoZQVBJX0tFWV9TQ09QRV9VTlNQRUNJRklFRBAAEhYKEkFQSV9LRVlfU0NPUEVfUkVBRBABEhcKE0FQSV9LRVlfU0NPUEVfVFJBREUQAhIaChZBUElfS0VZX1NDT1BFX1dJVEhEUkFXEAMSFwoTQVBJX0tFWV9TQ09QRV9BRE1JThAEKnwKC0FwaUtleVN0YXRlEh0KGUFQSV9LRVlfU1RBVEVfVU5TUEVDSUZJRUQQABIYChRBUElfS0VZX1NUQVRFX0FDVElWRRABEhkKFUFQSV9LRVlfU1RBVEVfUkVWT0tFRBACEhkKFUFQSV9LRVlfU1RBVEVfRVhQSVJFRBADMvUHCgtBdXRoU2VydmljZRJvCg1DcmVhdGVBY2NvdW50EiEuY2V4LmF1dGgudjEuQ3JlYXRlQWNjb3VudFJlcXVlc3QaIi5jZXguYXV0aC52MS5DcmVhdGVBY2NvdW50UmVzcG9uc2UiF4LT5JMCEToBKiIML3YxL2FjY291bnRzEnAKCkdldEFjY291bnQSHi5jZXguYXV0aC52MS5HZXRBY2NvdW50UmVxdWVzdBofLmNleC5hdXRoLnYxLkdldEFjY291bnRSZXNwb25zZSIhgtPkkwIbEhkvdjEvYWNjb3VudHMve2FjY291bnRfaWR9EmsKDENyZWF0ZUFwaUtleRIgLmNleC5hdXRoLnYxLkNyZWF0ZUFwaUtleVJlcXVlc3QaIS5jZXguYXV0aC52MS5DcmVhdGVBcGlLZXlSZXNwb25zZSIWgtPkkwIQOgEqIgsvdjEvYXBpS2V5cxKLAQoPU2V0QWNjb3VudFN0YXRlEiMuY2V4LmF1dGgudjEuU2V0QWNjb3VudFN0YXRlUmVxdWVzdBokLmNleC5hdXRoLnYxLlNldEFjY291bnRTdGF0ZVJlc3BvbnNlIi2C0+STAic6ASoiIi92MS9hY2NvdW50cy97YWNjb3VudF9pZH06c2V0U3RhdGUSZQoLTGlzdEFwaUtleXMSHy5jZXguYXV0aC52MS5MaXN0QXBpS2V5c1JlcXVlc3QaIC5jZXguYXV0aC52MS5MaXN0QXBpS2V5c1Jlc3BvbnNlIhOC0+STAg0SCy92MS9hcGlLZXlzEn8KDFJldm9rZUFwaUtleRIgLmNleC5hdXRoLnYxLlJldm9rZUFwaUtleVJlcXVlc3QaIS5jZXguYXV0aC52MS5SZXZva2VBcGlLZXlSZXNwb25zZSIqgtPkkwIkOgEqIh8vdjEvYXBpS2V5cy97YXBpX2tleV9pZH06cmV2b2tlEmQKCklzc3VlVG9rZW4SHi5jZXguYXV0aC52MS5Jc3N1ZVRva2VuUmVxdWVzdBofLmNleC5hdXRoLnYxLklzc3VlVG9rZW5SZXNwb25zZSIVgtPkkwIPOgEqIgovdjEvdG9rZW5zEmIKEUdldEZyb3plbkFjY291bnRzEiUuY2V4LmF1dGgudjEuR2V0RnJvemVuQWNjb3VudHNSZXF1ZXN0GiYuY2V4LmF1dGgudjEuR2V0RnJvemVuQWNjb3VudHNSZXNwb25zZRJWCgdHZXRGZWVzEhsuY2V4LmF1dGgudjEuR2V0RmVlc1JlcXVlc3QaHC5jZXguYXV0aC52MS5HZXRGZWVzUmVzcG9uc2UiEILT5JMCChIIL3YxL2ZlZXNiBnByb3RvMw", [file_google_api_annotations, file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChZjZXgvYXV0aC92MS9hdXRoLnByb3RvEgtjZXguYXV0aC52MSK+AgoHQWNjb3VudBISCgphY2NvdW50X2lkGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRINCgVlbWFpbBgDIAEoCRImCgR0eXBlGAQgASgOMhguY2V4LmF1dGgudjEuQWNjb3VudFR5cGUSKAoFc3RhdGUYBSABKA4yGS5jZXguYXV0aC52MS5BY2NvdW50U3RhdGUSEAoIZmVlX3RpZXIYBiABKAkSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIZChFmZWVfdGllcl9hc3NpZ25lZBgJIAEoCBIZChF0cmFkZWRfdm9sdW1lXzMwZBgKIAEoCSKHAwoGQXBpS2V5EhIKCmFwaV9rZXlfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVsYWJlbBgDIAEoCRIoCgZzY29wZXMYBCADKA4yGC5jZXguYXV0aC52MS5BcGlLZXlTY29wZRIVCg1hbGxvd2VkX2NpZHJzGAUgAygJEicKBXN0YXRlGAYgASgOMhguY2V4LmF1dGgudjEuQXBpS2V5U3RhdGUSFQoNc2VjcmV0X3ByZWZpeBgHIAEoCRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZXhwaXJlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3VzZWRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAidwoUQ3JlYXRlQWNjb3VudFJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIUCgxkaXNwbGF5X25hbWUYAiABKAkSDQoFZW1haWwYAyABKAkSJgoEdHlwZRgEIAEoDjIYLmNleC5hdXRoLnYxLkFjY291bnRUeXBlIj4KFUNyZWF0ZUFjY291bnRSZXNwb25zZRIlCgdhY2NvdW50GAEgASgLMhQuY2V4LmF1dGgudjEuQWNjb3VudCInChFHZXRBY2NvdW50UmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJIjsKEkdldEFjY291bnRSZXNwb25zZRIlCgdhY2NvdW50GAEgASgLMhQuY2V4LmF1dGgudjEuQWNjb3VudCJ6ChZTZXRBY2NvdW50U3RhdGVSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRIoCgVzdGF0ZRgDIAEoDjIZLmNleC5hdXRoLnYxLkFjY291bnRTdGF0ZRIOCgZyZWFzb24YBCABKAkiQAoXU2V0QWNjb3VudFN0YXRlUmVzcG9uc2USJQoHYWNjb3VudBgBIAEoCzIULmNleC5hdXRoLnYxLkFjY291bnQipwEKEkFjY291bnRTdGF0ZUNoYW5nZRISCgpjaGFuZ2Vfc2VxGAEgASgDEhIKCmFjY291bnRfaWQYAiABKAkSKAoFc3RhdGUYAyABKA4yGS5jZXguYXV0aC52MS5BY2NvdW50U3RhdGUSDgoGcmVhc29uGAQgASgJEi8KC2NoYW5nZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIaChhHZXRGcm96ZW5BY2NvdW50c1JlcXVlc3QiYgoZR2V0RnJvemVuQWNjb3VudHNSZXNwb25zZRISCgpjaGFuZ2Vfc2VxGAEgASgDEjEKCGFjY291bnRzGAIgAygLMh8uY2V4LmF1dGgudjEuQWNjb3VudFN0YXRlQ2hhbmdlIr4BChNDcmVhdGVBcGlLZXlSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVsYWJlbBgDIAEoCRIoCgZzY29wZXMYBCADKA4yGC5jZXguYXV0aC52MS5BcGlLZXlTY29wZRIVCg1hbGxvd2VkX2NpZHJzGAUgAygJEi8KC2V4cGlyZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJMChRDcmVhdGVBcGlLZXlSZXNwb25zZRIkCgdhcGlfa2V5GAEgASgLMhMuY2V4LmF1dGgudjEuQXBpS2V5Eg4KBnNlY3JldBgCIAEoCSJ4ChJMaXN0QXBpS2V5c1JlcXVlc3QSEgoKYWNjb3VudF9pZBgBIAEoCRInCgVzdGF0ZRgCIAEoDjIYLmNleC5hdXRoLnYxLkFwaUtleVN0YXRlEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJIlUKE0xpc3RBcGlLZXlzUmVzcG9uc2USJQoIYXBpX2tleXMYASADKAsyEy5jZXguYXV0aC52MS5BcGlLZXkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIk0KE1Jldm9rZUFwaUtleVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRISCgphcGlfa2V5X2lkGAIgASgJEg4KBnJlYXNvbhgDIAEoCSI8ChRSZXZva2VBcGlLZXlSZXNwb25zZRIkCgdhcGlfa2V5GAEgASgLMhMuY2V4LmF1dGgudjEuQXBpS2V5IpEBChFJc3N1ZVRva2VuUmVxdWVzdBISCgphcGlfa2V5X2lkGAEgASgJEhYKDmFwaV9rZXlfc2VjcmV0GAIgASgJEigKBnNjb3BlcxgDIAMoDjIYLmNleC5hdXRoLnYxLkFwaUtleVNjb3BlEiYKA3R0bBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKtAQoSSXNzdWVUb2tlblJlc3BvbnNlEhQKDGFjY2Vzc190b2tlbhgBIAEoCRISCgp0b2tlbl90eXBlGAIgASgJEi8KC2V4cGlyZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIoCgZzY29wZXMYBCADKA4yGC5jZXguYXV0aC52MS5BcGlLZXlTY29wZRISCgphY2NvdW50X2lkGAUgASgJIhAKDkdldEZlZXNSZXF1ZXN0IqUBCg9HZXRGZWVzUmVzcG9uc2USEAoIZmVlX3RpZXIYASABKAkSFgoObWFrZXJfZmVlX3JhdGUYAiABKAkSFgoOdGFrZXJfZmVlX3JhdGUYAyABKAkSKAoHbWFya2V0cxgEIAMoCzIXLmNleC5hdXRoLnYxLk1hcmtldEZlZXMSJgoGYXNzZXRzGAUgAygLMhYuY2V4LmF1dGgudjEuQXNzZXRGZWVzInsKCk1hcmtldEZlZXMSDgoGbWFya2V0GAEgASgJEhYKDm1ha2VyX2ZlZV9yYXRlGAIgASgJEhYKDnRha2VyX2ZlZV9yYXRlGAMgASgJEhUKDWJ1eV9mZWVfYXNzZXQYBCABKAkSFgoOc2VsbF9mZWVfYXNzZXQYBSABKAkiWwoJQXNzZXRGZWVzEg0KBWFzc2V0GAEgASgJEg8KB25ldHdvcmsYAiABKAkSFgoOd2l0aGRyYXdhbF9mZWUYAyABKAkSFgoObWluX3dpdGhkcmF3YWwYBCABKAkiWQoHRmVlVGllchIMCgRuYW1lGAEgASgJEhUKDW1ha2VyX2ZlZV9icHMYAiABKAkSFQoNdGFrZXJfZmVlX2JwcxgDIAEoCRISCgptaW5fdm9sdW1lGAQgASgJInkKC0ZlZVNjaGVkdWxlEiMKBXRpZXJzGAEgAygLMhQuY2V4LmF1dGgudjEuRmVlVGllchIUCgx2b2x1bWVfYXNzZXQYAiABKAkSLwoLdXBkYXRlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIhcKFUdldEZlZVNjaGVkdWxlUmVxdWVzdCJEChZHZXRGZWVTY2hlZHVsZVJlc3BvbnNlEioKCHNjaGVkdWxlGAEgASgLMhguY2V4LmF1dGgudjEuRmVlU2NoZWR1bGUiYAoVU2V0RmVlU2NoZWR1bGVSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSIwoFdGllcnMYAiADKAsyFC5jZXguYXV0aC52MS5GZWVUaWVyEg4KBnJlYXNvbhgDIAEoCSJEChZTZXRGZWVTY2hlZHVsZVJlc3BvbnNlEioKCHNjaGVkdWxlGAEgASgLMhguY2V4LmF1dGgudjEuRmVlU2NoZWR1bGUiZAoYU2V0QWNjb3VudEZlZVRpZXJSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRIQCghmZWVfdGllchgDIAEoCRIOCgZyZWFzb24YBCABKAkiQgoZU2V0QWNjb3VudEZlZVRpZXJSZXNwb25zZRIlCgdhY2NvdW50GAEgASgLMhQuY2V4LmF1dGgudjEuQWNjb3VudCIZChdFdmFsdWF0ZUZlZVRpZXJzUmVxdWVzdCJjChhFdmFsdWF0ZUZlZVRpZXJzUmVzcG9uc2USGQoRYWNjb3VudHNfbWVhc3VyZWQYASABKAUSLAoHY2hhbmdlZBgCIAMoCzIbLmNleC5hdXRoLnYxLkFjY291bnRGZWVUaWVyIlwKDkFjY291bnRGZWVUaWVyEhIKCmFjY291bnRfaWQYASABKAkSEAoIZmVlX3RpZXIYAiABKAkSEAoIYXNzaWduZWQYAyABKAgSEgoKY2hhbmdlX3NlcRgEIAEoAyKuAQoNRmVlVGllckNoYW5nZRISCgpjaGFuZ2Vfc2VxGAEgASgDEiwKB2FjY291bnQYAiABKAsyGy5jZXguYXV0aC52MS5BY2NvdW50RmVlVGllchIqCghzY2hlZHVsZRgDIAEoCzIYLmNleC5hdXRoLnYxLkZlZVNjaGVkdWxlEi8KC2NoYW5nZV90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIUChJHZXRGZWVUaWVyc1JlcXVlc3QihAEKE0dldEZlZVRpZXJzUmVzcG9uc2USEgoKY2hhbmdlX3NlcRgBIAEoAxIqCghzY2hlZHVsZRgCIAEoCzIYLmNleC5hdXRoLnYxLkZlZVNjaGVkdWxlEi0KCGFjY291bnRzGAMgAygLMhsuY2V4LmF1dGgudjEuQWNjb3VudEZlZVRpZXIqfgoMQWNjb3VudFN0YXRlEh0KGUFDQ09VTlRfU1RBVEVfVU5TUEVDSUZJRUQQABIYChRBQ0NPVU5UX1NUQVRFX0FDVElWRRABEhsKF0FDQ09VTlRfU1RBVEVfU1VTUEVOREVEEAISGAoUQUNDT1VOVF9TVEFURV9DTE9TRUQQAyqHAQoLQWNjb3VudFR5cGUSHAoYQUNDT1VOVF9UWVBFX1VOU1BFQ0lGSUVEEAASGwoXQUNDT1VOVF9UWVBFX0lORElWSURVQUwQARIdChlBQ0NPVU5UX1RZUEVfTUFSS0VUX01BS0VSEAISHgoaQUNDT1VOVF9UWVBFX0lOU1RJVFVUSU9OQUwQAyqSAQoLQXBpS2V5U2NvcGUSHQoZQVBJX0tFWV9TQ09QRV9VTlNQRUNJRklFRBAAEhYKEkFQSV9LRVlfU0NPUEVfUkVBRBABEhcKE0FQSV9LRVlfU0NPUEVfVFJBREUQAhIaChZBUElfS0VZX1NDT1BFX1dJVEhEUkFXEAMSFwoTQVBJX0tFWV9TQ09QRV9BRE1JThAEKnwKC0FwaUtleVN0YXRlEh0KGUFQSV9LRVlfU1RBVEVfVU5TUEVDSUZJRUQQABIYChRBUElfS0VZX1NUQVRFX0FDVElWRRABEhkKFUFQSV9LRVlfU1RBVEVfUkVWT0tFRBACEhkKFUFQSV9LRVlfU1RBVEVfRVhQSVJFRBADMt4MCgtBdXRoU2VydmljZRJvCg1DcmVhdGVBY2NvdW50EiEuY2V4LmF1dGgudjEuQ3JlYXRlQWNjb3VudFJlcXVlc3QaIi5jZXguYXV0aC52MS5DcmVhdGVBY2NvdW50UmVzcG9uc2UiF4LT5JMCEToBKiIML3YxL2FjY291bnRzEnAKCkdldEFjY291bnQSHi5jZXguYXV0aC52MS5HZXRBY2NvdW50UmVxdWVzdBofLmNleC5hdXRoLnYxLkdldEFjY291bnRSZXNwb25zZSIhgtPkkwIbEhkvdjEvYWNjb3VudHMve2FjY291bnRfaWR9EmsKDENyZWF0ZUFwaUtleRIgLmNleC5hdXRoLnYxLkNyZWF0ZUFwaUtleVJlcXVlc3QaIS5jZXguYXV0aC52MS5DcmVhdGVBcGlLZXlSZXNwb25zZSIWgtPkkwIQOgEqIgsvdjEvYXBpS2V5cxKLAQoPU2V0QWNjb3VudFN0YXRlEiMuY2V4LmF1dGgudjEuU2V0QWNjb3VudFN0YXRlUmVxdWVzdBokLmNleC5hdXRoLnYxLlNldEFjY291bnRTdGF0ZVJlc3BvbnNlIi2C0+STAic6ASoiIi92MS9hY2NvdW50cy97YWNjb3VudF9pZH06c2V0U3RhdGUSZQoLTGlzdEFwaUtleXMSHy5jZXguYXV0aC52MS5MaXN0QXBpS2V5c1JlcXVlc3QaIC5jZXguYXV0aC52MS5MaXN0QXBpS2V5c1Jlc3BvbnNlIhOC0+STAg0SCy92MS9hcGlLZXlzEn8KDFJldm9rZUFwaUtleRIgLmNleC5hdXRoLnYxLlJldm9rZUFwaUtleVJlcXVlc3QaIS5jZXguYXV0aC52MS5SZXZva2VBcGlLZXlSZXNwb25zZSIqgtPkkwIkOgEqIh8vdjEvYXBpS2V5cy97YXBpX2tleV9pZH06cmV2b2tlEmQKCklzc3VlVG9rZW4SHi5jZXguYXV0aC52MS5Jc3N1ZVRva2VuUmVxdWVzdBofLmNleC5hdXRoLnYxLklzc3VlVG9rZW5SZXNwb25zZSIVgtPkkwIPOgEqIgovdjEvdG9rZW5zEmIKEUdldEZyb3plbkFjY291bnRzEiUuY2V4LmF1dGgudjEuR2V0RnJvemVuQWNjb3VudHNSZXF1ZXN0GiYuY2V4LmF1dGgudjEuR2V0RnJvemVuQWNjb3VudHNSZXNwb25zZRJWCgdHZXRGZWVzEhsuY2V4LmF1dGgudjEuR2V0RmVlc1JlcXVlc3QaHC5jZXguYXV0aC52MS5HZXRGZWVzUmVzcG9uc2UiEILT5JMCChIIL3YxL2ZlZXMSeAoOR2V0RmVlU2NoZWR1bGUSIi5jZXguYXV0aC52MS5HZXRGZWVTY2hlZHVsZVJlcXVlc3QaIy5jZXguYXV0aC52MS5HZXRGZWVTY2hlZHVsZVJlc3BvbnNlIh2C0+STAhcSFS92MS9hZG1pbi9mZWVTY2hlZHVsZRJ7Cg5TZXRGZWVTY2hlZHVsZRIiLmNleC5hdXRoLnYxLlNldEZlZVNjaGVkdWxlUmVxdWVzdBojLmNleC5hdXRoLnYxLlNldEZlZVNjaGVkdWxlUmVzcG9uc2UiIILT5JMCGjoBKiIVL3YxL2FkbWluL2ZlZVNjaGVkdWxlEpMBChFTZXRBY2NvdW50RmVlVGllchIlLmNleC5hdXRoLnYxLlNldEFjY291bnRGZWVUaWVyUmVxdWVzdBomLmNleC5hdXRoLnYxLlNldEFjY291bnRGZWVUaWVyUmVzcG9uc2UiL4LT5JMCKToBKiIkL3YxL2FjY291bnRzL3thY2NvdW50X2lkfTpzZXRGZWVUaWVyEocBChBFdmFsdWF0ZUZlZVRpZXJzEiQuY2V4LmF1dGgudjEuRXZhbHVhdGVGZWVUaWVyc1JlcXVlc3QaJS5jZXguYXV0aC52MS5FdmFsdWF0ZUZlZVRpZXJzUmVzcG9uc2UiJoLT5JMCIDoBKiIbL3YxL2FkbWluL2ZlZVRpZXJzOmV2YWx1YXRlElAKC0dldEZlZVRpZXJzEh8uY2V4LmF1dGgudjEuR2V0RmVlVGllcnNSZXF1ZXN0GiAuY2V4LmF1dGgudjEuR2V0RmVlVGllcnNSZXNwb25zZWIGcHJvdG8z", [file_google_api_annotations, file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * A trading account: the owner of balances, orders and API keys.
@@ -63,7 +63,8 @@ export type Account = Message<"cex.auth.v1.Account"> & {
   state: AccountState;
 
   /**
-   * Fee tier name used to price this account's trades, e.g. "default", "mm1".
+   * Fee tier name used to price this account's trades, e.g. "default", "mm1":
+   * the one an operator assigned, else the one its 30-day volume gives.
    *
    * @generated from field: string fee_tier = 6;
    */
@@ -82,6 +83,22 @@ export type Account = Message<"cex.auth.v1.Account"> & {
    * @generated from field: google.protobuf.Timestamp update_time = 8;
    */
   updateTime?: Timestamp | undefined;
+
+  /**
+   * True when an operator assigned fee_tier (SetAccountFeeTier): it then
+   * overrides the volume tier.
+   *
+   * @generated from field: bool fee_tier_assigned = 9;
+   */
+  feeTierAssigned: boolean;
+
+  /**
+   * Decimal string: the account's 30-day traded volume in the fee schedule's
+   * volume asset, as last measured (empty: never measured).
+   *
+   * @generated from field: string traded_volume_30d = 10;
+   */
+  tradedVolume30d: string;
 };
 
 /**
@@ -786,7 +803,7 @@ export const GetFeesRequestSchema: GenMessage<GetFeesRequest> = /*@__PURE__*/
  */
 export type GetFeesResponse = Message<"cex.auth.v1.GetFeesResponse"> & {
   /**
-   * The caller's fee tier (Account.fee_tier); every account is "default" today.
+   * The caller's fee tier (Account.fee_tier).
    *
    * @generated from field: string fee_tier = 1;
    */
@@ -919,6 +936,428 @@ export type AssetFees = Message<"cex.auth.v1.AssetFees"> & {
  */
 export const AssetFeesSchema: GenMessage<AssetFees> = /*@__PURE__*/
   messageDesc(file_cex_auth_v1_auth, 22);
+
+/**
+ * One tier of the fee schedule.
+ *
+ * @generated from message cex.auth.v1.FeeTier
+ */
+export type FeeTier = Message<"cex.auth.v1.FeeTier"> & {
+  /**
+   * Name, 1 to 32 of a-z, 0-9, "_" and "-" (e.g. "default", "vip1", "mm1").
+   * Every schedule has the tier "default" with min_volume 0: new accounts' tier.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Decimal string, basis points of what the maker receives ("10" = 0.1 %),
+   * from -100 (a 1 % rebate, paid from the fee account) to 1000, at most two
+   * decimals ("-0.5").
+   *
+   * @generated from field: string maker_fee_bps = 2;
+   */
+  makerFeeBps: string;
+
+  /**
+   * Decimal string, basis points of what the taker receives, 0 to 1000, at
+   * most two decimals. At least the largest maker rebate of the schedule.
+   *
+   * @generated from field: string taker_fee_bps = 3;
+   */
+  takerFeeBps: string;
+
+  /**
+   * Decimal string: the 30-day traded volume, in the schedule's volume_asset,
+   * from which an account earns this tier by volume. "0" for "default"; each
+   * tier's threshold is distinct.
+   *
+   * @generated from field: string min_volume = 4;
+   */
+  minVolume: string;
+};
+
+/**
+ * Describes the message cex.auth.v1.FeeTier.
+ * Use `create(FeeTierSchema)` to create a new message.
+ */
+export const FeeTierSchema: GenMessage<FeeTier> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 23);
+
+/**
+ * The fee schedule.
+ *
+ * @generated from message cex.auth.v1.FeeSchedule
+ */
+export type FeeSchedule = Message<"cex.auth.v1.FeeSchedule"> & {
+  /**
+   * The tiers, by min_volume ascending.
+   *
+   * @generated from field: repeated cex.auth.v1.FeeTier tiers = 1;
+   */
+  tiers: FeeTier[];
+
+  /**
+   * The asset volumes are counted in (e.g. "USDT"): the quote amount of fills
+   * in markets quoted in it. Set by auth's configuration (AUTH_FEE_VOLUME_ASSET).
+   *
+   * @generated from field: string volume_asset = 2;
+   */
+  volumeAsset: string;
+
+  /**
+   * When the schedule was last set (unset: the catalog's default).
+   *
+   * @generated from field: google.protobuf.Timestamp update_time = 3;
+   */
+  updateTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message cex.auth.v1.FeeSchedule.
+ * Use `create(FeeScheduleSchema)` to create a new message.
+ */
+export const FeeScheduleSchema: GenMessage<FeeSchedule> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 24);
+
+/**
+ * Request for AuthService.GetFeeSchedule. It takes no parameters.
+ *
+ * @generated from message cex.auth.v1.GetFeeScheduleRequest
+ */
+export type GetFeeScheduleRequest = Message<"cex.auth.v1.GetFeeScheduleRequest"> & {
+};
+
+/**
+ * Describes the message cex.auth.v1.GetFeeScheduleRequest.
+ * Use `create(GetFeeScheduleRequestSchema)` to create a new message.
+ */
+export const GetFeeScheduleRequestSchema: GenMessage<GetFeeScheduleRequest> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 25);
+
+/**
+ * Response for AuthService.GetFeeSchedule.
+ *
+ * @generated from message cex.auth.v1.GetFeeScheduleResponse
+ */
+export type GetFeeScheduleResponse = Message<"cex.auth.v1.GetFeeScheduleResponse"> & {
+  /**
+   * The schedule in force.
+   *
+   * @generated from field: cex.auth.v1.FeeSchedule schedule = 1;
+   */
+  schedule?: FeeSchedule | undefined;
+};
+
+/**
+ * Describes the message cex.auth.v1.GetFeeScheduleResponse.
+ * Use `create(GetFeeScheduleResponseSchema)` to create a new message.
+ */
+export const GetFeeScheduleResponseSchema: GenMessage<GetFeeScheduleResponse> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 26);
+
+/**
+ * Request for AuthService.SetFeeSchedule.
+ *
+ * @generated from message cex.auth.v1.SetFeeScheduleRequest
+ */
+export type SetFeeScheduleRequest = Message<"cex.auth.v1.SetFeeScheduleRequest"> & {
+  /**
+   * Required: the idempotency key, 1 to 128 characters (ADR 0003).
+   *
+   * @generated from field: string request_id = 1;
+   */
+  requestId: string;
+
+  /**
+   * The whole new schedule, 1 to 32 tiers (volume_asset and update_time are
+   * ignored).
+   *
+   * @generated from field: repeated cex.auth.v1.FeeTier tiers = 2;
+   */
+  tiers: FeeTier[];
+
+  /**
+   * Why, kept with the change.
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message cex.auth.v1.SetFeeScheduleRequest.
+ * Use `create(SetFeeScheduleRequestSchema)` to create a new message.
+ */
+export const SetFeeScheduleRequestSchema: GenMessage<SetFeeScheduleRequest> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 27);
+
+/**
+ * Response for AuthService.SetFeeSchedule.
+ *
+ * @generated from message cex.auth.v1.SetFeeScheduleResponse
+ */
+export type SetFeeScheduleResponse = Message<"cex.auth.v1.SetFeeScheduleResponse"> & {
+  /**
+   * The schedule in force.
+   *
+   * @generated from field: cex.auth.v1.FeeSchedule schedule = 1;
+   */
+  schedule?: FeeSchedule | undefined;
+};
+
+/**
+ * Describes the message cex.auth.v1.SetFeeScheduleResponse.
+ * Use `create(SetFeeScheduleResponseSchema)` to create a new message.
+ */
+export const SetFeeScheduleResponseSchema: GenMessage<SetFeeScheduleResponse> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 28);
+
+/**
+ * Request for AuthService.SetAccountFeeTier.
+ *
+ * @generated from message cex.auth.v1.SetAccountFeeTierRequest
+ */
+export type SetAccountFeeTierRequest = Message<"cex.auth.v1.SetAccountFeeTierRequest"> & {
+  /**
+   * Required: the idempotency key, 1 to 128 characters (ADR 0003).
+   *
+   * @generated from field: string request_id = 1;
+   */
+  requestId: string;
+
+  /**
+   * The account.
+   *
+   * @generated from field: string account_id = 2;
+   */
+  accountId: string;
+
+  /**
+   * A tier of the schedule; empty: the account's volume decides again.
+   *
+   * @generated from field: string fee_tier = 3;
+   */
+  feeTier: string;
+
+  /**
+   * Why, kept with the change.
+   *
+   * @generated from field: string reason = 4;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message cex.auth.v1.SetAccountFeeTierRequest.
+ * Use `create(SetAccountFeeTierRequestSchema)` to create a new message.
+ */
+export const SetAccountFeeTierRequestSchema: GenMessage<SetAccountFeeTierRequest> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 29);
+
+/**
+ * Response for AuthService.SetAccountFeeTier.
+ *
+ * @generated from message cex.auth.v1.SetAccountFeeTierResponse
+ */
+export type SetAccountFeeTierResponse = Message<"cex.auth.v1.SetAccountFeeTierResponse"> & {
+  /**
+   * The account with its tier now.
+   *
+   * @generated from field: cex.auth.v1.Account account = 1;
+   */
+  account?: Account | undefined;
+};
+
+/**
+ * Describes the message cex.auth.v1.SetAccountFeeTierResponse.
+ * Use `create(SetAccountFeeTierResponseSchema)` to create a new message.
+ */
+export const SetAccountFeeTierResponseSchema: GenMessage<SetAccountFeeTierResponse> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 30);
+
+/**
+ * Request for AuthService.EvaluateFeeTiers.
+ *
+ * @generated from message cex.auth.v1.EvaluateFeeTiersRequest
+ */
+export type EvaluateFeeTiersRequest = Message<"cex.auth.v1.EvaluateFeeTiersRequest"> & {
+};
+
+/**
+ * Describes the message cex.auth.v1.EvaluateFeeTiersRequest.
+ * Use `create(EvaluateFeeTiersRequestSchema)` to create a new message.
+ */
+export const EvaluateFeeTiersRequestSchema: GenMessage<EvaluateFeeTiersRequest> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 31);
+
+/**
+ * Response for AuthService.EvaluateFeeTiers.
+ *
+ * @generated from message cex.auth.v1.EvaluateFeeTiersResponse
+ */
+export type EvaluateFeeTiersResponse = Message<"cex.auth.v1.EvaluateFeeTiersResponse"> & {
+  /**
+   * Accounts whose volume was measured (every account that traded in the
+   * window, and every account on a volume tier above "default").
+   *
+   * @generated from field: int32 accounts_measured = 1;
+   */
+  accountsMeasured: number;
+
+  /**
+   * The accounts whose tier changed, with their new tier.
+   *
+   * @generated from field: repeated cex.auth.v1.AccountFeeTier changed = 2;
+   */
+  changed: AccountFeeTier[];
+};
+
+/**
+ * Describes the message cex.auth.v1.EvaluateFeeTiersResponse.
+ * Use `create(EvaluateFeeTiersResponseSchema)` to create a new message.
+ */
+export const EvaluateFeeTiersResponseSchema: GenMessage<EvaluateFeeTiersResponse> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 32);
+
+/**
+ * An account's fee tier, as the order gateways price it.
+ *
+ * @generated from message cex.auth.v1.AccountFeeTier
+ */
+export type AccountFeeTier = Message<"cex.auth.v1.AccountFeeTier"> & {
+  /**
+   * The account.
+   *
+   * @generated from field: string account_id = 1;
+   */
+  accountId: string;
+
+  /**
+   * Its tier.
+   *
+   * @generated from field: string fee_tier = 2;
+   */
+  feeTier: string;
+
+  /**
+   * True when an operator assigned it.
+   *
+   * @generated from field: bool assigned = 3;
+   */
+  assigned: boolean;
+
+  /**
+   * The fee-tier change sequence of its latest change.
+   *
+   * @generated from field: int64 change_seq = 4;
+   */
+  changeSeq: bigint;
+};
+
+/**
+ * Describes the message cex.auth.v1.AccountFeeTier.
+ * Use `create(AccountFeeTierSchema)` to create a new message.
+ */
+export const AccountFeeTierSchema: GenMessage<AccountFeeTier> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 33);
+
+/**
+ * One change of the fee schedule or of an account's tier, as auth committed
+ * it. Published on NATS subject `auth.events.fee_tier` (stream AUTH_EVENTS,
+ * Nats-Msg-Id `auth-ft-<change_seq>`) after the commit, at least once and in
+ * change_seq order.
+ *
+ * @generated from message cex.auth.v1.FeeTierChange
+ */
+export type FeeTierChange = Message<"cex.auth.v1.FeeTierChange"> & {
+  /**
+   * auth's fee-tier change sequence: one more for every change, with no gaps,
+   * in commit order. A follower that sees a number skipped reloads.
+   *
+   * @generated from field: int64 change_seq = 1;
+   */
+  changeSeq: bigint;
+
+  /**
+   * The account whose tier changed; empty for a schedule change.
+   *
+   * @generated from field: cex.auth.v1.AccountFeeTier account = 2;
+   */
+  account?: AccountFeeTier | undefined;
+
+  /**
+   * The whole new schedule, for a schedule change.
+   *
+   * @generated from field: cex.auth.v1.FeeSchedule schedule = 3;
+   */
+  schedule?: FeeSchedule | undefined;
+
+  /**
+   * When the change was committed.
+   *
+   * @generated from field: google.protobuf.Timestamp change_time = 4;
+   */
+  changeTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message cex.auth.v1.FeeTierChange.
+ * Use `create(FeeTierChangeSchema)` to create a new message.
+ */
+export const FeeTierChangeSchema: GenMessage<FeeTierChange> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 34);
+
+/**
+ * Request for AuthService.GetFeeTiers. It takes no parameters.
+ *
+ * @generated from message cex.auth.v1.GetFeeTiersRequest
+ */
+export type GetFeeTiersRequest = Message<"cex.auth.v1.GetFeeTiersRequest"> & {
+};
+
+/**
+ * Describes the message cex.auth.v1.GetFeeTiersRequest.
+ * Use `create(GetFeeTiersRequestSchema)` to create a new message.
+ */
+export const GetFeeTiersRequestSchema: GenMessage<GetFeeTiersRequest> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 35);
+
+/**
+ * Response for AuthService.GetFeeTiers.
+ *
+ * @generated from message cex.auth.v1.GetFeeTiersResponse
+ */
+export type GetFeeTiersResponse = Message<"cex.auth.v1.GetFeeTiersResponse"> & {
+  /**
+   * The fee-tier change sequence this answer is complete up to.
+   *
+   * @generated from field: int64 change_seq = 1;
+   */
+  changeSeq: bigint;
+
+  /**
+   * The schedule in force.
+   *
+   * @generated from field: cex.auth.v1.FeeSchedule schedule = 2;
+   */
+  schedule?: FeeSchedule | undefined;
+
+  /**
+   * Every account whose tier is not "default".
+   *
+   * @generated from field: repeated cex.auth.v1.AccountFeeTier accounts = 3;
+   */
+  accounts: AccountFeeTier[];
+};
+
+/**
+ * Describes the message cex.auth.v1.GetFeeTiersResponse.
+ * Use `create(GetFeeTiersResponseSchema)` to create a new message.
+ */
+export const GetFeeTiersResponseSchema: GenMessage<GetFeeTiersResponse> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 36);
 
 /**
  * Lifecycle state of an account.
@@ -1210,6 +1649,67 @@ export const AuthService: GenService<{
     methodKind: "unary";
     input: typeof GetFeesRequestSchema;
     output: typeof GetFeesResponseSchema;
+  },
+  /**
+   * Admin: the fee schedule, its tiers from the lowest 30-day volume up.
+   *
+   * @generated from rpc cex.auth.v1.AuthService.GetFeeSchedule
+   */
+  getFeeSchedule: {
+    methodKind: "unary";
+    input: typeof GetFeeScheduleRequestSchema;
+    output: typeof GetFeeScheduleResponseSchema;
+  },
+  /**
+   * Admin: replaces the fee schedule (every tier at once). Accounts whose tier
+   * follows their volume move to the tier their last measured volume gives;
+   * a tier an operator assigned to an account cannot be removed
+   * (FAILED_PRECONDITION AUTH_FEE_TIER_IN_USE). Idempotent on request_id.
+   * Order gateways charge the new rates from their next order (FeeTierChange
+   * on NATS subject `auth.events.fee_tier`, GetFeeTiers as the backstop).
+   *
+   * @generated from rpc cex.auth.v1.AuthService.SetFeeSchedule
+   */
+  setFeeSchedule: {
+    methodKind: "unary";
+    input: typeof SetFeeScheduleRequestSchema;
+    output: typeof SetFeeScheduleResponseSchema;
+  },
+  /**
+   * Admin: assigns an account a fee tier, which then overrides its volume
+   * tier; an empty fee_tier hands the account back to its volume tier.
+   * Idempotent on request_id.
+   *
+   * @generated from rpc cex.auth.v1.AuthService.SetAccountFeeTier
+   */
+  setAccountFeeTier: {
+    methodKind: "unary";
+    input: typeof SetAccountFeeTierRequestSchema;
+    output: typeof SetAccountFeeTierResponseSchema;
+  },
+  /**
+   * Admin: measures every account's 30-day traded volume now (from the order
+   * service's fills) and moves accounts whose tier follows their volume to the
+   * tier it gives. The same runs every AUTH_FEE_VOLUME_INTERVAL_S.
+   *
+   * @generated from rpc cex.auth.v1.AuthService.EvaluateFeeTiers
+   */
+  evaluateFeeTiers: {
+    methodKind: "unary";
+    input: typeof EvaluateFeeTiersRequestSchema;
+    output: typeof EvaluateFeeTiersResponseSchema;
+  },
+  /**
+   * Internal: the fee schedule and every account not on the base tier, as of
+   * auth's fee-tier change sequence: the order gateways' backstop for the
+   * FeeTierChange push (chassis' fee_tiers.py).
+   *
+   * @generated from rpc cex.auth.v1.AuthService.GetFeeTiers
+   */
+  getFeeTiers: {
+    methodKind: "unary";
+    input: typeof GetFeeTiersRequestSchema;
+    output: typeof GetFeeTiersResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_cex_auth_v1_auth, 0);
