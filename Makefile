@@ -87,7 +87,7 @@ bench-edge: $(INSTALLED)
 
 ## bench-marketdata: events/s into the book and tape, fan-out latency p50/p99 to N subscribers
 bench-marketdata: $(INSTALLED)
-	$(BIN)/python -m bench.bench_marketdata
+	$(BIN)/python -m bench.bench_marketdata $(BENCH_ARGS)
 
 bench-market-data: bench-marketdata  # the name issue 7 uses
 

@@ -17,7 +17,8 @@
 // merged delta carries every event after prev_seq, and each of those that
 // changed the subscriber's depth waited from its own time until this receipt,
 // so each counts once (the event times come from match.events.<market> on
-// NATS, recorded by seq for the events the publisher marked Bench-Visible);
+// NATS, one EventBatch a message, recorded by seq for the events the publisher
+// marked Bench-Visible);
 // this is the delay a subscriber's book really had. A gap is a delta whose
 // prev_seq is not the seq this subscriber last saw (the service promises none);
 // resyncs count the snapshots flagged resynced.
@@ -301,10 +302,14 @@ func main() {
 	}
 	if len(l.natsConns) > 0 {
 		_, err := l.natsConns[0].Subscribe("match.events."+l.market, func(msg *nats.Msg) {
-			var e matchv1.MatchEvent
-			if msg.Header.Get("Bench-Visible") != "" && proto.Unmarshal(msg.Data, &e) == nil {
-				t := e.GetEventTime()
-				l.times.record(e.GetSeq(), t.GetSeconds()*1_000_000_000+int64(t.GetNanos()))
+			// One EventBatch per message, as match publishes (the publisher sends one
+			// event per batch, so the header marks that event).
+			var batch matchv1.EventBatch
+			if msg.Header.Get("Bench-Visible") != "" && proto.Unmarshal(msg.Data, &batch) == nil {
+				for _, e := range batch.GetEvents() {
+					t := e.GetEventTime()
+					l.times.record(e.GetSeq(), t.GetSeconds()*1_000_000_000+int64(t.GetNanos()))
+				}
 			}
 		})
 		if err != nil {
