@@ -32,7 +32,9 @@ Envoy. Given more than once (`--replicas marketdata=1 --replicas
 marketdata=2`), the runs follow each other in this one invocation on the same
 PostgreSQL and NATS, each with a fresh database, market data processes, book
 and subscribers, and a summary compares them; without it, one process is
-measured directly, as before.
+measured directly, as before. `--via direct` connects the subscribers straight
+to the replicas instead (mdload's own round robin over them, no proxy: what
+Envoy's hop costs), `--via both` runs each configuration both ways.
 
 The subscribers are bench/mdload (Go, built here with `go build` into
 .tools/bin), a process of its own, so that the market data process's CPU is
@@ -395,8 +397,9 @@ class Replicas:
 
     @property
     def edge(self) -> str:
-        """Where subscribers connect: Envoy, or the one process."""
-        return f"{self.ports.host}:{self.ports.edge}" if self.via_envoy else self.targets[0]
+        """Where subscribers connect: Envoy, or the processes themselves (mdload spreads
+        its streams over several by its own round robin)."""
+        return f"{self.ports.host}:{self.ports.edge}" if self.via_envoy else ",".join(self.targets)
 
     async def start(self) -> None:
         for r, target in enumerate(self.targets, start=1):
@@ -511,8 +514,18 @@ async def replicas_on(
     return replicas, name
 
 
+def configurations(args: argparse.Namespace) -> list[tuple[int, bool]]:
+    """(market data replicas, through Envoy?) for each run, in order: every `--replicas`
+    count by every path of `--via`; without `--replicas`, one process, direct."""
+    if not args.replicas:
+        return [(1, False)]
+    paths = {"envoy": [True], "direct": [False], "both": [True, False]}[args.via]
+    return [(count, via) for count in args.replicas for via in paths]
+
+
 async def _configuration(
-    count: int | None,
+    count: int,
+    via_envoy: bool,
     args: argparse.Namespace,
     stack: Stack,
     env: dict[str, str],
@@ -520,8 +533,8 @@ async def _configuration(
     catalog: Path,
     nc: nats.NATS,
 ) -> Run:
-    """One configuration from scratch: a fresh database, book and subscribers.
-    `count` None: one process, the subscribers straight to it (the original shape)."""
+    """One configuration from scratch: a fresh database, book and subscribers; `count`
+    market data processes, the subscribers through Envoy or straight to them."""
     fake = FakeMatch()
     match_server = grpc.aio.server()
     match_pb2_grpc.add_MatchServiceServicer_to_server(fake, match_server)
@@ -533,16 +546,16 @@ async def _configuration(
         state,
         catalog,
         f"127.0.0.1:{match_port}",
-        count or 1,
-        via_envoy=count is not None,
+        count,
+        via_envoy=via_envoy,
     )
-    label = "1 process, direct" if count is None else f"marketdata={count} via Envoy"
+    label = f"marketdata={count} {'via Envoy' if via_envoy else 'direct'}"
     run: Run | None = None
     try:
         await replicas.start()
         group = Group([p.pid for p in replicas.processes])
         envoy_stats = ProcStats(replicas.envoy.pid) if replicas.envoy else None
-        run = Run(label, count or 1, replicas.edge, group, envoy_stats, nc, fake, Generator())
+        run = Run(label, count, replicas.edge, group, envoy_stats, nc, fake, Generator())
         print(f"\n## {label} (subscribers to {replicas.edge}; load {_load_average()})", flush=True)
         await _throughput(args, run, replicas.targets, stack, name)
         load = await Load.start(run.target, stack.nats_url, args.channels)
@@ -644,8 +657,12 @@ async def main(args: argparse.Namespace) -> None:
         nc = await nats.connect(stack.nats_url)
         runs: list[Run] = []
         try:
-            for count in args.replicas or [None]:
-                runs.append(await _configuration(count, args, stack, env, Path(state), catalog, nc))
+            for count, via_envoy in configurations(args):
+                runs.append(
+                    await _configuration(
+                        count, via_envoy, args, stack, env, Path(state), catalog, nc
+                    )
+                )
             _summary(runs)
         finally:
             await nc.close()
@@ -690,6 +707,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="market data replicas behind a local Envoy (cex up's spelling, e.g. "
         "marketdata=2); repeat to compare configurations back to back in one run "
         "(default: one process, subscribers straight to it)",
+    )
+    parser.add_argument(
+        "--via",
+        choices=("envoy", "direct", "both"),
+        default="envoy",
+        help="with --replicas: subscribers through the local Envoy, straight to the "
+        "replicas (mdload's own round robin), or each configuration both ways",
     )
     return parser.parse_args(argv)
 

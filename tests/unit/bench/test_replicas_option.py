@@ -50,6 +50,19 @@ def test_marketdata_takes_the_same_spelling_and_keeps_its_own_count() -> None:
         bench_marketdata.parse_args(["--replicas", "marketdata=9"])
 
 
+def test_marketdata_runs_every_configuration_in_order() -> None:
+    def runs(*argv: str) -> list[tuple[int, bool]]:
+        return bench_marketdata.configurations(bench_marketdata.parse_args(list(argv)))
+
+    assert runs() == [(1, False)]  # one process, subscribers straight to it
+    assert runs("--replicas", "marketdata=1", "--replicas", "marketdata=2") == [
+        (1, True),
+        (2, True),
+    ]
+    assert runs("--replicas", "marketdata=2", "--via", "both") == [(2, True), (2, False)]
+    assert runs("--replicas", "marketdata=2", "--via", "direct") == [(2, False)]
+
+
 def test_cpu_is_counted_for_every_replica(tmp_path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "stack.json").write_text(
         '{"pids": {"order": 1, "order-2": 2, "marketdata-3": 3, "reflection": 4, "chainsim": 5}}'
