@@ -21,9 +21,9 @@ up --replicas`) runs the stack with that many processes of each named service
 behind its Envoy; given more than once (`--replicas order=1 --replicas
 order=2`), each configuration runs in turn on a fresh stack in this one
 invocation and a summary puts their figures side by side. The edge spreads
-order's calls by account, so with `--replicas` the unary load is spread over
-at least two accounts per order replica, and each stream session opens with
-its own account's token (without it, as before, with the service token acting
+order's calls by account, so with several order replicas the unary load is
+spread over at least two accounts per replica, and with `--replicas` each
+stream session opens with its own account's token (without it, as before, with the service token acting
 for the account: one hash key, one replica). CPU is reported per process,
 replicas apart (`order-2`).
 
