@@ -23,9 +23,9 @@ order=2`), each configuration runs in turn on a fresh stack in this one
 invocation and a summary puts their figures side by side. The edge spreads
 order's calls by account, so with several order replicas the unary load is
 spread over at least two accounts per replica, and with `--replicas` each
-stream session opens with its own account's token (without it, as before, with the service token acting
-for the account: one hash key, one replica). CPU is reported per process,
-replicas apart (`order-2`).
+stream session opens with its own account's token (without it, as before,
+with the service token acting for the account: one hash key, one replica).
+CPU is reported per process, replicas apart (`order-2`).
 
 Everything (PostgreSQL, NATS, Envoy, every service, ghz and this script)
 shares the machine's cores; the report says how many there are. The last line
