@@ -86,12 +86,14 @@ bench-edge: $(INSTALLED)
 	$(BIN)/python -m bench.bench_edge
 
 ## bench-marketdata: events/s into the book and tape, fan-out latency p50/p99 to N subscribers
+## (BENCH_ARGS="--replicas marketdata=1 --replicas marketdata=2": each behind a local Envoy, back to back)
 bench-marketdata: $(INSTALLED)
-	$(BIN)/python -m bench.bench_marketdata
+	$(BIN)/python -m bench.bench_marketdata $(BENCH_ARGS)
 
 bench-market-data: bench-marketdata  # the name issue 7 uses
 
 ## bench-trading: PlaceOrder through Envoy (ghz --rps sweep) and market-maker stream sessions
+## (BENCH_ARGS="--replicas order=2,marketdata=2", repeatable: stacks with replicas, back to back)
 bench-trading: $(INSTALLED)
 	bench/install-ghz.sh .tools/bin
 	$(BIN)/python -m bench.bench_trading $(BENCH_ARGS)

@@ -16,6 +16,17 @@ lifts risk's default limits so that they do not cap the run, then:
 3. the edge alone: ghz sends grpc.health.v1 Check to order through the same
    Envoy (closed loop), the ceiling any call through this edge can reach here.
 
+Replicas (issue 20): `--replicas order=2,marketdata=2` (the spelling of `cex
+up --replicas`) runs the stack with that many processes of each named service
+behind its Envoy; given more than once (`--replicas order=1 --replicas
+order=2`), each configuration runs in turn on a fresh stack in this one
+invocation and a summary puts their figures side by side. The edge spreads
+order's calls by account, so with several order replicas the unary load is
+spread over at least two accounts per replica, and with `--replicas` each
+stream session opens with its own account's token (without it, as before,
+with the service token acting for the account: one hash key, one replica).
+CPU is reported per process, replicas apart (`order-2`).
+
 Everything (PostgreSQL, NATS, Envoy, every service, ghz and this script)
 shares the machine's cores; the report says how many there are. The last line
 is `RESULT {json}` with the figures issue 17 asks for, all from this one run:
@@ -52,7 +63,7 @@ from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.order.v1 import order_pb2, order_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from cex_stack.supervisor import Stack
-from cex_stack.topology import Ports, free_ports
+from cex_stack.topology import Ports, free_ports, parse_replicas
 from services.chassis import ErrorDetails
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,12 +177,20 @@ async def noop_edge(edge: str, seconds: int) -> float:
 _PER_ACCOUNT_RPS = 500  # each account's share: under the edge's per-account bucket (1,000/s)
 
 
+def _accounts_for(rps: int, order_replicas: int) -> int:
+    """Accounts a rate is spread over: as many as the edge's per-account limit needs,
+    and with several order replicas at least two per replica (the edge sends each
+    account to one replica, by a hash)."""
+    floor = 2 * order_replicas if order_replicas > 1 else 1
+    return max(floor, -(-rps // _PER_ACCOUNT_RPS))
+
+
 async def _ghz_accounts(
     edge: str, tokens: list[str], rps: int, duration: int, concurrency: int
 ) -> tuple[dict[str, int], list[float], float]:
-    """The rate spread over as many accounts as the edge's per-account limit needs,
-    one ghz each, side by side: status counts, every call's latency (ms), seconds."""
-    n = min(len(tokens), max(1, -(-rps // _PER_ACCOUNT_RPS)))
+    """The rate spread over the accounts given (at most), one ghz each, side by side:
+    status counts, every call's latency (ms), seconds."""
+    n = len(tokens)
     reports = await asyncio.gather(
         *(
             asyncio.to_thread(_ghz, edge, token, rps // n, duration, max(concurrency // n, 10))
@@ -179,18 +198,23 @@ async def _ghz_accounts(
         )
     )
     codes: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
     latencies: list[float] = []
     for report in reports:
         codes.update(report.get("statusCodeDistribution") or {})  # type: ignore[arg-type]
+        errors.update(report.get("errorDistribution") or {})  # type: ignore[arg-type]
         latencies += [_ns_ms(d["latency"]) for d in report.get("details") or []]  # type: ignore[attr-defined]
     seconds = max(_ns_ms(r["total"]) / 1000 for r in reports)
+    for error, count in errors.most_common(3):
+        print(f"<!-- {count} x {error[:300]} -->")
     return dict(codes), latencies, seconds
 
 
 async def unary(
     edge: str, channel: grpc.aio.Channel, svc: str, args: argparse.Namespace, pids: dict[str, int]
 ) -> list[Step]:
-    n = max(1, -(-max(args.rps) // _PER_ACCOUNT_RPS))
+    order_replicas = args.run_replicas.get("order", 1)
+    n = _accounts_for(max(args.rps), order_replicas)
     users = await accounts(channel, svc, n, {"USDT": "1000000000"})
     steps: list[Step] = []
     print("\n## unary PlaceOrder through Envoy (ghz, open loop)\n")
@@ -198,8 +222,9 @@ async def unary(
     print("|---:|---:|---:|---:|---:|---:|")
     for rps in args.rps:
         before = processes.cpu(pids)
+        tokens = [u.token for u in users][: _accounts_for(rps, order_replicas)]
         codes, latencies, seconds = await _ghz_accounts(
-            edge, [u.token for u in users], rps, args.duration, args.concurrency
+            edge, tokens, max(rps, len(tokens)), args.duration, args.concurrency
         )
         after = processes.cpu(pids)
         ok, total = codes.get("OK", 0), sum(codes.values())
@@ -218,10 +243,11 @@ async def unary(
 
 
 class _Quoter:
-    def __init__(self, stub: order_pb2_grpc.OrderServiceStub, account: str, svc: str) -> None:
+    def __init__(self, stub: order_pb2_grpc.OrderServiceStub, account: str, token: str) -> None:
+        """`token`: the account's own, or the service's acting for the account."""
         self.account = account
         self.queue: asyncio.Queue[order_pb2.StreamOrdersRequest | None] = asyncio.Queue()
-        self.call = stub.StreamOrders(self._requests(), metadata=bearer(svc))
+        self.call = stub.StreamOrders(self._requests(), metadata=bearer(token))
         self.sent: dict[str, float] = {}
         self.latencies: list[float] = []
         self.rejects: Counter[str] = Counter()
@@ -302,10 +328,8 @@ class _Quoter:
         await self.queue.put(None)
 
 
-async def streams(
-    edge: str, channel: grpc.aio.Channel, svc: str, args: argparse.Namespace, pids: dict[str, int]
-) -> tuple[float, float]:
-    ids = [f"bench-mm-{uuid.uuid4().hex[:12]}" for _ in range(args.sessions)]
+async def _fund(channel: grpc.aio.Channel, svc: str, ids: list[str]) -> None:
+    """Deposit USDT to accounts that exist only in the ledger (the service acts for them)."""
     ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
     for i in range(0, len(ids), 500):
         await ledger.CreateTransfers(
@@ -325,8 +349,20 @@ async def streams(
             metadata=bearer(svc),
             timeout=60,
         )
+
+
+async def streams(
+    edge: str, channel: grpc.aio.Channel, svc: str, args: argparse.Namespace, pids: dict[str, int]
+) -> tuple[float, float]:
+    if args.replicas:  # sessions of their own accounts, spread over order's replicas
+        users = await accounts(channel, svc, args.sessions, {"USDT": "100000"})
+        ids, tokens = [u.account_id for u in users], [u.token for u in users]
+    else:
+        ids = [f"bench-mm-{uuid.uuid4().hex[:12]}" for _ in range(args.sessions)]
+        tokens = [svc] * len(ids)
+        await _fund(channel, svc, ids)
     stubs = [order_pb2_grpc.OrderServiceStub(channel)]
-    quoters = [_Quoter(stubs[0], a, svc) for a in ids]
+    quoters = [_Quoter(stubs[0], a, token) for a, token in zip(ids, tokens, strict=True)]
     readers = [asyncio.create_task(q.read()) for q in quoters]
     before = processes.cpu(pids)
     start = time.perf_counter()
@@ -392,23 +428,43 @@ def result(
     }
 
 
-async def main(args: argparse.Namespace) -> None:
-    print(f"# bench-trading ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
-    print(
-        f"machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
-        f"Python {sys.version.split()[0]}; load average at start {os.getloadavg()[0]:.1f}"
-    )
-    stack: Stack | None = None
+def replicas_label(replicas: dict[str, int]) -> str:
+    """`order=2,marketdata=2`, or `1 each`."""
+    named = [f"{name}={n}" for name, n in sorted(replicas.items()) if n > 1]
+    return ",".join(named) or "1 each"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One configuration's figures."""
+
+    label: str
+    steps: list[Step]
+    stream: tuple[float, float] | None
+    result: dict[str, float | None]
+
+
+async def _configuration(args: argparse.Namespace, replicas: dict[str, int] | None) -> Outcome:
+    """The whole benchmark on one stack: the running one (--state-dir), or a fresh one
+    with `replicas` (None: CEX_REPLICAS, as `cex up`)."""
     if args.state_dir:
         doc = json.loads((Path(args.state_dir) / "stack.json").read_text())
         stack = Stack(
             Path(args.state_dir), Ports(base=doc["base_port"], host=doc["host"]), dict(os.environ)
         )
+        stack.replicas = dict(doc.get("replicas") or {})
         running = None
     else:
-        running = Stack(Path(tempfile.mkdtemp(prefix="cex-bench-")), free_ports(), dict(os.environ))
+        stack = running = Stack(
+            Path(tempfile.mkdtemp(prefix="cex-bench-")),
+            free_ports(),
+            dict(os.environ),
+            replicas=replicas,
+        )
         await running.start()
-        stack = running
+    args.run_replicas = stack.replicas
+    label = replicas_label(stack.replicas)
+    print(f"\n# stack: {label} (load average {os.getloadavg()[0]:.1f})", flush=True)
     try:
         svc = await operator_token(stack.edge, stack.service_secret)
         async with grpc.aio.insecure_channel(stack.edge) as channel:
@@ -417,15 +473,54 @@ async def main(args: argparse.Namespace) -> None:
             steps = await unary(stack.edge, channel, svc, args, pids) if args.rps else []
             stream = await streams(stack.edge, channel, svc, args, pids) if args.sessions else None
             noop_rps = await noop_edge(stack.edge, args.duration)
-        print("RESULT " + json.dumps(result(steps, noop_rps, stream)), flush=True)
+        figures = result(steps, noop_rps, stream)
+        print("RESULT " + json.dumps({"replicas": label, **figures}), flush=True)
+        return Outcome(label, steps, stream, figures)
     finally:
         if running is not None:
             await running.stop()
 
 
-def _cli() -> argparse.Namespace:
+def _summary(outcomes: list[Outcome]) -> None:
+    """Every configuration's figures side by side."""
+    print("\n## by configuration\n")
+    print("| replicas | offered orders/s | achieved | p50 ms | p99 ms | CPU ms per order |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for o in outcomes:
+        for st in o.steps:
+            print(f"| {o.label} | {st.rps} | {st.achieved:.0f} | {st.p50_ms:.1f} | "
+                  f"{st.p99_ms:.1f} | {st.cpu_ms:.2f} |")  # fmt: skip
+    print("\n| replicas | stream commands/s | CPU ms per command | edge health Check calls/s |")
+    print("|---|---:|---:|---:|")
+    for o in outcomes:
+        commands, cpu = o.stream if o.stream else (float("nan"), float("nan"))
+        print(f"| {o.label} | {commands:.0f} | {cpu:.2f} | {o.result['noop_edge_rps']} |")
+
+
+async def main(args: argparse.Namespace) -> None:
+    print(f"# bench-trading ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
+    print(
+        f"machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+        f"Python {sys.version.split()[0]}; load average at start {os.getloadavg()[0]:.1f}"
+    )
+    outcomes = []
+    for replicas in args.replicas or [None]:
+        outcomes.append(await _configuration(args, replicas))
+    if len(outcomes) > 1:
+        _summary(outcomes)
+
+
+def _cli(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--state-dir", help="use the stack running from this state dir")
+    parser.add_argument(
+        "--replicas",
+        type=parse_replicas,
+        action="append",
+        metavar="SERVICE=N,...",
+        help="processes per service on a fresh stack, as `cex up --replicas` "
+        "(order=2,marketdata=2); repeat to run several configurations back to back",
+    )
     parser.add_argument(
         "--rps",
         type=lambda s: [int(x) for x in s.split(",") if x],
@@ -445,7 +540,10 @@ def _cli() -> argparse.Namespace:
         help="closed loop: keep this many commands in flight per session (0: quote on a "
         "timer, --quote-interval)",
     )
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.state_dir and args.replicas:
+        parser.error("--replicas starts stacks of its own; it does not go with --state-dir")
+    return args
 
 
 if __name__ == "__main__":

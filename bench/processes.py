@@ -18,8 +18,14 @@ _WATCHED = (
 
 
 def pids(state_dir: Path) -> dict[str, int]:
+    """The watched components' pids, replicas included (`order-2`, ...)."""
     doc = json.loads((state_dir / "stack.json").read_text())
-    return {name: pid for name, pid in doc["pids"].items() if name in _WATCHED}
+    return {name: pid for name, pid in doc["pids"].items() if _watched(name)}
+
+
+def _watched(name: str) -> bool:
+    base, _, replica = name.rpartition("-")
+    return name in _WATCHED or (replica.isdigit() and base in _WATCHED)
 
 
 def _cpu_s(pid: int) -> float:

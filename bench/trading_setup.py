@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 
@@ -83,12 +84,7 @@ async def accounts(
             metadata=bearer(svc),
             timeout=10,
         )
-        token = await auth.IssueToken(
-            auth_pb2.IssueTokenRequest(
-                api_key_id=key.api_key.api_key_id, api_key_secret=key.secret
-            ),
-            timeout=10,
-        )
+        token = await _issue_token(auth, key.api_key.api_key_id, key.secret)
         transfers = [
             ledger_pb2.Transfer(
                 id=f"bench-dep-{uuid.uuid4().hex}",
@@ -106,3 +102,21 @@ async def accounts(
         assert all(r.status.code == 0 for r in reply.results), reply
         out.append(Account(account_id, token.access_token, key.api_key.api_key_id, key.secret))
     return out
+
+
+async def _issue_token(
+    auth: auth_pb2_grpc.AuthServiceStub, key_id: str, secret: str
+) -> auth_pb2.IssueTokenResponse:
+    """IssueToken, waiting out the edge's token-endpoint limit (10 a second per address)
+    when many accounts are made at once."""
+    for attempt in range(30):
+        try:
+            reply: auth_pb2.IssueTokenResponse = await auth.IssueToken(
+                auth_pb2.IssueTokenRequest(api_key_id=key_id, api_key_secret=secret), timeout=10
+            )
+            return reply
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == 29:
+                raise
+            await asyncio.sleep(1.0)
+    raise AssertionError("unreachable")

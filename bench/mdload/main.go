@@ -17,7 +17,8 @@
 // merged delta carries every event after prev_seq, and each of those that
 // changed the subscriber's depth waited from its own time until this receipt,
 // so each counts once (the event times come from match.events.<market> on
-// NATS, recorded by seq for the events the publisher marked Bench-Visible);
+// NATS, one EventBatch a message, recorded by seq for the events the publisher
+// marked Bench-Visible);
 // this is the delay a subscriber's book really had. A gap is a delta whose
 // prev_seq is not the seq this subscriber last saw (the service promises none);
 // resyncs count the snapshots flagged resynced.
@@ -39,6 +40,8 @@ import (
 	"github.com/nats-io/nats.go"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/resolver"
+	"google.golang.org/grpc/resolver/manual"
 	"google.golang.org/protobuf/proto"
 
 	mdv1 "github.com/cex-core/cex-core/gen/go/cex/marketdata/v1"
@@ -271,7 +274,7 @@ func usage() (cpuS, rssMB float64) {
 }
 
 func main() {
-	target := flag.String("target", "127.0.0.1:50051", "market data, host:port")
+	target := flag.String("target", "127.0.0.1:50051", "market data, host:port (several: comma-separated, round robin)")
 	natsURL := flag.String("nats", "", "NATS URL (for nats N)")
 	market := flag.String("market", "BENCH-USDT", "market")
 	depth := flag.Int("depth", 20, "StreamOrderBook depth")
@@ -281,10 +284,28 @@ func main() {
 	l := &load{market: *market, natsURL: *natsURL, depth: int32(*depth), ready: make(chan struct{}, 1<<16)}
 	l.stats.hist = make([]atomic.Uint64, buckets)
 	l.every.hist = make([]atomic.Uint64, buckets)
+	// Several targets (host:port,host:port): the streams spread over them by the
+	// client's own round robin, as a mesh without a proxy would (no Envoy hop).
+	dial, options := *target, []grpc.DialOption{
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64 << 20)),
+	}
+	var addresses []resolver.Address
+	if strings.Contains(dial, ",") {
+		for _, a := range strings.Split(dial, ",") {
+			addresses = append(addresses, resolver.Address{Addr: a})
+		}
+		dial = "mdload:///replicas"
+		options = append(options, grpc.WithDefaultServiceConfig(`{"loadBalancingConfig":[{"round_robin":{}}]}`))
+	}
 	for range *conns {
-		conn, err := grpc.NewClient(*target,
-			grpc.WithTransportCredentials(insecure.NewCredentials()),
-			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20)))
+		connOptions := options
+		if addresses != nil {
+			r := manual.NewBuilderWithScheme("mdload")
+			r.InitialState(resolver.State{Addresses: addresses})
+			connOptions = append(append([]grpc.DialOption{}, options...), grpc.WithResolvers(r))
+		}
+		conn, err := grpc.NewClient(dial, connOptions...)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
@@ -301,10 +322,14 @@ func main() {
 	}
 	if len(l.natsConns) > 0 {
 		_, err := l.natsConns[0].Subscribe("match.events."+l.market, func(msg *nats.Msg) {
-			var e matchv1.MatchEvent
-			if msg.Header.Get("Bench-Visible") != "" && proto.Unmarshal(msg.Data, &e) == nil {
-				t := e.GetEventTime()
-				l.times.record(e.GetSeq(), t.GetSeconds()*1_000_000_000+int64(t.GetNanos()))
+			// One EventBatch per message, as match publishes (the publisher sends one
+			// event per batch, so the header marks that event).
+			var batch matchv1.EventBatch
+			if msg.Header.Get("Bench-Visible") != "" && proto.Unmarshal(msg.Data, &batch) == nil {
+				for _, e := range batch.GetEvents() {
+					t := e.GetEventTime()
+					l.times.record(e.GetSeq(), t.GetSeconds()*1_000_000_000+int64(t.GetNanos()))
+				}
 			}
 		})
 		if err != nil {
