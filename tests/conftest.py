@@ -36,9 +36,7 @@ from tests.replicas import REPLICATED, Target
 
 
 @contextlib.asynccontextmanager
-async def _running(
-    folder: Path, replicas: dict[str, int] | None = None
-) -> AsyncIterator[Stack]:
+async def _running(folder: Path, replicas: dict[str, int] | None = None) -> AsyncIterator[Stack]:
     # The tests bring up their own embedded parts, whatever the shell points at.
     env = {
         k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
