@@ -85,14 +85,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def _on_replicas(item: pytest.Item) -> bool:
+    """A `[replicated_stack]` run, or a test of the replicated stack alone."""
     callspec = getattr(item, "callspec", None)
-    return callspec is not None and callspec.params.get("target") == "replicated_stack"
+    if callspec is not None and callspec.params.get("target") == "replicated_stack":
+        return True
+    return "replicated_stack" in getattr(item, "fixturenames", ())
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The `[replicated_stack]` runs last, in their order: one start of that stack,
-    and its processes are not idling beside the rest of the session."""
+    """The tests on the replicated stack last, in their order: one start of that
+    stack, and its processes are not idling beside the rest of the session."""
     items[:] = [i for i in items if not _on_replicas(i)] + [i for i in items if _on_replicas(i)]
 
 

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf import duration_pb2
@@ -334,6 +335,16 @@ async def exchange_on(
             await exchange.assert_stayed_home()
 
 
+async def session_owners(database_url: str) -> dict[str, str]:
+    """Open session -> the replica holding it (`order`, `order-2`, ...; "" if detached)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch('SELECT session_id, owner FROM "order".sessions WHERE open')
+    finally:
+        await conn.close()
+    return {r["session_id"]: (r["owner"] or "").split("/")[0] for r in rows}
+
+
 async def _healthy(stack: Stack, name: str) -> bool:
     spec = next((s for s in SERVICES if s.name == name), None)
     if spec is None:  # infrastructure: the supervisor's own probe
@@ -447,3 +458,71 @@ async def settled_and_balanced(
     got_usdt = await exchange.held(buyer.account_id, "USDT", want_usdt, within_s=60)
     assert (got_btc, got_usdt) == (want_btc, want_usdt)
     await exchange.assert_balanced()
+
+
+class Session:
+    """One market maker's stream (StreamOrders), read in the background."""
+
+    def __init__(self, trader: Trader, stub: order_pb2_grpc.OrderServiceStub) -> None:
+        self.trader = trader
+        self.outbox: asyncio.Queue[order_pb2.StreamOrdersRequest | None] = asyncio.Queue()
+        self.call = stub.StreamOrders(self._requests(), metadata=trader.md)
+        self.received: list[order_pb2.StreamOrdersResponse] = []
+        self.ended: BaseException | None = None
+        self.reader = asyncio.create_task(self._read())
+
+    async def _requests(self) -> AsyncIterator[order_pb2.StreamOrdersRequest]:
+        while (message := await self.outbox.get()) is not None:
+            yield message
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.call:
+                self.received.append(message)
+        except BaseException as error:  # the stream broke (its replica was killed)
+            self.ended = error
+            raise
+
+    async def wait_for(self, kind: str, count: int = 1, within_s: float = 15.0) -> list[object]:
+        async with asyncio.timeout(within_s):
+            while True:
+                found = [getattr(m, kind) for m in self.received if m.WhichOneof("payload") == kind]
+                if len(found) >= count:
+                    return found
+                if self.reader.done():
+                    pytest.fail(f"stream ended waiting for {kind}: {self.ended!r}")
+                await asyncio.sleep(0.02)
+
+    async def subscribe(self, **fields: object) -> order_pb2.StreamSubscribed:
+        subscribe = order_pb2.StreamSubscribe(**fields)  # type: ignore[arg-type]
+        await self.outbox.put(order_pb2.StreamOrdersRequest(subscribe=subscribe))
+        return (await self.wait_for("subscribed"))[0]  # type: ignore[return-value]
+
+    async def quote(self, side: int, price: str, quantity: str = "0.1") -> str:
+        before = len([m for m in self.received if m.HasField("ack") or m.HasField("reject")])
+        await self.outbox.put(
+            order_pb2.StreamOrdersRequest(
+                place=order_pb2.PlaceOrderRequest(
+                    client_order_id=uid(), market="BTC-USDT", side=side,  # type: ignore[arg-type]
+                    type=t.ORDER_TYPE_LIMIT, price=price, quantity=quantity,
+                )
+            )
+        )  # fmt: skip
+        async with asyncio.timeout(15):
+            while True:
+                answers = [m for m in self.received if m.HasField("ack") or m.HasField("reject")]
+                if len(answers) > before:
+                    answer = answers[before]
+                    assert answer.HasField("ack"), answer
+                    return answer.ack.place.order.order_id
+                await asyncio.sleep(0.02)
+
+    def reports(self) -> list[order_pb2.ExecutionReport]:
+        return [m.execution_report for m in self.received if m.HasField("execution_report")]
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.outbox.put(None)
+        self.reader.cancel()
+        with contextlib.suppress(BaseException):
+            await self.reader
