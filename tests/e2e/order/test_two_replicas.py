@@ -313,6 +313,7 @@ async def test_market_data_rpcs_and_streams(exchange: Exchange) -> None:
         assert (reply.market.symbol, reply.market.tick_size) == (MARKET, "0.01")
 
 
+@pytest.mark.replicas
 async def test_sessions_and_dead_mans_switches_on_both_order_replicas(
     replicated_stack: Stack, replicated_credentials: ServiceCredentials
 ) -> None:
@@ -396,6 +397,7 @@ async def test_sessions_and_dead_mans_switches_on_both_order_replicas(
                 await session.close()
 
 
+@pytest.mark.replicas
 async def test_every_stateless_service_runs_twice_and_the_edge_uses_both(
     replicated_stack: Stack, replicated_credentials: ServiceCredentials
 ) -> None:
