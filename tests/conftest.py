@@ -7,7 +7,8 @@ pip-installed wheels. Later tests reuse it through `database_url`, `nats_url`,
 
 A test marked `replicas` that takes `target` runs twice: against `stack`
 (`[stack]`) and against `replicated_stack` (`[replicated_stack]`), a second stack
-with 2 replicas of every stateless service (tests/replicas.py). The replicated
+with 2 replicas of every stateless service (tests/replicas.py); marked
+`replicas(only=True)`, against the replicated one alone. The replicated
 runs are moved to the end of the session, so that their stack, started at the
 first of them, lives only while they run; `-k replicated_stack` runs them alone.
 """
@@ -80,16 +81,17 @@ def target(request: pytest.FixtureRequest) -> Target:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "target" in metafunc.fixturenames and metafunc.definition.get_closest_marker("replicas"):
-        metafunc.parametrize("target", ["stack", "replicated_stack"], indirect=True)
+    marker = metafunc.definition.get_closest_marker("replicas")
+    if "target" in metafunc.fixturenames and marker is not None:
+        # `replicas(only=True)`: a test of what only a replicated stack has
+        only = marker.kwargs.get("only", False)
+        stacks = ["replicated_stack"] if only else ["stack", "replicated_stack"]
+        metafunc.parametrize("target", stacks, indirect=True)
 
 
 def _on_replicas(item: pytest.Item) -> bool:
-    """A `[replicated_stack]` run, or a test of the replicated stack alone."""
     callspec = getattr(item, "callspec", None)
-    if callspec is not None and callspec.params.get("target") == "replicated_stack":
-        return True
-    return "replicated_stack" in getattr(item, "fixturenames", ())
+    return callspec is not None and callspec.params.get("target") == "replicated_stack"
 
 
 @pytest.hookimpl(trylast=True)

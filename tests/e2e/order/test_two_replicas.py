@@ -77,9 +77,8 @@ from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from cex_stack.supervisor import Stack
 from cex_stack.topology import SERVICES
-from services.chassis import ServiceCredentials
 from tests.e2e.order.support import BUY, SELL, Exchange, Session, exchange_on, session_owners, uid
-from tests.replicas import REPLICATED, grew, replica_names, served
+from tests.replicas import REPLICATED, Target, grew, replica_names, served
 
 D = Decimal
 T = TypeVar("T")
@@ -313,18 +312,16 @@ async def test_market_data_rpcs_and_streams(exchange: Exchange) -> None:
         assert (reply.market.symbol, reply.market.tick_size) == (MARKET, "0.01")
 
 
-@pytest.mark.replicas
-async def test_sessions_and_dead_mans_switches_on_both_order_replicas(
-    replicated_stack: Stack, replicated_credentials: ServiceCredentials
-) -> None:
+@pytest.mark.replicas(only=True)
+async def test_sessions_and_dead_mans_switches_on_both_order_replicas(target: Target) -> None:
     """A market maker on each order replica: its cancel-on-disconnect session is held
     by that replica, which cancels the session's quote when it ends and nothing else;
     then CancelAllAfter armed by both fires once each (whichever replica's poller takes
     the switch). A second session of each account hears every report once, in order."""
-    stack = replicated_stack
+    stack = target.stack
     async with (
         grpc.aio.insecure_channel(stack.edge) as channel,
-        exchange_on(stack, replicated_credentials, channel) as exchange,
+        exchange_on(stack, target.credentials, channel) as exchange,
     ):
         mms = [await exchange.trader({"USDT": "100"}, f"mm-{i}") for i in range(2)]
         assert sorted(exchange.homes.values()) == replica_names(stack, "order")
@@ -397,14 +394,12 @@ async def test_sessions_and_dead_mans_switches_on_both_order_replicas(
                 await session.close()
 
 
-@pytest.mark.replicas
-async def test_every_stateless_service_runs_twice_and_the_edge_uses_both(
-    replicated_stack: Stack, replicated_credentials: ServiceCredentials
-) -> None:
+@pytest.mark.replicas(only=True)
+async def test_every_stateless_service_runs_twice_and_the_edge_uses_both(target: Target) -> None:
     """2 processes of each stateless service, 1 of match and of the reflection server;
     the edge sends calls to both replicas of each: round robin, and for order by
     account (an account's calls all go to its replica)."""
-    stack = replicated_stack
+    stack = target.stack
     running = {c.name for c in stack.components()}
     for spec in SERVICES:
         names = replica_names(stack, spec.name)
@@ -414,7 +409,7 @@ async def test_every_stateless_service_runs_twice_and_the_edge_uses_both(
 
     async with (
         grpc.aio.insecure_channel(stack.edge) as channel,
-        exchange_on(stack, replicated_credentials, channel) as exchange,
+        exchange_on(stack, target.credentials, channel) as exchange,
     ):
         first, second = [await exchange.trader(name=f"spread-{i}") for i in range(2)]
         risk = risk_pb2_grpc.RiskServiceStub(channel)
