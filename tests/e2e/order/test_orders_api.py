@@ -252,7 +252,6 @@ async def _refused_in_time(trader: Trader, order: dict[str, object], what: str) 
     pytest.fail(f"no {what} refusal")
 
 
-@pytest.mark.replicas
 async def test_every_risk_refusal_has_its_reason(exchange: Exchange) -> None:
     risk = risk_pb2_grpc.RiskServiceStub(exchange.channel)
     seller = await exchange.trader({"ETH": "1"}, "seller")
