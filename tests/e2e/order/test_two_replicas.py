@@ -101,8 +101,8 @@ async def _on_each_replica(
         before = await served(stack, service, method)
         answer = await call()
         moved = grew(before, await served(stack, service, method))
-        assert len(moved) == 1, (method, moved)  # nobody else calls it meanwhile
-        answers.setdefault(moved.pop(), answer)
+        if len(moved) == 1:  # else someone else called it too (an edge's retry): again
+            answers.setdefault(moved.pop(), answer)
         if len(answers) == len(names):
             return answers
     pytest.fail(f"{method}: only {sorted(answers)} of {names} answered")
@@ -142,8 +142,8 @@ async def _stream_on_each_replica(
                 if moved:
                     break
                 await asyncio.sleep(0.02)
-        (where,) = moved
-        if where in streams:
+        where = moved.pop() if len(moved) == 1 else None
+        if where is None or where in streams:
             call.cancel()
         else:
             streams[where] = call
