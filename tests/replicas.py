@@ -14,10 +14,9 @@ itself started, whoever sent it.
 from __future__ import annotations
 
 import asyncio
+import re
 import urllib.request
 from dataclasses import dataclass
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from cex_stack.supervisor import Stack
 from cex_stack.topology import SERVICES, ServiceSpec
@@ -51,18 +50,19 @@ def replica_names(stack: Stack, service: str) -> list[str]:
     return [stack.replica_name(spec, r) for r in range(1, stack.replica_count(spec) + 1)]
 
 
+_STARTED = re.compile(r"^grpc_server_started_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$", re.M)
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
 def _started(text: str, grpc_service: str, method: str | None) -> int:
     total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name != "grpc_server_started_total":
-                continue
-            labels = sample.labels
-            if labels.get("grpc_service") == grpc_service and method in (
-                None,
-                labels.get("grpc_method"),
-            ):
-                total += sample.value
+    for found in _STARTED.finditer(text):
+        labels = dict(_LABEL.findall(found["labels"]))
+        if labels.get("grpc_service") == grpc_service and method in (
+            None,
+            labels.get("grpc_method"),
+        ):
+            total += float(found["value"])
     return int(total)
 
 
