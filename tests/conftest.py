@@ -4,6 +4,13 @@
 PostgreSQL, NATS with JetStream, Redis, every service and Envoy, from the
 pip-installed wheels. Later tests reuse it through `database_url`, `nats_url`,
 `redis_url` and `edge`.
+
+A test marked `replicas` that takes `target` runs twice: against `stack`
+(`[stack]`) and against `replicated_stack` (`[replicated_stack]`), a second stack
+with 2 replicas of every stateless service (tests/replicas.py); marked
+`replicas(only=True)`, against the replicated one alone. The replicated
+runs are moved to the end of the session, so that their stack, started at the
+first of them, lives only while they run; `-k replicated_stack` runs them alone.
 """
 
 from __future__ import annotations
@@ -26,19 +33,72 @@ from cex_stack.supervisor import Stack
 from cex_stack.topology import free_ports
 from services.chassis import ServiceCredentials
 from services.chassis.authn import service_auth_interceptors
+from tests.replicas import REPLICATED, Target
 
 
-@pytest.fixture(scope="session")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    state: Path = tmp_path_factory.mktemp("cex-state")
+@contextlib.asynccontextmanager
+async def _running(folder: Path, replicas: dict[str, int] | None = None) -> AsyncIterator[Stack]:
     # The tests bring up their own embedded parts, whatever the shell points at.
     env = {
         k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
     }
-    running = Stack(state, free_ports(), env)
+    running = Stack(folder, free_ports(), env, replicas=replicas)
     await running.start()
-    yield running
-    await running.stop()
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+@pytest.fixture(scope="session")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    async with _running(tmp_path_factory.mktemp("cex-state")) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+async def replicated_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    """2 replicas of every stateless service (match, the single writer, runs once)."""
+    async with _running(tmp_path_factory.mktemp("cex-replicated"), REPLICATED) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def replicated_credentials(replicated_stack: Stack) -> ServiceCredentials:
+    return replicated_stack.credentials("tests")
+
+
+@pytest.fixture
+def target(request: pytest.FixtureRequest) -> Target:
+    """The stack this run of the test is for: `stack`, unless the test is marked
+    `replicas` and this is its `[replicated_stack]` run."""
+    if getattr(request, "param", "stack") == "replicated_stack":
+        return Target(
+            request.getfixturevalue("replicated_stack"),
+            request.getfixturevalue("replicated_credentials"),
+        )
+    return Target(request.getfixturevalue("stack"), request.getfixturevalue("service_credentials"))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("replicas")
+    if "target" in metafunc.fixturenames and marker is not None:
+        # `replicas(only=True)`: a test of what only a replicated stack has
+        only = marker.kwargs.get("only", False)
+        stacks = ["replicated_stack"] if only else ["stack", "replicated_stack"]
+        metafunc.parametrize("target", stacks, indirect=True)
+
+
+def _on_replicas(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("target") == "replicated_stack"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests on the replicated stack last, in their order: one start of that
+    stack, and its processes are not idling beside the rest of the session."""
+    items[:] = [i for i in items if not _on_replicas(i)] + [i for i in items if _on_replicas(i)]
 
 
 @pytest.fixture(scope="session")

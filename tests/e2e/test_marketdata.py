@@ -1,5 +1,6 @@
 """Public market data through Envoy, without a token: gRPC, streams and REST/JSON,
-built by the stack's market data process from the stack's match."""
+built by the stack's market data process from the stack's match (and on the
+replicated stack by both of its market data processes, each asked in turn)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import urllib.request
 import uuid
 
 import grpc
+import pytest
 
 from cex.marketdata.v1 import marketdata_pb2 as md
 from cex.marketdata.v1 import marketdata_pb2_grpc
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.type.v1 import types_pb2 as t
-from cex_stack.supervisor import Stack
+from tests.replicas import Target, grew, served
 
 MARKET = "ETH-BTC"
 
@@ -24,7 +26,10 @@ def _rest(url: str) -> tuple[int, dict[str, object]]:
         return response.status, json.loads(response.read())
 
 
-async def test_market_data_is_public_through_envoy(stack: Stack, service_token: str) -> None:
+@pytest.mark.replicas
+async def test_market_data_is_public_through_envoy(target: Target) -> None:
+    stack, service_token = target.stack, await target.credentials.token()
+    before = await served(stack, "marketdata")
     price = "0.91234"  # above any bid the other tests leave on ETH-BTC
     order_id = f"md-e2e-{uuid.uuid4().hex[:8]}"
     command = match_pb2.Command(
@@ -84,3 +89,5 @@ async def test_market_data_is_public_through_envoy(stack: Stack, service_token: 
     assert status == 200 and isinstance(body["candles"], list)
     status, body = _rest(f"{base}/v1/markets/-/tickers")
     assert status == 200 and MARKET in [t["market"] for t in body["tickers"]]  # type: ignore[union-attr]
+    # Round robin: the calls above went to every market data replica.
+    assert grew(before, await served(stack, "marketdata")) == set(before)

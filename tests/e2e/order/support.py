@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf import duration_pb2
@@ -35,11 +36,13 @@ from services.ledger.store import Store as LedgerStore
 from services.match.funds import Funds
 from services.match.store import Journal
 from services.match.writer import Sequencer
+from tests.replicas import grew, replica_names, served
 
 MATCH = next(s for s in SERVICES if s.name == "match")
 
 BUY, SELL = t.SIDE_BUY, t.SIDE_SELL
 MARKET = "BTC-USDT"
+_PLACEMENT_ATTEMPTS = 24  # each lands on the wanted one of 2 replicas half the time
 
 
 def bearer(token: str) -> tuple[tuple[str, str]]:
@@ -102,6 +105,8 @@ class Exchange:
         self, stack: Stack, credentials: ServiceCredentials, channel: grpc.aio.Channel
     ) -> None:
         self.traders: list[Trader] = []
+        self.homes: dict[str, str] = {}  # account -> its order replica, if several
+        self._first_home: int | None = None
         self.stack = stack
         self.credentials = credentials
         self.service_token = ""
@@ -124,7 +129,30 @@ class Exchange:
         self, funds: dict[str, str] | None = None, name: str = "t", *, withdraw: bool = False
     ) -> Trader:
         """A new account with `funds`, and a token that reads and trades (and
-        withdraws, if asked)."""
+        withdraws, if asked).
+
+        With several order replicas the edge sends each account to one of them (a
+        hash of the account), and a test's traders take turns on them, starting
+        with the replica that has served least so far: accounts are made until one
+        lands where wanted. So a test with two traders uses both replicas, and tests
+        with one use each in turn."""
+        wanted = await self._next_home()
+        for _ in range(_PLACEMENT_ATTEMPTS):
+            account_id, token = await self._account(name, withdraw)
+            if wanted is None or await self.home_of(token) == wanted:
+                break
+        else:
+            pytest.fail(f"none of {_PLACEMENT_ATTEMPTS} new accounts landed on {wanted}")
+        if wanted is not None:
+            self.homes[account_id] = wanted
+        for asset, amount in (funds or {}).items():
+            await self.deposit(account_id, asset, amount)
+        trader = Trader(account_id, token, order_pb2_grpc.OrderServiceStub(self.channel))
+        self.traders.append(trader)
+        return trader
+
+    async def _account(self, name: str, withdraw: bool) -> tuple[str, str]:
+        """A new account and a 15-minute token of a key of its (read, trade[, withdraw])."""
         account = await self.auth.CreateAccount(
             auth_pb2.CreateAccountRequest(request_id=uid("acc"), display_name=name),
             metadata=self.svc,
@@ -155,13 +183,37 @@ class Exchange:
             ),
             timeout=10,
         )
-        for asset, amount in (funds or {}).items():
-            await self.deposit(account_id, asset, amount)
-        trader = Trader(
-            account_id, token.access_token, order_pb2_grpc.OrderServiceStub(self.channel)
-        )
-        self.traders.append(trader)
-        return trader
+        return account_id, token.access_token
+
+    async def _next_home(self) -> str | None:
+        """The order replica the next trader should live on (None: only one)."""
+        names = replica_names(self.stack, "order")
+        if len(names) == 1:
+            return None
+        if self._first_home is None:
+            counts = await served(self.stack, "order")
+            self._first_home = names.index(min(names, key=lambda n: counts[n]))
+        return names[(self._first_home + len(self.traders)) % len(names)]
+
+    async def home_of(self, token: str) -> str:
+        """The order replica the edge sends this token's account to: the one whose
+        count of ListFills went up by a ListFills of the account's."""
+        stub = order_pb2_grpc.OrderServiceStub(self.channel)
+        for _ in range(5):  # again if another ListFills ran at the same time
+            before = await served(self.stack, "order", "ListFills")
+            await stub.ListFills(
+                order_pb2.ListFillsRequest(page_size=1), metadata=bearer(token), timeout=10
+            )
+            moved = grew(before, await served(self.stack, "order", "ListFills"))
+            if len(moved) == 1:
+                return moved.pop()
+        pytest.fail("could not tell which order replica serves an account")
+
+    async def assert_stayed_home(self) -> None:
+        """Each trader's calls still go to the replica it was placed on (the edge's
+        hash is sticky: what a replica answered and has not stored yet is only there)."""
+        now = {t.account_id: await self.home_of(t.token) for t in self.traders}
+        assert now == self.homes, f"accounts moved between order replicas: {self.homes} -> {now}"
 
     async def clean_up(self) -> None:
         """Cancel what the test's traders left working (the book is shared by all tests)."""
@@ -281,6 +333,18 @@ async def exchange_on(
             yield exchange
         finally:
             await exchange.clean_up()
+        if exchange.homes:
+            await exchange.assert_stayed_home()
+
+
+async def session_owners(database_url: str) -> dict[str, str]:
+    """Open session -> the replica holding it (`order`, `order-2`, ...; "" if detached)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch('SELECT session_id, owner FROM "order".sessions WHERE open')
+    finally:
+        await conn.close()
+    return {r["session_id"]: (r["owner"] or "").split("/")[0] for r in rows}
 
 
 async def _healthy(stack: Stack, name: str, replica: int = 1, *, serving: bool = True) -> bool:
@@ -425,3 +489,71 @@ async def settled_and_balanced(
     got_usdt = await exchange.held(buyer.account_id, "USDT", want_usdt, within_s=60)
     assert (got_btc, got_usdt) == (want_btc, want_usdt)
     await exchange.assert_balanced()
+
+
+class Session:
+    """One market maker's stream (StreamOrders), read in the background."""
+
+    def __init__(self, trader: Trader, stub: order_pb2_grpc.OrderServiceStub) -> None:
+        self.trader = trader
+        self.outbox: asyncio.Queue[order_pb2.StreamOrdersRequest | None] = asyncio.Queue()
+        self.call = stub.StreamOrders(self._requests(), metadata=trader.md)
+        self.received: list[order_pb2.StreamOrdersResponse] = []
+        self.ended: BaseException | None = None
+        self.reader = asyncio.create_task(self._read())
+
+    async def _requests(self) -> AsyncIterator[order_pb2.StreamOrdersRequest]:
+        while (message := await self.outbox.get()) is not None:
+            yield message
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.call:
+                self.received.append(message)
+        except BaseException as error:  # the stream broke (its replica was killed)
+            self.ended = error
+            raise
+
+    async def wait_for(self, kind: str, count: int = 1, within_s: float = 15.0) -> list[object]:
+        async with asyncio.timeout(within_s):
+            while True:
+                found = [getattr(m, kind) for m in self.received if m.WhichOneof("payload") == kind]
+                if len(found) >= count:
+                    return found
+                if self.reader.done():
+                    pytest.fail(f"stream ended waiting for {kind}: {self.ended!r}")
+                await asyncio.sleep(0.02)
+
+    async def subscribe(self, **fields: object) -> order_pb2.StreamSubscribed:
+        subscribe = order_pb2.StreamSubscribe(**fields)  # type: ignore[arg-type]
+        await self.outbox.put(order_pb2.StreamOrdersRequest(subscribe=subscribe))
+        return (await self.wait_for("subscribed"))[0]  # type: ignore[return-value]
+
+    async def quote(self, side: int, price: str, quantity: str = "0.1") -> str:
+        before = len([m for m in self.received if m.HasField("ack") or m.HasField("reject")])
+        await self.outbox.put(
+            order_pb2.StreamOrdersRequest(
+                place=order_pb2.PlaceOrderRequest(
+                    client_order_id=uid(), market="BTC-USDT", side=side,  # type: ignore[arg-type]
+                    type=t.ORDER_TYPE_LIMIT, price=price, quantity=quantity,
+                )
+            )
+        )  # fmt: skip
+        async with asyncio.timeout(15):
+            while True:
+                answers = [m for m in self.received if m.HasField("ack") or m.HasField("reject")]
+                if len(answers) > before:
+                    answer = answers[before]
+                    assert answer.HasField("ack"), answer
+                    return answer.ack.place.order.order_id
+                await asyncio.sleep(0.02)
+
+    def reports(self) -> list[order_pb2.ExecutionReport]:
+        return [m.execution_report for m in self.received if m.HasField("execution_report")]
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.outbox.put(None)
+        self.reader.cancel()
+        with contextlib.suppress(BaseException):
+            await self.reader

@@ -28,6 +28,7 @@ async def _amend(trader: Trader, order_id: str, **changes: str) -> order_pb2.Ord
     return reply.order
 
 
+@pytest.mark.replicas
 async def test_amend_down_keeps_priority_and_an_amend_beyond_the_hold_is_refused(
     exchange: Exchange,
 ) -> None:
@@ -61,6 +62,7 @@ async def test_amend_down_keeps_priority_and_an_amend_beyond_the_hold_is_refused
     }
 
 
+@pytest.mark.replicas
 async def test_an_amend_refused_by_match_keeps_the_working_orders_hold(
     exchange: Exchange,
 ) -> None:
@@ -99,6 +101,7 @@ async def test_an_amend_refused_by_match_keeps_the_working_orders_hold(
     assert (await exchange.audit()).balanced
 
 
+@pytest.mark.replicas
 async def test_mass_cancel_by_market_then_everything(exchange: Exchange) -> None:
     mm = await exchange.trader({"USDT": "1000", "ETH": "5"}, "mm")  # ETH-USDT near 2000
     btc = [await mm.place(side=BUY, price=p, quantity="0.1") for p in ("95", "96")]
@@ -126,6 +129,7 @@ async def test_mass_cancel_by_market_then_everything(exchange: Exchange) -> None
     assert list(still_open.orders) == []
 
 
+@pytest.mark.replicas
 async def test_cancel_all_after_cancels_everything_unless_renewed(exchange: Exchange) -> None:
     mm = await exchange.trader({"USDT": "1000"}, "mm")
     kept = await mm.place(market="ETH-USDT", side=BUY, price="1900", quantity="0.1")
@@ -157,6 +161,7 @@ async def test_cancel_all_after_cancels_everything_unless_renewed(exchange: Exch
     assert (await mm.get(kept.order_id)).state == t.ORDER_STATE_OPEN
 
 
+@pytest.mark.replicas
 async def test_batch_place_answers_each_item(exchange: Exchange) -> None:
     mm = await exchange.trader({"USDT": "100"}, "mm")
     items = [
@@ -304,6 +309,7 @@ async def test_every_risk_refusal_has_its_reason(exchange: Exchange) -> None:
     }
 
 
+@pytest.mark.replicas
 async def test_a_user_acts_only_on_their_own_account(exchange: Exchange) -> None:
     alice = await exchange.trader({"USDT": "100"}, "alice")
     mallory = await exchange.trader({"USDT": "100"}, "mallory")
@@ -351,6 +357,7 @@ async def test_a_user_acts_only_on_their_own_account(exchange: Exchange) -> None
     assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+@pytest.mark.replicas
 async def test_list_orders_pages_and_filters(exchange: Exchange) -> None:
     mm = await exchange.trader({"USDT": "1000"}, "mm")
     placed = [await mm.place(side=BUY, price="95", quantity="0.1") for _ in range(5)]
@@ -379,6 +386,7 @@ async def test_list_orders_pages_and_filters(exchange: Exchange) -> None:
     assert error_of(bad_token.value).reason == "ORDER_INVALID_PAGE_TOKEN"
 
 
+@pytest.mark.replicas
 async def test_rest_place_lookup_and_cancel_through_envoy(exchange: Exchange) -> None:
     import json
     import urllib.request
@@ -416,6 +424,7 @@ async def test_rest_place_lookup_and_cancel_through_envoy(exchange: Exchange) ->
     assert cancelled["order"]["state"] == "ORDER_STATE_CANCELLED"  # type: ignore[index]
 
 
+@pytest.mark.replicas
 async def test_a_kill_switch_that_cancels_open_orders_cancels_them(exchange: Exchange) -> None:
     risk = risk_pb2_grpc.RiskServiceStub(exchange.channel)
     mm = await exchange.trader({"USDT": "500"}, "mm")

@@ -24,7 +24,6 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import grpc
 import pytest
 
@@ -33,7 +32,7 @@ from cex.type.v1 import types_pb2 as t
 from cex_stack.supervisor import Stack
 from cex_stack.topology import SERVICES, free_ports
 from services.chassis import ErrorDetails
-from tests.e2e.order.support import BUY, SELL, Exchange, Trader, uid
+from tests.e2e.order.support import BUY, SELL, Exchange, Session, Trader, session_owners, uid
 
 R = order_pb2.StreamOrdersRequest
 ORDER = next(s for s in SERVICES if s.name == "order")
@@ -51,83 +50,6 @@ async def replicated(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
     await running.start()
     yield running
     await running.stop()
-
-
-class Session:
-    """One market maker's stream, read in the background."""
-
-    def __init__(self, trader: Trader, stub: order_pb2_grpc.OrderServiceStub) -> None:
-        self.trader = trader
-        self.outbox: asyncio.Queue[R | None] = asyncio.Queue()
-        self.call = stub.StreamOrders(self._requests(), metadata=trader.md)
-        self.received: list[order_pb2.StreamOrdersResponse] = []
-        self.ended: BaseException | None = None
-        self.reader = asyncio.create_task(self._read())
-
-    async def _requests(self) -> AsyncIterator[R]:
-        while (message := await self.outbox.get()) is not None:
-            yield message
-
-    async def _read(self) -> None:
-        try:
-            async for message in self.call:
-                self.received.append(message)
-        except BaseException as error:  # the stream broke (its replica was killed)
-            self.ended = error
-            raise
-
-    async def wait_for(self, kind: str, count: int = 1, within_s: float = 15.0) -> list[object]:
-        async with asyncio.timeout(within_s):
-            while True:
-                found = [getattr(m, kind) for m in self.received if m.WhichOneof("payload") == kind]
-                if len(found) >= count:
-                    return found
-                if self.reader.done():
-                    pytest.fail(f"stream ended waiting for {kind}: {self.ended!r}")
-                await asyncio.sleep(0.02)
-
-    async def subscribe(self, **fields: object) -> order_pb2.StreamSubscribed:
-        await self.outbox.put(R(subscribe=order_pb2.StreamSubscribe(**fields)))  # type: ignore[arg-type]
-        return (await self.wait_for("subscribed"))[0]  # type: ignore[return-value]
-
-    async def quote(self, side: int, price: str, quantity: str = "0.1") -> str:
-        before = len([m for m in self.received if m.HasField("ack") or m.HasField("reject")])
-        await self.outbox.put(
-            R(
-                place=order_pb2.PlaceOrderRequest(
-                    client_order_id=uid(), market="BTC-USDT", side=side,  # type: ignore[arg-type]
-                    type=t.ORDER_TYPE_LIMIT, price=price, quantity=quantity,
-                )
-            )
-        )  # fmt: skip
-        async with asyncio.timeout(15):
-            while True:
-                answers = [m for m in self.received if m.HasField("ack") or m.HasField("reject")]
-                if len(answers) > before:
-                    answer = answers[before]
-                    assert answer.HasField("ack"), answer
-                    return answer.ack.place.order.order_id
-                await asyncio.sleep(0.02)
-
-    def reports(self) -> list[order_pb2.ExecutionReport]:
-        return [m.execution_report for m in self.received if m.HasField("execution_report")]
-
-    async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.outbox.put(None)
-        self.reader.cancel()
-        with contextlib.suppress(BaseException):
-            await self.reader
-
-
-async def _owners(database_url: str) -> dict[str, str]:
-    """session -> the replica holding it (`order` or `order-2`), None if detached."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        rows = await conn.fetch('SELECT session_id, owner FROM "order".sessions WHERE open')
-    finally:
-        await conn.close()
-    return {r["session_id"]: (r["owner"] or "").split("/")[0] for r in rows}
 
 
 def _contiguous(reports: list[order_pb2.ExecutionReport]) -> bool:
@@ -197,7 +119,7 @@ async def test_kill_one_order_replica_while_market_makers_quote_through_both(
                 session = Session(mm, stub)
                 sessions.append(session)
                 subscribed = await session.subscribe(cancel_on_disconnect=True)
-                owner = (await _owners(stack.database_url))[subscribed.session_id]
+                owner = (await session_owners(stack.database_url))[subscribed.session_id]
                 held[owner].append(session)
             assert all(len(v) >= 2 for v in held.values()), {k: len(v) for k, v in held.items()}
             survivors, doomed = held["order"], held["order-2"]
@@ -233,7 +155,7 @@ async def test_kill_one_order_replica_while_market_makers_quote_through_both(
             # cancelled, the sessions detached.
             async with asyncio.timeout(30):
                 while True:
-                    if "order-2" not in (await _owners(stack.database_url)).values():
+                    if "order-2" not in (await session_owners(stack.database_url)).values():
                         break
                     await asyncio.sleep(0.2)
             for session in doomed:

@@ -61,6 +61,7 @@ class Client:
         return [m.execution_report for m in self.received if m.HasField("execution_report")]
 
 
+@pytest.mark.replicas
 async def test_acks_sequenced_execution_reports_and_heartbeats(exchange: Exchange) -> None:
     mm = await exchange.trader({"BTC": "1"}, "mm")
     taker = await exchange.trader({"USDT": "100"}, "taker")
@@ -112,6 +113,7 @@ async def test_acks_sequenced_execution_reports_and_heartbeats(exchange: Exchang
     await session.send(None)
 
 
+@pytest.mark.replicas
 async def test_a_session_resumes_from_the_last_report_its_client_saw(exchange: Exchange) -> None:
     """A client that lost its stream resumes the session with the last sequence it
     processed: the reports numbered while it was away come, and nothing else."""
@@ -166,6 +168,7 @@ async def _answers(session: Client, n: int) -> dict[str, order_pb2.StreamOrdersR
     return found
 
 
+@pytest.mark.replicas
 async def test_several_commands_in_one_message_are_each_answered(exchange: Exchange) -> None:
     mm = await exchange.trader({"BTC": "1"}, "mm-batch")
     session = Client(mm)
@@ -204,6 +207,7 @@ async def test_several_commands_in_one_message_are_each_answered(exchange: Excha
     assert ErrorDetails.from_rpc_error(ended.value).reason == "ORDER_STREAM_NOT_A_COMMAND"
 
 
+@pytest.mark.replicas
 async def test_cancel_on_disconnect_leaves_no_open_orders(exchange: Exchange) -> None:
     mm = await exchange.trader({"USDT": "1000"}, "mm")
     elsewhere = await mm.place(side=BUY, price="95", quantity="0.1")  # not the session's

@@ -16,6 +16,7 @@ from tests.e2e.order.support import BUY, SELL, Exchange, error_of, uid
 D = Decimal
 
 
+@pytest.mark.replicas
 async def test_a_resting_order_fills_partially_then_fully_and_the_money_adds_up(
     exchange: Exchange,
 ) -> None:
@@ -82,6 +83,7 @@ async def test_a_resting_order_fills_partially_then_fully_and_the_money_adds_up(
     assert audit.balanced, audit
 
 
+@pytest.mark.replicas
 async def test_cancel_releases_the_hold(exchange: Exchange) -> None:
     bob = await exchange.trader({"USDT": "500"}, "bob")
     bid = await bob.place(side=BUY, price="98", quantity="1.5")
@@ -136,6 +138,7 @@ async def test_self_trade_prevention_stops_a_self_trade(exchange: Exchange) -> N
     ) == {"USDT": (D(1000), D(0)), "BTC": (D("0.9"), D("0.1"))}
 
 
+@pytest.mark.replicas
 async def test_a_retried_place_is_not_duplicated(exchange: Exchange) -> None:
     bob = await exchange.trader({"USDT": "100"}, "bob")
     request = dict(client_order_id=uid(), side=BUY, price="96", quantity="0.1")
