@@ -2,8 +2,8 @@
 
 Tests marked `replicas` run twice (tests/conftest.py): on the session's stack, one
 process per service, and on a stack with 2 replicas of every stateless service
-(`cex up --replicas auth=2,risk=2,...`: all but match, the single writer, and
-the reflection server). Such a test takes the `target` fixture, a `Target`.
+(`cex up --replicas auth=2,risk=2,...`), match's writer with its standby, and
+one reflection server. Such a test takes the `target` fixture, a `Target`.
 
 On the replicated stack a test only proves something if its calls reached both
 replicas; `served` reads that from each replica's own RED metrics
@@ -24,7 +24,8 @@ from services.chassis import ServiceCredentials
 
 __all__ = ["REPLICATED", "Target", "grew", "replica_names", "served"]
 
-# Processes per service on the replicated stack: 2 of everything that may have more than one.
+# Processes per service on the replicated stack: 2 of everything that may have more than
+# one (match: the writer and its standby).
 REPLICATED = {s.name: 2 for s in SERVICES if s.replicable}
 
 

@@ -379,19 +379,31 @@ async def kill(stack: Stack, name: str) -> None:
     pytest.fail(f"{name} did not come back: {stack.log_tail(name)}")
 
 
+async def _writer(stack: Stack) -> int:
+    """The match replica that writes: the one whose health says it serves MatchService."""
+    replicas = range(1, stack.replica_count(MATCH) + 1)
+    serving = [r for r in replicas if await _healthy(stack, "match", r)]
+    assert len(serving) == 1, f"match replicas serving: {serving}"
+    return serving[0]
+
+
+async def writer_of(stack: Stack) -> str:
+    """The component name of the match replica that writes (`match` or `match-2`)."""
+    return stack.replica_name(MATCH, await _writer(stack))
+
+
 async def kill_writer(stack: Stack) -> float:
     """SIGKILL whichever match replica writes (the one serving MatchService) and return
     the seconds until another replica serves it: its standby's takeover. Then wait
     for the killed one to be back, standing by, so that a next kill has a standby."""
     replicas = range(1, stack.replica_count(MATCH) + 1)
-    serving = [r for r in replicas if await _healthy(stack, "match", r)]
-    assert len(serving) == 1, f"match replicas serving: {serving}"
-    component = stack.component(stack.replica_name(MATCH, serving[0]))
+    writer = await _writer(stack)
+    component = stack.component(stack.replica_name(MATCH, writer))
     assert component.process is not None
     old = component.process.pid
     os.kill(old, signal.SIGKILL)
     killed = time.monotonic()
-    others = [r for r in replicas if r != serving[0]]
+    others = [r for r in replicas if r != writer]
     while not any([await _healthy(stack, "match", r) for r in others]):
         if time.monotonic() - killed > 60:
             pytest.fail(f"no standby took over: {stack.log_tail(component.name)}")
@@ -399,7 +411,7 @@ async def kill_writer(stack: Stack) -> float:
     takeover = time.monotonic() - killed
     for _ in range(300):
         up = component.process.pid != old
-        if up and await _healthy(stack, "match", serving[0], serving=False):
+        if up and await _healthy(stack, "match", writer, serving=False):
             return takeover
         await asyncio.sleep(0.2)
     pytest.fail(f"{component.name} did not come back: {stack.log_tail(component.name)}")

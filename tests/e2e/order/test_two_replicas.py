@@ -2,8 +2,8 @@
 CancelAllAfter on a stack with 2 replicas of every stateless service (issue 20).
 
 `replicated_stack` (tests/conftest.py) runs auth, risk, ledger, market data,
-order and funding twice each; match, the single writer, and the reflection
-server once. The tests marked `replicas` run on the session's stack and again
+order and funding twice each, match (the single writer) with its standby, and
+the reflection server once. The tests marked `replicas` run on the session's stack and again
 on that one (`[replicated_stack]`, at the end of the session: one start of it).
 On it, a test's traders take turns on the two order replicas (the edge hashes
 accounts to replicas; `Exchange.trader` makes accounts until one lands where
@@ -75,12 +75,22 @@ from cex.funding.v1 import funding_pb2, funding_pb2_grpc
 from cex.ledger.v1 import ledger_pb2
 from cex.marketdata.v1 import marketdata_pb2 as md
 from cex.marketdata.v1 import marketdata_pb2_grpc
+from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.order.v1 import order_pb2
 from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from cex_stack.supervisor import Stack
 from cex_stack.topology import SERVICES
-from tests.e2e.order.support import BUY, SELL, Exchange, Session, exchange_on, session_owners, uid
+from tests.e2e.order.support import (
+    BUY,
+    SELL,
+    Exchange,
+    Session,
+    exchange_on,
+    session_owners,
+    uid,
+    writer_of,
+)
 from tests.replicas import REPLICATED, Target, grew, replica_names, served
 
 D = Decimal
@@ -399,16 +409,17 @@ async def test_sessions_and_dead_mans_switches_on_both_order_replicas(target: Ta
 
 @pytest.mark.replicas(only=True)
 async def test_every_stateless_service_runs_twice_and_the_edge_uses_both(target: Target) -> None:
-    """2 processes of each stateless service, 1 of match and of the reflection server;
-    the edge sends calls to both replicas of each: round robin, and for order by
-    account (an account's calls all go to its replica)."""
+    """2 processes of each stateless service, the writer and its standby, 1 reflection
+    server; the edge sends calls to both replicas of each stateless service: round
+    robin, and for order by account (an account's calls all go to its replica); and
+    to the writer only, never to its standby."""
     stack = target.stack
     running = {c.name for c in stack.components()}
     for spec in SERVICES:
         names = replica_names(stack, spec.name)
         assert len(names) == REPLICATED.get(spec.name, 1), spec.name
         assert set(names) <= running
-    assert set(REPLICATED) == {s.name for s in SERVICES} - {"match", "reflection"}
+    assert set(REPLICATED) == {s.name for s in SERVICES} - {"reflection"}
 
     async with (
         grpc.aio.insecure_channel(stack.edge) as channel,
@@ -467,3 +478,12 @@ async def test_every_stateless_service_runs_twice_and_the_edge_uses_both(target:
                 n: 4 if n == home else 0 for n in after
             }
         assert set(exchange.homes.values()) == set(replica_names(stack, "order"))
+        # The writer serves MatchService; its standby is up but serves it NOT_SERVING.
+        book = match_pb2.GetOrderBookRequest(market=MARKET)
+        before = await served(stack, "match", "GetOrderBook")
+        for _ in range(4):
+            await match_pb2_grpc.MatchServiceStub(channel).GetOrderBook(
+                book, metadata=exchange.svc, timeout=10
+            )
+        after = await served(stack, "match", "GetOrderBook")
+        assert sorted(n for n in after if after[n] > before[n]) == [writer_of(stack)]
