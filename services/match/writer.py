@@ -41,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from google.rpc import status_pb2
 from opentelemetry import trace
@@ -262,19 +262,6 @@ class _Replay:
             )
         if funds is not None:
             funds.settle(events, entry.ts)
-
-    def document(self) -> dict[str, Any]:
-        """As `Sequencer.document()` (with `funds`)."""
-        assert self.funds is not None
-        return {
-            "version": _SNAPSHOT_VERSION,
-            "group": self.group,
-            "group_seq": self.group_seq,
-            "last_ts": self.last_ts,
-            "funds_seq": self.funds_seq,
-            "markets": {s: e.document() for s, e in self.engines.items()},
-            "balances": self.funds.document(),
-        }
 
 
 class Sequencer:
@@ -710,15 +697,7 @@ class Sequencer:
 
     def document(self) -> dict[str, Any]:
         """The whole group as the JSON document of its snapshot."""
-        return {
-            "version": _SNAPSHOT_VERSION,
-            "group": self.group,
-            "group_seq": self.group_seq,
-            "last_ts": self.last_ts,
-            "funds_seq": self.funds_seq,
-            "markets": {s: e.document() for s, e in self.engines.items()},
-            "balances": self.funds.document(),
-        }
+        return _document(self, self.funds)
 
     async def replayed(self) -> dict[str, Any]:
         """The group rebuilt from its latest snapshot (or from nothing) and the journal
@@ -727,9 +706,10 @@ class Sequencer:
         to `document()` at the same point, or the journal does not hold what the
         writer decided (`verify()`'s check; recovery itself reads the balances back
         from the tables, which commit with the journal)."""
-        replay = await self._replay(self.funds.like())
+        funds = self.funds.like()
+        replay = await self._replay(funds)
         await replay.advance(self._journal)
-        return replay.document()
+        return _document(replay, funds)
 
     async def verify(self) -> None:
         """Recover as a restart does (the books from the snapshot and the journal, the
@@ -758,6 +738,29 @@ class Sequencer:
         """A market's engine as the journal holds it (no batch half applied)."""
         async with self._lock:
             yield self.engines[market]
+
+
+class _Group(Protocol):
+    @property
+    def group(self) -> str: ...
+
+    group_seq: int
+    last_ts: int
+    funds_seq: int
+    engines: dict[str, MarketEngine]
+
+
+def _document(state: _Group, funds: Funds) -> dict[str, Any]:
+    """A group's books and balances as the JSON document of its snapshot."""
+    return {
+        "version": _SNAPSHOT_VERSION,
+        "group": state.group,
+        "group_seq": state.group_seq,
+        "last_ts": state.last_ts,
+        "funds_seq": state.funds_seq,
+        "markets": {s: e.document() for s, e in state.engines.items()},
+        "balances": funds.document(),
+    }
 
 
 def _stage(stage: str, started: float) -> float:

@@ -246,14 +246,16 @@ async def test_twenty_kills_of_the_writer_its_standby_takes_over(
     takeovers: list[float] = []
 
     async def kill_the_writer() -> None:
+        # Each replica is killed every other time: 6 s apart keeps each one's restarts
+        # within the supervisor's 5 a minute.
         for _ in range(20):
-            await asyncio.sleep(2)
+            await asyncio.sleep(6)
             takeovers.append(await kill_writer(standby_exchange.stack))
         await asyncio.sleep(2)
 
     await _burst(standby_exchange, kill_the_writer, clients=8, withdrawals=True)
     assert len(takeovers) == 20
-    cuts = statistics.quantiles(takeovers, n=100)
+    cuts = statistics.quantiles(takeovers, n=100, method="inclusive")
     with capsys.disabled():
         print(
             f"\nstandby takeover over {len(takeovers)} kills: p50 {cuts[49] * 1000:.0f} ms,"
