@@ -322,6 +322,16 @@ def fields(details: ErrorDetails) -> Sequence[str]:
 
 
 @contextlib.asynccontextmanager
+@contextlib.asynccontextmanager
+async def exchange_of(stack: Stack) -> AsyncIterator[Exchange]:
+    """An Exchange through `stack`'s edge with the tests' own credential on it."""
+    async with (
+        grpc.aio.insecure_channel(stack.edge) as channel,
+        exchange_on(stack, stack.credentials("tests"), channel) as exchange,
+    ):
+        yield exchange
+
+
 async def exchange_on(
     stack: Stack, credentials: ServiceCredentials, channel: grpc.aio.Channel
 ) -> AsyncIterator[Exchange]:

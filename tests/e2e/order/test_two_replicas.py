@@ -486,4 +486,4 @@ async def test_every_stateless_service_runs_twice_and_the_edge_uses_both(target:
                 book, metadata=exchange.svc, timeout=10
             )
         after = await served(stack, "match", "GetOrderBook")
-        assert sorted(n for n in after if after[n] > before[n]) == [writer_of(stack)]
+        assert sorted(n for n in after if after[n] > before[n]) == [await writer_of(stack)]
