@@ -322,7 +322,6 @@ def fields(details: ErrorDetails) -> Sequence[str]:
 
 
 @contextlib.asynccontextmanager
-@contextlib.asynccontextmanager
 async def exchange_of(stack: Stack) -> AsyncIterator[Exchange]:
     """An Exchange through `stack`'s edge with the tests' own credential on it."""
     async with (
@@ -332,6 +331,7 @@ async def exchange_of(stack: Stack) -> AsyncIterator[Exchange]:
         yield exchange
 
 
+@contextlib.asynccontextmanager
 async def exchange_on(
     stack: Stack, credentials: ServiceCredentials, channel: grpc.aio.Channel
 ) -> AsyncIterator[Exchange]:
