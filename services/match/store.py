@@ -183,10 +183,11 @@ class Journal:
         """A projection's cursors (`table`: schema.table with (market, seq): the last
         event seq it applied per market), or None if it has no such table (not
         deployed against this database)."""
-        if await self._pool.fetchval("SELECT to_regclass($1)", table) is None:
+        quoted = ".".join(f'"{part}"' for part in table.split("."))  # `order` is reserved
+        if await self._pool.fetchval("SELECT to_regclass($1)", quoted) is None:
             return None
         rows = await self._pool.fetch(
-            f"SELECT market, seq FROM {table} WHERE market = ANY($1::text[])", list(markets)
+            f"SELECT market, seq FROM {quoted} WHERE market = ANY($1::text[])", list(markets)
         )
         return {row["market"]: int(row["seq"]) for row in rows}
 
@@ -220,11 +221,14 @@ class Journal:
         `through` as compacted, in one transaction (refused, 0 deleted, unless the
         record still says `after`: a concurrent compaction went first)."""
         async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO journal_retention (writer_group, compacted_through) VALUES ($1, 0)"
+                " ON CONFLICT DO NOTHING",
+                self.group,
+            )
             moved = await conn.fetchval(
-                "INSERT INTO journal_retention AS r (writer_group, compacted_through)"
-                " VALUES ($1, $3) ON CONFLICT (writer_group) DO UPDATE"
-                " SET compacted_through = $3, update_time = now()"
-                " WHERE r.compacted_through = $2 RETURNING 1",
+                "UPDATE journal_retention SET compacted_through = $3, update_time = now()"
+                " WHERE writer_group = $1 AND compacted_through = $2 RETURNING 1",
                 self.group,
                 after,
                 through,
