@@ -26,9 +26,9 @@ class MatchSettings:
     `journal_retention_every_s` (0: never) the serving writer deletes the group's
     rows at or below the oldest kept snapshot and behind every reader in
     `journal_readers` (projections' cursor tables, schema.table with (market,
-    seq)), keeping at least the newest `journal_retain` rows and every row younger
-    than `journal_retain_s`; with `journal_archive_dir` it first writes them there
-    as gzip'd JSON lines."""
+    seq); a missing table holds everything back), keeping at least the newest
+    `journal_retain` rows and every row younger than `journal_retain_s`; with
+    `journal_archive_dir` it first writes them there as gzip'd JSON lines."""
 
     group: str = "main"
     markets: tuple[str, ...] = ()

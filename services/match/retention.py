@@ -6,9 +6,9 @@ Invariants first (ADR 0013, "Retention"):
   standby replays from a snapshot at or after it, so the rows after it are
   whole) and only once **every reader** has passed it: each projection's cursor
   (the last event seq it applied per market, read from its cursor table) is
-  beyond the row's events. A reader whose table does not exist is not deployed
-  against this database and holds nothing back; a market missing from an
-  existing table holds everything of that market back.
+  beyond the row's events. A market missing from a reader's table holds every
+  row of that market back, and a reader whose table does not exist (not
+  migrated yet, or not deployed: then take it off the list) holds everything.
 - At least the newest ``retain`` rows, and every row younger than ``retain_s``,
   stay: the journal's (market, command_id) and client-key idempotency covers
   that window (past it, retries are answered by the owners' own keys: order's
@@ -119,7 +119,9 @@ class Retention:
         bounds = {"snapshot": snapshot, "entries": last - self._retain}
         for table in self._readers:
             cursors = await journal.reader_cursors(table, self._markets)
-            if cursors is None:  # not deployed here: it reads nothing of this journal
+            if cursors is None:  # not migrated yet: it will need everything
+                _log.warning("journal reader %s has no table: retention holds back", table)
+                bounds[f"reader:{table}"] = 0
                 continue
             held = last
             for market in self._markets:

@@ -181,8 +181,7 @@ class Journal:
 
     async def reader_cursors(self, table: str, markets: Sequence[str]) -> dict[str, int] | None:
         """A projection's cursors (`table`: schema.table with (market, seq): the last
-        event seq it applied per market), or None if it has no such table (not
-        deployed against this database)."""
+        event seq it applied per market), or None if there is no such table."""
         quoted = ".".join(f'"{part}"' for part in table.split("."))  # `order` is reserved
         if await self._pool.fetchval("SELECT to_regclass($1)", quoted) is None:
             return None
