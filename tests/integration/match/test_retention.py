@@ -10,11 +10,12 @@ import base64
 import gzip
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
 import grpc
+import nats
 import pytest
 
 from cex.match.v1 import match_pb2
@@ -26,6 +27,7 @@ from services.ledger.store import Store as LedgerStore
 from services.match.config import MatchSettings
 from services.match.engine import decode
 from services.match.funds import Funds
+from services.match.publisher import STREAM, subject
 from services.match.retention import Retention
 from services.match.server import MIGRATIONS
 from services.match.store import Journal
@@ -340,3 +342,53 @@ async def _until(condition: Callable[[], bool], within_s: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "not within the time"
         await asyncio.sleep(0.02)
+
+
+async def test_the_publisher_on_an_empty_stream_starts_at_the_first_journaled_event(
+    compacting: Running, private_nats: str
+) -> None:
+    """JetStream lost the market's events (purged) after retention deleted their rows:
+    the restarted publisher cannot republish them and publishes from the first event
+    the journal still holds, instead of failing forever."""
+    client = await compacting.start()
+    produced = await client.random_load("BTC-USDT", 60, seed=10)
+    committed = max(e.seq for r in produced for e in r.events)
+    url = compacting.settings.database_url
+    assert url is not None
+    conn = await asyncpg.connect(url)
+    try:
+        await _until_async(
+            lambda: conn.fetchval("SELECT compacted_through FROM match.journal_retention")
+        )
+    finally:
+        await conn.close()
+    await compacting.stop()
+    nc = await nats.connect(private_nats)
+    try:
+        js = nc.jetstream()
+        await js.purge_stream(STREAM)
+        client = await compacting.start()
+        tail = 0
+        for _ in range(200):
+            info = await js.stream_info(STREAM)
+            if info.state.messages:
+                last = await js.get_last_msg(STREAM, subject("BTC-USDT"))
+                tail = match_pb2.EventBatch.FromString(last.data or b"").events[-1].seq
+                if tail == committed:
+                    break
+            await asyncio.sleep(0.05)
+        assert tail == committed
+        first = await js.get_msg(STREAM, info.state.first_seq)
+        published_from = match_pb2.EventBatch.FromString(first.data or b"").events[0].seq
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await client.replay("BTC-USDT", published_from - 1, published_from - 1)
+        assert ErrorDetails.from_rpc_error(raised.value).reason == "MATCH_EVENTS_COMPACTED"
+    finally:
+        await nc.close()
+
+
+async def _until_async(condition: Callable[[], Awaitable[object]], within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not await condition():
+        assert time.monotonic() < deadline, "not within the time"
+        await asyncio.sleep(0.05)
