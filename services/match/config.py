@@ -19,7 +19,8 @@ class MatchSettings:
     (empty: every market in the catalog); markets are spread across replicas by
     giving each group its own name and list (ADR 0013: one writer per group).
     `events_max_age_s`: how long the MATCH_EVENTS stream keeps events (0: forever);
-    the journal keeps them all, and ReplayEvents serves what the stream dropped.
+    the journal keeps them until retention (below), and ReplayEvents serves what
+    the stream dropped.
     `ownership_wait_s`: how long a starting writer waits for its locks (its
     group's, and the balances': a standby takes over when they are released).
     Journal retention (ADR 0013, "Retention"; services/match/retention.py): every
