@@ -392,3 +392,41 @@ async def _until_async(condition: Callable[[], Awaitable[object]], within_s: flo
     while not await condition():
         assert time.monotonic() < deadline, "not within the time"
         await asyncio.sleep(0.05)
+
+
+async def test_a_real_standby_asleep_past_the_horizon_reloads_and_takes_over(
+    pool: asyncpg.Pool,
+) -> None:
+    """A standby that polls rarely (asleep while the writer commits, snapshots and
+    compacts past its position) reloads from the latest snapshot on its next poll,
+    reaches the writer's position and takes over with the writer's state."""
+    writer = _writer(pool)
+    await writer.start()
+    funds = Funds(LedgerStore(pool, DEFAULT_CATALOG.assets), DEFAULT_CATALOG)
+    slow = Sequencer(
+        list(MARKETS.values()), Journal(pool, "main"), funds, clock=time.time_ns,
+        snapshot_every=10, follow_s=6.0,
+    )  # fmt: skip
+    try:
+        await _load(writer, 10, seed=7, prefix="s")
+        await slow.start()  # follows at once, then sleeps 6 s between polls
+        position = writer.group_seq
+        await _until(lambda: slow.following is not None and slow.following.group_seq == position)
+        following = slow.following
+        assert following is not None
+        first_snapshot = following.snapshot_seq
+        await _load(writer, 40, seed=8, prefix="t")
+        await _snapshots_written(writer, writer._journal)
+        await _retention(pool).once()
+        assert await writer._journal.compacted_through() > position
+        assert following.group_seq == position, "the test's timing: the standby polled"
+        await _until(lambda: following.group_seq == writer.group_seq, within_s=15.0)
+        assert following.snapshot_seq > first_snapshot  # reloaded, not JournalMismatch
+        hash_before = writer.state_hash()
+        await writer.stop()
+        await _until(lambda: slow.serving, within_s=15.0)
+        assert slow.group_seq == writer.group_seq and slow.state_hash() == hash_before
+        await slow.verify()
+    finally:
+        await writer.stop()
+        await slow.stop()
