@@ -181,6 +181,13 @@ class MarketLog:
         symbol = self.market.symbol
         for entry in await self._journal.covering(symbol, from_seq, to_seq, _READ_PAGE):
             found += (e for e in _unpack(entry.events) if from_seq <= e.seq <= to_seq)
+        if not found or found[0].seq != from_seq:  # retention deleted its row (ADR 0013)
+            first = await self._journal.first_event_seq(symbol)
+            raise FailedPrecondition(
+                "MATCH_EVENTS_COMPACTED",
+                f"{symbol}'s events before {first} are no longer journaled (retention)",
+                metadata={"market": symbol, "first_seq": str(first)},
+            )
         return found
 
 
@@ -233,9 +240,29 @@ class _Replay:
         """Apply every entry the journal holds after `group_seq`, checking that each
         command gives the events journaled with it."""
         while entries := await journal.after(self.group_seq, _RECOVERY_PAGE):
+            if entries[0].group_seq > self.group_seq + 1 and await self._compacted(journal):
+                continue  # behind retention's horizon: reloaded from the latest snapshot
             for entry in entries:
                 self._apply(entry)
             self.replayed += len(entries)
+
+    async def _compacted(self, journal: Journal) -> bool:
+        """Retention deleted the rows after our position (a standby that fell behind
+        the oldest kept snapshot): start again from the latest snapshot. False for
+        any other gap (JournalMismatch follows)."""
+        through = await journal.compacted_through()
+        if through <= self.group_seq:
+            return False
+        fresh = await _Replay.latest(journal, self.markets, self.funds)
+        if fresh.group_seq < through:
+            raise JournalMismatch(f"{self.group} is compacted past its latest snapshot")
+        _log.warning(
+            "%s: the journal is compacted through %s, past %s; reloading from the snapshot at %s",
+            self.group, through, self.group_seq, fresh.group_seq,
+        )  # fmt: skip
+        self.engines, self.group_seq, self.last_ts = fresh.engines, fresh.group_seq, fresh.last_ts
+        self.funds_seq, self.snapshot_seq = fresh.funds_seq, fresh.snapshot_seq
+        return True
 
     def _apply(self, entry: Entry) -> None:
         if entry.group_seq != self.group_seq + 1:
