@@ -46,7 +46,7 @@ from services.chassis import (
 
 from .auditor import Auditor, AuditReport, LedgerMetrics
 from .config import LedgerConfig
-from .domain import MAX_BATCH, Account, Kind, Op, Transfer, TransferInput
+from .domain import MAX_BATCH, Account, Kind, Op, Transfer, TransferInput, sub_transfer
 from .owner import BalanceOwner
 from .store import MIGRATIONS, Store
 
@@ -62,7 +62,9 @@ POLICY: dict[str, Rule] = {
     "PostPendingTransfer": INTERNAL,
     "VoidPendingTransfer": INTERNAL,
     "GetTransfer": user("read", services=True),
-    "GetBalances": user("read", services=True),
+    "GetBalances": user("read", services=True),  # a master's subs too (ADR 0017)
+    # A master moves funds to and from its sub-accounts (ADR 0017).
+    "TransferSubAccountFunds": user("trade"),
     "ListTransfers": user("read", services=True),
     "AuditLedger": user("admin", services=True),
 }
@@ -271,6 +273,33 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         if isinstance(outcome, ExchangeError):
             raise outcome
         return self._transfer(outcome)
+
+    async def TransferSubAccountFunds(
+        self,
+        request: ledger_pb2.TransferSubAccountFundsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> ledger_pb2.TransferSubAccountFundsResponse:
+        ctx = current_auth()
+        require_request_id(request.request_id, "LEDGER_REQUEST_ID_REQUIRED")
+        transfer_id = sub_transfer(
+            ctx.account_id,
+            ctx.subs,
+            request.from_account_id,
+            request.to_account_id,
+            request.request_id,
+        )
+        # One transfer through the balance owner, as every transfer (ADR 0013):
+        # sequenced by the writer, refused there beyond the available balance.
+        transfer = ledger_pb2.Transfer(
+            id=transfer_id,
+            debit_account_id=request.from_account_id,
+            credit_account_id=request.to_account_id,
+            asset=request.asset,
+            amount=request.amount,
+            kind=ledger_pb2.TRANSFER_KIND_SUB_ACCOUNT,
+            reference=ctx.account_id,
+        )
+        return ledger_pb2.TransferSubAccountFundsResponse(transfer=await self._single(transfer))
 
     async def PostPendingTransfer(
         self,
