@@ -144,8 +144,8 @@ async def test_a_master_runs_two_sub_accounts(exchange: Exchange) -> None:
     )  # fmt: skip
     assert status == 200, body
     account = body["account"]
-    assert isinstance(account, dict) and account["masterAccountId"] == master_id, body
-    b_id = str(account["accountId"])
+    assert isinstance(account, dict) and account["master_account_id"] == master_id, body
+    b_id = str(account["account_id"])
     a_id = sub_a.account_id
 
     # The token issued before the subs existed does not name them; a new one does.
@@ -236,7 +236,7 @@ async def test_a_master_runs_two_sub_accounts(exchange: Exchange) -> None:
     await session.next("execution_report")
     await b.settled(ask.order_id, t.ORDER_STATE_FILLED)
     resting = await a.place(side=BUY, price="95", quantity="0.1")
-    await session.close()
+    await session.send(None)  # the session ends
 
     # The master reads its subs' balances and orders (gRPC and the CLI) ...
     bought = (await exchange.balances(a_id))["BTC"][0]
