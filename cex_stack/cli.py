@@ -11,7 +11,8 @@ cex audit           the ledger's audit (AuditLedger) as the operator
 cex withdrawal      approve or reject a withdrawal that waits for an operator
 cex market status   move a market between TRADING, POST_ONLY, ... at runtime
 cex fees            the fee schedule and accounts' fee tiers (show, set, assign, evaluate)
-cex subaccount      a master's sub-accounts (create, list, apikey, transfer, balances, orders)
+cex subaccount      a master's sub-accounts (create, list, apikey, transfer, limits,
+                    balances, orders)
 """
 
 from __future__ import annotations
@@ -451,6 +452,7 @@ async def _subaccount(state_dir: Path, args: argparse.Namespace) -> int:
     from cex.auth.v1 import auth_pb2 as A
     from cex.ledger.v1 import ledger_pb2 as L
     from cex.order.v1 import order_pb2 as O
+    from cex.risk.v1 import risk_pb2 as RK
     from cex.type.v1 import types_pb2 as T
     from cex_sdk import CexError
 
@@ -509,6 +511,24 @@ async def _subaccount(state_dir: Path, args: argparse.Namespace) -> int:
                 )
                 t = moved.transfer
                 print(f"{t.id} {t.amount} {t.asset} {t.debit_account_id} -> {t.credit_account_id}")
+            elif args.action == "limits":
+                limited = await client.call(
+                    "/cex.risk.v1.RiskService/SetSubAccountLimits",
+                    RK.SetSubAccountLimitsRequest(
+                        request_id=request_id,
+                        limits=RK.Limits(
+                            account_id=args.sub,
+                            max_orders_per_second=args.orders_per_second,
+                            max_open_orders=args.open_orders,
+                        ),
+                    ),
+                    RK.SetSubAccountLimitsResponse,
+                )
+                lim = limited.limits
+                print(
+                    f"{lim.account_id} {lim.max_orders_per_second} orders/s, "
+                    f"{lim.max_open_orders} open (version {lim.version})"
+                )
             elif args.action == "balances":
                 balances = await client.call(
                     "/cex.ledger.v1.LedgerService/GetBalances",
@@ -759,7 +779,13 @@ def main(argv: list[str] | None = None) -> None:
     sub_move.add_argument("--to", required=True, help="the account credited")
     sub_move.add_argument("--asset", required=True, help="e.g. USDT")
     sub_move.add_argument("--amount", required=True, help="a decimal string")
-    for command in (sub_create, sub_key, sub_move):
+    sub_limits = subs.add_parser(
+        "limits", help="set a sub-account's limits, within the master's (unset: the master's)"
+    )
+    sub_limits.add_argument("sub", help="the sub-account id")
+    sub_limits.add_argument("--orders-per-second", type=int, default=0, help="0: the master's")
+    sub_limits.add_argument("--open-orders", type=int, default=0, help="0: the master's")
+    for command in (sub_create, sub_key, sub_move, sub_limits):
         command.add_argument("--request-id", help="idempotency id (default: a new UUID)")
     for action, text in (("balances", "a sub-account's balances"), ("orders", "its orders")):
         subs.add_parser(action, help=text).add_argument("sub", help="the sub-account id")

@@ -28,6 +28,8 @@ from cex.auth.v1 import auth_pb2
 from cex.ledger.v1 import ledger_pb2 as L
 from cex.order.v1 import order_pb2 as O
 from cex.order.v1 import order_pb2_grpc
+from cex.risk.v1 import risk_pb2 as RK
+from cex.risk.v1 import risk_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from tests.e2e.order.support import BUY, SELL, Exchange, Trader, bearer, error_of, uid
 from tests.e2e.order.test_streams import Client, R, place
@@ -291,6 +293,43 @@ async def test_a_master_runs_two_sub_accounts(exchange: Exchange) -> None:
         a.md,
     )
     assert nested[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "AUTH_SUB_ACCOUNT_NESTED")
+
+    # The master sets a sub's limits within its own, which an operator set.
+    risk = risk_pb2_grpc.RiskServiceStub(exchange.channel)
+    await risk.SetLimits(
+        RK.SetLimitsRequest(
+            request_id=uid("l"),
+            limits=RK.Limits(account_id=master_id, max_orders_per_second=50, max_open_orders=200),
+        ),
+        metadata=exchange.svc,
+        timeout=10,
+    )
+    above = await _answer(
+        risk.SetSubAccountLimits,
+        RK.SetSubAccountLimitsRequest(
+            request_id=uid("l"), limits=RK.Limits(account_id=a_id, max_orders_per_second=51)
+        ),
+        md,
+    )
+    assert above[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "RISK_ABOVE_MASTER_LIMITS"), above
+    out = await asyncio.to_thread(
+        _cex, exchange, master, "subaccount", "limits", a_id, "--orders-per-second", "20"
+    )
+    assert out.startswith(f"{a_id} 20 orders/s, 200 open"), out
+    shown = await risk.GetLimits(RK.GetLimitsRequest(account_id=a_id), metadata=md, timeout=10)
+    assert (shown.limits.max_orders_per_second, shown.limits.max_open_orders) == (20, 200)
+    for call, make in (
+        (risk.GetLimits, lambda i: RK.GetLimitsRequest(account_id=i)),
+        (
+            risk.SetSubAccountLimits,
+            lambda i: RK.SetSubAccountLimitsRequest(
+                request_id="x", limits=RK.Limits(account_id=i, max_open_orders=1)
+            ),
+        ),
+    ):
+        theirs = await _answer(call, make(b_id), a.md)
+        made_up = await _answer(call, make(lookalike(b_id)), a.md)
+        assert theirs[0] == NF and theirs[:3] == made_up[:3], (theirs, made_up)
 
     # The master takes funds back, and the books balance.
     back = L.TransferSubAccountFundsRequest(

@@ -23,6 +23,7 @@ from services.chassis import (
 )
 from services.chassis.tokens import b64url_decode, sign, verify
 from services.ledger.domain import sub_transfer
+from services.risk.domain import Limits, MarketLimits, WithdrawalLimits, within_master
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 MASTER = domain.Account(
@@ -184,3 +185,52 @@ def test_a_transfer_names_the_master_and_one_of_its_subs(
     caller: str, subs: set[str], source: str, target: str, reason: str
 ) -> None:
     assert _reason(sub_transfer, caller, subs, source, target, "r1") == reason
+
+
+# -- a sub's limits, within its master's --------------------------------------
+
+
+def test_a_subs_limits_stay_within_its_masters() -> None:
+    ceiling = Limits(
+        account_id="acc_m",
+        max_orders_per_second=100,
+        max_open_orders=0,  # no limit
+        markets=(MarketLimits("*", max_order_notional="10000", price_band="0.1"),),
+        withdrawals=(WithdrawalLimits("BTC", max_amount="2"),),
+    )
+    asked = Limits(
+        account_id="acc_a",
+        max_orders_per_second=0,  # unset: the master's
+        max_open_orders=5000,  # the master has no limit: any
+        markets=(MarketLimits("BTC-USDT", max_order_notional="500"),),
+    )
+    limits, over = within_master(asked, ceiling)
+    assert over == []
+    assert limits.max_orders_per_second == 100 and limits.max_open_orders == 5000
+    by_market = {m.market: m for m in limits.markets}
+    # A market it names: its own limit, the master's where it sets none.
+    assert by_market["BTC-USDT"] == MarketLimits("BTC-USDT", "", "500", "0.1", 0)
+    # What the master is limited in and the request does not name: the master's.
+    assert by_market["*"] == ceiling.markets[0]
+    assert limits.withdrawals == ceiling.withdrawals
+
+
+def test_a_limit_above_the_masters_is_named() -> None:
+    ceiling = Limits(
+        account_id="acc_m",
+        max_orders_per_second=100,
+        markets=(MarketLimits("BTC-USDT", max_order_quantity="5"),),
+        withdrawals=(WithdrawalLimits("BTC", max_count_per_day=3),),
+    )
+    asked = Limits(
+        account_id="acc_a",
+        max_orders_per_second=101,
+        markets=(MarketLimits("BTC-USDT", max_order_quantity="5.1"),),
+        withdrawals=(WithdrawalLimits("BTC", max_count_per_day=4),),
+    )
+    _, over = within_master(asked, ceiling)
+    assert [f for f, _ in over] == [
+        "limits.markets[0].max_order_quantity",
+        "limits.withdrawals[0].max_count_per_day",
+        "limits.max_orders_per_second",
+    ]
