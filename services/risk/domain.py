@@ -250,20 +250,22 @@ def within_master(requested: Limits, ceiling: Limits) -> tuple[Limits, list[tupl
     assets_over = {w.asset: w for w in ceiling.withdrawals}
     withdrawals = []
     for i, w in enumerate(requested.withdrawals):
-        c = assets_over.get(w.asset) or WithdrawalLimits(w.asset)
+        cw = assets_over.get(w.asset) or WithdrawalLimits(w.asset)
         f = f"limits.withdrawals[{i}]"
         withdrawals.append(
             WithdrawalLimits(
                 asset=w.asset,
-                max_amount=_bounded_text(f"{f}.max_amount", w.max_amount, c.max_amount, violations),
+                max_amount=_bounded_text(
+                    f"{f}.max_amount", w.max_amount, cw.max_amount, violations
+                ),
                 max_amount_per_day=_bounded_text(
                     f"{f}.max_amount_per_day",
                     w.max_amount_per_day,
-                    c.max_amount_per_day,
+                    cw.max_amount_per_day,
                     violations,
                 ),
                 max_count_per_day=_bounded_int(
-                    f"{f}.max_count_per_day", w.max_count_per_day, c.max_count_per_day, violations
+                    f"{f}.max_count_per_day", w.max_count_per_day, cw.max_count_per_day, violations
                 ),
             )
         )
