@@ -311,6 +311,10 @@ class Store:
         concurrent creations count each other against the limit."""
         key = f"sub:{master_account_id}:{request_id}"  # accounts.request_id is global
         async with self.pool.acquire() as conn, conn.transaction():
+            # The lock first: a retry racing its first attempt finds its row after it.
+            found = await conn.fetchrow(
+                "SELECT * FROM accounts WHERE account_id = $1 FOR UPDATE", master_account_id
+            )
             row = await conn.fetchrow("SELECT * FROM accounts WHERE request_id = $1", key)
             if row is not None:
                 if row["request_hash"] != request_hash:
@@ -318,9 +322,6 @@ class Store:
                         "AUTH_REQUEST_ID_REUSED", "request_id was used for a different account"
                     )
                 return _account(row)
-            found = await conn.fetchrow(
-                "SELECT * FROM accounts WHERE account_id = $1 FOR UPDATE", master_account_id
-            )
             master = None if found is None else _account(found)
             count = await conn.fetchval(
                 "SELECT count(*) FROM accounts WHERE master_account_id = $1", master_account_id
