@@ -237,8 +237,16 @@ async def test_a_master_runs_two_sub_accounts(exchange: Exchange) -> None:
     assert hit.account_id == a_id
     await session.next("execution_report")
     await b.settled(ask.order_id, t.ORDER_STATE_FILLED)
-    resting = await a.place(side=BUY, price="95", quantity="0.1")
-    await session.send(None)  # the session ends
+    # One session per sub at once: A's own, beside B's.
+    session_a = Client(a)
+    await session_a.send(R(subscribe=O.StreamSubscribe()))
+    own = await session_a.next("subscribed")
+    assert own.subscribed.session_id != subscribed.subscribed.session_id
+    await session_a.send(place(side=BUY, price="95", quantity="0.1"))
+    resting = (await session_a.next("ack")).ack.place.order
+    assert resting.account_id == a_id
+    for ended in (session, session_a):
+        await ended.send(None)  # the sessions end
 
     # The master reads its subs' balances and orders (gRPC and the CLI) ...
     bought = (await exchange.balances(a_id))["BTC"][0]
