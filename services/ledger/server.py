@@ -22,6 +22,7 @@ from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.match.v1 import match_pb2
 from services.chassis import (
     INTERNAL,
+    AccountStates,
     Catalog,
     ChassisSettings,
     CommandStream,
@@ -114,7 +115,9 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         owner: BalanceOwner,
         auditor: Auditor,
         catalog: Catalog,
+        account_states: AccountStates | None = None,
     ) -> None:
+        self._states = account_states  # the frozen accounts (ADR 0004), for sub transfers
         self._store = store
         self._owner = owner
         self._auditor = auditor
@@ -288,6 +291,13 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             request.to_account_id,
             request.request_id,
         )
+        # A frozen sub's funds stay where they are (its master's freeze refused the
+        # call already): the freeze stops every movement but an operator's.
+        if self._states is not None:
+            other = request.to_account_id
+            if other == ctx.account_id:
+                other = request.from_account_id
+            self._states.refuse_frozen(other)
         # One transfer through the balance owner, as every transfer (ADR 0013):
         # sequenced by the writer, refused there beyond the available balance.
         transfer = ledger_pb2.Transfer(
@@ -477,7 +487,13 @@ async def build_server(
     server.add(
         ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"],
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server,
-        LedgerService(store, BalanceOwner(stream, store), auditor, catalog),
+        LedgerService(
+            store,
+            BalanceOwner(stream, store),
+            auditor,
+            catalog,
+            account_states=server.follow_account_states(),
+        ),
         policy=POLICY,
     )
     return server

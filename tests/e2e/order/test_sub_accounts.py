@@ -6,7 +6,8 @@ sub B on its own stream session; the master lists their balances and orders
 and may not trade for them; sub A sees neither sub B's nor the master's
 resources (NOT_FOUND, the answer a made-up id gets); a transfer retried with
 the same request id moves funds once; one beyond the balance is refused with
-LEDGER_INSUFFICIENT_FUNDS; the ledger audit passes.
+LEDGER_INSUFFICIENT_FUNDS; a frozen sub's funds do not move; the master sets a
+sub's limits within its own; the ledger audit passes.
 """
 
 from __future__ import annotations
@@ -338,6 +339,28 @@ async def test_a_master_runs_two_sub_accounts(exchange: Exchange) -> None:
         theirs = await _answer(call, make(b_id), a.md)
         made_up = await _answer(call, make(lookalike(b_id)), a.md)
         assert theirs[0] == NF and theirs[:3] == made_up[:3], (theirs, made_up)
+
+    # A frozen sub's funds stay where they are, until it is thawed.
+    for state in (auth_pb2.ACCOUNT_STATE_SUSPENDED, auth_pb2.ACCOUNT_STATE_ACTIVE):
+        await auth.SetAccountState(
+            auth_pb2.SetAccountStateRequest(
+                request_id=uid("f"), account_id=b_id, state=state, reason="review"
+            ),
+            metadata=exchange.svc,
+            timeout=10,
+        )
+        out_of_b = L.TransferSubAccountFundsRequest(
+            request_id=uid("m"), from_account_id=b_id, to_account_id=master_id, asset="USDT",
+            amount="1",
+        )  # fmt: skip
+        for _ in range(100):  # the freeze reaches the ledger within a second
+            answer = await _answer(ledger.TransferSubAccountFunds, out_of_b, md)
+            frozen = answer[:2] == (grpc.StatusCode.PERMISSION_DENIED, "AUTH_ACCOUNT_SUSPENDED")
+            if frozen == (state == auth_pb2.ACCOUNT_STATE_SUSPENDED):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"the ledger does not follow the freeze: {answer}")
 
     # The master takes funds back, and the books balance.
     back = L.TransferSubAccountFundsRequest(
