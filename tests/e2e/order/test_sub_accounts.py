@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -32,6 +29,7 @@ from cex.order.v1 import order_pb2_grpc
 from cex.risk.v1 import risk_pb2 as RK
 from cex.risk.v1 import risk_pb2_grpc
 from cex.type.v1 import types_pb2 as t
+from tests.cli import cex
 from tests.e2e.order.support import BUY, SELL, Exchange, Trader, bearer, error_of, uid
 from tests.e2e.order.test_streams import Client, R, place
 from tests.e2e.test_not_found import lookalike
@@ -77,23 +75,9 @@ def _rest(
 
 
 def _cex(exchange: Exchange, key: Key, *args: str) -> str:
-    env = {**os.environ, "CEX_API_KEY_ID": key.key_id, "CEX_API_KEY_SECRET": key.secret}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cex_stack.cli",
-            "--state-dir",
-            str(exchange.stack.state_dir),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+    """The `cex` CLI acting with `key` (the API key it signs in with)."""
+    env = {"CEX_API_KEY_ID": key.key_id, "CEX_API_KEY_SECRET": key.secret}
+    return cex(exchange.stack, *args, env=env)
 
 
 async def _answer(call: object, request: object, md: object) -> tuple[object, ...]:
