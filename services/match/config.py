@@ -21,8 +21,9 @@ class MatchSettings:
     `events_max_age_s`: how long the MATCH_EVENTS stream keeps events (0: forever);
     the journal keeps them until retention (below), and ReplayEvents serves what
     the stream dropped.
-    `ownership_wait_s`: how long a starting writer waits for its locks (its
-    group's, and the balances': a standby takes over when they are released).
+    `ownership_wait_s`: how long a starting writer waits for the balances' lock held
+    by another group before refusing to start (a second writer of its own group
+    does not wait: it stands by, following the journal, until the lease lapses).
     Journal retention (ADR 0013, "Retention"; services/match/retention.py): every
     `journal_retention_every_s` (0: never) the serving writer deletes the group's
     rows at or below the oldest kept snapshot and behind every reader in
