@@ -111,19 +111,25 @@ async def _ended(exchange: Exchange, trader: Trader, ids: list[str]) -> None:
     """Every withdrawal reaches an end within two minutes (the saga resumes after kills)."""
     funding = funding_pb2_grpc.FundingServiceStub(exchange.channel)
     for _ in range(240):
-        states = [
+        withdrawals = [
             (
                 await funding.GetWithdrawal(
                     F.GetWithdrawalRequest(withdrawal_id=i), metadata=trader.md, timeout=10
                 )
-            ).withdrawal.state
+            ).withdrawal
             for i in ids
         ]
+        states = [w.state for w in withdrawals]
         if all(s in ENDED for s in states):
             assert F.WITHDRAWAL_STATE_COMPLETED in states, states
             return
         await asyncio.sleep(0.5)
-    pytest.fail(f"withdrawals still running: {states}")
+    running = [
+        (w.withdrawal_id, F.WithdrawalState.Name(w.state), w.failure.message)
+        for w in withdrawals
+        if w.state not in ENDED
+    ]
+    pytest.fail(f"withdrawals not ended: {running}")
 
 
 def _kills(exchange: Exchange, victims: list[list[str]], seconds: float) -> Chaos:
