@@ -67,6 +67,9 @@ class Market:
     min_quantity: Decimal
     max_quantity: Decimal
     min_notional: Decimal  # in the quote asset
+    # The default price band (a fraction of the reference price; 0: none): a
+    # market listed at runtime may carry one (ADR 0017); risk's rules override it.
+    price_band: Decimal = Decimal(0)
 
     def asset(self, symbol: str) -> Asset:
         """The market's base or quote asset, by symbol."""
@@ -135,6 +138,17 @@ class Catalog:
 
     def market(self, symbol: str) -> Market | None:
         return self.markets.get(symbol)
+
+    def add(self, market: Market) -> bool:
+        """A market listed at runtime (ADR 0017), added in place so that every part
+        of the process holding this catalog sees it; False if already known."""
+        markets = self.markets
+        if market.symbol in markets:
+            return False
+        if not isinstance(markets, dict):
+            raise TypeError("this catalog's markets are read-only")
+        markets[market.symbol] = market
+        return True
 
 
 def _asset(symbol: str, spec: Mapping[str, Any], builtin: Asset | None) -> Asset:
@@ -254,6 +268,8 @@ def load_catalog(env: Mapping[str, str] | None = None) -> Catalog:
     """The defaults, or the YAML file named by CEX_MARKETS."""
     env = os.environ if env is None else env
     path = env.get("CEX_MARKETS", "").strip()
-    if not path:
-        return DEFAULT_CATALOG
+    if not path:  # a copy: markets listed at runtime are added to it (Catalog.add)
+        return Catalog(
+            dict(DEFAULT_CATALOG.assets), dict(DEFAULT_CATALOG.markets), DEFAULT_CATALOG.fees
+        )
     return _catalog(yaml.safe_load(Path(path).read_text()), DEFAULT_CATALOG)
