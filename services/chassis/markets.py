@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -204,63 +205,71 @@ def _catalog(doc: Mapping[str, Any], builtin: Catalog | None = None) -> Catalog:
     return Catalog(assets, markets, schedule)
 
 
+def _readonly(catalog: Catalog) -> Catalog:
+    return Catalog(MappingProxyType(dict(catalog.assets)), MappingProxyType(dict(catalog.markets)),
+                   catalog.fees)  # fmt: skip
+
+
 # Minor units: 8 decimals for every asset inside the exchange (as the major
 # exchanges keep them), so that Binance-like grids (0.01 x 0.00001) are exact.
-DEFAULT_CATALOG = _catalog(
-    {
-        "assets": {
-            "BTC": {
-                "scale": 8,
-                "network": "bitcoin",
-                "withdrawal_fee": "0.00002",
-                "min_withdrawal": "0.0001",
+# Read-only (load_catalog gives each service its own copy to add listings to).
+DEFAULT_CATALOG = _readonly(
+    _catalog(
+        {
+            "assets": {
+                "BTC": {
+                    "scale": 8,
+                    "network": "bitcoin",
+                    "withdrawal_fee": "0.00002",
+                    "min_withdrawal": "0.0001",
+                },
+                "ETH": {
+                    "scale": 8,
+                    "network": "ethereum",
+                    "withdrawal_fee": "0.0005",
+                    "min_withdrawal": "0.001",
+                },
+                "USDT": {
+                    "scale": 8,
+                    "network": "ethereum",
+                    "withdrawal_fee": "1",
+                    "min_withdrawal": "1",
+                },
             },
-            "ETH": {
-                "scale": 8,
-                "network": "ethereum",
-                "withdrawal_fee": "0.0005",
-                "min_withdrawal": "0.001",
+            # The starting fee schedule (tier "default", ADR 0016): a maker
+            # pays 0.1 % and a taker 0.2 % of what they receive.
+            "fees": {"tier": "default", "maker_rate": "0.001", "taker_rate": "0.002"},
+            "markets": {
+                "BTC-USDT": {
+                    "base": "BTC",
+                    "quote": "USDT",
+                    "tick_size": "0.01",
+                    "lot_size": "0.00001",
+                    "min_quantity": "0.00001",
+                    "max_quantity": "9000",
+                    "min_notional": "5",
+                },
+                "ETH-USDT": {
+                    "base": "ETH",
+                    "quote": "USDT",
+                    "tick_size": "0.01",
+                    "lot_size": "0.0001",
+                    "min_quantity": "0.0001",
+                    "max_quantity": "100000",
+                    "min_notional": "5",
+                },
+                "ETH-BTC": {
+                    "base": "ETH",
+                    "quote": "BTC",
+                    "tick_size": "0.00001",
+                    "lot_size": "0.001",
+                    "min_quantity": "0.001",
+                    "max_quantity": "100000",
+                    "min_notional": "0.0001",
+                },
             },
-            "USDT": {
-                "scale": 8,
-                "network": "ethereum",
-                "withdrawal_fee": "1",
-                "min_withdrawal": "1",
-            },
-        },
-        # The starting fee schedule (tier "default", ADR 0016): a maker
-        # pays 0.1 % and a taker 0.2 % of what they receive.
-        "fees": {"tier": "default", "maker_rate": "0.001", "taker_rate": "0.002"},
-        "markets": {
-            "BTC-USDT": {
-                "base": "BTC",
-                "quote": "USDT",
-                "tick_size": "0.01",
-                "lot_size": "0.00001",
-                "min_quantity": "0.00001",
-                "max_quantity": "9000",
-                "min_notional": "5",
-            },
-            "ETH-USDT": {
-                "base": "ETH",
-                "quote": "USDT",
-                "tick_size": "0.01",
-                "lot_size": "0.0001",
-                "min_quantity": "0.0001",
-                "max_quantity": "100000",
-                "min_notional": "5",
-            },
-            "ETH-BTC": {
-                "base": "ETH",
-                "quote": "BTC",
-                "tick_size": "0.00001",
-                "lot_size": "0.001",
-                "min_quantity": "0.001",
-                "max_quantity": "100000",
-                "min_notional": "0.0001",
-            },
-        },
-    }
+        }
+    )
 )
 
 

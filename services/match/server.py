@@ -512,7 +512,9 @@ async def build_server(
     for listing in await listings.all(match_settings.group):
         spec = match_pb2.MarketListed.FromString(listing.listing).market
         if spec.symbol not in catalog.markets:
-            markets.append(listed_market(spec))
+            market = listed_market(spec, catalog.assets)
+            catalog.add(market)  # the balance owner settles its trades (Funds)
+            markets.append(market)
     service = match_pb2.DESCRIPTOR.services_by_name["MatchService"]
     publishing: list[asyncio.Task[None]] = []
 

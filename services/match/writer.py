@@ -253,6 +253,8 @@ class _Replay:
         if engine is None and command.HasField("list_market"):  # listed (ADR 0017)
             market = self.markets[entry.market] = listed_market(command.list_market.market)
             engine = self.engines[entry.market] = MarketEngine(market)
+            if funds is not None:
+                funds.listed(market)
         if engine is None:
             raise JournalMismatch(f"command {entry.group_seq} is for {entry.market}, not ours")
         place = command.place if command.HasField("place") else None
@@ -412,6 +414,7 @@ class Sequencer:
             listed = [replay.markets[s] for s in self.engines if s not in self.markets]
             for market in listed:  # listed in the journal since this replica started
                 self.markets[market.symbol] = market
+                self.funds.listed(market)
                 self.logs.setdefault(
                     market.symbol, MarketLog(market, self._journal, self._recent_events)
                 )
@@ -653,6 +656,7 @@ class Sequencer:
             return _exists(wire.market)
         market = listed_market(wire.list_market.market)
         self.engines[wire.market] = MarketEngine(market)
+        self.funds.listed(market)
         self.logs.setdefault(market.symbol, MarketLog(market, self._journal, self._recent_events))
         listed.append(market)
         return None
