@@ -104,15 +104,15 @@ class Listings:
         self.catalog = catalog
         self._stub = match_pb2_grpc.MatchServiceStub(channel)
         self._every_s = every_s
-        self._on_added = on_added
+        self.on_added = on_added
         self._timeout_s = timeout_s
         self._last_refresh = 0.0
         self._refreshing: asyncio.Task[bool] | None = None
 
     def added(self, markets: Iterable[Market]) -> None:
-        if self._on_added is not None:
+        if self.on_added is not None:
             for market in markets:
-                self._on_added(market)
+                self.on_added(market)
 
     def learn(self, events: Iterable[match_pb2.MatchEvent]) -> None:
         """From a batch of match events (the ``MarketListed`` push)."""
