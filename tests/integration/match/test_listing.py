@@ -42,7 +42,8 @@ NEW = Market(
 
 def _catalog() -> Catalog:
     """A service's own copy (listings are added to it)."""
-    return Catalog(dict(DEFAULT_CATALOG.assets), dict(DEFAULT_CATALOG.markets), DEFAULT_CATALOG.fees)
+    catalog = DEFAULT_CATALOG
+    return Catalog(dict(catalog.assets), dict(catalog.markets), catalog.fees)
 
 
 def _listing(request_id: str, market: Market = NEW, reason: str = "new pair") -> match_pb2.Command:
@@ -159,4 +160,3 @@ async def test_a_listed_market_trades_replays_on_the_standby_and_survives_a_rest
         finally:
             await first.stop()
             await second.stop()
-
