@@ -140,11 +140,12 @@ class Catalog:
     def market(self, symbol: str) -> Market | None:
         return self.markets.get(symbol)
 
-    def add(self, market: Market) -> bool:
+    def add(self, market: Market, *, replace: bool = False) -> bool:
         """A market listed at runtime (ADR 0017), added in place so that every part
-        of the process holding this catalog sees it; False if already known."""
+        of the process holding this catalog sees it; False if already known (unless
+        `replace`: the writer's own copy, whose listing may have failed to commit)."""
         markets = self.markets
-        if market.symbol in markets:
+        if market.symbol in markets and not replace:
             return False
         if not isinstance(markets, dict):
             raise TypeError("this catalog's markets are read-only")

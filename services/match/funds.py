@@ -82,9 +82,9 @@ class Funds:
         self._fetched: set[str] = set()
 
     def listed(self, market: Market) -> None:
-        """A market listed at runtime (ADR 0017): its trades settle from now on."""
-        if self._catalog.market(market.symbol) is None:
-            self._catalog.add(market)
+        """A market listed at runtime (ADR 0017): its trades settle from now on (its
+        definition replaces one whose listing failed to commit)."""
+        self._catalog.add(market, replace=True)
 
     def like(self) -> Funds:
         """Funds on the same tables and catalog, holding nothing yet (for a replay)."""

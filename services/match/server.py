@@ -95,6 +95,9 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
         listings: Listings | None = None,
     ) -> None:
         self._catalog = catalog
+        # Static markets of other writer groups (not the catalog's later additions:
+        # Funds adds listings to it, even one whose commit failed and may be retried).
+        self._others = frozenset(catalog.markets) - set(writer.markets)
         self._writer = writer
         self._settings = settings
         self._listings = listings or Listings(writer.journal_pool)
@@ -294,7 +297,7 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
         # Idempotent by request_id: the journal's (market, command_id) answers a retry
         # with the first listing; a symbol listed otherwise is ALREADY_EXISTS (the
         # writer decides, in its order: two listings of one symbol race there).
-        if market.symbol not in self._writer.markets and self._catalog.market(market.symbol):
+        if market.symbol in self._others:
             raise _exists(market.symbol)  # another writer group's market
         command = match_pb2.Command(
             command_id=f"list:{_key(request_id)}",
