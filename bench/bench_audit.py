@@ -31,7 +31,7 @@ from pathlib import Path
 
 import asyncpg
 
-from cex_stack.supervisor import Stack
+from cex_stack.supervisor import Stack, embedded_env
 from cex_stack.topology import free_ports
 from services.chassis.db import migrate
 from services.ledger.auditor import run_audit
@@ -107,9 +107,7 @@ async def main(args: argparse.Namespace) -> None:
     print(
         f"machine: {platform.platform()}, {os.cpu_count()} cpus, python {platform.python_version()}"
     )
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
-    }
+    env = embedded_env()
     with tempfile.TemporaryDirectory() as state:
         stack = Stack(Path(state), free_ports(), env, services=False)
         await stack.start()

@@ -26,7 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cex.auth.v1 import auth_pb2, auth_pb2_grpc
-from cex_stack.supervisor import Stack
+from cex_stack.supervisor import Stack, embedded_env
 from cex_stack.topology import SERVICES, free_ports
 from services.chassis.authn import service_secret
 
@@ -121,9 +121,7 @@ async def main(calls: int, concurrency: int) -> None:
     print(
         f"machine: {platform.platform()}, {os.cpu_count()} cpus, python {platform.python_version()}"
     )
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
-    }
+    env = embedded_env()
     with tempfile.TemporaryDirectory() as state:
         ports = free_ports()
         stack = Stack(Path(state), ports, env)

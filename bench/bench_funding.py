@@ -37,7 +37,7 @@ from cex.funding.v1 import funding_pb2 as F
 from cex.funding.v1 import funding_pb2_grpc
 from cex.ledger.v1 import ledger_pb2 as L
 from cex.ledger.v1 import ledger_pb2_grpc
-from cex_stack.supervisor import Stack
+from cex_stack.supervisor import Stack, embedded_env
 from cex_stack.topology import free_ports
 from services.chassis import ServiceCredentials
 
@@ -86,9 +86,7 @@ async def main(args: argparse.Namespace) -> None:
     print(
         f"machine: {platform.platform()}, {os.cpu_count()} cpus, python {platform.python_version()}"
     )
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
-    }
+    env = embedded_env()
     env.update(
         {
             "CHAINSIM_BLOCK_S": str(args.block_s),

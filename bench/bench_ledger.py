@@ -31,7 +31,7 @@ import grpc
 
 from cex.ledger.v1 import ledger_pb2 as K
 from cex.ledger.v1 import ledger_pb2_grpc
-from cex_stack.supervisor import Stack
+from cex_stack.supervisor import Stack, embedded_env
 from cex_stack.topology import SERVICES, free_ports
 from services.chassis.authn import service_auth_interceptors
 
@@ -75,9 +75,7 @@ async def main(args: argparse.Namespace) -> None:
     print(
         f"machine: {platform.platform()}, {os.cpu_count()} cpus, python {platform.python_version()}"
     )
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
-    }
+    env = embedded_env()
     rng = random.Random(1)
     with tempfile.TemporaryDirectory() as state:
         stack = Stack(Path(state), free_ports(), env)

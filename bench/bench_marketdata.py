@@ -73,7 +73,7 @@ from cex.marketdata.v1 import marketdata_pb2 as md
 from cex.marketdata.v1 import marketdata_pb2_grpc
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex_stack import envoy, probes
-from cex_stack.supervisor import Stack
+from cex_stack.supervisor import Stack, embedded_env
 from cex_stack.topology import SERVICES, Ports, free_ports, parse_replicas
 
 MARKET = "BENCH-USDT"
@@ -646,9 +646,7 @@ async def main(args: argparse.Namespace) -> None:
         f"machine: {platform.platform()}, {os.cpu_count()} cpus, python "
         f"{platform.python_version()}; load average at start {_load_average()}"
     )
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
-    }
+    env = embedded_env()
     with tempfile.TemporaryDirectory() as state:
         catalog = Path(state, "bench-markets.yaml")
         catalog.write_text(CATALOG)  # noqa: ASYNC240  (before anything runs)

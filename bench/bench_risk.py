@@ -48,7 +48,7 @@ from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 from cex.risk.v1 import risk_pb2 as R
 from cex.risk.v1 import risk_pb2_grpc
 from cex.type.v1 import types_pb2 as T
-from cex_stack.supervisor import Stack
+from cex_stack.supervisor import Stack, embedded_env
 from cex_stack.topology import free_ports
 from services.chassis import ChassisSettings, ServiceCredentials
 from services.chassis.tokens import StaticKeys, sign
@@ -258,9 +258,7 @@ async def main(args: argparse.Namespace) -> None:
     print(
         f"machine: {platform.platform()}, {os.cpu_count()} cpus, python {platform.python_version()}"
     )
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
-    }
+    env = embedded_env()
     rng = random.Random(1)
     with tempfile.TemporaryDirectory() as state:
         stack = Stack(Path(state), free_ports(), env)

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cex_stack.supervisor import Stack
+from cex_stack.supervisor import Stack, embedded_env
 from cex_stack.topology import SERVICES, Ports, free_ports
 
 
@@ -60,9 +60,7 @@ async def main(calls: int, concurrency: int) -> None:
     print(
         f"machine: {platform.platform()}, {os.cpu_count()} cpus, python {platform.python_version()}"
     )
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
-    }
+    env = embedded_env()
     with tempfile.TemporaryDirectory() as state:
         ports: Ports = free_ports()
         stack = Stack(Path(state), ports, env)

@@ -41,7 +41,7 @@ from bench.trading_setup import Account, accounts, bearer, lift_limits, operator
 from cex.order.v1 import order_pb2, order_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from cex_stack.collector import Collector, collector
-from cex_stack.supervisor import Stack
+from cex_stack.supervisor import Stack, embedded_env
 from cex_stack.topology import free_ports
 from services.chassis import ErrorDetails
 
@@ -123,9 +123,7 @@ async def _load(
 async def run_mode(
     name: str, env: dict[str, str], spans: Collector, args: argparse.Namespace
 ) -> Result:
-    environment = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
-    }
+    environment = embedded_env()
     environment.update(env, OTEL_EXPORTER_OTLP_ENDPOINT=spans.endpoint)
     stack = Stack(Path(tempfile.mkdtemp(prefix="cex-bench-otel-")), free_ports(), environment)
     await stack.start()

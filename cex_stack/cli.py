@@ -11,6 +11,8 @@ cex audit           the ledger's audit (AuditLedger) as the operator
 cex withdrawal      approve or reject a withdrawal that waits for an operator
 cex market status   move a market between TRADING, POST_ONLY, ... at runtime
 cex fees            the fee schedule and accounts' fee tiers (show, set, assign, evaluate)
+cex subaccount      a master's sub-accounts (create, list, apikey, transfer, limits,
+                    balances, orders)
 """
 
 from __future__ import annotations
@@ -231,7 +233,7 @@ async def _market(state_dir: Path, args: argparse.Namespace) -> int:
 
 
 async def _market_list_new(state_dir: Path, args: argparse.Namespace) -> int:
-    """CreateMarket as the operator (ADR 0017); prints the market as listed."""
+    """CreateMarket as the operator (ADR 0018); prints the market as listed."""
     import uuid
 
     from cex.match.v1 import match_pb2 as M
@@ -486,6 +488,116 @@ async def _fees(state_dir: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _subaccount(state_dir: Path, args: argparse.Namespace) -> int:
+    """A master's calls on its sub-accounts (ADR 0017), with the master's API key
+    (CEX_API_KEY_ID / CEX_API_KEY_SECRET); `create` and `list` with --master as
+    the operator."""
+    import uuid
+
+    from cex.auth.v1 import auth_pb2 as A
+    from cex.ledger.v1 import ledger_pb2 as L
+    from cex.order.v1 import order_pb2 as O
+    from cex.risk.v1 import risk_pb2 as RK
+    from cex.type.v1 import types_pb2 as T
+    from cex_sdk import CexError
+
+    master = getattr(args, "master", None) or ""
+    request_id = getattr(args, "request_id", None) or str(uuid.uuid4())
+    async with _client(_running_stack(state_dir), operator=bool(master)) as client:
+        try:
+            if args.action == "create":
+                created = await client.call(
+                    "/cex.auth.v1.AuthService/CreateSubAccount",
+                    A.CreateSubAccountRequest(
+                        request_id=request_id, display_name=args.name, master_account_id=master
+                    ),
+                    A.CreateSubAccountResponse,
+                )
+                print(created.account.account_id)
+            elif args.action == "list":
+                listed = await client.call(
+                    "/cex.auth.v1.AuthService/ListSubAccounts",
+                    A.ListSubAccountsRequest(master_account_id=master, page_size=100),
+                    A.ListSubAccountsResponse,
+                )
+                for a in listed.accounts:
+                    print(f"{a.account_id} {A.AccountState.Name(a.state)[14:]} {a.display_name}")
+            elif args.action == "apikey":
+                scopes = [
+                    A.ApiKeyScope.Value(f"API_KEY_SCOPE_{name.strip().upper()}")
+                    for name in args.scopes.split(",")
+                    if name.strip()
+                ]
+                key = await client.call(
+                    "/cex.auth.v1.AuthService/CreateApiKey",
+                    A.CreateApiKeyRequest(
+                        request_id=request_id,
+                        account_id=args.sub,
+                        label=args.label or "",
+                        scopes=scopes,
+                        allowed_cidrs=args.allow or [],
+                    ),
+                    A.CreateApiKeyResponse,
+                )
+                print(f"export CEX_API_KEY_ID={key.api_key.api_key_id}")
+                print(f"export CEX_API_KEY_SECRET={key.secret}")
+                print("cex: the secret is shown once; store it now", file=sys.stderr)
+            elif args.action == "transfer":
+                moved = await client.call(
+                    "/cex.ledger.v1.LedgerService/TransferSubAccountFunds",
+                    L.TransferSubAccountFundsRequest(
+                        request_id=request_id,
+                        from_account_id=getattr(args, "from"),
+                        to_account_id=args.to,
+                        asset=args.asset,
+                        amount=args.amount,
+                    ),
+                    L.TransferSubAccountFundsResponse,
+                )
+                t = moved.transfer
+                print(f"{t.id} {t.amount} {t.asset} {t.debit_account_id} -> {t.credit_account_id}")
+            elif args.action == "limits":
+                limited = await client.call(
+                    "/cex.risk.v1.RiskService/SetSubAccountLimits",
+                    RK.SetSubAccountLimitsRequest(
+                        request_id=request_id,
+                        limits=RK.Limits(
+                            account_id=args.sub,
+                            max_orders_per_second=args.orders_per_second,
+                            max_open_orders=args.open_orders,
+                        ),
+                    ),
+                    RK.SetSubAccountLimitsResponse,
+                )
+                lim = limited.limits
+                print(
+                    f"{lim.account_id} {lim.max_orders_per_second} orders/s, "
+                    f"{lim.max_open_orders} open (version {lim.version})"
+                )
+            elif args.action == "balances":
+                balances = await client.call(
+                    "/cex.ledger.v1.LedgerService/GetBalances",
+                    L.GetBalancesRequest(account_id=args.sub),
+                    L.GetBalancesResponse,
+                )
+                for b in balances.balances:
+                    print(f"{b.asset:<6} available {b.available} held {b.held}")
+            else:
+                orders = await client.call(
+                    "/cex.order.v1.OrderService/ListOrders",
+                    O.ListOrdersRequest(account_id=args.sub, page_size=100),
+                    O.ListOrdersResponse,
+                )
+                for o in orders.orders:
+                    print(
+                        f"{o.order_id} {o.market} {T.Side.Name(o.side)[5:]} {o.quantity} @ "
+                        f"{o.price} {T.OrderState.Name(o.state)[12:]}"
+                    )
+        except CexError as error:
+            raise _failed(error) from None
+    return 0
+
+
 async def _apikey_create(state_dir: Path, args: argparse.Namespace) -> int:
     import uuid
 
@@ -566,6 +678,7 @@ _HANDLERS: dict[str, Any] = {
     "withdrawal": _review,
     "market": _market,
     "fees": _fees,
+    "subaccount": _subaccount,
 }
 
 
@@ -704,6 +817,37 @@ def main(argv: list[str] | None = None) -> None:
     fees.add_parser(
         "evaluate", help="measure 30-day traded volumes now and move accounts between tiers"
     )
+    subs = commands.add_parser(
+        "subaccount",
+        help="a master's sub-accounts, with the master's key (CEX_API_KEY_ID/_SECRET)",
+    ).add_subparsers(dest="action", required=True)
+    sub_create = subs.add_parser("create", help="create a sub-account; prints its id")
+    sub_create.add_argument("name", help="display name")
+    sub_list = subs.add_parser("list", help="list the master's sub-accounts")
+    for command in (sub_create, sub_list):
+        command.add_argument("--master", help="as the operator, for this master account")
+    sub_key = subs.add_parser("apikey", help="create an API key of a sub-account")
+    sub_key.add_argument("sub", help="the sub-account id")
+    sub_key.add_argument("--scopes", default="read,trade", help="at most the master's key's")
+    sub_key.add_argument("--label", help="a label for the key")
+    sub_key.add_argument("--allow", action="append", help="allowed CIDR (repeat)")
+    sub_move = subs.add_parser(
+        "transfer", help="move funds between the master and a sub-account, at once"
+    )
+    sub_move.add_argument("--from", required=True, help="the account debited")
+    sub_move.add_argument("--to", required=True, help="the account credited")
+    sub_move.add_argument("--asset", required=True, help="e.g. USDT")
+    sub_move.add_argument("--amount", required=True, help="a decimal string")
+    sub_limits = subs.add_parser(
+        "limits", help="set a sub-account's limits, within the master's (unset: the master's)"
+    )
+    sub_limits.add_argument("sub", help="the sub-account id")
+    sub_limits.add_argument("--orders-per-second", type=int, default=0, help="0: the master's")
+    sub_limits.add_argument("--open-orders", type=int, default=0, help="0: the master's")
+    for command in (sub_create, sub_key, sub_move, sub_limits):
+        command.add_argument("--request-id", help="idempotency id (default: a new UUID)")
+    for action, text in (("balances", "a sub-account's balances"), ("orders", "its orders")):
+        subs.add_parser(action, help=text).add_argument("sub", help="the sub-account id")
     token = commands.add_parser("token", help="exchange an API key for an access token")
     token.add_argument("--key-id", help="default $CEX_API_KEY_ID (the secret: $CEX_API_KEY_SECRET)")
     args = parser.parse_args(argv)

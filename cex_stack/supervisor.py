@@ -48,6 +48,16 @@ PG_SYSTEM_USER = "embedded_postgres"  # postgres refuses to run as root
 DATABASE = "cex"
 
 
+def embedded_env(**overrides: str) -> dict[str, str]:
+    """This process's environment for a stack that starts its own PostgreSQL, NATS and
+    Redis whatever the shell points at (tests, benchmarks), with `overrides`."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
+    }
+    env.update(overrides)
+    return env
+
+
 class StackError(RuntimeError):
     pass
 
@@ -520,6 +530,13 @@ class Stack:
             if c.name == name:
                 return c
         raise KeyError(name)
+
+    async def __aenter__(self) -> Stack:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     async def stop(self) -> None:
         self._stopping = True

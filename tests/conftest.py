@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -29,7 +28,7 @@ import grpc
 import pytest
 
 from cex_stack import probes
-from cex_stack.supervisor import Stack
+from cex_stack.supervisor import Stack, embedded_env
 from cex_stack.topology import free_ports
 from services.chassis import ServiceCredentials
 from services.chassis.authn import service_auth_interceptors
@@ -39,9 +38,7 @@ from tests.replicas import REPLICATED, Target
 @contextlib.asynccontextmanager
 async def _running(folder: Path, replicas: dict[str, int] | None = None) -> AsyncIterator[Stack]:
     # The tests bring up their own embedded parts, whatever the shell points at.
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
-    }
+    env = embedded_env()
     running = Stack(folder, free_ports(), env, replicas=replicas)
     await running.start()
     try:

@@ -18,8 +18,10 @@ from decimal import Decimal
 
 from services.chassis import (
     AuthContext,
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
+    NotFound,
     PermissionDenied,
     Unauthenticated,
     Violations,
@@ -29,6 +31,7 @@ from services.chassis.money import MoneyError, parse_decimal
 
 __all__ = [
     "BASE_TIER",
+    "MAX_SUB_ACCOUNTS",
     "SCOPES",
     "Account",
     "ApiKey",
@@ -37,6 +40,7 @@ __all__ = [
     "SigningKey",
     "TierChange",
     "check_issue",
+    "check_new_sub_account",
     "hash_secret",
     "owned_account",
     "parse_schedule",
@@ -78,6 +82,7 @@ class Account:
     update_time: datetime
     fee_tier_assigned: bool = False
     traded_volume: Decimal | None = None  # 30-day, as last measured
+    master_account_id: str = ""  # a sub-account's master (ADR 0017)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +149,31 @@ def secret_matches(secret: str, stored: str) -> bool:
 def owned_account(ctx: AuthContext, requested: str, *, resource: str = "account") -> str:
     """The account a call acts on (see `services.chassis.owned_account`)."""
     return chassis_owned_account(ctx, requested, component="AUTH", resource=resource)
+
+
+# Every token a master is issued lists its subs (ADR 0017): the bound keeps
+# the token (and each verification's JSON) small.
+MAX_SUB_ACCOUNTS = 100
+
+
+def check_new_sub_account(master: Account | None, sub_count: int) -> None:
+    """May `master` (None: no such account) have one more sub-account?"""
+    if master is None:
+        raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
+    if master.master_account_id:
+        raise FailedPrecondition(
+            "AUTH_SUB_ACCOUNT_NESTED", "a sub-account cannot have sub-accounts of its own"
+        )
+    if master.state != AccountState.ACTIVE:
+        raise FailedPrecondition(
+            "AUTH_ACCOUNT_NOT_ACTIVE", "only an active account can create sub-accounts"
+        )
+    if sub_count >= MAX_SUB_ACCOUNTS:
+        raise FailedPrecondition(
+            "AUTH_SUB_ACCOUNT_LIMIT",
+            f"an account has at most {MAX_SUB_ACCOUNTS} sub-accounts",
+            metadata={"limit": str(MAX_SUB_ACCOUNTS)},
+        )
 
 
 def validate_cidrs(cidrs: Iterable[str]) -> tuple[str, ...]:

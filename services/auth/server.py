@@ -86,6 +86,10 @@ POLICY: dict[str, Rule] = {
     "CreateAccount": user("admin", services=True),
     "GetAccount": user("read", services=True),
     "SetAccountState": user("admin", services=True),
+    # Sub-accounts (ADR 0017): a master creates its own (trade scope; an admin
+    # or a service names the master), and lists them.
+    "CreateSubAccount": user("trade", services=True),
+    "ListSubAccounts": user("read", services=True),
     "CreateApiKey": user(services=True),  # grants at most the caller's own scopes
     "ListApiKeys": user("read", services=True),
     "RevokeApiKey": user(services=True),  # any scope may kill its own account's keys
@@ -143,6 +147,7 @@ def _account_pb(a: domain.Account) -> auth_pb2.Account:
         update_time=_ts(a.update_time),
         fee_tier_assigned=a.fee_tier_assigned,
         traded_volume_30d=decimal_text(a.traded_volume),
+        master_account_id=a.master_account_id,
     )
 
 
@@ -226,6 +231,7 @@ def _fee_tiers_pb(tiers: FeeTiers, asset: str) -> auth_pb2.GetFeeTiersResponse:
 
 def _request_hash(
     request: auth_pb2.CreateAccountRequest
+    | auth_pb2.CreateSubAccountRequest
     | auth_pb2.CreateApiKeyRequest
     | auth_pb2.SetAccountStateRequest
     | auth_pb2.SetFeeScheduleRequest
@@ -394,6 +400,64 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
             now=self.clock(),
         )
         return auth_pb2.CreateAccountResponse(account=_account_pb(account))
+
+    async def CreateSubAccount(
+        self,
+        request: auth_pb2.CreateSubAccountRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> auth_pb2.CreateSubAccountResponse:
+        ctx = _mutating_caller(request.request_id)
+        # A user's master is their own account (another id, a sub's included, is
+        # NOT_FOUND: the rule needs trade); an admin or a service names it.
+        master = domain.owned_account(ctx, request.master_account_id)
+        if not request.display_name.strip():
+            raise invalid_field(
+                "AUTH_DISPLAY_NAME_REQUIRED",
+                "display_name",
+                "must not be empty",
+                message="display_name is required",
+            )
+        account = await self.store.create_sub_account(
+            master_account_id=master,
+            account_id=self.new_id("acc"),
+            request_id=request.request_id,
+            request_hash=_request_hash(request),
+            display_name=request.display_name.strip()[:200],
+            now=self.clock(),
+        )
+        return auth_pb2.CreateSubAccountResponse(account=_account_pb(account))
+
+    async def ListSubAccounts(
+        self,
+        request: auth_pb2.ListSubAccountsRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> auth_pb2.ListSubAccountsResponse:
+        ctx = current_auth()
+        master = domain.owned_account(ctx, request.master_account_id)
+        if master != ctx.account_id and not (ctx.is_service or ctx.can("admin")):
+            raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")  # a sub's subs
+        size = page_size(
+            request.page_size, default=50, maximum=100, reason="AUTH_INVALID_PAGE_SIZE"
+        )
+        found = read_page_token(
+            request.page_token, "sub_accounts", parts=2, reason="AUTH_INVALID_PAGE_TOKEN"
+        )
+        after = None
+        if found is not None:
+            try:
+                after = (datetime.fromisoformat(found[0]), found[1])
+            except ValueError:
+                raise bad_page_token("AUTH_INVALID_PAGE_TOKEN") from None
+        subs = await self.store.sub_accounts(master, limit=size + 1, after=after)
+        page = subs[:size]
+        token = ""
+        if len(subs) > size:
+            token = page_token(
+                "sub_accounts", page[-1].create_time.isoformat(), page[-1].account_id
+            )
+        return auth_pb2.ListSubAccountsResponse(
+            accounts=[_account_pb(a) for a in page], next_page_token=token
+        )
 
     async def GetFees(
         self,
@@ -644,7 +708,10 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         )
         assert key is not None
         await self.store.touch_key(key.api_key_id, now)
-        return self._token(key.account_id, key.api_key_id, scopes, now, ttl)
+        # A master's token names its subs (ADR 0017): every service lets it read
+        # them without asking auth. A sub created later is in the next token.
+        subs = await self.store.sub_account_ids(key.account_id)
+        return self._token(key.account_id, key.api_key_id, scopes, now, ttl, subs=subs)
 
     def _service_token(
         self, request: auth_pb2.IssueTokenRequest, now: datetime
@@ -666,7 +733,14 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         )
 
     def _token(
-        self, subject: str, key_id: str, scopes: tuple[str, ...], now: datetime, ttl: int
+        self,
+        subject: str,
+        key_id: str,
+        scopes: tuple[str, ...],
+        now: datetime,
+        ttl: int,
+        *,
+        subs: Iterable[str] = (),
     ) -> auth_pb2.IssueTokenResponse:
         kid, private = self.keyring.signer()
         issued = int(now.timestamp())
@@ -679,6 +753,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
             issued_at=issued,
             ttl_s=ttl,
             token_id=secrets.token_hex(12),
+            subs=tuple(subs),
         )
         expire = Timestamp(seconds=issued + ttl)
         return auth_pb2.IssueTokenResponse(

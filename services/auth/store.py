@@ -21,6 +21,7 @@ from .domain import (
     KeyState,
     SigningKey,
     TierChange,
+    check_new_sub_account,
     rotation_due,
     tier_for_volume,
     volume_tiers,
@@ -107,6 +108,7 @@ def _account(row: asyncpg.Record) -> Account:
         update_time=row["update_time"],
         fee_tier_assigned=row["fee_tier_assigned"],
         traded_volume=row["traded_volume"],
+        master_account_id=row["master_account_id"] or "",
     )
 
 
@@ -294,6 +296,78 @@ class Store:
                 [r["seq"] for r in rows],
             )
             return len(rows)
+
+    async def create_sub_account(
+        self,
+        *,
+        master_account_id: str,
+        account_id: str,
+        request_id: str,
+        request_hash: str,
+        display_name: str,
+        now: datetime,
+    ) -> Account:
+        """Idempotent on (master, request_id). The master's row is locked, so two
+        concurrent creations count each other against the limit."""
+        key = f"sub:{master_account_id}:{request_id}"  # accounts.request_id is global
+        async with self.pool.acquire() as conn, conn.transaction():
+            # The lock first: a retry racing its first attempt finds its row after it.
+            found = await conn.fetchrow(
+                "SELECT * FROM accounts WHERE account_id = $1 FOR UPDATE", master_account_id
+            )
+            row = await conn.fetchrow("SELECT * FROM accounts WHERE request_id = $1", key)
+            if row is not None:
+                if row["request_hash"] != request_hash:
+                    raise AlreadyExists(
+                        "AUTH_REQUEST_ID_REUSED", "request_id was used for a different account"
+                    )
+                return _account(row)
+            master = None if found is None else _account(found)
+            count = await conn.fetchval(
+                "SELECT count(*) FROM accounts WHERE master_account_id = $1", master_account_id
+            )
+            check_new_sub_account(master, count)
+            assert master is not None
+            row = await conn.fetchrow(
+                """INSERT INTO accounts (account_id, request_id, request_hash, display_name,
+                       email, type, state, fee_tier, create_time, update_time,
+                       master_account_id)
+                   VALUES ($1, $2, $3, $4, NULL, $5, $6, 'default', $7, $7, $8)
+                   RETURNING *""",
+                account_id,
+                key,
+                request_hash,
+                display_name,
+                master.type,
+                AccountState.ACTIVE,
+                now,
+                master_account_id,
+            )
+            assert row is not None
+            return _account(row)
+
+    async def sub_accounts(
+        self, master_account_id: str, *, limit: int, after: tuple[datetime, str] | None = None
+    ) -> list[Account]:
+        """Oldest first; `after` is the (create_time, id) of the previous page's last."""
+        rows = await self.pool.fetch(
+            """SELECT * FROM accounts WHERE master_account_id = $1
+                 AND ($2::timestamptz IS NULL OR (create_time, account_id) > ($2, $3))
+               ORDER BY create_time, account_id LIMIT $4""",
+            master_account_id,
+            after[0] if after else None,
+            after[1] if after else "",
+            limit,
+        )
+        return [_account(r) for r in rows]
+
+    async def sub_account_ids(self, master_account_id: str) -> list[str]:
+        """What a master's token lists in its `subs` claim (at most MAX_SUB_ACCOUNTS)."""
+        rows = await self.pool.fetch(
+            "SELECT account_id FROM accounts WHERE master_account_id = $1 ORDER BY account_id",
+            master_account_id,
+        )
+        return [r["account_id"] for r in rows]
 
     async def account(self, account_id: str) -> Account | None:
         row = await self.pool.fetchrow("SELECT * FROM accounts WHERE account_id = $1", account_id)

@@ -125,6 +125,9 @@ class AuthContext:
     # The rule checked this user's scopes and needs more than `read`: a frozen
     # account is refused, at the call and at each message of its stream.
     writes: bool = False
+    # The caller's sub-accounts (a master's token, ADR 0017): readable by the
+    # master as its own, by rules that need no more than `read`.
+    subs: frozenset[str] = frozenset()
 
     @property
     def is_service(self) -> bool:
@@ -132,6 +135,12 @@ class AuthContext:
 
     def can(self, scope: str) -> bool:
         return scope in self.scopes
+
+    def reads_sub(self, account_id: str) -> bool:
+        """A master reading (or managing keys of) one of its sub-accounts: allowed for
+        rules that need no more than `read`; anything that trades or withdraws for
+        a sub needs the sub's own key (ADR 0017)."""
+        return not self.writes and account_id in self.subs
 
 
 auth_context_var: contextvars.ContextVar[AuthContext | None] = contextvars.ContextVar(
@@ -162,6 +171,8 @@ def owned_account(
             )
         return requested or ctx.account_id
     if requested and requested != ctx.account_id:
+        if ctx.reads_sub(requested):
+            return requested
         raise NotFound(f"{component}_{resource.upper()}_NOT_FOUND", f"no such {resource}")
     return ctx.account_id
 
@@ -181,7 +192,11 @@ def owned_resource(
     """A resource looked up by id, if the caller may see it. Another account's
     resource is `<COMPONENT>_<RESOURCE>_NOT_FOUND`, the very answer a made-up id
     gets (same code, reason and message), so ids cannot be probed."""
-    if found is None or not (sees_every_account(ctx) or found.account_id == ctx.account_id):
+    if found is None or not (
+        sees_every_account(ctx)
+        or found.account_id == ctx.account_id
+        or ctx.reads_sub(found.account_id)
+    ):
         name = resource.replace(" ", "_").upper()
         raise NotFound(f"{component}_{name}_NOT_FOUND", f"no such {resource}")
     return found
@@ -344,6 +359,7 @@ def _user_context(claims: Claims, token: str, *, service: str, writes: bool = Fa
         service=service,
         token=token,
         writes=writes,
+        subs=claims.subs,
     )
 
 

@@ -1,4 +1,4 @@
-"""Markets listed at runtime (ADR 0017): how every service's catalog learns them.
+"""Markets listed at runtime (ADR 0018): how every service's catalog learns them.
 
 match's writer decides a listing (``CreateMarket``) as a journaled command and
 keeps it in its markets table, committed with the journal entry. Every other

@@ -69,7 +69,7 @@ class Market:
     max_quantity: Decimal
     min_notional: Decimal  # in the quote asset
     # The default price band (a fraction of the reference price; 0: none): a
-    # market listed at runtime may carry one (ADR 0017); risk's rules override it.
+    # market listed at runtime may carry one (ADR 0018); risk's rules override it.
     price_band: Decimal = Decimal(0)
 
     def asset(self, symbol: str) -> Asset:
@@ -141,7 +141,7 @@ class Catalog:
         return self.markets.get(symbol)
 
     def add(self, market: Market, *, replace: bool = False) -> bool:
-        """A market listed at runtime (ADR 0017), added in place so that every part
+        """A market listed at runtime (ADR 0018), added in place so that every part
         of the process holding this catalog sees it; False if already known (unless
         `replace`: the writer's own copy, whose listing may have failed to commit)."""
         markets = self.markets

@@ -76,6 +76,9 @@ class Claims:
     scopes: frozenset[str]
     expires_at: int
     token_id: str
+    # A master account's sub-accounts when the token was issued (ADR 0017): the
+    # accounts whose resources it may read and fund. Empty for every other token.
+    subs: frozenset[str] = frozenset()
 
     @property
     def is_service(self) -> bool:
@@ -124,8 +127,9 @@ def sign(
     token_id: str,
     issuer: str = ISSUER,
     audience: str = AUDIENCE,
+    subs: Sequence[str] = (),
 ) -> str:
-    payload = {
+    payload: dict[str, object] = {
         "iss": issuer,
         "aud": audience,
         "sub": subject,
@@ -136,6 +140,8 @@ def sign(
         "exp": issued_at + ttl_s,
         "jti": token_id,
     }
+    if subs:
+        payload["subs"] = sorted(subs)
     # The header: {"alg": "EdDSA", "kid": kid, "typ": "JWT"}.
     return jwt.encode(payload, key, algorithm=ALGORITHM, headers={"kid": kid, "typ": "JWT"})
 
@@ -227,12 +233,16 @@ def verify(
     subject, key_id, scope = payload.get("sub"), payload.get("key_id", ""), payload.get("scope", "")
     if not isinstance(subject, str) or not subject or not isinstance(scope, str):
         raise _refuse("AUTH_TOKEN_MALFORMED", "the token has no subject")
+    subs = payload.get("subs", [])
+    if not isinstance(subs, list) or not all(isinstance(s, str) and s for s in subs):
+        raise _refuse("AUTH_TOKEN_MALFORMED", "the token's subs claim is not a list of ids")
     return Claims(
         subject=subject,
         key_id=str(key_id),
         scopes=frozenset(scope.split()),
         expires_at=exp,
         token_id=str(payload.get("jti", "")),
+        subs=frozenset(subs),
     )
 
 

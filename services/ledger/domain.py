@@ -26,6 +26,7 @@ from services.chassis import (
     AlreadyExists,
     ExchangeError,
     FailedPrecondition,
+    FieldViolation,
     InvalidArgument,
     NotFound,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "apply_transfers",
     "is_system",
     "split_chains",
+    "sub_transfer",
 ]
 
 MAX_BATCH = 1000
@@ -76,6 +78,37 @@ class Kind(IntEnum):  # values of cex.ledger.v1.TransferKind
     TRADE = 4
     FEE = 5
     ADJUSTMENT = 6
+    SUB_ACCOUNT = 7
+
+
+def sub_transfer(
+    caller: str, subs: Iterable[str], from_account_id: str, to_account_id: str, request_id: str
+) -> str:
+    """The id of a transfer between a master (`caller`) and one of its `subs`
+    (ADR 0017), either way, derived from the request id so a retry is the same
+    transfer (hashed: a request id may hold characters a transfer id may not).
+    Any other account, a sibling or the master of a sub included, is
+    LEDGER_ACCOUNT_NOT_FOUND, the answer a made-up id gets."""
+    violations = [
+        FieldViolation(name, "required")
+        for name, value in (("from_account_id", from_account_id), ("to_account_id", to_account_id))
+        if not value
+    ]
+    if violations:
+        raise InvalidArgument(
+            "LEDGER_ACCOUNT_REQUIRED", "name both accounts", violations=violations
+        )
+    if from_account_id == to_account_id:
+        raise InvalidArgument(
+            "LEDGER_SAME_ACCOUNT",
+            "from_account_id and to_account_id must differ",
+            violations=[FieldViolation("to_account_id", "same as from_account_id")],
+        )
+    other = to_account_id if from_account_id == caller else from_account_id
+    if caller not in (from_account_id, to_account_id) or other not in set(subs):
+        raise NotFound("LEDGER_ACCOUNT_NOT_FOUND", "no such account")
+    digest = hashlib.sha256(f"{caller}\0{request_id}".encode()).hexdigest()[:40]
+    return f"sub:{caller}:{digest}"
 
 
 def is_system(account_id: str) -> bool:

@@ -22,6 +22,7 @@ from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex.match.v1 import match_pb2
 from services.chassis import (
     INTERNAL,
+    AccountStates,
     Catalog,
     ChassisSettings,
     CommandStream,
@@ -46,7 +47,7 @@ from services.chassis import (
 
 from .auditor import Auditor, AuditReport, LedgerMetrics
 from .config import LedgerConfig
-from .domain import MAX_BATCH, Account, Kind, Op, Transfer, TransferInput
+from .domain import MAX_BATCH, Account, Kind, Op, Transfer, TransferInput, sub_transfer
 from .owner import BalanceOwner
 from .store import MIGRATIONS, Store
 
@@ -62,7 +63,9 @@ POLICY: dict[str, Rule] = {
     "PostPendingTransfer": INTERNAL,
     "VoidPendingTransfer": INTERNAL,
     "GetTransfer": user("read", services=True),
-    "GetBalances": user("read", services=True),
+    "GetBalances": user("read", services=True),  # a master's subs too (ADR 0017)
+    # A master moves funds to and from its sub-accounts (ADR 0017).
+    "TransferSubAccountFunds": user("trade"),
     "ListTransfers": user("read", services=True),
     "AuditLedger": user("admin", services=True),
 }
@@ -112,7 +115,9 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         owner: BalanceOwner,
         auditor: Auditor,
         catalog: Catalog,
+        account_states: AccountStates | None = None,
     ) -> None:
+        self._states = account_states  # the frozen accounts (ADR 0004), for sub transfers
         self._store = store
         self._owner = owner
         self._auditor = auditor
@@ -271,6 +276,40 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         if isinstance(outcome, ExchangeError):
             raise outcome
         return self._transfer(outcome)
+
+    async def TransferSubAccountFunds(
+        self,
+        request: ledger_pb2.TransferSubAccountFundsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> ledger_pb2.TransferSubAccountFundsResponse:
+        ctx = current_auth()
+        require_request_id(request.request_id, "LEDGER_REQUEST_ID_REQUIRED")
+        transfer_id = sub_transfer(
+            ctx.account_id,
+            ctx.subs,
+            request.from_account_id,
+            request.to_account_id,
+            request.request_id,
+        )
+        # A frozen sub's funds stay where they are (its master's freeze refused the
+        # call already): the freeze stops every movement but an operator's.
+        if self._states is not None:
+            other = request.to_account_id
+            if other == ctx.account_id:
+                other = request.from_account_id
+            self._states.refuse_frozen(other)
+        # One transfer through the balance owner, as every transfer (ADR 0013):
+        # sequenced by the writer, refused there beyond the available balance.
+        transfer = ledger_pb2.Transfer(
+            id=transfer_id,
+            debit_account_id=request.from_account_id,
+            credit_account_id=request.to_account_id,
+            asset=request.asset,
+            amount=request.amount,
+            kind=ledger_pb2.TRANSFER_KIND_SUB_ACCOUNT,
+            reference=ctx.account_id,
+        )
+        return ledger_pb2.TransferSubAccountFundsResponse(transfer=await self._single(transfer))
 
     async def PostPendingTransfer(
         self,
@@ -448,7 +487,13 @@ async def build_server(
     server.add(
         ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"],
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server,
-        LedgerService(store, BalanceOwner(stream, store), auditor, catalog),
+        LedgerService(
+            store,
+            BalanceOwner(stream, store),
+            auditor,
+            catalog,
+            account_states=server.follow_account_states(),
+        ),
         policy=POLICY,
     )
     return server

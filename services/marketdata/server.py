@@ -186,7 +186,7 @@ class MarketDataService(marketdata_pb2_grpc.MarketDataServiceServicer):
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
         self._catalog = catalog
-        # Kept sorted; a market listed at runtime is added to it (ADR 0017).
+        # Kept sorted; a market listed at runtime is added to it (ADR 0018).
         self._markets = markets if isinstance(markets, list) else sorted(markets)
         self._hub = hub
         self._store = store
@@ -499,7 +499,7 @@ async def build_server(
         listings: Listings | None = Listings(catalog, channel, every_s=2.0)
     else:
         listings = None
-    if listings is not None:  # markets listed at runtime (ADR 0017), fed like the others
+    if listings is not None:  # markets listed at runtime (ADR 0018), fed like the others
         await listings.load()
     symbols = sorted(config.markets or catalog.markets)
     hub = Hub(config, nats=infra.nats, redis=infra.redis, clock=clock)

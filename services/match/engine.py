@@ -210,7 +210,7 @@ class Decoded:
 
 
 def _listing(market: Market, command: match_pb2.Command, v: _Violations) -> Command:
-    """A listing, the market's first command (ADR 0017): a place in its sequence
+    """A listing, the market's first command (ADR 0018): a place in its sequence
     (seq 1), taken in the book as a status mark that changes nothing."""
     lm, v.prefix = command.list_market, "command.list_market"
     v.ident("request_id", lm.request_id)

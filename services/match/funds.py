@@ -82,7 +82,7 @@ class Funds:
         self._fetched: set[str] = set()
 
     def listed(self, market: Market) -> None:
-        """A market listed at runtime (ADR 0017): its trades settle from now on (its
+        """A market listed at runtime (ADR 0018): its trades settle from now on (its
         definition replaces one whose listing failed to commit)."""
         self._catalog.add(market, replace=True)
 

@@ -27,7 +27,7 @@ from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge
 
 from cex.match.v1 import match_pb2
-from services.chassis import ensure_stream
+from services.chassis import FailedPrecondition, ensure_stream
 
 from .writer import MarketLog
 
@@ -96,6 +96,16 @@ class Publisher:
                 delay = 0.1
             except asyncio.CancelledError:
                 raise
+            except FailedPrecondition as exc:
+                if exc.reason != "MATCH_EVENTS_COMPACTED":
+                    raise
+                # The stream lost events that retention has deleted since (ADR 0013,
+                # "Retention"): publish from the journal's first; readers hold
+                # retention back, so none of them needs what is skipped.
+                first = int(exc.metadata["first_seq"]) or log.committed_seq + 1
+                _log.error("%s: events %s..%s are compacted; publishing from %s",
+                           market, self.published_seq + 1, first - 1, first)  # fmt: skip
+                self.published_seq = max(self.published_seq, first - 1)
             except Exception as exc:
                 # The acknowledgement may be lost with the server: ask for the tail again.
                 tail_known = False

@@ -56,6 +56,7 @@ from .domain import Side
 from .engine import MarketEngine, decode, status_name
 from .funds import Funds
 from .publisher import Publisher
+from .retention import Retention
 from .store import Journal, Listings
 from .writer import Sequencer
 
@@ -443,6 +444,11 @@ def _exists(symbol: str) -> AlreadyExists:
     )
 
 
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 def _book(engine: MarketEngine, l3: bool, depth: int | None) -> match_pb2.OrderBook:
     market, book = engine.market, engine.book
     out = match_pb2.OrderBook(
@@ -510,7 +516,7 @@ async def build_server(
         if market is None:
             raise ValueError(f"CEX_MATCH_MARKETS names {symbol!r}, which is not a market")
         markets.append(market)
-    # Markets this group listed at runtime (ADR 0017), on top of the static catalog.
+    # Markets this group listed at runtime (ADR 0018), on top of the static catalog.
     listings = Listings(infra.pool)
     for listing in await listings.all(match_settings.group):
         spec = match_pb2.MarketListed.FromString(listing.listing).market
@@ -557,6 +563,20 @@ async def build_server(
     await writer.start(ownership_wait_s=match_settings.ownership_wait_s)
     server.on_stop(writer.stop)
     server.on_stop(lambda: on_serving(False))
+    if match_settings.journal_retention_every_s > 0:  # rounds run while the writer serves
+        retention = Retention(
+            journal,
+            list(writer.markets),
+            retain=match_settings.journal_retain,
+            retain_s=match_settings.journal_retain_s,
+            readers=match_settings.journal_readers,
+            archive_dir=match_settings.journal_archive_dir or None,
+            clock=clock,
+        )
+        rounds = asyncio.create_task(
+            retention.run(match_settings.journal_retention_every_s, lambda: writer.serving)
+        )
+        server.on_stop(lambda: _cancelled(rounds))
     server.add(
         service,
         match_pb2_grpc.add_MatchServiceServicer_to_server,

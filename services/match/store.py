@@ -158,6 +158,100 @@ class Journal:
                 _SNAPSHOTS_KEPT,
             )
 
+    # ----------------------------------------------------------------- retention
+
+    async def compacted_through(self) -> int:
+        """The group_seq at or below which the group's rows are gone (0: none)."""
+        through = await self._pool.fetchval(
+            "SELECT compacted_through FROM journal_retention WHERE writer_group = $1", self.group
+        )
+        return int(through or 0)
+
+    async def retention_bounds(self) -> tuple[int, int]:
+        """(the oldest kept snapshot's group_seq, the last group_seq journaled); 0
+        for none. Rows may only go at or below the first: any restart or standby
+        replays from a snapshot at or after it."""
+        row = await self._pool.fetchrow(
+            "SELECT (SELECT min(group_seq) FROM snapshots WHERE writer_group = $1),"
+            " (SELECT max(group_seq) FROM journal WHERE writer_group = $1)",
+            self.group,
+        )
+        assert row is not None  # one row, always
+        return int(row[0] or 0), int(row[1] or 0)
+
+    async def reader_cursors(self, table: str, markets: Sequence[str]) -> dict[str, int] | None:
+        """A projection's cursors (`table`: schema.table with (market, seq): the last
+        event seq it applied per market), or None if there is no such table."""
+        quoted = ".".join(f'"{part}"' for part in table.split("."))  # `order` is reserved
+        if await self._pool.fetchval("SELECT to_regclass($1)", quoted) is None:
+            return None
+        rows = await self._pool.fetch(
+            f"SELECT market, seq FROM {quoted} WHERE market = ANY($1::text[])", list(markets)
+        )
+        return {row["market"]: int(row["seq"]) for row in rows}
+
+    async def first_needed(self, market: str, after_seq: int) -> int | None:
+        """The group_seq of the market's first row with events after `after_seq`
+        (None: no such row)."""
+        found = await self._pool.fetchval(
+            "SELECT group_seq FROM journal WHERE writer_group = $1 AND market = $2"
+            " AND last_seq > $3 ORDER BY last_seq, group_seq LIMIT 1",
+            self.group,
+            market,
+            after_seq,
+        )
+        return None if found is None else int(found)
+
+    async def compactable(self, after: int, through: int, before_ts: int) -> list[Entry]:
+        """The group's rows after `after` up to `through` journaled before `before_ts`
+        (ns), in order: what a compaction of that range would delete (its archive)."""
+        rows = await self._pool.fetch(
+            f"{_SELECT} WHERE writer_group = $1 AND group_seq > $2 AND group_seq <= $3"
+            " AND ts < $4 ORDER BY group_seq",
+            self.group,
+            after,
+            through,
+            before_ts,
+        )
+        return [_entry(row) for row in rows]
+
+    async def compact(self, after: int, through: int) -> int:
+        """Delete the group's rows after `after` up to `through` and record
+        `through` as compacted, in one transaction (refused, 0 deleted, unless the
+        record still says `after`: a concurrent compaction went first)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO journal_retention (writer_group, compacted_through) VALUES ($1, 0)"
+                " ON CONFLICT DO NOTHING",
+                self.group,
+            )
+            moved = await conn.fetchval(
+                "UPDATE journal_retention SET compacted_through = $3, update_time = now()"
+                " WHERE writer_group = $1 AND compacted_through = $2 RETURNING 1",
+                self.group,
+                after,
+                through,
+            )
+            if moved is None:
+                return 0
+            status = await conn.execute(
+                "DELETE FROM journal WHERE writer_group = $1 AND group_seq > $2"
+                " AND group_seq <= $3",
+                self.group,
+                after,
+                through,
+            )
+        return int(status.split()[-1])
+
+    async def first_event_seq(self, market: str) -> int:
+        """The market's lowest event seq the journal still holds (0: none)."""
+        found = await self._pool.fetchval(
+            "SELECT first_seq FROM journal WHERE market = $1 AND last_seq >= first_seq"
+            " ORDER BY last_seq LIMIT 1",
+            market,
+        )
+        return int(found or 0)
+
 
 class Lease:
     """The right to write a group, and the one connection its writer commits on.
@@ -246,7 +340,7 @@ class Listing:
 
 
 class Listings:
-    """The markets table (ADR 0017): written with the journal, read at start."""
+    """The markets table (ADR 0018): written with the journal, read at start."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool

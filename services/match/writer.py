@@ -41,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from google.rpc import status_pb2
 from opentelemetry import trace
@@ -182,6 +182,13 @@ class MarketLog:
         symbol = self.market.symbol
         for entry in await self._journal.covering(symbol, from_seq, to_seq, _READ_PAGE):
             found += (e for e in _unpack(entry.events) if from_seq <= e.seq <= to_seq)
+        if not found or found[0].seq != from_seq:  # retention deleted its row (ADR 0013)
+            first = await self._journal.first_event_seq(symbol)
+            raise FailedPrecondition(
+                "MATCH_EVENTS_COMPACTED",
+                f"{symbol}'s events before {first} are no longer journaled (retention)",
+                metadata={"market": symbol, "first_seq": str(first)},
+            )
         return found
 
 
@@ -234,9 +241,29 @@ class _Replay:
         """Apply every entry the journal holds after `group_seq`, checking that each
         command gives the events journaled with it."""
         while entries := await journal.after(self.group_seq, _RECOVERY_PAGE):
+            if entries[0].group_seq > self.group_seq + 1 and await self._compacted(journal):
+                continue  # behind retention's horizon: reloaded from the latest snapshot
             for entry in entries:
                 self._apply(entry)
             self.replayed += len(entries)
+
+    async def _compacted(self, journal: Journal) -> bool:
+        """Retention deleted the rows after our position (a standby that fell behind
+        the oldest kept snapshot): start again from the latest snapshot. False for
+        any other gap (JournalMismatch follows)."""
+        through = await journal.compacted_through()
+        if through <= self.group_seq:
+            return False
+        fresh = await _Replay.latest(journal, self.markets, self.funds)
+        if fresh.group_seq < through:
+            raise JournalMismatch(f"{self.group} is compacted past its latest snapshot")
+        _log.warning(
+            "%s: the journal is compacted through %s, past %s; reloading from the snapshot at %s",
+            self.group, through, self.group_seq, fresh.group_seq,
+        )  # fmt: skip
+        self.engines, self.group_seq, self.last_ts = fresh.engines, fresh.group_seq, fresh.last_ts
+        self.funds_seq, self.snapshot_seq = fresh.funds_seq, fresh.snapshot_seq
+        return True
 
     def _apply(self, entry: Entry) -> None:
         if entry.group_seq != self.group_seq + 1:
@@ -250,7 +277,7 @@ class _Replay:
             return
         command = match_pb2.Command.FromString(entry.command)
         engine = self.engines.get(entry.market)
-        if engine is None and command.HasField("list_market"):  # listed (ADR 0017)
+        if engine is None and command.HasField("list_market"):  # listed (ADR 0018)
             market = self.markets[entry.market] = listed_market(command.list_market.market)
             engine = self.engines[entry.market] = MarketEngine(market)
             if funds is not None:
@@ -268,19 +295,6 @@ class _Replay:
             )
         if funds is not None:
             funds.settle(events, entry.ts)
-
-    def document(self) -> dict[str, Any]:
-        """As `Sequencer.document()` (with `funds`)."""
-        assert self.funds is not None
-        return {
-            "version": _SNAPSHOT_VERSION,
-            "group": self.group,
-            "group_seq": self.group_seq,
-            "last_ts": self.last_ts,
-            "funds_seq": self.funds_seq,
-            "markets": {s: e.document() for s, e in self.engines.items()},
-            "balances": self.funds.document(),
-        }
 
 
 class Sequencer:
@@ -321,7 +335,7 @@ class Sequencer:
         self.serving = False  # holds the lease, recovered: decides (else the standby)
         self.following: _Replay | None = None  # the standby's copy of the group
         self._on_serving = on_serving or _nothing
-        # A market listed while serving (ADR 0017): its publisher must start.
+        # A market listed while serving (ADR 0018): its publisher must start.
         self._on_listed = on_listed or (lambda market: None)
         self._recent_events = recent_events
         self.group_seq = 0  # last command the journal holds
@@ -568,7 +582,7 @@ class Sequencer:
         ]
         results: list[match_pb2.CommandResult] = []
         entries: list[Entry] = []
-        listed: list[Market] = []  # markets listed by this batch (ADR 0017)
+        listed: list[Market] = []  # markets listed by this batch (ADR 0018)
         published: dict[str, list[match_pb2.MatchEvent]] = {}
         started = _stage("find", started)
         async with self._lock:
@@ -648,7 +662,7 @@ class Sequencer:
         _stage("answer", started)
 
     def _list(self, wire: match_pb2.Command, listed: list[Market]) -> ExchangeError | None:
-        """A listing's new engine (ADR 0017), or why not: the symbol is a market.
+        """A listing's new engine (ADR 0018), or why not: the symbol is a market.
         Its log now, its market (what calls see) once the batch is committed."""
         if not wire.HasField("list_market"):
             return None
@@ -769,15 +783,7 @@ class Sequencer:
 
     def document(self) -> dict[str, Any]:
         """The whole group as the JSON document of its snapshot."""
-        return {
-            "version": _SNAPSHOT_VERSION,
-            "group": self.group,
-            "group_seq": self.group_seq,
-            "last_ts": self.last_ts,
-            "funds_seq": self.funds_seq,
-            "markets": {s: e.document() for s, e in self.engines.items()},
-            "balances": self.funds.document(),
-        }
+        return _document(self, self.funds)
 
     async def replayed(self) -> dict[str, Any]:
         """The group rebuilt from its latest snapshot (or from nothing) and the journal
@@ -786,9 +792,10 @@ class Sequencer:
         to `document()` at the same point, or the journal does not hold what the
         writer decided (`verify()`'s check; recovery itself reads the balances back
         from the tables, which commit with the journal)."""
-        replay = await self._replay(self.funds.like())
+        funds = self.funds.like()
+        replay = await self._replay(funds)
         await replay.advance(self._journal)
-        return replay.document()
+        return _document(replay, funds)
 
     async def verify(self) -> None:
         """Recover as a restart does (the books from the snapshot and the journal, the
@@ -817,6 +824,29 @@ class Sequencer:
         """A market's engine as the journal holds it (no batch half applied)."""
         async with self._lock:
             yield self.engines[market]
+
+
+class _Group(Protocol):
+    @property
+    def group(self) -> str: ...
+
+    group_seq: int
+    last_ts: int
+    funds_seq: int
+    engines: dict[str, MarketEngine]
+
+
+def _document(state: _Group, funds: Funds) -> dict[str, Any]:
+    """A group's books and balances as the JSON document of its snapshot."""
+    return {
+        "version": _SNAPSHOT_VERSION,
+        "group": state.group,
+        "group_seq": state.group_seq,
+        "last_ts": state.last_ts,
+        "funds_seq": state.funds_seq,
+        "markets": {s: e.document() for s, e in state.engines.items()},
+        "balances": funds.document(),
+    }
 
 
 def _stage(stage: str, started: float) -> float:

@@ -101,7 +101,7 @@ class EventConsumer:
 
     async def handle(self, events: Sequence[match_pb2.MatchEvent]) -> None:
         """Apply events (any markets, any order, duplicates allowed); fills gaps."""
-        learn(self._catalog, events)  # a market listed (ADR 0017) before its orders
+        learn(self._catalog, events)  # a market listed (ADR 0018) before its orders
         by_market: dict[str, dict[int, match_pb2.MatchEvent]] = {}
         for event in events:
             by_market.setdefault(event.market, {})[event.seq] = event

@@ -139,7 +139,7 @@ class Flow:
         listings: Listings | None = None,
     ) -> None:
         self.store = store
-        # Markets listed at runtime (ADR 0017): an unknown market is asked for once.
+        # Markets listed at runtime (ADR 0018): an unknown market is asked for once.
         self.listings = listings
         # Each account's rates, followed from auth (ADR 0016); None: the config's.
         self.fee_tiers = fee_tiers

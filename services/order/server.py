@@ -99,16 +99,17 @@ POLICY: dict[str, Rule] = {
 def caller_account(requested: str, field: str = "account_id") -> str:
     """The account a call acts on: the caller's own, or for a service the one it names.
     Another account does not exist for a user (NOT_FOUND, as for a made-up id), so
-    the answer tells nothing about which accounts exist."""
+    the answer tells nothing about which accounts exist. A master reads its
+    sub-accounts' orders and fills (ADR 0017); it trades for them with their keys."""
     ctx = current_auth()
     if ctx.account_id:
-        if requested and requested != ctx.account_id:
+        if requested and requested != ctx.account_id and not ctx.reads_sub(requested):
             raise NotFound(
                 "ORDER_ACCOUNT_NOT_FOUND",
                 "no such account for this caller",
                 violations=[FieldViolation(field, "not the caller's account")],
             )
-        return ctx.account_id
+        return requested or ctx.account_id
     if not requested:
         raise InvalidArgument(
             "ORDER_ACCOUNT_REQUIRED",
@@ -671,7 +672,7 @@ async def build_server(
         mesh_channel(config.match_target or target, credentials=credentials, serving=_MATCH_SERVICE)
     )
     match = MatchClient(match_channel, token=credentials.token if credentials else None)
-    # Markets listed at runtime (ADR 0017): at start, then as a backstop to the events.
+    # Markets listed at runtime (ADR 0018): at start, then as a backstop to the events.
     listings = Listings(catalog, match_channel)
     await listings.load()
     await server.enter(background(listings.run(), "order-listings"))

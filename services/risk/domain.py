@@ -48,6 +48,7 @@ __all__ = [
     "limit_amount_problem",
     "merge",
     "visible_switches",
+    "within_master",
 ]
 
 ANY = "*"
@@ -184,6 +185,107 @@ def merge(defaults: Limits, override: Limits | None) -> Limits:
         markets=_merge_entries(MarketLimits, defaults.markets, override.markets),
         withdrawals=_merge_entries(WithdrawalLimits, defaults.withdrawals, override.withdrawals),
     )
+
+
+def _bounded_int(
+    field_name: str, wanted: int, ceiling: int, violations: list[tuple[str, str]]
+) -> int:
+    """0 is "no limit": under a ceiling, it takes the ceiling."""
+    if ceiling and wanted > ceiling:
+        violations.append((field_name, f"at most {ceiling}, the master's limit"))
+    return wanted or ceiling
+
+
+def _bounded_text(
+    field_name: str, wanted: str, ceiling: str, violations: list[tuple[str, str]]
+) -> str:
+    """A decimal string; "" is "no limit": under a ceiling, it takes the ceiling."""
+    if not ceiling or not wanted:
+        return wanted or ceiling
+    try:
+        over = parse_decimal(wanted) > parse_decimal(ceiling)
+    except MoneyError:
+        return wanted  # not a decimal: the request's own validation names it
+    if over:
+        violations.append((field_name, f"at most {ceiling}, the master's limit"))
+    return wanted
+
+
+def within_master(requested: Limits, ceiling: Limits) -> tuple[Limits, list[tuple[str, str]]]:
+    """A sub-account's limits as its master sets them (ADR 0017): each no looser
+    than the master's own effective limits (`ceiling`, the operator's), a limit
+    left unset taking the master's, and every market and asset the master is
+    limited in limited as much for the sub (copied when the master names none).
+    Returns the limits to store and the (field, why) of each one above the master's."""
+    violations: list[tuple[str, str]] = []
+    any_market = next((m for m in ceiling.markets if m.market == ANY), None)
+    markets_over = {m.market: m for m in ceiling.markets}
+    markets = []
+    for i, m in enumerate(requested.markets):
+        c = markets_over.get(m.market) or any_market or MarketLimits(m.market)
+        f = f"limits.markets[{i}]"
+        markets.append(
+            MarketLimits(
+                market=m.market,
+                max_order_quantity=_bounded_text(
+                    f"{f}.max_order_quantity",
+                    m.max_order_quantity,
+                    c.max_order_quantity,
+                    violations,
+                ),
+                max_order_notional=_bounded_text(
+                    f"{f}.max_order_notional",
+                    m.max_order_notional,
+                    c.max_order_notional,
+                    violations,
+                ),
+                price_band=_bounded_text(f"{f}.price_band", m.price_band, c.price_band, violations),
+                max_open_orders=_bounded_int(
+                    f"{f}.max_open_orders", m.max_open_orders, c.max_open_orders, violations
+                ),
+            )
+        )
+    named = {m.market for m in requested.markets}
+    markets += [m for m in ceiling.markets if m.market not in named]
+    assets_over = {w.asset: w for w in ceiling.withdrawals}
+    withdrawals = []
+    for i, w in enumerate(requested.withdrawals):
+        cw = assets_over.get(w.asset) or WithdrawalLimits(w.asset)
+        f = f"limits.withdrawals[{i}]"
+        withdrawals.append(
+            WithdrawalLimits(
+                asset=w.asset,
+                max_amount=_bounded_text(
+                    f"{f}.max_amount", w.max_amount, cw.max_amount, violations
+                ),
+                max_amount_per_day=_bounded_text(
+                    f"{f}.max_amount_per_day",
+                    w.max_amount_per_day,
+                    cw.max_amount_per_day,
+                    violations,
+                ),
+                max_count_per_day=_bounded_int(
+                    f"{f}.max_count_per_day", w.max_count_per_day, cw.max_count_per_day, violations
+                ),
+            )
+        )
+    assets = {w.asset for w in requested.withdrawals}
+    withdrawals += [w for w in ceiling.withdrawals if w.asset not in assets]
+    limits = Limits(
+        account_id=requested.account_id,
+        max_orders_per_second=_bounded_int(
+            "limits.max_orders_per_second",
+            requested.max_orders_per_second,
+            ceiling.max_orders_per_second,
+            violations,
+        ),
+        max_open_orders=_bounded_int(
+            "limits.max_open_orders", requested.max_open_orders, ceiling.max_open_orders, violations
+        ),
+        markets=tuple(sorted(markets, key=lambda m: m.market)),
+        withdrawals=tuple(sorted(withdrawals, key=lambda w: w.asset)),
+    )
+    return limits, violations
 
 
 def band_bps(text: str) -> int:
@@ -354,7 +456,7 @@ def check_order(
             )
     price = order.band_price_ticks
     band = rule.band_bps
-    if band is None and m.price_band:  # the market's own, from its listing (ADR 0017)
+    if band is None and m.price_band:  # the market's own, from its listing (ADR 0018)
         band = int(m.price_band * BPS)
     # |price - ref| / ref <= bps / 10000, in integers.
     if (

@@ -83,7 +83,7 @@ class PriceFollower:
         ).run()
 
     async def handle(self, events: Sequence[match_pb2.MatchEvent]) -> None:
-        learn(self._catalog, events)  # a market listed (ADR 0017) before its trades
+        learn(self._catalog, events)  # a market listed (ADR 0018) before its trades
         latest = last_trades(self._catalog, events)
         if not latest:
             return

@@ -25,6 +25,7 @@ from services.chassis import (
     ChassisSettings,
     ErrorDetails,
     FieldViolation,
+    InvalidArgument,
     MoneyError,
     NotFound,
     PermissionDenied,
@@ -62,6 +63,7 @@ from .domain import (
     check_withdrawal,
     limit_amount_problem,
     visible_switches,
+    within_master,
 )
 from .events import Outbox
 from .prices import PriceFollower
@@ -85,6 +87,8 @@ POLICY: dict[str, Rule] = {
     "GetLimits": user("read", services=True),
     "ListKillSwitches": user("read", services=True),
     "SetLimits": user("admin", services=True),
+    # A master, for its sub-accounts, within its own limits (ADR 0017).
+    "SetSubAccountLimits": user("trade"),
     "SetKillSwitch": user("admin", services=True),
 }
 
@@ -296,9 +300,9 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         ctx = current_auth()
         if sees_every_account(ctx):
             return account_id
-        if account_id and account_id != ctx.account_id:
+        if account_id and account_id != ctx.account_id and not ctx.reads_sub(account_id):
             raise NotFound("RISK_LIMITS_NOT_FOUND", f"no limits for account {account_id}")
-        return ctx.account_id
+        return account_id or ctx.account_id
 
     async def GetLimits(
         self, request: risk_pb2.GetLimitsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -418,6 +422,50 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
 
         raw = await self._write_once("SetLimits", request, write)
         return risk_pb2.SetLimitsResponse.FromString(raw)
+
+    async def SetSubAccountLimits(
+        self,
+        request: risk_pb2.SetSubAccountLimitsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> risk_pb2.SetSubAccountLimitsResponse:
+        ctx = current_auth()
+        v = Violations()
+        identifier(v, "request_id", request.request_id)
+        if not request.HasField("limits"):
+            v.add("limits", "required", "REQUIRED")
+        if request.expected_version < 0:
+            v.add("expected_version", "must not be negative", "NEGATIVE")
+        v.raise_if_any("RISK_REQUEST_INVALID")
+        sub = request.limits.account_id
+        if sub not in ctx.subs:  # another account, the exchange defaults ("") included
+            raise NotFound("RISK_LIMITS_NOT_FOUND", f"no limits for account {sub}")
+        requested = self._validated_limits(request.limits)
+        # The master's own effective limits, the operator's, bound the sub's.
+        limits, over = within_master(requested, self._state.limits(ctx.account_id))
+        if over:
+            raise InvalidArgument(
+                "RISK_ABOVE_MASTER_LIMITS",
+                "a sub-account's limits must be within its master's",
+                violations=[FieldViolation(f, why) for f, why in over],
+            )
+        now = self._clock()
+
+        async def write(conn: Any) -> bytes:
+            stored: StoredLimits = await Store.put_limits(
+                conn, limits, request.expected_version, f"{ctx.account_id} (master)", now
+            )
+            return risk_pb2.SetSubAccountLimitsResponse(
+                limits=limits_pb(stored.limits, stored.version, stored.update_time_ns)
+            ).SerializeToString()
+
+        # Request ids are the master's own: keyed by it, one master's id tells
+        # nothing of another's.
+        body = request.SerializeToString(deterministic=True)
+        raw = await self._store.idempotent(
+            f"SetSubAccountLimits:{ctx.account_id}", request.request_id, body, write
+        )
+        await self._state.reload()
+        return risk_pb2.SetSubAccountLimitsResponse.FromString(raw)
 
     # -- kill switches -----------------------------------------------------------
 
@@ -543,7 +591,7 @@ async def build_server(
             durable=config.consumer_name,
         )
         await server.enter(background(follower.run(), "risk-prices"))
-    if settings.mesh_addr:  # markets listed at runtime (ADR 0017): limits may name them
+    if settings.mesh_addr:  # markets listed at runtime (ADR 0018): limits may name them
         channel = await server.enter(
             mesh_channel(
                 settings.mesh_addr, credentials=service_credentials(settings), authority="match"

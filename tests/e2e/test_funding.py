@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +19,7 @@ from cex.funding.v1 import funding_pb2_grpc
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from cex_stack.supervisor import Stack
 from services.chassis import ErrorDetails, ServiceCredentials
+from tests.cli import cex
 from tests.integration.funding.support import ETH_ADDRESS
 
 READ, WITHDRAW, ADMIN = (
@@ -92,17 +91,6 @@ def _rest_error(
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
     raise AssertionError(f"POST {path} succeeded")
-
-
-def _cex(stack: Stack, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "cex_stack.cli", "--state-dir", str(stack.state_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
 
 
 async def _deposit(
@@ -235,7 +223,7 @@ async def test_operators_approve_over_rest_and_reject_with_the_cli(
         approved = await asyncio.to_thread(_rest, stack, approve, admin, body)
         assert approved["withdrawal"]["review"] == "WITHDRAWAL_REVIEW_APPROVED"  # type: ignore[index]
         rejected = await asyncio.to_thread(
-            _cex, stack, "withdrawal", "reject", big[1], "--reason", "address flagged"
+            cex, stack, "withdrawal", "reject", big[1], "--reason", "address flagged"
         )
         assert rejected == f"{big[1]} WITHDRAWAL_STATE_REJECTED WITHDRAWAL_REVIEW_REJECTED"
         done = await _withdrawal_in(funding, md, big[0], {F.WITHDRAWAL_STATE_COMPLETED})

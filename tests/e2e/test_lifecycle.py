@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import asyncpg
 import psutil
 import pytest
 
+from cex_stack.supervisor import embedded_env
 from cex_stack.topology import free_ports
 
 START_TIMEOUT_S = 120
@@ -25,11 +25,7 @@ class Up:
     """A `cex up` process and what it printed."""
 
     def __init__(self, state_dir: Path, base: int) -> None:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
-        }
+        env = embedded_env()
         self.process = subprocess.Popen(
             [
                 sys.executable,

@@ -10,7 +10,6 @@ while funding's cursor stayed in the old one, and no deposit was credited again.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from decimal import Decimal
@@ -24,7 +23,7 @@ from cex.ledger.v1 import ledger_pb2 as L
 from cex.type.v1.types_pb2 import ORDER_STATE_FILLED, ORDER_STATE_OPEN, SIDE_BUY, SIDE_SELL
 from cex_sdk import Client
 from cex_stack.funds import deposit
-from cex_stack.supervisor import Stack
+from cex_stack.supervisor import Stack, embedded_env
 from cex_stack.topology import free_ports
 from tests.integration.funding.support import ETH_ADDRESS
 
@@ -73,9 +72,7 @@ async def _until(what: str, check: object, within_s: float = 30) -> None:
 
 
 async def test_a_restarted_stack_deposits_trades_and_withdraws(tmp_path: Path) -> None:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
-    }
+    env = embedded_env()
     state, ports = tmp_path / "cex", free_ports()
     chain = f"{ports.host}:{ports.chainsim}"
     stack = Stack(state, ports, env)

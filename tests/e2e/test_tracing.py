@@ -7,7 +7,6 @@ consumers of its trade (settlement, execution reports, market data, prices).
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 from collections.abc import AsyncIterator
 
@@ -19,7 +18,7 @@ from cex.marketdata.v1 import marketdata_pb2, marketdata_pb2_grpc
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
 from cex_stack.collector import Collector, SpanRecord, collector, render_trace
-from cex_stack.supervisor import Stack
+from cex_stack.supervisor import Stack, embedded_env
 from cex_stack.topology import free_ports
 from tests.e2e.order.support import BUY, MARKET, SELL, Trader, exchange_on, uid
 
@@ -63,9 +62,7 @@ async def spans() -> AsyncIterator[Collector]:
 async def traced_stack(
     tmp_path_factory: pytest.TempPathFactory, spans: Collector
 ) -> AsyncIterator[Stack]:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
-    }
+    env = embedded_env()
     env.update(
         OTEL_TRACES_EXPORTER="otlp",
         OTEL_EXPORTER_OTLP_ENDPOINT=spans.endpoint,

@@ -4,24 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import urllib.request
 
 from cex_stack.supervisor import Stack
-
-
-def _cex(stack: Stack, *args: str, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "cex_stack.cli", "--state-dir", str(stack.state_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **(env or {})},
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+from tests.cli import cex
 
 
 def _get(url: str, token: str) -> dict[str, object]:
@@ -31,22 +17,22 @@ def _get(url: str, token: str) -> dict[str, object]:
 
 
 async def test_account_key_token_and_a_protected_call_over_rest(stack: Stack) -> None:
-    account = await asyncio.to_thread(_cex, stack, "account", "create", "--name", "alice")
+    account = await asyncio.to_thread(cex, stack, "account", "create", "--name", "alice")
     assert account.startswith("acc_")
     exports = await asyncio.to_thread(
-        _cex, stack, "apikey", "create", "--account", account, "--scopes", "read,trade"
+        cex, stack, "apikey", "create", "--account", account, "--scopes", "read,trade"
     )
     env = dict(line.removeprefix("export ").split("=", 1) for line in exports.splitlines())
     assert set(env) == {"CEX_API_KEY_ID", "CEX_API_KEY_SECRET"}
-    token = await asyncio.to_thread(_cex, stack, "token", env=env)
+    token = await asyncio.to_thread(cex, stack, "token", env=env)
     reply = await asyncio.to_thread(_get, f"http://{stack.edge}/v1/accounts/{account}", token)
     assert reply["account"]["account_id"] == account  # type: ignore[index]
     assert reply["account"]["display_name"] == "alice"  # type: ignore[index]
     # The operator freezes the account: it still reads, with a read-only token.
-    frozen = await asyncio.to_thread(_cex, stack, "account", "freeze", account, "--reason", "kyc")
+    frozen = await asyncio.to_thread(cex, stack, "account", "freeze", account, "--reason", "kyc")
     assert frozen == f"{account} ACCOUNT_STATE_SUSPENDED"
-    read_only = await asyncio.to_thread(_cex, stack, "token", env=env)
+    read_only = await asyncio.to_thread(cex, stack, "token", env=env)
     reply = await asyncio.to_thread(_get, f"http://{stack.edge}/v1/accounts/{account}", read_only)
     assert reply["account"]["state"] == "ACCOUNT_STATE_SUSPENDED"  # type: ignore[index]
-    thawed = await asyncio.to_thread(_cex, stack, "account", "unfreeze", account)
+    thawed = await asyncio.to_thread(cex, stack, "account", "unfreeze", account)
     assert thawed == f"{account} ACCOUNT_STATE_ACTIVE"

@@ -1,4 +1,4 @@
--- Markets listed at runtime (ADR 0017): written by the writer in the same
+-- Markets listed at runtime (ADR 0018): written by the writer in the same
 -- commit as the journal entry of their listing (the market's first command),
 -- so a market is listed exactly when its journal entry exists. Loaded at start
 -- on top of the static catalog (a snapshot may be later than the listing, and

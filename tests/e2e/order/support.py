@@ -323,6 +323,16 @@ def fields(details: ErrorDetails) -> Sequence[str]:
 
 
 @contextlib.asynccontextmanager
+async def exchange_of(stack: Stack) -> AsyncIterator[Exchange]:
+    """An Exchange through `stack`'s edge with the tests' own credential on it."""
+    async with (
+        grpc.aio.insecure_channel(stack.edge) as channel,
+        exchange_on(stack, stack.credentials("tests"), channel) as exchange,
+    ):
+        yield exchange
+
+
+@contextlib.asynccontextmanager
 async def exchange_on(
     stack: Stack, credentials: ServiceCredentials, channel: grpc.aio.Channel
 ) -> AsyncIterator[Exchange]:
@@ -479,7 +489,7 @@ async def journal_replays(exchange: Exchange) -> None:
     equals what a restarted writer recovers (the balances from the ledger's tables):
     every balance change the writer committed is in its journal (ADR 0013)."""
     async with postgres(exchange.stack.database_url, schema="match") as pool:
-        # The static catalog and the markets listed at runtime (ADR 0017), as match
+        # The static catalog and the markets listed at runtime (ADR 0018), as match
         # loads them at start.
         catalog = Catalog(
             dict(DEFAULT_CATALOG.assets), dict(DEFAULT_CATALOG.markets), DEFAULT_CATALOG.fees

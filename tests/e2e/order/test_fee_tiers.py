@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from decimal import Decimal
-from pathlib import Path
 
 import grpc
 import pytest
@@ -31,9 +27,10 @@ from google.protobuf import timestamp_pb2
 from cex.auth.v1 import auth_pb2
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
-from cex_stack.supervisor import Stack
+from cex_stack.supervisor import Stack, embedded_env
 from cex_stack.topology import SERVICES, free_ports
-from tests.e2e.order.support import BUY, SELL, Exchange, error_of, exchange_on, uid
+from tests.cli import cex
+from tests.e2e.order.support import BUY, SELL, Exchange, error_of, exchange_of, uid
 from tests.e2e.order.test_streams import Client, R, place
 
 FILLED = t.ORDER_STATE_FILLED
@@ -46,22 +43,15 @@ TIERS = [
 
 @pytest.fixture(scope="module")
 async def own_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    state: Path = tmp_path_factory.mktemp("cex-fee-tiers")
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
-    }
-    running = Stack(state, free_ports(), env)
-    await running.start()
-    yield running
-    await running.stop()
+    async with Stack(
+        tmp_path_factory.mktemp("cex-fee-tiers"), free_ports(), embedded_env()
+    ) as stack:
+        yield stack
 
 
 @pytest.fixture
 async def exchange(own_stack: Stack) -> AsyncIterator[Exchange]:
-    async with (
-        grpc.aio.insecure_channel(own_stack.edge) as channel,
-        exchange_on(own_stack, own_stack.credentials("tests"), channel) as exchange,
-    ):
+    async with exchange_of(own_stack) as exchange:
         yield exchange
 
 
@@ -76,17 +66,6 @@ def _post(stack: Stack, path: str, token: str, body: dict[str, object]) -> tuple
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
-
-
-def _cex(stack: Stack, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "cex_stack.cli", "--state-dir", str(stack.state_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
 
 
 def _order_seq(stack: Stack) -> int:
@@ -172,10 +151,10 @@ async def test_tiers_rebates_and_volume_on_the_running_stack(
     )
     assert status == 200, body
     assert [t["name"] for t in json.loads(body)["schedule"]["tiers"]] == ["default", "vip1", "mm"]
-    assert _cex(own_stack, "fees", "assign", maker.account_id, "mm", "--reason", "mm program") == (
+    assert cex(own_stack, "fees", "assign", maker.account_id, "mm", "--reason", "mm program") == (
         f"{maker.account_id} mm (assigned)"
     )
-    shown = await asyncio.to_thread(_cex, own_stack, "fees", "schedule")
+    shown = await asyncio.to_thread(cex, own_stack, "fees", "schedule")
     assert shown.splitlines()[2].split()[:7] == ["mm", "maker", "-2", "bps", "taker", "10", "bps"]
     await _order_follows(own_stack, exchange)
 
@@ -216,7 +195,7 @@ async def test_tiers_rebates_and_volume_on_the_running_stack(
     moved = ""
     async with asyncio.timeout(20):  # the fills reach order's read model after the ack
         while f"{taker.account_id} -> vip1" not in moved:
-            moved = await asyncio.to_thread(_cex, own_stack, "fees", "evaluate")
+            moved = await asyncio.to_thread(cex, own_stack, "fees", "evaluate")
             await asyncio.sleep(0.2)
     assert seller.account_id not in moved and maker.account_id not in moved
     account = await exchange.auth.GetAccount(

@@ -18,7 +18,6 @@ journal promise, checked afterwards:
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -30,7 +29,7 @@ import pytest
 
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
-from cex_stack.supervisor import Stack
+from cex_stack.supervisor import Stack, embedded_env
 from cex_stack.topology import free_ports
 from services.chassis import ErrorDetails
 from tests.e2e.order.support import (
@@ -55,9 +54,7 @@ RETRYABLE = {
 @pytest.fixture
 async def own_exchange(tmp_path: Path) -> AsyncIterator[Exchange]:
     """A stack of the test's own: killing its PostgreSQL must not touch other tests."""
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
-    }
+    env = embedded_env()
     stack = Stack(tmp_path / "state", free_ports(), env)
     await stack.start()
     try:

@@ -1,4 +1,4 @@
-"""A market listed at runtime, without a restart (ADR 0017), on the real stack:
+"""A market listed at runtime, without a restart (ADR 0018), on the real stack:
 refused when malformed (a field violation per bad field) or asked for by a
 non-admin; listed by gRPC (a retry with its request_id is the first answer), a
 second listing of the symbol refused over REST, another market listed with the

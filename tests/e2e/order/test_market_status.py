@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from decimal import Decimal
-from pathlib import Path
 
 import grpc
 import pytest
@@ -28,15 +24,16 @@ from cex.marketdata.v1 import marketdata_pb2 as md
 from cex.marketdata.v1 import marketdata_pb2_grpc
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.type.v1 import types_pb2 as t
-from cex_stack.supervisor import Stack
+from cex_stack.supervisor import Stack, embedded_env
 from cex_stack.topology import free_ports
+from tests.cli import cex
 from tests.e2e.order.support import (
     BUY,
     MARKET,
     SELL,
     Exchange,
     error_of,
-    exchange_on,
+    exchange_of,
     journal_replays,
     uid,
 )
@@ -47,22 +44,15 @@ CANCEL_ONLY, DELISTED = t.MARKET_STATUS_CANCEL_ONLY, t.MARKET_STATUS_DELISTED
 
 @pytest.fixture(scope="module")
 async def own_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    state: Path = tmp_path_factory.mktemp("cex-market-status")
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
-    }
-    running = Stack(state, free_ports(), env)
-    await running.start()
-    yield running
-    await running.stop()
+    async with Stack(
+        tmp_path_factory.mktemp("cex-market-status"), free_ports(), embedded_env()
+    ) as stack:
+        yield stack
 
 
 @pytest.fixture
 async def exchange(own_stack: Stack) -> AsyncIterator[Exchange]:
-    async with (
-        grpc.aio.insecure_channel(own_stack.edge) as channel,
-        exchange_on(own_stack, own_stack.credentials("tests"), channel) as exchange,
-    ):
+    async with exchange_of(own_stack) as exchange:
         yield exchange
 
 
@@ -126,17 +116,6 @@ def _rest(stack: Stack, token: str, body: dict[str, str]) -> dict[str, object]:
         return answer
 
 
-def _cex(stack: Stack, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "cex_stack.cli", "--state-dir", str(stack.state_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 async def test_halt_resume_cancel_only_and_delist_with_orders_and_a_watcher(
     own_stack: Stack, exchange: Exchange
 ) -> None:
@@ -183,7 +162,7 @@ async def test_halt_resume_cancel_only_and_delist_with_orders_and_a_watcher(
 
         # DELISTED, with the CLI: the open orders cancelled, their funds released.
         printed = await asyncio.to_thread(
-            _cex, own_stack, "market", "status", MARKET, "delisted", "--reason", "gone"
+            cex, own_stack, "market", "status", MARKET, "delisted", "--reason", "gone"
         )
         assert "CANCEL_ONLY -> DELISTED" in printed and "2 open orders cancelled" in printed
         await watcher.sees(DELISTED)

@@ -29,7 +29,7 @@ import pytest
 
 from cex.order.v1 import order_pb2, order_pb2_grpc
 from cex.type.v1 import types_pb2 as t
-from cex_stack.supervisor import Stack
+from cex_stack.supervisor import Stack, embedded_env
 from cex_stack.topology import SERVICES, free_ports
 from services.chassis import ErrorDetails
 from tests.e2e.order.support import BUY, SELL, Exchange, Session, Trader, session_owners, uid
@@ -42,9 +42,7 @@ TRADE, CANCELLED = 2, 3
 @pytest.fixture(scope="module")
 async def replicated(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     state: Path = tmp_path_factory.mktemp("cex-replicas")
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
-    }
+    env = embedded_env()
     env["ORDER_SESSION_LEASE_S"] = "3"
     running = Stack(state, free_ports(), env, replicas={"order": 2})
     await running.start()

@@ -164,6 +164,23 @@ async def _stream_on_each_replica(
     pytest.fail(f"{method}: only {sorted(streams)} of {names} served a stream")
 
 
+async def _caught_up(stack: Stack, stub: marketdata_pb2_grpc.MarketDataServiceStub) -> None:
+    """Every market data replica's feed of the market has caught up with match (on a
+    fresh stack it follows match through the edge, which starts last): a trade made
+    before would be in its first book, not on its streams."""
+    ready: set[str] = set()
+    async with asyncio.timeout(30):
+        while len(ready) < len(replica_names(stack, "marketdata")):
+            before = await served(stack, "marketdata", "GetOrderBook")
+            try:
+                await stub.GetOrderBook(md.GetOrderBookRequest(market=MARKET), timeout=5)
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+                await asyncio.sleep(0.2)
+                continue
+            ready |= grew(before, await served(stack, "marketdata", "GetOrderBook"))
+
+
 async def _first(stream: Any, found: Callable[[Any], list[T]], within_s: float = 15.0) -> T:
     """The first item `found` picks from the stream's next messages."""
     async with asyncio.timeout(within_s):
@@ -208,6 +225,7 @@ async def test_market_data_rpcs_and_streams(exchange: Exchange) -> None:
     same events)."""
     stack = exchange.stack
     stub = marketdata_pb2_grpc.MarketDataServiceStub(exchange.channel)
+    await _caught_up(stack, stub)
     trade_streams = await _stream_on_each_replica(
         stack, "StreamTrades", lambda: stub.StreamTrades(md.StreamTradesRequest(markets=[MARKET]))
     )
@@ -486,4 +504,4 @@ async def test_every_stateless_service_runs_twice_and_the_edge_uses_both(target:
                 book, metadata=exchange.svc, timeout=10
             )
         after = await served(stack, "match", "GetOrderBook")
-        assert sorted(n for n in after if after[n] > before[n]) == [writer_of(stack)]
+        assert sorted(n for n in after if after[n] > before[n]) == [await writer_of(stack)]

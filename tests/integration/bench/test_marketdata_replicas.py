@@ -5,7 +5,6 @@ and StreamOrderBook calls through Envoy reach both."""
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import grpc
@@ -14,14 +13,12 @@ from bench.bench_marketdata import CATALOG, MARKET, FakeMatch, replicas_on
 from cex.marketdata.v1 import marketdata_pb2 as md
 from cex.marketdata.v1 import marketdata_pb2_grpc
 from cex.match.v1 import match_pb2_grpc
-from cex_stack.supervisor import Stack
+from cex_stack.supervisor import Stack, embedded_env
 from cex_stack.topology import free_ports
 
 
 async def test_two_replicas_behind_envoy_both_serve_streams(tmp_path: Path) -> None:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
-    }
+    env = embedded_env()
     catalog = tmp_path / "markets.yaml"
     catalog.write_text(CATALOG)
     stack = Stack(tmp_path / "stack", free_ports(), env, services=False)

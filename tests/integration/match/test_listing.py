@@ -1,4 +1,4 @@
-"""A market listed at runtime (ADR 0017), on the writer and its standby, on a real
+"""A market listed at runtime (ADR 0018), on the writer and its standby, on a real
 PostgreSQL: the listing is a journaled command (the market's first), kept in the
 markets table in the same commit; the standby's replay builds the market from the
 journal, a restart from the table (its snapshot is later than the listing), and

@@ -18,7 +18,7 @@ def test_trading_takes_cex_ups_spelling_once_per_configuration() -> None:
     "argv",
     [
         ["--replicas", "order=5"],  # past the port layout's room
-        ["--replicas", "match=2"],  # the single writer
+        ["--replicas", "reflection=2"],  # runs once
         ["--replicas", "nosuch=2"],
         ["--replicas", "order=2", "--state-dir", "/tmp/x"],  # starts stacks of its own
     ],

@@ -278,7 +278,7 @@ def test_callers_are_the_ones_the_architecture_names(docs: tuple[Doc, ...]) -> N
     for method in ("SubmitCommands", "GetOrderBook", "ReplayEvents", "ListListedMarkets"):
         # The edge routes every service's prefix, as locally; match's policy keeps it out.
         assert not callers("match", method) & {"cex-edge"}, method
-    # Operators reach match's admin calls only, through the edge (ADR 0015, 0017); every
+    # Operators reach match's admin calls only, through the edge (ADR 0015, 0018); every
     # service that follows the listed markets may read them.
     assert callers("match", "CreateMarket") == callers("match", "SetMarketStatus") != set()
     assert {"cex-order", "cex-ledger", "cex-risk", "cex-marketdata"} <= callers(

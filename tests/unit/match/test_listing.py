@@ -1,4 +1,4 @@
-"""A market listed at runtime (ADR 0017), in the engine and the catalog: the listing is
+"""A market listed at runtime (ADR 0018), in the engine and the catalog: the listing is
 the market's first event (seq 1) and changes nothing else (the snapshot has the bytes
 of a market that never had a command); a ListedMarket is the whole definition; a
 service's catalog takes listings, the built-in one does not."""

@@ -291,8 +291,11 @@ type Account struct {
 	// Decimal string: the account's 30-day traded volume in the fee schedule's
 	// volume asset, as last measured (empty: never measured).
 	TradedVolume_30D string `protobuf:"bytes,10,opt,name=traded_volume_30d,json=tradedVolume30d,proto3" json:"traded_volume_30d,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// The master account of a sub-account (ADR 0017); empty for every other
+	// account. Set when the sub-account is created, never changed.
+	MasterAccountId string `protobuf:"bytes,11,opt,name=master_account_id,json=masterAccountId,proto3" json:"master_account_id,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Account) Reset() {
@@ -391,6 +394,13 @@ func (x *Account) GetFeeTierAssigned() bool {
 func (x *Account) GetTradedVolume_30D() string {
 	if x != nil {
 		return x.TradedVolume_30D
+	}
+	return ""
+}
+
+func (x *Account) GetMasterAccountId() string {
+	if x != nil {
+		return x.MasterAccountId
 	}
 	return ""
 }
@@ -654,6 +664,240 @@ func (x *CreateAccountResponse) GetAccount() *Account {
 	return nil
 }
 
+// Request for AuthService.CreateSubAccount.
+type CreateSubAccountRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+	// characters. The same id with the same body returns the first result; with
+	// a different body, ALREADY_EXISTS.
+	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// Human-readable name, e.g. "mm-eu".
+	DisplayName string `protobuf:"bytes,2,opt,name=display_name,json=displayName,proto3" json:"display_name,omitempty"`
+	// The master account: empty for the caller's own; an admin or a service
+	// must name it. Another user's account is NOT_FOUND.
+	MasterAccountId string `protobuf:"bytes,3,opt,name=master_account_id,json=masterAccountId,proto3" json:"master_account_id,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *CreateSubAccountRequest) Reset() {
+	*x = CreateSubAccountRequest{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateSubAccountRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateSubAccountRequest) ProtoMessage() {}
+
+func (x *CreateSubAccountRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateSubAccountRequest.ProtoReflect.Descriptor instead.
+func (*CreateSubAccountRequest) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *CreateSubAccountRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *CreateSubAccountRequest) GetDisplayName() string {
+	if x != nil {
+		return x.DisplayName
+	}
+	return ""
+}
+
+func (x *CreateSubAccountRequest) GetMasterAccountId() string {
+	if x != nil {
+		return x.MasterAccountId
+	}
+	return ""
+}
+
+// Response for AuthService.CreateSubAccount.
+type CreateSubAccountResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The created sub-account (master_account_id set).
+	Account       *Account `protobuf:"bytes,1,opt,name=account,proto3" json:"account,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateSubAccountResponse) Reset() {
+	*x = CreateSubAccountResponse{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateSubAccountResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateSubAccountResponse) ProtoMessage() {}
+
+func (x *CreateSubAccountResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateSubAccountResponse.ProtoReflect.Descriptor instead.
+func (*CreateSubAccountResponse) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *CreateSubAccountResponse) GetAccount() *Account {
+	if x != nil {
+		return x.Account
+	}
+	return nil
+}
+
+// Request for AuthService.ListSubAccounts.
+type ListSubAccountsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The master account: empty for the caller's own; an admin or a service
+	// must name it.
+	MasterAccountId string `protobuf:"bytes,1,opt,name=master_account_id,json=masterAccountId,proto3" json:"master_account_id,omitempty"`
+	// Maximum number of accounts to return; 0 means a server default (50),
+	// values above 100 are coerced to 100.
+	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// Token from a previous response's next_page_token; empty for the first page.
+	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSubAccountsRequest) Reset() {
+	*x = ListSubAccountsRequest{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSubAccountsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSubAccountsRequest) ProtoMessage() {}
+
+func (x *ListSubAccountsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSubAccountsRequest.ProtoReflect.Descriptor instead.
+func (*ListSubAccountsRequest) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ListSubAccountsRequest) GetMasterAccountId() string {
+	if x != nil {
+		return x.MasterAccountId
+	}
+	return ""
+}
+
+func (x *ListSubAccountsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListSubAccountsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// Response for AuthService.ListSubAccounts.
+type ListSubAccountsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The sub-accounts, oldest first.
+	Accounts []*Account `protobuf:"bytes,1,rep,name=accounts,proto3" json:"accounts,omitempty"`
+	// Token for the next page; empty when there are no more results.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSubAccountsResponse) Reset() {
+	*x = ListSubAccountsResponse{}
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSubAccountsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSubAccountsResponse) ProtoMessage() {}
+
+func (x *ListSubAccountsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSubAccountsResponse.ProtoReflect.Descriptor instead.
+func (*ListSubAccountsResponse) Descriptor() ([]byte, []int) {
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *ListSubAccountsResponse) GetAccounts() []*Account {
+	if x != nil {
+		return x.Accounts
+	}
+	return nil
+}
+
+func (x *ListSubAccountsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
 // Request for AuthService.GetAccount.
 type GetAccountRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -665,7 +909,7 @@ type GetAccountRequest struct {
 
 func (x *GetAccountRequest) Reset() {
 	*x = GetAccountRequest{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[4]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -677,7 +921,7 @@ func (x *GetAccountRequest) String() string {
 func (*GetAccountRequest) ProtoMessage() {}
 
 func (x *GetAccountRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[4]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -690,7 +934,7 @@ func (x *GetAccountRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAccountRequest.ProtoReflect.Descriptor instead.
 func (*GetAccountRequest) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{4}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *GetAccountRequest) GetAccountId() string {
@@ -711,7 +955,7 @@ type GetAccountResponse struct {
 
 func (x *GetAccountResponse) Reset() {
 	*x = GetAccountResponse{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[5]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -723,7 +967,7 @@ func (x *GetAccountResponse) String() string {
 func (*GetAccountResponse) ProtoMessage() {}
 
 func (x *GetAccountResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[5]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -736,7 +980,7 @@ func (x *GetAccountResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAccountResponse.ProtoReflect.Descriptor instead.
 func (*GetAccountResponse) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{5}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *GetAccountResponse) GetAccount() *Account {
@@ -766,7 +1010,7 @@ type SetAccountStateRequest struct {
 
 func (x *SetAccountStateRequest) Reset() {
 	*x = SetAccountStateRequest{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[6]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -778,7 +1022,7 @@ func (x *SetAccountStateRequest) String() string {
 func (*SetAccountStateRequest) ProtoMessage() {}
 
 func (x *SetAccountStateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[6]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -791,7 +1035,7 @@ func (x *SetAccountStateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetAccountStateRequest.ProtoReflect.Descriptor instead.
 func (*SetAccountStateRequest) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{6}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *SetAccountStateRequest) GetRequestId() string {
@@ -833,7 +1077,7 @@ type SetAccountStateResponse struct {
 
 func (x *SetAccountStateResponse) Reset() {
 	*x = SetAccountStateResponse{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[7]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -845,7 +1089,7 @@ func (x *SetAccountStateResponse) String() string {
 func (*SetAccountStateResponse) ProtoMessage() {}
 
 func (x *SetAccountStateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[7]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -858,7 +1102,7 @@ func (x *SetAccountStateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetAccountStateResponse.ProtoReflect.Descriptor instead.
 func (*SetAccountStateResponse) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{7}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *SetAccountStateResponse) GetAccount() *Account {
@@ -891,7 +1135,7 @@ type AccountStateChange struct {
 
 func (x *AccountStateChange) Reset() {
 	*x = AccountStateChange{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[8]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -903,7 +1147,7 @@ func (x *AccountStateChange) String() string {
 func (*AccountStateChange) ProtoMessage() {}
 
 func (x *AccountStateChange) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[8]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -916,7 +1160,7 @@ func (x *AccountStateChange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AccountStateChange.ProtoReflect.Descriptor instead.
 func (*AccountStateChange) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{8}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *AccountStateChange) GetChangeSeq() int64 {
@@ -963,7 +1207,7 @@ type GetFrozenAccountsRequest struct {
 
 func (x *GetFrozenAccountsRequest) Reset() {
 	*x = GetFrozenAccountsRequest{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[9]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -975,7 +1219,7 @@ func (x *GetFrozenAccountsRequest) String() string {
 func (*GetFrozenAccountsRequest) ProtoMessage() {}
 
 func (x *GetFrozenAccountsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[9]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -988,7 +1232,7 @@ func (x *GetFrozenAccountsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFrozenAccountsRequest.ProtoReflect.Descriptor instead.
 func (*GetFrozenAccountsRequest) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{9}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{13}
 }
 
 // Response for AuthService.GetFrozenAccounts.
@@ -1004,7 +1248,7 @@ type GetFrozenAccountsResponse struct {
 
 func (x *GetFrozenAccountsResponse) Reset() {
 	*x = GetFrozenAccountsResponse{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[10]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1016,7 +1260,7 @@ func (x *GetFrozenAccountsResponse) String() string {
 func (*GetFrozenAccountsResponse) ProtoMessage() {}
 
 func (x *GetFrozenAccountsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[10]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1029,7 +1273,7 @@ func (x *GetFrozenAccountsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFrozenAccountsResponse.ProtoReflect.Descriptor instead.
 func (*GetFrozenAccountsResponse) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{10}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetFrozenAccountsResponse) GetChangeSeq() int64 {
@@ -1071,7 +1315,7 @@ type CreateApiKeyRequest struct {
 
 func (x *CreateApiKeyRequest) Reset() {
 	*x = CreateApiKeyRequest{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[11]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1083,7 +1327,7 @@ func (x *CreateApiKeyRequest) String() string {
 func (*CreateApiKeyRequest) ProtoMessage() {}
 
 func (x *CreateApiKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[11]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1096,7 +1340,7 @@ func (x *CreateApiKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateApiKeyRequest.ProtoReflect.Descriptor instead.
 func (*CreateApiKeyRequest) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{11}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CreateApiKeyRequest) GetRequestId() string {
@@ -1155,7 +1399,7 @@ type CreateApiKeyResponse struct {
 
 func (x *CreateApiKeyResponse) Reset() {
 	*x = CreateApiKeyResponse{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[12]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1167,7 +1411,7 @@ func (x *CreateApiKeyResponse) String() string {
 func (*CreateApiKeyResponse) ProtoMessage() {}
 
 func (x *CreateApiKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[12]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1180,7 +1424,7 @@ func (x *CreateApiKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateApiKeyResponse.ProtoReflect.Descriptor instead.
 func (*CreateApiKeyResponse) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{12}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CreateApiKeyResponse) GetApiKey() *ApiKey {
@@ -1215,7 +1459,7 @@ type ListApiKeysRequest struct {
 
 func (x *ListApiKeysRequest) Reset() {
 	*x = ListApiKeysRequest{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[13]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1227,7 +1471,7 @@ func (x *ListApiKeysRequest) String() string {
 func (*ListApiKeysRequest) ProtoMessage() {}
 
 func (x *ListApiKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[13]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1240,7 +1484,7 @@ func (x *ListApiKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListApiKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListApiKeysRequest) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{13}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ListApiKeysRequest) GetAccountId() string {
@@ -1284,7 +1528,7 @@ type ListApiKeysResponse struct {
 
 func (x *ListApiKeysResponse) Reset() {
 	*x = ListApiKeysResponse{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[14]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1296,7 +1540,7 @@ func (x *ListApiKeysResponse) String() string {
 func (*ListApiKeysResponse) ProtoMessage() {}
 
 func (x *ListApiKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[14]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1309,7 +1553,7 @@ func (x *ListApiKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListApiKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListApiKeysResponse) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{14}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ListApiKeysResponse) GetApiKeys() []*ApiKey {
@@ -1343,7 +1587,7 @@ type RevokeApiKeyRequest struct {
 
 func (x *RevokeApiKeyRequest) Reset() {
 	*x = RevokeApiKeyRequest{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[15]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1355,7 +1599,7 @@ func (x *RevokeApiKeyRequest) String() string {
 func (*RevokeApiKeyRequest) ProtoMessage() {}
 
 func (x *RevokeApiKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[15]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1368,7 +1612,7 @@ func (x *RevokeApiKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeApiKeyRequest.ProtoReflect.Descriptor instead.
 func (*RevokeApiKeyRequest) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{15}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *RevokeApiKeyRequest) GetRequestId() string {
@@ -1403,7 +1647,7 @@ type RevokeApiKeyResponse struct {
 
 func (x *RevokeApiKeyResponse) Reset() {
 	*x = RevokeApiKeyResponse{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[16]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1415,7 +1659,7 @@ func (x *RevokeApiKeyResponse) String() string {
 func (*RevokeApiKeyResponse) ProtoMessage() {}
 
 func (x *RevokeApiKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[16]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1428,7 +1672,7 @@ func (x *RevokeApiKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeApiKeyResponse.ProtoReflect.Descriptor instead.
 func (*RevokeApiKeyResponse) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{16}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *RevokeApiKeyResponse) GetApiKey() *ApiKey {
@@ -1457,7 +1701,7 @@ type IssueTokenRequest struct {
 
 func (x *IssueTokenRequest) Reset() {
 	*x = IssueTokenRequest{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[17]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1469,7 +1713,7 @@ func (x *IssueTokenRequest) String() string {
 func (*IssueTokenRequest) ProtoMessage() {}
 
 func (x *IssueTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[17]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1482,7 +1726,7 @@ func (x *IssueTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssueTokenRequest.ProtoReflect.Descriptor instead.
 func (*IssueTokenRequest) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{17}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *IssueTokenRequest) GetApiKeyId() string {
@@ -1532,7 +1776,7 @@ type IssueTokenResponse struct {
 
 func (x *IssueTokenResponse) Reset() {
 	*x = IssueTokenResponse{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[18]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1544,7 +1788,7 @@ func (x *IssueTokenResponse) String() string {
 func (*IssueTokenResponse) ProtoMessage() {}
 
 func (x *IssueTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[18]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1557,7 +1801,7 @@ func (x *IssueTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssueTokenResponse.ProtoReflect.Descriptor instead.
 func (*IssueTokenResponse) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{18}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *IssueTokenResponse) GetAccessToken() string {
@@ -1604,7 +1848,7 @@ type GetFeesRequest struct {
 
 func (x *GetFeesRequest) Reset() {
 	*x = GetFeesRequest{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[19]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1616,7 +1860,7 @@ func (x *GetFeesRequest) String() string {
 func (*GetFeesRequest) ProtoMessage() {}
 
 func (x *GetFeesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[19]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1629,7 +1873,7 @@ func (x *GetFeesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFeesRequest.ProtoReflect.Descriptor instead.
 func (*GetFeesRequest) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{19}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{23}
 }
 
 // Response for AuthService.GetFees.
@@ -1652,7 +1896,7 @@ type GetFeesResponse struct {
 
 func (x *GetFeesResponse) Reset() {
 	*x = GetFeesResponse{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[20]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1664,7 +1908,7 @@ func (x *GetFeesResponse) String() string {
 func (*GetFeesResponse) ProtoMessage() {}
 
 func (x *GetFeesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[20]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1677,7 +1921,7 @@ func (x *GetFeesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFeesResponse.ProtoReflect.Descriptor instead.
 func (*GetFeesResponse) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{20}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *GetFeesResponse) GetFeeTier() string {
@@ -1734,7 +1978,7 @@ type MarketFees struct {
 
 func (x *MarketFees) Reset() {
 	*x = MarketFees{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[21]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1746,7 +1990,7 @@ func (x *MarketFees) String() string {
 func (*MarketFees) ProtoMessage() {}
 
 func (x *MarketFees) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[21]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1759,7 +2003,7 @@ func (x *MarketFees) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MarketFees.ProtoReflect.Descriptor instead.
 func (*MarketFees) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{21}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *MarketFees) GetMarket() string {
@@ -1814,7 +2058,7 @@ type AssetFees struct {
 
 func (x *AssetFees) Reset() {
 	*x = AssetFees{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[22]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1826,7 +2070,7 @@ func (x *AssetFees) String() string {
 func (*AssetFees) ProtoMessage() {}
 
 func (x *AssetFees) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[22]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1839,7 +2083,7 @@ func (x *AssetFees) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssetFees.ProtoReflect.Descriptor instead.
 func (*AssetFees) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{22}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *AssetFees) GetAsset() string {
@@ -1893,7 +2137,7 @@ type FeeTier struct {
 
 func (x *FeeTier) Reset() {
 	*x = FeeTier{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[23]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1905,7 +2149,7 @@ func (x *FeeTier) String() string {
 func (*FeeTier) ProtoMessage() {}
 
 func (x *FeeTier) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[23]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1918,7 +2162,7 @@ func (x *FeeTier) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FeeTier.ProtoReflect.Descriptor instead.
 func (*FeeTier) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{23}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *FeeTier) GetName() string {
@@ -1965,7 +2209,7 @@ type FeeSchedule struct {
 
 func (x *FeeSchedule) Reset() {
 	*x = FeeSchedule{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[24]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1977,7 +2221,7 @@ func (x *FeeSchedule) String() string {
 func (*FeeSchedule) ProtoMessage() {}
 
 func (x *FeeSchedule) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[24]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1990,7 +2234,7 @@ func (x *FeeSchedule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FeeSchedule.ProtoReflect.Descriptor instead.
 func (*FeeSchedule) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{24}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *FeeSchedule) GetTiers() []*FeeTier {
@@ -2023,7 +2267,7 @@ type GetFeeScheduleRequest struct {
 
 func (x *GetFeeScheduleRequest) Reset() {
 	*x = GetFeeScheduleRequest{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[25]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2035,7 +2279,7 @@ func (x *GetFeeScheduleRequest) String() string {
 func (*GetFeeScheduleRequest) ProtoMessage() {}
 
 func (x *GetFeeScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[25]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2048,7 +2292,7 @@ func (x *GetFeeScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFeeScheduleRequest.ProtoReflect.Descriptor instead.
 func (*GetFeeScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{25}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{29}
 }
 
 // Response for AuthService.GetFeeSchedule.
@@ -2062,7 +2306,7 @@ type GetFeeScheduleResponse struct {
 
 func (x *GetFeeScheduleResponse) Reset() {
 	*x = GetFeeScheduleResponse{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[26]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2074,7 +2318,7 @@ func (x *GetFeeScheduleResponse) String() string {
 func (*GetFeeScheduleResponse) ProtoMessage() {}
 
 func (x *GetFeeScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[26]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2087,7 +2331,7 @@ func (x *GetFeeScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFeeScheduleResponse.ProtoReflect.Descriptor instead.
 func (*GetFeeScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{26}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *GetFeeScheduleResponse) GetSchedule() *FeeSchedule {
@@ -2113,7 +2357,7 @@ type SetFeeScheduleRequest struct {
 
 func (x *SetFeeScheduleRequest) Reset() {
 	*x = SetFeeScheduleRequest{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[27]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2125,7 +2369,7 @@ func (x *SetFeeScheduleRequest) String() string {
 func (*SetFeeScheduleRequest) ProtoMessage() {}
 
 func (x *SetFeeScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[27]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2138,7 +2382,7 @@ func (x *SetFeeScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetFeeScheduleRequest.ProtoReflect.Descriptor instead.
 func (*SetFeeScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{27}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SetFeeScheduleRequest) GetRequestId() string {
@@ -2173,7 +2417,7 @@ type SetFeeScheduleResponse struct {
 
 func (x *SetFeeScheduleResponse) Reset() {
 	*x = SetFeeScheduleResponse{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[28]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2185,7 +2429,7 @@ func (x *SetFeeScheduleResponse) String() string {
 func (*SetFeeScheduleResponse) ProtoMessage() {}
 
 func (x *SetFeeScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[28]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2198,7 +2442,7 @@ func (x *SetFeeScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetFeeScheduleResponse.ProtoReflect.Descriptor instead.
 func (*SetFeeScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{28}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *SetFeeScheduleResponse) GetSchedule() *FeeSchedule {
@@ -2225,7 +2469,7 @@ type SetAccountFeeTierRequest struct {
 
 func (x *SetAccountFeeTierRequest) Reset() {
 	*x = SetAccountFeeTierRequest{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[29]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2237,7 +2481,7 @@ func (x *SetAccountFeeTierRequest) String() string {
 func (*SetAccountFeeTierRequest) ProtoMessage() {}
 
 func (x *SetAccountFeeTierRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[29]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2250,7 +2494,7 @@ func (x *SetAccountFeeTierRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetAccountFeeTierRequest.ProtoReflect.Descriptor instead.
 func (*SetAccountFeeTierRequest) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{29}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *SetAccountFeeTierRequest) GetRequestId() string {
@@ -2292,7 +2536,7 @@ type SetAccountFeeTierResponse struct {
 
 func (x *SetAccountFeeTierResponse) Reset() {
 	*x = SetAccountFeeTierResponse{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[30]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2304,7 +2548,7 @@ func (x *SetAccountFeeTierResponse) String() string {
 func (*SetAccountFeeTierResponse) ProtoMessage() {}
 
 func (x *SetAccountFeeTierResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[30]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2317,7 +2561,7 @@ func (x *SetAccountFeeTierResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetAccountFeeTierResponse.ProtoReflect.Descriptor instead.
 func (*SetAccountFeeTierResponse) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{30}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *SetAccountFeeTierResponse) GetAccount() *Account {
@@ -2336,7 +2580,7 @@ type EvaluateFeeTiersRequest struct {
 
 func (x *EvaluateFeeTiersRequest) Reset() {
 	*x = EvaluateFeeTiersRequest{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[31]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2348,7 +2592,7 @@ func (x *EvaluateFeeTiersRequest) String() string {
 func (*EvaluateFeeTiersRequest) ProtoMessage() {}
 
 func (x *EvaluateFeeTiersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[31]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2361,7 +2605,7 @@ func (x *EvaluateFeeTiersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EvaluateFeeTiersRequest.ProtoReflect.Descriptor instead.
 func (*EvaluateFeeTiersRequest) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{31}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{35}
 }
 
 // Response for AuthService.EvaluateFeeTiers.
@@ -2378,7 +2622,7 @@ type EvaluateFeeTiersResponse struct {
 
 func (x *EvaluateFeeTiersResponse) Reset() {
 	*x = EvaluateFeeTiersResponse{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[32]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2390,7 +2634,7 @@ func (x *EvaluateFeeTiersResponse) String() string {
 func (*EvaluateFeeTiersResponse) ProtoMessage() {}
 
 func (x *EvaluateFeeTiersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[32]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2403,7 +2647,7 @@ func (x *EvaluateFeeTiersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EvaluateFeeTiersResponse.ProtoReflect.Descriptor instead.
 func (*EvaluateFeeTiersResponse) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{32}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *EvaluateFeeTiersResponse) GetAccountsMeasured() int32 {
@@ -2437,7 +2681,7 @@ type AccountFeeTier struct {
 
 func (x *AccountFeeTier) Reset() {
 	*x = AccountFeeTier{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[33]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2449,7 +2693,7 @@ func (x *AccountFeeTier) String() string {
 func (*AccountFeeTier) ProtoMessage() {}
 
 func (x *AccountFeeTier) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[33]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2462,7 +2706,7 @@ func (x *AccountFeeTier) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AccountFeeTier.ProtoReflect.Descriptor instead.
 func (*AccountFeeTier) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{33}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *AccountFeeTier) GetAccountId() string {
@@ -2514,7 +2758,7 @@ type FeeTierChange struct {
 
 func (x *FeeTierChange) Reset() {
 	*x = FeeTierChange{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[34]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2526,7 +2770,7 @@ func (x *FeeTierChange) String() string {
 func (*FeeTierChange) ProtoMessage() {}
 
 func (x *FeeTierChange) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[34]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2539,7 +2783,7 @@ func (x *FeeTierChange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FeeTierChange.ProtoReflect.Descriptor instead.
 func (*FeeTierChange) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{34}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *FeeTierChange) GetChangeSeq() int64 {
@@ -2579,7 +2823,7 @@ type GetFeeTiersRequest struct {
 
 func (x *GetFeeTiersRequest) Reset() {
 	*x = GetFeeTiersRequest{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[35]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2591,7 +2835,7 @@ func (x *GetFeeTiersRequest) String() string {
 func (*GetFeeTiersRequest) ProtoMessage() {}
 
 func (x *GetFeeTiersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[35]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2604,7 +2848,7 @@ func (x *GetFeeTiersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFeeTiersRequest.ProtoReflect.Descriptor instead.
 func (*GetFeeTiersRequest) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{35}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{39}
 }
 
 // Response for AuthService.GetFeeTiers.
@@ -2622,7 +2866,7 @@ type GetFeeTiersResponse struct {
 
 func (x *GetFeeTiersResponse) Reset() {
 	*x = GetFeeTiersResponse{}
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[36]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2634,7 +2878,7 @@ func (x *GetFeeTiersResponse) String() string {
 func (*GetFeeTiersResponse) ProtoMessage() {}
 
 func (x *GetFeeTiersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_auth_v1_auth_proto_msgTypes[36]
+	mi := &file_cex_auth_v1_auth_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2647,7 +2891,7 @@ func (x *GetFeeTiersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFeeTiersResponse.ProtoReflect.Descriptor instead.
 func (*GetFeeTiersResponse) Descriptor() ([]byte, []int) {
-	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{36}
+	return file_cex_auth_v1_auth_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *GetFeeTiersResponse) GetChangeSeq() int64 {
@@ -2675,7 +2919,7 @@ var File_cex_auth_v1_auth_proto protoreflect.FileDescriptor
 
 const file_cex_auth_v1_auth_proto_rawDesc = "" +
 	"\n" +
-	"\x16cex/auth/v1/auth.proto\x12\vcex.auth.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xad\x03\n" +
+	"\x16cex/auth/v1/auth.proto\x12\vcex.auth.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd9\x03\n" +
 	"\aAccount\x12\x1d\n" +
 	"\n" +
 	"account_id\x18\x01 \x01(\tR\taccountId\x12!\n" +
@@ -2690,7 +2934,8 @@ const file_cex_auth_v1_auth_proto_rawDesc = "" +
 	"updateTime\x12*\n" +
 	"\x11fee_tier_assigned\x18\t \x01(\bR\x0ffeeTierAssigned\x12*\n" +
 	"\x11traded_volume_30d\x18\n" +
-	" \x01(\tR\x0ftradedVolume30d\"\x80\x04\n" +
+	" \x01(\tR\x0ftradedVolume30d\x12*\n" +
+	"\x11master_account_id\x18\v \x01(\tR\x0fmasterAccountId\"\x80\x04\n" +
 	"\x06ApiKey\x12\x1c\n" +
 	"\n" +
 	"api_key_id\x18\x01 \x01(\tR\bapiKeyId\x12\x1d\n" +
@@ -2716,7 +2961,22 @@ const file_cex_auth_v1_auth_proto_rawDesc = "" +
 	"\x05email\x18\x03 \x01(\tR\x05email\x12,\n" +
 	"\x04type\x18\x04 \x01(\x0e2\x18.cex.auth.v1.AccountTypeR\x04type\"G\n" +
 	"\x15CreateAccountResponse\x12.\n" +
-	"\aaccount\x18\x01 \x01(\v2\x14.cex.auth.v1.AccountR\aaccount\"2\n" +
+	"\aaccount\x18\x01 \x01(\v2\x14.cex.auth.v1.AccountR\aaccount\"\x87\x01\n" +
+	"\x17CreateSubAccountRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\x12!\n" +
+	"\fdisplay_name\x18\x02 \x01(\tR\vdisplayName\x12*\n" +
+	"\x11master_account_id\x18\x03 \x01(\tR\x0fmasterAccountId\"J\n" +
+	"\x18CreateSubAccountResponse\x12.\n" +
+	"\aaccount\x18\x01 \x01(\v2\x14.cex.auth.v1.AccountR\aaccount\"\x80\x01\n" +
+	"\x16ListSubAccountsRequest\x12*\n" +
+	"\x11master_account_id\x18\x01 \x01(\tR\x0fmasterAccountId\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"s\n" +
+	"\x17ListSubAccountsResponse\x120\n" +
+	"\baccounts\x18\x01 \x03(\v2\x14.cex.auth.v1.AccountR\baccounts\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"2\n" +
 	"\x11GetAccountRequest\x12\x1d\n" +
 	"\n" +
 	"account_id\x18\x01 \x01(\tR\taccountId\"D\n" +
@@ -2884,12 +3144,14 @@ const file_cex_auth_v1_auth_proto_rawDesc = "" +
 	"\x19API_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14API_KEY_STATE_ACTIVE\x10\x01\x12\x19\n" +
 	"\x15API_KEY_STATE_REVOKED\x10\x02\x12\x19\n" +
-	"\x15API_KEY_STATE_EXPIRED\x10\x032\xde\f\n" +
+	"\x15API_KEY_STATE_EXPIRED\x10\x032\xd2\x0e\n" +
 	"\vAuthService\x12o\n" +
 	"\rCreateAccount\x12!.cex.auth.v1.CreateAccountRequest\x1a\".cex.auth.v1.CreateAccountResponse\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/accounts\x12p\n" +
 	"\n" +
 	"GetAccount\x12\x1e.cex.auth.v1.GetAccountRequest\x1a\x1f.cex.auth.v1.GetAccountResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/accounts/{account_id}\x12k\n" +
-	"\fCreateApiKey\x12 .cex.auth.v1.CreateApiKeyRequest\x1a!.cex.auth.v1.CreateApiKeyResponse\"\x16\x82\xd3\xe4\x93\x02\x10:\x01*\"\v/v1/apiKeys\x12\x8b\x01\n" +
+	"\fCreateApiKey\x12 .cex.auth.v1.CreateApiKeyRequest\x1a!.cex.auth.v1.CreateApiKeyResponse\"\x16\x82\xd3\xe4\x93\x02\x10:\x01*\"\v/v1/apiKeys\x12{\n" +
+	"\x10CreateSubAccount\x12$.cex.auth.v1.CreateSubAccountRequest\x1a%.cex.auth.v1.CreateSubAccountResponse\"\x1a\x82\xd3\xe4\x93\x02\x14:\x01*\"\x0f/v1/subAccounts\x12u\n" +
+	"\x0fListSubAccounts\x12#.cex.auth.v1.ListSubAccountsRequest\x1a$.cex.auth.v1.ListSubAccountsResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/subAccounts\x12\x8b\x01\n" +
 	"\x0fSetAccountState\x12#.cex.auth.v1.SetAccountStateRequest\x1a$.cex.auth.v1.SetAccountStateResponse\"-\x82\xd3\xe4\x93\x02':\x01*\"\"/v1/accounts/{account_id}:setState\x12e\n" +
 	"\vListApiKeys\x12\x1f.cex.auth.v1.ListApiKeysRequest\x1a .cex.auth.v1.ListApiKeysResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\v/v1/apiKeys\x12\x7f\n" +
 	"\fRevokeApiKey\x12 .cex.auth.v1.RevokeApiKeyRequest\x1a!.cex.auth.v1.RevokeApiKeyResponse\"*\x82\xd3\xe4\x93\x02$:\x01*\"\x1f/v1/apiKeys/{api_key_id}:revoke\x12d\n" +
@@ -2918,7 +3180,7 @@ func file_cex_auth_v1_auth_proto_rawDescGZIP() []byte {
 }
 
 var file_cex_auth_v1_auth_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_cex_auth_v1_auth_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
+var file_cex_auth_v1_auth_proto_msgTypes = make([]protoimpl.MessageInfo, 41)
 var file_cex_auth_v1_auth_proto_goTypes = []any{
 	(AccountState)(0),                 // 0: cex.auth.v1.AccountState
 	(AccountType)(0),                  // 1: cex.auth.v1.AccountType
@@ -2928,118 +3190,128 @@ var file_cex_auth_v1_auth_proto_goTypes = []any{
 	(*ApiKey)(nil),                    // 5: cex.auth.v1.ApiKey
 	(*CreateAccountRequest)(nil),      // 6: cex.auth.v1.CreateAccountRequest
 	(*CreateAccountResponse)(nil),     // 7: cex.auth.v1.CreateAccountResponse
-	(*GetAccountRequest)(nil),         // 8: cex.auth.v1.GetAccountRequest
-	(*GetAccountResponse)(nil),        // 9: cex.auth.v1.GetAccountResponse
-	(*SetAccountStateRequest)(nil),    // 10: cex.auth.v1.SetAccountStateRequest
-	(*SetAccountStateResponse)(nil),   // 11: cex.auth.v1.SetAccountStateResponse
-	(*AccountStateChange)(nil),        // 12: cex.auth.v1.AccountStateChange
-	(*GetFrozenAccountsRequest)(nil),  // 13: cex.auth.v1.GetFrozenAccountsRequest
-	(*GetFrozenAccountsResponse)(nil), // 14: cex.auth.v1.GetFrozenAccountsResponse
-	(*CreateApiKeyRequest)(nil),       // 15: cex.auth.v1.CreateApiKeyRequest
-	(*CreateApiKeyResponse)(nil),      // 16: cex.auth.v1.CreateApiKeyResponse
-	(*ListApiKeysRequest)(nil),        // 17: cex.auth.v1.ListApiKeysRequest
-	(*ListApiKeysResponse)(nil),       // 18: cex.auth.v1.ListApiKeysResponse
-	(*RevokeApiKeyRequest)(nil),       // 19: cex.auth.v1.RevokeApiKeyRequest
-	(*RevokeApiKeyResponse)(nil),      // 20: cex.auth.v1.RevokeApiKeyResponse
-	(*IssueTokenRequest)(nil),         // 21: cex.auth.v1.IssueTokenRequest
-	(*IssueTokenResponse)(nil),        // 22: cex.auth.v1.IssueTokenResponse
-	(*GetFeesRequest)(nil),            // 23: cex.auth.v1.GetFeesRequest
-	(*GetFeesResponse)(nil),           // 24: cex.auth.v1.GetFeesResponse
-	(*MarketFees)(nil),                // 25: cex.auth.v1.MarketFees
-	(*AssetFees)(nil),                 // 26: cex.auth.v1.AssetFees
-	(*FeeTier)(nil),                   // 27: cex.auth.v1.FeeTier
-	(*FeeSchedule)(nil),               // 28: cex.auth.v1.FeeSchedule
-	(*GetFeeScheduleRequest)(nil),     // 29: cex.auth.v1.GetFeeScheduleRequest
-	(*GetFeeScheduleResponse)(nil),    // 30: cex.auth.v1.GetFeeScheduleResponse
-	(*SetFeeScheduleRequest)(nil),     // 31: cex.auth.v1.SetFeeScheduleRequest
-	(*SetFeeScheduleResponse)(nil),    // 32: cex.auth.v1.SetFeeScheduleResponse
-	(*SetAccountFeeTierRequest)(nil),  // 33: cex.auth.v1.SetAccountFeeTierRequest
-	(*SetAccountFeeTierResponse)(nil), // 34: cex.auth.v1.SetAccountFeeTierResponse
-	(*EvaluateFeeTiersRequest)(nil),   // 35: cex.auth.v1.EvaluateFeeTiersRequest
-	(*EvaluateFeeTiersResponse)(nil),  // 36: cex.auth.v1.EvaluateFeeTiersResponse
-	(*AccountFeeTier)(nil),            // 37: cex.auth.v1.AccountFeeTier
-	(*FeeTierChange)(nil),             // 38: cex.auth.v1.FeeTierChange
-	(*GetFeeTiersRequest)(nil),        // 39: cex.auth.v1.GetFeeTiersRequest
-	(*GetFeeTiersResponse)(nil),       // 40: cex.auth.v1.GetFeeTiersResponse
-	(*timestamppb.Timestamp)(nil),     // 41: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),       // 42: google.protobuf.Duration
+	(*CreateSubAccountRequest)(nil),   // 8: cex.auth.v1.CreateSubAccountRequest
+	(*CreateSubAccountResponse)(nil),  // 9: cex.auth.v1.CreateSubAccountResponse
+	(*ListSubAccountsRequest)(nil),    // 10: cex.auth.v1.ListSubAccountsRequest
+	(*ListSubAccountsResponse)(nil),   // 11: cex.auth.v1.ListSubAccountsResponse
+	(*GetAccountRequest)(nil),         // 12: cex.auth.v1.GetAccountRequest
+	(*GetAccountResponse)(nil),        // 13: cex.auth.v1.GetAccountResponse
+	(*SetAccountStateRequest)(nil),    // 14: cex.auth.v1.SetAccountStateRequest
+	(*SetAccountStateResponse)(nil),   // 15: cex.auth.v1.SetAccountStateResponse
+	(*AccountStateChange)(nil),        // 16: cex.auth.v1.AccountStateChange
+	(*GetFrozenAccountsRequest)(nil),  // 17: cex.auth.v1.GetFrozenAccountsRequest
+	(*GetFrozenAccountsResponse)(nil), // 18: cex.auth.v1.GetFrozenAccountsResponse
+	(*CreateApiKeyRequest)(nil),       // 19: cex.auth.v1.CreateApiKeyRequest
+	(*CreateApiKeyResponse)(nil),      // 20: cex.auth.v1.CreateApiKeyResponse
+	(*ListApiKeysRequest)(nil),        // 21: cex.auth.v1.ListApiKeysRequest
+	(*ListApiKeysResponse)(nil),       // 22: cex.auth.v1.ListApiKeysResponse
+	(*RevokeApiKeyRequest)(nil),       // 23: cex.auth.v1.RevokeApiKeyRequest
+	(*RevokeApiKeyResponse)(nil),      // 24: cex.auth.v1.RevokeApiKeyResponse
+	(*IssueTokenRequest)(nil),         // 25: cex.auth.v1.IssueTokenRequest
+	(*IssueTokenResponse)(nil),        // 26: cex.auth.v1.IssueTokenResponse
+	(*GetFeesRequest)(nil),            // 27: cex.auth.v1.GetFeesRequest
+	(*GetFeesResponse)(nil),           // 28: cex.auth.v1.GetFeesResponse
+	(*MarketFees)(nil),                // 29: cex.auth.v1.MarketFees
+	(*AssetFees)(nil),                 // 30: cex.auth.v1.AssetFees
+	(*FeeTier)(nil),                   // 31: cex.auth.v1.FeeTier
+	(*FeeSchedule)(nil),               // 32: cex.auth.v1.FeeSchedule
+	(*GetFeeScheduleRequest)(nil),     // 33: cex.auth.v1.GetFeeScheduleRequest
+	(*GetFeeScheduleResponse)(nil),    // 34: cex.auth.v1.GetFeeScheduleResponse
+	(*SetFeeScheduleRequest)(nil),     // 35: cex.auth.v1.SetFeeScheduleRequest
+	(*SetFeeScheduleResponse)(nil),    // 36: cex.auth.v1.SetFeeScheduleResponse
+	(*SetAccountFeeTierRequest)(nil),  // 37: cex.auth.v1.SetAccountFeeTierRequest
+	(*SetAccountFeeTierResponse)(nil), // 38: cex.auth.v1.SetAccountFeeTierResponse
+	(*EvaluateFeeTiersRequest)(nil),   // 39: cex.auth.v1.EvaluateFeeTiersRequest
+	(*EvaluateFeeTiersResponse)(nil),  // 40: cex.auth.v1.EvaluateFeeTiersResponse
+	(*AccountFeeTier)(nil),            // 41: cex.auth.v1.AccountFeeTier
+	(*FeeTierChange)(nil),             // 42: cex.auth.v1.FeeTierChange
+	(*GetFeeTiersRequest)(nil),        // 43: cex.auth.v1.GetFeeTiersRequest
+	(*GetFeeTiersResponse)(nil),       // 44: cex.auth.v1.GetFeeTiersResponse
+	(*timestamppb.Timestamp)(nil),     // 45: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),       // 46: google.protobuf.Duration
 }
 var file_cex_auth_v1_auth_proto_depIdxs = []int32{
 	1,  // 0: cex.auth.v1.Account.type:type_name -> cex.auth.v1.AccountType
 	0,  // 1: cex.auth.v1.Account.state:type_name -> cex.auth.v1.AccountState
-	41, // 2: cex.auth.v1.Account.create_time:type_name -> google.protobuf.Timestamp
-	41, // 3: cex.auth.v1.Account.update_time:type_name -> google.protobuf.Timestamp
+	45, // 2: cex.auth.v1.Account.create_time:type_name -> google.protobuf.Timestamp
+	45, // 3: cex.auth.v1.Account.update_time:type_name -> google.protobuf.Timestamp
 	2,  // 4: cex.auth.v1.ApiKey.scopes:type_name -> cex.auth.v1.ApiKeyScope
 	3,  // 5: cex.auth.v1.ApiKey.state:type_name -> cex.auth.v1.ApiKeyState
-	41, // 6: cex.auth.v1.ApiKey.create_time:type_name -> google.protobuf.Timestamp
-	41, // 7: cex.auth.v1.ApiKey.expire_time:type_name -> google.protobuf.Timestamp
-	41, // 8: cex.auth.v1.ApiKey.revoke_time:type_name -> google.protobuf.Timestamp
-	41, // 9: cex.auth.v1.ApiKey.last_used_time:type_name -> google.protobuf.Timestamp
+	45, // 6: cex.auth.v1.ApiKey.create_time:type_name -> google.protobuf.Timestamp
+	45, // 7: cex.auth.v1.ApiKey.expire_time:type_name -> google.protobuf.Timestamp
+	45, // 8: cex.auth.v1.ApiKey.revoke_time:type_name -> google.protobuf.Timestamp
+	45, // 9: cex.auth.v1.ApiKey.last_used_time:type_name -> google.protobuf.Timestamp
 	1,  // 10: cex.auth.v1.CreateAccountRequest.type:type_name -> cex.auth.v1.AccountType
 	4,  // 11: cex.auth.v1.CreateAccountResponse.account:type_name -> cex.auth.v1.Account
-	4,  // 12: cex.auth.v1.GetAccountResponse.account:type_name -> cex.auth.v1.Account
-	0,  // 13: cex.auth.v1.SetAccountStateRequest.state:type_name -> cex.auth.v1.AccountState
-	4,  // 14: cex.auth.v1.SetAccountStateResponse.account:type_name -> cex.auth.v1.Account
-	0,  // 15: cex.auth.v1.AccountStateChange.state:type_name -> cex.auth.v1.AccountState
-	41, // 16: cex.auth.v1.AccountStateChange.change_time:type_name -> google.protobuf.Timestamp
-	12, // 17: cex.auth.v1.GetFrozenAccountsResponse.accounts:type_name -> cex.auth.v1.AccountStateChange
-	2,  // 18: cex.auth.v1.CreateApiKeyRequest.scopes:type_name -> cex.auth.v1.ApiKeyScope
-	41, // 19: cex.auth.v1.CreateApiKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
-	5,  // 20: cex.auth.v1.CreateApiKeyResponse.api_key:type_name -> cex.auth.v1.ApiKey
-	3,  // 21: cex.auth.v1.ListApiKeysRequest.state:type_name -> cex.auth.v1.ApiKeyState
-	5,  // 22: cex.auth.v1.ListApiKeysResponse.api_keys:type_name -> cex.auth.v1.ApiKey
-	5,  // 23: cex.auth.v1.RevokeApiKeyResponse.api_key:type_name -> cex.auth.v1.ApiKey
-	2,  // 24: cex.auth.v1.IssueTokenRequest.scopes:type_name -> cex.auth.v1.ApiKeyScope
-	42, // 25: cex.auth.v1.IssueTokenRequest.ttl:type_name -> google.protobuf.Duration
-	41, // 26: cex.auth.v1.IssueTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
-	2,  // 27: cex.auth.v1.IssueTokenResponse.scopes:type_name -> cex.auth.v1.ApiKeyScope
-	25, // 28: cex.auth.v1.GetFeesResponse.markets:type_name -> cex.auth.v1.MarketFees
-	26, // 29: cex.auth.v1.GetFeesResponse.assets:type_name -> cex.auth.v1.AssetFees
-	27, // 30: cex.auth.v1.FeeSchedule.tiers:type_name -> cex.auth.v1.FeeTier
-	41, // 31: cex.auth.v1.FeeSchedule.update_time:type_name -> google.protobuf.Timestamp
-	28, // 32: cex.auth.v1.GetFeeScheduleResponse.schedule:type_name -> cex.auth.v1.FeeSchedule
-	27, // 33: cex.auth.v1.SetFeeScheduleRequest.tiers:type_name -> cex.auth.v1.FeeTier
-	28, // 34: cex.auth.v1.SetFeeScheduleResponse.schedule:type_name -> cex.auth.v1.FeeSchedule
-	4,  // 35: cex.auth.v1.SetAccountFeeTierResponse.account:type_name -> cex.auth.v1.Account
-	37, // 36: cex.auth.v1.EvaluateFeeTiersResponse.changed:type_name -> cex.auth.v1.AccountFeeTier
-	37, // 37: cex.auth.v1.FeeTierChange.account:type_name -> cex.auth.v1.AccountFeeTier
-	28, // 38: cex.auth.v1.FeeTierChange.schedule:type_name -> cex.auth.v1.FeeSchedule
-	41, // 39: cex.auth.v1.FeeTierChange.change_time:type_name -> google.protobuf.Timestamp
-	28, // 40: cex.auth.v1.GetFeeTiersResponse.schedule:type_name -> cex.auth.v1.FeeSchedule
-	37, // 41: cex.auth.v1.GetFeeTiersResponse.accounts:type_name -> cex.auth.v1.AccountFeeTier
-	6,  // 42: cex.auth.v1.AuthService.CreateAccount:input_type -> cex.auth.v1.CreateAccountRequest
-	8,  // 43: cex.auth.v1.AuthService.GetAccount:input_type -> cex.auth.v1.GetAccountRequest
-	15, // 44: cex.auth.v1.AuthService.CreateApiKey:input_type -> cex.auth.v1.CreateApiKeyRequest
-	10, // 45: cex.auth.v1.AuthService.SetAccountState:input_type -> cex.auth.v1.SetAccountStateRequest
-	17, // 46: cex.auth.v1.AuthService.ListApiKeys:input_type -> cex.auth.v1.ListApiKeysRequest
-	19, // 47: cex.auth.v1.AuthService.RevokeApiKey:input_type -> cex.auth.v1.RevokeApiKeyRequest
-	21, // 48: cex.auth.v1.AuthService.IssueToken:input_type -> cex.auth.v1.IssueTokenRequest
-	13, // 49: cex.auth.v1.AuthService.GetFrozenAccounts:input_type -> cex.auth.v1.GetFrozenAccountsRequest
-	23, // 50: cex.auth.v1.AuthService.GetFees:input_type -> cex.auth.v1.GetFeesRequest
-	29, // 51: cex.auth.v1.AuthService.GetFeeSchedule:input_type -> cex.auth.v1.GetFeeScheduleRequest
-	31, // 52: cex.auth.v1.AuthService.SetFeeSchedule:input_type -> cex.auth.v1.SetFeeScheduleRequest
-	33, // 53: cex.auth.v1.AuthService.SetAccountFeeTier:input_type -> cex.auth.v1.SetAccountFeeTierRequest
-	35, // 54: cex.auth.v1.AuthService.EvaluateFeeTiers:input_type -> cex.auth.v1.EvaluateFeeTiersRequest
-	39, // 55: cex.auth.v1.AuthService.GetFeeTiers:input_type -> cex.auth.v1.GetFeeTiersRequest
-	7,  // 56: cex.auth.v1.AuthService.CreateAccount:output_type -> cex.auth.v1.CreateAccountResponse
-	9,  // 57: cex.auth.v1.AuthService.GetAccount:output_type -> cex.auth.v1.GetAccountResponse
-	16, // 58: cex.auth.v1.AuthService.CreateApiKey:output_type -> cex.auth.v1.CreateApiKeyResponse
-	11, // 59: cex.auth.v1.AuthService.SetAccountState:output_type -> cex.auth.v1.SetAccountStateResponse
-	18, // 60: cex.auth.v1.AuthService.ListApiKeys:output_type -> cex.auth.v1.ListApiKeysResponse
-	20, // 61: cex.auth.v1.AuthService.RevokeApiKey:output_type -> cex.auth.v1.RevokeApiKeyResponse
-	22, // 62: cex.auth.v1.AuthService.IssueToken:output_type -> cex.auth.v1.IssueTokenResponse
-	14, // 63: cex.auth.v1.AuthService.GetFrozenAccounts:output_type -> cex.auth.v1.GetFrozenAccountsResponse
-	24, // 64: cex.auth.v1.AuthService.GetFees:output_type -> cex.auth.v1.GetFeesResponse
-	30, // 65: cex.auth.v1.AuthService.GetFeeSchedule:output_type -> cex.auth.v1.GetFeeScheduleResponse
-	32, // 66: cex.auth.v1.AuthService.SetFeeSchedule:output_type -> cex.auth.v1.SetFeeScheduleResponse
-	34, // 67: cex.auth.v1.AuthService.SetAccountFeeTier:output_type -> cex.auth.v1.SetAccountFeeTierResponse
-	36, // 68: cex.auth.v1.AuthService.EvaluateFeeTiers:output_type -> cex.auth.v1.EvaluateFeeTiersResponse
-	40, // 69: cex.auth.v1.AuthService.GetFeeTiers:output_type -> cex.auth.v1.GetFeeTiersResponse
-	56, // [56:70] is the sub-list for method output_type
-	42, // [42:56] is the sub-list for method input_type
-	42, // [42:42] is the sub-list for extension type_name
-	42, // [42:42] is the sub-list for extension extendee
-	0,  // [0:42] is the sub-list for field type_name
+	4,  // 12: cex.auth.v1.CreateSubAccountResponse.account:type_name -> cex.auth.v1.Account
+	4,  // 13: cex.auth.v1.ListSubAccountsResponse.accounts:type_name -> cex.auth.v1.Account
+	4,  // 14: cex.auth.v1.GetAccountResponse.account:type_name -> cex.auth.v1.Account
+	0,  // 15: cex.auth.v1.SetAccountStateRequest.state:type_name -> cex.auth.v1.AccountState
+	4,  // 16: cex.auth.v1.SetAccountStateResponse.account:type_name -> cex.auth.v1.Account
+	0,  // 17: cex.auth.v1.AccountStateChange.state:type_name -> cex.auth.v1.AccountState
+	45, // 18: cex.auth.v1.AccountStateChange.change_time:type_name -> google.protobuf.Timestamp
+	16, // 19: cex.auth.v1.GetFrozenAccountsResponse.accounts:type_name -> cex.auth.v1.AccountStateChange
+	2,  // 20: cex.auth.v1.CreateApiKeyRequest.scopes:type_name -> cex.auth.v1.ApiKeyScope
+	45, // 21: cex.auth.v1.CreateApiKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
+	5,  // 22: cex.auth.v1.CreateApiKeyResponse.api_key:type_name -> cex.auth.v1.ApiKey
+	3,  // 23: cex.auth.v1.ListApiKeysRequest.state:type_name -> cex.auth.v1.ApiKeyState
+	5,  // 24: cex.auth.v1.ListApiKeysResponse.api_keys:type_name -> cex.auth.v1.ApiKey
+	5,  // 25: cex.auth.v1.RevokeApiKeyResponse.api_key:type_name -> cex.auth.v1.ApiKey
+	2,  // 26: cex.auth.v1.IssueTokenRequest.scopes:type_name -> cex.auth.v1.ApiKeyScope
+	46, // 27: cex.auth.v1.IssueTokenRequest.ttl:type_name -> google.protobuf.Duration
+	45, // 28: cex.auth.v1.IssueTokenResponse.expire_time:type_name -> google.protobuf.Timestamp
+	2,  // 29: cex.auth.v1.IssueTokenResponse.scopes:type_name -> cex.auth.v1.ApiKeyScope
+	29, // 30: cex.auth.v1.GetFeesResponse.markets:type_name -> cex.auth.v1.MarketFees
+	30, // 31: cex.auth.v1.GetFeesResponse.assets:type_name -> cex.auth.v1.AssetFees
+	31, // 32: cex.auth.v1.FeeSchedule.tiers:type_name -> cex.auth.v1.FeeTier
+	45, // 33: cex.auth.v1.FeeSchedule.update_time:type_name -> google.protobuf.Timestamp
+	32, // 34: cex.auth.v1.GetFeeScheduleResponse.schedule:type_name -> cex.auth.v1.FeeSchedule
+	31, // 35: cex.auth.v1.SetFeeScheduleRequest.tiers:type_name -> cex.auth.v1.FeeTier
+	32, // 36: cex.auth.v1.SetFeeScheduleResponse.schedule:type_name -> cex.auth.v1.FeeSchedule
+	4,  // 37: cex.auth.v1.SetAccountFeeTierResponse.account:type_name -> cex.auth.v1.Account
+	41, // 38: cex.auth.v1.EvaluateFeeTiersResponse.changed:type_name -> cex.auth.v1.AccountFeeTier
+	41, // 39: cex.auth.v1.FeeTierChange.account:type_name -> cex.auth.v1.AccountFeeTier
+	32, // 40: cex.auth.v1.FeeTierChange.schedule:type_name -> cex.auth.v1.FeeSchedule
+	45, // 41: cex.auth.v1.FeeTierChange.change_time:type_name -> google.protobuf.Timestamp
+	32, // 42: cex.auth.v1.GetFeeTiersResponse.schedule:type_name -> cex.auth.v1.FeeSchedule
+	41, // 43: cex.auth.v1.GetFeeTiersResponse.accounts:type_name -> cex.auth.v1.AccountFeeTier
+	6,  // 44: cex.auth.v1.AuthService.CreateAccount:input_type -> cex.auth.v1.CreateAccountRequest
+	12, // 45: cex.auth.v1.AuthService.GetAccount:input_type -> cex.auth.v1.GetAccountRequest
+	19, // 46: cex.auth.v1.AuthService.CreateApiKey:input_type -> cex.auth.v1.CreateApiKeyRequest
+	8,  // 47: cex.auth.v1.AuthService.CreateSubAccount:input_type -> cex.auth.v1.CreateSubAccountRequest
+	10, // 48: cex.auth.v1.AuthService.ListSubAccounts:input_type -> cex.auth.v1.ListSubAccountsRequest
+	14, // 49: cex.auth.v1.AuthService.SetAccountState:input_type -> cex.auth.v1.SetAccountStateRequest
+	21, // 50: cex.auth.v1.AuthService.ListApiKeys:input_type -> cex.auth.v1.ListApiKeysRequest
+	23, // 51: cex.auth.v1.AuthService.RevokeApiKey:input_type -> cex.auth.v1.RevokeApiKeyRequest
+	25, // 52: cex.auth.v1.AuthService.IssueToken:input_type -> cex.auth.v1.IssueTokenRequest
+	17, // 53: cex.auth.v1.AuthService.GetFrozenAccounts:input_type -> cex.auth.v1.GetFrozenAccountsRequest
+	27, // 54: cex.auth.v1.AuthService.GetFees:input_type -> cex.auth.v1.GetFeesRequest
+	33, // 55: cex.auth.v1.AuthService.GetFeeSchedule:input_type -> cex.auth.v1.GetFeeScheduleRequest
+	35, // 56: cex.auth.v1.AuthService.SetFeeSchedule:input_type -> cex.auth.v1.SetFeeScheduleRequest
+	37, // 57: cex.auth.v1.AuthService.SetAccountFeeTier:input_type -> cex.auth.v1.SetAccountFeeTierRequest
+	39, // 58: cex.auth.v1.AuthService.EvaluateFeeTiers:input_type -> cex.auth.v1.EvaluateFeeTiersRequest
+	43, // 59: cex.auth.v1.AuthService.GetFeeTiers:input_type -> cex.auth.v1.GetFeeTiersRequest
+	7,  // 60: cex.auth.v1.AuthService.CreateAccount:output_type -> cex.auth.v1.CreateAccountResponse
+	13, // 61: cex.auth.v1.AuthService.GetAccount:output_type -> cex.auth.v1.GetAccountResponse
+	20, // 62: cex.auth.v1.AuthService.CreateApiKey:output_type -> cex.auth.v1.CreateApiKeyResponse
+	9,  // 63: cex.auth.v1.AuthService.CreateSubAccount:output_type -> cex.auth.v1.CreateSubAccountResponse
+	11, // 64: cex.auth.v1.AuthService.ListSubAccounts:output_type -> cex.auth.v1.ListSubAccountsResponse
+	15, // 65: cex.auth.v1.AuthService.SetAccountState:output_type -> cex.auth.v1.SetAccountStateResponse
+	22, // 66: cex.auth.v1.AuthService.ListApiKeys:output_type -> cex.auth.v1.ListApiKeysResponse
+	24, // 67: cex.auth.v1.AuthService.RevokeApiKey:output_type -> cex.auth.v1.RevokeApiKeyResponse
+	26, // 68: cex.auth.v1.AuthService.IssueToken:output_type -> cex.auth.v1.IssueTokenResponse
+	18, // 69: cex.auth.v1.AuthService.GetFrozenAccounts:output_type -> cex.auth.v1.GetFrozenAccountsResponse
+	28, // 70: cex.auth.v1.AuthService.GetFees:output_type -> cex.auth.v1.GetFeesResponse
+	34, // 71: cex.auth.v1.AuthService.GetFeeSchedule:output_type -> cex.auth.v1.GetFeeScheduleResponse
+	36, // 72: cex.auth.v1.AuthService.SetFeeSchedule:output_type -> cex.auth.v1.SetFeeScheduleResponse
+	38, // 73: cex.auth.v1.AuthService.SetAccountFeeTier:output_type -> cex.auth.v1.SetAccountFeeTierResponse
+	40, // 74: cex.auth.v1.AuthService.EvaluateFeeTiers:output_type -> cex.auth.v1.EvaluateFeeTiersResponse
+	44, // 75: cex.auth.v1.AuthService.GetFeeTiers:output_type -> cex.auth.v1.GetFeeTiersResponse
+	60, // [60:76] is the sub-list for method output_type
+	44, // [44:60] is the sub-list for method input_type
+	44, // [44:44] is the sub-list for extension type_name
+	44, // [44:44] is the sub-list for extension extendee
+	0,  // [0:44] is the sub-list for field type_name
 }
 
 func init() { file_cex_auth_v1_auth_proto_init() }
@@ -3053,7 +3325,7 @@ func file_cex_auth_v1_auth_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cex_auth_v1_auth_proto_rawDesc), len(file_cex_auth_v1_auth_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   37,
+			NumMessages:   41,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

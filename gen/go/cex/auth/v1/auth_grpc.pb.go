@@ -28,6 +28,8 @@ const (
 	AuthService_CreateAccount_FullMethodName     = "/cex.auth.v1.AuthService/CreateAccount"
 	AuthService_GetAccount_FullMethodName        = "/cex.auth.v1.AuthService/GetAccount"
 	AuthService_CreateApiKey_FullMethodName      = "/cex.auth.v1.AuthService/CreateApiKey"
+	AuthService_CreateSubAccount_FullMethodName  = "/cex.auth.v1.AuthService/CreateSubAccount"
+	AuthService_ListSubAccounts_FullMethodName   = "/cex.auth.v1.AuthService/ListSubAccounts"
 	AuthService_SetAccountState_FullMethodName   = "/cex.auth.v1.AuthService/SetAccountState"
 	AuthService_ListApiKeys_FullMethodName       = "/cex.auth.v1.AuthService/ListApiKeys"
 	AuthService_RevokeApiKey_FullMethodName      = "/cex.auth.v1.AuthService/RevokeApiKey"
@@ -55,6 +57,18 @@ type AuthServiceClient interface {
 	// Idempotent on request_id (a retry returns the same key, without the
 	// secret if it was already delivered: see CreateApiKeyResponse.secret).
 	CreateApiKey(ctx context.Context, in *CreateApiKeyRequest, opts ...grpc.CallOption) (*CreateApiKeyResponse, error)
+	// Creates a sub-account of a master account (ADR 0017): the caller's own
+	// account, or for an admin or a service the one named by
+	// master_account_id. A sub-account cannot have sub-accounts of its own; a
+	// master has at most 100. The master creates the sub's API keys
+	// (CreateApiKey with the sub's account_id, at most the master's scopes),
+	// reads its balances, orders, fills and keys, and moves funds to and from it
+	// (LedgerService.TransferSubAccountFunds); tokens the master is issued from
+	// now on name the new sub. A sub sees neither its master nor its siblings:
+	// their ids are NOT_FOUND to it. Idempotent on request_id.
+	CreateSubAccount(ctx context.Context, in *CreateSubAccountRequest, opts ...grpc.CallOption) (*CreateSubAccountResponse, error)
+	// Lists a master account's sub-accounts, oldest first.
+	ListSubAccounts(ctx context.Context, in *ListSubAccountsRequest, opts ...grpc.CallOption) (*ListSubAccountsResponse, error)
 	// Suspends (freezes), reactivates or closes an account. Admin or service
 	// only. A suspended account's new tokens carry only the read scope, and the
 	// tokens issued before are refused at their next call that needs more than
@@ -141,6 +155,26 @@ func (c *authServiceClient) CreateApiKey(ctx context.Context, in *CreateApiKeyRe
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(CreateApiKeyResponse)
 	err := c.cc.Invoke(ctx, AuthService_CreateApiKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *authServiceClient) CreateSubAccount(ctx context.Context, in *CreateSubAccountRequest, opts ...grpc.CallOption) (*CreateSubAccountResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateSubAccountResponse)
+	err := c.cc.Invoke(ctx, AuthService_CreateSubAccount_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *authServiceClient) ListSubAccounts(ctx context.Context, in *ListSubAccountsRequest, opts ...grpc.CallOption) (*ListSubAccountsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListSubAccountsResponse)
+	err := c.cc.Invoke(ctx, AuthService_ListSubAccounts_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -271,6 +305,18 @@ type AuthServiceServer interface {
 	// Idempotent on request_id (a retry returns the same key, without the
 	// secret if it was already delivered: see CreateApiKeyResponse.secret).
 	CreateApiKey(context.Context, *CreateApiKeyRequest) (*CreateApiKeyResponse, error)
+	// Creates a sub-account of a master account (ADR 0017): the caller's own
+	// account, or for an admin or a service the one named by
+	// master_account_id. A sub-account cannot have sub-accounts of its own; a
+	// master has at most 100. The master creates the sub's API keys
+	// (CreateApiKey with the sub's account_id, at most the master's scopes),
+	// reads its balances, orders, fills and keys, and moves funds to and from it
+	// (LedgerService.TransferSubAccountFunds); tokens the master is issued from
+	// now on name the new sub. A sub sees neither its master nor its siblings:
+	// their ids are NOT_FOUND to it. Idempotent on request_id.
+	CreateSubAccount(context.Context, *CreateSubAccountRequest) (*CreateSubAccountResponse, error)
+	// Lists a master account's sub-accounts, oldest first.
+	ListSubAccounts(context.Context, *ListSubAccountsRequest) (*ListSubAccountsResponse, error)
 	// Suspends (freezes), reactivates or closes an account. Admin or service
 	// only. A suspended account's new tokens carry only the read scope, and the
 	// tokens issued before are refused at their next call that needs more than
@@ -341,6 +387,12 @@ func (UnimplementedAuthServiceServer) GetAccount(context.Context, *GetAccountReq
 }
 func (UnimplementedAuthServiceServer) CreateApiKey(context.Context, *CreateApiKeyRequest) (*CreateApiKeyResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreateApiKey not implemented")
+}
+func (UnimplementedAuthServiceServer) CreateSubAccount(context.Context, *CreateSubAccountRequest) (*CreateSubAccountResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateSubAccount not implemented")
+}
+func (UnimplementedAuthServiceServer) ListSubAccounts(context.Context, *ListSubAccountsRequest) (*ListSubAccountsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListSubAccounts not implemented")
 }
 func (UnimplementedAuthServiceServer) SetAccountState(context.Context, *SetAccountStateRequest) (*SetAccountStateResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method SetAccountState not implemented")
@@ -446,6 +498,42 @@ func _AuthService_CreateApiKey_Handler(srv interface{}, ctx context.Context, dec
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(AuthServiceServer).CreateApiKey(ctx, req.(*CreateApiKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AuthService_CreateSubAccount_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateSubAccountRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).CreateSubAccount(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AuthService_CreateSubAccount_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).CreateSubAccount(ctx, req.(*CreateSubAccountRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AuthService_ListSubAccounts_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListSubAccountsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).ListSubAccounts(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AuthService_ListSubAccounts_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).ListSubAccounts(ctx, req.(*ListSubAccountsRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -666,6 +754,14 @@ var AuthService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CreateApiKey",
 			Handler:    _AuthService_CreateApiKey_Handler,
+		},
+		{
+			MethodName: "CreateSubAccount",
+			Handler:    _AuthService_CreateSubAccount_Handler,
+		},
+		{
+			MethodName: "ListSubAccounts",
+			Handler:    _AuthService_ListSubAccounts_Handler,
 		},
 		{
 			MethodName: "SetAccountState",

@@ -56,6 +56,8 @@ const (
 	TransferKind_TRANSFER_KIND_FEE TransferKind = 5
 	// Manual correction by an operator.
 	TransferKind_TRANSFER_KIND_ADJUSTMENT TransferKind = 6
+	// Between a master account and one of its sub-accounts (ADR 0017).
+	TransferKind_TRANSFER_KIND_SUB_ACCOUNT TransferKind = 7
 )
 
 // Enum value maps for TransferKind.
@@ -68,6 +70,7 @@ var (
 		4: "TRANSFER_KIND_TRADE",
 		5: "TRANSFER_KIND_FEE",
 		6: "TRANSFER_KIND_ADJUSTMENT",
+		7: "TRANSFER_KIND_SUB_ACCOUNT",
 	}
 	TransferKind_value = map[string]int32{
 		"TRANSFER_KIND_UNSPECIFIED": 0,
@@ -77,6 +80,7 @@ var (
 		"TRANSFER_KIND_TRADE":       4,
 		"TRANSFER_KIND_FEE":         5,
 		"TRANSFER_KIND_ADJUSTMENT":  6,
+		"TRANSFER_KIND_SUB_ACCOUNT": 7,
 	}
 )
 
@@ -1535,6 +1539,135 @@ func (x *AuditLedgerResponse) GetAuditTime() *timestamppb.Timestamp {
 	return nil
 }
 
+// Request for LedgerService.TransferSubAccountFunds.
+type TransferSubAccountFundsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required (ADR 0003): the client-chosen idempotency key, 1 to 100
+	// characters; the transfer's id derives from it.
+	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// The account debited: the master (the caller) or one of its sub-accounts.
+	FromAccountId string `protobuf:"bytes,2,opt,name=from_account_id,json=fromAccountId,proto3" json:"from_account_id,omitempty"`
+	// The account credited: the master (the caller) or one of its sub-accounts.
+	ToAccountId string `protobuf:"bytes,3,opt,name=to_account_id,json=toAccountId,proto3" json:"to_account_id,omitempty"`
+	// Asset code, e.g. "USDT".
+	Asset string `protobuf:"bytes,4,opt,name=asset,proto3" json:"asset,omitempty"`
+	// Decimal string: the amount, positive, within the asset's scale.
+	Amount        string `protobuf:"bytes,5,opt,name=amount,proto3" json:"amount,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TransferSubAccountFundsRequest) Reset() {
+	*x = TransferSubAccountFundsRequest{}
+	mi := &file_cex_ledger_v1_ledger_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TransferSubAccountFundsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TransferSubAccountFundsRequest) ProtoMessage() {}
+
+func (x *TransferSubAccountFundsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_ledger_v1_ledger_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TransferSubAccountFundsRequest.ProtoReflect.Descriptor instead.
+func (*TransferSubAccountFundsRequest) Descriptor() ([]byte, []int) {
+	return file_cex_ledger_v1_ledger_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *TransferSubAccountFundsRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *TransferSubAccountFundsRequest) GetFromAccountId() string {
+	if x != nil {
+		return x.FromAccountId
+	}
+	return ""
+}
+
+func (x *TransferSubAccountFundsRequest) GetToAccountId() string {
+	if x != nil {
+		return x.ToAccountId
+	}
+	return ""
+}
+
+func (x *TransferSubAccountFundsRequest) GetAsset() string {
+	if x != nil {
+		return x.Asset
+	}
+	return ""
+}
+
+func (x *TransferSubAccountFundsRequest) GetAmount() string {
+	if x != nil {
+		return x.Amount
+	}
+	return ""
+}
+
+// Response for LedgerService.TransferSubAccountFunds.
+type TransferSubAccountFundsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The committed transfer (kind TRANSFER_KIND_SUB_ACCOUNT).
+	Transfer      *Transfer `protobuf:"bytes,1,opt,name=transfer,proto3" json:"transfer,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TransferSubAccountFundsResponse) Reset() {
+	*x = TransferSubAccountFundsResponse{}
+	mi := &file_cex_ledger_v1_ledger_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TransferSubAccountFundsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TransferSubAccountFundsResponse) ProtoMessage() {}
+
+func (x *TransferSubAccountFundsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_ledger_v1_ledger_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TransferSubAccountFundsResponse.ProtoReflect.Descriptor instead.
+func (*TransferSubAccountFundsResponse) Descriptor() ([]byte, []int) {
+	return file_cex_ledger_v1_ledger_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *TransferSubAccountFundsResponse) GetTransfer() *Transfer {
+	if x != nil {
+		return x.Transfer
+	}
+	return nil
+}
+
 var File_cex_ledger_v1_ledger_proto protoreflect.FileDescriptor
 
 const file_cex_ledger_v1_ledger_proto_rawDesc = "" +
@@ -1643,7 +1776,16 @@ const file_cex_ledger_v1_ledger_proto_rawDesc = "" +
 	"\bbalanced\x18\x02 \x01(\bR\bbalanced\x12\x1a\n" +
 	"\bsequence\x18\x03 \x01(\x03R\bsequence\x129\n" +
 	"\n" +
-	"audit_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tauditTime*\xd2\x01\n" +
+	"audit_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tauditTime\"\xb9\x01\n" +
+	"\x1eTransferSubAccountFundsRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\x12&\n" +
+	"\x0ffrom_account_id\x18\x02 \x01(\tR\rfromAccountId\x12\"\n" +
+	"\rto_account_id\x18\x03 \x01(\tR\vtoAccountId\x12\x14\n" +
+	"\x05asset\x18\x04 \x01(\tR\x05asset\x12\x16\n" +
+	"\x06amount\x18\x05 \x01(\tR\x06amount\"V\n" +
+	"\x1fTransferSubAccountFundsResponse\x123\n" +
+	"\btransfer\x18\x01 \x01(\v2\x17.cex.ledger.v1.TransferR\btransfer*\xf1\x01\n" +
 	"\fTransferKind\x12\x1d\n" +
 	"\x19TRANSFER_KIND_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15TRANSFER_KIND_DEPOSIT\x10\x01\x12\x1c\n" +
@@ -1651,19 +1793,21 @@ const file_cex_ledger_v1_ledger_proto_rawDesc = "" +
 	"\x18TRANSFER_KIND_ORDER_HOLD\x10\x03\x12\x17\n" +
 	"\x13TRANSFER_KIND_TRADE\x10\x04\x12\x15\n" +
 	"\x11TRANSFER_KIND_FEE\x10\x05\x12\x1c\n" +
-	"\x18TRANSFER_KIND_ADJUSTMENT\x10\x06*\x9d\x01\n" +
+	"\x18TRANSFER_KIND_ADJUSTMENT\x10\x06\x12\x1d\n" +
+	"\x19TRANSFER_KIND_SUB_ACCOUNT\x10\a*\x9d\x01\n" +
 	"\rTransferState\x12\x1e\n" +
 	"\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16TRANSFER_STATE_PENDING\x10\x01\x12\x19\n" +
 	"\x15TRANSFER_STATE_POSTED\x10\x02\x12\x19\n" +
 	"\x15TRANSFER_STATE_VOIDED\x10\x03\x12\x1a\n" +
-	"\x16TRANSFER_STATE_EXPIRED\x10\x042\xc1\x05\n" +
+	"\x16TRANSFER_STATE_EXPIRED\x10\x042\xe2\x06\n" +
 	"\rLedgerService\x12`\n" +
 	"\x0fCreateTransfers\x12%.cex.ledger.v1.CreateTransfersRequest\x1a&.cex.ledger.v1.CreateTransfersResponse\x12l\n" +
 	"\x13PostPendingTransfer\x12).cex.ledger.v1.PostPendingTransferRequest\x1a*.cex.ledger.v1.PostPendingTransferResponse\x12l\n" +
 	"\x13VoidPendingTransfer\x12).cex.ledger.v1.VoidPendingTransferRequest\x1a*.cex.ledger.v1.VoidPendingTransferResponse\x12T\n" +
 	"\vGetTransfer\x12!.cex.ledger.v1.GetTransferRequest\x1a\".cex.ledger.v1.GetTransferResponse\x12j\n" +
-	"\vGetBalances\x12!.cex.ledger.v1.GetBalancesRequest\x1a\".cex.ledger.v1.GetBalancesResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\f/v1/balances\x12Z\n" +
+	"\vGetBalances\x12!.cex.ledger.v1.GetBalancesRequest\x1a\".cex.ledger.v1.GetBalancesResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\f/v1/balances\x12\x9e\x01\n" +
+	"\x17TransferSubAccountFunds\x12-.cex.ledger.v1.TransferSubAccountFundsRequest\x1a..cex.ledger.v1.TransferSubAccountFundsResponse\"$\x82\xd3\xe4\x93\x02\x1e:\x01*\"\x19/v1/subAccounts/transfers\x12Z\n" +
 	"\rListTransfers\x12#.cex.ledger.v1.ListTransfersRequest\x1a$.cex.ledger.v1.ListTransfersResponse\x12T\n" +
 	"\vAuditLedger\x12!.cex.ledger.v1.AuditLedgerRequest\x1a\".cex.ledger.v1.AuditLedgerResponseb\x06proto3"
 
@@ -1680,41 +1824,43 @@ func file_cex_ledger_v1_ledger_proto_rawDescGZIP() []byte {
 }
 
 var file_cex_ledger_v1_ledger_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_cex_ledger_v1_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_cex_ledger_v1_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_cex_ledger_v1_ledger_proto_goTypes = []any{
-	(TransferKind)(0),                   // 0: cex.ledger.v1.TransferKind
-	(TransferState)(0),                  // 1: cex.ledger.v1.TransferState
-	(*TransferFlags)(nil),               // 2: cex.ledger.v1.TransferFlags
-	(*Transfer)(nil),                    // 3: cex.ledger.v1.Transfer
-	(*Balance)(nil),                     // 4: cex.ledger.v1.Balance
-	(*CreateTransferResult)(nil),        // 5: cex.ledger.v1.CreateTransferResult
-	(*AssetAudit)(nil),                  // 6: cex.ledger.v1.AssetAudit
-	(*CreateTransfersRequest)(nil),      // 7: cex.ledger.v1.CreateTransfersRequest
-	(*CreateTransfersResponse)(nil),     // 8: cex.ledger.v1.CreateTransfersResponse
-	(*PostPendingTransferRequest)(nil),  // 9: cex.ledger.v1.PostPendingTransferRequest
-	(*PostPendingTransferResponse)(nil), // 10: cex.ledger.v1.PostPendingTransferResponse
-	(*VoidPendingTransferRequest)(nil),  // 11: cex.ledger.v1.VoidPendingTransferRequest
-	(*VoidPendingTransferResponse)(nil), // 12: cex.ledger.v1.VoidPendingTransferResponse
-	(*GetTransferRequest)(nil),          // 13: cex.ledger.v1.GetTransferRequest
-	(*GetTransferResponse)(nil),         // 14: cex.ledger.v1.GetTransferResponse
-	(*GetBalancesRequest)(nil),          // 15: cex.ledger.v1.GetBalancesRequest
-	(*GetBalancesResponse)(nil),         // 16: cex.ledger.v1.GetBalancesResponse
-	(*ListTransfersRequest)(nil),        // 17: cex.ledger.v1.ListTransfersRequest
-	(*ListTransfersResponse)(nil),       // 18: cex.ledger.v1.ListTransfersResponse
-	(*AuditLedgerRequest)(nil),          // 19: cex.ledger.v1.AuditLedgerRequest
-	(*AuditLedgerResponse)(nil),         // 20: cex.ledger.v1.AuditLedgerResponse
-	(*durationpb.Duration)(nil),         // 21: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),       // 22: google.protobuf.Timestamp
-	(*status.Status)(nil),               // 23: google.rpc.Status
+	(TransferKind)(0),                       // 0: cex.ledger.v1.TransferKind
+	(TransferState)(0),                      // 1: cex.ledger.v1.TransferState
+	(*TransferFlags)(nil),                   // 2: cex.ledger.v1.TransferFlags
+	(*Transfer)(nil),                        // 3: cex.ledger.v1.Transfer
+	(*Balance)(nil),                         // 4: cex.ledger.v1.Balance
+	(*CreateTransferResult)(nil),            // 5: cex.ledger.v1.CreateTransferResult
+	(*AssetAudit)(nil),                      // 6: cex.ledger.v1.AssetAudit
+	(*CreateTransfersRequest)(nil),          // 7: cex.ledger.v1.CreateTransfersRequest
+	(*CreateTransfersResponse)(nil),         // 8: cex.ledger.v1.CreateTransfersResponse
+	(*PostPendingTransferRequest)(nil),      // 9: cex.ledger.v1.PostPendingTransferRequest
+	(*PostPendingTransferResponse)(nil),     // 10: cex.ledger.v1.PostPendingTransferResponse
+	(*VoidPendingTransferRequest)(nil),      // 11: cex.ledger.v1.VoidPendingTransferRequest
+	(*VoidPendingTransferResponse)(nil),     // 12: cex.ledger.v1.VoidPendingTransferResponse
+	(*GetTransferRequest)(nil),              // 13: cex.ledger.v1.GetTransferRequest
+	(*GetTransferResponse)(nil),             // 14: cex.ledger.v1.GetTransferResponse
+	(*GetBalancesRequest)(nil),              // 15: cex.ledger.v1.GetBalancesRequest
+	(*GetBalancesResponse)(nil),             // 16: cex.ledger.v1.GetBalancesResponse
+	(*ListTransfersRequest)(nil),            // 17: cex.ledger.v1.ListTransfersRequest
+	(*ListTransfersResponse)(nil),           // 18: cex.ledger.v1.ListTransfersResponse
+	(*AuditLedgerRequest)(nil),              // 19: cex.ledger.v1.AuditLedgerRequest
+	(*AuditLedgerResponse)(nil),             // 20: cex.ledger.v1.AuditLedgerResponse
+	(*TransferSubAccountFundsRequest)(nil),  // 21: cex.ledger.v1.TransferSubAccountFundsRequest
+	(*TransferSubAccountFundsResponse)(nil), // 22: cex.ledger.v1.TransferSubAccountFundsResponse
+	(*durationpb.Duration)(nil),             // 23: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),           // 24: google.protobuf.Timestamp
+	(*status.Status)(nil),                   // 25: google.rpc.Status
 }
 var file_cex_ledger_v1_ledger_proto_depIdxs = []int32{
 	2,  // 0: cex.ledger.v1.Transfer.flags:type_name -> cex.ledger.v1.TransferFlags
-	21, // 1: cex.ledger.v1.Transfer.timeout:type_name -> google.protobuf.Duration
+	23, // 1: cex.ledger.v1.Transfer.timeout:type_name -> google.protobuf.Duration
 	0,  // 2: cex.ledger.v1.Transfer.kind:type_name -> cex.ledger.v1.TransferKind
 	1,  // 3: cex.ledger.v1.Transfer.state:type_name -> cex.ledger.v1.TransferState
-	22, // 4: cex.ledger.v1.Transfer.create_time:type_name -> google.protobuf.Timestamp
-	22, // 5: cex.ledger.v1.Balance.update_time:type_name -> google.protobuf.Timestamp
-	23, // 6: cex.ledger.v1.CreateTransferResult.status:type_name -> google.rpc.Status
+	24, // 4: cex.ledger.v1.Transfer.create_time:type_name -> google.protobuf.Timestamp
+	24, // 5: cex.ledger.v1.Balance.update_time:type_name -> google.protobuf.Timestamp
+	25, // 6: cex.ledger.v1.CreateTransferResult.status:type_name -> google.rpc.Status
 	3,  // 7: cex.ledger.v1.CreateTransferResult.transfer:type_name -> cex.ledger.v1.Transfer
 	3,  // 8: cex.ledger.v1.CreateTransfersRequest.transfers:type_name -> cex.ledger.v1.Transfer
 	5,  // 9: cex.ledger.v1.CreateTransfersResponse.results:type_name -> cex.ledger.v1.CreateTransferResult
@@ -1724,30 +1870,33 @@ var file_cex_ledger_v1_ledger_proto_depIdxs = []int32{
 	4,  // 13: cex.ledger.v1.GetBalancesResponse.balances:type_name -> cex.ledger.v1.Balance
 	0,  // 14: cex.ledger.v1.ListTransfersRequest.kind:type_name -> cex.ledger.v1.TransferKind
 	1,  // 15: cex.ledger.v1.ListTransfersRequest.state:type_name -> cex.ledger.v1.TransferState
-	22, // 16: cex.ledger.v1.ListTransfersRequest.start_time:type_name -> google.protobuf.Timestamp
-	22, // 17: cex.ledger.v1.ListTransfersRequest.end_time:type_name -> google.protobuf.Timestamp
+	24, // 16: cex.ledger.v1.ListTransfersRequest.start_time:type_name -> google.protobuf.Timestamp
+	24, // 17: cex.ledger.v1.ListTransfersRequest.end_time:type_name -> google.protobuf.Timestamp
 	3,  // 18: cex.ledger.v1.ListTransfersResponse.transfers:type_name -> cex.ledger.v1.Transfer
 	6,  // 19: cex.ledger.v1.AuditLedgerResponse.results:type_name -> cex.ledger.v1.AssetAudit
-	22, // 20: cex.ledger.v1.AuditLedgerResponse.audit_time:type_name -> google.protobuf.Timestamp
-	7,  // 21: cex.ledger.v1.LedgerService.CreateTransfers:input_type -> cex.ledger.v1.CreateTransfersRequest
-	9,  // 22: cex.ledger.v1.LedgerService.PostPendingTransfer:input_type -> cex.ledger.v1.PostPendingTransferRequest
-	11, // 23: cex.ledger.v1.LedgerService.VoidPendingTransfer:input_type -> cex.ledger.v1.VoidPendingTransferRequest
-	13, // 24: cex.ledger.v1.LedgerService.GetTransfer:input_type -> cex.ledger.v1.GetTransferRequest
-	15, // 25: cex.ledger.v1.LedgerService.GetBalances:input_type -> cex.ledger.v1.GetBalancesRequest
-	17, // 26: cex.ledger.v1.LedgerService.ListTransfers:input_type -> cex.ledger.v1.ListTransfersRequest
-	19, // 27: cex.ledger.v1.LedgerService.AuditLedger:input_type -> cex.ledger.v1.AuditLedgerRequest
-	8,  // 28: cex.ledger.v1.LedgerService.CreateTransfers:output_type -> cex.ledger.v1.CreateTransfersResponse
-	10, // 29: cex.ledger.v1.LedgerService.PostPendingTransfer:output_type -> cex.ledger.v1.PostPendingTransferResponse
-	12, // 30: cex.ledger.v1.LedgerService.VoidPendingTransfer:output_type -> cex.ledger.v1.VoidPendingTransferResponse
-	14, // 31: cex.ledger.v1.LedgerService.GetTransfer:output_type -> cex.ledger.v1.GetTransferResponse
-	16, // 32: cex.ledger.v1.LedgerService.GetBalances:output_type -> cex.ledger.v1.GetBalancesResponse
-	18, // 33: cex.ledger.v1.LedgerService.ListTransfers:output_type -> cex.ledger.v1.ListTransfersResponse
-	20, // 34: cex.ledger.v1.LedgerService.AuditLedger:output_type -> cex.ledger.v1.AuditLedgerResponse
-	28, // [28:35] is the sub-list for method output_type
-	21, // [21:28] is the sub-list for method input_type
-	21, // [21:21] is the sub-list for extension type_name
-	21, // [21:21] is the sub-list for extension extendee
-	0,  // [0:21] is the sub-list for field type_name
+	24, // 20: cex.ledger.v1.AuditLedgerResponse.audit_time:type_name -> google.protobuf.Timestamp
+	3,  // 21: cex.ledger.v1.TransferSubAccountFundsResponse.transfer:type_name -> cex.ledger.v1.Transfer
+	7,  // 22: cex.ledger.v1.LedgerService.CreateTransfers:input_type -> cex.ledger.v1.CreateTransfersRequest
+	9,  // 23: cex.ledger.v1.LedgerService.PostPendingTransfer:input_type -> cex.ledger.v1.PostPendingTransferRequest
+	11, // 24: cex.ledger.v1.LedgerService.VoidPendingTransfer:input_type -> cex.ledger.v1.VoidPendingTransferRequest
+	13, // 25: cex.ledger.v1.LedgerService.GetTransfer:input_type -> cex.ledger.v1.GetTransferRequest
+	15, // 26: cex.ledger.v1.LedgerService.GetBalances:input_type -> cex.ledger.v1.GetBalancesRequest
+	21, // 27: cex.ledger.v1.LedgerService.TransferSubAccountFunds:input_type -> cex.ledger.v1.TransferSubAccountFundsRequest
+	17, // 28: cex.ledger.v1.LedgerService.ListTransfers:input_type -> cex.ledger.v1.ListTransfersRequest
+	19, // 29: cex.ledger.v1.LedgerService.AuditLedger:input_type -> cex.ledger.v1.AuditLedgerRequest
+	8,  // 30: cex.ledger.v1.LedgerService.CreateTransfers:output_type -> cex.ledger.v1.CreateTransfersResponse
+	10, // 31: cex.ledger.v1.LedgerService.PostPendingTransfer:output_type -> cex.ledger.v1.PostPendingTransferResponse
+	12, // 32: cex.ledger.v1.LedgerService.VoidPendingTransfer:output_type -> cex.ledger.v1.VoidPendingTransferResponse
+	14, // 33: cex.ledger.v1.LedgerService.GetTransfer:output_type -> cex.ledger.v1.GetTransferResponse
+	16, // 34: cex.ledger.v1.LedgerService.GetBalances:output_type -> cex.ledger.v1.GetBalancesResponse
+	22, // 35: cex.ledger.v1.LedgerService.TransferSubAccountFunds:output_type -> cex.ledger.v1.TransferSubAccountFundsResponse
+	18, // 36: cex.ledger.v1.LedgerService.ListTransfers:output_type -> cex.ledger.v1.ListTransfersResponse
+	20, // 37: cex.ledger.v1.LedgerService.AuditLedger:output_type -> cex.ledger.v1.AuditLedgerResponse
+	30, // [30:38] is the sub-list for method output_type
+	22, // [22:30] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_cex_ledger_v1_ledger_proto_init() }
@@ -1761,7 +1910,7 @@ func file_cex_ledger_v1_ledger_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cex_ledger_v1_ledger_proto_rawDesc), len(file_cex_ledger_v1_ledger_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   19,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

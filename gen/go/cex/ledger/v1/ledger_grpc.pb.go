@@ -32,13 +32,14 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	LedgerService_CreateTransfers_FullMethodName     = "/cex.ledger.v1.LedgerService/CreateTransfers"
-	LedgerService_PostPendingTransfer_FullMethodName = "/cex.ledger.v1.LedgerService/PostPendingTransfer"
-	LedgerService_VoidPendingTransfer_FullMethodName = "/cex.ledger.v1.LedgerService/VoidPendingTransfer"
-	LedgerService_GetTransfer_FullMethodName         = "/cex.ledger.v1.LedgerService/GetTransfer"
-	LedgerService_GetBalances_FullMethodName         = "/cex.ledger.v1.LedgerService/GetBalances"
-	LedgerService_ListTransfers_FullMethodName       = "/cex.ledger.v1.LedgerService/ListTransfers"
-	LedgerService_AuditLedger_FullMethodName         = "/cex.ledger.v1.LedgerService/AuditLedger"
+	LedgerService_CreateTransfers_FullMethodName         = "/cex.ledger.v1.LedgerService/CreateTransfers"
+	LedgerService_PostPendingTransfer_FullMethodName     = "/cex.ledger.v1.LedgerService/PostPendingTransfer"
+	LedgerService_VoidPendingTransfer_FullMethodName     = "/cex.ledger.v1.LedgerService/VoidPendingTransfer"
+	LedgerService_GetTransfer_FullMethodName             = "/cex.ledger.v1.LedgerService/GetTransfer"
+	LedgerService_GetBalances_FullMethodName             = "/cex.ledger.v1.LedgerService/GetBalances"
+	LedgerService_TransferSubAccountFunds_FullMethodName = "/cex.ledger.v1.LedgerService/TransferSubAccountFunds"
+	LedgerService_ListTransfers_FullMethodName           = "/cex.ledger.v1.LedgerService/ListTransfers"
+	LedgerService_AuditLedger_FullMethodName             = "/cex.ledger.v1.LedgerService/AuditLedger"
 )
 
 // LedgerServiceClient is the client API for LedgerService service.
@@ -63,6 +64,15 @@ type LedgerServiceClient interface {
 	GetTransfer(ctx context.Context, in *GetTransferRequest, opts ...grpc.CallOption) (*GetTransferResponse, error)
 	// Returns an account's balances per asset.
 	GetBalances(ctx context.Context, in *GetBalancesRequest, opts ...grpc.CallOption) (*GetBalancesResponse, error)
+	// Moves funds at once between a master account and one of its sub-accounts
+	// (ADR 0017), either way: one of from_account_id and to_account_id is the
+	// caller's account, the other one of its sub-accounts (another account is
+	// NOT_FOUND). Sequenced by the balance owner like every transfer; the
+	// transfer's id is "sub:<master>:<request_id>", so a retry with the same
+	// request_id and body returns the first transfer and moves nothing again
+	// (another body: ALREADY_EXISTS). More than the available balance is
+	// FAILED_PRECONDITION LEDGER_INSUFFICIENT_FUNDS.
+	TransferSubAccountFunds(ctx context.Context, in *TransferSubAccountFundsRequest, opts ...grpc.CallOption) (*TransferSubAccountFundsResponse, error)
 	// Internal: lists transfers in commit order (ascending sequence).
 	ListTransfers(ctx context.Context, in *ListTransfersRequest, opts ...grpc.CallOption) (*ListTransfersResponse, error)
 	// Internal: checks the ledger's invariants per asset (debits equal credits,
@@ -128,6 +138,16 @@ func (c *ledgerServiceClient) GetBalances(ctx context.Context, in *GetBalancesRe
 	return out, nil
 }
 
+func (c *ledgerServiceClient) TransferSubAccountFunds(ctx context.Context, in *TransferSubAccountFundsRequest, opts ...grpc.CallOption) (*TransferSubAccountFundsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(TransferSubAccountFundsResponse)
+	err := c.cc.Invoke(ctx, LedgerService_TransferSubAccountFunds_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *ledgerServiceClient) ListTransfers(ctx context.Context, in *ListTransfersRequest, opts ...grpc.CallOption) (*ListTransfersResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ListTransfersResponse)
@@ -170,6 +190,15 @@ type LedgerServiceServer interface {
 	GetTransfer(context.Context, *GetTransferRequest) (*GetTransferResponse, error)
 	// Returns an account's balances per asset.
 	GetBalances(context.Context, *GetBalancesRequest) (*GetBalancesResponse, error)
+	// Moves funds at once between a master account and one of its sub-accounts
+	// (ADR 0017), either way: one of from_account_id and to_account_id is the
+	// caller's account, the other one of its sub-accounts (another account is
+	// NOT_FOUND). Sequenced by the balance owner like every transfer; the
+	// transfer's id is "sub:<master>:<request_id>", so a retry with the same
+	// request_id and body returns the first transfer and moves nothing again
+	// (another body: ALREADY_EXISTS). More than the available balance is
+	// FAILED_PRECONDITION LEDGER_INSUFFICIENT_FUNDS.
+	TransferSubAccountFunds(context.Context, *TransferSubAccountFundsRequest) (*TransferSubAccountFundsResponse, error)
 	// Internal: lists transfers in commit order (ascending sequence).
 	ListTransfers(context.Context, *ListTransfersRequest) (*ListTransfersResponse, error)
 	// Internal: checks the ledger's invariants per asset (debits equal credits,
@@ -199,6 +228,9 @@ func (UnimplementedLedgerServiceServer) GetTransfer(context.Context, *GetTransfe
 }
 func (UnimplementedLedgerServiceServer) GetBalances(context.Context, *GetBalancesRequest) (*GetBalancesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetBalances not implemented")
+}
+func (UnimplementedLedgerServiceServer) TransferSubAccountFunds(context.Context, *TransferSubAccountFundsRequest) (*TransferSubAccountFundsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method TransferSubAccountFunds not implemented")
 }
 func (UnimplementedLedgerServiceServer) ListTransfers(context.Context, *ListTransfersRequest) (*ListTransfersResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListTransfers not implemented")
@@ -317,6 +349,24 @@ func _LedgerService_GetBalances_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _LedgerService_TransferSubAccountFunds_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(TransferSubAccountFundsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LedgerServiceServer).TransferSubAccountFunds(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LedgerService_TransferSubAccountFunds_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LedgerServiceServer).TransferSubAccountFunds(ctx, req.(*TransferSubAccountFundsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _LedgerService_ListTransfers_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ListTransfersRequest)
 	if err := dec(in); err != nil {
@@ -379,6 +429,10 @@ var LedgerService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetBalances",
 			Handler:    _LedgerService_GetBalances_Handler,
+		},
+		{
+			MethodName: "TransferSubAccountFunds",
+			Handler:    _LedgerService_TransferSubAccountFunds_Handler,
 		},
 		{
 			MethodName: "ListTransfers",

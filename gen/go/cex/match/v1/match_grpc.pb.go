@@ -69,7 +69,7 @@ type MatchServiceClient interface {
 	// (funds released) and is final: FAILED_PRECONDITION MATCH_MARKET_DELISTED
 	// for any later change.
 	SetMarketStatus(ctx context.Context, in *SetMarketStatusRequest, opts ...grpc.CallOption) (*SetMarketStatusResponse, error)
-	// Lists a new market at runtime (ADR 0017): a command journaled by the
+	// Lists a new market at runtime (ADR 0018): a command journaled by the
 	// writer as the new market's first command (command_id
 	// "list:<request_id>"), announced by a MarketListed event (seq 1 of the
 	// market, on match.events.<symbol>), and kept in match's markets table,
@@ -190,7 +190,7 @@ type MatchServiceServer interface {
 	// (funds released) and is final: FAILED_PRECONDITION MATCH_MARKET_DELISTED
 	// for any later change.
 	SetMarketStatus(context.Context, *SetMarketStatusRequest) (*SetMarketStatusResponse, error)
-	// Lists a new market at runtime (ADR 0017): a command journaled by the
+	// Lists a new market at runtime (ADR 0018): a command journaled by the
 	// writer as the new market's first command (command_id
 	// "list:<request_id>"), announced by a MarketListed event (seq 1 of the
 	// market, on match.events.<symbol>), and kept in match's markets table,

@@ -1587,6 +1587,118 @@ func (x *SetLimitsResponse) GetLimits() *Limits {
 	return nil
 }
 
+// Request for RiskService.SetSubAccountLimits.
+type SetSubAccountLimitsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Client-chosen idempotency id.
+	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// The sub-account's complete new limits (account_id: the sub-account).
+	Limits *Limits `protobuf:"bytes,2,opt,name=limits,proto3" json:"limits,omitempty"`
+	// Optimistic concurrency: if non-zero, refuse with ABORTED unless the stored
+	// version equals it.
+	ExpectedVersion int64 `protobuf:"varint,3,opt,name=expected_version,json=expectedVersion,proto3" json:"expected_version,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *SetSubAccountLimitsRequest) Reset() {
+	*x = SetSubAccountLimitsRequest{}
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetSubAccountLimitsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetSubAccountLimitsRequest) ProtoMessage() {}
+
+func (x *SetSubAccountLimitsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetSubAccountLimitsRequest.ProtoReflect.Descriptor instead.
+func (*SetSubAccountLimitsRequest) Descriptor() ([]byte, []int) {
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *SetSubAccountLimitsRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *SetSubAccountLimitsRequest) GetLimits() *Limits {
+	if x != nil {
+		return x.Limits
+	}
+	return nil
+}
+
+func (x *SetSubAccountLimitsRequest) GetExpectedVersion() int64 {
+	if x != nil {
+		return x.ExpectedVersion
+	}
+	return 0
+}
+
+// Response for RiskService.SetSubAccountLimits.
+type SetSubAccountLimitsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The stored limits (the master's filling what the request left unset),
+	// with the new version.
+	Limits        *Limits `protobuf:"bytes,1,opt,name=limits,proto3" json:"limits,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetSubAccountLimitsResponse) Reset() {
+	*x = SetSubAccountLimitsResponse{}
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetSubAccountLimitsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetSubAccountLimitsResponse) ProtoMessage() {}
+
+func (x *SetSubAccountLimitsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetSubAccountLimitsResponse.ProtoReflect.Descriptor instead.
+func (*SetSubAccountLimitsResponse) Descriptor() ([]byte, []int) {
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *SetSubAccountLimitsResponse) GetLimits() *Limits {
+	if x != nil {
+		return x.Limits
+	}
+	return nil
+}
+
 // Request for RiskService.SetKillSwitch.
 type SetKillSwitchRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1612,7 +1724,7 @@ type SetKillSwitchRequest struct {
 
 func (x *SetKillSwitchRequest) Reset() {
 	*x = SetKillSwitchRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[20]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1624,7 +1736,7 @@ func (x *SetKillSwitchRequest) String() string {
 func (*SetKillSwitchRequest) ProtoMessage() {}
 
 func (x *SetKillSwitchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[20]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1637,7 +1749,7 @@ func (x *SetKillSwitchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKillSwitchRequest.ProtoReflect.Descriptor instead.
 func (*SetKillSwitchRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{20}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SetKillSwitchRequest) GetRequestId() string {
@@ -1707,7 +1819,7 @@ type SetKillSwitchResponse struct {
 
 func (x *SetKillSwitchResponse) Reset() {
 	*x = SetKillSwitchResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[21]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1719,7 +1831,7 @@ func (x *SetKillSwitchResponse) String() string {
 func (*SetKillSwitchResponse) ProtoMessage() {}
 
 func (x *SetKillSwitchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[21]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1732,7 +1844,7 @@ func (x *SetKillSwitchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetKillSwitchResponse.ProtoReflect.Descriptor instead.
 func (*SetKillSwitchResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{21}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *SetKillSwitchResponse) GetKillSwitch() *KillSwitch {
@@ -1757,7 +1869,7 @@ type ListKillSwitchesRequest struct {
 
 func (x *ListKillSwitchesRequest) Reset() {
 	*x = ListKillSwitchesRequest{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[22]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1769,7 +1881,7 @@ func (x *ListKillSwitchesRequest) String() string {
 func (*ListKillSwitchesRequest) ProtoMessage() {}
 
 func (x *ListKillSwitchesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[22]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1782,7 +1894,7 @@ func (x *ListKillSwitchesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKillSwitchesRequest.ProtoReflect.Descriptor instead.
 func (*ListKillSwitchesRequest) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{22}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ListKillSwitchesRequest) GetEngagedOnly() bool {
@@ -1819,7 +1931,7 @@ type ListKillSwitchesResponse struct {
 
 func (x *ListKillSwitchesResponse) Reset() {
 	*x = ListKillSwitchesResponse{}
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[23]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1831,7 +1943,7 @@ func (x *ListKillSwitchesResponse) String() string {
 func (*ListKillSwitchesResponse) ProtoMessage() {}
 
 func (x *ListKillSwitchesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_risk_v1_risk_proto_msgTypes[23]
+	mi := &file_cex_risk_v1_risk_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1844,7 +1956,7 @@ func (x *ListKillSwitchesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKillSwitchesResponse.ProtoReflect.Descriptor instead.
 func (*ListKillSwitchesResponse) Descriptor() ([]byte, []int) {
-	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{23}
+	return file_cex_risk_v1_risk_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ListKillSwitchesResponse) GetKillSwitches() []*KillSwitch {
@@ -1980,6 +2092,13 @@ const file_cex_risk_v1_risk_proto_rawDesc = "" +
 	"\x06limits\x18\x02 \x01(\v2\x13.cex.risk.v1.LimitsR\x06limits\x12)\n" +
 	"\x10expected_version\x18\x03 \x01(\x03R\x0fexpectedVersion\"@\n" +
 	"\x11SetLimitsResponse\x12+\n" +
+	"\x06limits\x18\x01 \x01(\v2\x13.cex.risk.v1.LimitsR\x06limits\"\x93\x01\n" +
+	"\x1aSetSubAccountLimitsRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\x12+\n" +
+	"\x06limits\x18\x02 \x01(\v2\x13.cex.risk.v1.LimitsR\x06limits\x12)\n" +
+	"\x10expected_version\x18\x03 \x01(\x03R\x0fexpectedVersion\"J\n" +
+	"\x1bSetSubAccountLimitsResponse\x12+\n" +
 	"\x06limits\x18\x01 \x01(\v2\x13.cex.risk.v1.LimitsR\x06limits\"\xad\x02\n" +
 	"\x14SetKillSwitchRequest\x12\x1d\n" +
 	"\n" +
@@ -2011,7 +2130,7 @@ const file_cex_risk_v1_risk_proto_rawDesc = "" +
 	"\vOrderAction\x12\x1c\n" +
 	"\x18ORDER_ACTION_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12ORDER_ACTION_PLACE\x10\x01\x12\x16\n" +
-	"\x12ORDER_ACTION_AMEND\x10\x022\xa8\x06\n" +
+	"\x12ORDER_ACTION_AMEND\x10\x022\xb6\a\n" +
 	"\vRiskService\x12M\n" +
 	"\n" +
 	"CheckOrder\x12\x1e.cex.risk.v1.CheckOrderRequest\x1a\x1f.cex.risk.v1.CheckOrderResponse\x12P\n" +
@@ -2019,7 +2138,8 @@ const file_cex_risk_v1_risk_proto_rawDesc = "" +
 	"\n" +
 	"WatchRules\x12\x1e.cex.risk.v1.WatchRulesRequest\x1a\x1f.cex.risk.v1.WatchRulesResponse0\x01\x12\\\n" +
 	"\x0fCheckWithdrawal\x12#.cex.risk.v1.CheckWithdrawalRequest\x1a$.cex.risk.v1.CheckWithdrawalResponse\x12d\n" +
-	"\tGetLimits\x12\x1d.cex.risk.v1.GetLimitsRequest\x1a\x1e.cex.risk.v1.GetLimitsResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/admin/limits\x12g\n" +
+	"\tGetLimits\x12\x1d.cex.risk.v1.GetLimitsRequest\x1a\x1e.cex.risk.v1.GetLimitsResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/admin/limits\x12\x8b\x01\n" +
+	"\x13SetSubAccountLimits\x12'.cex.risk.v1.SetSubAccountLimitsRequest\x1a(.cex.risk.v1.SetSubAccountLimitsResponse\"!\x82\xd3\xe4\x93\x02\x1b:\x01*\"\x16/v1/subAccounts/limits\x12g\n" +
 	"\tSetLimits\x12\x1d.cex.risk.v1.SetLimitsRequest\x1a\x1e.cex.risk.v1.SetLimitsResponse\"\x1b\x82\xd3\xe4\x93\x02\x15:\x01*\"\x10/v1/admin/limits\x12y\n" +
 	"\rSetKillSwitch\x12!.cex.risk.v1.SetKillSwitchRequest\x1a\".cex.risk.v1.SetKillSwitchResponse\"!\x82\xd3\xe4\x93\x02\x1b:\x01*\"\x16/v1/admin/killSwitches\x12\x7f\n" +
 	"\x10ListKillSwitches\x12$.cex.risk.v1.ListKillSwitchesRequest\x1a%.cex.risk.v1.ListKillSwitchesResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/admin/killSwitchesb\x06proto3"
@@ -2037,38 +2157,40 @@ func file_cex_risk_v1_risk_proto_rawDescGZIP() []byte {
 }
 
 var file_cex_risk_v1_risk_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_cex_risk_v1_risk_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_cex_risk_v1_risk_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_cex_risk_v1_risk_proto_goTypes = []any{
-	(KillSwitchScope)(0),             // 0: cex.risk.v1.KillSwitchScope
-	(OrderAction)(0),                 // 1: cex.risk.v1.OrderAction
-	(*MarketLimits)(nil),             // 2: cex.risk.v1.MarketLimits
-	(*WithdrawalLimits)(nil),         // 3: cex.risk.v1.WithdrawalLimits
-	(*WatchRulesRequest)(nil),        // 4: cex.risk.v1.WatchRulesRequest
-	(*WatchRulesResponse)(nil),       // 5: cex.risk.v1.WatchRulesResponse
-	(*ReferencePrice)(nil),           // 6: cex.risk.v1.ReferencePrice
-	(*Limits)(nil),                   // 7: cex.risk.v1.Limits
-	(*KillSwitch)(nil),               // 8: cex.risk.v1.KillSwitch
-	(*KillSwitchEvent)(nil),          // 9: cex.risk.v1.KillSwitchEvent
-	(*CheckOrderRequest)(nil),        // 10: cex.risk.v1.CheckOrderRequest
-	(*RateLimitUsage)(nil),           // 11: cex.risk.v1.RateLimitUsage
-	(*CheckOrderResponse)(nil),       // 12: cex.risk.v1.CheckOrderResponse
-	(*CheckOrdersRequest)(nil),       // 13: cex.risk.v1.CheckOrdersRequest
-	(*CheckOrderResult)(nil),         // 14: cex.risk.v1.CheckOrderResult
-	(*CheckOrdersResponse)(nil),      // 15: cex.risk.v1.CheckOrdersResponse
-	(*CheckWithdrawalRequest)(nil),   // 16: cex.risk.v1.CheckWithdrawalRequest
-	(*CheckWithdrawalResponse)(nil),  // 17: cex.risk.v1.CheckWithdrawalResponse
-	(*GetLimitsRequest)(nil),         // 18: cex.risk.v1.GetLimitsRequest
-	(*GetLimitsResponse)(nil),        // 19: cex.risk.v1.GetLimitsResponse
-	(*SetLimitsRequest)(nil),         // 20: cex.risk.v1.SetLimitsRequest
-	(*SetLimitsResponse)(nil),        // 21: cex.risk.v1.SetLimitsResponse
-	(*SetKillSwitchRequest)(nil),     // 22: cex.risk.v1.SetKillSwitchRequest
-	(*SetKillSwitchResponse)(nil),    // 23: cex.risk.v1.SetKillSwitchResponse
-	(*ListKillSwitchesRequest)(nil),  // 24: cex.risk.v1.ListKillSwitchesRequest
-	(*ListKillSwitchesResponse)(nil), // 25: cex.risk.v1.ListKillSwitchesResponse
-	(*timestamppb.Timestamp)(nil),    // 26: google.protobuf.Timestamp
-	(v1.Side)(0),                     // 27: cex.type.v1.Side
-	(v1.OrderType)(0),                // 28: cex.type.v1.OrderType
-	(*status.Status)(nil),            // 29: google.rpc.Status
+	(KillSwitchScope)(0),                // 0: cex.risk.v1.KillSwitchScope
+	(OrderAction)(0),                    // 1: cex.risk.v1.OrderAction
+	(*MarketLimits)(nil),                // 2: cex.risk.v1.MarketLimits
+	(*WithdrawalLimits)(nil),            // 3: cex.risk.v1.WithdrawalLimits
+	(*WatchRulesRequest)(nil),           // 4: cex.risk.v1.WatchRulesRequest
+	(*WatchRulesResponse)(nil),          // 5: cex.risk.v1.WatchRulesResponse
+	(*ReferencePrice)(nil),              // 6: cex.risk.v1.ReferencePrice
+	(*Limits)(nil),                      // 7: cex.risk.v1.Limits
+	(*KillSwitch)(nil),                  // 8: cex.risk.v1.KillSwitch
+	(*KillSwitchEvent)(nil),             // 9: cex.risk.v1.KillSwitchEvent
+	(*CheckOrderRequest)(nil),           // 10: cex.risk.v1.CheckOrderRequest
+	(*RateLimitUsage)(nil),              // 11: cex.risk.v1.RateLimitUsage
+	(*CheckOrderResponse)(nil),          // 12: cex.risk.v1.CheckOrderResponse
+	(*CheckOrdersRequest)(nil),          // 13: cex.risk.v1.CheckOrdersRequest
+	(*CheckOrderResult)(nil),            // 14: cex.risk.v1.CheckOrderResult
+	(*CheckOrdersResponse)(nil),         // 15: cex.risk.v1.CheckOrdersResponse
+	(*CheckWithdrawalRequest)(nil),      // 16: cex.risk.v1.CheckWithdrawalRequest
+	(*CheckWithdrawalResponse)(nil),     // 17: cex.risk.v1.CheckWithdrawalResponse
+	(*GetLimitsRequest)(nil),            // 18: cex.risk.v1.GetLimitsRequest
+	(*GetLimitsResponse)(nil),           // 19: cex.risk.v1.GetLimitsResponse
+	(*SetLimitsRequest)(nil),            // 20: cex.risk.v1.SetLimitsRequest
+	(*SetLimitsResponse)(nil),           // 21: cex.risk.v1.SetLimitsResponse
+	(*SetSubAccountLimitsRequest)(nil),  // 22: cex.risk.v1.SetSubAccountLimitsRequest
+	(*SetSubAccountLimitsResponse)(nil), // 23: cex.risk.v1.SetSubAccountLimitsResponse
+	(*SetKillSwitchRequest)(nil),        // 24: cex.risk.v1.SetKillSwitchRequest
+	(*SetKillSwitchResponse)(nil),       // 25: cex.risk.v1.SetKillSwitchResponse
+	(*ListKillSwitchesRequest)(nil),     // 26: cex.risk.v1.ListKillSwitchesRequest
+	(*ListKillSwitchesResponse)(nil),    // 27: cex.risk.v1.ListKillSwitchesResponse
+	(*timestamppb.Timestamp)(nil),       // 28: google.protobuf.Timestamp
+	(v1.Side)(0),                        // 29: cex.type.v1.Side
+	(v1.OrderType)(0),                   // 30: cex.type.v1.OrderType
+	(*status.Status)(nil),               // 31: google.rpc.Status
 }
 var file_cex_risk_v1_risk_proto_depIdxs = []int32{
 	7,  // 0: cex.risk.v1.WatchRulesResponse.defaults:type_name -> cex.risk.v1.Limits
@@ -2077,47 +2199,51 @@ var file_cex_risk_v1_risk_proto_depIdxs = []int32{
 	6,  // 3: cex.risk.v1.WatchRulesResponse.reference_prices:type_name -> cex.risk.v1.ReferencePrice
 	2,  // 4: cex.risk.v1.Limits.markets:type_name -> cex.risk.v1.MarketLimits
 	3,  // 5: cex.risk.v1.Limits.withdrawals:type_name -> cex.risk.v1.WithdrawalLimits
-	26, // 6: cex.risk.v1.Limits.update_time:type_name -> google.protobuf.Timestamp
+	28, // 6: cex.risk.v1.Limits.update_time:type_name -> google.protobuf.Timestamp
 	0,  // 7: cex.risk.v1.KillSwitch.scope:type_name -> cex.risk.v1.KillSwitchScope
-	26, // 8: cex.risk.v1.KillSwitch.update_time:type_name -> google.protobuf.Timestamp
+	28, // 8: cex.risk.v1.KillSwitch.update_time:type_name -> google.protobuf.Timestamp
 	8,  // 9: cex.risk.v1.KillSwitchEvent.kill_switch:type_name -> cex.risk.v1.KillSwitch
 	1,  // 10: cex.risk.v1.CheckOrderRequest.action:type_name -> cex.risk.v1.OrderAction
-	27, // 11: cex.risk.v1.CheckOrderRequest.side:type_name -> cex.type.v1.Side
-	28, // 12: cex.risk.v1.CheckOrderRequest.type:type_name -> cex.type.v1.OrderType
-	29, // 13: cex.risk.v1.CheckOrderResponse.denial:type_name -> google.rpc.Status
+	29, // 11: cex.risk.v1.CheckOrderRequest.side:type_name -> cex.type.v1.Side
+	30, // 12: cex.risk.v1.CheckOrderRequest.type:type_name -> cex.type.v1.OrderType
+	31, // 13: cex.risk.v1.CheckOrderResponse.denial:type_name -> google.rpc.Status
 	11, // 14: cex.risk.v1.CheckOrderResponse.rate_limit:type_name -> cex.risk.v1.RateLimitUsage
 	10, // 15: cex.risk.v1.CheckOrdersRequest.checks:type_name -> cex.risk.v1.CheckOrderRequest
-	29, // 16: cex.risk.v1.CheckOrderResult.status:type_name -> google.rpc.Status
+	31, // 16: cex.risk.v1.CheckOrderResult.status:type_name -> google.rpc.Status
 	12, // 17: cex.risk.v1.CheckOrderResult.response:type_name -> cex.risk.v1.CheckOrderResponse
 	14, // 18: cex.risk.v1.CheckOrdersResponse.results:type_name -> cex.risk.v1.CheckOrderResult
-	29, // 19: cex.risk.v1.CheckWithdrawalResponse.denial:type_name -> google.rpc.Status
+	31, // 19: cex.risk.v1.CheckWithdrawalResponse.denial:type_name -> google.rpc.Status
 	7,  // 20: cex.risk.v1.GetLimitsResponse.limits:type_name -> cex.risk.v1.Limits
 	7,  // 21: cex.risk.v1.SetLimitsRequest.limits:type_name -> cex.risk.v1.Limits
 	7,  // 22: cex.risk.v1.SetLimitsResponse.limits:type_name -> cex.risk.v1.Limits
-	0,  // 23: cex.risk.v1.SetKillSwitchRequest.scope:type_name -> cex.risk.v1.KillSwitchScope
-	8,  // 24: cex.risk.v1.SetKillSwitchResponse.kill_switch:type_name -> cex.risk.v1.KillSwitch
-	8,  // 25: cex.risk.v1.ListKillSwitchesResponse.kill_switches:type_name -> cex.risk.v1.KillSwitch
-	10, // 26: cex.risk.v1.RiskService.CheckOrder:input_type -> cex.risk.v1.CheckOrderRequest
-	13, // 27: cex.risk.v1.RiskService.CheckOrders:input_type -> cex.risk.v1.CheckOrdersRequest
-	4,  // 28: cex.risk.v1.RiskService.WatchRules:input_type -> cex.risk.v1.WatchRulesRequest
-	16, // 29: cex.risk.v1.RiskService.CheckWithdrawal:input_type -> cex.risk.v1.CheckWithdrawalRequest
-	18, // 30: cex.risk.v1.RiskService.GetLimits:input_type -> cex.risk.v1.GetLimitsRequest
-	20, // 31: cex.risk.v1.RiskService.SetLimits:input_type -> cex.risk.v1.SetLimitsRequest
-	22, // 32: cex.risk.v1.RiskService.SetKillSwitch:input_type -> cex.risk.v1.SetKillSwitchRequest
-	24, // 33: cex.risk.v1.RiskService.ListKillSwitches:input_type -> cex.risk.v1.ListKillSwitchesRequest
-	12, // 34: cex.risk.v1.RiskService.CheckOrder:output_type -> cex.risk.v1.CheckOrderResponse
-	15, // 35: cex.risk.v1.RiskService.CheckOrders:output_type -> cex.risk.v1.CheckOrdersResponse
-	5,  // 36: cex.risk.v1.RiskService.WatchRules:output_type -> cex.risk.v1.WatchRulesResponse
-	17, // 37: cex.risk.v1.RiskService.CheckWithdrawal:output_type -> cex.risk.v1.CheckWithdrawalResponse
-	19, // 38: cex.risk.v1.RiskService.GetLimits:output_type -> cex.risk.v1.GetLimitsResponse
-	21, // 39: cex.risk.v1.RiskService.SetLimits:output_type -> cex.risk.v1.SetLimitsResponse
-	23, // 40: cex.risk.v1.RiskService.SetKillSwitch:output_type -> cex.risk.v1.SetKillSwitchResponse
-	25, // 41: cex.risk.v1.RiskService.ListKillSwitches:output_type -> cex.risk.v1.ListKillSwitchesResponse
-	34, // [34:42] is the sub-list for method output_type
-	26, // [26:34] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	7,  // 23: cex.risk.v1.SetSubAccountLimitsRequest.limits:type_name -> cex.risk.v1.Limits
+	7,  // 24: cex.risk.v1.SetSubAccountLimitsResponse.limits:type_name -> cex.risk.v1.Limits
+	0,  // 25: cex.risk.v1.SetKillSwitchRequest.scope:type_name -> cex.risk.v1.KillSwitchScope
+	8,  // 26: cex.risk.v1.SetKillSwitchResponse.kill_switch:type_name -> cex.risk.v1.KillSwitch
+	8,  // 27: cex.risk.v1.ListKillSwitchesResponse.kill_switches:type_name -> cex.risk.v1.KillSwitch
+	10, // 28: cex.risk.v1.RiskService.CheckOrder:input_type -> cex.risk.v1.CheckOrderRequest
+	13, // 29: cex.risk.v1.RiskService.CheckOrders:input_type -> cex.risk.v1.CheckOrdersRequest
+	4,  // 30: cex.risk.v1.RiskService.WatchRules:input_type -> cex.risk.v1.WatchRulesRequest
+	16, // 31: cex.risk.v1.RiskService.CheckWithdrawal:input_type -> cex.risk.v1.CheckWithdrawalRequest
+	18, // 32: cex.risk.v1.RiskService.GetLimits:input_type -> cex.risk.v1.GetLimitsRequest
+	22, // 33: cex.risk.v1.RiskService.SetSubAccountLimits:input_type -> cex.risk.v1.SetSubAccountLimitsRequest
+	20, // 34: cex.risk.v1.RiskService.SetLimits:input_type -> cex.risk.v1.SetLimitsRequest
+	24, // 35: cex.risk.v1.RiskService.SetKillSwitch:input_type -> cex.risk.v1.SetKillSwitchRequest
+	26, // 36: cex.risk.v1.RiskService.ListKillSwitches:input_type -> cex.risk.v1.ListKillSwitchesRequest
+	12, // 37: cex.risk.v1.RiskService.CheckOrder:output_type -> cex.risk.v1.CheckOrderResponse
+	15, // 38: cex.risk.v1.RiskService.CheckOrders:output_type -> cex.risk.v1.CheckOrdersResponse
+	5,  // 39: cex.risk.v1.RiskService.WatchRules:output_type -> cex.risk.v1.WatchRulesResponse
+	17, // 40: cex.risk.v1.RiskService.CheckWithdrawal:output_type -> cex.risk.v1.CheckWithdrawalResponse
+	19, // 41: cex.risk.v1.RiskService.GetLimits:output_type -> cex.risk.v1.GetLimitsResponse
+	23, // 42: cex.risk.v1.RiskService.SetSubAccountLimits:output_type -> cex.risk.v1.SetSubAccountLimitsResponse
+	21, // 43: cex.risk.v1.RiskService.SetLimits:output_type -> cex.risk.v1.SetLimitsResponse
+	25, // 44: cex.risk.v1.RiskService.SetKillSwitch:output_type -> cex.risk.v1.SetKillSwitchResponse
+	27, // 45: cex.risk.v1.RiskService.ListKillSwitches:output_type -> cex.risk.v1.ListKillSwitchesResponse
+	37, // [37:46] is the sub-list for method output_type
+	28, // [28:37] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_cex_risk_v1_risk_proto_init() }
@@ -2131,7 +2257,7 @@ func file_cex_risk_v1_risk_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cex_risk_v1_risk_proto_rawDesc), len(file_cex_risk_v1_risk_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   24,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

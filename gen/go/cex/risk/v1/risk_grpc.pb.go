@@ -26,14 +26,15 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	RiskService_CheckOrder_FullMethodName       = "/cex.risk.v1.RiskService/CheckOrder"
-	RiskService_CheckOrders_FullMethodName      = "/cex.risk.v1.RiskService/CheckOrders"
-	RiskService_WatchRules_FullMethodName       = "/cex.risk.v1.RiskService/WatchRules"
-	RiskService_CheckWithdrawal_FullMethodName  = "/cex.risk.v1.RiskService/CheckWithdrawal"
-	RiskService_GetLimits_FullMethodName        = "/cex.risk.v1.RiskService/GetLimits"
-	RiskService_SetLimits_FullMethodName        = "/cex.risk.v1.RiskService/SetLimits"
-	RiskService_SetKillSwitch_FullMethodName    = "/cex.risk.v1.RiskService/SetKillSwitch"
-	RiskService_ListKillSwitches_FullMethodName = "/cex.risk.v1.RiskService/ListKillSwitches"
+	RiskService_CheckOrder_FullMethodName          = "/cex.risk.v1.RiskService/CheckOrder"
+	RiskService_CheckOrders_FullMethodName         = "/cex.risk.v1.RiskService/CheckOrders"
+	RiskService_WatchRules_FullMethodName          = "/cex.risk.v1.RiskService/WatchRules"
+	RiskService_CheckWithdrawal_FullMethodName     = "/cex.risk.v1.RiskService/CheckWithdrawal"
+	RiskService_GetLimits_FullMethodName           = "/cex.risk.v1.RiskService/GetLimits"
+	RiskService_SetSubAccountLimits_FullMethodName = "/cex.risk.v1.RiskService/SetSubAccountLimits"
+	RiskService_SetLimits_FullMethodName           = "/cex.risk.v1.RiskService/SetLimits"
+	RiskService_SetKillSwitch_FullMethodName       = "/cex.risk.v1.RiskService/SetKillSwitch"
+	RiskService_ListKillSwitches_FullMethodName    = "/cex.risk.v1.RiskService/ListKillSwitches"
 )
 
 // RiskServiceClient is the client API for RiskService service.
@@ -63,6 +64,14 @@ type RiskServiceClient interface {
 	// Returns the limits in force for an account (its overrides merged over the
 	// exchange defaults), or the defaults themselves.
 	GetLimits(ctx context.Context, in *GetLimitsRequest, opts ...grpc.CallOption) (*GetLimitsResponse, error)
+	// A master account sets one of its sub-accounts' limits (ADR 0017): the
+	// complete new set for limits.account_id, a sub of the caller (another
+	// account is NOT_FOUND). Each limit must be within the master's own
+	// effective limits, which an operator sets (else INVALID_ARGUMENT
+	// RISK_ABOVE_MASTER_LIMITS with a field violation per limit); a limit left
+	// unset, and every market and asset the master is limited in but the
+	// request does not name, takes the master's. Idempotent on request_id.
+	SetSubAccountLimits(ctx context.Context, in *SetSubAccountLimitsRequest, opts ...grpc.CallOption) (*SetSubAccountLimitsResponse, error)
 	// Replaces the limits of an account, or the exchange defaults.
 	SetLimits(ctx context.Context, in *SetLimitsRequest, opts ...grpc.CallOption) (*SetLimitsResponse, error)
 	// Engages or releases a kill switch (global, per market or per account).
@@ -138,6 +147,16 @@ func (c *riskServiceClient) GetLimits(ctx context.Context, in *GetLimitsRequest,
 	return out, nil
 }
 
+func (c *riskServiceClient) SetSubAccountLimits(ctx context.Context, in *SetSubAccountLimitsRequest, opts ...grpc.CallOption) (*SetSubAccountLimitsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SetSubAccountLimitsResponse)
+	err := c.cc.Invoke(ctx, RiskService_SetSubAccountLimits_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *riskServiceClient) SetLimits(ctx context.Context, in *SetLimitsRequest, opts ...grpc.CallOption) (*SetLimitsResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(SetLimitsResponse)
@@ -195,6 +214,14 @@ type RiskServiceServer interface {
 	// Returns the limits in force for an account (its overrides merged over the
 	// exchange defaults), or the defaults themselves.
 	GetLimits(context.Context, *GetLimitsRequest) (*GetLimitsResponse, error)
+	// A master account sets one of its sub-accounts' limits (ADR 0017): the
+	// complete new set for limits.account_id, a sub of the caller (another
+	// account is NOT_FOUND). Each limit must be within the master's own
+	// effective limits, which an operator sets (else INVALID_ARGUMENT
+	// RISK_ABOVE_MASTER_LIMITS with a field violation per limit); a limit left
+	// unset, and every market and asset the master is limited in but the
+	// request does not name, takes the master's. Idempotent on request_id.
+	SetSubAccountLimits(context.Context, *SetSubAccountLimitsRequest) (*SetSubAccountLimitsResponse, error)
 	// Replaces the limits of an account, or the exchange defaults.
 	SetLimits(context.Context, *SetLimitsRequest) (*SetLimitsResponse, error)
 	// Engages or releases a kill switch (global, per market or per account).
@@ -225,6 +252,9 @@ func (UnimplementedRiskServiceServer) CheckWithdrawal(context.Context, *CheckWit
 }
 func (UnimplementedRiskServiceServer) GetLimits(context.Context, *GetLimitsRequest) (*GetLimitsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetLimits not implemented")
+}
+func (UnimplementedRiskServiceServer) SetSubAccountLimits(context.Context, *SetSubAccountLimitsRequest) (*SetSubAccountLimitsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetSubAccountLimits not implemented")
 }
 func (UnimplementedRiskServiceServer) SetLimits(context.Context, *SetLimitsRequest) (*SetLimitsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method SetLimits not implemented")
@@ -339,6 +369,24 @@ func _RiskService_GetLimits_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _RiskService_SetSubAccountLimits_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetSubAccountLimitsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RiskServiceServer).SetSubAccountLimits(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RiskService_SetSubAccountLimits_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RiskServiceServer).SetSubAccountLimits(ctx, req.(*SetSubAccountLimitsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _RiskService_SetLimits_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(SetLimitsRequest)
 	if err := dec(in); err != nil {
@@ -415,6 +463,10 @@ var RiskService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetLimits",
 			Handler:    _RiskService_GetLimits_Handler,
+		},
+		{
+			MethodName: "SetSubAccountLimits",
+			Handler:    _RiskService_SetSubAccountLimits_Handler,
 		},
 		{
 			MethodName: "SetLimits",

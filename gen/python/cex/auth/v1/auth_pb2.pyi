@@ -168,6 +168,7 @@ class Account(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     FEE_TIER_ASSIGNED_FIELD_NUMBER: _builtins.int
     TRADED_VOLUME_30D_FIELD_NUMBER: _builtins.int
+    MASTER_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """Server-assigned id, e.g. "acc_01HV...". Stable forever."""
     display_name: _builtins.str
@@ -190,6 +191,10 @@ class Account(_message.Message):
     """Decimal string: the account's 30-day traded volume in the fee schedule's
     volume asset, as last measured (empty: never measured).
     """
+    master_account_id: _builtins.str
+    """The master account of a sub-account (ADR 0017); empty for every other
+    account. Set when the sub-account is created, never changed.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the account was created."""
@@ -211,10 +216,11 @@ class Account(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         fee_tier_assigned: _builtins.bool = ...,
         traded_volume_30d: _builtins.str = ...,
+        master_account_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "create_time", b"create_time", "display_name", b"display_name", "email", b"email", "fee_tier", b"fee_tier", "fee_tier_assigned", b"fee_tier_assigned", "state", b"state", "traded_volume_30d", b"traded_volume_30d", "type", b"type", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "create_time", b"create_time", "display_name", b"display_name", "email", b"email", "fee_tier", b"fee_tier", "fee_tier_assigned", b"fee_tier_assigned", "master_account_id", b"master_account_id", "state", b"state", "traded_volume_30d", b"traded_volume_30d", "type", b"type", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -357,6 +363,127 @@ class CreateAccountResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateAccountResponse: _TypeAlias = CreateAccountResponse  # noqa: Y015
+
+@_typing.final
+class CreateSubAccountRequest(_message.Message):
+    """Request for AuthService.CreateSubAccount."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    MASTER_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+    characters. The same id with the same body returns the first result; with
+    a different body, ALREADY_EXISTS.
+    """
+    display_name: _builtins.str
+    """Human-readable name, e.g. "mm-eu"."""
+    master_account_id: _builtins.str
+    """The master account: empty for the caller's own; an admin or a service
+    must name it. Another user's account is NOT_FOUND.
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        master_account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "master_account_id", b"master_account_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSubAccountRequest: _TypeAlias = CreateSubAccountRequest  # noqa: Y015
+
+@_typing.final
+class CreateSubAccountResponse(_message.Message):
+    """Response for AuthService.CreateSubAccount."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def account(self) -> Global___Account:
+        """The created sub-account (master_account_id set)."""
+
+    def __init__(
+        self,
+        *,
+        account: Global___Account | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSubAccountResponse: _TypeAlias = CreateSubAccountResponse  # noqa: Y015
+
+@_typing.final
+class ListSubAccountsRequest(_message.Message):
+    """Request for AuthService.ListSubAccounts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MASTER_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    master_account_id: _builtins.str
+    """The master account: empty for the caller's own; an admin or a service
+    must name it.
+    """
+    page_size: _builtins.int
+    """Maximum number of accounts to return; 0 means a server default (50),
+    values above 100 are coerced to 100.
+    """
+    page_token: _builtins.str
+    """Token from a previous response's next_page_token; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        master_account_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["master_account_id", b"master_account_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSubAccountsRequest: _TypeAlias = ListSubAccountsRequest  # noqa: Y015
+
+@_typing.final
+class ListSubAccountsResponse(_message.Message):
+    """Response for AuthService.ListSubAccounts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when there are no more results."""
+    @_builtins.property
+    def accounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Account]:
+        """The sub-accounts, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        accounts: _abc.Iterable[Global___Account] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts", b"accounts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSubAccountsResponse: _TypeAlias = ListSubAccountsResponse  # noqa: Y015
 
 @_typing.final
 class GetAccountRequest(_message.Message):

@@ -50,6 +50,16 @@ class AuthServiceStub:
                 request_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyRequest.SerializeToString,
                 response_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyResponse.FromString,
                 _registered_method=True)
+        self.CreateSubAccount = channel.unary_unary(
+                '/cex.auth.v1.AuthService/CreateSubAccount',
+                request_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.CreateSubAccountRequest.SerializeToString,
+                response_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.CreateSubAccountResponse.FromString,
+                _registered_method=True)
+        self.ListSubAccounts = channel.unary_unary(
+                '/cex.auth.v1.AuthService/ListSubAccounts',
+                request_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.ListSubAccountsRequest.SerializeToString,
+                response_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.ListSubAccountsResponse.FromString,
+                _registered_method=True)
         self.SetAccountState = channel.unary_unary(
                 '/cex.auth.v1.AuthService/SetAccountState',
                 request_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.SetAccountStateRequest.SerializeToString,
@@ -129,6 +139,28 @@ class AuthServiceServicer:
         """Creates an API key. The secret is in the response and never again.
         Idempotent on request_id (a retry returns the same key, without the
         secret if it was already delivered: see CreateApiKeyResponse.secret).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSubAccount(self, request, context):
+        """Creates a sub-account of a master account (ADR 0017): the caller's own
+        account, or for an admin or a service the one named by
+        master_account_id. A sub-account cannot have sub-accounts of its own; a
+        master has at most 100. The master creates the sub's API keys
+        (CreateApiKey with the sub's account_id, at most the master's scopes),
+        reads its balances, orders, fills and keys, and moves funds to and from it
+        (LedgerService.TransferSubAccountFunds); tokens the master is issued from
+        now on name the new sub. A sub sees neither its master nor its siblings:
+        their ids are NOT_FOUND to it. Idempotent on request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSubAccounts(self, request, context):
+        """Lists a master account's sub-accounts, oldest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -258,6 +290,16 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.CreateApiKey,
                     request_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyRequest.FromString,
                     response_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'CreateSubAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSubAccount,
+                    request_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.CreateSubAccountRequest.FromString,
+                    response_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.CreateSubAccountResponse.SerializeToString,
+            ),
+            'ListSubAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSubAccounts,
+                    request_deserializer=cex_dot_auth_dot_v1_dot_auth__pb2.ListSubAccountsRequest.FromString,
+                    response_serializer=cex_dot_auth_dot_v1_dot_auth__pb2.ListSubAccountsResponse.SerializeToString,
             ),
             'SetAccountState': grpc.unary_unary_rpc_method_handler(
                     servicer.SetAccountState,
@@ -397,6 +439,60 @@ class AuthService:
             '/cex.auth.v1.AuthService/CreateApiKey',
             cex_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyRequest.SerializeToString,
             cex_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSubAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.auth.v1.AuthService/CreateSubAccount',
+            cex_dot_auth_dot_v1_dot_auth__pb2.CreateSubAccountRequest.SerializeToString,
+            cex_dot_auth_dot_v1_dot_auth__pb2.CreateSubAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSubAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.auth.v1.AuthService/ListSubAccounts',
+            cex_dot_auth_dot_v1_dot_auth__pb2.ListSubAccountsRequest.SerializeToString,
+            cex_dot_auth_dot_v1_dot_auth__pb2.ListSubAccountsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,19 @@ class AuthServiceStub:
     Idempotent on request_id (a retry returns the same key, without the
     secret if it was already delivered: see CreateApiKeyResponse.secret).
     """
+    CreateSubAccount: _grpc.UnaryUnaryMultiCallable[_auth_pb2.CreateSubAccountRequest, _auth_pb2.CreateSubAccountResponse]
+    """Creates a sub-account of a master account (ADR 0017): the caller's own
+    account, or for an admin or a service the one named by
+    master_account_id. A sub-account cannot have sub-accounts of its own; a
+    master has at most 100. The master creates the sub's API keys
+    (CreateApiKey with the sub's account_id, at most the master's scopes),
+    reads its balances, orders, fills and keys, and moves funds to and from it
+    (LedgerService.TransferSubAccountFunds); tokens the master is issued from
+    now on name the new sub. A sub sees neither its master nor its siblings:
+    their ids are NOT_FOUND to it. Idempotent on request_id.
+    """
+    ListSubAccounts: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListSubAccountsRequest, _auth_pb2.ListSubAccountsResponse]
+    """Lists a master account's sub-accounts, oldest first."""
     SetAccountState: _grpc.UnaryUnaryMultiCallable[_auth_pb2.SetAccountStateRequest, _auth_pb2.SetAccountStateResponse]
     """Suspends (freezes), reactivates or closes an account. Admin or service
     only. A suspended account's new tokens carry only the read scope, and the
@@ -123,6 +136,19 @@ class AuthServiceAsyncStub(AuthServiceStub):
     Idempotent on request_id (a retry returns the same key, without the
     secret if it was already delivered: see CreateApiKeyResponse.secret).
     """
+    CreateSubAccount: _aio.UnaryUnaryMultiCallable[_auth_pb2.CreateSubAccountRequest, _auth_pb2.CreateSubAccountResponse]  # type: ignore[assignment]
+    """Creates a sub-account of a master account (ADR 0017): the caller's own
+    account, or for an admin or a service the one named by
+    master_account_id. A sub-account cannot have sub-accounts of its own; a
+    master has at most 100. The master creates the sub's API keys
+    (CreateApiKey with the sub's account_id, at most the master's scopes),
+    reads its balances, orders, fills and keys, and moves funds to and from it
+    (LedgerService.TransferSubAccountFunds); tokens the master is issued from
+    now on name the new sub. A sub sees neither its master nor its siblings:
+    their ids are NOT_FOUND to it. Idempotent on request_id.
+    """
+    ListSubAccounts: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListSubAccountsRequest, _auth_pb2.ListSubAccountsResponse]  # type: ignore[assignment]
+    """Lists a master account's sub-accounts, oldest first."""
     SetAccountState: _aio.UnaryUnaryMultiCallable[_auth_pb2.SetAccountStateRequest, _auth_pb2.SetAccountStateResponse]  # type: ignore[assignment]
     """Suspends (freezes), reactivates or closes an account. Admin or service
     only. A suspended account's new tokens carry only the read scope, and the
@@ -214,6 +240,31 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         Idempotent on request_id (a retry returns the same key, without the
         secret if it was already delivered: see CreateApiKeyResponse.secret).
         """
+
+    @_abc_1.abstractmethod
+    def CreateSubAccount(
+        self,
+        request: _auth_pb2.CreateSubAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.CreateSubAccountResponse, _abc.Awaitable[_auth_pb2.CreateSubAccountResponse]]:
+        """Creates a sub-account of a master account (ADR 0017): the caller's own
+        account, or for an admin or a service the one named by
+        master_account_id. A sub-account cannot have sub-accounts of its own; a
+        master has at most 100. The master creates the sub's API keys
+        (CreateApiKey with the sub's account_id, at most the master's scopes),
+        reads its balances, orders, fills and keys, and moves funds to and from it
+        (LedgerService.TransferSubAccountFunds); tokens the master is issued from
+        now on name the new sub. A sub sees neither its master nor its siblings:
+        their ids are NOT_FOUND to it. Idempotent on request_id.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSubAccounts(
+        self,
+        request: _auth_pb2.ListSubAccountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ListSubAccountsResponse, _abc.Awaitable[_auth_pb2.ListSubAccountsResponse]]:
+        """Lists a master account's sub-accounts, oldest first."""
 
     @_abc_1.abstractmethod
     def SetAccountState(

@@ -54,6 +54,8 @@ class _TransferKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Transfer
     """Trading or withdrawal fee, to a fee account."""
     TRANSFER_KIND_ADJUSTMENT: _TransferKind.ValueType  # 6
     """Manual correction by an operator."""
+    TRANSFER_KIND_SUB_ACCOUNT: _TransferKind.ValueType  # 7
+    """Between a master account and one of its sub-accounts (ADR 0017)."""
 
 class TransferKind(_TransferKind, metaclass=_TransferKindEnumTypeWrapper):
     """What a transfer is for (TigerBeetle's "code")."""
@@ -72,6 +74,8 @@ TRANSFER_KIND_FEE: TransferKind.ValueType  # 5
 """Trading or withdrawal fee, to a fee account."""
 TRANSFER_KIND_ADJUSTMENT: TransferKind.ValueType  # 6
 """Manual correction by an operator."""
+TRANSFER_KIND_SUB_ACCOUNT: TransferKind.ValueType  # 7
+"""Between a master account and one of its sub-accounts (ADR 0017)."""
 Global___TransferKind: _TypeAlias = TransferKind  # noqa: Y015
 
 class _TransferState:
@@ -814,3 +818,67 @@ class AuditLedgerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuditLedgerResponse: _TypeAlias = AuditLedgerResponse  # noqa: Y015
+
+@_typing.final
+class TransferSubAccountFundsRequest(_message.Message):
+    """Request for LedgerService.TransferSubAccountFunds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    FROM_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    TO_ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    ASSET_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Required (ADR 0003): the client-chosen idempotency key, 1 to 100
+    characters; the transfer's id derives from it.
+    """
+    from_account_id: _builtins.str
+    """The account debited: the master (the caller) or one of its sub-accounts."""
+    to_account_id: _builtins.str
+    """The account credited: the master (the caller) or one of its sub-accounts."""
+    asset: _builtins.str
+    """Asset code, e.g. "USDT"."""
+    amount: _builtins.str
+    """Decimal string: the amount, positive, within the asset's scale."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        from_account_id: _builtins.str = ...,
+        to_account_id: _builtins.str = ...,
+        asset: _builtins.str = ...,
+        amount: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "asset", b"asset", "from_account_id", b"from_account_id", "request_id", b"request_id", "to_account_id", b"to_account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferSubAccountFundsRequest: _TypeAlias = TransferSubAccountFundsRequest  # noqa: Y015
+
+@_typing.final
+class TransferSubAccountFundsResponse(_message.Message):
+    """Response for LedgerService.TransferSubAccountFunds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def transfer(self) -> Global___Transfer:
+        """The committed transfer (kind TRANSFER_KIND_SUB_ACCOUNT)."""
+
+    def __init__(
+        self,
+        *,
+        transfer: Global___Transfer | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["transfer", b"transfer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["transfer", b"transfer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferSubAccountFundsResponse: _TypeAlias = TransferSubAccountFundsResponse  # noqa: Y015

@@ -60,6 +60,11 @@ class LedgerServiceStub:
                 request_serializer=cex_dot_ledger_dot_v1_dot_ledger__pb2.GetBalancesRequest.SerializeToString,
                 response_deserializer=cex_dot_ledger_dot_v1_dot_ledger__pb2.GetBalancesResponse.FromString,
                 _registered_method=True)
+        self.TransferSubAccountFunds = channel.unary_unary(
+                '/cex.ledger.v1.LedgerService/TransferSubAccountFunds',
+                request_serializer=cex_dot_ledger_dot_v1_dot_ledger__pb2.TransferSubAccountFundsRequest.SerializeToString,
+                response_deserializer=cex_dot_ledger_dot_v1_dot_ledger__pb2.TransferSubAccountFundsResponse.FromString,
+                _registered_method=True)
         self.ListTransfers = channel.unary_unary(
                 '/cex.ledger.v1.LedgerService/ListTransfers',
                 request_serializer=cex_dot_ledger_dot_v1_dot_ledger__pb2.ListTransfersRequest.SerializeToString,
@@ -117,6 +122,20 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TransferSubAccountFunds(self, request, context):
+        """Moves funds at once between a master account and one of its sub-accounts
+        (ADR 0017), either way: one of from_account_id and to_account_id is the
+        caller's account, the other one of its sub-accounts (another account is
+        NOT_FOUND). Sequenced by the balance owner like every transfer; the
+        transfer's id is "sub:<master>:<request_id>", so a retry with the same
+        request_id and body returns the first transfer and moves nothing again
+        (another body: ALREADY_EXISTS). More than the available balance is
+        FAILED_PRECONDITION LEDGER_INSUFFICIENT_FUNDS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTransfers(self, request, context):
         """Internal: lists transfers in commit order (ascending sequence).
         """
@@ -159,6 +178,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.GetBalances,
                     request_deserializer=cex_dot_ledger_dot_v1_dot_ledger__pb2.GetBalancesRequest.FromString,
                     response_serializer=cex_dot_ledger_dot_v1_dot_ledger__pb2.GetBalancesResponse.SerializeToString,
+            ),
+            'TransferSubAccountFunds': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransferSubAccountFunds,
+                    request_deserializer=cex_dot_ledger_dot_v1_dot_ledger__pb2.TransferSubAccountFundsRequest.FromString,
+                    response_serializer=cex_dot_ledger_dot_v1_dot_ledger__pb2.TransferSubAccountFundsResponse.SerializeToString,
             ),
             'ListTransfers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTransfers,
@@ -307,6 +331,33 @@ class LedgerService:
             '/cex.ledger.v1.LedgerService/GetBalances',
             cex_dot_ledger_dot_v1_dot_ledger__pb2.GetBalancesRequest.SerializeToString,
             cex_dot_ledger_dot_v1_dot_ledger__pb2.GetBalancesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransferSubAccountFunds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.ledger.v1.LedgerService/TransferSubAccountFunds',
+            cex_dot_ledger_dot_v1_dot_ledger__pb2.TransferSubAccountFundsRequest.SerializeToString,
+            cex_dot_ledger_dot_v1_dot_ledger__pb2.TransferSubAccountFundsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,16 @@ class LedgerServiceStub:
     """Internal: returns one transfer."""
     GetBalances: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetBalancesRequest, _ledger_pb2.GetBalancesResponse]
     """Returns an account's balances per asset."""
+    TransferSubAccountFunds: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.TransferSubAccountFundsRequest, _ledger_pb2.TransferSubAccountFundsResponse]
+    """Moves funds at once between a master account and one of its sub-accounts
+    (ADR 0017), either way: one of from_account_id and to_account_id is the
+    caller's account, the other one of its sub-accounts (another account is
+    NOT_FOUND). Sequenced by the balance owner like every transfer; the
+    transfer's id is "sub:<master>:<request_id>", so a retry with the same
+    request_id and body returns the first transfer and moves nothing again
+    (another body: ALREADY_EXISTS). More than the available balance is
+    FAILED_PRECONDITION LEDGER_INSUFFICIENT_FUNDS.
+    """
     ListTransfers: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListTransfersRequest, _ledger_pb2.ListTransfersResponse]
     """Internal: lists transfers in commit order (ascending sequence)."""
     AuditLedger: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.AuditLedgerRequest, _ledger_pb2.AuditLedgerResponse]
@@ -95,6 +105,16 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """Internal: returns one transfer."""
     GetBalances: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetBalancesRequest, _ledger_pb2.GetBalancesResponse]  # type: ignore[assignment]
     """Returns an account's balances per asset."""
+    TransferSubAccountFunds: _aio.UnaryUnaryMultiCallable[_ledger_pb2.TransferSubAccountFundsRequest, _ledger_pb2.TransferSubAccountFundsResponse]  # type: ignore[assignment]
+    """Moves funds at once between a master account and one of its sub-accounts
+    (ADR 0017), either way: one of from_account_id and to_account_id is the
+    caller's account, the other one of its sub-accounts (another account is
+    NOT_FOUND). Sequenced by the balance owner like every transfer; the
+    transfer's id is "sub:<master>:<request_id>", so a retry with the same
+    request_id and body returns the first transfer and moves nothing again
+    (another body: ALREADY_EXISTS). More than the available balance is
+    FAILED_PRECONDITION LEDGER_INSUFFICIENT_FUNDS.
+    """
     ListTransfers: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListTransfersRequest, _ledger_pb2.ListTransfersResponse]  # type: ignore[assignment]
     """Internal: lists transfers in commit order (ascending sequence)."""
     AuditLedger: _aio.UnaryUnaryMultiCallable[_ledger_pb2.AuditLedgerRequest, _ledger_pb2.AuditLedgerResponse]  # type: ignore[assignment]
@@ -153,6 +173,22 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.GetBalancesResponse, _abc.Awaitable[_ledger_pb2.GetBalancesResponse]]:
         """Returns an account's balances per asset."""
+
+    @_abc_1.abstractmethod
+    def TransferSubAccountFunds(
+        self,
+        request: _ledger_pb2.TransferSubAccountFundsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.TransferSubAccountFundsResponse, _abc.Awaitable[_ledger_pb2.TransferSubAccountFundsResponse]]:
+        """Moves funds at once between a master account and one of its sub-accounts
+        (ADR 0017), either way: one of from_account_id and to_account_id is the
+        caller's account, the other one of its sub-accounts (another account is
+        NOT_FOUND). Sequenced by the balance owner like every transfer; the
+        transfer's id is "sub:<master>:<request_id>", so a retry with the same
+        request_id and body returns the first transfer and moves nothing again
+        (another body: ALREADY_EXISTS). More than the available balance is
+        FAILED_PRECONDITION LEDGER_INSUFFICIENT_FUNDS.
+        """
 
     @_abc_1.abstractmethod
     def ListTransfers(

@@ -111,7 +111,7 @@ class MatchServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateMarket(self, request, context):
-        """Lists a new market at runtime (ADR 0017): a command journaled by the
+        """Lists a new market at runtime (ADR 0018): a command journaled by the
         writer as the new market's first command (command_id
         "list:<request_id>"), announced by a MarketListed event (seq 1 of the
         market, on match.events.<symbol>), and kept in match's markets table,

@@ -72,7 +72,7 @@ class MatchServiceStub:
     for any later change.
     """
     CreateMarket: _grpc.UnaryUnaryMultiCallable[_match_pb2.CreateMarketRequest, _match_pb2.CreateMarketResponse]
-    """Lists a new market at runtime (ADR 0017): a command journaled by the
+    """Lists a new market at runtime (ADR 0018): a command journaled by the
     writer as the new market's first command (command_id
     "list:<request_id>"), announced by a MarketListed event (seq 1 of the
     market, on match.events.<symbol>), and kept in match's markets table,
@@ -116,7 +116,7 @@ class MatchServiceAsyncStub(MatchServiceStub):
     for any later change.
     """
     CreateMarket: _aio.UnaryUnaryMultiCallable[_match_pb2.CreateMarketRequest, _match_pb2.CreateMarketResponse]  # type: ignore[assignment]
-    """Lists a new market at runtime (ADR 0017): a command journaled by the
+    """Lists a new market at runtime (ADR 0018): a command journaled by the
     writer as the new market's first command (command_id
     "list:<request_id>"), announced by a MarketListed event (seq 1 of the
     market, on match.events.<symbol>), and kept in match's markets table,
@@ -187,7 +187,7 @@ class MatchServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _match_pb2.CreateMarketRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_match_pb2.CreateMarketResponse, _abc.Awaitable[_match_pb2.CreateMarketResponse]]:
-        """Lists a new market at runtime (ADR 0017): a command journaled by the
+        """Lists a new market at runtime (ADR 0018): a command journaled by the
         writer as the new market's first command (command_id
         "list:<request_id>"), announced by a MarketListed event (seq 1 of the
         market, on match.events.<symbol>), and kept in match's markets table,

@@ -817,6 +817,66 @@ class SetLimitsResponse(_message.Message):
 Global___SetLimitsResponse: _TypeAlias = SetLimitsResponse  # noqa: Y015
 
 @_typing.final
+class SetSubAccountLimitsRequest(_message.Message):
+    """Request for RiskService.SetSubAccountLimits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency id."""
+    expected_version: _builtins.int
+    """Optimistic concurrency: if non-zero, refuse with ABORTED unless the stored
+    version equals it.
+    """
+    @_builtins.property
+    def limits(self) -> Global___Limits:
+        """The sub-account's complete new limits (account_id: the sub-account)."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        limits: Global___Limits | None = ...,
+        expected_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_version", b"expected_version", "limits", b"limits", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSubAccountLimitsRequest: _TypeAlias = SetSubAccountLimitsRequest  # noqa: Y015
+
+@_typing.final
+class SetSubAccountLimitsResponse(_message.Message):
+    """Response for RiskService.SetSubAccountLimits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def limits(self) -> Global___Limits:
+        """The stored limits (the master's filling what the request left unset),
+        with the new version.
+        """
+
+    def __init__(
+        self,
+        *,
+        limits: Global___Limits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSubAccountLimitsResponse: _TypeAlias = SetSubAccountLimitsResponse  # noqa: Y015
+
+@_typing.final
 class SetKillSwitchRequest(_message.Message):
     """Request for RiskService.SetKillSwitch."""
 

@@ -60,6 +60,11 @@ class RiskServiceStub:
                 request_serializer=cex_dot_risk_dot_v1_dot_risk__pb2.GetLimitsRequest.SerializeToString,
                 response_deserializer=cex_dot_risk_dot_v1_dot_risk__pb2.GetLimitsResponse.FromString,
                 _registered_method=True)
+        self.SetSubAccountLimits = channel.unary_unary(
+                '/cex.risk.v1.RiskService/SetSubAccountLimits',
+                request_serializer=cex_dot_risk_dot_v1_dot_risk__pb2.SetSubAccountLimitsRequest.SerializeToString,
+                response_deserializer=cex_dot_risk_dot_v1_dot_risk__pb2.SetSubAccountLimitsResponse.FromString,
+                _registered_method=True)
         self.SetLimits = channel.unary_unary(
                 '/cex.risk.v1.RiskService/SetLimits',
                 request_serializer=cex_dot_risk_dot_v1_dot_risk__pb2.SetLimitsRequest.SerializeToString,
@@ -127,6 +132,19 @@ class RiskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetSubAccountLimits(self, request, context):
+        """A master account sets one of its sub-accounts' limits (ADR 0017): the
+        complete new set for limits.account_id, a sub of the caller (another
+        account is NOT_FOUND). Each limit must be within the master's own
+        effective limits, which an operator sets (else INVALID_ARGUMENT
+        RISK_ABOVE_MASTER_LIMITS with a field violation per limit); a limit left
+        unset, and every market and asset the master is limited in but the
+        request does not name, takes the master's. Idempotent on request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetLimits(self, request, context):
         """Replaces the limits of an account, or the exchange defaults.
         """
@@ -175,6 +193,11 @@ def add_RiskServiceServicer_to_server(servicer, server):
                     servicer.GetLimits,
                     request_deserializer=cex_dot_risk_dot_v1_dot_risk__pb2.GetLimitsRequest.FromString,
                     response_serializer=cex_dot_risk_dot_v1_dot_risk__pb2.GetLimitsResponse.SerializeToString,
+            ),
+            'SetSubAccountLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSubAccountLimits,
+                    request_deserializer=cex_dot_risk_dot_v1_dot_risk__pb2.SetSubAccountLimitsRequest.FromString,
+                    response_serializer=cex_dot_risk_dot_v1_dot_risk__pb2.SetSubAccountLimitsResponse.SerializeToString,
             ),
             'SetLimits': grpc.unary_unary_rpc_method_handler(
                     servicer.SetLimits,
@@ -328,6 +351,33 @@ class RiskService:
             '/cex.risk.v1.RiskService/GetLimits',
             cex_dot_risk_dot_v1_dot_risk__pb2.GetLimitsRequest.SerializeToString,
             cex_dot_risk_dot_v1_dot_risk__pb2.GetLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSubAccountLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.risk.v1.RiskService/SetSubAccountLimits',
+            cex_dot_risk_dot_v1_dot_risk__pb2.SetSubAccountLimitsRequest.SerializeToString,
+            cex_dot_risk_dot_v1_dot_risk__pb2.SetSubAccountLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,6 +65,15 @@ class RiskServiceStub:
     """Returns the limits in force for an account (its overrides merged over the
     exchange defaults), or the defaults themselves.
     """
+    SetSubAccountLimits: _grpc.UnaryUnaryMultiCallable[_risk_pb2.SetSubAccountLimitsRequest, _risk_pb2.SetSubAccountLimitsResponse]
+    """A master account sets one of its sub-accounts' limits (ADR 0017): the
+    complete new set for limits.account_id, a sub of the caller (another
+    account is NOT_FOUND). Each limit must be within the master's own
+    effective limits, which an operator sets (else INVALID_ARGUMENT
+    RISK_ABOVE_MASTER_LIMITS with a field violation per limit); a limit left
+    unset, and every market and asset the master is limited in but the
+    request does not name, takes the master's. Idempotent on request_id.
+    """
     SetLimits: _grpc.UnaryUnaryMultiCallable[_risk_pb2.SetLimitsRequest, _risk_pb2.SetLimitsResponse]
     """Replaces the limits of an account, or the exchange defaults."""
     SetKillSwitch: _grpc.UnaryUnaryMultiCallable[_risk_pb2.SetKillSwitchRequest, _risk_pb2.SetKillSwitchResponse]
@@ -102,6 +111,15 @@ class RiskServiceAsyncStub(RiskServiceStub):
     GetLimits: _aio.UnaryUnaryMultiCallable[_risk_pb2.GetLimitsRequest, _risk_pb2.GetLimitsResponse]  # type: ignore[assignment]
     """Returns the limits in force for an account (its overrides merged over the
     exchange defaults), or the defaults themselves.
+    """
+    SetSubAccountLimits: _aio.UnaryUnaryMultiCallable[_risk_pb2.SetSubAccountLimitsRequest, _risk_pb2.SetSubAccountLimitsResponse]  # type: ignore[assignment]
+    """A master account sets one of its sub-accounts' limits (ADR 0017): the
+    complete new set for limits.account_id, a sub of the caller (another
+    account is NOT_FOUND). Each limit must be within the master's own
+    effective limits, which an operator sets (else INVALID_ARGUMENT
+    RISK_ABOVE_MASTER_LIMITS with a field violation per limit); a limit left
+    unset, and every market and asset the master is limited in but the
+    request does not name, takes the master's. Idempotent on request_id.
     """
     SetLimits: _aio.UnaryUnaryMultiCallable[_risk_pb2.SetLimitsRequest, _risk_pb2.SetLimitsResponse]  # type: ignore[assignment]
     """Replaces the limits of an account, or the exchange defaults."""
@@ -167,6 +185,21 @@ class RiskServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_risk_pb2.GetLimitsResponse, _abc.Awaitable[_risk_pb2.GetLimitsResponse]]:
         """Returns the limits in force for an account (its overrides merged over the
         exchange defaults), or the defaults themselves.
+        """
+
+    @_abc_1.abstractmethod
+    def SetSubAccountLimits(
+        self,
+        request: _risk_pb2.SetSubAccountLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_risk_pb2.SetSubAccountLimitsResponse, _abc.Awaitable[_risk_pb2.SetSubAccountLimitsResponse]]:
+        """A master account sets one of its sub-accounts' limits (ADR 0017): the
+        complete new set for limits.account_id, a sub of the caller (another
+        account is NOT_FOUND). Each limit must be within the master's own
+        effective limits, which an operator sets (else INVALID_ARGUMENT
+        RISK_ABOVE_MASTER_LIMITS with a field violation per limit); a limit left
+        unset, and every market and asset the master is limited in but the
+        request does not name, takes the master's. Idempotent on request_id.
         """
 
     @_abc_1.abstractmethod

@@ -19,7 +19,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cex/auth/v1/auth.proto.
  */
 export const file_cex_auth_v1_auth: GenFile = /*@__PURE__*/
-  fileDesc("ChZjZXgvYXV0aC92MS9hdXRoLnByb3RvEgtjZXguYXV0aC52MSK+AgoHQWNjb3VudBISCgphY2NvdW50X2lkGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRINCgVlbWFpbBgDIAEoCRImCgR0eXBlGAQgASgOMhguY2V4LmF1dGgudjEuQWNjb3VudFR5cGUSKAoFc3RhdGUYBSABKA4yGS5jZXguYXV0aC52MS5BY2NvdW50U3RhdGUSEAoIZmVlX3RpZXIYBiABKAkSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIZChFmZWVfdGllcl9hc3NpZ25lZBgJIAEoCBIZChF0cmFkZWRfdm9sdW1lXzMwZBgKIAEoCSKHAwoGQXBpS2V5EhIKCmFwaV9rZXlfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVsYWJlbBgDIAEoCRIoCgZzY29wZXMYBCADKA4yGC5jZXguYXV0aC52MS5BcGlLZXlTY29wZRIVCg1hbGxvd2VkX2NpZHJzGAUgAygJEicKBXN0YXRlGAYgASgOMhguY2V4LmF1dGgudjEuQXBpS2V5U3RhdGUSFQoNc2VjcmV0X3ByZWZpeBgHIAEoCRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZXhwaXJlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3VzZWRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAidwoUQ3JlYXRlQWNjb3VudFJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIUCgxkaXNwbGF5X25hbWUYAiABKAkSDQoFZW1haWwYAyABKAkSJgoEdHlwZRgEIAEoDjIYLmNleC5hdXRoLnYxLkFjY291bnRUeXBlIj4KFUNyZWF0ZUFjY291bnRSZXNwb25zZRIlCgdhY2NvdW50GAEgASgLMhQuY2V4LmF1dGgudjEuQWNjb3VudCInChFHZXRBY2NvdW50UmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJIjsKEkdldEFjY291bnRSZXNwb25zZRIlCgdhY2NvdW50GAEgASgLMhQuY2V4LmF1dGgudjEuQWNjb3VudCJ6ChZTZXRBY2NvdW50U3RhdGVSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRIoCgVzdGF0ZRgDIAEoDjIZLmNleC5hdXRoLnYxLkFjY291bnRTdGF0ZRIOCgZyZWFzb24YBCABKAkiQAoXU2V0QWNjb3VudFN0YXRlUmVzcG9uc2USJQoHYWNjb3VudBgBIAEoCzIULmNleC5hdXRoLnYxLkFjY291bnQipwEKEkFjY291bnRTdGF0ZUNoYW5nZRISCgpjaGFuZ2Vfc2VxGAEgASgDEhIKCmFjY291bnRfaWQYAiABKAkSKAoFc3RhdGUYAyABKA4yGS5jZXguYXV0aC52MS5BY2NvdW50U3RhdGUSDgoGcmVhc29uGAQgASgJEi8KC2NoYW5nZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIaChhHZXRGcm96ZW5BY2NvdW50c1JlcXVlc3QiYgoZR2V0RnJvemVuQWNjb3VudHNSZXNwb25zZRISCgpjaGFuZ2Vfc2VxGAEgASgDEjEKCGFjY291bnRzGAIgAygLMh8uY2V4LmF1dGgudjEuQWNjb3VudFN0YXRlQ2hhbmdlIr4BChNDcmVhdGVBcGlLZXlSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVsYWJlbBgDIAEoCRIoCgZzY29wZXMYBCADKA4yGC5jZXguYXV0aC52MS5BcGlLZXlTY29wZRIVCg1hbGxvd2VkX2NpZHJzGAUgAygJEi8KC2V4cGlyZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJMChRDcmVhdGVBcGlLZXlSZXNwb25zZRIkCgdhcGlfa2V5GAEgASgLMhMuY2V4LmF1dGgudjEuQXBpS2V5Eg4KBnNlY3JldBgCIAEoCSJ4ChJMaXN0QXBpS2V5c1JlcXVlc3QSEgoKYWNjb3VudF9pZBgBIAEoCRInCgVzdGF0ZRgCIAEoDjIYLmNleC5hdXRoLnYxLkFwaUtleVN0YXRlEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJIlUKE0xpc3RBcGlLZXlzUmVzcG9uc2USJQoIYXBpX2tleXMYASADKAsyEy5jZXguYXV0aC52MS5BcGlLZXkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIk0KE1Jldm9rZUFwaUtleVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRISCgphcGlfa2V5X2lkGAIgASgJEg4KBnJlYXNvbhgDIAEoCSI8ChRSZXZva2VBcGlLZXlSZXNwb25zZRIkCgdhcGlfa2V5GAEgASgLMhMuY2V4LmF1dGgudjEuQXBpS2V5IpEBChFJc3N1ZVRva2VuUmVxdWVzdBISCgphcGlfa2V5X2lkGAEgASgJEhYKDmFwaV9rZXlfc2VjcmV0GAIgASgJEigKBnNjb3BlcxgDIAMoDjIYLmNleC5hdXRoLnYxLkFwaUtleVNjb3BlEiYKA3R0bBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKtAQoSSXNzdWVUb2tlblJlc3BvbnNlEhQKDGFjY2Vzc190b2tlbhgBIAEoCRISCgp0b2tlbl90eXBlGAIgASgJEi8KC2V4cGlyZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIoCgZzY29wZXMYBCADKA4yGC5jZXguYXV0aC52MS5BcGlLZXlTY29wZRISCgphY2NvdW50X2lkGAUgASgJIhAKDkdldEZlZXNSZXF1ZXN0IqUBCg9HZXRGZWVzUmVzcG9uc2USEAoIZmVlX3RpZXIYASABKAkSFgoObWFrZXJfZmVlX3JhdGUYAiABKAkSFgoOdGFrZXJfZmVlX3JhdGUYAyABKAkSKAoHbWFya2V0cxgEIAMoCzIXLmNleC5hdXRoLnYxLk1hcmtldEZlZXMSJgoGYXNzZXRzGAUgAygLMhYuY2V4LmF1dGgudjEuQXNzZXRGZWVzInsKCk1hcmtldEZlZXMSDgoGbWFya2V0GAEgASgJEhYKDm1ha2VyX2ZlZV9yYXRlGAIgASgJEhYKDnRha2VyX2ZlZV9yYXRlGAMgASgJEhUKDWJ1eV9mZWVfYXNzZXQYBCABKAkSFgoOc2VsbF9mZWVfYXNzZXQYBSABKAkiWwoJQXNzZXRGZWVzEg0KBWFzc2V0GAEgASgJEg8KB25ldHdvcmsYAiABKAkSFgoOd2l0aGRyYXdhbF9mZWUYAyABKAkSFgoObWluX3dpdGhkcmF3YWwYBCABKAkiWQoHRmVlVGllchIMCgRuYW1lGAEgASgJEhUKDW1ha2VyX2ZlZV9icHMYAiABKAkSFQoNdGFrZXJfZmVlX2JwcxgDIAEoCRISCgptaW5fdm9sdW1lGAQgASgJInkKC0ZlZVNjaGVkdWxlEiMKBXRpZXJzGAEgAygLMhQuY2V4LmF1dGgudjEuRmVlVGllchIUCgx2b2x1bWVfYXNzZXQYAiABKAkSLwoLdXBkYXRlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIhcKFUdldEZlZVNjaGVkdWxlUmVxdWVzdCJEChZHZXRGZWVTY2hlZHVsZVJlc3BvbnNlEioKCHNjaGVkdWxlGAEgASgLMhguY2V4LmF1dGgudjEuRmVlU2NoZWR1bGUiYAoVU2V0RmVlU2NoZWR1bGVSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSIwoFdGllcnMYAiADKAsyFC5jZXguYXV0aC52MS5GZWVUaWVyEg4KBnJlYXNvbhgDIAEoCSJEChZTZXRGZWVTY2hlZHVsZVJlc3BvbnNlEioKCHNjaGVkdWxlGAEgASgLMhguY2V4LmF1dGgudjEuRmVlU2NoZWR1bGUiZAoYU2V0QWNjb3VudEZlZVRpZXJSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRIQCghmZWVfdGllchgDIAEoCRIOCgZyZWFzb24YBCABKAkiQgoZU2V0QWNjb3VudEZlZVRpZXJSZXNwb25zZRIlCgdhY2NvdW50GAEgASgLMhQuY2V4LmF1dGgudjEuQWNjb3VudCIZChdFdmFsdWF0ZUZlZVRpZXJzUmVxdWVzdCJjChhFdmFsdWF0ZUZlZVRpZXJzUmVzcG9uc2USGQoRYWNjb3VudHNfbWVhc3VyZWQYASABKAUSLAoHY2hhbmdlZBgCIAMoCzIbLmNleC5hdXRoLnYxLkFjY291bnRGZWVUaWVyIlwKDkFjY291bnRGZWVUaWVyEhIKCmFjY291bnRfaWQYASABKAkSEAoIZmVlX3RpZXIYAiABKAkSEAoIYXNzaWduZWQYAyABKAgSEgoKY2hhbmdlX3NlcRgEIAEoAyKuAQoNRmVlVGllckNoYW5nZRISCgpjaGFuZ2Vfc2VxGAEgASgDEiwKB2FjY291bnQYAiABKAsyGy5jZXguYXV0aC52MS5BY2NvdW50RmVlVGllchIqCghzY2hlZHVsZRgDIAEoCzIYLmNleC5hdXRoLnYxLkZlZVNjaGVkdWxlEi8KC2NoYW5nZV90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIUChJHZXRGZWVUaWVyc1JlcXVlc3QihAEKE0dldEZlZVRpZXJzUmVzcG9uc2USEgoKY2hhbmdlX3NlcRgBIAEoAxIqCghzY2hlZHVsZRgCIAEoCzIYLmNleC5hdXRoLnYxLkZlZVNjaGVkdWxlEi0KCGFjY291bnRzGAMgAygLMhsuY2V4LmF1dGgudjEuQWNjb3VudEZlZVRpZXIqfgoMQWNjb3VudFN0YXRlEh0KGUFDQ09VTlRfU1RBVEVfVU5TUEVDSUZJRUQQABIYChRBQ0NPVU5UX1NUQVRFX0FDVElWRRABEhsKF0FDQ09VTlRfU1RBVEVfU1VTUEVOREVEEAISGAoUQUNDT1VOVF9TVEFURV9DTE9TRUQQAyqHAQoLQWNjb3VudFR5cGUSHAoYQUNDT1VOVF9UWVBFX1VOU1BFQ0lGSUVEEAASGwoXQUNDT1VOVF9UWVBFX0lORElWSURVQUwQARIdChlBQ0NPVU5UX1RZUEVfTUFSS0VUX01BS0VSEAISHgoaQUNDT1VOVF9UWVBFX0lOU1RJVFVUSU9OQUwQAyqSAQoLQXBpS2V5U2NvcGUSHQoZQVBJX0tFWV9TQ09QRV9VTlNQRUNJRklFRBAAEhYKEkFQSV9LRVlfU0NPUEVfUkVBRBABEhcKE0FQSV9LRVlfU0NPUEVfVFJBREUQAhIaChZBUElfS0VZX1NDT1BFX1dJVEhEUkFXEAMSFwoTQVBJX0tFWV9TQ09QRV9BRE1JThAEKnwKC0FwaUtleVN0YXRlEh0KGUFQSV9LRVlfU1RBVEVfVU5TUEVDSUZJRUQQABIYChRBUElfS0VZX1NUQVRFX0FDVElWRRABEhkKFUFQSV9LRVlfU1RBVEVfUkVWT0tFRBACEhkKFUFQSV9LRVlfU1RBVEVfRVhQSVJFRBADMt4MCgtBdXRoU2VydmljZRJvCg1DcmVhdGVBY2NvdW50EiEuY2V4LmF1dGgudjEuQ3JlYXRlQWNjb3VudFJlcXVlc3QaIi5jZXguYXV0aC52MS5DcmVhdGVBY2NvdW50UmVzcG9uc2UiF4LT5JMCEToBKiIML3YxL2FjY291bnRzEnAKCkdldEFjY291bnQSHi5jZXguYXV0aC52MS5HZXRBY2NvdW50UmVxdWVzdBofLmNleC5hdXRoLnYxLkdldEFjY291bnRSZXNwb25zZSIhgtPkkwIbEhkvdjEvYWNjb3VudHMve2FjY291bnRfaWR9EmsKDENyZWF0ZUFwaUtleRIgLmNleC5hdXRoLnYxLkNyZWF0ZUFwaUtleVJlcXVlc3QaIS5jZXguYXV0aC52MS5DcmVhdGVBcGlLZXlSZXNwb25zZSIWgtPkkwIQOgEqIgsvdjEvYXBpS2V5cxKLAQoPU2V0QWNjb3VudFN0YXRlEiMuY2V4LmF1dGgudjEuU2V0QWNjb3VudFN0YXRlUmVxdWVzdBokLmNleC5hdXRoLnYxLlNldEFjY291bnRTdGF0ZVJlc3BvbnNlIi2C0+STAic6ASoiIi92MS9hY2NvdW50cy97YWNjb3VudF9pZH06c2V0U3RhdGUSZQoLTGlzdEFwaUtleXMSHy5jZXguYXV0aC52MS5MaXN0QXBpS2V5c1JlcXVlc3QaIC5jZXguYXV0aC52MS5MaXN0QXBpS2V5c1Jlc3BvbnNlIhOC0+STAg0SCy92MS9hcGlLZXlzEn8KDFJldm9rZUFwaUtleRIgLmNleC5hdXRoLnYxLlJldm9rZUFwaUtleVJlcXVlc3QaIS5jZXguYXV0aC52MS5SZXZva2VBcGlLZXlSZXNwb25zZSIqgtPkkwIkOgEqIh8vdjEvYXBpS2V5cy97YXBpX2tleV9pZH06cmV2b2tlEmQKCklzc3VlVG9rZW4SHi5jZXguYXV0aC52MS5Jc3N1ZVRva2VuUmVxdWVzdBofLmNleC5hdXRoLnYxLklzc3VlVG9rZW5SZXNwb25zZSIVgtPkkwIPOgEqIgovdjEvdG9rZW5zEmIKEUdldEZyb3plbkFjY291bnRzEiUuY2V4LmF1dGgudjEuR2V0RnJvemVuQWNjb3VudHNSZXF1ZXN0GiYuY2V4LmF1dGgudjEuR2V0RnJvemVuQWNjb3VudHNSZXNwb25zZRJWCgdHZXRGZWVzEhsuY2V4LmF1dGgudjEuR2V0RmVlc1JlcXVlc3QaHC5jZXguYXV0aC52MS5HZXRGZWVzUmVzcG9uc2UiEILT5JMCChIIL3YxL2ZlZXMSeAoOR2V0RmVlU2NoZWR1bGUSIi5jZXguYXV0aC52MS5HZXRGZWVTY2hlZHVsZVJlcXVlc3QaIy5jZXguYXV0aC52MS5HZXRGZWVTY2hlZHVsZVJlc3BvbnNlIh2C0+STAhcSFS92MS9hZG1pbi9mZWVTY2hlZHVsZRJ7Cg5TZXRGZWVTY2hlZHVsZRIiLmNleC5hdXRoLnYxLlNldEZlZVNjaGVkdWxlUmVxdWVzdBojLmNleC5hdXRoLnYxLlNldEZlZVNjaGVkdWxlUmVzcG9uc2UiIILT5JMCGjoBKiIVL3YxL2FkbWluL2ZlZVNjaGVkdWxlEpMBChFTZXRBY2NvdW50RmVlVGllchIlLmNleC5hdXRoLnYxLlNldEFjY291bnRGZWVUaWVyUmVxdWVzdBomLmNleC5hdXRoLnYxLlNldEFjY291bnRGZWVUaWVyUmVzcG9uc2UiL4LT5JMCKToBKiIkL3YxL2FjY291bnRzL3thY2NvdW50X2lkfTpzZXRGZWVUaWVyEocBChBFdmFsdWF0ZUZlZVRpZXJzEiQuY2V4LmF1dGgudjEuRXZhbHVhdGVGZWVUaWVyc1JlcXVlc3QaJS5jZXguYXV0aC52MS5FdmFsdWF0ZUZlZVRpZXJzUmVzcG9uc2UiJoLT5JMCIDoBKiIbL3YxL2FkbWluL2ZlZVRpZXJzOmV2YWx1YXRlElAKC0dldEZlZVRpZXJzEh8uY2V4LmF1dGgudjEuR2V0RmVlVGllcnNSZXF1ZXN0GiAuY2V4LmF1dGgudjEuR2V0RmVlVGllcnNSZXNwb25zZWIGcHJvdG8z", [file_google_api_annotations, file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChZjZXgvYXV0aC92MS9hdXRoLnByb3RvEgtjZXguYXV0aC52MSLZAgoHQWNjb3VudBISCgphY2NvdW50X2lkGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRINCgVlbWFpbBgDIAEoCRImCgR0eXBlGAQgASgOMhguY2V4LmF1dGgudjEuQWNjb3VudFR5cGUSKAoFc3RhdGUYBSABKA4yGS5jZXguYXV0aC52MS5BY2NvdW50U3RhdGUSEAoIZmVlX3RpZXIYBiABKAkSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIZChFmZWVfdGllcl9hc3NpZ25lZBgJIAEoCBIZChF0cmFkZWRfdm9sdW1lXzMwZBgKIAEoCRIZChFtYXN0ZXJfYWNjb3VudF9pZBgLIAEoCSKHAwoGQXBpS2V5EhIKCmFwaV9rZXlfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRINCgVsYWJlbBgDIAEoCRIoCgZzY29wZXMYBCADKA4yGC5jZXguYXV0aC52MS5BcGlLZXlTY29wZRIVCg1hbGxvd2VkX2NpZHJzGAUgAygJEicKBXN0YXRlGAYgASgOMhguY2V4LmF1dGgudjEuQXBpS2V5U3RhdGUSFQoNc2VjcmV0X3ByZWZpeBgHIAEoCRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZXhwaXJlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5sYXN0X3VzZWRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAidwoUQ3JlYXRlQWNjb3VudFJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIUCgxkaXNwbGF5X25hbWUYAiABKAkSDQoFZW1haWwYAyABKAkSJgoEdHlwZRgEIAEoDjIYLmNleC5hdXRoLnYxLkFjY291bnRUeXBlIj4KFUNyZWF0ZUFjY291bnRSZXNwb25zZRIlCgdhY2NvdW50GAEgASgLMhQuY2V4LmF1dGgudjEuQWNjb3VudCJeChdDcmVhdGVTdWJBY2NvdW50UmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRIZChFtYXN0ZXJfYWNjb3VudF9pZBgDIAEoCSJBChhDcmVhdGVTdWJBY2NvdW50UmVzcG9uc2USJQoHYWNjb3VudBgBIAEoCzIULmNleC5hdXRoLnYxLkFjY291bnQiWgoWTGlzdFN1YkFjY291bnRzUmVxdWVzdBIZChFtYXN0ZXJfYWNjb3VudF9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJaChdMaXN0U3ViQWNjb3VudHNSZXNwb25zZRImCghhY2NvdW50cxgBIAMoCzIULmNleC5hdXRoLnYxLkFjY291bnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIicKEUdldEFjY291bnRSZXF1ZXN0EhIKCmFjY291bnRfaWQYASABKAkiOwoSR2V0QWNjb3VudFJlc3BvbnNlEiUKB2FjY291bnQYASABKAsyFC5jZXguYXV0aC52MS5BY2NvdW50InoKFlNldEFjY291bnRTdGF0ZVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRISCgphY2NvdW50X2lkGAIgASgJEigKBXN0YXRlGAMgASgOMhkuY2V4LmF1dGgudjEuQWNjb3VudFN0YXRlEg4KBnJlYXNvbhgEIAEoCSJAChdTZXRBY2NvdW50U3RhdGVSZXNwb25zZRIlCgdhY2NvdW50GAEgASgLMhQuY2V4LmF1dGgudjEuQWNjb3VudCKnAQoSQWNjb3VudFN0YXRlQ2hhbmdlEhIKCmNoYW5nZV9zZXEYASABKAMSEgoKYWNjb3VudF9pZBgCIAEoCRIoCgVzdGF0ZRgDIAEoDjIZLmNleC5hdXRoLnYxLkFjY291bnRTdGF0ZRIOCgZyZWFzb24YBCABKAkSLwoLY2hhbmdlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIhoKGEdldEZyb3plbkFjY291bnRzUmVxdWVzdCJiChlHZXRGcm96ZW5BY2NvdW50c1Jlc3BvbnNlEhIKCmNoYW5nZV9zZXEYASABKAMSMQoIYWNjb3VudHMYAiADKAsyHy5jZXguYXV0aC52MS5BY2NvdW50U3RhdGVDaGFuZ2UivgEKE0NyZWF0ZUFwaUtleVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRISCgphY2NvdW50X2lkGAIgASgJEg0KBWxhYmVsGAMgASgJEigKBnNjb3BlcxgEIAMoDjIYLmNleC5hdXRoLnYxLkFwaUtleVNjb3BlEhUKDWFsbG93ZWRfY2lkcnMYBSADKAkSLwoLZXhwaXJlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkwKFENyZWF0ZUFwaUtleVJlc3BvbnNlEiQKB2FwaV9rZXkYASABKAsyEy5jZXguYXV0aC52MS5BcGlLZXkSDgoGc2VjcmV0GAIgASgJIngKEkxpc3RBcGlLZXlzUmVxdWVzdBISCgphY2NvdW50X2lkGAEgASgJEicKBXN0YXRlGAIgASgOMhguY2V4LmF1dGgudjEuQXBpS2V5U3RhdGUSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkiVQoTTGlzdEFwaUtleXNSZXNwb25zZRIlCghhcGlfa2V5cxgBIAMoCzITLmNleC5hdXRoLnYxLkFwaUtleRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiTQoTUmV2b2tlQXBpS2V5UmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEhIKCmFwaV9rZXlfaWQYAiABKAkSDgoGcmVhc29uGAMgASgJIjwKFFJldm9rZUFwaUtleVJlc3BvbnNlEiQKB2FwaV9rZXkYASABKAsyEy5jZXguYXV0aC52MS5BcGlLZXkikQEKEUlzc3VlVG9rZW5SZXF1ZXN0EhIKCmFwaV9rZXlfaWQYASABKAkSFgoOYXBpX2tleV9zZWNyZXQYAiABKAkSKAoGc2NvcGVzGAMgAygOMhguY2V4LmF1dGgudjEuQXBpS2V5U2NvcGUSJgoDdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIq0BChJJc3N1ZVRva2VuUmVzcG9uc2USFAoMYWNjZXNzX3Rva2VuGAEgASgJEhIKCnRva2VuX3R5cGUYAiABKAkSLwoLZXhwaXJlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEigKBnNjb3BlcxgEIAMoDjIYLmNleC5hdXRoLnYxLkFwaUtleVNjb3BlEhIKCmFjY291bnRfaWQYBSABKAkiEAoOR2V0RmVlc1JlcXVlc3QipQEKD0dldEZlZXNSZXNwb25zZRIQCghmZWVfdGllchgBIAEoCRIWCg5tYWtlcl9mZWVfcmF0ZRgCIAEoCRIWCg50YWtlcl9mZWVfcmF0ZRgDIAEoCRIoCgdtYXJrZXRzGAQgAygLMhcuY2V4LmF1dGgudjEuTWFya2V0RmVlcxImCgZhc3NldHMYBSADKAsyFi5jZXguYXV0aC52MS5Bc3NldEZlZXMiewoKTWFya2V0RmVlcxIOCgZtYXJrZXQYASABKAkSFgoObWFrZXJfZmVlX3JhdGUYAiABKAkSFgoOdGFrZXJfZmVlX3JhdGUYAyABKAkSFQoNYnV5X2ZlZV9hc3NldBgEIAEoCRIWCg5zZWxsX2ZlZV9hc3NldBgFIAEoCSJbCglBc3NldEZlZXMSDQoFYXNzZXQYASABKAkSDwoHbmV0d29yaxgCIAEoCRIWCg53aXRoZHJhd2FsX2ZlZRgDIAEoCRIWCg5taW5fd2l0aGRyYXdhbBgEIAEoCSJZCgdGZWVUaWVyEgwKBG5hbWUYASABKAkSFQoNbWFrZXJfZmVlX2JwcxgCIAEoCRIVCg10YWtlcl9mZWVfYnBzGAMgASgJEhIKCm1pbl92b2x1bWUYBCABKAkieQoLRmVlU2NoZWR1bGUSIwoFdGllcnMYASADKAsyFC5jZXguYXV0aC52MS5GZWVUaWVyEhQKDHZvbHVtZV9hc3NldBgCIAEoCRIvCgt1cGRhdGVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiFwoVR2V0RmVlU2NoZWR1bGVSZXF1ZXN0IkQKFkdldEZlZVNjaGVkdWxlUmVzcG9uc2USKgoIc2NoZWR1bGUYASABKAsyGC5jZXguYXV0aC52MS5GZWVTY2hlZHVsZSJgChVTZXRGZWVTY2hlZHVsZVJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRIjCgV0aWVycxgCIAMoCzIULmNleC5hdXRoLnYxLkZlZVRpZXISDgoGcmVhc29uGAMgASgJIkQKFlNldEZlZVNjaGVkdWxlUmVzcG9uc2USKgoIc2NoZWR1bGUYASABKAsyGC5jZXguYXV0aC52MS5GZWVTY2hlZHVsZSJkChhTZXRBY2NvdW50RmVlVGllclJlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoCRISCgphY2NvdW50X2lkGAIgASgJEhAKCGZlZV90aWVyGAMgASgJEg4KBnJlYXNvbhgEIAEoCSJCChlTZXRBY2NvdW50RmVlVGllclJlc3BvbnNlEiUKB2FjY291bnQYASABKAsyFC5jZXguYXV0aC52MS5BY2NvdW50IhkKF0V2YWx1YXRlRmVlVGllcnNSZXF1ZXN0ImMKGEV2YWx1YXRlRmVlVGllcnNSZXNwb25zZRIZChFhY2NvdW50c19tZWFzdXJlZBgBIAEoBRIsCgdjaGFuZ2VkGAIgAygLMhsuY2V4LmF1dGgudjEuQWNjb3VudEZlZVRpZXIiXAoOQWNjb3VudEZlZVRpZXISEgoKYWNjb3VudF9pZBgBIAEoCRIQCghmZWVfdGllchgCIAEoCRIQCghhc3NpZ25lZBgDIAEoCBISCgpjaGFuZ2Vfc2VxGAQgASgDIq4BCg1GZWVUaWVyQ2hhbmdlEhIKCmNoYW5nZV9zZXEYASABKAMSLAoHYWNjb3VudBgCIAEoCzIbLmNleC5hdXRoLnYxLkFjY291bnRGZWVUaWVyEioKCHNjaGVkdWxlGAMgASgLMhguY2V4LmF1dGgudjEuRmVlU2NoZWR1bGUSLwoLY2hhbmdlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIhQKEkdldEZlZVRpZXJzUmVxdWVzdCKEAQoTR2V0RmVlVGllcnNSZXNwb25zZRISCgpjaGFuZ2Vfc2VxGAEgASgDEioKCHNjaGVkdWxlGAIgASgLMhguY2V4LmF1dGgudjEuRmVlU2NoZWR1bGUSLQoIYWNjb3VudHMYAyADKAsyGy5jZXguYXV0aC52MS5BY2NvdW50RmVlVGllcip+CgxBY2NvdW50U3RhdGUSHQoZQUNDT1VOVF9TVEFURV9VTlNQRUNJRklFRBAAEhgKFEFDQ09VTlRfU1RBVEVfQUNUSVZFEAESGwoXQUNDT1VOVF9TVEFURV9TVVNQRU5ERUQQAhIYChRBQ0NPVU5UX1NUQVRFX0NMT1NFRBADKocBCgtBY2NvdW50VHlwZRIcChhBQ0NPVU5UX1RZUEVfVU5TUEVDSUZJRUQQABIbChdBQ0NPVU5UX1RZUEVfSU5ESVZJRFVBTBABEh0KGUFDQ09VTlRfVFlQRV9NQVJLRVRfTUFLRVIQAhIeChpBQ0NPVU5UX1RZUEVfSU5TVElUVVRJT05BTBADKpIBCgtBcGlLZXlTY29wZRIdChlBUElfS0VZX1NDT1BFX1VOU1BFQ0lGSUVEEAASFgoSQVBJX0tFWV9TQ09QRV9SRUFEEAESFwoTQVBJX0tFWV9TQ09QRV9UUkFERRACEhoKFkFQSV9LRVlfU0NPUEVfV0lUSERSQVcQAxIXChNBUElfS0VZX1NDT1BFX0FETUlOEAQqfAoLQXBpS2V5U3RhdGUSHQoZQVBJX0tFWV9TVEFURV9VTlNQRUNJRklFRBAAEhgKFEFQSV9LRVlfU1RBVEVfQUNUSVZFEAESGQoVQVBJX0tFWV9TVEFURV9SRVZPS0VEEAISGQoVQVBJX0tFWV9TVEFURV9FWFBJUkVEEAMy0g4KC0F1dGhTZXJ2aWNlEm8KDUNyZWF0ZUFjY291bnQSIS5jZXguYXV0aC52MS5DcmVhdGVBY2NvdW50UmVxdWVzdBoiLmNleC5hdXRoLnYxLkNyZWF0ZUFjY291bnRSZXNwb25zZSIXgtPkkwIROgEqIgwvdjEvYWNjb3VudHMScAoKR2V0QWNjb3VudBIeLmNleC5hdXRoLnYxLkdldEFjY291bnRSZXF1ZXN0Gh8uY2V4LmF1dGgudjEuR2V0QWNjb3VudFJlc3BvbnNlIiGC0+STAhsSGS92MS9hY2NvdW50cy97YWNjb3VudF9pZH0SawoMQ3JlYXRlQXBpS2V5EiAuY2V4LmF1dGgudjEuQ3JlYXRlQXBpS2V5UmVxdWVzdBohLmNleC5hdXRoLnYxLkNyZWF0ZUFwaUtleVJlc3BvbnNlIhaC0+STAhA6ASoiCy92MS9hcGlLZXlzEnsKEENyZWF0ZVN1YkFjY291bnQSJC5jZXguYXV0aC52MS5DcmVhdGVTdWJBY2NvdW50UmVxdWVzdBolLmNleC5hdXRoLnYxLkNyZWF0ZVN1YkFjY291bnRSZXNwb25zZSIagtPkkwIUOgEqIg8vdjEvc3ViQWNjb3VudHMSdQoPTGlzdFN1YkFjY291bnRzEiMuY2V4LmF1dGgudjEuTGlzdFN1YkFjY291bnRzUmVxdWVzdBokLmNleC5hdXRoLnYxLkxpc3RTdWJBY2NvdW50c1Jlc3BvbnNlIheC0+STAhESDy92MS9zdWJBY2NvdW50cxKLAQoPU2V0QWNjb3VudFN0YXRlEiMuY2V4LmF1dGgudjEuU2V0QWNjb3VudFN0YXRlUmVxdWVzdBokLmNleC5hdXRoLnYxLlNldEFjY291bnRTdGF0ZVJlc3BvbnNlIi2C0+STAic6ASoiIi92MS9hY2NvdW50cy97YWNjb3VudF9pZH06c2V0U3RhdGUSZQoLTGlzdEFwaUtleXMSHy5jZXguYXV0aC52MS5MaXN0QXBpS2V5c1JlcXVlc3QaIC5jZXguYXV0aC52MS5MaXN0QXBpS2V5c1Jlc3BvbnNlIhOC0+STAg0SCy92MS9hcGlLZXlzEn8KDFJldm9rZUFwaUtleRIgLmNleC5hdXRoLnYxLlJldm9rZUFwaUtleVJlcXVlc3QaIS5jZXguYXV0aC52MS5SZXZva2VBcGlLZXlSZXNwb25zZSIqgtPkkwIkOgEqIh8vdjEvYXBpS2V5cy97YXBpX2tleV9pZH06cmV2b2tlEmQKCklzc3VlVG9rZW4SHi5jZXguYXV0aC52MS5Jc3N1ZVRva2VuUmVxdWVzdBofLmNleC5hdXRoLnYxLklzc3VlVG9rZW5SZXNwb25zZSIVgtPkkwIPOgEqIgovdjEvdG9rZW5zEmIKEUdldEZyb3plbkFjY291bnRzEiUuY2V4LmF1dGgudjEuR2V0RnJvemVuQWNjb3VudHNSZXF1ZXN0GiYuY2V4LmF1dGgudjEuR2V0RnJvemVuQWNjb3VudHNSZXNwb25zZRJWCgdHZXRGZWVzEhsuY2V4LmF1dGgudjEuR2V0RmVlc1JlcXVlc3QaHC5jZXguYXV0aC52MS5HZXRGZWVzUmVzcG9uc2UiEILT5JMCChIIL3YxL2ZlZXMSeAoOR2V0RmVlU2NoZWR1bGUSIi5jZXguYXV0aC52MS5HZXRGZWVTY2hlZHVsZVJlcXVlc3QaIy5jZXguYXV0aC52MS5HZXRGZWVTY2hlZHVsZVJlc3BvbnNlIh2C0+STAhcSFS92MS9hZG1pbi9mZWVTY2hlZHVsZRJ7Cg5TZXRGZWVTY2hlZHVsZRIiLmNleC5hdXRoLnYxLlNldEZlZVNjaGVkdWxlUmVxdWVzdBojLmNleC5hdXRoLnYxLlNldEZlZVNjaGVkdWxlUmVzcG9uc2UiIILT5JMCGjoBKiIVL3YxL2FkbWluL2ZlZVNjaGVkdWxlEpMBChFTZXRBY2NvdW50RmVlVGllchIlLmNleC5hdXRoLnYxLlNldEFjY291bnRGZWVUaWVyUmVxdWVzdBomLmNleC5hdXRoLnYxLlNldEFjY291bnRGZWVUaWVyUmVzcG9uc2UiL4LT5JMCKToBKiIkL3YxL2FjY291bnRzL3thY2NvdW50X2lkfTpzZXRGZWVUaWVyEocBChBFdmFsdWF0ZUZlZVRpZXJzEiQuY2V4LmF1dGgudjEuRXZhbHVhdGVGZWVUaWVyc1JlcXVlc3QaJS5jZXguYXV0aC52MS5FdmFsdWF0ZUZlZVRpZXJzUmVzcG9uc2UiJoLT5JMCIDoBKiIbL3YxL2FkbWluL2ZlZVRpZXJzOmV2YWx1YXRlElAKC0dldEZlZVRpZXJzEh8uY2V4LmF1dGgudjEuR2V0RmVlVGllcnNSZXF1ZXN0GiAuY2V4LmF1dGgudjEuR2V0RmVlVGllcnNSZXNwb25zZWIGcHJvdG8z", [file_google_api_annotations, file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * A trading account: the owner of balances, orders and API keys.
@@ -99,6 +99,14 @@ export type Account = Message<"cex.auth.v1.Account"> & {
    * @generated from field: string traded_volume_30d = 10;
    */
   tradedVolume30d: string;
+
+  /**
+   * The master account of a sub-account (ADR 0017); empty for every other
+   * account. Set when the sub-account is created, never changed.
+   *
+   * @generated from field: string master_account_id = 11;
+   */
+  masterAccountId: string;
 };
 
 /**
@@ -267,6 +275,130 @@ export const CreateAccountResponseSchema: GenMessage<CreateAccountResponse> = /*
   messageDesc(file_cex_auth_v1_auth, 3);
 
 /**
+ * Request for AuthService.CreateSubAccount.
+ *
+ * @generated from message cex.auth.v1.CreateSubAccountRequest
+ */
+export type CreateSubAccountRequest = Message<"cex.auth.v1.CreateSubAccountRequest"> & {
+  /**
+   * Required (ADR 0003): the client-chosen idempotency key, 1 to 128
+   * characters. The same id with the same body returns the first result; with
+   * a different body, ALREADY_EXISTS.
+   *
+   * @generated from field: string request_id = 1;
+   */
+  requestId: string;
+
+  /**
+   * Human-readable name, e.g. "mm-eu".
+   *
+   * @generated from field: string display_name = 2;
+   */
+  displayName: string;
+
+  /**
+   * The master account: empty for the caller's own; an admin or a service
+   * must name it. Another user's account is NOT_FOUND.
+   *
+   * @generated from field: string master_account_id = 3;
+   */
+  masterAccountId: string;
+};
+
+/**
+ * Describes the message cex.auth.v1.CreateSubAccountRequest.
+ * Use `create(CreateSubAccountRequestSchema)` to create a new message.
+ */
+export const CreateSubAccountRequestSchema: GenMessage<CreateSubAccountRequest> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 4);
+
+/**
+ * Response for AuthService.CreateSubAccount.
+ *
+ * @generated from message cex.auth.v1.CreateSubAccountResponse
+ */
+export type CreateSubAccountResponse = Message<"cex.auth.v1.CreateSubAccountResponse"> & {
+  /**
+   * The created sub-account (master_account_id set).
+   *
+   * @generated from field: cex.auth.v1.Account account = 1;
+   */
+  account?: Account | undefined;
+};
+
+/**
+ * Describes the message cex.auth.v1.CreateSubAccountResponse.
+ * Use `create(CreateSubAccountResponseSchema)` to create a new message.
+ */
+export const CreateSubAccountResponseSchema: GenMessage<CreateSubAccountResponse> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 5);
+
+/**
+ * Request for AuthService.ListSubAccounts.
+ *
+ * @generated from message cex.auth.v1.ListSubAccountsRequest
+ */
+export type ListSubAccountsRequest = Message<"cex.auth.v1.ListSubAccountsRequest"> & {
+  /**
+   * The master account: empty for the caller's own; an admin or a service
+   * must name it.
+   *
+   * @generated from field: string master_account_id = 1;
+   */
+  masterAccountId: string;
+
+  /**
+   * Maximum number of accounts to return; 0 means a server default (50),
+   * values above 100 are coerced to 100.
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * Token from a previous response's next_page_token; empty for the first page.
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message cex.auth.v1.ListSubAccountsRequest.
+ * Use `create(ListSubAccountsRequestSchema)` to create a new message.
+ */
+export const ListSubAccountsRequestSchema: GenMessage<ListSubAccountsRequest> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 6);
+
+/**
+ * Response for AuthService.ListSubAccounts.
+ *
+ * @generated from message cex.auth.v1.ListSubAccountsResponse
+ */
+export type ListSubAccountsResponse = Message<"cex.auth.v1.ListSubAccountsResponse"> & {
+  /**
+   * The sub-accounts, oldest first.
+   *
+   * @generated from field: repeated cex.auth.v1.Account accounts = 1;
+   */
+  accounts: Account[];
+
+  /**
+   * Token for the next page; empty when there are no more results.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message cex.auth.v1.ListSubAccountsResponse.
+ * Use `create(ListSubAccountsResponseSchema)` to create a new message.
+ */
+export const ListSubAccountsResponseSchema: GenMessage<ListSubAccountsResponse> = /*@__PURE__*/
+  messageDesc(file_cex_auth_v1_auth, 7);
+
+/**
  * Request for AuthService.GetAccount.
  *
  * @generated from message cex.auth.v1.GetAccountRequest
@@ -285,7 +417,7 @@ export type GetAccountRequest = Message<"cex.auth.v1.GetAccountRequest"> & {
  * Use `create(GetAccountRequestSchema)` to create a new message.
  */
 export const GetAccountRequestSchema: GenMessage<GetAccountRequest> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 4);
+  messageDesc(file_cex_auth_v1_auth, 8);
 
 /**
  * Response for AuthService.GetAccount.
@@ -306,7 +438,7 @@ export type GetAccountResponse = Message<"cex.auth.v1.GetAccountResponse"> & {
  * Use `create(GetAccountResponseSchema)` to create a new message.
  */
 export const GetAccountResponseSchema: GenMessage<GetAccountResponse> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 5);
+  messageDesc(file_cex_auth_v1_auth, 9);
 
 /**
  * Request for AuthService.SetAccountState.
@@ -351,7 +483,7 @@ export type SetAccountStateRequest = Message<"cex.auth.v1.SetAccountStateRequest
  * Use `create(SetAccountStateRequestSchema)` to create a new message.
  */
 export const SetAccountStateRequestSchema: GenMessage<SetAccountStateRequest> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 6);
+  messageDesc(file_cex_auth_v1_auth, 10);
 
 /**
  * Response for AuthService.SetAccountState.
@@ -372,7 +504,7 @@ export type SetAccountStateResponse = Message<"cex.auth.v1.SetAccountStateRespon
  * Use `create(SetAccountStateResponseSchema)` to create a new message.
  */
 export const SetAccountStateResponseSchema: GenMessage<SetAccountStateResponse> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 7);
+  messageDesc(file_cex_auth_v1_auth, 11);
 
 /**
  * One change of an account's state, as auth committed it. Published on NATS
@@ -425,7 +557,7 @@ export type AccountStateChange = Message<"cex.auth.v1.AccountStateChange"> & {
  * Use `create(AccountStateChangeSchema)` to create a new message.
  */
 export const AccountStateChangeSchema: GenMessage<AccountStateChange> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 8);
+  messageDesc(file_cex_auth_v1_auth, 12);
 
 /**
  * Request for AuthService.GetFrozenAccounts. It takes no parameters.
@@ -440,7 +572,7 @@ export type GetFrozenAccountsRequest = Message<"cex.auth.v1.GetFrozenAccountsReq
  * Use `create(GetFrozenAccountsRequestSchema)` to create a new message.
  */
 export const GetFrozenAccountsRequestSchema: GenMessage<GetFrozenAccountsRequest> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 9);
+  messageDesc(file_cex_auth_v1_auth, 13);
 
 /**
  * Response for AuthService.GetFrozenAccounts.
@@ -468,7 +600,7 @@ export type GetFrozenAccountsResponse = Message<"cex.auth.v1.GetFrozenAccountsRe
  * Use `create(GetFrozenAccountsResponseSchema)` to create a new message.
  */
 export const GetFrozenAccountsResponseSchema: GenMessage<GetFrozenAccountsResponse> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 10);
+  messageDesc(file_cex_auth_v1_auth, 14);
 
 /**
  * Request for AuthService.CreateApiKey.
@@ -528,7 +660,7 @@ export type CreateApiKeyRequest = Message<"cex.auth.v1.CreateApiKeyRequest"> & {
  * Use `create(CreateApiKeyRequestSchema)` to create a new message.
  */
 export const CreateApiKeyRequestSchema: GenMessage<CreateApiKeyRequest> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 11);
+  messageDesc(file_cex_auth_v1_auth, 15);
 
 /**
  * Response for AuthService.CreateApiKey.
@@ -557,7 +689,7 @@ export type CreateApiKeyResponse = Message<"cex.auth.v1.CreateApiKeyResponse"> &
  * Use `create(CreateApiKeyResponseSchema)` to create a new message.
  */
 export const CreateApiKeyResponseSchema: GenMessage<CreateApiKeyResponse> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 12);
+  messageDesc(file_cex_auth_v1_auth, 16);
 
 /**
  * Request for AuthService.ListApiKeys.
@@ -600,7 +732,7 @@ export type ListApiKeysRequest = Message<"cex.auth.v1.ListApiKeysRequest"> & {
  * Use `create(ListApiKeysRequestSchema)` to create a new message.
  */
 export const ListApiKeysRequestSchema: GenMessage<ListApiKeysRequest> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 13);
+  messageDesc(file_cex_auth_v1_auth, 17);
 
 /**
  * Response for AuthService.ListApiKeys.
@@ -628,7 +760,7 @@ export type ListApiKeysResponse = Message<"cex.auth.v1.ListApiKeysResponse"> & {
  * Use `create(ListApiKeysResponseSchema)` to create a new message.
  */
 export const ListApiKeysResponseSchema: GenMessage<ListApiKeysResponse> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 14);
+  messageDesc(file_cex_auth_v1_auth, 18);
 
 /**
  * Request for AuthService.RevokeApiKey.
@@ -665,7 +797,7 @@ export type RevokeApiKeyRequest = Message<"cex.auth.v1.RevokeApiKeyRequest"> & {
  * Use `create(RevokeApiKeyRequestSchema)` to create a new message.
  */
 export const RevokeApiKeyRequestSchema: GenMessage<RevokeApiKeyRequest> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 15);
+  messageDesc(file_cex_auth_v1_auth, 19);
 
 /**
  * Response for AuthService.RevokeApiKey.
@@ -686,7 +818,7 @@ export type RevokeApiKeyResponse = Message<"cex.auth.v1.RevokeApiKeyResponse"> &
  * Use `create(RevokeApiKeyResponseSchema)` to create a new message.
  */
 export const RevokeApiKeyResponseSchema: GenMessage<RevokeApiKeyResponse> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 16);
+  messageDesc(file_cex_auth_v1_auth, 20);
 
 /**
  * Request for AuthService.IssueToken.
@@ -730,7 +862,7 @@ export type IssueTokenRequest = Message<"cex.auth.v1.IssueTokenRequest"> & {
  * Use `create(IssueTokenRequestSchema)` to create a new message.
  */
 export const IssueTokenRequestSchema: GenMessage<IssueTokenRequest> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 17);
+  messageDesc(file_cex_auth_v1_auth, 21);
 
 /**
  * Response for AuthService.IssueToken.
@@ -779,7 +911,7 @@ export type IssueTokenResponse = Message<"cex.auth.v1.IssueTokenResponse"> & {
  * Use `create(IssueTokenResponseSchema)` to create a new message.
  */
 export const IssueTokenResponseSchema: GenMessage<IssueTokenResponse> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 18);
+  messageDesc(file_cex_auth_v1_auth, 22);
 
 /**
  * Request for AuthService.GetFees.
@@ -794,7 +926,7 @@ export type GetFeesRequest = Message<"cex.auth.v1.GetFeesRequest"> & {
  * Use `create(GetFeesRequestSchema)` to create a new message.
  */
 export const GetFeesRequestSchema: GenMessage<GetFeesRequest> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 19);
+  messageDesc(file_cex_auth_v1_auth, 23);
 
 /**
  * Response for AuthService.GetFees.
@@ -844,7 +976,7 @@ export type GetFeesResponse = Message<"cex.auth.v1.GetFeesResponse"> & {
  * Use `create(GetFeesResponseSchema)` to create a new message.
  */
 export const GetFeesResponseSchema: GenMessage<GetFeesResponse> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 20);
+  messageDesc(file_cex_auth_v1_auth, 24);
 
 /**
  * The trading fees of one market for the caller.
@@ -893,7 +1025,7 @@ export type MarketFees = Message<"cex.auth.v1.MarketFees"> & {
  * Use `create(MarketFeesSchema)` to create a new message.
  */
 export const MarketFeesSchema: GenMessage<MarketFees> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 21);
+  messageDesc(file_cex_auth_v1_auth, 25);
 
 /**
  * How one asset is withdrawn.
@@ -935,7 +1067,7 @@ export type AssetFees = Message<"cex.auth.v1.AssetFees"> & {
  * Use `create(AssetFeesSchema)` to create a new message.
  */
 export const AssetFeesSchema: GenMessage<AssetFees> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 22);
+  messageDesc(file_cex_auth_v1_auth, 26);
 
 /**
  * One tier of the fee schedule.
@@ -983,7 +1115,7 @@ export type FeeTier = Message<"cex.auth.v1.FeeTier"> & {
  * Use `create(FeeTierSchema)` to create a new message.
  */
 export const FeeTierSchema: GenMessage<FeeTier> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 23);
+  messageDesc(file_cex_auth_v1_auth, 27);
 
 /**
  * The fee schedule.
@@ -1019,7 +1151,7 @@ export type FeeSchedule = Message<"cex.auth.v1.FeeSchedule"> & {
  * Use `create(FeeScheduleSchema)` to create a new message.
  */
 export const FeeScheduleSchema: GenMessage<FeeSchedule> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 24);
+  messageDesc(file_cex_auth_v1_auth, 28);
 
 /**
  * Request for AuthService.GetFeeSchedule. It takes no parameters.
@@ -1034,7 +1166,7 @@ export type GetFeeScheduleRequest = Message<"cex.auth.v1.GetFeeScheduleRequest">
  * Use `create(GetFeeScheduleRequestSchema)` to create a new message.
  */
 export const GetFeeScheduleRequestSchema: GenMessage<GetFeeScheduleRequest> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 25);
+  messageDesc(file_cex_auth_v1_auth, 29);
 
 /**
  * Response for AuthService.GetFeeSchedule.
@@ -1055,7 +1187,7 @@ export type GetFeeScheduleResponse = Message<"cex.auth.v1.GetFeeScheduleResponse
  * Use `create(GetFeeScheduleResponseSchema)` to create a new message.
  */
 export const GetFeeScheduleResponseSchema: GenMessage<GetFeeScheduleResponse> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 26);
+  messageDesc(file_cex_auth_v1_auth, 30);
 
 /**
  * Request for AuthService.SetFeeSchedule.
@@ -1091,7 +1223,7 @@ export type SetFeeScheduleRequest = Message<"cex.auth.v1.SetFeeScheduleRequest">
  * Use `create(SetFeeScheduleRequestSchema)` to create a new message.
  */
 export const SetFeeScheduleRequestSchema: GenMessage<SetFeeScheduleRequest> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 27);
+  messageDesc(file_cex_auth_v1_auth, 31);
 
 /**
  * Response for AuthService.SetFeeSchedule.
@@ -1112,7 +1244,7 @@ export type SetFeeScheduleResponse = Message<"cex.auth.v1.SetFeeScheduleResponse
  * Use `create(SetFeeScheduleResponseSchema)` to create a new message.
  */
 export const SetFeeScheduleResponseSchema: GenMessage<SetFeeScheduleResponse> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 28);
+  messageDesc(file_cex_auth_v1_auth, 32);
 
 /**
  * Request for AuthService.SetAccountFeeTier.
@@ -1154,7 +1286,7 @@ export type SetAccountFeeTierRequest = Message<"cex.auth.v1.SetAccountFeeTierReq
  * Use `create(SetAccountFeeTierRequestSchema)` to create a new message.
  */
 export const SetAccountFeeTierRequestSchema: GenMessage<SetAccountFeeTierRequest> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 29);
+  messageDesc(file_cex_auth_v1_auth, 33);
 
 /**
  * Response for AuthService.SetAccountFeeTier.
@@ -1175,7 +1307,7 @@ export type SetAccountFeeTierResponse = Message<"cex.auth.v1.SetAccountFeeTierRe
  * Use `create(SetAccountFeeTierResponseSchema)` to create a new message.
  */
 export const SetAccountFeeTierResponseSchema: GenMessage<SetAccountFeeTierResponse> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 30);
+  messageDesc(file_cex_auth_v1_auth, 34);
 
 /**
  * Request for AuthService.EvaluateFeeTiers.
@@ -1190,7 +1322,7 @@ export type EvaluateFeeTiersRequest = Message<"cex.auth.v1.EvaluateFeeTiersReque
  * Use `create(EvaluateFeeTiersRequestSchema)` to create a new message.
  */
 export const EvaluateFeeTiersRequestSchema: GenMessage<EvaluateFeeTiersRequest> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 31);
+  messageDesc(file_cex_auth_v1_auth, 35);
 
 /**
  * Response for AuthService.EvaluateFeeTiers.
@@ -1219,7 +1351,7 @@ export type EvaluateFeeTiersResponse = Message<"cex.auth.v1.EvaluateFeeTiersResp
  * Use `create(EvaluateFeeTiersResponseSchema)` to create a new message.
  */
 export const EvaluateFeeTiersResponseSchema: GenMessage<EvaluateFeeTiersResponse> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 32);
+  messageDesc(file_cex_auth_v1_auth, 36);
 
 /**
  * An account's fee tier, as the order gateways price it.
@@ -1261,7 +1393,7 @@ export type AccountFeeTier = Message<"cex.auth.v1.AccountFeeTier"> & {
  * Use `create(AccountFeeTierSchema)` to create a new message.
  */
 export const AccountFeeTierSchema: GenMessage<AccountFeeTier> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 33);
+  messageDesc(file_cex_auth_v1_auth, 37);
 
 /**
  * One change of the fee schedule or of an account's tier, as auth committed
@@ -1307,7 +1439,7 @@ export type FeeTierChange = Message<"cex.auth.v1.FeeTierChange"> & {
  * Use `create(FeeTierChangeSchema)` to create a new message.
  */
 export const FeeTierChangeSchema: GenMessage<FeeTierChange> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 34);
+  messageDesc(file_cex_auth_v1_auth, 38);
 
 /**
  * Request for AuthService.GetFeeTiers. It takes no parameters.
@@ -1322,7 +1454,7 @@ export type GetFeeTiersRequest = Message<"cex.auth.v1.GetFeeTiersRequest"> & {
  * Use `create(GetFeeTiersRequestSchema)` to create a new message.
  */
 export const GetFeeTiersRequestSchema: GenMessage<GetFeeTiersRequest> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 35);
+  messageDesc(file_cex_auth_v1_auth, 39);
 
 /**
  * Response for AuthService.GetFeeTiers.
@@ -1357,7 +1489,7 @@ export type GetFeeTiersResponse = Message<"cex.auth.v1.GetFeeTiersResponse"> & {
  * Use `create(GetFeeTiersResponseSchema)` to create a new message.
  */
 export const GetFeeTiersResponseSchema: GenMessage<GetFeeTiersResponse> = /*@__PURE__*/
-  messageDesc(file_cex_auth_v1_auth, 36);
+  messageDesc(file_cex_auth_v1_auth, 40);
 
 /**
  * Lifecycle state of an account.
@@ -1570,6 +1702,34 @@ export const AuthService: GenService<{
     methodKind: "unary";
     input: typeof CreateApiKeyRequestSchema;
     output: typeof CreateApiKeyResponseSchema;
+  },
+  /**
+   * Creates a sub-account of a master account (ADR 0017): the caller's own
+   * account, or for an admin or a service the one named by
+   * master_account_id. A sub-account cannot have sub-accounts of its own; a
+   * master has at most 100. The master creates the sub's API keys
+   * (CreateApiKey with the sub's account_id, at most the master's scopes),
+   * reads its balances, orders, fills and keys, and moves funds to and from it
+   * (LedgerService.TransferSubAccountFunds); tokens the master is issued from
+   * now on name the new sub. A sub sees neither its master nor its siblings:
+   * their ids are NOT_FOUND to it. Idempotent on request_id.
+   *
+   * @generated from rpc cex.auth.v1.AuthService.CreateSubAccount
+   */
+  createSubAccount: {
+    methodKind: "unary";
+    input: typeof CreateSubAccountRequestSchema;
+    output: typeof CreateSubAccountResponseSchema;
+  },
+  /**
+   * Lists a master account's sub-accounts, oldest first.
+   *
+   * @generated from rpc cex.auth.v1.AuthService.ListSubAccounts
+   */
+  listSubAccounts: {
+    methodKind: "unary";
+    input: typeof ListSubAccountsRequestSchema;
+    output: typeof ListSubAccountsResponseSchema;
   },
   /**
    * Suspends (freezes), reactivates or closes an account. Admin or service
