@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
-from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -32,15 +28,16 @@ from cex.marketdata.v1 import marketdata_pb2_grpc
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
-from cex_stack.supervisor import Stack
+from cex_stack.supervisor import Stack, embedded_env
 from cex_stack.topology import free_ports
+from tests.cli import cex
 from tests.e2e.order.support import (
     BUY,
     SELL,
     Exchange,
     Trader,
     error_of,
-    exchange_on,
+    exchange_of,
     fields,
     journal_replays,
     kill,
@@ -65,22 +62,14 @@ def _request(**overrides: str) -> match_pb2.CreateMarketRequest:
 
 @pytest.fixture(scope="module")
 async def own_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    state: Path = tmp_path_factory.mktemp("cex-listing")
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL", "REDIS_URL")
-    }
-    running = Stack(state, free_ports(), env)
-    await running.start()
-    yield running
-    await running.stop()
+    state = tmp_path_factory.mktemp("cex-listing")
+    async with Stack(state, free_ports(), embedded_env()) as stack:
+        yield stack
 
 
 @pytest.fixture
 async def exchange(own_stack: Stack) -> AsyncIterator[Exchange]:
-    async with (
-        grpc.aio.insecure_channel(own_stack.edge) as channel,
-        exchange_on(own_stack, own_stack.credentials("tests"), channel) as exchange,
-    ):
+    async with exchange_of(own_stack) as exchange:
         yield exchange
 
 
@@ -158,17 +147,6 @@ def _rest(stack: Stack, token: str, body: dict[str, str]) -> tuple[int, dict[str
         return error.code, json.loads(error.read())
 
 
-def _cex(stack: Stack, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "cex_stack.cli", "--state-dir", str(stack.state_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 async def _place(trader: Trader, **fields_: object) -> order_pb2.Order:
     return await _retried(lambda: trader.place(market=NEW, **fields_))
 
@@ -215,7 +193,7 @@ async def test_list_trade_restart_halt_and_delist_a_new_market(
         await stub.CreateMarket(static, metadata=exchange.svc, timeout=20)
     assert error_of(refused.value).reason == "MATCH_MARKET_EXISTS"
     printed = await asyncio.to_thread(
-        _cex, own_stack, "market", "list-new", "USDT-ETH", "--tick-size", "0.000001",
+        cex, own_stack, "market", "list-new", "USDT-ETH", "--tick-size", "0.000001",
         "--lot-size", "0.01", "--max-quantity", "100000", "--min-notional", "0.001",
         "--reason", "by the CLI",
     )  # fmt: skip
