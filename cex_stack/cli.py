@@ -226,6 +226,51 @@ async def _audit(state_dir: Path, args: argparse.Namespace) -> int:
 _MARKET_STATUSES = ("trading", "post-only", "cancel-only", "halted", "delisted")
 
 
+async def _market(state_dir: Path, args: argparse.Namespace) -> int:
+    if args.action == "list-new":
+        return await _market_list_new(state_dir, args)
+    return await _market_status(state_dir, args)
+
+
+async def _market_list_new(state_dir: Path, args: argparse.Namespace) -> int:
+    """CreateMarket as the operator (ADR 0018); prints the market as listed."""
+    import uuid
+
+    from cex.match.v1 import match_pb2 as M
+    from cex_sdk import CexError
+
+    base, _, quote = args.market.partition("-")
+    async with _client(_running_stack(state_dir), operator=True) as client:
+        try:
+            reply = await client.call(
+                "/cex.match.v1.MatchService/CreateMarket",
+                M.CreateMarketRequest(
+                    symbol=args.market,
+                    base=base,
+                    quote=quote,
+                    tick_size=args.tick_size,
+                    lot_size=args.lot_size,
+                    min_quantity=args.min_quantity or "",
+                    max_quantity=args.max_quantity,
+                    min_notional=args.min_notional,
+                    price_band=args.price_band or "",
+                    reason=args.reason,
+                    request_id=args.request_id or str(uuid.uuid4()),
+                ),
+                M.CreateMarketResponse,
+                timeout_s=30,
+            )
+        except CexError as error:
+            raise _failed(error) from None
+    m = reply.listing.market
+    band = f", price band {m.price_band}" if m.price_band else ""
+    print(
+        f"{m.symbol} listed at seq {reply.seq}: tick {m.tick_size}, lot {m.lot_size}, "
+        f"quantity {m.min_quantity}..{m.max_quantity}, min notional {m.min_notional}{band}"
+    )
+    return 0
+
+
 async def _market_status(state_dir: Path, args: argparse.Namespace) -> int:
     """SetMarketStatus as the operator (ADR 0015); prints the change."""
     import uuid
@@ -631,7 +676,7 @@ _HANDLERS: dict[str, Any] = {
     "deposit": _deposit,
     "audit": _audit,
     "withdrawal": _review,
-    "market": _market_status,
+    "market": _market,
     "fees": _fees,
     "subaccount": _subaccount,
 }
@@ -731,6 +776,20 @@ def main(argv: list[str] | None = None) -> None:
     status.add_argument("status", choices=_MARKET_STATUSES)
     status.add_argument("--reason", required=True, help="why (journaled, shown in GetMarket)")
     status.add_argument("--request-id", help="idempotency id (default: a new UUID)")
+    listing = market.add_parser(
+        "list-new",
+        help="list a new market at runtime (its assets must be in the catalog); it trades "
+        "at once, TRADING",
+    )
+    listing.add_argument("market", help="the new symbol, BASE-QUOTE, e.g. ETH-BTC")
+    listing.add_argument("--tick-size", required=True, help="price grid, e.g. 0.01")
+    listing.add_argument("--lot-size", required=True, help="quantity grid, e.g. 0.0001")
+    listing.add_argument("--min-quantity", help="smallest quantity (default: the lot size)")
+    listing.add_argument("--max-quantity", required=True, help="largest quantity")
+    listing.add_argument("--min-notional", required=True, help="smallest price x quantity")
+    listing.add_argument("--price-band", help="default price band, a fraction (e.g. 0.1)")
+    listing.add_argument("--reason", required=True, help="why (journaled)")
+    listing.add_argument("--request-id", help="idempotency id (default: a new UUID)")
     fees = commands.add_parser(
         "fees", help="operators: the fee schedule and accounts' fee tiers"
     ).add_subparsers(dest="action", required=True)

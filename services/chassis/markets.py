@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -67,6 +68,9 @@ class Market:
     min_quantity: Decimal
     max_quantity: Decimal
     min_notional: Decimal  # in the quote asset
+    # The default price band (a fraction of the reference price; 0: none): a
+    # market listed at runtime may carry one (ADR 0018); risk's rules override it.
+    price_band: Decimal = Decimal(0)
 
     def asset(self, symbol: str) -> Asset:
         """The market's base or quote asset, by symbol."""
@@ -136,6 +140,18 @@ class Catalog:
     def market(self, symbol: str) -> Market | None:
         return self.markets.get(symbol)
 
+    def add(self, market: Market, *, replace: bool = False) -> bool:
+        """A market listed at runtime (ADR 0018), added in place so that every part
+        of the process holding this catalog sees it; False if already known (unless
+        `replace`: the writer's own copy, whose listing may have failed to commit)."""
+        markets = self.markets
+        if market.symbol in markets and not replace:
+            return False
+        if not isinstance(markets, dict):
+            raise TypeError("this catalog's markets are read-only")
+        markets[market.symbol] = market
+        return True
+
 
 def _asset(symbol: str, spec: Mapping[str, Any], builtin: Asset | None) -> Asset:
     def value(name: str, default: Any) -> Any:
@@ -190,63 +206,71 @@ def _catalog(doc: Mapping[str, Any], builtin: Catalog | None = None) -> Catalog:
     return Catalog(assets, markets, schedule)
 
 
+def _readonly(catalog: Catalog) -> Catalog:
+    return Catalog(MappingProxyType(dict(catalog.assets)), MappingProxyType(dict(catalog.markets)),
+                   catalog.fees)  # fmt: skip
+
+
 # Minor units: 8 decimals for every asset inside the exchange (as the major
 # exchanges keep them), so that Binance-like grids (0.01 x 0.00001) are exact.
-DEFAULT_CATALOG = _catalog(
-    {
-        "assets": {
-            "BTC": {
-                "scale": 8,
-                "network": "bitcoin",
-                "withdrawal_fee": "0.00002",
-                "min_withdrawal": "0.0001",
+# Read-only (load_catalog gives each service its own copy to add listings to).
+DEFAULT_CATALOG = _readonly(
+    _catalog(
+        {
+            "assets": {
+                "BTC": {
+                    "scale": 8,
+                    "network": "bitcoin",
+                    "withdrawal_fee": "0.00002",
+                    "min_withdrawal": "0.0001",
+                },
+                "ETH": {
+                    "scale": 8,
+                    "network": "ethereum",
+                    "withdrawal_fee": "0.0005",
+                    "min_withdrawal": "0.001",
+                },
+                "USDT": {
+                    "scale": 8,
+                    "network": "ethereum",
+                    "withdrawal_fee": "1",
+                    "min_withdrawal": "1",
+                },
             },
-            "ETH": {
-                "scale": 8,
-                "network": "ethereum",
-                "withdrawal_fee": "0.0005",
-                "min_withdrawal": "0.001",
+            # The starting fee schedule (tier "default", ADR 0016): a maker
+            # pays 0.1 % and a taker 0.2 % of what they receive.
+            "fees": {"tier": "default", "maker_rate": "0.001", "taker_rate": "0.002"},
+            "markets": {
+                "BTC-USDT": {
+                    "base": "BTC",
+                    "quote": "USDT",
+                    "tick_size": "0.01",
+                    "lot_size": "0.00001",
+                    "min_quantity": "0.00001",
+                    "max_quantity": "9000",
+                    "min_notional": "5",
+                },
+                "ETH-USDT": {
+                    "base": "ETH",
+                    "quote": "USDT",
+                    "tick_size": "0.01",
+                    "lot_size": "0.0001",
+                    "min_quantity": "0.0001",
+                    "max_quantity": "100000",
+                    "min_notional": "5",
+                },
+                "ETH-BTC": {
+                    "base": "ETH",
+                    "quote": "BTC",
+                    "tick_size": "0.00001",
+                    "lot_size": "0.001",
+                    "min_quantity": "0.001",
+                    "max_quantity": "100000",
+                    "min_notional": "0.0001",
+                },
             },
-            "USDT": {
-                "scale": 8,
-                "network": "ethereum",
-                "withdrawal_fee": "1",
-                "min_withdrawal": "1",
-            },
-        },
-        # The starting fee schedule (tier "default", ADR 0016): a maker
-        # pays 0.1 % and a taker 0.2 % of what they receive.
-        "fees": {"tier": "default", "maker_rate": "0.001", "taker_rate": "0.002"},
-        "markets": {
-            "BTC-USDT": {
-                "base": "BTC",
-                "quote": "USDT",
-                "tick_size": "0.01",
-                "lot_size": "0.00001",
-                "min_quantity": "0.00001",
-                "max_quantity": "9000",
-                "min_notional": "5",
-            },
-            "ETH-USDT": {
-                "base": "ETH",
-                "quote": "USDT",
-                "tick_size": "0.01",
-                "lot_size": "0.0001",
-                "min_quantity": "0.0001",
-                "max_quantity": "100000",
-                "min_notional": "5",
-            },
-            "ETH-BTC": {
-                "base": "ETH",
-                "quote": "BTC",
-                "tick_size": "0.00001",
-                "lot_size": "0.001",
-                "min_quantity": "0.001",
-                "max_quantity": "100000",
-                "min_notional": "0.0001",
-            },
-        },
-    }
+        }
+    )
 )
 
 
@@ -254,6 +278,8 @@ def load_catalog(env: Mapping[str, str] | None = None) -> Catalog:
     """The defaults, or the YAML file named by CEX_MARKETS."""
     env = os.environ if env is None else env
     path = env.get("CEX_MARKETS", "").strip()
-    if not path:
-        return DEFAULT_CATALOG
+    if not path:  # a copy: markets listed at runtime are added to it (Catalog.add)
+        return Catalog(
+            dict(DEFAULT_CATALOG.assets), dict(DEFAULT_CATALOG.markets), DEFAULT_CATALOG.fees
+        )
     return _catalog(yaml.safe_load(Path(path).read_text()), DEFAULT_CATALOG)

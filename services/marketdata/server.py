@@ -10,6 +10,8 @@ answers Get calls from the last snapshot in Redis, else UNAVAILABLE
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -47,6 +49,7 @@ from services.chassis import (
 )
 from services.chassis.authn import service_auth_interceptors
 from services.chassis.interceptors import client_interceptors
+from services.chassis.listings import Listings
 from services.chassis.money import decimal_text
 from services.chassis.tokens import StaticKeys
 
@@ -183,7 +186,8 @@ class MarketDataService(marketdata_pb2_grpc.MarketDataServiceServicer):
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
         self._catalog = catalog
-        self._markets = sorted(markets)
+        # Kept sorted; a market listed at runtime is added to it (ADR 0018).
+        self._markets = markets if isinstance(markets, list) else sorted(markets)
         self._hub = hub
         self._store = store
         self._settings = settings
@@ -460,8 +464,7 @@ async def build_server(
     """The composition root. `source` replaces match over the mesh (tests, benchmarks)."""
     config = MarketDataSettings.from_env() if config is None else config
     catalog = load_catalog() if catalog is None else catalog
-    symbols = config.markets or tuple(sorted(catalog.markets))
-    for symbol in symbols:
+    for symbol in config.markets:
         if catalog.market(symbol) is None:
             raise ValueError(f"MARKETDATA_MARKETS names {symbol!r}, which is not a market")
     # Every method is PUBLIC, so no token is ever verified: without a JWKS the
@@ -493,20 +496,53 @@ async def build_server(
         )
         server.on_stop(channel.close)
         source = GrpcMatchSource(channel)
+        listings: Listings | None = Listings(catalog, channel, every_s=2.0)
+    else:
+        listings = None
+    if listings is not None:  # markets listed at runtime (ADR 0018), fed like the others
+        await listings.load()
+    symbols = sorted(config.markets or catalog.markets)
     hub = Hub(config, nats=infra.nats, redis=infra.redis, clock=clock)
-    for symbol in symbols:
+    listed_feeds: list[asyncio.Task[None]] = []
+
+    nats = infra.nats
+
+    def feed_of(market: Market) -> MarketFeed:
         feed = MarketFeed(
-            catalog.markets[symbol],
-            nats=infra.nats,
+            market,
+            nats=nats,
             source=source,
             store=store,
-            fanout=hub.fanout(symbol),
+            fanout=hub.fanout(market.symbol),
             settings=config,
             on_trades=hub.on_trades,
             clock=clock,
         )
-        hub.feeds[symbol] = feed
+        hub.feeds[market.symbol] = feed
+        return feed
+
+    def listed(market: Market) -> None:
+        """A market listed while running: feed it (unless this replica feeds a list)."""
+        if config.markets or market.symbol in hub.feeds:
+            return
+        feed = feed_of(market)
+        listed_feeds.append(
+            asyncio.create_task(feed.run(), name=f"marketdata-feed-{market.symbol}")
+        )
+        bisect.insort(symbols, market.symbol)
+
+    async def stop_listed() -> None:
+        for task in listed_feeds:
+            task.cancel()
+        await asyncio.gather(*listed_feeds, return_exceptions=True)
+
+    for symbol in symbols:
+        feed = feed_of(catalog.markets[symbol])
         await server.enter(background(feed.run(), f"marketdata-feed-{symbol}"))
+    if listings is not None:
+        listings.on_added = listed
+        await server.enter(background(listings.run(), "marketdata-listings"))
+        server.on_stop(stop_listed)
     await server.enter(background(hub.run(), "marketdata-hub"))
     server.add(
         md.DESCRIPTOR.services_by_name["MarketDataService"],

@@ -209,7 +209,21 @@ class Decoded:
     fees: tuple[Decimal, Decimal] = (Decimal(0), Decimal(0))  # maker, taker rates
 
 
-def decode(market: Market, command: match_pb2.Command) -> Decoded:
+def _listing(market: Market, command: match_pb2.Command, v: _Violations) -> Command:
+    """A listing, the market's first command (ADR 0018): a place in its sequence
+    (seq 1), taken in the book as a status mark that changes nothing."""
+    lm, v.prefix = command.list_market, "command.list_market"
+    v.ident("request_id", lm.request_id)
+    if lm.market.symbol != market.symbol or command.market != market.symbol:
+        v.add("market", f"lists {lm.market.symbol!r}, not {market.symbol}", "MATCH_CONFLICT")
+    if not lm.reason.strip():
+        v.add("reason", "required: why the market is listed", "MATCH_FIELD_REQUIRED")
+    elif len(lm.reason) > _REASON_MAX:
+        v.add("reason", f"longer than {_REASON_MAX} characters", "MATCH_FIELD_TOO_LONG")
+    return MarkStatus(ts=0, cancel_all=False)
+
+
+def decode(market: Market, command: match_pb2.Command) -> Decoded:  # noqa: C901 (one arm per kind)
     """Check a wire command for ``market``; InvalidArgument (with every field
     violation) if it is malformed. Business rules (sizes, post-only, known
     orders) are the book's and come back as Rejected events instead."""
@@ -290,10 +304,12 @@ def decode(market: Market, command: match_pb2.Command) -> Decoded:
         elif len(st.reason) > _REASON_MAX:
             v.add("reason", f"longer than {_REASON_MAX} characters", "MATCH_FIELD_TOO_LONG")
         book = MarkStatus(ts=0, cancel_all=st.status == DELISTED)
+    elif kind == "list_market":
+        book = _listing(market, command, v)
     else:
         v.add(
             "kind",
-            "one of place, cancel, amend, mass_cancel, expire, set_status is required",
+            "one of place, cancel, amend, mass_cancel, expire, set_status, list_market is required",
             "MATCH_FIELD_REQUIRED",
         )
     if v.found or book is None:
@@ -562,6 +578,11 @@ class MarketEngine:
                 t.type = types_pb2.ORDER_TYPE_LIMIT if stop_limit else types_pb2.ORDER_TYPE_MARKET
             case Rejected():
                 self._reject(out.rejected, event, wire)
+            case StatusMarked() if wire.HasField("list_market"):
+                lm, listed = wire.list_market, out.market_listed
+                listed.market.CopyFrom(lm.market)
+                listed.reason, listed.request_id = lm.reason, lm.request_id
+                listed.listed_by = lm.listed_by
             case StatusMarked():
                 st, changed = wire.set_status, out.status_changed
                 changed.previous_status = self.status

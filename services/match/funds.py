@@ -27,7 +27,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from cex.match.v1 import match_pb2
-from services.chassis import Catalog, ExchangeError, InvalidArgument, MoneyError
+from services.chassis import Catalog, ExchangeError, InvalidArgument, Market, MoneyError
 from services.chassis.db import Statement
 from services.ledger.domain import (
     Account,
@@ -80,6 +80,11 @@ class Funds:
         self.book = Book(now_ns=0, last_sequence=0, halted=False, assets=store.assets)
         self._expiring: list[tuple[int, str]] = []  # (expires_at_ns, hold id), a heap
         self._fetched: set[str] = set()
+
+    def listed(self, market: Market) -> None:
+        """A market listed at runtime (ADR 0018): its trades settle from now on (its
+        definition replaces one whose listing failed to commit)."""
+        self._catalog.add(market, replace=True)
 
     def like(self) -> Funds:
         """Funds on the same tables and catalog, holding nothing yet (for a replay)."""

@@ -8,9 +8,12 @@ their journal commit, which bounds memory), and answered in request order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import re
 import time
 from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
@@ -20,6 +23,7 @@ from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.type.v1 import types_pb2
 from services.chassis import (
     INTERNAL,
+    AlreadyExists,
     ChassisSettings,
     ErrorDetails,
     ExchangeError,
@@ -39,7 +43,9 @@ from services.chassis import (
     user,
 )
 from services.chassis.db import migrate
+from services.chassis.listings import listed_market, listed_spec
 from services.chassis.markets import Catalog, load_catalog
+from services.chassis.money import MoneyError, parse_decimal
 from services.chassis.settings import require
 from services.chassis.tracing import context_of
 from services.ledger.store import MIGRATIONS as LEDGER_MIGRATIONS
@@ -51,7 +57,7 @@ from .engine import MarketEngine, decode, status_name
 from .funds import Funds
 from .publisher import Publisher
 from .retention import Retention
-from .store import Journal
+from .store import Journal, Listings
 from .writer import Sequencer
 
 __all__ = ["MIGRATIONS", "POLICY", "MatchService", "build_server"]
@@ -63,7 +69,10 @@ POLICY: dict[str, Rule] = {
     "GetOrderBook": INTERNAL,
     "ReplayEvents": INTERNAL,
     "SetMarketStatus": user("admin", services=True),
+    "CreateMarket": user("admin", services=True),
+    "ListListedMarkets": INTERNAL,
 }
+_SYMBOL = re.compile(r"^[A-Z0-9]{1,16}$")
 _REASON_MAX = 256
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -79,10 +88,20 @@ def _resolved(result: match_pb2.CommandResult) -> asyncio.Future[match_pb2.Comma
 class MatchService(match_pb2_grpc.MatchServiceServicer):
     """cex.match.v1.MatchService."""
 
-    def __init__(self, catalog: Catalog, writer: Sequencer, settings: MatchSettings) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        writer: Sequencer,
+        settings: MatchSettings,
+        listings: Listings | None = None,
+    ) -> None:
         self._catalog = catalog
+        # Static markets of other writer groups (not the catalog's later additions:
+        # Funds adds listings to it, even one whose commit failed and may be retried).
+        self._others = frozenset(catalog.markets) - set(writer.markets)
         self._writer = writer
         self._settings = settings
+        self._listings = listings or Listings(writer.journal_pool)
 
     def _market(self, market: str, field: str = "market") -> Market:
         found = self._writer.markets.get(market)
@@ -221,10 +240,7 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
         ctx = current_auth()
         if not sees_every_account(ctx):
             raise PermissionDenied("MATCH_ADMIN_REQUIRED", "setting a market's status needs admin")
-        if ctx.account_id:
-            actor = ctx.account_id + (f" via svc:{ctx.service}" if ctx.service else "")
-        else:
-            actor = f"svc:{ctx.service}"
+        actor = _actor()
         request_id = require_request_id(request.request_id, "MATCH_REQUEST_INVALID")
         v = Violations()
         if not request.market:
@@ -242,13 +258,8 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
         v.raise_if_any("MATCH_REQUEST_INVALID")
         market = self._market(request.market)
         # The journal's (market, command_id) makes the call idempotent by request_id.
-        key = (
-            request_id
-            if len(request_id) <= 100
-            else hashlib.sha256(request_id.encode()).hexdigest()
-        )
         command = match_pb2.Command(
-            command_id=f"status:{key}",
+            command_id=f"status:{_key(request_id)}",
             market=market.symbol,
             set_status=match_pb2.SetMarketStatusCommand(
                 status=request.status,
@@ -270,6 +281,167 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
             elif kind == "cancelled" and event.cancelled.remaining_quantity in ("0", ""):
                 out.cancelled_orders += 1
         return out
+
+    async def CreateMarket(
+        self,
+        request: match_pb2.CreateMarketRequest,
+        context: grpc.aio.ServicerContext[
+            match_pb2.CreateMarketRequest, match_pb2.CreateMarketResponse
+        ],
+    ) -> match_pb2.CreateMarketResponse:
+        self._writer.require_serving()
+        if not sees_every_account(current_auth()):
+            raise PermissionDenied("MATCH_ADMIN_REQUIRED", "listing a market needs admin")
+        actor = _actor()
+        request_id = require_request_id(request.request_id, "MATCH_REQUEST_INVALID")
+        market = self._new_market(request)
+        # Idempotent by request_id: the journal's (market, command_id) answers a retry
+        # with the first listing; a symbol listed otherwise is ALREADY_EXISTS (the
+        # writer decides, in its order: two listings of one symbol race there).
+        if market.symbol in self._others:
+            raise _exists(market.symbol)  # another writer group's market
+        command = match_pb2.Command(
+            command_id=f"list:{_key(request_id)}",
+            market=market.symbol,
+            list_market=match_pb2.ListMarketCommand(
+                market=listed_spec(market),
+                reason=request.reason,
+                request_id=request_id,
+                listed_by=actor,
+            ),
+        )
+        result = await self._writer.submit(decode(market, command))
+        if result.status.code:
+            raise ErrorDetails.from_status(result.status).error("MATCH_REFUSED")
+        out = match_pb2.CreateMarketResponse()
+        for event in result.events:
+            if event.WhichOneof("kind") == "market_listed":
+                out.listing.CopyFrom(event.market_listed)
+                out.seq = event.seq
+                out.create_time.CopyFrom(event.event_time)
+        return out
+
+    def _new_market(self, request: match_pb2.CreateMarketRequest) -> Market:
+        """The market a CreateMarket asks for; INVALID_ARGUMENT naming every bad field."""
+        v = Violations()
+        assets = self._catalog.assets
+        for name in ("base", "quote"):
+            symbol = getattr(request, name)
+            if not symbol:
+                v.add(name, "required: an asset symbol", "MATCH_FIELD_REQUIRED")
+            elif symbol not in assets:
+                v.add(
+                    name,
+                    f"{symbol!r} is not an asset (assets: {', '.join(sorted(assets))}; a new "
+                    "asset is added to the catalog, CEX_MARKETS, with a rolling restart)",
+                    "MATCH_UNKNOWN_ASSET",
+                )
+        if request.base and request.base == request.quote:
+            v.add("quote", "must differ from base", "MATCH_CONFLICT")
+        if not request.symbol:
+            v.add("symbol", "required: BASE-QUOTE", "MATCH_FIELD_REQUIRED")
+        elif request.symbol != f"{request.base}-{request.quote}" or not all(
+            _SYMBOL.match(part) for part in request.symbol.split("-")
+        ):
+            v.add(
+                "symbol",
+                f"must be BASE-QUOTE in upper case ({request.base}-{request.quote})",
+                "MATCH_INVALID_SYMBOL",
+            )
+
+        amount = functools.partial(_amount, request, v)
+        tick, lot = amount("tick_size"), amount("lot_size")
+        min_qty = amount("min_quantity", required=False) or lot
+        max_qty = amount("max_quantity")
+        min_notional = amount("min_notional", positive=False)
+        band = amount("price_band", required=False)
+        if band is not None and band > 1:
+            v.add("price_band", "at most 1 (100%)", "OUT_OF_RANGE")
+        if min_qty is not None and max_qty is not None and max_qty < min_qty:
+            v.add("max_quantity", "must be >= min_quantity", "OUT_OF_RANGE")
+        if not request.reason.strip():
+            v.add("reason", "required: why (kept in the journal and shown)", "MATCH_FIELD_REQUIRED")
+        elif len(request.reason) > _REASON_MAX:
+            v.add("reason", f"at most {_REASON_MAX} characters", "MATCH_FIELD_TOO_LONG")
+        v.raise_if_any("MATCH_REQUEST_INVALID")
+        assert tick and lot and min_qty and max_qty and min_notional is not None
+        base, quote = assets[request.base], assets[request.quote]
+        if lot % base.unit or min_qty % lot:
+            field = "lot_size" if lot % base.unit else "min_quantity"
+            v.add(field, f"must sit on the grids ({base.symbol} minor unit {base.unit})",
+                  "MATCH_INVALID_GRID")  # fmt: skip
+        if (tick * lot) % quote.unit:
+            v.add(
+                "tick_size",
+                f"tick_size x lot_size must be a whole number of {quote.symbol} minor units "
+                f"({quote.unit})",
+                "MATCH_INVALID_GRID",
+            )
+        v.raise_if_any("MATCH_REQUEST_INVALID")
+        market = Market(
+            symbol=request.symbol, base=base, quote=quote, tick_size=tick, lot_size=lot,
+            min_quantity=min_qty, max_quantity=max_qty, min_notional=min_notional,
+            price_band=band or Decimal(0),
+        )  # fmt: skip
+        # Normalized as the journal keeps it ("0.0100" -> "0.01").
+        return listed_market(listed_spec(market), assets)
+
+    async def ListListedMarkets(
+        self,
+        request: match_pb2.ListListedMarketsRequest,
+        context: grpc.aio.ServicerContext[
+            match_pb2.ListListedMarketsRequest, match_pb2.ListListedMarketsResponse
+        ],
+    ) -> match_pb2.ListListedMarketsResponse:
+        # The table (every writer group's listings), committed with the journal.
+        return match_pb2.ListListedMarketsResponse(
+            markets=[
+                match_pb2.MarketListed.FromString(x.listing) for x in await self._listings.all()
+            ]
+        )
+
+
+def _amount(
+    request: match_pb2.CreateMarketRequest,
+    v: Violations,
+    name: str,
+    *,
+    required: bool = True,
+    positive: bool = True,
+) -> Decimal | None:
+    """A CreateMarket decimal field, or None (with its violation, if any)."""
+    text = getattr(request, name)
+    if not text:
+        if required:
+            v.add(name, "required: a decimal string", "MATCH_FIELD_REQUIRED")
+        return None
+    try:
+        value = parse_decimal(text)
+    except MoneyError as error:
+        v.add(name, str(error), "MATCH_INVALID_DECIMAL")
+        return None
+    if value < 0 or (positive and value == 0):
+        v.add(name, "must be positive" if positive else "must be >= 0", "OUT_OF_RANGE")
+        return None
+    return value
+
+
+def _actor() -> str:
+    ctx = current_auth()
+    if ctx.account_id:
+        return ctx.account_id + (f" via svc:{ctx.service}" if ctx.service else "")
+    return f"svc:{ctx.service}"
+
+
+def _key(request_id: str) -> str:
+    """A request_id as the tail of a command_id (hashed if long)."""
+    return request_id if len(request_id) <= 100 else hashlib.sha256(request_id.encode()).hexdigest()
+
+
+def _exists(symbol: str) -> AlreadyExists:
+    return AlreadyExists(
+        "MATCH_MARKET_EXISTS", f"{symbol} is already a market", metadata={"market": symbol}
+    )
 
 
 async def _cancelled(task: asyncio.Task[None]) -> None:
@@ -344,6 +516,14 @@ async def build_server(
         if market is None:
             raise ValueError(f"CEX_MATCH_MARKETS names {symbol!r}, which is not a market")
         markets.append(market)
+    # Markets this group listed at runtime (ADR 0018), on top of the static catalog.
+    listings = Listings(infra.pool)
+    for listing in await listings.all(match_settings.group):
+        spec = match_pb2.MarketListed.FromString(listing.listing).market
+        if spec.symbol not in catalog.markets:
+            market = listed_market(spec, catalog.assets)
+            catalog.add(market)  # the balance owner settles its trades (Funds)
+            markets.append(market)
     service = match_pb2.DESCRIPTOR.services_by_name["MatchService"]
     publishing: list[asyncio.Task[None]] = []
 
@@ -361,6 +541,14 @@ async def build_server(
             publishing.clear()
         await server.set_serving(service.full_name, serving)
 
+    def on_listed(market: Market) -> None:
+        """A market listed while serving: publish its events from now on."""
+        publishing.append(
+            asyncio.create_task(
+                Publisher(js, writer.logs[market.symbol]).run(), name=f"publish-{market.symbol}"
+            )
+        )
+
     writer = Sequencer(
         markets,
         journal,
@@ -369,6 +557,7 @@ async def build_server(
         max_batch=match_settings.max_batch,
         snapshot_every=match_settings.snapshot_every,
         on_serving=on_serving,
+        on_listed=on_listed,
     )
     await server.set_serving(service.full_name, False)
     await writer.start(ownership_wait_s=match_settings.ownership_wait_s)
@@ -391,7 +580,7 @@ async def build_server(
     server.add(
         service,
         match_pb2_grpc.add_MatchServiceServicer_to_server,
-        MatchService(catalog, writer, match_settings),
+        MatchService(catalog, writer, match_settings, listings),
         policy=POLICY,
     )
     return server

@@ -15,7 +15,7 @@ import asyncpg
 
 from services.chassis.db import Statement
 
-__all__ = ["FIND", "Connection", "Entry", "Journal", "Lease", "Snapshot"]
+__all__ = ["FIND", "Connection", "Entry", "Journal", "Lease", "Listing", "Listings", "Snapshot"]
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
@@ -318,3 +318,47 @@ class Lease:
                 await conn.execute("SELECT pg_advisory_unlock_all()")
         with contextlib.suppress(Exception):
             await self._pool.release(conn)
+
+
+# ----------------------------------------------------------------- listed markets
+
+_LISTING_TYPES = {
+    "symbol": "text", "writer_group": "text", "group_seq": "int8", "listing": "bytea",
+    "ts": "int8",
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """A market listed at runtime: the MarketListed event that announced it."""
+
+    symbol: str
+    writer_group: str
+    group_seq: int
+    listing: bytes  # cex.match.v1.MarketListed
+    ts: int
+
+
+class Listings:
+    """The markets table (ADR 0018): written with the journal, read at start."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @staticmethod
+    def append(statement: Statement, listings: Sequence[Listing]) -> None:
+        """Listings, as writes of the writer's one-statement commit."""
+        statement.insert(
+            "match.markets",
+            _LISTING_TYPES,
+            [(x.symbol, x.writer_group, x.group_seq, x.listing, x.ts) for x in listings],
+        )
+
+    async def all(self, group: str | None = None) -> list[Listing]:
+        """Every listed market (of one writer group), in the order listed."""
+        rows = await self._pool.fetch(
+            "SELECT symbol, writer_group, group_seq, listing, ts FROM match.markets"
+            " WHERE $1::text IS NULL OR writer_group = $1 ORDER BY ts, symbol",
+            group,
+        )
+        return [Listing(*row) for row in rows]

@@ -58,11 +58,12 @@ from services.chassis import (
     Unavailable,
 )
 from services.chassis.db import Statement
+from services.chassis.listings import listed_market
 from services.chassis.tracing import Context
 
 from .engine import Decoded, MarketEngine, decode
 from .funds import Funds
-from .store import Entry, Journal, Lease, Snapshot
+from .store import Entry, Journal, Lease, Listing, Listings, Snapshot
 
 __all__ = ["JournalMismatch", "MarketLog", "Sequencer"]
 
@@ -201,7 +202,7 @@ class _Replay:
     `funds`, the balances too (else the ledger's tables give them, as of the end)."""
 
     group: str
-    markets: Mapping[str, Market]
+    markets: dict[str, Market]  # its own copy: a listing in the journal adds to it
     engines: dict[str, MarketEngine]
     funds: Funds | None
     group_seq: int = 0
@@ -216,7 +217,7 @@ class _Replay:
     ) -> _Replay:
         """From the group's latest snapshot (or from nothing)."""
         engines = {s: MarketEngine(m) for s, m in markets.items()}
-        replay = cls(journal.group, markets, engines, funds)
+        replay = cls(journal.group, dict(markets), engines, funds)
         snapshot = await journal.latest_snapshot()
         if snapshot is None:
             return replay
@@ -274,10 +275,15 @@ class _Replay:
             if funds is not None:
                 funds.replay(match_pb2.FundsEffects.FromString(entry.command), entry.ts)
             return
+        command = match_pb2.Command.FromString(entry.command)
         engine = self.engines.get(entry.market)
+        if engine is None and command.HasField("list_market"):  # listed (ADR 0018)
+            market = self.markets[entry.market] = listed_market(command.list_market.market)
+            engine = self.engines[entry.market] = MarketEngine(market)
+            if funds is not None:
+                funds.listed(market)
         if engine is None:
             raise JournalMismatch(f"command {entry.group_seq} is for {entry.market}, not ours")
-        command = match_pb2.Command.FromString(entry.command)
         place = command.place if command.HasField("place") else None
         if funds is not None and place is not None and (refused := funds.reserve(place, entry.ts)):
             raise JournalMismatch(f"replay: the hold of {command.command_id} failed: {refused}")
@@ -307,6 +313,7 @@ class Sequencer:
         tick_s: float = 0.1,
         follow_s: float = 0.05,
         on_serving: Callable[[bool], Awaitable[None]] | None = None,
+        on_listed: Callable[[Market], None] | None = None,
     ) -> None:
         self.markets = {m.symbol: m for m in markets}
         self.engines = {m.symbol: MarketEngine(m) for m in markets}
@@ -328,6 +335,9 @@ class Sequencer:
         self.serving = False  # holds the lease, recovered: decides (else the standby)
         self.following: _Replay | None = None  # the standby's copy of the group
         self._on_serving = on_serving or _nothing
+        # A market listed while serving (ADR 0018): its publisher must start.
+        self._on_listed = on_listed or (lambda market: None)
+        self._recent_events = recent_events
         self.group_seq = 0  # last command the journal holds
         self.funds_seq = 0  # last funds entry the journal holds (market "$<group>")
         self.last_ts = 0
@@ -335,6 +345,10 @@ class Sequencer:
     @property
     def group(self) -> str:
         return self._journal.group
+
+    @property
+    def journal_pool(self) -> Any:
+        return self._journal.pool
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -411,8 +425,18 @@ class Sequencer:
             self.engines, self.group_seq = replay.engines, replay.group_seq
             self.last_ts, self.funds_seq = replay.last_ts, replay.funds_seq
             self._snapshot_seq = replay.snapshot_seq
+            listed = [replay.markets[s] for s in self.engines if s not in self.markets]
+            for market in listed:  # listed in the journal since this replica started
+                self.markets[market.symbol] = market
+                self.funds.listed(market)
+                self.logs.setdefault(
+                    market.symbol, MarketLog(market, self._journal, self._recent_events)
+                )
             for symbol, engine in self.engines.items():
                 self.logs[symbol].reset(engine.seq)
+        if self.serving:  # else on_serving starts every market's publisher
+            for market in listed:
+                self._on_listed(market)
         _log.info(
             "serving %s",
             self.group,
@@ -508,7 +532,7 @@ class Sequencer:
                 )
                 try:
                     result = await (
-                        self.submit(decode(self.markets[symbol], command))
+                        self.submit(decode(self.engines[symbol].market, command))
                         if symbol
                         else self.submit_funds(command)
                     )
@@ -558,6 +582,7 @@ class Sequencer:
         ]
         results: list[match_pb2.CommandResult] = []
         entries: list[Entry] = []
+        listed: list[Market] = []  # markets listed by this batch (ADR 0018)
         published: dict[str, list[match_pb2.MatchEvent]] = {}
         started = _stage("find", started)
         async with self._lock:
@@ -582,10 +607,13 @@ class Sequencer:
                 if first is not None:  # the same client order under another command
                     results.append(_client_repeat(wire, first))
                     continue
-                engine = self.engines[wire.market]
-                if refused := self._refusal(engine, pending.decoded, ts):
+                # A listing whose symbol is a market, else what the status or funds refuse.
+                if refused := self._list(wire, listed) or self._refusal(
+                    self.engines[wire.market], pending.decoded, ts
+                ):
                     results.append(_failed(wire, refused))
                     continue
+                engine = self.engines[wire.market]
                 command_seq = engine.command_seq + 1
                 first_seq = engine.seq + 1
                 events = engine.apply(pending.decoded, command_seq, ts)
@@ -615,6 +643,7 @@ class Sequencer:
             started = _stage("decide", started)
             statement = Statement()  # the batch's one commit: journal and balances
             self._journal.append(statement, entries)
+            Listings.append(statement, self._listings(entries, listed))
             self.funds.save(statement)
             await statement.execute(self._lease.conn)  # only the lease holder commits
             self.funds.saved()
@@ -627,9 +656,39 @@ class Sequencer:
                 pending.future.set_result(result)
         for symbol, events in published.items():
             self.logs[symbol].extend(events)
+        self._adopt(listed)
         if state is not None and (self._saving is None or self._saving.done()):
             self._saving = asyncio.create_task(self._save_snapshot(state))
         _stage("answer", started)
+
+    def _list(self, wire: match_pb2.Command, listed: list[Market]) -> ExchangeError | None:
+        """A listing's new engine (ADR 0018), or why not: the symbol is a market.
+        Its log now, its market (what calls see) once the batch is committed."""
+        if not wire.HasField("list_market"):
+            return None
+        if wire.market in self.engines:
+            return _exists(wire.market)
+        market = listed_market(wire.list_market.market)
+        self.engines[wire.market] = MarketEngine(market)
+        self.funds.listed(market)
+        self.logs.setdefault(market.symbol, MarketLog(market, self._journal, self._recent_events))
+        listed.append(market)
+        return None
+
+    def _adopt(self, listed: list[Market]) -> None:
+        """Serve the markets a batch listed: the journal holds their listings."""
+        for market in listed:
+            self.markets[market.symbol] = market
+            self._on_listed(market)
+
+    def _listings(self, entries: list[Entry], listed: list[Market]) -> list[Listing]:
+        """The markets table's rows of a batch's listings (each its market's first entry)."""
+        symbols = {m.symbol for m in listed}
+        return [
+            Listing(e.market, self.group, e.group_seq, _listed_event(e), e.ts)
+            for e in entries
+            if e.market in symbols and e.command_seq == 1
+        ]
 
     def _refusal(self, engine: MarketEngine, decoded: Decoded, ts: int) -> ExchangeError | None:
         """Why a command is refused before the journal: its market's status (ADR 0015),
@@ -836,6 +895,16 @@ def _client_repeat(wire: match_pb2.Command, first: Entry) -> match_pb2.CommandRe
         command_seq=first.command_seq,
         events=_unpack(first.events),
         duplicate=True,
+    )
+
+
+def _listed_event(entry: Entry) -> bytes:
+    return _unpack(entry.events)[0].market_listed.SerializeToString()
+
+
+def _exists(symbol: str) -> AlreadyExists:
+    return AlreadyExists(
+        "MATCH_MARKET_EXISTS", f"{symbol} is already a market", metadata={"market": symbol}
     )
 
 

@@ -37,6 +37,7 @@ from nats.js import JetStreamContext
 
 from cex.match.v1 import match_pb2
 from services.chassis import Catalog, match_event_consumer
+from services.chassis.listings import learn
 
 from .domain import (
     Execution,
@@ -100,6 +101,7 @@ class EventConsumer:
 
     async def handle(self, events: Sequence[match_pb2.MatchEvent]) -> None:
         """Apply events (any markets, any order, duplicates allowed); fills gaps."""
+        learn(self._catalog, events)  # a market listed (ADR 0018) before its orders
         by_market: dict[str, dict[int, match_pb2.MatchEvent]] = {}
         for event in events:
             by_market.setdefault(event.market, {})[event.seq] = event

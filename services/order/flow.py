@@ -49,6 +49,7 @@ from services.chassis import (
     Unavailable,
 )
 from services.chassis.fee_tiers import FeeTiers
+from services.chassis.listings import Listings
 from services.chassis.money import decimal_text
 
 from .acknowledged import Acknowledged
@@ -135,8 +136,11 @@ class Flow:
         consumer: EventConsumer,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         fee_tiers: FeeTiers | None = None,
+        listings: Listings | None = None,
     ) -> None:
         self.store = store
+        # Markets listed at runtime (ADR 0018): an unknown market is asked for once.
+        self.listings = listings
         # Each account's rates, followed from auth (ADR 0016); None: the config's.
         self.fee_tiers = fee_tiers
         self.catalog = catalog
@@ -201,6 +205,8 @@ class Flow:
     ) -> OrderRecord:
         now = self.clock()
         step = _Steps()
+        if self.listings is not None and request.market not in self.catalog.markets:
+            await self.listings.refresh()  # listed a moment ago? (rate-limited)
         order = validate_place(request, self.catalog, now, prefix)
         step("validate")
         existing = await self.by_client.submit((account_id, order.client_order_id))

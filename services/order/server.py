@@ -53,6 +53,7 @@ from services.chassis import (
     user,
 )
 from services.chassis.fee_tiers import FeeTiers, push_fee_tiers
+from services.chassis.listings import Listings
 from services.chassis.money import MoneyError, decimal_text, parse_decimal
 from services.risk.bucket import RateLimiter
 from services.risk.config import RiskConfig
@@ -671,6 +672,10 @@ async def build_server(
         mesh_channel(config.match_target or target, credentials=credentials, serving=_MATCH_SERVICE)
     )
     match = MatchClient(match_channel, token=credentials.token if credentials else None)
+    # Markets listed at runtime (ADR 0018): at start, then as a backstop to the events.
+    listings = Listings(catalog, match_channel)
+    await listings.load()
+    await server.enter(background(listings.run(), "order-listings"))
     risk_config = RiskConfig.from_env()
     follower = RulesFollower(risk_channel, catalog)
     await server.enter(background(follower.run(), "order-risk-rules"))
@@ -706,6 +711,7 @@ async def build_server(
         match=match,
         consumer=consumer,
         fee_tiers=await _follow_fee_tiers(server, settings, config, catalog),
+        listings=listings,
     )
     sessions.flow = flow
     await server.enter(background(flow.run(), "order-batchers"))

@@ -455,21 +455,24 @@ def check_order(
                 limit=f"{rule.max_notional:f}",
             )
     price = order.band_price_ticks
+    band = rule.band_bps
+    if band is None and m.price_band:  # the market's own, from its listing (ADR 0018)
+        band = int(m.price_band * BPS)
     # |price - ref| / ref <= bps / 10000, in integers.
     if (
-        rule.band_bps is not None
+        band is not None
         and reference_ticks is not None
         and price is not None
-        and abs(price - reference_ticks) * BPS > rule.band_bps * reference_ticks
+        and abs(price - reference_ticks) * BPS > band * reference_ticks
     ):
-        low = reference_ticks * (BPS - rule.band_bps)
-        high = reference_ticks * (BPS + rule.band_bps)
+        low = reference_ticks * (BPS - band)
+        high = reference_ticks * (BPS + band)
         return _deny(
             "RISK_PRICE_OUT_OF_BAND",
-            f"price {m.price(price)} is more than {rule.band_bps} bps from the "
+            f"price {m.price(price)} is more than {band} bps from the "
             f"reference price {m.price(reference_ticks)}",
             reference_price=m.price(reference_ticks),
-            band_bps=str(rule.band_bps),
+            band_bps=str(band),
             min_price=m.price(-(-low // BPS)),
             max_price=m.price(high // BPS),
         )

@@ -23,6 +23,7 @@ from nats.js import JetStreamContext
 
 from cex.match.v1 import match_pb2
 from services.chassis import Catalog, MoneyError, match_event_consumer
+from services.chassis.listings import learn
 
 from .state import State
 from .store import Store
@@ -82,6 +83,7 @@ class PriceFollower:
         ).run()
 
     async def handle(self, events: Sequence[match_pb2.MatchEvent]) -> None:
+        learn(self._catalog, events)  # a market listed (ADR 0018) before its trades
         latest = last_trades(self._catalog, events)
         if not latest:
             return

@@ -45,6 +45,8 @@ from services.chassis import (
     sees_every_account,
     user,
 )
+from services.chassis.clients import mesh_channel, service_credentials
+from services.chassis.listings import Listings
 from services.chassis.tokens import KeySource
 
 from .bucket import RateLimiter
@@ -589,6 +591,15 @@ async def build_server(
             durable=config.consumer_name,
         )
         await server.enter(background(follower.run(), "risk-prices"))
+    if settings.mesh_addr:  # markets listed at runtime (ADR 0018): limits may name them
+        channel = await server.enter(
+            mesh_channel(
+                settings.mesh_addr, credentials=service_credentials(settings), authority="match"
+            )
+        )
+        listings = Listings(catalog, channel)
+        await listings.load()
+        await server.enter(background(listings.run(), "risk-listings"))
     limiter = RateLimiter(infra.redis, prefix=config.redis_prefix, timeout_s=config.redis_timeout_s)
     server.add(
         risk_pb2.DESCRIPTOR.services_by_name["RiskService"],

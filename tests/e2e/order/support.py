@@ -30,11 +30,12 @@ from cex_stack.topology import SERVICES
 from services.chassis import ErrorDetails
 from services.chassis.authn import ServiceCredentials
 from services.chassis.db import postgres
-from services.chassis.markets import DEFAULT_CATALOG
+from services.chassis.listings import listed_market
+from services.chassis.markets import DEFAULT_CATALOG, Catalog
 from services.chassis.server import background
 from services.ledger.store import Store as LedgerStore
 from services.match.funds import Funds
-from services.match.store import Journal
+from services.match.store import Journal, Listings
 from services.match.writer import Sequencer
 from tests.replicas import grew, replica_names, served
 
@@ -488,8 +489,18 @@ async def journal_replays(exchange: Exchange) -> None:
     equals what a restarted writer recovers (the balances from the ledger's tables):
     every balance change the writer committed is in its journal (ADR 0013)."""
     async with postgres(exchange.stack.database_url, schema="match") as pool:
-        funds = Funds(LedgerStore(pool, DEFAULT_CATALOG.assets), DEFAULT_CATALOG)
-        markets = list(DEFAULT_CATALOG.markets.values())
+        # The static catalog and the markets listed at runtime (ADR 0018), as match
+        # loads them at start.
+        catalog = Catalog(
+            dict(DEFAULT_CATALOG.assets), dict(DEFAULT_CATALOG.markets), DEFAULT_CATALOG.fees
+        )
+        markets = list(catalog.markets.values())
+        for listing in await Listings(pool).all("main"):
+            spec = match_pb2.MarketListed.FromString(listing.listing).market
+            market = listed_market(spec, catalog.assets)
+            if catalog.add(market):
+                markets.append(market)
+        funds = Funds(LedgerStore(pool, catalog.assets), catalog)
         writer = Sequencer(markets, Journal(pool, "main"), funds, clock=time.time_ns)
         await writer.verify()
 

@@ -275,9 +275,15 @@ def test_callers_are_the_ones_the_architecture_names(docs: tuple[Doc, ...]) -> N
     assert callers("ledger", "CreateTransfers") == {"cex-funding"}
     assert callers("match", "SubmitCommands") == {"cex-order", "cex-ledger"}
     assert {"cex-ledger", "cex-marketdata", "cex-order"} <= callers("match", "ReplayEvents")
-    for method in ("SubmitCommands", "GetOrderBook", "ReplayEvents"):
+    for method in ("SubmitCommands", "GetOrderBook", "ReplayEvents", "ListListedMarkets"):
         # The edge routes every service's prefix, as locally; match's policy keeps it out.
         assert not callers("match", method) & {"cex-edge"}, method
+    # Operators reach match's admin calls only, through the edge (ADR 0015, 0018); every
+    # service that follows the listed markets may read them.
+    assert callers("match", "CreateMarket") == callers("match", "SetMarketStatus") != set()
+    assert {"cex-order", "cex-ledger", "cex-risk", "cex-marketdata"} <= callers(
+        "match", "ListListedMarkets"
+    )
     assert "cex-edge" in callers("order", "PlaceOrder")
     services = {f"cex-{s}" for s in ("order", "risk", "ledger", "match", "marketdata", "funding")}
     assert services <= callers("auth", "IssueToken")

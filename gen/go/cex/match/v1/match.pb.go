@@ -992,6 +992,7 @@ type Command struct {
 	//	*Command_Expire
 	//	*Command_Transfers
 	//	*Command_SetStatus
+	//	*Command_ListMarket
 	Kind isCommand_Kind `protobuf_oneof:"kind"`
 	// W3C trace context of the request the command serves (`traceparent`,
 	// `tracestate`): a stream carries many requests' commands, and gRPC metadata
@@ -1116,6 +1117,15 @@ func (x *Command) GetSetStatus() *SetMarketStatusCommand {
 	return nil
 }
 
+func (x *Command) GetListMarket() *ListMarketCommand {
+	if x != nil {
+		if x, ok := x.Kind.(*Command_ListMarket); ok {
+			return x.ListMarket
+		}
+	}
+	return nil
+}
+
 func (x *Command) GetTraceContext() map[string]string {
 	if x != nil {
 		return x.TraceContext
@@ -1163,6 +1173,11 @@ type Command_SetStatus struct {
 	SetStatus *SetMarketStatusCommand `protobuf:"bytes,10,opt,name=set_status,json=setStatus,proto3,oneof"`
 }
 
+type Command_ListMarket struct {
+	// List a new market (its first command).
+	ListMarket *ListMarketCommand `protobuf:"bytes,11,opt,name=list_market,json=listMarket,proto3,oneof"`
+}
+
 func (*Command_Place) isCommand_Kind() {}
 
 func (*Command_Cancel) isCommand_Kind() {}
@@ -1176,6 +1191,8 @@ func (*Command_Expire) isCommand_Kind() {}
 func (*Command_Transfers) isCommand_Kind() {}
 
 func (*Command_SetStatus) isCommand_Kind() {}
+
+func (*Command_ListMarket) isCommand_Kind() {}
 
 // Result of one command.
 type CommandResult struct {
@@ -1308,6 +1325,7 @@ type MatchEvent struct {
 	//	*MatchEvent_Triggered
 	//	*MatchEvent_LevelChanged
 	//	*MatchEvent_StatusChanged
+	//	*MatchEvent_MarketListed
 	Kind          isMatchEvent_Kind `protobuf_oneof:"kind"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1457,6 +1475,15 @@ func (x *MatchEvent) GetStatusChanged() *MarketStatusChanged {
 	return nil
 }
 
+func (x *MatchEvent) GetMarketListed() *MarketListed {
+	if x != nil {
+		if x, ok := x.Kind.(*MatchEvent_MarketListed); ok {
+			return x.MarketListed
+		}
+	}
+	return nil
+}
+
 type isMatchEvent_Kind interface {
 	isMatchEvent_Kind()
 }
@@ -1502,6 +1529,11 @@ type MatchEvent_StatusChanged struct {
 	StatusChanged *MarketStatusChanged `protobuf:"bytes,13,opt,name=status_changed,json=statusChanged,proto3,oneof"`
 }
 
+type MatchEvent_MarketListed struct {
+	// The market was listed (its first event, seq 1).
+	MarketListed *MarketListed `protobuf:"bytes,14,opt,name=market_listed,json=marketListed,proto3,oneof"`
+}
+
 func (*MatchEvent_Accepted) isMatchEvent_Kind() {}
 
 func (*MatchEvent_Rejected) isMatchEvent_Kind() {}
@@ -1517,6 +1549,292 @@ func (*MatchEvent_Triggered) isMatchEvent_Kind() {}
 func (*MatchEvent_LevelChanged) isMatchEvent_Kind() {}
 
 func (*MatchEvent_StatusChanged) isMatchEvent_Kind() {}
+
+func (*MatchEvent_MarketListed) isMatchEvent_Kind() {}
+
+// A market listed at runtime: its grid and limits (decimal strings), and the
+// scales of its assets, so that the journal alone rebuilds it.
+type ListedMarket struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Market symbol, BASE-QUOTE in upper case.
+	Symbol string `protobuf:"bytes,1,opt,name=symbol,proto3" json:"symbol,omitempty"`
+	// Base asset symbol (in the catalog).
+	Base string `protobuf:"bytes,2,opt,name=base,proto3" json:"base,omitempty"`
+	// Quote asset symbol (in the catalog).
+	Quote string `protobuf:"bytes,3,opt,name=quote,proto3" json:"quote,omitempty"`
+	// Decimal string: price grid.
+	TickSize string `protobuf:"bytes,4,opt,name=tick_size,json=tickSize,proto3" json:"tick_size,omitempty"`
+	// Decimal string: quantity grid.
+	LotSize string `protobuf:"bytes,5,opt,name=lot_size,json=lotSize,proto3" json:"lot_size,omitempty"`
+	// Decimal string: smallest quantity (a multiple of lot_size).
+	MinQuantity string `protobuf:"bytes,6,opt,name=min_quantity,json=minQuantity,proto3" json:"min_quantity,omitempty"`
+	// Decimal string: largest quantity.
+	MaxQuantity string `protobuf:"bytes,7,opt,name=max_quantity,json=maxQuantity,proto3" json:"max_quantity,omitempty"`
+	// Decimal string: smallest price x quantity, in the quote asset.
+	MinNotional string `protobuf:"bytes,8,opt,name=min_notional,json=minNotional,proto3" json:"min_notional,omitempty"`
+	// Decimal string: the default price band, a fraction of the reference
+	// price (e.g. "0.05"); empty: none (risk's rules may set one).
+	PriceBand string `protobuf:"bytes,9,opt,name=price_band,json=priceBand,proto3" json:"price_band,omitempty"`
+	// Decimal places of the base asset's minor unit.
+	BaseScale int32 `protobuf:"varint,10,opt,name=base_scale,json=baseScale,proto3" json:"base_scale,omitempty"`
+	// Decimal places of the quote asset's minor unit.
+	QuoteScale    int32 `protobuf:"varint,11,opt,name=quote_scale,json=quoteScale,proto3" json:"quote_scale,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListedMarket) Reset() {
+	*x = ListedMarket{}
+	mi := &file_cex_match_v1_match_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListedMarket) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListedMarket) ProtoMessage() {}
+
+func (x *ListedMarket) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_match_v1_match_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListedMarket.ProtoReflect.Descriptor instead.
+func (*ListedMarket) Descriptor() ([]byte, []int) {
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *ListedMarket) GetSymbol() string {
+	if x != nil {
+		return x.Symbol
+	}
+	return ""
+}
+
+func (x *ListedMarket) GetBase() string {
+	if x != nil {
+		return x.Base
+	}
+	return ""
+}
+
+func (x *ListedMarket) GetQuote() string {
+	if x != nil {
+		return x.Quote
+	}
+	return ""
+}
+
+func (x *ListedMarket) GetTickSize() string {
+	if x != nil {
+		return x.TickSize
+	}
+	return ""
+}
+
+func (x *ListedMarket) GetLotSize() string {
+	if x != nil {
+		return x.LotSize
+	}
+	return ""
+}
+
+func (x *ListedMarket) GetMinQuantity() string {
+	if x != nil {
+		return x.MinQuantity
+	}
+	return ""
+}
+
+func (x *ListedMarket) GetMaxQuantity() string {
+	if x != nil {
+		return x.MaxQuantity
+	}
+	return ""
+}
+
+func (x *ListedMarket) GetMinNotional() string {
+	if x != nil {
+		return x.MinNotional
+	}
+	return ""
+}
+
+func (x *ListedMarket) GetPriceBand() string {
+	if x != nil {
+		return x.PriceBand
+	}
+	return ""
+}
+
+func (x *ListedMarket) GetBaseScale() int32 {
+	if x != nil {
+		return x.BaseScale
+	}
+	return 0
+}
+
+func (x *ListedMarket) GetQuoteScale() int32 {
+	if x != nil {
+		return x.QuoteScale
+	}
+	return 0
+}
+
+// Lists a new market (CreateMarket): the command's market is the new symbol.
+type ListMarketCommand struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The market.
+	Market *ListedMarket `protobuf:"bytes,1,opt,name=market,proto3" json:"market,omitempty"`
+	// Why, for people (required; at most 256 characters).
+	Reason string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	// The CreateMarket request_id.
+	RequestId string `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// Who asked (an admin account, or "svc:<service>").
+	ListedBy      string `protobuf:"bytes,4,opt,name=listed_by,json=listedBy,proto3" json:"listed_by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListMarketCommand) Reset() {
+	*x = ListMarketCommand{}
+	mi := &file_cex_match_v1_match_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListMarketCommand) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListMarketCommand) ProtoMessage() {}
+
+func (x *ListMarketCommand) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_match_v1_match_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListMarketCommand.ProtoReflect.Descriptor instead.
+func (*ListMarketCommand) Descriptor() ([]byte, []int) {
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *ListMarketCommand) GetMarket() *ListedMarket {
+	if x != nil {
+		return x.Market
+	}
+	return nil
+}
+
+func (x *ListMarketCommand) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *ListMarketCommand) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *ListMarketCommand) GetListedBy() string {
+	if x != nil {
+		return x.ListedBy
+	}
+	return ""
+}
+
+// A market was listed (CreateMarket); it trades from the next command on.
+type MarketListed struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The market.
+	Market *ListedMarket `protobuf:"bytes,1,opt,name=market,proto3" json:"market,omitempty"`
+	// Why, as the operator gave it.
+	Reason string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	// The CreateMarket request_id.
+	RequestId string `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// Who asked.
+	ListedBy      string `protobuf:"bytes,4,opt,name=listed_by,json=listedBy,proto3" json:"listed_by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MarketListed) Reset() {
+	*x = MarketListed{}
+	mi := &file_cex_match_v1_match_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MarketListed) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MarketListed) ProtoMessage() {}
+
+func (x *MarketListed) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_match_v1_match_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MarketListed.ProtoReflect.Descriptor instead.
+func (*MarketListed) Descriptor() ([]byte, []int) {
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *MarketListed) GetMarket() *ListedMarket {
+	if x != nil {
+		return x.Market
+	}
+	return nil
+}
+
+func (x *MarketListed) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *MarketListed) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *MarketListed) GetListedBy() string {
+	if x != nil {
+		return x.ListedBy
+	}
+	return ""
+}
 
 // A market's status changed (SetMarketStatus).
 type MarketStatusChanged struct {
@@ -1537,7 +1855,7 @@ type MarketStatusChanged struct {
 
 func (x *MarketStatusChanged) Reset() {
 	*x = MarketStatusChanged{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[12]
+	mi := &file_cex_match_v1_match_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1549,7 +1867,7 @@ func (x *MarketStatusChanged) String() string {
 func (*MarketStatusChanged) ProtoMessage() {}
 
 func (x *MarketStatusChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[12]
+	mi := &file_cex_match_v1_match_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1562,7 +1880,7 @@ func (x *MarketStatusChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MarketStatusChanged.ProtoReflect.Descriptor instead.
 func (*MarketStatusChanged) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{12}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *MarketStatusChanged) GetStatus() v1.MarketStatus {
@@ -1636,7 +1954,7 @@ type OrderAccepted struct {
 
 func (x *OrderAccepted) Reset() {
 	*x = OrderAccepted{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[13]
+	mi := &file_cex_match_v1_match_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1648,7 +1966,7 @@ func (x *OrderAccepted) String() string {
 func (*OrderAccepted) ProtoMessage() {}
 
 func (x *OrderAccepted) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[13]
+	mi := &file_cex_match_v1_match_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1661,7 +1979,7 @@ func (x *OrderAccepted) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderAccepted.ProtoReflect.Descriptor instead.
 func (*OrderAccepted) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{13}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *OrderAccepted) GetOrderId() string {
@@ -1777,7 +2095,7 @@ type OrderRejected struct {
 
 func (x *OrderRejected) Reset() {
 	*x = OrderRejected{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[14]
+	mi := &file_cex_match_v1_match_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1789,7 +2107,7 @@ func (x *OrderRejected) String() string {
 func (*OrderRejected) ProtoMessage() {}
 
 func (x *OrderRejected) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[14]
+	mi := &file_cex_match_v1_match_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1802,7 +2120,7 @@ func (x *OrderRejected) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderRejected.ProtoReflect.Descriptor instead.
 func (*OrderRejected) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{14}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *OrderRejected) GetOrderId() string {
@@ -1890,7 +2208,7 @@ type Trade struct {
 
 func (x *Trade) Reset() {
 	*x = Trade{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[15]
+	mi := &file_cex_match_v1_match_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1902,7 +2220,7 @@ func (x *Trade) String() string {
 func (*Trade) ProtoMessage() {}
 
 func (x *Trade) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[15]
+	mi := &file_cex_match_v1_match_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1915,7 +2233,7 @@ func (x *Trade) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Trade.ProtoReflect.Descriptor instead.
 func (*Trade) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{15}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Trade) GetTradeId() string {
@@ -2064,7 +2382,7 @@ type OrderCancelled struct {
 
 func (x *OrderCancelled) Reset() {
 	*x = OrderCancelled{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[16]
+	mi := &file_cex_match_v1_match_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2076,7 +2394,7 @@ func (x *OrderCancelled) String() string {
 func (*OrderCancelled) ProtoMessage() {}
 
 func (x *OrderCancelled) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[16]
+	mi := &file_cex_match_v1_match_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2089,7 +2407,7 @@ func (x *OrderCancelled) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderCancelled.ProtoReflect.Descriptor instead.
 func (*OrderCancelled) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{16}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *OrderCancelled) GetOrderId() string {
@@ -2175,7 +2493,7 @@ type OrderAmended struct {
 
 func (x *OrderAmended) Reset() {
 	*x = OrderAmended{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[17]
+	mi := &file_cex_match_v1_match_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2187,7 +2505,7 @@ func (x *OrderAmended) String() string {
 func (*OrderAmended) ProtoMessage() {}
 
 func (x *OrderAmended) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[17]
+	mi := &file_cex_match_v1_match_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2200,7 +2518,7 @@ func (x *OrderAmended) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderAmended.ProtoReflect.Descriptor instead.
 func (*OrderAmended) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{17}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *OrderAmended) GetOrderId() string {
@@ -2289,7 +2607,7 @@ type OrderTriggered struct {
 
 func (x *OrderTriggered) Reset() {
 	*x = OrderTriggered{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[18]
+	mi := &file_cex_match_v1_match_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2301,7 +2619,7 @@ func (x *OrderTriggered) String() string {
 func (*OrderTriggered) ProtoMessage() {}
 
 func (x *OrderTriggered) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[18]
+	mi := &file_cex_match_v1_match_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2314,7 +2632,7 @@ func (x *OrderTriggered) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderTriggered.ProtoReflect.Descriptor instead.
 func (*OrderTriggered) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{18}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *OrderTriggered) GetOrderId() string {
@@ -2383,7 +2701,7 @@ type LevelChanged struct {
 
 func (x *LevelChanged) Reset() {
 	*x = LevelChanged{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[19]
+	mi := &file_cex_match_v1_match_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2395,7 +2713,7 @@ func (x *LevelChanged) String() string {
 func (*LevelChanged) ProtoMessage() {}
 
 func (x *LevelChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[19]
+	mi := &file_cex_match_v1_match_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2408,7 +2726,7 @@ func (x *LevelChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LevelChanged.ProtoReflect.Descriptor instead.
 func (*LevelChanged) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{19}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *LevelChanged) GetSide() v1.Side {
@@ -2459,7 +2777,7 @@ type BookOrder struct {
 
 func (x *BookOrder) Reset() {
 	*x = BookOrder{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[20]
+	mi := &file_cex_match_v1_match_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2471,7 +2789,7 @@ func (x *BookOrder) String() string {
 func (*BookOrder) ProtoMessage() {}
 
 func (x *BookOrder) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[20]
+	mi := &file_cex_match_v1_match_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2484,7 +2802,7 @@ func (x *BookOrder) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BookOrder.ProtoReflect.Descriptor instead.
 func (*BookOrder) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{20}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *BookOrder) GetOrderId() string {
@@ -2551,7 +2869,7 @@ type OrderBook struct {
 
 func (x *OrderBook) Reset() {
 	*x = OrderBook{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[21]
+	mi := &file_cex_match_v1_match_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2563,7 +2881,7 @@ func (x *OrderBook) String() string {
 func (*OrderBook) ProtoMessage() {}
 
 func (x *OrderBook) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[21]
+	mi := &file_cex_match_v1_match_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2576,7 +2894,7 @@ func (x *OrderBook) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OrderBook.ProtoReflect.Descriptor instead.
 func (*OrderBook) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{21}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *OrderBook) GetMarket() string {
@@ -2653,7 +2971,7 @@ type SubmitCommandsRequest struct {
 
 func (x *SubmitCommandsRequest) Reset() {
 	*x = SubmitCommandsRequest{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[22]
+	mi := &file_cex_match_v1_match_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2665,7 +2983,7 @@ func (x *SubmitCommandsRequest) String() string {
 func (*SubmitCommandsRequest) ProtoMessage() {}
 
 func (x *SubmitCommandsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[22]
+	mi := &file_cex_match_v1_match_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2678,7 +2996,7 @@ func (x *SubmitCommandsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitCommandsRequest.ProtoReflect.Descriptor instead.
 func (*SubmitCommandsRequest) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{22}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *SubmitCommandsRequest) GetCommands() []*Command {
@@ -2699,7 +3017,7 @@ type SubmitCommandsResponse struct {
 
 func (x *SubmitCommandsResponse) Reset() {
 	*x = SubmitCommandsResponse{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[23]
+	mi := &file_cex_match_v1_match_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2711,7 +3029,7 @@ func (x *SubmitCommandsResponse) String() string {
 func (*SubmitCommandsResponse) ProtoMessage() {}
 
 func (x *SubmitCommandsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[23]
+	mi := &file_cex_match_v1_match_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2724,7 +3042,7 @@ func (x *SubmitCommandsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitCommandsResponse.ProtoReflect.Descriptor instead.
 func (*SubmitCommandsResponse) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{23}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *SubmitCommandsResponse) GetResults() []*CommandResult {
@@ -2749,7 +3067,7 @@ type GetOrderBookRequest struct {
 
 func (x *GetOrderBookRequest) Reset() {
 	*x = GetOrderBookRequest{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[24]
+	mi := &file_cex_match_v1_match_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2761,7 +3079,7 @@ func (x *GetOrderBookRequest) String() string {
 func (*GetOrderBookRequest) ProtoMessage() {}
 
 func (x *GetOrderBookRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[24]
+	mi := &file_cex_match_v1_match_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2774,7 +3092,7 @@ func (x *GetOrderBookRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetOrderBookRequest.ProtoReflect.Descriptor instead.
 func (*GetOrderBookRequest) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{24}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *GetOrderBookRequest) GetMarket() string {
@@ -2809,7 +3127,7 @@ type GetOrderBookResponse struct {
 
 func (x *GetOrderBookResponse) Reset() {
 	*x = GetOrderBookResponse{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[25]
+	mi := &file_cex_match_v1_match_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2821,7 +3139,7 @@ func (x *GetOrderBookResponse) String() string {
 func (*GetOrderBookResponse) ProtoMessage() {}
 
 func (x *GetOrderBookResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[25]
+	mi := &file_cex_match_v1_match_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2834,7 +3152,7 @@ func (x *GetOrderBookResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetOrderBookResponse.ProtoReflect.Descriptor instead.
 func (*GetOrderBookResponse) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{25}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *GetOrderBookResponse) GetBook() *OrderBook {
@@ -2862,7 +3180,7 @@ type ReplayEventsRequest struct {
 
 func (x *ReplayEventsRequest) Reset() {
 	*x = ReplayEventsRequest{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[26]
+	mi := &file_cex_match_v1_match_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2874,7 +3192,7 @@ func (x *ReplayEventsRequest) String() string {
 func (*ReplayEventsRequest) ProtoMessage() {}
 
 func (x *ReplayEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[26]
+	mi := &file_cex_match_v1_match_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2887,7 +3205,7 @@ func (x *ReplayEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplayEventsRequest.ProtoReflect.Descriptor instead.
 func (*ReplayEventsRequest) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{26}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ReplayEventsRequest) GetMarket() string {
@@ -2936,7 +3254,7 @@ type SetMarketStatusRequest struct {
 
 func (x *SetMarketStatusRequest) Reset() {
 	*x = SetMarketStatusRequest{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[27]
+	mi := &file_cex_match_v1_match_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2948,7 +3266,7 @@ func (x *SetMarketStatusRequest) String() string {
 func (*SetMarketStatusRequest) ProtoMessage() {}
 
 func (x *SetMarketStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[27]
+	mi := &file_cex_match_v1_match_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2961,7 +3279,7 @@ func (x *SetMarketStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetMarketStatusRequest.ProtoReflect.Descriptor instead.
 func (*SetMarketStatusRequest) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{27}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *SetMarketStatusRequest) GetMarket() string {
@@ -3009,7 +3327,7 @@ type SetMarketStatusResponse struct {
 
 func (x *SetMarketStatusResponse) Reset() {
 	*x = SetMarketStatusResponse{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[28]
+	mi := &file_cex_match_v1_match_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3021,7 +3339,7 @@ func (x *SetMarketStatusResponse) String() string {
 func (*SetMarketStatusResponse) ProtoMessage() {}
 
 func (x *SetMarketStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[28]
+	mi := &file_cex_match_v1_match_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3034,7 +3352,7 @@ func (x *SetMarketStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetMarketStatusResponse.ProtoReflect.Descriptor instead.
 func (*SetMarketStatusResponse) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{28}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SetMarketStatusResponse) GetChange() *MarketStatusChanged {
@@ -3065,6 +3383,291 @@ func (x *SetMarketStatusResponse) GetCancelledOrders() int32 {
 	return 0
 }
 
+// Request for MatchService.CreateMarket.
+type CreateMarketRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Market symbol, BASE-QUOTE in upper case (e.g. "SOL-USDT").
+	Symbol string `protobuf:"bytes,1,opt,name=symbol,proto3" json:"symbol,omitempty"`
+	// Base asset symbol (in the catalog).
+	Base string `protobuf:"bytes,2,opt,name=base,proto3" json:"base,omitempty"`
+	// Quote asset symbol (in the catalog).
+	Quote string `protobuf:"bytes,3,opt,name=quote,proto3" json:"quote,omitempty"`
+	// Decimal string: price grid (positive).
+	TickSize string `protobuf:"bytes,4,opt,name=tick_size,json=tickSize,proto3" json:"tick_size,omitempty"`
+	// Decimal string: quantity grid (positive, on the base asset's minor unit;
+	// tick_size x lot_size a whole number of the quote's minor unit).
+	LotSize string `protobuf:"bytes,5,opt,name=lot_size,json=lotSize,proto3" json:"lot_size,omitempty"`
+	// Decimal string: smallest quantity; empty: lot_size.
+	MinQuantity string `protobuf:"bytes,6,opt,name=min_quantity,json=minQuantity,proto3" json:"min_quantity,omitempty"`
+	// Decimal string: largest quantity (positive).
+	MaxQuantity string `protobuf:"bytes,7,opt,name=max_quantity,json=maxQuantity,proto3" json:"max_quantity,omitempty"`
+	// Decimal string: smallest price x quantity in the quote asset (>= 0).
+	MinNotional string `protobuf:"bytes,8,opt,name=min_notional,json=minNotional,proto3" json:"min_notional,omitempty"`
+	// Decimal string: default price band, a fraction of the reference price
+	// in (0, 1]; empty: none.
+	PriceBand string `protobuf:"bytes,9,opt,name=price_band,json=priceBand,proto3" json:"price_band,omitempty"`
+	// Why, for people (required; at most 256 characters).
+	Reason string `protobuf:"bytes,10,opt,name=reason,proto3" json:"reason,omitempty"`
+	// Idempotency key (at most 128 characters).
+	RequestId     string `protobuf:"bytes,11,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateMarketRequest) Reset() {
+	*x = CreateMarketRequest{}
+	mi := &file_cex_match_v1_match_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateMarketRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateMarketRequest) ProtoMessage() {}
+
+func (x *CreateMarketRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_match_v1_match_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateMarketRequest.ProtoReflect.Descriptor instead.
+func (*CreateMarketRequest) Descriptor() ([]byte, []int) {
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *CreateMarketRequest) GetSymbol() string {
+	if x != nil {
+		return x.Symbol
+	}
+	return ""
+}
+
+func (x *CreateMarketRequest) GetBase() string {
+	if x != nil {
+		return x.Base
+	}
+	return ""
+}
+
+func (x *CreateMarketRequest) GetQuote() string {
+	if x != nil {
+		return x.Quote
+	}
+	return ""
+}
+
+func (x *CreateMarketRequest) GetTickSize() string {
+	if x != nil {
+		return x.TickSize
+	}
+	return ""
+}
+
+func (x *CreateMarketRequest) GetLotSize() string {
+	if x != nil {
+		return x.LotSize
+	}
+	return ""
+}
+
+func (x *CreateMarketRequest) GetMinQuantity() string {
+	if x != nil {
+		return x.MinQuantity
+	}
+	return ""
+}
+
+func (x *CreateMarketRequest) GetMaxQuantity() string {
+	if x != nil {
+		return x.MaxQuantity
+	}
+	return ""
+}
+
+func (x *CreateMarketRequest) GetMinNotional() string {
+	if x != nil {
+		return x.MinNotional
+	}
+	return ""
+}
+
+func (x *CreateMarketRequest) GetPriceBand() string {
+	if x != nil {
+		return x.PriceBand
+	}
+	return ""
+}
+
+func (x *CreateMarketRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *CreateMarketRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+// Response for MatchService.CreateMarket.
+type CreateMarketResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The market as listed.
+	Listing *MarketListed `protobuf:"bytes,1,opt,name=listing,proto3" json:"listing,omitempty"`
+	// Event seq of the listing in its market (1).
+	Seq int64 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
+	// When it was journaled.
+	CreateTime    *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateMarketResponse) Reset() {
+	*x = CreateMarketResponse{}
+	mi := &file_cex_match_v1_match_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateMarketResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateMarketResponse) ProtoMessage() {}
+
+func (x *CreateMarketResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_match_v1_match_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateMarketResponse.ProtoReflect.Descriptor instead.
+func (*CreateMarketResponse) Descriptor() ([]byte, []int) {
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *CreateMarketResponse) GetListing() *MarketListed {
+	if x != nil {
+		return x.Listing
+	}
+	return nil
+}
+
+func (x *CreateMarketResponse) GetSeq() int64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *CreateMarketResponse) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+// Request for MatchService.ListListedMarkets.
+type ListListedMarketsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListListedMarketsRequest) Reset() {
+	*x = ListListedMarketsRequest{}
+	mi := &file_cex_match_v1_match_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListListedMarketsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListListedMarketsRequest) ProtoMessage() {}
+
+func (x *ListListedMarketsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_match_v1_match_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListListedMarketsRequest.ProtoReflect.Descriptor instead.
+func (*ListListedMarketsRequest) Descriptor() ([]byte, []int) {
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{34}
+}
+
+// Response for MatchService.ListListedMarkets.
+type ListListedMarketsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Every market listed at runtime, in the order listed.
+	Markets       []*MarketListed `protobuf:"bytes,1,rep,name=markets,proto3" json:"markets,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListListedMarketsResponse) Reset() {
+	*x = ListListedMarketsResponse{}
+	mi := &file_cex_match_v1_match_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListListedMarketsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListListedMarketsResponse) ProtoMessage() {}
+
+func (x *ListListedMarketsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_cex_match_v1_match_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListListedMarketsResponse.ProtoReflect.Descriptor instead.
+func (*ListListedMarketsResponse) Descriptor() ([]byte, []int) {
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *ListListedMarketsResponse) GetMarkets() []*MarketListed {
+	if x != nil {
+		return x.Markets
+	}
+	return nil
+}
+
 // Response for MatchService.ReplayEvents.
 // What match publishes on NATS: one message per journal commit (or per
 // round of the publisher once it is behind), subject `match.events.<market>`,
@@ -3080,7 +3683,7 @@ type EventBatch struct {
 
 func (x *EventBatch) Reset() {
 	*x = EventBatch{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[29]
+	mi := &file_cex_match_v1_match_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3092,7 +3695,7 @@ func (x *EventBatch) String() string {
 func (*EventBatch) ProtoMessage() {}
 
 func (x *EventBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[29]
+	mi := &file_cex_match_v1_match_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3105,7 +3708,7 @@ func (x *EventBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventBatch.ProtoReflect.Descriptor instead.
 func (*EventBatch) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{29}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *EventBatch) GetEvents() []*MatchEvent {
@@ -3126,7 +3729,7 @@ type ReplayEventsResponse struct {
 
 func (x *ReplayEventsResponse) Reset() {
 	*x = ReplayEventsResponse{}
-	mi := &file_cex_match_v1_match_proto_msgTypes[30]
+	mi := &file_cex_match_v1_match_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3138,7 +3741,7 @@ func (x *ReplayEventsResponse) String() string {
 func (*ReplayEventsResponse) ProtoMessage() {}
 
 func (x *ReplayEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_cex_match_v1_match_proto_msgTypes[30]
+	mi := &file_cex_match_v1_match_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3151,7 +3754,7 @@ func (x *ReplayEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplayEventsResponse.ProtoReflect.Descriptor instead.
 func (*ReplayEventsResponse) Descriptor() ([]byte, []int) {
-	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{30}
+	return file_cex_match_v1_match_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ReplayEventsResponse) GetEvents() []*MatchEvent {
@@ -3245,7 +3848,7 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\aOP_VOID\x10\x04\"_\n" +
 	"\fFundsEffects\x12\x18\n" +
 	"\aexpired\x18\x01 \x03(\tR\aexpired\x125\n" +
-	"\acreated\x18\x02 \x03(\v2\x1b.cex.match.v1.FundsTransferR\acreated\"\xf8\x04\n" +
+	"\acreated\x18\x02 \x03(\v2\x1b.cex.match.v1.FundsTransferR\acreated\"\xbc\x05\n" +
 	"\aCommand\x12\x1d\n" +
 	"\n" +
 	"command_id\x18\x01 \x01(\tR\tcommandId\x12\x16\n" +
@@ -3259,7 +3862,9 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\ttransfers\x18\t \x01(\v2\x1e.cex.match.v1.TransfersCommandH\x00R\ttransfers\x12E\n" +
 	"\n" +
 	"set_status\x18\n" +
-	" \x01(\v2$.cex.match.v1.SetMarketStatusCommandH\x00R\tsetStatus\x12L\n" +
+	" \x01(\v2$.cex.match.v1.SetMarketStatusCommandH\x00R\tsetStatus\x12B\n" +
+	"\vlist_market\x18\v \x01(\v2\x1f.cex.match.v1.ListMarketCommandH\x00R\n" +
+	"listMarket\x12L\n" +
 	"\rtrace_context\x18\a \x03(\v2'.cex.match.v1.Command.TraceContextEntryR\ftraceContext\x1a?\n" +
 	"\x11TraceContextEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
@@ -3274,7 +3879,7 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"commandSeq\x120\n" +
 	"\x06events\x18\x05 \x03(\v2\x18.cex.match.v1.MatchEventR\x06events\x12\x1c\n" +
 	"\tduplicate\x18\x06 \x01(\bR\tduplicate\x12?\n" +
-	"\x11transfer_statuses\x18\a \x03(\v2\x12.google.rpc.StatusR\x10transferStatuses\"\x9f\x05\n" +
+	"\x11transfer_statuses\x18\a \x03(\v2\x12.google.rpc.StatusR\x10transferStatuses\"\xe2\x05\n" +
 	"\n" +
 	"MatchEvent\x12\x16\n" +
 	"\x06market\x18\x01 \x01(\tR\x06market\x12\x10\n" +
@@ -3293,8 +3898,37 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	" \x01(\v2\x1a.cex.match.v1.OrderAmendedH\x00R\aamended\x12<\n" +
 	"\ttriggered\x18\v \x01(\v2\x1c.cex.match.v1.OrderTriggeredH\x00R\ttriggered\x12A\n" +
 	"\rlevel_changed\x18\f \x01(\v2\x1a.cex.match.v1.LevelChangedH\x00R\flevelChanged\x12J\n" +
-	"\x0estatus_changed\x18\r \x01(\v2!.cex.match.v1.MarketStatusChangedH\x00R\rstatusChangedB\x06\n" +
-	"\x04kind\"\xe2\x01\n" +
+	"\x0estatus_changed\x18\r \x01(\v2!.cex.match.v1.MarketStatusChangedH\x00R\rstatusChanged\x12A\n" +
+	"\rmarket_listed\x18\x0e \x01(\v2\x1a.cex.match.v1.MarketListedH\x00R\fmarketListedB\x06\n" +
+	"\x04kind\"\xd0\x02\n" +
+	"\fListedMarket\x12\x16\n" +
+	"\x06symbol\x18\x01 \x01(\tR\x06symbol\x12\x12\n" +
+	"\x04base\x18\x02 \x01(\tR\x04base\x12\x14\n" +
+	"\x05quote\x18\x03 \x01(\tR\x05quote\x12\x1b\n" +
+	"\ttick_size\x18\x04 \x01(\tR\btickSize\x12\x19\n" +
+	"\blot_size\x18\x05 \x01(\tR\alotSize\x12!\n" +
+	"\fmin_quantity\x18\x06 \x01(\tR\vminQuantity\x12!\n" +
+	"\fmax_quantity\x18\a \x01(\tR\vmaxQuantity\x12!\n" +
+	"\fmin_notional\x18\b \x01(\tR\vminNotional\x12\x1d\n" +
+	"\n" +
+	"price_band\x18\t \x01(\tR\tpriceBand\x12\x1d\n" +
+	"\n" +
+	"base_scale\x18\n" +
+	" \x01(\x05R\tbaseScale\x12\x1f\n" +
+	"\vquote_scale\x18\v \x01(\x05R\n" +
+	"quoteScale\"\x9b\x01\n" +
+	"\x11ListMarketCommand\x122\n" +
+	"\x06market\x18\x01 \x01(\v2\x1a.cex.match.v1.ListedMarketR\x06market\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x03 \x01(\tR\trequestId\x12\x1b\n" +
+	"\tlisted_by\x18\x04 \x01(\tR\blistedBy\"\x96\x01\n" +
+	"\fMarketListed\x122\n" +
+	"\x06market\x18\x01 \x01(\v2\x1a.cex.match.v1.ListedMarketR\x06market\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x03 \x01(\tR\trequestId\x12\x1b\n" +
+	"\tlisted_by\x18\x04 \x01(\tR\blistedBy\"\xe2\x01\n" +
 	"\x13MarketStatusChanged\x121\n" +
 	"\x06status\x18\x01 \x01(\x0e2\x19.cex.type.v1.MarketStatusR\x06status\x12B\n" +
 	"\x0fprevious_status\x18\x02 \x01(\x0e2\x19.cex.type.v1.MarketStatusR\x0epreviousStatus\x12\x16\n" +
@@ -3431,7 +4065,30 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\x03seq\x18\x02 \x01(\x03R\x03seq\x12;\n" +
 	"\vupdate_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"updateTime\x12)\n" +
-	"\x10cancelled_orders\x18\x04 \x01(\x05R\x0fcancelledOrders\">\n" +
+	"\x10cancelled_orders\x18\x04 \x01(\x05R\x0fcancelledOrders\"\xce\x02\n" +
+	"\x13CreateMarketRequest\x12\x16\n" +
+	"\x06symbol\x18\x01 \x01(\tR\x06symbol\x12\x12\n" +
+	"\x04base\x18\x02 \x01(\tR\x04base\x12\x14\n" +
+	"\x05quote\x18\x03 \x01(\tR\x05quote\x12\x1b\n" +
+	"\ttick_size\x18\x04 \x01(\tR\btickSize\x12\x19\n" +
+	"\blot_size\x18\x05 \x01(\tR\alotSize\x12!\n" +
+	"\fmin_quantity\x18\x06 \x01(\tR\vminQuantity\x12!\n" +
+	"\fmax_quantity\x18\a \x01(\tR\vmaxQuantity\x12!\n" +
+	"\fmin_notional\x18\b \x01(\tR\vminNotional\x12\x1d\n" +
+	"\n" +
+	"price_band\x18\t \x01(\tR\tpriceBand\x12\x16\n" +
+	"\x06reason\x18\n" +
+	" \x01(\tR\x06reason\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\v \x01(\tR\trequestId\"\x9b\x01\n" +
+	"\x14CreateMarketResponse\x124\n" +
+	"\alisting\x18\x01 \x01(\v2\x1a.cex.match.v1.MarketListedR\alisting\x12\x10\n" +
+	"\x03seq\x18\x02 \x01(\x03R\x03seq\x12;\n" +
+	"\vcreate_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\"\x1a\n" +
+	"\x18ListListedMarketsRequest\"Q\n" +
+	"\x19ListListedMarketsResponse\x124\n" +
+	"\amarkets\x18\x01 \x03(\v2\x1a.cex.match.v1.MarketListedR\amarkets\">\n" +
 	"\n" +
 	"EventBatch\x120\n" +
 	"\x06events\x18\x01 \x03(\v2\x18.cex.match.v1.MatchEventR\x06events\"H\n" +
@@ -3440,12 +4097,14 @@ const file_cex_match_v1_match_proto_rawDesc = "" +
 	"\tBookLevel\x12\x1a\n" +
 	"\x16BOOK_LEVEL_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rBOOK_LEVEL_L2\x10\x01\x12\x11\n" +
-	"\rBOOK_LEVEL_L3\x10\x022\xae\x03\n" +
+	"\rBOOK_LEVEL_L3\x10\x022\x89\x05\n" +
 	"\fMatchService\x12_\n" +
 	"\x0eSubmitCommands\x12#.cex.match.v1.SubmitCommandsRequest\x1a$.cex.match.v1.SubmitCommandsResponse(\x010\x01\x12U\n" +
 	"\fGetOrderBook\x12!.cex.match.v1.GetOrderBookRequest\x1a\".cex.match.v1.GetOrderBookResponse\x12W\n" +
 	"\fReplayEvents\x12!.cex.match.v1.ReplayEventsRequest\x1a\".cex.match.v1.ReplayEventsResponse0\x01\x12\x8c\x01\n" +
-	"\x0fSetMarketStatus\x12$.cex.match.v1.SetMarketStatusRequest\x1a%.cex.match.v1.SetMarketStatusResponse\",\x82\xd3\xe4\x93\x02&:\x01*\"!/v1/admin/markets/{market}/statusb\x06proto3"
+	"\x0fSetMarketStatus\x12$.cex.match.v1.SetMarketStatusRequest\x1a%.cex.match.v1.SetMarketStatusResponse\",\x82\xd3\xe4\x93\x02&:\x01*\"!/v1/admin/markets/{market}/status\x12s\n" +
+	"\fCreateMarket\x12!.cex.match.v1.CreateMarketRequest\x1a\".cex.match.v1.CreateMarketResponse\"\x1c\x82\xd3\xe4\x93\x02\x16:\x01*\"\x11/v1/admin/markets\x12d\n" +
+	"\x11ListListedMarkets\x12&.cex.match.v1.ListListedMarketsRequest\x1a'.cex.match.v1.ListListedMarketsResponseb\x06proto3"
 
 var (
 	file_cex_match_v1_match_proto_rawDescOnce sync.Once
@@ -3460,62 +4119,69 @@ func file_cex_match_v1_match_proto_rawDescGZIP() []byte {
 }
 
 var file_cex_match_v1_match_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_cex_match_v1_match_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_cex_match_v1_match_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
 var file_cex_match_v1_match_proto_goTypes = []any{
-	(BookLevel)(0),                  // 0: cex.match.v1.BookLevel
-	(FundsTransfer_Op)(0),           // 1: cex.match.v1.FundsTransfer.Op
-	(*PlaceCommand)(nil),            // 2: cex.match.v1.PlaceCommand
-	(*CancelCommand)(nil),           // 3: cex.match.v1.CancelCommand
-	(*AmendCommand)(nil),            // 4: cex.match.v1.AmendCommand
-	(*MassCancelCommand)(nil),       // 5: cex.match.v1.MassCancelCommand
-	(*ExpireCommand)(nil),           // 6: cex.match.v1.ExpireCommand
-	(*SetMarketStatusCommand)(nil),  // 7: cex.match.v1.SetMarketStatusCommand
-	(*TransfersCommand)(nil),        // 8: cex.match.v1.TransfersCommand
-	(*FundsTransfer)(nil),           // 9: cex.match.v1.FundsTransfer
-	(*FundsEffects)(nil),            // 10: cex.match.v1.FundsEffects
-	(*Command)(nil),                 // 11: cex.match.v1.Command
-	(*CommandResult)(nil),           // 12: cex.match.v1.CommandResult
-	(*MatchEvent)(nil),              // 13: cex.match.v1.MatchEvent
-	(*MarketStatusChanged)(nil),     // 14: cex.match.v1.MarketStatusChanged
-	(*OrderAccepted)(nil),           // 15: cex.match.v1.OrderAccepted
-	(*OrderRejected)(nil),           // 16: cex.match.v1.OrderRejected
-	(*Trade)(nil),                   // 17: cex.match.v1.Trade
-	(*OrderCancelled)(nil),          // 18: cex.match.v1.OrderCancelled
-	(*OrderAmended)(nil),            // 19: cex.match.v1.OrderAmended
-	(*OrderTriggered)(nil),          // 20: cex.match.v1.OrderTriggered
-	(*LevelChanged)(nil),            // 21: cex.match.v1.LevelChanged
-	(*BookOrder)(nil),               // 22: cex.match.v1.BookOrder
-	(*OrderBook)(nil),               // 23: cex.match.v1.OrderBook
-	(*SubmitCommandsRequest)(nil),   // 24: cex.match.v1.SubmitCommandsRequest
-	(*SubmitCommandsResponse)(nil),  // 25: cex.match.v1.SubmitCommandsResponse
-	(*GetOrderBookRequest)(nil),     // 26: cex.match.v1.GetOrderBookRequest
-	(*GetOrderBookResponse)(nil),    // 27: cex.match.v1.GetOrderBookResponse
-	(*ReplayEventsRequest)(nil),     // 28: cex.match.v1.ReplayEventsRequest
-	(*SetMarketStatusRequest)(nil),  // 29: cex.match.v1.SetMarketStatusRequest
-	(*SetMarketStatusResponse)(nil), // 30: cex.match.v1.SetMarketStatusResponse
-	(*EventBatch)(nil),              // 31: cex.match.v1.EventBatch
-	(*ReplayEventsResponse)(nil),    // 32: cex.match.v1.ReplayEventsResponse
-	nil,                             // 33: cex.match.v1.Command.TraceContextEntry
-	(v1.Side)(0),                    // 34: cex.type.v1.Side
-	(v1.OrderType)(0),               // 35: cex.type.v1.OrderType
-	(v1.TimeInForce)(0),             // 36: cex.type.v1.TimeInForce
-	(v1.SelfTradePrevention)(0),     // 37: cex.type.v1.SelfTradePrevention
-	(*timestamppb.Timestamp)(nil),   // 38: google.protobuf.Timestamp
-	(v1.CancelReason)(0),            // 39: cex.type.v1.CancelReason
-	(v1.MarketStatus)(0),            // 40: cex.type.v1.MarketStatus
-	(*status.Status)(nil),           // 41: google.rpc.Status
-	(*v1.PriceLevel)(nil),           // 42: cex.type.v1.PriceLevel
+	(BookLevel)(0),                    // 0: cex.match.v1.BookLevel
+	(FundsTransfer_Op)(0),             // 1: cex.match.v1.FundsTransfer.Op
+	(*PlaceCommand)(nil),              // 2: cex.match.v1.PlaceCommand
+	(*CancelCommand)(nil),             // 3: cex.match.v1.CancelCommand
+	(*AmendCommand)(nil),              // 4: cex.match.v1.AmendCommand
+	(*MassCancelCommand)(nil),         // 5: cex.match.v1.MassCancelCommand
+	(*ExpireCommand)(nil),             // 6: cex.match.v1.ExpireCommand
+	(*SetMarketStatusCommand)(nil),    // 7: cex.match.v1.SetMarketStatusCommand
+	(*TransfersCommand)(nil),          // 8: cex.match.v1.TransfersCommand
+	(*FundsTransfer)(nil),             // 9: cex.match.v1.FundsTransfer
+	(*FundsEffects)(nil),              // 10: cex.match.v1.FundsEffects
+	(*Command)(nil),                   // 11: cex.match.v1.Command
+	(*CommandResult)(nil),             // 12: cex.match.v1.CommandResult
+	(*MatchEvent)(nil),                // 13: cex.match.v1.MatchEvent
+	(*ListedMarket)(nil),              // 14: cex.match.v1.ListedMarket
+	(*ListMarketCommand)(nil),         // 15: cex.match.v1.ListMarketCommand
+	(*MarketListed)(nil),              // 16: cex.match.v1.MarketListed
+	(*MarketStatusChanged)(nil),       // 17: cex.match.v1.MarketStatusChanged
+	(*OrderAccepted)(nil),             // 18: cex.match.v1.OrderAccepted
+	(*OrderRejected)(nil),             // 19: cex.match.v1.OrderRejected
+	(*Trade)(nil),                     // 20: cex.match.v1.Trade
+	(*OrderCancelled)(nil),            // 21: cex.match.v1.OrderCancelled
+	(*OrderAmended)(nil),              // 22: cex.match.v1.OrderAmended
+	(*OrderTriggered)(nil),            // 23: cex.match.v1.OrderTriggered
+	(*LevelChanged)(nil),              // 24: cex.match.v1.LevelChanged
+	(*BookOrder)(nil),                 // 25: cex.match.v1.BookOrder
+	(*OrderBook)(nil),                 // 26: cex.match.v1.OrderBook
+	(*SubmitCommandsRequest)(nil),     // 27: cex.match.v1.SubmitCommandsRequest
+	(*SubmitCommandsResponse)(nil),    // 28: cex.match.v1.SubmitCommandsResponse
+	(*GetOrderBookRequest)(nil),       // 29: cex.match.v1.GetOrderBookRequest
+	(*GetOrderBookResponse)(nil),      // 30: cex.match.v1.GetOrderBookResponse
+	(*ReplayEventsRequest)(nil),       // 31: cex.match.v1.ReplayEventsRequest
+	(*SetMarketStatusRequest)(nil),    // 32: cex.match.v1.SetMarketStatusRequest
+	(*SetMarketStatusResponse)(nil),   // 33: cex.match.v1.SetMarketStatusResponse
+	(*CreateMarketRequest)(nil),       // 34: cex.match.v1.CreateMarketRequest
+	(*CreateMarketResponse)(nil),      // 35: cex.match.v1.CreateMarketResponse
+	(*ListListedMarketsRequest)(nil),  // 36: cex.match.v1.ListListedMarketsRequest
+	(*ListListedMarketsResponse)(nil), // 37: cex.match.v1.ListListedMarketsResponse
+	(*EventBatch)(nil),                // 38: cex.match.v1.EventBatch
+	(*ReplayEventsResponse)(nil),      // 39: cex.match.v1.ReplayEventsResponse
+	nil,                               // 40: cex.match.v1.Command.TraceContextEntry
+	(v1.Side)(0),                      // 41: cex.type.v1.Side
+	(v1.OrderType)(0),                 // 42: cex.type.v1.OrderType
+	(v1.TimeInForce)(0),               // 43: cex.type.v1.TimeInForce
+	(v1.SelfTradePrevention)(0),       // 44: cex.type.v1.SelfTradePrevention
+	(*timestamppb.Timestamp)(nil),     // 45: google.protobuf.Timestamp
+	(v1.CancelReason)(0),              // 46: cex.type.v1.CancelReason
+	(v1.MarketStatus)(0),              // 47: cex.type.v1.MarketStatus
+	(*status.Status)(nil),             // 48: google.rpc.Status
+	(*v1.PriceLevel)(nil),             // 49: cex.type.v1.PriceLevel
 }
 var file_cex_match_v1_match_proto_depIdxs = []int32{
-	34, // 0: cex.match.v1.PlaceCommand.side:type_name -> cex.type.v1.Side
-	35, // 1: cex.match.v1.PlaceCommand.type:type_name -> cex.type.v1.OrderType
-	36, // 2: cex.match.v1.PlaceCommand.time_in_force:type_name -> cex.type.v1.TimeInForce
-	37, // 3: cex.match.v1.PlaceCommand.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
-	38, // 4: cex.match.v1.PlaceCommand.expire_time:type_name -> google.protobuf.Timestamp
-	39, // 5: cex.match.v1.CancelCommand.reason:type_name -> cex.type.v1.CancelReason
-	34, // 6: cex.match.v1.MassCancelCommand.side:type_name -> cex.type.v1.Side
-	39, // 7: cex.match.v1.MassCancelCommand.reason:type_name -> cex.type.v1.CancelReason
-	40, // 8: cex.match.v1.SetMarketStatusCommand.status:type_name -> cex.type.v1.MarketStatus
+	41, // 0: cex.match.v1.PlaceCommand.side:type_name -> cex.type.v1.Side
+	42, // 1: cex.match.v1.PlaceCommand.type:type_name -> cex.type.v1.OrderType
+	43, // 2: cex.match.v1.PlaceCommand.time_in_force:type_name -> cex.type.v1.TimeInForce
+	44, // 3: cex.match.v1.PlaceCommand.self_trade_prevention:type_name -> cex.type.v1.SelfTradePrevention
+	45, // 4: cex.match.v1.PlaceCommand.expire_time:type_name -> google.protobuf.Timestamp
+	46, // 5: cex.match.v1.CancelCommand.reason:type_name -> cex.type.v1.CancelReason
+	41, // 6: cex.match.v1.MassCancelCommand.side:type_name -> cex.type.v1.Side
+	46, // 7: cex.match.v1.MassCancelCommand.reason:type_name -> cex.type.v1.CancelReason
+	47, // 8: cex.match.v1.SetMarketStatusCommand.status:type_name -> cex.type.v1.MarketStatus
 	9,  // 9: cex.match.v1.TransfersCommand.transfers:type_name -> cex.match.v1.FundsTransfer
 	1,  // 10: cex.match.v1.FundsTransfer.op:type_name -> cex.match.v1.FundsTransfer.Op
 	9,  // 11: cex.match.v1.FundsEffects.created:type_name -> cex.match.v1.FundsTransfer
@@ -3526,60 +4192,71 @@ var file_cex_match_v1_match_proto_depIdxs = []int32{
 	6,  // 16: cex.match.v1.Command.expire:type_name -> cex.match.v1.ExpireCommand
 	8,  // 17: cex.match.v1.Command.transfers:type_name -> cex.match.v1.TransfersCommand
 	7,  // 18: cex.match.v1.Command.set_status:type_name -> cex.match.v1.SetMarketStatusCommand
-	33, // 19: cex.match.v1.Command.trace_context:type_name -> cex.match.v1.Command.TraceContextEntry
-	41, // 20: cex.match.v1.CommandResult.status:type_name -> google.rpc.Status
-	13, // 21: cex.match.v1.CommandResult.events:type_name -> cex.match.v1.MatchEvent
-	41, // 22: cex.match.v1.CommandResult.transfer_statuses:type_name -> google.rpc.Status
-	38, // 23: cex.match.v1.MatchEvent.event_time:type_name -> google.protobuf.Timestamp
-	15, // 24: cex.match.v1.MatchEvent.accepted:type_name -> cex.match.v1.OrderAccepted
-	16, // 25: cex.match.v1.MatchEvent.rejected:type_name -> cex.match.v1.OrderRejected
-	17, // 26: cex.match.v1.MatchEvent.trade:type_name -> cex.match.v1.Trade
-	18, // 27: cex.match.v1.MatchEvent.cancelled:type_name -> cex.match.v1.OrderCancelled
-	19, // 28: cex.match.v1.MatchEvent.amended:type_name -> cex.match.v1.OrderAmended
-	20, // 29: cex.match.v1.MatchEvent.triggered:type_name -> cex.match.v1.OrderTriggered
-	21, // 30: cex.match.v1.MatchEvent.level_changed:type_name -> cex.match.v1.LevelChanged
-	14, // 31: cex.match.v1.MatchEvent.status_changed:type_name -> cex.match.v1.MarketStatusChanged
-	40, // 32: cex.match.v1.MarketStatusChanged.status:type_name -> cex.type.v1.MarketStatus
-	40, // 33: cex.match.v1.MarketStatusChanged.previous_status:type_name -> cex.type.v1.MarketStatus
-	34, // 34: cex.match.v1.OrderAccepted.side:type_name -> cex.type.v1.Side
-	35, // 35: cex.match.v1.OrderAccepted.type:type_name -> cex.type.v1.OrderType
-	36, // 36: cex.match.v1.OrderAccepted.time_in_force:type_name -> cex.type.v1.TimeInForce
-	2,  // 37: cex.match.v1.OrderAccepted.place:type_name -> cex.match.v1.PlaceCommand
-	2,  // 38: cex.match.v1.OrderRejected.place:type_name -> cex.match.v1.PlaceCommand
-	34, // 39: cex.match.v1.Trade.taker_side:type_name -> cex.type.v1.Side
-	34, // 40: cex.match.v1.OrderCancelled.side:type_name -> cex.type.v1.Side
-	39, // 41: cex.match.v1.OrderCancelled.reason:type_name -> cex.type.v1.CancelReason
-	34, // 42: cex.match.v1.OrderAmended.side:type_name -> cex.type.v1.Side
-	34, // 43: cex.match.v1.OrderTriggered.side:type_name -> cex.type.v1.Side
-	35, // 44: cex.match.v1.OrderTriggered.type:type_name -> cex.type.v1.OrderType
-	34, // 45: cex.match.v1.LevelChanged.side:type_name -> cex.type.v1.Side
-	42, // 46: cex.match.v1.OrderBook.bids:type_name -> cex.type.v1.PriceLevel
-	42, // 47: cex.match.v1.OrderBook.asks:type_name -> cex.type.v1.PriceLevel
-	22, // 48: cex.match.v1.OrderBook.bid_orders:type_name -> cex.match.v1.BookOrder
-	22, // 49: cex.match.v1.OrderBook.ask_orders:type_name -> cex.match.v1.BookOrder
-	40, // 50: cex.match.v1.OrderBook.status:type_name -> cex.type.v1.MarketStatus
-	11, // 51: cex.match.v1.SubmitCommandsRequest.commands:type_name -> cex.match.v1.Command
-	12, // 52: cex.match.v1.SubmitCommandsResponse.results:type_name -> cex.match.v1.CommandResult
-	0,  // 53: cex.match.v1.GetOrderBookRequest.level:type_name -> cex.match.v1.BookLevel
-	23, // 54: cex.match.v1.GetOrderBookResponse.book:type_name -> cex.match.v1.OrderBook
-	40, // 55: cex.match.v1.SetMarketStatusRequest.status:type_name -> cex.type.v1.MarketStatus
-	14, // 56: cex.match.v1.SetMarketStatusResponse.change:type_name -> cex.match.v1.MarketStatusChanged
-	38, // 57: cex.match.v1.SetMarketStatusResponse.update_time:type_name -> google.protobuf.Timestamp
-	13, // 58: cex.match.v1.EventBatch.events:type_name -> cex.match.v1.MatchEvent
-	13, // 59: cex.match.v1.ReplayEventsResponse.events:type_name -> cex.match.v1.MatchEvent
-	24, // 60: cex.match.v1.MatchService.SubmitCommands:input_type -> cex.match.v1.SubmitCommandsRequest
-	26, // 61: cex.match.v1.MatchService.GetOrderBook:input_type -> cex.match.v1.GetOrderBookRequest
-	28, // 62: cex.match.v1.MatchService.ReplayEvents:input_type -> cex.match.v1.ReplayEventsRequest
-	29, // 63: cex.match.v1.MatchService.SetMarketStatus:input_type -> cex.match.v1.SetMarketStatusRequest
-	25, // 64: cex.match.v1.MatchService.SubmitCommands:output_type -> cex.match.v1.SubmitCommandsResponse
-	27, // 65: cex.match.v1.MatchService.GetOrderBook:output_type -> cex.match.v1.GetOrderBookResponse
-	32, // 66: cex.match.v1.MatchService.ReplayEvents:output_type -> cex.match.v1.ReplayEventsResponse
-	30, // 67: cex.match.v1.MatchService.SetMarketStatus:output_type -> cex.match.v1.SetMarketStatusResponse
-	64, // [64:68] is the sub-list for method output_type
-	60, // [60:64] is the sub-list for method input_type
-	60, // [60:60] is the sub-list for extension type_name
-	60, // [60:60] is the sub-list for extension extendee
-	0,  // [0:60] is the sub-list for field type_name
+	15, // 19: cex.match.v1.Command.list_market:type_name -> cex.match.v1.ListMarketCommand
+	40, // 20: cex.match.v1.Command.trace_context:type_name -> cex.match.v1.Command.TraceContextEntry
+	48, // 21: cex.match.v1.CommandResult.status:type_name -> google.rpc.Status
+	13, // 22: cex.match.v1.CommandResult.events:type_name -> cex.match.v1.MatchEvent
+	48, // 23: cex.match.v1.CommandResult.transfer_statuses:type_name -> google.rpc.Status
+	45, // 24: cex.match.v1.MatchEvent.event_time:type_name -> google.protobuf.Timestamp
+	18, // 25: cex.match.v1.MatchEvent.accepted:type_name -> cex.match.v1.OrderAccepted
+	19, // 26: cex.match.v1.MatchEvent.rejected:type_name -> cex.match.v1.OrderRejected
+	20, // 27: cex.match.v1.MatchEvent.trade:type_name -> cex.match.v1.Trade
+	21, // 28: cex.match.v1.MatchEvent.cancelled:type_name -> cex.match.v1.OrderCancelled
+	22, // 29: cex.match.v1.MatchEvent.amended:type_name -> cex.match.v1.OrderAmended
+	23, // 30: cex.match.v1.MatchEvent.triggered:type_name -> cex.match.v1.OrderTriggered
+	24, // 31: cex.match.v1.MatchEvent.level_changed:type_name -> cex.match.v1.LevelChanged
+	17, // 32: cex.match.v1.MatchEvent.status_changed:type_name -> cex.match.v1.MarketStatusChanged
+	16, // 33: cex.match.v1.MatchEvent.market_listed:type_name -> cex.match.v1.MarketListed
+	14, // 34: cex.match.v1.ListMarketCommand.market:type_name -> cex.match.v1.ListedMarket
+	14, // 35: cex.match.v1.MarketListed.market:type_name -> cex.match.v1.ListedMarket
+	47, // 36: cex.match.v1.MarketStatusChanged.status:type_name -> cex.type.v1.MarketStatus
+	47, // 37: cex.match.v1.MarketStatusChanged.previous_status:type_name -> cex.type.v1.MarketStatus
+	41, // 38: cex.match.v1.OrderAccepted.side:type_name -> cex.type.v1.Side
+	42, // 39: cex.match.v1.OrderAccepted.type:type_name -> cex.type.v1.OrderType
+	43, // 40: cex.match.v1.OrderAccepted.time_in_force:type_name -> cex.type.v1.TimeInForce
+	2,  // 41: cex.match.v1.OrderAccepted.place:type_name -> cex.match.v1.PlaceCommand
+	2,  // 42: cex.match.v1.OrderRejected.place:type_name -> cex.match.v1.PlaceCommand
+	41, // 43: cex.match.v1.Trade.taker_side:type_name -> cex.type.v1.Side
+	41, // 44: cex.match.v1.OrderCancelled.side:type_name -> cex.type.v1.Side
+	46, // 45: cex.match.v1.OrderCancelled.reason:type_name -> cex.type.v1.CancelReason
+	41, // 46: cex.match.v1.OrderAmended.side:type_name -> cex.type.v1.Side
+	41, // 47: cex.match.v1.OrderTriggered.side:type_name -> cex.type.v1.Side
+	42, // 48: cex.match.v1.OrderTriggered.type:type_name -> cex.type.v1.OrderType
+	41, // 49: cex.match.v1.LevelChanged.side:type_name -> cex.type.v1.Side
+	49, // 50: cex.match.v1.OrderBook.bids:type_name -> cex.type.v1.PriceLevel
+	49, // 51: cex.match.v1.OrderBook.asks:type_name -> cex.type.v1.PriceLevel
+	25, // 52: cex.match.v1.OrderBook.bid_orders:type_name -> cex.match.v1.BookOrder
+	25, // 53: cex.match.v1.OrderBook.ask_orders:type_name -> cex.match.v1.BookOrder
+	47, // 54: cex.match.v1.OrderBook.status:type_name -> cex.type.v1.MarketStatus
+	11, // 55: cex.match.v1.SubmitCommandsRequest.commands:type_name -> cex.match.v1.Command
+	12, // 56: cex.match.v1.SubmitCommandsResponse.results:type_name -> cex.match.v1.CommandResult
+	0,  // 57: cex.match.v1.GetOrderBookRequest.level:type_name -> cex.match.v1.BookLevel
+	26, // 58: cex.match.v1.GetOrderBookResponse.book:type_name -> cex.match.v1.OrderBook
+	47, // 59: cex.match.v1.SetMarketStatusRequest.status:type_name -> cex.type.v1.MarketStatus
+	17, // 60: cex.match.v1.SetMarketStatusResponse.change:type_name -> cex.match.v1.MarketStatusChanged
+	45, // 61: cex.match.v1.SetMarketStatusResponse.update_time:type_name -> google.protobuf.Timestamp
+	16, // 62: cex.match.v1.CreateMarketResponse.listing:type_name -> cex.match.v1.MarketListed
+	45, // 63: cex.match.v1.CreateMarketResponse.create_time:type_name -> google.protobuf.Timestamp
+	16, // 64: cex.match.v1.ListListedMarketsResponse.markets:type_name -> cex.match.v1.MarketListed
+	13, // 65: cex.match.v1.EventBatch.events:type_name -> cex.match.v1.MatchEvent
+	13, // 66: cex.match.v1.ReplayEventsResponse.events:type_name -> cex.match.v1.MatchEvent
+	27, // 67: cex.match.v1.MatchService.SubmitCommands:input_type -> cex.match.v1.SubmitCommandsRequest
+	29, // 68: cex.match.v1.MatchService.GetOrderBook:input_type -> cex.match.v1.GetOrderBookRequest
+	31, // 69: cex.match.v1.MatchService.ReplayEvents:input_type -> cex.match.v1.ReplayEventsRequest
+	32, // 70: cex.match.v1.MatchService.SetMarketStatus:input_type -> cex.match.v1.SetMarketStatusRequest
+	34, // 71: cex.match.v1.MatchService.CreateMarket:input_type -> cex.match.v1.CreateMarketRequest
+	36, // 72: cex.match.v1.MatchService.ListListedMarkets:input_type -> cex.match.v1.ListListedMarketsRequest
+	28, // 73: cex.match.v1.MatchService.SubmitCommands:output_type -> cex.match.v1.SubmitCommandsResponse
+	30, // 74: cex.match.v1.MatchService.GetOrderBook:output_type -> cex.match.v1.GetOrderBookResponse
+	39, // 75: cex.match.v1.MatchService.ReplayEvents:output_type -> cex.match.v1.ReplayEventsResponse
+	33, // 76: cex.match.v1.MatchService.SetMarketStatus:output_type -> cex.match.v1.SetMarketStatusResponse
+	35, // 77: cex.match.v1.MatchService.CreateMarket:output_type -> cex.match.v1.CreateMarketResponse
+	37, // 78: cex.match.v1.MatchService.ListListedMarkets:output_type -> cex.match.v1.ListListedMarketsResponse
+	73, // [73:79] is the sub-list for method output_type
+	67, // [67:73] is the sub-list for method input_type
+	67, // [67:67] is the sub-list for extension type_name
+	67, // [67:67] is the sub-list for extension extendee
+	0,  // [0:67] is the sub-list for field type_name
 }
 
 func init() { file_cex_match_v1_match_proto_init() }
@@ -3595,6 +4272,7 @@ func file_cex_match_v1_match_proto_init() {
 		(*Command_Expire)(nil),
 		(*Command_Transfers)(nil),
 		(*Command_SetStatus)(nil),
+		(*Command_ListMarket)(nil),
 	}
 	file_cex_match_v1_match_proto_msgTypes[11].OneofWrappers = []any{
 		(*MatchEvent_Accepted)(nil),
@@ -3605,6 +4283,7 @@ func file_cex_match_v1_match_proto_init() {
 		(*MatchEvent_Triggered)(nil),
 		(*MatchEvent_LevelChanged)(nil),
 		(*MatchEvent_StatusChanged)(nil),
+		(*MatchEvent_MarketListed)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -3612,7 +4291,7 @@ func file_cex_match_v1_match_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cex_match_v1_match_proto_rawDesc), len(file_cex_match_v1_match_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   32,
+			NumMessages:   39,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

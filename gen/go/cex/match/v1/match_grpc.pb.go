@@ -36,10 +36,12 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	MatchService_SubmitCommands_FullMethodName  = "/cex.match.v1.MatchService/SubmitCommands"
-	MatchService_GetOrderBook_FullMethodName    = "/cex.match.v1.MatchService/GetOrderBook"
-	MatchService_ReplayEvents_FullMethodName    = "/cex.match.v1.MatchService/ReplayEvents"
-	MatchService_SetMarketStatus_FullMethodName = "/cex.match.v1.MatchService/SetMarketStatus"
+	MatchService_SubmitCommands_FullMethodName    = "/cex.match.v1.MatchService/SubmitCommands"
+	MatchService_GetOrderBook_FullMethodName      = "/cex.match.v1.MatchService/GetOrderBook"
+	MatchService_ReplayEvents_FullMethodName      = "/cex.match.v1.MatchService/ReplayEvents"
+	MatchService_SetMarketStatus_FullMethodName   = "/cex.match.v1.MatchService/SetMarketStatus"
+	MatchService_CreateMarket_FullMethodName      = "/cex.match.v1.MatchService/CreateMarket"
+	MatchService_ListListedMarkets_FullMethodName = "/cex.match.v1.MatchService/ListListedMarkets"
 )
 
 // MatchServiceClient is the client API for MatchService service.
@@ -67,6 +69,20 @@ type MatchServiceClient interface {
 	// (funds released) and is final: FAILED_PRECONDITION MATCH_MARKET_DELISTED
 	// for any later change.
 	SetMarketStatus(ctx context.Context, in *SetMarketStatusRequest, opts ...grpc.CallOption) (*SetMarketStatusResponse, error)
+	// Lists a new market at runtime (ADR 0018): a command journaled by the
+	// writer as the new market's first command (command_id
+	// "list:<request_id>"), announced by a MarketListed event (seq 1 of the
+	// market, on match.events.<symbol>), and kept in match's markets table,
+	// committed with the journal entry, so it survives every restart. Its base
+	// and quote assets must be in the catalog. Admin scope (or a service).
+	// INVALID_ARGUMENT with a field violation per bad field; a symbol that is
+	// already a market is ALREADY_EXISTS MATCH_MARKET_EXISTS, unless it was
+	// listed by this very request_id with the same body (the first answer).
+	CreateMarket(ctx context.Context, in *CreateMarketRequest, opts ...grpc.CallOption) (*CreateMarketResponse, error)
+	// The markets listed at runtime (internal): what every service adds to its
+	// catalog at start and, as a backstop to the MarketListed events, from
+	// time to time.
+	ListListedMarkets(ctx context.Context, in *ListListedMarketsRequest, opts ...grpc.CallOption) (*ListListedMarketsResponse, error)
 }
 
 type matchServiceClient struct {
@@ -129,6 +145,26 @@ func (c *matchServiceClient) SetMarketStatus(ctx context.Context, in *SetMarketS
 	return out, nil
 }
 
+func (c *matchServiceClient) CreateMarket(ctx context.Context, in *CreateMarketRequest, opts ...grpc.CallOption) (*CreateMarketResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateMarketResponse)
+	err := c.cc.Invoke(ctx, MatchService_CreateMarket_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *matchServiceClient) ListListedMarkets(ctx context.Context, in *ListListedMarketsRequest, opts ...grpc.CallOption) (*ListListedMarketsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListListedMarketsResponse)
+	err := c.cc.Invoke(ctx, MatchService_ListListedMarkets_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // MatchServiceServer is the server API for MatchService service.
 // All implementations must embed UnimplementedMatchServiceServer
 // for forward compatibility.
@@ -154,6 +190,20 @@ type MatchServiceServer interface {
 	// (funds released) and is final: FAILED_PRECONDITION MATCH_MARKET_DELISTED
 	// for any later change.
 	SetMarketStatus(context.Context, *SetMarketStatusRequest) (*SetMarketStatusResponse, error)
+	// Lists a new market at runtime (ADR 0018): a command journaled by the
+	// writer as the new market's first command (command_id
+	// "list:<request_id>"), announced by a MarketListed event (seq 1 of the
+	// market, on match.events.<symbol>), and kept in match's markets table,
+	// committed with the journal entry, so it survives every restart. Its base
+	// and quote assets must be in the catalog. Admin scope (or a service).
+	// INVALID_ARGUMENT with a field violation per bad field; a symbol that is
+	// already a market is ALREADY_EXISTS MATCH_MARKET_EXISTS, unless it was
+	// listed by this very request_id with the same body (the first answer).
+	CreateMarket(context.Context, *CreateMarketRequest) (*CreateMarketResponse, error)
+	// The markets listed at runtime (internal): what every service adds to its
+	// catalog at start and, as a backstop to the MarketListed events, from
+	// time to time.
+	ListListedMarkets(context.Context, *ListListedMarketsRequest) (*ListListedMarketsResponse, error)
 	mustEmbedUnimplementedMatchServiceServer()
 }
 
@@ -175,6 +225,12 @@ func (UnimplementedMatchServiceServer) ReplayEvents(*ReplayEventsRequest, grpc.S
 }
 func (UnimplementedMatchServiceServer) SetMarketStatus(context.Context, *SetMarketStatusRequest) (*SetMarketStatusResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method SetMarketStatus not implemented")
+}
+func (UnimplementedMatchServiceServer) CreateMarket(context.Context, *CreateMarketRequest) (*CreateMarketResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateMarket not implemented")
+}
+func (UnimplementedMatchServiceServer) ListListedMarkets(context.Context, *ListListedMarketsRequest) (*ListListedMarketsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListListedMarkets not implemented")
 }
 func (UnimplementedMatchServiceServer) mustEmbedUnimplementedMatchServiceServer() {}
 func (UnimplementedMatchServiceServer) testEmbeddedByValue()                      {}
@@ -251,6 +307,42 @@ func _MatchService_SetMarketStatus_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _MatchService_CreateMarket_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateMarketRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MatchServiceServer).CreateMarket(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MatchService_CreateMarket_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MatchServiceServer).CreateMarket(ctx, req.(*CreateMarketRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MatchService_ListListedMarkets_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListListedMarketsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MatchServiceServer).ListListedMarkets(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MatchService_ListListedMarkets_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MatchServiceServer).ListListedMarkets(ctx, req.(*ListListedMarketsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // MatchService_ServiceDesc is the grpc.ServiceDesc for MatchService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -265,6 +357,14 @@ var MatchService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SetMarketStatus",
 			Handler:    _MatchService_SetMarketStatus_Handler,
+		},
+		{
+			MethodName: "CreateMarket",
+			Handler:    _MatchService_CreateMarket_Handler,
+		},
+		{
+			MethodName: "ListListedMarkets",
+			Handler:    _MatchService_ListListedMarkets_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -553,6 +553,7 @@ class Command(_message.Message):
     EXPIRE_FIELD_NUMBER: _builtins.int
     TRANSFERS_FIELD_NUMBER: _builtins.int
     SET_STATUS_FIELD_NUMBER: _builtins.int
+    LIST_MARKET_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     """Idempotency id, unique per market, chosen by the sender and derived from
@@ -591,6 +592,10 @@ class Command(_message.Message):
         """Set the market's status."""
 
     @_builtins.property
+    def list_market(self) -> Global___ListMarketCommand:
+        """List a new market (its first command)."""
+
+    @_builtins.property
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """W3C trace context of the request the command serves (`traceparent`,
         `tracestate`): a stream carries many requests' commands, and gRPC metadata
@@ -610,13 +615,14 @@ class Command(_message.Message):
         expire: Global___ExpireCommand | None = ...,
         transfers: Global___TransfersCommand | None = ...,
         set_status: Global___SetMarketStatusCommand | None = ...,
+        list_market: Global___ListMarketCommand | None = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "expire", b"expire", "kind", b"kind", "mass_cancel", b"mass_cancel", "place", b"place", "set_status", b"set_status", "transfers", b"transfers"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "expire", b"expire", "kind", b"kind", "list_market", b"list_market", "mass_cancel", b"mass_cancel", "place", b"place", "set_status", b"set_status", "transfers", b"transfers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "command_id", b"command_id", "expire", b"expire", "kind", b"kind", "market", b"market", "mass_cancel", b"mass_cancel", "place", b"place", "set_status", b"set_status", "trace_context", b"trace_context", "transfers", b"transfers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amend", b"amend", "cancel", b"cancel", "command_id", b"command_id", "expire", b"expire", "kind", b"kind", "list_market", b"list_market", "market", b"market", "mass_cancel", b"mass_cancel", "place", b"place", "set_status", b"set_status", "trace_context", b"trace_context", "transfers", b"transfers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["place", "cancel", "amend", "mass_cancel", "expire", "transfers", "set_status"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["place", "cancel", "amend", "mass_cancel", "expire", "transfers", "set_status", "list_market"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -700,6 +706,7 @@ class MatchEvent(_message.Message):
     TRIGGERED_FIELD_NUMBER: _builtins.int
     LEVEL_CHANGED_FIELD_NUMBER: _builtins.int
     STATUS_CHANGED_FIELD_NUMBER: _builtins.int
+    MARKET_LISTED_FIELD_NUMBER: _builtins.int
     market: _builtins.str
     """Market symbol."""
     seq: _builtins.int
@@ -748,6 +755,10 @@ class MatchEvent(_message.Message):
         cancellations follow it).
         """
 
+    @_builtins.property
+    def market_listed(self) -> Global___MarketListed:
+        """The market was listed (its first event, seq 1)."""
+
     def __init__(
         self,
         *,
@@ -764,16 +775,155 @@ class MatchEvent(_message.Message):
         triggered: Global___OrderTriggered | None = ...,
         level_changed: Global___LevelChanged | None = ...,
         status_changed: Global___MarketStatusChanged | None = ...,
+        market_listed: Global___MarketListed | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "amended", b"amended", "cancelled", b"cancelled", "event_time", b"event_time", "kind", b"kind", "level_changed", b"level_changed", "rejected", b"rejected", "status_changed", b"status_changed", "trade", b"trade", "triggered", b"triggered"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "amended", b"amended", "cancelled", b"cancelled", "event_time", b"event_time", "kind", b"kind", "level_changed", b"level_changed", "market_listed", b"market_listed", "rejected", b"rejected", "status_changed", b"status_changed", "trade", b"trade", "triggered", b"triggered"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "amended", b"amended", "cancelled", b"cancelled", "command_id", b"command_id", "command_seq", b"command_seq", "event_time", b"event_time", "kind", b"kind", "level_changed", b"level_changed", "market", b"market", "rejected", b"rejected", "seq", b"seq", "status_changed", b"status_changed", "trade", b"trade", "triggered", b"triggered"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "amended", b"amended", "cancelled", b"cancelled", "command_id", b"command_id", "command_seq", b"command_seq", "event_time", b"event_time", "kind", b"kind", "level_changed", b"level_changed", "market", b"market", "market_listed", b"market_listed", "rejected", b"rejected", "seq", b"seq", "status_changed", b"status_changed", "trade", b"trade", "triggered", b"triggered"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["accepted", "rejected", "trade", "cancelled", "amended", "triggered", "level_changed", "status_changed"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["accepted", "rejected", "trade", "cancelled", "amended", "triggered", "level_changed", "status_changed", "market_listed"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___MatchEvent: _TypeAlias = MatchEvent  # noqa: Y015
+
+@_typing.final
+class ListedMarket(_message.Message):
+    """A market listed at runtime: its grid and limits (decimal strings), and the
+    scales of its assets, so that the journal alone rebuilds it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SYMBOL_FIELD_NUMBER: _builtins.int
+    BASE_FIELD_NUMBER: _builtins.int
+    QUOTE_FIELD_NUMBER: _builtins.int
+    TICK_SIZE_FIELD_NUMBER: _builtins.int
+    LOT_SIZE_FIELD_NUMBER: _builtins.int
+    MIN_QUANTITY_FIELD_NUMBER: _builtins.int
+    MAX_QUANTITY_FIELD_NUMBER: _builtins.int
+    MIN_NOTIONAL_FIELD_NUMBER: _builtins.int
+    PRICE_BAND_FIELD_NUMBER: _builtins.int
+    BASE_SCALE_FIELD_NUMBER: _builtins.int
+    QUOTE_SCALE_FIELD_NUMBER: _builtins.int
+    symbol: _builtins.str
+    """Market symbol, BASE-QUOTE in upper case."""
+    base: _builtins.str
+    """Base asset symbol (in the catalog)."""
+    quote: _builtins.str
+    """Quote asset symbol (in the catalog)."""
+    tick_size: _builtins.str
+    """Decimal string: price grid."""
+    lot_size: _builtins.str
+    """Decimal string: quantity grid."""
+    min_quantity: _builtins.str
+    """Decimal string: smallest quantity (a multiple of lot_size)."""
+    max_quantity: _builtins.str
+    """Decimal string: largest quantity."""
+    min_notional: _builtins.str
+    """Decimal string: smallest price x quantity, in the quote asset."""
+    price_band: _builtins.str
+    """Decimal string: the default price band, a fraction of the reference
+    price (e.g. "0.05"); empty: none (risk's rules may set one).
+    """
+    base_scale: _builtins.int
+    """Decimal places of the base asset's minor unit."""
+    quote_scale: _builtins.int
+    """Decimal places of the quote asset's minor unit."""
+    def __init__(
+        self,
+        *,
+        symbol: _builtins.str = ...,
+        base: _builtins.str = ...,
+        quote: _builtins.str = ...,
+        tick_size: _builtins.str = ...,
+        lot_size: _builtins.str = ...,
+        min_quantity: _builtins.str = ...,
+        max_quantity: _builtins.str = ...,
+        min_notional: _builtins.str = ...,
+        price_band: _builtins.str = ...,
+        base_scale: _builtins.int = ...,
+        quote_scale: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "base_scale", b"base_scale", "lot_size", b"lot_size", "max_quantity", b"max_quantity", "min_notional", b"min_notional", "min_quantity", b"min_quantity", "price_band", b"price_band", "quote", b"quote", "quote_scale", b"quote_scale", "symbol", b"symbol", "tick_size", b"tick_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListedMarket: _TypeAlias = ListedMarket  # noqa: Y015
+
+@_typing.final
+class ListMarketCommand(_message.Message):
+    """Lists a new market (CreateMarket): the command's market is the new symbol."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MARKET_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LISTED_BY_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why, for people (required; at most 256 characters)."""
+    request_id: _builtins.str
+    """The CreateMarket request_id."""
+    listed_by: _builtins.str
+    """Who asked (an admin account, or "svc:<service>")."""
+    @_builtins.property
+    def market(self) -> Global___ListedMarket:
+        """The market."""
+
+    def __init__(
+        self,
+        *,
+        market: Global___ListedMarket | None = ...,
+        reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        listed_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["market", b"market"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["listed_by", b"listed_by", "market", b"market", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMarketCommand: _TypeAlias = ListMarketCommand  # noqa: Y015
+
+@_typing.final
+class MarketListed(_message.Message):
+    """A market was listed (CreateMarket); it trades from the next command on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MARKET_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LISTED_BY_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why, as the operator gave it."""
+    request_id: _builtins.str
+    """The CreateMarket request_id."""
+    listed_by: _builtins.str
+    """Who asked."""
+    @_builtins.property
+    def market(self) -> Global___ListedMarket:
+        """The market."""
+
+    def __init__(
+        self,
+        *,
+        market: Global___ListedMarket | None = ...,
+        reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        listed_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["market", b"market"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["listed_by", b"listed_by", "market", b"market", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarketListed: _TypeAlias = MarketListed  # noqa: Y015
 
 @_typing.final
 class MarketStatusChanged(_message.Message):
@@ -1523,6 +1673,147 @@ class SetMarketStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetMarketStatusResponse: _TypeAlias = SetMarketStatusResponse  # noqa: Y015
+
+@_typing.final
+class CreateMarketRequest(_message.Message):
+    """Request for MatchService.CreateMarket."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SYMBOL_FIELD_NUMBER: _builtins.int
+    BASE_FIELD_NUMBER: _builtins.int
+    QUOTE_FIELD_NUMBER: _builtins.int
+    TICK_SIZE_FIELD_NUMBER: _builtins.int
+    LOT_SIZE_FIELD_NUMBER: _builtins.int
+    MIN_QUANTITY_FIELD_NUMBER: _builtins.int
+    MAX_QUANTITY_FIELD_NUMBER: _builtins.int
+    MIN_NOTIONAL_FIELD_NUMBER: _builtins.int
+    PRICE_BAND_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    symbol: _builtins.str
+    """Market symbol, BASE-QUOTE in upper case (e.g. "SOL-USDT")."""
+    base: _builtins.str
+    """Base asset symbol (in the catalog)."""
+    quote: _builtins.str
+    """Quote asset symbol (in the catalog)."""
+    tick_size: _builtins.str
+    """Decimal string: price grid (positive)."""
+    lot_size: _builtins.str
+    """Decimal string: quantity grid (positive, on the base asset's minor unit;
+    tick_size x lot_size a whole number of the quote's minor unit).
+    """
+    min_quantity: _builtins.str
+    """Decimal string: smallest quantity; empty: lot_size."""
+    max_quantity: _builtins.str
+    """Decimal string: largest quantity (positive)."""
+    min_notional: _builtins.str
+    """Decimal string: smallest price x quantity in the quote asset (>= 0)."""
+    price_band: _builtins.str
+    """Decimal string: default price band, a fraction of the reference price
+    in (0, 1]; empty: none.
+    """
+    reason: _builtins.str
+    """Why, for people (required; at most 256 characters)."""
+    request_id: _builtins.str
+    """Idempotency key (at most 128 characters)."""
+    def __init__(
+        self,
+        *,
+        symbol: _builtins.str = ...,
+        base: _builtins.str = ...,
+        quote: _builtins.str = ...,
+        tick_size: _builtins.str = ...,
+        lot_size: _builtins.str = ...,
+        min_quantity: _builtins.str = ...,
+        max_quantity: _builtins.str = ...,
+        min_notional: _builtins.str = ...,
+        price_band: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "lot_size", b"lot_size", "max_quantity", b"max_quantity", "min_notional", b"min_notional", "min_quantity", b"min_quantity", "price_band", b"price_band", "quote", b"quote", "reason", b"reason", "request_id", b"request_id", "symbol", b"symbol", "tick_size", b"tick_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateMarketRequest: _TypeAlias = CreateMarketRequest  # noqa: Y015
+
+@_typing.final
+class CreateMarketResponse(_message.Message):
+    """Response for MatchService.CreateMarket."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LISTING_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """Event seq of the listing in its market (1)."""
+    @_builtins.property
+    def listing(self) -> Global___MarketListed:
+        """The market as listed."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was journaled."""
+
+    def __init__(
+        self,
+        *,
+        listing: Global___MarketListed | None = ...,
+        seq: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "listing", b"listing"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "listing", b"listing", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateMarketResponse: _TypeAlias = CreateMarketResponse  # noqa: Y015
+
+@_typing.final
+class ListListedMarketsRequest(_message.Message):
+    """Request for MatchService.ListListedMarkets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListListedMarketsRequest: _TypeAlias = ListListedMarketsRequest  # noqa: Y015
+
+@_typing.final
+class ListListedMarketsResponse(_message.Message):
+    """Response for MatchService.ListListedMarkets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MARKETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def markets(self) -> _containers.RepeatedCompositeFieldContainer[Global___MarketListed]:
+        """Every market listed at runtime, in the order listed."""
+
+    def __init__(
+        self,
+        *,
+        markets: _abc.Iterable[Global___MarketListed] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["markets", b"markets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListListedMarketsResponse: _TypeAlias = ListListedMarketsResponse  # noqa: Y015
 
 @_typing.final
 class EventBatch(_message.Message):

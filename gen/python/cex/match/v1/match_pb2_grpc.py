@@ -55,6 +55,16 @@ class MatchServiceStub:
                 request_serializer=cex_dot_match_dot_v1_dot_match__pb2.SetMarketStatusRequest.SerializeToString,
                 response_deserializer=cex_dot_match_dot_v1_dot_match__pb2.SetMarketStatusResponse.FromString,
                 _registered_method=True)
+        self.CreateMarket = channel.unary_unary(
+                '/cex.match.v1.MatchService/CreateMarket',
+                request_serializer=cex_dot_match_dot_v1_dot_match__pb2.CreateMarketRequest.SerializeToString,
+                response_deserializer=cex_dot_match_dot_v1_dot_match__pb2.CreateMarketResponse.FromString,
+                _registered_method=True)
+        self.ListListedMarkets = channel.unary_unary(
+                '/cex.match.v1.MatchService/ListListedMarkets',
+                request_serializer=cex_dot_match_dot_v1_dot_match__pb2.ListListedMarketsRequest.SerializeToString,
+                response_deserializer=cex_dot_match_dot_v1_dot_match__pb2.ListListedMarketsResponse.FromString,
+                _registered_method=True)
 
 
 class MatchServiceServicer:
@@ -100,6 +110,30 @@ class MatchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateMarket(self, request, context):
+        """Lists a new market at runtime (ADR 0018): a command journaled by the
+        writer as the new market's first command (command_id
+        "list:<request_id>"), announced by a MarketListed event (seq 1 of the
+        market, on match.events.<symbol>), and kept in match's markets table,
+        committed with the journal entry, so it survives every restart. Its base
+        and quote assets must be in the catalog. Admin scope (or a service).
+        INVALID_ARGUMENT with a field violation per bad field; a symbol that is
+        already a market is ALREADY_EXISTS MATCH_MARKET_EXISTS, unless it was
+        listed by this very request_id with the same body (the first answer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListListedMarkets(self, request, context):
+        """The markets listed at runtime (internal): what every service adds to its
+        catalog at start and, as a backstop to the MarketListed events, from
+        time to time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MatchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +156,16 @@ def add_MatchServiceServicer_to_server(servicer, server):
                     servicer.SetMarketStatus,
                     request_deserializer=cex_dot_match_dot_v1_dot_match__pb2.SetMarketStatusRequest.FromString,
                     response_serializer=cex_dot_match_dot_v1_dot_match__pb2.SetMarketStatusResponse.SerializeToString,
+            ),
+            'CreateMarket': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateMarket,
+                    request_deserializer=cex_dot_match_dot_v1_dot_match__pb2.CreateMarketRequest.FromString,
+                    response_serializer=cex_dot_match_dot_v1_dot_match__pb2.CreateMarketResponse.SerializeToString,
+            ),
+            'ListListedMarkets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListListedMarkets,
+                    request_deserializer=cex_dot_match_dot_v1_dot_match__pb2.ListListedMarketsRequest.FromString,
+                    response_serializer=cex_dot_match_dot_v1_dot_match__pb2.ListListedMarketsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -233,6 +277,60 @@ class MatchService:
             '/cex.match.v1.MatchService/SetMarketStatus',
             cex_dot_match_dot_v1_dot_match__pb2.SetMarketStatusRequest.SerializeToString,
             cex_dot_match_dot_v1_dot_match__pb2.SetMarketStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateMarket(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.match.v1.MatchService/CreateMarket',
+            cex_dot_match_dot_v1_dot_match__pb2.CreateMarketRequest.SerializeToString,
+            cex_dot_match_dot_v1_dot_match__pb2.CreateMarketResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListListedMarkets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cex.match.v1.MatchService/ListListedMarkets',
+            cex_dot_match_dot_v1_dot_match__pb2.ListListedMarketsRequest.SerializeToString,
+            cex_dot_match_dot_v1_dot_match__pb2.ListListedMarketsResponse.FromString,
             options,
             channel_credentials,
             insecure,

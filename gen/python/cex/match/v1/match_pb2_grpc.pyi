@@ -71,6 +71,22 @@ class MatchServiceStub:
     (funds released) and is final: FAILED_PRECONDITION MATCH_MARKET_DELISTED
     for any later change.
     """
+    CreateMarket: _grpc.UnaryUnaryMultiCallable[_match_pb2.CreateMarketRequest, _match_pb2.CreateMarketResponse]
+    """Lists a new market at runtime (ADR 0018): a command journaled by the
+    writer as the new market's first command (command_id
+    "list:<request_id>"), announced by a MarketListed event (seq 1 of the
+    market, on match.events.<symbol>), and kept in match's markets table,
+    committed with the journal entry, so it survives every restart. Its base
+    and quote assets must be in the catalog. Admin scope (or a service).
+    INVALID_ARGUMENT with a field violation per bad field; a symbol that is
+    already a market is ALREADY_EXISTS MATCH_MARKET_EXISTS, unless it was
+    listed by this very request_id with the same body (the first answer).
+    """
+    ListListedMarkets: _grpc.UnaryUnaryMultiCallable[_match_pb2.ListListedMarketsRequest, _match_pb2.ListListedMarketsResponse]
+    """The markets listed at runtime (internal): what every service adds to its
+    catalog at start and, as a backstop to the MarketListed events, from
+    time to time.
+    """
 
 @_typing.type_check_only
 class MatchServiceAsyncStub(MatchServiceStub):
@@ -98,6 +114,22 @@ class MatchServiceAsyncStub(MatchServiceStub):
     ALREADY_EXISTS MATCH_COMMAND_ID_REUSED. DELISTED cancels every open order
     (funds released) and is final: FAILED_PRECONDITION MATCH_MARKET_DELISTED
     for any later change.
+    """
+    CreateMarket: _aio.UnaryUnaryMultiCallable[_match_pb2.CreateMarketRequest, _match_pb2.CreateMarketResponse]  # type: ignore[assignment]
+    """Lists a new market at runtime (ADR 0018): a command journaled by the
+    writer as the new market's first command (command_id
+    "list:<request_id>"), announced by a MarketListed event (seq 1 of the
+    market, on match.events.<symbol>), and kept in match's markets table,
+    committed with the journal entry, so it survives every restart. Its base
+    and quote assets must be in the catalog. Admin scope (or a service).
+    INVALID_ARGUMENT with a field violation per bad field; a symbol that is
+    already a market is ALREADY_EXISTS MATCH_MARKET_EXISTS, unless it was
+    listed by this very request_id with the same body (the first answer).
+    """
+    ListListedMarkets: _aio.UnaryUnaryMultiCallable[_match_pb2.ListListedMarketsRequest, _match_pb2.ListListedMarketsResponse]  # type: ignore[assignment]
+    """The markets listed at runtime (internal): what every service adds to its
+    catalog at start and, as a backstop to the MarketListed events, from
+    time to time.
     """
 
 class MatchServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -147,6 +179,34 @@ class MatchServiceServicer(metaclass=_abc_1.ABCMeta):
         ALREADY_EXISTS MATCH_COMMAND_ID_REUSED. DELISTED cancels every open order
         (funds released) and is final: FAILED_PRECONDITION MATCH_MARKET_DELISTED
         for any later change.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateMarket(
+        self,
+        request: _match_pb2.CreateMarketRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_match_pb2.CreateMarketResponse, _abc.Awaitable[_match_pb2.CreateMarketResponse]]:
+        """Lists a new market at runtime (ADR 0018): a command journaled by the
+        writer as the new market's first command (command_id
+        "list:<request_id>"), announced by a MarketListed event (seq 1 of the
+        market, on match.events.<symbol>), and kept in match's markets table,
+        committed with the journal entry, so it survives every restart. Its base
+        and quote assets must be in the catalog. Admin scope (or a service).
+        INVALID_ARGUMENT with a field violation per bad field; a symbol that is
+        already a market is ALREADY_EXISTS MATCH_MARKET_EXISTS, unless it was
+        listed by this very request_id with the same body (the first answer).
+        """
+
+    @_abc_1.abstractmethod
+    def ListListedMarkets(
+        self,
+        request: _match_pb2.ListListedMarketsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_match_pb2.ListListedMarketsResponse, _abc.Awaitable[_match_pb2.ListListedMarketsResponse]]:
+        """The markets listed at runtime (internal): what every service adds to its
+        catalog at start and, as a backstop to the MarketListed events, from
+        time to time.
         """
 
 def add_MatchServiceServicer_to_server(servicer: MatchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -34,7 +34,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cex/match/v1/match.proto.
  */
 export const file_cex_match_v1_match: GenFile = /*@__PURE__*/
-  fileDesc("ChhjZXgvbWF0Y2gvdjEvbWF0Y2gucHJvdG8SDGNleC5tYXRjaC52MSLaBAoMUGxhY2VDb21tYW5kEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEh8KBHNpZGUYBCABKA4yES5jZXgudHlwZS52MS5TaWRlEiQKBHR5cGUYBSABKA4yFi5jZXgudHlwZS52MS5PcmRlclR5cGUSLwoNdGltZV9pbl9mb3JjZRgGIAEoDjIYLmNleC50eXBlLnYxLlRpbWVJbkZvcmNlEj8KFXNlbGZfdHJhZGVfcHJldmVudGlvbhgHIAEoDjIgLmNleC50eXBlLnYxLlNlbGZUcmFkZVByZXZlbnRpb24SDQoFcHJpY2UYCCABKAkSEgoKc3RvcF9wcmljZRgJIAEoCRIQCghxdWFudGl0eRgKIAEoCRIWCg5xdW90ZV9xdWFudGl0eRgLIAEoCRIRCglwb3N0X29ubHkYDCABKAgSFgoObWFrZXJfZmVlX3JhdGUYDSABKAkSFgoOdGFrZXJfZmVlX3JhdGUYDiABKAkSLwoLZXhwaXJlX3RpbWUYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmhvbGRfYXNzZXQYECABKAkSEwoLaG9sZF9hbW91bnQYESABKAkSEgoKc2Vzc2lvbl9pZBgSIAEoCRIbChNyZXF1ZXN0X2ZpbmdlcnByaW50GBMgASgJEhcKD21heF9vcGVuX29yZGVycxgUIAEoBRIeChZtYXhfbWFya2V0X29wZW5fb3JkZXJzGBUgASgFImAKDUNhbmNlbENvbW1hbmQSEAoIb3JkZXJfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRIpCgZyZWFzb24YAyABKA4yGS5jZXgudHlwZS52MS5DYW5jZWxSZWFzb24iVQoMQW1lbmRDb21tYW5kEhAKCG9yZGVyX2lkGAEgASgJEhIKCmFjY291bnRfaWQYAiABKAkSDQoFcHJpY2UYAyABKAkSEAoIcXVhbnRpdHkYBCABKAkicwoRTWFzc0NhbmNlbENvbW1hbmQSEgoKYWNjb3VudF9pZBgBIAEoCRIfCgRzaWRlGAIgASgOMhEuY2V4LnR5cGUudjEuU2lkZRIpCgZyZWFzb24YAyABKA4yGS5jZXgudHlwZS52MS5DYW5jZWxSZWFzb24iDwoNRXhwaXJlQ29tbWFuZCJ7ChZTZXRNYXJrZXRTdGF0dXNDb21tYW5kEikKBnN0YXR1cxgBIAEoDjIZLmNleC50eXBlLnYxLk1hcmtldFN0YXR1cxIOCgZyZWFzb24YAiABKAkSEgoKcmVxdWVzdF9pZBgDIAEoCRISCgp1cGRhdGVkX2J5GAQgASgJIkIKEFRyYW5zZmVyc0NvbW1hbmQSLgoJdHJhbnNmZXJzGAEgAygLMhsuY2V4Lm1hdGNoLnYxLkZ1bmRzVHJhbnNmZXIixwIKDUZ1bmRzVHJhbnNmZXISCgoCaWQYASABKAkSKgoCb3AYAiABKA4yHi5jZXgubWF0Y2gudjEuRnVuZHNUcmFuc2Zlci5PcBIYChBkZWJpdF9hY2NvdW50X2lkGAMgASgJEhkKEWNyZWRpdF9hY2NvdW50X2lkGAQgASgJEg0KBWFzc2V0GAUgASgJEg4KBmFtb3VudBgGIAEoAxISCgpwZW5kaW5nX2lkGAcgASgJEg4KBmxpbmtlZBgIIAEoCBISCgp0aW1lb3V0X25zGAkgASgDEgwKBGtpbmQYCiABKAUSEQoJcmVmZXJlbmNlGAsgASgJIlEKAk9wEhIKDk9QX1VOU1BFQ0lGSUVEEAASDQoJT1BfU0lOR0xFEAESDgoKT1BfUEVORElORxACEgsKB09QX1BPU1QQAxILCgdPUF9WT0lEEAQiTQoMRnVuZHNFZmZlY3RzEg8KB2V4cGlyZWQYASADKAkSLAoHY3JlYXRlZBgCIAMoCzIbLmNleC5tYXRjaC52MS5GdW5kc1RyYW5zZmVyIosECgdDb21tYW5kEhIKCmNvbW1hbmRfaWQYASABKAkSDgoGbWFya2V0GAIgASgJEisKBXBsYWNlGAMgASgLMhouY2V4Lm1hdGNoLnYxLlBsYWNlQ29tbWFuZEgAEi0KBmNhbmNlbBgEIAEoCzIbLmNleC5tYXRjaC52MS5DYW5jZWxDb21tYW5kSAASKwoFYW1lbmQYBSABKAsyGi5jZXgubWF0Y2gudjEuQW1lbmRDb21tYW5kSAASNgoLbWFzc19jYW5jZWwYBiABKAsyHy5jZXgubWF0Y2gudjEuTWFzc0NhbmNlbENvbW1hbmRIABItCgZleHBpcmUYCCABKAsyGy5jZXgubWF0Y2gudjEuRXhwaXJlQ29tbWFuZEgAEjMKCXRyYW5zZmVycxgJIAEoCzIeLmNleC5tYXRjaC52MS5UcmFuc2ZlcnNDb21tYW5kSAASOgoKc2V0X3N0YXR1cxgKIAEoCzIkLmNleC5tYXRjaC52MS5TZXRNYXJrZXRTdGF0dXNDb21tYW5kSAASPgoNdHJhY2VfY29udGV4dBgHIAMoCzInLmNleC5tYXRjaC52MS5Db21tYW5kLlRyYWNlQ29udGV4dEVudHJ5GjMKEVRyYWNlQ29udGV4dEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCBgoEa2luZCLYAQoNQ29tbWFuZFJlc3VsdBISCgpjb21tYW5kX2lkGAEgASgJEg4KBm1hcmtldBgCIAEoCRIiCgZzdGF0dXMYAyABKAsyEi5nb29nbGUucnBjLlN0YXR1cxITCgtjb21tYW5kX3NlcRgEIAEoAxIoCgZldmVudHMYBSADKAsyGC5jZXgubWF0Y2gudjEuTWF0Y2hFdmVudBIRCglkdXBsaWNhdGUYBiABKAgSLQoRdHJhbnNmZXJfc3RhdHVzZXMYByADKAsyEi5nb29nbGUucnBjLlN0YXR1cyKZBAoKTWF0Y2hFdmVudBIOCgZtYXJrZXQYASABKAkSCwoDc2VxGAIgASgDEhMKC2NvbW1hbmRfc2VxGAMgASgDEhIKCmNvbW1hbmRfaWQYBCABKAkSLgoKZXZlbnRfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoIYWNjZXB0ZWQYBiABKAsyGy5jZXgubWF0Y2gudjEuT3JkZXJBY2NlcHRlZEgAEi8KCHJlamVjdGVkGAcgASgLMhsuY2V4Lm1hdGNoLnYxLk9yZGVyUmVqZWN0ZWRIABIkCgV0cmFkZRgIIAEoCzITLmNleC5tYXRjaC52MS5UcmFkZUgAEjEKCWNhbmNlbGxlZBgJIAEoCzIcLmNleC5tYXRjaC52MS5PcmRlckNhbmNlbGxlZEgAEi0KB2FtZW5kZWQYCiABKAsyGi5jZXgubWF0Y2gudjEuT3JkZXJBbWVuZGVkSAASMQoJdHJpZ2dlcmVkGAsgASgLMhwuY2V4Lm1hdGNoLnYxLk9yZGVyVHJpZ2dlcmVkSAASMwoNbGV2ZWxfY2hhbmdlZBgMIAEoCzIaLmNleC5tYXRjaC52MS5MZXZlbENoYW5nZWRIABI7Cg5zdGF0dXNfY2hhbmdlZBgNIAEoCzIhLmNleC5tYXRjaC52MS5NYXJrZXRTdGF0dXNDaGFuZ2VkSABCBgoEa2luZCKsAQoTTWFya2V0U3RhdHVzQ2hhbmdlZBIpCgZzdGF0dXMYASABKA4yGS5jZXgudHlwZS52MS5NYXJrZXRTdGF0dXMSMgoPcHJldmlvdXNfc3RhdHVzGAIgASgOMhkuY2V4LnR5cGUudjEuTWFya2V0U3RhdHVzEg4KBnJlYXNvbhgDIAEoCRISCgpyZXF1ZXN0X2lkGAQgASgJEhIKCnVwZGF0ZWRfYnkYBSABKAki5gIKDU9yZGVyQWNjZXB0ZWQSEAoIb3JkZXJfaWQYASABKAkSFwoPY2xpZW50X29yZGVyX2lkGAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSHwoEc2lkZRgEIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSJAoEdHlwZRgFIAEoDjIWLmNleC50eXBlLnYxLk9yZGVyVHlwZRIvCg10aW1lX2luX2ZvcmNlGAYgASgOMhguY2V4LnR5cGUudjEuVGltZUluRm9yY2USDQoFcHJpY2UYByABKAkSEgoKc3RvcF9wcmljZRgIIAEoCRIQCghxdWFudGl0eRgJIAEoCRIWCg5xdW90ZV9xdWFudGl0eRgKIAEoCRIRCglwb3N0X29ubHkYCyABKAgSEwoLdW50cmlnZ2VyZWQYDCABKAgSKQoFcGxhY2UYDSABKAsyGi5jZXgubWF0Y2gudjEuUGxhY2VDb21tYW5kIpoBCg1PcmRlclJlamVjdGVkEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEg4KBnJlYXNvbhgEIAEoCRIPCgdtZXNzYWdlGAUgASgJEikKBXBsYWNlGAYgASgLMhouY2V4Lm1hdGNoLnYxLlBsYWNlQ29tbWFuZCK3AwoFVHJhZGUSEAoIdHJhZGVfaWQYASABKAkSDQoFcHJpY2UYAiABKAkSEAoIcXVhbnRpdHkYAyABKAkSFgoOcXVvdGVfcXVhbnRpdHkYBCABKAkSJQoKdGFrZXJfc2lkZRgFIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSFgoObWFrZXJfb3JkZXJfaWQYBiABKAkSHQoVbWFrZXJfY2xpZW50X29yZGVyX2lkGAcgASgJEhgKEG1ha2VyX2FjY291bnRfaWQYCCABKAkSIAoYbWFrZXJfcmVtYWluaW5nX3F1YW50aXR5GAkgASgJEhEKCW1ha2VyX2ZlZRgKIAEoCRIXCg9tYWtlcl9mZWVfYXNzZXQYCyABKAkSFgoOdGFrZXJfb3JkZXJfaWQYDCABKAkSHQoVdGFrZXJfY2xpZW50X29yZGVyX2lkGA0gASgJEhgKEHRha2VyX2FjY291bnRfaWQYDiABKAkSIAoYdGFrZXJfcmVtYWluaW5nX3F1YW50aXR5GA8gASgJEhEKCXRha2VyX2ZlZRgQIAEoCRIXCg90YWtlcl9mZWVfYXNzZXQYESABKAki4gEKDk9yZGVyQ2FuY2VsbGVkEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEh8KBHNpZGUYBCABKA4yES5jZXgudHlwZS52MS5TaWRlEg0KBXByaWNlGAUgASgJEhoKEmNhbmNlbGxlZF9xdWFudGl0eRgGIAEoCRIpCgZyZWFzb24YByABKA4yGS5jZXgudHlwZS52MS5DYW5jZWxSZWFzb24SGgoScmVtYWluaW5nX3F1YW50aXR5GAggASgJItUBCgxPcmRlckFtZW5kZWQSEAoIb3JkZXJfaWQYASABKAkSFwoPY2xpZW50X29yZGVyX2lkGAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSHwoEc2lkZRgEIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSEQoJb2xkX3ByaWNlGAUgASgJEg0KBXByaWNlGAYgASgJEhAKCHF1YW50aXR5GAcgASgJEhoKEnJlbWFpbmluZ19xdWFudGl0eRgIIAEoCRIVCg1wcmlvcml0eV9rZXB0GAkgASgIIsEBCg5PcmRlclRyaWdnZXJlZBIQCghvcmRlcl9pZBgBIAEoCRIXCg9jbGllbnRfb3JkZXJfaWQYAiABKAkSEgoKYWNjb3VudF9pZBgDIAEoCRIfCgRzaWRlGAQgASgOMhEuY2V4LnR5cGUudjEuU2lkZRISCgpzdG9wX3ByaWNlGAUgASgJEhUKDXRyaWdnZXJfcHJpY2UYBiABKAkSJAoEdHlwZRgHIAEoDjIWLmNleC50eXBlLnYxLk9yZGVyVHlwZSJlCgxMZXZlbENoYW5nZWQSHwoEc2lkZRgBIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSDQoFcHJpY2UYAiABKAkSEAoIcXVhbnRpdHkYAyABKAkSEwoLb3JkZXJfY291bnQYBCABKAUiZAoJQm9va09yZGVyEhAKCG9yZGVyX2lkGAEgASgJEhIKCmFjY291bnRfaWQYAiABKAkSDQoFcHJpY2UYAyABKAkSEAoIcXVhbnRpdHkYBCABKAkSEAoIcHJpb3JpdHkYBSABKAMipgIKCU9yZGVyQm9vaxIOCgZtYXJrZXQYASABKAkSCwoDc2VxGAIgASgDEiUKBGJpZHMYAyADKAsyFy5jZXgudHlwZS52MS5QcmljZUxldmVsEiUKBGFza3MYBCADKAsyFy5jZXgudHlwZS52MS5QcmljZUxldmVsEisKCmJpZF9vcmRlcnMYBSADKAsyFy5jZXgubWF0Y2gudjEuQm9va09yZGVyEisKCmFza19vcmRlcnMYBiADKAsyFy5jZXgubWF0Y2gudjEuQm9va09yZGVyEhIKCnN0YXRlX2hhc2gYByABKAkSKQoGc3RhdHVzGAggASgOMhkuY2V4LnR5cGUudjEuTWFya2V0U3RhdHVzEhUKDXN0YXR1c19yZWFzb24YCSABKAkiQAoVU3VibWl0Q29tbWFuZHNSZXF1ZXN0EicKCGNvbW1hbmRzGAEgAygLMhUuY2V4Lm1hdGNoLnYxLkNvbW1hbmQiRgoWU3VibWl0Q29tbWFuZHNSZXNwb25zZRIsCgdyZXN1bHRzGAEgAygLMhsuY2V4Lm1hdGNoLnYxLkNvbW1hbmRSZXN1bHQiXAoTR2V0T3JkZXJCb29rUmVxdWVzdBIOCgZtYXJrZXQYASABKAkSJgoFbGV2ZWwYAiABKA4yFy5jZXgubWF0Y2gudjEuQm9va0xldmVsEg0KBWRlcHRoGAMgASgFIj0KFEdldE9yZGVyQm9va1Jlc3BvbnNlEiUKBGJvb2sYASABKAsyFy5jZXgubWF0Y2gudjEuT3JkZXJCb29rIlcKE1JlcGxheUV2ZW50c1JlcXVlc3QSDgoGbWFya2V0GAEgASgJEhAKCGZyb21fc2VxGAIgASgDEg4KBnRvX3NlcRgDIAEoAxIOCgZmb2xsb3cYBCABKAgidwoWU2V0TWFya2V0U3RhdHVzUmVxdWVzdBIOCgZtYXJrZXQYASABKAkSKQoGc3RhdHVzGAIgASgOMhkuY2V4LnR5cGUudjEuTWFya2V0U3RhdHVzEg4KBnJlYXNvbhgDIAEoCRISCgpyZXF1ZXN0X2lkGAQgASgJIqQBChdTZXRNYXJrZXRTdGF0dXNSZXNwb25zZRIxCgZjaGFuZ2UYASABKAsyIS5jZXgubWF0Y2gudjEuTWFya2V0U3RhdHVzQ2hhbmdlZBILCgNzZXEYAiABKAMSLwoLdXBkYXRlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGNhbmNlbGxlZF9vcmRlcnMYBCABKAUiNgoKRXZlbnRCYXRjaBIoCgZldmVudHMYASADKAsyGC5jZXgubWF0Y2gudjEuTWF0Y2hFdmVudCJAChRSZXBsYXlFdmVudHNSZXNwb25zZRIoCgZldmVudHMYASADKAsyGC5jZXgubWF0Y2gudjEuTWF0Y2hFdmVudCpNCglCb29rTGV2ZWwSGgoWQk9PS19MRVZFTF9VTlNQRUNJRklFRBAAEhEKDUJPT0tfTEVWRUxfTDIQARIRCg1CT09LX0xFVkVMX0wzEAIyrgMKDE1hdGNoU2VydmljZRJfCg5TdWJtaXRDb21tYW5kcxIjLmNleC5tYXRjaC52MS5TdWJtaXRDb21tYW5kc1JlcXVlc3QaJC5jZXgubWF0Y2gudjEuU3VibWl0Q29tbWFuZHNSZXNwb25zZSgBMAESVQoMR2V0T3JkZXJCb29rEiEuY2V4Lm1hdGNoLnYxLkdldE9yZGVyQm9va1JlcXVlc3QaIi5jZXgubWF0Y2gudjEuR2V0T3JkZXJCb29rUmVzcG9uc2USVwoMUmVwbGF5RXZlbnRzEiEuY2V4Lm1hdGNoLnYxLlJlcGxheUV2ZW50c1JlcXVlc3QaIi5jZXgubWF0Y2gudjEuUmVwbGF5RXZlbnRzUmVzcG9uc2UwARKMAQoPU2V0TWFya2V0U3RhdHVzEiQuY2V4Lm1hdGNoLnYxLlNldE1hcmtldFN0YXR1c1JlcXVlc3QaJS5jZXgubWF0Y2gudjEuU2V0TWFya2V0U3RhdHVzUmVzcG9uc2UiLILT5JMCJjoBKiIhL3YxL2FkbWluL21hcmtldHMve21hcmtldH0vc3RhdHVzYgZwcm90bzM", [file_cex_type_v1_types, file_google_api_annotations, file_google_protobuf_timestamp, file_google_rpc_status]);
+  fileDesc("ChhjZXgvbWF0Y2gvdjEvbWF0Y2gucHJvdG8SDGNleC5tYXRjaC52MSLaBAoMUGxhY2VDb21tYW5kEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEh8KBHNpZGUYBCABKA4yES5jZXgudHlwZS52MS5TaWRlEiQKBHR5cGUYBSABKA4yFi5jZXgudHlwZS52MS5PcmRlclR5cGUSLwoNdGltZV9pbl9mb3JjZRgGIAEoDjIYLmNleC50eXBlLnYxLlRpbWVJbkZvcmNlEj8KFXNlbGZfdHJhZGVfcHJldmVudGlvbhgHIAEoDjIgLmNleC50eXBlLnYxLlNlbGZUcmFkZVByZXZlbnRpb24SDQoFcHJpY2UYCCABKAkSEgoKc3RvcF9wcmljZRgJIAEoCRIQCghxdWFudGl0eRgKIAEoCRIWCg5xdW90ZV9xdWFudGl0eRgLIAEoCRIRCglwb3N0X29ubHkYDCABKAgSFgoObWFrZXJfZmVlX3JhdGUYDSABKAkSFgoOdGFrZXJfZmVlX3JhdGUYDiABKAkSLwoLZXhwaXJlX3RpbWUYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmhvbGRfYXNzZXQYECABKAkSEwoLaG9sZF9hbW91bnQYESABKAkSEgoKc2Vzc2lvbl9pZBgSIAEoCRIbChNyZXF1ZXN0X2ZpbmdlcnByaW50GBMgASgJEhcKD21heF9vcGVuX29yZGVycxgUIAEoBRIeChZtYXhfbWFya2V0X29wZW5fb3JkZXJzGBUgASgFImAKDUNhbmNlbENvbW1hbmQSEAoIb3JkZXJfaWQYASABKAkSEgoKYWNjb3VudF9pZBgCIAEoCRIpCgZyZWFzb24YAyABKA4yGS5jZXgudHlwZS52MS5DYW5jZWxSZWFzb24iVQoMQW1lbmRDb21tYW5kEhAKCG9yZGVyX2lkGAEgASgJEhIKCmFjY291bnRfaWQYAiABKAkSDQoFcHJpY2UYAyABKAkSEAoIcXVhbnRpdHkYBCABKAkicwoRTWFzc0NhbmNlbENvbW1hbmQSEgoKYWNjb3VudF9pZBgBIAEoCRIfCgRzaWRlGAIgASgOMhEuY2V4LnR5cGUudjEuU2lkZRIpCgZyZWFzb24YAyABKA4yGS5jZXgudHlwZS52MS5DYW5jZWxSZWFzb24iDwoNRXhwaXJlQ29tbWFuZCJ7ChZTZXRNYXJrZXRTdGF0dXNDb21tYW5kEikKBnN0YXR1cxgBIAEoDjIZLmNleC50eXBlLnYxLk1hcmtldFN0YXR1cxIOCgZyZWFzb24YAiABKAkSEgoKcmVxdWVzdF9pZBgDIAEoCRISCgp1cGRhdGVkX2J5GAQgASgJIkIKEFRyYW5zZmVyc0NvbW1hbmQSLgoJdHJhbnNmZXJzGAEgAygLMhsuY2V4Lm1hdGNoLnYxLkZ1bmRzVHJhbnNmZXIixwIKDUZ1bmRzVHJhbnNmZXISCgoCaWQYASABKAkSKgoCb3AYAiABKA4yHi5jZXgubWF0Y2gudjEuRnVuZHNUcmFuc2Zlci5PcBIYChBkZWJpdF9hY2NvdW50X2lkGAMgASgJEhkKEWNyZWRpdF9hY2NvdW50X2lkGAQgASgJEg0KBWFzc2V0GAUgASgJEg4KBmFtb3VudBgGIAEoAxISCgpwZW5kaW5nX2lkGAcgASgJEg4KBmxpbmtlZBgIIAEoCBISCgp0aW1lb3V0X25zGAkgASgDEgwKBGtpbmQYCiABKAUSEQoJcmVmZXJlbmNlGAsgASgJIlEKAk9wEhIKDk9QX1VOU1BFQ0lGSUVEEAASDQoJT1BfU0lOR0xFEAESDgoKT1BfUEVORElORxACEgsKB09QX1BPU1QQAxILCgdPUF9WT0lEEAQiTQoMRnVuZHNFZmZlY3RzEg8KB2V4cGlyZWQYASADKAkSLAoHY3JlYXRlZBgCIAMoCzIbLmNleC5tYXRjaC52MS5GdW5kc1RyYW5zZmVyIsMECgdDb21tYW5kEhIKCmNvbW1hbmRfaWQYASABKAkSDgoGbWFya2V0GAIgASgJEisKBXBsYWNlGAMgASgLMhouY2V4Lm1hdGNoLnYxLlBsYWNlQ29tbWFuZEgAEi0KBmNhbmNlbBgEIAEoCzIbLmNleC5tYXRjaC52MS5DYW5jZWxDb21tYW5kSAASKwoFYW1lbmQYBSABKAsyGi5jZXgubWF0Y2gudjEuQW1lbmRDb21tYW5kSAASNgoLbWFzc19jYW5jZWwYBiABKAsyHy5jZXgubWF0Y2gudjEuTWFzc0NhbmNlbENvbW1hbmRIABItCgZleHBpcmUYCCABKAsyGy5jZXgubWF0Y2gudjEuRXhwaXJlQ29tbWFuZEgAEjMKCXRyYW5zZmVycxgJIAEoCzIeLmNleC5tYXRjaC52MS5UcmFuc2ZlcnNDb21tYW5kSAASOgoKc2V0X3N0YXR1cxgKIAEoCzIkLmNleC5tYXRjaC52MS5TZXRNYXJrZXRTdGF0dXNDb21tYW5kSAASNgoLbGlzdF9tYXJrZXQYCyABKAsyHy5jZXgubWF0Y2gudjEuTGlzdE1hcmtldENvbW1hbmRIABI+Cg10cmFjZV9jb250ZXh0GAcgAygLMicuY2V4Lm1hdGNoLnYxLkNvbW1hbmQuVHJhY2VDb250ZXh0RW50cnkaMwoRVHJhY2VDb250ZXh0RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIGCgRraW5kItgBCg1Db21tYW5kUmVzdWx0EhIKCmNvbW1hbmRfaWQYASABKAkSDgoGbWFya2V0GAIgASgJEiIKBnN0YXR1cxgDIAEoCzISLmdvb2dsZS5ycGMuU3RhdHVzEhMKC2NvbW1hbmRfc2VxGAQgASgDEigKBmV2ZW50cxgFIAMoCzIYLmNleC5tYXRjaC52MS5NYXRjaEV2ZW50EhEKCWR1cGxpY2F0ZRgGIAEoCBItChF0cmFuc2Zlcl9zdGF0dXNlcxgHIAMoCzISLmdvb2dsZS5ycGMuU3RhdHVzIs4ECgpNYXRjaEV2ZW50Eg4KBm1hcmtldBgBIAEoCRILCgNzZXEYAiABKAMSEwoLY29tbWFuZF9zZXEYAyABKAMSEgoKY29tbWFuZF9pZBgEIAEoCRIuCgpldmVudF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCghhY2NlcHRlZBgGIAEoCzIbLmNleC5tYXRjaC52MS5PcmRlckFjY2VwdGVkSAASLwoIcmVqZWN0ZWQYByABKAsyGy5jZXgubWF0Y2gudjEuT3JkZXJSZWplY3RlZEgAEiQKBXRyYWRlGAggASgLMhMuY2V4Lm1hdGNoLnYxLlRyYWRlSAASMQoJY2FuY2VsbGVkGAkgASgLMhwuY2V4Lm1hdGNoLnYxLk9yZGVyQ2FuY2VsbGVkSAASLQoHYW1lbmRlZBgKIAEoCzIaLmNleC5tYXRjaC52MS5PcmRlckFtZW5kZWRIABIxCgl0cmlnZ2VyZWQYCyABKAsyHC5jZXgubWF0Y2gudjEuT3JkZXJUcmlnZ2VyZWRIABIzCg1sZXZlbF9jaGFuZ2VkGAwgASgLMhouY2V4Lm1hdGNoLnYxLkxldmVsQ2hhbmdlZEgAEjsKDnN0YXR1c19jaGFuZ2VkGA0gASgLMiEuY2V4Lm1hdGNoLnYxLk1hcmtldFN0YXR1c0NoYW5nZWRIABIzCg1tYXJrZXRfbGlzdGVkGA4gASgLMhouY2V4Lm1hdGNoLnYxLk1hcmtldExpc3RlZEgAQgYKBGtpbmQi3wEKDExpc3RlZE1hcmtldBIOCgZzeW1ib2wYASABKAkSDAoEYmFzZRgCIAEoCRINCgVxdW90ZRgDIAEoCRIRCgl0aWNrX3NpemUYBCABKAkSEAoIbG90X3NpemUYBSABKAkSFAoMbWluX3F1YW50aXR5GAYgASgJEhQKDG1heF9xdWFudGl0eRgHIAEoCRIUCgxtaW5fbm90aW9uYWwYCCABKAkSEgoKcHJpY2VfYmFuZBgJIAEoCRISCgpiYXNlX3NjYWxlGAogASgFEhMKC3F1b3RlX3NjYWxlGAsgASgFInYKEUxpc3RNYXJrZXRDb21tYW5kEioKBm1hcmtldBgBIAEoCzIaLmNleC5tYXRjaC52MS5MaXN0ZWRNYXJrZXQSDgoGcmVhc29uGAIgASgJEhIKCnJlcXVlc3RfaWQYAyABKAkSEQoJbGlzdGVkX2J5GAQgASgJInEKDE1hcmtldExpc3RlZBIqCgZtYXJrZXQYASABKAsyGi5jZXgubWF0Y2gudjEuTGlzdGVkTWFya2V0Eg4KBnJlYXNvbhgCIAEoCRISCgpyZXF1ZXN0X2lkGAMgASgJEhEKCWxpc3RlZF9ieRgEIAEoCSKsAQoTTWFya2V0U3RhdHVzQ2hhbmdlZBIpCgZzdGF0dXMYASABKA4yGS5jZXgudHlwZS52MS5NYXJrZXRTdGF0dXMSMgoPcHJldmlvdXNfc3RhdHVzGAIgASgOMhkuY2V4LnR5cGUudjEuTWFya2V0U3RhdHVzEg4KBnJlYXNvbhgDIAEoCRISCgpyZXF1ZXN0X2lkGAQgASgJEhIKCnVwZGF0ZWRfYnkYBSABKAki5gIKDU9yZGVyQWNjZXB0ZWQSEAoIb3JkZXJfaWQYASABKAkSFwoPY2xpZW50X29yZGVyX2lkGAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSHwoEc2lkZRgEIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSJAoEdHlwZRgFIAEoDjIWLmNleC50eXBlLnYxLk9yZGVyVHlwZRIvCg10aW1lX2luX2ZvcmNlGAYgASgOMhguY2V4LnR5cGUudjEuVGltZUluRm9yY2USDQoFcHJpY2UYByABKAkSEgoKc3RvcF9wcmljZRgIIAEoCRIQCghxdWFudGl0eRgJIAEoCRIWCg5xdW90ZV9xdWFudGl0eRgKIAEoCRIRCglwb3N0X29ubHkYCyABKAgSEwoLdW50cmlnZ2VyZWQYDCABKAgSKQoFcGxhY2UYDSABKAsyGi5jZXgubWF0Y2gudjEuUGxhY2VDb21tYW5kIpoBCg1PcmRlclJlamVjdGVkEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEg4KBnJlYXNvbhgEIAEoCRIPCgdtZXNzYWdlGAUgASgJEikKBXBsYWNlGAYgASgLMhouY2V4Lm1hdGNoLnYxLlBsYWNlQ29tbWFuZCK3AwoFVHJhZGUSEAoIdHJhZGVfaWQYASABKAkSDQoFcHJpY2UYAiABKAkSEAoIcXVhbnRpdHkYAyABKAkSFgoOcXVvdGVfcXVhbnRpdHkYBCABKAkSJQoKdGFrZXJfc2lkZRgFIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSFgoObWFrZXJfb3JkZXJfaWQYBiABKAkSHQoVbWFrZXJfY2xpZW50X29yZGVyX2lkGAcgASgJEhgKEG1ha2VyX2FjY291bnRfaWQYCCABKAkSIAoYbWFrZXJfcmVtYWluaW5nX3F1YW50aXR5GAkgASgJEhEKCW1ha2VyX2ZlZRgKIAEoCRIXCg9tYWtlcl9mZWVfYXNzZXQYCyABKAkSFgoOdGFrZXJfb3JkZXJfaWQYDCABKAkSHQoVdGFrZXJfY2xpZW50X29yZGVyX2lkGA0gASgJEhgKEHRha2VyX2FjY291bnRfaWQYDiABKAkSIAoYdGFrZXJfcmVtYWluaW5nX3F1YW50aXR5GA8gASgJEhEKCXRha2VyX2ZlZRgQIAEoCRIXCg90YWtlcl9mZWVfYXNzZXQYESABKAki4gEKDk9yZGVyQ2FuY2VsbGVkEhAKCG9yZGVyX2lkGAEgASgJEhcKD2NsaWVudF9vcmRlcl9pZBgCIAEoCRISCgphY2NvdW50X2lkGAMgASgJEh8KBHNpZGUYBCABKA4yES5jZXgudHlwZS52MS5TaWRlEg0KBXByaWNlGAUgASgJEhoKEmNhbmNlbGxlZF9xdWFudGl0eRgGIAEoCRIpCgZyZWFzb24YByABKA4yGS5jZXgudHlwZS52MS5DYW5jZWxSZWFzb24SGgoScmVtYWluaW5nX3F1YW50aXR5GAggASgJItUBCgxPcmRlckFtZW5kZWQSEAoIb3JkZXJfaWQYASABKAkSFwoPY2xpZW50X29yZGVyX2lkGAIgASgJEhIKCmFjY291bnRfaWQYAyABKAkSHwoEc2lkZRgEIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSEQoJb2xkX3ByaWNlGAUgASgJEg0KBXByaWNlGAYgASgJEhAKCHF1YW50aXR5GAcgASgJEhoKEnJlbWFpbmluZ19xdWFudGl0eRgIIAEoCRIVCg1wcmlvcml0eV9rZXB0GAkgASgIIsEBCg5PcmRlclRyaWdnZXJlZBIQCghvcmRlcl9pZBgBIAEoCRIXCg9jbGllbnRfb3JkZXJfaWQYAiABKAkSEgoKYWNjb3VudF9pZBgDIAEoCRIfCgRzaWRlGAQgASgOMhEuY2V4LnR5cGUudjEuU2lkZRISCgpzdG9wX3ByaWNlGAUgASgJEhUKDXRyaWdnZXJfcHJpY2UYBiABKAkSJAoEdHlwZRgHIAEoDjIWLmNleC50eXBlLnYxLk9yZGVyVHlwZSJlCgxMZXZlbENoYW5nZWQSHwoEc2lkZRgBIAEoDjIRLmNleC50eXBlLnYxLlNpZGUSDQoFcHJpY2UYAiABKAkSEAoIcXVhbnRpdHkYAyABKAkSEwoLb3JkZXJfY291bnQYBCABKAUiZAoJQm9va09yZGVyEhAKCG9yZGVyX2lkGAEgASgJEhIKCmFjY291bnRfaWQYAiABKAkSDQoFcHJpY2UYAyABKAkSEAoIcXVhbnRpdHkYBCABKAkSEAoIcHJpb3JpdHkYBSABKAMipgIKCU9yZGVyQm9vaxIOCgZtYXJrZXQYASABKAkSCwoDc2VxGAIgASgDEiUKBGJpZHMYAyADKAsyFy5jZXgudHlwZS52MS5QcmljZUxldmVsEiUKBGFza3MYBCADKAsyFy5jZXgudHlwZS52MS5QcmljZUxldmVsEisKCmJpZF9vcmRlcnMYBSADKAsyFy5jZXgubWF0Y2gudjEuQm9va09yZGVyEisKCmFza19vcmRlcnMYBiADKAsyFy5jZXgubWF0Y2gudjEuQm9va09yZGVyEhIKCnN0YXRlX2hhc2gYByABKAkSKQoGc3RhdHVzGAggASgOMhkuY2V4LnR5cGUudjEuTWFya2V0U3RhdHVzEhUKDXN0YXR1c19yZWFzb24YCSABKAkiQAoVU3VibWl0Q29tbWFuZHNSZXF1ZXN0EicKCGNvbW1hbmRzGAEgAygLMhUuY2V4Lm1hdGNoLnYxLkNvbW1hbmQiRgoWU3VibWl0Q29tbWFuZHNSZXNwb25zZRIsCgdyZXN1bHRzGAEgAygLMhsuY2V4Lm1hdGNoLnYxLkNvbW1hbmRSZXN1bHQiXAoTR2V0T3JkZXJCb29rUmVxdWVzdBIOCgZtYXJrZXQYASABKAkSJgoFbGV2ZWwYAiABKA4yFy5jZXgubWF0Y2gudjEuQm9va0xldmVsEg0KBWRlcHRoGAMgASgFIj0KFEdldE9yZGVyQm9va1Jlc3BvbnNlEiUKBGJvb2sYASABKAsyFy5jZXgubWF0Y2gudjEuT3JkZXJCb29rIlcKE1JlcGxheUV2ZW50c1JlcXVlc3QSDgoGbWFya2V0GAEgASgJEhAKCGZyb21fc2VxGAIgASgDEg4KBnRvX3NlcRgDIAEoAxIOCgZmb2xsb3cYBCABKAgidwoWU2V0TWFya2V0U3RhdHVzUmVxdWVzdBIOCgZtYXJrZXQYASABKAkSKQoGc3RhdHVzGAIgASgOMhkuY2V4LnR5cGUudjEuTWFya2V0U3RhdHVzEg4KBnJlYXNvbhgDIAEoCRISCgpyZXF1ZXN0X2lkGAQgASgJIqQBChdTZXRNYXJrZXRTdGF0dXNSZXNwb25zZRIxCgZjaGFuZ2UYASABKAsyIS5jZXgubWF0Y2gudjEuTWFya2V0U3RhdHVzQ2hhbmdlZBILCgNzZXEYAiABKAMSLwoLdXBkYXRlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGNhbmNlbGxlZF9vcmRlcnMYBCABKAUi4QEKE0NyZWF0ZU1hcmtldFJlcXVlc3QSDgoGc3ltYm9sGAEgASgJEgwKBGJhc2UYAiABKAkSDQoFcXVvdGUYAyABKAkSEQoJdGlja19zaXplGAQgASgJEhAKCGxvdF9zaXplGAUgASgJEhQKDG1pbl9xdWFudGl0eRgGIAEoCRIUCgxtYXhfcXVhbnRpdHkYByABKAkSFAoMbWluX25vdGlvbmFsGAggASgJEhIKCnByaWNlX2JhbmQYCSABKAkSDgoGcmVhc29uGAogASgJEhIKCnJlcXVlc3RfaWQYCyABKAkigQEKFENyZWF0ZU1hcmtldFJlc3BvbnNlEisKB2xpc3RpbmcYASABKAsyGi5jZXgubWF0Y2gudjEuTWFya2V0TGlzdGVkEgsKA3NlcRgCIAEoAxIvCgtjcmVhdGVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiGgoYTGlzdExpc3RlZE1hcmtldHNSZXF1ZXN0IkgKGUxpc3RMaXN0ZWRNYXJrZXRzUmVzcG9uc2USKwoHbWFya2V0cxgBIAMoCzIaLmNleC5tYXRjaC52MS5NYXJrZXRMaXN0ZWQiNgoKRXZlbnRCYXRjaBIoCgZldmVudHMYASADKAsyGC5jZXgubWF0Y2gudjEuTWF0Y2hFdmVudCJAChRSZXBsYXlFdmVudHNSZXNwb25zZRIoCgZldmVudHMYASADKAsyGC5jZXgubWF0Y2gudjEuTWF0Y2hFdmVudCpNCglCb29rTGV2ZWwSGgoWQk9PS19MRVZFTF9VTlNQRUNJRklFRBAAEhEKDUJPT0tfTEVWRUxfTDIQARIRCg1CT09LX0xFVkVMX0wzEAIyiQUKDE1hdGNoU2VydmljZRJfCg5TdWJtaXRDb21tYW5kcxIjLmNleC5tYXRjaC52MS5TdWJtaXRDb21tYW5kc1JlcXVlc3QaJC5jZXgubWF0Y2gudjEuU3VibWl0Q29tbWFuZHNSZXNwb25zZSgBMAESVQoMR2V0T3JkZXJCb29rEiEuY2V4Lm1hdGNoLnYxLkdldE9yZGVyQm9va1JlcXVlc3QaIi5jZXgubWF0Y2gudjEuR2V0T3JkZXJCb29rUmVzcG9uc2USVwoMUmVwbGF5RXZlbnRzEiEuY2V4Lm1hdGNoLnYxLlJlcGxheUV2ZW50c1JlcXVlc3QaIi5jZXgubWF0Y2gudjEuUmVwbGF5RXZlbnRzUmVzcG9uc2UwARKMAQoPU2V0TWFya2V0U3RhdHVzEiQuY2V4Lm1hdGNoLnYxLlNldE1hcmtldFN0YXR1c1JlcXVlc3QaJS5jZXgubWF0Y2gudjEuU2V0TWFya2V0U3RhdHVzUmVzcG9uc2UiLILT5JMCJjoBKiIhL3YxL2FkbWluL21hcmtldHMve21hcmtldH0vc3RhdHVzEnMKDENyZWF0ZU1hcmtldBIhLmNleC5tYXRjaC52MS5DcmVhdGVNYXJrZXRSZXF1ZXN0GiIuY2V4Lm1hdGNoLnYxLkNyZWF0ZU1hcmtldFJlc3BvbnNlIhyC0+STAhY6ASoiES92MS9hZG1pbi9tYXJrZXRzEmQKEUxpc3RMaXN0ZWRNYXJrZXRzEiYuY2V4Lm1hdGNoLnYxLkxpc3RMaXN0ZWRNYXJrZXRzUmVxdWVzdBonLmNleC5tYXRjaC52MS5MaXN0TGlzdGVkTWFya2V0c1Jlc3BvbnNlYgZwcm90bzM", [file_cex_type_v1_types, file_google_api_annotations, file_google_protobuf_timestamp, file_google_rpc_status]);
 
 /**
  * Places an order in the book.
@@ -680,6 +680,14 @@ export type Command = Message<"cex.match.v1.Command"> & {
      */
     value: SetMarketStatusCommand;
     case: "setStatus";
+  } | {
+    /**
+     * List a new market (its first command).
+     *
+     * @generated from field: cex.match.v1.ListMarketCommand list_market = 11;
+     */
+    value: ListMarketCommand;
+    case: "listMarket";
   } | { case: undefined; value?: undefined };
 
   /**
@@ -880,6 +888,14 @@ export type MatchEvent = Message<"cex.match.v1.MatchEvent"> & {
      */
     value: MarketStatusChanged;
     case: "statusChanged";
+  } | {
+    /**
+     * The market was listed (its first event, seq 1).
+     *
+     * @generated from field: cex.match.v1.MarketListed market_listed = 14;
+     */
+    value: MarketListed;
+    case: "marketListed";
   } | { case: undefined; value?: undefined };
 };
 
@@ -889,6 +905,183 @@ export type MatchEvent = Message<"cex.match.v1.MatchEvent"> & {
  */
 export const MatchEventSchema: GenMessage<MatchEvent> = /*@__PURE__*/
   messageDesc(file_cex_match_v1_match, 11);
+
+/**
+ * A market listed at runtime: its grid and limits (decimal strings), and the
+ * scales of its assets, so that the journal alone rebuilds it.
+ *
+ * @generated from message cex.match.v1.ListedMarket
+ */
+export type ListedMarket = Message<"cex.match.v1.ListedMarket"> & {
+  /**
+   * Market symbol, BASE-QUOTE in upper case.
+   *
+   * @generated from field: string symbol = 1;
+   */
+  symbol: string;
+
+  /**
+   * Base asset symbol (in the catalog).
+   *
+   * @generated from field: string base = 2;
+   */
+  base: string;
+
+  /**
+   * Quote asset symbol (in the catalog).
+   *
+   * @generated from field: string quote = 3;
+   */
+  quote: string;
+
+  /**
+   * Decimal string: price grid.
+   *
+   * @generated from field: string tick_size = 4;
+   */
+  tickSize: string;
+
+  /**
+   * Decimal string: quantity grid.
+   *
+   * @generated from field: string lot_size = 5;
+   */
+  lotSize: string;
+
+  /**
+   * Decimal string: smallest quantity (a multiple of lot_size).
+   *
+   * @generated from field: string min_quantity = 6;
+   */
+  minQuantity: string;
+
+  /**
+   * Decimal string: largest quantity.
+   *
+   * @generated from field: string max_quantity = 7;
+   */
+  maxQuantity: string;
+
+  /**
+   * Decimal string: smallest price x quantity, in the quote asset.
+   *
+   * @generated from field: string min_notional = 8;
+   */
+  minNotional: string;
+
+  /**
+   * Decimal string: the default price band, a fraction of the reference
+   * price (e.g. "0.05"); empty: none (risk's rules may set one).
+   *
+   * @generated from field: string price_band = 9;
+   */
+  priceBand: string;
+
+  /**
+   * Decimal places of the base asset's minor unit.
+   *
+   * @generated from field: int32 base_scale = 10;
+   */
+  baseScale: number;
+
+  /**
+   * Decimal places of the quote asset's minor unit.
+   *
+   * @generated from field: int32 quote_scale = 11;
+   */
+  quoteScale: number;
+};
+
+/**
+ * Describes the message cex.match.v1.ListedMarket.
+ * Use `create(ListedMarketSchema)` to create a new message.
+ */
+export const ListedMarketSchema: GenMessage<ListedMarket> = /*@__PURE__*/
+  messageDesc(file_cex_match_v1_match, 12);
+
+/**
+ * Lists a new market (CreateMarket): the command's market is the new symbol.
+ *
+ * @generated from message cex.match.v1.ListMarketCommand
+ */
+export type ListMarketCommand = Message<"cex.match.v1.ListMarketCommand"> & {
+  /**
+   * The market.
+   *
+   * @generated from field: cex.match.v1.ListedMarket market = 1;
+   */
+  market?: ListedMarket | undefined;
+
+  /**
+   * Why, for people (required; at most 256 characters).
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+
+  /**
+   * The CreateMarket request_id.
+   *
+   * @generated from field: string request_id = 3;
+   */
+  requestId: string;
+
+  /**
+   * Who asked (an admin account, or "svc:<service>").
+   *
+   * @generated from field: string listed_by = 4;
+   */
+  listedBy: string;
+};
+
+/**
+ * Describes the message cex.match.v1.ListMarketCommand.
+ * Use `create(ListMarketCommandSchema)` to create a new message.
+ */
+export const ListMarketCommandSchema: GenMessage<ListMarketCommand> = /*@__PURE__*/
+  messageDesc(file_cex_match_v1_match, 13);
+
+/**
+ * A market was listed (CreateMarket); it trades from the next command on.
+ *
+ * @generated from message cex.match.v1.MarketListed
+ */
+export type MarketListed = Message<"cex.match.v1.MarketListed"> & {
+  /**
+   * The market.
+   *
+   * @generated from field: cex.match.v1.ListedMarket market = 1;
+   */
+  market?: ListedMarket | undefined;
+
+  /**
+   * Why, as the operator gave it.
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+
+  /**
+   * The CreateMarket request_id.
+   *
+   * @generated from field: string request_id = 3;
+   */
+  requestId: string;
+
+  /**
+   * Who asked.
+   *
+   * @generated from field: string listed_by = 4;
+   */
+  listedBy: string;
+};
+
+/**
+ * Describes the message cex.match.v1.MarketListed.
+ * Use `create(MarketListedSchema)` to create a new message.
+ */
+export const MarketListedSchema: GenMessage<MarketListed> = /*@__PURE__*/
+  messageDesc(file_cex_match_v1_match, 14);
 
 /**
  * A market's status changed (SetMarketStatus).
@@ -937,7 +1130,7 @@ export type MarketStatusChanged = Message<"cex.match.v1.MarketStatusChanged"> & 
  * Use `create(MarketStatusChangedSchema)` to create a new message.
  */
 export const MarketStatusChangedSchema: GenMessage<MarketStatusChanged> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 12);
+  messageDesc(file_cex_match_v1_match, 15);
 
 /**
  * An order was accepted.
@@ -1043,7 +1236,7 @@ export type OrderAccepted = Message<"cex.match.v1.OrderAccepted"> & {
  * Use `create(OrderAcceptedSchema)` to create a new message.
  */
 export const OrderAcceptedSchema: GenMessage<OrderAccepted> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 13);
+  messageDesc(file_cex_match_v1_match, 16);
 
 /**
  * An order was refused by the engine (after journaling, so deterministic).
@@ -1100,7 +1293,7 @@ export type OrderRejected = Message<"cex.match.v1.OrderRejected"> & {
  * Use `create(OrderRejectedSchema)` to create a new message.
  */
 export const OrderRejectedSchema: GenMessage<OrderRejected> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 14);
+  messageDesc(file_cex_match_v1_match, 17);
 
 /**
  * A trade between a resting (maker) and an incoming (taker) order.
@@ -1233,7 +1426,7 @@ export type Trade = Message<"cex.match.v1.Trade"> & {
  * Use `create(TradeSchema)` to create a new message.
  */
 export const TradeSchema: GenMessage<Trade> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 15);
+  messageDesc(file_cex_match_v1_match, 18);
 
 /**
  * An order or its remainder left the book (or, for a self-trade decrement,
@@ -1305,7 +1498,7 @@ export type OrderCancelled = Message<"cex.match.v1.OrderCancelled"> & {
  * Use `create(OrderCancelledSchema)` to create a new message.
  */
 export const OrderCancelledSchema: GenMessage<OrderCancelled> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 16);
+  messageDesc(file_cex_match_v1_match, 19);
 
 /**
  * An order was amended.
@@ -1382,7 +1575,7 @@ export type OrderAmended = Message<"cex.match.v1.OrderAmended"> & {
  * Use `create(OrderAmendedSchema)` to create a new message.
  */
 export const OrderAmendedSchema: GenMessage<OrderAmended> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 17);
+  messageDesc(file_cex_match_v1_match, 20);
 
 /**
  * A stop order was triggered and now works as a limit or market order.
@@ -1445,7 +1638,7 @@ export type OrderTriggered = Message<"cex.match.v1.OrderTriggered"> & {
  * Use `create(OrderTriggeredSchema)` to create a new message.
  */
 export const OrderTriggeredSchema: GenMessage<OrderTriggered> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 18);
+  messageDesc(file_cex_match_v1_match, 21);
 
 /**
  * An aggregated price level changed.
@@ -1487,7 +1680,7 @@ export type LevelChanged = Message<"cex.match.v1.LevelChanged"> & {
  * Use `create(LevelChangedSchema)` to create a new message.
  */
 export const LevelChangedSchema: GenMessage<LevelChanged> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 19);
+  messageDesc(file_cex_match_v1_match, 22);
 
 /**
  * One resting order in an L3 view.
@@ -1537,7 +1730,7 @@ export type BookOrder = Message<"cex.match.v1.BookOrder"> & {
  * Use `create(BookOrderSchema)` to create a new message.
  */
 export const BookOrderSchema: GenMessage<BookOrder> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 20);
+  messageDesc(file_cex_match_v1_match, 23);
 
 /**
  * A consistent view of a book as of event seq.
@@ -1616,7 +1809,7 @@ export type OrderBook = Message<"cex.match.v1.OrderBook"> & {
  * Use `create(OrderBookSchema)` to create a new message.
  */
 export const OrderBookSchema: GenMessage<OrderBook> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 21);
+  messageDesc(file_cex_match_v1_match, 24);
 
 /**
  * Request for MatchService.SubmitCommands.
@@ -1637,7 +1830,7 @@ export type SubmitCommandsRequest = Message<"cex.match.v1.SubmitCommandsRequest"
  * Use `create(SubmitCommandsRequestSchema)` to create a new message.
  */
 export const SubmitCommandsRequestSchema: GenMessage<SubmitCommandsRequest> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 22);
+  messageDesc(file_cex_match_v1_match, 25);
 
 /**
  * Response for MatchService.SubmitCommands.
@@ -1658,7 +1851,7 @@ export type SubmitCommandsResponse = Message<"cex.match.v1.SubmitCommandsRespons
  * Use `create(SubmitCommandsResponseSchema)` to create a new message.
  */
 export const SubmitCommandsResponseSchema: GenMessage<SubmitCommandsResponse> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 23);
+  messageDesc(file_cex_match_v1_match, 26);
 
 /**
  * Request for MatchService.GetOrderBook.
@@ -1693,7 +1886,7 @@ export type GetOrderBookRequest = Message<"cex.match.v1.GetOrderBookRequest"> & 
  * Use `create(GetOrderBookRequestSchema)` to create a new message.
  */
 export const GetOrderBookRequestSchema: GenMessage<GetOrderBookRequest> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 24);
+  messageDesc(file_cex_match_v1_match, 27);
 
 /**
  * Response for MatchService.GetOrderBook.
@@ -1714,7 +1907,7 @@ export type GetOrderBookResponse = Message<"cex.match.v1.GetOrderBookResponse"> 
  * Use `create(GetOrderBookResponseSchema)` to create a new message.
  */
 export const GetOrderBookResponseSchema: GenMessage<GetOrderBookResponse> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 25);
+  messageDesc(file_cex_match_v1_match, 28);
 
 /**
  * Request for MatchService.ReplayEvents.
@@ -1757,7 +1950,7 @@ export type ReplayEventsRequest = Message<"cex.match.v1.ReplayEventsRequest"> & 
  * Use `create(ReplayEventsRequestSchema)` to create a new message.
  */
 export const ReplayEventsRequestSchema: GenMessage<ReplayEventsRequest> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 26);
+  messageDesc(file_cex_match_v1_match, 29);
 
 /**
  * Request for MatchService.SetMarketStatus.
@@ -1800,7 +1993,7 @@ export type SetMarketStatusRequest = Message<"cex.match.v1.SetMarketStatusReques
  * Use `create(SetMarketStatusRequestSchema)` to create a new message.
  */
 export const SetMarketStatusRequestSchema: GenMessage<SetMarketStatusRequest> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 27);
+  messageDesc(file_cex_match_v1_match, 30);
 
 /**
  * Response for MatchService.SetMarketStatus.
@@ -1842,7 +2035,171 @@ export type SetMarketStatusResponse = Message<"cex.match.v1.SetMarketStatusRespo
  * Use `create(SetMarketStatusResponseSchema)` to create a new message.
  */
 export const SetMarketStatusResponseSchema: GenMessage<SetMarketStatusResponse> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 28);
+  messageDesc(file_cex_match_v1_match, 31);
+
+/**
+ * Request for MatchService.CreateMarket.
+ *
+ * @generated from message cex.match.v1.CreateMarketRequest
+ */
+export type CreateMarketRequest = Message<"cex.match.v1.CreateMarketRequest"> & {
+  /**
+   * Market symbol, BASE-QUOTE in upper case (e.g. "SOL-USDT").
+   *
+   * @generated from field: string symbol = 1;
+   */
+  symbol: string;
+
+  /**
+   * Base asset symbol (in the catalog).
+   *
+   * @generated from field: string base = 2;
+   */
+  base: string;
+
+  /**
+   * Quote asset symbol (in the catalog).
+   *
+   * @generated from field: string quote = 3;
+   */
+  quote: string;
+
+  /**
+   * Decimal string: price grid (positive).
+   *
+   * @generated from field: string tick_size = 4;
+   */
+  tickSize: string;
+
+  /**
+   * Decimal string: quantity grid (positive, on the base asset's minor unit;
+   * tick_size x lot_size a whole number of the quote's minor unit).
+   *
+   * @generated from field: string lot_size = 5;
+   */
+  lotSize: string;
+
+  /**
+   * Decimal string: smallest quantity; empty: lot_size.
+   *
+   * @generated from field: string min_quantity = 6;
+   */
+  minQuantity: string;
+
+  /**
+   * Decimal string: largest quantity (positive).
+   *
+   * @generated from field: string max_quantity = 7;
+   */
+  maxQuantity: string;
+
+  /**
+   * Decimal string: smallest price x quantity in the quote asset (>= 0).
+   *
+   * @generated from field: string min_notional = 8;
+   */
+  minNotional: string;
+
+  /**
+   * Decimal string: default price band, a fraction of the reference price
+   * in (0, 1]; empty: none.
+   *
+   * @generated from field: string price_band = 9;
+   */
+  priceBand: string;
+
+  /**
+   * Why, for people (required; at most 256 characters).
+   *
+   * @generated from field: string reason = 10;
+   */
+  reason: string;
+
+  /**
+   * Idempotency key (at most 128 characters).
+   *
+   * @generated from field: string request_id = 11;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message cex.match.v1.CreateMarketRequest.
+ * Use `create(CreateMarketRequestSchema)` to create a new message.
+ */
+export const CreateMarketRequestSchema: GenMessage<CreateMarketRequest> = /*@__PURE__*/
+  messageDesc(file_cex_match_v1_match, 32);
+
+/**
+ * Response for MatchService.CreateMarket.
+ *
+ * @generated from message cex.match.v1.CreateMarketResponse
+ */
+export type CreateMarketResponse = Message<"cex.match.v1.CreateMarketResponse"> & {
+  /**
+   * The market as listed.
+   *
+   * @generated from field: cex.match.v1.MarketListed listing = 1;
+   */
+  listing?: MarketListed | undefined;
+
+  /**
+   * Event seq of the listing in its market (1).
+   *
+   * @generated from field: int64 seq = 2;
+   */
+  seq: bigint;
+
+  /**
+   * When it was journaled.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 3;
+   */
+  createTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message cex.match.v1.CreateMarketResponse.
+ * Use `create(CreateMarketResponseSchema)` to create a new message.
+ */
+export const CreateMarketResponseSchema: GenMessage<CreateMarketResponse> = /*@__PURE__*/
+  messageDesc(file_cex_match_v1_match, 33);
+
+/**
+ * Request for MatchService.ListListedMarkets.
+ *
+ * @generated from message cex.match.v1.ListListedMarketsRequest
+ */
+export type ListListedMarketsRequest = Message<"cex.match.v1.ListListedMarketsRequest"> & {
+};
+
+/**
+ * Describes the message cex.match.v1.ListListedMarketsRequest.
+ * Use `create(ListListedMarketsRequestSchema)` to create a new message.
+ */
+export const ListListedMarketsRequestSchema: GenMessage<ListListedMarketsRequest> = /*@__PURE__*/
+  messageDesc(file_cex_match_v1_match, 34);
+
+/**
+ * Response for MatchService.ListListedMarkets.
+ *
+ * @generated from message cex.match.v1.ListListedMarketsResponse
+ */
+export type ListListedMarketsResponse = Message<"cex.match.v1.ListListedMarketsResponse"> & {
+  /**
+   * Every market listed at runtime, in the order listed.
+   *
+   * @generated from field: repeated cex.match.v1.MarketListed markets = 1;
+   */
+  markets: MarketListed[];
+};
+
+/**
+ * Describes the message cex.match.v1.ListListedMarketsResponse.
+ * Use `create(ListListedMarketsResponseSchema)` to create a new message.
+ */
+export const ListListedMarketsResponseSchema: GenMessage<ListListedMarketsResponse> = /*@__PURE__*/
+  messageDesc(file_cex_match_v1_match, 35);
 
 /**
  * Response for MatchService.ReplayEvents.
@@ -1867,7 +2224,7 @@ export type EventBatch = Message<"cex.match.v1.EventBatch"> & {
  * Use `create(EventBatchSchema)` to create a new message.
  */
 export const EventBatchSchema: GenMessage<EventBatch> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 29);
+  messageDesc(file_cex_match_v1_match, 36);
 
 /**
  * @generated from message cex.match.v1.ReplayEventsResponse
@@ -1887,7 +2244,7 @@ export type ReplayEventsResponse = Message<"cex.match.v1.ReplayEventsResponse"> 
  * Use `create(ReplayEventsResponseSchema)` to create a new message.
  */
 export const ReplayEventsResponseSchema: GenMessage<ReplayEventsResponse> = /*@__PURE__*/
-  messageDesc(file_cex_match_v1_match, 30);
+  messageDesc(file_cex_match_v1_match, 37);
 
 /**
  * Detail of an order book view.
@@ -1979,6 +2336,36 @@ export const MatchService: GenService<{
     methodKind: "unary";
     input: typeof SetMarketStatusRequestSchema;
     output: typeof SetMarketStatusResponseSchema;
+  },
+  /**
+   * Lists a new market at runtime (ADR 0018): a command journaled by the
+   * writer as the new market's first command (command_id
+   * "list:<request_id>"), announced by a MarketListed event (seq 1 of the
+   * market, on match.events.<symbol>), and kept in match's markets table,
+   * committed with the journal entry, so it survives every restart. Its base
+   * and quote assets must be in the catalog. Admin scope (or a service).
+   * INVALID_ARGUMENT with a field violation per bad field; a symbol that is
+   * already a market is ALREADY_EXISTS MATCH_MARKET_EXISTS, unless it was
+   * listed by this very request_id with the same body (the first answer).
+   *
+   * @generated from rpc cex.match.v1.MatchService.CreateMarket
+   */
+  createMarket: {
+    methodKind: "unary";
+    input: typeof CreateMarketRequestSchema;
+    output: typeof CreateMarketResponseSchema;
+  },
+  /**
+   * The markets listed at runtime (internal): what every service adds to its
+   * catalog at start and, as a backstop to the MarketListed events, from
+   * time to time.
+   *
+   * @generated from rpc cex.match.v1.MatchService.ListListedMarkets
+   */
+  listListedMarkets: {
+    methodKind: "unary";
+    input: typeof ListListedMarketsRequestSchema;
+    output: typeof ListListedMarketsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_cex_match_v1_match, 0);
