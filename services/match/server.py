@@ -93,7 +93,7 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
         catalog: Catalog,
         writer: Sequencer,
         settings: MatchSettings,
-        listings: Listings | None = None,
+        listings: Listings,
     ) -> None:
         self._catalog = catalog
         # Static markets of other writer groups (not the catalog's later additions:
@@ -101,7 +101,7 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
         self._others = frozenset(catalog.markets) - set(writer.markets)
         self._writer = writer
         self._settings = settings
-        self._listings = listings or Listings(writer.journal_pool)
+        self._listings = listings
 
     def _market(self, market: str, field: str = "market") -> Market:
         found = self._writer.markets.get(market)

@@ -346,10 +346,6 @@ class Sequencer:
     def group(self) -> str:
         return self._journal.group
 
-    @property
-    def journal_pool(self) -> Any:
-        return self._journal.pool
-
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self, *, ownership_wait_s: float = 15.0) -> None:
