@@ -527,27 +527,25 @@ async def build_server(
     service = match_pb2.DESCRIPTOR.services_by_name["MatchService"]
     publishing: list[asyncio.Task[None]] = []
 
+    def publish(market: Market) -> None:
+        """Publish a market's committed events (its log) to JetStream from now on."""
+        publishing.append(
+            asyncio.create_task(
+                Publisher(js, writer.logs[market.symbol]).run(), name=f"publish-{market.symbol}"
+            )
+        )
+
     async def on_serving(serving: bool) -> None:
         """Publish and take calls while holding the lease; a standby does neither."""
         if serving:
-            publishing.extend(
-                asyncio.create_task(Publisher(js, log).run(), name=f"publish-{symbol}")
-                for symbol, log in writer.logs.items()
-            )
+            for log in writer.logs.values():
+                publish(log.market)
         else:
             for task in publishing:
                 task.cancel()
             await asyncio.gather(*publishing, return_exceptions=True)
             publishing.clear()
         await server.set_serving(service.full_name, serving)
-
-    def on_listed(market: Market) -> None:
-        """A market listed while serving: publish its events from now on."""
-        publishing.append(
-            asyncio.create_task(
-                Publisher(js, writer.logs[market.symbol]).run(), name=f"publish-{market.symbol}"
-            )
-        )
 
     writer = Sequencer(
         markets,
@@ -557,7 +555,7 @@ async def build_server(
         max_batch=match_settings.max_batch,
         snapshot_every=match_settings.snapshot_every,
         on_serving=on_serving,
-        on_listed=on_listed,
+        on_listed=publish,  # a market listed while serving
     )
     await server.set_serving(service.full_name, False)
     await writer.start(ownership_wait_s=match_settings.ownership_wait_s)

@@ -449,10 +449,14 @@ class Sequencer:
                 }
             },
         )
-        if not self.serving:
-            self.serving = True
-            SERVING.set(1)
-            await self._on_serving(True)
+        await self._serve(True)
+
+    async def _serve(self, serving: bool) -> None:
+        """Become the writer (publishing, taking calls) or its standby (neither)."""
+        if serving != self.serving:
+            self.serving = serving
+            SERVING.set(int(serving))
+            await self._on_serving(serving)
 
     async def _recover(self) -> None:
         """Rebuild from the latest snapshot, the journal and the ledger's tables."""
@@ -549,9 +553,7 @@ class Sequencer:
                     await self._take_over(replay)
                 else:
                     _log.warning("%s: another writer holds the lease; standing by", self.group)
-                    self.serving = False
-                    SERVING.set(0)
-                    await self._on_serving(False)
+                    await self._serve(False)
                     self._refuse_queued(Unavailable("MATCH_STANDBY", "the writer changed; retry"))
                 return replay
             except JournalMismatch:
