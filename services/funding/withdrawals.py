@@ -90,7 +90,7 @@ from .domain import (
 )
 from .orchestrator import Connection, SagaDefinition, rpc_status
 
-__all__ = ["WithdrawalSteps"]
+__all__ = ["BEFORE_BROADCAST_RETRY", "WithdrawalSteps"]
 
 _log = logging.getLogger("cex.funding.withdrawals")
 
@@ -100,6 +100,14 @@ _FROZEN_STATE_NAMES: dict[int, str] = {
     auth_pb2.ACCOUNT_STATE_SUSPENDED: "SUSPENDED",
     auth_pb2.ACCOUNT_STATE_CLOSED: "CLOSED",
 }
+
+
+# The steps before the broadcast retry a transient failure (a dependency
+# restarting: UNAVAILABLE from it or from the mesh, a timeout) for 33-66 s of
+# backoff (0.05 s doubling to 5 s, 20 attempts), then give up: the hold is voided
+# and the withdrawal ends REJECTED. A restart of the ledger, the writer or risk
+# takes seconds, and must not refuse a withdrawal; an outage longer than this does.
+BEFORE_BROADCAST_RETRY = RetryPolicy(max_s=5.0, max_attempts=20)
 
 
 class WithdrawalSteps:
@@ -145,13 +153,13 @@ class WithdrawalSteps:
             deadline_s=self._deadline_s,
             compensation_window_s=self._compensation_window_s,
             steps=(
-                Step("ledger_hold", self.hold, self.void, RetryPolicy(max_attempts=8), timeout_s=t),
-                Step("risk_check", self.risk_check, None, RetryPolicy(max_attempts=8), timeout_s=t),
+                Step("ledger_hold", self.hold, self.void, BEFORE_BROADCAST_RETRY, timeout_s=t),
+                Step("risk_check", self.risk_check, None, BEFORE_BROADCAST_RETRY, timeout_s=t),
                 Step(
                     APPROVAL_STEP,
                     self.approval,
                     None,
-                    RetryPolicy(max_attempts=8),
+                    BEFORE_BROADCAST_RETRY,
                     timeout_s=t,
                     poll=True,
                 ),

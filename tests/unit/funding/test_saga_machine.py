@@ -23,6 +23,7 @@ from services.funding.domain import (
     decide,
     error_status,
 )
+from services.funding.withdrawals import BEFORE_BROADCAST_RETRY
 
 
 async def _noop(ctx: object) -> Done:
@@ -140,3 +141,22 @@ def test_a_compensation_that_fails_for_good_or_runs_late_is_stuck() -> None:
 def test_terminal_sagas_do_not_run(state: str) -> None:
     with pytest.raises(ValueError):
         run(Progress(state, 0), Done())
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_withdrawal_outlasts_a_dependency_restarting_before_it_gives_up(seed: int) -> None:
+    # What the long kill -9 burst found: with 8 attempts (3-6 s of backoff) a
+    # withdrawal was REJECTED while the service behind the mesh restarted. The
+    # steps before the broadcast now retry for half a minute at least.
+    steps = (Step("ledger_hold", _noop, _noop, BEFORE_BROADCAST_RETRY), *STEPS[1:])
+    rng = random.Random(seed)
+    p, waited = Progress(RUNNING, 0), 0.0
+    while True:
+        d = decide(steps, p, Retry(ERR), past_deadline=False, rng=rng)
+        assert d.entry is not None
+        if d.entry.state == "FAILED":
+            break
+        waited += d.delay_s
+        p = d.progress
+    assert d.progress == Progress(COMPENSATING, 0, 0)
+    assert 30.0 <= waited <= 70.0
