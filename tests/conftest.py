@@ -11,6 +11,9 @@ with 2 replicas of every stateless service (tests/replicas.py); marked
 `replicas(only=True)`, against the replicated one alone. The replicated
 runs are moved to the end of the session, so that their stack, started at the
 first of them, lives only while they run; `-k replicated_stack` runs them alone.
+
+A module marked `own_stack` has a stack of its own (`own_stack`, which `target`
+is then): its tests change what every other test shares.
 """
 
 from __future__ import annotations
@@ -35,28 +38,33 @@ from services.chassis.authn import service_auth_interceptors
 from tests.replicas import REPLICATED, Target
 
 
-@contextlib.asynccontextmanager
-async def _running(folder: Path, replicas: dict[str, int] | None = None) -> AsyncIterator[Stack]:
+def _stack(folder: Path, replicas: dict[str, int] | None = None) -> Stack:
     # The tests bring up their own embedded parts, whatever the shell points at.
-    env = embedded_env()
-    running = Stack(folder, free_ports(), env, replicas=replicas)
-    await running.start()
-    try:
-        yield running
-    finally:
-        await running.stop()
+    return Stack(folder, free_ports(), embedded_env(), replicas=replicas)
 
 
 @pytest.fixture(scope="session")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    async with _running(tmp_path_factory.mktemp("cex-state")) as running:
+    async with _stack(tmp_path_factory.mktemp("cex-state")) as running:
         yield running
 
 
 @pytest.fixture(scope="session")
 async def replicated_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     """2 replicas of every stateless service (match, the single writer, runs once)."""
-    async with _running(tmp_path_factory.mktemp("cex-replicated"), REPLICATED) as running:
+    async with _stack(tmp_path_factory.mktemp("cex-replicated"), REPLICATED) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+async def own_stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Stack]:
+    """The module's own stack, which `target` is in a module marked `own_stack`: for
+    tests that change what every other test shares (a market's status, the fee
+    schedule, the markets listed)."""
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    async with _stack(tmp_path_factory.mktemp(name)) as running:
         yield running
 
 
@@ -68,7 +76,10 @@ def replicated_credentials(replicated_stack: Stack) -> ServiceCredentials:
 @pytest.fixture
 def target(request: pytest.FixtureRequest) -> Target:
     """The stack this run of the test is for: `stack`, unless the test is marked
-    `replicas` and this is its `[replicated_stack]` run."""
+    `replicas` and this is its `[replicated_stack]` run, or `own_stack`."""
+    if request.node.get_closest_marker("own_stack") is not None:
+        own: Stack = request.getfixturevalue("own_stack")
+        return Target(own, own.credentials("tests"))
     if getattr(request, "param", "stack") == "replicated_stack":
         return Target(
             request.getfixturevalue("replicated_stack"),

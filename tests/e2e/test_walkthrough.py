@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import urllib.request
 
 from cex_stack.supervisor import Stack
 from tests.cli import cex
-
-
-def _get(url: str, token: str) -> dict[str, object]:
-    request = urllib.request.Request(url, headers={"authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())  # type: ignore[no-any-return]
+from tests.rest import rest_ok
 
 
 async def test_account_key_token_and_a_protected_call_over_rest(stack: Stack) -> None:
@@ -25,14 +18,14 @@ async def test_account_key_token_and_a_protected_call_over_rest(stack: Stack) ->
     env = dict(line.removeprefix("export ").split("=", 1) for line in exports.splitlines())
     assert set(env) == {"CEX_API_KEY_ID", "CEX_API_KEY_SECRET"}
     token = await asyncio.to_thread(cex, stack, "token", env=env)
-    reply = await asyncio.to_thread(_get, f"http://{stack.edge}/v1/accounts/{account}", token)
-    assert reply["account"]["account_id"] == account  # type: ignore[index]
-    assert reply["account"]["display_name"] == "alice"  # type: ignore[index]
+    reply = await asyncio.to_thread(rest_ok, stack, f"/v1/accounts/{account}", token)
+    assert reply["account"]["account_id"] == account
+    assert reply["account"]["display_name"] == "alice"
     # The operator freezes the account: it still reads, with a read-only token.
     frozen = await asyncio.to_thread(cex, stack, "account", "freeze", account, "--reason", "kyc")
     assert frozen == f"{account} ACCOUNT_STATE_SUSPENDED"
     read_only = await asyncio.to_thread(cex, stack, "token", env=env)
-    reply = await asyncio.to_thread(_get, f"http://{stack.edge}/v1/accounts/{account}", read_only)
-    assert reply["account"]["state"] == "ACCOUNT_STATE_SUSPENDED"  # type: ignore[index]
+    reply = await asyncio.to_thread(rest_ok, stack, f"/v1/accounts/{account}", read_only)
+    assert reply["account"]["state"] == "ACCOUNT_STATE_SUSPENDED"
     thawed = await asyncio.to_thread(cex, stack, "account", "unfreeze", account)
     assert thawed == f"{account} ACCOUNT_STATE_ACTIVE"

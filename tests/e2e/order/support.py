@@ -9,7 +9,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -21,6 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cex.auth.v1 import auth_pb2, auth_pb2_grpc
 from cex.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from cex.marketdata.v1 import marketdata_pb2 as md
+from cex.marketdata.v1 import marketdata_pb2_grpc
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.order.v1 import order_pb2, order_pb2_grpc
 from cex.risk.v1 import risk_pb2, risk_pb2_grpc
@@ -590,3 +592,36 @@ class Session:
         self.reader.cancel()
         with contextlib.suppress(BaseException):
             await self.reader
+
+
+class BookWatcher:
+    """A StreamOrderBook subscriber of `market`, read in the background: each status
+    it was told (a change appended once) and every ask price it saw."""
+
+    def __init__(self, channel: grpc.aio.Channel, market: str) -> None:
+        stub = marketdata_pb2_grpc.MarketDataServiceStub(channel)
+        self.call = stub.StreamOrderBook(md.StreamOrderBookRequest(market=market, depth=10))
+        self.statuses: list[int] = []
+        self.asks: list[str] = []
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for message in self.call:
+            part = getattr(message, message.WhichOneof("kind") or "snapshot")
+            if not self.statuses or self.statuses[-1] != part.status:
+                self.statuses.append(part.status)
+            self.asks += [level.price for level in part.asks]
+
+    async def sees(self, check: Callable[[], bool], within_s: float = 15.0) -> None:
+        async with asyncio.timeout(within_s):
+            while not check():
+                assert not self.task.done(), self.task
+                await asyncio.sleep(0.05)
+
+    async def sees_status(self, status: int) -> None:
+        await self.sees(lambda: bool(self.statuses) and self.statuses[-1] == status)
+
+    async def close(self) -> None:
+        self.call.cancel()
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)

@@ -17,7 +17,6 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import grpc
@@ -27,11 +26,12 @@ from google.protobuf import timestamp_pb2
 from cex.auth.v1 import auth_pb2
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
-from cex_stack.supervisor import Stack, embedded_env
-from cex_stack.topology import SERVICES, free_ports
+from cex_stack.supervisor import Stack
+from cex_stack.topology import SERVICES
 from tests.cli import cex
-from tests.e2e.order.support import BUY, SELL, Exchange, error_of, exchange_of, uid
+from tests.e2e.order.support import BUY, SELL, Exchange, error_of, uid
 from tests.e2e.order.test_streams import Client, R, place
+from tests.rest import rest
 
 FILLED = t.ORDER_STATE_FILLED
 TIERS = [
@@ -41,31 +41,7 @@ TIERS = [
 ]
 
 
-@pytest.fixture(scope="module")
-async def own_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    async with Stack(
-        tmp_path_factory.mktemp("cex-fee-tiers"), free_ports(), embedded_env()
-    ) as stack:
-        yield stack
-
-
-@pytest.fixture
-async def exchange(own_stack: Stack) -> AsyncIterator[Exchange]:
-    async with exchange_of(own_stack) as exchange:
-        yield exchange
-
-
-def _post(stack: Stack, path: str, token: str, body: dict[str, object]) -> tuple[int, str]:
-    request = urllib.request.Request(
-        f"http://{stack.edge}{path}",
-        headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
-        data=json.dumps(body).encode(),
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
+pytestmark = pytest.mark.own_stack
 
 
 def _order_seq(stack: Stack) -> int:
@@ -124,33 +100,35 @@ async def test_tiers_rebates_and_volume_on_the_running_stack(
     assert error_of(denied.value).code == grpc.StatusCode.PERMISSION_DENIED
     assert error_of(denied.value).reason == "AUTH_SCOPE_MISSING"
     status, body = await asyncio.to_thread(
-        _post, own_stack, "/v1/admin/feeSchedule", taker.token, {"request_id": "x", "tiers": TIERS}
+        rest, own_stack, "/v1/admin/feeSchedule", taker.token, {"request_id": "x", "tiers": TIERS}
     )
-    assert status == 403 and "AUTH_SCOPE_MISSING" in body, body
+    assert status == 403 and "AUTH_SCOPE_MISSING" in json.dumps(body), body
 
     # Bad input: 400 with a violation per bad field.
     bad = [{**TIERS[0], "maker_fee_bps": "-150"}, {**TIERS[1], "name": "VIP 1"}]
     status, body = await asyncio.to_thread(
-        _post,
+        rest,
         own_stack,
         "/v1/admin/feeSchedule",
         exchange.service_token,
         {"request_id": "b", "tiers": bad},
     )
-    assert status == 400 and "AUTH_INVALID_FEE_SCHEDULE" in body, body
-    assert "tiers[0].maker_fee_bps" in body and "tiers[1].name" in body, body
+    assert status == 400 and "AUTH_INVALID_FEE_SCHEDULE" in json.dumps(body), body
+    assert "tiers[0].maker_fee_bps" in json.dumps(body) and "tiers[1].name" in json.dumps(body), (
+        body
+    )
 
     # The operator sets the schedule over REST, and gives the maker the rebate tier
     # with the CLI.
     status, body = await asyncio.to_thread(
-        _post,
+        rest,
         own_stack,
         "/v1/admin/feeSchedule",
         exchange.service_token,
         {"request_id": uid("s"), "tiers": TIERS, "reason": "launch"},
     )
     assert status == 200, body
-    assert [t["name"] for t in json.loads(body)["schedule"]["tiers"]] == ["default", "vip1", "mm"]
+    assert [t["name"] for t in body["schedule"]["tiers"]] == ["default", "vip1", "mm"]
     assert cex(own_stack, "fees", "assign", maker.account_id, "mm", "--reason", "mm program") == (
         f"{maker.account_id} mm (assigned)"
     )

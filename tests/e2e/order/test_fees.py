@@ -5,26 +5,13 @@ charged exactly what they say."""
 from __future__ import annotations
 
 import asyncio
-import json
-import urllib.error
-import urllib.request
 from decimal import Decimal
 
 from cex.auth.v1 import auth_pb2
 from cex.type.v1 import types_pb2 as t
 from cex_stack.supervisor import Stack
 from tests.e2e.order.support import BUY, SELL, Exchange
-
-
-def _get(stack: Stack, path: str, token: str | None) -> tuple[int, dict[str, object]]:
-    headers = {"authorization": f"Bearer {token}"} if token else {}
-    request = urllib.request.Request(f"http://{stack.edge}{path}", headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        body = error.read()
-        return error.code, json.loads(body) if body.startswith(b"{") else {}
+from tests.rest import rest
 
 
 async def test_fees_are_readable_and_are_what_a_fill_is_charged(
@@ -34,18 +21,18 @@ async def test_fees_are_readable_and_are_what_a_fill_is_charged(
     taker = await exchange.trader({"BTC": "1"}, name="taker")
     fees = await exchange.auth.GetFees(auth_pb2.GetFeesRequest(), metadata=maker.md, timeout=10)
     assert fees.fee_tier == "default"
-    status, rest = await asyncio.to_thread(_get, stack, "/v1/fees", maker.token)
-    assert status == 200, rest
-    assert rest["maker_fee_rate"] == fees.maker_fee_rate == "0.001"
-    assert rest["taker_fee_rate"] == fees.taker_fee_rate == "0.002"
-    markets = {m["market"]: m for m in rest["markets"]}  # type: ignore[union-attr,index]
+    status, answer = await asyncio.to_thread(rest, stack, "/v1/fees", maker.token)
+    assert status == 200, answer
+    assert answer["maker_fee_rate"] == fees.maker_fee_rate == "0.001"
+    assert answer["taker_fee_rate"] == fees.taker_fee_rate == "0.002"
+    markets = {m["market"]: m for m in answer["markets"]}
     assert markets["BTC-USDT"]["buy_fee_asset"] == "BTC"
     assert markets["BTC-USDT"]["sell_fee_asset"] == "USDT"
-    assets = {a["asset"]: a for a in rest["assets"]}  # type: ignore[union-attr,index]
+    assets = {a["asset"]: a for a in answer["assets"]}
     assert (assets["USDT"]["withdrawal_fee"], assets["USDT"]["min_withdrawal"]) == ("1", "1")
     assert assets["USDT"]["network"] == "ethereum"
     # no token, no fees: the edge's 401
-    assert (await asyncio.to_thread(_get, stack, "/v1/fees", None))[0] == 401
+    assert (await asyncio.to_thread(rest, stack, "/v1/fees", None))[0] == 401
     # A fill is charged the rates shown, in the assets shown.
     bid = await maker.place(side=BUY, price="100", quantity="0.1")
     hit = await taker.place(side=SELL, price="100", quantity="0.1")

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator
 
 import grpc
@@ -17,6 +15,7 @@ from cex.auth.v1 import auth_pb2
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
 from tests.e2e.order.support import BUY, Exchange, Trader, error_of, uid
+from tests.rest import rest
 
 R = order_pb2.StreamOrdersRequest
 
@@ -54,19 +53,6 @@ async def _until(trader: Trader, want: str, within_s: float) -> float:
         await asyncio.sleep(0.02)
 
 
-def _rest(edge: str, path: str, token: str, body: dict[str, str] | None) -> tuple[int, object]:
-    request = urllib.request.Request(
-        f"http://{edge}{path}",
-        headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
-        data=json.dumps(body).encode() if body is not None else None,
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 async def test_a_frozen_account_is_refused_at_its_next_call(exchange: Exchange) -> None:
     trader = await exchange.trader({"USDT": "1000"}, "frozen")
     assert await _place(trader) == "OK"
@@ -91,8 +77,8 @@ async def test_a_frozen_account_is_refused_at_its_next_call(exchange: Exchange) 
         assert listed.orders
         # REST: the service's Status as JSON with HTTP 403.
         code, body = await asyncio.to_thread(
-            _rest,
-            exchange.stack.edge,
+            rest,
+            exchange.stack,
             "/v1/orders",
             trader.token,
             {
@@ -107,9 +93,7 @@ async def test_a_frozen_account_is_refused_at_its_next_call(exchange: Exchange) 
         assert code == 403, body
         assert body["code"] == grpc.StatusCode.PERMISSION_DENIED.value[0]  # type: ignore[index]
         assert "AUTH_ACCOUNT_SUSPENDED" in json.dumps(body)
-        code, body = await asyncio.to_thread(
-            _rest, exchange.stack.edge, "/v1/orders", trader.token, None
-        )
+        code, body = await asyncio.to_thread(rest, exchange.stack, "/v1/orders", trader.token)
         assert code == 200, body
         # The stream opened before the freeze ends at its next message, with the reason.
         await session_requests.put(

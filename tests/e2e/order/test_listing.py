@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import TypeVar
 
@@ -28,21 +26,21 @@ from cex.marketdata.v1 import marketdata_pb2_grpc
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
-from cex_stack.supervisor import Stack, embedded_env
-from cex_stack.topology import free_ports
+from cex_stack.supervisor import Stack
 from tests.cli import cex
 from tests.e2e.order.support import (
     BUY,
     SELL,
+    BookWatcher,
     Exchange,
     Trader,
     error_of,
-    exchange_of,
     fields,
     journal_replays,
     kill,
     uid,
 )
+from tests.rest import rest
 
 NEW = "BTC-ETH"  # both assets are in the catalog; the market is not
 HALTED, TRADING = t.MARKET_STATUS_HALTED, t.MARKET_STATUS_TRADING
@@ -60,47 +58,7 @@ def _request(**overrides: str) -> match_pb2.CreateMarketRequest:
     return match_pb2.CreateMarketRequest(**fields_)
 
 
-@pytest.fixture(scope="module")
-async def own_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    state = tmp_path_factory.mktemp("cex-listing")
-    async with Stack(state, free_ports(), embedded_env()) as stack:
-        yield stack
-
-
-@pytest.fixture
-async def exchange(own_stack: Stack) -> AsyncIterator[Exchange]:
-    async with exchange_of(own_stack) as exchange:
-        yield exchange
-
-
-class Watcher:
-    """A StreamOrderBook subscriber of the new market: the statuses and asks it saw."""
-
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        stub = marketdata_pb2_grpc.MarketDataServiceStub(channel)
-        self.call = stub.StreamOrderBook(md.StreamOrderBookRequest(market=NEW, depth=10))
-        self.statuses: list[int] = []
-        self.asks: list[str] = []
-        self.task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        async for message in self.call:
-            kind = message.WhichOneof("kind") or "snapshot"
-            part = getattr(message, kind)
-            if not self.statuses or self.statuses[-1] != part.status:
-                self.statuses.append(part.status)
-            self.asks += [level.price for level in part.asks]
-
-    async def sees(self, check: Callable[[], bool], within_s: float = 15.0) -> None:
-        async with asyncio.timeout(within_s):
-            while not check():
-                assert not self.task.done(), self.task
-                await asyncio.sleep(0.05)
-
-    async def close(self) -> None:
-        self.call.cancel()
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+pytestmark = pytest.mark.own_stack
 
 
 async def _retried(call: Callable[[], Awaitable[T]], within_s: float = 30.0) -> T:
@@ -132,19 +90,6 @@ async def _set(exchange: Exchange, status: int, reason: str) -> match_pb2.SetMar
         market=NEW, status=status, reason=reason, request_id=uid("st")
     )
     return await stub.SetMarketStatus(request, metadata=exchange.svc, timeout=20)
-
-
-def _rest(stack: Stack, token: str, body: dict[str, str]) -> tuple[int, dict[str, object]]:
-    request = urllib.request.Request(
-        f"http://{stack.edge}/v1/admin/markets",
-        headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
-        data=json.dumps(body).encode(),
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
 
 
 async def _place(trader: Trader, **fields_: object) -> order_pb2.Order:
@@ -185,7 +130,9 @@ async def test_list_trade_restart_halt_and_delist_a_new_market(
     body = {"symbol": NEW, "base": "BTC", "quote": "ETH", "tickSize": "0.01",
             "lotSize": "0.0001", "maxQuantity": "10", "minNotional": "1",
             "reason": "again", "requestId": uid("rest")}  # fmt: skip
-    code, answer = await asyncio.to_thread(_rest, own_stack, exchange.service_token, body)
+    code, answer = await asyncio.to_thread(
+        rest, own_stack, "/v1/admin/markets", exchange.service_token, body
+    )
     assert code == 409, answer
     assert "MATCH_MARKET_EXISTS" in json.dumps(answer)
     static = _request(symbol="BTC-USDT", quote="USDT", tick_size="0.01")
@@ -202,7 +149,7 @@ async def test_list_trade_restart_halt_and_delist_a_new_market(
     # Market data shows it (ListMarkets, GetMarket, the stream); order trades it.
     market = await _market(exchange, TRADING)
     assert (market.base_asset, market.quote_asset, market.tick_size) == ("BTC", "ETH", "0.001")
-    watcher = Watcher(exchange.channel)
+    watcher = BookWatcher(exchange.channel, NEW)
     try:
         await watcher.sees(lambda: watcher.statuses == [TRADING])
         ask = await _place(seller, side=SELL, price="20", quantity="1")
@@ -219,22 +166,22 @@ async def test_list_trade_restart_halt_and_delist_a_new_market(
             t.ORDER_STATE_FILLED
         )
         await kill(own_stack, "order")
-        rest = await _place(buyer, side=BUY, price="19.5", quantity="0.1")
-        assert rest.state in (t.ORDER_STATE_OPEN, t.ORDER_STATE_PENDING_NEW), rest
+        bid = await _place(buyer, side=BUY, price="19.5", quantity="0.1")
+        assert bid.state in (t.ORDER_STATE_OPEN, t.ORDER_STATE_PENDING_NEW), bid
 
         # Halted: places refused; resumed; delisted: the open orders cancelled.
         await _set(exchange, HALTED, "incident on the new pair")
-        await watcher.sees(lambda: watcher.statuses[-1] == HALTED)
+        await watcher.sees_status(HALTED)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await buyer.place(market=NEW, side=BUY, price="19", quantity="0.1")
         assert error_of(refused.value).reason == "MATCH_MARKET_HALTED"
         await _set(exchange, TRADING, "resolved")
-        await watcher.sees(lambda: watcher.statuses[-1] == TRADING)
+        await watcher.sees_status(TRADING)
         delisted = await _set(exchange, DELISTED, "wound down")
         assert delisted.cancelled_orders == 2  # what is left of the ask, and the bid
-        await watcher.sees(lambda: watcher.statuses[-1] == DELISTED)
+        await watcher.sees_status(DELISTED)
         await _market(exchange, DELISTED)
-        for trader, order in ((seller, ask), (buyer, rest)):
+        for trader, order in ((seller, ask), (buyer, bid)):
             gone = await trader.settled(order.order_id, t.ORDER_STATE_CANCELLED)
             assert gone.state == t.ORDER_STATE_CANCELLED, gone
         balances = await exchange.balances(seller.account_id)

@@ -12,9 +12,6 @@ keeps trading BTC-USDT for every other test.
 from __future__ import annotations
 
 import asyncio
-import json
-import urllib.request
-from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import grpc
@@ -24,64 +21,25 @@ from cex.marketdata.v1 import marketdata_pb2 as md
 from cex.marketdata.v1 import marketdata_pb2_grpc
 from cex.match.v1 import match_pb2, match_pb2_grpc
 from cex.type.v1 import types_pb2 as t
-from cex_stack.supervisor import Stack, embedded_env
-from cex_stack.topology import free_ports
+from cex_stack.supervisor import Stack
 from tests.cli import cex
 from tests.e2e.order.support import (
     BUY,
     MARKET,
     SELL,
+    BookWatcher,
     Exchange,
     error_of,
-    exchange_of,
     journal_replays,
     uid,
 )
+from tests.rest import rest_ok
 
 HALTED, TRADING = t.MARKET_STATUS_HALTED, t.MARKET_STATUS_TRADING
 CANCEL_ONLY, DELISTED = t.MARKET_STATUS_CANCEL_ONLY, t.MARKET_STATUS_DELISTED
 
 
-@pytest.fixture(scope="module")
-async def own_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    async with Stack(
-        tmp_path_factory.mktemp("cex-market-status"), free_ports(), embedded_env()
-    ) as stack:
-        yield stack
-
-
-@pytest.fixture
-async def exchange(own_stack: Stack) -> AsyncIterator[Exchange]:
-    async with exchange_of(own_stack) as exchange:
-        yield exchange
-
-
-class Watcher:
-    """A StreamOrderBook subscriber, read in the background: the status it was told."""
-
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        stub = marketdata_pb2_grpc.MarketDataServiceStub(channel)
-        self.call = stub.StreamOrderBook(md.StreamOrderBookRequest(market=MARKET, depth=10))
-        self.statuses: list[int] = []
-        self.task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        async for message in self.call:
-            kind = message.WhichOneof("kind")
-            status = getattr(message, kind or "snapshot").status
-            if not self.statuses or self.statuses[-1] != status:
-                self.statuses.append(status)
-
-    async def sees(self, status: int, within_s: float = 15.0) -> None:
-        async with asyncio.timeout(within_s):
-            while not self.statuses or self.statuses[-1] != status:
-                assert not self.task.done(), self.task
-                await asyncio.sleep(0.05)
-
-    async def close(self) -> None:
-        self.call.cancel()
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+pytestmark = pytest.mark.own_stack
 
 
 async def _set(exchange: Exchange, status: int, reason: str) -> match_pb2.SetMarketStatusResponse:
@@ -105,17 +63,6 @@ async def _market(exchange: Exchange, status: int, within_s: float = 15.0) -> t.
             await asyncio.sleep(0.1)
 
 
-def _rest(stack: Stack, token: str, body: dict[str, str]) -> dict[str, object]:
-    request = urllib.request.Request(
-        f"http://{stack.edge}/v1/admin/markets/{MARKET}/status",
-        headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
-        data=json.dumps(body).encode(),
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        answer: dict[str, object] = json.loads(response.read())
-        return answer
-
-
 async def test_halt_resume_cancel_only_and_delist_with_orders_and_a_watcher(
     own_stack: Stack, exchange: Exchange
 ) -> None:
@@ -123,15 +70,15 @@ async def test_halt_resume_cancel_only_and_delist_with_orders_and_a_watcher(
     buyer = await exchange.trader({"USDT": "1000"}, "buyer")
     ask = await seller.place(side=SELL, price="105", quantity="1")
     bid = await buyer.place(side=BUY, price="95", quantity="1")
-    watcher = Watcher(exchange.channel)
+    watcher = BookWatcher(exchange.channel, MARKET)
     try:
-        await watcher.sees(TRADING)
+        await watcher.sees_status(TRADING)
 
         # HALTED: places refused with the writer's reason, passed through by order.
         halted = await _set(exchange, HALTED, "incident 7: bad prints")
         assert halted.change.previous_status == TRADING and halted.change.status == HALTED
         assert halted.change.updated_by == "svc:tests"
-        await watcher.sees(HALTED)
+        await watcher.sees_status(HALTED)
         market = await _market(exchange, HALTED)
         assert market.status_reason == "incident 7: bad prints"
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -143,17 +90,21 @@ async def test_halt_resume_cancel_only_and_delist_with_orders_and_a_watcher(
 
         # Resumed: trading again.
         await _set(exchange, TRADING, "resolved")
-        await watcher.sees(TRADING)
+        await watcher.sees_status(TRADING)
         late = await buyer.place(side=BUY, price="96", quantity="0.1")
 
         # CANCEL_ONLY, over REST: a cancel goes through, a place does not.
         body = {"status": "MARKET_STATUS_CANCEL_ONLY", "reason": "winding down"}
         answer = await asyncio.to_thread(
-            _rest, own_stack, exchange.service_token, {**body, "request_id": uid("rest")}
+            rest_ok,
+            own_stack,
+            f"/v1/admin/markets/{MARKET}/status",
+            exchange.service_token,
+            {**body, "request_id": uid("rest")},
         )
         change = answer["change"]
         assert isinstance(change, dict) and change["status"] == "MARKET_STATUS_CANCEL_ONLY"
-        await watcher.sees(CANCEL_ONLY)
+        await watcher.sees_status(CANCEL_ONLY)
         cancelled = await buyer.cancel(late.order_id)
         assert cancelled.state == t.ORDER_STATE_CANCELLED
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -165,7 +116,7 @@ async def test_halt_resume_cancel_only_and_delist_with_orders_and_a_watcher(
             cex, own_stack, "market", "status", MARKET, "delisted", "--reason", "gone"
         )
         assert "CANCEL_ONLY -> DELISTED" in printed and "2 open orders cancelled" in printed
-        await watcher.sees(DELISTED)
+        await watcher.sees_status(DELISTED)
         await _market(exchange, DELISTED)
         for trader, order in ((seller, ask), (buyer, bid)):
             done = await trader.settled(order.order_id, t.ORDER_STATE_CANCELLED)

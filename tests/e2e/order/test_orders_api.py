@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from decimal import Decimal
+from typing import Any
 
 import grpc
 import pytest
@@ -15,6 +16,7 @@ from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from cex.type.v1 import types_pb2 as t
 from services.chassis import ErrorDetails
 from tests.e2e.order.support import BUY, MARKET, SELL, Exchange, Trader, error_of, fields, uid
+from tests.rest import rest_ok
 
 D = Decimal
 
@@ -388,21 +390,10 @@ async def test_list_orders_pages_and_filters(exchange: Exchange) -> None:
 
 @pytest.mark.replicas
 async def test_rest_place_lookup_and_cancel_through_envoy(exchange: Exchange) -> None:
-    import json
-    import urllib.request
-
     bob = await exchange.trader({"USDT": "100"}, "bob")
-    base = f"http://{exchange.stack.edge}"
 
-    def call(method: str, path: str, body: dict[str, object] | None = None) -> dict[str, object]:
-        request = urllib.request.Request(
-            base + path,
-            data=json.dumps(body).encode() if body is not None else None,
-            method=method,
-            headers={"authorization": f"Bearer {bob.token}", "content-type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=20) as response:
-            return json.loads(response.read())  # type: ignore[no-any-return]
+    def call(path: str, body: dict[str, object] | None = None) -> Any:
+        return rest_ok(exchange.stack, path, bob.token, body)
 
     body = {
         "client_order_id": "rest-1",
@@ -412,16 +403,16 @@ async def test_rest_place_lookup_and_cancel_through_envoy(exchange: Exchange) ->
         "price": "95",
         "quantity": "0.1",
     }
-    placed = await asyncio.to_thread(call, "POST", "/v1/orders", body)
-    again = await asyncio.to_thread(call, "POST", "/v1/orders", body)
-    assert placed["order"]["order_id"] == again["order"]["order_id"]  # type: ignore[index]
-    assert placed["order"]["state"] == "ORDER_STATE_OPEN"  # type: ignore[index]
-    found = await asyncio.to_thread(call, "GET", "/v1/orders:lookup?client_order_id=rest-1")
-    assert found["order"]["order_id"] == placed["order"]["order_id"]  # type: ignore[index]
+    placed = await asyncio.to_thread(call, "/v1/orders", body)
+    again = await asyncio.to_thread(call, "/v1/orders", body)
+    assert placed["order"]["order_id"] == again["order"]["order_id"]
+    assert placed["order"]["state"] == "ORDER_STATE_OPEN"
+    found = await asyncio.to_thread(call, "/v1/orders:lookup?client_order_id=rest-1")
+    assert found["order"]["order_id"] == placed["order"]["order_id"]
     cancelled = await asyncio.to_thread(
-        call, "POST", "/v1/orders:cancel", {"client_order_id": "rest-1", "request_id": "x-1"}
+        call, "/v1/orders:cancel", {"client_order_id": "rest-1", "request_id": "x-1"}
     )
-    assert cancelled["order"]["state"] == "ORDER_STATE_CANCELLED"  # type: ignore[index]
+    assert cancelled["order"]["state"] == "ORDER_STATE_CANCELLED"
 
 
 @pytest.mark.replicas

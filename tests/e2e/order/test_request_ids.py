@@ -5,9 +5,6 @@ auth, funding, the ledger and order alike, over gRPC through Envoy and over REST
 from __future__ import annotations
 
 import asyncio
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +18,7 @@ from cex.order.v1 import order_pb2
 from cex_stack.supervisor import Stack
 from services.chassis import ErrorDetails, ServiceCredentials
 from tests.e2e.order.support import Exchange
+from tests.rest import rest
 
 ETH = "0x" + "b" * 40
 
@@ -138,24 +136,10 @@ async def test_an_empty_request_id_is_refused_naming_the_field_in_every_service(
         assert balances.balances[0].available == "100"
 
 
-def _post(stack: Stack, path: str, token: str, body: dict[str, str]) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        f"http://{stack.edge}{path}",
-        method="POST",
-        data=json.dumps(body).encode(),
-        headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 async def test_over_rest_too(stack: Stack, exchange: Exchange) -> None:
     user = await exchange.trader(name="rest-keys")
     status, body = await asyncio.to_thread(
-        _post, stack, "/v1/apiKeys", user.token, {"scopes": ["API_KEY_SCOPE_READ"]}
+        rest, stack, "/v1/apiKeys", user.token, {"scopes": ["API_KEY_SCOPE_READ"]}
     )
     assert status == 400, body
     assert body["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]

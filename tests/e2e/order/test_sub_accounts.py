@@ -13,9 +13,6 @@ sub's limits within its own; the ledger audit passes.
 from __future__ import annotations
 
 import asyncio
-import json
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -33,6 +30,7 @@ from tests.cli import cex
 from tests.e2e.order.support import BUY, SELL, Exchange, Trader, bearer, error_of, uid
 from tests.e2e.order.test_streams import Client, R, place
 from tests.e2e.test_not_found import lookalike
+from tests.rest import rest
 
 D = Decimal
 NF = grpc.StatusCode.NOT_FOUND
@@ -56,22 +54,6 @@ async def _token(exchange: Exchange, key: Key) -> str:
         timeout=10,
     )
     return reply.access_token
-
-
-def _rest(
-    exchange: Exchange, method: str, path: str, token: str, body: dict[str, object] | None = None
-) -> tuple[int, dict[str, object]]:
-    request = urllib.request.Request(
-        f"http://{exchange.stack.edge}{path}",
-        method=method,
-        headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
-        data=None if body is None else json.dumps(body).encode(),
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read().decode())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read().decode())
 
 
 def _cex(exchange: Exchange, key: Key, *args: str) -> str:
@@ -126,7 +108,7 @@ async def test_a_master_runs_two_sub_accounts(exchange: Exchange) -> None:
     assert again.account_id == sub_a.account_id and sub_a.master_account_id == master_id
     assert sub_a.type == auth_pb2.ACCOUNT_TYPE_MARKET_MAKER
     status, body = await asyncio.to_thread(
-        _rest, exchange, "POST", "/v1/subAccounts", md[0][1][7:],
+        rest, exchange.stack, "/v1/subAccounts", md[0][1][7:],
         {"request_id": uid("s"), "display_name": "desk-b"},
     )  # fmt: skip
     assert status == 200, body
@@ -184,7 +166,7 @@ async def test_a_master_runs_two_sub_accounts(exchange: Exchange) -> None:
     reused = await _answer(ledger.TransferSubAccountFunds, other, md)
     assert reused[0] == grpc.StatusCode.ALREADY_EXISTS, reused
     status, body = await asyncio.to_thread(
-        _rest, exchange, "POST", "/v1/subAccounts/transfers", md[0][1][7:],
+        rest, exchange.stack, "/v1/subAccounts/transfers", md[0][1][7:],
         {"request_id": uid("m"), "from_account_id": master_id, "to_account_id": b_id,
          "asset": "BTC", "amount": "1"},
     )  # fmt: skip

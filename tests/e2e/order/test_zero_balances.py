@@ -5,10 +5,6 @@ LEDGER_INSUFFICIENT_FUNDS (HTTP 400), never NOT_FOUND (it was a 404)."""
 from __future__ import annotations
 
 import asyncio
-import json
-import urllib.error
-import urllib.request
-from typing import Any
 
 import grpc
 import pytest
@@ -18,20 +14,7 @@ from cex.type.v1 import types_pb2 as t
 from cex_stack.supervisor import Stack
 from services.chassis import ErrorDetails, load_catalog
 from tests.e2e.order.support import BUY, SELL, Exchange, uid
-
-
-def _http(stack: Stack, method: str, path: str, token: str, body: Any = None) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        f"http://{stack.edge}{path}",
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=20) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+from tests.rest import rest
 
 
 async def test_a_new_accounts_balances_are_zero_over_grpc_and_rest(
@@ -42,9 +25,7 @@ async def test_a_new_accounts_balances_are_zero_over_grpc_and_rest(
     reply = await stub.GetBalances(ledger_pb2.GetBalancesRequest(), metadata=trader.md, timeout=10)
     assert [b.asset for b in reply.balances] == sorted(load_catalog().assets)
     assert all(b.available == b.held == b.total == "0" for b in reply.balances)
-    status, body = await asyncio.to_thread(
-        _http, stack, "GET", "/v1/balances?assets=USDT", trader.token
-    )
+    status, body = await asyncio.to_thread(rest, stack, "/v1/balances?assets=USDT", trader.token)
     assert status == 200, body
     assert [(b["asset"], b["available"], b["held"]) for b in body["balances"]] == [
         ("USDT", "0", "0")
@@ -70,7 +51,7 @@ async def test_an_order_an_unfunded_account_cannot_pay_is_insufficient_funds(
         "type": "ORDER_TYPE_LIMIT",
         **order,
     }
-    status, reply = await asyncio.to_thread(_http, stack, "POST", "/v1/orders", trader.token, body)
+    status, reply = await asyncio.to_thread(rest, stack, "/v1/orders", trader.token, body)
     assert status == 400, (status, reply)
     assert reply["code"] == grpc.StatusCode.FAILED_PRECONDITION.value[0], reply
     reasons = [d.get("reason") for d in reply.get("details", [])]
