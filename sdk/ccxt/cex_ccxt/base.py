@@ -1,11 +1,14 @@
 """What the sync and the async class share: the description, signing, errors,
 parsing, and every unified method written once as a plan.
 
-A plan is a generator that yields the requests it needs (`Call`, or
-`LOAD_MARKETS`) and receives their decoded JSON answers; it returns the
-unified structure. `cexcore` (sync) and `async_support.cexcore` drive the
-same plans, one with blocking calls and one with awaits, so the two classes
-cannot drift apart (CCXT itself gets there by transpiling one source).
+A plan is a generator that yields the steps it needs (a `Call`, `Send`,
+`AUTHENTICATE` or `LOAD_MARKETS`) and receives their answers (decoded JSON for a
+request); an error of a step is raised inside the plan, at its `yield`. It
+returns the unified structure. `cexcore` (sync) and `async_support.cexcore`
+drive the same plans, one with blocking calls and one with awaits (`Run` and
+`_perform` are the rest of driving, here once), so the two classes cannot
+drift apart (CCXT itself gets there by transpiling one source). `request`,
+with its token handling, is a plan too.
 
 The REST surface is the one Envoy transcodes from the v1 protos (their
 `google.api.http` annotations): JSON with the protos' field names, decimal
@@ -22,17 +25,34 @@ generated). A retried call with the same key never acts twice.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ccxt.base.decimal_to_precision import TICK_SIZE
-from ccxt.base.errors import ArgumentsRequired, BadRequest, ExchangeError, InvalidOrder
+from ccxt.base.errors import (
+    ArgumentsRequired,
+    AuthenticationError,
+    BadRequest,
+    ExchangeError,
+    InvalidOrder,
+)
 
 from .errors import error_class, reason_of
 
-__all__ = ["LOAD_MARKETS", "Call", "CexcoreBase", "Plan"]
+__all__ = [
+    "AUTHENTICATE",
+    "LOAD_MARKETS",
+    "UNIFIED",
+    "Call",
+    "CexcoreBase",
+    "Plan",
+    "Run",
+    "Send",
+    "install",
+]
 
 Json = dict[str, Any]
 
@@ -47,9 +67,56 @@ class Call:
     params: Json = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Send:
+    """A request as CCXT's own `request` sends it, beneath the token handling."""
+
+    path: str
+    api: str
+    method: str
+    params: Json
+    headers: Any
+    body: Any
+    config: Json
+
+
+#: Load the markets (CCXT's `load_markets`, cached); answers them.
 LOAD_MARKETS = "load_markets"
-Step = Call | str
+#: Hold a valid token; answers True if it was renewed for this step.
+AUTHENTICATE = "authenticate"
+Step = Call | Send | str
 Plan = Generator[Step, Any, Any]
+
+
+class Run:
+    """A plan being driven: the `step` it waits on until it is `done`, then its `value`.
+
+    A driver answers each step with `send`, or `throw`s the step's error into the
+    plan; `close` ends a plan left unfinished (the driver was cancelled).
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        self._plan = plan
+        self.step: Step = ""
+        self.done = False
+        self.value: Any = None
+        self.send(None)
+
+    def send(self, reply: Any) -> None:
+        self._resume(self._plan.send, reply)
+
+    def throw(self, error: Exception) -> None:
+        self._resume(self._plan.throw, error)
+
+    def close(self) -> None:
+        self._plan.close()
+
+    def _resume(self, resume: Callable[[Any], Step], answer: Any) -> None:
+        try:
+            self.step = resume(answer)
+        except StopIteration as returned:
+            self.done, self.value = True, returned.value
+
 
 # The unified methods implemented here (CCXT names; `has` says exactly these).
 UNIFIED = (
@@ -265,18 +332,43 @@ class CexcoreBase(_Exchange):
             return None
         raise cls(f"{self.id} {found or code} {body}")
 
-    def _token_request(self) -> Call:
-        self.check_required_credentials()
-        return Call(
-            "v1/tokens",
-            "public",
-            "POST",
-            {"api_key_id": self.apiKey, "api_key_secret": self.secret},
-        )
+    def _request(
+        self,
+        path: str,
+        api: Any = "public",
+        method: str = "GET",
+        params: Any = None,
+        headers: Any = None,
+        body: Any = None,
+        config: Any = None,
+    ) -> Plan:
+        """CCXT's request, with a valid token for private calls; a token the edge
+        refuses (e.g. the stack restarted with new keys) is renewed once."""
+        send = Send(path, api, method, params or {}, headers, body, config or {})
+        if api != "private":
+            return (yield send)
+        fresh = yield AUTHENTICATE
+        try:
+            return (yield send)
+        except AuthenticationError:
+            if fresh:
+                raise
+            self._forget_token()
+            yield AUTHENTICATE
+            return (yield send)
 
-    def _token_stale(self) -> bool:
+    def _authenticate(self) -> Any:
+        """Obtain a token if there is none or it is near expiry; True if it did."""
+        return self._drive(self._renew_token())
+
+    def _renew_token(self) -> Plan:
         now: int = self.milliseconds()
-        return not self._token or now >= self._token_renew_ms
+        if self._token and now < self._token_renew_ms:
+            return False
+        self.check_required_credentials()
+        credentials = {"api_key_id": self.apiKey, "api_key_secret": self.secret}
+        self._keep_token((yield Send("v1/tokens", "public", "POST", credentials, None, None, {})))
+        return True
 
     def _keep_token(self, reply: Json) -> None:
         token = self.safe_string(reply, "access_token")
@@ -290,6 +382,31 @@ class CexcoreBase(_Exchange):
     def _forget_token(self) -> None:
         self._token = ""
         self._token_renew_ms = 0
+
+    def _perform(self, step: Step) -> Callable[[], Any]:
+        """What answers a plan's step: a call of this class's methods, blocking in
+        `cexcore` and a coroutine function in `async_support.cexcore`."""
+        if isinstance(step, Call):
+            return functools.partial(self.request, step.path, step.api, step.method, step.params)
+        if isinstance(step, Send):
+            return functools.partial(
+                super().request,  # CCXT's, beneath `request`'s token handling
+                step.path,
+                step.api,
+                step.method,
+                step.params,
+                step.headers,
+                step.body,
+                step.config,
+            )
+        if step == LOAD_MARKETS:
+            return functools.partial(self.load_markets)
+        if step == AUTHENTICATE:
+            return self._authenticate
+        raise TypeError(f"a plan yielded {step!r}")
+
+    def _drive(self, plan: Plan) -> Any:
+        raise NotImplementedError  # blocking in cexcore, awaiting in async_support
 
     # ---- small helpers -------------------------------------------------------
 
@@ -1034,6 +1151,11 @@ class CexcoreBase(_Exchange):
         }
 
 
-def unified(plan: Callable[..., Plan]) -> str:
-    """The public name of a plan method (`_fetch_ticker` -> `fetch_ticker`)."""
-    return plan.__name__.lstrip("_")
+def install(cls: type, driven: Callable[[Callable[..., Plan]], Callable[..., Any]]) -> None:
+    """Give `cls` `request` and every unified method as its own: `name` is the plan
+    `_name` (its signature and docstring) driven as `driven(plan)` drives it."""
+    for name in (*UNIFIED, "request"):
+        plan = getattr(CexcoreBase, "_" + name)
+        method = functools.wraps(plan)(driven(plan))
+        method.__name__ = method.__qualname__ = name
+        setattr(cls, name, method)
