@@ -234,6 +234,49 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+# The unified lists come in families that share CCXT's signature (fetch_orders,
+# fetch_open_orders, ...): each family's plan is written once, made per list.
+
+
+def _account_list(kind: str, parse: str, **fixed: str) -> Callable[..., Plan]:
+    """The plan of a list of the account's `kind` (v1/orders, v1/fills): `fixed`
+    params, the time window, one market's (a symbol) or every market's items,
+    page after page, parsed by the method `parse` names."""
+
+    def plan(
+        self: CexcoreBase,
+        symbol: str | None = None,
+        since: int | None = None,
+        limit: int | None = None,
+        params: Json | None = None,
+    ) -> Plan:
+        request: Json = {**fixed, **self._windowed(since, params)}
+        market = yield from self._market_filter(symbol, request)
+        items = yield from self._pages(Call(f"v1/{kind}", "private", params=request), kind, limit)
+        return getattr(self, parse)(items, market, since, limit)
+
+    return plan
+
+
+def _transfer_list(kind: str) -> Callable[..., Plan]:
+    """The plan of fetch_deposits or fetch_withdrawals (v1/{kind}): the time window,
+    one asset's (a currency code) or every asset's, page after page."""
+
+    def plan(
+        self: CexcoreBase,
+        code: str | None = None,
+        since: int | None = None,
+        limit: int | None = None,
+        params: Json | None = None,
+    ) -> Plan:
+        request = self._windowed(since, params)
+        currency = yield from self._currency_filter(code, request)
+        items = yield from self._pages(Call(f"v1/{kind}", "private", params=request), kind, limit)
+        return self.parse_transactions(items, currency, since, limit)
+
+    return plan
+
+
 # ccxt ships no type information: to the type checker the mixin is an Exchange of
 # unknown shape (every ccxt helper is Any), at run time a plain mixin.
 if TYPE_CHECKING:
@@ -428,13 +471,29 @@ class CexcoreBase(_Exchange):
             request["end_time"] = self.iso8601(until)
         return {**request, **self.omit(params, "until")}
 
-    def _market_filter(self, symbol: str | None, request: Json) -> Json | None:
-        """The market of `symbol`, named in `request`; None (every market) without one."""
+    def _market_filter(
+        self, symbol: str | None, request: Json
+    ) -> Generator[Step, Any, Json | None]:
+        """The market of `symbol`, named in `request`; None (every market) without one.
+        The markets are loaded either way (parsing finds an item's market by id)."""
+        yield LOAD_MARKETS
         if symbol is None:
             return None
         market = self._market_of(symbol)
         request["market"] = market["id"]
         return market
+
+    def _currency_filter(
+        self, code: str | None, request: Json
+    ) -> Generator[Step, Any, Json | None]:
+        """The currency of `code`, named in `request` (as `asset`); None (every asset)
+        without one. The markets and currencies are loaded either way."""
+        yield LOAD_MARKETS
+        if code is None:
+            return None
+        currency: Json = self.currency(code)
+        request["asset"] = currency["id"]
+        return currency
 
     def _pages(self, call: Call, key: str, limit: int | None) -> Generator[Step, Any, list[Json]]:
         """Every item of a paged list (page_size/page_token), up to `limit`."""
@@ -453,6 +512,11 @@ class CexcoreBase(_Exchange):
     def _market_of(self, symbol: str) -> Json:
         market: Json = self.market(symbol)
         return market
+
+    def _loaded_market(self, symbol: str) -> Generator[Step, Any, Json]:
+        """The market of `symbol`, once the markets are loaded."""
+        yield LOAD_MARKETS
+        return self._market_of(symbol)
 
     def _request_id(self, params: Json) -> tuple[str, Json]:
         given = self.safe_string_2(params, "requestId", "request_id")
@@ -574,8 +638,7 @@ class CexcoreBase(_Exchange):
     # ---- public: market data -------------------------------------------------
 
     def _fetch_ticker(self, symbol: str, params: Json | None = None) -> Plan:
-        yield LOAD_MARKETS
-        market = self._market_of(symbol)
+        market = yield from self._loaded_market(symbol)
         reply = yield Call(
             "v1/markets/{market}/ticker", params={"market": market["id"], **(params or {})}
         )
@@ -626,8 +689,7 @@ class CexcoreBase(_Exchange):
     def _fetch_order_book(
         self, symbol: str, limit: int | None = None, params: Json | None = None
     ) -> Plan:
-        yield LOAD_MARKETS
-        market = self._market_of(symbol)
+        market = yield from self._loaded_market(symbol)
         request: Json = {"market": market["id"], **(params or {})}
         if limit is not None:
             request["depth"] = limit
@@ -647,8 +709,7 @@ class CexcoreBase(_Exchange):
         limit: int | None = None,
         params: Json | None = None,
     ) -> Plan:
-        yield LOAD_MARKETS
-        market = self._market_of(symbol)
+        market = yield from self._loaded_market(symbol)
         request = {"market": market["id"], **self._windowed(since, params)}
         trades = yield from self._pages(
             Call("v1/markets/{market}/trades", params=request), "trades", limit or 100
@@ -695,8 +756,7 @@ class CexcoreBase(_Exchange):
         limit: int | None = None,
         params: Json | None = None,
     ) -> Plan:
-        yield LOAD_MARKETS
-        market = self._market_of(symbol)
+        market = yield from self._loaded_market(symbol)
         interval = self.timeframes.get(timeframe)
         if interval is None:
             raise BadRequest(
@@ -836,8 +896,7 @@ class CexcoreBase(_Exchange):
         price: float | None = None,
         params: Json | None = None,
     ) -> Plan:
-        yield LOAD_MARKETS
-        market = self._market_of(symbol)
+        market = yield from self._loaded_market(symbol)
         request = self._order_request(market, type, side, amount, price, params or {})
         reply = yield Call("v1/orders", "private", "POST", request)
         return self.parse_order(reply["order"], market)
@@ -893,8 +952,7 @@ class CexcoreBase(_Exchange):
         """An amend (AmendOrder): a new price and/or a new total amount, keeping the
         order's id (and, for a smaller amount at the same price, its queue place).
         Type and side cannot change; they are checked only if given."""
-        yield LOAD_MARKETS
-        market = self._market_of(symbol)
+        market = yield from self._loaded_market(symbol)
         if price is None and amount is None:
             raise ArgumentsRequired(f"{self.id} edit_order: a new price or amount is required")
         request_id, params = self._request_id(params or {})
@@ -920,56 +978,13 @@ class CexcoreBase(_Exchange):
         reply = yield Call(path, "private", "GET", request)
         return self.parse_order(reply["order"])
 
-    def _list_orders(
-        self,
-        status: str,
-        symbol: str | None,
-        since: int | None,
-        limit: int | None,
-        params: Json | None,
-    ) -> Plan:
-        yield LOAD_MARKETS
-        request: Json = {"status": status, **self._windowed(since, params)}
-        market = self._market_filter(symbol, request)
-        orders = yield from self._pages(
-            Call("v1/orders", "private", params=request), "orders", limit
-        )
-        return self.parse_orders(orders, market, since, limit)
-
-    def _fetch_orders(
-        self,
-        symbol: str | None = None,
-        since: int | None = None,
-        limit: int | None = None,
-        params: Json | None = None,
-    ) -> Plan:
-        return (
-            yield from self._list_orders(
-                "ORDER_STATUS_FILTER_UNSPECIFIED", symbol, since, limit, params
-            )
-        )
-
-    def _fetch_open_orders(
-        self,
-        symbol: str | None = None,
-        since: int | None = None,
-        limit: int | None = None,
-        params: Json | None = None,
-    ) -> Plan:
-        return (
-            yield from self._list_orders("ORDER_STATUS_FILTER_OPEN", symbol, since, limit, params)
-        )
-
-    def _fetch_closed_orders(
-        self,
-        symbol: str | None = None,
-        since: int | None = None,
-        limit: int | None = None,
-        params: Json | None = None,
-    ) -> Plan:
-        return (
-            yield from self._list_orders("ORDER_STATUS_FILTER_CLOSED", symbol, since, limit, params)
-        )
+    _fetch_orders = _account_list(
+        "orders", "parse_orders", status="ORDER_STATUS_FILTER_UNSPECIFIED"
+    )
+    _fetch_open_orders = _account_list("orders", "parse_orders", status="ORDER_STATUS_FILTER_OPEN")
+    _fetch_closed_orders = _account_list(
+        "orders", "parse_orders", status="ORDER_STATUS_FILTER_CLOSED"
+    )
 
     def parse_order(self, order: Json, market: Json | None = None) -> Any:
         s = self.safe_string
@@ -1011,18 +1026,7 @@ class CexcoreBase(_Exchange):
             market,
         )
 
-    def _fetch_my_trades(
-        self,
-        symbol: str | None = None,
-        since: int | None = None,
-        limit: int | None = None,
-        params: Json | None = None,
-    ) -> Plan:
-        yield LOAD_MARKETS
-        request = self._windowed(since, params)
-        market = self._market_filter(symbol, request)
-        fills = yield from self._pages(Call("v1/fills", "private", params=request), "fills", limit)
-        return self.parse_trades(fills, market, since, limit)
+    _fetch_my_trades = _account_list("fills", "parse_trades")
 
     def _fetch_order_trades(
         self,
@@ -1077,35 +1081,8 @@ class CexcoreBase(_Exchange):
         reply = yield Call("v1/withdrawals", "private", "POST", request)
         return self.parse_transaction(reply["withdrawal"], currency)
 
-    def _list_transactions(
-        self, kind: str, code: str | None, since: int | None, limit: int | None, params: Json | None
-    ) -> Plan:
-        yield LOAD_MARKETS
-        request = self._windowed(since, params)
-        currency = None
-        if code is not None:
-            currency = self.currency(code)
-            request["asset"] = currency["id"]
-        items = yield from self._pages(Call(f"v1/{kind}", "private", params=request), kind, limit)
-        return self.parse_transactions(items, currency, since, limit)
-
-    def _fetch_deposits(
-        self,
-        code: str | None = None,
-        since: int | None = None,
-        limit: int | None = None,
-        params: Json | None = None,
-    ) -> Plan:
-        return (yield from self._list_transactions("deposits", code, since, limit, params))
-
-    def _fetch_withdrawals(
-        self,
-        code: str | None = None,
-        since: int | None = None,
-        limit: int | None = None,
-        params: Json | None = None,
-    ) -> Plan:
-        return (yield from self._list_transactions("withdrawals", code, since, limit, params))
+    _fetch_deposits = _transfer_list("deposits")
+    _fetch_withdrawals = _transfer_list("withdrawals")
 
     def _fetch_withdrawal(
         self, id: str, code: str | None = None, params: Json | None = None
