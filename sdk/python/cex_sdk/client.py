@@ -146,10 +146,7 @@ class Client(ClosedOnExit):
 
         The helpers built on it (`MarketMakerSession`) reconnect themselves.
         """
-        return cast(
-            "grpc.aio.StreamStreamMultiCallable[Message, R]",
-            _bind(self._channel.stream_stream, method, response_type),
-        )
+        return _bind(self._channel.stream_stream, method, response_type)
 
     def unary_stream(
         self, method: str, response_type: type[R]
@@ -158,10 +155,7 @@ class Client(ClosedOnExit):
 
         The helpers built on it (`LocalOrderBook`) reconnect themselves.
         """
-        return cast(
-            "grpc.aio.UnaryStreamMultiCallable[Message, R]",
-            _bind(self._channel.unary_stream, method, response_type),
-        )
+        return _bind(self._channel.unary_stream, method, response_type)
 
     def _callable(
         self, method: str, response_type: type[R]
