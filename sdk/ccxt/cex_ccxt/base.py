@@ -75,9 +75,9 @@ class Send:
     api: str
     method: str
     params: Json
-    headers: Any
-    body: Any
-    config: Json
+    headers: Any = None
+    body: Any = None
+    config: Json = field(default_factory=dict)
 
 
 #: Load the markets (CCXT's `load_markets`, cached); answers them.
@@ -410,7 +410,7 @@ class CexcoreBase(_Exchange):
             return False
         self.check_required_credentials()
         credentials = {"api_key_id": self.apiKey, "api_key_secret": self.secret}
-        self._keep_token((yield Send("v1/tokens", "public", "POST", credentials, None, None, {})))
+        self._keep_token((yield Send("v1/tokens", "public", "POST", credentials)))
         return True
 
     def _keep_token(self, reply: Json) -> None:
@@ -449,7 +449,9 @@ class CexcoreBase(_Exchange):
         raise TypeError(f"a plan yielded {step!r}")
 
     def _drive(self, plan: Plan) -> Any:
-        raise NotImplementedError  # blocking in cexcore, awaiting in async_support
+        """Run a plan to its end: with blocking calls in `cexcore`, with awaits (a
+        coroutine) in `async_support.cexcore`."""
+        raise NotImplementedError
 
     # ---- small helpers -------------------------------------------------------
 
