@@ -15,7 +15,7 @@ from cex.auth.v1 import auth_pb2
 from cex.ledger.v1 import ledger_pb2
 
 from ._closing import ClosedOnExit
-from ._service import ServiceApi
+from ._service import R, ServiceApi
 from ._tokens import TokenSource
 from .errors import CexError, UnauthenticatedError, from_rpc_error
 from .marketdata import MarketDataApi
@@ -25,7 +25,6 @@ from .retry import RetryEvent, RetryPolicy, may_retry
 
 __all__ = ["DEFAULT_TIMEOUT_S", "KEEPALIVE_OPTIONS", "AuthApi", "Client", "LedgerApi"]
 
-R = TypeVar("R", bound=Message)
 M = TypeVar("M")
 
 DEFAULT_TIMEOUT_S = 10.0
