@@ -152,6 +152,8 @@ class _OrderCommands:
     async def _send(
         self, command: _Command[R], request: Message, key: str, timeout_s: float | None
     ) -> R:
+        """Send `command` and return its response; `key` is its idempotency key (the
+        stream matches the answer to the command by it)."""
         raise NotImplementedError
 
     async def _place(
