@@ -1,11 +1,14 @@
 """What the sync and the async class share: the description, signing, errors,
 parsing, and every unified method written once as a plan.
 
-A plan is a generator that yields the requests it needs (`Call`, or
-`LOAD_MARKETS`) and receives their decoded JSON answers; it returns the
-unified structure. `cexcore` (sync) and `async_support.cexcore` drive the
-same plans, one with blocking calls and one with awaits, so the two classes
-cannot drift apart (CCXT itself gets there by transpiling one source).
+A plan is a generator that yields the steps it needs (a `Call`, `Send`,
+`AUTHENTICATE` or `LOAD_MARKETS`) and receives their answers (decoded JSON for a
+request); an error of a step is raised inside the plan, at its `yield`. It
+returns the unified structure. `cexcore` (sync) and `async_support.cexcore`
+drive the same plans, one with blocking calls and one with awaits (`Run` and
+`_perform` are the rest of driving, here once), so the two classes cannot
+drift apart (CCXT itself gets there by transpiling one source). `request`,
+with its token handling, is a plan too.
 
 The REST surface is the one Envoy transcodes from the v1 protos (their
 `google.api.http` annotations): JSON with the protos' field names, decimal
@@ -22,17 +25,34 @@ generated). A retried call with the same key never acts twice.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ccxt.base.decimal_to_precision import TICK_SIZE
-from ccxt.base.errors import ArgumentsRequired, BadRequest, ExchangeError, InvalidOrder
+from ccxt.base.errors import (
+    ArgumentsRequired,
+    AuthenticationError,
+    BadRequest,
+    ExchangeError,
+    InvalidOrder,
+)
 
 from .errors import error_class, reason_of
 
-__all__ = ["LOAD_MARKETS", "Call", "CexcoreBase", "Plan"]
+__all__ = [
+    "AUTHENTICATE",
+    "LOAD_MARKETS",
+    "UNIFIED",
+    "Call",
+    "CexcoreBase",
+    "Plan",
+    "Run",
+    "Send",
+    "install",
+]
 
 Json = dict[str, Any]
 
@@ -47,9 +67,56 @@ class Call:
     params: Json = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Send:
+    """A request as CCXT's own `request` sends it, beneath the token handling."""
+
+    path: str
+    api: str
+    method: str
+    params: Json
+    headers: Any = None
+    body: Any = None
+    config: Json = field(default_factory=dict)
+
+
+#: Load the markets (CCXT's `load_markets`, cached); answers them.
 LOAD_MARKETS = "load_markets"
-Step = Call | str
+#: Hold a valid token; answers True if it was renewed for this step.
+AUTHENTICATE = "authenticate"
+Step = Call | Send | str
 Plan = Generator[Step, Any, Any]
+
+
+class Run:
+    """A plan being driven: the `step` it waits on until it is `done`, then its `value`.
+
+    A driver answers each step with `send`, or `throw`s the step's error into the
+    plan; `close` ends a plan left unfinished (the driver was cancelled).
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        self._plan = plan
+        self.step: Step = ""
+        self.done = False
+        self.value: Any = None
+        self.send(None)
+
+    def send(self, reply: Any) -> None:
+        self._resume(self._plan.send, reply)
+
+    def throw(self, error: Exception) -> None:
+        self._resume(self._plan.throw, error)
+
+    def close(self) -> None:
+        self._plan.close()
+
+    def _resume(self, resume: Callable[[Any], Step], answer: Any) -> None:
+        try:
+            self.step = resume(answer)
+        except StopIteration as returned:
+            self.done, self.value = True, returned.value
+
 
 # The unified methods implemented here (CCXT names; `has` says exactly these).
 UNIFIED = (
@@ -167,6 +234,49 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+# The unified lists come in families that share CCXT's signature (fetch_orders,
+# fetch_open_orders, ...): each family's plan is written once, made per list.
+
+
+def _account_list(kind: str, parse: str, **fixed: str) -> Callable[..., Plan]:
+    """The plan of a list of the account's `kind` (v1/orders, v1/fills): `fixed`
+    params, the time window, one market's (a symbol) or every market's items,
+    page after page, parsed by the method `parse` names."""
+
+    def plan(
+        self: CexcoreBase,
+        symbol: str | None = None,
+        since: int | None = None,
+        limit: int | None = None,
+        params: Json | None = None,
+    ) -> Plan:
+        request: Json = {**fixed, **self._windowed(since, params)}
+        market = yield from self._market_filter(symbol, request)
+        items = yield from self._pages(Call(f"v1/{kind}", "private", params=request), kind, limit)
+        return getattr(self, parse)(items, market, since, limit)
+
+    return plan
+
+
+def _transfer_list(kind: str) -> Callable[..., Plan]:
+    """The plan of fetch_deposits or fetch_withdrawals (v1/{kind}): the time window,
+    one asset's (a currency code) or every asset's, page after page."""
+
+    def plan(
+        self: CexcoreBase,
+        code: str | None = None,
+        since: int | None = None,
+        limit: int | None = None,
+        params: Json | None = None,
+    ) -> Plan:
+        request = self._windowed(since, params)
+        currency = yield from self._currency_filter(code, request)
+        items = yield from self._pages(Call(f"v1/{kind}", "private", params=request), kind, limit)
+        return self.parse_transactions(items, currency, since, limit)
+
+    return plan
+
+
 # ccxt ships no type information: to the type checker the mixin is an Exchange of
 # unknown shape (every ccxt helper is Any), at run time a plain mixin.
 if TYPE_CHECKING:
@@ -265,18 +375,43 @@ class CexcoreBase(_Exchange):
             return None
         raise cls(f"{self.id} {found or code} {body}")
 
-    def _token_request(self) -> Call:
-        self.check_required_credentials()
-        return Call(
-            "v1/tokens",
-            "public",
-            "POST",
-            {"api_key_id": self.apiKey, "api_key_secret": self.secret},
-        )
+    def _request(
+        self,
+        path: str,
+        api: Any = "public",
+        method: str = "GET",
+        params: Any = None,
+        headers: Any = None,
+        body: Any = None,
+        config: Any = None,
+    ) -> Plan:
+        """CCXT's request, with a valid token for private calls; a token the edge
+        refuses (e.g. the stack restarted with new keys) is renewed once."""
+        send = Send(path, api, method, params or {}, headers, body, config or {})
+        if api != "private":
+            return (yield send)
+        fresh = yield AUTHENTICATE
+        try:
+            return (yield send)
+        except AuthenticationError:
+            if fresh:
+                raise
+            self._forget_token()
+            yield AUTHENTICATE
+            return (yield send)
 
-    def _token_stale(self) -> bool:
+    def _authenticate(self) -> Any:
+        """Obtain a token if there is none or it is near expiry; True if it did."""
+        return self._drive(self._renew_token())
+
+    def _renew_token(self) -> Plan:
         now: int = self.milliseconds()
-        return not self._token or now >= self._token_renew_ms
+        if self._token and now < self._token_renew_ms:
+            return False
+        self.check_required_credentials()
+        credentials = {"api_key_id": self.apiKey, "api_key_secret": self.secret}
+        self._keep_token((yield Send("v1/tokens", "public", "POST", credentials)))
+        return True
 
     def _keep_token(self, reply: Json) -> None:
         token = self.safe_string(reply, "access_token")
@@ -290,6 +425,33 @@ class CexcoreBase(_Exchange):
     def _forget_token(self) -> None:
         self._token = ""
         self._token_renew_ms = 0
+
+    def _perform(self, step: Step) -> Callable[[], Any]:
+        """What answers a plan's step: a call of this class's methods, blocking in
+        `cexcore` and a coroutine function in `async_support.cexcore`."""
+        if isinstance(step, Call):
+            return functools.partial(self.request, step.path, step.api, step.method, step.params)
+        if isinstance(step, Send):
+            return functools.partial(
+                super().request,  # CCXT's, beneath `request`'s token handling
+                step.path,
+                step.api,
+                step.method,
+                step.params,
+                step.headers,
+                step.body,
+                step.config,
+            )
+        if step == LOAD_MARKETS:
+            return functools.partial(self.load_markets)
+        if step == AUTHENTICATE:
+            return self._authenticate
+        raise TypeError(f"a plan yielded {step!r}")
+
+    def _drive(self, plan: Plan) -> Any:
+        """Run a plan to its end: with blocking calls in `cexcore`, with awaits (a
+        coroutine) in `async_support.cexcore`."""
+        raise NotImplementedError
 
     # ---- small helpers -------------------------------------------------------
 
@@ -311,13 +473,29 @@ class CexcoreBase(_Exchange):
             request["end_time"] = self.iso8601(until)
         return {**request, **self.omit(params, "until")}
 
-    def _market_filter(self, symbol: str | None, request: Json) -> Json | None:
-        """The market of `symbol`, named in `request`; None (every market) without one."""
+    def _market_filter(
+        self, symbol: str | None, request: Json
+    ) -> Generator[Step, Any, Json | None]:
+        """The market of `symbol`, named in `request`; None (every market) without one.
+        The markets are loaded either way (parsing finds an item's market by id)."""
+        yield LOAD_MARKETS
         if symbol is None:
             return None
         market = self._market_of(symbol)
         request["market"] = market["id"]
         return market
+
+    def _currency_filter(
+        self, code: str | None, request: Json
+    ) -> Generator[Step, Any, Json | None]:
+        """The currency of `code`, named in `request` (as `asset`); None (every asset)
+        without one. The markets and currencies are loaded either way."""
+        yield LOAD_MARKETS
+        if code is None:
+            return None
+        currency: Json = self.currency(code)
+        request["asset"] = currency["id"]
+        return currency
 
     def _pages(self, call: Call, key: str, limit: int | None) -> Generator[Step, Any, list[Json]]:
         """Every item of a paged list (page_size/page_token), up to `limit`."""
@@ -336,6 +514,11 @@ class CexcoreBase(_Exchange):
     def _market_of(self, symbol: str) -> Json:
         market: Json = self.market(symbol)
         return market
+
+    def _loaded_market(self, symbol: str) -> Generator[Step, Any, Json]:
+        """The market of `symbol`, once the markets are loaded."""
+        yield LOAD_MARKETS
+        return self._market_of(symbol)
 
     def _request_id(self, params: Json) -> tuple[str, Json]:
         given = self.safe_string_2(params, "requestId", "request_id")
@@ -457,8 +640,7 @@ class CexcoreBase(_Exchange):
     # ---- public: market data -------------------------------------------------
 
     def _fetch_ticker(self, symbol: str, params: Json | None = None) -> Plan:
-        yield LOAD_MARKETS
-        market = self._market_of(symbol)
+        market = yield from self._loaded_market(symbol)
         reply = yield Call(
             "v1/markets/{market}/ticker", params={"market": market["id"], **(params or {})}
         )
@@ -509,8 +691,7 @@ class CexcoreBase(_Exchange):
     def _fetch_order_book(
         self, symbol: str, limit: int | None = None, params: Json | None = None
     ) -> Plan:
-        yield LOAD_MARKETS
-        market = self._market_of(symbol)
+        market = yield from self._loaded_market(symbol)
         request: Json = {"market": market["id"], **(params or {})}
         if limit is not None:
             request["depth"] = limit
@@ -530,8 +711,7 @@ class CexcoreBase(_Exchange):
         limit: int | None = None,
         params: Json | None = None,
     ) -> Plan:
-        yield LOAD_MARKETS
-        market = self._market_of(symbol)
+        market = yield from self._loaded_market(symbol)
         request = {"market": market["id"], **self._windowed(since, params)}
         trades = yield from self._pages(
             Call("v1/markets/{market}/trades", params=request), "trades", limit or 100
@@ -578,8 +758,7 @@ class CexcoreBase(_Exchange):
         limit: int | None = None,
         params: Json | None = None,
     ) -> Plan:
-        yield LOAD_MARKETS
-        market = self._market_of(symbol)
+        market = yield from self._loaded_market(symbol)
         interval = self.timeframes.get(timeframe)
         if interval is None:
             raise BadRequest(
@@ -719,8 +898,7 @@ class CexcoreBase(_Exchange):
         price: float | None = None,
         params: Json | None = None,
     ) -> Plan:
-        yield LOAD_MARKETS
-        market = self._market_of(symbol)
+        market = yield from self._loaded_market(symbol)
         request = self._order_request(market, type, side, amount, price, params or {})
         reply = yield Call("v1/orders", "private", "POST", request)
         return self.parse_order(reply["order"], market)
@@ -776,8 +954,7 @@ class CexcoreBase(_Exchange):
         """An amend (AmendOrder): a new price and/or a new total amount, keeping the
         order's id (and, for a smaller amount at the same price, its queue place).
         Type and side cannot change; they are checked only if given."""
-        yield LOAD_MARKETS
-        market = self._market_of(symbol)
+        market = yield from self._loaded_market(symbol)
         if price is None and amount is None:
             raise ArgumentsRequired(f"{self.id} edit_order: a new price or amount is required")
         request_id, params = self._request_id(params or {})
@@ -803,56 +980,13 @@ class CexcoreBase(_Exchange):
         reply = yield Call(path, "private", "GET", request)
         return self.parse_order(reply["order"])
 
-    def _list_orders(
-        self,
-        status: str,
-        symbol: str | None,
-        since: int | None,
-        limit: int | None,
-        params: Json | None,
-    ) -> Plan:
-        yield LOAD_MARKETS
-        request: Json = {"status": status, **self._windowed(since, params)}
-        market = self._market_filter(symbol, request)
-        orders = yield from self._pages(
-            Call("v1/orders", "private", params=request), "orders", limit
-        )
-        return self.parse_orders(orders, market, since, limit)
-
-    def _fetch_orders(
-        self,
-        symbol: str | None = None,
-        since: int | None = None,
-        limit: int | None = None,
-        params: Json | None = None,
-    ) -> Plan:
-        return (
-            yield from self._list_orders(
-                "ORDER_STATUS_FILTER_UNSPECIFIED", symbol, since, limit, params
-            )
-        )
-
-    def _fetch_open_orders(
-        self,
-        symbol: str | None = None,
-        since: int | None = None,
-        limit: int | None = None,
-        params: Json | None = None,
-    ) -> Plan:
-        return (
-            yield from self._list_orders("ORDER_STATUS_FILTER_OPEN", symbol, since, limit, params)
-        )
-
-    def _fetch_closed_orders(
-        self,
-        symbol: str | None = None,
-        since: int | None = None,
-        limit: int | None = None,
-        params: Json | None = None,
-    ) -> Plan:
-        return (
-            yield from self._list_orders("ORDER_STATUS_FILTER_CLOSED", symbol, since, limit, params)
-        )
+    _fetch_orders = _account_list(
+        "orders", "parse_orders", status="ORDER_STATUS_FILTER_UNSPECIFIED"
+    )
+    _fetch_open_orders = _account_list("orders", "parse_orders", status="ORDER_STATUS_FILTER_OPEN")
+    _fetch_closed_orders = _account_list(
+        "orders", "parse_orders", status="ORDER_STATUS_FILTER_CLOSED"
+    )
 
     def parse_order(self, order: Json, market: Json | None = None) -> Any:
         s = self.safe_string
@@ -894,18 +1028,7 @@ class CexcoreBase(_Exchange):
             market,
         )
 
-    def _fetch_my_trades(
-        self,
-        symbol: str | None = None,
-        since: int | None = None,
-        limit: int | None = None,
-        params: Json | None = None,
-    ) -> Plan:
-        yield LOAD_MARKETS
-        request = self._windowed(since, params)
-        market = self._market_filter(symbol, request)
-        fills = yield from self._pages(Call("v1/fills", "private", params=request), "fills", limit)
-        return self.parse_trades(fills, market, since, limit)
+    _fetch_my_trades = _account_list("fills", "parse_trades")
 
     def _fetch_order_trades(
         self,
@@ -960,35 +1083,8 @@ class CexcoreBase(_Exchange):
         reply = yield Call("v1/withdrawals", "private", "POST", request)
         return self.parse_transaction(reply["withdrawal"], currency)
 
-    def _list_transactions(
-        self, kind: str, code: str | None, since: int | None, limit: int | None, params: Json | None
-    ) -> Plan:
-        yield LOAD_MARKETS
-        request = self._windowed(since, params)
-        currency = None
-        if code is not None:
-            currency = self.currency(code)
-            request["asset"] = currency["id"]
-        items = yield from self._pages(Call(f"v1/{kind}", "private", params=request), kind, limit)
-        return self.parse_transactions(items, currency, since, limit)
-
-    def _fetch_deposits(
-        self,
-        code: str | None = None,
-        since: int | None = None,
-        limit: int | None = None,
-        params: Json | None = None,
-    ) -> Plan:
-        return (yield from self._list_transactions("deposits", code, since, limit, params))
-
-    def _fetch_withdrawals(
-        self,
-        code: str | None = None,
-        since: int | None = None,
-        limit: int | None = None,
-        params: Json | None = None,
-    ) -> Plan:
-        return (yield from self._list_transactions("withdrawals", code, since, limit, params))
+    _fetch_deposits = _transfer_list("deposits")
+    _fetch_withdrawals = _transfer_list("withdrawals")
 
     def _fetch_withdrawal(
         self, id: str, code: str | None = None, params: Json | None = None
@@ -1034,6 +1130,11 @@ class CexcoreBase(_Exchange):
         }
 
 
-def unified(plan: Callable[..., Plan]) -> str:
-    """The public name of a plan method (`_fetch_ticker` -> `fetch_ticker`)."""
-    return plan.__name__.lstrip("_")
+def install(cls: type, driven: Callable[[Callable[..., Plan]], Callable[..., Any]]) -> None:
+    """Give `cls` `request` and every unified method as its own: `name` is the plan
+    `_name` (its signature and docstring) driven as `driven(plan)` drives it."""
+    for name in (*UNIFIED, "request"):
+        plan = getattr(CexcoreBase, "_" + name)
+        method = functools.wraps(plan)(driven(plan))
+        method.__name__ = method.__qualname__ = name
+        setattr(cls, name, method)

@@ -1,80 +1,79 @@
 """The raw REST endpoints as CCXT's implicit API (`exchange.private_post_v1_orders(...)`),
 one per `google.api.http` binding of the v1 protos that a user's key may call.
 Params are the protos' JSON fields; path fields ({market}) are taken from them.
-The unified methods (fetch_ticker, create_order, ...) are built on these paths."""
+The unified methods (fetch_ticker, create_order, ...) are built on these paths.
+
+Each endpoint is one `Entry` under the two names CCXT's generated classes give
+it: the api, the HTTP method and the path's words, snake_case (lowercased) and
+camelCase, e.g. POST v1/orders/{order_id}:cancel is
+`private_post_v1_orders_order_id_cancel` and `privatePostV1OrdersOrderIdCancel`.
+"""
 
 from __future__ import annotations
+
+import re
 
 from ccxt.base.types import Entry
 
 __all__ = ["ImplicitAPI"]
 
-_ONE = {"cost": 1}
+# By api and HTTP method, as CCXT's `describe()["api"]` lists them.
+_ENDPOINTS = {
+    ("public", "GET"): (
+        "v1/markets",
+        "v1/markets/{market}",
+        "v1/markets/{market}/book",
+        "v1/markets/{market}/trades",
+        "v1/markets/{market}/ticker",
+        "v1/markets/-/tickers",
+        "v1/markets/{market}/candles",
+    ),
+    ("public", "POST"): ("v1/tokens",),
+    ("private", "GET"): (
+        "v1/fees",
+        "v1/balances",
+        "v1/orders",
+        "v1/orders/{order_id}",
+        "v1/orders:lookup",
+        "v1/fills",
+        "v1/depositAddresses/{asset}",
+        "v1/deposits",
+        "v1/deposits/{deposit_id}",
+        "v1/withdrawals",
+        "v1/withdrawals/{withdrawal_id}",
+    ),
+    ("private", "POST"): (
+        "v1/orders",
+        "v1/orders:batchPlace",
+        "v1/orders/{order_id}:amend",
+        "v1/orders/{order_id}:cancel",
+        "v1/orders:cancelAll",
+        "v1/orders:cancelAllAfter",
+        "v1/withdrawals",
+        "v1/withdrawals/{withdrawal_id}:cancel",
+    ),
+}
+
+
+def _names(api: str, method: str, path: str) -> tuple[str, str]:
+    """The snake_case and camelCase names of an endpoint (CCXT's rule)."""
+    words = [word for word in re.split(r"[^a-zA-Z0-9]", path) if word]
+    snake = "_".join([api, method.lower(), *(word.lower() for word in words)])
+    camel = api + method.capitalize() + "".join(word[0].upper() + word[1:] for word in words)
+    return snake, camel
 
 
 class ImplicitAPI:
-    public_get_v1_markets = publicGetV1Markets = Entry("v1/markets", "public", "GET", _ONE)
-    public_get_v1_markets_market = publicGetV1MarketsMarket = Entry(
-        "v1/markets/{market}", "public", "GET", _ONE
-    )
-    public_get_v1_markets_market_book = publicGetV1MarketsMarketBook = Entry(
-        "v1/markets/{market}/book", "public", "GET", _ONE
-    )
-    public_get_v1_markets_market_trades = publicGetV1MarketsMarketTrades = Entry(
-        "v1/markets/{market}/trades", "public", "GET", _ONE
-    )
-    public_get_v1_markets_market_ticker = publicGetV1MarketsMarketTicker = Entry(
-        "v1/markets/{market}/ticker", "public", "GET", _ONE
-    )
-    public_get_v1_markets_tickers = publicGetV1MarketsTickers = Entry(
-        "v1/markets/-/tickers", "public", "GET", _ONE
-    )
-    public_get_v1_markets_market_candles = publicGetV1MarketsMarketCandles = Entry(
-        "v1/markets/{market}/candles", "public", "GET", _ONE
-    )
-    public_post_v1_tokens = publicPostV1Tokens = Entry("v1/tokens", "public", "POST", _ONE)
-    private_get_v1_fees = privateGetV1Fees = Entry("v1/fees", "private", "GET", _ONE)
-    private_get_v1_balances = privateGetV1Balances = Entry("v1/balances", "private", "GET", _ONE)
-    private_get_v1_orders = privateGetV1Orders = Entry("v1/orders", "private", "GET", _ONE)
-    private_get_v1_orders_order_id = privateGetV1OrdersOrderId = Entry(
-        "v1/orders/{order_id}", "private", "GET", _ONE
-    )
-    private_get_v1_orders_lookup = privateGetV1OrdersLookup = Entry(
-        "v1/orders:lookup", "private", "GET", _ONE
-    )
-    private_get_v1_fills = privateGetV1Fills = Entry("v1/fills", "private", "GET", _ONE)
-    private_post_v1_orders = privatePostV1Orders = Entry("v1/orders", "private", "POST", _ONE)
-    private_post_v1_orders_batchplace = privatePostV1OrdersBatchPlace = Entry(
-        "v1/orders:batchPlace", "private", "POST", _ONE
-    )
-    private_post_v1_orders_order_id_amend = privatePostV1OrdersOrderIdAmend = Entry(
-        "v1/orders/{order_id}:amend", "private", "POST", _ONE
-    )
-    private_post_v1_orders_order_id_cancel = privatePostV1OrdersOrderIdCancel = Entry(
-        "v1/orders/{order_id}:cancel", "private", "POST", _ONE
-    )
-    private_post_v1_orders_cancelall = privatePostV1OrdersCancelAll = Entry(
-        "v1/orders:cancelAll", "private", "POST", _ONE
-    )
-    private_post_v1_orders_cancelallafter = privatePostV1OrdersCancelAllAfter = Entry(
-        "v1/orders:cancelAllAfter", "private", "POST", _ONE
-    )
-    private_get_v1_depositaddresses_asset = privateGetV1DepositAddressesAsset = Entry(
-        "v1/depositAddresses/{asset}", "private", "GET", _ONE
-    )
-    private_get_v1_deposits = privateGetV1Deposits = Entry("v1/deposits", "private", "GET", _ONE)
-    private_get_v1_deposits_deposit_id = privateGetV1DepositsDepositId = Entry(
-        "v1/deposits/{deposit_id}", "private", "GET", _ONE
-    )
-    private_get_v1_withdrawals = privateGetV1Withdrawals = Entry(
-        "v1/withdrawals", "private", "GET", _ONE
-    )
-    private_get_v1_withdrawals_withdrawal_id = privateGetV1WithdrawalsWithdrawalId = Entry(
-        "v1/withdrawals/{withdrawal_id}", "private", "GET", _ONE
-    )
-    private_post_v1_withdrawals = privatePostV1Withdrawals = Entry(
-        "v1/withdrawals", "private", "POST", _ONE
-    )
-    private_post_v1_withdrawals_withdrawal_id_cancel = (
-        privatePostV1WithdrawalsWithdrawalIdCancel
-    ) = Entry("v1/withdrawals/{withdrawal_id}:cancel", "private", "POST", _ONE)
+    """Every endpoint of `_ENDPOINTS` as an `Entry`, under both its names."""
+
+
+def _define_endpoints() -> None:
+    for (api, method), paths in _ENDPOINTS.items():
+        for path in paths:
+            entry = Entry(path, api, method, {"cost": 1})
+            for name in _names(api, method, path):
+                setattr(ImplicitAPI, name, entry)
+                entry.__set_name__(ImplicitAPI, name)
+
+
+_define_endpoints()

@@ -15,6 +15,7 @@ from cex.auth.v1 import auth_pb2
 from cex.ledger.v1 import ledger_pb2
 
 from ._closing import ClosedOnExit
+from ._service import R, ServiceApi
 from ._tokens import TokenSource
 from .errors import CexError, UnauthenticatedError, from_rpc_error
 from .marketdata import MarketDataApi
@@ -24,7 +25,7 @@ from .retry import RetryEvent, RetryPolicy, may_retry
 
 __all__ = ["DEFAULT_TIMEOUT_S", "KEEPALIVE_OPTIONS", "AuthApi", "Client", "LedgerApi"]
 
-R = TypeVar("R", bound=Message)
+M = TypeVar("M")
 
 DEFAULT_TIMEOUT_S = 10.0
 #: HTTP/2 pings every 30 s while calls are open, so a dead connection is noticed
@@ -39,6 +40,14 @@ _ISSUE_TOKEN = "/cex.auth.v1.AuthService/IssueToken"
 
 def _serialize(message: Message) -> bytes:
     return message.SerializeToString()
+
+
+def _bind(factory: Callable[..., M], method: str, response_type: type[Message]) -> M:
+    """One of the channel's multicallables (`factory`: unary_unary, unary_stream,
+    stream_stream) for a method by its full name, speaking protobuf."""
+    return factory(
+        method, request_serializer=_serialize, response_deserializer=response_type.FromString
+    )
 
 
 class Client(ClosedOnExit):
@@ -136,14 +145,7 @@ class Client(ClosedOnExit):
 
         The helpers built on it (`MarketMakerSession`) reconnect themselves.
         """
-        return cast(
-            "grpc.aio.StreamStreamMultiCallable[Message, R]",
-            self._channel.stream_stream(
-                method,
-                request_serializer=_serialize,
-                response_deserializer=response_type.FromString,
-            ),
-        )
+        return _bind(self._channel.stream_stream, method, response_type)
 
     def unary_stream(
         self, method: str, response_type: type[R]
@@ -152,25 +154,14 @@ class Client(ClosedOnExit):
 
         The helpers built on it (`LocalOrderBook`) reconnect themselves.
         """
-        return cast(
-            "grpc.aio.UnaryStreamMultiCallable[Message, R]",
-            self._channel.unary_stream(
-                method,
-                request_serializer=_serialize,
-                response_deserializer=response_type.FromString,
-            ),
-        )
+        return _bind(self._channel.unary_stream, method, response_type)
 
     def _callable(
         self, method: str, response_type: type[R]
     ) -> grpc.aio.UnaryUnaryMultiCallable[Message, R]:
         multicallable = self._callables.get(method)
         if multicallable is None:
-            multicallable = self._channel.unary_unary(
-                method,
-                request_serializer=_serialize,
-                response_deserializer=response_type.FromString,
-            )
+            multicallable = _bind(self._channel.unary_unary, method, response_type)
             self._callables[method] = multicallable
         return cast("grpc.aio.UnaryUnaryMultiCallable[Message, R]", multicallable)
 
@@ -242,13 +233,10 @@ class Client(ClosedOnExit):
         return delay
 
 
-class AuthApi:
+class AuthApi(ServiceApi):
     """cex.auth.v1.AuthService: the caller's account and keys."""
 
     _SERVICE = "/cex.auth.v1.AuthService/"
-
-    def __init__(self, client: Client) -> None:
-        self._client = client
 
     async def get_account(
         self, account_id: str | None = None, *, timeout_s: float | None = None
@@ -257,9 +245,7 @@ class AuthApi:
         request = auth_pb2.GetAccountRequest(
             account_id=account_id or await self._client.account_id()
         )
-        reply = await self._client.call(
-            self._SERVICE + "GetAccount", request, auth_pb2.GetAccountResponse, timeout_s=timeout_s
-        )
+        reply = await self._call("GetAccount", request, auth_pb2.GetAccountResponse, timeout_s)
         return reply.account
 
     async def list_api_keys(
@@ -274,31 +260,20 @@ class AuthApi:
         request = auth_pb2.ListApiKeysRequest(
             state=state, page_size=page_size, page_token=page_token
         )
-        return await self._client.call(
-            self._SERVICE + "ListApiKeys",
-            request,
-            auth_pb2.ListApiKeysResponse,
-            timeout_s=timeout_s,
-        )
+        return await self._call("ListApiKeys", request, auth_pb2.ListApiKeysResponse, timeout_s)
 
     async def get_fees(self, *, timeout_s: float | None = None) -> auth_pb2.GetFeesResponse:
         """The fees that apply to the caller: maker and taker rates per market (and
         the asset each side is charged in), each asset's withdrawal fee and minimum."""
-        return await self._client.call(
-            self._SERVICE + "GetFees",
-            auth_pb2.GetFeesRequest(),
-            auth_pb2.GetFeesResponse,
-            timeout_s=timeout_s,
+        return await self._call(
+            "GetFees", auth_pb2.GetFeesRequest(), auth_pb2.GetFeesResponse, timeout_s
         )
 
 
-class LedgerApi:
+class LedgerApi(ServiceApi):
     """cex.ledger.v1.LedgerService: the caller's balances."""
 
     _SERVICE = "/cex.ledger.v1.LedgerService/"
-
-    def __init__(self, client: Client) -> None:
-        self._client = client
 
     async def get_balances(
         self, assets: Sequence[str] = (), *, timeout_s: float | None = None
@@ -310,10 +285,5 @@ class LedgerApi:
         asset in `assets` is answered (zero if never held).
         """
         request = ledger_pb2.GetBalancesRequest(assets=list(assets))
-        reply = await self._client.call(
-            self._SERVICE + "GetBalances",
-            request,
-            ledger_pb2.GetBalancesResponse,
-            timeout_s=timeout_s,
-        )
+        reply = await self._call("GetBalances", request, ledger_pb2.GetBalancesResponse, timeout_s)
         return list(reply.balances)

@@ -12,18 +12,19 @@ place never makes a second order.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import Generic
 
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2
 
-if TYPE_CHECKING:
-    from .client import Client
+from ._service import R, ServiceApi, pages
 
 __all__ = [
     "TERMINAL_STATES",
@@ -125,7 +126,111 @@ def place_request(
     )
 
 
-class OrdersApi:
+@dataclass(frozen=True, slots=True)
+class _Command(Generic[R]):
+    """An order command: its unary method, and its field in StreamOrdersRequest
+    and in StreamAck, which answers with the unary method's response."""
+
+    method: str
+    field: str
+    response: type[R]
+
+
+_PLACE = _Command("PlaceOrder", "place", order_pb2.PlaceOrderResponse)
+_AMEND = _Command("AmendOrder", "amend", order_pb2.AmendOrderResponse)
+_CANCEL = _Command("CancelOrder", "cancel", order_pb2.CancelOrderResponse)
+_CANCEL_ALL = _Command("CancelAllOrders", "cancel_all", order_pb2.CancelAllOrdersResponse)
+_CANCEL_ALL_AFTER = _Command("CancelAllAfter", "cancel_all_after", order_pb2.CancelAllAfterResponse)
+
+
+class _OrderCommands:
+    """The order commands of `OrdersApi` (unary calls) and `MarketMakerSession`
+    (its stream), each written once: the request with its idempotency key (fixed
+    before the first attempt, so a resend is the same command) and what the
+    answer returns. `_send` is the transport."""
+
+    async def _send(
+        self, command: _Command[R], request: Message, key: str, timeout_s: float | None
+    ) -> R:
+        """Send `command` and return its response; `key` is its idempotency key (the
+        stream matches the answer to the command by it)."""
+        raise NotImplementedError
+
+    async def _place(
+        self, request: order_pb2.PlaceOrderRequest, timeout_s: float | None
+    ) -> order_pb2.Order:
+        request = keyed(request)
+        return (await self._send(_PLACE, request, request.client_order_id, timeout_s)).order
+
+    async def _amend(
+        self,
+        order_id: str,
+        client_order_id: str,
+        price: Amount | None,
+        quantity: Amount | None,
+        request_id: str | None,
+        account_id: str,
+        timeout_s: float | None,
+    ) -> order_pb2.Order:
+        request = order_pb2.AmendOrderRequest(
+            request_id=request_id or new_id("am"),
+            account_id=account_id,
+            order_id=order_id,
+            client_order_id=client_order_id,
+            price=decimal_text(price),
+            quantity=decimal_text(quantity),
+        )
+        return (await self._send(_AMEND, request, request.request_id, timeout_s)).order
+
+    async def _cancel(
+        self,
+        order_id: str,
+        client_order_id: str,
+        request_id: str | None,
+        account_id: str,
+        timeout_s: float | None,
+    ) -> order_pb2.Order:
+        request = order_pb2.CancelOrderRequest(
+            request_id=request_id or new_id("cx"),
+            account_id=account_id,
+            order_id=order_id,
+            client_order_id=client_order_id,
+        )
+        return (await self._send(_CANCEL, request, request.request_id, timeout_s)).order
+
+    async def _cancel_all(
+        self,
+        market: str,
+        side: types_pb2.Side.ValueType,
+        request_id: str | None,
+        account_id: str,
+        timeout_s: float | None,
+    ) -> list[order_pb2.Order]:
+        request = order_pb2.CancelAllOrdersRequest(
+            request_id=request_id or new_id("ca"), account_id=account_id, market=market, side=side
+        )
+        reply = await self._send(_CANCEL_ALL, request, request.request_id, timeout_s)
+        return list(reply.orders)
+
+    async def _cancel_all_after(
+        self,
+        timeout_seconds: int,
+        market: str,
+        request_id: str | None,
+        account_id: str,
+        timeout_s: float | None,
+    ) -> datetime | None:
+        request = order_pb2.CancelAllAfterRequest(
+            request_id=request_id or new_id("dm"),
+            account_id=account_id,
+            timeout_seconds=timeout_seconds,
+            market=market,
+        )
+        reply = await self._send(_CANCEL_ALL_AFTER, request, request.request_id, timeout_s)
+        return reply.trigger_time.ToDatetime() if reply.HasField("trigger_time") else None
+
+
+class OrdersApi(ServiceApi, _OrderCommands):
     """cex.order.v1.OrderService: place, batch, amend, cancel, query.
 
     `client.orders.place("BTC-USDT", SIDE_BUY, "0.1", price="100")` returns the
@@ -136,8 +241,10 @@ class OrdersApi:
 
     _SERVICE = "/cex.order.v1.OrderService/"
 
-    def __init__(self, client: Client) -> None:
-        self._client = client
+    async def _send(
+        self, command: _Command[R], request: Message, key: str, timeout_s: float | None
+    ) -> R:
+        return await self._call(command.method, request, command.response, timeout_s)
 
     async def place(
         self,
@@ -179,13 +286,7 @@ class OrdersApi:
         self, request: order_pb2.PlaceOrderRequest, *, timeout_s: float | None = None
     ) -> order_pb2.Order:
         """Place a prepared request (see `place_request()`); its key is filled in if empty."""
-        reply = await self._client.call(
-            self._SERVICE + "PlaceOrder",
-            keyed(request),
-            order_pb2.PlaceOrderResponse,
-            timeout_s=timeout_s,
-        )
-        return reply.order
+        return await self._place(request, timeout_s)
 
     async def batch_place(
         self, requests: Sequence[order_pb2.PlaceOrderRequest], *, timeout_s: float | None = None
@@ -198,11 +299,8 @@ class OrdersApi:
         batch = order_pb2.BatchPlaceOrdersRequest(requests=list(requests))
         for item in batch.requests:
             keyed(item)
-        reply = await self._client.call(
-            self._SERVICE + "BatchPlaceOrders",
-            batch,
-            order_pb2.BatchPlaceOrdersResponse,
-            timeout_s=timeout_s,
+        reply = await self._call(
+            "BatchPlaceOrders", batch, order_pb2.BatchPlaceOrdersResponse, timeout_s
         )
         return list(reply.results)
 
@@ -221,18 +319,9 @@ class OrdersApi:
 
         Lowering only the quantity keeps the order's place in the queue.
         """
-        request = order_pb2.AmendOrderRequest(
-            request_id=request_id or new_id("am"),
-            account_id=account_id,
-            order_id=order_id,
-            client_order_id=client_order_id,
-            price=decimal_text(price),
-            quantity=decimal_text(quantity),
+        return await self._amend(
+            order_id, client_order_id, price, quantity, request_id, account_id, timeout_s
         )
-        reply = await self._client.call(
-            self._SERVICE + "AmendOrder", request, order_pb2.AmendOrderResponse, timeout_s=timeout_s
-        )
-        return reply.order
 
     async def cancel(
         self,
@@ -244,19 +333,7 @@ class OrdersApi:
         timeout_s: float | None = None,
     ) -> order_pb2.Order:
         """Cancel one order (by either id); returns it as of the cancel."""
-        request = order_pb2.CancelOrderRequest(
-            request_id=request_id or new_id("cx"),
-            account_id=account_id,
-            order_id=order_id,
-            client_order_id=client_order_id,
-        )
-        reply = await self._client.call(
-            self._SERVICE + "CancelOrder",
-            request,
-            order_pb2.CancelOrderResponse,
-            timeout_s=timeout_s,
-        )
-        return reply.order
+        return await self._cancel(order_id, client_order_id, request_id, account_id, timeout_s)
 
     async def cancel_all(
         self,
@@ -268,16 +345,7 @@ class OrdersApi:
         timeout_s: float | None = None,
     ) -> list[order_pb2.Order]:
         """Cancel every working order (optionally one market / side); returns them."""
-        request = order_pb2.CancelAllOrdersRequest(
-            request_id=request_id or new_id("ca"), account_id=account_id, market=market, side=side
-        )
-        reply = await self._client.call(
-            self._SERVICE + "CancelAllOrders",
-            request,
-            order_pb2.CancelAllOrdersResponse,
-            timeout_s=timeout_s,
-        )
-        return list(reply.orders)
+        return await self._cancel_all(market, side, request_id, account_id, timeout_s)
 
     async def cancel_all_after(
         self,
@@ -294,21 +362,9 @@ class OrdersApi:
         Each renewal must carry a new request_id (the default): a repeated id
         returns the first answer without resetting the timer.
         """
-        request = order_pb2.CancelAllAfterRequest(
-            request_id=request_id or new_id("dm"),
-            account_id=account_id,
-            timeout_seconds=timeout_seconds,
-            market=market,
+        return await self._cancel_all_after(
+            timeout_seconds, market, request_id, account_id, timeout_s
         )
-        reply = await self._client.call(
-            self._SERVICE + "CancelAllAfter",
-            request,
-            order_pb2.CancelAllAfterResponse,
-            timeout_s=timeout_s,
-        )
-        if not reply.HasField("trigger_time"):
-            return None
-        return reply.trigger_time.ToDatetime()
 
     async def get(
         self,
@@ -322,9 +378,7 @@ class OrdersApi:
         request = order_pb2.GetOrderRequest(
             account_id=account_id, order_id=order_id, client_order_id=client_order_id
         )
-        reply = await self._client.call(
-            self._SERVICE + "GetOrder", request, order_pb2.GetOrderResponse, timeout_s=timeout_s
-        )
+        reply = await self._call("GetOrder", request, order_pb2.GetOrderResponse, timeout_s)
         return reply.order
 
     async def list_orders(
@@ -347,9 +401,7 @@ class OrdersApi:
             page_size=page_size,
             page_token=page_token,
         )
-        return await self._client.call(
-            self._SERVICE + "ListOrders", request, order_pb2.ListOrdersResponse, timeout_s=timeout_s
-        )
+        return await self._call("ListOrders", request, order_pb2.ListOrdersResponse, timeout_s)
 
     async def iter_orders(
         self,
@@ -361,9 +413,9 @@ class OrdersApi:
         account_id: str = "",
     ) -> AsyncIterator[order_pb2.Order]:
         """Every matching order, newest first, page after page."""
-        token = ""
-        while True:
-            page = await self.list_orders(
+
+        def page(token: str) -> Awaitable[order_pb2.ListOrdersResponse]:
+            return self.list_orders(
                 status=status,
                 market=market,
                 side=side,
@@ -371,11 +423,10 @@ class OrdersApi:
                 page_token=token,
                 account_id=account_id,
             )
-            for order in page.orders:
+
+        async for reply in pages(page):
+            for order in reply.orders:
                 yield order
-            token = page.next_page_token
-            if not token:
-                return
 
     async def list_fills(
         self,
@@ -395,6 +446,4 @@ class OrdersApi:
             page_size=page_size,
             page_token=page_token,
         )
-        return await self._client.call(
-            self._SERVICE + "ListFills", request, order_pb2.ListFillsResponse, timeout_s=timeout_s
-        )
+        return await self._call("ListFills", request, order_pb2.ListFillsResponse, timeout_s)

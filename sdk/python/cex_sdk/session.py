@@ -50,6 +50,7 @@ from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2
 
 from ._closing import ClosedOnExit
+from ._service import R
 from .errors import (
     CexError,
     DeadlineExceededError,
@@ -66,9 +67,8 @@ from .orders import (
     TERMINAL_STATES,
     WORKING_STATES,
     Amount,
-    decimal_text,
-    keyed,
-    new_id,
+    _Command,
+    _OrderCommands,
     place_request,
 )
 from .ratelimit import RateLimit
@@ -157,7 +157,7 @@ def _decimal(text: str) -> Decimal:
     return Decimal(text or 0)
 
 
-class MarketMakerSession(ClosedOnExit):
+class MarketMakerSession(ClosedOnExit, _OrderCommands):
     """One market maker's order stream, kept open across disconnects.
 
         async with MarketMakerSession(client, markets=["BTC-USDT"],
@@ -336,9 +336,7 @@ class MarketMakerSession(ClosedOnExit):
         self, request: order_pb2.PlaceOrderRequest, *, timeout_s: float | None = None
     ) -> order_pb2.Order:
         """Place a prepared request (its client_order_id is generated if empty)."""
-        request = keyed(request)
-        ack = await self._command(Req(place=request), request.client_order_id, timeout_s)
-        return ack.place.order
+        return await self._place(request, timeout_s)
 
     async def amend(
         self,
@@ -350,15 +348,9 @@ class MarketMakerSession(ClosedOnExit):
         request_id: str | None = None,
         timeout_s: float | None = None,
     ) -> order_pb2.Order:
-        request = order_pb2.AmendOrderRequest(
-            request_id=request_id or new_id("am"),
-            order_id=order_id,
-            client_order_id=client_order_id,
-            price=decimal_text(price),
-            quantity=decimal_text(quantity),
+        return await self._amend(
+            order_id, client_order_id, price, quantity, request_id, "", timeout_s
         )
-        ack = await self._command(Req(amend=request), request.request_id, timeout_s)
-        return ack.amend.order
 
     async def cancel(
         self,
@@ -368,13 +360,7 @@ class MarketMakerSession(ClosedOnExit):
         request_id: str | None = None,
         timeout_s: float | None = None,
     ) -> order_pb2.Order:
-        request = order_pb2.CancelOrderRequest(
-            request_id=request_id or new_id("cx"),
-            order_id=order_id,
-            client_order_id=client_order_id,
-        )
-        ack = await self._command(Req(cancel=request), request.request_id, timeout_s)
-        return ack.cancel.order
+        return await self._cancel(order_id, client_order_id, request_id, "", timeout_s)
 
     async def cancel_all(
         self,
@@ -384,45 +370,43 @@ class MarketMakerSession(ClosedOnExit):
         request_id: str | None = None,
         timeout_s: float | None = None,
     ) -> list[order_pb2.Order]:
-        request = order_pb2.CancelAllOrdersRequest(
-            request_id=request_id or new_id("ca"), market=market, side=side
-        )
-        ack = await self._command(Req(cancel_all=request), request.request_id, timeout_s)
-        return list(ack.cancel_all.orders)
+        return await self._cancel_all(market, side, request_id, "", timeout_s)
 
     async def cancel_all_after(
         self, timeout_seconds: int, *, market: str = "", timeout_s: float | None = None
     ) -> datetime | None:
         """Arm (or with 0 disarm) the dead man's switch once; returns when it fires."""
-        request = order_pb2.CancelAllAfterRequest(
-            request_id=new_id("dm"), timeout_seconds=timeout_seconds, market=market
-        )
-        ack = await self._command(Req(cancel_all_after=request), request.request_id, timeout_s)
-        reply = ack.cancel_all_after
-        return reply.trigger_time.ToDatetime() if reply.HasField("trigger_time") else None
+        return await self._cancel_all_after(timeout_seconds, market, None, "", timeout_s)
 
-    async def _command(
-        self, message: Req, request_id: str, timeout_s: float | None
-    ) -> order_pb2.StreamAck:
+    async def _send(
+        self, command: _Command[R], request: Message, key: str, timeout_s: float | None
+    ) -> R:
+        """A command over the stream, answered by its ack: sent now if connected, else
+        when the next connection opens, and sent again after a reconnect (with the
+        same key) until it is answered or given up on."""
         if self._closing or self._task is None:
             raise UnavailableError(grpc.StatusCode.UNAVAILABLE, "the session is not running")
-        pending = self._pending.get(request_id)
+        message = Req()
+        getattr(message, command.field).CopyFrom(request)
+        pending = self._pending.get(key)
         if pending is None:
             pending = _Pending(message, asyncio.get_running_loop().create_future())
-            self._pending[request_id] = pending
+            self._pending[key] = pending
             if self._outbox is not None:
                 self._outbox.put_nowait(message)
             # else: sent when the next connection opens
         wait = self._command_timeout_s if timeout_s is None else timeout_s
         try:
-            return await asyncio.wait_for(asyncio.shield(pending.future), wait)
+            ack = await asyncio.wait_for(asyncio.shield(pending.future), wait)
         except TimeoutError:
-            if self._pending.get(request_id) is pending:
-                del self._pending[request_id]  # given up on: not resent on reconnect
+            if self._pending.get(key) is pending:
+                del self._pending[key]  # given up on: not resent on reconnect
             raise DeadlineExceededError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no answer to {request_id} within {wait} s (it may still take effect)",
+                f"no answer to {key} within {wait} s (it may still take effect)",
             ) from None
+        reply: R = getattr(ack, command.field)
+        return reply
 
     # -- the connection loop --------------------------------------------------
 
