@@ -30,6 +30,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Violations",
+    "batch_size",
     "invalid",
     "invalid_field",
     "require_request_id",
@@ -192,6 +193,20 @@ def require_request_id(value: str, reason: str, *, field: str = "request_id") ->
             ],
         )
     return value
+
+
+def batch_size(count: int, *, maximum: int, field: str, reason: str, minimum: int = 1) -> int:
+    """The one rule for the items of a batch request (`requests`, `transfers`,
+    `commands`): `minimum` to `maximum` of them, else INVALID_ARGUMENT with a field
+    violation on the repeated field. Answers `count`."""
+    if minimum <= count <= maximum:
+        return count
+    bounds = f"{minimum} to {maximum}" if minimum else f"at most {maximum}"
+    raise InvalidArgument(
+        reason,
+        f"{field}: {bounds} items, got {count}",
+        violations=[FieldViolation(field, f"{bounds} items", reason)],
+    )
 
 
 def status_metadata(status: status_pb2.Status) -> tuple[tuple[str, bytes], ...]:

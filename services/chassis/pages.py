@@ -15,7 +15,13 @@ import json
 
 from .errors import FieldViolation, InvalidArgument
 
-__all__ = ["bad_page_token", "page_size", "page_token", "read_page_token"]
+__all__ = [
+    "bad_page_token",
+    "page_size",
+    "page_token",
+    "read_int_page_token",
+    "read_page_token",
+]
 
 
 def page_size(value: int, *, default: int, maximum: int, reason: str) -> int:
@@ -59,3 +65,15 @@ def read_page_token(token: str, kind: str, *, parts: int, reason: str) -> tuple[
     ):
         raise bad_page_token(reason)
     return tuple(doc[1:])
+
+
+def read_int_page_token(token: str, kind: str, *, reason: str) -> int | None:
+    """The one integer (a sequence, a time) a token of query `kind` carries; None
+    for no token (the first page)."""
+    found = read_page_token(token, kind, parts=1, reason=reason)
+    if found is None:
+        return None
+    try:
+        return int(found[0])
+    except ValueError:
+        raise bad_page_token(reason) from None

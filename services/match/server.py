@@ -36,6 +36,7 @@ from services.chassis import (
     Rule,
     Server,
     Violations,
+    batch_size,
     connect,
     current_auth,
     require_request_id,
@@ -151,12 +152,15 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    if len(request.commands) > limit:
-                        too_many = InvalidArgument(
-                            "MATCH_BATCH_TOO_LARGE",
-                            f"at most {limit} commands per request",
-                            violations=[FieldViolation("commands", f"at most {limit}")],
+                    try:
+                        batch_size(
+                            len(request.commands),
+                            minimum=0,
+                            maximum=limit,
+                            field="commands",
+                            reason="MATCH_BATCH_TOO_LARGE",
                         )
+                    except InvalidArgument as too_many:
                         futures = [
                             _resolved(
                                 match_pb2.CommandResult(

@@ -40,6 +40,7 @@ from services.chassis import (
     Server,
     background,
     bad_page_token,
+    batch_size,
     connect,
     current_auth,
     invalid_field,
@@ -391,13 +392,9 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
         request: order_pb2.BatchPlaceOrdersRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> order_pb2.BatchPlaceOrdersResponse:
-        n = len(request.requests)
-        if not 1 <= n <= MAX_BATCH:
-            raise InvalidArgument(
-                "ORDER_BATCH_SIZE",
-                f"1 to {MAX_BATCH} orders per batch, got {n}",
-                violations=[FieldViolation("requests", f"1 to {MAX_BATCH} items")],
-            )
+        batch_size(
+            len(request.requests), maximum=MAX_BATCH, field="requests", reason="ORDER_BATCH_SIZE"
+        )
         ctx = current_auth()
         seen: set[str] = set()
         usages: list[tuple[int, int]] = []

@@ -20,12 +20,14 @@ from services.chassis import (
     FieldViolation,
     NotFound,
     Violations,
+    batch_size,
     from_timestamp,
     invalid_field,
     optional_time,
     owned_resource,
     page_size,
     page_token,
+    read_int_page_token,
     read_page_token,
     timestamp,
     timestamp_ns,
@@ -71,6 +73,41 @@ def test_page_size_defaults_caps_and_refuses_negative() -> None:
         page_size(-1, default=50, maximum=500, reason="TEST_BAD_SIZE")
     assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert [v.field for v in raised.value.violations] == ["page_size"]
+
+
+def test_an_integer_token_gives_back_its_integer() -> None:
+    assert read_int_page_token("", "transfers", reason=REASON) is None
+    token = page_token("transfers", str(12345))
+    assert read_int_page_token(token, "transfers", reason=REASON) == 12345
+    for bad in (
+        page_token("transfers", "x1"),
+        page_token("transfers", ""),
+        page_token("fills", "1"),
+    ):
+        with pytest.raises(ExchangeError) as raised:
+            read_int_page_token(bad, "transfers", reason=REASON)
+        assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert raised.value.reason == REASON
+        assert [v.field for v in raised.value.violations] == ["page_token"]
+
+
+@pytest.mark.parametrize(
+    ("count", "minimum", "ok"),
+    [(0, 1, False), (1, 1, True), (20, 1, True), (21, 1, False), (0, 0, True), (21, 0, False)],
+)
+def test_a_batch_holds_minimum_to_maximum_items(count: int, minimum: int, ok: bool) -> None:
+    if ok:
+        assert (
+            batch_size(count, minimum=minimum, maximum=20, field="requests", reason="TEST_BATCH")
+            == count
+        )
+        return
+    with pytest.raises(ExchangeError) as raised:
+        batch_size(count, minimum=minimum, maximum=20, field="requests", reason="TEST_BATCH")
+    error = raised.value
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "TEST_BATCH")
+    assert [v.field for v in error.violations] == ["requests"]
+    assert "20" in error.violations[0].description and f"got {count}" in error.message
 
 
 def test_violations_collect_every_problem_under_a_prefix() -> None:
