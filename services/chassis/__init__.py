@@ -48,7 +48,7 @@ from .errors import (
 from .infra import Infrastructure, connect
 from .markets import Asset, Catalog, Market, load_catalog
 from .money import MoneyError, from_units, to_units
-from .pages import bad_page_token, page_size, page_token, read_int_page_token, read_page_token
+from .pages import bad_page_token, page_size, page_token, parse_page_token, read_page_token
 from .server import Server, background, poll_until_cancelled, run
 from .settings import ChassisSettings
 from .telemetry import metrics_registry
@@ -108,9 +108,9 @@ __all__ = [
     "owned_resource",
     "page_size",
     "page_token",
+    "parse_page_token",
     "poll_until_cancelled",
     "postgres",
-    "read_int_page_token",
     "read_page_token",
     "redis_connection",
     "require_request_id",

@@ -12,14 +12,18 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
+from typing import TypeVar
 
 from .errors import FieldViolation, InvalidArgument
+
+_P = TypeVar("_P")
 
 __all__ = [
     "bad_page_token",
     "page_size",
     "page_token",
-    "read_int_page_token",
+    "parse_page_token",
     "read_page_token",
 ]
 
@@ -67,13 +71,16 @@ def read_page_token(token: str, kind: str, *, parts: int, reason: str) -> tuple[
     return tuple(doc[1:])
 
 
-def read_int_page_token(token: str, kind: str, *, reason: str) -> int | None:
-    """The one integer (a sequence, a time) a token of query `kind` carries; None
-    for no token (the first page)."""
-    found = read_page_token(token, kind, parts=1, reason=reason)
+def parse_page_token(
+    token: str, kind: str, parse: Callable[..., _P], *, parts: int, reason: str
+) -> _P | None:
+    """Where a token of query `kind` says the next page starts, `parse` of its
+    `parts` (`int`, a time and an id, ...); None for no token (the first page).
+    A part `parse` refuses with ValueError makes the token a bad one."""
+    found = read_page_token(token, kind, parts=parts, reason=reason)
     if found is None:
         return None
     try:
-        return int(found[0])
+        return parse(*found)
     except ValueError:
         raise bad_page_token(reason) from None

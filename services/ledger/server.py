@@ -42,7 +42,7 @@ from services.chassis import (
     owned_account,
     page_size,
     page_token,
-    read_int_page_token,
+    parse_page_token,
     require_request_id,
     service_credentials,
     user,
@@ -377,8 +377,8 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         size = page_size(
             request.page_size, default=100, maximum=1000, reason="LEDGER_PAGE_SIZE_INVALID"
         )
-        after = read_int_page_token(
-            request.page_token, "transfers", reason="LEDGER_PAGE_TOKEN_INVALID"
+        after = parse_page_token(
+            request.page_token, "transfers", int, parts=1, reason="LEDGER_PAGE_TOKEN_INVALID"
         )
         ctx = current_auth()
         account_id = request.account_id

@@ -44,7 +44,7 @@ from services.chassis import (
     load_catalog,
     page_size,
     page_token,
-    read_int_page_token,
+    parse_page_token,
     read_page_token,
     service_credentials,
 )
@@ -297,7 +297,9 @@ class MarketDataService(marketdata_pb2_grpc.MarketDataServiceServicer):
         end = request.end_time.ToNanoseconds() if request.HasField("end_time") else None
         if start is not None and end is not None and end <= start:
             raise _invalid("INVALID_TIME_RANGE", "end_time", "must be after start_time")
-        before = read_int_page_token(request.page_token, "trades", reason=_PAGE_TOKEN_INVALID)
+        before = parse_page_token(
+            request.page_token, "trades", int, parts=1, reason=_PAGE_TOKEN_INVALID
+        )
         found = await self._store.trades(
             request.market, start_ns=start, end_ns=end, before_seq=before, limit=size + 1
         )
@@ -392,7 +394,9 @@ class MarketDataService(marketdata_pb2_grpc.MarketDataServiceServicer):
         end = request.end_time.seconds if request.HasField("end_time") else now_s + width
         if start is not None and end <= start:
             raise _invalid("INVALID_TIME_RANGE", "end_time", "must be after start_time")
-        after = read_int_page_token(request.page_token, "candles", reason=_PAGE_TOKEN_INVALID)
+        after = parse_page_token(
+            request.page_token, "candles", int, parts=1, reason=_PAGE_TOKEN_INVALID
+        )
         if after is not None:
             start = after
         bars = await self._store.candles(

@@ -27,7 +27,7 @@ from services.chassis import (
     owned_resource,
     page_size,
     page_token,
-    read_int_page_token,
+    parse_page_token,
     read_page_token,
     timestamp,
     timestamp_ns,
@@ -75,17 +75,24 @@ def test_page_size_defaults_caps_and_refuses_negative() -> None:
     assert [v.field for v in raised.value.violations] == ["page_size"]
 
 
-def test_an_integer_token_gives_back_its_integer() -> None:
-    assert read_int_page_token("", "transfers", reason=REASON) is None
+def test_a_token_gives_back_its_parsed_position() -> None:
+    assert parse_page_token("", "transfers", int, parts=1, reason=REASON) is None
     token = page_token("transfers", str(12345))
-    assert read_int_page_token(token, "transfers", reason=REASON) == 12345
+    assert parse_page_token(token, "transfers", int, parts=1, reason=REASON) == 12345
+    moment = datetime(2026, 12, 7, tzinfo=UTC)
+    fill = page_token("fills", moment.isoformat(), "7", "o1")
+
+    def position(t: str, s: str, i: str) -> tuple[datetime, int, str]:
+        return datetime.fromisoformat(t), int(s), i
+
+    assert parse_page_token(fill, "fills", position, parts=3, reason=REASON) == (moment, 7, "o1")
     for bad in (
         page_token("transfers", "x1"),
         page_token("transfers", ""),
         page_token("fills", "1"),
     ):
         with pytest.raises(ExchangeError) as raised:
-            read_int_page_token(bad, "transfers", reason=REASON)
+            parse_page_token(bad, "transfers", int, parts=1, reason=REASON)
         assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert raised.value.reason == REASON
         assert [v.field for v in raised.value.violations] == ["page_token"]
