@@ -172,9 +172,11 @@ class Violations:
     def __bool__(self) -> bool:
         return bool(self.items)
 
-    def raise_if_any(self, reason: str) -> None:
+    def raise_if_any(self, reason: str = "") -> None:
+        """INVALID_ARGUMENT with every violation, under `reason` or, without one,
+        the first violation's own."""
         if self.items:
-            raise invalid(reason, self.items)
+            raise invalid(reason or self.items[0].reason, self.items)
 
 
 MAX_REQUEST_ID = 128
