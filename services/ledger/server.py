@@ -279,6 +279,22 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             raise outcome
         return self._transfer(outcome)
 
+    async def _close_pending(
+        self,
+        request: ledger_pb2.PostPendingTransferRequest | ledger_pb2.VoidPendingTransferRequest,
+        flags: ledger_pb2.TransferFlags,
+        amount: str = "",
+    ) -> ledger_pb2.Transfer:
+        """Post or void a pending transfer: one more transfer naming it."""
+        transfer = ledger_pb2.Transfer(
+            id=request.id,
+            pending_id=request.pending_id,
+            amount=amount,
+            reference=request.reference,
+            flags=flags,
+        )
+        return await self._single(transfer)
+
     async def TransferSubAccountFunds(
         self,
         request: ledger_pb2.TransferSubAccountFundsRequest,
@@ -318,27 +334,18 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         request: ledger_pb2.PostPendingTransferRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> ledger_pb2.PostPendingTransferResponse:
-        transfer = ledger_pb2.Transfer(
-            id=request.id,
-            pending_id=request.pending_id,
-            amount=request.amount,
-            reference=request.reference,
-            flags=ledger_pb2.TransferFlags(post_pending=True),
-        )
-        return ledger_pb2.PostPendingTransferResponse(transfer=await self._single(transfer))
+        flags = ledger_pb2.TransferFlags(post_pending=True)
+        transfer = await self._close_pending(request, flags, request.amount)
+        return ledger_pb2.PostPendingTransferResponse(transfer=transfer)
 
     async def VoidPendingTransfer(
         self,
         request: ledger_pb2.VoidPendingTransferRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> ledger_pb2.VoidPendingTransferResponse:
-        transfer = ledger_pb2.Transfer(
-            id=request.id,
-            pending_id=request.pending_id,
-            reference=request.reference,
-            flags=ledger_pb2.TransferFlags(void_pending=True),
-        )
-        return ledger_pb2.VoidPendingTransferResponse(transfer=await self._single(transfer))
+        flags = ledger_pb2.TransferFlags(void_pending=True)
+        transfer = await self._close_pending(request, flags)
+        return ledger_pb2.VoidPendingTransferResponse(transfer=transfer)
 
     async def GetTransfer(
         self, request: ledger_pb2.GetTransferRequest, context: grpc.aio.ServicerContext[Any, Any]
