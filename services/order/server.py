@@ -44,6 +44,7 @@ from services.chassis import (
     invalid_field,
     load_catalog,
     mesh_channel,
+    optional_time,
     page_size,
     page_token,
     parse_page_token,
@@ -482,12 +483,8 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
             working={0: None, 1: True, 2: False}[request.status],
             market=request.market,
             side=request.side,
-            start_time=request.start_time.ToDatetime(tzinfo=UTC)
-            if request.HasField("start_time")
-            else None,
-            end_time=request.end_time.ToDatetime(tzinfo=UTC)
-            if request.HasField("end_time")
-            else None,
+            start_time=optional_time(request, "start_time"),
+            end_time=optional_time(request, "end_time"),
             after=after,
             limit=limit + 1,
         )
@@ -516,12 +513,8 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
             account,
             market=request.market,
             order_id=request.order_id,
-            start_time=request.start_time.ToDatetime(tzinfo=UTC)
-            if request.HasField("start_time")
-            else None,
-            end_time=request.end_time.ToDatetime(tzinfo=UTC)
-            if request.HasField("end_time")
-            else None,
+            start_time=optional_time(request, "start_time"),
+            end_time=optional_time(request, "end_time"),
             after=after,
             limit=limit + 1,
         )
