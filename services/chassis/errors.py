@@ -187,12 +187,13 @@ def require_request_id(value: str, reason: str, *, field: str = "request_id") ->
     1 to 128 characters; else INVALID_ARGUMENT with a field violation naming the
     field (`request_id`, or the key's own name, such as a transfer's `id`)."""
     if not value or len(value) > MAX_REQUEST_ID:
-        raise InvalidArgument(
+        raise invalid_field(
             reason,
-            f"{field} is required: the call's idempotency key, 1 to {MAX_REQUEST_ID} characters",
-            violations=[
-                FieldViolation(field, f"required: 1 to {MAX_REQUEST_ID} characters", reason)
-            ],
+            field,
+            f"required: 1 to {MAX_REQUEST_ID} characters",
+            reason,
+            message=f"{field} is required: the call's idempotency key, "
+            f"1 to {MAX_REQUEST_ID} characters",
         )
     return value
 
@@ -204,10 +205,8 @@ def batch_size(count: int, *, maximum: int, field: str, reason: str, minimum: in
     if minimum <= count <= maximum:
         return count
     bounds = f"{minimum} to {maximum}" if minimum else f"at most {maximum}"
-    raise InvalidArgument(
-        reason,
-        f"{field}: {bounds} items, got {count}",
-        violations=[FieldViolation(field, f"{bounds} items", reason)],
+    raise invalid_field(
+        reason, field, f"{bounds} items", reason, message=f"{field}: {bounds} items, got {count}"
     )
 
 

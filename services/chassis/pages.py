@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable
 from typing import TypeVar
 
-from .errors import FieldViolation, InvalidArgument
+from .errors import InvalidArgument, invalid_field
 
 _P = TypeVar("_P")
 
@@ -31,10 +31,12 @@ __all__ = [
 def page_size(value: int, *, default: int, maximum: int, reason: str) -> int:
     """The size of a page: `default` for 0, at most `maximum`; negative is refused."""
     if value < 0:
-        raise InvalidArgument(
+        raise invalid_field(
             reason,
-            "page_size must not be negative",
-            violations=[FieldViolation("page_size", "must not be negative", reason)],
+            "page_size",
+            "must not be negative",
+            reason,
+            message="page_size must not be negative",
         )
     return min(value or default, maximum)
 
@@ -46,10 +48,12 @@ def page_token(kind: str, *parts: str) -> str:
 
 
 def bad_page_token(reason: str) -> InvalidArgument:
-    return InvalidArgument(
+    return invalid_field(
         reason,
-        "page_token is not a next_page_token of this query",
-        violations=[FieldViolation("page_token", "use a next_page_token as given", reason)],
+        "page_token",
+        "use a next_page_token as given",
+        reason,
+        message="page_token is not a next_page_token of this query",
     )
 
 

@@ -44,6 +44,7 @@ from services.chassis import (
     page_token,
     parse_page_token,
     require_request_id,
+    sees_every_account,
     service_credentials,
     user,
 )
@@ -353,8 +354,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         found = await self._store.get_transfer(request.id)
         ctx = current_auth()
         if found is None or not (
-            ctx.is_service
-            or ctx.can("admin")
+            sees_every_account(ctx)
             or ctx.account_id in (found.debit_account_id, found.credit_account_id)
         ):
             raise NotFound("LEDGER_TRANSFER_NOT_FOUND", f"no transfer {request.id}")
@@ -389,7 +389,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         )
         ctx = current_auth()
         account_id = request.account_id
-        if not (ctx.is_service or ctx.can("admin")):
+        if not sees_every_account(ctx):  # who does may list every account's
             account_id = owned_account(ctx, account_id, component="LEDGER")
         found = await self._store.list_transfers(
             account_id=account_id,

@@ -71,6 +71,7 @@ async def test_errors_are_clear(ledger: Ledger) -> None:
     empty = await rpc_error(ledger.stub.CreateTransfers(K.CreateTransfersRequest()))
     assert empty.code == grpc.StatusCode.INVALID_ARGUMENT
     assert empty.reason == "LEDGER_BATCH_SIZE_INVALID"
+    assert [v.field for v in empty.violations] == ["transfers"]
 
 
 async def test_linked_chain_is_all_or_nothing(ledger: Ledger) -> None:
