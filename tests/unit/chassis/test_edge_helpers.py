@@ -32,6 +32,7 @@ from services.chassis import (
     timestamp,
     timestamp_ns,
 )
+from services.chassis.where import Where
 
 REASON = "TEST_INVALID_PAGE_TOKEN"
 
@@ -190,3 +191,16 @@ def test_admins_and_services_see_every_account() -> None:
     assert owned_resource(SERVICE, theirs, component="TEST", resource="order") is theirs
     with pytest.raises(NotFound):
         owned_resource(ADMIN, None, component="TEST", resource="order")
+
+
+def test_a_where_clause_numbers_only_the_filters_that_are_set() -> None:
+    where = Where("account_id = $1", "acc_a")
+    where.compare("market", "=", "BTC-USDT")
+    where.compare("side", "=", None)  # unset: no condition
+    where.after("create_time, order_id", ("2026-12-07", "o9"))
+    assert where.sql == (
+        " WHERE account_id = $1 AND market = $2 AND (create_time, order_id) < ($3, $4)"
+    )
+    assert f"LIMIT {where.arg(100)}" == "LIMIT $5"
+    assert where.args == ["acc_a", "BTC-USDT", "2026-12-07", "o9", 100]
+    assert Where().sql == ""
