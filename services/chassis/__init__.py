@@ -40,6 +40,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
     Violations,
+    batch_size,
     invalid,
     invalid_field,
     require_request_id,
@@ -47,7 +48,7 @@ from .errors import (
 from .infra import Infrastructure, connect
 from .markets import Asset, Catalog, Market, load_catalog
 from .money import MoneyError, from_units, to_units
-from .pages import bad_page_token, page_size, page_token, read_page_token
+from .pages import bad_page_token, page_size, page_token, parse_page_token, read_page_token
 from .server import Server, background, poll_until_cancelled, run
 from .settings import ChassisSettings
 from .telemetry import metrics_registry
@@ -86,6 +87,7 @@ __all__ = [
     "Violations",
     "background",
     "bad_page_token",
+    "batch_size",
     "connect",
     "current_auth",
     "ensure_stream",
@@ -106,6 +108,7 @@ __all__ = [
     "owned_resource",
     "page_size",
     "page_token",
+    "parse_page_token",
     "poll_until_cancelled",
     "postgres",
     "read_page_token",

@@ -30,6 +30,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Violations",
+    "batch_size",
     "invalid",
     "invalid_field",
     "require_request_id",
@@ -171,9 +172,11 @@ class Violations:
     def __bool__(self) -> bool:
         return bool(self.items)
 
-    def raise_if_any(self, reason: str) -> None:
+    def raise_if_any(self, reason: str = "") -> None:
+        """INVALID_ARGUMENT with every violation, under `reason` or, without one,
+        the first violation's own."""
         if self.items:
-            raise invalid(reason, self.items)
+            raise invalid(reason or self.items[0].reason, self.items)
 
 
 MAX_REQUEST_ID = 128
@@ -184,14 +187,27 @@ def require_request_id(value: str, reason: str, *, field: str = "request_id") ->
     1 to 128 characters; else INVALID_ARGUMENT with a field violation naming the
     field (`request_id`, or the key's own name, such as a transfer's `id`)."""
     if not value or len(value) > MAX_REQUEST_ID:
-        raise InvalidArgument(
+        raise invalid_field(
             reason,
-            f"{field} is required: the call's idempotency key, 1 to {MAX_REQUEST_ID} characters",
-            violations=[
-                FieldViolation(field, f"required: 1 to {MAX_REQUEST_ID} characters", reason)
-            ],
+            field,
+            f"required: 1 to {MAX_REQUEST_ID} characters",
+            reason,
+            message=f"{field} is required: the call's idempotency key, "
+            f"1 to {MAX_REQUEST_ID} characters",
         )
     return value
+
+
+def batch_size(count: int, *, maximum: int, field: str, reason: str, minimum: int = 1) -> int:
+    """The one rule for the items of a batch request (`requests`, `transfers`,
+    `commands`): `minimum` to `maximum` of them, else INVALID_ARGUMENT with a field
+    violation on the repeated field. Answers `count`."""
+    if minimum <= count <= maximum:
+        return count
+    bounds = f"{minimum} to {maximum}" if minimum else f"at most {maximum}"
+    raise invalid_field(
+        reason, field, f"{bounds} items", reason, message=f"{field}: {bounds} items, got {count}"
+    )
 
 
 def status_metadata(status: status_pb2.Status) -> tuple[tuple[str, bytes], ...]:

@@ -12,19 +12,31 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
+from typing import TypeVar
 
-from .errors import FieldViolation, InvalidArgument
+from .errors import InvalidArgument, invalid_field
 
-__all__ = ["bad_page_token", "page_size", "page_token", "read_page_token"]
+_P = TypeVar("_P")
+
+__all__ = [
+    "bad_page_token",
+    "page_size",
+    "page_token",
+    "parse_page_token",
+    "read_page_token",
+]
 
 
 def page_size(value: int, *, default: int, maximum: int, reason: str) -> int:
     """The size of a page: `default` for 0, at most `maximum`; negative is refused."""
     if value < 0:
-        raise InvalidArgument(
+        raise invalid_field(
             reason,
-            "page_size must not be negative",
-            violations=[FieldViolation("page_size", "must not be negative", reason)],
+            "page_size",
+            "must not be negative",
+            reason,
+            message="page_size must not be negative",
         )
     return min(value or default, maximum)
 
@@ -36,10 +48,12 @@ def page_token(kind: str, *parts: str) -> str:
 
 
 def bad_page_token(reason: str) -> InvalidArgument:
-    return InvalidArgument(
+    return invalid_field(
         reason,
-        "page_token is not a next_page_token of this query",
-        violations=[FieldViolation("page_token", "use a next_page_token as given", reason)],
+        "page_token",
+        "use a next_page_token as given",
+        reason,
+        message="page_token is not a next_page_token of this query",
     )
 
 
@@ -59,3 +73,18 @@ def read_page_token(token: str, kind: str, *, parts: int, reason: str) -> tuple[
     ):
         raise bad_page_token(reason)
     return tuple(doc[1:])
+
+
+def parse_page_token(
+    token: str, kind: str, parse: Callable[..., _P], *, parts: int, reason: str
+) -> _P | None:
+    """Where a token of query `kind` says the next page starts, `parse` of its
+    `parts` (`int`, a time and an id, ...); None for no token (the first page).
+    A part `parse` refuses with ValueError makes the token a bad one."""
+    found = read_page_token(token, kind, parts=parts, reason=reason)
+    if found is None:
+        return None
+    try:
+        return parse(*found)
+    except ValueError:
+        raise bad_page_token(reason) from None

@@ -7,7 +7,6 @@ one `Server`.
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from collections.abc import Sequence
@@ -34,13 +33,18 @@ from services.chassis import (
     Rule,
     Server,
     background,
+    batch_size,
     connect,
     current_auth,
     load_catalog,
     mesh_channel,
     metrics_registry,
     owned_account,
+    page_size,
+    page_token,
+    parse_page_token,
     require_request_id,
+    sees_every_account,
     service_credentials,
     user,
 )
@@ -251,13 +255,12 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         request: ledger_pb2.CreateTransfersRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> ledger_pb2.CreateTransfersResponse:
-        count = len(request.transfers)
-        if not 1 <= count <= MAX_BATCH:
-            raise InvalidArgument(
-                "LEDGER_BATCH_SIZE_INVALID",
-                f"1 to {MAX_BATCH} transfers per request, got {count}",
-                violations=[FieldViolation("transfers", f"1 to {MAX_BATCH} items")],
-            )
+        batch_size(
+            len(request.transfers),
+            maximum=MAX_BATCH,
+            field="transfers",
+            reason="LEDGER_BATCH_SIZE_INVALID",
+        )
         outcomes = await self._create(request.transfers)
         results = []
         for t, outcome in zip(request.transfers, outcomes, strict=True):
@@ -276,6 +279,22 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         if isinstance(outcome, ExchangeError):
             raise outcome
         return self._transfer(outcome)
+
+    async def _close_pending(
+        self,
+        request: ledger_pb2.PostPendingTransferRequest | ledger_pb2.VoidPendingTransferRequest,
+        flags: ledger_pb2.TransferFlags,
+        amount: str = "",
+    ) -> ledger_pb2.Transfer:
+        """Post or void a pending transfer: one more transfer naming it."""
+        transfer = ledger_pb2.Transfer(
+            id=request.id,
+            pending_id=request.pending_id,
+            amount=amount,
+            reference=request.reference,
+            flags=flags,
+        )
+        return await self._single(transfer)
 
     async def TransferSubAccountFunds(
         self,
@@ -316,27 +335,18 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         request: ledger_pb2.PostPendingTransferRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> ledger_pb2.PostPendingTransferResponse:
-        transfer = ledger_pb2.Transfer(
-            id=request.id,
-            pending_id=request.pending_id,
-            amount=request.amount,
-            reference=request.reference,
-            flags=ledger_pb2.TransferFlags(post_pending=True),
-        )
-        return ledger_pb2.PostPendingTransferResponse(transfer=await self._single(transfer))
+        flags = ledger_pb2.TransferFlags(post_pending=True)
+        transfer = await self._close_pending(request, flags, request.amount)
+        return ledger_pb2.PostPendingTransferResponse(transfer=transfer)
 
     async def VoidPendingTransfer(
         self,
         request: ledger_pb2.VoidPendingTransferRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> ledger_pb2.VoidPendingTransferResponse:
-        transfer = ledger_pb2.Transfer(
-            id=request.id,
-            pending_id=request.pending_id,
-            reference=request.reference,
-            flags=ledger_pb2.TransferFlags(void_pending=True),
-        )
-        return ledger_pb2.VoidPendingTransferResponse(transfer=await self._single(transfer))
+        flags = ledger_pb2.TransferFlags(void_pending=True)
+        transfer = await self._close_pending(request, flags)
+        return ledger_pb2.VoidPendingTransferResponse(transfer=transfer)
 
     async def GetTransfer(
         self, request: ledger_pb2.GetTransferRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -344,8 +354,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
         found = await self._store.get_transfer(request.id)
         ctx = current_auth()
         if found is None or not (
-            ctx.is_service
-            or ctx.can("admin")
+            sees_every_account(ctx)
             or ctx.account_id in (found.debit_account_id, found.credit_account_id)
         ):
             raise NotFound("LEDGER_TRANSFER_NOT_FOUND", f"no transfer {request.id}")
@@ -372,27 +381,15 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
     async def ListTransfers(
         self, request: ledger_pb2.ListTransfersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ledger_pb2.ListTransfersResponse:
-        size = request.page_size or 100
-        if size < 0:
-            raise InvalidArgument(
-                "LEDGER_PAGE_SIZE_INVALID",
-                "page_size must not be negative",
-                violations=[FieldViolation("page_size", "negative")],
-            )
-        size = min(size, 1000)
-        after = 0
-        if request.page_token:
-            try:
-                after = int(base64.urlsafe_b64decode(request.page_token.encode()).decode())
-            except ValueError:
-                raise InvalidArgument(
-                    "LEDGER_PAGE_TOKEN_INVALID",
-                    "page_token is not one this server issued",
-                    violations=[FieldViolation("page_token", "invalid")],
-                ) from None
+        size = page_size(
+            request.page_size, default=100, maximum=1000, reason="LEDGER_PAGE_SIZE_INVALID"
+        )
+        after = parse_page_token(
+            request.page_token, "transfers", int, parts=1, reason="LEDGER_PAGE_TOKEN_INVALID"
+        )
         ctx = current_auth()
         account_id = request.account_id
-        if not (ctx.is_service or ctx.can("admin")):
+        if not sees_every_account(ctx):  # who does may list every account's
             account_id = owned_account(ctx, account_id, component="LEDGER")
         found = await self._store.list_transfers(
             account_id=account_id,
@@ -402,13 +399,13 @@ class LedgerService(ledger_pb2_grpc.LedgerServiceServicer):
             state=int(request.state),
             start_ns=request.start_time.ToNanoseconds() if request.HasField("start_time") else None,
             end_ns=request.end_time.ToNanoseconds() if request.HasField("end_time") else None,
-            after_sequence=after,
+            after_sequence=after or 0,
             limit=size + 1,
         )
         token = ""
         if len(found) > size:
             found = found[:size]
-            token = base64.urlsafe_b64encode(str(found[-1].sequence).encode()).decode()
+            token = page_token("transfers", str(found[-1].sequence))
         return ledger_pb2.ListTransfersResponse(
             transfers=[self._transfer(t) for t in found], next_page_token=token
         )

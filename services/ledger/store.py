@@ -24,6 +24,7 @@ import grpc
 
 from services.chassis import ExchangeError
 from services.chassis.db import Statement
+from services.chassis.where import Where
 
 from .domain import Account, Book, Failure, Kind, Op, State, Transfer
 
@@ -309,30 +310,18 @@ class Store:
         after_sequence: int,
         limit: int,
     ) -> list[Transfer]:
-        clauses = ["sequence > $1"]
-        args: list[Any] = [after_sequence]
-
-        def arg(value: Any) -> str:
-            args.append(value)
-            return f"${len(args)}"
-
+        where = Where("sequence > $1", after_sequence)
         if account_id:
-            p = arg(account_id)
-            clauses.append(f"(debit_account_id = {p} OR credit_account_id = {p})")
-        if asset:
-            clauses.append(f"asset = {arg(asset)}")
-        if reference:
-            clauses.append(f"reference = {arg(reference)}")
-        if kind:
-            clauses.append(f"kind = {arg(kind)}")
-        if state:
-            clauses.append(f"state = {arg(state)}")
-        if start_ns is not None:
-            clauses.append(f"create_time >= {arg(from_ns(start_ns))}")
-        if end_ns is not None:
-            clauses.append(f"create_time < {arg(from_ns(end_ns))}")
-        sql = f"{_SELECT_TRANSFER} WHERE {' AND '.join(clauses)} ORDER BY sequence LIMIT {limit}"
-        return [transfer_from_row(r) for r in await self.pool.fetch(sql, *args)]
+            p = where.arg(account_id)
+            where.add(f"(debit_account_id = {p} OR credit_account_id = {p})")
+        where.compare("asset", "=", asset or None)
+        where.compare("reference", "=", reference or None)
+        where.compare("kind", "=", kind or None)
+        where.compare("state", "=", state or None)
+        where.compare("create_time", ">=", None if start_ns is None else from_ns(start_ns))
+        where.compare("create_time", "<", None if end_ns is None else from_ns(end_ns))
+        sql = f"{_SELECT_TRANSFER}{where.sql} ORDER BY sequence LIMIT {limit}"
+        return [transfer_from_row(r) for r in await self.pool.fetch(sql, *where.args)]
 
 
 def _code(value: int) -> grpc.StatusCode:

@@ -44,6 +44,7 @@ from services.chassis import (
     load_catalog,
     page_size,
     page_token,
+    parse_page_token,
     read_page_token,
     service_credentials,
 )
@@ -111,16 +112,6 @@ def _after(kind: str, token: str) -> str | None:
     if found is not None and not found[0]:
         raise bad_page_token(_PAGE_TOKEN_INVALID)
     return None if found is None else found[0]
-
-
-def _int_after(kind: str, token: str) -> int | None:
-    value = _after(kind, token)
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise bad_page_token(_PAGE_TOKEN_INVALID) from None
 
 
 class _Paged(Protocol):
@@ -306,7 +297,9 @@ class MarketDataService(marketdata_pb2_grpc.MarketDataServiceServicer):
         end = request.end_time.ToNanoseconds() if request.HasField("end_time") else None
         if start is not None and end is not None and end <= start:
             raise _invalid("INVALID_TIME_RANGE", "end_time", "must be after start_time")
-        before = _int_after("trades", request.page_token)
+        before = parse_page_token(
+            request.page_token, "trades", int, parts=1, reason=_PAGE_TOKEN_INVALID
+        )
         found = await self._store.trades(
             request.market, start_ns=start, end_ns=end, before_seq=before, limit=size + 1
         )
@@ -401,7 +394,9 @@ class MarketDataService(marketdata_pb2_grpc.MarketDataServiceServicer):
         end = request.end_time.seconds if request.HasField("end_time") else now_s + width
         if start is not None and end <= start:
             raise _invalid("INVALID_TIME_RANGE", "end_time", "must be after start_time")
-        after = _int_after("candles", request.page_token)
+        after = parse_page_token(
+            request.page_token, "candles", int, parts=1, reason=_PAGE_TOKEN_INVALID
+        )
         if after is not None:
             start = after
         bars = await self._store.candles(

@@ -44,10 +44,10 @@ from cex.type.v1 import types_pb2
 from services.chassis import (
     ExchangeError,
     FailedPrecondition,
-    FieldViolation,
     InvalidArgument,
     Market,
     MoneyError,
+    Violations,
 )
 from services.chassis.money import parse_decimal
 
@@ -78,7 +78,7 @@ from .domain import (
     Triggered,
 )
 
-__all__ = ["MarketEngine", "decode", "market_spec", "status_name"]
+__all__ = ["MarketEngine", "check_reason", "decode", "market_spec", "status_name"]
 
 _SIDES = {types_pb2.SIDE_BUY: Side.BUY, types_pb2.SIDE_SELL: Side.SELL}
 _SIDES_PB = {v: k for k, v in _SIDES.items()}
@@ -151,14 +151,7 @@ def market_spec(market: Market) -> MarketSpec:
 # --------------------------------------------------------------------------- decode
 
 
-class _Violations:
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.found: list[FieldViolation] = []
-
-    def add(self, name: str, description: str, reason: str) -> None:
-        self.found.append(FieldViolation(f"{self.prefix}.{name}", description, reason))
-
+class _Violations(Violations):
     def ident(self, name: str, value: str) -> None:
         if not value:
             self.add(name, "required", "MATCH_FIELD_REQUIRED")
@@ -196,6 +189,15 @@ class _Violations:
         return rate
 
 
+def check_reason(v: Violations, text: str, why: str) -> None:
+    """An operator's `reason` (kept in the journal and shown): required, saying
+    `why`, and at most _REASON_MAX characters."""
+    if not text.strip():
+        v.add("reason", f"required: {why}", "MATCH_FIELD_REQUIRED")
+    elif len(text) > _REASON_MAX:
+        v.add("reason", f"longer than {_REASON_MAX} characters", "MATCH_FIELD_TOO_LONG")
+
+
 def _ns(ts: Timestamp) -> int:
     return ts.seconds * 1_000_000_000 + ts.nanos
 
@@ -212,28 +214,25 @@ class Decoded:
 def _listing(market: Market, command: match_pb2.Command, v: _Violations) -> Command:
     """A listing, the market's first command (ADR 0018): a place in its sequence
     (seq 1), taken in the book as a status mark that changes nothing."""
-    lm, v.prefix = command.list_market, "command.list_market"
+    lm, v.prefix = command.list_market, "command.list_market."
     v.ident("request_id", lm.request_id)
     if lm.market.symbol != market.symbol or command.market != market.symbol:
         v.add("market", f"lists {lm.market.symbol!r}, not {market.symbol}", "MATCH_CONFLICT")
-    if not lm.reason.strip():
-        v.add("reason", "required: why the market is listed", "MATCH_FIELD_REQUIRED")
-    elif len(lm.reason) > _REASON_MAX:
-        v.add("reason", f"longer than {_REASON_MAX} characters", "MATCH_FIELD_TOO_LONG")
+    check_reason(v, lm.reason, "why the market is listed")
     return MarkStatus(ts=0, cancel_all=False)
 
 
-def decode(market: Market, command: match_pb2.Command) -> Decoded:  # noqa: C901 (one arm per kind)
+def decode(market: Market, command: match_pb2.Command) -> Decoded:
     """Check a wire command for ``market``; InvalidArgument (with every field
     violation) if it is malformed. Business rules (sizes, post-only, known
     orders) are the book's and come back as Rejected events instead."""
-    v = _Violations("command")
+    v = _Violations("command.")
     v.ident("command_id", command.command_id)
     kind = command.WhichOneof("kind")
     book: Command | None = None
     fees = (Decimal(0), Decimal(0))
     if kind == "place":
-        p, v.prefix = command.place, "command.place"
+        p, v.prefix = command.place, "command.place."
         v.ident("order_id", p.order_id)
         v.ident("account_id", p.account_id)
         if len(p.client_order_id) > _ID_MAX:
@@ -256,7 +255,7 @@ def decode(market: Market, command: match_pb2.Command) -> Decoded:  # noqa: C901
             v.fee_rate("maker_fee_rate", p.maker_fee_rate, rebate=True),
             v.fee_rate("taker_fee_rate", p.taker_fee_rate, rebate=False),
         )
-        if not v.found:
+        if not v.items:
             # A budget-bounded market buy has no base quantity of its own: the book
             # bounds it by the budget, and by the market's maximum.
             book = PlaceOrder(
@@ -275,19 +274,19 @@ def decode(market: Market, command: match_pb2.Command) -> Decoded:  # noqa: C901
                 quote_budget=budget,
             )
     elif kind == "cancel":
-        c, v.prefix = command.cancel, "command.cancel"
+        c, v.prefix = command.cancel, "command.cancel."
         v.ident("order_id", c.order_id)
         v.ident("account_id", c.account_id)
         book = CancelOrder(ts=0, order_id=0, account_id=0)
     elif kind == "amend":
-        a, v.prefix = command.amend, "command.amend"
+        a, v.prefix = command.amend, "command.amend."
         v.ident("order_id", a.order_id)
         v.ident("account_id", a.account_id)
         price = v.units("price", a.price, market.ticks, grid="MATCH_INVALID_TICK")
         qty = v.units("quantity", a.quantity, market.lots, grid="MATCH_INVALID_LOT")
         book = AmendOrder(ts=0, order_id=0, account_id=0, price=price, qty=qty)
     elif kind == "mass_cancel":
-        m, v.prefix = command.mass_cancel, "command.mass_cancel"
+        m, v.prefix = command.mass_cancel, "command.mass_cancel."
         v.ident("account_id", m.account_id)
         side = _SIDES.get(m.side)
         if m.side != types_pb2.SIDE_UNSPECIFIED and side is None:
@@ -296,13 +295,10 @@ def decode(market: Market, command: match_pb2.Command) -> Decoded:  # noqa: C901
     elif kind == "expire":
         book = Expire(ts=0)
     elif kind == "set_status":
-        st, v.prefix = command.set_status, "command.set_status"
+        st, v.prefix = command.set_status, "command.set_status."
         v.enum("status", st.status, _STATUSES)
         v.ident("request_id", st.request_id)
-        if not st.reason.strip():
-            v.add("reason", "required: why the market changes status", "MATCH_FIELD_REQUIRED")
-        elif len(st.reason) > _REASON_MAX:
-            v.add("reason", f"longer than {_REASON_MAX} characters", "MATCH_FIELD_TOO_LONG")
+        check_reason(v, st.reason, "why the market changes status")
         book = MarkStatus(ts=0, cancel_all=st.status == DELISTED)
     elif kind == "list_market":
         book = _listing(market, command, v)
@@ -312,12 +308,9 @@ def decode(market: Market, command: match_pb2.Command) -> Decoded:  # noqa: C901
             "one of place, cancel, amend, mass_cancel, expire, set_status, list_market is required",
             "MATCH_FIELD_REQUIRED",
         )
-    if v.found or book is None:
-        raise InvalidArgument(
-            v.found[0].reason if v.found else "MATCH_FIELD_REQUIRED",
-            "; ".join(f"{f.field}: {f.description}" for f in v.found) or "malformed command",
-            violations=v.found,
-        )
+    v.raise_if_any()  # under the first violation's reason
+    if book is None:
+        raise InvalidArgument("MATCH_FIELD_REQUIRED", "malformed command")
     return Decoded(command, book, fees)
 
 

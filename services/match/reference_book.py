@@ -9,7 +9,7 @@ command. It exists to be read and to check the fast book against (see
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Self
 
 from .domain import (
@@ -48,6 +48,9 @@ from .domain import (
 __all__ = ["ReferenceOrderBook"]
 
 
+_VIEW_FIELDS = tuple(f.name for f in fields(OrderView))  # the same as _Order's
+
+
 @dataclass(eq=False)
 class _Order:
     order_id: int
@@ -67,43 +70,11 @@ class _Order:
     priority: int
 
     def view(self) -> OrderView:
-        return OrderView(
-            order_id=self.order_id,
-            account_id=self.account_id,
-            side=self.side,
-            order_type=self.order_type,
-            price=self.price,
-            stop_price=self.stop_price,
-            qty=self.qty,
-            leaves=self.leaves,
-            tif=self.tif,
-            expire_time=self.expire_time,
-            post_only=self.post_only,
-            stp=self.stp,
-            quote_budget=self.quote_budget,
-            accepted_seq=self.accepted_seq,
-            priority=self.priority,
-        )
+        return OrderView(**{name: getattr(self, name) for name in _VIEW_FIELDS})
 
     @classmethod
     def from_view(cls, v: OrderView) -> _Order:
-        return cls(
-            order_id=v.order_id,
-            account_id=v.account_id,
-            side=v.side,
-            order_type=v.order_type,
-            price=v.price,
-            stop_price=v.stop_price,
-            qty=v.qty,
-            leaves=v.leaves,
-            tif=v.tif,
-            expire_time=v.expire_time,
-            post_only=v.post_only,
-            stp=v.stp,
-            quote_budget=v.quote_budget,
-            accepted_seq=v.accepted_seq,
-            priority=v.priority,
-        )
+        return cls(**{name: getattr(v, name) for name in _VIEW_FIELDS})
 
     @property
     def is_market(self) -> bool:

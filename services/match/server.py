@@ -12,7 +12,7 @@ import functools
 import hashlib
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from services.chassis import (
     Rule,
     Server,
     Violations,
+    batch_size,
     connect,
     current_auth,
     require_request_id,
@@ -53,7 +54,7 @@ from services.ledger.store import Store as LedgerStore
 
 from .config import MatchSettings
 from .domain import Side
-from .engine import MarketEngine, decode, status_name
+from .engine import MarketEngine, check_reason, decode, status_name
 from .funds import Funds
 from .publisher import Publisher
 from .retention import Retention
@@ -73,7 +74,6 @@ POLICY: dict[str, Rule] = {
     "ListListedMarkets": INTERNAL,
 }
 _SYMBOL = re.compile(r"^[A-Z0-9]{1,16}$")
-_REASON_MAX = 256
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _IN_FLIGHT = 64
@@ -151,12 +151,15 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    if len(request.commands) > limit:
-                        too_many = InvalidArgument(
-                            "MATCH_BATCH_TOO_LARGE",
-                            f"at most {limit} commands per request",
-                            violations=[FieldViolation("commands", f"at most {limit}")],
+                    try:
+                        batch_size(
+                            len(request.commands),
+                            minimum=0,
+                            maximum=limit,
+                            field="commands",
+                            reason="MATCH_BATCH_TOO_LARGE",
                         )
+                    except InvalidArgument as too_many:
                         futures = [
                             _resolved(
                                 match_pb2.CommandResult(
@@ -236,12 +239,7 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
             match_pb2.SetMarketStatusRequest, match_pb2.SetMarketStatusResponse
         ],
     ) -> match_pb2.SetMarketStatusResponse:
-        self._writer.require_serving()
-        ctx = current_auth()
-        if not sees_every_account(ctx):
-            raise PermissionDenied("MATCH_ADMIN_REQUIRED", "setting a market's status needs admin")
-        actor = _actor()
-        request_id = require_request_id(request.request_id, "MATCH_REQUEST_INVALID")
+        actor, request_id = self._operator_call(request.request_id, "setting a market's status")
         v = Violations()
         if not request.market:
             v.add("market", "required", "MATCH_FIELD_REQUIRED")
@@ -251,10 +249,7 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
                 "TRADING, POST_ONLY, CANCEL_ONLY, HALTED or DELISTED",
                 "MATCH_INVALID_ENUM",
             )
-        if not request.reason.strip():
-            v.add("reason", "required: why (kept in the journal and shown)", "MATCH_FIELD_REQUIRED")
-        elif len(request.reason) > _REASON_MAX:
-            v.add("reason", f"at most {_REASON_MAX} characters", "MATCH_FIELD_TOO_LONG")
+        check_reason(v, request.reason, "why (kept in the journal and shown)")
         v.raise_if_any("MATCH_REQUEST_INVALID")
         market = self._market(request.market)
         # The journal's (market, command_id) makes the call idempotent by request_id.
@@ -268,11 +263,8 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
                 updated_by=actor,
             ),
         )
-        result = await self._writer.submit(decode(market, command))
-        if result.status.code:
-            raise ErrorDetails.from_status(result.status).error("MATCH_REFUSED")
         out = match_pb2.SetMarketStatusResponse()
-        for event in result.events:
+        for event in await self._operator_command(market, command):
             kind = event.WhichOneof("kind")
             if kind == "status_changed":
                 out.change.CopyFrom(event.status_changed)
@@ -289,11 +281,7 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
             match_pb2.CreateMarketRequest, match_pb2.CreateMarketResponse
         ],
     ) -> match_pb2.CreateMarketResponse:
-        self._writer.require_serving()
-        if not sees_every_account(current_auth()):
-            raise PermissionDenied("MATCH_ADMIN_REQUIRED", "listing a market needs admin")
-        actor = _actor()
-        request_id = require_request_id(request.request_id, "MATCH_REQUEST_INVALID")
+        actor, request_id = self._operator_call(request.request_id, "listing a market")
         market = self._new_market(request)
         # Idempotent by request_id: the journal's (market, command_id) answers a retry
         # with the first listing; a symbol listed otherwise is ALREADY_EXISTS (the
@@ -310,16 +298,30 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
                 listed_by=actor,
             ),
         )
-        result = await self._writer.submit(decode(market, command))
-        if result.status.code:
-            raise ErrorDetails.from_status(result.status).error("MATCH_REFUSED")
         out = match_pb2.CreateMarketResponse()
-        for event in result.events:
+        for event in await self._operator_command(market, command):
             if event.WhichOneof("kind") == "market_listed":
                 out.listing.CopyFrom(event.market_listed)
                 out.seq = event.seq
                 out.create_time.CopyFrom(event.event_time)
         return out
+
+    def _operator_call(self, request_id: str, doing: str) -> tuple[str, str]:
+        """Who makes an operator's call, and its request_id; refused unless this
+        writer serves and the caller sees every account."""
+        self._writer.require_serving()
+        if not sees_every_account(current_auth()):
+            raise PermissionDenied("MATCH_ADMIN_REQUIRED", f"{doing} needs admin")
+        return _actor(), require_request_id(request_id, "MATCH_REQUEST_INVALID")
+
+    async def _operator_command(
+        self, market: Market, command: match_pb2.Command
+    ) -> Sequence[match_pb2.MatchEvent]:
+        """The events of an operator's command, journaled by the writer as any other."""
+        result = await self._writer.submit(decode(market, command))
+        if result.status.code:
+            raise ErrorDetails.from_status(result.status).error("MATCH_REFUSED")
+        return result.events
 
     def _new_market(self, request: match_pb2.CreateMarketRequest) -> Market:
         """The market a CreateMarket asks for; INVALID_ARGUMENT naming every bad field."""
@@ -359,10 +361,7 @@ class MatchService(match_pb2_grpc.MatchServiceServicer):
             v.add("price_band", "at most 1 (100%)", "OUT_OF_RANGE")
         if min_qty is not None and max_qty is not None and max_qty < min_qty:
             v.add("max_quantity", "must be >= min_quantity", "OUT_OF_RANGE")
-        if not request.reason.strip():
-            v.add("reason", "required: why (kept in the journal and shown)", "MATCH_FIELD_REQUIRED")
-        elif len(request.reason) > _REASON_MAX:
-            v.add("reason", f"at most {_REASON_MAX} characters", "MATCH_FIELD_TOO_LONG")
+        check_reason(v, request.reason, "why (kept in the journal and shown)")
         v.raise_if_any("MATCH_REQUEST_INVALID")
         assert tick and lot and min_qty and max_qty and min_notional is not None
         base, quote = assets[request.base], assets[request.quote]

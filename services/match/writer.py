@@ -886,14 +886,7 @@ def _client_repeat(wire: match_pb2.Command, first: Entry) -> match_pb2.CommandRe
             metadata={"order_id": first_order_id},
         )
         return _failed(wire, error)
-    return match_pb2.CommandResult(
-        command_id=wire.command_id,
-        market=wire.market,
-        status=_OK,
-        command_seq=first.command_seq,
-        events=_unpack(first.events),
-        duplicate=True,
-    )
+    return _journaled(wire, first)
 
 
 def _listed_event(entry: Entry) -> bytes:
@@ -913,11 +906,16 @@ def _repeat(wire: match_pb2.Command, body: bytes, prior: Entry) -> match_pb2.Com
             f"command {wire.command_id} was journaled with another body",
         )
         return _failed(wire, error)
+    return _journaled(wire, prior)
+
+
+def _journaled(wire: match_pb2.Command, entry: Entry) -> match_pb2.CommandResult:
+    """A repeated command answered with the outcome its first copy journaled."""
     return match_pb2.CommandResult(
         command_id=wire.command_id,
         market=wire.market,
         status=_OK,
-        command_seq=prior.command_seq,
-        events=_unpack(prior.events),
+        command_seq=entry.command_seq,
+        events=_unpack(entry.events),
         duplicate=True,
     )

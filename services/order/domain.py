@@ -22,9 +22,9 @@ from services.chassis import (
     Catalog,
     FailedPrecondition,
     FieldViolation,
-    InvalidArgument,
     Market,
     MoneyError,
+    Violations,
 )
 from services.chassis.money import decimal_text, parse_decimal
 
@@ -94,14 +94,7 @@ def check_client_order_id(value: str, field_name: str = "client_order_id") -> Fi
     return None
 
 
-class _Violations:
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.found: list[FieldViolation] = []
-
-    def add(self, name: str, description: str, reason: str) -> None:
-        self.found.append(FieldViolation(f"{self.prefix}{name}", description, reason))
-
+class _Violations(Violations):
     def decimal(
         self, name: str, text: str, unit: Decimal, reason: str, grid: str
     ) -> Decimal | None:
@@ -123,15 +116,6 @@ class _Violations:
             self.add(name, f"must be a multiple of {unit}", grid)
             return None
         return value
-
-    def fail(self) -> None:
-        if self.found:
-            first = self.found[0]
-            raise InvalidArgument(
-                first.reason,
-                "; ".join(f"{v.field}: {v.description}" for v in self.found),
-                violations=self.found,
-            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +150,7 @@ def validate_place(  # noqa: C901
     v = _Violations(prefix)
     bad_id = check_client_order_id(request.client_order_id, f"{prefix}client_order_id")
     if bad_id:
-        v.found.append(bad_id)
+        v.items.append(bad_id)
     market = catalog.market(request.market)
     if market is None:
         v.add("market", f"no market {request.market[:40]!r}", "ORDER_UNKNOWN_MARKET")
@@ -276,7 +260,7 @@ def validate_place(  # noqa: C901
                 f"below the minimum notional {market.min_notional}",
                 "ORDER_NOTIONAL_TOO_SMALL",
             )
-    v.fail()
+    v.raise_if_any()  # under the first violation's reason
     assert market is not None
     return NewOrder(
         client_order_id=request.client_order_id,

@@ -8,10 +8,8 @@ the dead man's switches and the stream sessions into one `Server`.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -40,13 +38,16 @@ from services.chassis import (
     Server,
     background,
     bad_page_token,
+    batch_size,
     connect,
     current_auth,
     invalid_field,
     load_catalog,
     mesh_channel,
+    optional_time,
     page_size,
     page_token,
+    parse_page_token,
     read_page_token,
     require_request_id,
     service_credentials,
@@ -145,32 +146,32 @@ def _fingerprint(message: Message) -> str:
     return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
 
 
-def _token(doc: dict[str, Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(doc, separators=(",", ":")).encode()).decode()
-
-
-def _untoken(token: str, filters: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(base64.urlsafe_b64decode(token.encode()))
-        if not isinstance(doc, dict) or doc.get("f") != filters:
-            raise ValueError
-        return doc
-    except ValueError:
-        raise InvalidArgument(
-            "ORDER_INVALID_PAGE_TOKEN",
-            "the page token is malformed or belongs to other filters",
-            violations=[FieldViolation("page_token", "not a token of this query")],
-        ) from None
+_PAGE_SIZE_INVALID = "ORDER_INVALID_PAGE_SIZE"
+_Listing = TypeVar("_Listing", order_pb2.ListOrdersRequest, order_pb2.ListFillsRequest)
+_PAGE_TOKEN_INVALID = "ORDER_INVALID_PAGE_TOKEN"
 
 
 def _page_size(value: int) -> int:
-    if value < 0:
-        raise InvalidArgument(
-            "ORDER_INVALID_PAGE_SIZE",
-            "page_size must not be negative",
-            violations=[FieldViolation("page_size", "must be >= 0")],
-        )
-    return min(value or 100, 1000)
+    return page_size(value, default=100, maximum=1000, reason=_PAGE_SIZE_INVALID)
+
+
+def _query(request: _Listing, account: str) -> str:
+    """The kind of a list's page tokens: its filters, so that a token is refused
+    under any other filters than those of the page it continues."""
+    filters = type(request)()
+    filters.CopyFrom(request)
+    filters.page_size = 0
+    filters.page_token = ""
+    filters.account_id = account
+    return _fingerprint(filters)[:16]
+
+
+def _order_position(time: str, order_id: str) -> tuple[datetime, str]:
+    return datetime.fromisoformat(time), order_id
+
+
+def _fill_position(time: str, seq: str, order_id: str) -> tuple[datetime, int, str]:
+    return datetime.fromisoformat(time), int(seq), order_id
 
 
 def _decimal_field(text: str, field: str) -> Decimal | None:
@@ -391,13 +392,9 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
         request: order_pb2.BatchPlaceOrdersRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> order_pb2.BatchPlaceOrdersResponse:
-        n = len(request.requests)
-        if not 1 <= n <= MAX_BATCH:
-            raise InvalidArgument(
-                "ORDER_BATCH_SIZE",
-                f"1 to {MAX_BATCH} orders per batch, got {n}",
-                violations=[FieldViolation("requests", f"1 to {MAX_BATCH} items")],
-            )
+        batch_size(
+            len(request.requests), maximum=MAX_BATCH, field="requests", reason="ORDER_BATCH_SIZE"
+        )
         ctx = current_auth()
         seen: set[str] = set()
         usages: list[tuple[int, int]] = []
@@ -477,27 +474,17 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
                 "unknown status filter",
                 violations=[FieldViolation("status", "OPEN, CLOSED or unset")],
             )
-        filters = order_pb2.ListOrdersRequest()
-        filters.CopyFrom(request)
-        filters.page_size = filters.page_size and 0
-        filters.page_token = ""
-        filters.account_id = account
-        key = _fingerprint(filters)[:16]
-        after = None
-        if request.page_token:
-            doc = _untoken(request.page_token, key)
-            after = (datetime.fromisoformat(doc["t"]), str(doc["id"]))
+        kind = _query(request, account)
+        after = parse_page_token(
+            request.page_token, kind, _order_position, parts=2, reason=_PAGE_TOKEN_INVALID
+        )
         query = OrderQuery(
             account_id=account,
             working={0: None, 1: True, 2: False}[request.status],
             market=request.market,
             side=request.side,
-            start_time=request.start_time.ToDatetime(tzinfo=UTC)
-            if request.HasField("start_time")
-            else None,
-            end_time=request.end_time.ToDatetime(tzinfo=UTC)
-            if request.HasField("end_time")
-            else None,
+            start_time=optional_time(request, "start_time"),
+            end_time=optional_time(request, "end_time"),
             after=after,
             limit=limit + 1,
         )
@@ -507,7 +494,7 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
         if len(rows) > limit:
             rows = rows[:limit]
             last = rows[-1]
-            token = _token({"t": last.create_time.isoformat(), "id": last.order_id, "f": key})
+            token = page_token(kind, last.create_time.isoformat(), last.order_id)
         return order_pb2.ListOrdersResponse(
             orders=[order_proto(o, self.catalog) for o in rows], next_page_token=token
         )
@@ -517,27 +504,17 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
     ) -> order_pb2.ListFillsResponse:
         account = caller_account(request.account_id)
         limit = _page_size(request.page_size)
-        filters = order_pb2.ListFillsRequest()
-        filters.CopyFrom(request)
-        filters.page_size = 0
-        filters.page_token = ""
-        filters.account_id = account
-        key = _fingerprint(filters)[:16]
-        after = None
-        if request.page_token:
-            doc = _untoken(request.page_token, key)
-            after = (datetime.fromisoformat(doc["t"]), int(doc["s"]), str(doc["id"]))
+        kind = _query(request, account)
+        after = parse_page_token(
+            request.page_token, kind, _fill_position, parts=3, reason=_PAGE_TOKEN_INVALID
+        )
         await self.flow.caught_up(account)
         rows = await self.store.fills(
             account,
             market=request.market,
             order_id=request.order_id,
-            start_time=request.start_time.ToDatetime(tzinfo=UTC)
-            if request.HasField("start_time")
-            else None,
-            end_time=request.end_time.ToDatetime(tzinfo=UTC)
-            if request.HasField("end_time")
-            else None,
+            start_time=optional_time(request, "start_time"),
+            end_time=optional_time(request, "end_time"),
             after=after,
             limit=limit + 1,
         )
@@ -545,9 +522,7 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
         if len(rows) > limit:
             rows = rows[:limit]
             last = rows[-1]
-            token = _token(
-                {"t": last.trade_time.isoformat(), "s": last.seq, "id": last.order_id, "f": key}
-            )
+            token = page_token(kind, last.trade_time.isoformat(), str(last.seq), last.order_id)
         return order_pb2.ListFillsResponse(
             fills=[fill_proto(f) for f in rows], next_page_token=token
         )
@@ -563,14 +538,10 @@ class OrderService(order_pb2_grpc.OrderServiceServicer):
             )
         if not request.HasField("start_time"):
             raise invalid_field("ORDER_FIELD_REQUIRED", "start_time", "required")
-        size = page_size(
-            request.page_size, default=1000, maximum=10_000, reason="ORDER_INVALID_PAGE_SIZE"
-        )
-        found = read_page_token(
-            request.page_token, "volumes", parts=1, reason="ORDER_INVALID_PAGE_TOKEN"
-        )
+        size = page_size(request.page_size, default=1000, maximum=10_000, reason=_PAGE_SIZE_INVALID)
+        found = read_page_token(request.page_token, "volumes", parts=1, reason=_PAGE_TOKEN_INVALID)
         if found is not None and not found[0]:
-            raise bad_page_token("ORDER_INVALID_PAGE_TOKEN")
+            raise bad_page_token(_PAGE_TOKEN_INVALID)
         markets = sorted(
             m.symbol for m in self.catalog.markets.values() if m.quote.symbol == request.quote_asset
         )

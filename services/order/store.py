@@ -11,6 +11,8 @@ from typing import Any
 
 import asyncpg
 
+from services.chassis.where import Where
+
 from .domain import WORKING, Execution, OrderRecord
 
 __all__ = ["FillRow", "OrderQuery", "Store"]
@@ -158,18 +160,12 @@ class Store:
     async def working(
         self, account_id: str, market: str = "", side: int = 0, session_id: str = ""
     ) -> list[OrderRecord]:
-        sql = f"SELECT * FROM orders WHERE account_id = $1 AND state IN {_WORKING_SQL}"
-        args: list[Any] = [account_id]
-        if market:
-            args.append(market)
-            sql += f" AND market = ${len(args)}"
-        if side:
-            args.append(side)
-            sql += f" AND side = ${len(args)}"
-        if session_id:
-            args.append(session_id)
-            sql += f" AND session_id = ${len(args)}"
-        return [_record(r) for r in await self.pool.fetch(sql, *args)]
+        where = Where(f"account_id = $1 AND state IN {_WORKING_SQL}", account_id)
+        where.compare("market", "=", market or None)
+        where.compare("side", "=", side or None)
+        where.compare("session_id", "=", session_id or None)
+        rows = await self.pool.fetch(f"SELECT * FROM orders{where.sql}", *where.args)
+        return [_record(r) for r in rows]
 
     async def accounts_working(self, market: str = "") -> list[str]:
         """Accounts with working orders (in `market`, or anywhere)."""
@@ -180,27 +176,21 @@ class Store:
         return [r["account_id"] for r in rows]
 
     async def query(self, q: OrderQuery) -> list[OrderRecord]:
-        sql = "SELECT * FROM orders WHERE account_id = $1"
-        args: list[Any] = [q.account_id]
+        where = Where("account_id = $1", q.account_id)
         if q.working is True:
-            sql += f" AND state IN {_WORKING_SQL}"
+            where.add(f"state IN {_WORKING_SQL}")
         elif q.working is False:
-            sql += f" AND state NOT IN {_WORKING_SQL}"
-        for column, op, value in (
-            ("market", "=", q.market or None),
-            ("side", "=", q.side or None),
-            ("create_time", ">=", q.start_time),
-            ("create_time", "<", q.end_time),
-        ):
-            if value is not None:
-                args.append(value)
-                sql += f" AND {column} {op} ${len(args)}"
-        if q.after is not None:
-            args.extend(q.after)
-            sql += f" AND (create_time, order_id) < (${len(args) - 1}, ${len(args)})"
-        args.append(q.limit)
-        sql += f" ORDER BY create_time DESC, order_id DESC LIMIT ${len(args)}"
-        return [_record(r) for r in await self.pool.fetch(sql, *args)]
+            where.add(f"state NOT IN {_WORKING_SQL}")
+        where.compare("market", "=", q.market or None)
+        where.compare("side", "=", q.side or None)
+        where.compare("create_time", ">=", q.start_time)
+        where.compare("create_time", "<", q.end_time)
+        where.after("create_time, order_id", q.after)
+        sql = (
+            f"SELECT * FROM orders{where.sql}"
+            f" ORDER BY create_time DESC, order_id DESC LIMIT {where.arg(q.limit)}"
+        )
+        return [_record(r) for r in await self.pool.fetch(sql, *where.args)]
 
     async def fills(
         self,
@@ -213,27 +203,17 @@ class Store:
         after: tuple[datetime, int, str] | None = None,
         limit: int = 100,
     ) -> list[FillRow]:
-        sql = f"SELECT {_FILL_COLUMNS} FROM fills WHERE account_id = $1"
-        args: list[Any] = [account_id]
-        if market:
-            args.append(market)
-            sql += f" AND market = ${len(args)}"
-        if order_id:
-            args.append(order_id)
-            sql += f" AND order_id = ${len(args)}"
-        if start_time is not None:
-            args.append(start_time)
-            sql += f" AND trade_time >= ${len(args)}"
-        if end_time is not None:
-            args.append(end_time)
-            sql += f" AND trade_time < ${len(args)}"
-        if after is not None:
-            args.extend(after)
-            n = len(args)
-            sql += f" AND (trade_time, seq, order_id) < (${n - 2}, ${n - 1}, ${n})"
-        args.append(limit)
-        sql += f" ORDER BY trade_time DESC, seq DESC, order_id DESC LIMIT ${len(args)}"
-        return [FillRow(**dict(r)) for r in await self.pool.fetch(sql, *args)]
+        where = Where("account_id = $1", account_id)
+        where.compare("market", "=", market or None)
+        where.compare("order_id", "=", order_id or None)
+        where.compare("trade_time", ">=", start_time)
+        where.compare("trade_time", "<", end_time)
+        where.after("trade_time, seq, order_id", after)
+        sql = (
+            f"SELECT {_FILL_COLUMNS} FROM fills{where.sql}"
+            f" ORDER BY trade_time DESC, seq DESC, order_id DESC LIMIT {where.arg(limit)}"
+        )
+        return [FillRow(**dict(r)) for r in await self.pool.fetch(sql, *where.args)]
 
     async def traded_volumes(
         self, start_time: datetime, markets: list[str], *, after: str, limit: int

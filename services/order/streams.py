@@ -47,7 +47,13 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
-from services.chassis import Catalog, ExchangeError, FailedPrecondition, FieldViolation
+from services.chassis import (
+    Catalog,
+    ExchangeError,
+    FailedPrecondition,
+    FieldViolation,
+    batch_size,
+)
 from services.chassis.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.chassis.interceptors import lost_dependency
 
@@ -330,10 +336,9 @@ class Sessions:
                     session.offer(R(heartbeat=message.heartbeat))
                     continue
                 batch = message.commands.commands if kind == "commands" else (message,)
-                if len(batch) > _MAX_BATCH or not all(
-                    c.WhichOneof("payload") in _COMMANDS for c in batch
-                ):
-                    ended.append(_not_a_command(kind, len(batch)))
+                refused = _refusal(kind, batch)
+                if refused is not None:
+                    ended.append(refused)
                     session.wake.set()
                     return
                 for command in batch:
@@ -470,17 +475,26 @@ _COMMANDS = frozenset({"place", "amend", "cancel", "cancel_all", "cancel_all_aft
 _MAX_BATCH = 100  # commands in one StreamCommands message
 
 
-def _not_a_command(kind: str | None, size: int) -> ExchangeError:
+def _refusal(
+    kind: str | None, batch: Sequence[order_pb2.StreamOrdersRequest]
+) -> ExchangeError | None:
+    """Why a client message that is not commands ends the stream (None: it is)."""
     if kind == "subscribe" or kind is None:
         return FailedPrecondition(
             "ORDER_STREAM_ALREADY_SUBSCRIBED", "subscribe is allowed only once"
         )
-    if size > _MAX_BATCH:
-        return InvalidArgument(
-            "ORDER_STREAM_BATCH_TOO_LARGE",
-            f"at most {_MAX_BATCH} commands in one message",
-            violations=[FieldViolation("commands.commands", f"at most {_MAX_BATCH}")],
+    try:
+        batch_size(
+            len(batch),
+            minimum=0,
+            maximum=_MAX_BATCH,
+            field="commands.commands",
+            reason="ORDER_STREAM_BATCH_TOO_LARGE",
         )
+    except InvalidArgument as too_large:
+        return too_large
+    if all(c.WhichOneof("payload") in _COMMANDS for c in batch):
+        return None
     return InvalidArgument(
         "ORDER_STREAM_NOT_A_COMMAND",
         "each of commands.commands is a place, amend, cancel, cancel_all or cancel_all_after",

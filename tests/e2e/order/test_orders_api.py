@@ -209,7 +209,9 @@ async def test_batch_place_answers_each_item(exchange: Exchange) -> None:
         await mm.orders.BatchPlaceOrders(
             order_pb2.BatchPlaceOrdersRequest(requests=[items[0]] * 21), metadata=mm.md, timeout=10
         )
+    assert too_many.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_of(too_many.value).reason == "ORDER_BATCH_SIZE"
+    assert [v.field for v in error_of(too_many.value).violations] == ["requests"]
 
 
 @pytest.mark.parametrize(

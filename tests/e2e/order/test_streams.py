@@ -205,6 +205,19 @@ async def test_several_commands_in_one_message_are_each_answered(exchange: Excha
     with pytest.raises(grpc.aio.AioRpcError) as ended:
         await session.next("ack")
     assert ErrorDetails.from_rpc_error(ended.value).reason == "ORDER_STREAM_NOT_A_COMMAND"
+    # More than 100 commands in one message end the session too, naming the field.
+    crowded = Client(mm)
+    await crowded.send(R(subscribe=order_pb2.StreamSubscribe()))
+    await crowded.next("subscribed")
+    await crowded.send(R(commands=order_pb2.StreamCommands(commands=[asks[0]] * 101)))
+    with pytest.raises(grpc.aio.AioRpcError) as too_many:
+        await crowded.next("ack")
+    details = ErrorDetails.from_rpc_error(too_many.value)
+    assert (details.code, details.reason) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ORDER_STREAM_BATCH_TOO_LARGE",
+    )
+    assert [v.field for v in details.violations] == ["commands.commands"]
 
 
 @pytest.mark.replicas

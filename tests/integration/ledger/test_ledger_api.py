@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from cex.ledger.v1 import ledger_pb2 as K
+from services.chassis import page_token
 from tests.conftest import Trust
 from tests.integration.ledger.support import (
     Ledger,
@@ -70,6 +71,7 @@ async def test_errors_are_clear(ledger: Ledger) -> None:
     empty = await rpc_error(ledger.stub.CreateTransfers(K.CreateTransfersRequest()))
     assert empty.code == grpc.StatusCode.INVALID_ARGUMENT
     assert empty.reason == "LEDGER_BATCH_SIZE_INVALID"
+    assert [v.field for v in empty.violations] == ["transfers"]
 
 
 async def test_linked_chain_is_all_or_nothing(ledger: Ledger) -> None:
@@ -173,8 +175,33 @@ async def test_list_transfers_pages_and_filters(ledger: Ledger) -> None:
     assert seen == [f"d{i}" for i in range(25) if i % 3 == 1]
     by_ref = await ledger.stub.ListTransfers(K.ListTransfersRequest(reference="d7"))
     assert [t.id for t in by_ref.transfers] == ["d7"]
-    bad = await rpc_error(ledger.stub.ListTransfers(K.ListTransfersRequest(page_token="!!")))
-    assert bad.reason == "LEDGER_PAGE_TOKEN_INVALID"
+    # Every transfer once, across pages of any size (the last page full or not).
+    for size in (1, 4, 9):
+        walked: list[str] = []
+        token = ""
+        while True:
+            page = await ledger.stub.ListTransfers(
+                K.ListTransfersRequest(page_size=size, page_token=token)
+            )
+            assert len(page.transfers) <= size
+            walked += [t.id for t in page.transfers]
+            if not (token := page.next_page_token):
+                break
+        assert walked == [f"d{i}" for i in range(25)]
+    # Garbage, a bare sequence (what tokens were before issue 19), another list's token.
+    for token in ("!!", "MTA=", page_token("volumes", "1")):
+        bad = await rpc_error(ledger.stub.ListTransfers(K.ListTransfersRequest(page_token=token)))
+        assert (bad.code, bad.reason) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "LEDGER_PAGE_TOKEN_INVALID",
+        )
+        assert [v.field for v in bad.violations] == ["page_token"]
+    negative = await rpc_error(ledger.stub.ListTransfers(K.ListTransfersRequest(page_size=-1)))
+    assert (negative.code, negative.reason) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "LEDGER_PAGE_SIZE_INVALID",
+    )
+    assert [v.field for v in negative.violations] == ["page_size"]
 
 
 async def test_a_violation_halts_withdrawals(ledger: Ledger) -> None:

@@ -202,6 +202,17 @@ async def test_bad_input_is_refused_before_the_journal(running: Running) -> None
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert ErrorDetails.from_rpc_error(err.value).reason == "MATCH_UNKNOWN_MARKET"
     assert (await client.book("BTC-USDT")).seq == 1
+    # More commands in one request than the writer takes: each is refused, unjournaled.
+    crowd = [place(f"x{i}", limit(f"x{i}", "a", t.SIDE_BUY, "1", "100")) for i in range(1001)]
+    results = await client.submit(crowd)
+    assert len(results) == 1001 and all(r.command_seq == 0 for r in results)
+    details = ErrorDetails.from_status(results[0].status)
+    assert (details.code, details.reason) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "MATCH_BATCH_TOO_LARGE",
+    )
+    assert [v.field for v in details.violations] == ["commands"]
+    assert (await client.book("BTC-USDT")).seq == 1
 
 
 async def test_l3_book_shows_orders_in_priority(running: Running) -> None:

@@ -20,16 +20,19 @@ from services.chassis import (
     FieldViolation,
     NotFound,
     Violations,
+    batch_size,
     from_timestamp,
     invalid_field,
     optional_time,
     owned_resource,
     page_size,
     page_token,
+    parse_page_token,
     read_page_token,
     timestamp,
     timestamp_ns,
 )
+from services.chassis.where import Where
 
 REASON = "TEST_INVALID_PAGE_TOKEN"
 
@@ -71,6 +74,48 @@ def test_page_size_defaults_caps_and_refuses_negative() -> None:
         page_size(-1, default=50, maximum=500, reason="TEST_BAD_SIZE")
     assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert [v.field for v in raised.value.violations] == ["page_size"]
+
+
+def test_a_token_gives_back_its_parsed_position() -> None:
+    assert parse_page_token("", "transfers", int, parts=1, reason=REASON) is None
+    token = page_token("transfers", str(12345))
+    assert parse_page_token(token, "transfers", int, parts=1, reason=REASON) == 12345
+    moment = datetime(2026, 12, 7, tzinfo=UTC)
+    fill = page_token("fills", moment.isoformat(), "7", "o1")
+
+    def position(t: str, s: str, i: str) -> tuple[datetime, int, str]:
+        return datetime.fromisoformat(t), int(s), i
+
+    assert parse_page_token(fill, "fills", position, parts=3, reason=REASON) == (moment, 7, "o1")
+    for bad in (
+        page_token("transfers", "x1"),
+        page_token("transfers", ""),
+        page_token("fills", "1"),
+    ):
+        with pytest.raises(ExchangeError) as raised:
+            parse_page_token(bad, "transfers", int, parts=1, reason=REASON)
+        assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert raised.value.reason == REASON
+        assert [v.field for v in raised.value.violations] == ["page_token"]
+
+
+@pytest.mark.parametrize(
+    ("count", "minimum", "ok"),
+    [(0, 1, False), (1, 1, True), (20, 1, True), (21, 1, False), (0, 0, True), (21, 0, False)],
+)
+def test_a_batch_holds_minimum_to_maximum_items(count: int, minimum: int, ok: bool) -> None:
+    if ok:
+        assert (
+            batch_size(count, minimum=minimum, maximum=20, field="requests", reason="TEST_BATCH")
+            == count
+        )
+        return
+    with pytest.raises(ExchangeError) as raised:
+        batch_size(count, minimum=minimum, maximum=20, field="requests", reason="TEST_BATCH")
+    error = raised.value
+    assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "TEST_BATCH")
+    assert [v.field for v in error.violations] == ["requests"]
+    assert "20" in error.violations[0].description and f"got {count}" in error.message
 
 
 def test_violations_collect_every_problem_under_a_prefix() -> None:
@@ -146,3 +191,16 @@ def test_admins_and_services_see_every_account() -> None:
     assert owned_resource(SERVICE, theirs, component="TEST", resource="order") is theirs
     with pytest.raises(NotFound):
         owned_resource(ADMIN, None, component="TEST", resource="order")
+
+
+def test_a_where_clause_numbers_only_the_filters_that_are_set() -> None:
+    where = Where("account_id = $1", "acc_a")
+    where.compare("market", "=", "BTC-USDT")
+    where.compare("side", "=", None)  # unset: no condition
+    where.after("create_time, order_id", ("2026-12-07", "o9"))
+    assert where.sql == (
+        " WHERE account_id = $1 AND market = $2 AND (create_time, order_id) < ($3, $4)"
+    )
+    assert f"LIMIT {where.arg(100)}" == "LIMIT $5"
+    assert where.args == ["acc_a", "BTC-USDT", "2026-12-07", "o9", 100]
+    assert Where().sql == ""
