@@ -17,24 +17,16 @@ from prometheus_client import CollectorRegistry
 from cex.ledger.v1 import ledger_pb2 as K
 from services.ledger import auditor as auditor_module
 from services.ledger.auditor import Auditor, LedgerMetrics, run_audit
-from tests.conftest import Trust
 from tests.integration.ledger.support import (
     Ledger,
     deposit,
     hold,
     post,
     reason,
-    running_ledger,
     transfer,
 )
 
 ACCOUNTS = [f"acct-{i}" for i in range(20)]
-
-
-@pytest.fixture
-async def ledger(fresh_database_url: str, trust: Trust, private_nats: str) -> AsyncIterator[Ledger]:
-    async with running_ledger(fresh_database_url, trust, private_nats) as running:
-        yield running
 
 
 @pytest.fixture

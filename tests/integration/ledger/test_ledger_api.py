@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import grpc
-import pytest
 
 from cex.ledger.v1 import ledger_pb2 as K
 from services.chassis import page_token
-from tests.conftest import Trust
 from tests.integration.ledger.support import (
     Ledger,
     deposit,
@@ -18,16 +14,9 @@ from tests.integration.ledger.support import (
     reason,
     reasons,
     rpc_error,
-    running_ledger,
     transfer,
     void,
 )
-
-
-@pytest.fixture
-async def ledger(fresh_database_url: str, trust: Trust, private_nats: str) -> AsyncIterator[Ledger]:
-    async with running_ledger(fresh_database_url, trust, private_nats) as running:
-        yield running
 
 
 async def test_deposit_transfer_and_balances(ledger: Ledger) -> None:

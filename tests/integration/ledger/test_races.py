@@ -6,30 +6,20 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import asyncpg
-import pytest
 
 from cex.ledger.v1 import ledger_pb2 as K
 from services.chassis import ErrorDetails
-from tests.conftest import Trust
 from tests.integration.ledger.support import (
     Ledger,
     deposit,
     hold,
     post,
     reason,
-    running_ledger,
     transfer,
     void,
 )
-
-
-@pytest.fixture
-async def ledger(fresh_database_url: str, trust: Trust, private_nats: str) -> AsyncIterator[Ledger]:
-    async with running_ledger(fresh_database_url, trust, private_nats) as running:
-        yield running
 
 
 async def test_double_spend_exactly_one_of_1000_withdrawal_holds(ledger: Ledger) -> None:

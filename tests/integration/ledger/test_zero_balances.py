@@ -3,27 +3,17 @@ never held is refused exactly as debiting one it has too little of."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import grpc
 import pytest
 
 from cex.ledger.v1 import ledger_pb2 as K
 from services.chassis import ErrorDetails, load_catalog
-from tests.conftest import Trust
 from tests.integration.ledger.support import (
     Ledger,
     deposit,
     hold,
-    running_ledger,
     transfer,
 )
-
-
-@pytest.fixture
-async def ledger(fresh_database_url: str, trust: Trust, private_nats: str) -> AsyncIterator[Ledger]:
-    async with running_ledger(fresh_database_url, trust, private_nats) as running:
-        yield running
 
 
 def _zero(balance: K.Balance) -> bool:

@@ -17,7 +17,6 @@ import pytest
 
 from cex.marketdata.v1 import marketdata_pb2 as md
 from cex_stack.supervisor import Stack
-from tests.conftest import Trust
 from tests.integration.marketdata.support import (
     MARKET,
     GapDetected,
@@ -29,15 +28,6 @@ from tests.integration.marketdata.support import (
     follow,
     levels,
 )
-
-
-@pytest.fixture
-async def match(
-    fresh_database_url: str, private_nats: str, trust: Trust
-) -> AsyncIterator[MatchInProcess]:
-    running = MatchInProcess(fresh_database_url, private_nats, trust)
-    yield running
-    await running.stop()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import asyncpg
@@ -20,7 +19,6 @@ import pytest
 
 from cex.marketdata.v1 import marketdata_pb2_grpc
 from cex_stack.supervisor import Stack
-from tests.conftest import Trust
 from tests.integration.marketdata.support import (
     MARKET,
     LocalBook,
@@ -31,15 +29,6 @@ from tests.integration.marketdata.support import (
     marketdata_process,
 )
 from tests.integration.match.match_client import Client
-
-
-@pytest.fixture
-async def match(
-    fresh_database_url: str, private_nats: str, trust: Trust
-) -> AsyncIterator[MatchInProcess]:
-    running = MatchInProcess(fresh_database_url, private_nats, trust)
-    yield running
-    await running.stop()
 
 
 async def _load(client: Client, stop: asyncio.Event) -> None:

@@ -14,22 +14,12 @@ from cex.marketdata.v1 import marketdata_pb2 as md
 from cex_stack.supervisor import Stack
 from cex_stack.topology import free_ports
 from services.chassis import ErrorDetails
-from tests.conftest import Trust
 from tests.integration.marketdata.support import (
     MARKET,
     MarketDataInProcess,
     MatchInProcess,
     levels,
 )
-
-
-@pytest.fixture
-async def match(
-    fresh_database_url: str, private_nats: str, trust: Trust
-) -> AsyncIterator[MatchInProcess]:
-    running = MatchInProcess(fresh_database_url, private_nats, trust)
-    yield running
-    await running.stop()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from cex_stack import probes
 from cex_stack.supervisor import Stack
 from cex_stack.topology import free_ports
 from services.chassis import ErrorDetails
-from tests.conftest import Trust
 from tests.integration.marketdata.support import (
     MARKET,
     LocalBook,
@@ -30,15 +28,6 @@ from tests.integration.marketdata.support import (
     follow,
     levels,
 )
-
-
-@pytest.fixture
-async def match(
-    fresh_database_url: str, private_nats: str, trust: Trust
-) -> AsyncIterator[MatchInProcess]:
-    running = MatchInProcess(fresh_database_url, private_nats, trust)
-    yield running
-    await running.stop()
 
 
 async def _all_trades(stub: object) -> list[md.Trade]:
