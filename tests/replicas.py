@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-import urllib.request
 from dataclasses import dataclass
 
 from cex_stack.supervisor import Stack
 from cex_stack.topology import SERVICES, ServiceSpec
 from services.chassis import ServiceCredentials
+from tests.metrics import metrics_text
 
 __all__ = ["REPLICATED", "Target", "grew", "replica_names", "served"]
 
@@ -67,18 +67,12 @@ def _started(text: str, grpc_service: str, method: str | None) -> int:
     return int(total)
 
 
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read().decode()  # type: ignore[no-any-return]
-
-
 async def served(stack: Stack, service: str, method: str | None = None) -> dict[str, int]:
     """Replica name -> the RPCs of `service` (only `method`, if given) it has started."""
     spec = _spec(service)
-    host = stack.ports.host
     pages = await asyncio.gather(
         *(
-            asyncio.to_thread(_get, f"http://{host}:{stack.ports.metrics(spec, r)}/metrics")
+            asyncio.to_thread(metrics_text, stack, service, r)
             for r in range(1, stack.replica_count(spec) + 1)
         )
     )

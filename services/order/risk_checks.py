@@ -26,6 +26,7 @@ import time
 from decimal import Decimal
 
 import grpc
+from prometheus_client import Gauge
 
 from cex.risk.v1 import risk_pb2, risk_pb2_grpc
 from services.chassis import Catalog, Unavailable
@@ -42,6 +43,12 @@ __all__ = ["RiskChecks", "RulesFollower"]
 _log = logging.getLogger("cex.order.risk")
 _BACKOFF_MAX_S = 1.0
 
+RULES_AGE = Gauge(
+    "order_risk_rules_age_seconds",
+    "Time since risk's rules stream last spoke (+Inf before the first rules); past "
+    "3 heartbeats the copy is stale and every place and amend is refused UNAVAILABLE.",
+)
+
 
 class RulesFollower:
     """The latest rules risk published; what `OrderChecks` reads (checks.Rules)."""
@@ -54,6 +61,7 @@ class RulesFollower:
         self._stale_heartbeats = stale_heartbeats
         self.rules: FollowedRules | None = None
         self.ready = asyncio.Event()
+        RULES_AGE.set_function(self.age_s)
 
     async def run(self) -> None:
         """Follow until cancelled, reconnecting after any failure."""
@@ -79,17 +87,23 @@ class RulesFollower:
         self.rules = FollowedRules(message, self._catalog)
         self.ready.set()
 
+    def age_s(self) -> float:
+        """Seconds since risk last spoke on the stream (inf: it has not yet)."""
+        rules = self.rules
+        return float("inf") if rules is None else time.monotonic() - rules.received
+
     def current(self) -> FollowedRules:
         rules = self.rules
         if rules is None:
             raise Unavailable(
                 "ORDER_RISK_RULES_STALE", "risk's rules have not arrived yet", retry_after_s=0.5
             )
-        if time.monotonic() - rules.received > self._stale_heartbeats * rules.heartbeat_s:
+        age_s = self.age_s()
+        if age_s > self._stale_heartbeats * rules.heartbeat_s:
             raise Unavailable(
                 "ORDER_RISK_RULES_STALE",
                 f"risk's rules are stale (change {rules.change_seq}, no word from risk "
-                f"for {time.monotonic() - rules.received:.1f} s)",
+                f"for {age_s:.1f} s)",
                 retry_after_s=0.5,
             )
         return rules

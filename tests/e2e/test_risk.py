@@ -19,6 +19,9 @@ from cex.type.v1 import types_pb2 as T
 from cex_stack.supervisor import Stack
 from cex_stack.topology import SERVICES
 from services.chassis import ErrorDetails
+from tests.metrics import sample
+
+_RULES_AGE = "order_risk_rules_age_seconds"
 
 
 def _bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -160,3 +163,8 @@ async def test_limits_and_kill_switches_survive_kill_9(stack: Stack, service_tok
         )
         limited = await stub.CheckOrder(check, timeout=10, metadata=metadata)
         assert ErrorDetails.from_status(limited.denial).reason == "RISK_OPEN_ORDERS_LIMIT_EXCEEDED"
+    # Order, which refused places while its copy of the rules went stale, follows
+    # the restarted risk again by itself (its stream reconnects): the stack is whole.
+    while (age := await asyncio.to_thread(sample, stack, "order", _RULES_AGE)) is None or age > 2:
+        assert time.monotonic() < deadline + 30, f"order's rules are {age} s old"
+        await asyncio.sleep(0.2)

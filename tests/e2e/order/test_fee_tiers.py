@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.error
-import urllib.request
 from decimal import Decimal
 
 import grpc
@@ -27,10 +25,10 @@ from cex.auth.v1 import auth_pb2
 from cex.order.v1 import order_pb2
 from cex.type.v1 import types_pb2 as t
 from cex_stack.supervisor import Stack
-from cex_stack.topology import SERVICES
 from tests.cli import cex
 from tests.e2e.order.support import BUY, SELL, Exchange, error_of, uid
 from tests.e2e.order.test_streams import Client, R, place
+from tests.metrics import sample
 from tests.rest import rest
 
 FILLED = t.ORDER_STATE_FILLED
@@ -46,13 +44,8 @@ pytestmark = pytest.mark.own_stack
 
 def _order_seq(stack: Stack) -> int:
     """The fee-tier change sequence order's copy is complete up to (its metric)."""
-    spec = next(s for s in SERVICES if s.name == "order")
-    url = f"http://{stack.ports.host}:{stack.ports.metrics(spec)}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith("fee_tiers_change_seq "):
-                return int(float(line.split()[1]))
-    return -1
+    seq = sample(stack, "order", "fee_tiers_change_seq")
+    return -1 if seq is None else int(seq)
 
 
 async def _order_follows(stack: Stack, exchange: Exchange, within_s: float = 10.0) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from cex.risk.v1 import risk_pb2 as R
 from services.chassis import ExchangeError, load_catalog
-from services.order.risk_checks import RiskChecks, RulesFollower
+from services.order.risk_checks import RULES_AGE, RiskChecks, RulesFollower
 from services.risk.bucket import RateLimiter
 from services.risk.config import RiskConfig
 from tests.integration.risk.support import SERVICE, Risk, denial, order, running_risk
@@ -147,8 +147,11 @@ async def test_a_copy_that_hears_nothing_goes_stale(
     running, _ = risk
     follower, checks = gateway
     assert await _reason(checks, order()) == "ALLOWED"
+    assert RULES_AGE.collect()[0].samples[0].value < HEARTBEAT_S * 2
     await running.server.stop(0)
     await asyncio.sleep(HEARTBEAT_S * 4)
+    # What the alert OrderRiskRulesStale watches.
+    assert RULES_AGE.collect()[0].samples[0].value >= HEARTBEAT_S * 4
     with pytest.raises(ExchangeError) as stale:
         await checks.check(order())
     assert stale.value.reason == "ORDER_RISK_RULES_STALE"
