@@ -43,7 +43,6 @@ from services.chassis import (
     Unauthenticated,
     Unavailable,
     background,
-    bad_page_token,
     connect,
     current_auth,
     invalid_field,
@@ -52,10 +51,10 @@ from services.chassis import (
     optional_time,
     owned_resource,
     page_size,
-    page_token,
-    read_page_token,
     require_request_id,
     service_credentials,
+    time_key_after,
+    time_keyed_page,
     timestamp,
     user,
 )
@@ -273,19 +272,7 @@ def _client_ip(context: grpc.aio.ServicerContext[object, object]) -> str:
     return urllib.parse.unquote(address.rsplit(":", 1)[0]).strip("[]")
 
 
-def _page_token(key: domain.ApiKey) -> str:
-    return page_token("api_keys", key.create_time.isoformat(), key.api_key_id)
-
-
-def _after(token: str) -> tuple[datetime, str] | None:
-    found = read_page_token(token, "api_keys", parts=2, reason="AUTH_INVALID_PAGE_TOKEN")
-    if found is None:
-        return None
-    when, key_id = found
-    try:
-        return datetime.fromisoformat(when), key_id
-    except ValueError:
-        raise bad_page_token("AUTH_INVALID_PAGE_TOKEN") from None
+_PAGE_TOKEN_INVALID = "AUTH_INVALID_PAGE_TOKEN"
 
 
 def _decimal(value: Decimal) -> str:
@@ -439,22 +426,13 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         size = page_size(
             request.page_size, default=50, maximum=100, reason="AUTH_INVALID_PAGE_SIZE"
         )
-        found = read_page_token(
-            request.page_token, "sub_accounts", parts=2, reason="AUTH_INVALID_PAGE_TOKEN"
+        after = time_key_after(request.page_token, "sub_accounts", reason=_PAGE_TOKEN_INVALID)
+        page, token = time_keyed_page(
+            await self.store.sub_accounts(master, limit=size + 1, after=after),
+            size,
+            "sub_accounts",
+            lambda a: (a.create_time, a.account_id),
         )
-        after = None
-        if found is not None:
-            try:
-                after = (datetime.fromisoformat(found[0]), found[1])
-            except ValueError:
-                raise bad_page_token("AUTH_INVALID_PAGE_TOKEN") from None
-        subs = await self.store.sub_accounts(master, limit=size + 1, after=after)
-        page = subs[:size]
-        token = ""
-        if len(subs) > size:
-            token = page_token(
-                "sub_accounts", page[-1].create_time.isoformat(), page[-1].account_id
-            )
         return auth_pb2.ListSubAccountsResponse(
             accounts=[_account_pb(a) for a in page], next_page_token=token
         )
@@ -654,14 +632,18 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         size = page_size(
             request.page_size, default=50, maximum=500, reason="AUTH_INVALID_PAGE_SIZE"
         )
-        keys = await self.store.list_keys(
-            account_id, state=request.state, limit=size + 1, after=_after(request.page_token)
+        after = time_key_after(request.page_token, "api_keys", reason=_PAGE_TOKEN_INVALID)
+        page, token = time_keyed_page(
+            await self.store.list_keys(
+                account_id, state=request.state, limit=size + 1, after=after
+            ),
+            size,
+            "api_keys",
+            lambda k: (k.create_time, k.api_key_id),
         )
         now = self.clock()
-        page = keys[:size]
         return auth_pb2.ListApiKeysResponse(
-            api_keys=[_key_pb(k, now) for k in page],
-            next_page_token=_page_token(page[-1]) if len(keys) > size else "",
+            api_keys=[_key_pb(k, now) for k in page], next_page_token=token
         )
 
     async def RevokeApiKey(

@@ -51,6 +51,7 @@ from .pages import bad_page_token, page_size, page_token, read_page_token
 from .server import Server, background, poll_until_cancelled, run
 from .settings import ChassisSettings
 from .telemetry import metrics_registry
+from .time_pages import time_key_after, time_keyed_page
 from .times import from_timestamp, optional_time, timestamp, timestamp_ns
 
 __all__ = [
@@ -114,6 +115,8 @@ __all__ = [
     "run",
     "sees_every_account",
     "service_credentials",
+    "time_key_after",
+    "time_keyed_page",
     "timestamp",
     "timestamp_ns",
     "to_units",

@@ -35,7 +35,6 @@ from services.chassis import (
     Server,
     Unavailable,
     background,
-    bad_page_token,
     connect,
     current_auth,
     load_catalog,
@@ -45,11 +44,11 @@ from services.chassis import (
     owned_account,
     owned_resource,
     page_size,
-    page_token,
     postgres,
-    read_page_token,
     require_request_id,
     service_credentials,
+    time_key_after,
+    time_keyed_page,
     timestamp,
     user,
 )
@@ -151,29 +150,22 @@ def _page_size(size: int) -> int:
     return page_size(size, default=100, maximum=1000, reason="FUNDING_PAGE_SIZE_INVALID")
 
 
-def _after(token: str, kind: str) -> store.Page:
-    """Where a list of `kind` goes on, from its page token (newest first: time, id)."""
-    found = read_page_token(token, kind, parts=2, reason=_PAGE_TOKEN_INVALID)
-    if found is None:
-        return store.Page()
-    moment, key = found
-    try:
-        return store.Page(datetime.fromisoformat(moment), key)
-    except ValueError:
-        raise bad_page_token(_PAGE_TOKEN_INVALID) from None
-
-
 _Row = TypeVar("_Row")
 
 
-def _page(
-    rows: Sequence[_Row], size: int, kind: str, position: Callable[[_Row], tuple[datetime, str]]
+async def _paged(
+    size: int,
+    token: str,
+    kind: str,
+    position: Callable[[_Row], tuple[datetime, str]],
+    fetch: Callable[[store.Page, int], Awaitable[Sequence[_Row]]],
 ) -> tuple[Sequence[_Row], str]:
-    """A page of at most `size` of `rows` (fetched one more than that) and its token."""
-    if len(rows) <= size:
-        return rows, ""
-    moment, key = position(rows[size - 1])
-    return rows[:size], page_token(kind, moment.isoformat(), key)
+    """A page of at most `size` rows of list `kind` (newest first: time, id) and the
+    token that continues it: `fetch(after, limit)` reads one more than that from
+    where `token` left off."""
+    found = time_key_after(token, kind, reason=_PAGE_TOKEN_INVALID)
+    after = store.Page() if found is None else store.Page(*found)
+    return time_keyed_page(await fetch(after, size + 1), size, kind, position)
 
 
 def _range(request: Any) -> tuple[datetime | None, datetime | None]:
@@ -406,17 +398,20 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         account = _account(request.account_id)
         size = _page_size(request.page_size)
         start, end = _range(request)
-        page = store.AccountPage(
+        query = store.AccountPage(
             account_id=account,
             asset=request.asset,
             state=_name(states, request.state, "state"),
             start=start,
             end=end,
-            after=_after(request.page_token, kind),
-            limit=size + 1,
         )
-        rows = await fetch(self._pool, page)
-        return _page(rows, size, kind, position)
+        return await _paged(
+            size,
+            request.page_token,
+            kind,
+            position,
+            lambda after, limit: fetch(self._pool, replace(query, after=after, limit=limit)),
+        )
 
     # -- deposits ---------------------------------------------------------------
 
@@ -760,17 +755,14 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
     ) -> funding_pb2.ListWithdrawalAddressesResponse:
         account = _account(request.account_id)
         size = _page_size(request.page_size)
-        rows, token = _page(
-            await store.list_withdrawal_addresses(
-                self._pool,
-                account,
-                asset=request.asset,
-                after=_after(request.page_token, "withdrawal_addresses"),
-                limit=size + 1,
-            ),
+        rows, token = await _paged(
             size,
+            request.page_token,
             "withdrawal_addresses",
             lambda r: (r.create_time, r.address_id),
+            lambda after, limit: store.list_withdrawal_addresses(
+                self._pool, account, asset=request.asset, after=after, limit=limit
+            ),
         )
         return F.ListWithdrawalAddressesResponse(
             withdrawal_addresses=[self._address(r) for r in rows], next_page_token=token
@@ -907,18 +899,21 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         self, request: funding_pb2.ListSagasRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> funding_pb2.ListSagasResponse:
         size = _page_size(request.page_size)
-        rows, token = _page(
-            await store.list_sagas(
-                self._pool,
-                kind=_name(_KINDS, request.kind, "kind"),
-                state=_name(_SAGA_STATES, request.state, "state"),
-                account_id=request.account_id,
-                after=_after(request.page_token, "sagas"),
-                limit=size + 1,
-            ),
+        kind = _name(_KINDS, request.kind, "kind")
+        state = _name(_SAGA_STATES, request.state, "state")
+        rows, token = await _paged(
             size,
+            request.page_token,
             "sagas",
             lambda r: (r.create_time, r.saga_id),
+            lambda after, limit: store.list_sagas(
+                self._pool,
+                kind=kind,
+                state=state,
+                account_id=request.account_id,
+                after=after,
+                limit=limit,
+            ),
         )
         return F.ListSagasResponse(sagas=[self._saga(r) for r in rows], next_page_token=token)
 

@@ -162,8 +162,8 @@ class AccountPage:
     state: str
     start: datetime | None
     end: datetime | None
-    after: Page
-    limit: int
+    after: Page = Page()  # the pager sets these two
+    limit: int = 0
 
 
 def _account_list(table: str, time_column: str, key_column: str) -> str:
