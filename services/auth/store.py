@@ -10,7 +10,13 @@ from decimal import Decimal
 
 import asyncpg
 
-from services.chassis import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument
+from services.chassis import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    relay_outbox_rows,
+)
 from services.chassis.fee_tiers import BASE_TIER
 
 from .domain import (
@@ -273,16 +279,8 @@ class Store:
         """Hand the oldest unpublished state changes to `publish`, then mark them; one
         publisher at a time, in sequence order. A crash after publishing and before
         the mark publishes them again (same sequence numbers)."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext('auth.outbox'))"):
-                return 0
-            rows = await conn.fetch(
-                """SELECT seq, account_id, state, reason, change_time FROM account_state_changes
-                   WHERE NOT published ORDER BY seq LIMIT $1""",
-                limit,
-            )
-            if not rows:
-                return 0
+
+        async def changes(rows: list[asyncpg.Record]) -> None:
             await publish(
                 [
                     StateChange(
@@ -291,11 +289,16 @@ class Store:
                     for r in rows
                 ]
             )
-            await conn.execute(
-                "UPDATE account_state_changes SET published = true WHERE seq = ANY($1::bigint[])",
-                [r["seq"] for r in rows],
-            )
-            return len(rows)
+
+        return await relay_outbox_rows(
+            self.pool,
+            turn="auth.outbox",
+            table="account_state_changes",
+            key="seq",
+            columns="seq, account_id, state, reason, change_time",
+            publish=changes,
+            limit=limit,
+        )
 
     async def create_sub_account(
         self,
@@ -790,22 +793,16 @@ class Store:
         self, publish: Callable[[list[FeeChange]], Awaitable[None]], limit: int = 100
     ) -> int:
         """As publish_state_changes, for the fee-tier changes."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval(
-                "SELECT pg_try_advisory_xact_lock(hashtext('auth.fee-outbox'))"
-            ):
-                return 0
-            rows = await conn.fetch(
-                """SELECT seq, account_id, fee_tier, assigned, schedule::text AS schedule,
-                          change_time
-                   FROM fee_tier_changes WHERE NOT published ORDER BY seq LIMIT $1""",
-                limit,
-            )
-            if not rows:
-                return 0
+
+        async def changes(rows: list[asyncpg.Record]) -> None:
             await publish([_fee_change(r) for r in rows])
-            await conn.execute(
-                "UPDATE fee_tier_changes SET published = true WHERE seq = ANY($1::bigint[])",
-                [r["seq"] for r in rows],
-            )
-            return len(rows)
+
+        return await relay_outbox_rows(
+            self.pool,
+            turn="auth.fee-outbox",
+            table="fee_tier_changes",
+            key="seq",
+            columns="seq, account_id, fee_tier, assigned, schedule::text AS schedule, change_time",
+            publish=changes,
+            limit=limit,
+        )

@@ -47,6 +47,7 @@ from .errors import (
 from .infra import Infrastructure, connect
 from .markets import Asset, Catalog, Market, load_catalog
 from .money import MoneyError, from_units, to_units
+from .outbox_rows import relay_outbox_rows
 from .pages import bad_page_token, page_size, page_token, read_page_token
 from .server import Server, background, poll_until_cancelled, run
 from .settings import ChassisSettings
@@ -111,6 +112,7 @@ __all__ = [
     "postgres",
     "read_page_token",
     "redis_connection",
+    "relay_outbox_rows",
     "require_request_id",
     "run",
     "sees_every_account",

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import grpc
 
-from services.chassis import AlreadyExists, ExchangeError
+from services.chassis import AlreadyExists, ExchangeError, relay_outbox_rows
 
 from .domain import KillSwitch, Limits, Scope
 
@@ -240,22 +240,20 @@ class Store:
         """Hand the oldest unpublished log rows, (id, switch, cancel_open_orders,
         request_id), to `publish`, then mark them; one publisher at a time, in id order.
         A crash after publishing and before the mark publishes them again (same ids)."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext('risk.outbox'))"):
-                return 0
-            rows = await conn.fetch(
-                "SELECT * FROM kill_switch_log WHERE NOT published ORDER BY id LIMIT $1", limit
-            )
-            if not rows:
-                return 0
+
+        async def log(rows: list[asyncpg.Record]) -> None:
             await publish(
                 [(r["id"], _switch(r), r["cancel_open_orders"], r["request_id"]) for r in rows]
             )
-            await conn.execute(
-                "UPDATE kill_switch_log SET published = true WHERE id = ANY($1::bigint[])",
-                [r["id"] for r in rows],
-            )
-            return len(rows)
+
+        return await relay_outbox_rows(
+            self._pool,
+            turn="risk.outbox",
+            table="kill_switch_log",
+            key="id",
+            publish=log,
+            limit=limit,
+        )
 
     # -- withdrawals ------------------------------------------------------------
 
