@@ -156,10 +156,20 @@ def owned_account(ctx: AuthContext, requested: str, *, resource: str = "account"
 MAX_SUB_ACCOUNTS = 100
 
 
+def no_such_account() -> NotFound:
+    return NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
+
+
+def found_account(account: Account | None) -> Account:
+    """The account a call names, which must exist (None: NOT_FOUND)."""
+    if account is None:
+        raise no_such_account()
+    return account
+
+
 def check_new_sub_account(master: Account | None, sub_count: int) -> None:
     """May `master` (None: no such account) have one more sub-account?"""
-    if master is None:
-        raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
+    master = found_account(master)
     if master.master_account_id:
         raise FailedPrecondition(
             "AUTH_SUB_ACCOUNT_NESTED", "a sub-account cannot have sub-accounts of its own"

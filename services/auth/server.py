@@ -35,7 +35,6 @@ from services.chassis import (
     AuthContext,
     Catalog,
     ChassisSettings,
-    NotFound,
     Outbox,
     PermissionDenied,
     Rule,
@@ -52,6 +51,7 @@ from services.chassis import (
     owned_resource,
     page_size,
     require_request_id,
+    sees_every_account,
     service_credentials,
     time_key_after,
     time_keyed_page,
@@ -245,6 +245,30 @@ def _require_request_id(request_id: str) -> str:
     return require_request_id(request_id, "AUTH_REQUEST_ID_REQUIRED")
 
 
+def _display_name(value: str) -> str:
+    name = value.strip()
+    if not name:
+        raise invalid_field(
+            "AUTH_DISPLAY_NAME_REQUIRED",
+            "display_name",
+            "must not be empty",
+            message="display_name is required",
+        )
+    return name
+
+
+def _require_account_id(account_id: str) -> None:
+    if not account_id:
+        raise invalid_field(
+            "AUTH_ACCOUNT_REQUIRED", "account_id", "required", message="account_id is required"
+        )
+
+
+def _reason(text: str) -> str:
+    """An operator's reason as the audit log keeps it."""
+    return text.strip()[:500]
+
+
 def _mutating_caller(request_id: str) -> AuthContext:
     """The caller of a call that changes state, once its idempotency key is valid."""
     ctx = current_auth()
@@ -370,18 +394,12 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         if not (ctx.is_service or ctx.can("admin")):
             raise _ADMIN_ONLY
         _require_request_id(request.request_id)
-        if not request.display_name.strip():
-            raise invalid_field(
-                "AUTH_DISPLAY_NAME_REQUIRED",
-                "display_name",
-                "must not be empty",
-                message="display_name is required",
-            )
+        display_name = _display_name(request.display_name)
         account = await self.store.create_account(
             account_id=self.new_id("acc"),
             request_id=request.request_id,
             request_hash=_request_hash(request),
-            display_name=request.display_name.strip(),
+            display_name=display_name,
             email=request.email.strip().lower(),
             type_=request.type or auth_pb2.ACCOUNT_TYPE_INDIVIDUAL,
             now=self.clock(),
@@ -397,19 +415,13 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         # A user's master is their own account (another id, a sub's included, is
         # NOT_FOUND: the rule needs trade); an admin or a service names it.
         master = domain.owned_account(ctx, request.master_account_id)
-        if not request.display_name.strip():
-            raise invalid_field(
-                "AUTH_DISPLAY_NAME_REQUIRED",
-                "display_name",
-                "must not be empty",
-                message="display_name is required",
-            )
+        display_name = _display_name(request.display_name)
         account = await self.store.create_sub_account(
             master_account_id=master,
             account_id=self.new_id("acc"),
             request_id=request.request_id,
             request_hash=_request_hash(request),
-            display_name=request.display_name.strip()[:200],
+            display_name=display_name[:200],
             now=self.clock(),
         )
         return auth_pb2.CreateSubAccountResponse(account=_account_pb(account))
@@ -421,8 +433,8 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
     ) -> auth_pb2.ListSubAccountsResponse:
         ctx = current_auth()
         master = domain.owned_account(ctx, request.master_account_id)
-        if master != ctx.account_id and not (ctx.is_service or ctx.can("admin")):
-            raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")  # a sub's subs
+        if master != ctx.account_id and not sees_every_account(ctx):
+            raise domain.no_such_account()  # a sub's subs
         size = page_size(
             request.page_size, default=50, maximum=100, reason="AUTH_INVALID_PAGE_SIZE"
         )
@@ -474,7 +486,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
             schedule,
             request_id=request.request_id,
             request_hash=_request_hash(request),
-            reason=request.reason.strip()[:500],
+            reason=_reason(request.reason),
             changed_by=_changed_by(ctx),
             now=self.clock(),
         )
@@ -489,21 +501,18 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> auth_pb2.SetAccountFeeTierResponse:
         ctx = _mutating_caller(request.request_id)
-        if not request.account_id:
-            raise invalid_field(
-                "AUTH_ACCOUNT_REQUIRED", "account_id", "required", message="account_id is required"
+        _require_account_id(request.account_id)
+        account = domain.found_account(
+            await self.store.set_account_fee_tier(
+                request.account_id,
+                request.fee_tier.strip(),
+                request_id=request.request_id,
+                request_hash=_request_hash(request),
+                reason=_reason(request.reason),
+                changed_by=_changed_by(ctx),
+                now=self.clock(),
             )
-        account = await self.store.set_account_fee_tier(
-            request.account_id,
-            request.fee_tier.strip(),
-            request_id=request.request_id,
-            request_hash=_request_hash(request),
-            reason=request.reason.strip()[:500],
-            changed_by=_changed_by(ctx),
-            now=self.clock(),
         )
-        if account is None:
-            raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
         await self._fee_changed()
         return auth_pb2.SetAccountFeeTierResponse(account=_account_pb(account))
 
@@ -540,9 +549,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> auth_pb2.GetAccountResponse:
         account_id = domain.owned_account(current_auth(), request.account_id)
-        account = await self.store.account(account_id)
-        if account is None:
-            raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
+        account = domain.found_account(await self.store.account(account_id))
         return auth_pb2.GetAccountResponse(account=_account_pb(account))
 
     async def SetAccountState(
@@ -551,10 +558,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> auth_pb2.SetAccountStateResponse:
         ctx = _mutating_caller(request.request_id)
-        if not request.account_id:
-            raise invalid_field(
-                "AUTH_ACCOUNT_REQUIRED", "account_id", "required", message="account_id is required"
-            )
+        _require_account_id(request.account_id)
         if request.state not in _SETTABLE_STATES:
             raise invalid_field(
                 "AUTH_INVALID_ACCOUNT_STATE",
@@ -562,17 +566,17 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
                 "not a state an account can be put in",
                 message="state must be ACTIVE, SUSPENDED or CLOSED",
             )
-        account = await self.store.set_account_state(
-            account_id=request.account_id,
-            state=request.state,
-            reason=request.reason.strip()[:500],
-            request_id=request.request_id,
-            request_hash=_request_hash(request),
-            changed_by=_changed_by(ctx),
-            now=self.clock(),
+        account = domain.found_account(
+            await self.store.set_account_state(
+                account_id=request.account_id,
+                state=request.state,
+                reason=_reason(request.reason),
+                request_id=request.request_id,
+                request_hash=_request_hash(request),
+                changed_by=_changed_by(ctx),
+                now=self.clock(),
+            )
         )
-        if account is None:
-            raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
         if self._on_state_change is not None:
             await self._on_state_change()
         return auth_pb2.SetAccountStateResponse(account=_account_pb(account))
@@ -596,8 +600,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         cidrs = domain.validate_cidrs(request.allowed_cidrs)
         expire = optional_time(request, "expire_time")
         domain.validate_new_key(ctx, scopes, cidrs, expire, now)
-        if await self.store.account(account_id) is None:
-            raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
+        domain.found_account(await self.store.account(account_id))
         secret = f"sk_{secrets.token_urlsafe(32)}"
         salt = secrets.token_bytes(16)
         secret_hash = await asyncio.to_thread(
