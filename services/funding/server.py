@@ -45,7 +45,6 @@ from services.chassis import (
     owned_resource,
     page_size,
     postgres,
-    require_request_id,
     service_credentials,
     time_key_after,
     time_keyed_page,
@@ -194,6 +193,13 @@ def _account(requested: str, *, mutate: bool = False) -> str:
     if mutate and not ctx.is_service:
         ctx = replace(ctx, scopes=ctx.scopes - {"admin"})
     return owned_account(ctx, requested, component="FUNDING")
+
+
+def _mutating(request: Any) -> str:
+    """The account a call that changes state acts on, once its request_id is valid."""
+    account = _account(request.account_id, mutate=True)
+    domain.check_request_id(request.request_id)
+    return account
 
 
 class _Conflict(Exception):
@@ -590,8 +596,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         request: funding_pb2.CancelWithdrawalRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> funding_pb2.CancelWithdrawalResponse:
-        account = _account(request.account_id, mutate=True)
-        require_request_id(request.request_id, "FUNDING_REQUEST_ID_INVALID")
+        account = _mutating(request)
         row = await self._own_withdrawal(account, request.withdrawal_id)
         async with self._pool.acquire() as conn, conn.transaction():
             # Lock order as the orchestrator's: the saga, then the withdrawal (the
@@ -726,8 +731,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         request: funding_pb2.RemoveWithdrawalAddressRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> funding_pb2.RemoveWithdrawalAddressResponse:
-        account = _account(request.account_id, mutate=True)
-        require_request_id(request.request_id, "FUNDING_REQUEST_ID_INVALID")
+        account = _mutating(request)
         async with self._pool.acquire() as conn, conn.transaction():
             await store.lock_allowlist(conn, account)
             key = await _Keyed.look_up(
@@ -782,8 +786,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         request: funding_pb2.SetWithdrawalAllowlistRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> funding_pb2.SetWithdrawalAllowlistResponse:
-        account = _account(request.account_id, mutate=True)
-        require_request_id(request.request_id, "FUNDING_REQUEST_ID_INVALID")
+        account = _mutating(request)
         now = self._now()
         async with self._pool.acquire() as conn, conn.transaction():
             await store.lock_allowlist(conn, account)
@@ -846,7 +849,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
     ) -> store.WithdrawalRow:
         """Records an operator's decision under the saga's and the withdrawal's locks
         (the runner's order), and wakes the saga to act on it."""
-        require_request_id(request.request_id, "FUNDING_REQUEST_ID_INVALID")
+        domain.check_request_id(request.request_id)
         ctx = current_auth()
         reviewer = ctx.key_id or ctx.service
         found = (
