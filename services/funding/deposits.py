@@ -55,6 +55,7 @@ from .domain import (
     SagaRecord,
     Step,
     StepContext,
+    call_timeout,
     deposit_confirmed,
     deposit_event,
     deposit_may_credit,
@@ -85,7 +86,7 @@ class DepositSteps:
         self._ledger = ledger
         self._assets = assets
         self._step_timeout_s = step_timeout_s
-        self._call_timeout_s = max(0.5, step_timeout_s - 0.5)
+        self._call_timeout_s = call_timeout(step_timeout_s)
         self._poll_s = poll_s
         self._deadline_s = deadline_s
 

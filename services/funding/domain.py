@@ -192,6 +192,12 @@ class Step:
     poll: bool = False
 
 
+def call_timeout(step_timeout_s: float) -> float:
+    """How long a step's call to another service may take: half a second less than
+    the step (at least half a second), so the step sees the call's own answer."""
+    return max(0.5, step_timeout_s - 0.5)
+
+
 @dataclass(frozen=True, slots=True)
 class Progress:
     """Where a saga is: forward at `step`, or compensating `step` (going down)."""

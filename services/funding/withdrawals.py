@@ -78,6 +78,7 @@ from .domain import (
     Wait,
     approval_outcome,
     approval_veto,
+    call_timeout,
     error_status,
     frozen_account_veto,
     guards_withdrawal,
@@ -139,7 +140,7 @@ class WithdrawalSteps:
         self._risk = risk
         self._custody = custody
         self._assets = assets
-        self._call_timeout_s = max(0.5, step_timeout_s - 0.5)
+        self._call_timeout_s = call_timeout(step_timeout_s)
         self._step_timeout_s = step_timeout_s
         self._poll_s = confirmation_poll_s
         self._deadline_s = deadline_s
