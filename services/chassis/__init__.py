@@ -27,6 +27,7 @@ from .cache import redis_connection
 from .clients import mesh_channel, service_credentials
 from .command_stream import CommandStream
 from .db import MigrationError, migrate, postgres
+from .env_fields import env_fields
 from .errors import (
     AlreadyExists,
     ErrorDetails,
@@ -91,6 +92,7 @@ __all__ = [
     "connect",
     "current_auth",
     "ensure_stream",
+    "env_fields",
     "from_timestamp",
     "from_units",
     "invalid",
