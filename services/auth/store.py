@@ -118,6 +118,13 @@ def _account(row: asyncpg.Record) -> Account:
     )
 
 
+def _same_request(row: asyncpg.Record, request_hash: str, what: str) -> None:
+    """A request_id seen before (its `row`) must come with the same body: a retry;
+    another body is ALREADY_EXISTS."""
+    if row["request_hash"] != request_hash:
+        raise AlreadyExists("AUTH_REQUEST_ID_REUSED", f"request_id was used for a different {what}")
+
+
 def _key(row: asyncpg.Record) -> ApiKey:
     return ApiKey(
         api_key_id=row["api_key_id"],
@@ -183,10 +190,7 @@ class Store:
                     "SELECT * FROM accounts WHERE request_id = $1", request_id
                 )
                 assert row is not None
-                if row["request_hash"] != request_hash:
-                    raise AlreadyExists(
-                        "AUTH_REQUEST_ID_REUSED", "request_id was used for a different account"
-                    )
+                _same_request(row, request_hash, "account")
             return _account(row)
 
     async def set_account_state(
@@ -214,10 +218,7 @@ class Store:
                 request_id,
             )
             if done is not None:
-                if done["request_hash"] != request_hash:
-                    raise AlreadyExists(
-                        "AUTH_REQUEST_ID_REUSED", "request_id was used for a different change"
-                    )
+                _same_request(done, request_hash, "change")
                 return _account(row)
             if row["state"] == AccountState.CLOSED and state != AccountState.CLOSED:
                 raise FailedPrecondition("AUTH_ACCOUNT_CLOSED", "a closed account stays closed")
@@ -320,10 +321,7 @@ class Store:
             )
             row = await conn.fetchrow("SELECT * FROM accounts WHERE request_id = $1", key)
             if row is not None:
-                if row["request_hash"] != request_hash:
-                    raise AlreadyExists(
-                        "AUTH_REQUEST_ID_REUSED", "request_id was used for a different account"
-                    )
+                _same_request(row, request_hash, "account")
                 return _account(row)
             master = None if found is None else _account(found)
             count = await conn.fetchval(
@@ -410,10 +408,7 @@ class Store:
                 request_id,
             )
             assert row is not None
-            if row["request_hash"] != request_hash:
-                raise AlreadyExists(
-                    "AUTH_REQUEST_ID_REUSED", "request_id was used for a different API key"
-                )
+            _same_request(row, request_hash, "API key")
             return _key(row), False
 
     async def key(self, api_key_id: str) -> ApiKey | None:
@@ -652,10 +647,7 @@ class Store:
         )
         if done is None:
             return False
-        if done["request_hash"] != request_hash:
-            raise AlreadyExists(
-                "AUTH_REQUEST_ID_REUSED", "request_id was used for a different change"
-            )
+        _same_request(done, request_hash, "change")
         return True
 
     async def set_fee_schedule(
