@@ -72,7 +72,7 @@ __all__ = ["ChainMetrics", "ChainWatcher", "DepositSteps"]
 _log = logging.getLogger("cex.funding.deposits")
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
 class DepositSteps:
     pool: asyncpg.Pool
     ledger: ledger_pb2_grpc.LedgerServiceAsyncStub
@@ -185,7 +185,7 @@ class ChainMetrics:
         )
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
 class ChainWatcher:
     """Reads custody's notifications by cursor into deposits (and their sagas)."""
 

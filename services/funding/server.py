@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -241,40 +241,34 @@ class _Keyed:
         )
 
 
+@dataclass(kw_only=True, slots=True, eq=False)
 class FundingService(funding_pb2_grpc.FundingServiceServicer):
     """cex.funding.v1.FundingService."""
 
-    def __init__(
-        self,
-        *,
-        pool: asyncpg.Pool,
-        orchestrator: Orchestrator,
-        custody: CustodyClient,
-        catalog: Catalog,
-        config: FundingConfig,
-        clock: Callable[[], float],
-    ) -> None:
-        self._pool = pool
-        self._orchestrator = orchestrator
-        self._custody = custody
-        self._catalog = catalog
-        self._config = config
-        self._clock = clock
-        # Approval thresholds in minor units (assets the catalog does not know never
-        # reach a withdrawal).
+    pool: asyncpg.Pool
+    orchestrator: Orchestrator
+    custody: CustodyClient
+    catalog: Catalog
+    config: FundingConfig
+    clock: Callable[[], float]
+    # Approval thresholds in minor units (assets the catalog does not know never
+    # reach a withdrawal).
+    _thresholds: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
         self._thresholds = {
-            symbol: catalog.assets[symbol].to_minor(amount)
-            for symbol, amount in config.approval_thresholds.items()
-            if symbol in catalog.assets
+            symbol: self.catalog.assets[symbol].to_minor(amount)
+            for symbol, amount in self.config.approval_thresholds.items()
+            if symbol in self.catalog.assets
         }
 
     def _now(self) -> datetime:
-        return datetime.fromtimestamp(self._clock(), UTC)
+        return datetime.fromtimestamp(self.clock(), UTC)
 
     # -- conversions ---------------------------------------------------------
 
     def _fmt(self, asset: str, minor: int) -> str:
-        return self._catalog.assets[asset].format(minor)
+        return self.catalog.assets[asset].format(minor)
 
     def _withdrawal(self, row: store.WithdrawalRow) -> funding_pb2.Withdrawal:
         return F.Withdrawal(
@@ -376,8 +370,8 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         )
 
     def _asset_network(self, asset: str, network: str) -> tuple[str, str]:
-        rule = self._config.assets.get(asset)
-        if rule is None or asset not in self._catalog.assets:
+        rule = self.config.assets.get(asset)
+        if rule is None or asset not in self.catalog.assets:
             raise InvalidArgument(
                 "FUNDING_ASSET_UNSUPPORTED",
                 f"asset: {asset!r} is not supported",
@@ -416,7 +410,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             request.page_token,
             kind,
             position,
-            lambda after, limit: fetch(self._pool, replace(query, after=after, limit=limit)),
+            lambda after, limit: fetch(self.pool, replace(query, after=after, limit=limit)),
         )
 
     # -- deposits ---------------------------------------------------------------
@@ -428,15 +422,15 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
     ) -> funding_pb2.GetDepositAddressResponse:
         account = _account(request.account_id)
         asset, network = self._asset_network(request.asset, request.network)
-        row = await store.deposit_address(self._pool, account, asset, network)
+        row = await store.deposit_address(self.pool, account, asset, network)
         if row is None:
             try:
-                address = await self._custody.new_address(account, asset, network)
+                address = await self.custody.new_address(account, asset, network)
             except (grpc.aio.AioRpcError, CustodyRejected) as error:
                 raise Unavailable(
                     "FUNDING_CUSTODY_UNAVAILABLE", f"custody did not answer: {error}"
                 ) from None
-            async with self._pool.acquire() as conn:
+            async with self.pool.acquire() as conn:
                 row = await store.save_deposit_address(conn, account, asset, network, address)
         return F.GetDepositAddressResponse(
             deposit_address=F.DepositAddress(
@@ -453,7 +447,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         self, request: funding_pb2.GetDepositRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> funding_pb2.GetDepositResponse:
         account = _account(request.account_id)
-        found = await store.deposit(self._pool, request.deposit_id) if request.deposit_id else None
+        found = await store.deposit(self.pool, request.deposit_id) if request.deposit_id else None
         row = _of_account(found, account, "deposit")
         return F.GetDepositResponse(deposit=self._deposit(row))
 
@@ -487,18 +481,16 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             address=request.address,
             memo=request.memo,
             max_fee=request.max_fee,
-            assets=self._catalog.assets,
-            rules=self._config.assets,
+            assets=self.catalog.assets,
+            rules=self.config.assets,
         )
-        existing = await store.withdrawal_by_request(self._pool, account, request.request_id)
+        existing = await store.withdrawal_by_request(self.pool, account, request.request_id)
         if existing is None:
             try:
                 existing = await self._create_withdrawal(account, request.request_id, spec)
-                self._orchestrator.wake()
+                self.orchestrator.wake()
             except _Conflict:
-                existing = await store.withdrawal_by_request(
-                    self._pool, account, request.request_id
-                )
+                existing = await store.withdrawal_by_request(self.pool, account, request.request_id)
                 assert existing is not None
         if existing.fingerprint != spec.fingerprint:
             raise AlreadyExists(
@@ -513,10 +505,10 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
     ) -> store.WithdrawalRow:
         wid = f"wd_{uuid.uuid4().hex}"
         now = self._now()
-        asset = self._catalog.assets[spec.asset]
+        asset = self.catalog.assets[spec.asset]
         approval = domain.needs_approval(spec.amount, self._thresholds.get(spec.asset))
-        wait_s = self._config.approval_timeout_s if approval else 0.0
-        async with self._pool.acquire() as conn, conn.transaction():
+        wait_s = self.config.approval_timeout_s if approval else 0.0
+        async with self.pool.acquire() as conn, conn.transaction():
             # The allowlist as it is now: a change to it waits for this request.
             await store.lock_allowlist(conn, account, shared=True)
             allowlist = await store.allowlist(conn, account)
@@ -531,7 +523,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                 asset=spec.asset,
                 now=now,
             )
-            saga_id = await self._orchestrator.create(
+            saga_id = await self.orchestrator.create(
                 conn,
                 domain.WITHDRAWAL,
                 reference_id=wid,
@@ -588,7 +580,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         return row
 
     async def _own_withdrawal(self, account: str, withdrawal_id: str) -> store.WithdrawalRow:
-        found = await store.withdrawal(self._pool, withdrawal_id) if withdrawal_id else None
+        found = await store.withdrawal(self.pool, withdrawal_id) if withdrawal_id else None
         return _of_account(found, account, "withdrawal")
 
     async def CancelWithdrawal(
@@ -598,7 +590,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
     ) -> funding_pb2.CancelWithdrawalResponse:
         account = _mutating(request)
         row = await self._own_withdrawal(account, request.withdrawal_id)
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, conn.transaction():
             # Lock order as the orchestrator's: the saga, then the withdrawal (the
             # cancel_requests row below key-share locks it too).
             await store.lock_saga_row(conn, row.saga_id)
@@ -619,8 +611,8 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                 broadcast_started=locked.broadcast_started,
             ):
                 await store.flag_withdrawal(conn, locked.withdrawal_id, cancel_requested=True)
-                await self._orchestrator.nudge(conn, locked.saga_id)
-        self._orchestrator.wake()
+                await self.orchestrator.nudge(conn, locked.saga_id)
+        self.orchestrator.wake()
         current = await self._settled(row.withdrawal_id, context)
         return F.CancelWithdrawalResponse(withdrawal=self._withdrawal(current))
 
@@ -631,7 +623,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         remaining = context.time_remaining()
         until = time.monotonic() + min(5.0, (remaining - 0.5) if remaining else 5.0)
         while True:
-            row = await store.withdrawal(self._pool, withdrawal_id)
+            row = await store.withdrawal(self.pool, withdrawal_id)
             assert row is not None
             if row.state in domain.TERMINAL_WITHDRAWAL or time.monotonic() >= until:
                 return row
@@ -676,10 +668,10 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             network=request.network,
             address=request.address,
             label=request.label,
-            rules=self._config.assets,
+            rules=self.config.assets,
         )
         now = self._now()
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, conn.transaction():
             await store.lock_allowlist(conn, account)
             key = await _Keyed.look_up(
                 conn,
@@ -705,7 +697,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                     address=request.address,
                     label=request.label,
                     create_time=now,
-                    usable_time=domain.shift(now, self._config.address_cooling_s),
+                    usable_time=domain.shift(now, self.config.address_cooling_s),
                     remove_time=None,
                 ),
             )
@@ -732,7 +724,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> funding_pb2.RemoveWithdrawalAddressResponse:
         account = _mutating(request)
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, conn.transaction():
             await store.lock_allowlist(conn, account)
             key = await _Keyed.look_up(
                 conn, account, request.request_id, "RemoveWithdrawalAddress", request.address_id
@@ -765,7 +757,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             "withdrawal_addresses",
             lambda r: (r.create_time, r.address_id),
             lambda after, limit: store.list_withdrawal_addresses(
-                self._pool, account, asset=request.asset, after=after, limit=limit
+                self.pool, account, asset=request.asset, after=after, limit=limit
             ),
         )
         return F.ListWithdrawalAddressesResponse(
@@ -778,7 +770,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> funding_pb2.GetWithdrawalAllowlistResponse:
         account = _account(request.account_id)
-        row = await store.allowlist(self._pool, account)
+        row = await store.allowlist(self.pool, account)
         return F.GetWithdrawalAllowlistResponse(withdrawal_allowlist=self._allowlist(row))
 
     async def SetWithdrawalAllowlist(
@@ -788,7 +780,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
     ) -> funding_pb2.SetWithdrawalAllowlistResponse:
         account = _mutating(request)
         now = self._now()
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, conn.transaction():
             await store.lock_allowlist(conn, account)
             current = await store.allowlist(conn, account)
             key = await _Keyed.look_up(
@@ -803,7 +795,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                 disable_time=current.disable_time,
                 want=request.enabled,
                 now=now,
-                cooling_s=self._config.address_cooling_s,
+                cooling_s=self.config.address_cooling_s,
             )
             row = current
             if (enabled, disable_time) != (current.enabled, current.disable_time):
@@ -853,13 +845,13 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         ctx = current_auth()
         reviewer = ctx.key_id or ctx.service
         found = (
-            await store.withdrawal(self._pool, request.withdrawal_id)
+            await store.withdrawal(self.pool, request.withdrawal_id)
             if request.withdrawal_id
             else None
         )
         row = owned_resource(ctx, found, component="FUNDING", resource="withdrawal")
         domain.reviewer_may_review(ctx.account_id, row.account_id)
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, conn.transaction():
             await store.lock_saga_row(conn, row.saga_id)
             locked = await store.withdrawal(conn, row.withdrawal_id, lock=True)
             assert locked is not None
@@ -891,9 +883,9 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                     reason=request.reason,
                     now=self._now(),
                 )
-                await self._orchestrator.nudge(conn, locked.saga_id)
+                await self.orchestrator.nudge(conn, locked.saga_id)
             await key.remember(locked.withdrawal_id)
-        self._orchestrator.wake()
+        self.orchestrator.wake()
         return locked
 
     # -- operators -----------------------------------------------------------------
@@ -910,7 +902,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             "sagas",
             lambda r: (r.create_time, r.saga_id),
             lambda after, limit: store.list_sagas(
-                self._pool,
+                self.pool,
                 kind=kind,
                 state=state,
                 account_id=request.account_id,
@@ -923,7 +915,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
     async def GetSaga(
         self, request: funding_pb2.GetSagaRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> funding_pb2.GetSagaResponse:
-        async with self._pool.acquire() as conn:
+        async with self.pool.acquire() as conn:
             found = await store.saga(conn, request.saga_id) if request.saga_id else None
         row = owned_resource(current_auth(), found, component="FUNDING", resource="saga")
         return F.GetSagaResponse(saga=self._saga(row))

@@ -112,7 +112,7 @@ _FROZEN_STATE_NAMES: dict[int, str] = {
 BEFORE_BROADCAST_RETRY = RetryPolicy(max_s=5.0, max_attempts=20)
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
 class WithdrawalSteps:
     """The withdrawal saga's actions, with the clients they need."""
 

@@ -58,7 +58,7 @@ def last_trades(
     return found
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
 class PriceFollower:
     js: JetStreamContext
     catalog: Catalog
