@@ -35,14 +35,14 @@ Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy | asyncpg.Poo
 
 class _Record:
     """A row type read straight from its table: `of` takes every column the
-    dataclass names (its slots)."""
+    dataclass names (its slots), but those `given` (decoded, or from elsewhere)."""
 
     __slots__ = ()
 
     @classmethod
-    def of(cls, row: asyncpg.Record) -> Self:
+    def of(cls, row: asyncpg.Record, **given: Any) -> Self:
         columns: tuple[str, ...] = cls.__slots__
-        return cls(**{name: row[name] for name in columns})
+        return cls(**{name: row[name] for name in columns if name not in given}, **given)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +120,7 @@ class DepositRow(_Record):
 
 
 @dataclass(frozen=True, slots=True)
-class StepRow:
+class StepRow(_Record):
     idx: int
     name: str
     compensation: bool
@@ -132,7 +132,7 @@ class StepRow:
 
 
 @dataclass(frozen=True, slots=True)
-class SagaRow:
+class SagaRow(_Record):
     saga_id: str
     kind: str
     reference_id: str
@@ -522,40 +522,13 @@ async def list_deposits(conn: Connection, page: AccountPage) -> list[DepositRow]
 # -- sagas --------------------------------------------------------------------------
 
 
-def _saga(row: asyncpg.Record, steps: tuple[StepRow, ...] = ()) -> SagaRow:
-    return SagaRow(
-        saga_id=row["saga_id"],
-        kind=row["kind"],
-        reference_id=row["reference_id"],
-        account_id=row["account_id"],
-        state=row["state"],
-        current_step=row["current_step"],
-        create_time=row["create_time"],
-        update_time=row["update_time"],
-        steps=steps,
-    )
-
-
 async def saga(conn: Connection, saga_id: str) -> SagaRow | None:
     row = await conn.fetchrow("SELECT * FROM sagas WHERE saga_id = $1", saga_id)
     if row is None:
         return None
     steps = await conn.fetch("SELECT * FROM saga_steps WHERE saga_id = $1 ORDER BY idx", saga_id)
-    return _saga(
-        row,
-        tuple(
-            StepRow(
-                idx=s["idx"],
-                name=s["name"],
-                compensation=s["compensation"],
-                state=s["state"],
-                attempt=s["attempt"],
-                error=s["error"],
-                outputs=json.loads(s["outputs"]),
-                record_time=s["record_time"],
-            )
-            for s in steps
-        ),
+    return SagaRow.of(
+        row, steps=tuple(StepRow.of(s, outputs=json.loads(s["outputs"])) for s in steps)
     )
 
 
@@ -575,7 +548,7 @@ async def list_sagas(
         after.key,
         limit,
     )
-    return [_saga(r) for r in rows]
+    return [SagaRow.of(r, steps=()) for r in rows]
 
 
 # -- the orchestrator's rows ------------------------------------------------------------
