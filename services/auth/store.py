@@ -15,6 +15,7 @@ from services.chassis import (
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
+    from_row,
     relay_outbox_rows,
 )
 from services.chassis.fee_tiers import BASE_TIER
@@ -103,18 +104,8 @@ _KEY_COLUMNS = (
 
 
 def _account(row: asyncpg.Record) -> Account:
-    return Account(
-        account_id=row["account_id"],
-        display_name=row["display_name"],
-        email=row["email"] or "",
-        type=row["type"],
-        state=row["state"],
-        fee_tier=row["fee_tier"],
-        create_time=row["create_time"],
-        update_time=row["update_time"],
-        fee_tier_assigned=row["fee_tier_assigned"],
-        traded_volume=row["traded_volume"],
-        master_account_id=row["master_account_id"] or "",
+    return from_row(
+        Account, row, email=row["email"] or "", master_account_id=row["master_account_id"] or ""
     )
 
 
@@ -126,19 +117,8 @@ def _same_request(row: asyncpg.Record, request_hash: str, what: str) -> None:
 
 
 def _key(row: asyncpg.Record) -> ApiKey:
-    return ApiKey(
-        api_key_id=row["api_key_id"],
-        account_id=row["account_id"],
-        label=row["label"],
-        scopes=tuple(row["scopes"]),
-        allowed_cidrs=tuple(row["allowed_cidrs"]),
-        state=row["state"],
-        secret_prefix=row["secret_prefix"],
-        secret_hash=row["secret_hash"],
-        create_time=row["create_time"],
-        expire_time=row["expire_time"],
-        revoke_time=row["revoke_time"],
-        last_used_time=row["last_used_time"],
+    return from_row(
+        ApiKey, row, scopes=tuple(row["scopes"]), allowed_cidrs=tuple(row["allowed_cidrs"])
     )
 
 

@@ -50,6 +50,7 @@ from .markets import Asset, Catalog, Market, load_catalog
 from .money import MoneyError, from_units, to_units
 from .outbox_rows import relay_outbox_rows
 from .pages import bad_page_token, page_size, page_token, read_page_token
+from .rows import from_row
 from .server import Server, background, poll_until_cancelled, run
 from .settings import ChassisSettings
 from .telemetry import metrics_registry
@@ -93,6 +94,7 @@ __all__ = [
     "current_auth",
     "ensure_stream",
     "env_fields",
+    "from_row",
     "from_timestamp",
     "from_units",
     "invalid",

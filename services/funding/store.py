@@ -13,6 +13,7 @@ from typing import Any, Self
 
 import asyncpg
 
+from services.chassis import from_row
 from services.chassis.tracing import carrier
 
 from .domain import OPEN_STATES, LogEntry, SagaRecord
@@ -34,15 +35,14 @@ Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy | asyncpg.Poo
 
 
 class _Record:
-    """A row type read straight from its table: `of` takes every column the
-    dataclass names (its slots), but those `given` (decoded, or from elsewhere)."""
+    """A row type read straight from its table (chassis' from_row): `of` takes every
+    column the dataclass names, but those `given` (decoded, or from elsewhere)."""
 
     __slots__ = ()
 
     @classmethod
     def of(cls, row: asyncpg.Record, **given: Any) -> Self:
-        columns: tuple[str, ...] = cls.__slots__
-        return cls(**{name: row[name] for name in columns if name not in given}, **given)
+        return from_row(cls, row, **given)
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,18 +555,11 @@ async def list_sagas(
 
 
 def _record(row: asyncpg.Record) -> SagaRecord:
-    return SagaRecord(
-        saga_id=row["saga_id"],
-        kind=row["kind"],
-        reference_id=row["reference_id"],
-        account_id=row["account_id"],
-        state=row["state"],
-        step_index=row["step_index"],
-        attempt=row["attempt"],
+    return from_row(
+        SagaRecord,
+        row,
         data=json.loads(row["data"]),
-        deadline=row["deadline"],
         epoch=row["lease_epoch"],
-        failure=row["failure"],
         trace_context=json.loads(row["trace_context"]) if row["trace_context"] else None,
     )
 

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import grpc
 
-from services.chassis import AlreadyExists, ExchangeError, relay_outbox_rows
+from services.chassis import AlreadyExists, ExchangeError, from_row, relay_outbox_rows
 
 from .domain import KillSwitch, Limits, Scope
 
@@ -55,15 +55,8 @@ class Snapshot:
 
 
 def _switch(row: asyncpg.Record) -> KillSwitch:
-    return KillSwitch(
-        scope=Scope(row["scope"]),
-        market=row["market"],
-        account_id=row["account_id"],
-        engaged=row["engaged"],
-        block_withdrawals=row["block_withdrawals"],
-        reason=row["reason"],
-        updated_by=row["updated_by"],
-        update_time_ns=to_ns(row["update_time"]),
+    return from_row(
+        KillSwitch, row, scope=Scope(row["scope"]), update_time_ns=to_ns(row["update_time"])
     )
 
 
