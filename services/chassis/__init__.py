@@ -48,6 +48,7 @@ from .errors import (
 from .infra import Infrastructure, connect
 from .markets import Asset, Catalog, Market, load_catalog
 from .money import MoneyError, from_units, to_units
+from .nanos import ns_from_utc, utc_from_ns
 from .outbox_rows import relay_outbox_rows
 from .pages import bad_page_token, page_size, page_token, read_page_token
 from .rows import from_row
@@ -106,6 +107,7 @@ __all__ = [
     "metrics_registry",
     "migrate",
     "nats_connection",
+    "ns_from_utc",
     "observe_fetch",
     "optional_time",
     "owned_account",
@@ -127,4 +129,5 @@ __all__ = [
     "timestamp_ns",
     "to_units",
     "user",
+    "utc_from_ns",
 ]

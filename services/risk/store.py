@@ -6,30 +6,27 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import asyncpg
 import grpc
 
-from services.chassis import AlreadyExists, ExchangeError, from_row, relay_outbox_rows
+from services.chassis import (
+    AlreadyExists,
+    ExchangeError,
+    from_row,
+    ns_from_utc,
+    relay_outbox_rows,
+    utc_from_ns,
+)
 
 from .domain import KillSwitch, Limits, Scope
 
-__all__ = ["Snapshot", "Store", "StoredLimits", "body_hash", "from_ns", "to_ns"]
+__all__ = ["Snapshot", "Store", "StoredLimits", "body_hash"]
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_US = timedelta(microseconds=1)
 DAY = timedelta(days=1)
-
-
-def from_ns(ns: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=ns // 1000)
-
-
-def to_ns(value: datetime) -> int:
-    return (value - _EPOCH) // _US * 1000
 
 
 def body_hash(data: bytes) -> bytes:
@@ -56,7 +53,7 @@ class Snapshot:
 
 def _switch(row: asyncpg.Record) -> KillSwitch:
     return from_row(
-        KillSwitch, row, scope=Scope(row["scope"]), update_time_ns=to_ns(row["update_time"])
+        KillSwitch, row, scope=Scope(row["scope"]), update_time_ns=ns_from_utc(row["update_time"])
     )
 
 
@@ -99,7 +96,7 @@ class Store:
                 r["account_id"]: StoredLimits(
                     Limits.from_json(r["account_id"], r["doc"]),
                     r["version"],
-                    to_ns(r["update_time"]),
+                    ns_from_utc(r["update_time"]),
                     r["updated_by"],
                 )
                 for r in rows
@@ -183,7 +180,7 @@ class Store:
             limits.to_json(),
             version,
             updated_by,
-            from_ns(now_ns),
+            utc_from_ns(now_ns),
         )
         return StoredLimits(limits, version, now_ns - now_ns % 1000, updated_by)
 
@@ -191,7 +188,7 @@ class Store:
     async def put_kill_switch(
         conn: Connection, switch: KillSwitch, *, request_id: str, cancel_open_orders: bool
     ) -> None:
-        when = from_ns(switch.update_time_ns)
+        when = utc_from_ns(switch.update_time_ns)
         await conn.execute(
             """INSERT INTO kill_switches (scope, market, account_id, engaged, block_withdrawals,
                    reason, updated_by, update_time)
@@ -278,7 +275,7 @@ class Store:
             )
             if seen is not None:
                 return seen
-            now = from_ns(now_ns)
+            now = utc_from_ns(now_ns)
             window = await conn.fetchrow(
                 """SELECT coalesce(sum(amount), 0) AS total, count(*) AS n
                    FROM withdrawal_checks
@@ -316,5 +313,5 @@ class Store:
                ON CONFLICT (market) DO UPDATE SET price_ticks = excluded.price_ticks,
                    seq = excluded.seq, trade_time = excluded.trade_time
                WHERE reference_prices.seq < excluded.seq""",
-            [(m, p, s, from_ns(t)) for m, p, s, t in prices],
+            [(m, p, s, utc_from_ns(t)) for m, p, s, t in prices],
         )
