@@ -55,7 +55,7 @@ from services.chassis import (
     service_credentials,
     time_key_after,
     time_keyed_page,
-    timestamp,
+    timestamp_or_none,
     user,
 )
 from services.chassis.account_states import STREAM as STATE_STREAM
@@ -116,10 +116,6 @@ _SERVICE_NAME = re.compile(r"^svc:[a-z][a-z0-9-]{0,30}$")
 _ADMIN_ONLY = PermissionDenied("AUTH_SCOPE_MISSING", "needs scope admin")
 
 
-def _ts(value: datetime | None) -> Timestamp | None:
-    return None if value is None else timestamp(value)
-
-
 def _scopes_in(values: Iterable[int], field: str) -> tuple[str, ...]:
     names = []
     for i, v in enumerate(values):
@@ -142,8 +138,8 @@ def _account_pb(a: domain.Account) -> auth_pb2.Account:
         type=a.type,  # type: ignore[arg-type]
         state=a.state,  # type: ignore[arg-type]
         fee_tier=a.fee_tier,
-        create_time=_ts(a.create_time),
-        update_time=_ts(a.update_time),
+        create_time=timestamp_or_none(a.create_time),
+        update_time=timestamp_or_none(a.update_time),
         fee_tier_assigned=a.fee_tier_assigned,
         traded_volume_30d=decimal_text(a.traded_volume),
         master_account_id=a.master_account_id,
@@ -156,7 +152,7 @@ def _change_pb(c: StateChange) -> auth_pb2.AccountStateChange:
         account_id=c.account_id,
         state=c.state,  # type: ignore[arg-type]
         reason=c.reason,
-        change_time=_ts(c.change_time),
+        change_time=timestamp_or_none(c.change_time),
     )
 
 
@@ -176,10 +172,10 @@ def _key_pb(k: domain.ApiKey, now: datetime) -> auth_pb2.ApiKey:
         allowed_cidrs=list(k.allowed_cidrs),
         state=k.state_at(now),  # type: ignore[arg-type]
         secret_prefix=k.secret_prefix,
-        create_time=_ts(k.create_time),
-        expire_time=_ts(k.expire_time),
-        revoke_time=_ts(k.revoke_time),
-        last_used_time=_ts(k.last_used_time),
+        create_time=timestamp_or_none(k.create_time),
+        expire_time=timestamp_or_none(k.expire_time),
+        revoke_time=timestamp_or_none(k.revoke_time),
+        last_used_time=timestamp_or_none(k.last_used_time),
     )
 
 
@@ -197,12 +193,14 @@ def _schedule_pb(
             for t in schedule
         ],
         volume_asset=asset,
-        update_time=_ts(when),
+        update_time=timestamp_or_none(when),
     )
 
 
 def _fee_change_pb(c: FeeChange, asset: str) -> auth_pb2.FeeTierChange:
-    change = auth_pb2.FeeTierChange(change_seq=c.change_seq, change_time=_ts(c.change_time))
+    change = auth_pb2.FeeTierChange(
+        change_seq=c.change_seq, change_time=timestamp_or_none(c.change_time)
+    )
     if c.schedule is not None:
         change.schedule.CopyFrom(_schedule_pb(c.schedule, asset))
     else:

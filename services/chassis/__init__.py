@@ -47,6 +47,7 @@ from .errors import (
 )
 from .infra import Infrastructure, connect
 from .markets import Asset, Catalog, Market, load_catalog
+from .maybe_times import timestamp_or_none
 from .money import MoneyError, from_units, to_units
 from .nanos import ns_from_utc, utc_from_ns
 from .outbox_rows import relay_outbox_rows
@@ -127,6 +128,7 @@ __all__ = [
     "time_keyed_page",
     "timestamp",
     "timestamp_ns",
+    "timestamp_or_none",
     "to_units",
     "user",
     "utc_from_ns",

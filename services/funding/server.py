@@ -49,6 +49,7 @@ from services.chassis import (
     time_key_after,
     time_keyed_page,
     timestamp,
+    timestamp_or_none,
     user,
 )
 from services.chassis.settings import require
@@ -289,15 +290,13 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             saga_id=row.saga_id,
             create_time=timestamp(row.create_time),
             update_time=timestamp(row.update_time),
-            complete_time=timestamp(row.complete_time) if row.complete_time else None,
+            complete_time=timestamp_or_none(row.complete_time),
             approval_required=row.approval_required,
-            approval_deadline_time=timestamp(row.approval_deadline)
-            if row.approval_deadline
-            else None,
+            approval_deadline_time=timestamp_or_none(row.approval_deadline),
             review=_REVIEWS[row.review],
             reviewed_by=row.reviewed_by,
             review_reason=row.review_reason,
-            review_time=timestamp(row.review_time) if row.review_time else None,
+            review_time=timestamp_or_none(row.review_time),
         )
 
     @staticmethod
@@ -311,7 +310,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             label=row.label,
             create_time=timestamp(row.create_time),
             usable_time=timestamp(row.usable_time),
-            remove_time=timestamp(row.remove_time) if row.remove_time else None,
+            remove_time=timestamp_or_none(row.remove_time),
         )
 
     def _allowlist(self, row: store.AllowlistRow) -> funding_pb2.WithdrawalAllowlist:
@@ -320,7 +319,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             account_id=row.account_id,
             enabled=on,
             disable_time=timestamp(row.disable_time) if on and row.disable_time else None,
-            update_time=timestamp(row.update_time) if row.update_time else None,
+            update_time=timestamp_or_none(row.update_time),
         )
 
     def _deposit(self, row: store.DepositRow) -> funding_pb2.Deposit:
@@ -340,7 +339,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             ledger_transfer_id=row.ledger_transfer_id,
             saga_id=row.saga_id,
             detect_time=timestamp(row.detect_time),
-            credit_time=timestamp(row.credit_time) if row.credit_time else None,
+            credit_time=timestamp_or_none(row.credit_time),
             update_time=timestamp(row.update_time),
         )
 
