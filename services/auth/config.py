@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from services.chassis.settings import env_float, env_int, env_str
+from services.chassis.env_fields import env_fields
 
 __all__ = ["AuthConfig"]
 
@@ -35,13 +35,15 @@ class AuthConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> AuthConfig:
         env = os.environ if env is None else env
         return cls(
-            jwks_port=env_int(env, "CEX_JWKS_PORT", 0),
-            token_ttl_s=env_int(env, "CEX_AUTH_TOKEN_TTL_S", 300),
-            token_ttl_max_s=env_int(env, "CEX_AUTH_TOKEN_TTL_MAX_S", 900),
-            key_rotate_s=env_int(env, "CEX_AUTH_KEY_ROTATE_S", 7 * 24 * 3600),
-            service_secret=env_str(env, "CEX_SERVICE_SECRET"),
-            fee_volume_interval_s=env_float(env, "AUTH_FEE_VOLUME_INTERVAL_S", 3600.0),
-            fee_volume_days=env_int(env, "AUTH_FEE_VOLUME_DAYS", 30),
-            fee_volume_asset=env_str(env, "AUTH_FEE_VOLUME_ASSET", "USDT") or "USDT",
-            order_target=env_str(env, "AUTH_ORDER_TARGET"),
+            **env_fields(cls, env, "CEX_", "jwks_port", "service_secret"),
+            **env_fields(cls, env, "CEX_AUTH_", "token_ttl_s", "token_ttl_max_s", "key_rotate_s"),
+            **env_fields(
+                cls,
+                env,
+                "AUTH_",
+                "fee_volume_interval_s",
+                "fee_volume_days",
+                "fee_volume_asset",
+                "order_target",
+            ),
         )

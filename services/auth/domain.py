@@ -156,10 +156,20 @@ def owned_account(ctx: AuthContext, requested: str, *, resource: str = "account"
 MAX_SUB_ACCOUNTS = 100
 
 
+def no_such_account() -> NotFound:
+    return NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
+
+
+def found_account(account: Account | None) -> Account:
+    """The account a call names, which must exist (None: NOT_FOUND)."""
+    if account is None:
+        raise no_such_account()
+    return account
+
+
 def check_new_sub_account(master: Account | None, sub_count: int) -> None:
     """May `master` (None: no such account) have one more sub-account?"""
-    if master is None:
-        raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
+    master = found_account(master)
     if master.master_account_id:
         raise FailedPrecondition(
             "AUTH_SUB_ACCOUNT_NESTED", "a sub-account cannot have sub-accounts of its own"
@@ -353,11 +363,18 @@ class TierChange:
     fee_tier: str
 
 
-def _bps(v: Violations, field: str, text: str, low: Decimal) -> Decimal | None:
+def _decimal(v: Violations, field: str, text: str, what: str) -> Decimal | None:
+    """`text` as a decimal; None, with a violation saying it must be `what`, if it is not."""
     try:
-        value = parse_decimal(text)
+        return parse_decimal(text)
     except MoneyError:
-        v.add(field, "a plain decimal number of basis points", "AUTH_INVALID_DECIMAL")
+        v.add(field, what, "AUTH_INVALID_DECIMAL")
+        return None
+
+
+def _bps(v: Violations, field: str, text: str, low: Decimal) -> Decimal | None:
+    value = _decimal(v, field, text, "a plain decimal number of basis points")
+    if value is None:
         return None
     if value.as_tuple().exponent < -_BPS_PLACES:  # type: ignore[operator]
         v.add(field, f"at most {_BPS_PLACES} decimals", "AUTH_FEE_BPS_TOO_PRECISE")
@@ -369,10 +386,8 @@ def _bps(v: Violations, field: str, text: str, low: Decimal) -> Decimal | None:
 
 
 def _min_volume(v: Violations, at: str, name: str, text: str) -> Decimal | None:
-    try:
-        value = parse_decimal(text)
-    except MoneyError:
-        v.add(at, "a plain decimal number", "AUTH_INVALID_DECIMAL")
+    value = _decimal(v, at, text, "a plain decimal number")
+    if value is None:
         return None
     problem = ""
     if value < 0:

@@ -35,7 +35,6 @@ from services.chassis import (
     AuthContext,
     Catalog,
     ChassisSettings,
-    NotFound,
     Outbox,
     PermissionDenied,
     Rule,
@@ -43,7 +42,6 @@ from services.chassis import (
     Unauthenticated,
     Unavailable,
     background,
-    bad_page_token,
     connect,
     current_auth,
     invalid_field,
@@ -52,11 +50,12 @@ from services.chassis import (
     optional_time,
     owned_resource,
     page_size,
-    page_token,
-    read_page_token,
     require_request_id,
+    sees_every_account,
     service_credentials,
-    timestamp,
+    time_key_after,
+    time_keyed_page,
+    timestamp_or_none,
     user,
 )
 from services.chassis.account_states import STREAM as STATE_STREAM
@@ -117,10 +116,6 @@ _SERVICE_NAME = re.compile(r"^svc:[a-z][a-z0-9-]{0,30}$")
 _ADMIN_ONLY = PermissionDenied("AUTH_SCOPE_MISSING", "needs scope admin")
 
 
-def _ts(value: datetime | None) -> Timestamp | None:
-    return None if value is None else timestamp(value)
-
-
 def _scopes_in(values: Iterable[int], field: str) -> tuple[str, ...]:
     names = []
     for i, v in enumerate(values):
@@ -143,8 +138,8 @@ def _account_pb(a: domain.Account) -> auth_pb2.Account:
         type=a.type,  # type: ignore[arg-type]
         state=a.state,  # type: ignore[arg-type]
         fee_tier=a.fee_tier,
-        create_time=_ts(a.create_time),
-        update_time=_ts(a.update_time),
+        create_time=timestamp_or_none(a.create_time),
+        update_time=timestamp_or_none(a.update_time),
         fee_tier_assigned=a.fee_tier_assigned,
         traded_volume_30d=decimal_text(a.traded_volume),
         master_account_id=a.master_account_id,
@@ -157,7 +152,7 @@ def _change_pb(c: StateChange) -> auth_pb2.AccountStateChange:
         account_id=c.account_id,
         state=c.state,  # type: ignore[arg-type]
         reason=c.reason,
-        change_time=_ts(c.change_time),
+        change_time=timestamp_or_none(c.change_time),
     )
 
 
@@ -177,10 +172,10 @@ def _key_pb(k: domain.ApiKey, now: datetime) -> auth_pb2.ApiKey:
         allowed_cidrs=list(k.allowed_cidrs),
         state=k.state_at(now),  # type: ignore[arg-type]
         secret_prefix=k.secret_prefix,
-        create_time=_ts(k.create_time),
-        expire_time=_ts(k.expire_time),
-        revoke_time=_ts(k.revoke_time),
-        last_used_time=_ts(k.last_used_time),
+        create_time=timestamp_or_none(k.create_time),
+        expire_time=timestamp_or_none(k.expire_time),
+        revoke_time=timestamp_or_none(k.revoke_time),
+        last_used_time=timestamp_or_none(k.last_used_time),
     )
 
 
@@ -198,12 +193,14 @@ def _schedule_pb(
             for t in schedule
         ],
         volume_asset=asset,
-        update_time=_ts(when),
+        update_time=timestamp_or_none(when),
     )
 
 
 def _fee_change_pb(c: FeeChange, asset: str) -> auth_pb2.FeeTierChange:
-    change = auth_pb2.FeeTierChange(change_seq=c.change_seq, change_time=_ts(c.change_time))
+    change = auth_pb2.FeeTierChange(
+        change_seq=c.change_seq, change_time=timestamp_or_none(c.change_time)
+    )
     if c.schedule is not None:
         change.schedule.CopyFrom(_schedule_pb(c.schedule, asset))
     else:
@@ -246,6 +243,30 @@ def _require_request_id(request_id: str) -> str:
     return require_request_id(request_id, "AUTH_REQUEST_ID_REQUIRED")
 
 
+def _display_name(value: str) -> str:
+    name = value.strip()
+    if not name:
+        raise invalid_field(
+            "AUTH_DISPLAY_NAME_REQUIRED",
+            "display_name",
+            "must not be empty",
+            message="display_name is required",
+        )
+    return name
+
+
+def _require_account_id(account_id: str) -> None:
+    if not account_id:
+        raise invalid_field(
+            "AUTH_ACCOUNT_REQUIRED", "account_id", "required", message="account_id is required"
+        )
+
+
+def _reason(text: str) -> str:
+    """An operator's reason as the audit log keeps it."""
+    return text.strip()[:500]
+
+
 def _mutating_caller(request_id: str) -> AuthContext:
     """The caller of a call that changes state, once its idempotency key is valid."""
     ctx = current_auth()
@@ -273,19 +294,7 @@ def _client_ip(context: grpc.aio.ServicerContext[object, object]) -> str:
     return urllib.parse.unquote(address.rsplit(":", 1)[0]).strip("[]")
 
 
-def _page_token(key: domain.ApiKey) -> str:
-    return page_token("api_keys", key.create_time.isoformat(), key.api_key_id)
-
-
-def _after(token: str) -> tuple[datetime, str] | None:
-    found = read_page_token(token, "api_keys", parts=2, reason="AUTH_INVALID_PAGE_TOKEN")
-    if found is None:
-        return None
-    when, key_id = found
-    try:
-        return datetime.fromisoformat(when), key_id
-    except ValueError:
-        raise bad_page_token("AUTH_INVALID_PAGE_TOKEN") from None
+_PAGE_TOKEN_INVALID = "AUTH_INVALID_PAGE_TOKEN"
 
 
 def _decimal(value: Decimal) -> str:
@@ -383,18 +392,12 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         if not (ctx.is_service or ctx.can("admin")):
             raise _ADMIN_ONLY
         _require_request_id(request.request_id)
-        if not request.display_name.strip():
-            raise invalid_field(
-                "AUTH_DISPLAY_NAME_REQUIRED",
-                "display_name",
-                "must not be empty",
-                message="display_name is required",
-            )
+        display_name = _display_name(request.display_name)
         account = await self.store.create_account(
             account_id=self.new_id("acc"),
             request_id=request.request_id,
             request_hash=_request_hash(request),
-            display_name=request.display_name.strip(),
+            display_name=display_name,
             email=request.email.strip().lower(),
             type_=request.type or auth_pb2.ACCOUNT_TYPE_INDIVIDUAL,
             now=self.clock(),
@@ -410,19 +413,13 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         # A user's master is their own account (another id, a sub's included, is
         # NOT_FOUND: the rule needs trade); an admin or a service names it.
         master = domain.owned_account(ctx, request.master_account_id)
-        if not request.display_name.strip():
-            raise invalid_field(
-                "AUTH_DISPLAY_NAME_REQUIRED",
-                "display_name",
-                "must not be empty",
-                message="display_name is required",
-            )
+        display_name = _display_name(request.display_name)
         account = await self.store.create_sub_account(
             master_account_id=master,
             account_id=self.new_id("acc"),
             request_id=request.request_id,
             request_hash=_request_hash(request),
-            display_name=request.display_name.strip()[:200],
+            display_name=display_name[:200],
             now=self.clock(),
         )
         return auth_pb2.CreateSubAccountResponse(account=_account_pb(account))
@@ -434,27 +431,18 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
     ) -> auth_pb2.ListSubAccountsResponse:
         ctx = current_auth()
         master = domain.owned_account(ctx, request.master_account_id)
-        if master != ctx.account_id and not (ctx.is_service or ctx.can("admin")):
-            raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")  # a sub's subs
+        if master != ctx.account_id and not sees_every_account(ctx):
+            raise domain.no_such_account()  # a sub's subs
         size = page_size(
             request.page_size, default=50, maximum=100, reason="AUTH_INVALID_PAGE_SIZE"
         )
-        found = read_page_token(
-            request.page_token, "sub_accounts", parts=2, reason="AUTH_INVALID_PAGE_TOKEN"
+        after = time_key_after(request.page_token, "sub_accounts", reason=_PAGE_TOKEN_INVALID)
+        page, token = time_keyed_page(
+            await self.store.sub_accounts(master, limit=size + 1, after=after),
+            size,
+            "sub_accounts",
+            lambda a: (a.create_time, a.account_id),
         )
-        after = None
-        if found is not None:
-            try:
-                after = (datetime.fromisoformat(found[0]), found[1])
-            except ValueError:
-                raise bad_page_token("AUTH_INVALID_PAGE_TOKEN") from None
-        subs = await self.store.sub_accounts(master, limit=size + 1, after=after)
-        page = subs[:size]
-        token = ""
-        if len(subs) > size:
-            token = page_token(
-                "sub_accounts", page[-1].create_time.isoformat(), page[-1].account_id
-            )
         return auth_pb2.ListSubAccountsResponse(
             accounts=[_account_pb(a) for a in page], next_page_token=token
         )
@@ -496,7 +484,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
             schedule,
             request_id=request.request_id,
             request_hash=_request_hash(request),
-            reason=request.reason.strip()[:500],
+            reason=_reason(request.reason),
             changed_by=_changed_by(ctx),
             now=self.clock(),
         )
@@ -511,21 +499,18 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> auth_pb2.SetAccountFeeTierResponse:
         ctx = _mutating_caller(request.request_id)
-        if not request.account_id:
-            raise invalid_field(
-                "AUTH_ACCOUNT_REQUIRED", "account_id", "required", message="account_id is required"
+        _require_account_id(request.account_id)
+        account = domain.found_account(
+            await self.store.set_account_fee_tier(
+                request.account_id,
+                request.fee_tier.strip(),
+                request_id=request.request_id,
+                request_hash=_request_hash(request),
+                reason=_reason(request.reason),
+                changed_by=_changed_by(ctx),
+                now=self.clock(),
             )
-        account = await self.store.set_account_fee_tier(
-            request.account_id,
-            request.fee_tier.strip(),
-            request_id=request.request_id,
-            request_hash=_request_hash(request),
-            reason=request.reason.strip()[:500],
-            changed_by=_changed_by(ctx),
-            now=self.clock(),
         )
-        if account is None:
-            raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
         await self._fee_changed()
         return auth_pb2.SetAccountFeeTierResponse(account=_account_pb(account))
 
@@ -562,9 +547,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> auth_pb2.GetAccountResponse:
         account_id = domain.owned_account(current_auth(), request.account_id)
-        account = await self.store.account(account_id)
-        if account is None:
-            raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
+        account = domain.found_account(await self.store.account(account_id))
         return auth_pb2.GetAccountResponse(account=_account_pb(account))
 
     async def SetAccountState(
@@ -573,10 +556,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> auth_pb2.SetAccountStateResponse:
         ctx = _mutating_caller(request.request_id)
-        if not request.account_id:
-            raise invalid_field(
-                "AUTH_ACCOUNT_REQUIRED", "account_id", "required", message="account_id is required"
-            )
+        _require_account_id(request.account_id)
         if request.state not in _SETTABLE_STATES:
             raise invalid_field(
                 "AUTH_INVALID_ACCOUNT_STATE",
@@ -584,17 +564,17 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
                 "not a state an account can be put in",
                 message="state must be ACTIVE, SUSPENDED or CLOSED",
             )
-        account = await self.store.set_account_state(
-            account_id=request.account_id,
-            state=request.state,
-            reason=request.reason.strip()[:500],
-            request_id=request.request_id,
-            request_hash=_request_hash(request),
-            changed_by=_changed_by(ctx),
-            now=self.clock(),
+        account = domain.found_account(
+            await self.store.set_account_state(
+                account_id=request.account_id,
+                state=request.state,
+                reason=_reason(request.reason),
+                request_id=request.request_id,
+                request_hash=_request_hash(request),
+                changed_by=_changed_by(ctx),
+                now=self.clock(),
+            )
         )
-        if account is None:
-            raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
         if self._on_state_change is not None:
             await self._on_state_change()
         return auth_pb2.SetAccountStateResponse(account=_account_pb(account))
@@ -618,8 +598,7 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         cidrs = domain.validate_cidrs(request.allowed_cidrs)
         expire = optional_time(request, "expire_time")
         domain.validate_new_key(ctx, scopes, cidrs, expire, now)
-        if await self.store.account(account_id) is None:
-            raise NotFound("AUTH_ACCOUNT_NOT_FOUND", "no such account")
+        domain.found_account(await self.store.account(account_id))
         secret = f"sk_{secrets.token_urlsafe(32)}"
         salt = secrets.token_bytes(16)
         secret_hash = await asyncio.to_thread(
@@ -654,14 +633,18 @@ class AuthService(auth_pb2_grpc.AuthServiceServicer):
         size = page_size(
             request.page_size, default=50, maximum=500, reason="AUTH_INVALID_PAGE_SIZE"
         )
-        keys = await self.store.list_keys(
-            account_id, state=request.state, limit=size + 1, after=_after(request.page_token)
+        after = time_key_after(request.page_token, "api_keys", reason=_PAGE_TOKEN_INVALID)
+        page, token = time_keyed_page(
+            await self.store.list_keys(
+                account_id, state=request.state, limit=size + 1, after=after
+            ),
+            size,
+            "api_keys",
+            lambda k: (k.create_time, k.api_key_id),
         )
         now = self.clock()
-        page = keys[:size]
         return auth_pb2.ListApiKeysResponse(
-            api_keys=[_key_pb(k, now) for k in page],
-            next_page_token=_page_token(page[-1]) if len(keys) > size else "",
+            api_keys=[_key_pb(k, now) for k in page], next_page_token=token
         )
 
     async def RevokeApiKey(

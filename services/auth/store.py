@@ -10,7 +10,14 @@ from decimal import Decimal
 
 import asyncpg
 
-from services.chassis import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument
+from services.chassis import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    from_row,
+    relay_outbox_rows,
+)
 from services.chassis.fee_tiers import BASE_TIER
 
 from .domain import (
@@ -97,35 +104,21 @@ _KEY_COLUMNS = (
 
 
 def _account(row: asyncpg.Record) -> Account:
-    return Account(
-        account_id=row["account_id"],
-        display_name=row["display_name"],
-        email=row["email"] or "",
-        type=row["type"],
-        state=row["state"],
-        fee_tier=row["fee_tier"],
-        create_time=row["create_time"],
-        update_time=row["update_time"],
-        fee_tier_assigned=row["fee_tier_assigned"],
-        traded_volume=row["traded_volume"],
-        master_account_id=row["master_account_id"] or "",
+    return from_row(
+        Account, row, email=row["email"] or "", master_account_id=row["master_account_id"] or ""
     )
 
 
+def _same_request(row: asyncpg.Record, request_hash: str, what: str) -> None:
+    """A request_id seen before (its `row`) must come with the same body: a retry;
+    another body is ALREADY_EXISTS."""
+    if row["request_hash"] != request_hash:
+        raise AlreadyExists("AUTH_REQUEST_ID_REUSED", f"request_id was used for a different {what}")
+
+
 def _key(row: asyncpg.Record) -> ApiKey:
-    return ApiKey(
-        api_key_id=row["api_key_id"],
-        account_id=row["account_id"],
-        label=row["label"],
-        scopes=tuple(row["scopes"]),
-        allowed_cidrs=tuple(row["allowed_cidrs"]),
-        state=row["state"],
-        secret_prefix=row["secret_prefix"],
-        secret_hash=row["secret_hash"],
-        create_time=row["create_time"],
-        expire_time=row["expire_time"],
-        revoke_time=row["revoke_time"],
-        last_used_time=row["last_used_time"],
+    return from_row(
+        ApiKey, row, scopes=tuple(row["scopes"]), allowed_cidrs=tuple(row["allowed_cidrs"])
     )
 
 
@@ -177,10 +170,7 @@ class Store:
                     "SELECT * FROM accounts WHERE request_id = $1", request_id
                 )
                 assert row is not None
-                if row["request_hash"] != request_hash:
-                    raise AlreadyExists(
-                        "AUTH_REQUEST_ID_REUSED", "request_id was used for a different account"
-                    )
+                _same_request(row, request_hash, "account")
             return _account(row)
 
     async def set_account_state(
@@ -208,10 +198,7 @@ class Store:
                 request_id,
             )
             if done is not None:
-                if done["request_hash"] != request_hash:
-                    raise AlreadyExists(
-                        "AUTH_REQUEST_ID_REUSED", "request_id was used for a different change"
-                    )
+                _same_request(done, request_hash, "change")
                 return _account(row)
             if row["state"] == AccountState.CLOSED and state != AccountState.CLOSED:
                 raise FailedPrecondition("AUTH_ACCOUNT_CLOSED", "a closed account stays closed")
@@ -273,16 +260,8 @@ class Store:
         """Hand the oldest unpublished state changes to `publish`, then mark them; one
         publisher at a time, in sequence order. A crash after publishing and before
         the mark publishes them again (same sequence numbers)."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext('auth.outbox'))"):
-                return 0
-            rows = await conn.fetch(
-                """SELECT seq, account_id, state, reason, change_time FROM account_state_changes
-                   WHERE NOT published ORDER BY seq LIMIT $1""",
-                limit,
-            )
-            if not rows:
-                return 0
+
+        async def changes(rows: list[asyncpg.Record]) -> None:
             await publish(
                 [
                     StateChange(
@@ -291,11 +270,16 @@ class Store:
                     for r in rows
                 ]
             )
-            await conn.execute(
-                "UPDATE account_state_changes SET published = true WHERE seq = ANY($1::bigint[])",
-                [r["seq"] for r in rows],
-            )
-            return len(rows)
+
+        return await relay_outbox_rows(
+            self.pool,
+            turn="auth.outbox",
+            table="account_state_changes",
+            key="seq",
+            columns="seq, account_id, state, reason, change_time",
+            publish=changes,
+            limit=limit,
+        )
 
     async def create_sub_account(
         self,
@@ -317,10 +301,7 @@ class Store:
             )
             row = await conn.fetchrow("SELECT * FROM accounts WHERE request_id = $1", key)
             if row is not None:
-                if row["request_hash"] != request_hash:
-                    raise AlreadyExists(
-                        "AUTH_REQUEST_ID_REUSED", "request_id was used for a different account"
-                    )
+                _same_request(row, request_hash, "account")
                 return _account(row)
             master = None if found is None else _account(found)
             count = await conn.fetchval(
@@ -407,10 +388,7 @@ class Store:
                 request_id,
             )
             assert row is not None
-            if row["request_hash"] != request_hash:
-                raise AlreadyExists(
-                    "AUTH_REQUEST_ID_REUSED", "request_id was used for a different API key"
-                )
+            _same_request(row, request_hash, "API key")
             return _key(row), False
 
     async def key(self, api_key_id: str) -> ApiKey | None:
@@ -649,10 +627,7 @@ class Store:
         )
         if done is None:
             return False
-        if done["request_hash"] != request_hash:
-            raise AlreadyExists(
-                "AUTH_REQUEST_ID_REUSED", "request_id was used for a different change"
-            )
+        _same_request(done, request_hash, "change")
         return True
 
     async def set_fee_schedule(
@@ -790,22 +765,16 @@ class Store:
         self, publish: Callable[[list[FeeChange]], Awaitable[None]], limit: int = 100
     ) -> int:
         """As publish_state_changes, for the fee-tier changes."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval(
-                "SELECT pg_try_advisory_xact_lock(hashtext('auth.fee-outbox'))"
-            ):
-                return 0
-            rows = await conn.fetch(
-                """SELECT seq, account_id, fee_tier, assigned, schedule::text AS schedule,
-                          change_time
-                   FROM fee_tier_changes WHERE NOT published ORDER BY seq LIMIT $1""",
-                limit,
-            )
-            if not rows:
-                return 0
+
+        async def changes(rows: list[asyncpg.Record]) -> None:
             await publish([_fee_change(r) for r in rows])
-            await conn.execute(
-                "UPDATE fee_tier_changes SET published = true WHERE seq = ANY($1::bigint[])",
-                [r["seq"] for r in rows],
-            )
-            return len(rows)
+
+        return await relay_outbox_rows(
+            self.pool,
+            turn="auth.fee-outbox",
+            table="fee_tier_changes",
+            key="seq",
+            columns="seq, account_id, fee_tier, assigned, schedule::text AS schedule, change_time",
+            publish=changes,
+            limit=limit,
+        )

@@ -27,6 +27,7 @@ from .cache import redis_connection
 from .clients import mesh_channel, service_credentials
 from .command_stream import CommandStream
 from .db import MigrationError, migrate, postgres
+from .env_fields import env_fields
 from .errors import (
     AlreadyExists,
     ErrorDetails,
@@ -47,11 +48,16 @@ from .errors import (
 )
 from .infra import Infrastructure, connect
 from .markets import Asset, Catalog, Market, load_catalog
+from .maybe_times import timestamp_or_none
 from .money import MoneyError, from_units, to_units
+from .nanos import ns_from_utc, utc_from_ns
+from .outbox_rows import relay_outbox_rows
 from .pages import bad_page_token, page_size, page_token, parse_page_token, read_page_token
+from .rows import from_row
 from .server import Server, background, poll_until_cancelled, run
 from .settings import ChassisSettings
 from .telemetry import metrics_registry
+from .time_pages import time_key_after, time_keyed_page
 from .times import from_timestamp, optional_time, timestamp, timestamp_ns
 
 __all__ = [
@@ -91,6 +97,8 @@ __all__ = [
     "connect",
     "current_auth",
     "ensure_stream",
+    "env_fields",
+    "from_row",
     "from_timestamp",
     "from_units",
     "invalid",
@@ -102,6 +110,7 @@ __all__ = [
     "metrics_registry",
     "migrate",
     "nats_connection",
+    "ns_from_utc",
     "observe_fetch",
     "optional_time",
     "owned_account",
@@ -113,12 +122,17 @@ __all__ = [
     "postgres",
     "read_page_token",
     "redis_connection",
+    "relay_outbox_rows",
     "require_request_id",
     "run",
     "sees_every_account",
     "service_credentials",
+    "time_key_after",
+    "time_keyed_page",
     "timestamp",
     "timestamp_ns",
+    "timestamp_or_none",
     "to_units",
     "user",
+    "utc_from_ns",
 ]

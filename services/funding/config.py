@@ -9,8 +9,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from services.chassis.env_fields import env_fields
 from services.chassis.markets import DEFAULT_CATALOG, Catalog, load_catalog
-from services.chassis.settings import env_float, env_int, env_str
+from services.chassis.settings import env_str
 
 __all__ = [
     "DEFAULT_APPROVAL_THRESHOLDS",
@@ -146,28 +147,33 @@ class FundingConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> FundingConfig:
         env = os.environ if env is None else env
         return cls(
-            chain_target=env_str(env, "FUNDING_CHAIN_TARGET", "127.0.0.1:50049") or "",
-            ledger_target=env_str(env, "FUNDING_LEDGER_TARGET"),
-            risk_target=env_str(env, "FUNDING_RISK_TARGET"),
             instance=env_str(env, "FUNDING_INSTANCE", socket.gethostname()) or "funding",
-            concurrency=env_int(env, "FUNDING_CONCURRENCY", 64),
-            lease_s=env_float(env, "FUNDING_LEASE_S", 15.0),
-            poll_s=env_float(env, "FUNDING_POLL_S", 0.2),
-            step_timeout_s=env_float(env, "FUNDING_STEP_TIMEOUT_S", 5.0),
-            withdrawal_deadline_s=env_float(env, "FUNDING_WITHDRAWAL_DEADLINE_S", 3600.0),
-            deposit_deadline_s=env_float(env, "FUNDING_DEPOSIT_DEADLINE_S", 86400.0),
-            compensation_window_s=env_float(env, "FUNDING_COMPENSATION_WINDOW_S", 600.0),
-            confirmation_poll_s=env_float(env, "FUNDING_CONFIRMATION_POLL_S", 0.5),
-            chain_poll_s=env_float(env, "FUNDING_CHAIN_POLL_S", 0.5),
-            outbox=env_str(env, "FUNDING_OUTBOX", "on") != "off",
-            watch_chain=env_str(env, "FUNDING_WATCH_CHAIN", "on") != "off",
-            address_cooling_s=env_float(env, "FUNDING_ADDRESS_COOLING_S", 86400.0),
             approval_thresholds=thresholds_from(
                 env_str(env, "FUNDING_APPROVAL_THRESHOLDS")
                 or ",".join(f"{a}={v}" for a, v in DEFAULT_APPROVAL_THRESHOLDS.items())
             ),
-            approval_timeout_s=env_float(env, "FUNDING_APPROVAL_TIMEOUT_S", 86400.0),
-            approval_poll_s=env_float(env, "FUNDING_APPROVAL_POLL_S", 5.0),
-            account_state_max_age_s=env_float(env, "FUNDING_ACCOUNT_STATE_MAX_AGE_S", 10.0),
             assets=rules_from(load_catalog(env)),
+            **env_fields(
+                cls,
+                env,
+                "FUNDING_",
+                "chain_target",
+                "ledger_target",
+                "risk_target",
+                "concurrency",
+                "lease_s",
+                "poll_s",
+                "step_timeout_s",
+                "withdrawal_deadline_s",
+                "deposit_deadline_s",
+                "compensation_window_s",
+                "confirmation_poll_s",
+                "chain_poll_s",
+                "outbox",
+                "watch_chain",
+                "address_cooling_s",
+                "approval_timeout_s",
+                "approval_poll_s",
+                "account_state_max_age_s",
+            ),
         )

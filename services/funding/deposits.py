@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,6 +56,7 @@ from .domain import (
     SagaRecord,
     Step,
     StepContext,
+    call_timeout,
     deposit_confirmed,
     deposit_event,
     deposit_may_credit,
@@ -70,37 +72,27 @@ __all__ = ["ChainMetrics", "ChainWatcher", "DepositSteps"]
 _log = logging.getLogger("cex.funding.deposits")
 
 
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
 class DepositSteps:
-    def __init__(
-        self,
-        *,
-        pool: asyncpg.Pool,
-        ledger: ledger_pb2_grpc.LedgerServiceAsyncStub,
-        assets: Mapping[str, Asset],
-        step_timeout_s: float,
-        poll_s: float,
-        deadline_s: float,
-    ) -> None:
-        self._pool = pool
-        self._ledger = ledger
-        self._assets = assets
-        self._step_timeout_s = step_timeout_s
-        self._call_timeout_s = max(0.5, step_timeout_s - 0.5)
-        self._poll_s = poll_s
-        self._deadline_s = deadline_s
+    pool: asyncpg.Pool
+    ledger: ledger_pb2_grpc.LedgerServiceAsyncStub
+    assets: Mapping[str, Asset]
+    step_timeout_s: float
+    poll_s: float
+    deadline_s: float
 
     def definition(self) -> SagaDefinition:
         until_deadline = RetryPolicy(initial_s=0.1, max_s=5.0, max_attempts=0)
         return SagaDefinition(
             kind=DEPOSIT,
-            deadline_s=self._deadline_s,
+            deadline_s=self.deadline_s,
             steps=(
                 Step(
                     "await_confirmations",
                     self.confirmations,
                     None,
                     until_deadline,
-                    timeout_s=self._step_timeout_s,
+                    timeout_s=self.step_timeout_s,
                     poll=True,
                 ),
                 Step(
@@ -108,7 +100,7 @@ class DepositSteps:
                     self.credit,
                     None,
                     until_deadline,
-                    timeout_s=self._step_timeout_s,
+                    timeout_s=self.step_timeout_s,
                     on_exhausted="stuck",
                 ),
             ),
@@ -117,7 +109,7 @@ class DepositSteps:
         )
 
     async def confirmations(self, ctx: StepContext) -> Outcome:
-        row = await store.deposit(self._pool, ctx.reference_id)
+        row = await store.deposit(self.pool, ctx.reference_id)
         assert row is not None
         return deposit_confirmed(
             txid=row.txid,
@@ -125,13 +117,13 @@ class DepositSteps:
             reverted=row.reverted,
             confirmations=row.confirmations,
             required=row.required_confirmations,
-            poll_s=self._poll_s,
+            poll_s=self.poll_s,
         )
 
     async def credit(self, ctx: StepContext) -> Outcome:
         d = ctx.data
         (result,) = (
-            await self._ledger.CreateTransfers(
+            await self.ledger.CreateTransfers(
                 ledger_pb2.CreateTransfersRequest(
                     transfers=[
                         ledger_pb2.Transfer(
@@ -145,7 +137,7 @@ class DepositSteps:
                         )
                     ]
                 ),
-                timeout=self._call_timeout_s,
+                timeout=call_timeout(self.step_timeout_s),
             )
         ).results
         if result.status.code == 0:
@@ -172,7 +164,7 @@ class DepositSteps:
             deposit_event(
                 deposit_id=row.deposit_id,
                 account_id=row.account_id,
-                asset=self._assets[row.asset],
+                asset=self.assets[row.asset],
                 amount=row.amount,
                 txid=row.txid,
                 output_index=row.output_index,
@@ -193,46 +185,35 @@ class ChainMetrics:
         )
 
 
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
 class ChainWatcher:
     """Reads custody's notifications by cursor into deposits (and their sagas)."""
 
-    def __init__(
-        self,
-        *,
-        pool: asyncpg.Pool,
-        custody: CustodyClient,
-        orchestrator: Orchestrator,
-        assets: Mapping[str, Asset],
-        rules: Mapping[str, AssetRules],
-        poll_s: float,
-        clock: Callable[[], float],
-        metrics: ChainMetrics | None = None,
-    ) -> None:
-        self._metrics = metrics
-        self._pool = pool
-        self._custody = custody
-        self._orchestrator = orchestrator
-        self._assets = assets
-        self._rules = rules
-        self._poll_s = poll_s
-        self._clock = clock
+    pool: asyncpg.Pool
+    custody: CustodyClient
+    orchestrator: Orchestrator
+    assets: Mapping[str, Asset]
+    rules: Mapping[str, AssetRules]
+    poll_s: float
+    clock: Callable[[], float]
+    metrics: ChainMetrics | None = None
 
     async def run(self) -> None:
         await poll_until_cancelled(
-            self.poll_once, self._poll_s, log=_log, failed="reading the chain failed"
+            self.poll_once, self.poll_s, log=_log, failed="reading the chain failed"
         )
 
     async def poll_once(self) -> int:
         """Reads one batch of notifications; returns how many."""
-        cursor = await store.chain_cursor(self._pool)
-        batch = await self._custody.events(cursor)
+        cursor = await store.chain_cursor(self.pool)
+        batch = await self.custody.events(cursor)
         events = batch.events
         if not events:
             if batch.last_seq is not None and batch.last_seq < cursor:
                 await self._chain_behind(cursor, batch.last_seq, batch.height or 0)
             return 0
         started = False
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, conn.transaction():
             locked = await store.chain_cursor(conn, lock=True)
             if locked != cursor:
                 return 0  # another replica read this batch
@@ -240,12 +221,12 @@ class ChainWatcher:
                 started |= await self._apply(conn, event)
             await store.move_chain_cursor(conn, int(events[-1]["seq"]))
         if started:
-            self._orchestrator.wake()
+            self.orchestrator.wake()
         return len(events)
 
     async def _chain_behind(self, cursor: int, chain_seq: int, height: int) -> None:
         """The chain ends before our cursor: report it, then read on from its tip."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, conn.transaction():
             if await store.chain_cursor(conn, lock=True) != cursor:
                 return  # another replica handled it
             await store.record_chain_anomaly(
@@ -268,8 +249,8 @@ class ChainWatcher:
         )
 
     def _count(self, kind: str) -> None:
-        if self._metrics is not None:
-            self._metrics.anomalies.labels(kind).inc()
+        if self.metrics is not None:
+            self.metrics.anomalies.labels(kind).inc()
 
     async def _apply(self, conn: Connection, event: Mapping[str, Any]) -> bool:
         """Records one chain report; True when it started a deposit saga."""
@@ -296,7 +277,7 @@ class ChainWatcher:
             return False
         if status == "reverted":
             return False
-        return await self._new(conn, event, owner, self._assets[owner["asset"]], confirmations)
+        return await self._new(conn, event, owner, self.assets[owner["asset"]], confirmations)
 
     async def _known(
         self,
@@ -357,8 +338,8 @@ class ChainWatcher:
         if amount <= 0:
             return False
         deposit_id = f"dep_{uuid.uuid4().hex}"
-        now = datetime.fromtimestamp(self._clock(), UTC)
-        saga_id = await self._orchestrator.create(
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        saga_id = await self.orchestrator.create(
             conn,
             DEPOSIT,
             reference_id=deposit_id,
@@ -383,7 +364,7 @@ class ChainWatcher:
             address=str(event["address"]),
             memo="",
             confirmations=confirmations,
-            required_confirmations=self._rules[asset.symbol].deposit_confirmations,
+            required_confirmations=self.rules[asset.symbol].deposit_confirmations,
             state="PENDING",
             reverted=False,
             ledger_transfer_id="",

@@ -192,6 +192,12 @@ class Step:
     poll: bool = False
 
 
+def call_timeout(step_timeout_s: float) -> float:
+    """How long a step's call to another service may take: half a second less than
+    the step (at least half a second), so the step sees the call's own answer."""
+    return max(0.5, step_timeout_s - 0.5)
+
+
 @dataclass(frozen=True, slots=True)
 class Progress:
     """Where a saga is: forward at `step`, or compensating `step` (going down)."""
@@ -426,6 +432,11 @@ class WithdrawalSpec:
     fingerprint: str
 
 
+def check_request_id(request_id: str) -> None:
+    """A call that changes state names itself by a valid idempotency key."""
+    require_request_id(request_id, "FUNDING_REQUEST_ID_INVALID")
+
+
 def parse_withdrawal(
     *,
     request_id: str,
@@ -439,7 +450,7 @@ def parse_withdrawal(
     rules: Mapping[str, AssetRules],
 ) -> WithdrawalSpec:
     """A RequestWithdrawal's fields, checked and in minor units."""
-    require_request_id(request_id, "FUNDING_REQUEST_ID_INVALID")
+    check_request_id(request_id)
     asset = assets.get(asset_code)
     rule = rules.get(asset_code)
     if asset is None or rule is None:
@@ -782,7 +793,7 @@ def parse_withdrawal_address(
     rules: Mapping[str, AssetRules],
 ) -> AssetRules:
     """An AddWithdrawalAddress request's fields, checked: the asset's rules."""
-    require_request_id(request_id, "FUNDING_REQUEST_ID_INVALID")
+    check_request_id(request_id)
     rule = rules.get(asset_code)
     if rule is None:
         raise invalid_field(

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -35,7 +35,6 @@ from services.chassis import (
     Server,
     Unavailable,
     background,
-    bad_page_token,
     connect,
     current_auth,
     load_catalog,
@@ -45,12 +44,12 @@ from services.chassis import (
     owned_account,
     owned_resource,
     page_size,
-    page_token,
     postgres,
-    read_page_token,
-    require_request_id,
     service_credentials,
+    time_key_after,
+    time_keyed_page,
     timestamp,
+    timestamp_or_none,
     user,
 )
 from services.chassis.settings import require
@@ -151,29 +150,22 @@ def _page_size(size: int) -> int:
     return page_size(size, default=100, maximum=1000, reason="FUNDING_PAGE_SIZE_INVALID")
 
 
-def _after(token: str, kind: str) -> store.Page:
-    """Where a list of `kind` goes on, from its page token (newest first: time, id)."""
-    found = read_page_token(token, kind, parts=2, reason=_PAGE_TOKEN_INVALID)
-    if found is None:
-        return store.Page()
-    moment, key = found
-    try:
-        return store.Page(datetime.fromisoformat(moment), key)
-    except ValueError:
-        raise bad_page_token(_PAGE_TOKEN_INVALID) from None
-
-
 _Row = TypeVar("_Row")
 
 
-def _page(
-    rows: Sequence[_Row], size: int, kind: str, position: Callable[[_Row], tuple[datetime, str]]
+async def _paged(
+    size: int,
+    token: str,
+    kind: str,
+    position: Callable[[_Row], tuple[datetime, str]],
+    fetch: Callable[[store.Page, int], Awaitable[Sequence[_Row]]],
 ) -> tuple[Sequence[_Row], str]:
-    """A page of at most `size` of `rows` (fetched one more than that) and its token."""
-    if len(rows) <= size:
-        return rows, ""
-    moment, key = position(rows[size - 1])
-    return rows[:size], page_token(kind, moment.isoformat(), key)
+    """A page of at most `size` rows of list `kind` (newest first: time, id) and the
+    token that continues it: `fetch(after, limit)` reads one more than that from
+    where `token` left off."""
+    found = time_key_after(token, kind, reason=_PAGE_TOKEN_INVALID)
+    after = store.Page() if found is None else store.Page(*found)
+    return time_keyed_page(await fetch(after, size + 1), size, kind, position)
 
 
 def _range(request: Any) -> tuple[datetime | None, datetime | None]:
@@ -202,6 +194,13 @@ def _account(requested: str, *, mutate: bool = False) -> str:
     if mutate and not ctx.is_service:
         ctx = replace(ctx, scopes=ctx.scopes - {"admin"})
     return owned_account(ctx, requested, component="FUNDING")
+
+
+def _mutating(request: Any) -> str:
+    """The account a call that changes state acts on, once its request_id is valid."""
+    account = _account(request.account_id, mutate=True)
+    domain.check_request_id(request.request_id)
+    return account
 
 
 class _Conflict(Exception):
@@ -243,40 +242,34 @@ class _Keyed:
         )
 
 
+@dataclass(kw_only=True, slots=True, eq=False)
 class FundingService(funding_pb2_grpc.FundingServiceServicer):
     """cex.funding.v1.FundingService."""
 
-    def __init__(
-        self,
-        *,
-        pool: asyncpg.Pool,
-        orchestrator: Orchestrator,
-        custody: CustodyClient,
-        catalog: Catalog,
-        config: FundingConfig,
-        clock: Callable[[], float],
-    ) -> None:
-        self._pool = pool
-        self._orchestrator = orchestrator
-        self._custody = custody
-        self._catalog = catalog
-        self._config = config
-        self._clock = clock
-        # Approval thresholds in minor units (assets the catalog does not know never
-        # reach a withdrawal).
+    pool: asyncpg.Pool
+    orchestrator: Orchestrator
+    custody: CustodyClient
+    catalog: Catalog
+    config: FundingConfig
+    clock: Callable[[], float]
+    # Approval thresholds in minor units (assets the catalog does not know never
+    # reach a withdrawal).
+    _thresholds: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
         self._thresholds = {
-            symbol: catalog.assets[symbol].to_minor(amount)
-            for symbol, amount in config.approval_thresholds.items()
-            if symbol in catalog.assets
+            symbol: self.catalog.assets[symbol].to_minor(amount)
+            for symbol, amount in self.config.approval_thresholds.items()
+            if symbol in self.catalog.assets
         }
 
     def _now(self) -> datetime:
-        return datetime.fromtimestamp(self._clock(), UTC)
+        return datetime.fromtimestamp(self.clock(), UTC)
 
     # -- conversions ---------------------------------------------------------
 
     def _fmt(self, asset: str, minor: int) -> str:
-        return self._catalog.assets[asset].format(minor)
+        return self.catalog.assets[asset].format(minor)
 
     def _withdrawal(self, row: store.WithdrawalRow) -> funding_pb2.Withdrawal:
         return F.Withdrawal(
@@ -297,15 +290,13 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             saga_id=row.saga_id,
             create_time=timestamp(row.create_time),
             update_time=timestamp(row.update_time),
-            complete_time=timestamp(row.complete_time) if row.complete_time else None,
+            complete_time=timestamp_or_none(row.complete_time),
             approval_required=row.approval_required,
-            approval_deadline_time=timestamp(row.approval_deadline)
-            if row.approval_deadline
-            else None,
+            approval_deadline_time=timestamp_or_none(row.approval_deadline),
             review=_REVIEWS[row.review],
             reviewed_by=row.reviewed_by,
             review_reason=row.review_reason,
-            review_time=timestamp(row.review_time) if row.review_time else None,
+            review_time=timestamp_or_none(row.review_time),
         )
 
     @staticmethod
@@ -319,7 +310,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             label=row.label,
             create_time=timestamp(row.create_time),
             usable_time=timestamp(row.usable_time),
-            remove_time=timestamp(row.remove_time) if row.remove_time else None,
+            remove_time=timestamp_or_none(row.remove_time),
         )
 
     def _allowlist(self, row: store.AllowlistRow) -> funding_pb2.WithdrawalAllowlist:
@@ -328,7 +319,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             account_id=row.account_id,
             enabled=on,
             disable_time=timestamp(row.disable_time) if on and row.disable_time else None,
-            update_time=timestamp(row.update_time) if row.update_time else None,
+            update_time=timestamp_or_none(row.update_time),
         )
 
     def _deposit(self, row: store.DepositRow) -> funding_pb2.Deposit:
@@ -348,7 +339,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             ledger_transfer_id=row.ledger_transfer_id,
             saga_id=row.saga_id,
             detect_time=timestamp(row.detect_time),
-            credit_time=timestamp(row.credit_time) if row.credit_time else None,
+            credit_time=timestamp_or_none(row.credit_time),
             update_time=timestamp(row.update_time),
         )
 
@@ -378,8 +369,8 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         )
 
     def _asset_network(self, asset: str, network: str) -> tuple[str, str]:
-        rule = self._config.assets.get(asset)
-        if rule is None or asset not in self._catalog.assets:
+        rule = self.config.assets.get(asset)
+        if rule is None or asset not in self.catalog.assets:
             raise InvalidArgument(
                 "FUNDING_ASSET_UNSUPPORTED",
                 f"asset: {asset!r} is not supported",
@@ -406,17 +397,20 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         account = _account(request.account_id)
         size = _page_size(request.page_size)
         start, end = _range(request)
-        page = store.AccountPage(
+        query = store.AccountPage(
             account_id=account,
             asset=request.asset,
             state=_name(states, request.state, "state"),
             start=start,
             end=end,
-            after=_after(request.page_token, kind),
-            limit=size + 1,
         )
-        rows = await fetch(self._pool, page)
-        return _page(rows, size, kind, position)
+        return await _paged(
+            size,
+            request.page_token,
+            kind,
+            position,
+            lambda after, limit: fetch(self.pool, replace(query, after=after, limit=limit)),
+        )
 
     # -- deposits ---------------------------------------------------------------
 
@@ -427,15 +421,15 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
     ) -> funding_pb2.GetDepositAddressResponse:
         account = _account(request.account_id)
         asset, network = self._asset_network(request.asset, request.network)
-        row = await store.deposit_address(self._pool, account, asset, network)
+        row = await store.deposit_address(self.pool, account, asset, network)
         if row is None:
             try:
-                address = await self._custody.new_address(account, asset, network)
+                address = await self.custody.new_address(account, asset, network)
             except (grpc.aio.AioRpcError, CustodyRejected) as error:
                 raise Unavailable(
                     "FUNDING_CUSTODY_UNAVAILABLE", f"custody did not answer: {error}"
                 ) from None
-            async with self._pool.acquire() as conn:
+            async with self.pool.acquire() as conn:
                 row = await store.save_deposit_address(conn, account, asset, network, address)
         return F.GetDepositAddressResponse(
             deposit_address=F.DepositAddress(
@@ -452,7 +446,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         self, request: funding_pb2.GetDepositRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> funding_pb2.GetDepositResponse:
         account = _account(request.account_id)
-        found = await store.deposit(self._pool, request.deposit_id) if request.deposit_id else None
+        found = await store.deposit(self.pool, request.deposit_id) if request.deposit_id else None
         row = _of_account(found, account, "deposit")
         return F.GetDepositResponse(deposit=self._deposit(row))
 
@@ -486,18 +480,16 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             address=request.address,
             memo=request.memo,
             max_fee=request.max_fee,
-            assets=self._catalog.assets,
-            rules=self._config.assets,
+            assets=self.catalog.assets,
+            rules=self.config.assets,
         )
-        existing = await store.withdrawal_by_request(self._pool, account, request.request_id)
+        existing = await store.withdrawal_by_request(self.pool, account, request.request_id)
         if existing is None:
             try:
                 existing = await self._create_withdrawal(account, request.request_id, spec)
-                self._orchestrator.wake()
+                self.orchestrator.wake()
             except _Conflict:
-                existing = await store.withdrawal_by_request(
-                    self._pool, account, request.request_id
-                )
+                existing = await store.withdrawal_by_request(self.pool, account, request.request_id)
                 assert existing is not None
         if existing.fingerprint != spec.fingerprint:
             raise AlreadyExists(
@@ -512,10 +504,10 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
     ) -> store.WithdrawalRow:
         wid = f"wd_{uuid.uuid4().hex}"
         now = self._now()
-        asset = self._catalog.assets[spec.asset]
+        asset = self.catalog.assets[spec.asset]
         approval = domain.needs_approval(spec.amount, self._thresholds.get(spec.asset))
-        wait_s = self._config.approval_timeout_s if approval else 0.0
-        async with self._pool.acquire() as conn, conn.transaction():
+        wait_s = self.config.approval_timeout_s if approval else 0.0
+        async with self.pool.acquire() as conn, conn.transaction():
             # The allowlist as it is now: a change to it waits for this request.
             await store.lock_allowlist(conn, account, shared=True)
             allowlist = await store.allowlist(conn, account)
@@ -530,7 +522,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                 asset=spec.asset,
                 now=now,
             )
-            saga_id = await self._orchestrator.create(
+            saga_id = await self.orchestrator.create(
                 conn,
                 domain.WITHDRAWAL,
                 reference_id=wid,
@@ -587,7 +579,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         return row
 
     async def _own_withdrawal(self, account: str, withdrawal_id: str) -> store.WithdrawalRow:
-        found = await store.withdrawal(self._pool, withdrawal_id) if withdrawal_id else None
+        found = await store.withdrawal(self.pool, withdrawal_id) if withdrawal_id else None
         return _of_account(found, account, "withdrawal")
 
     async def CancelWithdrawal(
@@ -595,10 +587,9 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         request: funding_pb2.CancelWithdrawalRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> funding_pb2.CancelWithdrawalResponse:
-        account = _account(request.account_id, mutate=True)
-        require_request_id(request.request_id, "FUNDING_REQUEST_ID_INVALID")
+        account = _mutating(request)
         row = await self._own_withdrawal(account, request.withdrawal_id)
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, conn.transaction():
             # Lock order as the orchestrator's: the saga, then the withdrawal (the
             # cancel_requests row below key-share locks it too).
             await store.lock_saga_row(conn, row.saga_id)
@@ -619,8 +610,8 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                 broadcast_started=locked.broadcast_started,
             ):
                 await store.flag_withdrawal(conn, locked.withdrawal_id, cancel_requested=True)
-                await self._orchestrator.nudge(conn, locked.saga_id)
-        self._orchestrator.wake()
+                await self.orchestrator.nudge(conn, locked.saga_id)
+        self.orchestrator.wake()
         current = await self._settled(row.withdrawal_id, context)
         return F.CancelWithdrawalResponse(withdrawal=self._withdrawal(current))
 
@@ -631,7 +622,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         remaining = context.time_remaining()
         until = time.monotonic() + min(5.0, (remaining - 0.5) if remaining else 5.0)
         while True:
-            row = await store.withdrawal(self._pool, withdrawal_id)
+            row = await store.withdrawal(self.pool, withdrawal_id)
             assert row is not None
             if row.state in domain.TERMINAL_WITHDRAWAL or time.monotonic() >= until:
                 return row
@@ -676,10 +667,10 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
             network=request.network,
             address=request.address,
             label=request.label,
-            rules=self._config.assets,
+            rules=self.config.assets,
         )
         now = self._now()
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, conn.transaction():
             await store.lock_allowlist(conn, account)
             key = await _Keyed.look_up(
                 conn,
@@ -705,7 +696,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                     address=request.address,
                     label=request.label,
                     create_time=now,
-                    usable_time=domain.shift(now, self._config.address_cooling_s),
+                    usable_time=domain.shift(now, self.config.address_cooling_s),
                     remove_time=None,
                 ),
             )
@@ -731,9 +722,8 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         request: funding_pb2.RemoveWithdrawalAddressRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> funding_pb2.RemoveWithdrawalAddressResponse:
-        account = _account(request.account_id, mutate=True)
-        require_request_id(request.request_id, "FUNDING_REQUEST_ID_INVALID")
-        async with self._pool.acquire() as conn, conn.transaction():
+        account = _mutating(request)
+        async with self.pool.acquire() as conn, conn.transaction():
             await store.lock_allowlist(conn, account)
             key = await _Keyed.look_up(
                 conn, account, request.request_id, "RemoveWithdrawalAddress", request.address_id
@@ -760,17 +750,14 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
     ) -> funding_pb2.ListWithdrawalAddressesResponse:
         account = _account(request.account_id)
         size = _page_size(request.page_size)
-        rows, token = _page(
-            await store.list_withdrawal_addresses(
-                self._pool,
-                account,
-                asset=request.asset,
-                after=_after(request.page_token, "withdrawal_addresses"),
-                limit=size + 1,
-            ),
+        rows, token = await _paged(
             size,
+            request.page_token,
             "withdrawal_addresses",
             lambda r: (r.create_time, r.address_id),
+            lambda after, limit: store.list_withdrawal_addresses(
+                self.pool, account, asset=request.asset, after=after, limit=limit
+            ),
         )
         return F.ListWithdrawalAddressesResponse(
             withdrawal_addresses=[self._address(r) for r in rows], next_page_token=token
@@ -782,7 +769,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> funding_pb2.GetWithdrawalAllowlistResponse:
         account = _account(request.account_id)
-        row = await store.allowlist(self._pool, account)
+        row = await store.allowlist(self.pool, account)
         return F.GetWithdrawalAllowlistResponse(withdrawal_allowlist=self._allowlist(row))
 
     async def SetWithdrawalAllowlist(
@@ -790,10 +777,9 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         request: funding_pb2.SetWithdrawalAllowlistRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> funding_pb2.SetWithdrawalAllowlistResponse:
-        account = _account(request.account_id, mutate=True)
-        require_request_id(request.request_id, "FUNDING_REQUEST_ID_INVALID")
+        account = _mutating(request)
         now = self._now()
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, conn.transaction():
             await store.lock_allowlist(conn, account)
             current = await store.allowlist(conn, account)
             key = await _Keyed.look_up(
@@ -808,7 +794,7 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                 disable_time=current.disable_time,
                 want=request.enabled,
                 now=now,
-                cooling_s=self._config.address_cooling_s,
+                cooling_s=self.config.address_cooling_s,
             )
             row = current
             if (enabled, disable_time) != (current.enabled, current.disable_time):
@@ -854,17 +840,17 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
     ) -> store.WithdrawalRow:
         """Records an operator's decision under the saga's and the withdrawal's locks
         (the runner's order), and wakes the saga to act on it."""
-        require_request_id(request.request_id, "FUNDING_REQUEST_ID_INVALID")
+        domain.check_request_id(request.request_id)
         ctx = current_auth()
         reviewer = ctx.key_id or ctx.service
         found = (
-            await store.withdrawal(self._pool, request.withdrawal_id)
+            await store.withdrawal(self.pool, request.withdrawal_id)
             if request.withdrawal_id
             else None
         )
         row = owned_resource(ctx, found, component="FUNDING", resource="withdrawal")
         domain.reviewer_may_review(ctx.account_id, row.account_id)
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, conn.transaction():
             await store.lock_saga_row(conn, row.saga_id)
             locked = await store.withdrawal(conn, row.withdrawal_id, lock=True)
             assert locked is not None
@@ -896,9 +882,9 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
                     reason=request.reason,
                     now=self._now(),
                 )
-                await self._orchestrator.nudge(conn, locked.saga_id)
+                await self.orchestrator.nudge(conn, locked.saga_id)
             await key.remember(locked.withdrawal_id)
-        self._orchestrator.wake()
+        self.orchestrator.wake()
         return locked
 
     # -- operators -----------------------------------------------------------------
@@ -907,25 +893,28 @@ class FundingService(funding_pb2_grpc.FundingServiceServicer):
         self, request: funding_pb2.ListSagasRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> funding_pb2.ListSagasResponse:
         size = _page_size(request.page_size)
-        rows, token = _page(
-            await store.list_sagas(
-                self._pool,
-                kind=_name(_KINDS, request.kind, "kind"),
-                state=_name(_SAGA_STATES, request.state, "state"),
-                account_id=request.account_id,
-                after=_after(request.page_token, "sagas"),
-                limit=size + 1,
-            ),
+        kind = _name(_KINDS, request.kind, "kind")
+        state = _name(_SAGA_STATES, request.state, "state")
+        rows, token = await _paged(
             size,
+            request.page_token,
             "sagas",
             lambda r: (r.create_time, r.saga_id),
+            lambda after, limit: store.list_sagas(
+                self.pool,
+                kind=kind,
+                state=state,
+                account_id=request.account_id,
+                after=after,
+                limit=limit,
+            ),
         )
         return F.ListSagasResponse(sagas=[self._saga(r) for r in rows], next_page_token=token)
 
     async def GetSaga(
         self, request: funding_pb2.GetSagaRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> funding_pb2.GetSagaResponse:
-        async with self._pool.acquire() as conn:
+        async with self.pool.acquire() as conn:
             found = await store.saga(conn, request.saga_id) if request.saga_id else None
         row = owned_resource(current_auth(), found, component="FUNDING", resource="saga")
         return F.GetSagaResponse(saga=self._saga(row))

@@ -13,6 +13,7 @@ from typing import Any, Self
 
 import asyncpg
 
+from services.chassis import from_row
 from services.chassis.tracing import carrier
 
 from .domain import OPEN_STATES, LogEntry, SagaRecord
@@ -34,15 +35,14 @@ Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy | asyncpg.Poo
 
 
 class _Record:
-    """A row type read straight from its table: `of` takes every column the
-    dataclass names (its slots)."""
+    """A row type read straight from its table (chassis' from_row): `of` takes every
+    column the dataclass names, but those `given` (decoded, or from elsewhere)."""
 
     __slots__ = ()
 
     @classmethod
-    def of(cls, row: asyncpg.Record) -> Self:
-        columns: tuple[str, ...] = cls.__slots__
-        return cls(**{name: row[name] for name in columns})
+    def of(cls, row: asyncpg.Record, **given: Any) -> Self:
+        return from_row(cls, row, **given)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +120,7 @@ class DepositRow(_Record):
 
 
 @dataclass(frozen=True, slots=True)
-class StepRow:
+class StepRow(_Record):
     idx: int
     name: str
     compensation: bool
@@ -132,7 +132,7 @@ class StepRow:
 
 
 @dataclass(frozen=True, slots=True)
-class SagaRow:
+class SagaRow(_Record):
     saga_id: str
     kind: str
     reference_id: str
@@ -162,8 +162,8 @@ class AccountPage:
     state: str
     start: datetime | None
     end: datetime | None
-    after: Page
-    limit: int
+    after: Page = Page()  # the pager sets these two
+    limit: int = 0
 
 
 def _account_list(table: str, time_column: str, key_column: str) -> str:
@@ -522,40 +522,13 @@ async def list_deposits(conn: Connection, page: AccountPage) -> list[DepositRow]
 # -- sagas --------------------------------------------------------------------------
 
 
-def _saga(row: asyncpg.Record, steps: tuple[StepRow, ...] = ()) -> SagaRow:
-    return SagaRow(
-        saga_id=row["saga_id"],
-        kind=row["kind"],
-        reference_id=row["reference_id"],
-        account_id=row["account_id"],
-        state=row["state"],
-        current_step=row["current_step"],
-        create_time=row["create_time"],
-        update_time=row["update_time"],
-        steps=steps,
-    )
-
-
 async def saga(conn: Connection, saga_id: str) -> SagaRow | None:
     row = await conn.fetchrow("SELECT * FROM sagas WHERE saga_id = $1", saga_id)
     if row is None:
         return None
     steps = await conn.fetch("SELECT * FROM saga_steps WHERE saga_id = $1 ORDER BY idx", saga_id)
-    return _saga(
-        row,
-        tuple(
-            StepRow(
-                idx=s["idx"],
-                name=s["name"],
-                compensation=s["compensation"],
-                state=s["state"],
-                attempt=s["attempt"],
-                error=s["error"],
-                outputs=json.loads(s["outputs"]),
-                record_time=s["record_time"],
-            )
-            for s in steps
-        ),
+    return SagaRow.of(
+        row, steps=tuple(StepRow.of(s, outputs=json.loads(s["outputs"])) for s in steps)
     )
 
 
@@ -575,25 +548,18 @@ async def list_sagas(
         after.key,
         limit,
     )
-    return [_saga(r) for r in rows]
+    return [SagaRow.of(r, steps=()) for r in rows]
 
 
 # -- the orchestrator's rows ------------------------------------------------------------
 
 
 def _record(row: asyncpg.Record) -> SagaRecord:
-    return SagaRecord(
-        saga_id=row["saga_id"],
-        kind=row["kind"],
-        reference_id=row["reference_id"],
-        account_id=row["account_id"],
-        state=row["state"],
-        step_index=row["step_index"],
-        attempt=row["attempt"],
+    return from_row(
+        SagaRecord,
+        row,
         data=json.loads(row["data"]),
-        deadline=row["deadline"],
         epoch=row["lease_epoch"],
-        failure=row["failure"],
         trace_context=json.loads(row["trace_context"]) if row["trace_context"] else None,
     )
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
@@ -78,6 +79,7 @@ from .domain import (
     Wait,
     approval_outcome,
     approval_veto,
+    call_timeout,
     error_status,
     frozen_account_veto,
     guards_withdrawal,
@@ -110,48 +112,31 @@ _FROZEN_STATE_NAMES: dict[int, str] = {
 BEFORE_BROADCAST_RETRY = RetryPolicy(max_s=5.0, max_attempts=20)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
 class WithdrawalSteps:
     """The withdrawal saga's actions, with the clients they need."""
 
-    def __init__(
-        self,
-        *,
-        ledger: ledger_pb2_grpc.LedgerServiceAsyncStub,
-        risk: risk_pb2_grpc.RiskServiceAsyncStub,
-        custody: CustodyClient,
-        assets: Mapping[str, Asset],
-        step_timeout_s: float,
-        confirmation_poll_s: float,
-        deadline_s: float,
-        compensation_window_s: float,
-        pool: asyncpg.Pool,
-        approval_poll_s: float = 5.0,
-        clock: Callable[[], float] = time.time,
-        account_states: AccountStates | None = None,
-        account_state_max_age_s: float = 10.0,
-    ) -> None:
-        self._account_states = account_states  # auth's frozen accounts (chassis copy)
-        self._account_state_max_age_s = account_state_max_age_s
-        self._pool = pool
-        self._approval_poll_s = approval_poll_s
-        self._clock = clock
-        self._ledger = ledger
-        self._risk = risk
-        self._custody = custody
-        self._assets = assets
-        self._call_timeout_s = max(0.5, step_timeout_s - 0.5)
-        self._step_timeout_s = step_timeout_s
-        self._poll_s = confirmation_poll_s
-        self._deadline_s = deadline_s
-        self._compensation_window_s = compensation_window_s
+    ledger: ledger_pb2_grpc.LedgerServiceAsyncStub
+    risk: risk_pb2_grpc.RiskServiceAsyncStub
+    custody: CustodyClient
+    assets: Mapping[str, Asset]
+    step_timeout_s: float
+    confirmation_poll_s: float
+    deadline_s: float
+    compensation_window_s: float
+    pool: asyncpg.Pool
+    approval_poll_s: float = 5.0
+    clock: Callable[[], float] = time.time
+    account_states: AccountStates | None = None  # auth's frozen accounts (chassis copy)
+    account_state_max_age_s: float = 10.0
 
     def definition(self) -> SagaDefinition:
         until_deadline = RetryPolicy(initial_s=0.1, max_s=5.0, max_attempts=0)
-        t = self._step_timeout_s
+        t = self.step_timeout_s
         return SagaDefinition(
             kind=WITHDRAWAL,
-            deadline_s=self._deadline_s,
-            compensation_window_s=self._compensation_window_s,
+            deadline_s=self.deadline_s,
+            compensation_window_s=self.compensation_window_s,
             steps=(
                 Step("ledger_hold", self.hold, self.void, BEFORE_BROADCAST_RETRY, timeout_s=t),
                 Step("risk_check", self.risk_check, None, BEFORE_BROADCAST_RETRY, timeout_s=t),
@@ -211,9 +196,9 @@ class WithdrawalSteps:
     async def _create(
         self, *transfers: ledger_pb2.Transfer
     ) -> list[ledger_pb2.CreateTransferResult]:
-        reply = await self._ledger.CreateTransfers(
+        reply = await self.ledger.CreateTransfers(
             ledger_pb2.CreateTransfersRequest(transfers=list(transfers)),
-            timeout=self._call_timeout_s,
+            timeout=call_timeout(self.step_timeout_s),
         )
         return list(reply.results)
 
@@ -231,8 +216,9 @@ class WithdrawalSteps:
         ids = withdrawal_ids(ctx.data["withdrawal_id"])
         found = True
         try:
-            await self._ledger.GetTransfer(
-                ledger_pb2.GetTransferRequest(id=ids["hold"]), timeout=self._call_timeout_s
+            await self.ledger.GetTransfer(
+                ledger_pb2.GetTransferRequest(id=ids["hold"]),
+                timeout=call_timeout(self.step_timeout_s),
             )
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.NOT_FOUND:
@@ -267,7 +253,7 @@ class WithdrawalSteps:
     async def risk_check(self, ctx: StepContext) -> Outcome:
         d = ctx.data
         try:
-            reply = await self._risk.CheckWithdrawal(
+            reply = await self.risk.CheckWithdrawal(
                 risk_pb2.CheckWithdrawalRequest(
                     withdrawal_id=d["withdrawal_id"],
                     account_id=d["account_id"],
@@ -276,7 +262,7 @@ class WithdrawalSteps:
                     network=d["network"],
                     address=d["address"],
                 ),
-                timeout=self._call_timeout_s,
+                timeout=call_timeout(self.step_timeout_s),
             )
         except grpc.aio.AioRpcError as error:
             if error.code() in (
@@ -300,21 +286,21 @@ class WithdrawalSteps:
 
     async def approval(self, ctx: StepContext) -> Outcome:
         if ctx.data.get("approval_required") != "true":
-            return approval_outcome(required=False, review="", poll_s=self._approval_poll_s)
-        row = await store.withdrawal(self._pool, ctx.reference_id)
+            return approval_outcome(required=False, review="", poll_s=self.approval_poll_s)
+        row = await store.withdrawal(self.pool, ctx.reference_id)
         assert row is not None
-        return approval_outcome(required=True, review=row.review, poll_s=self._approval_poll_s)
+        return approval_outcome(required=True, review=row.review, poll_s=self.approval_poll_s)
 
     async def broadcast(self, ctx: StepContext) -> Outcome:
         d = ctx.data
         try:
-            sent = await self._custody.broadcast(
+            sent = await self.custody.broadcast(
                 d["withdrawal_id"],
                 asset=d["asset"],
                 network=d["network"],
                 address=d["address"],
                 amount=d["amount"],
-                timeout_s=self._call_timeout_s,
+                timeout_s=call_timeout(self.step_timeout_s),
             )
         except CustodyRejected as refused:
             return Fail(
@@ -329,7 +315,7 @@ class WithdrawalSteps:
 
     async def confirmations(self, ctx: StepContext) -> Outcome:
         d = ctx.data
-        tx = await self._custody.withdrawal_status(d["withdrawal_id"])
+        tx = await self.custody.withdrawal_status(d["withdrawal_id"])
         required = int(d["required_confirmations"])
         if tx.status == "dropped":
             return Fail(
@@ -349,7 +335,7 @@ class WithdrawalSteps:
             )
         if tx.status == "confirmed" and tx.confirmations >= required:
             return Done({"confirmations": str(tx.confirmations)})
-        return Wait(self._poll_s, {"confirmations": str(tx.confirmations)})
+        return Wait(self.confirmation_poll_s, {"confirmations": str(tx.confirmations)})
 
     async def post(self, ctx: StepContext) -> Outcome:
         d = ctx.data
@@ -401,10 +387,10 @@ class WithdrawalSteps:
             cancel_requested=row.cancel_requested,
             broadcast_started=row.broadcast_started,
         )
-        if self._account_states is not None and not row.broadcast_started:
+        if self.account_states is not None and not row.broadcast_started:
             if starts_broadcast:  # not on a copy older than this (a missed push)
-                await self._account_states.fresh(self._account_state_max_age_s)
-            frozen = self._account_states.frozen(row.account_id)
+                await self.account_states.fresh(self.account_state_max_age_s)
+            frozen = self.account_states.frozen(row.account_id)
             frozen_account_veto(
                 step.name,
                 _FROZEN_STATE_NAMES.get(frozen.state, "") if frozen else "",
@@ -413,7 +399,7 @@ class WithdrawalSteps:
         if starts_broadcast:
             await store.flag_withdrawal(conn, row.withdrawal_id, broadcast_started=True)
         if step.name == APPROVAL_STEP and row.approval_required:
-            now = datetime.fromtimestamp(self._clock(), UTC)
+            now = datetime.fromtimestamp(self.clock(), UTC)
             review = review_at_look(
                 required=True, review=row.review, deadline=row.approval_deadline, now=now
             )
@@ -450,7 +436,7 @@ class WithdrawalSteps:
             withdrawal_event(
                 withdrawal_id=wid,
                 account_id=row.account_id,
-                asset=self._assets[row.asset],
+                asset=self.assets[row.asset],
                 amount=row.amount,
                 fee=row.fee,
                 state=state,

@@ -6,7 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from services.chassis.settings import env_float, env_str
+from services.chassis.env_fields import env_fields
+from services.chassis.settings import env_str
 
 __all__ = ["RiskConfig"]
 
@@ -37,10 +38,15 @@ class RiskConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> RiskConfig:
         env = os.environ if env is None else env
         return cls(
-            reload_interval_s=env_float(env, "RISK_RELOAD_INTERVAL_S", 0.5),
-            prices=env_str(env, "RISK_PRICES", "on") != "off",
             consumer_name=env_str(env, "RISK_CONSUMER", "risk-prices") or "risk-prices",
-            redis_timeout_s=env_float(env, "RISK_REDIS_TIMEOUT_S", 1.0),
-            redis_prefix=env_str(env, "RISK_REDIS_PREFIX", "risk:rl:") or "risk:rl:",
-            rules_heartbeat_s=env_float(env, "RISK_RULES_HEARTBEAT_S", 1.0),
+            **env_fields(
+                cls,
+                env,
+                "RISK_",
+                "reload_interval_s",
+                "prices",
+                "redis_timeout_s",
+                "redis_prefix",
+                "rules_heartbeat_s",
+            ),
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from nats.js import JetStreamContext
 
@@ -57,36 +58,27 @@ def last_trades(
     return found
 
 
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
 class PriceFollower:
-    def __init__(
-        self,
-        *,
-        js: JetStreamContext,
-        catalog: Catalog,
-        store: Store,
-        state: State,
-        durable: str,
-        batch: int = 1000,
-    ) -> None:
-        self._js = js
-        self._catalog = catalog
-        self._store = store
-        self._state = state
-        self._durable = durable
-        self._batch = batch
+    js: JetStreamContext
+    catalog: Catalog
+    store: Store
+    state: State
+    durable: str
+    batch: int = 1000
 
     async def run(self) -> None:
         """Follow until cancelled (the chassis' PullConsumer: NATS being away is
         retried, an undecodable message skipped, a failed batch redelivered)."""
         await match_event_consumer(
-            self._js, self._durable, self.handle, batch=self._batch, span="risk.prices", log=_log
+            self.js, self.durable, self.handle, batch=self.batch, span="risk.prices", log=_log
         ).run()
 
     async def handle(self, events: Sequence[match_pb2.MatchEvent]) -> None:
-        learn(self._catalog, events)  # a market listed (ADR 0018) before its trades
-        latest = last_trades(self._catalog, events)
+        learn(self.catalog, events)  # a market listed (ADR 0018) before its trades
+        latest = last_trades(self.catalog, events)
         if not latest:
             return
-        await self._store.save_prices([(m, p, s, t) for m, (p, s, t) in latest.items()])
+        await self.store.save_prices([(m, p, s, t) for m, (p, s, t) in latest.items()])
         for market, (ticks, seq, _) in latest.items():
-            self._state.set_price(market, ticks, seq)
+            self.state.set_price(market, ticks, seq)

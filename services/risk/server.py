@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import grpc
@@ -152,6 +152,21 @@ def _switch_after(token: str) -> tuple[int, str, str] | None:
     if not scope.isdigit():
         raise bad_page_token("RISK_PAGE_TOKEN_INVALID")
     return int(scope), market, account
+
+
+_LimitsRequest = risk_pb2.SetLimitsRequest | risk_pb2.SetSubAccountLimitsRequest
+_LimitsResponse = TypeVar(
+    "_LimitsResponse", risk_pb2.SetLimitsResponse, risk_pb2.SetSubAccountLimitsResponse
+)
+
+
+def _check_limits_request(v: Violations, request: _LimitsRequest) -> None:
+    """A limits change names its limits and the version it replaces (0: any)."""
+    if not request.HasField("limits"):
+        v.add("limits", "required", "REQUIRED")
+    if request.expected_version < 0:
+        v.add("expected_version", "must not be negative", "NEGATIVE")
+    v.raise_if_any("RISK_REQUEST_INVALID")
 
 
 class RiskService(risk_pb2_grpc.RiskServiceServicer):
@@ -390,7 +405,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
     async def _write_once(
         self,
         method: str,
-        request: risk_pb2.SetLimitsRequest | risk_pb2.SetKillSwitchRequest,
+        request: _LimitsRequest | risk_pb2.SetKillSwitchRequest,
         write: Callable[[Any], Awaitable[bytes]],
     ) -> bytes:
         """An admin change's answer: `write`'s, made once per request_id (the first
@@ -400,28 +415,37 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         await self._state.reload()
         return raw
 
-    async def SetLimits(
-        self, request: risk_pb2.SetLimitsRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> risk_pb2.SetLimitsResponse:
-        actor, v = self._admin_change(request.request_id)
-        if not request.HasField("limits"):
-            v.add("limits", "required", "REQUIRED")
-        if request.expected_version < 0:
-            v.add("expected_version", "must not be negative", "NEGATIVE")
-        v.raise_if_any("RISK_REQUEST_INVALID")
-        limits = self._validated_limits(request.limits)
+    async def _put_limits(
+        self,
+        method: str,
+        request: _LimitsRequest,
+        limits: Limits,
+        actor: str,
+        answer: type[_LimitsResponse],
+    ) -> _LimitsResponse:
+        """Store `limits` at the request's expected version, once per request_id
+        (keyed by `method`), and answer them as `answer`."""
         now = self._clock()
 
         async def write(conn: Any) -> bytes:
             stored: StoredLimits = await Store.put_limits(
                 conn, limits, request.expected_version, actor, now
             )
-            return risk_pb2.SetLimitsResponse(
+            return answer(
                 limits=limits_pb(stored.limits, stored.version, stored.update_time_ns)
             ).SerializeToString()
 
-        raw = await self._write_once("SetLimits", request, write)
-        return risk_pb2.SetLimitsResponse.FromString(raw)
+        return answer.FromString(await self._write_once(method, request, write))
+
+    async def SetLimits(
+        self, request: risk_pb2.SetLimitsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> risk_pb2.SetLimitsResponse:
+        actor, v = self._admin_change(request.request_id)
+        _check_limits_request(v, request)
+        limits = self._validated_limits(request.limits)
+        return await self._put_limits(
+            "SetLimits", request, limits, actor, risk_pb2.SetLimitsResponse
+        )
 
     async def SetSubAccountLimits(
         self,
@@ -431,11 +455,7 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
         ctx = current_auth()
         v = Violations()
         identifier(v, "request_id", request.request_id)
-        if not request.HasField("limits"):
-            v.add("limits", "required", "REQUIRED")
-        if request.expected_version < 0:
-            v.add("expected_version", "must not be negative", "NEGATIVE")
-        v.raise_if_any("RISK_REQUEST_INVALID")
+        _check_limits_request(v, request)
         sub = request.limits.account_id
         if sub not in ctx.subs:  # another account, the exchange defaults ("") included
             raise NotFound("RISK_LIMITS_NOT_FOUND", f"no limits for account {sub}")
@@ -448,24 +468,15 @@ class RiskService(risk_pb2_grpc.RiskServiceServicer):
                 "a sub-account's limits must be within its master's",
                 violations=[FieldViolation(f, why) for f, why in over],
             )
-        now = self._clock()
-
-        async def write(conn: Any) -> bytes:
-            stored: StoredLimits = await Store.put_limits(
-                conn, limits, request.expected_version, f"{ctx.account_id} (master)", now
-            )
-            return risk_pb2.SetSubAccountLimitsResponse(
-                limits=limits_pb(stored.limits, stored.version, stored.update_time_ns)
-            ).SerializeToString()
-
         # Request ids are the master's own: keyed by it, one master's id tells
         # nothing of another's.
-        body = request.SerializeToString(deterministic=True)
-        raw = await self._store.idempotent(
-            f"SetSubAccountLimits:{ctx.account_id}", request.request_id, body, write
+        return await self._put_limits(
+            f"SetSubAccountLimits:{ctx.account_id}",
+            request,
+            limits,
+            f"{ctx.account_id} (master)",
+            risk_pb2.SetSubAccountLimitsResponse,
         )
-        await self._state.reload()
-        return risk_pb2.SetSubAccountLimitsResponse.FromString(raw)
 
     # -- kill switches -----------------------------------------------------------
 

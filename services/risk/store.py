@@ -6,30 +6,27 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import asyncpg
 import grpc
 
-from services.chassis import AlreadyExists, ExchangeError
+from services.chassis import (
+    AlreadyExists,
+    ExchangeError,
+    from_row,
+    ns_from_utc,
+    relay_outbox_rows,
+    utc_from_ns,
+)
 
 from .domain import KillSwitch, Limits, Scope
 
-__all__ = ["Snapshot", "Store", "StoredLimits", "body_hash", "from_ns", "to_ns"]
+__all__ = ["Snapshot", "Store", "StoredLimits", "body_hash"]
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_US = timedelta(microseconds=1)
 DAY = timedelta(days=1)
-
-
-def from_ns(ns: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=ns // 1000)
-
-
-def to_ns(value: datetime) -> int:
-    return (value - _EPOCH) // _US * 1000
 
 
 def body_hash(data: bytes) -> bytes:
@@ -55,15 +52,8 @@ class Snapshot:
 
 
 def _switch(row: asyncpg.Record) -> KillSwitch:
-    return KillSwitch(
-        scope=Scope(row["scope"]),
-        market=row["market"],
-        account_id=row["account_id"],
-        engaged=row["engaged"],
-        block_withdrawals=row["block_withdrawals"],
-        reason=row["reason"],
-        updated_by=row["updated_by"],
-        update_time_ns=to_ns(row["update_time"]),
+    return from_row(
+        KillSwitch, row, scope=Scope(row["scope"]), update_time_ns=ns_from_utc(row["update_time"])
     )
 
 
@@ -106,7 +96,7 @@ class Store:
                 r["account_id"]: StoredLimits(
                     Limits.from_json(r["account_id"], r["doc"]),
                     r["version"],
-                    to_ns(r["update_time"]),
+                    ns_from_utc(r["update_time"]),
                     r["updated_by"],
                 )
                 for r in rows
@@ -190,7 +180,7 @@ class Store:
             limits.to_json(),
             version,
             updated_by,
-            from_ns(now_ns),
+            utc_from_ns(now_ns),
         )
         return StoredLimits(limits, version, now_ns - now_ns % 1000, updated_by)
 
@@ -198,7 +188,7 @@ class Store:
     async def put_kill_switch(
         conn: Connection, switch: KillSwitch, *, request_id: str, cancel_open_orders: bool
     ) -> None:
-        when = from_ns(switch.update_time_ns)
+        when = utc_from_ns(switch.update_time_ns)
         await conn.execute(
             """INSERT INTO kill_switches (scope, market, account_id, engaged, block_withdrawals,
                    reason, updated_by, update_time)
@@ -240,22 +230,20 @@ class Store:
         """Hand the oldest unpublished log rows, (id, switch, cancel_open_orders,
         request_id), to `publish`, then mark them; one publisher at a time, in id order.
         A crash after publishing and before the mark publishes them again (same ids)."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext('risk.outbox'))"):
-                return 0
-            rows = await conn.fetch(
-                "SELECT * FROM kill_switch_log WHERE NOT published ORDER BY id LIMIT $1", limit
-            )
-            if not rows:
-                return 0
+
+        async def log(rows: list[asyncpg.Record]) -> None:
             await publish(
                 [(r["id"], _switch(r), r["cancel_open_orders"], r["request_id"]) for r in rows]
             )
-            await conn.execute(
-                "UPDATE kill_switch_log SET published = true WHERE id = ANY($1::bigint[])",
-                [r["id"] for r in rows],
-            )
-            return len(rows)
+
+        return await relay_outbox_rows(
+            self._pool,
+            turn="risk.outbox",
+            table="kill_switch_log",
+            key="id",
+            publish=log,
+            limit=limit,
+        )
 
     # -- withdrawals ------------------------------------------------------------
 
@@ -287,7 +275,7 @@ class Store:
             )
             if seen is not None:
                 return seen
-            now = from_ns(now_ns)
+            now = utc_from_ns(now_ns)
             window = await conn.fetchrow(
                 """SELECT coalesce(sum(amount), 0) AS total, count(*) AS n
                    FROM withdrawal_checks
@@ -325,5 +313,5 @@ class Store:
                ON CONFLICT (market) DO UPDATE SET price_ticks = excluded.price_ticks,
                    seq = excluded.seq, trade_time = excluded.trade_time
                WHERE reference_prices.seq < excluded.seq""",
-            [(m, p, s, from_ns(t)) for m, p, s, t in prices],
+            [(m, p, s, utc_from_ns(t)) for m, p, s, t in prices],
         )
