@@ -3,7 +3,9 @@
 Layout, per side: ``dict price -> _Level`` and a sorted list of keys with the best
 price last (bids keyed by price, asks by ``-price``), so the best level is
 ``keys[-1]`` and emptying it is ``keys.pop()``. A level is a doubly linked list
-of ``_Order`` objects (FIFO = priority) with a running total; ``order id ->
+of ``_Order`` objects (FIFO = priority) with a running total and count (an L2
+change carries the level's order count: walking the list for it made every
+place on a deep level cost O(depth)); ``order id ->
 _Order`` and ``account -> {order id: _Order}`` dicts give O(1) cancel, amend and
 mass cancel. Pending stops sit in two lists sorted by ``(stop_price,
 accepted_seq)`` (buy stops fire from the front, sell stops from the back); GTD
@@ -178,12 +180,13 @@ class _Order:
 
 
 class _Level:
-    __slots__ = ("head", "mark", "orig", "price", "side", "sort_key", "tail", "total")
+    __slots__ = ("count", "head", "mark", "orig", "price", "side", "sort_key", "tail", "total")
 
     def __init__(self, price: int, side: Side) -> None:
         self.price = price
         self.side = side
         self.total = 0
+        self.count = 0  # resting orders in the list
         self.head: _Order | None = None
         self.tail: _Order | None = None
         self.mark = -1  # number of the command that last touched this level
@@ -278,12 +281,7 @@ class FastOrderBook(OrderBook):
 
     def level_size(self, side: Side, price: int) -> int:
         lvl = (self._bids if side is _BUY else self._asks).get(price)
-        count = 0
-        o = None if lvl is None else lvl.head
-        while o is not None:
-            count += 1
-            o = o.next
-        return count
+        return 0 if lvl is None else lvl.count
 
     def l3(self) -> list[OrderView]:
         views: list[OrderView] = []
@@ -399,6 +397,7 @@ class FastOrderBook(OrderBook):
             tail.next = o
         lvl.tail = o
         lvl.total += o.leaves
+        lvl.count += 1
         o.level = lvl
         if not o.live:
             self._add_live(o)
@@ -412,6 +411,7 @@ class FastOrderBook(OrderBook):
             lvl.orig = lvl.total
             self._touched.append(lvl)
         lvl.total -= o.leaves
+        lvl.count -= 1
         prev, nxt = o.prev, o.next
         if prev is None:
             lvl.head = nxt
@@ -694,6 +694,7 @@ class FastOrderBook(OrderBook):
             lvl.orig = lvl.total
             touched.append(lvl)
         lvl.total -= o.leaves
+        lvl.count -= 1
         prev, nxt = o.prev, o.next
         if prev is None:
             lvl.head = nxt
@@ -759,6 +760,7 @@ class FastOrderBook(OrderBook):
             tail.next = o
         lvl.tail = o
         lvl.total += new_leaves
+        lvl.count += 1
         o.level = lvl
 
     # ----------------------------------------------------------------- matching
@@ -887,6 +889,7 @@ class FastOrderBook(OrderBook):
                 )
                 last = price
                 if mleft == 0:
+                    lvl.count -= 1
                     nxt = m.next
                     lvl.head = nxt
                     if nxt is None:
@@ -933,6 +936,7 @@ class FastOrderBook(OrderBook):
         lvl.total -= qty
         self._emit_cancel(m, _R_STP, qty)
         if m.leaves == 0:
+            lvl.count -= 1
             nxt = m.next
             lvl.head = nxt
             if nxt is None:

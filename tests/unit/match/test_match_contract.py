@@ -1045,6 +1045,26 @@ def test_level_size_counts_resting_orders(d: Driver) -> None:
     assert d.book.level_size(BUY, 100) == 0
 
 
+def test_level_size_follows_every_way_in_and_out(book_cls: type[OrderBook]) -> None:
+    """The fast book counts a level as orders join and leave it (no walk of the
+    level): amends that move or requeue, fills, STP cancels, mass cancels, restores."""
+    d = Driver(book_cls(SPEC))  # type: ignore[call-arg]
+    for i in range(1, 6):
+        d.buy(i, 2, 100, account=i)
+    d.amend(1, price=99, account=1)  # to another level
+    d.amend(2, qty=3, account=2)  # to the back of the same level
+    assert (d.book.level_size(BUY, 100), d.book.level_size(BUY, 99)) == (4, 1)
+    d.sell(10, 3, 100, account=9)  # fills order 3, order 4 in part
+    assert d.book.level_size(BUY, 100) == 3
+    # takes the rest of 4, STP-cancels 5 (its own), then takes 1 of 2
+    d.sell(11, 2, 100, account=5, stp=StpMode.CANCEL_OLDEST)
+    assert d.book.level_size(BUY, 100) == 1
+    d.mass_cancel(1)
+    assert d.book.level_size(BUY, 99) == 0
+    d = Driver(book_cls.restore(d.book.snapshot()))
+    assert (d.book.level_size(BUY, 100), d.book.level_size(BUY, 99)) == (1, 0)
+
+
 def test_commands_are_frozen() -> None:
     cmd = AmendOrder(ts=1, order_id=1, account_id=1, qty=1)
     with pytest.raises(AttributeError):
