@@ -48,17 +48,30 @@ from .errors import (
 )
 from .infra import Infrastructure, connect
 from .markets import Asset, Catalog, Market, load_catalog
-from .maybe_times import timestamp_or_none
 from .money import MoneyError, from_units, to_units
-from .nanos import ns_from_utc, utc_from_ns
 from .outbox_rows import relay_outbox_rows
-from .pages import bad_page_token, page_size, page_token, parse_page_token, read_page_token
+from .pages import (
+    bad_page_token,
+    page_size,
+    page_token,
+    parse_page_token,
+    read_page_token,
+    time_key_after,
+    time_keyed_page,
+)
 from .rows import from_row
 from .server import Server, background, poll_until_cancelled, run
 from .settings import ChassisSettings
 from .telemetry import metrics_registry
-from .time_pages import time_key_after, time_keyed_page
-from .times import from_timestamp, optional_time, timestamp, timestamp_ns
+from .times import (
+    from_timestamp,
+    ns_from_utc,
+    optional_time,
+    timestamp,
+    timestamp_ns,
+    timestamp_or_none,
+    utc_from_ns,
+)
 
 __all__ = [
     "INTERNAL",

@@ -5,6 +5,12 @@ where the next page starts (its `parts`, as strings). It is base64url JSON:
 opaque to clients (AIP-158), cheap to check here. A token of another query,
 or not one of ours, is INVALID_ARGUMENT with a field violation on
 `page_token`, under the caller's reason (`AUTH_INVALID_PAGE_TOKEN`, ...).
+
+Most lists page by (time, id), newest or oldest first (`time_keyed_page`,
+`time_key_after`): a page is fetched one row longer than asked; that extra row
+says another page exists, and the token names the last row shown by its time
+(ISO 8601) and id, so the next query starts right after it whatever was
+inserted meanwhile.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import TypeVar
 
 from .errors import InvalidArgument, invalid_field
@@ -25,6 +32,8 @@ __all__ = [
     "page_token",
     "parse_page_token",
     "read_page_token",
+    "time_key_after",
+    "time_keyed_page",
 ]
 
 
@@ -88,3 +97,29 @@ def parse_page_token(
         return parse(*found)
     except ValueError:
         raise bad_page_token(reason) from None
+
+
+_Row = TypeVar("_Row")
+
+
+def time_key_after(token: str, kind: str, *, reason: str) -> tuple[datetime, str] | None:
+    """Where list `kind` goes on: (time, id) of the last row shown; None for the first page."""
+    found = read_page_token(token, kind, parts=2, reason=reason)
+    if found is None:
+        return None
+    moment, key = found
+    try:
+        return datetime.fromisoformat(moment), key
+    except ValueError:
+        raise bad_page_token(reason) from None
+
+
+def time_keyed_page(
+    rows: Sequence[_Row], size: int, kind: str, position: Callable[[_Row], tuple[datetime, str]]
+) -> tuple[Sequence[_Row], str]:
+    """A page of at most `size` of `rows` (fetched one more than that) and the token
+    that continues it ("" on the last page); `position` is a row's (time, id)."""
+    if len(rows) <= size:
+        return rows, ""
+    moment, key = position(rows[size - 1])
+    return rows[:size], page_token(kind, moment.isoformat(), key)

@@ -15,36 +15,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
 
-from services.chassis import ExchangeError
+from services.chassis import ExchangeError, ns_from_utc, utc_from_ns
 from services.chassis.db import Statement
 from services.chassis.where import Where
 
 from .domain import Account, Book, Failure, Kind, Op, State, Transfer
 
-__all__ = ["MIGRATIONS", "Connection", "Store", "from_ns", "to_ns"]
+__all__ = ["MIGRATIONS", "Connection", "Store"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_US = timedelta(microseconds=1)
-
-
-def from_ns(ns: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=ns // 1000)
-
-
-def to_ns(value: datetime) -> int:
-    return (value - _EPOCH) // _US * 1000
-
 
 TRANSFER_COLUMNS = (
     "id",
@@ -94,13 +82,13 @@ def transfer_from_row(row: asyncpg.Record) -> Transfer:
         pending_id=row["pending_id"] or "",
         linked=row["linked"],
         timeout_ns=row["timeout_ns"],
-        expires_at_ns=None if row["expires_at"] is None else to_ns(row["expires_at"]),
+        expires_at_ns=None if row["expires_at"] is None else ns_from_utc(row["expires_at"]),
         kind=Kind(row["kind"]),
         reference=row["reference"],
         state=state,
         remaining=row["remaining"],
         fingerprint=row["fingerprint"],
-        create_time_ns=to_ns(row["create_time"]),
+        create_time_ns=ns_from_utc(row["create_time"]),
         stored=(state, row["remaining"]),
     )
 
@@ -117,7 +105,7 @@ def _transfer_record(t: Transfer, now: datetime) -> tuple[Any, ...]:
         t.pending_id or None,
         t.linked,
         t.timeout_ns,
-        None if t.expires_at_ns is None else from_ns(t.expires_at_ns),
+        None if t.expires_at_ns is None else utc_from_ns(t.expires_at_ns),
         int(t.kind),
         t.reference,
         int(t.state),
@@ -138,7 +126,7 @@ def account_from_row(row: asyncpg.Record) -> Account:
         row["account_id"],
         row["asset"],
         *values,
-        update_time_ns=to_ns(row["update_time"]),
+        update_time_ns=ns_from_utc(row["update_time"]),
         stored=values,
     )
 
@@ -193,7 +181,7 @@ class Store:
     def save(self, statement: Statement, book: Book) -> None:
         """The book's changes, as writes of the balance owner's one-statement commit
         (schema-qualified: the statement runs on match's connection)."""
-        now = from_ns(book.now_ns)  # every row this group writes carries its time
+        now = utc_from_ns(book.now_ns)  # every row this group writes carries its time
         statement.insert(
             "ledger.transfers",
             _TRANSFER_TYPES,
@@ -318,8 +306,8 @@ class Store:
         where.compare("reference", "=", reference or None)
         where.compare("kind", "=", kind or None)
         where.compare("state", "=", state or None)
-        where.compare("create_time", ">=", None if start_ns is None else from_ns(start_ns))
-        where.compare("create_time", "<", None if end_ns is None else from_ns(end_ns))
+        where.compare("create_time", ">=", None if start_ns is None else utc_from_ns(start_ns))
+        where.compare("create_time", "<", None if end_ns is None else utc_from_ns(end_ns))
         sql = f"{_SELECT_TRANSFER}{where.sql} ORDER BY sequence LIMIT {limit}"
         return [transfer_from_row(r) for r in await self.pool.fetch(sql, *where.args)]
 

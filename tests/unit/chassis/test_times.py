@@ -1,4 +1,4 @@
-"""Nanoseconds <-> UTC datetimes as PostgreSQL keeps them (chassis/nanos.py)."""
+"""Nanoseconds <-> UTC datetimes as PostgreSQL keeps them (chassis/times.py)."""
 
 from __future__ import annotations
 

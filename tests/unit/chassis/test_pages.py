@@ -1,4 +1,4 @@
-"""Lists paged by (time, id) (chassis/time_pages.py): what auth and funding page by."""
+"""Lists paged by (time, id) (chassis/pages.py): what auth and funding page by."""
 
 from __future__ import annotations
 
