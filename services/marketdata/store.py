@@ -9,32 +9,23 @@ market count every trade once.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Sequence
 
 import asyncpg
+
+from services.chassis import ns_from_utc, utc_from_ns
 
 from .domain import Bar, TradeFact, bars
 
 __all__ = ["Store"]
 
-_UTC = dt.UTC
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=_UTC)
-
-
-def _time(seconds: int, nanos: int = 0) -> dt.datetime:
-    return _EPOCH + dt.timedelta(seconds=seconds, microseconds=nanos // 1000)
-
-
-def _ns(value: dt.datetime) -> int:
-    delta = value - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+_S = 1_000_000_000  # ns
 
 
 def _bar(row: asyncpg.Record) -> Bar:
     return Bar(
         row["width_s"],
-        _ns(row["open_time"]) // 1_000_000_000,
+        ns_from_utc(row["open_time"]) // _S,
         row["open"], row["high"], row["low"], row["close"],
         row["volume"], row["quote_volume"], row["trade_count"],
     )  # fmt: skip
@@ -43,7 +34,7 @@ def _bar(row: asyncpg.Record) -> Bar:
 def _trade(row: asyncpg.Record) -> TradeFact:
     return TradeFact(
         row["market"], row["seq"], row["trade_id"], row["price"], row["quantity"],
-        row["quote_quantity"], row["taker_side"], _ns(row["trade_time"]),
+        row["quote_quantity"], row["taker_side"], ns_from_utc(row["trade_time"]),
     )  # fmt: skip
 
 
@@ -82,7 +73,7 @@ class Store:
                             t.quantity,
                             t.quote_quantity,
                             t.taker_side,
-                            _time(0, t.time_ns),
+                            utc_from_ns(t.time_ns),
                         )
                         for t in new
                     ],
@@ -102,7 +93,7 @@ class Store:
                         (
                             market,
                             b.width_s,
-                            _time(b.open_time_s),
+                            utc_from_ns(b.open_time_s * _S),
                             b.open,
                             b.high,
                             b.low,
@@ -135,8 +126,8 @@ class Store:
                  AND ($4::bigint IS NULL OR seq < $4)
                ORDER BY seq DESC LIMIT $5""",
             market,
-            None if start_ns is None else _time(0, start_ns),
-            None if end_ns is None else _time(0, end_ns),
+            None if start_ns is None else utc_from_ns(start_ns),
+            None if end_ns is None else utc_from_ns(end_ns),
             before_seq,
             limit,
         )
@@ -155,13 +146,13 @@ class Store:
                 """SELECT * FROM candles
                    WHERE market = $1 AND width_s = $2 AND open_time >= $3 AND open_time < $4
                    ORDER BY open_time LIMIT $5""",
-                market, width_s, _time(start_s), _time(end_s), limit,
+                market, width_s, utc_from_ns(start_s * _S), utc_from_ns(end_s * _S), limit,
             )  # fmt: skip
             return [_bar(r) for r in rows]
         rows = await self._pool.fetch(
             """SELECT * FROM candles
                WHERE market = $1 AND width_s = $2 AND open_time < $3
                ORDER BY open_time DESC LIMIT $4""",
-            market, width_s, _time(end_s), limit,
+            market, width_s, utc_from_ns(end_s * _S), limit,
         )  # fmt: skip
         return [_bar(r) for r in reversed(rows)]
