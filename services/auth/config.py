@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from services.chassis.env_fields import env_fields
+from services.chassis.settings import env_fields
 
 __all__ = ["AuthConfig"]
 

@@ -27,7 +27,6 @@ from .cache import redis_connection
 from .clients import mesh_channel, service_credentials
 from .command_stream import CommandStream
 from .db import MigrationError, migrate, postgres
-from .env_fields import env_fields
 from .errors import (
     AlreadyExists,
     ErrorDetails,
@@ -61,7 +60,7 @@ from .pages import (
 )
 from .rows import from_row
 from .server import Server, background, poll_until_cancelled, run
-from .settings import ChassisSettings
+from .settings import ChassisSettings, env_fields
 from .telemetry import metrics_registry
 from .times import (
     from_timestamp,

@@ -1,12 +1,29 @@
-"""Settings read once from the environment into frozen dataclasses."""
+"""Settings read once from the environment into frozen dataclasses.
+
+`env_fields(Config, env, "FUNDING_", "lease_s", ...)` reads a config dataclass's
+plain fields, their defaults written once (in the dataclass), each from
+`<PREFIX><FIELD>` (upper case) by its annotated type: `int` and `float` parsed
+(a malformed value is a ValueError naming the variable), `str` as given (unset
+or blank: the default), and `bool` on unless the value is "off". Fields named
+otherwise, or built from several variables, stay written out in `from_env`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["ChassisSettings", "env_float", "env_int", "env_str", "require"]
+__all__ = [
+    "ChassisSettings",
+    "env_fields",
+    "env_float",
+    "env_int",
+    "env_str",
+    "require",
+]
 
 
 def env_str(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
@@ -89,3 +106,33 @@ def require(value: str | None, name: str) -> str:
     if not value:
         raise ValueError(f"{name} is not set")
     return value
+
+
+def _read(env: Mapping[str, str], name: str, kind: str, default: Any) -> Any:
+    if kind == "bool":
+        return (env_str(env, name) or ("on" if default else "off")) != "off"
+    if kind == "int":
+        return env_int(env, name, default)
+    if kind == "float":
+        return env_float(env, name, default)
+    if kind in ("str", "str | None"):
+        return env_str(env, name, default) or default
+    raise TypeError(f"{name}: a {kind} field is not read by env_fields")
+
+
+def env_fields(cls: type, env: Mapping[str, str], prefix: str, *names: str) -> dict[str, Any]:
+    """The fields `names` of dataclass `cls` as the environment sets them, as keyword
+    arguments of `cls` (each one's dataclass default where its variable is unset)."""
+    found = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for name in names:
+        spec = found[name]
+        if spec.default is dataclasses.MISSING:
+            raise TypeError(f"{cls.__name__}.{name} has no plain default")
+        kind = (
+            spec.type
+            if isinstance(spec.type, str)
+            else getattr(spec.type, "__name__", str(spec.type))
+        )
+        values[name] = _read(env, prefix + name.upper(), kind, spec.default)
+    return values

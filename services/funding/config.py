@@ -9,9 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from services.chassis.env_fields import env_fields
 from services.chassis.markets import DEFAULT_CATALOG, Catalog, load_catalog
-from services.chassis.settings import env_str
+from services.chassis.settings import env_fields, env_str
 
 __all__ = [
     "DEFAULT_APPROVAL_THRESHOLDS",

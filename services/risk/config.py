@@ -6,8 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from services.chassis.env_fields import env_fields
-from services.chassis.settings import env_str
+from services.chassis.settings import env_fields, env_str
 
 __all__ = ["RiskConfig"]
 
