@@ -15,8 +15,8 @@ __all__ = ["RiskConfig"]
 class RiskConfig:
     """
     reload_interval_s: how often each process polls PostgreSQL for changed limits,
-        kill switches and reference prices (the staleness bound between replicas;
-        a process sees its own changes at once).
+        kill switches and reference prices: the backstop (a process sees its own
+        changes at once, and other replicas' by NOTIFY at once).
     prices: follow match events on JetStream for the last trade price (needs NATS).
     consumer_name: durable name of that JetStream consumer (shared by replicas).
     redis_timeout_s: a rate-limit call slower than this uses the local bucket (and

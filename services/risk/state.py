@@ -1,9 +1,12 @@
 """The in-memory copy of what the hot path reads: limits, kill switches, prices.
 
-PostgreSQL is the truth. Each process loads a snapshot at start, reloads it
-when `meta.change_seq` moves (polled every `reload_interval_s`, and at once
-after its own writes), so replicas agree within one interval. CheckOrder
-never waits on PostgreSQL.
+PostgreSQL is the truth. Each process loads a snapshot at start and reloads it
+when `meta.change_seq` moves: at once after its own writes, at once when
+another process commits one (the writing transaction NOTIFYs `risk_changed`;
+every process LISTENs), and on a poll every `reload_interval_s`, the backstop
+for a notification missed while the listening connection was away. So
+replicas agree within a notification's trip, and within one interval at worst.
+CheckOrder never waits on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 
-from services.chassis import poll_until_cancelled
+from services.chassis import background, poll_until_cancelled
 
 from .domain import KillSwitches, Limits, merge
 from .store import Snapshot, Store, StoredLimits
@@ -55,13 +59,25 @@ class State:
             self._merge_prices(await self._store.prices())
 
     async def run(self, every_s: float) -> None:
-        await asyncio.sleep(every_s)  # reload() has just run
+        """Refresh at each change another process commits, and every `every_s`."""
+        nudged = asyncio.Event()
+        async with background(self._listen(nudged.set, every_s), "risk-listen"):
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(nudged.wait(), every_s)
+                nudged.clear()
+                try:
+                    await self.refresh()
+                except Exception:
+                    _log.exception("reload failed; keeping the last snapshot")
+
+    async def _listen(self, on_change: Callable[[], None], every_s: float) -> None:
         await poll_until_cancelled(
-            self.refresh,
+            lambda: self._store.listen(on_change),
             every_s,
             log=_log,
-            failed="reload failed; keeping the last snapshot",
-            level=logging.ERROR,
+            failed="listening for risk's changes failed; the poll goes on",
+            drain=False,
         )
 
     # -- reads ---------------------------------------------------------------

@@ -3,6 +3,7 @@ kill switches, withdrawal checks and reference prices."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ __all__ = ["Snapshot", "Store", "StoredLimits", "body_hash"]
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 DAY = timedelta(days=1)
+CHANGED_CHANNEL = "risk_changed"  # NOTIFY'd in each transaction that moves change_seq
 
 
 def body_hash(data: bytes) -> bytes:
@@ -77,6 +79,23 @@ class Store:
         self._pool = pool
 
     # -- reads --------------------------------------------------------------
+
+    async def listen(self, on_change: Callable[[], None]) -> None:
+        """Call `on_change` at each change another process commits (PostgreSQL
+        LISTEN on one of the pool's connections), until that connection ends."""
+        ended = asyncio.Event()
+
+        def notified(*_: object) -> None:
+            on_change()
+
+        async with self._pool.acquire() as conn:
+            conn.add_termination_listener(lambda _conn: ended.set())
+            await conn.add_listener(CHANGED_CHANNEL, notified)
+            try:
+                await ended.wait()
+            finally:
+                if not conn.is_closed():
+                    await conn.remove_listener(CHANGED_CHANNEL, notified)
 
     async def change_seq(self) -> int:
         value = await self._pool.fetchval("SELECT change_seq FROM meta")
@@ -152,6 +171,8 @@ class Store:
                 response,
             )
             await conn.execute("UPDATE meta SET change_seq = change_seq + 1")
+            # Delivered at the commit: every other process reloads now (state.py).
+            await conn.execute("SELECT pg_notify($1, '')", CHANGED_CHANNEL)
             return response
 
     @staticmethod

@@ -45,8 +45,8 @@ order
   test_orders_api.py::test_a_kill_switch_that_cancels_open_orders_cancels_them.
   Not test_every_risk_refusal_has_its_reason: it expects a kill switch at the very
   next order, and with 2 risk replicas one set on the replica order does not follow
-  (order watches risk's first replica) reaches order's checks only at that
-  replica's next reload (RISK_RELOAD_INTERVAL_S, 0.5 s: ADR 0007's bound)
+  (order watches risk's first replica) reaches order's checks a NOTIFY and a
+  WatchRules push later (ADR 0007), not by the time SetKillSwitch answers
 
 market data
 - ListMarkets, GetMarket, ListTrades, StreamTrades, GetTicker, ListTickers,

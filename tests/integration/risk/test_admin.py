@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -256,3 +257,28 @@ async def test_replicas_agree_on_switches(risk: Risk, redis_url: str) -> None:
         assert halted.reason == "RISK_WITHDRAWALS_HALTED"
         # And having reloaded, so do its order checks.
         assert denial(await other.check(order("acc_rep"))).reason == "RISK_KILL_SWITCH_ENGAGED"
+
+
+async def test_a_replica_learns_a_change_at_once_not_at_its_next_reload(
+    risk: Risk, redis_url: str
+) -> None:
+    """The writing transaction NOTIFYs; a replica polling only hourly still sees a
+    kill switch at its next order check, and the lifting of it."""
+    from services.risk.config import RiskConfig
+
+    slow = RiskConfig(reload_interval_s=3600, prices=False, redis_prefix="risk:test:notify:")
+    async with running_risk(risk.database_url, redis_url, config=slow) as other:
+        account = f"acc_{uuid.uuid4().hex[:8]}"
+        assert (await other.check(order(account))).allowed
+        for engaged, wanted in ((True, "RISK_KILL_SWITCH_ENGAGED"), (False, "")):
+            await risk.kill(scope=R.KILL_SWITCH_SCOPE_ACCOUNT, account_id=account, engaged=engaged)
+            for _ in range(500):  # 5 s: an hour's poll would never make it
+                if _reason(await other.check(order(account))) == wanted:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                pytest.fail(f"the other replica did not learn engaged={engaged}")
+
+
+def _reason(reply: R.CheckOrderResponse) -> str:
+    return "" if reply.allowed else denial(reply).reason
