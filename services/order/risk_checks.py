@@ -38,15 +38,15 @@ from services.risk.rules import FollowedRules
 
 from .downstream import StatusError, rate_usage_var
 
-__all__ = ["RiskChecks", "RulesFollower"]
+__all__ = ["RULES_HEARD", "RiskChecks", "RulesFollower"]
 
 _log = logging.getLogger("cex.order.risk")
 _BACKOFF_MAX_S = 1.0
 
-RULES_AGE = Gauge(
-    "order_risk_rules_age_seconds",
-    "Time since risk's rules stream last spoke (+Inf before the first rules); past "
-    "3 heartbeats the copy is stale and every place and amend is refused UNAVAILABLE.",
+RULES_HEARD = Gauge(
+    "order_risk_rules_heard_timestamp_seconds",
+    "Unix time risk's rules stream last spoke (0 before the first rules); 3 heartbeats "
+    "later the copy is stale and every place and amend is refused UNAVAILABLE.",
 )
 
 
@@ -61,7 +61,7 @@ class RulesFollower:
         self._stale_heartbeats = stale_heartbeats
         self.rules: FollowedRules | None = None
         self.ready = asyncio.Event()
-        RULES_AGE.set_function(self.age_s)
+        RULES_HEARD.set_function(self.heard_at)
 
     async def run(self) -> None:
         """Follow until cancelled, reconnecting after any failure."""
@@ -91,6 +91,11 @@ class RulesFollower:
         """Seconds since risk last spoke on the stream (inf: it has not yet)."""
         rules = self.rules
         return float("inf") if rules is None else time.monotonic() - rules.received
+
+    def heard_at(self) -> float:
+        """The Unix time risk last spoke on the stream (0: it has not yet)."""
+        age_s = self.age_s()
+        return 0.0 if age_s == float("inf") else time.time() - age_s
 
     def current(self) -> FollowedRules:
         rules = self.rules
