@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,7 +13,6 @@ import redis.asyncio as redis
 
 from cex.marketdata.v1 import marketdata_pb2 as md
 from cex_stack.supervisor import Stack
-from cex_stack.topology import free_ports
 from services.chassis import ErrorDetails
 from tests.integration.marketdata.support import (
     MARKET,
@@ -46,6 +46,8 @@ async def test_a_replica_catching_up_answers_from_redis(
     stub = await first.start(match.target)
     engine = await client.book(MARKET)
     cache = redis.Redis.from_url(private_redis)
+    unreachable = socket.socket()
+    unreachable.bind(("127.0.0.1", 0))
     try:
         for _ in range(200):  # the snapshot and the ticker reach Redis
             data = await cache.get(f"md:{MARKET}:book")
@@ -53,20 +55,22 @@ async def test_a_replica_catching_up_answers_from_redis(
             if data and ticker and md.OrderBook.FromString(data).seq == engine.seq:
                 break
             await asyncio.sleep(0.05)
-        live = (await stub.GetOrderBook(md.GetOrderBookRequest(market=MARKET, depth=3))).book
+        book = md.GetOrderBookRequest(market=MARKET, depth=3)
+        live = (await stub.GetOrderBook(book, timeout=10)).book
         await first.stop()
-        # A replica that cannot reach match: its feed never gets ready.
-        dead = f"127.0.0.1:{free_ports().base + 13}"
+        # A replica that cannot reach match: its feed never gets ready. (The port is
+        # bound here and never listened on: refused, and no other process's.)
+        dead = f"127.0.0.1:{unreachable.getsockname()[1]}"
         second = MarketDataInProcess(
             stack, fresh_database_url, private_nats, redis_url=private_redis
         )
         stub = await second.start(dead)
         try:
-            stored = (await stub.GetOrderBook(md.GetOrderBookRequest(market=MARKET, depth=3))).book
+            stored = (await stub.GetOrderBook(book, timeout=10)).book
             assert stored.seq == engine.seq
             assert levels(stored.bids) == levels(engine.bids)[:3] == levels(live.bids)
             assert levels(stored.asks) == levels(live.asks) and stored.checksum == live.checksum
-            ticker_reply = await stub.GetTicker(md.GetTickerRequest(market=MARKET))
+            ticker_reply = await stub.GetTicker(md.GetTickerRequest(market=MARKET), timeout=10)
             assert ticker_reply.ticker.market == MARKET
         finally:
             await second.stop()
@@ -75,7 +79,7 @@ async def test_a_replica_catching_up_answers_from_redis(
         stub = await third.start(dead)
         try:
             with pytest.raises(grpc.aio.AioRpcError) as failure:
-                await stub.GetOrderBook(md.GetOrderBookRequest(market=MARKET))
+                await stub.GetOrderBook(md.GetOrderBookRequest(market=MARKET), timeout=10)
             details = ErrorDetails.from_rpc_error(failure.value)
             assert (details.code, details.reason) == (
                 grpc.StatusCode.UNAVAILABLE,
@@ -84,6 +88,7 @@ async def test_a_replica_catching_up_answers_from_redis(
         finally:
             await third.stop()
     finally:
+        unreachable.close()
         await cache.aclose()
 
 
