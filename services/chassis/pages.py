@@ -104,14 +104,11 @@ _Row = TypeVar("_Row")
 
 def time_key_after(token: str, kind: str, *, reason: str) -> tuple[datetime, str] | None:
     """Where list `kind` goes on: (time, id) of the last row shown; None for the first page."""
-    found = read_page_token(token, kind, parts=2, reason=reason)
-    if found is None:
-        return None
-    moment, key = found
-    try:
-        return datetime.fromisoformat(moment), key
-    except ValueError:
-        raise bad_page_token(reason) from None
+    return parse_page_token(token, kind, _time_key, parts=2, reason=reason)
+
+
+def _time_key(moment: str, key: str) -> tuple[datetime, str]:
+    return datetime.fromisoformat(moment), key
 
 
 def time_keyed_page(
